@@ -1,0 +1,128 @@
+"""`tunelab` command line: each subcommand is a thin wrapper over a plain function.
+
+Heavy libraries (torch, transformers) are imported inside the commands, so `tunelab --help`
+answers instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_train(args) -> int:
+    from tunelab.config import load_config
+    from tunelab.training import train
+
+    cfg = load_config(args.config, args.set)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    result = train(cfg, resume=args.resume)
+    print(json.dumps({"run_dir": str(result.run_dir), "final_dir": str(result.final_dir), **result.metrics}, indent=2))
+    return 130 if result.metrics.get("interrupted") else 0
+
+
+def cmd_generate(args) -> int:
+    from tunelab.inference import generate, load_run
+
+    model, tokenizer = load_run(args.run, device=args.device)
+    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from tunelab.inference import chat, load_run
+
+    model, tokenizer = load_run(args.run, device=args.device)
+    chat(model, tokenizer, args.max_new_tokens, args.temperature, args.system)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from tunelab.models import named_models
+
+    rows = named_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ["name", "kind", "cached", "parameters", "licence", "source"]
+    table = [
+        [r["name"], r["kind"], "yes" if r["cached"] else "no", f"{r['parameters']:,}" if r["parameters"] else "?", r["licence"], r["source"]]
+        for r in rows
+    ]
+    print(_table(header, table))
+    print("\nAlso accepted as model.name: a local Hugging Face folder, a .gguf file, or a hub id.")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from tunelab.config import dump_config, load_config
+
+    print(dump_config(load_config(args.config, args.set)), end="")
+    return 0
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tunelab",
+        description="Fine-tune, evaluate, compare and export language models, on CPU or GPU.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="fine-tune a model from a YAML config")
+    t.add_argument("config", nargs="?", help="YAML config (see examples/); omitted = all defaults")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. training.lr=1e-4")
+    t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--output-dir", help="run folder (overrides output_dir)")
+    t.set_defaults(fn=cmd_train)
+
+    for name, fn, help_ in (
+        ("generate", cmd_generate, "answer one prompt with a run's result (or any model)"),
+        ("chat", cmd_chat, "chat interactively (streaming) with a run's result (or any model)"),
+    ):
+        g = sub.add_parser(name, help=help_)
+        g.add_argument("run", help="run folder, its final/ folder, or a model spec")
+        if name == "generate":
+            g.add_argument("prompt")
+        else:
+            g.add_argument("--system", help="system prompt")
+        g.add_argument("--max-new-tokens", type=int, default=128 if name == "generate" else 256)
+        g.add_argument("--temperature", type=float, default=0.0 if name == "generate" else 0.7)
+        g.add_argument("--device", default="auto")
+        g.set_defaults(fn=fn)
+
+    m = sub.add_parser("models", help="list the named models, whether cached, size and licence")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_models)
+
+    c = sub.add_parser("config", help="print a config with every default filled in (validates it)")
+    c.add_argument("config", nargs="?")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c.set_defaults(fn=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    from tunelab.errors import user_errors
+
+    try:
+        return args.fn(args)
+    except user_errors() as e:  # a clear one-paragraph message, not a traceback from deep inside a library
+        print(f"tunelab: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

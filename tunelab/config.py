@@ -1,0 +1,302 @@
+"""Typed configuration: one YAML file (or Python object) drives the CLI and the API.
+
+Every field has a default and a description; unknown keys are refused with the nearest
+valid key, before anything heavy (torch, models, data) is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says where and how to fix it."""
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="A named default (see `tunelab models`), a local Hugging Face folder, "
+        "a .gguf file, or a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype. auto = float32 on CPU (no fast bf16 there), bfloat16 on CUDA."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped with a hub repo. Off unless you trust the repo."
+    )
+
+
+# ------------------------------------------------------------------------------------------ data
+class ColumnsConfig(Section):
+    """Where each field lives in a row. Defaults follow the usual alpaca / OpenAI / ShareGPT names."""
+
+    instruction: str = Field("instruction", description="instruction format: the task.")
+    input: str = Field("input", description="instruction format: optional extra input (may be empty).")
+    output: str = Field("output", description="instruction format: the response to learn.")
+    system: str = Field("system", description="optional system prompt column (any format).")
+    messages: str = Field(
+        "messages",
+        description="chat format: list of {role, content}; ShareGPT `conversations` "
+        "with {from, value} is detected automatically.",
+    )
+    text: str = Field("text", description="text format: the raw text.")
+
+
+class DataConfig(Section):
+    train: str | None = Field(
+        None,
+        description="Training data: a .json/.jsonl/.csv/.tsv file (optionally .gz) or a `datasets` hub id.",
+    )
+    validation: str | None = Field(None, description="Validation file or hub id; else split off `val_fraction`.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of train held out when no validation file.")
+    format: Literal["instruction", "chat", "text"] = Field(
+        "instruction", description="instruction (alpaca), chat (messages / ShareGPT) or text (continued pre-training)."
+    )
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Column mapping.")
+    hub_split: str = Field("train", description="Split to read for hub ids.")
+    hub_config: str | None = Field(None, description="Config (subset) name for hub ids.")
+    limit: int | None = Field(None, ge=1, description="Use at most this many training rows (before the val split).")
+    max_length: int = Field(512, ge=8, description="Tokens per example; longer examples are truncated and counted.")
+    train_on_prompt: bool = Field(False, description="Also put loss on prompt tokens (default: response tokens only).")
+    packing: bool = Field(False, description="Pack several examples into one row of max_length tokens.")
+    system_prompt: str | None = Field(None, description="A system message added to every example.")
+
+
+# ------------------------------------------------------------------------------------- training
+class TrainingConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="LR schedule after warmup.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps (overrides warmup_ratio).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Warmup as a fraction of total steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null = no clipping.")
+    seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
+    eval_batches: int | None = Field(None, ge=1, description="Evaluate on at most this many batches.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a lower eval loss."
+    )
+    save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps ...")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+    tensorboard: bool = Field(True, description="Write TensorBoard event logs under the run folder.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+# ------------------------------------------------------------------------------------------ root
+def _method_union():
+    from tunelab.methods.registry import config_classes
+
+    classes = tuple(config_classes())
+    return Annotated[Union[classes], Field(discriminator="name")]  # noqa: UP007
+
+
+class _Root(Section):
+    stage: Literal["sft", "pretrain"] = Field(
+        "sft", description="sft (supervised fine-tuning) or pretrain (continued pre-training on text)."
+    )
+    output_dir: str = Field("runs/run", description="Run folder: config, metrics, checkpoints and the result.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+
+
+def _build_config_class():
+    MethodUnion = _method_union()
+
+    class Config(_Root):
+        """A whole run. `tunelab train CONFIG` and `tunelab.train(config)` take the same object."""
+
+        method: MethodUnion = Field(  # type: ignore[valid-type]
+            default_factory=lambda: _default_method(), description="The tuning method and its settings."
+        )
+
+        @model_validator(mode="after")
+        def _check(self):
+            if self.stage == "pretrain" and self.data.format != "text":
+                raise ValueError("stage: pretrain needs data.format: text")
+            return self
+
+    return Config
+
+
+def _default_method():
+    from tunelab.methods.registry import get
+
+    return get("lora").Config()
+
+
+_CONFIG_CLASS = None
+
+
+def config_class():
+    global _CONFIG_CLASS
+    if _CONFIG_CLASS is None:
+        _CONFIG_CLASS = _build_config_class()
+    return _CONFIG_CLASS
+
+
+# ------------------------------------------------------------------------------- loading / errors
+# Names users bring from other toolkits (HF Trainer, PEFT, Axolotl) mapped to ours.
+_SYNONYMS = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "lr_scheduler_type": "scheduler",
+    "sequence_len": "max_length",
+    "cutoff_len": "max_length",
+}
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Valid keys of the section that `loc` (a pydantic error location, minus the bad key) points to."""
+    from tunelab.methods.registry import get
+
+    if loc[:1] == ("method",):
+        try:
+            return list(get(str(loc[1])).Config.model_fields) if len(loc) == 2 else []
+        except KeyError:
+            return []
+    cls = config_class()
+    for part in loc:
+        ann = cls.model_fields[part].annotation if part in cls.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        cls = ann
+    return list(cls.model_fields)
+
+
+def _nearest(key: str, loc: tuple) -> str | None:
+    fields = _fields_at(loc[:-1])
+    if _SYNONYMS.get(key) in fields:
+        return _SYNONYMS[key]
+    match = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def _yaml_line(text: str | None, loc: tuple) -> int | None:
+    """1-based line of the key at `loc` in the YAML text, so errors point into the user's file."""
+    if not text:
+        return None
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key, value in node.value:
+            if key.value == str(part):
+                line, node = key.start_mark.line + 1, value
+                break
+        else:
+            break  # e.g. the method tag, which is not a key in the file
+    return line
+
+
+def format_validation_error(err: ValidationError, source: str, text: str | None = None) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        # drop the union tag from the displayed path: method.lora.r -> method.r
+        shown = ".".join(str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "method"))
+        file_loc = tuple(p for i, p in enumerate(loc) if not (i == 1 and loc[0] == "method"))
+        at = _yaml_line(text, file_loc)
+        where = f" (line {at})" if at else ""
+        if e["type"] == "extra_forbidden":
+            near = _nearest(str(loc[-1]), loc)
+            hint = f" Did you mean '{near}'?" if near else ""
+            lines.append(f"  - unknown key '{shown}'{where}.{hint}")
+        elif e["type"] == "union_tag_invalid":
+            from tunelab.methods.registry import names
+
+            lines.append(f"  - {shown}{where}: unknown method name {e['input'].get('name')!r}; choose one of {names()}")
+        else:
+            lines.append(f"  - {shown or '(top level)'}{where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            cur[k] = nxt
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply `section.key=value` overrides; values are parsed as YAML (so 1e-4, true, [a, b] work)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.lr=1e-4")
+        key, value = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+    return raw
+
+
+def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None):
+    """Read and validate a config from a YAML path or a dict; raise ConfigError with a readable message."""
+    name, text = "config", None
+    if source is None:
+        raw: dict = {}
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = Path(source)
+        name = str(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            text = path.read_text()
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}:{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, method, training)")
+    raw = apply_overrides(raw, overrides)
+    method = raw.get("method")
+    if isinstance(method, dict) and "name" not in method:
+        method["name"] = "lora"
+    try:
+        return config_class().model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, name, text)) from None
+
+
+def dump_config(cfg) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

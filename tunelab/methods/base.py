@@ -1,0 +1,56 @@
+"""Helpers shared by the method modules."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+
+class MethodConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def freeze_all(model: torch.nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def block_index(name: str) -> int | None:
+    """The transformer-block index in a parameter name (`...layers.12.mlp...` -> 12)."""
+    m = re.search(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.", "." + name + ".")
+    return int(m.group(1)) if m else None
+
+
+def num_blocks(model: torch.nn.Module) -> int:
+    idx = [block_index(n) for n, _ in model.named_parameters()]
+    idx = [i for i in idx if i is not None]
+    if not idx:
+        raise ValueError("could not find transformer blocks (parameters named like '...layers.N...')")
+    return max(idx) + 1
+
+
+def save_full_model(model: torch.nn.Module, out_dir) -> None:
+    """A whole-model result as a safetensors folder that `AutoModel*.from_pretrained` loads."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train: what a checkpoint must hold (a few MB for LoRA)."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,60 @@
+"""LoRA (Hu et al. 2021): W x + (alpha / r) * B A x, with A random and B zero, so step 0 is the base model.
+
+Built on PEFT so the saved adapter is the ecosystem's format (`adapter_config.json` +
+`adapter_model.safetensors`) and loads with plain `PeftModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tunelab.methods.base import MethodConfig
+
+DESCRIPTION = "low-rank matrices A, B beside the chosen linear layers"
+MERGEABLE = True
+
+
+class Config(MethodConfig):
+    name: Literal["lora"] = "lora"
+    r: int = Field(16, ge=1, description="Rank of the update B A.")
+    alpha: float = Field(32, gt=0, description="Scale; the update is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | str = Field(
+        "all-linear",
+        description="'all-linear' (every linear layer but the output head) or module names like [q_proj, v_proj].",
+    )
+
+
+def peft_config(cfg: Config, model):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type=TaskType.CAUSAL_LM,
+        bias="none",
+    )
+
+
+def apply(model, cfg: Config):
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(cfg, model))
+
+
+def save(model, out_dir) -> None:
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def load(base_model, out_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, out_dir)
+
+
+def merge(model):
+    return model.merge_and_unload()

@@ -1,0 +1,38 @@
+"""The one place where methods are registered.
+
+A method is a module in `tunelab/methods/` with:
+  Config        a pydantic model whose `name: Literal["<name>"]` is the tag in the YAML `method:` section
+  DESCRIPTION   one line: what trains
+  MERGEABLE     whether `merge` folds it into plain base weights (no extra inference cost)
+  apply(model, cfg) -> model        make the model trainable the method's way (freeze the rest)
+  save(model, out_dir) -> None      write the result in the ecosystem's format
+  load(base_model, out_dir) -> model  rebuild the trained model from `save`'s output
+  merge(model) -> model             (mergeable methods) a plain transformers model
+
+Adding a method: write its module, add one line below, add its test and docs section.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+_METHODS: dict[str, str] = {
+    "full": "tunelab.methods.full",
+    "lora": "tunelab.methods.lora",
+    "freeze": "tunelab.methods.freeze",
+}
+
+
+def names() -> list[str]:
+    return list(_METHODS)
+
+
+def get(name: str) -> ModuleType:
+    if name not in _METHODS:
+        raise KeyError(f"unknown method {name!r}; choose one of {names()}")
+    return importlib.import_module(_METHODS[name])
+
+
+def config_classes() -> list[type]:
+    return [get(n).Config for n in names()]

@@ -1,0 +1,86 @@
+"""Tiny, randomly initialised models and tokenizers built from configs, for tests and examples.
+
+Nothing here touches the network: the tokenizer is trained in memory on a few sentences and the
+models are built from small configs, so the whole test suite runs offline in seconds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Give three tips for staying healthy. Eat well, sleep enough and exercise.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Translate to German: good morning. Guten Morgen.",
+    "system user assistant instruction input output response answer question",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"()-",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer with ChatML special tokens and chat template (like SmolLM2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tiny_llama(vocab_size: int = 320, seed: int = 0, **overrides):
+    """A 2-layer Llama (the default model's architecture) with hidden size 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        # Larger than the usual 0.02: with tied 32-dim embeddings that small, logits barely move
+        # and adapter methods cannot show learning on a random model within a few steps.
+        initializer_range=0.1,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def save_tiny_model_dir(path, vocab_size: int = 320, seed: int = 0, **overrides) -> str:
+    """Write a tiny Llama and its tokenizer as a local Hugging Face folder (what users point `model.name` at)."""
+    tok = tiny_tokenizer(vocab_size)
+    model = tiny_llama(len(tok), seed=seed, **overrides)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,342 @@
+"""The one training loop. Read it top to bottom: load, apply the method, build data, train, save.
+
+Deliberately a plain function, not a Trainer class: every step is visible here, and a stage
+(sft, pretrain, later reward / dpo / ppo) is a loss and a batch shape on this same loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from tunelab.config import dump_config
+from tunelab.training import checkpoint as ckpt
+from tunelab.training.loss import token_loss_sum
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path | None
+    metrics: dict = field(default_factory=dict)
+
+
+def log(msg: str) -> None:
+    print(f"[tunelab] {msg}", file=sys.stderr, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run sees the same data."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(n_rows, generator=g).tolist()
+    return [perm[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+def optimizer_for(model, tcfg) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the method left no trainable parameters")
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), fused=fused or None)
+
+
+def scheduler_for(optimizer, tcfg, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[tcfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches: list[dict], device, autocast) -> float:
+    """Mean next-token loss over all label tokens of the validation set."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        with autocast():
+            loss_sum, n = token_loss_sum(model, to_device(batch, device))
+        total += float(loss_sum)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+class _MetricsLog:
+    """metrics.jsonl (always) and TensorBoard events (optional), one place for both."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step == 0:
+            self.path.write_text("")
+        else:  # drop lines past the checkpoint so a resumed log has no duplicate steps
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in keep))
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            except ImportError:
+                log("tensorboard is not installed; writing metrics.jsonl only")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]] | None = None) -> RunResult:
+    """Run one fine-tuning job described by a validated Config. See docs/getting-started.md."""
+    from tunelab.data import build_datasets, collate
+    from tunelab.methods import get as get_method
+    from tunelab.methods.base import count_parameters
+    from tunelab.models import load_model, resolve_device
+
+    tcfg = cfg.training
+    run_dir = Path(cfg.output_dir)
+    resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None:
+        log(f"no checkpoint in {run_dir / 'checkpoints'}; starting from the beginning")
+    if not resume and ckpt.latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints of an earlier run: pass --resume to continue it, "
+            "or choose another output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    seed_everything(tcfg.seed)
+
+    # ---- model and method
+    device = resolve_device(tcfg.device)
+    model, tokenizer = load_model(cfg.model, device=device)
+    method = get_method(cfg.method.name)
+    model = method.apply(model, cfg.method)
+    trainable, total = count_parameters(model)
+    log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    if getattr(model.config, "use_cache", None) is not None:
+        model.config.use_cache = False
+
+    # ---- data
+    data = build_datasets(cfg.data, tokenizer, seed=tcfg.seed, stage=cfg.stage)
+    if not data.train:
+        raise ValueError(f"{cfg.data.train}: no training examples left after tokenisation")
+    log("data: " + ", ".join(f"{k}={v}" for k, v in data.stats.items()))
+    pad_id = tokenizer.pad_token_id
+    val_batches = [
+        collate([data.val[i] for i in range(j, min(j + tcfg.batch_size, len(data.val)))], pad_id)
+        for j in range(0, len(data.val), tcfg.batch_size)
+    ][: tcfg.eval_batches]
+
+    batches_per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
+    total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * batches_per_epoch / tcfg.grad_accum))
+
+    # ---- optimisation
+    optimizer = optimizer_for(model, tcfg)
+    scheduler = scheduler_for(optimizer, tcfg, total_steps)
+    autocast = _autocast_for(device, cfg.model.dtype)
+
+    state = {"step": 0, "best_eval": None, "evals_without_improvement": 0, "tokens": 0, "eval_loss_before": None}
+    if resume_from is not None:
+        state.update(ckpt.load_checkpoint(resume_from, model, optimizer, scheduler))
+        log(f"resumed from {resume_from} at step {state['step']}/{total_steps}")
+    metrics_log = _MetricsLog(run_dir, tcfg.tensorboard, state["step"])
+
+    def do_eval(step: int) -> float | None:
+        if not val_batches:
+            return None
+        loss = evaluate_loss(model, val_batches, device, autocast)
+        metrics_log.write({"step": step, "eval_loss": loss})
+        return loss
+
+    if state["step"] == 0 and val_batches:
+        state["eval_loss_before"] = do_eval(0)
+        log(f"eval loss before training: {state['eval_loss_before']:.4f}")
+
+    order_cache: dict[int, list[list[int]]] = {}
+
+    def micro_batch(m: int) -> dict:
+        epoch, b = divmod(m, batches_per_epoch)
+        if epoch not in order_cache:
+            order_cache.clear()
+            order_cache[epoch] = batch_order(len(data.train), tcfg.batch_size, tcfg.seed, epoch)
+        return collate([data.train[i] for i in order_cache[epoch][b]], pad_id)
+
+    progress = _progress(tcfg.progress, total_steps, state["step"])
+    model.train()
+    interrupted = stop_early = False
+    step_start = None
+    last_loss = float("nan")
+    t_start, tokens_start = time.perf_counter(), state["tokens"]
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if _main_thread() else None
+    try:
+        while state["step"] < total_steps and not stop_early:
+            step = state["step"]
+            # snapshot so that an interrupt mid-step checkpoints the state *before* this step
+            step_start = (dict(state), ckpt.rng_state())
+            micro = [micro_batch(step * tcfg.grad_accum + k) for k in range(tcfg.grad_accum)]
+            n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            loss_total = 0.0
+            for batch in micro:
+                batch = to_device(batch, device)
+                with autocast():
+                    loss_sum, _ = token_loss_sum(model, batch)
+                (loss_sum / max(n_label, 1)).backward()
+                loss_total += float(loss_sum)
+                state["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            grad_norm = (
+                float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm))
+                if tcfg.max_grad_norm
+                else None
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] = step = step + 1
+            last_loss = loss_total / max(n_label, 1)
+            elapsed = time.perf_counter() - t_start
+            tok_s = (state["tokens"] - tokens_start) / max(elapsed, 1e-9)
+            record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tok_s}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            if step % tcfg.log_every == 0 or step == total_steps:
+                metrics_log.write(record)
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:.0f}")
+
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
+                eval_loss = do_eval(step)
+                record["eval_loss"] = eval_loss
+                stop_early = _early_stop(state, eval_loss, tcfg.early_stopping_patience)
+                if stop_early:
+                    log(f"early stopping at step {step}: no eval-loss improvement in {tcfg.early_stopping_patience} evals")
+            if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
+                ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
+            for cb in callbacks or []:
+                cb(step, record)
+    except KeyboardInterrupt:
+        interrupted = True
+        optimizer.zero_grad(set_to_none=True)
+        if step_start is not None and step_start[0]["step"] == state["step"]:  # mid-step: roll back
+            state = step_start[0]
+        rng = step_start[1] if step_start is not None and step_start[0]["step"] == state["step"] else None
+        path = ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=tcfg.keep_checkpoints, rng=rng)
+        log(f"interrupted: checkpoint written to {path}; continue with: tunelab train CONFIG --resume")
+    finally:
+        progress.close()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+    metrics = {
+        "steps": state["step"],
+        "train_loss": last_loss,
+        "trainable_params": trainable,
+        "total_params": total,
+        "tokens": state["tokens"],
+        "tokens_per_s": (state["tokens"] - tokens_start) / max(time.perf_counter() - t_start, 1e-9),
+        "eval_loss_before": state["eval_loss_before"],
+        **{f"data_{k}": v for k, v in data.stats.items()},
+    }
+    if interrupted:
+        metrics_log.close()
+        return RunResult(run_dir, None, {**metrics, "interrupted": True})
+
+    metrics["eval_loss"] = do_eval(state["step"])
+    if metrics["eval_loss"] is not None:
+        log(f"eval loss after training: {metrics['eval_loss']:.4f}")
+    metrics_log.close()
+    final_dir = save_result(run_dir, model, tokenizer, method, cfg)
+    (run_dir / "results.json").write_text(json.dumps(metrics, indent=2))
+    log(f"result written to {final_dir}")
+    return RunResult(run_dir, final_dir, metrics)
+
+
+def save_result(run_dir: Path, model, tokenizer, method, cfg) -> Path:
+    """Write the method's result, tokenizer and a small manifest atomically into run_dir/final."""
+    import shutil
+
+    final = run_dir / "final"
+    tmp = run_dir / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    method.save(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    manifest = {"method": cfg.method.name, "base_model": cfg.model.model_dump(), "stage": cfg.stage}
+    (tmp / "tunelab.json").write_text(json.dumps(manifest, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def _early_stop(state: dict, eval_loss: float | None, patience: int | None) -> bool:
+    if eval_loss is None:
+        return False
+    if state["best_eval"] is None or eval_loss < state["best_eval"]:
+        state["best_eval"] = eval_loss
+        state["evals_without_improvement"] = 0
+        return False
+    state["evals_without_improvement"] += 1
+    return bool(patience) and state["evals_without_improvement"] >= patience
+
+
+def _autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA; plain fp32 on CPU, where bf16 matmuls are ~250x slower on CPUs without native bf16."""
+    import contextlib
+
+    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
