@@ -196,10 +196,10 @@ def _fields_at(loc: tuple) -> list[str]:
 
 def _nearest(key: str, loc: tuple) -> str | None:
     fields = _fields_at(loc[:-1])
-    if _SYNONYMS.get(key) in fields:
-        return _SYNONYMS[key]
-    match = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.5)
-    return match[0] if match else None
+    # match against our keys and the foreign names we know, so 'lerning_rate' still finds 'lr'
+    known = {f: f for f in fields} | {k: v for k, v in _SYNONYMS.items() if v in fields}
+    match = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
+    return known[match[0]] if match else None
 
 
 def _yaml_line(text: str | None, loc: tuple) -> int | None:
@@ -300,3 +300,40 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
 
 def dump_config(cfg) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md, generated from the field descriptions so the two never drift apart."""
+    from tunelab.methods.registry import get, names
+
+    def table(cls, prefix: str) -> list[str]:
+        rows = ["| key | default | description |", "|---|---|---|"]
+        for key, f in cls.model_fields.items():
+            ann = f.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                continue
+            default = f.default if f.default_factory is None else f.default_factory()
+            rows.append(f"| `{prefix}{key}` | `{default!r}` | {f.description or ''} |")
+        return rows
+
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `tunelab/config.py` (`python -m tunelab.config > docs/configuration.md`).",
+        "Every key has a default; unknown keys are refused with the nearest valid key.",
+        "Override any key on the command line with `--set section.key=value` (the value is parsed as YAML).",
+        "",
+        "## Top level",
+        "",
+        *table(_Root, ""),
+    ]
+    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("data.columns", ColumnsConfig), ("training", TrainingConfig)):
+        out += ["", f"## `{section}`", "", *table(cls, section + ".")]
+    for name in names():
+        mod = get(name)
+        out += ["", f"## `method` — `name: {name}`", "", mod.DESCRIPTION[0].upper() + mod.DESCRIPTION[1:] + ".", "", *table(mod.Config, "method.")]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -36,6 +36,7 @@ def load_run(run: str, device: str = "auto", merge: bool = False):
     model = method.load(base, final)
     if merge and method.MERGEABLE:
         model = method.merge(model)
+    # the run's own tokenizer (it may carry a chat template set for training)
     has_tokenizer = (final / "tokenizer_config.json").exists()
     tokenizer = load_tokenizer(ModelConfig(name=str(final))) if has_tokenizer else base_tokenizer
     return model.to(dev).eval(), tokenizer

@@ -220,7 +220,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                 with autocast():
                     loss_sum, _ = token_loss_sum(model, batch)
                 (loss_sum / max(n_label, 1)).backward()
-                loss_total += float(loss_sum)
+                loss_total += float(loss_sum.detach())
                 state["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             grad_norm = (
                 float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm))

