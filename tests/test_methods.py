@@ -105,3 +105,21 @@ def test_full_trains_everything_and_roundtrips(tmp_path):
 
     again = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert (logits(again) - logits(model)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "t5"])
+@pytest.mark.parametrize(
+    "name, kwargs, predicate, identity",
+    [
+        ("full", {}, None, False),
+        ("lora", {"r": 4, "alpha": 8, "dropout": 0.0}, lambda n: "lora_" in n or "classifier" in n, True),
+        ("freeze", {"last_k": 1}, lambda n: ".1." in n or "classifier" in n, False),
+    ],
+)
+def test_method_on_every_architecture(name, kwargs, predicate, identity, arch, tmp_path):
+    from method_harness import check_method
+
+    kw = dict(kwargs)
+    if name == "freeze" and arch == "bert":
+        kw["patterns"] = ["classifier"]  # a new head must train for classification
+    check_method(name, arch, tmp_path, expect_trainable=predicate, identity_at_init=identity, **kw)

@@ -84,3 +84,62 @@ def save_tiny_model_dir(path, vocab_size: int = 320, seed: int = 0, **overrides)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def tiny_bert(vocab_size: int = 320, seed: int = 0, num_labels: int = 2, **overrides):
+    """A 2-layer BERT encoder with a sequence-classification head (MiniLM's architecture, tiny)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        num_labels=num_labels,
+        initializer_range=0.1,
+        pad_token_id=0,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(**cfg)).eval()
+
+
+def tiny_t5(vocab_size: int = 320, seed: int = 0, **overrides):
+    """A 2+2-layer T5 encoder-decoder (no pre-trained seq2seq model can be downloaded offline)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = dict(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=2,
+        initializer_factor=1.0,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(**cfg)).eval()
+
+
+def tiny_batch(arch: str, seed: int = 0) -> dict:
+    """A fixed batch for `arch` in ("llama", "bert", "t5") whose loss the model's forward returns."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 320, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    if arch == "llama":
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
+    if arch == "bert":
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1])}
+    if arch == "t5":
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(3, 320, (2, 6), generator=g)}
+    raise ValueError(arch)
+
+
+TINY_MODELS = {"llama": tiny_llama, "bert": tiny_bert, "t5": tiny_t5}

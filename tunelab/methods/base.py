@@ -54,3 +54,22 @@ def save_full_model(model: torch.nn.Module, out_dir) -> None:
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train: what a checkpoint must hold (a few MB for LoRA)."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def peft_task_type(model: torch.nn.Module):
+    """PEFT's task type for a transformers model class, so PEFT methods work on decoders, encoders and
+    encoder-decoders alike (it decides how PEFT wraps forward and which heads it keeps trainable)."""
+    from peft import TaskType
+
+    cls = type(model).__name__
+    for suffix, task in (
+        ("ForCausalLM", TaskType.CAUSAL_LM),
+        ("ForConditionalGeneration", TaskType.SEQ_2_SEQ_LM),
+        ("ForSeq2SeqLM", TaskType.SEQ_2_SEQ_LM),
+        ("ForSequenceClassification", TaskType.SEQ_CLS),
+        ("ForTokenClassification", TaskType.TOKEN_CLS),
+        ("ForQuestionAnswering", TaskType.QUESTION_ANS),
+    ):
+        if cls.endswith(suffix):
+            return task
+    return TaskType.FEATURE_EXTRACTION

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tunelab.methods.base import MethodConfig
+from tunelab.methods.base import MethodConfig, peft_task_type
 
 DESCRIPTION = "low-rank matrices A, B beside the chosen linear layers"
 MERGEABLE = True
@@ -28,14 +28,14 @@ class Config(MethodConfig):
 
 
 def peft_config(cfg: Config, model):
-    from peft import LoraConfig, TaskType
+    from peft import LoraConfig
 
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
-        task_type=TaskType.CAUSAL_LM,
+        task_type=peft_task_type(model),
         bias="none",
     )
 

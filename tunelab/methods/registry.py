@@ -8,6 +8,11 @@ A method is a module in `tunelab/methods/` with:
   save(model, out_dir) -> None      write the result in the ecosystem's format
   load(base_model, out_dir) -> model  rebuild the trained model from `save`'s output
   merge(model) -> model             (mergeable methods) a plain transformers model
+Optional:
+  on_step(model, cfg, step) -> str | None   called before every optimizer step (e.g. gradual
+                                    unfreezing); a returned string is logged
+  optimizer_parameters(model, cfg) -> list  every parameter that may train during the run (default:
+                                    those with requires_grad after apply)
 
 Adding a method: write its module, add one line below, add its test and docs section.
 """

@@ -49,17 +49,19 @@ def batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[lis
     return [perm[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-def optimizer_for(model, tcfg) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard."""
+def optimizer_for(params, tcfg) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard.
+
+    A parameter that is frozen for now (gradual unfreezing) has no gradient, and AdamW skips it.
+    """
     decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+    for p in params:
+        (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError("the method left no trainable parameters")
-    fused = next(model.parameters()).device.type == "cuda"
+    fused = params[0].device.type == "cuda"
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), fused=fused or None)
 
 
@@ -170,7 +172,11 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * batches_per_epoch / tcfg.grad_accum))
 
     # ---- optimisation
-    optimizer = optimizer_for(model, tcfg)
+    if hasattr(method, "optimizer_parameters"):
+        params = method.optimizer_parameters(model, cfg.method)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer_for(params, tcfg)
     scheduler = scheduler_for(optimizer, tcfg, total_steps)
     autocast = _autocast_for(device, cfg.model.dtype)
 
@@ -212,6 +218,11 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             step = state["step"]
             # snapshot so that an interrupt mid-step checkpoints the state *before* this step
             step_start = (dict(state), ckpt.rng_state())
+            if hasattr(method, "on_step"):
+                note = method.on_step(model, cfg.method, step)
+                if note:
+                    log(f"step {step}: {note}")
+                    metrics_log.write({"step": step, "event": note})
             micro = [micro_batch(step * tcfg.grad_accum + k) for k in range(tcfg.grad_accum)]
             n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
             loss_total = 0.0
@@ -223,7 +234,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                 loss_total += float(loss_sum.detach())
                 state["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             grad_norm = (
-                float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], tcfg.max_grad_norm))
+                float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], tcfg.max_grad_norm))
                 if tcfg.max_grad_norm
                 else None
             )
@@ -239,8 +250,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                 record["grad_norm"] = grad_norm
             if step % tcfg.log_every == 0 or step == total_steps:
                 metrics_log.write(record)
+            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
             progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:.0f}")
 
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
                 eval_loss = do_eval(step)
