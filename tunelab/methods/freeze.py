@@ -16,6 +16,7 @@ from tunelab.methods.base import MethodConfig, block_index, freeze_all, num_bloc
 
 DESCRIPTION = "the last k blocks and/or parameters matching regex patterns"
 MERGEABLE = True
+INFERENCE_COST = "none"
 
 
 class Config(MethodConfig):

@@ -14,6 +14,7 @@ from tunelab.methods.base import MethodConfig, peft_task_type
 
 DESCRIPTION = "low-rank matrices A, B beside the chosen linear layers"
 MERGEABLE = True
+INFERENCE_COST = "two small matmuls per adapted layer; none once merged"
 
 
 class Config(MethodConfig):

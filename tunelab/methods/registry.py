@@ -4,6 +4,7 @@ A method is a module in `tunelab/methods/` with:
   Config        a pydantic model whose `name: Literal["<name>"]` is the tag in the YAML `method:` section
   DESCRIPTION   one line: what trains
   MERGEABLE     whether `merge` folds it into plain base weights (no extra inference cost)
+  INFERENCE_COST  one line: extra inference cost of the unmerged result ("none" if nothing extra)
   apply(model, cfg) -> model        make the model trainable the method's way (freeze the rest)
   save(model, out_dir) -> None      write the result in the ecosystem's format
   load(base_model, out_dir) -> model  rebuild the trained model from `save`'s output
