@@ -7,8 +7,8 @@ from typing import Literal
 from tunelab.methods.base import MethodConfig, save_full_model
 
 DESCRIPTION = "every weight"
-MERGEABLE = True
-INFERENCE_COST = "none"  # nothing to merge: the result already is a plain model
+MERGEABLE = True  # nothing to merge: the result already is a plain model
+INFERENCE_COST = "none"
 
 
 class Config(MethodConfig):
