@@ -56,10 +56,54 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_methods(args) -> int:
+    from tunelab.methods.summary import method_table
+
+    rows = method_table(args.model)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ["method", "trains", "trainable", "%", "mergeable", "inference cost"]
+    table = [
+        [
+            r["method"],
+            r["trains"],
+            f"{r['trainable']:,}" if r["trainable"] is not None else "n/a",
+            (f"{r['percent']:.2f}" if r["percent"] >= 0.01 else f"{r['percent']:.2g}") if r["percent"] is not None else "n/a",
+            {True: "yes", False: "no", None: "?"}[r["mergeable"]],
+            r["inference_cost"],
+        ]
+        for r in rows
+    ]
+    print(f"methods on {args.model} (each method's default settings):\n")
+    print(_table(header, table))
+    notes = [f"{r['method']}: {r['note']}" for r in rows if r["note"]]
+    if notes:
+        print("\n" + "\n".join(notes))
+    return 0
+
+
 def cmd_config(args) -> int:
     from tunelab.config import dump_config, load_config
 
     print(dump_config(load_config(args.config, args.set)), end="")
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from pathlib import Path
+
+    from tunelab.evaluation.baseline import tfidf_baseline
+
+    result = tfidf_baseline(args.task, train_limit=args.limit, seed=args.seed)
+    if args.out:
+        Path(args.out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).expanduser().write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['task']}  {result['model']}  train {result['n_train']:,}  dev {result['n_dev']:,}  {result['seconds']:.1f}s")
+    print(_table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in result["metrics"].items()]))
     return 0
 
 
@@ -102,10 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(fn=cmd_models)
 
+    me = sub.add_parser("methods", help="list the tuning methods: what trains, how many parameters, mergeable")
+    me.add_argument("--model", default="smollm2-135m-instruct", help="model whose parameters are counted (config only)")
+    me.add_argument("--json", action="store_true")
+    me.set_defaults(fn=cmd_methods)
+
     c = sub.add_parser("config", help="print a config with every default filled in (validates it)")
     c.add_argument("config", nargs="?")
     c.add_argument("--set", action="append", metavar="KEY=VALUE")
     c.set_defaults(fn=cmd_config)
+
+    b = sub.add_parser("baseline", help="score a classical baseline (TF-IDF + linear model) on a task preset")
+    b.add_argument("kind", choices=["tfidf"], help="baseline model")
+    b.add_argument("--task", required=True, help="task preset: sst2, cola, mrpc, stsb, rte, wnli (see tunelab.evaluation.tasks)")
+    b.add_argument("--limit", type=int, help="train on a seeded random sample of this many rows")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--out", help="also write the result as JSON to this file")
+    b.set_defaults(fn=cmd_baseline)
     return p
 
 

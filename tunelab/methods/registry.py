@@ -14,6 +14,8 @@ Optional:
                                     unfreezing); a returned string is logged
   optimizer_parameters(model, cfg) -> list  every parameter that may train during the run (default:
                                     those with requires_grad after apply)
+  optimizer(params, tcfg) -> Optimizer | None  the optimizer for `params` (e.g. qlora's paged 8-bit AdamW
+                                    on CUDA); None (or no hook): the loop's AdamW
 
 Adding a method: write its module, add one line below, add its test and docs section.
 """
@@ -27,6 +29,14 @@ _METHODS: dict[str, str] = {
     "full": "tunelab.methods.full",
     "lora": "tunelab.methods.lora",
     "freeze": "tunelab.methods.freeze",
+    "prefix": "tunelab.methods.prefix",
+    "prompt": "tunelab.methods.prompt",
+    "gradual": "tunelab.methods.gradual",
+    "head": "tunelab.methods.head",
+    "adapter": "tunelab.methods.adapter",
+    "bitfit": "tunelab.methods.bitfit",
+    "ia3": "tunelab.methods.ia3",
+    "qlora": "tunelab.methods.qlora",
 }
 
 

@@ -176,7 +176,9 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         params = method.optimizer_parameters(model, cfg.method)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizer_for(params, tcfg)
+    optimizer = method.optimizer(params, tcfg) if hasattr(method, "optimizer") else None
+    if optimizer is None:  # the method's own optimizer (qlora: paged 8-bit AdamW on CUDA), else AdamW
+        optimizer = optimizer_for(params, tcfg)
     scheduler = scheduler_for(optimizer, tcfg, total_steps)
     autocast = _autocast_for(device, cfg.model.dtype)
 

@@ -1,0 +1,253 @@
+"""Bottleneck adapters (`adapter`): harness on every architecture, config checks, saved format, training loop."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelab.config import ConfigError, load_config
+from tunelab.methods import get
+from tunelab.testing import tiny_batch, tiny_bert, tiny_llama, tiny_t5
+
+mod = get("adapter")
+
+
+def adapter_or_head(n):
+    return ".adapter." in n or n.startswith("classifier.")
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "t5"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"preset": "houlsby"},
+        {"preset": "pfeiffer"},
+        # m = 32 / 0.5 = 64, the default bottleneck: the 32-wide tiny models need the width to learn in 20 steps
+        {"preset": "houlsby", "reduction_factor": 0.5, "activation": "gelu"},
+    ],
+    ids=["houlsby", "pfeiffer", "reduction-gelu"],
+)
+def test_adapter_on_every_architecture(arch, kwargs, tmp_path):
+    from method_harness import check_method
+
+    check_method("adapter", arch, tmp_path, expect_trainable=adapter_or_head, identity_at_init=True, **kwargs)
+
+
+def test_houlsby_with_norms(tmp_path):
+    from method_harness import check_method
+
+    check_method(
+        "adapter", "llama", tmp_path, expect_trainable=lambda n: ".adapter." in n or "norm" in n,
+        identity_at_init=True, preset="houlsby", train_norms=True,
+    )
+
+
+# ---- config
+
+
+def test_config_bottleneck_xor_reduction_factor():
+    assert mod.Config().bottleneck == 64 and mod.Config().reduction_factor is None
+    cfg = mod.Config(reduction_factor=16)  # alone: replaces the default bottleneck
+    assert cfg.bottleneck is None and cfg.reduction_factor == 16
+    with pytest.raises(ValueError, match="exactly one of bottleneck and reduction_factor"):
+        mod.Config(bottleneck=8, reduction_factor=4)
+    with pytest.raises(ValueError, match="exactly one"):
+        mod.Config(bottleneck=None)
+    with pytest.raises(ConfigError, match="exactly one of bottleneck and reduction_factor"):
+        load_config({"method": {"name": "adapter", "bottleneck": 8, "reduction_factor": 4}})
+    assert load_config({"method": {"name": "adapter", "reduction_factor": 8}}).method.bottleneck is None
+
+
+def test_config_placement_and_preset():
+    assert mod.Config().sublayers() == ["ffn"]
+    assert mod.Config(preset="houlsby").sublayers() == ["attention", "ffn"]
+    assert mod.Config(preset="houlsby", placement=["attention"]).sublayers() == ["attention"]
+    assert mod.Config(preset=None, placement=["ffn", "attention"]).sublayers() == ["ffn", "attention"]
+    for bad in ({"preset": None}, {"placement": []}, {"placement": ["ffn", "ffn"]}, {"placement": ["mlp"]}, {"bottleneck": 0}):
+        with pytest.raises(ValueError):
+            mod.Config(**bad)
+    with pytest.raises(ConfigError, match="unknown key 'method.r'"):
+        load_config({"method": {"name": "adapter", "r": 4}})
+
+
+# ---- where adapters go, what trains, what is saved
+
+
+def per_adapter(d, m):
+    return 2 * d * m + m + d
+
+
+@pytest.mark.parametrize(
+    "make, kwargs, sites, extra",
+    [
+        (tiny_llama, {}, ["model.layers.0.mlp", "model.layers.1.mlp"], []),
+        (
+            tiny_llama,
+            {"preset": "houlsby"},
+            ["model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp"],
+            [],
+        ),
+        (
+            tiny_bert,
+            {"preset": "houlsby", "bottleneck": 8},
+            [
+                "bert.encoder.layer.0.attention.output.dense",
+                "bert.encoder.layer.0.output.dense",
+                "bert.encoder.layer.1.attention.output.dense",
+                "bert.encoder.layer.1.output.dense",
+            ],
+            ["classifier.weight", "classifier.bias"],
+        ),
+        (
+            tiny_t5,
+            {"preset": "houlsby", "reduction_factor": 4},
+            [
+                "encoder.block.0.layer.0.SelfAttention",
+                "encoder.block.0.layer.1.DenseReluDense",
+                "encoder.block.1.layer.0.SelfAttention",
+                "encoder.block.1.layer.1.DenseReluDense",
+                "decoder.block.0.layer.0.SelfAttention",
+                "decoder.block.0.layer.1.EncDecAttention",
+                "decoder.block.0.layer.2.DenseReluDense",
+                "decoder.block.1.layer.0.SelfAttention",
+                "decoder.block.1.layer.1.EncDecAttention",
+                "decoder.block.1.layer.2.DenseReluDense",
+            ],
+            [],
+        ),
+    ],
+    ids=["llama-pfeiffer", "llama-houlsby", "bert-houlsby", "t5-houlsby"],
+)
+def test_sites_trainable_and_saved_files(make, kwargs, sites, extra, tmp_path):
+    from tunelab.methods.base import count_parameters
+
+    cfg = mod.Config(**kwargs)
+    model = mod.apply(make(), cfg)
+    d = 32
+    m = mod.bottleneck_size(cfg, d)
+    adapter_keys = {f"{s}.adapter.{p}.{w}" for s in sites for p in ("down", "up") for w in ("weight", "bias")}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == adapter_keys | set(extra)
+    head = sum(p.numel() for n, p in model.named_parameters() if n in extra)
+    assert count_parameters(model)[0] == len(sites) * per_adapter(d, m) + head
+
+    mod.save(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["tunelab_method"] == "adapter" and meta["format_version"] == 1
+    assert meta["hidden_size"] == d and meta["bottleneck"] == m
+    assert meta["sites"] == sites and meta["extra_params"] == extra
+    assert mod.Config(**meta["config"]) == cfg
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert set(weights) == adapter_keys | set(extra)
+    assert all(weights[k].dtype == torch.float32 for k in adapter_keys)
+
+
+def test_train_head_false_and_true():
+    def names(m):
+        return {n for n, p in m.named_parameters() if p.requires_grad}
+
+    assert not any("classifier" in n for n in names(mod.apply(tiny_bert(), mod.Config(train_head=False))))
+    lm = names(mod.apply(tiny_llama(), mod.Config(train_head=True)))
+    assert "model.embed_tokens.weight" in lm  # tied LM head: trained through the embedding
+    assert not any("embed" in n for n in names(mod.apply(tiny_llama(), mod.Config())))
+
+
+def test_adapters_themselves_learn_under_a_trained_head():
+    """On BERT the new classifier could fit the batch alone; the adapters must still receive updates."""
+    model = mod.apply(tiny_bert(), mod.Config(preset="houlsby"))
+    batch = tiny_batch("bert")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for site in model._tunelab_adapter["sites"]:
+        assert model.get_submodule(site).adapter.up.weight.abs().sum() > 0, site
+
+
+def test_load_is_strict(tmp_path):
+    model = mod.apply(tiny_llama(), mod.Config(bottleneck=4))
+    mod.save(model, tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    weights = load_file(path)
+    save_file({**weights, "model.norm.weight": torch.ones(32)}, path)
+    with pytest.raises(ValueError, match="unexpected"):
+        mod.load(tiny_llama(), tmp_path)
+    weights.pop("model.layers.0.mlp.adapter.up.bias")
+    save_file(weights, path)
+    with pytest.raises(ValueError, match="missing"):
+        mod.load(tiny_llama(), tmp_path)
+    with pytest.raises(ValueError, match="hidden size"):
+        mod.load(tiny_llama(hidden_size=64), tmp_path)
+
+
+def test_unsupported_model_type_names_the_supported_ones():
+    model = tiny_llama()
+    model.config.model_type = "mystery"
+    with pytest.raises(ValueError, match=r"'mystery' is not supported; supported model types: \[.*'bert'.*'llama'.*'t5'"):
+        mod.apply(model, mod.Config())
+
+
+def test_not_mergeable():
+    assert mod.MERGEABLE is False
+    with pytest.raises(NotImplementedError, match="cannot be merged"):
+        mod.merge(mod.apply(tiny_llama(), mod.Config()))
+
+
+def test_bf16_base_keeps_fp32_adapters_and_identity():
+    base = tiny_llama().to(torch.bfloat16)
+    model = mod.apply(copy.deepcopy(base), mod.Config(preset="houlsby"))
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if ".adapter." in n)
+    ids = torch.tensor([[1, 5, 9, 33, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)
+
+
+# ---- the real training loop
+
+
+def test_training_loop_end_to_end(tmp_path, monkeypatch):
+    import tunelab
+    from tunelab.inference import load_run
+    from tunelab.testing import save_tiny_model_dir
+
+    rows = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(16)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "model": {"name": save_tiny_model_dir(tmp_path / "model")},
+            "data": {"train": str(data), "val_fraction": 0.25, "max_length": 64},
+            "method": {"name": "adapter"},
+            "training": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "seed": 3,
+                         "progress": False, "tensorboard": False},
+        }
+    )
+    trained = {}
+    real_save = mod.save
+
+    def capturing_save(model, out_dir):
+        trained["model"] = model
+        real_save(model, out_dir)
+
+    monkeypatch.setattr(mod, "save", capturing_save)
+    result = tunelab.train(cfg)
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+    final = result.final_dir
+    for f in ("adapter_config.json", "adapter_model.safetensors", "tunelab.json", "tokenizer_config.json"):
+        assert (final / f).exists(), f
+    assert json.loads((final / "tunelab.json").read_text())["method"] == "adapter"
+
+    ours, _ = load_run(str(result.run_dir), device="cpu")
+    base, _ = load_run(str(tmp_path / "model"), device="cpu")
+    ids = torch.tensor([[1, 5, 9, 33, 7, 12]])
+    model = trained["model"].eval()
+    with torch.no_grad():
+        want = model(ids).logits
+        assert (ours(ids).logits - want).abs().max() < 1e-5
+        assert (base(ids).logits - want).abs().max() > 1e-4  # the adapters did change the model

@@ -1,0 +1,62 @@
+"""`tunelab methods`: every registered method counted on a model built from its config (meta device)."""
+
+import pytest
+
+from tunelab.cli import main as cli_main
+from tunelab.methods import names
+from tunelab.methods.summary import method_table
+from tunelab.testing import save_tiny_model_dir, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def test_method_table_counts_each_method(tiny_dir):
+    rows = {r["method"]: r for r in method_table(tiny_dir)}
+    assert list(rows) == names()  # new methods appear automatically
+    base_total = sum(p.numel() for p in tiny_llama().parameters())  # tied: counted once
+    full = rows["full"]
+    assert full["trainable"] == full["total"] == base_total and full["percent"] == 100.0
+    block = sum(p.numel() for p in tiny_llama().model.layers[0].parameters())
+    assert rows["freeze"]["trainable"] == 2 * block  # default last_k 2 = both tiny blocks
+    assert rows["gradual"]["trainable"] == block + 32  # top block + final norm
+    assert rows["head"]["trainable"] == 32  # tied LM head: the final norm only
+    assert 0 < rows["lora"]["trainable"] < rows["lora"]["total"]
+    for r in rows.values():
+        assert isinstance(r["mergeable"], bool) and r["trains"] and r["inference_cost"]
+        assert r["trainable"] is not None or r["note"].startswith("n/a")
+
+
+def test_method_table_reports_a_failing_method_as_na(tiny_dir, monkeypatch):
+    from tunelab.methods import registry
+
+    def broken(model, cfg):
+        raise RuntimeError("cannot do that here")
+
+    monkeypatch.setattr(registry.get("gradual"), "apply", broken)
+    row = {r["method"]: r for r in method_table(tiny_dir)}["gradual"]
+    assert row["trainable"] is None and row["note"] == "n/a: RuntimeError: cannot do that here"
+
+
+def test_cli_methods(tiny_dir, capsys):
+    assert cli_main(["methods", "--model", tiny_dir]) == 0
+    out = capsys.readouterr().out
+    for name in names():
+        assert f"\n{name} " in out
+    assert "mergeable" in out and "inference cost" in out
+
+
+def test_meta_model_keeps_the_callers_config(tiny_dir):
+    from transformers import AutoConfig
+
+    from tunelab.methods import get
+    from tunelab.methods.summary import meta_model
+    from tunelab.models.heads import with_task_head
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    model = get("head").apply(meta_model(config), get("head").Config(extra_blocks=1, untie_head=True))
+    assert model.config.num_hidden_layers == 3 and config.num_hidden_layers == 2 and config.tie_word_embeddings
+    clf = with_task_head(meta_model(config), "classification", num_labels=3)  # works on meta tensors too
+    assert clf.score.weight.is_meta and clf.score.weight.shape == (3, 32)

@@ -1,0 +1,213 @@
+"""BitFit, (IA)³ and QLoRA: the acceptance harness on every architecture, plus each method's specifics
+(NF4 double quantization really in place, memory saved, dequantized merge, BitFit's added biases)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from tunelab.methods import get
+from tunelab.methods.base import count_parameters
+from tunelab.testing import tiny_batch, tiny_llama
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+# BitFit and (IA)³ train a few hundred parameters on these random tiny models: they need more steps and a
+# larger learning rate than LoRA to show the harness's 20% loss drop (the papers also use larger LRs).
+FEW = {"steps": 60, "lr": 5e-2}
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "t5"])
+@pytest.mark.parametrize(
+    "name, kwargs, predicate, identity",
+    [
+        ("bitfit", FEW, lambda n: n.endswith(".bias") or n.startswith("classifier."), True),
+        ("ia3", FEW, lambda n: "ia3_l" in n or "classifier" in n, True),
+        # step 0 of QLoRA is the *quantized* base, not the fp32 one: checked in test_qlora_step0_... below
+        ("qlora", {"r": 4, "alpha": 8, "dropout": 0.0}, lambda n: "lora_" in n or "classifier" in n, False),
+    ],
+)
+def test_method_on_every_architecture(name, kwargs, predicate, identity, arch, tmp_path):
+    from method_harness import check_method
+
+    check_method(name, arch, tmp_path, expect_trainable=predicate, identity_at_init=identity, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "t5"])
+def test_qlora_step0_equals_the_quantized_base(arch):
+    from tunelab.methods.qlora import Config, apply, quantize_linear_layers_
+    from tunelab.testing import TINY_MODELS
+
+    batch = tiny_batch(arch)
+    quantized = TINY_MODELS[arch]()
+    quantize_linear_layers_(quantized)
+    model = apply(TINY_MODELS[arch](), Config(r=4, alpha=8, dropout=0.0))
+    assert torch.equal(_logits(model, batch), _logits(quantized, batch))
+    # ... and differs from the fp32 base by the quantization error
+    assert (_logits(model, batch) - _logits(TINY_MODELS[arch](), batch)).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------ QLoRA
+def test_qlora_linear_layers_are_nf4_double_quantized_and_use_3x_less_memory():
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from tunelab.methods.qlora import Config, apply, quantized_memory_report
+
+    # hidden 64 / intermediate 128: at hidden 32 the per-layer codebooks (~1 KB) weigh as much as the weights
+    model = apply(tiny_llama(hidden_size=64, intermediate_size=128), Config(r=4))
+    inner = model.get_base_model()
+    block = inner.model.layers[0]
+    for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.mlp.down_proj):
+        assert isinstance(lin, LoraLinear4bit)
+        base = lin.get_base_layer()
+        assert isinstance(base, bnb.nn.Linear4bit) and isinstance(base.weight, bnb.nn.Params4bit)
+        qs = base.weight.quant_state
+        assert base.weight.dtype == torch.uint8 and qs.quant_type == "nf4" and qs.blocksize == 64
+        assert qs.nested and qs.state2 is not None and qs.absmax.dtype == torch.uint8  # double quantization
+        assert base.compute_dtype == torch.float32  # CPU
+    assert type(inner.lm_head) is torch.nn.Linear  # the (tied) head stays full precision
+    assert not [n for n, m in inner.model.named_modules() if type(m) is torch.nn.Linear and "lora_" not in n]
+    report = quantized_memory_report(model)
+    assert report["quantized_layers"] == 14
+    assert report["linear_bytes_before"] == 4 * 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
+    assert report["linear_bytes_before"] >= 3 * report["linear_bytes_after"], report
+
+
+def test_qlora_merge_uses_the_dequantized_weights_not_the_original_ones(tmp_path):
+    from peft import PeftModel
+
+    mod = get("qlora")
+    base = tiny_llama(hidden_size=64, intermediate_size=128)
+    batch = tiny_batch("llama")
+    model = mod.apply(copy.deepcopy(base), mod.Config(r=4, alpha=8, dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(5):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = _logits(model, batch)
+    mod.save(model, tmp_path)
+    meta = json.loads((tmp_path / "tunelab_qlora.json").read_text())
+    assert meta["quantization"]["quant_type"] == "nf4" and meta["quantization"]["double_quant"]
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
+
+    merged = mod.merge(mod.load(copy.deepcopy(base), tmp_path))
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    assert (_logits(merged, batch) - trained).abs().max() < 1e-4
+    # the usual alternative: the same adapter merged into the original fp32 weights differs by the
+    # quantization error the adapter never saw
+    into_original = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).merge_and_unload()
+    assert (_logits(into_original, batch) - trained).abs().max() > 1e-3
+
+
+def test_qlora_optimizer_hook_is_plain_adamw_on_cpu():
+    from tunelab.methods.qlora import optimizer
+
+    assert optimizer([torch.nn.Parameter(torch.zeros(2, 2))], None) is None
+
+
+def test_qlora_end_to_end_train_and_load_run(tmp_path):
+    import tunelab
+    from tunelab.config import load_config
+    from tunelab.inference import load_run
+    from tunelab.testing import save_tiny_model_dir
+
+    model_dir = save_tiny_model_dir(tmp_path / "model", hidden_size=64, intermediate_size=128)
+    rows = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(24)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "model": {"name": model_dir},
+            "data": {"train": str(data), "val_fraction": 0.25, "max_length": 64},
+            "method": {"name": "qlora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "training": {
+                "max_steps": 10,
+                "batch_size": 4,
+                "lr": 1e-2,
+                "warmup_steps": 1,
+                "progress": False,
+                "tensorboard": False,
+            },
+        }
+    )
+    result = tunelab.train(cfg)
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+    for f in ("adapter_config.json", "adapter_model.safetensors", "tunelab_qlora.json", "tunelab.json"):
+        assert (result.final_dir / f).exists(), f
+
+    ids = {"input_ids": torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])}
+    model, _ = load_run(str(tmp_path / "run"), device="cpu")
+    again, _ = load_run(str(tmp_path / "run"), device="cpu")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert torch.equal(_logits(model, ids), _logits(again, ids))
+    merged, _ = load_run(str(tmp_path / "run"), device="cpu", merge=True)
+    assert (_logits(merged, ids) - _logits(model, ids)).abs().max() < 1e-4
+
+
+# ----------------------------------------------------------------------------------------- BitFit
+def test_bitfit_adds_zero_biases_to_llama_and_merges_into_a_plain_biased_llama(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    mod = get("bitfit")
+    base = tiny_llama()
+    assert not any(n.endswith(".bias") for n, _ in base.named_parameters())  # Llama has no biases
+    model = mod.apply(copy.deepcopy(base), mod.Config())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 and all(n.endswith(".bias") for n in trainable)
+    assert count_parameters(model)[0] == 2 * (32 + 16 + 16 + 32 + 64 + 64 + 32)
+    assert model.lm_head.bias is None
+
+    batch = tiny_batch("llama")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    trained = _logits(model, batch)
+    mod.save(model, tmp_path / "bitfit")
+    merged = mod.merge(mod.load(tiny_llama(), tmp_path / "bitfit"))
+    assert merged.config.attention_bias and merged.config.mlp_bias
+    merged.save_pretrained(tmp_path / "merged")
+    plain = LlamaForCausalLM.from_pretrained(tmp_path / "merged")  # plain transformers, no tunelab
+    assert (_logits(plain, batch) - trained).abs().max() < 1e-5
+
+
+def test_bitfit_without_added_biases_refuses_a_bias_free_model():
+    mod = get("bitfit")
+    with pytest.raises(ValueError, match="no bias"):
+        mod.apply(tiny_llama(), mod.Config(add_missing_biases=False))
+
+
+def test_bitfit_train_head_false_on_bert_trains_only_biases():
+    from tunelab.testing import tiny_bert
+
+    mod = get("bitfit")
+    model = mod.apply(tiny_bert(), mod.Config(train_head=False))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert "classifier.bias" in names and all(n.endswith(".bias") for n in names)
+    assert not model._tunelab_bitfit["added_biases"]  # BERT has all its biases already
+
+
+def test_ia3_vectors_sit_on_keys_values_and_ffn_input():
+    mod = get("ia3")
+    model = mod.apply(tiny_llama(), mod.Config())
+    shapes = {n.split(".")[-3]: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    assert shapes == {"k_proj": (16, 1), "v_proj": (16, 1), "down_proj": (1, 64)}
+    from tunelab.testing import tiny_bert
+
+    bert = mod.apply(tiny_bert(), mod.Config())
+    names = [n for n, p in bert.named_parameters() if p.requires_grad and "ia3_l" in n]
+    assert not any("attention.output" in n for n in names) and any(".output.dense" in n for n in names)

@@ -1,0 +1,142 @@
+"""Gradual unfreezing (Howard & Ruder 2018, ULMFiT): thaw the network from the top, one block at a time.
+
+Step 0 trains the head and the top `start_blocks` blocks; every `every_steps` optimizer steps one
+more block below joins, until every block trains (then, with `unfreeze_embeddings`, the embedding
+tables too). Updating the top first lets the randomly-placed / task-specific top settle before the
+general-purpose lower layers see large gradients, which guards against catastrophic forgetting.
+
+"Head" means the parameters above the last block that are not the input embedding: the final norm,
+an untied LM head, a task head (BERT's pooler + classifier). On tied-embedding causal LMs (SmolLM2,
+the tiny test Llama) and T5, the LM head *is* the input embedding, so it is frozen until
+`unfreeze_embeddings` thaws it at the very end.
+
+The schedule is a pure function of the step, so a resumed run (the loop calls `on_step(step)`
+again after loading a checkpoint) trains exactly what the uninterrupted run trained. T5's blocks
+are numbered per stack; "block i" is encoder block i and decoder block i together.
+
+The ULMFiT paper unfreezes one layer per *epoch*; the loop only knows optimizer steps, so set
+`every_steps` to the steps per epoch (rows / batch_size / grad_accum, rounded up) to reproduce it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tunelab.methods.base import MethodConfig, block_index, freeze_all, num_blocks, save_full_model
+from tunelab.methods.freeze import part_of
+
+DESCRIPTION = "head + top block first, then one more block from the top every `every_steps` steps"
+MERGEABLE = True
+INFERENCE_COST = "none"
+
+
+class Config(MethodConfig):
+    name: Literal["gradual"] = "gradual"
+    every_steps: int = Field(
+        100, ge=1, description="Unfreeze one more block (from the top) every this many optimizer steps."
+    )
+    start_blocks: int = Field(1, ge=0, description="Blocks (from the top) that train from step 0, with the head.")
+    unfreeze_embeddings: bool = Field(
+        False,
+        description="After the last block, also unfreeze the embedding tables (and a tied LM head) one "
+        "interval later. Off: embeddings never train.",
+    )
+
+
+def _groups(model):
+    """(head, blocks top-down, embeddings): parameter lists in the order they thaw."""
+    n = num_blocks(model)
+    head, embeddings = [], []
+    blocks: list[list] = [[] for _ in range(n)]
+    for name, p in model.named_parameters():  # tied weights once, under the first (embedding) name
+        idx = block_index(name)
+        if idx is not None:
+            blocks[n - 1 - idx].append(p)
+        elif part_of(name) == "embeddings":
+            embeddings.append(p)
+        else:
+            head.append(p)
+    return head, blocks, embeddings
+
+
+def _stages(model, cfg: Config) -> int:
+    return num_blocks(model) + (1 if cfg.unfreeze_embeddings else 0)
+
+
+def stage_at(step: int, cfg: Config, n_stages: int) -> int:
+    """How many thaw stages (blocks from the top, then the embeddings) are open before `step`."""
+    return min(n_stages, cfg.start_blocks + step // cfg.every_steps)
+
+
+def _set(model, cfg: Config, step: int) -> int:
+    head, blocks, embeddings = _groups(model)
+    k = stage_at(step, cfg, _stages(model, cfg))
+    freeze_all(model)
+    for p in head:
+        p.requires_grad_(True)
+    for group in blocks[:k]:
+        for p in group:
+            p.requires_grad_(True)
+    if k > len(blocks):
+        for p in embeddings:
+            p.requires_grad_(True)
+    return k
+
+
+def _note(k: int, n: int) -> str:
+    if k > n:
+        return f"unfroze the embeddings ({n}/{n} blocks trainable)"
+    return f"unfroze block {n - k} ({k}/{n} blocks trainable)"
+
+
+def apply(model, cfg: Config):
+    k = _set(model, cfg, 0)
+    if k == 0 and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("gradual: start_blocks 0 and the model has no head outside the blocks: nothing trains at step 0")
+    return model
+
+
+def on_step(model, cfg: Config, step: int) -> str | None:
+    """Set what trains before optimizer step `step`; a note on the steps where a block thaws."""
+    k = _set(model, cfg, step)
+    n_stages = _stages(model, cfg)
+    if step > 0 and k > stage_at(step - 1, cfg, n_stages):
+        return _note(k, num_blocks(model))
+    return None
+
+
+def optimizer_parameters(model, cfg: Config) -> list:
+    """Every parameter that trains at some point (frozen ones get no gradient until they thaw)."""
+    head, blocks, embeddings = _groups(model)
+    ever = head + [p for g in blocks for p in g] + (embeddings if cfg.unfreeze_embeddings else [])
+    ids = {id(p) for p in ever}
+    return [p for p in model.parameters() if id(p) in ids]  # model order: stable for optimizer state
+
+
+def schedule(model, cfg: Config, total_steps: int) -> list[tuple[int, str]]:
+    """[(step, what happens)] over a run of `total_steps` optimizer steps, for docs and logs."""
+    n = num_blocks(model)
+    n_stages = _stages(model, cfg)
+    k0 = stage_at(0, cfg, n_stages)
+    first = f"head + top {k0} block(s) trainable ({min(k0, n)}/{n} blocks trainable)"
+    events = [(0, first)]
+    for k in range(k0 + 1, n_stages + 1):
+        step = (k - cfg.start_blocks) * cfg.every_steps
+        if step >= total_steps:
+            break
+        events.append((step, _note(k, n)))
+    return events
+
+
+def save(model, out_dir) -> None:
+    save_full_model(model, out_dir)
+
+
+def load(base_model, out_dir):
+    return type(base_model).from_pretrained(out_dir, dtype=base_model.dtype)
+
+
+def merge(model):
+    return model

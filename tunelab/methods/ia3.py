@@ -1,0 +1,95 @@
+"""(IA)³ (Liu et al. 2022): learned vectors that rescale keys, values and the FFN's intermediate activation.
+
+    attention: softmax(Q (l_k ⊙ K)ᵀ / √d) (l_v ⊙ V)        FFN: W_2 (l_ff ⊙ γ(W_1 x))
+
+with l_k, l_v ∈ R^{d_k·heads}, l_ff ∈ R^{d_ff} initialised to ones, so step 0 is the base model. Only
+the vectors (and a freshly added task head) train: ~0.05% of the parameters. Built on PEFT's
+`IA3Config` so the result is PEFT's format (`adapter_config.json` + `adapter_model.safetensors`) and
+loads with plain `PeftModel.from_pretrained`. PEFT implements l_k / l_v as a per-output-feature scale
+on the key / value projections and l_ff as a per-input-feature scale on the FFN's down projection
+(`feedforward_modules`). Since each vector only rescales rows or columns of a weight matrix,
+`merge` folds it in: (IA)³ costs nothing at inference once merged.
+
+Default modules (`target_modules: null`): PEFT's per-architecture defaults, which match the paper for
+Llama (k_proj, v_proj, down_proj as feed-forward) and T5 (k, v, wo as feed-forward; also in the
+decoder's cross-attention). For BERT/RoBERTa PEFT's default `output.dense` also matches the
+attention output projection, so tunelab narrows it to the FFN's output dense layer, as in the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tunelab.methods.base import MethodConfig, peft_task_type
+
+DESCRIPTION = "(IA)³ vectors rescaling keys, values and the FFN's intermediate activation"
+MERGEABLE = True
+INFERENCE_COST = "an elementwise multiply per adapted layer; none once merged"
+
+# the paper's l_k, l_v, l_ff where PEFT's defaults differ (BERT's `output.dense` suffix would also
+# catch `attention.output.dense`)
+_PAPER_MODULES = {
+    model_type: (r".*\.(key|value)|.*\.layer\.\d+\.output\.dense", r".*\.layer\.\d+\.output\.dense")
+    for model_type in ("bert", "roberta", "xlm-roberta")
+}
+
+
+class Config(MethodConfig):
+    name: Literal["ia3"] = "ia3"
+    target_modules: list[str] | str | None = Field(
+        None,
+        description="Modules that get a vector (names like [k_proj, v_proj, down_proj] or a regex); "
+        "null: keys, values and the FFN down projection for the architecture (PEFT's defaults).",
+    )
+    feedforward_modules: list[str] | str | None = Field(
+        None,
+        description="The subset of target_modules whose *input* is scaled (l_ff, e.g. [down_proj]); the others "
+        "scale their output. null with target_modules set: none.",
+    )
+
+    @model_validator(mode="after")
+    def _ff_needs_targets(self):
+        if self.feedforward_modules is not None and self.target_modules is None:
+            raise ValueError("ia3: feedforward_modules needs target_modules (a subset of them)")
+        return self
+
+
+def peft_config(cfg: Config, model):
+    from peft import IA3Config
+
+    target, ff = cfg.target_modules, cfg.feedforward_modules
+    if target is None:
+        model_type = getattr(model.config, "model_type", None)
+        if model_type in _PAPER_MODULES:
+            target, ff = _PAPER_MODULES[model_type]
+        # else: None lets PEFT pick its per-architecture defaults for both
+    elif ff is None:
+        ff = []
+    return IA3Config(
+        target_modules=target,
+        feedforward_modules=ff,
+        task_type=peft_task_type(model),
+        init_ia3_weights=True,
+    )
+
+
+def apply(model, cfg: Config):
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config(cfg, model))
+
+
+def save(model, out_dir) -> None:
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def load(base_model, out_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, out_dir)
+
+
+def merge(model):
+    return model.merge_and_unload()
