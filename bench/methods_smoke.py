@@ -32,6 +32,7 @@ def run(method: str, steps: int, out: Path) -> dict:
         "training": {"max_steps": steps, "batch_size": 4, "lr": 3e-4 if method not in ("full", "freeze", "gradual", "head") else 3e-5,
                      "progress": False, "tensorboard": False, "warmup_steps": 1},
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = out.with_suffix(".yaml")
     import yaml
 

@@ -107,6 +107,21 @@ def cmd_baseline(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from tunelab.evaluation.runner import evaluate, write_result
+
+    result = evaluate(args.model, args.task, limit=args.limit, device=args.device, batch_size=args.batch_size,
+                      seed=args.seed)
+    if args.out:
+        write_result(result, args.out)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['task']}  {result['model']}  ({result['method']}, {result['n']:,} rows, {result['seconds']:.0f}s)")
+    print(_table(["metric", "value"], [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in result["metrics"].items()]))
+    return 0
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -155,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?")
     c.add_argument("--set", action="append", metavar="KEY=VALUE")
     c.set_defaults(fn=cmd_config)
+
+    e = sub.add_parser("eval", help="score a model or a run on a task preset's dev split")
+    e.add_argument("model", help="run folder, or a model spec (named default, folder, .gguf, hub id)")
+    e.add_argument("--task", required=True, help="sst2, cola, mrpc, stsb, rte, wnli, qnli, lima, alpaca ...")
+    e.add_argument("--limit", type=int, help="score a seeded sample of at most N dev rows")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--out", help="also write the result as JSON here")
+    e.set_defaults(fn=cmd_eval)
 
     b = sub.add_parser("baseline", help="score a classical baseline (TF-IDF + linear model) on a task preset")
     b.add_argument("kind", choices=["tfidf"], help="baseline model")

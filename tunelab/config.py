@@ -76,6 +76,24 @@ class DataConfig(Section):
     system_prompt: str | None = Field(None, description="A system message added to every example.")
 
 
+# ------------------------------------------------------------------------------------------ task
+class TaskConfig(Section):
+    """A classification / regression task (stage: classification): a preset or your own files."""
+
+    name: str | None = Field(
+        None, description="A preset (sst2, cola, mrpc, stsb, rte, wnli, qnli; see tunelab.evaluation.tasks) or null."
+    )
+    type: Literal["classification", "regression"] = Field(
+        "classification", description="For your own files (a preset knows its type)."
+    )
+    labels: list[str] = Field(default_factory=list, description="Class names in label-id order, for your own files.")
+    train_file: str | None = Field(None, description="Your own train file (columns text, text_pair, label).")
+    dev_file: str | None = Field(None, description="Your own dev file (same columns).")
+    train_limit: int | None = Field(None, ge=1, description="Train on a seeded sample of at most this many rows.")
+    dev_limit: int | None = Field(None, ge=1, description="Evaluate on a seeded sample of at most this many rows.")
+    max_length: int = Field(128, ge=8, description="Tokens per example (text and text_pair together).")
+
+
 # ------------------------------------------------------------------------------------- training
 class TrainingConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
@@ -113,12 +131,15 @@ def _method_union():
 
 
 class _Root(Section):
-    stage: Literal["sft", "pretrain"] = Field(
-        "sft", description="sft (supervised fine-tuning) or pretrain (continued pre-training on text)."
+    stage: Literal["sft", "pretrain", "classification"] = Field(
+        "sft",
+        description="sft (supervised fine-tuning), pretrain (continued pre-training on text) or "
+        "classification (a classification / regression head; the `task` section).",
     )
     output_dir: str = Field("runs/run", description="Run folder: config, metrics, checkpoints and the result.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
 
 
@@ -136,6 +157,8 @@ def _build_config_class():
         def _check(self):
             if self.stage == "pretrain" and self.data.format != "text":
                 raise ValueError("stage: pretrain needs data.format: text")
+            if self.stage == "classification" and not (self.task.name or self.task.train_file):
+                raise ValueError("stage: classification needs task.name (a preset) or task.train_file")
             return self
 
     return Config
@@ -327,7 +350,7 @@ def reference_markdown() -> str:
         "",
         *table(_Root, ""),
     ]
-    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("data.columns", ColumnsConfig), ("training", TrainingConfig)):
+    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("data.columns", ColumnsConfig), ("task", TaskConfig), ("training", TrainingConfig)):
         out += ["", f"## `{section}`", "", *table(cls, section + ".")]
     for name in names():
         mod = get(name)

@@ -31,7 +31,15 @@ def load_run(run: str, device: str = "auto", merge: bool = False):
         return load_model(ModelConfig(name=str(run)), device=dev)
     manifest = json.loads((final / "tunelab.json").read_text())
     base_cfg = ModelConfig(**manifest["base_model"])
-    base, base_tokenizer = load_model(base_cfg, device=dev)
+    extra = {}
+    if manifest.get("stage") == "classification":  # the base gets the run's (fresh) head; load() restores it
+        from transformers import AutoModelForSequenceClassification
+
+        task = manifest["task"]
+        problem = "regression" if task["type"] == "regression" else "single_label_classification"
+        extra = {"auto_class": AutoModelForSequenceClassification, "num_labels": task["num_labels"], "problem_type": problem,
+                 "ignore_mismatched_sizes": True}
+    base, base_tokenizer = load_model(base_cfg, device=dev, **extra)
     method = get_method(manifest["method"])
     model = method.load(base, final)
     if merge and method.MERGEABLE:

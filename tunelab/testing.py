@@ -77,10 +77,11 @@ def tiny_llama(vocab_size: int = 320, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
-def save_tiny_model_dir(path, vocab_size: int = 320, seed: int = 0, **overrides) -> str:
-    """Write a tiny Llama and its tokenizer as a local Hugging Face folder (what users point `model.name` at)."""
+def save_tiny_model_dir(path, vocab_size: int = 320, seed: int = 0, arch: str = "llama", **overrides) -> str:
+    """Write a tiny model (llama, bert or t5) and the tiny tokenizer as a local Hugging Face folder
+    (what users point `model.name` at)."""
     tok = tiny_tokenizer(vocab_size)
-    model = tiny_llama(len(tok), seed=seed, **overrides)
+    model = TINY_MODELS[arch](len(tok), seed=seed, **overrides)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

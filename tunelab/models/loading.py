@@ -115,15 +115,17 @@ def load_tokenizer(cfg: ModelConfig):
     return _load_tokenizer(resolve(cfg.name), cfg)
 
 
-def load_model(cfg: ModelConfig, device="cpu", auto_class=None):
-    """`(model, tokenizer)` for `cfg.name`, in `cfg.dtype` on `device`, in eval mode."""
+def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
+    """`(model, tokenizer)` for `cfg.name`, in `cfg.dtype` on `device`, in eval mode.
+
+    `model_kwargs` go to `from_pretrained` (e.g. num_labels for a classification head)."""
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
 
     path = resolve(cfg.name)
     tok = _load_tokenizer(path, cfg)
     dev = resolve_device(device)
-    model = _from_pretrained(auto_class.from_pretrained, path, cfg, dtype=compute_dtype(cfg.dtype, dev))
+    model = _from_pretrained(auto_class.from_pretrained, path, cfg, dtype=compute_dtype(cfg.dtype, dev), **model_kwargs)
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
         if getattr(model, "generation_config", None) is not None:

@@ -22,7 +22,7 @@ import torch
 
 from tunelab.config import dump_config
 from tunelab.training import checkpoint as ckpt
-from tunelab.training.loss import token_loss_sum
+from tunelab.training.stages import Stage, stage_for
 
 
 @dataclass
@@ -78,14 +78,14 @@ def to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_loss(model, batches: list[dict], device, autocast) -> float:
-    """Mean next-token loss over all label tokens of the validation set."""
+def evaluate_loss(model, batches: list[dict], device, autocast, stage: Stage) -> float:
+    """Mean loss over every loss term (label token, or row) of the validation set."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for batch in batches:
         with autocast():
-            loss_sum, n = token_loss_sum(model, to_device(batch, device))
+            loss_sum, n = stage.loss_sum(model, to_device(batch, device))
         total += float(loss_sum)
         count += n
     model.train(was_training)
@@ -126,10 +126,9 @@ class _MetricsLog:
 
 def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]] | None = None) -> RunResult:
     """Run one fine-tuning job described by a validated Config. See docs/getting-started.md."""
-    from tunelab.data import build_datasets, collate
     from tunelab.methods import get as get_method
     from tunelab.methods.base import count_parameters
-    from tunelab.models import load_model, resolve_device
+    from tunelab.models import resolve_device
 
     tcfg = cfg.training
     run_dir = Path(cfg.output_dir)
@@ -149,7 +148,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
 
     # ---- model and method
     device = resolve_device(tcfg.device)
-    model, tokenizer = load_model(cfg.model, device=device)
+    stage = stage_for(cfg.stage)
+    model, tokenizer = stage.load_model(cfg, device)
     method = get_method(cfg.method.name)
     model = method.apply(model, cfg.method)
     trainable, total = count_parameters(model)
@@ -158,13 +158,13 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         model.config.use_cache = False
 
     # ---- data
-    data = build_datasets(cfg.data, tokenizer, seed=tcfg.seed, stage=cfg.stage)
+    data = stage.build_data(cfg, tokenizer)
     if not data.train:
-        raise ValueError(f"{cfg.data.train}: no training examples left after tokenisation")
+        raise ValueError("no training examples left after tokenisation")
     log("data: " + ", ".join(f"{k}={v}" for k, v in data.stats.items()))
     pad_id = tokenizer.pad_token_id
     val_batches = [
-        collate([data.val[i] for i in range(j, min(j + tcfg.batch_size, len(data.val)))], pad_id)
+        stage.collate(data.val[j : j + tcfg.batch_size], pad_id)
         for j in range(0, len(data.val), tcfg.batch_size)
     ][: tcfg.eval_batches]
 
@@ -191,7 +191,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     def do_eval(step: int) -> float | None:
         if not val_batches:
             return None
-        loss = evaluate_loss(model, val_batches, device, autocast)
+        loss = evaluate_loss(model, val_batches, device, autocast, stage)
         metrics_log.write({"step": step, "eval_loss": loss})
         return loss
 
@@ -206,7 +206,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         if epoch not in order_cache:
             order_cache.clear()
             order_cache[epoch] = batch_order(len(data.train), tcfg.batch_size, tcfg.seed, epoch)
-        return collate([data.train[i] for i in order_cache[epoch][b]], pad_id)
+        return stage.collate([data.train[i] for i in order_cache[epoch][b]], pad_id)
 
     progress = _progress(tcfg.progress, total_steps, state["step"])
     model.train()
@@ -226,12 +226,12 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                     log(f"step {step}: {note}")
                     metrics_log.write({"step": step, "event": note})
             micro = [micro_batch(step * tcfg.grad_accum + k) for k in range(tcfg.grad_accum)]
-            n_label = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            n_label = sum(stage.count(b) for b in micro)
             loss_total = 0.0
             for batch in micro:
                 batch = to_device(batch, device)
                 with autocast():
-                    loss_sum, _ = token_loss_sum(model, batch)
+                    loss_sum, _ = stage.loss_sum(model, batch)
                 (loss_sum / max(n_label, 1)).backward()
                 loss_total += float(loss_sum.detach())
                 state["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
@@ -295,14 +295,20 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     metrics["eval_loss"] = do_eval(state["step"])
     if metrics["eval_loss"] is not None:
         log(f"eval loss after training: {metrics['eval_loss']:.4f}")
+    if stage.final_metrics is not None:
+        task_scores = stage.final_metrics(model, tokenizer, cfg, data, device)
+        metrics.update(task_scores)
+        if task_scores:
+            metrics_log.write({"step": state["step"], **task_scores})
+            log("dev metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in task_scores.items()))
     metrics_log.close()
-    final_dir = save_result(run_dir, model, tokenizer, method, cfg)
+    final_dir = save_result(run_dir, model, tokenizer, method, cfg, stage)
     (run_dir / "results.json").write_text(json.dumps(metrics, indent=2))
     log(f"result written to {final_dir}")
     return RunResult(run_dir, final_dir, metrics)
 
 
-def save_result(run_dir: Path, model, tokenizer, method, cfg) -> Path:
+def save_result(run_dir: Path, model, tokenizer, method, cfg, stage: Stage) -> Path:
     """Write the method's result, tokenizer and a small manifest atomically into run_dir/final."""
     import shutil
 
@@ -312,6 +318,8 @@ def save_result(run_dir: Path, model, tokenizer, method, cfg) -> Path:
     method.save(model, tmp)
     tokenizer.save_pretrained(tmp)
     manifest = {"method": cfg.method.name, "base_model": cfg.model.model_dump(), "stage": cfg.stage}
+    if stage.manifest is not None:
+        manifest.update(stage.manifest(cfg))
     (tmp / "tunelab.json").write_text(json.dumps(manifest, indent=2))
     if final.exists():
         shutil.rmtree(final)

@@ -1,0 +1,90 @@
+"""stage: classification — a sequence-classification head trained on the same loop, task metrics at the end."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import tunelab
+from tunelab.config import load_config
+from tunelab.testing import save_tiny_model_dir
+
+GOOD = ["good", "great", "fine", "nice"]
+BAD = ["bad", "awful", "poor", "sad"]
+
+
+def toy_rows(n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(GOOD if label else BAD)
+        filler = " ".join(rng.choice(["the", "film", "was", "plot", "a", "it"]) for _ in range(4))
+        rows.append({"text": f"{word} {word} {filler}", "label": label})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cls")
+    for split, n, seed in (("train", 64, 0), ("dev", 32, 1)):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_rows(n, seed)))
+    return d
+
+
+def cfg_for(model_dir, files, out, method):
+    return load_config(
+        {
+            "stage": "classification",
+            "output_dir": str(out),
+            "model": {"name": model_dir},
+            "task": {"labels": ["negative", "positive"], "train_file": str(files / "train.jsonl"),
+                     "dev_file": str(files / "dev.jsonl"), "max_length": 32},
+            "method": method,
+            "training": {"epochs": 10, "batch_size": 16, "lr": 2e-3, "progress": False, "tensorboard": False,
+                         "warmup_steps": 2},
+        }
+    )
+
+
+@pytest.mark.parametrize("arch, method", [("bert", {"name": "full"}), ("llama", {"name": "lora", "r": 8, "dropout": 0.0})])
+def test_classifier_learns_and_reloads(arch, method, files, tmp_path):
+    model_dir = save_tiny_model_dir(tmp_path / "m", arch=arch)
+    result = tunelab.train(cfg_for(model_dir, files, tmp_path / "run", method))
+    m = result.metrics
+    assert m["eval_loss"] < m["eval_loss_before"]
+    assert m["dev_accuracy"] >= 0.9, m
+    manifest = json.loads((result.final_dir / "tunelab.json").read_text())
+    assert manifest["task"]["labels"] == ["negative", "positive"]
+
+    from tunelab.inference import load_run
+    from tunelab.training.stages import encode_pairs, predict
+
+    model, tok = load_run(str(result.run_dir), device="cpu")
+    rows = [json.loads(line) for line in (files / "dev.jsonl").read_text().splitlines()]
+    preds = predict(model, encode_pairs(rows, tok, 32, False), tok.pad_token_id, torch.device("cpu"))
+    acc = sum(p == r["label"] for p, r in zip(preds, rows)) / len(rows)
+    assert abs(acc - m["dev_accuracy"]) < 1e-9
+
+
+def test_regression_task_reports_correlations(tmp_path):
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        k = rng.randint(0, 4)
+        rows.append({"text": " ".join(["good"] * k + ["the"] * (4 - k)), "text_pair": "ok", "label": float(k)})
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
+    model_dir = save_tiny_model_dir(tmp_path / "m", arch="bert")
+    cfg = cfg_for(model_dir, tmp_path, tmp_path / "run", {"name": "full"})
+    cfg = load_config({**cfg.model_dump(), "task": {**cfg.task.model_dump(), "type": "regression", "labels": []}})
+    m = tunelab.train(cfg).metrics
+    assert m["dev_pearson"] > 0.8, m
+
+
+def test_classification_needs_a_task():
+    from tunelab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="task.name"):
+        load_config({"stage": "classification"})
