@@ -5,8 +5,8 @@ import copy
 import torch
 
 from tunelab.methods import get
-from tunelab.training import loss as L
 from tunelab.testing import tiny_llama
+from tunelab.training import loss as L
 
 
 def batch():

@@ -48,7 +48,14 @@ def cmd_models(args) -> int:
         return 0
     header = ["name", "kind", "cached", "parameters", "licence", "source"]
     table = [
-        [r["name"], r["kind"], "yes" if r["cached"] else "no", f"{r['parameters']:,}" if r["parameters"] else "?", r["licence"], r["source"]]
+        [
+            r["name"],
+            r["kind"],
+            "yes" if r["cached"] else "no",
+            f"{r['parameters']:,}" if r["parameters"] else "?",
+            r["licence"],
+            r["source"],
+        ]
         for r in rows
     ]
     print(_table(header, table))
@@ -69,7 +76,9 @@ def cmd_methods(args) -> int:
             r["method"],
             r["trains"],
             f"{r['trainable']:,}" if r["trainable"] is not None else "n/a",
-            (f"{r['percent']:.2f}" if r["percent"] >= 0.01 else f"{r['percent']:.2g}") if r["percent"] is not None else "n/a",
+            (f"{r['percent']:.2f}" if r["percent"] >= 0.01 else f"{r['percent']:.2g}")
+            if r["percent"] is not None
+            else "n/a",
             {True: "yes", False: "no", None: "?"}[r["mergeable"]],
             r["inference_cost"],
         ]
@@ -102,7 +111,9 @@ def cmd_baseline(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{result['task']}  {result['model']}  train {result['n_train']:,}  dev {result['n_dev']:,}  {result['seconds']:.1f}s")
+    print(
+        f"{result['task']}  {result['model']}  train {result['n_train']:,}  dev {result['n_dev']:,}  {result['seconds']:.1f}s"
+    )
     print(_table(["metric", "value"], [[k, f"{v:.4f}"] for k, v in result["metrics"].items()]))
     return 0
 
@@ -110,15 +121,20 @@ def cmd_baseline(args) -> int:
 def cmd_eval(args) -> int:
     from tunelab.evaluation.runner import evaluate, write_result
 
-    result = evaluate(args.model, args.task, limit=args.limit, device=args.device, batch_size=args.batch_size,
-                      seed=args.seed)
+    result = evaluate(
+        args.model, args.task, limit=args.limit, device=args.device, batch_size=args.batch_size, seed=args.seed
+    )
     if args.out:
         write_result(result, args.out)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     print(f"{result['task']}  {result['model']}  ({result['method']}, {result['n']:,} rows, {result['seconds']:.0f}s)")
-    print(_table(["metric", "value"], [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in result["metrics"].items()]))
+    print(
+        _table(
+            ["metric", "value"], [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in result["metrics"].items()]
+        )
+    )
     return 0
 
 
@@ -184,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("baseline", help="score a classical baseline (TF-IDF + linear model) on a task preset")
     b.add_argument("kind", choices=["tfidf"], help="baseline model")
-    b.add_argument("--task", required=True, help="task preset: sst2, cola, mrpc, stsb, rte, wnli (see tunelab.evaluation.tasks)")
+    b.add_argument(
+        "--task", required=True, help="task preset: sst2, cola, mrpc, stsb, rte, wnli (see tunelab.evaluation.tasks)"
+    )
     b.add_argument("--limit", type=int, help="train on a seeded random sample of this many rows")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", action="store_true")

@@ -350,11 +350,24 @@ def reference_markdown() -> str:
         "",
         *table(_Root, ""),
     ]
-    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("data.columns", ColumnsConfig), ("task", TaskConfig), ("training", TrainingConfig)):
+    for section, cls in (
+        ("model", ModelConfig),
+        ("data", DataConfig),
+        ("data.columns", ColumnsConfig),
+        ("task", TaskConfig),
+        ("training", TrainingConfig),
+    ):
         out += ["", f"## `{section}`", "", *table(cls, section + ".")]
     for name in names():
         mod = get(name)
-        out += ["", f"## `method` — `name: {name}`", "", mod.DESCRIPTION[0].upper() + mod.DESCRIPTION[1:] + ".", "", *table(mod.Config, "method.")]
+        out += [
+            "",
+            f"## `method` — `name: {name}`",
+            "",
+            mod.DESCRIPTION[0].upper() + mod.DESCRIPTION[1:] + ".",
+            "",
+            *table(mod.Config, "method."),
+        ]
     return "\n".join(out) + "\n"
 
 

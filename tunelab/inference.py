@@ -37,8 +37,12 @@ def load_run(run: str, device: str = "auto", merge: bool = False):
 
         task = manifest["task"]
         problem = "regression" if task["type"] == "regression" else "single_label_classification"
-        extra = {"auto_class": AutoModelForSequenceClassification, "num_labels": task["num_labels"], "problem_type": problem,
-                 "ignore_mismatched_sizes": True}
+        extra = {
+            "auto_class": AutoModelForSequenceClassification,
+            "num_labels": task["num_labels"],
+            "problem_type": problem,
+            "ignore_mismatched_sizes": True,
+        }
     base, base_tokenizer = load_model(base_cfg, device=dev, **extra)
     method = get_method(manifest["method"])
     model = method.load(base, final)

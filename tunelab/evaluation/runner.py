@@ -19,8 +19,15 @@ import torch
 from tunelab.evaluation import metrics as M
 
 
-def evaluate(model_or_run: str, task_name: str, limit: int | None = None, device: str = "auto",
-             batch_size: int = 16, seed: int = 0, progress: bool = True) -> dict:
+def evaluate(
+    model_or_run: str,
+    task_name: str,
+    limit: int | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     from tunelab.evaluation.tasks import get_task, load_split
     from tunelab.inference import load_run
     from tunelab.models import resolve_device

@@ -46,9 +46,34 @@ def num_blocks(model: torch.nn.Module) -> int:
     return max(idx) + 1
 
 
+# ---- results that are whole models (full, freeze, gradual, head): a plain safetensors folder
 def save_full_model(model: torch.nn.Module, out_dir) -> None:
     """A whole-model result as a safetensors folder that `AutoModel*.from_pretrained` loads."""
     model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def load_full_model(base_model: torch.nn.Module, out_dir):
+    return type(base_model).from_pretrained(out_dir, dtype=base_model.dtype)
+
+
+def unchanged(model):
+    """`merge` for whole-model results: there is nothing to fold in."""
+    return model
+
+
+# ---- results in PEFT's format (lora, ia3, ...): adapter_config.json + adapter_model.safetensors
+def save_peft(model, out_dir) -> None:
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def load_peft(base_model, out_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, out_dir)
+
+
+def merge_peft(model):
+    return model.merge_and_unload()
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

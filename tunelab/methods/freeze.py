@@ -23,7 +23,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tunelab.methods.base import MethodConfig, block_index, freeze_all, num_blocks, save_full_model
+from tunelab.methods.base import (
+    MethodConfig,
+    block_index,
+    freeze_all,
+    load_full_model,
+    num_blocks,
+    save_full_model,
+    unchanged,
+)
 
 DESCRIPTION = "the last k blocks (or their attention / ffn / norms only) and/or regex-matched parameters"
 MERGEABLE = True
@@ -114,13 +122,4 @@ def apply(model, cfg: Config):
     return model
 
 
-def save(model, out_dir) -> None:
-    save_full_model(model, out_dir)
-
-
-def load(base_model, out_dir):
-    return type(base_model).from_pretrained(out_dir, dtype=base_model.dtype)
-
-
-def merge(model):
-    return model
+save, load, merge = save_full_model, load_full_model, unchanged

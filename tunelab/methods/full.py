@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tunelab.methods.base import MethodConfig, save_full_model
+from tunelab.methods.base import MethodConfig, load_full_model, save_full_model, unchanged
 
 DESCRIPTION = "every weight"
 MERGEABLE = True  # nothing to merge: the result already is a plain model
@@ -21,13 +21,4 @@ def apply(model, cfg: Config):
     return model
 
 
-def save(model, out_dir) -> None:
-    save_full_model(model, out_dir)
-
-
-def load(base_model, out_dir):
-    return type(base_model).from_pretrained(out_dir, dtype=base_model.dtype)
-
-
-def merge(model):
-    return model
+save, load, merge = save_full_model, load_full_model, unchanged

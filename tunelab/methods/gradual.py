@@ -24,7 +24,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from tunelab.methods.base import MethodConfig, block_index, freeze_all, num_blocks, save_full_model
+from tunelab.methods.base import (
+    MethodConfig,
+    block_index,
+    freeze_all,
+    load_full_model,
+    num_blocks,
+    save_full_model,
+    unchanged,
+)
 from tunelab.methods.freeze import part_of
 
 DESCRIPTION = "head + top block first, then one more block from the top every `every_steps` steps"
@@ -130,13 +138,4 @@ def schedule(model, cfg: Config, total_steps: int) -> list[tuple[int, str]]:
     return events
 
 
-def save(model, out_dir) -> None:
-    save_full_model(model, out_dir)
-
-
-def load(base_model, out_dir):
-    return type(base_model).from_pretrained(out_dir, dtype=base_model.dtype)
-
-
-def merge(model):
-    return model
+save, load, merge = save_full_model, load_full_model, unchanged

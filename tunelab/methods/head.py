@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tunelab.methods.base import MethodConfig, block_index, freeze_all, save_full_model
+from tunelab.methods.base import MethodConfig, block_index, freeze_all, load_full_model, save_full_model, unchanged
 from tunelab.methods.freeze import part_of
 
 DESCRIPTION = "the task / LM head, final norm and optional new blocks on top of the frozen model"
@@ -161,13 +161,4 @@ def apply(model, cfg: Config):
     return model
 
 
-def save(model, out_dir) -> None:
-    save_full_model(model, out_dir)
-
-
-def load(base_model, out_dir):
-    return type(base_model).from_pretrained(out_dir, dtype=base_model.dtype)
-
-
-def merge(model):
-    return model
+save, load, merge = save_full_model, load_full_model, unchanged

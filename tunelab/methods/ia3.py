@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tunelab.methods.base import MethodConfig, peft_task_type
+from tunelab.methods.base import MethodConfig, load_peft, merge_peft, peft_task_type, save_peft
 
 DESCRIPTION = "(IA)³ vectors rescaling keys, values and the FFN's intermediate activation"
 MERGEABLE = True
@@ -81,15 +81,4 @@ def apply(model, cfg: Config):
     return get_peft_model(model, peft_config(cfg, model))
 
 
-def save(model, out_dir) -> None:
-    model.save_pretrained(out_dir, safe_serialization=True)
-
-
-def load(base_model, out_dir):
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base_model, out_dir)
-
-
-def merge(model):
-    return model.merge_and_unload()
+save, load, merge = save_peft, load_peft, merge_peft

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tunelab.methods.base import MethodConfig, peft_task_type
+from tunelab.methods.base import MethodConfig, load_peft, merge_peft, peft_task_type, save_peft
 
 DESCRIPTION = "low-rank matrices A, B beside the chosen linear layers"
 MERGEABLE = True
@@ -47,15 +47,4 @@ def apply(model, cfg: Config):
     return get_peft_model(model, peft_config(cfg, model))
 
 
-def save(model, out_dir) -> None:
-    model.save_pretrained(out_dir, safe_serialization=True)
-
-
-def load(base_model, out_dir):
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base_model, out_dir)
-
-
-def merge(model):
-    return model.merge_and_unload()
+save, load, merge = save_peft, load_peft, merge_peft

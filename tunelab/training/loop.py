@@ -13,9 +13,9 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -100,14 +100,18 @@ class _MetricsLog:
         if resume_step == 0:
             self.path.write_text("")
         else:  # drop lines past the checkpoint so a resumed log has no duplicate steps
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [
+                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(k + "\n" for k in keep))
         self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+                self.tb = SummaryWriter(
+                    str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+                )
             except ImportError:
                 log("tensorboard is not installed; writing metrics.jsonl only")
 
@@ -164,8 +168,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     log("data: " + ", ".join(f"{k}={v}" for k, v in data.stats.items()))
     pad_id = tokenizer.pad_token_id
     val_batches = [
-        stage.collate(data.val[j : j + tcfg.batch_size], pad_id)
-        for j in range(0, len(data.val), tcfg.batch_size)
+        stage.collate(data.val[j : j + tcfg.batch_size], pad_id) for j in range(0, len(data.val), tcfg.batch_size)
     ][: tcfg.eval_batches]
 
     batches_per_epoch = math.ceil(len(data.train) / tcfg.batch_size)
@@ -234,7 +237,9 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                     loss_sum, _ = stage.loss_sum(model, batch)
                 (loss_sum / max(n_label, 1)).backward()
                 loss_total += float(loss_sum.detach())
-                state["tokens"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                state["tokens"] += (
+                    int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                )
             grad_norm = (
                 float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], tcfg.max_grad_norm))
                 if tcfg.max_grad_norm
@@ -260,7 +265,9 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                 record["eval_loss"] = eval_loss
                 stop_early = _early_stop(state, eval_loss, tcfg.early_stopping_patience)
                 if stop_early:
-                    log(f"early stopping at step {step}: no eval-loss improvement in {tcfg.early_stopping_patience} evals")
+                    log(
+                        f"early stopping at step {step}: no eval-loss improvement in {tcfg.early_stopping_patience} evals"
+                    )
             if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
                 ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
             for cb in callbacks or []:

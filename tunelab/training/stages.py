@@ -10,8 +10,8 @@ number of terms a batch holds, so the loop can normalise a whole optimizer step 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +140,11 @@ def _cls_collate(examples, pad_id):
         ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[i, : len(e["input_ids"])] = 1
     dtype = torch.float32 if isinstance(examples[0]["label"], float) else torch.long
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e["label"] for e in examples], dtype=dtype)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": torch.tensor([e["label"] for e in examples], dtype=dtype),
+    }
 
 
 def _cls_logits(model, batch):
@@ -188,8 +192,14 @@ def _cls_manifest(cfg) -> dict:
 
 
 CLASSIFICATION = Stage(
-    "classification", _cls_load, _cls_data, _cls_collate, _cls_loss, lambda b: int(b["labels"].numel()),
-    _cls_final, _cls_manifest,
+    "classification",
+    _cls_load,
+    _cls_data,
+    _cls_collate,
+    _cls_loss,
+    lambda b: int(b["labels"].numel()),
+    _cls_final,
+    _cls_manifest,
 )
 
 
