@@ -337,3 +337,18 @@ def test_with_task_head_t5_and_errors():
         with_task_head(tiny_llama(), "regression", num_labels=3)
     with pytest.raises(ValueError):
         with_task_head(copy.deepcopy(tiny_llama()), "tagging")
+
+
+def test_gradual_every_epochs_uses_the_loops_steps_per_epoch():
+    from tunelab.methods import get
+    from tunelab.testing import tiny_llama
+
+    mod = get("gradual")
+    cfg = mod.Config(every_epochs=1)
+    assert cfg.every_steps is None
+    model = mod.apply(tiny_llama(), cfg)
+    assert mod.on_step(model, cfg, 3, steps_per_epoch=4) is None
+    assert mod.on_step(model, cfg, 4, steps_per_epoch=4) == "unfroze block 0 (2/2 blocks trainable)"
+    assert [s for s, _ in mod.schedule(model, mod.Config(every_epochs=0.5), 10, steps_per_epoch=4)] == [0, 2]
+    with pytest.raises(ValueError, match="steps per epoch"):
+        mod.on_step(model, cfg, 1)

@@ -10,7 +10,7 @@ A method is a module in `tunelab/methods/` with:
   load(base_model, out_dir) -> model  rebuild the trained model from `save`'s output
   merge(model) -> model             (mergeable methods) a plain transformers model
 Optional:
-  on_step(model, cfg, step) -> str | None   called before every optimizer step (e.g. gradual
+  on_step(model, cfg, step, steps_per_epoch=None) -> str | None   called before every optimizer step (e.g. gradual
                                     unfreezing); a returned string is logged
   optimizer_parameters(model, cfg) -> list  every parameter that may train during the run (default:
                                     those with requires_grad after apply)

@@ -224,7 +224,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             # snapshot so that an interrupt mid-step checkpoints the state *before* this step
             step_start = (dict(state), ckpt.rng_state())
             if hasattr(method, "on_step"):
-                note = method.on_step(model, cfg.method, step)
+                steps_per_epoch = math.ceil(batches_per_epoch / tcfg.grad_accum)
+                note = method.on_step(model, cfg.method, step, steps_per_epoch=steps_per_epoch)
                 if note:
                     log(f"step {step}: {note}")
                     metrics_log.write({"step": step, "event": note})
