@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.tunelab-installed
 # pytest-xdist is not used: the machines have 2 cores and torch already uses both.
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo test test-slow install clean compare
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# tunelab compare on the default model: prompt, prefix, adapters, LoRA, QLoRA, full + TF-IDF on SST-2
+GRID ?= examples/compare-sst2.yaml
+compare: $(STAMP)
+	$(BIN)/tunelab compare $(GRID)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

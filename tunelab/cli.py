@@ -121,9 +121,11 @@ def cmd_baseline(args) -> int:
 def cmd_eval(args) -> int:
     from tunelab.evaluation.runner import evaluate, write_result
 
+    embedder = None if str(args.embedding_model).lower() in ("none", "null", "") else args.embedding_model
     result = evaluate(
-        args.model, args.task, limit=args.limit, device=args.device, batch_size=args.batch_size, seed=args.seed
-    )
+        args.model, args.task, limit=args.limit, device=args.device, batch_size=args.batch_size, seed=args.seed,
+        embedding_model=embedder, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+    )  # fmt: skip
     if args.out:
         write_result(result, args.out)
     if args.json:
@@ -189,13 +191,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="score a model or a run on a task preset's dev split")
     e.add_argument("model", help="run folder, or a model spec (named default, folder, .gguf, hub id)")
-    e.add_argument("--task", required=True, help="sst2, cola, mrpc, stsb, rte, wnli, qnli, lima, alpaca ...")
+    e.add_argument("--task", required=True, help="sst2, cola, mrpc, stsb, rte, wnli, qnli, squad, wmt14-en-de, lima, alpaca ...")
     e.add_argument("--limit", type=int, help="score a seeded sample of at most N dev rows")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--device", default="auto")
     e.add_argument("--json", action="store_true")
     e.add_argument("--out", help="also write the result as JSON here")
+    e.add_argument("--embedding-model", default="minilm-l6",
+                   help="seq2seq tasks: sentence embedder for the cosine metric ('none' = BLEU only)")  # fmt: skip
+    e.add_argument("--max-new-tokens", type=int, help="seq2seq tasks: generation length (default: the run's, or 128)")
+    e.add_argument("--num-beams", type=int, help="seq2seq tasks: beam width (default: the run's, or 1 = greedy)")
     e.set_defaults(fn=cmd_eval)
 
     b = sub.add_parser("baseline", help="score a classical baseline (TF-IDF + linear model) on a task preset")
@@ -208,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", help="also write the result as JSON to this file")
     b.set_defaults(fn=cmd_baseline)
+
+    from tunelab.compare.cli import add_compare_parser  # argparse only; the work is imported when it runs
+
+    add_compare_parser(sub)
     return p
 
 

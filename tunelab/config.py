@@ -78,20 +78,57 @@ class DataConfig(Section):
 
 # ------------------------------------------------------------------------------------------ task
 class TaskConfig(Section):
-    """A classification / regression task (stage: classification): a preset or your own files."""
+    """A supervised task: a preset or your own files. Used by stage classification (classification /
+    regression), extractive_qa (SQuAD-style spans) and seq2seq (source -> target)."""
 
     name: str | None = Field(
-        None, description="A preset (sst2, cola, mrpc, stsb, rte, wnli, qnli; see tunelab.evaluation.tasks) or null."
+        None,
+        description="A preset (classification: sst2, cola, mrpc, stsb, rte, wnli, qnli; extractive_qa: squad; "
+        "seq2seq: wmt14-en-de; see tunelab.evaluation.tasks) or null for your own files.",
     )
     type: Literal["classification", "regression"] = Field(
-        "classification", description="For your own files (a preset knows its type)."
+        "classification", description="stage classification, your own files: classification or regression."
     )
     labels: list[str] = Field(default_factory=list, description="Class names in label-id order, for your own files.")
-    train_file: str | None = Field(None, description="Your own train file (columns text, text_pair, label).")
-    dev_file: str | None = Field(None, description="Your own dev file (same columns).")
+    train_file: str | None = Field(
+        None,
+        description="Your own train file: classification columns text, text_pair, label; extractive_qa a "
+        "SQuAD-format .json (or rows question, context, answers); seq2seq columns source, target.",
+    )
+    dev_file: str | None = Field(None, description="Your own dev file (same format).")
     train_limit: int | None = Field(None, ge=1, description="Train on a seeded sample of at most this many rows.")
     dev_limit: int | None = Field(None, ge=1, description="Evaluate on a seeded sample of at most this many rows.")
-    max_length: int = Field(128, ge=8, description="Tokens per example (text and text_pair together).")
+    max_length: int = Field(
+        128,
+        ge=8,
+        description="Tokens per example (classification: text and text_pair; extractive_qa: question + context "
+        "window; seq2seq: the source).",
+    )
+    doc_stride: int | None = Field(
+        None,
+        ge=0,
+        description="extractive_qa: tokens of overlap between consecutive windows of a long context "
+        "(under half of max_length); null = a quarter of max_length.",
+    )
+    max_answer_tokens: int = Field(30, ge=1, description="extractive_qa: longest answer span predicted, in tokens.")
+    null_threshold: float | None = Field(
+        0.0,
+        description="extractive_qa: predict no answer when the null (CLS) score exceeds the best span's score "
+        "by more than this; null = always answer (SQuAD v1).",
+    )
+    prefix: str | None = Field(
+        None,
+        description="seq2seq: text put before every source. null = automatic: 'translate English to German: ' "
+        "for a T5 model on wmt14-en-de, else none.",
+    )
+    max_target_length: int = Field(128, ge=1, description="seq2seq: target tokens kept for training.")
+    max_new_tokens: int = Field(128, ge=1, description="seq2seq: longest generated output at evaluation.")
+    num_beams: int = Field(1, ge=1, description="seq2seq: beam width at evaluation (1 = greedy).")
+    embedding_model: str | None = Field(
+        "minilm-l6",
+        description="seq2seq: sentence-embedding model for the output/reference cosine metric (a model spec); "
+        "null = BLEU only.",
+    )
 
 
 # ------------------------------------------------------------------------------------- training
@@ -131,10 +168,12 @@ def _method_union():
 
 
 class _Root(Section):
-    stage: Literal["sft", "pretrain", "classification"] = Field(
+    stage: Literal["sft", "pretrain", "classification", "extractive_qa", "seq2seq", "mlm"] = Field(
         "sft",
-        description="sft (supervised fine-tuning), pretrain (continued pre-training on text) or "
-        "classification (a classification / regression head; the `task` section).",
+        description="sft (supervised fine-tuning), pretrain (continued pre-training on text), "
+        "classification (a classification / regression head; the `task` section), extractive_qa (a "
+        "start/end span head on an encoder; `task`), seq2seq (an encoder-decoder on source -> target; "
+        "`task`) or mlm (masked-LM continued pre-training of an encoder on text; `data`, format text).",
     )
     output_dir: str = Field("runs/run", description="Run folder: config, metrics, checkpoints and the result.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -157,8 +196,18 @@ def _build_config_class():
         def _check(self):
             if self.stage == "pretrain" and self.data.format != "text":
                 raise ValueError("stage: pretrain needs data.format: text")
-            if self.stage == "classification" and not (self.task.name or self.task.train_file):
-                raise ValueError("stage: classification needs task.name (a preset) or task.train_file")
+            if self.stage == "mlm" and self.data.format != "text":
+                raise ValueError("stage: mlm needs data.format: text")
+            if self.stage in ("classification", "extractive_qa", "seq2seq") and not (
+                self.task.name or self.task.train_file
+            ):
+                raise ValueError(f"stage: {self.stage} needs task.name (a preset) or task.train_file")
+            stride = self.task.doc_stride
+            if self.stage == "extractive_qa" and stride is not None and stride >= self.task.max_length // 2:
+                raise ValueError(
+                    f"task.doc_stride ({stride}) must be under half of task.max_length "
+                    f"({self.task.max_length}): windows overlap by doc_stride tokens"
+                )
             return self
 
     return Config

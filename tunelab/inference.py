@@ -17,6 +17,19 @@ def result_dir(run: str | Path) -> Path | None:
     return None
 
 
+_STAGE_AUTO_CLASS = {
+    "extractive_qa": "AutoModelForQuestionAnswering",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "mlm": "AutoModelForMaskedLM",
+}
+
+
+def run_manifest(run: str | Path) -> dict | None:
+    """A run's final/tunelab.json (method, base model, stage, task settings), or None for a plain model."""
+    final = result_dir(run)
+    return json.loads((final / "tunelab.json").read_text()) if final is not None else None
+
+
 def load_run(run: str, device: str = "auto", merge: bool = False):
     """(model, tokenizer) for a run folder, or for a plain model spec (then the base model itself)."""
     from tunelab.config import ModelConfig
@@ -43,6 +56,10 @@ def load_run(run: str, device: str = "auto", merge: bool = False):
             "problem_type": problem,
             "ignore_mismatched_sizes": True,
         }
+    elif manifest.get("stage") in _STAGE_AUTO_CLASS:  # span QA head, encoder-decoder, masked LM
+        import transformers
+
+        extra = {"auto_class": getattr(transformers, _STAGE_AUTO_CLASS[manifest["stage"]])}
     base, base_tokenizer = load_model(base_cfg, device=dev, **extra)
     method = get_method(manifest["method"])
     model = method.load(base, final)

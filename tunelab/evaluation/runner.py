@@ -5,7 +5,13 @@ How a model is scored depends on what it is:
   - a causal LM on a classification task: the task phrased as an instruction (evaluation/prompts.py),
     the class read off the next-token distribution with a verbalizer (one forward pass per row, no
     decoding, so zero-shot and tuned models are scored identically);
-  - a causal LM on an instruction task (lima, alpaca): perplexity of the reference responses.
+  - a causal LM on an instruction task (lima, alpaca): perplexity of the reference responses;
+  - a span-QA model (a `stage: extractive_qa` run) on squad: SQuAD v2 exact match / F1 (evaluation/qa.py),
+    with the run's own window and null-threshold settings;
+  - an encoder-decoder (a `stage: seq2seq` run, or a T5/BART folder) on a seq2seq task: generated outputs
+    scored by corpus BLEU and embedding cosine (evaluation/generation.py);
+  - a causal LM on a seq2seq task: the task as a chat instruction ("Translate to German: ..."), the
+    reply's first line generated greedily, scored the same way.
 """
 
 from __future__ import annotations
@@ -27,18 +33,61 @@ def evaluate(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    embedding_model: str | None = "minilm-l6",
+    max_new_tokens: int | None = None,
+    num_beams: int | None = None,
 ) -> dict:
+    """Score `model_or_run` on the dev split of `task_name`. For generation tasks, `embedding_model` (a spec,
+    or None to skip) gives the cosine metric; `max_new_tokens` / `num_beams` default to the run's settings."""
     from tunelab.evaluation.tasks import get_task, load_split
-    from tunelab.inference import load_run
+    from tunelab.inference import run_manifest
     from tunelab.models import resolve_device
 
     task = get_task(task_name)
     rows = load_split(task, "dev", limit=limit, seed=seed)
     dev = resolve_device(device)
-    model, tokenizer = load_run(model_or_run, device=device)
+    manifest = run_manifest(model_or_run) or {}
+    run_task = manifest.get("task") or {}
+    model, tokenizer = _load(model_or_run, device, manifest)
     model.eval()
     t0 = time.time()
-    if _is_classifier(model):
+    if _is_span_qa(model):
+        if task.type != "extractive_qa":
+            raise NotImplementedError(f"a span-QA model scores extractive_qa tasks (squad), not {task.type}")
+        from tunelab.evaluation.qa import evaluate_qa
+
+        kw = {
+            k: run_task[k] for k in ("max_length", "doc_stride", "max_answer_tokens", "null_threshold") if k in run_task
+        }
+        scores, _ = evaluate_qa(model, tokenizer, rows, dev, batch_size=batch_size, **kw)
+        how = "span extraction"
+    elif task.type == "seq2seq" and _is_encoder_decoder(model):
+        from tunelab.evaluation.generation import generate_seq2seq, generation_scores
+
+        prefix = run_task.get("prefix")
+        if prefix is None:
+            from tunelab.training.stages import T5_PREFIXES
+
+            t5 = _inner(model).config.model_type in ("t5", "mt5", "umt5")
+            prefix = T5_PREFIXES.get(task.name, "") if t5 else ""
+        beams = num_beams or run_task.get("num_beams", 1)
+        hyps = generate_seq2seq(
+            model, tokenizer, [r["source"] for r in rows], prefix, run_task.get("max_length", 512),
+            max_new_tokens or run_task.get("max_new_tokens", 128), beams, batch_size, dev, progress,
+        )  # fmt: skip
+        scores = generation_scores(hyps, [r["target"] for r in rows], embedding_model)
+        how = f"generation (beam {beams})" if beams > 1 else "generation (greedy)"
+    elif task.type == "seq2seq":
+        from tunelab.evaluation.generation import generate_chat, generation_scores
+
+        instruction = CHAT_INSTRUCTIONS.get(task.name, "")
+        hyps = generate_chat(
+            model, tokenizer, [instruction + r["source"] for r in rows], max_new_tokens or 128, batch_size, dev,
+            progress=progress,
+        )  # fmt: skip
+        scores = generation_scores(hyps, [r["target"] for r in rows], embedding_model)
+        how = "chat generation (greedy)"
+    elif _is_classifier(model):
         from tunelab.training.stages import encode_pairs, predict, task_metrics
 
         examples = encode_pairs(rows, tokenizer, 256, task.type == "regression")
@@ -51,7 +100,8 @@ def evaluate(
     else:
         raise NotImplementedError(
             f"tunelab eval does not score {task.type} tasks with this model yet; "
-            "classification (head or verbalizer) and instruction perplexity are supported"
+            "classification (head or verbalizer), instruction perplexity, extractive QA (span-QA runs) and "
+            "seq2seq generation are supported"
         )
     return {
         "model": str(model_or_run),
@@ -61,6 +111,52 @@ def evaluate(
         "metrics": scores,
         "seconds": round(time.time() - t0, 1),
     }
+
+
+CHAT_INSTRUCTIONS = {"wmt14-en-de": "Translate to German: "}
+
+
+def _load(model_or_run: str, device: str, manifest: dict):
+    """A run through load_run; a plain encoder-decoder folder / hub id as a seq2seq LM (load_run would
+    take it for a causal LM)."""
+    from tunelab.inference import load_run
+
+    if not manifest and _plain_encoder_decoder(model_or_run):
+        from transformers import AutoModelForSeq2SeqLM
+
+        from tunelab.config import ModelConfig
+        from tunelab.models import load_model
+
+        return load_model(ModelConfig(name=str(model_or_run)), device=device, auto_class=AutoModelForSeq2SeqLM)
+    return load_run(model_or_run, device=device)
+
+
+def _plain_encoder_decoder(spec: str) -> bool:
+    from transformers import AutoConfig
+
+    from tunelab.config import ModelConfig
+    from tunelab.models import resolve
+    from tunelab.models.loading import _from_pretrained
+
+    if str(spec).endswith(".gguf"):
+        return False
+    try:
+        config = _from_pretrained(AutoConfig.from_pretrained, resolve(str(spec)), ModelConfig(name=str(spec)))
+        return bool(getattr(config, "is_encoder_decoder", False))
+    except Exception:  # unknown spec: let load_run give its own clear error
+        return False
+
+
+def _inner(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _is_span_qa(model) -> bool:
+    return type(_inner(model)).__name__.endswith("ForQuestionAnswering")
+
+
+def _is_encoder_decoder(model) -> bool:
+    return bool(getattr(_inner(model).config, "is_encoder_decoder", False))
 
 
 def _is_classifier(model) -> bool:

@@ -1,0 +1,297 @@
+"""tunelab compare: a grid of tiny models × methods × tasks, resumable, with failures recorded and reports written.
+
+Cells run in their own processes (forkserver: the imports happen once per test session), on tiny
+models and toy JSONL tasks, a few optimizer steps each.
+"""
+
+import csv
+import importlib.util
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunelab.compare import load_grid, run_grid
+from tunelab.config import ConfigError
+from tunelab.testing import save_tiny_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = ["good", "great", "fine", "nice"]
+BAD = ["bad", "awful", "poor", "sad"]
+QUIET = {"log": lambda msg: None}
+
+
+def toy_rows(n, seed, pair=False):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        y = rng.randint(0, 1)
+        word = rng.choice(GOOD if y else BAD)
+        row = {"text": f"{word} {word} the film", "label": y}
+        if pair:
+            row["text_pair"] = rng.choice(["it was", "so it was"])
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("compare-assets")
+    save_tiny_model_dir(d / "llama", arch="llama")
+    save_tiny_model_dir(d / "bert", arch="bert")
+    for name, pair in (("reviews", False), ("pairs", True)):
+        for split, n, seed in (("train", 24, 0), ("dev", 12, 1)):
+            (d / f"{name}-{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_rows(n, seed, pair)))
+    return d
+
+
+def grid_for(assets, out, methods=None, models=None, tasks=None, **extra):
+    task = lambda name, labels: {  # noqa: E731
+        "name": name, "labels": labels, "train_file": str(assets / f"{name}-train.jsonl"),
+        "dev_file": str(assets / f"{name}-dev.jsonl"), "max_length": 32,
+    }  # fmt: skip
+    g = {
+        "output_dir": str(out),
+        "base": {
+            "training": {
+                "max_steps": 2,
+                "batch_size": 8,
+                "lr": 5e-3,
+                "warmup_steps": 0,
+                "threads": 1,
+                "tensorboard": False,
+            }
+        },  # fmt: skip
+        # the instruction wrapper around a causal LM's rows needs more tokens than the bare text
+        "models": models
+        or [
+            {"name": str(assets / "llama"), "label": "llama", "data": {"max_length": 256}},
+            {"name": str(assets / "bert"), "label": "bert"},
+        ],  # fmt: skip
+        "methods": methods
+        or [{"name": "lora", "r": 4, "dropout": 0.0}, "bitfit", {"name": "full", "training": {"lr": 1e-3}}],
+        "tasks": tasks or [task("reviews", ["negative", "positive"]), task("pairs", ["bad", "good"])],
+        "baselines": ["tfidf"],
+    }
+    g.update(extra)
+    return g
+
+
+@pytest.fixture(scope="module")
+def grid_run(assets, tmp_path_factory):
+    """The 12-cell grid, stopped after 5 cells (as Ctrl-C would), then run again to the end."""
+    out = tmp_path_factory.mktemp("grid") / "out"
+    grid = grid_for(assets, out)
+    seen = []
+
+    def stop_after_five(row, result):
+        seen.append(row["key"])
+        if len(seen) == 5:
+            raise KeyboardInterrupt
+
+    first = run_grid(grid, on_cell=stop_after_five, **QUIET)
+    second = run_grid(grid, **QUIET)
+    return first, second, out, grid
+
+
+def cells_of(result):
+    return [r for r in result.rows if r["kind"] != "baseline"]
+
+
+def test_interrupted_grid_runs_only_the_missing_cells(grid_run):
+    first, second, _, _ = grid_run
+    assert first.interrupted and first.trained_now == 5
+    assert not second.interrupted
+    assert second.trained_now == 7 and second.skipped == 5
+    third = run_grid(grid_run[3], **QUIET)  # nothing left to do
+    assert third.trained_now == 0 and third.skipped == 12
+
+
+def test_every_cell_has_metrics_and_costs(grid_run):
+    _, second, out, _ = grid_run
+    cells = cells_of(second)
+    assert len(cells) == 12
+    assert {(r["model"], r["method"], r["task"]) for r in cells} == {
+        (m, meth, t) for m in ("llama", "bert") for meth in ("lora", "bitfit", "full") for t in ("reviews", "pairs")
+    }
+    for r in cells:
+        assert r["status"] == "done", (r["model"], r["method"], r["task"], r["error"])
+        assert r["main_metric"] == "accuracy" and 0.0 <= r["main_value"] <= 1.0
+        assert {"accuracy", "f1", "mcc"} <= set(r["metrics"])
+        assert r["trainable_params"] > 0 and 0 < r["trainable_pct"] <= 100
+        assert r["peak_rss_mb"] > 50 and r["wall_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["size_mb"] > 0 and r["train_loss"] is not None and r["eval_loss"] is not None
+        assert r["curve_json"]["train"] and r["curve_json"]["eval"]
+        assert r["mode"] == ("verbalizer" if r["model"] == "llama" else "head")
+    full = [r for r in cells if r["method"] == "full"]
+    assert all(abs(r["trainable_pct"] - 100) < 1e-6 for r in full)
+    assert all(r["trainable_pct"] < 100 for r in cells if r["method"] != "full")
+    baselines = [r for r in second.rows if r["kind"] == "baseline"]
+    assert [(b["method"], b["task"]) for b in baselines] == [("tfidf", "reviews"), ("tfidf", "pairs")]
+    assert all(b["status"] == "done" and b["main_value"] is not None for b in baselines)
+    # each causal-LM cell trained on instruction rows written once per task
+    assert len(list((out / "data").glob("*/train.jsonl"))) == 2
+
+
+def test_outputs_exist_and_agree(grid_run):
+    _, second, out, _ = grid_run
+    rows = second.rows
+    db = sqlite3.connect(out / "results.db")
+    db.row_factory = sqlite3.Row
+    in_db = {r["key"]: dict(r) for r in db.execute("SELECT * FROM cells")}
+    as_json = json.loads((out / "results.json").read_text())
+    with open(out / "results.csv", newline="") as f:
+        as_csv = list(csv.DictReader(f))
+    md = (out / "results.md").read_text()
+    html = (out / "report.html").read_text()
+    assert len(as_json) == len(as_csv) == len(rows) == 14
+    for j, c in zip(as_json, as_csv):
+        d = in_db[j["key"]]
+        assert c["key"] == j["key"]
+        assert (j["model"], j["method"], j["task"], j["status"]) == (d["model"], d["method"], d["task"], d["status"])
+        assert j["main_value"] == pytest.approx(d["main_value"]) == pytest.approx(float(c["main_value"]))
+        assert j["metrics"] == json.loads(d["metrics_json"]) == json.loads(c["metrics"])
+        assert j["peak_rss_mb"] == d["peak_rss_mb"]
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {j['model']} | {j['method']} | {j['task']} |"))
+        assert f"{j['main_value']:.4f}" in line
+        assert f"{j['main_value']:.4f}" in html
+    assert md.splitlines()[0].startswith("| Model | Method | Task |") and "Trainable %" in md and "Peak MB" in md
+    assert html.count('<img alt="plot" src="data:image/png;base64,') == 6  # 3 plots × 2 tasks
+    assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
+    assert "Best accuracy" in html and "Smallest near-best" in html or "No cell beats" in html
+
+
+def test_failing_cell_is_recorded_and_an_interrupted_cell_resumes(assets, tmp_path):
+    grid = grid_for(
+        assets,
+        tmp_path / "out",
+        models=[{"name": str(assets / "bert"), "label": "bert"}],
+        methods=[{"name": "lora", "target_modules": ["no_such_layer"]}, {"name": "full", "training": {"max_steps": 4}}],
+        tasks=None,
+        baselines=[],
+    )
+    grid["tasks"] = grid["tasks"][:1]
+    first = run_grid(grid, cell_hooks={"interrupt_at_step": 2}, **QUIET)
+    rows = {r["method"]: r for r in first.rows}
+    assert rows["lora"]["status"] == "failed" and "PeftModuleError" in rows["lora"]["error"]
+    assert rows["full"]["status"] == "interrupted" and first.interrupted
+    second = run_grid(grid, **QUIET)
+    rows = {r["method"]: r for r in second.rows}
+    assert second.trained_now == 1 and second.skipped == 1 and second.failed == 1
+    assert rows["full"]["status"] == "done" and rows["full"]["resumed_from_step"] == 2
+    assert rows["full"]["train_json"]["steps"] == 4 and rows["full"]["attempts"] == 2
+    steps = [s for s, _ in rows["full"]["curve_json"]["train"]]
+    assert steps == [1, 2, 3, 4]  # resumed, no step trained twice
+    assert "PeftModuleError" in (tmp_path / "out" / "results.md").read_text()
+    third = run_grid(grid, retry_failed=True, **QUIET)
+    assert third.trained_now == 1 and third.failed == 1  # only the failed cell ran again
+
+
+def test_grid_errors_name_the_key(assets, tmp_path):
+    good = grid_for(assets, tmp_path / "o")
+    with pytest.raises(ConfigError, match="unknown key 'modles'.*Did you mean 'models'"):
+        load_grid({**good, "modles": []})
+    bad = {**good, "methods": [{"name": "lora", "rank": 8}]}
+    with pytest.raises(ConfigError, match="unknown key 'rank' for method 'lora'"):
+        load_grid(bad)
+    with pytest.raises(ConfigError, match="unknown method 'lorra'.*Did you mean 'lora'"):
+        load_grid({**good, "methods": ["lorra"]})
+    with pytest.raises(ConfigError, match="unknown key 'training.lerning_rate'"):
+        load_grid({**good, "base": {"training": {"lerning_rate": 1}}})
+    with pytest.raises(ConfigError, match="decided per cell"):
+        load_grid({**good, "base": {"stage": "sft"}})
+    with pytest.raises(ConfigError, match="labels"):
+        load_grid({**good, "tasks": [{"name": "mine", "train_file": good["tasks"][0]["train_file"],
+                                      "dev_file": good["tasks"][0]["dev_file"]}]})  # fmt: skip
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**good, "tasks": [{"name": "sst2", "train_limt": 5}]}, sort_keys=False))
+    with pytest.raises(ConfigError, match=r"unknown key 'tasks\[0\].train_limt' \(line \d+\).*'train_limit'"):
+        load_grid(path)
+
+
+def test_cli_prints_the_table_and_report(grid_run, tmp_path, capsys):
+    from tunelab.cli import main
+
+    _, _, out, grid = grid_run
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    assert main(["compare", str(path), "--only-report"]) == 0
+    text = capsys.readouterr().out
+    assert "| Model | Method | Task |" in text and f"report: {out / 'report.html'}" in text
+    assert "0 cells run now, 12 reused" in text
+
+
+def test_ray_executor_wiring_with_a_stand_in_ray(assets, tmp_path, monkeypatch):
+    """The Ray path (remote tasks, wait, results) against a synchronous stand-in for the ray module."""
+    from tunelab.compare import executors
+
+    class Ref:
+        def __init__(self, value):
+            self.value = value
+
+    class Remote:
+        def __init__(self, fn):
+            self.fn, self.calls = fn, []
+
+        def options(self, **kw):
+            fake.options.append(kw)
+            return self
+
+        def remote(self, spec):
+            return Ref(self.fn(spec))
+
+    fake = types.SimpleNamespace(options=[], address="unset")
+    fake.is_initialized = lambda: False
+    fake.init = lambda address=None, **kw: setattr(fake, "address", address)
+    fake.remote = Remote
+    fake.wait = lambda refs, num_returns=1: (refs[:1], refs[1:])
+    fake.get = lambda ref: ref.value
+    fake.cancel = lambda ref, force=False: None
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(executors, "_ray_cell", lambda spec: executors.LocalExecutor("forkserver").run_one(spec)[0])
+    grid = grid_for(assets, tmp_path / "out", models=[{"name": str(assets / "bert"), "label": "bert"}],
+                    methods=["bitfit"], baselines=[])  # fmt: skip
+    result = run_grid(grid, executor="ray", address="ray://head:10001", **QUIET)
+    assert fake.address == "ray://head:10001"
+    assert fake.options == [{"num_cpus": 1, "num_gpus": 0}] * 2
+    assert result.trained_now == 2 and all(r["status"] == "done" for r in result.rows)
+
+
+def test_ray_missing_is_a_clear_error(assets, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    grid = grid_for(assets, tmp_path / "out", models=[{"name": str(assets / "bert"), "label": "bert"}],
+                    methods=["bitfit"], baselines=[])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"pip install 'tunelab\[ray\]'"):
+        run_grid(grid, executor="ray", **QUIET)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'tunelab[ray]')")
+def test_ray_executor_on_a_local_ray(assets, tmp_path):
+    grid = grid_for(assets, tmp_path / "out", models=[{"name": str(assets / "bert"), "label": "bert"}],
+                    methods=["bitfit"], baselines=[])  # fmt: skip
+    grid["tasks"] = grid["tasks"][:1]
+    result = run_grid(grid, executor="ray", **QUIET)
+    assert result.trained_now == 1 and result.rows[0]["status"] == "done"
+
+
+def test_report_screenshot_is_not_blank(grid_run, tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import compare_report_screenshot as shot
+    finally:
+        sys.path.pop(0)
+    if shot.find_chromium() is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    out = tmp_path / "shot.png"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "compare_report_screenshot.py"), str(grid_run[2] / "report.html"),
+         "--out", str(out)], capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["std"] >= shot.MIN_STD

@@ -1,0 +1,227 @@
+"""`run_grid`: resolve the cells, run what is missing, record every result, write the tables and report."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunelab.compare.cells import Cell, resolve_cells
+from tunelab.compare.grid import Grid, load_grid
+from tunelab.compare.store import Store, fmt, fmt_time, markdown_table, result_values, write_exports
+
+FINISHED = ("done", "n/a")
+
+
+@dataclass
+class GridResult:
+    output_dir: Path
+    rows: list[dict]  # the current grid's rows (cells, then baselines), as in results.json
+    trained_now: int = 0  # cells run by this call (whatever their outcome)
+    skipped: int = 0  # cells finished by an earlier call and reused
+    failed: int = 0  # cells whose latest attempt failed
+    not_applicable: int = 0
+    interrupted: bool = False
+    report: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def markdown(self) -> str:
+        return markdown_table(self.rows)
+
+
+def run_grid(
+    grid: str | Path | dict | Grid,
+    executor: str = "local",
+    address: str | None = None,
+    only_report: bool = False,
+    retry_failed: bool = False,
+    start_method: str | None = None,
+    on_cell: Callable[[dict, dict], None] | None = None,
+    cell_hooks: dict | None = None,
+    log: Callable[[str], None] | None = None,
+) -> GridResult:
+    """Run a comparison grid (YAML path, dict or Grid) and write results.db, results.{csv,json,md}, report.html.
+
+    Finished cells (same key) are reused; an interrupted cell resumes from its checkpoint; a failed cell is
+    kept as failed unless `retry_failed`. `on_cell(row, result)` is called after each cell (raise
+    KeyboardInterrupt there to stop the grid as Ctrl-C would); `cell_hooks` are testing aids passed to
+    every cell (`interrupt_at_step`, `fail_scoring`).
+    """
+    from tunelab.compare.executors import executor_for
+
+    log = log or (lambda msg: print(msg, flush=True))
+    g = grid if isinstance(grid, Grid) else load_grid(grid)
+    out = Path(g.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = resolve_cells(g, out, materialise=not only_report)
+    store = Store(out / "results.db")
+    result = GridResult(output_dir=out, rows=[])
+    try:
+        pending = _register(store, cells, retry_failed, result)
+        baseline_keys = _baselines(store, g, log, run=not only_report)
+        if only_report:
+            pending = []
+        specs = [c.spec(out / "cells" / c.key, cell_hooks) for c in pending]
+        by_key = {c.key: c for c in pending}
+        total = len(specs)
+        if total:
+            log(f"[compare] {len(cells)} cells: {total} to run, {result.skipped} finished earlier ({out})")
+        counter = {"n": 0}
+
+        def on_start(spec):
+            store.upsert(spec["key"], status="running")
+
+        def on_done(spec, res):
+            cell = by_key[spec["key"]]
+            store.upsert(spec["key"], **result_values(res, cell.eval.get("main_metric")))
+            counter["n"] += 1
+            result.trained_now += 1
+            log(_progress_line(counter["n"], total, cell, res))
+            if on_cell is not None:
+                on_cell(store.get(spec["key"]), res)
+
+        if specs:
+            ex = executor_for(executor, address=address, start_method=start_method)
+            with _sigterm_as_interrupt():
+                try:
+                    ex.run(specs, on_start, on_done)
+                except KeyboardInterrupt:
+                    result.interrupted = True
+                    log("[compare] stopped; run the same command again to continue (finished cells are kept)")
+        keys = [c.key for c in cells]
+        rows = store.rows(keys)
+        rows = _with_baselines(rows, store.rows(baseline_keys), [t.shown for t in g.tasks])
+        result.rows = rows
+        result.failed = sum(r["status"] == "failed" for r in rows)
+        result.not_applicable = sum(r["status"] == "n/a" for r in rows)
+        result.files = write_exports(rows, out)
+        from tunelab.compare.report import write_report
+
+        result.report = write_report(rows, out, g)
+        result.files["html"] = result.report
+        result.files["db"] = out / "results.db"
+    finally:
+        store.close()
+    return result
+
+
+def _register(store: Store, cells: list[Cell], retry_failed: bool, result: GridResult) -> list[Cell]:
+    """Record every cell's identity; return those that must run (new, unfinished, or failed + retry)."""
+    pending = []
+    for c in cells:
+        ident = dict(
+            model=c.model,
+            method=c.method,
+            task=c.task,
+            model_name=c.model_name,
+            method_name=c.method_name,
+            task_name=c.task_name,
+            kind=c.kind,
+            mode=c.mode,
+            main_metric=c.eval.get("main_metric"),
+            config_json=c.config,
+            eval_json=c.eval,
+        )
+        row = store.get(c.key)
+        if c.config is None:  # not applicable, or the model could not be read
+            status = "n/a" if (c.note or "").startswith("not applicable") else "failed"
+            store.upsert(c.key, status=status, error=c.note, **ident)
+            continue
+        if row is None:
+            store.upsert(c.key, status="pending", **ident)
+            pending.append(c)
+            continue
+        store.upsert(c.key, **ident)  # labels may have changed; the result has not
+        if row["status"] == "done" or (row["status"] == "failed" and not retry_failed):
+            result.skipped += 1
+        else:
+            pending.append(c)
+    return pending
+
+
+def _baselines(store: Store, g: Grid, log, run: bool) -> list[str]:
+    from tunelab.compare import baselines as B
+
+    keys = []
+    for kind in g.baselines:
+        for t in g.tasks:
+            if t.task_type not in ("classification", "regression"):
+                continue
+            key = B.baseline_key(kind, g, t)
+            keys.append(key)
+            row = store.get(key)
+            ident = dict(
+                model="tfidf-logreg" if t.task_type == "classification" else "tfidf-ridge",
+                method=kind,
+                task=t.shown,
+                model_name=kind,
+                method_name=kind,
+                task_name=t.name,
+                kind="baseline",
+                mode=kind,
+            )
+            if row is not None and row["status"] == "done":
+                store.upsert(key, **ident)
+                continue
+            if not run:
+                continue
+            main = B.task_object(t).main_metric
+            try:
+                res = B.tfidf(g, t)
+            except Exception as e:  # noqa: BLE001 - recorded like a failed cell
+                res = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            store.upsert(key, **ident, **result_values(res, main))
+            value = (res.get("metrics") or {}).get(main)
+            log(
+                f"[compare] baseline {kind} × {t.shown}: {res['status']}"
+                + (f"  {main}={fmt(value)}" if value is not None else f"  {res.get('error')}")
+            )
+    return keys
+
+
+def _with_baselines(rows: list[dict], baselines: list[dict], tasks: list[str]) -> list[dict]:
+    """Task by task (grid order), each task's cells in model × method order, then its baselines."""
+    out = []
+    for t in tasks:
+        out += [r for r in rows if r["task"] == t] + [b for b in baselines if b["task"] == t]
+    return out
+
+
+def _progress_line(n: int, total: int, cell: Cell, res: dict) -> str:
+    status = res.get("status")
+    metric = cell.eval.get("main_metric")
+    value = (res.get("metrics") or {}).get(metric)
+    parts = [f"[{n}/{total}] {status:<11} {cell.label}"]
+    if value is not None:
+        parts.append(f"{metric}={fmt(value)}")
+    if res.get("wall_s") is not None:
+        parts.append(fmt_time(res.get("wall_s")))
+    if res.get("peak_rss_mb"):
+        parts.append(f"peak {res['peak_rss_mb']:.0f} MB")
+    if res.get("resumed_from_step"):
+        parts.append(f"resumed from step {res['resumed_from_step']}")
+    if status != "done" and res.get("error"):
+        parts.append(str(res["error"]).splitlines()[0][:200])
+    return "  ".join(parts)
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM to the grid behaves like Ctrl-C (the running cell checkpoints), in the main thread."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

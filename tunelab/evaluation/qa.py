@@ -1,0 +1,222 @@
+"""Extractive question answering (SQuAD v1/v2): windows in, spans out.
+
+    feats = qa_features(rows, tokenizer, max_length=384, doc_stride=128)      # sliding windows + labels
+    start, end = qa_logits(model, feats, pad_id, device)                      # one row of logits per window
+    preds = postprocess(rows, feats, start, end, max_answer_tokens=30, null_threshold=0.0)
+    scores = metrics.squad_scores(preds, [r["answers"] for r in rows])        # exact / f1 (+ HasAns / NoAns)
+
+Preprocessing. The question and the context are tokenised as a pair (the tokenizer's own pair format,
+e.g. `[CLS] q [SEP] c [SEP]`), truncating only the context ("only_second"). A context longer than the
+window is cut into several windows that overlap by `doc_stride` tokens (`return_overflowing_tokens`),
+so every answer lies whole in at least one window. A window's labels are the token positions of the
+answer's first and last character (from the fast tokenizer's `offset_mapping`); when the question is
+unanswerable, or the answer is not wholly inside this window, both labels are the CLS position (the
+SQuAD v2 convention; position 0 when the tokenizer has no CLS token). Very long questions are cut to
+`max_question_tokens` so that every window keeps room for context.
+
+Postprocessing. For each question, over all of its windows, the best valid span is the (start, end)
+pair of context tokens with start <= end and end - start + 1 <= max_answer_tokens that maximises
+start_logit + end_logit. The null score is start_logit[CLS] + end_logit[CLS], the lowest over the
+question's windows (as in BERT's and transformers' reference SQuAD v2 code). The prediction is the
+empty string (no answer) when null score > best span score + null_threshold, else the context text from
+the span's first token's start offset to its last token's end offset (whitespace stripped).
+`null_threshold=None` never predicts "no answer" (SQuAD v1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+NEG = -1e9
+
+
+def _require_fast(tokenizer) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        from tunelab.config import ConfigError
+
+        raise ConfigError(
+            f"extractive QA needs a fast (Rust) tokenizer for offset mappings; {type(tokenizer).__name__} is not. "
+            "Use a model folder with a tokenizer.json."
+        )
+
+
+def _cut_question(question: str, tokenizer, max_tokens: int) -> str:
+    question = question.lstrip()  # leading spaces waste tokens (some SQuAD questions have many)
+    enc = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
+    if len(enc["input_ids"]) <= max_tokens:
+        return question
+    return question[: enc["offset_mapping"][max_tokens - 1][1]]
+
+
+def qa_features(
+    rows: Sequence[dict],
+    tokenizer,
+    max_length: int = 384,
+    doc_stride: int = 128,
+    max_question_tokens: int = 64,
+) -> list[dict]:
+    """One feature per window: {"input_ids", ("token_type_ids"), "start", "end", "example", "cls_index",
+    "offsets"}; offsets[i] is the (start, end) character span of token i in the context, or None for a
+    token that is not context (question, special, padding)."""
+    _require_fast(tokenizer)
+    n_special = tokenizer.num_special_tokens_to_add(pair=True)
+    room = max_length - n_special - doc_stride - 1  # question tokens that leave > doc_stride for context
+    if room < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for a question with doc_stride={doc_stride}")
+    q_max = min(max_question_tokens, room)
+    features = []
+    for ex, row in enumerate(rows):
+        question = _cut_question(row["question"], tokenizer, q_max)
+        context = row["context"]
+        enc = tokenizer(
+            question,
+            context,
+            truncation="only_second",
+            max_length=max_length,
+            stride=doc_stride,
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+        )
+        answers, starts = row.get("answers") or [], row.get("answer_starts") or []
+        span = None
+        if answers:  # train on the first gold answer, as the reference SQuAD code does
+            a0 = starts[0] if starts else context.find(answers[0])
+            span = (a0, a0 + len(answers[0]))
+        for w in range(len(enc["input_ids"])):
+            ids = enc["input_ids"][w]
+            seq = enc.sequence_ids(w)
+            offsets = [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][w], seq)]
+            cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+            start = end = cls
+            if span is not None:
+                ctx = [i for i, o in enumerate(offsets) if o is not None]
+                if ctx and offsets[ctx[0]][0] <= span[0] and offsets[ctx[-1]][1] >= span[1]:
+                    # first token whose end passes the answer start; last token that starts before its end
+                    start = next(i for i in ctx if offsets[i][1] > span[0])
+                    end = next(i for i in reversed(ctx) if offsets[i][0] < span[1])
+            feat = {"input_ids": ids, "start": start, "end": end, "example": ex, "cls_index": cls, "offsets": offsets}
+            if "token_type_ids" in enc:
+                feat["token_type_ids"] = enc["token_type_ids"][w]
+            features.append(feat)
+    return features
+
+
+def collate_features(examples: list[dict], pad_id: int) -> dict:
+    """Right-padded input_ids / attention_mask (/ token_type_ids) and start/end position labels."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    types = torch.zeros((len(examples), width), dtype=torch.long) if "token_type_ids" in examples[0] else None
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), 1
+        if types is not None:
+            types[i, :n] = torch.tensor(e["token_type_ids"])
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "start_positions": torch.tensor([e["start"] for e in examples]),
+        "end_positions": torch.tensor([e["end"] for e in examples]),
+    }
+    if types is not None:
+        batch["token_type_ids"] = types
+    return batch
+
+
+def span_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start, end) logits in float32, padding positions set to a large negative number."""
+    kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "token_type_ids" in batch:
+        kw["token_type_ids"] = batch["token_type_ids"]
+    out = model(**kw)
+    pad = batch["attention_mask"] == 0
+    return out.start_logits.float().masked_fill(pad, NEG), out.end_logits.float().masked_fill(pad, NEG)
+
+
+@torch.no_grad()
+def qa_logits(model, features: list[dict], pad_id: int, device, batch_size: int = 32) -> tuple[list, list]:
+    """Start and end logits per feature (numpy arrays of the feature's length)."""
+    was_training = model.training
+    model.eval()
+    starts, ends = [], []
+    for i in range(0, len(features), batch_size):
+        chunk = features[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in collate_features(chunk, pad_id).items()}
+        s, e = span_logits(model, batch)
+        for j, f in enumerate(chunk):
+            n = len(f["input_ids"])
+            starts.append(s[j, :n].cpu().numpy())
+            ends.append(e[j, :n].cpu().numpy())
+    model.train(was_training)
+    return starts, ends
+
+
+def best_span(offsets: list, start: np.ndarray, end: np.ndarray, max_answer_tokens: int):
+    """(score, i, j) of the best valid context span of one window, or None when it has no context."""
+    ctx = np.array([o is not None for o in offsets])
+    if not ctx.any():
+        return None
+    n = len(offsets)
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    valid = ctx[:, None] & ctx[None, :] & (j >= i) & (j - i < max_answer_tokens)
+    scores = np.where(valid, start[:, None].astype(np.float64) + end[None, :], -np.inf)
+    flat = int(np.argmax(scores))
+    a, b = divmod(flat, n)
+    return float(scores[a, b]), a, b
+
+
+def postprocess(
+    rows: Sequence[dict],
+    features: Sequence[dict],
+    start_logits: Sequence[np.ndarray],
+    end_logits: Sequence[np.ndarray],
+    max_answer_tokens: int = 30,
+    null_threshold: float | None = 0.0,
+) -> list[str]:
+    """The predicted answer text per row ("" = no answer); see the module docstring for the rule."""
+    best: dict[int, tuple] = {}
+    null: dict[int, float] = {}
+    for f, s, e in zip(features, start_logits, end_logits):
+        ex = f["example"]
+        s, e = np.asarray(s, dtype=np.float64), np.asarray(e, dtype=np.float64)
+        c = f["cls_index"]
+        null[ex] = min(null.get(ex, np.inf), float(s[c] + e[c]))
+        cand = best_span(f["offsets"], s, e, max_answer_tokens)
+        if cand is not None and (ex not in best or cand[0] > best[ex][0]):
+            best[ex] = (cand[0], f["offsets"][cand[1]][0], f["offsets"][cand[2]][1])
+    preds = []
+    for ex, row in enumerate(rows):
+        if ex not in best:
+            preds.append("")
+            continue
+        score, a, b = best[ex]
+        if null_threshold is not None and null.get(ex, -np.inf) > score + null_threshold:
+            preds.append("")
+        else:
+            preds.append(row["context"][a:b].strip())
+    return preds
+
+
+def evaluate_qa(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    device,
+    max_length: int = 384,
+    doc_stride: int = 128,
+    max_answer_tokens: int = 30,
+    null_threshold: float | None = 0.0,
+    batch_size: int = 32,
+    features: list[dict] | None = None,
+) -> tuple[dict, list[str]]:
+    """(SQuAD scores, predictions) of a span-QA model on rows."""
+    from tunelab.evaluation.metrics import squad_scores
+
+    if features is None:
+        features = qa_features(rows, tokenizer, max_length, doc_stride)
+    start, end = qa_logits(model, features, tokenizer.pad_token_id, device, batch_size)
+    preds = postprocess(rows, features, start, end, max_answer_tokens, null_threshold)
+    return squad_scores(preds, [r["answers"] for r in rows]), preds
