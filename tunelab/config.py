@@ -275,7 +275,7 @@ def _nearest(key: str, loc: tuple) -> str | None:
 
 
 def _yaml_line(text: str | None, loc: tuple) -> int | None:
-    """1-based line of the key at `loc` in the YAML text, so errors point into the user's file."""
+    """1-based line of the key (or list item) at `loc` in the YAML text, so errors point into the user's file."""
     if not text:
         return None
     try:
@@ -284,14 +284,18 @@ def _yaml_line(text: str | None, loc: tuple) -> int | None:
         return None
     line = None
     for part in loc:
-        if not isinstance(node, yaml.MappingNode):
-            break
-        for key, value in node.value:
-            if key.value == str(part):
-                line, node = key.start_mark.line + 1, value
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part):
+                    line, node = key.start_mark.line + 1, value
+                    break
+            else:
                 break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
         else:
-            break  # e.g. the method tag, which is not a key in the file
+            break
     return line
 
 

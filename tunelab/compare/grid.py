@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.config import ConfigError
+from tunelab.config import ConfigError, _yaml_line
 
 # Partial config sections an entry (model, method or task) may carry; merged into each of its cells.
 _SECTIONS = ("model", "data", "task", "training")
@@ -203,31 +203,6 @@ class Grid(BaseModel):
 
 
 # ------------------------------------------------------------------------------------- loading
-def _yaml_line(text: str | None, loc: tuple) -> int | None:
-    """1-based line of the key (or list item) at `loc` in the YAML text."""
-    if not text:
-        return None
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if key.value == str(part):
-                    line, node = key.start_mark.line + 1, value
-                    break
-            else:
-                break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
 def _fields_for(loc: tuple) -> list[str]:
     cls: Any = Grid
     for part in loc:

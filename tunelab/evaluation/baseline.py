@@ -21,9 +21,6 @@ from tunelab.evaluation.tasks import get_task, load_split
 
 def tfidf_baseline(task: str, train_limit: int | None = None, seed: int = 0, C: float = 1.0) -> dict:
     """Train on the task's train split (a seeded sample of `train_limit` rows if given), score its dev split."""
-    import numpy as np
-
-    from tunelab.evaluation import metrics
 
     spec = get_task(task)
     if spec.type not in ("classification", "regression"):
@@ -34,27 +31,7 @@ def tfidf_baseline(task: str, train_limit: int | None = None, seed: int = 0, C: 
     start = time.perf_counter()
     train = load_split(spec, "train", limit=train_limit, seed=seed)
     dev = load_split(spec, "dev")
-    if spec.type == "classification" and len({r["label"] for r in train}) < 2:
-        raise DataError(f"{spec.name}: the training sample has a single class; use a larger train_limit.")
-
-    featurize = _features(spec.is_pair)
-    x_train = featurize(train, fit=True)
-    x_dev = featurize(dev, fit=False)
-    y_train = np.asarray([r["label"] for r in train])
-    y_dev = [r["label"] for r in dev]
-
-    if spec.type == "regression":
-        from sklearn.linear_model import Ridge
-
-        model = Ridge(alpha=1.0).fit(x_train, y_train.astype(float))
-        preds = model.predict(x_dev).tolist()
-        scores = {"pearson": metrics.pearson(preds, y_dev), "spearman": metrics.spearman(preds, y_dev)}
-    else:
-        from sklearn.linear_model import LogisticRegression
-
-        model = LogisticRegression(C=C, max_iter=1000, solver="liblinear", random_state=seed).fit(x_train, y_train)
-        preds = model.predict(x_dev).tolist()
-        scores = metrics.classification_metrics(preds, y_dev, num_labels=len(spec.labels))
+    scores, _ = fit_and_score(spec, train, dev, C=C, seed=seed)
     return {
         "task": spec.name,
         "model": "tfidf-logreg" if spec.type == "classification" else "tfidf-ridge",
@@ -64,6 +41,34 @@ def tfidf_baseline(task: str, train_limit: int | None = None, seed: int = 0, C: 
         "n_dev": len(dev),
         "seconds": round(time.perf_counter() - start, 3),
     }
+
+
+def fit_and_score(spec, train: list[dict], dev: list[dict], C: float = 1.0, seed: int = 0) -> tuple[dict, int]:
+    """TF-IDF features, then logistic regression (classification) or ridge (regression): (dev metrics, #coefficients)."""
+    import numpy as np
+
+    from tunelab.evaluation import metrics
+
+    if spec.type == "classification" and len({r["label"] for r in train}) < 2:
+        raise DataError(f"{spec.name}: the training sample has a single class; use a larger train_limit.")
+    featurize = _features(spec.is_pair or any(r.get("text_pair") for r in train))
+    x_train, x_dev = featurize(train, fit=True), featurize(dev, fit=False)
+    y_train = np.asarray([r["label"] for r in train])
+    y_dev = [r["label"] for r in dev]
+    if spec.type == "regression":
+        from sklearn.linear_model import Ridge
+
+        model = Ridge(alpha=1.0).fit(x_train, y_train.astype(float))
+        preds = model.predict(x_dev).tolist()
+        return {"pearson": metrics.pearson(preds, y_dev), "spearman": metrics.spearman(preds, y_dev)}, int(
+            model.coef_.size + 1
+        )
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=C, max_iter=1000, solver="liblinear", random_state=seed).fit(x_train, y_train)
+    preds = model.predict(x_dev).tolist()
+    n_params = int(model.coef_.size + model.intercept_.size)
+    return metrics.classification_metrics(preds, y_dev, num_labels=len(spec.labels)), n_params
 
 
 def _supported() -> list[str]:
