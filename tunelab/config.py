@@ -343,27 +343,31 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return raw
 
 
+def read_yaml_mapping(source: str | Path, what: str, expected: str) -> tuple[dict, str]:
+    """(mapping, text) of a YAML file; ConfigError naming the file (and line) when it is missing or bad."""
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} file not found")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of {expected}")
+    return raw, text
+
+
 def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None):
     """Read and validate a config from a YAML path or a dict; raise ConfigError with a readable message."""
-    name, text = "config", None
-    if source is None:
-        raw: dict = {}
-    elif isinstance(source, dict):
+    name, text, raw = "config", None, {}
+    if isinstance(source, dict):
         raw = dict(source)
-    else:
-        path = Path(source)
-        name = str(path)
-        if not path.exists():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            text = path.read_text()
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, method, training)")
+    elif source is not None:
+        name = str(source)
+        raw, text = read_yaml_mapping(source, "config", "sections (model, data, method, training)")
     raw = apply_overrides(raw, overrides)
     method = raw.get("method")
     if isinstance(method, dict) and "name" not in method:

@@ -21,10 +21,9 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.config import ConfigError, _yaml_line
+from tunelab.config import ConfigError, _yaml_line, read_yaml_mapping
 
 # Partial config sections an entry (model, method or task) may carry; merged into each of its cells.
 _SECTIONS = ("model", "data", "task", "training")
@@ -249,19 +248,8 @@ def load_grid(source: str | Path | dict) -> Grid:
     if isinstance(source, dict):
         raw = dict(source)
     else:
-        path = Path(source)
-        name = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: grid file not found")
-        text = path.read_text()
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}:{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping (output_dir, models, methods, tasks, base)")
+        name = str(source)
+        raw, text = read_yaml_mapping(source, "grid", "output_dir, models, methods, tasks, base")
     try:
         grid = Grid.model_validate(raw)
     except ValidationError as e:
