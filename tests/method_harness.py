@@ -26,6 +26,22 @@ def _logits(model, batch):
     return out.logits
 
 
+def fit_steps(model, batch: dict, steps: int = 20, lr: float = 1e-2, before_step=None) -> list[float]:
+    """AdamW on a fixed batch for `steps` steps (train mode); returns the losses."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for step in range(steps):
+        if before_step is not None:
+            before_step(step)
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def check_method(
     name: str,
     arch: str,
@@ -54,17 +70,8 @@ def check_method(
         assert not wrong, f"unexpected trainable parameters: {wrong[:5]}"
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for step in range(steps):
-        if hasattr(mod, "on_step"):
-            mod.on_step(model, cfg, step)
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    on_step = (lambda step: mod.on_step(model, cfg, step)) if hasattr(mod, "on_step") else None
+    losses = fit_steps(model, batch, steps, lr, before_step=on_step)
     assert losses[-1] < (1 - min_drop) * losses[0], f"loss did not fall enough: {losses[0]:.4f} -> {losses[-1]:.4f}"
 
     trainable_now = {n for n, p in model.named_parameters() if p.requires_grad} | trainable

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from method_harness import fit_steps
 from safetensors.torch import load_file, save_file
 
 from tunelab.config import ConfigError, load_config
@@ -159,12 +160,7 @@ def test_adapters_themselves_learn_under_a_trained_head():
     """On BERT the new classifier could fit the batch alone; the adapters must still receive updates."""
     model = mod.apply(tiny_bert(), mod.Config(preset="houlsby"))
     batch = tiny_batch("bert")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(3):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    fit_steps(model, batch, steps=3)
     for site in model._tunelab_adapter["sites"]:
         assert model.get_submodule(site).adapter.up.weight.abs().sum() > 0, site
 

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from method_harness import fit_steps
 
 from tunelab.methods import get
 from tunelab.methods.base import count_parameters
@@ -89,12 +90,7 @@ def test_qlora_merge_uses_the_dequantized_weights_not_the_original_ones(tmp_path
     base = tiny_llama(hidden_size=64, intermediate_size=128)
     batch = tiny_batch("llama")
     model = mod.apply(copy.deepcopy(base), mod.Config(r=4, alpha=8, dropout=0.0))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(5):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    fit_steps(model, batch, steps=5)
     trained = _logits(model, batch)
     mod.save(model, tmp_path)
     meta = json.loads((tmp_path / "tunelab_qlora.json").read_text())
@@ -171,12 +167,7 @@ def test_bitfit_adds_zero_biases_to_llama_and_merges_into_a_plain_biased_llama(t
     assert model.lm_head.bias is None
 
     batch = tiny_batch("llama")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(3):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    fit_steps(model, batch, steps=3)
     trained = _logits(model, batch)
     mod.save(model, tmp_path / "bitfit")
     merged = mod.merge(mod.load(tiny_llama(), tmp_path / "bitfit"))
