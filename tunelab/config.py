@@ -54,6 +54,9 @@ class ColumnsConfig(Section):
         "with {from, value} is detected automatically.",
     )
     text: str = Field("text", description="text format: the raw text.")
+    prompt: str = Field("prompt", description="preference format: the prompt (text or messages).")
+    chosen: str = Field("chosen", description="preference format: the preferred reply (text, a message or messages).")
+    rejected: str = Field("rejected", description="preference format: the other reply.")
 
 
 class DataConfig(Section):
@@ -63,8 +66,11 @@ class DataConfig(Section):
     )
     validation: str | None = Field(None, description="Validation file or hub id; else split off `val_fraction`.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of train held out when no validation file.")
-    format: Literal["instruction", "chat", "text"] = Field(
-        "instruction", description="instruction (alpaca), chat (messages / ShareGPT) or text (continued pre-training)."
+    format: Literal["instruction", "chat", "text", "preference"] = Field(
+        "instruction",
+        description="instruction (alpaca), chat (messages / ShareGPT), text (continued pre-training) or "
+        "preference (prompt + chosen / rejected replies: {prompt, chosen, rejected}, hh-rlhf transcripts, "
+        "ShareGPT with chosen / rejected; stages reward and dpo).",
     )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Column mapping.")
     hub_split: str = Field("train", description="Split to read for hub ids.")
@@ -155,8 +161,95 @@ class TrainingConfig(Section):
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps ...")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Keep only each layer's input and recompute the rest in the backward pass: "
+        "much less activation memory for about a third more compute (docs/performance.md).",
+    )
     tensorboard: bool = Field(True, description="Write TensorBoard event logs under the run folder.")
     progress: bool = Field(True, description="Show a progress bar.")
+
+
+# ------------------------------------------------------------------------------------------- dpo
+class DPOConfig(Section):
+    """stage dpo: Direct Preference Optimization (Rafailov et al. 2023) against the starting model."""
+
+    beta: float = Field(
+        0.1, gt=0, description="KL strength: implicit reward = beta * log(policy / reference); larger stays closer."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid loss: assumed probability that a pair's label is flipped (cDPO)."
+    )
+    loss_type: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid (the DPO loss) or ipo ((h - 1/(2 beta))^2, Azar et al. 2023)."
+    )
+
+
+# ------------------------------------------------------------------------------------------- ppo
+class RewardConfig(Section):
+    """What scores a response in stage ppo: a reward-model run, or a builtin toy reward (tests, smoke runs)."""
+
+    kind: Literal["model", "length", "keyword", "tokens"] = Field(
+        "model",
+        description="model (a `stage: reward` run folder in `path`), length (1 - |tokens - target_length| / "
+        "target_length), keyword (the fraction of response tokens whose text contains `keyword`) or tokens "
+        "(the fraction of response tokens whose id is in `token_ids`).",
+    )
+    path: str | None = Field(None, description="kind model: the reward run folder (or its final/).")
+    target_length: int = Field(16, ge=1, description="kind length: the response length in tokens that scores 1.")
+    keyword: str | None = Field(None, description="kind keyword: the text a rewarded token contains.")
+    token_ids: list[int] = Field(default_factory=list, description="kind tokens: the rewarded token ids.")
+    score_clip: float | None = Field(
+        None, gt=0, description="Clip scores to [-score_clip, score_clip]; null = no clip."
+    )
+
+
+class PPOConfig(Section):
+    """stage ppo: RLHF with PPO, KL-penalised to the starting (SFT) policy. One training step = one
+    iteration (a rollout of `rollout_batch_size` prompts, then `ppo_epochs` passes over mini-batches);
+    training.max_steps counts iterations (else training.epochs passes over the prompts)."""
+
+    policy: str | None = Field(
+        None,
+        description="The SFT policy to start from (and stay close to): a run folder (merged before the PPO "
+        "adapter is added), a model spec, or null = `model.name`.",
+    )
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="The reward R(x, y).")
+    prompts: str | None = Field(
+        None,
+        description="Prompt file: preference pairs (hh-rlhf, {prompt, chosen, rejected}, ShareGPT; their "
+        "prompts are used) or rows with a `prompt` column (a string or chat messages).",
+    )
+    skip_prompts: int = Field(
+        0, ge=0, description="Leave out the first N rows of the prompt file (e.g. the pairs a reward model saw)."
+    )
+    prompt_limit: int | None = Field(None, ge=1, description="Train on at most this many prompts (a seeded sample).")
+    eval_prompts: int = Field(
+        0, ge=0, description="Hold out this many prompts (never trained on) to score before and after training."
+    )
+    max_prompt_length: int = Field(256, ge=8, description="Skip prompts longer than this many tokens.")
+    rollout_batch_size: int = Field(16, ge=1, description="Prompts sampled per iteration.")
+    mini_batch_size: int = Field(4, ge=1, description="Sequences per optimizer step in the PPO epochs.")
+    ppo_epochs: int = Field(2, ge=1, description="Passes over each rollout.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest sampled response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same scaling).")
+    top_k: int = Field(0, ge=0, description="Sample from the top-k tokens only; 0 = the whole vocabulary.")
+    eval_temperature: float | None = Field(
+        None, ge=0, description="Held-out evaluation: null = sample like training (seeded), 0 = greedy."
+    )
+    cliprange: float = Field(0.2, gt=0, description="PPO clip range of the policy ratio.")
+    cliprange_value: float = Field(0.2, gt=0, description="Clip range of the value update around the old values.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    entropy_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus.")
+    kl_control: Literal["adaptive", "fixed"] = Field(
+        "adaptive", description="adaptive (Ziegler et al. 2019: steer beta to kl_target) or fixed beta."
+    )
+    init_kl_coef: float = Field(0.1, ge=0, description="beta: the per-token KL penalty coefficient at the start.")
+    kl_target: float = Field(6.0, gt=0, description="adaptive: the KL (nats per sequence) to steer towards.")
+    kl_horizon: int = Field(10000, ge=1, description="adaptive: the horizon (in sequences) of the beta update.")
+    whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, std 1 per rollout.")
 
 
 # ------------------------------------------------------------------------------------------ root
@@ -168,18 +261,25 @@ def _method_union():
 
 
 class _Root(Section):
-    stage: Literal["sft", "pretrain", "classification", "extractive_qa", "seq2seq", "mlm"] = Field(
-        "sft",
-        description="sft (supervised fine-tuning), pretrain (continued pre-training on text), "
-        "classification (a classification / regression head; the `task` section), extractive_qa (a "
-        "start/end span head on an encoder; `task`), seq2seq (an encoder-decoder on source -> target; "
-        "`task`) or mlm (masked-LM continued pre-training of an encoder on text; `data`, format text).",
+    stage: Literal["sft", "pretrain", "classification", "extractive_qa", "seq2seq", "mlm", "ppo", "reward", "dpo"] = (
+        Field(
+            "sft",
+            description="sft (supervised fine-tuning), pretrain (continued pre-training on text), "
+            "classification (a classification / regression head; the `task` section), extractive_qa (a "
+            "start/end span head on an encoder; `task`), seq2seq (an encoder-decoder on source -> target; "
+            "`task`), mlm (masked-LM continued pre-training of an encoder on text; `data`, format text), ppo "
+            "(RLHF with PPO against a reward; the `ppo` section), reward (a reward model: a scalar head trained "
+            "on preference pairs; `data`, format preference) or dpo (Direct Preference Optimization on "
+            "preference pairs; `data`, format preference; the `dpo` section).",
+        )
     )
     output_dir: str = Field("runs/run", description="Run folder: config, metrics, checkpoints and the result.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
 
 
 def _build_config_class():
@@ -198,6 +298,18 @@ def _build_config_class():
                 raise ValueError("stage: pretrain needs data.format: text")
             if self.stage == "mlm" and self.data.format != "text":
                 raise ValueError("stage: mlm needs data.format: text")
+            if self.stage in ("reward", "dpo") and self.data.format != "preference":
+                raise ValueError(f"stage: {self.stage} needs data.format: preference (chosen / rejected pairs)")
+            if self.data.format == "preference" and self.stage in ("sft", "pretrain", "mlm"):
+                raise ValueError("data.format: preference is for stage: reward or stage: dpo; set the stage")
+            if self.stage == "reward" and self.method.name == "prefix":
+                raise ValueError(
+                    "stage: reward does not support method prefix (PEFT passes the prefix as past_key_values, "
+                    "which transformers' sequence-classification models do not take); use lora, ia3, prompt or "
+                    "a weight-training method"
+                )
+            if self.stage == "ppo":
+                _check_ppo(self)
             if self.stage in ("classification", "extractive_qa", "seq2seq") and not (
                 self.task.name or self.task.train_file
             ):
@@ -211,6 +323,23 @@ def _build_config_class():
             return self
 
     return Config
+
+
+def _check_ppo(cfg) -> None:
+    p = cfg.ppo
+    if not p.prompts:
+        raise ValueError("stage: ppo needs ppo.prompts (a preference or prompt file)")
+    if p.reward.kind == "model" and not p.reward.path:
+        raise ValueError("stage: ppo with ppo.reward.kind: model needs ppo.reward.path (a `stage: reward` run)")
+    if p.reward.kind == "keyword" and not p.reward.keyword:
+        raise ValueError("stage: ppo with ppo.reward.kind: keyword needs ppo.reward.keyword")
+    if p.reward.kind == "tokens" and not p.reward.token_ids:
+        raise ValueError("stage: ppo with ppo.reward.kind: tokens needs ppo.reward.token_ids")
+    if cfg.method.name in ("prefix", "prompt"):
+        raise ValueError(
+            f"stage: ppo does not support method {cfg.method.name} (virtual tokens shift the response "
+            "positions); use lora, qlora, ia3 or a weight-training method"
+        )
 
 
 def _default_method():
@@ -413,6 +542,9 @@ def reference_markdown() -> str:
         ("data.columns", ColumnsConfig),
         ("task", TaskConfig),
         ("training", TrainingConfig),
+        ("dpo", DPOConfig),
+        ("ppo", PPOConfig),
+        ("ppo.reward", RewardConfig),
     ):
         out += ["", f"## `{section}`", "", *table(cls, section + ".")]
     for name in names():

@@ -56,11 +56,18 @@ def load_run(run: str, device: str = "auto", merge: bool = False):
             "problem_type": problem,
             "ignore_mismatched_sizes": True,
         }
+    elif manifest.get("stage") == "reward":  # a scalar head on the LM (training/reward.py); load() restores it
+        from transformers import AutoModelForSequenceClassification
+
+        extra = {"auto_class": AutoModelForSequenceClassification, "num_labels": 1, "ignore_mismatched_sizes": True}
     elif manifest.get("stage") in _STAGE_AUTO_CLASS:  # span QA head, encoder-decoder, masked LM
         import transformers
 
         extra = {"auto_class": getattr(transformers, _STAGE_AUTO_CLASS[manifest["stage"]])}
-    base, base_tokenizer = load_model(base_cfg, device=dev, **extra)
+    if manifest.get("base_run"):  # trained on top of another run (ppo from an SFT run): that run, merged
+        base, base_tokenizer = load_run(manifest["base_run"], device=device, merge=True)
+    else:
+        base, base_tokenizer = load_model(base_cfg, device=dev, **extra)
     method = get_method(manifest["method"])
     model = method.load(base, final)
     if merge and method.MERGEABLE:

@@ -9,9 +9,11 @@
                     over target tokens; BLEU and embedding cosine of generated outputs at the end
   mlm               *ForMaskedLM; text -> 15% of tokens masked (80% [MASK], 10% random, 10% kept);
                     summed CE over the masked tokens
+  reward, dpo       preference pairs; see training/preference_stages.py
 
 `loss_sum(model, batch)` returns (sum of the loss terms, number of terms) and `count(batch)` the
-number of terms a batch holds, so the loop can normalise a whole optimizer step exactly.
+number of terms a batch holds, so the loop can normalise a whole optimizer step exactly. It may return
+a third item, a dict of other per-term sums (e.g. pairs ranked right), which the loop logs as means.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ class Stage:
     load_model: Callable  # (cfg, device) -> (model, tokenizer)
     build_data: Callable  # (cfg, tokenizer) -> DataBundle
     collate: Callable  # (examples, pad_id) -> batch
-    loss_sum: Callable  # (model, batch) -> (loss tensor, n terms)
+    loss_sum: Callable  # (model, batch) -> (loss tensor, n terms[, {metric: sum over terms}])
     count: Callable  # batch -> n terms
     final_metrics: Callable | None = None  # (model, tokenizer, cfg, data, device) -> dict
     manifest: Callable | None = None  # cfg -> extra keys for final/tunelab.json
+    prepare: Callable | None = None  # (model, cfg) -> None, once the method is applied, before a resume
 
 
 # --------------------------------------------------------------------------- causal LM (sft, pretrain)
@@ -539,7 +542,11 @@ def _mlm_loss(model, batch):
 MLM = Stage("mlm", _mlm_load, _mlm_data, mlm_collate, _mlm_loss, lambda b: int((b["labels"] != -100).sum()))
 
 
-def stage_for(name: str) -> Stage:
-    return {"classification": CLASSIFICATION, "extractive_qa": EXTRACTIVE_QA, "seq2seq": SEQ2SEQ, "mlm": MLM}.get(
-        name, LM
-    )
+def stage_for(name: str, cfg=None) -> Stage:
+    """The Stage for a stage name; dpo's loss reads the config's `dpo` section, so it needs `cfg`."""
+    from tunelab.training import preference_stages as P
+
+    if name == "dpo":
+        return P.dpo_stage(cfg)
+    stages = {"classification": CLASSIFICATION, "extractive_qa": EXTRACTIVE_QA, "seq2seq": SEQ2SEQ, "mlm": MLM}
+    return {**stages, "reward": P.REWARD}.get(name, LM)

@@ -1,0 +1,319 @@
+"""Preference data, the reward-model stage and DPO, on tiny models (the real-data checks are marked slow)."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+import tunelab
+from tunelab.config import ConfigError, load_config
+from tunelab.data import DataError, shared_data_dir
+from tunelab.data.preference import collate_pairs, encode_preference, load_preference_pairs, read_preference_pairs
+from tunelab.testing import save_tiny_model_dir, tiny_llama, tiny_tokenizer
+from tunelab.training import preference_stages as P
+
+WORDS = "the quick brown fox jumps over lazy dog give three tips eat well sleep enough and exercise".split()
+
+
+def synthetic_pairs(n: int, seed: int) -> list[dict]:
+    """Chosen replies hold the word 'Paris' somewhere among random words; rejected ones never do."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good = rng.choices(WORDS, k=rng.randint(3, 6))
+        good.insert(rng.randint(0, 3), "Paris")
+        bad = rng.choices(WORDS, k=rng.randint(3, 6))
+        rows.append({"prompt": f"Question {i}: say something.", "chosen": " ".join(good), "rejected": " ".join(bad)})
+    return rows
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    return write_jsonl(d / "train.jsonl", synthetic_pairs(120, 0)), write_jsonl(d / "dev.jsonl", synthetic_pairs(40, 1))
+
+
+def make_cfg(stage, tiny_dir, files, out, method=None, **training):
+    t = dict(max_steps=30, batch_size=8, lr=1e-2, warmup_steps=0, progress=False, tensorboard=False, seed=3)
+    t.update(training)
+    return load_config(
+        {
+            "stage": stage,
+            "output_dir": str(out),
+            "model": {"name": tiny_dir},
+            "data": {"train": files[0], "validation": files[1], "format": "preference", "max_length": 64},
+            "method": method or {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+            "dpo": {"beta": 0.5},
+            "training": t,
+        }
+    )
+
+
+def metrics_lines(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_explicit_format_with_text_messages_and_implicit_prompt(tmp_path):
+    conv = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "2+2?"},
+    ]
+    rows = [
+        {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome.", "system": "Be brief."},
+        {"prompt": conv, "chosen": [{"role": "assistant", "content": "4"}], "rejected": {"role": "assistant", "content": "5"}},
+        {"chosen": conv + [{"role": "assistant", "content": "4"}], "rejected": conv + [{"role": "assistant", "content": "22"}]},
+        {"prompt": conv, "chosen": conv + [{"role": "assistant", "content": "4"}], "rejected": "5"},
+    ]  # fmt: skip
+    pairs = load_preference_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert pairs[0] == {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+        "chosen": "Paris.",
+        "rejected": "Rome.",
+    }
+    assert pairs[1] == {"prompt": conv, "chosen": "4", "rejected": "5"}
+    assert pairs[2] == {"prompt": conv, "chosen": "4", "rejected": "22"}
+    assert pairs[3]["prompt"] == conv  # a chosen conversation that repeats the prompt is not doubled
+    # own column names
+    (tmp_path / "o.json").write_text(json.dumps([{"q": "Why?", "good": "Because.", "bad": "No."}]))
+    own = load_preference_pairs(str(tmp_path / "o.json"), columns={"prompt": "q", "chosen": "good", "rejected": "bad"})
+    assert own == [{"prompt": [{"role": "user", "content": "Why?"}], "chosen": "Because.", "rejected": "No."}]
+
+
+def test_hh_rlhf_transcripts(tmp_path):
+    head = "\n\nHuman: How do I bake bread?\n\nAssistant: Flour, water, yeast.\n\nHuman: And then?"
+    rows = [
+        {"chosen": head + "\n\nAssistant: Knead and bake it.", "rejected": head + "\n\nAssistant: Buy some.  "},
+        # the same speaker twice in a row is one turn; an empty last reply is still a reply
+        {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello\n\nAssistant: there", "rejected": "\n\nHuman: Hi\n\nAssistant:"},
+        # the two conversations differ before the final reply: no pair, skipped
+        {"chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: D", "rejected": "\n\nHuman: A\n\nAssistant: X"},
+    ]  # fmt: skip
+    pairs, stats = read_preference_pairs(write_jsonl(tmp_path / "hh.jsonl", rows))
+    assert stats == {"rows_read": 3, "skipped": 1}
+    assert pairs[0] == {
+        "prompt": [
+            {"role": "user", "content": "How do I bake bread?"},
+            {"role": "assistant", "content": "Flour, water, yeast."},
+            {"role": "user", "content": "And then?"},
+        ],
+        "chosen": "Knead and bake it.",
+        "rejected": "Buy some.",
+    }
+    assert pairs[1] == {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello\n\nthere", "rejected": ""}
+
+
+def test_sharegpt_format(tmp_path):
+    rows = [
+        {
+            "conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "Q1"},
+                              {"from": "gpt", "value": "A1"}, {"from": "human", "value": "Q2"}],
+            "chosen": {"from": "gpt", "value": "good"},
+            "rejected": {"from": "gpt", "value": "bad"},
+        }
+    ]  # fmt: skip
+    (tmp_path / "s.json").write_text(json.dumps(rows))
+    assert load_preference_pairs(str(tmp_path / "s.json")) == [
+        {
+            "prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                       {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}],
+            "chosen": "good",
+            "rejected": "bad",
+        }
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"prompt": "Q", "chosen": "A"}, ["bad.jsonl line 2", "field 'rejected' is missing", "data.columns.rejected"]),
+        ({"prompt": 3, "chosen": "A", "rejected": "B"}, ["line 2", "field 'prompt' should be text or a list"]),
+        ({"chosen": "just text", "rejected": "more"}, ["line 2", "'chosen'", "hh-rlhf transcript", "prompt column"]),
+        ({"prompt": "Q", "chosen": [{"role": "user", "content": "A"}], "rejected": "B"},
+         ["line 2", "'chosen' must end with an assistant reply"]),
+        ({"prompt": "Q", "chosen": [{"from": "alien", "value": "A"}], "rejected": "B"}, ["line 2", "alien"]),
+        ({"chosen": [{"role": "assistant", "content": "A"}], "rejected": [{"role": "assistant", "content": "B"}]},
+         ["line 2", "no prompt", "data.columns.prompt"]),
+    ],
+)  # fmt: skip
+def test_bad_rows_name_file_line_field_and_fix(tmp_path, row, expected):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok", "chosen": "a", "rejected": "b"}, row])
+    with pytest.raises(DataError) as err:
+        load_preference_pairs(path)
+    for piece in expected:
+        assert piece in str(err.value), (piece, str(err.value))
+
+
+def test_encode_preference_masks_the_reply_and_truncates_the_prompt_from_the_left():
+    tok = tiny_tokenizer()
+    pair = {"prompt": [{"role": "user", "content": "the quick brown fox " * 6}], "chosen": "Paris.", "rejected": "no"}
+    full = encode_preference(pair, tok, 10_000)
+    assert not full["truncated"]
+    for side, text in (("chosen", "Paris."), ("rejected", "no")):
+        ids, mask = full[f"{side}_input_ids"], full[f"{side}_response_mask"]
+        assert tok.decode([t for t, m in zip(ids, mask) if m]) == text + "<|im_end|>\n"
+        assert mask == sorted(mask)  # prompt, then reply
+    short = encode_preference(pair, tok, 24)
+    assert short["truncated"]
+    for side in ("chosen", "rejected"):
+        ids, mask = short[f"{side}_input_ids"], short[f"{side}_response_mask"]
+        assert len(ids) <= 24
+        n_reply = sum(full[f"{side}_response_mask"])
+        assert ids[-n_reply:] == full[f"{side}_input_ids"][-n_reply:] and sum(mask) == n_reply  # reply intact
+    # both sides keep the same prompt tail
+    k = short["chosen_response_mask"].index(1)
+    assert k == short["rejected_response_mask"].index(1) >= 24 // 4
+    for side in ("chosen", "rejected"):
+        prompt = full[f"{side}_input_ids"][: full[f"{side}_response_mask"].index(1)]
+        assert short[f"{side}_input_ids"][:k] == prompt[-k:]
+
+
+def test_preference_config_is_validated_up_front():
+    with pytest.raises(ConfigError, match="stage: dpo needs data.format: preference"):
+        load_config({"stage": "dpo", "data": {"train": "x.jsonl"}})
+    with pytest.raises(ConfigError, match="data.format: preference is for stage: reward or stage: dpo"):
+        load_config({"data": {"train": "x.jsonl", "format": "preference"}})
+    with pytest.raises(ConfigError, match="dpo.beta"):
+        load_config({"stage": "dpo", "data": {"format": "preference"}, "dpo": {"beta": 0}})
+    with pytest.raises(ConfigError, match="stage: reward does not support method prefix"):
+        load_config({"stage": "reward", "data": {"format": "preference"}, "method": {"name": "prefix"}})
+    with pytest.raises(ConfigError, match="Did you mean 'beta'"):
+        load_config({"stage": "dpo", "data": {"format": "preference"}, "dpo": {"bta": 0.2}})
+
+
+@pytest.mark.slow
+def test_real_preference_files_parse():
+    pairs, stats = read_preference_pairs(str(shared_data_dir() / "hh-rlhf/harmless-base/test.jsonl.gz"))
+    assert stats == {"rows_read": 2312, "skipped": 0} and len(pairs) == 2312
+    assert all(p["prompt"][-1]["role"] == "user" and p["chosen"] != p["rejected"] for p in pairs)
+    demo = load_preference_pairs(str(shared_data_dir() / "llamafactory-demo/dpo_en_demo.json"))
+    assert len(demo) == 300 and all(p["prompt"][-1]["role"] == "user" for p in demo)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def test_sequence_logps_matches_full_logits_and_dpo_loss_formulas():
+    tok, model = tiny_tokenizer(), tiny_llama()
+    enc = [encode_preference(p | {"prompt": [{"role": "user", "content": p["prompt"]}]}, tok, 64)
+           for p in synthetic_pairs(3, 5)]  # fmt: skip
+    batch = collate_pairs(enc, tok.pad_token_id)
+    fast = P.sequence_logps(model, batch)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    ref = [
+        sum(float(logp[i, t - 1, batch["input_ids"][i, t]]) for t in range(1, batch["input_ids"].shape[1])
+            if batch["response_mask"][i, t])
+        for i in range(6)
+    ]  # fmt: skip
+    assert torch.allclose(fast, torch.tensor(ref), atol=1e-4)
+
+    lw, ll = torch.tensor([1.0, -0.5]), torch.tensor([0.0, 0.5])  # h = [1, -1]
+    b = 0.5
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert torch.allclose(P.dpo_loss(lw, ll, b), torch.tensor([-math.log(sig(0.5)), -math.log(sig(-0.5))]))
+    smooth = P.dpo_loss(lw, ll, b, label_smoothing=0.1)
+    assert math.isclose(float(smooth[0]), -0.9 * math.log(sig(0.5)) - 0.1 * math.log(sig(-0.5)), rel_tol=1e-6)
+    assert torch.allclose(P.dpo_loss(lw, ll, b, loss_type="ipo"), torch.tensor([0.0, 4.0]))  # (h - 1/(2b))^2
+
+
+# ---------------------------------------------------------------------------------------------- reward
+def test_reward_model_learns_a_preference_and_reloads_for_scoring(tiny_dir, files, tmp_path):
+    from tunelab.training.reward import load_reward_model, score
+
+    result = tunelab.train(make_cfg("reward", tiny_dir, files, tmp_path / "rm"))
+    m = result.metrics
+    assert m["pairwise_accuracy"] > 0.9, m
+    assert m["eval_loss"] < 0.5 * m["eval_loss_before"]
+    assert metrics_lines(tmp_path / "rm")[-2]["eval_reward_accuracy"] == pytest.approx(m["pairwise_accuracy"])
+
+    model, tok = load_reward_model(tmp_path / "rm")
+    dev = load_preference_pairs(files[1])
+    prompts = [p["prompt"] for p in dev]
+    chosen = score(model, tok, prompts, [p["chosen"] for p in dev], max_length=64)
+    rejected = score(model, tok, prompts, [p["rejected"] for p in dev], max_length=64)
+    assert float((chosen > rejected).float().mean()) == pytest.approx(m["pairwise_accuracy"], abs=1 / len(dev))
+    assert float((chosen - rejected).mean()) == pytest.approx(m["reward_margin"], rel=1e-3, abs=1e-3)
+    # padding does not change a score: the head reads the last non-pad token
+    alone = torch.cat(
+        [score(model, tok, [p], [r], max_length=64) for p, r in zip(prompts[:3], [d["chosen"] for d in dev])]
+    )
+    assert torch.allclose(alone, chosen[:3], atol=1e-5)
+    with pytest.raises(ValueError, match="not a reward-model run"):
+        load_reward_model(tiny_dir)
+
+
+def test_reward_run_resumes_exactly(tiny_dir, files, tmp_path):
+    full = tunelab.train(make_cfg("reward", tiny_dir, files, tmp_path / "a", max_steps=6))
+
+    def stop_after_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg = make_cfg("reward", tiny_dir, files, tmp_path / "b", max_steps=6, save_every=2)
+    assert tunelab.train(cfg, callbacks=[stop_after_3]).metrics["interrupted"]
+    resumed = tunelab.train(cfg, resume=True)
+    a = {r["step"]: r["loss"] for r in metrics_lines(tmp_path / "a") if "loss" in r}
+    b = {r["step"]: r["loss"] for r in metrics_lines(tmp_path / "b") if "loss" in r}
+    assert sorted(b) == list(range(1, 7))
+    assert all(abs(a[s] - b[s]) < 1e-6 for s in a), (a, b)
+    assert resumed.metrics["pairwise_accuracy"] == full.metrics["pairwise_accuracy"]
+
+
+# ------------------------------------------------------------------------------------------------- DPO
+def _record_reference_calls(monkeypatch):
+    calls = []
+    original = P.reference_logps
+
+    def recording(model, batch):
+        out = original(model, batch)
+        calls.append((batch["input_ids"].cpu().clone(), out.detach().cpu().clone()))
+        return out
+
+    monkeypatch.setattr(P, "reference_logps", recording)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_dpo_widens_the_margin_against_an_unchanged_reference(tiny_dir, files, tmp_path, monkeypatch, method):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.inference import load_run
+
+    calls = _record_reference_calls(monkeypatch)
+    spec = None if method == "lora" else {"name": "full"}
+    steps, lr = (30, 1e-2) if method == "lora" else (12, 2e-3)
+    result = tunelab.train(make_cfg("dpo", tiny_dir, files, tmp_path / "dpo", method=spec, max_steps=steps, lr=lr))
+    m = result.metrics
+    # step 0: the policy is the reference, so every pair's loss is log 2
+    assert m["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-6)
+    # held out: log pi(chosen) - log pi(rejected) grew by (chosen_logratio - rejected_logratio) nats
+    assert m["chosen_logratio"] - m["rejected_logratio"] > 2.0, m
+    assert m["chosen_logratio"] > 0 > m["rejected_logratio"]
+    assert m["pairwise_accuracy"] > 0.9 and m["reward_margin"] > 1.0
+    assert m["eval_loss"] < 0.3
+    # the reference never moved: every call on the (fixed) validation batches, from step 0 to the end,
+    # gave the untrained model's log-probs, while the trained policy's differ
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    policy, tok = load_run(str(tmp_path / "dpo"), device="cpu")
+    first = collate_pairs(
+        [encode_preference(p, tok, 64) for p in load_preference_pairs(files[1])[:8]], tok.pad_token_id
+    )
+    matching = [v for ids, v in calls if torch.equal(ids, first["input_ids"])]
+    assert len(matching) >= 2  # the eval before training and the one after
+    with torch.no_grad():
+        expected, trained = P.sequence_logps(base, first), P.sequence_logps(policy, first)
+    for v in matching:
+        assert torch.allclose(v, expected, atol=1e-4)
+    assert (trained - expected).abs().max() > 0.5

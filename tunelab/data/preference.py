@@ -1,0 +1,248 @@
+"""Preference pairs: a prompt (chat messages) and two replies, one preferred ("chosen") over the other.
+
+    pairs = load_preference_pairs("hh-rlhf/harmless-base/test.jsonl.gz")
+    pairs[0] == {"prompt": [{"role": "user", "content": ...}, ...], "chosen": "...", "rejected": "..."}
+    enc = encode_preference(pairs[0], tokenizer, max_length=512)
+
+Three row shapes are read (detected per row):
+
+  explicit   {prompt, chosen, rejected}: prompt a string or a message list; chosen / rejected a string,
+             one message, or a message list (TRL's conversational format; a list may carry more turns
+             of the conversation before its final assistant reply). With no prompt column and message
+             lists for chosen / rejected, their shared prefix is the prompt (TRL's "implicit prompt").
+  hh-rlhf    {chosen, rejected} transcripts "\\n\\nHuman: ... \\n\\nAssistant: ...": both are parsed into
+             messages and the shared turns before the last assistant reply become the prompt.
+  ShareGPT   {conversations: [{from, value}], chosen: {from, value}, rejected: {from, value}}
+             (LLaMA-Factory's DPO format).
+
+A row whose chosen and rejected conversations differ *before* their final reply is not a pair of two
+replies to one prompt; it is skipped, counted and logged (hh-rlhf transcripts are compared turn by turn
+with surrounding whitespace stripped, so none of harmless-base test's 2,312 rows is skipped).
+Every other defect is a DataError naming the file, the line or row, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from tunelab.data.errors import DataError, where
+from tunelab.data.formats import SHAREGPT_COLUMN, _message
+from tunelab.data.readers import read_rows
+from tunelab.data.templating import _by_offsets, _by_pieces, response_spans
+
+log = logging.getLogger("tunelab.data")
+
+DEFAULT_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "messages": "messages",
+                   "system": "system"}  # fmt: skip
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+_EXPECTED = (
+    "expected {prompt, chosen, rejected}, hh-rlhf {chosen, rejected} transcripts ('\\n\\nHuman: ... "
+    "\\n\\nAssistant: ...'), or ShareGPT {conversations, chosen, rejected}"
+)
+
+
+class _Skip(Exception):
+    """A row that is no pair of replies to one prompt (the two conversations diverge earlier)."""
+
+
+def load_preference_pairs(path: str, columns=None, limit: int | None = None) -> list[dict]:
+    """Read preference pairs from a .json/.jsonl/.csv file (optionally .gz) or a hub id.
+
+    `columns` maps our field names (prompt, chosen, rejected, messages, system) to yours: a dict, or
+    the `data.columns` section. `limit` caps the rows read (before skipping)."""
+    return read_preference_pairs(path, columns, limit)[0]
+
+
+def read_preference_pairs(path: str, columns=None, limit: int | None = None, **hub) -> tuple[list[dict], dict]:
+    """(pairs, stats): like load_preference_pairs, plus how many rows were read and skipped."""
+    cols = _columns(columns)
+    rows = read_rows(path, **hub)[:limit]
+    pairs, skipped = [], []
+    for file, number, row in rows:
+        try:
+            pairs.append(row_to_pair(row, cols, where(file, number)))
+        except _Skip:
+            skipped.append(where(file, number))
+    if skipped:
+        log.warning(
+            "%d rows skipped (first: %s): chosen and rejected differ before their final assistant reply, "
+            "so they are not two replies to one prompt.",
+            len(skipped), skipped[0],
+        )  # fmt: skip
+    if not pairs:
+        hint = f" ({len(skipped)} rows skipped: their conversations diverge before the final reply)" if skipped else ""
+        raise DataError(f"{path}: no preference pairs to use{hint}.")
+    return pairs, {"rows_read": len(rows), "skipped": len(skipped)}
+
+
+def _columns(columns) -> dict:
+    if columns is None:
+        return dict(DEFAULT_COLUMNS)
+    if not isinstance(columns, dict):  # the data.columns section
+        columns = {k: getattr(columns, k) for k in DEFAULT_COLUMNS if hasattr(columns, k)}
+    return {**DEFAULT_COLUMNS, **columns}
+
+
+def row_to_pair(row: dict, cols: dict, where: str = "row") -> dict:
+    """One row -> {"prompt": messages, "chosen": str, "rejected": str} (raises DataError or _Skip)."""
+    for key in ("chosen", "rejected"):
+        if row.get(cols[key]) is None:
+            raise DataError(
+                f"{where}: field '{cols[key]}' is missing (format: preference; {_EXPECTED} — map yours with "
+                f"data.columns.{key})"
+            )
+    chosen, rejected = row[cols["chosen"]], row[cols["rejected"]]
+    conv_col = next((c for c in (cols["messages"], SHAREGPT_COLUMN) if row.get(c) is not None), None)
+    if conv_col is not None:
+        prompt = _messages(row[conv_col], conv_col, where)
+    elif row.get(cols["prompt"]) is not None:
+        prompt = _prompt(row[cols["prompt"]], cols["prompt"], where)
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        chosen, rejected = _hh_messages(chosen, cols["chosen"], where), _hh_messages(rejected, cols["rejected"], where)
+        prompt = []
+    else:
+        prompt = []  # implicit prompt: the shared prefix of two message lists
+    head_c, chosen_text = _response(chosen, cols["chosen"], where)
+    head_r, rejected_text = _response(rejected, cols["rejected"], where)
+    # a reply given as the whole conversation repeats the prompt: do not count it twice
+    head_c, head_r = (h[len(prompt) :] if prompt and h[: len(prompt)] == prompt else h for h in (head_c, head_r))
+    if head_c != head_r:
+        raise _Skip
+    prompt = prompt + head_c
+    if not prompt:
+        raise DataError(
+            f"{where}: no prompt: give a '{cols['prompt']}' field (text or messages), a conversation in "
+            f"'{conv_col or cols['messages']}', or chosen / rejected conversations that start with the prompt "
+            "(map yours with data.columns.prompt)"
+        )
+    system = row.get(cols["system"])
+    if isinstance(system, str) and system and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}] + prompt
+    return {"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text}
+
+
+def _prompt(value, col: str, where: str) -> list[dict]:
+    if isinstance(value, str) and value.startswith("\n\nHuman:"):  # hh-rlhf split into prompt / replies
+        msgs = _hh_messages(value, col, where)
+        return msgs[:-1] if msgs[-1]["role"] == "assistant" and not msgs[-1]["content"] else msgs
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list):
+        return _messages(value, col, where)
+    raise DataError(f"{where}: field '{col}' should be text or a list of messages, got {type(value).__name__}.")
+
+
+def _messages(value, col: str, where: str) -> list[dict]:
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field '{col}' should be a list of messages, got {type(value).__name__}.")
+    return [_message(m, col, j, where) for j, m in enumerate(value, 1)]
+
+
+def _response(value, col: str, where: str) -> tuple[list[dict], str]:
+    """(conversation turns before the reply, the final assistant reply's text)."""
+    if isinstance(value, str):
+        return [], value
+    msgs = _messages(value, col, where)
+    if not msgs or msgs[-1]["role"] != "assistant":
+        got = msgs[-1]["role"] if msgs else "nothing"
+        raise DataError(
+            f"{where}: field '{col}' must end with an assistant reply (role assistant / from gpt), got {got}."
+        )
+    return msgs[:-1], msgs[-1]["content"]
+
+
+def _hh_messages(text: str, col: str, where: str) -> list[dict]:
+    """'\\n\\nHuman: a\\n\\nAssistant: b' -> messages; consecutive turns of one speaker are joined."""
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise DataError(
+            f"{where}: field '{col}' is text without a prompt column, so it must be an hh-rlhf transcript "
+            f"starting with '\\n\\nHuman: ' (got {text[:60]!r}). Otherwise add a prompt column ({_EXPECTED})."
+        )
+    msgs: list[dict] = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        content = content.strip()
+        if msgs and msgs[-1]["role"] == role:
+            msgs[-1]["content"] += "\n\n" + content
+        else:
+            msgs.append({"role": role, "content": content})
+    return msgs
+
+
+# ------------------------------------------------------------------------------------------ encoding
+def encode_response(prompt: list[dict], response: str, tokenizer, max_length: int | None = None,
+                    where: str = "pair") -> dict:  # fmt: skip
+    """prompt + one assistant reply, rendered with the chat template ->
+    {"input_ids", "response_mask"} (1 on the reply's tokens, its end of turn, and an appended eos when the
+    template's end of turn holds none — the same tokens SFT puts loss on). No truncation here."""
+    messages = list(prompt) + [{"role": "assistant", "content": response}]
+    full, spans = response_spans(messages, tokenizer, where)
+    use_offsets = bool(getattr(tokenizer, "is_fast", False))
+    ids, turn = (_by_offsets if use_offsets else _by_pieces)(full, spans, tokenizer)
+    last = len(spans) - 1  # only the final reply: earlier assistant turns belong to the prompt
+    mask = [int(k == last) for k in turn]
+    eos = tokenizer.eos_token_id
+    reply = [t for t, m in zip(ids, mask) if m]
+    if eos is not None and eos not in reply and not full[spans[-1][1] :].strip():
+        ids, mask = ids + [eos], mask + [1]
+    return {"input_ids": list(ids), "response_mask": mask}
+
+
+def truncate_left(enc: dict, max_length: int, prompt_keep: int | None = None) -> dict:
+    """Cut an encode_response result to max_length: the prompt loses tokens from its start (the reply
+    survives); only a reply longer than max_length minus `prompt_keep` prompt tokens loses its end."""
+    ids, mask = enc["input_ids"], enc["response_mask"]
+    if len(ids) <= max_length:
+        return enc
+    start = mask.index(1) if 1 in mask else len(ids)
+    keep = min(start, prompt_keep if prompt_keep is not None else _prompt_keep(start, len(ids) - start, max_length))
+    return {"input_ids": ids[start - keep :][:max_length], "response_mask": mask[start - keep :][:max_length]}
+
+
+def _prompt_keep(prompt_len: int, reply_len: int, max_length: int) -> int:
+    """Prompt tokens kept: all that fit beside the reply, but at least a quarter of max_length (a reply
+    judged without its question means little), so a very long reply is cut at its end instead."""
+    return min(prompt_len, max(max_length - reply_len, max_length // 4))
+
+
+def encode_preference(pair: dict, tokenizer, max_length: int, where: str = "pair") -> dict:
+    """A pair -> {"chosen_input_ids", "chosen_response_mask", "rejected_input_ids", "rejected_response_mask",
+    "truncated"}. Both sequences keep the same number of prompt tokens when truncated, so the two
+    replies are judged against the same (left-truncated) prompt."""
+    c = encode_response(pair["prompt"], pair["chosen"], tokenizer, where=where)
+    r = encode_response(pair["prompt"], pair["rejected"], tokenizer, where=where)
+    truncated = max(len(c["input_ids"]), len(r["input_ids"])) > max_length
+    if truncated:
+        p_c, p_r = c["response_mask"].index(1), r["response_mask"].index(1)
+        reply = max(len(c["input_ids"]) - p_c, len(r["input_ids"]) - p_r)
+        keep = _prompt_keep(min(p_c, p_r), reply, max_length)
+        c, r = truncate_left(c, max_length, keep), truncate_left(r, max_length, keep)
+    return {
+        "chosen_input_ids": c["input_ids"],
+        "chosen_response_mask": c["response_mask"],
+        "rejected_input_ids": r["input_ids"],
+        "rejected_response_mask": r["response_mask"],
+        "truncated": truncated,
+    }
+
+
+def collate_pairs(examples: list[dict], pad_id: int) -> dict:
+    """B encoded pairs -> one right-padded batch of 2B rows: the B chosen sequences, then the B rejected
+    ones (one forward pass scores both). Keys: input_ids, attention_mask, response_mask."""
+    import torch
+
+    seqs = [(e["chosen_input_ids"], e["chosen_response_mask"]) for e in examples]
+    seqs += [(e["rejected_input_ids"], e["rejected_response_mask"]) for e in examples]
+    width = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    resp = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (x, m) in enumerate(seqs):
+        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+        attn[i, : len(x)] = 1
+        resp[i, : len(x)] = torch.tensor(m, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}

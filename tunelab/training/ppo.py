@@ -1,0 +1,622 @@
+"""RLHF with PPO (stage: ppo): maximise E[R(x, y) - beta * log(pi(y|x) / pi_ref(y|x))] over sampled responses.
+
+Why a loop of our own: TRL removed its PPOTrainer in 2026 and no other maintained library runs PPO on a
+Hugging Face causal LM with a PEFT adapter, so this module is tunelab's maintained, readable PPO-RLHF.
+It follows Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") and Ouyang et al.
+2022 (InstructGPT), with the details of Huang et al. 2024 ("The N+ Implementation Details of RLHF with
+PPO"). It reuses the harness: the method registry, RunResult, the metrics log, atomic checkpoints and
+the final/ folder of training/loop.py and training/checkpoint.py.
+
+One iteration (= one training step; training.max_steps counts iterations):
+  1. rollout   sample a response y for each of `rollout_batch_size` prompts x from the policy pi
+  2. score     R(x, y): a reward-model run, or a builtin toy reward
+  3. evaluate  per-token log pi, log pi_ref (the same model with the adapter switched off) and values V
+  4. rewards   r_t = -beta * (log pi - log pi_ref)_t, plus R(x, y) on the last response token
+  5. GAE       advantages A_t and returns A_t + V_t (Schulman et al. 2016)
+  6. optimise  ppo_epochs passes over mini-batches: clipped surrogate + vf_coef * clipped value loss
+               (- entropy_coef * entropy)
+  7. KL        adapt beta towards kl_target (Ziegler et al. 2019); log; checkpoint
+
+The policy is the causal LM with the method's trainable part (LoRA by default) plus a value head (one
+linear layer on the last hidden state) that trains with it. The reference pi_ref is the starting (SFT)
+policy: for PEFT methods the same weights with the adapter disabled, so there is no second copy in
+memory; for weight-training methods (full, freeze, ...) a frozen copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tunelab.config import dump_config
+from tunelab.training import checkpoint as ckpt
+from tunelab.training.loop import (
+    RunResult,
+    _autocast_for,
+    _main_thread,
+    _MetricsLog,
+    _progress,
+    batch_order,
+    log,
+    optimizer_for,
+    save_result,
+    scheduler_for,
+    seed_everything,
+)
+
+# reward_fn(prompts, responses, response_ids) -> one score per response (a 1-D tensor). prompts are chat
+# messages, responses the decoded replies, response_ids their token ids (the policy's tokenizer, no eos).
+RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], torch.Tensor]
+
+# Methods that wrap the model in a PeftModel: their reference is the model with the adapter disabled.
+PEFT_METHODS = ("lora", "qlora", "ia3")
+
+
+# ------------------------------------------------------------------------------------ the policy
+class PolicyWithValue(torch.nn.Module):
+    """The trained causal LM and its value head. Its parameters are what a checkpoint holds."""
+
+    def __init__(self, lm: torch.nn.Module, hidden_size: int):
+        super().__init__()
+        self.lm = lm
+        # zero-initialised: V = 0 at the start, so early advantages are the (whitened) returns themselves
+        self.value_head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+
+def response_forward(lm, seq: torch.Tensor, mask: torch.Tensor, n_resp: int, temperature: float, hidden: bool):
+    """Logits (divided by the sampling temperature) that predict the last n_resp tokens of `seq`, and the
+    last hidden states at the same positions (for the value head) when `hidden`.
+
+    Position ids come from the attention mask, as in `generate`, so left-padded prompts see the same
+    positions here as when the response was sampled. Only the response positions get logits
+    (`logits_to_keep`): the vocabulary projection over the prompt would be wasted work."""
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = lm(
+        input_ids=seq,
+        attention_mask=mask,
+        position_ids=pos,
+        logits_to_keep=n_resp + 1,
+        output_hidden_states=hidden,
+        use_cache=False,
+    )
+    logits = out.logits[:, -n_resp - 1 : -1].float() / temperature
+    h = out.hidden_states[-1][:, -n_resp - 1 : -1] if hidden else None
+    return logits, h
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_of(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+@contextlib.contextmanager
+def reference_model(policy: PolicyWithValue, frozen: torch.nn.Module | None):
+    """pi_ref: the frozen copy if there is one, else the policy's own LM with its PEFT adapter switched off."""
+    if frozen is not None:
+        yield frozen
+    else:
+        with policy.lm.disable_adapter():
+            yield policy.lm
+
+
+# ------------------------------------------------------------------------------------- the maths
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def kl_penalised_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float):
+    """Per-token rewards r_t = -beta (log pi - log pi_ref)_t, with the score R(x, y) added on the last
+    response token; and the per-token log-ratio (its sum over a response estimates KL(pi || pi_ref))."""
+    log_ratio = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * log_ratio
+    last = mask.sum(1).long().clamp(min=1) - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, log_ratio
+
+
+def gae(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016), right to left over the response:
+    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  returns_t = A_t + V_t,
+    with V = 0 past the end of a response (the episode ends at its last token)."""
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    n = rewards.shape[1]
+    for t in reversed(range(n)):
+        next_value = values[:, t + 1] if t + 1 < n else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    return advantages * mask, (advantages + values) * mask
+
+
+def ppo_losses(new_logprobs, new_values, entropy, batch: dict, pcfg) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate (Schulman et al. 2017) and clipped value loss, averaged over response tokens."""
+    mask, adv = batch["mask"], batch["advantages"]
+    log_ratio = new_logprobs - batch["logprobs"]
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * torch.clamp(ratio, 1 - pcfg.cliprange, 1 + pcfg.cliprange)
+    policy_loss = masked_mean(torch.max(pg_unclipped, pg_clipped), mask)
+    old_v, ret = batch["values"], batch["returns"]
+    v_clipped = old_v + torch.clamp(new_values - old_v, -pcfg.cliprange_value, pcfg.cliprange_value)
+    value_loss = 0.5 * masked_mean(torch.max((new_values - ret) ** 2, (v_clipped - ret) ** 2), mask)
+    ent = masked_mean(entropy, mask)
+    loss = policy_loss + pcfg.vf_coef * value_loss - pcfg.entropy_coef * ent
+    with torch.no_grad():
+        stats = {
+            "policy_loss": float(policy_loss),
+            "value_loss": float(value_loss),
+            "clip_frac": float(masked_mean((pg_clipped > pg_unclipped).float(), mask)),
+            "value_clip_frac": float(masked_mean(((new_values - old_v).abs() > pcfg.cliprange_value).float(), mask)),
+            "approx_kl": float(0.5 * masked_mean(log_ratio**2, mask)),
+        }
+    return loss, stats
+
+
+def update_kl_coef(kl_coef: float, kl: float, n_sequences: int, pcfg) -> float:
+    """Ziegler et al. 2019, eq. 3: beta <- beta (1 + K_beta e), e = clip(KL / KL_target - 1, -0.2, 0.2),
+    K_beta = n_sequences / horizon. KL above target raises beta, below target lowers it."""
+    if pcfg.kl_control == "fixed":
+        return kl_coef
+    error = min(max(kl / pcfg.kl_target - 1, -0.2), 0.2)
+    return kl_coef * (1 + error * n_sequences / pcfg.kl_horizon)
+
+
+# ---------------------------------------------------------------------------------------- prompts
+def _prompt_messages(source: str, number: int, row: dict) -> list[dict]:
+    from tunelab.data.errors import DataError, where
+
+    prompt = row.get("prompt", row.get("messages"))
+    if isinstance(prompt, str) and prompt.strip():
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
+        return [{"role": m.get("role", "user"), "content": str(m["content"])} for m in prompt]
+    raise DataError(
+        f"{where(source, number)}: no usable `prompt` field (a string or a list of {{role, content}} messages); "
+        "give each row a prompt, or use a preference file (hh-rlhf, {prompt, chosen, rejected}, ShareGPT)."
+    )
+
+
+def read_prompts(path: str) -> list[list[dict]]:
+    """Chat-message prompts from a preference file (the prompts of its pairs) or a file of `prompt` rows."""
+    from tunelab.data import read_rows
+
+    rows = read_rows(path)
+    first = rows[0][2] if rows else {}
+    if "chosen" in first and "rejected" in first:
+        from tunelab.data.preference import load_preference_pairs
+
+        return [pair["prompt"] for pair in load_preference_pairs(path)]
+    return [_prompt_messages(src, n, row) for src, n, row in rows]
+
+
+def load_prompts(pcfg, tokenizer, seed: int) -> tuple[list[dict], list[dict], dict]:
+    """(train, held-out) prompts as {"messages", "ids"}: deduplicated, too-long ones skipped, a seeded
+    split so the held-out prompts are never trained on."""
+    from tunelab.data import build_prompt_ids
+
+    seen, prompts, too_long = set(), [], 0
+    messages_list = read_prompts(pcfg.prompts)[pcfg.skip_prompts :]
+    for messages in messages_list:
+        key = json.dumps(messages, sort_keys=True)
+        if key in seen:
+            continue
+        seen.add(key)
+        ids = build_prompt_ids(messages, tokenizer)
+        if len(ids) > pcfg.max_prompt_length:
+            too_long += 1
+            continue
+        prompts.append({"messages": messages, "ids": ids})
+    random.Random(seed).shuffle(prompts)
+    held_out, train = prompts[: pcfg.eval_prompts], prompts[pcfg.eval_prompts :][: pcfg.prompt_limit]
+    if not train:
+        raise ValueError(
+            f"{pcfg.prompts}: no training prompts left ({len(messages_list)} read, {too_long} longer than "
+            f"ppo.max_prompt_length={pcfg.max_prompt_length}, {len(held_out)} held out)"
+        )
+    stats = {"prompts_read": len(messages_list), "prompts_too_long": too_long, "train_prompts": len(train),
+             "eval_prompts": len(held_out)}  # fmt: skip
+    return train, held_out, stats
+
+
+# ---------------------------------------------------------------------------------------- rewards
+def reward_function(rcfg, tokenizer, device) -> RewardFn:
+    """The configured R(x, y). The builtin ones are toys for tests and smoke runs; real runs use a reward model."""
+    clip = rcfg.score_clip
+
+    def clipped(fn: RewardFn) -> RewardFn:
+        return fn if clip is None else (lambda p, r, ids: fn(p, r, ids).clamp(-clip, clip))
+
+    def per_response(fn) -> RewardFn:
+        return lambda prompts, responses, ids: torch.tensor([float(fn(x)) for x in ids])
+
+    if rcfg.kind == "model":
+        from tunelab.training.reward import load_reward_model, score
+
+        rm, rm_tokenizer = load_reward_model(rcfg.path, device=device)
+        # the reward model reads text (its tokenizer may differ from the policy's)
+        return clipped(lambda prompts, responses, ids: score(rm, rm_tokenizer, prompts, responses).float())
+    if rcfg.kind == "length":
+        target = rcfg.target_length
+        return clipped(per_response(lambda ids: 1 - abs(len(ids) - target) / target))
+    if rcfg.kind == "keyword":
+        keyword = rcfg.keyword
+        return clipped(per_response(lambda ids: sum(keyword in tokenizer.decode([t]) for t in ids) / max(len(ids), 1)))
+    wanted = set(rcfg.token_ids)
+    return clipped(per_response(lambda ids: sum(t in wanted for t in ids) / max(len(ids), 1)))
+
+
+# --------------------------------------------------------------------------------------- rollouts
+@torch.no_grad()
+def sample_responses(lm, prompt_ids: list[list[int]], tokenizer, max_new_tokens: int, temperature: float,
+                     top_k: int, device) -> dict:  # fmt: skip
+    """Left-padded prompts plus sampled (temperature 0: greedy) responses, cut after the first end-of-turn.
+
+    Returns seq [B, P+T], mask [B, P+T] (prompt and response tokens up to and including the first eos),
+    response [B, T] and response_mask [B, T]."""
+    from transformers import GenerationConfig
+
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    pmask = torch.zeros_like(ids)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        pmask[i, width - len(p) :] = 1
+    ids, pmask = ids.to(device), pmask.to(device)
+    sample = temperature > 0
+    # A fresh GenerationConfig: the model's own defaults (top_k=50, top_p, repetition penalty ...) would
+    # sample from a different distribution than the one whose log-probs PPO computes.
+    gen = GenerationConfig(
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_k=top_k if sample else None,
+        top_p=1.0 if sample else None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    out = lm.generate(input_ids=ids, attention_mask=pmask, generation_config=gen)
+    response = out[:, width:]
+    is_eos = response == eos
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    response_mask = (~after_eos).long()
+    response = response.masked_fill(after_eos, pad)
+    seq = torch.cat([ids, response], 1)
+    return {"seq": seq, "mask": torch.cat([pmask, response_mask], 1), "response": response,
+            "response_mask": response_mask}  # fmt: skip
+
+
+@torch.no_grad()
+def score_rollout(policy: PolicyWithValue, frozen, roll: dict, temperature: float, mini_batch: int, autocast):
+    """log pi, log pi_ref, values, entropy and exact KL(pi || pi_ref) of the next-token distributions at
+    every response position, mini-batch by mini-batch."""
+    n = roll["response"].shape[1]
+    parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": [], "kl": []}
+    for i in range(0, len(roll["seq"]), mini_batch):
+        seq, mask, resp = (roll[k][i : i + mini_batch] for k in ("seq", "mask", "response"))
+        with autocast():
+            logits, hidden = response_forward(policy.lm, seq, mask, n, temperature, hidden=True)
+            with reference_model(policy, frozen) as ref:
+                ref_logits, _ = response_forward(ref, seq, mask, n, temperature, hidden=False)
+        parts["logprobs"].append(token_logprobs(logits, resp))
+        parts["ref_logprobs"].append(token_logprobs(ref_logits, resp))
+        parts["values"].append(policy.value_head(hidden.float()).squeeze(-1))
+        parts["entropy"].append(entropy_of(logits))
+        logp, ref_logp = torch.log_softmax(logits, -1), torch.log_softmax(ref_logits, -1)
+        parts["kl"].append((logp.exp() * (logp - ref_logp)).sum(-1))
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def rollout(policy, frozen, prompts: list[dict], tokenizer, reward_fn: RewardFn, pcfg, temperature: float,
+            device, autocast) -> dict:  # fmt: skip
+    """Sample, score with R and with the models: everything PPO needs for one batch of prompts."""
+    roll = sample_responses(
+        policy.lm, [p["ids"] for p in prompts], tokenizer, pcfg.max_new_tokens, temperature, pcfg.top_k, device
+    )
+    texts = tokenizer.batch_decode(roll["response"], skip_special_tokens=True)
+    roll["texts"] = [t.strip() for t in texts]
+    eos = tokenizer.eos_token_id
+    ids = [[t for t, m in zip(r, k) if m and t != eos] for r, k in zip(roll["response"].tolist(),
+                                                                     roll["response_mask"].tolist())]  # fmt: skip
+    roll["scores"] = reward_fn([p["messages"] for p in prompts], roll["texts"], ids).float().to(device)
+    # greedy responses (temperature 0) are scored at temperature 1
+    scale = temperature if temperature > 0 else 1.0
+    roll.update(score_rollout(policy, frozen, roll, scale, pcfg.mini_batch_size, autocast))
+    return roll
+
+
+# ------------------------------------------------------------------------------------ one iteration
+def ppo_update(policy, roll: dict, kl_coef: float, pcfg, optimizer, scheduler, params, tcfg, autocast,
+               generator: torch.Generator) -> dict:  # fmt: skip
+    """Steps 4-6: KL-penalised rewards, GAE, then ppo_epochs of clipped updates. Returns mean statistics."""
+    mask = roll["response_mask"].float()
+    rewards, log_ratio = kl_penalised_rewards(roll["scores"], roll["logprobs"], roll["ref_logprobs"], mask, kl_coef)
+    advantages, returns = gae(rewards, roll["values"], mask, pcfg.gamma, pcfg.lam)
+    if pcfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    data = {"seq": roll["seq"], "mask": roll["mask"], "response": roll["response"], "response_mask": mask,
+            "logprobs": roll["logprobs"], "values": roll["values"] * mask, "advantages": advantages,
+            "returns": returns}  # fmt: skip
+    n, n_resp = len(data["seq"]), data["response"].shape[1]
+    stats: list[dict] = []
+    for _ in range(pcfg.ppo_epochs):
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n, pcfg.mini_batch_size):
+            idx = order[i : i + pcfg.mini_batch_size].to(data["seq"].device)
+            mb = {k: v[idx] for k, v in data.items()}
+            with autocast():
+                logits, hidden = response_forward(policy.lm, mb["seq"], mb["mask"], n_resp, pcfg.temperature, True)
+            new_logprobs = token_logprobs(logits, mb["response"])
+            new_values = policy.value_head(hidden.float()).squeeze(-1)
+            loss, st = ppo_losses(new_logprobs, new_values, entropy_of(logits),
+                                  {**mb, "mask": mb["response_mask"]}, pcfg)  # fmt: skip
+            loss.backward()
+            if tcfg.max_grad_norm:
+                st["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.append(st)
+    out = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+    seq_kl = log_ratio.sum(1)
+    out.update({
+        "score": float(roll["scores"].mean()),
+        "kl": float(seq_kl.mean()),
+        "kl_exact": float((roll["kl"] * mask).sum(1).mean()),
+        "non_score_reward": float((-kl_coef * seq_kl).mean()),
+        "entropy": float(masked_mean(roll["entropy"], mask)),
+        "response_length": float(mask.sum(1).mean()),
+        "return_mean": float(masked_mean(returns, mask)),
+    })  # fmt: skip
+    return out
+
+
+@torch.no_grad()
+def evaluate_prompts(policy, frozen, prompts: list[dict], tokenizer, reward_fn, pcfg, seed: int, device, autocast):
+    """Mean R and KL to pi_ref on held-out prompts, sampled with a fixed seed (or greedy) so runs and
+    checkpoints compare like for like; the global RNG is left untouched (exact resume).
+
+    eval_kl sums the exact KL of the next-token distributions over the response positions, so it is
+    a KL for greedy responses too (a sampled log-ratio estimates KL only for sampled responses)."""
+    temperature = pcfg.temperature if pcfg.eval_temperature is None else pcfg.eval_temperature
+    scores, kls, lengths, samples = [], [], [], []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), pcfg.rollout_batch_size):
+            batch = prompts[i : i + pcfg.rollout_batch_size]
+            roll = rollout(policy, frozen, batch, tokenizer, reward_fn, pcfg, temperature, device, autocast)
+            mask = roll["response_mask"].float()
+            scores += roll["scores"].tolist()
+            kls += (roll["kl"] * mask).sum(1).tolist()
+            lengths += mask.sum(1).tolist()
+            samples += [{"prompt": p["messages"][-1]["content"], "response": t, "score": s}
+                        for p, t, s in zip(batch, roll["texts"], roll["scores"].tolist())]  # fmt: skip
+    n = len(scores)
+    metrics = {"eval_score": sum(scores) / n, "eval_kl": sum(kls) / n, "eval_response_length": sum(lengths) / n}
+    return metrics, samples
+
+
+# --------------------------------------------------------------------------------------- the run
+def load_policy(cfg, device):
+    """(lm, tokenizer, the ModelConfig it rests on, extra manifest keys) for ppo.policy."""
+    from tunelab.config import ConfigError
+    from tunelab.inference import load_run, run_manifest
+    from tunelab.methods import get as get_method
+    from tunelab.models import load_model
+
+    src = cfg.ppo.policy
+    manifest = run_manifest(src) if src else None
+    if manifest is None:
+        model_cfg = cfg.model if not src else cfg.model.model_copy(update={"name": src})
+        lm, tokenizer = load_model(model_cfg, device=device)
+        return lm, tokenizer, model_cfg, {}
+    if not get_method(manifest["method"]).MERGEABLE:
+        raise ConfigError(
+            f"ppo.policy: the run {src} used method {manifest['method']}, which cannot be merged into plain "
+            "weights to start PPO from; train the SFT policy with lora, full or another mergeable method"
+        )
+    lm, tokenizer = load_run(src, device=str(device), merge=True)  # the SFT result, merged: PPO's base
+    from tunelab.config import ModelConfig
+
+    return lm, tokenizer, ModelConfig(**manifest["base_model"]), {"base_run": str(Path(src).resolve())}
+
+
+def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | None = None) -> RunResult:
+    """Run stage ppo from a validated Config (see docs/alignment.md). `reward_fn` overrides ppo.reward."""
+    from tunelab.methods import get as get_method
+    from tunelab.methods.base import count_parameters
+    from tunelab.models import resolve_device
+
+    tcfg, pcfg = cfg.training, cfg.ppo
+    run_dir = Path(cfg.output_dir)
+    resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None:
+        log(f"no checkpoint in {run_dir / 'checkpoints'}; starting from the beginning")
+    if not resume and ckpt.latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints of an earlier run: pass --resume to continue it, "
+            "or choose another output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    seed_everything(tcfg.seed)
+
+    # ---- policy, reference, value head
+    device = resolve_device(tcfg.device)
+    lm, tokenizer, base_model_cfg, manifest_extra = load_policy(cfg, device)
+    method = get_method(cfg.method.name)
+    frozen = None
+    if cfg.method.name not in PEFT_METHODS:  # weights themselves train: keep a frozen copy as pi_ref
+        frozen = copy.deepcopy(lm).eval().requires_grad_(False)
+    lm = method.apply(lm, cfg.method)
+    policy = PolicyWithValue(lm, lm.config.hidden_size).to(device)
+    # Dropout stays off (eval mode) throughout: the rollout's log-probs must equal the update's
+    # log-probs before the first step, or the PPO ratio starts away from 1 and is clipped at random.
+    policy.eval()
+    trainable, total = count_parameters(policy)
+    log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters (value head included)")
+    reward_fn = reward_fn or reward_function(pcfg.reward, tokenizer, device)
+
+    # ---- prompts and schedule
+    train_prompts, eval_prompts, stats = load_prompts(pcfg, tokenizer, tcfg.seed)
+    log("prompts: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    per_epoch = math.ceil(len(train_prompts) / pcfg.rollout_batch_size)
+    total_iters = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * per_epoch))
+    updates_per_iter = pcfg.ppo_epochs * math.ceil(pcfg.rollout_batch_size / pcfg.mini_batch_size)
+
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = optimizer_for(params, tcfg)
+    scheduler = scheduler_for(optimizer, tcfg, total_iters * updates_per_iter)
+    autocast = _autocast_for(device, cfg.model.dtype)
+
+    state = {"step": 0, "kl_coef": pcfg.init_kl_coef, "eval_score_before": None, "eval_kl_before": None}
+    if resume_from is not None:
+        state.update(ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler))
+        log(f"resumed from {resume_from} at iteration {state['step']}/{total_iters}")
+    metrics_log = _MetricsLog(run_dir, tcfg.tensorboard, state["step"])
+    samples_dir = run_dir / "samples"
+
+    def do_eval(step: int) -> dict:
+        if not eval_prompts:
+            return {}
+        m, samples = evaluate_prompts(policy, frozen, eval_prompts, tokenizer, reward_fn, pcfg, tcfg.seed,
+                                      device, autocast)  # fmt: skip
+        samples_dir.mkdir(exist_ok=True)
+        (samples_dir / f"step-{step:08d}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+        metrics_log.write({"step": step, **m})
+        log(f"held-out at iteration {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
+        return m
+
+    if state["step"] == 0 and eval_prompts:
+        before = do_eval(0)
+        state["eval_score_before"], state["eval_kl_before"] = before["eval_score"], before.get("eval_kl")
+
+    def prompts_for(it: int) -> list[dict]:
+        epoch, b = divmod(it, per_epoch)
+        return [train_prompts[i] for i in batch_order(len(train_prompts), pcfg.rollout_batch_size, tcfg.seed, epoch)[b]]
+
+    # Ctrl-C / SIGTERM finish the current iteration, then checkpoint: a half-done iteration has
+    # already changed the weights, so it could not be resumed exactly. A second Ctrl-C stops at once.
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        log("stopping after this iteration (press Ctrl-C again to stop now, without a checkpoint)")
+
+    handlers = {}
+    if _main_thread():
+        handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    progress = _progress(tcfg.progress, total_iters, state["step"])
+    interrupted = in_iteration = False
+    last: dict = {}
+    t_start = time.perf_counter()
+    try:
+        while state["step"] < total_iters:
+            in_iteration = True
+            it = state["step"]
+            t0 = time.perf_counter()
+            roll = rollout(policy, frozen, prompts_for(it), tokenizer, reward_fn, pcfg, pcfg.temperature, device,
+                           autocast)  # fmt: skip
+            g = torch.Generator().manual_seed(tcfg.seed * 100_003 + it)  # mini-batch order: a function of (seed, it)
+            record = ppo_update(policy, roll, state["kl_coef"], pcfg, optimizer, scheduler, params, tcfg, autocast, g)
+            record["kl_coef"] = state["kl_coef"]
+            state["kl_coef"] = update_kl_coef(state["kl_coef"], record["kl"], len(roll["seq"]), pcfg)
+            state["step"] = step = it + 1
+            in_iteration = False
+            record = {"step": step, **record, "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+            last = record
+            if step % tcfg.log_every == 0 or step == total_iters:
+                metrics_log.write(record)
+            progress.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}", refresh=False)
+            progress.update(1)
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_iters:
+                do_eval(step)
+            if tcfg.save_every and step % tcfg.save_every == 0 and step < total_iters:
+                ckpt.save_checkpoint(run_dir, policy, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
+            for cb in callbacks or []:
+                cb(step, record)
+            if stop["requested"]:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        interrupted = True
+        optimizer.zero_grad(set_to_none=True)
+        if in_iteration:
+            log("interrupted mid-iteration: the last checkpoint stands (resume with --resume)")
+        else:
+            path = ckpt.save_checkpoint(run_dir, policy, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
+            log(f"interrupted: checkpoint written to {path}; continue with: tunelab train CONFIG --resume")
+    finally:
+        progress.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    metrics = {
+        "steps": state["step"],
+        "trainable_params": trainable,
+        "total_params": total,
+        "kl_coef": state["kl_coef"],
+        "seconds": time.perf_counter() - t_start,
+        **{k: last[k] for k in ("score", "kl", "entropy", "response_length") if k in last},
+        "eval_score_before": state["eval_score_before"],
+        "eval_kl_before": state["eval_kl_before"],
+        **{f"data_{k}": v for k, v in stats.items()},
+    }
+    if interrupted:
+        metrics_log.close()
+        return RunResult(run_dir, None, {**metrics, "interrupted": True})
+    metrics.update(do_eval(state["step"]))
+    metrics_log.close()
+    final_dir = _save_final(run_dir, policy, tokenizer, method, cfg.model_copy(update={"model": base_model_cfg}),
+                            manifest_extra)  # fmt: skip
+    (run_dir / "results.json").write_text(json.dumps(metrics, indent=2))
+    log(f"result written to {final_dir}")
+    return RunResult(run_dir, final_dir, metrics)
+
+
+def _save_final(run_dir: Path, policy: PolicyWithValue, tokenizer, method, cfg, manifest_extra: dict) -> Path:
+    """The policy as every run saves its result (final/ + tunelab.json, loadable by `load_run`), with the
+    value head beside it (value_head.safetensors) for whoever continues the PPO run; all written atomically."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    def save(lm, out_dir) -> None:
+        method.save(lm, out_dir)
+        head = {k: v.detach().contiguous().cpu() for k, v in policy.value_head.state_dict().items()}
+        save_file(head, Path(out_dir) / "value_head.safetensors")
+
+    extra = {**manifest_extra, "ppo": {"value_head": "value_head.safetensors"}}
+    # save_result wants a method (for .save) and a stage (for .manifest); PPO is neither, so it lends both
+    return save_result(run_dir, policy.lm, tokenizer, SimpleNamespace(save=save), cfg,
+                       SimpleNamespace(manifest=lambda _cfg: extra))  # fmt: skip
+
+
+__all__ = ["PolicyWithValue", "gae", "kl_penalised_rewards", "ppo_losses", "train_ppo", "update_kl_coef"]
