@@ -15,12 +15,32 @@ def cmd_train(args) -> int:
     from tunelab.config import load_config
     from tunelab.training import train
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)  # validated here once, before any process starts
     if args.output_dir:
         cfg.output_dir = args.output_dir
+    if args.nproc > 1:
+        return _launch_train(args)
     result = train(cfg, resume=args.resume)
-    print(json.dumps({"run_dir": str(result.run_dir), "final_dir": str(result.final_dir), **result.metrics}, indent=2))
+    from tunelab.training.distributed import rank
+
+    if rank() == 0:  # a multi-process run prints its result once
+        out = {"run_dir": str(result.run_dir), "final_dir": str(result.final_dir), **result.metrics}
+        print(json.dumps(out, indent=2))
     return 130 if result.metrics.get("interrupted") else 0
+
+
+def _launch_train(args) -> int:
+    """`--nproc N`: the same command in N data-parallel processes (torchrun; see docs/scale.md)."""
+    import os
+
+    from tunelab.training.distributed import launch
+
+    if "WORLD_SIZE" in os.environ:
+        raise ValueError("--nproc: this command already runs under torchrun / accelerate launch; drop --nproc")
+    argv = ["train", *([args.config] if args.config else [])]
+    argv += [x for kv in args.set or [] for x in ("--set", kv)]
+    argv += (["--resume"] if args.resume else []) + (["--output-dir", args.output_dir] if args.output_dir else [])
+    return launch(args.nproc, argv)
 
 
 def cmd_generate(args) -> int:
@@ -140,6 +160,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tunelab.export.gguf import ExportError
+    from tunelab.export.hf import export
+
+    try:
+        report = export(args.run, args.format, args.quant, args.out, device=args.device)
+    except ExportError as e:
+        print(f"tunelab: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from tunelab.serve import parse_adapter, serve
+
+    try:
+        adapters = [parse_adapter(a) for a in args.adapter or []]
+        serve(args.run, adapters, host=args.host, port=args.port, name=args.name, device=args.device)
+    except ValueError as e:
+        print(f"tunelab: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
@@ -158,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. training.lr=1e-4")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     t.add_argument("--output-dir", help="run folder (overrides output_dir)")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes on this machine (one per GPU, or CPU processes); see docs/scale.md")  # fmt: skip
     t.set_defaults(fn=cmd_train)
 
     for name, fn, help_ in (
@@ -214,6 +261,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.add_argument("--out", help="also write the result as JSON to this file")
     b.set_defaults(fn=cmd_baseline)
+
+    x = sub.add_parser("export", help="merge a run and write a Hugging Face folder or a GGUF file (llama.cpp)")
+    x.add_argument("run", help="run folder, its final/ folder, or a model spec")
+    x.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    x.add_argument("--quant", help="hf: f32 (default) | f16 | bf16; gguf: f16 (default) | f32 | q8_0 | q4_0 | q4_1 | q4_k")
+    x.add_argument("--out", help="output folder (hf) or .gguf file (default: beside the run)")
+    x.add_argument("--device", default="cpu", help="where to merge (cpu is enough)")
+    x.set_defaults(fn=cmd_export)
+
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming, LoRA adapters)")
+    sv.add_argument("run", help="run folder or model spec (the base when --adapter is given)")
+    sv.add_argument("--adapter", action="append", metavar="NAME=RUN",
+                    help="a LoRA run over the same base, served as model NAME (repeatable)")  # fmt: skip
+    sv.add_argument("--name", help="model id of RUN in the API (default: its folder name or spec)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="auto")
+    sv.set_defaults(fn=cmd_serve)
 
     from tunelab.compare.cli import add_compare_parser  # argparse only; the work is imported when it runs
 
