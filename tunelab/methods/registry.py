@@ -37,6 +37,7 @@ _METHODS: dict[str, str] = {
     "bitfit": "tunelab.methods.bitfit",
     "ia3": "tunelab.methods.ia3",
     "qlora": "tunelab.methods.qlora",
+    "qat": "tunelab.methods.qat",
 }
 
 

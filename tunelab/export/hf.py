@@ -1,0 +1,100 @@
+"""`tunelab export`: a finished run (or any model spec) as a merged Hugging Face folder or a GGUF file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from tunelab.export.gguf import QUANT_TYPES, ExportError, write_gguf
+
+HF_QUANTS = ("f32", "f16", "bf16")
+
+
+def load_merged(run: str, device: str = "cpu"):
+    """(plain transformers model, tokenizer, manifest or None) for a run folder or model spec.
+
+    The method's weights are folded into the base model (LoRA's B A added to W, QAT's fake
+    quantisation written into the weights, ...). Methods that cannot be merged (prefix, prompt,
+    bottleneck adapters) keep extra modules a plain model does not have, so they cannot be exported.
+    """
+    from tunelab.inference import load_run, run_manifest
+    from tunelab.methods import get as get_method
+
+    manifest = run_manifest(run)
+    if manifest is not None and not get_method(manifest["method"]).MERGEABLE:
+        raise ExportError(
+            f"{run}: method {manifest['method']!r} cannot be merged into plain weights, so it cannot be exported "
+            "as a standalone model; serve it with `tunelab serve` or load it with `tunelab.inference.load_run`."
+        )
+    model, tokenizer = load_run(run, device=device, merge=True)
+    if hasattr(model, "merge_and_unload") or hasattr(model, "peft_config"):
+        raise ExportError(f"{run}: the merged model still carries PEFT modules; it cannot be exported")
+    return model.eval(), tokenizer, manifest
+
+
+def write_hf(model, tokenizer, out_dir, dtype: str = "f32") -> Path:
+    """A folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load:
+    safetensors weights, config, generation config, tokenizer with its chat template. Written
+    atomically (a temporary folder renamed into place)."""
+    import torch
+
+    if dtype not in HF_QUANTS:
+        raise ExportError(f"--format hf stores {', '.join(HF_QUANTS)}; for quantised files use --format gguf")
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    target_dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    original = next(model.parameters()).dtype
+    model.to(target_dtype)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        model.to(original)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _qat_advice(manifest: dict | None, run: str, quant: str) -> str | None:
+    """A note when a QAT run is exported to a 4-bit type other than the one it was trained for."""
+    if not manifest or manifest.get("method") != "qat":
+        return None
+    from tunelab.inference import result_dir
+    from tunelab.methods.qat import settings
+
+    s = settings(result_dir(run)) or {}
+    match = {(32, False): "q4_1", (32, True): "q4_0"}.get((s.get("group_size"), s.get("symmetric")))
+    if quant == match or quant in ("f32", "f16"):
+        return None
+    if match is None:
+        return f"note: this QAT run used group_size {s.get('group_size')}, which no GGUF type matches exactly"
+    return f"note: this QAT run was trained for --quant {match}; {quant} re-quantises its weights (less accurate)"
+
+
+def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None = None, device: str = "cpu") -> dict:
+    """Export a run (or a model spec) and return a report {format, path, bytes, quant, ...}."""
+    if fmt not in ("hf", "gguf"):
+        raise ExportError(f"unknown format {fmt!r}; choose hf or gguf")
+    quant = quant or ("f32" if fmt == "hf" else "f16")
+    allowed = HF_QUANTS if fmt == "hf" else QUANT_TYPES
+    if quant not in allowed:
+        raise ExportError(f"--format {fmt} takes --quant {' | '.join(allowed)}, not {quant!r}")
+    model, tokenizer, manifest = load_merged(run, device=device)
+    note = _qat_advice(manifest, run, quant) if fmt == "gguf" else None
+    if note:
+        print(f"tunelab: {note}", file=sys.stderr)
+    base = Path(run.rstrip("/"))
+    base = base.parent if base.name == "final" else base
+    if fmt == "hf":
+        path = Path(out) if out else base.with_name(base.name + "-hf") if manifest else Path(base.name + "-hf")
+        write_hf(model, tokenizer, path, quant)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        return {"format": "hf", "path": str(path), "bytes": size, "quant": quant}
+    path = Path(out) if out else Path(f"{base}-{quant}.gguf" if manifest else f"{base.name}-{quant}.gguf")
+    report = write_gguf(model, tokenizer, path, quant, name=base.name)
+    return {"format": "gguf", **report, **({"note": note} if note else {})}
