@@ -2,11 +2,13 @@
 
 import copy
 
+import pytest
 import torch
 
 from tunelab.methods import get
 from tunelab.testing import tiny_llama
 from tunelab.training import loss as L
+from tunelab.training.loop import enable_gradient_checkpointing
 
 
 def batch():
@@ -26,16 +28,27 @@ def reference(model, b):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
 
 
-def test_label_only_loss_and_grads_match_full_logits(monkeypatch):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_label_only_loss_and_grads_match_full_logits(monkeypatch, checkpointing):
     base = tiny_llama()
     model = get("lora").apply(copy.deepcopy(base), get("lora").Config(r=4, dropout=0.0))
+    for name, p in model.named_parameters():  # B = 0 at init would leave A's gradient zero
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    if checkpointing:  # layers recomputed, logits recomputed per chunk in the backward pass
+        enable_gradient_checkpointing(model)
+        model.train()
     assert L.backbone_and_head(model) is not None
     monkeypatch.setattr(L, "CHUNK", 7)  # several chunks, one partial
+    monkeypatch.setattr(L, "LOW_MEMORY_CHUNK", 7)
+    recomputed = []
+    monkeypatch.setattr(L, "checkpoint", lambda *a, **k: (recomputed.append(1), L.torch.utils.checkpoint.checkpoint(*a, **k))[1])
     b = batch()
     fast, n = L.token_loss_sum(model, b)
     ref = reference(model, b)
     assert n == int((L.shift_labels(b["labels"]) != -100).sum())
     assert abs(fast.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
+    assert len(recomputed) == (-(-n // 7) if checkpointing else 0)  # one checkpoint per chunk of 7
     fast.backward()
     g_fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()

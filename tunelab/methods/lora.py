@@ -44,7 +44,11 @@ def peft_config(cfg: Config, model):
 def apply(model, cfg: Config):
     from peft import get_peft_model
 
-    return get_peft_model(model, peft_config(cfg, model))
+    from tunelab.methods import _fast_lora
+
+    model = get_peft_model(model, peft_config(cfg, model))
+    _fast_lora.enable(model)  # one folded matmul per layer when dropout is 0 (see _fast_lora.py)
+    return model
 
 
 save, load, merge = save_peft, load_peft, merge_peft

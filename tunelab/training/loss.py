@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 CHUNK = 1024  # label positions per head/cross-entropy chunk
+LOW_MEMORY_CHUNK = 256  # with gradient checkpointing: smaller chunks whose logits are recomputed, not kept
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -64,10 +66,20 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     keep = target != -100
     hidden, target = hidden[keep], target[keep]
     loss = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, target.numel(), CHUNK):
-        logits = head(hidden[i : i + CHUNK]).float()
-        loss = loss + F.cross_entropy(logits, target[i : i + CHUNK], reduction="sum")
+    # Under gradient checkpointing the [chunk, vocab] logits would be the largest activation left:
+    # recompute them in the backward pass too (the head at label positions is ~10% of the FLOPs).
+    low_memory = getattr(backbone, "gradient_checkpointing", False) and torch.is_grad_enabled()
+    chunk = LOW_MEMORY_CHUNK if low_memory else CHUNK
+    for i in range(0, target.numel(), chunk):
+        if low_memory:
+            loss = loss + checkpoint(_head_ce, head, hidden[i : i + chunk], target[i : i + chunk], use_reentrant=False)
+        else:
+            loss = loss + _head_ce(head, hidden[i : i + chunk], target[i : i + chunk])
     return loss, int(target.numel())
+
+
+def _head_ce(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), target, reduction="sum")
 
 
 def per_example_loss(model, batch: dict) -> torch.Tensor:

@@ -1,0 +1,236 @@
+"""LoRA SFT speed on CPU: TRL SFTTrainer + PEFT (the reference) and tunelab, back to back.
+
+The job (issue 6): SmolLM2-135M-Instruct in fp32, the first 64 rows of the LLaMA-Factory alpaca
+demo set, max length 256, batch 4, packing, LoRA r=16 alpha=32 on all linear layers, 1 epoch,
+the same optimiser settings on both sides. Each run is a fresh subprocess so that its peak RSS is
+its own. Prints trained tokens/s, peak RSS and the loss after the epoch for both, and the ratios.
+
+"Loss after the epoch" is measured the same way for both trained models, with one function: the
+mean next-token cross-entropy over the response tokens of held-out rows 64..127 (the same rows,
+rendered with the model's chat template). Tokens/s counts every non-pad token that went through
+the model during training, divided by the training time (model loading and data preparation are
+excluded on both sides).
+
+    .venv/bin/python bench/train_speed.py                      # TRL reference vs tunelab LoRA
+    .venv/bin/python bench/train_speed.py --methods lora,full,qlora --skip-trl
+    .venv/bin/python bench/train_speed.py --tunelab-set method.dropout=0.05   # an ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared/data/llamafactory-demo/alpaca_en_demo.json"
+TRL_CHECKPOINTING = True
+JOB = {"rows": 64, "held_out": 64, "max_length": 256, "batch_size": 4, "r": 16, "alpha": 32, "lr": 2e-4, "seed": 0}
+
+
+def rows(start: int, n: int) -> list[dict]:
+    return json.loads(DATA.read_text())[start : start + n]
+
+
+def messages(row: dict) -> list[dict]:
+    user = row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def held_out_loss(model, tokenizer) -> float:
+    """Mean CE over response tokens of the held-out rows; one function for both trained models."""
+    import torch
+
+    from tunelab.data.templating import encode_messages
+    from tunelab.training.loss import per_example_loss
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows(JOB["rows"], JOB["held_out"]):
+            enc = encode_messages(messages(row), tokenizer)
+            ids, labels = enc["input_ids"][: JOB["max_length"]], enc["labels"][: JOB["max_length"]]
+            batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+            batch["labels"] = torch.tensor([labels])
+            total += float(per_example_loss(model, batch)[0])
+            count += sum(1 for x in labels[1:] if x != -100)
+    return total / count
+
+
+# ------------------------------------------------------------------------------------------ jobs
+def job_trl(method: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tunelab.models.sources import resolve
+
+    assert method == "lora", "the TRL reference is the LoRA job"
+    src = resolve("smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    data = [{"prompt": m[:1], "completion": m[1:]} for m in map(messages, rows(0, JOB["rows"]))]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=JOB["batch_size"],
+            num_train_epochs=1,
+            learning_rate=JOB["lr"],
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            max_length=JOB["max_length"],
+            packing=True,
+            logging_steps=1,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            bf16=False,  # TRL's default is bf16 autocast; the reference job is fp32 (no native bf16 on this CPU)
+            gradient_checkpointing=TRL_CHECKPOINTING,  # TRL's default: on
+            seed=JOB["seed"],
+            include_num_input_tokens_seen="non_padding",
+            disable_tqdm=True,
+            max_steps=JOB.get("max_steps") or -1,
+        )
+        lora = LoraConfig(
+            r=JOB["r"], lora_alpha=JOB["alpha"], lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(data), peft_config=lora, processing_class=tokenizer
+        )
+        t0 = time.perf_counter()
+        out = trainer.train()
+        seconds = time.perf_counter() - t0
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "train_loss": out.training_loss,
+        "loss_after": held_out_loss(trainer.model, tokenizer),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def job_tunelab(method: str, overrides: list[str]) -> dict:
+    import tunelab
+    from tunelab.config import load_config
+    from tunelab.inference import load_run
+
+    method_cfg = {"name": method}
+    if method in ("lora", "qlora"):
+        method_cfg.update(r=JOB["r"], alpha=JOB["alpha"], dropout=0.0, target_modules="all-linear")
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "train.json").write_text(json.dumps(rows(0, JOB["rows"])))
+        cfg = load_config(
+            {
+                "output_dir": f"{tmp}/run",
+                "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
+                "data": {
+                    "train": f"{tmp}/train.json",
+                    "val_fraction": 0.0,
+                    "max_length": JOB["max_length"],
+                    "packing": True,
+                },
+                "method": method_cfg,
+                "training": {
+                    "epochs": 1,
+                    "batch_size": JOB["batch_size"],
+                    "lr": JOB["lr"] if method != "full" else 2e-5,
+                    "scheduler": "linear",
+                    "warmup_ratio": 0.0,
+                    "seed": JOB["seed"],
+                    "progress": False,
+                    "tensorboard": False,
+                    "device": "cpu",
+                    "max_steps": JOB.get("max_steps"),
+                },
+            },
+            overrides,
+        )
+        result = tunelab.train(cfg)
+        model, tokenizer = load_run(result.final_dir)
+        loss_after = held_out_loss(model, tokenizer)
+    m = result.metrics
+    return {
+        "tokens": m["tokens"],
+        "seconds": m["tokens"] / m["tokens_per_s"],
+        "train_loss": m["train_loss"],
+        "loss_after": loss_after,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run_job(side: str, method: str, overrides: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--job", side, "--methods", method]
+    if JOB.get("max_steps"):
+        cmd += ["--max-steps", str(JOB["max_steps"])]
+    for o in overrides:
+        cmd += ["--tunelab-set", o]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{side} {method} failed (exit {proc.returncode})")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="lora", help="tunelab methods to time (comma separated)")
+    parser.add_argument("--skip-trl", action="store_true", help="do not run the TRL reference")
+    parser.add_argument("--tunelab-set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--max-steps", type=int, help="stop both runs early (a smoke test, not the benchmark)")
+    parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    JOB["max_steps"] = args.max_steps
+
+    if args.job:  # child process: run one job, print its figures as the last line
+        import torch
+
+        torch.manual_seed(JOB["seed"])
+        out = job_trl(args.methods) if args.job == "trl" else job_tunelab(args.methods, args.tunelab_set)
+        print(json.dumps(out))
+        return
+
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; job: {JOB}")
+    results = []
+    if not args.skip_trl:
+        results.append(("TRL SFTTrainer + PEFT", "lora", run_job("trl", "lora", [])))
+        print(f"reference done: {results[-1][2]}", flush=True)
+    for method in args.methods.split(","):
+        results.append(("tunelab", method, run_job("tunelab", method, args.tunelab_set)))
+        print(f"tunelab {method} done: {results[-1][2]}", flush=True)
+
+    ref = results[0][2] if not args.skip_trl else None
+    header = "| run | method | tokens | tokens/s | peak RSS MB | train loss | held-out loss after |"
+    print("\n" + header + ("  x tok/s | x RSS | loss diff |" if ref else ""))
+    print("|" + "---|" * (header.count("|") - 1 + (3 if ref else 0)))
+    for name, method, r in results:
+        line = (
+            f"| {name} | {method} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['train_loss']:.4f} | {r['loss_after']:.4f} |"
+        )
+        if ref:
+            line += (
+                f" {r['tokens_per_s'] / ref['tokens_per_s']:.2f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f} |"
+                f" {100 * (r['loss_after'] - ref['loss_after']) / ref['loss_after']:+.2f}% |"
+            )
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

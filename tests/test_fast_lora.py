@@ -1,0 +1,77 @@
+"""The folded LoRA path gives PEFT's outputs and gradients, and steps aside where it does not apply."""
+
+import copy
+
+import pytest
+import torch
+
+from tunelab.methods import get
+from tunelab.methods._fast_lora import _fast_forward
+from tunelab.testing import tiny_batch, tiny_llama
+from tunelab.training.loss import token_loss_sum
+
+
+def _lora_model(dropout: float = 0.0):
+    torch.manual_seed(0)
+    method = get("lora")
+    model = method.apply(tiny_llama(), method.Config(r=4, alpha=8, dropout=dropout))
+    for name, p in model.named_parameters():  # B starts at zero: give it values so every gradient is non-trivial
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _grads(model, batch):
+    model.zero_grad()
+    loss, n = token_loss_sum(model, batch)
+    (loss / n).backward()
+    return float(loss), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _peft_only(model):
+    slow = copy.deepcopy(model)
+    for m in slow.modules():
+        if hasattr(m, "_peft_forward"):
+            m.forward = m._peft_forward
+    return slow
+
+
+def test_folded_lora_matches_peft_loss_and_gradients():
+    model = _lora_model()
+    fast_calls = []
+    model.get_base_model().model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: fast_calls.append(1))
+    batch = tiny_batch("llama")
+    loss_fast, g_fast = _grads(model, batch)
+    loss_peft, g_peft = _grads(_peft_only(model), batch)
+    assert fast_calls and model.get_base_model().model.layers[0].self_attn.q_proj.forward.__func__ is _fast_forward
+    assert loss_fast == pytest.approx(loss_peft, rel=1e-5)
+    assert g_fast.keys() == g_peft.keys() and len(g_fast) > 0
+    for k in g_fast:
+        torch.testing.assert_close(g_fast[k], g_peft[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_folded_lora_steps_aside_for_dropout_and_disabled_adapters():
+    torch.manual_seed(0)
+    base = tiny_llama()
+    reference = copy.deepcopy(base).eval()
+    method = get("lora")
+    model = method.apply(base, method.Config(r=4, alpha=8, dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = tiny_batch("llama")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        with_adapter = model(input_ids=ids).logits
+        with model.disable_adapter():  # DPO / PPO references rely on this being the plain base model
+            disabled = model(input_ids=ids).logits
+        torch.testing.assert_close(disabled, reference(input_ids=ids).logits)
+        assert not torch.allclose(with_adapter, disabled, atol=1e-4)
+
+    dropped = _lora_model(dropout=0.1).eval()  # nn.Dropout, not Identity: PEFT's own forward runs
+    calls = []
+    layer = dropped.get_base_model().model.layers[0].self_attn.q_proj
+    layer._peft_forward = (lambda f: (lambda *a, **k: (calls.append(1), f(*a, **k))[1]))(layer._peft_forward)
+    with torch.no_grad():
+        dropped(input_ids=ids)
+    assert calls == [1]
