@@ -7,7 +7,7 @@ Both are exported with `tunelab export --format gguf`, the GGUF files are loaded
 transformers (which dequantises them), and perplexity is measured on held-out rows of the same
 file (response tokens only, as in training).
 
-    .venv/bin/python bench/export_quality.py                 # ~15 min on a 2-core CPU
+    .venv/bin/python bench/export_quality.py      # ~10 min on an idle 2-core CPU (estimated from its parts)
     .venv/bin/python bench/export_quality.py --steps 2 --val 4 --train-rows 16 --out /tmp/eq   # smoke run
 
 The fp32 perplexities come from the training loop's own evaluation on the same held-out rows

@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="merge a run and write a Hugging Face folder or a GGUF file (llama.cpp)")
     x.add_argument("run", help="run folder, its final/ folder, or a model spec")
     x.add_argument("--format", choices=["hf", "gguf"], default="hf")
-    x.add_argument("--quant", help="hf: f32 (default) | f16 | bf16; gguf: f16 (default) | f32 | q8_0 | q4_0 | q4_1 | q4_k")
+    x.add_argument("--quant", help="hf: f32 | f16 | bf16; gguf: f16 | f32 | q8_0 | q4_0 | q4_1 | q4_k (first: default)")
     x.add_argument("--out", help="output folder (hf) or .gguf file (default: beside the run)")
     x.add_argument("--device", default="cpu", help="where to merge (cpu is enough)")
     x.set_defaults(fn=cmd_export)
