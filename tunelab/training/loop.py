@@ -135,6 +135,27 @@ class _MetricsLog:
             self.tb.close()
 
 
+def start_run(cfg, resume: bool) -> tuple[Path, Path | None]:
+    """Create the run folder (refusing to overwrite an earlier run unless resuming), write its
+    config, set threads and seeds. Returns the run folder and the checkpoint to resume from."""
+    run_dir = Path(cfg.output_dir)
+    resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None:
+        log(f"no checkpoint in {run_dir / 'checkpoints'}; starting from the beginning")
+    if not resume and ckpt.latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints of an earlier run: pass --resume to continue it, "
+            "or choose another output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.rank() == 0:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    seed_everything(cfg.training.seed)
+    return run_dir, resume_from
+
+
 def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]] | None = None) -> RunResult:
     """Run one fine-tuning job described by a validated Config. See docs/getting-started.md."""
     if cfg.stage == "ppo":  # RLHF samples its own data each iteration: a loop of its own (training/ppo.py)
@@ -148,21 +169,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     from tunelab.models import resolve_device
 
     tcfg = cfg.training
-    run_dir = Path(cfg.output_dir)
-    resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
-    if resume and resume_from is None:
-        log(f"no checkpoint in {run_dir / 'checkpoints'}; starting from the beginning")
-    if not resume and ckpt.latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints of an earlier run: pass --resume to continue it, "
-            "or choose another output_dir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.rank() == 0:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
-    seed_everything(tcfg.seed)
+    run_dir, resume_from = start_run(cfg, resume)
     release_freed_memory()
 
     # ---- model and method

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config import dump_config
 from tunelab.training import checkpoint as ckpt
 from tunelab.training.loop import (
     RunResult,
@@ -50,7 +49,7 @@ from tunelab.training.loop import (
     optimizer_for,
     save_result,
     scheduler_for,
-    seed_everything,
+    start_run,
 )
 
 # reward_fn(prompts, responses, response_ids) -> one score per response (a 1-D tensor). prompts are chat
@@ -452,20 +451,7 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     from tunelab.models import resolve_device
 
     tcfg, pcfg = cfg.training, cfg.ppo
-    run_dir = Path(cfg.output_dir)
-    resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
-    if resume and resume_from is None:
-        log(f"no checkpoint in {run_dir / 'checkpoints'}; starting from the beginning")
-    if not resume and ckpt.latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints of an earlier run: pass --resume to continue it, "
-            "or choose another output_dir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
-    seed_everything(tcfg.seed)
+    run_dir, resume_from = start_run(cfg, resume)
 
     # ---- policy, reference, value head
     device = resolve_device(tcfg.device)
