@@ -11,10 +11,10 @@ from tunelab.testing import tiny_batch, tiny_llama
 from tunelab.training.loss import token_loss_sum
 
 
-def _lora_model(dropout: float = 0.0):
+def _lora_model(dropout: float = 0.0, base=None):
     torch.manual_seed(0)
     method = get("lora")
-    model = method.apply(tiny_llama(), method.Config(r=4, alpha=8, dropout=dropout))
+    model = method.apply(base if base is not None else tiny_llama(), method.Config(r=4, alpha=8, dropout=dropout))
     for name, p in model.named_parameters():  # B starts at zero: give it values so every gradient is non-trivial
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -54,11 +54,7 @@ def test_folded_lora_steps_aside_for_dropout_and_disabled_adapters():
     torch.manual_seed(0)
     base = tiny_llama()
     reference = copy.deepcopy(base).eval()
-    method = get("lora")
-    model = method.apply(base, method.Config(r=4, alpha=8, dropout=0.0))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    model = _lora_model(base=base)
     ids = tiny_batch("llama")["input_ids"]
     model.eval()
     with torch.no_grad():
