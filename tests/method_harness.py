@@ -51,12 +51,13 @@ def check_method(
     steps: int = 20,
     lr: float = 1e-2,
     min_drop: float = 0.2,
+    device: str = "cpu",
     **cfg_kwargs,
 ):
     mod = get(name)
     cfg = mod.Config(**cfg_kwargs)
-    base = TINY_MODELS[arch]()
-    batch = tiny_batch(arch)
+    base = TINY_MODELS[arch]().to(device)
+    batch = {k: v.to(device) for k, v in tiny_batch(arch).items()}
     base_logits = _logits(base, batch)
 
     model = mod.apply(copy.deepcopy(base), cfg)
@@ -81,7 +82,7 @@ def check_method(
 
     trained_logits = _logits(model, batch)
     mod.save(model, tmp_path)
-    reloaded = mod.load(TINY_MODELS[arch](), tmp_path)
+    reloaded = mod.load(TINY_MODELS[arch]().to(device), tmp_path)
     assert (_logits(reloaded, batch) - trained_logits).abs().max() < 1e-5, "save -> load changed the logits"
 
     if mod.MERGEABLE:

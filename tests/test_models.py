@@ -128,8 +128,11 @@ def test_tunelab_home_override(monkeypatch, tmp_path):
     assert tunelab_home() == Path.home() / ".cache" / "tunelab"
 
 
-def test_devices_and_dtypes():
+def test_devices_and_dtypes(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("TUNELAB_DEVICE", "meta")
+    assert resolve_device("auto") == torch.device("meta") and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("TUNELAB_DEVICE")
     assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
     assert compute_dtype("auto", "cpu") == torch.float32
     assert compute_dtype("auto", "cuda") == torch.bfloat16

@@ -2,9 +2,12 @@
 (or an out-of-memory kill) takes down that cell only.
 
   local  (default) one cell after another on this machine. start_method:
-           forkserver  (Linux default) a server process imports torch / transformers / peft once and
-                       forks a fresh child per cell: the same isolation, without ~5-10 s of imports per cell
-           spawn       `python -m tunelab.compare.cell CELL.json` per cell (the cleanest; any OS)
+           forkserver  (Linux default without a GPU) a server process imports torch / transformers / peft
+                       once and forks a fresh child per cell: the same isolation, without ~5-10 s of imports
+                       per cell
+           spawn       `python -m tunelab.compare.cell CELL.json` per cell (the cleanest; any OS; the
+                       default where CUDA is visible, since a forked child cannot use CUDA once the
+                       server's imports have touched it)
   ray    cells fanned out over a Ray cluster (`ray.init(address=...)`, or a local one). Each Ray task runs
          its cell with `spawn`. The grid folder must be on a file system every node sees.
 
@@ -83,6 +86,12 @@ def _child(spec_path: str, log_path: str) -> None:  # forkserver target
     sys.exit(code)  # through multiprocessing's own exit path (it releases what the cell registered)
 
 
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class LocalExecutor:
     name = "local"
 
@@ -90,7 +99,7 @@ class LocalExecutor:
         import multiprocessing as mp
 
         if start_method is None:
-            start_method = "forkserver" if sys.platform.startswith("linux") else "spawn"
+            start_method = "forkserver" if sys.platform.startswith("linux") and not _cuda_visible() else "spawn"
         if start_method not in ("forkserver", "spawn"):
             raise ConfigError(f"start method {start_method!r}: use forkserver or spawn")
         if start_method == "forkserver" and "forkserver" not in mp.get_all_start_methods():

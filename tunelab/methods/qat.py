@@ -23,7 +23,6 @@ fake_quant(W) into the weights, giving a plain model whose logits are the traine
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -75,12 +74,6 @@ def apply(model, cfg: Config):
     layers, _ = quantizable_linears(model, cfg.group_size)
     if not layers:
         raise ValueError(f"qat: no linear layer whose input width is a multiple of group_size {cfg.group_size}")
-    if layers[0][1].weight.dtype != torch.float32:  # e.g. model.dtype auto on CUDA = bfloat16
-        warnings.warn(
-            f"qat: weights are {layers[0][1].weight.dtype}; QAT's small latent updates and the fp16 group scales "
-            "need float32 weights: set model.dtype: float32",
-            stacklevel=2,
-        )
     for p in model.parameters():
         p.requires_grad_(True)
     _fake_quantize(model, [n for n, _ in layers], cfg.group_size, cfg.symmetric)

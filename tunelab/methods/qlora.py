@@ -278,10 +278,10 @@ def load(base_model, out_dir):
 
 
 def dequantize_linear4bit(module) -> torch.nn.Linear:
-    """A plain `nn.Linear` holding dequant(NF4(W)) in the layer's compute dtype (fp32 on CPU)."""
+    """A plain `nn.Linear` holding dequant(NF4(W)) in the dtype W had before quantization (the model's)."""
     bnb = _bnb()
     w = module.weight
-    dtype = module.compute_dtype or w.quant_state.dtype
+    dtype = w.quant_state.dtype  # the weight's own dtype before quantization: the rest of the model has it too
     weight = bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
     lin = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     lin.weight = torch.nn.Parameter(weight, requires_grad=False)

@@ -25,9 +25,14 @@ CHATML_TEMPLATE = (
 
 
 def resolve_device(device) -> torch.device:
-    """`auto` picks cuda, then mps, then cpu; anything else is handed to torch.device."""
+    """`auto` picks $TUNELAB_DEVICE if set, else cuda, then mps, then cpu; anything else is handed to
+    torch.device. (The test suite sets TUNELAB_DEVICE=cpu so that it behaves the same on a GPU machine.)"""
+    import os
+
     import torch
 
+    if str(device) == "auto" and os.environ.get("TUNELAB_DEVICE"):
+        device = os.environ["TUNELAB_DEVICE"]
     if str(device) != "auto":
         return torch.device(device)
     if torch.cuda.is_available():

@@ -6,6 +6,7 @@ Deliberately a plain function, not a Trainer class: every step is visible here, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -185,6 +186,9 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         enable_gradient_checkpointing(model)
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
         stage.prepare(model, cfg)
+    autocast = _autocast_for(device, cfg.model.dtype)
+    if autocast is not _no_autocast and (upcast := fp32_master_weights_(model)):
+        log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32")
     trainable, total = count_parameters(model)
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     if getattr(model.config, "use_cache", None) is not None:
@@ -214,7 +218,6 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     if optimizer is None:  # the method's own optimizer (qlora: paged 8-bit AdamW on CUDA), else AdamW
         optimizer = optimizer_for(params, tcfg)
     scheduler = scheduler_for(optimizer, tcfg, total_steps)
-    autocast = _autocast_for(device, cfg.model.dtype)
     log(
         f"effective batch {global_batch * tcfg.grad_accum} = {tcfg.batch_size} per micro-batch x "
         f"{tcfg.grad_accum} accumulated x {dist.world_size} process(es)"
@@ -366,7 +369,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     if dist.sharded:
         log("task metrics are not computed under FSDP / DeepSpeed: score final/ with `tunelab eval`")
     elif stage.final_metrics is not None:
-        task_scores = stage.final_metrics(model, tokenizer, cfg, data, device)
+        with autocast():  # as in training: fp32 master weights beside bf16 frozen ones need it on CUDA
+            task_scores = stage.final_metrics(model, tokenizer, cfg, data, device)
         metrics.update(task_scores)
         if task_scores:
             metrics_log.write({"step": state["step"], **task_scores})
@@ -439,13 +443,31 @@ def _early_stop(state: dict, eval_loss: float | None, patience: int | None) -> b
     return bool(patience) and state["evals_without_improvement"] >= patience
 
 
+_no_autocast = contextlib.nullcontext
+
+
 def _autocast_for(device: torch.device, dtype: str):
     """bf16 autocast on CUDA; plain fp32 on CPU, where bf16 matmuls are ~250x slower on CPUs without native bf16."""
-    import contextlib
-
     if device.type == "cuda" and dtype in ("auto", "bfloat16"):
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+    return _no_autocast
+
+
+def fp32_master_weights_(model) -> int:
+    """Mixed precision: trainable bf16/fp16 parameters become fp32, frozen ones stay in half precision.
+
+    On CUDA `model.dtype: auto` loads bf16 weights and autocast runs the matmuls in bf16. bf16 keeps 8
+    bits of mantissa: a weight of 0.02 moves in steps of ~1e-4, so AdamW's updates (about lr, e.g. 2e-5)
+    would round away. The weights that train therefore keep fp32, as in every mixed-precision recipe
+    (PEFT does the same for adapters). Full fine-tuning thus trains and saves fp32 weights; LoRA
+    keeps its bf16 base. Returns the number of parameters upcast.
+    """
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += p.numel()
+    return n
 
 
 def _progress(enabled: bool, total: int, initial: int):

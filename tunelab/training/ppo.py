@@ -43,8 +43,10 @@ from tunelab.training.loop import (
     _autocast_for,
     _main_thread,
     _MetricsLog,
+    _no_autocast,
     _progress,
     batch_order,
+    fp32_master_weights_,
     log,
     optimizer_for,
     save_result,
@@ -462,6 +464,9 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
         frozen = copy.deepcopy(lm).eval().requires_grad_(False)
     lm = method.apply(lm, cfg.method)
     policy = PolicyWithValue(lm, lm.config.hidden_size).to(device)
+    autocast = _autocast_for(device, cfg.model.dtype)
+    if autocast is not _no_autocast:
+        fp32_master_weights_(policy)
     # Dropout stays off (eval mode) throughout: the rollout's log-probs must equal the update's
     # log-probs before the first step, or the PPO ratio starts away from 1 and is clipped at random.
     policy.eval()
@@ -479,7 +484,6 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = optimizer_for(params, tcfg)
     scheduler = scheduler_for(optimizer, tcfg, total_iters * updates_per_iter)
-    autocast = _autocast_for(device, cfg.model.dtype)
 
     state = {"step": 0, "kl_coef": pcfg.init_kl_coef, "eval_score_before": None, "eval_kl_before": None}
     if resume_from is not None:
