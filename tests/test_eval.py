@@ -32,6 +32,26 @@ def test_verbalizer_scores_match_a_hand_loop():
     assert abs(got["accuracy"] - acc) < 1e-12
 
 
+@pytest.mark.parametrize("method", [None, "lora", "prompt"])
+def test_next_token_logits_head_on_last_positions_equals_full_logits(method):
+    from tunelab.methods import get
+    from tunelab.methods.verbalizer import next_token_logits
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    if method:
+        model = get(method).apply(model, get(method).Config())
+    model.eval()
+    lengths = [5, 9, 3]
+    ids = torch.randint(3, 300, (3, 9))
+    mask = (torch.arange(9)[None] < torch.tensor(lengths)[:, None]).long()  # right padding
+    with torch.no_grad():
+        got = next_token_logits(model, ids, mask)
+        for i, n in enumerate(lengths):  # each row alone, unpadded: the full logits at its last token
+            alone = model(input_ids=ids[i : i + 1, :n]).logits[0, -1]
+            torch.testing.assert_close(got[i], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_instruction_rows_answer_with_the_label_word():
     rows = instruction_rows(TASK, [{"text": "hi", "text_pair": "there", "label": 1}])
     assert rows[0]["output"] == "yes" and "First: hi\nSecond: there" in rows[0]["instruction"]

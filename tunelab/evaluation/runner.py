@@ -176,16 +176,18 @@ def verbalizer_scores(model, tokenizer, task, rows, device, batch_size=16, progr
     # the answer starts a new assistant turn, so the word is not preceded by a space
     verbalizer = Verbalizer({w: [w, w.capitalize()] for w in words}, tokenizer, leading_space=False)
     prompts = [build_prompt_ids([{"role": "user", "content": instruction(task, r)}], tokenizer) for r in rows]
-    preds: list[int] = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=f"eval {task.name}", disable=not progress, unit="batch"):
-        chunk = prompts[i : i + batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together: less padding
+    preds = [0] * len(prompts)
+    for i in tqdm(range(0, len(order), batch_size), desc=f"eval {task.name}", disable=not progress, unit="batch"):
+        idx = order[i : i + batch_size]
+        width = max(len(prompts[k]) for k in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for j, p in enumerate(chunk):
-            ids[j, : len(p)], mask[j, : len(p)] = torch.tensor(p), 1
+        for j, k in enumerate(idx):
+            ids[j, : len(prompts[k])], mask[j, : len(prompts[k])] = torch.tensor(prompts[k]), 1
         logits = next_token_logits(model, ids.to(device), mask.to(device))
-        preds += verbalizer.predict(logits.float()).tolist()
+        for k, pred in zip(idx, verbalizer.predict(logits.float()).tolist()):
+            preds[k] = pred
     return M.classification_metrics(preds, [r["label"] for r in rows], num_labels=len(words))
 
 
