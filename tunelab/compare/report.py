@@ -126,9 +126,11 @@ def _scatter(rows: list[dict], x_key: str, xlabel: str, title: str, log_x: bool,
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(cells[0]["main_metric"] + (" (lower is better)" if lower_is_better(cells[0]["main_metric"]) else ""))
-    ax.set_title(title)
+    # one model: its name goes in the title (a lone black marker in the legend reads like a data point)
+    ax.set_title(title if len(markers) > 1 else f"{title} ({next(iter(markers))})")
     ax.grid(True, alpha=0.3)
-    handles = [plt.Line2D([], [], color="black", marker=markers[m], linestyle="", label=m) for m in markers]
+    handles = [plt.Line2D([], [], color="black", marker=markers[m], linestyle="", label=f"model: {m}") for m in markers]
+    handles = handles if len(markers) > 1 else []
     handles += [plt.Line2D([], [], color=colors[m], marker="o", linestyle="", label=m) for m in colors]
     ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.8)
     return _png(fig)
