@@ -166,6 +166,12 @@ class TrainingConfig(Section):
         description="Keep only each layer's input and recompute the rest in the backward pass: "
         "much less activation memory for about a third more compute (docs/performance.md).",
     )
+    release_memory: bool | None = Field(
+        None,
+        description="Return freed activation memory to the OS at once (Linux/glibc: malloc's mmap threshold pinned "
+        "at 128 KiB): peak RSS ~30% lower, steps ~1.6x slower on CPU (page faults). null = on with "
+        "gradient_checkpointing (the low-memory setting), off otherwise. See docs/performance.md.",
+    )
     tensorboard: bool = Field(True, description="Write TensorBoard event logs under the run folder.")
     progress: bool = Field(True, description="Show a progress bar.")
 
