@@ -17,20 +17,7 @@ from tunelab.config import load_config
 from tunelab.testing import save_tiny_model_dir, tiny_batch, tiny_llama
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
-ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(32)]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model_dir(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture()
-def data_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return str(path)
+# fixtures tiny_dir and data_file: conftest.py
 
 
 def make_cfg(tiny_dir, data_file, out, method, **training):

@@ -9,23 +9,6 @@ import yaml
 import tunelab
 from tunelab.cli import main as cli_main
 from tunelab.config import load_config
-from tunelab.testing import save_tiny_model_dir
-
-ROWS = [
-    {"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(24)
-] + [{"instruction": "Greet me.", "input": "in French", "output": "Bonjour!"} for _ in range(8)]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny_model_dir(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture()
-def data_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return str(path)
 
 
 def make_cfg(tiny_dir, data_file, out, **training):
