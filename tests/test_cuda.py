@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 from method_harness import check_method
+from test_training import make_cfg as sft_cfg
 
 import tunelab
 from tunelab.config import load_config
@@ -21,17 +22,9 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 
 def make_cfg(tiny_dir, data_file, out, method, **training):
-    t = dict(max_steps=12, batch_size=4, lr=1e-2, warmup_steps=1, progress=False, tensorboard=False, seed=3)
-    t.update(training)
-    return load_config(
-        {
-            "output_dir": str(out),
-            "model": {"name": tiny_dir},
-            "data": {"train": data_file, "val_fraction": 0.25, "max_length": 64},
-            "method": method,
-            "training": t,
-        }
-    )
+    """test_training's SFT config (12 steps at lr 1e-2 unless told) with another method."""
+    cfg = sft_cfg(tiny_dir, data_file, out, **{"max_steps": 12, "lr": 1e-2, **training})
+    return load_config({**cfg.model_dump(), "method": method})
 
 
 @pytest.mark.parametrize(
