@@ -65,6 +65,25 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_dir, data_file, 
     assert abs(full.metrics["eval_loss"] - resumed.metrics["eval_loss"]) < 1e-6
 
 
+@pytest.mark.parametrize("damage", ["torn last line", "missing"])
+def test_resume_survives_a_damaged_metrics_log(tiny_dir, data_file, tmp_path, damage):
+    def stop_after_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "r", max_steps=6)
+    tunelab.train(cfg, callbacks=[stop_after_3])
+    log = tmp_path / "r" / "metrics.jsonl"
+    if damage == "missing":
+        log.unlink()
+    else:
+        log.write_text(log.read_text() + '{"step": 3, "loss": 1.2')  # killed mid-write
+    result = tunelab.train(cfg, resume=True)
+    assert result.metrics["steps"] == 6
+    steps = sorted(losses(tmp_path / "r"))
+    assert steps == (list(range(1, 7)) if damage != "missing" else [4, 5, 6])
+
+
 def test_periodic_checkpoints_are_complete_and_pruned(tiny_dir, data_file, tmp_path):
     tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "r", save_every=2, keep_checkpoints=2))
     ckpts = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())

@@ -100,6 +100,24 @@ def evaluate_loss(model, batches: list[dict], device, autocast, stage: Stage, ex
     return total / max(count, 1)
 
 
+def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
+    """The records of a metrics.jsonl up to a step. A missing file (deleted by hand) or a torn last
+    line (the process killed mid-write) loses those lines, never the resume."""
+    if not path.exists():
+        log(f"{path} is missing: the resumed run's metrics start at the checkpoint")
+        return []
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            log(f"{path}:{n}: not a JSON line (a write cut short?); dropped")
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= up_to_step:
+            records.append(record)
+    return records
+
+
 class _MetricsLog:
     """metrics.jsonl (always) and TensorBoard events (optional), one place for both."""
 
@@ -108,10 +126,7 @@ class _MetricsLog:
         if resume_step == 0:
             self.path.write_text("")
         else:  # drop lines past the checkpoint so a resumed log has no duplicate steps
-            keep = [
-                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(k + "\n" for k in keep))
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in _read_metrics(self.path, resume_step)))
         self.tb = None
         if tensorboard:
             try:
