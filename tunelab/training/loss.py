@@ -53,18 +53,28 @@ def backbone_and_head(model):
     return backbone, head
 
 
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """(sum of cross-entropy over label tokens, number of label tokens)."""
-    target = shift_labels(batch["labels"])
+def _at_labels(model, batch: dict):
+    """(backbone, head, hidden states at the label positions, their targets, their row numbers), or None
+    for a model that does not split into backbone and head (then callers take the full-logits path)."""
     split = backbone_and_head(model)
     if split is None:
+        return None
+    backbone, head = split
+    target = shift_labels(batch["labels"])
+    hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state
+    keep = target != -100
+    return backbone, head, hidden[keep], target[keep], keep.nonzero()[:, 0]
+
+
+def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """(sum of cross-entropy over label tokens, number of label tokens)."""
+    at = _at_labels(model, batch)
+    if at is None:
+        target = shift_labels(batch["labels"])
         logits = model(**model_inputs(batch), use_cache=False).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
         return loss, int((target != -100).sum())
-    backbone, head = split
-    hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state
-    keep = target != -100
-    hidden, target = hidden[keep], target[keep]
+    backbone, head, hidden, target, _ = at
     loss = hidden.new_zeros((), dtype=torch.float32)
     # Under gradient checkpointing the [chunk, vocab] logits would be the largest activation left:
     # recompute them in the backward pass too (the head at label positions is ~10% of the FLOPs).
@@ -76,6 +86,20 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
         else:
             loss = loss + _head_ce(head, hidden[i : i + chunk], target[i : i + chunk])
     return loss, int(target.numel())
+
+
+def row_loss_sums(model, batch: dict) -> torch.Tensor:
+    """Summed cross-entropy over each row's label tokens: [rows]. The same label-only head in chunks as
+    `token_loss_sum`, summed per row (DPO's sequence log-probs are its negation)."""
+    at = _at_labels(model, batch)
+    if at is None:
+        return per_example_loss(model, batch)
+    _, head, hidden, target, row_of = at
+    out = hidden.new_zeros(batch["labels"].shape[0], dtype=torch.float32)
+    for i in range(0, target.numel(), CHUNK):
+        ce = F.cross_entropy(head(hidden[i : i + CHUNK]).float(), target[i : i + CHUNK], reduction="none")
+        out = out.index_add(0, row_of[i : i + CHUNK], ce)
+    return out
 
 
 def _head_ce(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

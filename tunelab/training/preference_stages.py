@@ -29,10 +29,8 @@ import torch.nn.functional as F
 
 from tunelab.data.build import DataBundle
 from tunelab.data.preference import collate_pairs
-from tunelab.training.loss import backbone_and_head, model_inputs, shift_labels
+from tunelab.training.loss import row_loss_sums
 from tunelab.training.stages import Stage
-
-CHUNK = 1024  # response positions per head / log-softmax chunk
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -142,27 +140,9 @@ REWARD = Stage(
 # ----------------------------------------------------------------------------------------------- DPO
 def sequence_logps(model, batch: dict) -> torch.Tensor:
     """Sum of log p(token | earlier tokens) over each row's response tokens (response_mask == 1): [rows].
-
-    Like training/loss.py, the LM head runs only at response positions, in chunks, so the
-    [rows, seq, vocab] logits are never built (for models where logits == head(backbone(x)))."""
+    The LM head runs at response positions only (training/loss.py)."""
     labels = batch["input_ids"].masked_fill(batch["response_mask"] == 0, -100)
-    target = shift_labels(labels)
-    rows = target.shape[0]
-    split = backbone_and_head(model)
-    if split is None:
-        logits = model(**model_inputs(batch), use_cache=False).logits.float()
-        logp = -F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
-        return logp.sum(dim=1)
-    backbone, head = split
-    hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state
-    keep = target != -100
-    row_of = keep.nonzero()[:, 0]
-    hidden, target = hidden[keep], target[keep]
-    out = hidden.new_zeros(rows, dtype=torch.float32)
-    for i in range(0, target.numel(), CHUNK):
-        logp = -F.cross_entropy(head(hidden[i : i + CHUNK]).float(), target[i : i + CHUNK], reduction="none")
-        out = out.index_add(0, row_of[i : i + CHUNK], logp)
-    return out
+    return -row_loss_sums(model, {**batch, "labels": labels})
 
 
 # Frozen reference copies for methods that change the model's own weights (full, freeze, bitfit ...),
