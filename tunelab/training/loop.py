@@ -392,25 +392,25 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             metrics_log.write({"step": state["step"], **task_scores})
             log("dev metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in task_scores.items()))
     metrics_log.close()
-    final_dir = save_result(run_dir, model, tokenizer, method, cfg, stage)
+    final_dir = save_result(run_dir, model, tokenizer, method.save, cfg, stage.manifest(cfg) if stage.manifest else {})
     (run_dir / "results.json").write_text(json.dumps(metrics, indent=2))
     log(f"result written to {final_dir}")
     dist.close()
     return RunResult(run_dir, final_dir, metrics)
 
 
-def save_result(run_dir: Path, model, tokenizer, method, cfg, stage: Stage) -> Path:
-    """Write the method's result, tokenizer and a small manifest atomically into run_dir/final."""
+def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict) -> Path:
+    """Write the result (`save(model, folder)`, the method's own format), tokenizer and a small manifest
+    atomically into run_dir/final."""
     import shutil
 
     final = run_dir / "final"
     tmp = run_dir / f".tmp-final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    method.save(model, tmp)
+    save(model, tmp)
     tokenizer.save_pretrained(tmp)
     manifest = {"method": cfg.method.name, "base_model": cfg.model.model_dump(), "stage": cfg.stage}
-    if stage.manifest is not None:
-        manifest.update(stage.manifest(cfg))
+    manifest.update(manifest_extra)
     (tmp / "tunelab.json").write_text(json.dumps(manifest, indent=2))
     if final.exists():
         shutil.rmtree(final)

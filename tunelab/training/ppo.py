@@ -594,8 +594,6 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
 def _save_final(run_dir: Path, policy: PolicyWithValue, tokenizer, method, cfg, manifest_extra: dict) -> Path:
     """The policy as every run saves its result (final/ + tunelab.json, loadable by `load_run`), with the
     value head beside it (value_head.safetensors) for whoever continues the PPO run; all written atomically."""
-    from types import SimpleNamespace
-
     from safetensors.torch import save_file
 
     def save(lm, out_dir) -> None:
@@ -604,9 +602,7 @@ def _save_final(run_dir: Path, policy: PolicyWithValue, tokenizer, method, cfg, 
         save_file(head, Path(out_dir) / "value_head.safetensors")
 
     extra = {**manifest_extra, "ppo": {"value_head": "value_head.safetensors"}}
-    # save_result wants a method (for .save) and a stage (for .manifest); PPO is neither, so it lends both
-    return save_result(run_dir, policy.lm, tokenizer, SimpleNamespace(save=save), cfg,
-                       SimpleNamespace(manifest=lambda _cfg: extra))  # fmt: skip
+    return save_result(run_dir, policy.lm, tokenizer, save, cfg, extra)
 
 
 __all__ = ["PolicyWithValue", "gae", "kl_penalised_rewards", "ppo_losses", "train_ppo", "update_kl_coef"]
