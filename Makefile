@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # The main job: prompt, prefix, adapters, LoRA, QLoRA and full fine-tuning of the default model
-# side by side on SST-2, plus the TF-IDF baseline; prints the table and the report's path (~12 min).
+# side by side on SST-2, plus the TF-IDF baseline; prints the table and the report's path (12-14 min).
 demo: $(STAMP)
 	$(BIN)/tunelab compare examples/compare-sst2.yaml
 
