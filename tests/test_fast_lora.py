@@ -5,16 +5,17 @@ import copy
 import pytest
 import torch
 
-from tunelab.methods import get
+from tunelab.methods import _fast_lora, get
 from tunelab.methods._fast_lora import _fast_forward
 from tunelab.testing import tiny_batch, tiny_llama
 from tunelab.training.loss import token_loss_sum
 
 
-def _lora_model(dropout: float = 0.0, base=None):
+def _lora_model(dropout: float = 0.0, base=None, targets="all-linear"):
     torch.manual_seed(0)
     method = get("lora")
-    model = method.apply(base if base is not None else tiny_llama(), method.Config(r=4, alpha=8, dropout=dropout))
+    cfg = method.Config(r=4, alpha=8, dropout=dropout, target_modules=targets)
+    model = method.apply(base if base is not None else tiny_llama(), cfg)
     for name, p in model.named_parameters():  # B starts at zero: give it values so every gradient is non-trivial
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -33,17 +34,35 @@ def _peft_only(model):
     for m in slow.modules():
         if hasattr(m, "_peft_forward"):
             m.forward = m._peft_forward
+        if hasattr(m, "_plain_forward"):
+            m.forward = m._plain_forward
     return slow
 
 
-def test_folded_lora_matches_peft_loss_and_gradients():
-    model = _lora_model()
-    fast_calls = []
+def _batch(rows: int, width: int) -> dict:
+    g = torch.Generator().manual_seed(rows)
+    ids = torch.randint(3, 320, (rows, width), generator=g)
+    labels = ids.clone()
+    labels[:, : width // 3] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+# 1 x 12 tokens: fewer rows than any layer's width (low-rank term added to the output); 4 x 40 tokens:
+# more rows than any (adapter folded into the weight). The tiny model is 32 wide, its MLP 64.
+# The MLP with only down_proj adapted: gate and up are frozen plain Linears inside the fused MLP.
+@pytest.mark.parametrize("shape,targets", [((1, 12), "all-linear"), ((4, 40), "all-linear"),
+                                           ((4, 40), ["q_proj", "down_proj"])])
+def test_fast_lora_matches_peft_loss_and_gradients(monkeypatch, shape, targets):
+    model = _lora_model(targets=targets)
+    fast_calls, mlp_calls = [], []
     model.get_base_model().model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: fast_calls.append(1))
-    batch = tiny_batch("llama")
+    swiglu = _fast_lora._SwiGLU.apply
+    monkeypatch.setattr(_fast_lora._SwiGLU, "apply", lambda *a: mlp_calls.append(1) or swiglu(*a))
+    batch = _batch(*shape)
     loss_fast, g_fast = _grads(model, batch)
     loss_peft, g_peft = _grads(_peft_only(model), batch)
     assert fast_calls and model.get_base_model().model.layers[0].self_attn.q_proj.forward.__func__ is _fast_forward
+    assert len(mlp_calls) == 2  # one fused MLP per layer, in the fast model only
     assert loss_fast == pytest.approx(loss_peft, rel=1e-5)
     assert g_fast.keys() == g_peft.keys() and len(g_fast) > 0
     for k in g_fast:

@@ -28,34 +28,46 @@ def reference(model, b):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_label_only_loss_and_grads_match_full_logits(monkeypatch, checkpointing):
+@pytest.mark.parametrize("case", ["lora", "lora+checkpointing", "full"])
+def test_label_only_loss_and_grads_match_full_logits(monkeypatch, case):
     base = tiny_llama()
-    model = get("lora").apply(copy.deepcopy(base), get("lora").Config(r=4, dropout=0.0))
-    for name, p in model.named_parameters():  # B = 0 at init would leave A's gradient zero
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
-    if checkpointing:  # layers recomputed, logits recomputed per chunk in the backward pass
+    if case == "full":  # the head (tied to the embeddings) is trained too: the fused loss gives its gradient
+        model = copy.deepcopy(base)
+        assert model.lm_head.weight.requires_grad
+    else:
+        model = get("lora").apply(copy.deepcopy(base), get("lora").Config(r=4, dropout=0.0))
+        for name, p in model.named_parameters():  # B = 0 at init would leave A's gradient zero
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    if case.endswith("checkpointing"):
         enable_gradient_checkpointing(model)
-        model.train()
+    model.train()
     assert L.backbone_and_head(model) is not None
-    monkeypatch.setattr(L, "CHUNK", 7)  # several chunks, one partial
-    monkeypatch.setattr(L, "LOW_MEMORY_CHUNK", 7)
-    recomputed = []
-    monkeypatch.setattr(L, "checkpoint", lambda *a, **k: (recomputed.append(1), L.torch.utils.checkpoint.checkpoint(*a, **k))[1])
+    monkeypatch.setattr(L, "FUSED_CHUNK", 7)  # several chunks, one partial
+    fused = []
+    monkeypatch.setattr(L._HeadCrossEntropy, "apply", lambda *a, _f=L._HeadCrossEntropy.apply: fused.append(1) or _f(*a))
     b = batch()
     fast, n = L.token_loss_sum(model, b)
     ref = reference(model, b)
-    assert n == int((L.shift_labels(b["labels"]) != -100).sum())
+    assert fused and n == int((L.shift_labels(b["labels"]) != -100).sum()) > 7
     assert abs(fast.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
-    assert len(recomputed) == (-(-n // 7) if checkpointing else 0)  # one checkpoint per chunk of 7
-    fast.backward()
+    (fast * 0.5).backward()  # a scale on the loss reaches the gradients computed in the forward pass
     g_fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    reference(model, b).backward()
+    (reference(model, b) * 0.5).backward()
     for k, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(g_fast[k], p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_label_only_loss_without_grad_matches_full_logits(monkeypatch):
+    model = tiny_llama()
+    monkeypatch.setattr(L, "CHUNK", 7)
+    b = batch()
+    with torch.no_grad():
+        fast, _ = L.token_loss_sum(model, b)
+        ref = reference(model, b)
+    assert abs(fast.item() - ref.item()) < 1e-5 * max(1.0, ref.item())
 
 
 def test_per_example_loss_sums_to_token_loss():

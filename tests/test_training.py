@@ -102,8 +102,20 @@ def test_gradient_accumulation_equals_the_big_batch(tiny_dir, data_file, tmp_pat
 
     big = run("big", batch_size=4, grad_accum=1)
     small = run("small", batch_size=2, grad_accum=2)
+    passes = run("passes", batch_size=4, rows_per_pass=1)  # the same rows per step, one forward pass each
+    assert big.keys() == small.keys() == passes.keys()
     for step in big:
         assert abs(big[step] - small[step]) < 1e-5
+        assert abs(big[step] - passes[step]) < 1e-5
+
+
+def test_packed_epoch_counts_every_token_once_and_no_padding(tiny_dir, data_file, tmp_path):
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "run", max_steps=None, epochs=1, batch_size=3)
+    cfg.data.packing, cfg.data.max_length = True, 160
+    m = tunelab.train(cfg).metrics
+    assert m["data_packed_rows"] < m["data_train_rows"]
+    assert m["steps"] == -(-m["data_packed_rows"] // 3)
+    assert m["tokens"] == m["data_tokens"]  # rows are padded to the widest in their batch: not counted
 
 
 def test_cli_train_with_overrides_then_generate(tiny_dir, data_file, tmp_path, capsys):

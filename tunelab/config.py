@@ -143,6 +143,13 @@ class TrainingConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    rows_per_pass: int | None = Field(
+        None,
+        ge=1,
+        description="Run each micro-batch through forward and backward this many rows at a time, summing "
+        "the gradients: the same update as the whole micro-batch (the loss is normalised over the step), "
+        "with the activation memory of one pass. null = the whole micro-batch at once.",
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")

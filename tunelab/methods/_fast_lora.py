@@ -1,79 +1,189 @@
-"""A faster training path for PEFT's LoRA linear layers when the base weight is frozen and dense.
+"""A faster, lighter training path for PEFT's LoRA linear layers when the base weight is frozen and dense.
 
 PEFT computes `W x + s * B (A x)`: one big matmul, two small ones, then an elementwise scale and
 add over the whole `[tokens, out]` output, and in the backward pass another scale and an add of
 the two input-gradient paths. On a CPU those elementwise passes are memory-bound and cost about
 as much as the small matmuls (profile of SmolLM2 LoRA SFT: ~25% of a step in mul/add).
 
-Here the adapter is folded into the weight for the duration of one call: `W' = W + s B A` costs
-`2 out in r` FLOPs (under 2% of the big matmul at 1,024 tokens) and the output is a single matmul
-`x W'^T`. The backward pass rebuilds `W'` instead of keeping it, so memory holds only `x`:
+Here each adapted layer is one autograd function. With many rows the adapter is folded into the
+weight for the duration of the call, `W' = W + s B A` (`2 out in r` FLOPs, under 2% of the big
+matmul at 1,024 tokens), and the output is a single matmul `x W'^T`; with few rows, where writing a
+weight-sized `W'` costs more than a pass over the output, the low-rank term is accumulated into the
+output by `addmm_` instead. Only `x` is kept for the backward pass:
 
     dx = g W'           dB = s g^T (x A^T)           dA = s (g B)^T x
 
-The frozen W gets no gradient. Anything this path does not cover (dropout, DoRA and other variants,
-several active adapters, quantised or non-Linear bases, autocast, a trainable base weight, merged or
-disabled adapters) goes through PEFT's own forward unchanged, so saved adapters, `disable_adapter()`
-and merging behave exactly as in PEFT. Why not a library: no maintained CPU kernel for this exists
-(Unsloth's fused LoRA kernels are Triton / CUDA only).
+The frozen W gets no gradient.
+
+A SwiGLU MLP (`down(silu(gate(x)) * up(x))`, Llama / Qwen / Mistral / SmolLM) whose three layers
+take this path runs as one function that keeps `x`, `gate(x)` and `up(x)` and recomputes
+`silu(gate(x)) * up(x)` in the backward pass: two of the four `[tokens, intermediate]` tensors
+autograd would keep (a quarter of SmolLM2's activation memory) for two elementwise passes.
+
+Anything this path does not cover (dropout, DoRA and other variants, several active adapters,
+quantised or non-Linear bases, autocast, a trainable base weight, merged or disabled adapters) goes
+through PEFT's own forward unchanged, so saved adapters, `disable_adapter()` and merging behave
+exactly as in PEFT. Why not a library: no maintained CPU kernel for this exists (Unsloth's fused
+LoRA and SwiGLU kernels are Triton / CUDA only).
 """
 
 from __future__ import annotations
 
 import types
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class _FoldedLoRA(torch.autograd.Function):
+class _Parts(NamedTuple):
+    """A linear map y = x (W + s B A)^T + bias; A and B are None for a frozen plain Linear."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_a: torch.Tensor | None
+    lora_b: torch.Tensor | None
+    scale: float
+
+
+def _rows(t: torch.Tensor) -> int:
+    return t.numel() // t.shape[-1]
+
+
+def _linear(x: torch.Tensor, p: _Parts) -> torch.Tensor:
+    if p.lora_a is None:
+        return F.linear(x, p.weight, p.bias)
+    if _rows(x) > p.weight.shape[1]:  # fold: a weight-sized write is cheaper than an output-sized pass
+        return F.linear(x, torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale), p.bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = F.linear(x2, p.weight, p.bias)
+    out.addmm_(x2 @ p.lora_a.t(), p.lora_b.t(), alpha=p.scale)
+    return out.view(*x.shape[:-1], -1)
+
+
+def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: bool = True):
+    """(dx, dA, dB) of `_linear` (dx None when not needed; dA, dB None for a plain Linear)."""
+    g = grad.reshape(-1, grad.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    grad_x = grad_a = grad_b = None
+    if need_x:
+        if p.lora_a is None:
+            grad_x = g @ p.weight
+        elif _rows(g) > p.weight.shape[0]:
+            grad_x = g @ torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale)
+        else:
+            grad_x = (g @ p.weight).addmm_(g @ p.lora_b, p.lora_a, alpha=p.scale)
+        grad_x = grad_x.view(x.shape)
+    if p.lora_a is not None:
+        grad_a = (g @ p.lora_b).t().mm(x2).mul_(p.scale)
+        grad_b = g.t().mm(x2 @ p.lora_a.t()).mul_(p.scale)
+    return grad_x, grad_a, grad_b
+
+
+class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
+        p = _Parts(weight, bias, lora_a, lora_b, scale)
         ctx.save_for_backward(x, weight, lora_a, lora_b)
         ctx.scale = scale
         ctx.has_bias = bias is not None and bias.requires_grad
-        return F.linear(x, torch.addmm(weight, lora_b, lora_a, alpha=scale), bias)
+        return _linear(x, p)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_a, lora_b = ctx.saved_tensors
-        s = ctx.scale
-        g = grad.reshape(-1, grad.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = (g @ torch.addmm(weight, lora_b, lora_a, alpha=s)).view(x.shape)
-        grad_a = (g @ lora_b).t().mm(x2).mul_(s)
-        grad_b = g.t().mm(x2 @ lora_a.t()).mul_(s)
-        grad_bias = g.sum(0) if ctx.has_bias else None
+        p = _Parts(weight, None, lora_a, lora_b, ctx.scale)
+        grad_x, grad_a, grad_b = _linear_backward(grad, x, p, ctx.needs_input_grad[0])
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
         return grad_x, None, grad_bias, grad_a, grad_b, None
 
 
+class _SwiGLU(torch.autograd.Function):
+    """down(silu(gate(x)) * up(x)) for bias-free layers; keeps x, gate(x), up(x)."""
+
+    @staticmethod
+    def forward(ctx, x, *flat):
+        gate, up, down = (_Parts(*flat[i : i + 5]) for i in (0, 5, 10))
+        g, u = _linear(x, gate), _linear(x, up)
+        out = _linear(F.silu(g).mul_(u), down)
+        ctx.save_for_backward(x, g, u, *(t for p in (gate, up, down) for t in (p.weight, p.lora_a, p.lora_b)))
+        ctx.scales = gate.scale, up.scale, down.scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, g, u, *w = ctx.saved_tensors
+        gate, up, down = (_Parts(w[3 * k], None, w[3 * k + 1], w[3 * k + 2], ctx.scales[k]) for k in range(3))
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        grad_h, grad_da, grad_db = _linear_backward(grad, silu * u, down)
+        grad_u = grad_h * silu
+        # d silu(g) / dg = sig (1 + g (1 - sig)), computed in place over the buffers no longer needed
+        grad_g = grad_h.mul_(u).mul_(sig.mul_(g.mul(1 - sig).add_(1)))
+        del silu, sig
+        grad_x, grad_ga, grad_gb = _linear_backward(grad_g, x, gate, ctx.needs_input_grad[0])
+        grad_x_up, grad_ua, grad_ub = _linear_backward(grad_u, x, up, ctx.needs_input_grad[0])
+        if grad_x is not None:
+            grad_x += grad_x_up
+        return (grad_x, None, None, grad_ga, grad_gb, None, None, None, grad_ua, grad_ub, None,
+                None, None, grad_da, grad_db, None)
+
+
+def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
+    """The pieces of a frozen dense Linear, or of a PEFT LoRA Linear this path covers; else None."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if type(layer) is nn.Linear:
+        base, a, b, s = layer, None, None, 1.0
+    elif isinstance(layer, LoraLinear):
+        active = layer.active_adapters
+        if layer.disable_adapters or layer.merged or len(active) != 1:
+            return None
+        name = active[0]
+        base = layer.base_layer
+        if (
+            name not in layer.lora_A
+            or name in getattr(layer, "lora_variant", {})
+            or not isinstance(layer.lora_dropout[name], nn.Identity)
+            or type(base) is not nn.Linear
+            or getattr(layer, "fan_in_fan_out", False)
+            or layer.lora_A[name].weight.dtype != x.dtype
+        ):
+            return None
+        a, b, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+    else:
+        return None
+    if base.weight.requires_grad or x.dtype != base.weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return None
+    return _Parts(base.weight, base.bias, a, b, s)
+
+
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    active = self.active_adapters
-    if args or kwargs or self.disable_adapters or self.merged or len(active) != 1:
+    p = None if args or kwargs else _parts(self, x)
+    if p is None or p.lora_a is None:
         return self._peft_forward(x, *args, **kwargs)
-    name = active[0]
-    base = self.base_layer
-    if (
-        name not in self.lora_A
-        or name in getattr(self, "lora_variant", {})
-        or not isinstance(self.lora_dropout[name], nn.Identity)
-        or type(base) is not nn.Linear
-        or getattr(self, "fan_in_fan_out", False)
-        or base.weight.requires_grad
-        or torch.is_autocast_enabled(x.device.type)
-        or not (x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype)
-    ):
-        return self._peft_forward(x, *args, **kwargs)
-    return _FoldedLoRA.apply(
-        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    return _LoRALinear.apply(x, *p)
+
+
+def _fast_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    parts = [_parts(layer, x) for layer in (self.gate_proj, self.up_proj, self.down_proj)]
+    if not torch.is_grad_enabled() or any(p is None or p.bias is not None for p in parts):
+        return self._plain_forward(x)
+    return _SwiGLU.apply(x, *(t for p in parts for t in p))
+
+
+def _is_swiglu(module: nn.Module) -> bool:
+    from transformers.activations import SiLUActivation
+
+    return all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")) and isinstance(
+        getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation)
     )
 
 
 def enable(model) -> int:
-    """Route every PEFT LoRA Linear of `model` through the folded path; returns how many."""
+    """Route every PEFT LoRA Linear of `model`, and every SwiGLU MLP around them, through the fast
+    path; returns how many LoRA layers."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     n = 0
@@ -82,4 +192,7 @@ def enable(model) -> int:
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fast_forward, module)
             n += 1
+        elif _is_swiglu(module) and not hasattr(module, "_plain_forward"):
+            module._plain_forward = module.forward
+            module.forward = types.MethodType(_fast_mlp_forward, module)
     return n

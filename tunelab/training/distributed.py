@@ -128,6 +128,11 @@ class Dist:
         """Refuse, up front and clearly, what the multi-process paths do not support."""
         if not self.sharded:
             return
+        if self.deepspeed and cfg.training.rows_per_pass:
+            raise ValueError(
+                "training.rows_per_pass: DeepSpeed counts every backward pass as a micro-batch of its own; "
+                "set training.rows_per_pass: null and lower training.batch_size (raising grad_accum) instead"
+            )
         if cfg.training.save_every or resume:
             raise ValueError(
                 "training.save_every / --resume: resumable checkpoints are written for single-process and DDP runs; "

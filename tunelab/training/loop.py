@@ -237,6 +237,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     log(
         f"effective batch {global_batch * tcfg.grad_accum} = {tcfg.batch_size} per micro-batch x "
         f"{tcfg.grad_accum} accumulated x {dist.world_size} process(es)"
+        + (f", {tcfg.rows_per_pass} row(s) per forward pass" if tcfg.rows_per_pass else "")
         + (f" ({dist.describe()})" if dist.multi else "")
     )
 
@@ -265,14 +266,20 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
 
     order_cache: dict[int, list[list[int]]] = {}
 
-    def micro_batch(m: int) -> tuple[dict, float]:
-        """This process's slice of global micro-batch m, and its weight (0 for a stand-in row)."""
+    def passes(m: int) -> list[tuple[dict, float, int]]:
+        """This process's slice of global micro-batch m as (batch, weight, tokens), one per forward pass
+        (`rows_per_pass`); weight 0 marks a stand-in row."""
         epoch, b = divmod(m, batches_per_epoch)
         if epoch not in order_cache:
             order_cache.clear()
             order_cache[epoch] = batch_order(len(data.train), global_batch, tcfg.seed, epoch)
         rows, weight = dist.shard(order_cache[epoch][b])
-        return stage.collate([data.train[i] for i in rows], pad_id), weight
+        out = []
+        for j in range(0, len(rows), tcfg.rows_per_pass or len(rows)):
+            examples = [data.train[i] for i in rows[j : j + (tcfg.rows_per_pass or len(rows))]]
+            batch = stage.collate(examples, pad_id)
+            out.append((batch, weight, _real_tokens(examples, batch)))
+        return out
 
     progress = _progress(tcfg.progress and dist.is_main, total_steps, state["step"])
     model.train()
@@ -293,11 +300,11 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                     log(f"step {step}: {note}")
                     metrics_log.write({"step": step, "event": note})
                 dist.refresh()  # DDP must be rebuilt when the set of trainable parameters changed
-            micro = [micro_batch(step * tcfg.grad_accum + k) for k in range(tcfg.grad_accum)]
+            micro = [p for k in range(tcfg.grad_accum) for p in passes(step * tcfg.grad_accum + k)]
             # the label terms of the whole step, summed over processes: one normaliser for the global batch
-            n_label = int(dist.sum(sum(w * stage.count(b) for b, w in micro))[0])
+            n_label = int(dist.sum(sum(w * stage.count(b) for b, w, _ in micro))[0])
             loss_total, extra_sums, step_tokens = 0.0, {}, 0.0
-            for i, (batch, weight) in enumerate(micro):
+            for i, (batch, weight, tokens) in enumerate(micro):
                 batch = to_device(batch, device)
                 with dist.no_sync(i < len(micro) - 1):  # several processes: all-reduce on the last micro-batch
                     with autocast():
@@ -306,9 +313,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                 loss_total += weight * float(loss_sum.detach())
                 for k, v in (more[0] if more else {}).items():  # extra metrics, e.g. dpo's reward accuracy
                     extra_sums[k] = extra_sums.get(k, 0.0) + weight * float(v)
-                step_tokens += weight * (
-                    int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
-                )
+                step_tokens += weight * tokens
             loss_total, step_tokens, *extras = dist.sum(loss_total, step_tokens, *extra_sums.values())
             extra_sums = dict(zip(extra_sums, extras))
             state["tokens"] += int(step_tokens)
@@ -508,3 +513,12 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def _real_tokens(examples: list[dict], batch: dict) -> int:
+    """Tokens of a micro-batch, padding excluded (packed rows carry no attention_mask to count them by)."""
+    if all("input_ids" in e for e in examples):
+        return sum(len(e["input_ids"]) for e in examples)
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()

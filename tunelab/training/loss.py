@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-CHUNK = 1024  # label positions per head/cross-entropy chunk
-LOW_MEMORY_CHUNK = 256  # with gradient checkpointing: smaller chunks whose logits are recomputed, not kept
+# label positions per chunk of logits: SmolLM2's 49k-word vocabulary makes a chunk of 256 48 MB
+CHUNK = 256  # without a fused gradient: evaluation, DPO's log-probs, autocast
+FUSED_CHUNK = 256  # the fused head + cross-entropy of training
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -74,18 +74,57 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
         logits = model(**model_inputs(batch), use_cache=False).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
         return loss, int((target != -100).sum())
-    backbone, head, hidden, target, _ = at
+    _, head, hidden, target, _ = at
+    if torch.is_grad_enabled() and _fusable(head, hidden):
+        return _HeadCrossEntropy.apply(hidden, head.weight, target), int(target.numel())
     loss = hidden.new_zeros((), dtype=torch.float32)
-    # Under gradient checkpointing the [chunk, vocab] logits would be the largest activation left:
-    # recompute them in the backward pass too (the head at label positions is ~10% of the FLOPs).
-    low_memory = getattr(backbone, "gradient_checkpointing", False) and torch.is_grad_enabled()
-    chunk = LOW_MEMORY_CHUNK if low_memory else CHUNK
-    for i in range(0, target.numel(), chunk):
-        if low_memory:
-            loss = loss + checkpoint(_head_ce, head, hidden[i : i + chunk], target[i : i + chunk], use_reentrant=False)
-        else:
-            loss = loss + _head_ce(head, hidden[i : i + chunk], target[i : i + chunk])
+    for i in range(0, target.numel(), CHUNK):
+        loss = loss + _head_ce(head, hidden[i : i + CHUNK], target[i : i + CHUNK])
     return loss, int(target.numel())
+
+
+def _fusable(head, hidden: torch.Tensor) -> bool:
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and hidden.dtype == head.weight.dtype
+        and not torch.is_autocast_enabled(hidden.device.type)
+    )
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum CE(hidden W^T, target) with its gradient computed chunk by chunk in the forward pass.
+
+    Autograd would keep every chunk's [chunk, vocab] logits (or their log-softmax) until the backward
+    pass: ~150 MB for one SmolLM2 batch of 4 x 256, the largest single activation. Here each chunk's
+    logits become dCE/dlogits = softmax - onehot in place, are multiplied into the input (and weight)
+    gradient at once and freed; only [labels, hidden] survives to the backward pass. Same FLOPs as
+    autograd's forward + backward, exact to rounding (tests/test_loss.py). Liger-Kernel's fused
+    linear cross-entropy does this on GPUs with Triton; nothing maintained does it for CPU tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for i in range(0, target.numel(), FUSED_CHUNK):
+            h, t = hidden[i : i + FUSED_CHUNK], target[i : i + FUSED_CHUNK]
+            logits = h @ weight.t()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # in place: one [chunk, vocab] buffer per chunk
+            probs[torch.arange(len(t), device=t.device), t] -= 1.0
+            torch.mm(probs, weight, out=grad_hidden[i : i + FUSED_CHUNK])
+            if grad_weight is not None:
+                grad_weight.addmm_(probs.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, None if grad_weight is None else grad_weight * grad_loss, None
 
 
 def row_loss_sums(model, batch: dict) -> torch.Tensor:
