@@ -14,6 +14,7 @@ excluded on both sides).
     .venv/bin/python bench/train_speed.py                      # TRL reference vs tunelab LoRA
     .venv/bin/python bench/train_speed.py --methods lora,full,qlora --skip-trl
     .venv/bin/python bench/train_speed.py --tunelab-set method.dropout=0.05   # an ablation
+    .venv/bin/python bench/train_speed.py --variant training.rows_per_pass=1  # default and low-memory runs
 """
 
 from __future__ import annotations
@@ -193,6 +194,13 @@ def main() -> None:
     parser.add_argument("--methods", default="lora", help="tunelab methods to time (comma separated)")
     parser.add_argument("--skip-trl", action="store_true", help="do not run the TRL reference")
     parser.add_argument("--tunelab-set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="one more tunelab LoRA run with these overrides, against the same reference (repeatable)",
+    )
     parser.add_argument("--max-steps", type=int, help="stop both runs early (a smoke test, not the benchmark)")
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -213,9 +221,11 @@ def main() -> None:
     if not args.skip_trl:
         results.append(("TRL SFTTrainer + PEFT", "lora", run_job("trl", "lora", [])))
         print(f"reference done: {results[-1][2]}", flush=True)
-    for method in args.methods.split(","):
-        results.append(("tunelab", method, run_job("tunelab", method, args.tunelab_set)))
-        print(f"tunelab {method} done: {results[-1][2]}", flush=True)
+    runs = [("tunelab", method, args.tunelab_set) for method in args.methods.split(",")]
+    runs += [(f"tunelab {v}", "lora", args.tunelab_set + v.split(",")) for v in args.variant]
+    for name, method, overrides in runs:
+        results.append((name, method, run_job("tunelab", method, overrides)))
+        print(f"{name} {method} done: {results[-1][2]}", flush=True)
 
     ref = results[0][2] if not args.skip_trl else None
     header = "| run | method | tokens | tokens/s | peak RSS MB | train loss* | held-out loss after |"

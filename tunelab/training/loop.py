@@ -458,7 +458,10 @@ def enable_gradient_checkpointing(model) -> None:
         raise ValueError(
             f"training.gradient_checkpointing: {type(inner).__name__} does not support it; set it to false"
         )
-    inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x: the old name is deprecated
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _early_stop(state: dict, eval_loss: float | None, patience: int | None) -> bool:
