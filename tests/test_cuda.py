@@ -16,6 +16,7 @@ from test_training import make_cfg as sft_cfg
 import tunelab
 from tunelab.config import load_config
 from tunelab.testing import save_tiny_model_dir, tiny_batch, tiny_llama
+from tunelab.training.loss import per_example_loss
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 # fixtures tiny_dir and data_file: conftest.py
@@ -80,6 +81,9 @@ def test_folded_lora_matches_peft_on_cuda():
     loss_fast, g_fast = _grads(model, batch)
     loss_peft, g_peft = _grads(_peft_only(model), batch)
     assert loss_fast == pytest.approx(loss_peft, rel=1e-4)
+    with torch.no_grad():  # the fused head + cross-entropy against the full logits
+        full = float(per_example_loss(_peft_only(model), batch).sum())
+    assert loss_fast == pytest.approx(full, rel=1e-4)
     for k in g_fast:  # TF32 may be on for cuBLAS: tolerances of a reduced-precision matmul
         torch.testing.assert_close(g_fast[k], g_peft[k], rtol=2e-3, atol=1e-5, msg=k)
 
