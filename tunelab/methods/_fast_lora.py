@@ -161,7 +161,7 @@ def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
 
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     p = None if args or kwargs else _parts(self, x)
-    if p is None or p.lora_a is None:
+    if p is None:
         return self._peft_forward(x, *args, **kwargs)
     return _LoRALinear.apply(x, *p)
 

@@ -274,9 +274,10 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             order_cache.clear()
             order_cache[epoch] = batch_order(len(data.train), global_batch, tcfg.seed, epoch)
         rows, weight = dist.shard(order_cache[epoch][b])
+        size = tcfg.rows_per_pass or len(rows)
         out = []
-        for j in range(0, len(rows), tcfg.rows_per_pass or len(rows)):
-            examples = [data.train[i] for i in rows[j : j + (tcfg.rows_per_pass or len(rows))]]
+        for j in range(0, len(rows), size):
+            examples = [data.train[i] for i in rows[j : j + size]]
             batch = stage.collate(examples, pad_id)
             out.append((batch, weight, _real_tokens(examples, batch)))
         return out
@@ -458,10 +459,7 @@ def enable_gradient_checkpointing(model) -> None:
         raise ValueError(
             f"training.gradient_checkpointing: {type(inner).__name__} does not support it; set it to false"
         )
-    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.2x: the old name is deprecated
-        inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _early_stop(state: dict, eval_loss: float | None, patience: int | None) -> bool:

@@ -54,8 +54,8 @@ def backbone_and_head(model):
 
 
 def _at_labels(model, batch: dict):
-    """(backbone, head, hidden states at the label positions, their targets, their row numbers), or None
-    for a model that does not split into backbone and head (then callers take the full-logits path)."""
+    """(head, hidden states at the label positions, their targets, their row numbers), or None for a
+    model that does not split into backbone and head (then callers take the full-logits path)."""
     split = backbone_and_head(model)
     if split is None:
         return None
@@ -63,7 +63,7 @@ def _at_labels(model, batch: dict):
     target = shift_labels(batch["labels"])
     hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state
     keep = target != -100
-    return backbone, head, hidden[keep], target[keep], keep.nonzero()[:, 0]
+    return head, hidden[keep], target[keep], keep.nonzero()[:, 0]
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -74,7 +74,7 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
         logits = model(**model_inputs(batch), use_cache=False).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
         return loss, int((target != -100).sum())
-    _, head, hidden, target, _ = at
+    head, hidden, target, _ = at
     if torch.is_grad_enabled() and _fusable(head, hidden):
         return _HeadCrossEntropy.apply(hidden, head.weight, target), int(target.numel())
     loss = hidden.new_zeros((), dtype=torch.float32)
@@ -138,7 +138,7 @@ def row_loss_sums(model, batch: dict) -> torch.Tensor:
     at = _at_labels(model, batch)
     if at is None:
         return per_example_loss(model, batch)
-    _, head, hidden, target, row_of = at
+    head, hidden, target, row_of = at
     out = hidden.new_zeros(batch["labels"].shape[0], dtype=torch.float32)
     for i in range(0, target.numel(), CHUNK):
         ce = F.cross_entropy(head(hidden[i : i + CHUNK]).float(), target[i : i + CHUNK], reduction="none")
