@@ -15,9 +15,31 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunelab.models import attention
+
 # label positions per chunk of logits: SmolLM2's 49k-word vocabulary makes a chunk of 256 48 MB
 CHUNK = 256  # without a fused gradient: evaluation, DPO's log-probs, autocast
 FUSED_CHUNK = 256  # the fused head + cross-entropy of training
+
+# One [FUSED_CHUNK, vocab] logits buffer per CPU dtype, reused by every training pass. A fresh 48 MB
+# block is above glibc's mmap threshold (32 MiB at most), so each pass would map it anew and take a
+# page fault per 4 KiB while writing it: the head's matmul ran at half speed (61 GFLOP/s against 115,
+# SmolLM2 LoRA SFT). GPU allocators cache blocks themselves; there the buffer is not kept.
+_LOGITS: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _logits_buffer(rows: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
+    if like.device.type != "cpu":
+        return like.new_empty(rows, vocab)
+    buf = _LOGITS.get(like.dtype)
+    if buf is None or buf.numel() < rows * vocab:
+        _LOGITS[like.dtype] = buf = like.new_empty(max(rows, FUSED_CHUNK) * vocab)
+    return buf[: rows * vocab].view(rows, vocab)
+
+
+def free_buffers() -> None:
+    """Drop the reused logits buffer (the training loop calls this when it ends)."""
+    _LOGITS.clear()
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -61,7 +83,10 @@ def _at_labels(model, batch: dict):
         return None
     backbone, head = split
     target = shift_labels(batch["labels"])
-    hidden = backbone(**model_inputs(batch), use_cache=False).last_hidden_state
+    inputs = model_inputs(batch)
+    if "position_ids" in inputs and attention.active(model):  # packed rows: one attention call per example
+        inputs.update(attention.varlen_kwargs(inputs["position_ids"]))
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state
     keep = target != -100
     return head, hidden[keep], target[keep], keep.nonzero()[:, 0]
 
@@ -110,7 +135,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for i in range(0, target.numel(), FUSED_CHUNK):
             h, t = hidden[i : i + FUSED_CHUNK], target[i : i + FUSED_CHUNK]
-            logits = h @ weight.t()
+            logits = torch.mm(h, weight.t(), out=_logits_buffer(len(h), weight.shape[0], h))
             picked = logits.gather(1, t[:, None])
             # softmax in place over the one [chunk, vocab] buffer (2.5x faster on a CPU than logsumexp
             # and a second exp), its log-normaliser lse = max + log(sum) kept for the loss
