@@ -67,16 +67,17 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: boo
     g = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     grad_x = grad_a = grad_b = None
+    g_b = None if p.lora_a is None else g @ p.lora_b  # [rows, r]: for dA, and for dx when not folded
     if need_x:
         if p.lora_a is None:
             grad_x = g @ p.weight
         elif _rows(g) > p.weight.shape[0]:
             grad_x = g @ torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale)
         else:
-            grad_x = (g @ p.weight).addmm_(g @ p.lora_b, p.lora_a, alpha=p.scale)
+            grad_x = (g @ p.weight).addmm_(g_b, p.lora_a, alpha=p.scale)
         grad_x = grad_x.view(x.shape)
     if p.lora_a is not None:
-        grad_a = (g @ p.lora_b).t().mm(x2).mul_(p.scale)
+        grad_a = g_b.t().mm(x2).mul_(p.scale)
         grad_b = g.t().mm(x2 @ p.lora_a.t()).mul_(p.scale)
     return grad_x, grad_a, grad_b
 

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from tunelab.config import dump_config
+from tunelab.models import attention
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
+from tunelab.training.loss import free_buffers as free_loss_buffers
 from tunelab.training.stages import Stage, stage_for
 
 
@@ -198,6 +200,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     method = get_method(cfg.method.name)
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
+    attention.install(model)  # packed rows: one causal attention call per example (models/attention.py)
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
@@ -360,6 +363,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         log(f"interrupted: checkpoint written to {path}; continue with: tunelab train CONFIG --resume")
     finally:
         progress.close()
+        free_loss_buffers()
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
 
