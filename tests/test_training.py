@@ -118,6 +118,27 @@ def test_packed_epoch_counts_every_token_once_and_no_padding(tiny_dir, data_file
     assert m["tokens"] == m["data_tokens"]  # rows are padded to the widest in their batch: not counted
 
 
+def test_packed_training_attends_per_example_with_the_same_losses(tiny_dir, data_file, tmp_path, monkeypatch):
+    from tunelab.models import attention
+
+    def run(name):
+        cfg = make_cfg(tiny_dir, data_file, tmp_path / name, max_steps=3, batch_size=3)
+        cfg.data.packing, cfg.data.max_length, cfg.method.dropout = True, 160, 0.0
+        tunelab.train(cfg)
+        return losses(tmp_path / name)
+
+    calls = []
+    real = attention.packed_attention
+    monkeypatch.setattr(attention, "packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    per_example = run("per-example")
+    assert calls  # the loop installed it for the packed run
+    monkeypatch.setattr(attention, "install", lambda model: False)
+    masked = run("masked")
+    assert per_example.keys() == masked.keys() and len(masked) == 3
+    for step in masked:
+        assert abs(per_example[step] - masked[step]) < 1e-5
+
+
 def test_cli_train_with_overrides_then_generate(tiny_dir, data_file, tmp_path, capsys):
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump({"model": {"name": tiny_dir}, "data": {"train": data_file}}))

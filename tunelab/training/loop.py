@@ -200,7 +200,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     method = get_method(cfg.method.name)
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
-    attention.install(model)  # packed rows: one causal attention call per example (models/attention.py)
+    if getattr(cfg.data, "packing", False):  # one causal attention call per packed example (models/attention.py)
+        attention.install(model)
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
