@@ -2,12 +2,14 @@
 
 import copy
 
+import pytest
 import torch
 
 from tunelab.methods import get
 from tunelab.models import attention
 from tunelab.testing import tiny_llama
 from tunelab.training import loss as L
+from tunelab.training.loop import enable_gradient_checkpointing
 
 
 def packed_batch():
@@ -36,8 +38,11 @@ def test_varlen_boundaries_cover_flattened_rows():
     assert kw["max_length_q"] == 24 and kw["cu_seq_lens_k"] is kw["cu_seq_lens_q"]
 
 
-def test_packed_attention_loss_and_grads_equal_masked_sdpa():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_attention_loss_and_grads_equal_masked_sdpa(checkpointing):
     plain = lora_model()
+    if checkpointing:  # the recomputed forward must take the same per-example path
+        enable_gradient_checkpointing(plain)
     packed = copy.deepcopy(plain)
     assert attention.install(packed) and attention.active(packed) and not attention.active(plain)
     calls = []
@@ -46,13 +51,13 @@ def test_packed_attention_loss_and_grads_equal_masked_sdpa():
     try:
         b = packed_batch()
         loss_packed, n = L.token_loss_sum(packed, b)
+        loss_packed.backward()
     finally:
         torch.nn.functional.scaled_dot_product_attention = real
-    # two layers, seven examples each, all causal and unmasked
-    assert calls == [True] * 14
+    # two layers, seven examples each, all causal and unmasked (once more per layer when recomputed)
+    assert calls == [True] * 14 * (2 if checkpointing else 1)
     loss_plain, n_plain = L.token_loss_sum(plain, b)
     assert n == n_plain and abs(loss_packed.item() - loss_plain.item()) < 1e-5 * loss_plain.item()
-    loss_packed.backward()
     loss_plain.backward()
     grads = {k: p.grad for k, p in plain.named_parameters() if p.requires_grad}
     for k, p in packed.named_parameters():
