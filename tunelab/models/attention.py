@@ -56,19 +56,19 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         lengths[start // length].append(end - start)
     gqa = key.shape[1] != heads
     drop = dropout if module.training else 0.0
-    out = []
+    pieces = []
     # unbind and split, not slicing: their backward is one stack / cat, where each slice's backward
     # would write its gradient into a zero-filled tensor the size of the whole batch
     for n, q, k, v in zip(lengths, query.unbind(0), key.unbind(0), value.unbind(0)):
-        pieces = [
-            F.scaled_dot_product_attention(
+        for qs, ks, vs in zip(q.split(n, dim=1), k.split(n, dim=1), v.split(n, dim=1)):
+            out = F.scaled_dot_product_attention(
                 qs[None], ks[None], vs[None], dropout_p=drop, is_causal=True, scale=scaling, enable_gqa=gqa
-            )[0].transpose(0, 1)  # [piece, heads, dim]
-            for qs, ks, vs in zip(q.split(n, dim=1), k.split(n, dim=1), v.split(n, dim=1))
-        ]
-        out.append(torch.cat(pieces, dim=0))
-    # transformers' attention functions return [rows, length, heads, dim]
-    return torch.stack(out), None
+            )
+            pieces.append(out[0].transpose(0, 1))  # [piece, heads, dim]
+    # the examples tile the flattened [rows * length] positions in order; transformers' attention
+    # functions return [rows, length, heads, dim]
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return out.reshape(rows, length, heads, dim), None
 
 
 def active(model) -> bool:
