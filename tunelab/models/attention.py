@@ -9,7 +9,7 @@ flash-attention's varlen path reads, over the flattened `[rows * length]` positi
 example gets its own `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`: the kernel
 skips the blocks above the diagonal, nothing is repeated, and no other example can be seen. Same
 result as the masked call to rounding (tests/test_attention.py); on SmolLM2 LoRA SFT one layer's
-attention forward + backward takes ~1.5x less time.
+attention forward + backward over 4 packed rows of 256 takes ~25-32 ms instead of ~32-42 ms.
 
 Anything else (no boundaries, a KV cache, sliding windows, soft-capping, sinks, non-causal modules)
 goes to transformers' own SDPA function unchanged, so generation and evaluation behave as before.
