@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tunelab.evaluation import metrics as M
+from tunelab.models.loading import unwrap
 
 
 def evaluate(
@@ -68,7 +69,7 @@ def evaluate(
         if prefix is None:
             from tunelab.training.stages import T5_PREFIXES
 
-            t5 = _inner(model).config.model_type in ("t5", "mt5", "umt5")
+            t5 = unwrap(model).config.model_type in ("t5", "mt5", "umt5")
             prefix = T5_PREFIXES.get(task.name, "") if t5 else ""
         beams = num_beams or run_task.get("num_beams", 1)
         hyps = generate_seq2seq(
@@ -147,21 +148,16 @@ def _plain_encoder_decoder(spec: str) -> bool:
         return False
 
 
-def _inner(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _is_span_qa(model) -> bool:
-    return type(_inner(model)).__name__.endswith("ForQuestionAnswering")
+    return type(unwrap(model)).__name__.endswith("ForQuestionAnswering")
 
 
 def _is_encoder_decoder(model) -> bool:
-    return bool(getattr(_inner(model).config, "is_encoder_decoder", False))
+    return bool(getattr(unwrap(model).config, "is_encoder_decoder", False))
 
 
 def _is_classifier(model) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return type(inner).__name__.endswith("ForSequenceClassification")
+    return type(unwrap(model)).__name__.endswith("ForSequenceClassification")
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ from pydantic import Field
 
 from tunelab.methods import lora
 from tunelab.methods.base import freeze_all
+from tunelab.models.loading import unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ def merge(model):
     from peft.tuners.lora import LoraLayer
 
     bnb = _bnb()
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     with torch.no_grad():
         for name, module in list(inner.named_modules()):
             if isinstance(module, LoraLayer):

@@ -13,6 +13,7 @@ from tunelab.models.loading import (
     load_model,
     load_tokenizer,
     resolve_device,
+    unwrap,
 )
 from tunelab.models.sources import NAMED, ModelError, count_parameters, named_models, resolve, tunelab_home
 
@@ -28,4 +29,5 @@ __all__ = [
     "resolve",
     "resolve_device",
     "tunelab_home",
+    "unwrap",
 ]

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunelab.models.loading import unwrap
+
 NAME = "tunelab_packed"
 
 
@@ -72,7 +74,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 
 def active(model) -> bool:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     return getattr(getattr(inner, "config", None), "_attn_implementation", None) == NAME
 
 
@@ -81,7 +83,7 @@ def install(model) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     config = getattr(inner, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
         return False

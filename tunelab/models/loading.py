@@ -24,6 +24,11 @@ CHATML_TEMPLATE = (
 )
 
 
+def unwrap(model):
+    """The transformers model inside a PEFT wrapper, or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def resolve_device(device) -> torch.device:
     """`auto` picks $TUNELAB_DEVICE if set, else cuda, then mps, then cpu; anything else is handed to
     torch.device. (The test suite sets TUNELAB_DEVICE=cpu so that it behaves the same on a GPU machine.)"""

@@ -32,6 +32,7 @@ import os
 
 import torch
 
+from tunelab.models.loading import unwrap
 from tunelab.training import checkpoint as ckpt
 
 
@@ -54,7 +55,7 @@ class LossModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.loss_sum = loss_sum
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        inner = unwrap(model)
         # FSDP's default auto-wrap policy shards the blocks the model names here (LlamaDecoderLayer ...)
         self._no_split_modules = getattr(inner, "_no_split_modules", None)
 

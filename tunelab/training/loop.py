@@ -23,6 +23,7 @@ import torch
 
 from tunelab.config import dump_config
 from tunelab.models import attention
+from tunelab.models.loading import unwrap
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
 from tunelab.training.loss import free_buffers as free_loss_buffers
@@ -200,7 +201,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     method = get_method(cfg.method.name)
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
-    if getattr(cfg.data, "packing", False):  # one causal attention call per packed example (models/attention.py)
+    if cfg.data.packing:  # one causal attention call per packed example (models/attention.py)
         attention.install(model)
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -459,7 +460,7 @@ def release_freed_memory(on: bool = True) -> None:
 def enable_gradient_checkpointing(model) -> None:
     """Transformers' per-layer checkpointing, non-reentrant: it needs no input that requires grad, so
     frozen embeddings (LoRA, prompt methods) need no `enable_input_require_grads` workaround."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise ValueError(
             f"training.gradient_checkpointing: {type(inner).__name__} does not support it; set it to false"

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.models import attention
+from tunelab.models.loading import unwrap
 
 # label positions per chunk of logits: SmolLM2's 49k-word vocabulary makes a chunk of 256 48 MB
 CHUNK = 256  # without a fused gradient: evaluation, DPO's log-probs, autocast
@@ -62,7 +63,7 @@ def backbone_and_head(model):
     peft_cfg = getattr(model, "active_peft_config", None)
     if peft_cfg is not None and getattr(peft_cfg, "is_prompt_learning", False):
         return None
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = unwrap(model)
     cfg = getattr(inner, "config", None)
     if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return None
