@@ -179,6 +179,13 @@ class TrainingConfig(Section):
         "at 128 KiB): peak RSS ~30% lower, steps ~1.6x slower on CPU (page faults). null = on with "
         "gradient_checkpointing (the low-memory setting), off otherwise. See docs/performance.md.",
     )
+    compact_frozen: bool = Field(
+        True,
+        description="LoRA: keep each frozen fp32 base weight in the compact form its values came from (the "
+        "8-bit blocks of a GGUF model, or bf16) when it decodes back bit for bit, and decode it where a matmul "
+        "needs it: the same training to the bit, ~300 MB less for the default model, one elementwise pass per "
+        "weight use. One process only. See docs/performance.md.",
+    )
     tensorboard: bool = Field(True, description="Write TensorBoard event logs under the run folder.")
     progress: bool = Field(True, description="Show a progress bar.")
 

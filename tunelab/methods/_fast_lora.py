@@ -36,11 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.models.compact import CompactLinear, CompactWeight, _scratch
+
 
 class _Parts(NamedTuple):
-    """A linear map y = x (W + s B A)^T + bias; A and B are None for a frozen plain Linear."""
+    """A linear map y = x (W + s B A)^T + bias; A and B are None for a frozen plain Linear. W is a
+    tensor, or a CompactWeight decoded where it is used (models/compact.py)."""
 
-    weight: torch.Tensor
+    weight: torch.Tensor | CompactWeight
     bias: torch.Tensor | None
     lora_a: torch.Tensor | None
     lora_b: torch.Tensor | None
@@ -51,13 +54,25 @@ def _rows(t: torch.Tensor) -> int:
     return t.numel() // t.shape[-1]
 
 
+def _dense(p: _Parts) -> torch.Tensor:
+    """W, for one matmul now (a compact W is decoded into a shared buffer)."""
+    return p.weight.dense(scratch=True) if isinstance(p.weight, CompactWeight) else p.weight
+
+
+def _folded(p: _Parts) -> torch.Tensor:
+    """W + s B A, for one matmul now, in a buffer shared by the weights of this shape."""
+    if isinstance(p.weight, CompactWeight):
+        return p.weight.dense(scratch=True).addmm_(p.lora_b, p.lora_a, alpha=p.scale)
+    return torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale, out=_scratch(p.weight.shape, p.weight.device))
+
+
 def _linear(x: torch.Tensor, p: _Parts) -> torch.Tensor:
     if p.lora_a is None:
-        return F.linear(x, p.weight, p.bias)
+        return F.linear(x, _dense(p), p.bias)
     if _rows(x) > p.weight.shape[1]:  # fold: a weight-sized write is cheaper than an output-sized pass
-        return F.linear(x, torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale), p.bias)
+        return F.linear(x, _folded(p), p.bias)
     x2 = x.reshape(-1, x.shape[-1])
-    out = F.linear(x2, p.weight, p.bias)
+    out = F.linear(x2, _dense(p), p.bias)
     out.addmm_(x2 @ p.lora_a.t(), p.lora_b.t(), alpha=p.scale)
     return out.view(*x.shape[:-1], -1)
 
@@ -70,11 +85,11 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: boo
     g_b = None if p.lora_a is None else g @ p.lora_b  # [rows, r]: for dA, and for dx when not folded
     if need_x:
         if p.lora_a is None:
-            grad_x = g @ p.weight
+            grad_x = g @ _dense(p)
         elif _rows(g) > p.weight.shape[0]:
-            grad_x = g @ torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale)
+            grad_x = g @ _folded(p)
         else:
-            grad_x = (g @ p.weight).addmm_(g_b, p.lora_a, alpha=p.scale)
+            grad_x = (g @ _dense(p)).addmm_(g_b, p.lora_a, alpha=p.scale)
         grad_x = grad_x.view(x.shape)
     if p.lora_a is not None:
         grad_a = g_b.t().mm(x2).mul_(p.scale)
@@ -82,11 +97,17 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: boo
     return grad_x, grad_a, grad_b
 
 
+def _tensor_or_none(weight) -> tuple[torch.Tensor | None]:
+    """What save_for_backward keeps of a weight: the tensor, or None for a CompactWeight (kept on ctx)."""
+    return (None if isinstance(weight, CompactWeight) else weight,)
+
+
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
         p = _Parts(weight, bias, lora_a, lora_b, scale)
-        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        ctx.save_for_backward(x, *_tensor_or_none(weight), lora_a, lora_b)
+        ctx.compact = weight if isinstance(weight, CompactWeight) else None
         ctx.scale = scale
         ctx.has_bias = bias is not None and bias.requires_grad
         return _linear(x, p)
@@ -94,7 +115,7 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_a, lora_b = ctx.saved_tensors
-        p = _Parts(weight, None, lora_a, lora_b, ctx.scale)
+        p = _Parts(ctx.compact or weight, None, lora_a, lora_b, ctx.scale)
         grad_x, grad_a, grad_b = _linear_backward(grad, x, p, ctx.needs_input_grad[0])
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
         return grad_x, None, grad_bias, grad_a, grad_b, None
@@ -108,14 +129,19 @@ class _SwiGLU(torch.autograd.Function):
         gate, up, down = (_Parts(*flat[i : i + 5]) for i in (0, 5, 10))
         g, u = _linear(x, gate), _linear(x, up)
         out = _linear(F.silu(g).mul_(u), down)
-        ctx.save_for_backward(x, g, u, *(t for p in (gate, up, down) for t in (p.weight, p.lora_a, p.lora_b)))
+        ctx.save_for_backward(
+            x, g, u, *(t for p in (gate, up, down) for t in (*_tensor_or_none(p.weight), p.lora_a, p.lora_b))
+        )
+        ctx.compact = [p.weight if isinstance(p.weight, CompactWeight) else None for p in (gate, up, down)]
         ctx.scales = gate.scale, up.scale, down.scale
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, g, u, *w = ctx.saved_tensors
-        gate, up, down = (_Parts(w[3 * k], None, w[3 * k + 1], w[3 * k + 2], ctx.scales[k]) for k in range(3))
+        gate, up, down = (
+            _Parts(ctx.compact[k] or w[3 * k], None, w[3 * k + 1], w[3 * k + 2], ctx.scales[k]) for k in range(3)
+        )
         sig = torch.sigmoid(g)
         silu = g * sig
         grad_h, grad_da, grad_db = _linear_backward(grad, silu * u, down)
@@ -135,7 +161,7 @@ def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
     """The pieces of a frozen dense Linear, or of a PEFT LoRA Linear this path covers; else None."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(layer) is nn.Linear:
+    if type(layer) in (nn.Linear, CompactLinear):
         base, a, b, s = layer, None, None, 1.0
     elif isinstance(layer, LoraLinear):
         active = layer.active_adapters
@@ -147,7 +173,7 @@ def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
             name not in layer.lora_A
             or name in getattr(layer, "lora_variant", {})
             or not isinstance(layer.lora_dropout[name], nn.Identity)
-            or type(base) is not nn.Linear
+            or type(base) not in (nn.Linear, CompactLinear)
             or getattr(layer, "fan_in_fan_out", False)
             or layer.lora_A[name].weight.dtype != x.dtype
         ):
@@ -155,6 +181,10 @@ def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
         a, b, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
     else:
         return None
+    if type(base) is CompactLinear:
+        if x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+            return None
+        return _Parts(base.compact, base.bias, a, b, s)
     if base.weight.requires_grad or x.dtype != base.weight.dtype or torch.is_autocast_enabled(x.device.type):
         return None
     return _Parts(base.weight, base.bias, a, b, s)

@@ -1,0 +1,142 @@
+"""Frozen base weights kept compact decode to the very same fp32 bits, and LoRA trains on them exactly
+as on the fp32 weights (models/compact.py)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tunelab
+from tunelab.config import load_config
+from tunelab.methods import get
+from tunelab.models.compact import BLOCK, CompactLinear, compact_frozen_linears, encode
+from tunelab.testing import save_tiny_model_dir, tiny_llama
+from tunelab.training.loss import token_loss_sum
+
+
+def gguf_like(shape, kind: str = "q4_1", stride: int = 1, seed: int = 0) -> torch.Tensor:
+    """fp32 values as GGUF's decoders make them, per block of 32: Q4_1 offset + step * code (codes 0..15,
+    fp16 step and offset), Q8_0 step * code (codes -128..127); stride 2 leaves every other code unused."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = shape[0] * shape[1] // BLOCK
+    step = (torch.rand(blocks, 1, generator=g) * 0.02 + 1e-3).half().float()
+    if kind == "q8_0":
+        codes = torch.randint(-128, 128, (blocks, BLOCK), generator=g).float()
+        return (codes * step).view(shape)
+    offset = (-torch.rand(blocks, 1, generator=g) * 0.2).half().float()
+    codes = (torch.randint(0, 16 // stride, (blocks, BLOCK), generator=g) * stride).float()
+    return (codes * step + offset).view(shape)
+
+
+@pytest.mark.parametrize("kind,stride", [("q4_1", 1), ("q4_1", 2), ("q8_0", 1)])
+def test_gguf_blocks_round_trip_bit_for_bit(kind, stride):
+    w = gguf_like((48, 96), kind, stride)
+    c = encode(w)
+    assert c is not None and c.codes.dtype == torch.uint8
+    assert torch.equal(c.dense(), w)
+    assert torch.equal(c.dense(scratch=True), w)
+    assert c.nbytes < w.numel() * 4 / 3  # 1 byte per weight + 8 per block, against 4
+
+
+def test_bf16_values_are_kept_as_bf16_and_other_weights_are_left_alone():
+    w = torch.randn(8, 64).bfloat16().float()
+    c = encode(w)
+    assert c.codes.dtype == torch.bfloat16 and torch.equal(c.dense(), w)
+    assert encode(torch.randn(8, 64)) is None  # arbitrary fp32: nothing smaller decodes exactly
+    assert encode(gguf_like((8, 64))[:, :32].contiguous()) is not None  # whole blocks
+    assert encode(gguf_like((8, 64))[:, :40].contiguous()) is None  # 40 inputs: not whole blocks
+
+
+def _gguf_llama():
+    model = tiny_llama()
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "layers" in name:
+            p.data = gguf_like(tuple(p.shape), seed=hash(name) % 1000)
+    return model
+
+
+def _lora(model, dropout):
+    torch.manual_seed(0)
+    method = get("lora")
+    model = method.apply(model, method.Config(r=4, alpha=8, dropout=dropout))
+    for name, p in model.named_parameters():  # B starts at zero: give it values so every gradient is non-trivial
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    torch.manual_seed(1)  # the same dropout masks on both sides
+    loss, n = token_loss_sum(model, batch)
+    (loss / n).backward()
+    return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+
+
+# dropout 0: tunelab's fused LoRA path, 1 x 12 tokens (low-rank term added) and 4 x 40 (folded);
+# dropout 0.1: PEFT's own forward around the compact base layer.
+@pytest.mark.parametrize("dropout,shape", [(0.0, (1, 12)), (0.0, (4, 40)), (0.1, (4, 40))])
+def test_lora_on_a_compact_base_gives_the_same_loss_and_gradients(dropout, shape):
+    plain = _lora(_gguf_llama(), dropout)
+    compact = copy.deepcopy(plain)
+    n, saved = compact_frozen_linears(compact)
+    assert n == 14 and saved > 0  # 2 layers x 7 linear layers
+    bases = [m.base_layer for m in compact.modules() if hasattr(m, "lora_A")]
+    assert bases and all(type(b) is CompactLinear for b in bases)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 320, shape, generator=g)
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    loss, grads = _loss_and_grads(plain, batch)
+    loss_c, grads_c = _loss_and_grads(compact, batch)
+    assert torch.equal(loss, loss_c)
+    assert grads.keys() == grads_c.keys() and len(grads) == 28
+    for k in grads:
+        assert torch.equal(grads[k], grads_c[k]), k
+    # the decoded weight is what the model had
+    first = plain.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight
+    assert torch.equal(compact.get_base_model().model.layers[0].mlp.down_proj.base_layer.weight, first)
+
+
+def test_compaction_leaves_fp32_weights_that_do_not_decode_exactly():
+    model = _lora(tiny_llama(), 0.0)  # random fp32 weights
+    assert compact_frozen_linears(model) == (0, 0)
+    assert not any(isinstance(m, CompactLinear) for m in model.modules())
+
+
+def test_training_with_compact_base_writes_the_same_adapter(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_model_dir(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    for p in model.parameters():  # a bf16 checkpoint loaded as fp32
+        p.data = p.data.bfloat16().float()
+    model.save_pretrained(folder)
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": f"It is {i}."} for i in range(16)]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+
+    def run(name, compact):
+        cfg = load_config(
+            {
+                "output_dir": str(tmp_path / name),
+                "model": {"name": folder, "dtype": "float32"},
+                "data": {"train": str(tmp_path / "train.json"), "val_fraction": 0.0, "max_length": 64},
+                "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                "training": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False, "tensorboard": False,
+                             "device": "cpu", "compact_frozen": compact},
+            }
+        )
+        result = tunelab.train(cfg)
+        lines = [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in lines if "loss" in r]
+        return losses, load_file(str(result.final_dir / "adapter_model.safetensors"))
+
+    compact_losses, compact_adapter = run("compact", True)
+    assert "14 frozen base weights kept compact" in capsys.readouterr().err
+    plain_losses, plain_adapter = run("plain", False)
+    assert "kept compact" not in capsys.readouterr().err
+    assert len(plain_losses) == 3 and compact_losses == plain_losses
+    assert compact_adapter.keys() == plain_adapter.keys()
+    for k in plain_adapter:
+        assert torch.equal(compact_adapter[k], plain_adapter[k]), k

@@ -1,0 +1,209 @@
+"""Frozen fp32 weights kept in the compact form their values came from, decoded exactly when used.
+
+A model read from a GGUF file reaches tunelab as fp32, yet its values are not arbitrary floats: a
+Q4_1 / Q8_0 tensor holds, in every block of 32 weights, at most 16 (256) values `m + d q` with one
+offset `m` and one step `d` per block. The default model, SmolLM2-135M-Instruct.Q4_1, is such a
+file: its 210 linear weights are 425 MB as fp32 and 133 MB as one byte per weight plus a step and
+an offset per block. Likewise a hub checkpoint stored in bf16 and loaded as fp32 has values that
+bf16 holds exactly. For a frozen base (LoRA), keeping those bytes and decoding each weight when a
+matmul needs it gives the very same fp32 numbers, so training is bit-identical, for ~300 MB less
+memory on SmolLM2 and one elementwise pass per weight use.
+
+Nothing is assumed: `encode` finds a block step and offset and keeps them only if decoding gives
+back every value bit for bit; a weight that does not decode exactly stays as it is.
+
+Why by hand: bitsandbytes and torchao quantize (lossy, NF4 / int8 / int4) and compute in their own
+kernels; none stores an already-quantized fp32 tensor losslessly and hands back the exact fp32
+weight for an fp32 matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK = 32
+
+
+class CompactWeight:
+    """An fp32 weight as (codes, step, offset): w = offset + step * codes per block of BLOCK, or as bf16."""
+
+    def __init__(self, shape, codes: torch.Tensor, step: torch.Tensor | None = None, offset: torch.Tensor | None = None):
+        self.shape, self.codes, self.step, self.offset = torch.Size(shape), codes, step, offset
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.step, self.offset) if t is not None)
+
+    def dense(self, scratch: bool = False) -> torch.Tensor:
+        """The fp32 weight, decoded into a new tensor, or (scratch=True) into a buffer shared by every
+        weight of this shape, valid until the next scratch decode: for a weight used once, at once."""
+        if scratch:
+            out = _scratch(self.shape, self.codes.device)
+        else:
+            out = torch.empty(self.shape, dtype=torch.float32, device=self.codes.device)
+        if self.step is None:
+            return out.copy_(self.codes)
+        return _decode(self.codes, self.step, self.offset, out.view(self.codes.shape)).view(self.shape)
+
+
+def _decode(codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """offset + step * codes, per block. step * code is exact (a code has at most 8 bits, a GGUF step
+    11), so this rounds once, like the GGUF decoder; three fast passes, 4x quicker here than one
+    type-promoting addcmul."""
+    return out.copy_(codes).mul_(step).add_(offset)
+
+    def to(self, device) -> CompactWeight:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return CompactWeight(self.shape, move(self.codes), move(self.step), move(self.offset))
+
+
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """One reused buffer per (shape, device, thread). Why: a decoded weight lives for one matmul; a fresh
+    multi-MB tensor per use is mapped and faulted in anew, or leaves holes in malloc's heap between
+    the activations a pass keeps."""
+    import threading
+
+    key = (tuple(shape), device, threading.get_ident())
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        buf = _SCRATCH[key] = torch.empty(shape, dtype=torch.float32, device=device)
+    return buf
+
+
+def free_scratch() -> None:
+    _SCRATCH.clear()
+
+
+def encode(weight: torch.Tensor, max_tries: int = 15) -> CompactWeight | None:
+    """The compact form that decodes to exactly `weight` (fp32), or None when there is none smaller."""
+    w = weight.detach()
+    if w.dtype != torch.float32 or w.dim() != 2:
+        return None
+    half = w.to(torch.bfloat16)
+    if torch.equal(half.float(), w):
+        return CompactWeight(w.shape, half)
+    if w.shape[1] % BLOCK:
+        return None
+    v = w.reshape(-1, BLOCK)
+    offset = v.amin(1, keepdim=True)
+    diff = v - offset
+    # the smallest gap above the block minimum is the step, or a multiple of it when code 1 is unused
+    gap = torch.where(diff > 0, diff, torch.full_like(diff, float("inf"))).amin(1, keepdim=True)
+    gap = torch.where(torch.isinf(gap), torch.ones_like(gap), gap)  # a constant block: any step
+    step = torch.empty_like(gap)
+    codes = torch.empty(v.shape, dtype=torch.uint8, device=w.device)
+    todo = torch.arange(v.shape[0], device=w.device)
+    # the step is the gap / k for a small k in most blocks; in the rest (sparse 8-bit codes), the gcd of the gaps
+    for k in [*range(1, max_tries + 1), None]:
+        s = gap[todo] / k if k else _gcd(diff[todo])
+        q = torch.round(diff[todo] / s)
+        ok = (q <= 255).all(1) & torch.eq(_decode(q, s, offset[todo], torch.empty_like(q)), v[todo]).all(1)
+        done = todo[ok]
+        step[done], codes[done] = s[ok], q[ok].to(torch.uint8)
+        todo = todo[~ok]
+        if todo.numel() == 0:
+            return CompactWeight(w.shape, codes, step, offset)
+    return None
+
+
+def _gcd(x: torch.Tensor) -> torch.Tensor:
+    """Per row, the largest step of which every entry of x (>= 0) is a whole multiple: Euclid with fmod,
+    which is exact in floating point, reducing the columns pairwise."""
+    while x.shape[1] > 1:
+        if x.shape[1] % 2:
+            x = torch.cat([x, torch.zeros_like(x[:, :1])], 1)
+        a, b = x[:, 0::2].clone(), x[:, 1::2].clone()
+        for _ in range(64):  # 8-bit codes: Euclid ends within a dozen rounds
+            live = b > 0
+            if not live.any():
+                break
+            a, b = torch.where(live, b, a), torch.where(live, torch.fmod(a, torch.where(live, b, 1.0)), 0.0)
+        x = a
+    return torch.where(x > 0, x, torch.ones_like(x))
+
+
+class _Decoded(torch.autograd.Function):
+    """x W^T + b for a frozen compact W: decoded in the forward pass and again in the backward pass,
+    so no fp32 copy of W is kept in between."""
+
+    @staticmethod
+    def forward(ctx, x, bias, weight):
+        ctx.weight = weight
+        return F.linear(x, weight.dense(scratch=True), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.weight.dense(scratch=True), None, None
+
+
+class CompactLinear(nn.Module):
+    """A frozen nn.Linear whose weight is a CompactWeight. `.weight` decodes a fresh fp32 copy (read
+    only: writing into it changes nothing, so merge adapters into a model loaded from disk)."""
+
+    def __init__(self, linear: nn.Linear, weight: CompactWeight):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compact = weight
+        self.bias = linear.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.compact.dense()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def _apply(self, fn, recurse=True):  # .to(device) moves the codes; a dtype cast is refused
+        probe = fn(torch.zeros((), dtype=torch.float32, device=self.compact.codes.device))
+        if probe.dtype != torch.float32:
+            raise TypeError("a compacted model is fp32: cast the model before compact_frozen_linears")
+        self.compact = self.compact.to(probe.device)
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:  # e.g. under autocast: the plain path on the decoded weight
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return _Decoded.apply(x, self.bias, self.compact)
+
+    def extra_repr(self) -> str:
+        kind = "bf16" if self.compact.step is None else f"{BLOCK}-blocks of 8-bit codes"
+        return f"in_features={self.in_features}, out_features={self.out_features}, exact {kind}"
+
+
+def compact_frozen_linears(model) -> tuple[int, int]:
+    """Replace every frozen fp32 nn.Linear under a PEFT LoRA layer (its base layer) whose weight has an
+    exact compact form by a CompactLinear. Returns (layers compacted, bytes saved)."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    n = saved = 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None) if isinstance(module, LoraLayer) else None
+        if type(base) is not nn.Linear or base.weight.requires_grad:
+            continue
+        compact = encode(base.weight)
+        if compact is None:
+            continue
+        saved += base.weight.numel() * 4 - compact.nbytes
+        module.base_layer = CompactLinear(base, compact)
+        n += 1
+    if n:
+        _own_storage(model)
+    return n, saved
+
+
+def _own_storage(model) -> None:
+    """Copy the frozen CPU tensors left (embeddings, norms) out of the file they were loaded from.
+
+    transformers maps a safetensors file into memory and every weight is a view of that one mapping,
+    so the pages of the weights just compacted stay resident until no view of the file is left."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "cpu" and not t.requires_grad:
+            t.data = t.data.clone()
