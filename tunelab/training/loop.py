@@ -435,29 +435,28 @@ def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict
     return final
 
 
-_MMAP_PINNED = False
-
-
 def release_freed_memory(on: bool = True) -> None:
-    """Make freed activation buffers go back to the OS at once, or (on=False) let malloc keep them.
+    """Make freed activation buffers go back to the OS at once, or (on=False) keep them in malloc's heap
+    for reuse from the first step on.
 
-    Linux / glibc only; a no-op elsewhere. glibc raises its mmap threshold each time a large block is
-    freed (up to 32 MiB), after which freed activations stay in the heap for reuse. That is fast, but
-    peak RSS climbs well above what a step holds at once (SmolLM2 LoRA SFT, batch 4 x 256: 3.95 GB
-    against 2.86 GB; with gradient checkpointing 1.87 GB against 1.31 GB). Pinning the threshold at
-    128 KiB (mallopt M_MMAP_THRESHOLD) returns every large block on free; the price is a page fault
-    per 4 KiB when the next step allocates again: steps are ~1.6x slower (docs/performance.md).
-    mallopt is process-wide, so on=False undoes an earlier pin (32 MiB: glibc's dynamic ceiling).
+    Linux / glibc only; a no-op elsewhere. mallopt is process-wide and the last call wins.
+    - on: the mmap threshold pinned at 128 KiB (M_MMAP_THRESHOLD) returns every large block on free.
+      Peak RSS stays near what a step holds (SmolLM2 LoRA SFT, batch 4 x 256: 2.05 GB against ~3 GB),
+      but every later allocation takes a page fault per 4 KiB: steps ~1.6x slower (docs/performance.md).
+    - off: glibc's own threshold starts at 128 KiB and only rises as mmapped blocks are freed, so the
+      first step's activations are mapped, faulted in, freed and then made again in the heap: 1-3 GB
+      of page faults, and at one row per pass a transient peak above every later step (1,530 against
+      1,353 MB). Fixing the threshold at 32 MiB (glibc's own ceiling) and the heap's trim threshold at
+      256 MiB from the start gives the later steps' behaviour from step one.
     """
-    global _MMAP_PINNED
-    if not sys.platform.startswith("linux") or (not on and not _MMAP_PINNED):
+    if not sys.platform.startswith("linux"):
         return
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024 if on else 32 * 1024 * 1024)  # M_MMAP_THRESHOLD
-        _MMAP_PINNED = on
+        libc.mallopt(-3, 128 * 1024 if on else 32 * 2**20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024 if on else 256 * 2**20)  # M_TRIM_THRESHOLD (glibc's default: 128 KiB)
     except (OSError, AttributeError):
         pass
 
