@@ -76,10 +76,18 @@ def _loss_and_grads(model, batch):
 
 
 # dropout 0: tunelab's fused LoRA path, 1 x 12 tokens (low-rank term added) and 4 x 40 (folded);
-# dropout 0.1: PEFT's own forward around the compact base layer.
-@pytest.mark.parametrize("dropout,shape", [(0.0, (1, 12)), (0.0, (4, 40)), (0.1, (4, 40))])
-def test_lora_on_a_compact_base_gives_the_same_loss_and_gradients(dropout, shape):
+# dropout 0.1: PEFT's own forward around the compact base layer; then both with gradient checkpointing.
+@pytest.mark.parametrize(
+    "dropout,shape,checkpointing",
+    [(0.0, (1, 12), False), (0.0, (4, 40), False), (0.1, (4, 40), False), (0.0, (4, 40), True), (0.1, (4, 40), True)],
+)
+def test_lora_on_a_compact_base_gives_the_same_loss_and_gradients(dropout, shape, checkpointing):
+    from tunelab.training.loop import enable_gradient_checkpointing
+
     plain = _lora(_gguf_llama(), dropout)
+    if checkpointing:
+        enable_gradient_checkpointing(plain)
+        plain.train()
     compact = copy.deepcopy(plain)
     n, saved = compact_frozen_linears(compact)
     assert n == 14 and saved > 0  # 2 layers x 7 linear layers

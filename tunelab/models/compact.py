@@ -98,9 +98,14 @@ def encode(weight: torch.Tensor, max_tries: int = 15) -> CompactWeight | None:
     step = torch.empty_like(gap)
     codes = torch.empty(v.shape, dtype=torch.uint8, device=w.device)
     todo = torch.arange(v.shape[0], device=w.device)
-    # the step is the gap / k for a small k in most blocks; in the rest (sparse 8-bit codes), the gcd of the gaps
-    for k in [*range(1, max_tries + 1), None]:
-        s = gap[todo] / k if k else _gcd(diff[todo])
+    top = diff.amax(1, keepdim=True)
+    # candidate steps, cheapest first: range / 15 (a 4-bit block using its top code, most Q4_1 blocks),
+    # the smallest gap / k for a small k, then the gcd of the gaps (sparse 8-bit codes)
+    for k in [0, *range(1, max_tries + 1), None]:
+        if k == 0:
+            s = torch.where(top[todo] > 0, top[todo] / 15, gap[todo])
+        else:
+            s = gap[todo] / k if k else _gcd(diff[todo])
         q = torch.round(diff[todo] / s)
         ok = (q <= 255).all(1) & torch.eq(_decode(q, s, offset[todo], torch.empty_like(q)), v[todo]).all(1)
         done = todo[ok]
