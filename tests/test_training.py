@@ -178,27 +178,34 @@ def test_full_and_freeze_results_load_with_plain_transformers(tiny_dir, data_fil
             assert (plain(ids).logits - ours(ids).logits).abs().max() < 1e-6
 
 
+_RELEASE_PROBE = """
+import os, sys, torch
+from tunelab.training.loop import release_freed_memory
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+warm = torch.ones(1 << 20)  # 4 MiB, mapped and freed: glibc's own threshold now keeps 2 MiB blocks in the heap
+del warm
+release_freed_memory(sys.argv[1] == "on")
+blocks = [torch.ones(512 * 1024) for _ in range(64)]  # 64 x 2 MiB, every page touched
+before = rss()
+del blocks[::2]  # every other block: holes in a heap cannot be trimmed
+print(before - rss())
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_release_memory_returns_freed_blocks_to_the_os():
     """training.release_memory: with the mmap threshold pinned, freed 2 MiB blocks leave the process at
-    once; with the heap (the default without checkpointing) they stay resident for reuse."""
-    import os
+    once; with the heap (the default without checkpointing) they stay resident for reuse. Each mode in a
+    fresh process: a heap that earlier tests left with free room would serve the blocks from there."""
+    import subprocess
 
-    from tunelab.training.loop import release_freed_memory
+    def returned(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
 
-    def rss() -> int:
-        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def returned(on: bool) -> int:
-        release_freed_memory(on)
-        blocks = [torch.ones(512 * 1024) for _ in range(64)]  # 64 x 2 MiB, every page touched
-        before = rss()
-        del blocks[::2]  # every other block: holes in a heap cannot be trimmed
-        return before - rss()
-
-    try:
-        pinned, heap = returned(True), returned(False)
-    finally:
-        release_freed_memory(False)
+    pinned, heap = returned("on"), returned("off")
     assert pinned > 48 * 2**20, pinned  # ~64 MiB freed and gone
     assert heap < pinned / 2, (heap, pinned)
