@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_fast_lora import _lora_model  # tests/ is on sys.path (conftest.py)
 
 import tunelab
 from tunelab.config import load_config
-from tunelab.methods import get
 from tunelab.models.compact import BLOCK, CompactLinear, compact_frozen_linears, encode
 from tunelab.testing import save_tiny_model_dir, tiny_llama
 from tunelab.training.loss import token_loss_sum
@@ -51,19 +51,9 @@ def test_bf16_values_are_kept_as_bf16_and_other_weights_are_left_alone():
 
 def _gguf_llama():
     model = tiny_llama()
-    for name, p in model.named_parameters():
+    for i, (name, p) in enumerate(model.named_parameters()):
         if p.dim() == 2 and "layers" in name:
-            p.data = gguf_like(tuple(p.shape), seed=hash(name) % 1000)
-    return model
-
-
-def _lora(model, dropout):
-    torch.manual_seed(0)
-    method = get("lora")
-    model = method.apply(model, method.Config(r=4, alpha=8, dropout=dropout))
-    for name, p in model.named_parameters():  # B starts at zero: give it values so every gradient is non-trivial
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+            p.data = gguf_like(tuple(p.shape), seed=i)
     return model
 
 
@@ -84,7 +74,7 @@ def _loss_and_grads(model, batch):
 def test_lora_on_a_compact_base_gives_the_same_loss_and_gradients(dropout, shape, checkpointing):
     from tunelab.training.loop import enable_gradient_checkpointing
 
-    plain = _lora(_gguf_llama(), dropout)
+    plain = _lora_model(dropout, base=_gguf_llama())
     if checkpointing:
         enable_gradient_checkpointing(plain)
         plain.train()
@@ -108,7 +98,7 @@ def test_lora_on_a_compact_base_gives_the_same_loss_and_gradients(dropout, shape
 
 
 def test_compaction_leaves_fp32_weights_that_do_not_decode_exactly():
-    model = _lora(tiny_llama(), 0.0)  # random fp32 weights
+    model = _lora_model(0.0)  # random fp32 weights
     assert compact_frozen_linears(model) == (0, 0)
     assert not any(isinstance(m, CompactLinear) for m in model.modules())
 
