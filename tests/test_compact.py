@@ -138,3 +138,19 @@ def test_training_with_compact_base_writes_the_same_adapter(tmp_path, capsys):
     assert compact_adapter.keys() == plain_adapter.keys()
     for k in plain_adapter:
         assert torch.equal(compact_adapter[k], plain_adapter[k]), k
+
+
+def test_expand_gives_back_the_dense_frozen_linears():
+    from tunelab.models.compact import expand_compact
+
+    plain = _lora_model(0.0, base=_gguf_llama())
+    model = copy.deepcopy(plain)
+    compact_frozen_linears(model)
+    assert expand_compact(model) == 14
+    for (name, m), (_, m0) in zip(model.named_modules(), plain.named_modules()):
+        if hasattr(m, "lora_A"):
+            assert type(m.base_layer) is torch.nn.Linear and not m.base_layer.weight.requires_grad, name
+            assert torch.equal(m.base_layer.weight, m0.base_layer.weight), name
+    ids = torch.randint(3, 320, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)

@@ -204,6 +204,22 @@ def compact_frozen_linears(model) -> tuple[int, int]:
     return n, saved
 
 
+def expand_compact(model) -> int:
+    """Give every CompactLinear of `model` its dense fp32 weight back (a frozen nn.Linear); returns how
+    many. For after training: generation decodes every weight at every token, which a dense weight
+    does not."""
+    n = 0
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if type(base) is CompactLinear:
+            linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+            linear.weight = nn.Parameter(base.compact.dense(), requires_grad=False)
+            linear.bias = base.bias
+            module.base_layer = linear
+            n += 1
+    return n
+
+
 def _own_storage(model) -> None:
     """Copy the frozen CPU tensors left (embeddings, norms) out of the file they were loaded from.
 

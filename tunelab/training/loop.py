@@ -23,7 +23,7 @@ import torch
 
 from tunelab.config import dump_config
 from tunelab.models import attention
-from tunelab.models.compact import compact_frozen_linears
+from tunelab.models.compact import compact_frozen_linears, expand_compact
 from tunelab.models.loading import unwrap
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
@@ -213,10 +213,11 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32")
     trainable, total = count_parameters(model)
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    compacted = 0
     if tcfg.compact_frozen and not dist.multi:  # after counting: compacted weights are no longer parameters
-        n, saved = compact_frozen_linears(model)
-        if n:
-            log(f"{n} frozen base weights kept compact, decoded exactly where used: {saved / 2**20:,.0f} MB less")
+        compacted, saved = compact_frozen_linears(model)
+        if compacted:
+            log(f"{compacted} frozen base weights kept compact, decoded exactly where used: {saved / 2**20:,.0f} MB less")
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
 
@@ -374,6 +375,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
 
+    if compacted and stage.final_metrics is not None:  # task metrics may generate: decode each weight once,
+        expand_compact(model)  # not at every token (sft / pretrain have none and keep the smaller peak)
     metrics = {
         "steps": state["step"],
         "train_loss": last_loss,
