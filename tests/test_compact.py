@@ -121,8 +121,15 @@ def test_training_with_compact_base_writes_the_same_adapter(tmp_path, capsys):
                 "model": {"name": folder, "dtype": "float32"},
                 "data": {"train": str(tmp_path / "train.json"), "val_fraction": 0.0, "max_length": 64},
                 "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-                "training": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False, "tensorboard": False,
-                             "device": "cpu", "compact_frozen": compact},
+                "training": {
+                    "max_steps": 3,
+                    "batch_size": 4,
+                    "lr": 1e-2,
+                    "progress": False,
+                    "tensorboard": False,
+                    "device": "cpu",
+                    "compact_frozen": compact,
+                },
             }
         )
         result = tunelab.train(cfg)
@@ -154,3 +161,15 @@ def test_expand_gives_back_the_dense_frozen_linears():
     ids = torch.randint(3, 320, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_a_compacted_model_moves_with_to_and_refuses_a_dtype_cast():
+    model = _lora_model(0.0, base=_gguf_llama())
+    compact_frozen_linears(model)
+    ids = torch.randint(3, 320, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        model.to("cpu")
+        assert torch.equal(model(input_ids=ids).logits, before)
+    with pytest.raises(TypeError, match="fp32"):
+        model.half()

@@ -97,16 +97,16 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: boo
     return grad_x, grad_a, grad_b
 
 
-def _tensor_or_none(weight) -> tuple[torch.Tensor | None]:
+def _saveable(weight) -> torch.Tensor | None:
     """What save_for_backward keeps of a weight: the tensor, or None for a CompactWeight (kept on ctx)."""
-    return (None if isinstance(weight, CompactWeight) else weight,)
+    return None if isinstance(weight, CompactWeight) else weight
 
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
         p = _Parts(weight, bias, lora_a, lora_b, scale)
-        ctx.save_for_backward(x, *_tensor_or_none(weight), lora_a, lora_b)
+        ctx.save_for_backward(x, _saveable(weight), lora_a, lora_b)
         ctx.compact = weight if isinstance(weight, CompactWeight) else None
         ctx.scale = scale
         ctx.has_bias = bias is not None and bias.requires_grad
@@ -130,7 +130,7 @@ class _SwiGLU(torch.autograd.Function):
         g, u = _linear(x, gate), _linear(x, up)
         out = _linear(F.silu(g).mul_(u), down)
         ctx.save_for_backward(
-            x, g, u, *(t for p in (gate, up, down) for t in (*_tensor_or_none(p.weight), p.lora_a, p.lora_b))
+            x, g, u, *(t for p in (gate, up, down) for t in (_saveable(p.weight), p.lora_a, p.lora_b))
         )
         ctx.compact = [p.weight if isinstance(p.weight, CompactWeight) else None for p in (gate, up, down)]
         ctx.scales = gate.scale, up.scale, down.scale

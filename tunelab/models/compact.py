@@ -29,7 +29,9 @@ BLOCK = 32
 class CompactWeight:
     """An fp32 weight as (codes, step, offset): w = offset + step * codes per block of BLOCK, or as bf16."""
 
-    def __init__(self, shape, codes: torch.Tensor, step: torch.Tensor | None = None, offset: torch.Tensor | None = None):
+    def __init__(
+        self, shape, codes: torch.Tensor, step: torch.Tensor | None = None, offset: torch.Tensor | None = None
+    ):
         self.shape, self.codes, self.step, self.offset = torch.Size(shape), codes, step, offset
 
     @property
@@ -47,16 +49,16 @@ class CompactWeight:
             return out.copy_(self.codes)
         return _decode(self.codes, self.step, self.offset, out.view(self.codes.shape)).view(self.shape)
 
+    def to(self, device) -> CompactWeight:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return CompactWeight(self.shape, move(self.codes), move(self.step), move(self.offset))
+
 
 def _decode(codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """offset + step * codes, per block. step * code is exact (a code has at most 8 bits, a GGUF step
     11), so this rounds once, like the GGUF decoder; three fast passes, 4x quicker here than one
     type-promoting addcmul."""
     return out.copy_(codes).mul_(step).add_(offset)
-
-    def to(self, device) -> CompactWeight:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return CompactWeight(self.shape, move(self.codes), move(self.step), move(self.offset))
 
 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -101,11 +103,11 @@ def encode(weight: torch.Tensor, max_tries: int = 15) -> CompactWeight | None:
     top = diff.amax(1, keepdim=True)
     # candidate steps, cheapest first: range / 15 (a 4-bit block using its top code, most Q4_1 blocks),
     # the smallest gap / k for a small k, then the gcd of the gaps (sparse 8-bit codes)
-    for k in [0, *range(1, max_tries + 1), None]:
-        if k == 0:
-            s = torch.where(top[todo] > 0, top[todo] / 15, gap[todo])
-        else:
-            s = gap[todo] / k if k else _gcd(diff[todo])
+    candidates = [lambda i: torch.where(top[i] > 0, top[i] / 15, gap[i])]
+    candidates += [lambda i, k=k: gap[i] / k for k in range(1, max_tries + 1)]
+    candidates.append(lambda i: _gcd(diff[i]))
+    for candidate in candidates:
+        s = candidate(todo)
         q = torch.round(diff[todo] / s)
         ok = (q <= 255).all(1) & torch.eq(_decode(q, s, offset[todo], torch.empty_like(q)), v[todo]).all(1)
         done = todo[ok]

@@ -23,7 +23,7 @@ import torch
 
 from tunelab.config import dump_config
 from tunelab.models import attention
-from tunelab.models.compact import compact_frozen_linears, expand_compact
+from tunelab.models.compact import compact_frozen_linears, expand_compact, free_scratch
 from tunelab.models.loading import unwrap
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
@@ -372,6 +372,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     finally:
         progress.close()
         free_loss_buffers()
+        free_scratch()
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
 
