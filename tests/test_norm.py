@@ -1,0 +1,67 @@
+"""The RMSNorm training function (tunelab/models/norm.py): same forward bit for bit, exact gradients."""
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from tunelab.models import norm
+from tunelab.testing import tiny_llama
+
+
+def test_forward_is_bit_identical_and_gradients_match_autograd():
+    torch.manual_seed(0)
+    module = LlamaRMSNorm(48, eps=1e-5)
+    module.weight.data.uniform_(0.5, 1.5)
+    x = (torch.randn(3, 7, 48) * 4).requires_grad_()
+    ref = module(x)
+    out = norm._RMSNorm.apply(x, module.weight, module.variance_epsilon)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    ref_x, ref_w = torch.autograd.grad(ref, (x, module.weight), g)
+    out_x, out_w = torch.autograd.grad(out, (x, module.weight), g)
+    torch.testing.assert_close(out_x, ref_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_w, ref_w, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_passes_gradcheck_in_float64():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: norm._RMSNorm.apply(x, w, 1e-6), (x, w))
+    frozen = w.detach()  # the usual case: a frozen norm weight, no dw computed
+    assert torch.autograd.gradcheck(lambda x: norm._RMSNorm.apply(x, frozen, 1e-6), (x,))
+
+
+def test_installed_on_a_llama_gives_the_same_loss_and_gradients():
+    model = tiny_llama()
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = model(input_ids=ids, labels=ids).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    layers = model.config.num_hidden_layers
+    assert norm.install(model) == 2 * layers + 1
+    assert norm.install(model) == 0  # once
+    out = model(input_ids=ids, labels=ids).loss
+    out.backward()
+    assert torch.equal(out, ref)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+class _OnePlusWeightRMSNorm(nn.Module):
+    """Gemma's variant, (1 + w) * x / rms: another formula, which install must leave alone."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def test_install_leaves_other_formulas_alone():
+    model = nn.Sequential(_OnePlusWeightRMSNorm(16), LlamaRMSNorm(16))
+    assert norm.install(model) == 1
+    assert not hasattr(model[0], "_plain_forward") and hasattr(model[1], "_plain_forward")
