@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from tunelab.config import dump_config
-from tunelab.models import attention
+from tunelab.models import attention, norm
 from tunelab.models.compact import compact_frozen_linears, expand_compact, free_scratch
 from tunelab.models.loading import unwrap
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
 from tunelab.training.loss import free_buffers as free_loss_buffers
+from tunelab.training.memory import KeptGrads, release_freed_memory
 from tunelab.training.stages import Stage, stage_for
 
 
@@ -204,6 +205,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     model = method.apply(model, cfg.method)
     if cfg.data.packing:  # one causal attention call per packed example (models/attention.py)
         attention.install(model)
+    norm.install(model)  # RMSNorm as one autograd function: same output, shorter backward (models/norm.py)
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
@@ -258,6 +260,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         state.update(dist.load_checkpoint(resume_from, model, optimizer, scheduler, global_batch))
         log(f"resumed from {resume_from} at step {state['step']}/{total_steps}")
     optimizer = dist.prepare(model, stage, optimizer)  # wraps the model in DDP when there are several processes
+    # gradients and AdamW moments made now, at the bottom of the heap, and kept (training/memory.py)
+    kept = KeptGrads(optimizer, params) if KeptGrads.applies(optimizer, method, dist.multi) else None
     metrics_log = _MetricsLog(run_dir, tcfg.tensorboard, state["step"]) if dist.is_main else distributed.NullLog()
 
     def do_eval(step: int) -> float | None:
@@ -330,9 +334,12 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             extra_sums = dict(zip(extra_sums, extras))
             state["tokens"] += int(step_tokens)
             grad_norm = dist.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm else None
-            optimizer.step()
+            if kept is not None:
+                kept.step()
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
             last_loss = loss_total / max(n_label, 1)
             elapsed = time.perf_counter() - t_start
@@ -371,6 +378,9 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         log(f"interrupted: checkpoint written to {path}; continue with: tunelab train CONFIG --resume")
     finally:
         progress.close()
+        if kept is not None:
+            kept.remove()
+            optimizer.zero_grad(set_to_none=True)
         free_loss_buffers()
         free_scratch()
         if previous_sigterm is not None:
@@ -437,32 +447,6 @@ def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
-
-
-def release_freed_memory(on: bool = True) -> None:
-    """Make freed activation buffers go back to the OS at once, or (on=False) keep them in malloc's heap
-    for reuse from the first step on.
-
-    Linux / glibc only; a no-op elsewhere. mallopt is process-wide and the last call wins.
-    - on: the mmap threshold pinned at 128 KiB (M_MMAP_THRESHOLD) returns every large block on free.
-      Peak RSS stays near what a step holds (SmolLM2 LoRA SFT, batch 4 x 256: 2.05 GB against ~3 GB),
-      but every later allocation takes a page fault per 4 KiB: steps ~1.6x slower (docs/performance.md).
-    - off: glibc's own threshold starts at 128 KiB and only rises as mmapped blocks are freed, so the
-      first step's activations are mapped, faulted in, freed and then made again in the heap: 1-3 GB
-      of page faults, and at one row per pass a transient peak above every later step (1,530 against
-      1,353 MB). Fixing the threshold at 32 MiB (glibc's own ceiling) and the heap's trim threshold at
-      256 MiB from the start gives the later steps' behaviour from step one.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024 if on else 32 * 2**20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024 if on else 256 * 2**20)  # M_TRIM_THRESHOLD (glibc's default: 128 KiB)
-    except (OSError, AttributeError):
-        pass
 
 
 def enable_gradient_checkpointing(model) -> None:
