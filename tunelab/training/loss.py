@@ -29,13 +29,14 @@ FUSED_CHUNK = 256  # the fused head + cross-entropy of training
 _LOGITS: dict[torch.dtype, torch.Tensor] = {}
 
 
-def _logits_buffer(rows: int, vocab: int, like: torch.Tensor) -> torch.Tensor:
+def _logits_buffer(vocab: int, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """A [vocab, rows] buffer: the logits transposed (see _HeadCrossEntropy)."""
     if like.device.type != "cpu":
-        return like.new_empty(rows, vocab)
+        return like.new_empty(vocab, rows)
     buf = _LOGITS.get(like.dtype)
     if buf is None or buf.numel() < rows * vocab:
         _LOGITS[like.dtype] = buf = like.new_empty(max(rows, FUSED_CHUNK) * vocab)
-    return buf[: rows * vocab].view(rows, vocab)
+    return buf[: rows * vocab].view(vocab, rows)
 
 
 def free_buffers() -> None:
@@ -136,19 +137,21 @@ class _HeadCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for i in range(0, target.numel(), FUSED_CHUNK):
             h, t = hidden[i : i + FUSED_CHUNK], target[i : i + FUSED_CHUNK]
-            logits = torch.mm(h, weight.t(), out=_logits_buffer(len(h), weight.shape[0], h))
-            picked = logits.gather(1, t[:, None])
-            # softmax in place over the one [chunk, vocab] buffer (2.5x faster on a CPU than logsumexp
+            # logits transposed, [vocab, chunk] = W h^T: with the vocabulary as the long dimension of the
+            # left operand the matmul runs ~1.4x faster on a CPU than h W^T (MKL, 2 cores, SmolLM2's head)
+            logits = torch.mm(weight, h.t(), out=_logits_buffer(weight.shape[0], len(h), h))
+            picked = logits.gather(0, t[None, :])
+            # softmax in place over the one [vocab, chunk] buffer (2.5x faster on a CPU than logsumexp
             # and a second exp), its log-normaliser lse = max + log(sum) kept for the loss
-            top = logits.amax(dim=1, keepdim=True)
+            top = logits.amax(dim=0, keepdim=True)
             probs = logits.sub_(top).exp_()
-            total = probs.sum(dim=1, keepdim=True)
+            total = probs.sum(dim=0, keepdim=True)
             loss += (top + total.log() - picked).sum()
             probs.div_(total)
-            probs[torch.arange(len(t), device=t.device), t] -= 1.0
-            torch.mm(probs, weight, out=grad_hidden[i : i + FUSED_CHUNK])
+            probs[t, torch.arange(len(t), device=t.device)] -= 1.0
+            torch.mm(probs.t(), weight, out=grad_hidden[i : i + FUSED_CHUNK])
             if grad_weight is not None:
-                grad_weight.addmm_(probs.t(), h)
+                grad_weight.addmm_(probs, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
