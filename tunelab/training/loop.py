@@ -28,7 +28,7 @@ from tunelab.models.loading import unwrap
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
 from tunelab.training.loss import free_buffers as free_loss_buffers
-from tunelab.training.memory import KeptGrads, release_freed_memory
+from tunelab.training.memory import release_freed_memory
 from tunelab.training.stages import Stage, stage_for
 
 
@@ -260,8 +260,6 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         state.update(dist.load_checkpoint(resume_from, model, optimizer, scheduler, global_batch))
         log(f"resumed from {resume_from} at step {state['step']}/{total_steps}")
     optimizer = dist.prepare(model, stage, optimizer)  # wraps the model in DDP when there are several processes
-    # gradients and AdamW moments made now, at the bottom of the heap, and kept (training/memory.py)
-    kept = KeptGrads(optimizer, params) if KeptGrads.applies(optimizer, method, dist.multi) else None
     metrics_log = _MetricsLog(run_dir, tcfg.tensorboard, state["step"]) if dist.is_main else distributed.NullLog()
 
     def do_eval(step: int) -> float | None:
@@ -334,12 +332,9 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             extra_sums = dict(zip(extra_sums, extras))
             state["tokens"] += int(step_tokens)
             grad_norm = dist.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm else None
-            if kept is not None:
-                kept.step()
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
             scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
             state["step"] = step = step + 1
             last_loss = loss_total / max(n_label, 1)
             elapsed = time.perf_counter() - t_start
@@ -378,9 +373,6 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         log(f"interrupted: checkpoint written to {path}; continue with: tunelab train CONFIG --resume")
     finally:
         progress.close()
-        if kept is not None:
-            kept.remove()
-            optimizer.zero_grad(set_to_none=True)
         free_loss_buffers()
         free_scratch()
         if previous_sigterm is not None:
