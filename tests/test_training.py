@@ -180,7 +180,7 @@ def test_full_and_freeze_results_load_with_plain_transformers(tiny_dir, data_fil
 
 _RELEASE_PROBE = """
 import os, sys, torch
-from tunelab.training.loop import release_freed_memory
+from tunelab.training.memory import release_freed_memory
 
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
