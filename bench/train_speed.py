@@ -11,10 +11,15 @@ rendered with the model's chat template). Tokens/s counts every non-pad token th
 the model during training, divided by the training time (model loading and data preparation are
 excluded on both sides).
 
+Each tunelab run gets the process environment `tunelab train` would restart itself with: on Linux,
+Intel's TBB allocator preloaded (training.allocator; tunelab/training/memory.py). The TRL reference
+runs as TRL does, on glibc's malloc; `--trl-allocator tbbmalloc` runs it preloaded too.
+
     .venv/bin/python bench/train_speed.py                      # TRL reference vs tunelab LoRA
     .venv/bin/python bench/train_speed.py --methods lora,full,qlora --skip-trl
     .venv/bin/python bench/train_speed.py --tunelab-set method.dropout=0.05   # an ablation
     .venv/bin/python bench/train_speed.py --variant training.rows_per_pass=1  # default and low-memory runs
+    .venv/bin/python bench/train_speed.py --variant training.allocator=system # tunelab on glibc's malloc
 """
 
 from __future__ import annotations
@@ -123,42 +128,47 @@ def job_trl(method: str) -> dict:
     }
 
 
-def job_tunelab(method: str, overrides: list[str]) -> dict:
-    import tunelab
+def tunelab_config(method: str, overrides: list[str], tmp: str):
     from tunelab.config import load_config
-    from tunelab.inference import load_run
 
     method_cfg = {"name": method}
     if method in ("lora", "qlora"):
         method_cfg.update(r=JOB["r"], alpha=JOB["alpha"], dropout=0.0, target_modules="all-linear")
+    return load_config(
+        {
+            "output_dir": f"{tmp}/run",
+            "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
+            "data": {
+                "train": f"{tmp}/train.json",
+                "val_fraction": 0.0,
+                "max_length": JOB["max_length"],
+                "packing": True,
+            },
+            "method": method_cfg,
+            "training": {
+                "epochs": 1,
+                "batch_size": JOB["batch_size"],
+                "lr": JOB["lr"] if method != "full" else 2e-5,
+                "scheduler": "linear",
+                "warmup_ratio": 0.0,
+                "seed": JOB["seed"],
+                "progress": False,
+                "tensorboard": False,
+                "device": "cpu",
+                "max_steps": JOB.get("max_steps"),
+            },
+        },
+        overrides,
+    )
+
+
+def job_tunelab(method: str, overrides: list[str]) -> dict:
+    import tunelab
+    from tunelab.inference import load_run
+
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "train.json").write_text(json.dumps(rows(0, JOB["rows"])))
-        cfg = load_config(
-            {
-                "output_dir": f"{tmp}/run",
-                "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
-                "data": {
-                    "train": f"{tmp}/train.json",
-                    "val_fraction": 0.0,
-                    "max_length": JOB["max_length"],
-                    "packing": True,
-                },
-                "method": method_cfg,
-                "training": {
-                    "epochs": 1,
-                    "batch_size": JOB["batch_size"],
-                    "lr": JOB["lr"] if method != "full" else 2e-5,
-                    "scheduler": "linear",
-                    "warmup_ratio": 0.0,
-                    "seed": JOB["seed"],
-                    "progress": False,
-                    "tensorboard": False,
-                    "device": "cpu",
-                    "max_steps": JOB.get("max_steps"),
-                },
-            },
-            overrides,
-        )
+        cfg = tunelab_config(method, overrides, tmp)
         result = tunelab.train(cfg)
         peak = peak_rss_mb()  # loading + training; reloading the result for scoring is not counted
         model, tokenizer = load_run(result.final_dir)
@@ -174,17 +184,29 @@ def job_tunelab(method: str, overrides: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def run_job(side: str, method: str, overrides: list[str]) -> dict:
+def job_environment(side: str, method: str, overrides: list[str], trl_allocator: str) -> dict | None:
+    """The process environment of a job: tunelab's runs get the allocator `tunelab train` would restart
+    itself with (training.allocator, tunelab/training/memory.py); TRL's runs as plain Python, unless asked."""
+    from tunelab.training.memory import allocator_environment, wants_tbbmalloc
+
+    if side == "trl":
+        return allocator_environment() if trl_allocator == "tbbmalloc" else None
+    return allocator_environment() if wants_tbbmalloc(tunelab_config(method, overrides, "/unused").training) else None
+
+
+def run_job(side: str, method: str, overrides: list[str], trl_allocator: str = "system") -> dict:
     cmd = [sys.executable, __file__, "--job", side, "--methods", method]
     if JOB.get("max_steps"):
         cmd += ["--max-steps", str(JOB["max_steps"])]
     for o in overrides:
         cmd += ["--tunelab-set", o]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = job_environment(side, method, overrides, trl_allocator)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"{side} {method} failed (exit {proc.returncode})")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["allocator"] = (env or {}).get("TUNELAB_ALLOCATOR", "system")
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     return result
 
@@ -202,6 +224,12 @@ def main() -> None:
         help="one more tunelab LoRA run with these overrides, against the same reference (repeatable)",
     )
     parser.add_argument("--max-steps", type=int, help="stop both runs early (a smoke test, not the benchmark)")
+    parser.add_argument(
+        "--trl-allocator",
+        choices=["system", "tbbmalloc"],
+        default="system",
+        help="run the TRL reference on glibc's malloc (as TRL runs; the default) or preloaded with tbbmalloc",
+    )
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     JOB["max_steps"] = args.max_steps
@@ -219,7 +247,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; job: {JOB}")
     results = []
     if not args.skip_trl:
-        results.append(("TRL SFTTrainer + PEFT", "lora", run_job("trl", "lora", [])))
+        results.append(("TRL SFTTrainer + PEFT", "lora", run_job("trl", "lora", [], args.trl_allocator)))
         print(f"reference done: {results[-1][2]}", flush=True)
     runs = [("tunelab", method, args.tunelab_set) for method in args.methods.split(",")]
     runs += [(f"tunelab {v}", "lora", args.tunelab_set + v.split(",")) for v in args.variant]
@@ -228,12 +256,12 @@ def main() -> None:
         print(f"{name} {method} done: {results[-1][2]}", flush=True)
 
     ref = results[0][2] if not args.skip_trl else None
-    header = "| run | method | tokens | tokens/s | peak RSS MB | train loss* | held-out loss after |"
+    header = "| run | method | allocator | tokens | tokens/s | peak RSS MB | train loss* | held-out loss after |"
     print("\n" + header + ("  x tok/s | x RSS | loss diff |" if ref else ""))
     print("|" + "---|" * (header.count("|") - 1 + (3 if ref else 0)))
     for name, method, r in results:
         line = (
-            f"| {name} | {method} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"| {name} | {method} | {r['allocator']} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
             f"{r['train_loss']:.4f} | {r['loss_after']:.4f} |"
         )
         if ref:

@@ -319,6 +319,11 @@ def test_packed_losses_equal_separate_losses(tmp_path, tok):
     together = _example_losses(model, batch, position_ids=batch["position_ids"], use_cache=False)
     separate = sorted(separate)  # packing reorders examples (longest first)
     assert sorted(together) == pytest.approx(separate, abs=1e-5)
+    # padded to a fixed width (the loop pads every packed pass to max_length): the same losses
+    wide = collate(packed, tok.pad_token_id, width=128)
+    assert wide["input_ids"].shape[1] == 128 and (wide["labels"][:, batch["labels"].shape[1] :] == -100).all()
+    padded = _example_losses(model, wide, position_ids=wide["position_ids"], use_cache=False)
+    assert padded == pytest.approx(together, abs=1e-5)
 
     # Controls: with a cache (use_cache defaults to True) or a 2D mask, examples see each other.
     with_cache = _example_losses(model, batch, position_ids=batch["position_ids"])

@@ -18,6 +18,11 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)  # validated here once, before any process starts
     if args.output_dir:
         cfg.output_dir = args.output_dir
+    if args.program_argv is not None:  # the command itself, not main([...]) called from Python
+        from tunelab.training.memory import restart_with_tbbmalloc, wants_tbbmalloc
+
+        if wants_tbbmalloc(cfg.training):  # returns only when it cannot or need not restart
+            restart_with_tbbmalloc(args.program_argv)
     if args.nproc > 1:
         return _launch_train(args)
     result = train(cfg, resume=args.resume)
@@ -289,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.program_argv = sys.argv[1:] if argv is None else None  # a restart re-runs the very same command
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0

@@ -179,6 +179,15 @@ class TrainingConfig(Section):
         "at 128 KiB): peak RSS ~30% lower, steps ~1.6x slower on CPU (page faults). null = on with "
         "gradient_checkpointing (the low-memory setting), off otherwise. See docs/performance.md.",
     )
+    allocator: Literal["auto", "tbbmalloc", "system"] = Field(
+        "auto",
+        description="Linux: `tunelab train` restarts itself once with Intel's TBB allocator preloaded (the tbb "
+        "wheel, a dependency): it keeps tensor sizes apart where glibc's heap lets small allocations split "
+        "the holes large ones leave, so peak RSS stays near what a step holds, and steps are as fast or "
+        "faster. auto = tbbmalloc unless freed memory is returned at once (release_memory, on with "
+        "gradient_checkpointing); system = never. The Python API cannot swap its own process's malloc: "
+        "run python under LD_PRELOAD for the same (docs/performance.md).",
+    )
     compact_frozen: bool = Field(
         True,
         description="LoRA: keep each frozen fp32 base weight in the compact form its values came from (the "

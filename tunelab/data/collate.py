@@ -18,10 +18,11 @@ from __future__ import annotations
 from tunelab.data.templating import IGNORE
 
 
-def collate(examples: list[dict], pad_id: int) -> dict:
+def collate(examples: list[dict], pad_id: int, width: int | None = None) -> dict:
+    """Right-pad to the longest example, or to `width` columns if that is wider."""
     import torch
 
-    width = max(len(e["input_ids"]) for e in examples)
+    width = max([len(e["input_ids"]) for e in examples] + [width or 0])
     packed = any("position_ids" in e for e in examples)
     ids, labels, mask, positions = [], [], [], []
     for e in examples:

@@ -1,20 +1,88 @@
-"""Where training's memory lives: glibc's heap settings.
+"""Where training's memory lives: the allocator behind CPU tensors and glibc's heap settings.
 
-On Linux a training step's activations come from glibc's malloc, and whether freed blocks go back
-to the OS decides how much of the heap a step leaves resident beyond what it holds. Why by hand:
-PyTorch has no caching CPU allocator in its Python API, and this is a property of the process.
+On Linux a training step's activations come from malloc. glibc's malloc keeps one heap that small
+allocations split, so a step leaves far more resident than it holds (docs/performance.md); a
+size-class allocator does not. Intel's TBB scalable allocator (`tbbmalloc`, the `tbb` wheel on PyPI)
+is one; it replaces malloc only when preloaded at process start (LD_PRELOAD), which is why
+`tunelab train` restarts itself once with it (`training.allocator`), the way PyTorch's own CPU
+launcher (`torch.backends.xeon.run_cpu`) preloads jemalloc or tcmalloc. Why by hand: PyTorch has no
+caching CPU allocator in its Python API, and this is a property of the process.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import sys
+from pathlib import Path
+
+TBB_LIBS = ("libtbbmalloc.so.2", "libtbbmalloc_proxy.so.2")  # the allocator, then its malloc replacement
+_MARK = "TUNELAB_ALLOCATOR"  # set in the restarted process: never restart twice
+
+
+def tbbmalloc_libraries() -> list[Path] | None:
+    """The tbb wheel's allocator libraries (in the environment's lib/), or None where there are none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for lib in (Path(sys.prefix) / "lib", Path(sys.base_prefix) / "lib"):
+        paths = [lib / name for name in TBB_LIBS]
+        if all(p.is_file() for p in paths):
+            return paths
+    return None
+
+
+def active_allocator() -> str:
+    """'tbbmalloc' when this process's malloc is TBB's (preloaded), else 'system'."""
+    if not sys.platform.startswith("linux"):
+        return "system"
+    try:
+        ctypes.CDLL(TBB_LIBS[1], mode=os.RTLD_NOLOAD)
+        return "tbbmalloc"
+    except OSError:
+        return "system"
+
+
+def wants_tbbmalloc(tcfg) -> bool:
+    """Whether a run with these training settings should run on tbbmalloc (`training.allocator`)."""
+    if tcfg.allocator == "system":
+        return False
+    release = tcfg.release_memory if tcfg.release_memory is not None else tcfg.gradient_checkpointing
+    if tcfg.allocator == "auto" and release:
+        return False  # returning memory at once is glibc's pinned-threshold mode (release_freed_memory)
+    return True
+
+
+def allocator_environment(env: dict | None = None) -> dict | None:
+    """A copy of `env` (default os.environ) that preloads tbbmalloc, or None where that cannot or need not be
+    done: not Linux, no tbb wheel, LD_PRELOAD already set by the user, or already restarted."""
+    env = dict(os.environ if env is None else env)
+    libs = tbbmalloc_libraries()
+    if libs is None or env.get("LD_PRELOAD") or env.get(_MARK):
+        return None
+    env["LD_PRELOAD"] = " ".join(str(p) for p in libs)  # both by path: no LD_LIBRARY_PATH needed
+    env[_MARK] = "tbbmalloc"
+    return env
+
+
+def restart_with_tbbmalloc(argv: list[str]) -> None:
+    """Replace this process by `python -m tunelab ARGV` with tbbmalloc preloaded; returns only when that
+    cannot or need not be done (see allocator_environment)."""
+    if active_allocator() == "tbbmalloc":
+        return
+    env = allocator_environment()
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "tunelab", *argv], env)
 
 
 def release_freed_memory(on: bool = True) -> None:
     """Make freed activation buffers go back to the OS at once, or (on=False) keep them in malloc's heap
     for reuse from the first step on.
 
-    Linux / glibc only; a no-op elsewhere. mallopt is process-wide and the last call wins.
+    Linux / glibc only; a no-op elsewhere and under tbbmalloc. mallopt is process-wide and the last
+    call wins.
     - on: the mmap threshold pinned at 128 KiB (M_MMAP_THRESHOLD) returns every large block on free.
       Peak RSS stays near what a step holds (SmolLM2 LoRA SFT, batch 4 x 256: 2.05 GB against ~3 GB),
       but every later allocation takes a page fault per 4 KiB: steps ~1.6x slower (docs/performance.md).
@@ -24,11 +92,9 @@ def release_freed_memory(on: bool = True) -> None:
       1,353 MB). Fixing the threshold at 32 MiB (glibc's own ceiling) and the heap's trim threshold at
       256 MiB from the start gives the later steps' behaviour from step one.
     """
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or active_allocator() != "system":
         return
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 128 * 1024 if on else 32 * 2**20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 128 * 1024 if on else 256 * 2**20)  # M_TRIM_THRESHOLD (glibc's default: 128 KiB)

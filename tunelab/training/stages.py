@@ -19,7 +19,8 @@ a third item, a dict of other per-term sums (e.g. pairs ranked right), which the
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +55,10 @@ def _lm_data(cfg, tokenizer):
     return build_datasets(cfg.data, tokenizer, seed=cfg.training.seed, stage=cfg.stage)
 
 
-def _lm_collate(examples, pad_id):
+def _lm_collate(examples, pad_id, width=None):
     from tunelab.data import collate
 
-    return collate(examples, pad_id)
+    return collate(examples, pad_id, width)
 
 
 def _lm_count(batch) -> int:
@@ -549,4 +550,9 @@ def stage_for(name: str, cfg=None) -> Stage:
     if name == "dpo":
         return P.dpo_stage(cfg)
     stages = {"classification": CLASSIFICATION, "extractive_qa": EXTRACTIVE_QA, "seq2seq": SEQ2SEQ, "mlm": MLM}
-    return {**stages, "reward": P.REWARD}.get(name, LM)
+    stage = {**stages, "reward": P.REWARD}.get(name, LM)
+    if stage is LM and cfg is not None and cfg.data.packing:
+        # every packed pass max_length columns wide (they nearly are: rows are filled to it), so that all
+        # passes allocate the same tensor sizes and a size-class allocator reuses them (training/memory.py)
+        stage = replace(stage, collate=partial(_lm_collate, width=cfg.data.max_length))
+    return stage

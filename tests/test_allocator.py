@@ -1,0 +1,56 @@
+"""The allocator behind CPU tensors: `tunelab train` restarts itself once on tbbmalloc (training/memory.py)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tunelab.config import load_config
+from tunelab.training import memory
+
+needs_tbb = pytest.mark.skipif(memory.tbbmalloc_libraries() is None, reason="no tbb wheel (Linux x86-64 only)")
+
+
+@needs_tbb
+def test_the_environment_preloads_tbbmalloc_once_and_respects_the_users_preload():
+    libs = memory.tbbmalloc_libraries()
+    env = memory.allocator_environment({"PATH": "/usr/bin"})
+    assert env["LD_PRELOAD"].split() == [str(p) for p in libs] and env["PATH"] == "/usr/bin"
+    assert memory.allocator_environment(env) is None  # the restarted process does not restart again
+    assert memory.allocator_environment({"LD_PRELOAD": "/opt/libjemalloc.so.2"}) is None
+
+
+def test_which_runs_want_tbbmalloc():
+    def wants(**training) -> bool:
+        return memory.wants_tbbmalloc(load_config({"training": training}).training)
+
+    assert wants() and wants(rows_per_pass=2)
+    assert not wants(gradient_checkpointing=True)  # auto: glibc's return-at-once mode for the low-memory setting
+    assert wants(gradient_checkpointing=True, release_memory=False)
+    assert wants(gradient_checkpointing=True, allocator="tbbmalloc")
+    assert not wants(allocator="system")
+
+
+@needs_tbb
+def test_train_command_runs_on_tbbmalloc_with_the_same_numbers(tiny_dir, data_file, tmp_path):
+    import tunelab
+
+    raw = {
+        "model": {"name": tiny_dir},
+        "data": {"train": data_file, "packing": True, "max_length": 64},
+        "method": {"name": "lora", "r": 4},
+        "training": {"max_steps": 2, "progress": False, "tensorboard": False},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "tunelab", "train", str(tmp_path / "c.yaml"), "--output-dir", str(tmp_path / "cli")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "allocator: tbbmalloc" in proc.stderr
+    on_tbb = json.loads((tmp_path / "cli" / "results.json").read_text())
+
+    in_process = tunelab.train(load_config({**raw, "output_dir": str(tmp_path / "api")}))  # glibc's malloc
+    assert memory.active_allocator() == "system"
+    assert on_tbb["steps"] == in_process.metrics["steps"] == 2
+    assert on_tbb["train_loss"] == pytest.approx(in_process.metrics["train_loss"], abs=1e-6)
