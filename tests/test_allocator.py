@@ -54,3 +54,15 @@ def test_train_command_runs_on_tbbmalloc_with_the_same_numbers(tiny_dir, data_fi
     assert memory.active_allocator() == "system"
     assert on_tbb["steps"] == in_process.metrics["steps"] == 2
     assert on_tbb["train_loss"] == pytest.approx(in_process.metrics["train_loss"], abs=1e-6)
+
+
+@needs_tbb
+def test_a_failed_restart_trains_on(monkeypatch, capsys):
+    def refuse(*args):
+        raise PermissionError("not executable")
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("TUNELAB_ALLOCATOR", raising=False)
+    monkeypatch.setattr(memory.os, "execve", refuse)
+    assert memory.restart_with_tbbmalloc(["train", "c.yaml"]) is None
+    assert "could not restart on tbbmalloc" in capsys.readouterr().err

@@ -74,7 +74,10 @@ def restart_with_tbbmalloc(argv: list[str]) -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "tunelab", *argv], env)
+    try:
+        os.execve(sys.executable, [sys.executable, "-m", "tunelab", *argv], env)
+    except OSError as e:  # e.g. a read-only or vanished interpreter: train on as we are
+        print(f"[tunelab] could not restart on tbbmalloc ({e}); training on the system allocator", file=sys.stderr)
 
 
 def release_freed_memory(on: bool = True) -> None:
