@@ -20,6 +20,11 @@ def test_the_environment_preloads_tbbmalloc_once_and_respects_the_users_preload(
     assert env["LD_PRELOAD"].split() == [str(p) for p in libs] and env["PATH"] == "/usr/bin"
     assert memory.allocator_environment(env) is None  # the restarted process does not restart again
     assert memory.allocator_environment({"LD_PRELOAD": "/opt/libjemalloc.so.2"}) is None
+    # in this (glibc) process the run log says how to get tbbmalloc from Python; not for a GPU run
+    training = load_config({}).training
+    assert env["LD_PRELOAD"] in memory.allocator_note(training, on_cpu=True)
+    assert memory.allocator_note(training, on_cpu=False) is None
+    assert memory.allocator_note(load_config({"training": {"allocator": "system"}}).training, on_cpu=True) is None
 
 
 def test_which_runs_want_tbbmalloc():

@@ -28,7 +28,7 @@ from tunelab.models.loading import unwrap
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
 from tunelab.training.loss import free_buffers as free_loss_buffers
-from tunelab.training.memory import active_allocator, release_freed_memory, tbbmalloc_libraries, wants_tbbmalloc
+from tunelab.training.memory import allocator_note, release_freed_memory, releases_memory
 from tunelab.training.stages import Stage, stage_for
 
 
@@ -191,19 +191,14 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
 
     tcfg = cfg.training
     run_dir, resume_from = start_run(cfg, resume)
-    release = tcfg.release_memory if tcfg.release_memory is not None else tcfg.gradient_checkpointing
-    release_freed_memory(release)
+    release_freed_memory(releases_memory(tcfg))
 
     # ---- model and method
     device = resolve_device(tcfg.device)
     dist = distributed.Dist(device, tcfg)  # one process: plain steps; several: DDP (distributed.py)
     device = dist.device
-    if active_allocator() == "tbbmalloc":
-        log("allocator: tbbmalloc (training.allocator)")
-    elif device.type == "cpu" and wants_tbbmalloc(tcfg) and tbbmalloc_libraries():
-        libs = " ".join(map(str, tbbmalloc_libraries()))
-        log(f"allocator: glibc malloc. `tunelab train` runs on tbbmalloc (lower peak memory, as fast or faster); "
-            f"from Python: LD_PRELOAD='{libs}' python ... (training.allocator, docs/performance.md)")
+    if note := allocator_note(tcfg, on_cpu=device.type == "cpu"):
+        log(note)
     stage = stage_for(cfg.stage, cfg)
     model, tokenizer = stage.load_model(cfg, device)
     method = get_method(cfg.method.name)

@@ -42,14 +42,31 @@ def active_allocator() -> str:
         return "system"
 
 
+def releases_memory(tcfg) -> bool:
+    """`training.release_memory`, whose default follows gradient checkpointing (the low-memory setting)."""
+    return tcfg.release_memory if tcfg.release_memory is not None else tcfg.gradient_checkpointing
+
+
 def wants_tbbmalloc(tcfg) -> bool:
     """Whether a run with these training settings should run on tbbmalloc (`training.allocator`)."""
     if tcfg.allocator == "system":
         return False
-    release = tcfg.release_memory if tcfg.release_memory is not None else tcfg.gradient_checkpointing
-    if tcfg.allocator == "auto" and release:
+    if tcfg.allocator == "auto" and releases_memory(tcfg):
         return False  # returning memory at once is glibc's pinned-threshold mode (release_freed_memory)
     return True
+
+
+def allocator_note(tcfg, on_cpu: bool) -> str | None:
+    """The run log's line about the allocator: the one in use, or how to get tbbmalloc from Python."""
+    if active_allocator() == "tbbmalloc":
+        return "allocator: tbbmalloc (training.allocator)"
+    libs = tbbmalloc_libraries()
+    if on_cpu and libs and wants_tbbmalloc(tcfg):
+        return (
+            "allocator: glibc malloc. `tunelab train` runs on tbbmalloc (lower peak memory, as fast or faster); "
+            f"from Python: LD_PRELOAD='{' '.join(map(str, libs))}' python ... (docs/performance.md)"
+        )
+    return None
 
 
 def allocator_environment(env: dict | None = None) -> dict | None:
