@@ -324,6 +324,7 @@ def test_packed_losses_equal_separate_losses(tmp_path, tok):
     assert wide["input_ids"].shape[1] == 128 and (wide["labels"][:, batch["labels"].shape[1] :] == -100).all()
     padded = _example_losses(model, wide, position_ids=wide["position_ids"], use_cache=False)
     assert padded == pytest.approx(together, abs=1e-5)
+    assert collate(examples[:2], tok.pad_token_id, width=128)["input_ids"].shape[1] < 128  # unpacked: not widened
 
     # Controls: with a cache (use_cache defaults to True) or a 2D mask, examples see each other.
     with_cache = _example_losses(model, batch, position_ids=batch["position_ids"])

@@ -19,11 +19,12 @@ from tunelab.data.templating import IGNORE
 
 
 def collate(examples: list[dict], pad_id: int, width: int | None = None) -> dict:
-    """Right-pad to the longest example, or to `width` columns if that is wider."""
+    """Right-pad to the longest example; a packed batch to `width` columns if that is wider (unpacked
+    ones, e.g. validation rows, are not widened: that would only add padding to compute)."""
     import torch
 
-    width = max([len(e["input_ids"]) for e in examples] + [width or 0])
     packed = any("position_ids" in e for e in examples)
+    width = max([len(e["input_ids"]) for e in examples] + [(width or 0) if packed else 0])
     ids, labels, mask, positions = [], [], [], []
     for e in examples:
         n = len(e["input_ids"])

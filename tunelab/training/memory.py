@@ -84,8 +84,6 @@ def allocator_environment(env: dict | None = None) -> dict | None:
 def restart_with_tbbmalloc(argv: list[str]) -> None:
     """Replace this process by `python -m tunelab ARGV` with tbbmalloc preloaded; returns only when that
     cannot or need not be done (see allocator_environment)."""
-    if active_allocator() == "tbbmalloc":
-        return
     env = allocator_environment()
     if env is None:
         return
