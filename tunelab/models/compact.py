@@ -19,6 +19,8 @@ weight for an fp32 matmul.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,8 +70,6 @@ def _scratch(shape: torch.Size, device: torch.device) -> torch.Tensor:
     """One reused buffer per (shape, device, thread). Why: a decoded weight lives for one matmul; a fresh
     multi-MB tensor per use is mapped and faulted in anew, or leaves holes in malloc's heap between
     the activations a pass keeps."""
-    import threading
-
     key = (tuple(shape), device, threading.get_ident())
     buf = _SCRATCH.get(key)
     if buf is None:

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from tunelab.models import attention, norm
 from tunelab.models.compact import compact_frozen_linears, expand_compact, free_scratch
 from tunelab.models.loading import unwrap
 from tunelab.training import checkpoint as ckpt
-from tunelab.training import distributed
+from tunelab.training import distributed, threads
 from tunelab.training.loss import free_buffers as free_loss_buffers
 from tunelab.training.memory import allocator_note, release_freed_memory, releases_memory
 from tunelab.training.stages import Stage, stage_for
@@ -220,7 +221,9 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     if tcfg.compact_frozen and not dist.multi:  # after counting: compacted weights are no longer parameters
         compacted, saved = compact_frozen_linears(model)
         if compacted:
-            log(f"{compacted} frozen base weights kept compact, decoded exactly where used: {saved / 2**20:,.0f} MB less")
+            log(
+                f"{compacted} frozen base weights kept compact, decoded exactly where used: {saved / 2**20:,.0f} MB less"
+            )
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
 
@@ -279,10 +282,15 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         log(f"eval loss before training: {state['eval_loss_before']:.4f}")
 
     order_cache: dict[int, list[list[int]]] = {}
+    parts, why_not = threads.parts_for(tcfg, device, dist.multi, model)
+    if parts > 1:
+        log(f"each pass runs as up to {parts} parts at once, one per thread (training.pass_threads)")
+    elif why_not:
+        log(f"each pass runs on all threads at once, not split into parts: {why_not} (training.pass_threads)")
 
-    def passes(m: int) -> list[tuple[dict, float, int]]:
-        """This process's slice of global micro-batch m as (batch, weight, tokens), one per forward pass
-        (`rows_per_pass`); weight 0 marks a stand-in row."""
+    def passes(m: int) -> list[list[tuple[dict, float, int]]]:
+        """This process's slice of global micro-batch m, one list per forward pass (`rows_per_pass`) of its
+        parts (`pass_threads`) as (batch, weight, tokens); weight 0 marks a stand-in row."""
         epoch, b = divmod(m, batches_per_epoch)
         if epoch not in order_cache:
             order_cache.clear()
@@ -291,10 +299,19 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         size = tcfg.rows_per_pass or len(rows)
         out = []
         for j in range(0, len(rows), size):
-            examples = [data.train[i] for i in rows[j : j + size]]
-            batch = stage.collate(examples, pad_id)
-            out.append((batch, weight, _real_tokens(examples, batch)))
+            out.append([])
+            for part in threads.split(rows[j : j + size], parts):
+                examples = [data.train[i] for i in part]
+                batch = stage.collate(examples, pad_id)
+                out[-1].append((batch, weight, _real_tokens(examples, batch)))
         return out
+
+    def forward_backward(batch: dict, weight: float, n_label: int) -> tuple[float, dict]:
+        batch = to_device(batch, device)
+        with autocast():
+            loss_sum, _, *more = dist.loss_sum(batch)
+        dist.backward(loss_sum * weight / max(n_label, 1))
+        return float(loss_sum.detach()), (more[0] if more else {})
 
     progress = _progress(tcfg.progress and dist.is_main, total_steps, state["step"])
     model.train()
@@ -317,18 +334,16 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                 dist.refresh()  # DDP must be rebuilt when the set of trainable parameters changed
             micro = [p for k in range(tcfg.grad_accum) for p in passes(step * tcfg.grad_accum + k)]
             # the label terms of the whole step, summed over processes: one normaliser for the global batch
-            n_label = int(dist.sum(sum(w * stage.count(b) for b, w, _ in micro))[0])
+            n_label = int(dist.sum(sum(w * stage.count(b) for pass_ in micro for b, w, _ in pass_))[0])
             loss_total, extra_sums, step_tokens = 0.0, {}, 0.0
-            for i, (batch, weight, tokens) in enumerate(micro):
-                batch = to_device(batch, device)
+            for i, pass_ in enumerate(micro):
                 with dist.no_sync(i < len(micro) - 1):  # several processes: all-reduce on the last micro-batch
-                    with autocast():
-                        loss_sum, _, *more = dist.loss_sum(batch)
-                    dist.backward(loss_sum * weight / max(n_label, 1))
-                loss_total += weight * float(loss_sum.detach())
-                for k, v in (more[0] if more else {}).items():  # extra metrics, e.g. dpo's reward accuracy
-                    extra_sums[k] = extra_sums.get(k, 0.0) + weight * float(v)
-                step_tokens += weight * tokens
+                    results = threads.run([partial(forward_backward, b, w, n_label) for b, w, _ in pass_])
+                for (loss_sum, more), (_, weight, tokens) in zip(results, pass_):
+                    loss_total += weight * loss_sum
+                    for k, v in more.items():  # extra metrics, e.g. dpo's reward accuracy
+                        extra_sums[k] = extra_sums.get(k, 0.0) + weight * float(v)
+                    step_tokens += weight * tokens
             loss_total, step_tokens, *extras = dist.sum(loss_total, step_tokens, *extra_sums.values())
             extra_sums = dict(zip(extra_sums, extras))
             state["tokens"] += int(step_tokens)
@@ -374,6 +389,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         log(f"interrupted: checkpoint written to {path}; continue with: tunelab train CONFIG --resume")
     finally:
         progress.close()
+        threads.shutdown()
         free_loss_buffers()
         free_scratch()
         if previous_sigterm is not None:

@@ -12,6 +12,8 @@ and apply the head there, in chunks, so the full [batch, seq, vocab] logits are 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -22,25 +24,27 @@ from tunelab.models.loading import unwrap
 CHUNK = 256  # without a fused gradient: evaluation, DPO's log-probs, autocast
 FUSED_CHUNK = 256  # the fused head + cross-entropy of training
 
-# One [FUSED_CHUNK, vocab] logits buffer per CPU dtype, reused by every training pass. A fresh 48 MB
-# block is above glibc's mmap threshold (32 MiB at most), so each pass would map it anew and take a
-# page fault per 4 KiB while writing it: the head's matmul ran at half speed (61 GFLOP/s against 115,
-# SmolLM2 LoRA SFT). GPU allocators cache blocks themselves; there the buffer is not kept.
-_LOGITS: dict[torch.dtype, torch.Tensor] = {}
+# One [FUSED_CHUNK, vocab] logits buffer per CPU dtype and thread (the parts of a pass may run in
+# threads: training/threads.py), reused by every training pass. A fresh 48 MB block is above glibc's
+# mmap threshold (32 MiB at most), so each pass would map it anew and take a page fault per 4 KiB
+# while writing it: the head's matmul ran at half speed (61 GFLOP/s against 115, SmolLM2 LoRA SFT).
+# GPU allocators cache blocks themselves; there the buffer is not kept.
+_LOGITS: dict[tuple[torch.dtype, int], torch.Tensor] = {}
 
 
 def _logits_buffer(vocab: int, rows: int, like: torch.Tensor) -> torch.Tensor:
     """A [vocab, rows] buffer: the logits transposed (see _HeadCrossEntropy)."""
     if like.device.type != "cpu":
         return like.new_empty(vocab, rows)
-    buf = _LOGITS.get(like.dtype)
+    key = (like.dtype, threading.get_ident())
+    buf = _LOGITS.get(key)
     if buf is None or buf.numel() < rows * vocab:
-        _LOGITS[like.dtype] = buf = like.new_empty(max(rows, FUSED_CHUNK) * vocab)
+        _LOGITS[key] = buf = like.new_empty(max(rows, FUSED_CHUNK) * vocab)
     return buf[: rows * vocab].view(vocab, rows)
 
 
 def free_buffers() -> None:
-    """Drop the reused logits buffer (the training loop calls this when it ends)."""
+    """Drop the reused logits buffers (the training loop calls this when it ends)."""
     _LOGITS.clear()
 
 

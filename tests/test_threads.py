@@ -1,0 +1,87 @@
+"""training/threads.py: a pass's parts run at once in threads and give the training of the whole pass."""
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_training import losses, make_cfg
+from torch import nn
+
+import tunelab
+from tunelab.training import threads
+
+
+def test_split_gives_contiguous_near_equal_parts():
+    assert threads.split(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
+    assert threads.split(list(range(4)), 2) == [[0, 1], [2, 3]]
+    assert threads.split([7], 4) == [[7]]  # never an empty part
+    assert threads.split(list(range(3)), 1) == [[0, 1, 2]]
+
+
+def test_auto_parts_follow_the_cores_and_stay_off_with_dropout_or_elsewhere(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    auto, cpu = SimpleNamespace(pass_threads=None), torch.device("cpu")
+    plain = nn.Sequential(nn.Linear(2, 2))
+    assert threads.parts_for(auto, cpu, False, plain) == (2, None)
+    parts, why = threads.parts_for(auto, cpu, False, nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
+    assert parts == 1 and "dropout" in why
+    assert threads.parts_for(auto, cpu, False, nn.Sequential(nn.Dropout(0.0))) == (2, None)
+    assert threads.parts_for(auto, cpu, True, plain)[0] == 1  # DDP: one pass per process
+    assert threads.parts_for(SimpleNamespace(pass_threads=1), cpu, False, plain) == (1, None)
+    with pytest.raises(ValueError, match="pass_threads: 2 .* set it to null or 1"):
+        threads.parts_for(SimpleNamespace(pass_threads=2), cpu, True, plain)
+
+
+def test_run_keeps_order_restores_threads_and_waits_for_every_part_when_one_fails():
+    before = torch.get_num_threads()
+    seen = []
+
+    def part(k):
+        seen.append((k, threading.current_thread().name, torch.get_num_threads()))
+        return k * 10
+
+    assert threads.run([lambda k=k: part(k) for k in range(3)]) == [0, 10, 20]
+    assert all(name.startswith("tunelab-part") and n == max(1, before // 3) for _, name, n in seen)
+    assert torch.get_num_threads() == before
+
+    finished = []
+
+    def slow():
+        time.sleep(0.3)
+        finished.append(True)
+
+    def bad():
+        raise ValueError("row 3: no labels")
+
+    with pytest.raises(ValueError, match="row 3"):
+        threads.run([bad, slow])
+    assert finished == [True]  # the failing part did not leave the other one writing gradients
+    threads.shutdown()
+
+
+def test_parts_in_threads_train_like_the_whole_pass(tiny_dir, data_file, tmp_path, monkeypatch):
+    calls = []
+    real_run = threads.run
+    monkeypatch.setattr(threads, "run", lambda fns: calls.append(len(fns)) or real_run(fns))
+
+    def run(name, parts):
+        cfg = make_cfg(tiny_dir, data_file, tmp_path / name, max_steps=4, batch_size=4, pass_threads=parts)
+        cfg.data.packing, cfg.data.max_length, cfg.method.dropout = True, 160, 0.0
+        final = tunelab.train(cfg).final_dir
+        return losses(tmp_path / name), load_file(final / "adapter_model.safetensors")
+
+    whole, whole_w = run("whole", 1)
+    assert set(calls) == {1}
+    calls.clear()
+    two, two_w = run("two", 2)
+    assert set(calls) == {2}  # every pass of 4 packed rows ran as two parts at once
+    again, again_w = run("again", 2)
+    assert whole.keys() == two.keys()
+    for step in whole:
+        assert abs(whole[step] - two[step]) < 1e-5
+    for k in whole_w:
+        torch.testing.assert_close(two_w[k], whole_w[k], rtol=1e-4, atol=1e-6)
+        assert torch.equal(two_w[k], again_w[k])  # two parts: the same sum in either order

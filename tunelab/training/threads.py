@@ -1,0 +1,104 @@
+"""The parts of a CPU forward/backward pass run at once, each on its own share of the cores.
+
+Why: torch splits every op of a pass over all cores (OpenMP). The big matmuls scale, but a third
+of a LoRA step on a small model is work that scales poorly or not at all: memory-bound elementwise
+passes, the attention kernel on short examples, the frozen weights' decode, the Python between ops,
+each op with a fork and a join. Splitting the pass's rows into one part per core and running the
+parts in threads, each op single-threaded, keeps every core busy through all of it: SmolLM2 LoRA
+SFT steps ~9-15% shorter on 2 cores (docs/performance.md). The rows in flight are those of the
+pass (a pass of R rows becomes N parts of R/N rows), so activation memory stays that of the pass.
+
+Gradients add up across parts (autograd locks each leaf's accumulation), so the step's update is
+the pass's to rounding; with two parts it is also the same from run to run (a + b = b + a). Ops
+release the GIL; Python-level autograd functions take it, as in any thread.
+
+Why by hand: torch's inter-op pool (`torch.jit.fork`) runs TorchScript, and DDP's one process per
+core would hold a copy of the model and libraries per core; threads share both.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+T = TypeVar("T")
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def parts_for(tcfg, device: torch.device, multi: bool, model: nn.Module) -> tuple[int, str | None]:
+    """(parts per pass, why not more): `training.pass_threads`, or with null one part per torch thread on a
+    CPU in a single process, when nothing draws random numbers (dropout) during training."""
+    if tcfg.pass_threads is not None and tcfg.pass_threads > 1 and (device.type != "cpu" or multi):
+        where = f"on {device.type}" if device.type != "cpu" else "with several processes"
+        raise ValueError(
+            f"training.pass_threads: {tcfg.pass_threads} splits a pass over the cores of one CPU process; "
+            f"{where} set it to null or 1"
+        )
+    if tcfg.pass_threads is not None:
+        return tcfg.pass_threads, None
+    if device.type != "cpu" or multi:
+        return 1, None
+    if draws_random_numbers(model):
+        return 1, "dropout is active: threads would draw its random numbers in a different order each run"
+    return max(1, torch.get_num_threads()), None
+
+
+def draws_random_numbers(model: nn.Module) -> bool:
+    """True when a training forward pass uses torch's random generator (dropout anywhere)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            return True
+        cfg = getattr(module, "config", None)
+        if cfg is not None and float(getattr(cfg, "attention_dropout", 0.0) or 0.0) > 0:
+            return True
+    return False
+
+
+def split(rows: list, parts: int) -> list[list]:
+    """`rows` as at most `parts` contiguous slices of near-equal length (none empty)."""
+    parts = max(1, min(parts, len(rows)))
+    size, extra = divmod(len(rows), parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + size + (k < extra)
+        out.append(rows[start:end])
+        start = end
+    return out
+
+
+def run(calls: list[Callable[[], T]]) -> list[T]:
+    """Each call's result, in order. One call runs here; several run at once in worker threads, each with
+    torch's threads divided among them."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    global _POOL
+    if _POOL is None or _POOL._max_workers < len(calls):
+        shutdown()
+        _POOL = concurrent.futures.ThreadPoolExecutor(len(calls), thread_name_prefix="tunelab-part")
+    total = torch.get_num_threads()
+    share = max(1, total // len(calls))
+    futures = [_POOL.submit(_with_threads, share, call) for call in calls]
+    try:
+        concurrent.futures.wait(futures)
+    finally:  # an interrupt lands here: let every part finish writing its gradients before it propagates
+        concurrent.futures.wait(futures)
+        torch.set_num_threads(total)
+    return [f.result() for f in futures]
+
+
+def _with_threads(n: int, call: Callable[[], T]) -> T:
+    torch.set_num_threads(n)
+    return call()
+
+
+def shutdown() -> None:
+    """Stop the worker threads (the training loop calls this when it ends)."""
+    global _POOL
+    if _POOL is not None:
+        _POOL.shutdown(wait=True)
+        _POOL = None
