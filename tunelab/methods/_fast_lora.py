@@ -9,7 +9,8 @@ Here each adapted layer is one autograd function. With many rows the adapter is 
 weight for the duration of the call, `W' = W + s B A` (`2 out in r` FLOPs, under 2% of the big
 matmul at 1,024 tokens), and the output is a single matmul `x W'^T`; with few rows, where writing a
 weight-sized `W'` costs more than a pass over the output, the low-rank term is accumulated into the
-output by `addmm_` instead. Only `x` is kept for the backward pass:
+output by `addmm_` instead. Only `x` is kept for the backward pass, and on that path `x A^T` (r
+numbers a row, so dB needs no second pass over `x`):
 
     dx = g W'           dB = s g^T (x A^T)           dA = s (g B)^T x
 
@@ -66,19 +67,22 @@ def _folded(p: _Parts) -> torch.Tensor:
     return torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale, out=_scratch(p.weight.shape, p.weight.device))
 
 
-def _linear(x: torch.Tensor, p: _Parts) -> torch.Tensor:
+def _linear(x: torch.Tensor, p: _Parts) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, x A^T): x A^T ([rows, r], kept for dB) when the adapter was not folded, else None."""
     if p.lora_a is None:
-        return F.linear(x, _dense(p), p.bias)
+        return F.linear(x, _dense(p), p.bias), None
     if _rows(x) > p.weight.shape[1]:  # fold: a weight-sized write is cheaper than an output-sized pass
-        return F.linear(x, _folded(p), p.bias)
+        return F.linear(x, _folded(p), p.bias), None
     x2 = x.reshape(-1, x.shape[-1])
     out = F.linear(x2, _dense(p), p.bias)
-    out.addmm_(x2 @ p.lora_a.t(), p.lora_b.t(), alpha=p.scale)
-    return out.view(*x.shape[:-1], -1)
+    xa = x2 @ p.lora_a.t()
+    out.addmm_(xa, p.lora_b.t(), alpha=p.scale)
+    return out.view(*x.shape[:-1], -1), xa
 
 
-def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: bool = True):
-    """(dx, dA, dB) of `_linear` (dx None when not needed; dA, dB None for a plain Linear)."""
+def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: bool = True, xa=None):
+    """(dx, dA, dB) of `_linear` (dx None when not needed; dA, dB None for a plain Linear); `xa` is the
+    forward's x A^T when it kept one (else it is computed again)."""
     g = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     grad_x = grad_a = grad_b = None
@@ -93,7 +97,7 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: boo
         grad_x = grad_x.view(x.shape)
     if p.lora_a is not None:
         grad_a = g_b.t().mm(x2).mul_(p.scale)
-        grad_b = g.t().mm(x2 @ p.lora_a.t()).mul_(p.scale)
+        grad_b = g.t().mm(x2 @ p.lora_a.t() if xa is None else xa).mul_(p.scale)
     return grad_x, grad_a, grad_b
 
 
@@ -106,17 +110,18 @@ class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
         p = _Parts(weight, bias, lora_a, lora_b, scale)
-        ctx.save_for_backward(x, _saveable(weight), lora_a, lora_b)
+        out, xa = _linear(x, p)
+        ctx.save_for_backward(x, _saveable(weight), lora_a, lora_b, xa)
         ctx.compact = weight if isinstance(weight, CompactWeight) else None
         ctx.scale = scale
         ctx.has_bias = bias is not None and bias.requires_grad
-        return _linear(x, p)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b = ctx.saved_tensors
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
         p = _Parts(ctx.compact or weight, None, lora_a, lora_b, ctx.scale)
-        grad_x, grad_a, grad_b = _linear_backward(grad, x, p, ctx.needs_input_grad[0])
+        grad_x, grad_a, grad_b = _linear_backward(grad, x, p, ctx.needs_input_grad[0], xa)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
         return grad_x, None, grad_bias, grad_a, grad_b, None
 
@@ -127,10 +132,10 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, *flat):
         gate, up, down = (_Parts(*flat[i : i + 5]) for i in (0, 5, 10))
-        g, u = _linear(x, gate), _linear(x, up)
-        out = _linear(F.silu(g).mul_(u), down)
+        (g, xa_g), (u, xa_u) = _linear(x, gate), _linear(x, up)
+        out, xa_d = _linear(F.silu(g).mul_(u), down)
         ctx.save_for_backward(
-            x, g, u, *(t for p in (gate, up, down) for t in (_saveable(p.weight), p.lora_a, p.lora_b))
+            x, g, u, xa_g, xa_u, xa_d, *(t for p in (gate, up, down) for t in (_saveable(p.weight), p.lora_a, p.lora_b))
         )
         ctx.compact = [p.weight if isinstance(p.weight, CompactWeight) else None for p in (gate, up, down)]
         ctx.scales = gate.scale, up.scale, down.scale
@@ -138,18 +143,18 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, g, u, *w = ctx.saved_tensors
+        x, g, u, xa_g, xa_u, xa_d, *w = ctx.saved_tensors
         gate, up, down = (
             _Parts(ctx.compact[k] or w[3 * k], None, w[3 * k + 1], w[3 * k + 2], ctx.scales[k]) for k in range(3)
         )
         silu = F.silu(g)
-        grad_h, grad_da, grad_db = _linear_backward(grad, silu * u, down)
+        grad_h, grad_da, grad_db = _linear_backward(grad, silu * u, down, xa=xa_d)
         grad_u = grad_h * silu
         del silu
         # silu'(g) applied by ATen's own kernel, in place: one pass instead of six
         grad_g = torch.ops.aten.silu_backward.grad_input(grad_h.mul_(u), g, grad_input=grad_h)
-        grad_x, grad_ga, grad_gb = _linear_backward(grad_g, x, gate, ctx.needs_input_grad[0])
-        grad_x_up, grad_ua, grad_ub = _linear_backward(grad_u, x, up, ctx.needs_input_grad[0])
+        grad_x, grad_ga, grad_gb = _linear_backward(grad_g, x, gate, ctx.needs_input_grad[0], xa_g)
+        grad_x_up, grad_ua, grad_ub = _linear_backward(grad_u, x, up, ctx.needs_input_grad[0], xa_u)
         if grad_x is not None:
             grad_x += grad_x_up
         return (grad_x, None, None, grad_ga, grad_gb, None, None, None, grad_ua, grad_ub, None,
