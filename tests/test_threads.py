@@ -24,11 +24,17 @@ def test_split_gives_contiguous_near_equal_parts():
 def test_auto_parts_follow_the_cores_and_stay_off_with_dropout_or_elsewhere(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     auto, cpu = SimpleNamespace(pass_threads=None), torch.device("cpu")
-    plain = nn.Sequential(nn.Linear(2, 2))
+    plain = nn.Sequential(nn.Linear(2, 2)).requires_grad_(False)
     assert threads.parts_for(auto, cpu, False, plain) == (2, None)
     parts, why = threads.parts_for(auto, cpu, False, nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
     assert parts == 1 and "dropout" in why
     assert threads.parts_for(auto, cpu, False, nn.Sequential(nn.Dropout(0.0))) == (2, None)
+    full = nn.Sequential(nn.Linear(2, 2))
+    parts, why = threads.parts_for(auto, cpu, False, full.requires_grad_(True))
+    assert parts == 1 and "gradient of its own" in why
+    plain.requires_grad_(False)
+    plain[0].bias.requires_grad_(True)  # 2 of 6 parameters: few enough
+    assert threads.parts_for(auto, cpu, False, plain) == (2, None)
     assert threads.parts_for(auto, cpu, True, plain)[0] == 1  # DDP: one pass per process
     assert threads.parts_for(SimpleNamespace(pass_threads=1), cpu, False, plain) == (1, None)
     with pytest.raises(ValueError, match="pass_threads: 2 .* set it to null or 1"):
@@ -67,21 +73,23 @@ def test_parts_in_threads_train_like_the_whole_pass(tiny_dir, data_file, tmp_pat
     real_run = threads.run
     monkeypatch.setattr(threads, "run", lambda fns: calls.append(len(fns)) or real_run(fns))
 
-    def run(name, parts):
-        cfg = make_cfg(tiny_dir, data_file, tmp_path / name, max_steps=4, batch_size=4, pass_threads=parts)
+    def run(name, parts, **training):
+        cfg = make_cfg(tiny_dir, data_file, tmp_path / name, max_steps=4, batch_size=4, pass_threads=parts, **training)
         cfg.data.packing, cfg.data.max_length, cfg.method.dropout = True, 160, 0.0
         final = tunelab.train(cfg).final_dir
         return losses(tmp_path / name), load_file(final / "adapter_model.safetensors")
 
     whole, whole_w = run("whole", 1)
-    assert set(calls) == {1}
-    calls.clear()
+    assert calls == []
     two, two_w = run("two", 2)
-    assert set(calls) == {2}  # every pass of 4 packed rows ran as two parts at once
+    assert set(calls) == {2}  # every micro-batch of 4 packed rows ran as two shares at once
     again, again_w = run("again", 2)
-    assert whole.keys() == two.keys()
+    # two rows in flight: each share runs its two rows one pass at a time
+    halves, halves_w = run("halves", 2, rows_per_pass=2)
+    assert whole.keys() == two.keys() == halves.keys()
     for step in whole:
-        assert abs(whole[step] - two[step]) < 1e-5
+        assert abs(whole[step] - two[step]) < 1e-5 and abs(whole[step] - halves[step]) < 1e-5
     for k in whole_w:
         torch.testing.assert_close(two_w[k], whole_w[k], rtol=1e-4, atol=1e-6)
-        assert torch.equal(two_w[k], again_w[k])  # two parts: the same sum in either order
+        torch.testing.assert_close(halves_w[k], whole_w[k], rtol=1e-4, atol=1e-6)
+        assert torch.equal(two_w[k], again_w[k])  # the shares' gradients are added in one order: same run

@@ -289,29 +289,41 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         log(f"each pass runs on all threads at once, not split into parts: {why_not} (training.pass_threads)")
 
     def passes(m: int) -> list[list[tuple[dict, float, int]]]:
-        """This process's slice of global micro-batch m, one list per forward pass (`rows_per_pass`) of its
-        parts (`pass_threads`) as (batch, weight, tokens); weight 0 marks a stand-in row."""
+        """This process's slice of global micro-batch m as its shares (`pass_threads`; one without threads),
+        each a list of forward passes (batch, weight, tokens); weight 0 marks a stand-in row. The rows in
+        flight at once stay `rows_per_pass`: two shares run passes of half as many rows."""
         epoch, b = divmod(m, batches_per_epoch)
         if epoch not in order_cache:
             order_cache.clear()
             order_cache[epoch] = batch_order(len(data.train), global_batch, tcfg.seed, epoch)
         rows, weight = dist.shard(order_cache[epoch][b])
         size = tcfg.rows_per_pass or len(rows)
-        out = []
-        for j in range(0, len(rows), size):
-            out.append([])
-            for part in threads.split(rows[j : j + size], parts):
-                examples = [data.train[i] for i in part]
+        n = min(parts, size)
+        shares = []
+        for share in threads.split(rows, n):
+            shares.append([])
+            for j in range(0, len(share), max(1, size // n)):
+                examples = [data.train[i] for i in share[j : j + max(1, size // n)]]
                 batch = stage.collate(examples, pad_id)
-                out[-1].append((batch, weight, _real_tokens(examples, batch)))
-        return out
+                shares[-1].append((batch, weight, _real_tokens(examples, batch)))
+        return shares
 
-    def forward_backward(batch: dict, weight: float, n_label: int) -> tuple[float, dict]:
+    def forward_loss(batch: dict, weight: float, n_label: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(summed loss, what to backpropagate, extra metrics) of one forward pass."""
         batch = to_device(batch, device)
         with autocast():
             loss_sum, _, *more = dist.loss_sum(batch)
-        dist.backward(loss_sum * weight / max(n_label, 1))
-        return float(loss_sum.detach()), (more[0] if more else {})
+        return loss_sum, loss_sum * weight / max(n_label, 1), (more[0] if more else {})
+
+    def share_gradients(share: list, n_label: int, trainable: list) -> tuple[list, list]:
+        """One thread's passes: their (loss, extras) and gradients, summed here in order, not into .grad
+        (the threads' sum then has one order: the same update every run)."""
+        results, grads = [], None
+        for batch, weight, _ in share:
+            loss_sum, scaled, more = forward_loss(batch, weight, n_label)
+            grads = threads.add(grads, torch.autograd.grad(scaled, trainable, allow_unused=True))
+            results.append((float(loss_sum.detach()), more))
+        return results, grads
 
     progress = _progress(tcfg.progress and dist.is_main, total_steps, state["step"])
     model.train()
@@ -332,18 +344,30 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                     log(f"step {step}: {note}")
                     metrics_log.write({"step": step, "event": note})
                 dist.refresh()  # DDP must be rebuilt when the set of trainable parameters changed
-            micro = [p for k in range(tcfg.grad_accum) for p in passes(step * tcfg.grad_accum + k)]
+            micro = [passes(step * tcfg.grad_accum + k) for k in range(tcfg.grad_accum)]
             # the label terms of the whole step, summed over processes: one normaliser for the global batch
-            n_label = int(dist.sum(sum(w * stage.count(b) for pass_ in micro for b, w, _ in pass_))[0])
-            loss_total, extra_sums, step_tokens = 0.0, {}, 0.0
-            for i, pass_ in enumerate(micro):
-                with dist.no_sync(i < len(micro) - 1):  # several processes: all-reduce on the last micro-batch
-                    results = threads.run([partial(forward_backward, b, w, n_label) for b, w, _ in pass_])
-                for (loss_sum, more), (_, weight, tokens) in zip(results, pass_):
-                    loss_total += weight * loss_sum
-                    for k, v in more.items():  # extra metrics, e.g. dpo's reward accuracy
-                        extra_sums[k] = extra_sums.get(k, 0.0) + weight * float(v)
-                    step_tokens += weight * tokens
+            n_label = int(dist.sum(sum(w * stage.count(b) for mb in micro for sh in mb for b, w, _ in sh))[0])
+            done: list[tuple[float, dict, float, int]] = []  # (summed loss, extras, weight, tokens) per pass
+            for i, shares in enumerate(micro):
+                if len(shares) == 1:
+                    for j, (batch, weight, tokens) in enumerate(shares[0]):
+                        last = i == len(micro) - 1 and j == len(shares[0]) - 1
+                        with dist.no_sync(not last):  # several processes: all-reduce on the last pass
+                            loss_sum, scaled, more = forward_loss(batch, weight, n_label)
+                            dist.backward(scaled)
+                        done.append((float(loss_sum.detach()), more, weight, tokens))
+                    continue
+                learning = [p for p in model.parameters() if p.requires_grad]  # on_step may change it
+                ran = threads.run([partial(share_gradients, sh, n_label, learning) for sh in shares])
+                threads.accumulate(learning, [grads for _, grads in ran])
+                for (results, _), share in zip(ran, shares):
+                    done += [(loss, more, w, tokens) for (loss, more), (_, w, tokens) in zip(results, share)]
+            loss_total = sum(w * loss for loss, _, w, _ in done)
+            step_tokens = sum(w * tokens for _, _, w, tokens in done)
+            extra_sums: dict[str, float] = {}
+            for _, more, w, _ in done:  # extra metrics, e.g. dpo's reward accuracy
+                for k, v in more.items():
+                    extra_sums[k] = extra_sums.get(k, 0.0) + w * float(v)
             loss_total, step_tokens, *extras = dist.sum(loss_total, step_tokens, *extra_sums.values())
             extra_sums = dict(zip(extra_sums, extras))
             state["tokens"] += int(step_tokens)

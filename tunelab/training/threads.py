@@ -31,8 +31,9 @@ _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def parts_for(tcfg, device: torch.device, multi: bool, model: nn.Module) -> tuple[int, str | None]:
-    """(parts per pass, why not more): `training.pass_threads`, or with null one part per torch thread on a
-    CPU in a single process, when nothing draws random numbers (dropout) during training."""
+    """(shares per micro-batch, why not more): `training.pass_threads`, or with null one per torch thread on a
+    CPU in a single process, when nothing draws random numbers (dropout) during training and the trainable
+    parameters are few (each share sums its own gradients)."""
     if tcfg.pass_threads is not None and tcfg.pass_threads > 1 and (device.type != "cpu" or multi):
         where = f"on {device.type}" if device.type != "cpu" else "with several processes"
         raise ValueError(
@@ -45,6 +46,9 @@ def parts_for(tcfg, device: torch.device, multi: bool, model: nn.Module) -> tupl
         return 1, None
     if draws_random_numbers(model):
         return 1, "dropout is active: threads would draw its random numbers in a different order each run"
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable > 0.25 * sum(p.numel() for p in model.parameters()):
+        return 1, "most parameters train, and each thread would hold a gradient of its own"
     return max(1, torch.get_num_threads()), None
 
 
@@ -89,6 +93,23 @@ def run(calls: list[Callable[[], T]]) -> list[T]:
         concurrent.futures.wait(futures)
         torch.set_num_threads(total)
     return [f.result() for f in futures]
+
+
+def add(total: list | None, grads) -> list:
+    """total + grads, entry by entry, in place where total has one (None: no gradient)."""
+    if total is None:
+        return list(grads)
+    return [b if a is None else a if b is None else a.add_(b) for a, b in zip(total, grads)]
+
+
+def accumulate(params: list, shares: list[list]) -> None:
+    """Add each share's gradients, in share order, into the parameters' .grad."""
+    total = None
+    for grads in shares:
+        total = add(total, grads)
+    for p, g in zip(params, total or []):
+        if g is not None:
+            p.grad = g if p.grad is None else p.grad.add_(g)
 
 
 def _with_threads(n: int, call: Callable[[], T]) -> T:
