@@ -24,7 +24,7 @@ def test_split_gives_contiguous_near_equal_parts():
 def test_auto_parts_follow_the_cores_and_stay_off_with_dropout_or_elsewhere(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     auto, cpu = SimpleNamespace(pass_threads=None), torch.device("cpu")
-    plain = nn.Sequential(nn.Linear(2, 2)).requires_grad_(False)
+    plain = nn.Sequential(nn.Linear(4, 4)).requires_grad_(False)
     assert threads.parts_for(auto, cpu, False, plain) == (2, None)
     parts, why = threads.parts_for(auto, cpu, False, nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
     assert parts == 1 and "dropout" in why
@@ -33,7 +33,7 @@ def test_auto_parts_follow_the_cores_and_stay_off_with_dropout_or_elsewhere(monk
     parts, why = threads.parts_for(auto, cpu, False, full.requires_grad_(True))
     assert parts == 1 and "gradient of its own" in why
     plain.requires_grad_(False)
-    plain[0].bias.requires_grad_(True)  # 2 of 6 parameters: few enough
+    plain[0].bias.requires_grad_(True)  # 4 of 20 parameters: few enough
     assert threads.parts_for(auto, cpu, False, plain) == (2, None)
     assert threads.parts_for(auto, cpu, True, plain)[0] == 1  # DDP: one pass per process
     assert threads.parts_for(SimpleNamespace(pass_threads=1), cpu, False, plain) == (1, None)
