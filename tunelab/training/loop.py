@@ -284,9 +284,9 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     order_cache: dict[int, list[list[int]]] = {}
     parts, why_not = threads.parts_for(tcfg, device, dist.multi, model)
     if parts > 1:
-        log(f"each pass runs as up to {parts} parts at once, one per thread (training.pass_threads)")
+        log(f"each micro-batch runs as up to {parts} shares of its rows at once, a thread each (training.pass_threads)")
     elif why_not:
-        log(f"each pass runs on all threads at once, not split into parts: {why_not} (training.pass_threads)")
+        log(f"each pass runs on all threads, not split into shares: {why_not} (training.pass_threads)")
 
     def passes(m: int) -> list[list[tuple[dict, float, int]]]:
         """This process's slice of global micro-batch m as its shares (`pass_threads`; one without threads),

@@ -1,16 +1,17 @@
-"""The parts of a CPU forward/backward pass run at once, each on its own share of the cores.
+"""The shares of a CPU micro-batch run at once, each on its own share of the cores.
 
 Why: torch splits every op of a pass over all cores (OpenMP). The big matmuls scale, but a third
 of a LoRA step on a small model is work that scales poorly or not at all: memory-bound elementwise
 passes, the attention kernel on short examples, the frozen weights' decode, the Python between ops,
-each op with a fork and a join. Splitting the pass's rows into one part per core and running the
-parts in threads, each op single-threaded, keeps every core busy through all of it: SmolLM2 LoRA
-SFT steps ~9-15% shorter on 2 cores (docs/performance.md). The rows in flight are those of the
-pass (a pass of R rows becomes N parts of R/N rows), so activation memory stays that of the pass.
+each op with a fork and a join. Cutting the rows into one share per core and running the shares in
+threads, each op single-threaded, keeps every core busy through all of it: SmolLM2 LoRA SFT
+steps 5-8% shorter on 2 cores (docs/performance.md). Each share runs its rows in passes of
+rows_per_pass / shares rows, so the rows in flight, and the activation memory, stay those of a pass.
 
-Gradients add up across parts (autograd locks each leaf's accumulation), so the step's update is
-the pass's to rounding; with two parts it is also the same from run to run (a + b = b + a). Ops
-release the GIL; Python-level autograd functions take it, as in any thread.
+Each share sums its own gradients (`torch.autograd.grad`) and the loop adds the sums in share order
+(`accumulate`): the update is the pass's to rounding and the same in every run, which accumulating
+into `.grad` from several threads would not be (the order of the additions would vary). Ops release
+the GIL; Python-level autograd functions take it, as in any thread.
 
 Why by hand: torch's inter-op pool (`torch.jit.fork`) runs TorchScript, and DDP's one process per
 core would hold a copy of the model and libraries per core; threads share both.
