@@ -315,13 +315,17 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             loss_sum, _, *more = dist.loss_sum(batch)
         return loss_sum, loss_sum * weight / max(n_label, 1), (more[0] if more else {})
 
-    def share_gradients(share: list, n_label: int, trainable: list) -> tuple[list, list]:
-        """One thread's passes: their (loss, extras) and gradients, summed here in order, not into .grad
-        (the threads' sum then has one order: the same update every run)."""
+    def share_gradients(share: list, n_label: int, trainable: list, first: bool) -> tuple[list, list | None]:
+        """One thread's passes: their (loss, extras), and gradients: the first share's into .grad, every
+        other share's summed here, in order, and added by the loop after it (one order of additions: the
+        same update every run)."""
         results, grads = [], None
         for batch, weight, _ in share:
             loss_sum, scaled, more = forward_loss(batch, weight, n_label)
-            grads = threads.add(grads, torch.autograd.grad(scaled, trainable, allow_unused=True))
+            if first:
+                scaled.backward()
+            else:
+                grads = threads.add(grads, torch.autograd.grad(scaled, trainable, allow_unused=True))
             results.append((float(loss_sum.detach()), more))
         return results, grads
 
@@ -358,8 +362,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                         done.append((float(loss_sum.detach()), more, weight, tokens))
                     continue
                 learning = [p for p in model.parameters() if p.requires_grad]  # on_step may change it
-                ran = threads.run([partial(share_gradients, sh, n_label, learning) for sh in shares])
-                threads.accumulate(learning, [grads for _, grads in ran])
+                ran = threads.run([partial(share_gradients, sh, n_label, learning, k == 0) for k, sh in enumerate(shares)])
+                threads.accumulate(learning, [grads for _, grads in ran[1:]])
                 for (results, _), share in zip(ran, shares):
                     done += [(loss, more, w, tokens) for (loss, more), (_, w, tokens) in zip(results, share)]
             loss_total = sum(w * loss for loss, _, w, _ in done)

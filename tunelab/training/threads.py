@@ -8,9 +8,10 @@ threads, each op single-threaded, keeps every core busy through all of it: SmolL
 steps 5-8% shorter on 2 cores (docs/performance.md). Each share runs its rows in passes of
 rows_per_pass / shares rows, so the rows in flight, and the activation memory, stay those of a pass.
 
-Each share sums its own gradients (`torch.autograd.grad`) and the loop adds the sums in share order
-(`accumulate`): the update is the pass's to rounding and the same in every run, which accumulating
-into `.grad` from several threads would not be (the order of the additions would vary). Ops release
+The first share accumulates its gradients into `.grad`, every other share sums its own
+(`torch.autograd.grad`), and the loop adds those sums in share order (`accumulate`): the update is
+the pass's to rounding and the same in every run, which accumulating into `.grad` from several
+threads would not be (the order of the additions would vary). Ops release
 the GIL; Python-level autograd functions take it, as in any thread.
 
 Why by hand: torch's inter-op pool (`torch.jit.fork`) runs TorchScript, and DDP's one process per
