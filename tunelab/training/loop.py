@@ -221,9 +221,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     if tcfg.compact_frozen and not dist.multi:  # after counting: compacted weights are no longer parameters
         compacted, saved = compact_frozen_linears(model)
         if compacted:
-            log(
-                f"{compacted} frozen base weights kept compact, decoded exactly where used: {saved / 2**20:,.0f} MB less"
-            )
+            log(f"{compacted} frozen base weights kept compact, decoded exactly where used: {saved / 2**20:,.0f} MB less")
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
 
