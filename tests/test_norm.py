@@ -65,3 +65,51 @@ def test_install_leaves_other_formulas_alone():
     model = nn.Sequential(_OnePlusWeightRMSNorm(16), LlamaRMSNorm(16))
     assert norm.install(model) == 1
     assert not hasattr(model[0], "_plain_forward") and hasattr(model[1], "_plain_forward")
+
+
+def test_recomputed_outputs_keep_no_norm_output_and_give_the_same_gradients():
+    import gc
+    import weakref
+
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.methods import _fast_lora
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in model.named_parameters():  # B != 0, so that every LoRA gradient is non-trivial
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    _fast_lora.enable(model)
+    norm.install(model)
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    outputs = []
+    real = norm._RMSNorm.forward
+
+    def spy(ctx, x, weight, eps):
+        y = real(ctx, x, weight, eps)
+        outputs.append(weakref.ref(y))
+        return y
+
+    def run(recompute: bool):
+        model.zero_grad(set_to_none=True)
+        outputs.clear()
+        norm._RMSNorm.forward = staticmethod(spy)
+        try:
+            with norm.recomputed_outputs() if recompute else torch.enable_grad():
+                loss = model(input_ids=ids, labels=ids).loss
+        finally:
+            norm._RMSNorm.forward = staticmethod(real)
+        gc.collect()
+        kept = sum(ref() is not None for ref in outputs)
+        loss.backward()
+        return loss, kept, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref_kept, ref_grads = run(recompute=False)
+    loss, kept, grads = run(recompute=True)
+    layers = model.config.num_hidden_layers
+    assert ref_kept == 2 * layers and kept == 0  # each layer's two normed inputs were kept, now none
+    assert torch.equal(loss, ref_loss) and ref_grads.keys() == grads.keys() and len(grads) == 14 * layers
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name  # rebuilt with the same operations: the same bits

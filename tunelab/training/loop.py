@@ -309,7 +309,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     def forward_loss(batch: dict, weight: float, n_label: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(summed loss, what to backpropagate, extra metrics) of one forward pass."""
         batch = to_device(batch, device)
-        with autocast():
+        with autocast(), norm.recomputed_outputs():  # norm outputs rebuilt for the backward pass, not kept
             loss_sum, _, *more = dist.loss_sum(batch)
         return loss_sum, loss_sum * weight / max(n_label, 1), (more[0] if more else {})
 
