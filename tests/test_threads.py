@@ -93,3 +93,11 @@ def test_parts_in_threads_train_like_the_whole_pass(tiny_dir, data_file, tmp_pat
         torch.testing.assert_close(two_w[k], whole_w[k], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(halves_w[k], whole_w[k], rtol=1e-4, atol=1e-6)
         assert torch.equal(two_w[k], again_w[k])  # the shares' gradients are added in one order: same run
+
+
+def test_auto_counts_weights_that_are_no_longer_parameters(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    model = nn.Sequential(nn.Linear(4, 4))  # 20 parameters, all trainable: here, as after compacting the base
+    auto, cpu = SimpleNamespace(pass_threads=None), torch.device("cpu")
+    assert threads.parts_for(auto, cpu, False, model)[0] == 1
+    assert threads.parts_for(auto, cpu, False, model, total=1000) == (2, None)  # 2% of the whole model

@@ -280,7 +280,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         log(f"eval loss before training: {state['eval_loss_before']:.4f}")
 
     order_cache: dict[int, list[list[int]]] = {}
-    parts, why_not = threads.parts_for(tcfg, device, dist.multi, model)
+    parts, why_not = threads.parts_for(tcfg, device, dist.multi, model, total)
     if parts > 1:
         log(f"each micro-batch runs as up to {parts} shares of its rows at once, a thread each (training.pass_threads)")
     elif why_not:

@@ -32,10 +32,13 @@ T = TypeVar("T")
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def parts_for(tcfg, device: torch.device, multi: bool, model: nn.Module) -> tuple[int, str | None]:
+def parts_for(
+    tcfg, device: torch.device, multi: bool, model: nn.Module, total: int | None = None
+) -> tuple[int, str | None]:
     """(shares per micro-batch, why not more): `training.pass_threads`, or with null one per torch thread on a
     CPU in a single process, when nothing draws random numbers (dropout) during training and the trainable
-    parameters are few (each share sums its own gradients)."""
+    parameters are few (each share sums its own gradients). `total`: the model's parameter count, if some
+    are no longer parameters (compacted frozen weights)."""
     if tcfg.pass_threads is not None and tcfg.pass_threads > 1 and (device.type != "cpu" or multi):
         where = f"on {device.type}" if device.type != "cpu" else "with several processes"
         raise ValueError(
@@ -49,7 +52,7 @@ def parts_for(tcfg, device: torch.device, multi: bool, model: nn.Module) -> tupl
     if draws_random_numbers(model):
         return 1, "dropout is active: threads would draw its random numbers in a different order each run"
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if trainable > 0.25 * sum(p.numel() for p in model.parameters()):
+    if trainable > 0.25 * (total or sum(p.numel() for p in model.parameters())):
         return 1, "most parameters train, and each thread would hold a gradient of its own"
     return max(1, torch.get_num_threads()), None
 
