@@ -297,11 +297,12 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         rows, weight = dist.shard(order_cache[epoch][b])
         size = tcfg.rows_per_pass or len(rows)
         n = min(parts, size)
+        per_pass = max(1, size // n)
         shares = []
         for share in threads.split(rows, n):
             shares.append([])
-            for j in range(0, len(share), max(1, size // n)):
-                examples = [data.train[i] for i in share[j : j + max(1, size // n)]]
+            for j in range(0, len(share), per_pass):
+                examples = [data.train[i] for i in share[j : j + per_pass]]
                 batch = stage.collate(examples, pad_id)
                 shares[-1].append((batch, weight, _real_tokens(examples, batch)))
         return shares

@@ -30,6 +30,7 @@ from torch import nn
 T = TypeVar("T")
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_WORKERS = 0  # the pool's size
 
 
 def parts_for(
@@ -85,10 +86,11 @@ def run(calls: list[Callable[[], T]]) -> list[T]:
     torch's threads divided among them."""
     if len(calls) == 1:
         return [calls[0]()]
-    global _POOL
-    if _POOL is None or _POOL._max_workers < len(calls):
+    global _POOL, _WORKERS
+    if _POOL is None or _WORKERS < len(calls):
         shutdown()
         _POOL = concurrent.futures.ThreadPoolExecutor(len(calls), thread_name_prefix="tunelab-part")
+        _WORKERS = len(calls)
     total = torch.get_num_threads()
     share = max(1, total // len(calls))
     futures = [_POOL.submit(_with_threads, share, call) for call in calls]
