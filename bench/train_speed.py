@@ -165,10 +165,12 @@ def tunelab_config(method: str, overrides: list[str], tmp: str):
 def job_tunelab(method: str, overrides: list[str]) -> dict:
     import tunelab
     from tunelab.inference import load_run
+    from tunelab.training.memory import skip_unused_imports
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "train.json").write_text(json.dumps(rows(0, JOB["rows"])))
         cfg = tunelab_config(method, overrides, tmp)
+        skip_unused_imports(cfg)  # as `tunelab train` does: this process runs this one training
         result = tunelab.train(cfg)
         peak = peak_rss_mb()  # loading + training; reloading the result for scoring is not counted
         model, tokenizer = load_run(result.final_dir)

@@ -71,3 +71,24 @@ def test_a_failed_restart_trains_on(monkeypatch, capsys):
     monkeypatch.setattr(memory.os, "execve", refuse)
     assert memory.restart_with_tbbmalloc(["train", "c.yaml"]) is None
     assert "could not restart on tbbmalloc" in capsys.readouterr().err
+
+
+def test_a_lora_process_imports_peft_without_bitsandbytes_and_a_qlora_one_keeps_it():
+    code = """
+import json, sys
+from tunelab.config import load_config
+from tunelab.training.memory import skip_unused_imports
+qlora = skip_unused_imports(load_config({"method": {"name": "qlora"}}))
+lora = skip_unused_imports(load_config({"method": {"name": "lora"}}))
+from peft import LoraConfig, get_peft_model  # peft itself still imports and works
+from peft.import_utils import is_bnb_available
+try:
+    import bitsandbytes  # noqa: F401
+    blocked = False
+except ImportError:
+    blocked = True
+print(json.dumps([qlora, lora, is_bnb_available(), blocked, skip_unused_imports(load_config({}))]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    # qlora: left alone; lora: done, so peft finds no bitsandbytes; once peft is in, nothing more is done
+    assert json.loads(out.strip().splitlines()[-1]) == [False, True, False, True, False]

@@ -14,13 +14,6 @@ import tunelab
 from tunelab.training import threads
 
 
-def test_split_gives_contiguous_near_equal_parts():
-    assert threads.split(list(range(5)), 2) == [[0, 1, 2], [3, 4]]
-    assert threads.split(list(range(4)), 2) == [[0, 1], [2, 3]]
-    assert threads.split([7], 4) == [[7]]  # never an empty part
-    assert threads.split(list(range(3)), 1) == [[0, 1, 2]]
-
-
 def test_auto_parts_follow_the_cores_and_stay_off_with_dropout_or_elsewhere(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     auto, cpu = SimpleNamespace(pass_threads=None), torch.device("cpu")
@@ -101,3 +94,18 @@ def test_auto_counts_weights_that_are_no_longer_parameters(monkeypatch):
     auto, cpu = SimpleNamespace(pass_threads=None), torch.device("cpu")
     assert threads.parts_for(auto, cpu, False, model)[0] == 1
     assert threads.parts_for(auto, cpu, False, model, total=1000) == (2, None)  # 2% of the whole model
+
+
+def test_rows_are_balanced_over_the_shares_by_their_estimated_compute():
+    # costliest first, each to the least loaded share, every share in the rows' order
+    assert threads.balance(["a", "b", "c", "d"], 2, [4, 3, 2, 1]) == [["a", "d"], ["b", "c"]]
+    assert threads.balance(["a", "b", "c", "d"], 2, [9, 1, 1, 1]) == [["a"], ["b", "c", "d"]]
+    assert threads.balance(list(range(4)), 2, [1, 1, 1, 1]) == [[0, 2], [1, 3]]
+    assert threads.balance([7], 4, [1.0]) == [[7]]  # never an empty share
+    assert threads.balance([1, 2], 1, []) == [[1, 2]]
+    # a packed row: tokens, the head's work at label positions, attention quadratic in each example's length
+    one = {"input_ids": [5] * 256, "labels": [5] * 256, "position_ids": list(range(256))}
+    four = {"input_ids": [5] * 256, "labels": [-100, 5] * 128, "position_ids": list(range(64)) * 4}
+    assert threads.row_cost(one) == 256 + threads.HEAD_COST * 256 + 256**2 * threads.ATTENTION_COST
+    assert threads.row_cost(four) == 256 + threads.HEAD_COST * 128 + 4 * 64**2 * threads.ATTENTION_COST
+    assert threads.row_cost({"chosen_input_ids": [1, 2]}) == 1.0

@@ -25,6 +25,10 @@ def cmd_train(args) -> int:
             restart_with_tbbmalloc(args.program_argv)
     if args.nproc > 1:
         return _launch_train(args)
+    if args.program_argv is not None:  # this process runs this one training
+        from tunelab.training.memory import skip_unused_imports
+
+        skip_unused_imports(cfg)
     result = train(cfg, resume=args.resume)
     from tunelab.training.distributed import rank
 

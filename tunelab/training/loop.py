@@ -299,7 +299,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         n = min(parts, size)
         per_pass = max(1, size // n)
         shares = []
-        for share in threads.split(rows, n):
+        costs = [threads.row_cost(data.train[i]) for i in rows] if n > 1 else []
+        for share in threads.balance(rows, n, costs):
             shares.append([])
             for j in range(0, len(share), per_pass):
                 examples = [data.train[i] for i in share[j : j + per_pass]]
