@@ -46,16 +46,16 @@ def test_packed_attention_loss_and_grads_equal_masked_sdpa(checkpointing):
     packed = copy.deepcopy(plain)
     assert attention.install(packed) and attention.active(packed) and not attention.active(plain)
     calls = []
-    real = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = lambda *a, **k: calls.append(k.get("is_causal")) or real(*a, **k)
+    real = attention._causal
+    attention._causal = lambda q, *a: calls.append(q.shape[2]) or real(q, *a)
     try:
         b = packed_batch()
         loss_packed, n = L.token_loss_sum(packed, b)
         loss_packed.backward()
     finally:
-        torch.nn.functional.scaled_dot_product_attention = real
-    # two layers, seven examples each, all causal and unmasked (once more per layer when recomputed)
-    assert calls == [True] * 14 * (2 if checkpointing else 1)
+        attention._causal = real
+    # two layers, seven examples each, one causal call each (once more per layer when recomputed)
+    assert calls == [10, 9, 5, 24, 7, 11, 6] * 2 * (2 if checkpointing else 1)
     loss_plain, n_plain = L.token_loss_sum(plain, b)
     assert n == n_plain and abs(loss_packed.item() - loss_plain.item()) < 1e-5 * loss_plain.item()
     loss_plain.backward()
@@ -63,6 +63,36 @@ def test_packed_attention_loss_and_grads_equal_masked_sdpa(checkpointing):
     for k, p in packed.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6])
+def test_the_packed_function_gives_sdpas_bits_and_keeps_the_output_once(kv_heads):
+    """The autograd function around the CPU flash kernel against one SDPA call per example and a cat (the
+    path it replaces, still taken on GPUs and with dropout): the same output and gradients bit for bit,
+    and the attention output kept once for the backward pass where the SDPA path keeps it twice."""
+    g = torch.Generator().manual_seed(0)
+    rows, heads, length, dim = 2, 6, 16, 8
+    pieces = [(0, 0, 5), (0, 5, 11), (1, 0, 16)]
+    # q, k, v as the model hands them over: head-major views of [rows, length, heads, dim] projections
+    q, k, v = (torch.randn(rows, length, h, dim, generator=g).transpose(1, 2) for h in (heads, kv_heads, kv_heads))
+    w = torch.randn(heads * dim, 4, generator=g, requires_grad=True)  # the output projection: keeps its input
+    grad = torch.randn(rows * length, 4, generator=g)
+
+    def run(attend):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = attend(*inputs)
+            y = out.reshape(rows * length, heads * dim) @ w
+        y.backward(grad)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
+        return out.detach(), [t.grad for t in inputs], sum(storages.values())
+
+    out, grads, kept = run(lambda *t: attention._PackedCausal.apply(*t, pieces, dim**-0.5))
+    out_ref, grads_ref, kept_ref = run(lambda *t: attention._per_example_sdpa(*t, pieces, 0.0, None))
+    assert torch.equal(out, out_ref)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    assert kept_ref - kept == rows * length * heads * dim * 4  # bytes: one fp32 copy of the output
 
 
 def test_without_boundaries_it_is_transformers_sdpa():

@@ -53,24 +53,76 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     bounds = cu.tolist()
-    lengths: list[list[int]] = [[] for _ in range(rows)]
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        lengths[start // length].append(end - start)
-    gqa = key.shape[1] != heads
+    pieces = [(start // length, start % length, end - start) for start, end in zip(bounds[:-1], bounds[1:])]
     drop = dropout if module.training else 0.0
-    pieces = []
+    if query.device.type == "cpu" and drop == 0.0:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = _PackedCausal.apply(query, key, value, pieces, scale)
+    else:
+        out = _per_example_sdpa(query, key, value, pieces, drop, scaling)
+    return out.view(rows, length, heads, dim), None  # transformers' attention functions: [rows, length, ...]
+
+
+def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling) -> torch.Tensor:
+    """One SDPA call per example and a cat, `[rows * length, heads, dim]`: for GPUs and dropout."""
+    rows, heads = query.shape[:2]
+    gqa = key.shape[1] != heads
+    outs = []
     # unbind and split, not slicing: their backward is one stack / cat, where each slice's backward
     # would write its gradient into a zero-filled tensor the size of the whole batch
-    for n, q, k, v in zip(lengths, query.unbind(0), key.unbind(0), value.unbind(0)):
+    for r, q, k, v in zip(range(rows), query.unbind(0), key.unbind(0), value.unbind(0)):
+        n = [size for row, _, size in pieces if row == r]
         for qs, ks, vs in zip(q.split(n, dim=1), k.split(n, dim=1), v.split(n, dim=1)):
             out = F.scaled_dot_product_attention(
-                qs[None], ks[None], vs[None], dropout_p=drop, is_causal=True, scale=scaling, enable_gqa=gqa
+                qs[None], ks[None], vs[None], dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
             )
-            pieces.append(out[0].transpose(0, 1))  # [piece, heads, dim]
-    # the examples tile the flattened [rows * length] positions in order; transformers' attention
-    # functions return [rows, length, heads, dim]
-    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return out.reshape(rows, length, heads, dim), None
+            outs.append(out[0].transpose(0, 1))  # [piece, heads, dim]
+    # the examples tile the flattened [rows * length] positions in order
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _causal(query, key, value, scale):
+    """(output, log-sum-exp) of causal attention over one example, [1, heads, length, dim]."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True, scale=scale)
+
+
+class _PackedCausal(torch.autograd.Function):
+    """Causal attention within each example (row, start, length) of packed rows, by the CPU flash-attention
+    kernel SDPA itself dispatches to, every example's output written straight into one `[rows * length,
+    heads, dim]` tensor, the input of the output projection.
+
+    Why not one SDPA call per example and a cat: autograd then keeps each example's output for SDPA's
+    backward pass and the concatenated copy for the projection's, the same numbers twice (SmolLM2: 34 MB per
+    512 tokens). Here the one tensor serves both; the gradients are the kernel's own (same bits)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, pieces, scale):
+        rows, heads, length, dim = query.shape
+        out = query.new_empty(rows * length, heads, dim)
+        lse = []
+        for r, p, n in pieces:
+            o, m = _causal(*(t[r : r + 1, :, p : p + n] for t in (query, key, value)), scale)
+            out[r * length + p : r * length + p + n] = o[0].transpose(0, 1)
+            lse.append(m)
+        ctx.save_for_backward(query, key, value, out, *lse)
+        ctx.pieces, ctx.scale = pieces, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, out, *lse = ctx.saved_tensors
+        length = query.shape[2]
+        grads = [torch.empty_like(t) if ctx.needs_input_grad[i] else None for i, t in enumerate((query, key, value))]
+        for (r, p, n), m in zip(ctx.pieces, lse):
+            at = slice(r * length + p, r * length + p + n)
+            inputs = [t[r : r + 1, :, p : p + n] for t in (query, key, value)]
+            parts = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad[at].transpose(0, 1)[None], *inputs, out[at].transpose(0, 1)[None], m, 0.0, True, scale=ctx.scale
+            )
+            for g, part in zip(grads, parts):
+                if g is not None:
+                    g[r : r + 1, :, p : p + n] = part
+        return *grads, None, None
 
 
 def active(model) -> bool:

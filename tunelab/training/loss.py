@@ -22,12 +22,14 @@ from tunelab.models.loading import unwrap
 
 # label positions per chunk of logits: SmolLM2's 49k-word vocabulary makes a chunk of 256 48 MB
 CHUNK = 256  # without a fused gradient: evaluation, DPO's log-probs, autocast
-FUSED_CHUNK = 256  # the fused head + cross-entropy of training
+# the fused head + cross-entropy of training: 128 is as fast as 256 on a CPU core (a product of 7 GFLOP
+# against streaming the 113 MB weight once more) and halves the buffer each thread keeps (24 MB for SmolLM2)
+FUSED_CHUNK = 128
 
 # One [FUSED_CHUNK, vocab] logits buffer per CPU dtype and thread (the parts of a pass may run in
-# threads: training/threads.py), reused by every training pass. A fresh 48 MB block is above glibc's
-# mmap threshold (32 MiB at most), so each pass would map it anew and take a page fault per 4 KiB
-# while writing it: the head's matmul ran at half speed (61 GFLOP/s against 115, SmolLM2 LoRA SFT).
+# threads: training/threads.py), reused by every training pass. A fresh block of tens of MB can be above
+# glibc's mmap threshold, so each pass would map it anew and take a page fault per 4 KiB while writing
+# it: the head's matmul ran at half speed (61 GFLOP/s against 115, SmolLM2 LoRA SFT).
 # GPU allocators cache blocks themselves; there the buffer is not kept.
 _LOGITS: dict[tuple[torch.dtype, int], torch.Tensor] = {}
 
