@@ -173,3 +173,47 @@ def test_a_compacted_model_moves_with_to_and_refuses_a_dtype_cast():
         assert torch.equal(model(input_ids=ids).logits, before)
     with pytest.raises(TypeError, match="fp32"):
         model.half()
+
+
+def _gguf_tied_llama():
+    """The tiny Llama with GGUF-like layers and a Q8_0-like token table shared with the head (SmolLM2's shape)."""
+    model = _gguf_llama()
+    emb = model.get_input_embeddings()
+    emb.weight.data = gguf_like(tuple(emb.weight.shape), "q8_0", seed=99)
+    model.get_output_embeddings().weight = emb.weight
+    return model
+
+
+@pytest.mark.parametrize("rows_at_once", [4096, 64])
+def test_a_tied_token_table_is_kept_compact_and_the_head_reads_it_block_by_block(monkeypatch, rows_at_once):
+    from tunelab.models import compact as C
+    from tunelab.training.loss import row_loss_sums
+
+    monkeypatch.setattr(C, "ROWS_AT_ONCE", rows_at_once)  # 64: the head's 320 rows in 5 blocks
+    plain = _lora_model(0.0, base=_gguf_tied_llama())
+    model = copy.deepcopy(plain)
+    n, saved = compact_frozen_linears(model)
+    inner = model.get_base_model()
+    assert type(inner.get_input_embeddings()) is C.CompactEmbedding
+    assert type(inner.get_output_embeddings()) is CompactLinear
+    assert inner.get_output_embeddings().compact is inner.get_input_embeddings().compact  # one table, still tied
+    table = plain.get_input_embeddings().weight
+    assert n == 14 and saved > compact_frozen_linears(_lora_model(0.0, base=_gguf_llama()))[1] + table.numel() * 2
+    ids = torch.randint(3, 320, (3, 20), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    loss, grads = _loss_and_grads(plain, batch)  # the fused head + cross-entropy
+    loss_c, grads_c = _loss_and_grads(model, batch)
+    with torch.no_grad():  # the head as a module: evaluation, DPO's log-probs
+        rows, rows_c = row_loss_sums(plain, batch), row_loss_sums(model, batch)
+    exact = rows_at_once >= 320  # one block: the same products; several: sums in another order
+    check = torch.equal if exact else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert check(loss, loss_c) and check(rows, rows_c)
+    for k in grads:
+        assert check(grads[k], grads_c[k]), k
+    # expanded: an nn.Embedding and an nn.Linear sharing one dense tensor again, the same logits
+    C.expand_compact(model)
+    emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    assert type(emb) is torch.nn.Embedding and type(head) is torch.nn.Linear and head.weight is emb.weight
+    assert torch.equal(emb.weight, table) and not emb.weight.requires_grad
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)

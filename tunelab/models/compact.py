@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 BLOCK = 32
+ROWS_AT_ONCE = 4096  # a weight with more rows (an LM head: 49k) is encoded and decoded this many rows at a time
 
 
 class CompactWeight:
@@ -50,6 +51,28 @@ class CompactWeight:
         if self.step is None:
             return out.copy_(self.codes)
         return _decode(self.codes, self.step, self.offset, out.view(self.codes.shape)).view(self.shape)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The rows `index` (any shape) of the fp32 weight, decoded: an embedding lookup."""
+        flat = index.reshape(-1)
+        if self.step is None:
+            out = self.codes[flat].float()
+        else:
+            per = self.shape[1] // BLOCK  # a row is `per` blocks
+            codes = self.codes.view(self.shape[0], per, BLOCK)[flat]
+            step, offset = (t.view(self.shape[0], per, 1)[flat] for t in (self.step, self.offset))
+            out = _decode(codes, step, offset, torch.empty(codes.shape, device=codes.device))
+        return out.view(*index.shape, self.shape[1])
+
+    def block(self, start: int, end: int) -> torch.Tensor:
+        """Rows start..end of the fp32 weight, decoded into a buffer shared by blocks of that size (as
+        `dense(scratch=True)`): a product with a weight too large to decode whole at once."""
+        out = _scratch(torch.Size([end - start, self.shape[1]]), self.codes.device)
+        if self.step is None:
+            return out.copy_(self.codes[start:end])
+        per = self.shape[1] // BLOCK
+        at = slice(start * per, end * per)
+        return _decode(self.codes[at], self.step[at], self.offset[at], out.view(-1, BLOCK)).view(out.shape)
 
     def to(self, device) -> CompactWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -86,6 +109,16 @@ def encode(weight: torch.Tensor, max_tries: int = 15) -> CompactWeight | None:
     w = weight.detach()
     if w.dtype != torch.float32 or w.dim() != 2:
         return None
+    if len(w) > ROWS_AT_ONCE:  # rows at a time: the search's temporaries are weight-sized (a 49k-word table)
+        parts = [_encode(w[i : i + ROWS_AT_ONCE], max_tries) for i in range(0, len(w), ROWS_AT_ONCE)]
+        if any(p is None for p in parts) or len({p.step is None for p in parts}) > 1:
+            return None
+        fields = [[getattr(p, k) for p in parts] for k in ("codes", "step", "offset")]
+        return CompactWeight(w.shape, *(None if f[0] is None else torch.cat(f) for f in fields))
+    return _encode(w, max_tries)
+
+
+def _encode(w: torch.Tensor, max_tries: int) -> CompactWeight | None:
     half = w.to(torch.bfloat16)
     if torch.equal(half.float(), w):
         return CompactWeight(w.shape, half)
@@ -134,6 +167,18 @@ def _gcd(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, x, torch.ones_like(x))
 
 
+def blocks(weight: CompactWeight):
+    """(start, end, decoded rows) over `weight`: whole if small, else ROWS_AT_ONCE rows at a time, so that
+    no fp32 copy of a vocabulary-sized weight is ever made (SmolLM2's head: 113 MB)."""
+    rows = weight.shape[0]
+    if rows <= ROWS_AT_ONCE:
+        yield 0, rows, weight.dense(scratch=True)
+        return
+    for start in range(0, rows, ROWS_AT_ONCE):
+        end = min(start + ROWS_AT_ONCE, rows)
+        yield start, end, weight.block(start, end)
+
+
 class _Decoded(torch.autograd.Function):
     """x W^T + b for a frozen compact W: decoded in the forward pass and again in the backward pass,
     so no fp32 copy of W is kept in between."""
@@ -141,11 +186,31 @@ class _Decoded(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, weight):
         ctx.weight = weight
-        return F.linear(x, weight.dense(scratch=True), bias)
+        if weight.shape[0] <= ROWS_AT_ONCE:
+            return F.linear(x, weight.dense(scratch=True), bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        out = x2.new_empty(len(x2), weight.shape[0])
+        for start, end, w in blocks(weight):
+            out[:, start:end] = x2 @ w.t()
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad @ ctx.weight.dense(scratch=True), None, None
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = None
+        for start, end, w in blocks(ctx.weight):
+            grad_x = g[:, start:end] @ w if grad_x is None else grad_x.addmm_(g[:, start:end], w)
+        return grad_x.view(*grad.shape[:-1], -1), None, None
+
+
+def _move(module, fn) -> None:
+    """`.to(device)` of a module holding a CompactWeight moves the codes; a dtype cast is refused."""
+    probe = fn(torch.zeros((), dtype=torch.float32, device=module.compact.codes.device))
+    if probe.dtype != torch.float32:
+        raise TypeError("a compacted model is fp32: cast the model before compact_frozen_linears")
+    module.compact = module.compact.to(probe.device)
 
 
 class CompactLinear(nn.Module):
@@ -168,11 +233,8 @@ class CompactLinear(nn.Module):
     def dtype(self) -> torch.dtype:
         return torch.float32
 
-    def _apply(self, fn, recurse=True):  # .to(device) moves the codes; a dtype cast is refused
-        probe = fn(torch.zeros((), dtype=torch.float32, device=self.compact.codes.device))
-        if probe.dtype != torch.float32:
-            raise TypeError("a compacted model is fp32: cast the model before compact_frozen_linears")
-        self.compact = self.compact.to(probe.device)
+    def _apply(self, fn, recurse=True):
+        _move(self, fn)
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +245,30 @@ class CompactLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "bf16" if self.compact.step is None else f"{BLOCK}-blocks of 8-bit codes"
         return f"in_features={self.in_features}, out_features={self.out_features}, exact {kind}"
+
+
+class CompactEmbedding(nn.Module):
+    """A frozen nn.Embedding whose table is a CompactWeight: a lookup decodes only the rows it reads."""
+
+    def __init__(self, embedding: nn.Embedding, weight: CompactWeight):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.compact = weight
+
+    @property
+    def weight(self) -> torch.Tensor:  # a fresh decoded copy, read only, as CompactLinear's
+        return self.compact.dense()
+
+    def _apply(self, fn, recurse=True):
+        _move(self, fn)
+        return super()._apply(fn, recurse)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.compact.rows(ids)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, exact compact"
 
 
 def compact_frozen_linears(model) -> tuple[int, int]:
@@ -201,16 +287,62 @@ def compact_frozen_linears(model) -> tuple[int, int]:
         saved += base.weight.numel() * 4 - compact.nbytes
         module.base_layer = CompactLinear(base, compact)
         n += 1
-    if n:
+    if n:  # a LoRA model with a frozen base: its embedding table, and the head tied to it, too
+        saved += _compact_embeddings(model)
         _own_storage(model)
     return n, saved
 
 
+def _with_hooks(new: nn.Module, old: nn.Module) -> nn.Module:
+    """`new` in `old`'s place keeps the hooks registered on it (e.g. transformers' enable_input_require_grads)."""
+    new._forward_hooks.update(old._forward_hooks)
+    new._forward_pre_hooks.update(old._forward_pre_hooks)
+    return new
+
+
+def _compact_embeddings(model) -> int:
+    """Compact a frozen token embedding and an output head that shares its weight (tied, SmolLM2 / Llama
+    3.2 / Qwen2.5 small models); bytes saved. The head then computes its logits block by block."""
+    from tunelab.models.loading import unwrap
+
+    inner = unwrap(model)
+    try:
+        emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return 0
+    if type(emb) is not nn.Embedding or emb.weight.requires_grad or emb.max_norm is not None:
+        return 0
+    tied = type(head) is nn.Linear and head.weight is emb.weight and head.bias is None
+    if head is not None and not tied and head.weight is emb.weight:
+        return 0
+    compact = encode(emb.weight)
+    if compact is None:
+        return 0
+    inner.set_input_embeddings(_with_hooks(CompactEmbedding(emb, compact), emb))
+    if tied:
+        inner.set_output_embeddings(_with_hooks(CompactLinear(head, compact), head))
+    return emb.weight.numel() * 4 - compact.nbytes
+
+
 def expand_compact(model) -> int:
-    """Give every CompactLinear of `model` its dense fp32 weight back (a frozen nn.Linear); returns how
-    many. For after training: generation decodes every weight at every token, which a dense weight
-    does not."""
+    """Give every CompactLinear of `model` its dense fp32 weight back (a frozen nn.Linear), and a compact
+    embedding (and the head tied to it) theirs; returns how many layers. For after training: generation
+    decodes every weight at every token, which a dense weight does not."""
+    from tunelab.models.loading import unwrap
+
     n = 0
+    inner = unwrap(model)
+    emb = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    if type(emb) is CompactEmbedding:
+        table = nn.Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device="meta")
+        table.weight = nn.Parameter(emb.compact.dense(), requires_grad=False)
+        inner.set_input_embeddings(table)
+        head = inner.get_output_embeddings()
+        if type(head) is CompactLinear and head.compact is emb.compact:  # tied again: one tensor
+            linear = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
+            linear.weight = table.weight
+            inner.set_output_embeddings(linear)
+        n += 1
     for module in model.modules():
         base = getattr(module, "base_layer", None)
         if type(base) is CompactLinear:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.models import attention
+from tunelab.models.compact import CompactLinear, CompactWeight, blocks
 from tunelab.models.loading import unwrap
 
 # label positions per chunk of logits: SmolLM2's 49k-word vocabulary makes a chunk of 256 48 MB
@@ -45,16 +46,34 @@ def _logits_buffer(vocab: int, rows: int, like: torch.Tensor) -> torch.Tensor:
     return buf[: rows * vocab].view(vocab, rows)
 
 
-def _head_logits(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """W h^T, [vocab, len(h)], in the reused buffer. On a CPU the columns are computed padded to a multiple
-    of 8 (zero rows of h) and the view returned leaves the padding out: MKL runs this product at ~40
-    GFLOP/s a core for an odd count such as 215 label positions and at ~64 for 216 (SmolLM2's head)."""
+def _head_logits(weight, h: torch.Tensor) -> torch.Tensor:
+    """W h^T, [vocab, len(h)], in the reused buffer; W a tensor or a CompactWeight (decoded block by block).
+    On a CPU the columns are computed padded to a multiple of 8 (zero rows of h) and the view returned
+    leaves the padding out: MKL runs this product at ~40 GFLOP/s a core for an odd count such as 215
+    label positions and at ~64 for 216 (SmolLM2's head)."""
     n = len(h)
-    if h.device.type != "cpu" or n % 8 == 0:
-        return torch.mm(weight, h.t(), out=_logits_buffer(weight.shape[0], n, h))
-    padded = h.new_zeros(-(-n // 8) * 8, h.shape[1])
-    padded[:n] = h
-    return torch.mm(weight, padded.t(), out=_logits_buffer(weight.shape[0], len(padded), h))[:, :n]
+    if h.device.type == "cpu" and n % 8:
+        padded = h.new_zeros(-(-n // 8) * 8, h.shape[1])
+        padded[:n] = h
+        return _head_logits(weight, padded)[:, :n]
+    out = _logits_buffer(weight.shape[0], n, h)
+    if not isinstance(weight, CompactWeight):
+        return torch.mm(weight, h.t(), out=out)
+    for start, end, w in blocks(weight):
+        torch.mm(w, h.t(), out=out[start:end])
+    return out
+
+
+def _head_input_grad(probs: torch.Tensor, weight, out: torch.Tensor) -> torch.Tensor:
+    """probs^T W into `out`: the gradient of the hidden states, W a tensor or a CompactWeight."""
+    if not isinstance(weight, CompactWeight):
+        return torch.mm(probs.t(), weight, out=out)
+    for start, end, w in blocks(weight):
+        if start == 0:
+            torch.mm(probs[start:end].t(), w, out=out)
+        else:
+            out.addmm_(probs[start:end].t(), w)
+    return out
 
 
 def free_buffers() -> None:
@@ -121,7 +140,8 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
         return loss, int((target != -100).sum())
     head, hidden, target, _ = at
     if torch.is_grad_enabled() and _fusable(head, hidden):
-        return _HeadCrossEntropy.apply(hidden, head.weight, target), int(target.numel())
+        weight = head.compact if type(head) is CompactLinear else head.weight
+        return _HeadCrossEntropy.apply(hidden, weight, target), int(target.numel())
     loss = hidden.new_zeros((), dtype=torch.float32)
     for i in range(0, target.numel(), CHUNK):
         loss = loss + _head_ce(head, hidden[i : i + CHUNK], target[i : i + CHUNK])
@@ -130,9 +150,9 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
 
 def _fusable(head, hidden: torch.Tensor) -> bool:
     return (
-        type(head) is torch.nn.Linear
+        type(head) in (torch.nn.Linear, CompactLinear)
         and head.bias is None
-        and hidden.dtype == head.weight.dtype
+        and hidden.dtype == (torch.float32 if type(head) is CompactLinear else head.weight.dtype)
         and not torch.is_autocast_enabled(hidden.device.type)
     )
 
@@ -167,7 +187,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             loss += (top + total.log() - picked).sum()
             probs.div_(total)
             probs[t, torch.arange(len(t), device=t.device)] -= 1.0
-            torch.mm(probs.t(), weight, out=grad_hidden[i : i + FUSED_CHUNK])
+            _head_input_grad(probs, weight, grad_hidden[i : i + FUSED_CHUNK])
             if grad_weight is not None:
                 grad_weight.addmm_(probs, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
