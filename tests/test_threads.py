@@ -99,7 +99,8 @@ def test_auto_counts_weights_that_are_no_longer_parameters(monkeypatch):
 def test_rows_are_balanced_over_the_shares_by_their_estimated_compute():
     # costliest first, each to the least loaded share, every share in the rows' order
     assert threads.balance(["a", "b", "c", "d"], 2, [4, 3, 2, 1]) == [["a", "d"], ["b", "c"]]
-    assert threads.balance(["a", "b", "c", "d"], 2, [9, 1, 1, 1]) == [["a"], ["b", "c", "d"]]
+    assert threads.balance(["a", "b", "c", "d"], 2, [9, 1, 1, 1]) == [["a", "d"], ["b", "c"]]  # 2 rows each
+    assert threads.balance(list("abcde"), 2, [1, 5, 4, 3, 2]) == [["a", "b", "e"], ["c", "d"]]
     assert threads.balance(list(range(4)), 2, [1, 1, 1, 1]) == [[0, 2], [1, 3]]
     assert threads.balance([7], 4, [1.0]) == [[7]]  # never an empty share
     assert threads.balance([1, 2], 1, []) == [[1, 2]]
