@@ -45,12 +45,8 @@ class CompactWeight:
         """The fp32 weight, decoded into a new tensor, or (scratch=True) into a buffer shared by every
         weight of this shape, valid until the next scratch decode: for a weight used once, at once."""
         if scratch:
-            out = _scratch(self.shape, self.codes.device)
-        else:
-            out = torch.empty(self.shape, dtype=torch.float32, device=self.codes.device)
-        if self.step is None:
-            return out.copy_(self.codes)
-        return _decode(self.codes, self.step, self.offset, out.view(self.codes.shape)).view(self.shape)
+            return self.block(0, self.shape[0])
+        return self._decode_rows(0, self.shape[0], torch.empty(self.shape, device=self.codes.device))
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """The rows `index` (any shape) of the fp32 weight, decoded: an embedding lookup."""
@@ -65,12 +61,14 @@ class CompactWeight:
         return out.view(*index.shape, self.shape[1])
 
     def block(self, start: int, end: int) -> torch.Tensor:
-        """Rows start..end of the fp32 weight, decoded into a buffer shared by blocks of that size (as
-        `dense(scratch=True)`): a product with a weight too large to decode whole at once."""
-        out = _scratch(torch.Size([end - start, self.shape[1]]), self.codes.device)
+        """Rows start..end of the fp32 weight, decoded into a buffer shared by every block of that size, valid
+        until the next decode into it: a product with a weight too large to decode whole at once."""
+        return self._decode_rows(start, end, _scratch(torch.Size([end - start, self.shape[1]]), self.codes.device))
+
+    def _decode_rows(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
         if self.step is None:
             return out.copy_(self.codes[start:end])
-        per = self.shape[1] // BLOCK
+        per = self.shape[1] // BLOCK  # a row is `per` blocks
         at = slice(start * per, end * per)
         return _decode(self.codes[at], self.step[at], self.offset[at], out.view(-1, BLOCK)).view(out.shape)
 
@@ -179,6 +177,27 @@ def blocks(weight: CompactWeight):
         yield start, end, weight.block(start, end)
 
 
+def weight_times(weight, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """W m into `out`, W a tensor or a CompactWeight (decoded a block of rows at a time)."""
+    if not isinstance(weight, CompactWeight):
+        return torch.mm(weight, m, out=out)
+    for start, end, w in blocks(weight):
+        torch.mm(w, m, out=out[start:end])
+    return out
+
+
+def times_weight(m: torch.Tensor, weight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """m W (into `out` if given), W a tensor or a CompactWeight (its row blocks' products summed)."""
+    if not isinstance(weight, CompactWeight):
+        return torch.mm(m, weight, out=out) if out is not None else m @ weight
+    for start, end, w in blocks(weight):
+        if start == 0:
+            out = torch.mm(m[:, :end], w, out=out) if out is not None else m[:, :end] @ w
+        else:
+            out.addmm_(m[:, start:end], w)
+    return out
+
+
 class _Decoded(torch.autograd.Function):
     """x W^T + b for a frozen compact W: decoded in the forward pass and again in the backward pass,
     so no fp32 copy of W is kept in between."""
@@ -198,24 +217,30 @@ class _Decoded(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_x = None
-        for start, end, w in blocks(ctx.weight):
-            grad_x = g[:, start:end] @ w if grad_x is None else grad_x.addmm_(g[:, start:end], w)
+        grad_x = times_weight(grad.reshape(-1, grad.shape[-1]), ctx.weight)
         return grad_x.view(*grad.shape[:-1], -1), None, None
 
 
-def _move(module, fn) -> None:
-    """`.to(device)` of a module holding a CompactWeight moves the codes; a dtype cast is refused."""
-    probe = fn(torch.zeros((), dtype=torch.float32, device=module.compact.codes.device))
-    if probe.dtype != torch.float32:
-        raise TypeError("a compacted model is fp32: cast the model before compact_frozen_linears")
-    module.compact = module.compact.to(probe.device)
+class _Compact(nn.Module):
+    """A frozen module whose weight is the CompactWeight `self.compact`. `.weight` decodes a fresh fp32 copy
+    (read only: writing into it changes nothing, so merge adapters into a model loaded from disk)."""
+
+    compact: CompactWeight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.compact.dense()
+
+    def _apply(self, fn, recurse=True):  # .to(device) moves the codes; a dtype cast is refused
+        probe = fn(torch.zeros((), dtype=torch.float32, device=self.compact.codes.device))
+        if probe.dtype != torch.float32:
+            raise TypeError("a compacted model is fp32: cast the model before compact_frozen_linears")
+        self.compact = self.compact.to(probe.device)
+        return super()._apply(fn, recurse)
 
 
-class CompactLinear(nn.Module):
-    """A frozen nn.Linear whose weight is a CompactWeight. `.weight` decodes a fresh fp32 copy (read
-    only: writing into it changes nothing, so merge adapters into a model loaded from disk)."""
+class CompactLinear(_Compact):
+    """A frozen nn.Linear whose weight is a CompactWeight."""
 
     def __init__(self, linear: nn.Linear, weight: CompactWeight):
         super().__init__()
@@ -226,16 +251,8 @@ class CompactLinear(nn.Module):
             self.bias.requires_grad_(False)
 
     @property
-    def weight(self) -> torch.Tensor:
-        return self.compact.dense()
-
-    @property
     def dtype(self) -> torch.dtype:
         return torch.float32
-
-    def _apply(self, fn, recurse=True):
-        _move(self, fn)
-        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32:  # e.g. under autocast: the plain path on the decoded weight
@@ -247,7 +264,7 @@ class CompactLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, exact {kind}"
 
 
-class CompactEmbedding(nn.Module):
+class CompactEmbedding(_Compact):
     """A frozen nn.Embedding whose table is a CompactWeight: a lookup decodes only the rows it reads."""
 
     def __init__(self, embedding: nn.Embedding, weight: CompactWeight):
@@ -255,14 +272,6 @@ class CompactEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
         self.compact = weight
-
-    @property
-    def weight(self) -> torch.Tensor:  # a fresh decoded copy, read only, as CompactLinear's
-        return self.compact.dense()
-
-    def _apply(self, fn, recurse=True):
-        _move(self, fn)
-        return super()._apply(fn, recurse)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.compact.rows(ids)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.models import attention
-from tunelab.models.compact import CompactLinear, CompactWeight, blocks
+from tunelab.models.compact import CompactLinear, times_weight, weight_times
 from tunelab.models.loading import unwrap
 
 # label positions per chunk of logits: SmolLM2's 49k-word vocabulary makes a chunk of 256 48 MB
@@ -56,24 +56,7 @@ def _head_logits(weight, h: torch.Tensor) -> torch.Tensor:
         padded = h.new_zeros(-(-n // 8) * 8, h.shape[1])
         padded[:n] = h
         return _head_logits(weight, padded)[:, :n]
-    out = _logits_buffer(weight.shape[0], n, h)
-    if not isinstance(weight, CompactWeight):
-        return torch.mm(weight, h.t(), out=out)
-    for start, end, w in blocks(weight):
-        torch.mm(w, h.t(), out=out[start:end])
-    return out
-
-
-def _head_input_grad(probs: torch.Tensor, weight, out: torch.Tensor) -> torch.Tensor:
-    """probs^T W into `out`: the gradient of the hidden states, W a tensor or a CompactWeight."""
-    if not isinstance(weight, CompactWeight):
-        return torch.mm(probs.t(), weight, out=out)
-    for start, end, w in blocks(weight):
-        if start == 0:
-            torch.mm(probs[start:end].t(), w, out=out)
-        else:
-            out.addmm_(probs[start:end].t(), w)
-    return out
+    return weight_times(weight, h.t(), _logits_buffer(weight.shape[0], n, h))
 
 
 def free_buffers() -> None:
@@ -187,7 +170,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             loss += (top + total.log() - picked).sum()
             probs.div_(total)
             probs[t, torch.arange(len(t), device=t.device)] -= 1.0
-            _head_input_grad(probs, weight, grad_hidden[i : i + FUSED_CHUNK])
+            times_weight(probs.t(), weight, out=grad_hidden[i : i + FUSED_CHUNK])
             if grad_weight is not None:
                 grad_weight.addmm_(probs, h)
         ctx.save_for_backward(grad_hidden, grad_weight)
