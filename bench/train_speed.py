@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -252,7 +253,8 @@ def main() -> None:
         results.append(("TRL SFTTrainer + PEFT", "lora", run_job("trl", "lora", [], args.trl_allocator)))
         print(f"reference done: {results[-1][2]}", flush=True)
     runs = [("tunelab", method, args.tunelab_set) for method in args.methods.split(",")]
-    runs += [(f"tunelab {v}", "lora", args.tunelab_set + v.split(",")) for v in args.variant]
+    # KEY=VALUE pairs split at a comma followed by the next KEY=, so a value may be a list: k=[a,b]
+    runs += [(f"tunelab {v}", "lora", args.tunelab_set + re.split(r",(?=[\w.]+=)", v)) for v in args.variant]
     for name, method, overrides in runs:
         results.append((name, method, run_job("tunelab", method, overrides)))
         print(f"{name} {method} done: {results[-1][2]}", flush=True)

@@ -11,6 +11,7 @@ from test_fast_lora import _lora_model  # tests/ is on sys.path (conftest.py)
 
 import tunelab
 from tunelab.config import load_config
+from tunelab.models import compact as C
 from tunelab.models.compact import BLOCK, CompactLinear, compact_frozen_linears, encode
 from tunelab.testing import save_tiny_model_dir, tiny_llama
 from tunelab.training.loss import token_loss_sum
@@ -138,13 +139,16 @@ def test_training_with_compact_base_writes_the_same_adapter(tmp_path, capsys):
         return losses, load_file(str(result.final_dir / "adapter_model.safetensors"))
 
     compact_losses, compact_adapter = run("compact", True)
-    assert "14 frozen base weights kept compact" in capsys.readouterr().err
+    assert "15 frozen weights kept compact" in capsys.readouterr().err  # 14 linears and the token table
+    partial_losses, partial_adapter = run("partial", ["down_proj"])
+    assert "2 frozen weights kept compact" in capsys.readouterr().err  # the two layers' down_proj
     plain_losses, plain_adapter = run("plain", False)
     assert "kept compact" not in capsys.readouterr().err
-    assert len(plain_losses) == 3 and compact_losses == plain_losses
-    assert compact_adapter.keys() == plain_adapter.keys()
+    assert len(plain_losses) == 3 and compact_losses == plain_losses == partial_losses
+    assert compact_adapter.keys() == plain_adapter.keys() == partial_adapter.keys()
     for k in plain_adapter:
         assert torch.equal(compact_adapter[k], plain_adapter[k]), k
+        assert torch.equal(partial_adapter[k], plain_adapter[k]), k
 
 
 def test_expand_gives_back_the_dense_frozen_linears():
@@ -186,7 +190,6 @@ def _gguf_tied_llama():
 
 @pytest.mark.parametrize("rows_at_once", [4096, 64])
 def test_a_tied_token_table_is_kept_compact_and_the_head_reads_it_block_by_block(monkeypatch, rows_at_once):
-    from tunelab.models import compact as C
     from tunelab.training.loss import row_loss_sums
 
     monkeypatch.setattr(C, "ROWS_AT_ONCE", rows_at_once)  # 64: the head's 320 rows in 5 blocks
@@ -198,7 +201,7 @@ def test_a_tied_token_table_is_kept_compact_and_the_head_reads_it_block_by_block
     assert type(inner.get_output_embeddings()) is CompactLinear
     assert inner.get_output_embeddings().compact is inner.get_input_embeddings().compact  # one table, still tied
     table = plain.get_input_embeddings().weight
-    assert n == 14 and saved > compact_frozen_linears(_lora_model(0.0, base=_gguf_llama()))[1] + table.numel() * 2
+    assert n == 15 and saved > compact_frozen_linears(_lora_model(0.0, base=_gguf_llama()))[1] + table.numel() * 2
     ids = torch.randint(3, 320, (3, 20), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
     loss, grads = _loss_and_grads(plain, batch)  # the fused head + cross-entropy
@@ -217,3 +220,34 @@ def test_a_tied_token_table_is_kept_compact_and_the_head_reads_it_block_by_block
     assert torch.equal(emb.weight, table) and not emb.weight.requires_grad
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_a_list_compacts_only_the_modules_it_names():
+    plain = _lora_model(0.0, base=_gguf_tied_llama())
+    bases = lambda m: {n: type(x.base_layer) for n, x in m.named_modules() if hasattr(x, "base_layer")}  # noqa: E731
+    table_only = copy.deepcopy(plain)
+    n, saved = compact_frozen_linears(table_only, ["embed_tokens"])
+    inner = table_only.get_base_model()
+    assert n == 1 and saved > 0 and set(bases(table_only).values()) == {torch.nn.Linear}
+    assert type(inner.get_input_embeddings()) is C.CompactEmbedding
+    assert inner.get_output_embeddings().compact is inner.get_input_embeddings().compact
+    mlp = copy.deepcopy(plain)
+    n, _ = compact_frozen_linears(mlp, ["down_proj", "up_proj"])
+    compacted = {name.rsplit(".", 1)[-1] for name, kind in bases(mlp).items() if kind is CompactLinear}
+    assert n == 4 and compacted == {"down_proj", "up_proj"}  # two layers
+    assert type(mlp.get_base_model().get_input_embeddings()) is torch.nn.Embedding
+    ids = torch.randint(3, 320, (3, 20), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    loss, grads = _loss_and_grads(plain, batch)
+    for model in (table_only, mlp):
+        loss_c, grads_c = _loss_and_grads(model, batch)
+        assert torch.allclose(loss, loss_c, rtol=1e-6)
+        for k in grads:
+            assert torch.allclose(grads[k], grads_c[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_compact_frozen_takes_a_list_of_module_names():
+    cfg = load_config({"model": {"name": "x"}, "data": {"train": "t.json"}, "training": {"compact_frozen": ["mlp"]}})
+    assert cfg.training.compact_frozen == ["mlp"]
+    cfg = load_config({"model": {"name": "x"}, "data": {"train": "t.json"}}, ["training.compact_frozen=[embed_tokens,down_proj]"])
+    assert cfg.training.compact_frozen == ["embed_tokens", "down_proj"]

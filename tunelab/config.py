@@ -197,12 +197,14 @@ class TrainingConfig(Section):
         "gradient_checkpointing); system = never. The Python API cannot swap its own process's malloc: "
         "run python under LD_PRELOAD for the same (docs/performance.md).",
     )
-    compact_frozen: bool = Field(
+    compact_frozen: bool | list[str] = Field(
         True,
         description="LoRA: keep each frozen fp32 base weight in the compact form its values came from (the "
         "8-bit blocks of a GGUF model, or bf16) when it decodes back bit for bit, and decode it where a matmul "
         "needs it: the same training to the bit, ~300 MB less for the default model, one elementwise pass per "
-        "weight use. One process only. See docs/performance.md.",
+        "weight use. A list compacts only the modules with those names in their path (e.g. [embed_tokens] "
+        "for the token table and the head tied to it, [mlp], [down_proj]): a middle way between memory and "
+        "speed. One process only. See docs/performance.md.",
     )
     tensorboard: bool = Field(True, description="Write TensorBoard event logs under the run folder.")
     progress: bool = Field(True, description="Show a progress bar.")

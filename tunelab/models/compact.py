@@ -280,26 +280,37 @@ class CompactEmbedding(_Compact):
         return f"{self.num_embeddings}, {self.embedding_dim}, exact compact"
 
 
-def compact_frozen_linears(model) -> tuple[int, int]:
+def compact_frozen_linears(model, only: list[str] | None = None) -> tuple[int, int]:
     """Replace every frozen fp32 nn.Linear under a PEFT LoRA layer (its base layer) whose weight has an
-    exact compact form by a CompactLinear. Returns (layers compacted, bytes saved)."""
+    exact compact form by a CompactLinear, and then the frozen token table (with a head tied to it).
+    `only`: compact just the modules with one of these names in their dotted path (`down_proj`, `mlp`,
+    `embed_tokens`; `lm_head` names a tied table too): less memory saved, fewer decodes per step.
+    Returns (weights compacted, a tied table and head counting once; bytes saved)."""
     from peft.tuners.lora.layer import LoraLayer
 
     n = saved = 0
-    for module in model.modules():
+    lora = False  # a LoRA model with a frozen base: its token table is frozen weight too
+    for name, module in model.named_modules():
         base = getattr(module, "base_layer", None) if isinstance(module, LoraLayer) else None
         if type(base) is not nn.Linear or base.weight.requires_grad:
             continue
-        compact = encode(base.weight)
+        lora = True
+        compact = encode(base.weight) if _named(name, only) else None
         if compact is None:
             continue
         saved += base.weight.numel() * 4 - compact.nbytes
         module.base_layer = CompactLinear(base, compact)
         n += 1
-    if n:  # a LoRA model with a frozen base: its embedding table, and the head tied to it, too
-        saved += _compact_embeddings(model)
+    table = _compact_embeddings(model, only) if lora else 0
+    n, saved = n + (table > 0), saved + table
+    if saved:
         _own_storage(model)
     return n, saved
+
+
+def _named(path: str, only: list[str] | None) -> bool:
+    """Whether the module at dotted `path` is one `only` names (None: every module)."""
+    return only is None or any(p in path.split(".") for p in only)
 
 
 def _with_hooks(new: nn.Module, old: nn.Module) -> nn.Module:
@@ -309,9 +320,10 @@ def _with_hooks(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-def _compact_embeddings(model) -> int:
+def _compact_embeddings(model, only: list[str] | None = None) -> int:
     """Compact a frozen token embedding and an output head that shares its weight (tied, SmolLM2 / Llama
-    3.2 / Qwen2.5 small models); bytes saved. The head then computes its logits block by block."""
+    3.2 / Qwen2.5 small models) if `only` names either; bytes saved. The head then computes its logits
+    block by block."""
     from tunelab.models.loading import unwrap
 
     inner = unwrap(model)
@@ -323,6 +335,9 @@ def _compact_embeddings(model) -> int:
         return 0
     tied = type(head) is nn.Linear and head.weight is emb.weight and head.bias is None
     if head is not None and not tied and head.weight is emb.weight:
+        return 0
+    names = {id(m): name for name, m in inner.named_modules()}
+    if not any(_named(names.get(id(m), ""), only) for m in (emb, head) if m is not None):
         return 0
     compact = encode(emb.weight)
     if compact is None:

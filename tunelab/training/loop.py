@@ -217,11 +217,12 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32")
     trainable, total = count_parameters(model)
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
-    compacted = 0
+    compacted = 0  # bytes saved
     if tcfg.compact_frozen and not dist.multi:  # after counting: compacted weights are no longer parameters
-        compacted, saved = compact_frozen_linears(model)
+        only = None if tcfg.compact_frozen is True else tcfg.compact_frozen
+        layers, compacted = compact_frozen_linears(model, only)
         if compacted:
-            log(f"{compacted} frozen base weights kept compact, decoded exactly where used: {saved / 2**20:,.0f} MB less")
+            log(f"{layers} frozen weights kept compact, decoded exactly where used: {compacted / 2**20:,.0f} MB less")
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
 
