@@ -28,6 +28,7 @@ import argparse
 import json
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -233,6 +234,9 @@ def main() -> None:
         default="system",
         help="run the TRL reference on glibc's malloc (as TRL runs; the default) or preloaded with tbbmalloc",
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, metavar="N", help="run every job N times, in rounds; report the medians"
+    )
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     JOB["max_steps"] = args.max_steps
@@ -247,34 +251,50 @@ def main() -> None:
 
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; job: {JOB}")
-    results = []
-    if not args.skip_trl:
-        results.append(("TRL SFTTrainer + PEFT", "lora", run_job("trl", "lora", [], args.trl_allocator)))
-        print(f"reference done: {results[-1][2]}", flush=True)
-    runs = [("tunelab", method, args.tunelab_set) for method in args.methods.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; job: {JOB}; rounds: {args.repeat}")
+    jobs = [] if args.skip_trl else [("TRL SFTTrainer + PEFT", "trl", "lora", [])]
+    jobs += [("tunelab", "tunelab", method, args.tunelab_set) for method in args.methods.split(",")]
     # KEY=VALUE pairs split at a comma followed by the next KEY=, so a value may be a list: k=[a,b]
-    runs += [(f"tunelab {v}", "lora", args.tunelab_set + re.split(r",(?=[\w.]+=)", v)) for v in args.variant]
-    for name, method, overrides in runs:
-        results.append((name, method, run_job("tunelab", method, overrides)))
-        print(f"{name} {method} done: {results[-1][2]}", flush=True)
+    jobs += [(f"tunelab {v}", "tunelab", "lora", args.tunelab_set + re.split(r",(?=[\w.]+=)", v)) for v in args.variant]
+    # rounds: every job once per round, in order, so that each round's ratios are against a reference run
+    # minutes away (the machine drifts by more than the differences measured)
+    results: list[list[dict]] = [[] for _ in jobs]
+    for k in range(args.repeat):
+        for (name, side, method, overrides), out in zip(jobs, results):
+            out.append(run_job(side, method, overrides, args.trl_allocator if side == "trl" else "system"))
+            print(f"round {k + 1}: {name} {method} done: {out[-1]}", flush=True)
 
-    ref = results[0][2] if not args.skip_trl else None
+    ref = results[0] if not args.skip_trl else None
+    spread = args.repeat > 1
     header = "| run | method | allocator | tokens | tokens/s | peak RSS MB | train loss* | held-out loss after |"
     print("\n" + header + ("  x tok/s | x RSS | loss diff |" if ref else ""))
     print("|" + "---|" * (header.count("|") - 1 + (3 if ref else 0)))
-    for name, method, r in results:
+    for (name, _, method, _), rs in zip(jobs, results):
+        r = rs[0]
+        speed, rss = [x["tokens_per_s"] for x in rs], [x["peak_rss_mb"] for x in rs]
         line = (
-            f"| {name} | {method} | {r['allocator']} | {r['tokens']} | {r['tokens_per_s']:.1f} | {r['peak_rss_mb']:.0f} | "
+            f"| {name} | {method} | {r['allocator']} | {r['tokens']} | {_cell(speed, 1, spread)} | {_cell(rss, 0, spread)} | "
             f"{r['train_loss']:.4f} | {r['loss_after']:.4f} |"
         )
-        if ref:
+        if ref:  # each round's ratio against that round's reference, then their median
+            x_speed = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(rs, ref)]
+            x_rss = [x["peak_rss_mb"] / y["peak_rss_mb"] for x, y in zip(rs, ref)]
             line += (
-                f" {r['tokens_per_s'] / ref['tokens_per_s']:.2f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f} |"
-                f" {100 * (r['loss_after'] - ref['loss_after']) / ref['loss_after']:+.2f}% |"
+                f" {_cell(x_speed, 2, spread)} | {_cell(x_rss, 2, spread)} |"
+                f" {100 * (r['loss_after'] - ref[0]['loss_after']) / ref[0]['loss_after']:+.2f}% |"
             )
         print(line)
     print("* TRL reports the epoch's mean training loss, tunelab its last step's; compare the held-out column.")
+    if spread:
+        print(f"Each cell: the median of {args.repeat} rounds (lowest-highest); ratios are per round, then the median.")
+
+
+def _cell(values: list[float], digits: int, spread: bool) -> str:
+    """The median of `values`, with their range when there are several."""
+    median = statistics.median(values)
+    if not spread:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
 if __name__ == "__main__":

@@ -246,6 +246,13 @@ def test_a_list_compacts_only_the_modules_it_names():
             assert torch.allclose(grads[k], grads_c[k], rtol=1e-5, atol=1e-7), k
 
 
+def test_a_name_no_module_has_is_refused_with_the_names_there_are():
+    model = _lora_model(0.0, base=_gguf_tied_llama())
+    with pytest.raises(ValueError, match=r"no module named 'mpl'.*down_proj.*mlp"):
+        compact_frozen_linears(model, ["mpl"])
+    assert not any(isinstance(m, CompactLinear) for m in model.modules())
+
+
 def test_compact_frozen_takes_a_list_of_module_names():
     cfg = load_config({"model": {"name": "x"}, "data": {"train": "t.json"}, "training": {"compact_frozen": ["mlp"]}})
     assert cfg.training.compact_frozen == ["mlp"]

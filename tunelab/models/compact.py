@@ -288,6 +288,8 @@ def compact_frozen_linears(model, only: list[str] | None = None) -> tuple[int, i
     Returns (weights compacted, a tied table and head counting once; bytes saved)."""
     from peft.tuners.lora.layer import LoraLayer
 
+    if only is not None:
+        _check_names(model, only)
     n = saved = 0
     lora = False  # a LoRA model with a frozen base: its token table is frozen weight too
     for name, module in model.named_modules():
@@ -306,6 +308,21 @@ def compact_frozen_linears(model, only: list[str] | None = None) -> tuple[int, i
     if saved:
         _own_storage(model)
     return n, saved
+
+
+def _check_names(model, only: list[str]) -> None:
+    """A name that no module of `model` has is a typo: say so, with the names there are."""
+    parts = {p for name, _ in model.named_modules() for p in name.split(".")}
+    unknown = [p for p in only if p not in parts]
+    if unknown:
+        from peft.tuners.lora.layer import LoraLayer
+
+        names = {p for name, m in model.named_modules() if isinstance(m, LoraLayer) for p in name.split(".")[-2:]}
+        names |= {"embed_tokens", "lm_head"} & parts
+        raise ValueError(
+            f"training.compact_frozen: no module named {', '.join(map(repr, unknown))} in this model; "
+            f"names of its frozen weights' modules: {', '.join(sorted(n for n in names if not n.isdigit()))}"
+        )
 
 
 def _named(path: str, only: list[str] | None) -> bool:
