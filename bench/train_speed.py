@@ -15,6 +15,7 @@ Each tunelab run gets the process environment `tunelab train` would restart itse
 Intel's TBB allocator preloaded (training.allocator; tunelab/training/memory.py). The TRL reference
 runs as TRL does, on glibc's malloc; `--trl-allocator tbbmalloc` runs it preloaded too.
 
+    .venv/bin/pip install -e '.[bench]'                        # TRL, for the reference
     .venv/bin/python bench/train_speed.py                      # TRL reference vs tunelab LoRA
     .venv/bin/python bench/train_speed.py --methods lora,full,qlora --skip-trl
     .venv/bin/python bench/train_speed.py --tunelab-set method.dropout=0.05   # an ablation
