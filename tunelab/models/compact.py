@@ -42,8 +42,8 @@ class CompactWeight:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.step, self.offset) if t is not None)
 
     def dense(self, scratch: bool = False) -> torch.Tensor:
-        """The fp32 weight, decoded into a new tensor, or (scratch=True) into a buffer shared by every
-        weight of this shape, valid until the next scratch decode: for a weight used once, at once."""
+        """The fp32 weight, decoded into a new tensor, or (scratch=True) into this thread's reused buffer,
+        valid until the next scratch request in the thread: for a weight used once, at once."""
         if scratch:
             return self.block(0, self.shape[0])
         return self._decode_rows(0, self.shape[0], torch.empty(self.shape, device=self.codes.device))
@@ -61,8 +61,8 @@ class CompactWeight:
         return out.view(*index.shape, self.shape[1])
 
     def block(self, start: int, end: int) -> torch.Tensor:
-        """Rows start..end of the fp32 weight, decoded into a buffer shared by every block of that size, valid
-        until the next decode into it: a product with a weight too large to decode whole at once."""
+        """Rows start..end of the fp32 weight, decoded into this thread's reused buffer, valid until the next
+        scratch request in the thread: a product with a weight too large to decode whole at once."""
         return self._decode_rows(start, end, _scratch(torch.Size([end - start, self.shape[1]]), self.codes.device))
 
     def _decode_rows(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
@@ -88,14 +88,18 @@ _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
 def _scratch(shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """One reused buffer per (shape, device, thread). Why: a decoded weight lives for one matmul; a fresh
-    multi-MB tensor per use is mapped and faulted in anew, or leaves holes in malloc's heap between
-    the activations a pass keeps."""
-    key = (tuple(shape), device, threading.get_ident())
+    """A view of `shape` into the one reused buffer of this (device, thread), as large as the largest shape
+    asked for: valid until the next scratch request in this thread (every caller uses it for one matmul
+    at once). Why: a decoded weight lives for one matmul; a fresh multi-MB tensor per use is mapped and
+    faulted in anew, or leaves holes in malloc's heap between the activations a pass keeps. One buffer
+    rather than one per shape: SmolLM2's five shapes held 18 MB a thread, the largest alone 9 MB."""
+    key = (device, threading.get_ident())
     buf = _SCRATCH.get(key)
-    if buf is None:
-        buf = _SCRATCH[key] = torch.empty(shape, dtype=torch.float32, device=device)
-    return buf
+    n = shape.numel()
+    if buf is None or buf.numel() < n:
+        _SCRATCH.pop(key, None)  # the smaller one goes before the larger is made
+        buf = _SCRATCH[key] = torch.empty(n, dtype=torch.float32, device=device)
+    return buf[:n].view(shape)
 
 
 def free_scratch() -> None:

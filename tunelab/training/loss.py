@@ -23,9 +23,11 @@ from tunelab.models.loading import unwrap
 
 # label positions per chunk of logits: SmolLM2's 49k-word vocabulary makes a chunk of 256 48 MB
 CHUNK = 256  # without a fused gradient: evaluation, DPO's log-probs, autocast
-# the fused head + cross-entropy of training; 128 would halve each thread's logits buffer (48 -> 24 MB for
-# SmolLM2) but made the head ~30% slower on a CPU core (380 label positions, a compact head: 1.15 s vs 0.85)
-FUSED_CHUNK = 256
+# the fused head + cross-entropy of training. Each chunk decodes a compact head once per product, so fewer
+# chunks are faster: 128 made the head ~30% slower on a CPU core (380 label positions: 1.15 s vs 0.85).
+# 192 takes as many chunks as 256 for 257-384 label positions (a 2-row pass of SmolLM2 SFT holds ~360),
+# one more for 193-256 (some 1-row passes), and keeps each thread's logits buffer at 36 MB instead of 48
+FUSED_CHUNK = 192
 
 # One [FUSED_CHUNK, vocab] logits buffer per CPU dtype and thread (the parts of a pass may run in
 # threads: training/threads.py), reused by every training pass. A fresh block of tens of MB can be above
