@@ -262,7 +262,7 @@ def main() -> None:
     results: list[list[dict]] = [[] for _ in jobs]
     for k in range(args.repeat):
         for (name, side, method, overrides), out in zip(jobs, results):
-            out.append(run_job(side, method, overrides, args.trl_allocator if side == "trl" else "system"))
+            out.append(run_job(side, method, overrides, args.trl_allocator))
             print(f"round {k + 1}: {name} {method} done: {out[-1]}", flush=True)
 
     ref = results[0] if not args.skip_trl else None

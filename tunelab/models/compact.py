@@ -357,9 +357,10 @@ def _compact_embeddings(model, only: list[str] | None = None) -> int:
     tied = type(head) is nn.Linear and head.weight is emb.weight and head.bias is None
     if head is not None and not tied and head.weight is emb.weight:
         return 0
-    names = {id(m): name for name, m in inner.named_modules()}
-    if not any(_named(names.get(id(m), ""), only) for m in (emb, head) if m is not None):
-        return 0
+    if only is not None:
+        names = {id(m): name for name, m in inner.named_modules()}
+        if not any(_named(names.get(id(m), ""), only) for m in (emb, head) if m is not None):
+            return 0
     compact = encode(emb.weight)
     if compact is None:
         return 0
