@@ -20,9 +20,13 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from tunelab.evaluation import metrics as M
+from tunelab.evaluation.predictions import (
+    classifier_predictions,
+    perplexity_metrics,
+    perplexity_predictions,
+    prediction_metrics,
+    verbalizer_predictions,
+)
 from tunelab.models.loading import unwrap
 
 
@@ -37,9 +41,12 @@ def evaluate(
     embedding_model: str | None = "minilm-l6",
     max_new_tokens: int | None = None,
     num_beams: int | None = None,
+    return_predictions: bool = False,
 ) -> dict:
     """Score `model_or_run` on the dev split of `task_name`. For generation tasks, `embedding_model` (a spec,
-    or None to skip) gives the cosine metric; `max_new_tokens` / `num_beams` default to the run's settings."""
+    or None to skip) gives the cosine metric; `max_new_tokens` / `num_beams` default to the run's settings.
+    `return_predictions` adds the per-row "predictions" (evaluation/predictions.py) of the classifier,
+    verbalizer and perplexity paths, whose `prediction_metrics` are the result's "metrics"."""
     from tunelab.evaluation.tasks import get_task, load_split
     from tunelab.inference import run_manifest
     from tunelab.models import resolve_device
@@ -52,6 +59,7 @@ def evaluate(
     model, tokenizer = _load(model_or_run, device, manifest)
     model.eval()
     t0 = time.time()
+    preds = None  # per-row predictions, where the path has them
     if _is_span_qa(model):
         if task.type != "extractive_qa":
             raise NotImplementedError(f"a span-QA model scores extractive_qa tasks (squad), not {task.type}")
@@ -89,22 +97,21 @@ def evaluate(
         scores = generation_scores(hyps, [r["target"] for r in rows], embedding_model)
         how = "chat generation (greedy)"
     elif _is_classifier(model):
-        from tunelab.training.stages import encode_pairs, predict, task_metrics
-
-        examples = encode_pairs(rows, tokenizer, 256, task.type == "regression")
-        preds = predict(model, examples, tokenizer.pad_token_id, dev, batch_size)
-        scores, how = task_metrics(task, preds, [r["label"] for r in rows]), "classification head"
+        preds = classifier_predictions(model, tokenizer, task, rows, dev, 256, batch_size)
+        how = "classification head"
     elif task.type == "classification":
-        scores, how = verbalizer_scores(model, tokenizer, task, rows, dev, batch_size, progress), "verbalizer"
+        preds, how = verbalizer_predictions(model, tokenizer, task, rows, dev, batch_size, progress), "verbalizer"
     elif task.type in ("instruction",):
-        scores, how = response_perplexity(model, tokenizer, rows, dev, batch_size, progress), "perplexity"
+        preds, how = perplexity_predictions(model, tokenizer, rows, dev, batch_size, progress), "perplexity"
     else:
         raise NotImplementedError(
             f"tunelab eval does not score {task.type} tasks with this model yet; "
             "classification (head or verbalizer), instruction perplexity, extractive QA (span-QA runs) and "
             "seq2seq generation are supported"
         )
-    return {
+    if preds is not None:
+        scores = prediction_metrics(task, preds)
+    result = {
         "model": str(model_or_run),
         "task": task.name,
         "method": how,
@@ -112,6 +119,9 @@ def evaluate(
         "metrics": scores,
         "seconds": round(time.time() - t0, 1),
     }
+    if return_predictions and preds is not None:
+        result["predictions"] = preds
+    return result
 
 
 CHAT_INSTRUCTIONS = {"wmt14-en-de": "Translate to German: "}
@@ -160,49 +170,12 @@ def _is_classifier(model) -> bool:
     return type(unwrap(model)).__name__.endswith("ForSequenceClassification")
 
 
-@torch.no_grad()
 def verbalizer_scores(model, tokenizer, task, rows, device, batch_size=16, progress=True) -> dict:
-    from tqdm.auto import tqdm
-
-    from tunelab.data import build_prompt_ids
-    from tunelab.evaluation.prompts import instruction, label_words
-    from tunelab.methods.verbalizer import Verbalizer, next_token_logits
-
-    words = label_words(task)
-    # the answer starts a new assistant turn, so the word is not preceded by a space
-    verbalizer = Verbalizer({w: [w, w.capitalize()] for w in words}, tokenizer, leading_space=False)
-    prompts = [build_prompt_ids([{"role": "user", "content": instruction(task, r)}], tokenizer) for r in rows]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together: less padding
-    preds = [0] * len(prompts)
-    for i in tqdm(range(0, len(order), batch_size), desc=f"eval {task.name}", disable=not progress, unit="batch"):
-        idx = order[i : i + batch_size]
-        width = max(len(prompts[k]) for k in idx)
-        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, k in enumerate(idx):
-            ids[j, : len(prompts[k])], mask[j, : len(prompts[k])] = torch.tensor(prompts[k]), 1
-        logits = next_token_logits(model, ids.to(device), mask.to(device))
-        for k, pred in zip(idx, verbalizer.predict(logits.float()).tolist()):
-            preds[k] = pred
-    return M.classification_metrics(preds, [r["label"] for r in rows], num_labels=len(words))
+    return prediction_metrics(task, verbalizer_predictions(model, tokenizer, task, rows, device, batch_size, progress))
 
 
-@torch.no_grad()
 def response_perplexity(model, tokenizer, rows, device, batch_size=8, progress=True) -> dict:
-    from tqdm.auto import tqdm
-
-    from tunelab.config import DataConfig
-    from tunelab.data import collate, render_example
-    from tunelab.training.loss import token_loss_sum
-
-    cfg = DataConfig(max_length=1024)
-    examples = [render_example(r, cfg, tokenizer) for r in rows]
-    total, count = 0.0, 0
-    for i in tqdm(range(0, len(examples), batch_size), desc="eval perplexity", disable=not progress, unit="batch"):
-        batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], tokenizer.pad_token_id).items()}
-        loss, n = token_loss_sum(model, batch)
-        total, count = total + float(loss), count + n
-    return {"perplexity": M.perplexity(total, count), "loss": total / count, "tokens": count}
+    return perplexity_metrics(perplexity_predictions(model, tokenizer, rows, device, batch_size, progress))
 
 
 def write_result(result: dict, out: str | Path) -> None:

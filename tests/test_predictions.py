@@ -1,0 +1,126 @@
+"""Per-row predictions (evaluation/predictions.py): each path's rows give its metrics exactly, through JSONL too."""
+
+import pytest
+import torch
+
+from tunelab.evaluation import predictions as P
+from tunelab.evaluation import runner
+from tunelab.evaluation.tasks import Task
+from tunelab.testing import tiny_bert, tiny_llama, tiny_tokenizer
+
+CPU = torch.device("cpu")
+TASK = Task(name="custom", type="classification", labels=("no", "yes"))
+REGRESSION = Task(name="custom", type="regression", main_metric="pearson")
+INSTRUCTION = Task(name="custom", type="instruction", main_metric="perplexity")
+TEXTS = ["a b", "cat", "the dog", "x", "quick fox", "the lazy dog jumps", "capital of France"]
+ROWS = [{"text": t, "text_pair": None, "label": i % 2} for i, t in enumerate(TEXTS)]
+INSTRUCTIONS = [
+    {"instruction": "Give three tips.", "input": "", "output": "Eat well, sleep enough and exercise."},
+    {"instruction": "Capital of France?", "input": "", "output": "Paris."},
+    {"instruction": "Translate to German", "input": "good morning", "output": "Guten Morgen, the quick brown fox."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_verbalizer_predictions_give_the_old_metrics_and_survive_jsonl(tok, tmp_path):
+    from tunelab.data import build_prompt_ids
+    from tunelab.evaluation import metrics as M
+    from tunelab.evaluation.prompts import instruction, label_words
+    from tunelab.methods.verbalizer import Verbalizer
+
+    model = tiny_llama(len(tok))
+    preds = P.verbalizer_predictions(model, tok, TASK, ROWS, CPU, batch_size=3, progress=False)
+    assert [p["index"] for p in preds] == list(range(len(ROWS)))
+    assert all(p["prediction"] == max(range(2), key=p["scores"].__getitem__) for p in preds)
+
+    # the pre-change computation: argmax of Verbalizer.scores, one unpadded row at a time
+    v = Verbalizer({w: [w, w.capitalize()] for w in label_words(TASK)}, tok, leading_space=False)
+    old = []
+    with torch.no_grad():
+        for r in ROWS:
+            ids = torch.tensor([build_prompt_ids([{"role": "user", "content": instruction(TASK, r)}], tok)])
+            old.append(int(v.scores(model(input_ids=ids).logits[:, -1]).argmax(-1)))
+    assert [p["prediction"] for p in preds] == old
+    metrics = P.prediction_metrics(TASK, preds)
+    assert metrics == M.classification_metrics(old, [r["label"] for r in ROWS], num_labels=2)
+    assert runner.verbalizer_scores(model, tok, TASK, ROWS, CPU, batch_size=3, progress=False) == metrics
+
+    path = tmp_path / "run" / "predictions.jsonl"
+    P.write_predictions(path, preds)
+    back = P.read_predictions(path)
+    assert back == preds and P.prediction_metrics(TASK, back) == metrics
+    assert [f.name for f in path.parent.iterdir()] == ["predictions.jsonl"]  # no temporary file left
+
+
+def test_perplexity_rows_sum_to_the_batch_loss_and_ignore_padding(tok):
+    from tunelab.config import DataConfig
+    from tunelab.data import collate, render_example
+    from tunelab.training.loss import token_loss_sum
+
+    model = tiny_llama(len(tok))
+    preds = P.perplexity_predictions(model, tok, INSTRUCTIONS, CPU, batch_size=3, progress=False)
+    examples = [render_example(r, DataConfig(max_length=1024), tok) for r in INSTRUCTIONS]
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # the batch is padded
+    with torch.no_grad():
+        total, count = token_loss_sum(model, collate(examples, tok.pad_token_id))
+        for p, e in zip(preds, examples):  # each row alone, unpadded
+            alone, n = token_loss_sum(model, collate([e], tok.pad_token_id))
+            assert p["tokens"] == n > 0
+            assert p["loss_sum"] == pytest.approx(float(alone), rel=1e-5)
+    assert sum(p["tokens"] for p in preds) == count
+    assert sum(p["loss_sum"] for p in preds) == pytest.approx(float(total), rel=1e-5)
+    # the shortest row padded beside the longest one (batch of 2) against the same row alone (batch of 1)
+    short = min(range(3), key=lambda i: len(examples[i]["input_ids"]))
+    longest = max(range(3), key=lambda i: len(examples[i]["input_ids"]))
+    pair = P.perplexity_predictions(model, tok, [INSTRUCTIONS[short], INSTRUCTIONS[longest]], CPU, 2, False)
+    single = P.perplexity_predictions(model, tok, [INSTRUCTIONS[short]], CPU, 1, False)
+    assert pair[0]["loss_sum"] == pytest.approx(single[0]["loss_sum"], rel=1e-5)
+
+    metrics = P.prediction_metrics(INSTRUCTION, preds)
+    assert metrics == P.perplexity_metrics(preds)
+    assert metrics["tokens"] == count and metrics["loss"] == pytest.approx(float(total) / count, rel=1e-5)
+    assert runner.response_perplexity(model, tok, INSTRUCTIONS, CPU, 3, False) == metrics
+
+
+@pytest.mark.parametrize("task", [TASK, REGRESSION], ids=["classification", "regression"])
+def test_classifier_predictions_equal_predict(tok, task):
+    from tunelab.training.stages import encode_pairs, predict, task_metrics
+
+    regression = task.type == "regression"
+    rows = [{**r, "label": 0.5 * i} for i, r in enumerate(ROWS)] if regression else ROWS
+    model = tiny_bert(len(tok), num_labels=1 if regression else 2)
+    preds = P.classifier_predictions(model, tok, task, rows, CPU, max_length=32, batch_size=3)
+    examples = encode_pairs(rows, tok, 32, regression)
+    want = predict(model, examples, tok.pad_token_id, CPU, batch_size=3)
+    assert [p["prediction"] for p in preds] == want
+    assert [p["label"] for p in preds] == [e["label"] for e in examples]
+    assert P.prediction_metrics(task, preds) == task_metrics(task, want, [e["label"] for e in examples])
+    if not regression:  # scores are log-probabilities whose argmax is the prediction
+        for p in preds:
+            assert sum(torch.tensor(p["scores"]).exp()) == pytest.approx(1.0)
+            assert p["prediction"] == max(range(2), key=p["scores"].__getitem__)
+
+
+@pytest.mark.parametrize("path", ["verbalizer", "perplexity", "classification head"])
+def test_evaluate_returns_predictions_whose_metrics_are_the_result(tok, tmp_path, monkeypatch, path):
+    from tunelab.evaluation import tasks as T
+    from tunelab.testing import save_tiny_model_dir
+
+    task, rows = {"verbalizer": (TASK, ROWS), "perplexity": (INSTRUCTION, INSTRUCTIONS)}.get(path, (TASK, ROWS))
+    monkeypatch.setattr(T, "get_task", lambda name: task)
+    monkeypatch.setattr(T, "load_split", lambda task, split, limit=None, seed=0: rows)
+    if path == "classification head":  # a classifier as load_run gives a classification run's model
+        monkeypatch.setattr(runner, "_load", lambda *a: (tiny_bert(len(tok)), tok))
+        model = str(tmp_path / "none")
+    else:
+        model = save_tiny_model_dir(tmp_path / "m")
+    result = runner.evaluate(model, "custom", device="cpu", batch_size=2, progress=False, return_predictions=True)
+    assert result["method"] == path
+    assert len(result["predictions"]) == len(rows)
+    assert P.prediction_metrics(task, result["predictions"]) == result["metrics"]
+    plain = runner.evaluate(model, "custom", device="cpu", batch_size=2, progress=False)
+    assert "predictions" not in plain and plain["metrics"] == result["metrics"]

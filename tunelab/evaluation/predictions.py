@@ -1,0 +1,152 @@
+"""Per-row predictions of every scoring path, and the one pure function that turns them into metrics.
+
+A run's evaluation is kept as rows (one JSON object per dev row, in row order), so a report can store
+them (`predictions.jsonl`), recompute each metric exactly from the file, and resample rows for
+bootstrap confidence intervals:
+
+  classification  {"index", "label": int, "prediction": int, "scores": [per-class log-score]}
+                  (verbalizer: log of the probability mass on the class's words; head: log-softmax)
+  regression      {"index", "label": float, "prediction": float}
+  instruction     {"index", "loss_sum": summed response-token NLL, "tokens": int}
+
+Floats are stored as JSON numbers with Python's repr, which reads back bit for bit, so
+`prediction_metrics(task, read_predictions(path))` equals the metrics of the evaluation itself.
+Torch is imported inside the model functions only: the metrics side runs without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+from tunelab.evaluation import metrics as M
+
+
+# ------------------------------------------------------------------------------------ model side
+def verbalizer_predictions(model, tokenizer, task, rows, device, batch_size=16, progress=True) -> list[dict]:
+    """A causal LM on a classification task: the task as an instruction, the class read off the next-token
+    distribution by a verbalizer (evaluation/runner.py's "verbalizer" method)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from tunelab.data import build_prompt_ids
+    from tunelab.evaluation.prompts import instruction, label_words
+    from tunelab.methods.verbalizer import Verbalizer, next_token_logits
+
+    words = label_words(task)
+    # the answer starts a new assistant turn, so the word is not preceded by a space
+    verbalizer = Verbalizer({w: [w, w.capitalize()] for w in words}, tokenizer, leading_space=False)
+    prompts = [build_prompt_ids([{"role": "user", "content": instruction(task, r)}], tokenizer) for r in rows]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together: less padding
+    out: list[dict | None] = [None] * len(prompts)
+    with torch.no_grad():
+        for i in tqdm(range(0, len(order), batch_size), desc=f"eval {task.name}", disable=not progress, unit="batch"):
+            idx = order[i : i + batch_size]
+            width = max(len(prompts[k]) for k in idx)
+            ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for j, k in enumerate(idx):
+                ids[j, : len(prompts[k])], mask[j, : len(prompts[k])] = torch.tensor(prompts[k]), 1
+            scores = verbalizer.scores(next_token_logits(model, ids.to(device), mask.to(device)).float())
+            # float32 -> Python float is exact and order-preserving: the argmax of the stored list is this one
+            for k, s, pred in zip(idx, scores.tolist(), scores.argmax(dim=-1).tolist()):
+                out[k] = {"index": k, "label": int(rows[k]["label"]), "prediction": pred, "scores": s}
+    return out
+
+
+def classifier_predictions(model, tokenizer, task, rows, device, max_length=256, batch_size=32) -> list[dict]:
+    """A sequence-classification head (a `stage: classification` run): the batches, inputs and logits of
+    training/stages.py's `predict`, so the predictions are the ones the run's own dev metrics use."""
+    import torch
+
+    from tunelab.training.stages import _cls_collate, _cls_logits, encode_pairs
+
+    regression = task.type == "regression"
+    examples = encode_pairs(rows, tokenizer, max_length, regression)
+    model.eval()
+    out: list[dict] = []
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i : i + batch_size]
+            batch = {k: v.to(device) for k, v in _cls_collate(chunk, tokenizer.pad_token_id).items()}
+            logits = _cls_logits(model, batch)
+            if logits.shape[-1] == 1:
+                for j, (e, y) in enumerate(zip(chunk, logits.squeeze(-1).tolist())):
+                    out.append({"index": i + j, "label": e["label"], "prediction": y})
+                continue
+            # log-softmax in float64: strictly monotonic for float32 logits, so the argmax of the stored
+            # scores is the argmax of the logits (what `predict` takes)
+            scores = logits.double().log_softmax(dim=-1)
+            for j, (e, s, pred) in enumerate(zip(chunk, scores.tolist(), logits.argmax(dim=-1).tolist())):
+                out.append({"index": i + j, "label": e["label"], "prediction": pred, "scores": s})
+    return out
+
+
+def perplexity_predictions(model, tokenizer, rows, device, batch_size=8, progress=True) -> list[dict]:
+    """A causal LM on an instruction task: each reference response's summed token NLL and token count."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from tunelab.config import DataConfig
+    from tunelab.data import collate, render_example
+    from tunelab.training.loss import row_loss_sums, shift_labels
+
+    cfg = DataConfig(max_length=1024)
+    examples = [render_example(r, cfg, tokenizer) for r in rows]
+    out: list[dict] = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(examples), batch_size), desc="eval perplexity", disable=not progress, unit="batch"):
+            batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], tokenizer.pad_token_id).items()}
+            # right padding carries label -100 and a causal model's real positions never attend to it, so
+            # a row's sum is the one it has alone (the same label-only head as token_loss_sum, per row)
+            sums = row_loss_sums(model, batch).tolist()
+            tokens = (shift_labels(batch["labels"]) != -100).sum(dim=1).tolist()
+            out += [{"index": i + j, "loss_sum": s, "tokens": n} for j, (s, n) in enumerate(zip(sums, tokens))]
+    return out
+
+
+# ---------------------------------------------------------------------------------- metrics side
+def prediction_metrics(task, predictions: list[dict]) -> dict:
+    """The task's metrics from per-row predictions (pure: the same numbers from memory or from JSONL)."""
+    if isinstance(task, str):
+        from tunelab.evaluation.tasks import get_task
+
+        task = get_task(task)
+    if task.type == "instruction" or (predictions and "loss_sum" in predictions[0]):
+        return perplexity_metrics(predictions)
+    preds, refs = [p["prediction"] for p in predictions], [p["label"] for p in predictions]
+    if task.type == "regression":
+        return {"pearson": M.pearson(preds, refs), "spearman": M.spearman(preds, refs)}
+    if task.type == "classification":
+        return M.classification_metrics(preds, refs, num_labels=len(task.labels))
+    raise ValueError(f"no per-row metrics for {task.type} tasks")
+
+
+def perplexity_metrics(predictions: list[dict]) -> dict:
+    """Perplexity over all response tokens (a token-weighted mean, not a mean of per-row perplexities)."""
+    total = sum(p["loss_sum"] for p in predictions)
+    count = sum(p["tokens"] for p in predictions)
+    return {"perplexity": M.perplexity(total, count), "loss": total / count, "tokens": count}
+
+
+# ---------------------------------------------------------------------------------------- files
+def write_predictions(path: str | Path, predictions: list[dict]) -> None:
+    """One JSON object per line, written to a temporary file and renamed: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # beside the target (os.replace is atomic within one file system), named per process and thread
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(p) + "\n" for p in predictions)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_predictions(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
