@@ -85,7 +85,7 @@ def grid_for(assets, out, methods=None, models=None, tasks=None, **extra):
 
 @pytest.fixture(scope="module")
 def grid_run(assets, tmp_path_factory):
-    """The 12-cell grid, stopped after 5 cells (as Ctrl-C would), then run again to the end."""
+    """The 14-cell grid (12 trained, 2 zero-shot), stopped after 5 cells (as Ctrl-C would), then run again."""
     out = tmp_path_factory.mktemp("grid") / "out"
     grid = grid_for(assets, out)
     seen = []
@@ -101,16 +101,16 @@ def grid_run(assets, tmp_path_factory):
 
 
 def cells_of(result):
-    return [r for r in result.rows if r["kind"] != "baseline"]
+    return [r for r in result.rows if r["role"] == "method"]
 
 
 def test_interrupted_grid_runs_only_the_missing_cells(grid_run):
     first, second, _, _ = grid_run
     assert first.interrupted and first.trained_now == 5
     assert not second.interrupted
-    assert second.trained_now == 7 and second.skipped == 5
+    assert second.trained_now == 9 and second.skipped == 5
     third = run_grid(grid_run[3], **QUIET)  # nothing left to do
-    assert third.trained_now == 0 and third.skipped == 12
+    assert third.trained_now == 0 and third.skipped == 14
 
 
 def test_every_cell_has_metrics_and_costs(grid_run):
@@ -132,11 +132,15 @@ def test_every_cell_has_metrics_and_costs(grid_run):
     full = [r for r in cells if r["method"] == "full"]
     assert all(abs(r["trainable_pct"] - 100) < 1e-6 for r in full)
     assert all(r["trainable_pct"] < 100 for r in cells if r["method"] != "full")
-    baselines = [r for r in second.rows if r["kind"] == "baseline"]
-    assert [(b["method"], b["task"]) for b in baselines] == [("tfidf", "reviews"), ("tfidf", "pairs")]
-    assert all(b["status"] == "done" and b["main_value"] is not None for b in baselines)
-    # each causal-LM cell trained on instruction rows written once per task
-    assert len(list((out / "data").glob("*/train.jsonl"))) == 2
+    references = [r for r in second.rows if r["role"] == "reference"]
+    assert [(b["method"], b["task"]) for b in references] == [
+        (m, t) for t in ("reviews", "pairs") for m in ("majority", "tfidf", "tfidf-full", "zero-shot")
+    ]
+    assert all(b["status"] == "done" and b["main_value"] is not None and b["n"] == 12 for b in references)
+    # the rows are written once per task: train / validation / dev, and instructions for the causal LMs
+    assert len(list((out / "data").glob("*/train.sft.jsonl"))) == 2
+    # readable cell folders: model-method-task-seedN-<key>
+    assert all(Path(r["cell_dir"]).name.startswith(f"{r['model']}-{r['method']}-{r['task']}-seed42-") for r in cells)
 
 
 def test_outputs_exist_and_agree(grid_run):
@@ -150,7 +154,7 @@ def test_outputs_exist_and_agree(grid_run):
         as_csv = list(csv.DictReader(f))
     md = (out / "results.md").read_text()
     html = (out / "report.html").read_text()
-    assert len(as_json) == len(as_csv) == len(rows) == 14
+    assert len(as_json) == len(as_csv) == len(rows) == 14 + 6  # cells (2 zero-shot) + 3 references per task
     for j, c in zip(as_json, as_csv):
         d = in_db[j["key"]]
         assert c["key"] == j["key"]
@@ -158,13 +162,13 @@ def test_outputs_exist_and_agree(grid_run):
         assert j["main_value"] == pytest.approx(d["main_value"]) == pytest.approx(float(c["main_value"]))
         assert j["metrics"] == json.loads(d["metrics_json"]) == json.loads(c["metrics"])
         assert j["peak_rss_mb"] == d["peak_rss_mb"]
-        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {j['model']} | {j['method']} | {j['task']} |"))
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"| {j['model']} | {j['method']} | {j['task']} | "))
         assert f"{j['main_value']:.4f}" in line
         assert f"{j['main_value']:.4f}" in html
-    assert md.splitlines()[0].startswith("| Model | Method | Task |") and "Trainable %" in md and "Peak MB" in md
+    assert md.startswith("## reviews") and "| Model | Method | Task | Seed |" in md and "Peak MB" in md
     assert html.count('<img alt="plot" src="data:image/png;base64,') == 6  # 3 plots × 2 tasks
     assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
-    assert "Best accuracy" in html and "Smallest near-best" in html or "No cell beats" in html
+    assert ("Winner:" in html) != ("Tied within noise:" in html) and "Strongest reference:" in html
 
 
 def test_failing_cell_is_recorded_and_an_interrupted_cell_resumes(assets, tmp_path):
@@ -224,7 +228,7 @@ def test_cli_prints_the_table_and_report(grid_run, tmp_path, capsys):
     assert main(["compare", str(path), "--only-report"]) == 0
     text = capsys.readouterr().out
     assert "| Model | Method | Task |" in text and f"report: {out / 'report.html'}" in text
-    assert "0 cells run now, 12 reused" in text
+    assert "0 cells run now, 14 reused" in text and "## reviews" in text and "Strongest reference" in text
 
 
 def test_ray_executor_wiring_with_a_stand_in_ray(assets, tmp_path, monkeypatch):

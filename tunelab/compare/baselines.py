@@ -1,34 +1,75 @@
-"""Classical baselines as grid rows: TF-IDF + logistic regression (Ridge for regression).
+"""Reference rows of a grid, per task, scored on exactly the cells' dev rows and written with their
+per-row predictions like cells:
 
-The model and features are those of `tunelab baseline tfidf` (tunelab/evaluation/baseline.py), fitted on
-the same seeded train sample and scored on the same dev sample as the grid's cells, so the rows compare
-like for like (`tunelab baseline` itself scores the whole dev split).
+- majority:      the train sample's most frequent class (the mean score for regression): what a model
+                 that learnt nothing from the text scores;
+- tfidf:         TF-IDF + logistic regression (Ridge for regression) fitted on the grid's train sample;
+- tfidf-full:    the same fitted on the whole train split (what a classical model does with all the data).
+
+The zero-shot reference (the untrained causal model through the same verbalizer) is a cell of its own
+(cells.py). The TF-IDF model and features are those of `tunelab baseline tfidf`
+(tunelab/evaluation/baseline.py).
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
-from tunelab.compare.cells import digest, seed_for, task_fingerprint, task_object, task_rows
+from tunelab.compare.cells import _safe, digest, seed_for, task_fingerprint, task_object, task_splits
 from tunelab.compare.grid import Grid, TaskEntry
 
+# reference name -> (model column shown, which train rows)
+REFERENCES = {
+    "majority": ("majority-class", "train"),
+    "tfidf": ("tfidf-logreg", "train"),
+    "tfidf-full": ("tfidf-logreg", "train_full"),
+}
 
-def baseline_key(kind: str, grid: Grid, t: TaskEntry) -> str:
+
+def references_for(grid: Grid) -> list[str]:
+    """The reference rows a grid gets for each classification / regression task."""
+    out = ["majority"]
+    if "tfidf" in grid.baselines:
+        out += ["tfidf", "tfidf-full"]
+    return out
+
+
+def reference_key(kind: str, grid: Grid, t: TaskEntry) -> str:
     return f"{kind}-" + digest({"baseline": kind, "task": task_fingerprint(t, seed_for(grid, t))})
 
 
-def tfidf(grid: Grid, t: TaskEntry) -> dict:
-    """A result dict shaped like a cell's result.json (status, metrics, wall_s ...)."""
-    from tunelab.evaluation.baseline import fit_and_score
+def reference_dir(out: Path, kind: str, t: TaskEntry, key: str) -> Path:
+    return out / "references" / f"{kind}-{_safe(t.shown, 24)}-{key.split('-')[-1][:8]}"
+
+
+def shown_model(kind: str, t: TaskEntry) -> str:
+    name = REFERENCES[kind][0]
+    return name.replace("logreg", "ridge") if t.task_type == "regression" else name
+
+
+def run_reference(kind: str, grid: Grid, t: TaskEntry, folder: Path) -> dict:
+    """Fit and score one reference; writes folder/predictions.jsonl; a result dict shaped like a cell's."""
+    from tunelab.evaluation.baseline import fit_and_predict, majority_predictions
+    from tunelab.evaluation.predictions import prediction_metrics, write_predictions
 
     task = task_object(t)
     seed = seed_for(grid, t)
     t0 = time.perf_counter()
-    train, dev = task_rows(t, "train", seed), task_rows(t, "dev", seed)
-    scores, n_params = fit_and_score(task, train, dev, seed=seed)
+    splits = task_splits(t, seed)
+    train, dev = splits[REFERENCES[kind][1]], splits["dev"]
+    if kind == "majority":
+        predictions, n_params = majority_predictions(task, train, dev), 1
+    else:
+        predictions, n_params = fit_and_predict(task, train, dev, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_predictions(folder / "predictions.jsonl", predictions)
     return {
         "status": "done",
-        "metrics": scores,
+        "metrics": prediction_metrics(task, predictions),
+        "n": len(predictions),
+        "n_train": len(train),
         "train": {"trainable_params": n_params},  # coefficients; no "total", so no trainable %
         "wall_s": round(time.perf_counter() - t0, 3),
+        "run_dir": str(folder),
     }

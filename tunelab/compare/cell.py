@@ -11,8 +11,13 @@ result on the task, measures it, and writes CELL_DIR/result.json:
   cuda_peak_mb    torch.cuda.max_memory_allocated, on CUDA
   wall_s          seconds of this attempt (load + train + score); wall_s_total sums every attempt
   size_mb         what the method saved (the run's final/ folder); weights_mb: its weight files only
+  n               dev rows scored; CELL_DIR/predictions.jsonl holds one line per row (docs/compare.md)
+  sweep, chosen   with `training: {lr: [...]}`: each learning rate's validation metrics, the one kept
+  run_dir         the run that was scored (the chosen one of a sweep)
 
-A cell that already has final/ (training finished, scoring did not) is only scored again.
+A sweep trains one run per learning rate (run-lrX/), scores each on the validation rows (carved from the
+train split) and keeps the best; only that run is scored on the dev rows. A run that already has final/
+(training finished, scoring did not) is only scored again. A zero-shot reference trains nothing.
 """
 
 from __future__ import annotations
@@ -69,34 +74,33 @@ def loss_curve(run_dir: Path, max_points: int = 400) -> dict:
     return {"train": train, "eval": evals}
 
 
-def score(run_dir: Path, ev: dict, run_metrics: dict, device: str) -> dict:
-    """The task metrics of a finished run (see cells.py for which scorer a cell uses)."""
-    if ev["mode"] == "head":  # the classification stage scored its dev rows at the end of training
-        return {k[4:]: v for k, v in run_metrics.items() if k.startswith("dev_")}
-    if ev["preset"] and not ev.get("dev_file"):
-        from tunelab.evaluation.runner import evaluate
+def predict_rows(model, tokenizer, task, mode: str, rows: list[dict], device, max_length: int = 256) -> list[dict]:
+    """Per-row predictions of a loaded model on `rows`, by the cell's scorer (docs/compare.md)."""
+    from tunelab.evaluation import predictions as P
 
-        out = evaluate(
-            str(run_dir), ev["preset"], limit=ev["dev_limit"], device=device, seed=ev["seed"], progress=False
-        )
-        return out["metrics"]
-    # your own dev file: the same scorers as tunelab.evaluation.runner, on the cell's dev rows
-    from tunelab.compare.cells import task_object, task_rows
-    from tunelab.compare.grid import TaskEntry
-    from tunelab.evaluation.runner import response_perplexity, verbalizer_scores
-    from tunelab.inference import load_run
+    model.eval()
+    if mode == "head":
+        return P.classifier_predictions(model, tokenizer, task, rows, device, max_length=max_length)
+    if mode == "verbalizer":
+        return P.verbalizer_predictions(model, tokenizer, task, rows, device, progress=False)
+    return P.perplexity_predictions(model, tokenizer, rows, device, progress=False)
+
+
+def _score(model_and_tokenizer, cfg, ev: dict, split: str) -> list[dict]:
+    from tunelab.compare.cells import read_jsonl, task_from_eval
     from tunelab.models import resolve_device
 
-    fp = ev["fingerprint"]
-    fields = {k: fp[k] for k in ("name", "type", "labels", "train_limit", "dev_limit") if fp.get(k) is not None}
-    entry = TaskEntry.model_validate({**fields, "train_file": ev["train_file"], "dev_file": ev["dev_file"]})
-    task = task_object(entry)
-    rows = task_rows(entry, "dev", ev["seed"])
-    model, tokenizer = load_run(str(run_dir), device=device)
-    dev = resolve_device(device)
-    if ev["mode"] == "verbalizer":
-        return verbalizer_scores(model, tokenizer, task, rows, dev, progress=False)
-    return response_perplexity(model, tokenizer, rows, dev, progress=False)
+    model, tokenizer = model_and_tokenizer
+    rows = read_jsonl(ev["rows"][split])
+    max_length = cfg.task.max_length if cfg.task else 256
+    return predict_rows(model, tokenizer, task_from_eval(ev), ev["mode"], rows, resolve_device(cfg.training.device),
+                        max_length)  # fmt: skip
+
+
+def _load_run(run_dir: Path, cfg):
+    from tunelab.inference import load_run
+
+    return load_run(str(run_dir), device=cfg.training.device)
 
 
 def run_cell(spec: dict) -> dict:
@@ -119,19 +123,20 @@ def run_cell(spec: dict) -> dict:
         "pid": os.getpid(),
     }
     _write(cell_dir / "result.json", {**result, "status": "running"})
+    run_dir = Path(spec["config"]["output_dir"])
     try:
-        _run(spec, result)
+        run_dir = _run(spec, result, cell_dir)
     except KeyboardInterrupt:
         result["status"], result["error"] = "interrupted", "interrupted (Ctrl-C / SIGTERM) before training ended"
     except BaseException as e:  # noqa: BLE001 - a failing cell is recorded, the grid goes on
         result["status"], result["error"] = "failed", f"{type(e).__name__}: {e}"
         traceback.print_exc()
     finally:
-        run_dir = Path(spec["config"]["output_dir"])
         result["peak_rss_mb"] = _peak_rss_mb()
         result["cuda_peak_mb"] = _cuda_peak_mb()
         result["wall_s"] = round(time.perf_counter() - t0, 2)
         result["wall_s_total"] = round(earlier_s + result["wall_s"], 2)
+        result["run_dir"] = str(run_dir)
         result["size_mb"] = round(_folder_bytes(run_dir / "final") / 2**20, 3)
         result["weights_mb"] = round(_folder_bytes(run_dir / "final", WEIGHT_SUFFIXES) / 2**20, 3)
         result["curve"] = loss_curve(run_dir)
@@ -139,47 +144,105 @@ def run_cell(spec: dict) -> dict:
     return result
 
 
-def _run(spec: dict, result: dict) -> None:
-    import tunelab
+def sweep_dir(run_dir: Path, lr: float) -> Path:
+    return run_dir.with_name(f"{run_dir.name}-lr{lr:g}")
+
+
+def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
+    """Train (each learning rate of a sweep), pick on the validation rows, score the dev rows; the run used."""
+    from tunelab.compare.cells import task_from_eval
     from tunelab.config import load_config
-    from tunelab.training import checkpoint as ckpt
+    from tunelab.evaluation.predictions import prediction_metrics, write_predictions
 
     cfg = load_config(spec["config"])
     if cfg.training.threads:
         import torch
 
         torch.set_num_threads(cfg.training.threads)
+    ev = spec["eval"]
+    task = task_from_eval(ev)
     run_dir = Path(cfg.output_dir)
-    finished = (run_dir / "final" / "tunelab.json").is_file() and (run_dir / "results.json").is_file()
-    if finished:
-        run_metrics = json.loads((run_dir / "results.json").read_text())
+    if spec.get("zero_shot"):  # the reference: the untrained model through the same scorer
+        from tunelab.models import load_model, resolve_device
+
+        loaded = load_model(cfg.model, device=resolve_device(cfg.training.device))
+        result["train"] = {"trainable_params": 0, "total_params": sum(p.numel() for p in loaded[0].parameters())}
     else:
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is not None:
-            result["resumed_from_step"] = int(str(latest.name).rsplit("-", 1)[-1])
-        callbacks = []
-        stop_at = (spec.get("hooks") or {}).get("interrupt_at_step")
-        if stop_at and latest is None:  # testing aid: a Ctrl-C at this step of the first attempt
-
-            def _interrupt(step, record):
-                if step >= stop_at:
-                    raise KeyboardInterrupt
-
-            callbacks.append(_interrupt)
-        run = tunelab.train(cfg, resume=latest is not None, callbacks=callbacks)
-        result["trained"] = True
-        run_metrics = run.metrics
-        if run_metrics.get("interrupted"):
-            result["train"] = _train_metrics(run_metrics)
-            result["status"], result["error"] = "interrupted", f"interrupted at step {run_metrics['steps']}"
-            return
-    result["train"] = _train_metrics(run_metrics)
-    if (spec.get("hooks") or {}).get("fail_scoring"):
-        raise RuntimeError("scoring failed (testing hook)")
+        sweep = spec.get("sweep") or []
+        tried = []
+        for lr in sweep or [None]:
+            c = cfg
+            if lr is not None:
+                c = load_config({**spec["config"], "output_dir": str(sweep_dir(run_dir, lr)),
+                                 "training": {**spec["config"]["training"], "lr": lr}})  # fmt: skip
+            run_metrics = _train(c, spec, result)
+            if run_metrics is None:  # interrupted: the checkpoint is written, a re-run resumes
+                return Path(c.output_dir)
+            entry = {"lr": c.training.lr, "run_dir": c.output_dir, "train": _train_metrics(run_metrics)}
+            if sweep:  # choose on the validation rows (carved from the train split), never on the dev rows
+                val = prediction_metrics(task, _score(_load_run(Path(c.output_dir), c), c, ev, "val"))
+                entry["val_metrics"] = val
+            tried.append(entry)
+        chosen = _choose(tried, ev["main_metric"]) if sweep else tried[0]
+        if sweep:
+            result["sweep"] = [{k: v for k, v in e.items() if k != "train"} for e in tried]
+            result["chosen"] = {"lr": chosen["lr"]}
+        run_dir = Path(chosen["run_dir"])
+        result["train"] = chosen["train"]
+        if (spec.get("hooks") or {}).get("fail_scoring"):
+            raise RuntimeError("scoring failed (testing hook)")
+        loaded = _load_run(run_dir, cfg)
     t = time.perf_counter()
-    result["metrics"] = score(run_dir, spec["eval"], run_metrics, cfg.training.device)
+    predictions = _score(loaded, cfg, ev, "dev")
+    write_predictions(cell_dir / "predictions.jsonl", predictions)
+    result["metrics"] = prediction_metrics(task, predictions)
+    result["n"] = len(predictions)
     result["score_s"] = round(time.perf_counter() - t, 2)
     result["status"] = "done"
+    return run_dir
+
+
+def _choose(tried: list[dict], metric: str) -> dict:
+    """The best validation score; ties go to the lower validation loss, then the smaller learning rate."""
+    from tunelab.compare.analysis import lower_is_better
+
+    sign = 1.0 if lower_is_better(metric) else -1.0
+
+    def rank(e):
+        loss = e["train"].get("eval_loss")
+        return (sign * e["val_metrics"][metric], loss if loss is not None else float("inf"), e["lr"])
+
+    return min(tried, key=rank)
+
+
+def _train(cfg, spec: dict, result: dict) -> dict | None:
+    """Train one config to its end, resuming from its latest checkpoint; its results.json metrics, or None
+    when interrupted. A run that already finished is not trained again."""
+    import tunelab
+    from tunelab.training import checkpoint as ckpt
+
+    run_dir = Path(cfg.output_dir)
+    if (run_dir / "final" / "tunelab.json").is_file() and (run_dir / "results.json").is_file():
+        return json.loads((run_dir / "results.json").read_text())
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is not None:
+        result["resumed_from_step"] = int(str(latest.name).rsplit("-", 1)[-1])
+    callbacks = []
+    stop_at = (spec.get("hooks") or {}).get("interrupt_at_step")
+    if stop_at and latest is None:  # testing aid: a Ctrl-C at this step of the first attempt
+
+        def _interrupt(step, record):
+            if step >= stop_at:
+                raise KeyboardInterrupt
+
+        callbacks.append(_interrupt)
+    run = tunelab.train(cfg, resume=latest is not None, callbacks=callbacks)
+    result["trained"] = True
+    if run.metrics.get("interrupted"):
+        result["train"] = _train_metrics(run.metrics)
+        result["status"], result["error"] = "interrupted", f"interrupted at step {run.metrics['steps']}"
+        return None
+    return run.metrics
 
 
 def _train_metrics(m: dict) -> dict:

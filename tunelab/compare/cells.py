@@ -12,10 +12,15 @@ The mapping (docs/compare.md):
   instruction       not applicable                           stage: sft on the train rows, dev rows as
                                                              validation; scored by response perplexity
 
-Every cell of a task sees the same rows: train and dev are seeded samples (`train_limit`, `dev_limit`,
-`training.seed`) drawn the same way for the head, the verbalizer and the TF-IDF baseline. For causal
-LMs the sampled rows are written once under `OUTPUT_DIR/data/` and named in `data.train` /
-`data.validation`.
+Every cell of a task sees the same rows. The task's train split is cut once, seeded, into a validation
+part (`val_limit` rows) and the train sample (`train_limit` rows, disjoint from it); the dev sample
+(`dev_limit`) is what every cell is scored on and nothing else ever reads. Validation rows give the
+eval loss, early stopping and the choice among learning rates (`training: {lr: [...]}`). The rows are
+written once under `OUTPUT_DIR/data/` (task rows, plus instruction rows for causal LMs) and named in
+each cell's config; the head, the verbalizer, the references and the TF-IDF baseline read the same files.
+
+`seeds: [0, 1, 2]` repeats each trained cell once per training seed; the rows stay the same (they are
+drawn with the task's own seed), so the cells of a task stay paired across seeds.
 
 A cell's key is a hash of its resolved config (minus output_dir and progress) and its eval spec, plus
 the content hash of any of your own data files: change anything that changes the result and the cell
@@ -47,7 +52,8 @@ _NOT_HASHED = (
     ("task", "dev_file"),
 )
 
-LOWER_IS_BETTER = {"perplexity", "loss", "eval_loss", "train_loss"}
+
+ZERO_SHOT = "zero-shot"
 
 
 @dataclass
@@ -64,10 +70,20 @@ class Cell:
     config: dict | None  # the resolved config (json-mode), None when not applicable / invalid
     eval: dict = field(default_factory=dict)
     note: str | None = None  # why not applicable, or the config error
+    seed: int | None = None  # the training seed (None for a zero-shot reference)
+    sweep: list[float] | None = None  # learning rates to choose among on the validation rows
+    role: str = "method"  # method | reference (zero-shot)
 
     @property
     def label(self) -> str:
-        return f"{self.model} × {self.method} × {self.task}"
+        seed = "" if self.seed is None else f" × seed {self.seed}"
+        return f"{self.model} × {self.method} × {self.task}{seed}"
+
+    @property
+    def folder(self) -> str:
+        """A readable folder name: model-method-task-seedN-<short key>."""
+        seed = "" if self.seed is None else f"-seed{self.seed}"
+        return f"{_safe(self.model, 30)}-{_safe(self.method, 24)}-{_safe(self.task, 24)}{seed}-{self.key[:8]}"
 
     def spec(self, cell_dir: Path, hooks: dict | None = None) -> dict:
         """What `python -m tunelab.compare.cell CELL.json` runs."""
@@ -77,6 +93,8 @@ class Cell:
             "cell_dir": str(cell_dir),
             "config": self.config,
             "eval": self.eval,
+            "sweep": self.sweep,
+            "zero_shot": self.role == "reference",
             "hooks": hooks or {},
         }
 
@@ -145,16 +163,65 @@ def task_object(t: TaskEntry):
     return Task(name=t.name, type=kind, labels=tuple(t.labels) if kind == "classification" else (), main_metric=main)
 
 
-def task_rows(t: TaskEntry, split: str, seed: int) -> list[dict]:
-    """The seeded sample of a task's split that every cell (and the baseline) of this grid uses."""
+def task_from_eval(ev: dict):
+    """The Task a cell is scored on, from its eval spec (a preset, or your own classes)."""
+    from tunelab.evaluation.tasks import Task, get_task
+
+    if ev.get("preset"):
+        return get_task(ev["preset"])
+    return Task(name=ev["fingerprint"]["name"], type=ev["type"], labels=tuple(ev["labels"]), main_metric=ev["main_metric"])
+
+
+def _split_rows(t: TaskEntry, split: str) -> list[dict]:
     from tunelab.evaluation.tasks import load_split, load_task_file
 
-    limit = t.train_limit if split == "train" else t.dev_limit
     own = t.train_file if split == "train" else t.dev_file
+    return load_task_file(task_object(t), own) if own else load_split(task_object(t), split)
+
+
+def val_size(t: TaskEntry, n_train_split: int) -> int:
+    """Validation rows carved from the train split: `val_limit`, or min(64, a fifth of the split)."""
+    if t.val_limit is not None:
+        return min(t.val_limit, max(n_train_split - 1, 0))
+    return min(64, n_train_split // 5)
+
+
+def task_splits(t: TaskEntry, seed: int) -> dict[str, list[dict]]:
+    """{"train", "val", "dev"}: the rows every cell, reference and baseline of this task uses.
+
+    One seeded permutation of the train split: its first `val_size` rows are the validation part, the
+    next `train_limit` the train sample, so the two never overlap and a larger train_limit only adds rows.
+    The dev sample is seeded too and is only ever scored.
+    """
+    import random
+
+    from tunelab.data.errors import DataError
+    from tunelab.evaluation.tasks import load_split, load_task_file
+
+    full = _split_rows(t, "train")
+    order = list(range(len(full)))
+    random.Random(seed).shuffle(order)
+    n_val = val_size(t, len(full))
+    rest = order[n_val:]
+    if t.train_limit is not None:
+        rest = rest[: t.train_limit]
+    if not rest:
+        raise DataError(f"task {t.shown!r}: no train rows left after {n_val} validation rows; lower val_limit")
     task = task_object(t)
-    if own:
-        return load_task_file(task, own, limit=limit, seed=seed)
-    return load_split(task, split, limit=limit, seed=seed)
+    dev = load_task_file(task, t.dev_file, limit=t.dev_limit, seed=seed) if t.dev_file else None
+    if dev is None:
+        dev = load_split(task, "dev", limit=t.dev_limit, seed=seed)
+    return {
+        "train": [full[i] for i in sorted(rest)],
+        "val": [full[i] for i in sorted(order[:n_val])],
+        "dev": dev,
+        "train_full": full,
+    }
+
+
+def task_rows(t: TaskEntry, split: str, seed: int) -> list[dict]:
+    """One of task_splits' parts ("train", "val", "dev", "train_full")."""
+    return task_splits(t, seed)[split]
 
 
 def task_fingerprint(t: TaskEntry, seed: int) -> dict:
@@ -168,29 +235,47 @@ def task_fingerprint(t: TaskEntry, seed: int) -> dict:
     return fp
 
 
-def _materialise(t: TaskEntry, seed: int, out: Path) -> tuple[str, str]:
-    """Write the task's sampled train / dev rows as SFT rows (instruction format) once; their paths."""
+def data_folder(t: TaskEntry, seed: int, out: Path) -> Path:
+    return out / "data" / f"{_safe(t.shown)}-{digest(task_fingerprint(t, seed), 10)}"
+
+
+def _materialise(t: TaskEntry, seed: int, out: Path) -> dict[str, str]:
+    """Write the task's rows once: {train,val,dev}.jsonl as task rows and, for classification, the same
+    train / val rows as instructions ({train,val}.sft.jsonl) for causal LMs. Returns name -> path."""
     from tunelab.evaluation.prompts import instruction_rows
 
-    fp = task_fingerprint(t, seed)
-    folder = out / "data" / f"{_safe(t.shown)}-{digest(fp, 10)}"
-    paths = (folder / "train.jsonl", folder / "dev.jsonl")
-    if all(p.is_file() for p in paths):
-        return str(paths[0].resolve()), str(paths[1].resolve())
+    folder = data_folder(t, seed, out)
+    paths = data_paths(folder)
+    if all(Path(p).is_file() for p in paths.values()):
+        return paths
     folder.mkdir(parents=True, exist_ok=True)
     task = task_object(t)
-    for split, path in zip(("train", "dev"), paths):
-        rows = task_rows(t, split, seed)
-        if task.type == "classification":
-            rows = instruction_rows(task, rows)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(path)
-    return str(paths[0].resolve()), str(paths[1].resolve())
+    splits = task_splits(t, seed)
+    for name in ("train", "val", "dev"):
+        _write_jsonl(Path(paths[name]), splits[name])
+        sft = instruction_rows(task, splits[name]) if task.type == "classification" else splits[name]
+        if name != "dev":
+            _write_jsonl(Path(paths[name + ".sft"]), sft)
+    return paths
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:40] or "x"
+def data_paths(folder: Path) -> dict[str, str]:
+    names = ("train", "val", "dev", "train.sft", "val.sft")
+    return {n: str((folder / f"{n}.jsonl").resolve()) for n in names}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _safe(name: str, n: int = 40) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:n] or "x"
 
 
 def seed_for(grid: Grid, t: TaskEntry) -> int:
@@ -200,10 +285,9 @@ def seed_for(grid: Grid, t: TaskEntry) -> int:
 
 # ------------------------------------------------------------------------------------ resolving
 def resolve_cells(grid: Grid, out: Path, materialise: bool = True) -> list[Cell]:
-    """Every cell of the grid, in models × methods × tasks order. Raises ConfigError for a grid whose
-    entries give an invalid config (naming the cell), so nothing runs on a grid with a typo."""
-    from tunelab.config import load_config
-
+    """Every cell of the grid: per task, a zero-shot reference per causal model, then models × methods
+    × seeds. Raises ConfigError for a grid whose entries give an invalid config (naming the cell), so
+    nothing runs on a grid with a typo."""
     kinds: dict[int, str | Exception] = {}
     for i, m in enumerate(grid.models):
         try:
@@ -212,32 +296,20 @@ def resolve_cells(grid: Grid, out: Path, materialise: bool = True) -> list[Cell]
             kinds[i] = e
     cells: list[Cell] = []
     errors: list[str] = []
-    for i, m in enumerate(grid.models):
-        for meth in grid.methods:
-            for t in grid.tasks:
-                kind = kinds[i]
-                cell = _resolve_one(grid, out, m, kind, meth, t, materialise)
-                if cell.config is not None:
-                    try:
-                        cfg = load_config(copy.deepcopy(cell.config))
-                        cell.config = cfg.model_dump(mode="json")
-                    except ConfigError as e:
-                        errors.append(f"cell {cell.label}:\n{e}")
-                        continue
-                    hashed = copy.deepcopy(cell.config)
-                    for path in _NOT_HASHED:
-                        _drop(hashed, path)
-                    ev = {k: v for k, v in cell.eval.items() if k not in ("train_file", "dev_file")}
-                    cell.key = digest({"config": hashed, "eval": ev})
-                    cell.config["output_dir"] = str(out / "cells" / cell.key / "run")
-                    cell.config["training"]["progress"] = False
-                else:
-                    cell.key = digest(
-                        {"model": m.name, "method": meth.model_dump(), "task": t.model_dump(), "note": cell.note}
-                    )
+    for t in grid.tasks:
+        for i, m in enumerate(grid.models):
+            if grid.zero_shot and kinds[i] == "causal" and task_object(t).type != "regression":
+                cell = _resolve_one(grid, out, m, kinds[i], None, t, None, materialise)
+                _finish(cell, out, errors)
                 cells.append(cell)
+            for meth in grid.methods:
+                for seed in grid.seeds or [None]:
+                    cell = _resolve_one(grid, out, m, kinds[i], meth, t, seed, materialise)
+                    _finish(cell, out, errors)
+                    cells.append(cell)
     if errors:
         raise ConfigError("grid: invalid cell config\n" + "\n".join(dict.fromkeys(errors)))
+    cells = [c for c in cells if c.key]
     seen: dict[str, Cell] = {}
     for c in cells:
         if c.key in seen:
@@ -249,24 +321,74 @@ def resolve_cells(grid: Grid, out: Path, materialise: bool = True) -> list[Cell]
     return cells
 
 
-def _resolve_one(grid, out, m: ModelEntry, kind, meth: MethodEntry, t: TaskEntry, materialise: bool) -> Cell:
+def _finish(cell: Cell, out: Path, errors: list[str]) -> None:
+    """Validate a cell's config (each learning rate of a sweep), then give it its key and run folder."""
+    from tunelab.config import load_config
+
+    if cell.config is None:
+        cell.key = digest({"model": cell.model_name, "method": cell.method, "task": cell.eval or cell.task,
+                           "seed": cell.seed, "note": cell.note})  # fmt: skip
+        return
+    try:
+        for lr in cell.sweep or [None]:
+            raw = copy.deepcopy(cell.config)
+            if lr is not None:
+                raw["training"]["lr"] = lr
+            cfg = load_config(raw)
+        cell.config = cfg.model_dump(mode="json")
+    except ConfigError as e:
+        errors.append(f"cell {cell.label}:\n{e}")
+        return
+    hashed = copy.deepcopy(cell.config)
+    for path in _NOT_HASHED:
+        _drop(hashed, path)
+    if cell.role == "reference":  # nothing trains: only the model and how it is scored matter
+        hashed = {"model": hashed["model"], "data": hashed.get("data"), "task": hashed.get("task")}
+    ev = {k: v for k, v in cell.eval.items() if k not in PATH_KEYS}
+    cell.key = digest({"config": hashed, "eval": ev, "sweep": cell.sweep, "role": cell.role})
+    cell.config["output_dir"] = str(out / "cells" / cell.folder / "run")
+    cell.config["training"]["progress"] = False
+
+
+# eval spec entries that say where files lie (their content is in the task fingerprint)
+PATH_KEYS = ("train_file", "dev_file", "rows")
+
+
+def _sweep(cfg: dict, label: str) -> list[float] | None:
+    """`training: {lr: [a, b, c]}` -> the sorted distinct learning rates (the config keeps the first)."""
+    lr = (cfg.get("training") or {}).get("lr")
+    if not isinstance(lr, list):
+        return None
+    if not lr or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in lr):
+        raise ConfigError(f"grid: {label}: training.lr must be a number or a list of positive numbers, got {lr!r}")
+    lrs = sorted({float(x) for x in lr})
+    cfg["training"]["lr"] = lrs[0]
+    return lrs if len(lrs) > 1 else None
+
+
+def _resolve_one(grid, out, m: ModelEntry, kind, meth: MethodEntry | None, t: TaskEntry, seed, materialise) -> Cell:
+    """One cell; `meth` None is the zero-shot reference of a causal model (nothing trains)."""
     task = task_object(t)
-    seed = seed_for(grid, t)
+    data_seed = seed_for(grid, t)
     base = Cell(
         key="",
         model=m.shown,
-        method=meth.shown,
+        method=meth.shown if meth else ZERO_SHOT,
         task=t.shown,
         model_name=m.name,
-        method_name=meth.name,
+        method_name=meth.name if meth else ZERO_SHOT,
         task_name=t.name,
         kind=kind if isinstance(kind, str) else "?",
         mode="n/a",
         config=None,
+        seed=seed,
+        role="method" if meth else "reference",
     )
     if isinstance(kind, Exception):
         base.note = f"model {m.name!r}: {type(kind).__name__}: {kind}"
         return base
+    folder = data_folder(t, data_seed, out)
+    paths = _materialise(t, data_seed, out) if materialise else data_paths(folder)
     ev = {
         "task": t.shown,
         "preset": task.name if t.is_preset else None,
@@ -274,25 +396,21 @@ def _resolve_one(grid, out, m: ModelEntry, kind, meth: MethodEntry, t: TaskEntry
         "labels": list(task.labels),
         "main_metric": task.main_metric,
         "dev_limit": t.dev_limit,
-        "seed": seed,
-        "fingerprint": task_fingerprint(t, seed),
-        # where your own files lie (not hashed: the fingerprint holds their content hash)
-        "train_file": str(Path(t.train_file).expanduser().resolve()) if t.train_file else None,
-        "dev_file": str(Path(t.dev_file).expanduser().resolve()) if t.dev_file else None,
+        "seed": data_seed,
+        "fingerprint": task_fingerprint(t, data_seed),
+        # where the rows lie (not hashed: the fingerprint decides them)
+        "rows": {"train": paths["train"], "val": paths["val"], "dev": paths["dev"]},
     }
     cfg: dict = deep_merge({}, grid.base)
     if kind == "encoder":
         if task.type == "instruction":
             base.note = "not applicable: an encoder has no LM head for instruction tasks"
             return base
-        section = {"train_limit": t.train_limit, "dev_limit": t.dev_limit}
-        if t.is_preset:
-            section["name"] = task.name
-        else:
-            section.update(name=None, type=task.type, labels=list(t.labels))
-        if t.train_file:
-            section["train_file"] = str(Path(t.train_file).expanduser().resolve())
-            section["dev_file"] = str(Path(t.dev_file).expanduser().resolve())
+        # the stage trains on the train sample and validates on the validation rows; the dev rows are
+        # scored by the cell afterwards (tunelab/compare/cell.py), never seen in training
+        section = {"name": task.name if t.is_preset else None, "train_file": paths["train"], "dev_file": paths["val"]}
+        if not t.is_preset:
+            section.update(type=task.type, labels=list(t.labels))
         if t.max_length:
             section["max_length"] = t.max_length
         cfg = deep_merge(cfg, {"stage": "classification", "task": section})
@@ -301,20 +419,23 @@ def _resolve_one(grid, out, m: ModelEntry, kind, meth: MethodEntry, t: TaskEntry
         if task.type == "regression":
             base.note = "not applicable: a causal LM is scored with a verbalizer, which has no regression form"
             return base
-        if materialise:
-            train_file, dev_file = _materialise(t, seed, out)
-        else:  # the paths only (tests / --only-report)
-            folder = out / "data" / f"{_safe(t.shown)}-{digest(task_fingerprint(t, seed), 10)}"
-            train_file, dev_file = str((folder / "train.jsonl").resolve()), str((folder / "dev.jsonl").resolve())
-        data = {"train": train_file, "validation": dev_file, "format": "instruction"}
+        data = {"train": paths["train.sft"], "validation": paths["val.sft"], "format": "instruction"}
         if t.max_length:
             data["max_length"] = t.max_length
         cfg = deep_merge(cfg, {"stage": "sft", "data": data})
         mode = "verbalizer" if task.type == "classification" else "perplexity"
-    for entry in (t, m, meth):
+    for entry in (t, m, meth) if meth else (t, m):
         cfg = deep_merge(cfg, entry.overrides())
     cfg = deep_merge(cfg, {"model": {"name": m.name}})
-    cfg["method"] = {"name": meth.name, **meth.settings()}
+    cfg["method"] = {"name": meth.name, **meth.settings()} if meth else {"name": "full"}
+    cfg.setdefault("training", {})
+    if meth is None:
+        cfg["training"]["lr"] = 1e-5  # a placeholder: the zero-shot reference trains nothing
+    elif seed is not None:
+        cfg["training"]["seed"] = seed
+    else:  # no `seeds:` list: the seed the merged config gives (default 42)
+        base.seed = int(cfg["training"].get("seed", 42))
+    base.sweep = _sweep(cfg, base.label)
     ev["mode"] = mode
     base.mode, base.eval, base.config = mode, ev, cfg
     return base

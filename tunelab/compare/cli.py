@@ -35,7 +35,6 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
 
 
 def cmd_compare(args) -> int:
-    from tunelab.compare.report import recommendations_text
     from tunelab.compare.run import run_grid
 
     result = run_grid(
@@ -49,8 +48,7 @@ def cmd_compare(args) -> int:
     print()
     print(result.markdown)
     print()
-    for line in recommendations_text(result.rows, list(dict.fromkeys(r["task"] for r in result.rows))):
-        print(line)
+    print(result.summary)
     print(
         f"\n{result.trained_now} cells run now, {result.skipped} reused, {result.failed} failed"
         + (f", {result.not_applicable} not applicable" if result.not_applicable else "")

@@ -101,7 +101,15 @@ class TaskEntry(_Entry):
     train_file: str | None = Field(None, description="Your own train file (text, text_pair, label / alpaca rows).")
     dev_file: str | None = Field(None, description="Your own dev file (same columns).")
     train_limit: int | None = Field(None, ge=1, description="Train on a seeded sample of at most this many rows.")
-    dev_limit: int | None = Field(None, ge=1, description="Score on a seeded sample of at most this many dev rows.")
+    val_limit: int | None = Field(
+        None,
+        ge=1,
+        description="Validation rows carved from the train split, disjoint from the train sample: eval loss, early "
+        "stopping and the choice among learning rates (default: min(64, a fifth of the train split)).",
+    )
+    dev_limit: int | None = Field(
+        None, ge=1, description="Score on a seeded sample of at most this many dev rows (nothing else reads them)."
+    )
     max_length: int | None = Field(None, ge=8, description="Tokens per example (task.max_length and data.max_length).")
 
     @model_validator(mode="after")
@@ -160,7 +168,27 @@ class Grid(BaseModel):
     methods: list[MethodEntry] = Field(min_length=1)
     tasks: list[TaskEntry] = Field(min_length=1)
     base: dict[str, Any] = Field(default_factory=dict, description="A partial tunelab config for every cell.")
-    baselines: list[Literal["tfidf"]] = Field(default_factory=list, description="Classical baselines per task.")
+    baselines: list[Literal["tfidf"]] = Field(
+        default_factory=list,
+        description="Classical baselines per task: tfidf = TF-IDF + logistic regression (Ridge for regression), "
+        "fitted on the grid's train sample and on the whole train split.",
+    )
+    seeds: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="Training seeds: each trained cell runs once per seed (same rows); tables show mean ± sd. "
+        "Default: the config's training.seed.",
+    )
+    zero_shot: bool = Field(
+        True, description="Score every causal model untrained on each task (the zero-shot reference)."
+    )
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v):
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"seeds repeat a value: {v}")
+        return v
 
     @field_validator("models", mode="before")
     @classmethod

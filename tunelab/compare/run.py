@@ -26,9 +26,18 @@ class GridResult:
     interrupted: bool = False
     report: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    analyses: dict[str, dict] = field(default_factory=dict)  # task -> compare.analysis.analyse(...)
+
+    @property
+    def summary(self) -> str:
+        """Per task: what the numbers support and the per-method table (Markdown)."""
+        from tunelab.compare.report import markdown_summary
+
+        return markdown_summary(self.analyses)
 
     @property
     def markdown(self) -> str:
+        """Every row (Markdown)."""
         return markdown_table(self.rows)
 
 
@@ -60,11 +69,12 @@ def run_grid(
     store = Store(out / "results.db")
     result = GridResult(output_dir=out, rows=[])
     try:
-        pending = _register(store, cells, retry_failed, result)
-        baseline_keys = _baselines(store, g, log, run=not only_report)
+        pending = _register(store, cells, retry_failed, result, out)
+        baseline_keys = _references(store, g, out, log, run=not only_report)
         if only_report:
             pending = []
-        specs = [c.spec(out / "cells" / c.key, cell_hooks) for c in pending]
+        dirs = {c.key: Path(store.get(c.key)["cell_dir"]) for c in pending}
+        specs = [c.spec(dirs[c.key], cell_hooks) for c in pending]
         by_key = {c.key: c for c in pending}
         total = len(specs)
         if total:
@@ -97,10 +107,13 @@ def run_grid(
         result.rows = rows
         result.failed = sum(r["status"] == "failed" for r in rows)
         result.not_applicable = sum(r["status"] == "n/a" for r in rows)
-        result.files = write_exports(rows, out)
-        from tunelab.compare.report import write_report
+        from tunelab.compare.report import analyse_grid, with_intervals, write_report
 
-        result.report = write_report(rows, out, g)
+        rows = with_intervals(rows, g)
+        result.rows = rows
+        result.analyses = analyse_grid(rows, g)
+        result.files = write_exports(rows, out, result.summary)
+        result.report = write_report(rows, out, g, result.analyses)
         result.files["html"] = result.report
         result.files["db"] = out / "results.db"
     finally:
@@ -108,7 +121,7 @@ def run_grid(
     return result
 
 
-def _register(store: Store, cells: list[Cell], retry_failed: bool, result: GridResult) -> list[Cell]:
+def _register(store: Store, cells: list[Cell], retry_failed: bool, result: GridResult, out: Path) -> list[Cell]:
     """Record every cell's identity; return those that must run (new, unfinished, or failed + retry)."""
     pending = []
     for c in cells:
@@ -121,11 +134,15 @@ def _register(store: Store, cells: list[Cell], retry_failed: bool, result: GridR
             task_name=c.task_name,
             kind=c.kind,
             mode=c.mode,
+            role=c.role,
+            seed=c.seed,
             main_metric=c.eval.get("main_metric"),
             config_json=c.config,
             eval_json=c.eval,
         )
         row = store.get(c.key)
+        # the folder a cell was first given stays its folder (a renamed label does not orphan its run)
+        ident["cell_dir"] = (row or {}).get("cell_dir") or str(out / "cells" / c.folder)
         if c.config is None:  # not applicable, or the model could not be read
             status = "n/a" if (c.note or "").startswith("not applicable") else "failed"
             store.upsert(c.key, status=status, error=c.note, **ident)
@@ -142,51 +159,48 @@ def _register(store: Store, cells: list[Cell], retry_failed: bool, result: GridR
     return pending
 
 
-def _baselines(store: Store, g: Grid, log, run: bool) -> list[str]:
+def _references(store: Store, g: Grid, out: Path, log, run: bool) -> list[str]:
+    """Majority class (and, with `baselines: [tfidf]`, TF-IDF on the sample and on the whole train split)
+    for every classification / regression task: fitted here, in a moment each."""
     from tunelab.compare import baselines as B
+    from tunelab.compare.cells import seed_for
 
     keys = []
-    for kind in g.baselines:
-        for t in g.tasks:
-            if t.task_type not in ("classification", "regression"):
-                continue
-            key = B.baseline_key(kind, g, t)
+    for t in g.tasks:
+        if t.task_type not in ("classification", "regression"):
+            continue
+        for kind in B.references_for(g):
+            key = B.reference_key(kind, g, t)
             keys.append(key)
             row = store.get(key)
-            ident = dict(
-                model="tfidf-logreg" if t.task_type == "classification" else "tfidf-ridge",
-                method=kind,
-                task=t.shown,
-                model_name=kind,
-                method_name=kind,
-                task_name=t.name,
-                kind="baseline",
-                mode=kind,
-            )
-            if row is not None and row["status"] == "done":
+            folder = B.reference_dir(out, kind, t, key)
+            ident = dict(model=B.shown_model(kind, t), method=kind, task=t.shown, model_name=kind, method_name=kind,
+                         task_name=t.name, kind="baseline", mode=kind, role="reference", cell_dir=str(folder),
+                         eval_json={"seed": seed_for(g, t)})  # fmt: skip
+            if row is not None and row["status"] == "done" and (folder / "predictions.jsonl").is_file():
                 store.upsert(key, **ident)
                 continue
             if not run:
                 continue
             main = B.task_object(t).main_metric
             try:
-                res = B.tfidf(g, t)
+                res = B.run_reference(kind, g, t, folder)
             except Exception as e:  # noqa: BLE001 - recorded like a failed cell
                 res = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
             store.upsert(key, **ident, **result_values(res, main))
             value = (res.get("metrics") or {}).get(main)
             log(
-                f"[compare] baseline {kind} × {t.shown}: {res['status']}"
-                + (f"  {main}={fmt(value)}" if value is not None else f"  {res.get('error')}")
+                f"[compare] reference {kind} × {t.shown}: {res['status']}"
+                + (f"  {main}={fmt(value)} on {res['n']} rows" if value is not None else f"  {res.get('error')}")
             )
     return keys
 
 
 def _with_baselines(rows: list[dict], baselines: list[dict], tasks: list[str]) -> list[dict]:
-    """Task by task (grid order), each task's cells in model × method order, then its baselines."""
+    """Task by task (grid order): its references, then its cells (zero-shot, then model × method × seed)."""
     out = []
     for t in tasks:
-        out += [r for r in rows if r["task"] == t] + [b for b in baselines if b["task"] == t]
+        out += [b for b in baselines if b["task"] == t] + [r for r in rows if r["task"] == t]
     return out
 
 

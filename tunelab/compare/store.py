@@ -22,11 +22,14 @@ COLUMNS = {  # name -> SQL type; *_json columns hold JSON text
     "method_name": "TEXT",
     "task_name": "TEXT",
     "kind": "TEXT",  # causal | encoder | baseline
+    "role": "TEXT",  # method | reference (majority, tfidf, tfidf-full, zero-shot)
+    "seed": "INTEGER",  # training seed (None for references)
     "mode": "TEXT",  # head | verbalizer | perplexity | tfidf | n/a
     "status": "TEXT",  # pending | running | done | failed | interrupted | n/a
     "error": "TEXT",
     "main_metric": "TEXT",
     "main_value": "REAL",
+    "n": "INTEGER",  # dev rows scored
     "metrics_json": "TEXT",
     "train_json": "TEXT",
     "trainable_params": "INTEGER",
@@ -42,6 +45,10 @@ COLUMNS = {  # name -> SQL type; *_json columns hold JSON text
     "eval_loss": "REAL",
     "attempts": "INTEGER",
     "resumed_from_step": "INTEGER",
+    "cell_dir": "TEXT",  # the cell's folder (predictions.jsonl, result.json, log.txt)
+    "run_dir": "TEXT",  # the run that was scored
+    "chosen_lr": "REAL",  # the learning rate a sweep chose on the validation rows
+    "sweep_json": "TEXT",
     "config_json": "TEXT",
     "eval_json": "TEXT",
     "curve_json": "TEXT",
@@ -56,6 +63,12 @@ EXPORT = [
     "status",
     "main_metric",
     "main_value",
+    "ci_low",
+    "ci_high",
+    "n",
+    "seed",
+    "role",
+    "chosen_lr",
     "metrics",
     "trainable_params",
     "total_params",
@@ -71,6 +84,8 @@ EXPORT = [
     "error",
     "kind",
     "mode",
+    "cell_dir",
+    "run_dir",
     "key",
 ]
 METRIC_ORDER = ["accuracy", "f1", "precision", "recall", "mcc", "pearson", "spearman", "perplexity", "loss"]
@@ -142,6 +157,7 @@ def result_values(result: dict, main_metric: str | None) -> dict:
         "error": result.get("error"),
         "main_metric": main_metric,
         "main_value": metrics.get(main_metric) if main_metric else None,
+        "n": result.get("n"),
         "metrics_json": metrics,
         "train_json": train,
         "trainable_params": trainable,
@@ -158,6 +174,9 @@ def result_values(result: dict, main_metric: str | None) -> dict:
         "attempts": result.get("attempt"),
         "resumed_from_step": result.get("resumed_from_step"),
         "curve_json": result.get("curve"),
+        "run_dir": result.get("run_dir"),
+        "chosen_lr": (result.get("chosen") or {}).get("lr"),
+        "sweep_json": result.get("sweep"),
     }
 
 
@@ -166,8 +185,8 @@ def export_rows(rows: list[dict]) -> list[dict]:
     return [{k: r.get(k) for k in EXPORT} for r in rows]
 
 
-def write_exports(rows: list[dict], out: Path) -> dict[str, Path]:
-    """results.csv, results.json, results.md in `out`; returns their paths."""
+def write_exports(rows: list[dict], out: Path, summary: str = "") -> dict[str, Path]:
+    """results.csv, results.json, results.md (`summary`, then every row) in `out`; returns their paths."""
     data = export_rows(rows)
     paths = {"csv": out / "results.csv", "json": out / "results.json", "md": out / "results.md"}
     buf = io.StringIO()
@@ -177,7 +196,7 @@ def write_exports(rows: list[dict], out: Path) -> dict[str, Path]:
         w.writerow({k: json.dumps(v) if k == "metrics" else ("" if v is None else v) for k, v in r.items()})
     _atomic(paths["csv"], buf.getvalue())
     _atomic(paths["json"], json.dumps(data, indent=2, default=str) + "\n")
-    _atomic(paths["md"], markdown_table(rows) + "\n")
+    _atomic(paths["md"], (summary + "\n## Every row\n\n" if summary else "") + markdown_table(rows) + "\n")
     return paths
 
 
@@ -224,28 +243,39 @@ def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         "Model",
         "Method",
         "Task",
+        "Seed",
         "Status",
+        "n",
         *metrics,
+        "95% CI",
+        "lr",
         "Train loss",
-        "Eval loss",
+        "Val loss",
         "Trainable",
         "Trainable %",
         "Peak MB",
         "Tokens/s",
         "Saved MB",
         "Time",
+        "Folder",
     ]
     body = []
     for r in rows:
         m = r.get("metrics") or {}
-        status = r.get("status") or ""
+        ci = f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]" if r.get("ci_low") is not None else "—"
+        lr = r.get("chosen_lr") or ((r.get("config_json") or {}).get("training") or {}).get("lr")
+        trains = r.get("role") != "reference"
         body.append(
             [
                 r.get("model") or "",
                 r.get("method") or "",
                 r.get("task") or "",
-                status,
+                "—" if r.get("seed") is None else str(r["seed"]),
+                r.get("status") or "",
+                "—" if r.get("n") is None else str(r["n"]),
                 *[fmt(m.get(k)) for k in metrics],
+                ci,
+                (f"{lr:g}" + (" (chosen)" if r.get("chosen_lr") else "")) if lr and trains else "—",
                 fmt(r.get("train_loss")),
                 fmt(r.get("eval_loss")),
                 fmt_params(r.get("trainable_params")),
@@ -254,6 +284,7 @@ def table_cells(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                 fmt(r.get("tokens_per_s"), 0),
                 fmt(r.get("size_mb"), 2),
                 fmt_time(r.get("wall_s")),
+                Path(r["cell_dir"]).name if r.get("cell_dir") else "",
             ]
         )
     return header, body

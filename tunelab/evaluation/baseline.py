@@ -45,30 +45,52 @@ def tfidf_baseline(task: str, train_limit: int | None = None, seed: int = 0, C: 
 
 def fit_and_score(spec, train: list[dict], dev: list[dict], C: float = 1.0, seed: int = 0) -> tuple[dict, int]:
     """TF-IDF features, then logistic regression (classification) or ridge (regression): (dev metrics, #coefficients)."""
-    import numpy as np
+    from tunelab.evaluation.predictions import prediction_metrics
 
-    from tunelab.evaluation import metrics
+    predictions, n_params = fit_and_predict(spec, train, dev, C=C, seed=seed)
+    return prediction_metrics(spec, predictions), n_params
+
+
+def fit_and_predict(spec, train: list[dict], dev: list[dict], C: float = 1.0, seed: int = 0) -> tuple[list[dict], int]:
+    """As fit_and_score, but one prediction per dev row (the format of tunelab.evaluation.predictions:
+    index, label, prediction and, for classes, their log-probabilities) and the number of coefficients."""
+    import numpy as np
 
     if spec.type == "classification" and len({r["label"] for r in train}) < 2:
         raise DataError(f"{spec.name}: the training sample has a single class; use a larger train_limit.")
     featurize = _features(spec.is_pair or any(r.get("text_pair") for r in train))
     x_train, x_dev = featurize(train, fit=True), featurize(dev, fit=False)
     y_train = np.asarray([r["label"] for r in train])
-    y_dev = [r["label"] for r in dev]
     if spec.type == "regression":
         from sklearn.linear_model import Ridge
 
         model = Ridge(alpha=1.0).fit(x_train, y_train.astype(float))
         preds = model.predict(x_dev).tolist()
-        return {"pearson": metrics.pearson(preds, y_dev), "spearman": metrics.spearman(preds, y_dev)}, int(
-            model.coef_.size + 1
-        )
+        rows = [{"index": i, "label": float(r["label"]), "prediction": p} for i, (r, p) in enumerate(zip(dev, preds))]
+        return rows, int(model.coef_.size + 1)
     from sklearn.linear_model import LogisticRegression
 
     model = LogisticRegression(C=C, max_iter=1000, solver="liblinear", random_state=seed).fit(x_train, y_train)
-    preds = model.predict(x_dev).tolist()
-    n_params = int(model.coef_.size + model.intercept_.size)
-    return metrics.classification_metrics(preds, y_dev, num_labels=len(spec.labels)), n_params
+    logp = np.full((len(dev), len(spec.labels)), -1e30)  # finite: JSON has no -inf
+    logp[:, model.classes_] = model.predict_log_proba(x_dev)  # classes absent from train get no mass
+    rows = [
+        {"index": i, "label": int(r["label"]), "prediction": int(np.argmax(lp)), "scores": lp.tolist()}
+        for i, (r, lp) in enumerate(zip(dev, logp))
+    ]
+    return rows, int(model.coef_.size + model.intercept_.size)
+
+
+def majority_predictions(spec, train: list[dict], dev: list[dict]) -> list[dict]:
+    """The reference every classifier must beat: the train sample's most frequent class (ties: the lowest
+    id) for every dev row; for regression the train sample's mean score."""
+    from collections import Counter
+
+    if spec.type == "regression":
+        mean = sum(float(r["label"]) for r in train) / len(train)
+        return [{"index": i, "label": float(r["label"]), "prediction": mean} for i, r in enumerate(dev)]
+    counts = Counter(int(r["label"]) for r in train)
+    top = min(counts, key=lambda c: (-counts[c], c))
+    return [{"index": i, "label": int(r["label"]), "prediction": top} for i, r in enumerate(dev)]
 
 
 def _supported() -> list[str]:
