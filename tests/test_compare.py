@@ -299,3 +299,77 @@ def test_report_screenshot_is_not_blank(grid_run, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["std"] >= shot.MIN_STD
+
+
+def test_predictions_recompute_every_metric_of_the_table(grid_run):
+    """Each cell's and reference's predictions.jsonl gives back its table metrics exactly, on the dev rows."""
+    from tunelab.compare.cells import read_jsonl, task_object
+    from tunelab.evaluation.predictions import prediction_metrics, read_predictions
+
+    _, second, _, grid = grid_run
+    g = load_grid(grid)
+    tasks = {t.shown: task_object(t) for t in g.tasks}
+    dev = {t.shown: read_jsonl(next((second.output_dir / "data").glob(f"{t.shown}-*/dev.jsonl"))) for t in g.tasks}
+    for r in second.rows:
+        preds = read_predictions(Path(r["cell_dir"]) / "predictions.jsonl")
+        assert len(preds) == r["n"] == 12
+        assert [p["index"] for p in preds] == list(range(12))
+        assert [p["label"] for p in preds] == [d["label"] for d in dev[r["task"]]]
+        assert prediction_metrics(tasks[r["task"]], preds) == r["metrics"], (r["model"], r["method"])
+        assert r["ci_low"] <= r["main_value"] <= r["ci_high"]
+
+
+def test_lr_choice_never_reads_the_scored_rows(assets, tmp_path):
+    """Two learning rates chosen on validation rows: poisoning the dev rows' labels changes the score, not the choice."""
+    rows = [json.loads(line) for line in (assets / "reviews-dev.jsonl").read_text().splitlines()]
+    poisoned = tmp_path / "reviews-dev-poisoned.jsonl"
+    poisoned.write_text("".join(json.dumps({**r, "label": 1 - r["label"]}) + "\n" for r in rows))
+
+    def grid(out, dev_file):
+        g = grid_for(assets, out, models=[{"name": str(assets / "bert"), "label": "bert"}], baselines=[],
+                     methods=[{"name": "full", "training": {"lr": [1e-5, 2e-3], "max_steps": 4}}])  # fmt: skip
+        g["tasks"] = [{**g["tasks"][0], "dev_file": str(dev_file), "val_limit": 8}]
+        return g
+
+    clean = cells_of(run_grid(grid(tmp_path / "clean", assets / "reviews-dev.jsonl"), **QUIET))[0]
+    bad = cells_of(run_grid(grid(tmp_path / "poisoned", poisoned), **QUIET))[0]
+    assert clean["status"] == bad["status"] == "done"
+    assert clean["chosen_lr"] == bad["chosen_lr"] and clean["chosen_lr"] in (1e-5, 2e-3)
+    assert [s["val_metrics"] for s in clean["sweep_json"]] == [s["val_metrics"] for s in bad["sweep_json"]]
+    assert [s["lr"] for s in clean["sweep_json"]] == [1e-5, 2e-3]
+    assert bad["main_value"] == pytest.approx(1 - clean["main_value"])  # the same model, scored on flipped labels
+    # each learning rate trained its own run; the chosen one is the one scored
+    runs = sorted(p.name for p in Path(clean["cell_dir"]).iterdir() if p.name.startswith("run-lr"))
+    assert runs == ["run-lr0.002", "run-lr1e-05"] and clean["run_dir"].endswith(f"run-lr{clean['chosen_lr']:g}")
+
+
+def test_seeds_repeat_each_cell_and_the_report_averages_them(assets, tmp_path):
+    g = grid_for(assets, tmp_path / "seeds", models=[{"name": str(assets / "bert"), "label": "bert"}], baselines=[],
+                 methods=["bitfit", {"name": "full", "training": {"lr": 1e-3}}], seeds=[0, 1])  # fmt: skip
+    g["tasks"] = g["tasks"][:1]
+    result = run_grid(g, **QUIET)
+    cells = cells_of(result)
+    assert sorted((c["method"], c["seed"]) for c in cells) == [("bitfit", 0), ("bitfit", 1), ("full", 0), ("full", 1)]
+    assert all(c["config_json"]["training"]["seed"] == c["seed"] for c in cells)
+    full = [c for c in cells if c["method"] == "full"]
+    assert full[0]["train_loss"] != full[1]["train_loss"]  # another seed, another training
+    a = result.analyses["reviews"]
+    group = next(x for x in a["methods"] if x.method == "full")
+    assert len(group.rows) == 2 and group.sd is not None and group.n == 12
+    assert group.mean == pytest.approx(sum(c["main_value"] for c in full) / 2)
+    assert set(a["seed_orders"]) == {0, 1}
+    assert "over 2 seeds" in (tmp_path / "seeds" / "results.md").read_text()
+
+
+def test_tunelab_config_validates_a_grid_file(assets, tmp_path, capsys):
+    from tunelab.cli import main
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid_for(assets, tmp_path / "never"), sort_keys=False))
+    assert main(["config", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "grid OK: 14 cells" in text and "llama × zero-shot × reviews" in text and "majority" in text
+    assert not (tmp_path / "never").exists()  # validated, nothing run or written
+    path.write_text(yaml.safe_dump(grid_for(assets, tmp_path / "never", methods=[{"name": "lora", "rank": 8}])))
+    assert main(["config", str(path)]) == 2
+    assert "unknown key 'rank' for method 'lora'" in capsys.readouterr().err

@@ -124,8 +124,26 @@ def cmd_methods(args) -> int:
 def cmd_config(args) -> int:
     from tunelab.config import dump_config, load_config
 
+    if args.config and _is_grid(args.config):
+        from tunelab.compare.run import describe_grid
+
+        if args.set:
+            raise SystemExit("tunelab config: --set applies to a run config, not to a compare grid")
+        print(describe_grid(args.config))
+        return 0
     print(dump_config(load_config(args.config, args.set)), end="")
     return 0
+
+
+def _is_grid(path: str) -> bool:
+    """A `tunelab compare` grid file (models / methods / tasks lists) rather than a run config."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(open(path, encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False  # load_config gives the clear error
+    return isinstance(raw, dict) and any(k in raw for k in ("models", "methods", "tasks"))
 
 
 def cmd_baseline(args) -> int:
@@ -240,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--json", action="store_true")
     me.set_defaults(fn=cmd_methods)
 
-    c = sub.add_parser("config", help="print a config with every default filled in (validates it)")
+    c = sub.add_parser("config", help="print a config with every default filled in (validates it); a compare grid: "
+                       "validate it and list its cells")
     c.add_argument("config", nargs="?")
     c.add_argument("--set", action="append", metavar="KEY=VALUE")
     c.set_defaults(fn=cmd_config)

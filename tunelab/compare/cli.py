@@ -30,6 +30,12 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
         "--only-report", action="store_true", help="run nothing; rewrite the tables and report from results.db"
     )
     c.add_argument("--retry-failed", action="store_true", help="also run again the cells that failed")
+    c.add_argument(
+        "--seeds",
+        type=lambda v: [int(x) for x in v.split(",") if x.strip()],
+        metavar="S1,S2",
+        help="training seeds, replacing the grid's `seeds:` (each trained cell runs once per seed, same rows)",
+    )
     c.set_defaults(fn=cmd_compare)
     return c
 
@@ -44,6 +50,7 @@ def cmd_compare(args) -> int:
         only_report=args.only_report,
         retry_failed=args.retry_failed,
         start_method=args.start_method,
+        seeds=args.seeds,
     )
     print()
     print(result.markdown)

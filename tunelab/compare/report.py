@@ -100,8 +100,10 @@ def statements(a: dict) -> list[str]:
     ref = a.get("reference")
     if ref is not None:
         gain, p = a["reference_gain"], a["reference_p"]
-        sig = _num(p) and p < A.ALPHA and gain > 0
-        verdict = "significant" if sig else "not significant: no better than this reference within noise"
+        if _num(p) and p < A.ALPHA:
+            verdict = "significant" if gain > 0 else "significantly worse than this reference"
+        else:
+            verdict = "not significant: no better than this reference within noise"
         out.append(
             f"Strongest reference: {ref.name} = {_score(ref)}. {pick.name} gains {gain:+.4f} "
             f"{_ci(a['reference_gain_ci'])} over it ({_p(p)}, {verdict})."

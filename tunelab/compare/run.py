@@ -51,18 +51,21 @@ def run_grid(
     on_cell: Callable[[dict, dict], None] | None = None,
     cell_hooks: dict | None = None,
     log: Callable[[str], None] | None = None,
+    seeds: list[int] | None = None,
 ) -> GridResult:
     """Run a comparison grid (YAML path, dict or Grid) and write results.db, results.{csv,json,md}, report.html.
 
     Finished cells (same key) are reused; an interrupted cell resumes from its checkpoint; a failed cell is
     kept as failed unless `retry_failed`. `on_cell(row, result)` is called after each cell (raise
     KeyboardInterrupt there to stop the grid as Ctrl-C would); `cell_hooks` are testing aids passed to
-    every cell (`interrupt_at_step`, `fail_scoring`).
+    every cell (`interrupt_at_step`, `fail_scoring`). `seeds` replaces the grid's `seeds:` list.
     """
     from tunelab.compare.executors import executor_for
 
     log = log or (lambda msg: print(msg, flush=True))
     g = grid if isinstance(grid, Grid) else load_grid(grid)
+    if seeds:
+        g = Grid.model_validate({**g.model_dump(), "seeds": list(seeds)})
     out = Path(g.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cells = resolve_cells(g, out, materialise=not only_report)
@@ -119,6 +122,22 @@ def run_grid(
     finally:
         store.close()
     return result
+
+
+def describe_grid(grid: str | Path | dict | Grid) -> str:
+    """Validate a grid (every cell's config included) without running or writing anything; its cells, one a line."""
+    g = grid if isinstance(grid, Grid) else load_grid(grid)
+    cells = resolve_cells(g, Path(g.output_dir), materialise=False)
+    lines = [f"grid OK: {len(cells)} cells in {g.output_dir}"]
+    for c in cells:
+        what = c.note if c.config is None else c.mode
+        lr = "" if c.config is None else f"  lr {c.sweep or c.config['training']['lr']}"
+        lines.append(f"  {c.label}: {what}{lr}  -> cells/{c.folder}")
+    from tunelab.compare.baselines import references_for
+
+    refs = references_for(g)
+    lines.append(f"  references per classification / regression task: {', '.join(refs)}")
+    return "\n".join(lines)
 
 
 def _register(store: Store, cells: list[Cell], retry_failed: bool, result: GridResult, out: Path) -> list[Cell]:
