@@ -124,3 +124,142 @@ def test_evaluate_returns_predictions_whose_metrics_are_the_result(tok, tmp_path
     assert P.prediction_metrics(task, result["predictions"]) == result["metrics"]
     plain = runner.evaluate(model, "custom", device="cpu", batch_size=2, progress=False)
     assert "predictions" not in plain and plain["metrics"] == result["metrics"]
+
+
+# ------------------------------------------------------------------ shared prefix (verbalizer scoring)
+# the instruction puts the same ~40 tokens (question, "Text:") before every row's text
+LONG_ROWS = ROWS + [
+    {"text": t, "text_pair": None, "label": i % 2}
+    for i, t in enumerate(["Paris is the capital of France, the quick brown fox", "Guten Morgen", "sleep enough"])
+]
+
+
+def _tiny_mistral(vocab_size, sliding_window):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=sliding_window,
+        initializer_range=0.1,
+        pad_token_id=0,
+    )
+    return MistralForCausalLM(cfg).eval()
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    # init_lora_weights=False: a random B, so the adapter changes the outputs (the default starts at zero)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(model, cfg).eval()
+
+
+def _prompt_learning(name):
+    from tunelab.methods import get
+
+    def wrap(model):
+        mod = get(name)
+        return mod.apply(model, mod.Config(num_virtual_tokens=5)).eval()
+
+    return wrap
+
+
+def _both_paths(monkeypatch, model, tok, rows, batch_size=3):
+    """(predictions with the shared prefix, the prefixes SharedPrefix.of built, predictions without)."""
+    from tunelab.methods.verbalizer import SharedPrefix
+
+    built = []
+    of = SharedPrefix.of.__func__
+
+    def spy(cls, *a):
+        built.append(of(cls, *a))
+        return built[-1]
+
+    monkeypatch.setattr(SharedPrefix, "of", classmethod(spy))
+    shared = P.verbalizer_predictions(model, tok, TASK, rows, CPU, batch_size=batch_size, progress=False)
+    monkeypatch.setattr(P, "SHARE_PREFIX", False)
+    whole = P.verbalizer_predictions(model, tok, TASK, rows, CPU, batch_size=batch_size, progress=False)
+    monkeypatch.setattr(P, "SHARE_PREFIX", True)
+    return shared, built, whole
+
+
+def _assert_same(shared, whole):
+    assert [p["index"] for p in shared] == [p["index"] for p in whole]
+    assert [p["prediction"] for p in shared] == [p["prediction"] for p in whole]
+    for a, b in zip(shared, whole):
+        assert a["label"] == b["label"]
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda tok: tiny_llama(len(tok)),
+        lambda tok: _lora(tiny_llama(len(tok))),
+        # a sliding window (16) shorter than the prefix: the cache keeps only the window's last keys
+        lambda tok: _tiny_mistral(len(tok), sliding_window=16),
+    ],
+    ids=["llama", "lora", "mistral-sliding-window"],
+)
+def test_shared_prefix_scores_equal_whole_prompts(tok, monkeypatch, make):
+    shared, built, whole = _both_paths(monkeypatch, make(tok), tok, LONG_ROWS)
+    assert len(built) == 1 and built[0] is not None and built[0].length >= P.MIN_SHARED_PREFIX  # it was shared
+    _assert_same(shared, whole)
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix"])
+def test_prompt_learning_models_score_whole_prompts(tok, monkeypatch, name):
+    """Their forward puts virtual tokens (or a prefix cache) before every row: the backbone alone would
+    drop them, so these take the plain path, and the virtual tokens still count."""
+    model = _prompt_learning(name)(tiny_llama(len(tok)))
+    shared, built, whole = _both_paths(monkeypatch, model, tok, LONG_ROWS)
+    assert built == [None]
+    assert shared == whole
+    bare = P.verbalizer_predictions(tiny_llama(len(tok)), tok, TASK, LONG_ROWS, CPU, batch_size=3, progress=False)
+    assert [p["scores"] for p in shared] != [p["scores"] for p in bare]
+
+
+def test_shared_prefix_is_not_built_for_encoder_decoders_or_tiny_inputs(tok, monkeypatch):
+    from tunelab.methods.verbalizer import SharedPrefix
+    from tunelab.testing import tiny_t5
+
+    assert SharedPrefix.of(tiny_t5(len(tok)), torch.arange(3, 20)) is None
+    # every row fits in one batch: the plain path
+    _, built, _ = _both_paths(monkeypatch, tiny_llama(len(tok)), tok, LONG_ROWS, batch_size=len(LONG_ROWS))
+    assert built == []
+
+
+def test_common_prefix_leaves_every_prompt_a_token():
+    assert P.common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 4, 6]]) == 3
+    assert P.common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # not the whole of the shorter prompt
+    assert P.common_prefix_length([[1, 2], [2, 2]]) == 0
+    assert P.common_prefix_length([[7, 8, 9]]) == 2
+    assert P.common_prefix_length([]) == 0
+
+
+@pytest.mark.parametrize("wrap", [None, _lora], ids=["llama", "lora"])
+def test_padded_continuations_of_a_shared_prefix_equal_each_row_alone(wrap):
+    from tunelab.methods.verbalizer import SharedPrefix, next_token_logits
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    model = wrap(model) if wrap else model
+    prefix_ids = torch.randint(3, 300, (12,))
+    lengths = [5, 9, 1, 3]
+    rest = torch.randint(3, 300, (4, 9))
+    mask = (torch.arange(9)[None] < torch.tensor(lengths)[:, None]).long()  # right padding
+    with torch.no_grad():
+        prefix = SharedPrefix.of(model, prefix_ids)
+        got = next_token_logits(model, rest, mask, prefix=prefix)
+        again = next_token_logits(model, rest, mask, prefix=prefix)  # each batch runs on its own cache copy
+        for i, n in enumerate(lengths):  # each row alone, whole and unpadded: the full logits at its last token
+            alone = model(input_ids=torch.cat([prefix_ids, rest[i, :n]])[None]).logits[0, -1]
+            torch.testing.assert_close(got[i], alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, got)
+    assert prefix.cache.get_seq_length() == len(prefix_ids)
