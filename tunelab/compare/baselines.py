@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tunelab.compare.cells import _safe, digest, seed_for, task_fingerprint, task_object, task_splits
+from tunelab.compare.cells import digest, safe_name, seed_for, task_fingerprint, task_object, task_splits
 from tunelab.compare.grid import Grid, TaskEntry
 
 # reference name -> (model column shown, which train rows)
@@ -40,7 +40,7 @@ def reference_key(kind: str, grid: Grid, t: TaskEntry) -> str:
 
 
 def reference_dir(out: Path, kind: str, t: TaskEntry, key: str) -> Path:
-    return out / "references" / f"{kind}-{_safe(t.shown, 24)}-{key.split('-')[-1][:8]}"
+    return out / "references" / f"{kind}-{safe_name(t.shown, 24)}-{key.split('-')[-1][:8]}"
 
 
 def shown_model(kind: str, t: TaskEntry) -> str:

@@ -83,7 +83,7 @@ class Cell:
     def folder(self) -> str:
         """A readable folder name: model-method-task-seedN-<short key>."""
         seed = "" if self.seed is None else f"-seed{self.seed}"
-        return f"{_safe(self.model, 30)}-{_safe(self.method, 24)}-{_safe(self.task, 24)}{seed}-{self.key[:8]}"
+        return f"{safe_name(self.model, 30)}-{safe_name(self.method, 24)}-{safe_name(self.task, 24)}{seed}-{self.key[:8]}"
 
     def spec(self, cell_dir: Path, hooks: dict | None = None) -> dict:
         """What `python -m tunelab.compare.cell CELL.json` runs."""
@@ -236,7 +236,7 @@ def task_fingerprint(t: TaskEntry, seed: int) -> dict:
 
 
 def data_folder(t: TaskEntry, seed: int, out: Path) -> Path:
-    return out / "data" / f"{_safe(t.shown)}-{digest(task_fingerprint(t, seed), 10)}"
+    return out / "data" / f"{safe_name(t.shown)}-{digest(task_fingerprint(t, seed), 10)}"
 
 
 def _materialise(t: TaskEntry, seed: int, out: Path) -> dict[str, str]:
@@ -274,7 +274,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _safe(name: str, n: int = 40) -> str:
+def safe_name(name: str, n: int = 40) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:n] or "x"
 
 

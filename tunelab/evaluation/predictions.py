@@ -97,7 +97,7 @@ def classifier_predictions(model, tokenizer, task, rows, device, max_length=256,
     training/stages.py's `predict`, so the predictions are the ones the run's own dev metrics use."""
     import torch
 
-    from tunelab.training.stages import _cls_collate, _cls_logits, encode_pairs
+    from tunelab.training.stages import classification_collate, classification_logits, encode_pairs
 
     regression = task.type == "regression"
     examples = encode_pairs(rows, tokenizer, max_length, regression)
@@ -106,8 +106,8 @@ def classifier_predictions(model, tokenizer, task, rows, device, max_length=256,
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             chunk = examples[i : i + batch_size]
-            batch = {k: v.to(device) for k, v in _cls_collate(chunk, tokenizer.pad_token_id).items()}
-            logits = _cls_logits(model, batch)
+            batch = {k: v.to(device) for k, v in classification_collate(chunk, tokenizer.pad_token_id).items()}
+            logits = classification_logits(model, batch)
             if logits.shape[-1] == 1:
                 for j, (e, y) in enumerate(zip(chunk, logits.squeeze(-1).tolist())):
                     out.append({"index": i + j, "label": e["label"], "prediction": y})

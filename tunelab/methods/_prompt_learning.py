@@ -90,7 +90,7 @@ def _drop_virtual_logits(module, args, output):
     return output
 
 
-def _accepts(fn, name: str) -> bool:
+def accepts(fn, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -106,7 +106,7 @@ def patch(model):
     prepare = getattr(base, "prepare_inputs_for_generation", None)
     if (
         prepare is not None
-        and _accepts(prepare, "cache")
+        and accepts(prepare, "cache")
         and hasattr(model, "base_model_prepare_inputs_for_generation")
     ):
         model.prepare_inputs_for_generation = types.MethodType(
@@ -115,8 +115,8 @@ def patch(model):
     if (
         cfg.peft_type == PeftType.PREFIX_TUNING
         and hasattr(model, "_prefix_tuning_forward")
-        and not _accepts(base.forward, "past_key_values")
-        and not _accepts(base.forward, "cache")
+        and not accepts(base.forward, "past_key_values")
+        and not accepts(base.forward, "cache")
     ):
         model._prefix_tuning_forward = types.MethodType(_prefix_tuning_forward, model)
     causal_prompt = (

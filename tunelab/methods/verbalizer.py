@@ -106,7 +106,7 @@ class SharedPrefix:
         """Run the prefix `ids` ([length]) once; None where a shared cache would be wrong or unsupported."""
         from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-        from tunelab.methods._prompt_learning import _accepts
+        from tunelab.methods._prompt_learning import accepts
         from tunelab.training.loss import backbone_and_head
 
         # No split (training/loss.py) for prompt-learning PEFT models (their forward puts virtual tokens or a prefix cache in
@@ -117,7 +117,7 @@ class SharedPrefix:
             return None
         backbone, head = split
         # transformers 5 names the argument `cache` (`past_key_values` is a deprecated alias until 5.40)
-        cache_arg = next((a for a in ("cache", "past_key_values") if _accepts(backbone.forward, a)), None)
+        cache_arg = next((a for a in ("cache", "past_key_values") if accepts(backbone.forward, a)), None)
         if cache_arg is None:
             return None
         cache = DynamicCache(config=backbone.config)

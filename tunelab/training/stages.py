@@ -168,7 +168,7 @@ def _cls_data(cfg, tokenizer):
     return DataBundle(train=train, val=dev, stats=stats)
 
 
-def _cls_collate(examples, pad_id):
+def classification_collate(examples, pad_id):
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -183,12 +183,12 @@ def _cls_collate(examples, pad_id):
     }
 
 
-def _cls_logits(model, batch):
+def classification_logits(model, batch):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
 def _cls_loss(model, batch):
-    logits, labels = _cls_logits(model, batch), batch["labels"]
+    logits, labels = classification_logits(model, batch), batch["labels"]
     if labels.is_floating_point():
         return F.mse_loss(logits.squeeze(-1), labels, reduction="sum"), labels.numel()
     return F.cross_entropy(logits, labels, reduction="sum"), labels.numel()
@@ -200,8 +200,8 @@ def predict(model, examples: list[dict], pad_id: int, device, batch_size: int = 
     model.eval()
     out: list = []
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in _cls_collate(examples[i : i + batch_size], pad_id).items()}
-        logits = _cls_logits(model, batch)
+        batch = {k: v.to(device) for k, v in classification_collate(examples[i : i + batch_size], pad_id).items()}
+        logits = classification_logits(model, batch)
         out += logits.squeeze(-1).tolist() if logits.shape[-1] == 1 else logits.argmax(-1).tolist()
     return out
 
@@ -231,7 +231,7 @@ CLASSIFICATION = Stage(
     "classification",
     _cls_load,
     _cls_data,
-    _cls_collate,
+    classification_collate,
     _cls_loss,
     lambda b: int(b["labels"].numel()),
     _cls_final,
