@@ -175,6 +175,11 @@ def analyse(rows: list[dict], task, seed: int = 0) -> dict:
         if low:
             lo, hi = out["reference_gain_ci"]
             out["reference_gain_ci"] = (-hi, -lo)
+        # the pick against every reference (did tuning help over zero-shot? over chance?)
+        out["against"] = [
+            (ref, (ref.mean - pick.mean) if low else (pick.mean - ref.mean), paired_p(pick, ref, seed))
+            for ref in references
+        ]
     out["seed_orders"] = seed_orders(methods, low)
     return out
 

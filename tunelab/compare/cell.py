@@ -16,7 +16,8 @@ result on the task, measures it, and writes CELL_DIR/result.json:
   run_dir         the run that was scored (the chosen one of a sweep)
 
 A sweep trains one run per learning rate (run-lrX/), scores each on the validation rows (carved from the
-train split) and keeps the best; only that run is scored on the dev rows. A run that already has final/
+train split; run-lrX/val_predictions.jsonl) and keeps the best (`_choose`); only that run is scored on
+the dev rows. A run that already has final/
 (training finished, scoring did not) is only scored again. A zero-shot reference trains nothing.
 """
 
@@ -152,7 +153,7 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
     """Train (each learning rate of a sweep), pick on the validation rows, score the dev rows; the run used."""
     from tunelab.compare.cells import task_from_eval
     from tunelab.config import load_config
-    from tunelab.evaluation.predictions import prediction_metrics, write_predictions
+    from tunelab.evaluation.predictions import class_log_loss, prediction_metrics, write_predictions
 
     cfg = load_config(spec["config"])
     if cfg.training.threads:
@@ -180,8 +181,12 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
                 return Path(c.output_dir)
             entry = {"lr": c.training.lr, "run_dir": c.output_dir, "train": _train_metrics(run_metrics)}
             if sweep:  # choose on the validation rows (carved from the train split), never on the dev rows
-                val = prediction_metrics(task, _score(_load_run(Path(c.output_dir), c), c, ev, "val"))
-                entry["val_metrics"] = val
+                val_predictions = _score(_load_run(Path(c.output_dir), c), c, ev, "val")
+                write_predictions(Path(c.output_dir) / "val_predictions.jsonl", val_predictions)
+                entry["val_metrics"] = prediction_metrics(task, val_predictions)
+                log_loss = class_log_loss(val_predictions)
+                if log_loss is not None:
+                    entry["val_metrics"]["log_loss"] = log_loss
             tried.append(entry)
         chosen = _choose(tried, ev["main_metric"]) if sweep else tried[0]
         if sweep:
@@ -203,14 +208,16 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
 
 
 def _choose(tried: list[dict], metric: str) -> dict:
-    """The best validation score; ties go to the lower validation loss, then the smaller learning rate."""
+    """The best run on the validation rows. Classification: the lowest class log-loss (a proper scoring
+    rule, far less noisy than accuracy on ~100 rows, which moves in steps of 1/n), then the higher main
+    metric; other tasks: the main metric. Remaining ties: the smaller learning rate."""
     from tunelab.compare.analysis import lower_is_better
 
     sign = 1.0 if lower_is_better(metric) else -1.0
 
     def rank(e):
-        loss = e["train"].get("eval_loss")
-        return (sign * e["val_metrics"][metric], loss if loss is not None else float("inf"), e["lr"])
+        val = e["val_metrics"]
+        return (val.get("log_loss", 0.0), sign * val[metric], e["lr"])
 
     return min(tried, key=rank)
 

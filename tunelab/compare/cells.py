@@ -345,10 +345,15 @@ def _finish(cell: Cell, out: Path, errors: list[str]) -> None:
     if cell.role == "reference":  # nothing trains: only the model and how it is scored matter
         hashed = {"model": hashed["model"], "data": hashed.get("data"), "task": hashed.get("task")}
     ev = {k: v for k, v in cell.eval.items() if k not in PATH_KEYS}
-    cell.key = digest({"config": hashed, "eval": ev, "sweep": cell.sweep, "role": cell.role})
+    sweep = {"lr": cell.sweep, "select": SELECTION} if cell.sweep else None
+    cell.key = digest({"config": hashed, "eval": ev, "sweep": sweep, "role": cell.role})
     cell.config["output_dir"] = str(out / "cells" / cell.folder / "run")
     cell.config["training"]["progress"] = False
 
+
+# how a sweep picks its learning rate (compare/cell.py `_choose`): part of a sweeping cell's key, so a
+# change of rule runs the cell again instead of reusing a choice made the old way
+SELECTION = "validation class log-loss, then main metric"
 
 # eval spec entries that say where files lie (their content is in the task fingerprint)
 PATH_KEYS = ("train_file", "dev_file", "rows")

@@ -108,6 +108,19 @@ def statements(a: dict) -> list[str]:
             f"Strongest reference: {ref.name} = {_score(ref)}. {pick.name} gains {gain:+.4f} "
             f"{_ci(a['reference_gain_ci'])} over it ({_p(p)}, {verdict})."
         )
+    others = [(r, g, p) for r, g, p in a.get("against") or [] if r is not ref]
+    if others:
+
+        def verdict(g, p):
+            if not (_num(p) and p < A.ALPHA):
+                return "tied within noise"
+            return "better" if g > 0 else "worse"
+
+        out.append(
+            f"{pick.name} against the other references: "
+            + "; ".join(f"{r.name} {fmt(r.mean)}: {g:+.4f}, {_p(p)}, {verdict(g, p)}" for r, g, p in others)
+            + "."
+        )
     orders = a.get("seed_orders") or {}
     if orders:
         distinct = {tuple(v) for v in orders.values()}
@@ -118,7 +131,9 @@ def statements(a: dict) -> list[str]:
             out.append(f"The ranking changes between seeds ({shown}): read differences within the sd as noise.")
     folders = [r.get("cell_dir") for r in pick.rows if r.get("cell_dir")]
     if folders:
-        out.append(f"Run folder of {pick.name}: {folders[0]}" + (f" (+{len(folders) - 1} seeds)" if len(folders) > 1 else ""))
+        out.append(
+            f"Run folder of {pick.name}: {folders[0]}" + (f" (+{len(folders) - 1} seeds)" if len(folders) > 1 else "")
+        )
     return out
 
 
@@ -330,7 +345,9 @@ def write_report(rows: list[dict], out: Path, grid=None, analyses: dict | None =
         trows = [r for r in rows if r["task"] == t]
         a = analyses.get(t) or {}
         parts.append(f"<h2>{html.escape(t)}</h2>")
-        parts.append('<div class="rec"><ul>' + "".join(f"<li>{html.escape(s)}</li>" for s in statements(a)) + "</ul></div>")
+        parts.append(
+            '<div class="rec"><ul>' + "".join(f"<li>{html.escape(s)}</li>" for s in statements(a)) + "</ul></div>"
+        )
         if a.get("groups"):
             parts.append("<h3>Per method (mean over seeds) and references</h3>")
             parts.append(_html_table(*summary_table(a)))

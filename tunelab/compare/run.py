@@ -132,6 +132,7 @@ def describe_grid(grid: str | Path | dict | Grid) -> str:
     for c in cells:
         what = c.note if c.config is None else c.mode
         lr = "" if c.config is None else f"  lr {c.sweep or c.config['training']['lr']}"
+        lr = "  untrained" if c.role == "reference" else lr
         lines.append(f"  {c.label}: {what}{lr}  -> cells/{c.folder}")
     from tunelab.compare.baselines import references_for
 
