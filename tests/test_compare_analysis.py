@@ -10,7 +10,7 @@ from tunelab.compare import analysis as A
 from tunelab.compare.report import statements
 from tunelab.evaluation.predictions import write_predictions
 from tunelab.evaluation.stats import mcnemar_exact
-from tunelab.evaluation.tasks import Task
+from tunelab.data.tasks import Task
 
 TASK = Task("toy", "classification", ("neg", "pos"), main_metric="accuracy")
 N = 400

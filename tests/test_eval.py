@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tunelab.evaluation import runner
-from tunelab.evaluation.prompts import instruction_rows, label_words
-from tunelab.evaluation.tasks import Task
+from tunelab.data.prompts import instruction_rows, label_words
+from tunelab.data.tasks import Task
 from tunelab.testing import tiny_llama, tiny_tokenizer
 
 TASK = Task(name="custom", type="classification", labels=("no", "yes"))
@@ -20,7 +20,7 @@ def test_verbalizer_scores_match_a_hand_loop():
     got = runner.verbalizer_scores(model, tok, TASK, rows, torch.device("cpu"), batch_size=2, progress=False)
 
     from tunelab.data import build_prompt_ids
-    from tunelab.evaluation.prompts import instruction
+    from tunelab.data.prompts import instruction
     from tunelab.methods.verbalizer import Verbalizer
 
     v = Verbalizer({w: [w, w.capitalize()] for w in label_words(TASK)}, tok, leading_space=False)
@@ -58,16 +58,16 @@ def test_instruction_rows_answer_with_the_label_word():
 
 
 def test_task_rows_feed_sft_data(tmp_path):
-    from tunelab.data import read_rows
+    from tunelab.data import read_source
     from tunelab.data.errors import DataError
 
     try:
-        rows = read_rows("task:sst2:dev")
+        rows = read_source("task:sst2:dev")
     except DataError:
         pytest.skip("shared data not available")
     assert len(rows) == 872 and rows[0][2]["output"] in ("positive", "negative")
     with pytest.raises(DataError, match="task:NAME"):
-        read_rows("task:sst2:test")
+        read_source("task:sst2:test")
 
 
 def test_eval_cli_on_a_classifier_run(tmp_path, capsys, monkeypatch):
@@ -76,7 +76,7 @@ def test_eval_cli_on_a_classifier_run(tmp_path, capsys, monkeypatch):
 
     import tunelab
     from tunelab.cli import main
-    from tunelab.evaluation import tasks as T
+    from tunelab.data import tasks as T
     from tunelab.testing import save_tiny_model_dir
 
     for split, n, seed in (("train", 64, 0), ("dev", 32, 1)):

@@ -5,7 +5,7 @@ import torch
 
 from tunelab.evaluation import predictions as P
 from tunelab.evaluation import runner
-from tunelab.evaluation.tasks import Task
+from tunelab.data.tasks import Task
 from tunelab.testing import tiny_bert, tiny_llama, tiny_tokenizer
 
 CPU = torch.device("cpu")
@@ -29,7 +29,7 @@ def tok():
 def test_verbalizer_predictions_give_the_old_metrics_and_survive_jsonl(tok, tmp_path):
     from tunelab.data import build_prompt_ids
     from tunelab.evaluation import metrics as M
-    from tunelab.evaluation.prompts import instruction, label_words
+    from tunelab.data.prompts import instruction, label_words
     from tunelab.methods.verbalizer import Verbalizer
 
     model = tiny_llama(len(tok))
@@ -107,7 +107,7 @@ def test_classifier_predictions_equal_predict(tok, task):
 
 @pytest.mark.parametrize("path", ["verbalizer", "perplexity", "classification head"])
 def test_evaluate_returns_predictions_whose_metrics_are_the_result(tok, tmp_path, monkeypatch, path):
-    from tunelab.evaluation import tasks as T
+    from tunelab.data import tasks as T
     from tunelab.testing import save_tiny_model_dir
 
     task, rows = {"verbalizer": (TASK, ROWS), "perplexity": (INSTRUCTION, INSTRUCTIONS)}.get(path, (TASK, ROWS))

@@ -189,7 +189,7 @@ def test_tiny_bert_memorises_squad_and_reloads(tmp_path, monkeypatch):
 
     # `tunelab eval RUN --task squad` on the same rows gives the same scores, with the run's settings
     from tunelab.evaluation import runner
-    from tunelab.evaluation import tasks as T
+    from tunelab.data import tasks as T
 
     monkeypatch.setattr(T, "load_split", lambda task, split, limit=None, seed=0: rows)
     out = runner.evaluate(str(result.run_dir), "squad", device="cpu", progress=False)

@@ -118,7 +118,7 @@ def test_t5_prefix_default_for_wmt(tmp_path):
 
 def test_causal_lm_translation_eval(tmp_path, monkeypatch, embedder_dir):
     from tunelab.evaluation import runner
-    from tunelab.evaluation import tasks as T
+    from tunelab.data import tasks as T
 
     torch.set_num_threads(1)
     llama = save_tiny_model_dir(tmp_path / "llama", arch="llama")
@@ -140,7 +140,7 @@ def test_causal_lm_translation_eval(tmp_path, monkeypatch, embedder_dir):
 
 def test_seq2seq_eval_of_a_plain_t5_folder(tmp_path, monkeypatch):
     from tunelab.evaluation import runner
-    from tunelab.evaluation import tasks as T
+    from tunelab.data import tasks as T
 
     t5 = save_tiny_model_dir(tmp_path / "t5", arch="t5")
     monkeypatch.setattr(T, "load_split", lambda task, split, limit=None, seed=0: copy_rows(3, 1))

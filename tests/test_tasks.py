@@ -6,7 +6,7 @@ import json
 import pytest
 
 from tunelab.data import DataError, shared_data_dir
-from tunelab.evaluation.tasks import (
+from tunelab.data.tasks import (
     Task,
     get_task,
     load_split,

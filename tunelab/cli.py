@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("baseline", help="score a classical baseline (TF-IDF + linear model) on a task preset")
     b.add_argument("kind", choices=["tfidf"], help="baseline model")
     b.add_argument(
-        "--task", required=True, help="task preset: sst2, cola, mrpc, stsb, rte, wnli (see tunelab.evaluation.tasks)"
+        "--task", required=True, help="task preset: sst2, cola, mrpc, stsb, rte, wnli (see tunelab.data.tasks)"
     )
     b.add_argument("--limit", type=int, help="train on a seeded random sample of this many rows")
     b.add_argument("--seed", type=int, default=0)

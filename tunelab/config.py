@@ -90,7 +90,7 @@ class TaskConfig(Section):
     name: str | None = Field(
         None,
         description="A preset (classification: sst2, cola, mrpc, stsb, rte, wnli, qnli; extractive_qa: squad; "
-        "seq2seq: wmt14-en-de; see tunelab.evaluation.tasks) or null for your own files.",
+        "seq2seq: wmt14-en-de; see tunelab.data.tasks) or null for your own files.",
     )
     type: Literal["classification", "regression"] = Field(
         "classification", description="stage classification, your own files: classification or regression."

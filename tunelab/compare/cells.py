@@ -5,7 +5,7 @@ The mapping (docs/compare.md):
   task type         encoder model (no causal-LM head)        causal LM
   ----------------  ---------------------------------------  ------------------------------------------
   classification    stage: classification, task section;     stage: sft on the train rows phrased as
-                    scored by the head (the run's own dev_*  instructions (evaluation/prompts.py), dev
+                    scored by the head (the run's own dev_*  instructions (data/prompts.py), dev
                     metrics at the end of training)          rows as validation; scored by the verbalizer
                                                              (tunelab.evaluation.runner)
   regression        stage: classification (1 output, MSE)    not applicable (no verbalizer for scores)
@@ -154,7 +154,7 @@ def model_kind(entry: ModelEntry) -> str:
 
 def task_object(t: TaskEntry):
     """The tunelab Task behind a grid task entry (a preset, or one built for your own files)."""
-    from tunelab.evaluation.tasks import Task, get_task
+    from tunelab.data.tasks import Task, get_task
 
     if t.is_preset:
         return get_task(t.name)
@@ -165,7 +165,7 @@ def task_object(t: TaskEntry):
 
 def task_from_eval(ev: dict):
     """The Task a cell is scored on, from its eval spec (a preset, or your own classes)."""
-    from tunelab.evaluation.tasks import Task, get_task
+    from tunelab.data.tasks import Task, get_task
 
     if ev.get("preset"):
         return get_task(ev["preset"])
@@ -173,7 +173,7 @@ def task_from_eval(ev: dict):
 
 
 def _split_rows(t: TaskEntry, split: str) -> list[dict]:
-    from tunelab.evaluation.tasks import load_split, load_task_file
+    from tunelab.data.tasks import load_split, load_task_file
 
     own = t.train_file if split == "train" else t.dev_file
     return load_task_file(task_object(t), own) if own else load_split(task_object(t), split)
@@ -196,7 +196,7 @@ def task_splits(t: TaskEntry, seed: int) -> dict[str, list[dict]]:
     import random
 
     from tunelab.data.errors import DataError
-    from tunelab.evaluation.tasks import load_split, load_task_file
+    from tunelab.data.tasks import load_split, load_task_file
 
     full = _split_rows(t, "train")
     order = list(range(len(full)))
@@ -242,7 +242,7 @@ def data_folder(t: TaskEntry, seed: int, out: Path) -> Path:
 def _materialise(t: TaskEntry, seed: int, out: Path) -> dict[str, str]:
     """Write the task's rows once: {train,val,dev}.jsonl as task rows and, for classification, the same
     train / val rows as instructions ({train,val}.sft.jsonl) for causal LMs. Returns name -> path."""
-    from tunelab.evaluation.prompts import instruction_rows
+    from tunelab.data.prompts import instruction_rows
 
     folder = data_folder(t, seed, out)
     paths = data_paths(folder)

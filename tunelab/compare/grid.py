@@ -114,7 +114,7 @@ class TaskEntry(_Entry):
 
     @model_validator(mode="after")
     def _check_task(self):
-        from tunelab.evaluation.tasks import get_task, task_names
+        from tunelab.data.tasks import get_task, task_names
 
         if self.name.lower() in task_names():
             preset = get_task(self.name)
@@ -145,13 +145,13 @@ class TaskEntry(_Entry):
 
     @property
     def is_preset(self) -> bool:
-        from tunelab.evaluation.tasks import task_names
+        from tunelab.data.tasks import task_names
 
         return self.name.lower() in task_names()
 
     @property
     def task_type(self) -> str:
-        from tunelab.evaluation.tasks import get_task
+        from tunelab.data.tasks import get_task
 
         return get_task(self.name).type if self.is_preset else (self.type or "classification")
 

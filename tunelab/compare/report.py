@@ -409,7 +409,7 @@ def _words(entry) -> list[str]:
     task = _task_of(entry)
     if task is None or task.type != "classification":
         return []
-    from tunelab.evaluation.prompts import label_words
+    from tunelab.data.prompts import label_words
 
     return list(label_words(task))
 

@@ -7,23 +7,13 @@ split, truncate, pack and collate.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from tunelab.data.build import DataBundle, build_datasets, split_rows
 from tunelab.data.collate import collate
 from tunelab.data.errors import DataError
 from tunelab.data.packing import pack
 from tunelab.data.readers import read_rows
+from tunelab.data.tasks import read_source, shared_data_dir
 from tunelab.data.templating import IGNORE, build_prompt_ids, encode_messages, render_example
-
-
-def shared_data_dir() -> Path:
-    """The offline data sets folder (shared/data beside the repo); TUNELAB_SHARED_DATA overrides it."""
-    env = os.environ.get("TUNELAB_SHARED_DATA")
-    if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 __all__ = [
@@ -36,6 +26,7 @@ __all__ = [
     "encode_messages",
     "pack",
     "read_rows",
+    "read_source",
     "render_example",
     "shared_data_dir",
     "split_rows",

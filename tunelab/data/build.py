@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from tunelab.config import DataConfig
 from tunelab.data.errors import DataError, where
 from tunelab.data.packing import pack
-from tunelab.data.readers import Row, read_rows
+from tunelab.data.readers import Row
+from tunelab.data.tasks import read_source
 from tunelab.data.templating import IGNORE, render_example
 
 log = logging.getLogger("tunelab.data")
@@ -37,14 +38,14 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") ->
         raise DataError("stage: pretrain trains on raw text; set data.format: text.")
     if not cfg.train:
         raise DataError("data.train is not set: give a .json/.jsonl/.csv/.tsv file or a hub dataset id.")
-    rows = read_rows(cfg.train, hub_split=cfg.hub_split, hub_config=cfg.hub_config)[: cfg.limit]
+    rows = read_source(cfg.train, hub_split=cfg.hub_split, hub_config=cfg.hub_config)[: cfg.limit]
     if not rows:
         raise DataError(f"{cfg.train}: no rows to train on.")
     rows_read = len(rows)
     if cfg.validation:
         # the same hub id for both: take its "validation" split rather than train twice
         split = "validation" if cfg.validation == cfg.train else cfg.hub_split
-        val_rows = read_rows(cfg.validation, hub_split=split, hub_config=cfg.hub_config)
+        val_rows = read_source(cfg.validation, hub_split=split, hub_config=cfg.hub_config)
         rows_read += len(val_rows)
         train_rows, _ = split_rows(rows, 0.0, seed)
     else:

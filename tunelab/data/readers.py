@@ -20,8 +20,6 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 
 
 def read_rows(source: str, *, hub_split: str = "train", hub_config: str | None = None) -> list[Row]:
-    if source.startswith("task:"):
-        return _read_task(source)
     path = Path(source).expanduser()
     suffix = _suffix(path)
     if path.is_file():
@@ -38,21 +36,6 @@ def read_rows(source: str, *, hub_split: str = "train", hub_config: str | None =
         # Looks like a file name: a hub lookup would only add a slow, confusing network error.
         raise DataError(f"{source}: file not found (looked in {Path.cwd()}). Check the path in data.train/validation.")
     return _read_hub(source, source, hub_split, hub_config)
-
-
-def _read_task(source: str) -> list[Row]:
-    """`task:sst2` (train split) or `task:sst2:dev`: a classification preset phrased as instructions."""
-    from tunelab.evaluation.prompts import instruction_rows
-    from tunelab.evaluation.tasks import get_task, load_split
-
-    parts = source.split(":")
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("train", "dev")):
-        raise DataError(f"{source}: expected task:NAME or task:NAME:train|dev, e.g. task:sst2")
-    task = get_task(parts[1])
-    if task.type != "classification":
-        raise DataError(f"{source}: only classification presets can be phrased as instructions")
-    rows = instruction_rows(task, load_split(task, parts[2] if len(parts) == 3 else "train"))
-    return [(source, i + 1, row) for i, row in enumerate(rows)]
 
 
 def _suffix(path: Path) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 from tunelab.data.errors import DataError
-from tunelab.evaluation.tasks import get_task, load_split
+from tunelab.data.tasks import get_task, load_split
 
 
 def tfidf_baseline(task: str, train_limit: int | None = None, seed: int = 0, C: float = 1.0) -> dict:
@@ -94,7 +94,7 @@ def majority_predictions(spec, train: list[dict], dev: list[dict]) -> list[dict]
 
 
 def _supported() -> list[str]:
-    from tunelab.evaluation.tasks import task_names
+    from tunelab.data.tasks import task_names
 
     # qnli has no train split offline
     return [n for n in task_names() if get_task(n).type in ("classification", "regression") and n != "qnli"]

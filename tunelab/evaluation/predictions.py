@@ -38,7 +38,7 @@ def verbalizer_predictions(model, tokenizer, task, rows, device, batch_size=16, 
     from tqdm.auto import tqdm
 
     from tunelab.data import build_prompt_ids
-    from tunelab.evaluation.prompts import instruction, label_words
+    from tunelab.data.prompts import instruction, label_words
     from tunelab.methods.verbalizer import Verbalizer, next_token_logits
 
     words = label_words(task)
@@ -147,7 +147,7 @@ def perplexity_predictions(model, tokenizer, rows, device, batch_size=8, progres
 def prediction_metrics(task, predictions: list[dict]) -> dict:
     """The task's metrics from per-row predictions (pure: the same numbers from memory or from JSONL)."""
     if isinstance(task, str):
-        from tunelab.evaluation.tasks import get_task
+        from tunelab.data.tasks import get_task
 
         task = get_task(task)
     if task.type == "instruction" or (predictions and "loss_sum" in predictions[0]):

@@ -2,7 +2,7 @@
 
 How a model is scored depends on what it is:
   - a sequence classifier (a `stage: classification` run): argmax of its head;
-  - a causal LM on a classification task: the task phrased as an instruction (evaluation/prompts.py),
+  - a causal LM on a classification task: the task phrased as an instruction (data/prompts.py),
     the class read off the next-token distribution with a verbalizer (one forward pass per row, no
     decoding, so zero-shot and tuned models are scored identically);
   - a causal LM on an instruction task (lima, alpaca): perplexity of the reference responses;
@@ -47,7 +47,7 @@ def evaluate(
     or None to skip) gives the cosine metric; `max_new_tokens` / `num_beams` default to the run's settings.
     `return_predictions` adds the per-row "predictions" (evaluation/predictions.py) of the classifier,
     verbalizer and perplexity paths, whose `prediction_metrics` are the result's "metrics"."""
-    from tunelab.evaluation.tasks import get_task, load_split
+    from tunelab.data.tasks import get_task, load_split
     from tunelab.inference import run_manifest
     from tunelab.models import resolve_device
 

@@ -86,7 +86,7 @@ _STAGE_TASK_TYPES = {
 def task_of(tcfg, stage: str = "classification"):
     """The Task a `task:` section describes for `stage`: a preset, or a custom one over the user's files."""
     from tunelab.config import ConfigError
-    from tunelab.evaluation.tasks import Task, get_task
+    from tunelab.data.tasks import Task, get_task
 
     if tcfg.name:
         task = get_task(tcfg.name)
@@ -130,7 +130,7 @@ def _cls_load(cfg, device):
 
 
 def _cls_rows(tcfg, split: str, seed: int, stage: str = "classification"):
-    from tunelab.evaluation.tasks import load_split, load_task_file
+    from tunelab.data.tasks import load_split, load_task_file
 
     task = task_of(tcfg, stage)
     limit = tcfg.train_limit if split == "train" else tcfg.dev_limit

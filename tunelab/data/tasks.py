@@ -33,6 +33,7 @@ import csv
 import gzip
 import json
 import math
+import os
 import random
 import sys
 from collections.abc import Callable
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Literal
 
 from tunelab.data.errors import DataError, where
+from tunelab.data.prompts import instruction_rows
+from tunelab.data.readers import read_rows
 
 TaskType = Literal["classification", "regression", "extractive_qa", "seq2seq", "causal_lm", "instruction", "preference"]
 Split = Literal["train", "dev"]
@@ -141,9 +144,15 @@ def _sample(rows: list, limit: int | None, seed: int) -> list:
     return [rows[i] for i in sorted(order[:limit])]
 
 
-def _shared_file(relative: str) -> Path:
-    from tunelab.data import shared_data_dir
+def shared_data_dir() -> Path:
+    """The offline data sets folder (shared/data beside the repo); TUNELAB_SHARED_DATA overrides it."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
+
+def _shared_file(relative: str) -> Path:
     root = shared_data_dir()
     if not root.is_dir():
         raise DataError(
@@ -293,6 +302,21 @@ _LOADERS: dict[str, Callable[[str], list[dict]]] = {
 }
 
 
+def read_source(source: str, *, hub_split: str = "train", hub_config: str | None = None) -> list[tuple[str, int, dict]]:
+    """The rows of `data.train` / `data.validation`: a file or hub id (readers.read_rows), or `task:sst2`
+    (train split) / `task:sst2:dev`, a classification preset phrased as instructions."""
+    if not source.startswith("task:"):
+        return read_rows(source, hub_split=hub_split, hub_config=hub_config)
+    parts = source.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("train", "dev")):
+        raise DataError(f"{source}: expected task:NAME or task:NAME:train|dev, e.g. task:sst2")
+    task = get_task(parts[1])
+    if task.type != "classification":
+        raise DataError(f"{source}: only classification presets can be phrased as instructions")
+    rows = instruction_rows(task, load_split(task, parts[2] if len(parts) == 3 else "train"))
+    return [(source, i + 1, row) for i, row in enumerate(rows)]
+
+
 # ------------------------------------------------------------------------------------ user files
 def load_task_file(task: Task | str, path: str | Path, limit: int | None = None, seed: int = 0) -> list[dict]:
     """Rows of your own .csv/.tsv/.json/.jsonl(.gz) file, mapped to the task's row fields.
@@ -303,8 +327,6 @@ def load_task_file(task: Task | str, path: str | Path, limit: int | None = None,
     (other fields kept). extractive_qa: a SQuAD-format .json file, or rows with `question`, `context`,
     `answers` (a list, or one string; empty = unanswerable) and optional `answer_starts`.
     """
-    from tunelab.data import read_rows
-
     task = get_task(task)
     source = str(path)
     if task.type == "extractive_qa" and source.lower().endswith(".json"):
