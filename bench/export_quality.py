@@ -85,8 +85,8 @@ def gguf_perplexity(gguf_path: Path, cfg: dict) -> float:
 
     from tunelab.config import load_config
     from tunelab.models import load_tokenizer
+    from tunelab.stages import get as stage_for
     from tunelab.training.loop import evaluate_loss
-    from tunelab.training.stages import stage_for
 
     c = load_config(cfg)
     stage = stage_for(c.stage)

@@ -20,7 +20,9 @@ import torch
 
 def main() -> None:
     from tunelab.config import load_config
-    from tunelab.inference import load_run
+    from tunelab.stages import ppo as S
+    from tunelab.stages.runs import load_run
+    from tunelab.training import harness as H
     from tunelab.training import ppo as P
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,15 +35,15 @@ def main() -> None:
     cfg = load_config(f"{args.run}/config.yaml")
     pcfg, seed, cpu = cfg.ppo, cfg.training.seed, torch.device("cpu")
     model, tok = load_run(args.run)  # the PeftModel with the PPO adapter
-    policy = P.PolicyWithValue(model, model.config.hidden_size).eval()
-    reward = P.reward_function(pcfg.reward, tok, cpu)
-    train, held, _ = P.load_prompts(pcfg, tok, seed)
+    policy = S.PolicyWithValue(model, model.config.hidden_size).eval()
+    reward = S.reward_function(pcfg.reward, tok, cpu)
+    train, held, _ = S.load_prompts(pcfg, tok, seed)
     # the prompts the run sampled: iteration it used batch `it` of epoch it // per_epoch (train_ppo's prompts_for)
     per_epoch = -(-len(train) // pcfg.rollout_batch_size)
     seen = set()
     for it in range(cfg.training.max_steps):
         epoch, b = divmod(it, per_epoch)
-        seen.update(P.batch_order(len(train), pcfg.rollout_batch_size, seed, epoch)[b])
+        seen.update(H.batch_order(len(train), pcfg.rollout_batch_size, seed, epoch)[b])
     prompts = held + [p for i, p in enumerate(train) if i not in seen][: args.extra]
     print(f"{len(held)} held-out + {len(prompts) - len(held)} never-sampled prompts", flush=True)
 

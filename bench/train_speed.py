@@ -60,7 +60,7 @@ def held_out_loss(model, tokenizer) -> float:
     import torch
 
     from tunelab.data.templating import encode_messages
-    from tunelab.training.loss import per_example_loss
+    from tunelab.models.loss import per_example_loss
 
     model.eval()
     total, count = 0.0, 0
@@ -167,7 +167,7 @@ def tunelab_config(method: str, overrides: list[str], tmp: str):
 
 def job_tunelab(method: str, overrides: list[str]) -> dict:
     import tunelab
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
     from tunelab.training.memory import skip_unused_imports
 
     with tempfile.TemporaryDirectory() as tmp:

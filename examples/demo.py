@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import tunelab
-from tunelab.inference import generate, load_run
+from tunelab.inference import generate
+from tunelab.stages.runs import load_run
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "Give three tips for staying healthy."

@@ -122,7 +122,7 @@ def per_adapter(d, m):
     ids=["llama-pfeiffer", "llama-houlsby", "bert-houlsby", "t5-houlsby"],
 )
 def test_sites_trainable_and_saved_files(make, kwargs, sites, extra, tmp_path):
-    from tunelab.methods.base import count_parameters
+    from tunelab.models import count_parameters
 
     cfg = mod.Config(**kwargs)
     model = mod.apply(make(), cfg)
@@ -208,7 +208,7 @@ def test_bf16_base_keeps_fp32_adapters_and_identity():
 
 def test_training_loop_end_to_end(tmp_path, monkeypatch):
     import tunelab
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
     from tunelab.testing import save_tiny_model_dir
 
     rows = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(16)]

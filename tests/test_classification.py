@@ -58,8 +58,8 @@ def test_classifier_learns_and_reloads(arch, method, files, tmp_path):
     manifest = json.loads((result.final_dir / "tunelab.json").read_text())
     assert manifest["task"]["labels"] == ["negative", "positive"]
 
-    from tunelab.inference import load_run
-    from tunelab.training.stages import encode_pairs, predict
+    from tunelab.stages.classification import encode_pairs, predict
+    from tunelab.stages.runs import load_run
 
     model, tok = load_run(str(result.run_dir), device="cpu")
     rows = [json.loads(line) for line in (files / "dev.jsonl").read_text().splitlines()]

@@ -13,8 +13,8 @@ import tunelab
 from tunelab.config import load_config
 from tunelab.models import compact as C
 from tunelab.models.compact import BLOCK, CompactLinear, compact_frozen_linears, encode
+from tunelab.models.loss import token_loss_sum
 from tunelab.testing import save_tiny_model_dir, tiny_llama
-from tunelab.training.loss import token_loss_sum
 
 
 def gguf_like(shape, kind: str = "q4_1", stride: int = 1, seed: int = 0) -> torch.Tensor:
@@ -190,7 +190,7 @@ def _gguf_tied_llama():
 
 @pytest.mark.parametrize("rows_at_once", [4096, 64])
 def test_a_tied_token_table_is_kept_compact_and_the_head_reads_it_block_by_block(monkeypatch, rows_at_once):
-    from tunelab.training.loss import row_loss_sums
+    from tunelab.models.loss import row_loss_sums
 
     monkeypatch.setattr(C, "ROWS_AT_ONCE", rows_at_once)  # 64: the head's 320 rows in 5 blocks
     plain = _lora_model(0.0, base=_gguf_tied_llama())

@@ -8,9 +8,9 @@ import pytest
 
 from tunelab.compare import analysis as A
 from tunelab.compare.report import statements
-from tunelab.evaluation.predictions import write_predictions
-from tunelab.evaluation.stats import mcnemar_exact
 from tunelab.data.tasks import Task
+from tunelab.evaluation.predictions import write_predictions
+from tunelab.metrics.stats import mcnemar_exact
 
 TASK = Task("toy", "classification", ("neg", "pos"), main_metric="accuracy")
 N = 400

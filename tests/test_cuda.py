@@ -15,8 +15,8 @@ from test_training import make_cfg as sft_cfg
 
 import tunelab
 from tunelab.config import load_config
+from tunelab.models.loss import per_example_loss
 from tunelab.testing import save_tiny_model_dir, tiny_batch, tiny_llama
-from tunelab.training.loss import per_example_loss
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 # fixtures tiny_dir and data_file: conftest.py
@@ -98,7 +98,7 @@ def test_folded_lora_matches_peft_on_cuda():
     ids=["lora", "qlora", "full"],
 )
 def test_training_on_cuda_learns_and_reloads(tiny_dir, data_file, tmp_path, method):
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
 
     torch.cuda.reset_peak_memory_stats()
     lr = 1e-3 if method["name"] == "full" else 1e-2
@@ -118,7 +118,7 @@ def test_lora_adapter_trained_on_cuda_loads_with_plain_peft(tiny_dir, data_file,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
 
     method = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
     result = tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "run", method))

@@ -172,7 +172,7 @@ def test_a_sharded_run_saves_a_model_rebuilt_from_the_gathered_state(tmp_path):
     """FSDP / DeepSpeed runs gather a full state dict and rebuild the model on rank 0 (not run here:
     no GPU); the rebuild is checked on its own: it gives the trained model's logits."""
     from tunelab.methods import get as get_method
-    from tunelab.training.stages import stage_for
+    from tunelab.stages import get as stage_for
 
     cfg = load_config({"model": {"name": save_tiny_model_dir(tmp_path / "m")}, "method": {"name": "lora", "r": 4}})
     stage, method = stage_for(cfg.stage, cfg), get_method("lora")

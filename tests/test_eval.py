@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from tunelab.evaluation import runner
 from tunelab.data.prompts import instruction_rows, label_words
 from tunelab.data.tasks import Task
+from tunelab.evaluation import runner
 from tunelab.testing import tiny_llama, tiny_tokenizer
 
 TASK = Task(name="custom", type="classification", labels=("no", "yes"))

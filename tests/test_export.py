@@ -14,8 +14,8 @@ from tunelab.cli import main as cli_main
 from tunelab.config import load_config
 from tunelab.export.gguf import ExportError, _quantize_q4_k, write_gguf
 from tunelab.export.hf import export
-from tunelab.export.quant import quantize_model_
-from tunelab.inference import load_run
+from tunelab.models.quant import quantize_model_
+from tunelab.stages.runs import load_run
 from tunelab.testing import save_tiny_model_dir, tiny_bert, tiny_tokenizer
 
 ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(16)]

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from tunelab.methods import _fast_lora, get
-from tunelab.methods._fast_lora import _fast_forward
+from tunelab.methods import fast_lora, get
+from tunelab.methods.fast_lora import _fast_forward
+from tunelab.models.loss import token_loss_sum
 from tunelab.testing import tiny_batch, tiny_llama
-from tunelab.training.loss import token_loss_sum
 
 
 def _lora_model(dropout: float = 0.0, base=None, targets="all-linear"):
@@ -56,8 +56,8 @@ def test_fast_lora_matches_peft_loss_and_gradients(monkeypatch, shape, targets):
     model = _lora_model(targets=targets)
     fast_calls, mlp_calls = [], []
     model.get_base_model().model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: fast_calls.append(1))
-    swiglu = _fast_lora._SwiGLU.apply
-    monkeypatch.setattr(_fast_lora._SwiGLU, "apply", lambda *a: mlp_calls.append(1) or swiglu(*a))
+    swiglu = fast_lora._SwiGLU.apply
+    monkeypatch.setattr(fast_lora._SwiGLU, "apply", lambda *a: mlp_calls.append(1) or swiglu(*a))
     batch = _batch(*shape)
     loss_fast, g_fast = _grads(model, batch)
     loss_peft, g_peft = _grads(_peft_only(model), batch)

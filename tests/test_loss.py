@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from tunelab.methods import get
+from tunelab.models import loss as L
 from tunelab.testing import tiny_llama
-from tunelab.training import loss as L
 from tunelab.training.loop import enable_gradient_checkpointing
 
 

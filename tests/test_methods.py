@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tunelab.methods import get
-from tunelab.methods.base import count_parameters
+from tunelab.models import count_parameters
 from tunelab.testing import tiny_llama
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64], [1, 5, 6, 7, 8, 9, 10, 11]])

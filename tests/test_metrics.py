@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import rankdata
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from tunelab.evaluation import metrics as M
+from tunelab import metrics as M
 
 RNG = np.random.default_rng(0)
 

@@ -16,12 +16,12 @@ from tunelab.models import (
     CHATML_TEMPLATE,
     ModelError,
     compute_dtype,
-    count_parameters,
     load_model,
     load_tokenizer,
     named_models,
     resolve,
     resolve_device,
+    saved_parameters,
     sources,
     tunelab_home,
 )
@@ -151,7 +151,7 @@ def test_named_models_listing_before_and_after_cache(_home, tmp_path):
     model.save_pretrained(_home / "models" / "smollm2-135m-instruct")
     row = {r["name"]: r for r in named_models()}["smollm2-135m-instruct"]
     assert row["cached"] is True
-    assert row["parameters"] == count_parameters(_home / "models" / "smollm2-135m-instruct")
+    assert row["parameters"] == saved_parameters(_home / "models" / "smollm2-135m-instruct")
     assert row["parameters"] == sum(p.numel() for p in model.parameters())  # tied weights counted once
 
 

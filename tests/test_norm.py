@@ -73,14 +73,14 @@ def test_recomputed_outputs_keep_no_norm_output_and_give_the_same_gradients():
 
     from peft import LoraConfig, get_peft_model
 
-    from tunelab.methods import _fast_lora
+    from tunelab.methods import fast_lora
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     for name, p in model.named_parameters():  # B != 0, so that every LoRA gradient is non-trivial
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
-    _fast_lora.enable(model)
+    fast_lora.enable(model)
     norm.install(model)
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
 

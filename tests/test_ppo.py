@@ -12,11 +12,14 @@ import torch
 import tunelab
 from tunelab.config import ConfigError, load_config
 from tunelab.data import build_prompt_ids
-from tunelab.inference import generate, load_run, run_manifest
+from tunelab.inference import generate
 from tunelab.methods import get as get_method
+from tunelab.stages import ppo as S
+from tunelab.stages.runs import load_run, run_manifest
 from tunelab.testing import save_tiny_model_dir, tiny_llama, tiny_tokenizer
 from tunelab.training import ppo as P
-from tunelab.training.loop import optimizer_for, scheduler_for
+from tunelab.training import ppo_math as PM
+from tunelab.training.harness import optimizer_for, scheduler_for
 
 # A random tiny Llama with the default init (0.02-0.1) has logits too flat for any adapter to move the
 # response distribution far; 0.3 gives it enough range that PPO can show learning in a few iterations.
@@ -75,7 +78,7 @@ def test_gae_matches_a_direct_implementation():
     rewards = torch.tensor([[0.1, -0.2, 0.3, 1.0], [0.5, 2.0, 9.0, 9.0]])  # row 2 ends after 2 tokens
     values = torch.tensor([[0.4, 0.1, -0.3, 0.2], [1.0, -1.0, 7.0, 7.0]])
     mask = torch.tensor([[1.0, 1, 1, 1], [1, 1, 0, 0]])
-    adv, ret = P.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    adv, ret = PM.gae(rewards, values, mask, gamma=0.9, lam=0.8)
     ref_adv, ref_ret = reference_gae(rewards, values, [4, 2], 0.9, 0.8)
     torch.testing.assert_close(adv, ref_adv)
     torch.testing.assert_close(ret, ref_ret)
@@ -89,7 +92,7 @@ def test_kl_penalised_rewards_put_the_score_on_the_last_token():
     logp = torch.tensor([[-1.0, -2.0, -1.0], [-0.5, -0.5, -3.0]])
     ref = torch.tensor([[-1.5, -1.0, -1.0], [-1.0, -0.5, -3.0]])
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])
-    rewards, log_ratio = P.kl_penalised_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    rewards, log_ratio = PM.kl_penalised_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
     expected = torch.tensor([[-0.05, 0.1, 2.0], [-0.05, -1.0, 0.0]])
     torch.testing.assert_close(rewards, expected)
     torch.testing.assert_close(log_ratio.sum(1), torch.tensor([-0.5, 0.5]))
@@ -101,7 +104,7 @@ def test_ppo_losses_clip_the_ratio_and_the_value_update():
     new = torch.log(torch.tensor([[0.8, 0.3]]))  # ratios 1.6 (adv > 0: clipped to 1.2) and 0.6 (adv < 0: 0.8)
     batch = {"mask": torch.ones(1, 2), "advantages": torch.tensor([[1.0, -1.0]]), "logprobs": old,
              "values": torch.tensor([[0.0, 0.0]]), "returns": torch.tensor([[1.0, 1.0]])}  # fmt: skip
-    loss, st = P.ppo_losses(new, torch.tensor([[2.0, 0.2]]), torch.zeros(1, 2), batch, pcfg)
+    loss, st = PM.ppo_losses(new, torch.tensor([[2.0, 0.2]]), torch.zeros(1, 2), batch, pcfg)
     assert st["policy_loss"] == pytest.approx((-1.2 + 0.8) / 2)  # the pessimistic (clipped) terms
     assert st["clip_frac"] == pytest.approx(1.0)
     # value 2.0: clipped to 0.5, max((2-1)^2, (0.5-1)^2) = 1; value 0.2 inside the range: (0.2-1)^2
@@ -111,14 +114,14 @@ def test_ppo_losses_clip_the_ratio_and_the_value_update():
 
 def test_adaptive_kl_coefficient_moves_towards_the_target():
     pcfg = SimpleNamespace(kl_control="adaptive", kl_target=6.0, kl_horizon=100)
-    assert P.update_kl_coef(0.1, 12.0, 10, pcfg) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped
-    assert P.update_kl_coef(0.1, 5.4, 10, pcfg) == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))
-    assert P.update_kl_coef(0.1, 6.0, 10, pcfg) == pytest.approx(0.1)
+    assert PM.update_kl_coef(0.1, 12.0, 10, pcfg) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped
+    assert PM.update_kl_coef(0.1, 5.4, 10, pcfg) == pytest.approx(0.1 * (1 - 0.1 * 10 / 100))
+    assert PM.update_kl_coef(0.1, 6.0, 10, pcfg) == pytest.approx(0.1)
     coef = 0.1
     for _ in range(50):  # KL stuck above target: beta keeps rising
-        coef = P.update_kl_coef(coef, 9.0, 10, pcfg)
+        coef = PM.update_kl_coef(coef, 9.0, 10, pcfg)
     assert coef > 0.25
-    assert P.update_kl_coef(0.1, 50.0, 10, SimpleNamespace(kl_control="fixed")) == 0.1
+    assert PM.update_kl_coef(0.1, 50.0, 10, SimpleNamespace(kl_control="fixed")) == 0.1
 
 
 # --------------------------------------------------------------------------------- the reference
@@ -136,7 +139,7 @@ def test_padded_rollout_log_probs_equal_each_row_alone():
     torch.manual_seed(0)
     roll = P.sample_responses(lm, [p["ids"] for p in prompts], tok, 6, 1.0, 0, torch.device("cpu"))
     logits, _ = P.response_forward(lm, roll["seq"], roll["mask"], roll["response"].shape[1], 1.0, False)
-    batched = P.token_logprobs(logits, roll["response"])
+    batched = PM.token_logprobs(logits, roll["response"])
     for i, p in enumerate(prompts):
         n = int(roll["response_mask"][i].sum())
         ids = torch.tensor([p["ids"] + roll["response"][i, :n].tolist()])
@@ -154,8 +157,8 @@ def test_reference_is_the_starting_policy(method):
     cfg = make_cfg("unused", "unused", "unused", ppo={"rollout_batch_size": 8, "mini_batch_size": 4}, lr=1e-3)
     frozen = copy.deepcopy(base).requires_grad_(False) if method == "full" else None
     lm = get_method(method).apply(base, get_method(method).Config() if method == "full" else cfg.method)
-    policy = P.PolicyWithValue(lm, 32).eval()
-    reward = P.reward_function(cfg.ppo.reward, tok, "cpu")
+    policy = S.PolicyWithValue(lm, 32).eval()
+    reward = S.reward_function(cfg.ppo.reward, tok, "cpu")
     torch.manual_seed(0)
     roll = P.rollout(policy, frozen, tiny_prompts(tok, 8), tok, reward, cfg.ppo, 1.0, torch.device("cpu"),
                      contextlib.nullcontext)  # fmt: skip
@@ -172,7 +175,7 @@ def test_reference_is_the_starting_policy(method):
     assert (again["logprobs"] - roll["logprobs"])[mask].abs().max() > 1e-3  # the policy moved
     # ... and the reference is still exactly the original model
     logits, _ = P.response_forward(untouched, roll["seq"], roll["mask"], roll["response"].shape[1], 1.0, False)
-    torch.testing.assert_close(again["ref_logprobs"], P.token_logprobs(logits, roll["response"]))
+    torch.testing.assert_close(again["ref_logprobs"], PM.token_logprobs(logits, roll["response"]))
 
 
 # ------------------------------------------------------------------------------------ end to end
@@ -265,7 +268,7 @@ def test_ppo_against_a_reward_model_run_on_preference_prompts(tiny_dir, tmp_path
                         "mini_batch_size": 8, "eval_prompts": 4, "max_new_tokens": 6})  # fmt: skip
     result = tunelab.train(cfg)
     assert result.metrics["data_train_prompts"] == 20  # the pairs' prompts, 4 held out
-    from tunelab.training.reward import load_reward_model, score
+    from tunelab.stages.reward import load_reward_model, score
 
     rm, rm_tok = load_reward_model(rm_run.run_dir)
     samples = [json.loads(ln) for ln in (tmp_path / "ppo" / "samples" / "step-00000000.jsonl").open()]

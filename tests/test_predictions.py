@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from tunelab.data.tasks import Task
 from tunelab.evaluation import predictions as P
 from tunelab.evaluation import runner
-from tunelab.data.tasks import Task
 from tunelab.testing import tiny_bert, tiny_llama, tiny_tokenizer
 
 CPU = torch.device("cpu")
@@ -27,8 +27,8 @@ def tok():
 
 
 def test_verbalizer_predictions_give_the_old_metrics_and_survive_jsonl(tok, tmp_path):
+    from tunelab import metrics as M
     from tunelab.data import build_prompt_ids
-    from tunelab.evaluation import metrics as M
     from tunelab.data.prompts import instruction, label_words
     from tunelab.methods.verbalizer import Verbalizer
 
@@ -59,7 +59,7 @@ def test_verbalizer_predictions_give_the_old_metrics_and_survive_jsonl(tok, tmp_
 def test_perplexity_rows_sum_to_the_batch_loss_and_ignore_padding(tok):
     from tunelab.config import DataConfig
     from tunelab.data import collate, render_example
-    from tunelab.training.loss import token_loss_sum
+    from tunelab.models.loss import token_loss_sum
 
     model = tiny_llama(len(tok))
     preds = P.perplexity_predictions(model, tok, INSTRUCTIONS, CPU, batch_size=3, progress=False)
@@ -88,7 +88,7 @@ def test_perplexity_rows_sum_to_the_batch_loss_and_ignore_padding(tok):
 
 @pytest.mark.parametrize("task", [TASK, REGRESSION], ids=["classification", "regression"])
 def test_classifier_predictions_equal_predict(tok, task):
-    from tunelab.training.stages import encode_pairs, predict, task_metrics
+    from tunelab.stages.classification import encode_pairs, predict, task_metrics
 
     regression = task.type == "regression"
     rows = [{**r, "label": 0.5 * i} for i, r in enumerate(ROWS)] if regression else ROWS

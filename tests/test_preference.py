@@ -11,8 +11,8 @@ import tunelab
 from tunelab.config import ConfigError, load_config
 from tunelab.data import DataError, shared_data_dir
 from tunelab.data.preference import collate_pairs, encode_preference, load_preference_pairs, read_preference_pairs
+from tunelab.stages import dpo as P
 from tunelab.testing import save_tiny_model_dir, tiny_llama, tiny_tokenizer
-from tunelab.training import preference_stages as P
 
 WORDS = "the quick brown fox jumps over lazy dog give three tips eat well sleep enough and exercise".split()
 
@@ -196,6 +196,8 @@ def test_preference_config_is_validated_up_front():
 
 @pytest.mark.slow
 def test_real_preference_files_parse():
+    if not (shared_data_dir() / "hh-rlhf").is_dir():
+        pytest.skip("shared data not available")
     pairs, stats = read_preference_pairs(str(shared_data_dir() / "hh-rlhf/harmless-base/test.jsonl.gz"))
     assert stats == {"rows_read": 2312, "skipped": 0} and len(pairs) == 2312
     assert all(p["prompt"][-1]["role"] == "user" and p["chosen"] != p["rejected"] for p in pairs)
@@ -230,7 +232,7 @@ def test_sequence_logps_matches_full_logits_and_dpo_loss_formulas():
 
 # ---------------------------------------------------------------------------------------------- reward
 def test_reward_model_learns_a_preference_and_reloads_for_scoring(tiny_dir, files, tmp_path):
-    from tunelab.training.reward import load_reward_model, score
+    from tunelab.stages.reward import load_reward_model, score
 
     result = tunelab.train(make_cfg("reward", tiny_dir, files, tmp_path / "rm"))
     m = result.metrics
@@ -289,7 +291,7 @@ def _record_reference_calls(monkeypatch):
 def test_dpo_widens_the_margin_against_an_unchanged_reference(tiny_dir, files, tmp_path, monkeypatch, method):
     from transformers import AutoModelForCausalLM
 
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
 
     calls = _record_reference_calls(monkeypatch)
     spec = None if method == "lora" else {"name": "full"}

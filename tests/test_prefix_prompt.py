@@ -290,7 +290,8 @@ def tiny_dir(tmp_path_factory):
     ],
 )
 def test_training_loop_and_generation(method, lr, tiny_dir, tmp_path):
-    from tunelab.inference import generate, load_run
+    from tunelab.inference import generate
+    from tunelab.stages.runs import load_run
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

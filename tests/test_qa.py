@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import tunelab
+from tunelab import metrics as M
 from tunelab.config import ConfigError, load_config
-from tunelab.evaluation import metrics as M
-from tunelab.evaluation.qa import evaluate_qa, postprocess, qa_features
+from tunelab.stages.extractive_qa import evaluate_qa, postprocess, qa_features
 from tunelab.testing import save_tiny_model_dir, tiny_tokenizer
 
 ANIMALS = [("fox", "red"), ("dog", "blue"), ("cat", "green"), ("cow", "white"), ("owl", "grey"), ("bee", "black")]
@@ -178,7 +178,7 @@ def test_tiny_bert_memorises_squad_and_reloads(tmp_path, monkeypatch):
     assert manifest["task"] == {"name": "custom", "type": "extractive_qa", "max_length": 64, "doc_stride": 16,
                                 "max_answer_tokens": 30, "null_threshold": 0.0}  # fmt: skip
 
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
 
     model, tok = load_run(str(result.run_dir), device="cpu")
     assert type(model).__name__ == "BertForQuestionAnswering"
@@ -188,8 +188,8 @@ def test_tiny_bert_memorises_squad_and_reloads(tmp_path, monkeypatch):
         assert abs(scores[k] - m[f"dev_{k}"]) < 1e-9
 
     # `tunelab eval RUN --task squad` on the same rows gives the same scores, with the run's settings
-    from tunelab.evaluation import runner
     from tunelab.data import tasks as T
+    from tunelab.evaluation import runner
 
     monkeypatch.setattr(T, "load_split", lambda task, split, limit=None, seed=0: rows)
     out = runner.evaluate(str(result.run_dir), "squad", device="cpu", progress=False)
@@ -202,7 +202,7 @@ def test_qa_config_checks():
         load_config({"stage": "extractive_qa"})
     with pytest.raises(ConfigError, match="doc_stride"):
         load_config({"stage": "extractive_qa", "task": {"name": "squad", "max_length": 64, "doc_stride": 32}})
-    from tunelab.training.stages import task_of
+    from tunelab.stages.base import task_of
 
     cfg = load_config({"stage": "extractive_qa", "task": {"name": "sst2"}})
     with pytest.raises(ConfigError, match="extractive_qa task"):

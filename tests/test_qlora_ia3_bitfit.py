@@ -9,7 +9,7 @@ import torch
 from method_harness import fit_steps
 
 from tunelab.methods import get
-from tunelab.methods.base import count_parameters
+from tunelab.models import count_parameters
 from tunelab.testing import tiny_batch, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -116,7 +116,7 @@ def test_qlora_optimizer_hook_is_plain_adamw_on_cpu():
 def test_qlora_end_to_end_train_and_load_run(tmp_path):
     import tunelab
     from tunelab.config import load_config
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
     from tunelab.testing import save_tiny_model_dir
 
     model_dir = save_tiny_model_dir(tmp_path / "model", hidden_size=64, intermediate_size=128)

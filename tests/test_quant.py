@@ -1,4 +1,4 @@
-"""PyTorch quantisation (tunelab/export/quant.py) and the QAT method: error bounds, GGUF bit-exactness,
+"""PyTorch quantisation (tunelab/models/quant.py) and the QAT method: error bounds, GGUF bit-exactness,
 fake-quant forward = quantise-dequantise, the straight-through gradient, and the method harness."""
 
 import copy
@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from method_harness import check_method
 
-from tunelab.export.quant import (
+from tunelab.methods import get
+from tunelab.models.quant import (
     dequantize_4bit,
     fake_quant_4bit,
     fake_quant_int8,
@@ -19,7 +20,6 @@ from tunelab.export.quant import (
     quantize_int8,
     quantize_model_,
 )
-from tunelab.methods import get
 from tunelab.testing import tiny_batch, tiny_llama
 
 

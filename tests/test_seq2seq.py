@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import tunelab
+from tunelab import metrics as M
 from tunelab.config import ConfigError, load_config
-from tunelab.evaluation import metrics as M
-from tunelab.evaluation.generation import (
+from tunelab.models.generation import (
     embedding_cosine,
     generate_seq2seq,
     load_embedder,
@@ -78,7 +78,7 @@ def test_tiny_t5_learns_to_copy_and_bleu_is_sacrebleu(tmp_path, embedder_dir):
     manifest = json.loads((result.final_dir / "tunelab.json").read_text())
     assert manifest["stage"] == "seq2seq" and manifest["task"]["prefix"] == "copy: "
 
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
 
     model, tok = load_run(str(result.run_dir), device="cpu")
     assert type(model).__name__ == "T5ForConditionalGeneration"
@@ -90,7 +90,10 @@ def test_tiny_t5_learns_to_copy_and_bleu_is_sacrebleu(tmp_path, embedder_dir):
 
 
 def test_labels_end_with_eos_and_pad_with_ignore():
-    from tunelab.training.stages import SEQ2SEQ, encode_seq2seq
+    from tunelab.stages import get as get_stage
+    from tunelab.stages.seq2seq import encode_seq2seq
+
+    SEQ2SEQ = get_stage("seq2seq")
 
     tok = tiny_tokenizer()
     ex = encode_seq2seq(
@@ -104,7 +107,7 @@ def test_labels_end_with_eos_and_pad_with_ignore():
 
 
 def test_t5_prefix_default_for_wmt(tmp_path):
-    from tunelab.training.stages import seq2seq_prefix
+    from tunelab.stages.seq2seq import seq2seq_prefix
 
     t5 = save_tiny_model_dir(tmp_path / "t5", arch="t5")
     llama = save_tiny_model_dir(tmp_path / "llama", arch="llama")
@@ -117,15 +120,15 @@ def test_t5_prefix_default_for_wmt(tmp_path):
 
 
 def test_causal_lm_translation_eval(tmp_path, monkeypatch, embedder_dir):
-    from tunelab.evaluation import runner
     from tunelab.data import tasks as T
+    from tunelab.evaluation import runner
 
     torch.set_num_threads(1)
     llama = save_tiny_model_dir(tmp_path / "llama", arch="llama")
     rows = [{"source": "good morning", "target": "Guten Morgen."}, {"source": "the dog", "target": "der Hund"}]
     monkeypatch.setattr(T, "load_split", lambda task, split, limit=None, seed=0: rows)
     prompts = []
-    from tunelab.evaluation import generation
+    from tunelab.models import generation
 
     real = generation.generate_chat
     monkeypatch.setattr(
@@ -139,8 +142,8 @@ def test_causal_lm_translation_eval(tmp_path, monkeypatch, embedder_dir):
 
 
 def test_seq2seq_eval_of_a_plain_t5_folder(tmp_path, monkeypatch):
-    from tunelab.evaluation import runner
     from tunelab.data import tasks as T
+    from tunelab.evaluation import runner
 
     t5 = save_tiny_model_dir(tmp_path / "t5", arch="t5")
     monkeypatch.setattr(T, "load_split", lambda task, split, limit=None, seed=0: copy_rows(3, 1))
@@ -161,7 +164,7 @@ def mlm_model_dir(path):
 
 
 def test_mlm_masks_fifteen_percent():
-    from tunelab.training.stages import mlm_collate
+    from tunelab.stages.mlm import mlm_collate
 
     torch.manual_seed(0)
     ex = [{"input_ids": list(range(5, 105)), "maskable": [0] + [1] * 98 + [0], "mask_id": 3, "vocab_size": 320}] * 40
@@ -196,7 +199,7 @@ def test_mlm_loss_falls_on_tiny_bert(tmp_path):
     result = tunelab.train(cfg)
     m = result.metrics
     assert m["eval_loss"] < 0.7 * m["eval_loss_before"], m
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
 
     model, _ = load_run(str(result.run_dir), device="cpu")
     assert type(model).__name__ == "BertForMaskedLM"

@@ -77,7 +77,8 @@ def _local_reply(base: str, run: str | None, messages, max_new_tokens: int) -> s
     """The same greedy generation without the server: base model, or a fresh PeftModel with one adapter."""
     from peft import PeftModel
 
-    from tunelab.inference import generate, load_run
+    from tunelab.inference import generate
+    from tunelab.stages.runs import load_run
 
     model, tok = load_run(base, device="cpu")
     if run is not None:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from tunelab.evaluation.stats import (
+from tunelab.metrics.stats import (
     bootstrap_interval,
     bootstrap_mean_interval,
     holm,

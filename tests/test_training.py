@@ -165,7 +165,7 @@ def test_cli_reports_bad_key_without_traceback(tmp_path, capsys):
 def test_full_and_freeze_results_load_with_plain_transformers(tiny_dir, data_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
 
     for method in ({"name": "full"}, {"name": "freeze", "last_k": 1}):
         cfg = make_cfg(tiny_dir, data_file, tmp_path / method["name"], max_steps=2)

@@ -53,7 +53,8 @@ def _launch_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from tunelab.inference import generate, load_run
+    from tunelab.inference import generate
+    from tunelab.stages.runs import load_run
 
     model, tokenizer = load_run(args.run, device=args.device)
     print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature))
@@ -61,7 +62,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from tunelab.inference import chat, load_run
+    from tunelab.inference import chat
+    from tunelab.stages.runs import load_run
 
     model, tokenizer = load_run(args.run, device=args.device)
     chat(model, tokenizer, args.max_new_tokens, args.temperature, args.system)

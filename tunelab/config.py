@@ -443,7 +443,7 @@ def _nearest(key: str, loc: tuple) -> str | None:
     return known[match[0]] if match else None
 
 
-def _yaml_line(text: str | None, loc: tuple) -> int | None:
+def yaml_line(text: str | None, loc: tuple) -> int | None:
     """1-based line of the key (or list item) at `loc` in the YAML text, so errors point into the user's file."""
     if not text:
         return None
@@ -475,7 +475,7 @@ def format_validation_error(err: ValidationError, source: str, text: str | None 
         # drop the union tag from the displayed path: method.lora.r -> method.r
         shown = ".".join(str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "method"))
         file_loc = tuple(p for i, p in enumerate(loc) if not (i == 1 and loc[0] == "method"))
-        at = _yaml_line(text, file_loc)
+        at = yaml_line(text, file_loc)
         where = f" (line {at})" if at else ""
         if e["type"] == "extra_forbidden":
             near = _nearest(str(loc[-1]), loc)

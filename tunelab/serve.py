@@ -88,8 +88,8 @@ def _default_name(spec: str) -> str:
 
 def load_served(spec: str, adapters: list[tuple[str, str]] = (), device: str = "auto", name: str | None = None):
     """Load `spec` (run folder or model spec) merged, and each (name, run) LoRA adapter on top."""
-    from tunelab.inference import load_run, result_dir, run_manifest
     from tunelab.models import resolve
+    from tunelab.stages.runs import load_run, result_dir, run_manifest
 
     model, tokenizer = load_run(spec, device=device, merge=True)
     name = name or _default_name(spec)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunelab.evaluation import stats
+from tunelab.metrics import stats
 
 ALPHA = 0.05
 N_BOOT = 1000

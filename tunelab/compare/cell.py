@@ -99,7 +99,7 @@ def _score(model_and_tokenizer, cfg, ev: dict, split: str) -> list[dict]:
 
 
 def _load_run(run_dir: Path, cfg):
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
 
     return load_run(str(run_dir), device=cfg.training.device)
 

@@ -42,7 +42,7 @@ PRELOAD = [
     "tunelab.data",
     "tunelab.inference",
     "tunelab.evaluation.runner",
-    "tunelab.evaluation.metrics",
+    "tunelab.metrics",
 ]
 
 

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.config import ConfigError, _yaml_line, read_yaml_mapping
+from tunelab.config import ConfigError, read_yaml_mapping, yaml_line
 
 # Partial config sections an entry (model, method or task) may carry; merged into each of its cells.
 _SECTIONS = ("model", "data", "task", "training")
@@ -252,7 +252,7 @@ def format_grid_error(err: ValidationError, source: str, text: str | None = None
     for e in err.errors():
         loc = tuple(e["loc"])
         shown = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-        at = _yaml_line(text, loc)
+        at = yaml_line(text, loc)
         where = f" (line {at})" if at else ""
         if e["type"] == "extra_forbidden":
             fields = _fields_for(loc[:-1])

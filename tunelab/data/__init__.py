@@ -15,7 +15,6 @@ from tunelab.data.readers import read_rows
 from tunelab.data.tasks import read_source, shared_data_dir
 from tunelab.data.templating import IGNORE, build_prompt_ids, encode_messages, render_example
 
-
 __all__ = [
     "IGNORE",
     "DataBundle",

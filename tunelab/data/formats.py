@@ -101,10 +101,10 @@ def _chat(row: dict, cfg: DataConfig, where: str) -> list[dict]:
         raise _missing(cfg, where, "messages")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field '{col}' should be a non-empty list of messages, got {turns!r:.60}.")
-    return [_message(m, col, j, where) for j, m in enumerate(turns, 1)]
+    return [message_dict(m, col, j, where) for j, m in enumerate(turns, 1)]
 
 
-def _message(m, col: str, j: int, where: str) -> dict:
+def message_dict(m, col: str, j: int, where: str) -> dict:
     if not isinstance(m, dict):
         raise DataError(f"{where}: message {j} in '{col}' should be an object, got {type(m).__name__}.")
     sharegpt = "from" in m or "value" in m

@@ -27,9 +27,9 @@ import logging
 import re
 
 from tunelab.data.errors import DataError, where
-from tunelab.data.formats import SHAREGPT_COLUMN, _message
+from tunelab.data.formats import SHAREGPT_COLUMN, message_dict
 from tunelab.data.readers import read_rows
-from tunelab.data.templating import _by_offsets, _by_pieces, response_spans
+from tunelab.data.templating import ids_by_offsets, ids_by_pieces, response_spans
 
 log = logging.getLogger("tunelab.data")
 
@@ -138,7 +138,7 @@ def _messages(value, col: str, where: str) -> list[dict]:
         value = [value]
     if not isinstance(value, list):
         raise DataError(f"{where}: field '{col}' should be a list of messages, got {type(value).__name__}.")
-    return [_message(m, col, j, where) for j, m in enumerate(value, 1)]
+    return [message_dict(m, col, j, where) for j, m in enumerate(value, 1)]
 
 
 def _response(value, col: str, where: str) -> tuple[list[dict], str]:
@@ -182,7 +182,7 @@ def encode_response(prompt: list[dict], response: str, tokenizer, max_length: in
     messages = list(prompt) + [{"role": "assistant", "content": response}]
     full, spans = response_spans(messages, tokenizer, where)
     use_offsets = bool(getattr(tokenizer, "is_fast", False))
-    ids, turn = (_by_offsets if use_offsets else _by_pieces)(full, spans, tokenizer)
+    ids, turn = (ids_by_offsets if use_offsets else ids_by_pieces)(full, spans, tokenizer)
     last = len(spans) - 1  # only the final reply: earlier assistant turns belong to the prompt
     mask = [int(k == last) for k in turn]
     eos = tokenizer.eos_token_id

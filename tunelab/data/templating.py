@@ -62,7 +62,7 @@ def encode_messages(messages: list[dict], tokenizer, *, train_on_prompt: bool = 
         raise DataError(f"{where}: the conversation has no assistant message, so there is nothing to learn.")
     if use_offsets is None:
         use_offsets = bool(getattr(tokenizer, "is_fast", False))
-    ids, turn = (_by_offsets if use_offsets else _by_pieces)(full, spans, tokenizer)
+    ids, turn = (ids_by_offsets if use_offsets else ids_by_pieces)(full, spans, tokenizer)
     labels = [t if k >= 0 else IGNORE for t, k in zip(ids, turn)]
     eos = tokenizer.eos_token_id
     last_reply = [t for t, k in zip(ids, turn) if k == len(spans) - 1]
@@ -81,12 +81,12 @@ def _turn_of(pos: int, spans: list[tuple[int, int]]) -> int:
     return k if k >= 0 and pos < spans[k][1] else -1
 
 
-def _by_offsets(full: str, spans, tokenizer) -> tuple[list[int], list[int]]:
+def ids_by_offsets(full: str, spans, tokenizer) -> tuple[list[int], list[int]]:
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     return list(enc["input_ids"]), [_turn_of(a, spans) for a, _ in enc["offset_mapping"]]
 
 
-def _by_pieces(full: str, spans, tokenizer) -> tuple[list[int], list[int]]:
+def ids_by_pieces(full: str, spans, tokenizer) -> tuple[list[int], list[int]]:
     cuts = sorted({0, len(full), *(c for span in spans for c in span)})
     ids, turn = [], []
     for a, b in zip(cuts, cuts[1:]):

@@ -6,7 +6,7 @@ concatenated side by side (scipy hstack), so a word weighs differently in the fi
 sentence; one extra column, the cosine similarity of the two sentences under a shared word TF-IDF,
 gives the linear model the one pair interaction it cannot build from the concatenation itself.
 Models: LogisticRegression(C=1.0, max_iter=1000, liblinear solver) for classification, Ridge(alpha=1.0) for regression
-(stsb). Dev-set metrics come from tunelab.evaluation.metrics.
+(stsb). Dev-set metrics come from tunelab.metrics.
 
     tfidf_baseline("sst2")["metrics"]["accuracy"]
 """

@@ -21,7 +21,7 @@ import os
 import threading
 from pathlib import Path
 
-from tunelab.evaluation import metrics as M
+from tunelab import metrics as M
 
 # Score the prompts' common token prefix once and each row's rest against its cached keys and values (off:
 # every row's whole prompt, the reference the shared path is tested against). SmolLM2 on SST-2: 39 of ~79
@@ -97,7 +97,7 @@ def classifier_predictions(model, tokenizer, task, rows, device, max_length=256,
     training/stages.py's `predict`, so the predictions are the ones the run's own dev metrics use."""
     import torch
 
-    from tunelab.training.stages import classification_collate, classification_logits, encode_pairs
+    from tunelab.stages.classification import classification_collate, classification_logits, encode_pairs
 
     regression = task.type == "regression"
     examples = encode_pairs(rows, tokenizer, max_length, regression)
@@ -127,7 +127,7 @@ def perplexity_predictions(model, tokenizer, rows, device, batch_size=8, progres
 
     from tunelab.config import DataConfig
     from tunelab.data import collate, render_example
-    from tunelab.training.loss import row_loss_sums, shift_labels
+    from tunelab.models.loss import row_loss_sums, shift_labels
 
     cfg = DataConfig(max_length=1024)
     examples = [render_example(r, cfg, tokenizer) for r in rows]

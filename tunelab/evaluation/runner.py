@@ -9,7 +9,7 @@ How a model is scored depends on what it is:
   - a span-QA model (a `stage: extractive_qa` run) on squad: SQuAD v2 exact match / F1 (evaluation/qa.py),
     with the run's own window and null-threshold settings;
   - an encoder-decoder (a `stage: seq2seq` run, or a T5/BART folder) on a seq2seq task: generated outputs
-    scored by corpus BLEU and embedding cosine (evaluation/generation.py);
+    scored by corpus BLEU and embedding cosine (models/generation.py);
   - a causal LM on a seq2seq task: the task as a chat instruction ("Translate to German: ..."), the
     reply's first line generated greedily, scored the same way.
 """
@@ -48,8 +48,8 @@ def evaluate(
     `return_predictions` adds the per-row "predictions" (evaluation/predictions.py) of the classifier,
     verbalizer and perplexity paths, whose `prediction_metrics` are the result's "metrics"."""
     from tunelab.data.tasks import get_task, load_split
-    from tunelab.inference import run_manifest
     from tunelab.models import resolve_device
+    from tunelab.stages.runs import run_manifest
 
     task = get_task(task_name)
     rows = load_split(task, "dev", limit=limit, seed=seed)
@@ -63,7 +63,7 @@ def evaluate(
     if _is_span_qa(model):
         if task.type != "extractive_qa":
             raise NotImplementedError(f"a span-QA model scores extractive_qa tasks (squad), not {task.type}")
-        from tunelab.evaluation.qa import evaluate_qa
+        from tunelab.stages.extractive_qa import evaluate_qa
 
         kw = {
             k: run_task[k] for k in ("max_length", "doc_stride", "max_answer_tokens", "null_threshold") if k in run_task
@@ -71,11 +71,11 @@ def evaluate(
         scores, _ = evaluate_qa(model, tokenizer, rows, dev, batch_size=batch_size, **kw)
         how = "span extraction"
     elif task.type == "seq2seq" and _is_encoder_decoder(model):
-        from tunelab.evaluation.generation import generate_seq2seq, generation_scores
+        from tunelab.models.generation import generate_seq2seq, generation_scores
 
         prefix = run_task.get("prefix")
         if prefix is None:
-            from tunelab.training.stages import T5_PREFIXES
+            from tunelab.stages.seq2seq import T5_PREFIXES
 
             t5 = unwrap(model).config.model_type in ("t5", "mt5", "umt5")
             prefix = T5_PREFIXES.get(task.name, "") if t5 else ""
@@ -87,7 +87,7 @@ def evaluate(
         scores = generation_scores(hyps, [r["target"] for r in rows], embedding_model)
         how = f"generation (beam {beams})" if beams > 1 else "generation (greedy)"
     elif task.type == "seq2seq":
-        from tunelab.evaluation.generation import generate_chat, generation_scores
+        from tunelab.models.generation import generate_chat, generation_scores
 
         instruction = CHAT_INSTRUCTIONS.get(task.name, "")
         hyps = generate_chat(
@@ -130,7 +130,7 @@ CHAT_INSTRUCTIONS = {"wmt14-en-de": "Translate to German: "}
 def _load(model_or_run: str, device: str, manifest: dict):
     """A run through load_run; a plain encoder-decoder folder / hub id as a seq2seq LM (load_run would
     take it for a causal LM)."""
-    from tunelab.inference import load_run
+    from tunelab.stages.runs import load_run
 
     if not manifest and _plain_encoder_decoder(model_or_run):
         from transformers import AutoModelForSeq2SeqLM
@@ -143,16 +143,13 @@ def _load(model_or_run: str, device: str, manifest: dict):
 
 
 def _plain_encoder_decoder(spec: str) -> bool:
-    from transformers import AutoConfig
-
     from tunelab.config import ModelConfig
-    from tunelab.models import resolve
-    from tunelab.models.loading import _from_pretrained
+    from tunelab.models import load_config
 
     if str(spec).endswith(".gguf"):
         return False
     try:
-        config = _from_pretrained(AutoConfig.from_pretrained, resolve(str(spec)), ModelConfig(name=str(spec)))
+        config = load_config(ModelConfig(name=str(spec)))
         return bool(getattr(config, "is_encoder_decoder", False))
     except Exception:  # unknown spec: let load_run give its own clear error
         return False

@@ -19,14 +19,14 @@ def load_merged(run: str, device: str = "cpu"):
     quantisation written into the weights, ...). Methods that cannot be merged (prefix, prompt,
     bottleneck adapters) keep extra modules a plain model does not have, so they cannot be exported.
     """
-    from tunelab.inference import load_run, run_manifest
     from tunelab.methods import get as get_method
+    from tunelab.stages.runs import load_run, run_manifest
 
     manifest = run_manifest(run)
     if manifest is not None and not get_method(manifest["method"]).MERGEABLE:
         raise ExportError(
             f"{run}: method {manifest['method']!r} cannot be merged into plain weights, so it cannot be exported "
-            "as a standalone model; serve it with `tunelab serve` or load it with `tunelab.inference.load_run`."
+            "as a standalone model; serve it with `tunelab serve` or load it with `tunelab.stages.runs.load_run`."
         )
     model, tokenizer = load_run(run, device=device, merge=True)
     if hasattr(model, "merge_and_unload") or hasattr(model, "peft_config"):
@@ -64,8 +64,8 @@ def _qat_advice(manifest: dict | None, run: str, quant: str) -> str | None:
     """A note when a QAT run is exported to a 4-bit type other than the one it was trained for."""
     if not manifest or manifest.get("method") != "qat":
         return None
-    from tunelab.inference import result_dir
     from tunelab.methods.qat import settings
+    from tunelab.stages.runs import result_dir
 
     s = settings(result_dir(run)) or {}
     match = {(32, False): "q4_1", (32, True): "q4_0"}.get((s.get("group_size"), s.get("symmetric")))

@@ -18,7 +18,7 @@ What PEFT 0.21 gets wrong with transformers 5.24 (found by the tests in tests/te
    `cache=<prefix>`; its `**kwargs` pass it to the backbone, and the head and loss stay transformers'.
 3. Prompt tuning on a causal LM returns logits for the virtual tokens too
    ([batch, num_virtual_tokens + seq, vocab]), so they no longer line up with the labels in
-   tunelab's loss (`training/loss.py`, which computes the loss from `.logits`). Fix: a forward hook
+   tunelab's loss (`models/loss.py`, which computes the loss from `.logits`). Fix: a forward hook
    drops the virtual positions from `.logits` (PEFT's own `.loss` is unaffected).
 """
 

@@ -12,21 +12,6 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights are counted once."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = p.numel()
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
-
-
 def freeze_all(model: torch.nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)

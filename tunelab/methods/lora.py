@@ -44,10 +44,10 @@ def peft_config(cfg: Config, model):
 def apply(model, cfg: Config):
     from peft import get_peft_model
 
-    from tunelab.methods import _fast_lora
+    from tunelab.methods import fast_lora
 
     model = get_peft_model(model, peft_config(cfg, model))
-    _fast_lora.enable(model)  # one folded matmul per layer when dropout is 0 (see _fast_lora.py)
+    fast_lora.enable(model)  # one folded matmul per layer when dropout is 0 (see fast_lora.py)
     return model
 
 

@@ -1,7 +1,7 @@
 """Quantisation-aware training: full fine-tuning whose forward pass sees 4-bit weights.
 
 Every linear layer of the model body computes with fake_quant(W), the 4-bit per-group
-quantise-dequantise of its weight (tunelab/export/quant.py; GGUF's Q4_1 at group 32, or Q4_0 with
+quantise-dequantise of its weight (tunelab/models/quant.py; GGUF's Q4_1 at group 32, or Q4_0 with
 `symmetric: true`). The backward pass treats the rounding as the identity (straight-through
 estimator), so the latent full-precision W trains and keeps the small updates that a single step
 would not move across a rounding boundary. The loss is thus the loss of the quantised model, and a
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from tunelab.export.quant import fake_quant_4bit, fake_quant_ste, quantizable_linears
 from tunelab.methods.base import MethodConfig, load_full_model, save_full_model
+from tunelab.models.quant import fake_quant_4bit, fake_quant_ste, quantizable_linears
 
 DESCRIPTION = "every weight; the body's linear weights are fake-quantised to 4 bit in the forward pass (STE)"
 MERGEABLE = True

@@ -8,7 +8,7 @@ methods appear automatically; one that cannot be applied is reported as "n/a" wi
 from __future__ import annotations
 
 from tunelab.methods import registry
-from tunelab.methods.base import count_parameters
+from tunelab.models import count_parameters
 
 
 def _auto_class(config):

@@ -68,13 +68,13 @@ def next_token_logits(
 ) -> torch.Tensor:
     """[batch, vocab] logits at each row's last real token (right or left padding).
 
-    Where the model splits into backbone and head (training/loss.py), the head runs on those positions
+    Where the model splits into backbone and head (models/loss.py), the head runs on those positions
     only: the [batch, seq, vocab] logits (SmolLM2: 49k words, a fifth of the forward FLOPs) are never built.
 
     With `prefix`, every row continues that prefix: input_ids and attention_mask hold only the rest of each
     row, right-padded, and the prefix's cached keys and values stand in for its tokens.
     """
-    from tunelab.training.loss import backbone_and_head
+    from tunelab.models.loss import backbone_and_head
 
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -107,9 +107,9 @@ class SharedPrefix:
         from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
         from tunelab.methods._prompt_learning import accepts
-        from tunelab.training.loss import backbone_and_head
+        from tunelab.models.loss import backbone_and_head
 
-        # No split (training/loss.py) for prompt-learning PEFT models (their forward puts virtual tokens or a prefix cache in
+        # No split (models/loss.py) for prompt-learning PEFT models (their forward puts virtual tokens or a prefix cache in
         # front of every row, which the backbone alone would leave out), encoder-decoders (no causal LM
         # head: their prompt is the encoder's input, not a cacheable prefix) and soft-capped heads.
         split = backbone_and_head(model)

@@ -10,24 +10,28 @@ Heavy libraries (torch, transformers) are imported only when a function needs th
 from tunelab.models.loading import (
     CHATML_TEMPLATE,
     compute_dtype,
+    count_parameters,
+    load_config,
     load_model,
     load_tokenizer,
     resolve_device,
     unwrap,
 )
-from tunelab.models.sources import NAMED, ModelError, count_parameters, named_models, resolve, tunelab_home
+from tunelab.models.sources import NAMED, ModelError, named_models, resolve, saved_parameters, tunelab_home
 
 __all__ = [
     "CHATML_TEMPLATE",
     "NAMED",
     "ModelError",
     "compute_dtype",
+    "load_config",
     "count_parameters",
     "load_model",
     "load_tokenizer",
     "named_models",
     "resolve",
     "resolve_device",
+    "saved_parameters",
     "tunelab_home",
     "unwrap",
 ]

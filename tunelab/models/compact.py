@@ -63,7 +63,7 @@ class CompactWeight:
     def block(self, start: int, end: int) -> torch.Tensor:
         """Rows start..end of the fp32 weight, decoded into this thread's reused buffer, valid until the next
         scratch request in the thread: a product with a weight too large to decode whole at once."""
-        return self._decode_rows(start, end, _scratch(torch.Size([end - start, self.shape[1]]), self.codes.device))
+        return self._decode_rows(start, end, scratch(torch.Size([end - start, self.shape[1]]), self.codes.device))
 
     def _decode_rows(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
         if self.step is None:
@@ -87,7 +87,7 @@ def _decode(codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, out: 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-def _scratch(shape: torch.Size, device: torch.device) -> torch.Tensor:
+def scratch(shape: torch.Size, device: torch.device) -> torch.Tensor:
     """A view of `shape` into the one reused buffer of this (device, thread), as large as the largest shape
     asked for: valid until the next scratch request in this thread (every caller uses it for one matmul
     at once). Why: a decoded weight lives for one matmul; a fresh multi-MB tensor per use is mapped and

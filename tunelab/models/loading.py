@@ -125,6 +125,13 @@ def load_tokenizer(cfg: ModelConfig):
     return _load_tokenizer(resolve(cfg.name), cfg)
 
 
+def load_config(cfg: ModelConfig):
+    """The transformers config of `cfg.name` (no weights loaded): its model_type, is_encoder_decoder ..."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig.from_pretrained, resolve(cfg.name), cfg)
+
+
 def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
     """`(model, tokenizer)` for `cfg.name`, in `cfg.dtype` on `device`, in eval mode.
 
@@ -141,3 +148,18 @@ def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(dev), tok
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total

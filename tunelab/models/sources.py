@@ -115,7 +115,7 @@ def named_models() -> list[dict]:
                 "source": m.source,
                 "kind": m.kind,
                 "cached": cached,
-                "parameters": count_parameters(folder) if cached else None,
+                "parameters": saved_parameters(folder) if cached else None,
                 "licence": m.licence,
                 "description": m.description,
             }
@@ -123,7 +123,7 @@ def named_models() -> list[dict]:
     return rows
 
 
-def count_parameters(folder: str | Path) -> int | None:
+def saved_parameters(folder: str | Path) -> int | None:
     """Parameters stored in a folder's safetensors files, read from their headers without loading."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:

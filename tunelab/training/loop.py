@@ -6,84 +6,43 @@ Deliberately a plain function, not a Trainer class: every step is visible here, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import random
 import signal
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from tunelab.config import dump_config
-from tunelab.models import attention, norm
+from tunelab.methods import get as get_method
+from tunelab.models import attention, count_parameters, norm, resolve_device
 from tunelab.models.compact import compact_frozen_linears, expand_compact, free_scratch
 from tunelab.models.loading import unwrap
+from tunelab.models.loss import free_buffers as free_loss_buffers
+from tunelab.stages import Stage
+from tunelab.stages import get as get_stage
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed, threads
-from tunelab.training.loss import free_buffers as free_loss_buffers
+from tunelab.training.harness import (
+    MetricsLog,
+    RunResult,
+    autocast_for,
+    batch_order,
+    early_stop,
+    fp32_master_weights_,
+    log,
+    no_autocast,
+    on_main_thread,
+    optimizer_for,
+    progress_bar,
+    raise_keyboard_interrupt,
+    save_result,
+    scheduler_for,
+    start_run,
+    to_device,
+)
 from tunelab.training.memory import allocator_note, release_freed_memory, releases_memory
-from tunelab.training.stages import Stage, stage_for
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    final_dir: Path | None
-    metrics: dict = field(default_factory=dict)
-
-
-def log(msg: str) -> None:
-    if distributed.rank() == 0:  # one voice in a multi-process run
-        print(f"[tunelab] {msg}", file=sys.stderr, flush=True)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run sees the same data."""
-    g = torch.Generator().manual_seed(seed * 1000 + epoch)
-    perm = torch.randperm(n_rows, generator=g).tolist()
-    return [perm[i : i + batch_size] for i in range(0, n_rows, batch_size)]
-
-
-def optimizer_for(params, tcfg) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard.
-
-    A parameter that is frozen for now (gradual unfreezing) has no gradient, and AdamW skips it.
-    """
-    decay, no_decay = [], []
-    for p in params:
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    if not groups:
-        raise ValueError("the method left no trainable parameters")
-    fused = params[0].device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), fused=fused or None)
-
-
-def scheduler_for(optimizer, tcfg, total_steps: int):
-    from transformers import get_scheduler
-
-    warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * total_steps)
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[tcfg.scheduler]
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
@@ -106,90 +65,15 @@ def evaluate_loss(model, batches: list[dict], device, autocast, stage: Stage, ex
     return total / max(count, 1)
 
 
-def _read_metrics(path: Path, up_to_step: int) -> list[dict]:
-    """The records of a metrics.jsonl up to a step. A missing file (deleted by hand) or a torn last
-    line (the process killed mid-write) loses those lines, never the resume."""
-    if not path.exists():
-        log(f"{path} is missing: the resumed run's metrics start at the checkpoint")
-        return []
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            record = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            log(f"{path}:{n}: not a JSON line (a write cut short?); dropped")
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= up_to_step:
-            records.append(record)
-    return records
-
-
-class _MetricsLog:
-    """metrics.jsonl (always) and TensorBoard events (optional), one place for both."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step == 0:
-            self.path.write_text("")
-        else:  # drop lines past the checkpoint so a resumed log has no duplicate steps
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in _read_metrics(self.path, resume_step)))
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(
-                    str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
-                )
-            except ImportError:
-                log("tensorboard is not installed; writing metrics.jsonl only")
-
-    def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def start_run(cfg, resume: bool) -> tuple[Path, Path | None]:
-    """Create the run folder (refusing to overwrite an earlier run unless resuming), write its
-    config, set threads and seeds. Returns the run folder and the checkpoint to resume from."""
-    run_dir = Path(cfg.output_dir)
-    resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
-    if resume and resume_from is None:
-        log(f"no checkpoint in {run_dir / 'checkpoints'}; starting from the beginning")
-    if not resume and ckpt.latest_checkpoint(run_dir) is not None:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints of an earlier run: pass --resume to continue it, "
-            "or choose another output_dir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.rank() == 0:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-    if cfg.training.threads:
-        torch.set_num_threads(cfg.training.threads)
-    seed_everything(cfg.training.seed)
-    return run_dir, resume_from
-
-
 def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]] | None = None) -> RunResult:
     """Run one fine-tuning job described by a validated Config. See docs/getting-started.md."""
-    if cfg.stage == "ppo":  # RLHF samples its own data each iteration: a loop of its own (training/ppo.py)
+    stage = get_stage(cfg.stage, cfg)
+    if stage.loop == "ppo":  # RLHF samples its own data each iteration: a loop of its own (training/ppo.py)
         if distributed.world_size() > 1:
             raise ValueError("stage ppo trains in one process (its rollouts are not sharded): drop --nproc / torchrun")
         from tunelab.training.ppo import train_ppo
 
         return train_ppo(cfg, resume=resume, callbacks=callbacks)
-    from tunelab.methods import get as get_method
-    from tunelab.methods.base import count_parameters
-    from tunelab.models import resolve_device
-
     tcfg = cfg.training
     run_dir, resume_from = start_run(cfg, resume)
     release_freed_memory(releases_memory(tcfg))
@@ -200,7 +84,6 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     device = dist.device
     if note := allocator_note(tcfg, on_cpu=device.type == "cpu"):
         log(note)
-    stage = stage_for(cfg.stage, cfg)
     model, tokenizer = stage.load_model(cfg, device)
     method = get_method(cfg.method.name)
     dist.check(cfg, method, resume)
@@ -212,8 +95,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         enable_gradient_checkpointing(model)
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
         stage.prepare(model, cfg)
-    autocast = _autocast_for(device, cfg.model.dtype)
-    if autocast is not _no_autocast and (upcast := fp32_master_weights_(model)):
+    autocast = autocast_for(device, cfg.model.dtype)
+    if autocast is not no_autocast and (upcast := fp32_master_weights_(model)):
         log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32")
     trainable, total = count_parameters(model)
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
@@ -263,7 +146,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         state.update(dist.load_checkpoint(resume_from, model, optimizer, scheduler, global_batch))
         log(f"resumed from {resume_from} at step {state['step']}/{total_steps}")
     optimizer = dist.prepare(model, stage, optimizer)  # wraps the model in DDP when there are several processes
-    metrics_log = _MetricsLog(run_dir, tcfg.tensorboard, state["step"]) if dist.is_main else distributed.NullLog()
+    metrics_log = MetricsLog(run_dir, tcfg.tensorboard, state["step"]) if dist.is_main else distributed.NullLog()
 
     def do_eval(step: int) -> float | None:
         if not val_batches:
@@ -330,13 +213,13 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             results.append((float(loss_sum.detach()), more))
         return results, grads
 
-    progress = _progress(tcfg.progress and dist.is_main, total_steps, state["step"])
+    progress = progress_bar(tcfg.progress and dist.is_main, total_steps, state["step"])
     model.train()
     interrupted = stop_early = False
     step_start = None
     last_loss = float("nan")
     t_start, tokens_start = time.perf_counter(), state["tokens"]
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if _main_thread() else None
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt) if on_main_thread() else None
     try:
         while state["step"] < total_steps and not stop_early:
             step = state["step"]
@@ -363,7 +246,9 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
                         done.append((float(loss_sum.detach()), more, weight, tokens))
                     continue
                 learning = [p for p in model.parameters() if p.requires_grad]  # on_step may change it
-                ran = threads.run([partial(share_gradients, sh, n_label, learning, k == 0) for k, sh in enumerate(shares)])
+                ran = threads.run(
+                    [partial(share_gradients, sh, n_label, learning, k == 0) for k, sh in enumerate(shares)]
+                )
                 threads.accumulate(learning, [grads for _, grads in ran[1:]])
                 for (results, _), share in zip(ran, shares):
                     done += [(loss, more, w, tokens) for (loss, more), (_, w, tokens) in zip(results, share)]
@@ -396,7 +281,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
                 eval_loss = do_eval(step)
                 record["eval_loss"] = eval_loss
-                stop_early = _early_stop(state, eval_loss, tcfg.early_stopping_patience)
+                stop_early = early_stop(state, eval_loss, tcfg.early_stopping_patience)
                 if stop_early:
                     log(
                         f"early stopping at step {step}: no eval-loss improvement in {tcfg.early_stopping_patience} evals"
@@ -468,25 +353,6 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     return RunResult(run_dir, final_dir, metrics)
 
 
-def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict) -> Path:
-    """Write the result (`save(model, folder)`, the method's own format), tokenizer and a small manifest
-    atomically into run_dir/final."""
-    import shutil
-
-    final = run_dir / "final"
-    tmp = run_dir / f".tmp-final-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(model, tmp)
-    tokenizer.save_pretrained(tmp)
-    manifest = {"method": cfg.method.name, "base_model": cfg.model.model_dump(), "stage": cfg.stage}
-    manifest.update(manifest_extra)
-    (tmp / "tunelab.json").write_text(json.dumps(manifest, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
-
-
 def enable_gradient_checkpointing(model) -> None:
     """Transformers' per-layer checkpointing, non-reentrant: it needs no input that requires grad, so
     frozen embeddings (LoRA, prompt methods) need no `enable_input_require_grads` workaround."""
@@ -496,60 +362,6 @@ def enable_gradient_checkpointing(model) -> None:
             f"training.gradient_checkpointing: {type(inner).__name__} does not support it; set it to false"
         )
     inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _early_stop(state: dict, eval_loss: float | None, patience: int | None) -> bool:
-    if eval_loss is None:
-        return False
-    if state["best_eval"] is None or eval_loss < state["best_eval"]:
-        state["best_eval"] = eval_loss
-        state["evals_without_improvement"] = 0
-        return False
-    state["evals_without_improvement"] += 1
-    return bool(patience) and state["evals_without_improvement"] >= patience
-
-
-_no_autocast = contextlib.nullcontext
-
-
-def _autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA; plain fp32 on CPU, where bf16 matmuls are ~250x slower on CPUs without native bf16."""
-    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return _no_autocast
-
-
-def fp32_master_weights_(model) -> int:
-    """Mixed precision: trainable bf16/fp16 parameters become fp32, frozen ones stay in half precision.
-
-    On CUDA `model.dtype: auto` loads bf16 weights and autocast runs the matmuls in bf16. bf16 keeps 8
-    bits of mantissa: a weight of 0.02 moves in steps of ~1e-4, so AdamW's updates (about lr, e.g. 2e-5)
-    would round away. The weights that train therefore keep fp32, as in every mixed-precision recipe
-    (PEFT does the same for adapters). Full fine-tuning thus trains and saves fp32 weights; LoRA
-    keeps its bf16 base. Returns the number of parameters upcast.
-    """
-    n = 0
-    for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
-            p.data = p.data.float()
-            n += p.numel()
-    return n
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _real_tokens(examples: list[dict], batch: dict) -> int:

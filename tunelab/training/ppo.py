@@ -29,50 +29,44 @@ import contextlib
 import copy
 import json
 import math
-import random
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from tunelab.methods import get as get_method
+from tunelab.models import count_parameters, resolve_device
+from tunelab.stages.ppo import PolicyWithValue, RewardFn, load_policy, load_prompts, reward_function
 from tunelab.training import checkpoint as ckpt
-from tunelab.training.loop import (
+from tunelab.training.harness import (
+    MetricsLog,
     RunResult,
-    _autocast_for,
-    _main_thread,
-    _MetricsLog,
-    _no_autocast,
-    _progress,
+    autocast_for,
     batch_order,
     fp32_master_weights_,
     log,
+    no_autocast,
+    on_main_thread,
     optimizer_for,
+    progress_bar,
     save_result,
     scheduler_for,
     start_run,
 )
-
-# reward_fn(prompts, responses, response_ids) -> one score per response (a 1-D tensor). prompts are chat
-# messages, responses the decoded replies, response_ids their token ids (the policy's tokenizer, no eos).
-RewardFn = Callable[[list[list[dict]], list[str], list[list[int]]], torch.Tensor]
+from tunelab.training.ppo_math import (
+    entropy_of,
+    gae,
+    kl_penalised_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_losses,
+    token_logprobs,
+    update_kl_coef,
+)
 
 # Methods that wrap the model in a PeftModel: their reference is the model with the adapter disabled.
 PEFT_METHODS = ("lora", "qlora", "ia3")
-
-
-# ------------------------------------------------------------------------------------ the policy
-class PolicyWithValue(torch.nn.Module):
-    """The trained causal LM and its value head. Its parameters are what a checkpoint holds."""
-
-    def __init__(self, lm: torch.nn.Module, hidden_size: int):
-        super().__init__()
-        self.lm = lm
-        # zero-initialised: V = 0 at the start, so early advantages are the (whitened) returns themselves
-        self.value_head = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.zeros_(self.value_head.weight)
-        torch.nn.init.zeros_(self.value_head.bias)
 
 
 def response_forward(lm, seq: torch.Tensor, mask: torch.Tensor, n_resp: int, temperature: float, hidden: bool):
@@ -96,14 +90,6 @@ def response_forward(lm, seq: torch.Tensor, mask: torch.Tensor, n_resp: int, tem
     return logits, h
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_of(logits: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
-
-
 @contextlib.contextmanager
 def reference_model(policy: PolicyWithValue, frozen: torch.nn.Module | None):
     """pi_ref: the frozen copy if there is one, else the policy's own LM with its PEFT adapter switched off."""
@@ -112,160 +98,6 @@ def reference_model(policy: PolicyWithValue, frozen: torch.nn.Module | None):
     else:
         with policy.lm.disable_adapter():
             yield policy.lm
-
-
-# ------------------------------------------------------------------------------------- the maths
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
-def kl_penalised_rewards(scores, logprobs, ref_logprobs, mask, kl_coef: float):
-    """Per-token rewards r_t = -beta (log pi - log pi_ref)_t, with the score R(x, y) added on the last
-    response token; and the per-token log-ratio (its sum over a response estimates KL(pi || pi_ref))."""
-    log_ratio = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * log_ratio
-    last = mask.sum(1).long().clamp(min=1) - 1
-    rewards[torch.arange(len(scores)), last] += scores
-    return rewards, log_ratio
-
-
-def gae(rewards, values, mask, gamma: float, lam: float):
-    """Generalised advantage estimation (Schulman et al. 2016), right to left over the response:
-    delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  returns_t = A_t + V_t,
-    with V = 0 past the end of a response (the episode ends at its last token)."""
-    rewards, values = rewards * mask, values * mask
-    advantages = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    n = rewards.shape[1]
-    for t in reversed(range(n)):
-        next_value = values[:, t + 1] if t + 1 < n else torch.zeros_like(running)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
-        advantages[:, t] = running
-    return advantages * mask, (advantages + values) * mask
-
-
-def ppo_losses(new_logprobs, new_values, entropy, batch: dict, pcfg) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate (Schulman et al. 2017) and clipped value loss, averaged over response tokens."""
-    mask, adv = batch["mask"], batch["advantages"]
-    log_ratio = new_logprobs - batch["logprobs"]
-    ratio = torch.exp(log_ratio)
-    pg_unclipped = -adv * ratio
-    pg_clipped = -adv * torch.clamp(ratio, 1 - pcfg.cliprange, 1 + pcfg.cliprange)
-    policy_loss = masked_mean(torch.max(pg_unclipped, pg_clipped), mask)
-    old_v, ret = batch["values"], batch["returns"]
-    v_clipped = old_v + torch.clamp(new_values - old_v, -pcfg.cliprange_value, pcfg.cliprange_value)
-    value_loss = 0.5 * masked_mean(torch.max((new_values - ret) ** 2, (v_clipped - ret) ** 2), mask)
-    ent = masked_mean(entropy, mask)
-    loss = policy_loss + pcfg.vf_coef * value_loss - pcfg.entropy_coef * ent
-    with torch.no_grad():
-        stats = {
-            "policy_loss": float(policy_loss),
-            "value_loss": float(value_loss),
-            "clip_frac": float(masked_mean((pg_clipped > pg_unclipped).float(), mask)),
-            "value_clip_frac": float(masked_mean(((new_values - old_v).abs() > pcfg.cliprange_value).float(), mask)),
-            "approx_kl": float(0.5 * masked_mean(log_ratio**2, mask)),
-        }
-    return loss, stats
-
-
-def update_kl_coef(kl_coef: float, kl: float, n_sequences: int, pcfg) -> float:
-    """Ziegler et al. 2019, eq. 3: beta <- beta (1 + K_beta e), e = clip(KL / KL_target - 1, -0.2, 0.2),
-    K_beta = n_sequences / horizon. KL above target raises beta, below target lowers it."""
-    if pcfg.kl_control == "fixed":
-        return kl_coef
-    error = min(max(kl / pcfg.kl_target - 1, -0.2), 0.2)
-    return kl_coef * (1 + error * n_sequences / pcfg.kl_horizon)
-
-
-# ---------------------------------------------------------------------------------------- prompts
-def _prompt_messages(source: str, number: int, row: dict) -> list[dict]:
-    from tunelab.data.errors import DataError, where
-
-    prompt = row.get("prompt", row.get("messages"))
-    if isinstance(prompt, str) and prompt.strip():
-        return [{"role": "user", "content": prompt}]
-    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
-        return [{"role": m.get("role", "user"), "content": str(m["content"])} for m in prompt]
-    raise DataError(
-        f"{where(source, number)}: no usable `prompt` field (a string or a list of {{role, content}} messages); "
-        "give each row a prompt, or use a preference file (hh-rlhf, {prompt, chosen, rejected}, ShareGPT)."
-    )
-
-
-def read_prompts(path: str) -> list[list[dict]]:
-    """Chat-message prompts from a preference file (the prompts of its pairs) or a file of `prompt` rows."""
-    from tunelab.data import read_rows
-
-    rows = read_rows(path)
-    first = rows[0][2] if rows else {}
-    if "chosen" in first and "rejected" in first:
-        from tunelab.data.preference import load_preference_pairs
-
-        return [pair["prompt"] for pair in load_preference_pairs(path)]
-    return [_prompt_messages(src, n, row) for src, n, row in rows]
-
-
-def load_prompts(pcfg, tokenizer, seed: int) -> tuple[list[dict], list[dict], dict]:
-    """(train, held-out) prompts as {"messages", "ids"}: deduplicated, too-long ones skipped, a seeded
-    split so the held-out prompts are never trained on."""
-    from tunelab.data import build_prompt_ids
-
-    seen, prompts, too_long = set(), [], 0
-    messages_list = read_prompts(pcfg.prompts)[pcfg.skip_prompts :]
-    for messages in messages_list:
-        key = json.dumps(messages, sort_keys=True)
-        if key in seen:
-            continue
-        seen.add(key)
-        ids = build_prompt_ids(messages, tokenizer)
-        if len(ids) > pcfg.max_prompt_length:
-            too_long += 1
-            continue
-        prompts.append({"messages": messages, "ids": ids})
-    random.Random(seed).shuffle(prompts)
-    held_out, train = prompts[: pcfg.eval_prompts], prompts[pcfg.eval_prompts :][: pcfg.prompt_limit]
-    if not train:
-        raise ValueError(
-            f"{pcfg.prompts}: no training prompts left ({len(messages_list)} read, {too_long} longer than "
-            f"ppo.max_prompt_length={pcfg.max_prompt_length}, {len(held_out)} held out)"
-        )
-    stats = {"prompts_read": len(messages_list), "prompts_too_long": too_long, "train_prompts": len(train),
-             "eval_prompts": len(held_out)}  # fmt: skip
-    return train, held_out, stats
-
-
-# ---------------------------------------------------------------------------------------- rewards
-def reward_function(rcfg, tokenizer, device) -> RewardFn:
-    """The configured R(x, y). The builtin ones are toys for tests and smoke runs; real runs use a reward model."""
-    clip = rcfg.score_clip
-
-    def clipped(fn: RewardFn) -> RewardFn:
-        return fn if clip is None else (lambda p, r, ids: fn(p, r, ids).clamp(-clip, clip))
-
-    def per_response(fn) -> RewardFn:
-        return lambda prompts, responses, ids: torch.tensor([float(fn(x)) for x in ids])
-
-    if rcfg.kind == "model":
-        from tunelab.training.reward import load_reward_model, score
-
-        rm, rm_tokenizer = load_reward_model(rcfg.path, device=device)
-        # the reward model reads text (its tokenizer may differ from the policy's)
-        return clipped(lambda prompts, responses, ids: score(rm, rm_tokenizer, prompts, responses).float())
-    if rcfg.kind == "length":
-        target = rcfg.target_length
-        return clipped(per_response(lambda ids: 1 - abs(len(ids) - target) / target))
-    if rcfg.kind == "keyword":
-        keyword = rcfg.keyword
-        return clipped(per_response(lambda ids: sum(keyword in tokenizer.decode([t]) for t in ids) / max(len(ids), 1)))
-    wanted = set(rcfg.token_ids)
-    return clipped(per_response(lambda ids: sum(t in wanted for t in ids) / max(len(ids), 1)))
 
 
 # --------------------------------------------------------------------------------------- rollouts
@@ -422,36 +254,8 @@ def evaluate_prompts(policy, frozen, prompts: list[dict], tokenizer, reward_fn, 
 
 
 # --------------------------------------------------------------------------------------- the run
-def load_policy(cfg, device):
-    """(lm, tokenizer, the ModelConfig it rests on, extra manifest keys) for ppo.policy."""
-    from tunelab.config import ConfigError
-    from tunelab.inference import load_run, run_manifest
-    from tunelab.methods import get as get_method
-    from tunelab.models import load_model
-
-    src = cfg.ppo.policy
-    manifest = run_manifest(src) if src else None
-    if manifest is None:
-        model_cfg = cfg.model if not src else cfg.model.model_copy(update={"name": src})
-        lm, tokenizer = load_model(model_cfg, device=device)
-        return lm, tokenizer, model_cfg, {}
-    if not get_method(manifest["method"]).MERGEABLE:
-        raise ConfigError(
-            f"ppo.policy: the run {src} used method {manifest['method']}, which cannot be merged into plain "
-            "weights to start PPO from; train the SFT policy with lora, full or another mergeable method"
-        )
-    lm, tokenizer = load_run(src, device=str(device), merge=True)  # the SFT result, merged: PPO's base
-    from tunelab.config import ModelConfig
-
-    return lm, tokenizer, ModelConfig(**manifest["base_model"]), {"base_run": str(Path(src).resolve())}
-
-
 def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | None = None) -> RunResult:
     """Run stage ppo from a validated Config (see docs/alignment.md). `reward_fn` overrides ppo.reward."""
-    from tunelab.methods import get as get_method
-    from tunelab.methods.base import count_parameters
-    from tunelab.models import resolve_device
-
     tcfg, pcfg = cfg.training, cfg.ppo
     run_dir, resume_from = start_run(cfg, resume)
 
@@ -464,8 +268,8 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
         frozen = copy.deepcopy(lm).eval().requires_grad_(False)
     lm = method.apply(lm, cfg.method)
     policy = PolicyWithValue(lm, lm.config.hidden_size).to(device)
-    autocast = _autocast_for(device, cfg.model.dtype)
-    if autocast is not _no_autocast:
+    autocast = autocast_for(device, cfg.model.dtype)
+    if autocast is not no_autocast:
         fp32_master_weights_(policy)
     # Dropout stays off (eval mode) throughout: the rollout's log-probs must equal the update's
     # log-probs before the first step, or the PPO ratio starts away from 1 and is clipped at random.
@@ -489,7 +293,7 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler))
         log(f"resumed from {resume_from} at iteration {state['step']}/{total_iters}")
-    metrics_log = _MetricsLog(run_dir, tcfg.tensorboard, state["step"])
+    metrics_log = MetricsLog(run_dir, tcfg.tensorboard, state["step"])
     samples_dir = run_dir / "samples"
 
     def do_eval(step: int) -> dict:
@@ -522,9 +326,9 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
         log("stopping after this iteration (press Ctrl-C again to stop now, without a checkpoint)")
 
     handlers = {}
-    if _main_thread():
+    if on_main_thread():
         handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    progress = _progress(tcfg.progress, total_iters, state["step"])
+    progress = progress_bar(tcfg.progress, total_iters, state["step"])
     interrupted = in_iteration = False
     last: dict = {}
     t_start = time.perf_counter()
@@ -605,4 +409,4 @@ def _save_final(run_dir: Path, policy: PolicyWithValue, tokenizer, method, cfg, 
     return save_result(run_dir, policy.lm, tokenizer, save, cfg, extra)
 
 
-__all__ = ["PolicyWithValue", "gae", "kl_penalised_rewards", "ppo_losses", "train_ppo", "update_kl_coef"]
+__all__ = ["train_ppo"]

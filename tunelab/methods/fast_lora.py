@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.models.compact import CompactLinear, CompactWeight, _scratch
+from tunelab.models.compact import CompactLinear, CompactWeight, scratch
 
 
 class _Parts(NamedTuple):
@@ -64,7 +64,7 @@ def _folded(p: _Parts) -> torch.Tensor:
     """W + s B A, for one matmul now, in a buffer shared by the weights of this shape."""
     if isinstance(p.weight, CompactWeight):
         return p.weight.dense(scratch=True).addmm_(p.lora_b, p.lora_a, alpha=p.scale)
-    return torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale, out=_scratch(p.weight.shape, p.weight.device))
+    return torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale, out=scratch(p.weight.shape, p.weight.device))
 
 
 def _linear(x: torch.Tensor, p: _Parts) -> tuple[torch.Tensor, torch.Tensor | None]:

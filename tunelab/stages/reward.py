@@ -1,4 +1,6 @@
-"""Using a trained reward model (a `stage: reward` run): load it, score replies.
+"""reward: *ForSequenceClassification with one output (a scalar head on the last non-pad token);
+Bradley-Terry loss -log sigmoid(r(x, y_w) - r(x, y_l)) summed over pairs; held-out pairwise accuracy
+and mean margin at the end. Then, using a trained reward model: load it, score replies.
 
     rm, tok = load_reward_model("runs/reward-hh")
     r = score(rm, tok, [[{"role": "user", "content": "Hi"}]], ["Hello! How can I help?"])  # tensor [1]
@@ -11,14 +13,49 @@ with the chat template exactly as in training (tunelab/data/preference.py).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from transformers import AutoModelForSequenceClassification
 
-from tunelab.data.preference import encode_response, truncate_left
+from tunelab.data.preference import collate_pairs, encode_response, truncate_left
+from tunelab.models import load_model
+from tunelab.stages.base import Stage
+from tunelab.stages.preference import eval_pairs, pair_count, pairs_data
+from tunelab.stages.runs import load_run, run_manifest
+
+
+def load(cfg, device):
+    # a fresh scalar head on the LM's last hidden state; the checkpoint's LM head is dropped
+    return load_model(cfg.model, device=device, auto_class=AutoModelForSequenceClassification, num_labels=1,
+                      ignore_mismatched_sizes=True)  # fmt: skip
+
+
+def _rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    r = reward_logits(model, batch)
+    b = r.shape[0] // 2
+    return r[:b], r[b:]
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """-log P(chosen > rejected) under Bradley-Terry, P = sigmoid(r_chosen - r_rejected), per pair."""
+    return -F.logsigmoid(r_chosen - r_rejected)
+
+
+def loss_sum(model, batch):
+    rc, rr = _rewards(model, batch)
+    margin = (rc - rr).detach()
+    extras = {"reward_accuracy": (margin > 0).sum(), "reward_margin": margin.sum()}
+    return bradley_terry_loss(rc, rr).sum(), rc.numel(), extras
+
+
+def final_metrics(model, tokenizer, cfg, data, device) -> dict:
+    if not data.val:
+        return {}
+    rc, rr = eval_pairs(_rewards, model, data, tokenizer.pad_token_id, device, cfg.training.batch_size * 2)
+    return {"pairwise_accuracy": int((rc > rr).sum()) / len(rc), "reward_margin": float((rc - rr).mean())}
 
 
 def load_reward_model(run_dir, device="auto"):
     """(model, tokenizer) of a finished `stage: reward` run, in eval mode (a LoRA adapter merged in)."""
-    from tunelab.inference import load_run, run_manifest
-
     manifest = run_manifest(run_dir)
     if manifest is None or manifest.get("stage") != "reward":
         stage = None if manifest is None else manifest.get("stage")
@@ -56,3 +93,13 @@ def score(model, tokenizer, prompts_messages, responses, max_length: int = 1024,
             ids[j, : len(x)], mask[j, : len(x)] = torch.tensor(x), 1
         out.append(reward_logits(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}))
     return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+def stage(cfg=None) -> Stage:
+    return Stage(
+        "reward", load, pairs_data, collate_pairs, loss_sum, pair_count, final_metrics,
+        lambda cfg: {"reward": {"num_labels": 1, "max_length": cfg.data.max_length}},
+        reload=lambda manifest: {
+            "auto_class": AutoModelForSequenceClassification, "num_labels": 1, "ignore_mismatched_sizes": True,
+        },
+    )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Extractive question answering (SQuAD v1/v2): windows in, spans out.
+"""extractive_qa: *ForQuestionAnswering; (question, context window) -> start / end token; summed CE of start
+and end (2 terms per window); SQuAD EM / F1 on the dev rows at the end. Windows in, spans out:
 
     feats = qa_features(rows, tokenizer, max_length=384, doc_stride=128)      # sliding windows + labels
     start, end = qa_logits(model, feats, pad_id, device)                      # one row of logits per window
@@ -29,14 +30,19 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from transformers import AutoModelForQuestionAnswering
+
+from tunelab.config import ConfigError
+from tunelab.metrics import squad_scores
+from tunelab.models import load_model
+from tunelab.stages.base import RowsBundle, Stage, task_of, task_rows
 
 NEG = -1e9
 
 
 def _require_fast(tokenizer) -> None:
     if not getattr(tokenizer, "is_fast", False):
-        from tunelab.config import ConfigError
-
         raise ConfigError(
             f"extractive QA needs a fast (Rust) tokenizer for offset mappings; {type(tokenizer).__name__} is not. "
             "Use a model folder with a tokenizer.json."
@@ -213,10 +219,74 @@ def evaluate_qa(
     features: list[dict] | None = None,
 ) -> tuple[dict, list[str]]:
     """(SQuAD scores, predictions) of a span-QA model on rows."""
-    from tunelab.evaluation.metrics import squad_scores
-
     if features is None:
         features = qa_features(rows, tokenizer, max_length, doc_stride)
     start, end = qa_logits(model, features, tokenizer.pad_token_id, device, batch_size)
     preds = postprocess(rows, features, start, end, max_answer_tokens, null_threshold)
     return squad_scores(preds, [r["answers"] for r in rows]), preds
+
+
+# ----------------------------------------------------------------------------------- the stage
+def load(cfg, device):
+    task_of(cfg.task, "extractive_qa")  # a wrong preset fails before the model loads
+    return load_model(cfg.model, device=device, auto_class=AutoModelForQuestionAnswering)
+
+
+def qa_settings(tcfg) -> dict:
+    """The pre/postprocessing settings a QA run is trained and evaluated with (kept in its manifest)."""
+    return {
+        "max_length": tcfg.max_length,
+        "doc_stride": tcfg.doc_stride if tcfg.doc_stride is not None else tcfg.max_length // 4,
+        "max_answer_tokens": tcfg.max_answer_tokens,
+        "null_threshold": tcfg.null_threshold,
+    }
+
+
+def build(cfg, tokenizer):
+    task = task_of(cfg.task, "extractive_qa")
+    train_rows = task_rows(cfg.task, "train", cfg.training.seed, "extractive_qa")
+    dev_rows = task_rows(cfg.task, "dev", cfg.training.seed, "extractive_qa")
+    s = qa_settings(cfg.task)
+    train = qa_features(train_rows, tokenizer, s["max_length"], s["doc_stride"])
+    dev = qa_features(dev_rows, tokenizer, s["max_length"], s["doc_stride"])
+    stats = {
+        "task": task.name,
+        "train_rows": len(train_rows),
+        "train_windows": len(train),
+        "val_rows": len(dev_rows),
+        "val_windows": len(dev),
+        "unanswerable_windows": sum(f["start"] == f["cls_index"] for f in train),
+    }
+    return RowsBundle(train=train, val=dev, stats=stats, val_rows=dev_rows)
+
+
+def loss_sum(model, batch):
+    """CE of the start position plus CE of the end position, summed over windows: 2 terms per window."""
+    start, end = span_logits(model, batch)
+    loss = F.cross_entropy(start, batch["start_positions"], reduction="sum") + F.cross_entropy(
+        end, batch["end_positions"], reduction="sum"
+    )
+    return loss, 2 * batch["start_positions"].numel()
+
+
+def final_metrics(model, tokenizer, cfg, data, device) -> dict:
+    if not data.val:
+        return {}
+    s = qa_settings(cfg.task)
+    scores, _ = evaluate_qa(
+        model, tokenizer, data.val_rows, device, s["max_length"], s["doc_stride"], s["max_answer_tokens"],
+        s["null_threshold"], cfg.training.batch_size * 4, features=data.val,
+    )  # fmt: skip
+    return {f"dev_{k}": v for k, v in scores.items()}
+
+
+def manifest(cfg) -> dict:
+    task = task_of(cfg.task, "extractive_qa")
+    return {"task": {"name": task.name, "type": "extractive_qa", **qa_settings(cfg.task)}}
+
+
+def stage(cfg=None) -> Stage:
+    return Stage(
+        "extractive_qa", load, build, collate_features, loss_sum, lambda b: 2 * int(b["start_positions"].numel()),
+        final_metrics, manifest, reload=lambda manifest: {"auto_class": AutoModelForQuestionAnswering},
+    )  # fmt: skip

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tunelab.evaluation import metrics as M
+from tunelab import metrics as M
 
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,91 @@
+"""What a stage is: a model class, a batch shape and a loss on the one training loop (tunelab/training).
+
+A stage module builds one `Stage` (or a function of the config that builds it) and the registry
+(tunelab/stages/__init__.py) maps stage names to modules. The loop calls, in order:
+
+    model, tokenizer = stage.load_model(cfg, device)         # the model class this stage trains
+    stage.prepare(model, cfg)                                  # optional: e.g. dpo's frozen reference copy
+    data = stage.build_data(cfg, tokenizer)                    # DataBundle(train, val, stats)
+    batch = stage.collate(examples, pad_id)
+    loss, n_terms[, extras] = stage.loss_sum(model, batch)     # summed, so a step normalises exactly
+    n_terms = stage.count(batch)                               # terms in a batch before the forward pass
+    scores = stage.final_metrics(model, tokenizer, cfg, data, device)   # optional: dev metrics
+    manifest = stage.manifest(cfg)                             # extra keys for final/tunelab.json
+
+and `load_run` (stages/runs.py) rebuilds a saved run's base model with `stage.reload(manifest)`, the
+keyword arguments of `load_model` (the head class, number of labels ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tunelab.config import ConfigError
+from tunelab.data.build import DataBundle
+from tunelab.data.tasks import Task, get_task, load_split, load_task_file
+
+
+@dataclass
+class Stage:
+    name: str
+    load_model: Callable  # (cfg, device) -> (model, tokenizer)
+    build_data: Callable  # (cfg, tokenizer) -> DataBundle
+    collate: Callable  # (examples, pad_id) -> batch
+    loss_sum: Callable  # (model, batch) -> (loss tensor, n terms[, {metric: sum over terms}])
+    count: Callable  # batch -> n terms
+    final_metrics: Callable | None = None  # (model, tokenizer, cfg, data, device) -> dict
+    manifest: Callable | None = None  # cfg -> extra keys for final/tunelab.json
+    prepare: Callable | None = None  # (model, cfg) -> None, once the method is applied, before a resume
+    reload: Callable | None = None  # manifest -> load_model keyword arguments for the saved run's base
+    loop: str = "steps"  # "steps": the supervised loop (training/loop.py); "ppo": rollouts (training/ppo.py)
+
+
+@dataclass
+class RowsBundle(DataBundle):
+    """A DataBundle that also keeps the dev rows the val examples came from (QA windows, seq2seq sources)."""
+
+    val_rows: list = field(default_factory=list)
+
+
+_STAGE_TASK_TYPES = {
+    "classification": ("classification", "regression"),
+    "extractive_qa": ("extractive_qa",),
+    "seq2seq": ("seq2seq",),
+}
+
+
+def task_of(tcfg, stage: str = "classification") -> Task:
+    """The Task a `task:` section describes for `stage`: a preset, or a custom one over the user's files."""
+    if tcfg.name:
+        task = get_task(tcfg.name)
+        if task.type not in _STAGE_TASK_TYPES.get(stage, (task.type,)):
+            raise ConfigError(
+                f"task.name {tcfg.name!r} is a {task.type} task; stage {stage} needs a "
+                f"{' or '.join(_STAGE_TASK_TYPES[stage])} task"
+            )
+        return task
+    if stage == "extractive_qa":
+        return Task(name="custom", type="extractive_qa", main_metric="f1")
+    if stage == "seq2seq":
+        return Task(name="custom", type="seq2seq", main_metric="bleu")
+    labels = tuple(tcfg.labels) if tcfg.type == "classification" else ()
+    if tcfg.type == "classification" and len(labels) < 2:
+        raise ConfigError("task.labels: list the class names (at least two) for your own classification files")
+    return Task(name="custom", type=tcfg.type, labels=labels, main_metric="accuracy" if labels else "pearson")
+
+
+def task_rows(tcfg, split: str, seed: int, stage: str = "classification") -> list[dict]:
+    """The rows of a `task:` section's split: the user's own file when given, else the preset's."""
+    task = task_of(tcfg, stage)
+    limit = tcfg.train_limit if split == "train" else tcfg.dev_limit
+    own = tcfg.train_file if split == "train" else tcfg.dev_file
+    if own:
+        return load_task_file(task, own, limit=limit, seed=seed)
+    if task.name == "custom":
+        return []
+    return load_split(task, split, limit=limit, seed=seed)
+
+
+def num_labels(task) -> int:
+    return 1 if task.type == "regression" else len(task.labels)

@@ -1,0 +1,138 @@
+"""dpo: the causal LM itself; DPO loss -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x))
+- (log pi(y_l|x) - log ref(y_l|x))]) summed over pairs (docs/alignment.md has the maths). The reference
+is the same model with its PEFT adapter disabled, or (methods that change the weights themselves) a
+frozen copy taken before training. loss_sum also returns per-pair sums of the implicit rewards'
+accuracy and margin, which the loop logs beside the loss.
+
+Why DPO is computed here rather than with TRL's DPOTrainer: DPOTrainer is a transformers Trainer with
+its own loop, data pipeline and checkpoint format; the loss itself is a few lines. As a Stage, DPO gets
+this project's checkpoints, exact resume, metrics, every method of the registry and the same result
+folder as every other stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data.preference import collate_pairs
+from tunelab.models import load_model
+from tunelab.models.loss import row_loss_sums
+from tunelab.stages.base import Stage
+from tunelab.stages.preference import eval_pairs, pair_count, pairs_data
+
+
+def sequence_logps(model, batch: dict) -> torch.Tensor:
+    """Sum of log p(token | earlier tokens) over each row's response tokens (response_mask == 1): [rows].
+    The LM head runs at response positions only (models/loss.py)."""
+    labels = batch["input_ids"].masked_fill(batch["response_mask"] == 0, -100)
+    return -row_loss_sums(model, {**batch, "labels": labels})
+
+
+# Frozen reference copies for methods that change the model's own weights (full, freeze, bitfit ...),
+# keyed by the trained model. PEFT models need none: their reference is the adapter switched off.
+_REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def _dpo_prepare(model, cfg) -> None:
+    """Called by the loop once the method is applied and before a resume restores trained weights,
+    so the copy is always of the starting model."""
+    import copy
+
+    if _is_peft(model):
+        return
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    _REFERENCES[model] = ref
+
+
+def reference_context(model):
+    """A context in which `reference_model(model)` computes the reference policy's outputs."""
+    return model.disable_adapter() if _is_peft(model) else contextlib.nullcontext()
+
+
+def reference_model(model):
+    if _is_peft(model):  # inside reference_context: the wrapped model with its adapter layers off
+        # (and without the wrapper's virtual tokens / logits hook for prompt and prefix tuning)
+        return model.get_base_model()
+    if model not in _REFERENCES:
+        raise RuntimeError("DPO with a non-PEFT method needs its reference copy: call _dpo_prepare(model, cfg) first")
+    return _REFERENCES[model]
+
+
+def reference_logps(model, batch: dict) -> torch.Tensor:
+    with torch.no_grad(), reference_context(model):
+        return sequence_logps(reference_model(model), batch)
+
+
+def dpo_loss(logratio_chosen, logratio_rejected, beta: float, label_smoothing: float = 0.0, loss_type="sigmoid"):
+    """Per-pair DPO loss from the policy/reference log-ratios of the chosen and rejected replies.
+
+    sigmoid: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h), h = ratio_w - ratio_l
+             (eps = label_smoothing: conservative DPO, for labels that are wrong with probability eps)
+    ipo:     (h - 1 / (2 beta))^2 (Azar et al. 2023): regresses h to a fixed margin instead of pushing it
+             to infinity"""
+    h = logratio_chosen - logratio_rejected
+    if loss_type == "ipo":
+        return (h - 1 / (2 * beta)) ** 2
+    return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+
+
+def _dpo_parts(model, batch):
+    """(policy logps, reference logps) of the chosen rows and of the rejected rows."""
+    pol, ref = sequence_logps(model, batch), reference_logps(model, batch)
+    b = pol.shape[0] // 2
+    return pol[:b], pol[b:], ref[:b], ref[b:]
+
+
+def _dpo_loss_fn(cfg):
+    def loss_sum(model, batch):
+        beta, eps, kind = cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.loss_type
+        pc, pr, rc, rr = _dpo_parts(model, batch)
+        loss = dpo_loss(pc - rc, pr - rr, beta, eps, kind)
+        # implicit rewards beta * log(pi / ref) (Rafailov et al. 2023, section 5)
+        chosen, rejected = beta * (pc - rc).detach(), beta * (pr - rr).detach()
+        extras = {
+            "reward_accuracy": (chosen > rejected).sum(),
+            "reward_margin": (chosen - rejected).sum(),
+            "chosen_reward": chosen.sum(),
+            "rejected_reward": rejected.sum(),
+        }
+        return loss.sum(), loss.numel(), extras
+
+    return loss_sum
+
+
+def _dpo_final(model, tokenizer, cfg, data, device) -> dict:
+    """Held-out: implicit-reward accuracy and margin, and how often the policy (and, for comparison, the
+    reference = the starting policy) gives the chosen reply a higher log-probability than the rejected."""
+    if not data.val:
+        return {}
+    pc, pr, rc, rr = eval_pairs(_dpo_parts, model, data, tokenizer.pad_token_id, device,
+                                 cfg.training.batch_size * 2)  # fmt: skip
+    beta = cfg.dpo.beta
+    margin = beta * ((pc - rc) - (pr - rr))
+    return {
+        "pairwise_accuracy": int((margin > 0).sum()) / len(margin),
+        "reward_margin": float(margin.mean()),
+        "chosen_logratio": float((pc - rc).mean()),
+        "rejected_logratio": float((pr - rr).mean()),
+        "policy_accuracy": int((pc > pr).sum()) / len(pc),
+        "reference_accuracy": int((rc > rr).sum()) / len(rc),
+    }
+
+
+def stage(cfg) -> Stage:
+    """The DPO stage for a config (its loss reads the `dpo` section)."""
+    return Stage(
+        "dpo", lambda cfg, device: load_model(cfg.model, device=device), pairs_data, collate_pairs,
+        _dpo_loss_fn(cfg), pair_count, _dpo_final, lambda c: {"dpo": c.dpo.model_dump()}, _dpo_prepare,
+    )  # fmt: skip

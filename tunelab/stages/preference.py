@@ -1,0 +1,63 @@
+"""What the preference stages (reward, dpo) share: pairs read and encoded from `data.format: preference`
+files (tunelab/data/preference.py), one loss term per pair, and scoring the validation pairs.
+
+A pair is batched as two rows of one padded batch (B chosen rows, then B rejected rows), so one forward
+pass scores both.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.data import DataBundle, split_rows
+from tunelab.data.errors import DataError
+from tunelab.data.preference import collate_pairs, encode_preference, read_preference_pairs
+
+
+def pairs_data(cfg, tokenizer) -> DataBundle:
+    d = cfg.data
+    if not d.train:
+        raise DataError("data.train is not set: give a preference file ({prompt, chosen, rejected}, hh-rlhf or "
+                        "ShareGPT with chosen / rejected).")  # fmt: skip
+    hub = {"hub_split": d.hub_split, "hub_config": d.hub_config}
+    pairs, stats = read_preference_pairs(d.train, d.columns, d.limit, **hub)
+    if d.validation:
+        train_pairs = pairs
+        val_pairs, vstats = read_preference_pairs(d.validation, d.columns, None, **hub)
+        stats = {k: stats[k] + vstats[k] for k in stats}
+    else:
+        train_pairs, val_pairs = split_rows(pairs, d.val_fraction, cfg.training.seed)
+
+    def encode(ps, part):
+        out = []
+        for i, p in enumerate(ps, 1):
+            if d.system_prompt and p["prompt"][0]["role"] != "system":
+                p = {**p, "prompt": [{"role": "system", "content": d.system_prompt}] + p["prompt"]}
+            out.append(encode_preference(p, tokenizer, d.max_length, where=f"{part} pair {i}"))
+        return out
+
+    train, val = encode(train_pairs, "train"), encode(val_pairs, "validation")
+    stats.update(
+        train_pairs=len(train),
+        val_pairs=len(val),
+        truncated=sum(e["truncated"] for e in train + val),
+        tokens=sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in train),
+    )
+    return DataBundle(train=train, val=val, stats=stats)
+
+
+def pair_count(batch) -> int:
+    return batch["input_ids"].shape[0] // 2
+
+
+@torch.no_grad()
+def eval_pairs(fn, model, data, pad_id, device, batch_size) -> list[torch.Tensor]:
+    """fn(model, batch) -> tensors per pair, over all validation pairs, concatenated (model in eval mode)."""
+    was_training = model.training
+    model.eval()
+    parts = []
+    for i in range(0, len(data.val), batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(data.val[i : i + batch_size], pad_id).items()}
+        parts.append([t.float().cpu() for t in fn(model, batch)])
+    model.train(was_training)
+    return [torch.cat(p) for p in zip(*parts)]

@@ -1,0 +1,53 @@
+"""A finished run's result folder (`final/`: the method's saved weights, tokenizer, tunelab.json) and
+loading it back: the base model rebuilt as the run's stage built it (`Stage.reload`), then the method's
+own `load`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunelab.config import ModelConfig
+from tunelab.methods import get as get_method
+from tunelab.models import load_model, load_tokenizer, resolve_device
+from tunelab.stages import get as get_stage
+
+
+def result_dir(run: str | Path) -> Path | None:
+    """The `final/` folder of a run, given the run folder or `final/` itself; None if `run` is no run."""
+    p = Path(run)
+    for cand in (p / "final", p):
+        if (cand / "tunelab.json").exists():
+            return cand
+    return None
+
+
+def run_manifest(run: str | Path) -> dict | None:
+    """A run's final/tunelab.json (method, base model, stage, task settings), or None for a plain model."""
+    final = result_dir(run)
+    return json.loads((final / "tunelab.json").read_text()) if final is not None else None
+
+
+def load_run(run: str, device: str = "auto", merge: bool = False):
+    """(model, tokenizer) for a run folder, or for a plain model spec (then the base model itself)."""
+    dev = resolve_device(device)
+    final = result_dir(run)
+    if final is None:
+        if Path(run).exists() and not (Path(run) / "config.json").exists() and not str(run).endswith(".gguf"):
+            raise FileNotFoundError(f"{run}: no finished run here (no final/tunelab.json); did training complete?")
+        return load_model(ModelConfig(name=str(run)), device=dev)
+    manifest = json.loads((final / "tunelab.json").read_text())
+    stage = get_stage(manifest.get("stage", "sft"))
+    extra = stage.reload(manifest) if stage.reload is not None else {}  # e.g. the head class and its size
+    if manifest.get("base_run"):  # trained on top of another run (ppo from an SFT run): that run, merged
+        base, base_tokenizer = load_run(manifest["base_run"], device=device, merge=True)
+    else:
+        base, base_tokenizer = load_model(ModelConfig(**manifest["base_model"]), device=dev, **extra)
+    method = get_method(manifest["method"])
+    model = method.load(base, final)
+    if merge and method.MERGEABLE:
+        model = method.merge(model)
+    # the run's own tokenizer (it may carry a chat template set for training)
+    has_tokenizer = (final / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(ModelConfig(name=str(final))) if has_tokenizer else base_tokenizer
+    return model.to(dev).eval(), tokenizer

@@ -1,0 +1,217 @@
+"""The harness every training loop shares (training/loop.py, training/ppo.py): the run folder and its
+config, seeds, the metrics log, the progress bar, precision, optimizer and schedule, the result folder,
+signals. Public names only: a loop imports what it uses from here, and nothing else private.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tunelab.config import dump_config
+from tunelab.training import checkpoint as ckpt
+from tunelab.training import distributed
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    final_dir: Path | None
+    metrics: dict = field(default_factory=dict)
+
+
+def log(msg: str) -> None:
+    if distributed.rank() == 0:  # one voice in a multi-process run
+        print(f"[tunelab] {msg}", file=sys.stderr, flush=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch: a pure function of (seed, epoch), so a resumed run sees the same data."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    perm = torch.randperm(n_rows, generator=g).tolist()
+    return [perm[i : i + batch_size] for i in range(0, n_rows, batch_size)]
+
+
+def optimizer_for(params, tcfg) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard.
+
+    A parameter that is frozen for now (gradual unfreezing) has no gradient, and AdamW skips it.
+    """
+    decay, no_decay = [], []
+    for p in params:
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("the method left no trainable parameters")
+    fused = params[0].device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), fused=fused or None)
+
+
+def scheduler_for(optimizer, tcfg, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = tcfg.warmup_steps if tcfg.warmup_steps is not None else int(tcfg.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[tcfg.scheduler]
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def read_metrics(path: Path, up_to_step: int) -> list[dict]:
+    """The records of a metrics.jsonl up to a step. A missing file (deleted by hand) or a torn last
+    line (the process killed mid-write) loses those lines, never the resume."""
+    if not path.exists():
+        log(f"{path} is missing: the resumed run's metrics start at the checkpoint")
+        return []
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            log(f"{path}:{n}: not a JSON line (a write cut short?); dropped")
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= up_to_step:
+            records.append(record)
+    return records
+
+
+class MetricsLog:
+    """metrics.jsonl (always) and TensorBoard events (optional), one place for both."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step == 0:
+            self.path.write_text("")
+        else:  # drop lines past the checkpoint so a resumed log has no duplicate steps
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(self.path, resume_step)))
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(
+                    str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+                )
+            except ImportError:
+                log("tensorboard is not installed; writing metrics.jsonl only")
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def start_run(cfg, resume: bool) -> tuple[Path, Path | None]:
+    """Create the run folder (refusing to overwrite an earlier run unless resuming), write its
+    config, set threads and seeds. Returns the run folder and the checkpoint to resume from."""
+    run_dir = Path(cfg.output_dir)
+    resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None:
+        log(f"no checkpoint in {run_dir / 'checkpoints'}; starting from the beginning")
+    if not resume and ckpt.latest_checkpoint(run_dir) is not None:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints of an earlier run: pass --resume to continue it, "
+            "or choose another output_dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if distributed.rank() == 0:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if cfg.training.threads:
+        torch.set_num_threads(cfg.training.threads)
+    seed_everything(cfg.training.seed)
+    return run_dir, resume_from
+
+
+def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict) -> Path:
+    """Write the result (`save(model, folder)`, the method's own format), tokenizer and a small manifest
+    atomically into run_dir/final."""
+    final = run_dir / "final"
+    tmp = run_dir / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(model, tmp)
+    tokenizer.save_pretrained(tmp)
+    manifest = {"method": cfg.method.name, "base_model": cfg.model.model_dump(), "stage": cfg.stage}
+    manifest.update(manifest_extra)
+    (tmp / "tunelab.json").write_text(json.dumps(manifest, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def early_stop(state: dict, eval_loss: float | None, patience: int | None) -> bool:
+    if eval_loss is None:
+        return False
+    if state["best_eval"] is None or eval_loss < state["best_eval"]:
+        state["best_eval"] = eval_loss
+        state["evals_without_improvement"] = 0
+        return False
+    state["evals_without_improvement"] += 1
+    return bool(patience) and state["evals_without_improvement"] >= patience
+
+
+no_autocast = contextlib.nullcontext
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast on CUDA; plain fp32 on CPU, where bf16 matmuls are ~250x slower on CPUs without native bf16."""
+    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return no_autocast
+
+
+def fp32_master_weights_(model) -> int:
+    """Mixed precision: trainable bf16/fp16 parameters become fp32, frozen ones stay in half precision.
+
+    On CUDA `model.dtype: auto` loads bf16 weights and autocast runs the matmuls in bf16. bf16 keeps 8
+    bits of mantissa: a weight of 0.02 moves in steps of ~1e-4, so AdamW's updates (about lr, e.g. 2e-5)
+    would round away. The weights that train therefore keep fp32, as in every mixed-precision recipe
+    (PEFT does the same for adapters). Full fine-tuning thus trains and saves fp32 weights; LoRA
+    keeps its bf16 base. Returns the number of parameters upcast.
+    """
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += p.numel()
+    return n
+
+
+def progress_bar(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
