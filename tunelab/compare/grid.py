@@ -21,9 +21,10 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.config import ConfigError, _yaml_line, read_yaml_mapping
+from tunelab.config import ConfigError, read_yaml_mapping
 
 # Partial config sections an entry (model, method or task) may carry; merged into each of its cells.
 _SECTIONS = ("model", "data", "task", "training")
@@ -247,12 +248,36 @@ def _fields_for(loc: tuple) -> list[str]:
     return list(cls.model_fields)
 
 
+def _line_of(text: str | None, loc: tuple) -> int | None:
+    """1-based line of the key (or list item) at `loc` in the grid's YAML, so an error points into the file.
+
+    The same walk as tunelab.config's own (private) helper for config files, kept here so compare does not
+    reach into config's private names."""
+    try:
+        node = yaml.compose(text) if text else None
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if found is None:
+                break
+            line, node = found[0].start_mark.line + 1, found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
 def format_grid_error(err: ValidationError, source: str, text: str | None = None) -> str:
     lines = [f"{source}: invalid grid"]
     for e in err.errors():
         loc = tuple(e["loc"])
         shown = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-        at = _yaml_line(text, loc)
+        at = _line_of(text, loc)
         where = f" (line {at})" if at else ""
         if e["type"] == "extra_forbidden":
             fields = _fields_for(loc[:-1])
