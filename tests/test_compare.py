@@ -303,7 +303,7 @@ def test_report_screenshot_is_not_blank(grid_run, tmp_path):
 
 def test_predictions_recompute_every_metric_of_the_table(grid_run):
     """Each cell's and reference's predictions.jsonl gives back its table metrics exactly, on the dev rows."""
-    from tunelab.compare.cells import read_jsonl, task_object
+    from tunelab.compare.plan import read_jsonl, task_object
     from tunelab.evaluation.predictions import prediction_metrics, read_predictions
 
     _, second, _, grid = grid_run
@@ -359,6 +359,18 @@ def test_seeds_repeat_each_cell_and_the_report_averages_them(assets, tmp_path):
     assert group.mean == pytest.approx(sum(c["main_value"] for c in full) / 2)
     assert set(a["seed_orders"]) == {0, 1}
     assert "over 2 seeds" in (tmp_path / "seeds" / "results.md").read_text()
+
+
+def test_every_stored_column_has_one_source():
+    """compare/record.py defines a row once: every stored column is filled by the plan, the result, or
+    the store / run itself, and names are unique."""
+    from tunelab.compare.record import COLUMNS, EXPORTED, STORED
+
+    filled_by_run = {"key", "cell_dir", "updated_at"}  # the store's key, the cell's folder, the write time
+    assert [c.name for c in STORED if not (c.plan or c.result) and c.name not in filled_by_run] == []
+    names = [c.name for c in COLUMNS]
+    assert len(names) == len(set(names))
+    assert {"ci_low", "ci_high", "metrics", "key"} <= set(EXPORTED)
 
 
 def test_tunelab_config_validates_a_grid_file(assets, tmp_path, capsys):

@@ -88,7 +88,7 @@ def predict_rows(model, tokenizer, task, mode: str, rows: list[dict], device, ma
 
 
 def _score(model_and_tokenizer, cfg, ev: dict, split: str) -> list[dict]:
-    from tunelab.compare.cells import read_jsonl, task_from_eval
+    from tunelab.compare.plan import read_jsonl, task_from_eval
     from tunelab.models import resolve_device
 
     model, tokenizer = model_and_tokenizer
@@ -151,7 +151,7 @@ def sweep_dir(run_dir: Path, lr: float) -> Path:
 
 def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
     """Train (each learning rate of a sweep), pick on the validation rows, score the dev rows; the run used."""
-    from tunelab.compare.cells import task_from_eval
+    from tunelab.compare.plan import task_from_eval
     from tunelab.config import load_config
     from tunelab.evaluation.predictions import class_log_loss, prediction_metrics, write_predictions
 

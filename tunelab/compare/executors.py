@@ -37,10 +37,11 @@ PRELOAD = [
     "scipy.stats",
     "tunelab.compare.cell",
     "tunelab.training.loop",
-    "tunelab.training.stages",
+    "tunelab.stages.lm",
+    "tunelab.stages.classification",
+    "tunelab.stages.runs",
     "tunelab.methods",
     "tunelab.data",
-    "tunelab.inference",
     "tunelab.evaluation.runner",
     "tunelab.metrics",
 ]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from tunelab.compare import analysis as A
-from tunelab.compare.store import fmt, fmt_params, fmt_time, table_cells
+from tunelab.compare.record import fmt, fmt_params, fmt_time, table_cells
 
 
 def _num(v) -> bool:
@@ -27,7 +27,7 @@ def _task_entries(grid) -> dict:
 
 def with_intervals(rows: list[dict], grid) -> list[dict]:
     """Each row with its own 95% interval (ci_low, ci_high) from its predictions (one seed, one row)."""
-    from tunelab.compare.cells import seed_for, task_object
+    from tunelab.compare.plan import seed_for, task_object
 
     entries = _task_entries(grid)
     out = []
@@ -42,7 +42,7 @@ def with_intervals(rows: list[dict], grid) -> list[dict]:
 
 def analyse_grid(rows: list[dict], grid) -> dict[str, dict]:
     """task shown name -> analysis.analyse of its rows."""
-    from tunelab.compare.cells import seed_for, task_object
+    from tunelab.compare.plan import seed_for, task_object
 
     out = {}
     for name, t in _task_entries(grid).items():
@@ -295,7 +295,7 @@ def _rows_table(rows: list[dict]) -> str:
 
 def _errors_html(rows: list[dict], labels: list[str]) -> str:
     """A few misclassified dev rows per cell (first seed), in collapsible blocks."""
-    from tunelab.compare.cells import read_jsonl
+    from tunelab.compare.plan import read_jsonl
 
     parts, dev_cache = [], {}
     for r in rows:
@@ -400,7 +400,7 @@ def _minutes(g: A.Group) -> float | None:
 def _task_of(entry):
     if entry is None:
         return None
-    from tunelab.compare.cells import task_object
+    from tunelab.compare.plan import task_object
 
     return task_object(entry)
 

@@ -8,9 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tunelab.compare.cells import Cell, resolve_cells
 from tunelab.compare.grid import Grid, load_grid
-from tunelab.compare.store import Store, fmt, fmt_time, markdown_table, result_values, write_exports
+from tunelab.compare.plan import Cell, resolve_cells
+from tunelab.compare.record import fmt, fmt_time, plan_values, result_values
+from tunelab.compare.store import Store, markdown_table, write_exports
 
 FINISHED = ("done", "n/a")
 
@@ -18,7 +19,7 @@ FINISHED = ("done", "n/a")
 @dataclass
 class GridResult:
     output_dir: Path
-    rows: list[dict]  # the current grid's rows (cells, then baselines), as in results.json
+    rows: list[dict]  # the current grid's rows (per task: references, then cells), as in results.json
     trained_now: int = 0  # cells run by this call (whatever their outcome)
     skipped: int = 0  # cells finished by an earlier call and reused
     failed: int = 0  # cells whose latest attempt failed
@@ -73,55 +74,54 @@ def run_grid(
     result = GridResult(output_dir=out, rows=[])
     try:
         pending = _register(store, cells, retry_failed, result, out)
-        baseline_keys = _references(store, g, out, log, run=not only_report)
-        if only_report:
-            pending = []
-        dirs = {c.key: Path(store.get(c.key)["cell_dir"]) for c in pending}
-        specs = [c.spec(dirs[c.key], cell_hooks) for c in pending]
-        by_key = {c.key: c for c in pending}
-        total = len(specs)
-        if total:
-            log(f"[compare] {len(cells)} cells: {total} to run, {result.skipped} finished earlier ({out})")
-        counter = {"n": 0}
-
-        def on_start(spec):
-            store.upsert(spec["key"], status="running")
-
-        def on_done(spec, res):
-            cell = by_key[spec["key"]]
-            store.upsert(spec["key"], **result_values(res, cell.eval.get("main_metric")))
-            counter["n"] += 1
-            result.trained_now += 1
-            log(_progress_line(counter["n"], total, cell, res))
-            if on_cell is not None:
-                on_cell(store.get(spec["key"]), res)
-
-        if specs:
+        reference_keys = _record_references(store, g, out, log, run=not only_report)
+        if pending and not only_report:
+            log(f"[compare] {len(cells)} cells: {len(pending)} to run, {result.skipped} finished earlier ({out})")
             ex = executor_for(executor, address=address, start_method=start_method)
-            with _sigterm_as_interrupt():
-                try:
-                    ex.run(specs, on_start, on_done)
-                except KeyboardInterrupt:
-                    result.interrupted = True
-                    log("[compare] stopped; run the same command again to continue (finished cells are kept)")
-        keys = [c.key for c in cells]
-        rows = store.rows(keys)
-        rows = _with_baselines(rows, store.rows(baseline_keys), [t.shown for t in g.tasks])
-        result.rows = rows
-        result.failed = sum(r["status"] == "failed" for r in rows)
-        result.not_applicable = sum(r["status"] == "n/a" for r in rows)
-        from tunelab.compare.report import analyse_grid, with_intervals, write_report
-
-        rows = with_intervals(rows, g)
-        result.rows = rows
-        result.analyses = analyse_grid(rows, g)
-        result.files = write_exports(rows, out, result.summary)
-        result.report = write_report(rows, out, g, result.analyses)
-        result.files["html"] = result.report
-        result.files["db"] = out / "results.db"
+            _run_cells(ex, store, pending, result, log, cell_hooks, on_cell)
+        rows = _with_references(store.rows([c.key for c in cells]), store.rows(reference_keys), g)
+        _write_outputs(result, rows, g, out)
     finally:
         store.close()
     return result
+
+
+def _run_cells(ex, store: Store, pending: list[Cell], result: GridResult, log, hooks, on_cell) -> None:
+    """Run the pending cells on the executor, recording each result as it comes; Ctrl-C stops the grid."""
+    specs = [c.spec(Path(store.get(c.key)["cell_dir"]), hooks) for c in pending]
+    by_key = {c.key: c for c in pending}
+
+    def on_start(spec):
+        store.upsert(spec["key"], status="running")
+
+    def on_done(spec, res):
+        cell = by_key[spec["key"]]
+        store.upsert(spec["key"], **result_values(res, cell.eval.get("main_metric")))
+        result.trained_now += 1
+        log(_progress_line(result.trained_now, len(specs), cell, res))
+        if on_cell is not None:
+            on_cell(store.get(spec["key"]), res)
+
+    with _sigterm_as_interrupt():
+        try:
+            ex.run(specs, on_start, on_done)
+        except KeyboardInterrupt:
+            result.interrupted = True
+            log("[compare] stopped; run the same command again to continue (finished cells are kept)")
+
+
+def _write_outputs(result: GridResult, rows: list[dict], g: Grid, out: Path) -> None:
+    """The rows with their intervals, the analyses, results.{csv,json,md} and report.html."""
+    from tunelab.compare.report import analyse_grid, with_intervals, write_report
+
+    result.failed = sum(r["status"] == "failed" for r in rows)
+    result.not_applicable = sum(r["status"] == "n/a" for r in rows)
+    result.rows = with_intervals(rows, g)
+    result.analyses = analyse_grid(result.rows, g)
+    result.files = write_exports(result.rows, out, result.summary)
+    result.report = write_report(result.rows, out, g, result.analyses)
+    result.files["html"] = result.report
+    result.files["db"] = out / "results.db"
 
 
 def describe_grid(grid: str | Path | dict | Grid) -> str:
@@ -134,7 +134,7 @@ def describe_grid(grid: str | Path | dict | Grid) -> str:
         lr = "" if c.config is None else f"  lr {c.sweep or c.config['training']['lr']}"
         lr = "  untrained" if c.role == "reference" else lr
         lines.append(f"  {c.label}: {what}{lr}  -> cells/{c.folder}")
-    from tunelab.compare.baselines import references_for
+    from tunelab.compare.references import references_for
 
     refs = references_for(g)
     lines.append(f"  references per classification / regression task: {', '.join(refs)}")
@@ -145,21 +145,7 @@ def _register(store: Store, cells: list[Cell], retry_failed: bool, result: GridR
     """Record every cell's identity; return those that must run (new, unfinished, or failed + retry)."""
     pending = []
     for c in cells:
-        ident = dict(
-            model=c.model,
-            method=c.method,
-            task=c.task,
-            model_name=c.model_name,
-            method_name=c.method_name,
-            task_name=c.task_name,
-            kind=c.kind,
-            mode=c.mode,
-            role=c.role,
-            seed=c.seed,
-            main_metric=c.eval.get("main_metric"),
-            config_json=c.config,
-            eval_json=c.eval,
-        )
+        ident = plan_values(c)
         row = store.get(c.key)
         # the folder a cell was first given stays its folder (a renamed label does not orphan its run)
         ident["cell_dir"] = (row or {}).get("cell_dir") or str(out / "cells" / c.folder)
@@ -179,48 +165,47 @@ def _register(store: Store, cells: list[Cell], retry_failed: bool, result: GridR
     return pending
 
 
-def _references(store: Store, g: Grid, out: Path, log, run: bool) -> list[str]:
+def _record_references(store: Store, g: Grid, out: Path, log, run: bool) -> list[str]:
     """Majority class (and, with `baselines: [tfidf]`, TF-IDF on the sample and on the whole train split)
-    for every classification / regression task: fitted here, in a moment each."""
-    from tunelab.compare import baselines as B
-    from tunelab.compare.cells import seed_for
+    for every classification / regression task: fitted here, in a moment each. Their keys, in grid order."""
+    from tunelab.compare.references import reference_cell, reference_dir, references_for, run_reference
 
     keys = []
     for t in g.tasks:
         if t.task_type not in ("classification", "regression"):
             continue
-        for kind in B.references_for(g):
-            key = B.reference_key(kind, g, t)
-            keys.append(key)
-            row = store.get(key)
-            folder = B.reference_dir(out, kind, t, key)
-            ident = dict(model=B.shown_model(kind, t), method=kind, task=t.shown, model_name=kind, method_name=kind,
-                         task_name=t.name, kind="baseline", mode=kind, role="reference", cell_dir=str(folder),
-                         eval_json={"seed": seed_for(g, t)})  # fmt: skip
+        for kind in references_for(g):
+            cell = reference_cell(kind, g, t)
+            keys.append(cell.key)
+            folder = reference_dir(out, kind, t, cell.key)
+            ident = {**plan_values(cell), "cell_dir": str(folder)}
+            row = store.get(cell.key)
             if row is not None and row["status"] == "done" and (folder / "predictions.jsonl").is_file():
-                store.upsert(key, **ident)
+                store.upsert(cell.key, **ident)
                 continue
             if not run:
                 continue
-            main = B.task_object(t).main_metric
             try:
-                res = B.run_reference(kind, g, t, folder)
+                res = run_reference(kind, g, t, folder)
             except Exception as e:  # noqa: BLE001 - recorded like a failed cell
                 res = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-            store.upsert(key, **ident, **result_values(res, main))
-            value = (res.get("metrics") or {}).get(main)
-            log(
-                f"[compare] reference {kind} × {t.shown}: {res['status']}"
-                + (f"  {main}={fmt(value)} on {res['n']} rows" if value is not None else f"  {res.get('error')}")
-            )
+            store.upsert(cell.key, **{**ident, **result_values(res, cell.eval["main_metric"])})
+            log(_reference_line(cell, res))
     return keys
 
 
-def _with_baselines(rows: list[dict], baselines: list[dict], tasks: list[str]) -> list[dict]:
+def _reference_line(cell: Cell, res: dict) -> str:
+    main = cell.eval["main_metric"]
+    value = (res.get("metrics") or {}).get(main)
+    shown = f"  {main}={fmt(value)} on {res['n']} rows" if value is not None else f"  {res.get('error')}"
+    return f"[compare] reference {cell.method} × {cell.task}: {res['status']}{shown}"
+
+
+def _with_references(rows: list[dict], references: list[dict], g: Grid) -> list[dict]:
     """Task by task (grid order): its references, then its cells (zero-shot, then model × method × seed)."""
     out = []
-    for t in tasks:
-        out += [b for b in baselines if b["task"] == t] + [r for r in rows if r["task"] == t]
+    for t in [t.shown for t in g.tasks]:
+        out += [ref for ref in references if ref["task"] == t] + [r for r in rows if r["task"] == t]
     return out
 
 

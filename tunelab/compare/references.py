@@ -7,7 +7,7 @@ per-row predictions like cells:
 - tfidf-full:    the same fitted on the whole train split (what a classical model does with all the data).
 
 The zero-shot reference (the untrained causal model through the same verbalizer) is a cell of its own
-(cells.py). The TF-IDF model and features are those of `tunelab baseline tfidf`
+(plan.py). The TF-IDF model and features are those of `tunelab baseline tfidf`
 (tunelab/evaluation/baseline.py).
 """
 
@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tunelab.compare.cells import digest, safe_name, seed_for, task_fingerprint, task_object, task_splits
 from tunelab.compare.grid import Grid, TaskEntry
+from tunelab.compare.plan import Cell, digest, safe_name, seed_for, task_fingerprint, task_object, task_splits
 
 # reference name -> (model column shown, which train rows)
 REFERENCES = {
@@ -37,6 +37,25 @@ def references_for(grid: Grid) -> list[str]:
 
 def reference_key(kind: str, grid: Grid, t: TaskEntry) -> str:
     return f"{kind}-" + digest({"baseline": kind, "task": task_fingerprint(t, seed_for(grid, t))})
+
+
+def reference_cell(kind: str, grid: Grid, t: TaskEntry) -> Cell:
+    """The reference's row as planned (its labels and key), like a grid cell's; nothing of it runs in a process."""
+    task = task_object(t)
+    return Cell(
+        key=reference_key(kind, grid, t),
+        model=shown_model(kind, t),
+        method=kind,
+        task=t.shown,
+        model_name=kind,
+        method_name=kind,
+        task_name=t.name,
+        kind="baseline",
+        mode=kind,
+        config=None,
+        eval={"seed": seed_for(grid, t), "main_metric": task.main_metric},
+        role="reference",
+    )
 
 
 def reference_dir(out: Path, kind: str, t: TaskEntry, key: str) -> Path:

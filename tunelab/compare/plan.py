@@ -65,14 +65,14 @@ class Cell:
     model_name: str
     method_name: str
     task_name: str
-    kind: str  # causal | encoder
-    mode: str  # head | verbalizer | perplexity | n/a
+    kind: str  # causal | encoder (baseline for a reference fitted in-process, references.py)
+    mode: str  # head | verbalizer | perplexity | n/a (the reference's name for those)
     config: dict | None  # the resolved config (json-mode), None when not applicable / invalid
     eval: dict = field(default_factory=dict)
     note: str | None = None  # why not applicable, or the config error
-    seed: int | None = None  # the training seed (None for a zero-shot reference)
+    seed: int | None = None  # the training seed (None for a reference)
     sweep: list[float] | None = None  # learning rates to choose among on the validation rows
-    role: str = "method"  # method | reference (zero-shot)
+    role: str = "method"  # method | reference (zero-shot here; majority, tfidf, tfidf-full in references.py)
 
     @property
     def label(self) -> str:
