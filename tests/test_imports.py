@@ -25,9 +25,10 @@ LAYERS = [
     ("tunelab.evaluation", "tunelab.inference", "tunelab.export", "tunelab.serve"),  # users of trained runs
     ("tunelab.compare", "tunelab.cli", "tunelab.errors", "tunelab.testing", "tunelab.__main__", "tunelab"),
 ]
-# The one import that points down the other way: config validates the `method:` section with each method's
-# own Config class, found through the registry, a table of module names that imports no tunelab module.
-ALLOWED_UPWARD = {("tunelab.config", "tunelab.methods.registry")}
+# The imports that point the other way: config validates the `method:` section with each method's own
+# Config class and the `stage:` field against the stage names, both found through a registry, a table
+# of module names that imports no tunelab module.
+ALLOWED_UPWARD = {("tunelab.config", "tunelab.methods.registry"), ("tunelab.config", "tunelab.stages.registry")}
 
 
 def module_files(root: Path) -> dict[str, Path]:

@@ -301,7 +301,7 @@ def _method_union():
 
 
 class _Root(Section):
-    stage: Literal["sft", "pretrain", "classification", "extractive_qa", "seq2seq", "mlm", "ppo", "reward", "dpo"] = (
+    stage: str = (  # the registered stage names (stages/registry.py): set by _build_config_class
         Field(
             "sft",
             description="sft (supervised fine-tuning), pretrain (continued pre-training on text), "
@@ -309,8 +309,10 @@ class _Root(Section):
             "start/end span head on an encoder; `task`), seq2seq (an encoder-decoder on source -> target; "
             "`task`), mlm (masked-LM continued pre-training of an encoder on text; `data`, format text), ppo "
             "(RLHF with PPO against a reward; the `ppo` section), reward (a reward model: a scalar head trained "
-            "on preference pairs; `data`, format preference) or dpo (Direct Preference Optimization on "
-            "preference pairs; `data`, format preference; the `dpo` section).",
+            "on preference pairs; `data`, format preference) dpo (Direct Preference Optimization on "
+            "preference pairs; `data`, format preference; the `dpo` section), tagging (a tag per word: "
+            "*ForTokenClassification; `data` rows {tokens, tags}, `task.labels`) or any stage registered in "
+            "tunelab/stages/registry.py (its module's docstring says which sections it reads).",
         )
     )
     output_dir: str = Field("runs/run", description="Run folder: config, metrics, checkpoints and the result.")
@@ -323,10 +325,15 @@ class _Root(Section):
 
 
 def _build_config_class():
+    from tunelab.stages.registry import names as stage_names
+
     MethodUnion = _method_union()
+    StageName = Literal[tuple(stage_names())]  # noqa: F821 (a Literal of the registered names)
 
     class Config(_Root):
         """A whole run. `tunelab train CONFIG` and `tunelab.train(config)` take the same object."""
+
+        stage: StageName = _Root.model_fields["stage"]  # type: ignore[valid-type]
 
         method: MethodUnion = Field(  # type: ignore[valid-type]
             default_factory=lambda: _default_method(), description="The tuning method and its settings."

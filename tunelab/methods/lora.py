@@ -29,14 +29,20 @@ class Config(MethodConfig):
 
 
 def peft_config(cfg: Config, model):
-    from peft import LoraConfig
+    from peft import LoraConfig, TaskType
 
+    task = peft_task_type(model)
+    # A fresh head trains whole (PEFT's modules_to_save); 'all-linear' would also wrap it in LoRA, which
+    # PEFT refuses for token-classification heads ("modules_to_save cannot be applied to ... lora Linear")
+    heads = {TaskType.TOKEN_CLS: ["classifier", "score"], TaskType.QUESTION_ANS: ["qa_outputs"]}.get(task)
+    exclude = heads if cfg.target_modules == "all-linear" and heads else None
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
-        task_type=peft_task_type(model),
+        exclude_modules=exclude,
+        task_type=task,
         bias="none",
     )
 
