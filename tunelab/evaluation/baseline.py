@@ -15,22 +15,23 @@ from __future__ import annotations
 
 import time
 
+from tunelab.data import tasks
 from tunelab.data.errors import DataError
-from tunelab.data.tasks import get_task, load_split
+from tunelab.evaluation.predictions import prediction_metrics
 
 
 def tfidf_baseline(task: str, train_limit: int | None = None, seed: int = 0, C: float = 1.0) -> dict:
     """Train on the task's train split (a seeded sample of `train_limit` rows if given), score its dev split."""
 
-    spec = get_task(task)
+    spec = tasks.get_task(task)
     if spec.type not in ("classification", "regression"):
         raise DataError(
             f"the TF-IDF baseline needs a classification or regression task; {spec.name!r} is {spec.type}. "
             f"Choose one of: {', '.join(_supported())}."
         )
     start = time.perf_counter()
-    train = load_split(spec, "train", limit=train_limit, seed=seed)
-    dev = load_split(spec, "dev")
+    train = tasks.load_split(spec, "train", limit=train_limit, seed=seed)
+    dev = tasks.load_split(spec, "dev")
     scores, _ = fit_and_score(spec, train, dev, C=C, seed=seed)
     return {
         "task": spec.name,
@@ -45,8 +46,6 @@ def tfidf_baseline(task: str, train_limit: int | None = None, seed: int = 0, C: 
 
 def fit_and_score(spec, train: list[dict], dev: list[dict], C: float = 1.0, seed: int = 0) -> tuple[dict, int]:
     """TF-IDF features, then logistic regression (classification) or ridge (regression): (dev metrics, #coefficients)."""
-    from tunelab.evaluation.predictions import prediction_metrics
-
     predictions, n_params = fit_and_predict(spec, train, dev, C=C, seed=seed)
     return prediction_metrics(spec, predictions), n_params
 
@@ -94,10 +93,8 @@ def majority_predictions(spec, train: list[dict], dev: list[dict]) -> list[dict]
 
 
 def _supported() -> list[str]:
-    from tunelab.data.tasks import task_names
-
     # qnli has no train split offline
-    return [n for n in task_names() if get_task(n).type in ("classification", "regression") and n != "qnli"]
+    return [n for n in tasks.task_names() if tasks.get_task(n).type in ("classification", "regression") and n != "qnli"]
 
 
 def _vectorizer():

@@ -22,6 +22,12 @@ import threading
 from pathlib import Path
 
 from tunelab import metrics as M
+from tunelab.config import DataConfig
+from tunelab.data import build_prompt_ids, collate, render_example, tasks
+from tunelab.data.prompts import instruction, label_words
+from tunelab.methods.verbalizer import SharedPrefix, Verbalizer, next_token_logits
+from tunelab.models.loss import row_loss_sums, shift_labels
+from tunelab.stages.classification import classification_collate, classification_logits, encode_pairs
 
 # Score the prompts' common token prefix once and each row's rest against its cached keys and values (off:
 # every row's whole prompt, the reference the shared path is tested against). SmolLM2 on SST-2: 39 of ~79
@@ -36,10 +42,6 @@ def verbalizer_predictions(model, tokenizer, task, rows, device, batch_size=16, 
     distribution by a verbalizer (evaluation/runner.py's "verbalizer" method)."""
     import torch
     from tqdm.auto import tqdm
-
-    from tunelab.data import build_prompt_ids
-    from tunelab.data.prompts import instruction, label_words
-    from tunelab.methods.verbalizer import Verbalizer, next_token_logits
 
     words = label_words(task)
     # the answer starts a new assistant turn, so the word is not preceded by a space
@@ -84,8 +86,6 @@ def _shared_prefix(model, prompts: list[list[int]], device, batch_size: int):
     shared cache is wrong or unsupported (SharedPrefix.of)."""
     import torch
 
-    from tunelab.methods.verbalizer import SharedPrefix
-
     n = common_prefix_length(prompts)
     if not SHARE_PREFIX or n < MIN_SHARED_PREFIX or len(prompts) <= batch_size:
         return None
@@ -96,8 +96,6 @@ def classifier_predictions(model, tokenizer, task, rows, device, max_length=256,
     """A sequence-classification head (a `stage: classification` run): the batches, inputs and logits of
     training/stages.py's `predict`, so the predictions are the ones the run's own dev metrics use."""
     import torch
-
-    from tunelab.stages.classification import classification_collate, classification_logits, encode_pairs
 
     regression = task.type == "regression"
     examples = encode_pairs(rows, tokenizer, max_length, regression)
@@ -125,10 +123,6 @@ def perplexity_predictions(model, tokenizer, rows, device, batch_size=8, progres
     import torch
     from tqdm.auto import tqdm
 
-    from tunelab.config import DataConfig
-    from tunelab.data import collate, render_example
-    from tunelab.models.loss import row_loss_sums, shift_labels
-
     cfg = DataConfig(max_length=1024)
     examples = [render_example(r, cfg, tokenizer) for r in rows]
     out: list[dict] = []
@@ -147,9 +141,7 @@ def perplexity_predictions(model, tokenizer, rows, device, batch_size=8, progres
 def prediction_metrics(task, predictions: list[dict]) -> dict:
     """The task's metrics from per-row predictions (pure: the same numbers from memory or from JSONL)."""
     if isinstance(task, str):
-        from tunelab.data.tasks import get_task
-
-        task = get_task(task)
+        task = tasks.get_task(task)
     if task.type == "instruction" or (predictions and "loss_sum" in predictions[0]):
         return perplexity_metrics(predictions)
     preds, refs = [p["prediction"] for p in predictions], [p["label"] for p in predictions]

@@ -20,6 +20,8 @@ import json
 import time
 from pathlib import Path
 
+from tunelab.config import ModelConfig
+from tunelab.data import tasks
 from tunelab.evaluation.predictions import (
     classifier_predictions,
     perplexity_metrics,
@@ -27,7 +29,11 @@ from tunelab.evaluation.predictions import (
     prediction_metrics,
     verbalizer_predictions,
 )
+from tunelab.models import generation, load_config, load_model, resolve_device
 from tunelab.models.loading import unwrap
+from tunelab.stages.extractive_qa import evaluate_qa
+from tunelab.stages.runs import load_run, run_manifest
+from tunelab.stages.seq2seq import T5_PREFIXES
 
 
 def evaluate(
@@ -47,12 +53,8 @@ def evaluate(
     or None to skip) gives the cosine metric; `max_new_tokens` / `num_beams` default to the run's settings.
     `return_predictions` adds the per-row "predictions" (evaluation/predictions.py) of the classifier,
     verbalizer and perplexity paths, whose `prediction_metrics` are the result's "metrics"."""
-    from tunelab.data.tasks import get_task, load_split
-    from tunelab.models import resolve_device
-    from tunelab.stages.runs import run_manifest
-
-    task = get_task(task_name)
-    rows = load_split(task, "dev", limit=limit, seed=seed)
+    task = tasks.get_task(task_name)
+    rows = tasks.load_split(task, "dev", limit=limit, seed=seed)
     dev = resolve_device(device)
     manifest = run_manifest(model_or_run) or {}
     run_task = manifest.get("task") or {}
@@ -63,7 +65,6 @@ def evaluate(
     if _is_span_qa(model):
         if task.type != "extractive_qa":
             raise NotImplementedError(f"a span-QA model scores extractive_qa tasks (squad), not {task.type}")
-        from tunelab.stages.extractive_qa import evaluate_qa
 
         kw = {
             k: run_task[k] for k in ("max_length", "doc_stride", "max_answer_tokens", "null_threshold") if k in run_task
@@ -71,30 +72,24 @@ def evaluate(
         scores, _ = evaluate_qa(model, tokenizer, rows, dev, batch_size=batch_size, **kw)
         how = "span extraction"
     elif task.type == "seq2seq" and _is_encoder_decoder(model):
-        from tunelab.models.generation import generate_seq2seq, generation_scores
-
         prefix = run_task.get("prefix")
         if prefix is None:
-            from tunelab.stages.seq2seq import T5_PREFIXES
-
             t5 = unwrap(model).config.model_type in ("t5", "mt5", "umt5")
             prefix = T5_PREFIXES.get(task.name, "") if t5 else ""
         beams = num_beams or run_task.get("num_beams", 1)
-        hyps = generate_seq2seq(
+        hyps = generation.generate_seq2seq(
             model, tokenizer, [r["source"] for r in rows], prefix, run_task.get("max_length", 512),
             max_new_tokens or run_task.get("max_new_tokens", 128), beams, batch_size, dev, progress,
         )  # fmt: skip
-        scores = generation_scores(hyps, [r["target"] for r in rows], embedding_model)
+        scores = generation.generation_scores(hyps, [r["target"] for r in rows], embedding_model)
         how = f"generation (beam {beams})" if beams > 1 else "generation (greedy)"
     elif task.type == "seq2seq":
-        from tunelab.models.generation import generate_chat, generation_scores
-
         instruction = CHAT_INSTRUCTIONS.get(task.name, "")
-        hyps = generate_chat(
+        hyps = generation.generate_chat(
             model, tokenizer, [instruction + r["source"] for r in rows], max_new_tokens or 128, batch_size, dev,
             progress=progress,
         )  # fmt: skip
-        scores = generation_scores(hyps, [r["target"] for r in rows], embedding_model)
+        scores = generation.generation_scores(hyps, [r["target"] for r in rows], embedding_model)
         how = "chat generation (greedy)"
     elif _is_classifier(model):
         preds = classifier_predictions(model, tokenizer, task, rows, dev, 256, batch_size)
@@ -130,22 +125,14 @@ CHAT_INSTRUCTIONS = {"wmt14-en-de": "Translate to German: "}
 def _load(model_or_run: str, device: str, manifest: dict):
     """A run through load_run; a plain encoder-decoder folder / hub id as a seq2seq LM (load_run would
     take it for a causal LM)."""
-    from tunelab.stages.runs import load_run
-
     if not manifest and _plain_encoder_decoder(model_or_run):
         from transformers import AutoModelForSeq2SeqLM
-
-        from tunelab.config import ModelConfig
-        from tunelab.models import load_model
 
         return load_model(ModelConfig(name=str(model_or_run)), device=device, auto_class=AutoModelForSeq2SeqLM)
     return load_run(model_or_run, device=device)
 
 
 def _plain_encoder_decoder(spec: str) -> bool:
-    from tunelab.config import ModelConfig
-    from tunelab.models import load_config
-
     if str(spec).endswith(".gguf"):
         return False
     try:

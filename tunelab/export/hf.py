@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 from tunelab.export.gguf import QUANT_TYPES, ExportError, write_gguf
+from tunelab.methods import get as get_method
+from tunelab.methods.qat import settings
+from tunelab.stages.runs import load_run, result_dir, run_manifest
 
 HF_QUANTS = ("f32", "f16", "bf16")
 
@@ -19,9 +22,6 @@ def load_merged(run: str, device: str = "cpu"):
     quantisation written into the weights, ...). Methods that cannot be merged (prefix, prompt,
     bottleneck adapters) keep extra modules a plain model does not have, so they cannot be exported.
     """
-    from tunelab.methods import get as get_method
-    from tunelab.stages.runs import load_run, run_manifest
-
     manifest = run_manifest(run)
     if manifest is not None and not get_method(manifest["method"]).MERGEABLE:
         raise ExportError(
@@ -64,8 +64,6 @@ def _qat_advice(manifest: dict | None, run: str, quant: str) -> str | None:
     """A note when a QAT run is exported to a 4-bit type other than the one it was trained for."""
     if not manifest or manifest.get("method") != "qat":
         return None
-    from tunelab.methods.qat import settings
-    from tunelab.stages.runs import result_dir
 
     s = settings(result_dir(run)) or {}
     match = {(32, False): "q4_1", (32, True): "q4_0"}.get((s.get("group_size"), s.get("symmetric")))

@@ -8,7 +8,7 @@ methods appear automatically; one that cannot be applied is reported as "n/a" wi
 from __future__ import annotations
 
 from tunelab.methods import registry
-from tunelab.models import count_parameters
+from tunelab.models import count_parameters, resolve
 
 
 def _auto_class(config):
@@ -81,8 +81,6 @@ def method_table(model_name: str = "smollm2-135m-instruct") -> list[dict]:
     """One row per registered method: what trains, trainable parameters (and % of the base model),
     mergeable, extra inference cost. `model_name` is anything `tunelab.models.resolve` accepts."""
     from transformers import AutoConfig
-
-    from tunelab.models import resolve
 
     config = AutoConfig.from_pretrained(resolve(model_name))
     return [method_row(name, config) for name in registry.names()]

@@ -20,6 +20,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from tunelab.methods._prompt_learning import accepts
+from tunelab.models.loss import backbone_and_head
+
 
 class Verbalizer:
     def __init__(self, label_words: dict[str, list[str]], tokenizer, leading_space: bool = True):
@@ -74,8 +77,6 @@ def next_token_logits(
     With `prefix`, every row continues that prefix: input_ids and attention_mask hold only the rest of each
     row, right-padded, and the prefix's cached keys and values stand in for its tokens.
     """
-    from tunelab.models.loss import backbone_and_head
-
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     pos = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -105,9 +106,6 @@ class SharedPrefix:
     def of(cls, model, ids: torch.Tensor) -> SharedPrefix | None:
         """Run the prefix `ids` ([length]) once; None where a shared cache would be wrong or unsupported."""
         from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-
-        from tunelab.methods._prompt_learning import accepts
-        from tunelab.models.loss import backbone_and_head
 
         # No split (models/loss.py) for prompt-learning PEFT models (their forward puts virtual tokens or a prefix cache in
         # front of every row, which the backbone alone would leave out), encoder-decoders (no causal LM
