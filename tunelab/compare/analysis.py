@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tunelab.evaluation.predictions import prediction_metrics, read_predictions
 from tunelab.metrics import stats
 
 ALPHA = 0.05
@@ -36,8 +37,6 @@ def lower_is_better(metric: str | None) -> bool:
 
 def predictions_of(row: dict) -> list[dict] | None:
     """The row's per-row predictions, or None when it has none (not finished, or from an older tunelab)."""
-    from tunelab.evaluation.predictions import read_predictions
-
     path = Path(row.get("cell_dir") or "") / "predictions.jsonl"
     if row.get("status") != "done" or not row.get("cell_dir") or not path.is_file():
         return None
@@ -46,8 +45,6 @@ def predictions_of(row: dict) -> list[dict] | None:
 
 def statistic(task, metric: str, predictions: list[dict]):
     """idx -> the metric on those rows. Accuracy and perplexity are vectorised; others call the metric."""
-    from tunelab.evaluation.predictions import prediction_metrics
-
     if metric == "accuracy":
         correct = np.array([p["prediction"] == p["label"] for p in predictions], dtype=float)
         return lambda idx: float(correct[idx].mean())

@@ -31,6 +31,16 @@ import time
 import traceback
 from pathlib import Path
 
+import tunelab
+from tunelab.compare.analysis import lower_is_better
+from tunelab.compare.plan import read_jsonl, task_from_eval
+from tunelab.config import load_config
+from tunelab.evaluation import predictions as P
+from tunelab.evaluation.predictions import class_log_loss, prediction_metrics, write_predictions
+from tunelab.models import load_model, resolve_device
+from tunelab.stages.runs import load_run
+from tunelab.training import checkpoint as ckpt
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -77,8 +87,6 @@ def loss_curve(run_dir: Path, max_points: int = 400) -> dict:
 
 def predict_rows(model, tokenizer, task, mode: str, rows: list[dict], device, max_length: int = 256) -> list[dict]:
     """Per-row predictions of a loaded model on `rows`, by the cell's scorer (docs/compare.md)."""
-    from tunelab.evaluation import predictions as P
-
     model.eval()
     if mode == "head":
         return P.classifier_predictions(model, tokenizer, task, rows, device, max_length=max_length)
@@ -88,9 +96,6 @@ def predict_rows(model, tokenizer, task, mode: str, rows: list[dict], device, ma
 
 
 def _score(model_and_tokenizer, cfg, ev: dict, split: str) -> list[dict]:
-    from tunelab.compare.plan import read_jsonl, task_from_eval
-    from tunelab.models import resolve_device
-
     model, tokenizer = model_and_tokenizer
     rows = read_jsonl(ev["rows"][split])
     max_length = cfg.task.max_length if cfg.task else 256
@@ -99,8 +104,6 @@ def _score(model_and_tokenizer, cfg, ev: dict, split: str) -> list[dict]:
 
 
 def _load_run(run_dir: Path, cfg):
-    from tunelab.stages.runs import load_run
-
     return load_run(str(run_dir), device=cfg.training.device)
 
 
@@ -151,10 +154,6 @@ def sweep_dir(run_dir: Path, lr: float) -> Path:
 
 def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
     """Train (each learning rate of a sweep), pick on the validation rows, score the dev rows; the run used."""
-    from tunelab.compare.plan import task_from_eval
-    from tunelab.config import load_config
-    from tunelab.evaluation.predictions import class_log_loss, prediction_metrics, write_predictions
-
     cfg = load_config(spec["config"])
     if cfg.training.threads:
         import torch
@@ -164,7 +163,6 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
     task = task_from_eval(ev)
     run_dir = Path(cfg.output_dir)
     if spec.get("zero_shot"):  # the reference: the untrained model through the same scorer
-        from tunelab.models import load_model, resolve_device
 
         loaded = load_model(cfg.model, device=resolve_device(cfg.training.device))
         result["train"] = {"trainable_params": 0, "total_params": sum(p.numel() for p in loaded[0].parameters())}
@@ -211,8 +209,6 @@ def _choose(tried: list[dict], metric: str) -> dict:
     """The best run on the validation rows. Classification: the lowest class log-loss (a proper scoring
     rule, far less noisy than accuracy on ~100 rows, which moves in steps of 1/n), then the higher main
     metric; other tasks: the main metric. Remaining ties: the smaller learning rate."""
-    from tunelab.compare.analysis import lower_is_better
-
     sign = 1.0 if lower_is_better(metric) else -1.0
 
     def rank(e):
@@ -225,9 +221,6 @@ def _choose(tried: list[dict], metric: str) -> dict:
 def _train(cfg, spec: dict, result: dict) -> dict | None:
     """Train one config to its end, resuming from its latest checkpoint; its results.json metrics, or None
     when interrupted. A run that already finished is not trained again."""
-    import tunelab
-    from tunelab.training import checkpoint as ckpt
-
     run_dir = Path(cfg.output_dir)
     if (run_dir / "final" / "tunelab.json").is_file() and (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())

@@ -23,7 +23,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.config import ConfigError, read_yaml_mapping, yaml_line
+from tunelab.config import ConfigError, config_class, format_validation_error, read_yaml_mapping, yaml_line
+from tunelab.data.tasks import get_task, task_names
+from tunelab.methods import get as get_method
+from tunelab.methods import names as method_names
 
 # Partial config sections an entry (model, method or task) may carry; merged into each of its cells.
 _SECTIONS = ("model", "data", "task", "training")
@@ -63,13 +66,11 @@ class MethodEntry(_Entry):
 
     @model_validator(mode="after")
     def _check_method(self):
-        from tunelab.methods.registry import get, names
-
-        if self.name not in names():
-            near = difflib.get_close_matches(self.name, names(), n=1)
+        if self.name not in method_names():
+            near = difflib.get_close_matches(self.name, method_names(), n=1)
             hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise ValueError(f"unknown method {self.name!r}; choose one of {names()}.{hint}")
-        fields = set(get(self.name).Config.model_fields)
+            raise ValueError(f"unknown method {self.name!r}; choose one of {method_names()}.{hint}")
+        fields = set(get_method(self.name).Config.model_fields)
         for key in self.settings():
             if key not in fields:
                 allowed = sorted((fields - {"name"}) | {"label", *_SECTIONS})
@@ -77,7 +78,7 @@ class MethodEntry(_Entry):
                 hint = f" Did you mean '{near[0]}'?" if near else ""
                 raise ValueError(f"unknown key {key!r} for method {self.name!r}.{hint} Valid: {', '.join(allowed)}")
         try:
-            get(self.name).Config.model_validate({"name": self.name, **self.settings()})
+            get_method(self.name).Config.model_validate({"name": self.name, **self.settings()})
         except ValidationError as e:
             bad = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']} (got {x.get('input')!r})" for x in e.errors())
             raise ValueError(f"method {self.name!r}: {bad}") from None
@@ -114,8 +115,6 @@ class TaskEntry(_Entry):
 
     @model_validator(mode="after")
     def _check_task(self):
-        from tunelab.data.tasks import get_task, task_names
-
         if self.name.lower() in task_names():
             preset = get_task(self.name)
             if preset.type not in ("classification", "regression", "instruction"):
@@ -145,14 +144,10 @@ class TaskEntry(_Entry):
 
     @property
     def is_preset(self) -> bool:
-        from tunelab.data.tasks import task_names
-
         return self.name.lower() in task_names()
 
     @property
     def task_type(self) -> str:
-        from tunelab.data.tasks import get_task
-
         return get_task(self.name).type if self.is_preset else (self.type or "classification")
 
     @property
@@ -288,8 +283,6 @@ def load_grid(source: str | Path | dict) -> Grid:
 
 def _check_base_config(grid: Grid, name: str) -> None:
     """`base:` must be a valid (partial) tunelab config on its own: unknown keys are caught here, once."""
-    from tunelab.config import config_class, format_validation_error
-
     try:
         config_class().model_validate(grid.base)
     except ValidationError as e:

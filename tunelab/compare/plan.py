@@ -36,7 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.compare.grid import Grid, MethodEntry, ModelEntry, TaskEntry
-from tunelab.config import ConfigError
+from tunelab.config import ConfigError, load_config
+from tunelab.data.errors import DataError
+from tunelab.data.prompts import instruction_rows
+from tunelab.data.tasks import Task, get_task, load_split, load_task_file
+from tunelab.models import NAMED, resolve
 
 # Keys that do not change a cell's result (left out of its hash).
 # Data paths are covered by the eval spec's fingerprint (the task, its limits, seed and file contents), so
@@ -137,7 +141,6 @@ def model_kind(entry: ModelEntry) -> str:
     """causal or encoder, from `kind:` or the model's own config (architectures)."""
     if entry.kind != "auto":
         return entry.kind
-    from tunelab.models import NAMED, resolve
 
     if entry.name in NAMED:
         return "causal" if NAMED[entry.name].kind.startswith("causal") else "encoder"
@@ -154,8 +157,6 @@ def model_kind(entry: ModelEntry) -> str:
 
 def task_object(t: TaskEntry):
     """The tunelab Task behind a grid task entry (a preset, or one built for your own files)."""
-    from tunelab.data.tasks import Task, get_task
-
     if t.is_preset:
         return get_task(t.name)
     kind = t.task_type
@@ -165,16 +166,12 @@ def task_object(t: TaskEntry):
 
 def task_from_eval(ev: dict):
     """The Task a cell is scored on, from its eval spec (a preset, or your own classes)."""
-    from tunelab.data.tasks import Task, get_task
-
     if ev.get("preset"):
         return get_task(ev["preset"])
     return Task(name=ev["fingerprint"]["name"], type=ev["type"], labels=tuple(ev["labels"]), main_metric=ev["main_metric"])
 
 
 def _split_rows(t: TaskEntry, split: str) -> list[dict]:
-    from tunelab.data.tasks import load_split, load_task_file
-
     own = t.train_file if split == "train" else t.dev_file
     return load_task_file(task_object(t), own) if own else load_split(task_object(t), split)
 
@@ -195,8 +192,6 @@ def task_splits(t: TaskEntry, seed: int) -> dict[str, list[dict]]:
     """
     import random
 
-    from tunelab.data.errors import DataError
-    from tunelab.data.tasks import load_split, load_task_file
 
     full = _split_rows(t, "train")
     order = list(range(len(full)))
@@ -242,8 +237,6 @@ def data_folder(t: TaskEntry, seed: int, out: Path) -> Path:
 def _materialise(t: TaskEntry, seed: int, out: Path) -> dict[str, str]:
     """Write the task's rows once: {train,val,dev}.jsonl as task rows and, for classification, the same
     train / val rows as instructions ({train,val}.sft.jsonl) for causal LMs. Returns name -> path."""
-    from tunelab.data.prompts import instruction_rows
-
     folder = data_folder(t, seed, out)
     paths = data_paths(folder)
     if all(Path(p).is_file() for p in paths.values()):
@@ -323,8 +316,6 @@ def resolve_cells(grid: Grid, out: Path, materialise: bool = True) -> list[Cell]
 
 def _finish(cell: Cell, out: Path, errors: list[str]) -> None:
     """Validate a cell's config (each learning rate of a sweep), then give it its key and run folder."""
-    from tunelab.config import load_config
-
     if cell.config is None:
         cell.key = digest({"model": cell.model_name, "method": cell.method, "task": cell.eval or cell.task,
                            "seed": cell.seed, "note": cell.note})  # fmt: skip

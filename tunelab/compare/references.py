@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tunelab.compare.grid import Grid, TaskEntry
 from tunelab.compare.plan import Cell, digest, safe_name, seed_for, task_fingerprint, task_object, task_splits
+from tunelab.evaluation.baseline import fit_and_predict, majority_predictions
+from tunelab.evaluation.predictions import prediction_metrics, write_predictions
 
 # reference name -> (model column shown, which train rows)
 REFERENCES = {
@@ -69,9 +71,6 @@ def shown_model(kind: str, t: TaskEntry) -> str:
 
 def run_reference(kind: str, grid: Grid, t: TaskEntry, folder: Path) -> dict:
     """Fit and score one reference; writes folder/predictions.jsonl; a result dict shaped like a cell's."""
-    from tunelab.evaluation.baseline import fit_and_predict, majority_predictions
-    from tunelab.evaluation.predictions import prediction_metrics, write_predictions
-
     task = task_object(t)
     seed = seed_for(grid, t)
     t0 = time.perf_counter()

@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 from tunelab.compare import analysis as A
+from tunelab.compare.plan import read_jsonl, seed_for, task_object
 from tunelab.compare.record import fmt, fmt_params, fmt_time, table_cells
+from tunelab.data.prompts import label_words
 
 
 def _num(v) -> bool:
@@ -27,8 +29,6 @@ def _task_entries(grid) -> dict:
 
 def with_intervals(rows: list[dict], grid) -> list[dict]:
     """Each row with its own 95% interval (ci_low, ci_high) from its predictions (one seed, one row)."""
-    from tunelab.compare.plan import seed_for, task_object
-
     entries = _task_entries(grid)
     out = []
     for r in rows:
@@ -42,8 +42,6 @@ def with_intervals(rows: list[dict], grid) -> list[dict]:
 
 def analyse_grid(rows: list[dict], grid) -> dict[str, dict]:
     """task shown name -> analysis.analyse of its rows."""
-    from tunelab.compare.plan import seed_for, task_object
-
     out = {}
     for name, t in _task_entries(grid).items():
         trows = [r for r in rows if r.get("task") == name]
@@ -295,8 +293,6 @@ def _rows_table(rows: list[dict]) -> str:
 
 def _errors_html(rows: list[dict], labels: list[str]) -> str:
     """A few misclassified dev rows per cell (first seed), in collapsible blocks."""
-    from tunelab.compare.plan import read_jsonl
-
     parts, dev_cache = [], {}
     for r in rows:
         dev = ((r.get("eval_json") or {}).get("rows") or {}).get("dev")
@@ -400,7 +396,6 @@ def _minutes(g: A.Group) -> float | None:
 def _task_of(entry):
     if entry is None:
         return None
-    from tunelab.compare.plan import task_object
 
     return task_object(entry)
 
@@ -409,7 +404,6 @@ def _words(entry) -> list[str]:
     task = _task_of(entry)
     if task is None or task.type != "classification":
         return []
-    from tunelab.data.prompts import label_words
 
     return list(label_words(task))
 

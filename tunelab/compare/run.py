@@ -8,9 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunelab.compare.executors import executor_for
 from tunelab.compare.grid import Grid, load_grid
 from tunelab.compare.plan import Cell, resolve_cells
 from tunelab.compare.record import fmt, fmt_time, plan_values, result_values
+from tunelab.compare.references import reference_cell, reference_dir, references_for, run_reference
+from tunelab.compare.report import analyse_grid, markdown_summary, with_intervals, write_report
 from tunelab.compare.store import Store, markdown_table, write_exports
 
 FINISHED = ("done", "n/a")
@@ -32,8 +35,6 @@ class GridResult:
     @property
     def summary(self) -> str:
         """Per task: what the numbers support and the per-method table (Markdown)."""
-        from tunelab.compare.report import markdown_summary
-
         return markdown_summary(self.analyses)
 
     @property
@@ -61,8 +62,6 @@ def run_grid(
     KeyboardInterrupt there to stop the grid as Ctrl-C would); `cell_hooks` are testing aids passed to
     every cell (`interrupt_at_step`, `fail_scoring`). `seeds` replaces the grid's `seeds:` list.
     """
-    from tunelab.compare.executors import executor_for
-
     log = log or (lambda msg: print(msg, flush=True))
     g = grid if isinstance(grid, Grid) else load_grid(grid)
     if seeds:
@@ -112,8 +111,6 @@ def _run_cells(ex, store: Store, pending: list[Cell], result: GridResult, log, h
 
 def _write_outputs(result: GridResult, rows: list[dict], g: Grid, out: Path) -> None:
     """The rows with their intervals, the analyses, results.{csv,json,md} and report.html."""
-    from tunelab.compare.report import analyse_grid, with_intervals, write_report
-
     result.failed = sum(r["status"] == "failed" for r in rows)
     result.not_applicable = sum(r["status"] == "n/a" for r in rows)
     result.rows = with_intervals(rows, g)
@@ -134,7 +131,6 @@ def describe_grid(grid: str | Path | dict | Grid) -> str:
         lr = "" if c.config is None else f"  lr {c.sweep or c.config['training']['lr']}"
         lr = "  untrained" if c.role == "reference" else lr
         lines.append(f"  {c.label}: {what}{lr}  -> cells/{c.folder}")
-    from tunelab.compare.references import references_for
 
     refs = references_for(g)
     lines.append(f"  references per classification / regression task: {', '.join(refs)}")
@@ -168,8 +164,6 @@ def _register(store: Store, cells: list[Cell], retry_failed: bool, result: GridR
 def _record_references(store: Store, g: Grid, out: Path, log, run: bool) -> list[str]:
     """Majority class (and, with `baselines: [tfidf]`, TF-IDF on the sample and on the whole train split)
     for every classification / regression task: fitted here, in a moment each. Their keys, in grid order."""
-    from tunelab.compare.references import reference_cell, reference_dir, references_for, run_reference
-
     keys = []
     for t in g.tasks:
         if t.task_type not in ("classification", "regression"):
