@@ -19,6 +19,7 @@ from tunelab.data import (
     collate,
     encode_messages,
     pack,
+    pad,
     read_rows,
     render_example,
     shared_data_dir,
@@ -266,6 +267,52 @@ def test_collate_pads_labels_and_mask():
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert "position_ids" not in batch
+
+
+def _hand_padded(seqs, value, side, width):
+    """The padding loop every collate used to write by hand."""
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, cols], mask[i, cols] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("width", [None, 12])
+def test_pad_matches_the_hand_built_batch(side, width):
+    rng = random.Random(3)
+    seqs = [[rng.randrange(1, 300) for _ in range(n)] for n in (5, 1, 9, 0, 3)]
+    ids, mask = pad(seqs, 7, side=side, width=width)
+    want_ids, want_mask = _hand_padded(seqs, 7, side, width or 9)
+    assert ids.dtype == mask.dtype == torch.long
+    assert torch.equal(ids, want_ids) and torch.equal(mask, want_mask)
+    assert mask.sum(1).tolist() == [len(s) for s in seqs]
+
+
+def test_pad_layout_and_limits():
+    ids, mask = pad([[5, 6, 7], [8]], 0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad([[5, 6, 7], [8]], -100, width=4)
+    assert ids.tolist() == [[5, 6, 7, -100], [8, -100, -100, -100]] and mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    flags, _ = pad([[True, False], [True]], False, dtype=torch.bool)
+    assert flags.dtype == torch.bool and flags.tolist() == [[True, False], [True, False]]
+    assert pad([torch.tensor([4, 5]), [6]], 0)[0].tolist() == [[4, 5], [6, 0]]  # tensors and lists alike
+    assert pad([], 0)[0].shape == (0, 0)
+    with pytest.raises(ValueError, match="width"):
+        pad([[1, 2, 3]], 0, width=2)
+    with pytest.raises(ValueError, match="side"):
+        pad([[1]], 0, side="middle")
+
+
+def test_packed_collate_pads_positions_from_zero():
+    rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "position_ids": [0, 1, 0]},
+            {"input_ids": [4], "labels": [4], "position_ids": [0]}]  # fmt: skip
+    batch = collate(rows, pad_id=9, width=5)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 9, 9], [4, 9, 9, 9, 9]]
+    assert batch["labels"].tolist() == [[1, 2, 3, -100, -100], [4, -100, -100, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 0, 0, 1], [0, 0, 1, 2, 3]]
 
 
 def test_pack_layout():

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import torch
-
 
 def generate(
     model,
@@ -14,26 +12,15 @@ def generate(
     temperature: float = 0.0,
     streamer=None,
 ) -> str:
-    """Answer one user message (or a list of chat messages) with the chat template; greedy by default."""
+    """Answer one user message (or a list of chat messages) with the chat template; greedy by default,
+    sampled (top_p 0.95) when temperature > 0. A thin wrapper over tunelab.models.generation.generate."""
     from tunelab.data import build_prompt_ids
+    from tunelab.models.generation import generate as generate_ids
 
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    ids = torch.tensor([build_prompt_ids(messages, tokenizer)], device=next(model.parameters()).device)
-    sample = temperature > 0
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=0.95 if sample else None,
-            top_k=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            streamer=streamer,
-        )
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    out = generate_ids(model, tokenizer, [build_prompt_ids(messages, tokenizer)], max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=0.95, streamer=streamer)  # fmt: skip
+    return out.texts()[0].strip()
 
 
 def chat(model, tokenizer, max_new_tokens: int = 256, temperature: float = 0.7, system: str | None = None) -> None:

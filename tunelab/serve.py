@@ -188,11 +188,14 @@ def _holdback(text: str, stops: list[str]) -> int:
 def generate_stream(served: Served, model_id: str, ids: list[int], max_tokens: int, req: _Request, result: dict):
     """Yield the completion text piece by piece; fill `result` with finish_reason and token counts.
 
-    transformers' generate runs in a worker thread and hands decoded text over a TextIteratorStreamer.
-    Stop strings end generation inside generate (`stop_strings`) and are cut from the text here.
+    tunelab's generate (models/generation.py) runs in a worker thread and hands decoded text over a
+    TextIteratorStreamer. Stop strings end generation inside generate (`stop_strings`) and are cut from
+    the text here.
     """
     import torch
     from transformers import TextIteratorStreamer
+
+    from tunelab.models.generation import generate
 
     tok = served.tokenizer
     stops = _stops(req.stop)
@@ -204,24 +207,9 @@ def generate_stream(served: Served, model_id: str, ids: list[int], max_tokens: i
             with served.selected(model_id) as model:
                 if req.seed is not None:
                     torch.manual_seed(req.seed)
-                device = next(model.parameters()).device
-                input_ids = torch.tensor([ids], device=device)
-                sample = req.temperature > 0
-                gen = model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    max_new_tokens=max_tokens,
-                    do_sample=sample,
-                    temperature=req.temperature if sample else None,
-                    top_p=req.top_p if sample else None,
-                    top_k=None,
-                    eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                    streamer=streamer,
-                    stop_strings=stops or None,
-                    tokenizer=tok if stops else None,
-                )
-                out["ids"] = gen[0, len(ids) :].tolist()
+                gen = generate(model, tok, [ids], max_new_tokens=max_tokens, temperature=req.temperature,
+                               top_p=req.top_p, stop_strings=stops, streamer=streamer)  # fmt: skip
+                out["ids"] = gen.tokens[0].tolist()
         except Exception as e:  # noqa: BLE001 - reported to the client, the server lives on
             out["error"] = e
             streamer.end()

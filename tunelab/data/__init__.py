@@ -3,12 +3,13 @@ split, truncate, pack and collate.
 
     bundle = build_datasets(cfg.data, tokenizer, seed=cfg.training.seed, stage=cfg.stage)
     batch = collate(bundle.train[:4], pad_id=tokenizer.pad_token_id)
+    ids, mask = pad([[5, 6, 7], [8]], tokenizer.pad_token_id, side="left")   # any padded batch
 """
 
 from __future__ import annotations
 
 from tunelab.data.build import DataBundle, build_datasets, split_rows
-from tunelab.data.collate import collate
+from tunelab.data.collate import collate, pad
 from tunelab.data.errors import DataError
 from tunelab.data.packing import pack
 from tunelab.data.readers import read_rows
@@ -24,6 +25,7 @@ __all__ = [
     "collate",
     "encode_messages",
     "pack",
+    "pad",
     "read_rows",
     "read_source",
     "render_example",

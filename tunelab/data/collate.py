@@ -18,6 +18,34 @@ from __future__ import annotations
 from tunelab.data.templating import IGNORE
 
 
+def pad(seqs, value: int, side: str = "right", width: int | None = None, dtype=None):
+    """Pad sequences into one [len(seqs), width] tensor; returns (padded, mask).
+
+    `seqs` are lists (or 1-D tensors) of numbers; `value` fills the padding (a pad token id, -100 for
+    labels, 0 for a mask); `side` "right" puts each sequence at the start of its row, "left" at the end
+    (what a decoder-only model's generate wants). `width` defaults to the longest sequence; a fixed
+    `width` shorter than a sequence is an error. `dtype` defaults to torch.long. The mask is long, 1 on
+    each sequence's own positions and 0 on the padding. Every batch tunelab builds is padded here."""
+    import torch
+
+    if side not in ("right", "left"):
+        raise ValueError(f"pad: side must be 'right' or 'left', not {side!r}")
+    longest = max((len(s) for s in seqs), default=0)
+    if width is None:
+        width = longest
+    elif width < longest:
+        raise ValueError(f"pad: a sequence of {longest} does not fit in width {width}")
+    dtype = torch.long if dtype is None else dtype
+    out = torch.full((len(seqs), width), value, dtype=dtype)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s)
+        cols = slice(width - n, width) if side == "left" else slice(0, n)
+        out[i, cols] = torch.as_tensor(s, dtype=dtype)
+        mask[i, cols] = 1
+    return out, mask
+
+
 def collate(examples: list[dict], pad_id: int, width: int | None = None) -> dict:
     """Right-pad to the longest example; a packed batch to `width` columns if that is wider (unpacked
     ones, e.g. validation rows, are not widened: that would only add padding to compute)."""
@@ -25,17 +53,14 @@ def collate(examples: list[dict], pad_id: int, width: int | None = None) -> dict
 
     packed = any("position_ids" in e for e in examples)
     width = max([len(e["input_ids"]) for e in examples] + [(width or 0) if packed else 0])
-    ids, labels, mask, positions = [], [], [], []
-    for e in examples:
-        n = len(e["input_ids"])
-        pad = width - n
-        ids.append(list(e["input_ids"]) + [pad_id] * pad)
-        labels.append(list(e["labels"]) + [IGNORE] * pad)
-        mask.append([1] * n + [0] * pad)
-        positions.append(list(e.get("position_ids", range(n))) + list(range(pad)))
-    batch = {"input_ids": torch.tensor(ids, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long)}
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id, width=width)
+    labels, _ = pad([e["labels"] for e in examples], IGNORE, width=width)
+    batch = {"input_ids": ids, "labels": labels}
     if packed:
-        batch["position_ids"] = torch.tensor(positions, dtype=torch.long)
+        # right padding gets positions 0, 1, ...: a sequence of its own that no real token sees
+        positions, _ = pad([list(e.get("position_ids", range(len(e["input_ids"])))) for e in examples], 0, width=width)
+        fill = (1 - mask).cumsum(1) - 1
+        batch["position_ids"] = torch.where(mask.bool(), positions, fill)
     else:
-        batch["attention_mask"] = torch.tensor(mask, dtype=torch.long)
+        batch["attention_mask"] = mask
     return batch

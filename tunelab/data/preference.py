@@ -233,16 +233,10 @@ def encode_preference(pair: dict, tokenizer, max_length: int, where: str = "pair
 def collate_pairs(examples: list[dict], pad_id: int) -> dict:
     """B encoded pairs -> one right-padded batch of 2B rows: the B chosen sequences, then the B rejected
     ones (one forward pass scores both). Keys: input_ids, attention_mask, response_mask."""
-    import torch
+    from tunelab.data.collate import pad
 
-    seqs = [(e["chosen_input_ids"], e["chosen_response_mask"]) for e in examples]
-    seqs += [(e["rejected_input_ids"], e["rejected_response_mask"]) for e in examples]
-    width = max(len(ids) for ids, _ in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    resp = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (x, m) in enumerate(seqs):
-        ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        attn[i, : len(x)] = 1
-        resp[i, : len(x)] = torch.tensor(m, dtype=torch.long)
+    rows = [e[f"{side}_input_ids"] for side in ("chosen", "rejected") for e in examples]
+    masks = [e[f"{side}_response_mask"] for side in ("chosen", "rejected") for e in examples]
+    ids, attn = pad(rows, pad_id)
+    resp, _ = pad(masks, 0)
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}

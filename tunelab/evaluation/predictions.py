@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tunelab import metrics as M
 from tunelab.config import DataConfig
-from tunelab.data import build_prompt_ids, collate, render_example, tasks
+from tunelab.data import build_prompt_ids, collate, pad, render_example, tasks
 from tunelab.data.prompts import instruction, label_words
 from tunelab.methods.verbalizer import SharedPrefix, Verbalizer, next_token_logits
 from tunelab.models.loss import row_loss_sums, shift_labels
@@ -54,12 +54,7 @@ def verbalizer_predictions(model, tokenizer, task, rows, device, batch_size=16, 
         start = prefix.length if prefix is not None else 0
         for i in tqdm(range(0, len(order), batch_size), desc=f"eval {task.name}", disable=not progress, unit="batch"):
             idx = order[i : i + batch_size]
-            rests = [prompts[k][start:] for k in idx]
-            width = max(len(r) for r in rests)
-            ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for j, r in enumerate(rests):
-                ids[j, : len(r)], mask[j, : len(r)] = torch.tensor(r), 1
+            ids, mask = pad([prompts[k][start:] for k in idx], tokenizer.pad_token_id)
             logits = next_token_logits(model, ids.to(device), mask.to(device), prefix=prefix)
             scores = verbalizer.scores(logits.float())
             # float32 -> Python float is exact and order-preserving: the argmax of the stored list is this one

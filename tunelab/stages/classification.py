@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from tunelab import metrics as M
-from tunelab.data import DataBundle
+from tunelab.data import DataBundle, pad
 from tunelab.models import load_model
 from tunelab.stages.base import Stage, num_labels, task_of, task_rows
 
@@ -51,12 +51,7 @@ def build(cfg, tokenizer):
 
 
 def classification_collate(examples, pad_id):
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        mask[i, : len(e["input_ids"])] = 1
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id)
     dtype = torch.float32 if isinstance(examples[0]["label"], float) else torch.long
     return {
         "input_ids": ids,

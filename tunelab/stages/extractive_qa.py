@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForQuestionAnswering
 
 from tunelab.config import ConfigError
+from tunelab.data import pad
 from tunelab.metrics import squad_scores
 from tunelab.models import load_model
 from tunelab.stages.base import RowsBundle, Stage, task_of, task_rows
@@ -112,23 +113,15 @@ def qa_features(
 
 def collate_features(examples: list[dict], pad_id: int) -> dict:
     """Right-padded input_ids / attention_mask (/ token_type_ids) and start/end position labels."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    types = torch.zeros((len(examples), width), dtype=torch.long) if "token_type_ids" in examples[0] else None
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), 1
-        if types is not None:
-            types[i, :n] = torch.tensor(e["token_type_ids"])
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id)
     batch = {
         "input_ids": ids,
         "attention_mask": mask,
         "start_positions": torch.tensor([e["start"] for e in examples]),
         "end_positions": torch.tensor([e["end"] for e in examples]),
     }
-    if types is not None:
-        batch["token_type_ids"] = types
+    if "token_type_ids" in examples[0]:
+        batch["token_type_ids"] = pad([e["token_type_ids"] for e in examples], 0)[0]
     return batch
 
 

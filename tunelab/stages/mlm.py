@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM
 
 from tunelab.config import ConfigError
-from tunelab.data import DataBundle, read_rows
+from tunelab.data import DataBundle, pad, read_rows
 from tunelab.data.build import split_rows
 from tunelab.data.errors import DataError
 from tunelab.models import load_model
@@ -61,14 +61,8 @@ def mlm_collate(examples, pad_id, probability: float = 0.15):
     The draw comes from a torch.Generator seeded by one number taken from torch's global RNG, which the
     loop snapshots into every checkpoint, so a resumed run masks its batches exactly as the first one.
     Each example carries its tokenizer's mask id and vocabulary size (the collate gets no tokenizer)."""
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    maskable = torch.zeros_like(ids, dtype=torch.bool)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n], mask[i, :n] = torch.tensor(e["input_ids"]), 1
-        maskable[i, :n] = torch.tensor(e["maskable"], dtype=torch.bool)
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id)
+    maskable, _ = pad([e["maskable"] for e in examples], False, dtype=torch.bool)
     mask_id, vocab = examples[0]["mask_id"], examples[0]["vocab_size"]
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
     chosen = (torch.rand(ids.shape, generator=g) < probability) & maskable

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
+from tunelab.data import pad
 from tunelab.data.preference import collate_pairs, encode_response, truncate_left
 from tunelab.models import load_model
 from tunelab.stages.base import Stage
@@ -85,12 +86,7 @@ def score(model, tokenizer, prompts_messages, responses, max_length: int = 1024,
         encoded.append(truncate_left(encode_response(messages, reply, tokenizer), max_length)["input_ids"])
     out = []
     for i in range(0, len(encoded), batch_size):
-        chunk = encoded[i : i + batch_size]
-        width = max(len(x) for x in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, x in enumerate(chunk):
-            ids[j, : len(x)], mask[j, : len(x)] = torch.tensor(x), 1
+        ids, mask = pad(encoded[i : i + batch_size], pad_id)
         out.append(reward_logits(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)}))
     return torch.cat(out) if out else torch.zeros(0, device=device)
 

@@ -3,10 +3,10 @@ tokens; BLEU and embedding cosine of generated outputs on the dev rows at the en
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSeq2SeqLM
 
+from tunelab.data import pad
 from tunelab.models import load_config, load_model
 from tunelab.models.generation import generate_seq2seq, generation_scores
 from tunelab.stages.base import RowsBundle, Stage, task_of, task_rows
@@ -68,15 +68,8 @@ def build(cfg, tokenizer):
 
 
 def collate(examples, pad_id):
-    width = max(len(e["input_ids"]) for e in examples)
-    tw = max(len(e["labels"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), tw), -100, dtype=torch.long)
-    for i, e in enumerate(examples):
-        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-        mask[i, : len(e["input_ids"])] = 1
-        labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id)
+    labels, _ = pad([e["labels"] for e in examples], -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForTokenClassification
 
 from tunelab.config import ConfigError
-from tunelab.data import DataBundle, read_rows, split_rows
+from tunelab.data import DataBundle, pad, read_rows, split_rows
 from tunelab.data.errors import DataError, where
 from tunelab.models import load_model
 from tunelab.stages.base import Stage
@@ -59,13 +59,8 @@ def build(cfg, tokenizer) -> DataBundle:
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n], mask[i, :n], labels[i, :n] = torch.tensor(e["input_ids"]), 1, torch.tensor(e["labels"])
+    ids, mask = pad([e["input_ids"] for e in examples], pad_id)
+    labels, _ = pad([e["labels"] for e in examples], -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

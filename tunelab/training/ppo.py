@@ -37,6 +37,7 @@ import torch
 
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
+from tunelab.models.generation import generate
 from tunelab.stages.ppo import PolicyWithValue, RewardFn, load_policy, load_prompts, reward_function
 from tunelab.training import checkpoint as ckpt
 from tunelab.training.harness import (
@@ -108,31 +109,12 @@ def sample_responses(lm, prompt_ids: list[list[int]], tokenizer, max_new_tokens:
 
     Returns seq [B, P+T], mask [B, P+T] (prompt and response tokens up to and including the first eos),
     response [B, T] and response_mask [B, T]."""
-    from transformers import GenerationConfig
-
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-    pmask = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        pmask[i, width - len(p) :] = 1
-    ids, pmask = ids.to(device), pmask.to(device)
-    sample = temperature > 0
-    # A fresh GenerationConfig: the model's own defaults (top_k=50, top_p, repetition penalty ...) would
+    # The sampling settings go to generate explicitly: the model's own defaults (top_k=50, top_p, ...) would
     # sample from a different distribution than the one whose log-probs PPO computes.
-    gen = GenerationConfig(
-        do_sample=sample,
-        temperature=temperature if sample else None,
-        top_k=top_k if sample else None,
-        top_p=1.0 if sample else None,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        use_cache=True,
-    )
-    out = lm.generate(input_ids=ids, attention_mask=pmask, generation_config=gen)
-    response = out[:, width:]
+    gen = generate(lm, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_k=top_k, top_p=1.0, use_cache=True, device=device)  # fmt: skip
+    pad, eos = gen.pad_token_id, tokenizer.eos_token_id
+    ids, pmask, response = gen.prompt_ids, gen.prompt_mask, gen.tokens
     is_eos = response == eos
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
     response_mask = (~after_eos).long()
