@@ -20,6 +20,8 @@ import torch
 
 def main() -> None:
     from tunelab.config import load_config
+    from tunelab.methods import get as get_method
+    from tunelab.methods import reference
     from tunelab.stages import ppo as S
     from tunelab.stages.runs import load_run
     from tunelab.training import harness as H
@@ -36,6 +38,7 @@ def main() -> None:
     pcfg, seed, cpu = cfg.ppo, cfg.training.seed, torch.device("cpu")
     model, tok = load_run(args.run)  # the PeftModel with the PPO adapter
     policy = S.PolicyWithValue(model, model.config.hidden_size).eval()
+    reference.prepare(model, get_method(cfg.method.name))  # pi_ref: the adapter switched off (the SFT policy)
     reward = S.reward_function(pcfg.reward, tok, cpu)
     train, held, _ = S.load_prompts(pcfg, tok, seed)
     # the prompts the run sampled: iteration it used batch `it` of epoch it // per_epoch (train_ppo's prompts_for)
@@ -67,7 +70,7 @@ def main() -> None:
                     roll = answer(prompts[i : i + pcfg.rollout_batch_size])
                 scores[name] += roll["scores"].tolist()
                 if name == "ppo":
-                    kl = P.score_rollout(policy, None, roll, pcfg.temperature, pcfg.mini_batch_size,
+                    kl = P.score_rollout(policy, roll, pcfg.temperature, pcfg.mini_batch_size,
                                          contextlib.nullcontext)["kl"]  # fmt: skip
                     kls += (kl * roll["response_mask"]).sum(1).tolist()
         print(f"{name}: mean reward {statistics.mean(scores[name]):.4f} (sd {statistics.stdev(scores[name]):.4f}), "

@@ -71,7 +71,7 @@ def check_method(
         assert not wrong, f"unexpected trainable parameters: {wrong[:5]}"
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    on_step = (lambda step: mod.on_step(model, cfg, step)) if hasattr(mod, "on_step") else None
+    on_step = (lambda step: mod.on_step(model, cfg, step)) if mod.CAPABILITIES.changes_trainables else None
     losses = fit_steps(model, batch, steps, lr, before_step=on_step)
     assert losses[-1] < (1 - min_drop) * losses[0], f"loss did not fall enough: {losses[0]:.4f} -> {losses[-1]:.4f}"
 
@@ -85,7 +85,7 @@ def check_method(
     reloaded = mod.load(TINY_MODELS[arch]().to(device), tmp_path)
     assert (_logits(reloaded, batch) - trained_logits).abs().max() < 1e-5, "save -> load changed the logits"
 
-    if mod.MERGEABLE:
+    if mod.CAPABILITIES.mergeable:
         merged = mod.merge(reloaded)
         assert (_logits(merged, batch) - trained_logits).abs().max() < 1e-4, "merge changed the logits"
     return losses

@@ -189,7 +189,7 @@ def test_unsupported_model_type_names_the_supported_ones():
 
 
 def test_not_mergeable():
-    assert mod.MERGEABLE is False
+    assert mod.CAPABILITIES.mergeable is False
     with pytest.raises(NotImplementedError, match="cannot be merged"):
         mod.merge(mod.apply(tiny_llama(), mod.Config()))
 

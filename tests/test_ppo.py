@@ -14,6 +14,7 @@ from tunelab.config import ConfigError, load_config
 from tunelab.data import build_prompt_ids
 from tunelab.inference import generate
 from tunelab.methods import get as get_method
+from tunelab.methods import reference
 from tunelab.stages import ppo as S
 from tunelab.stages.runs import load_run, run_manifest
 from tunelab.testing import save_tiny_model_dir, tiny_llama, tiny_tokenizer
@@ -155,12 +156,12 @@ def test_reference_is_the_starting_policy(method):
     base = tiny_llama(len(tok), initializer_range=INIT)
     untouched = copy.deepcopy(base)
     cfg = make_cfg("unused", "unused", "unused", ppo={"rollout_batch_size": 8, "mini_batch_size": 4}, lr=1e-3)
-    frozen = copy.deepcopy(base).requires_grad_(False) if method == "full" else None
     lm = get_method(method).apply(base, get_method(method).Config() if method == "full" else cfg.method)
+    reference.prepare(lm, get_method(method))  # lora: nothing to keep; full: a frozen copy of the start
     policy = S.PolicyWithValue(lm, 32).eval()
     reward = S.reward_function(cfg.ppo.reward, tok, "cpu")
     torch.manual_seed(0)
-    roll = P.rollout(policy, frozen, tiny_prompts(tok, 8), tok, reward, cfg.ppo, 1.0, torch.device("cpu"),
+    roll = P.rollout(policy, tiny_prompts(tok, 8), tok, reward, cfg.ppo, 1.0, torch.device("cpu"),
                      contextlib.nullcontext)  # fmt: skip
     torch.testing.assert_close(roll["logprobs"], roll["ref_logprobs"])  # the same model at the start
     assert roll["kl"].abs().max() < 1e-6
@@ -170,7 +171,7 @@ def test_reference_is_the_starting_policy(method):
     sched = scheduler_for(opt, cfg.training, 100)
     P.ppo_update(policy, roll, 0.05, cfg.ppo, opt, sched, params, cfg.training, contextlib.nullcontext,
                  torch.Generator().manual_seed(0))  # fmt: skip
-    again = P.score_rollout(policy, frozen, roll, 1.0, 4, contextlib.nullcontext)
+    again = P.score_rollout(policy, roll, 1.0, 4, contextlib.nullcontext)
     mask = roll["response_mask"].bool()
     assert (again["logprobs"] - roll["logprobs"])[mask].abs().max() > 1e-3  # the policy moved
     # ... and the reference is still exactly the original model

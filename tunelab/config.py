@@ -349,11 +349,11 @@ def _build_config_class():
                 raise ValueError(f"stage: {self.stage} needs data.format: preference (chosen / rejected pairs)")
             if self.data.format == "preference" and self.stage in ("sft", "pretrain", "mlm"):
                 raise ValueError("data.format: preference is for stage: reward or stage: dpo; set the stage")
-            if self.stage == "reward" and self.method.name == "prefix":
+            if self.stage == "reward" and _capabilities(self.method.name).virtual_tokens == "past_key_values":
                 raise ValueError(
-                    "stage: reward does not support method prefix (PEFT passes the prefix as past_key_values, "
-                    "which transformers' sequence-classification models do not take); use lora, ia3, prompt or "
-                    "a weight-training method"
+                    f"stage: reward does not support method {self.method.name} (PEFT passes its prefix as "
+                    "past_key_values, which transformers' sequence-classification models do not take); use "
+                    f"{_adapter_methods(lambda c: c.virtual_tokens != 'past_key_values')} or a weight-training method"
                 )
             if self.stage == "ppo":
                 _check_ppo(self)
@@ -382,11 +382,25 @@ def _check_ppo(cfg) -> None:
         raise ValueError("stage: ppo with ppo.reward.kind: keyword needs ppo.reward.keyword")
     if p.reward.kind == "tokens" and not p.reward.token_ids:
         raise ValueError("stage: ppo with ppo.reward.kind: tokens needs ppo.reward.token_ids")
-    if cfg.method.name in ("prefix", "prompt"):
+    if _capabilities(cfg.method.name).virtual_tokens:
         raise ValueError(
             f"stage: ppo does not support method {cfg.method.name} (virtual tokens shift the response "
-            "positions); use lora, qlora, ia3 or a weight-training method"
+            f"positions); use {_adapter_methods(lambda c: not c.virtual_tokens)} or a weight-training method"
         )
+
+
+def _capabilities(method_name: str):
+    from tunelab.methods.registry import capabilities
+
+    return capabilities(method_name)
+
+
+def _adapter_methods(allowed) -> str:
+    """'lora, ia3 ...': the registered PEFT adapter methods whose capabilities pass `allowed`."""
+    from tunelab.methods.registry import names
+
+    ok = [n for n in names() if _capabilities(n).reference == "adapter_off" and allowed(_capabilities(n))]
+    return ", ".join(ok)
 
 
 def _default_method():

@@ -33,7 +33,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_CHAT_MAX_TOKENS = 256
-PEFT_ADAPTER_METHODS = ("lora", "ia3")
+
+
+def adapter_methods() -> list[str]:
+    """The methods whose result is a PEFT adapter over the untouched, unquantized base and without virtual
+    tokens (lora, ia3): several of them load side by side on one served base."""
+    from tunelab.methods.registry import capabilities, names
+
+    caps = {n: capabilities(n) for n in names()}
+    return [n for n, c in caps.items() if c.reference == "adapter_off" and not c.virtual_tokens and not c.quantized_base]
 
 
 class APIError(Exception):
@@ -105,9 +113,9 @@ def load_served(spec: str, adapters: list[tuple[str, str]] = (), device: str = "
         base = resolve(main["base_model"]["name"]) if main else resolve(spec)
         for i, (aname, arun) in enumerate(adapters):
             final, manifest = result_dir(arun), run_manifest(arun)
-            if manifest is None or manifest.get("method") not in PEFT_ADAPTER_METHODS:
+            if manifest is None or manifest.get("method") not in adapter_methods():
                 raise ValueError(
-                    f"--adapter {aname}={arun}: not a finished {' / '.join(PEFT_ADAPTER_METHODS)} run "
+                    f"--adapter {aname}={arun}: not a finished {' / '.join(adapter_methods())} run "
                     f"(found method {manifest and manifest.get('method')!r}); other methods: serve the run itself"
                 )
             if resolve(manifest["base_model"]["name"]) != base:

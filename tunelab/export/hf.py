@@ -23,7 +23,7 @@ def load_merged(run: str, device: str = "cpu"):
     bottleneck adapters) keep extra modules a plain model does not have, so they cannot be exported.
     """
     manifest = run_manifest(run)
-    if manifest is not None and not get_method(manifest["method"]).MERGEABLE:
+    if manifest is not None and not get_method(manifest["method"]).CAPABILITIES.mergeable:
         raise ExportError(
             f"{run}: method {manifest['method']!r} cannot be merged into plain weights, so it cannot be exported "
             "as a standalone model; serve it with `tunelab serve` or load it with `tunelab.stages.runs.load_run`."
@@ -62,10 +62,12 @@ def write_hf(model, tokenizer, out_dir, dtype: str = "f32") -> Path:
 
 def _qat_advice(manifest: dict | None, run: str, quant: str) -> str | None:
     """A note when a QAT run is exported to a 4-bit type other than the one it was trained for."""
-    if not manifest or manifest.get("method") != "qat":
+    if not manifest:
         return None
 
-    s = settings(result_dir(run)) or {}
+    s = settings(result_dir(run))  # None: not a QAT result
+    if s is None:
+        return None
     match = {(32, False): "q4_1", (32, True): "q4_0"}.get((s.get("group_size"), s.get("symmetric")))
     if quant == match or quant in ("f32", "f16"):
         return None

@@ -7,7 +7,7 @@ and/or the feed-forward sublayer of every transformer block, before the block's 
 for BERT, before its LayerNorm) — the Houlsby position. W_up and b_up start at zero, so at step 0
 the model is exactly the base model; W_down starts Kaiming-uniform (`nn.Linear`'s default, as LoRA's
 A), so the first steps already see useful features. The bottleneck's non-linearity means the
-adapter cannot be folded into the base weights: MERGEABLE is False.
+adapter cannot be folded into the base weights: it is not mergeable.
 
 Presets: `houlsby` = after attention and after FFN (Houlsby et al. also train the layer norms: set
 `train_norms: true` for the paper's recipe); `pfeiffer` = after the FFN only (Pfeiffer et al.,
@@ -45,10 +45,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from tunelab.methods.base import MethodConfig, freeze_all
+from tunelab.methods.base import Capabilities, MethodConfig, freeze_all
 
 DESCRIPTION = "small bottleneck MLPs (adapters) after the attention and/or FFN sublayers of every block"
-MERGEABLE = False
+# its own modules, not a PEFT adapter (no disable_adapter): DPO / PPO keep a frozen copy as reference
+CAPABILITIES = Capabilities()
 INFERENCE_COST = "two small matmuls per adapter site (~2·m·d FLOPs per token each)"
 
 FORMAT_VERSION = 1

@@ -1,8 +1,18 @@
-"""Helpers shared by the method modules."""
+"""The protocol every method module follows (`Capabilities` and the default hooks), and helpers the
+method modules share.
+
+A method module declares `CAPABILITIES = Capabilities(...)`: what the rest of tunelab may know about
+the method. The training loop, DPO / PPO, distributed training, export and the config checks read
+these fields, never the method's name. It may also define the optional hooks `optimizer_parameters`,
+`optimizer` and `on_step`; the registry (`registry.get`) gives a module that does not the defaults
+below, so callers always call them.
+"""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -10,6 +20,54 @@ from pydantic import BaseModel, ConfigDict
 
 class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method declares about itself (its module's `CAPABILITIES`). Every field has the default a
+    plain weight-training method (`full`) would declare, except `mergeable`, which is False unless said."""
+
+    reference: Literal["adapter_off", "frozen_copy"] = "frozen_copy"
+    """How DPO / PPO get the starting policy pi_ref (`tunelab/methods/reference.py`): "adapter_off" = the
+    method wraps the untouched base in a PEFT adapter that can be switched off (`disable_adapter`), so the
+    reference costs no memory; "frozen_copy" = the method trains the model's own weights (or modules of
+    its own), so a frozen copy is taken before training."""
+
+    changes_trainables: bool = False
+    """Which parameters train changes during the run: the method defines `on_step` (gradual unfreezing).
+    DDP is rebuilt when it does; FSDP / DeepSpeed refuse it."""
+
+    virtual_tokens: Literal["inputs", "past_key_values"] | None = None
+    """Positions no input token produced: "inputs" = soft-prompt vectors before the input embeddings
+    (prompt; they shift every position), "past_key_values" = key/value prefixes handed to every
+    attention layer as past_key_values (prefix). None: the model sees exactly its inputs."""
+
+    mergeable: bool = False
+    """`merge(model)` gives a plain transformers model with the same logits (no extra inference cost),
+    so the result exports, and a run can be the starting policy of PPO."""
+
+    quantized_base: bool = False
+    """The frozen base weights are quantized in place (qlora, 4-bit bitsandbytes): sharded training
+    cannot hold them, and the process needs bitsandbytes."""
+
+
+# ---- the optional hooks' defaults (registry.get fills them into a module that does not define them)
+def optimizer_parameters(model, cfg) -> list:
+    """Every parameter that may train during the run: by default those with requires_grad after apply."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def optimizer(params, tcfg):
+    """The method's own optimizer for `params`; None: the loop's AdamW."""
+    return None
+
+
+def on_step(model, cfg, step: int, steps_per_epoch: int | None = None) -> str | None:
+    """Called before every optimizer step (methods with changes_trainables); a returned string is logged."""
+    return None
+
+
+DEFAULT_HOOKS = {"optimizer_parameters": optimizer_parameters, "optimizer": optimizer, "on_step": on_step}
 
 
 def freeze_all(model: torch.nn.Module) -> None:

@@ -40,12 +40,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tunelab.methods.base import MethodConfig, freeze_all
+from tunelab.methods.base import Capabilities, MethodConfig, freeze_all
 
 logger = logging.getLogger(__name__)
 
 DESCRIPTION = "bias terms only (zero biases are added to bias-free linear layers, e.g. Llama's)"
-MERGEABLE = True
+CAPABILITIES = Capabilities(mergeable=True)
 INFERENCE_COST = "none (the biases are part of the linear layers)"
 
 WEIGHTS_FILE = "bitfit.safetensors"

@@ -24,6 +24,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tunelab.methods.base import (
+    Capabilities,
     MethodConfig,
     block_index,
     freeze_all,
@@ -34,7 +35,7 @@ from tunelab.methods.base import (
 )
 
 DESCRIPTION = "the last k blocks (or their attention / ffn / norms only) and/or regex-matched parameters"
-MERGEABLE = True
+CAPABILITIES = Capabilities(mergeable=True)
 INFERENCE_COST = "none"
 
 Part = Literal["attention", "ffn", "norms", "embeddings", "head"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tunelab.methods.base import MethodConfig, load_full_model, save_full_model, unchanged
+from tunelab.methods.base import Capabilities, MethodConfig, load_full_model, save_full_model, unchanged
 
 DESCRIPTION = "every weight"
-MERGEABLE = True  # nothing to merge: the result already is a plain model
+CAPABILITIES = Capabilities(mergeable=True)  # nothing to merge: the result already is a plain model
 INFERENCE_COST = "none"
 
 

@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tunelab.methods.base import (
+    Capabilities,
     MethodConfig,
     block_index,
     freeze_all,
@@ -36,7 +37,7 @@ from tunelab.methods.base import (
 from tunelab.methods.freeze import part_of
 
 DESCRIPTION = "head + top block first, then one more block from the top every K steps or epochs"
-MERGEABLE = True
+CAPABILITIES = Capabilities(changes_trainables=True, mergeable=True)
 INFERENCE_COST = "none"
 
 

@@ -26,11 +26,19 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tunelab.methods.base import MethodConfig, block_index, freeze_all, load_full_model, save_full_model, unchanged
+from tunelab.methods.base import (
+    Capabilities,
+    MethodConfig,
+    block_index,
+    freeze_all,
+    load_full_model,
+    save_full_model,
+    unchanged,
+)
 from tunelab.methods.freeze import part_of
 
 DESCRIPTION = "the task / LM head, final norm and optional new blocks on top of the frozen model"
-MERGEABLE = True  # the result is a plain model (with more layers when extra_blocks > 0)
+CAPABILITIES = Capabilities(mergeable=True)  # the result is a plain model (with more layers when extra_blocks > 0)
 INFERENCE_COST = "the extra blocks' compute (none with extra_blocks 0)"
 
 _POST_NORM = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "mpnet"}

@@ -22,10 +22,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tunelab.methods.base import MethodConfig, load_peft, merge_peft, peft_task_type, save_peft
+from tunelab.methods.base import Capabilities, MethodConfig, load_peft, merge_peft, peft_task_type, save_peft
 
 DESCRIPTION = "(IA)³ vectors rescaling keys, values and the FFN's intermediate activation"
-MERGEABLE = True
+CAPABILITIES = Capabilities(reference="adapter_off", mergeable=True)
 INFERENCE_COST = "an elementwise multiply per adapted layer; none once merged"
 
 # the paper's l_k, l_v, l_ff where PEFT's defaults differ (BERT's `output.dense` suffix would also

@@ -10,10 +10,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from tunelab.methods.base import MethodConfig, load_peft, merge_peft, peft_task_type, save_peft
+from tunelab.methods.base import Capabilities, MethodConfig, load_peft, merge_peft, peft_task_type, save_peft
 
 DESCRIPTION = "low-rank matrices A, B beside the chosen linear layers"
-MERGEABLE = True
+CAPABILITIES = Capabilities(reference="adapter_off", mergeable=True)
 INFERENCE_COST = "two small matmuls per adapted layer; none once merged"
 
 

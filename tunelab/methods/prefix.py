@@ -29,10 +29,10 @@ from typing import Literal
 from pydantic import Field
 
 from tunelab.methods._prompt_learning import patch
-from tunelab.methods.base import MethodConfig, peft_task_type
+from tunelab.methods.base import Capabilities, MethodConfig, peft_task_type
 
 DESCRIPTION = "key/value prefixes in every attention layer (through a reparameterisation MLP while training)"
-MERGEABLE = False
+CAPABILITIES = Capabilities(reference="adapter_off", virtual_tokens="past_key_values")
 INFERENCE_COST = "prefix_length extra key/value positions in every attention layer"
 
 

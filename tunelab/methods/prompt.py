@@ -25,10 +25,10 @@ import torch
 from pydantic import Field
 
 from tunelab.methods._prompt_learning import patch
-from tunelab.methods.base import MethodConfig, peft_task_type
+from tunelab.methods.base import Capabilities, MethodConfig, peft_task_type
 
 DESCRIPTION = "soft-prompt vectors before the input embeddings"
-MERGEABLE = False
+CAPABILITIES = Capabilities(reference="adapter_off", virtual_tokens="inputs")
 INFERENCE_COST = "num_virtual_tokens extra input positions"
 
 

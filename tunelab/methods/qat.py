@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from tunelab.methods.base import MethodConfig, load_full_model, save_full_model
+from tunelab.methods.base import Capabilities, MethodConfig, load_full_model, save_full_model
 from tunelab.models.quant import fake_quant_4bit, fake_quant_ste, quantizable_linears
 
 DESCRIPTION = "every weight; the body's linear weights are fake-quantised to 4 bit in the forward pass (STE)"
-MERGEABLE = True
+CAPABILITIES = Capabilities(mergeable=True)
 INFERENCE_COST = "fake quantisation of every linear weight per forward; none once merged (the 4-bit weights)"
 
 META_FILE = "tunelab_qat.json"

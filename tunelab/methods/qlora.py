@@ -45,13 +45,13 @@ import torch
 from pydantic import Field
 
 from tunelab.methods import lora
-from tunelab.methods.base import freeze_all
+from tunelab.methods.base import Capabilities, freeze_all
 from tunelab.models.loading import unwrap
 
 logger = logging.getLogger(__name__)
 
 DESCRIPTION = "LoRA matrices on a base whose linear weights are frozen in 4-bit NF4 (bitsandbytes)"
-MERGEABLE = True
+CAPABILITIES = Capabilities(reference="adapter_off", mergeable=True, quantized_base=True)
 INFERENCE_COST = (
     "4-bit weights are dequantized inside every matmul (slower than fp on CPU) plus LoRA's two small matmuls; "
     "none once merged into the dequantized weights"
@@ -321,7 +321,7 @@ def merge(model):
     for name, module in list(inner.named_modules()):
         if isinstance(module, ModulesToSaveWrapper):
             _set_module(inner, name, module.modules_to_save[module.active_adapter])
-    for attr in ("is_loaded_in_4bit", "_tunelab_qlora"):
+    for attr in ("is_loaded_in_4bit", "_tunelab_qlora", "peft_config"):  # PEFT's mark: export refuses models with it
         if attr in inner.__dict__:
             delattr(inner, attr)
     return inner

@@ -2,20 +2,23 @@
 
 A method is a module in `tunelab/methods/` with:
   Config        a pydantic model whose `name: Literal["<name>"]` is the tag in the YAML `method:` section
+  CAPABILITIES  a `base.Capabilities`: how DPO / PPO get its reference policy, whether what trains changes
+                during the run, virtual tokens, mergeable, a quantized base (see base.py); code outside the
+                method reads these, never the method's name
   DESCRIPTION   one line: what trains
-  MERGEABLE     whether `merge` folds it into plain base weights (no extra inference cost)
   INFERENCE_COST  one line: extra inference cost of the unmerged result ("none" if nothing extra)
   apply(model, cfg) -> model        make the model trainable the method's way (freeze the rest)
   save(model, out_dir) -> None      write the result in the ecosystem's format
   load(base_model, out_dir) -> model  rebuild the trained model from `save`'s output
   merge(model) -> model             (mergeable methods) a plain transformers model
-Optional:
-  on_step(model, cfg, step, steps_per_epoch=None) -> str | None   called before every optimizer step (e.g. gradual
-                                    unfreezing); a returned string is logged
+Optional hooks (`get` fills in base.py's defaults for those a module does not define):
+  on_step(model, cfg, step, steps_per_epoch=None) -> str | None   called before every optimizer step when
+                                    CAPABILITIES.changes_trainables (gradual unfreezing); a returned string
+                                    is logged. Default: nothing.
   optimizer_parameters(model, cfg) -> list  every parameter that may train during the run (default:
                                     those with requires_grad after apply)
   optimizer(params, tcfg) -> Optimizer | None  the optimizer for `params` (e.g. qlora's paged 8-bit AdamW
-                                    on CUDA); None (or no hook): the loop's AdamW
+                                    on CUDA); None (the default): the loop's AdamW
 
 Adding a method: write its module, add one line below, add its test and docs section.
 """
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+from tunelab.methods.base import DEFAULT_HOOKS, Capabilities
 
 _METHODS: dict[str, str] = {
     "full": "tunelab.methods.full",
@@ -48,7 +53,17 @@ def names() -> list[str]:
 def get(name: str) -> ModuleType:
     if name not in _METHODS:
         raise KeyError(f"unknown method {name!r}; choose one of {names()}")
-    return importlib.import_module(_METHODS[name])
+    module = importlib.import_module(_METHODS[name])
+    if not isinstance(getattr(module, "CAPABILITIES", None), Capabilities):
+        raise TypeError(f"method module {module.__name__} declares no CAPABILITIES = Capabilities(...)")
+    for hook, default in DEFAULT_HOOKS.items():
+        if not hasattr(module, hook):
+            setattr(module, hook, default)
+    return module
+
+
+def capabilities(name: str) -> Capabilities:
+    return get(name).CAPABILITIES
 
 
 def config_classes() -> list[type]:

@@ -38,13 +38,19 @@ def meta_model(config):
         return _auto_class(config).from_config(config)
 
 
-def _fallback(name: str, mod):
-    """qlora quantizes real weights, which meta tensors do not have: count its LoRA part instead."""
-    if not name.startswith("qlora") or "lora" not in registry.names():
+def _fallback(mod):
+    """A method with a quantized base (qlora) quantizes real weights, which meta tensors do not have: count
+    the registered method its Config extends (qlora's: lora) with the same settings instead."""
+    if not mod.CAPABILITIES.quantized_base:
         return None
-    lora = registry.get("lora")
-    shared = {k: v for k, v in mod.Config().model_dump().items() if k in lora.Config.model_fields and k != "name"}
-    return lora, lora.Config(**shared), "counted as LoRA with the same settings (quantization needs real weights)"
+    for parent_name in registry.names():
+        parent = registry.get(parent_name)
+        if parent is not mod and issubclass(mod.Config, parent.Config):
+            fields = parent.Config.model_fields
+            shared = {k: v for k, v in mod.Config().model_dump().items() if k in fields and k != "name"}
+            note = f"counted as {parent_name} with the same settings (quantization needs real weights)"
+            return parent, parent.Config(**shared), note
+    return None
 
 
 def method_row(name: str, config) -> dict:
@@ -54,11 +60,11 @@ def method_row(name: str, config) -> dict:
            "mergeable": None, "inference_cost": "?", "note": ""}  # fmt: skip
     try:
         mod = registry.get(name)
-        row.update(trains=mod.DESCRIPTION, mergeable=bool(mod.MERGEABLE), inference_cost=mod.INFERENCE_COST)
+        row.update(trains=mod.DESCRIPTION, mergeable=mod.CAPABILITIES.mergeable, inference_cost=mod.INFERENCE_COST)
         base = meta_model(config)
         _, base_total = count_parameters(base)
         attempts = [(mod, mod.Config(), "")]
-        fb = _fallback(name, mod)
+        fb = _fallback(mod)
         if fb:
             attempts.append(fb)
         last_error = None

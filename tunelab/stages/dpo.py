@@ -1,8 +1,9 @@
 """dpo: the causal LM itself; DPO loss -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x))
 - (log pi(y_l|x) - log ref(y_l|x))]) summed over pairs (docs/alignment.md has the maths). The reference
-is the same model with its PEFT adapter disabled, or (methods that change the weights themselves) a
-frozen copy taken before training. loss_sum also returns per-pair sums of the implicit rewards'
-accuracy and margin, which the loop logs beside the loss.
+is the starting model, as the method declares it (tunelab/methods/reference.py, shared with PPO): the same
+model with its PEFT adapter disabled, or (methods that change the weights themselves) a frozen copy taken
+before training. loss_sum also returns per-pair sums of the implicit rewards' accuracy and margin, which
+the loop logs beside the loss.
 
 Why DPO is computed here rather than with TRL's DPOTrainer: DPOTrainer is a transformers Trainer with
 its own loop, data pipeline and checkpoint format; the loss itself is a few lines. As a Stage, DPO gets
@@ -12,13 +13,12 @@ folder as every other stage.
 
 from __future__ import annotations
 
-import contextlib
-import weakref
-
 import torch
 import torch.nn.functional as F
 
 from tunelab.data.preference import collate_pairs
+from tunelab.methods import get as get_method
+from tunelab.methods import reference
 from tunelab.models import load_model
 from tunelab.models.loss import row_loss_sums
 from tunelab.stages.base import Stage
@@ -32,45 +32,15 @@ def sequence_logps(model, batch: dict) -> torch.Tensor:
     return -row_loss_sums(model, {**batch, "labels": labels})
 
 
-# Frozen reference copies for methods that change the model's own weights (full, freeze, bitfit ...),
-# keyed by the trained model. PEFT models need none: their reference is the adapter switched off.
-_REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
-
 def _dpo_prepare(model, cfg) -> None:
-    """Called by the loop once the method is applied and before a resume restores trained weights,
-    so the copy is always of the starting model."""
-    import copy
-
-    if _is_peft(model):
-        return
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    _REFERENCES[model] = ref
-
-
-def reference_context(model):
-    """A context in which `reference_model(model)` computes the reference policy's outputs."""
-    return model.disable_adapter() if _is_peft(model) else contextlib.nullcontext()
-
-
-def reference_model(model):
-    if _is_peft(model):  # inside reference_context: the wrapped model with its adapter layers off
-        # (and without the wrapper's virtual tokens / logits hook for prompt and prefix tuning)
-        return model.get_base_model()
-    if model not in _REFERENCES:
-        raise RuntimeError("DPO with a non-PEFT method needs its reference copy: call _dpo_prepare(model, cfg) first")
-    return _REFERENCES[model]
+    """Called by the loop once the method is applied and before a resume restores trained weights, so the
+    reference is always the starting model (methods/reference.py)."""
+    reference.prepare(model, get_method(cfg.method.name))
 
 
 def reference_logps(model, batch: dict) -> torch.Tensor:
-    with torch.no_grad(), reference_context(model):
-        return sequence_logps(reference_model(model), batch)
+    with torch.no_grad(), reference.policy(model) as ref:
+        return sequence_logps(ref, batch)
 
 
 def dpo_loss(logratio_chosen, logratio_rejected, beta: float, label_smoothing: float = 0.0, loss_type="sigmoid"):

@@ -48,7 +48,7 @@ def load_policy(cfg, device):
         model_cfg = cfg.model if not src else cfg.model.model_copy(update={"name": src})
         lm, tokenizer = load_model(model_cfg, device=device)
         return lm, tokenizer, model_cfg, {}
-    if not get_method(manifest["method"]).MERGEABLE:
+    if not get_method(manifest["method"]).CAPABILITIES.mergeable:
         raise ConfigError(
             f"ppo.policy: the run {src} used method {manifest['method']}, which cannot be merged into plain "
             "weights to start PPO from; train the SFT policy with lora, full or another mergeable method"

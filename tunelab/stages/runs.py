@@ -45,7 +45,7 @@ def load_run(run: str, device: str = "auto", merge: bool = False):
         base, base_tokenizer = load_model(ModelConfig(**manifest["base_model"]), device=dev, **extra)
     method = get_method(manifest["method"])
     model = method.load(base, final)
-    if merge and method.MERGEABLE:
+    if merge and method.CAPABILITIES.mergeable:
         model = method.merge(model)
     # the run's own tokenizer (it may carry a chat template set for training)
     has_tokenizer = (final / "tokenizer_config.json").exists()

@@ -140,15 +140,17 @@ class Dist:
                 "under FSDP / DeepSpeed the weights and optimizer state are sharded. Set training.save_every: null, "
                 "or use DDP (tunelab train --nproc N)"
             )
-        if hasattr(method, "on_step"):
+        caps = method.CAPABILITIES
+        if caps.changes_trainables:
             raise ValueError(
                 f"method {cfg.method.name} changes which parameters train during the run, which FSDP / DeepSpeed "
                 "cannot follow once parameters are sharded: use DDP (tunelab train --nproc N)"
             )
-        if cfg.method.name == "qlora":
+        if caps.quantized_base:
             raise ValueError(
-                "method qlora under FSDP / DeepSpeed needs 4-bit weights stored as bfloat16 (bnb_4bit_quant_storage), "
-                "which tunelab's qlora does not set: use DDP (tunelab train --nproc N), one 4-bit copy per GPU"
+                f"method {cfg.method.name} under FSDP / DeepSpeed needs 4-bit weights stored as bfloat16 "
+                f"(bnb_4bit_quant_storage), which tunelab's {cfg.method.name} does not set: use DDP "
+                "(tunelab train --nproc N), one 4-bit copy per GPU"
             )
 
     def prepare(self, model, stage, optimizer):

@@ -125,11 +125,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * batches_per_epoch / tcfg.grad_accum))
 
     # ---- optimisation
-    if hasattr(method, "optimizer_parameters"):
-        params = method.optimizer_parameters(model, cfg.method)
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = method.optimizer(params, tcfg) if hasattr(method, "optimizer") else None
+    params = method.optimizer_parameters(model, cfg.method)  # default: those with requires_grad now
+    optimizer = method.optimizer(params, tcfg)
     if optimizer is None:  # the method's own optimizer (qlora: paged 8-bit AdamW on CUDA), else AdamW
         optimizer = optimizer_for(params, tcfg)
     scheduler = scheduler_for(optimizer, tcfg, total_steps)
@@ -225,7 +222,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             step = state["step"]
             # snapshot so that an interrupt mid-step checkpoints the state *before* this step
             step_start = (dict(state), ckpt.rng_state())
-            if hasattr(method, "on_step"):
+            if method.CAPABILITIES.changes_trainables:
                 steps_per_epoch = math.ceil(batches_per_epoch / tcfg.grad_accum)
                 note = method.on_step(model, cfg.method, step, steps_per_epoch=steps_per_epoch)
                 if note:

@@ -124,9 +124,11 @@ def skip_unused_imports(cfg) -> bool:
     """For a process that runs this one training (`tunelab train`, the bench's jobs): keep bitsandbytes out
     when the method has no use for it. peft imports it whenever it is installed, for its quantised LoRA
     layers: ~50 MB resident (its CPU kernels and the libraries they load) in a run that never quantises.
-    Only method qlora uses it. Afterwards `import bitsandbytes` raises ImportError in this process, so this
-    is for a process of its own, before anything imports peft. True when it was done."""
-    if cfg.method.name == "qlora" or "bitsandbytes" in sys.modules or "peft" in sys.modules:
+    Only a method with a quantized base (qlora) uses it. Afterwards `import bitsandbytes` raises ImportError
+    in this process, so this is for a process of its own, before anything imports peft. True when it was done."""
+    from tunelab.methods.registry import capabilities
+
+    if capabilities(cfg.method.name).quantized_base or "bitsandbytes" in sys.modules or "peft" in sys.modules:
         return False
     sys.modules["bitsandbytes"] = None  # importlib's "known to be missing": find_spec gives None
     return True

@@ -19,14 +19,13 @@ One iteration (= one training step; training.max_steps counts iterations):
 
 The policy is the causal LM with the method's trainable part (LoRA by default) plus a value head (one
 linear layer on the last hidden state) that trains with it. The reference pi_ref is the starting (SFT)
-policy: for PEFT methods the same weights with the adapter disabled, so there is no second copy in
-memory; for weight-training methods (full, freeze, ...) a frozen copy.
+policy, as the method declares it (tunelab/methods/reference.py, shared with DPO): for PEFT adapter methods
+the same weights with the adapter disabled, so there is no second copy in memory; for weight-training
+methods (full, freeze, ...) a frozen copy.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import math
 import signal
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from tunelab.methods import get as get_method
+from tunelab.methods import reference
 from tunelab.models import count_parameters, resolve_device
 from tunelab.models.generation import generate
 from tunelab.stages.ppo import PolicyWithValue, RewardFn, load_policy, load_prompts, reward_function
@@ -66,9 +66,6 @@ from tunelab.training.ppo_math import (
     update_kl_coef,
 )
 
-# Methods that wrap the model in a PeftModel: their reference is the model with the adapter disabled.
-PEFT_METHODS = ("lora", "qlora", "ia3")
-
 
 def response_forward(lm, seq: torch.Tensor, mask: torch.Tensor, n_resp: int, temperature: float, hidden: bool):
     """Logits (divided by the sampling temperature) that predict the last n_resp tokens of `seq`, and the
@@ -89,16 +86,6 @@ def response_forward(lm, seq: torch.Tensor, mask: torch.Tensor, n_resp: int, tem
     logits = out.logits[:, -n_resp - 1 : -1].float() / temperature
     h = out.hidden_states[-1][:, -n_resp - 1 : -1] if hidden else None
     return logits, h
-
-
-@contextlib.contextmanager
-def reference_model(policy: PolicyWithValue, frozen: torch.nn.Module | None):
-    """pi_ref: the frozen copy if there is one, else the policy's own LM with its PEFT adapter switched off."""
-    if frozen is not None:
-        yield frozen
-    else:
-        with policy.lm.disable_adapter():
-            yield policy.lm
 
 
 # --------------------------------------------------------------------------------------- rollouts
@@ -125,16 +112,16 @@ def sample_responses(lm, prompt_ids: list[list[int]], tokenizer, max_new_tokens:
 
 
 @torch.no_grad()
-def score_rollout(policy: PolicyWithValue, frozen, roll: dict, temperature: float, mini_batch: int, autocast):
+def score_rollout(policy: PolicyWithValue, roll: dict, temperature: float, mini_batch: int, autocast):
     """log pi, log pi_ref, values, entropy and exact KL(pi || pi_ref) of the next-token distributions at
-    every response position, mini-batch by mini-batch."""
+    every response position, mini-batch by mini-batch. pi_ref is `reference.policy(policy.lm)`."""
     n = roll["response"].shape[1]
     parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "values": [], "entropy": [], "kl": []}
     for i in range(0, len(roll["seq"]), mini_batch):
         seq, mask, resp = (roll[k][i : i + mini_batch] for k in ("seq", "mask", "response"))
         with autocast():
             logits, hidden = response_forward(policy.lm, seq, mask, n, temperature, hidden=True)
-            with reference_model(policy, frozen) as ref:
+            with reference.policy(policy.lm) as ref:
                 ref_logits, _ = response_forward(ref, seq, mask, n, temperature, hidden=False)
         parts["logprobs"].append(token_logprobs(logits, resp))
         parts["ref_logprobs"].append(token_logprobs(ref_logits, resp))
@@ -145,7 +132,7 @@ def score_rollout(policy: PolicyWithValue, frozen, roll: dict, temperature: floa
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
-def rollout(policy, frozen, prompts: list[dict], tokenizer, reward_fn: RewardFn, pcfg, temperature: float,
+def rollout(policy, prompts: list[dict], tokenizer, reward_fn: RewardFn, pcfg, temperature: float,
             device, autocast) -> dict:  # fmt: skip
     """Sample, score with R and with the models: everything PPO needs for one batch of prompts."""
     roll = sample_responses(
@@ -159,7 +146,7 @@ def rollout(policy, frozen, prompts: list[dict], tokenizer, reward_fn: RewardFn,
     roll["scores"] = reward_fn([p["messages"] for p in prompts], roll["texts"], ids).float().to(device)
     # greedy responses (temperature 0) are scored at temperature 1
     scale = temperature if temperature > 0 else 1.0
-    roll.update(score_rollout(policy, frozen, roll, scale, pcfg.mini_batch_size, autocast))
+    roll.update(score_rollout(policy, roll, scale, pcfg.mini_batch_size, autocast))
     return roll
 
 
@@ -210,7 +197,7 @@ def ppo_update(policy, roll: dict, kl_coef: float, pcfg, optimizer, scheduler, p
 
 
 @torch.no_grad()
-def evaluate_prompts(policy, frozen, prompts: list[dict], tokenizer, reward_fn, pcfg, seed: int, device, autocast):
+def evaluate_prompts(policy, prompts: list[dict], tokenizer, reward_fn, pcfg, seed: int, device, autocast):
     """Mean R and KL to pi_ref on held-out prompts, sampled with a fixed seed (or greedy) so runs and
     checkpoints compare like for like; the global RNG is left untouched (exact resume).
 
@@ -223,7 +210,7 @@ def evaluate_prompts(policy, frozen, prompts: list[dict], tokenizer, reward_fn, 
         torch.manual_seed(seed)
         for i in range(0, len(prompts), pcfg.rollout_batch_size):
             batch = prompts[i : i + pcfg.rollout_batch_size]
-            roll = rollout(policy, frozen, batch, tokenizer, reward_fn, pcfg, temperature, device, autocast)
+            roll = rollout(policy, batch, tokenizer, reward_fn, pcfg, temperature, device, autocast)
             mask = roll["response_mask"].float()
             scores += roll["scores"].tolist()
             kls += (roll["kl"] * mask).sum(1).tolist()
@@ -245,10 +232,8 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     device = resolve_device(tcfg.device)
     lm, tokenizer, base_model_cfg, manifest_extra = load_policy(cfg, device)
     method = get_method(cfg.method.name)
-    frozen = None
-    if cfg.method.name not in PEFT_METHODS:  # weights themselves train: keep a frozen copy as pi_ref
-        frozen = copy.deepcopy(lm).eval().requires_grad_(False)
     lm = method.apply(lm, cfg.method)
+    reference.prepare(lm, method)  # pi_ref: the adapter switched off, or a frozen copy taken now (before a resume)
     policy = PolicyWithValue(lm, lm.config.hidden_size).to(device)
     autocast = autocast_for(device, cfg.model.dtype)
     if autocast is not no_autocast:
@@ -281,7 +266,7 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     def do_eval(step: int) -> dict:
         if not eval_prompts:
             return {}
-        m, samples = evaluate_prompts(policy, frozen, eval_prompts, tokenizer, reward_fn, pcfg, tcfg.seed,
+        m, samples = evaluate_prompts(policy, eval_prompts, tokenizer, reward_fn, pcfg, tcfg.seed,
                                       device, autocast)  # fmt: skip
         samples_dir.mkdir(exist_ok=True)
         (samples_dir / f"step-{step:08d}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
@@ -319,7 +304,7 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
             in_iteration = True
             it = state["step"]
             t0 = time.perf_counter()
-            roll = rollout(policy, frozen, prompts_for(it), tokenizer, reward_fn, pcfg, pcfg.temperature, device,
+            roll = rollout(policy, prompts_for(it), tokenizer, reward_fn, pcfg, pcfg.temperature, device,
                            autocast)  # fmt: skip
             g = torch.Generator().manual_seed(tcfg.seed * 100_003 + it)  # mini-batch order: a function of (seed, it)
             record = ppo_update(policy, roll, state["kl_coef"], pcfg, optimizer, scheduler, params, tcfg, autocast, g)

@@ -1,0 +1,68 @@
+"""The reference policy pi_ref of DPO and PPO: the model as it was when training started.
+
+How it is obtained is the method's declaration (`CAPABILITIES.reference`, see base.py):
+
+  adapter_off   the method wrapped the untouched base in a PEFT adapter (lora, qlora, ia3, prefix, prompt):
+                pi_ref is the same model with the adapter switched off (`disable_adapter`), so there is no
+                second copy in memory and it is exactly the starting weights
+  frozen_copy   the method trains the model's own weights or modules of its own (full, freeze, bitfit,
+                adapter ...): pi_ref is a frozen deep copy taken once, before training
+
+    reference.prepare(model, method)      # once the method is applied, before a resume restores weights
+    with reference.policy(model) as ref:  # every time pi_ref is needed
+        ref(**batch)
+
+`prepare` runs after `method.apply` (the copy holds what apply added: zero biases, fake quantization,
+new identity blocks, so at step 0 the policy *is* the reference) and before a resumed run loads its
+trained weights (so a resume keeps the original reference). For PPO the model is the SFT policy it starts
+from (a merged earlier run: `stages/ppo.py load_policy`) with the method applied, so that is pi_ref.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+
+# trained model -> its frozen starting copy, or None where the reference is the model with its adapter off
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prepare(model, method) -> None:
+    """Make `model`'s reference policy available to `policy(model)`; `method` is the registered method module
+    that was applied to it."""
+    kind = method.CAPABILITIES.reference
+    if kind == "adapter_off":
+        if not hasattr(model, "disable_adapter"):
+            raise TypeError(
+                f"method {method.__name__.rsplit('.', 1)[-1]} declares reference 'adapter_off', but its model "
+                f"({type(model).__name__}) has no disable_adapter"
+            )
+        _PREPARED[model] = None
+    else:
+        _PREPARED[model] = frozen_copy(model)
+
+
+def frozen_copy(model):
+    """A deep copy in eval mode whose parameters take no gradient."""
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@contextlib.contextmanager
+def policy(model):
+    """Yields pi_ref: the frozen copy, or (adapter_off) the base model inside `model.disable_adapter()`, i.e.
+    without the adapter layers and without the PEFT wrapper's virtual tokens / logits hook."""
+    if model not in _PREPARED:
+        raise RuntimeError(
+            "no reference policy for this model: call tunelab.methods.reference.prepare(model, method) once the "
+            "method is applied, before training"
+        )
+    ref = _PREPARED[model]
+    if ref is not None:
+        yield ref
+        return
+    with model.disable_adapter():
+        yield model.get_base_model()
