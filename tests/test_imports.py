@@ -15,7 +15,7 @@ import tunelab
 
 # Layers, lowest first: a module may import its own layer and the layers below it, never above.
 LAYERS = [
-    ("tunelab.config", "tunelab.metrics"),  # configs and pure metric / statistics code
+    ("tunelab.plugins", "tunelab.config", "tunelab.metrics"),  # plug-in tables, configs, pure metrics
     ("tunelab.data",),  # reading, templating, tokenising, task presets
     ("tunelab.models",),  # loading, losses over model outputs, generation, numeric formats
     ("tunelab.accel",),  # CPU speed code behind training.accelerate
@@ -25,10 +25,10 @@ LAYERS = [
     ("tunelab.evaluation", "tunelab.inference", "tunelab.export", "tunelab.serve"),  # users of trained runs
     ("tunelab.compare", "tunelab.cli", "tunelab.errors", "tunelab.testing", "tunelab.__main__", "tunelab"),
 ]
-# The imports that point the other way: config validates the `method:` section with each method's own
-# Config class and the `stage:` field against the stage names, both found through a registry, a table
-# of module names that imports no tunelab module.
-ALLOWED_UPWARD = {("tunelab.config", "tunelab.methods.registry"), ("tunelab.config", "tunelab.stages.registry")}
+# The one import that points the other way: config validates the `method:` section with each method's
+# own Config class and its declared capabilities (ppo refuses virtual-token methods), found through the
+# methods' registry.
+ALLOWED_UPWARD = {("tunelab.config", "tunelab.methods.registry")}
 
 
 def module_files(root: Path) -> dict[str, Path]:

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tunelab.plugins import STAGES
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message says where and how to fix it."""
@@ -301,7 +303,7 @@ def _method_union():
 
 
 class _Root(Section):
-    stage: str = (  # the registered stage names (stages/registry.py): set by _build_config_class
+    stage: str = (  # the registered stage names (tunelab/plugins.py): set by _build_config_class
         Field(
             "sft",
             description="sft (supervised fine-tuning), pretrain (continued pre-training on text), "
@@ -309,10 +311,10 @@ class _Root(Section):
             "start/end span head on an encoder; `task`), seq2seq (an encoder-decoder on source -> target; "
             "`task`), mlm (masked-LM continued pre-training of an encoder on text; `data`, format text), ppo "
             "(RLHF with PPO against a reward; the `ppo` section), reward (a reward model: a scalar head trained "
-            "on preference pairs; `data`, format preference) dpo (Direct Preference Optimization on "
+            "on preference pairs; `data`, format preference), dpo (Direct Preference Optimization on "
             "preference pairs; `data`, format preference; the `dpo` section), tagging (a tag per word: "
             "*ForTokenClassification; `data` rows {tokens, tags}, `task.labels`) or any stage registered in "
-            "tunelab/stages/registry.py (its module's docstring says which sections it reads).",
+            "tunelab/plugins.py (its module's docstring says which sections it reads).",
         )
     )
     output_dir: str = Field("runs/run", description="Run folder: config, metrics, checkpoints and the result.")
@@ -325,10 +327,8 @@ class _Root(Section):
 
 
 def _build_config_class():
-    from tunelab.stages.registry import names as stage_names
-
     MethodUnion = _method_union()
-    StageName = Literal[tuple(stage_names())]  # noqa: F821 (a Literal of the registered names)
+    StageName = Literal[tuple(STAGES)]  # noqa: F821 (a Literal of the registered names)
 
     class Config(_Root):
         """A whole run. `tunelab train CONFIG` and `tunelab.train(config)` take the same object."""

@@ -1,4 +1,4 @@
-"""The one place where methods are registered.
+"""Methods by name: the plug-in table (tunelab/plugins.py) and the contract every method module meets.
 
 A method is a module in `tunelab/methods/` with:
   Config        a pydantic model whose `name: Literal["<name>"]` is the tag in the YAML `method:` section
@@ -20,7 +20,8 @@ Optional hooks (`get` fills in base.py's defaults for those a module does not de
   optimizer(params, tcfg) -> Optimizer | None  the optimizer for `params` (e.g. qlora's paged 8-bit AdamW
                                     on CUDA); None (the default): the loop's AdamW
 
-Adding a method: write its module, add one line below, add its test and docs section.
+Adding a method: write its module, add one line to METHODS in tunelab/plugins.py, add its test and
+docs section.
 """
 
 from __future__ import annotations
@@ -29,21 +30,9 @@ import importlib
 from types import ModuleType
 
 from tunelab.methods.base import DEFAULT_HOOKS, Capabilities
+from tunelab.plugins import METHODS
 
-_METHODS: dict[str, str] = {
-    "full": "tunelab.methods.full",
-    "lora": "tunelab.methods.lora",
-    "freeze": "tunelab.methods.freeze",
-    "prefix": "tunelab.methods.prefix",
-    "prompt": "tunelab.methods.prompt",
-    "gradual": "tunelab.methods.gradual",
-    "head": "tunelab.methods.head",
-    "adapter": "tunelab.methods.adapter",
-    "bitfit": "tunelab.methods.bitfit",
-    "ia3": "tunelab.methods.ia3",
-    "qlora": "tunelab.methods.qlora",
-    "qat": "tunelab.methods.qat",
-}
+_METHODS = METHODS  # the table lives in tunelab/plugins.py, beside the stages'
 
 
 def names() -> list[str]:

@@ -2,15 +2,15 @@
 
     stage = get("classification", cfg)      # a Stage: load_model, build_data, collate, loss_sum, ...
 
-The registry (stages/registry.py) maps each name to its module.
+The plug-in table (tunelab/plugins.py, STAGES) maps each name to its module.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from tunelab.plugins import STAGES
 from tunelab.stages.base import Stage
-from tunelab.stages.registry import STAGES, names
 
 
 def get(name: str, cfg=None) -> Stage:
@@ -18,6 +18,10 @@ def get(name: str, cfg=None) -> Stage:
     if name not in STAGES:
         raise KeyError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
     return importlib.import_module(STAGES[name]).stage(cfg)
+
+
+def names() -> list[str]:
+    return list(STAGES)
 
 
 __all__ = ["STAGES", "Stage", "get", "names"]
