@@ -56,7 +56,7 @@ def cmd_generate(args) -> int:
     from tunelab.inference import generate
     from tunelab.stages.runs import load_run
 
-    model, tokenizer = load_run(args.run, device=args.device)
+    model, tokenizer = load_run(args.run, device=args.device, trust_remote_code=args.trust_remote_code)
     print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature))
     return 0
 
@@ -65,7 +65,7 @@ def cmd_chat(args) -> int:
     from tunelab.inference import chat
     from tunelab.stages.runs import load_run
 
-    model, tokenizer = load_run(args.run, device=args.device)
+    model, tokenizer = load_run(args.run, device=args.device, trust_remote_code=args.trust_remote_code)
     chat(model, tokenizer, args.max_new_tokens, args.temperature, args.system)
     return 0
 
@@ -174,6 +174,7 @@ def cmd_eval(args) -> int:
     result = evaluate(
         args.model, args.task, limit=args.limit, device=args.device, batch_size=args.batch_size, seed=args.seed,
         embedding_model=embedder, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+        trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     if args.out:
         write_result(result, args.out)
@@ -194,7 +195,8 @@ def cmd_export(args) -> int:
     from tunelab.export.hf import export
 
     try:
-        report = export(args.run, args.format, args.quant, args.out, device=args.device)
+        report = export(args.run, args.format, args.quant, args.out, device=args.device,
+                        trust_remote_code=args.trust_remote_code)  # fmt: skip
     except ExportError as e:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2
@@ -207,11 +209,19 @@ def cmd_serve(args) -> int:
 
     try:
         adapters = [parse_adapter(a) for a in args.adapter or []]
-        serve(args.run, adapters, host=args.host, port=args.port, name=args.name, device=args.device)
+        serve(args.run, adapters, host=args.host, port=args.port, name=args.name, device=args.device,
+              trust_remote_code=args.trust_remote_code)  # fmt: skip
     except ValueError as e:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _trust_flag(parser) -> None:
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="allow the model's own Python code to run (never taken from a run folder; only if you trust it)",
+    )  # fmt: skip
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -249,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--max-new-tokens", type=int, default=128 if name == "generate" else 256)
         g.add_argument("--temperature", type=float, default=0.0 if name == "generate" else 0.7)
         g.add_argument("--device", default="auto")
+        _trust_flag(g)
         g.set_defaults(fn=fn)
 
     m = sub.add_parser("models", help="list the named models, whether cached, size and licence")
@@ -279,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seq2seq tasks: sentence embedder for the cosine metric ('none' = BLEU only)")  # fmt: skip
     e.add_argument("--max-new-tokens", type=int, help="seq2seq tasks: generation length (default: the run's, or 128)")
     e.add_argument("--num-beams", type=int, help="seq2seq tasks: beam width (default: the run's, or 1 = greedy)")
+    _trust_flag(e)
     e.set_defaults(fn=cmd_eval)
 
     b = sub.add_parser("baseline", help="score a classical baseline (TF-IDF + linear model) on a task preset")
@@ -298,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quant", help="hf: f32 | f16 | bf16; gguf: f16 | f32 | q8_0 | q4_0 | q4_1 | q4_k (first: default)")
     x.add_argument("--out", help="output folder (hf) or .gguf file (default: beside the run)")
     x.add_argument("--device", default="cpu", help="where to merge (cpu is enough)")
+    _trust_flag(x)
     x.set_defaults(fn=cmd_export)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming, LoRA adapters)")
@@ -308,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device", default="auto")
+    _trust_flag(sv)
     sv.set_defaults(fn=cmd_serve)
 
     from tunelab.compare.cli import add_compare_parser  # argparse only; the work is imported when it runs

@@ -94,12 +94,13 @@ def _default_name(spec: str) -> str:
     return p.name if p.exists() else spec
 
 
-def load_served(spec: str, adapters: list[tuple[str, str]] = (), device: str = "auto", name: str | None = None):
+def load_served(spec: str, adapters: list[tuple[str, str]] = (), device: str = "auto", name: str | None = None,
+                trust_remote_code: bool = False):
     """Load `spec` (run folder or model spec) merged, and each (name, run) LoRA adapter on top."""
     from tunelab.models import resolve
     from tunelab.stages.runs import load_run, result_dir, run_manifest
 
-    model, tokenizer = load_run(spec, device=device, merge=True)
+    model, tokenizer = load_run(spec, device=device, merge=True, trust_remote_code=trust_remote_code)
     name = name or _default_name(spec)
     names = [a for a, _ in adapters]
     if len(set(names)) != len(names) or name in names:
@@ -388,10 +389,10 @@ def create_app(served: Served):
 
 
 def serve(spec: str, adapters: list[tuple[str, str]] = (), host: str = "127.0.0.1", port: int = 8000,
-          name: str | None = None, device: str = "auto") -> None:  # fmt: skip
+          name: str | None = None, device: str = "auto", trust_remote_code: bool = False) -> None:  # fmt: skip
     import uvicorn
 
-    served = load_served(spec, adapters, device=device, name=name)
+    served = load_served(spec, adapters, device=device, name=name, trust_remote_code=trust_remote_code)
     print(f"serving {', '.join(served.ids())} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.run(create_app(served), host=host, port=port, log_level="info")
 

@@ -104,7 +104,7 @@ def _score(model_and_tokenizer, cfg, ev: dict, split: str) -> list[dict]:
 
 
 def _load_run(run_dir: Path, cfg):
-    return load_run(str(run_dir), device=cfg.training.device)
+    return load_run(str(run_dir), device=cfg.training.device, trust_remote_code=cfg.model.trust_remote_code)
 
 
 def run_cell(spec: dict) -> dict:

@@ -48,6 +48,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     num_beams: int | None = None,
     return_predictions: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict:
     """Score `model_or_run` on the dev split of `task_name`. For generation tasks, `embedding_model` (a spec,
     or None to skip) gives the cosine metric; `max_new_tokens` / `num_beams` default to the run's settings.
@@ -58,7 +59,7 @@ def evaluate(
     dev = resolve_device(device)
     manifest = run_manifest(model_or_run) or {}
     run_task = manifest.get("task") or {}
-    model, tokenizer = _load(model_or_run, device, manifest)
+    model, tokenizer = _load(model_or_run, device, manifest, trust_remote_code)
     model.eval()
     t0 = time.time()
     preds = None  # per-row predictions, where the path has them
@@ -122,14 +123,15 @@ def evaluate(
 CHAT_INSTRUCTIONS = {"wmt14-en-de": "Translate to German: "}
 
 
-def _load(model_or_run: str, device: str, manifest: dict):
+def _load(model_or_run: str, device: str, manifest: dict, trust_remote_code: bool = False):
     """A run through load_run; a plain encoder-decoder folder / hub id as a seq2seq LM (load_run would
     take it for a causal LM)."""
     if not manifest and _plain_encoder_decoder(model_or_run):
         from transformers import AutoModelForSeq2SeqLM
 
-        return load_model(ModelConfig(name=str(model_or_run)), device=device, auto_class=AutoModelForSeq2SeqLM)
-    return load_run(model_or_run, device=device)
+        spec = ModelConfig(name=str(model_or_run), trust_remote_code=trust_remote_code)
+        return load_model(spec, device=device, auto_class=AutoModelForSeq2SeqLM)
+    return load_run(model_or_run, device=device, trust_remote_code=trust_remote_code)
 
 
 def _plain_encoder_decoder(spec: str) -> bool:

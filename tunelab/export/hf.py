@@ -15,7 +15,7 @@ from tunelab.stages.runs import load_run, result_dir, run_manifest
 HF_QUANTS = ("f32", "f16", "bf16")
 
 
-def load_merged(run: str, device: str = "cpu"):
+def load_merged(run: str, device: str = "cpu", trust_remote_code: bool = False):
     """(plain transformers model, tokenizer, manifest or None) for a run folder or model spec.
 
     The method's weights are folded into the base model (LoRA's B A added to W, QAT's fake
@@ -28,7 +28,7 @@ def load_merged(run: str, device: str = "cpu"):
             f"{run}: method {manifest['method']!r} cannot be merged into plain weights, so it cannot be exported "
             "as a standalone model; serve it with `tunelab serve` or load it with `tunelab.stages.runs.load_run`."
         )
-    model, tokenizer = load_run(run, device=device, merge=True)
+    model, tokenizer = load_run(run, device=device, merge=True, trust_remote_code=trust_remote_code)
     if hasattr(model, "merge_and_unload") or hasattr(model, "peft_config"):
         raise ExportError(f"{run}: the merged model still carries PEFT modules; it cannot be exported")
     return model.eval(), tokenizer, manifest
@@ -76,7 +76,8 @@ def _qat_advice(manifest: dict | None, run: str, quant: str) -> str | None:
     return f"note: this QAT run was trained for --quant {match}; {quant} re-quantises its weights (less accurate)"
 
 
-def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None = None, device: str = "cpu") -> dict:
+def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None = None, device: str = "cpu",
+           trust_remote_code: bool = False) -> dict:
     """Export a run (or a model spec) and return a report {format, path, bytes, quant, ...}."""
     if fmt not in ("hf", "gguf"):
         raise ExportError(f"unknown format {fmt!r}; choose hf or gguf")
@@ -84,7 +85,7 @@ def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None 
     allowed = HF_QUANTS if fmt == "hf" else QUANT_TYPES
     if quant not in allowed:
         raise ExportError(f"--format {fmt} takes --quant {' | '.join(allowed)}, not {quant!r}")
-    model, tokenizer, manifest = load_merged(run, device=device)
+    model, tokenizer, manifest = load_merged(run, device=device, trust_remote_code=trust_remote_code)
     note = _qat_advice(manifest, run, quant) if fmt == "gguf" else None
     if note:
         print(f"tunelab: {note}", file=sys.stderr)

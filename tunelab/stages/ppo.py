@@ -53,7 +53,7 @@ def load_policy(cfg, device):
             f"ppo.policy: the run {src} used method {manifest['method']}, which cannot be merged into plain "
             "weights to start PPO from; train the SFT policy with lora, full or another mergeable method"
         )
-    lm, tokenizer = load_run(src, device=str(device), merge=True)  # the SFT result, merged: PPO's base
+    lm, tokenizer = load_run(src, device=str(device), merge=True, trust_remote_code=cfg.model.trust_remote_code)  # the SFT result, merged: PPO's base
     return lm, tokenizer, ModelConfig(**manifest["base_model"]), {"base_run": str(Path(src).resolve())}
 
 
@@ -107,7 +107,7 @@ def load_prompts(pcfg, tokenizer, seed: int) -> tuple[list[dict], list[dict], di
 
 
 # ---------------------------------------------------------------------------------------- rewards
-def reward_function(rcfg, tokenizer, device) -> RewardFn:
+def reward_function(rcfg, tokenizer, device, trust_remote_code: bool = False) -> RewardFn:
     """The configured R(x, y). The builtin ones are toys for tests and smoke runs; real runs use a reward model."""
     clip = rcfg.score_clip
 
@@ -118,7 +118,7 @@ def reward_function(rcfg, tokenizer, device) -> RewardFn:
         return lambda prompts, responses, ids: torch.tensor([float(fn(x)) for x in ids])
 
     if rcfg.kind == "model":
-        rm, rm_tokenizer = load_reward_model(rcfg.path, device=device)
+        rm, rm_tokenizer = load_reward_model(rcfg.path, device=device, trust_remote_code=trust_remote_code)
         # the reward model reads text (its tokenizer may differ from the policy's)
         return clipped(lambda prompts, responses, ids: score(rm, rm_tokenizer, prompts, responses).float())
     if rcfg.kind == "length":

@@ -55,13 +55,13 @@ def final_metrics(model, tokenizer, cfg, data, device) -> dict:
     return {"pairwise_accuracy": int((rc > rr).sum()) / len(rc), "reward_margin": float((rc - rr).mean())}
 
 
-def load_reward_model(run_dir, device="auto"):
+def load_reward_model(run_dir, device="auto", trust_remote_code: bool = False):
     """(model, tokenizer) of a finished `stage: reward` run, in eval mode (a LoRA adapter merged in)."""
     manifest = run_manifest(run_dir)
     if manifest is None or manifest.get("stage") != "reward":
         stage = None if manifest is None else manifest.get("stage")
         raise ValueError(f"{run_dir}: not a reward-model run (stage {stage!r}); train one with stage: reward")
-    return load_run(str(run_dir), device=device, merge=True)
+    return load_run(str(run_dir), device=device, merge=True, trust_remote_code=trust_remote_code)
 
 
 def reward_logits(model, batch: dict) -> torch.Tensor:

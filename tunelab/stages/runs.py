@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tunelab.config import ModelConfig
 from tunelab.methods import get as get_method
-from tunelab.models import load_model, load_tokenizer, resolve_device
+from tunelab.models import ModelError, load_model, load_tokenizer, resolve_device
 from tunelab.stages import get as get_stage
 
 
@@ -28,26 +28,38 @@ def run_manifest(run: str | Path) -> dict | None:
     return json.loads((final / "tunelab.json").read_text()) if final is not None else None
 
 
-def load_run(run: str, device: str = "auto", merge: bool = False):
-    """(model, tokenizer) for a run folder, or for a plain model spec (then the base model itself)."""
+def load_run(run: str, device: str = "auto", merge: bool = False, trust_remote_code: bool = False):
+    """(model, tokenizer) for a run folder, or for a plain model spec (then the base model itself).
+
+    Whether a model's own Python code may run (`trust_remote_code`) is the caller's decision, never the
+    run folder's: a manifest asking for it is refused unless the caller allows it (a shared run folder
+    must not be able to execute code on the machine that loads it)."""
     dev = resolve_device(device)
     final = result_dir(run)
     if final is None:
         if Path(run).exists() and not (Path(run) / "config.json").exists() and not str(run).endswith(".gguf"):
             raise FileNotFoundError(f"{run}: no finished run here (no final/tunelab.json); did training complete?")
-        return load_model(ModelConfig(name=str(run)), device=dev)
+        return load_model(ModelConfig(name=str(run), trust_remote_code=trust_remote_code), device=dev)
     manifest = json.loads((final / "tunelab.json").read_text())
+    base_cfg = ModelConfig(**{**manifest["base_model"], "trust_remote_code": trust_remote_code})
+    if manifest["base_model"].get("trust_remote_code") and not trust_remote_code:
+        raise ModelError(
+            f"{final / 'tunelab.json'} asks to run the Python code shipped with {base_cfg.name!r} "
+            "(trust_remote_code: true). tunelab never takes that setting from a run folder: if you trust that "
+            "code, pass --trust-remote-code (Python: load_run(..., trust_remote_code=True))."
+        )
     stage = get_stage(manifest.get("stage", "sft"))
     extra = stage.reload(manifest) if stage.reload is not None else {}  # e.g. the head class and its size
     if manifest.get("base_run"):  # trained on top of another run (ppo from an SFT run): that run, merged
-        base, base_tokenizer = load_run(manifest["base_run"], device=device, merge=True)
+        base, base_tokenizer = load_run(manifest["base_run"], device=device, merge=True, trust_remote_code=trust_remote_code)
     else:
-        base, base_tokenizer = load_model(ModelConfig(**manifest["base_model"]), device=dev, **extra)
+        base, base_tokenizer = load_model(base_cfg, device=dev, **extra)
     method = get_method(manifest["method"])
     model = method.load(base, final)
     if merge and method.CAPABILITIES.mergeable:
         model = method.merge(model)
     # the run's own tokenizer (it may carry a chat template set for training)
     has_tokenizer = (final / "tokenizer_config.json").exists()
-    tokenizer = load_tokenizer(ModelConfig(name=str(final))) if has_tokenizer else base_tokenizer
+    own = ModelConfig(name=str(final), trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(own) if has_tokenizer else base_tokenizer
     return model.to(dev).eval(), tokenizer

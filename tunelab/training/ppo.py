@@ -243,7 +243,7 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     policy.eval()
     trainable, total = count_parameters(policy)
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters (value head included)")
-    reward_fn = reward_fn or reward_function(pcfg.reward, tokenizer, device)
+    reward_fn = reward_fn or reward_function(pcfg.reward, tokenizer, device, cfg.model.trust_remote_code)
 
     # ---- prompts and schedule
     train_prompts, eval_prompts, stats = load_prompts(pcfg, tokenizer, tcfg.seed)
