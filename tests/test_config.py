@@ -70,3 +70,20 @@ def test_examples_validate():
 def test_configuration_reference_is_up_to_date():
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert doc.read_text() == reference_markdown(), "regenerate: python -m tunelab.config > docs/configuration.md"
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n"])
+def test_an_empty_config_file_is_refused_not_read_as_all_defaults(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"run.yaml: the config file is empty"):
+        load_config(str(path))
+    (tmp_path / "explicit.yaml").write_text("{}\n")  # an explicit empty mapping still means every default
+    assert load_config(str(tmp_path / "explicit.yaml")).stage == "sft"
+
+
+def test_nproc_below_one_is_a_named_error(capsys):
+    from tunelab.cli import main
+
+    assert main(["train", "--nproc", "0", "--set", "training.max_steps=1"]) == 2
+    assert "--nproc 0: the number of processes must be 1 or more" in capsys.readouterr().err

@@ -93,6 +93,15 @@ def test_explicit_format_with_text_messages_and_implicit_prompt(tmp_path):
     assert own == [{"prompt": [{"role": "user", "content": "Why?"}], "chosen": "Because.", "rejected": "No."}]
 
 
+def test_pairs_with_the_same_reply_twice_are_dropped_and_counted(tmp_path):
+    same = {"prompt": "Hi", "chosen": "Hello", "rejected": "Hello"}
+    rows = [same, {"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}, same]
+    pairs, stats = read_preference_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert stats == {"rows_read": 3, "skipped": 0, "identical": 2} and [p["rejected"] for p in pairs] == ["Go away"]
+    with pytest.raises(DataError, match=r"2 rows dropped: chosen and rejected are the same reply, first .*p2.jsonl line 1"):
+        read_preference_pairs(write_jsonl(tmp_path / "p2.jsonl", [same, same]))
+
+
 def test_hh_rlhf_transcripts(tmp_path):
     head = "\n\nHuman: How do I bake bread?\n\nAssistant: Flour, water, yeast.\n\nHuman: And then?"
     rows = [
@@ -103,7 +112,7 @@ def test_hh_rlhf_transcripts(tmp_path):
         {"chosen": "\n\nHuman: A\n\nAssistant: B\n\nHuman: C\n\nAssistant: D", "rejected": "\n\nHuman: A\n\nAssistant: X"},
     ]  # fmt: skip
     pairs, stats = read_preference_pairs(write_jsonl(tmp_path / "hh.jsonl", rows))
-    assert stats == {"rows_read": 3, "skipped": 1}
+    assert stats == {"rows_read": 3, "skipped": 1, "identical": 0}
     assert pairs[0] == {
         "prompt": [
             {"role": "user", "content": "How do I bake bread?"},
@@ -199,7 +208,7 @@ def test_real_preference_files_parse():
     if not (shared_data_dir() / "hh-rlhf").is_dir():
         pytest.skip("shared data not available")
     pairs, stats = read_preference_pairs(str(shared_data_dir() / "hh-rlhf/harmless-base/test.jsonl.gz"))
-    assert stats == {"rows_read": 2312, "skipped": 0} and len(pairs) == 2312
+    assert stats == {"rows_read": 2312, "skipped": 0, "identical": 0} and len(pairs) == 2312
     assert all(p["prompt"][-1]["role"] == "user" and p["chosen"] != p["rejected"] for p in pairs)
     demo = load_preference_pairs(str(shared_data_dir() / "llamafactory-demo/dpo_en_demo.json"))
     assert len(demo) == 300 and all(p["prompt"][-1]["role"] == "user" for p in demo)

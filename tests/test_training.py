@@ -209,3 +209,45 @@ def test_release_memory_returns_freed_blocks_to_the_os():
     pinned, heap = returned("on"), returned("off")
     assert pinned > 48 * 2**20, pinned  # ~64 MiB freed and gone
     assert heap < pinned / 2, (heap, pinned)
+
+
+def test_resume_refuses_changed_settings_and_lists_them(tiny_dir, data_file, tmp_path):
+    from tunelab.config import ConfigError
+
+    def stop_after_2(step, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "run")
+    assert tunelab.train(cfg, callbacks=[stop_after_2]).metrics["interrupted"]
+    changed = make_cfg(tiny_dir, data_file, tmp_path / "run", seed=4, batch_size=2)
+    changed.method.r = 8
+    with pytest.raises(ConfigError) as e:
+        tunelab.train(changed, resume=True)
+    msg = str(e.value)
+    for change in ("training.seed: 3 -> 4", "training.batch_size x processes: 4 -> 2", "method.r: 4 -> 8", "--force"):
+        assert change in msg, msg
+    # an edited data file is a change too, even under the same name
+    with open(data_file) as f:
+        original = f.read()
+    try:
+        with open(data_file, "a") as f:
+            f.write(original.splitlines()[0] + "\n")
+        with pytest.raises(ConfigError, match=r"data.train: .*sha256"):
+            tunelab.train(cfg, resume=True)
+    finally:
+        with open(data_file, "w") as f:
+            f.write(original)
+    forced = tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "run", seed=4), resume=True, force=True)
+    assert forced.metrics["steps"] == 8 and forced.final_dir is not None
+
+
+def test_an_encoder_is_refused_for_a_causal_stage_before_training(data_file, tmp_path):
+    from tunelab.config import ConfigError
+    from tunelab.testing import save_tiny_model_dir
+
+    bert = save_tiny_model_dir(tmp_path / "bert", arch="bert")
+    cfg = make_cfg(bert, data_file, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"stage: sft trains a causal .* attends in both directions"):
+        tunelab.train(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()

@@ -18,14 +18,15 @@ def load_config(source=None, overrides=None):
     return _load(source, overrides)
 
 
-def train(config, resume: bool = False, callbacks=None):
-    """Train from a Config, a dict, or a YAML path. Returns a RunResult (run_dir, final_dir, metrics)."""
+def train(config, resume: bool = False, callbacks=None, force: bool = False):
+    """Train from a Config, a dict, or a YAML path. Returns a RunResult (run_dir, final_dir, metrics).
+    `force` lets a resume continue with changed settings (seed, model, method, batch, data)."""
     from tunelab.config import load_config as _load
     from tunelab.training import train as _train
 
     if not hasattr(config, "model_dump"):
         config = _load(config)
-    return _train(config, resume=resume, callbacks=callbacks)
+    return _train(config, resume=resume, callbacks=callbacks, force=force)
 
 
 __all__ = ["__version__", "load_config", "train"]

@@ -12,7 +12,7 @@ import sys
 
 
 def cmd_train(args) -> int:
-    from tunelab.config import load_config
+    from tunelab.config import ConfigError, load_config
     from tunelab.training import train
 
     cfg = load_config(args.config, args.set)  # validated here once, before any process starts
@@ -23,13 +23,15 @@ def cmd_train(args) -> int:
 
         if wants_tbbmalloc(cfg.training):  # returns only when it cannot or need not restart
             restart_with_tbbmalloc(args.program_argv)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: the number of processes must be 1 or more")
     if args.nproc > 1:
         return _launch_train(args)
     if args.program_argv is not None:  # this process runs this one training
         from tunelab.training.memory import skip_unused_imports
 
         skip_unused_imports(cfg)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, force=args.force)
     from tunelab.training.distributed import rank
 
     if rank() == 0:  # a multi-process run prints its result once
@@ -48,7 +50,7 @@ def _launch_train(args) -> int:
         raise ValueError("--nproc: this command already runs under torchrun / accelerate launch; drop --nproc")
     argv = ["train", *([args.config] if args.config else [])]
     argv += [x for kv in args.set or [] for x in ("--set", kv)]
-    argv += (["--resume"] if args.resume else []) + (["--output-dir", args.output_dir] if args.output_dir else [])
+    argv += (["--resume"] if args.resume else []) + (["--force"] if args.force else []) + (["--output-dir", args.output_dir] if args.output_dir else [])
     return launch(args.nproc, argv)
 
 
@@ -241,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config (see examples/); omitted = all defaults")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. training.lr=1e-4")
     t.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    t.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though the seed, model, method, batch or data changed")  # fmt: skip
     t.add_argument("--output-dir", help="run folder (overrides output_dir)")
     t.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel processes on this machine (one per GPU, or CPU processes); see docs/scale.md")  # fmt: skip

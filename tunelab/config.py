@@ -540,11 +540,15 @@ def read_yaml_mapping(source: str | Path, what: str, expected: str) -> tuple[dic
         raise ConfigError(f"{path}: {what} file not found")
     text = path.read_text()
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}:{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None:  # empty or only comments: a truncated or never-written file is not "all defaults"
+        raise ConfigError(
+            f"{path}: the {what} file is empty. Write its {expected}, or leave the file out to use every default."
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of {expected}")
     return raw, text

@@ -58,22 +58,31 @@ def read_preference_pairs(path: str, columns=None, limit: int | None = None, **h
     """(pairs, stats): like load_preference_pairs, plus how many rows were read and skipped."""
     cols = _columns(columns)
     rows = read_rows(path, **hub)[:limit]
-    pairs, skipped = [], []
+    pairs, skipped, identical = [], [], []
     for file, number, row in rows:
         try:
-            pairs.append(row_to_pair(row, cols, where(file, number)))
+            pair = row_to_pair(row, cols, where(file, number))
         except _Skip:
             skipped.append(where(file, number))
+            continue
+        if pair["chosen"] == pair["rejected"]:  # no preference to learn: the loss would sit at ln 2
+            identical.append(where(file, number))
+        else:
+            pairs.append(pair)
     if skipped:
         log.warning(
             "%d rows skipped (first: %s): chosen and rejected differ before their final assistant reply, "
             "so they are not two replies to one prompt.",
             len(skipped), skipped[0],
         )  # fmt: skip
+    if identical:
+        log.warning("%d rows dropped (first: %s): chosen and rejected are the same reply", len(identical), identical[0])
     if not pairs:
         hint = f" ({len(skipped)} rows skipped: their conversations diverge before the final reply)" if skipped else ""
+        if identical:
+            hint += f" ({len(identical)} rows dropped: chosen and rejected are the same reply, first {identical[0]})"
         raise DataError(f"{path}: no preference pairs to use{hint}.")
-    return pairs, {"rows_read": len(rows), "skipped": len(skipped)}
+    return pairs, {"rows_read": len(rows), "skipped": len(skipped), "identical": len(identical)}
 
 
 def _columns(columns) -> dict:

@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from tunelab.config import ConfigError
 from tunelab.data.build import DataBundle
 from tunelab.data.tasks import Task, get_task, load_split, load_task_file
@@ -85,6 +87,28 @@ def task_rows(tcfg, split: str, seed: int, stage: str = "classification") -> lis
     if task.name == "custom":
         return []
     return load_split(task, split, limit=limit, seed=seed)
+
+
+@torch.no_grad()
+def require_causal(model, cfg) -> None:
+    """Refuse a model that attends in both directions (BERT and kin) for a stage that trains left-to-right
+    generation: transformers would load it with a random LM head that learns nothing it can generate with.
+    The test is the definition: a causal model's output at a position ignores every later token."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 9]], device=device)
+    was_training = model.training
+    model.eval()
+    logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    model.train(was_training)
+    early = logits[:, :3].float()
+    # exact for a causal model up to rounding (half precision on a GPU); bidirectional models move a lot
+    if (early[0] - early[1]).abs().max() > 1e-3 * max(1.0, float(early.abs().max())):
+        raise ConfigError(
+            f"stage: {cfg.stage} trains a causal (left-to-right) language model, but {cfg.model.name!r} "
+            f"({type(model).__name__}) attends in both directions: its outputs at earlier positions change with "
+            "later tokens. Use a decoder model (e.g. smollm2-135m-instruct), or stage: mlm / classification / "
+            "tagging for an encoder."
+        )
 
 
 def num_labels(task) -> int:

@@ -21,7 +21,7 @@ from tunelab.methods import get as get_method
 from tunelab.methods import reference
 from tunelab.models import load_model
 from tunelab.models.loss import row_loss_sums
-from tunelab.stages.base import Stage
+from tunelab.stages.base import Stage, require_causal
 from tunelab.stages.preference import eval_pairs, pair_count, pairs_data
 
 
@@ -100,9 +100,15 @@ def _dpo_final(model, tokenizer, cfg, data, device) -> dict:
     }
 
 
+def _load(cfg, device):
+    model, tokenizer = load_model(cfg.model, device=device)
+    require_causal(model, cfg)
+    return model, tokenizer
+
+
 def stage(cfg) -> Stage:
     """The DPO stage for a config (its loss reads the `dpo` section)."""
     return Stage(
-        "dpo", lambda cfg, device: load_model(cfg.model, device=device), pairs_data, collate_pairs,
+        "dpo", _load, pairs_data, collate_pairs,
         _dpo_loss_fn(cfg), pair_count, _dpo_final, lambda c: {"dpo": c.dpo.model_dump()}, _dpo_prepare,
     )  # fmt: skip

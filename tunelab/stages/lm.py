@@ -11,11 +11,13 @@ from functools import partial
 from tunelab.data import build_datasets, collate
 from tunelab.models import load_model
 from tunelab.models.loss import token_loss_sum
-from tunelab.stages.base import Stage
+from tunelab.stages.base import Stage, require_causal
 
 
 def load(cfg, device):
-    return load_model(cfg.model, device=device)
+    model, tokenizer = load_model(cfg.model, device=device)
+    require_causal(model, cfg)
+    return model, tokenizer
 
 
 def build(cfg, tokenizer):

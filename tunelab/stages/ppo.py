@@ -18,7 +18,7 @@ from tunelab.data.errors import DataError, where
 from tunelab.data.preference import load_preference_pairs
 from tunelab.methods import get as get_method
 from tunelab.models import load_model
-from tunelab.stages.base import Stage
+from tunelab.stages.base import Stage, require_causal
 from tunelab.stages.reward import load_reward_model, score
 from tunelab.stages.runs import load_run, run_manifest
 
@@ -47,13 +47,15 @@ def load_policy(cfg, device):
     if manifest is None:
         model_cfg = cfg.model if not src else cfg.model.model_copy(update={"name": src})
         lm, tokenizer = load_model(model_cfg, device=device)
+        require_causal(lm, cfg)
         return lm, tokenizer, model_cfg, {}
     if not get_method(manifest["method"]).CAPABILITIES.mergeable:
         raise ConfigError(
             f"ppo.policy: the run {src} used method {manifest['method']}, which cannot be merged into plain "
             "weights to start PPO from; train the SFT policy with lora, full or another mergeable method"
         )
-    lm, tokenizer = load_run(src, device=str(device), merge=True, trust_remote_code=cfg.model.trust_remote_code)  # the SFT result, merged: PPO's base
+    # the SFT result, merged: PPO's base
+    lm, tokenizer = load_run(src, device=str(device), merge=True, trust_remote_code=cfg.model.trust_remote_code)
     return lm, tokenizer, ModelConfig(**manifest["base_model"]), {"base_run": str(Path(src).resolve())}
 
 

@@ -6,6 +6,7 @@ signals. Public names only: a loop imports what it uses from here, and nothing e
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tunelab.config import dump_config
+from tunelab.config import ConfigError, dump_config
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
 
@@ -127,11 +128,17 @@ class MetricsLog:
             self.tb.close()
 
 
-def start_run(cfg, resume: bool) -> tuple[Path, Path | None]:
+def start_run(cfg, resume: bool, force: bool = False) -> tuple[Path, Path | None]:
     """Create the run folder (refusing to overwrite an earlier run unless resuming), write its
-    config, set threads and seeds. Returns the run folder and the checkpoint to resume from."""
+    config, set threads and seeds. Returns the run folder and the checkpoint to resume from.
+
+    A resume must continue the same run: a changed seed, model, method, batch or data file is refused
+    (listing what changed) unless `force`; run.json keeps what the first start used."""
     run_dir = Path(cfg.output_dir)
     resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
+    settings = run_settings(cfg)
+    if resume_from is not None and not force:
+        check_same_run(run_dir, settings)
     if resume and resume_from is None:
         log(f"no checkpoint in {run_dir / 'checkpoints'}; starting from the beginning")
     if not resume and ckpt.latest_checkpoint(run_dir) is not None:
@@ -142,10 +149,54 @@ def start_run(cfg, resume: bool) -> tuple[Path, Path | None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if distributed.rank() == 0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
+        if resume_from is None or force:  # what this run's checkpoints were (or from now on are) made with
+            ckpt.write_json_atomic(run_dir / "run.json", settings)
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     seed_everything(cfg.training.seed)
     return run_dir, resume_from
+
+
+def run_settings(cfg) -> dict:
+    """What a resumed run must share with the run it continues, flat: {"training.seed": 0, ...}; a local
+    data file by its content hash, so an edited file counts as a change."""
+    out = {"stage": cfg.stage, "model.name": cfg.model.name, "model.revision": cfg.model.revision}
+    out.update({f"method.{k}": v for k, v in cfg.method.model_dump().items()})
+    t = cfg.training
+    # the batch the data order depends on: rows per micro-batch over all processes (training/distributed.py
+    # resumes a 2-process run in one process with twice the batch_size: the same batches)
+    out["training.batch_size x processes"] = t.batch_size * distributed.world_size()
+    out.update({"training.seed": t.seed, "training.grad_accum": t.grad_accum})
+    sources = {"data.train": cfg.data.train, "data.validation": cfg.data.validation, "data.limit": cfg.data.limit,
+               "task.name": cfg.task.name, "task.train_file": cfg.task.train_file, "task.dev_file": cfg.task.dev_file,
+               "ppo.prompts": cfg.ppo.prompts}  # fmt: skip
+    for key, value in sources.items():
+        path = Path(str(value)).expanduser() if isinstance(value, str) else None
+        out[key] = f"{value} (sha256 {_sha256(path)[:16]})" if path is not None and path.is_file() else value
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_same_run(run_dir: Path, settings: dict) -> None:
+    saved_path = run_dir / "run.json"
+    if not saved_path.exists():  # a run started before run.json existed: nothing to compare with
+        return
+    saved = json.loads(saved_path.read_text())
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k, v) != v]
+    if changed:
+        raise ConfigError(
+            f"{run_dir}: --resume would continue this run with other settings than it started with: "
+            + "; ".join(changed)
+            + ". Resume with the original config, choose another output_dir for a new run, or pass --force "
+            "to continue anyway (the result then mixes both settings)."
+        )
 
 
 def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict) -> Path:

@@ -65,7 +65,9 @@ def evaluate_loss(model, batches: list[dict], device, autocast, stage: Stage, ex
     return total / max(count, 1)
 
 
-def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]] | None = None) -> RunResult:
+def train(
+    cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]] | None = None, force: bool = False
+) -> RunResult:
     """Run one fine-tuning job described by a validated Config. See docs/getting-started.md."""
     stage = get_stage(cfg.stage, cfg)
     if stage.loop == "ppo":  # RLHF samples its own data each iteration: a loop of its own (training/ppo.py)
@@ -73,9 +75,9 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             raise ValueError("stage ppo trains in one process (its rollouts are not sharded): drop --nproc / torchrun")
         from tunelab.training.ppo import train_ppo
 
-        return train_ppo(cfg, resume=resume, callbacks=callbacks)
+        return train_ppo(cfg, resume=resume, callbacks=callbacks, force=force)
     tcfg = cfg.training
-    run_dir, resume_from = start_run(cfg, resume)
+    run_dir, resume_from = start_run(cfg, resume, force)
     release_freed_memory(releases_memory(tcfg))
 
     # ---- model and method

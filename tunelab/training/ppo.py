@@ -223,10 +223,10 @@ def evaluate_prompts(policy, prompts: list[dict], tokenizer, reward_fn, pcfg, se
 
 
 # --------------------------------------------------------------------------------------- the run
-def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | None = None) -> RunResult:
+def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | None = None, force: bool = False) -> RunResult:
     """Run stage ppo from a validated Config (see docs/alignment.md). `reward_fn` overrides ppo.reward."""
     tcfg, pcfg = cfg.training, cfg.ppo
-    run_dir, resume_from = start_run(cfg, resume)
+    run_dir, resume_from = start_run(cfg, resume, force)
 
     # ---- policy, reference, value head
     device = resolve_device(tcfg.device)
