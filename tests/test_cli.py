@@ -52,3 +52,19 @@ def test_chat_keeps_history_and_streams(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(answers))
     chat(model, tok, max_new_tokens=3, temperature=0.0)
     assert len(seen) == 2 and seen[1][0] == "hello" and seen[1][-1] == "and again" and len(seen[1]) == 3
+
+
+def test_an_internal_error_is_one_line_without_v_and_a_traceback_with_it(monkeypatch, capsys):
+    import pytest
+
+    from tunelab import cli
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_models", broken)
+    assert cli.main(["models"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error: RuntimeError: a bug" in err and "-v" in err and "Traceback" not in err
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["-v", "models"])

@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tunelab",
         description="Fine-tune, evaluate, compare and export language models, on CPU or GPU.",
     )
+    p.add_argument("-v", "--verbose", action="store_true", help="show the full traceback of an internal error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune a model from a YAML config")
@@ -348,6 +349,19 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as e:  # a clear one-paragraph message, not a traceback from deep inside a library
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tunelab: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug of ours (or an error we have not named yet): say so, keep the details
+        if args.verbose:
+            raise
+        print(
+            f"tunelab: internal error: {type(e).__name__}: {e}\n"
+            "  This is not something your input should cause. Rerun with -v for the traceback, and please "
+            "report it with that traceback.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":
