@@ -407,3 +407,29 @@ def test_real_alpaca_smoke(tok):
     assert all(tok.eos_token_id in e["labels"] or len(e["input_ids"]) == 256 for e in bundle.train)
     batch = collate(bundle.train[:4], tok.pad_token_id)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+
+
+def test_broken_files_are_named_errors_not_tracebacks(tmp_path):
+    import gzip
+
+    from tunelab.data import DataError, read_rows
+
+    whole = gzip.compress(b"".join(b'{"instruction": "a", "output": "b"}\n' for _ in range(200)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: cannot read the file"):
+        read_rows(str(tmp_path / "cut.jsonl.gz"))
+    (tmp_path / "deep.jsonl").write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=r"deep.jsonl line 1: nested too deeply"):
+        read_rows(str(tmp_path / "deep.jsonl"))
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"deep.json: nested too deeply"):
+        read_rows(str(tmp_path / "deep.json"))
+
+
+def test_a_bad_label_names_its_line_not_its_value(tmp_path):
+    from tunelab.data import DataError
+    from tunelab.data.tasks import load_task_file
+
+    (tmp_path / "own.csv").write_text("text,label\ngood film,1\nbad film,5.0\n")
+    with pytest.raises(DataError, match=r"own.csv line 3: field 'label' is '5.0'"):
+        load_task_file("sst2", tmp_path / "own.csv")

@@ -11,6 +11,7 @@ import csv
 import gzip
 import json
 import sys
+import zlib
 from pathlib import Path
 
 from tunelab.data.errors import DataError
@@ -54,7 +55,7 @@ def _open(path: Path):
 def _as_object(source: str, label: str, value) -> dict:
     if not isinstance(value, dict):
         raise DataError(
-            f"{source} {label}: expected an object like {{\"instruction\": ..., \"output\": ...}}, "
+            f'{source} {label}: expected an object like {{"instruction": ..., "output": ...}}, '
             f"got {type(value).__name__}. Each row must be a JSON object."
         )
     return value
@@ -68,7 +69,9 @@ def _read_json(source: str, path: Path) -> list[Row]:
         raise DataError(
             f"{source} line {e.lineno}: not valid JSON ({e.msg}: column {e.colno}). Fix the file."
         ) from None
-    except (UnicodeDecodeError, OSError) as e:
+    except RecursionError:
+        raise DataError(f"{source}: nested too deeply to read as JSON. Rows must be flat objects.") from None
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{source}: cannot read the file ({e}).") from None
     if not isinstance(data, list):
         hint = " Did you mean .jsonl (one object per line)?" if isinstance(data, dict) else ""
@@ -89,8 +92,12 @@ def _read_jsonl(source: str, path: Path) -> list[Row]:
                     raise DataError(
                         f"{source} line {n}: not valid JSON ({e.msg}: column {e.colno}). Fix or remove that line."
                     ) from None
+                except RecursionError:
+                    raise DataError(
+                        f"{source} line {n}: nested too deeply to read as JSON. Rows must be flat objects."
+                    ) from None
                 rows.append((source, n, _as_object(source, f"line {n}", value)))
-    except (UnicodeDecodeError, OSError) as e:
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{source}: cannot read the file ({e}).") from None
     return rows
 
@@ -115,7 +122,7 @@ def _read_csv(source: str, path: Path) -> list[Row]:
                         )
                     rows.append((source, start, dict(zip(header, values))))
                 start = reader.line_num + 1  # a quoted field may span several lines
-    except (UnicodeDecodeError, OSError, csv.Error) as e:
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error, csv.Error) as e:
         raise DataError(f"{source}: cannot read the file ({e}).") from None
     return rows
 

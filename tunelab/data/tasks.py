@@ -194,9 +194,9 @@ def _label_id(task: Task, value: str, file: str, number: int, field: str = "labe
     if value in task.labels:
         return task.labels.index(value)
     try:
-        number = float(value)
-        label = int(number) if number.is_integer() else None
-    except ValueError:
+        as_float = float(value)
+        label = int(as_float) if as_float.is_integer() else None
+    except (ValueError, OverflowError):
         label = None
     if label is None or not 0 <= label < len(task.labels):
         choices = ", ".join(f"{i} ({name})" for i, name in enumerate(task.labels))
