@@ -87,3 +87,39 @@ def test_nproc_below_one_is_a_named_error(capsys):
 
     assert main(["train", "--nproc", "0", "--set", "training.max_steps=1"]) == 2
     assert "--nproc 0: the number of processes must be 1 or more" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--set", "training.lr=[1,"], "the value is not valid YAML"),
+        (["--set", "training.device=bogus"], "training.device: String should match pattern"),
+        (["--set", "training.device=cuda:0"], "device 'cuda:0': this machine has no cuda device"),
+        (["--set", "output_dir={tmp}/afile/run"], "cannot write the run folder (Not a directory)"),
+        (["--set", "method.name=lora", "--set", "method.target_modules=[nothere]"], "its linear layers are named"),
+    ],
+    ids=["bad-set", "bogus-device", "absent-cuda", "output-under-a-file", "lora-targets"],
+)
+def test_malformed_train_calls_are_one_named_line(argv, message, tmp_path, capsys, monkeypatch):
+    import json
+
+    import torch
+
+    from tunelab.cli import main
+    from tunelab.testing import save_tiny_model_dir
+
+    if "cuda:0" in argv[-1] and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.delenv("TUNELAB_DEVICE", raising=False)
+    (tmp_path / "afile").write_text("x")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"hi {i}", "output": "yo"}) + "\n" for i in range(8)))
+    base = ["--set", f"model.name={save_tiny_model_dir(tmp_path / 'm')}", "--set", f"data.train={data}",
+            "--set", "training.max_steps=1", "--set", "training.progress=false", "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    if "output_dir" in argv[-1]:
+        base = base[:-2]
+    assert main(["train", *base, *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err
+    assert message.lower() in err.lower(), err

@@ -177,7 +177,9 @@ class TrainingConfig(Section):
     save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps ...")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$", description="auto, cpu, cuda, cuda:1, mps, xpu."
+    )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
     gradient_checkpointing: bool = Field(
         False,
@@ -529,7 +531,14 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.lr=1e-4")
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); quote text, close "
+                "brackets, e.g. --set 'training.lr=1e-4' or --set 'method.target_modules=[q_proj, v_proj]'"
+            ) from None
+        _set_dotted(raw, key.strip(), parsed)
     return raw
 
 

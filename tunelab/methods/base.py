@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from tunelab.models.sources import ModelError
+
 
 class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
@@ -122,6 +124,23 @@ def merge_peft(model):
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters that train: what a checkpoint must hold (a few MB for LoRA)."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def wrap_peft(model, peft_cfg):
+    """PEFT's get_peft_model, with `target_modules` that match nothing turned into a named error listing the
+    model's own linear layers (PEFT's message names neither the section nor what would match)."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        if "not found in the base model" not in str(e) and "target modules" not in str(e).lower():
+            raise
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ModelError(  # not ConfigError: config reads this package's registry, so it cannot be imported here
+            f"method.target_modules {peft_cfg.target_modules!r}: no module of {type(model).__name__} matches. "
+            f"Its linear layers are named: {', '.join(linear)} (or use 'all-linear'). [PEFT: {type(e).__name__}]"
+        ) from None
 
 
 def peft_task_type(model: torch.nn.Module):

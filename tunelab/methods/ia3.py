@@ -22,7 +22,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tunelab.methods.base import Capabilities, MethodConfig, load_peft, merge_peft, peft_task_type, save_peft
+from tunelab.methods.base import (
+    Capabilities,
+    MethodConfig,
+    load_peft,
+    merge_peft,
+    peft_task_type,
+    save_peft,
+    wrap_peft,
+)
 
 DESCRIPTION = "(IA)³ vectors rescaling keys, values and the FFN's intermediate activation"
 CAPABILITIES = Capabilities(reference="adapter_off", mergeable=True)
@@ -76,9 +84,7 @@ def peft_config(cfg: Config, model):
 
 
 def apply(model, cfg: Config):
-    from peft import get_peft_model
-
-    return get_peft_model(model, peft_config(cfg, model))
+    return wrap_peft(model, peft_config(cfg, model))
 
 
 save, load, merge = save_peft, load_peft, merge_peft

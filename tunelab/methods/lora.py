@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tunelab.methods.base import Capabilities, MethodConfig, load_peft, merge_peft, peft_task_type, save_peft
+from tunelab.methods.base import Capabilities, MethodConfig, load_peft, merge_peft, peft_task_type, save_peft, wrap_peft
 
 DESCRIPTION = "low-rank matrices A, B beside the chosen linear layers"
 CAPABILITIES = Capabilities(reference="adapter_off", mergeable=True)
@@ -48,11 +48,9 @@ def peft_config(cfg: Config, model):
 
 
 def apply(model, cfg: Config):
-    from peft import get_peft_model
-
     from tunelab.methods import fast_lora
 
-    model = get_peft_model(model, peft_config(cfg, model))
+    model = wrap_peft(model, peft_config(cfg, model))
     fast_lora.enable(model)  # one folded matmul per layer when dropout is 0 (see fast_lora.py)
     return model
 

@@ -45,7 +45,7 @@ import torch
 from pydantic import Field
 
 from tunelab.methods import lora
-from tunelab.methods.base import Capabilities, freeze_all
+from tunelab.methods.base import Capabilities, freeze_all, wrap_peft
 from tunelab.models.loading import unwrap
 
 logger = logging.getLogger(__name__)
@@ -249,11 +249,9 @@ def _meta(cfg: Config, info: dict, device: torch.device) -> dict:
 
 
 def apply(model, cfg: Config):
-    from peft import get_peft_model
-
     device = next(model.parameters()).device
     info = _prepare(model, cfg, device)
-    peft_model = get_peft_model(model, lora.peft_config(cfg, model))
+    peft_model = wrap_peft(model, lora.peft_config(cfg, model))
     peft_model.get_base_model()._tunelab_qlora = _meta(cfg, info, device)
     return peft_model
 

@@ -39,7 +39,7 @@ def resolve_device(device) -> torch.device:
     if str(device) == "auto" and os.environ.get("TUNELAB_DEVICE"):
         device = os.environ["TUNELAB_DEVICE"]
     if str(device) != "auto":
-        return torch.device(device)
+        return _usable(str(device))
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -47,12 +47,34 @@ def resolve_device(device) -> torch.device:
     return torch.device("cpu")
 
 
+def _usable(spec: str):
+    """torch.device(spec), refusing a device this machine cannot run on, by name, before any model loads."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ModelError(f"device {spec!r}: not a device; use auto, cpu, cuda, cuda:N, mps or xpu") from None
+    backend = {"cuda": torch.cuda, "mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}
+    if device.type in backend:
+        mod = backend[device.type]
+        if mod is None or not mod.is_available():
+            raise ModelError(
+                f"device {spec!r}: this machine has no {device.type} device that torch can use "
+                f"(torch {torch.__version__}); use device auto or cpu"
+            )
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelError(f"device {spec!r}: there are {torch.cuda.device_count()} CUDA devices (0 ...)")
+    return device
+
+
 def compute_dtype(cfg_dtype: str, device) -> torch.dtype:
     """`auto`: bfloat16 on CUDA, float32 elsewhere (CPUs and MPS gain little from bf16 and lose precision)."""
     import torch
 
     if cfg_dtype == "auto":
-        return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+        kind = resolve_device(device).type if str(device) == "auto" else torch.device(device).type
+        return torch.bfloat16 if kind == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg_dtype]
 
 

@@ -146,11 +146,16 @@ def start_run(cfg, resume: bool, force: bool = False) -> tuple[Path, Path | None
             f"{run_dir} already holds checkpoints of an earlier run: pass --resume to continue it, "
             "or choose another output_dir"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.rank() == 0:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        if resume_from is None or force:  # what this run's checkpoints were (or from now on are) made with
-            ckpt.write_json_atomic(run_dir / "run.json", settings)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.rank() == 0:
+            (run_dir / "config.yaml").write_text(dump_config(cfg))
+            if resume_from is None or force:  # what this run's checkpoints were (or from now on are) made with
+                ckpt.write_json_atomic(run_dir / "run.json", settings)
+    except OSError as e:  # under a file, read-only, disk full: before any model loads
+        raise ConfigError(
+            f"output_dir {run_dir}: cannot write the run folder ({e.strerror or e}); choose a folder you can write to"
+        ) from None
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     seed_everything(cfg.training.seed)
