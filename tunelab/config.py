@@ -150,6 +150,15 @@ class TrainingConfig(Section):
         "the gradients: the same update as the whole micro-batch (the loss is normalised over the step), "
         "with the activation memory of one pass. null = the whole micro-batch at once.",
     )
+    accelerate: Literal["auto", "off"] = Field(
+        "auto",
+        description="The CPU speed code (tunelab/accel): fast LoRA layers, fused RMSNorm, per-example attention "
+        "over packed rows, the fused head + cross-entropy, compact frozen weights (compact_frozen), thread shares "
+        "(pass_threads) and the allocator (allocator, release_memory). auto = each where it applies, the same "
+        "training to rounding; off = none of them, whatever their own settings: plain PyTorch + PEFT (packed "
+        "rows still attend per example, through transformers' mask). The run log says which pieces are on and "
+        "why any is not. See docs/performance.md.",
+    )
     pass_threads: int | None = Field(
         None,
         ge=1,

@@ -44,11 +44,8 @@ def peft_config(cfg: Config, model):
 def apply(model, cfg: Config):
     from peft import get_peft_model
 
-    from tunelab.methods import fast_lora
-
-    model = get_peft_model(model, peft_config(cfg, model))
-    fast_lora.enable(model)  # one folded matmul per layer when dropout is 0 (see fast_lora.py)
-    return model
+    # plain PEFT; the training loop's accel.prepare routes the layers through tunelab/accel/fast_lora.py
+    return get_peft_model(model, peft_config(cfg, model))
 
 
 save, load, merge = save_peft, load_peft, merge_peft

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.accel import fast_lora
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
 from tunelab.stages.ppo import PolicyWithValue, RewardFn, load_policy, load_prompts, reward_function
@@ -267,6 +268,8 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     if cfg.method.name not in PEFT_METHODS:  # weights themselves train: keep a frozen copy as pi_ref
         frozen = copy.deepcopy(lm).eval().requires_grad_(False)
     lm = method.apply(lm, cfg.method)
+    if tcfg.accelerate == "auto" and fast_lora.routes(lm):  # accel: LoRA layers as one folded matmul (fast_lora.py)
+        fast_lora.enable(lm)
     policy = PolicyWithValue(lm, lm.config.hidden_size).to(device)
     autocast = autocast_for(device, cfg.model.dtype)
     if autocast is not no_autocast:
