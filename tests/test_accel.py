@@ -19,6 +19,8 @@ from tunelab.testing import save_tiny_model_dir, tiny_llama
 def test_the_setting_validates():
     assert load_config({}).training.accelerate == "auto"
     assert load_config({"training": {"accelerate": "off"}}).training.accelerate == "off"
+    assert load_config({}, ["training.accelerate=off"]).training.accelerate == "off"  # YAML reads a bare off as false
+    assert load_config({"training": {"accelerate": False}}).training.accelerate == "off"
     with pytest.raises(ConfigError, match="accelerate"):
         load_config({"training": {"accelerate": "fast"}})
     assert "plain PyTorch" in type(load_config({}).training).model_fields["accelerate"].description

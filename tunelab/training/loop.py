@@ -66,6 +66,19 @@ def evaluate_loss(model, batches: list[dict], device, autocast, stage: Stage, ex
     return total / max(count, 1)
 
 
+def evaluate(step: int, model, val_batches, stage: Stage, dist, device, autocast, metrics_log) -> float | None:
+    """The validation loss at `step` (None without validation rows), written to the metrics log."""
+    if not val_batches:
+        return None
+    extras: dict = {}
+    if dist.multi:  # each process scores a share of the batches; sums are added over processes
+        loss = dist.evaluate_loss(model, val_batches, autocast, to_device, extras)
+    else:
+        loss = evaluate_loss(model, val_batches, device, autocast, stage, extras)
+    metrics_log.write({"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in extras.items()}})
+    return loss
+
+
 def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]] | None = None) -> RunResult:
     """Run one fine-tuning job described by a validated Config. See docs/getting-started.md."""
     stage = get_stage(cfg.stage, cfg)
@@ -141,19 +154,8 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
     optimizer = dist.prepare(model, stage, optimizer)  # wraps the model in DDP when there are several processes
     metrics_log = MetricsLog(run_dir, tcfg.tensorboard, state["step"]) if dist.is_main else distributed.NullLog()
 
-    def do_eval(step: int) -> float | None:
-        if not val_batches:
-            return None
-        extras: dict = {}
-        if dist.multi:  # each process scores a share of the batches; sums are added over processes
-            loss = dist.evaluate_loss(model, val_batches, autocast, to_device, extras)
-        else:
-            loss = evaluate_loss(model, val_batches, device, autocast, stage, extras)
-        metrics_log.write({"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in extras.items()}})
-        return loss
-
     if state["step"] == 0 and val_batches:
-        state["eval_loss_before"] = do_eval(0)
+        state["eval_loss_before"] = evaluate(0, model, val_batches, stage, dist, device, autocast, metrics_log)
         log(f"eval loss before training: {state['eval_loss_before']:.4f}")
 
     progress = progress_bar(tcfg.progress and dist.is_main, total_steps, state["step"])
@@ -231,7 +233,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
             progress.update(1)
 
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
-                eval_loss = do_eval(step)
+                eval_loss = evaluate(step, model, val_batches, stage, dist, device, autocast, metrics_log)
                 record["eval_loss"] = eval_loss
                 stop_early = early_stop(state, eval_loss, tcfg.early_stopping_patience)
                 if stop_early:
@@ -277,7 +279,7 @@ def train(cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]
         dist.close()
         return RunResult(run_dir, None, {**metrics, "interrupted": True})
 
-    metrics["eval_loss"] = do_eval(state["step"])
+    metrics["eval_loss"] = evaluate(state["step"], model, val_batches, stage, dist, device, autocast, metrics_log)
     if metrics["eval_loss"] is not None:
         log(f"eval loss after training: {metrics['eval_loss']:.4f}")
     if dist.sharded:  # FSDP / DeepSpeed: gather the shards into one model on rank 0 (every process takes part)
