@@ -90,6 +90,10 @@ class Speed:
         elif tcfg.compact_frozen:
             self.skipped.append("compact frozen weights (several processes)")
         self.shares, why_not = threads.parts_for(tcfg, self.device, multi, model, total)
+        if self.shares > 1 and cfg.stage == "dpo" and hasattr(model, "disable_adapter"):
+            # dpo's reference pass switches the PEFT adapter off (and its requires_grad) on the one shared model:
+            # a share running beside it in another thread would see the adapter off
+            self.shares, why_not = 1, "dpo's reference pass switches the adapter off on the shared model"
         if self.shares > 1:
             self.pieces.append(
                 f"each micro-batch runs as up to {self.shares} shares of its rows at once, a thread each "
