@@ -18,7 +18,7 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 | packed attention | attention.py | one causal attention call per packed example | data.packing off, attention not SDPA |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept | a head with a bias, autocast |
 | compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from | compact_frozen: false, several processes, no exact form |
-| thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout, most parameters train, pass_threads: 1 |
+| thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout, most parameters train, dpo + PEFT, pass_threads: 1 |
 | allocator | memory.py | tbbmalloc preloaded (`tunelab train`), glibc's heap thresholds | allocator: system, release_memory |
 
 Every piece gives the same training as the plain path to rounding (most bit for bit; tests/test_accel.py
