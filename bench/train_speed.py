@@ -12,7 +12,7 @@ the model during training, divided by the training time (model loading and data 
 excluded on both sides).
 
 Each tunelab run gets the process environment `tunelab train` would restart itself with: on Linux,
-Intel's TBB allocator preloaded (training.allocator; tunelab/training/memory.py). The TRL reference
+Intel's TBB allocator preloaded (training.allocator; tunelab/accel/memory.py). The TRL reference
 runs as TRL does, on glibc's malloc; `--trl-allocator tbbmalloc` runs it preloaded too.
 
     .venv/bin/pip install -e '.[bench]'                        # TRL, for the reference
@@ -21,6 +21,7 @@ runs as TRL does, on glibc's malloc; `--trl-allocator tbbmalloc` runs it preload
     .venv/bin/python bench/train_speed.py --tunelab-set method.dropout=0.05   # an ablation
     .venv/bin/python bench/train_speed.py --variant training.rows_per_pass=1  # default and low-memory runs
     .venv/bin/python bench/train_speed.py --variant training.allocator=system # tunelab on glibc's malloc
+    .venv/bin/python bench/train_speed.py --off        # and the job with training.accelerate: off (plain PyTorch)
 """
 
 from __future__ import annotations
@@ -167,8 +168,8 @@ def tunelab_config(method: str, overrides: list[str], tmp: str):
 
 def job_tunelab(method: str, overrides: list[str]) -> dict:
     import tunelab
+    from tunelab.accel.memory import skip_unused_imports
     from tunelab.stages.runs import load_run
-    from tunelab.training.memory import skip_unused_imports
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "train.json").write_text(json.dumps(rows(0, JOB["rows"])))
@@ -191,8 +192,8 @@ def job_tunelab(method: str, overrides: list[str]) -> dict:
 # ------------------------------------------------------------------------------------------ driver
 def job_environment(side: str, method: str, overrides: list[str], trl_allocator: str) -> dict | None:
     """The process environment of a job: tunelab's runs get the allocator `tunelab train` would restart
-    itself with (training.allocator, tunelab/training/memory.py); TRL's runs as plain Python, unless asked."""
-    from tunelab.training.memory import allocator_environment, wants_tbbmalloc
+    itself with (training.allocator, tunelab/accel/memory.py); TRL's runs as plain Python, unless asked."""
+    from tunelab.accel.memory import allocator_environment, wants_tbbmalloc
 
     if side == "trl":
         return allocator_environment() if trl_allocator == "tbbmalloc" else None
@@ -228,6 +229,12 @@ def main() -> None:
         metavar="KEY=VALUE[,KEY=VALUE]",
         help="one more tunelab LoRA run with these overrides, against the same reference (repeatable)",
     )
+    parser.add_argument(
+        "--off",
+        action="store_true",
+        help="one more tunelab LoRA run with training.accelerate: off (plain PyTorch + PEFT, no tunelab/accel); "
+        "the same as --variant training.accelerate=off",
+    )
     parser.add_argument("--max-steps", type=int, help="stop both runs early (a smoke test, not the benchmark)")
     parser.add_argument(
         "--trl-allocator",
@@ -241,6 +248,8 @@ def main() -> None:
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     JOB["max_steps"] = args.max_steps
+    if args.off:
+        args.variant.append("training.accelerate=off")
 
     if args.job:  # child process: run one job, print its figures as the last line
         import torch

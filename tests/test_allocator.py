@@ -1,4 +1,4 @@
-"""The allocator behind CPU tensors: `tunelab train` restarts itself once on tbbmalloc (training/memory.py)."""
+"""The allocator behind CPU tensors: `tunelab train` restarts itself once on tbbmalloc (accel/memory.py)."""
 
 import json
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
+from tunelab.accel import memory
 from tunelab.config import load_config
-from tunelab.training import memory
 
 needs_tbb = pytest.mark.skipif(memory.tbbmalloc_libraries() is None, reason="no tbb wheel (Linux x86-64 only)")
 
@@ -77,7 +77,7 @@ def test_a_lora_process_imports_peft_without_bitsandbytes_and_a_qlora_one_keeps_
     code = """
 import json, sys
 from tunelab.config import load_config
-from tunelab.training.memory import skip_unused_imports
+from tunelab.accel.memory import skip_unused_imports
 qlora = skip_unused_imports(load_config({"method": {"name": "qlora"}}))
 lora = skip_unused_imports(load_config({"method": {"name": "lora"}}))
 from peft import LoraConfig, get_peft_model  # peft itself still imports and works

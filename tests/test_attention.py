@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
+from tunelab.accel import attention
 from tunelab.methods import get
-from tunelab.models import attention
 from tunelab.models import loss as L
 from tunelab.testing import tiny_llama
 from tunelab.training.loop import enable_gradient_checkpointing

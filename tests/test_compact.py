@@ -1,5 +1,5 @@
 """Frozen base weights kept compact decode to the very same fp32 bits, and LoRA trains on them exactly
-as on the fp32 weights (models/compact.py)."""
+as on the fp32 weights (accel/compact.py)."""
 
 import copy
 import json
@@ -10,9 +10,9 @@ from safetensors.torch import load_file
 from test_fast_lora import _lora_model  # tests/ is on sys.path (conftest.py)
 
 import tunelab
+from tunelab.accel import compact as C
+from tunelab.accel.compact import BLOCK, CompactLinear, compact_frozen_linears, encode
 from tunelab.config import load_config
-from tunelab.models import compact as C
-from tunelab.models.compact import BLOCK, CompactLinear, compact_frozen_linears, encode
 from tunelab.models.loss import token_loss_sum
 from tunelab.testing import save_tiny_model_dir, tiny_llama
 
@@ -152,7 +152,7 @@ def test_training_with_compact_base_writes_the_same_adapter(tmp_path, capsys):
 
 
 def test_expand_gives_back_the_dense_frozen_linears():
-    from tunelab.models.compact import expand_compact
+    from tunelab.accel.compact import expand_compact
 
     plain = _lora_model(0.0, base=_gguf_llama())
     model = copy.deepcopy(plain)

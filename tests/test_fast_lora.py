@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
-from tunelab.methods import fast_lora, get
-from tunelab.methods.fast_lora import _fast_forward
+from tunelab.accel import fast_lora, head
+from tunelab.accel.fast_lora import _fast_forward
+from tunelab.methods import get
 from tunelab.models.loss import token_loss_sum
 from tunelab.testing import tiny_batch, tiny_llama
 
@@ -16,6 +17,8 @@ def _lora_model(dropout: float = 0.0, base=None, targets="all-linear"):
     method = get("lora")
     cfg = method.Config(r=4, alpha=8, dropout=dropout, target_modules=targets)
     model = method.apply(base if base is not None else tiny_llama(), cfg)
+    fast_lora.enable(model)  # as the loop's accel.prepare does (training.accelerate: auto)
+    head.install(model)
     for name, p in model.named_parameters():  # B starts at zero: give it values so every gradient is non-trivial
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)

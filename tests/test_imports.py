@@ -18,8 +18,8 @@ LAYERS = [
     ("tunelab.plugins", "tunelab.config", "tunelab.metrics"),  # plug-in tables, configs, pure metrics
     ("tunelab.data",),  # reading, templating, tokenising, task presets
     ("tunelab.models",),  # loading, losses over model outputs, generation, numeric formats
-    ("tunelab.accel",),  # CPU speed code behind training.accelerate
     ("tunelab.methods",),  # what trains: LoRA, adapters, full ...
+    ("tunelab.accel",),  # CPU speed code behind training.accelerate (it patches methods' layers)
     ("tunelab.stages",),  # what is trained on what rows with which loss
     ("tunelab.training",),  # the loops and their harness
     ("tunelab.evaluation", "tunelab.inference", "tunelab.export", "tunelab.serve"),  # users of trained runs

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from tunelab.accel import head
 from tunelab.methods import get
 from tunelab.models import loss as L
 from tunelab.testing import tiny_llama
@@ -43,9 +44,11 @@ def test_label_only_loss_and_grads_match_full_logits(monkeypatch, case):
         enable_gradient_checkpointing(model)
     model.train()
     assert L.backbone_and_head(model) is not None
-    monkeypatch.setattr(L, "FUSED_CHUNK", 7)  # several chunks, one partial
+    head.install(model)  # as the loop's accel.prepare does (training.accelerate: auto)
+    monkeypatch.setattr(head, "FUSED_CHUNK", 7)  # several chunks, one partial
     fused = []
-    monkeypatch.setattr(L._HeadCrossEntropy, "apply", lambda *a, _f=L._HeadCrossEntropy.apply: fused.append(1) or _f(*a))
+    monkeypatch.setattr(head._HeadCrossEntropy, "apply",
+                        lambda *a, _f=head._HeadCrossEntropy.apply: fused.append(1) or _f(*a))
     b = batch()
     fast, n = L.token_loss_sum(model, b)
     ref = reference(model, b)

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from tunelab.models import norm
+from tunelab.accel import norm
 from tunelab.testing import tiny_llama
 
 
@@ -73,7 +73,7 @@ def test_recomputed_outputs_keep_no_norm_output_and_give_the_same_gradients():
 
     from peft import LoraConfig, get_peft_model
 
-    from tunelab.methods import fast_lora
+    from tunelab.accel import fast_lora
 
     torch.manual_seed(0)
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))

@@ -1,4 +1,4 @@
-"""training/threads.py: a pass's parts run at once in threads and give the training of the whole pass."""
+"""accel/threads.py: a pass's parts run at once in threads and give the training of the whole pass."""
 
 import threading
 import time
@@ -11,7 +11,7 @@ from test_training import losses, make_cfg
 from torch import nn
 
 import tunelab
-from tunelab.training import threads
+from tunelab.accel import threads
 
 
 def test_auto_parts_follow_the_cores_and_stay_off_with_dropout_or_elsewhere(monkeypatch):

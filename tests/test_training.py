@@ -119,7 +119,7 @@ def test_packed_epoch_counts_every_token_once_and_no_padding(tiny_dir, data_file
 
 
 def test_packed_training_attends_per_example_with_the_same_losses(tiny_dir, data_file, tmp_path, monkeypatch):
-    from tunelab.models import attention
+    from tunelab.accel import attention
 
     def run(name):
         cfg = make_cfg(tiny_dir, data_file, tmp_path / name, max_steps=3, batch_size=3)
@@ -180,7 +180,7 @@ def test_full_and_freeze_results_load_with_plain_transformers(tiny_dir, data_fil
 
 _RELEASE_PROBE = """
 import os, sys, torch
-from tunelab.training.memory import release_freed_memory
+from tunelab.accel.memory import release_freed_memory
 
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -19,7 +19,7 @@ def cmd_train(args) -> int:
     if args.output_dir:
         cfg.output_dir = args.output_dir
     if args.program_argv is not None:  # the command itself, not main([...]) called from Python
-        from tunelab.training.memory import restart_with_tbbmalloc, wants_tbbmalloc
+        from tunelab.accel.memory import restart_with_tbbmalloc, wants_tbbmalloc
 
         if wants_tbbmalloc(cfg.training):  # returns only when it cannot or need not restart
             restart_with_tbbmalloc(args.program_argv)
@@ -28,7 +28,7 @@ def cmd_train(args) -> int:
     if args.nproc > 1:
         return _launch_train(args)
     if args.program_argv is not None:  # this process runs this one training
-        from tunelab.training.memory import skip_unused_imports
+        from tunelab.accel.memory import skip_unused_imports
 
         skip_unused_imports(cfg)
     result = train(cfg, resume=args.resume, force=args.force)

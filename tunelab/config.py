@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.plugins import STAGES
 
@@ -152,6 +152,15 @@ class TrainingConfig(Section):
         "the gradients: the same update as the whole micro-batch (the loss is normalised over the step), "
         "with the activation memory of one pass. null = the whole micro-batch at once.",
     )
+    accelerate: Literal["auto", "off"] = Field(
+        "auto",
+        description="The CPU speed code (tunelab/accel): fast LoRA layers, fused RMSNorm, per-example attention "
+        "over packed rows, the fused head + cross-entropy, compact frozen weights (compact_frozen), thread shares "
+        "(pass_threads) and the allocator (allocator, release_memory). auto = each where it applies, the same "
+        "training to rounding; off = none of them, whatever their own settings: plain PyTorch + PEFT (packed "
+        "rows still attend per example, through transformers' mask). The run log says which pieces are on and "
+        "why any is not. See docs/performance.md.",
+    )
     pass_threads: int | None = Field(
         None,
         ge=1,
@@ -212,6 +221,12 @@ class TrainingConfig(Section):
     )
     tensorboard: bool = Field(True, description="Write TensorBoard event logs under the run folder.")
     progress: bool = Field(True, description="Show a progress bar.")
+
+    @field_validator("accelerate", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        """YAML reads a bare `off` as false (and `on` as true): the same setting."""
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
 
 
 # ------------------------------------------------------------------------------------------- dpo

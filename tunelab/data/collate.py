@@ -64,3 +64,12 @@ def collate(examples: list[dict], pad_id: int, width: int | None = None) -> dict
     else:
         batch["attention_mask"] = mask
     return batch
+
+
+def real_tokens(examples: list[dict], batch: dict) -> int:
+    """Tokens of a batch, padding excluded (packed rows carry no attention_mask to count them by)."""
+    if all("input_ids" in e for e in examples):
+        return sum(len(e["input_ids"]) for e in examples)
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()

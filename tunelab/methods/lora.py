@@ -48,11 +48,8 @@ def peft_config(cfg: Config, model):
 
 
 def apply(model, cfg: Config):
-    from tunelab.methods import fast_lora
-
-    model = wrap_peft(model, peft_config(cfg, model))
-    fast_lora.enable(model)  # one folded matmul per layer when dropout is 0 (see fast_lora.py)
-    return model
+    # plain PEFT; the training loop's accel.prepare routes the layers through tunelab/accel/fast_lora.py
+    return wrap_peft(model, peft_config(cfg, model))
 
 
 save, load, merge = save_peft, load_peft, merge_peft

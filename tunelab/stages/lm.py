@@ -32,7 +32,7 @@ def stage(cfg=None) -> Stage:
     width = None
     if cfg is not None and cfg.data.packing:
         # every packed pass max_length columns wide (they nearly are: rows are filled to it), so that all
-        # passes allocate the same tensor sizes and a size-class allocator reuses them (training/memory.py)
+        # passes allocate the same tensor sizes and a size-class allocator reuses them (accel/memory.py)
         width = cfg.data.max_length
     return Stage(
         cfg.stage if cfg is not None else "sft", load, build, partial(collate, width=width), token_loss_sum, count

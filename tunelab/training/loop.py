@@ -1,7 +1,10 @@
 """The one training loop. Read it top to bottom: load, apply the method, build data, train, save.
 
 Deliberately a plain function, not a Trainer class: every step is visible here, and a stage
-(sft, pretrain, later reward / dpo / ppo) is a loss and a batch shape on this same loop.
+(sft, pretrain, reward, dpo ...) is a loss and a batch shape on this same loop (stages/base.py).
+
+It is plain PyTorch + PEFT. The CPU speed code lives in tunelab/accel and plugs in at the lines marked
+`speed.` / `accel.` (docs/performance.md); with `training.accelerate: off` each of those is a no-op.
 """
 
 from __future__ import annotations
@@ -11,19 +14,18 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from functools import partial
 
 import torch
 
+from tunelab import accel
+from tunelab.data.collate import real_tokens
 from tunelab.methods import get as get_method
-from tunelab.models import attention, count_parameters, norm, resolve_device
-from tunelab.models.compact import compact_frozen_linears, expand_compact, free_scratch
+from tunelab.models import count_parameters, resolve_device
 from tunelab.models.loading import unwrap
-from tunelab.models.loss import free_buffers as free_loss_buffers
 from tunelab.stages import Stage
 from tunelab.stages import get as get_stage
 from tunelab.training import checkpoint as ckpt
-from tunelab.training import distributed, threads
+from tunelab.training import distributed
 from tunelab.training.harness import (
     MetricsLog,
     RunResult,
@@ -42,7 +44,6 @@ from tunelab.training.harness import (
     start_run,
     to_device,
 )
-from tunelab.training.memory import allocator_note, release_freed_memory, releases_memory
 
 
 @torch.no_grad()
@@ -65,6 +66,19 @@ def evaluate_loss(model, batches: list[dict], device, autocast, stage: Stage, ex
     return total / max(count, 1)
 
 
+def evaluate(step: int, model, val_batches, stage: Stage, dist, device, autocast, metrics_log) -> float | None:
+    """The validation loss at `step` (None without validation rows), written to the metrics log."""
+    if not val_batches:
+        return None
+    extras: dict = {}
+    if dist.multi:  # each process scores a share of the batches; sums are added over processes
+        loss = dist.evaluate_loss(model, val_batches, autocast, to_device, extras)
+    else:
+        loss = evaluate_loss(model, val_batches, device, autocast, stage, extras)
+    metrics_log.write({"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in extras.items()}})
+    return loss
+
+
 def train(
     cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]] | None = None, force: bool = False
 ) -> RunResult:
@@ -78,21 +92,16 @@ def train(
         return train_ppo(cfg, resume=resume, callbacks=callbacks, force=force)
     tcfg = cfg.training
     run_dir, resume_from = start_run(cfg, resume, force)
-    release_freed_memory(releases_memory(tcfg))
 
     # ---- model and method
     device = resolve_device(tcfg.device)
     dist = distributed.Dist(device, tcfg)  # one process: plain steps; several: DDP (distributed.py)
     device = dist.device
-    if note := allocator_note(tcfg, on_cpu=device.type == "cpu"):
-        log(note)
+    speed = accel.start(tcfg, device)  # accel: the allocator's settings, before the model loads
     model, tokenizer = stage.load_model(cfg, device)
     method = get_method(cfg.method.name)
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
-    if cfg.data.packing:  # one causal attention call per packed example (models/attention.py)
-        attention.install(model)
-    norm.install(model)  # RMSNorm as one autograd function: same output, shorter backward (models/norm.py)
     if tcfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
@@ -102,12 +111,9 @@ def train(
         log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32")
     trainable, total = count_parameters(model)
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
-    compacted = 0  # bytes saved
-    if tcfg.compact_frozen and not dist.multi:  # after counting: compacted weights are no longer parameters
-        only = None if tcfg.compact_frozen is True else tcfg.compact_frozen
-        layers, compacted = compact_frozen_linears(model, only)
-        if compacted:
-            log(f"{layers} frozen weights kept compact, decoded exactly where used: {compacted / 2**20:,.0f} MB less")
+    # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
+    speed.prepare(model, cfg, total, dist.multi)
+    log(speed.describe())
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
 
@@ -147,70 +153,9 @@ def train(
     optimizer = dist.prepare(model, stage, optimizer)  # wraps the model in DDP when there are several processes
     metrics_log = MetricsLog(run_dir, tcfg.tensorboard, state["step"]) if dist.is_main else distributed.NullLog()
 
-    def do_eval(step: int) -> float | None:
-        if not val_batches:
-            return None
-        extras: dict = {}
-        if dist.multi:  # each process scores a share of the batches; sums are added over processes
-            loss = dist.evaluate_loss(model, val_batches, autocast, to_device, extras)
-        else:
-            loss = evaluate_loss(model, val_batches, device, autocast, stage, extras)
-        metrics_log.write({"step": step, "eval_loss": loss, **{f"eval_{k}": v for k, v in extras.items()}})
-        return loss
-
     if state["step"] == 0 and val_batches:
-        state["eval_loss_before"] = do_eval(0)
+        state["eval_loss_before"] = evaluate(0, model, val_batches, stage, dist, device, autocast, metrics_log)
         log(f"eval loss before training: {state['eval_loss_before']:.4f}")
-
-    order_cache: dict[int, list[list[int]]] = {}
-    parts, why_not = threads.parts_for(tcfg, device, dist.multi, model, total)
-    if parts > 1:
-        log(f"each micro-batch runs as up to {parts} shares of its rows at once, a thread each (training.pass_threads)")
-    elif why_not:
-        log(f"each pass runs on all threads, not split into shares: {why_not} (training.pass_threads)")
-
-    def passes(m: int) -> list[list[tuple[dict, float, int]]]:
-        """This process's slice of global micro-batch m as its shares (`pass_threads`; one without threads),
-        each a list of forward passes (batch, weight, tokens); weight 0 marks a stand-in row. The rows in
-        flight at once stay `rows_per_pass`: two shares run passes of half as many rows."""
-        epoch, b = divmod(m, batches_per_epoch)
-        if epoch not in order_cache:
-            order_cache.clear()
-            order_cache[epoch] = batch_order(len(data.train), global_batch, tcfg.seed, epoch)
-        rows, weight = dist.shard(order_cache[epoch][b])
-        size = tcfg.rows_per_pass or len(rows)
-        n = min(parts, size)
-        per_pass = max(1, size // n)
-        shares = []
-        costs = [threads.row_cost(data.train[i]) for i in rows] if n > 1 else []
-        for share in threads.balance(rows, n, costs):
-            shares.append([])
-            for j in range(0, len(share), per_pass):
-                examples = [data.train[i] for i in share[j : j + per_pass]]
-                batch = stage.collate(examples, pad_id)
-                shares[-1].append((batch, weight, _real_tokens(examples, batch)))
-        return shares
-
-    def forward_loss(batch: dict, weight: float, n_label: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """(summed loss, what to backpropagate, extra metrics) of one forward pass."""
-        batch = to_device(batch, device)
-        with autocast(), norm.recomputed_outputs():  # norm outputs rebuilt for the backward pass, not kept
-            loss_sum, _, *more = dist.loss_sum(batch)
-        return loss_sum, loss_sum * weight / max(n_label, 1), (more[0] if more else {})
-
-    def share_gradients(share: list, n_label: int, trainable: list, first: bool) -> tuple[list, list | None]:
-        """One thread's passes: their (loss, extras), and gradients: the first share's into .grad, every
-        other share's summed here, in order, and added by the loop after it (one order of additions: the
-        same update every run)."""
-        results, grads = [], None
-        for batch, weight, _ in share:
-            loss_sum, scaled, more = forward_loss(batch, weight, n_label)
-            if first:
-                scaled.backward()
-            else:
-                grads = threads.add(grads, torch.autograd.grad(scaled, trainable, allow_unused=True))
-            results.append((float(loss_sum.detach()), more))
-        return results, grads
 
     progress = progress_bar(tcfg.progress and dist.is_main, total_steps, state["step"])
     model.train()
@@ -218,6 +163,7 @@ def train(
     step_start = None
     last_loss = float("nan")
     t_start, tokens_start = time.perf_counter(), state["tokens"]
+    order, order_epoch = [], None  # the micro-batches of the current epoch (batch_order)
     previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt) if on_main_thread() else None
     try:
         while state["step"] < total_steps and not stop_early:
@@ -231,26 +177,34 @@ def train(
                     log(f"step {step}: {note}")
                     metrics_log.write({"step": step, "event": note})
                 dist.refresh()  # DDP must be rebuilt when the set of trainable parameters changed
-            micro = [passes(step * tcfg.grad_accum + k) for k in range(tcfg.grad_accum)]
-            # the label terms of the whole step, summed over processes: one normaliser for the global batch
-            n_label = int(dist.sum(sum(w * stage.count(b) for mb in micro for sh in mb for b, w, _ in sh))[0])
-            done: list[tuple[float, dict, float, int]] = []  # (summed loss, extras, weight, tokens) per pass
-            for i, shares in enumerate(micro):
-                if len(shares) == 1:
-                    for j, (batch, weight, tokens) in enumerate(shares[0]):
-                        last = i == len(micro) - 1 and j == len(shares[0]) - 1
-                        with dist.no_sync(not last):  # several processes: all-reduce on the last pass
-                            loss_sum, scaled, more = forward_loss(batch, weight, n_label)
-                            dist.backward(scaled)
-                        done.append((float(loss_sum.detach()), more, weight, tokens))
-                    continue
-                learning = [p for p in model.parameters() if p.requires_grad]  # on_step may change it
-                ran = threads.run(
-                    [partial(share_gradients, sh, n_label, learning, k == 0) for k, sh in enumerate(shares)]
-                )
-                threads.accumulate(learning, [grads for _, grads in ran[1:]])
-                for (results, _), share in zip(ran, shares):
-                    done += [(loss, more, w, tokens) for (loss, more), (_, w, tokens) in zip(results, share)]
+            # this process's slice of each micro-batch of the step: (examples, weight); weight 0 marks a stand-in row
+            micro = []
+            for k in range(tcfg.grad_accum):
+                epoch, index = divmod(step * tcfg.grad_accum + k, batches_per_epoch)
+                if epoch != order_epoch:
+                    order, order_epoch = batch_order(len(data.train), global_batch, tcfg.seed, epoch), epoch
+                rows, weight = dist.shard(order[index])
+                micro.append(([data.train[i] for i in rows], weight))
+            if speed.shares > 1:  # accel: each micro-batch's rows as shares at once, a thread each (accel/threads.py)
+                n_label, done = accel.sharded_step(micro, speed.shares, tcfg.rows_per_pass, stage, pad_id,
+                                                   dist.loss_sum, model)
+            else:
+                # forward passes of `rows_per_pass` rows (null: the whole micro-batch): (batch, weight, tokens)
+                passes = []
+                for examples, weight in micro:
+                    size = tcfg.rows_per_pass or len(examples)
+                    for j in range(0, len(examples), size):
+                        batch = stage.collate(examples[j : j + size], pad_id)
+                        passes.append((batch, weight, real_tokens(examples[j : j + size], batch)))
+                # the label terms of the whole step, summed over processes: one normaliser for the global batch
+                n_label = int(dist.sum(sum(w * stage.count(b) for b, w, _ in passes))[0])
+                done = []  # (summed loss, extra metrics, weight, tokens) per pass
+                for j, (batch, weight, tokens) in enumerate(passes):
+                    with dist.no_sync(j < len(passes) - 1):  # several processes: all-reduce on the last pass
+                        with autocast(), speed.forward():  # accel: norm outputs rebuilt in the backward pass
+                            loss_sum, _, *more = dist.loss_sum(to_device(batch, device))
+                        dist.backward(loss_sum * weight / max(n_label, 1))
+                    done.append((float(loss_sum.detach()), more[0] if more else {}, weight, tokens))
             loss_total = sum(w * loss for loss, _, w, _ in done)
             step_tokens = sum(w * tokens for _, _, w, tokens in done)
             extra_sums: dict[str, float] = {}
@@ -278,7 +232,7 @@ def train(
             progress.update(1)
 
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
-                eval_loss = do_eval(step)
+                eval_loss = evaluate(step, model, val_batches, stage, dist, device, autocast, metrics_log)
                 record["eval_loss"] = eval_loss
                 stop_early = early_stop(state, eval_loss, tcfg.early_stopping_patience)
                 if stop_early:
@@ -302,14 +256,11 @@ def train(
         log(f"interrupted: checkpoint written to {path}; continue with: tunelab train CONFIG --resume")
     finally:
         progress.close()
-        threads.shutdown()
-        free_loss_buffers()
-        free_scratch()
+        # accel: threads and buffers freed; task metrics may generate: compact weights decoded once, not per token
+        speed.release(model, expand=stage.final_metrics is not None)
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
 
-    if compacted and stage.final_metrics is not None:  # task metrics may generate: decode each weight once,
-        expand_compact(model)  # not at every token (sft / pretrain have none and keep the smaller peak)
     metrics = {
         "steps": state["step"],
         "train_loss": last_loss,
@@ -327,7 +278,7 @@ def train(
         dist.close()
         return RunResult(run_dir, None, {**metrics, "interrupted": True})
 
-    metrics["eval_loss"] = do_eval(state["step"])
+    metrics["eval_loss"] = evaluate(state["step"], model, val_batches, stage, dist, device, autocast, metrics_log)
     if metrics["eval_loss"] is not None:
         log(f"eval loss after training: {metrics['eval_loss']:.4f}")
     if dist.sharded:  # FSDP / DeepSpeed: gather the shards into one model on rank 0 (every process takes part)
@@ -362,11 +313,3 @@ def enable_gradient_checkpointing(model) -> None:
         )
     inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
-
-def _real_tokens(examples: list[dict], batch: dict) -> int:
-    """Tokens of a micro-batch, padding excluded (packed rows carry no attention_mask to count them by)."""
-    if all("input_ids" in e for e in examples):
-        return sum(len(e["input_ids"]) for e in examples)
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return batch["input_ids"].numel()

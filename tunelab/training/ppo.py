@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.accel import fast_lora
 from tunelab.methods import get as get_method
 from tunelab.methods import reference
 from tunelab.models import count_parameters, resolve_device
@@ -234,6 +235,8 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     method = get_method(cfg.method.name)
     lm = method.apply(lm, cfg.method)
     reference.prepare(lm, method)  # pi_ref: the adapter switched off, or a frozen copy taken now (before a resume)
+    if tcfg.accelerate == "auto" and fast_lora.routes(lm):  # accel: LoRA layers as one folded matmul (fast_lora.py)
+        fast_lora.enable(lm)
     policy = PolicyWithValue(lm, lm.config.hidden_size).to(device)
     autocast = autocast_for(device, cfg.model.dtype)
     if autocast is not no_autocast:

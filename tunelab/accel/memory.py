@@ -4,9 +4,10 @@ On Linux a training step's activations come from malloc. glibc's malloc keeps on
 allocations split, so a step leaves far more resident than it holds (docs/performance.md); a
 size-class allocator does not. Intel's TBB scalable allocator (`tbbmalloc`, the `tbb` wheel on PyPI)
 is one; it replaces malloc only when preloaded at process start (LD_PRELOAD), which is why
-`tunelab train` restarts itself once with it (`training.allocator`), the way PyTorch's own CPU
-launcher (`torch.backends.xeon.run_cpu`) preloads jemalloc or tcmalloc. Why by hand: PyTorch has no
-caching CPU allocator in its Python API, and this is a property of the process.
+`tunelab train` restarts itself once with it (`training.allocator`; never with `training.accelerate:
+off`), the way PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) preloads jemalloc or
+tcmalloc. Why by hand: PyTorch has no caching CPU allocator in its Python API, and this is a property
+of the process.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def releases_memory(tcfg) -> bool:
 
 def wants_tbbmalloc(tcfg) -> bool:
     """Whether a run with these training settings should run on tbbmalloc (`training.allocator`)."""
-    if tcfg.allocator == "system":
+    if tcfg.accelerate == "off" or tcfg.allocator == "system":  # off: the process's own malloc, as plain PyTorch
         return False
     if tcfg.allocator == "auto" and releases_memory(tcfg):
         return False  # returning memory at once is glibc's pinned-threshold mode (release_freed_memory)
@@ -125,10 +126,13 @@ def skip_unused_imports(cfg) -> bool:
     when the method has no use for it. peft imports it whenever it is installed, for its quantised LoRA
     layers: ~50 MB resident (its CPU kernels and the libraries they load) in a run that never quantises.
     Only a method with a quantized base (qlora) uses it. Afterwards `import bitsandbytes` raises ImportError
-    in this process, so this is for a process of its own, before anything imports peft. True when it was done."""
+    in this process, so this is for a process of its own, before anything imports peft. True when it was done
+    (never with `training.accelerate: off`: a plain process)."""
     from tunelab.methods.registry import capabilities
 
-    if capabilities(cfg.method.name).quantized_base or "bitsandbytes" in sys.modules or "peft" in sys.modules:
+    if cfg.training.accelerate == "off" or capabilities(cfg.method.name).quantized_base:
+        return False
+    if "bitsandbytes" in sys.modules or "peft" in sys.modules:
         return False
     sys.modules["bitsandbytes"] = None  # importlib's "known to be missing": find_spec gives None
     return True

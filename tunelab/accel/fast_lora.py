@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.models.compact import CompactLinear, CompactWeight, scratch
+from tunelab.accel.compact import CompactLinear, CompactWeight, scratch
 
 
 class _Parts(NamedTuple):
     """A linear map y = x (W + s B A)^T + bias; A and B are None for a frozen plain Linear. W is a
-    tensor, or a CompactWeight decoded where it is used (models/compact.py)."""
+    tensor, or a CompactWeight decoded where it is used (accel/compact.py)."""
 
     weight: torch.Tensor | CompactWeight
     bias: torch.Tensor | None
@@ -216,6 +216,41 @@ def _is_swiglu(module: nn.Module) -> bool:
     return all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")) and isinstance(
         getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation)
     )
+
+
+def routes(model) -> bool:
+    """Whether `enable` belongs on `model`: it has PEFT LoRA Linear layers and its base is not quantised to 4
+    bits (qlora: PEFT's own 4-bit LoRA layers, which this path does not cover)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from tunelab.models.loading import unwrap
+
+    if getattr(unwrap(model), "is_loaded_in_4bit", False):
+        return False
+    return any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+def why_not(model) -> str | None:
+    """Why every PEFT LoRA Linear layer of `model` will run PEFT's own forward all the same (the first
+    reason found), or None when some take the fast path."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    reasons = []
+    for m in model.modules():
+        if not isinstance(m, LoraLinear):
+            continue
+        name = m.active_adapters[0] if len(m.active_adapters) == 1 else None
+        if name is None or name not in m.lora_A:
+            reasons.append("several active adapters")
+        elif not isinstance(m.lora_dropout[name], nn.Identity):
+            reasons.append(f"LoRA dropout {m.lora_dropout[name].p} > 0 (method.dropout: 0 takes the fast path)")
+        elif name in getattr(m, "lora_variant", {}):
+            reasons.append(f"a LoRA variant ({type(m.lora_variant[name]).__name__})")
+        elif type(m.base_layer) not in (nn.Linear, CompactLinear):
+            reasons.append(f"a {type(m.base_layer).__name__} base layer")
+        else:
+            return None
+    return reasons[0] if reasons else None
 
 
 def enable(model) -> int:

@@ -11,6 +11,9 @@ skips the blocks above the diagonal, nothing is repeated, and no other example c
 result as the masked call to rounding (tests/test_attention.py); on SmolLM2 LoRA SFT one layer's
 attention forward + backward over 4 packed rows of 256 takes ~25-32 ms instead of ~32-42 ms.
 
+Without it (`training.accelerate: off`) packed rows are still attended per example: transformers builds
+the block-diagonal causal mask from the position ids (data/collate.py), the plain path.
+
 Anything else (no boundaries, a KV cache, sliding windows, soft-capping, sinks, non-causal modules)
 goes to transformers' own SDPA function unchanged, so generation and evaluation behave as before.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunelab.models import loss
 from tunelab.models.loading import unwrap
 
 NAME = "tunelab_packed"
@@ -142,4 +146,5 @@ def install(model) -> bool:
     AttentionInterface.register(NAME, packed_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     config._attn_implementation = NAME
+    setattr(inner, loss.PACKED_INPUTS, varlen_kwargs)  # the loss hands the examples' bounds to the forward
     return True

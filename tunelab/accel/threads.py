@@ -14,6 +14,9 @@ the pass's to rounding and the same in every run, which accumulating into `.grad
 threads would not be (the order of the additions would vary). Ops release
 the GIL; Python-level autograd functions take it, as in any thread.
 
+The training loop calls `sharded_step` for a step's micro-batches when `shares_for` gave more than one
+share (`training.pass_threads`; never with `training.accelerate: off`); its own plain step otherwise.
+
 Why by hand: torch's inter-op pool (`torch.jit.fork`) runs TorchScript, and DDP's one process per
 core would hold a copy of the model and libraries per core; threads share both.
 """
@@ -22,10 +25,14 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Callable
+from functools import partial
 from typing import TypeVar
 
 import torch
 from torch import nn
+
+from tunelab.accel import norm
+from tunelab.data.collate import real_tokens
 
 T = TypeVar("T")
 
@@ -153,6 +160,56 @@ def accumulate(params: list, shares: list[list]) -> None:
 def _with_threads(n: int, call: Callable[[], T]) -> T:
     torch.set_num_threads(n)
     return call()
+
+
+def sharded_step(micro: list[tuple[list[dict], float]], parts: int, rows_per_pass: int | None, stage, pad_id: int,
+                 loss_sum: Callable, model: nn.Module) -> tuple[int, list[tuple[float, dict, float, int]]]:
+    """The forward and backward passes of one optimizer step on a CPU in one process, each micro-batch's rows
+    as up to `parts` shares that run at once, a thread each: (label terms of the step, and per pass its
+    summed loss, extra metrics, weight and real tokens), as the loop's plain step gives them.
+
+    `micro`: the step's micro-batches, (examples, weight); `loss_sum(batch)`: the stage's loss on the model.
+    The rows in flight at once stay `rows_per_pass`: two shares run passes of half as many rows."""
+    shares_of = []  # per micro-batch, its shares; each share a list of passes (batch, weight, tokens)
+    for examples, weight in micro:
+        size = rows_per_pass or len(examples)
+        n = min(parts, size)
+        per_pass = max(1, size // n)
+        costs = [row_cost(e) for e in examples] if n > 1 else []
+        shares = []
+        for share in balance(examples, n, costs):
+            shares.append([])
+            for j in range(0, len(share), per_pass):
+                batch = stage.collate(share[j : j + per_pass], pad_id)
+                shares[-1].append((batch, weight, real_tokens(share[j : j + per_pass], batch)))
+        shares_of.append(shares)
+    n_label = int(sum(w * stage.count(b) for shares in shares_of for share in shares for b, w, _ in share))
+    done = []
+    for shares in shares_of:
+        learning = [p for p in model.parameters() if p.requires_grad]  # a method's on_step may change it
+        calls = [partial(_share_gradients, share, n_label, learning, k == 0, loss_sum) for k, share in enumerate(shares)]
+        ran = run(calls) if len(calls) > 1 else [calls[0]()]
+        accumulate(learning, [grads for _, grads in ran[1:]])
+        for (results, _), share in zip(ran, shares):
+            done += [(loss, more, w, tokens) for (loss, more), (_, w, tokens) in zip(results, share)]
+    return n_label, done
+
+
+def _share_gradients(share: list, n_label: int, trainable: list, first: bool, loss_sum: Callable):
+    """One thread's passes: their (loss, extras), and gradients: the first share's into .grad, every other
+    share's summed here, in order, and added by `sharded_step` after it (one order of additions: the same
+    update every run). A CPU in one process: the batch is where the model is, and there is no autocast."""
+    results, grads = [], None
+    for batch, weight, _ in share:
+        with norm.recomputed_outputs():  # norm outputs rebuilt for the backward pass, not kept
+            loss, _, *more = loss_sum(batch)
+        scaled = loss * weight / max(n_label, 1)
+        if first:
+            scaled.backward()
+        else:
+            grads = add(grads, torch.autograd.grad(scaled, trainable, allow_unused=True))
+        results.append((float(loss.detach()), more[0] if more else {}))
+    return results, grads
 
 
 def shutdown() -> None:

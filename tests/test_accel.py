@@ -1,0 +1,149 @@
+"""`training.accelerate`: `off` installs none of tunelab/accel's speed pieces, and trains as `auto` does."""
+
+import contextlib
+
+import pytest
+import torch
+from test_training import losses, make_cfg  # tests/ is on sys.path (conftest.py)
+
+import tunelab
+from tunelab import accel
+from tunelab.accel import attention, compact, fast_lora, head, memory, norm, threads
+from tunelab.config import ConfigError, load_config
+from tunelab.methods import get
+from tunelab.models import count_parameters
+from tunelab.models import loss as L
+from tunelab.testing import save_tiny_model_dir, tiny_llama
+
+
+def test_the_setting_validates():
+    assert load_config({}).training.accelerate == "auto"
+    assert load_config({"training": {"accelerate": "off"}}).training.accelerate == "off"
+    assert load_config({}, ["training.accelerate=off"]).training.accelerate == "off"  # YAML reads a bare off as false
+    assert load_config({"training": {"accelerate": False}}).training.accelerate == "off"
+    with pytest.raises(ConfigError, match="accelerate"):
+        load_config({"training": {"accelerate": "fast"}})
+    assert "plain PyTorch" in type(load_config({}).training).model_fields["accelerate"].description
+
+
+def _bf16_valued_model_dir(path):
+    """The tiny Llama saved with bf16-representable fp32 weights: frozen weights that compact exactly."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    for p in model.parameters():
+        p.data = p.data.bfloat16().float()
+    model.save_pretrained(folder)
+    return folder
+
+
+def _prepared(accelerate: str, packing: bool = True):
+    """A LoRA model with the bf16-valued tiny base after `speed.prepare`, as the loop makes it."""
+    cfg = load_config(
+        {
+            "data": {"packing": packing},
+            "method": {"name": "lora", "r": 4, "dropout": 0.0},
+            "training": {"accelerate": accelerate, "device": "cpu"},
+        }
+    )
+    base = tiny_llama()
+    for p in base.parameters():
+        p.data = p.data.bfloat16().float()
+    model = get("lora").apply(base, cfg.method)
+    speed = accel.start(cfg.training, torch.device("cpu"))
+    speed.prepare(model, cfg, count_parameters(model)[1], multi=False)
+    return model, speed
+
+
+def _speed_pieces(model) -> list[str]:
+    """Every trace a speed piece leaves on a model."""
+    inner = model.get_base_model()
+    found = [f"{name}: {k}" for name, m in model.named_modules() for k in ("_peft_forward", "_plain_forward")
+             if k in m.__dict__]
+    found += [f"{name}: {type(m).__name__}" for name, m in model.named_modules()
+              if isinstance(m, (compact.CompactLinear, compact.CompactEmbedding))]
+    found += [k for k in (L.PACKED_INPUTS, L.FUSED_HEAD) if hasattr(inner, k)]
+    if inner.config._attn_implementation == attention.NAME:
+        found.append("packed attention")
+    return found
+
+
+def test_off_installs_no_speed_piece_and_auto_installs_them(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    model, speed = _prepared("off")
+    assert _speed_pieces(model) == []
+    assert speed.shares == 1 and speed.compacted == 0 and not speed.pieces
+    assert isinstance(speed.forward(), contextlib.nullcontext)
+    assert speed.describe().startswith("accelerate: off: plain PyTorch + PEFT")
+
+    model, speed = _prepared("auto")
+    found = _speed_pieces(model)
+    assert any("_peft_forward" in f for f in found) and any("_plain_forward" in f for f in found)  # LoRA, MLP, norm
+    assert any("CompactLinear" in f for f in found) and "packed attention" in found
+    assert L.PACKED_INPUTS in found and L.FUSED_HEAD in found
+    assert speed.shares == 2 and speed.compacted > 0
+    line = speed.describe()
+    for piece in ("fast LoRA", "fused RMSNorm", "per-example attention", "fused LM head", "kept compact", "shares"):
+        assert piece in line, piece
+    speed.release(model, expand=True)  # dense weights back
+    assert not any(isinstance(m, compact.CompactLinear) for m in model.modules())
+
+
+def test_the_log_says_why_a_piece_stays_off(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cfg = load_config({"method": {"name": "lora", "r": 4, "dropout": 0.1}, "training": {"device": "cpu"}})
+    model = get("lora").apply(tiny_llama(), cfg.method)
+    speed = accel.start(cfg.training, torch.device("cpu"))
+    speed.prepare(model, cfg, count_parameters(model)[1], multi=False)
+    line = speed.describe()
+    assert "Not on: fast LoRA (LoRA dropout 0.1 > 0" in line and "thread shares (dropout is active" in line
+    off = load_config({"training": {"accelerate": "off", "pass_threads": 2, "compact_frozen": False}}).training
+    assert "(ignored: training.compact_frozen, training.pass_threads)" in accel.Speed(off, "cpu").describe()
+
+
+def test_an_off_run_calls_no_speed_code(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a speed piece ran with training.accelerate: off")
+
+    for module, name in [(fast_lora, "enable"), (norm, "install"), (norm, "recomputed_outputs"),
+                         (attention, "install"), (head, "install"), (compact, "compact_frozen_linears"),
+                         (compact, "expand_compact"), (threads, "parts_for"), (threads, "run"),
+                         (threads, "shutdown"), (accel, "sharded_step"), (memory, "release_freed_memory"),
+                         (memory, "allocator_note")]:  # fmt: skip
+        monkeypatch.setattr(module, name, refuse)
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "off", max_steps=3, accelerate="off")
+    cfg.data.packing, cfg.data.max_length, cfg.method.dropout = True, 160, 0.0
+    assert tunelab.train(cfg).metrics["steps"] == 3
+    assert "accelerate: off: plain PyTorch + PEFT" in capsys.readouterr().err
+    assert not memory.wants_tbbmalloc(cfg.training) and not memory.skip_unused_imports(cfg)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_path, monkeypatch):
+    """LoRA: fast LoRA and SwiGLU, fused norm, packed attention, fused head, compact weights and two thread
+    shares against plain PyTorch + PEFT; full: fused norm and head with the head's (tied) weight gradient."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two shares on any machine (auto)
+    calls = []
+    monkeypatch.setattr(accel, "sharded_step", lambda *a, _f=accel.sharded_step: calls.append(1) or _f(*a))
+    folder = _bf16_valued_model_dir(tmp_path / "model")
+
+    def run(accelerate):
+        cfg = make_cfg(folder, data_file, tmp_path / accelerate, max_steps=4, accelerate=accelerate)
+        cfg.data.packing, cfg.data.max_length = True, 160
+        if method == "lora":
+            cfg.method.dropout = 0.0
+        else:
+            cfg = load_config({**cfg.model_dump(), "method": {"name": "full"}, "training": {
+                **cfg.training.model_dump(), "lr": 1e-3}})
+        result = tunelab.train(cfg)
+        return losses(tmp_path / accelerate), result.metrics
+
+    auto, auto_m = run("auto")
+    assert bool(calls) == (method == "lora")  # full: most parameters train, no shares
+    off, off_m = run("off")
+    assert auto.keys() == off.keys() and len(off) == 4
+    for step in off:
+        assert auto[step] == pytest.approx(off[step], rel=1e-5, abs=1e-6), step
+    assert auto_m["eval_loss"] == pytest.approx(off_m["eval_loss"], rel=1e-5)
+    assert auto_m["tokens"] == off_m["tokens"]

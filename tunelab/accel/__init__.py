@@ -1,0 +1,141 @@
+"""The CPU speed code, all of it, behind one switch: `training.accelerate: auto | off` (docs/performance.md).
+
+The training loop (tunelab/training/loop.py) is plain PyTorch + PEFT. With `auto` these pieces plug into it,
+each at one visible line:
+
+    speed = accel.start(tcfg, device)                 # allocator settings (memory.py)
+    speed.prepare(model, cfg, total, dist.multi)      # after the method: the pieces that change the model
+    with autocast(), speed.forward(): ...             # norm outputs rebuilt in the backward pass (norm.py)
+    if speed.shares > 1: accel.sharded_step(...)      # a micro-batch as shares in threads (threads.py)
+    speed.release(model, expand=...)                  # threads and buffers freed, compact weights made dense
+
+and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, from cli.py).
+
+| piece | module | what it does | it stays off when |
+|---|---|---|---|
+| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul), a SwiGLU MLP as one | LoRA dropout > 0, a variant (DoRA), a 4-bit base (qlora), autocast |
+| fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward | the norm is another formula |
+| packed attention | attention.py | one causal attention call per packed example | data.packing off, attention not SDPA |
+| fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept | a head with a bias, autocast |
+| compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from | compact_frozen: false, several processes, no exact form |
+| thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout, most parameters train, dpo + PEFT, pass_threads: 1 |
+| allocator | memory.py | tbbmalloc preloaded (`tunelab train`), glibc's heap thresholds | allocator: system, release_memory |
+
+Every piece gives the same training as the plain path to rounding (most bit for bit; tests/test_accel.py
+compares the losses of `auto` and `off` step by step). Layering: accel imports tunelab.config, data and
+models; methods, stages and training may import accel; models never does. Where the plain loss
+(models/loss.py) takes a piece (packed attention, fused head), accel sets an attribute on the model
+that the loss reads, so the dependency points one way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from tunelab.accel import attention, compact, fast_lora, head, memory, norm, threads
+from tunelab.accel.threads import sharded_step
+from tunelab.models.loading import unwrap
+from tunelab.models.loss import backbone_and_head
+
+__all__ = ["Speed", "sharded_step", "start"]
+
+# knobs of single pieces that `accelerate: off` overrides: named in the log line when a config sets them
+_PIECE_SETTINGS = ("pass_threads", "compact_frozen", "allocator", "release_memory")
+
+
+class Speed:
+    """The speed pieces of one training run: what `start` and `prepare` turned on, and what the loop asks of
+    them (`forward`, `shares`, `release`). With `training.accelerate: off` every call is a no-op."""
+
+    def __init__(self, tcfg, device):
+        self.tcfg, self.device = tcfg, device
+        self.on = tcfg.accelerate == "auto"
+        self.shares = 1  # shares per micro-batch that run at once, a thread each (threads.py)
+        self.compacted = 0  # bytes saved by compact frozen weights (compact.py)
+        self.pieces: list[str] = []  # on, for the log line
+        self.skipped: list[str] = []  # not on, and why
+
+    def prepare(self, model, cfg, total: int, multi: bool) -> None:
+        """Once the method is applied and the parameters counted (compacted weights are no longer parameters;
+        `total` is the count before): install every piece the config and the model allow."""
+        if not self.on:
+            return
+        tcfg = self.tcfg
+        if fast_lora.routes(model):  # LoRA Linear layers over a dense base
+            n = fast_lora.enable(model)
+            if why := fast_lora.why_not(model):
+                self.skipped.append(f"fast LoRA ({why}: PEFT's forward runs)")
+            else:
+                self.pieces.append(f"fast LoRA ({n} layers)")
+        elif getattr(unwrap(model), "is_loaded_in_4bit", False):
+            self.skipped.append("fast LoRA (a 4-bit base: PEFT's own LoRA layers)")
+        if n := norm.install(model):
+            self.pieces.append(f"fused RMSNorm ({n})")
+        if cfg.data.packing:
+            if attention.install(model):
+                self.pieces.append("per-example attention over packed rows")
+            else:
+                self.skipped.append("packed attention (the model's attention is not SDPA: its masked call runs)")
+        if backbone_and_head(model) is not None:
+            head.install(model)
+            self.pieces.append("fused LM head + cross-entropy")
+        if tcfg.compact_frozen and not multi:
+            only = None if tcfg.compact_frozen is True else tcfg.compact_frozen
+            layers, self.compacted = compact.compact_frozen_linears(model, only)
+            if self.compacted:
+                self.pieces.append(
+                    f"{layers} frozen weights kept compact, decoded exactly where used: "
+                    f"{self.compacted / 2**20:,.0f} MB less"
+                )
+        elif tcfg.compact_frozen:
+            self.skipped.append("compact frozen weights (several processes)")
+        self.shares, why_not = threads.parts_for(tcfg, self.device, multi, model, total)
+        if self.shares > 1 and cfg.stage == "dpo" and hasattr(model, "disable_adapter"):
+            # dpo's reference pass switches the PEFT adapter off (and its requires_grad) on the one shared model:
+            # a share running beside it in another thread would see the adapter off
+            self.shares, why_not = 1, "dpo's reference pass switches the adapter off on the shared model"
+        if self.shares > 1:
+            self.pieces.append(
+                f"each micro-batch runs as up to {self.shares} shares of its rows at once, a thread each "
+                "(training.pass_threads)"
+            )
+        elif why_not:
+            self.skipped.append(f"thread shares ({why_not}: each pass runs on all threads)")
+
+    def describe(self) -> str:
+        """The run log's one line: which pieces are on, and why any is not."""
+        if not self.on:
+            ignored = sorted(k for k in self.tcfg.model_fields_set if k in _PIECE_SETTINGS)
+            note = f" (ignored: {', '.join(f'training.{k}' for k in ignored)})" if ignored else ""
+            return f"accelerate: off: plain PyTorch + PEFT, no speed piece installed{note}"
+        line = "accelerate: auto (tunelab/accel): " + ("; ".join(self.pieces) or "no piece applies")
+        return line + (f". Not on: {'; '.join(self.skipped)}" if self.skipped else "")
+
+    def forward(self):
+        """The context of a training forward pass: a norm output the backward pass needs is kept as the recipe
+        that rebuilds it (norm.py)."""
+        return norm.recomputed_outputs() if self.on else contextlib.nullcontext()
+
+    def release(self, model, expand: bool) -> None:
+        """When training ends: stop the share threads, drop the reused buffers and, with `expand` (task metrics
+        that may generate), give compact weights their dense form back: generation would decode each weight
+        at every token (sft / pretrain have none and keep the smaller peak)."""
+        if not self.on:
+            return
+        threads.shutdown()
+        head.free_buffers()
+        compact.free_scratch()
+        if self.compacted and expand:
+            compact.expand_compact(model)
+
+
+def start(tcfg, device) -> Speed:
+    """At the start of a run, before the model loads: the allocator's settings (memory.py)."""
+    speed = Speed(tcfg, device)
+    if speed.on:
+        memory.release_freed_memory(memory.releases_memory(tcfg))
+        if note := memory.allocator_note(tcfg, on_cpu=device.type == "cpu"):
+            speed.pieces.append(note)
+        if memory.releases_memory(tcfg) and memory.active_allocator() == "system":
+            speed.pieces.append("freed memory returned to the OS at once (training.release_memory)")
+    return speed

@@ -1,0 +1,119 @@
+"""The LM head and its cross-entropy in one pass for training: the gradient made in the forward, no logits kept.
+
+The plain loss (models/loss.py) already applies the head at label positions only, in chunks; autograd
+then keeps every chunk's [chunk, vocab] logits (or their log-softmax) until the backward pass: ~150 MB
+for one SmolLM2 batch of 4 x 256, the largest single activation. `install(model)` plugs
+`fused_loss` into that loss (models/loss.py: FUSED_HEAD) for a model trained with `training.accelerate:
+auto`; the loss calls it while gradients are on.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from tunelab.accel.compact import CompactLinear, times_weight, weight_times
+from tunelab.models import loss
+from tunelab.models.loading import unwrap
+
+# label positions per chunk of logits. Each chunk decodes a compact head once per product, so fewer chunks are
+# faster: 128 made the head ~30% slower on a CPU core (380 label positions: 1.15 s vs 0.85). 192 takes as many
+# chunks as 256 for 257-384 label positions (a 2-row pass of SmolLM2 SFT holds ~360), one more for 193-256
+# (some 1-row passes), and keeps each thread's logits buffer at 36 MB instead of 48
+FUSED_CHUNK = 192
+
+# One [FUSED_CHUNK, vocab] logits buffer per CPU dtype and thread (the shares of a pass may run in
+# threads: accel/threads.py), reused by every training pass. A fresh block of tens of MB can be above
+# glibc's mmap threshold, so each pass would map it anew and take a page fault per 4 KiB while writing
+# it: the head's matmul ran at half speed (61 GFLOP/s against 115, SmolLM2 LoRA SFT).
+# GPU allocators cache blocks themselves; there the buffer is not kept.
+_LOGITS: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+
+
+def install(model) -> None:
+    """Let the training loss of `model` take the fused head (models/loss.py reads the attribute)."""
+    setattr(unwrap(model), loss.FUSED_HEAD, fused_loss)
+
+
+def fused_loss(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """sum CE(head(hidden), target), its gradient computed in the forward pass; None where the head is not a
+    bias-free linear map in the hidden states' dtype, or under autocast (then the plain chunks run)."""
+    if not (
+        type(head) in (torch.nn.Linear, CompactLinear)
+        and head.bias is None
+        and hidden.dtype == (torch.float32 if type(head) is CompactLinear else head.weight.dtype)
+        and not torch.is_autocast_enabled(hidden.device.type)
+    ):
+        return None
+    weight = head.compact if type(head) is CompactLinear else head.weight
+    return _HeadCrossEntropy.apply(hidden, weight, target)
+
+
+def _logits_buffer(vocab: int, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """A [vocab, rows] buffer: the logits transposed (see _HeadCrossEntropy)."""
+    if like.device.type != "cpu":
+        return like.new_empty(vocab, rows)
+    key = (like.dtype, threading.get_ident())
+    buf = _LOGITS.get(key)
+    if buf is None or buf.numel() < rows * vocab:
+        _LOGITS[key] = buf = like.new_empty(max(rows, FUSED_CHUNK) * vocab)
+    return buf[: rows * vocab].view(vocab, rows)
+
+
+def _head_logits(weight, h: torch.Tensor) -> torch.Tensor:
+    """W h^T, [vocab, len(h)], in the reused buffer; W a tensor or a CompactWeight (decoded block by block).
+    On a CPU the columns are computed padded to a multiple of 8 (zero rows of h) and the view returned
+    leaves the padding out: MKL runs this product at ~40 GFLOP/s a core for an odd count such as 215
+    label positions and at ~64 for 216 (SmolLM2's head)."""
+    n = len(h)
+    if h.device.type == "cpu" and n % 8:
+        padded = h.new_zeros(-(-n // 8) * 8, h.shape[1])
+        padded[:n] = h
+        return _head_logits(weight, padded)[:, :n]
+    return weight_times(weight, h.t(), _logits_buffer(weight.shape[0], n, h))
+
+
+def free_buffers() -> None:
+    """Drop the reused logits buffers (accel's release, when a training run ends)."""
+    _LOGITS.clear()
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum CE(hidden W^T, target) with its gradient computed chunk by chunk in the forward pass.
+
+    Each chunk's logits become dCE/dlogits = softmax - onehot in place, are multiplied into the input
+    (and weight) gradient at once and freed; only [labels, hidden] survives to the backward pass. Same
+    FLOPs as autograd's forward + backward, exact to rounding (tests/test_loss.py). Liger-Kernel's fused
+    linear cross-entropy does this on GPUs with Triton; nothing maintained does it for CPU tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target):
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for i in range(0, target.numel(), FUSED_CHUNK):
+            h, t = hidden[i : i + FUSED_CHUNK], target[i : i + FUSED_CHUNK]
+            # logits transposed, [vocab, chunk] = W h^T: with the vocabulary as the long dimension of the
+            # left operand the matmul runs ~1.4x faster on a CPU than h W^T (MKL, 2 cores, SmolLM2's head)
+            logits = _head_logits(weight, h)
+            picked = logits.gather(0, t[None, :])
+            # softmax in place over the one [vocab, chunk] buffer (2.5x faster on a CPU than logsumexp
+            # and a second exp), its log-normaliser lse = max + log(sum) kept for the loss
+            top = logits.amax(dim=0, keepdim=True)
+            probs = logits.sub_(top).exp_()
+            total = probs.sum(dim=0, keepdim=True)
+            loss += (top + total.log() - picked).sum()
+            probs.div_(total)
+            probs[t, torch.arange(len(t), device=t.device)] -= 1.0
+            times_weight(probs.t(), weight, out=grad_hidden[i : i + FUSED_CHUNK])
+            if grad_weight is not None:
+                grad_weight.addmm_(probs, h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, None if grad_weight is None else grad_weight * grad_loss, None
