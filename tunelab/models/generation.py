@@ -1,9 +1,11 @@
-"""Generation: one `generate` for every caller (chat and `tunelab generate`, the server, evaluation and
-PPO's rollouts), and the generation tasks (translation, summarisation) scored against references.
+"""Generation: one `generate` for every caller (chat and `tunelab generate`, evaluation and PPO's
+rollouts), its step-by-step form for the server (`DecodeBatch`: rows join and leave a running batch,
+same sampling rules), and the generation tasks (translation, summarisation) scored against references.
 
     out = generate(llm, tok, [ids_a, ids_b], max_new_tokens=64)                # greedy, batched
     out = generate(llm, tok, [ids], temperature=0.7, top_p=0.95, streamer=s)   # sampled, streamed
     out.tokens, out.ids(), out.texts()                                         # new tokens / lists / text
+    batch = DecodeBatch(llm); first = batch.add(ids, Sampler()); nxt = batch.step(); batch.keep([0])
     hyps = generate_seq2seq(t5, tok, sources, prefix="translate English to German: ")
     hyps = generate_chat(llm, tok, ["Translate to German: " + s for s in sources])   # a chat LM
     scores = generation_scores(hyps, refs, embedding_model="minilm-l6")             # bleu (+ cosine)
@@ -46,7 +48,7 @@ class Generation:
 
     def ids(self) -> list[list[int]]:
         """The new tokens of each row as a list, up to and including its first end token (a row of a batch
-        that ended on a stop string keeps its padding: the server generates one prompt at a time)."""
+        that ended on a stop string keeps its padding)."""
         rows = []
         for row in self.tokens.tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in self.eos_token_id), len(row))
