@@ -12,6 +12,7 @@ model, and measures, each against the other within the same run:
 
     .venv/bin/python bench/serve_speed.py                         # tiny and smollm2-135m-instruct
     .venv/bin/python bench/serve_speed.py --models tiny --pythonpath /tmp/old-tunelab   # another checkout
+    .venv/bin/python bench/serve_speed.py --threads 1             # a machine shared with other jobs
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(spec: str, pythonpath: str) -> tuple[subprocess.Popen, str]:
+def start_server(spec: str, pythonpath: str, threads: int | None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": pythonpath}
+    if threads:  # on a machine shared with other jobs, torch's default (all cores) can spin and stall
+        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "tunelab", "serve", spec, "--port", str(port), "--device", "cpu", "--name", "m"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -168,6 +171,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,smollm2-135m-instruct")
     p.add_argument("--parts", default="a,b,c")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server (default: torch's own choice)")
     p.add_argument("--pythonpath", default=str(ROOT), help="the tunelab checkout the server runs (default: this one)")
     args = p.parse_args()
     from tunelab.testing import save_tiny_model_dir
@@ -176,7 +180,7 @@ def main() -> int:
     results = {}
     for spec in args.models.split(","):
         path = save_tiny_model_dir(f"{tmp}/tiny") if spec == "tiny" else spec
-        proc, url = start_server(path, args.pythonpath)
+        proc, url = start_server(path, args.pythonpath, args.threads)
         try:
             out = results[spec] = {}
             if "b" in args.parts:

@@ -16,6 +16,7 @@ The HTTP side talks to a job only through `Job.emit` (text pieces, then the end 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import Counter, deque
@@ -131,10 +132,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------ the thread
     def _run(self) -> None:
-        while (newcomers := self._next_jobs()) is not None:
-            if not newcomers and not self.rows:
-                continue  # only cancelled jobs were waiting
-            with self.served.selected(self.model_id):
+        active = None  # the model id the PEFT model is switched to
+        with contextlib.ExitStack() as selection:
+            while (newcomers := self._next_jobs()) is not None:
+                if not newcomers and not self.rows:
+                    continue  # only cancelled jobs were waiting
+                if self.model_id != active:
+                    # Switching walks every module of the model (tens of ms on a 135M model, measured):
+                    # only when the batch's model id changes, never per step.
+                    selection.close()
+                    selection.enter_context(self.served.selected(self.model_id))
+                    active = self.model_id
                 for job in newcomers:
                     self._admit(job)
                 self._retire()
