@@ -1,4 +1,5 @@
-"""tunelab.models.generation.generate: the one generation call (chat, serve, evaluation, PPO rollouts)."""
+"""tunelab.models.generation: generate, the one generation call (chat, evaluation, PPO rollouts), and
+DecodeBatch, its step-by-step form for the server's continuous batching."""
 
 from __future__ import annotations
 
