@@ -1,4 +1,5 @@
-"""tunelab.models.generation.generate: the one generation call (chat, serve, evaluation, PPO rollouts)."""
+"""tunelab.models.generation: generate, the one generation call (chat, evaluation, PPO rollouts), and
+DecodeBatch, its step-by-step form for the server's continuous batching."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from transformers import TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from tunelab.data import build_prompt_ids
-from tunelab.models.generation import generate
+from tunelab.models.generation import DecodeBatch, Sampler, generate
 from tunelab.testing import tiny_llama, tiny_t5, tiny_tokenizer
 
 TEXTS = ["Hi", "What is the capital of France?", "fox", "Give three tips for staying healthy, please."]
@@ -116,3 +117,41 @@ def test_encoder_decoder_is_right_padded_and_drops_the_start_token(tok):
 def test_no_prompts(tok, llama):
     out = generate(llama, tok, [], max_new_tokens=4)
     assert out.ids() == [] and out.texts() == []
+
+
+def test_rows_joining_and_leaving_a_decode_batch_get_their_greedy_tokens_alone(tok, llama):
+    """DecodeBatch (the server's continuous batching): rows join at different steps, leave when done."""
+    ps, wanted = prompts(tok), [12, 5, 9, 7]
+    alone = [generate(llama, tok, [p], max_new_tokens=n, eos_token_id=[]).tokens[0].tolist() for p, n in zip(ps, wanted)]
+    batch, rows, got = DecodeBatch(llama), [], {}
+    for step in range(40):
+        if step % 2 == 0 and len(got) < len(ps):  # a newcomer every other step
+            i = len(got)
+            got[i] = [batch.add(ps[i], Sampler())]
+            rows.append(i)
+        else:
+            for i, t in zip(rows, batch.step(), strict=True):
+                got[i].append(t)
+        keep = [k for k, i in enumerate(rows) if len(got[i]) < wanted[i]]
+        batch.keep(keep)
+        rows = [rows[k] for k in keep]
+        if not rows and len(got) == len(ps):
+            break
+    assert [got[i] for i in range(len(ps))] == alone
+    assert len(batch) == 0 and batch.cache is None
+
+
+def test_a_seeded_row_samples_the_same_whatever_else_is_in_its_batch(tok, llama):
+    ps = prompts(tok)
+
+    def draw(companions: int) -> list[int]:
+        batch = DecodeBatch(llama)
+        for p in ps[1 : 1 + companions]:
+            batch.add(p, Sampler(temperature=1.0, seed=99))
+        first = batch.add(ps[0], Sampler(temperature=0.9, top_p=0.8, seed=7))
+        return [first] + [batch.step()[companions] for _ in range(8)]
+
+    assert draw(0) == draw(2) == draw(3)
+    batch = DecodeBatch(llama)
+    batch.add(ps[0], Sampler(temperature=0.9, top_p=0.8, seed=8))
+    assert [batch.step()[0] for _ in range(8)] != draw(0)[1:]  # another seed, another draw

@@ -212,7 +212,8 @@ def cmd_serve(args) -> int:
     try:
         adapters = [parse_adapter(a) for a in args.adapter or []]
         serve(args.run, adapters, host=args.host, port=args.port, name=args.name, device=args.device,
-              trust_remote_code=args.trust_remote_code)  # fmt: skip
+              trust_remote_code=args.trust_remote_code, max_body_bytes=args.max_body_bytes,
+              max_queue=args.max_queue, max_batch=args.max_batch, api_docs=args.api_docs)  # fmt: skip
     except ValueError as e:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2
@@ -326,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device", default="auto")
+    sv.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                    help="larger request bodies get 413 before they are read (default 4 MiB)")  # fmt: skip
+    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting to start; more get 503 (default 256)")
+    sv.add_argument("--max-batch", type=int, default=32, help="requests generated together in one batch (default 32)")
+    sv.add_argument("--api-docs", action="store_true", help="publish /openapi.json, /docs and /redoc (off by default)")
     _trust_flag(sv)
     sv.set_defaults(fn=cmd_serve)
 

@@ -1,9 +1,11 @@
-"""Generation: one `generate` for every caller (chat and `tunelab generate`, the server, evaluation and
-PPO's rollouts), and the generation tasks (translation, summarisation) scored against references.
+"""Generation: one `generate` for every caller (chat and `tunelab generate`, evaluation and PPO's
+rollouts), its step-by-step form for the server (`DecodeBatch`: rows join and leave a running batch,
+same sampling rules), and the generation tasks (translation, summarisation) scored against references.
 
     out = generate(llm, tok, [ids_a, ids_b], max_new_tokens=64)                # greedy, batched
     out = generate(llm, tok, [ids], temperature=0.7, top_p=0.95, streamer=s)   # sampled, streamed
     out.tokens, out.ids(), out.texts()                                         # new tokens / lists / text
+    batch = DecodeBatch(llm); first = batch.add(ids, Sampler()); nxt = batch.step(); batch.keep([0])
     hyps = generate_seq2seq(t5, tok, sources, prefix="translate English to German: ")
     hyps = generate_chat(llm, tok, ["Translate to German: " + s for s in sources])   # a chat LM
     scores = generation_scores(hyps, refs, embedding_model="minilm-l6")             # bleu (+ cosine)
@@ -46,7 +48,7 @@ class Generation:
 
     def ids(self) -> list[list[int]]:
         """The new tokens of each row as a list, up to and including its first end token (a row of a batch
-        that ended on a stop string keeps its padding: the server generates one prompt at a time)."""
+        that ended on a stop string keeps its padding)."""
         rows = []
         for row in self.tokens.tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in self.eos_token_id), len(row))
@@ -234,3 +236,135 @@ def generation_scores(hypotheses: Sequence[str], references: Sequence[str], embe
     if embedding_model is not None:
         out["cosine"] = embedding_cosine(hypotheses, references, embedding_model)
     return out
+
+
+# ------------------------------------------------------------------------- continuous batching
+@dataclass
+class Sampler:
+    """How one row picks its next token, as `generate` would: greedy at temperature 0, else temperature
+    then top-p (nucleus) filtering then a draw. Each sampled row draws from its own generator, seeded
+    from `seed` when given, so its output does not depend on the other rows of its batch."""
+
+    temperature: float = 0.0
+    top_p: float | None = None
+    seed: int | None = None
+    generator: torch.Generator | None = field(default=None, repr=False)
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token for one row's logits [V]."""
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        scores = logits.float() / self.temperature
+        if self.top_p is not None and self.top_p < 1:
+            # As transformers' TopPLogitsWarper: drop the least likely tokens whose mass is <= 1 - top_p.
+            low, order = scores.sort()
+            drop = low.softmax(-1).cumsum(-1) <= 1 - self.top_p
+            drop[-1] = False
+            scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+        if self.generator is None:
+            self.generator = torch.Generator(device=logits.device)
+            if self.seed is None:
+                self.generator.seed()  # a fresh random seed
+            else:
+                self.generator.manual_seed(self.seed)
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=self.generator))
+
+
+def _forward_kwargs(model) -> tuple[str, bool]:
+    """(the name of the cache argument, whether `logits_to_keep` exists): transformers 5.25 renamed
+    past_key_values to cache; checking the signature keeps both versions quiet."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def _pad_left(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+class DecodeBatch:
+    """Rows of a decoder-only model that decode together: one forward pass per step for all of them
+    (continuous batching; the server's scheduler adds and removes rows between steps).
+
+    Design, the simplest that batches on CPU: one padded KV cache (a transformers DynamicCache, keys
+    [B, heads, T, dim]). A row joins by a prefill of its prompt alone, exactly as `generate` would run
+    it (positions 0..P-1, no padding); its cache is then left-padded to the batch's length T and
+    concatenated on the batch axis. The attention mask hides the padding and each row's position ids are
+    passed explicitly, so every row attends to exactly its own keys at its own positions: greedy output
+    equals the row run alone (up to float rounding of the wider matmuls, which does not change an argmax
+    short of an exact tie). Rows leave with `keep`; padding columns no row needs any more are trimmed.
+    Models with sliding-window or other special cache layers are not supported (plain full attention:
+    Llama, Qwen, Mistral without a window, ...)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache_arg, self.trim_logits = _forward_kwargs(model)
+        self.cache = None
+        self.mask = self.pos = self.last = None  # [B, T] real keys; [B] next positions; [B] next inputs
+        self.samplers: list[Sampler] = []
+
+    def __len__(self) -> int:
+        return len(self.samplers)
+
+    @torch.no_grad()
+    def add(self, prompt_ids: Sequence[int], sampler: Sampler) -> int:
+        """Prefill one prompt alone, join the batch; returns its first new token."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([list(prompt_ids)], device=self.device)
+        cache = DynamicCache()
+        extra = {"logits_to_keep": 1} if self.trim_logits else {}
+        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+                         **{self.cache_arg: cache}, **extra)  # fmt: skip
+        token = sampler.pick(out.logits[0, -1])
+        self._join(cache, ids.shape[1], token)
+        self.samplers.append(sampler)
+        return token
+
+    def _join(self, cache, length: int, token: int) -> None:
+        one = lambda v: torch.tensor([v], device=self.device)  # noqa: E731
+        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        if self.cache is None:
+            self.cache, self.mask, self.pos, self.last = cache, mask, one(length), one(token)
+            return
+        width = max(self.mask.shape[1], length)
+        for mine, new in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(new.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(new.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.pos, self.last = torch.cat([self.pos, one(length)]), torch.cat([self.last, one(token)])
+
+    @torch.no_grad()
+    def step(self) -> list[int]:
+        """One forward pass for every row (its last token in); returns each row's next token."""
+        mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
+        out = self.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=self.pos[:, None],
+                         use_cache=True, **{self.cache_arg: self.cache})  # fmt: skip
+        logits = out.logits[:, -1]
+        greedy = logits.argmax(-1).tolist()  # one call for all greedy rows
+        tokens = [t if s.temperature <= 0 else s.pick(logits[i]) for i, (t, s) in enumerate(zip(greedy, self.samplers))]
+        self.mask, self.pos = mask, self.pos + 1
+        self.last = torch.tensor(tokens, device=self.device)
+        return tokens
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only these rows (indices into the batch), in this order."""
+        if not rows:
+            self.cache = self.mask = self.pos = self.last = None
+            self.samplers = []
+            return
+        index = torch.tensor(list(rows), device=self.device)
+        self.mask, self.pos, self.last = self.mask[index], self.pos[index], self.last[index]
+        self.samplers = [self.samplers[i] for i in rows]
+        start = int(self.mask.any(0).long().argmax())  # columns before it are padding in every row
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
