@@ -1,4 +1,4 @@
-"""The RMSNorm training function (tunelab/models/norm.py): same forward bit for bit, exact gradients."""
+"""The RMSNorm training function (tunelab/accel/norm.py): same forward bit for bit, exact gradients."""
 
 import torch
 from torch import nn

@@ -89,7 +89,7 @@ def _shared_prefix(model, prompts: list[list[int]], device, batch_size: int):
 
 def classifier_predictions(model, tokenizer, task, rows, device, max_length=256, batch_size=32) -> list[dict]:
     """A sequence-classification head (a `stage: classification` run): the batches, inputs and logits of
-    training/stages.py's `predict`, so the predictions are the ones the run's own dev metrics use."""
+    stages/classification.py's `predict`, so the predictions are the ones the run's own dev metrics use."""
     import torch
 
     regression = task.type == "regression"

@@ -6,7 +6,7 @@ How a model is scored depends on what it is:
     the class read off the next-token distribution with a verbalizer (one forward pass per row, no
     decoding, so zero-shot and tuned models are scored identically);
   - a causal LM on an instruction task (lima, alpaca): perplexity of the reference responses;
-  - a span-QA model (a `stage: extractive_qa` run) on squad: SQuAD v2 exact match / F1 (evaluation/qa.py),
+  - a span-QA model (a `stage: extractive_qa` run) on squad: SQuAD v2 exact match / F1 (stages/extractive_qa.py),
     with the run's own window and null-threshold settings;
   - an encoder-decoder (a `stage: seq2seq` run, or a T5/BART folder) on a seq2seq task: generated outputs
     scored by corpus BLEU and embedding cosine (models/generation.py);
