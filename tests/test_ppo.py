@@ -227,6 +227,38 @@ def test_resumed_run_repeats_the_same_next_iteration(tiny_dir, prompt_file, tmp_
     assert full.metrics["eval_score"] == pytest.approx(resumed.metrics["eval_score"], abs=1e-6)
 
 
+def test_a_second_signal_during_the_ppo_interrupt_checkpoint_waits_for_it(
+    tiny_dir, prompt_file, tmp_path, monkeypatch, capsys
+):
+    import os
+    import signal
+
+    from tunelab.training import checkpoint
+
+    real = checkpoint.save_file
+
+    def save_file(weights, path):  # SIGTERM while the interrupt checkpoint is written: held until it is complete
+        os.kill(os.getpid(), signal.SIGTERM)
+        real(weights, path)
+
+    def ctrl_c_after_2(step, record):  # a real Ctrl-C: ppo finishes the iteration, then checkpoints
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    small = {"rollout_batch_size": 16, "mini_batch_size": 8, "eval_prompts": 8}
+    cfg = make_cfg(tiny_dir, prompt_file, tmp_path / "b", ppo=small, max_steps=3)
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    part = tunelab.train(cfg, callbacks=[ctrl_c_after_2])
+    assert part.metrics["interrupted"] and part.metrics["steps"] == 2
+    assert "waiting for the checkpoint being written to complete" in capsys.readouterr().err
+    root = tmp_path / "b" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]
+    assert {p.name for p in (root / "step-00000002").iterdir()} == {
+        "trainable.safetensors", "optimizer.pt", "trainer_state.json"}  # fmt: skip
+    monkeypatch.undo()
+    assert tunelab.train(cfg, resume=True).metrics["steps"] == 3
+
+
 def test_ppo_from_an_sft_run_loads_on_top_of_it(tiny_dir, prompt_file, tmp_path):
     sft_rows = tmp_path / "sft.jsonl"
     sft_rows.write_text(

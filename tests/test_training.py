@@ -251,3 +251,162 @@ def test_an_encoder_is_refused_for_a_causal_stage_before_training(data_file, tmp
     with pytest.raises(ConfigError, match=r"stage: sft trains a causal .* attends in both directions"):
         tunelab.train(cfg)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+# ---- signals while a checkpoint is written, stale temporaries, a full disk (issue 24, item 3)
+def _signals_in_weights_write(monkeypatch, at_step, *signums):
+    """Send `signums` to this process from inside the checkpoint writer, while step `at_step` is written."""
+    import os
+
+    from tunelab.training import checkpoint
+
+    real = checkpoint.save_file
+
+    def save_file(weights, path):
+        if f"step-{at_step:08d}" in str(path):
+            for s in signums:
+                os.kill(os.getpid(), s)
+        real(weights, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+
+
+def _complete(ckpt_dir):
+    return {p.name for p in ckpt_dir.iterdir()} == {"trainable.safetensors", "optimizer.pt", "trainer_state.json"}
+
+
+@pytest.mark.parametrize("during", ["interrupt checkpoint", "periodic checkpoint"])
+def test_a_signal_during_a_checkpoint_write_waits_for_it(tiny_dir, data_file, tmp_path, monkeypatch, capsys, during):
+    import os
+    import signal
+
+    def ctrl_c_after_step_3(step, record):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    if during == "interrupt checkpoint":  # Ctrl-C, then SIGTERM while its checkpoint is written
+        cfg = make_cfg(tiny_dir, data_file, tmp_path / "r")
+        _signals_in_weights_write(monkeypatch, 3, signal.SIGTERM)
+        result = tunelab.train(cfg, callbacks=[ctrl_c_after_step_3])
+        stopped_at = 3
+    else:  # the first Ctrl-C arrives during a save_every checkpoint: it completes, then the run stops
+        cfg = make_cfg(tiny_dir, data_file, tmp_path / "r", save_every=2)
+        _signals_in_weights_write(monkeypatch, 2, signal.SIGINT)
+        result = tunelab.train(cfg)
+        stopped_at = 2
+    assert result.metrics["interrupted"] and result.metrics["steps"] == stopped_at
+    assert "waiting for the checkpoint being written to complete" in capsys.readouterr().err
+    root = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [f"step-{stopped_at:08d}"]  # no .tmp-* left
+    assert _complete(root / f"step-{stopped_at:08d}")
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed = tunelab.train(cfg, resume=True)
+    assert resumed.metrics["steps"] == 8 and resumed.final_dir is not None
+    assert sorted(losses(tmp_path / "r")) == list(range(1, 9))
+
+
+def test_a_third_signal_during_the_interrupt_checkpoint_stops_at_once(
+    tiny_dir, data_file, tmp_path, monkeypatch, capsys
+):
+    import os
+    import signal
+
+    def ctrl_c_after_step_3(step, record):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "r", save_every=2)
+    _signals_in_weights_write(monkeypatch, 3, signal.SIGINT, signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        tunelab.train(cfg, callbacks=[ctrl_c_after_step_3])
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert "stopped at once while writing: the last complete checkpoint is step-00000002" in err
+    root = tmp_path / "r" / "checkpoints"
+    assert _complete(root / "step-00000002") and not (root / "step-00000003").exists()
+    assert [p.name for p in root.glob(".tmp-step-00000003-*")]  # what the killed write left
+    monkeypatch.undo()
+    resumed = tunelab.train(cfg, resume=True)  # removes the stale folder, continues from step 2
+    assert "removed " in capsys.readouterr().err
+    assert not list(root.glob(".tmp-*"))
+    assert resumed.metrics["steps"] == 8 and resumed.final_dir is not None
+
+
+def test_start_removes_stale_temporary_folders(tiny_dir, data_file, tmp_path, capsys):
+    import os
+
+    from tunelab.training.harness import start_run
+
+    run = tmp_path / "r"
+    dead = 2**22 + 12345  # above any pid_max: no such process
+    stale = [run / "checkpoints" / f".tmp-step-00000004-{dead}", run / f".tmp-final-{dead}",
+             run / "checkpoints" / f".tmp-old-step-00000002-{os.getpid()}"]  # fmt: skip
+    in_use = run / "checkpoints" / f".tmp-step-00000006-{os.getppid()}"  # a live process may be writing it
+    for p in [*stale, in_use]:
+        p.mkdir(parents=True)
+        (p / "trainable.safetensors").write_text("half")
+    start_run(make_cfg(tiny_dir, data_file, run), resume=True)
+    err = capsys.readouterr().err
+    for p in stale:
+        assert not p.exists() and f"removed {p}" in err
+    assert in_use.exists()
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "result"])
+def test_a_full_disk_is_a_named_error_and_earlier_checkpoints_survive(
+    tiny_dir, data_file, tmp_path, monkeypatch, where
+):
+    import errno
+    from pathlib import Path
+
+    from tunelab.config import OutputWriteError
+    from tunelab.errors import user_errors
+    from tunelab.training import checkpoint
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "checkpoint":  # step 2 is written, step 4 meets a full disk
+        real = checkpoint.save_file
+        monkeypatch.setattr(
+            checkpoint, "save_file", lambda w, p: no_space() if "step-00000004" in str(p) else real(w, p)
+        )
+        cfg = make_cfg(tiny_dir, data_file, tmp_path / "r", max_steps=6, save_every=2)
+    else:  # the result's manifest meets a full disk
+        real_write = Path.write_text
+        monkeypatch.setattr(
+            Path,
+            "write_text",
+            lambda self, *a, **k: no_space() if self.name == "tunelab.json" else real_write(self, *a, **k),
+        )
+        cfg = make_cfg(tiny_dir, data_file, tmp_path / "r", max_steps=4, save_every=2)
+    with pytest.raises(OutputWriteError) as e:
+        tunelab.train(cfg)
+    assert isinstance(e.value, user_errors())  # the CLI prints it without a traceback
+    msg = str(e.value)
+    assert "No space left on device" in msg and "step-00000002" in msg
+    assert ("step-00000004" if where == "checkpoint" else "final") in msg
+    root = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002"] and _complete(root / "step-00000002")
+    assert not list((tmp_path / "r").glob(".tmp-*")) and not (tmp_path / "r" / "final").exists()
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root writes into read-only folders")  # fmt: skip
+def test_a_read_only_checkpoint_folder_is_a_named_error(tiny_dir, data_file, tmp_path):
+    from tunelab.config import OutputWriteError
+
+    root = tmp_path / "r" / "checkpoints"
+
+    def read_only_after_step_2(step, record):
+        if step == 2:
+            root.chmod(0o555)
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "r", max_steps=6, save_every=2)
+    try:
+        with pytest.raises(OutputWriteError, match="step-00000004.*the last complete checkpoint is .*step-00000002"):
+            tunelab.train(cfg, callbacks=[read_only_after_step_2])
+        assert _complete(root / "step-00000002")
+    finally:
+        root.chmod(0o755)

@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message says where and how to fix it."""
 
 
+class OutputWriteError(Exception):
+    """A checkpoint or the result could not be written (disk full, read-only folder, ...): the message names
+    the path and the last complete checkpoint, which is left as it was (tunelab/training/checkpoint.py)."""
+
+
 class Section(BaseModel):
     """Base for every config section: unknown keys are an error, not silently ignored."""
 

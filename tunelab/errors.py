@@ -4,8 +4,8 @@ from __future__ import annotations
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from tunelab.config import ConfigError
+    from tunelab.config import ConfigError, OutputWriteError
     from tunelab.data import DataError
     from tunelab.models import ModelError
 
-    return (ConfigError, DataError, ModelError, FileNotFoundError, FileExistsError)
+    return (ConfigError, DataError, ModelError, FileNotFoundError, FileExistsError, OutputWriteError)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tunelab.config import OutputWriteError
 from tunelab.methods.base import trainable_state
 
 STATE_FILE = "trainer_state.json"
@@ -65,25 +66,58 @@ def write_json_atomic(path: Path, obj) -> None:
 def save_checkpoint(
     run_dir: Path, model, optimizer, scheduler, loop_state: dict, keep: int = 2, rng: dict | None = None
 ) -> Path:
+    """Write checkpoints/step-N atomically. A failed write (disk full, read-only folder) is an
+    OutputWriteError naming the folder and the last complete checkpoint, which is left untouched."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{loop_state['step']:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = {k: v.contiguous().cpu() for k, v in trainable_state(model).items()}
-    save_file(weights, tmp / "trainable.safetensors")
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or rng_state()},
-        tmp / "optimizer.pt",
-    )
-    (tmp / STATE_FILE).write_text(json.dumps(loop_state, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        weights = {k: v.contiguous().cpu() for k, v in trainable_state(model).items()}
+        save_file(weights, tmp / "trainable.safetensors")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng or rng_state()},
+            tmp / "optimizer.pt",
+        )
+        (tmp / STATE_FILE).write_text(json.dumps(loop_state, indent=2))
+        replace_dir(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(f"cannot write the checkpoint {final}", e, run_dir) from None
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move the complete folder `tmp` to `final`; an existing `final` is set aside first and removed only
+    once the new one is in place, so a failure leaves the old one."""
+    aside = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if aside.exists() and not final.exists():
+            os.replace(aside, final)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_error(what: str, e: OSError, run_dir: Path) -> OutputWriteError:
+    """A user's error for a failed write: what, why (disk full, read-only ...), and what is left."""
+    reason = e.strerror or str(e)
+    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+    last = latest_checkpoint(run_dir)
+    left = (
+        f"the last complete checkpoint is {last} (continue with --resume once there is room)"
+        if last is not None
+        else "no complete checkpoint was written before"
+    )
+    return OutputWriteError(f"{what}: {reason}{where}; free space or make the folder writable; {left}")
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -156,10 +157,37 @@ def start_run(cfg, resume: bool, force: bool = False) -> tuple[Path, Path | None
         raise ConfigError(
             f"output_dir {run_dir}: cannot write the run folder ({e.strerror or e}); choose a folder you can write to"
         ) from None
+    if distributed.rank() == 0:
+        remove_stale_temporaries(run_dir)
     if cfg.training.threads:
         torch.set_num_threads(cfg.training.threads)
     seed_everything(cfg.training.seed)
     return run_dir, resume_from
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Remove the half-written checkpoint and result folders (checkpoints/.tmp-step-*, .tmp-final-*) a killed
+    process left behind. One named after another live process on this machine may be in use: kept."""
+    candidates = list(run_dir.glob(".tmp-final-*"))
+    if ckpt.checkpoint_dir(run_dir).is_dir():
+        candidates += ckpt.checkpoint_dir(run_dir).glob(".tmp-*")
+    for path in sorted(candidates):
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            log(f"{path} belongs to process {pid}, which is still running: left in place")
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        log(f"removed {path}, left incomplete by a process that stopped while writing it")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
 
 
 def run_settings(cfg) -> dict:
@@ -206,19 +234,30 @@ def check_same_run(run_dir: Path, settings: dict) -> None:
 
 def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict) -> Path:
     """Write the result (`save(model, folder)`, the method's own format), tokenizer and a small manifest
-    atomically into run_dir/final."""
+    atomically into run_dir/final. A failed write (disk full, read-only) is an OutputWriteError."""
     final = run_dir / "final"
     tmp = run_dir / f".tmp-final-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(model, tmp)
-    tokenizer.save_pretrained(tmp)
-    manifest = {"method": cfg.method.name, "base_model": cfg.model.model_dump(), "stage": cfg.stage}
-    manifest.update(manifest_extra)
-    (tmp / "tunelab.json").write_text(json.dumps(manifest, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with checkpoint_write(run_dir, interrupting=True, what="the result"):  # the run ends right after anyway
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            save(model, tmp)
+            tokenizer.save_pretrained(tmp)
+            manifest = {"method": cfg.method.name, "base_model": cfg.model.model_dump(), "stage": cfg.stage}
+            manifest.update(manifest_extra)
+            (tmp / "tunelab.json").write_text(json.dumps(manifest, indent=2))
+            ckpt.replace_dir(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ckpt.write_error(f"cannot write the result {final}", e, run_dir) from None
     return final
+
+
+def write_results_json(run_dir: Path, metrics: dict) -> None:
+    path = run_dir / "results.json"
+    try:
+        ckpt.write_json_atomic(path, metrics)
+    except OSError as e:
+        raise ckpt.write_error(f"cannot write {path} (the result in final/ is complete)", e, run_dir) from None
 
 
 def early_stop(state: dict, eval_loss: float | None, patience: int | None) -> bool:
@@ -267,6 +306,41 @@ def progress_bar(enabled: bool, total: int, initial: int):
 
 def raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def checkpoint_write(run_dir: Path, interrupting: bool = False, what: str = "the checkpoint"):
+    """Hold Ctrl-C (SIGINT) and SIGTERM while a checkpoint or the result is written, so that it completes.
+
+    The first signal that arrives meanwhile waits for the write: afterwards it is delivered to the handler
+    that was in place (the loop stops as on any Ctrl-C), or, when the write is itself the checkpoint of an
+    interrupt or the result at the end (`interrupting`), it is already answered. The next one stops at once (SystemExit 130), saying
+    which checkpoint is the last complete one; the half-written folder is removed at the next start.
+    Off the main thread signals cannot be handled here: the write runs as it is.
+    """
+    if not on_main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum, frame):
+        if held:
+            last = ckpt.latest_checkpoint(run_dir)
+            left = f"the last complete checkpoint is {last.name} ({last})" if last else "no complete checkpoint"
+            log(f"stopped at once while writing: {left}; continue with: tunelab train CONFIG --resume")
+            raise SystemExit(130)
+        held.append(signum)
+        log(f"{signal.Signals(signum).name}: waiting for {what} being written to complete "
+            "(once more to stop at once, leaving it incomplete)")  # fmt: skip
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if held and not interrupting:
+        signal.raise_signal(held[0])  # the handler in place now answers it, as if it came just now
 
 
 def on_main_thread() -> bool:

@@ -9,7 +9,6 @@ It is plain PyTorch + PEFT. The CPU speed code lives in tunelab/accel and plugs 
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -31,6 +30,7 @@ from tunelab.training.harness import (
     RunResult,
     autocast_for,
     batch_order,
+    checkpoint_write,
     early_stop,
     fp32_master_weights_,
     log,
@@ -43,6 +43,7 @@ from tunelab.training.harness import (
     scheduler_for,
     start_run,
     to_device,
+    write_results_json,
 )
 
 
@@ -240,7 +241,8 @@ def train(
                         f"early stopping at step {step}: no eval-loss improvement in {tcfg.early_stopping_patience} evals"
                     )
             if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
-                dist.save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
+                with checkpoint_write(run_dir):  # a Ctrl-C meanwhile waits for the checkpoint, then stops the run
+                    dist.save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
             for cb in callbacks or []:
                 cb(step, record)
     except KeyboardInterrupt:
@@ -249,10 +251,12 @@ def train(
         if step_start is not None and step_start[0]["step"] == state["step"]:  # mid-step: roll back
             state = step_start[0]
         rng = step_start[1] if step_start is not None and step_start[0]["step"] == state["step"] else None
-        # several processes: rank 0 alone writes (the others may already be gone), see distributed.py
-        path = dist.save_checkpoint(
-            run_dir, model, optimizer, scheduler, state, keep=tcfg.keep_checkpoints, rng=rng, together=False
-        )
+        # several processes: rank 0 alone writes (the others may already be gone), see distributed.py.
+        # A second Ctrl-C / SIGTERM waits for this checkpoint; a third stops at once (harness.checkpoint_write).
+        with checkpoint_write(run_dir, interrupting=True):
+            path = dist.save_checkpoint(
+                run_dir, model, optimizer, scheduler, state, keep=tcfg.keep_checkpoints, rng=rng, together=False
+            )
         log(f"interrupted: checkpoint written to {path}; continue with: tunelab train CONFIG --resume")
     finally:
         progress.close()
@@ -297,7 +301,7 @@ def train(
             log("dev metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in task_scores.items()))
     metrics_log.close()
     final_dir = save_result(run_dir, model, tokenizer, method.save, cfg, stage.manifest(cfg) if stage.manifest else {})
-    (run_dir / "results.json").write_text(json.dumps(metrics, indent=2))
+    write_results_json(run_dir, metrics)
     log(f"result written to {final_dir}")
     dist.close()
     return RunResult(run_dir, final_dir, metrics)

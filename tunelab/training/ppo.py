@@ -46,6 +46,7 @@ from tunelab.training.harness import (
     RunResult,
     autocast_for,
     batch_order,
+    checkpoint_write,
     fp32_master_weights_,
     log,
     no_autocast,
@@ -55,6 +56,7 @@ from tunelab.training.harness import (
     save_result,
     scheduler_for,
     start_run,
+    write_results_json,
 )
 from tunelab.training.ppo_math import (
     entropy_of,
@@ -324,7 +326,8 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_iters:
                 do_eval(step)
             if tcfg.save_every and step % tcfg.save_every == 0 and step < total_iters:
-                ckpt.save_checkpoint(run_dir, policy, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
+                with checkpoint_write(run_dir):  # a Ctrl-C meanwhile waits for the checkpoint (then request_stop)
+                    ckpt.save_checkpoint(run_dir, policy, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
             for cb in callbacks or []:
                 cb(step, record)
             if stop["requested"]:
@@ -335,7 +338,8 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
         if in_iteration:
             log("interrupted mid-iteration: the last checkpoint stands (resume with --resume)")
         else:
-            path = ckpt.save_checkpoint(run_dir, policy, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
+            with checkpoint_write(run_dir, interrupting=True):  # another Ctrl-C waits for it; one more stops at once
+                path = ckpt.save_checkpoint(run_dir, policy, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
             log(f"interrupted: checkpoint written to {path}; continue with: tunelab train CONFIG --resume")
     finally:
         progress.close()
@@ -360,7 +364,7 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     metrics_log.close()
     final_dir = _save_final(run_dir, policy, tokenizer, method, cfg.model_copy(update={"model": base_model_cfg}),
                             manifest_extra)  # fmt: skip
-    (run_dir / "results.json").write_text(json.dumps(metrics, indent=2))
+    write_results_json(run_dir, metrics)
     log(f"result written to {final_dir}")
     return RunResult(run_dir, final_dir, metrics)
 
