@@ -308,3 +308,38 @@ def test_default_model_export_is_byte_identical_to_llama_cpps_own_file(tmp_path)
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert pre_tokenizer_name(tokenizer) == ("smollm", "fingerprint")
     assert gguf_source_metadata(spec.name) == {"tokenizer.ggml.pre": "smollm"}
+
+
+SMOLLM2_TEMPLATE = (  # the default model's: ChatML plus a default system message
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_ollama_modelfile_from_the_chat_template(runs, tmp_path, capsys):
+    from tunelab.export.ollama import CHATML_GO_TEMPLATE, modelfile_text
+
+    out = tmp_path / "m.gguf"
+    assert cli_main(["export", runs["lora"], "--format", "gguf", "--quant", "q8_0", "--out", str(out), "--modelfile"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["modelfile"] == str(tmp_path / "m.Modelfile")
+    assert (tmp_path / "m.Modelfile").read_text() == (
+        'FROM ./m.gguf\nTEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+        '{{ end }}<|im_start|>assistant\n"""\nPARAMETER stop "<|im_end|>"\n'
+    )
+    assert CHATML_GO_TEMPLATE in (tmp_path / "m.Modelfile").read_text()
+
+    tok = tiny_tokenizer()
+    tok.chat_template = SMOLLM2_TEMPLATE
+    text = modelfile_text(tok, "s.gguf")
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""\n' in text
+    tok.eos_token = "<|endoftext|>"  # an eos that is not the end of turn: both stop
+    assert modelfile_text(tok, "s.gguf").endswith('PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n')
+
+    tok.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    with pytest.raises(ExportError, match="only for ChatML chat templates"):
+        modelfile_text(tok, "x.gguf")
+    with pytest.raises(ExportError, match="--modelfile goes with --format gguf"):
+        export(runs["lora"], "hf", modelfile=True)

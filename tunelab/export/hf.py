@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from tunelab.export.gguf import QUANT_TYPES, ExportError, write_gguf
+from tunelab.export.ollama import modelfile_text
 from tunelab.methods import get as get_method
 from tunelab.methods.qat import settings
 from tunelab.models.sources import gguf_source_metadata
@@ -90,13 +91,16 @@ def base_model_spec(run: str, manifest: dict | None) -> str:
 
 
 def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None = None, device: str = "cpu",
-           trust_remote_code: bool = False, pre_tokenizer: str | None = None) -> dict:
+           trust_remote_code: bool = False, pre_tokenizer: str | None = None, modelfile: bool = False) -> dict:
     """Export a run (or a model spec) and return a report {format, path, bytes, quant, ...}.
 
     GGUF: `pre_tokenizer` overrides llama.cpp's pre-tokenizer name; by default it is carried over from
-    the GGUF file the base model was converted from, else recognised from the tokenizer (write_gguf)."""
+    the GGUF file the base model was converted from, else recognised from the tokenizer (write_gguf);
+    `modelfile` also writes an Ollama Modelfile beside the file (export/ollama.py)."""
     if fmt not in ("hf", "gguf"):
         raise ExportError(f"unknown format {fmt!r}; choose hf or gguf")
+    if modelfile and fmt != "gguf":
+        raise ExportError("--modelfile goes with --format gguf (Ollama runs GGUF files)")
     quant = quant or ("f32" if fmt == "hf" else "f16")
     allowed = HF_QUANTS if fmt == "hf" else QUANT_TYPES
     if quant not in allowed:
@@ -115,5 +119,9 @@ def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None 
     path = Path(out) if out else Path(f"{base}-{quant}.gguf" if manifest else f"{base.name}-{quant}.gguf")
     if pre_tokenizer is None:
         pre_tokenizer = (gguf_source_metadata(base_model_spec(run, manifest)) or {}).get("tokenizer.ggml.pre")
+    ollama = modelfile_text(tokenizer, path.name) if modelfile else None  # refused before any file is written
     report = write_gguf(model, tokenizer, path, quant, name=base.name, pre_tokenizer=pre_tokenizer)
+    if ollama is not None:
+        report["modelfile"] = str(path.with_suffix(".Modelfile"))
+        Path(report["modelfile"]).write_text(ollama)
     return {"format": "gguf", **report, **({"note": note} if note else {})}
