@@ -235,6 +235,7 @@ def test_default_model_exported_runs_in_llama_cpp_as_in_tunelab(default_model, t
             ids = tok(text, add_special_tokens=False)["input_ids"]
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
         assert llm.token_eos() == tok.eos_token_id and tok.eos_token == "<|im_end|>"
+        assert llm.token_bos() == tok.bos_token_id and llm.tokenize(b"Hi", add_bos=True) == tok("Hi")["input_ids"]
         n, gap = DEFAULT_SAME[quant]
         for text in DEFAULT_PROMPTS:
             prompt = build_prompt_ids([{"role": "user", "content": text}], tok)
