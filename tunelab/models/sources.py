@@ -233,11 +233,11 @@ def _read_gguf_keys(gguf_path: Path) -> dict:
     from gguf import GGUFReader
 
     reader = GGUFReader(gguf_path)
-    return {k: reader.fields[k].contents() for k in _CARRIED_KEYS if k in reader.fields}
+    return {"gguf": Path(gguf_path).name, **{k: reader.fields[k].contents() for k in _CARRIED_KEYS if k in reader.fields}}
 
 
 def gguf_source_metadata(spec: str) -> dict | None:
-    """The carried metadata ({"tokenizer.ggml.pre": ...}) of the GGUF file that model spec `spec` was
+    """The carried metadata ({"gguf": file name, "tokenizer.ggml.pre": ...}) of the GGUF file that model spec `spec` was
     converted from; None when it did not come from a GGUF file (a safetensors folder, a hub id).
 
     Read from the record written at conversion; a named default converted before records existed
@@ -274,7 +274,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     except Exception as e:
         raise ModelError(f"{gguf_path}: transformers cannot read this GGUF file: {e}") from e
     _convert_to_safetensors(model, tok, out_dir)
-    (Path(out_dir) / SOURCE_RECORD).write_text(json.dumps({"gguf": gguf_path.name, **carried}, indent=2) + "\n")
+    (Path(out_dir) / SOURCE_RECORD).write_text(json.dumps(carried, indent=2) + "\n")
 
 
 def fix_chat_tokens(tok) -> None:
