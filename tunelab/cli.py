@@ -198,7 +198,8 @@ def cmd_export(args) -> int:
 
     try:
         report = export(args.run, args.format, args.quant, args.out, device=args.device,
-                        trust_remote_code=args.trust_remote_code)  # fmt: skip
+                        trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer,
+                        modelfile=args.modelfile)  # fmt: skip
     except ExportError as e:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2
@@ -316,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quant", help="hf: f32 | f16 | bf16; gguf: f16 | f32 | q8_0 | q4_0 | q4_1 | q4_k (first: default)")
     x.add_argument("--out", help="output folder (hf) or .gguf file (default: beside the run)")
     x.add_argument("--device", default="cpu", help="where to merge (cpu is enough)")
+    x.add_argument("--pre-tokenizer", help="gguf: llama.cpp's name for the tokenizer's split (tokenizer.ggml.pre), "
+                   "when tunelab cannot tell it (default: from the GGUF source model or the tokenizer)")
+    x.add_argument("--modelfile", action="store_true", help="gguf: also write an Ollama Modelfile beside the file "
+                   "(ChatML chat templates: template, default system message, stop tokens)")
     _trust_flag(x)
     x.set_defaults(fn=cmd_export)
 

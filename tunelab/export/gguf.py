@@ -21,11 +21,14 @@ finds slightly better scales, so our q4_k is valid but a little less accurate th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from tunelab.export.pretokenizers import FINGERPRINTS, LLAMA_CPP_PRE_TOKENIZERS, PROBE_TEXT
 
 QUANT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k")
 _FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
@@ -91,20 +94,70 @@ def encode_tensor(w: np.ndarray, qtype: str):
 
 
 # ---------------------------------------------------------------------------------- vocabulary
-def _pre_tokenizer_name(tokenizer) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenisation (the regex that splits text before BPE).
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the ids the tokenizer gives llama.cpp's probe text: how convert_hf_to_gguf.py tells
+    pre-tokenizers apart (special tokens added as `encode` adds them by default, as there)."""
+    ids = tokenizer.encode(PROBE_TEXT)
+    return hashlib.sha256(str(list(ids)).encode()).hexdigest()
 
-    convert_hf_to_gguf.py recognises it by hashing the tokenisation of a test text; we read the
-    tokenizer.json instead and know the two layouts SmolLM2-style byte-level BPE tokenizers use.
+
+def _layout_pre_tokenizer(tokenizer) -> str | None:
+    """llama.cpp's name when the tokenizer.json splits text exactly as one of llama.cpp's regex sets.
+
+    Only two layouts, checked strictly (no normalizer, ByteLevel with GPT-2's regex and no prefix space):
+    ByteLevel alone is GPT-2's split (`gpt-2`); single digits first, then GPT-2's split, is SmolLM's
+    (`smollm`). Anything else is left to the fingerprint table, so an unknown tokenizer is refused rather
+    than guessed."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if spec.get("normalizer"):
+        return None
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    if not steps or steps[-1].get("type") != "ByteLevel":
+        return None
+    byte_level = steps[-1]
+    if not byte_level.get("use_regex", True) or byte_level.get("add_prefix_space"):
+        return None
+    head = steps[:-1]
+    if not head:
+        return "gpt-2"
+    if len(head) == 1 and head[0].get("type") == "Digits" and head[0].get("individual_digits"):
+        return "smollm"
+    return None
+
+
+def pre_tokenizer_name(tokenizer, given: str | None = None) -> tuple[str, str]:
+    """(`tokenizer.ggml.pre`, how it was found) for a byte-level BPE tokenizer; ExportError when llama.cpp
+    would not know it.
+
+    In order: `given` (the value of the GGUF file the model was converted from, or the user's choice);
+    the fingerprint of the probe text in llama.cpp's table (what convert_hf_to_gguf.py does); the
+    tokenizer.json layout when it is exactly GPT-2's or SmolLM's split (a tokenizer trained with
+    those rules, as tunelab's tiny test tokenizer is, has a vocabulary of its own and so a fingerprint
+    no table lists).
     """
-    spec = json.loads(tokenizer.backend_tokenizer.to_str()).get("pre_tokenizer") or {}
-    steps = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
-    kinds = [s.get("type") for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"  # digits one by one, then GPT-2's split (SmolLM / SmolLM2)
-    return "default"
+    if given is not None:
+        if given not in LLAMA_CPP_PRE_TOKENIZERS:
+            raise ExportError(
+                f"llama.cpp knows no pre-tokenizer {given!r}; known: {', '.join(sorted(LLAMA_CPP_PRE_TOKENIZERS))}"
+            )
+        return given, "given"
+    digest = tokenizer_fingerprint(tokenizer)
+    if digest in FINGERPRINTS:
+        name, _ref = FINGERPRINTS[digest]
+        if name in LLAMA_CPP_PRE_TOKENIZERS:
+            return name, "fingerprint"
+    layout = _layout_pre_tokenizer(tokenizer)
+    if layout is not None:
+        return layout, "layout"
+    raise ExportError(
+        f"llama.cpp would refuse this tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}): "
+        f"its pre-tokenizer (how text is split before BPE) is not one llama.cpp recognises (probe fingerprint "
+        f"{digest[:16]}..., as llama.cpp's convert_hf_to_gguf.py computes it). If you know which of llama.cpp's "
+        "pre-tokenizers splits text the way this tokenizer does, pass it: `tunelab export RUN --format gguf "
+        "--pre-tokenizer NAME` (write_gguf(..., pre_tokenizer=NAME)); otherwise export with --format hf and "
+        "convert with a llama.cpp whose convert_hf_to_gguf.py knows the model."
+    )
 
 
 def _vocab(tokenizer, n_vocab: int):
@@ -136,12 +189,12 @@ def _vocab(tokenizer, n_vocab: int):
     return tokens, types
 
 
-def _add_tokenizer(writer, tokenizer, n_vocab: int) -> None:
+def _add_tokenizer(writer, tokenizer, n_vocab: int, pre: str) -> None:
     import gguf
 
     tokens, types = _vocab(tokenizer, n_vocab)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tokenizer))
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as tmp:  # SpecialVocab reads the files save_pretrained writes
@@ -178,10 +231,15 @@ def _rope_theta(config) -> float:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def write_gguf(model, tokenizer, path, quant: str = "f16", name: str | None = None) -> dict:
+def write_gguf(model, tokenizer, path, quant: str = "f16", name: str | None = None,
+               pre_tokenizer: str | None = None) -> dict:
     """Write `model` (a plain transformers Llama-architecture model) and its tokenizer to `path`.
 
-    Returns a report: the path, its size, the quant type and the tensors that fell back to another type.
+    `pre_tokenizer`: llama.cpp's name for the tokenizer's split (`tokenizer.ggml.pre`), when known from
+    the model's GGUF source or given by the user; otherwise found as `pre_tokenizer_name` says, and an
+    ExportError (before anything is written) when llama.cpp would not recognise it.
+    Returns a report: the path, its size, the quant type, the tensors that fell back to another type
+    and the pre-tokenizer written (with how it was found).
     """
     import gguf
 
@@ -194,6 +252,8 @@ def write_gguf(model, tokenizer, path, quant: str = "f16", name: str | None = No
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n_vocab = state["model.embed_tokens.weight"].shape[0]
+    _vocab(tokenizer, n_vocab)  # a tokenizer GGUF cannot hold is refused before its pre-tokenizer
+    pre, pre_from = pre_tokenizer_name(tokenizer, pre_tokenizer)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +276,7 @@ def write_gguf(model, tokenizer, path, quant: str = "f16", name: str | None = No
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPE[quant]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    _add_tokenizer(writer, tokenizer, n_vocab)
+    _add_tokenizer(writer, tokenizer, n_vocab, pre)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     fallbacks, used = {}, {}
@@ -247,4 +307,4 @@ def write_gguf(model, tokenizer, path, quant: str = "f16", name: str | None = No
     writer.close()
     tmp.replace(path)
     return {"path": str(path), "bytes": path.stat().st_size, "quant": quant, "tensor_types": used,
-            "fallbacks": fallbacks}  # fmt: skip
+            "fallbacks": fallbacks, "pre_tokenizer": pre, "pre_tokenizer_from": pre_from}  # fmt: skip

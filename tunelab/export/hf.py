@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 from tunelab.export.gguf import QUANT_TYPES, ExportError, write_gguf
+from tunelab.export.ollama import modelfile_text
 from tunelab.methods import get as get_method
 from tunelab.methods.qat import settings
+from tunelab.models.sources import gguf_source_metadata
 from tunelab.stages.runs import load_run, result_dir, run_manifest
 
 HF_QUANTS = ("f32", "f16", "bf16")
@@ -76,11 +78,29 @@ def _qat_advice(manifest: dict | None, run: str, quant: str) -> str | None:
     return f"note: this QAT run was trained for --quant {match}; {quant} re-quantises its weights (less accurate)"
 
 
+def base_model_spec(run: str, manifest: dict | None) -> str:
+    """The model spec a run was trained from (through `base_run` chains), or `run` itself for a plain model."""
+    seen = set()
+    while manifest is not None:
+        if not manifest.get("base_run") or manifest["base_run"] in seen:
+            return manifest["base_model"]["name"]
+        run = manifest["base_run"]
+        seen.add(run)
+        manifest = run_manifest(run)
+    return run
+
+
 def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None = None, device: str = "cpu",
-           trust_remote_code: bool = False) -> dict:
-    """Export a run (or a model spec) and return a report {format, path, bytes, quant, ...}."""
+           trust_remote_code: bool = False, pre_tokenizer: str | None = None, modelfile: bool = False) -> dict:
+    """Export a run (or a model spec) and return a report {format, path, bytes, quant, ...}.
+
+    GGUF: `pre_tokenizer` overrides llama.cpp's pre-tokenizer name; by default it is carried over from
+    the GGUF file the base model was converted from, else recognised from the tokenizer (write_gguf);
+    `modelfile` also writes an Ollama Modelfile beside the file (export/ollama.py)."""
     if fmt not in ("hf", "gguf"):
         raise ExportError(f"unknown format {fmt!r}; choose hf or gguf")
+    if modelfile and fmt != "gguf":
+        raise ExportError("--modelfile goes with --format gguf (Ollama runs GGUF files)")
     quant = quant or ("f32" if fmt == "hf" else "f16")
     allowed = HF_QUANTS if fmt == "hf" else QUANT_TYPES
     if quant not in allowed:
@@ -97,5 +117,11 @@ def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None 
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         return {"format": "hf", "path": str(path), "bytes": size, "quant": quant}
     path = Path(out) if out else Path(f"{base}-{quant}.gguf" if manifest else f"{base.name}-{quant}.gguf")
-    report = write_gguf(model, tokenizer, path, quant, name=base.name)
+    if pre_tokenizer is None:
+        pre_tokenizer = (gguf_source_metadata(base_model_spec(run, manifest)) or {}).get("tokenizer.ggml.pre")
+    ollama = modelfile_text(tokenizer, path.name) if modelfile else None  # refused before any file is written
+    report = write_gguf(model, tokenizer, path, quant, name=base.name, pre_tokenizer=pre_tokenizer)
+    if ollama is not None:
+        report["modelfile"] = str(path.with_suffix(".Modelfile"))
+        Path(report["modelfile"]).write_text(ollama)
     return {"format": "gguf", **report, **({"note": note} if note else {})}

