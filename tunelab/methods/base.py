@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from tunelab.models.loading import NO_HUB_KERNELS
 from tunelab.models.sources import ModelError
 
 
@@ -98,7 +99,7 @@ def save_full_model(model: torch.nn.Module, out_dir) -> None:
 
 
 def load_full_model(base_model: torch.nn.Module, out_dir):
-    return type(base_model).from_pretrained(out_dir, dtype=base_model.dtype)
+    return type(base_model).from_pretrained(out_dir, dtype=base_model.dtype, **NO_HUB_KERNELS)
 
 
 def unchanged(model):

@@ -154,6 +154,12 @@ def load_config(cfg: ModelConfig):
     return _from_pretrained(AutoConfig.from_pretrained, resolve(cfg.name), cfg)
 
 
+# transformers >= 5.2x swaps in compiled kernels fetched from the Hugging Face Hub by default (`use_kernels`),
+# and on CUDA refuses to load without the `kernels` package: code downloaded at load time, which tunelab
+# never runs unless asked (like trust_remote_code), and which fails offline. Off for every model load.
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
     """`(model, tokenizer)` for `cfg.name`, in `cfg.dtype` on `device`, in eval mode.
 
@@ -164,7 +170,8 @@ def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
     path = resolve(cfg.name)
     tok = _load_tokenizer(path, cfg)
     dev = resolve_device(device)
-    model = _from_pretrained(auto_class.from_pretrained, path, cfg, dtype=compute_dtype(cfg.dtype, dev), **model_kwargs)
+    model = _from_pretrained(auto_class.from_pretrained, path, cfg, dtype=compute_dtype(cfg.dtype, dev),
+                             **{**NO_HUB_KERNELS, **model_kwargs})
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
         if getattr(model, "generation_config", None) is not None:

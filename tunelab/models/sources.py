@@ -269,7 +269,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     folder, fname = str(gguf_path.parent), gguf_path.name
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, use_kernels=False)  # loading.NO_HUB_KERNELS
         carried = _read_gguf_keys(gguf_path)
     except Exception as e:
         raise ModelError(f"{gguf_path}: transformers cannot read this GGUF file: {e}") from e
