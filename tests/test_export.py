@@ -344,3 +344,43 @@ def test_ollama_modelfile_from_the_chat_template(runs, tmp_path, capsys):
         modelfile_text(tok, "x.gguf")
     with pytest.raises(ExportError, match="--modelfile goes with --format gguf"):
         export(runs["lora"], "hf", modelfile=True)
+
+
+# ------------------------------------------------------------------ export --check: its arithmetic
+def test_check_arithmetic_matches_direct_formulas():
+    from tunelab.export.check import compare_logits, text_report
+
+    rng = np.random.default_rng(0)
+    texts = []
+    for n in (5, 9, 3):
+        ref = rng.normal(size=(n, 7))
+        ids = list(rng.integers(0, 7, size=n))
+        same = compare_logits(ref, ref.copy(), ids)
+        assert same["kl"] == pytest.approx(0, abs=1e-12) and same["same_top1"] == n - 1 and same["nll"] == same["nll_ref"]
+        got = ref + rng.normal(scale=0.5, size=ref.shape)
+        texts.append(compare_logits(ref, got, ids))
+        # the direct formulas, with torch as the reference implementation
+        p, q = torch.tensor(ref[:-1]).log_softmax(-1), torch.tensor(got[:-1]).log_softmax(-1)
+        kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="sum").item()
+        nll = torch.nn.functional.cross_entropy(q, torch.tensor(ids[1:]), reduction="sum").item()
+        assert texts[-1]["kl"] == pytest.approx(kl, rel=1e-9) and texts[-1]["nll"] == pytest.approx(nll, rel=1e-9)
+        assert texts[-1]["kl"] > 0
+    report = text_report(texts)
+    tokens = sum(t["tokens"] for t in texts)
+    assert report["tokens"] == tokens == 14 and report["texts"] == 3
+    assert report["kl_mean"]["value"] == pytest.approx(sum(t["kl"] for t in texts) / tokens)
+    assert report["perplexity_file"]["value"] == pytest.approx(np.exp(sum(t["nll"] for t in texts) / tokens))
+    lo, hi = report["kl_mean"]["ci95"]
+    assert lo <= report["kl_mean"]["value"] <= hi
+
+
+def test_check_needs_gguf_and_held_out_rows(runs, tmp_path):
+    with pytest.raises(ExportError, match="--format gguf"):
+        export(runs["lora"], "hf", check=True)
+    from tunelab.export.check import heldout_texts
+
+    _, tok = load_run(runs["lora"], device="cpu")
+    ids, source = heldout_texts(runs["lora"], tok, limit=3)
+    assert 1 <= len(ids) <= 3 and all(len(t) >= 2 for t in ids) and "held out" in source
+    with pytest.raises(ExportError, match="--check-data"):
+        heldout_texts(str(save_tiny_model_dir(tmp_path / "m")), tok)

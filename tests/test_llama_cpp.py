@@ -10,6 +10,7 @@ with TUNELAB_REQUIRE_LLAMA_CPP=1 (set by .ci/run) a missing install is a failure
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,16 +19,14 @@ import torch
 import tunelab
 from tunelab.config import load_config
 from tunelab.data import build_prompt_ids
-from tunelab.export.gguf import write_gguf
+from tunelab.export.gguf import ExportError, write_gguf
+from tunelab.export.gguf_lora import write_gguf_lora
 from tunelab.export.hf import export
 from tunelab.models.generation import generate
-from tunelab.stages.runs import load_run
+from tunelab.stages.runs import load_run, run_manifest
 from tunelab.testing import save_tiny_model_dir, tiny_llama, tiny_tokenizer
 
-INSTALL = (
-    "llama-cpp-python is not installed (it builds llama.cpp from source, a few minutes): "
-    "CMAKE_ARGS='-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF' .venv/bin/pip install -e '.[llama]'  (see docs/export.md)"
-)
+INSTALL = "llama-cpp-python is not installed: make llama-cpp  (tools/install-llama-cpp.sh compiles llama.cpp's library, a few minutes)"
 try:
     import llama_cpp
 except ImportError:
@@ -47,9 +46,9 @@ N_NEW = 16
 F32 = 0  # GGML_TYPE_F32: the KV cache in f32, so an f32 file is computed in f32 throughout
 
 
-def _llama(path, n_ctx: int = 256):
+def _llama(path, n_ctx: int = 256, lora=None):
     return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=1, seed=0, verbose=False,
-                           type_k=F32, type_v=F32, logits_all=True)  # fmt: skip
+                           type_k=F32, type_v=F32, logits_all=True, lora_path=lora and str(lora))  # fmt: skip
 
 
 def _llama_greedy(llm, prompt: list[int], n: int, eos: int) -> tuple[list[int], np.ndarray]:
@@ -106,8 +105,9 @@ SAME_TOKENS = {"f32": (N_NEW, 0.01), "f16": (N_NEW, 0.05), "q8_0": (4, 0.1)}
 MAX_LOGIT_DIFF = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.15}
 
 
-def _compare(model, tok, path, quant: str) -> None:
-    llm = _llama(path)
+def _compare(model, tok, path, quant: str, lora=None) -> None:
+    path = Path(path)
+    llm = _llama(path, lora=lora)
     try:
         for text in PROMPTS:
             prompt = build_prompt_ids([{"role": "user", "content": text}], tok)
@@ -252,3 +252,69 @@ def test_default_model_exported_runs_in_llama_cpp_as_in_tunelab(default_model, t
                 assert reply["choices"][0]["finish_reason"] == ("stop" if ours[-1] == tok.eos_token_id else "length")
     finally:
         llm.close()
+
+
+# --------------------------------------------------------------------------- export --check, in llama.cpp
+def test_export_check_measures_the_file_in_llama_cpp(runs, tmp_path):
+    """An f32 file is the model (KL ~ 0, the same perplexity, every top-1 the same, the same task answers);
+    a 4-bit file loses measurably more than q8_0, which loses more than f32."""
+    reports = {}
+    for quant in ("f32", "q8_0", "q4_0"):
+        out = export(runs["lora"], "gguf", quant, str(tmp_path / f"{quant}.gguf"), check=True, check_texts=4,
+                     check_task="sst2", check_task_rows=12)["check"]  # fmt: skip
+        reports[quant] = out
+        assert out["texts"] == 4 and out["tokens"] > 40 and "held out" in out["texts_from"]
+        assert out["task"]["rows"] == 12 and out["task"]["verdict"] in ("tied within noise", "file worse", "file better")
+    f32, q8, q4 = (reports[q] for q in ("f32", "q8_0", "q4_0"))
+    assert f32["kl_mean"]["value"] < 1e-6 and f32["top1_agreement"]["value"] == 1.0
+    assert f32["perplexity_file"]["value"] == pytest.approx(f32["perplexity_model"]["value"], rel=1e-4)
+    assert f32["task"]["same_prediction"] == 12 and f32["task"]["mcnemar_p"] == 1.0
+    assert f32["kl_mean"]["value"] < q8["kl_mean"]["value"] < q4["kl_mean"]["value"]
+    # the model's side is the same PyTorch computation in every report
+    assert f32["perplexity_model"] == q4["perplexity_model"] and f32["task"]["accuracy_model"] == q4["task"]["accuracy_model"]
+
+
+# ----------------------------------------------------------------------- LoRA adapters applied by llama.cpp
+def test_gguf_lora_adapter_over_the_base_answers_as_the_run(runs, tmp_path):
+    """`--format gguf-lora` over the base model's f32 GGUF: llama.cpp adds the adapter at load and answers
+    as tunelab's unmerged LoRA model does (the same greedy tokens, logits within f32 rounding)."""
+    report = export(runs["lora"], "gguf-lora", out=str(tmp_path / "adapter.gguf"))
+    assert report["layers"] > 0 and report["alpha"] == 16.0 and report["rank"] == [4]
+    base = export(report["base_model"], "gguf", "f32", str(tmp_path / "base.gguf"))["path"]
+    model, tok = load_run(runs["lora"], device="cpu")
+    assert hasattr(model, "peft_config")  # the adapter, not merged
+    _compare(model, tok, base, "f32", lora=report["path"])
+    # and the adapter is what makes the difference: the base alone answers otherwise
+    prompt = build_prompt_ids([{"role": "user", "content": PROMPTS[0]}], tok)
+    with_lora, plain = _llama(base, lora=report["path"]), _llama(base)
+    try:
+        a, b = (_llama_greedy(llm, prompt, 1, tok.eos_token_id)[1] for llm in (with_lora, plain))
+    finally:
+        with_lora.close(), plain.close()
+    assert np.abs(a - b).max() > 0.1
+    # f16 pairs: the same first tokens
+    half = export(runs["lora"], "gguf-lora", "f16", str(tmp_path / "adapter-f16.gguf"))["path"]
+    _compare(model, tok, base, "q8_0", lora=half)
+
+
+def test_gguf_lora_folds_per_layer_scales(runs, tmp_path):
+    """Layers whose scales differ (rsLoRA, per-layer alphas) cannot share one alpha: each scale is folded
+    into its B and llama.cpp still computes the run's model."""
+    model, tok = load_run(runs["lora"], device="cpu")
+    layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+    layer.scaling["default"] *= 3.0
+    report = write_gguf_lora(model, tmp_path / "adapter.gguf")
+    assert report["alpha"] == 0.0
+    base = export(run_manifest(runs["lora"])["base_model"]["name"], "gguf", "f32", str(tmp_path / "base.gguf"))["path"]
+    _compare(model, tok, base, "f32", lora=report["path"])
+
+
+def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(runs, tmp_path):
+    with pytest.raises(ExportError, match="no LoRA layers"):
+        export(runs["full"], "gguf-lora", out=str(tmp_path / "a.gguf"))
+    model, _ = load_run(runs["lora"], device="cpu")
+    next(m for m in model.modules() if hasattr(m, "use_dora")).use_dora["default"] = True
+    with pytest.raises(ExportError, match="DoRA"):
+        write_gguf_lora(model, tmp_path / "b.gguf")
+    with pytest.raises(ExportError, match="goes with --format gguf|go with --format gguf"):
+        export(runs["lora"], "gguf-lora", check=True)

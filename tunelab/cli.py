@@ -199,7 +199,9 @@ def cmd_export(args) -> int:
     try:
         report = export(args.run, args.format, args.quant, args.out, device=args.device,
                         trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer,
-                        modelfile=args.modelfile)  # fmt: skip
+                        modelfile=args.modelfile, check=args.check, check_data=args.check_data,
+                        check_texts=args.check_texts, check_task=args.check_task,
+                        check_task_rows=args.check_task_rows)  # fmt: skip
     except ExportError as e:
         print(f"tunelab: error: {e}", file=sys.stderr)
         return 2
@@ -313,14 +315,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="merge a run and write a Hugging Face folder or a GGUF file (llama.cpp)")
     x.add_argument("run", help="run folder, its final/ folder, or a model spec")
-    x.add_argument("--format", choices=["hf", "gguf"], default="hf")
-    x.add_argument("--quant", help="hf: f32 | f16 | bf16; gguf: f16 | f32 | q8_0 | q4_0 | q4_1 | q4_k (first: default)")
+    x.add_argument("--format", choices=["hf", "gguf", "gguf-lora"], default="hf",
+                   help="hf: merged Hugging Face folder; gguf: merged model for llama.cpp; gguf-lora: a LoRA run's "
+                   "adapter alone, applied by llama.cpp over the base model's GGUF (--lora)")
+    x.add_argument("--quant", help="hf: f32 | f16 | bf16; gguf: f16 | f32 | q8_0 | q4_0 | q4_1 | q4_k; "
+                   "gguf-lora: f32 | f16 (first: default)")
     x.add_argument("--out", help="output folder (hf) or .gguf file (default: beside the run)")
     x.add_argument("--device", default="cpu", help="where to merge (cpu is enough)")
     x.add_argument("--pre-tokenizer", help="gguf: llama.cpp's name for the tokenizer's split (tokenizer.ggml.pre), "
                    "when tunelab cannot tell it (default: from the GGUF source model or the tokenizer)")
     x.add_argument("--modelfile", action="store_true", help="gguf: also write an Ollama Modelfile beside the file "
                    "(ChatML chat templates: template, default system message, stop tokens)")
+    x.add_argument("--check", action="store_true", help="gguf: run the file in llama.cpp against the model it "
+                   "came from: perplexity, KL divergence and top-1 agreement on held-out texts (needs llama-cpp-python)")
+    x.add_argument("--check-data", metavar="FILE", help="--check: held-out rows to score (default: the run's validation rows)")
+    x.add_argument("--check-texts", type=int, default=64, metavar="N", help="--check: held-out texts scored (default 64)")
+    x.add_argument("--check-task", metavar="TASK", help="--check: also score a classification preset (e.g. sst2) "
+                   "in both, accuracy with intervals and a paired test")
+    x.add_argument("--check-task-rows", type=int, default=200, metavar="N", help="--check-task: dev rows (default 200)")
     _trust_flag(x)
     x.set_defaults(fn=cmd_export)
 

@@ -33,24 +33,28 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Ro
     return order[n_val:], order[:n_val]
 
 
-def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") -> DataBundle:
-    if stage == "pretrain" and cfg.format != "text":
-        raise DataError("stage: pretrain trains on raw text; set data.format: text.")
+def read_split(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row], int]:
+    """(train rows, validation rows, rows read): `data.validation` when set, else the `val_fraction`
+    of `data.train` held out with `seed`. The one place that decides which rows a run never trains on."""
     if not cfg.train:
         raise DataError("data.train is not set: give a .json/.jsonl/.csv/.tsv file or a hub dataset id.")
     rows = read_source(cfg.train, hub_split=cfg.hub_split, hub_config=cfg.hub_config)[: cfg.limit]
     if not rows:
         raise DataError(f"{cfg.train}: no rows to train on.")
-    rows_read = len(rows)
-    if cfg.validation:
-        # the same hub id for both: take its "validation" split rather than train twice
-        split = "validation" if cfg.validation == cfg.train else cfg.hub_split
-        val_rows = read_source(cfg.validation, hub_split=split, hub_config=cfg.hub_config)
-        rows_read += len(val_rows)
-        train_rows, _ = split_rows(rows, 0.0, seed)
-    else:
+    if not cfg.validation:
         train_rows, val_rows = split_rows(rows, cfg.val_fraction, seed)
+        return train_rows, val_rows, len(rows)
+    # the same hub id for both: take its "validation" split rather than train twice
+    split = "validation" if cfg.validation == cfg.train else cfg.hub_split
+    val_rows = read_source(cfg.validation, hub_split=split, hub_config=cfg.hub_config)
+    train_rows, _ = split_rows(rows, 0.0, seed)
+    return train_rows, val_rows, len(rows) + len(val_rows)
 
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") -> DataBundle:
+    if stage == "pretrain" and cfg.format != "text":
+        raise DataError("stage: pretrain trains on raw text; set data.format: text.")
+    train_rows, val_rows, rows_read = read_split(cfg, seed)
     counts = {"truncated": 0, "dropped": 0}
     train = _encode_all(train_rows, cfg, tokenizer, counts)
     val = _encode_all(val_rows, cfg, tokenizer, counts)

@@ -43,10 +43,7 @@ def verbalizer_predictions(model, tokenizer, task, rows, device, batch_size=16, 
     import torch
     from tqdm.auto import tqdm
 
-    words = label_words(task)
-    # the answer starts a new assistant turn, so the word is not preceded by a space
-    verbalizer = Verbalizer({w: [w, w.capitalize()] for w in words}, tokenizer, leading_space=False)
-    prompts = [build_prompt_ids([{"role": "user", "content": instruction(task, r)}], tokenizer) for r in rows]
+    verbalizer, prompts = verbalizer_prompts(task, rows, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together: less padding
     out: list[dict | None] = [None] * len(prompts)
     with torch.no_grad():
@@ -61,6 +58,17 @@ def verbalizer_predictions(model, tokenizer, task, rows, device, batch_size=16, 
             for k, s, pred in zip(idx, scores.tolist(), scores.argmax(dim=-1).tolist()):
                 out[k] = {"index": k, "label": int(rows[k]["label"]), "prediction": pred, "scores": s}
     return out
+
+
+def verbalizer_prompts(task, rows, tokenizer) -> tuple[Verbalizer, list[list[int]]]:
+    """The verbalizer of a classification task and each row's prompt ids (the task as a user turn); one
+    place, so every runtime that scores a task this way (PyTorch here, llama.cpp in export/check.py)
+    reads the same prompts with the same label words."""
+    words = label_words(task)
+    # the answer starts a new assistant turn, so the word is not preceded by a space
+    verbalizer = Verbalizer({w: [w, w.capitalize()] for w in words}, tokenizer, leading_space=False)
+    prompts = [build_prompt_ids([{"role": "user", "content": instruction(task, r)}], tokenizer) for r in rows]
+    return verbalizer, prompts
 
 
 def common_prefix_length(prompts: list[list[int]]) -> int:

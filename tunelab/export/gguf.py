@@ -212,7 +212,7 @@ def _add_tokenizer(writer, tokenizer, n_vocab: int, pre: str) -> None:
 
 
 # -------------------------------------------------------------------------------------- writer
-def _check_model(model) -> None:
+def check_model(model) -> None:
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     if type(model).__name__ not in SUPPORTED_ARCHITECTURES and arch not in SUPPORTED_ARCHITECTURES:
         raise ExportError(
@@ -245,7 +245,7 @@ def write_gguf(model, tokenizer, path, quant: str = "f16", name: str | None = No
 
     if quant not in QUANT_TYPES:
         raise ExportError(f"unknown GGUF quant type {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
-    _check_model(model)
+    check_model(model)
     cfg = model.config
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head

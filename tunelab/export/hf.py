@@ -7,7 +7,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from tunelab.export import check as check_mod
 from tunelab.export.gguf import QUANT_TYPES, ExportError, write_gguf
+from tunelab.export.gguf_lora import write_gguf_lora
 from tunelab.export.ollama import modelfile_text
 from tunelab.methods import get as get_method
 from tunelab.methods.qat import settings
@@ -15,6 +17,7 @@ from tunelab.models.sources import gguf_source_metadata
 from tunelab.stages.runs import load_run, result_dir, run_manifest
 
 HF_QUANTS = ("f32", "f16", "bf16")
+FORMATS = ("hf", "gguf", "gguf-lora")
 
 
 def load_merged(run: str, device: str = "cpu", trust_remote_code: bool = False):
@@ -91,16 +94,30 @@ def base_model_spec(run: str, manifest: dict | None) -> str:
 
 
 def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None = None, device: str = "cpu",
-           trust_remote_code: bool = False, pre_tokenizer: str | None = None, modelfile: bool = False) -> dict:
+           trust_remote_code: bool = False, pre_tokenizer: str | None = None, modelfile: bool = False,
+           check: bool = False, check_data: str | None = None, check_texts: int = check_mod.TEXTS,
+           check_task: str | None = None, check_task_rows: int = 200) -> dict:
     """Export a run (or a model spec) and return a report {format, path, bytes, quant, ...}.
 
     GGUF: `pre_tokenizer` overrides llama.cpp's pre-tokenizer name; by default it is carried over from
     the GGUF file the base model was converted from, else recognised from the tokenizer (write_gguf);
-    `modelfile` also writes an Ollama Modelfile beside the file (export/ollama.py)."""
-    if fmt not in ("hf", "gguf"):
-        raise ExportError(f"unknown format {fmt!r}; choose hf or gguf")
+    `modelfile` also writes an Ollama Modelfile beside the file (export/ollama.py). `check` runs the
+    written file in llama.cpp against the model it came from (export/check.py) and adds the report as
+    "check": on `check_texts` held-out texts (the run's validation rows, or `check_data`), and on
+    `check_task_rows` dev rows of the classification preset `check_task`."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown format {fmt!r}; choose {', '.join(FORMATS)}")
+    if fmt == "gguf-lora":
+        if modelfile or check:
+            raise ExportError("--modelfile and --check go with --format gguf (a whole model); gguf-lora writes the adapter only")
+        return export_gguf_lora(run, quant or "f32", out, device, trust_remote_code)
     if modelfile and fmt != "gguf":
         raise ExportError("--modelfile goes with --format gguf (Ollama runs GGUF files)")
+    if check and fmt != "gguf":
+        raise ExportError("--check runs a GGUF file in llama.cpp; it goes with --format gguf")
+    if check:
+        check_mod.require_llama_cpp()
+        task, task_rows = check_mod.task_setup(check_task, check_task_rows)
     quant = quant or ("f32" if fmt == "hf" else "f16")
     allowed = HF_QUANTS if fmt == "hf" else QUANT_TYPES
     if quant not in allowed:
@@ -124,4 +141,26 @@ def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None 
     if ollama is not None:
         report["modelfile"] = str(path.with_suffix(".Modelfile"))
         Path(report["modelfile"]).write_text(ollama)
+    if check:
+        texts, source = check_mod.heldout_texts(run, tokenizer, check_data, check_texts)
+        reference = check_mod.Reference(model, tokenizer, texts, task, task_rows)
+        report["check"] = {"texts_from": source, **check_mod.check_file(path, reference)}
+        print(f"tunelab: check: {check_mod.summary_line(report['check'])}", file=sys.stderr)
     return {"format": "gguf", **report, **({"note": note} if note else {})}
+
+
+def export_gguf_lora(run: str, quant: str, out: str | None, device: str, trust_remote_code: bool) -> dict:
+    """A LoRA run's adapter as a llama.cpp LoRA GGUF (export/gguf_lora.py), to apply over the base model's GGUF."""
+    manifest = run_manifest(run)
+    if manifest is None:
+        raise ExportError(f"{run}: --format gguf-lora writes the adapter of a LoRA run; this is no run folder")
+    model, _ = load_run(run, device=device, merge=False, trust_remote_code=trust_remote_code)
+    base = Path(run.rstrip("/"))
+    base = base.parent if base.name == "final" else base
+    path = Path(out) if out else Path(f"{base}-lora-{quant}.gguf")
+    report = write_gguf_lora(model, path, quant, name=base.name)
+    spec = base_model_spec(run, manifest)
+    report["base_model"] = spec
+    report["usage"] = (f"llama-cli -m BASE.gguf --lora {path}   (BASE.gguf: tunelab export {spec} --format gguf; "
+                       "a LoRA applies at full strength over an f16/f32 base, approximately over a quantised one)")
+    return {"format": "gguf-lora", **report}
