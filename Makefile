@@ -3,14 +3,14 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# EXTRAS: the optional dependency groups installed (.ci/run adds llama: llama-cpp-python, compiled from source)
+# EXTRAS: the optional dependency groups installed
 EXTRAS ?= dev
 comma  := ,
 STAMP  := $(VENV)/.tunelab-installed-$(subst $(comma),-,$(EXTRAS))
 # pytest-xdist is not used: the machines have 2 cores and torch already uses both.
 PYTEST_ARGS ?=
 
-.PHONY: demo sft-demo test test-slow install clean compare
+.PHONY: demo sft-demo test test-slow install clean compare llama-cpp
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ sft-demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# llama-cpp-python with a build of only the library it loads (tools/install-llama-cpp.sh: ~4 min on 2 cores);
+# tests/test_llama_cpp.py then runs exported GGUF files in llama.cpp itself (.ci/run does this first)
+llama-cpp: $(STAMP)
+	tools/install-llama-cpp.sh $(VENV)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
