@@ -15,7 +15,7 @@ from tunelab.config import load_config
 from tunelab.export.gguf import ExportError, _quantize_q4_k, write_gguf
 from tunelab.export.hf import export
 from tunelab.models.quant import quantize_model_
-from tunelab.stages.runs import load_run
+from tunelab.stages.runs import load_run, run_manifest
 from tunelab.testing import save_tiny_model_dir, tiny_bert, tiny_tokenizer
 
 ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(16)]
@@ -384,3 +384,19 @@ def test_check_needs_gguf_and_held_out_rows(runs, tmp_path):
     assert 1 <= len(ids) <= 3 and all(len(t) >= 2 for t in ids) and "held out" in source
     with pytest.raises(ExportError, match="--check-data"):
         heldout_texts(str(save_tiny_model_dir(tmp_path / "m")), tok)
+
+
+def test_merged_qlora_has_exactly_the_plain_models_weights(runs, tmp_path):
+    """QLoRA merged for export: the dequantised base with LoRA folded in, under the base model's own
+    weight names only (an earlier merge left each LoRA layer's Linear4bit hanging under the new
+    nn.Linear as `*.base_layer.weight`: extra tensors in the HF folder, a refused GGUF)."""
+    base = run_manifest(runs["lora"])["base_model"]["name"]
+    run = _train(tmp_path, base, str(runs["tmp"] / "train.jsonl"),
+                 {"name": "qlora", "r": 4, "alpha": 16, "compute_dtype": "float32"}, "qlora")  # fmt: skip
+    merged, tok = load_run(run, device="cpu", merge=True)
+    plain = AutoModelForCausalLM.from_pretrained(base)
+    assert set(merged.state_dict()) == set(plain.state_dict())
+    out = export(run, "hf", out=str(tmp_path / "hf"))["path"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    ids = _ids(tok)
+    assert torch.allclose(_logits(reloaded, ids), _logits(merged, ids), atol=1e-5)

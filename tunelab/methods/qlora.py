@@ -299,6 +299,10 @@ def merge(model):
 
     bnb = _bnb()
     inner = unwrap(model)
+    # decided before any layer is replaced: a LoRA layer's own Linear4bit (its `base_layer`) is folded with
+    # it, never dequantised a second time and hung under the new nn.Linear (which would add stray
+    # `*.base_layer.weight` entries to the state dict that the exporters write)
+    lora_names = [n for n, m in inner.named_modules() if isinstance(m, LoraLayer)]
     with torch.no_grad():
         for name, module in list(inner.named_modules()):
             if isinstance(module, LoraLayer):
@@ -311,7 +315,7 @@ def merge(model):
                     if adapter in module.lora_A:
                         lin.weight += module.get_delta_weight(adapter).to(lin.weight.dtype)
                 _set_module(inner, name, lin)
-            elif isinstance(module, bnb.nn.Linear4bit) and not _inside_lora(inner, name):
+            elif isinstance(module, bnb.nn.Linear4bit) and not any(name.startswith(n + ".") for n in lora_names):
                 _set_module(inner, name, dequantize_linear4bit(module))
     # PEFT wraps a new task head in ModulesToSaveWrapper: keep its trained copy
     from peft.utils import ModulesToSaveWrapper
@@ -323,13 +327,6 @@ def merge(model):
         if attr in inner.__dict__:
             delattr(inner, attr)
     return inner
-
-
-def _inside_lora(root, name: str) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    parent = name.rpartition(".")[0]
-    return bool(parent) and isinstance(root.get_submodule(parent), LoraLayer)
 
 
 def _set_module(root, name: str, new) -> None:
