@@ -17,8 +17,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from tunelab.models.loading import NO_HUB_KERNELS
-from tunelab.models.sources import ModelError
+from tunelab.models.sources import NO_HUB_KERNELS, ModelError
 
 
 class MethodConfig(BaseModel):

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.models.sources import NAMED, ModelError, pick_pad_token, resolve
+from tunelab.models.sources import NAMED, NO_HUB_KERNELS, ModelError, pick_pad_token, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -152,12 +152,6 @@ def load_config(cfg: ModelConfig):
     from transformers import AutoConfig
 
     return _from_pretrained(AutoConfig.from_pretrained, resolve(cfg.name), cfg)
-
-
-# transformers >= 5.2x swaps in compiled kernels fetched from the Hugging Face Hub by default (`use_kernels`),
-# and on CUDA refuses to load without the `kernels` package: code downloaded at load time, which tunelab
-# never runs unless asked (like trust_remote_code), and which fails offline. Off for every model load.
-NO_HUB_KERNELS = {"use_kernels": False}
 
 
 def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):

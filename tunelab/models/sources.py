@@ -23,6 +23,12 @@ class ModelError(RuntimeError):
     """A model that cannot be found, fetched or converted; the message says how to fix it."""
 
 
+# transformers >= 5.2x swaps in compiled kernels fetched from the Hugging Face Hub by default (`use_kernels`),
+# and on CUDA refuses to load without the `kernels` package: code downloaded at load time, which tunelab
+# never runs unless asked (like trust_remote_code), and which fails offline. Off for every model load.
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def tunelab_home() -> Path:
     """`$TUNELAB_HOME`, else `~/.cache/tunelab`: downloads and converted models live here."""
     env = os.environ.get("TUNELAB_HOME")
@@ -269,7 +275,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     folder, fname = str(gguf_path.parent), gguf_path.name
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, use_kernels=False)  # loading.NO_HUB_KERNELS
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, **NO_HUB_KERNELS)
         carried = _read_gguf_keys(gguf_path)
     except Exception as e:
         raise ModelError(f"{gguf_path}: transformers cannot read this GGUF file: {e}") from e
