@@ -44,3 +44,29 @@ def data_file(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in SFT_ROWS))
     return str(path)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line saying how the llama.cpp runtime tests went (CI must show them run, not skipped)."""
+    counts = {}
+    for outcome in ("passed", "failed", "skipped", "error"):
+        counts[outcome] = sum("test_llama_cpp.py" in r.nodeid for r in terminalreporter.stats.get(outcome, []))
+    if any(counts.values()) or os.environ.get("TUNELAB_REQUIRE_LLAMA_CPP"):
+        import importlib.util
+
+        have = importlib.util.find_spec("llama_cpp") is not None
+        terminalreporter.write_line(
+            "llama.cpp runtime tests (tests/test_llama_cpp.py): "
+            + ", ".join(f"{n} {k}" for k, n in counts.items())
+            + ("" if have else "  (llama-cpp-python not installed: make llama-cpp)")
+        )
+
+
+def pytest_configure(config):
+    # Started in the background of a non-interactive shell (`cmd &`, nohup, some CI runners), Python inherits
+    # SIGINT as ignored and installs no KeyboardInterrupt handler, so the tests that send themselves Ctrl-C
+    # would see nothing happen (found in a .ci/run started with `&`). They test what a terminal gives.
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
