@@ -145,7 +145,7 @@ def _is_grid(path: str) -> bool:
 
     try:
         raw = yaml.safe_load(open(path, encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False  # load_config gives the clear error
     return isinstance(raw, dict) and any(k in raw for k in ("models", "methods", "tasks"))
 

@@ -22,7 +22,8 @@ from tunelab.models.sources import ModelError
 
 
 class MethodConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+    # as config.Section: YAML's .inf / .nan are no setting (they pass `gt=0` checks)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
