@@ -25,6 +25,17 @@ class OutputWriteError(Exception):
     the path and the last complete checkpoint, which is left as it was (tunelab/training/checkpoint.py)."""
 
 
+def check_output_path(path: str | Path, flag: str) -> None:
+    """Refuse, before any work is done, an output path below a regular file: the write at the end would
+    fail only after the model loaded and ran (or, for a folder, as an internal-looking OS error)."""
+    p = Path(path).expanduser()
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputWriteError(f"{flag} {path}: {parent} is a file, not a folder; choose another path")
+            return
+
+
 class Section(BaseModel):
     """Base for every config section: unknown keys are an error, not silently ignored; so are YAML's .inf and
     .nan, which pass `gt=0` checks and would only show up as a run of NaN losses."""

@@ -21,6 +21,11 @@ from tunelab.models.loading import NO_HUB_KERNELS
 from tunelab.models.sources import ModelError
 
 
+class MethodError(ValueError):
+    """A method setting the model cannot take (no layer matches, nothing would train ...): the user's to fix.
+    Not ConfigError: config reads this package's registry, so it cannot be imported here."""
+
+
 class MethodConfig(BaseModel):
     # as config.Section: YAML's .inf / .nan are no setting (they pass `gt=0` checks)
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True, allow_inf_nan=False)
