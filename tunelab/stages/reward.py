@@ -20,7 +20,7 @@ from tunelab.data import pad
 from tunelab.data.preference import collate_pairs, encode_response, truncate_left
 from tunelab.models import load_model
 from tunelab.stages.base import Stage
-from tunelab.stages.preference import eval_pairs, pair_count, pairs_data
+from tunelab.stages.preference import check_pairs, eval_pairs, pair_count, pairs_data
 from tunelab.stages.runs import load_run, run_manifest
 
 
@@ -98,4 +98,5 @@ def stage(cfg=None) -> Stage:
         reload=lambda manifest: {
             "auto_class": AutoModelForSequenceClassification, "num_labels": 1, "ignore_mismatched_sizes": True,
         },
+        check_data=check_pairs,
     )  # fmt: skip

@@ -92,6 +92,8 @@ def train(
 
         return train_ppo(cfg, resume=resume, callbacks=callbacks, force=force)
     tcfg = cfg.training
+    if stage.check_data is not None:  # a bad data file is reported now, not after the model has loaded
+        stage.check_data(cfg)
     run_dir, resume_from = start_run(cfg, resume, force)
 
     # ---- model and method
