@@ -44,9 +44,8 @@ def _launch_train(args) -> int:
     """`--nproc N`: the same command in N data-parallel processes (torchrun; see docs/scale.md)."""
     import os
 
-    from tunelab.training.distributed import launch
-
     from tunelab.config import ConfigError
+    from tunelab.training.distributed import launch
 
     if "WORLD_SIZE" in os.environ:
         raise ConfigError("--nproc: this command already runs under torchrun / accelerate launch; drop --nproc")

@@ -94,7 +94,7 @@ def num_blocks(model: torch.nn.Module) -> int:
     idx = [block_index(n) for n, _ in model.named_parameters()]
     idx = [i for i in idx if i is not None]
     if not idx:
-        raise ValueError("could not find transformer blocks (parameters named like '...layers.N...')")
+        raise MethodError("could not find transformer blocks (parameters named like '...layers.N...')")
     return max(idx) + 1
 
 

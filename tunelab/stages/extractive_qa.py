@@ -72,7 +72,7 @@ def qa_features(
     n_special = tokenizer.num_special_tokens_to_add(pair=True)
     room = max_length - n_special - doc_stride - 1  # question tokens that leave > doc_stride for context
     if room < 1:
-        raise ValueError(f"max_length={max_length} leaves no room for a question with doc_stride={doc_stride}")
+        raise ConfigError(f"max_length={max_length} leaves no room for a question with doc_stride={doc_stride}")
     q_max = min(max_question_tokens, room)
     features = []
     for ex, row in enumerate(rows):

@@ -61,7 +61,7 @@ def optimizer_for(params, tcfg) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if not groups:
-        raise ValueError("the method left no trainable parameters")
+        raise ConfigError("the method left no trainable parameters")
     fused = params[0].device.type == "cuda"
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), fused=fused or None)
 
