@@ -316,7 +316,7 @@ data("preference-missing-rejected", "p.jsonl", lines([PREF, {"prompt": "hi", "ch
 data("preference-all-identical", "p.jsonl", lines([{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(4)]),
      "{src}: no preference pairs to use", "chosen and rejected are the same reply", sets=DPO)  # fmt: skip
 data("preference-chosen-number", "p.jsonl", lines([PREF, {"prompt": "hi", "chosen": 5, "rejected": "no"}]),
-     "{src} line 2: field 'chosen'", "got int", sets=REWARD)  # fmt: skip
+     "{src} line 2: field 'chosen' should be text, a message or a list of messages, got int", sets=REWARD)  # fmt: skip
 data("preference-prompt-number", "p.jsonl", lines([PREF, {"prompt": 7, "chosen": "a", "rejected": "b"}]),
      "{src} line 2: field 'prompt' should be text or a list of messages", sets=DPO)  # fmt: skip
 data("preference-no-prompt", "p.jsonl", lines([PREF, {"chosen": "a", "rejected": "b"}]),
