@@ -482,3 +482,25 @@ def test_the_table_is_large_and_varied():
     assert len({c.id for c in CASES}) == len(CASES)
     commands = {c.argv[0] for c in CASES}
     assert {"train", "config", "generate", "chat", "eval", "export", "serve", "compare", "baseline", "methods"} <= commands
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["serve", "run", "--port", "eighty"], "argument --port: invalid int value: 'eighty'"),
+        (["export", "run", "--format", "onnx"], "argument --format: invalid choice: 'onnx'"),
+        (["train", "--nproc", "two"], "argument --nproc: invalid int value: 'two'"),
+        (["baseline", "svm", "--task", "sst2"], "argument kind: invalid choice: 'svm'"),
+        (["eval", "run"], "the following arguments are required: --task"),
+        (["generate", "run", "hi", "--max-new-tokns", "5"], "unrecognized arguments: --max-new-tokns 5"),
+    ],
+    ids=["port-not-a-number", "unknown-format", "nproc-not-a-number", "unknown-baseline", "missing-task", "typo-flag"],
+)
+def test_flags_argparse_refuses_exit_2_naming_the_flag(argv, flag, capsys):
+    """Values argparse itself refuses (not an int, not a choice, a missing or unknown flag): its usage line and
+    one error line, exit 2, before tunelab runs anything."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert f"tunelab {argv[0]}: error: {flag}" in err or f"tunelab: error: {flag}" in err, err
