@@ -21,8 +21,9 @@ class ConfigError(ValueError):
 
 
 class OutputWriteError(Exception):
-    """A checkpoint or the result could not be written (disk full, read-only folder, ...): the message names
-    the path and the last complete checkpoint, which is left as it was (tunelab/training/checkpoint.py)."""
+    """An output could not be written (disk full, read-only folder, a file where a folder goes ...): the
+    message names the path; for a checkpoint or a run's result also the last complete checkpoint, which is
+    left as it was (tunelab/training/checkpoint.py)."""
 
 
 def check_output_path(path: str | Path, flag: str) -> None:

@@ -36,7 +36,10 @@ from tunelab.serve.app import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, DEFAULT
 from tunelab.serve.protocol import APIError
 from tunelab.serve.served import Served, ServeError, adapter_methods, load_served, parse_adapter
 
-__all__ = ["APIError", "ServeError", "Served", "adapter_methods", "create_app", "load_served", "parse_adapter", "serve"]
+__all__ = [
+    "APIError", "ServeError", "Served", "adapter_methods", "check_limits", "create_app", "load_served", "parse_adapter",
+    "serve",
+]  # fmt: skip
 
 
 def serve(spec: str, adapters: list[tuple[str, str]] = (), host: str = "127.0.0.1", port: int = 8000,
