@@ -93,7 +93,7 @@ def test_nproc_below_one_is_a_named_error(capsys):
     "argv, message",
     [
         (["--set", "training.lr=[1,"], "the value is not valid YAML"),
-        (["--set", "training.device=bogus"], "training.device: String should match pattern"),
+        (["--set", "training.device=bogus"], "training.device (--set training.device=bogus): String should match pattern"),
         (["--set", "training.device=cuda:0"], "device 'cuda:0': this machine has no cuda device"),
         (["--set", "output_dir={tmp}/afile/run"], "cannot write the run folder (Not a directory)"),
         (["--set", "method.name=lora", "--set", "method.target_modules=[nothere]"], "its linear layers are named"),

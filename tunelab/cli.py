@@ -44,20 +44,39 @@ def _launch_train(args) -> int:
     """`--nproc N`: the same command in N data-parallel processes (torchrun; see docs/scale.md)."""
     import os
 
+    from tunelab.config import ConfigError
     from tunelab.training.distributed import launch
 
     if "WORLD_SIZE" in os.environ:
-        raise ValueError("--nproc: this command already runs under torchrun / accelerate launch; drop --nproc")
+        raise ConfigError("--nproc: this command already runs under torchrun / accelerate launch; drop --nproc")
     argv = ["train", *([args.config] if args.config else [])]
     argv += [x for kv in args.set or [] for x in ("--set", kv)]
     argv += (["--resume"] if args.resume else []) + (["--force"] if args.force else []) + (["--output-dir", args.output_dir] if args.output_dir else [])
     return launch(args.nproc, argv)
 
 
+def _at_least(low: int, **flags) -> None:
+    """Refuse a count flag below `low` before anything loads (argparse's int takes any integer)."""
+    from tunelab.config import ConfigError
+
+    for name, value in flags.items():
+        if value is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be {low} or more")
+
+
+def _generation_flags(args) -> None:
+    from tunelab.config import ConfigError
+
+    _at_least(1, max_new_tokens=args.max_new_tokens)
+    if not args.temperature >= 0:  # also NaN
+        raise ConfigError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
+
+
 def cmd_generate(args) -> int:
     from tunelab.inference import generate
     from tunelab.stages.runs import load_run
 
+    _generation_flags(args)
     model, tokenizer = load_run(args.run, device=args.device, trust_remote_code=args.trust_remote_code)
     print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature))
     return 0
@@ -67,6 +86,7 @@ def cmd_chat(args) -> int:
     from tunelab.inference import chat
     from tunelab.stages.runs import load_run
 
+    _generation_flags(args)
     model, tokenizer = load_run(args.run, device=args.device, trust_remote_code=args.trust_remote_code)
     chat(model, tokenizer, args.max_new_tokens, args.temperature, args.system)
     return 0
@@ -126,13 +146,13 @@ def cmd_methods(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from tunelab.config import dump_config, load_config
+    from tunelab.config import ConfigError, dump_config, load_config
 
     if args.config and _is_grid(args.config):
         from tunelab.compare.run import describe_grid
 
         if args.set:
-            raise SystemExit("tunelab config: --set applies to a run config, not to a compare grid")
+            raise ConfigError(f"{args.config}: --set applies to a run config, not to a compare grid; edit the grid")
         print(describe_grid(args.config))
         return 0
     print(dump_config(load_config(args.config, args.set)), end="")
@@ -145,7 +165,7 @@ def _is_grid(path: str) -> bool:
 
     try:
         raw = yaml.safe_load(open(path, encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False  # load_config gives the clear error
     return isinstance(raw, dict) and any(k in raw for k in ("models", "methods", "tasks"))
 
@@ -153,12 +173,16 @@ def _is_grid(path: str) -> bool:
 def cmd_baseline(args) -> int:
     from pathlib import Path
 
+    from tunelab.config import check_output_path
     from tunelab.evaluation.baseline import tfidf_baseline
+    from tunelab.evaluation.runner import write_result
 
+    _at_least(1, limit=args.limit)
+    if args.out:
+        check_output_path(args.out, "--out")
     result = tfidf_baseline(args.task, train_limit=args.limit, seed=args.seed)
     if args.out:
-        Path(args.out).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).expanduser().write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_result(result, Path(args.out).expanduser())
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -170,8 +194,13 @@ def cmd_baseline(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from tunelab.config import check_output_path
     from tunelab.evaluation.runner import evaluate, write_result
 
+    _at_least(1, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+              num_beams=args.num_beams)  # fmt: skip
+    if args.out:
+        check_output_path(args.out, "--out")
     embedder = None if str(args.embedding_model).lower() in ("none", "null", "") else args.embedding_model
     result = evaluate(
         args.model, args.task, limit=args.limit, device=args.device, batch_size=args.batch_size, seed=args.seed,
@@ -196,15 +225,17 @@ def cmd_export(args) -> int:
     from tunelab.export.gguf import ExportError
     from tunelab.export.hf import export
 
-    try:
-        report = export(args.run, args.format, args.quant, args.out, device=args.device,
-                        trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer,
-                        modelfile=args.modelfile, check=args.check, check_data=args.check_data,
-                        check_texts=args.check_texts, check_task=args.check_task,
-                        check_task_rows=args.check_task_rows)  # fmt: skip
-    except ExportError as e:
-        print(f"tunelab: error: {e}", file=sys.stderr)
-        return 2
+    given = {"--check-data": args.check_data, "--check-texts": args.check_texts, "--check-task": args.check_task,
+             "--check-task-rows": args.check_task_rows}  # fmt: skip
+    if not args.check and any(v is not None for v in given.values()):  # else they would be ignored
+        flags = ", ".join(k for k, v in given.items() if v is not None)
+        raise ExportError(f"{flags}: {'goes' if ',' not in flags else 'go'} with --check (--format gguf)")
+    _at_least(1, check_texts=args.check_texts, check_task_rows=args.check_task_rows)
+    counts = {k: v for k, v in (("check_texts", args.check_texts), ("check_task_rows", args.check_task_rows)) if v}
+    report = export(args.run, args.format, args.quant, args.out, device=args.device,
+                    trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer,
+                    modelfile=args.modelfile, check=args.check, check_data=args.check_data,
+                    check_task=args.check_task, **counts)  # fmt: skip
     print(json.dumps(report, indent=2))
     return 0
 
@@ -212,14 +243,10 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from tunelab.serve import parse_adapter, serve
 
-    try:
-        adapters = [parse_adapter(a) for a in args.adapter or []]
-        serve(args.run, adapters, host=args.host, port=args.port, name=args.name, device=args.device,
-              trust_remote_code=args.trust_remote_code, max_body_bytes=args.max_body_bytes,
-              max_queue=args.max_queue, max_batch=args.max_batch, api_docs=args.api_docs)  # fmt: skip
-    except ValueError as e:
-        print(f"tunelab: error: {e}", file=sys.stderr)
-        return 2
+    adapters = [parse_adapter(a) for a in args.adapter or []]
+    serve(args.run, adapters, host=args.host, port=args.port, name=args.name, device=args.device,
+          trust_remote_code=args.trust_remote_code, max_body_bytes=args.max_body_bytes,
+          max_queue=args.max_queue, max_batch=args.max_batch, api_docs=args.api_docs)  # fmt: skip
     return 0
 
 
@@ -329,10 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--check", action="store_true", help="gguf: run the file in llama.cpp against the model it "
                    "came from: perplexity, KL divergence and top-1 agreement on held-out texts (needs llama-cpp-python)")
     x.add_argument("--check-data", metavar="FILE", help="--check: held-out rows to score (default: the run's validation rows)")
-    x.add_argument("--check-texts", type=int, default=64, metavar="N", help="--check: held-out texts scored (default 64)")
+    x.add_argument("--check-texts", type=int, metavar="N", help="--check: held-out texts scored (default 64)")
     x.add_argument("--check-task", metavar="TASK", help="--check: also score a classification preset (e.g. sst2) "
                    "in both, accuracy with intervals and a paired test")
-    x.add_argument("--check-task-rows", type=int, default=200, metavar="N", help="--check-task: dev rows (default 200)")
+    x.add_argument("--check-task-rows", type=int, metavar="N", help="--check-task: dev rows (default 200)")
     _trust_flag(x)
     x.set_defaults(fn=cmd_export)
 

@@ -21,14 +21,27 @@ class ConfigError(ValueError):
 
 
 class OutputWriteError(Exception):
-    """A checkpoint or the result could not be written (disk full, read-only folder, ...): the message names
-    the path and the last complete checkpoint, which is left as it was (tunelab/training/checkpoint.py)."""
+    """An output could not be written (disk full, read-only folder, a file where a folder goes ...): the
+    message names the path; for a checkpoint or a run's result also the last complete checkpoint, which is
+    left as it was (tunelab/training/checkpoint.py)."""
+
+
+def check_output_path(path: str | Path, flag: str) -> None:
+    """Refuse, before any work is done, an output path below a regular file: the write at the end would
+    fail only after the model loaded and ran (or, for a folder, as an internal-looking OS error)."""
+    p = Path(path).expanduser()
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputWriteError(f"{flag} {path}: {parent} is a file, not a folder; choose another path")
+            return
 
 
 class Section(BaseModel):
-    """Base for every config section: unknown keys are an error, not silently ignored."""
+    """Base for every config section: unknown keys are an error, not silently ignored; so are YAML's .inf and
+    .nan, which pass `gt=0` checks and would only show up as a run of NaN losses."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True, allow_inf_nan=False)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -511,15 +524,19 @@ def yaml_line(text: str | None, loc: tuple) -> int | None:
     return line
 
 
-def format_validation_error(err: ValidationError, source: str, text: str | None = None) -> str:
+def format_validation_error(
+    err: ValidationError, source: str, text: str | None = None, overrides: list[str] | None = None
+) -> str:
+    """One line per problem, each naming its key and where it came from: the file's line, or the --set."""
     lines = [f"{source}: invalid config"]
     for e in err.errors():
         loc = tuple(p for p in e["loc"])
         # drop the union tag from the displayed path: method.lora.r -> method.r
         shown = ".".join(str(p) for i, p in enumerate(loc) if not (i == 1 and loc[0] == "method"))
         file_loc = tuple(p for i, p in enumerate(loc) if not (i == 1 and loc[0] == "method"))
-        at = yaml_line(text, file_loc)
-        where = f" (line {at})" if at else ""
+        item = _override_at(file_loc, overrides)
+        at = None if item else yaml_line(text, file_loc)
+        where = f" (--set {item})" if item else f" (line {at})" if at else ""
         if e["type"] == "extra_forbidden":
             near = _nearest(str(loc[-1]), loc)
             hint = f" Did you mean '{near}'?" if near else ""
@@ -528,9 +545,21 @@ def format_validation_error(err: ValidationError, source: str, text: str | None 
             from tunelab.methods.registry import names
 
             lines.append(f"  - {shown}{where}: unknown method name {e['input'].get('name')!r}; choose one of {names()}")
+        elif not loc:  # a check across sections: its message names the keys; the input is the whole config
+            lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  - {shown or '(top level)'}{where}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  - {shown}{where}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
+
+
+def _override_at(loc: tuple, overrides: list[str] | None) -> str | None:
+    """The --set item that gave the value at `loc` (or the section above it), if one did: it wins over the file."""
+    for item in reversed(overrides or []):
+        keys = tuple(item.split("=", 1)[0].strip().split("."))
+        n = min(len(keys), len(loc))
+        if n and keys[:n] == tuple(str(p) for p in loc[:n]):
+            return item
+    return None
 
 
 def _set_dotted(d: dict, dotted: str, value: Any) -> None:
@@ -551,6 +580,11 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set training.lr=1e-4")
         key, value = item.split("=", 1)
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(
+                f"--set {item!r}: the key is empty or has an empty part; write SECTION.KEY=VALUE, "
+                "e.g. --set training.lr=1e-4"
+            )
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError as e:
@@ -562,14 +596,51 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: YAML forbids it, and PyYAML would keep the
+    last value without a word, so half of what the user wrote would be ignored."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    first: dict = {}
+    for key_node, _ in node.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+            line = key_node.start_mark.line + 1
+            if key_node.value in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None,
+                    f"duplicate key {key_node.value!r} (line {line}; also on line {first[key_node.value]}): YAML keeps "
+                    "only one of them; remove or merge the other",
+                    key_node.start_mark,
+                )  # fmt: skip
+            first[key_node.value] = line
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def read_yaml_mapping(source: str | Path, what: str, expected: str) -> tuple[dict, str]:
     """(mapping, text) of a YAML file; ConfigError naming the file (and line) when it is missing or bad."""
     path = Path(source)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a {what} file; give the path of the YAML file itself")
     if not path.is_file():
         raise ConfigError(f"{path}: {what} file not found")
-    text = path.read_text()
     try:
-        raw = yaml.safe_load(text)
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the {what} file ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); a {what} file "
+            "is YAML text: save it as UTF-8"
+        ) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -598,7 +669,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] | 
     try:
         return config_class().model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, name, text)) from None
+        raise ConfigError(format_validation_error(e, name, text, overrides)) from None
 
 
 def dump_config(cfg) -> str:

@@ -8,7 +8,7 @@ split, truncate, pack and collate.
 
 from __future__ import annotations
 
-from tunelab.data.build import DataBundle, build_datasets, split_rows
+from tunelab.data.build import DataBundle, build_datasets, check_rows, split_rows
 from tunelab.data.collate import collate, pad
 from tunelab.data.errors import DataError
 from tunelab.data.packing import pack
@@ -22,6 +22,7 @@ __all__ = [
     "DataError",
     "build_datasets",
     "build_prompt_ids",
+    "check_rows",
     "collate",
     "encode_messages",
     "pack",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from tunelab.config import DataConfig
 from tunelab.data.errors import DataError, where
+from tunelab.data.formats import row_to_messages, row_to_text
 from tunelab.data.packing import pack
 from tunelab.data.readers import Row
 from tunelab.data.tasks import read_source
@@ -51,10 +52,29 @@ def read_split(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row], int]:
     return train_rows, val_rows, len(rows) + len(val_rows)
 
 
+# check_rows' reading, kept for the build_datasets call that follows it (one entry: the run being started)
+_CHECKED: dict = {}
+
+
+def check_rows(cfg: DataConfig, seed: int, stage: str = "sft") -> None:
+    """Read the rows and map each to messages (or text), without a tokenizer: a bad file is reported before
+    the model loads (minutes, for a large one) rather than after. The next build_datasets with the same
+    settings takes these rows instead of reading the files again."""
+    if stage == "pretrain" and cfg.format != "text":
+        raise DataError("stage: pretrain trains on raw text; set data.format: text.")
+    split = read_split(cfg, seed)
+    to_model_input = row_to_text if cfg.format == "text" else row_to_messages
+    for file, number, row in split[0] + split[1]:
+        to_model_input(row, cfg, where(file, number))
+    _CHECKED.clear()
+    _CHECKED[(cfg.model_dump_json(), seed)] = split
+
+
 def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") -> DataBundle:
     if stage == "pretrain" and cfg.format != "text":
         raise DataError("stage: pretrain trains on raw text; set data.format: text.")
-    train_rows, val_rows, rows_read = read_split(cfg, seed)
+    checked = _CHECKED.pop((cfg.model_dump_json(), seed), None)
+    train_rows, val_rows, rows_read = checked or read_split(cfg, seed)
     counts = {"truncated": 0, "dropped": 0}
     train = _encode_all(train_rows, cfg, tokenizer, counts)
     val = _encode_all(val_rows, cfg, tokenizer, counts)

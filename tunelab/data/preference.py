@@ -154,6 +154,8 @@ def _response(value, col: str, where: str) -> tuple[list[dict], str]:
     """(conversation turns before the reply, the final assistant reply's text)."""
     if isinstance(value, str):
         return [], value
+    if not isinstance(value, (list, dict)):
+        raise DataError(f"{where}: field '{col}' should be text, a message or a list of messages, got {type(value).__name__}.")
     msgs = _messages(value, col, where)
     if not msgs or msgs[-1]["role"] != "assistant":
         got = msgs[-1]["role"] if msgs else "nothing"

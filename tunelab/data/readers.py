@@ -35,6 +35,8 @@ def read_rows(source: str, *, hub_split: str = "train", hub_config: str | None =
         return readers[suffix](source, path)
     if suffix in LOCAL_SUFFIXES:
         # Looks like a file name: a hub lookup would only add a slow, confusing network error.
+        if path.is_dir():
+            raise DataError(f"{source}: is a folder, not a data file; give the file itself in data.train/validation.")
         raise DataError(f"{source}: file not found (looked in {Path.cwd()}). Check the path in data.train/validation.")
     return _read_hub(source, source, hub_split, hub_config)
 
@@ -52,7 +54,53 @@ def _open(path: Path):
     return open(path, encoding="utf-8-sig", newline="")
 
 
+class _Duplicated(dict):
+    """An object read with a key given twice, or holding one that was: JSON parsers keep the last value
+    without a word, so a row would silently lose a field the user wrote."""
+
+    key = ""
+
+
+def _object(pairs: list) -> dict:
+    """json's object_pairs_hook: a dict, marked when a key repeats in it or in an object inside it."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        marked = _Duplicated(obj)
+        marked.key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        return marked
+    for v in obj.values():
+        for inner in v if isinstance(v, list) else (v,):
+            if isinstance(inner, _Duplicated):
+                marked = _Duplicated(obj)
+                marked.key = inner.key
+                return marked
+    return obj
+
+
+_JSON = json.JSONDecoder(object_pairs_hook=_object)  # one decoder: json.loads(hook=...) builds one per line
+
+
+def _not_utf8(source: str, path: Path, e: UnicodeDecodeError) -> DataError:
+    """The file line of the first byte that is not UTF-8 (the decoder's offset counts from its buffer)."""
+    gz = path.name.lower().endswith(".gz")
+    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return DataError(
+                    f"{source} line {n}: not UTF-8 text (byte 0x{raw[bad.start]:02x}); save the file as UTF-8."
+                )
+    return DataError(f"{source}: not UTF-8 text ({e.reason}); save the file as UTF-8.")
+
+
 def _as_object(source: str, label: str, value) -> dict:
+    if isinstance(value, _Duplicated):
+        raise DataError(
+            f"{source} {label}: key {value.key!r} appears twice in one object; JSON readers keep only the last "
+            "value, so remove or rename the other."
+        )
     if not isinstance(value, dict):
         raise DataError(
             f'{source} {label}: expected an object like {{"instruction": ..., "output": ...}}, '
@@ -64,14 +112,16 @@ def _as_object(source: str, label: str, value) -> dict:
 def _read_json(source: str, path: Path) -> list[Row]:
     try:
         with _open(path) as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=_object)
     except json.JSONDecodeError as e:
         raise DataError(
             f"{source} line {e.lineno}: not valid JSON ({e.msg}: column {e.colno}). Fix the file."
         ) from None
     except RecursionError:
         raise DataError(f"{source}: nested too deeply to read as JSON. Rows must be flat objects.") from None
-    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
+    except UnicodeDecodeError as e:
+        raise _not_utf8(source, path, e) from None
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{source}: cannot read the file ({e}).") from None
     if not isinstance(data, list):
         hint = " Did you mean .jsonl (one object per line)?" if isinstance(data, dict) else ""
@@ -87,7 +137,7 @@ def _read_jsonl(source: str, path: Path) -> list[Row]:
                 if not line.strip():
                     continue
                 try:
-                    value = json.loads(line)
+                    value = _JSON.decode(line)
                 except json.JSONDecodeError as e:
                     raise DataError(
                         f"{source} line {n}: not valid JSON ({e.msg}: column {e.colno}). Fix or remove that line."
@@ -97,7 +147,9 @@ def _read_jsonl(source: str, path: Path) -> list[Row]:
                         f"{source} line {n}: nested too deeply to read as JSON. Rows must be flat objects."
                     ) from None
                 rows.append((source, n, _as_object(source, f"line {n}", value)))
-    except (UnicodeDecodeError, OSError, EOFError, zlib.error) as e:
+    except UnicodeDecodeError as e:
+        raise _not_utf8(source, path, e) from None
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{source}: cannot read the file ({e}).") from None
     return rows
 
@@ -122,7 +174,9 @@ def _read_csv(source: str, path: Path) -> list[Row]:
                         )
                     rows.append((source, start, dict(zip(header, values))))
                 start = reader.line_num + 1  # a quoted field may span several lines
-    except (UnicodeDecodeError, OSError, EOFError, zlib.error, csv.Error) as e:
+    except UnicodeDecodeError as e:
+        raise _not_utf8(source, path, e) from None
+    except (OSError, EOFError, zlib.error, csv.Error) as e:
         raise DataError(f"{source}: cannot read the file ({e}).") from None
     return rows
 

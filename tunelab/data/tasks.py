@@ -138,7 +138,7 @@ def _sample(rows: list, limit: int | None, seed: int) -> list:
     if limit is None or limit >= len(rows):
         return rows
     if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+        raise DataError(f"limit must be 0 or more, got {limit}")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)  # a fixed permutation per seed: smaller limits are nested prefixes
     return [rows[i] for i in sorted(order[:limit])]

@@ -20,8 +20,8 @@ import json
 import time
 from pathlib import Path
 
-from tunelab.config import ModelConfig
-from tunelab.data import tasks
+from tunelab.config import ModelConfig, OutputWriteError
+from tunelab.data import DataError, tasks
 from tunelab.evaluation.predictions import (
     classifier_predictions,
     perplexity_metrics,
@@ -55,6 +55,11 @@ def evaluate(
     `return_predictions` adds the per-row "predictions" (evaluation/predictions.py) of the classifier,
     verbalizer and perplexity paths, whose `prediction_metrics` are the result's "metrics"."""
     task = tasks.get_task(task_name)
+    if task.type not in SCORED:  # no model could score it: say so before one loads
+        raise DataError(
+            f"tunelab eval does not score {task.type} tasks such as {task.name!r}; it scores "
+            f"{', '.join(SCORED)} tasks"
+        )
     rows = tasks.load_split(task, "dev", limit=limit, seed=seed)
     dev = resolve_device(device)
     manifest = run_manifest(model_or_run) or {}
@@ -65,7 +70,8 @@ def evaluate(
     preds = None  # per-row predictions, where the path has them
     if _is_span_qa(model):
         if task.type != "extractive_qa":
-            raise NotImplementedError(f"a span-QA model scores extractive_qa tasks (squad), not {task.type}")
+            raise DataError(f"{model_or_run} is a span-QA model: it scores extractive_qa tasks (squad), not {task.type} "
+                            f"tasks such as {task.name!r}")  # fmt: skip
 
         kw = {
             k: run_task[k] for k in ("max_length", "doc_stride", "max_answer_tokens", "null_threshold") if k in run_task
@@ -100,8 +106,9 @@ def evaluate(
     elif task.type in ("instruction",):
         preds, how = perplexity_predictions(model, tokenizer, rows, dev, batch_size, progress), "perplexity"
     else:
-        raise NotImplementedError(
-            f"tunelab eval does not score {task.type} tasks with this model yet; "
+        raise DataError(
+            f"tunelab eval does not score {task.type} tasks such as {task.name!r} with {model_or_run} "
+            f"({type(unwrap(model)).__name__}) yet; "
             "classification (head or verbalizer), instruction perplexity, extractive QA (span-QA runs) and "
             "seq2seq generation are supported"
         )
@@ -121,6 +128,7 @@ def evaluate(
 
 
 CHAT_INSTRUCTIONS = {"wmt14-en-de": "Translate to German: "}
+SCORED = ("classification", "regression", "extractive_qa", "seq2seq", "instruction")  # task types some model scores
 
 
 def _load(model_or_run: str, device: str, manifest: dict, trust_remote_code: bool = False):
@@ -166,5 +174,8 @@ def response_perplexity(model, tokenizer, rows, device, batch_size=8, progress=T
 
 def write_result(result: dict, out: str | Path) -> None:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    except OSError as e:  # disk full, read-only, a file where a folder should be
+        raise OutputWriteError(f"cannot write the result {out}: {e.strerror or e}; choose another --out") from None

@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from tunelab.config import OutputWriteError, check_output_path
 from tunelab.export import check as check_mod
 from tunelab.export.gguf import QUANT_TYPES, ExportError, write_gguf
 from tunelab.export.gguf_lora import write_gguf_lora
@@ -55,13 +56,16 @@ def write_hf(model, tokenizer, out_dir, dtype: str = "f32") -> Path:
     model.to(target_dtype)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    except OSError as e:  # disk full, read-only: the half-written folder goes, the message names the target
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputWriteError(f"cannot write {out}: {e.strerror or e}; free space or choose another --out") from None
     finally:
         model.to(original)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
     return out
 
 
@@ -107,6 +111,8 @@ def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None 
     `check_task_rows` dev rows of the classification preset `check_task`."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose {', '.join(FORMATS)}")
+    if out:
+        check_output_path(out, "--out")
     if fmt == "gguf-lora":
         if modelfile or check:
             raise ExportError("--modelfile and --check go with --format gguf (a whole model); gguf-lora writes the adapter only")
@@ -137,10 +143,13 @@ def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None 
     if pre_tokenizer is None:
         pre_tokenizer = (gguf_source_metadata(base_model_spec(run, manifest)) or {}).get("tokenizer.ggml.pre")
     ollama = modelfile_text(tokenizer, path.name) if modelfile else None  # refused before any file is written
-    report = write_gguf(model, tokenizer, path, quant, name=base.name, pre_tokenizer=pre_tokenizer)
-    if ollama is not None:
-        report["modelfile"] = str(path.with_suffix(".Modelfile"))
-        Path(report["modelfile"]).write_text(ollama)
+    try:
+        report = write_gguf(model, tokenizer, path, quant, name=base.name, pre_tokenizer=pre_tokenizer)
+        if ollama is not None:
+            report["modelfile"] = str(path.with_suffix(".Modelfile"))
+            Path(report["modelfile"]).write_text(ollama)
+    except OSError as e:
+        raise OutputWriteError(f"cannot write {path}: {e.strerror or e}; free space or choose another --out") from None
     if check:
         texts, source = check_mod.heldout_texts(run, tokenizer, check_data, check_texts)
         reference = check_mod.Reference(model, tokenizer, texts, task, task_rows)
@@ -158,7 +167,10 @@ def export_gguf_lora(run: str, quant: str, out: str | None, device: str, trust_r
     base = Path(run.rstrip("/"))
     base = base.parent if base.name == "final" else base
     path = Path(out) if out else Path(f"{base}-lora-{quant}.gguf")
-    report = write_gguf_lora(model, path, quant, name=base.name)
+    try:
+        report = write_gguf_lora(model, path, quant, name=base.name)
+    except OSError as e:
+        raise OutputWriteError(f"cannot write {path}: {e.strerror or e}; free space or choose another --out") from None
     spec = base_model_spec(run, manifest)
     report["base_model"] = spec
     report["usage"] = (f"llama-cli -m BASE.gguf --lora {path}   (BASE.gguf: tunelab export {spec} --format gguf; "

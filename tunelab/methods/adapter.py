@@ -45,7 +45,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from tunelab.methods.base import Capabilities, MethodConfig, freeze_all
+from tunelab.methods.base import Capabilities, MethodConfig, MethodError, freeze_all
 
 DESCRIPTION = "small bottleneck MLPs (adapters) after the attention and/or FFN sublayers of every block"
 # its own modules, not a PEFT adapter (no disable_adapter): DPO / PPO keep a frozen copy as reference
@@ -166,7 +166,7 @@ def hidden_size(model) -> int:
         value = getattr(cfg, key, None)
         if isinstance(value, int):
             return value
-    raise ValueError(f"adapter: cannot read the hidden size from {type(cfg).__name__} (no hidden_size/d_model)")
+    raise MethodError(f"adapter: cannot read the hidden size from {type(cfg).__name__} (no hidden_size/d_model)")
 
 
 def bottleneck_size(cfg: Config, hidden: int) -> int:
@@ -179,7 +179,7 @@ def find_sites(model, placement: list[str]) -> list[str]:
     """Module paths, in model order, of the sublayers an adapter follows."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in SITES:
-        raise ValueError(
+        raise MethodError(
             f"adapter: model type {model_type!r} is not supported; supported model types: {sorted(SITES)} "
             "(add its sublayer names to SITES in tunelab/methods/adapter.py)"
         )
@@ -189,7 +189,7 @@ def find_sites(model, placement: list[str]) -> list[str]:
         pats = [re.compile(p) for p in table[where]]
         found = [n for n, _ in model.named_modules() if n and any(p.search("." + n) for p in pats)]
         if not found:
-            raise ValueError(f"adapter: no {where} sublayer found in this {model_type} model ({table[where]})")
+            raise MethodError(f"adapter: no {where} sublayer found in this {model_type} model ({table[where]})")
         sites += found
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return sorted(set(sites), key=order.__getitem__)
@@ -220,7 +220,7 @@ def _head_params(model, train_head: bool | None) -> list[str]:
     if train_head and not names:
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if out is None:
-            raise ValueError("adapter: train_head is true but the model has no classification head or LM head")
+            raise MethodError("adapter: train_head is true but the model has no classification head or LM head")
         ids = {id(p) for p in out.parameters()}
         names = [n for n, p in model.named_parameters() if id(p) in ids]
     return names
@@ -297,16 +297,16 @@ def load(base_model, out_dir):
     out = Path(out_dir)
     meta = json.loads((out / CONFIG_FILE).read_text())
     if meta.get("tunelab_method") != "adapter":
-        raise ValueError(f"{out / CONFIG_FILE}: not a tunelab bottleneck adapter (a PEFT adapter? load it with lora)")
+        raise MethodError(f"{out / CONFIG_FILE}: not a tunelab bottleneck adapter (a PEFT adapter? load it with lora)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{out / CONFIG_FILE}: format_version {meta.get('format_version')} unsupported (want {FORMAT_VERSION})")
     cfg = Config(**meta["config"])
     if hidden_size(base_model) != meta["hidden_size"]:
-        raise ValueError(f"adapter: saved for hidden size {meta['hidden_size']}, base model has {hidden_size(base_model)}")
+        raise MethodError(f"adapter: saved for hidden size {meta['hidden_size']}, base model has {hidden_size(base_model)}")
     names = {n for n, _ in base_model.named_modules()}
     missing_sites = [s for s in meta["sites"] if s not in names]
     if missing_sites:
-        raise ValueError(f"adapter: the base model lacks the saved sites {missing_sites[:3]} (a different base model?)")
+        raise MethodError(f"adapter: the base model lacks the saved sites {missing_sites[:3]} (a different base model?)")
     model = _build(base_model, cfg, list(meta["sites"]), list(meta["extra_params"]))
     if model._tunelab_adapter["bottleneck"] != meta["bottleneck"]:
         raise ValueError(f"adapter: bottleneck {model._tunelab_adapter['bottleneck']} != saved {meta['bottleneck']}")

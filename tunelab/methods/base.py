@@ -20,8 +20,14 @@ from pydantic import BaseModel, ConfigDict
 from tunelab.models.sources import NO_HUB_KERNELS, ModelError
 
 
+class MethodError(ValueError):
+    """A method setting the model cannot take (no layer matches, nothing would train ...): the user's to fix.
+    Not ConfigError: config reads this package's registry, so it cannot be imported here."""
+
+
 class MethodConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True)
+    # as config.Section: YAML's .inf / .nan are no setting (they pass `gt=0` checks)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ def num_blocks(model: torch.nn.Module) -> int:
     idx = [block_index(n) for n, _ in model.named_parameters()]
     idx = [i for i in idx if i is not None]
     if not idx:
-        raise ValueError("could not find transformer blocks (parameters named like '...layers.N...')")
+        raise MethodError("could not find transformer blocks (parameters named like '...layers.N...')")
     return max(idx) + 1
 
 

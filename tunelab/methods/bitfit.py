@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tunelab.methods.base import Capabilities, MethodConfig, freeze_all
+from tunelab.methods.base import Capabilities, MethodConfig, MethodError, freeze_all
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +91,14 @@ def add_zero_biases_(model, names: list[str] | None = None) -> list[str]:
             m.bias = torch.nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
             added.append(name)
     if names is not None and sorted(added) != sorted(names):
-        raise ValueError(f"bitfit: could not add biases to {sorted(set(names) - set(added))[:3]} (other architecture?)")
+        raise MethodError(f"bitfit: could not add biases to {sorted(set(names) - set(added))[:3]} (other architecture?)")
     return added
 
 
 def _train_head(model, cfg: Config) -> bool:
     heads = _head_modules(model)
     if cfg.train_head and not heads:
-        raise ValueError(f"bitfit: train_head is true but {type(model).__name__} has no task head ({TASK_HEADS})")
+        raise MethodError(f"bitfit: train_head is true but {type(model).__name__} has no task head ({TASK_HEADS})")
     return bool(heads) if cfg.train_head is None else cfg.train_head
 
 
@@ -115,7 +115,7 @@ def apply(model, cfg: Config):
     train_head = _train_head(model, cfg)
     _set_trainable(model, train_head)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"bitfit: {type(model).__name__} has no bias terms to train; set add_missing_biases: true")
+        raise MethodError(f"bitfit: {type(model).__name__} has no bias terms to train; set method.add_missing_biases: true")
     if added:
         logger.info("bitfit: added zero biases to %d linear layers", len(added))
     model._tunelab_bitfit = {"added_biases": added, "train_head": train_head}
@@ -146,7 +146,7 @@ def load(base_model, out_dir):
     tensors = load_file(out / WEIGHTS_FILE)
     missing = [k for k in tensors if k not in params]
     if missing:
-        raise ValueError(f"{out}: bitfit weights the model lacks ({missing[:3]}); other base model?")
+        raise MethodError(f"{out}: bitfit weights the model lacks ({missing[:3]}); other base model?")
     with torch.no_grad():
         for k, v in tensors.items():
             params[k].copy_(v.to(params[k].device, params[k].dtype))

@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 from tunelab.methods.base import (
     Capabilities,
     MethodConfig,
+    MethodError,
     block_index,
     freeze_all,
     load_full_model,
@@ -117,8 +118,9 @@ def apply(model, cfg: Config):
             p.requires_grad_(True)
             matched += 1
     if matched == 0:
-        raise ValueError(
-            f"freeze: no parameter matched last_k={cfg.last_k} / modules={cfg.modules} / patterns={cfg.patterns}"
+        raise MethodError(
+            f"freeze: no parameter matched method.last_k={cfg.last_k} / method.modules={cfg.modules} / "
+            f"method.patterns={cfg.patterns}"
         )
     return model
 

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 from tunelab.methods.base import (
     Capabilities,
     MethodConfig,
+    MethodError,
     block_index,
     freeze_all,
     load_full_model,
@@ -124,7 +125,7 @@ def _note(k: int, n: int) -> str:
 def apply(model, cfg: Config):
     k = _set(model, cfg, 0, 1)
     if k == 0 and not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("gradual: start_blocks 0 and the model has no head outside the blocks: nothing trains at step 0")
+        raise MethodError("gradual: start_blocks 0 and the model has no head outside the blocks: nothing trains at step 0")
     return model
 
 

@@ -29,6 +29,7 @@ from pydantic import Field
 from tunelab.methods.base import (
     Capabilities,
     MethodConfig,
+    MethodError,
     block_index,
     freeze_all,
     load_full_model,
@@ -74,7 +75,7 @@ def block_lists(model) -> list[tuple[str, torch.nn.ModuleList]]:
         ):
             found.append((name, module))
     if not found:
-        raise ValueError(f"{type(model).__name__}: could not find the transformer blocks to extend")
+        raise MethodError(f"{type(model).__name__}: could not find the transformer blocks to extend")
     return found
 
 
@@ -101,7 +102,7 @@ def add_blocks(model, k: int, init: str = "auto") -> list[torch.nn.Module]:
     """Append k new blocks to every block stack; returns them (their parameters are trainable)."""
     post_norm = getattr(model.config, "model_type", "") in _POST_NORM
     if init == "identity" and post_norm:
-        raise ValueError(
+        raise MethodError(
             f"{model.config.model_type} blocks are post-norm (they renormalise their output), so a new block "
             "cannot start as the identity; use init: random (or auto)"
         )
@@ -141,7 +142,7 @@ def untie_lm_head(model) -> None:
     if out is None or out.weight is not inp.weight:
         return  # already untied (or no LM head)
     if getattr(model.config, "model_type", "") == "t5":
-        raise ValueError("untie_head is not supported for T5 (its tied head also rescales the decoder output)")
+        raise MethodError("untie_head is not supported for T5 (its tied head also rescales the decoder output)")
     out.weight = torch.nn.Parameter(inp.weight.detach().clone())
     model.config.tie_word_embeddings = False
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -162,7 +163,7 @@ def apply(model, cfg: Config):
         for p in block.parameters():
             p.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(
+        raise MethodError(
             f"head: nothing to train on {type(model).__name__} (tied LM head, no final norm, extra_blocks 0); "
             "set extra_blocks, untie_head or train_norm"
         )

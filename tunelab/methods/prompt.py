@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from tunelab.methods._prompt_learning import patch
-from tunelab.methods.base import Capabilities, MethodConfig, peft_task_type
+from tunelab.methods.base import Capabilities, MethodConfig, MethodError, peft_task_type
 
 DESCRIPTION = "soft-prompt vectors before the input embeddings"
 CAPABILITIES = Capabilities(reference="adapter_off", virtual_tokens="inputs")
@@ -61,7 +61,7 @@ def text_token_ids(text: str, tokenizer, n: int) -> list[int]:
     """The token ids of `text` (no special tokens), repeated or cut to n."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if not ids:
-        raise ValueError(f"init_text {text!r} has no tokens")
+        raise MethodError(f"init_text {text!r} has no tokens")
     return (ids * (n // len(ids) + 1))[:n]
 
 
@@ -85,7 +85,7 @@ def _tokenizer_of(model):
             raise OSError("the model has no name_or_path")
         return AutoTokenizer.from_pretrained(where)
     except Exception as e:  # any failure means: no tokenizer to be had
-        raise ValueError(
+        raise MethodError(
             f"prompt tuning with init_text needs the model's tokenizer, and none loads from the model's "
             f"name_or_path ({where!r}: {e}). Load the model from a folder or hub id that holds its "
             "tokenizer, or apply without init_text and call "

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from tunelab.methods.base import Capabilities, MethodConfig, load_full_model, save_full_model
+from tunelab.methods.base import Capabilities, MethodConfig, MethodError, load_full_model, save_full_model
 from tunelab.models.quant import fake_quant_4bit, fake_quant_ste, quantizable_linears
 
 DESCRIPTION = "every weight; the body's linear weights are fake-quantised to 4 bit in the forward pass (STE)"
@@ -73,7 +73,7 @@ def _fake_quantize(model, names, group_size: int, symmetric: bool) -> None:
 def apply(model, cfg: Config):
     layers, _ = quantizable_linears(model, cfg.group_size)
     if not layers:
-        raise ValueError(f"qat: no linear layer whose input width is a multiple of group_size {cfg.group_size}")
+        raise MethodError(f"qat: no linear layer whose input width is a multiple of method.group_size {cfg.group_size}")
     for p in model.parameters():
         p.requires_grad_(True)
     _fake_quantize(model, [n for n, _ in layers], cfg.group_size, cfg.symmetric)

@@ -45,7 +45,7 @@ import torch
 from pydantic import Field
 
 from tunelab.methods import lora
-from tunelab.methods.base import Capabilities, freeze_all, wrap_peft
+from tunelab.methods.base import Capabilities, MethodError, freeze_all, wrap_peft
 from tunelab.models.loading import unwrap
 
 logger = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _prepare(model, cfg: Config, device: torch.device) -> dict:
         model, cfg.quant_type, cfg.double_quant, _resolve_compute_dtype(cfg.compute_dtype, device), cfg.skip_modules
     )
     if not info["quantized"]:
-        raise ValueError("qlora: no linear layer was quantized (all skipped)")
+        raise MethodError("qlora: no linear layer was quantized (all skipped)")
     freeze_all(model)
     model.is_loaded_in_4bit = True  # what PEFT's dispatch checks to use its bnb 4-bit LoRA layer
     return info
@@ -270,7 +270,7 @@ def load(base_model, out_dir):
     device = next(base_model.parameters()).device
     info = _prepare(base_model, cfg, device)
     if info["quantized"] != meta["quantized_modules"]:
-        raise ValueError(f"{out_dir}: the base model quantizes differently from the one trained (other architecture?)")
+        raise MethodError(f"{out_dir}: the base model quantizes differently from the one trained (other architecture?)")
     model = PeftModel.from_pretrained(base_model, out_dir)
     model.get_base_model()._tunelab_qlora = _meta(cfg, info, device)
     return model

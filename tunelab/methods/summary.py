@@ -8,7 +8,7 @@ methods appear automatically; one that cannot be applied is reported as "n/a" wi
 from __future__ import annotations
 
 from tunelab.methods import registry
-from tunelab.models import count_parameters, resolve
+from tunelab.models import ModelError, count_parameters, resolve
 
 
 def _auto_class(config):
@@ -24,7 +24,7 @@ def _auto_class(config):
     for auto in candidates:
         if type(config) in auto._model_mapping:
             return auto
-    raise ValueError(f"no transformers model class for model_type {config.model_type!r}")
+    raise ModelError(f"no transformers model class for model_type {config.model_type!r}")
 
 
 def meta_model(config):

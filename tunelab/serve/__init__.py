@@ -34,9 +34,12 @@ import logging
 
 from tunelab.serve.app import DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, create_app
 from tunelab.serve.protocol import APIError
-from tunelab.serve.served import Served, adapter_methods, load_served, parse_adapter
+from tunelab.serve.served import Served, ServeError, adapter_methods, load_served, parse_adapter
 
-__all__ = ["APIError", "Served", "adapter_methods", "create_app", "load_served", "parse_adapter", "serve"]
+__all__ = [
+    "APIError", "ServeError", "Served", "adapter_methods", "check_limits", "create_app", "load_served", "parse_adapter",
+    "serve",
+]  # fmt: skip
 
 
 def serve(spec: str, adapters: list[tuple[str, str]] = (), host: str = "127.0.0.1", port: int = 8000,
@@ -45,9 +48,20 @@ def serve(spec: str, adapters: list[tuple[str, str]] = (), host: str = "127.0.0.
           max_batch: int = DEFAULT_MAX_BATCH, api_docs: bool = False) -> None:  # fmt: skip
     import uvicorn
 
+    check_limits(port=port, max_body_bytes=max_body_bytes, max_queue=max_queue, max_batch=max_batch)
     served = load_served(spec, adapters, device=device, name=name, trust_remote_code=trust_remote_code)
     app = create_app(served, max_body_bytes=max_body_bytes, max_queue=max_queue, max_batch=max_batch,
                      api_docs=api_docs)  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     print(f"serving {', '.join(served.ids())} on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def check_limits(port: int, max_body_bytes: int, max_queue: int, max_batch: int) -> None:
+    """Refuse settings the server cannot run with, before the model loads (a bad port would otherwise fail
+    at bind, after loading, with a traceback from the event loop)."""
+    if not 0 <= port <= 65535:
+        raise ServeError(f"--port {port}: a TCP port is 0-65535 (0 = any free port)")
+    for flag, value in (("--max-body-bytes", max_body_bytes), ("--max-queue", max_queue), ("--max-batch", max_batch)):
+        if value < 1:
+            raise ServeError(f"{flag} {value}: must be 1 or more")

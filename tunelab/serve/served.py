@@ -10,6 +10,10 @@ from pathlib import Path
 from tunelab.serve.protocol import APIError
 
 
+class ServeError(ValueError):
+    """A `tunelab serve` setting that cannot work (a bad --adapter or --port ...): the user's to fix."""
+
+
 def adapter_methods() -> list[str]:
     """The methods whose result is a PEFT adapter over the untouched, unquantized base and without virtual
     tokens (lora, ia3): several of them load side by side on one served base."""
@@ -72,14 +76,14 @@ def load_served(spec: str, adapters: list[tuple[str, str]] = (), device: str = "
     from tunelab.models import resolve
     from tunelab.stages.runs import load_run, result_dir, run_manifest
 
-    model, tokenizer = load_run(spec, device=device, merge=True, trust_remote_code=trust_remote_code)
     name = name or _default_name(spec)
     names = [a for a, _ in adapters]
-    if len(set(names)) != len(names) or name in names:
-        raise ValueError(f"adapter names must be unique and differ from the served model's name {name!r}: {names}")
+    if len(set(names)) != len(names) or name in names:  # before the model loads: the names alone decide
+        raise ServeError(f"adapter names must be unique and differ from the served model's name {name!r}: {names}")
+    model, tokenizer = load_run(spec, device=device, merge=True, trust_remote_code=trust_remote_code)
     main = run_manifest(spec)
     if adapters and hasattr(model, "peft_config"):
-        raise ValueError(f"{spec}: its method keeps PEFT modules unmerged; serve adapters over a plain base model")
+        raise ServeError(f"{spec}: its method keeps PEFT modules unmerged; serve adapters over a plain base model")
     if adapters:
         from peft import PeftModel
 
@@ -87,12 +91,12 @@ def load_served(spec: str, adapters: list[tuple[str, str]] = (), device: str = "
         for i, (aname, arun) in enumerate(adapters):
             final, manifest = result_dir(arun), run_manifest(arun)
             if manifest is None or manifest.get("method") not in adapter_methods():
-                raise ValueError(
+                raise ServeError(
                     f"--adapter {aname}={arun}: not a finished {' / '.join(adapter_methods())} run "
                     f"(found method {manifest and manifest.get('method')!r}); other methods: serve the run itself"
                 )
             if resolve(manifest["base_model"]["name"]) != base:
-                raise ValueError(
+                raise ServeError(
                     f"--adapter {aname}={arun}: trained on {manifest['base_model']['name']!r}, but the served base "
                     f"is {spec!r}; serve that base model instead"
                 )
@@ -107,5 +111,5 @@ def load_served(spec: str, adapters: list[tuple[str, str]] = (), device: str = "
 def parse_adapter(text: str) -> tuple[str, str]:
     name, sep, run = text.partition("=")
     if not sep or not name or not run:
-        raise ValueError(f"--adapter {text!r}: write NAME=RUN, e.g. --adapter alpaca=runs/sft-lora")
+        raise ServeError(f"--adapter {text!r}: write NAME=RUN, e.g. --adapter alpaca=runs/sft-lora")
     return name, run

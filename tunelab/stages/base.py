@@ -12,7 +12,10 @@ A stage module builds one `Stage` (or a function of the config that builds it) a
     scores = stage.final_metrics(model, tokenizer, cfg, data, device)   # optional: dev metrics
     manifest = stage.manifest(cfg)                             # extra keys for final/tunelab.json
 
-and `load_run` (stages/runs.py) rebuilds a saved run's base model with `stage.reload(manifest)`, the
+Before any of these, `stage.check_data(cfg)` (optional) reads and checks the rows without a tokenizer, so
+that a bad data file is reported before the model loads.
+
+`load_run` (stages/runs.py) rebuilds a saved run's base model with `stage.reload(manifest)`, the
 keyword arguments of `load_model` (the head class, number of labels ...).
 """
 
@@ -41,6 +44,7 @@ class Stage:
     prepare: Callable | None = None  # (model, cfg) -> None, once the method is applied, before a resume
     reload: Callable | None = None  # manifest -> load_model keyword arguments for the saved run's base
     loop: str = "steps"  # "steps": the supervised loop (training/loop.py); "ppo": rollouts (training/ppo.py)
+    check_data: Callable | None = None  # cfg -> None: the rows read and checked before the model loads
 
 
 @dataclass
@@ -87,6 +91,18 @@ def task_rows(tcfg, split: str, seed: int, stage: str = "classification") -> lis
     if task.name == "custom":
         return []
     return load_split(task, split, limit=limit, seed=seed)
+
+
+def check_task_files(stage: str):
+    """check_data for the `task:` stages: your own files read and checked (labels, fields) before the model
+    loads; a preset's rows are known good and are read once, by build."""
+
+    def check(cfg) -> None:
+        for split, own in (("train", cfg.task.train_file), ("dev", cfg.task.dev_file)):
+            if own:
+                task_rows(cfg.task, split, cfg.training.seed, stage)
+
+    return check
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from transformers import AutoModelForSequenceClassification
 from tunelab import metrics as M
 from tunelab.data import DataBundle, pad
 from tunelab.models import load_model
-from tunelab.stages.base import Stage, num_labels, task_of, task_rows
+from tunelab.stages.base import Stage, check_task_files, num_labels, task_of, task_rows
 
 
 def load(cfg, device):
@@ -117,5 +117,5 @@ def reload(manifest: dict) -> dict:
 def stage(cfg=None) -> Stage:
     return Stage(
         "classification", load, build, classification_collate, loss_sum, lambda b: int(b["labels"].numel()),
-        final_metrics, manifest, reload=reload,
+        final_metrics, manifest, reload=reload, check_data=check_task_files("classification"),
     )  # fmt: skip

@@ -22,7 +22,7 @@ from tunelab.methods import reference
 from tunelab.models import load_model
 from tunelab.models.loss import row_loss_sums
 from tunelab.stages.base import Stage, require_causal
-from tunelab.stages.preference import eval_pairs, pair_count, pairs_data
+from tunelab.stages.preference import check_pairs, eval_pairs, pair_count, pairs_data
 
 
 def sequence_logps(model, batch: dict) -> torch.Tensor:
@@ -111,4 +111,5 @@ def stage(cfg) -> Stage:
     return Stage(
         "dpo", _load, pairs_data, collate_pairs,
         _dpo_loss_fn(cfg), pair_count, _dpo_final, lambda c: {"dpo": c.dpo.model_dump()}, _dpo_prepare,
+        check_data=check_pairs,
     )  # fmt: skip

@@ -37,7 +37,7 @@ from tunelab.config import ConfigError
 from tunelab.data import pad
 from tunelab.metrics import squad_scores
 from tunelab.models import load_model
-from tunelab.stages.base import RowsBundle, Stage, task_of, task_rows
+from tunelab.stages.base import RowsBundle, Stage, check_task_files, task_of, task_rows
 
 NEG = -1e9
 
@@ -72,7 +72,7 @@ def qa_features(
     n_special = tokenizer.num_special_tokens_to_add(pair=True)
     room = max_length - n_special - doc_stride - 1  # question tokens that leave > doc_stride for context
     if room < 1:
-        raise ValueError(f"max_length={max_length} leaves no room for a question with doc_stride={doc_stride}")
+        raise ConfigError(f"max_length={max_length} leaves no room for a question with doc_stride={doc_stride}")
     q_max = min(max_question_tokens, room)
     features = []
     for ex, row in enumerate(rows):
@@ -282,4 +282,5 @@ def stage(cfg=None) -> Stage:
     return Stage(
         "extractive_qa", load, build, collate_features, loss_sum, lambda b: 2 * int(b["start_positions"].numel()),
         final_metrics, manifest, reload=lambda manifest: {"auto_class": AutoModelForQuestionAnswering},
+        check_data=check_task_files("extractive_qa"),
     )  # fmt: skip

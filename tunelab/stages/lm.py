@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from tunelab.data import build_datasets, collate
+from tunelab.data import build_datasets, check_rows, collate
 from tunelab.models import load_model
 from tunelab.models.loss import token_loss_sum
 from tunelab.stages.base import Stage, require_causal
@@ -24,6 +24,10 @@ def build(cfg, tokenizer):
     return build_datasets(cfg.data, tokenizer, seed=cfg.training.seed, stage=cfg.stage)
 
 
+def check(cfg) -> None:
+    check_rows(cfg.data, cfg.training.seed, cfg.stage)
+
+
 def count(batch) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
@@ -35,5 +39,6 @@ def stage(cfg=None) -> Stage:
         # passes allocate the same tensor sizes and a size-class allocator reuses them (accel/memory.py)
         width = cfg.data.max_length
     return Stage(
-        cfg.stage if cfg is not None else "sft", load, build, partial(collate, width=width), token_loss_sum, count
-    )
+        cfg.stage if cfg is not None else "sft", load, build, partial(collate, width=width), token_loss_sum, count,
+        check_data=check,
+    )  # fmt: skip

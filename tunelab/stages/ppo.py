@@ -99,7 +99,7 @@ def load_prompts(pcfg, tokenizer, seed: int) -> tuple[list[dict], list[dict], di
     random.Random(seed).shuffle(prompts)
     held_out, train = prompts[: pcfg.eval_prompts], prompts[pcfg.eval_prompts :][: pcfg.prompt_limit]
     if not train:
-        raise ValueError(
+        raise DataError(
             f"{pcfg.prompts}: no training prompts left ({len(messages_list)} read, {too_long} longer than "
             f"ppo.max_prompt_length={pcfg.max_prompt_length}, {len(held_out)} held out)"
         )

@@ -13,18 +13,34 @@ from tunelab.data import DataBundle, split_rows
 from tunelab.data.errors import DataError
 from tunelab.data.preference import collate_pairs, encode_preference, read_preference_pairs
 
+# check_pairs' reading, kept for the pairs_data call that follows it (one entry: the run being started)
+_CHECKED: dict = {}
 
-def pairs_data(cfg, tokenizer) -> DataBundle:
-    d = cfg.data
+
+def _read_pairs(d) -> tuple[list[dict], dict, list[dict] | None]:
+    """(train pairs, stats, validation pairs or None) of a data section."""
     if not d.train:
         raise DataError("data.train is not set: give a preference file ({prompt, chosen, rejected}, hh-rlhf or "
                         "ShareGPT with chosen / rejected).")  # fmt: skip
     hub = {"hub_split": d.hub_split, "hub_config": d.hub_config}
     pairs, stats = read_preference_pairs(d.train, d.columns, d.limit, **hub)
-    if d.validation:
+    if not d.validation:
+        return pairs, stats, None
+    val_pairs, vstats = read_preference_pairs(d.validation, d.columns, None, **hub)
+    return pairs, {k: stats[k] + vstats[k] for k in stats}, val_pairs
+
+
+def check_pairs(cfg) -> None:
+    """Stage.check_data: the pairs read and checked before the model loads; pairs_data then takes them."""
+    _CHECKED.clear()
+    _CHECKED[cfg.data.model_dump_json()] = _read_pairs(cfg.data)
+
+
+def pairs_data(cfg, tokenizer) -> DataBundle:
+    d = cfg.data
+    pairs, stats, val_pairs = _CHECKED.pop(d.model_dump_json(), None) or _read_pairs(d)
+    if val_pairs is not None:
         train_pairs = pairs
-        val_pairs, vstats = read_preference_pairs(d.validation, d.columns, None, **hub)
-        stats = {k: stats[k] + vstats[k] for k in stats}
     else:
         train_pairs, val_pairs = split_rows(pairs, d.val_fraction, cfg.training.seed)
 

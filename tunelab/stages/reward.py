@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
+from tunelab.config import ConfigError
 from tunelab.data import pad
 from tunelab.data.preference import collate_pairs, encode_response, truncate_left
 from tunelab.models import load_model
 from tunelab.stages.base import Stage
-from tunelab.stages.preference import eval_pairs, pair_count, pairs_data
+from tunelab.stages.preference import check_pairs, eval_pairs, pair_count, pairs_data
 from tunelab.stages.runs import load_run, run_manifest
 
 
@@ -60,7 +61,7 @@ def load_reward_model(run_dir, device="auto", trust_remote_code: bool = False):
     manifest = run_manifest(run_dir)
     if manifest is None or manifest.get("stage") != "reward":
         stage = None if manifest is None else manifest.get("stage")
-        raise ValueError(f"{run_dir}: not a reward-model run (stage {stage!r}); train one with stage: reward")
+        raise ConfigError(f"{run_dir}: not a reward-model run (stage {stage!r}); train one with stage: reward")
     return load_run(str(run_dir), device=device, merge=True, trust_remote_code=trust_remote_code)
 
 
@@ -98,4 +99,5 @@ def stage(cfg=None) -> Stage:
         reload=lambda manifest: {
             "auto_class": AutoModelForSequenceClassification, "num_labels": 1, "ignore_mismatched_sizes": True,
         },
+        check_data=check_pairs,
     )  # fmt: skip

@@ -9,7 +9,7 @@ from transformers import AutoModelForSeq2SeqLM
 from tunelab.data import pad
 from tunelab.models import load_config, load_model
 from tunelab.models.generation import generate_seq2seq, generation_scores
-from tunelab.stages.base import RowsBundle, Stage, task_of, task_rows
+from tunelab.stages.base import RowsBundle, Stage, check_task_files, task_of, task_rows
 
 T5_PREFIXES = {"wmt14-en-de": "translate English to German: "}
 
@@ -113,4 +113,5 @@ def stage(cfg=None) -> Stage:
     return Stage(
         "seq2seq", load, build, collate, loss_sum, lambda b: int((b["labels"] != -100).sum()), final_metrics,
         manifest, reload=lambda manifest: {"auto_class": AutoModelForSeq2SeqLM},
+        check_data=check_task_files("seq2seq"),
     )  # fmt: skip

@@ -32,14 +32,31 @@ def load(cfg, device):
                       num_labels=len(cfg.task.labels), ignore_mismatched_sizes=True)  # fmt: skip
 
 
-def encode(row: dict, tokenizer, tag_ids: dict, max_length: int, place: str) -> dict:
-    """Token ids of the words and each token's label: the word's tag on its first sub-token, else -100."""
+def check_row(row: dict, tag_ids: dict, place: str) -> tuple[list, list]:
+    """(words, tags) of a row, or a DataError naming the row."""
     words, tags = row.get("tokens"), row.get("tags")
     if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags) or not words:
         raise DataError(f"{place}: needs `tokens` and `tags`, two lists of the same (non-zero) length")
     unknown = [t for t in tags if t not in tag_ids]
     if unknown:
         raise DataError(f"{place}: tag {unknown[0]!r} is not in task.labels ({', '.join(tag_ids)}); add it there")
+    return words, tags
+
+
+def check(cfg) -> None:
+    """Stage.check_data: every row's tokens and tags, before the model loads."""
+    if len(cfg.task.labels) < 2:
+        raise ConfigError("stage: tagging needs task.labels: the tag names (at least two), in label-id order")
+    if not cfg.data.train:
+        raise DataError("data.train is not set: give a .jsonl/.json file of {tokens: [...], tags: [...]} rows")
+    tag_ids = {t: i for i, t in enumerate(cfg.task.labels)}
+    for f, n, r in read_rows(cfg.data.train)[: cfg.data.limit]:
+        check_row(r, tag_ids, where(f, n))
+
+
+def encode(row: dict, tokenizer, tag_ids: dict, max_length: int, place: str) -> dict:
+    """Token ids of the words and each token's label: the word's tag on its first sub-token, else -100."""
+    words, tags = check_row(row, tag_ids, place)
     enc = tokenizer([str(w) for w in words], is_split_into_words=True, truncation=True, max_length=max_length)
     labels, previous = [], None
     for word in enc.word_ids():
@@ -103,4 +120,6 @@ def reload(manifest: dict) -> dict:
 
 
 def stage(cfg=None) -> Stage:
-    return Stage("tagging", load, build, collate, loss_sum, count, final_metrics, manifest, reload=reload)
+    return Stage(
+        "tagging", load, build, collate, loss_sum, count, final_metrics, manifest, reload=reload, check_data=check
+    )

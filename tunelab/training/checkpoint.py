@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelab.config import OutputWriteError
+from tunelab.config import ConfigError, OutputWriteError
 from tunelab.methods.base import trainable_state
 
 STATE_FILE = "trainer_state.json"
@@ -127,7 +127,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     params = dict(model.named_parameters())
     missing = [k for k in weights if k not in params]
     if missing:
-        raise RuntimeError(
+        raise ConfigError(
             f"{path}: checkpoint has weights the model lacks ({missing[:3]}...); was the method changed?"
         )
     with torch.no_grad():

@@ -32,6 +32,7 @@ import os
 
 import torch
 
+from tunelab.config import ConfigError
 from tunelab.models.loading import unwrap
 from tunelab.training import checkpoint as ckpt
 
@@ -93,14 +94,14 @@ class Dist:
         if device.type == "cuda":
             local = int(os.environ.get("LOCAL_RANK", "0"))
             if local >= torch.cuda.device_count():
-                raise ValueError(
+                raise ConfigError(
                     f"process {self.rank} wants GPU {local} but this machine has {torch.cuda.device_count()}: "
                     "start at most one process per GPU (--nproc / --nproc_per_node)"
                 )
             self.device = torch.device("cuda", local)
             torch.cuda.set_device(self.device)
         elif device.type != "cpu":
-            raise ValueError(f"multi-process training runs on CUDA (NCCL) or CPU (gloo), not on {device.type}")
+            raise ConfigError(f"multi-process training runs on CUDA (NCCL) or CPU (gloo), not on {device.type}")
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
@@ -130,24 +131,24 @@ class Dist:
         if not self.sharded:
             return
         if self.deepspeed and cfg.training.rows_per_pass:
-            raise ValueError(
+            raise ConfigError(
                 "training.rows_per_pass: DeepSpeed counts every backward pass as a micro-batch of its own; "
                 "set training.rows_per_pass: null and lower training.batch_size (raising grad_accum) instead"
             )
         if cfg.training.save_every or resume:
-            raise ValueError(
+            raise ConfigError(
                 "training.save_every / --resume: resumable checkpoints are written for single-process and DDP runs; "
                 "under FSDP / DeepSpeed the weights and optimizer state are sharded. Set training.save_every: null, "
                 "or use DDP (tunelab train --nproc N)"
             )
         caps = method.CAPABILITIES
         if caps.changes_trainables:
-            raise ValueError(
+            raise ConfigError(
                 f"method {cfg.method.name} changes which parameters train during the run, which FSDP / DeepSpeed "
                 "cannot follow once parameters are sharded: use DDP (tunelab train --nproc N)"
             )
         if caps.quantized_base:
-            raise ValueError(
+            raise ConfigError(
                 f"method {cfg.method.name} under FSDP / DeepSpeed needs 4-bit weights stored as bfloat16 "
                 f"(bnb_4bit_quant_storage), which tunelab's {cfg.method.name} does not set: use DDP "
                 "(tunelab train --nproc N), one 4-bit copy per GPU"
@@ -280,7 +281,7 @@ class Dist:
         state = ckpt.load_checkpoint(path, model, optimizer, scheduler)
         saved = state.get("global_batch", global_batch)
         if saved != global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} was written with a global batch of {saved} (batch_size x processes); this run has "
                 f"{global_batch}. Resume with the same processes, or set training.batch_size so that "
                 "batch_size x processes stays the same: the data order depends on it"

@@ -61,7 +61,7 @@ def optimizer_for(params, tcfg) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     if not groups:
-        raise ValueError("the method left no trainable parameters")
+        raise ConfigError("the method left no trainable parameters")
     fused = params[0].device.type == "cuda"
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), fused=fused or None)
 
@@ -142,10 +142,18 @@ def start_run(cfg, resume: bool, force: bool = False) -> tuple[Path, Path | None
         check_same_run(run_dir, settings)
     if resume and resume_from is None:
         log(f"no checkpoint in {run_dir / 'checkpoints'}; starting from the beginning")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir}: is a file, not a folder; choose another output_dir")
     if not resume and ckpt.latest_checkpoint(run_dir) is not None:
         raise FileExistsError(
             f"{run_dir} already holds checkpoints of an earlier run: pass --resume to continue it, "
             "or choose another output_dir"
+        )
+    if not resume and (run_dir / "final" / "tunelab.json").is_file() and (run_dir / "results.json").is_file():
+        # a new run would replace its result without a word
+        raise FileExistsError(
+            f"{run_dir} holds a finished run (final/, results.json): choose another output_dir, or delete the "
+            "folder to train it again (--resume continues only an unfinished run)"
         )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 
 from tunelab import accel
+from tunelab.config import ConfigError
+from tunelab.data import DataError
 from tunelab.data.collate import real_tokens
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
@@ -87,11 +89,13 @@ def train(
     stage = get_stage(cfg.stage, cfg)
     if stage.loop == "ppo":  # RLHF samples its own data each iteration: a loop of its own (training/ppo.py)
         if distributed.world_size() > 1:
-            raise ValueError("stage ppo trains in one process (its rollouts are not sharded): drop --nproc / torchrun")
+            raise ConfigError("stage ppo trains in one process (its rollouts are not sharded): drop --nproc / torchrun")
         from tunelab.training.ppo import train_ppo
 
         return train_ppo(cfg, resume=resume, callbacks=callbacks, force=force)
     tcfg = cfg.training
+    if stage.check_data is not None:  # a bad data file is reported now, not after the model has loaded
+        stage.check_data(cfg)
     run_dir, resume_from = start_run(cfg, resume, force)
 
     # ---- model and method
@@ -121,7 +125,7 @@ def train(
     # ---- data
     data = stage.build_data(cfg, tokenizer)
     if not data.train:
-        raise ValueError("no training examples left after tokenisation")
+        raise DataError("no training examples left after tokenisation")
     log("data: " + ", ".join(f"{k}={v}" for k, v in data.stats.items()))
     pad_id = tokenizer.pad_token_id
     val_batches = [
@@ -312,7 +316,7 @@ def enable_gradient_checkpointing(model) -> None:
     frozen embeddings (LoRA, prompt methods) need no `enable_input_require_grads` workaround."""
     inner = unwrap(model)
     if not getattr(inner, "supports_gradient_checkpointing", False):
-        raise ValueError(
+        raise ConfigError(
             f"training.gradient_checkpointing: {type(inner).__name__} does not support it; set it to false"
         )
     inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
