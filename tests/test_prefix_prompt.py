@@ -320,3 +320,18 @@ def test_training_loop_and_generation(method, lr, tiny_dir, tmp_path):
     assert isinstance(
         generate(model, tokenizer, "Say the number 3.", max_new_tokens=6), str
     )
+
+
+def test_prompt_tuning_with_the_adapter_disabled_is_the_base_model():
+    """The reference policy of DPO / PPO is the prompt-tuned model with its adapter disabled: the base model's
+    logits for the real positions (the hook that drops the virtual positions' logits must not cut these)."""
+    mod = get("prompt")
+    base = tiny_llama()
+    want = _logits(copy.deepcopy(base))
+    model = mod.apply(base, mod.Config(num_virtual_tokens=6))
+    with torch.no_grad():
+        with model.disable_adapter():
+            got = model(input_ids=IDS).logits
+        tuned = model(input_ids=IDS).logits
+    assert got.shape == want.shape == tuned.shape
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(tuned, want, atol=1e-3)

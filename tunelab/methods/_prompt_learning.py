@@ -81,11 +81,20 @@ def _prefix_tuning_forward(
     )
 
 
-def _drop_virtual_logits(module, args, output):
-    """Forward hook: logits for the real positions only (prompt tuning on a causal LM)."""
+def _drop_virtual_logits(module, args, kwargs, output):
+    """Forward hook: logits for the real positions only (prompt tuning on a causal LM).
+
+    Only when the virtual tokens were really prepended: under PEFT's `disable_adapter()` (the DPO / PPO
+    reference policy) the base model runs on the inputs alone and its logits are already the real ones."""
     n = module.active_peft_config.num_virtual_tokens
     logits = getattr(output, "logits", None)
-    if logits is not None and logits.dim() == 3 and logits.shape[1] > n:
+    if logits is None or logits.dim() != 3:
+        return output
+    inputs = kwargs.get("input_ids", args[0] if args else None)
+    if inputs is None:
+        inputs = kwargs.get("inputs_embeds")
+    real = inputs.shape[1] if inputs is not None else logits.shape[1] - n
+    if logits.shape[1] == real + n:
         output.logits = logits[:, n:]
     return output
 
@@ -123,6 +132,6 @@ def patch(model):
         cfg.peft_type == PeftType.PROMPT_TUNING and cfg.task_type == TaskType.CAUSAL_LM
     )
     if causal_prompt and not getattr(model, "_tunelab_drops_virtual_logits", False):
-        model.register_forward_hook(_drop_virtual_logits)
+        model.register_forward_hook(_drop_virtual_logits, with_kwargs=True)
         model._tunelab_drops_virtual_logits = True
     return model

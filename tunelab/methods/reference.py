@@ -4,7 +4,10 @@ How it is obtained is the method's declaration (`CAPABILITIES.reference`, see ba
 
   adapter_off   the method wrapped the untouched base in a PEFT adapter (lora, qlora, ia3, prefix, prompt):
                 pi_ref is the same model with the adapter switched off (`disable_adapter`), so there is no
-                second copy in memory and it is exactly the starting weights
+                second copy in memory. For lora, qlora and ia3 that is exactly the starting policy (B = 0,
+                scales of 1). For prefix and prompt tuning it is the base model without the virtual tokens:
+                their starting soft prompt is an arbitrary initialisation (vocabulary embeddings or text),
+                so the anchor is the model the user started from, and the step-0 DPO loss is not ln 2
   frozen_copy   the method trains the model's own weights or modules of its own (full, freeze, bitfit,
                 adapter ...): pi_ref is a frozen deep copy taken once, before training
 
