@@ -69,6 +69,8 @@ def translate(raw: dict, source: str = "config") -> Translation:
 def _method(raw: dict, t: Translation) -> None:
     adapter = raw.get("adapter")
     four_bit = bool(raw.get("load_in_4bit"))
+    if "load_in_4bit" in raw and not four_bit:
+        t.ignore("load_in_4bit", "false: the base stays unquantised")
     if raw.get("qat"):
         q = raw["qat"]
         if adapter:
@@ -83,7 +85,7 @@ def _method(raw: dict, t: Translation) -> None:
     if adapter in ("lora", "qlora"):
         name = "qlora" if adapter == "qlora" or four_bit else "lora"
         t.map("adapter", adapter, "method.name", name, note="load_in_4bit" if four_bit and adapter == "lora" else "")
-        if "load_in_4bit" in raw:
+        if four_bit:
             t.mapped.append(("load_in_4bit", raw["load_in_4bit"], f"method.name ({name})"))
         for key, dotted, default in (("lora_r", "method.r", 8), ("lora_alpha", "method.alpha", 16),
                                      ("lora_dropout", "method.dropout", 0.0)):  # fmt: skip
