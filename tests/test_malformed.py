@@ -90,7 +90,7 @@ config("stage", "stage: sfft\n", "stage (line 1)", "'sft'", "'sfft'", cmd="train
 config("method-name", "method:\n  name: lorra\n", "unknown method name 'lorra'", "lora", cmd="train")
 config("scheduler", "training:\n  scheduler: cosin\n", "training.scheduler (line 2)", "'cosine'")
 config("dtype", "model:\n  dtype: fp16\n", "model.dtype (line 2)", "'float16'")
-config("data-format", "data:\n  format: alpaca\n", "data.format (line 2)", "'instruction'")
+config("data-format", "data:\n  format: alpacca\n", "data.format (line 2)", "'instruction'")
 config("task-type", "task:\n  type: ranking\n", "task.type (line 2)", "'classification'")
 config("device", "training:\n  device: gpu\n", "training.device (line 2)", "'gpu'")
 # combinations the stages refuse

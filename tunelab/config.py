@@ -752,7 +752,8 @@ def reference_markdown() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 continue
             default = f.default if f.default_factory is None else f.default_factory()
-            rows.append(f"| `{prefix}{key}` | `{default!r}` | {f.description or ''} |")
+            shown = "required" if f.is_required() else f"`{default!r}`"
+            rows.append(f"| `{prefix}{key}` | {shown} | {f.description or ''} |")
         return rows
 
     out = [
@@ -770,7 +771,7 @@ def reference_markdown() -> str:
         ("model", ModelConfig),
         ("data", DataConfig),
         ("data.columns", ColumnsConfig),
-        ("data.train[] (a list item)", DataSource),
+        ("data.train[]", DataSource),
         ("task", TaskConfig),
         ("training", TrainingConfig),
         ("dpo", DPOConfig),

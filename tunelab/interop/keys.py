@@ -189,3 +189,16 @@ TOP_LEVEL_HINTS = {
     for k, v in table.items()
     if "." in v
 }
+
+
+def mapping_markdown() -> str:
+    """docs/interop.md's key tables (tests/test_interop.py checks the doc holds exactly this)."""
+    out = []
+    for tool, mapped, ignored in (("LLaMA-Factory", LLAMAFACTORY_MAPPED, LLAMAFACTORY_IGNORED),
+                                  ("Axolotl", AXOLOTL_MAPPED, AXOLOTL_IGNORED)):  # fmt: skip
+        out += [f"### {tool}", "", "| their key | tunelab key |", "|---|---|"]
+        out += [f"| `{k}` | `{v}` |" for k, v in mapped.items()]
+        out += ["", f"Ignored {tool} keys:", "", "| their key | why |", "|---|---|"]
+        out += [f"| `{k}` | {v} |" for k, v in ignored.items()]
+        out.append("")
+    return "\n".join(out)
