@@ -94,8 +94,8 @@ config("data-format", "data:\n  format: alpacca\n", "data.format (line 2)", "'in
 config("task-type", "task:\n  type: ranking\n", "task.type (line 2)", "'classification'")
 config("device", "training:\n  device: gpu\n", "training.device (line 2)", "'gpu'")
 # combinations the stages refuse
-config("pretrain-needs-text", "stage: pretrain\n", "stage: pretrain needs data.format: text")
-config("dpo-needs-preference", "stage: dpo\n", "stage: dpo needs data.format: preference")
+config("pretrain-needs-text", "stage: pretrain\ndata:\n  format: instruction\n", "stage: pretrain needs data.format: text")
+config("dpo-needs-preference", "stage: dpo\ndata:\n  format: instruction\n", "stage: dpo needs data.format: preference")
 config("classification-needs-task", "stage: classification\n", "needs task.name (a preset) or task.train_file")
 config("ppo-needs-prompts", "stage: ppo\n", "stage: ppo needs ppo.prompts")
 config("ppo-keyword-reward", "stage: ppo\nppo:\n  prompts: p.jsonl\n  reward:\n    kind: keyword\n",

@@ -55,6 +55,10 @@ def detect_format(row: dict, cfg: DataConfig, stage: str = "sft", where: str = "
         return "instruction"
     if c.prompt in row and c.completion in row:
         return "prompt_completion"
+    if c.instruction in row or c.output in row:  # partly alpaca: the missing field is named next
+        return "instruction"
+    if c.prompt in row or c.completion in row:
+        return "prompt_completion"
     if c.text in row:
         raise DataError(
             f"{where}: a text row ('{c.text}') has no reply to learn in stage {stage}: use stage: pretrain, or "
