@@ -37,7 +37,7 @@ def test_method_section_switches_type():
         ({"method": {"name": "lorra"}}, "unknown method name 'lorra'"),
         ({"data": {"columns": {"outptu": "y"}}}, "Did you mean 'output'?"),
         ({"training": {"lr": -1}}, "training.lr: Input should be greater than 0"),
-        ({"stage": "pretrain"}, "stage: pretrain needs data.format: text"),
+        ({"stage": "pretrain", "data": {"format": "instruction"}}, "stage: pretrain needs data.format: text"),
     ],
 )
 def test_bad_configs_are_named(raw, expected):

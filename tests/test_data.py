@@ -172,8 +172,8 @@ def test_missing_field_names_file_row_field_and_fix(tmp_path, tok):
 def test_wrong_type_and_bad_role(tok):
     with pytest.raises(DataError, match="field 'output' should be text, got list"):
         render_example({"instruction": "a", "output": ["b"]}, DataConfig(), tok, where="x.json row 1")
-    with pytest.raises(DataError, match="message 1 in 'messages' has role 'tool'"):
-        render_example({"messages": [{"role": "tool", "content": "x"}]}, DataConfig(format="chat"), tok)
+    with pytest.raises(DataError, match="message 1 in 'messages' has role 'robot'"):
+        render_example({"messages": [{"role": "robot", "content": "x"}]}, DataConfig(format="chat"), tok)
     with pytest.raises(DataError, match="no assistant message"):
         render_example({"messages": [{"role": "user", "content": "x"}]}, DataConfig(format="chat"), tok)
 
@@ -257,7 +257,7 @@ def test_truncation_and_dropping_are_counted(tmp_path, tok):
 
 def test_pretrain_needs_text(tmp_path, tok):
     with pytest.raises(DataError, match="data.format: text"):
-        build_datasets(DataConfig(train="x.json"), tok, seed=0, stage="pretrain")
+        build_datasets(DataConfig(train="x.json", format="instruction"), tok, seed=0, stage="pretrain")
 
 
 # -------------------------------------------------------------------------- collate/packing

@@ -90,12 +90,12 @@ config("stage", "stage: sfft\n", "stage (line 1)", "'sft'", "'sfft'", cmd="train
 config("method-name", "method:\n  name: lorra\n", "unknown method name 'lorra'", "lora", cmd="train")
 config("scheduler", "training:\n  scheduler: cosin\n", "training.scheduler (line 2)", "'cosine'")
 config("dtype", "model:\n  dtype: fp16\n", "model.dtype (line 2)", "'float16'")
-config("data-format", "data:\n  format: alpaca\n", "data.format (line 2)", "'instruction'")
+config("data-format", "data:\n  format: alpacca\n", "data.format (line 2)", "'instruction'")
 config("task-type", "task:\n  type: ranking\n", "task.type (line 2)", "'classification'")
 config("device", "training:\n  device: gpu\n", "training.device (line 2)", "'gpu'")
 # combinations the stages refuse
-config("pretrain-needs-text", "stage: pretrain\n", "stage: pretrain needs data.format: text")
-config("dpo-needs-preference", "stage: dpo\n", "stage: dpo needs data.format: preference")
+config("pretrain-needs-text", "stage: pretrain\ndata:\n  format: instruction\n", "stage: pretrain needs data.format: text")
+config("dpo-needs-preference", "stage: dpo\ndata:\n  format: instruction\n", "stage: dpo needs data.format: preference")
 config("classification-needs-task", "stage: classification\n", "needs task.name (a preset) or task.train_file")
 config("ppo-needs-prompts", "stage: ppo\n", "stage: ppo needs ppo.prompts")
 config("ppo-keyword-reward", "stage: ppo\nppo:\n  prompts: p.jsonl\n  reward:\n    kind: keyword\n",

@@ -12,10 +12,12 @@ import sys
 
 
 def cmd_train(args) -> int:
-    from tunelab.config import ConfigError, load_config
+    from tunelab.config import ConfigError
+    from tunelab.interop.convert import load_any
     from tunelab.training import train
 
-    cfg = load_config(args.config, args.set)  # validated here once, before any process starts
+    # validated here once, before any process starts; a LLaMA-Factory / Axolotl file is translated first
+    cfg, _ = load_any(args.config, args.set)
     if args.output_dir:
         cfg.output_dir = args.output_dir
     if args.program_argv is not None:  # the command itself, not main([...]) called from Python
@@ -146,7 +148,7 @@ def cmd_methods(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from tunelab.config import ConfigError, dump_config, load_config
+    from tunelab.config import ConfigError, dump_config
 
     if args.config and _is_grid(args.config):
         from tunelab.compare.run import describe_grid
@@ -155,7 +157,20 @@ def cmd_config(args) -> int:
             raise ConfigError(f"{args.config}: --set applies to a run config, not to a compare grid; edit the grid")
         print(describe_grid(args.config))
         return 0
-    print(dump_config(load_config(args.config, args.set)), end="")
+    from tunelab.interop.convert import load_any
+
+    print(dump_config(load_any(args.config, args.set)[0]), end="")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import yaml
+
+    from tunelab.interop.convert import convert_file
+
+    t = convert_file(args.config)
+    print(t.report(), file=sys.stderr)
+    print(yaml.safe_dump(t.config, sort_keys=False), end="")
     return 0
 
 
@@ -312,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?")
     c.add_argument("--set", action="append", metavar="KEY=VALUE")
     c.set_defaults(fn=cmd_config)
+
+    cv = sub.add_parser("convert", help="translate a LLaMA-Factory or Axolotl YAML into a tunelab config (printed "
+                        "as YAML; mapped and ignored keys on stderr)")
+    cv.add_argument("config", help="their YAML file (see docs/interop.md)")
+    cv.set_defaults(fn=cmd_convert)
 
     e = sub.add_parser("eval", help="score a model or a run on a task preset's dev split")
     e.add_argument("model", help="run folder, or a model spec (named default, folder, .gguf, hub id)")

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunelab.interop.keys import TOP_LEVEL_HINTS
 from tunelab.plugins import STAGES
 
 
@@ -77,20 +78,73 @@ class ColumnsConfig(Section):
     prompt: str = Field("prompt", description="preference format: the prompt (text or messages).")
     chosen: str = Field("chosen", description="preference format: the preferred reply (text, a message or messages).")
     rejected: str = Field("rejected", description="preference format: the other reply.")
+    completion: str = Field(
+        "completion", description="prompt_completion format (TRL): the reply (text or messages) after `prompt`."
+    )
+    tools: str = Field(
+        "tools",
+        description="chat format: the tool definitions (a JSON list, or its text) of a tool-calling row, "
+        "rendered by the chat template (LLaMA-Factory's `tools` column).",
+    )
+
+
+FORMATS = ("auto", "instruction", "chat", "prompt_completion", "text", "preference")
+# other toolkits' names for our formats (LLaMA-Factory's `formatting`, TRL's and OpenAI's words)
+FORMAT_ALIASES = {"alpaca": "instruction", "sharegpt": "chat", "messages": "chat", "openai": "chat",
+                  "conversational": "chat", "completion": "prompt_completion", "pretrain": "text",
+                  "ranking": "preference", "pairwise": "preference"}  # fmt: skip
+Format = Literal["auto", "instruction", "chat", "prompt_completion", "text", "preference"]
+
+
+def _format_alias(value):
+    return FORMAT_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
+class DataSource(Section):
+    """One training data set of several (`data.train` as a list): a file, a hub id or a name in
+    `data.dataset_info`, with its own format and columns, and how much of it goes into the mix."""
+
+    path: str = Field(description="A file, a hub id, or a dataset name of the `data.dataset_info` registry.")
+    format: Format | None = Field(None, description="This data set's format; null = `data.format`.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Column names of this data set that differ from `data.columns`."
+    )
+    limit: int | None = Field(None, ge=1, description="Use at most the first N rows of this set.")
+    samples: int | None = Field(
+        None, ge=1, description="Take this many rows (a seeded sample; repeated when the set is smaller)."
+    )
+    weight: float | None = Field(
+        None, gt=0, description="Scale the set's rows by this factor (seeded; 0.5 = half, 2 = each row twice)."
+    )
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _alias(cls, value):
+        return _format_alias(value)
 
 
 class DataConfig(Section):
-    train: str | None = Field(
+    train: str | list[str | DataSource] | None = Field(
         None,
-        description="Training data: a .json/.jsonl/.csv/.tsv file (optionally .gz) or a `datasets` hub id.",
+        description="Training data: a .json/.jsonl/.csv/.tsv file (optionally .gz), a `datasets` hub id, a name "
+        "in `dataset_info`, or a list of these (each a name or {path, format, columns, samples, weight}) mixed "
+        "into one seeded set.",
     )
     validation: str | None = Field(None, description="Validation file or hub id; else split off `val_fraction`.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of train held out when no validation file.")
-    format: Literal["instruction", "chat", "text", "preference"] = Field(
-        "instruction",
-        description="instruction (alpaca), chat (messages / ShareGPT), text (continued pre-training) or "
-        "preference (prompt + chosen / rejected replies: {prompt, chosen, rejected}, hh-rlhf transcripts, "
-        "ShareGPT with chosen / rejected; stages reward and dpo).",
+    format: Format = Field(
+        "auto",
+        description="auto (detected per file from its columns, and logged), instruction (alpaca), chat "
+        "(OpenAI messages / ShareGPT, tool calls included), prompt_completion (TRL {prompt, completion}, "
+        "text or messages), text (continued pre-training) or preference (prompt + chosen / rejected replies: "
+        "{prompt, chosen, rejected}, hh-rlhf transcripts, ShareGPT with chosen / rejected; stages reward and "
+        "dpo). alpaca, sharegpt, openai and completion are accepted as other names.",
+    )
+    dataset_info: str | None = Field(
+        None,
+        description="A LLaMA-Factory dataset registry (dataset_info.json, or the folder holding it) that "
+        "resolves the names in `train` / `validation` to files with their formatting, columns and tags; "
+        "null = ./data/dataset_info.json when a name is not a file.",
     )
     columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Column mapping.")
     hub_split: str = Field("train", description="Split to read for hub ids.")
@@ -100,6 +154,11 @@ class DataConfig(Section):
     train_on_prompt: bool = Field(False, description="Also put loss on prompt tokens (default: response tokens only).")
     packing: bool = Field(False, description="Pack several examples into one row of max_length tokens.")
     system_prompt: str | None = Field(None, description="A system message added to every example.")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _alias(cls, value):
+        return _format_alias(value)
 
 
 # ------------------------------------------------------------------------------------------ task
@@ -376,12 +435,14 @@ def _build_config_class():
 
         @model_validator(mode="after")
         def _check(self):
-            if self.stage == "pretrain" and self.data.format != "text":
-                raise ValueError("stage: pretrain needs data.format: text")
-            if self.stage == "mlm" and self.data.format != "text":
-                raise ValueError("stage: mlm needs data.format: text")
-            if self.stage in ("reward", "dpo") and self.data.format != "preference":
-                raise ValueError(f"stage: {self.stage} needs data.format: preference (chosen / rejected pairs)")
+            if self.stage == "pretrain" and self.data.format not in ("text", "auto"):
+                raise ValueError("stage: pretrain needs data.format: text (or auto)")
+            if self.stage == "mlm" and self.data.format not in ("text", "auto"):
+                raise ValueError("stage: mlm needs data.format: text (or auto)")
+            if self.stage in ("reward", "dpo") and self.data.format not in ("preference", "auto"):
+                raise ValueError(
+                    f"stage: {self.stage} needs data.format: preference or auto (chosen / rejected pairs)"
+                )
             if self.data.format == "preference" and self.stage in ("sft", "pretrain", "mlm"):
                 raise ValueError("data.format: preference is for stage: reward or stage: dpo; set the stage")
             if self.stage == "reward" and _capabilities(self.method.name).virtual_tokens == "past_key_values":
@@ -538,8 +599,12 @@ def format_validation_error(
         at = None if item else yaml_line(text, file_loc)
         where = f" (--set {item})" if item else f" (line {at})" if at else ""
         if e["type"] == "extra_forbidden":
-            near = _nearest(str(loc[-1]), loc)
-            hint = f" Did you mean '{near}'?" if near else ""
+            near = TOP_LEVEL_HINTS.get(str(loc[-1])) if len(loc) == 1 else None
+            if near:  # a flat key of LLaMA-Factory / Axolotl: name our key, and the converter
+                hint = f" Did you mean '{near}'? (a LLaMA-Factory / Axolotl key; `tunelab convert FILE` translates such files)"
+            else:
+                near = _nearest(str(loc[-1]), loc)
+                hint = f" Did you mean '{near}'?" if near else ""
             lines.append(f"  - unknown key '{shown}'{where}.{hint}")
         elif e["type"] == "union_tag_invalid":
             from tunelab.methods.registry import names
@@ -687,7 +752,8 @@ def reference_markdown() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 continue
             default = f.default if f.default_factory is None else f.default_factory()
-            rows.append(f"| `{prefix}{key}` | `{default!r}` | {f.description or ''} |")
+            shown = "required" if f.is_required() else f"`{default!r}`"
+            rows.append(f"| `{prefix}{key}` | {shown} | {f.description or ''} |")
         return rows
 
     out = [
@@ -705,6 +771,7 @@ def reference_markdown() -> str:
         ("model", ModelConfig),
         ("data", DataConfig),
         ("data.columns", ColumnsConfig),
+        ("data.train[]", DataSource),
         ("task", TaskConfig),
         ("training", TrainingConfig),
         ("dpo", DPOConfig),

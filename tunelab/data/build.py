@@ -11,7 +11,7 @@ from tunelab.data.errors import DataError, where
 from tunelab.data.formats import row_to_messages, row_to_text
 from tunelab.data.packing import pack
 from tunelab.data.readers import Row
-from tunelab.data.tasks import read_source
+from tunelab.data.sources import read_all, source_config
 from tunelab.data.templating import IGNORE, render_example
 
 log = logging.getLogger("tunelab.data")
@@ -34,20 +34,20 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Ro
     return order[n_val:], order[:n_val]
 
 
-def read_split(cfg: DataConfig, seed: int) -> tuple[list[Row], list[Row], int]:
+def read_split(cfg: DataConfig, seed: int, stage: str = "sft") -> tuple[list[Row], list[Row], int]:
     """(train rows, validation rows, rows read): `data.validation` when set, else the `val_fraction`
     of `data.train` held out with `seed`. The one place that decides which rows a run never trains on."""
     if not cfg.train:
         raise DataError("data.train is not set: give a .json/.jsonl/.csv/.tsv file or a hub dataset id.")
-    rows = read_source(cfg.train, hub_split=cfg.hub_split, hub_config=cfg.hub_config)[: cfg.limit]
+    rows = read_all(cfg, seed, stage)[: cfg.limit]
     if not rows:
-        raise DataError(f"{cfg.train}: no rows to train on.")
+        raise DataError(f"{_name(cfg.train)}: no rows to train on.")
     if not cfg.validation:
         train_rows, val_rows = split_rows(rows, cfg.val_fraction, seed)
         return train_rows, val_rows, len(rows)
     # the same hub id for both: take its "validation" split rather than train twice
     split = "validation" if cfg.validation == cfg.train else cfg.hub_split
-    val_rows = read_source(cfg.validation, hub_split=split, hub_config=cfg.hub_config)
+    val_rows = read_all(cfg, seed, stage, entries=[cfg.validation], hub_split=split)
     train_rows, _ = split_rows(rows, 0.0, seed)
     return train_rows, val_rows, len(rows) + len(val_rows)
 
@@ -60,27 +60,28 @@ def check_rows(cfg: DataConfig, seed: int, stage: str = "sft") -> None:
     """Read the rows and map each to messages (or text), without a tokenizer: a bad file is reported before
     the model loads (minutes, for a large one) rather than after. The next build_datasets with the same
     settings takes these rows instead of reading the files again."""
-    if stage == "pretrain" and cfg.format != "text":
+    if stage == "pretrain" and cfg.format not in ("text", "auto"):
         raise DataError("stage: pretrain trains on raw text; set data.format: text.")
-    split = read_split(cfg, seed)
-    to_model_input = row_to_text if cfg.format == "text" else row_to_messages
+    split = read_split(cfg, seed, stage)
     for file, number, row in split[0] + split[1]:
-        to_model_input(row, cfg, where(file, number))
+        c = source_config(file, cfg)
+        to_model_input = row_to_text if c.format == "text" else row_to_messages
+        to_model_input(row, c, where(file, number))
     _CHECKED.clear()
     _CHECKED[(cfg.model_dump_json(), seed)] = split
 
 
 def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") -> DataBundle:
-    if stage == "pretrain" and cfg.format != "text":
+    if stage == "pretrain" and cfg.format not in ("text", "auto"):
         raise DataError("stage: pretrain trains on raw text; set data.format: text.")
     checked = _CHECKED.pop((cfg.model_dump_json(), seed), None)
-    train_rows, val_rows, rows_read = checked or read_split(cfg, seed)
+    train_rows, val_rows, rows_read = checked or read_split(cfg, seed, stage)
     counts = {"truncated": 0, "dropped": 0}
     train = _encode_all(train_rows, cfg, tokenizer, counts)
     val = _encode_all(val_rows, cfg, tokenizer, counts)
     if not train:
         raise DataError(
-            f"{cfg.train}: no training example has response tokens left after truncation to "
+            f"{_name(cfg.train)}: no training example has response tokens left after truncation to "
             f"data.max_length={cfg.max_length}. Raise data.max_length."
         )
     if counts["dropped"]:
@@ -107,7 +108,7 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") ->
 def _encode_all(rows: list[Row], cfg: DataConfig, tokenizer, counts: dict) -> list[dict]:
     out = []
     for file, number, row in rows:
-        ex = render_example(row, cfg, tokenizer, where=where(file, number))
+        ex = render_example(row, source_config(file, cfg), tokenizer, where=where(file, number))
         if len(ex["input_ids"]) > cfg.max_length:
             counts["truncated"] += 1
             ex = {k: v[: cfg.max_length] for k, v in ex.items()}
@@ -117,3 +118,10 @@ def _encode_all(rows: list[Row], cfg: DataConfig, tokenizer, counts: dict) -> li
             continue
         out.append(ex)
     return out
+
+
+def _name(train) -> str:
+    """data.train in a message: the file, or the list of sources."""
+    if isinstance(train, list):
+        return ", ".join(t if isinstance(t, str) else t.path for t in train)
+    return str(train)

@@ -17,14 +17,30 @@ import bisect
 
 from tunelab.config import DataConfig
 from tunelab.data.errors import DataError
-from tunelab.data.formats import row_to_messages, row_to_text
+from tunelab.data.formats import resolved, row_to_messages, row_to_text, row_tools
 
 IGNORE = -100
 
 
-def render_text(messages: list[dict], tokenizer, *, add_generation_prompt: bool, where: str = "example") -> str:
+def supports_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a `tools` list (it reads the variable)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = " ".join(template.values())
+    return isinstance(template, str) and "tools" in template
+
+
+def render_text(messages: list[dict], tokenizer, *, add_generation_prompt: bool, where: str = "example",
+                tools: list | None = None) -> str:  # fmt: skip
+    if tools and not supports_tools(tokenizer):
+        raise DataError(
+            f"{where}: the row has tools, but the tokenizer's chat template does not support tools (it never "
+            "reads `tools`); use a model whose template renders tool definitions, or drop the tools column."
+        )
+    kwargs = {"tools": tools} if tools else {}
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **kwargs)  # fmt: skip
     except Exception as e:  # jinja errors, e.g. a template that refuses a system message
         raise DataError(f"{where}: the tokenizer's chat template failed on this conversation: {e}") from None
 
@@ -35,15 +51,16 @@ def build_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template already holds any bos
 
 
-def response_spans(messages: list[dict], tokenizer, where: str = "example") -> tuple[str, list[tuple[int, int]]]:
+def response_spans(messages: list[dict], tokenizer, where: str = "example",
+                   tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:  # fmt: skip
     """The full rendering and the character spans [start, end) of each assistant reply."""
-    full = render_text(messages, tokenizer, add_generation_prompt=False, where=where)
+    full = render_text(messages, tokenizer, add_generation_prompt=False, where=where, tools=tools)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = render_text(messages[:i], tokenizer, add_generation_prompt=True, where=where)
-        end = render_text(messages[: i + 1], tokenizer, add_generation_prompt=False, where=where)
+        start = render_text(messages[:i], tokenizer, add_generation_prompt=True, where=where, tools=tools)
+        end = render_text(messages[: i + 1], tokenizer, add_generation_prompt=False, where=where, tools=tools)
         if not (end.startswith(start) and full.startswith(end)):
             raise DataError(
                 f"{where}: this tokenizer's chat template renders earlier turns differently once later turns "
@@ -55,9 +72,10 @@ def response_spans(messages: list[dict], tokenizer, where: str = "example") -> t
 
 
 def encode_messages(messages: list[dict], tokenizer, *, train_on_prompt: bool = False, where: str = "example",
-                    use_offsets: bool | None = None) -> dict:
-    """Messages -> {"input_ids", "labels"}: loss on every assistant reply (and its end of turn) only."""
-    full, spans = response_spans(messages, tokenizer, where)
+                    use_offsets: bool | None = None, tools: list | None = None) -> dict:
+    """Messages -> {"input_ids", "labels"}: loss on every assistant reply (and its end of turn) only;
+    `tools` (tool definitions) are rendered by the chat template when it supports them."""
+    full, spans = response_spans(messages, tokenizer, where, tools)
     if not spans:
         raise DataError(f"{where}: the conversation has no assistant message, so there is nothing to learn.")
     if use_offsets is None:
@@ -107,7 +125,9 @@ def encode_text(text: str, tokenizer) -> dict:
 
 def render_example(row: dict, cfg: DataConfig, tokenizer, *, where: str = "row") -> dict:
     """One data row -> {"input_ids", "labels"} (not truncated; labels are -100 where there is no loss)."""
+    cfg = resolved(row, cfg, where)
     if cfg.format == "text":
         return encode_text(row_to_text(row, cfg, where), tokenizer)
     messages = row_to_messages(row, cfg, where)
-    return encode_messages(messages, tokenizer, train_on_prompt=cfg.train_on_prompt, where=where)
+    return encode_messages(messages, tokenizer, train_on_prompt=cfg.train_on_prompt, where=where,
+                           tools=row_tools(row, cfg, where))  # fmt: skip

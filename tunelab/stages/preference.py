@@ -7,38 +7,58 @@ pass scores both.
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 from tunelab.data import DataBundle, split_rows
 from tunelab.data.errors import DataError
 from tunelab.data.preference import collate_pairs, encode_preference, read_preference_pairs
+from tunelab.data.sources import resolve
 
 # check_pairs' reading, kept for the pairs_data call that follows it (one entry: the run being started)
 _CHECKED: dict = {}
 
 
-def _read_pairs(d) -> tuple[list[dict], dict, list[dict] | None]:
+def _read_pairs(d, seed: int = 0) -> tuple[list[dict], dict, list[dict] | None]:
     """(train pairs, stats, validation pairs or None) of a data section."""
     if not d.train:
         raise DataError("data.train is not set: give a preference file ({prompt, chosen, rejected}, hh-rlhf or "
                         "ShareGPT with chosen / rejected).")  # fmt: skip
     hub = {"hub_split": d.hub_split, "hub_config": d.hub_config}
-    pairs, stats = read_preference_pairs(d.train, d.columns, d.limit, **hub)
+    pairs, stats = _read_sources(d, d.train, hub, seed)
+    pairs = pairs[: d.limit]
     if not d.validation:
         return pairs, stats, None
-    val_pairs, vstats = read_preference_pairs(d.validation, d.columns, None, **hub)
+    val_pairs, vstats = _read_sources(d, [d.validation], hub, seed)
     return pairs, {k: stats[k] + vstats[k] for k in stats}, val_pairs
+
+
+def _read_sources(d, entries, hub, seed) -> tuple[list[dict], dict]:
+    """The pairs of every source of `entries` (a file, a registry name, or a list), each with its columns;
+    limit / samples / weight applied per source (seeded)."""
+    pairs, stats = [], {"rows_read": 0, "skipped": 0, "identical": 0}
+    for src in resolve(d, "dpo", entries):
+        limit = src.limit or (d.limit if not isinstance(entries, list) else None)
+        part, s = read_preference_pairs(src.path, src.cfg.columns, limit, **hub)
+        n = src.samples if src.samples else round(len(part) * src.weight) if src.weight else None
+        if n is not None:
+            whole, rest = divmod(n, len(part))
+            part = part * whole + random.Random(f"{seed}:{src.path}").sample(part, rest)
+        pairs += part
+        stats = {k: stats[k] + s[k] for k in stats}
+    return pairs, stats
 
 
 def check_pairs(cfg) -> None:
     """Stage.check_data: the pairs read and checked before the model loads; pairs_data then takes them."""
     _CHECKED.clear()
-    _CHECKED[cfg.data.model_dump_json()] = _read_pairs(cfg.data)
+    _CHECKED[cfg.data.model_dump_json()] = _read_pairs(cfg.data, cfg.training.seed)
 
 
 def pairs_data(cfg, tokenizer) -> DataBundle:
     d = cfg.data
-    pairs, stats, val_pairs = _CHECKED.pop(d.model_dump_json(), None) or _read_pairs(d)
+    pairs, stats, val_pairs = _CHECKED.pop(d.model_dump_json(), None) or _read_pairs(d, cfg.training.seed)
     if val_pairs is not None:
         train_pairs = pairs
     else:

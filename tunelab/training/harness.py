@@ -208,7 +208,7 @@ def run_settings(cfg) -> dict:
     # resumes a 2-process run in one process with twice the batch_size: the same batches)
     out["training.batch_size x processes"] = t.batch_size * distributed.world_size()
     out.update({"training.seed": t.seed, "training.grad_accum": t.grad_accum})
-    sources = {"data.train": cfg.data.train, "data.validation": cfg.data.validation, "data.limit": cfg.data.limit,
+    sources = {"data.train": cfg.data.model_dump(mode="json")["train"], "data.validation": cfg.data.validation, "data.limit": cfg.data.limit,
                "task.name": cfg.task.name, "task.train_file": cfg.task.train_file, "task.dev_file": cfg.task.dev_file,
                "ppo.prompts": cfg.ppo.prompts}  # fmt: skip
     for key, value in sources.items():

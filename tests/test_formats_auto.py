@@ -1,0 +1,139 @@
+"""data.format: auto: each format of another toolkit's data detected from small fixture files (and logged),
+dataset_info.json registries, lists of sources with limit / samples / weight, tool-calling rows."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from tunelab.config import DataConfig, DataSource
+from tunelab.data import DataError
+from tunelab.data.build import build_datasets, check_rows
+from tunelab.data.formats import detect_format, row_to_messages
+from tunelab.data.sources import read_all, source_config
+from tunelab.data.tasks import shared_data_dir
+
+ROWS = {
+    "instruction": {"instruction": "Add 2 and 3.", "input": "", "output": "5"},
+    "chat": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+    "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
+    "prompt_completion": {"prompt": "The sky is", "completion": " blue."},
+    "prompt_completion_conv": {"prompt": [{"role": "user", "content": "Hi"}],
+                               "completion": [{"role": "assistant", "content": "Hello!"}]},  # fmt: skip
+    "preference": {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
+    "sharegpt_preference": {"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello!"},
+                            "rejected": {"from": "gpt", "value": "No."}},  # fmt: skip
+}
+DETECTED = {"instruction": "instruction", "chat": "chat", "sharegpt": "chat", "prompt_completion": "prompt_completion",
+            "prompt_completion_conv": "prompt_completion", "preference": "preference",
+            "sharegpt_preference": "preference"}  # fmt: skip
+TOOL_ROW = {
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": json.dumps({"temp": 21})},
+        {"from": "gpt", "value": "It is 21 degrees."},
+    ],
+    "tools": json.dumps([{"name": "weather", "description": "Weather of a city",
+                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]),
+}  # fmt: skip
+
+
+def _write(tmp_path, name, rows, suffix=".jsonl"):
+    p = tmp_path / f"{name}{suffix}"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows) if suffix == ".jsonl" else json.dumps(rows))
+    return str(p)
+
+
+@pytest.mark.parametrize("kind", sorted(ROWS))
+def test_detected_per_file(kind, tmp_path, caplog):
+    path = _write(tmp_path, kind, [ROWS[kind]] * 3)
+    stage = "dpo" if DETECTED[kind] == "preference" else "sft"
+    cfg = DataConfig(train=path)
+    with caplog.at_level(logging.INFO, logger="tunelab.data"):
+        rows = read_all(cfg, 0, stage)
+    assert source_config(path, cfg).format == DETECTED[kind]
+    assert f"detected format {DETECTED[kind]}" in caplog.text
+    if stage == "sft":
+        msgs = row_to_messages(rows[0][2], source_config(path, cfg))
+        assert msgs[-1]["role"] == "assistant"
+
+
+def test_text_for_pretrain_and_refused_for_sft(tmp_path):
+    path = _write(tmp_path, "text", [{"text": "once upon a time"}] * 2)
+    assert source_config(path, DataConfig(train=path)).format == "auto"
+    read_all(DataConfig(train=path), 0, "pretrain")
+    assert source_config(path, DataConfig(train=path)).format == "text"
+    with pytest.raises(DataError, match=r"text\.jsonl line 1: a text row"):
+        check_rows(DataConfig(train=path), 0, "sft")
+
+
+def test_unknown_columns_are_named(tmp_path):
+    path = _write(tmp_path, "odd", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"odd\.jsonl line 1: cannot tell the format from the columns \['answer', 'question'\]"):
+        check_rows(DataConfig(train=path), 0)
+
+
+def test_explicit_formats_and_aliases_still_work(tmp_path):
+    path = _write(tmp_path, "a", [ROWS["instruction"]])
+    assert DataConfig(format="alpaca").format == "instruction"
+    assert DataConfig(format="sharegpt").format == "chat" and DataConfig(format="completion").format == "prompt_completion"
+    check_rows(DataConfig(train=path, format="instruction"), 0)
+    with pytest.raises(DataError, match="field 'messages' is missing"):
+        check_rows(DataConfig(train=path, format="chat"), 0)
+
+
+def test_mixing_is_seeded(tmp_path):
+    a = _write(tmp_path, "a", [dict(ROWS["instruction"], output=str(i)) for i in range(10)])
+    b = _write(tmp_path, "b", [ROWS["chat"]] * 4)
+    train = [DataSource(path=a, samples=3), DataSource(path=b, weight=2.0), DataSource(path=a, limit=2)]
+    cfg = DataConfig(train=train)
+    rows = read_all(cfg, 7, "sft")
+    assert len(rows) == 3 + 8 + 2
+    assert rows == read_all(cfg, 7, "sft") and rows != read_all(cfg, 8, "sft")
+    check_rows(cfg, 7)
+
+
+def test_tool_rows_render_with_a_template_that_supports_tools(tmp_path):
+    from tunelab.testing import tiny_tokenizer
+
+    path = _write(tmp_path, "tools", [TOOL_ROW] * 2)
+    cfg = DataConfig(train=path, val_fraction=0.0)
+    tok = tiny_tokenizer()
+    with pytest.raises(DataError, match="does not support tools"):
+        build_datasets(cfg, tok, 0)
+    tok.chat_template = (
+        "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+        "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% endif %}{{ m.content }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    bundle = build_datasets(cfg, tok, 0)
+    text = tok.decode(bundle.train[0]["input_ids"])
+    assert '"name": "weather"' in text and "<tool_call>" in text and "<|im_start|>tool" in text
+    learned = tok.decode([t for t in bundle.train[0]["labels"] if t != -100])
+    assert "<tool_call>" in learned and "21 degrees" in learned and "Weather in Paris" not in learned
+
+
+@pytest.mark.skipif(not (shared_data_dir() / "llamafactory-demo").is_dir(), reason="shared data absent")
+def test_dataset_info_registry(tmp_path, caplog):
+    demo = shared_data_dir() / "llamafactory-demo"
+    info = shared_data_dir().parent / "peer-configs" / "llamafactory" / "data__dataset_info.json"
+    if not info.is_file():
+        pytest.skip("peer-configs absent")
+    shutil.copy(info, tmp_path / "dataset_info.json")
+    for f in ("alpaca_en_demo.json", "dpo_en_demo.json"):
+        shutil.copy(demo / f, tmp_path / f)
+    cfg = DataConfig(train=["alpaca_en_demo"], dataset_info=str(tmp_path))
+    rows = read_all(cfg, 0, "sft")
+    assert len(rows) == len(json.loads((demo / "alpaca_en_demo.json").read_text()))
+    assert source_config(str(tmp_path / "alpaca_en_demo.json"), cfg).format == "instruction"
+    pref = DataConfig(train="dpo_en_demo", dataset_info=str(tmp_path / "dataset_info.json"))
+    read_all(pref, 0, "dpo")
+    assert source_config(str(tmp_path / "dpo_en_demo.json"), pref).format == "preference"
+    with pytest.raises(DataError, match="no data set named 'alpaca_demo'. Did you mean"):
+        read_all(DataConfig(train="alpaca_demo", dataset_info=str(tmp_path)), 0)
+    assert detect_format(ROWS["chat"], DataConfig()) == "chat"

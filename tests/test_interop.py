@@ -1,0 +1,204 @@
+"""Other toolkits' configs: every LLaMA-Factory and Axolotl example in ../shared/peer-configs is translated
+(its keys checked), and those whose stage tunelab has run 2 steps on a tiny model with local demo data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunelab.config import ConfigError, load_config
+from tunelab.data.tasks import shared_data_dir
+from tunelab.interop import keys
+from tunelab.interop.convert import convert_file, detect, load_any, translate
+
+PEERS = shared_data_dir().parent / "peer-configs"
+DEMO = shared_data_dir() / "llamafactory-demo"
+needs_peers = pytest.mark.skipif(not (PEERS.is_dir() and DEMO.is_dir()), reason="shared/peer-configs absent")
+CONFIGS = sorted(p.name for p in PEERS.glob("*/*.y*ml")) if PEERS.is_dir() else []
+REFUSED = {  # file -> the words of its named error
+    "train_lora__qwen3_lora_kto.yaml": "stage 'kto' is not supported",
+    "llama-3__qlora-1b-kto.yaml": "stage 'kto' is not supported",
+    "merge_lora__qwen3_lora_sft.yaml": "merge / export config",
+}
+EXPECTED = {  # file -> (stage, method)
+    "extras__llama_pro__llama3_freeze_sft.yaml": ("sft", "freeze"),
+    "extras__loraplus__llama3_lora_sft.yaml": ("sft", "lora"),
+    "extras__pissa__llama3_lora_sft.yaml": ("sft", "lora"),
+    "train_full__qwen3_full_sft.yaml": ("sft", "full"),
+    "train_lora__qwen3_lora_dpo.yaml": ("dpo", "lora"),
+    "train_lora__qwen3_lora_pretrain.yaml": ("pretrain", "lora"),
+    "train_lora__qwen3_lora_reward.yaml": ("reward", "lora"),
+    "train_lora__qwen3_lora_sft.yaml": ("sft", "lora"),
+    "train_qlora__qwen3_lora_sft_otfq.yaml": ("sft", "qlora"),
+    "archived__tiny-llama__lora.yml": ("sft", "lora"),
+    "archived__tiny-llama__pretrain.yml": ("pretrain", "full"),
+    "gemma3__gemma-3-270m-qlora.yml": ("sft", "qlora"),
+    "llama-3__3b-qat-fsdp2.yaml": ("sft", "qat"),
+    "llama-3__fft-8b.yaml": ("sft", "full"),
+    "llama-3__instruct-dpo-lora-8b.yml": ("dpo", "lora"),
+    "llama-3__lora-1b.yml": ("sft", "lora"),
+    "llama-3__qlora-1b.yml": ("sft", "qlora"),
+}
+
+
+def _path(name: str) -> Path:
+    return next(PEERS.glob(f"*/{name}"))
+
+
+def _raw(name: str) -> dict:
+    return yaml.safe_load(_path(name).read_text(encoding="utf-8"))
+
+
+@needs_peers
+def test_every_peer_config_is_covered():
+    assert set(CONFIGS) == set(REFUSED) | set(EXPECTED)
+
+
+@needs_peers
+@pytest.mark.parametrize("name", CONFIGS)
+def test_translation(name):
+    raw = _raw(name)
+    assert detect(raw) == ("llamafactory" if "model_name_or_path" in raw else "axolotl")
+    if name in REFUSED:
+        with pytest.raises(ConfigError, match=REFUSED[name]):
+            convert_file(str(_path(name)))
+        return
+    t = convert_file(str(_path(name)))
+    handled = {k for k, _, _ in t.mapped} | {k.split(".")[0].split("[")[0] for k, _ in t.ignored}
+    assert set(raw) <= handled, set(raw) - handled  # every key is mapped or ignored with a reason
+    cfg = load_config(t.config)
+    assert (cfg.stage, cfg.method.name) == EXPECTED[name]
+    c = t.config
+    if "model_name_or_path" in raw:
+        assert cfg.model.name == raw["model_name_or_path"]
+        assert cfg.training.batch_size == raw["per_device_train_batch_size"]
+        assert cfg.training.grad_accum == raw["gradient_accumulation_steps"]
+        assert cfg.training.lr == raw["learning_rate"] and cfg.training.epochs == raw["num_train_epochs"]
+        assert cfg.training.log_every == raw["logging_steps"] and cfg.training.save_every == raw["save_steps"]
+        assert cfg.data.max_length == raw["cutoff_len"] and cfg.output_dir == raw["output_dir"]
+        assert [s.path for s in cfg.data.train] == raw["dataset"].split(",")
+        assert all(s.limit == raw["max_samples"] for s in cfg.data.train)
+        assert cfg.model.trust_remote_code is True
+        ignored = dict(t.ignored)
+        assert "dtype" in ignored["bf16"] and "ddp_timeout" in ignored
+        if cfg.method.name in ("lora", "qlora"):
+            assert cfg.method.r == raw["lora_rank"] and cfg.method.alpha == 2 * raw["lora_rank"]
+            assert cfg.method.target_modules == "all-linear"
+        if name.startswith("extras__loraplus"):
+            assert "LoRA+" in ignored["loraplus_lr_ratio"]
+        if name.startswith("extras__pissa"):
+            assert "PiSSA" in ignored["pissa_init"]
+        if cfg.method.name == "freeze":
+            assert cfg.method.last_k == raw["freeze_trainable_layers"] and cfg.method.modules == []
+    else:
+        assert cfg.model.name == raw["base_model"]
+        assert cfg.training.batch_size == raw["micro_batch_size"]
+        assert cfg.training.grad_accum == raw["gradient_accumulation_steps"]
+        assert cfg.data.max_length == raw["sequence_len"] and cfg.data.packing == raw["sample_packing"]
+        assert cfg.data.val_fraction == (raw.get("val_set_size") or 0.0)
+        if cfg.method.name in ("lora", "qlora"):
+            assert cfg.method.r == raw["lora_r"] and cfg.method.alpha == raw["lora_alpha"]
+            want = "all-linear" if raw.get("lora_target_linear") else raw["lora_target_modules"]
+            assert cfg.method.target_modules == want
+        sets = raw.get("datasets") or raw.get("pretraining_dataset")
+        assert [s.path for s in cfg.data.train] == [d["path"] for d in sets]
+        if name.startswith("llama-3__3b-qat"):
+            assert c["method"]["group_size"] == 32 and "fsdp" in dict(t.ignored)
+
+
+def _local(name: str, tmp: Path, tiny: str) -> dict:
+    """The config with a tiny model, local demo data, 2 steps and small batches swapped in."""
+    raw = _raw(name)
+    data = tmp / "data"
+    data.mkdir(exist_ok=True)
+    shutil.copy(PEERS / "llamafactory" / "data__dataset_info.json", data / "dataset_info.json")
+    for f in ("alpaca_en_demo.json", "dpo_en_demo.json"):
+        shutil.copy(DEMO / f, data / f)
+    shutil.copy(DEMO / "alpaca_en_demo.json", data / "identity.json")  # not local: alpaca_en_demo stands in
+    rows = json.loads((DEMO / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:16]
+    (data / "c4_demo.jsonl").write_text("".join(json.dumps({"text": r["output"]}) + "\n" for r in rows))
+    (data / "chat.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": r["instruction"]},
+                                                                    {"from": "gpt", "value": r["output"]}]}
+                                                 for r in rows]))  # fmt: skip
+    if "model_name_or_path" in raw:
+        raw.update(model_name_or_path=tiny, dataset_dir=str(data), max_samples=8, max_steps=2, cutoff_len=128,
+                   gradient_accumulation_steps=1, output_dir=str(tmp / "run"), trust_remote_code=False)
+    else:
+        for d in raw.get("datasets") or raw.get("pretraining_dataset"):
+            kind = str(d.get("type"))
+            if raw.get("rl"):
+                d.update(path=str(data / "dpo_en_demo.json"), field_messages="conversations")
+            elif raw.get("pretraining_dataset"):
+                d["path"] = str(data / "c4_demo.jsonl")
+            elif kind.startswith("chat_template"):
+                d["path"] = str(data / "chat.json")
+            else:
+                d["path"] = str(data / "alpaca_en_demo.json")
+            d.pop("split", None)
+        raw.update(base_model=tiny, max_steps=2, sequence_len=128, micro_batch_size=1, gradient_accumulation_steps=1,
+                   output_dir=str(tmp / "run"), val_set_size=0.1)
+    return raw
+
+
+@needs_peers
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_runs_two_steps(name, tmp_path):
+    from tunelab.testing import save_tiny_model_dir
+    from tunelab.training import train
+
+    tiny = save_tiny_model_dir(tmp_path / "tiny")
+    raw = _local(name, tmp_path, tiny)
+    path = tmp_path / "their.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cfg, t = load_any(str(path), ["training.threads=1"], report=None)
+    assert t is not None and (cfg.stage, cfg.method.name) == EXPECTED[name]
+    result = train(cfg)
+    assert result.metrics["steps"] == 2 if "steps" in result.metrics else (Path(result.final_dir)).is_dir()
+
+
+def test_top_level_hints_name_our_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("lora_target: all\nlogging_steps: 5\nadapter: lora\nmodel:\n  name: x\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    msg = str(e.value)
+    assert "'lora_target' (line 1). Did you mean 'method.target_modules'?" in msg
+    assert "Did you mean 'training.log_every'?" in msg and "Did you mean 'method.name'?" in msg
+    assert "'stage'" not in msg
+
+
+def test_a_tunelab_config_is_not_translated():
+    assert translate({"model": {"name": "x"}, "method": {"name": "lora"}}) is None
+    assert detect({"stage": "sft", "data": {"train": "a.json"}}) is None
+
+
+def test_unsupported_values_are_named():
+    base = {"model_name_or_path": "m", "stage": "sft", "dataset": "a"}
+    for extra, words in (({"finetuning_type": "oft"}, "finetuning_type"), ({"quantization_bit": 8}, "4 bit"),
+                         ({"stage": "ppo"}, "ppo"), ({"pref_loss": "orpo"}, "sigmoid")):  # fmt: skip
+        with pytest.raises(ConfigError, match=words):
+            translate({**base, **extra})
+    with pytest.raises(ConfigError, match="rl: 'orpo'"):
+        translate({"base_model": "m", "datasets": [{"path": "a", "type": "alpaca"}], "rl": "orpo"})
+
+
+def test_cli_convert_prints_yaml_and_report(capsys):
+    if not PEERS.is_dir():
+        pytest.skip("shared/peer-configs absent")
+    from tunelab.cli import main
+
+    assert main(["convert", str(_path("train_lora__qwen3_lora_sft.yaml"))]) == 0
+    out, err = capsys.readouterr()
+    assert yaml.safe_load(out)["method"] == {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
+                                             "target_modules": "all-linear"}  # fmt: skip
+    assert "mapped:" in err and "ignored:" in err and "bf16" in err
+    assert main(["convert", str(_path("train_lora__qwen3_lora_kto.yaml"))]) == 2
+
+
+def test_docs_mapping_table_matches_the_code():
+    doc = (Path(__file__).parents[1] / "docs" / "interop.md").read_text(encoding="utf-8")
+    assert keys.mapping_markdown() in doc

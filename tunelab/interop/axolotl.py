@@ -1,0 +1,171 @@
+"""Axolotl's YAML (base_model, adapter, datasets: [{path, type}], micro_batch_size, rl ...) -> tunelab.
+
+Each entry of `datasets` becomes one item of `data.train` with its own format and columns:
+alpaca -> instruction; chat_template / sharegpt / chatml.* -> chat (field_messages -> columns.messages,
+their role / content property names are read as they are); completion -> text; with `rl: dpo`, chosen /
+rejected fields -> preference. `pretraining_dataset` -> stage pretrain on text.
+"""
+
+from __future__ import annotations
+
+from tunelab.interop.keys import AXOLOTL_IGNORED, AXOLOTL_MAPPED
+from tunelab.interop.translation import Translation
+
+TOOL = "Axolotl"
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
+RL = {"dpo": "sigmoid", "ipo": "ipo"}
+_SPECIAL = {"adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_linear",
+            "lora_target_modules", "unfrozen_parameters", "qat", "rl", "rl_beta", "datasets", "pretraining_dataset",
+            "test_datasets", "val_set_size", "lr_scheduler", "trust_remote_code"}  # fmt: skip
+
+
+def detect(raw: dict) -> bool:
+    return "base_model" in raw and any(
+        k in raw for k in ("datasets", "pretraining_dataset", "adapter", "micro_batch_size", "sequence_len")
+    )
+
+
+def translate(raw: dict, source: str = "config") -> Translation:
+    t = Translation(TOOL, source)
+    rl = raw.get("rl")
+    if rl and rl not in RL:
+        t.refuse("rl", rl, f"stage {rl!r} is not supported by tunelab; supported: sft (no rl), dpo, ipo")
+    stage = "dpo" if rl else "pretrain" if raw.get("pretraining_dataset") else "sft"
+    if rl:
+        t.map("rl", rl, "stage", "dpo")
+        t.set("dpo.loss_type", RL[rl])
+    else:
+        t.set("stage", stage)
+    if raw.get("rl_beta") is not None:
+        t.map("rl_beta", raw["rl_beta"], "dpo.beta")
+    _method(raw, t)
+    _data(raw, t, stage)
+    if "trust_remote_code" in raw:
+        t.map("trust_remote_code", raw["trust_remote_code"], "model.trust_remote_code",
+              note="your explicit setting, carried over: it runs the model repo's own code")  # fmt: skip
+    if raw.get("lr_scheduler") is not None:
+        v = raw["lr_scheduler"]
+        if v in SCHEDULERS:
+            t.map("lr_scheduler", v, "training.scheduler", SCHEDULERS[v])
+        else:
+            t.ignore("lr_scheduler", f"{v!r} is not one of tunelab's schedules (constant, linear, cosine): cosine")
+    for key, value in raw.items():
+        if key in _SPECIAL:
+            continue
+        if key in AXOLOTL_MAPPED:
+            if value is None:
+                t.ignore(key, "null: tunelab's default")
+            elif key == "num_epochs":
+                t.map(key, value, AXOLOTL_MAPPED[key], float(value))
+            else:
+                t.map(key, value, AXOLOTL_MAPPED[key])
+        elif key in AXOLOTL_IGNORED:
+            t.ignore(key, AXOLOTL_IGNORED[key])
+        else:
+            t.ignore(key, f"not an {TOOL} key tunelab knows")
+    return t
+
+
+def _method(raw: dict, t: Translation) -> None:
+    adapter = raw.get("adapter")
+    four_bit = bool(raw.get("load_in_4bit"))
+    if "load_in_4bit" in raw and not four_bit:
+        t.ignore("load_in_4bit", "false: the base stays unquantised")
+    if raw.get("qat"):
+        q = raw["qat"]
+        if adapter:
+            t.refuse("qat", q, "tunelab's qat trains every weight, not an adapter")
+        if q.get("weight_dtype", "int4") != "int4":
+            t.refuse("qat.weight_dtype", q.get("weight_dtype"), "tunelab's qat fake-quantises weights to 4 bit only")
+        t.map("qat", q, "method.name", "qat", note="weights fake-quantised to 4 bit; activations stay unquantised")
+        t.set("method.group_size", int(q.get("group_size", 32)))
+        if q.get("activation_dtype"):
+            t.ignore("qat.activation_dtype", "tunelab's qat fake-quantises the weights only")
+        return
+    if adapter in ("lora", "qlora"):
+        name = "qlora" if adapter == "qlora" or four_bit else "lora"
+        t.map("adapter", adapter, "method.name", name, note="load_in_4bit" if four_bit and adapter == "lora" else "")
+        if four_bit:
+            t.mapped.append(("load_in_4bit", raw["load_in_4bit"], f"method.name ({name})"))
+        for key, dotted, default in (("lora_r", "method.r", 8), ("lora_alpha", "method.alpha", 16),
+                                     ("lora_dropout", "method.dropout", 0.0)):  # fmt: skip
+            value = raw.get(key)
+            t.map(key, value, dotted, default if value is None else value,
+                  note=f"{TOOL}'s default" if value is None else "")  # fmt: skip
+        if raw.get("lora_target_linear"):
+            t.map("lora_target_linear", True, "method.target_modules", "all-linear")
+            if raw.get("lora_target_modules"):
+                t.ignore("lora_target_modules", "lora_target_linear: true already targets every linear layer")
+        elif raw.get("lora_target_modules"):
+            t.map("lora_target_modules", raw["lora_target_modules"], "method.target_modules",
+                  list(raw["lora_target_modules"]))  # fmt: skip
+        else:
+            t.set("method.target_modules", "all-linear")
+        if raw.get("unfrozen_parameters"):
+            t.ignore("unfrozen_parameters", "with an adapter only the adapter trains")
+    elif adapter:
+        t.refuse("adapter", adapter, "tunelab maps lora and qlora (and full fine-tuning when adapter is unset)")
+    elif raw.get("unfrozen_parameters"):
+        pats = list(raw["unfrozen_parameters"])
+        t.map("unfrozen_parameters", pats, "method.patterns", pats, note="method freeze with last_k 0")
+        t.set("method.name", "freeze")
+        t.set("method.last_k", 0)
+    else:
+        t.set("method.name", "full")
+        t.notes.append("no adapter: full fine-tuning (method full)")
+    if four_bit and not adapter:
+        t.refuse("load_in_4bit", True, "a 4-bit base trains an adapter only: set adapter: qlora")
+
+
+def _source(d: dict, t: Translation, stage: str, i: int) -> dict:
+    if not isinstance(d, dict) or "path" not in d:
+        t.refuse(f"datasets[{i}]", d, "each data set needs a path")
+    kind = str(d.get("type", "alpaca") if stage != "pretrain" else "pretrain")
+    out: dict = {"path": d["path"]}
+    cols: dict = {}
+    if kind == "pretrain" or kind == "completion":
+        out["format"] = "text"
+        if d.get("field"):
+            cols["text"] = d["field"]
+    elif kind == "alpaca":
+        out["format"] = "instruction"
+    elif kind.startswith("chat_template") or kind == "sharegpt" or kind.startswith("chatml") or kind.startswith("llama3"):
+        if stage == "dpo":
+            out["format"] = "preference"
+            for f, col in (("field_messages", "messages"), ("field_chosen", "chosen"), ("field_rejected", "rejected"),
+                           ("field_prompt", "prompt")):  # fmt: skip
+                if d.get(f):
+                    cols[col] = d[f]
+        else:
+            out["format"] = "chat"
+            cols["messages"] = d.get("field_messages", "conversations" if kind == "sharegpt" else "messages")
+        props = d.get("message_property_mappings") or {}
+        if props and (props.get("role"), props.get("content")) not in (("role", "content"), ("from", "value")):
+            t.refuse(f"datasets[{i}].message_property_mappings", props,
+                     "tunelab reads messages as role/content or from/value")  # fmt: skip
+    else:
+        t.refuse(f"datasets[{i}].type", kind, "tunelab maps alpaca, chat_template, sharegpt, chatml.*, completion "
+                 "and pretrain")  # fmt: skip
+    if cols:
+        out["columns"] = cols
+    for key in d:
+        if key not in ("path", "type", "field", "field_messages", "field_chosen", "field_rejected", "field_prompt",
+                       "message_property_mappings", "roles"):  # fmt: skip
+            t.ignore(f"datasets[{i}].{key}", "not read by tunelab (a local file or hub id is read whole, split train)")
+    return out
+
+
+def _data(raw: dict, t: Translation, stage: str) -> None:
+    key = "pretraining_dataset" if stage == "pretrain" else "datasets"
+    sets = raw.get(key) or []
+    if isinstance(sets, dict):
+        sets = [sets]
+    sources = [_source(d, t, stage, i) for i, d in enumerate(sets)]
+    if sources:
+        t.map(key, [s["path"] for s in sources], "data.train", sources)
+    if raw.get("test_datasets"):
+        tests = raw["test_datasets"]
+        t.map("test_datasets", tests, "data.validation", tests[0]["path"] if isinstance(tests, list) else tests)
+    val = raw.get("val_set_size") or 0.0
+    t.map("val_set_size", raw.get("val_set_size"), "data.val_fraction", float(val))
+    t.set("data.format", "text" if stage == "pretrain" else "auto")

@@ -1,0 +1,204 @@
+"""The key tables of other toolkits' configs: where each key goes in a tunelab config, or why it is ignored.
+
+Imports nothing: `tunelab.config` uses TOP_LEVEL_HINTS for its "did you mean" hints on flat top-level keys,
+and docs/interop.md's mapping table is generated from these tables (tests/test_interop.py checks it).
+"""
+
+from __future__ import annotations
+
+# key -> the tunelab key it becomes (a value translated on the way is noted in the translators)
+LLAMAFACTORY_MAPPED = {
+    "model_name_or_path": "model.name",
+    "trust_remote_code": "model.trust_remote_code",
+    "stage": "stage",
+    "finetuning_type": "method.name",
+    "quantization_bit": "method.name (4 = qlora)",
+    "quantization_method": "method.name (bnb = qlora)",
+    "lora_rank": "method.r",
+    "lora_alpha": "method.alpha",
+    "lora_dropout": "method.dropout",
+    "lora_target": "method.target_modules",
+    "freeze_trainable_layers": "method.last_k",
+    "freeze_trainable_modules": "method.modules",
+    "freeze_extra_modules": "method.patterns",
+    "dataset": "data.train",
+    "eval_dataset": "data.validation",
+    "dataset_dir": "data.dataset_info",
+    "cutoff_len": "data.max_length",
+    "max_samples": "data.train[].limit",
+    "val_size": "data.val_fraction",
+    "packing": "data.packing",
+    "neat_packing": "data.packing",
+    "train_on_prompt": "data.train_on_prompt",
+    "default_system": "data.system_prompt",
+    "output_dir": "output_dir",
+    "per_device_train_batch_size": "training.batch_size",
+    "gradient_accumulation_steps": "training.grad_accum",
+    "learning_rate": "training.lr",
+    "num_train_epochs": "training.epochs",
+    "max_steps": "training.max_steps",
+    "lr_scheduler_type": "training.scheduler",
+    "warmup_ratio": "training.warmup_ratio",
+    "warmup_steps": "training.warmup_steps",
+    "weight_decay": "training.weight_decay",
+    "max_grad_norm": "training.max_grad_norm",
+    "logging_steps": "training.log_every",
+    "save_steps": "training.save_every",
+    "save_total_limit": "training.keep_checkpoints",
+    "eval_steps": "training.eval_every",
+    "seed": "training.seed",
+    "pref_beta": "dpo.beta",
+    "pref_loss": "dpo.loss_type",
+}
+
+_DTYPE = "tunelab picks the dtype itself (model.dtype: auto = bfloat16 on CUDA, float32 on CPU)"
+_WORKERS = "tunelab reads and tokenises in the training process; there is no worker pool or dataset cache"
+_HUB = "hub-only option: tunelab does not push to the Hub"
+_ONE_PROCESS = "tunelab trains in one process; several: `tunelab train --nproc N` (docs/scale.md)"
+_TEMPLATE = ("tunelab renders every conversation with the tokenizer's own chat template (the model's), "
+             "not a template named in the config")  # fmt: skip
+_TRACKERS = "tunelab writes metrics.jsonl (and TensorBoard); other trackers are not wired in"
+
+LLAMAFACTORY_IGNORED = {
+    "do_train": "`tunelab train` always trains",
+    "template": _TEMPLATE,
+    "overwrite_cache": _WORKERS,
+    "preprocessing_num_workers": _WORKERS,
+    "dataloader_num_workers": _WORKERS,
+    "tokenized_path": _WORKERS,
+    "plot_loss": "tunelab logs every step to metrics.jsonl; plot it from there",
+    "overwrite_output_dir": "tunelab refuses to overwrite an earlier run: choose a new output_dir",
+    "save_only_model": "tunelab's checkpoints always hold what a resume needs",
+    "report_to": _TRACKERS,
+    "bf16": _DTYPE,
+    "fp16": _DTYPE,
+    "pure_bf16": _DTYPE,
+    "ddp_timeout": _ONE_PROCESS,
+    "deepspeed": _ONE_PROCESS,
+    "resume_from_checkpoint": "resume with `tunelab train CONFIG --resume` (the run's latest checkpoint)",
+    "per_device_eval_batch_size": "tunelab evaluates with training.batch_size",
+    "eval_strategy": "tunelab evaluates every training.eval_every steps (eval_steps) and at the end",
+    "flash_attn": "tunelab picks the attention implementation itself",
+    "use_llama_pro": "LLaMA Pro's added blocks are not supported: freeze trains the top existing blocks instead",
+    "loraplus_lr_ratio": "LoRA+ (a larger learning rate for B) is not supported: plain LoRA trains",
+    "pissa_init": "PiSSA initialisation is not supported: LoRA starts from B = 0",
+    "pissa_iter": "PiSSA initialisation is not supported",
+    "pissa_convert": "PiSSA initialisation is not supported",
+    "push_to_hub": _HUB,
+    "hub_model_id": _HUB,
+    "hub_token": _HUB,
+    "hub_strategy": _HUB,
+    "cache_dir": "tunelab caches named models itself (see `tunelab models`)",
+}
+
+AXOLOTL_MAPPED = {
+    "base_model": "model.name",
+    "trust_remote_code": "model.trust_remote_code",
+    "adapter": "method.name",
+    "load_in_4bit": "method.name (qlora)",
+    "lora_r": "method.r",
+    "lora_alpha": "method.alpha",
+    "lora_dropout": "method.dropout",
+    "lora_target_linear": "method.target_modules (all-linear)",
+    "lora_target_modules": "method.target_modules",
+    "unfrozen_parameters": "method.patterns (freeze)",
+    "qat": "method.name (qat), method.group_size",
+    "rl": "stage",
+    "rl_beta": "dpo.beta",
+    "datasets": "data.train",
+    "pretraining_dataset": "data.train, stage pretrain",
+    "test_datasets": "data.validation",
+    "val_set_size": "data.val_fraction",
+    "sequence_len": "data.max_length",
+    "sample_packing": "data.packing",
+    "train_on_inputs": "data.train_on_prompt",
+    "output_dir": "output_dir",
+    "micro_batch_size": "training.batch_size",
+    "gradient_accumulation_steps": "training.grad_accum",
+    "learning_rate": "training.lr",
+    "num_epochs": "training.epochs",
+    "max_steps": "training.max_steps",
+    "lr_scheduler": "training.scheduler",
+    "warmup_ratio": "training.warmup_ratio",
+    "warmup_steps": "training.warmup_steps",
+    "weight_decay": "training.weight_decay",
+    "max_grad_norm": "training.max_grad_norm",
+    "logging_steps": "training.log_every",
+    "save_steps": "training.save_every",
+    "eval_steps": "training.eval_every",
+    "save_total_limit": "training.keep_checkpoints",
+    "gradient_checkpointing": "training.gradient_checkpointing",
+    "seed": "training.seed",
+}
+
+AXOLOTL_IGNORED = {
+    "base_model_config": "tunelab reads the model's own config",
+    "model_type": "tunelab loads the model with the Auto classes",
+    "tokenizer_type": "tunelab loads the model's own tokenizer (AutoTokenizer)",
+    "load_in_8bit": "tunelab has no 8-bit base weights: the adapter trains over the unquantised base (more memory)",
+    "strict": "tunelab refuses unknown keys of its own configs",
+    "chat_template": _TEMPLATE,
+    "eot_tokens": _TEMPLATE,
+    "special_tokens": "tunelab uses the tokenizer's own special tokens",
+    "dataset_prepared_path": _WORKERS,
+    "eval_sample_packing": "tunelab never packs validation rows",
+    "pad_to_sequence_len": "tunelab pads each batch to its longest row",
+    "remove_unused_columns": "tunelab reads only the columns a format needs",
+    "lora_model_dir": "empty here; starting from an existing adapter is not supported",
+    "optimizer": "tunelab trains with torch's AdamW (no 8-bit / paged / fused variants)",
+    "cosine_constant_lr_ratio": "tunelab's cosine schedule decays to 0",
+    "cosine_min_lr_ratio": "tunelab's cosine schedule decays to 0",
+    "bf16": _DTYPE,
+    "fp16": _DTYPE,
+    "tf32": _DTYPE,
+    "gradient_checkpointing_kwargs": "tunelab's gradient checkpointing has no options",
+    "attn_implementation": "tunelab picks the attention implementation itself",
+    "flash_attention": "tunelab picks the attention implementation itself",
+    "evals_per_epoch": "tunelab counts evaluations in steps: set training.eval_every",
+    "saves_per_epoch": "tunelab counts checkpoints in steps: set training.save_every",
+    "resume_from_checkpoint": "resume with `tunelab train CONFIG --resume` (the run's latest checkpoint)",
+    "loss_watchdog_threshold": "no loss watchdog: tunelab stops on a non-finite loss",
+    "loss_watchdog_patience": "no loss watchdog: tunelab stops on a non-finite loss",
+    "plugins": "tunelab has its own fused kernels (training.accelerate), not Axolotl plugins",
+    "liger_rope": "tunelab has its own fused kernels (training.accelerate)",
+    "liger_rms_norm": "tunelab has its own fused kernels (training.accelerate)",
+    "liger_glu_activation": "tunelab has its own fused kernels (training.accelerate)",
+    "liger_layer_norm": "tunelab has its own fused kernels (training.accelerate)",
+    "liger_fused_linear_cross_entropy": "tunelab has its own fused kernels (training.accelerate)",
+    "fsdp": _ONE_PROCESS,
+    "fsdp_config": _ONE_PROCESS,
+    "deepspeed": _ONE_PROCESS,
+    "ddp_find_unused_parameters": _ONE_PROCESS,
+    "save_only_model": "tunelab's checkpoints always hold what a resume needs",
+    "hub_model_id": _HUB,
+    "hub_strategy": _HUB,
+    "push_dataset_to_hub": _HUB,
+    "wandb_project": _TRACKERS,
+    "wandb_entity": _TRACKERS,
+    "wandb_watch": _TRACKERS,
+    "wandb_name": _TRACKERS,
+    "wandb_log_model": _TRACKERS,
+    "mlflow_tracking_uri": _TRACKERS,
+    "use_tensorboard": _TRACKERS,
+}
+
+# flat top-level keys of other toolkits -> the tunelab key, for the "did you mean" hint of an unknown key
+TOP_LEVEL_HINTS = {
+    k: v.split(" (")[0].split(",")[0]
+    for table in (LLAMAFACTORY_MAPPED, AXOLOTL_MAPPED)
+    for k, v in table.items()
+    if "." in v
+}
+
+
+def mapping_markdown() -> str:
+    """docs/interop.md's key tables (tests/test_interop.py checks the doc holds exactly this)."""
+    out = []
+    for tool, mapped, ignored in (("LLaMA-Factory", LLAMAFACTORY_MAPPED, LLAMAFACTORY_IGNORED),
+                                  ("Axolotl", AXOLOTL_MAPPED, AXOLOTL_IGNORED)):  # fmt: skip
+        out += [f"### {tool}", "", "| their key | tunelab key |", "|---|---|"]
+        out += [f"| `{k}` | `{v}` |" for k, v in mapped.items()]
+        out += ["", f"Ignored {tool} keys:", "", "| their key | why |", "|---|---|"]
+        out += [f"| `{k}` | {v} |" for k, v in ignored.items()]
+        out.append("")
+    return "\n".join(out)

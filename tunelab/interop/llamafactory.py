@@ -1,0 +1,145 @@
+"""LLaMA-Factory's flat YAML (model_name_or_path, stage, finetuning_type, lora_rank, dataset ...) -> tunelab.
+
+Its `dataset` names are resolved through the `dataset_info.json` in `dataset_dir` (LLaMA-Factory's
+default: ./data) by the data layer (`data.dataset_info`). LLaMA-Factory's own defaults are kept where
+they differ from tunelab's: lora_alpha = 2 x lora_rank, lora_dropout 0, no validation split.
+"""
+
+from __future__ import annotations
+
+from tunelab.interop.keys import LLAMAFACTORY_IGNORED, LLAMAFACTORY_MAPPED
+from tunelab.interop.translation import Translation
+
+TOOL = "LLaMA-Factory"
+STAGES = {"sft": "sft", "pt": "pretrain", "rm": "reward", "dpo": "dpo"}
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
+FREEZE_MODULES = {"mlp": "ffn", "self_attn": "attention", "attn": "attention", "attention": "attention"}
+# keys translated by code below; the rest of LLAMAFACTORY_MAPPED map one to one
+_SPECIAL = {"stage", "finetuning_type", "quantization_bit", "quantization_method", "lora_rank", "lora_alpha",
+            "lora_dropout", "lora_target", "freeze_trainable_layers", "freeze_trainable_modules",
+            "freeze_extra_modules", "dataset", "eval_dataset", "dataset_dir", "max_samples", "val_size",
+            "lr_scheduler_type", "pref_loss", "trust_remote_code"}  # fmt: skip
+
+
+def detect(raw: dict) -> bool:
+    return "model_name_or_path" in raw and any(
+        k in raw for k in ("stage", "finetuning_type", "lora_rank", "dataset", "template", "cutoff_len", "export_dir")
+    )
+
+
+def translate(raw: dict, source: str = "config") -> Translation:
+    t = Translation(TOOL, source)
+    if "export_dir" in raw or ("adapter_name_or_path" in raw and "stage" not in raw):
+        t.refuse("export_dir", raw.get("export_dir"), "this is a merge / export config, not a training one: "
+                 "merge and export a tunelab run with `tunelab export RUN --format hf --out DIR`")  # fmt: skip
+    stage = raw.get("stage", "sft")
+    if stage not in STAGES:
+        hint = " (tunelab's ppo stage takes a reward run in ppo.reward.path: write that config by hand)" if stage == "ppo" else ""
+        t.refuse("stage", stage, f"stage {stage!r} is not supported by tunelab{hint}; supported: {', '.join(STAGES)}")
+    t.map("stage", stage, "stage", STAGES[stage])
+    _method(raw, t)
+    _data(raw, t, STAGES[stage])
+    if "trust_remote_code" in raw:
+        t.map("trust_remote_code", raw["trust_remote_code"], "model.trust_remote_code",
+              note="your explicit setting, carried over: it runs the model repo's own code")  # fmt: skip
+    if "lr_scheduler_type" in raw:
+        v = raw["lr_scheduler_type"]
+        if v in SCHEDULERS:
+            t.map("lr_scheduler_type", v, "training.scheduler", SCHEDULERS[v])
+        else:
+            t.ignore("lr_scheduler_type", f"{v!r} is not one of tunelab's schedules (constant, linear, cosine): cosine")
+    if "pref_loss" in raw:
+        v = raw["pref_loss"]
+        if v not in ("sigmoid", "ipo"):
+            t.refuse("pref_loss", v, "tunelab's dpo has the sigmoid (DPO) and ipo losses only")
+        t.map("pref_loss", v, "dpo.loss_type")
+    for key, value in raw.items():
+        if key in _SPECIAL:
+            continue
+        if key in LLAMAFACTORY_MAPPED:
+            if value is None:
+                t.ignore(key, "null: tunelab's default")
+                continue
+            dotted = LLAMAFACTORY_MAPPED[key]
+            if key == "neat_packing":
+                t.map(key, value, dotted, note="tunelab's packed rows always attend per example")
+            elif key in ("num_train_epochs",):
+                t.map(key, value, dotted, float(value))
+            else:
+                t.map(key, value, dotted)
+        elif key in LLAMAFACTORY_IGNORED:
+            t.ignore(key, LLAMAFACTORY_IGNORED[key])
+        else:
+            t.ignore(key, f"not a {TOOL} key tunelab knows")
+    return t
+
+
+def _method(raw: dict, t: Translation) -> None:
+    kind = raw.get("finetuning_type", "lora")
+    bits = raw.get("quantization_bit")
+    if bits is not None:
+        if bits != 4 or kind != "lora":
+            t.refuse("quantization_bit", bits, "tunelab quantises the base in 4 bit for LoRA only (method qlora)")
+        qmethod = raw.get("quantization_method", "bnb")
+        if qmethod != "bnb":
+            t.refuse("quantization_method", qmethod, "tunelab's qlora quantises with bitsandbytes (bnb) only")
+        if "quantization_method" in raw:
+            t.map("quantization_method", qmethod, "method.name", "qlora")
+    if kind == "lora":
+        name = "qlora" if bits == 4 else "lora"
+        t.map("finetuning_type", kind, "method.name", name, note="quantization_bit 4" if bits else "")
+        if bits is not None:
+            t.mapped.append(("quantization_bit", bits, "method.name (qlora: 4-bit NF4 base)"))
+        rank = raw.get("lora_rank", 8)
+        t.map("lora_rank", rank, "method.r", note="" if "lora_rank" in raw else f"{TOOL}'s default")
+        alpha = raw.get("lora_alpha") or 2 * rank
+        t.map("lora_alpha", raw.get("lora_alpha"), "method.alpha", alpha,
+              note="" if raw.get("lora_alpha") else f"{TOOL}'s default: 2 x lora_rank")  # fmt: skip
+        t.map("lora_dropout", raw.get("lora_dropout", 0.0), "method.dropout",
+              note="" if "lora_dropout" in raw else f"{TOOL}'s default")  # fmt: skip
+        target = raw.get("lora_target", "all")
+        modules = "all-linear" if target == "all" else [m.strip() for m in str(target).split(",") if m.strip()]
+        t.map("lora_target", target, "method.target_modules", modules)
+    elif kind == "freeze":
+        t.map("finetuning_type", kind, "method.name", "freeze")
+        layers = raw.get("freeze_trainable_layers", 2)
+        if layers < 0:
+            t.refuse("freeze_trainable_layers", layers, "tunelab's freeze trains the top blocks (a positive number)")
+        t.map("freeze_trainable_layers", layers, "method.last_k")
+        mods = raw.get("freeze_trainable_modules", "all")
+        parts = [] if mods == "all" else [FREEZE_MODULES.get(m.strip(), m.strip()) for m in str(mods).split(",")]
+        bad = [p for p in parts if p not in ("attention", "ffn", "norms")]
+        if bad:
+            t.refuse("freeze_trainable_modules", mods, f"tunelab's freeze selects attention / ffn / norms, not {bad}")
+        t.map("freeze_trainable_modules", mods, "method.modules", parts)
+        if raw.get("freeze_extra_modules"):
+            extra = [m.strip() for m in str(raw["freeze_extra_modules"]).split(",")]
+            t.map("freeze_extra_modules", raw["freeze_extra_modules"], "method.patterns", extra)
+    elif kind == "full":
+        t.map("finetuning_type", kind, "method.name", "full")
+    else:
+        t.refuse("finetuning_type", kind, "tunelab maps lora, freeze and full (and qlora via quantization_bit: 4)")
+
+
+def _data(raw: dict, t: Translation, stage: str) -> None:
+    names = [n.strip() for n in str(raw.get("dataset", "")).split(",") if n.strip()]
+    limit = raw.get("max_samples")
+    sources = [{"path": n, **({"limit": limit} if limit else {})} for n in names]
+    if names:
+        t.map("dataset", raw["dataset"], "data.train", sources,
+              note="names resolved through dataset_info.json" + (", max_samples per data set" if limit else ""))
+    if limit is not None:
+        t.mapped.append(("max_samples", limit, "data.train[].limit (first rows of each data set)"))
+    if raw.get("eval_dataset"):
+        evals = [n.strip() for n in str(raw["eval_dataset"]).split(",") if n.strip()]
+        if len(evals) > 1:
+            t.refuse("eval_dataset", raw["eval_dataset"], "tunelab takes one validation data set")
+        t.map("eval_dataset", raw["eval_dataset"], "data.validation", evals[0])
+    d = raw.get("dataset_dir", "data")
+    t.map("dataset_dir", d, "data.dataset_info", note="" if "dataset_dir" in raw else f"{TOOL}'s default")
+    val = raw.get("val_size", 0.0)
+    t.map("val_size", val, "data.val_fraction", float(val), note="" if "val_size" in raw else f"{TOOL}'s default: none")
+    t.set("data.format", "text" if stage == "pretrain" else "auto")
+    t.notes.append(
+        "data.format: auto: each data set's format comes from its dataset_info.json entry, else from its columns"
+    )

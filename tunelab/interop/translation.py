@@ -1,0 +1,46 @@
+"""What a translation of another toolkit's config gives: the tunelab config dict and its report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tunelab.config import ConfigError
+
+
+@dataclass
+class Translation:
+    tool: str  # "LLaMA-Factory" or "Axolotl"
+    source: str  # the file (or "config")
+    config: dict = field(default_factory=dict)
+    mapped: list[tuple[str, object, str]] = field(default_factory=list)  # (their key, value, "tunelab key: note")
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (their key, why)
+    notes: list[str] = field(default_factory=list)
+
+    def set(self, dotted: str, value) -> None:
+        cur = self.config
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            cur = cur.setdefault(k, {})
+        cur[keys[-1]] = value
+
+    def map(self, key: str, value, dotted: str, converted=None, note: str = "") -> None:
+        """Record `key: value` as `dotted` (set to `converted`, or the value itself)."""
+        self.set(dotted, value if converted is None else converted)
+        self.mapped.append((key, value, dotted + (f" ({note})" if note else "")))
+
+    def ignore(self, key: str, why: str) -> None:
+        self.ignored.append((key, why))
+
+    def refuse(self, key: str, value, why: str):
+        raise ConfigError(f"{self.source}: {self.tool} {key}: {value!r}: {why}")
+
+    def report(self) -> str:
+        lines = [f"{self.source}: a {self.tool} config, translated to tunelab's"]
+        if self.mapped:
+            lines.append("mapped:")
+            lines += [f"  {k}: {v!r} -> {to}" for k, v, to in self.mapped]
+        if self.ignored:
+            lines.append("ignored:")
+            lines += [f"  {k}: {why}" for k, why in self.ignored]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
