@@ -29,8 +29,9 @@ _LF_COLUMNS = {"query": "input", "response": "output", "messages": "messages", "
                "tools": "tools", "chosen": "chosen", "rejected": "rejected"}  # fmt: skip
 _LF_UNSUPPORTED = ("images", "videos", "audios")
 
-# the DataConfig of each file label read (format resolved, columns of that source)
-_SOURCE_CFGS: dict[str, DataConfig] = {}
+# the DataConfig of each file read (format resolved, columns of its source), per data config: the rows
+# stay plain (file, line, row) tuples, and a file read under another data config never sees these
+_SOURCE_CFGS: dict[tuple[str, str], DataConfig] = {}
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Source:
 
 def source_config(file: str, cfg: DataConfig) -> DataConfig:
     """The DataConfig (format, columns) of the rows read from `file`; `cfg` for a file read otherwise."""
-    return _SOURCE_CFGS.get(file, cfg)
+    return _SOURCE_CFGS.get((file, cfg.model_dump_json()), cfg)
 
 
 def _registry_path(cfg: DataConfig, name: str) -> Path | None:
@@ -152,6 +153,6 @@ def read_all(cfg: DataConfig, seed: int, stage: str = "sft", entries=None, hub_s
             log.info("data: %s: detected format %s", src.path, fmt)
             eff = eff.model_copy(update={"format": fmt})
         for file in {f for f, _, _ in part}:
-            _SOURCE_CFGS[file] = eff
+            _SOURCE_CFGS[(file, cfg.model_dump_json())] = eff
         rows += part
     return rows
