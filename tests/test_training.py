@@ -54,7 +54,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_dir, data_file, 
     cfg = make_cfg(tiny_dir, data_file, tmp_path / "b")
     part = tunelab.train(cfg, callbacks=[ctrl_c_after_step_3])
     assert part.metrics["interrupted"] and part.final_dir is None
-    assert (tmp_path / "b" / "checkpoints" / "step-00000003" / "trainer_state.json").exists()
+    assert (tmp_path / "b" / "checkpoints" / "step-00000003" / "tunelab_state.json").exists()
     with pytest.raises(FileExistsError):
         tunelab.train(cfg)  # refuses to overwrite a run that can be resumed
     resumed = tunelab.train(cfg, resume=True)
@@ -62,6 +62,26 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_dir, data_file, 
     assert sorted(b) == list(range(1, 9))
     for step in range(1, 9):
         assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
+    assert abs(full.metrics["eval_loss"] - resumed.metrics["eval_loss"]) < 1e-6
+
+
+def test_resume_reads_a_checkpoint_of_the_old_layout(tiny_dir, data_file, tmp_path):
+    """Checkpoints written before the rename hold trainer_state.json: --resume continues them, exactly."""
+    full = tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "a"))
+
+    def ctrl_c_after_step_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "b")
+    tunelab.train(cfg, callbacks=[ctrl_c_after_step_3])
+    step3 = tmp_path / "b" / "checkpoints" / "step-00000003"
+    (step3 / "tunelab_state.json").rename(step3 / "trainer_state.json")  # the old name, as older runs have it
+    resumed = tunelab.train(cfg, resume=True)
+    assert resumed.metrics["steps"] == 8
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 9))
+    assert all(abs(a[s] - b[s]) < 1e-6 for s in range(1, 9))
     assert abs(full.metrics["eval_loss"] - resumed.metrics["eval_loss"]) < 1e-6
 
 
@@ -90,7 +110,7 @@ def test_periodic_checkpoints_are_complete_and_pruned(tiny_dir, data_file, tmp_p
     assert ckpts == ["step-00000004", "step-00000006"]  # step 8 is the end: the result, not a checkpoint
     for name in ckpts:
         files = {p.name for p in (tmp_path / "r" / "checkpoints" / name).iterdir()}
-        assert files == {"trainable.safetensors", "optimizer.pt", "trainer_state.json"}
+        assert files == {"trainable.safetensors", "optimizer.pt", "tunelab_state.json"}
 
 
 def test_gradient_accumulation_equals_the_big_batch(tiny_dir, data_file, tmp_path):
@@ -272,7 +292,7 @@ def _signals_in_weights_write(monkeypatch, at_step, *signums):
 
 
 def _complete(ckpt_dir):
-    return {p.name for p in ckpt_dir.iterdir()} == {"trainable.safetensors", "optimizer.pt", "trainer_state.json"}
+    return {p.name for p in ckpt_dir.iterdir()} == {"trainable.safetensors", "optimizer.pt", "tunelab_state.json"}
 
 
 @pytest.mark.parametrize("during", ["interrupt checkpoint", "periodic checkpoint"])
