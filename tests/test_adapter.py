@@ -273,6 +273,11 @@ def test_training_loop_end_to_end(tmp_path, monkeypatch):
     for f in ("tunelab_adapter_config.json", "tunelab_adapter.safetensors", "tunelab.json", "tokenizer_config.json"):
         assert (final / f).exists(), f
     assert json.loads((final / "tunelab.json").read_text())["method"] == "adapter"
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(final / "README.md")  # the card says what it is, and that PEFT is not its loader
+    assert "adapter" in card.data.tags and "library_name" not in card.data.to_dict()
+    assert "not PEFT's format" in card.text and "load_run" in card.text
 
     ours, _ = load_run(str(result.run_dir), device="cpu")
     base, _ = load_run(str(tmp_path / "model"), device="cpu")
