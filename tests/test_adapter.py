@@ -135,13 +135,13 @@ def test_sites_trainable_and_saved_files(make, kwargs, sites, extra, tmp_path):
     assert count_parameters(model)[0] == len(sites) * per_adapter(d, m) + head
 
     mod.save(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tunelab_adapter.safetensors", "tunelab_adapter_config.json"]
+    meta = json.loads((tmp_path / "tunelab_adapter_config.json").read_text())
     assert meta["tunelab_method"] == "adapter" and meta["format_version"] == 1
     assert meta["hidden_size"] == d and meta["bottleneck"] == m
     assert meta["sites"] == sites and meta["extra_params"] == extra
     assert mod.Config(**meta["config"]) == cfg
-    weights = load_file(tmp_path / "adapter_model.safetensors")
+    weights = load_file(tmp_path / "tunelab_adapter.safetensors")
     assert set(weights) == adapter_keys | set(extra)
     assert all(weights[k].dtype == torch.float32 for k in adapter_keys)
 
@@ -168,7 +168,7 @@ def test_adapters_themselves_learn_under_a_trained_head():
 def test_load_is_strict(tmp_path):
     model = mod.apply(tiny_llama(), mod.Config(bottleneck=4))
     mod.save(model, tmp_path)
-    path = tmp_path / "adapter_model.safetensors"
+    path = tmp_path / "tunelab_adapter.safetensors"
     weights = load_file(path)
     save_file({**weights, "model.norm.weight": torch.ones(32)}, path)
     with pytest.raises(ValueError, match="unexpected"):
@@ -179,6 +179,41 @@ def test_load_is_strict(tmp_path):
         mod.load(tiny_llama(), tmp_path)
     with pytest.raises(ValueError, match="hidden size"):
         mod.load(tiny_llama(hidden_size=64), tmp_path)
+
+
+def test_not_mistaken_for_a_peft_adapter(tmp_path):
+    """Our files carry tunelab's names: PEFT finds no adapter_config.json (a ValueError saying so, not the
+    TypeError on a missing peft_type it raised when our file bore PEFT's name), and tunelab's PEFT loader
+    refuses the folder naming the method."""
+    from peft import PeftConfig
+
+    from tunelab.methods.base import MethodError, load_peft
+
+    mod.save(mod.apply(tiny_llama(), mod.Config(bottleneck=4)), tmp_path)
+    assert not (tmp_path / "adapter_config.json").exists() and not (tmp_path / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        PeftConfig.from_pretrained(str(tmp_path))
+    with pytest.raises(MethodError, match="bottleneck adapter.*not a PEFT adapter"):
+        load_peft(tiny_llama(), tmp_path)
+
+
+def test_results_saved_under_the_old_names_still_load(tmp_path):
+    torch.manual_seed(0)
+    model = mod.apply(tiny_llama(), mod.Config(bottleneck=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    mod.save(model, tmp_path)
+    (tmp_path / "tunelab_adapter_config.json").rename(tmp_path / "adapter_config.json")  # as older runs hold them
+    (tmp_path / "tunelab_adapter.safetensors").rename(tmp_path / "adapter_model.safetensors")
+    ids = torch.tensor([[1, 5, 9, 33]])
+    loaded = mod.load(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert (loaded(ids).logits - model(ids).logits).abs().max() < 1e-6
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))  # a PEFT adapter
+    with pytest.raises(ValueError, match="no tunelab bottleneck adapter.*PEFT adapter"):
+        mod.load(tiny_llama(), tmp_path)
 
 
 def test_unsupported_model_type_names_the_supported_ones():
@@ -235,9 +270,14 @@ def test_training_loop_end_to_end(tmp_path, monkeypatch):
     result = tunelab.train(cfg)
     assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
     final = result.final_dir
-    for f in ("adapter_config.json", "adapter_model.safetensors", "tunelab.json", "tokenizer_config.json"):
+    for f in ("tunelab_adapter_config.json", "tunelab_adapter.safetensors", "tunelab.json", "tokenizer_config.json"):
         assert (final / f).exists(), f
     assert json.loads((final / "tunelab.json").read_text())["method"] == "adapter"
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(final / "README.md")  # the card says what it is, and that PEFT is not its loader
+    assert "adapter" in card.data.tags and "library_name" not in card.data.to_dict()
+    assert "not PEFT's format" in card.text and "load_run" in card.text
 
     ours, _ = load_run(str(result.run_dir), device="cpu")
     base, _ = load_run(str(tmp_path / "model"), device="cpu")

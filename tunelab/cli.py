@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
+
+from tunelab import __version__
+from tunelab.inference import CHAT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, GENERATE_MAX_NEW_TOKENS
 
 
 def cmd_train(args) -> int:
@@ -74,11 +79,53 @@ def _generation_flags(args) -> None:
         raise ConfigError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
 
 
+def _without_bitsandbytes(args, *specs: str) -> None:
+    """In a command's own process, keep bitsandbytes out when no model it loads has a 4-bit base: peft
+    imports it whenever installed, and its import prints warnings (and costs ~50 MB) for nothing."""
+    if getattr(args, "program_argv", None) is None:  # main([...]) from Python: not our process to change
+        return
+    if all(_plain_base(spec) for spec in specs if spec):
+        from tunelab.accel.memory import keep_out_bitsandbytes
+
+        keep_out_bitsandbytes()
+
+
+def _plain_base(spec: str) -> bool:
+    """True when loading `spec` (a run or a model spec) needs no bitsandbytes; False when it may."""
+    from pathlib import Path
+
+    from tunelab.methods.registry import capabilities
+    from tunelab.models import NAMED
+    from tunelab.stages.runs import run_manifest
+
+    try:
+        manifest = run_manifest(spec)
+        if manifest is not None:
+            if manifest.get("method") not in _method_names() or capabilities(manifest["method"]).quantized_base:
+                return False
+            if manifest.get("base_run"):
+                return _plain_base(manifest["base_run"])
+            return _plain_base(manifest["base_model"]["name"])
+        if spec in NAMED or str(spec).lower().endswith(".gguf"):
+            return True
+        config = Path(spec).expanduser() / "config.json"
+        return config.is_file() and "quantization_config" not in json.loads(config.read_text())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False  # let the command itself report what is wrong
+
+
+def _method_names() -> list[str]:
+    from tunelab.methods.registry import names
+
+    return names()
+
+
 def cmd_generate(args) -> int:
     from tunelab.inference import generate
     from tunelab.stages.runs import load_run
 
     _generation_flags(args)
+    _without_bitsandbytes(args, args.run)
     model, tokenizer = load_run(args.run, device=args.device, trust_remote_code=args.trust_remote_code)
     print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature))
     return 0
@@ -89,6 +136,7 @@ def cmd_chat(args) -> int:
     from tunelab.stages.runs import load_run
 
     _generation_flags(args)
+    _without_bitsandbytes(args, args.run)
     model, tokenizer = load_run(args.run, device=args.device, trust_remote_code=args.trust_remote_code)
     chat(model, tokenizer, args.max_new_tokens, args.temperature, args.system)
     return 0
@@ -217,6 +265,7 @@ def cmd_eval(args) -> int:
     if args.out:
         check_output_path(args.out, "--out")
     embedder = None if str(args.embedding_model).lower() in ("none", "null", "") else args.embedding_model
+    _without_bitsandbytes(args, args.model)
     result = evaluate(
         args.model, args.task, limit=args.limit, device=args.device, batch_size=args.batch_size, seed=args.seed,
         embedding_model=embedder, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
@@ -247,6 +296,7 @@ def cmd_export(args) -> int:
         raise ExportError(f"{flags}: {'goes' if ',' not in flags else 'go'} with --check (--format gguf)")
     _at_least(1, check_texts=args.check_texts, check_task_rows=args.check_task_rows)
     counts = {k: v for k, v in (("check_texts", args.check_texts), ("check_task_rows", args.check_task_rows)) if v}
+    _without_bitsandbytes(args, args.run)
     report = export(args.run, args.format, args.quant, args.out, device=args.device,
                     trust_remote_code=args.trust_remote_code, pre_tokenizer=args.pre_tokenizer,
                     modelfile=args.modelfile, check=args.check, check_data=args.check_data,
@@ -259,6 +309,7 @@ def cmd_serve(args) -> int:
     from tunelab.serve import parse_adapter, serve
 
     adapters = [parse_adapter(a) for a in args.adapter or []]
+    _without_bitsandbytes(args, args.run, *(run for _, run in adapters))
     serve(args.run, adapters, host=args.host, port=args.port, name=args.name, device=args.device,
           trust_remote_code=args.trust_remote_code, max_body_bytes=args.max_body_bytes,
           max_queue=args.max_queue, max_batch=args.max_batch, api_docs=args.api_docs)  # fmt: skip
@@ -278,12 +329,37 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in every option's help, except where there is nothing to show (no default, a
+    flag that is off) or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if nothing or "%(default)" in text or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def all_parsers(parser: argparse.ArgumentParser):
+    """The parser and every subcommand's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from all_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tunelab",
         description="Fine-tune, evaluate, compare and export language models, on CPU or GPU.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="show the full traceback of an internal error")
+    p.add_argument("--version", action="version", version=f"tunelab {__version__}", help="print the version and exit")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show third-party warnings and progress bars (transformers, PEFT, the Hub), and the "
+                   "full traceback of an internal error")  # fmt: skip
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="fine-tune a model from a YAML config")
@@ -301,31 +377,33 @@ def build_parser() -> argparse.ArgumentParser:
         ("generate", cmd_generate, "answer one prompt with a run's result (or any model)"),
         ("chat", cmd_chat, "chat interactively (streaming) with a run's result (or any model)"),
     ):
-        g = sub.add_parser(name, help=help_)
+        g = sub.add_parser(name, help=help_, description=help_)
         g.add_argument("run", help="run folder, its final/ folder, or a model spec")
         if name == "generate":
-            g.add_argument("prompt")
+            g.add_argument("prompt", help="the user message, answered with the model's chat template")
         else:
             g.add_argument("--system", help="system prompt")
-        g.add_argument("--max-new-tokens", type=int, default=128 if name == "generate" else 256)
-        g.add_argument("--temperature", type=float, default=0.0 if name == "generate" else 0.7)
-        g.add_argument("--device", default="auto")
+        g.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens",
+                       default=GENERATE_MAX_NEW_TOKENS if name == "generate" else CHAT_MAX_NEW_TOKENS)  # fmt: skip
+        g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                       help="0 = greedy (the same answer every time); above 0 samples (top-p 0.95)")  # fmt: skip
+        g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
         _trust_flag(g)
         g.set_defaults(fn=fn)
 
     m = sub.add_parser("models", help="list the named models, whether cached, size and licence")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     m.set_defaults(fn=cmd_models)
 
     me = sub.add_parser("methods", help="list the tuning methods: what trains, how many parameters, mergeable")
     me.add_argument("--model", default="smollm2-135m-instruct", help="model whose parameters are counted (config only)")
-    me.add_argument("--json", action="store_true")
+    me.add_argument("--json", action="store_true", help="print JSON instead of a table")
     me.set_defaults(fn=cmd_methods)
 
     c = sub.add_parser("config", help="print a config with every default filled in (validates it); a compare grid: "
                        "validate it and list its cells")
-    c.add_argument("config", nargs="?")
-    c.add_argument("--set", action="append", metavar="KEY=VALUE")
+    c.add_argument("config", nargs="?", help="YAML config or compare grid; omitted = all defaults")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. training.lr=1e-4")
     c.set_defaults(fn=cmd_config)
 
     cv = sub.add_parser("convert", help="translate a LLaMA-Factory or Axolotl YAML into a tunelab config (printed "
@@ -337,10 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="run folder, or a model spec (named default, folder, .gguf, hub id)")
     e.add_argument("--task", required=True, help="sst2, cola, mrpc, stsb, rte, wnli, qnli, squad, wmt14-en-de, lima, alpaca ...")
     e.add_argument("--limit", type=int, help="score a seeded sample of at most N dev rows")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--device", default="auto")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
+    e.add_argument("--batch-size", type=int, default=16, help="dev rows scored together")
+    e.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.add_argument("--out", help="also write the result as JSON here")
     e.add_argument("--embedding-model", default="minilm-l6",
                    help="seq2seq tasks: sentence embedder for the cosine metric ('none' = BLEU only)")  # fmt: skip
@@ -355,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--task", required=True, help="task preset: sst2, cola, mrpc, stsb, rte, wnli (see tunelab.data.tasks)"
     )
     b.add_argument("--limit", type=int, help="train on a seeded random sample of this many rows")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--json", action="store_true")
+    b.add_argument("--seed", type=int, default=0, help="seed of the --limit sample and of the model")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
     b.add_argument("--out", help="also write the result as JSON to this file")
     b.set_defaults(fn=cmd_baseline)
 
@@ -389,12 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a LoRA run over the same base, served as model NAME (repeatable)")  # fmt: skip
     sv.add_argument("--name", help="model id of RUN in the API (default: its folder name or spec)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--device", default="auto")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port")
+    sv.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
     sv.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
-                    help="larger request bodies get 413 before they are read (default 4 MiB)")  # fmt: skip
-    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting to start; more get 503 (default 256)")
-    sv.add_argument("--max-batch", type=int, default=32, help="requests generated together in one batch (default 32)")
+                    help="larger request bodies get 413 before they are read (default %(default)s = 4 MiB)")  # fmt: skip
+    sv.add_argument("--max-queue", type=int, default=256, help="requests waiting to start; more get 503")
+    sv.add_argument("--max-batch", type=int, default=32, help="requests generated together in one batch")
     sv.add_argument("--api-docs", action="store_true", help="publish /openapi.json, /docs and /redoc (off by default)")
     _trust_flag(sv)
     sv.set_defaults(fn=cmd_serve)
@@ -402,16 +480,32 @@ def build_parser() -> argparse.ArgumentParser:
     from tunelab.compare.cli import add_compare_parser  # argparse only; the work is imported when it runs
 
     add_compare_parser(sub)
+    for parser in all_parsers(p):  # subcommands show their defaults too (add_parser does not pass it on)
+        parser.formatter_class = HelpFormatter
     return p
+
+
+def quiet_third_parties() -> None:
+    """For the command's own process without -v: no progress bars of transformers / the Hub (weights
+    loading, shards written) and none of transformers' advisory logging below errors, and the
+    FutureWarnings / DeprecationWarnings transformers and PEFT raise about their own API (not the user's
+    doing). Set before they are imported; an environment variable the user set wins."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|torch\.jit)(\.|$)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.program_argv = sys.argv[1:] if argv is None else None  # a restart re-runs the very same command
-    if not getattr(args, "fn", None):
-        parser.print_help()
-        return 0
+    if not getattr(args, "fn", None):  # no command: a usage error, as argparse's own
+        parser.print_help(sys.stderr)
+        return 2
+    if args.program_argv is not None and not args.verbose:  # the command itself, not main([...]) from Python
+        quiet_third_parties()
     from tunelab.errors import user_errors
 
     try:

@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
+# The generation defaults of `tunelab generate`, `tunelab chat` and `tunelab serve` (a request that sends no
+# temperature), in one place: greedy, so the same prompt gives the same answer everywhere; pass
+# --temperature (or the request's `temperature`) to sample. docs/getting-started.md documents them.
+DEFAULT_TEMPERATURE = 0.0
+TOP_P = 0.95  # nucleus sampling of generate / chat when temperature > 0
+GENERATE_MAX_NEW_TOKENS = 128
+CHAT_MAX_NEW_TOKENS = 256
+
 
 def generate(
     model,
     tokenizer,
     prompt: str | list[dict],
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
+    max_new_tokens: int = GENERATE_MAX_NEW_TOKENS,
+    temperature: float = DEFAULT_TEMPERATURE,
     streamer=None,
 ) -> str:
     """Answer one user message (or a list of chat messages) with the chat template; greedy by default,
@@ -19,11 +27,12 @@ def generate(
 
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     out = generate_ids(model, tokenizer, [build_prompt_ids(messages, tokenizer)], max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=0.95, streamer=streamer)  # fmt: skip
+                       temperature=temperature, top_p=TOP_P, streamer=streamer)  # fmt: skip
     return out.texts()[0].strip()
 
 
-def chat(model, tokenizer, max_new_tokens: int = 256, temperature: float = 0.7, system: str | None = None) -> None:
+def chat(model, tokenizer, max_new_tokens: int = CHAT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
+         system: str | None = None) -> None:
     """An interactive, streaming chat in the terminal; the conversation is kept as context."""
     from transformers import TextStreamer
 

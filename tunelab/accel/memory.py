@@ -132,6 +132,13 @@ def skip_unused_imports(cfg) -> bool:
 
     if cfg.training.accelerate == "off" or capabilities(cfg.method.name).quantized_base:
         return False
+    return keep_out_bitsandbytes()
+
+
+def keep_out_bitsandbytes() -> bool:
+    """Make `import bitsandbytes` fail in this process (peft then leaves its quantised layers out), unless it
+    or peft is imported already; True when done. Also spares commands that load a run without a 4-bit base
+    (`tunelab generate`, ...) bitsandbytes' import-time warnings. For a process of its own only."""
     if "bitsandbytes" in sys.modules or "peft" in sys.modules:
         return False
     sys.modules["bitsandbytes"] = None  # importlib's "known to be missing": find_spec gives None

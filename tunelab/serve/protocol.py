@@ -6,7 +6,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DEFAULT_CHAT_MAX_TOKENS = 256
+from tunelab.inference import CHAT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
+
+DEFAULT_CHAT_MAX_TOKENS = CHAT_MAX_NEW_TOKENS
 
 
 class APIError(Exception):
@@ -22,7 +24,8 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (penalties, user ...)
 
     model: str
-    temperature: float = Field(1.0, ge=0, le=2)
+    # tunelab's one default (greedy), not OpenAI's 1.0: the server answers as `tunelab generate` does
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stream: bool = False
     stop: str | list[str] | None = None

@@ -21,7 +21,18 @@ from safetensors.torch import load_file, save_file
 from tunelab.config import ConfigError, OutputWriteError
 from tunelab.methods.base import trainable_state
 
-STATE_FILE = "trainer_state.json"
+STATE_FILE = "tunelab_state.json"
+# What checkpoints written before the rename call the loop state. Hugging Face Trainer's tools read a file of
+# that name with another layout (log_history, best_metric ...), so it is read when resuming, never written.
+OLD_STATE_FILE = "trainer_state.json"
+
+
+def state_file(path: Path) -> Path | None:
+    """The loop-state file of a checkpoint folder (the current name, else the old one), or None."""
+    for name in (STATE_FILE, OLD_STATE_FILE):
+        if (Path(path) / name).is_file():
+            return Path(path) / name
+    return None
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -30,7 +41,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     root = checkpoint_dir(run_dir)
-    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists()) if root.exists() else []
+    done = sorted(p for p in root.glob("step-*") if state_file(p) is not None) if root.exists() else []
     return done[-1] if done else None
 
 
@@ -121,7 +132,8 @@ def write_error(what: str, e: OSError, run_dir: Path) -> OutputWriteError:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG; return the loop state."""
+    """Restore weights, optimizer, scheduler and RNG; return the loop state (tunelab_state.json, or
+    trainer_state.json in a checkpoint written before the rename)."""
     path = Path(path)
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
@@ -138,4 +150,4 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
-    return json.loads((path / STATE_FILE).read_text())
+    return json.loads(state_file(path).read_text())

@@ -23,6 +23,7 @@ import torch
 from tunelab.config import ConfigError, dump_config
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
+from tunelab.training.card import write_card
 
 
 @dataclass
@@ -240,9 +241,10 @@ def check_same_run(run_dir: Path, settings: dict) -> None:
         )
 
 
-def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict) -> Path:
-    """Write the result (`save(model, folder)`, the method's own format), tokenizer and a small manifest
-    atomically into run_dir/final. A failed write (disk full, read-only) is an OutputWriteError."""
+def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict, metrics: dict | None = None) -> Path:
+    """Write the result (`save(model, folder)`, the method's own format), tokenizer, a small manifest and
+    the model card (README.md: training/card.py, with `metrics`) atomically into run_dir/final. A failed
+    write (disk full, read-only) is an OutputWriteError."""
     final = run_dir / "final"
     tmp = run_dir / f".tmp-final-{os.getpid()}"
     with checkpoint_write(run_dir, interrupting=True, what="the result"):  # the run ends right after anyway
@@ -253,6 +255,7 @@ def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict
             manifest = {"method": cfg.method.name, "base_model": cfg.model.model_dump(), "stage": cfg.stage}
             manifest.update(manifest_extra)
             (tmp / "tunelab.json").write_text(json.dumps(manifest, indent=2))
+            write_card(tmp, cfg, model, metrics or {}, manifest)  # replaces PEFT's blank template card
             ckpt.replace_dir(tmp, final)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -304,7 +304,8 @@ def train(
             metrics_log.write({"step": state["step"], **task_scores})
             log("dev metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in task_scores.items()))
     metrics_log.close()
-    final_dir = save_result(run_dir, model, tokenizer, method.save, cfg, stage.manifest(cfg) if stage.manifest else {})
+    final_dir = save_result(run_dir, model, tokenizer, method.save, cfg, stage.manifest(cfg) if stage.manifest else {},
+                            metrics)
     write_results_json(run_dir, metrics)
     log(f"result written to {final_dir}")
     dist.close()

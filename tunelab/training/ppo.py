@@ -363,13 +363,14 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     metrics.update(do_eval(state["step"]))
     metrics_log.close()
     final_dir = _save_final(run_dir, policy, tokenizer, method, cfg.model_copy(update={"model": base_model_cfg}),
-                            manifest_extra)  # fmt: skip
+                            manifest_extra, metrics)  # fmt: skip
     write_results_json(run_dir, metrics)
     log(f"result written to {final_dir}")
     return RunResult(run_dir, final_dir, metrics)
 
 
-def _save_final(run_dir: Path, policy: PolicyWithValue, tokenizer, method, cfg, manifest_extra: dict) -> Path:
+def _save_final(run_dir: Path, policy: PolicyWithValue, tokenizer, method, cfg, manifest_extra: dict,
+                metrics: dict | None = None) -> Path:
     """The policy as every run saves its result (final/ + tunelab.json, loadable by `load_run`), with the
     value head beside it (value_head.safetensors) for whoever continues the PPO run; all written atomically."""
     from safetensors.torch import save_file
@@ -380,7 +381,7 @@ def _save_final(run_dir: Path, policy: PolicyWithValue, tokenizer, method, cfg, 
         save_file(head, Path(out_dir) / "value_head.safetensors")
 
     extra = {**manifest_extra, "ppo": {"value_head": "value_head.safetensors"}}
-    return save_result(run_dir, policy.lm, tokenizer, save, cfg, extra)
+    return save_result(run_dir, policy.lm, tokenizer, save, cfg, extra, metrics)
 
 
 __all__ = ["train_ppo"]
