@@ -191,8 +191,8 @@ def test_encode_preference_masks_the_reply_and_truncates_the_prompt_from_the_lef
 
 
 def test_preference_config_is_validated_up_front():
-    with pytest.raises(ConfigError, match="stage: dpo needs data.format: preference"):
-        load_config({"stage": "dpo", "data": {"train": "x.jsonl"}})
+    with pytest.raises(ConfigError, match="stage: dpo needs data.format: preference"):  # auto detects pairs
+        load_config({"stage": "dpo", "data": {"train": "x.jsonl", "format": "instruction"}})
     with pytest.raises(ConfigError, match="data.format: preference is for stage: reward or stage: dpo"):
         load_config({"data": {"train": "x.jsonl", "format": "preference"}})
     with pytest.raises(ConfigError, match="dpo.beta"):

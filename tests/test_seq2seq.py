@@ -203,5 +203,5 @@ def test_mlm_loss_falls_on_tiny_bert(tmp_path):
 
     model, _ = load_run(str(result.run_dir), device="cpu")
     assert type(model).__name__ == "BertForMaskedLM"
-    with pytest.raises(ConfigError, match="format: text"):
-        load_config({"stage": "mlm"})
+    with pytest.raises(ConfigError, match="format: text"):  # auto (the default) would detect text
+        load_config({"stage": "mlm", "data": {"format": "instruction"}})
