@@ -15,7 +15,7 @@ import tunelab
 
 # Layers, lowest first: a module may import its own layer and the layers below it, never above.
 LAYERS = [
-    ("tunelab.plugins", "tunelab.config", "tunelab.metrics", "tunelab.interop"),  # plug-in tables, configs, pure metrics, other toolkits' configs
+    ("tunelab.plugins", "tunelab.peer_keys", "tunelab.config", "tunelab.metrics", "tunelab.interop"),  # plug-in and key tables, configs, pure metrics, other toolkits' configs
     ("tunelab.data",),  # reading, templating, tokenising, task presets
     ("tunelab.models",),  # loading, losses over model outputs, generation, numeric formats
     ("tunelab.methods",),  # what trains: LoRA, adapters, full ...

@@ -12,7 +12,7 @@ import yaml
 
 from tunelab.config import ConfigError, load_config
 from tunelab.data.tasks import shared_data_dir
-from tunelab.interop import keys
+from tunelab import peer_keys as keys
 from tunelab.interop.convert import convert_file, detect, load_any, translate
 
 PEERS = shared_data_dir().parent / "peer-configs"

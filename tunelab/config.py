@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.interop.keys import TOP_LEVEL_HINTS
+from tunelab.peer_keys import TOP_LEVEL_HINTS
 from tunelab.plugins import STAGES
 
 

@@ -5,6 +5,6 @@ translated into a tunelab config dict, with a report of which keys were mapped, 
     result = convert_file("qwen3_lora_sft.yaml")      # Translation: .tool, .config (a dict), .mapped, .ignored
     print(result.report())
 
-`keys.py` holds the key tables (it imports nothing, so `tunelab.config` can hint with them);
+`tunelab/peer_keys.py` holds the key tables (it imports nothing and sits beside config, which hints with them);
 `llamafactory.py` and `axolotl.py` do the translation; `convert.py` detects and loads. See docs/interop.md.
 """

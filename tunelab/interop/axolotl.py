@@ -8,7 +8,7 @@ rejected fields -> preference. `pretraining_dataset` -> stage pretrain on text.
 
 from __future__ import annotations
 
-from tunelab.interop.keys import AXOLOTL_IGNORED, AXOLOTL_MAPPED
+from tunelab.peer_keys import AXOLOTL_IGNORED, AXOLOTL_MAPPED
 from tunelab.interop.translation import Translation
 
 TOOL = "Axolotl"
