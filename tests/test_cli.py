@@ -32,6 +32,23 @@ def test_config_prints_every_default(capsys):
     assert "r: 4" in out and "max_grad_norm: 1.0" in out
 
 
+def test_config_reads_and_checks_the_data_files(tmp_path, capsys):
+    """`tunelab config` meets the data errors `tunelab train` would, before any model: a bad row is exit 2 with
+    its file, line and field; good data passes and the config is printed."""
+    import json
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"instruction": f"hi {i}", "output": "yo"}) + "\n" for i in range(4)))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text() + json.dumps({"instruction": "no answer"}) + "\n")
+    assert main(["config", "--set", f"data.train={good}", "--set", "model.name=/nowhere/model"]) == 0
+    io = capsys.readouterr()
+    assert f"train: {good}" in io.out and "data read and checked" in io.err
+    assert main(["config", "--set", f"data.train={bad}", "--set", "data.format=instruction"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "line 5" in err and "output" in err and "Traceback" not in err
+
+
 def test_chat_keeps_history_and_streams(tmp_path, monkeypatch, capsys):
     from tunelab.inference import chat
     from tunelab.testing import tiny_llama, tiny_tokenizer

@@ -206,8 +206,14 @@ def cmd_config(args) -> int:
         print(describe_grid(args.config))
         return 0
     from tunelab.interop.convert import load_any
+    from tunelab.stages import get as get_stage
 
-    print(dump_config(load_any(args.config, args.set)[0]), end="")
+    cfg = load_any(args.config, args.set)[0]
+    stage = get_stage(cfg.stage, cfg)
+    if cfg.data.train and stage.check_data is not None:  # the data errors `train` would meet, before a model loads
+        stage.check_data(cfg)
+        print(f"tunelab: data read and checked for stage {cfg.stage}", file=sys.stderr)
+    print(dump_config(cfg), end="")
     return 0
 
 
@@ -400,8 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--json", action="store_true", help="print JSON instead of a table")
     me.set_defaults(fn=cmd_methods)
 
-    c = sub.add_parser("config", help="print a config with every default filled in (validates it); a compare grid: "
-                       "validate it and list its cells")
+    c = sub.add_parser("config", help="print a config with every default filled in (validates it and reads and "
+                       "checks its data files, as train would before loading a model); a compare grid: validate it "
+                       "and list its cells")
     c.add_argument("config", nargs="?", help="YAML config or compare grid; omitted = all defaults")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. training.lr=1e-4")
     c.set_defaults(fn=cmd_config)
