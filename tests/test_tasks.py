@@ -216,3 +216,18 @@ def test_baseline_cli(capsys, tmp_path):
 
     assert main(["baseline", "tfidf", "--task", "hh-rlhf"]) == 2
     assert "classification or regression" in capsys.readouterr().err
+
+
+def test_shared_data_is_found_from_the_working_folder_when_the_package_is_installed_elsewhere(tmp_path, monkeypatch):
+    """A non-editable install has no repository around the package: `shared/data` in or beside the working
+    folder is found; TUNELAB_SHARED_DATA wins over both."""
+    from tunelab.data import tasks as T
+
+    monkeypatch.delenv(T.ENV_VAR, raising=False)
+    monkeypatch.setattr(T, "__file__", str(tmp_path / "site-packages" / "tunelab" / "data" / "tasks.py"))
+    (tmp_path / "proj" / "shared" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "proj")
+    assert T.shared_data_dir() == tmp_path / "proj" / "shared" / "data"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv(T.ENV_VAR, str(tmp_path / "elsewhere"))
+    assert T.shared_data_dir() == tmp_path / "elsewhere"

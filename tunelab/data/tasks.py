@@ -145,11 +145,17 @@ def _sample(rows: list, limit: int | None, seed: int) -> list:
 
 
 def shared_data_dir() -> Path:
-    """The offline data sets folder (shared/data beside the repo); TUNELAB_SHARED_DATA overrides it."""
+    """The offline data sets folder: TUNELAB_SHARED_DATA when set, else the first `shared/data` found
+    beside the repository of this package (an editable install, a clone), then in or beside the current
+    folder (a wheel installed into site-packages has no repository around it). The first candidate
+    when none exists, so that errors name where it was expected."""
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    repo = Path(__file__).resolve().parents[2]
+    candidates = [repo.parent / "shared" / "data", repo / "shared" / "data",
+                  Path.cwd() / "shared" / "data", Path.cwd().parent / "shared" / "data"]  # fmt: skip
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def _shared_file(relative: str) -> Path:
