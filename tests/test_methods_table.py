@@ -60,3 +60,30 @@ def test_meta_model_keeps_the_callers_config(tiny_dir):
     assert model.config.num_hidden_layers == 3 and config.num_hidden_layers == 2 and config.tie_word_embeddings
     clf = with_task_head(meta_model(config), "classification", num_labels=3)  # works on meta tensors too
     assert clf.score.weight.is_meta and clf.score.weight.shape == (3, 32)
+
+
+@pytest.mark.slow
+def test_readme_trainable_counts_are_the_computed_ones():
+    """The README's methods table types its "trainable (default model)" figures; they must be what
+    `tunelab methods` computes on the default model, to the precision written (a figure a change of
+    defaults would make stale fails here)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    computed = {r["method"]: r["trainable"] for r in method_table("smollm2-135m-instruct")}
+    scale = {"": 1, "K": 1e3, "M": 1e6}
+    checked = 0
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or not re.fullmatch(r"`[a-z0-9]+`", cells[1]):
+            continue
+        name, figure = cells[1].strip("`"), re.match(r"([\d.]+)([KM]?)", cells[3])
+        if name not in computed or figure is None:
+            continue
+        digits, unit = figure.groups()
+        value = float(digits) * scale[unit]
+        half_step = 0.5 * 10 ** -len(digits.partition(".")[2]) * scale[unit]
+        assert abs(value - computed[name]) <= half_step, f"README says {cells[3]!r} for {name}; computed {computed[name]:,}"
+        checked += 1
+    assert checked == len(computed), (checked, sorted(computed))
