@@ -1,4 +1,5 @@
-"""The main job (`make demo`): LoRA-tune the default model on a small real instruction set.
+"""The short demo (`make sft-demo`; the main job, `make demo`, is examples/compare-sst2.yaml): LoRA-tune the
+default model on a small real instruction set.
 
 Prints the eval loss before and after training and one generation before and after, using the
 same Python API the CLI uses. Runs in a few minutes on a 2-core CPU.
