@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tunelab import peer_keys as keys
 from tunelab.config import ConfigError, load_config
 from tunelab.data.tasks import shared_data_dir
-from tunelab import peer_keys as keys
 from tunelab.interop.convert import convert_file, detect, load_any, translate
 
 PEERS = shared_data_dir().parent / "peer-configs"

@@ -8,8 +8,8 @@ rejected fields -> preference. `pretraining_dataset` -> stage pretrain on text.
 
 from __future__ import annotations
 
-from tunelab.peer_keys import AXOLOTL_IGNORED, AXOLOTL_MAPPED
 from tunelab.interop.translation import Translation
+from tunelab.peer_keys import AXOLOTL_IGNORED, AXOLOTL_MAPPED
 
 TOOL = "Axolotl"
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}

@@ -7,8 +7,8 @@ they differ from tunelab's: lora_alpha = 2 x lora_rank, lora_dropout 0, no valid
 
 from __future__ import annotations
 
-from tunelab.peer_keys import LLAMAFACTORY_IGNORED, LLAMAFACTORY_MAPPED
 from tunelab.interop.translation import Translation
+from tunelab.peer_keys import LLAMAFACTORY_IGNORED, LLAMAFACTORY_MAPPED
 
 TOOL = "LLaMA-Factory"
 STAGES = {"sft": "sft", "pt": "pretrain", "rm": "reward", "dpo": "dpo"}
