@@ -49,20 +49,8 @@ def translate(raw: dict, source: str = "config") -> Translation:
             t.map("lr_scheduler", v, "training.scheduler", SCHEDULERS[v])
         else:
             t.ignore("lr_scheduler", f"{v!r} is not one of tunelab's schedules (constant, linear, cosine): cosine")
-    for key, value in raw.items():
-        if key in _SPECIAL:
-            continue
-        if key in AXOLOTL_MAPPED:
-            if value is None:
-                t.ignore(key, "null: tunelab's default")
-            elif key == "num_epochs":
-                t.map(key, value, AXOLOTL_MAPPED[key], float(value))
-            else:
-                t.map(key, value, AXOLOTL_MAPPED[key])
-        elif key in AXOLOTL_IGNORED:
-            t.ignore(key, AXOLOTL_IGNORED[key])
-        else:
-            t.ignore(key, f"not an {TOOL} key tunelab knows")
+    t.map_rest(raw, AXOLOTL_MAPPED, AXOLOTL_IGNORED, _SPECIAL, floats=("num_epochs",),
+               unknown=f"not an {TOOL} key tunelab knows")  # fmt: skip
     return t
 
 

@@ -53,24 +53,9 @@ def translate(raw: dict, source: str = "config") -> Translation:
         if v not in ("sigmoid", "ipo"):
             t.refuse("pref_loss", v, "tunelab's dpo has the sigmoid (DPO) and ipo losses only")
         t.map("pref_loss", v, "dpo.loss_type")
-    for key, value in raw.items():
-        if key in _SPECIAL:
-            continue
-        if key in LLAMAFACTORY_MAPPED:
-            if value is None:
-                t.ignore(key, "null: tunelab's default")
-                continue
-            dotted = LLAMAFACTORY_MAPPED[key]
-            if key == "neat_packing":
-                t.map(key, value, dotted, note="tunelab's packed rows always attend per example")
-            elif key in ("num_train_epochs",):
-                t.map(key, value, dotted, float(value))
-            else:
-                t.map(key, value, dotted)
-        elif key in LLAMAFACTORY_IGNORED:
-            t.ignore(key, LLAMAFACTORY_IGNORED[key])
-        else:
-            t.ignore(key, f"not a {TOOL} key tunelab knows")
+    t.map_rest(raw, LLAMAFACTORY_MAPPED, LLAMAFACTORY_IGNORED, _SPECIAL, floats=("num_train_epochs",),
+               notes={"neat_packing": "tunelab's packed rows always attend per example"},
+               unknown=f"not a {TOOL} key tunelab knows")  # fmt: skip
     return t
 
 

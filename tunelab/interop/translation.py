@@ -28,6 +28,23 @@ class Translation:
         self.set(dotted, value if converted is None else converted)
         self.mapped.append((key, value, dotted + (f" ({note})" if note else "")))
 
+    def map_rest(self, raw: dict, mapped: dict, ignored: dict, skip, floats=(), notes=None, unknown: str = "") -> None:
+        """Every key of `raw` not in `skip` (those the translator handled itself): a one-to-one key of `mapped`
+        (a null value keeps tunelab's default; `floats` are converted, `notes` annotate), a key of `ignored`
+        with its reason, or a key nobody knows (`unknown` says so)."""
+        for key, value in raw.items():
+            if key in skip:
+                continue
+            if key in mapped:
+                if value is None:
+                    self.ignore(key, "null: tunelab's default")
+                else:
+                    self.map(key, value, mapped[key], float(value) if key in floats else None, (notes or {}).get(key, ""))
+            elif key in ignored:
+                self.ignore(key, ignored[key])
+            else:
+                self.ignore(key, unknown)
+
     def ignore(self, key: str, why: str) -> None:
         self.ignored.append((key, why))
 
