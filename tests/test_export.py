@@ -24,11 +24,12 @@ TEXT = "What is the capital of France? <|im_start|>user\nThe quick brown fox 012
 TOLERANCE = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.1, "q4_0": 1.0, "q4_1": 1.0, "q4_k": 1.0}
 
 
-def _train(tmp, base, data, method: dict, name: str):
+def train_run(tmp, base, data, method: dict, name: str, steps: int = 4) -> str:
+    """A short SFT run of `method` on the tiny model (also the fixture runs of tests/test_llama_cpp.py)."""
     cfg = load_config({
         "output_dir": str(tmp / name), "model": {"name": base},
         "data": {"train": data, "val_fraction": 0.25, "max_length": 48}, "method": method,
-        "training": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "progress": False, "tensorboard": False},
+        "training": {"max_steps": steps, "batch_size": 4, "lr": 1e-2, "progress": False, "tensorboard": False},
     })  # fmt: skip
     return str(tunelab.train(cfg).run_dir)
 
@@ -40,8 +41,8 @@ def runs(tmp_path_factory):
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return {
-        "lora": _train(tmp, base, str(data), {"name": "lora", "r": 4, "alpha": 16}, "lora"),
-        "qat": _train(tmp, base, str(data), {"name": "qat", "symmetric": True}, "qat"),
+        "lora": train_run(tmp, base, str(data), {"name": "lora", "r": 4, "alpha": 16}, "lora"),
+        "qat": train_run(tmp, base, str(data), {"name": "qat", "symmetric": True}, "qat"),
         "tmp": tmp,
     }
 
@@ -391,7 +392,7 @@ def test_merged_qlora_has_exactly_the_plain_models_weights(runs, tmp_path):
     weight names only (an earlier merge left each LoRA layer's Linear4bit hanging under the new
     nn.Linear as `*.base_layer.weight`: extra tensors in the HF folder, a refused GGUF)."""
     base = run_manifest(runs["lora"])["base_model"]["name"]
-    run = _train(tmp_path, base, str(runs["tmp"] / "train.jsonl"),
+    run = train_run(tmp_path, base, str(runs["tmp"] / "train.jsonl"),
                  {"name": "qlora", "r": 4, "alpha": 16, "compute_dtype": "float32"}, "qlora")  # fmt: skip
     merged, tok = load_run(run, device="cpu", merge=True)
     plain = AutoModelForCausalLM.from_pretrained(base)
@@ -418,7 +419,7 @@ def test_every_mergeable_methods_result_loads_with_plain_peft_or_transformers(ru
     from peft import PeftModel
 
     tmp, base = runs["tmp"], str(runs["tmp"] / "model")
-    run = _train(tmp_path, base, str(tmp / "train.jsonl"), {"name": name}, name)
+    run = train_run(tmp_path, base, str(tmp / "train.jsonl"), {"name": name}, name)
     final = tmp_path / name / "final"
     ours, tok = load_run(run, device="cpu")
     ids = _ids(tok)

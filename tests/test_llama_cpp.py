@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_export import ROWS, train_run
 
-import tunelab
 from tunelab.config import load_config
 from tunelab.data import build_prompt_ids
 from tunelab.export.gguf import ExportError, write_gguf
@@ -34,7 +34,6 @@ except ImportError:
         raise
     pytest.skip(INSTALL, allow_module_level=True)
 
-ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(16)]
 PROMPTS = ["Say the number 3.", "What is the capital of France?"]
 TEXTS = [
     "What is the capital of France? <|im_start|>user\nThe quick brown fox 0123<|im_end|>",
@@ -43,6 +42,7 @@ TEXTS = [
     "Ünïcödé ✅ 🦙 我想在 нещо",
 ]
 N_NEW = 16
+STEPS = 16  # fixture runs: the seeds below were chosen for 16 steps (no near-ties on the greedy paths)
 F32 = 0  # GGML_TYPE_F32: the KV cache in f32, so an f32 file is computed in f32 throughout
 
 
@@ -77,15 +77,6 @@ def _tunelab_greedy(model, tok, prompt: list[int], n: int) -> tuple[list[int], n
     return out, logits[0], list(top2[:, 1] - top2[:, 0])[: len(out)]
 
 
-def _train(tmp, base, data, method: dict, name: str):
-    cfg = load_config({
-        "output_dir": str(tmp / name), "model": {"name": base},
-        "data": {"train": data, "val_fraction": 0.25, "max_length": 48}, "method": method,
-        "training": {"max_steps": 16, "batch_size": 4, "lr": 1e-2, "progress": False, "tensorboard": False},
-    })  # fmt: skip
-    return str(tunelab.train(cfg).run_dir)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("llama_cpp")
@@ -93,11 +84,11 @@ def runs(tmp_path_factory):
     data = tmp / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return {
-        "lora": _train(tmp, base, str(data), {"name": "lora", "r": 4, "alpha": 16}, "lora"),
-        "full": _train(tmp, base, str(data), {"name": "full"}, "full"),
-        "qat": _train(tmp, base, str(data), {"name": "qat", "symmetric": True}, "qat"),
+        "lora": train_run(tmp, base, str(data), {"name": "lora", "r": 4, "alpha": 16}, "lora", STEPS),
+        "full": train_run(tmp, base, str(data), {"name": "full"}, "full", STEPS),
+        "qat": train_run(tmp, base, str(data), {"name": "qat", "symmetric": True}, "qat", STEPS),
         # merged QLoRA: the NF4 base dequantised, the LoRA folded in, then written at each GGUF type
-        "qlora": _train(tmp, base, str(data), {"name": "qlora", "r": 4, "alpha": 16, "compute_dtype": "float32"}, "qlora"),
+        "qlora": train_run(tmp, base, str(data), {"name": "qlora", "r": 4, "alpha": 16, "compute_dtype": "float32"}, "qlora", STEPS),
     }
 
 
