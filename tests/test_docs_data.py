@@ -13,7 +13,7 @@ import pytest
 from tunelab.config import DataConfig
 from tunelab.data.formats import row_to_messages, row_to_text
 from tunelab.data.preference import row_to_pair
-from tunelab.data.sources import read_all, source_config
+from tunelab.data.sources import read_sources
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "data.md"
 TEXT = DOC.read_text()
@@ -33,8 +33,8 @@ def test_documented_row_is_detected_and_converts(fmt, stage, row, tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(row) + "\n")
     cfg = DataConfig(train=str(path))  # data.format: auto, the default
-    ((file, number, read),) = read_all(cfg, 0, stage)
-    eff = source_config(file, cfg)
+    ((file, number, read),), configs = read_sources(cfg, 0, stage)
+    eff = configs[file]
     assert eff.format == fmt
     if fmt == "text":
         assert row_to_text(read, eff) == row["text"]
@@ -57,6 +57,6 @@ def test_documented_registry_entry_resolves(tmp_path):
     chat_row = next(row for fmt, _, row in ROWS if fmt == "chat" and "messages" in row)
     (tmp_path / entry["file_name"]).write_text(json.dumps(chat_row) + "\n")
     cfg = DataConfig(train=[name], dataset_info=str(tmp_path))
-    ((file, _, row),) = read_all(cfg, 0, "sft")
-    assert Path(file) == tmp_path / entry["file_name"] and source_config(file, cfg).format == "chat"
-    assert row_to_messages(row, source_config(file, cfg))[-1]["content"] == chat_row["messages"][-1]["content"]
+    ((file, _, row),), configs = read_sources(cfg, 0, "sft")
+    assert Path(file) == tmp_path / entry["file_name"] and configs[file].format == "chat"
+    assert row_to_messages(row, configs[file])[-1]["content"] == chat_row["messages"][-1]["content"]

@@ -13,7 +13,7 @@ from tunelab.config import DataConfig, DataSource
 from tunelab.data import DataError
 from tunelab.data.build import build_datasets, check_rows
 from tunelab.data.formats import detect_format, row_to_messages
-from tunelab.data.sources import read_all, source_config
+from tunelab.data.sources import read_sources
 from tunelab.data.tasks import shared_data_dir
 
 ROWS = {
@@ -54,19 +54,17 @@ def test_detected_per_file(kind, tmp_path, caplog):
     stage = "dpo" if DETECTED[kind] == "preference" else "sft"
     cfg = DataConfig(train=path)
     with caplog.at_level(logging.INFO, logger="tunelab.data"):
-        rows = read_all(cfg, 0, stage)
-    assert source_config(path, cfg).format == DETECTED[kind]
+        rows, configs = read_sources(cfg, 0, stage)
+    assert configs[path].format == DETECTED[kind]
     assert f"detected format {DETECTED[kind]}" in caplog.text
     if stage == "sft":
-        msgs = row_to_messages(rows[0][2], source_config(path, cfg))
+        msgs = row_to_messages(rows[0][2], configs[path])
         assert msgs[-1]["role"] == "assistant"
 
 
 def test_text_for_pretrain_and_refused_for_sft(tmp_path):
     path = _write(tmp_path, "text", [{"text": "once upon a time"}] * 2)
-    assert source_config(path, DataConfig(train=path)).format == "auto"
-    read_all(DataConfig(train=path), 0, "pretrain")
-    assert source_config(path, DataConfig(train=path)).format == "text"
+    assert read_sources(DataConfig(train=path), 0, "pretrain")[1][path].format == "text"
     with pytest.raises(DataError, match=r"text\.jsonl line 1: a text row"):
         check_rows(DataConfig(train=path), 0, "sft")
 
@@ -91,9 +89,9 @@ def test_mixing_is_seeded(tmp_path):
     b = _write(tmp_path, "b", [ROWS["chat"]] * 4)
     train = [DataSource(path=a, samples=3), DataSource(path=b, weight=2.0), DataSource(path=a, limit=2)]
     cfg = DataConfig(train=train)
-    rows = read_all(cfg, 7, "sft")
+    rows = read_sources(cfg, 7, "sft")[0]
     assert len(rows) == 3 + 8 + 2
-    assert rows == read_all(cfg, 7, "sft") and rows != read_all(cfg, 8, "sft")
+    assert rows == read_sources(cfg, 7, "sft")[0] and rows != read_sources(cfg, 8, "sft")[0]
     check_rows(cfg, 7)
 
 
@@ -128,12 +126,11 @@ def test_dataset_info_registry(tmp_path, caplog):
     for f in ("alpaca_en_demo.json", "dpo_en_demo.json"):
         shutil.copy(demo / f, tmp_path / f)
     cfg = DataConfig(train=["alpaca_en_demo"], dataset_info=str(tmp_path))
-    rows = read_all(cfg, 0, "sft")
+    rows, configs = read_sources(cfg, 0, "sft")
     assert len(rows) == len(json.loads((demo / "alpaca_en_demo.json").read_text()))
-    assert source_config(str(tmp_path / "alpaca_en_demo.json"), cfg).format == "instruction"
+    assert configs[str(tmp_path / "alpaca_en_demo.json")].format == "instruction"
     pref = DataConfig(train="dpo_en_demo", dataset_info=str(tmp_path / "dataset_info.json"))
-    read_all(pref, 0, "dpo")
-    assert source_config(str(tmp_path / "dpo_en_demo.json"), pref).format == "preference"
+    assert read_sources(pref, 0, "dpo")[1][str(tmp_path / "dpo_en_demo.json")].format == "preference"
     with pytest.raises(DataError, match="no data set named 'alpaca_demo'. Did you mean"):
-        read_all(DataConfig(train="alpaca_demo", dataset_info=str(tmp_path)), 0)
+        read_sources(DataConfig(train="alpaca_demo", dataset_info=str(tmp_path)), 0)
     assert detect_format(ROWS["chat"], DataConfig()) == "chat"
