@@ -134,3 +134,82 @@ def test_dataset_info_registry(tmp_path, caplog):
     with pytest.raises(DataError, match="no data set named 'alpaca_demo'. Did you mean"):
         read_sources(DataConfig(train="alpaca_demo", dataset_info=str(tmp_path)), 0)
     assert detect_format(ROWS["chat"], DataConfig()) == "chat"
+
+
+CUSTOM_TAGS = {"role_tag": "speaker", "content_tag": "text", "user_tag": "USER", "assistant_tag": "BOT",
+               "observation_tag": "RESULT", "function_tag": "CALL", "system_tag": "SYS"}  # fmt: skip
+CUSTOM_ROW = {"dialog": [
+    {"speaker": "SYS", "text": "Be brief."},
+    {"speaker": "USER", "text": "Weather in Paris?"},
+    {"speaker": "CALL", "text": json.dumps({"name": "weather", "arguments": {"city": "Paris"}})},
+    {"speaker": "RESULT", "text": "21"},
+    {"speaker": "BOT", "text": "21 degrees."},
+]}  # fmt: skip
+
+
+def test_registry_tags_name_message_keys_and_roles(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps(CUSTOM_ROW) + "\n")
+    entry = {"file_name": "c.jsonl", "formatting": "sharegpt", "columns": {"messages": "dialog"}, "tags": CUSTOM_TAGS}
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"custom": entry}))
+    cfg = DataConfig(train="custom", dataset_info=str(tmp_path))
+    ((file, _, row),), configs = read_sources(cfg, 0)
+    msgs = row_to_messages(row, configs[file])
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "tool", "assistant"]
+    assert msgs[2]["tool_calls"][0]["function"] == {"name": "weather", "arguments": {"city": "Paris"}}
+    assert msgs[1]["content"] == "Weather in Paris?" and msgs[-1]["content"] == "21 degrees."
+    # a role name no tag gives is named, with where to map it
+    row["dialog"][1]["speaker"] = "HUMAN?"
+    with pytest.raises(DataError, match=r"speaker 'HUMAN\?'.*map yours with data.roles"):
+        row_to_messages(row, configs[file])
+    for bad, match in (({"columns": {"messages": "m", "kto_tag": "label"}}, "kto_tag.*KTO"),
+                       ({"tags": {"role_tag": "r", "mystery_tag": "x"}}, r"tags \['mystery_tag'\] are not read")):  # fmt: skip
+        (tmp_path / "dataset_info.json").write_text(json.dumps({"custom": {**entry, **bad}}))
+        with pytest.raises(DataError, match=match):
+            read_sources(cfg, 0)
+
+
+def test_axolotl_roles_properties_and_split(tmp_path):
+    from tunelab.config import load_config
+    from tunelab.interop.axolotl import translate
+
+    rows = [{"chat": [{"speaker": "human", "text": f"Say {i}."}, {"speaker": "bot", "text": str(i)}]} for i in range(10)]
+    path = _write(tmp_path, "ax", rows)
+    raw = {"base_model": "x", "micro_batch_size": 1, "datasets": [{
+        "path": path, "type": "chat_template", "field_messages": "chat", "split": "train[:30%]+train[-1:]",
+        "message_property_mappings": {"role": "speaker", "content": "text"},
+        "roles": {"user": ["human"], "assistant": ["bot", "gpt"]}}]}  # fmt: skip
+    src = load_config(translate(raw).config).data.train[0]
+    assert src.split == "train[:30%]+train[-1:]" and src.roles == {"human": "user", "bot": "assistant", "gpt": "assistant"}
+    cfg = DataConfig(train=[src])
+    got, configs = read_sources(cfg, 0)
+    assert [n for _, n, _ in got] == [1, 2, 3, 10]  # the slice, as datasets reads it
+    assert row_to_messages(got[0][2], configs[path]) == [{"role": "user", "content": "Say 0."},
+                                                         {"role": "assistant", "content": "0"}]  # fmt: skip
+    with pytest.raises(DataError, match=r"split 'test\[:5\]'.*one split, train"):
+        read_sources(DataConfig(train=[DataSource(path=path, split="test[:5]")]), 0)
+    raw["datasets"][0]["message_property_mappings"]["weight"] = "w"
+    with pytest.raises(Exception, match="message_property_mappings"):
+        translate(raw)
+
+
+def test_custom_roles_in_preference_rows(tmp_path):
+    from tunelab.config import load_config
+    from tunelab.stages.preference import pairs_data
+    from tunelab.testing import tiny_tokenizer
+
+    row = {"conversations": [{"speaker": "USER", "text": "Hi"}], "chosen": {"speaker": "BOT", "text": "Hello!"},
+           "rejected": {"speaker": "BOT", "text": "No."}}  # fmt: skip
+    path = _write(tmp_path, "pref", [row] * 2)
+    source = {"path": path, "columns": {"role": "speaker", "content": "text"}, "roles": {"USER": "user", "BOT": "assistant"}}
+    cfg = load_config({"stage": "dpo", "data": {"train": [source], "val_fraction": 0.0}})
+    tok = tiny_tokenizer()
+    bundle = pairs_data(cfg, tok)
+    assert len(bundle.train) == 2 and "Hello!" in tok.decode(bundle.train[0]["chosen_input_ids"])
+
+
+def test_llamafactory_template_is_reported():
+    from tunelab.interop.llamafactory import translate
+
+    t = translate({"model_name_or_path": "Qwen/Qwen3-4B", "template": "qwen3", "dataset": "alpaca_en_demo"})
+    note = dict(t.ignored)["template"]
+    assert note.startswith("'qwen3': kept the model's own chat template") and "LLaMA-Factory's 'qwen3'" in note

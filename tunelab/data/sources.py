@@ -29,6 +29,9 @@ log = logging.getLogger("tunelab.data")
 _LF_COLUMNS = {"query": "input", "response": "output", "messages": "messages", "system": "system",
                "tools": "tools", "chosen": "chosen", "rejected": "rejected"}  # fmt: skip
 _LF_UNSUPPORTED = ("images", "videos", "audios")
+# LLaMA-Factory's role tags -> the role (data.roles) their value names
+_LF_ROLE_TAGS = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system",
+                 "observation_tag": "tool", "function_tag": "function_call"}  # fmt: skip
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Source:
     limit: int | None = None
     samples: int | None = None
     weight: float | None = None
+    split: str | None = None
 
 
 def _registry_path(cfg: DataConfig, name: str) -> Path | None:
@@ -88,18 +92,26 @@ def _from_registry(name: str, path: Path, cfg: DataConfig, stage: str, quiet: bo
     for theirs, col in (entry.get("columns") or {}).items():
         if theirs in _LF_UNSUPPORTED:
             raise DataError(f"{at}: column {theirs!r}: multimodal data sets are not supported")
+        if theirs == "kto_tag":
+            raise DataError(f"{at}: column 'kto_tag': KTO data (one reply per row, labelled good or bad) trains "
+                            "LLaMA-Factory's kto stage, which tunelab does not have; pairs of replies (ranking: "
+                            "true, chosen / rejected) train with stage dpo or reward")  # fmt: skip
         if theirs == "prompt":
             ours = "text" if fmt == "text" else "prompt" if ranking else "instruction"
         else:
             ours = _LF_COLUMNS.get(theirs)
         if ours:
             columns[ours] = col
+    # tags: the keys of a message (role_tag, content_tag) and its role names (user_tag ...), when not the usual
     tags = entry.get("tags") or {}
-    if (tags.get("role_tag", "from"), tags.get("content_tag", "value")) not in (("from", "value"), ("role", "content")):
-        raise DataError(f"{at}: tags {tags}: messages are read as from/value or role/content")
+    unknown = sorted(set(tags) - {"role_tag", "content_tag", *_LF_ROLE_TAGS})
+    if unknown:
+        raise DataError(f"{at}: tags {unknown} are not read; known: role_tag, content_tag, {', '.join(_LF_ROLE_TAGS)}")
+    columns.update({ours: tags[t] for t, ours in (("role_tag", "role"), ("content_tag", "content")) if tags.get(t)})
+    roles = {**cfg.roles, **{tags[t]: ours for t, ours in _LF_ROLE_TAGS.items() if tags.get(t)}}
     if not quiet:
         log.info("data: %s -> %s (format %s, from %s)", name, source, fmt, path)
-    return source, cfg.model_copy(update={"format": fmt, "columns": type(cfg.columns)(**columns)})
+    return source, cfg.model_copy(update={"format": fmt, "columns": type(cfg.columns)(**columns), "roles": roles})
 
 
 def resolve(cfg: DataConfig, stage: str = "sft", entries=None, quiet: bool = False) -> list[Source]:
@@ -116,10 +128,11 @@ def resolve(cfg: DataConfig, stage: str = "sft", entries=None, quiet: bool = Fal
         path = spec.path
         if registry is not None:
             path, eff = _from_registry(spec.path, registry, cfg, stage, quiet)
-        if spec.format or spec.columns:
+        if spec.format or spec.columns or spec.roles:
             cols = eff.columns.model_copy(update=spec.columns)
-            eff = eff.model_copy(update={"format": spec.format or eff.format, "columns": cols})
-        out.append(Source(path, eff, spec.limit, spec.samples, spec.weight))
+            roles = {**eff.roles, **spec.roles}
+            eff = eff.model_copy(update={"format": spec.format or eff.format, "columns": cols, "roles": roles})
+        out.append(Source(path, eff, spec.limit, spec.samples, spec.weight, spec.split))
     return out
 
 
@@ -134,6 +147,24 @@ def _mix(rows: list[Row], src: Source, seed: int) -> list[Row]:
     return sorted(picked, key=lambda r: r[1]) if whole == 0 else picked
 
 
+def source_rows(src: Source, hub_split: str, hub_config: str | None) -> list[Row]:
+    """The rows of one source: a hub id's split (the source's own `split`, slice included, else
+    `hub_split`), or a local file's rows, sliced by the source's `split` as `datasets` reads one."""
+    local = Path(src.path).expanduser().is_file()
+    split = src.split if src.split and not local else hub_split
+    rows = read_source(src.path, hub_split=split, hub_config=hub_config)
+    if not (src.split and local):
+        return rows
+    from datasets import ReadInstruction  # datasets' own split grammar (train[:10%], train[10:20]+train[-5:])
+
+    try:
+        parts = ReadInstruction.from_spec(src.split).to_absolute({"train": len(rows)})
+    except (ValueError, AssertionError) as e:
+        raise DataError(f"{src.path}: split {src.split!r}: {e}. A local file is one split, train: "
+                        "e.g. train[:10%], train[100:]") from None  # fmt: skip
+    return [r for a in parts for r in rows[a.from_ : a.to]]
+
+
 def read_sources(cfg: DataConfig, seed: int, stage: str = "sft", entries=None,
                  hub_split: str | None = None) -> tuple[list[Row], dict[str, DataConfig]]:  # fmt: skip
     """(rows, configs): the rows of every source (limit / samples / weight applied) and, per file they came
@@ -142,8 +173,7 @@ def read_sources(cfg: DataConfig, seed: int, stage: str = "sft", entries=None,
     rows: list[Row] = []
     configs: dict[str, DataConfig] = {}
     for src in resolve(cfg, stage, entries):
-        part = read_source(src.path, hub_split=hub_split or cfg.hub_split, hub_config=cfg.hub_config)
-        part = _mix(part, src, seed)
+        part = _mix(source_rows(src, hub_split or cfg.hub_split, cfg.hub_config), src, seed)
         eff = src.cfg
         if eff.format == "auto" and part:
             file, number, row = part[0]

@@ -14,7 +14,7 @@ import torch
 from tunelab.data import DataBundle, split_rows
 from tunelab.data.errors import DataError
 from tunelab.data.preference import collate_pairs, encode_preference, read_preference_pairs
-from tunelab.data.sources import reading_key, resolve
+from tunelab.data.sources import reading_key, resolve, source_rows
 
 # check_pairs' reading, kept for the pairs_data call that follows it (one entry: the run being started),
 # under reading_key: a changed file, setting or folder makes it a miss, never a stale hit
@@ -41,7 +41,8 @@ def _read_sources(d, entries, hub, seed) -> tuple[list[dict], dict]:
     pairs, stats = [], {"rows_read": 0, "skipped": 0, "identical": 0}
     for src in resolve(d, "dpo", entries):
         limit = src.limit or (d.limit if not isinstance(entries, list) else None)
-        part, s = read_preference_pairs(src.path, src.cfg.columns, limit, **hub)
+        rows = source_rows(src, hub["hub_split"], hub["hub_config"])
+        part, s = read_preference_pairs(src.path, src.cfg.columns, limit, roles=src.cfg.roles, rows=rows)
         n = src.samples if src.samples else round(len(part) * src.weight) if src.weight else None
         if n is not None:
             whole, rest = divmod(n, len(part))
