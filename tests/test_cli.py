@@ -120,19 +120,44 @@ def test_version_and_no_command():
 
 
 def test_one_generation_default_for_generate_chat_and_serve():
+    """temperature, top_p and the answer length: the CLI flags, the Python functions and the server's request
+    models all take tunelab.inference's defaults (a legacy /v1/completions request keeps OpenAI's 16 tokens)."""
     import inspect
+    from types import SimpleNamespace
 
     from tunelab import inference
     from tunelab.cli import build_parser
+    from tunelab.serve.app import budget
     from tunelab.serve.protocol import ChatRequest, CompletionRequest
 
+    want = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 256}
+    assert {k: getattr(inference, f"DEFAULT_{k.upper()}") for k in want} == want
     parser = build_parser()
     for argv in (["generate", "r", "p"], ["chat", "r"]):
-        assert parser.parse_args(argv).temperature == inference.DEFAULT_TEMPERATURE == 0.0
+        assert {k: getattr(parser.parse_args(argv), k) for k in want} == want, argv
     for fn in (inference.generate, inference.chat):
-        assert inspect.signature(fn).parameters["temperature"].default == inference.DEFAULT_TEMPERATURE
-    assert CompletionRequest(model="m", prompt="p").temperature == inference.DEFAULT_TEMPERATURE
-    assert ChatRequest(model="m", messages=[{"role": "user", "content": "x"}]).temperature == inference.DEFAULT_TEMPERATURE
+        assert {k: inspect.signature(fn).parameters[k].default for k in want} == want, fn.__name__
+    chat = ChatRequest(model="m", messages=[{"role": "user", "content": "x"}])
+    completion = CompletionRequest(model="m", prompt="p")
+    for req in (chat, completion):
+        assert (req.temperature, req.top_p) == (want["temperature"], want["top_p"])
+    # what the chat endpoint generates when max_tokens is left out (budget() as the endpoint calls it)
+    from tunelab.serve.protocol import DEFAULT_CHAT_MAX_TOKENS
+
+    assert chat.max_tokens is None and chat.max_completion_tokens is None
+    unbounded, roomy = SimpleNamespace(context_length=None), SimpleNamespace(context_length=8192)
+    for served in (unbounded, roomy):
+        assert budget(served, [1, 2, 3], None, DEFAULT_CHAT_MAX_TOKENS) == want["max_new_tokens"]
+    assert budget(SimpleNamespace(context_length=100), [1] * 90, None, DEFAULT_CHAT_MAX_TOKENS) == 10
+    assert completion.max_tokens == 16
+
+
+def test_generation_flags_refuse_bad_values(capsys):
+    from tunelab.cli import main
+
+    for flag in (["--top-p", "0"], ["--top-p", "1.5"], ["--top-p", "nan"], ["--temperature", "-1"]):
+        assert main(["generate", "no-such-run", "hi", *flag]) == 2, flag
+        assert f"error: {flag[0]} {float(flag[1])}: must be" in capsys.readouterr().err, flag
 
 
 def test_generate_on_a_lora_run_prints_only_the_answer(tmp_path):

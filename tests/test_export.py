@@ -13,7 +13,7 @@ import tunelab
 from tunelab.cli import main as cli_main
 from tunelab.config import load_config
 from tunelab.export.gguf import ExportError, _quantize_q4_k, write_gguf
-from tunelab.export.hf import export
+from tunelab.export.hf import export, load_merged
 from tunelab.models.quant import quantize_model_
 from tunelab.stages.runs import load_run, run_manifest
 from tunelab.testing import save_tiny_model_dir, tiny_bert, tiny_tokenizer
@@ -68,6 +68,43 @@ def test_hf_export_round_trip_gives_identical_logits(runs, tmp_path):
     assert (_logits(back, ids) - _logits(unmerged, ids)).abs().max() < 1e-4  # the LoRA really is folded in
     tok_back = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tok_back.chat_template == tok.chat_template and tok_back(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
+
+
+def test_hf_export_carries_the_run_model_card(runs, tmp_path):
+    """The exported folder's README.md: the run's card rewritten for a plain transformers model (front matter
+    yaml parses; tags name the method; base_model is the Hub id when there is one, else the body names the
+    local folder), keeping the run's method, data and results and loading the exported folder."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from tunelab.stages.runs import result_dir
+    from tunelab.training.card import merged_card
+
+    out = tmp_path / "hf"
+    export(runs["lora"], "hf", quant="f16", out=str(out))
+    text = (out / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert {"tunelab", "lora", "sft", "merged"} <= set(meta["tags"]) and "peft" not in meta["tags"]
+    base = run_manifest(runs["lora"])["base_model"]["name"]
+    assert "base_model" not in meta and f"`{base}`" in text  # a local base folder: no Hub id, named in the body
+    run_card = (result_dir(runs["lora"]) / "README.md").read_text()
+    loss_line = next(line for line in run_card.splitlines() if line.startswith("Validation loss on "))
+    assert loss_line in text and "## Method" in text and "## Training hyperparameters" in text
+    assert text.count("## How to load") == 1 and f'AutoModelForCausalLM.from_pretrained("{out}")' in text
+    assert "PeftModel" not in text and "as f16 safetensors" in text
+    assert ModelCard.load(out / "README.md").data.library_name == "transformers"  # the Hub's own parser
+
+    # a base with a Hub id (a hub id itself, or a named default's original) is named as base_model, first
+    model, _, manifest = load_merged(runs["lora"])
+    for spec, hub_id in (("org/base", "org/base"), ("smollm2-135m-instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")):
+        card = merged_card(run_card, manifest, spec, model, "f32", "ship/hf")
+        meta = yaml.safe_load(card.split("---\n")[1])
+        assert next(iter(meta)) == "base_model" and meta["base_model"] == hub_id and "lora" in meta["tags"]
+    # a run from before model cards: the front matter is built from tunelab.json
+    meta = yaml.safe_load(merged_card(None, manifest, "org/base", model, "f32", "ship/hf").split("---\n")[1])
+    assert meta["base_model"] == "org/base" and {"tunelab", "lora", "sft", "merged"} <= set(meta["tags"])
 
 
 def _expected_tensor_names(n_blocks: int) -> set[str]:

@@ -138,7 +138,7 @@ def _local(name: str, tmp: Path, tiny: str) -> dict:
                 d["path"] = str(data / "chat.json")
             else:
                 d["path"] = str(data / "alpaca_en_demo.json")
-            d.pop("split", None)
+            # a slice (train[:95%]) applies to the local file as datasets would slice the hub split
         raw.update(base_model=tiny, max_steps=2, sequence_len=128, micro_batch_size=1, gradient_accumulation_steps=1,
                    output_dir=str(tmp / "run"), val_set_size=0.1)
     return raw

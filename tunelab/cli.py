@@ -13,7 +13,7 @@ import sys
 import warnings
 
 from tunelab import __version__
-from tunelab.inference import CHAT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, GENERATE_MAX_NEW_TOKENS
+from tunelab.inference import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
 
 def cmd_train(args) -> int:
@@ -77,6 +77,8 @@ def _generation_flags(args) -> None:
     _at_least(1, max_new_tokens=args.max_new_tokens)
     if not args.temperature >= 0:  # also NaN
         raise ConfigError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
+    if not 0 < args.top_p <= 1:  # also NaN
+        raise ConfigError(f"--top-p {args.top_p}: must be above 0 and at most 1 (1 = no nucleus cut)")
 
 
 def _without_bitsandbytes(args, *specs: str) -> None:
@@ -127,7 +129,7 @@ def cmd_generate(args) -> int:
     _generation_flags(args)
     _without_bitsandbytes(args, args.run)
     model, tokenizer = load_run(args.run, device=args.device, trust_remote_code=args.trust_remote_code)
-    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature))
+    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, top_p=args.top_p))
     return 0
 
 
@@ -138,7 +140,7 @@ def cmd_chat(args) -> int:
     _generation_flags(args)
     _without_bitsandbytes(args, args.run)
     model, tokenizer = load_run(args.run, device=args.device, trust_remote_code=args.trust_remote_code)
-    chat(model, tokenizer, args.max_new_tokens, args.temperature, args.system)
+    chat(model, tokenizer, args.max_new_tokens, args.temperature, args.system, top_p=args.top_p)
     return 0
 
 
@@ -389,10 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("prompt", help="the user message, answered with the model's chat template")
         else:
             g.add_argument("--system", help="system prompt")
-        g.add_argument("--max-new-tokens", type=int, help="longest answer, in tokens",
-                       default=GENERATE_MAX_NEW_TOKENS if name == "generate" else CHAT_MAX_NEW_TOKENS)  # fmt: skip
+        g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="longest answer, in tokens")
         g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                       help="0 = greedy (the same answer every time); above 0 samples (top-p 0.95)")  # fmt: skip
+                       help="0 = greedy (the same answer every time); above 0 samples")  # fmt: skip
+        g.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
+                       help="when sampling: keep the most likely tokens up to this mass (1 = all)")  # fmt: skip
         g.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
         _trust_flag(g)
         g.set_defaults(fn=fn)

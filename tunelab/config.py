@@ -86,8 +86,20 @@ class ColumnsConfig(Section):
         description="chat format: the tool definitions (a JSON list, or its text) of a tool-calling row, "
         "rendered by the chat template (LLaMA-Factory's `tools` column).",
     )
+    role: str = Field(
+        "role",
+        description="chat format: the key of a message's role (`from` is read too, as ShareGPT writes it); "
+        "LLaMA-Factory's role_tag, Axolotl's message_property_mappings.role.",
+    )
+    content: str = Field(
+        "content",
+        description="chat format: the key of a message's text (`value` is read too); LLaMA-Factory's content_tag.",
+    )
 
 
+# what a message's role may name in data.roles: tunelab's roles, and an assistant turn that is a tool call
+# (LLaMA-Factory's function_call: its text is the call as JSON)
+MessageRole = Literal["system", "user", "assistant", "tool", "function_call"]
 FORMATS = ("auto", "instruction", "chat", "prompt_completion", "text", "preference")
 # other toolkits' names for our formats (LLaMA-Factory's `formatting`, TRL's and OpenAI's words)
 FORMAT_ALIASES = {"alpaca": "instruction", "sharegpt": "chat", "messages": "chat", "openai": "chat",
@@ -115,6 +127,14 @@ class DataSource(Section):
     )
     weight: float | None = Field(
         None, gt=0, description="Scale the set's rows by this factor (seeded; 0.5 = half, 2 = each row twice)."
+    )
+    roles: dict[str, MessageRole] = Field(
+        default_factory=dict, description="This data set's role names, added to `data.roles`."
+    )
+    split: str | None = Field(
+        None,
+        description="A split with an optional slice, as `datasets` writes it (`train[:10%]`, `train[100:]`): "
+        "the split of a hub id (else `data.hub_split`); for a local file (one split, `train`) the slice.",
     )
 
     @field_validator("format", mode="before")
@@ -154,6 +174,11 @@ class DataConfig(Section):
     train_on_prompt: bool = Field(False, description="Also put loss on prompt tokens (default: response tokens only).")
     packing: bool = Field(False, description="Pack several examples into one row of max_length tokens.")
     system_prompt: str | None = Field(None, description="A system message added to every example.")
+    roles: dict[str, MessageRole] = Field(
+        default_factory=dict,
+        description="Role names of your messages -> system, user, assistant, tool or function_call (a tool call "
+        "as JSON), e.g. {human: user, bot: assistant}; the usual OpenAI / ShareGPT names are known already.",
+    )
 
     @field_validator("format", mode="before")
     @classmethod

@@ -3,36 +3,39 @@
 
 from __future__ import annotations
 
-# The generation defaults of `tunelab generate`, `tunelab chat` and `tunelab serve` (a request that sends no
-# temperature), in one place: greedy, so the same prompt gives the same answer everywhere; pass
-# --temperature (or the request's `temperature`) to sample. docs/getting-started.md documents them.
+# The generation defaults of `tunelab generate`, `tunelab chat` and `tunelab serve` (what a request that
+# leaves a field out gets), in one place; docs/getting-started.md and docs/export.md document them and
+# tests/test_cli.py checks that the CLI flags and the server's request models agree with them.
+# Greedy, so the same prompt gives the same answer everywhere; --temperature (the request's
+# `temperature`) samples. top_p 1.0 (no nucleus cut) is what transformers' generate and OpenAI's API
+# default to, so a sampled answer is plain temperature sampling unless --top-p asks for less.
 DEFAULT_TEMPERATURE = 0.0
-TOP_P = 0.95  # nucleus sampling of generate / chat when temperature > 0
-GENERATE_MAX_NEW_TOKENS = 128
-CHAT_MAX_NEW_TOKENS = 256
+DEFAULT_TOP_P = 1.0
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def generate(
     model,
     tokenizer,
     prompt: str | list[dict],
-    max_new_tokens: int = GENERATE_MAX_NEW_TOKENS,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = DEFAULT_TEMPERATURE,
     streamer=None,
+    top_p: float = DEFAULT_TOP_P,
 ) -> str:
     """Answer one user message (or a list of chat messages) with the chat template; greedy by default,
-    sampled (top_p 0.95) when temperature > 0. A thin wrapper over tunelab.models.generation.generate."""
+    sampled (with `top_p`) when temperature > 0. A thin wrapper over tunelab.models.generation.generate."""
     from tunelab.data import build_prompt_ids
     from tunelab.models.generation import generate as generate_ids
 
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     out = generate_ids(model, tokenizer, [build_prompt_ids(messages, tokenizer)], max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=TOP_P, streamer=streamer)  # fmt: skip
+                       temperature=temperature, top_p=top_p, streamer=streamer)  # fmt: skip
     return out.texts()[0].strip()
 
 
-def chat(model, tokenizer, max_new_tokens: int = CHAT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
-         system: str | None = None) -> None:
+def chat(model, tokenizer, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
+         system: str | None = None, top_p: float = DEFAULT_TOP_P) -> None:
     """An interactive, streaming chat in the terminal; the conversation is kept as context."""
     from transformers import TextStreamer
 
@@ -52,5 +55,5 @@ def chat(model, tokenizer, max_new_tokens: int = CHAT_MAX_NEW_TOKENS, temperatur
         messages.append({"role": "user", "content": user})
         print("model> ", end="", flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        reply = generate(model, tokenizer, messages, max_new_tokens, temperature, streamer=streamer)
+        reply = generate(model, tokenizer, messages, max_new_tokens, temperature, streamer=streamer, top_p=top_p)
         messages.append({"role": "assistant", "content": reply})

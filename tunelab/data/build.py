@@ -11,7 +11,7 @@ from tunelab.data.errors import DataError, where
 from tunelab.data.formats import row_to_messages, row_to_text
 from tunelab.data.packing import pack
 from tunelab.data.readers import Row
-from tunelab.data.sources import read_all, source_config
+from tunelab.data.sources import read_sources, reading_key
 from tunelab.data.templating import IGNORE, render_example
 
 log = logging.getLogger("tunelab.data")
@@ -34,25 +34,28 @@ def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Ro
     return order[n_val:], order[:n_val]
 
 
-def read_split(cfg: DataConfig, seed: int, stage: str = "sft") -> tuple[list[Row], list[Row], int]:
-    """(train rows, validation rows, rows read): `data.validation` when set, else the `val_fraction`
-    of `data.train` held out with `seed`. The one place that decides which rows a run never trains on."""
+def read_split(cfg: DataConfig, seed: int, stage: str = "sft") -> tuple[list[Row], list[Row], int, dict]:
+    """(train rows, validation rows, rows read, the DataConfig of each file): `data.validation` when set,
+    else the `val_fraction` of `data.train` held out with `seed`. The one place that decides which rows a
+    run never trains on."""
     if not cfg.train:
         raise DataError("data.train is not set: give a .json/.jsonl/.csv/.tsv file or a hub dataset id.")
-    rows = read_all(cfg, seed, stage)[: cfg.limit]
+    rows, configs = read_sources(cfg, seed, stage)
+    rows = rows[: cfg.limit]
     if not rows:
         raise DataError(f"{_name(cfg.train)}: no rows to train on.")
     if not cfg.validation:
         train_rows, val_rows = split_rows(rows, cfg.val_fraction, seed)
-        return train_rows, val_rows, len(rows)
+        return train_rows, val_rows, len(rows), configs
     # the same hub id for both: take its "validation" split rather than train twice
     split = "validation" if cfg.validation == cfg.train else cfg.hub_split
-    val_rows = read_all(cfg, seed, stage, entries=[cfg.validation], hub_split=split)
+    val_rows, val_configs = read_sources(cfg, seed, stage, entries=[cfg.validation], hub_split=split)
     train_rows, _ = split_rows(rows, 0.0, seed)
-    return train_rows, val_rows, len(rows) + len(val_rows)
+    return train_rows, val_rows, len(rows) + len(val_rows), configs | val_configs
 
 
-# check_rows' reading, kept for the build_datasets call that follows it (one entry: the run being started)
+# check_rows' reading, kept for the build_datasets call that follows it (one entry: the run being started),
+# under reading_key: a changed file, setting or folder makes it a miss, never a stale hit
 _CHECKED: dict = {}
 
 
@@ -63,22 +66,23 @@ def check_rows(cfg: DataConfig, seed: int, stage: str = "sft") -> None:
     if stage == "pretrain" and cfg.format not in ("text", "auto"):
         raise DataError("stage: pretrain trains on raw text; set data.format: text.")
     split = read_split(cfg, seed, stage)
-    for file, number, row in split[0] + split[1]:
-        c = source_config(file, cfg)
+    train_rows, val_rows, _, configs = split
+    for file, number, row in train_rows + val_rows:
+        c = configs.get(file, cfg)
         to_model_input = row_to_text if c.format == "text" else row_to_messages
         to_model_input(row, c, where(file, number))
     _CHECKED.clear()
-    _CHECKED[(cfg.model_dump_json(), seed)] = split
+    _CHECKED[reading_key(cfg, seed, stage)] = split
 
 
 def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") -> DataBundle:
     if stage == "pretrain" and cfg.format not in ("text", "auto"):
         raise DataError("stage: pretrain trains on raw text; set data.format: text.")
-    checked = _CHECKED.pop((cfg.model_dump_json(), seed), None)
-    train_rows, val_rows, rows_read = checked or read_split(cfg, seed, stage)
+    checked = _CHECKED.pop(reading_key(cfg, seed, stage), None)
+    train_rows, val_rows, rows_read, configs = checked or read_split(cfg, seed, stage)
     counts = {"truncated": 0, "dropped": 0}
-    train = _encode_all(train_rows, cfg, tokenizer, counts)
-    val = _encode_all(val_rows, cfg, tokenizer, counts)
+    train = _encode_all(train_rows, configs, cfg, tokenizer, counts)
+    val = _encode_all(val_rows, configs, cfg, tokenizer, counts)
     if not train:
         raise DataError(
             f"{_name(cfg.train)}: no training example has response tokens left after truncation to "
@@ -105,10 +109,10 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") ->
     return DataBundle(train=train, val=val, stats=stats)
 
 
-def _encode_all(rows: list[Row], cfg: DataConfig, tokenizer, counts: dict) -> list[dict]:
+def _encode_all(rows: list[Row], configs: dict, cfg: DataConfig, tokenizer, counts: dict) -> list[dict]:
     out = []
     for file, number, row in rows:
-        ex = render_example(row, source_config(file, cfg), tokenizer, where=where(file, number))
+        ex = render_example(row, configs.get(file, cfg), tokenizer, where=where(file, number))
         if len(ex["input_ids"]) > cfg.max_length:
             counts["truncated"] += 1
             ex = {k: v[: cfg.max_length] for k, v in ex.items()}

@@ -178,7 +178,7 @@ def _prompt_completion(row: dict, cfg: DataConfig, where: str) -> list[dict]:
         if isinstance(value, str):
             out.append({"role": role, "content": value})
         elif isinstance(value, list) and value:
-            out += [message_dict(m, col, j, where) for j, m in enumerate(value, 1)]
+            out += [message_dict(m, col, j, where, _keys(cfg), cfg.roles) for j, m in enumerate(value, 1)]
         else:
             raise DataError(f"{where}: field '{col}' should be text or a non-empty list of messages, got {value!r:.60}.")
     return out
@@ -191,24 +191,37 @@ def _chat(row: dict, cfg: DataConfig, where: str) -> list[dict]:
         raise _missing(cfg, where, "messages")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: field '{col}' should be a non-empty list of messages, got {turns!r:.60}.")
-    return [message_dict(m, col, j, where) for j, m in enumerate(turns, 1)]
+    return [message_dict(m, col, j, where, _keys(cfg), cfg.roles) for j, m in enumerate(turns, 1)]
 
 
-def message_dict(m, col: str, j: int, where: str) -> dict:
+def _keys(cfg: DataConfig) -> tuple[str, str]:
+    return cfg.columns.role, cfg.columns.content
+
+
+def message_dict(m, col: str, j: int, where: str, keys: tuple[str, str] = ("role", "content"),
+                 roles: dict | None = None) -> dict:  # fmt: skip
+    """One message -> {role, content[, tool_calls]}. Its keys are `keys` (data.columns.role / .content) when
+    the message has them, else ShareGPT's from / value; its role name goes through `roles` (data.roles),
+    then the usual OpenAI / ShareGPT names."""
     if not isinstance(m, dict):
         raise DataError(f"{where}: message {j} in '{col}' should be an object, got {type(m).__name__}.")
-    sharegpt = "from" in m or "value" in m
-    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
-    role = ROLES.get(str(m.get(role_key)).lower())
+    if keys[0] not in m and ("from" in m or "value" in m):
+        keys = ("from", "value")
+    role_key, content_key = keys
+    name = str(m.get(role_key))
+    role = (roles or {}).get(name) or ROLES.get(name.lower())
+    call = role == "function_call" or name.lower() == "function_call"
+    role = "assistant" if call else role
     if role is None:
+        known = ", ".join(roles) + ", " if roles else ""
         raise DataError(
-            f"{where}: message {j} in '{col}' has {role_key} {m.get(role_key)!r}; expected one of "
-            "system, user/human, assistant/gpt/model, function_call, observation/tool."
+            f"{where}: message {j} in '{col}' has {role_key} {m.get(role_key)!r}; expected one of {known}"
+            "system, user/human, assistant/gpt/model, function_call, observation/tool (map yours with data.roles)."
         )
     content = m.get(content_key)
     if isinstance(content, list):  # OpenAI content parts: keep the text ones
         content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    if str(m.get(role_key)).lower() == "function_call" and isinstance(content, str):
+    if call and isinstance(content, str):
         return {"role": "assistant", "content": "", "tool_calls": [_tool_call(content, col, j, where)]}
     if not isinstance(content, str) and m.get("tool_calls"):
         content = ""

@@ -34,7 +34,7 @@ from tunelab.data.templating import ids_by_offsets, ids_by_pieces, response_span
 log = logging.getLogger("tunelab.data")
 
 DEFAULT_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "messages": "messages",
-                   "system": "system"}  # fmt: skip
+                   "system": "system", "role": "role", "content": "content"}  # fmt: skip
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 _EXPECTED = (
     "expected {prompt, chosen, rejected}, hh-rlhf {chosen, rejected} transcripts ('\\n\\nHuman: ... "
@@ -49,15 +49,18 @@ class _Skip(Exception):
 def load_preference_pairs(path: str, columns=None, limit: int | None = None) -> list[dict]:
     """Read preference pairs from a .json/.jsonl/.csv file (optionally .gz) or a hub id.
 
-    `columns` maps our field names (prompt, chosen, rejected, messages, system) to yours: a dict, or
-    the `data.columns` section. `limit` caps the rows read (before skipping)."""
+    `columns` maps our field names (prompt, chosen, rejected, messages, system; role and content: a
+    message's keys) to yours: a dict, or the `data.columns` section. `limit` caps the rows read (before
+    skipping)."""
     return read_preference_pairs(path, columns, limit)[0]
 
 
-def read_preference_pairs(path: str, columns=None, limit: int | None = None, **hub) -> tuple[list[dict], dict]:
-    """(pairs, stats): like load_preference_pairs, plus how many rows were read and skipped."""
-    cols = _columns(columns)
-    rows = read_rows(path, **hub)[:limit]
+def read_preference_pairs(path: str, columns=None, limit: int | None = None, roles: dict | None = None,
+                          rows=None, **hub) -> tuple[list[dict], dict]:  # fmt: skip
+    """(pairs, stats): like load_preference_pairs, plus how many rows were read and skipped. `roles` names
+    your messages' roles (data.roles); `rows`, when given, are the (file, line, row) rows already read."""
+    cols = {**_columns(columns), "roles": roles or {}}
+    rows = (read_rows(path, **hub) if rows is None else rows)[:limit]
     pairs, skipped, identical = [], [], []
     for file, number, row in rows:
         try:
@@ -104,16 +107,16 @@ def row_to_pair(row: dict, cols: dict, where: str = "row") -> dict:
     chosen, rejected = row[cols["chosen"]], row[cols["rejected"]]
     conv_col = next((c for c in (cols["messages"], SHAREGPT_COLUMN) if row.get(c) is not None), None)
     if conv_col is not None:
-        prompt = _messages(row[conv_col], conv_col, where)
+        prompt = _messages(row[conv_col], conv_col, where, cols)
     elif row.get(cols["prompt"]) is not None:
-        prompt = _prompt(row[cols["prompt"]], cols["prompt"], where)
+        prompt = _prompt(row[cols["prompt"]], cols["prompt"], where, cols)
     elif isinstance(chosen, str) and isinstance(rejected, str):
         chosen, rejected = _hh_messages(chosen, cols["chosen"], where), _hh_messages(rejected, cols["rejected"], where)
         prompt = []
     else:
         prompt = []  # implicit prompt: the shared prefix of two message lists
-    head_c, chosen_text = _response(chosen, cols["chosen"], where)
-    head_r, rejected_text = _response(rejected, cols["rejected"], where)
+    head_c, chosen_text = _response(chosen, cols["chosen"], where, cols)
+    head_r, rejected_text = _response(rejected, cols["rejected"], where, cols)
     # a reply given as the whole conversation repeats the prompt: do not count it twice
     head_c, head_r = (h[len(prompt) :] if prompt and h[: len(prompt)] == prompt else h for h in (head_c, head_r))
     if head_c != head_r:
@@ -131,32 +134,33 @@ def row_to_pair(row: dict, cols: dict, where: str = "row") -> dict:
     return {"prompt": prompt, "chosen": chosen_text, "rejected": rejected_text}
 
 
-def _prompt(value, col: str, where: str) -> list[dict]:
+def _prompt(value, col: str, where: str, cols: dict) -> list[dict]:
     if isinstance(value, str) and value.startswith("\n\nHuman:"):  # hh-rlhf split into prompt / replies
         msgs = _hh_messages(value, col, where)
         return msgs[:-1] if msgs[-1]["role"] == "assistant" and not msgs[-1]["content"] else msgs
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if isinstance(value, list):
-        return _messages(value, col, where)
+        return _messages(value, col, where, cols)
     raise DataError(f"{where}: field '{col}' should be text or a list of messages, got {type(value).__name__}.")
 
 
-def _messages(value, col: str, where: str) -> list[dict]:
+def _messages(value, col: str, where: str, cols: dict) -> list[dict]:
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
         raise DataError(f"{where}: field '{col}' should be a list of messages, got {type(value).__name__}.")
-    return [message_dict(m, col, j, where) for j, m in enumerate(value, 1)]
+    keys, roles = (cols.get("role", "role"), cols.get("content", "content")), cols.get("roles")
+    return [message_dict(m, col, j, where, keys, roles) for j, m in enumerate(value, 1)]
 
 
-def _response(value, col: str, where: str) -> tuple[list[dict], str]:
+def _response(value, col: str, where: str, cols: dict) -> tuple[list[dict], str]:
     """(conversation turns before the reply, the final assistant reply's text)."""
     if isinstance(value, str):
         return [], value
     if not isinstance(value, (list, dict)):
         raise DataError(f"{where}: field '{col}' should be text, a message or a list of messages, got {type(value).__name__}.")
-    msgs = _messages(value, col, where)
+    msgs = _messages(value, col, where, cols)
     if not msgs or msgs[-1]["role"] != "assistant":
         got = msgs[-1]["role"] if msgs else "nothing"
         raise DataError(

@@ -1,8 +1,9 @@
 """`data.train` as one source or a list of them: files, hub ids, or names in a LLaMA-Factory
 `dataset_info.json` registry, each with its own format and columns, mixed into one seeded set.
 
-    rows = read_train(cfg.data, seed=0, stage="sft")   # (file, number, row) of every source, mixed
-    source_config("data/alpaca_en_demo.json", cfg.data) # the DataConfig (format, columns) of that file's rows
+    rows, configs = read_sources(cfg.data, seed=0, stage="sft")  # (file, number, row) of every source, mixed
+    configs["data/alpaca_en_demo.json"]                          # the DataConfig (format, columns) of its rows
+    key = reading_key(cfg.data, seed=0, stage="sft")              # changes when a file behind the rows does
 
 `data.format: auto` is resolved per source from its registry entry or, else, from the columns of its
 first row (`formats.detect_format`), and logged.
@@ -28,10 +29,9 @@ log = logging.getLogger("tunelab.data")
 _LF_COLUMNS = {"query": "input", "response": "output", "messages": "messages", "system": "system",
                "tools": "tools", "chosen": "chosen", "rejected": "rejected"}  # fmt: skip
 _LF_UNSUPPORTED = ("images", "videos", "audios")
-
-# the DataConfig of each file read (format resolved, columns of its source), per data config: the rows
-# stay plain (file, line, row) tuples, and a file read under another data config never sees these
-_SOURCE_CFGS: dict[tuple[str, str], DataConfig] = {}
+# LLaMA-Factory's role tags -> the role (data.roles) their value names
+_LF_ROLE_TAGS = {"user_tag": "user", "assistant_tag": "assistant", "system_tag": "system",
+                 "observation_tag": "tool", "function_tag": "function_call"}  # fmt: skip
 
 
 @dataclass
@@ -41,11 +41,7 @@ class Source:
     limit: int | None = None
     samples: int | None = None
     weight: float | None = None
-
-
-def source_config(file: str, cfg: DataConfig) -> DataConfig:
-    """The DataConfig (format, columns) of the rows read from `file`; `cfg` for a file read otherwise."""
-    return _SOURCE_CFGS.get((file, cfg.model_dump_json()), cfg)
+    split: str | None = None
 
 
 def _registry_path(cfg: DataConfig, name: str) -> Path | None:
@@ -70,7 +66,7 @@ def _registry(path: Path) -> dict:
     return info
 
 
-def _from_registry(name: str, path: Path, cfg: DataConfig, stage: str) -> tuple[str, DataConfig]:
+def _from_registry(name: str, path: Path, cfg: DataConfig, stage: str, quiet: bool = False) -> tuple[str, DataConfig]:
     info = _registry(path)
     entry = info.get(name)
     if not isinstance(entry, dict):
@@ -96,21 +92,31 @@ def _from_registry(name: str, path: Path, cfg: DataConfig, stage: str) -> tuple[
     for theirs, col in (entry.get("columns") or {}).items():
         if theirs in _LF_UNSUPPORTED:
             raise DataError(f"{at}: column {theirs!r}: multimodal data sets are not supported")
+        if theirs == "kto_tag":
+            raise DataError(f"{at}: column 'kto_tag': KTO data (one reply per row, labelled good or bad) trains "
+                            "LLaMA-Factory's kto stage, which tunelab does not have; pairs of replies (ranking: "
+                            "true, chosen / rejected) train with stage dpo or reward")  # fmt: skip
         if theirs == "prompt":
             ours = "text" if fmt == "text" else "prompt" if ranking else "instruction"
         else:
             ours = _LF_COLUMNS.get(theirs)
         if ours:
             columns[ours] = col
+    # tags: the keys of a message (role_tag, content_tag) and its role names (user_tag ...), when not the usual
     tags = entry.get("tags") or {}
-    if (tags.get("role_tag", "from"), tags.get("content_tag", "value")) not in (("from", "value"), ("role", "content")):
-        raise DataError(f"{at}: tags {tags}: messages are read as from/value or role/content")
-    log.info("data: %s -> %s (format %s, from %s)", name, source, fmt, path)
-    return source, cfg.model_copy(update={"format": fmt, "columns": type(cfg.columns)(**columns)})
+    unknown = sorted(set(tags) - {"role_tag", "content_tag", *_LF_ROLE_TAGS})
+    if unknown:
+        raise DataError(f"{at}: tags {unknown} are not read; known: role_tag, content_tag, {', '.join(_LF_ROLE_TAGS)}")
+    columns.update({ours: tags[t] for t, ours in (("role_tag", "role"), ("content_tag", "content")) if tags.get(t)})
+    roles = {**cfg.roles, **{tags[t]: ours for t, ours in _LF_ROLE_TAGS.items() if tags.get(t)}}
+    if not quiet:
+        log.info("data: %s -> %s (format %s, from %s)", name, source, fmt, path)
+    return source, cfg.model_copy(update={"format": fmt, "columns": type(cfg.columns)(**columns), "roles": roles})
 
 
-def resolve(cfg: DataConfig, stage: str = "sft", entries=None) -> list[Source]:
-    """The sources of `data.train` (or `entries`), each with its own DataConfig; registry names resolved."""
+def resolve(cfg: DataConfig, stage: str = "sft", entries=None, quiet: bool = False) -> list[Source]:
+    """The sources of `data.train` (or `entries`), each with its own DataConfig; registry names resolved
+    (and logged unless `quiet`)."""
     entries = cfg.train if entries is None else entries
     if not entries:
         raise DataError("data.train is not set: give a .json/.jsonl/.csv/.tsv file, a hub dataset id or a list.")
@@ -121,11 +127,12 @@ def resolve(cfg: DataConfig, stage: str = "sft", entries=None) -> list[Source]:
         registry = _registry_path(cfg, spec.path)
         path = spec.path
         if registry is not None:
-            path, eff = _from_registry(spec.path, registry, cfg, stage)
-        if spec.format or spec.columns:
+            path, eff = _from_registry(spec.path, registry, cfg, stage, quiet)
+        if spec.format or spec.columns or spec.roles:
             cols = eff.columns.model_copy(update=spec.columns)
-            eff = eff.model_copy(update={"format": spec.format or eff.format, "columns": cols})
-        out.append(Source(path, eff, spec.limit, spec.samples, spec.weight))
+            roles = {**eff.roles, **spec.roles}
+            eff = eff.model_copy(update={"format": spec.format or eff.format, "columns": cols, "roles": roles})
+        out.append(Source(path, eff, spec.limit, spec.samples, spec.weight, spec.split))
     return out
 
 
@@ -140,12 +147,33 @@ def _mix(rows: list[Row], src: Source, seed: int) -> list[Row]:
     return sorted(picked, key=lambda r: r[1]) if whole == 0 else picked
 
 
-def read_all(cfg: DataConfig, seed: int, stage: str = "sft", entries=None, hub_split: str | None = None) -> list[Row]:
-    """The rows of every source (limit / samples / weight applied), formats resolved and logged."""
+def source_rows(src: Source, hub_split: str, hub_config: str | None) -> list[Row]:
+    """The rows of one source: a hub id's split (the source's own `split`, slice included, else
+    `hub_split`), or a local file's rows, sliced by the source's `split` as `datasets` reads one."""
+    local = Path(src.path).expanduser().is_file()
+    split = src.split if src.split and not local else hub_split
+    rows = read_source(src.path, hub_split=split, hub_config=hub_config)
+    if not (src.split and local):
+        return rows
+    from datasets import ReadInstruction  # datasets' own split grammar (train[:10%], train[10:20]+train[-5:])
+
+    try:
+        parts = ReadInstruction.from_spec(src.split).to_absolute({"train": len(rows)})
+    except (ValueError, AssertionError) as e:
+        raise DataError(f"{src.path}: split {src.split!r}: {e}. A local file is one split, train: "
+                        "e.g. train[:10%], train[100:]") from None  # fmt: skip
+    return [r for a in parts for r in rows[a.from_ : a.to]]
+
+
+def read_sources(cfg: DataConfig, seed: int, stage: str = "sft", entries=None,
+                 hub_split: str | None = None) -> tuple[list[Row], dict[str, DataConfig]]:  # fmt: skip
+    """(rows, configs): the rows of every source (limit / samples / weight applied) and, per file they came
+    from, the DataConfig they are read with (format resolved and logged, the source's own columns). The
+    rows stay plain (file, line, row) tuples; `configs` travels beside them to whoever converts them."""
     rows: list[Row] = []
+    configs: dict[str, DataConfig] = {}
     for src in resolve(cfg, stage, entries):
-        part = read_source(src.path, hub_split=hub_split or cfg.hub_split, hub_config=cfg.hub_config)
-        part = _mix(part, src, seed)
+        part = _mix(source_rows(src, hub_split or cfg.hub_split, cfg.hub_config), src, seed)
         eff = src.cfg
         if eff.format == "auto" and part:
             file, number, row = part[0]
@@ -153,6 +181,28 @@ def read_all(cfg: DataConfig, seed: int, stage: str = "sft", entries=None, hub_s
             log.info("data: %s: detected format %s", src.path, fmt)
             eff = eff.model_copy(update={"format": fmt})
         for file in {f for f, _, _ in part}:
-            _SOURCE_CFGS[(file, cfg.model_dump_json())] = eff
+            if configs.setdefault(file, eff) != eff:  # rows name their file only: one reading per file
+                raise DataError(f"data.train lists {file} twice with different formats or columns; give it once")
         rows += part
-    return rows
+    return rows, configs
+
+
+def _stat(source: str) -> tuple:
+    p = Path(source).expanduser()
+    if not p.is_file():  # a hub id (its cache is the hub library's business) or a registry that is absent
+        return (source,)
+    st = p.stat()
+    return (str(p.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def reading_key(cfg: DataConfig, seed: int, stage: str) -> tuple:
+    """What a reading of `cfg`'s data depends on: the settings, the seed, the stage, and the path, mtime and
+    size of every file behind it (the sources and the dataset_info.json that resolved their names). A
+    reading kept under this key for a later step of the same run is reused only while nothing changed."""
+    files = []
+    for entries in (cfg.train, cfg.validation):
+        for e in (entries if isinstance(entries, list) else [entries] if entries else []):
+            registry = _registry_path(cfg, e.path if isinstance(e, DataSource) else e)
+            files += [str(registry)] if registry is not None else []
+        files += [src.path for src in resolve(cfg, stage, entries, quiet=True)] if entries else []
+    return (cfg.model_dump_json(), seed, stage, str(Path.cwd()), tuple(_stat(f) for f in files))

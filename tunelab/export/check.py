@@ -47,16 +47,17 @@ def heldout_texts(run: str, tokenizer, data: str | None = None, limit: int = TEX
     final = result_dir(run)
     cfg = load_config(final.parent / "config.yaml") if final is not None and (final.parent / "config.yaml").exists() else None
     data_cfg = cfg.data if cfg is not None else DataConfig()
+    configs: dict = {}  # the run's own data: each file's format and columns, as training read them
     if data:
         rows, source = read_source(data), data
     elif cfg is not None and (cfg.data.validation or cfg.data.val_fraction > 0):
-        rows = read_split(cfg.data, cfg.training.seed)[1]
+        _, rows, _, configs = read_split(cfg.data, cfg.training.seed)
         source = cfg.data.validation or f"{cfg.data.train} (the rows the run held out: val_fraction {cfg.data.val_fraction:g})"
     else:
         rows = []
     if not rows:
         raise ExportError(f"{run}: no held-out rows to check the export on; give a file with --check-data FILE")
-    ids = [render_example(row, data_cfg, tokenizer, where=where(file, number))["input_ids"][:N_CTX]
+    ids = [render_example(row, configs.get(file, data_cfg), tokenizer, where=where(file, number))["input_ids"][:N_CTX]
            for file, number, row in rows[:limit]]  # fmt: skip
     ids = [t for t in ids if len(t) >= 2]
     if not ids:

@@ -16,6 +16,7 @@ from tunelab.methods import get as get_method
 from tunelab.methods.qat import settings
 from tunelab.models.sources import gguf_source_metadata
 from tunelab.stages.runs import load_run, result_dir, run_manifest
+from tunelab.training.card import CARD_FILE, merged_card
 
 HF_QUANTS = ("f32", "f16", "bf16")
 FORMATS = ("hf", "gguf", "gguf-lora")
@@ -40,10 +41,10 @@ def load_merged(run: str, device: str = "cpu", trust_remote_code: bool = False):
     return model.eval(), tokenizer, manifest
 
 
-def write_hf(model, tokenizer, out_dir, dtype: str = "f32") -> Path:
+def write_hf(model, tokenizer, out_dir, dtype: str = "f32", card: str | None = None) -> Path:
     """A folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load:
-    safetensors weights, config, generation config, tokenizer with its chat template. Written
-    atomically (a temporary folder renamed into place)."""
+    safetensors weights, config, generation config, tokenizer with its chat template, and `card` as its
+    README.md when given. Written atomically (a temporary folder renamed into place)."""
     import torch
 
     if dtype not in HF_QUANTS:
@@ -57,6 +58,8 @@ def write_hf(model, tokenizer, out_dir, dtype: str = "f32") -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card)
         if out.exists():
             shutil.rmtree(out)
         tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +139,12 @@ def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None 
     base = base.parent if base.name == "final" else base
     if fmt == "hf":
         path = Path(out) if out else base.with_name(base.name + "-hf") if manifest else Path(base.name + "-hf")
-        write_hf(model, tokenizer, path, quant)
+        card = None
+        if manifest is not None:  # a run: its card, rewritten for the merged folder
+            run_card = result_dir(run) / CARD_FILE
+            card = merged_card(run_card.read_text() if run_card.is_file() else None, manifest,
+                               base_model_spec(run, manifest), model, quant, str(path))  # fmt: skip
+        write_hf(model, tokenizer, path, quant, card)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         return {"format": "hf", "path": str(path), "bytes": size, "quant": quant}
     path = Path(out) if out else Path(f"{base}-{quant}.gguf" if manifest else f"{base.name}-{quant}.gguf")

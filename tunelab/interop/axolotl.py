@@ -2,12 +2,14 @@
 
 Each entry of `datasets` becomes one item of `data.train` with its own format and columns:
 alpaca -> instruction; chat_template / sharegpt / chatml.* -> chat (field_messages -> columns.messages,
-their role / content property names are read as they are); completion -> text; with `rl: dpo`, chosen /
-rejected fields -> preference. `pretraining_dataset` -> stage pretrain on text.
+message_property_mappings -> columns.role / .content, roles -> the source's roles); completion -> text;
+with `rl: dpo`, chosen / rejected fields -> preference; `split` (slices included) -> the source's split.
+`pretraining_dataset` -> stage pretrain on text.
 """
 
 from __future__ import annotations
 
+from tunelab.interop.llamafactory import template_note
 from tunelab.interop.translation import Translation
 from tunelab.peer_keys import AXOLOTL_IGNORED, AXOLOTL_MAPPED
 
@@ -16,7 +18,7 @@ SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "c
 RL = {"dpo": "sigmoid", "ipo": "ipo"}
 _SPECIAL = {"adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_linear",
             "lora_target_modules", "unfrozen_parameters", "qat", "rl", "rl_beta", "datasets", "pretraining_dataset",
-            "test_datasets", "val_set_size", "lr_scheduler", "trust_remote_code"}  # fmt: skip
+            "test_datasets", "val_set_size", "lr_scheduler", "trust_remote_code", "chat_template"}  # fmt: skip
 
 
 def detect(raw: dict) -> bool:
@@ -43,6 +45,8 @@ def translate(raw: dict, source: str = "config") -> Translation:
     if "trust_remote_code" in raw:
         t.map("trust_remote_code", raw["trust_remote_code"], "model.trust_remote_code",
               note="your explicit setting, carried over: it runs the model repo's own code")  # fmt: skip
+    if "chat_template" in raw:
+        t.ignore("chat_template", template_note(raw["chat_template"], TOOL))
     if raw.get("lr_scheduler") is not None:
         v = raw["lr_scheduler"]
         if v in SCHEDULERS:
@@ -128,19 +132,41 @@ def _source(d: dict, t: Translation, stage: str, i: int) -> dict:
             out["format"] = "chat"
             cols["messages"] = d.get("field_messages", "conversations" if kind == "sharegpt" else "messages")
         props = d.get("message_property_mappings") or {}
-        if props and (props.get("role"), props.get("content")) not in (("role", "content"), ("from", "value")):
+        extra = sorted(set(props) - {"role", "content"})
+        if extra:
             t.refuse(f"datasets[{i}].message_property_mappings", props,
-                     "tunelab reads messages as role/content or from/value")  # fmt: skip
+                     f"tunelab reads a message's role and content; {extra} have no place in its messages")  # fmt: skip
+        cols.update({k: props[k] for k in ("role", "content") if props.get(k) and props[k] != k})
+        roles = _roles(d.get("roles"), t, i)
+        if roles:
+            out["roles"] = roles
     else:
         t.refuse(f"datasets[{i}].type", kind, "tunelab maps alpaca, chat_template, sharegpt, chatml.*, completion "
                  "and pretrain")  # fmt: skip
     if cols:
         out["columns"] = cols
+    if d.get("split"):
+        out["split"] = str(d["split"])  # datasets' split grammar, slices included: data.train[].split
     for key in d:
         if key not in ("path", "type", "field", "field_messages", "field_chosen", "field_rejected", "field_prompt",
-                       "message_property_mappings", "roles"):  # fmt: skip
-            t.ignore(f"datasets[{i}].{key}", "not read by tunelab (a local file or hub id is read whole, split train)")
+                       "message_property_mappings", "roles", "split"):  # fmt: skip
+            t.ignore(f"datasets[{i}].{key}", "not read by tunelab")
     return out
+
+
+def _roles(roles, t: Translation, i: int) -> dict:
+    """Axolotl's `roles: {user: [human, ...], assistant: [...]}` (ours -> their names) as data.roles (their
+    name -> ours)."""
+    if not roles:
+        return {}
+    ours = {"system", "user", "assistant", "tool"}
+    if not isinstance(roles, dict) or set(roles) - ours:
+        t.refuse(f"datasets[{i}].roles", roles, f"roles map {', '.join(sorted(ours))} to lists of your role names")
+    out = {}
+    for role, names in roles.items():
+        for name in [names] if isinstance(names, str) else names or []:
+            out[str(name)] = role
+    return {k: v for k, v in out.items() if k != v}
 
 
 def _data(raw: dict, t: Translation, stage: str) -> None:

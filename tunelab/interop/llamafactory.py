@@ -18,7 +18,7 @@ FREEZE_MODULES = {"mlp": "ffn", "self_attn": "attention", "attn": "attention", "
 _SPECIAL = {"stage", "finetuning_type", "quantization_bit", "quantization_method", "lora_rank", "lora_alpha",
             "lora_dropout", "lora_target", "freeze_trainable_layers", "freeze_trainable_modules",
             "freeze_extra_modules", "dataset", "eval_dataset", "dataset_dir", "max_samples", "val_size",
-            "lr_scheduler_type", "pref_loss", "trust_remote_code"}  # fmt: skip
+            "lr_scheduler_type", "pref_loss", "trust_remote_code", "template"}  # fmt: skip
 
 
 def detect(raw: dict) -> bool:
@@ -42,6 +42,8 @@ def translate(raw: dict, source: str = "config") -> Translation:
     if "trust_remote_code" in raw:
         t.map("trust_remote_code", raw["trust_remote_code"], "model.trust_remote_code",
               note="your explicit setting, carried over: it runs the model repo's own code")  # fmt: skip
+    if "template" in raw:
+        t.ignore("template", template_note(raw["template"], TOOL))
     if "lr_scheduler_type" in raw:
         v = raw["lr_scheduler_type"]
         if v in SCHEDULERS:
@@ -57,6 +59,13 @@ def translate(raw: dict, source: str = "config") -> Translation:
                notes={"neat_packing": "tunelab's packed rows always attend per example"},
                unknown=f"not a {TOOL} key tunelab knows")  # fmt: skip
     return t
+
+
+def template_note(name, tool: str) -> str:
+    """What becomes of a named chat template: tunelab renders with the model's own (its tokenizer's)."""
+    return (f"{name!r}: kept the model's own chat template (its tokenizer's chat_template, as in training and "
+            f"`tunelab chat`; a tokenizer without one gets tunelab's ChatML fallback); {tool}'s {name!r} template "
+            "is not applied, so check the model ships the template you meant")  # fmt: skip
 
 
 def _method(raw: dict, t: Translation) -> None:

@@ -6,9 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.inference import CHAT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE
+from tunelab.inference import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
-DEFAULT_CHAT_MAX_TOKENS = CHAT_MAX_NEW_TOKENS
+# A chat request without max_tokens gets tunelab's one default (OpenAI's chat API sets none: it runs to
+# the context's end). A legacy /v1/completions request keeps OpenAI's documented 16: clients written for
+# that endpoint rely on it (and send max_tokens when they want more), so it is deliberately not ours.
+DEFAULT_CHAT_MAX_TOKENS = DEFAULT_MAX_NEW_TOKENS
+COMPLETIONS_MAX_TOKENS = 16
 
 
 class APIError(Exception):
@@ -26,7 +30,7 @@ class _Request(BaseModel):
     model: str
     # tunelab's one default (greedy), not OpenAI's 1.0: the server answers as `tunelab generate` does
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(DEFAULT_TOP_P, gt=0, le=1)
     stream: bool = False
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
@@ -36,7 +40,7 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(COMPLETIONS_MAX_TOKENS, ge=1)
 
 
 class ChatMessage(BaseModel):

@@ -14,9 +14,10 @@ import torch
 from tunelab.data import DataBundle, split_rows
 from tunelab.data.errors import DataError
 from tunelab.data.preference import collate_pairs, encode_preference, read_preference_pairs
-from tunelab.data.sources import resolve
+from tunelab.data.sources import reading_key, resolve, source_rows
 
-# check_pairs' reading, kept for the pairs_data call that follows it (one entry: the run being started)
+# check_pairs' reading, kept for the pairs_data call that follows it (one entry: the run being started),
+# under reading_key: a changed file, setting or folder makes it a miss, never a stale hit
 _CHECKED: dict = {}
 
 
@@ -40,7 +41,8 @@ def _read_sources(d, entries, hub, seed) -> tuple[list[dict], dict]:
     pairs, stats = [], {"rows_read": 0, "skipped": 0, "identical": 0}
     for src in resolve(d, "dpo", entries):
         limit = src.limit or (d.limit if not isinstance(entries, list) else None)
-        part, s = read_preference_pairs(src.path, src.cfg.columns, limit, **hub)
+        rows = source_rows(src, hub["hub_split"], hub["hub_config"])
+        part, s = read_preference_pairs(src.path, src.cfg.columns, limit, roles=src.cfg.roles, rows=rows)
         n = src.samples if src.samples else round(len(part) * src.weight) if src.weight else None
         if n is not None:
             whole, rest = divmod(n, len(part))
@@ -53,12 +55,13 @@ def _read_sources(d, entries, hub, seed) -> tuple[list[dict], dict]:
 def check_pairs(cfg) -> None:
     """Stage.check_data: the pairs read and checked before the model loads; pairs_data then takes them."""
     _CHECKED.clear()
-    _CHECKED[cfg.data.model_dump_json()] = _read_pairs(cfg.data, cfg.training.seed)
+    _CHECKED[reading_key(cfg.data, cfg.training.seed, "dpo")] = _read_pairs(cfg.data, cfg.training.seed)
 
 
 def pairs_data(cfg, tokenizer) -> DataBundle:
     d = cfg.data
-    pairs, stats, val_pairs = _CHECKED.pop(d.model_dump_json(), None) or _read_pairs(d, cfg.training.seed)
+    kept = _CHECKED.pop(reading_key(d, cfg.training.seed, "dpo"), None)
+    pairs, stats, val_pairs = kept or _read_pairs(d, cfg.training.seed)
     if val_pairs is not None:
         train_pairs = pairs
     else:

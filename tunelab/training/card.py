@@ -222,3 +222,43 @@ def write_card(folder: Path, cfg, model, metrics: dict, manifest: dict) -> None:
     """Fix PEFT's base-model name and write README.md into `folder` (the result being written)."""
     set_peft_base_name(folder, cfg.model.name)
     (folder / CARD_FILE).write_text(model_card(cfg, folder, model, metrics, manifest))
+
+
+def merged_card(run_card: str | None, manifest: dict, base_spec: str, model, dtype: str, where: str) -> str:
+    """The README.md of `tunelab export --format hf`: the run's card (`run_card`, its final/README.md; None
+    for a run written before cards existed) rewritten for the merged folder at `where`: a plain
+    transformers model now (library_name, no `peft` tag, how to load it), keeping the run's base model,
+    method, data, hyperparameters and results. `base_spec` is the model the run chain started from."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(run_card) if run_card else None
+    meta = card.data.to_dict() if card else {}
+    auto_class, pipeline = model_kind(model)
+    method = manifest.get("method", "")
+    stage = manifest.get("stage", "")
+    hub_id = hub_model_id(base_spec)
+    meta.pop("base_model", None)
+    meta = ({"base_model": hub_id} if hub_id else {}) | meta  # first, as the run's card has it
+    meta["library_name"] = "transformers"
+    tags = [t for t in meta.get("tags") or ["tunelab", method, stage] if t and t != "peft"]
+    meta["tags"] = tags + ["merged"]
+    if pipeline:
+        meta["pipeline_tag"] = pipeline
+
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
+    lines += [f"# {Path(where).name}", ""]
+    lines += [f"The `{method}` fine-tune of `{hub_id or base_spec}` (stage `{stage}`), its weights merged into "
+              f"the base model and stored as {dtype} safetensors by `tunelab export --format hf` (tunelab "
+              f"{_version()}): a plain transformers model, no PEFT or tunelab needed to load it.", ""]  # fmt: skip
+    lines += ["## How to load", "", "```python", f"from transformers import {auto_class}, AutoTokenizer", "",
+              f'model = {auto_class}.from_pretrained("{where}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{where}")', "```", ""]  # fmt: skip
+    if card:
+        # the run card's sections, less its title and its own loading instructions (for final/, not this)
+        sections = ("\n" + card.text).split("\n## ")[1:]
+        kept = [s for s in sections if not s.startswith("How to load")]
+        lines += ["The rest is the training run's card.", ""] + ["## " + s.strip() + "\n" for s in kept]
+    else:
+        lines += [f"The run that made it has no model card (written before tunelab wrote them); its "
+                  f"`tunelab.json` names method `{method}`, stage `{stage}`, base `{base_spec}`.", ""]  # fmt: skip
+    return "\n".join(lines)
