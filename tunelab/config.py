@@ -154,6 +154,16 @@ class DataConfig(Section):
     train_on_prompt: bool = Field(False, description="Also put loss on prompt tokens (default: response tokens only).")
     packing: bool = Field(False, description="Pack several examples into one row of max_length tokens.")
     system_prompt: str | None = Field(None, description="A system message added to every example.")
+    cache: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="on: rows are read into an on-disk Arrow cache ($TUNELAB_HOME/cache/data), tokenised by "
+        "several processes and read back memory-mapped, keyed by the files' content, tokenizer, template and "
+        "these settings, so a second run starts at once; off: read and tokenised in memory; auto: on from "
+        "16 MB of data files (docs/data.md).",
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Processes that tokenise into the cache; null = one per core (at most 8)."
+    )
 
     @field_validator("format", mode="before")
     @classmethod

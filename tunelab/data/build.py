@@ -3,35 +3,28 @@
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 
 from tunelab.config import DataConfig
+from tunelab.data import store
 from tunelab.data.errors import DataError, where
 from tunelab.data.formats import row_to_messages, row_to_text
 from tunelab.data.packing import pack
 from tunelab.data.readers import Row
-from tunelab.data.sources import read_all, source_config
-from tunelab.data.templating import IGNORE, render_example
+from tunelab.data.sources import read_all, source_config, split_rows
+from tunelab.data.templating import IGNORE, render_examples
 
 log = logging.getLogger("tunelab.data")
 
 
 @dataclass
 class DataBundle:
-    train: list[dict]  # {"input_ids": [...], "labels": [...]} (+ "position_ids" when packed)
+    # {"input_ids": [...], "labels": [...]} (+ "position_ids" when packed): lists, or for a large data set
+    # store.ArrowExamples, which index and slice alike and read each example from the on-disk cache
+    train: list[dict]
     val: list[dict]
     stats: dict = field(default_factory=dict)
-
-
-def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
-    """Shuffle deterministically and hold out val_fraction (at least one row when possible)."""
-    order = list(rows)
-    random.Random(seed).shuffle(order)
-    n_val = 0
-    if val_fraction > 0 and len(order) >= 2:
-        n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)
-    return order[n_val:], order[:n_val]
+    cache: dict = field(default_factory=dict)  # the store's: hit, folders, seconds ({} in memory)
 
 
 def read_split(cfg: DataConfig, seed: int, stage: str = "sft") -> tuple[list[Row], list[Row], int]:
@@ -62,6 +55,9 @@ def check_rows(cfg: DataConfig, seed: int, stage: str = "sft") -> None:
     settings takes these rows instead of reading the files again."""
     if stage == "pretrain" and cfg.format not in ("text", "auto"):
         raise DataError("stage: pretrain trains on raw text; set data.format: text.")
+    if store.uses_store(cfg, stage):  # a large data set: checked as it is read into the on-disk cache
+        store.check(cfg, seed, stage)
+        return
     split = read_split(cfg, seed, stage)
     for file, number, row in split[0] + split[1]:
         c = source_config(file, cfg)
@@ -74,6 +70,9 @@ def check_rows(cfg: DataConfig, seed: int, stage: str = "sft") -> None:
 def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") -> DataBundle:
     if stage == "pretrain" and cfg.format not in ("text", "auto"):
         raise DataError("stage: pretrain trains on raw text; set data.format: text.")
+    if store.uses_store(cfg, stage):
+        train, val, stats, cache = store.prepare(cfg, tokenizer, seed, stage)
+        return DataBundle(train=train, val=val, stats=stats, cache=cache)
     checked = _CHECKED.pop((cfg.model_dump_json(), seed), None)
     train_rows, val_rows, rows_read = checked or read_split(cfg, seed, stage)
     counts = {"truncated": 0, "dropped": 0}
@@ -107,8 +106,12 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") ->
 
 def _encode_all(rows: list[Row], cfg: DataConfig, tokenizer, counts: dict) -> list[dict]:
     out = []
-    for file, number, row in rows:
-        ex = render_example(row, source_config(file, cfg), tokenizer, where=where(file, number))
+    cfgs = {file: source_config(file, cfg) for file in {f for f, _, _ in rows}}
+    examples = []
+    for at in range(0, len(rows), 256):  # a tokenizer call per 256 rows (render_examples)
+        part = rows[at : at + 256]
+        examples += render_examples([(row, cfgs[f], where(f, n)) for f, n, row in part], tokenizer)
+    for ex in examples:
         if len(ex["input_ids"]) > cfg.max_length:
             counts["truncated"] += 1
             ex = {k: v[: cfg.max_length] for k, v in ex.items()}
