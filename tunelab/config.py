@@ -165,6 +165,11 @@ class DataConfig(Section):
         None, ge=1, description="Processes that tokenise into the cache; null = one per core (at most 8)."
     )
 
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _on_off(cls, value):
+        return ("on" if value else "off") if isinstance(value, bool) else value  # YAML reads on / off as booleans
+
     @field_validator("format", mode="before")
     @classmethod
     def _alias(cls, value):

@@ -128,3 +128,32 @@ def _name(train) -> str:
     if isinstance(train, list):
         return ", ".join(t if isinstance(t, str) else t.path for t in train)
     return str(train)
+
+
+def describe(bundle: DataBundle, cfg: DataConfig) -> str:
+    """What `tunelab data prepare` prints: the counts, why rows were cut or dropped, the cache, and a
+    histogram of the training rows' lengths."""
+    import numpy as np
+
+    s = bundle.stats
+    lines = [
+        f"rows read       {s['rows_read']}",
+        f"train rows      {s['train_rows']}" + (f" (packed into {s['packed_rows']} rows)" if "packed_rows" in s else ""),
+        f"val rows        {s['val_rows']}",
+        f"tokens          {s['tokens']} in train rows, {s['label_tokens']} of them with loss",
+        f"truncated       {s['truncated']} (longer than data.max_length={cfg.max_length}: cut to it)",
+        f"dropped         {s['dropped']} (no reply token left within data.max_length={cfg.max_length})",
+    ]
+    if bundle.cache:
+        state = "hit" if bundle.cache["hit"] else "written"
+        lines.append(f"cache           {state} in {bundle.cache['seconds']} s: " + ", ".join(bundle.cache["folders"]))
+    else:
+        lines.append("cache           none: read and tokenised in memory (data.cache: off, or auto under 16 MB)")
+    lengths = bundle.train.lengths() if hasattr(bundle.train, "lengths") else np.array([len(e["input_ids"]) for e in bundle.train])
+    edges = np.unique(np.linspace(0, cfg.max_length, 9).round().astype(int))
+    counts, _ = np.histogram(lengths, bins=edges)
+    top = max(int(counts.max()), 1)
+    lines.append("length of the train rows (tokens):")
+    for lo, hi, n in zip(edges, edges[1:], counts):
+        lines.append(f"  {lo + 1:>6}-{hi:<6} {'#' * round(40 * n / top):<40} {n}")
+    return "\n".join(lines)
