@@ -219,6 +219,23 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from tunelab.config import ConfigError
+    from tunelab.data.build import build_datasets, check_rows, describe
+    from tunelab.interop.convert import load_any
+    from tunelab.models import load_tokenizer
+
+    cfg = load_any(args.config, args.set)[0]
+    if cfg.stage not in ("sft", "pretrain"):
+        raise ConfigError(f"tunelab data prepare: reads the data of stage sft or pretrain, not {cfg.stage}")
+    check_rows(cfg.data, cfg.training.seed, cfg.stage)  # every row, before the tokenizer loads
+    tokenizer = load_tokenizer(cfg.model)
+    bundle = build_datasets(cfg.data, tokenizer, seed=cfg.training.seed, stage=cfg.stage)
+    print(f"data of {args.config or 'the default config'} (stage {cfg.stage}, seed {cfg.training.seed})")
+    print(describe(bundle, cfg.data))
+    return 0
+
+
 def cmd_convert(args) -> int:
     import yaml
 
@@ -415,6 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", nargs="?", help="YAML config or compare grid; omitted = all defaults")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. training.lr=1e-4")
     c.set_defaults(fn=cmd_config)
+
+    da = sub.add_parser("data", help="prepare a config's training data without training: read, check, tokenise, "
+                        "pack and cache it, and print its statistics")
+    dsub = da.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    dp = dsub.add_parser("prepare", help="read and check every row, tokenise (into the on-disk cache for large data) "
+                         "and print rows, tokens, truncated and dropped rows, a length histogram and the cache")
+    dp.add_argument("config", nargs="?", help="YAML config (stage sft or pretrain); omitted = all defaults")
+    dp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. data.num_proc=2")
+    dp.set_defaults(fn=cmd_data)
 
     cv = sub.add_parser("convert", help="translate a LLaMA-Factory or Axolotl YAML into a tunelab config (printed "
                         "as YAML; mapped and ignored keys on stderr)")

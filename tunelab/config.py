@@ -179,6 +179,21 @@ class DataConfig(Section):
         description="Role names of your messages -> system, user, assistant, tool or function_call (a tool call "
         "as JSON), e.g. {human: user, bot: assistant}; the usual OpenAI / ShareGPT names are known already.",
     )
+    cache: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="on: rows are read into an on-disk Arrow cache ($TUNELAB_HOME/cache/data), tokenised by "
+        "several processes and read back memory-mapped, keyed by the files' content, tokenizer, template and "
+        "these settings, so a second run starts at once; off: read and tokenised in memory; auto: on from "
+        "16 MB of data files (docs/data.md).",
+    )
+    num_proc: int | None = Field(
+        None, ge=1, description="Processes that tokenise into the cache; null = one per core (at most 8)."
+    )
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _on_off(cls, value):
+        return ("on" if value else "off") if isinstance(value, bool) else value  # YAML reads on / off as booleans
 
     @field_validator("format", mode="before")
     @classmethod

@@ -3,35 +3,28 @@
 from __future__ import annotations
 
 import logging
-import random
 from dataclasses import dataclass, field
 
 from tunelab.config import DataConfig
+from tunelab.data import store
 from tunelab.data.errors import DataError, where
 from tunelab.data.formats import row_to_messages, row_to_text
 from tunelab.data.packing import pack
 from tunelab.data.readers import Row
-from tunelab.data.sources import read_sources, reading_key
-from tunelab.data.templating import IGNORE, render_example
+from tunelab.data.sources import read_sources, reading_key, split_rows
+from tunelab.data.templating import IGNORE, render_examples
 
 log = logging.getLogger("tunelab.data")
 
 
 @dataclass
 class DataBundle:
-    train: list[dict]  # {"input_ids": [...], "labels": [...]} (+ "position_ids" when packed)
+    # {"input_ids": [...], "labels": [...]} (+ "position_ids" when packed): lists, or for a large data set
+    # store.ArrowExamples, which index and slice alike and read each example from the on-disk cache
+    train: list[dict]
     val: list[dict]
     stats: dict = field(default_factory=dict)
-
-
-def split_rows(rows: list[Row], val_fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
-    """Shuffle deterministically and hold out val_fraction (at least one row when possible)."""
-    order = list(rows)
-    random.Random(seed).shuffle(order)
-    n_val = 0
-    if val_fraction > 0 and len(order) >= 2:
-        n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)
-    return order[n_val:], order[:n_val]
+    cache: dict = field(default_factory=dict)  # the store's: hit, folders, seconds ({} in memory)
 
 
 def read_split(cfg: DataConfig, seed: int, stage: str = "sft") -> tuple[list[Row], list[Row], int, dict]:
@@ -65,6 +58,9 @@ def check_rows(cfg: DataConfig, seed: int, stage: str = "sft") -> None:
     settings takes these rows instead of reading the files again."""
     if stage == "pretrain" and cfg.format not in ("text", "auto"):
         raise DataError("stage: pretrain trains on raw text; set data.format: text.")
+    if store.uses_store(cfg, stage):  # a large data set: checked as it is read into the on-disk cache
+        store.check(cfg, seed, stage)
+        return
     split = read_split(cfg, seed, stage)
     train_rows, val_rows, _, configs = split
     for file, number, row in train_rows + val_rows:
@@ -78,6 +74,9 @@ def check_rows(cfg: DataConfig, seed: int, stage: str = "sft") -> None:
 def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") -> DataBundle:
     if stage == "pretrain" and cfg.format not in ("text", "auto"):
         raise DataError("stage: pretrain trains on raw text; set data.format: text.")
+    if store.uses_store(cfg, stage):
+        train, val, stats, cache = store.prepare(cfg, tokenizer, seed, stage)
+        return DataBundle(train=train, val=val, stats=stats, cache=cache)
     checked = _CHECKED.pop(reading_key(cfg, seed, stage), None)
     train_rows, val_rows, rows_read, configs = checked or read_split(cfg, seed, stage)
     counts = {"truncated": 0, "dropped": 0}
@@ -111,8 +110,11 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") ->
 
 def _encode_all(rows: list[Row], configs: dict, cfg: DataConfig, tokenizer, counts: dict) -> list[dict]:
     out = []
-    for file, number, row in rows:
-        ex = render_example(row, configs.get(file, cfg), tokenizer, where=where(file, number))
+    examples = []
+    for at in range(0, len(rows), 256):  # a tokenizer call per 256 rows (render_examples)
+        part = rows[at : at + 256]
+        examples += render_examples([(row, configs.get(f, cfg), where(f, n)) for f, n, row in part], tokenizer)
+    for ex in examples:
         if len(ex["input_ids"]) > cfg.max_length:
             counts["truncated"] += 1
             ex = {k: v[: cfg.max_length] for k, v in ex.items()}
@@ -129,3 +131,32 @@ def _name(train) -> str:
     if isinstance(train, list):
         return ", ".join(t if isinstance(t, str) else t.path for t in train)
     return str(train)
+
+
+def describe(bundle: DataBundle, cfg: DataConfig) -> str:
+    """What `tunelab data prepare` prints: the counts, why rows were cut or dropped, the cache, and a
+    histogram of the training rows' lengths."""
+    import numpy as np
+
+    s = bundle.stats
+    lines = [
+        f"rows read       {s['rows_read']}",
+        f"train rows      {s['train_rows']}" + (f" (packed into {s['packed_rows']} rows)" if "packed_rows" in s else ""),
+        f"val rows        {s['val_rows']}",
+        f"tokens          {s['tokens']} in train rows, {s['label_tokens']} of them with loss",
+        f"truncated       {s['truncated']} (longer than data.max_length={cfg.max_length}: cut to it)",
+        f"dropped         {s['dropped']} (no reply token left within data.max_length={cfg.max_length})",
+    ]
+    if bundle.cache:
+        state = "hit" if bundle.cache["hit"] else "written"
+        lines.append(f"cache           {state} in {bundle.cache['seconds']} s: " + ", ".join(bundle.cache["folders"]))
+    else:
+        lines.append("cache           none: read and tokenised in memory (data.cache: off, or auto under 16 MB)")
+    lengths = bundle.train.lengths() if hasattr(bundle.train, "lengths") else np.array([len(e["input_ids"]) for e in bundle.train])
+    edges = np.unique(np.linspace(0, cfg.max_length, 9).round().astype(int))
+    counts, _ = np.histogram(lengths, bins=edges)
+    top = max(int(counts.max()), 1)
+    lines.append("length of the train rows (tokens):")
+    for lo, hi, n in zip(edges, edges[1:], counts):
+        lines.append(f"  {lo + 1:>6}-{hi:<6} {'#' * round(40 * n / top):<40} {n}")
+    return "\n".join(lines)

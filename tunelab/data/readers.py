@@ -2,7 +2,8 @@
 
 Every row comes back as (file, number, row) so later errors can point at the exact place:
 JSONL and CSV/TSV rows are numbered by file line (a CSV header is line 1), JSON list
-elements and hub rows by position, counting from 1.
+elements and hub rows by position, counting from 1. `iter_rows` yields them one at a time
+(JSONL and CSV/TSV are read as a stream, so a large file is never held whole); `read_rows` is its list.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import gzip
 import json
 import sys
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from tunelab.data.errors import DataError
@@ -21,6 +23,11 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet")
 
 
 def read_rows(source: str, *, hub_split: str = "train", hub_config: str | None = None) -> list[Row]:
+    return list(iter_rows(source, hub_split=hub_split, hub_config=hub_config))
+
+
+def iter_rows(source: str, *, hub_split: str = "train", hub_config: str | None = None) -> Iterator[Row]:
+    """The rows of `source`, in order; a reading error is raised where the row it concerns would come."""
     path = Path(source).expanduser()
     suffix = _suffix(path)
     if path.is_file():
@@ -109,7 +116,8 @@ def _as_object(source: str, label: str, value) -> dict:
     return value
 
 
-def _read_json(source: str, path: Path) -> list[Row]:
+def _read_json(source: str, path: Path) -> Iterator[Row]:
+    # a JSON list is parsed whole (the standard library has no incremental parser); use .jsonl for large sets
     try:
         with _open(path) as f:
             data = json.load(f, object_pairs_hook=_object)
@@ -126,11 +134,10 @@ def _read_json(source: str, path: Path) -> list[Row]:
     if not isinstance(data, list):
         hint = " Did you mean .jsonl (one object per line)?" if isinstance(data, dict) else ""
         raise DataError(f"{source}: a .json file must hold a list of objects, got {type(data).__name__}.{hint}")
-    return [(source, i, _as_object(source, f"row {i}", row)) for i, row in enumerate(data, 1)]
+    return ((source, i, _as_object(source, f"row {i}", row)) for i, row in enumerate(data, 1))
 
 
-def _read_jsonl(source: str, path: Path) -> list[Row]:
-    rows = []
+def _read_jsonl(source: str, path: Path) -> Iterator[Row]:
     try:
         with _open(path) as f:
             for n, line in enumerate(f, 1):
@@ -146,18 +153,16 @@ def _read_jsonl(source: str, path: Path) -> list[Row]:
                     raise DataError(
                         f"{source} line {n}: nested too deeply to read as JSON. Rows must be flat objects."
                     ) from None
-                rows.append((source, n, _as_object(source, f"line {n}", value)))
+                yield source, n, _as_object(source, f"line {n}", value)
     except UnicodeDecodeError as e:
         raise _not_utf8(source, path, e) from None
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{source}: cannot read the file ({e}).") from None
-    return rows
 
 
-def _read_csv(source: str, path: Path) -> list[Row]:
+def _read_csv(source: str, path: Path) -> Iterator[Row]:
     csv.field_size_limit(sys.maxsize)  # long responses exceed the 128 KiB default
     delimiter = "\t" if _suffix(path) == ".tsv" else ","
-    rows = []
     try:
         with _open(path) as f:
             reader = csv.reader(f, delimiter=delimiter)
@@ -172,16 +177,15 @@ def _read_csv(source: str, path: Path) -> list[Row]:
                             f"{source} line {start}: {len(values)} fields, but the header has {len(header)}. "
                             "Quote fields that contain the delimiter or line breaks."
                         )
-                    rows.append((source, start, dict(zip(header, values))))
+                    yield source, start, dict(zip(header, values))
                 start = reader.line_num + 1  # a quoted field may span several lines
     except UnicodeDecodeError as e:
         raise _not_utf8(source, path, e) from None
     except (OSError, EOFError, zlib.error, csv.Error) as e:
         raise DataError(f"{source}: cannot read the file ({e}).") from None
-    return rows
 
 
-def _read_hub(name: str, source: str, split: str, config: str | None, **kwargs) -> list[Row]:
+def _read_hub(name: str, source: str, split: str, config: str | None, **kwargs) -> Iterator[Row]:
     import datasets
 
     try:
@@ -195,4 +199,4 @@ def _read_hub(name: str, source: str, split: str, config: str | None, **kwargs) 
             "and your network (offline: download it first and point data.train at the files)."
         ) from None
     label = source if kwargs else f"{source}[{split}]"
-    return [(label, i, dict(row)) for i, row in enumerate(ds, 1)]
+    return ((label, i, dict(row)) for i, row in enumerate(ds, 1))

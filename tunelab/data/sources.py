@@ -137,14 +137,34 @@ def resolve(cfg: DataConfig, stage: str = "sft", entries=None, quiet: bool = Fal
 
 
 def _mix(rows: list[Row], src: Source, seed: int) -> list[Row]:
-    rows = rows[: src.limit]
+    return [rows[i] for i in mix_indices(len(rows), src, seed)]
+
+
+def split_rows(rows: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Shuffle deterministically and hold out val_fraction (at least one row when possible). The shuffle
+    depends on the number of rows alone, so rows and their positions are split alike."""
+    order = list(rows)
+    random.Random(seed).shuffle(order)
+    n_val = 0
+    if val_fraction > 0 and len(order) >= 2:
+        n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)
+    return order[n_val:], order[:n_val]
+
+
+def mix_indices(n_rows: int, src: Source, seed: int) -> list[int]:
+    """Which of a source's `n_rows` rows (by position) go into the mix, in order: its limit, then `samples`
+    or `weight` (whole copies plus a seeded sample, kept in file order when there is no whole copy).
+    A function of the count alone, so a large source is mixed without its rows in memory."""
+    rows = range(min(n_rows, src.limit) if src.limit is not None else n_rows)
     n = src.samples if src.samples else round(len(rows) * src.weight) if src.weight else None
     if n is None or not rows:
-        return rows
+        return list(rows)
     rng = random.Random(f"{seed}:{src.path}")
     whole, rest = divmod(n, len(rows))
-    picked = rows * whole + rng.sample(rows, rest)
-    return sorted(picked, key=lambda r: r[1]) if whole == 0 else picked
+    # random.sample draws positions, so sampling the positions picks exactly the rows sampling the rows
+    # would; the rows' numbers rise with their position, so sorting positions keeps file order
+    picked = list(rows) * whole + rng.sample(rows, rest)
+    return sorted(picked) if whole == 0 else picked
 
 
 def source_rows(src: Source, hub_split: str, hub_config: str | None) -> list[Row]:

@@ -60,7 +60,9 @@ def response_spans(messages: list[dict], tokenizer, where: str = "example",
         if m["role"] != "assistant":
             continue
         start = render_text(messages[:i], tokenizer, add_generation_prompt=True, where=where, tools=tools)
-        end = render_text(messages[: i + 1], tokenizer, add_generation_prompt=False, where=where, tools=tools)
+        end = full  # the last message: messages[: i + 1] is all of them, rendered once already
+        if i < len(messages) - 1:
+            end = render_text(messages[: i + 1], tokenizer, add_generation_prompt=False, where=where, tools=tools)
         if not (end.startswith(start) and full.startswith(end)):
             raise DataError(
                 f"{where}: this tokenizer's chat template renders earlier turns differently once later turns "
@@ -81,6 +83,11 @@ def encode_messages(messages: list[dict], tokenizer, *, train_on_prompt: bool = 
     if use_offsets is None:
         use_offsets = bool(getattr(tokenizer, "is_fast", False))
     ids, turn = (ids_by_offsets if use_offsets else ids_by_pieces)(full, spans, tokenizer)
+    return with_labels(ids, turn, full, spans, tokenizer, train_on_prompt)
+
+
+def with_labels(ids: list[int], turn: list[int], full: str, spans, tokenizer, train_on_prompt: bool) -> dict:
+    """{"input_ids", "labels"} from the tokens and the reply each lies in (-1: none)."""
     labels = [t if k >= 0 else IGNORE for t, k in zip(ids, turn)]
     eos = tokenizer.eos_token_id
     last_reply = [t for t, k in zip(ids, turn) if k == len(spans) - 1]
@@ -101,7 +108,20 @@ def _turn_of(pos: int, spans: list[tuple[int, int]]) -> int:
 
 def ids_by_offsets(full: str, spans, tokenizer) -> tuple[list[int], list[int]]:
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    return list(enc["input_ids"]), [_turn_of(a, spans) for a, _ in enc["offset_mapping"]]
+    return list(enc["input_ids"]), turns_of([a for a, _ in enc["offset_mapping"]], spans)
+
+
+def turns_of(starts: list[int], spans) -> list[int]:
+    """_turn_of for every token start at once (numpy: a row has hundreds of tokens)."""
+    import numpy as np
+
+    if not spans:
+        return [-1] * len(starts)
+    at = np.asarray(starts, dtype=np.int64)
+    first, last = np.asarray(spans, dtype=np.int64).T
+    k = np.searchsorted(first, at, side="right") - 1
+    inside = (k >= 0) & (at < last[np.maximum(k, 0)])
+    return np.where(inside, k, -1).tolist()
 
 
 def ids_by_pieces(full: str, spans, tokenizer) -> tuple[list[int], list[int]]:
@@ -116,11 +136,44 @@ def ids_by_pieces(full: str, spans, tokenizer) -> tuple[list[int], list[int]]:
 
 def encode_text(text: str, tokenizer) -> dict:
     """Continued pre-training: loss on every token, eos appended so documents end cleanly."""
-    ids = list(tokenizer(text)["input_ids"])  # special tokens on: models that expect a bos get it
+    return text_example(list(tokenizer(text)["input_ids"]), tokenizer)  # special tokens on: a bos where expected
+
+
+def text_example(ids: list[int], tokenizer) -> dict:
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
     return {"input_ids": ids, "labels": list(ids)}
+
+
+def render_examples(rows: list[tuple[dict, DataConfig, str]], tokenizer) -> list[dict]:
+    """render_example over (row, cfg, where) triples, the same examples, with the tokenizer called once for
+    all of them: a fast tokenizer's batch call skips the per-call overhead and encodes on every core."""
+    fast = bool(getattr(tokenizer, "is_fast", False)) and hasattr(tokenizer, "backend_tokenizer")
+    if not fast:
+        return [render_example(row, cfg, tokenizer, where=w) for row, cfg, w in rows]
+    texts, chats = [], []  # (position in rows, text); (position, full, spans, train_on_prompt)
+    for j, (row, cfg, w) in enumerate(rows):
+        cfg = resolved(row, cfg, w)
+        if cfg.format == "text":
+            texts.append((j, row_to_text(row, cfg, w)))
+            continue
+        full, spans = response_spans(row_to_messages(row, cfg, w), tokenizer, w, row_tools(row, cfg, w))
+        if not spans:
+            raise DataError(f"{w}: the conversation has no assistant message, so there is nothing to learn.")
+        chats.append((j, full, spans, cfg.train_on_prompt))
+    out: list = [None] * len(rows)
+    backend = tokenizer.backend_tokenizer
+    # the backend's own batch call: what tokenizer(full, return_offsets_mapping=True) runs, minus its
+    # conversion of every encoding into Python dicts (a third of the time); tests/test_datapipe.py compares
+    encodings = backend.encode_batch([c[1] for c in chats], add_special_tokens=False) if chats else []
+    for (j, full, spans, on_prompt), enc in zip(chats, encodings):
+        turn = turns_of([a for a, _ in enc.offsets], spans)
+        out[j] = with_labels(list(enc.ids), turn, full, spans, tokenizer, on_prompt)
+    if texts:
+        for (j, _), ids in zip(texts, tokenizer([t for _, t in texts])["input_ids"]):
+            out[j] = text_example(list(ids), tokenizer)
+    return out
 
 
 def render_example(row: dict, cfg: DataConfig, tokenizer, *, where: str = "row") -> dict:

@@ -1,0 +1,417 @@
+"""Large data sets: rows validated once into Arrow files, tokenised by several processes (`datasets.map`),
+cached on disk by content, and read back memory-mapped, so preparation holds a bounded amount in memory
+and a second run with the same data, tokenizer and settings starts at once.
+
+    if uses_store(cfg.data):
+        check(cfg.data, seed, stage)                          # before the model loads: every row, file + line
+        bundle = prepare(cfg.data, tokenizer, seed, stage)    # DataBundle of ArrowExamples (same examples)
+
+Two caches under `data_cache_dir()` ($TUNELAB_HOME/cache/data, default ~/.cache/tunelab/cache/data), each
+entry a folder written under a temporary name and renamed when complete (an interrupted run leaves none):
+
+- `rows/KEY`: one source's rows, validated, as JSON text beside their line numbers. KEY hashes the file's
+  bytes (hub and `task:` sources: the rows themselves), its format and columns, the stage and DATA_VERSION.
+- `tokens/KEY`: those rows tokenised: input_ids, labels (truncated to max_length), length, label count,
+  truncated and dropped flags. KEY adds the tokenizer (its whole serialised vocabulary and merges), the chat
+  template, max_length, train_on_prompt, the system prompt and how many rows are needed.
+
+Which rows train and which validate (limit, samples / weight, val_fraction, seeds) is worked out on row
+positions with the very functions the in-memory path uses (`sources.mix_indices`, `build.split_rows`),
+so both paths choose the same rows; packing runs on the cached length column. Small data stays on the
+in-memory path (`data.cache: auto`): the store's fixed cost (processes, files) would only slow it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunelab.config import DataConfig
+from tunelab.data.errors import DataError, where
+from tunelab.data.formats import detect_format, row_to_messages, row_to_text
+from tunelab.data.packing import pack_plan, packed_row
+from tunelab.data.readers import iter_rows
+from tunelab.data.sources import Source, mix_indices, resolve, split_rows
+from tunelab.data.tasks import read_source
+from tunelab.data.templating import IGNORE, render_examples
+
+log = logging.getLogger("tunelab.data")
+
+DATA_VERSION = 1  # raise when a change to reading or encoding changes what a cache entry holds
+STORE_BYTES = 16 * 1024 * 1024  # data.cache: auto takes the store from this many bytes of local files
+_WRITE_ROWS = 4096  # rows per Arrow record batch written by the scan
+_MAP_BATCH = 256  # rows per tokenizer call in the workers
+
+
+def data_cache_dir() -> Path:
+    # the rule of models.sources.tunelab_home, which this layer may not import
+    env = os.environ.get("TUNELAB_HOME")
+    home = Path(env).expanduser() if env else Path.home() / ".cache" / "tunelab"
+    return home / "cache" / "data"
+
+
+def _hash(*parts) -> str:
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> content hash: check and build hash a file once
+
+
+def file_digest(path: Path) -> str:
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _DIGESTS:
+        h = hashlib.blake2b(digest_size=16)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
+def _local(path: str) -> Path | None:
+    p = Path(path).expanduser()
+    return p if not path.startswith("task:") and p.is_file() and not path.lower().endswith(".parquet") else None
+
+
+def _entries(cfg: DataConfig, stage: str):
+    """(sources of train, sources of validation or [], hub split of validation)."""
+    train = resolve(cfg, stage)
+    if not cfg.validation:
+        return train, [], cfg.hub_split
+    return train, resolve(cfg, stage, [cfg.validation]), "validation" if cfg.validation == cfg.train else cfg.hub_split
+
+
+def uses_store(cfg: DataConfig, stage: str = "sft") -> bool:
+    """data.cache: on, or auto with at least STORE_BYTES of local data files; off: the in-memory path.
+    A source read as a slice (`split: train[:10%]`) is taken in memory: the store reads whole files."""
+    if not cfg.train:
+        return False
+    train, val, _ = _entries(cfg, stage)
+    if any(s.split for s in train + val):
+        if cfg.cache == "on":
+            log.info("data.cache: on, but a source is read as a split slice: read in memory instead")
+        return False
+    if cfg.cache != "auto":
+        return cfg.cache == "on"
+    return sum(p.stat().st_size for s in train + val if (p := _local(s.path))) >= STORE_BYTES
+
+
+# ---------------------------------------------------------------------------------------- rows
+@dataclass
+class Scanned:
+    """One source's validated rows on disk."""
+
+    label: str  # the file name its rows carry in messages (readers' `file`)
+    cfg: DataConfig  # format resolved
+    path: Path  # the rows/KEY folder
+    n: int
+    key: str
+    hit: bool
+
+
+def _row_key_cfg(cfg: DataConfig) -> dict:
+    return cfg.model_dump(mode="json", include={"format", "columns", "system_prompt", "roles"})
+
+
+def _scan(src: Source, stage: str, hub_split: str, hub_config: str | None) -> Scanned:
+    import pyarrow as pa
+
+    local = _local(src.path)
+    base = data_cache_dir() / "rows"
+    about = [DATA_VERSION, stage, _row_key_cfg(src.cfg), src.path if local is None else None, hub_split, hub_config]
+    key = _hash(about, file_digest(local)) if local is not None else None
+    if key is not None and (base / key / "meta.json").is_file():
+        meta = json.loads((base / key / "meta.json").read_text())
+        return Scanned(meta["label"], DataConfig(**meta["cfg"]), base / key, meta["n"], key, True)
+    rows = iter_rows(src.path, hub_split=hub_split, hub_config=hub_config) if local is not None else iter(
+        read_source(src.path, hub_split=hub_split, hub_config=hub_config))  # fmt: skip
+    tmp = base / f".tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir(parents=True)
+    content = hashlib.blake2b(digest_size=16)  # hub and task: sources are keyed by their rows
+    schema = pa.schema([("line", pa.int64()), ("row", pa.large_string())])
+    eff, label, n, lines, texts = src.cfg, src.path, 0, [], []
+    try:
+        with pa.OSFile(str(tmp / "rows.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            for file, number, row in rows:
+                if n == 0:
+                    label = file
+                    if eff.format == "auto":
+                        eff = eff.model_copy(update={"format": detect_format(row, eff, stage, where(file, number))})
+                        log.info("data: %s: detected format %s", src.path, eff.format)
+                (row_to_text if eff.format == "text" else row_to_messages)(row, eff, where(file, number))
+                text = json.dumps(row, ensure_ascii=False)
+                if local is None:
+                    content.update(text.encode())
+                lines.append(number)
+                texts.append(text)
+                n += 1
+                if len(lines) == _WRITE_ROWS:
+                    writer.write_batch(pa.record_batch([pa.array(lines, pa.int64()), pa.array(texts, pa.large_string())], schema=schema))
+                    lines, texts = [], []
+            if lines:
+                writer.write_batch(pa.record_batch([pa.array(lines, pa.int64()), pa.array(texts, pa.large_string())], schema=schema))
+        if key is None:
+            key = _hash(about, content.hexdigest())
+        meta = {"label": label, "cfg": eff.model_dump(mode="json"), "n": n, "source": src.path}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        final = _publish(tmp, base / key)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Scanned(label, eff, final, n, key, False)
+
+
+def _publish(tmp: Path, final: Path) -> Path:
+    """Rename a finished entry into place; another process that finished the same entry first wins."""
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not (final / "meta.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def check(cfg: DataConfig, seed: int, stage: str = "sft") -> tuple[list[Scanned], list[Scanned]]:
+    """Every row of every source read and checked (the in-memory path's check_rows), into the rows cache."""
+    if not cfg.train:
+        raise DataError("data.train is not set: give a .json/.jsonl/.csv/.tsv file or a hub dataset id.")
+    train, val, val_split = _entries(cfg, stage)
+    scans = [_scan(s, stage, cfg.hub_split, cfg.hub_config) for s in train]
+    return scans, [_scan(s, stage, val_split, cfg.hub_config) for s in val]
+
+
+def select(cfg: DataConfig, seed: int, train: list[Scanned], val: list[Scanned], stage: str = "sft"):
+    """(train positions, validation positions, rows read): positions into the sources' rows laid end to end,
+    train sources first. The choices of read_split, made on positions (see the module docstring)."""
+    srcs, val_srcs, _ = _entries(cfg, stage)
+    offset, mixed = 0, []
+    for scan, src in zip(train, srcs):
+        mixed += [offset + i for i in mix_indices(scan.n, src, seed)]
+        offset += scan.n
+    mixed = mixed[: cfg.limit]
+    if not mixed:
+        raise DataError(f"{_name(cfg.train)}: no rows to train on.")
+    if not val:
+        train_pos, val_pos = split_rows(mixed, cfg.val_fraction, seed)
+        return train_pos, val_pos, len(mixed)
+    val_pos = []
+    for scan, src in zip(val, val_srcs):
+        val_pos += [offset + i for i in mix_indices(scan.n, src, seed)]
+        offset += scan.n
+    train_pos, _ = split_rows(mixed, 0.0, seed)
+    return train_pos, val_pos, len(mixed) + len(val_pos)
+
+
+def _name(train) -> str:
+    if isinstance(train, list):
+        return ", ".join(t if isinstance(t, str) else t.path for t in train)
+    return str(train)
+
+
+# -------------------------------------------------------------------------------------- tokens
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the ids: the serialised tokenizer (vocabulary, merges, normaliser, added tokens), or a slow
+    tokenizer's vocabulary, plus its class, chat template and special ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
+    special = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return _hash(type(tokenizer).__name__, vocab, getattr(tokenizer, "chat_template", None), special)
+
+
+def _encode_batch(batch: dict, cfg: DataConfig, label: str, tokenizer, max_length: int) -> dict:
+    """A map batch of rows -> examples, truncated and flagged as _encode_all (build.py) counts them."""
+    rows = [(json.loads(r), cfg, where(label, n)) for r, n in zip(batch["row"], batch["line"])]
+    out: dict = {"input_ids": [], "labels": [], "length": [], "label_count": [], "truncated": [], "dropped": []}
+    for ex in render_examples(rows, tokenizer):
+        truncated = len(ex["input_ids"]) > max_length
+        ids, labels = ex["input_ids"][:max_length], ex["labels"][:max_length]
+        dropped = all(t == IGNORE for t in labels[1:])  # position 0 is never a target (causal shift)
+        if dropped:
+            ids, labels = [], []
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+        out["label_count"].append(sum(t != IGNORE for t in labels))
+        out["truncated"].append(truncated)
+        out["dropped"].append(dropped)
+    return out
+
+
+def _features():
+    import datasets
+
+    ints = datasets.List(datasets.Value("int32"))
+    return datasets.Features({"input_ids": ints, "labels": ints, "length": datasets.Value("int32"),
+                              "label_count": datasets.Value("int32"), "truncated": datasets.Value("bool"),
+                              "dropped": datasets.Value("bool")})  # fmt: skip
+
+
+def num_processes(cfg: DataConfig, rows: int) -> int:
+    if cfg.num_proc:
+        return cfg.num_proc
+    # a process costs ~1 s to start and copies the tokenizer: only worth it for a few thousand rows
+    return max(1, min(os.cpu_count() or 1, 8, rows // 2000))
+
+
+def _tokenise(scan: Scanned, upto: int, cfg: DataConfig, tokenizer, tok_fp: str) -> tuple[Path, bool]:
+    import datasets
+
+    base = data_cache_dir() / "tokens"
+    settings = cfg.model_dump(mode="json", include={"max_length", "train_on_prompt", "system_prompt"})
+    key = _hash(DATA_VERSION, scan.key, tok_fp, settings, upto)
+    final = base / key
+    if (final / "meta.json").is_file():
+        return final, True
+    tmp = base / f".tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir(parents=True)
+    try:
+        raw = datasets.Dataset.from_file(str(scan.path / "rows.arrow"))
+        if upto < len(raw):
+            raw = raw.select(range(upto))
+        procs = min(num_processes(cfg, upto), max(1, upto // _MAP_BATCH))
+        if procs > 1:  # forked workers: keep the tokenizer's own thread pool out of them (and its fork warning)
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        eff = scan.cfg.model_copy(update=settings)
+        raw.map(
+            _encode_batch, batched=True, batch_size=_MAP_BATCH, num_proc=procs if procs > 1 else None,
+            remove_columns=raw.column_names, features=_features(), new_fingerprint=key,
+            fn_kwargs={"cfg": eff, "label": scan.label, "tokenizer": tokenizer, "max_length": cfg.max_length},
+            cache_file_name=str(tmp / "tokens.arrow"), desc=f"tokenising {scan.label}",
+        )  # fmt: skip
+        shards = sorted(p.name for p in tmp.glob("tokens*.arrow"))
+        (tmp / "meta.json").write_text(json.dumps({"shards": shards, "rows": upto, "source": scan.label}))
+        final = _publish(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, False
+
+
+def _open_tokens(folder: Path):
+    """The tokenised rows of a cache entry, memory-mapped (nothing is read until used)."""
+    import pyarrow as pa
+
+    meta = json.loads((folder / "meta.json").read_text())
+    tables = [pa.ipc.open_stream(pa.memory_map(str(folder / s))).read_all() for s in meta["shards"]]
+    return pa.concat_tables(tables)
+
+
+class ArrowExamples(Sequence):
+    """Examples read on demand from memory-mapped Arrow columns, as the lists the in-memory path holds:
+    `examples[i]` is {"input_ids", "labels"} (+ "position_ids" when packed), a slice a list of those."""
+
+    def __init__(self, table, positions, rows: list[list[int]] | None = None):
+        self.table, self.positions, self.rows = table, positions, rows
+        self._ids, self._labels = table.column("input_ids"), table.column("labels")
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.positions)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        if self.rows is None:
+            return self._example(self.positions[i])
+        return packed_row([self._example(self.positions[m]) for m in self.rows[i]])
+
+    def _example(self, at) -> dict:
+        return {"input_ids": self._ids[int(at)].as_py(), "labels": self._labels[int(at)].as_py()}
+
+    def lengths(self):
+        """Tokens per example (per packed row when packed), from the length column alone."""
+        import numpy as np
+
+        n = self.table.column("length").to_numpy()[np.asarray(self.positions, dtype=np.int64)]
+        return n if self.rows is None else np.array([int(n[r].sum()) for r in self.rows], dtype=np.int64)
+
+
+def prepare(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft"):
+    """build_datasets on the store: (train, val, stats, cache), the same examples and stats, memory-mapped."""
+    import numpy as np
+    import pyarrow as pa
+
+    t0 = time.perf_counter()
+    train_scans, val_scans = check(cfg, seed, stage)
+    train_pos, val_pos, rows_read = select(cfg, seed, train_scans, val_scans, stage)
+    scans = train_scans + val_scans
+    starts = np.cumsum([0] + [s.n for s in scans])
+    needed = np.zeros(len(scans), dtype=np.int64)  # per source: how many of its first rows are used
+    for pos in (train_pos, val_pos):
+        if pos:
+            p = np.asarray(pos, dtype=np.int64)
+            src = np.searchsorted(starts, p, side="right") - 1
+            np.maximum.at(needed, src, p - starts[src] + 1)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    tables, folders, hits = [], [], []
+    for scan, upto in zip(scans, needed):
+        folder, hit = _tokenise(scan, int(upto), cfg, tokenizer, tok_fp) if upto else (None, True)
+        # each source's block spans all its rows, tokenised or not, so that positions index the whole
+        part = [_open_tokens(folder)] if folder is not None else []
+        tables += part + ([_empty_rows(scan.n - int(upto))] if scan.n > upto else [])
+        folders.append(str(folder) if folder is not None else None)
+        hits.append(hit)
+    table = pa.concat_tables([t.cast(_features().arrow_schema) for t in tables])
+    dropped_col = table.column("dropped").to_numpy(zero_copy_only=False)
+    truncated_col = table.column("truncated").to_numpy(zero_copy_only=False)
+    train_pos = np.asarray(train_pos, dtype=np.int64)
+    val_pos = np.asarray(val_pos, dtype=np.int64)
+    counts = {
+        "truncated": int(truncated_col[train_pos].sum() + truncated_col[val_pos].sum()),
+        "dropped": int(dropped_col[train_pos].sum() + dropped_col[val_pos].sum()),
+    }
+    train_keep, val_keep = train_pos[~dropped_col[train_pos]], val_pos[~dropped_col[val_pos]]
+    if not len(train_keep):
+        raise DataError(
+            f"{_name(cfg.train)}: no training example has response tokens left after truncation to "
+            f"data.max_length={cfg.max_length}. Raise data.max_length."
+        )
+    if counts["dropped"]:
+        log.warning(
+            "%d rows dropped: their response starts after data.max_length=%d tokens. "
+            "Raise data.max_length to keep them.",
+            counts["dropped"], cfg.max_length,
+        )  # fmt: skip
+    length = table.column("length").to_numpy()
+    label_count = table.column("label_count").to_numpy()
+    stats = {
+        "rows_read": rows_read,
+        "train_rows": len(train_keep),
+        "val_rows": len(val_keep),
+        **counts,
+        "tokens": int(length[train_keep].sum()),
+        "label_tokens": int(label_count[train_keep].sum()),
+    }
+    rows = None
+    if cfg.packing:
+        rows = pack_plan(length[train_keep], cfg.max_length)
+        stats["packed_rows"] = len(rows)
+    hit = all(hits)
+    cache = {"hit": hit, "folders": [f for f in folders if f], "rows": [str(s.path) for s in scans],
+             "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    log.info("data cache %s: %s (%.1f s)", "hit" if hit else "written", ", ".join(cache["folders"]), cache["seconds"])
+    return ArrowExamples(table, train_keep, rows), ArrowExamples(table, val_keep), stats, cache
+
+
+def _empty_rows(n: int):
+    """Stand-ins for rows past the last one used (a `limit`): flagged dropped, never selected."""
+    import numpy as np
+    import pyarrow as pa
+
+    schema = _features().arrow_schema
+    empty = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.int32()))
+    zeros, ones = np.zeros(n, dtype=np.int32), np.ones(n, dtype=bool)
+    columns = [empty, empty, pa.array(zeros), pa.array(zeros), pa.array(~ones), pa.array(ones)]
+    return pa.Table.from_arrays(columns, schema=schema)
