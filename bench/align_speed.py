@@ -1,0 +1,260 @@
+"""DPO and reward modelling on CPU: TRL's DPOTrainer / RewardTrainer + PEFT (the references) and tunelab's
+`stage: dpo` / `stage: reward`, back to back on the same job (issue 26, item 5).
+
+The job: SmolLM2-135M-Instruct in fp32, the first Anthropic hh-rlhf harmless-base test pairs whose prompt and
+both replies fit in 256 tokens of the model's chat template (so neither side truncates anything and both
+see the same tokens), 64 pairs to train on and the next 64 held out; LoRA r=16 alpha=32 dropout 0 on all
+linear layers, batch 8, 1 epoch, linear schedule, no warm-up; DPO beta 0.1 with the adapter switched off as
+the reference on both sides (TRL's default with a PEFT model and no ref_model). Each run is a fresh
+subprocess, so its peak RSS is its own (loading + training; the held-out scoring is not counted).
+
+Speed is pairs per second of training (the same 64 pairs on both sides; loading and data preparation are
+excluded on both). Quality is measured the same way for both trained models, by one function each:
+  dpo     held-out DPO loss and implicit-reward accuracy: log-ratios of the trained model against the base
+          model on the response tokens (one `logps` function, the chat template rendered once for both);
+  reward  held-out Bradley-Terry loss and pairwise accuracy of each side's scores (each scored with its own
+          model class on the same rendered text: prompt + reply through the chat template).
+
+    .venv/bin/pip install -e '.[bench]'
+    .venv/bin/python bench/align_speed.py                    # dpo and reward, TRL then tunelab
+    .venv/bin/python bench/align_speed.py --stages dpo --max-steps 2   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from train_speed import TRL_CHECKPOINTING, _cell, peak_rss_mb
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
+JOB = {"pairs": 64, "held_out": 64, "max_length": 256, "batch_size": 8, "r": 16, "alpha": 32, "beta": 0.1,
+       "seed": 0, "lr": {"dpo": 5e-4, "reward": 1e-3}}  # fmt: skip
+
+
+def tokenizer_and_path():
+    from transformers import AutoTokenizer
+
+    from tunelab.models.sources import resolve
+
+    src = resolve("smollm2-135m-instruct")
+    return AutoTokenizer.from_pretrained(src), src
+
+
+def render(tokenizer, prompt: list[dict], reply: str) -> tuple[list[int], int]:
+    """(token ids of prompt + reply through the chat template, number of prompt tokens)."""
+    p = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True,
+                                         return_dict=True)["input_ids"]  # fmt: skip
+    return list(full), len(p)
+
+
+def pairs(tokenizer) -> tuple[list[dict], list[dict]]:
+    """(train pairs, held-out pairs) in TRL's conversational preference format, all fitting max_length."""
+    from tunelab.data.preference import load_preference_pairs
+
+    keep = []
+    for p in load_preference_pairs(str(DATA), limit=2000):
+        if all(len(render(tokenizer, p["prompt"], p[k])[0]) <= JOB["max_length"] for k in ("chosen", "rejected")):
+            keep.append({"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+                         "rejected": [{"role": "assistant", "content": p["rejected"]}]})  # fmt: skip
+        if len(keep) == JOB["pairs"] + JOB["held_out"]:
+            break
+    assert len(keep) == JOB["pairs"] + JOB["held_out"], f"only {len(keep)} pairs fit {JOB['max_length']} tokens"
+    held_out = keep[JOB["pairs"] :]
+    return keep[: JOB["pairs"]], held_out[:8] if JOB.get("max_steps") else held_out  # a smoke run scores 8
+
+
+# ------------------------------------------------------------------------------------------ quality
+def logps(model, tokenizer, pair: dict, key: str):
+    import torch
+
+    ids, n_prompt = render(tokenizer, pair["prompt"], pair[key][0]["content"])
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0]
+    return float(lp[n_prompt - 1 :].sum())
+
+
+def dpo_quality(model, tokenizer, base, held_out: list[dict]) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    h = torch.tensor([
+        (logps(model, tokenizer, p, "chosen") - logps(base, tokenizer, p, "chosen"))
+        - (logps(model, tokenizer, p, "rejected") - logps(base, tokenizer, p, "rejected"))
+        for p in held_out
+    ])  # fmt: skip
+    return {"loss": float(-F.logsigmoid(JOB["beta"] * h).mean()), "accuracy": float((h > 0).float().mean())}
+
+
+def reward_quality(score, held_out: list[dict]) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    rc = torch.tensor([score(p, "chosen") for p in held_out])
+    rr = torch.tensor([score(p, "rejected") for p in held_out])
+    return {"loss": float(-F.logsigmoid(rc - rr).mean()), "accuracy": float((rc > rr).float().mean())}
+
+
+def scorer(model, tokenizer):
+    """score(pair, key): the model's scalar for prompt + reply rendered with the chat template."""
+    import torch
+
+    def score(pair, key):
+        ids, _ = render(tokenizer, pair["prompt"], pair[key][0]["content"])
+        with torch.no_grad():
+            return float(model(input_ids=torch.tensor([ids])).logits[0, 0])
+
+    return score
+
+
+# ------------------------------------------------------------------------------------------ jobs
+def job_trl(stage: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+
+    tokenizer, src = tokenizer_and_path()
+    train, held_out = pairs(tokenizer)
+    common = dict(
+        per_device_train_batch_size=JOB["batch_size"], num_train_epochs=1, learning_rate=JOB["lr"][stage],
+        lr_scheduler_type="linear", warmup_steps=0, max_length=JOB["max_length"], logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=JOB["seed"], disable_tqdm=True,
+        max_steps=JOB.get("max_steps") or -1, gradient_checkpointing=TRL_CHECKPOINTING,  # TRL's default: on
+    )  # fmt: skip
+    task = "CAUSAL_LM" if stage == "dpo" else "SEQ_CLS"
+    lora = LoraConfig(r=JOB["r"], lora_alpha=JOB["alpha"], lora_dropout=0.0, target_modules="all-linear", task_type=task)
+    with tempfile.TemporaryDirectory() as tmp:
+        if stage == "dpo":
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+            args = DPOConfig(output_dir=tmp, beta=JOB["beta"], **common)
+            trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+                                 processing_class=tokenizer, peft_config=lora)  # fmt: skip
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, dtype=torch.float32)
+            model.config.pad_token_id = tokenizer.pad_token_id
+            args = RewardConfig(output_dir=tmp, **common)
+            trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+                                    processing_class=tokenizer, peft_config=lora)  # fmt: skip
+        t0 = time.perf_counter()
+        out = trainer.train()
+        seconds = time.perf_counter() - t0
+        peak = peak_rss_mb()
+    trained = trainer.model.eval()
+    if stage == "dpo":
+        base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+        quality = dpo_quality(trained, tokenizer, base, held_out)
+    else:
+        quality = reward_quality(scorer(trained, tokenizer), held_out)
+    return {"pairs": len(train), "steps": trainer.state.global_step, "seconds": seconds,
+            "train_loss": out.training_loss, "peak_rss_mb": peak, **quality}  # fmt: skip
+
+
+def job_tunelab(stage: str) -> dict:
+    import tunelab
+    from tunelab.accel.memory import skip_unused_imports
+    from tunelab.config import load_config
+    from tunelab.models.sources import resolve
+    from tunelab.stages.runs import load_run
+
+    tokenizer, src = tokenizer_and_path()
+    train, held_out = pairs(tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "train.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in train))
+        cfg = load_config({
+            "output_dir": f"{tmp}/run", "stage": stage,
+            "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
+            "data": {"train": str(path), "format": "preference", "val_fraction": 0.0, "max_length": JOB["max_length"]},
+            "method": {"name": "lora", "r": JOB["r"], "alpha": JOB["alpha"], "dropout": 0.0, "target_modules": "all-linear"},
+            **({"dpo": {"beta": JOB["beta"]}} if stage == "dpo" else {}),
+            "training": {"epochs": 1, "batch_size": JOB["batch_size"], "lr": JOB["lr"][stage], "scheduler": "linear",
+                         "warmup_ratio": 0.0, "seed": JOB["seed"], "progress": False, "tensorboard": False,
+                         "device": "cpu", "max_steps": JOB.get("max_steps")},
+        })  # fmt: skip
+        skip_unused_imports(cfg)
+        t0 = time.perf_counter()
+        result = tunelab.train(cfg)
+        wall = time.perf_counter() - t0
+        peak = peak_rss_mb()
+        m = result.metrics
+        model, _ = load_run(str(result.final_dir), device="cpu", merge=True)
+        model.eval()
+        if stage == "dpo":
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(resolve("smollm2-135m-instruct")).eval()
+            quality = dpo_quality(model, tokenizer, base, held_out)
+        else:
+            quality = reward_quality(scorer(model, tokenizer), held_out)
+    return {"pairs": len(train), "steps": m["steps"], "seconds": m["tokens"] / m["tokens_per_s"], "wall": wall,
+            "train_loss": m["train_loss"], "peak_rss_mb": peak, **quality}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ driver
+def run_job(side: str, stage: str) -> dict:
+    from tunelab.accel.memory import allocator_environment
+
+    cmd = [sys.executable, __file__, "--job", side, "--stages", stage]
+    if JOB.get("max_steps"):
+        cmd += ["--max-steps", str(JOB["max_steps"])]
+    env = allocator_environment() if side == "tunelab" else None  # as `tunelab train` restarts itself
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{side} {stage} failed (exit {proc.returncode})")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["pairs_per_s"] = min(out["pairs"], out["steps"] * JOB["batch_size"]) / out["seconds"]  # max_steps: fewer
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", default="dpo,reward", help="stages to time (comma separated: dpo, reward)")
+    parser.add_argument("--max-steps", type=int, help="stop every run early (a smoke test, not the benchmark)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N", help="run every job N times; report medians")
+    parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    JOB["max_steps"] = args.max_steps
+    if args.job:
+        import torch
+
+        torch.manual_seed(JOB["seed"])
+        print(json.dumps((job_trl if args.job == "trl" else job_tunelab)(args.stages)))
+        return
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; job: {JOB}; rounds: {args.repeat}")
+    spread, table = args.repeat > 1, []
+    for stage in args.stages.split(","):
+        runs = {"trl": [], "tunelab": []}
+        for k in range(args.repeat):
+            for side in runs:
+                runs[side].append(run_job(side, stage))
+                print(f"round {k + 1}: {side} {stage}: {runs[side][-1]}", flush=True)
+        for side, rs in runs.items():
+            ref = runs["trl"]
+            xs = [a["pairs_per_s"] / b["pairs_per_s"] for a, b in zip(rs, ref)]
+            xm = [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in zip(rs, ref)]
+            name = "TRL + PEFT" if side == "trl" else "tunelab"
+            table.append(f"| {stage} | {name} | {_cell([r['pairs_per_s'] for r in rs], 2, spread)} | "
+                         f"{_cell([r['peak_rss_mb'] for r in rs], 0, spread)} | {rs[0]['loss']:.4f} | "
+                         f"{rs[0]['accuracy']:.3f} | {_cell(xs, 2, spread)} | {_cell(xm, 2, spread)} |")  # fmt: skip
+    print("\n| stage | run | pairs/s | peak RSS MB | held-out loss | held-out accuracy | x pairs/s | x RSS |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(table))
+    print(f"Held-out: {JOB['held_out']} pairs (accuracy's 95% interval is about +-0.12 at this size).")
+
+
+if __name__ == "__main__":
+    main()
