@@ -44,7 +44,9 @@ def tracked(tmp_path_factory, tiny_dir):
             mp.setenv(k, v)
         (root / "wandb").mkdir()
         data = root / "train.jsonl"
-        data.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"It is {i}."}) + "\n" for i in range(24)))
+        data.write_text(
+            "".join(json.dumps({"instruction": f"Say {i}.", "output": f"It is {i}."}) + "\n" for i in range(24))
+        )
         on = [t for t in ALL if tracker_problem(t) is None]
         cfg = load_config({
             "output_dir": str(root / "run"), "model": {"name": tiny_dir},
