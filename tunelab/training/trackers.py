@@ -11,8 +11,10 @@ is set. The libraries are imported here only: config.py checks they are installe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,12 +57,18 @@ def start(run_dir: Path, cfg, resume_step: int) -> list[Tracker]:
         except Exception as e:  # the library's own error (a bad tracking URI, a refused login): one named line
             for t in trackers:
                 t.close()
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            detail = " / ".join(lines[:3]) or type(e).__name__  # pydantic-style errors say what on lines 2-3
             raise ConfigError(f"training.report_to: {name} could not start its run: {detail}") from None
         trackers.append(tracker)
     if any(v is not None for v in ids.values()):
         write_json_atomic(path, {**saved, **{k: v for k, v in ids.items() if v is not None}})
     return trackers
+
+
+def notices_to_stderr():
+    """`tunelab train` prints its result as JSON on stdout: what a tracker's library prints goes to stderr."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def flat_config(cfg) -> dict[str, str]:
@@ -96,21 +104,26 @@ def tensorboard(run_dir: Path, cfg, run_name: str, saved, resume_step: int):
 def wandb(run_dir: Path, cfg, run_name: str, saved, resume_step: int):
     import wandb as wb
 
-    run = wb.init(
-        project=cfg.training.tracker_project,
-        name=run_name,
-        id=(saved or {}).get("id"),  # None: wandb draws one
-        resume="allow",  # with the id kept in trackers.json a resumed training continues the same run
-        config=cfg.model_dump(mode="json"),
-        dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
-        reinit="create_new",  # several trainings in one process (tunelab.train in a loop): a run each
-    )
+    with notices_to_stderr():
+        run = wb.init(
+            project=cfg.training.tracker_project,
+            name=run_name,
+            id=(saved or {}).get("id"),  # None: wandb draws one
+            resume="allow",  # with the id kept in trackers.json a resumed training continues the same run
+            config=cfg.model_dump(mode="json"),
+            dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
+            reinit="create_new",  # several trainings in one process (tunelab.train in a loop): a run each
+        )
 
     def log(values: dict[str, float], step: int) -> None:
         # wandb drops a step below one it has seen (a resume past the checkpoint's step): it warns itself
         run.log(values, step=step)
 
-    return Tracker("wandb", log, run.finish), {"id": run.id}
+    def close() -> None:
+        with notices_to_stderr():
+            run.finish()
+
+    return Tracker("wandb", log, close), {"id": run.id}
 
 
 def mlflow(run_dir: Path, cfg, run_name: str, saved, resume_step: int):
@@ -144,17 +157,22 @@ def trackio(run_dir: Path, cfg, run_name: str, saved, resume_step: int):
 
     # Trackio names a run by its name within the project
     name = (saved or {}).get("name") or run_name
-    run = tr.init(
-        project=cfg.training.tracker_project,
-        name=name,
-        config=cfg.model_dump(mode="json"),
-        resume="allow" if saved else "never",
-    )
+    with notices_to_stderr():
+        run = tr.init(
+            project=cfg.training.tracker_project,
+            name=name,
+            config=cfg.model_dump(mode="json"),
+            resume="allow" if saved else "never",
+        )
 
     def log(values: dict[str, float], step: int) -> None:
         run.log(values, step=step)
 
-    return Tracker("trackio", log, run.finish), {"name": name}
+    def close() -> None:
+        with notices_to_stderr():
+            tr.finish()  # not run.finish(): this also forgets the run, which trackio would finish again at exit
+
+    return Tracker("trackio", log, close), {"name": name}
 
 
 START = {"tensorboard": tensorboard, "wandb": wandb, "mlflow": mlflow, "trackio": trackio}
