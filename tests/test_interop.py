@@ -202,3 +202,23 @@ def test_cli_convert_prints_yaml_and_report(capsys):
 def test_docs_mapping_table_matches_the_code():
     doc = (Path(__file__).parents[1] / "docs" / "interop.md").read_text(encoding="utf-8")
     assert keys.mapping_markdown() in doc
+
+
+def test_trackers_are_translated():
+    lf = {"model_name_or_path": "m", "stage": "sft", "dataset": "a"}
+    assert translate({**lf, "report_to": "none"}).config["training"]["report_to"] == []
+    t = translate({**lf, "report_to": ["wandb", "swanlab"], "run_name": "r1"})
+    assert t.config["training"] == {"report_to": ["wandb"], "run_name": "r1"}
+    assert any(k == "report_to" and "swanlab: not a tracker tunelab has" in to for k, _, to in t.mapped)
+    assert "report_to" in dict(translate({**lf, "report_to": "all"}).ignored)
+
+    ax = {"base_model": "m", "datasets": [{"path": "a", "type": "alpaca"}]}
+    t = translate({**ax, "wandb_project": "p", "wandb_name": "r", "wandb_entity": "team", "use_tensorboard": True,
+                   "mlflow_experiment_name": "q", "mlflow_tracking_uri": "http://h:5000", "mlflow_run_name": "z"})  # fmt: skip
+    assert t.config["training"] == {"report_to": ["tensorboard", "wandb", "mlflow"], "tracker_project": "p", "run_name": "r"}
+    ignored = dict(t.ignored)
+    assert "WANDB_ENTITY" in ignored["wandb_entity"] and "already 'r'" in ignored["mlflow_run_name"]
+    assert any("export MLFLOW_TRACKING_URI=http://h:5000" in to for k, _, to in t.mapped if k == "mlflow_tracking_uri")
+    assert translate({**ax, "use_tensorboard": False}).config["training"]["report_to"] == []
+    t = translate({**ax, "wandb_project": None, "use_trackio": True, "trackio_project_name": "tp"})
+    assert t.config["training"] == {"report_to": ["trackio"], "tracker_project": "tp"} and "wandb_project" in dict(t.ignored)

@@ -330,6 +330,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from tunelab.export.push import push
+
+    if args.what == "merged":
+        _without_bitsandbytes(args, args.run)
+    report = push(args.run, args.repo_id, what=args.what, private=args.private, revision=args.revision,
+                  token=args.token, device=args.device, trust_remote_code=args.trust_remote_code)  # fmt: skip
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from tunelab.serve import parse_adapter, serve
 
@@ -496,6 +507,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--check-task-rows", type=int, metavar="N", help="--check-task: dev rows (default 200)")
     _trust_flag(x)
     x.set_defaults(fn=cmd_export)
+
+    pu = sub.add_parser("push", help="upload a finished run's result (final/, with its model card) to a Hugging "
+                        "Face Hub model repo")
+    pu.add_argument("run", help="run folder (or its final/)")
+    pu.add_argument("repo_id", help="the Hub repo, e.g. your-name/smollm2-sft-lora (created if missing)")
+    pu.add_argument("--what", choices=["final", "adapter", "merged"], default="final",
+                    help="final: final/ as it is; adapter: the same, refused unless it is a PEFT adapter; merged: the "
+                    "method merged into the base weights (as `export --format hf`), a plain transformers model")
+    pu.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its setting)")
+    pu.add_argument("--revision", help="the branch to upload to (created from main if missing; default: main)")
+    pu.add_argument("--token", help="a Hub token with write access (default: HF_TOKEN, or the one `hf auth login` stored)")
+    pu.add_argument("--device", default="cpu", help="--what merged: where to merge (cpu is enough)")
+    _trust_flag(pu)
+    pu.set_defaults(fn=cmd_push)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming, LoRA adapters)")
     sv.add_argument("run", help="run folder or model spec (the base when --adapter is given)")

@@ -257,6 +257,9 @@ class TaskConfig(Section):
 
 
 # ------------------------------------------------------------------------------------- training
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+
+
 class TrainingConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -336,14 +339,96 @@ class TrainingConfig(Section):
         "for the token table and the head tied to it, [mlp], [down_proj]): a middle way between memory and "
         "speed. One process only. See docs/performance.md.",
     )
-    tensorboard: bool = Field(True, description="Write TensorBoard event logs under the run folder.")
+    report_to: list[Tracker] = Field(
+        ["tensorboard"],
+        description="Experiment trackers that get every metrics.jsonl value, under the same names (train/loss, "
+        "train/learning_rate, train/grad_norm, eval/loss, dev/accuracy ...), and the config: tensorboard (event "
+        "logs in the run folder's tensorboard/), wandb, mlflow, trackio (the extras tunelab[wandb], tunelab[mlflow], "
+        "tunelab[trackio]). metrics.jsonl is always written; [] or none = it alone. --resume continues the same "
+        "tracker run (trackers.json in the run folder keeps its id). The older `tensorboard: false` still works: "
+        "it drops tensorboard from this list. See docs/getting-started.md.",
+    )
+    run_name: str | None = Field(None, description="The run's name in the trackers; null = the run folder's name.")
+    tracker_project: str = Field(
+        "tunelab", description="The wandb / trackio project, the MLflow experiment the run is filed under."
+    )
     progress: bool = Field(True, description="Show a progress bar.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_flag(cls, data):
+        """`tensorboard: true / false`, the setting before report_to: adds tensorboard to report_to / drops it."""
+        if isinstance(data, dict) and "tensorboard" in data:
+            data = dict(data)
+            on = data.pop("tensorboard")
+            if not isinstance(on, bool):
+                raise ValueError(f"training.tensorboard: true or false (got {on!r}); better: training.report_to")
+            trackers = _tracker_list(data.get("report_to", ["tensorboard"]))
+            if isinstance(trackers, list):
+                trackers = [t for t in trackers if t != "tensorboard"] + (["tensorboard"] if on else [])
+            data["report_to"] = trackers
+        return data
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _none(cls, v):
+        return _tracker_list(v)
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, v):
+        """A tracker whose library is missing stops here, before any model loads, not at the first step."""
+        for name in v:
+            problem = tracker_problem(name)
+            if problem:
+                raise ValueError(problem)
+        return v
 
     @field_validator("accelerate", mode="before")
     @classmethod
     def _yaml_off(cls, v):
         """YAML reads a bare `off` as false (and `on` as true): the same setting."""
         return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
+
+def _tracker_list(v):
+    """`none`, a single name, or a list (HF TrainingArguments' `report_to` spellings) -> a list without duplicates."""
+    if v is None or v == "none":
+        return []
+    if isinstance(v, str):
+        v = [v]
+    return list(dict.fromkeys(t for t in v if t != "none")) if isinstance(v, list) else v
+
+
+# tracker -> (the module it needs, how to install it)
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "wandb": ("wandb", "pip install 'tunelab[wandb]'"),
+    "mlflow": ("mlflow", "pip install 'tunelab[mlflow]'"),
+    "trackio": ("trackio", "pip install 'tunelab[trackio]'"),
+}
+# MLflow's database stores (its default, sqlite:///mlflow.db, among them) need SQLAlchemy and alembic, which the
+# full `mlflow` package brings; the `tunelab[mlflow]` extra installs the light client, mlflow-skinny
+_MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def tracker_problem(name: str) -> str | None:
+    """Why tracker `name` cannot run in this environment (its library is missing ...), or None."""
+    import importlib.util
+    import os
+
+    module, install = TRACKER_PACKAGES[name]
+    if importlib.util.find_spec(module) is None:
+        return f"{name} is not installed: {install} (or drop {name} from training.report_to)"
+    if name == "mlflow":
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+        if uri.split(":", 1)[0].split("+")[0] in _MLFLOW_DATABASES and importlib.util.find_spec("sqlalchemy") is None:
+            where = "MLFLOW_TRACKING_URI" if "MLFLOW_TRACKING_URI" in os.environ else "MLflow's default store"
+            return (
+                f"mlflow: {where} {uri} is a database, which needs the full MLflow package: pip install mlflow; or "
+                "set MLFLOW_TRACKING_URI to your tracking server (http://HOST:5000)"
+            )
+    return None
 
 
 # ------------------------------------------------------------------------------------------- dpo

@@ -9,6 +9,7 @@ import sys
 _LOADED_ONLY = (
     ("tunelab.methods.base", "MethodError"),
     ("tunelab.export.gguf", "ExportError"),
+    ("tunelab.export.push", "PushError"),
     ("tunelab.serve.served", "ServeError"),
 )
 

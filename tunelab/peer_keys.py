@@ -49,15 +49,18 @@ LLAMAFACTORY_MAPPED = {
     "seed": "training.seed",
     "pref_beta": "dpo.beta",
     "pref_loss": "dpo.loss_type",
+    "report_to": "training.report_to",
+    "run_name": "training.run_name",
 }
 
 _DTYPE = "tunelab picks the dtype itself (model.dtype: auto = bfloat16 on CUDA, float32 on CPU)"
 _WORKERS = "tunelab reads and tokenises in the training process; there is no worker pool or dataset cache"
-_HUB = "hub-only option: tunelab does not push to the Hub"
+_HUB = "tunelab does not push while it trains: push a finished run with `tunelab push RUN REPO_ID`"
 _ONE_PROCESS = "tunelab trains in one process; several: `tunelab train --nproc N` (docs/scale.md)"
 _TEMPLATE = ("tunelab renders every conversation with the tokenizer's own chat template (the model's), "
              "not a template named in the config")  # fmt: skip
-_TRACKERS = "tunelab writes metrics.jsonl (and TensorBoard); other trackers are not wired in"
+_ENV = "tunelab leaves it to the tracker's own environment variable: set {} (the tracker reads it)"
+_TRACKER_EXTRAS = "tunelab logs metrics and the config to trackers, not gradients, artifacts or model files"
 
 LLAMAFACTORY_IGNORED = {
     "do_train": "`tunelab train` always trains",
@@ -69,7 +72,6 @@ LLAMAFACTORY_IGNORED = {
     "plot_loss": "tunelab logs every step to metrics.jsonl; plot it from there",
     "overwrite_output_dir": "tunelab refuses to overwrite an earlier run: choose a new output_dir",
     "save_only_model": "tunelab's checkpoints always hold what a resume needs",
-    "report_to": _TRACKERS,
     "bf16": _DTYPE,
     "fp16": _DTYPE,
     "pure_bf16": _DTYPE,
@@ -129,6 +131,15 @@ AXOLOTL_MAPPED = {
     "save_total_limit": "training.keep_checkpoints",
     "gradient_checkpointing": "training.gradient_checkpointing",
     "seed": "training.seed",
+    "use_tensorboard": "training.report_to (tensorboard)",
+    "wandb_project": "training.report_to (wandb), training.tracker_project",
+    "wandb_name": "training.run_name",
+    "mlflow_tracking_uri": "training.report_to (mlflow; the URI: MLFLOW_TRACKING_URI)",
+    "mlflow_experiment_name": "training.report_to (mlflow), training.tracker_project",
+    "mlflow_run_name": "training.run_name",
+    "use_trackio": "training.report_to (trackio)",
+    "trackio_project_name": "training.report_to (trackio), training.tracker_project",
+    "trackio_run_name": "training.run_name",
 }
 
 AXOLOTL_IGNORED = {
@@ -173,13 +184,13 @@ AXOLOTL_IGNORED = {
     "hub_model_id": _HUB,
     "hub_strategy": _HUB,
     "push_dataset_to_hub": _HUB,
-    "wandb_project": _TRACKERS,
-    "wandb_entity": _TRACKERS,
-    "wandb_watch": _TRACKERS,
-    "wandb_name": _TRACKERS,
-    "wandb_log_model": _TRACKERS,
-    "mlflow_tracking_uri": _TRACKERS,
-    "use_tensorboard": _TRACKERS,
+    "wandb_entity": _ENV.format("WANDB_ENTITY"),
+    "wandb_mode": _ENV.format("WANDB_MODE (offline, disabled)"),
+    "wandb_run_id": "tunelab keeps the wandb run id in the run folder (trackers.json) so --resume continues it",
+    "wandb_watch": _TRACKER_EXTRAS,
+    "wandb_log_model": _TRACKER_EXTRAS,
+    "hf_mlflow_log_artifacts": _TRACKER_EXTRAS,
+    "trackio_space_id": _ENV.format("TRACKIO_SPACE_ID"),
 }
 
 # flat top-level keys of other toolkits -> the tunelab key, for the "did you mean" hint of an unknown key

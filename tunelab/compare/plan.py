@@ -48,7 +48,10 @@ from tunelab.models import NAMED, resolve
 _NOT_HASHED = (
     ("output_dir",),
     ("training", "progress"),
-    ("training", "tensorboard"),
+    ("training", "tensorboard"),  # the setting before report_to: a grid folder of that time keeps its cells
+    ("training", "report_to"),
+    ("training", "run_name"),
+    ("training", "tracker_project"),
     ("training", "log_every"),
     ("data", "train"),
     ("data", "validation"),

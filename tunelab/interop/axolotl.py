@@ -16,9 +16,15 @@ from tunelab.peer_keys import AXOLOTL_IGNORED, AXOLOTL_MAPPED
 TOOL = "Axolotl"
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
 RL = {"dpo": "sigmoid", "ipo": "ipo"}
+# the keys that turn a tracker on (-> training.report_to); those naming the project / experiment also set
+# training.tracker_project, the *_name ones training.run_name
+_TRACKER_KEYS = {"use_tensorboard": "tensorboard", "wandb_project": "wandb", "mlflow_tracking_uri": "mlflow",
+                 "mlflow_experiment_name": "mlflow", "use_trackio": "trackio", "trackio_project_name": "trackio",
+                 "wandb_name": None, "mlflow_run_name": None, "trackio_run_name": None}  # fmt: skip
 _SPECIAL = {"adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_linear",
             "lora_target_modules", "unfrozen_parameters", "qat", "rl", "rl_beta", "datasets", "pretraining_dataset",
-            "test_datasets", "val_set_size", "lr_scheduler", "trust_remote_code", "chat_template"}  # fmt: skip
+            "test_datasets", "val_set_size", "lr_scheduler", "trust_remote_code", "chat_template",
+            *_TRACKER_KEYS}  # fmt: skip
 
 
 def detect(raw: dict) -> bool:
@@ -53,9 +59,44 @@ def translate(raw: dict, source: str = "config") -> Translation:
             t.map("lr_scheduler", v, "training.scheduler", SCHEDULERS[v])
         else:
             t.ignore("lr_scheduler", f"{v!r} is not one of tunelab's schedules (constant, linear, cosine): cosine")
+    _trackers(raw, t)
     t.map_rest(raw, AXOLOTL_MAPPED, AXOLOTL_IGNORED, _SPECIAL, floats=("num_epochs",),
                unknown=f"not an {TOOL} key tunelab knows")  # fmt: skip
     return t
+
+
+def _trackers(raw: dict, t: Translation) -> None:
+    """Axolotl turns a tracker on by naming its project (or, for TensorBoard and Trackio, a use_ flag): the trackers
+    named become training.report_to; their project and run names tracker_project and run_name (one each)."""
+    given = {k: raw[k] for k in _TRACKER_KEYS if k in raw}
+    on = [v for k, v in _TRACKER_KEYS.items() if v and given.get(k) not in (None, False, "")]
+    trackers = list(dict.fromkeys(on))
+    if given.get("use_tensorboard") is False and "tensorboard" not in trackers:
+        t.set("training.report_to", trackers)  # Axolotl writes no TensorBoard logs unless asked
+    named: dict[str, object] = {}  # tunelab key -> the first value given
+    listed = f"= {trackers}"
+    for key, value in given.items():
+        if value is None:
+            t.ignore(key, "null: tunelab's default")
+            continue
+        tracker = _TRACKER_KEYS[key]
+        if tracker is None or key.endswith(("_project", "_experiment_name", "_project_name")):
+            target = "training.run_name" if tracker is None else "training.tracker_project"
+            if named.get(target, value) != value:  # one project and one run name serve every tracker
+                why = f"{target} is already {named[target]!r}: one name serves every tracker"
+                if tracker is None:
+                    t.ignore(key, why)
+                else:
+                    t.map(key, value, "training.report_to", trackers, note=f"{listed}; {why}")
+                continue
+            named[target] = value
+            t.map(key, value, target, note="" if tracker is None else f"and training.report_to {listed}")
+            if tracker is not None:
+                t.set("training.report_to", trackers)
+        elif key == "mlflow_tracking_uri":
+            t.map(key, value, "training.report_to", trackers, note=f"{listed}; export MLFLOW_TRACKING_URI={value}")
+        else:
+            t.map(key, value, "training.report_to", trackers, note=listed)
 
 
 def _method(raw: dict, t: Translation) -> None:

@@ -18,7 +18,7 @@ FREEZE_MODULES = {"mlp": "ffn", "self_attn": "attention", "attn": "attention", "
 _SPECIAL = {"stage", "finetuning_type", "quantization_bit", "quantization_method", "lora_rank", "lora_alpha",
             "lora_dropout", "lora_target", "freeze_trainable_layers", "freeze_trainable_modules",
             "freeze_extra_modules", "dataset", "eval_dataset", "dataset_dir", "max_samples", "val_size",
-            "lr_scheduler_type", "pref_loss", "trust_remote_code", "template"}  # fmt: skip
+            "lr_scheduler_type", "pref_loss", "trust_remote_code", "template", "report_to"}  # fmt: skip
 
 
 def detect(raw: dict) -> bool:
@@ -55,6 +55,10 @@ def translate(raw: dict, source: str = "config") -> Translation:
         if v not in ("sigmoid", "ipo"):
             t.refuse("pref_loss", v, "tunelab's dpo has the sigmoid (DPO) and ipo losses only")
         t.map("pref_loss", v, "dpo.loss_type")
+    if raw.get("report_to") is not None:
+        t.report_to("report_to", raw["report_to"])
+    elif "report_to" in raw:
+        t.ignore("report_to", "null: tunelab's default")
     t.map_rest(raw, LLAMAFACTORY_MAPPED, LLAMAFACTORY_IGNORED, _SPECIAL, floats=("num_train_epochs",),
                notes={"neat_packing": "tunelab's packed rows always attend per example"},
                unknown=f"not a {TOOL} key tunelab knows")  # fmt: skip

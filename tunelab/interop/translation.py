@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import get_args
 
-from tunelab.config import ConfigError
+from tunelab.config import ConfigError, Tracker
+
+TRACKERS = get_args(Tracker)
 
 
 @dataclass
@@ -44,6 +47,18 @@ class Translation:
                 self.ignore(key, ignored[key])
             else:
                 self.ignore(key, unknown)
+
+    def report_to(self, key: str, value) -> None:
+        """Hugging Face TrainingArguments' `report_to` (none, all, a name or a list of names) -> training.report_to."""
+        names = [value] if isinstance(value, str) else list(value or [])
+        if "all" in names:  # every integration that happens to be installed: not a setting tunelab has
+            self.ignore(key, "'all' (whatever trackers are installed): name them in training.report_to; tunelab's "
+                        "default (tensorboard) stays")  # fmt: skip
+            return
+        names = [n for n in names if n != "none"]
+        dropped = [n for n in names if n not in TRACKERS]
+        note = f"{', '.join(map(str, dropped))}: not a tracker tunelab has, dropped" if dropped else ""
+        self.map(key, value, "training.report_to", [n for n in names if n in TRACKERS], note)
 
     def ignore(self, key: str, why: str) -> None:
         self.ignored.append((key, why))

@@ -99,15 +99,16 @@ def _table(rows: list[tuple[str, object]]) -> list[str]:
     return out + [f"| {k} | {_fmt(v)} |" for k, v in rows]
 
 
-def model_card(cfg, folder: Path, model, metrics: dict, manifest: dict) -> str:
-    """The text of final/README.md for a run with config `cfg`, saved (in the method's format) in `folder`."""
+def model_card(cfg, folder: Path, model, metrics: dict, manifest: dict, where: str | None = None) -> str:
+    """The text of final/README.md for a run with config `cfg`, saved (in the method's format) in `folder`;
+    `where` is what the loading code names (default: the run's final/; a Hub repo id for `tunelab push`)."""
     base = cfg.model.name
     named = NAMED.get(base)
     hub_id = hub_model_id(base)
     fmt = saved_format(folder)
     auto_class, pipeline = model_kind(model)
     method_mod = get_method(cfg.method.name)
-    where = str(Path(cfg.output_dir) / "final")
+    where = where or str(Path(cfg.output_dir) / "final")
 
     meta: dict = {}
     if hub_id:
@@ -216,6 +217,11 @@ def model_card(cfg, folder: Path, model, metrics: dict, manifest: dict) -> str:
         lines += [f"`tunelab export {cfg.output_dir} --format hf --out merged/` writes a plain transformers folder "
                   f"(`{auto_class}.from_pretrained(\"merged/\")`); `--format gguf` a GGUF file.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def card_for_repo(text: str, output_dir: str, repo_id: str) -> str:
+    """A run's card as its Hub repo shows it: the loading code names the repo, not the run's local final/."""
+    return text.replace(f'"{Path(output_dir) / "final"}"', f'"{repo_id}"')
 
 
 def write_card(folder: Path, cfg, model, metrics: dict, manifest: dict) -> None:

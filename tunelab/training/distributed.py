@@ -67,7 +67,7 @@ class LossModule(torch.nn.Module):
 class NullLog:
     """The metrics log of processes other than rank 0."""
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, section: str = "train") -> None:
         pass
 
     def close(self) -> None:

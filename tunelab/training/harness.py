@@ -22,7 +22,7 @@ import torch
 
 from tunelab.config import ConfigError, dump_config
 from tunelab.training import checkpoint as ckpt
-from tunelab.training import distributed
+from tunelab.training import distributed, trackers
 from tunelab.training.card import write_card
 
 
@@ -98,36 +98,31 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
 
 
 class MetricsLog:
-    """metrics.jsonl (always) and TensorBoard events (optional), one place for both."""
+    """metrics.jsonl (always) and the trackers of `training.report_to` (training/trackers.py), one place for all:
+    each numeric value of a record goes to every tracker under its tracker name (train/loss, eval/loss ...)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int):
+    def __init__(self, run_dir: Path, cfg, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
         if resume_step == 0:
             self.path.write_text("")
         else:  # drop lines past the checkpoint so a resumed log has no duplicate steps
             self.path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(self.path, resume_step)))
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self.trackers = trackers.start(run_dir, cfg, resume_step)
 
-                self.tb = SummaryWriter(
-                    str(run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
-                )
-            except ImportError:
-                log("tensorboard is not installed; writing metrics.jsonl only")
-
-    def write(self, record: dict) -> None:
+    def write(self, record: dict, section: str = "train") -> None:
+        """One line of metrics.jsonl; a key without an eval_ / dev_ prefix goes to the trackers under `section`."""
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+        values = {trackers.metric_name(k, section): v for k, v in record.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+        if values:
+            for t in self.trackers:
+                t.log(values, record["step"])
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for t in self.trackers:
+            t.close()
+        self.trackers = []
 
 
 def start_run(cfg, resume: bool, force: bool = False) -> tuple[Path, Path | None]:

@@ -156,7 +156,7 @@ def train(
         state.update(dist.load_checkpoint(resume_from, model, optimizer, scheduler, global_batch))
         log(f"resumed from {resume_from} at step {state['step']}/{total_steps}")
     optimizer = dist.prepare(model, stage, optimizer)  # wraps the model in DDP when there are several processes
-    metrics_log = MetricsLog(run_dir, tcfg.tensorboard, state["step"]) if dist.is_main else distributed.NullLog()
+    metrics_log = MetricsLog(run_dir, cfg, state["step"]) if dist.is_main else distributed.NullLog()
 
     if state["step"] == 0 and val_batches:
         state["eval_loss_before"] = evaluate(0, model, val_batches, stage, dist, device, autocast, metrics_log)
@@ -301,7 +301,7 @@ def train(
             task_scores = stage.final_metrics(model, tokenizer, cfg, data, device)
         metrics.update(task_scores)
         if task_scores:
-            metrics_log.write({"step": state["step"], **task_scores})
+            metrics_log.write({"step": state["step"], **task_scores}, section="dev")
             log("dev metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in task_scores.items()))
     metrics_log.close()
     final_dir = save_result(run_dir, model, tokenizer, method.save, cfg, stage.manifest(cfg) if stage.manifest else {},

@@ -265,7 +265,7 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     if resume_from is not None:
         state.update(ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler))
         log(f"resumed from {resume_from} at iteration {state['step']}/{total_iters}")
-    metrics_log = MetricsLog(run_dir, tcfg.tensorboard, state["step"])
+    metrics_log = MetricsLog(run_dir, cfg, state["step"])
     samples_dir = run_dir / "samples"
 
     def do_eval(step: int) -> dict:
