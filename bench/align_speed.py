@@ -247,7 +247,7 @@ def main() -> None:
             xs = [a["pairs_per_s"] / b["pairs_per_s"] for a, b in zip(rs, ref)]
             xm = [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in zip(rs, ref)]
             name = "TRL + PEFT" if side == "trl" else "tunelab"
-            table.append(f"| {stage} | {name} | {_cell([r['pairs_per_s'] for r in rs], 2, spread)} | "
+            table.append(f"| {stage} | {name} | {_cell([r['pairs_per_s'] for r in rs], 3, spread)} | "
                          f"{_cell([r['peak_rss_mb'] for r in rs], 0, spread)} | {rs[0]['loss']:.4f} | "
                          f"{rs[0]['accuracy']:.3f} | {_cell(xs, 2, spread)} | {_cell(xm, 2, spread)} |")  # fmt: skip
     print("\n| stage | run | pairs/s | peak RSS MB | held-out loss | held-out accuracy | x pairs/s | x RSS |")
