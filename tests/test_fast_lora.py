@@ -162,3 +162,17 @@ def test_keep_mask_is_dropouts_and_drawn_again_from_its_state():
         own, own_state = fast_lora.keep_mask(x, 0.05)
     assert not torch.equal(own, keep) and torch.equal(fast_lora.keep_mask(x, 0.05)[0], keep)
     assert torch.equal(fast_lora.keep_mask(x, 0.05, own_state)[0], own)
+
+
+def test_dropout_under_gradient_checkpointing_is_peft_dropout():
+    """The recomputed forward (torch's generator restored) and the backward's draw give the masks of the
+    first forward: the same gradients as PEFT's layers under checkpointing."""
+    model = _lora_model(dropout=0.3).train()
+    peft = _peft_only(model).train()
+    grads = []
+    for m in (model, peft):
+        m.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(7)
+        grads.append(_grads(m, _batch(2, 40))[1])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
