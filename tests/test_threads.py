@@ -102,6 +102,8 @@ def test_lora_dropout_on_the_fast_path_keeps_shares_on_other_dropout_does_not(mo
     assert threads.parts_for(auto, cpu, False, model) == (2, None)
     parts, why = threads.parts_for(SimpleNamespace(pass_threads=None, gradient_checkpointing=True), cpu, False, model)
     assert parts == 1 and "gradient checkpointing" in why
+    with pytest.raises(ValueError, match="pass_threads: 2 with LoRA dropout and gradient checkpointing"):
+        threads.parts_for(SimpleNamespace(pass_threads=2, gradient_checkpointing=True), cpu, False, model)
     model.get_base_model().model.layers[0].self_attn.config.attention_dropout = 0.1
     assert threads.parts_for(auto, cpu, False, model)[0] == 1
 

@@ -62,6 +62,14 @@ def parts_for(
             f"training.pass_threads: {tcfg.pass_threads} splits a pass over the cores of one CPU process; "
             f"{where} set it to null or 1"
         )
+    checkpointed_draws = getattr(tcfg, "gradient_checkpointing", False) and shares_draw(model)
+    if tcfg.pass_threads is not None and tcfg.pass_threads > 1 and checkpointed_draws:
+        # the recomputed forward would draw other masks than the share's forward did: wrong gradients
+        raise ValueError(
+            f"training.pass_threads: {tcfg.pass_threads} with LoRA dropout and gradient checkpointing: the "
+            "recomputed forward would not replay a share's dropout masks; set pass_threads to null or 1, "
+            "training.gradient_checkpointing to false, or method.dropout to 0"
+        )
     if tcfg.pass_threads is not None:
         return tcfg.pass_threads, None
     if device.type != "cpu" or multi:
@@ -71,7 +79,7 @@ def parts_for(
             "dropout outside the fast LoRA layers is active: threads would draw its random numbers in a "
             "different order each run"
         )
-    if getattr(tcfg, "gradient_checkpointing", False) and shares_draw(model):
+    if checkpointed_draws:
         return 1, (
             "LoRA dropout with gradient checkpointing: its recomputed forward would not replay a share's draws "
             "(training.gradient_checkpointing: false or method.dropout: 0 turns shares on)"
