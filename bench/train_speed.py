@@ -22,6 +22,10 @@ runs as TRL does, on glibc's malloc; `--trl-allocator tbbmalloc` runs it preload
     .venv/bin/python bench/train_speed.py --variant training.rows_per_pass=1  # default and low-memory runs
     .venv/bin/python bench/train_speed.py --variant training.allocator=system # tunelab on glibc's malloc
     .venv/bin/python bench/train_speed.py --off        # and the job with training.accelerate: off (plain PyTorch)
+    .venv/bin/python bench/train_speed.py --task lima-512 --dropout 0.05   # issue 26's job, LoRA dropout both sides
+
+`--task lima-512` (issue 26): the first 32 rows of LIMA at max length 512 (held out: rows 32..63), the rest
+as above. `--dropout P` sets LoRA dropout on both sides (TRL's LoraConfig and tunelab's method.dropout).
 """
 
 from __future__ import annotations
@@ -39,12 +43,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/llamafactory-demo/alpaca_en_demo.json"
+LIMA = ROOT.parent / "shared/data/lima/lima.json"  # instruction / input / output rows, as alpaca's
 TRL_CHECKPOINTING = True
-JOB = {"rows": 64, "held_out": 64, "max_length": 256, "batch_size": 4, "r": 16, "alpha": 32, "lr": 2e-4, "seed": 0}
+JOB = {"rows": 64, "held_out": 64, "max_length": 256, "batch_size": 4, "r": 16, "alpha": 32, "lr": 2e-4, "seed": 0,
+       "dropout": 0.0, "data": str(DATA)}  # fmt: skip
+TASKS = {
+    "alpaca-256": {"data": str(DATA), "rows": 64, "held_out": 64, "max_length": 256},
+    "lima-512": {"data": str(LIMA), "rows": 32, "held_out": 32, "max_length": 512},
+}
 
 
 def rows(start: int, n: int) -> list[dict]:
-    return json.loads(DATA.read_text())[start : start + n]
+    return json.loads(Path(JOB["data"]).read_text())[start : start + n]
 
 
 def messages(row: dict) -> list[dict]:
@@ -113,7 +123,11 @@ def job_trl(method: str) -> dict:
             max_steps=JOB.get("max_steps") or -1,
         )
         lora = LoraConfig(
-            r=JOB["r"], lora_alpha=JOB["alpha"], lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+            r=JOB["r"],
+            lora_alpha=JOB["alpha"],
+            lora_dropout=JOB["dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
         )
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(data), peft_config=lora, processing_class=tokenizer
@@ -137,7 +151,7 @@ def tunelab_config(method: str, overrides: list[str], tmp: str):
 
     method_cfg = {"name": method}
     if method in ("lora", "qlora"):
-        method_cfg.update(r=JOB["r"], alpha=JOB["alpha"], dropout=0.0, target_modules="all-linear")
+        method_cfg.update(r=JOB["r"], alpha=JOB["alpha"], dropout=JOB["dropout"], target_modules="all-linear")
     return load_config(
         {
             "output_dir": f"{tmp}/run",
@@ -201,7 +215,8 @@ def job_environment(side: str, method: str, overrides: list[str], trl_allocator:
 
 
 def run_job(side: str, method: str, overrides: list[str], trl_allocator: str = "system") -> dict:
-    cmd = [sys.executable, __file__, "--job", side, "--methods", method]
+    cmd = [sys.executable, __file__, "--job", side, "--methods", method, "--task", JOB["task"]]
+    cmd += ["--dropout", str(JOB["dropout"])]
     if JOB.get("max_steps"):
         cmd += ["--max-steps", str(JOB["max_steps"])]
     for o in overrides:
@@ -236,6 +251,8 @@ def main() -> None:
         "the same as --variant training.accelerate=off",
     )
     parser.add_argument("--max-steps", type=int, help="stop both runs early (a smoke test, not the benchmark)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="alpaca-256", help="the data, rows and max length")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (default 0)")
     parser.add_argument(
         "--trl-allocator",
         choices=["system", "tbbmalloc"],
@@ -248,6 +265,7 @@ def main() -> None:
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     JOB["max_steps"] = args.max_steps
+    JOB.update(TASKS[args.task], task=args.task, dropout=args.dropout)
     if args.off:
         args.variant.append("training.accelerate=off")
 

@@ -90,14 +90,37 @@ def test_off_installs_no_speed_piece_and_auto_installs_them(monkeypatch):
     assert not any(isinstance(m, compact.CompactLinear) for m in model.modules())
 
 
-def test_the_log_says_why_a_piece_stays_off(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    cfg = load_config({"method": {"name": "lora", "r": 4, "dropout": 0.1}, "training": {"device": "cpu"}})
+def _prepared_lora(dropout: float, autocast: bool = False, **training):
+    cfg = load_config({"method": {"name": "lora", "r": 4, "dropout": dropout},
+                       "training": {"device": "cpu", **training}})  # fmt: skip
     model = get("lora").apply(tiny_llama(), cfg.method)
     speed = accel.start(cfg.training, torch.device("cpu"))
-    speed.prepare(model, cfg, count_parameters(model)[1], multi=False)
+    speed.prepare(model, cfg, count_parameters(model)[1], multi=False, autocast=autocast)
+    return model, speed
+
+
+def test_lora_dropout_takes_the_fast_path_and_the_log_says_why_a_piece_stays_off(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    model, speed = _prepared_lora(0.1)
     line = speed.describe()
-    assert "Not on: fast LoRA (LoRA dropout 0.1 > 0" in line and "thread shares (dropout is active" in line
+    assert "fast LoRA (14 layers)" in line and "2 shares" in line and "not on" not in line
+    assert speed.skipped == []
+    # one log line per piece not on: what stays off, why, and the setting that turns it on
+    _, speed = _prepared_lora(0.1, autocast=True, gradient_checkpointing=True)
+    lines = speed.describe().splitlines()
+    assert lines[0].startswith("accelerate: auto (tunelab/accel): ") and len(lines) == 4
+    assert lines[1] == ("accelerate: not on: fast LoRA: bf16 autocast (CUDA); PEFT's own forward runs "
+                        "(model.dtype: float32 takes it)")  # fmt: skip
+    assert lines[2].startswith("accelerate: not on: fused LM head + cross-entropy: bf16 autocast")
+    assert "thread shares: LoRA dropout with gradient checkpointing" in lines[3]
+    assert "training.gradient_checkpointing: false" in lines[3]
+    base = tiny_llama()
+    base.config.attention_dropout = 0.1
+    cfg = load_config({"method": {"name": "lora", "r": 4, "dropout": 0.0}, "training": {"device": "cpu"}})
+    speed = accel.start(cfg.training, torch.device("cpu"))
+    speed.prepare(get("lora").apply(base, cfg.method), cfg, 10**6, multi=False)
+    assert speed.skipped == ["thread shares: dropout outside the fast LoRA layers is active: threads would draw "
+                             "its random numbers in a different order each run; each pass runs on all threads"]  # fmt: skip
     off = load_config({"training": {"accelerate": "off", "pass_threads": 2, "compact_frozen": False}}).training
     assert "(ignored: training.compact_frozen, training.pass_threads)" in accel.Speed(off, "cpu").describe()
 
@@ -119,10 +142,12 @@ def test_an_off_run_calls_no_speed_code(tiny_dir, data_file, tmp_path, monkeypat
     assert not memory.wants_tbbmalloc(cfg.training) and not memory.skip_unused_imports(cfg)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "lora-dropout", "full"])
 def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_path, monkeypatch):
     """LoRA: fast LoRA and SwiGLU, fused norm, packed attention, fused head, compact weights and two thread
-    shares against plain PyTorch + PEFT; full: fused norm and head with the head's (tied) weight gradient."""
+    shares against plain PyTorch + PEFT; lora-dropout: the same with LoRA dropout 0.1 in one share (the fast
+    path draws PEFT's masks from torch's generator); full: fused norm and head with the head's (tied) weight
+    gradient."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two shares on any machine (auto)
     calls = []
     monkeypatch.setattr(accel, "sharded_step", lambda *a, _f=accel.sharded_step: calls.append(1) or _f(*a))
@@ -133,6 +158,8 @@ def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_p
         cfg.data.packing, cfg.data.max_length = True, 160
         if method == "lora":
             cfg.method.dropout = 0.0
+        elif method == "lora-dropout":
+            cfg.method.dropout, cfg.training.pass_threads = 0.1, 1
         else:
             cfg = load_config({**cfg.model_dump(), "method": {"name": "full"}, "training": {
                 **cfg.training.model_dump(), "lr": 1e-3}})

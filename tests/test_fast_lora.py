@@ -72,7 +72,7 @@ def test_fast_lora_matches_peft_loss_and_gradients(monkeypatch, shape, targets):
         torch.testing.assert_close(g_fast[k], g_peft[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def test_folded_lora_steps_aside_for_dropout_and_disabled_adapters():
+def test_folded_lora_steps_aside_for_disabled_adapters():
     torch.manual_seed(0)
     base = tiny_llama()
     reference = copy.deepcopy(base).eval()
@@ -86,10 +86,93 @@ def test_folded_lora_steps_aside_for_dropout_and_disabled_adapters():
         torch.testing.assert_close(disabled, reference(input_ids=ids).logits)
         assert not torch.allclose(with_adapter, disabled, atol=1e-4)
 
-    dropped = _lora_model(dropout=0.1).eval()  # nn.Dropout, not Identity: PEFT's own forward runs
+
+def _counting(monkeypatch) -> list:
+    """Calls of the fast path's two autograd functions, with the dropout probabilities they got."""
     calls = []
-    layer = dropped.get_base_model().model.layers[0].self_attn.q_proj
-    layer._peft_forward = (lambda f: (lambda *a, **k: (calls.append(1), f(*a, **k))[1]))(layer._peft_forward)
-    with torch.no_grad():
-        dropped(input_ids=ids)
-    assert calls == [1]
+    for fn in (fast_lora._LoRALinear, fast_lora._SwiGLU):
+        monkeypatch.setattr(fn, "apply", (lambda f: lambda *a: calls.append(
+            [t for t in a if isinstance(t, float) and t < 1]) or f(*a))(fn.apply))
+    return calls
+
+
+# dropout 0.3 on few rows (low-rank term added) and on many (where dropout 0 would fold)
+@pytest.mark.parametrize("shape", [(1, 12), (4, 40)])
+def test_dropout_on_the_fast_path_is_peft_dropout_with_the_same_seed(monkeypatch, shape):
+    """The same seed draws the same masks as PEFT's nn.Dropout: the same loss and gradients; another seed
+    other masks, and so other gradients."""
+    model = _lora_model(dropout=0.3).train()
+    peft = _peft_only(model).train()
+    calls = _counting(monkeypatch)
+    batch = _batch(*shape)
+    torch.manual_seed(7)
+    loss_fast, g_fast = _grads(model, batch)
+    after_fast = torch.get_rng_state()
+    assert len(calls) == 2 * 5 and all(c == [0.3] * len(c) and c for c in calls)  # 4 attention + 1 MLP per layer
+    torch.manual_seed(7)
+    loss_peft, g_peft = _grads(peft, batch)
+    assert len(calls) == 10  # PEFT's own forward: no fast call
+    assert torch.equal(after_fast, torch.get_rng_state())  # the same draws from torch's generator
+    assert loss_fast == pytest.approx(loss_peft, rel=1e-6)
+    for k in g_fast:
+        torch.testing.assert_close(g_fast[k], g_peft[k], rtol=1e-4, atol=1e-6, msg=k)
+    torch.manual_seed(8)
+    _, g_other = _grads(model, batch)
+    torch.manual_seed(7)
+    model.eval()  # eval mode: no dropout, the fast path all the same
+    _, g_eval = _grads(model, batch)
+    _, g_none = _grads(_peft_only(_lora_model(dropout=0.0)), batch)
+    for k in ("lora_A", "lora_B"):
+        key = next(n for n in g_fast if k in n and "q_proj" in n)
+        assert (g_other[key] - g_fast[key]).abs().max() > 1e-3, key
+        assert (g_eval[key] - g_fast[key]).abs().max() > 1e-3, key
+        torch.testing.assert_close(g_eval[key], g_none[key], rtol=1e-4, atol=1e-6)
+    assert calls[-1] == [0.0] * len(calls[-1])
+
+
+def test_the_mask_is_drawn_again_not_kept(monkeypatch):
+    """With dropout the backward pass keeps what it keeps without (x, and d(x) A^T): no mask, no d(x)."""
+    batch = _batch(1, 12)  # few rows: both keep d(x) A^T
+
+    def saved_bytes(model):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            token_loss_sum(model, batch)[0].backward()
+        return sum(sizes)
+
+    torch.manual_seed(3)
+    with_dropout = saved_bytes(_lora_model(dropout=0.3).train())
+    assert with_dropout == saved_bytes(_lora_model(dropout=0.0).train())
+    assert with_dropout < saved_bytes(_peft_only(_lora_model(dropout=0.3)).train())
+
+
+def test_keep_mask_is_dropouts_and_drawn_again_from_its_state():
+    x = torch.randn(400, 500)
+    torch.manual_seed(1)
+    keep, state = fast_lora.keep_mask(x, 0.05)
+    assert keep.unique().tolist() == pytest.approx([0.0, 1 / 0.95])
+    assert (keep > 0).float().mean().item() == pytest.approx(0.95, abs=0.003)  # 200,000 draws: sd 0.0005
+    torch.manual_seed(1)
+    torch.testing.assert_close(x * keep, torch.nn.functional.dropout(x, 0.05), rtol=0, atol=0)
+    again, _ = fast_lora.keep_mask(x, 0.05, state)  # the backward pass's draw, from the saved state
+    assert torch.equal(again, keep)
+    torch.manual_seed(1)
+    gen = torch.Generator().manual_seed(5)
+    with fast_lora.drawing_from(gen):  # a thread share's own generator: torch's is left alone
+        own, own_state = fast_lora.keep_mask(x, 0.05)
+    assert not torch.equal(own, keep) and torch.equal(fast_lora.keep_mask(x, 0.05)[0], keep)
+    assert torch.equal(fast_lora.keep_mask(x, 0.05, own_state)[0], own)
+
+
+def test_dropout_under_gradient_checkpointing_is_peft_dropout():
+    """The recomputed forward (torch's generator restored) and the backward's draw give the masks of the
+    first forward: the same gradients as PEFT's layers under checkpointing."""
+    model = _lora_model(dropout=0.3).train()
+    peft = _peft_only(model).train()
+    grads = []
+    for m in (model, peft):
+        m.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(7)
+        grads.append(_grads(m, _batch(2, 40))[1])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)

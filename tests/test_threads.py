@@ -11,12 +11,14 @@ from test_training import losses, make_cfg
 from torch import nn
 
 import tunelab
-from tunelab.accel import threads
+from tunelab.accel import fast_lora, threads
+from tunelab.methods import get
+from tunelab.testing import tiny_llama
 
 
 def test_auto_parts_follow_the_cores_and_stay_off_with_dropout_or_elsewhere(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    auto, cpu = SimpleNamespace(pass_threads=None), torch.device("cpu")
+    auto, cpu = SimpleNamespace(pass_threads=None, gradient_checkpointing=False), torch.device("cpu")
     plain = nn.Sequential(nn.Linear(4, 4)).requires_grad_(False)
     assert threads.parts_for(auto, cpu, False, plain) == (2, None)
     parts, why = threads.parts_for(auto, cpu, False, nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1)))
@@ -86,6 +88,48 @@ def test_parts_in_threads_train_like_the_whole_pass(tiny_dir, data_file, tmp_pat
         torch.testing.assert_close(two_w[k], whole_w[k], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(halves_w[k], whole_w[k], rtol=1e-4, atol=1e-6)
         assert torch.equal(two_w[k], again_w[k])  # the shares' gradients are added in one order: same run
+
+
+def test_lora_dropout_on_the_fast_path_keeps_shares_on_other_dropout_does_not(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    auto, cpu = SimpleNamespace(pass_threads=None, gradient_checkpointing=False), torch.device("cpu")
+    method = get("lora")
+    model = method.apply(tiny_llama(), method.Config(r=4, dropout=0.1, target_modules="all-linear"))
+    parts, why = threads.parts_for(auto, cpu, False, model)
+    assert parts == 1 and "dropout outside the fast LoRA layers" in why  # PEFT's forward: torch's generator
+    fast_lora.enable(model)
+    assert len(fast_lora.covered_dropouts(model)) == 14 and threads.shares_draw(model)  # 7 per layer, 2 layers
+    assert threads.parts_for(auto, cpu, False, model) == (2, None)
+    parts, why = threads.parts_for(SimpleNamespace(pass_threads=None, gradient_checkpointing=True), cpu, False, model)
+    assert parts == 1 and "gradient checkpointing" in why
+    with pytest.raises(ValueError, match="pass_threads: 2 with LoRA dropout and gradient checkpointing"):
+        threads.parts_for(SimpleNamespace(pass_threads=2, gradient_checkpointing=True), cpu, False, model)
+    model.get_base_model().model.layers[0].self_attn.config.attention_dropout = 0.1
+    assert threads.parts_for(auto, cpu, False, model)[0] == 1
+
+
+def test_shares_with_lora_dropout_repeat_run_to_run(tiny_dir, data_file, tmp_path, monkeypatch):
+    """Each share draws its masks from its own generator: the same seed gives the same losses and weights,
+    whichever thread runs first; another seed, or no dropout, other ones."""
+    calls = []
+    real_run = threads.run
+    monkeypatch.setattr(threads, "run", lambda fns: calls.append(len(fns)) or real_run(fns))
+
+    def run(name, dropout, seed=3):
+        cfg = make_cfg(tiny_dir, data_file, tmp_path / name, max_steps=3, batch_size=4, pass_threads=2, seed=seed)
+        cfg.data.packing, cfg.data.max_length, cfg.method.dropout = True, 160, dropout
+        final = tunelab.train(cfg).final_dir
+        return losses(tmp_path / name), load_file(final / "adapter_model.safetensors")
+
+    first, first_w = run("first", 0.3)
+    assert set(calls) == {2}
+    again, again_w = run("again", 0.3)
+    none, _ = run("none", 0.0)
+    other, _ = run("other", 0.3, seed=4)
+    assert first == again and len(first) == 3
+    for k in first_w:
+        assert torch.equal(first_w[k], again_w[k]), k
+    assert first[3] != none[3] and first[3] != other[3]  # (step 1: B = 0, no mask changes the loss)
 
 
 def test_auto_counts_weights_that_are_no_longer_parameters(monkeypatch):

@@ -288,7 +288,9 @@ class TrainingConfig(Section):
         "its share of the cores, in passes of rows_per_pass / shares rows: the same rows in flight (the same "
         "activation memory), steps ~5-8% shorter on 2 cores (docs/performance.md). Each share sums its own "
         "gradients, added in share order: the same update every run. null = one share per torch thread on a CPU "
-        "in one process, unless dropout is active or most parameters train; 1 = off.",
+        "in one process, unless dropout other than fast-path LoRA dropout is active (LoRA dropout: each share "
+        "draws from its own generator), LoRA dropout meets gradient checkpointing, or most parameters train; "
+        "1 = off.",
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")

@@ -4,7 +4,7 @@ The training loop (tunelab/training/loop.py) is plain PyTorch + PEFT. With `auto
 each at one visible line:
 
     speed = accel.start(tcfg, device)                 # allocator settings (memory.py)
-    speed.prepare(model, cfg, total, dist.multi)      # after the method: the pieces that change the model
+    speed.prepare(model, cfg, total, dist.multi, autocast)  # after the method: the pieces that change the model
     with autocast(), speed.forward(): ...             # norm outputs rebuilt in the backward pass (norm.py)
     if speed.shares > 1: accel.sharded_step(...)      # a micro-batch as shares in threads (threads.py)
     speed.release(model, expand=...)                  # threads and buffers freed, compact weights made dense
@@ -13,15 +13,16 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 
 | piece | module | what it does | it stays off when |
 |---|---|---|---|
-| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul), a SwiGLU MLP as one | LoRA dropout > 0, a variant (DoRA), a 4-bit base (qlora), autocast |
+| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one | a variant (DoRA), several active adapters, a non-Linear base, a 4-bit base (qlora), autocast |
 | fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward | the norm is another formula |
 | packed attention | attention.py | one causal attention call per packed example | data.packing off, attention not SDPA |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept | a head with a bias, autocast |
 | compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from | compact_frozen: false, several processes, no exact form |
-| thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout, most parameters train, dpo + PEFT, pass_threads: 1 |
+| thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout outside fast LoRA, LoRA dropout with gradient checkpointing, most parameters train, dpo + PEFT, pass_threads: 1 |
 | allocator | memory.py | tbbmalloc preloaded (`tunelab train`), glibc's heap thresholds | allocator: system, release_memory |
 
-Every piece gives the same training as the plain path to rounding (most bit for bit; tests/test_accel.py
+`tunelab train` logs one line per piece that is not on: why, and the setting that would turn it on
+(`Speed.describe`). Every piece gives the same training as the plain path to rounding (most bit for bit; tests/test_accel.py
 compares the losses of `auto` and `off` step by step). Layering: accel imports tunelab.config, data and
 models; methods, stages and training may import accel; models never does. Where the plain loss
 (models/loss.py) takes a piece (packed attention, fused head), accel sets an attribute on the model
@@ -55,30 +56,44 @@ class Speed:
         self.pieces: list[str] = []  # on, for the log line
         self.skipped: list[str] = []  # not on, and why
 
-    def prepare(self, model, cfg, total: int, multi: bool) -> None:
+    def prepare(self, model, cfg, total: int, multi: bool, autocast: bool = False) -> None:
         """Once the method is applied and the parameters counted (compacted weights are no longer parameters;
-        `total` is the count before): install every piece the config and the model allow."""
+        `total` is the count before): install every piece the config and the model allow. `autocast`: the
+        loop runs its passes under bf16 autocast (CUDA), where fast LoRA and the fused head step aside."""
         if not self.on:
             return
         tcfg = self.tcfg
+        skip = self.skipped.append
         if fast_lora.routes(model):  # LoRA Linear layers over a dense base
             n = fast_lora.enable(model)
             if why := fast_lora.why_not(model):
-                self.skipped.append(f"fast LoRA ({why}: PEFT's forward runs)")
+                skip(f"fast LoRA: {why}; PEFT's own forward runs (a plain LoRA adapter on Linear layers takes it)")
+            elif autocast:
+                skip("fast LoRA: bf16 autocast (CUDA); PEFT's own forward runs (model.dtype: float32 takes it)")
             else:
                 self.pieces.append(f"fast LoRA ({n} layers)")
         elif getattr(unwrap(model), "is_loaded_in_4bit", False):
-            self.skipped.append("fast LoRA (a 4-bit base: PEFT's own LoRA layers)")
+            skip("fast LoRA: a 4-bit base (qlora); PEFT's own 4-bit LoRA layers run (method.name: lora takes it)")
         if n := norm.install(model):
             self.pieces.append(f"fused RMSNorm ({n})")
+        elif norms := sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Norm")}):
+            skip(f"fused RMSNorm: the model's norms ({', '.join(norms)}) are not Llama-style RMSNorm; their own "
+                 "forward runs (no setting: a property of the model)")
         if cfg.data.packing:
             if attention.install(model):
                 self.pieces.append("per-example attention over packed rows")
             else:
-                self.skipped.append("packed attention (the model's attention is not SDPA: its masked call runs)")
-        if backbone_and_head(model) is not None:
+                skip("packed attention: the model's attention is not SDPA; its masked call runs (no setting: "
+                     "a model transformers runs with SDPA takes it)")
+        if (pair := backbone_and_head(model)) is not None:
             head.install(model)
-            self.pieces.append("fused LM head + cross-entropy")
+            if getattr(pair[1], "bias", None) is not None:
+                skip("fused LM head + cross-entropy: the head has a bias; the plain chunked loss runs (no setting)")
+            elif autocast:
+                skip("fused LM head + cross-entropy: bf16 autocast (CUDA); the plain chunked loss runs "
+                     "(model.dtype: float32 takes it)")
+            else:
+                self.pieces.append("fused LM head + cross-entropy")
         if tcfg.compact_frozen and not multi:
             only = None if tcfg.compact_frozen is True else tcfg.compact_frozen
             layers, self.compacted = compact.compact_frozen_linears(model, only)
@@ -88,7 +103,7 @@ class Speed:
                     f"{self.compacted / 2**20:,.0f} MB less"
                 )
         elif tcfg.compact_frozen:
-            self.skipped.append("compact frozen weights (several processes)")
+            skip("compact frozen weights: several processes (one process takes it)")
         self.shares, why_not = threads.parts_for(tcfg, self.device, multi, model, total)
         if self.shares > 1 and cfg.stage == "dpo" and hasattr(model, "disable_adapter"):
             # dpo's reference pass switches the PEFT adapter off (and its requires_grad) on the one shared model:
@@ -100,16 +115,17 @@ class Speed:
                 "(training.pass_threads)"
             )
         elif why_not:
-            self.skipped.append(f"thread shares ({why_not}: each pass runs on all threads)")
+            skip(f"thread shares: {why_not}; each pass runs on all threads")
 
     def describe(self) -> str:
-        """The run log's one line: which pieces are on, and why any is not."""
+        """The run log's lines: which pieces are on, then one line per piece that is not, with why and the
+        setting that would turn it on."""
         if not self.on:
             ignored = sorted(k for k in self.tcfg.model_fields_set if k in _PIECE_SETTINGS)
             note = f" (ignored: {', '.join(f'training.{k}' for k in ignored)})" if ignored else ""
             return f"accelerate: off: plain PyTorch + PEFT, no speed piece installed{note}"
         line = "accelerate: auto (tunelab/accel): " + ("; ".join(self.pieces) or "no piece applies")
-        return line + (f". Not on: {'; '.join(self.skipped)}" if self.skipped else "")
+        return "\n".join([line, *(f"accelerate: not on: {why}" for why in self.skipped)])
 
     def forward(self):
         """The context of a training forward pass: a norm output the backward pass needs is kept as the recipe

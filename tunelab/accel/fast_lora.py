@@ -21,7 +21,20 @@ take this path runs as one function that keeps `x`, `gate(x)` and `up(x)` and re
 `silu(gate(x)) * up(x)` in the backward pass: two of the four `[tokens, intermediate]` tensors
 autograd would keep (a quarter of SmolLM2's activation memory) for two elementwise passes.
 
-Anything this path does not cover (dropout, DoRA and other variants, several active adapters,
+LoRA dropout (PEFT's semantics: `y = W x + s B A d(x)`, `d(x) = x * m / (1 - p)` with a Bernoulli(1 - p)
+keep mask `m` drawn per layer and call, on the adapter's input only) rules out the fold, since the base
+and the adapter see different inputs: the low-rank term is added to `W x` by `addmm_`. The mask is not
+kept: the forward pass saves the generator's state before drawing it (5 kB, not `[rows, in]` floats)
+and the backward pass draws it again from that state, the way PyTorch's own checkpointing replays
+random ops. The draw is PEFT's (`bernoulli_(1 - p)` on a tensor of the input's shape, from the same
+generator), so with the same seed the masks, and the training, are PEFT's:
+
+    dx = g W + s ((g B) A) * m / (1 - p)    dB = s g^T (d(x) A^T)    dA = s (g B)^T d(x)
+
+`d(x) A^T` is kept from the forward pass (r numbers a row). Thread shares (threads.py) draw from a
+generator of their own each (`drawing_from`), so that several shares draw in a fixed order.
+
+Anything this path does not cover (DoRA and other variants, several active adapters,
 quantised or non-Linear bases, autocast, a trainable base weight, merged or disabled adapters) goes
 through PEFT's own forward unchanged, so saved adapters, `disable_adapter()` and merging behave
 exactly as in PEFT. Why not a library: no maintained CPU kernel for this exists (Unsloth's fused
@@ -30,6 +43,8 @@ LoRA and SwiGLU kernels are Triton / CUDA only).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import types
 from typing import NamedTuple
 
@@ -49,6 +64,44 @@ class _Parts(NamedTuple):
     lora_a: torch.Tensor | None
     lora_b: torch.Tensor | None
     scale: float
+    dropout: float = 0.0  # the LoRA input's dropout probability (training mode only; 0 in eval)
+
+
+_LOCAL = threading.local()  # .generator: the generator a thread share draws dropout masks from
+
+
+@contextlib.contextmanager
+def drawing_from(generator: torch.Generator | None):
+    """Within the context, this thread's LoRA dropout masks come from `generator` (None: torch's default
+    generator of the input's device, as PEFT's nn.Dropout draws)."""
+    before = getattr(_LOCAL, "generator", None)
+    _LOCAL.generator = generator
+    try:
+        yield
+    finally:
+        _LOCAL.generator = before
+
+
+def _generator(device: torch.device) -> torch.Generator:
+    gen = getattr(_LOCAL, "generator", None)
+    if gen is not None:
+        return gen
+    if device.type == "cpu":
+        return torch.default_generator
+    return torch.get_device_module(device.type).default_generators[device.index or 0]
+
+
+def keep_mask(x: torch.Tensor, p: float, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m / (1 - p), the generator state it was drawn from): nn.Dropout's scaled keep mask for `x`, drawn
+    as ATen's CPU dropout draws it (`bernoulli_(1 - p)`, then divided), from this thread's generator, or
+    again from a saved `state` (the backward pass)."""
+    if state is None:
+        gen = _generator(x.device)
+        state = gen.get_state()
+    else:
+        gen = torch.Generator(x.device)
+        gen.set_state(state)
+    return torch.empty_like(x).bernoulli_(1 - p, generator=gen).div_(1 - p), state
 
 
 def _rows(t: torch.Tensor) -> int:
@@ -67,39 +120,50 @@ def _folded(p: _Parts) -> torch.Tensor:
     return torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale, out=scratch(p.weight.shape, p.weight.device))
 
 
-def _linear(x: torch.Tensor, p: _Parts) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(y, x A^T): x A^T ([rows, r], kept for dB) when the adapter was not folded, else None."""
+def _linear(x: torch.Tensor, p: _Parts) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(y, x A^T, dropout state): d(x) A^T ([rows, r], kept for dB) when the adapter was not folded, else None;
+    the generator state of the dropout mask when there is dropout, else None."""
     if p.lora_a is None:
-        return F.linear(x, _dense(p), p.bias), None
-    if _rows(x) > p.weight.shape[1]:  # fold: a weight-sized write is cheaper than an output-sized pass
-        return F.linear(x, _folded(p), p.bias), None
+        return F.linear(x, _dense(p), p.bias), None, None
+    if not p.dropout and _rows(x) > p.weight.shape[1]:  # fold: a weight-sized write is cheaper than a pass
+        return F.linear(x, _folded(p), p.bias), None, None
     x2 = x.reshape(-1, x.shape[-1])
     out = F.linear(x2, _dense(p), p.bias)
-    xa = x2 @ p.lora_a.t()
+    state = None
+    if p.dropout:
+        keep, state = keep_mask(x2, p.dropout)
+        xa = keep.mul_(x2) @ p.lora_a.t()  # x * (m / (1 - p)): PEFT's product, so the same bits
+        del keep
+    else:
+        xa = x2 @ p.lora_a.t()
     out.addmm_(xa, p.lora_b.t(), alpha=p.scale)
-    return out.view(*x.shape[:-1], -1), xa
+    return out.view(*x.shape[:-1], -1), xa, state
 
 
-def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: bool = True, xa=None):
+def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: bool = True, xa=None, state=None):
     """(dx, dA, dB) of `_linear` (dx None when not needed; dA, dB None for a plain Linear); `xa` is the
-    forward's x A^T when it kept one (else it is computed again)."""
+    forward's d(x) A^T when it kept one (else it is computed again), `state` its dropout mask's generator state."""
     g = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     grad_x = grad_a = grad_b = None
     g_b = None if p.lora_a is None else g @ p.lora_b  # [rows, r]: for dA, and for dx when not folded
+    keep = None if state is None else keep_mask(x2, p.dropout, state)[0]
     if need_x:
         if p.lora_a is None:
             grad_x = g @ _dense(p)
+        elif keep is not None:
+            grad_x = (g @ _dense(p)).addcmul_(g_b @ p.lora_a, keep, value=p.scale)
         elif _rows(g) > p.weight.shape[0]:
             grad_x = g @ _folded(p)
         else:
             grad_x = (g @ _dense(p)).addmm_(g_b, p.lora_a, alpha=p.scale)
         grad_x = grad_x.view(x.shape)
     if p.lora_a is not None:
-        grad_a = g_b.t().mm(x2).mul_(p.scale)
+        dropped = x2 if keep is None else keep.mul_(x2)  # d(x), in the mask's buffer
+        grad_a = g_b.t().mm(dropped).mul_(p.scale)
         # dB^T = (x A^T)^T g, transposed: MKL reads g row by row this way, ~1.6x faster on a CPU core than
         # g^T (x A^T) for SmolLM2's [256, 1,536] g
-        grad_b = (x2 @ p.lora_a.t() if xa is None else xa).t().mm(g).mul_(p.scale).t().contiguous()
+        grad_b = (dropped @ p.lora_a.t() if xa is None else xa).t().mm(g).mul_(p.scale).t().contiguous()
     return grad_x, grad_a, grad_b
 
 
@@ -110,22 +174,22 @@ def _saveable(weight) -> torch.Tensor | None:
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale):
-        p = _Parts(weight, bias, lora_a, lora_b, scale)
-        out, xa = _linear(x, p)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout):
+        p = _Parts(weight, bias, lora_a, lora_b, scale, dropout)
+        out, xa, state = _linear(x, p)
         ctx.save_for_backward(x, _saveable(weight), lora_a, lora_b, xa)
         ctx.compact = weight if isinstance(weight, CompactWeight) else None
-        ctx.scale = scale
+        ctx.scale, ctx.dropout, ctx.state = scale, dropout, state
         ctx.has_bias = bias is not None and bias.requires_grad
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
-        p = _Parts(ctx.compact or weight, None, lora_a, lora_b, ctx.scale)
-        grad_x, grad_a, grad_b = _linear_backward(grad, x, p, ctx.needs_input_grad[0], xa)
+        p = _Parts(ctx.compact or weight, None, lora_a, lora_b, ctx.scale, ctx.dropout)
+        grad_x, grad_a, grad_b = _linear_backward(grad, x, p, ctx.needs_input_grad[0], xa, ctx.state)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-        return grad_x, None, grad_bias, grad_a, grad_b, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -133,34 +197,37 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, *flat):
-        gate, up, down = (_Parts(*flat[i : i + 5]) for i in (0, 5, 10))
-        (g, xa_g), (u, xa_u) = _linear(x, gate), _linear(x, up)
-        out, xa_d = _linear(F.silu(g).mul_(u), down)
+        gate, up, down = (_Parts(*flat[i : i + 6]) for i in (0, 6, 12))
+        (g, xa_g, s_g), (u, xa_u, s_u) = _linear(x, gate), _linear(x, up)  # PEFT's order of draws: gate, up, down
+        out, xa_d, s_d = _linear(F.silu(g).mul_(u), down)
         ctx.save_for_backward(
             x, g, u, xa_g, xa_u, xa_d, *(t for p in (gate, up, down) for t in (_saveable(p.weight), p.lora_a, p.lora_b))
         )
         ctx.compact = [p.weight if isinstance(p.weight, CompactWeight) else None for p in (gate, up, down)]
         ctx.scales = gate.scale, up.scale, down.scale
+        ctx.dropouts, ctx.states = (gate.dropout, up.dropout, down.dropout), (s_g, s_u, s_d)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, g, u, xa_g, xa_u, xa_d, *w = ctx.saved_tensors
         gate, up, down = (
-            _Parts(ctx.compact[k] or w[3 * k], None, w[3 * k + 1], w[3 * k + 2], ctx.scales[k]) for k in range(3)
+            _Parts(ctx.compact[k] or w[3 * k], None, w[3 * k + 1], w[3 * k + 2], ctx.scales[k], ctx.dropouts[k])
+            for k in range(3)
         )
+        s_g, s_u, s_d = ctx.states
         silu = F.silu(g)
-        grad_h, grad_da, grad_db = _linear_backward(grad, silu * u, down, xa=xa_d)
+        grad_h, grad_da, grad_db = _linear_backward(grad, silu * u, down, xa=xa_d, state=s_d)
         grad_u = grad_h * silu
         del silu
         # silu'(g) applied by ATen's own kernel, in place: one pass instead of six
         grad_g = torch.ops.aten.silu_backward.grad_input(grad_h.mul_(u), g, grad_input=grad_h)
-        grad_x, grad_ga, grad_gb = _linear_backward(grad_g, x, gate, ctx.needs_input_grad[0], xa_g)
-        grad_x_up, grad_ua, grad_ub = _linear_backward(grad_u, x, up, ctx.needs_input_grad[0], xa_u)
+        grad_x, grad_ga, grad_gb = _linear_backward(grad_g, x, gate, ctx.needs_input_grad[0], xa_g, s_g)
+        grad_x_up, grad_ua, grad_ub = _linear_backward(grad_u, x, up, ctx.needs_input_grad[0], xa_u, s_u)
         if grad_x is not None:
             grad_x += grad_x_up
-        return (grad_x, None, None, grad_ga, grad_gb, None, None, None, grad_ua, grad_ub, None,
-                None, None, grad_da, grad_db, None)
+        return (grad_x, None, None, grad_ga, grad_gb, None, None, None, None, grad_ua, grad_ub, None, None,
+                None, None, grad_da, grad_db, None, None)
 
 
 def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
@@ -168,32 +235,45 @@ def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     if type(layer) in (nn.Linear, CompactLinear):
-        base, a, b, s = layer, None, None, 1.0
+        base, a, b, s, p = layer, None, None, 1.0, 0.0
     elif isinstance(layer, LoraLinear):
-        active = layer.active_adapters
-        if layer.disable_adapters or layer.merged or len(active) != 1:
+        if _layer_reason(layer) is not None or layer.lora_A[layer.active_adapters[0]].weight.dtype != x.dtype:
             return None
-        name = active[0]
+        name = layer.active_adapters[0]
         base = layer.base_layer
-        if (
-            name not in layer.lora_A
-            or name in getattr(layer, "lora_variant", {})
-            or not isinstance(layer.lora_dropout[name], nn.Identity)
-            or type(base) not in (nn.Linear, CompactLinear)
-            or getattr(layer, "fan_in_fan_out", False)
-            or layer.lora_A[name].weight.dtype != x.dtype
-        ):
-            return None
         a, b, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+        drop = layer.lora_dropout[name]
+        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
     else:
         return None
     if type(base) is CompactLinear:
         if x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
             return None
-        return _Parts(base.compact, base.bias, a, b, s)
+        return _Parts(base.compact, base.bias, a, b, s, p)
     if base.weight.requires_grad or x.dtype != base.weight.dtype or torch.is_autocast_enabled(x.device.type):
         return None
-    return _Parts(base.weight, base.bias, a, b, s)
+    return _Parts(base.weight, base.bias, a, b, s, p)
+
+
+def _layer_reason(layer) -> str | None:
+    """Why a PEFT LoRA Linear takes PEFT's own forward whatever its input, or None when it can take this path."""
+    active = layer.active_adapters
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "the adapter is merged into the weight"
+    if len(active) != 1 or active[0] not in layer.lora_A:
+        return "several active adapters"
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}):
+        return f"a LoRA variant ({type(layer.lora_variant[name]).__name__})"
+    if type(layer.lora_dropout[name]) not in (nn.Identity, nn.Dropout):
+        return f"a {type(layer.lora_dropout[name]).__name__} on the LoRA input"
+    if type(layer.base_layer) not in (nn.Linear, CompactLinear):
+        return f"a {type(layer.base_layer).__name__} base layer"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "a fan_in_fan_out (Conv1D-style) weight"
+    return None
 
 
 def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -235,22 +315,25 @@ def why_not(model) -> str | None:
     reason found), or None when some take the fast path."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    reasons = []
+    reasons = [_layer_reason(m) for m in model.modules() if isinstance(m, LoraLinear)]
+    return None if not reasons or None in reasons else reasons[0]
+
+
+def covered_dropouts(model) -> list[nn.Module]:
+    """The LoRA dropout modules of `model` whose masks this path draws (from `drawing_from`'s generator):
+    those of PEFT LoRA Linear layers routed here (`enable`) that take it whatever their input, given an input
+    in their adapter's dtype (the base weight's)."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    found = []
     for m in model.modules():
-        if not isinstance(m, LoraLinear):
-            continue
-        name = m.active_adapters[0] if len(m.active_adapters) == 1 else None
-        if name is None or name not in m.lora_A:
-            reasons.append("several active adapters")
-        elif not isinstance(m.lora_dropout[name], nn.Identity):
-            reasons.append(f"LoRA dropout {m.lora_dropout[name].p} > 0 (method.dropout: 0 takes the fast path)")
-        elif name in getattr(m, "lora_variant", {}):
-            reasons.append(f"a LoRA variant ({type(m.lora_variant[name]).__name__})")
-        elif type(m.base_layer) not in (nn.Linear, CompactLinear):
-            reasons.append(f"a {type(m.base_layer).__name__} base layer")
-        else:
-            return None
-    return reasons[0] if reasons else None
+        if isinstance(m, LoraLinear) and hasattr(m, "_peft_forward") and _layer_reason(m) is None:
+            name = m.active_adapters[0]
+            base = m.base_layer
+            dtype = torch.float32 if type(base) is CompactLinear else base.weight.dtype
+            if m.lora_A[name].weight.dtype == dtype and not (type(base) is nn.Linear and base.weight.requires_grad):
+                found.append(m.lora_dropout[name])
+    return found
 
 
 def enable(model) -> int:

@@ -14,6 +14,14 @@ the pass's to rounding and the same in every run, which accumulating into `.grad
 threads would not be (the order of the additions would vary). Ops release
 the GIL; Python-level autograd functions take it, as in any thread.
 
+LoRA dropout on the fast path (fast_lora.py) draws its masks from a generator of each share's own,
+seeded from torch's generator once per micro-batch (in the loop's thread) plus the share's index: each
+share's masks are a fixed sequence, whichever thread runs first, so the same seed gives the same run.
+They are not the masks a single pass would draw (other streams of the same distribution). Any other
+dropout (the model's own, attention dropout, a LoRA layer on PEFT's forward) draws from torch's one
+generator in whatever order the threads reach it, and keeps the shares off; so does gradient
+checkpointing with LoRA dropout, whose recomputed forward restores torch's generator, not a share's.
+
 The training loop calls `sharded_step` for a step's micro-batches when `shares_for` gave more than one
 share (`training.pass_threads`; never with `training.accelerate: off`); its own plain step otherwise.
 
@@ -31,7 +39,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from tunelab.accel import norm
+from tunelab.accel import fast_lora, norm
 from tunelab.data.collate import real_tokens
 
 T = TypeVar("T")
@@ -46,19 +54,36 @@ def parts_for(
     """(shares per micro-batch, why not more): `training.pass_threads`, or with null one per torch thread on a
     CPU in a single process, when nothing draws random numbers (dropout) during training and the trainable
     parameters are few (each share sums its own gradients). `total`: the model's parameter count, if some
-    are no longer parameters (compacted frozen weights)."""
+    are no longer parameters (compacted frozen weights). Call it after `fast_lora.enable`: LoRA dropout on
+    the fast path draws from each share's own generator."""
     if tcfg.pass_threads is not None and tcfg.pass_threads > 1 and (device.type != "cpu" or multi):
         where = f"on {device.type}" if device.type != "cpu" else "with several processes"
         raise ValueError(
             f"training.pass_threads: {tcfg.pass_threads} splits a pass over the cores of one CPU process; "
             f"{where} set it to null or 1"
         )
+    checkpointed_draws = getattr(tcfg, "gradient_checkpointing", False) and shares_draw(model)
+    if tcfg.pass_threads is not None and tcfg.pass_threads > 1 and checkpointed_draws:
+        # the recomputed forward would draw other masks than the share's forward did: wrong gradients
+        raise ValueError(
+            f"training.pass_threads: {tcfg.pass_threads} with LoRA dropout and gradient checkpointing: the "
+            "recomputed forward would not replay a share's dropout masks; set pass_threads to null or 1, "
+            "training.gradient_checkpointing to false, or method.dropout to 0"
+        )
     if tcfg.pass_threads is not None:
         return tcfg.pass_threads, None
     if device.type != "cpu" or multi:
         return 1, None
     if draws_random_numbers(model):
-        return 1, "dropout is active: threads would draw its random numbers in a different order each run"
+        return 1, (
+            "dropout outside the fast LoRA layers is active: threads would draw its random numbers in a "
+            "different order each run"
+        )
+    if checkpointed_draws:
+        return 1, (
+            "LoRA dropout with gradient checkpointing: its recomputed forward would not replay a share's draws "
+            "(training.gradient_checkpointing: false or method.dropout: 0 turns shares on)"
+        )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainable > 0.25 * (total or sum(p.numel() for p in model.parameters())):
         return 1, "most parameters train, and each thread would hold a gradient of its own"
@@ -66,14 +91,21 @@ def parts_for(
 
 
 def draws_random_numbers(model: nn.Module) -> bool:
-    """True when a training forward pass uses torch's random generator (dropout anywhere)."""
+    """True when a training forward pass uses torch's random generator (dropout anywhere but in the LoRA
+    layers whose masks the fast path draws: those come from a share's own generator)."""
+    covered = {id(m) for m in fast_lora.covered_dropouts(model)}
     for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 and id(module) not in covered:
             return True
         cfg = getattr(module, "config", None)
         if cfg is not None and float(getattr(cfg, "attention_dropout", 0.0) or 0.0) > 0:
             return True
     return False
+
+
+def shares_draw(model: nn.Module) -> bool:
+    """True when a training pass draws LoRA dropout masks on the fast path (then each share gets a generator)."""
+    return any(getattr(m, "p", 0) > 0 for m in fast_lora.covered_dropouts(model))
 
 
 # A row's compute relative to one token through the body, measured on SmolLM2-135M LoRA SFT on a CPU core
@@ -184,10 +216,17 @@ def sharded_step(micro: list[tuple[list[dict], float]], parts: int, rows_per_pas
                 shares[-1].append((batch, weight, real_tokens(share[j : j + per_pass], batch)))
         shares_of.append(shares)
     n_label = int(sum(w * stage.count(b) for shares in shares_of for share in shares for b, w, _ in share))
+    draws = shares_draw(model)
     done = []
     for shares in shares_of:
         learning = [p for p in model.parameters() if p.requires_grad]  # a method's on_step may change it
-        calls = [partial(_share_gradients, share, n_label, learning, k == 0, loss_sum) for k, share in enumerate(shares)]
+        # mt19937 takes a 32-bit seed: one from torch's generator (this thread, so the run's seed fixes it) + k
+        seed = int(torch.randint(0, 2**32 - len(shares), (1,))) if draws else None
+        calls = [
+            partial(_share_gradients, share, n_label, learning, k == 0, loss_sum,
+                    None if seed is None else torch.Generator().manual_seed(seed + k))
+            for k, share in enumerate(shares)
+        ]
         ran = run(calls) if len(calls) > 1 else [calls[0]()]
         accumulate(learning, [grads for _, grads in ran[1:]])
         for (results, _), share in zip(ran, shares):
@@ -195,13 +234,15 @@ def sharded_step(micro: list[tuple[list[dict], float]], parts: int, rows_per_pas
     return n_label, done
 
 
-def _share_gradients(share: list, n_label: int, trainable: list, first: bool, loss_sum: Callable):
+def _share_gradients(share: list, n_label: int, trainable: list, first: bool, loss_sum: Callable, generator=None):
     """One thread's passes: their (loss, extras), and gradients: the first share's into .grad, every other
     share's summed here, in order, and added by `sharded_step` after it (one order of additions: the same
-    update every run). A CPU in one process: the batch is where the model is, and there is no autocast."""
+    update every run). A CPU in one process: the batch is where the model is, and there is no autocast.
+    `generator`: the share's own, for LoRA dropout masks (None: no dropout)."""
     results, grads = [], None
     for batch, weight, _ in share:
-        with norm.recomputed_outputs():  # norm outputs rebuilt for the backward pass, not kept
+        # norm outputs rebuilt for the backward pass, not kept; dropout masks from the share's generator
+        with norm.recomputed_outputs(), fast_lora.drawing_from(generator):
             loss, _, *more = loss_sum(batch)
         scaled = loss * weight / max(n_label, 1)
         if first:

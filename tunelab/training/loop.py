@@ -117,8 +117,9 @@ def train(
     trainable, total = count_parameters(model)
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
-    speed.prepare(model, cfg, total, dist.multi)
-    log(speed.describe())
+    speed.prepare(model, cfg, total, dist.multi, autocast=autocast is not no_autocast)
+    for line in speed.describe().splitlines():  # the pieces on, then one line per piece not on: why, what turns it on
+        log(line)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
 
