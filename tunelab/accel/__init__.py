@@ -13,12 +13,12 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 
 | piece | module | what it does | it stays off when |
 |---|---|---|---|
-| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul), a SwiGLU MLP as one | LoRA dropout > 0, a variant (DoRA), a 4-bit base (qlora), autocast |
+| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul), a SwiGLU MLP as one | LoRA dropout > 0, a variant (DoRA), a 4-bit base (qlora), autocast (bf16) |
 | fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward | the norm is another formula |
 | packed attention | attention.py | one causal attention call per packed example | data.packing off, attention not SDPA |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept | a head with a bias, autocast |
 | compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from | compact_frozen: false, several processes, no exact form |
-| thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout, most parameters train, dpo + PEFT, pass_threads: 1 |
+| thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout, most parameters train, dpo + PEFT, bf16 autocast, pass_threads: 1 |
 | allocator | memory.py | tbbmalloc preloaded (`tunelab train`), glibc's heap thresholds | allocator: system, release_memory |
 
 Every piece gives the same training as the plain path to rounding (most bit for bit; tests/test_accel.py
@@ -36,6 +36,7 @@ from tunelab.accel import attention, compact, fast_lora, head, memory, norm, thr
 from tunelab.accel.threads import sharded_step
 from tunelab.models.loading import unwrap
 from tunelab.models.loss import backbone_and_head
+from tunelab.models.precision import choose_precision
 
 __all__ = ["Speed", "sharded_step", "start"]
 
@@ -61,9 +62,10 @@ class Speed:
         if not self.on:
             return
         tcfg = self.tcfg
+        mixed = choose_precision(cfg.model.dtype, self.device).autocast  # fast LoRA and the fused head: fp32 only
         if fast_lora.routes(model):  # LoRA Linear layers over a dense base
             n = fast_lora.enable(model)
-            if why := fast_lora.why_not(model):
+            if why := fast_lora.why_not(model) or ("bf16 autocast" if mixed else None):
                 self.skipped.append(f"fast LoRA ({why}: PEFT's forward runs)")
             else:
                 self.pieces.append(f"fast LoRA ({n} layers)")
@@ -78,7 +80,10 @@ class Speed:
                 self.skipped.append("packed attention (the model's attention is not SDPA: its masked call runs)")
         if backbone_and_head(model) is not None:
             head.install(model)
-            self.pieces.append("fused LM head + cross-entropy")
+            if mixed:
+                self.skipped.append("fused LM head + cross-entropy (fp32 only: under bf16 autocast the plain chunks run)")
+            else:
+                self.pieces.append("fused LM head + cross-entropy")
         if tcfg.compact_frozen and not multi:
             only = None if tcfg.compact_frozen is True else tcfg.compact_frozen
             layers, self.compacted = compact.compact_frozen_linears(model, only)
@@ -90,6 +95,9 @@ class Speed:
         elif tcfg.compact_frozen:
             self.skipped.append("compact frozen weights (several processes)")
         self.shares, why_not = threads.parts_for(tcfg, self.device, multi, model, total)
+        if self.shares > 1 and mixed:
+            # autocast's state is per thread: a share running in a worker thread would compute in fp32
+            self.shares, why_not = 1, "bf16 autocast is set per thread"
         if self.shares > 1 and cfg.stage == "dpo" and hasattr(model, "disable_adapter"):
             # dpo's reference pass switches the PEFT adapter off (and its requires_grad) on the one shared model:
             # a share running beside it in another thread would see the adapter off

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunelab.models.precision import choose_precision
 from tunelab.models.sources import NAMED, NO_HUB_KERNELS, ModelError, pick_pad_token, resolve
 
 if TYPE_CHECKING:
@@ -69,13 +70,12 @@ def _usable(spec: str):
 
 
 def compute_dtype(cfg_dtype: str, device) -> torch.dtype:
-    """`auto`: bfloat16 on CUDA, float32 elsewhere (CPUs and MPS gain little from bf16 and lose precision)."""
+    """The dtype the weights load in: `model.dtype` resolved on the device (models/precision.py).
+    `auto`: bfloat16 on CUDA with bf16, float32 elsewhere (on CPUs too, until bf16 is measured faster)."""
     import torch
 
-    if cfg_dtype == "auto":
-        kind = resolve_device(device).type if str(device) == "auto" else torch.device(device).type
-        return torch.bfloat16 if kind == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg_dtype]
+    kind = resolve_device(device).type if str(device) == "auto" else torch.device(device).type
+    return choose_precision(cfg_dtype, kind).dtype
 
 
 def _hub_unreachable() -> str | None:

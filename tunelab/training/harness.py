@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tunelab.config import ConfigError, dump_config
+from tunelab.models.precision import choose_precision
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
 from tunelab.training.card import write_card
@@ -286,9 +287,12 @@ no_autocast = contextlib.nullcontext
 
 
 def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA; plain fp32 on CPU, where bf16 matmuls are ~250x slower on CPUs without native bf16."""
-    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    """The context of a forward pass for `model.dtype` (`dtype`) on `device`: bf16 autocast where the
+    precision is mixed (models/precision.py: CUDA with bf16 under `auto`, CUDA or a CPU under `bfloat16`),
+    else none. Autocast's state is per thread: a pass run in another thread enters it there."""
+    p = choose_precision(dtype, device)
+    if p.autocast:
+        return lambda: torch.autocast(device.type, dtype=p.dtype)
     return no_autocast
 
 

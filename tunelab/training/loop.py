@@ -23,6 +23,7 @@ from tunelab.data.collate import real_tokens
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
 from tunelab.models.loading import unwrap
+from tunelab.models.precision import choose_precision
 from tunelab.stages import Stage
 from tunelab.stages import get as get_stage
 from tunelab.training import checkpoint as ckpt
@@ -111,6 +112,8 @@ def train(
         enable_gradient_checkpointing(model)
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
         stage.prepare(model, cfg)
+    precision = choose_precision(cfg.model.dtype, device)
+    log(f"precision: {precision.name} ({precision.reason})")
     autocast = autocast_for(device, cfg.model.dtype)
     if autocast is not no_autocast and (upcast := fp32_master_weights_(model)):
         log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32")
@@ -278,6 +281,7 @@ def train(
         "tokens_per_s": (state["tokens"] - tokens_start) / max(time.perf_counter() - t_start, 1e-9),
         "eval_loss_before": state["eval_loss_before"],
         "processes": dist.world_size,
+        "precision": precision.name,
         "effective_batch_size": global_batch * tcfg.grad_accum,
         **{f"data_{k}": v for k, v in data.stats.items()},
     }
