@@ -22,7 +22,7 @@ from tunelab.data import DataError
 from tunelab.data.collate import real_tokens
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
-from tunelab.models.loading import unwrap
+from tunelab.models.loading import loading_into, unwrap
 from tunelab.models.precision import choose_precision
 from tunelab.stages import Stage
 from tunelab.stages import get as get_stage
@@ -104,8 +104,9 @@ def train(
     dist = distributed.Dist(device, tcfg)  # one process: plain steps; several: DDP (distributed.py)
     device = dist.device
     speed = accel.start(tcfg, device)  # accel: the allocator's settings, before the model loads
-    model, tokenizer = stage.load_model(cfg, device)
     method = get_method(cfg.method.name)
+    with loading_into(method.load_plan(cfg.method, device)):  # qlora: the base read straight into 4-bit
+        model, tokenizer = stage.load_model(cfg, device)
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
     if tcfg.gradient_checkpointing:
