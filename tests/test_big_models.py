@@ -93,3 +93,56 @@ def _auto():
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM
+
+
+# ------------------------------------------------------------------------- gradient checkpointing: auto
+SMOLLM2_1_7B = type("Config", (), {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24})()
+
+
+def test_activation_estimate_scales_with_rows_length_width_and_layers():
+    from tunelab.training.harness import activation_bytes
+
+    one = activation_bytes(1, 256, SMOLLM2_1_7B)
+    assert one == 256 * 24 * (6 * 2048 + 4 * 8192) * 4  # 1.1 GB: 45,056 fp32 values per token and layer
+    assert activation_bytes(4, 256, SMOLLM2_1_7B) == 4 * one == 2 * activation_bytes(4, 128, SMOLLM2_1_7B)
+    assert activation_bytes(4, 256, SMOLLM2_1_7B, bytes_per_value=2) == 2 * one
+    kept = activation_bytes(4, 256, SMOLLM2_1_7B, checkpointed=True)
+    assert kept == 4 * 256 * 2048 * 24 * 4 + 4 * one // 24 and kept < 4 * one / 8
+
+
+def test_checkpointing_is_chosen_when_memory_requires_it_and_an_explicit_setting_wins():
+    from tunelab.training.harness import checkpointing_choice
+
+    gib = 2**30
+    on, why = checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, available=6 * gib)  # 4.4 GiB > 3
+    assert on and "auto: on, activations ~4.1 GiB a pass (4 rows x 256 tokens) > 50% of the 6.0 GiB" in why
+    assert "~0.4 GiB checkpointed" in why
+    on, why = checkpointing_choice("auto", 1, 256, SMOLLM2_1_7B, 4, available=6 * gib)  # 1.0 GiB < 3
+    assert not on and "<= 50%" in why
+    assert checkpointing_choice(False, 4, 256, SMOLLM2_1_7B, 4, available=gib) == (
+        False, "training.gradient_checkpointing: false")  # fmt: skip
+    assert checkpointing_choice(True, 1, 8, SMOLLM2_1_7B, 4, available=100 * gib)[0]
+    on, why = checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, available=None)
+    assert not on and "unknown" in why
+
+
+def test_the_loop_turns_checkpointing_on_when_memory_is_short(monkeypatch, tmp_path, capsys):
+    import tunelab
+    from tunelab.config import load_config
+    from tunelab.training import loop
+
+    model_dir = save_tiny_model_dir(tmp_path / "m")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 8}) + "\n" for i in range(8)))
+    seen = {}
+    monkeypatch.setattr(loop, "available_memory", lambda: 2**20)  # 1 MiB left: the tiny model's 1.3 MiB is too much
+    monkeypatch.setattr(loop, "enable_gradient_checkpointing", lambda model: seen.setdefault("on", True))
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"name": model_dir},
+           "data": {"train": str(tmp_path / "d.jsonl"), "format": "text", "val_fraction": 0.0, "max_length": 64},
+           "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
+           "training": {"max_steps": 1, "batch_size": 4, "progress": False, "tensorboard": False}}  # fmt: skip
+    tunelab.train(load_config(cfg))
+    assert seen == {"on": True} and "gradient checkpointing: auto: on" in capsys.readouterr().err
+    cfg["output_dir"], cfg["training"]["gradient_checkpointing"] = str(tmp_path / "run2"), False
+    seen.clear()
+    tunelab.train(load_config(cfg))
+    assert seen == {} and "gradient checkpointing: training.gradient_checkpointing: false" in capsys.readouterr().err

@@ -271,10 +271,12 @@ class TrainingConfig(Section):
         "auto", pattern=r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$", description="auto, cpu, cuda, cuda:1, mps, xpu."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
-    gradient_checkpointing: bool = Field(
-        False,
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
         description="Keep only each layer's input and recompute the rest in the backward pass: "
-        "much less activation memory for about a third more compute (docs/performance.md).",
+        "much less activation memory for about a third more compute (docs/performance.md). auto = on when "
+        "the activations a pass keeps (estimated from rows per pass, max_length and the model's size) would "
+        "take over half the memory available once the model has loaded; the run log says which and why.",
     )
     release_memory: bool | None = Field(
         None,

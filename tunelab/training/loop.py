@@ -32,8 +32,10 @@ from tunelab.training.harness import (
     MetricsLog,
     RunResult,
     autocast_for,
+    available_memory,
     batch_order,
     checkpoint_write,
+    checkpointing_choice,
     early_stop,
     fp32_master_weights_,
     log,
@@ -109,11 +111,20 @@ def train(
         model, tokenizer = stage.load_model(cfg, device)
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
-    if tcfg.gradient_checkpointing:
+    precision = choose_precision(cfg.model.dtype, device)
+    # the rows one forward pass holds (thread shares split them, not add to them), at the data's length
+    rows = min(tcfg.rows_per_pass or tcfg.batch_size, tcfg.batch_size)
+    width = torch.finfo(precision.dtype).bits // 8
+    checkpointing, why = checkpointing_choice(tcfg.gradient_checkpointing, rows, cfg.data.max_length,
+                                              unwrap(model).config, width, available_memory())  # fmt: skip
+    auto = tcfg.gradient_checkpointing == "auto"
+    if checkpointing and auto and not getattr(unwrap(model), "supports_gradient_checkpointing", False):
+        checkpointing, why = False, f"{why}, but {type(unwrap(model)).__name__} does not support it: off"
+    if checkpointing:
         enable_gradient_checkpointing(model)
+    log(f"gradient checkpointing: {why}")
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
         stage.prepare(model, cfg)
-    precision = choose_precision(cfg.model.dtype, device)
     log(f"precision: {precision.name} ({precision.reason})")
     autocast = autocast_for(device, cfg.model.dtype)
     if autocast is not no_autocast and (upcast := fp32_master_weights_(model)):
