@@ -3,8 +3,8 @@
 `from_pretrained` gives a whole model in its compute dtype; a method that stores its frozen layers in
 another form (qlora: 4-bit NF4) then converts them, so the load peaks at the whole fp32 model plus the
 converted copy: 7 GB and more for a 1.7B model before the first step. Here the model is built on the
-meta device (no memory), the safetensors files are opened memory-mapped (`safe_open`), and each tensor
-is read, cast to the compute dtype, moved to the device and put in its place; a layer named in the
+meta device (no memory), the safetensors files are read memory-mapped (`safe_open`, one mapping per
+tensor), and each tensor is read, cast to the compute dtype, moved to the device and put in its place; a layer named in the
 method's plan is converted as soon as its last tensor is in, so at most one fp32 layer exists besides
 the converted model and the layers that stay as they are (embeddings, norms).
 
@@ -66,18 +66,22 @@ def load_streamed(folder: str, auto_class, dtype, device, plan: Plan, trust_remo
     waiting = {m: {n for n, _ in model.get_submodule(m).named_parameters(remove_duplicate=False)} for m in todo}
     for f in files:
         with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
+            file_keys = list(st.keys())
+        for key in file_keys:
+            # a mapping per tensor: pages read through one long-lived mapping stay in this process's resident
+            # set (RssFile) until it closes, the whole file by the end (3.4 GB for a 1.7B bf16 checkpoint)
+            with safe_open(str(f), framework="pt") as st:
                 tensor = st.get_tensor(key)
-                tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-                _set_parameter(model, names[key], tensor)
-                del tensor
-                owner = key.rpartition(".")[0]
-                if owner in waiting:
-                    waiting[owner].discard(key.rpartition(".")[2])
-                    if not waiting[owner]:
-                        parent, _, child = owner.rpartition(".")
-                        setattr(model.get_submodule(parent) if parent else model, child, todo[owner](model.get_submodule(owner)))
-                        del waiting[owner]
+            tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+            _set_parameter(model, names[key], tensor)
+            del tensor
+            owner = key.rpartition(".")[0]
+            if owner in waiting:
+                waiting[owner].discard(key.rpartition(".")[2])
+                if not waiting[owner]:
+                    parent, _, child = owner.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, child, todo[owner](model.get_submodule(owner)))
+                    del waiting[owner]
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left or waiting:
         raise RuntimeError(f"{folder}: tensors never filled in: {(left or list(waiting))[:5]}")
