@@ -23,9 +23,15 @@ runs as TRL does, on glibc's malloc; `--trl-allocator tbbmalloc` runs it preload
     .venv/bin/python bench/train_speed.py --variant training.allocator=system # tunelab on glibc's malloc
     .venv/bin/python bench/train_speed.py --off        # and the job with training.accelerate: off (plain PyTorch)
     .venv/bin/python bench/train_speed.py --task lima-512 --dropout 0.05   # issue 26's job, LoRA dropout both sides
+    .venv/bin/python bench/train_speed.py --precision bf16   # both sides in bf16 autocast (a CPU with avx512_bf16)
 
 `--task lima-512` (issue 26): the first 32 rows of LIMA at max length 512 (held out: rows 32..63), the rest
 as above. `--dropout P` sets LoRA dropout on both sides (TRL's LoraConfig and tunelab's method.dropout).
+
+Precision (`--precision`, default auto): auto is what `model.dtype: auto` picks on this host
+(tunelab/models/precision.py: fp32 on CPUs for now); bf16 runs tunelab with `model.dtype: bfloat16` (bf16
+weights and autocast, fp32 LoRA weights) and TRL with `bf16=True` on a bf16-loaded model, each side's own
+bf16 setting. The table says which precision each side used.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ DATA = ROOT.parent / "shared/data/llamafactory-demo/alpaca_en_demo.json"
 LIMA = ROOT.parent / "shared/data/lima/lima.json"  # instruction / input / output rows, as alpaca's
 TRL_CHECKPOINTING = True
 JOB = {"rows": 64, "held_out": 64, "max_length": 256, "batch_size": 4, "r": 16, "alpha": 32, "lr": 2e-4, "seed": 0,
-       "dropout": 0.0, "data": str(DATA)}  # fmt: skip
+       "dropout": 0.0, "data": str(DATA), "precision": "fp32"}  # fmt: skip
 TASKS = {
     "alpaca-256": {"data": str(DATA), "rows": 64, "held_out": 64, "max_length": 256},
     "lima-512": {"data": str(LIMA), "rows": 32, "held_out": 32, "max_length": 512},
@@ -99,7 +105,8 @@ def job_trl(method: str) -> dict:
     assert method == "lora", "the TRL reference is the LoRA job"
     src = resolve("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(src)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    bf16 = JOB["precision"] == "bf16"
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16 if bf16 else torch.float32)
     data = [{"prompt": m[:1], "completion": m[1:]} for m in map(messages, rows(0, JOB["rows"]))]
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
@@ -115,7 +122,7 @@ def job_trl(method: str) -> dict:
             save_strategy="no",
             report_to=[],
             use_cpu=True,
-            bf16=False,  # TRL's default is bf16 autocast; the reference job is fp32 (no native bf16 on this CPU)
+            bf16=bf16,  # TRL's own bf16 setting (autocast) where the job is bf16; fp32 where bf16 is not native
             gradient_checkpointing=TRL_CHECKPOINTING,  # TRL's default: on
             seed=JOB["seed"],
             include_num_input_tokens_seen="non_padding",
@@ -143,6 +150,7 @@ def job_trl(method: str) -> dict:
         "train_loss": out.training_loss,
         "loss_after": held_out_loss(trainer.model, tokenizer),
         "peak_rss_mb": peak,
+        "precision": "bf16 autocast" if bf16 else "fp32",
     }
 
 
@@ -155,7 +163,7 @@ def tunelab_config(method: str, overrides: list[str], tmp: str):
     return load_config(
         {
             "output_dir": f"{tmp}/run",
-            "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
+            "model": {"name": "smollm2-135m-instruct", "dtype": {"bf16": "bfloat16"}.get(JOB["precision"], "float32")},
             "data": {
                 "train": f"{tmp}/train.json",
                 "val_fraction": 0.0,
@@ -200,6 +208,7 @@ def job_tunelab(method: str, overrides: list[str]) -> dict:
         "train_loss": m["train_loss"],
         "loss_after": loss_after,
         "peak_rss_mb": peak,
+        "precision": m["precision"],
     }
 
 
@@ -215,7 +224,8 @@ def job_environment(side: str, method: str, overrides: list[str], trl_allocator:
 
 
 def run_job(side: str, method: str, overrides: list[str], trl_allocator: str = "system") -> dict:
-    cmd = [sys.executable, __file__, "--job", side, "--methods", method, "--task", JOB["task"]]
+    cmd = [sys.executable, __file__, "--job", side, "--methods", method, "--task", JOB["task"],
+           "--precision", JOB["precision"]]
     cmd += ["--dropout", str(JOB["dropout"])]
     if JOB.get("max_steps"):
         cmd += ["--max-steps", str(JOB["max_steps"])]
@@ -262,10 +272,18 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, metavar="N", help="run every job N times, in rounds; report the medians"
     )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: what model.dtype auto picks on this host (fp32 on CPUs for now); bf16: bf16 autocast on both "
+        "sides (tunelab model.dtype bfloat16, TRL bf16=True)",
+    )
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     JOB["max_steps"] = args.max_steps
     JOB.update(TASKS[args.task], task=args.task, dropout=args.dropout)
+    JOB["precision"] = args.precision if args.precision != "auto" else _auto_precision()
     if args.off:
         args.variant.append("training.accelerate=off")
 
@@ -279,7 +297,10 @@ def main() -> None:
 
     import torch
 
+    from tunelab.models.precision import choose_precision
+
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; job: {JOB}; rounds: {args.repeat}")
+    print(f"precision: {JOB['precision']} (--precision {args.precision}; this host: {choose_precision('auto', 'cpu').reason})")
     jobs = [] if args.skip_trl else [("TRL SFTTrainer + PEFT", "trl", "lora", [])]
     jobs += [("tunelab", "tunelab", method, args.tunelab_set) for method in args.methods.split(",")]
     # KEY=VALUE pairs split at a comma followed by the next KEY=, so a value may be a list: k=[a,b]
@@ -294,14 +315,14 @@ def main() -> None:
 
     ref = results[0] if not args.skip_trl else None
     spread = args.repeat > 1
-    header = "| run | method | allocator | tokens | tokens/s | peak RSS MB | train loss* | held-out loss after |"
+    header = "| run | method | precision | allocator | tokens | tokens/s | peak RSS MB | train loss* | held-out loss after |"
     print("\n" + header + ("  x tok/s | x RSS | loss diff |" if ref else ""))
     print("|" + "---|" * (header.count("|") - 1 + (3 if ref else 0)))
     for (name, _, method, _), rs in zip(jobs, results):
         r = rs[0]
         speed, rss = [x["tokens_per_s"] for x in rs], [x["peak_rss_mb"] for x in rs]
         line = (
-            f"| {name} | {method} | {r['allocator']} | {r['tokens']} | {_cell(speed, 1, spread)} | {_cell(rss, 0, spread)} | "
+            f"| {name} | {method} | {r['precision']} | {r['allocator']} | {r['tokens']} | {_cell(speed, 1, spread)} | {_cell(rss, 0, spread)} | "
             f"{r['train_loss']:.4f} | {r['loss_after']:.4f} |"
         )
         if ref:  # each round's ratio against that round's reference, then their median
@@ -315,6 +336,13 @@ def main() -> None:
     print("* TRL reports the epoch's mean training loss, tunelab its last step's; compare the held-out column.")
     if spread:
         print(f"Each cell: the median of {args.repeat} rounds (lowest-highest); ratios are per round, then the median.")
+
+
+def _auto_precision() -> str:
+    """What `model.dtype: auto` picks on this host's CPU: the job's precision under --precision auto."""
+    from tunelab.models.precision import choose_precision
+
+    return "bf16" if choose_precision("auto", "cpu").autocast else "fp32"
 
 
 def _cell(values: list[float], digits: int, spread: bool) -> str:

@@ -135,7 +135,9 @@ def test_devices_and_dtypes(monkeypatch):
     monkeypatch.delenv("TUNELAB_DEVICE")
     assert resolve_device("auto").type in {"cpu", "cuda", "mps"}
     assert compute_dtype("auto", "cpu") == torch.float32
-    assert compute_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert compute_dtype("auto", "cuda") == torch.bfloat16  # a GPU with bf16 (tests/test_precision.py: without)
     assert compute_dtype("float16", "cpu") == torch.float16
 
 

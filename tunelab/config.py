@@ -54,7 +54,11 @@ class ModelConfig(Section):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype. auto = float32 on CPU (no fast bf16 there), bfloat16 on CUDA."
+        "auto",
+        description="Precision. auto = bf16 autocast with fp32 master weights on CUDA with bf16, float32 on a "
+        "CPU (also one with native bf16, until measured faster: docs/performance.md); bfloat16 = that mixed "
+        "precision on a CPU too (emulated, ~250x slower, without avx512_bf16 / amx_bf16). The run log says "
+        "which and why.",
     )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with a hub repo. Off unless you trust the repo."
@@ -312,10 +316,12 @@ class TrainingConfig(Section):
         "auto", pattern=r"^(auto|cpu|mps|(cuda|xpu)(:\d+)?)$", description="auto, cpu, cuda, cuda:1, mps, xpu."
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice).")
-    gradient_checkpointing: bool = Field(
-        False,
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
         description="Keep only each layer's input and recompute the rest in the backward pass: "
-        "much less activation memory for about a third more compute (docs/performance.md).",
+        "much less activation memory for about a third more compute (docs/performance.md). auto = on when "
+        "the activations a pass keeps (estimated from rows per pass, max_length and the model's size) would "
+        "take over half the memory available once the model has loaded; the run log says which and why.",
     )
     release_memory: bool | None = Field(
         None,

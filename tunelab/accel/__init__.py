@@ -13,12 +13,12 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 
 | piece | module | what it does | it stays off when |
 |---|---|---|---|
-| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one | a variant (DoRA), several active adapters, a non-Linear base, a 4-bit base (qlora), autocast |
+| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one | a variant (DoRA), several active adapters, a non-Linear base, a 4-bit base (qlora), bf16 autocast |
 | fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward | the norm is another formula |
 | packed attention | attention.py | one causal attention call per packed example | data.packing off, attention not SDPA |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept | a head with a bias, autocast |
 | compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from | compact_frozen: false, several processes, no exact form |
-| thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout outside fast LoRA, LoRA dropout with gradient checkpointing, most parameters train, dpo + PEFT, pass_threads: 1 |
+| thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout outside fast LoRA, LoRA dropout with gradient checkpointing, most parameters train, dpo + PEFT, bf16 autocast, pass_threads: 1 |
 | allocator | memory.py | tbbmalloc preloaded (`tunelab train`), glibc's heap thresholds | allocator: system, release_memory |
 
 `tunelab train` logs one line per piece that is not on: why, and the setting that would turn it on
@@ -59,7 +59,7 @@ class Speed:
     def prepare(self, model, cfg, total: int, multi: bool, autocast: bool = False) -> None:
         """Once the method is applied and the parameters counted (compacted weights are no longer parameters;
         `total` is the count before): install every piece the config and the model allow. `autocast`: the
-        loop runs its passes under bf16 autocast (CUDA), where fast LoRA and the fused head step aside."""
+        loop runs its passes under bf16 autocast (CUDA, or model.dtype: bfloat16), where fast LoRA and the fused head step aside."""
         if not self.on:
             return
         tcfg = self.tcfg
@@ -69,7 +69,7 @@ class Speed:
             if why := fast_lora.why_not(model):
                 skip(f"fast LoRA: {why}; PEFT's own forward runs (a plain LoRA adapter on Linear layers takes it)")
             elif autocast:
-                skip("fast LoRA: bf16 autocast (CUDA); PEFT's own forward runs (model.dtype: float32 takes it)")
+                skip("fast LoRA: bf16 autocast; PEFT's own forward runs (model.dtype: float32 takes it)")
             else:
                 self.pieces.append(f"fast LoRA ({n} layers)")
         elif getattr(unwrap(model), "is_loaded_in_4bit", False):
@@ -90,7 +90,7 @@ class Speed:
             if getattr(pair[1], "bias", None) is not None:
                 skip("fused LM head + cross-entropy: the head has a bias; the plain chunked loss runs (no setting)")
             elif autocast:
-                skip("fused LM head + cross-entropy: bf16 autocast (CUDA); the plain chunked loss runs "
+                skip("fused LM head + cross-entropy: bf16 autocast; the plain chunked loss runs "
                      "(model.dtype: float32 takes it)")
             else:
                 self.pieces.append("fused LM head + cross-entropy")
@@ -105,6 +105,9 @@ class Speed:
         elif tcfg.compact_frozen:
             skip("compact frozen weights: several processes (one process takes it)")
         self.shares, why_not = threads.parts_for(tcfg, self.device, multi, model, total)
+        if self.shares > 1 and autocast:
+            # autocast's state is per thread: a share running in a worker thread would compute in fp32
+            self.shares, why_not = 1, "bf16 autocast is set per thread"
         if self.shares > 1 and cfg.stage == "dpo" and hasattr(model, "disable_adapter"):
             # dpo's reference pass switches the PEFT adapter off (and its requires_grad) on the one shared model:
             # a share running beside it in another thread would see the adapter off

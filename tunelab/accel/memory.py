@@ -45,7 +45,8 @@ def active_allocator() -> str:
 
 def releases_memory(tcfg) -> bool:
     """`training.release_memory`, whose default follows gradient checkpointing (the low-memory setting)."""
-    return tcfg.release_memory if tcfg.release_memory is not None else tcfg.gradient_checkpointing
+    # known before the model loads: an explicit `gradient_checkpointing: true`, not the choice `auto` makes later
+    return tcfg.release_memory if tcfg.release_memory is not None else tcfg.gradient_checkpointing is True
 
 
 def wants_tbbmalloc(tcfg) -> bool:

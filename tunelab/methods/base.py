@@ -75,7 +75,14 @@ def on_step(model, cfg, step: int, steps_per_epoch: int | None = None) -> str | 
     return None
 
 
-DEFAULT_HOOKS = {"optimizer_parameters": optimizer_parameters, "optimizer": optimizer, "on_step": on_step}
+def load_plan(cfg, device):
+    """How the base loads (models.loading.loading_into): a plan naming the layers to convert as they are read,
+    so the whole model never exists in its compute dtype (qlora: 4-bit); None: the ordinary load."""
+    return None
+
+
+DEFAULT_HOOKS = {"optimizer_parameters": optimizer_parameters, "optimizer": optimizer, "on_step": on_step,
+                 "load_plan": load_plan}  # fmt: skip
 
 
 def freeze_all(model: torch.nn.Module) -> None:

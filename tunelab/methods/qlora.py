@@ -114,19 +114,38 @@ def quantize_linear_layers_(
 ) -> dict:
     """Replace the body's `nn.Linear` layers of a loaded model by `bnb.nn.Linear4bit` in place.
 
-    Returns {"quantized": [names], "skipped": {name: reason}}. Deterministic: the same weights give
-    the same 4-bit codes, which is what lets `load` rebuild a saved run from the fp base.
+    Returns {"quantized": [names], "skipped": {name: reason}}; a layer already 4-bit (loaded straight into
+    4-bit: `load_plan`) counts as quantized. Deterministic: the same weights give the same 4-bit codes,
+    which is what lets `load` rebuild a saved run from the fp base.
     """
     bnb = _bnb()
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("qlora quantizes real weights: the model is on the meta device")
+    chosen, skipped = linears_to_quantize(model, skip_modules)
+    quantized = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            quantized.append(name)
+        elif name in chosen:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _to_linear4bit(bnb, module, quant_type, double_quant, compute_dtype))
+            quantized.append(name)
+    if skipped:
+        logger.info("qlora: kept %d linear layers in full precision: %s", len(skipped), skipped)
+    return {"quantized": quantized, "skipped": skipped}
+
+
+def linears_to_quantize(model, skip_modules=()) -> tuple[list[str], dict]:
+    """The names of the body's plain `nn.Linear` layers that get 4-bit, and {name: reason} for those kept.
+    Reads only the model's structure: the same answer on the meta device (`load_plan`) as loaded."""
     heads = _head_names(model)
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or []) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or []
     )
     patterns = [re.compile(p) for p in skip_modules]
-    quantized, skipped = [], {}
-    for name, module in list(model.named_modules()):
+    chosen, skipped = [], {}
+    for name, module in model.named_modules():
         if type(module) is not torch.nn.Linear:
             continue
         if name in heads:
@@ -137,13 +156,23 @@ def quantize_linear_layers_(
         elif any(p.search(name) for p in patterns):
             skipped[name] = "skip_modules"
         else:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, _to_linear4bit(bnb, module, quant_type, double_quant, compute_dtype))
-            quantized.append(name)
-    if skipped:
-        logger.info("qlora: kept %d linear layers in full precision: %s", len(skipped), skipped)
-    return {"quantized": quantized, "skipped": skipped}
+            chosen.append(name)
+    return chosen, skipped
+
+
+def load_plan(cfg: Config, device):
+    """Method hook: the base read tensor by tensor and each body linear made 4-bit as soon as its weights are
+    in (models/streaming.py), the very layers `apply` would make from the loaded model (tested: same logits).
+    The load then peaks near the 4-bit model, not at the fp32 one (docs/performance.md, big models)."""
+    bnb = _bnb()
+    dtype = _resolve_compute_dtype(cfg.compute_dtype, torch.device(device))
+
+    def plan(model) -> dict:
+        chosen, _ = linears_to_quantize(model, cfg.skip_modules)
+        convert = lambda linear: _to_linear4bit(bnb, linear, cfg.quant_type, cfg.double_quant, dtype)  # noqa: E731
+        return dict.fromkeys(chosen, convert)
+
+    return plan
 
 
 def _to_linear4bit(bnb, linear: torch.nn.Linear, quant_type, double_quant, compute_dtype):

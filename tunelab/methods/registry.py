@@ -19,6 +19,8 @@ Optional hooks (`get` fills in base.py's defaults for those a module does not de
                                     those with requires_grad after apply)
   optimizer(params, tcfg) -> Optimizer | None  the optimizer for `params` (e.g. qlora's paged 8-bit AdamW
                                     on CUDA); None (the default): the loop's AdamW
+  load_plan(cfg, device) -> plan | None  layers to convert while the base is read tensor by tensor
+                                    (models/streaming.py; qlora: straight into 4-bit); None: the ordinary load
 
 Adding a method: write its module, add one line to METHODS in tunelab/plugins.py, add its test and
 docs section.

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunelab.models.precision import choose_precision
 from tunelab.models.sources import NAMED, NO_HUB_KERNELS, ModelError, pick_pad_token, resolve
+from tunelab.models.streaming import load_streamed
 
 if TYPE_CHECKING:
     import torch
@@ -69,13 +74,12 @@ def _usable(spec: str):
 
 
 def compute_dtype(cfg_dtype: str, device) -> torch.dtype:
-    """`auto`: bfloat16 on CUDA, float32 elsewhere (CPUs and MPS gain little from bf16 and lose precision)."""
+    """The dtype the weights load in: `model.dtype` resolved on the device (models/precision.py).
+    `auto`: bfloat16 on CUDA with bf16, float32 elsewhere (on CPUs too, until bf16 is measured faster)."""
     import torch
 
-    if cfg_dtype == "auto":
-        kind = resolve_device(device).type if str(device) == "auto" else torch.device(device).type
-        return torch.bfloat16 if kind == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg_dtype]
+    kind = resolve_device(device).type if str(device) == "auto" else torch.device(device).type
+    return choose_precision(cfg_dtype, kind).dtype
 
 
 def _hub_unreachable() -> str | None:
@@ -154,23 +158,56 @@ def load_config(cfg: ModelConfig):
     return _from_pretrained(AutoConfig.from_pretrained, resolve(cfg.name), cfg)
 
 
+_PLAN: contextvars.ContextVar = contextvars.ContextVar("tunelab_load_plan", default=None)
+
+
+@contextlib.contextmanager
+def loading_into(plan):
+    """Within: `load_model` builds the model empty and reads it tensor by tensor, converting the layers `plan`
+    names as they arrive (models/streaming.py), so a method that stores its frozen base in another form
+    (qlora: 4-bit) never holds the whole model in its compute dtype. `plan` None: the ordinary load. The
+    training loop sets it around `stage.load_model` from the method's `load_plan` hook."""
+    token = _PLAN.set(plan)
+    try:
+        yield
+    finally:
+        _PLAN.reset(token)
+
+
 def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
     """`(model, tokenizer)` for `cfg.name`, in `cfg.dtype` on `device`, in eval mode.
 
-    `model_kwargs` go to `from_pretrained` (e.g. num_labels for a classification head)."""
+    `model_kwargs` go to `from_pretrained` (e.g. num_labels for a classification head). Inside
+    `loading_into(plan)`, a local safetensors folder is read tensor by tensor (models/streaming.py)."""
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
 
     path = resolve(cfg.name)
     tok = _load_tokenizer(path, cfg)
     dev = resolve_device(device)
-    model = _from_pretrained(auto_class.from_pretrained, path, cfg, dtype=compute_dtype(cfg.dtype, dev),
-                             **{**NO_HUB_KERNELS, **model_kwargs})
+    dtype = compute_dtype(cfg.dtype, dev)
+    model = None
+    if (plan := _PLAN.get()) is not None:
+        if not Path(path).is_dir():
+            why = "not a local folder (a hub id)"
+        elif model_kwargs:
+            why = f"a head made at load ({', '.join(model_kwargs)})"
+        else:
+            model, why = load_streamed(path, auto_class, dtype, dev, plan, cfg.trust_remote_code)
+        if model is None:
+            _log(f"{cfg.name}: loaded whole, then converted ({why})")
+    if model is None:
+        model = _from_pretrained(auto_class.from_pretrained, path, cfg, dtype=dtype,
+                                 **{**NO_HUB_KERNELS, **model_kwargs})  # fmt: skip
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(dev), tok
+
+
+def _log(msg: str) -> None:
+    print(f"[tunelab] {msg}", file=sys.stderr, flush=True)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

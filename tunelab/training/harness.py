@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tunelab.config import ConfigError, dump_config
+from tunelab.models.precision import choose_precision
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed, trackers
 from tunelab.training.card import write_card
@@ -281,9 +282,12 @@ no_autocast = contextlib.nullcontext
 
 
 def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on CUDA; plain fp32 on CPU, where bf16 matmuls are ~250x slower on CPUs without native bf16."""
-    if device.type == "cuda" and dtype in ("auto", "bfloat16"):
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    """The context of a forward pass for `model.dtype` (`dtype`) on `device`: bf16 autocast where the
+    precision is mixed (models/precision.py: CUDA with bf16 under `auto`, CUDA or a CPU under `bfloat16`),
+    else none. Autocast's state is per thread: a pass run in another thread enters it there."""
+    p = choose_precision(dtype, device)
+    if p.autocast:
+        return lambda: torch.autocast(device.type, dtype=p.dtype)
     return no_autocast
 
 
@@ -302,6 +306,58 @@ def fp32_master_weights_(model) -> int:
             p.data = p.data.float()
             n += p.numel()
     return n
+
+
+# floats a Llama-style block keeps per token for its backward pass: the two norms' and attention's inputs and
+# outputs (q, k, v, attention output: ~6 x hidden) and the MLP's gate, up, activation and product (4 x intermediate)
+HIDDEN_FLOATS, INTERMEDIATE_FLOATS = 6, 4
+
+
+def activation_bytes(rows: int, length: int, config, bytes_per_value: int = 4, checkpointed: bool = False) -> int:
+    """Estimated bytes of the activations one forward pass keeps for its backward: rows x length tokens x
+    layers x (HIDDEN_FLOATS x hidden + INTERMEDIATE_FLOATS x intermediate) values. Checkpointed: each layer's
+    input only, plus one layer's activations while it is recomputed. An estimate (within ~2x for decoder
+    LMs: attention kernels and the loss add their own), enough to tell 1 GB from 20."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0) or 0
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0) or 0
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None) or 4 * hidden
+    per_layer = rows * length * (HIDDEN_FLOATS * hidden + INTERMEDIATE_FLOATS * inter) * bytes_per_value
+    if checkpointed:
+        return rows * length * hidden * layers * bytes_per_value + per_layer
+    return per_layer * layers
+
+
+def available_memory() -> int | None:
+    """Bytes the OS can give this process now without swapping (Linux: MemAvailable), or None if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def checkpointing_choice(setting, rows: int, length: int, config, bytes_per_value: int, available: int | None,
+                         share: float = 0.5) -> tuple[bool, str]:  # fmt: skip
+    """(on, why) for `training.gradient_checkpointing`: an explicit true / false wins; `auto` turns it on when
+    a pass's estimated activations (activation_bytes) exceed `share` of the memory available once the model
+    has loaded (and then only if checkpointing makes them smaller)."""
+    if setting is not None and setting != "auto":
+        return bool(setting), f"training.gradient_checkpointing: {str(bool(setting)).lower()}"
+    need = activation_bytes(rows, length, config, bytes_per_value)
+    if available is None:
+        return False, f"auto: off (available memory unknown; activations ~{need / 2**30:.1f} GiB a pass)"
+    saved = activation_bytes(rows, length, config, bytes_per_value, checkpointed=True)
+    on = need > share * available and saved < need
+    return on, (
+        f"auto: {'on' if on else 'off'}, activations ~{need / 2**30:.1f} GiB a pass ({rows} rows x {length} tokens) "
+        f"{'>' if need > share * available else '<='} {share:.0%} of the {available / 2**30:.1f} GiB available"
+        + (f"; ~{saved / 2**30:.1f} GiB checkpointed" if on else "")
+    )
 
 
 def progress_bar(enabled: bool, total: int, initial: int):

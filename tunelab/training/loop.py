@@ -22,7 +22,8 @@ from tunelab.data import DataError
 from tunelab.data.collate import real_tokens
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
-from tunelab.models.loading import unwrap
+from tunelab.models.loading import loading_into, unwrap
+from tunelab.models.precision import choose_precision
 from tunelab.stages import Stage
 from tunelab.stages import get as get_stage
 from tunelab.training import checkpoint as ckpt
@@ -31,8 +32,10 @@ from tunelab.training.harness import (
     MetricsLog,
     RunResult,
     autocast_for,
+    available_memory,
     batch_order,
     checkpoint_write,
+    checkpointing_choice,
     early_stop,
     fp32_master_weights_,
     log,
@@ -103,14 +106,26 @@ def train(
     dist = distributed.Dist(device, tcfg)  # one process: plain steps; several: DDP (distributed.py)
     device = dist.device
     speed = accel.start(tcfg, device)  # accel: the allocator's settings, before the model loads
-    model, tokenizer = stage.load_model(cfg, device)
     method = get_method(cfg.method.name)
+    with loading_into(method.load_plan(cfg.method, device)):  # qlora: the base read straight into 4-bit
+        model, tokenizer = stage.load_model(cfg, device)
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
-    if tcfg.gradient_checkpointing:
+    precision = choose_precision(cfg.model.dtype, device)
+    # the rows one forward pass holds (thread shares split them, not add to them), at the data's length
+    rows = min(tcfg.rows_per_pass or tcfg.batch_size, tcfg.batch_size)
+    width = torch.finfo(precision.dtype).bits // 8
+    checkpointing, why = checkpointing_choice(tcfg.gradient_checkpointing, rows, cfg.data.max_length,
+                                              unwrap(model).config, width, available_memory())  # fmt: skip
+    auto = tcfg.gradient_checkpointing == "auto"
+    if checkpointing and auto and not getattr(unwrap(model), "supports_gradient_checkpointing", False):
+        checkpointing, why = False, f"{why}, but {type(unwrap(model)).__name__} does not support it: off"
+    if checkpointing:
         enable_gradient_checkpointing(model)
+    log(f"gradient checkpointing: {why}")
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
         stage.prepare(model, cfg)
+    log(f"precision: {precision.name} ({precision.reason})")
     autocast = autocast_for(device, cfg.model.dtype)
     if autocast is not no_autocast and (upcast := fp32_master_weights_(model)):
         log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32")
@@ -279,6 +294,7 @@ def train(
         "tokens_per_s": (state["tokens"] - tokens_start) / max(time.perf_counter() - t_start, 1e-9),
         "eval_loss_before": state["eval_loss_before"],
         "processes": dist.world_size,
+        "precision": precision.name,
         "effective_batch_size": global_batch * tcfg.grad_accum,
         **{f"data_{k}": v for k, v in data.stats.items()},
     }

@@ -1,0 +1,148 @@
+"""Big models on a small box: a base read tensor by tensor straight into 4-bit (models/streaming.py, qlora's
+load_plan) gives the model load-then-quantise gives; gradient checkpointing chosen when memory requires it.
+(The 1.7B figures are a bench, bench/big_model.py, never a test.)"""
+
+import json
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tunelab.config import ModelConfig
+from tunelab.methods import get
+from tunelab.models import load_model
+from tunelab.models.loading import loading_into
+from tunelab.models.streaming import load_streamed
+from tunelab.testing import save_tiny_model_dir
+
+qlora = get("qlora")
+IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64], [5, 6, 7, 8, 9, 10, 11, 12]])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny"), hidden_size=64, intermediate_size=128)
+
+
+def _state(model) -> dict:
+    """Every tensor a 4-bit layer holds (codes, absmax, nested constants) and every plain parameter."""
+    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            qs = m.weight.quant_state
+            out.update({f"{name}.absmax": qs.absmax, f"{name}.absmax2": qs.state2.absmax, f"{name}.offset": qs.offset})
+    return out
+
+
+@pytest.mark.parametrize("settings", [{}, {"quant_type": "fp4", "double_quant": True, "skip_modules": ["down_proj"]}])
+def test_straight_into_4bit_equals_load_then_quantise(model_dir, settings, capsys):
+    cfg = qlora.Config(r=4, alpha=8, dropout=0.0, **settings)
+    base, _ = load_model(ModelConfig(name=model_dir), device="cpu")
+    torch.manual_seed(0)  # LoRA's A starts random: the same draw on both sides
+    then = qlora.apply(base, cfg)
+    with loading_into(qlora.load_plan(cfg, "cpu")):
+        streamed, _ = load_model(ModelConfig(name=model_dir), device="cpu")
+    assert "loaded whole" not in capsys.readouterr().err
+    inner = streamed
+    assert all(inner.get_submodule(n).weight.quant_state.quant_type == cfg.quant_type for n in
+               [n for n, m in inner.named_modules() if isinstance(m, bnb.nn.Linear4bit)])  # fmt: skip
+    layers = [n for n, m in inner.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14 - 2 * bool(settings)  # 2 blocks x 7 linears, less the skipped down_proj
+    assert type(inner.lm_head) is torch.nn.Linear and inner.lm_head.weight is inner.model.embed_tokens.weight
+    torch.manual_seed(0)
+    straight = qlora.apply(streamed, cfg)
+    assert straight.get_base_model()._tunelab_qlora == then.get_base_model()._tunelab_qlora  # same layers, settings
+    a, b = _state(then), _state(straight)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    with torch.no_grad():
+        assert torch.equal(then(input_ids=IDS).logits, straight(input_ids=IDS).logits)
+    assert not straight.get_base_model().training
+
+
+def test_a_checkpoint_with_other_key_names_loads_whole_with_a_note(model_dir, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "renamed"
+    shutil.copytree(model_dir, other)
+    tensors = load_file(str(other / "model.safetensors"))
+    tensors["transformer.wte.weight"] = tensors.pop("model.embed_tokens.weight")  # an older layout's name
+    save_file(tensors, str(other / "model.safetensors"))
+    model, why = load_streamed(str(other), _auto(), torch.float32, "cpu", lambda m: {})
+    assert model is None and "transformer.wte.weight" in why
+    (other / "model.safetensors").unlink()
+    assert load_streamed(str(other), _auto(), torch.float32, "cpu", lambda m: {}) == (None, "no safetensors files")
+    with loading_into(qlora.load_plan(qlora.Config(), "cpu")):
+        load_model(ModelConfig(name=model_dir), device="cpu", num_labels=3)  # a head made at load
+    assert "loaded whole, then converted (a head made at load (num_labels))" in capsys.readouterr().err
+
+
+def test_sharded_checkpoints_stream_shard_by_shard(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir)
+    ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())["weight_map"]
+    streamed, why = load_streamed(str(tmp_path / "sharded"), _auto(), torch.float32, "cpu", lambda m: {})
+    assert why is None and len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    with torch.no_grad():
+        assert torch.equal(ref(input_ids=IDS).logits, streamed(input_ids=IDS).logits)
+
+
+def _auto():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+# ------------------------------------------------------------------------- gradient checkpointing: auto
+SMOLLM2_1_7B = type("Config", (), {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24})()
+
+
+def test_activation_estimate_scales_with_rows_length_width_and_layers():
+    from tunelab.training.harness import activation_bytes
+
+    one = activation_bytes(1, 256, SMOLLM2_1_7B)
+    assert one == 256 * 24 * (6 * 2048 + 4 * 8192) * 4  # 1.1 GB: 45,056 fp32 values per token and layer
+    assert activation_bytes(4, 256, SMOLLM2_1_7B) == 4 * one == 2 * activation_bytes(4, 128, SMOLLM2_1_7B)
+    assert activation_bytes(4, 256, SMOLLM2_1_7B, bytes_per_value=2) == 2 * one
+    kept = activation_bytes(4, 256, SMOLLM2_1_7B, checkpointed=True)
+    assert kept == 4 * 256 * 2048 * 24 * 4 + 4 * one // 24 and kept < 4 * one / 8
+
+
+def test_checkpointing_is_chosen_when_memory_requires_it_and_an_explicit_setting_wins():
+    from tunelab.training.harness import checkpointing_choice
+
+    gib = 2**30
+    on, why = checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, available=6 * gib)  # 4.4 GiB > 3
+    assert on and "auto: on, activations ~4.1 GiB a pass (4 rows x 256 tokens) > 50% of the 6.0 GiB" in why
+    assert "~0.4 GiB checkpointed" in why
+    on, why = checkpointing_choice("auto", 1, 256, SMOLLM2_1_7B, 4, available=6 * gib)  # 1.0 GiB < 3
+    assert not on and "<= 50%" in why
+    assert checkpointing_choice(False, 4, 256, SMOLLM2_1_7B, 4, available=gib) == (
+        False, "training.gradient_checkpointing: false")  # fmt: skip
+    assert checkpointing_choice(True, 1, 8, SMOLLM2_1_7B, 4, available=100 * gib)[0]
+    on, why = checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, available=None)
+    assert not on and "unknown" in why
+
+
+def test_the_loop_turns_checkpointing_on_when_memory_is_short(monkeypatch, tmp_path, capsys):
+    import tunelab
+    from tunelab.config import load_config
+    from tunelab.training import loop
+
+    model_dir = save_tiny_model_dir(tmp_path / "m")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 8}) + "\n" for i in range(8)))
+    seen = {}
+    monkeypatch.setattr(loop, "available_memory", lambda: 2**20)  # 1 MiB left: the tiny model's 1.3 MiB is too much
+    monkeypatch.setattr(loop, "enable_gradient_checkpointing", lambda model: seen.setdefault("on", True))
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"name": model_dir},
+           "data": {"train": str(tmp_path / "d.jsonl"), "format": "text", "val_fraction": 0.0, "max_length": 64},
+           "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
+           "training": {"max_steps": 1, "batch_size": 4, "progress": False, "tensorboard": False}}  # fmt: skip
+    tunelab.train(load_config(cfg))
+    assert seen == {"on": True} and "gradient checkpointing: auto: on" in capsys.readouterr().err
+    cfg["output_dir"], cfg["training"]["gradient_checkpointing"] = str(tmp_path / "run2"), False
+    seen.clear()
+    tunelab.train(load_config(cfg))
+    assert seen == {} and "gradient checkpointing: training.gradient_checkpointing: false" in capsys.readouterr().err

@@ -1,0 +1,111 @@
+"""Which precision a run computes in: `model.dtype` resolved against the device, with the reason.
+
+    auto      CUDA with bf16: bf16 weights, bf16 autocast, trainable weights kept in fp32 (master weights).
+              A CPU: fp32, also where bf16 is native (see below). Elsewhere (MPS, old GPUs): fp32.
+    bfloat16  the same mixed precision as auto on CUDA, on a CPU too: frozen weights stored in bf16,
+              matmuls in bf16 under `torch.autocast("cpu")`, the weights that train in fp32. On a CPU
+              without native bf16 every bf16 matmul is emulated (~250x slower); the log says so.
+    float32   fp32 throughout.
+    float16   fp16 weights (autocast in fp16 on CUDA only).
+
+Native bf16 on a CPU means instructions that multiply bf16 directly: x86's AVX512-BF16 (`avx512_bf16`,
+Zen 4, Cooper Lake, Sapphire Rapids) or AMX (`amx_bf16`), Arm's BF16 extension (`bf16`). AVX-512 alone
+(this repository's CI hosts) or AVX2 (Zen 3) convert to fp32 per element instead. Read from
+/proc/cpuinfo: torch's `get_cpu_capability()` reports the vector width (AVX512) and not these extensions.
+
+Why `auto` stays fp32 on a CPU with native bf16: on a Zen 4 host a 2048² bf16 matmul runs at ~3x the
+fp32 rate on 2 threads, yet two of tunelab's CPU speed pieces run in fp32 only (fast LoRA and the fused
+LM head, tunelab/accel) and are off under autocast, and nothing has measured whether bf16 with them off
+beats fp32 with them on for a whole step at equal loss. `bench/train_speed.py --precision bf16` on such
+a host measures it (docs/performance.md, "bf16 on a CPU"); until it does, `CPU_BF16_AUTO` stays False and
+`model.dtype: bfloat16` is the way to ask for it.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where used: `tunelab --help` stays fast
+    import torch
+
+# whether `model.dtype: auto` uses bf16 on a CPU with native bf16; False until measured (module doc)
+CPU_BF16_AUTO = False
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, x86 AMX, Arm BF16 (aarch64 Features)
+
+
+@dataclass(frozen=True)
+class Precision:
+    dtype: torch.dtype  # what the model's weights are loaded in
+    autocast: bool  # matmuls under torch.autocast(device, dtype); the trainable weights kept in fp32
+    reason: str  # for the run log
+
+    @property
+    def name(self) -> str:
+        kind = str(self.dtype).removeprefix("torch.")
+        return f"{kind} autocast, fp32 master weights" if self.autocast else kind
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags, from /proc/cpuinfo's `flags` (x86) or `Features` (Arm) line; empty where
+    there is no such file (macOS, Windows)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def native_bf16(device, flags: set[str] | None = None) -> tuple[bool, str]:
+    """Whether `device` multiplies bf16 natively, and what says so. `flags`: the CPU's (default: this one's)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return ok, "CUDA device with bf16" if ok else "CUDA device without bf16 (compute capability < 8.0)"
+    if device.type != "cpu":
+        return False, f"{device.type}: bf16 not used"
+    flags = cpu_flags() if flags is None else flags
+    have = [f for f in NATIVE_BF16_FLAGS if f in flags]
+    if have:
+        return True, f"the CPU has native bf16 ({', '.join(have)})"
+    if not flags:
+        return False, f"no CPU flags to read on {platform.system() or 'this system'}: bf16 taken as emulated"
+    widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return False, f"the CPU has no native bf16 ({widest}, no avx512_bf16 / amx_bf16): bf16 would be emulated"
+
+
+def choose_precision(setting: str, device, flags: set[str] | None = None) -> Precision:
+    """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why."""
+    import torch
+
+    device = torch.device(device)
+    native, why = native_bf16(device, flags) if device.type in ("cuda", "cpu") else (False, "")
+    mixed = device.type in ("cuda", "cpu")  # where tunelab runs bf16 under autocast with fp32 master weights
+    if setting == "auto":
+        if device.type == "cuda" and native:
+            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}")
+        if device.type == "cpu" and native and CPU_BF16_AUTO:
+            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}")
+        if device.type == "cpu" and native:
+            return Precision(
+                torch.float32,
+                False,
+                f"model.dtype auto: fp32; {why}, but bf16 is not yet measured faster for a whole training step "
+                "here (fast LoRA and the fused head run in fp32 only): model.dtype: bfloat16 tries it",
+            )
+        return Precision(torch.float32, False, f"model.dtype auto: fp32 ({why or device.type})")
+    if setting == "bfloat16":
+        note = "" if native else f"; slow: {why}" if device.type == "cpu" else f"; {why}" if why else ""
+        return Precision(torch.bfloat16, mixed, f"model.dtype bfloat16{note}")
+    if setting == "float16":
+        return Precision(torch.float16, device.type == "cuda", "model.dtype float16")
+    return Precision(torch.float32, False, "model.dtype float32")
