@@ -93,7 +93,7 @@ def test_bf16_autocast_on_a_cpu_trains_to_the_fp32_loss(tiny_dir, data_file, tmp
     log = capsys.readouterr().err
     assert fp32["precision"] == "float32" and bf16["precision"] == "bfloat16 autocast, fp32 master weights"
     assert "precision: bfloat16 autocast, fp32 master weights (model.dtype bfloat16; slow" in log
-    assert "fast LoRA (bf16 autocast" in log
+    assert "fast LoRA: bf16 autocast" in log
     assert bf16_losses[-1] < bf16_losses[0] and bf16["eval_loss"] < bf16["eval_loss_before"]
     for a, b in zip(fp32_losses, bf16_losses):
         assert abs(a - b) / a < 0.02, (fp32_losses, bf16_losses)

@@ -62,7 +62,11 @@ def parts_for(
             f"training.pass_threads: {tcfg.pass_threads} splits a pass over the cores of one CPU process; "
             f"{where} set it to null or 1"
         )
-    checkpointed_draws = getattr(tcfg, "gradient_checkpointing", False) and shares_draw(model)
+    # `auto` has been decided by now (the loop turns checkpointing on before the speed pieces): ask the model
+    checkpointed = getattr(tcfg, "gradient_checkpointing", False) is True or any(
+        getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
+    )
+    checkpointed_draws = checkpointed and shares_draw(model)
     if tcfg.pass_threads is not None and tcfg.pass_threads > 1 and checkpointed_draws:
         # the recomputed forward would draw other masks than the share's forward did: wrong gradients
         raise ValueError(
