@@ -130,6 +130,11 @@ def test_student_moves_toward_the_teacher_faster_than_with_hard_labels(dirs, tmp
 
     reloaded, _ = load_run(str(tmp_path / "kd"), device="cpu")  # the distilled run loads back like an sft one
     assert type(reloaded).__name__ == "LlamaForCausalLM"
+    # a finished run as the teacher: its tokenizer passes the check, it loads frozen
+    run_teacher = make_cfg(dirs, tmp_path / "next", teacher=str(tmp_path / "kd"))
+    D.check_same_tokenizer(run_teacher)
+    frozen = D.load_teacher(str(tmp_path / "kd"), torch.device("cpu"))
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
 
 
 def test_lora_student_learns_from_the_teacher(dirs, tmp_path):
