@@ -454,6 +454,31 @@ class DPOConfig(Section):
     )
 
 
+# --------------------------------------------------------------------------------------- distill
+class DistillConfig(Section):
+    """stage distill: the model learns a teacher's next-token distribution (docs/distillation.md)."""
+
+    teacher: str | None = Field(
+        None,
+        description="The teacher: a model spec (name, Hub id or folder) or a finished run folder (merged). It "
+        "must share the student's vocabulary and chat template.",
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="tau: both distributions are softened by logits / tau; the KL term is scaled by tau^2."
+    )
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs the hard-label cross-entropy."
+    )
+    top_k: int = Field(
+        64, ge=1, description="Teacher tokens kept per position (renormalised); >= the vocabulary = the exact KL."
+    )
+    cache: bool = Field(
+        True,
+        description="Keep the teacher's top-k on disk (RUN/distill/) and reuse it on a resume or a rerun of the "
+        "same teacher, data, top_k and temperature; false: recompute it at each start.",
+    )
+
+
 # ------------------------------------------------------------------------------------------- ppo
 class RewardConfig(Section):
     """What scores a response in stage ppo: a reward-model run, or a builtin toy reward (tests, smoke runs)."""
@@ -540,7 +565,8 @@ class _Root(Section):
             "(RLHF with PPO against a reward; the `ppo` section), reward (a reward model: a scalar head trained "
             "on preference pairs; `data`, format preference), dpo (Direct Preference Optimization on "
             "preference pairs; `data`, format preference; the `dpo` section), tagging (a tag per word: "
-            "*ForTokenClassification; `data` rows {tokens, tags}, `task.labels`) or any stage registered in "
+            "*ForTokenClassification; `data` rows {tokens, tags}, `task.labels`), distill (a student learning a "
+            "teacher's next-token distribution; `data` and the `distill` section) or any stage registered in "
             "tunelab/plugins.py (its module's docstring says which sections it reads).",
         )
     )
@@ -551,6 +577,7 @@ class _Root(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
 def _build_config_class():
@@ -584,6 +611,8 @@ def _build_config_class():
                     "past_key_values, which transformers' sequence-classification models do not take); use "
                     f"{_adapter_methods(lambda c: c.virtual_tokens != 'past_key_values')} or a weight-training method"
                 )
+            if self.stage == "distill":
+                _check_distill(self)
             if self.stage == "ppo":
                 _check_ppo(self)
             if self.stage in ("classification", "extractive_qa", "seq2seq") and not (
@@ -599,6 +628,17 @@ def _build_config_class():
             return self
 
     return Config
+
+
+def _check_distill(cfg) -> None:
+    if not cfg.distill.teacher:
+        raise ValueError("stage: distill needs distill.teacher (a model spec or a finished run folder)")
+    if cfg.data.packing:
+        raise ValueError(
+            "stage: distill does not pack: the teacher's cached top-k is kept per example; set data.packing: false"
+        )
+    if cfg.data.format == "preference":
+        raise ValueError("stage: distill trains on sft or text rows, not preference pairs; set data.format")
 
 
 def _check_ppo(cfg) -> None:
@@ -908,6 +948,7 @@ def reference_markdown() -> str:
         ("task", TaskConfig),
         ("training", TrainingConfig),
         ("dpo", DPOConfig),
+        ("distill", DistillConfig),
         ("ppo", PPOConfig),
         ("ppo.reward", RewardConfig),
     ):

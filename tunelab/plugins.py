@@ -32,4 +32,5 @@ STAGES: dict[str, str] = {
     "reward": "tunelab.stages.reward",
     "dpo": "tunelab.stages.dpo",
     "tagging": "tunelab.stages.tagging",
+    "distill": "tunelab.stages.distill",
 }

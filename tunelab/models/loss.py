@@ -63,7 +63,7 @@ def backbone_and_head(model):
     return backbone, head
 
 
-def _at_labels(model, batch: dict):
+def at_labels(model, batch: dict):
     """(head, hidden states at the label positions, their targets, their row numbers), or None for a
     model that does not split into backbone and head (then callers take the full-logits path)."""
     split = backbone_and_head(model)
@@ -82,7 +82,7 @@ def _at_labels(model, batch: dict):
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over label tokens, number of label tokens)."""
-    at = _at_labels(model, batch)
+    at = at_labels(model, batch)
     if at is None:
         target = shift_labels(batch["labels"])
         logits = model(**model_inputs(batch), use_cache=False).logits
@@ -103,7 +103,7 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
 def row_loss_sums(model, batch: dict) -> torch.Tensor:
     """Summed cross-entropy over each row's label tokens: [rows]. The same label-only head in chunks as
     `token_loss_sum`, summed per row (DPO's sequence log-probs are its negation)."""
-    at = _at_labels(model, batch)
+    at = at_labels(model, batch)
     if at is None:
         return per_example_loss(model, batch)
     head, hidden, target, row_of = at
