@@ -168,6 +168,33 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_tokenizer_train(args) -> int:
+    from tunelab.config import ConfigError, check_output_path
+    from tunelab.models.tokenizer_train import TokenizerSpec, train_from_files
+
+    _at_least(1, min_frequency=args.min_frequency)
+    if not 0 <= args.heldout_fraction < 1:
+        raise ConfigError(f"--heldout-fraction {args.heldout_fraction}: must be at least 0 and under 1")
+    check_output_path(args.out, "--out")
+    spec = TokenizerSpec(type=args.type, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                         special_tokens=tuple(args.special_token or ()), chat_template=args.chat_template,
+                         lowercase=args.lowercase)  # fmt: skip
+    compare = [c for c in args.compare.split(",") if c] if args.compare != "none" else []
+    report = train_from_files(args.corpus, spec, args.out, args.heldout_fraction, compare, args.text_column)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.type} tokenizer, {report['vocab_size']:,} tokens, trained on {report['train_characters']:,} characters: "
+          f"{args.out} (AutoTokenizer.from_pretrained({args.out!r}))")  # fmt: skip
+    if report["compression"]:
+        print(f"\ncompression on the held-out text ({report['heldout_characters']:,} characters):\n")
+        rows = [[name, f"{c['vocab_size']:,}", f"{c['tokens']:,}", f"{c['chars_per_token']:.3f}"]
+                for name, c in report["compression"].items()]  # fmt: skip
+        print(_table(["tokenizer", "vocabulary", "tokens", "characters / token"], rows))
+        print(f"\nheld-out text decodes back exactly: {'yes' if report['round_trip'] else 'no (the tokenizer normalises)'}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from tunelab.methods.summary import method_table
 
@@ -403,6 +430,29 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the named models, whether cached, size and licence")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     m.set_defaults(fn=cmd_models)
+
+    tk = sub.add_parser("tokenizer", help="train a tokenizer for a corpus (tunelab tokenizer train --help)")
+    tks = tk.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    tt = tks.add_parser("train", help="train a BPE / WordPiece / unigram tokenizer on text files; report its "
+                        "compression on their held-out tail beside another model's tokenizer")
+    tt.add_argument("corpus", nargs="+", help="text files (.txt, read whole) or data files with a text column")
+    tt.add_argument("--type", choices=["bpe", "wordpiece", "unigram"], default="bpe",
+                    help="bpe: byte-level BPE (causal models); wordpiece: BERT's (masked LM); unigram: SentencePiece's")
+    tt.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary, special tokens included")
+    tt.add_argument("--out", required=True, help="folder to write (AutoTokenizer.from_pretrained loads it)")
+    tt.add_argument("--min-frequency", type=int, default=2, help="bpe / wordpiece: pairs seen fewer times are not merged")
+    tt.add_argument("--special-token", action="append", metavar="TOKEN",
+                    help="another special token, never split (repeatable); each type has its own already")
+    tt.add_argument("--chat-template", choices=["none", "chatml"], default="none",
+                    help="chatml: add <|im_start|> / <|im_end|> and the ChatML template (for stage sft later)")
+    tt.add_argument("--lowercase", action="store_true", help="lower-case the text first")
+    tt.add_argument("--heldout-fraction", type=float, default=0.1,
+                    help="the last part of each file left out of training and used to measure compression")
+    tt.add_argument("--compare", default="smollm2-135m-instruct",
+                    help="model specs (comma-separated) whose tokenizers are measured on the same held-out text; none = skip")
+    tt.add_argument("--text-column", default="text", help="data files: the column holding the text")
+    tt.add_argument("--json", action="store_true", help="print the report as JSON")
+    tt.set_defaults(fn=cmd_tokenizer_train)
 
     me = sub.add_parser("methods", help="list the tuning methods: what trains, how many parameters, mergeable")
     me.add_argument("--model", default="smollm2-135m-instruct", help="model whose parameters are counted (config only)")
