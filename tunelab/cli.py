@@ -107,6 +107,8 @@ def _plain_base(spec: str) -> bool:
                 return False
             if manifest.get("base_run"):
                 return _plain_base(manifest["base_run"])
+            if manifest["base_model"].get("architecture"):  # built from scratch: a plain model
+                return True
             return _plain_base(manifest["base_model"]["name"])
         if spec in NAMED or str(spec).lower().endswith(".gguf"):
             return True
@@ -147,6 +149,8 @@ def cmd_chat(args) -> int:
 def cmd_models(args) -> int:
     from tunelab.models import named_models
 
+    if args.sizes:
+        return _model_sizes(args)
     rows = named_models()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -165,6 +169,41 @@ def cmd_models(args) -> int:
     ]
     print(_table(header, table))
     print("\nAlso accepted as model.name: a local Hugging Face folder, a .gguf file, or a hub id.")
+    return 0
+
+
+def _model_sizes(args) -> int:
+    """`tunelab models --sizes CONFIG`: the parameters of the model a config builds from model.architecture,
+    counted without building it."""
+    from tunelab.config import ConfigError
+    from tunelab.interop.convert import load_any
+
+    cfg = load_any(args.sizes, args.set)[0]
+    m = cfg.model
+    if not m.architecture:
+        raise ConfigError(f"{args.sizes}: --sizes counts a model built from model.architecture; this config loads "
+                          f"{m.name!r} (its size: `tunelab methods --model {m.name}`)")  # fmt: skip
+    import transformers
+
+    from tunelab.models.scratch import parameter_counts
+
+    if isinstance(m.tokenizer, str):
+        vocab, where = len(transformers.AutoTokenizer.from_pretrained(m.tokenizer)), m.tokenizer
+    else:
+        vocab, where = m.tokenizer.train.vocab_size, "model.tokenizer.train.vocab_size (at most)"
+    auto = {"mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM"}.get(cfg.stage, "AutoModelForCausalLM")
+    counts = parameter_counts(m, vocab, getattr(transformers, auto))
+    if args.json:
+        print(json.dumps(counts, indent=2))
+        return 0
+    shape = ", ".join(f"{k} {counts[k]}" for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                  "intermediate_size", "max_position_embeddings") if k in counts)  # fmt: skip
+    print(f"{counts['class']} ({shape}), vocabulary {vocab:,} ({where}):\n")
+    rows = [["total", f"{counts['total']:,}"], ["token embedding", f"{counts['embedding']:,}"],
+            ["output head (untied)", f"{counts['head']:,}"], ["the rest (blocks, norms, positions)", f"{counts['body']:,}"]]  # fmt: skip
+    print(_table(["parameters", "count"], rows))
+    print(f"\nfp32 AdamW training holds ~{counts['total'] * 16 / 2**20:,.0f} MiB for weights, gradients and moments "
+          f"(activations extra); a training token costs ~{6 * counts['total'] / 1e6:,.0f} MFLOP (6 N).")  # fmt: skip
     return 0
 
 
@@ -427,8 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
         _trust_flag(g)
         g.set_defaults(fn=fn)
 
-    m = sub.add_parser("models", help="list the named models, whether cached, size and licence")
+    m = sub.add_parser("models", help="list the named models, whether cached, size and licence; --sizes CONFIG: "
+                       "the parameters of a model a config builds from model.architecture")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    m.add_argument("--sizes", metavar="CONFIG", help="count the parameters of CONFIG's model.architecture model "
+                   "(no weights built, no tokenizer trained)")
+    m.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --sizes: override a config field, "
+                   "e.g. model.config.num_hidden_layers=6")
     m.set_defaults(fn=cmd_models)
 
     tk = sub.add_parser("tokenizer", help="train a tokenizer for a corpus (tunelab tokenizer train --help)")

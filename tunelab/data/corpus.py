@@ -15,19 +15,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tunelab.config import is_text_path
 from tunelab.data.errors import DataError
 from tunelab.data.packing import pack
 from tunelab.data.readers import read_rows
 from tunelab.data.templating import IGNORE
 
-TEXT_SUFFIXES = (".txt", ".text", ".md")
-
 Document = tuple[str, str]  # (file, text)
 
 
-def is_text_file(path: str) -> bool:
-    name = Path(str(path)).name.lower()
-    return Path(name.removesuffix(".gz")).suffix in TEXT_SUFFIXES
+is_text_file = is_text_path  # .txt, .text, .md (optionally .gz): read whole, one document
 
 
 def all_text_files(entries) -> bool:
