@@ -111,9 +111,9 @@ def build_model(model_cfg: ModelConfig, tokenizer, auto_class=None, seed: int | 
         model = _from_config(auto_class, config, model_cfg.architecture)
     if isinstance(limit, int) and tokenizer.model_max_length > limit:
         tokenizer.model_max_length = limit
-    model.generation_config.pad_token_id = config.pad_token_id
-    model.generation_config.eos_token_id = config.eos_token_id
-    model.generation_config.bos_token_id = config.bos_token_id
+    if getattr(model, "generation_config", None) is not None:  # generative models only (BERT has none)
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            setattr(model.generation_config, key, getattr(config, key))
     return model.to(device).eval()
 
 
