@@ -23,7 +23,7 @@ LINES = [
 TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
               "max_position_embeddings": 64, "tie_word_embeddings": True, "initializer_range": 0.1}  # fmt: skip
 TINY_BERT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "max_position_embeddings": 64}  # fmt: skip
+             "max_position_embeddings": 64, "initializer_range": 0.1}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +44,7 @@ def scratch_cfg(corpus, out, stage="pretrain", val_fraction=0.1, **training):
         "stage": stage, "output_dir": str(out),
         "model": {"architecture": "llama" if causal else "bert", "config": TINY_LLAMA if causal else TINY_BERT,
                   "tokenizer": {"train": {"type": "bpe" if causal else "wordpiece", "vocab_size": 320 if causal else 200,
-                                          "min_frequency": 1}}},
+                                          "min_frequency": 1, "chat_template": "chatml" if causal else "none"}}},
         "data": {"train": corpus, "max_length": 32, "packing": True, "val_fraction": val_fraction},
         "method": {"name": "full"},
         "training": {"max_steps": 8, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "eval_every": 4,
@@ -131,7 +131,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(corpus, tmp_path):
 
 
 def test_masked_lm_from_scratch_beats_the_most_frequent_token(corpus, tmp_path):
-    result = tunelab.train(scratch_cfg(corpus, tmp_path / "mlm", stage="mlm", val_fraction=0.4, max_steps=30, lr=5e-3))
+    result = tunelab.train(scratch_cfg(corpus, tmp_path / "mlm", stage="mlm", val_fraction=0.4, max_steps=40, lr=1e-2))
     m = result.metrics
     assert m["eval_loss"] < m["eval_loss_before"]
     assert m["masked_tokens"] > 10
@@ -148,7 +148,7 @@ def test_the_result_continues_into_sft(corpus, tmp_path):
     rows.write_text("".join(json.dumps({"instruction": "Speak.", "input": "", "output": "Speak, speak."}) + "\n"
                             for _ in range(8)))  # fmt: skip
     cfg = load_config({"stage": "sft", "output_dir": str(tmp_path / "sft"), "model": {"name": str(tmp_path / "pre" / "final")},
-                       "data": {"train": str(rows), "max_length": 32}, "method": {"name": "lora", "r": 4},
+                       "data": {"train": str(rows), "max_length": 64}, "method": {"name": "lora", "r": 4},
                        "training": {"max_steps": 2, "batch_size": 4, "progress": False, "tensorboard": False}})  # fmt: skip
     result = tunelab.train(cfg)
     assert result.final_dir is not None and result.metrics["steps"] == 2

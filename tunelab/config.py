@@ -941,6 +941,7 @@ def reference_markdown() -> str:
     ]
     for section, cls in (
         ("model", ModelConfig),
+        ("model.tokenizer.train", TokenizerTrainConfig),
         ("data", DataConfig),
         ("data.columns", ColumnsConfig),
         ("data.train[]", DataSource),
