@@ -190,7 +190,7 @@ def _model_sizes(args) -> int:
     if isinstance(m.tokenizer, str):
         vocab, where = len(transformers.AutoTokenizer.from_pretrained(m.tokenizer)), m.tokenizer
     else:
-        vocab, where = m.tokenizer.train.vocab_size, "model.tokenizer.train.vocab_size (at most)"
+        vocab, where = m.tokenizer.train.vocab_size, "at most: model.tokenizer.train.vocab_size"
     auto = {"mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM"}.get(cfg.stage, "AutoModelForCausalLM")
     counts = parameter_counts(m, vocab, getattr(transformers, auto))
     if args.json:
@@ -203,7 +203,7 @@ def _model_sizes(args) -> int:
             ["output head (untied)", f"{counts['head']:,}"], ["the rest (blocks, norms, positions)", f"{counts['body']:,}"]]  # fmt: skip
     print(_table(["parameters", "count"], rows))
     print(f"\nfp32 AdamW training holds ~{counts['total'] * 16 / 2**20:,.0f} MiB for weights, gradients and moments "
-          f"(activations extra); a training token costs ~{6 * counts['total'] / 1e6:,.0f} MFLOP (6 N).")  # fmt: skip
+          f"(activations extra); a training token costs ~{6 * counts['total'] / 1e6:,.3g} MFLOP (6 N).")  # fmt: skip
     return 0
 
 
