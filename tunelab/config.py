@@ -536,10 +536,11 @@ class _Root(Section):
     stage: str = (  # the registered stage names (tunelab/plugins.py): set by _build_config_class
         Field(
             "sft",
-            description="sft (supervised fine-tuning), pretrain (continued pre-training on text), "
+            description="sft (supervised fine-tuning), pretrain (pre-training on text: continued, or from scratch with "
+            "model.architecture; .txt files are a corpus scored per character), "
             "classification (a classification / regression head; the `task` section), extractive_qa (a "
             "start/end span head on an encoder; `task`), seq2seq (an encoder-decoder on source -> target; "
-            "`task`), mlm (masked-LM continued pre-training of an encoder on text; `data`, format text), ppo "
+            "`task`), mlm (masked-LM pre-training of an encoder on text, continued or from scratch; `data`, format text), ppo "
             "(RLHF with PPO against a reward; the `ppo` section), reward (a reward model: a scalar head trained "
             "on preference pairs; `data`, format preference), dpo (Direct Preference Optimization on "
             "preference pairs; `data`, format preference; the `dpo` section), tagging (a tag per word: "
