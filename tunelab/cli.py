@@ -107,6 +107,8 @@ def _plain_base(spec: str) -> bool:
                 return False
             if manifest.get("base_run"):
                 return _plain_base(manifest["base_run"])
+            if manifest["base_model"].get("architecture"):  # built from scratch: a plain model
+                return True
             return _plain_base(manifest["base_model"]["name"])
         if spec in NAMED or str(spec).lower().endswith(".gguf"):
             return True
@@ -147,6 +149,8 @@ def cmd_chat(args) -> int:
 def cmd_models(args) -> int:
     from tunelab.models import named_models
 
+    if args.sizes:
+        return _model_sizes(args)
     rows = named_models()
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -165,6 +169,68 @@ def cmd_models(args) -> int:
     ]
     print(_table(header, table))
     print("\nAlso accepted as model.name: a local Hugging Face folder, a .gguf file, or a hub id.")
+    return 0
+
+
+def _model_sizes(args) -> int:
+    """`tunelab models --sizes CONFIG`: the parameters of the model a config builds from model.architecture,
+    counted without building it."""
+    from tunelab.config import ConfigError
+    from tunelab.interop.convert import load_any
+
+    cfg = load_any(args.sizes, args.set)[0]
+    m = cfg.model
+    if not m.architecture:
+        raise ConfigError(f"{args.sizes}: --sizes counts a model built from model.architecture; this config loads "
+                          f"{m.name!r} (its size: `tunelab methods --model {m.name}`)")  # fmt: skip
+    import transformers
+
+    from tunelab.models.scratch import parameter_counts
+
+    if isinstance(m.tokenizer, str):
+        vocab, where = len(transformers.AutoTokenizer.from_pretrained(m.tokenizer)), m.tokenizer
+    else:
+        vocab, where = m.tokenizer.train.vocab_size, "at most: model.tokenizer.train.vocab_size"
+    auto = {"mlm": "AutoModelForMaskedLM", "seq2seq": "AutoModelForSeq2SeqLM"}.get(cfg.stage, "AutoModelForCausalLM")
+    counts = parameter_counts(m, vocab, getattr(transformers, auto))
+    if args.json:
+        print(json.dumps(counts, indent=2))
+        return 0
+    shape = ", ".join(f"{k} {counts[k]}" for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                  "intermediate_size", "max_position_embeddings") if k in counts)  # fmt: skip
+    print(f"{counts['class']} ({shape}), vocabulary {vocab:,} ({where}):\n")
+    rows = [["total", f"{counts['total']:,}"], ["token embedding", f"{counts['embedding']:,}"],
+            ["output head (untied)", f"{counts['head']:,}"], ["the rest (blocks, norms, positions)", f"{counts['body']:,}"]]  # fmt: skip
+    print(_table(["parameters", "count"], rows))
+    print(f"\nfp32 AdamW training holds ~{counts['total'] * 16 / 2**20:,.0f} MiB for weights, gradients and moments "
+          f"(activations extra); a training token costs ~{6 * counts['total'] / 1e6:,.3g} MFLOP (6 N).")  # fmt: skip
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from tunelab.config import ConfigError, check_output_path
+    from tunelab.models.tokenizer_train import TokenizerSpec, train_from_files
+
+    _at_least(1, min_frequency=args.min_frequency)
+    if not 0 <= args.heldout_fraction < 1:
+        raise ConfigError(f"--heldout-fraction {args.heldout_fraction}: must be at least 0 and under 1")
+    check_output_path(args.out, "--out")
+    spec = TokenizerSpec(type=args.type, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                         special_tokens=tuple(args.special_token or ()), chat_template=args.chat_template,
+                         lowercase=args.lowercase)  # fmt: skip
+    compare = [c for c in args.compare.split(",") if c] if args.compare != "none" else []
+    report = train_from_files(args.corpus, spec, args.out, args.heldout_fraction, compare, args.text_column)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{args.type} tokenizer, {report['vocab_size']:,} tokens, trained on {report['train_characters']:,} characters: "
+          f"{args.out} (AutoTokenizer.from_pretrained({args.out!r}))")  # fmt: skip
+    if report["compression"]:
+        print(f"\ncompression on the held-out text ({report['heldout_characters']:,} characters):\n")
+        rows = [[name, f"{c['vocab_size']:,}", f"{c['tokens']:,}", f"{c['chars_per_token']:.3f}"]
+                for name, c in report["compression"].items()]  # fmt: skip
+        print(_table(["tokenizer", "vocabulary", "tokens", "characters / token"], rows))
+        print(f"\nheld-out text decodes back exactly: {'yes' if report['round_trip'] else 'no (the tokenizer normalises)'}")
     return 0
 
 
@@ -428,9 +494,37 @@ def build_parser() -> argparse.ArgumentParser:
         _trust_flag(g)
         g.set_defaults(fn=fn)
 
-    m = sub.add_parser("models", help="list the named models, whether cached, size and licence")
+    m = sub.add_parser("models", help="list the named models, whether cached, size and licence; --sizes CONFIG: "
+                       "the parameters of a model a config builds from model.architecture")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    m.add_argument("--sizes", metavar="CONFIG", help="count the parameters of CONFIG's model.architecture model "
+                   "(no weights built, no tokenizer trained)")
+    m.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --sizes: override a config field, "
+                   "e.g. model.config.num_hidden_layers=6")
     m.set_defaults(fn=cmd_models)
+
+    tk = sub.add_parser("tokenizer", help="train a tokenizer for a corpus (tunelab tokenizer train --help)")
+    tks = tk.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+    tt = tks.add_parser("train", help="train a BPE / WordPiece / unigram tokenizer on text files; report its "
+                        "compression on their held-out tail beside another model's tokenizer")
+    tt.add_argument("corpus", nargs="+", help="text files (.txt, read whole) or data files with a text column")
+    tt.add_argument("--type", choices=["bpe", "wordpiece", "unigram"], default="bpe",
+                    help="bpe: byte-level BPE (causal models); wordpiece: BERT's (masked LM); unigram: SentencePiece's")
+    tt.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary, special tokens included")
+    tt.add_argument("--out", required=True, help="folder to write (AutoTokenizer.from_pretrained loads it)")
+    tt.add_argument("--min-frequency", type=int, default=2, help="bpe / wordpiece: pairs seen fewer times are not merged")
+    tt.add_argument("--special-token", action="append", metavar="TOKEN",
+                    help="another special token, never split (repeatable); each type has its own already")
+    tt.add_argument("--chat-template", choices=["none", "chatml"], default="none",
+                    help="chatml: add <|im_start|> / <|im_end|> and the ChatML template (for stage sft later)")
+    tt.add_argument("--lowercase", action="store_true", help="lower-case the text first")
+    tt.add_argument("--heldout-fraction", type=float, default=0.1,
+                    help="the last part of each file left out of training and used to measure compression")
+    tt.add_argument("--compare", default="smollm2-135m-instruct",
+                    help="model specs (comma-separated) whose tokenizers are measured on the same held-out text; none = skip")
+    tt.add_argument("--text-column", default="text", help="data files: the column holding the text")
+    tt.add_argument("--json", action="store_true", help="print the report as JSON")
+    tt.set_defaults(fn=cmd_tokenizer_train)
 
     me = sub.add_parser("methods", help="list the tuning methods: what trains, how many parameters, mergeable")
     me.add_argument("--model", default="smollm2-135m-instruct", help="model whose parameters are counted (config only)")

@@ -46,6 +46,30 @@ class Section(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------- model
+class TokenizerTrainConfig(Section):
+    """`model.tokenizer.train`: a tokenizer trained for the run (tunelab/models/tokenizer_train.py)."""
+
+    type: Literal["bpe", "wordpiece", "unigram"] = Field(
+        "bpe", description="bpe: byte-level BPE (causal models); wordpiece: BERT's (masked LM); unigram: SentencePiece's."
+    )
+    vocab_size: int = Field(4096, ge=64, description="Tokens in the vocabulary, special tokens included.")
+    corpus: list[str] | None = Field(
+        None,
+        description="Text files (or data files with a text column) to train on; null = the run's training text "
+        "(a plain-text data.train less its held-out part, so the tokenizer never sees the held-out text).",
+    )
+    min_frequency: int = Field(2, ge=1, description="bpe / wordpiece: pairs seen fewer times are not merged.")
+    special_tokens: list[str] = Field(default_factory=list, description="More special tokens (never split).")
+    chat_template: Literal["none", "chatml"] = Field(
+        "none", description="chatml: add <|im_start|> / <|im_end|> and the ChatML template (for stage sft later)."
+    )
+    lowercase: bool = Field(False, description="Lower-case the text first.")
+
+
+class TokenizerSource(Section):
+    train: TokenizerTrainConfig = Field(description="Train a tokenizer before the model is built.")
+
+
 class ModelConfig(Section):
     name: str = Field(
         "smollm2-135m-instruct",
@@ -63,6 +87,85 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with a hub repo. Off unless you trust the repo."
     )
+    architecture: str | None = Field(
+        None,
+        description="Build a new, randomly initialised model of this transformers architecture (llama, gpt2, "
+        "bert, t5, ... any `model_type`) instead of loading weights: pre-training from scratch "
+        "(docs/pretraining.md). `name` is then only the new model's label. Needs `tokenizer`.",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="With `architecture`: its config keys (hidden_size, num_hidden_layers, ...; the "
+        "architecture's defaults fill the rest; vocab size and special token ids come from the tokenizer). "
+        "`tunelab models --sizes CONFIG` prints the parameter count.",
+    )
+    tokenizer: str | TokenizerSource | None = Field(
+        None,
+        description="With `architecture`: a tokenizer folder (e.g. from `tunelab tokenizer train`), or "
+        "{train: {...}} to train one before the model is built (cached by text and settings).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _label(cls, data):
+        """A model built from an architecture is named after it unless the config names it."""
+        if isinstance(data, dict) and data.get("architecture") and "name" not in data:
+            data = {**data, "name": f"{data['architecture']}-from-scratch"}
+        return data
+
+    @model_validator(mode="after")
+    def _scratch(self):
+        if self.architecture is None:
+            if self.config or self.tokenizer is not None:
+                key = "model.config" if self.config else "model.tokenizer"
+                raise ValueError(f"{key} goes with model.architecture (a model built from scratch); set it or drop {key}")
+            return self
+        if self.tokenizer is None:
+            raise ValueError(
+                "model.architecture needs model.tokenizer: a tokenizer folder, or {train: {type: bpe, vocab_size: "
+                "4096}} to train one on the training text"
+            )
+        check_architecture(self.architecture, self.config)  # a ValueError naming the key
+        return self
+
+
+# set from the tokenizer when a model is built from an architecture (models/scratch.py), never by hand
+TOKENIZER_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+
+
+def check_architecture(architecture: str, config: dict) -> None:
+    """A ValueError naming the problem when `architecture` is no transformers model type or `config` has a key
+    its config class does not know (transformers would keep a misspelt key as a stray attribute, silently),
+    or a value it refuses. Imports transformers' config table only (no torch)."""
+    import dataclasses
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if architecture not in CONFIG_MAPPING:
+        near = difflib.get_close_matches(architecture, list(CONFIG_MAPPING.keys()), n=3)
+        hint = f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+        raise ValueError(
+            f"model.architecture {architecture!r}: not a transformers model type (llama, gpt2, bert, t5, ...).{hint}"
+        )
+    cls = CONFIG_MAPPING[architecture]
+    known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    known |= set(getattr(cls, "attribute_map", {}))
+    if not known:  # not a dataclass config: the keyword arguments of its __init__ and its defaults
+        import inspect
+
+        known = set(inspect.signature(cls.__init__).parameters) | set(cls().to_dict())
+    for key in config:
+        if key in TOKENIZER_KEYS:
+            raise ValueError(f"model.config.{key}: set from the tokenizer (model.tokenizer); drop it from model.config")
+        if key not in known:
+            near = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise ValueError(f"model.config.{key}: not a key of {cls.__name__} ({architecture}).{hint}")
+    try:
+        cls(**config)
+    except Exception as e:  # transformers' strict dataclasses wrap the validator's ValueError
+        cause = e.__cause__ or e
+        raise ValueError(f"model.config: {cls.__name__} refuses these settings: {cause}") from None
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -360,6 +463,14 @@ class TrainingConfig(Section):
     tracker_project: str = Field(
         "tunelab", description="The wandb / trackio project, the MLflow experiment the run is filed under."
     )
+    sample_prompts: list[str] | None = Field(
+        None,
+        description="Prompts a causal LM continues at every evaluation (greedily, and sampled at "
+        "sample_temperature), written to samples.jsonl in the run folder and to the log. null = stage pretrain "
+        "on a text corpus: the first line of the held-out text; other stages none. [] = none.",
+    )
+    sample_tokens: int = Field(64, ge=0, description="Tokens generated per sample (0 = no samples).")
+    sample_temperature: float = Field(0.8, gt=0, description="Temperature of the sampled continuation.")
     progress: bool = Field(True, description="Show a progress bar.")
 
     @model_validator(mode="before")
@@ -558,10 +669,11 @@ class _Root(Section):
     stage: str = (  # the registered stage names (tunelab/plugins.py): set by _build_config_class
         Field(
             "sft",
-            description="sft (supervised fine-tuning), pretrain (continued pre-training on text), "
+            description="sft (supervised fine-tuning), pretrain (pre-training on text: continued, or from scratch with "
+            "model.architecture; .txt files are a corpus scored per character), "
             "classification (a classification / regression head; the `task` section), extractive_qa (a "
             "start/end span head on an encoder; `task`), seq2seq (an encoder-decoder on source -> target; "
-            "`task`), mlm (masked-LM continued pre-training of an encoder on text; `data`, format text), ppo "
+            "`task`), mlm (masked-LM pre-training of an encoder on text, continued or from scratch; `data`, format text), ppo "
             "(RLHF with PPO against a reward; the `ppo` section), reward (a reward model: a scalar head trained "
             "on preference pairs; `data`, format preference), dpo (Direct Preference Optimization on "
             "preference pairs; `data`, format preference; the `dpo` section), tagging (a tag per word: "
@@ -613,6 +725,8 @@ def _build_config_class():
                 )
             if self.stage == "distill":
                 _check_distill(self)
+            if self.model.architecture:
+                _check_scratch(self)
             if self.stage == "ppo":
                 _check_ppo(self)
             if self.stage in ("classification", "extractive_qa", "seq2seq") and not (
@@ -639,6 +753,38 @@ def _check_distill(cfg) -> None:
         )
     if cfg.data.format == "preference":
         raise ValueError("stage: distill trains on sft or text rows, not preference pairs; set data.format")
+
+
+def _check_scratch(cfg) -> None:
+    """A model built from model.architecture: every weight trains, and a tokenizer to train has text."""
+    if cfg.stage not in ("pretrain", "mlm"):
+        raise ValueError(
+            f"model.architecture builds a new model for pre-training: stage pretrain (causal) or mlm (masked), "
+            f"not {cfg.stage}; then start stage {cfg.stage} from the result (model.name: runs/RUN/final)"
+        )
+    if cfg.method.name != "full":
+        raise ValueError(
+            f"model.architecture builds a randomly initialised model: train every weight with method: full "
+            f"(method {cfg.method.name} would train a small part of random weights)"
+        )
+    source = cfg.model.tokenizer
+    if isinstance(source, TokenizerSource) and not source.train.corpus:
+        train = cfg.data.train if isinstance(cfg.data.train, list) else [cfg.data.train]
+        plain = bool(cfg.data.train) and all(isinstance(t, str) and is_text_path(t) for t in train)
+        if not plain:
+            raise ValueError(
+                "model.tokenizer.train.corpus: give the text files to train the tokenizer on (it trains on the "
+                "run's own text only when data.train is plain text: .txt files)"
+            )
+
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+
+
+def is_text_path(path: str) -> bool:
+    """A plain-text corpus file (data/corpus.py reads these whole): .txt, .text, .md, optionally .gz."""
+    name = Path(str(path)).name.lower().removesuffix(".gz")
+    return Path(name).suffix in TEXT_SUFFIXES
 
 
 def _check_ppo(cfg) -> None:
@@ -785,6 +931,8 @@ def format_validation_error(
             lines.append(f"  - {shown}{where}: unknown method name {e['input'].get('name')!r}; choose one of {names()}")
         elif not loc:  # a check across sections: its message names the keys; the input is the whole config
             lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a section's own check: it names the key
+            lines.append(f"  - {shown}{where}: {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  - {shown}{where}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -942,6 +1090,7 @@ def reference_markdown() -> str:
     ]
     for section, cls in (
         ("model", ModelConfig),
+        ("model.tokenizer.train", TokenizerTrainConfig),
         ("data", DataConfig),
         ("data.columns", ColumnsConfig),
         ("data.train[]", DataSource),

@@ -178,10 +178,14 @@ def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
     """`(model, tokenizer)` for `cfg.name`, in `cfg.dtype` on `device`, in eval mode.
 
     `model_kwargs` go to `from_pretrained` (e.g. num_labels for a classification head). Inside
-    `loading_into(plan)`, a local safetensors folder is read tensor by tensor (models/streaming.py)."""
+    `loading_into(plan)`, a local safetensors folder is read tensor by tensor (models/streaming.py). A config with
+    `cfg.architecture` loads no weights: models/scratch.py builds that model."""
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
 
+    if cfg.architecture:
+        raise ModelError(f"model.architecture {cfg.architecture!r}: a model built from scratch, not loaded; "
+                         "tunelab.models.scratch.build_model builds it")  # fmt: skip
     path = resolve(cfg.name)
     tok = _load_tokenizer(path, cfg)
     dev = resolve_device(device)

@@ -11,6 +11,7 @@ A stage module builds one `Stage` (or a function of the config that builds it) a
     n_terms = stage.count(batch)                               # terms in a batch before the forward pass
     scores = stage.final_metrics(model, tokenizer, cfg, data, device)   # optional: dev metrics
     manifest = stage.manifest(cfg)                             # extra keys for final/tunelab.json
+    records = stage.samples(model, tokenizer, cfg, data, step)  # optional: generations at each evaluation
 
 Before any of these, `stage.check_data(cfg)` (optional) reads and checks the rows without a tokenizer, so
 that a bad data file is reported before the model loads.
@@ -45,6 +46,7 @@ class Stage:
     reload: Callable | None = None  # manifest -> load_model keyword arguments for the saved run's base
     loop: str = "steps"  # "steps": the supervised loop (training/loop.py); "ppo": rollouts (training/ppo.py)
     check_data: Callable | None = None  # cfg -> None: the rows read and checked before the model loads
+    samples: Callable | None = None  # (model, tokenizer, cfg, data, step) -> [{prompt, text, ...}] at each evaluation
 
 
 @dataclass

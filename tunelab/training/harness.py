@@ -100,15 +100,16 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
 
 class MetricsLog:
     """metrics.jsonl (always) and the trackers of `training.report_to` (training/trackers.py), one place for all:
-    each numeric value of a record goes to every tracker under its tracker name (train/loss, eval/loss ...)."""
+    each numeric value of a record goes to every tracker under its tracker name (train/loss, eval/loss ...).
+    Also samples.jsonl (`file`, cfg None: no trackers), whose lines past a resumed checkpoint are dropped alike."""
 
-    def __init__(self, run_dir: Path, cfg, resume_step: int):
-        self.path = run_dir / "metrics.jsonl"
+    def __init__(self, run_dir: Path, cfg, resume_step: int, file: str = "metrics.jsonl"):
+        self.path = run_dir / file
         if resume_step == 0:
             self.path.write_text("")
         else:  # drop lines past the checkpoint so a resumed log has no duplicate steps
             self.path.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(self.path, resume_step)))
-        self.trackers = trackers.start(run_dir, cfg, resume_step)
+        self.trackers = trackers.start(run_dir, cfg, resume_step) if cfg is not None else []
 
     def write(self, record: dict, section: str = "train") -> None:
         """One line of metrics.jsonl; a key without an eval_ / dev_ prefix goes to the trackers under `section`."""
@@ -199,6 +200,9 @@ def run_settings(cfg) -> dict:
     """What a resumed run must share with the run it continues, flat: {"training.seed": 0, ...}; a local
     data file by its content hash, so an edited file counts as a change."""
     out = {"stage": cfg.stage, "model.name": cfg.model.name, "model.revision": cfg.model.revision}
+    if cfg.model.architecture:  # a model built from scratch: its shape and tokenizer are the model
+        out.update({"model.architecture": cfg.model.architecture, "model.config": cfg.model.config,
+                    "model.tokenizer": cfg.model.model_dump(mode="json")["tokenizer"]})  # fmt: skip
     out.update({f"method.{k}": v for k, v in cfg.method.model_dump().items()})
     t = cfg.training
     # the batch the data order depends on: rows per micro-batch over all processes (training/distributed.py

@@ -173,10 +173,23 @@ def train(
         log(f"resumed from {resume_from} at step {state['step']}/{total_steps}")
     optimizer = dist.prepare(model, stage, optimizer)  # wraps the model in DDP when there are several processes
     metrics_log = MetricsLog(run_dir, cfg, state["step"]) if dist.is_main else distributed.NullLog()
+    samples_log = MetricsLog(run_dir, None, state["step"], "samples.jsonl") if stage.samples and dist.is_main else None
+
+    def write_samples(step: int) -> None:
+        """Generations at an evaluation (stage.samples: pre-training), to samples.jsonl and the log."""
+        if samples_log is None:
+            return
+        with autocast():
+            records = stage.samples(model, tokenizer, cfg, data, step)
+        for r in records:
+            samples_log.write(r)
+            log(f"sample at step {step} (temperature {r['temperature']:g}): {r['prompt'] + r['text']!r}")
 
     if state["step"] == 0 and val_batches:
         state["eval_loss_before"] = evaluate(0, model, val_batches, stage, dist, device, autocast, metrics_log)
         log(f"eval loss before training: {state['eval_loss_before']:.4f}")
+    if state["step"] == 0:
+        write_samples(0)
 
     progress = progress_bar(tcfg.progress and dist.is_main, total_steps, state["step"])
     model.train()
@@ -255,6 +268,7 @@ def train(
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
                 eval_loss = evaluate(step, model, val_batches, stage, dist, device, autocast, metrics_log)
                 record["eval_loss"] = eval_loss
+                write_samples(step)
                 stop_early = early_stop(state, eval_loss, tcfg.early_stopping_patience)
                 if stop_early:
                     log(
@@ -306,6 +320,8 @@ def train(
     metrics["eval_loss"] = evaluate(state["step"], model, val_batches, stage, dist, device, autocast, metrics_log)
     if metrics["eval_loss"] is not None:
         log(f"eval loss after training: {metrics['eval_loss']:.4f}")
+    if not dist.sharded:
+        write_samples(state["step"])
     if dist.sharded:  # FSDP / DeepSpeed: gather the shards into one model on rank 0 (every process takes part)
         model = dist.gathered_model(cfg, stage, method)
     if not dist.is_main:  # rank 0 scores and writes the result
