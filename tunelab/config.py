@@ -81,7 +81,7 @@ class RopeScalingConfig(Section):
     @model_validator(mode="after")
     def _keys_of_type(self):
         required, optional = _ROPE_KEYS[self.type]
-        given = {k for k in self.model_fields_set if k not in ("type", "factor")}
+        given = {k for k in self.model_fields_set if k not in ("type", "factor") and getattr(self, k) is not None}
         stray = sorted(given - set(required) - set(optional))
         if stray:
             takes = ", ".join(required + optional) or "only factor"
