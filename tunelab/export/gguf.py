@@ -224,7 +224,9 @@ def check_model(model) -> None:
     if kind not in (None, *GGUF_ROPE_TYPES):
         why = {"dynamic": "llama.cpp has no dynamic NTK scaling, so the file would run unscaled; "
                           "use linear or yarn (docs/long-context.md)"}.get(kind, "")  # fmt: skip
-        raise ExportError(f"rope type {kind!r} cannot be written as GGUF ({why or 'only ' + ', '.join(GGUF_ROPE_TYPES)})")
+        raise ExportError(
+            f"rope type {kind!r} cannot be written as GGUF ({why or 'only ' + ', '.join(GGUF_ROPE_TYPES)})"
+        )
     if kind == "yarn" and rope.get("attention_factor") is not None:
         raise ExportError("yarn with an explicit attention_factor cannot be written as GGUF: llama.cpp derives the "
                           "attention temperature from the factor itself (0.1 ln F + 1); drop attention_factor")  # fmt: skip
