@@ -150,3 +150,36 @@ def test_gguf_refuses_dynamic(tiny, tmp_path):
     with pytest.raises(ExportError, match="no dynamic NTK"):
         write_gguf(model, tok, tmp_path / "m.gguf", "f32")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_eval_perplexity_at_a_context_is_the_model_loss_per_window(tiny, tmp_path):
+    from tunelab.evaluation.runner import evaluate
+
+    text = " ".join(f"word{i % 37} and more text {i}" for i in range(200))
+    (tmp_path / "held.txt").write_text(text)
+    res = evaluate(tiny, "perplexity", data=str(tmp_path / "held.txt"), context=128, device="cpu", progress=False,
+                   rope_scaling=SETTINGS["linear"])  # fmt: skip
+    assert res["rope_parameters"]["rope_type"] == "linear" and res["native_context"] == NATIVE
+    model, tok = load_model(ModelConfig(name=tiny, rope_scaling=SETTINGS["linear"]))
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    n = len(ids) // 128
+    with torch.no_grad():  # transformers' own shifted loss, window by window
+        losses = [float(model(input_ids=torch.tensor([ids[i * 128 : (i + 1) * 128]]), labels=torch.tensor(
+            [ids[i * 128 : (i + 1) * 128]])).loss) for i in range(n)]  # fmt: skip
+    assert res["metrics"]["windows"] == n and res["metrics"]["tokens"] == n * 127
+    assert res["metrics"]["loss"] == pytest.approx(sum(losses) / n, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--context", "64"], "needs --data FILE"),
+        (["--data", "x.txt", "--context", "64", "--rope-scaling", "{type: yarn, factor: 0.5}"], "greater than 1"),
+        (["--data", "missing.txt", "--context", "64"], "missing.txt: file not found"),
+    ],
+)
+def test_eval_perplexity_flags_are_checked(tiny, capsys, flags, says):
+    from tunelab.cli import main
+
+    assert main(["eval", tiny, "--task", "perplexity", *flags]) == 2
+    assert says in capsys.readouterr().err

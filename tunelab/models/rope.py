@@ -29,7 +29,11 @@ def has_rope(config) -> bool:
 def native_context(config) -> int:
     """The context the model was trained at: the scaled setting's original length if it has one."""
     params = getattr(config, "rope_parameters", None) or {}
-    return int(params.get("original_max_position_embeddings") or config.max_position_embeddings)
+    if params.get("original_max_position_embeddings"):
+        return int(params["original_max_position_embeddings"])
+    if params.get("rope_type") == "linear":  # transformers keeps no original length for linear
+        return int(round(config.max_position_embeddings / params["factor"]))
+    return int(config.max_position_embeddings)
 
 
 def apply_rope_scaling(config, scaling: RopeScalingConfig, name: str = "the model") -> None:
