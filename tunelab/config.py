@@ -121,7 +121,7 @@ class ModelConfig(Section):
     )
     rope_scaling: RopeScalingConfig | None = Field(
         None,
-        description="Longer context for a RoPE model: {type: linear | dynamic | yarn | llama3, factor: F, ...}, "
+        description="Longer context for a RoPE model: {type: linear, dynamic, yarn or llama3; factor: F; ...}, "
         "applied to the model's config before it is built, kept in the saved config and GGUF metadata "
         "(docs/long-context.md).",
     )
