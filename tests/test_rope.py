@@ -183,3 +183,29 @@ def test_eval_perplexity_flags_are_checked(tiny, capsys, flags, says):
 
     assert main(["eval", tiny, "--task", "perplexity", *flags]) == 2
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 4, "alpha": 16}, {"name": "full"}])
+def test_a_run_trained_with_scaling_reloads_with_it(tiny, tmp_path, method):
+    import json
+
+    import tunelab
+    from tunelab.stages.runs import load_run
+
+    rows = [{"text": f"count {i} {i + 1} {i + 2} and so on to {i + 9}"} for i in range(16)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config({
+        "output_dir": str(tmp_path / "run"), "stage": "pretrain",
+        "model": {"name": tiny, "rope_scaling": SETTINGS["linear"]},
+        "data": {"train": str(tmp_path / "t.jsonl"), "val_fraction": 0.25, "max_length": 64, "packing": True},
+        "method": method,
+        "training": {"max_steps": 2, "batch_size": 2, "progress": False, "tensorboard": False},
+    })  # fmt: skip
+    run = tunelab.train(cfg).run_dir
+    manifest = json.loads((run / "final" / "tunelab.json").read_text())
+    assert manifest["base_model"]["rope_scaling"]["type"] == "linear"
+    model, _ = load_run(str(run), device="cpu")
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    assert inner.config.rope_parameters["rope_type"] == "linear" and inner.config.rope_parameters["factor"] == 2.0
+    ref, _ = _reference({"rope_type": "linear", "factor": 2.0})
+    torch.testing.assert_close(inner.model.rotary_emb.inv_freq, ref, rtol=0, atol=0)
