@@ -1,4 +1,4 @@
-"""RoPE scaling measured where a CPU can afford it (docs/long-context.md, "Measured").
+"""RoPE scaling measured where a CPU can afford it (the acceptance check of docs/long-context.md).
 
 A small Llama is trained from scratch at a 256-token context on text (the Python standard library's source
 files: real text with long-range structure, on every machine), then held-out perplexity is taken at 1x, 2x and
