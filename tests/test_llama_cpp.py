@@ -312,3 +312,33 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(runs, tmp_path):
         write_gguf_lora(model, tmp_path / "b.gguf")
     with pytest.raises(ExportError, match="goes with --format gguf|go with --format gguf"):
         export(runs["lora"], "gguf-lora", check=True)
+
+
+ROPE = {  # model.rope_scaling settings llama.cpp can run (dynamic it cannot: export refuses it)
+    "linear": {"type": "linear", "factor": 2.0},
+    "yarn": {"type": "yarn", "factor": 4.0},
+    "llama3": {"type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+}
+
+
+@pytest.mark.parametrize("kind", list(ROPE))
+def test_rope_scaled_model_runs_in_llama_cpp_as_in_tunelab(tmp_path, kind):
+    from tunelab.config import ModelConfig
+    from tunelab.models import load_model
+
+    folder = save_tiny_model_dir(tmp_path / "m", seed=11)
+    model, tok = load_model(ModelConfig(name=folder, rope_scaling=ROPE[kind]))
+    write_gguf(model, tok, tmp_path / "r.gguf", "f32")
+    llm = _llama(tmp_path / "r.gguf")
+    meta = llm.metadata
+    llm.close()
+    assert int(meta["llama.context_length"]) == 256 * ROPE[kind]["factor"]
+    if kind != "llama3":  # llama3 travels as the rope_freqs tensor, checked by the logits below
+        assert meta["llama.rope.scaling.type"] == kind
+        assert float(meta["llama.rope.scaling.factor"]) == ROPE[kind]["factor"]
+        assert int(meta["llama.rope.scaling.original_context_length"]) == 256
+    _compare(model, tok, tmp_path / "r.gguf", "f32")  # the same logits: llama.cpp applied the same scaling
+    plain, _ = load_model(ModelConfig(name=folder))  # ... which does change them, beyond the tolerance
+    prompt = build_prompt_ids([{"role": "user", "content": PROMPTS[1]}], tok)
+    scaled_logits, plain_logits = (_tunelab_greedy(m, tok, prompt, 1)[1] for m in (model, plain))
+    assert float(np.abs(scaled_logits - plain_logits).max()) > 100 * MAX_LOGIT_DIFF["f32"]

@@ -352,15 +352,16 @@ def cmd_eval(args) -> int:
     from tunelab.evaluation.runner import evaluate, write_result
 
     _at_least(1, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-              num_beams=args.num_beams)  # fmt: skip
+              num_beams=args.num_beams, context=args.context)  # fmt: skip
     if args.out:
         check_output_path(args.out, "--out")
     embedder = None if str(args.embedding_model).lower() in ("none", "null", "") else args.embedding_model
     _without_bitsandbytes(args, args.model)
+    rope = _rope_flag(args.rope_scaling) if args.rope_scaling else None
     result = evaluate(
         args.model, args.task, limit=args.limit, device=args.device, batch_size=args.batch_size, seed=args.seed,
         embedding_model=embedder, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, data=args.data, context=args.context, rope_scaling=rope,
     )  # fmt: skip
     if args.out:
         write_result(result, args.out)
@@ -374,6 +375,25 @@ def cmd_eval(args) -> int:
         )
     )
     return 0
+
+
+def _rope_flag(text: str) -> dict:
+    """--rope-scaling '{type: yarn, factor: 4}': the mapping, validated as model.rope_scaling is."""
+    import yaml
+
+    from tunelab.config import ConfigError, RopeScalingConfig
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raw = None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--rope-scaling {text!r}: expected a mapping such as '{{type: linear, factor: 2}}'")
+    try:
+        return RopeScalingConfig(**raw).model_dump(exclude_none=True)
+    except ValueError as e:  # pydantic's ValidationError: one line per problem
+        problems = "; ".join(f"{'.'.join(map(str, x['loc'])) or 'rope_scaling'}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"--rope-scaling {text!r}: {problems}") from None
 
 
 def cmd_export(args) -> int:
@@ -554,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="score a model or a run on a task preset's dev split")
     e.add_argument("model", help="run folder, or a model spec (named default, folder, .gguf, hub id)")
-    e.add_argument("--task", required=True, help="sst2, cola, mrpc, stsb, rte, wnli, qnli, squad, wmt14-en-de, lima, alpaca ...")
+    e.add_argument("--task", required=True, help="sst2, cola, mrpc, stsb, rte, wnli, qnli, squad, wmt14-en-de, lima, "
+                   "alpaca ..., or perplexity (with --data and --context)")  # fmt: skip
     e.add_argument("--limit", type=int, help="score a seeded sample of at most N dev rows")
     e.add_argument("--seed", type=int, default=0, help="seed of the --limit sample")
     e.add_argument("--batch-size", type=int, default=16, help="dev rows scored together")
@@ -565,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seq2seq tasks: sentence embedder for the cosine metric ('none' = BLEU only)")  # fmt: skip
     e.add_argument("--max-new-tokens", type=int, help="seq2seq tasks: generation length (default: the run's, or 128)")
     e.add_argument("--num-beams", type=int, help="seq2seq tasks: beam width (default: the run's, or 1 = greedy)")
+    e.add_argument("--data", help="--task perplexity: held-out text (.txt, or .jsonl/.json/.csv rows with a text column)")
+    e.add_argument("--context", type=int, help="--task perplexity: window length in tokens (docs/long-context.md)")
+    e.add_argument("--rope-scaling", help="--task perplexity: RoPE scaling to load the model with, as YAML, "
+                   "e.g. '{type: yarn, factor: 4}' (default: the run's own; docs/long-context.md)")  # fmt: skip
     _trust_flag(e)
     e.set_defaults(fn=cmd_eval)
 

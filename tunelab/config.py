@@ -70,6 +70,62 @@ class TokenizerSource(Section):
     train: TokenizerTrainConfig = Field(description="Train a tokenizer before the model is built.")
 
 
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+# the keys each type takes besides `type` and `factor` (transformers' rope_parameters names); llama3 needs both
+# of its frequency factors (Llama 3.1 used 1 and 4), the others default as transformers does
+_ROPE_KEYS = {
+    "linear": ((), ()),
+    "dynamic": ((), ()),
+    "yarn": ((), ("original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor")),
+    "llama3": (("low_freq_factor", "high_freq_factor"), ("original_max_position_embeddings",)),
+}
+
+
+class RopeScalingConfig(Section):
+    """Longer context for a RoPE model (docs/long-context.md): how its rotary frequencies are rescaled."""
+
+    type: Literal["linear", "dynamic", "yarn", "llama3"] = Field(
+        description="linear = position interpolation (m/F); dynamic = NTK-aware base scaling, recomputed from the "
+        "current length (unchanged up to the native length); yarn = per-frequency interpolation ramp with attention "
+        "temperature; llama3 = Llama 3.1's low/high frequency factors."
+    )
+    factor: float = Field(gt=1, description="F: the new context is F times the model's native (trained) context.")
+    original_max_position_embeddings: int | None = Field(
+        None, gt=0, description="yarn, llama3: the context the model was trained at (default: the model's own "
+        "max_position_embeddings)."
+    )  # fmt: skip
+    low_freq_factor: float | None = Field(None, gt=0, description="llama3 (required): Llama 3.1 used 1.")
+    high_freq_factor: float | None = Field(None, gt=0, description="llama3 (required): Llama 3.1 used 4.")
+    beta_fast: float | None = Field(None, gt=0, description="yarn: rotations above which a pair extrapolates (32).")
+    beta_slow: float | None = Field(None, gt=0, description="yarn: rotations below which a pair interpolates (1).")
+    attention_factor: float | None = Field(
+        None, gt=0, description="yarn: cos/sin multiplier (default 0.1 ln F + 1, the paper's temperature)."
+    )
+
+    @model_validator(mode="after")
+    def _keys_of_type(self):
+        required, optional = _ROPE_KEYS[self.type]
+        given = {k for k in self.model_fields_set if k not in ("type", "factor") and getattr(self, k) is not None}
+        stray = sorted(given - set(required) - set(optional))
+        if stray:
+            takes = ", ".join(required + optional) or "only factor"
+            raise ValueError(f"rope_scaling type {self.type} does not take {', '.join(stray)} (it takes {takes})")
+        missing = [k for k in required if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"rope_scaling type {self.type} needs {', '.join(missing)} (Llama 3.1: low_freq_factor: 1, "
+                             "high_freq_factor: 4)")  # fmt: skip
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("rope_scaling: high_freq_factor must be greater than low_freq_factor")
+        if (self.beta_fast or 32) <= (self.beta_slow or 1):
+            raise ValueError("rope_scaling: beta_fast must be greater than beta_slow (defaults 32 and 1)")
+        return self
+
+    def rope_parameters(self) -> dict:
+        """transformers' `rope_parameters` keys for this setting (without rope_theta)."""
+        extra = {k: getattr(self, k) for k in sum(_ROPE_KEYS[self.type], ()) if getattr(self, k) is not None}
+        return {"rope_type": self.type, "factor": self.factor, **extra}
+
+
 class ModelConfig(Section):
     name: str = Field(
         "smollm2-135m-instruct",
@@ -86,6 +142,12 @@ class ModelConfig(Section):
     )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with a hub repo. Off unless you trust the repo."
+    )
+    rope_scaling: RopeScalingConfig | None = Field(
+        None,
+        description="Longer context for a RoPE model: {type: linear, dynamic, yarn or llama3; factor: F; ...}, "
+        "applied to the model's config before it is built, kept in the saved config and GGUF metadata "
+        "(docs/long-context.md).",
     )
     architecture: str | None = Field(
         None,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tunelab.config import ModelConfig, OutputWriteError
 from tunelab.data import DataError, tasks
+from tunelab.evaluation.context import context_perplexity, read_texts
 from tunelab.evaluation.predictions import (
     classifier_predictions,
     perplexity_metrics,
@@ -31,6 +32,7 @@ from tunelab.evaluation.predictions import (
 )
 from tunelab.models import generation, load_config, load_model, resolve_device
 from tunelab.models.loading import unwrap
+from tunelab.models.rope import native_context
 from tunelab.stages.extractive_qa import evaluate_qa
 from tunelab.stages.runs import load_run, run_manifest
 from tunelab.stages.seq2seq import T5_PREFIXES
@@ -49,11 +51,19 @@ def evaluate(
     num_beams: int | None = None,
     return_predictions: bool = False,
     trust_remote_code: bool = False,
+    data: str | None = None,
+    context: int | None = None,
+    rope_scaling: dict | None = None,
 ) -> dict:
     """Score `model_or_run` on the dev split of `task_name`. For generation tasks, `embedding_model` (a spec,
     or None to skip) gives the cosine metric; `max_new_tokens` / `num_beams` default to the run's settings.
     `return_predictions` adds the per-row "predictions" (evaluation/predictions.py) of the classifier,
     verbalizer and perplexity paths, whose `prediction_metrics` are the result's "metrics"."""
+    if task_name == "perplexity":
+        return _context_perplexity(model_or_run, data, context, limit, device, trust_remote_code, rope_scaling)
+    if data is not None or context is not None or rope_scaling is not None:
+        raise DataError("--data, --context and --rope-scaling go with --task perplexity (held-out text at a "
+                        f"given length), not with the task preset {task_name!r}")  # fmt: skip
     task = tasks.get_task(task_name)
     if task.type not in SCORED:  # no model could score it: say so before one loads
         raise DataError(
@@ -125,6 +135,26 @@ def evaluate(
     if return_predictions and preds is not None:
         result["predictions"] = preds
     return result
+
+
+def _context_perplexity(model_or_run, data, context, limit, device, trust_remote_code, rope_scaling) -> dict:
+    """--task perplexity: the texts of `data` in windows of `context` tokens (evaluation/context.py)."""
+    if not data or not context:
+        raise DataError("--task perplexity needs --data FILE (held-out text: .txt, or rows with a text column) "
+                        "and --context N (the window length in tokens)")  # fmt: skip
+    if context < 2:
+        raise DataError(f"--context {context}: a window needs at least 2 tokens")
+    texts = read_texts(data)  # a bad file is named before the model loads
+    model, tokenizer = load_run(model_or_run, device=device, trust_remote_code=trust_remote_code,
+                                rope_scaling=rope_scaling)  # fmt: skip
+    model.eval()
+    t0 = time.time()
+    scores = context_perplexity(model, tokenizer, texts, context, resolve_device(device), limit, source=data)
+    rope = dict(getattr(unwrap(model).config, "rope_parameters", None) or {})
+    return {"model": str(model_or_run), "task": "perplexity", "data": str(data),
+            "method": f"perplexity at context {context} (rope {rope.get('rope_type', 'none')})",
+            "n": scores["windows"], "metrics": scores, "rope_parameters": rope,
+            "native_context": native_context(unwrap(model).config), "seconds": round(time.time() - t0, 1)}  # fmt: skip
 
 
 CHAT_INSTRUCTIONS = {"wmt14-en-de": "Translate to German: "}

@@ -220,10 +220,50 @@ def check_model(model) -> None:
             f"{type(model).__name__}. Export with --format hf, then use llama.cpp's convert_hf_to_gguf.py."
         )
     rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
-    if rope.get("rope_type", "default") not in ("default", None):
-        raise ExportError(f"rope type {rope.get('rope_type')!r} is not supported by this exporter (only default RoPE)")
+    kind = rope.get("rope_type", "default")
+    if kind not in (None, *GGUF_ROPE_TYPES):
+        why = {"dynamic": "llama.cpp has no dynamic NTK scaling, so the file would run unscaled; "
+                          "use linear or yarn (docs/long-context.md)"}.get(kind, "")  # fmt: skip
+        raise ExportError(
+            f"rope type {kind!r} cannot be written as GGUF ({why or 'only ' + ', '.join(GGUF_ROPE_TYPES)})"
+        )
+    if kind == "yarn" and rope.get("attention_factor") is not None:
+        raise ExportError("yarn with an explicit attention_factor cannot be written as GGUF: llama.cpp derives the "
+                          "attention temperature from the factor itself (0.1 ln F + 1); drop attention_factor")  # fmt: skip
     if getattr(model.config, "sliding_window", None):
         raise ExportError("sliding-window attention is not supported by this exporter")
+
+
+GGUF_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+def _add_rope_scaling(writer, config) -> np.ndarray | None:
+    """The RoPE scaling keys llama.cpp reads (as its convert_hf_to_gguf.py writes them); for llama3, which
+    llama.cpp expresses as per-pair frequency divisors, the `rope_freqs` tensor to add instead."""
+    import gguf
+
+    rope = getattr(config, "rope_parameters", None) or {}
+    kind = rope.get("rope_type", "default")
+    if kind in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        native = rope.get("original_max_position_embeddings") or round(config.max_position_embeddings / rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(int(native))
+        if rope.get("beta_fast") is not None:
+            writer.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
+        if rope.get("beta_slow") is not None:
+            writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
+        return None
+    if kind == "llama3":
+        # llama.cpp divides each pair's frequency by rope_freqs[i]: the default frequencies over transformers' llama3
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        base = _rope_theta(config)
+        dim = scaled.shape[0] * 2
+        default = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+        return (default / scaled.double().numpy()).astype(np.float32)
+    return None
 
 
 def _rope_theta(config) -> float:
@@ -270,6 +310,7 @@ def write_gguf(model, tokenizer, path, quant: str = "f16", name: str | None = No
     writer.add_rope_freq_base(_rope_theta(cfg))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
+    rope_freqs = _add_rope_scaling(writer, cfg)
     if head_dim != cfg.hidden_size // n_head:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -280,6 +321,9 @@ def write_gguf(model, tokenizer, path, quant: str = "f16", name: str | None = No
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
     fallbacks, used = {}, {}
+    if rope_freqs is not None:
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
+        used["f32"] = 1
     for hf_name, w in state.items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp uses token_embd for the output when there is no output.weight

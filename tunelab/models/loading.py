@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunelab.models.precision import choose_precision
+from tunelab.models.rope import apply_rope_scaling
 from tunelab.models.sources import NAMED, NO_HUB_KERNELS, ModelError, pick_pad_token, resolve
 from tunelab.models.streaming import load_streamed
 
@@ -191,13 +192,15 @@ def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
     dev = resolve_device(device)
     dtype = compute_dtype(cfg.dtype, dev)
     model = None
+    if cfg.rope_scaling is not None:  # in the config before the model is built: the rotary init reads it
+        model_kwargs = {"config": _scaled_config(path, cfg, **model_kwargs)}
     if (plan := _PLAN.get()) is not None:
         if not Path(path).is_dir():
             why = "not a local folder (a hub id)"
-        elif model_kwargs:
+        elif set(model_kwargs) - {"config"}:
             why = f"a head made at load ({', '.join(model_kwargs)})"
         else:
-            model, why = load_streamed(path, auto_class, dtype, dev, plan, cfg.trust_remote_code)
+            model, why = load_streamed(path, auto_class, dtype, dev, plan, cfg.trust_remote_code, **model_kwargs)
         if model is None:
             _log(f"{cfg.name}: loaded whole, then converted ({why})")
     if model is None:
@@ -208,6 +211,16 @@ def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(dev), tok
+
+
+def _scaled_config(path: str, cfg: ModelConfig, **config_kwargs):
+    """The model's transformers config with `cfg.rope_scaling` written in (models/rope.py); `config_kwargs`
+    (a head's num_labels ...) are applied too, since from_pretrained ignores them beside a config."""
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig.from_pretrained, path, cfg, **config_kwargs)
+    apply_rope_scaling(config, cfg.rope_scaling, cfg.name)
+    return config
 
 
 def _log(msg: str) -> None:

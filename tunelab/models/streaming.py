@@ -36,7 +36,8 @@ def checkpoint_files(folder: str | Path) -> list[Path] | None:
     return [single] if single.is_file() else None
 
 
-def load_streamed(folder: str, auto_class, dtype, device, plan: Plan, trust_remote_code: bool = False, **kw):
+def load_streamed(folder: str, auto_class, dtype, device, plan: Plan, trust_remote_code: bool = False,
+                  config=None, **kw):  # fmt: skip
     """The model in `folder` (a local Hugging Face folder), built empty, filled tensor by tensor, the layers
     `plan` names converted as they complete; eval mode, on `device`. (model, None), or (None, why) when this
     folder cannot be loaded so (no safetensors files, keys other than the model's parameter names)."""
@@ -48,7 +49,8 @@ def load_streamed(folder: str, auto_class, dtype, device, plan: Plan, trust_remo
     files = checkpoint_files(folder)
     if not files:
         return None, "no safetensors files"
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if config is None:  # else the folder's, already adjusted (a RoPE scaling)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     # buffers (rotary frequencies) stay real: the checkpoint does not hold the non-persistent ones
     with init_empty_weights(include_buffers=False):
         model = auto_class.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code, **kw)

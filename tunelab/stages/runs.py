@@ -28,7 +28,8 @@ def run_manifest(run: str | Path) -> dict | None:
     return json.loads((final / "tunelab.json").read_text()) if final is not None else None
 
 
-def load_run(run: str, device: str = "auto", merge: bool = False, trust_remote_code: bool = False):
+def load_run(run: str, device: str = "auto", merge: bool = False, trust_remote_code: bool = False,
+             rope_scaling: dict | None = None):  # fmt: skip
     """(model, tokenizer) for a run folder, or for a plain model spec (then the base model itself).
 
     Whether a model's own Python code may run (`trust_remote_code`) is the caller's decision, never the
@@ -39,9 +40,12 @@ def load_run(run: str, device: str = "auto", merge: bool = False, trust_remote_c
     if final is None:
         if Path(run).exists() and not (Path(run) / "config.json").exists() and not str(run).endswith(".gguf"):
             raise FileNotFoundError(f"{run}: no finished run here (no final/tunelab.json); did training complete?")
-        return load_model(ModelConfig(name=str(run), trust_remote_code=trust_remote_code), device=dev)
+        spec = ModelConfig(name=str(run), trust_remote_code=trust_remote_code, rope_scaling=rope_scaling)
+        return load_model(spec, device=dev)
     manifest = json.loads((final / "tunelab.json").read_text())
-    base_cfg = ModelConfig(**{**manifest["base_model"], "trust_remote_code": trust_remote_code})
+    # `rope_scaling`: the caller's, else the run's own (kept in its manifest's base_model)
+    rope = {"rope_scaling": rope_scaling} if rope_scaling else {}
+    base_cfg = ModelConfig(**{**manifest["base_model"], "trust_remote_code": trust_remote_code, **rope})
     if manifest["base_model"].get("trust_remote_code") and not trust_remote_code:
         raise ModelError(
             f"{final / 'tunelab.json'} asks to run the Python code shipped with {base_cfg.name!r} "

@@ -1,0 +1,108 @@
+"""RoPE scaling measured where a CPU can afford it (the acceptance check of docs/long-context.md).
+
+A small Llama is trained from scratch at a 256-token context on text (the Python standard library's source
+files: real text with long-range structure, on every machine), then held-out perplexity is taken at 1x, 2x and
+4x that context without scaling and with each scaling type, and again after a short fine-tune at 4x (packed
+rows of 1,024 tokens) with yarn, and, for reference, the same fine-tune without scaling. Everything goes
+through tunelab: `tunelab.train` (stage pretrain, method full) and evaluation/context.py.
+
+    python bench/rope_context.py [--steps 300] [--ft-steps 40] [--out rope.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+NATIVE = 256
+
+
+def corpus(tmp: Path, seed: int = 0) -> tuple[str, list[str]]:
+    """(train .jsonl, held-out texts): stdlib .py files, split by file."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    random.Random(seed).shuffle(files)
+    texts = [f.read_text(errors="ignore") for f in files]
+    texts = [t for t in texts if len(t) > 4000]
+    held, train = texts[:12], texts[12:]
+    path = tmp / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": t[:20000]}) + "\n" for t in train))
+    return str(path), held
+
+
+def train(base: str, data: str, out: Path, length: int, steps: int, lr: float, rope: dict | None = None) -> str:
+    import tunelab
+    from tunelab.config import load_config
+
+    model = {"name": base, **({"rope_scaling": rope} if rope else {})}
+    cfg = load_config({
+        "output_dir": str(out), "stage": "pretrain", "model": model,
+        "data": {"train": data, "format": "text", "val_fraction": 0.02, "max_length": length, "packing": True},
+        "method": {"name": "full"},
+        "training": {"max_steps": steps, "batch_size": max(1, 2048 // length), "lr": lr, "warmup_ratio": 0.05,
+                     "progress": False, "tensorboard": False},
+    })  # fmt: skip
+    return str(tunelab.train(cfg).run_dir / "final")
+
+
+def ppl(model_dir: str, held: list[str], context: int, rope: dict | None = None, windows: int = 12) -> float:
+    from tunelab.config import ModelConfig
+    from tunelab.evaluation.context import context_perplexity
+    from tunelab.models import load_model
+
+    model, tok = load_model(ModelConfig(name=model_dir, rope_scaling=rope))
+    return round(context_perplexity(model, tok, held, context, "cpu", limit=windows)["perplexity"], 2)
+
+
+def main() -> int:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tunelab.models import resolve
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300, help="from-scratch steps at 256 tokens")
+    ap.add_argument("--ft-steps", type=int, default=40, help="fine-tune steps at 1,024 tokens")
+    ap.add_argument("--out", help="write the figures as JSON here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    t0 = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="rope-bench-"))
+    data, held = corpus(tmp)
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct"))  # a real BPE vocabulary
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=NATIVE,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp / "init")
+    tok.save_pretrained(tmp / "init")
+    base = train(str(tmp / "init"), data, tmp / "scratch", NATIVE, args.steps, 2e-3)
+    print(f"trained at {NATIVE} in {time.time() - t0:.0f}s", file=sys.stderr)
+    settings = {
+        "none": lambda f: None,
+        "linear": lambda f: {"type": "linear", "factor": f},
+        "dynamic": lambda f: {"type": "dynamic", "factor": f},
+        "yarn": lambda f: {"type": "yarn", "factor": f},
+        "llama3": lambda f: {"type": "llama3", "factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+    }
+    table = {"native": {"none": ppl(base, held, NATIVE)}}
+    for mult in (2, 4):
+        table[f"{mult}x"] = {k: ppl(base, held, NATIVE * mult, s(float(mult))) for k, s in settings.items()}
+    yarn4 = settings["yarn"](4.0)
+    tuned = train(base, data, tmp / "ft-yarn", 4 * NATIVE, args.ft_steps, 5e-4, yarn4)
+    plain = train(base, data, tmp / "ft-none", 4 * NATIVE, args.ft_steps, 5e-4)
+    table["4x after fine-tune"] = {"yarn": ppl(tuned, held, 4 * NATIVE), "none": ppl(plain, held, 4 * NATIVE)}
+    result = {"perplexity": table, "steps": args.steps, "ft_steps": args.ft_steps, "seconds": round(time.time() - t0)}
+    print(json.dumps(result, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
