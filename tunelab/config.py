@@ -643,7 +643,8 @@ class DistillConfig(Section):
         0.5, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs the hard-label cross-entropy."
     )
     top_k: int = Field(
-        64, ge=1, description="Teacher tokens kept per position (renormalised); >= the vocabulary = the exact KL."
+        64, ge=1, description="Teacher tokens kept per position (the rest of each distribution as one 'other' bucket); "
+        ">= the vocabulary = the exact KL."
     )
     cache: bool = Field(
         True,
