@@ -10,6 +10,7 @@ from functools import partial
 
 from tunelab.data import build_datasets, check_rows, collate
 from tunelab.models import load_model
+from tunelab.models.fingerprint import tokenizer_digest
 from tunelab.models.loss import token_loss_sum
 from tunelab.stages.base import Stage, require_causal
 
@@ -21,7 +22,9 @@ def load(cfg, device):
 
 
 def build(cfg, tokenizer):
-    return build_datasets(cfg.data, tokenizer, seed=cfg.training.seed, stage=cfg.stage)
+    # the digest `tunelab data prepare` keys the data cache by, so that a run after it hits that cache
+    return build_datasets(cfg.data, tokenizer, seed=cfg.training.seed, stage=cfg.stage,
+                          fingerprint=tokenizer_digest(cfg.model))  # fmt: skip
 
 
 def check(cfg) -> None:
