@@ -303,3 +303,26 @@ def test_store_in_spawned_processes_equals_memory(tmp_path, tok, monkeypatch):
     memory, stored = both(cfg, tok, seed=2)
     assert len(list(Path(stored.cache["folders"][0]).glob("tokens-*.arrow"))) == 2
     assert_same(memory, stored)
+
+
+def test_file_digest_is_recorded_by_stat_and_racy_records_are_not_trusted(tmp_path, monkeypatch):
+    import os
+
+    import tunelab.data.store as store
+
+    path = tmp_path / "a.jsonl"
+    path.write_text("one\n")
+    reads = []
+    monkeypatch.setattr(store, "open", lambda *a, **k: reads.append(a[0]) or open(*a, **k), raising=False)
+
+    def digest():
+        store._DIGESTS.clear()  # a new process: only the record on disk is left
+        return store.file_digest(path)
+
+    first = digest()
+    assert digest() == first and len(reads) == 2  # hashed within 2 s of its last write: read again
+    os.utime(path, ns=(time_ns := path.stat().st_mtime_ns - 10**10, time_ns))  # last written 10 s ago
+    digest()
+    assert digest() == first and len(reads) == 3  # the record is trusted now: not read
+    path.write_text("two\n")  # same size, new mtime
+    assert digest() != first and len(reads) == 4

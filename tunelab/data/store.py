@@ -75,14 +75,33 @@ _DIGESTS: dict[tuple, str] = {}  # (path, size, mtime) -> content hash: check an
 
 
 def file_digest(path: Path) -> str:
+    """A hash of the file's bytes. Recorded under digests/ beside its size, mtime and inode, and taken from
+    there while those are unchanged (a second start does not read a large file again); as git's index does
+    with `racy` entries, a record is not trusted for a file modified within 2 s before it was hashed, since a
+    later write in the same timestamp tick could keep the size and mtime."""
     stat = path.stat()
     memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if memo not in _DIGESTS:
-        h = hashlib.blake2b(digest_size=16)
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        _DIGESTS[memo] = h.hexdigest()
+    if memo in _DIGESTS:
+        return _DIGESTS[memo]
+    record = data_cache_dir() / "digests" / f"{_hash(memo[0])}.json"
+    seen = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ino": stat.st_ino}
+    try:
+        saved = json.loads(record.read_text())
+        if {k: saved[k] for k in seen} == seen and saved["hashed_at_ns"] - stat.st_mtime_ns > 2_000_000_000:
+            _DIGESTS[memo] = saved["digest"]
+            return saved["digest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    hashed_at = time.time_ns()
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    _DIGESTS[memo] = h.hexdigest()
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({**seen, "hashed_at_ns": hashed_at, "digest": _DIGESTS[memo], "path": memo[0]}))
+    os.replace(tmp, record)
     return _DIGESTS[memo]
 
 
@@ -399,14 +418,16 @@ def _open_tokens(folder: Path):
 
 class ArrowExamples(Sequence):
     """Examples read on demand from memory-mapped Arrow columns, as the lists the in-memory path holds:
-    `examples[i]` is {"input_ids", "labels"} (+ "position_ids" when packed), a slice a list of those."""
+    `examples[i]` is {"input_ids", "labels"} (+ "position_ids" when packed), a slice a list of those.
+    Packed, row i lays the examples at positions[members[bounds[i]:bounds[i + 1]]] end to end."""
 
-    def __init__(self, table, positions, rows: list[list[int]] | None = None):
-        self.table, self.positions, self.rows = table, positions, rows
+    def __init__(self, table, positions, rows: tuple | None = None):
+        self.table, self.positions = table, positions
+        self.members, self.bounds = rows if rows is not None else (None, None)
         self._ids, self._labels = table.column("input_ids"), table.column("labels")
 
     def __len__(self) -> int:
-        return len(self.rows) if self.rows is not None else len(self.positions)
+        return len(self.bounds) - 1 if self.bounds is not None else len(self.positions)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -415,9 +436,10 @@ class ArrowExamples(Sequence):
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
-        if self.rows is None:
+        if self.bounds is None:
             return self._example(self.positions[i])
-        return packed_row([self._example(self.positions[m]) for m in self.rows[i]])
+        members = self.members[self.bounds[i] : self.bounds[i + 1]]
+        return packed_row([self._example(self.positions[m]) for m in members])
 
     def _example(self, at) -> dict:
         return {"input_ids": self._ids[int(at)].as_py(), "labels": self._labels[int(at)].as_py()}
@@ -427,28 +449,22 @@ class ArrowExamples(Sequence):
         import numpy as np
 
         n = self.table.column("length").to_numpy()[np.asarray(self.positions, dtype=np.int64)]
-        return n if self.rows is None else np.array([int(n[r].sum()) for r in self.rows], dtype=np.int64)
+        return n if self.bounds is None else np.add.reduceat(n[self.members], self.bounds[:-1]).astype(np.int64)
 
 
 def prepare(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft", fingerprint: str | None = None):
     """build_datasets on the store: (train, val, stats, cache), the same examples and stats, memory-mapped.
     `tokenizer` may be a function that loads it, called only if something is to be tokenised; `fingerprint`
     (what decides the ids, e.g. a digest of the tokenizer's files) keys the cache in place of
-    tokenizer_fingerprint, so that a cache hit needs no tokenizer at all."""
+    tokenizer_fingerprint, so that a cache hit needs no tokenizer at all. The choice of rows, the statistics
+    and the packing are kept under plans/KEY (KEY: the whole data config, seed, stage, sources, tokenizer),
+    so that a second start computes none of them (seconds at a million rows)."""
     import numpy as np
     import pyarrow as pa
 
     t0 = time.perf_counter()
     train_scans, val_scans = check(cfg, seed, stage)
-    train_pos, val_pos, rows_read = select(cfg, seed, train_scans, val_scans, stage)
     scans = train_scans + val_scans
-    starts = np.cumsum([0] + [s.n for s in scans])
-    needed = np.zeros(len(scans), dtype=np.int64)  # per source: how many of its first rows are used
-    for pos in (train_pos, val_pos):
-        if pos:
-            p = np.asarray(pos, dtype=np.int64)
-            src = np.searchsorted(starts, p, side="right") - 1
-            np.maximum.at(needed, src, p - starts[src] + 1)
     loaded = []
 
     def get_tokenizer():  # loaded once, at the first source that is not in the cache
@@ -457,6 +473,20 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft", fingerpri
         return loaded[0]
 
     tok_fp = fingerprint or tokenizer_fingerprint(get_tokenizer())
+    plan_key = _hash(DATA_VERSION, stage, seed, cfg.model_dump(mode="json", exclude={"num_proc", "cache"}),
+                     [(s.key, s.n) for s in scans], tok_fp)  # fmt: skip
+    plan = _load_plan(plan_key)
+    if plan is None:
+        train_pos, val_pos, rows_read = select(cfg, seed, train_scans, val_scans, stage)
+        train_pos, val_pos = np.asarray(train_pos, dtype=np.int64), np.asarray(val_pos, dtype=np.int64)
+        starts = np.cumsum([0] + [s.n for s in scans])
+        needed = np.zeros(len(scans), dtype=np.int64)  # per source: how many of its first rows are used
+        for p in (train_pos, val_pos):
+            if len(p):
+                src = np.searchsorted(starts, p, side="right") - 1
+                np.maximum.at(needed, src, p - starts[src] + 1)
+    else:
+        needed = plan["needed"]
     tables, folders, hits = [], [], []
     for scan, upto in zip(scans, needed):
         folder, hit = _tokenise(scan, int(upto), cfg, get_tokenizer, tok_fp) if upto else (None, True)
@@ -466,45 +496,85 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft", fingerpri
         folders.append(str(folder) if folder is not None else None)
         hits.append(hit)
     table = pa.concat_tables([t.cast(_schema()) for t in tables])
-    dropped_col = table.column("dropped").to_numpy(zero_copy_only=False)
-    truncated_col = table.column("truncated").to_numpy(zero_copy_only=False)
-    train_pos = np.asarray(train_pos, dtype=np.int64)
-    val_pos = np.asarray(val_pos, dtype=np.int64)
-    counts = {
-        "truncated": int(truncated_col[train_pos].sum() + truncated_col[val_pos].sum()),
-        "dropped": int(dropped_col[train_pos].sum() + dropped_col[val_pos].sum()),
-    }
-    train_keep, val_keep = train_pos[~dropped_col[train_pos]], val_pos[~dropped_col[val_pos]]
-    if not len(train_keep):
+    if plan is None:
+        plan = _plan(cfg, table, train_pos, val_pos, rows_read)
+        plan["needed"] = needed
+        _save_plan(plan_key, plan)
+    stats = plan["stats"]
+    if not stats["train_rows"]:
         raise DataError(
             f"{_name(cfg.train)}: no training example has response tokens left after truncation to "
             f"data.max_length={cfg.max_length}. Raise data.max_length."
         )
-    if counts["dropped"]:
+    if stats["dropped"]:
         log.warning(
             "%d rows dropped: their response starts after data.max_length=%d tokens. "
             "Raise data.max_length to keep them.",
-            counts["dropped"], cfg.max_length,
+            stats["dropped"], cfg.max_length,
         )  # fmt: skip
+    hit = all(hits)
+    cache = {"hit": hit, "folders": [f for f in folders if f], "rows": [str(s.path) for s in scans],
+             "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
+    log.info("data cache %s: %s (%.1f s)", "hit" if hit else "written", ", ".join(cache["folders"]), cache["seconds"])
+    rows = (plan["members"], plan["bounds"]) if cfg.packing else None
+    return ArrowExamples(table, plan["train_keep"], rows), ArrowExamples(table, plan["val_keep"]), dict(stats), cache
+
+
+def _plan(cfg: DataConfig, table, train_pos, val_pos, rows_read: int) -> dict:
+    """The examples kept (dropped rows out), the statistics of build_datasets and the packing."""
+    import numpy as np
+
+    dropped_col = table.column("dropped").to_numpy(zero_copy_only=False)
+    truncated_col = table.column("truncated").to_numpy(zero_copy_only=False)
+    train_keep, val_keep = train_pos[~dropped_col[train_pos]], val_pos[~dropped_col[val_pos]]
     length = table.column("length").to_numpy()
     label_count = table.column("label_count").to_numpy()
     stats = {
         "rows_read": rows_read,
         "train_rows": len(train_keep),
         "val_rows": len(val_keep),
-        **counts,
+        "truncated": int(truncated_col[train_pos].sum() + truncated_col[val_pos].sum()),
+        "dropped": int(dropped_col[train_pos].sum() + dropped_col[val_pos].sum()),
         "tokens": int(length[train_keep].sum()),
         "label_tokens": int(label_count[train_keep].sum()),
     }
-    rows = None
-    if cfg.packing:
+    members = bounds = np.zeros(0, dtype=np.int64)
+    if cfg.packing and len(train_keep):
         rows = pack_plan(length[train_keep], cfg.max_length)
         stats["packed_rows"] = len(rows)
-    hit = all(hits)
-    cache = {"hit": hit, "folders": [f for f in folders if f], "rows": [str(s.path) for s in scans],
-             "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
-    log.info("data cache %s: %s (%.1f s)", "hit" if hit else "written", ", ".join(cache["folders"]), cache["seconds"])
-    return ArrowExamples(table, train_keep, rows), ArrowExamples(table, val_keep), stats, cache
+        bounds = np.cumsum([0] + [len(r) for r in rows], dtype=np.int64)
+        members = np.fromiter((m for r in rows for m in r), dtype=np.int64, count=int(bounds[-1]))
+    return {"stats": stats, "train_keep": train_keep, "val_keep": val_keep, "members": members, "bounds": bounds}
+
+
+_PLAN_ARRAYS = ("train_keep", "val_keep", "members", "bounds", "needed")
+
+
+def _load_plan(key: str) -> dict | None:
+    import numpy as np
+
+    folder = data_cache_dir() / "plans" / key
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        with np.load(folder / "plan.npz", allow_pickle=False) as arrays:
+            return {"stats": meta["stats"], **{k: arrays[k] for k in _PLAN_ARRAYS}}
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _save_plan(key: str, plan: dict) -> None:
+    import numpy as np
+
+    base = data_cache_dir() / "plans"
+    tmp = base / f".tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir(parents=True)
+    try:
+        np.savez(tmp / "plan.npz", **{k: np.asarray(plan[k], dtype=np.int64) for k in _PLAN_ARRAYS})
+        (tmp / "meta.json").write_text(json.dumps({"stats": plan["stats"]}))
+        _publish(tmp, base / key)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _empty_rows(n: int):
