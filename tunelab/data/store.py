@@ -317,10 +317,8 @@ def encode_share(enc: Encoder | None, tokenizer, rows_file: str, start: int, sto
 
         backend = tokenizer.backend_tokenizer if tokenizer is not None else Tokenizer.from_str(enc.backend)
     cfg = DataConfig(**cfg)
-    table = pa.ipc.open_stream(pa.memory_map(rows_file)).read_all().slice(start, stop - start)
     with pa.OSFile(out, "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
-        for at in range(0, stop - start, _ENCODE_BATCH):
-            part = table.slice(at, _ENCODE_BATCH)
+        for part in _row_batches(rows_file, start, stop):
             rows = [(json.loads(r), cfg, where(label, n))
                     for r, n in zip(part.column("row").to_pylist(), part.column("line").to_pylist())]  # fmt: skip
             if enc is not None:
@@ -330,6 +328,22 @@ def encode_share(enc: Encoder | None, tokenizer, rows_file: str, start: int, sto
                             for e in render_examples(rows, tokenizer)]  # fmt: skip
             writer.write_batch(_columns(examples, max_length))
     return stop - start
+
+
+def _row_batches(rows_file: str, start: int, stop: int):
+    """Rows [start, stop) of a rows entry, _ENCODE_BATCH at a time, read as a stream rather than memory-mapped:
+    a mapped file's pages, once read, count in the process's resident memory for as long as it runs."""
+    import pyarrow as pa
+
+    at = 0
+    with pa.OSFile(rows_file) as f:
+        for batch in pa.ipc.open_stream(f):
+            a, b = max(start - at, 0), min(stop - at, batch.num_rows)
+            at += batch.num_rows
+            for i in range(a, b, _ENCODE_BATCH):
+                yield batch.slice(i, min(_ENCODE_BATCH, b - i))
+            if at >= stop:
+                return
 
 
 def _tokenise(scan: Scanned, upto: int, cfg: DataConfig, get_tokenizer, tok_fp: str) -> tuple[Path, bool]:
