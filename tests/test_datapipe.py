@@ -326,3 +326,15 @@ def test_file_digest_is_recorded_by_stat_and_racy_records_are_not_trusted(tmp_pa
     assert digest() == first and len(reads) == 3  # the record is trusted now: not read
     path.write_text("two\n")  # same size, new mtime
     assert digest() != first and len(reads) == 4
+
+
+def test_a_row_the_template_refuses_names_its_line(tmp_path):
+    tok = tiny_tokenizer()  # a template that refuses one content: an error found only when tokenising
+    tok.chat_template = "{% for m in messages %}{% if m.content == 'BOOM' %}{{ raise_exception('no BOOM') }}{% endif %}" + (
+        TRIM_TEMPLATE.split("{% for m in messages %}", 1)[1]
+    )
+    rows = chats(40)
+    rows[35]["messages"][1]["content"] = "BOOM"
+    cfg = DataConfig(train=write_jsonl(tmp_path / "c.jsonl", rows), cache="on", num_proc=1)
+    with pytest.raises(DataError, match=r"c.jsonl line 36: the tokenizer's chat template failed .*no BOOM"):
+        build_datasets(cfg, tok, seed=0)

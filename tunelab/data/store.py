@@ -402,15 +402,15 @@ def _run_shares(jobs, enc: Encoder | None, tokenizer) -> None:
         encode_share(enc, tokenizer, str(rows_file), a, b, eff, label, max_length, str(out))
         return
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(len(jobs) - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(encode_share, enc, None, str(f), a, b, eff, label, n, str(out), False)
+    # leaving the block terminates the workers: an error in this share (a bad row) or Ctrl-C stops them too
+    with multiprocessing.get_context("spawn").Pool(len(jobs) - 1) as pool:
+        results = [pool.apply_async(encode_share, (enc, None, str(f), a, b, eff, label, n, str(out), False))
                    for f, a, b, eff, label, n, out in jobs[1:]]  # fmt: skip
         rows_file, a, b, eff, label, max_length, out = jobs[0]
         encode_share(enc, tokenizer, str(rows_file), a, b, eff, label, max_length, str(out), False)
-        for f in futures:
-            f.result()
+        for r in results:
+            r.get()
 
 
 def is_loader(tokenizer) -> bool:
