@@ -7,10 +7,13 @@ sets in ../shared/data (alpaca_tiny, the LLaMA-Factory alpaca demo, LIMA), writt
 prepare the same job: SmolLM2-135M-Instruct's tokenizer and chat template, loss on the reply, max length
 512, packing (best fit decreasing). Each side runs in a fresh process, timed from its start (imports
 included) to the data being ready for step 1, with the peak RSS of its process tree (worker processes
-included, sampled every 50 ms; RSS summed, and PSS, which counts a page shared by forked
-workers once); then once more with its caches warm (second start).
+included, sampled every 50 ms; RSS summed, and PSS, which counts a page shared by several processes once) and
+the CPU time of the whole tree (user + system, the processes it waited for included: a figure per row that a
+loaded machine changes less than the wall time); then once more with its caches warm (second start).
+`uptime`'s load averages are recorded before and after each size.
 
-- tunelab: check_rows + build_datasets (the path `tunelab train` takes), a fresh $TUNELAB_HOME.
+- tunelab: `tunelab data prepare` (check_rows + build_datasets, as `tunelab train` prepares its data), a fresh
+  $TUNELAB_HOME; data.num_proc as given (0: tunelab's default).
 - TRL: load_dataset("json") + a map to conversational prompt / completion + SFTTrainer(...) construction
   (a 2-layer model, so that no model load is timed), a fresh HF_DATASETS_CACHE; dataset_num_proc as given.
 """
@@ -50,14 +53,23 @@ def make_rows(n: int, path: Path, seed: int = 0) -> None:
 
 TUNELAB = """
 import time; t0 = time.perf_counter()
-from transformers import AutoTokenizer
-from tunelab.config import DataConfig
-from tunelab.data.build import build_datasets, check_rows
-cfg = DataConfig(train={train!r}, max_length={max_length}, packing=True, cache="on")
-check_rows(cfg, 0, "sft")
-tok = AutoTokenizer.from_pretrained({tokenizer!r})
-b = build_datasets(cfg, tok, seed=0)
-print("RESULT", {{"seconds": time.perf_counter() - t0, "rows": b.stats["train_rows"], "packed": len(b.train), "hit": b.cache["hit"]}})
+from tunelab.cli import main
+import contextlib, io
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    rc = main(["data", "prepare", {config!r}, "--set", "data.num_proc={num_proc}".replace("None", "null")])
+text = out.getvalue()
+packed = int(text.split("packed into ")[1].split()[0])
+print("RESULT", {{"seconds": time.perf_counter() - t0, "rows": None, "packed": packed, "hit": "cache           hit" in text}})
+"""
+
+CONFIG = """model:
+  name: {tokenizer}
+data:
+  train: {train}
+  max_length: {max_length}
+  packing: true
+  cache: 'on'
 """
 
 TRL = """
@@ -100,6 +112,9 @@ def tree_memory(pid: int) -> tuple[int, int]:
 
 
 def run(code: str, env: dict) -> dict:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
     peak = [0, 0]
@@ -119,16 +134,45 @@ def run(code: str, env: dict) -> dict:
         raise RuntimeError(f"failed ({proc.returncode}):\n{err[-3000:]}")
     result = eval(line[7:])  # our own child's dict literal  # noqa: S307
     result["peak_rss_mb"], result["peak_pss_mb"] = round(peak[0] / 2**20), round(peak[1] / 2**20)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     return result
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def time_to_step1(config: Path, env: dict, out: Path) -> float:
+    """Seconds from starting `tunelab train CONFIG` (LoRA, one step) to its first step in metrics.jsonl: with
+    the data prepared before, the store's cache is hit, and what remains is imports and the model."""
+    t0 = time.perf_counter()
+    sets = ["method.name=lora", "training.max_steps=1", "training.batch_size=2", "training.eval_batches=4",
+            "training.progress=false", "training.tensorboard=false"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(config), "--output-dir", str(out),
+                             *(x for kv in sets for x in ("--set", kv))],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seen = None
+    while proc.poll() is None and seen is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and '"step"' in metrics.read_text():
+            seen = time.perf_counter() - t0
+        time.sleep(0.1)
+    err = proc.communicate()[1]
+    if proc.returncode:
+        raise RuntimeError(f"tunelab train failed ({proc.returncode}):\n{err[-3000:]}")
+    return round(seen if seen is not None else time.perf_counter() - t0, 1)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1000, 100_000], help="data set sizes to run")
     ap.add_argument("--trl-num-proc", type=int, nargs="+", default=[1], help="TRL dataset_num_proc values to run")
+    ap.add_argument("--num-proc", type=int, nargs="+", default=[0], help="tunelab data.num_proc values (0: default)")
     ap.add_argument("--skip-trl", action="store_true", help="time tunelab only")
     ap.add_argument("--work", default=tempfile.gettempdir() + "/tunelab-bench-data", help="folder for data and caches")
     ap.add_argument("--out", help="also write the results as JSON here")
+    ap.add_argument("--step1", action="store_true", help="then time `tunelab train` to its first step (a cache hit)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -138,22 +182,30 @@ def main() -> None:
         train = work / f"alpaca-{n}.jsonl"
         if not train.exists():
             make_rows(n, train)
-        sides = [("tunelab", TUNELAB, None)]
+        sides = [(f"tunelab (num_proc={k or 'default'})", TUNELAB, k or None) for k in args.num_proc]
         if not args.skip_trl:
             sides += [(f"trl (dataset_num_proc={k})", TRL, k) for k in args.trl_num_proc]
         for name, code, num_proc in sides:
             home = Path(tempfile.mkdtemp(dir=work))
             env = {**os.environ, "PYTHONPATH": repo, "TUNELAB_HOME": str(home / "tunelab"),
                    "HF_DATASETS_CACHE": str(home / "hf"), "TRANSFORMERS_VERBOSITY": "error"}  # fmt: skip
+            config = home / "config.yaml"
+            config.write_text(CONFIG.format(tokenizer=TOKENIZER, train=train, max_length=MAX_LENGTH))
             src = code.format(train=str(train), tokenizer=str(TOKENIZER), max_length=MAX_LENGTH, num_proc=num_proc,
-                              out=str(home / "out"))  # fmt: skip
+                              out=str(home / "out"), config=str(config))  # fmt: skip
+            load_before = load()
             first = run(src, env)
             second = run(src, env)
             row = {"side": name, "rows": n, "seconds": round(first["seconds"], 1),
                    "rows_per_s": round(n / first["seconds"]), "peak_rss_mb": first["peak_rss_mb"],
                    "peak_pss_mb": first["peak_pss_mb"],
+                   "cpu_ms_per_row": round(1000 * first["cpu_s"] / n, 3),
                    "second_start_s": round(second["seconds"], 1), "second_peak_rss_mb": second["peak_rss_mb"],
-                   "packed_rows": first["packed"]}  # fmt: skip
+                   "second_peak_pss_mb": second["peak_pss_mb"], "second_hit": second["hit"],
+                   "packed_rows": first["packed"], "load_before": load_before, "load_after": load()}  # fmt: skip
+            if args.step1 and code is TUNELAB:
+                row["train_step1_s"] = time_to_step1(config, env, home / "run")
+                row["train_step1_load"] = load()
             results.append(row)
             print(json.dumps(row), flush=True)
     if args.out:

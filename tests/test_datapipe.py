@@ -117,7 +117,7 @@ def test_second_run_hits_the_cache_and_tokenises_nothing(tmp_path, tok, monkeypa
     def no_tokenising(*a, **k):
         raise AssertionError("tokenised again")
 
-    monkeypatch.setattr(store, "_encode_batch", no_tokenising)
+    monkeypatch.setattr(store, "encode_share", no_tokenising)
     with caplog.at_level(logging.INFO, logger="tunelab.data"):
         again = build_datasets(cfg, tok, seed=4)  # another seed: another split of the same cached rows
     assert again.cache["hit"] is True and "data cache hit" in caplog.text
@@ -180,7 +180,7 @@ def test_pack_plan_is_the_sorted_list_bfd(max_length):
     assert all(sum(lengths[i] for i in r) <= max_length for r in plan)
 
 
-def test_data_prepare_command(tmp_path, capsys):
+def test_data_prepare_command(tmp_path, capsys, monkeypatch):
     from tunelab.testing import save_tiny_model_dir
 
     model = save_tiny_model_dir(tmp_path / "model")
@@ -190,7 +190,151 @@ def test_data_prepare_command(tmp_path, capsys):
     assert main(["data", "prepare", str(cfg), "--set", "data.num_proc=1"]) == 0
     out = capsys.readouterr().out
     assert "rows read       30" in out and "cache           written" in out and "length" in out
+    import tunelab.models as models
+
+    real_load = models.load_tokenizer
+
+    def no_tokenizer(*a, **k):
+        raise AssertionError("a tokenizer was loaded")
+
+    monkeypatch.setattr(models, "load_tokenizer", no_tokenizer)  # a hit is found from the tokenizer files' digest
     assert main(["data", "prepare", str(cfg), "--set", "data.num_proc=1"]) == 0
     assert "cache           hit" in capsys.readouterr().out
+    from tunelab.config import load_config
+    from tunelab.stages.lm import build
+
+    run = load_config(str(cfg))  # `tunelab train` keys the cache alike: a run after `data prepare` hits it
+    assert build(run, real_load(run.model)).cache["hit"] is True
+    monkeypatch.setattr(models, "load_tokenizer", real_load)
     assert main(["data", "prepare", str(cfg), "--set", "data.cache=off"]) == 0
     assert "in memory" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the store's encoder: one render per conversation
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% endif %}{{ m.content }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TRIM_TEMPLATE = (  # trims every message: replies with outer spaces are not found verbatim in the rendering
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LAST_TURN_TEMPLATE = (  # the last reply gets an empty think block the generation prompt lacks: unsafe to render once
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if loop.last and m.role == 'assistant' %}<think></think>"
+    "{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TRAP_TEMPLATE = (  # renders like ChatML, except the generation prompt after a message "TRAP": not seen by the probes
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}{% if messages[-1].content == 'TRAP' %}<|im_start|>{% else %}"
+    "<|im_start|>assistant\n{% endif %}{% endif %}"
+)
+TOOL_ROW = {
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": json.dumps({"temp": 21})},
+        {"from": "gpt", "value": "It is 21 degrees."},
+    ],
+    "tools": json.dumps([{"name": "weather", "description": "Weather of a city",
+                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]),
+}  # fmt: skip
+
+
+def encoder_rows():
+    chat_cfg = DataConfig(format="chat")
+    rows = [(r, DataConfig(format="instruction", system_prompt=s), f"a {i}")
+            for i, r in enumerate(alpaca(12)) for s in (None, "Be kind.")]  # fmt: skip
+    rows += [(r, chat_cfg, f"c {i}") for i, r in enumerate(chats(12))]  # multi-turn, system prompt
+    ends_on_user = {"messages": chats(1)[0]["messages"] + [{"role": "user", "content": "thanks"}]}
+    spaced = {"messages": [{"role": "user", "content": " hi "}, {"role": "assistant", "content": " spaced reply "}]}
+    rows += [(ends_on_user, chat_cfg, "u"), (spaced, chat_cfg, "s")]
+    rows += [(r, DataConfig(format="instruction", train_on_prompt=True), f"p {i}") for i, r in enumerate(alpaca(4))]
+    rows += [({"text": "to be or not " * i}, DataConfig(format="text"), f"t {i}") for i in range(3)]
+    return rows
+
+
+@pytest.mark.parametrize("template, one_render", [(None, True), (TOOLS_TEMPLATE, True), (TRIM_TEMPLATE, True),
+                                                  (LAST_TURN_TEMPLATE, False)])  # fmt: skip
+def test_one_render_encoder_equals_render_examples(tok, template, one_render, monkeypatch):
+    from tokenizers import Tokenizer
+
+    import tunelab.data.encoder as encoder
+
+    tok = tiny_tokenizer()
+    if template:
+        tok.chat_template = template
+    rows = encoder_rows() + ([(TOOL_ROW, DataConfig(format="sharegpt"), "tool")] if template == TOOLS_TEMPLATE else [])
+    if not one_render:  # its multi-turn rows are refused on both paths (turns rendered differently)
+        rows = [r for r in rows if not r[2].startswith(("c ", "u"))]
+    enc = encoder.encoder_for(tok)
+    assert (enc.shape is not None) is one_render
+    renders = []
+    real = encoder.render
+    monkeypatch.setattr(encoder, "render", lambda *a, **k: renders.append(1) or real(*a, **k))
+    got = encoder.encode_rows(rows, enc, Tokenizer.from_str(enc.backend))
+    want = render_examples(rows, tok)
+    assert [(a.tolist(), b.tolist()) for a, b in got] == [(e["input_ids"], e["labels"]) for e in want]
+    assert any(-100 in e["labels"] for e in want) and any(-100 not in e["labels"] for e in want)
+    chat_rows = sum(1 for _, c, _ in rows if c.format != "text")
+    if template is None:  # ChatML: one render a conversation, plus the first one checked turn by turn (2 renders)
+        assert len(renders) == chat_rows + 2
+    elif not one_render:  # every reply located by rendering up to it
+        assert len(renders) > 2 * chat_rows
+
+
+def test_store_retokenises_when_a_row_breaks_the_one_render_shape(tmp_path, tok, caplog):
+    trap = tiny_tokenizer()
+    trap.chat_template = TRAP_TEMPLATE
+    rows = [{"messages": [{"role": "user", "content": "TRAP"}, {"role": "assistant", "content": "caught"}]}]
+    cfg = DataConfig(train=write_jsonl(tmp_path / "c.jsonl", rows + chats(10)), val_fraction=0.0, max_length=64)
+    with caplog.at_level(logging.WARNING, logger="tunelab.data"):
+        memory, stored = both(cfg, trap, seed=0)
+    assert "tokenising again with one render per turn" in caplog.text
+    assert_same(memory, stored)
+
+
+def test_store_in_spawned_processes_equals_memory(tmp_path, tok, monkeypatch):
+    import tunelab.data.store as store
+
+    monkeypatch.setattr(store, "_MIN_SHARE", 16)  # this process and a spawned one, 30 rows each
+    cfg = DataConfig(train=write_jsonl(tmp_path / "c.jsonl", chats(60)), val_fraction=0.1, max_length=48, packing=True)
+    memory, stored = both(cfg, tok, seed=2)
+    assert len(list(Path(stored.cache["folders"][0]).glob("tokens-*.arrow"))) == 2
+    assert_same(memory, stored)
+
+
+def test_file_digest_is_recorded_by_stat_and_racy_records_are_not_trusted(tmp_path, monkeypatch):
+    import os
+
+    import tunelab.data.store as store
+
+    path = tmp_path / "a.jsonl"
+    path.write_text("one\n")
+    reads = []
+    monkeypatch.setattr(store, "open", lambda *a, **k: reads.append(a[0]) or open(*a, **k), raising=False)
+
+    def digest():
+        store._DIGESTS.clear()  # a new process: only the record on disk is left
+        return store.file_digest(path)
+
+    first = digest()
+    assert digest() == first and len(reads) == 2  # hashed within 2 s of its last write: read again
+    os.utime(path, ns=(time_ns := path.stat().st_mtime_ns - 10**10, time_ns))  # last written 10 s ago
+    digest()
+    assert digest() == first and len(reads) == 3  # the record is trusted now: not read
+    path.write_text("two\n")  # same size, new mtime
+    assert digest() != first and len(reads) == 4
+
+
+def test_a_row_the_template_refuses_names_its_line(tmp_path):
+    tok = tiny_tokenizer()  # a template that refuses one content: an error found only when tokenising
+    tok.chat_template = "{% for m in messages %}{% if m.content == 'BOOM' %}{{ raise_exception('no BOOM') }}{% endif %}" + (
+        TRIM_TEMPLATE.split("{% for m in messages %}", 1)[1]
+    )
+    rows = chats(40)
+    rows[35]["messages"][1]["content"] = "BOOM"
+    cfg = DataConfig(train=write_jsonl(tmp_path / "c.jsonl", rows), cache="on", num_proc=1)
+    with pytest.raises(DataError, match=r"c.jsonl line 36: the tokenizer's chat template failed .*no BOOM"):
+        build_datasets(cfg, tok, seed=0)

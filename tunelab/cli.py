@@ -290,13 +290,15 @@ def cmd_data(args) -> int:
     from tunelab.data.build import build_datasets, check_rows, describe
     from tunelab.interop.convert import load_any
     from tunelab.models import load_tokenizer
+    from tunelab.models.fingerprint import tokenizer_digest
 
     cfg = load_any(args.config, args.set)[0]
     if cfg.stage not in ("sft", "pretrain"):
         raise ConfigError(f"tunelab data prepare: reads the data of stage sft or pretrain, not {cfg.stage}")
     check_rows(cfg.data, cfg.training.seed, cfg.stage)  # every row, before the tokenizer loads
-    tokenizer = load_tokenizer(cfg.model)
-    bundle = build_datasets(cfg.data, tokenizer, seed=cfg.training.seed, stage=cfg.stage)
+    # the tokenizer is loaded only if something is to be tokenised: a cache hit is known from its files' digest
+    bundle = build_datasets(cfg.data, lambda: load_tokenizer(cfg.model), seed=cfg.training.seed, stage=cfg.stage,
+                            fingerprint=tokenizer_digest(cfg.model))  # fmt: skip
     print(f"data of {args.config or 'the default config'} (stage {cfg.stage}, seed {cfg.training.seed})")
     print(describe(bundle, cfg.data))
     return 0

@@ -356,7 +356,10 @@ class DataConfig(Section):
         "16 MB of data files (docs/data.md).",
     )
     num_proc: int | None = Field(
-        None, ge=1, description="Processes that tokenise into the cache; null = one per core (at most 8)."
+        None,
+        ge=1,
+        description="Processes that tokenise into the cache (this one and num_proc - 1 started fresh); null = one "
+        "per core, at most 8 and one per 4,000 rows.",
     )
 
     @field_validator("cache", mode="before")

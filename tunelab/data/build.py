@@ -71,12 +71,17 @@ def check_rows(cfg: DataConfig, seed: int, stage: str = "sft") -> None:
     _CHECKED[reading_key(cfg, seed, stage)] = split
 
 
-def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft") -> DataBundle:
+def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft", fingerprint: str | None = None) -> DataBundle:
+    """The examples of `cfg`. `tokenizer`: the tokenizer, or a function of no arguments that loads it, called
+    only when rows are to be tokenised (so a hit of the store's cache loads none when `fingerprint`, what
+    decides the token ids, e.g. models.tokenizer_digest(cfg.model), is given)."""
     if stage == "pretrain" and cfg.format not in ("text", "auto"):
         raise DataError("stage: pretrain trains on raw text; set data.format: text.")
     if store.uses_store(cfg, stage):
-        train, val, stats, cache = store.prepare(cfg, tokenizer, seed, stage)
+        train, val, stats, cache = store.prepare(cfg, tokenizer, seed, stage, fingerprint)
         return DataBundle(train=train, val=val, stats=stats, cache=cache)
+    if store.is_loader(tokenizer):
+        tokenizer = tokenizer()
     checked = _CHECKED.pop(reading_key(cfg, seed, stage), None)
     train_rows, val_rows, rows_read, configs = checked or read_split(cfg, seed, stage)
     counts = {"truncated": 0, "dropped": 0}

@@ -54,15 +54,25 @@ def build_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
 def response_spans(messages: list[dict], tokenizer, where: str = "example",
                    tools: list | None = None) -> tuple[str, list[tuple[int, int]]]:  # fmt: skip
     """The full rendering and the character spans [start, end) of each assistant reply."""
-    full = render_text(messages, tokenizer, add_generation_prompt=False, where=where, tools=tools)
+
+    def render(msgs: list[dict], generation: bool) -> str:
+        return render_text(msgs, tokenizer, add_generation_prompt=generation, where=where, tools=tools)
+
+    return spans_by_renders(messages, render, where)
+
+
+def spans_by_renders(messages: list[dict], render, where: str = "example") -> tuple[str, list[tuple[int, int]]]:
+    """response_spans with `render(messages, add_generation_prompt) -> text`: each reply located by rendering
+    the conversation up to it (the module docstring's method)."""
+    full = render(messages, False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = render_text(messages[:i], tokenizer, add_generation_prompt=True, where=where, tools=tools)
+        start = render(messages[:i], True)
         end = full  # the last message: messages[: i + 1] is all of them, rendered once already
         if i < len(messages) - 1:
-            end = render_text(messages[: i + 1], tokenizer, add_generation_prompt=False, where=where, tools=tools)
+            end = render(messages[: i + 1], False)
         if not (end.startswith(start) and full.startswith(end)):
             raise DataError(
                 f"{where}: this tokenizer's chat template renders earlier turns differently once later turns "

@@ -13,6 +13,7 @@ from functools import partial
 
 from tunelab.data import build_datasets, check_rows, collate
 from tunelab.models import load_model
+from tunelab.models.fingerprint import tokenizer_digest
 from tunelab.models.loss import token_loss_sum
 from tunelab.stages import pretraining as pt
 from tunelab.stages.base import Stage, require_causal
@@ -37,7 +38,9 @@ def corpus(cfg) -> bool:
 def build(cfg, tokenizer):
     if corpus(cfg):
         return pt.build_causal(cfg, tokenizer)
-    return build_datasets(cfg.data, tokenizer, seed=cfg.training.seed, stage=cfg.stage)
+    # the digest `tunelab data prepare` keys the data cache by, so that a run after it hits that cache
+    return build_datasets(cfg.data, tokenizer, seed=cfg.training.seed, stage=cfg.stage,
+                          fingerprint=tokenizer_digest(cfg.model))  # fmt: skip
 
 
 def check(cfg) -> None:

@@ -144,9 +144,9 @@ def train(
         raise DataError("no training examples left after tokenisation")
     log("data: " + ", ".join(f"{k}={v}" for k, v in data.stats.items()))
     pad_id = tokenizer.pad_token_id
-    val_batches = [
-        stage.collate(data.val[j : j + tcfg.batch_size], pad_id) for j in range(0, len(data.val), tcfg.batch_size)
-    ][: tcfg.eval_batches]
+    # only the batches evaluated are collated: a large set's examples are read from disk (the data store)
+    n_val = len(data.val) if tcfg.eval_batches is None else min(len(data.val), tcfg.eval_batches * tcfg.batch_size)
+    val_batches = [stage.collate(data.val[j : j + tcfg.batch_size], pad_id) for j in range(0, n_val, tcfg.batch_size)]
 
     # N processes x batch b see the batches of one process with batch N*b, each process a slice of each
     global_batch = tcfg.batch_size * dist.world_size
