@@ -12,6 +12,7 @@ from bisect import bisect_left, insort
 from pathlib import Path
 
 import pytest
+from test_formats_auto import TOOL_ROW  # tests/ is on sys.path (conftest.py)
 
 from tunelab.cli import main
 from tunelab.config import DataConfig
@@ -230,16 +231,6 @@ TRAP_TEMPLATE = (  # renders like ChatML, except the generation prompt after a m
     "{% if add_generation_prompt %}{% if messages[-1].content == 'TRAP' %}<|im_start|>{% else %}"
     "<|im_start|>assistant\n{% endif %}{% endif %}"
 )
-TOOL_ROW = {
-    "conversations": [
-        {"from": "human", "value": "Weather in Paris?"},
-        {"from": "function_call", "value": json.dumps({"name": "weather", "arguments": {"city": "Paris"}})},
-        {"from": "observation", "value": json.dumps({"temp": 21})},
-        {"from": "gpt", "value": "It is 21 degrees."},
-    ],
-    "tools": json.dumps([{"name": "weather", "description": "Weather of a city",
-                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]),
-}  # fmt: skip
 
 
 def encoder_rows():

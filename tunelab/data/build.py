@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from tunelab.config import DataConfig
 from tunelab.data import store
-from tunelab.data.errors import DataError, where
+from tunelab.data.errors import DataError, check_kept, source_names, where
 from tunelab.data.formats import row_to_messages, row_to_text
 from tunelab.data.packing import pack
 from tunelab.data.readers import Row
@@ -36,7 +36,7 @@ def read_split(cfg: DataConfig, seed: int, stage: str = "sft") -> tuple[list[Row
     rows, configs = read_sources(cfg, seed, stage)
     rows = rows[: cfg.limit]
     if not rows:
-        raise DataError(f"{_name(cfg.train)}: no rows to train on.")
+        raise DataError(f"{source_names(cfg.train)}: no rows to train on.")
     if not cfg.validation:
         train_rows, val_rows = split_rows(rows, cfg.val_fraction, seed)
         return train_rows, val_rows, len(rows), configs
@@ -87,17 +87,7 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft", fi
     counts = {"truncated": 0, "dropped": 0}
     train = _encode_all(train_rows, configs, cfg, tokenizer, counts)
     val = _encode_all(val_rows, configs, cfg, tokenizer, counts)
-    if not train:
-        raise DataError(
-            f"{_name(cfg.train)}: no training example has response tokens left after truncation to "
-            f"data.max_length={cfg.max_length}. Raise data.max_length."
-        )
-    if counts["dropped"]:
-        log.warning(
-            "%d rows dropped: their response starts after data.max_length=%d tokens. "
-            "Raise data.max_length to keep them.",
-            counts["dropped"], cfg.max_length,
-        )
+    check_kept(cfg, len(train), counts["dropped"])
     stats = {
         "rows_read": rows_read,
         "train_rows": len(train),
@@ -131,11 +121,6 @@ def _encode_all(rows: list[Row], configs: dict, cfg: DataConfig, tokenizer, coun
     return out
 
 
-def _name(train) -> str:
-    """data.train in a message: the file, or the list of sources."""
-    if isinstance(train, list):
-        return ", ".join(t if isinstance(t, str) else t.path for t in train)
-    return str(train)
 
 
 def describe(bundle: DataBundle, cfg: DataConfig) -> str:

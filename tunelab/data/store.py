@@ -43,7 +43,7 @@ from pathlib import Path
 
 from tunelab.config import DataConfig
 from tunelab.data.encoder import Encoder, ShapeMismatch, encode_rows, encoder_for
-from tunelab.data.errors import DataError, where
+from tunelab.data.errors import DataError, check_kept, source_names, where
 from tunelab.data.formats import detect_format, row_to_messages, row_to_text
 from tunelab.data.packing import pack_plan, packed_row
 from tunelab.data.readers import iter_rows
@@ -228,7 +228,7 @@ def select(cfg: DataConfig, seed: int, train: list[Scanned], val: list[Scanned],
         offset += scan.n
     mixed = mixed[: cfg.limit]
     if not mixed:
-        raise DataError(f"{_name(cfg.train)}: no rows to train on.")
+        raise DataError(f"{source_names(cfg.train)}: no rows to train on.")
     if not val:
         train_pos, val_pos = split_rows(mixed, cfg.val_fraction, seed)
         return train_pos, val_pos, len(mixed)
@@ -240,10 +240,6 @@ def select(cfg: DataConfig, seed: int, train: list[Scanned], val: list[Scanned],
     return train_pos, val_pos, len(mixed) + len(val_pos)
 
 
-def _name(train) -> str:
-    if isinstance(train, list):
-        return ", ".join(t if isinstance(t, str) else t.path for t in train)
-    return str(train)
 
 
 # -------------------------------------------------------------------------------------- tokens
@@ -515,17 +511,7 @@ def prepare(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft", fingerpri
         plan["needed"] = needed
         _save_plan(plan_key, plan)
     stats = plan["stats"]
-    if not stats["train_rows"]:
-        raise DataError(
-            f"{_name(cfg.train)}: no training example has response tokens left after truncation to "
-            f"data.max_length={cfg.max_length}. Raise data.max_length."
-        )
-    if stats["dropped"]:
-        log.warning(
-            "%d rows dropped: their response starts after data.max_length=%d tokens. "
-            "Raise data.max_length to keep them.",
-            stats["dropped"], cfg.max_length,
-        )  # fmt: skip
+    check_kept(cfg, stats["train_rows"], stats["dropped"])
     hit = all(hits)
     cache = {"hit": hit, "folders": [f for f in folders if f], "rows": [str(s.path) for s in scans],
              "seconds": round(time.perf_counter() - t0, 2)}  # fmt: skip
