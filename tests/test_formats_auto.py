@@ -91,7 +91,9 @@ def test_mixing_is_seeded(tmp_path):
     cfg = DataConfig(train=train)
     rows = read_sources(cfg, 7, "sft")[0]
     assert len(rows) == 3 + 8 + 2
-    assert rows == read_sources(cfg, 7, "sft")[0] and rows != read_sources(cfg, 8, "sft")[0]
+    assert rows == read_sources(cfg, 7, "sft")[0]
+    # another seed draws another sample: 3 of 10 rows coincide for one seed 1 time in 120, so ask several
+    assert any(rows != read_sources(cfg, seed, "sft")[0] for seed in range(8, 13))
     check_rows(cfg, 7)
 
 
