@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from train_speed import TRL_CHECKPOINTING, _cell, peak_rss_mb
+from train_speed import TRL_CHECKPOINTING, _cell, peak_rss_mb, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
@@ -209,11 +208,7 @@ def run_job(side: str, stage: str) -> dict:
     if JOB.get("max_steps"):
         cmd += ["--max-steps", str(JOB["max_steps"])]
     env = allocator_environment() if side == "tunelab" else None  # as `tunelab train` restarts itself
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{side} {stage} failed (exit {proc.returncode})")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_child(cmd, env, f"{side} {stage}")
     out["pairs_per_s"] = min(out["pairs"], out["steps"] * JOB["batch_size"]) / out["seconds"]  # max_steps: fewer
     return out
 

@@ -23,11 +23,12 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from train_speed import run_child  # bench/ is the script's folder: on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/llamafactory-demo/alpaca_en_demo.json"
@@ -125,13 +126,10 @@ def run(method: str, args) -> dict:
     cmd = [sys.executable, __file__, "--job", method, "--steps", str(args.steps), "--length", str(args.length),
            "--batch", str(args.batch)] + [a for s in args.set for a in ("--set", s)]  # fmt: skip
     env = allocator_environment()  # what `tunelab train` restarts itself with (accel/memory.py)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{method} failed (exit {proc.returncode})")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    stderr: list[str] = []
+    out = run_child(cmd, env, method, stderr)
     out["allocator"] = (env or {}).get("TUNELAB_ALLOCATOR", "system")
-    out["log"] = [ln for ln in proc.stderr.splitlines() if ln.startswith("[tunelab]") and any(
+    out["log"] = [ln for ln in stderr if ln.startswith("[tunelab]") and any(
         w in ln for w in ("gradient checkpointing", "precision", "loaded whole", "compact", "method "))]  # fmt: skip
     out["available_gb_before"] = round(free, 1)
     return out

@@ -223,6 +223,19 @@ def job_environment(side: str, method: str, overrides: list[str], trl_allocator:
     return allocator_environment() if wants_tbbmalloc(tunelab_config(method, overrides, "/unused").training) else None
 
 
+def run_child(cmd: list[str], env: dict | None, label: str, stderr: list | None = None) -> dict:
+    """Run one bench job in a fresh process (so its peak RSS is its own) and return the JSON object it
+    prints as its last line; a failing job stops the bench with the end of its stderr. `stderr`: a list
+    that receives the job's stderr lines (for the caller's log excerpts)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{label} failed (exit {proc.returncode})")
+    if stderr is not None:
+        stderr.extend(proc.stderr.splitlines())
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_job(side: str, method: str, overrides: list[str], trl_allocator: str = "system") -> dict:
     cmd = [sys.executable, __file__, "--job", side, "--methods", method, "--task", JOB["task"],
            "--precision", JOB["precision"]]
@@ -232,11 +245,7 @@ def run_job(side: str, method: str, overrides: list[str], trl_allocator: str = "
     for o in overrides:
         cmd += ["--tunelab-set", o]
     env = job_environment(side, method, overrides, trl_allocator)
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{side} {method} failed (exit {proc.returncode})")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = run_child(cmd, env, f"{side} {method}")
     result["allocator"] = (env or {}).get("TUNELAB_ALLOCATOR", "system")
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
     return result
