@@ -1,0 +1,41 @@
+"""The UI's tabs, composed into one Gradio app, and `launch` (what `tunelab ui` calls)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+from tunelab.ui.context import UIContext
+
+# (title, module): each module has `build_tab(ctx: UIContext) -> None`, called inside its gr.Tab
+TABS = [
+    ("Train", "tunelab.ui.train"),
+    ("Watch", "tunelab.ui.watch"),
+    ("Runs", "tunelab.ui.runs"),
+    ("Compare", "tunelab.ui.compare"),
+    ("Chat", "tunelab.ui.chat"),
+    ("Evaluate & export", "tunelab.ui.evaluate"),
+]
+
+
+def build_app(ctx: UIContext, tabs: list[str] | None = None):
+    """The gr.Blocks app; `tabs` (titles) picks a subset, e.g. in tests of one tab."""
+    import gradio as gr
+
+    with gr.Blocks(title="tunelab") as app:
+        gr.Markdown(f"# tunelab\nRuns under `{ctx.runs}`")
+        for title, module in TABS:
+            if tabs is not None and title not in tabs:
+                continue
+            if importlib.util.find_spec(module) is None:  # TODO(ui): every tab exists once the UI branches merge
+                continue
+            with gr.Tab(title):
+                importlib.import_module(module).build_tab(ctx)
+    return app
+
+
+def launch(runs: str | Path = "runs", host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs):
+    ctx = UIContext(Path(runs).resolve())
+    ctx.runs.mkdir(parents=True, exist_ok=True)
+    return build_app(ctx).launch(server_name=host, server_port=port, share=share, **kwargs)
