@@ -19,9 +19,9 @@ from tunelab.inference import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAU
 def cmd_train(args) -> int:
     from tunelab.config import ConfigError
     from tunelab.interop.convert import load_any
-    from tunelab.training import train
 
-    # validated here once, before any process starts; a LLaMA-Factory / Axolotl file is translated first
+    # validated here once, before any process starts and before torch is imported (a bad config fails in a
+    # second, and the allocator restart below comes first); a LLaMA-Factory / Axolotl file is translated first
     cfg, _ = load_any(args.config, args.set)
     if args.output_dir:
         cfg.output_dir = args.output_dir
@@ -38,6 +38,8 @@ def cmd_train(args) -> int:
         from tunelab.accel.memory import skip_unused_imports
 
         skip_unused_imports(cfg)
+    from tunelab.training import train
+
     result = train(cfg, resume=args.resume, force=args.force)
     from tunelab.training.distributed import rank
 
