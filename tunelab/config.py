@@ -321,6 +321,14 @@ class DataConfig(Section):
     )
     validation: str | None = Field(None, description="Validation file or hub id; else split off `val_fraction`.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of train held out when no validation file.")
+    val_max_rows: int | None = Field(
+        1000,
+        ge=1,
+        description="At most this many validation rows (logged when it applies): of `val_fraction`, the seeded first "
+        "ones, the rest of that fraction trains; of a `validation` file, a seeded sample. Every evaluation (the one "
+        "before step 1 included) reads them all, so 10% of a million rows would be 100,000 rows each time. "
+        "null: no cap.",
+    )
     format: Format = Field(
         "auto",
         description="auto (detected per file from its columns, and logged), instruction (alpaca), chat "
