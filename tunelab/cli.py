@@ -425,8 +425,9 @@ def cmd_push(args) -> int:
 
     if args.what == "merged":
         _without_bitsandbytes(args, args.run)
+    timeout = {} if args.timeout is None else {"timeout": args.timeout}
     report = push(args.run, args.repo_id, what=args.what, private=args.private, revision=args.revision,
-                  token=args.token, device=args.device, trust_remote_code=args.trust_remote_code)  # fmt: skip
+                  token=args.token, device=args.device, trust_remote_code=args.trust_remote_code, **timeout)  # fmt: skip
     print(json.dumps(report, indent=2))
     return 0
 
@@ -642,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--revision", help="the branch to upload to (created from main if missing; default: main)")
     pu.add_argument("--token", help="a Hub token with write access (default: HF_TOKEN, or the one `hf auth login` stored)")
     pu.add_argument("--device", default="cpu", help="--what merged: where to merge (cpu is enough)")
+    pu.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="stop with an error when the Hub stays silent this long on one connect, read or write "
+                    "(default 60; a large file uploads as long as bytes move)")  # fmt: skip
     _trust_flag(pu)
     pu.set_defaults(fn=cmd_push)
 
