@@ -670,6 +670,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub)
     for parser in all_parsers(p):  # subcommands show their defaults too (add_parser does not pass it on)
         parser.formatter_class = HelpFormatter
+        # a prefix is not a flag: `train --res` would silently mean --resume (and change meaning when a flag
+        # sharing the prefix is added)
+        parser.allow_abbrev = False
     return p
 
 
