@@ -127,13 +127,17 @@ def _method_names() -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from tunelab.inference import generate
+    from tunelab.inference import generate, plain_prompt_reason
     from tunelab.stages.runs import load_run
 
     _generation_flags(args)
     _without_bitsandbytes(args, args.run)
     model, tokenizer = load_run(args.run, device=args.device, trust_remote_code=args.trust_remote_code)
-    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, top_p=args.top_p))
+    plain = plain_prompt_reason(args.run)
+    if plain:  # said on stderr: stdout stays the answer alone
+        print(f"tunelab: the prompt is continued as plain text, not in a chat template: {plain}", file=sys.stderr)
+    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, top_p=args.top_p,
+                   chat_template=plain is None))  # fmt: skip
     return 0
 
 
