@@ -38,7 +38,8 @@ def test_the_config_refuses_what_the_loop_would_after_loading(data_file, tmp_pat
 def test_shares_with_checkpointing_pass_without_dropout_on_the_fast_path(data_file, tmp_path):
     training = {"gradient_checkpointing": True, "pass_threads": 2}
     load_config(cfg_dict(data_file, tmp_path / "run", {"name": "lora", "dropout": 0.0}, **training))
-    load_config(cfg_dict(data_file, tmp_path / "run", {"name": "qlora", "dropout": 0.1}, **training))  # PEFT's 4-bit layers
+    # qlora: PEFT's own 4-bit LoRA layers, off the fast path
+    load_config(cfg_dict(data_file, tmp_path / "run", {"name": "qlora", "dropout": 0.1}, **training))
     load_config(cfg_dict(data_file, tmp_path / "run", {"name": "full"}, **training))
 
 
