@@ -118,9 +118,9 @@ def quantize_linear_layers_(
 ) -> dict:
     """Replace the body's `nn.Linear` layers of a loaded model by `bnb.nn.Linear4bit` in place.
 
-    `compute_dtype` None: float32. Returns {"quantized": [names], "skipped": {name: reason}}; a layer already 4-bit (loaded straight into
-    4-bit: `load_plan`) counts as quantized. Deterministic: the same weights give the same 4-bit codes,
-    which is what lets `load` rebuild a saved run from the fp base.
+    `compute_dtype` None: float32. Returns {"quantized": [names], "skipped": {name: reason}}; a layer already
+    4-bit (loaded straight into 4-bit: `load_plan`) counts as quantized. Deterministic: the same weights give
+    the same 4-bit codes, which is what lets `load` rebuild a saved run from the fp base.
     """
     import torch
 
