@@ -87,3 +87,36 @@ def test_readme_trainable_counts_are_the_computed_ones():
         assert abs(value - computed[name]) <= half_step, f"README says {cells[3]!r} for {name}; computed {computed[name]:,}"
         checked += 1
     assert checked == len(computed), (checked, sorted(computed))
+
+
+def test_cli_methods_table_matches_each_method_applied_to_real_weights(tiny_dir, capsys):
+    """The printed table, cell by cell: every registered method once, its trainable count and % as the
+    method's default Config gives on the tiny model with real weights (summary.py counts on the meta device;
+    qlora needs 4-bit weights and is counted as lora, as its note says), mergeable as declared."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.methods import get
+
+    assert cli_main(["methods", "--model", tiny_dir]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("method "))
+    bounds, start = [], 0
+    for dashes in lines[header + 1].split("  "):  # the dash row gives each column's width
+        bounds.append((start, start + len(dashes)))
+        start += len(dashes) + 2
+    rows = {}
+    for ln in lines[header + 2 :]:
+        if not ln.strip():
+            break
+        cells = [ln[a:b].strip() for a, b in bounds[:-1]] + [ln[bounds[-1][0] :].strip()]
+        rows[cells[0]] = cells
+    assert list(rows) == names()
+    base_total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
+    for name, (_, trains, trainable, percent, mergeable, cost) in rows.items():
+        mod = get("lora" if name == "qlora" else name)
+        model = mod.apply(AutoModelForCausalLM.from_pretrained(tiny_dir), mod.Config())
+        expected = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert int(trainable.replace(",", "")) == expected, name
+        assert float(percent) == pytest.approx(100 * expected / base_total, rel=1e-2), name
+        assert mergeable == ("yes" if get(name).CAPABILITIES.mergeable else "no") and trains == get(name).DESCRIPTION
+        assert cost == get(name).INFERENCE_COST

@@ -148,3 +148,28 @@ def test_a_refusing_and_an_unreachable_hub_are_named(run, monkeypatch):
     with pytest.raises(PushError, match=r"cannot reach the Hub \(.*\); check the network, HF_ENDPOINT") as e:
         push(str(run), "me/x", token="hf_bad", endpoint=closed)
     assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_hub_that_accepts_and_never_answers_times_out(run, monkeypatch, capsys):
+    """A listening socket nobody reads: the connection opens, the request goes out, no answer ever comes."""
+    import socket
+    import time
+
+    from huggingface_hub import get_session
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    silent = socket.create_server(("127.0.0.1", 0))  # listens; the kernel completes connections, nothing accept()s
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    before = get_session().timeout
+    try:
+        start = time.monotonic()
+        with pytest.raises(PushError, match=r"the Hub did not answer create_repo within 1 s .*--timeout SECONDS") as e:
+            push(str(run), "me/x", token="hf_bad", endpoint=endpoint, timeout=1)
+        assert time.monotonic() - start < 30 and len(str(e.value).splitlines()) == 1
+        assert get_session().timeout == before  # the shared client is handed back as it was
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", endpoint)
+        assert main(["push", str(run), "me/x", "--token", "hf_bad", "--timeout", "0.5"]) == 2
+        assert "did not answer create_repo within 0.5 s" in capsys.readouterr().err
+    finally:
+        silent.close()

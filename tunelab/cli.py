@@ -19,9 +19,9 @@ from tunelab.inference import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAU
 def cmd_train(args) -> int:
     from tunelab.config import ConfigError
     from tunelab.interop.convert import load_any
-    from tunelab.training import train
 
-    # validated here once, before any process starts; a LLaMA-Factory / Axolotl file is translated first
+    # validated here once, before any process starts and before torch is imported (a bad config fails in a
+    # second, and the allocator restart below comes first); a LLaMA-Factory / Axolotl file is translated first
     cfg, _ = load_any(args.config, args.set)
     if args.output_dir:
         cfg.output_dir = args.output_dir
@@ -38,6 +38,8 @@ def cmd_train(args) -> int:
         from tunelab.accel.memory import skip_unused_imports
 
         skip_unused_imports(cfg)
+    from tunelab.training import train
+
     result = train(cfg, resume=args.resume, force=args.force)
     from tunelab.training.distributed import rank
 
@@ -125,13 +127,17 @@ def _method_names() -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from tunelab.inference import generate
+    from tunelab.inference import generate, plain_prompt_reason
     from tunelab.stages.runs import load_run
 
     _generation_flags(args)
     _without_bitsandbytes(args, args.run)
     model, tokenizer = load_run(args.run, device=args.device, trust_remote_code=args.trust_remote_code)
-    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, top_p=args.top_p))
+    plain = plain_prompt_reason(args.run)
+    if plain:  # said on stderr: stdout stays the answer alone
+        print(f"tunelab: the prompt is continued as plain text, not in a chat template: {plain}", file=sys.stderr)
+    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, top_p=args.top_p,
+                   chat_template=plain is None))  # fmt: skip
     return 0
 
 
@@ -423,8 +429,9 @@ def cmd_push(args) -> int:
 
     if args.what == "merged":
         _without_bitsandbytes(args, args.run)
+    timeout = {} if args.timeout is None else {"timeout": args.timeout}
     report = push(args.run, args.repo_id, what=args.what, private=args.private, revision=args.revision,
-                  token=args.token, device=args.device, trust_remote_code=args.trust_remote_code)  # fmt: skip
+                  token=args.token, device=args.device, trust_remote_code=args.trust_remote_code, **timeout)  # fmt: skip
     print(json.dumps(report, indent=2))
     return 0
 
@@ -640,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("--revision", help="the branch to upload to (created from main if missing; default: main)")
     pu.add_argument("--token", help="a Hub token with write access (default: HF_TOKEN, or the one `hf auth login` stored)")
     pu.add_argument("--device", default="cpu", help="--what merged: where to merge (cpu is enough)")
+    pu.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="stop with an error when the Hub stays silent this long on one connect, read or write "
+                    "(default 60; a large file uploads as long as bytes move)")  # fmt: skip
     _trust_flag(pu)
     pu.set_defaults(fn=cmd_push)
 
@@ -664,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub)
     for parser in all_parsers(p):  # subcommands show their defaults too (add_parser does not pass it on)
         parser.formatter_class = HelpFormatter
+        # a prefix is not a flag: `train --res` would silently mean --resume (and change meaning when a flag
+        # sharing the prefix is added)
+        parser.allow_abbrev = False
     return p
 
 

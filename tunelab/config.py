@@ -321,6 +321,14 @@ class DataConfig(Section):
     )
     validation: str | None = Field(None, description="Validation file or hub id; else split off `val_fraction`.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of train held out when no validation file.")
+    val_max_rows: int | None = Field(
+        1000,
+        ge=1,
+        description="At most this many validation rows (logged when it applies): of `val_fraction`, the seeded first "
+        "ones, the rest of that fraction trains; of a `validation` file, a seeded sample. Every evaluation (the one "
+        "before step 1 included) reads them all, so 10% of a million rows would be 100,000 rows each time. "
+        "null: no cap.",
+    )
     format: Format = Field(
         "auto",
         description="auto (detected per file from its columns, and logged), instruction (alpaca), chat "
@@ -795,6 +803,8 @@ def _build_config_class():
                 _check_scratch(self)
             if self.stage == "ppo":
                 _check_ppo(self)
+            if self.training.pass_threads is not None and self.training.pass_threads > 1:
+                _check_pass_threads(self)
             if self.stage in ("classification", "extractive_qa", "seq2seq") and not (
                 self.task.name or self.task.train_file
             ):
@@ -851,6 +861,29 @@ def is_text_path(path: str) -> bool:
     """A plain-text corpus file (data/corpus.py reads these whole): .txt, .text, .md, optionally .gz."""
     name = Path(str(path)).name.lower().removesuffix(".gz")
     return Path(name).suffix in TEXT_SUFFIXES
+
+
+def _check_pass_threads(cfg) -> None:
+    """training.pass_threads > 1 where the loop would refuse it once the model is in (tunelab/accel/threads.py),
+    decided here from the settings alone; with `device: auto` or several processes the loop asks before the load."""
+    t = cfg.training
+    if t.accelerate == "off" or cfg.stage == "ppo":  # no thread shares: the setting is ignored (and logged so)
+        return
+    if t.device not in ("auto", "cpu"):
+        raise ValueError(
+            f"training.pass_threads: {t.pass_threads} splits a pass over the cores of one CPU process; on "
+            f"training.device {t.device} set it to null or 1"
+        )
+    # LoRA dropout on the fast path (a dense base, not a quantized one) draws a mask per share, which the
+    # recomputed forward of gradient checkpointing would not replay
+    if t.gradient_checkpointing is True and getattr(cfg.method, "dropout", 0) > 0 and not _capabilities(
+        cfg.method.name
+    ).quantized_base:
+        raise ValueError(
+            f"training.pass_threads: {t.pass_threads} with LoRA dropout (method.dropout {cfg.method.dropout:g}) and "
+            "training.gradient_checkpointing: true: the recomputed forward would not replay a share's dropout masks; "
+            "set pass_threads to null or 1, gradient_checkpointing to false, or method.dropout to 0"
+        )
 
 
 def _check_ppo(cfg) -> None:

@@ -1,7 +1,16 @@
 """Generate from a loaded model (a run loaded with tunelab.stages.runs.load_run, or any model):
-`tunelab generate` and `tunelab chat`."""
+`tunelab generate` and `tunelab chat`.
+
+A prompt goes in the tokenizer's chat template, except for a model that never learnt one (`plain_prompt_reason`):
+one pre-trained from scratch on plain text with a tokenizer trained without a template, or a model folder whose
+tokenizer ships none. Those continue the prompt as text; the ChatML template `load_tokenizer` falls back on would
+hand them markup they have never seen.
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 # The generation defaults of `tunelab generate`, `tunelab chat` and `tunelab serve` (what a request that
 # leaves a field out gets), in one place; docs/getting-started.md and docs/export.md document them and
@@ -22,16 +31,63 @@ def generate(
     temperature: float = DEFAULT_TEMPERATURE,
     streamer=None,
     top_p: float = DEFAULT_TOP_P,
+    chat_template: bool = True,
 ) -> str:
     """Answer one user message (or a list of chat messages) with the chat template; greedy by default,
-    sampled (with `top_p`) when temperature > 0. A thin wrapper over tunelab.models.generation.generate."""
+    sampled (with `top_p`) when temperature > 0. `chat_template=False`: the prompt (a string) is plain text
+    to continue (tokenised as the tokenizer does, its bos included). A thin wrapper over
+    tunelab.models.generation.generate."""
     from tunelab.data import build_prompt_ids
     from tunelab.models.generation import generate as generate_ids
 
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    out = generate_ids(model, tokenizer, [build_prompt_ids(messages, tokenizer)], max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, streamer=streamer)  # fmt: skip
+    if chat_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = build_prompt_ids(messages, tokenizer)
+    elif isinstance(prompt, str):
+        ids = tokenizer(prompt)["input_ids"]
+    else:
+        raise TypeError("generate(chat_template=False) continues one text: give the prompt as a string")
+    out = generate_ids(model, tokenizer, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       streamer=streamer)  # fmt: skip
     return out.texts()[0].strip()
+
+
+def plain_prompt_reason(run: str) -> str | None:
+    """Why `run` (a run folder or a model spec) should get its prompt as plain text, or None: use its chat
+    template. A run built from scratch and trained on text only (stage pretrain or mlm) with a tokenizer that
+    has no template of its own never saw a chat turn; nor did a local model folder whose tokenizer ships none."""
+    from tunelab.stages.runs import run_manifest  # here, as the other imports of this module: cli imports it for --help
+
+    manifest = run_manifest(run)
+    if manifest is None:
+        folder = Path(run).expanduser()
+        if folder.is_dir() and (folder / "tokenizer_config.json").is_file() and not own_chat_template(folder):
+            return f"{run}: its tokenizer has no chat template"
+        return None
+    base = manifest.get("base_model") or {}
+    if not base.get("architecture") or manifest.get("stage") not in ("pretrain", "mlm"):
+        return None  # a fine-tune learnt the template it was trained with (the base's, or ChatML)
+    tokenizer = base.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        template = ((tokenizer.get("train") or {}).get("chat_template") or "none") != "none"
+    else:  # a tokenizer folder
+        template = bool(tokenizer) and own_chat_template(Path(tokenizer).expanduser())
+    if template:
+        return None
+    return (f"{run}: a {base['architecture']} model pre-trained from scratch on plain text (stage "
+            f"{manifest['stage']}), with a tokenizer trained without a chat template")  # fmt: skip
+
+
+def own_chat_template(folder: Path) -> bool:
+    """Whether the tokenizer saved in `folder` carries a chat template (in tokenizer_config.json or a
+    chat_template.jinja / .json file beside it), before `load_tokenizer` adds ChatML to one that has none."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    try:
+        return bool(json.loads(config.read_text()).get("chat_template")) if config.is_file() else False
+    except (OSError, ValueError):
+        return False
 
 
 def chat(model, tokenizer, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,

@@ -38,7 +38,7 @@ from tunelab.accel.threads import sharded_step
 from tunelab.models.loading import unwrap
 from tunelab.models.loss import backbone_and_head
 
-__all__ = ["Speed", "sharded_step", "start"]
+__all__ = ["Speed", "check", "sharded_step", "start"]
 
 # knobs of single pieces that `accelerate: off` overrides: named in the log line when a config sets them
 _PIECE_SETTINGS = ("pass_threads", "compact_frozen", "allocator", "release_memory")
@@ -146,6 +146,13 @@ class Speed:
         compact.free_scratch()
         if self.compacted and expand:
             compact.expand_compact(model)
+
+
+def check(tcfg, device, multi: bool) -> None:
+    """The refusals that need the device and the process count but no model: before the run folder and the
+    load (those that need only the config are the config's: `training.pass_threads`)."""
+    if tcfg.accelerate == "auto":
+        threads.check_pass_threads(tcfg, device, multi)
 
 
 def start(tcfg, device) -> Speed:

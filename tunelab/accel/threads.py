@@ -40,12 +40,24 @@ import torch
 from torch import nn
 
 from tunelab.accel import fast_lora, norm
+from tunelab.config import ConfigError
 from tunelab.data.collate import real_tokens
 
 T = TypeVar("T")
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _WORKERS = 0  # the pool's size
+
+
+def check_pass_threads(tcfg, device: torch.device, multi: bool) -> None:
+    """Refuse `training.pass_threads` > 1 where shares cannot run (not a CPU, several processes): the loop asks
+    before the run folder and the model, from the device and the process count alone."""
+    if tcfg.pass_threads is not None and tcfg.pass_threads > 1 and (device.type != "cpu" or multi):
+        where = f"on {device.type}" if device.type != "cpu" else "with several processes"
+        raise ConfigError(
+            f"training.pass_threads: {tcfg.pass_threads} splits a pass over the cores of one CPU process; "
+            f"{where} set it to null or 1"
+        )
 
 
 def parts_for(
@@ -56,20 +68,16 @@ def parts_for(
     parameters are few (each share sums its own gradients). `total`: the model's parameter count, if some
     are no longer parameters (compacted frozen weights). Call it after `fast_lora.enable`: LoRA dropout on
     the fast path draws from each share's own generator."""
-    if tcfg.pass_threads is not None and tcfg.pass_threads > 1 and (device.type != "cpu" or multi):
-        where = f"on {device.type}" if device.type != "cpu" else "with several processes"
-        raise ValueError(
-            f"training.pass_threads: {tcfg.pass_threads} splits a pass over the cores of one CPU process; "
-            f"{where} set it to null or 1"
-        )
+    check_pass_threads(tcfg, device, multi)
     # `auto` has been decided by now (the loop turns checkpointing on before the speed pieces): ask the model
     checkpointed = getattr(tcfg, "gradient_checkpointing", False) is True or any(
         getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
     )
     checkpointed_draws = checkpointed and shares_draw(model)
     if tcfg.pass_threads is not None and tcfg.pass_threads > 1 and checkpointed_draws:
-        # the recomputed forward would draw other masks than the share's forward did: wrong gradients
-        raise ValueError(
+        # the recomputed forward would draw other masks than the share's forward did: wrong gradients. With
+        # gradient_checkpointing: true the config refuses this up front; here `auto` turned checkpointing on
+        raise ConfigError(
             f"training.pass_threads: {tcfg.pass_threads} with LoRA dropout and gradient checkpointing: the "
             "recomputed forward would not replay a share's dropout masks; set pass_threads to null or 1, "
             "training.gradient_checkpointing to false, or method.dropout to 0"

@@ -13,6 +13,7 @@ from tunelab.data.collate import collate, pad
 from tunelab.data.errors import DataError
 from tunelab.data.packing import pack
 from tunelab.data.readers import read_rows
+from tunelab.data.sources import cap_validation
 from tunelab.data.tasks import read_source, shared_data_dir
 from tunelab.data.templating import IGNORE, build_prompt_ids, encode_messages, render_example
 
@@ -22,6 +23,7 @@ __all__ = [
     "DataError",
     "build_datasets",
     "build_prompt_ids",
+    "cap_validation",
     "check_rows",
     "collate",
     "encode_messages",

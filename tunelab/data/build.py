@@ -11,7 +11,7 @@ from tunelab.data.errors import DataError, check_kept, source_names, where
 from tunelab.data.formats import row_to_messages, row_to_text
 from tunelab.data.packing import pack
 from tunelab.data.readers import Row
-from tunelab.data.sources import read_sources, reading_key, split_rows
+from tunelab.data.sources import cap_validation, read_sources, reading_key, split_rows
 from tunelab.data.templating import IGNORE, render_examples
 
 log = logging.getLogger("tunelab.data")
@@ -38,12 +38,13 @@ def read_split(cfg: DataConfig, seed: int, stage: str = "sft") -> tuple[list[Row
     if not rows:
         raise DataError(f"{source_names(cfg.train)}: no rows to train on.")
     if not cfg.validation:
-        train_rows, val_rows = split_rows(rows, cfg.val_fraction, seed)
+        train_rows, val_rows = split_rows(rows, cfg.val_fraction, seed, cfg.val_max_rows)
         return train_rows, val_rows, len(rows), configs
     # the same hub id for both: take its "validation" split rather than train twice
     split = "validation" if cfg.validation == cfg.train else cfg.hub_split
     val_rows, val_configs = read_sources(cfg, seed, stage, entries=[cfg.validation], hub_split=split)
     train_rows, _ = split_rows(rows, 0.0, seed)
+    val_rows = cap_validation(val_rows, cfg.val_max_rows, seed)
     return train_rows, val_rows, len(rows) + len(val_rows), configs | val_configs
 
 

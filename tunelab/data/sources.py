@@ -140,15 +140,30 @@ def _mix(rows: list[Row], src: Source, seed: int) -> list[Row]:
     return [rows[i] for i in mix_indices(len(rows), src, seed)]
 
 
-def split_rows(rows: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Shuffle deterministically and hold out val_fraction (at least one row when possible). The shuffle
-    depends on the number of rows alone, so rows and their positions are split alike."""
+def split_rows(rows: list, val_fraction: float, seed: int, max_val: int | None = None) -> tuple[list, list]:
+    """Shuffle deterministically and hold out val_fraction (at least one row when possible), at most `max_val`
+    rows (data.val_max_rows; the rest of the fraction trains). The shuffle depends on the number of rows alone,
+    so rows and their positions are split alike."""
     order = list(rows)
     random.Random(seed).shuffle(order)
     n_val = 0
     if val_fraction > 0 and len(order) >= 2:
         n_val = min(max(1, round(len(order) * val_fraction)), len(order) - 1)
+        if max_val is not None and n_val > max_val:
+            log.info("data: validation capped at data.val_max_rows = %d rows (val_fraction %g of %d rows is %d; "
+                     "the other %d train)", max_val, val_fraction, len(order), n_val, n_val - max_val)  # fmt: skip
+            n_val = max_val
     return order[n_val:], order[:n_val]
+
+
+def cap_validation(rows: list, max_val: int | None, seed: int) -> list:
+    """A validation file's rows, or a seeded sample of `max_val` of them (data.val_max_rows) kept in file order;
+    like split_rows, a function of the number of rows alone."""
+    if max_val is None or len(rows) <= max_val:
+        return rows
+    log.info("data: validation capped at data.val_max_rows = %d of its %d rows (a seeded sample)", max_val, len(rows))
+    keep = sorted(random.Random(f"{seed}:validation").sample(range(len(rows)), max_val))
+    return [rows[i] for i in keep]
 
 
 def mix_indices(n_rows: int, src: Source, seed: int) -> list[int]:

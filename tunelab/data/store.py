@@ -47,7 +47,7 @@ from tunelab.data.errors import DataError, check_kept, source_names, where
 from tunelab.data.formats import detect_format, row_to_messages, row_to_text
 from tunelab.data.packing import pack_plan, packed_row
 from tunelab.data.readers import iter_rows
-from tunelab.data.sources import Source, mix_indices, resolve, split_rows
+from tunelab.data.sources import Source, cap_validation, mix_indices, resolve, split_rows
 from tunelab.data.tasks import read_source
 from tunelab.data.templating import IGNORE, render_examples
 
@@ -230,13 +230,14 @@ def select(cfg: DataConfig, seed: int, train: list[Scanned], val: list[Scanned],
     if not mixed:
         raise DataError(f"{source_names(cfg.train)}: no rows to train on.")
     if not val:
-        train_pos, val_pos = split_rows(mixed, cfg.val_fraction, seed)
+        train_pos, val_pos = split_rows(mixed, cfg.val_fraction, seed, cfg.val_max_rows)
         return train_pos, val_pos, len(mixed)
     val_pos = []
     for scan, src in zip(val, val_srcs):
         val_pos += [offset + i for i in mix_indices(scan.n, src, seed)]
         offset += scan.n
     train_pos, _ = split_rows(mixed, 0.0, seed)
+    val_pos = cap_validation(val_pos, cfg.val_max_rows, seed)
     return train_pos, val_pos, len(mixed) + len(val_pos)
 
 

@@ -6,6 +6,8 @@ model folder, the tokenizer, tunelab.json and the model card README.md); `adapte
 final/ holds a PEFT adapter; `merged` — the method merged into the base weights (`tunelab export --format hf`),
 a plain transformers folder with its own card. The card's loading code names the repo instead of the local
 folder. The token: `token`, else huggingface_hub's own (HF_TOKEN, or what `hf auth login` stored).
+`timeout`: seconds the Hub may stay silent on one connect, read or write before the push stops with a PushError
+(huggingface_hub's shared HTTP client waits forever by default).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tunelab.stages.runs import result_dir
 from tunelab.training.card import CARD_FILE, card_for_repo, model_card, saved_format
 
 WHAT = ("final", "adapter", "merged")
+DEFAULT_TIMEOUT = 60.0  # seconds without a byte; a large file still uploads as long as it moves
 
 
 class PushError(Exception):
@@ -30,13 +33,15 @@ class PushError(Exception):
 
 def push(run: str, repo_id: str, what: str = "final", private: bool = False, revision: str | None = None,
          token: str | None = None, endpoint: str | None = None, device: str = "cpu",
-         trust_remote_code: bool = False) -> dict:  # fmt: skip
+         trust_remote_code: bool = False, timeout: float = DEFAULT_TIMEOUT) -> dict:  # fmt: skip
     """Upload the run's result to `repo_id` (created if missing; `private` applies to a new repo), on branch
     `revision` (created from main if missing). Returns {repo_id, what, revision, files, commit_url}."""
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub import HfApi, get_session, get_token
 
     if what not in WHAT:
         raise PushError(f"--what {what!r}: choose {', '.join(WHAT)}")
+    if not timeout > 0:
+        raise PushError(f"--timeout {timeout}: give the seconds the Hub may stay silent, more than 0")
     final = result_dir(run)
     if final is None or final.name != "final":
         raise PushError(
@@ -55,7 +60,20 @@ def push(run: str, repo_id: str, what: str = "final", private: bool = False, rev
         )
     api = HfApi(endpoint=endpoint, token=token)
     where = f" to {repo_id} on {api.endpoint}"
-    hub_call(where, api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
+    # HfApi's calls go through huggingface_hub's one shared client, made with timeout=None: give it ours for
+    # this push, then hand it back as it was (the Python API shares the process with the caller's own calls)
+    session = get_session()
+    before, session.timeout = session.timeout, timeout
+    try:
+        return _upload(api, where, run, final, repo_id, what, private, revision, device, trust_remote_code, timeout)
+    finally:
+        session.timeout = before
+
+
+def _upload(api, where, run, final, repo_id, what, private, revision, device, trust_remote_code, timeout) -> dict:
+    from huggingface_hub import CommitOperationAdd
+
+    hub_call(where, api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model", timeout=timeout)
     with tempfile.TemporaryDirectory(prefix="tunelab-push-") as tmp:
         folder, card = (merged_folder(run, final, repo_id, Path(tmp), device, trust_remote_code) if what == "merged"
                         else (final, final_card(final, repo_id)))  # fmt: skip
@@ -66,9 +84,11 @@ def push(run: str, repo_id: str, what: str = "final", private: bool = False, rev
             operations.append(CommitOperationAdd(path_in_repo=CARD_FILE, path_or_fileobj=card.encode()))
             files.append(CARD_FILE)
         if revision:
-            hub_call(where, api.create_branch, repo_id, branch=revision, exist_ok=True, repo_type="model")
+            hub_call(where, api.create_branch, repo_id, branch=revision, exist_ok=True, repo_type="model",
+                     timeout=timeout)  # fmt: skip
         commit = hub_call(where, api.create_commit, repo_id, operations, repo_type="model", revision=revision,
-                          commit_message=f"Upload {Path(run).resolve().name} ({what}) with tunelab push")  # fmt: skip
+                          commit_message=f"Upload {Path(run).resolve().name} ({what}) with tunelab push",
+                          timeout=timeout)  # fmt: skip
     return {"repo_id": repo_id, "what": what, "revision": revision or "main", "files": sorted(files),
             "commit_url": getattr(commit, "commit_url", None)}  # fmt: skip
 
@@ -97,9 +117,9 @@ def merged_folder(run: str, final: Path, repo_id: str, tmp: Path, device: str, t
     return folder, model_card(cfg, folder, model, metrics, manifest, where=repo_id)
 
 
-def hub_call(where: str, fn, *args, **kwargs):
-    """`fn` of HfApi; its failures as one PushError line: refused (the HTTP status and the Hub's message) or
-    unreachable (the connection error)."""
+def hub_call(where: str, fn, *args, timeout: float = DEFAULT_TIMEOUT, **kwargs):
+    """`fn` of HfApi; its failures as one PushError line: refused (the HTTP status and the Hub's message),
+    silent for `timeout` seconds, or unreachable (the connection error)."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
@@ -112,6 +132,11 @@ def hub_call(where: str, fn, *args, **kwargs):
     except Exception as e:
         if not connection_error(e):
             raise
+        if timed_out(e):
+            raise PushError(
+                f"push{where}: the Hub did not answer {fn.__name__} within {timeout:g} s ({type(e).__name__}); "
+                "try again later, or allow longer with --timeout SECONDS"
+            ) from None
         raise PushError(
             f"push{where}: cannot reach the Hub ({type(e).__name__}: {first_line(e)}); check the network, "
             "HF_ENDPOINT, and that HF_HUB_OFFLINE is not set"
@@ -124,6 +149,12 @@ def connection_error(e: BaseException) -> bool:
         return True
     return any(c.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "requests", "urllib3")
                for c in type(e).__mro__)  # fmt: skip
+
+
+def timed_out(e: BaseException) -> bool:
+    """A connect / read / write / pool timeout of the HTTP client, or Python's own."""
+    return isinstance(e, TimeoutError) or any(c.__name__.endswith("Timeout") or c.__name__ == "TimeoutException"
+                                              for c in type(e).__mro__)  # fmt: skip
 
 
 def first_line(e: BaseException) -> str:

@@ -47,13 +47,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
 
 from tunelab.methods.base import Capabilities, MethodConfig, MethodError, freeze_all
+
+if TYPE_CHECKING:  # torch is imported where a model is changed: the config reads `Config` without it
+    from torch import nn
 
 DESCRIPTION = "small bottleneck MLPs (adapters) after the attention and/or FFN sublayers of every block"
 # its own modules, not a PEFT adapter (no disable_adapter): DPO / PPO keep a frozen copy as reference
@@ -87,8 +88,6 @@ SITES: dict[str, dict[str, list[str]]] = {
 # heads that a *For{SequenceClassification,...} model adds fresh (random) on top of the encoder
 _HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
 _HEAD_NAMES = ("classifier", "score", "qa_outputs")
-
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
 class Config(MethodConfig):
@@ -143,25 +142,10 @@ class Config(MethodConfig):
         return list(self.placement) if self.placement is not None else list(PRESETS[self.preset])
 
 
-class BottleneckAdapter(nn.Module):
-    """s · (W_up f(W_down h + b_down) + b_up): the residual branch; the hook adds it to h."""
-
-    def __init__(self, hidden: int, bottleneck: int, activation: str = "relu", scale: float = 1.0):
-        super().__init__()
-        self.down = nn.Linear(hidden, bottleneck)
-        self.act = _ACTIVATIONS[activation]()
-        self.up = nn.Linear(bottleneck, hidden)
-        self.scale = scale
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = h.to(self.down.weight.dtype)  # fp32 branch on a bf16 base (autocast, if on, still applies)
-        return (self.scale * self.up(self.act(self.down(x)))).to(h.dtype)
-
-
 def _adapter_hook(module: nn.Module, args, output):
     """Forward hook on a sublayer: add its adapter's branch to the sublayer's (first) output."""
+    import torch
+
     adapter = getattr(module, CHILD)
     if isinstance(output, torch.Tensor):
         return output + adapter(output)
@@ -206,12 +190,14 @@ def find_sites(model, placement: list[str]) -> list[str]:
 
 
 def _insert(model, sites: list[str], hidden: int, bottleneck: int, activation: str, scale: float) -> None:
+    from tunelab.methods import layers
+
     for site in sites:
         module = model.get_submodule(site)
         if hasattr(module, CHILD):
             raise ValueError(f"adapter: {site} already has an attribute {CHILD!r} (adapters applied twice?)")
         ref = next(module.parameters(), None)
-        adapter = BottleneckAdapter(hidden, bottleneck, activation, scale)
+        adapter = layers.BottleneckAdapter(hidden, bottleneck, activation, scale)
         if ref is not None:
             adapter.to(ref.device)  # fp32 even on a bf16 base: the branch is small and trains better in fp32
         module.add_module(CHILD, adapter)
@@ -219,6 +205,8 @@ def _insert(model, sites: list[str], hidden: int, bottleneck: int, activation: s
 
 
 def _head_params(model, train_head: bool | None) -> list[str]:
+    from torch import nn
+
     if train_head is False:
         return []
     names = []
@@ -237,6 +225,8 @@ def _head_params(model, train_head: bool | None) -> list[str]:
 
 
 def _norm_params(model) -> list[str]:
+    from torch import nn
+
     names = []
     for mname, module in model.named_modules():
         if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("Norm", "LayerNorm", "RMSNorm")):
@@ -319,6 +309,7 @@ def saved_files(out_dir) -> tuple[Path, Path] | None:
 
 
 def load(base_model, out_dir):
+    import torch
     from safetensors.torch import load_file
 
     out = Path(out_dir)

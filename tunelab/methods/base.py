@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from tunelab.models.sources import NO_HUB_KERNELS, ModelError
+
+if TYPE_CHECKING:  # torch is imported where a model is changed: the config reads `Config` without it
+    import torch
 
 
 class MethodError(ValueError):
@@ -149,6 +151,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def wrap_peft(model, peft_cfg):
     """PEFT's get_peft_model, with `target_modules` that match nothing turned into a named error listing the
     model's own linear layers (PEFT's message names neither the section nor what would match)."""
+    import torch
     from peft import get_peft_model
 
     try:

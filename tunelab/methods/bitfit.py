@@ -37,7 +37,6 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from tunelab.methods.base import Capabilities, MethodConfig, MethodError, freeze_all
@@ -82,6 +81,8 @@ def _excluded_linears(model) -> set[str]:
 
 def add_zero_biases_(model, names: list[str] | None = None) -> list[str]:
     """Give bias-free `nn.Linear` layers a zero bias (all of the body's, or exactly `names`)."""
+    import torch
+
     excluded = _excluded_linears(model)
     added = []
     for name, m in model.named_modules():
@@ -135,6 +136,7 @@ def save(model, out_dir) -> None:
 
 
 def load(base_model, out_dir):
+    import torch
     from safetensors.torch import load_file
 
     out = Path(out_dir)
@@ -156,6 +158,8 @@ def load(base_model, out_dir):
 
 def _representable(model, added: list[str]) -> bool:
     """Whether switching on the config's bias flags yields exactly the model's bias parameters."""
+    import torch
+
     cfg = model.config
     flags = [f for f in _BIAS_FLAGS if hasattr(cfg, f)]
     if not flags:

@@ -21,9 +21,8 @@ Tied LM heads (SmolLM2, T5): the LM head *is* the input embedding, so it is not 
 from __future__ import annotations
 
 import inspect
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from tunelab.methods.base import (
@@ -37,6 +36,9 @@ from tunelab.methods.base import (
     unchanged,
 )
 from tunelab.methods.freeze import part_of
+
+if TYPE_CHECKING:  # torch is imported where a model is changed: the config reads `Config` without it
+    import torch
 
 DESCRIPTION = "the task / LM head, final norm and optional new blocks on top of the frozen model"
 CAPABILITIES = Capabilities(mergeable=True)  # the result is a plain model (with more layers when extra_blocks > 0)
@@ -65,6 +67,8 @@ class Config(MethodConfig):
 
 def block_lists(model) -> list[tuple[str, torch.nn.ModuleList]]:
     """The ModuleLists holding the transformer blocks (one; two for encoder-decoders)."""
+    import torch
+
     found = []
     for name, module in model.named_modules():
         if (
@@ -100,6 +104,8 @@ def _set_layer_count(model, stacks) -> None:
 
 def add_blocks(model, k: int, init: str = "auto") -> list[torch.nn.Module]:
     """Append k new blocks to every block stack; returns them (their parameters are trainable)."""
+    import torch
+
     post_norm = getattr(model.config, "model_type", "") in _POST_NORM
     if init == "identity" and post_norm:
         raise MethodError(
@@ -138,6 +144,8 @@ def add_blocks(model, k: int, init: str = "auto") -> list[torch.nn.Module]:
 
 
 def untie_lm_head(model) -> None:
+    import torch
+
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     if out is None or out.weight is not inp.weight:
         return  # already untied (or no LM head)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from tunelab.methods._prompt_learning import patch
@@ -65,15 +64,17 @@ def text_token_ids(text: str, tokenizer, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
-@torch.no_grad()
 def init_from_text(model, text: str, tokenizer) -> None:
     """Set the soft prompt of a prompt-tuned PEFT model to the embeddings of `text`'s tokens."""
+    import torch
+
     weight = model.prompt_encoder[model.active_adapter].embedding.weight
     ids = torch.tensor(
         text_token_ids(text, tokenizer, weight.shape[0]),
         device=model.word_embeddings.weight.device,
     )
-    weight.copy_(model.word_embeddings(ids).to(weight.dtype))
+    with torch.no_grad():
+        weight.copy_(model.word_embeddings(ids).to(weight.dtype))
 
 
 def _tokenizer_of(model):

@@ -26,18 +26,17 @@ import json
 from pathlib import Path
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from tunelab.methods.base import Capabilities, MethodConfig, MethodError, load_full_model, save_full_model
-from tunelab.models.quant import fake_quant_4bit, fake_quant_ste, quantizable_linears
 
 DESCRIPTION = "every weight; the body's linear weights are fake-quantised to 4 bit in the forward pass (STE)"
 CAPABILITIES = Capabilities(mergeable=True)
 INFERENCE_COST = "fake quantisation of every linear weight per forward; none once merged (the 4-bit weights)"
 
 META_FILE = "tunelab_qat.json"
+# torch (tunelab/models/quant.py, the layer in layers.py) is imported where the model is changed: the config
+# reads `Config` above without it
 
 
 class Config(MethodConfig):
@@ -51,18 +50,9 @@ class Config(MethodConfig):
     )
 
 
-class FakeQuantLinear(torch.nn.Linear):
-    """nn.Linear whose forward uses the 4-bit fake-quantised weight. Existing layers get this class
-    assigned in place, so parameter names, state_dict and the saved files stay plain nn.Linear."""
-
-    qat_group_size: int = 32
-    qat_symmetric: bool = False
-
-    def forward(self, x):
-        return F.linear(x, fake_quant_ste(self.weight, self.qat_group_size, self.qat_symmetric), self.bias)
-
-
 def _fake_quantize(model, names, group_size: int, symmetric: bool) -> None:
+    from tunelab.methods.layers import FakeQuantLinear
+
     modules = dict(model.named_modules())
     for n in names:
         m = modules[n]
@@ -71,6 +61,8 @@ def _fake_quantize(model, names, group_size: int, symmetric: bool) -> None:
 
 
 def apply(model, cfg: Config):
+    from tunelab.models.quant import quantizable_linears
+
     layers, _ = quantizable_linears(model, cfg.group_size)
     if not layers:
         raise MethodError(f"qat: no linear layer whose input width is a multiple of method.group_size {cfg.group_size}")
@@ -81,6 +73,8 @@ def apply(model, cfg: Config):
 
 
 def _fake_quantized(model) -> list[str]:
+    from tunelab.methods.layers import FakeQuantLinear
+
     return [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
 
 
@@ -99,12 +93,17 @@ def load(base_model, out_dir):
     return model
 
 
-@torch.no_grad()
 def merge(model):
-    for m in model.modules():
-        if isinstance(m, FakeQuantLinear):
-            m.weight.copy_(fake_quant_4bit(m.weight, m.qat_group_size, m.qat_symmetric))
-            m.__class__ = torch.nn.Linear
+    import torch
+
+    from tunelab.methods.layers import FakeQuantLinear
+    from tunelab.models.quant import fake_quant_4bit
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FakeQuantLinear):
+                m.weight.copy_(fake_quant_4bit(m.weight, m.qat_group_size, m.qat_symmetric))
+                m.__class__ = torch.nn.Linear
     return model
 
 

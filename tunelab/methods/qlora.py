@@ -39,14 +39,16 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from tunelab.methods import lora
 from tunelab.methods.base import Capabilities, MethodError, freeze_all, wrap_peft
 from tunelab.models.loading import unwrap
+
+if TYPE_CHECKING:  # torch is imported where a model is changed: the config reads `Config` without it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,8 @@ def _bnb():
 
 
 def _resolve_compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if setting == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, setting)
@@ -109,16 +113,19 @@ def quantize_linear_layers_(
     model,
     quant_type: str = "nf4",
     double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     skip_modules: list[str] | tuple[str, ...] = (),
 ) -> dict:
     """Replace the body's `nn.Linear` layers of a loaded model by `bnb.nn.Linear4bit` in place.
 
-    Returns {"quantized": [names], "skipped": {name: reason}}; a layer already 4-bit (loaded straight into
-    4-bit: `load_plan`) counts as quantized. Deterministic: the same weights give the same 4-bit codes,
-    which is what lets `load` rebuild a saved run from the fp base.
+    `compute_dtype` None: float32. Returns {"quantized": [names], "skipped": {name: reason}}; a layer already
+    4-bit (loaded straight into 4-bit: `load_plan`) counts as quantized. Deterministic: the same weights give
+    the same 4-bit codes, which is what lets `load` rebuild a saved run from the fp base.
     """
+    import torch
+
     bnb = _bnb()
+    compute_dtype = torch.float32 if compute_dtype is None else compute_dtype
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("qlora quantizes real weights: the model is on the meta device")
     chosen, skipped = linears_to_quantize(model, skip_modules)
@@ -139,6 +146,8 @@ def quantize_linear_layers_(
 def linears_to_quantize(model, skip_modules=()) -> tuple[list[str], dict]:
     """The names of the body's plain `nn.Linear` layers that get 4-bit, and {name: reason} for those kept.
     Reads only the model's structure: the same answer on the meta device (`load_plan`) as loaded."""
+    import torch
+
     heads = _head_names(model)
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or []) | set(
         getattr(model, "_keep_in_fp32_modules_strict", None) or []
@@ -164,6 +173,8 @@ def load_plan(cfg: Config, device):
     """Method hook: the base read tensor by tensor and each body linear made 4-bit as soon as its weights are
     in (models/streaming.py), the very layers `apply` would make from the loaded model (tested: same logits).
     The load then peaks near the 4-bit model, not at the fp32 one (docs/performance.md, big models)."""
+    import torch
+
     bnb = _bnb()
     dtype = _resolve_compute_dtype(cfg.compute_dtype, torch.device(device))
 
@@ -176,6 +187,8 @@ def load_plan(cfg: Config, device):
 
 
 def _to_linear4bit(bnb, linear: torch.nn.Linear, quant_type, double_quant, compute_dtype):
+    import torch
+
     device = linear.weight.device
     q = bnb.nn.Linear4bit(
         linear.in_features,
@@ -217,6 +230,8 @@ def quantized_memory_report(model) -> dict:
     and, nested, 256 8-bit code values per layer: ~1 KB a layer, which matters only for tiny layers).
     Linear layers left in full precision (heads) are reported separately.
     """
+    import torch
+
     layers = [m for _, m in _linear4bit_modules(model)]
     before = after = weights = 0
     codebooks: dict[int, int] = {}  # by storage, so a codebook shared between layers counts once
@@ -307,6 +322,8 @@ def load(base_model, out_dir):
 
 def dequantize_linear4bit(module) -> torch.nn.Linear:
     """A plain `nn.Linear` holding dequant(NF4(W)) in the dtype W had before quantization (the model's)."""
+    import torch
+
     bnb = _bnb()
     w = module.weight
     dtype = w.quant_state.dtype  # the weight's own dtype before quantization: the rest of the model has it too
@@ -324,6 +341,7 @@ def merge(model):
     Takes the PEFT-wrapped QLoRA model (`apply` / `load`) and returns the base model class with
     plain `nn.Linear` layers W_deq + (alpha / r) B A, whose logits match the QLoRA model's.
     """
+    import torch
     from peft.tuners.lora import LoraLayer
 
     bnb = _bnb()

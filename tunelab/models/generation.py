@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab import metrics as M
 from tunelab.data import pad
+from tunelab.models.loading import no_grad
+
+if TYPE_CHECKING:  # torch is imported where a model runs: the config check reads this module without it
+    import torch
 
 
 # ---------------------------------------------------------------------------------- generate
@@ -61,7 +64,7 @@ class Generation:
         return [tok.decode(row, skip_special_tokens=skip_special_tokens) for row in self.tokens]
 
 
-@torch.no_grad()
+@no_grad
 def generate(
     model,
     tokenizer,
@@ -130,7 +133,7 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, unit="row", dynamic_ncols=True)
 
 
-@torch.no_grad()
+@no_grad
 def generate_seq2seq(
     model,
     tokenizer,
@@ -160,7 +163,7 @@ def generate_seq2seq(
     return out
 
 
-@torch.no_grad()
+@no_grad
 def generate_chat(
     model,
     tokenizer,
@@ -207,9 +210,11 @@ def load_embedder(spec: str, device="cpu"):
     return model.eval(), tok
 
 
-@torch.no_grad()
+@no_grad
 def sentence_embeddings(texts: Sequence[str], model, tokenizer, batch_size: int = 64, max_length: int = 256):
     """Mean of the last hidden states over the attention mask, L2-normalised (numpy, one row per text)."""
+    import torch
+
     device = next(model.parameters()).device
     rows = []
     for i in range(0, len(texts), batch_size):
@@ -252,6 +257,8 @@ class Sampler:
 
     def pick(self, logits: torch.Tensor) -> int:
         """The next token for one row's logits [V]."""
+        import torch
+
         if self.temperature <= 0:
             return int(logits.argmax())
         scores = logits.float() / self.temperature
@@ -281,6 +288,8 @@ def _forward_kwargs(model) -> tuple[str, bool]:
 
 
 def _pad_left(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    import torch
+
     missing = length - x.shape[dim]
     if missing <= 0:
         return x
@@ -314,9 +323,10 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.samplers)
 
-    @torch.no_grad()
+    @no_grad
     def add(self, prompt_ids: Sequence[int], sampler: Sampler) -> int:
         """Prefill one prompt alone, join the batch; returns its first new token."""
+        import torch
         from transformers import DynamicCache
 
         ids = torch.tensor([list(prompt_ids)], device=self.device)
@@ -330,6 +340,8 @@ class DecodeBatch:
         return token
 
     def _join(self, cache, length: int, token: int) -> None:
+        import torch
+
         one = lambda v: torch.tensor([v], device=self.device)  # noqa: E731
         mask = torch.ones(1, length, dtype=torch.long, device=self.device)
         if self.cache is None:
@@ -342,9 +354,11 @@ class DecodeBatch:
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
         self.pos, self.last = torch.cat([self.pos, one(length)]), torch.cat([self.last, one(token)])
 
-    @torch.no_grad()
+    @no_grad
     def step(self) -> list[int]:
         """One forward pass for every row (its last token in); returns each row's next token."""
+        import torch
+
         mask = torch.cat([self.mask, self.mask.new_ones(len(self), 1)], dim=1)
         out = self.model(input_ids=self.last[:, None], attention_mask=mask, position_ids=self.pos[:, None],
                          use_cache=True, **{self.cache_arg: self.cache})  # fmt: skip
@@ -357,6 +371,8 @@ class DecodeBatch:
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only these rows (indices into the batch), in this order."""
+        import torch
+
         if not rows:
             self.cache = self.mask = self.pos = self.last = None
             self.samplers = []

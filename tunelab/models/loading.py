@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 import sys
 from pathlib import Path
@@ -33,6 +34,20 @@ CHATML_TEMPLATE = (
 def unwrap(model):
     """The transformers model inside a PEFT wrapper, or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def no_grad(fn):
+    """`torch.no_grad()` as a decorator that imports torch when `fn` first runs, not when its module is
+    imported: the modules the config check reads (stages, generation, losses) then load without torch."""
+
+    @functools.wraps(fn)
+    def without_grad(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return without_grad
 
 
 def resolve_device(device) -> torch.device:

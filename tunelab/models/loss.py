@@ -15,10 +15,12 @@ points, through attributes it sets on the model (PACKED_INPUTS, FUSED_HEAD below
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from tunelab.models.loading import unwrap
+
+if TYPE_CHECKING:  # torch is imported where a model runs: the config check reads this module without it
+    import torch
 
 CHUNK = 256  # label positions per chunk of logits: SmolLM2's 49k-word vocabulary makes a chunk 48 MB
 
@@ -32,6 +34,8 @@ FUSED_HEAD = "tunelab_fused_head"  # (head, hidden, target) -> summed CE, gradie
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """labels[t + 1] is what position t predicts; the last position predicts nothing."""
+    import torch.nn.functional as F
+
     return F.pad(labels[:, 1:], (0, 1), value=-100)
 
 
@@ -82,6 +86,9 @@ def at_labels(model, batch: dict):
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """(sum of cross-entropy over label tokens, number of label tokens)."""
+    import torch
+    import torch.nn.functional as F
+
     at = at_labels(model, batch)
     if at is None:
         target = shift_labels(batch["labels"])
@@ -103,6 +110,9 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
 def row_loss_sums(model, batch: dict) -> torch.Tensor:
     """Summed cross-entropy over each row's label tokens: [rows]. The same label-only head in chunks as
     `token_loss_sum`, summed per row (DPO's sequence log-probs are its negation)."""
+    import torch
+    import torch.nn.functional as F
+
     at = at_labels(model, batch)
     if at is None:
         return per_example_loss(model, batch)
@@ -115,11 +125,15 @@ def row_loss_sums(model, batch: dict) -> torch.Tensor:
 
 
 def _head_ce(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
     return F.cross_entropy(head(hidden).float(), target, reduction="sum")
 
 
 def per_example_loss(model, batch: dict) -> torch.Tensor:
     """Summed cross-entropy per row of the batch, from the full logits (the reference path)."""
+    import torch.nn.functional as F
+
     logits = model(**model_inputs(batch), use_cache=False).logits
     target = shift_labels(batch["labels"])
     ce = F.cross_entropy(logits.float().transpose(1, 2), target, ignore_index=-100, reduction="none")

@@ -25,11 +25,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from tunelab.config import ConfigError
 from tunelab.data.build import DataBundle
 from tunelab.data.tasks import Task, get_task, load_split, load_task_file
+from tunelab.models.loading import no_grad
 
 
 @dataclass
@@ -107,11 +106,13 @@ def check_task_files(stage: str):
     return check
 
 
-@torch.no_grad()
+@no_grad
 def require_causal(model, cfg) -> None:
     """Refuse a model that attends in both directions (BERT and kin) for a stage that trains left-to-right
     generation: transformers would load it with a random LM head that learns nothing it can generate with.
     The test is the definition: a causal model's output at a position ignores every later token."""
+    import torch
+
     device = next(model.parameters()).device
     ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 9]], device=device)
     was_training = model.training

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForMaskedLM
 
 from tunelab.config import ConfigError
-from tunelab.data import DataBundle, pad, read_rows
+from tunelab.data import DataBundle, cap_validation, pad, read_rows
 from tunelab.data.build import split_rows
 from tunelab.data.errors import DataError
 from tunelab.models import load_model
@@ -38,9 +38,10 @@ def build(cfg, tokenizer):
         raise DataError("data.train is not set: give a text file (.jsonl/.json/.csv/.tsv with a text column).")
     rows = read_rows(d.train, hub_split=d.hub_split, hub_config=d.hub_config)[: d.limit]
     if d.validation:
-        train_rows, val_rows = rows, read_rows(d.validation, hub_split=d.hub_split, hub_config=d.hub_config)
+        val_rows = read_rows(d.validation, hub_split=d.hub_split, hub_config=d.hub_config)
+        train_rows, val_rows = rows, cap_validation(val_rows, d.val_max_rows, cfg.training.seed)
     else:
-        train_rows, val_rows = split_rows(rows, d.val_fraction, cfg.training.seed)
+        train_rows, val_rows = split_rows(rows, d.val_fraction, cfg.training.seed, d.val_max_rows)
 
     def encode(rs):
         texts = [str(r[d.columns.text]) for _, _, r in rs if r.get(d.columns.text)]

@@ -11,7 +11,7 @@ import random
 
 import torch
 
-from tunelab.data import DataBundle, split_rows
+from tunelab.data import DataBundle, cap_validation, split_rows
 from tunelab.data.errors import DataError
 from tunelab.data.preference import collate_pairs, encode_preference, read_preference_pairs
 from tunelab.data.sources import reading_key, resolve, source_rows
@@ -63,9 +63,9 @@ def pairs_data(cfg, tokenizer) -> DataBundle:
     kept = _CHECKED.pop(reading_key(d, cfg.training.seed, "dpo"), None)
     pairs, stats, val_pairs = kept or _read_pairs(d, cfg.training.seed)
     if val_pairs is not None:
-        train_pairs = pairs
+        train_pairs, val_pairs = pairs, cap_validation(val_pairs, d.val_max_rows, cfg.training.seed)
     else:
-        train_pairs, val_pairs = split_rows(pairs, d.val_fraction, cfg.training.seed)
+        train_pairs, val_pairs = split_rows(pairs, d.val_fraction, cfg.training.seed, d.val_max_rows)
 
     def encode(ps, part):
         out = []

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab.config import ConfigError
 from tunelab.data import DataBundle
@@ -21,7 +20,11 @@ from tunelab.data.corpus import all_text_files, causal_blocks, corpus_split, mlm
 from tunelab.metrics.char_ngram import char_ngram_baselines
 from tunelab.models import resolve_device
 from tunelab.models.generation import generate
+from tunelab.models.loading import no_grad
 from tunelab.models.scratch import build_model, scratch_tokenizer
+
+if TYPE_CHECKING:  # torch is imported where a model runs: the config check reads this module without it
+    pass
 
 MASK_PROBABILITY = 0.15
 
@@ -90,9 +93,11 @@ def build_causal(cfg, tokenizer) -> CorpusBundle:
                         heldout_texts=[t for _, t in heldout_docs])  # fmt: skip
 
 
-@torch.no_grad()
+@no_grad
 def heldout_nll(model, examples: list[dict], collate, loss_sum, pad_id: int, device, batch_size: int = 8) -> tuple[float, int]:
     """(summed NLL in nats, target tokens) of a causal LM over every held-out block."""
+    import torch
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -129,10 +134,12 @@ def sample_prompts(cfg, data) -> list[str]:
     return [first] if first else []
 
 
-@torch.no_grad()
+@no_grad
 def samples(model, tokenizer, cfg, data, step: int) -> list[dict]:
     """A greedy and a sampled continuation (training.sample_temperature, seeded with the seed and step; the
     training's random state is left as it was) of each sample prompt."""
+    import torch
+
     prompts = sample_prompts(cfg, data)
     if not prompts or cfg.training.sample_tokens == 0:
         return []
@@ -185,6 +192,8 @@ def build_masked(cfg, tokenizer) -> CorpusBundle:
 def held_out_masks(examples: list[dict], seed: int, probability: float = MASK_PROBABILITY) -> list[list[int]]:
     """The positions masked in each held-out example: a fixed draw (seeded), so every evaluation and every
     run with the seed scores the same tokens; at least one per example."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     out = []
     for e in examples:
@@ -196,7 +205,7 @@ def held_out_masks(examples: list[dict], seed: int, probability: float = MASK_PR
     return out
 
 
-@torch.no_grad()
+@no_grad
 def masked_metrics(model, tokenizer, cfg, data, device, batch_size: int = 16) -> dict:
     """Masked-token accuracy on the held-out blocks: each chosen token replaced by the mask token, the
     model's top prediction against it; beside always predicting the training text's most frequent

@@ -71,7 +71,7 @@ def build(cfg, tokenizer) -> DataBundle:
     tag_ids = {t: i for i, t in enumerate(cfg.task.labels)}
     rows = read_rows(cfg.data.train)[: cfg.data.limit]
     examples = [encode(r, tokenizer, tag_ids, cfg.data.max_length, where(f, n)) for f, n, r in rows]
-    train, val = split_rows(examples, cfg.data.val_fraction, cfg.training.seed)
+    train, val = split_rows(examples, cfg.data.val_fraction, cfg.training.seed, cfg.data.val_max_rows)
     return DataBundle(train=train, val=val, stats={"train_rows": len(train), "val_rows": len(val)})
 
 
