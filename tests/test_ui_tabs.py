@@ -1,0 +1,146 @@
+"""The UI's Chat, Compare and Evaluate & export tabs (tunelab/ui/chat.py, compare.py, evaluate.py).
+
+Unit tests call each tab's functions and check them against what the CLI gives for the same input (the
+reply of tunelab.inference, `tunelab eval --json`, `tunelab config GRID`'s error, a loadable export);
+the browser tests at the end drive the tabs in headless Chromium and read the results off the page.
+"""
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import tunelab
+from tunelab.cli import main
+from tunelab.config import ConfigError
+from tunelab.testing import save_tiny_model_dir
+
+ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(16)]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A LoRA SFT run (3 steps) on a tiny Llama, under a runs folder as the UI sees it."""
+    root = tmp_path_factory.mktemp("ui-tabs")
+    base = save_tiny_model_dir(root / "model")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    cfg = tunelab.load_config({"output_dir": str(root / "runs" / "tiny-lora"), "model": {"name": base},
+                               "data": {"train": str(data), "val_fraction": 0.25, "max_length": 48},
+                               "method": {"name": "lora", "r": 2},
+                               "training": {"max_steps": 3, "batch_size": 4, "lr": 1e-2, "progress": False,
+                                            "tensorboard": False}})  # fmt: skip
+    run = tunelab.train(cfg).run_dir
+    return {"run": str(run), "base": base, "runs": root / "runs", "root": root}
+
+
+# ------------------------------------------------------------------------------------------ chat
+def test_chat_reply_is_tunelab_inference_reply(tiny_run):
+    from tunelab.inference import generate
+    from tunelab.stages.runs import load_run
+    from tunelab.ui import chat
+
+    model, tok = load_run(tiny_run["run"], device="cpu")
+    settings = {"max_new_tokens": 12, "temperature": 0.0, "top_p": 1.0}
+    want = generate(model, tok, "Say the number 3.", **settings)
+    steps = list(chat.respond(tiny_run["run"], True, "Say the number 3.", [], [], 0.0, 1.0, 12, "", device="cpu"))
+    history, base_history, error, box = steps[-1]
+    assert error == "" and box == ""
+    assert history == [{"role": "user", "content": "Say the number 3."}, {"role": "assistant", "content": want}]
+    assert len(steps) > 3  # streamed: the reply grew over several updates
+    partial = [h[-1]["content"] for h, _, _, _ in steps[:-1] if h and h[-1]["role"] == "assistant"]
+    assert all(want.startswith(p.strip()) for p in partial if p.strip())
+    base_model, base_tok = load_run(tiny_run["base"], device="cpu")
+    assert base_history[-1]["content"] == generate(base_model, base_tok, "Say the number 3.", **settings)
+    assert chat.load(tiny_run["run"], "cpu")[0] is chat.load(tiny_run["run"], "cpu")[0]  # loaded once
+
+    # a second turn carries the conversation, as `tunelab chat` does
+    more = list(chat.respond(tiny_run["run"], False, "And 4?", history, [], 0.0, 1.0, 12, "", device="cpu"))[-1][0]
+    assert more[-1]["content"] == generate(model, tok, [*history, {"role": "user", "content": "And 4?"}], **settings)
+
+    # sampled with a seed: the same settings give the same reply as generate
+    torch.manual_seed(7)
+    sampled = generate(model, tok, "Say the number 3.", 12, 0.9, top_p=0.8)
+    torch.manual_seed(7)
+    got = list(chat.respond(tiny_run["run"], False, "Say the number 3.", [], [], 0.9, 0.8, 12, "", device="cpu"))
+    assert got[-1][0][-1]["content"] == sampled
+
+
+def test_chat_refuses_bad_settings_as_the_cli_does(tiny_run, capsys):
+    from tunelab.ui import chat
+
+    for field, cli_flag, value in (("top_p", "--top-p", 1.5), ("temperature", "--temperature", -1.0),
+                                   ("max_new_tokens", "--max-new-tokens", 0)):  # fmt: skip
+        settings = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": 8, field: value}
+        *_, (history, _, error, box) = chat.respond(tiny_run["run"], False, "hi", [], [], settings["temperature"],
+                                                    settings["top_p"], settings["max_new_tokens"], "", device="cpu")  # fmt: skip
+        assert main(["generate", tiny_run["run"], "hi", cli_flag, str(value)]) == 2
+        cli = capsys.readouterr().err.strip().removeprefix("tunelab: error: ")
+        assert f"```text\n{cli}\n```" in error, (error, cli)
+        assert history == [] and box == "hi"  # nothing asked; the message stays in the box
+    *_, (_, _, error, _) = chat.respond(tiny_run["base"], True, "hi", [], [], 0.0, 1.0, 8, "", device="cpu")
+    assert "not a run folder" in error  # a plain model has no base beside it
+
+
+# -------------------------------------------------------------------------------------- evaluate
+def test_eval_scores_equal_tunelab_eval(tiny_run, capsys):
+    from tunelab.ui import evaluate
+
+    result = evaluate.score(tiny_run["run"], "sst2", limit=24, seed=1, device="cpu")
+    assert main(["eval", tiny_run["run"], "--task", "sst2", "--limit", "24", "--seed", "1", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    assert result["metrics"] == cli["metrics"] and result["n"] == cli["n"] == 24
+    lo, hi = result["intervals"]["accuracy"]
+    assert 0.0 <= lo <= result["metrics"]["accuracy"] <= hi <= 1.0 and hi - lo > 0.1  # 24 rows: a wide interval
+    table = evaluate.scores_table(result)
+    assert table[0] == ["accuracy", f"{cli['metrics']['accuracy']:.4f}", f"[{lo:.4f}, {hi:.4f}]", 24]
+
+
+def test_eval_perplexity_of_an_uploaded_file(tiny_run, capsys):
+    from tunelab.ui import evaluate
+
+    text = tiny_run["root"] / "held-out.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    result = evaluate.score(tiny_run["run"], "perplexity", data=str(text), context=32, device="cpu")
+    assert main(["eval", tiny_run["run"], "--task", "perplexity", "--data", str(text), "--context", "32", "--json"]) == 0
+    assert result["metrics"] == json.loads(capsys.readouterr().out)["metrics"]
+    with pytest.raises(ConfigError, match="--limit 0: must be 1 or more"):
+        evaluate.score(tiny_run["run"], "sst2", limit=0)
+
+
+def test_export_hf_zip_and_gguf_load(tiny_run, tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.export.hf import load_merged
+    from tunelab.ui import evaluate
+
+    report, download = evaluate.export_run(tiny_run["run"], "hf", "f32", str(tmp_path / "hf"), tiny_run["runs"])
+    assert report["path"] == str(tmp_path / "hf") and download.endswith("hf.zip")
+    with zipfile.ZipFile(download) as z:
+        z.extractall(tmp_path / "unzipped")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "unzipped" / "hf").eval()
+    merged, _, _ = load_merged(tiny_run["run"])
+    ids = torch.tensor([[5, 17, 42, 7, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, merged(ids).logits, rtol=0, atol=1e-5)
+
+    report, download = evaluate.export_run(tiny_run["run"], "gguf", "q8_0", None, tiny_run["runs"])
+    assert Path(report["path"]) == Path(tiny_run["run"] + "-q8_0.gguf")  # beside the run, as the CLI puts it
+    assert Path(download).name == Path(report["path"]).name
+    assert Path(download).read_bytes() == Path(report["path"]).read_bytes()
+    reader = GGUFReader(download)
+    assert len(reader.tensors) == report["tensors"] if "tensors" in report else len(reader.tensors) > 0
+
+
+def test_export_refuses_a_bad_quant_as_the_cli_does(tiny_run, capsys):
+    from tunelab.ui import evaluate
+    from tunelab.ui.shared import error_markdown
+
+    with pytest.raises(Exception) as e:
+        evaluate.export_run(tiny_run["run"], "hf", "q4_0", None, tiny_run["runs"])
+    assert main(["export", tiny_run["run"], "--format", "hf", "--quant", "q4_0"]) == 2
+    cli = capsys.readouterr().err.strip().removeprefix("tunelab: error: ")
+    assert f"```text\n{cli}\n```" in error_markdown(e.value)
