@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import tunelab
 from tunelab.cli import main
@@ -144,3 +145,44 @@ def test_export_refuses_a_bad_quant_as_the_cli_does(tiny_run, capsys):
     assert main(["export", tiny_run["run"], "--format", "hf", "--quant", "q4_0"]) == 2
     cli = capsys.readouterr().err.strip().removeprefix("tunelab: error: ")
     assert f"```text\n{cli}\n```" in error_markdown(e.value)
+
+
+# --------------------------------------------------------------------------------------- compare
+BAD_GRID = """output_dir: {out}
+models: [{model}]
+methods: [{{name: lorra}}]
+tasks: [{{name: sst2, train_limit: 8}}]
+"""
+
+
+def test_compare_check_gives_tunelab_configs_text(tiny_run, capsys):
+    from tunelab.ui import compare
+
+    text = BAD_GRID.format(out=tiny_run["root"] / "grid-out", model=tiny_run["base"])
+    with pytest.raises(ConfigError) as e:
+        compare.check(text, None, tiny_run["runs"])
+    saved = compare.grid_file(text, None, tiny_run["runs"])  # the pasted text, saved by content
+    assert saved.parent == tiny_run["runs"] / ".ui-grids" and saved.read_text() == text
+    assert main(["config", str(saved)]) == 2
+    assert capsys.readouterr().err.strip() == f"tunelab: error: {e.value}"
+    assert "unknown method 'lorra'" in str(e.value) and "Did you mean 'lora'" in str(e.value)
+
+    good = text.replace("lorra", "lora")
+    path, described = compare.check(good, None, tiny_run["runs"])
+    assert main(["config", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == described
+    example = compare.example_grids()[0]  # an unchanged example runs from its own file
+    assert compare.grid_file(example.read_text(), str(example), tiny_run["runs"]) == example
+
+
+def test_compare_builds_a_grid_from_the_form(tiny_run):
+    from tunelab.compare import load_grid
+    from tunelab.ui import compare
+
+    text = compare.build_grid(["smollm2-135m-instruct"], f" {tiny_run['base']} ", ["lora", "bitfit"], ["sst2", "stsb"],
+                              32, 40, 6, str(tiny_run["root"] / "built"))  # fmt: skip
+    grid = load_grid(yaml.safe_load(text))
+    assert [m.name for m in grid.models] == ["smollm2-135m-instruct", tiny_run["base"]]
+    assert [m.name for m in grid.methods] == ["lora", "bitfit"]
+    assert [(t.name, t.train_limit, t.dev_limit) for t in grid.tasks] == [("sst2", 32, 40), ("stsb", 32, 40)]
+    assert grid.base["training"]["max_steps"] == 6
