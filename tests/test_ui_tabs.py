@@ -6,7 +6,10 @@ the browser tests at the end drive the tabs in headless Chromium and read the re
 """
 
 import json
+import os
+import socket
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -186,3 +189,134 @@ def test_compare_builds_a_grid_from_the_form(tiny_run):
     assert [m.name for m in grid.methods] == ["lora", "bitfit"]
     assert [(t.name, t.train_limit, t.dev_limit) for t in grid.tasks] == [("sst2", 32, 40), ("stsb", 32, 40)]
     assert grid.base["training"]["max_steps"] == 6
+
+
+# --------------------------------------------------------------------------------------- browser
+# TODO(ui): at merge, these use the shared harness of tests/ui_browser.py (ui_server, browser_page); until
+# then the same approach, minimal: the app on a free local port, Debian's chromium through Playwright.
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("TUNELAB_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"no {CHROMIUM}; TUNELAB_REQUIRE_BROWSER=1 needs it: apt-get install -y chromium")
+        pytest.skip(f"no {CHROMIUM}: apt-get install -y chromium (CI installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@contextmanager
+def ui_page(browser, runs, tab):
+    """A page of the app with one tab, on a free local port; the app closes after."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no calls home (the machine may have no network)
+    from tunelab.ui.app import build_app
+    from tunelab.ui.context import UIContext
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(UIContext(Path(runs)), tabs=[tab])
+    app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.goto(f"http://127.0.0.1:{port}")
+        yield page
+    finally:
+        page.close()
+        app.close()
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def table_rows(page, elem_id: str) -> list[list[str]]:
+    """The body rows of a gr.Dataframe as the page shows them, cell by cell (its rows carry role=row)."""
+    return page.evaluate(
+        """id => [...document.querySelectorAll(`#${id} [role=row]`)].filter(r => r.getAttribute('aria-rowindex') > 1)
+            .map(r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.innerText.trim()))""",
+        elem_id,
+    )
+
+
+def test_browser_chat_shows_the_reply(browser, tiny_run, tmp_path):
+    from tunelab.inference import generate
+    from tunelab.stages.runs import load_run
+
+    model, tok = load_run(tiny_run["run"], device="cpu")
+    want = generate(model, tok, "Say the number 3.", max_new_tokens=10)
+    with ui_page(browser, tiny_run["runs"], "Chat") as page:
+        page.get_by_text("Generation settings").click()
+        page.get_by_label("--max-new-tokens").fill("10")
+        page.locator("#chat-message textarea").fill("Say the number 3.")
+        page.locator("#chat-message textarea").press("Enter")
+        reply = page.locator('#chat-run [data-testid="bot"]').last
+        reply.wait_for(timeout=60_000)
+        page.wait_for_function("() => !document.querySelector('#chat-run .pending, #chat-run .generating')",
+                               timeout=60_000)  # fmt: skip
+        page.wait_for_timeout(500)
+        page.screenshot(path=tmp_path / "chat.png", full_page=True)
+        assert words(reply.inner_text()) == words(want) != ""
+        assert page.locator("#chat-error").inner_text().strip() == ""
+
+
+def test_browser_evaluate_and_export(browser, tiny_run, tmp_path):
+    from tunelab.ui import evaluate
+
+    want = evaluate.score(tiny_run["run"], "sst2", limit=16, device="cpu")
+    with ui_page(browser, tiny_run["runs"], "Evaluate & export") as page:
+        page.get_by_label("--limit (dev rows; empty = all)").fill("16")
+        page.locator("#eval-button").click()
+        page.locator("#eval-scores").get_by_text("accuracy", exact=True).wait_for(timeout=90_000)
+        lo, hi = want["intervals"]["accuracy"]
+        assert table_rows(page, "eval-scores")[0] == ["accuracy", f"{want['metrics']['accuracy']:.4f}",
+                                                      f"[{lo:.4f}, {hi:.4f}]", "16"]  # fmt: skip
+        assert "16 rows" in page.locator("#eval-summary").inner_text()
+
+        page.get_by_label("gguf", exact=True).check()
+        page.locator("#export-button").click()
+        link = page.locator('#export-download [data-testid="download-link"]').first
+        link.wait_for(timeout=90_000)
+        page.screenshot(path=tmp_path / "evaluate.png", full_page=True)
+        gguf = Path(tiny_run["run"] + "-f16.gguf")
+        assert link.get_attribute("download") == gguf.name
+        body = page.request.get(link.get_attribute("href")).body()
+        assert body == gguf.read_bytes()  # the download is the file export wrote
+
+
+def test_browser_compare_runs_a_tiny_grid(browser, tiny_run, tmp_path):
+    from tunelab.compare.record import table_cells
+    from tunelab.ui import compare
+
+    rows = [{"text": f"{w} {w} the film", "label": int(w in ("good", "great"))} for w in ["good", "bad", "great", "awful"] * 4]
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "grid-out"
+    grid = {"output_dir": str(out), "zero_shot": False,
+            "base": {"training": {"max_steps": 2, "batch_size": 8, "warmup_steps": 0, "threads": 1, "tensorboard": False}},
+            "models": [{"name": tiny_run["base"], "label": "llama", "data": {"max_length": 256}}],
+            "methods": [{"name": "lora", "r": 4, "dropout": 0.0}],
+            "tasks": [{"name": "reviews", "labels": ["negative", "positive"], "train_file": str(tmp_path / "train.jsonl"),
+                       "dev_file": str(tmp_path / "dev.jsonl"), "max_length": 32}]}  # fmt: skip
+    (tmp_path / "tiny-grid.yaml").write_text(yaml.safe_dump(grid))
+    with ui_page(browser, tiny_run["runs"], "Compare") as page:
+        page.locator('input[type="file"]').first.set_input_files(str(tmp_path / "tiny-grid.yaml"))
+        page.locator("#compare-grid").get_by_text("reviews").first.wait_for(timeout=30_000)
+        page.locator("#compare-run").click()
+        page.locator("#compare-results").get_by_text("lora", exact=True).wait_for(timeout=240_000)
+        page.locator("#compare-plots img").first.wait_for(timeout=30_000)
+        page.screenshot(path=tmp_path / "compare.png", full_page=True)
+        header, body = table_cells(json.loads((out / "results.json").read_text()))
+        assert len(body) == 2  # the majority reference and the one cell
+        assert table_rows(page, "compare-results") == body
+        lora = next(r for r in body if r[header.index("Method")] == "lora")
+        assert lora[header.index("Status")] == "done" and lora[header.index("95% CI")].startswith("[")
+        assert "done" in page.locator("#compare-cells").inner_text()
+        assert page.locator("#compare-status").inner_text().startswith("finished")
+    assert [r[4] for r in compare.cell_rows(out, compare.grid_keys(compare.load_grid(str(tmp_path / "tiny-grid.yaml"))))] == ["done", "done"]

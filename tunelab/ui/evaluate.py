@@ -25,7 +25,8 @@ from tunelab.ui.context import UIContext
 from tunelab.ui.shared import error_markdown, model_choices, offer, zip_folder
 
 PERPLEXITY = "perplexity"  # `tunelab eval --task perplexity --data FILE --context N`: an uploaded text file
-QUANTS = {"hf": HF_QUANTS, "gguf": QUANT_TYPES, "gguf-lora": ("f32", "f16")}  # first: export's default
+QUANTS = {"hf": HF_QUANTS, "gguf": QUANT_TYPES, "gguf-lora": ("f32", "f16")}
+DEFAULT_QUANT = {"hf": "f32", "gguf": "f16", "gguf-lora": "f32"}  # what `tunelab export` uses without --quant
 
 
 def task_choices() -> list[tuple[str, str]]:
@@ -69,7 +70,7 @@ def export_run(run: str, fmt: str, quant: str | None, out: str | None, runs: Pat
     `out` a run's export lands beside it (as the CLI's); a model spec's under the runs folder."""
     if not out and run and run_manifest(run) is None:
         name = Path(str(run).rstrip("/")).name or "model"
-        out = str(runs / (f"{name}-hf" if fmt == "hf" else f"{name}-{quant or QUANTS.get(fmt, ('f16',))[0]}.gguf"))
+        out = str(runs / (f"{name}-hf" if fmt == "hf" else f"{name}-{quant or DEFAULT_QUANT.get(fmt, 'f16')}.gguf"))
     report = export(run, fmt, quant or None, out or None, device="cpu", trust_remote_code=trust_remote_code)
     path = Path(report["path"])
     return report, zip_folder(path) if path.is_dir() else offer(path)
@@ -118,9 +119,9 @@ def build_tab(ctx: UIContext) -> None:
     gr.Markdown("### Export (`tunelab export`)")
     with gr.Row():
         fmt = gr.Radio(list(FORMATS), value="hf", label="--format")
-        quant = gr.Dropdown(list(QUANTS["hf"]), value=QUANTS["hf"][0], label="--quant")
+        quant = gr.Dropdown(list(QUANTS["hf"]), value=DEFAULT_QUANT["hf"], label="--quant")
         out = gr.Textbox(label="--out (empty: beside the run)")
-    fmt.change(lambda f: gr.update(choices=list(QUANTS[f]), value=QUANTS[f][0]), fmt, quant)
+    fmt.change(lambda f: gr.update(choices=list(QUANTS[f]), value=DEFAULT_QUANT[f]), fmt, quant)
     export_button = gr.Button("Export", variant="primary", elem_id="export-button")
     export_error = gr.Markdown(elem_id="export-error")
     export_report = gr.JSON(label="Report", elem_id="export-report")
