@@ -265,6 +265,15 @@ def test_browser_chat_shows_the_reply(browser, tiny_run, tmp_path):
         assert words(reply.inner_text()) == words(want) != ""
         assert page.locator("#chat-error").inner_text().strip() == ""
 
+        # a bad setting: the CLI's message beside the form, nothing asked of the model, no traceback page
+        page.get_by_label("--top-p (1 = no nucleus cut)").fill("1.5")
+        page.locator("#chat-message textarea").fill("hi")
+        page.locator("#chat-send").click()
+        error = page.locator("#chat-error")
+        error.get_by_text("--top-p 1.5: must be above 0 and at most 1 (1 = no nucleus cut)").wait_for(timeout=30_000)
+        assert "tunelab: error:" in error.inner_text()
+        assert page.locator('#chat-run [data-testid="bot"]').count() == 1
+
 
 def test_browser_evaluate_and_export(browser, tiny_run, tmp_path):
     from tunelab.ui import evaluate

@@ -16,7 +16,7 @@ from tunelab.stages.runs import result_dir
 log = logging.getLogger("tunelab.ui")
 
 
-def finished_runs(runs: Path, depth: int = 3) -> list[Path]:
+def finished_runs(runs: Path, depth: int = 4) -> list[Path]:
     """Run folders with a result (final/tunelab.json) under `runs`, at most `depth` folders down (a grid's
     cells sit at runs/GRID/cells/CELL), newest first."""
     found, level = [], [Path(runs)]
