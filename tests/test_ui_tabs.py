@@ -86,6 +86,8 @@ def test_chat_refuses_bad_settings_as_the_cli_does(tiny_run, capsys):
         assert history == [] and box == "hi"  # nothing asked; the message stays in the box
     *_, (_, _, error, _) = chat.respond(tiny_run["base"], True, "hi", [], [], 0.0, 1.0, 8, "", device="cpu")
     assert "not a run folder" in error  # a plain model has no base beside it
+    *_, (_, _, error, _) = chat.respond(tiny_run["run"], False, "hi", [], [], None, 1.0, None, "", device="cpu")
+    assert "--temperature, --max-new-tokens: give a number" in error  # cleared fields
 
 
 # -------------------------------------------------------------------------------------- evaluate

@@ -99,15 +99,20 @@ def respond(spec, beside, message, history, base_history, temperature, top_p, ma
             raise ConfigError("pick a run or a model (a run folder, a named model, a folder, a .gguf or a hub id)")
         if not (message or "").strip():
             raise ConfigError("type a message first")
-        max_new_tokens = None if max_new_tokens is None else int(max_new_tokens)
-        check_generation_settings(max_new_tokens, float(temperature), float(top_p))
+        given = {"--temperature": temperature, "--top-p": top_p, "--max-new-tokens": max_new_tokens}
+        empty = [flag for flag, v in given.items() if v is None]  # a cleared number field
+        if empty:
+            raise ConfigError(f"{', '.join(empty)}: give a number (the defaults: --temperature {DEFAULT_TEMPERATURE}, "
+                              f"--top-p {DEFAULT_TOP_P}, --max-new-tokens {DEFAULT_MAX_NEW_TOKENS})")  # fmt: skip
+        max_new_tokens, temperature, top_p = int(max_new_tokens), float(temperature), float(top_p)
+        check_generation_settings(max_new_tokens, temperature, top_p)
         targets = [(spec, history)] + ([(base_of(spec), base_history)] if beside else [])
         models = [load(s, device, trust_remote_code) for s, _ in targets]  # every load before any reply
         for (_, h), (model, tokenizer) in zip(targets, models):
             h.append({"role": "user", "content": message})
             prompt = conversation(h, system)
             h.append({"role": "assistant", "content": ""})
-            for text in stream_reply(model, tokenizer, prompt, max_new_tokens, float(temperature), float(top_p)):
+            for text in stream_reply(model, tokenizer, prompt, max_new_tokens, temperature, top_p):
                 h[-1] = {"role": "assistant", "content": text}
                 yield history, base_history, "", ""
         yield history, base_history, "", ""
