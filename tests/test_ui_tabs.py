@@ -225,12 +225,16 @@ def ui_page(browser, runs, tab):
         port = s.getsockname()[1]
     app = build_app(UIContext(Path(runs)), tabs=[tab])
     app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    # only the app itself: a request elsewhere (web fonts) fails at once instead of waiting on an offline machine
+    context.route("**/*", lambda r: r.continue_() if r.request.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+                  else r.abort())  # fmt: skip
+    page = context.new_page()
     try:
         page.goto(f"http://127.0.0.1:{port}")
         yield page
     finally:
-        page.close()
+        context.close()
         app.close()
 
 
