@@ -102,6 +102,7 @@ def test_eval_scores_equal_tunelab_eval(tiny_run, capsys):
     assert 0.0 <= lo <= result["metrics"]["accuracy"] <= hi <= 1.0 and hi - lo > 0.1  # 24 rows: a wide interval
     table = evaluate.scores_table(result)
     assert table[0] == ["accuracy", f"{cli['metrics']['accuracy']:.4f}", f"[{lo:.4f}, {hi:.4f}]", 24]
+    assert {row[0]: row[2] for row in table}["f1"] == "—"  # only the main and the vectorised metrics get one
 
 
 def test_eval_perplexity_of_an_uploaded_file(tiny_run, capsys):
@@ -282,6 +283,8 @@ def test_browser_chat_shows_the_reply(browser, tiny_run, tmp_path):
 
 
 def test_browser_evaluate_and_export(browser, tiny_run, tmp_path):
+    from playwright.sync_api import expect
+
     from tunelab.ui import evaluate
 
     want = evaluate.score(tiny_run["run"], "sst2", limit=16, device="cpu")
@@ -295,6 +298,7 @@ def test_browser_evaluate_and_export(browser, tiny_run, tmp_path):
         assert "16 rows" in page.locator("#eval-summary").inner_text()
 
         page.get_by_label("gguf", exact=True).check()
+        expect(page.get_by_label("--quant")).to_have_value("f16")  # the format's default, as tunelab export's
         page.locator("#export-button").click()
         link = page.locator('#export-download [data-testid="download-link"]').first
         link.wait_for(timeout=90_000)

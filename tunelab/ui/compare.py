@@ -162,8 +162,9 @@ def build_tab(ctx: UIContext) -> None:
 
     examples = example_grids()
     with gr.Row():
+        first = next((p for p in examples if p.name == "compare-sst2.yaml"), examples[0] if examples else None)
         example = gr.Dropdown([(p.name, str(p)) for p in examples], label="Example grid", scale=3,
-                              value=str(examples[0]) if examples else None)  # fmt: skip
+                              value=str(first) if first else None)  # fmt: skip
         load_example = gr.Button("Load example", scale=1)
         upload = gr.File(label="or upload a grid YAML", file_types=[".yaml", ".yml"], type="filepath", scale=2)
     with gr.Accordion("Build a small grid (models × methods × tasks)", open=False):
@@ -201,10 +202,15 @@ def build_tab(ctx: UIContext) -> None:
     timer = gr.Timer(2.0)
 
     def read_file(path):
-        return Path(path).read_text(encoding="utf-8"), str(path), ""
+        if not path:
+            return "", None, ""
+        try:
+            return Path(path).read_text(encoding="utf-8"), str(path), ""
+        except (OSError, UnicodeDecodeError) as e:
+            return gr.update(), gr.update(), error_markdown(ConfigError(f"{path}: cannot read it as a grid YAML: {e}"))
 
-    load_example.click(lambda p: read_file(p) if p else ("", None, ""), example, [editor, source, error])
-    upload.upload(lambda p: read_file(p) if p else ("", None, ""), upload, [editor, source, error])
+    load_example.click(read_file, example, [editor, source, error])
+    upload.upload(read_file, upload, [editor, source, error])
     build.click(lambda *a: (build_grid(*a), None, ""),
                 [models, extra_models, methods, task_box, train_limit, dev_limit, steps, output_dir],
                 [editor, source, error])  # fmt: skip

@@ -26,6 +26,7 @@ from tunelab.ui.shared import error_markdown, model_choices, offer, zip_folder
 
 PERPLEXITY = "perplexity"  # `tunelab eval --task perplexity --data FILE --context N`: an uploaded text file
 QUANTS = {"hf": HF_QUANTS, "gguf": QUANT_TYPES, "gguf-lora": ("f32", "f16")}
+FAST_INTERVALS = ("accuracy", "perplexity", "loss")  # compare.analysis.statistic computes these with numpy
 DEFAULT_QUANT = {"hf": "f32", "gguf": "f16", "gguf-lora": "f32"}  # what `tunelab export` uses without --quant
 
 
@@ -37,7 +38,10 @@ def task_choices() -> list[tuple[str, str]]:
 def score(run: str, task: str, limit: int | None = None, seed: int = 0, data: str | None = None,
           context: int | None = None, trust_remote_code: bool = False, device: str = "auto") -> dict:  # fmt: skip
     """`tunelab eval`'s result for these arguments, plus "intervals": metric -> (low, high), the 95% bootstrap
-    interval over the scored rows where the scoring path keeps per-row predictions (else none)."""
+    interval over the scored rows where the scoring path keeps per-row predictions (else none): for the
+    task's main metric (the one `tunelab compare` gives an interval) and the metrics computed straight from
+    the resampled rows (accuracy, perplexity, loss). The others would take a metric call per resample (1,000
+    of ~10-50 ms for F1 or MCC), too slow for a page to wait on."""
     for name, value in (("--limit", limit), ("--context", context)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} {value}: must be 1 or more")
@@ -47,8 +51,9 @@ def score(run: str, task: str, limit: int | None = None, seed: int = 0, data: st
     result["intervals"] = {}
     if preds:
         task_obj = tasks.get_task(task)
+        wanted = {task_obj.main_metric, *FAST_INTERVALS}
         for metric, value in result["metrics"].items():
-            if isinstance(value, float) and metric != "tokens":
+            if isinstance(value, float) and metric in wanted:
                 result["intervals"][metric] = stats.bootstrap_interval(statistic(task_obj, metric, preds), len(preds),
                                                                        n_boot=N_BOOT, seed=seed)  # fmt: skip
     return result
