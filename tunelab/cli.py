@@ -74,13 +74,9 @@ def _at_least(low: int, **flags) -> None:
 
 
 def _generation_flags(args) -> None:
-    from tunelab.config import ConfigError
+    from tunelab.inference import check_generation_settings
 
-    _at_least(1, max_new_tokens=args.max_new_tokens)
-    if not args.temperature >= 0:  # also NaN
-        raise ConfigError(f"--temperature {args.temperature}: must be 0 (greedy) or more")
-    if not 0 < args.top_p <= 1:  # also NaN
-        raise ConfigError(f"--top-p {args.top_p}: must be above 0 and at most 1 (1 = no nucleus cut)")
+    check_generation_settings(args.max_new_tokens, args.temperature, args.top_p)
 
 
 def _without_bitsandbytes(args, *specs: str) -> None:

@@ -23,6 +23,19 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_MAX_NEW_TOKENS = 256
 
 
+def check_generation_settings(max_new_tokens: int | None, temperature: float, top_p: float) -> None:
+    """Refuse settings generation cannot use, before a model loads; the CLI and the UI give the same
+    message, named by the CLI flag (the UI labels its fields with the flags' names)."""
+    from tunelab.config import ConfigError
+
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be 1 or more")
+    if not temperature >= 0:  # also NaN
+        raise ConfigError(f"--temperature {temperature}: must be 0 (greedy) or more")
+    if not 0 < top_p <= 1:  # also NaN
+        raise ConfigError(f"--top-p {top_p}: must be above 0 and at most 1 (1 = no nucleus cut)")
+
+
 def generate(
     model,
     tokenizer,
