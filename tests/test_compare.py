@@ -143,6 +143,34 @@ def test_every_cell_has_metrics_and_costs(grid_run):
     assert all(Path(r["cell_dir"]).name.startswith(f"{r['model']}-{r['method']}-{r['task']}-seed42-") for r in cells)
 
 
+def test_every_row_records_where_its_time_went(grid_run):
+    """Each row's wall time split into phases (compare/cell.py), each >= 0 ("other" included: phases that
+    overlapped would make it negative), summing to the row's wall time; shown in results.md and report.html."""
+    from tunelab.compare.cell import PHASES
+
+    _, second, out, _ = grid_run
+    for r in second.rows:
+        result = json.loads((Path(r["cell_dir"]) / "result.json").read_text()) if r["role"] == "method" or \
+            r["method"] == "zero-shot" else None  # fmt: skip
+        phases, wall = (result["phases"], result["wall_s"]) if result else (r["phases"], r["wall_s"])
+        assert phases == r["phases"], r["method"]  # results.db keeps what the cell wrote
+        assert all(v >= 0 for v in phases.values()), (r["model"], r["method"], phases)
+        assert sum(phases.values()) == pytest.approx(wall, abs=0.05), (r["model"], r["method"], phases, wall)
+        if result is None:  # majority / TF-IDF: fitted in the grid's process, no start-up
+            assert set(phases) == {"loading", "scoring"}
+            continue
+        assert set(phases) == set(PHASES) and phases["startup"] > 0 and phases["loading"] > 0
+        assert phases["scoring"] > 0 and phases["other"] < 0.5 * wall
+        if r["method"] == "zero-shot":
+            assert phases["training"] == phases["saving"] == 0
+        else:
+            assert phases["training"] > 0 and phases["saving"] > 0
+            assert r["tokens_per_s"] > 0
+    md = (out / "results.md").read_text()
+    assert "| Training % |" in md and "| Start-up | Loading | Training | Scoring |" in md
+    assert "Where the time went" in (out / "report.html").read_text()
+
+
 def test_outputs_exist_and_agree(grid_run):
     _, second, out, _ = grid_run
     rows = second.rows

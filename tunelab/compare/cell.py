@@ -9,7 +9,13 @@ result on the task, measures it, and writes CELL_DIR/result.json:
                   tokens_per_s (training throughput of this attempt)
   peak_rss_mb     this process's peak resident memory (getrusage ru_maxrss): the cell runs alone in it
   cuda_peak_mb    torch.cuda.max_memory_allocated, on CUDA
-  wall_s          seconds of this attempt (load + train + score); wall_s_total sums every attempt
+  wall_s          seconds of this attempt, from the executor starting the process to its exit;
+                  wall_s_total sums every attempt
+  phases          wall_s split (PHASES): startup (process start, imports, until the cell's code runs),
+                  loading (model, method, data and tokenising; reloading a run to score it), training
+                  (the optimizer steps), scoring (eval loss on validation rows, validation and dev
+                  predictions), saving (results, checkpoints), other (the rest: configs, result files),
+                  exit (from the result written to the process gone; measured by the executor)
   size_mb         what the method saved (the run's final/ folder); weights_mb: its weight files only
   n               dev rows scored; CELL_DIR/predictions.jsonl holds one line per row (docs/compare.md)
   sweep, chosen   with `training: {lr: [...]}`: each learning rate's validation metrics, the one kept
@@ -40,8 +46,13 @@ from tunelab.evaluation.predictions import class_log_loss, prediction_metrics, w
 from tunelab.models import load_model, resolve_device
 from tunelab.stages.runs import load_run
 from tunelab.training import checkpoint as ckpt
+from tunelab.training.harness import timed
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+PHASES = ("startup", "loading", "training", "scoring", "saving", "other", "exit")
+# training.loop's RunResult.phases -> the cell's phases
+RUN_PHASES = {"load": "loading", "data": "loading", "train": "training", "eval": "scoring", "score": "scoring",
+              "save": "saving"}  # fmt: skip
 
 
 def _folder_bytes(folder: Path, suffixes: tuple[str, ...] | None = None) -> int:
@@ -110,6 +121,8 @@ def _load_run(run_dir: Path, cfg):
 def run_cell(spec: dict) -> dict:
     """Run the cell `spec` (see Cell.spec) in this process; return and write its result."""
     t0 = time.perf_counter()
+    # the executor stamps the spec when it starts the process: the time until here is start-up
+    startup = max(0.0, time.time() - spec["launched_at"]) if spec.get("launched_at") else 0.0
     cell_dir = Path(spec["cell_dir"])
     cell_dir.mkdir(parents=True, exist_ok=True)
     previous = _read(cell_dir / "result.json")
@@ -125,6 +138,7 @@ def run_cell(spec: dict) -> dict:
         "trained": False,
         "resumed_from_step": None,
         "pid": os.getpid(),
+        "phases": {},
     }
     _write(cell_dir / "result.json", {**result, "status": "running"})
     run_dir = Path(spec["config"]["output_dir"])
@@ -138,12 +152,16 @@ def run_cell(spec: dict) -> dict:
     finally:
         result["peak_rss_mb"] = _peak_rss_mb()
         result["cuda_peak_mb"] = _cuda_peak_mb()
-        result["wall_s"] = round(time.perf_counter() - t0, 2)
-        result["wall_s_total"] = round(earlier_s + result["wall_s"], 2)
         result["run_dir"] = str(run_dir)
         result["size_mb"] = round(_folder_bytes(run_dir / "final") / 2**20, 3)
         result["weights_mb"] = round(_folder_bytes(run_dir / "final", WEIGHT_SUFFIXES) / 2**20, 3)
         result["curve"] = loss_curve(run_dir)
+        inside = time.perf_counter() - t0
+        # "other" is what no phase measured: never negative unless phases overlap (a test checks)
+        phases = {"startup": startup, **result["phases"], "other": inside - sum(result["phases"].values())}
+        result["phases"] = {k: round(phases.get(k, 0.0), 3) for k in PHASES[:-1]}  # "exit": the executor's
+        result["wall_s"] = round(startup + inside, 2)
+        result["wall_s_total"] = round(earlier_s + result["wall_s"], 2)
         _write(cell_dir / "result.json", result)
     return result
 
@@ -163,8 +181,8 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
     task = task_from_eval(ev)
     run_dir = Path(cfg.output_dir)
     if spec.get("zero_shot"):  # the reference: the untrained model through the same scorer
-
-        loaded = load_model(cfg.model, device=resolve_device(cfg.training.device))
+        with timed(result["phases"], "loading"):
+            loaded = load_model(cfg.model, device=resolve_device(cfg.training.device))
         result["train"] = {"trainable_params": 0, "total_params": sum(p.numel() for p in loaded[0].parameters())}
     else:
         sweep = spec.get("sweep") or []
@@ -179,8 +197,11 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
                 return Path(c.output_dir)
             entry = {"lr": c.training.lr, "run_dir": c.output_dir, "train": _train_metrics(run_metrics)}
             if sweep:  # choose on the validation rows (carved from the train split), never on the dev rows
-                val_predictions = _score(_load_run(Path(c.output_dir), c), c, ev, "val")
-                write_predictions(Path(c.output_dir) / "val_predictions.jsonl", val_predictions)
+                with timed(result["phases"], "loading"):
+                    loaded = _load_run(Path(c.output_dir), c)
+                with timed(result["phases"], "scoring"):
+                    val_predictions = _score(loaded, c, ev, "val")
+                    write_predictions(Path(c.output_dir) / "val_predictions.jsonl", val_predictions)
                 entry["val_metrics"] = prediction_metrics(task, val_predictions)
                 log_loss = class_log_loss(val_predictions)
                 if log_loss is not None:
@@ -194,10 +215,12 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
         result["train"] = chosen["train"]
         if (spec.get("hooks") or {}).get("fail_scoring"):
             raise RuntimeError("scoring failed (testing hook)")
-        loaded = _load_run(run_dir, cfg)
+        with timed(result["phases"], "loading"):
+            loaded = _load_run(run_dir, cfg)
     t = time.perf_counter()
-    predictions = _score(loaded, cfg, ev, "dev")
-    write_predictions(cell_dir / "predictions.jsonl", predictions)
+    with timed(result["phases"], "scoring"):
+        predictions = _score(loaded, cfg, ev, "dev")
+        write_predictions(cell_dir / "predictions.jsonl", predictions)
     result["metrics"] = prediction_metrics(task, predictions)
     result["n"] = len(predictions)
     result["score_s"] = round(time.perf_counter() - t, 2)
@@ -236,7 +259,12 @@ def _train(cfg, spec: dict, result: dict) -> dict | None:
                 raise KeyboardInterrupt
 
         callbacks.append(_interrupt)
+    t = time.perf_counter()
     run = tunelab.train(cfg, resume=latest is not None, callbacks=callbacks)
+    spent = time.perf_counter() - t
+    phases = result["phases"]
+    for name, seconds in (run.phases or {"train": spent}).items():  # a loop without a split: all training
+        phases[RUN_PHASES[name]] = phases.get(RUN_PHASES[name], 0.0) + seconds
     result["trained"] = True
     if run.metrics.get("interrupted"):
         result["train"] = _train_metrics(run.metrics)
