@@ -371,6 +371,42 @@ def test_lr_choice_never_reads_the_scored_rows(assets, tmp_path):
     assert runs == ["run-lr0.002", "run-lr1e-05"] and clean["run_dir"].endswith(f"run-lr{clean['chosen_lr']:g}")
 
 
+def test_the_cells_shortcuts_leave_every_score_as_it_was(assets, tmp_path):
+    """A learning-rate sweep computes the eval loss of the starting model once (compare/cell.py); the
+    `plain` hook turns that off. Both grids give the same records, predictions and logged curves."""
+
+    def grid(out):
+        g = grid_for(assets, out, models=[{"name": str(assets / "llama"), "label": "llama", "data": {"max_length": 256}}],
+                     methods=[{"name": "lora", "r": 4, "dropout": 0.0, "training": {"lr": [1e-3, 5e-3]}}],
+                     baselines=[], zero_shot=False)  # fmt: skip
+        g["tasks"] = [{**g["tasks"][0], "val_limit": 8}]
+        g["base"]["training"]["eval_batches"] = 1
+        return g
+
+    plain = cells_of(run_grid(grid(tmp_path / "plain"), cell_hooks={"plain": True}, **QUIET))[0]
+    fast = cells_of(run_grid(grid(tmp_path / "fast"), **QUIET))[0]
+    assert plain["status"] == fast["status"] == "done", (plain["error"], fast["error"])
+    for k in ("metrics", "main_value", "chosen_lr", "train_loss", "eval_loss", "curve_json"):
+        assert plain[k] == fast[k], k
+    timed = ("tokens_per_s",)
+    assert {k: v for k, v in plain["train_json"].items() if k not in timed} == \
+        {k: v for k, v in fast["train_json"].items() if k not in timed}  # fmt: skip
+    assert [{**e, "run_dir": None} for e in plain["sweep_json"]] == [{**e, "run_dir": None} for e in fast["sweep_json"]]
+
+    def lines(row, name):
+        out = []
+        for path in sorted(Path(row["cell_dir"]).glob(f"**/{name}")):
+            out += [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in path.read_text().splitlines()]
+        return out
+
+    assert lines(plain, "predictions.jsonl") == lines(fast, "predictions.jsonl") != []
+    assert lines(plain, "val_predictions.jsonl") == lines(fast, "val_predictions.jsonl") != []
+    assert lines(plain, "metrics.jsonl") == lines(fast, "metrics.jsonl") != []
+    reused = "(that of the same starting model)"
+    assert reused in (Path(fast["cell_dir"]) / "log.txt").read_text()
+    assert reused not in (Path(plain["cell_dir"]) / "log.txt").read_text()
+
+
 def test_seeds_repeat_each_cell_and_the_report_averages_them(assets, tmp_path):
     g = grid_for(assets, tmp_path / "seeds", models=[{"name": str(assets / "bert"), "label": "bert"}], baselines=[],
                  methods=["bitfit", {"name": "full", "training": {"lr": 1e-3}}], seeds=[0, 1])  # fmt: skip

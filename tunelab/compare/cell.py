@@ -37,7 +37,6 @@ import time
 import traceback
 from pathlib import Path
 
-import tunelab
 from tunelab.compare.analysis import lower_is_better
 from tunelab.compare.plan import read_jsonl, task_from_eval
 from tunelab.config import load_config
@@ -46,6 +45,7 @@ from tunelab.evaluation.predictions import class_log_loss, prediction_metrics, w
 from tunelab.models import load_model, resolve_device
 from tunelab.stages.runs import load_run
 from tunelab.training import checkpoint as ckpt
+from tunelab.training import train
 from tunelab.training.harness import timed
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -187,12 +187,15 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
     else:
         sweep = spec.get("sweep") or []
         tried = []
+        eval_before = None  # every learning rate starts from the same model: its eval loss is computed once
         for lr in sweep or [None]:
             c = cfg
             if lr is not None:
                 c = load_config({**spec["config"], "output_dir": str(sweep_dir(run_dir, lr)),
                                  "training": {**spec["config"]["training"], "lr": lr}})  # fmt: skip
-            run_metrics = _train(c, spec, result)
+            run_metrics = _train(c, spec, result, eval_before)
+            if not (spec.get("hooks") or {}).get("plain"):  # testing aid: every run computes its own
+                eval_before = eval_before or step0_eval(Path(c.output_dir))
             if run_metrics is None:  # interrupted: the checkpoint is written, a re-run resumes
                 return Path(c.output_dir)
             entry = {"lr": c.training.lr, "run_dir": c.output_dir, "train": _train_metrics(run_metrics)}
@@ -241,9 +244,19 @@ def _choose(tried: list[dict], metric: str) -> dict:
     return min(tried, key=rank)
 
 
-def _train(cfg, spec: dict, result: dict) -> dict | None:
+def step0_eval(run_dir: Path) -> dict | None:
+    """The evaluation before training logged in a run's metrics.jsonl ({"eval_loss": ..., eval_* extras})."""
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        r = json.loads(line)
+        if r.get("step") == 0 and "eval_loss" in r:
+            return {k: v for k, v in r.items() if k == "eval_loss" or k.startswith("eval_")}
+    return None
+
+
+def _train(cfg, spec: dict, result: dict, eval_before: dict | None = None) -> dict | None:
     """Train one config to its end, resuming from its latest checkpoint; its results.json metrics, or None
-    when interrupted. A run that already finished is not trained again."""
+    when interrupted. A run that already finished is not trained again. `eval_before`: see training.train."""
     run_dir = Path(cfg.output_dir)
     if (run_dir / "final" / "tunelab.json").is_file() and (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
@@ -260,7 +273,7 @@ def _train(cfg, spec: dict, result: dict) -> dict | None:
 
         callbacks.append(_interrupt)
     t = time.perf_counter()
-    run = tunelab.train(cfg, resume=latest is not None, callbacks=callbacks)
+    run = train(cfg, resume=latest is not None, callbacks=callbacks, eval_before=eval_before)
     spent = time.perf_counter() - t
     phases = result["phases"]
     for name, seconds in (run.phases or {"train": spent}).items():  # a loop without a split: all training

@@ -129,6 +129,24 @@ class LocalExecutor:
         self.start_method = start_method
         self._ctx = None
 
+    def warm(self) -> None:
+        """Start the forkserver now: its imports then run beside whatever the grid does first (the
+        references), not at the start of the first cell."""
+        if self.start_method != "forkserver":
+            return
+        self._context()
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+    def _context(self):
+        if self._ctx is None:
+            import multiprocessing as mp
+
+            self._ctx = mp.get_context("forkserver")
+            self._ctx.set_forkserver_preload(PRELOAD)
+        return self._ctx
+
     def run_one(self, spec: dict) -> tuple[dict, bool]:
         """(result, interrupted_by_user)."""
         spec = {**spec, "launched_at": time.time()}  # the cell measures its start-up from here
@@ -144,12 +162,7 @@ class LocalExecutor:
                 )
                 code, interrupted = _wait(proc.pid, proc.wait)
         else:
-            if self._ctx is None:
-                import multiprocessing as mp
-
-                self._ctx = mp.get_context("forkserver")
-                self._ctx.set_forkserver_preload(PRELOAD)
-            proc = self._ctx.Process(target=_child, args=(str(path), str(log_path)), name=f"cell-{spec['key']}")
+            proc = self._context().Process(target=_child, args=(str(path), str(log_path)), name=f"cell-{spec['key']}")
             proc.start()
 
             def join():

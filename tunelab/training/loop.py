@@ -87,9 +87,17 @@ def evaluate(step: int, model, val_batches, stage: Stage, dist, device, autocast
 
 
 def train(
-    cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]] | None = None, force: bool = False
+    cfg,
+    resume: bool = False,
+    callbacks: list[Callable[[int, dict], None]] | None = None,
+    force: bool = False,
+    eval_before: dict | None = None,
 ) -> RunResult:
-    """Run one fine-tuning job described by a validated Config. See docs/getting-started.md."""
+    """Run one fine-tuning job described by a validated Config. See docs/getting-started.md.
+
+    `eval_before`: the step-0 evaluation record ({"eval_loss": ..., and any eval_* extras}) when the caller
+    already has it from a run that starts from the very same model on the same validation rows (the
+    learning rates of a compare sweep: compare/cell.py); it is logged as if computed, and not computed."""
     phases: dict = {}  # RunResult.phases: where the run's time went
     t_load = time.perf_counter()
     stage = get_stage(cfg.stage, cfg)
@@ -194,7 +202,11 @@ def train(
 
     phases["load"] += time.perf_counter() - t_load
     with timed(phases, "eval"):
-        if state["step"] == 0 and val_batches:
+        if state["step"] == 0 and val_batches and eval_before is not None:
+            metrics_log.write({"step": 0, **eval_before})
+            state["eval_loss_before"] = eval_before["eval_loss"]
+            log(f"eval loss before training: {state['eval_loss_before']:.4f} (that of the same starting model)")
+        elif state["step"] == 0 and val_batches:
             state["eval_loss_before"] = evaluate(0, model, val_batches, stage, dist, device, autocast, metrics_log)
             log(f"eval loss before training: {state['eval_loss_before']:.4f}")
         if state["step"] == 0:
