@@ -405,6 +405,10 @@ def test_the_cells_shortcuts_leave_every_score_as_it_was(assets, tmp_path):
     reused = "(that of the same starting model)"
     assert reused in (Path(fast["cell_dir"]) / "log.txt").read_text()
     assert reused not in (Path(plain["cell_dir"]) / "log.txt").read_text()
+    # the dev rows are scored on the model the validation rows were, when the last rate tried is chosen
+    kept = "scoring the dev rows with the chosen run as loaded"
+    assert (kept in (Path(fast["cell_dir"]) / "log.txt").read_text()) == (fast["chosen_lr"] == 5e-3)
+    assert kept not in (Path(plain["cell_dir"]) / "log.txt").read_text()
 
 
 def test_seeds_repeat_each_cell_and_the_report_averages_them(assets, tmp_path):

@@ -188,13 +188,15 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
         sweep = spec.get("sweep") or []
         tried = []
         eval_before = None  # every learning rate starts from the same model: its eval loss is computed once
+        plain = (spec.get("hooks") or {}).get("plain")  # testing aid: no shortcut (eval loss, loaded model)
         for lr in sweep or [None]:
+            loaded = None  # not held while the next rate trains: the cell's peak memory stays a run's
             c = cfg
             if lr is not None:
                 c = load_config({**spec["config"], "output_dir": str(sweep_dir(run_dir, lr)),
                                  "training": {**spec["config"]["training"], "lr": lr}})  # fmt: skip
             run_metrics = _train(c, spec, result, eval_before)
-            if not (spec.get("hooks") or {}).get("plain"):  # testing aid: every run computes its own
+            if not plain:
                 eval_before = eval_before or step0_eval(Path(c.output_dir))
             if run_metrics is None:  # interrupted: the checkpoint is written, a re-run resumes
                 return Path(c.output_dir)
@@ -218,8 +220,12 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
         result["train"] = chosen["train"]
         if (spec.get("hooks") or {}).get("fail_scoring"):
             raise RuntimeError("scoring failed (testing hook)")
-        with timed(result["phases"], "loading"):
-            loaded = _load_run(run_dir, cfg)
+        if loaded is not None and Path(tried[-1]["run_dir"]) == run_dir and not plain:
+            print(f"[compare] scoring the dev rows with the chosen run as loaded for its validation rows ({run_dir})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        else:
+            with timed(result["phases"], "loading"):
+                loaded = _load_run(run_dir, cfg)
     t = time.perf_counter()
     with timed(result["phases"], "scoring"):
         predictions = _score(loaded, cfg, ev, "dev")
