@@ -25,6 +25,9 @@ A sweep trains one run per learning rate (run-lrX/), scores each on the validati
 train split; run-lrX/val_predictions.jsonl) and keeps the best (`_choose`); only that run is scored on
 the dev rows. A run that already has final/
 (training finished, scoring did not) is only scored again. A zero-shot reference trains nothing.
+Shortcuts that leave every score as it was (the hook `plain` turns them off, for the test that says so):
+the rates share the eval loss of their common starting model (computed by the first run), and the
+chosen run, when it was the last one tried, scores the dev rows as loaded for its validation rows.
 """
 
 from __future__ import annotations
