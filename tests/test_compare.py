@@ -143,6 +143,34 @@ def test_every_cell_has_metrics_and_costs(grid_run):
     assert all(Path(r["cell_dir"]).name.startswith(f"{r['model']}-{r['method']}-{r['task']}-seed42-") for r in cells)
 
 
+def test_every_row_records_where_its_time_went(grid_run):
+    """Each row's wall time split into phases (compare/cell.py), each >= 0 ("other" included: phases that
+    overlapped would make it negative), summing to the row's wall time; shown in results.md and report.html."""
+    from tunelab.compare.cell import PHASES
+
+    _, second, out, _ = grid_run
+    for r in second.rows:
+        result = json.loads((Path(r["cell_dir"]) / "result.json").read_text()) if r["role"] == "method" or \
+            r["method"] == "zero-shot" else None  # fmt: skip
+        phases, wall = (result["phases"], result["wall_s"]) if result else (r["phases"], r["wall_s"])
+        assert phases == r["phases"], r["method"]  # results.db keeps what the cell wrote
+        assert all(v >= 0 for v in phases.values()), (r["model"], r["method"], phases)
+        assert sum(phases.values()) == pytest.approx(wall, abs=0.05), (r["model"], r["method"], phases, wall)
+        if result is None:  # majority / TF-IDF: fitted in the grid's process, no start-up
+            assert set(phases) == {"loading", "scoring"}
+            continue
+        assert set(phases) == set(PHASES) and phases["startup"] > 0 and phases["loading"] > 0
+        assert phases["scoring"] > 0 and phases["other"] < 0.5 * wall
+        if r["method"] == "zero-shot":
+            assert phases["training"] == phases["saving"] == 0
+        else:
+            assert phases["training"] > 0 and phases["saving"] > 0
+            assert r["tokens_per_s"] > 0
+    md = (out / "results.md").read_text()
+    assert "| Training % |" in md and "| Start-up | Loading | Training | Scoring |" in md
+    assert "Where the time went" in (out / "report.html").read_text()
+
+
 def test_outputs_exist_and_agree(grid_run):
     _, second, out, _ = grid_run
     rows = second.rows
@@ -341,6 +369,46 @@ def test_lr_choice_never_reads_the_scored_rows(assets, tmp_path):
     # each learning rate trained its own run; the chosen one is the one scored
     runs = sorted(p.name for p in Path(clean["cell_dir"]).iterdir() if p.name.startswith("run-lr"))
     assert runs == ["run-lr0.002", "run-lr1e-05"] and clean["run_dir"].endswith(f"run-lr{clean['chosen_lr']:g}")
+
+
+def test_the_cells_shortcuts_leave_every_score_as_it_was(assets, tmp_path):
+    """A learning-rate sweep computes the eval loss of the starting model once (compare/cell.py); the
+    `plain` hook turns that off. Both grids give the same records, predictions and logged curves."""
+
+    def grid(out):
+        g = grid_for(assets, out, models=[{"name": str(assets / "llama"), "label": "llama", "data": {"max_length": 256}}],
+                     methods=[{"name": "lora", "r": 4, "dropout": 0.0, "training": {"lr": [1e-3, 5e-3]}}],
+                     baselines=[], zero_shot=False)  # fmt: skip
+        g["tasks"] = [{**g["tasks"][0], "val_limit": 8}]
+        g["base"]["training"]["eval_batches"] = 1
+        return g
+
+    plain = cells_of(run_grid(grid(tmp_path / "plain"), cell_hooks={"plain": True}, **QUIET))[0]
+    fast = cells_of(run_grid(grid(tmp_path / "fast"), **QUIET))[0]
+    assert plain["status"] == fast["status"] == "done", (plain["error"], fast["error"])
+    for k in ("metrics", "main_value", "chosen_lr", "train_loss", "eval_loss", "curve_json"):
+        assert plain[k] == fast[k], k
+    timed = ("tokens_per_s",)
+    assert {k: v for k, v in plain["train_json"].items() if k not in timed} == \
+        {k: v for k, v in fast["train_json"].items() if k not in timed}  # fmt: skip
+    assert [{**e, "run_dir": None} for e in plain["sweep_json"]] == [{**e, "run_dir": None} for e in fast["sweep_json"]]
+
+    def lines(row, name):
+        out = []
+        for path in sorted(Path(row["cell_dir"]).glob(f"**/{name}")):
+            out += [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in path.read_text().splitlines()]
+        return out
+
+    assert lines(plain, "predictions.jsonl") == lines(fast, "predictions.jsonl") != []
+    assert lines(plain, "val_predictions.jsonl") == lines(fast, "val_predictions.jsonl") != []
+    assert lines(plain, "metrics.jsonl") == lines(fast, "metrics.jsonl") != []
+    reused = "(that of the same starting model)"
+    assert reused in (Path(fast["cell_dir"]) / "log.txt").read_text()
+    assert reused not in (Path(plain["cell_dir"]) / "log.txt").read_text()
+    # the dev rows are scored on the model the validation rows were, when the last rate tried is chosen
+    kept = "scoring the dev rows with the chosen run as loaded"
+    assert (kept in (Path(fast["cell_dir"]) / "log.txt").read_text()) == (fast["chosen_lr"] == 5e-3)
+    assert kept not in (Path(plain["cell_dir"]) / "log.txt").read_text()
 
 
 def test_seeds_repeat_each_cell_and_the_report_averages_them(assets, tmp_path):

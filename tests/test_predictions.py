@@ -263,3 +263,25 @@ def test_padded_continuations_of_a_shared_prefix_equal_each_row_alone(wrap):
             torch.testing.assert_close(got[i], alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, got)
     assert prefix.cache.get_seq_length() == len(prefix_ids)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "whole-prompts"])
+def test_threaded_batches_score_bit_for_bit_as_one_at_a_time(tok, monkeypatch, share_prefix):
+    """The verbalizer's batches run a thread each on a CPU (THREAD_BATCHES): the same batches as one at a
+    time, so the very same floats; and torch's thread count is what it was."""
+    import torch
+
+    monkeypatch.setattr(P, "SHARE_PREFIX", share_prefix)
+    model = _lora(tiny_llama(len(tok)))
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(3)  # three batches at once, whatever the machine
+    try:
+        monkeypatch.setattr(P, "THREAD_BATCHES", True)
+        threaded = P.verbalizer_predictions(model, tok, TASK, LONG_ROWS, CPU, batch_size=2, progress=False)
+        assert torch.get_num_threads() == 3
+        monkeypatch.setattr(P, "THREAD_BATCHES", False)
+        plain = P.verbalizer_predictions(model, tok, TASK, LONG_ROWS, CPU, batch_size=2, progress=False)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert len(LONG_ROWS) > 6 and threaded == plain  # more batches than threads, every row scored once
+    assert [p["index"] for p in threaded] == list(range(len(LONG_ROWS)))

@@ -9,7 +9,13 @@ result on the task, measures it, and writes CELL_DIR/result.json:
                   tokens_per_s (training throughput of this attempt)
   peak_rss_mb     this process's peak resident memory (getrusage ru_maxrss): the cell runs alone in it
   cuda_peak_mb    torch.cuda.max_memory_allocated, on CUDA
-  wall_s          seconds of this attempt (load + train + score); wall_s_total sums every attempt
+  wall_s          seconds of this attempt, from the executor starting the process to its exit;
+                  wall_s_total sums every attempt
+  phases          wall_s split (PHASES): startup (process start, imports, until the cell's code runs),
+                  loading (model, method, data and tokenising; reloading a run to score it), training
+                  (the optimizer steps), scoring (eval loss on validation rows, validation and dev
+                  predictions), saving (results, checkpoints), other (the rest: configs, result files),
+                  exit (from the result written to the process gone; measured by the executor)
   size_mb         what the method saved (the run's final/ folder); weights_mb: its weight files only
   n               dev rows scored; CELL_DIR/predictions.jsonl holds one line per row (docs/compare.md)
   sweep, chosen   with `training: {lr: [...]}`: each learning rate's validation metrics, the one kept
@@ -19,6 +25,9 @@ A sweep trains one run per learning rate (run-lrX/), scores each on the validati
 train split; run-lrX/val_predictions.jsonl) and keeps the best (`_choose`); only that run is scored on
 the dev rows. A run that already has final/
 (training finished, scoring did not) is only scored again. A zero-shot reference trains nothing.
+Shortcuts that leave every score as it was (the hook `plain` turns them off, for the test that says so):
+the rates share the eval loss of their common starting model (computed by the first run), and the
+chosen run, when it was the last one tried, scores the dev rows as loaded for its validation rows.
 """
 
 from __future__ import annotations
@@ -31,7 +40,6 @@ import time
 import traceback
 from pathlib import Path
 
-import tunelab
 from tunelab.compare.analysis import lower_is_better
 from tunelab.compare.plan import read_jsonl, task_from_eval
 from tunelab.config import load_config
@@ -40,8 +48,14 @@ from tunelab.evaluation.predictions import class_log_loss, prediction_metrics, w
 from tunelab.models import load_model, resolve_device
 from tunelab.stages.runs import load_run
 from tunelab.training import checkpoint as ckpt
+from tunelab.training import train
+from tunelab.training.harness import timed
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+PHASES = ("startup", "loading", "training", "scoring", "saving", "other", "exit")
+# training.loop's RunResult.phases -> the cell's phases
+RUN_PHASES = {"load": "loading", "data": "loading", "train": "training", "eval": "scoring", "score": "scoring",
+              "save": "saving"}  # fmt: skip
 
 
 def _folder_bytes(folder: Path, suffixes: tuple[str, ...] | None = None) -> int:
@@ -110,6 +124,8 @@ def _load_run(run_dir: Path, cfg):
 def run_cell(spec: dict) -> dict:
     """Run the cell `spec` (see Cell.spec) in this process; return and write its result."""
     t0 = time.perf_counter()
+    # the executor stamps the spec when it starts the process: the time until here is start-up
+    startup = max(0.0, time.time() - spec["launched_at"]) if spec.get("launched_at") else 0.0
     cell_dir = Path(spec["cell_dir"])
     cell_dir.mkdir(parents=True, exist_ok=True)
     previous = _read(cell_dir / "result.json")
@@ -125,6 +141,7 @@ def run_cell(spec: dict) -> dict:
         "trained": False,
         "resumed_from_step": None,
         "pid": os.getpid(),
+        "phases": {},
     }
     _write(cell_dir / "result.json", {**result, "status": "running"})
     run_dir = Path(spec["config"]["output_dir"])
@@ -138,12 +155,16 @@ def run_cell(spec: dict) -> dict:
     finally:
         result["peak_rss_mb"] = _peak_rss_mb()
         result["cuda_peak_mb"] = _cuda_peak_mb()
-        result["wall_s"] = round(time.perf_counter() - t0, 2)
-        result["wall_s_total"] = round(earlier_s + result["wall_s"], 2)
         result["run_dir"] = str(run_dir)
         result["size_mb"] = round(_folder_bytes(run_dir / "final") / 2**20, 3)
         result["weights_mb"] = round(_folder_bytes(run_dir / "final", WEIGHT_SUFFIXES) / 2**20, 3)
         result["curve"] = loss_curve(run_dir)
+        inside = time.perf_counter() - t0
+        # "other" is what no phase measured: never negative unless phases overlap (a test checks)
+        phases = {"startup": startup, **result["phases"], "other": inside - sum(result["phases"].values())}
+        result["phases"] = {k: round(phases.get(k, 0.0), 3) for k in PHASES[:-1]}  # "exit": the executor's
+        result["wall_s"] = round(startup + inside, 2)
+        result["wall_s_total"] = round(earlier_s + result["wall_s"], 2)
         _write(cell_dir / "result.json", result)
     return result
 
@@ -163,24 +184,32 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
     task = task_from_eval(ev)
     run_dir = Path(cfg.output_dir)
     if spec.get("zero_shot"):  # the reference: the untrained model through the same scorer
-
-        loaded = load_model(cfg.model, device=resolve_device(cfg.training.device))
+        with timed(result["phases"], "loading"):
+            loaded = load_model(cfg.model, device=resolve_device(cfg.training.device))
         result["train"] = {"trainable_params": 0, "total_params": sum(p.numel() for p in loaded[0].parameters())}
     else:
         sweep = spec.get("sweep") or []
         tried = []
+        eval_before = None  # every learning rate starts from the same model: its eval loss is computed once
+        plain = (spec.get("hooks") or {}).get("plain")  # testing aid: no shortcut (eval loss, loaded model)
         for lr in sweep or [None]:
+            loaded = None  # not held while the next rate trains: the cell's peak memory stays a run's
             c = cfg
             if lr is not None:
                 c = load_config({**spec["config"], "output_dir": str(sweep_dir(run_dir, lr)),
                                  "training": {**spec["config"]["training"], "lr": lr}})  # fmt: skip
-            run_metrics = _train(c, spec, result)
+            run_metrics = _train(c, spec, result, eval_before)
+            if not plain:
+                eval_before = eval_before or step0_eval(Path(c.output_dir))
             if run_metrics is None:  # interrupted: the checkpoint is written, a re-run resumes
                 return Path(c.output_dir)
             entry = {"lr": c.training.lr, "run_dir": c.output_dir, "train": _train_metrics(run_metrics)}
             if sweep:  # choose on the validation rows (carved from the train split), never on the dev rows
-                val_predictions = _score(_load_run(Path(c.output_dir), c), c, ev, "val")
-                write_predictions(Path(c.output_dir) / "val_predictions.jsonl", val_predictions)
+                with timed(result["phases"], "loading"):
+                    loaded = _load_run(Path(c.output_dir), c)
+                with timed(result["phases"], "scoring"):
+                    val_predictions = _score(loaded, c, ev, "val")
+                    write_predictions(Path(c.output_dir) / "val_predictions.jsonl", val_predictions)
                 entry["val_metrics"] = prediction_metrics(task, val_predictions)
                 log_loss = class_log_loss(val_predictions)
                 if log_loss is not None:
@@ -194,10 +223,16 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
         result["train"] = chosen["train"]
         if (spec.get("hooks") or {}).get("fail_scoring"):
             raise RuntimeError("scoring failed (testing hook)")
-        loaded = _load_run(run_dir, cfg)
+        if loaded is not None and Path(tried[-1]["run_dir"]) == run_dir and not plain:
+            print(f"[compare] scoring the dev rows with the chosen run as loaded for its validation rows ({run_dir})",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        else:
+            with timed(result["phases"], "loading"):
+                loaded = _load_run(run_dir, cfg)
     t = time.perf_counter()
-    predictions = _score(loaded, cfg, ev, "dev")
-    write_predictions(cell_dir / "predictions.jsonl", predictions)
+    with timed(result["phases"], "scoring"):
+        predictions = _score(loaded, cfg, ev, "dev")
+        write_predictions(cell_dir / "predictions.jsonl", predictions)
     result["metrics"] = prediction_metrics(task, predictions)
     result["n"] = len(predictions)
     result["score_s"] = round(time.perf_counter() - t, 2)
@@ -218,9 +253,19 @@ def _choose(tried: list[dict], metric: str) -> dict:
     return min(tried, key=rank)
 
 
-def _train(cfg, spec: dict, result: dict) -> dict | None:
+def step0_eval(run_dir: Path) -> dict | None:
+    """The evaluation before training logged in a run's metrics.jsonl ({"eval_loss": ..., eval_* extras})."""
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        r = json.loads(line)
+        if r.get("step") == 0 and "eval_loss" in r:
+            return {k: v for k, v in r.items() if k == "eval_loss" or k.startswith("eval_")}
+    return None
+
+
+def _train(cfg, spec: dict, result: dict, eval_before: dict | None = None) -> dict | None:
     """Train one config to its end, resuming from its latest checkpoint; its results.json metrics, or None
-    when interrupted. A run that already finished is not trained again."""
+    when interrupted. A run that already finished is not trained again. `eval_before`: see training.train."""
     run_dir = Path(cfg.output_dir)
     if (run_dir / "final" / "tunelab.json").is_file() and (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
@@ -236,7 +281,12 @@ def _train(cfg, spec: dict, result: dict) -> dict | None:
                 raise KeyboardInterrupt
 
         callbacks.append(_interrupt)
-    run = tunelab.train(cfg, resume=latest is not None, callbacks=callbacks)
+    t = time.perf_counter()
+    run = train(cfg, resume=latest is not None, callbacks=callbacks, eval_before=eval_before)
+    spent = time.perf_counter() - t
+    phases = result["phases"]
+    for name, seconds in (run.phases or {"train": spent}).items():  # a loop without a split: all training
+        phases[RUN_PHASES[name]] = phases.get(RUN_PHASES[name], 0.0) + seconds
     result["trained"] = True
     if run.metrics.get("interrupted"):
         result["train"] = _train_metrics(run.metrics)

@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,6 +72,26 @@ def read_result(spec: dict, returncode: int | None = None) -> dict:
     return result
 
 
+def add_exit_time(result: dict, ended_at: float, launched_at: float) -> dict:
+    """The executor's part of the split: `ended_at - launched_at` (time.time()) is the process's whole life;
+    what the cell did not measure itself (it ended after the result was written) becomes the phase "exit"."""
+    if not result.get("phases") or result.get("wall_s") is None:
+        return result
+    life = max(ended_at - launched_at, 0.0)
+    exit_s = max(life - result["wall_s"], 0.0)
+    phases = {**result["phases"], "exit": round(exit_s, 3)}
+    return {**result, "phases": phases, "wall_s": round(result["wall_s"] + exit_s, 2),
+            "wall_s_total": round((result.get("wall_s_total") or 0.0) + exit_s, 2)}  # fmt: skip
+
+
+
+def _write_result(spec: dict, result: dict) -> None:
+    path = Path(spec["cell_dir"]) / "result.json"
+    tmp = path.with_name("result.json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, path)
+
+
 def _child(spec_path: str, log_path: str) -> None:  # forkserver target
     os.setsid()
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -108,8 +129,27 @@ class LocalExecutor:
         self.start_method = start_method
         self._ctx = None
 
+    def warm(self) -> None:
+        """Start the forkserver now: its imports then run beside whatever the grid does first (the
+        references), not at the start of the first cell."""
+        if self.start_method != "forkserver":
+            return
+        self._context()
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+    def _context(self):
+        if self._ctx is None:
+            import multiprocessing as mp
+
+            self._ctx = mp.get_context("forkserver")
+            self._ctx.set_forkserver_preload(PRELOAD)
+        return self._ctx
+
     def run_one(self, spec: dict) -> tuple[dict, bool]:
         """(result, interrupted_by_user)."""
+        spec = {**spec, "launched_at": time.time()}  # the cell measures its start-up from here
         path = _write_spec(spec)
         log_path = Path(spec["cell_dir"]) / "log.txt"
         if self.start_method == "spawn":
@@ -122,12 +162,7 @@ class LocalExecutor:
                 )
                 code, interrupted = _wait(proc.pid, proc.wait)
         else:
-            if self._ctx is None:
-                import multiprocessing as mp
-
-                self._ctx = mp.get_context("forkserver")
-                self._ctx.set_forkserver_preload(PRELOAD)
-            proc = self._ctx.Process(target=_child, args=(str(path), str(log_path)), name=f"cell-{spec['key']}")
+            proc = self._context().Process(target=_child, args=(str(path), str(log_path)), name=f"cell-{spec['key']}")
             proc.start()
 
             def join():
@@ -135,7 +170,10 @@ class LocalExecutor:
                 return proc.exitcode
 
             code, interrupted = _wait(proc.pid, join)
-        return read_result(spec, code), interrupted
+        result = add_exit_time(read_result(spec, code), time.time(), spec["launched_at"])
+        if result.get("phases"):
+            _write_result(spec, result)
+        return result, interrupted
 
     def run(self, specs: list[dict], on_start: Callable, on_done: Callable) -> None:
         for spec in specs:

@@ -94,6 +94,18 @@ def _main_value(result: dict):
     return (result.get("metrics") or {}).get(main) if main else None
 
 
+def training_share(row: dict) -> float | None:
+    """The fraction of a cell's wall time spent in optimizer steps (its `phases`, cell.py), or None."""
+    phases = row.get("phases") or {}
+    wall = sum(phases.values())
+    return phases.get("training", 0.0) / wall if phases and wall > 0 else None
+
+
+def _train_share(row: dict) -> str:
+    share = training_share(row)
+    return "—" if share is None else f"{100 * share:.0f}%"
+
+
 def _trainable_pct(result: dict):
     train = result.get("train") or {}
     trainable, total = train.get("trainable_params"), train.get("total_params")
@@ -145,6 +157,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("weights_mb", "REAL", result=_at("weights_mb")),
     # every attempt's seconds when a cell resumed (cell.py), else this one's (a reference's)
     Column("wall_s", "REAL", "Time", fmt_time, result=lambda r: r.get("wall_s_total", r.get("wall_s"))),
+    # the last attempt's wall time by phase (startup, loading, training, scoring, saving, other, exit; cell.py)
+    Column("phases", None, "Training %", show_row=_train_share),  # phases_json, decoded
     Column("error", "TEXT", result=_at("error")),
     Column("kind", "TEXT", plan=attrgetter("kind")),  # causal | encoder | baseline
     Column("mode", "TEXT", plan=attrgetter("mode")),  # head | verbalizer | perplexity | majority | tfidf ... | n/a
@@ -163,6 +177,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("config_json", "TEXT", export=False, plan=attrgetter("config")),
     Column("eval_json", "TEXT", export=False, plan=attrgetter("eval")),
     Column("curve_json", "TEXT", export=False, result=_at("curve")),
+    Column("phases_json", "TEXT", export=False, result=_at("phases")),
     Column("updated_at", "REAL", export=False),  # set by Store.upsert
 )
 STORED = tuple(c for c in COLUMNS if c.sql)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tunelab.compare import analysis as A
 from tunelab.compare.plan import read_jsonl, seed_for, task_object
-from tunelab.compare.record import fmt, fmt_params, fmt_time, table_cells
+from tunelab.compare.record import fmt, fmt_params, fmt_time, table_cells, training_share
 from tunelab.data.prompts import label_words
 
 
@@ -141,11 +141,30 @@ def markdown_summary(analyses: dict[str, dict]) -> str:
     out = []
     for task, a in analyses.items():
         out += [f"## {task}", ""] + [f"- {s}" for s in statements(a)] + [""]
-        if a.get("groups"):
-            header, body = summary_table(a)
+        for header, body in (summary_table(a), timing_table([r for g in a.get("groups") or [] for r in g.rows])):
+            if not body:
+                continue
             out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in body] + [""]
     return "\n".join(out)
+
+
+PHASE_HEADERS = {"startup": "Start-up", "loading": "Loading", "training": "Training", "scoring": "Scoring",
+                 "saving": "Saving", "other": "Other", "exit": "Exit"}  # fmt: skip
+
+
+def timing_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Where each row's wall time went (its last attempt's phases, compare/cell.py), one row per cell."""
+    rows = [r for r in rows if r.get("phases")]
+    header = ["Model", "Method", "Seed", "Time", *PHASE_HEADERS.values(), "Training %"]
+    body = []
+    for r in rows:
+        phases = r["phases"]
+        share = training_share(r)
+        body.append([r["model"], r["method"], "—" if r.get("seed") is None else str(r["seed"]),
+                     fmt_time(sum(phases.values())), *(fmt_time(phases.get(k)) for k in PHASE_HEADERS),
+                     "—" if share is None else f"{100 * share:.0f}%"])  # fmt: skip
+    return header, body
 
 
 def summary_table(a: dict) -> tuple[list[str], list[list[str]]]:
@@ -334,8 +353,8 @@ def write_report(rows: list[dict], out: Path, grid=None, analyses: dict | None =
         f"<p class='muted'>Generated {time.strftime('%Y-%m-%d %H:%M:%S')}. {len(methods)} cells, "
         f"{sum(r.get('status') == 'done' for r in methods)} finished. Every score is on the task's dev rows "
         "(n per row), which no cell trains or tunes on; 95% CI: seeded bootstrap over those rows. Peak MB: peak "
-        "resident memory of the cell's own process. Time: wall time of load + train + score (summed over "
-        "attempts). Saved MB: the method's final/ folder. Tokens/s: training throughput.</p>",
+        "resident memory of the cell's own process. Time: wall time of the cell's process, from its start to its "
+        "exit (summed over attempts); Training %: the share of it spent in optimizer steps. Saved MB: the method's final/ folder. Tokens/s: training throughput.</p>",
     ]
     for t in tasks:
         trows = [r for r in rows if r["task"] == t]
@@ -360,6 +379,10 @@ def write_report(rows: list[dict], out: Path, grid=None, analyses: dict | None =
                     parts.append(f'<img alt="plot" src="data:image/png;base64,{img}">')
         parts.append("<h3>Every row</h3>")
         parts.append(_rows_table(trows))
+        header, body = timing_table(trows)
+        if body:
+            parts.append("<h3>Where the time went (the last attempt of each row; seconds unless marked)</h3>")
+            parts.append(_html_table(header, body))
         labels = list(getattr(_task_of(entries.get(t)), "labels", ()) or ())
         parts.append(_errors_html(trows, _words(entries.get(t)) or labels))
     bad = [r for r in rows if r.get("status") in ("failed", "interrupted", "n/a", "pending", "running")]

@@ -73,10 +73,12 @@ def run_grid(
     result = GridResult(output_dir=out, rows=[])
     try:
         pending = _register(store, cells, retry_failed, result, out)
+        ex = executor_for(executor, address=address, start_method=start_method) if pending and not only_report else None
+        if ex is not None and hasattr(ex, "warm"):
+            ex.warm()  # the cells' process server imports torch & co. while the references are fitted
         reference_keys = _record_references(store, g, out, log, run=not only_report)
-        if pending and not only_report:
+        if ex is not None:
             log(f"[compare] {len(cells)} cells: {len(pending)} to run, {result.skipped} finished earlier ({out})")
-            ex = executor_for(executor, address=address, start_method=start_method)
             _run_cells(ex, store, pending, result, log, cell_hooks, on_cell)
         rows = _with_references(store.rows([c.key for c in cells]), store.rows(reference_keys), g)
         _write_outputs(result, rows, g, out)

@@ -72,6 +72,7 @@ def _decode(row: sqlite3.Row) -> dict:
     for c in JSON_COLUMNS:
         d[c] = json.loads(d[c]) if d.get(c) else None
     d["metrics"] = d.get("metrics_json") or {}  # the exported `metrics` column
+    d["phases"] = d.get("phases_json") or {}  # and `phases`
     return d
 
 

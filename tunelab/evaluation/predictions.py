@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 from tunelab import metrics as M
+from tunelab.accel import threads
 from tunelab.config import DataConfig
 from tunelab.data import build_prompt_ids, collate, pad, render_example, tasks
 from tunelab.data.prompts import instruction, label_words
@@ -34,6 +35,10 @@ from tunelab.stages.classification import classification_collate, classification
 # prompt tokens are the same for every row (system prompt + question), so half the compute was repeated.
 SHARE_PREFIX = True
 MIN_SHARED_PREFIX = 8  # tokens: below this the prefix pass and the cache copies cost about what they save
+# On a CPU, the verbalizer's batches run a thread each, on one core each (accel/threads.py), rather than
+# one batch at a time with every op split over all cores: the same batches, so the same scores (a test
+# compares them bit for bit), without the fork / join of every small op. Off: one batch at a time.
+THREAD_BATCHES = True
 
 
 # ------------------------------------------------------------------------------------ model side
@@ -45,18 +50,28 @@ def verbalizer_predictions(model, tokenizer, task, rows, device, batch_size=16, 
 
     verbalizer, prompts = verbalizer_prompts(task, rows, tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together: less padding
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     out: list[dict | None] = [None] * len(prompts)
     with torch.no_grad():
         prefix = _shared_prefix(model, prompts, device, batch_size)
-        start = prefix.length if prefix is not None else 0
-        for i in tqdm(range(0, len(order), batch_size), desc=f"eval {task.name}", disable=not progress, unit="batch"):
-            idx = order[i : i + batch_size]
+    start = prefix.length if prefix is not None else 0
+
+    def score(idx: list[int]) -> None:
+        with torch.no_grad():  # grad mode is per thread
             ids, mask = pad([prompts[k][start:] for k in idx], tokenizer.pad_token_id)
             logits = next_token_logits(model, ids.to(device), mask.to(device), prefix=prefix)
             scores = verbalizer.scores(logits.float())
-            # float32 -> Python float is exact and order-preserving: the argmax of the stored list is this one
-            for k, s, pred in zip(idx, scores.tolist(), scores.argmax(dim=-1).tolist()):
-                out[k] = {"index": k, "label": int(rows[k]["label"]), "prediction": pred, "scores": s}
+        # float32 -> Python float is exact and order-preserving: the argmax of the stored list is this one
+        for k, s, pred in zip(idx, scores.tolist(), scores.argmax(dim=-1).tolist()):
+            out[k] = {"index": k, "label": int(rows[k]["label"]), "prediction": pred, "scores": s}
+
+    at_once = torch.get_num_threads() if THREAD_BATCHES and torch.device(device).type == "cpu" else 1
+    bar = tqdm(total=len(batches), desc=f"eval {task.name}", disable=not progress, unit="batch")
+    for i in range(0, len(batches), at_once):
+        group = batches[i : i + at_once]
+        threads.run([lambda idx=idx: score(idx) for idx in group])
+        bar.update(len(group))
+    bar.close()
     return out
 
 

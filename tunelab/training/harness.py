@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,18 @@ class RunResult:
     run_dir: Path
     final_dir: Path | None
     metrics: dict = field(default_factory=dict)
+    # seconds per part of the run (load, data, eval, train, save, score): a compare cell's time split
+    phases: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def timed(phases: dict, name: str):
+    """Add the seconds the block takes to phases[name], also when it raises (a Ctrl-C mid-step)."""
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
 
 
 def log(msg: str) -> None:

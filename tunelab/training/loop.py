@@ -47,6 +47,7 @@ from tunelab.training.harness import (
     save_result,
     scheduler_for,
     start_run,
+    timed,
     to_device,
     write_results_json,
 )
@@ -86,9 +87,19 @@ def evaluate(step: int, model, val_batches, stage: Stage, dist, device, autocast
 
 
 def train(
-    cfg, resume: bool = False, callbacks: list[Callable[[int, dict], None]] | None = None, force: bool = False
+    cfg,
+    resume: bool = False,
+    callbacks: list[Callable[[int, dict], None]] | None = None,
+    force: bool = False,
+    eval_before: dict | None = None,
 ) -> RunResult:
-    """Run one fine-tuning job described by a validated Config. See docs/getting-started.md."""
+    """Run one fine-tuning job described by a validated Config. See docs/getting-started.md.
+
+    `eval_before`: the step-0 evaluation record ({"eval_loss": ..., and any eval_* extras}) when the caller
+    already has it from a run that starts from the very same model on the same validation rows (the
+    learning rates of a compare sweep: compare/cell.py); it is logged as if computed, and not computed."""
+    phases: dict = {}  # RunResult.phases: where the run's time went
+    t_load = time.perf_counter()
     stage = get_stage(cfg.stage, cfg)
     if stage.loop == "ppo":  # RLHF samples its own data each iteration: a loop of its own (training/ppo.py)
         if distributed.world_size() > 1:
@@ -138,16 +149,20 @@ def train(
         log(line)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
+    phases["load"] = time.perf_counter() - t_load
 
     # ---- data
-    data = stage.build_data(cfg, tokenizer)
-    if not data.train:
-        raise DataError("no training examples left after tokenisation")
-    log("data: " + ", ".join(f"{k}={v}" for k, v in data.stats.items()))
-    pad_id = tokenizer.pad_token_id
-    # only the batches evaluated are collated: a large set's examples are read from disk (the data store)
-    n_val = len(data.val) if tcfg.eval_batches is None else min(len(data.val), tcfg.eval_batches * tcfg.batch_size)
-    val_batches = [stage.collate(data.val[j : j + tcfg.batch_size], pad_id) for j in range(0, n_val, tcfg.batch_size)]
+    with timed(phases, "data"):
+        data = stage.build_data(cfg, tokenizer)
+        if not data.train:
+            raise DataError("no training examples left after tokenisation")
+        log("data: " + ", ".join(f"{k}={v}" for k, v in data.stats.items()))
+        pad_id = tokenizer.pad_token_id
+        # only the batches evaluated are collated: a large set's examples are read from disk (the data store)
+        n_val = len(data.val) if tcfg.eval_batches is None else min(len(data.val), tcfg.eval_batches * tcfg.batch_size)
+        val_batches = [stage.collate(data.val[j : j + tcfg.batch_size], pad_id)
+                       for j in range(0, n_val, tcfg.batch_size)]  # fmt: skip
+    t_load = time.perf_counter()
 
     # N processes x batch b see the batches of one process with batch N*b, each process a slice of each
     global_batch = tcfg.batch_size * dist.world_size
@@ -186,11 +201,17 @@ def train(
             samples_log.write(r)
             log(f"sample at step {step} (temperature {r['temperature']:g}): {r['prompt'] + r['text']!r}")
 
-    if state["step"] == 0 and val_batches:
-        state["eval_loss_before"] = evaluate(0, model, val_batches, stage, dist, device, autocast, metrics_log)
-        log(f"eval loss before training: {state['eval_loss_before']:.4f}")
-    if state["step"] == 0:
-        write_samples(0)
+    phases["load"] += time.perf_counter() - t_load
+    with timed(phases, "eval"):
+        if state["step"] == 0 and val_batches and eval_before is not None:
+            metrics_log.write({"step": 0, **eval_before})
+            state["eval_loss_before"] = eval_before["eval_loss"]
+            log(f"eval loss before training: {state['eval_loss_before']:.4f} (that of the same starting model)")
+        elif state["step"] == 0 and val_batches:
+            state["eval_loss_before"] = evaluate(0, model, val_batches, stage, dist, device, autocast, metrics_log)
+            log(f"eval loss before training: {state['eval_loss_before']:.4f}")
+        if state["step"] == 0:
+            write_samples(0)
 
     progress = progress_bar(tcfg.progress and dist.is_main, total_steps, state["step"])
     model.train()
@@ -198,6 +219,7 @@ def train(
     step_start = None
     last_loss = float("nan")
     t_start, tokens_start = time.perf_counter(), state["tokens"]
+    aside = phases.get("eval", 0.0) + phases.get("save", 0.0)  # evals and checkpoints inside the loop are not training
     order, order_epoch = [], None  # the micro-batches of the current epoch (batch_order)
     previous_sigterm = signal.signal(signal.SIGTERM, raise_keyboard_interrupt) if on_main_thread() else None
     try:
@@ -267,16 +289,17 @@ def train(
             progress.update(1)
 
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
-                eval_loss = evaluate(step, model, val_batches, stage, dist, device, autocast, metrics_log)
-                record["eval_loss"] = eval_loss
-                write_samples(step)
+                with timed(phases, "eval"):
+                    eval_loss = evaluate(step, model, val_batches, stage, dist, device, autocast, metrics_log)
+                    record["eval_loss"] = eval_loss
+                    write_samples(step)
                 stop_early = early_stop(state, eval_loss, tcfg.early_stopping_patience)
                 if stop_early:
                     log(
                         f"early stopping at step {step}: no eval-loss improvement in {tcfg.early_stopping_patience} evals"
                     )
             if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
-                with checkpoint_write(run_dir):  # a Ctrl-C meanwhile waits for the checkpoint, then stops the run
+                with timed(phases, "save"), checkpoint_write(run_dir):  # a Ctrl-C meanwhile waits for the checkpoint, then stops the run
                     dist.save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
             for cb in callbacks or []:
                 cb(step, record)
@@ -288,7 +311,7 @@ def train(
         rng = step_start[1] if step_start is not None and step_start[0]["step"] == state["step"] else None
         # several processes: rank 0 alone writes (the others may already be gone), see distributed.py.
         # A second Ctrl-C / SIGTERM waits for this checkpoint; a third stops at once (harness.checkpoint_write).
-        with checkpoint_write(run_dir, interrupting=True):
+        with timed(phases, "save"), checkpoint_write(run_dir, interrupting=True):
             path = dist.save_checkpoint(
                 run_dir, model, optimizer, scheduler, state, keep=tcfg.keep_checkpoints, rng=rng, together=False
             )
@@ -299,6 +322,8 @@ def train(
         speed.release(model, expand=stage.final_metrics is not None)
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
+        aside = phases.get("eval", 0.0) + phases.get("save", 0.0) - aside
+        phases["train"] = time.perf_counter() - t_start - aside
 
     metrics = {
         "steps": state["step"],
@@ -316,34 +341,36 @@ def train(
     if interrupted:
         metrics_log.close()
         dist.close()
-        return RunResult(run_dir, None, {**metrics, "interrupted": True})
+        return RunResult(run_dir, None, {**metrics, "interrupted": True}, phases)
 
-    metrics["eval_loss"] = evaluate(state["step"], model, val_batches, stage, dist, device, autocast, metrics_log)
-    if metrics["eval_loss"] is not None:
-        log(f"eval loss after training: {metrics['eval_loss']:.4f}")
-    if not dist.sharded:
-        write_samples(state["step"])
+    with timed(phases, "eval"):
+        metrics["eval_loss"] = evaluate(state["step"], model, val_batches, stage, dist, device, autocast, metrics_log)
+        if metrics["eval_loss"] is not None:
+            log(f"eval loss after training: {metrics['eval_loss']:.4f}")
+        if not dist.sharded:
+            write_samples(state["step"])
     if dist.sharded:  # FSDP / DeepSpeed: gather the shards into one model on rank 0 (every process takes part)
         model = dist.gathered_model(cfg, stage, method)
     if not dist.is_main:  # rank 0 scores and writes the result
         dist.close()
-        return RunResult(run_dir, None, metrics)
+        return RunResult(run_dir, None, metrics, phases)
     if dist.sharded:
         log("task metrics are not computed under FSDP / DeepSpeed: score final/ with `tunelab eval`")
     elif stage.final_metrics is not None:
-        with autocast():  # as in training: fp32 master weights beside bf16 frozen ones need it on CUDA
+        with timed(phases, "score"), autocast():  # as in training: fp32 master weights beside bf16 frozen ones
             task_scores = stage.final_metrics(model, tokenizer, cfg, data, device)
         metrics.update(task_scores)
         if task_scores:
             metrics_log.write({"step": state["step"], **task_scores}, section="dev")
             log("dev metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in task_scores.items()))
     metrics_log.close()
-    final_dir = save_result(run_dir, model, tokenizer, method.save, cfg, stage.manifest(cfg) if stage.manifest else {},
-                            metrics)
-    write_results_json(run_dir, metrics)
+    with timed(phases, "save"):
+        manifest = stage.manifest(cfg) if stage.manifest else {}
+        final_dir = save_result(run_dir, model, tokenizer, method.save, cfg, manifest, metrics)
+        write_results_json(run_dir, metrics)
     log(f"result written to {final_dir}")
     dist.close()
-    return RunResult(run_dir, final_dir, metrics)
+    return RunResult(run_dir, final_dir, metrics, phases)
 
 
 def enable_gradient_checkpointing(model) -> None:
