@@ -15,8 +15,9 @@ its peak PSS over its process tree, rows/s from its start to the data being read
 Every point runs in its own child process, one at a time, under a memory guard: a point whose estimated peak
 (weights + what a pass keeps + logits + ~1.5 GB of libraries) exceeds the memory available now is not started,
 and a child whose RSS grows past the memory that was available at its start (less a margin) is stopped; both
-are reported as "does not fit", a result like any other. 1.7B points start only with `--min-free-gb-big`
-(14) GB available.
+are reported as "does not fit", a result like any other (on a shared machine a point first waits up to `--wait-s`
+for memory other jobs hold, if the machine has that much at all). 1.7B points start only with
+`--min-free-gb-big` (14) GB available.
 
     .venv/bin/python bench/scale_curves.py --points 'train:135m:*' 'data:1k:*' --out bench-results/scale
     .venv/bin/python bench/scale_curves.py --list                    # every point's name
@@ -132,6 +133,18 @@ def available_gb() -> float:
     from tunelab.training.harness import available_memory
 
     return (available_memory() or 0) / GB
+
+
+def wait_for_memory(need_gb: float, wait_s: float) -> float:
+    """The GB available once `need_gb` are, or after `wait_s` seconds: on a shared machine other jobs' memory
+    comes and goes, and a point that would fit the machine should not be called too big for a passing peak
+    of theirs. A point larger than the machine's memory is not waited for."""
+    import psutil
+
+    deadline = time.monotonic() + (wait_s if need_gb < psutil.virtual_memory().total / GB else 0)
+    while (free := available_gb()) < need_gb and time.monotonic() < deadline:
+        time.sleep(10)
+    return free
 
 
 def load_average() -> str:
@@ -258,9 +271,9 @@ def run_train_point(name: str, args) -> dict:
     length = int(length)
     row = {"point": name, "kind": "train", "size": size, "length": length, "method": method, "side": side,
            "rows_per_step": rows_per_step(length, args.tokens_per_step), "load_before": load_average()}  # fmt: skip
-    free = available_gb()
-    row["available_gb"] = round(free, 1)
     row["estimated_peak_gb"] = round(estimate_peak_gb(size, length, method, side, args.tokens_per_step), 1)
+    free = wait_for_memory(row["estimated_peak_gb"] + args.margin_gb, args.wait_s)
+    row["available_gb"] = round(free, 1)
     if size == "1.7b" and free < args.min_free_gb_big:
         row["result"] = f"not run: {free:.1f} GB available, 1.7B points need {args.min_free_gb_big} (--min-free-gb-big)"
         return row
@@ -401,6 +414,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=1024, help="rows per step: this / length, at least 1")
     parser.add_argument("--margin-gb", type=float, default=1.5, help="memory kept free beside a point")
     parser.add_argument("--min-free-gb-big", type=float, default=14.0, help="available GB a 1.7B point needs to start")
+    parser.add_argument("--wait-s", type=float, default=600, help="how long a point waits for memory other jobs hold")
     parser.add_argument("--out", default="bench-results/scale", help="folder for scale.json, scale.md, scale.png")
     parser.add_argument("--work", default=tempfile.gettempdir() + "/tunelab-bench-data", help="data points' files")
     parser.add_argument("--plot", metavar="JSON", help="only redraw the table and plot from this JSON")
@@ -411,7 +425,7 @@ def main() -> None:
         job = job_tunelab if side == "tunelab" else job_reference
         print(json.dumps(job(size, int(length), method, args.steps, args.tokens_per_step)))
         return
-    names = [p for p in all_points() if any(fnmatch.fnmatch(p, pat) for pat in args.points)]
+    names = list(dict.fromkeys(p for pat in args.points for p in all_points() if fnmatch.fnmatch(p, pat)))  # in order
     if args.list:
         print("\n".join(names))
         return
