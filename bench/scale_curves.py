@@ -153,8 +153,9 @@ def load_average() -> str:
 
 # ------------------------------------------------------------------------------------------ training jobs
 def job_rows(length: int, tokens_per_step: int, steps: int) -> list[dict]:
-    """Enough alpaca demo rows for `steps` packed steps (~100 tokens a row), at most the whole file."""
-    need = rows_per_step(length, tokens_per_step) * length * steps // 60 + 16
+    """Enough alpaca demo rows to fill `steps` packed steps (at least ~10 tokens a row: the shortest rows
+    are ~30 with the chat template), at most the whole file (~1,000 rows)."""
+    need = rows_per_step(length, tokens_per_step) * length * steps // 10 + 16
     return json.loads(DATA.read_text())[:need]
 
 
