@@ -372,16 +372,20 @@ def plot(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(2, 2, figsize=(10, 7), dpi=70)
     train = [r for r in results if r["kind"] == "train" and r["result"] == "ok"]
+    colours = iter(plt.get_cmap("tab10").colors)
     for size in SIZES:
         for method in METHODS:
+            if not any((r["size"], r["method"]) == (size, method) for r in train):
+                continue
+            colour = next(colours)  # one per size x method; the line style tells the sides apart
             for side, style in (("tunelab", "-o"), ("ref", "--x")):
                 pts = sorted((r["length"], r) for r in train if (r["size"], r["method"], r["side"]) == (size, method, side))
                 if not pts:
                     continue
                 label = f"{size} {method} {'tunelab' if side == 'tunelab' else 'TRL+PEFT'}"
                 xs = [x for x, _ in pts]
-                ax[0][0].plot(xs, [r["tokens_per_s"] for _, r in pts], style, label=label)
-                ax[0][1].plot(xs, [r["peak_rss_mb"] / 1024 for _, r in pts], style, label=label)
+                ax[0][0].plot(xs, [r["tokens_per_s"] for _, r in pts], style, color=colour, label=label)
+                ax[0][1].plot(xs, [r["peak_rss_mb"] / 1024 for _, r in pts], style, color=colour, label=label)
     for a, title in ((ax[0][0], "training tokens/s"), (ax[0][1], "training peak RSS, GB")):
         a.set_xscale("log", base=2)
         a.set_xticks(list(LENGTHS), [str(n) for n in LENGTHS])
