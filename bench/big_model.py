@@ -12,6 +12,7 @@ QLoRA's peak over LoRA's (the issue's target: <= 0.6).
 
     .venv/bin/python bench/big_model.py                     # lora and qlora, 3 steps of 2 x 128 tokens
     .venv/bin/python bench/big_model.py --methods qlora --steps 2
+    .venv/bin/python bench/big_model.py --load-only 360m    # LoRA's load peak: whole fp32 then compact, or straight
 
 Memory: the LoRA run holds the 1.7B model in fp32 (6.8 GB) at some point; the bench refuses to start a
 run with less than `--min-free-gb` (14) available, and runs one at a time.
@@ -117,6 +118,33 @@ def job(method: str, args) -> dict:
             "precision": m["precision"], "trainable": m["trainable_params"], "total": m["total_params"]}  # fmt: skip
 
 
+def job_load(size: str, straight: bool) -> dict:
+    """Peak RSS of loading a SmolLM2-config model of `size` for LoRA as `tunelab.train` does, to the end of
+    `speed.prepare` (frozen weights compact): `straight` reads the frozen linears straight into their compact
+    form (speed.load_plan), else the whole fp32 model is loaded and compacted afterwards (the former path)."""
+    import torch
+    from scale_curves import build_model as build_sized
+
+    from tunelab import accel
+    from tunelab.config import load_config
+    from tunelab.methods import get
+    from tunelab.models import count_parameters, load_model
+    from tunelab.models.loading import loading_into
+
+    folder = build_model(model_dir()) if size == "1.7b" else build_sized(size)
+    cfg = load_config({"output_dir": "/unused", "model": {"name": str(folder)}, "data": {"train": str(DATA)},
+                       "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0}})  # fmt: skip
+    t0 = time.perf_counter()
+    speed = accel.start(cfg.training, torch.device("cpu"))
+    with loading_into(speed.load_plan(cfg, False) if straight else None):
+        model, _ = load_model(cfg.model, device="cpu")
+    model = get("lora").apply(model, cfg.method)
+    total = count_parameters(model)[1] + speed.compact_parameters
+    speed.prepare(model, cfg, total, False)
+    return {"size": size, "straight": straight, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "seconds": time.perf_counter() - t0, "compact_mb_saved": speed.compacted / 2**20, "parameters": total}  # fmt: skip
+
+
 def run(method: str, args) -> dict:
     from tunelab.accel.memory import allocator_environment
 
@@ -143,10 +171,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--min-free-gb", type=float, default=14.0)
+    parser.add_argument("--load-only", metavar="SIZE", help="only the peak of loading a SmolLM2-SIZE model for LoRA "
+                        "(135m, 360m, 1.7b), straight into compact weights and the whole-fp32 way, a child each")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
-        print(json.dumps(job(args.job, args)))
+        kind, _, size = args.job.partition(":")
+        out = job_load(size, kind == "straight") if kind in ("straight", "whole") else job(args.job, args)
+        print(json.dumps(out))
+        return
+    if args.load_only:
+        from tunelab.accel.memory import allocator_environment
+
+        for kind in ("whole", "straight"):
+            free = available_gb()
+            out = run_child([sys.executable, __file__, "--job", f"{kind}:{args.load_only}"], allocator_environment(), kind)
+            print(json.dumps({**out, "available_gb_before": round(free, 1)}), flush=True)
         return
     t0 = time.perf_counter()
     folder = build_model(model_dir())

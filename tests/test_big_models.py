@@ -146,3 +146,129 @@ def test_the_loop_turns_checkpointing_on_when_memory_is_short(monkeypatch, tmp_p
     seen.clear()
     tunelab.train(load_config(cfg))
     assert seen == {} and "gradient checkpointing: training.gradient_checkpointing: false" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- lora: straight into compact weights
+def _bf16_checkpoint(path, max_shard_size=None) -> str:
+    """A tiny model whose weights bf16 holds exactly (a bf16 checkpoint, as published ones are), saved in fp32,
+    with one layer in GGUF-like 8-bit blocks instead (offset + step x code per 32 weights, not bf16-exact)."""
+    from tunelab.testing import tiny_llama, tiny_tokenizer
+
+    model = tiny_llama(len(tiny_tokenizer()), hidden_size=64, intermediate_size=128)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+        w = model.model.layers[1].mlp.down_proj.weight  # 64 x 128: 256 blocks of 32
+        codes = torch.randint(0, 256, w.shape, generator=g).float().view(-1, 32)
+        codes[:, :2] = torch.tensor([0.0, 1.0])  # the block's minimum and its step both occur, as usual in 8 bits
+        step = 2.0 ** -torch.randint(9, 12, (len(codes), 1), generator=g).float()
+        offset = -torch.rand(len(codes), 1, generator=g) * 0.1
+        w.copy_((codes * step + offset).view(w.shape))
+        assert not torch.equal(w.to(torch.bfloat16).float(), w)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    tiny_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _lora_model(folder, plan, target_modules="all-linear"):
+    from tunelab.accel import compact
+
+    lora = get("lora")
+    cfg = lora.Config(r=4, alpha=8, dropout=0.0, target_modules=target_modules)
+    with loading_into(plan):
+        model, _ = load_model(ModelConfig(name=folder), device="cpu")
+    loaded = {n: type(m).__name__ for n, m in model.named_modules()}
+    torch.manual_seed(0)  # LoRA's A starts random: the same draw on both sides
+    model = lora.apply(model, cfg)
+    compact.compact_frozen_linears(model)
+    return model, loaded
+
+
+def _compact_state(model) -> dict:
+    from tunelab.accel.compact import CompactEmbedding, CompactLinear
+
+    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, m in model.named_modules():
+        if type(m) in (CompactLinear, CompactEmbedding):
+            out.update({f"{name}.{k}": getattr(m.compact, k) for k in ("codes", "step", "offset")})
+            out[f"{name}.kind"] = type(m).__name__
+    return out
+
+
+def _same(a: dict, b: dict) -> bool:
+    def eq(x, y):
+        return x == y if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor) else torch.equal(x, y)
+
+    return a.keys() == b.keys() and all(eq(a[k], b[k]) for k in a)
+
+
+def _first_step(model) -> tuple[torch.Tensor, dict]:
+    model.train()
+    out = model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("shards", [None, "40KB"])
+def test_lora_straight_into_compact_equals_load_then_compact(tmp_path, shards, capsys):
+    from tunelab.accel import compact
+    from tunelab.accel.compact import CompactLinear
+
+    folder = _bf16_checkpoint(tmp_path / "m", shards)
+    assert (len(list((tmp_path / "m").glob("model-*.safetensors"))) > 1) == bool(shards)
+    then, _ = _lora_model(folder, None)
+    counted = []
+    straight, loaded = _lora_model(folder, compact.load_plan(counted=counted))
+    assert "loaded whole" not in capsys.readouterr().err
+    # every body linear arrived compact (the 8-bit-block one too), the head stayed the tied nn.Linear
+    body = [n for n, kind in loaded.items() if n.endswith("_proj")]
+    assert len(body) == 14 and all(loaded[n] == "CompactLinear" for n in body) and loaded["lm_head"] == "Linear"
+    assert sum(counted) == sum(then.get_submodule(f"base_model.model.{n}").base_layer.compact.shape.numel() for n in body)
+    assert straight.get_submodule("base_model.model.model.layers.1.mlp.down_proj").base_layer.compact.step is not None
+    a, b = _compact_state(then), _compact_state(straight)
+    assert sum(v == "CompactLinear" for v in a.values()) == 15  # 14 bases + the tied head (with the table)
+    assert _same(a, b), [k for k in a if k in b and not _same({k: a[k]}, {k: b[k]})]
+    with torch.no_grad():
+        assert torch.equal(then(input_ids=IDS).logits, straight(input_ids=IDS).logits)
+    (loss_a, grads_a), (loss_b, grads_b) = _first_step(then), _first_step(straight)
+    assert torch.equal(loss_a, loss_b) and _same(grads_a, grads_b) and len(grads_a) == 28  # A and B of 14 layers
+    assert isinstance(straight.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").base_layer, CompactLinear)
+
+
+def test_compact_layers_lora_leaves_get_their_dense_weight_back(tmp_path):
+    from tunelab.accel import compact
+
+    folder = _bf16_checkpoint(tmp_path / "m")
+    then, _ = _lora_model(folder, None, ["q_proj", "v_proj"])
+    straight, loaded = _lora_model(folder, compact.load_plan(), ["q_proj", "v_proj"])
+    assert loaded["model.layers.0.mlp.up_proj"] == "CompactLinear"
+    up = straight.get_submodule("base_model.model.model.layers.0.mlp.up_proj")
+    assert type(up) is torch.nn.Linear and not up.weight.requires_grad
+    assert torch.equal(up.weight, then.get_submodule("base_model.model.model.layers.0.mlp.up_proj").weight)
+    assert _same(_compact_state(then), _compact_state(straight))
+    with torch.no_grad():
+        assert torch.equal(then(input_ids=IDS).logits, straight(input_ids=IDS).logits)
+
+
+def test_a_lora_run_loads_its_base_compact_and_counts_every_parameter(tmp_path, capsys):
+    import tunelab
+    from tunelab.config import load_config
+
+    folder = _bf16_checkpoint(tmp_path / "m")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 8}) + "\n" for i in range(8)))
+    runs = {}
+    for compact_frozen in (True, False):
+        cfg = {"output_dir": str(tmp_path / f"run-{compact_frozen}"), "model": {"name": folder},
+               "data": {"train": str(tmp_path / "d.jsonl"), "format": "text", "val_fraction": 0.0, "max_length": 32},
+               "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
+               "training": {"max_steps": 2, "batch_size": 4, "progress": False, "tensorboard": False,
+                            "compact_frozen": compact_frozen, "pass_threads": 1}}  # fmt: skip
+        runs[compact_frozen] = tunelab.train(load_config(cfg)).metrics
+        err = capsys.readouterr().err
+        assert ("15 frozen weights kept compact (14 since loading)" in err) == compact_frozen, err
+    assert runs[True]["total_params"] == runs[False]["total_params"]
+    assert runs[True]["trainable_params"] == runs[False]["trainable_params"]
+    assert runs[True]["train_loss"] == runs[False]["train_loss"]

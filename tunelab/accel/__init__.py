@@ -4,6 +4,7 @@ The training loop (tunelab/training/loop.py) is plain PyTorch + PEFT. With `auto
 each at one visible line:
 
     speed = accel.start(tcfg, device)                 # allocator settings (memory.py)
+    loading_into(... or speed.load_plan(cfg, multi))  # lora: frozen linears read straight into compact form
     speed.prepare(model, cfg, total, dist.multi, autocast)  # after the method: the pieces that change the model
     with autocast(), speed.forward(): ...             # norm outputs rebuilt in the backward pass (norm.py)
     if speed.shares > 1: accel.sharded_step(...)      # a micro-batch as shares in threads (threads.py)
@@ -17,7 +18,7 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 | fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward | the norm is another formula |
 | packed attention | attention.py | one causal attention call per packed example | data.packing off, attention not SDPA |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept | a head with a bias, autocast |
-| compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from | compact_frozen: false, several processes, no exact form |
+| compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from, LoRA's linears so from the load on (`load_plan`) | compact_frozen: false, several processes, no exact form |
 | thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout outside fast LoRA, LoRA dropout with gradient checkpointing, most parameters train, dpo + PEFT, bf16 autocast, pass_threads: 1 |
 | allocator | memory.py | tbbmalloc preloaded (`tunelab train`), glibc's heap thresholds | allocator: system, release_memory |
 
@@ -33,9 +34,11 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
 from tunelab.accel import attention, compact, fast_lora, head, memory, norm, threads
 from tunelab.accel.threads import sharded_step
-from tunelab.models.loading import unwrap
+from tunelab.models.loading import compute_dtype, unwrap
 from tunelab.models.loss import backbone_and_head
 
 __all__ = ["Speed", "check", "sharded_step", "start"]
@@ -53,8 +56,25 @@ class Speed:
         self.on = tcfg.accelerate == "auto"
         self.shares = 1  # shares per micro-batch that run at once, a thread each (threads.py)
         self.compacted = 0  # bytes saved by compact frozen weights (compact.py)
+        self.loaded_compact: list[int] = []  # element counts of the weights made compact while loading
         self.pieces: list[str] = []  # on, for the log line
         self.skipped: list[str] = []  # not on, and why
+
+    def load_plan(self, cfg, multi: bool):
+        """The plan the base model loads with (models/streaming.py) when LoRA's frozen linears will be kept
+        compact anyway: each made compact as it is read, so the whole model never exists in fp32 (compact.py,
+        `load_plan`); None: the ordinary load, compacted after `prepare`."""
+        tcfg = self.tcfg
+        if not self.on or not tcfg.compact_frozen or multi or cfg.method.name != "lora":
+            return None
+        if compute_dtype(cfg.model.dtype, self.device) != torch.float32:  # compact weights are fp32's
+            return None
+        return compact.load_plan(None if tcfg.compact_frozen is True else tcfg.compact_frozen, self.loaded_compact)
+
+    @property
+    def compact_parameters(self) -> int:
+        """Frozen weights made compact while loading: no parameters any more, still the model's."""
+        return sum(self.loaded_compact)
 
     def prepare(self, model, cfg, total: int, multi: bool, autocast: bool = False) -> None:
         """Once the method is applied and the parameters counted (compacted weights are no longer parameters;
@@ -98,8 +118,9 @@ class Speed:
             only = None if tcfg.compact_frozen is True else tcfg.compact_frozen
             layers, self.compacted = compact.compact_frozen_linears(model, only)
             if self.compacted:
+                at_load = f" ({len(self.loaded_compact)} since loading)" if self.loaded_compact else ""
                 self.pieces.append(
-                    f"{layers} frozen weights kept compact, decoded exactly where used: "
+                    f"{layers} frozen weights kept compact{at_load}, decoded exactly where used: "
                     f"{self.compacted / 2**20:,.0f} MB less"
                 )
         elif tcfg.compact_frozen:

@@ -243,11 +243,13 @@ class _Compact(nn.Module):
         return super()._apply(fn, recurse)
 
 
-class CompactLinear(_Compact):
-    """A frozen nn.Linear whose weight is a CompactWeight."""
+class CompactLinear(_Compact, nn.Linear):
+    """A frozen nn.Linear whose weight is a CompactWeight. An nn.Linear to PEFT (`isinstance`), so a layer made
+    compact while the model loads (`load_plan`) gets its LoRA layer as a dense one would: PEFT reads `.weight`
+    (a fresh decode) only for its device and dtype."""
 
     def __init__(self, linear: nn.Linear, weight: CompactWeight):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: it would make the dense weight this class exists to avoid
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compact = weight
         self.bias = linear.bias
@@ -289,15 +291,23 @@ def compact_frozen_linears(model, only: list[str] | None = None) -> tuple[int, i
     exact compact form by a CompactLinear, and then the frozen token table (with a head tied to it).
     `only`: compact just the modules with one of these names in their dotted path (`down_proj`, `mlp`,
     `embed_tokens`; `lm_head` names a tied table too): less memory saved, fewer decodes per step.
-    Returns (weights compacted, a tied table and head counting once; bytes saved)."""
+    A base made compact while the model loaded (`load_plan`) counts as compacted here; one that no LoRA layer
+    wraps gets its dense weight back. Returns (weights compacted, a tied table and head counting once; bytes
+    saved)."""
     from peft.tuners.lora.layer import LoraLayer
 
     if only is not None:
         _check_names(model, only)
     n = saved = 0
     lora = False  # a LoRA model with a frozen base: its token table is frozen weight too
+    wrapped = set()
     for name, module in model.named_modules():
         base = getattr(module, "base_layer", None) if isinstance(module, LoraLayer) else None
+        if type(base) is CompactLinear:  # made compact while loading (load_plan)
+            lora = True
+            wrapped.add(id(base))
+            n, saved = n + 1, saved + base.compact.shape.numel() * 4 - base.compact.nbytes
+            continue
         if type(base) is not nn.Linear or base.weight.requires_grad:
             continue
         lora = True
@@ -306,12 +316,59 @@ def compact_frozen_linears(model, only: list[str] | None = None) -> tuple[int, i
             continue
         saved += base.weight.numel() * 4 - compact.nbytes
         module.base_layer = CompactLinear(base, compact)
+        wrapped.add(id(module.base_layer))
         n += 1
+    _expand_unwrapped(model, wrapped)
     table = _compact_embeddings(model, only) if lora else 0
     n, saved = n + (table > 0), saved + table
     if saved:
         _own_storage(model)
     return n, saved
+
+
+def load_plan(only: list[str] | None = None, counted: list | None = None):
+    """A plan for models/streaming.py: every linear layer but the output head made a CompactLinear as soon as
+    its weights are read, so the frozen base of a LoRA run never exists whole in fp32 (a bf16 checkpoint's
+    1.7B model: 3.2 GB of bf16 instead of 6.4 GB of fp32, the same numbers). A layer without an exact compact
+    form stays as it is. Which layers PEFT then wraps is PEFT's choice (target_modules): the compact layers it
+    leaves get their dense weight back in `compact_frozen_linears`, so the model trains as load-then-compact
+    does. `only`: training.compact_frozen's names. `counted`: receives each compacted weight's element count
+    (they are no parameters: the run's parameter total adds them)."""
+
+    def convert(linear: nn.Linear) -> nn.Module:
+        compact = encode(linear.weight.detach())
+        if compact is None:
+            return linear
+        if counted is not None:
+            counted.append(linear.weight.numel())
+        return CompactLinear(linear, compact)
+
+    def plan(model) -> dict:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        names = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head and _named(n, only)]
+        return dict.fromkeys(names, convert)
+
+    return plan
+
+
+def _expand_unwrapped(model, wrapped: set[int]) -> None:
+    """Give a CompactLinear made at load that no LoRA layer wrapped (target_modules left it) its dense weight:
+    only a LoRA base is compacted (a frozen layer elsewhere may be a head that is read as a whole)."""
+    from tunelab.models.loading import unwrap
+
+    inner = unwrap(model)
+    tied = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    for name, module in list(model.named_modules()):
+        if type(module) is CompactLinear and id(module) not in wrapped and module is not tied:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, _dense_linear(module))
+
+
+def _dense_linear(module: CompactLinear) -> nn.Linear:
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.compact.dense(), requires_grad=False)
+    linear.bias = module.bias
+    return linear
 
 
 def _check_names(model, only: list[str]) -> None:
@@ -392,10 +449,7 @@ def expand_compact(model) -> int:
     for module in model.modules():
         base = getattr(module, "base_layer", None)
         if type(base) is CompactLinear:
-            linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-            linear.weight = nn.Parameter(base.compact.dense(), requires_grad=False)
-            linear.bias = base.bias
-            module.base_layer = linear
+            module.base_layer = _dense_linear(base)
             n += 1
     return n
 

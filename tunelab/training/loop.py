@@ -119,7 +119,8 @@ def train(
     device = dist.device
     speed = accel.start(tcfg, device)  # accel: the allocator's settings, before the model loads
     method = get_method(cfg.method.name)
-    with loading_into(method.load_plan(cfg.method, device)):  # qlora: the base read straight into 4-bit
+    # qlora: the base read straight into 4-bit; lora (accel): its frozen linears straight into their compact form
+    with loading_into(method.load_plan(cfg.method, device) or speed.load_plan(cfg, dist.multi)):
         model, tokenizer = stage.load_model(cfg, device)
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
@@ -142,6 +143,7 @@ def train(
     if autocast is not no_autocast and (upcast := fp32_master_weights_(model)):
         log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32")
     trainable, total = count_parameters(model)
+    total += speed.compact_parameters  # weights held compact since loading are no parameters
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
     speed.prepare(model, cfg, total, dist.multi, autocast=autocast is not no_autocast)
