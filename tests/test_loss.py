@@ -112,3 +112,28 @@ def test_prompt_learning_takes_the_label_only_head_with_the_same_loss_and_grads(
         torch.testing.assert_close(L.row_loss_sums(model, b), L.per_example_loss(model, b), rtol=1e-5, atol=1e-5)
         with model.disable_adapter():  # dpo's reference pass: no virtual positions in the output
             torch.testing.assert_close(L.row_loss_sums(model, b), L.per_example_loss(model, b), rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_learning_label_head_reads_its_own_threads_forward_only():
+    """Thread shares run one model in several threads at once: a backbone forward of another thread while a
+    pass is under way must not be taken for the pass's own (its graph would be backpropagated twice)."""
+    import threading
+
+    model = get("prompt").apply(tiny_llama(), get("prompt").Config(num_virtual_tokens=5))
+    b = batch()
+    expected = L.token_loss_sum(model, b)[0].item()
+    backbone, _ = L.virtual_token_split(model)
+    other = {"input_ids": b["input_ids"][:1, :7]}
+
+    def foreign_forward(module, args, out):  # on the head: after the pass's backbone output was caught
+        if threading.current_thread() is threading.main_thread():
+            t = threading.Thread(target=lambda: model(**other, use_cache=False))
+            t.start()
+            t.join()
+
+    hook = model.get_base_model().lm_head.register_forward_hook(foreign_forward)
+    try:
+        got = L.token_loss_sum(model, b)[0].item()
+    finally:
+        hook.remove()
+    assert abs(got - expected) < 1e-5 * expected

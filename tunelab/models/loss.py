@@ -20,6 +20,8 @@ points, through attributes it sets on the model (PACKED_INPUTS, FUSED_HEAD below
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -119,8 +121,13 @@ def _virtual_at_labels(model, batch: dict):
     if split is None:
         return None
     backbone, head = split
-    seen = []
-    hook = backbone.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state))
+    seen, me = [], threading.get_ident()
+
+    def catch(module, args, out):
+        if threading.get_ident() == me:  # thread shares (accel/threads.py) run the same backbone in other threads
+            seen.append(out.last_hidden_state)
+
+    hook = backbone.register_forward_hook(catch)
     try:
         model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
     finally:
