@@ -27,9 +27,10 @@ import json
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from train_speed import TRL_CHECKPOINTING, _cell, peak_rss_mb, run_child
+from train_speed import TRL_CHECKPOINTING, _cell, cpu_from_first_step, cpu_seconds, peak_rss_mb, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
@@ -145,9 +146,9 @@ def job_trl(stage: str) -> dict:
             args = RewardConfig(output_dir=tmp, **common)
             trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                                     processing_class=tokenizer, peft_config=lora)  # fmt: skip
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         out = trainer.train()
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         peak = peak_rss_mb()
     trained = trainer.model.eval()
     if stage == "dpo":
@@ -155,7 +156,7 @@ def job_trl(stage: str) -> dict:
         quality = dpo_quality(trained, tokenizer, base, held_out)
     else:
         quality = reward_quality(scorer(trained, tokenizer), held_out)
-    return {"pairs": len(train), "steps": trainer.state.global_step, "seconds": seconds,
+    return {"pairs": len(train), "steps": trainer.state.global_step, "seconds": seconds, "cpu_seconds": cpu,
             "train_loss": out.training_loss, "peak_rss_mb": peak, **quality}  # fmt: skip
 
 
@@ -183,7 +184,8 @@ def job_tunelab(stage: str) -> dict:
         })  # fmt: skip
         skip_unused_imports(cfg)
         t0 = time.perf_counter()
-        result = tunelab.train(cfg)
+        with cpu_from_first_step() as cpu:
+            result = tunelab.train(cfg)
         wall = time.perf_counter() - t0
         peak = peak_rss_mb()
         m = result.metrics
@@ -197,6 +199,7 @@ def job_tunelab(stage: str) -> dict:
         else:
             quality = reward_quality(scorer(model, tokenizer), held_out)
     return {"pairs": len(train), "steps": m["steps"], "seconds": m["tokens"] / m["tokens_per_s"], "wall": wall,
+            "cpu_seconds": cpu["seconds"],
             "train_loss": m["train_loss"], "peak_rss_mb": peak, **quality}  # fmt: skip
 
 
@@ -209,7 +212,8 @@ def run_job(side: str, stage: str) -> dict:
         cmd += ["--max-steps", str(JOB["max_steps"])]
     env = allocator_environment() if side == "tunelab" else None  # as `tunelab train` restarts itself
     out = run_child(cmd, env, f"{side} {stage}")
-    out["pairs_per_s"] = min(out["pairs"], out["steps"] * JOB["batch_size"]) / out["seconds"]  # max_steps: fewer
+    trained = min(out["pairs"], out["steps"] * JOB["batch_size"])  # max_steps: fewer
+    out["pairs_per_s"], out["pairs_per_cpu_s"] = trained / out["seconds"], trained / out["cpu_seconds"]
     return out
 
 
@@ -218,6 +222,8 @@ def main() -> None:
     parser.add_argument("--stages", default="dpo,reward", help="stages to time (comma separated: dpo, reward)")
     parser.add_argument("--max-steps", type=int, help="stop every run early (a smoke test, not the benchmark)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N", help="run every job N times; report medians")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="run TRL and tunelab at the same time (a shared, loaded machine: both meet the same load)")
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     JOB["max_steps"] = args.max_steps
@@ -234,19 +240,26 @@ def main() -> None:
     for stage in args.stages.split(","):
         runs = {"trl": [], "tunelab": []}
         for k in range(args.repeat):
+            if args.concurrent:  # both sides at once: on a shared machine they meet the same load
+                with ThreadPoolExecutor(2) as pool:  # each job is a child process: the threads only wait
+                    outs = dict(zip(runs, pool.map(run_job, runs, [stage] * len(runs))))
             for side in runs:
-                runs[side].append(run_job(side, stage))
+                runs[side].append(outs[side] if args.concurrent else run_job(side, stage))
                 print(f"round {k + 1}: {side} {stage}: {runs[side][-1]}", flush=True)
         for side, rs in runs.items():
             ref = runs["trl"]
             xs = [a["pairs_per_s"] / b["pairs_per_s"] for a, b in zip(rs, ref)]
+            xc = [a["pairs_per_cpu_s"] / b["pairs_per_cpu_s"] for a, b in zip(rs, ref)]
             xm = [a["peak_rss_mb"] / b["peak_rss_mb"] for a, b in zip(rs, ref)]
             name = "TRL + PEFT" if side == "trl" else "tunelab"
             table.append(f"| {stage} | {name} | {_cell([r['pairs_per_s'] for r in rs], 3, spread)} | "
+                         f"{_cell([r['pairs_per_cpu_s'] for r in rs], 3, spread)} | "
                          f"{_cell([r['peak_rss_mb'] for r in rs], 0, spread)} | {rs[0]['loss']:.4f} | "
-                         f"{rs[0]['accuracy']:.3f} | {_cell(xs, 2, spread)} | {_cell(xm, 2, spread)} |")  # fmt: skip
-    print("\n| stage | run | pairs/s | peak RSS MB | held-out loss | held-out accuracy | x pairs/s | x RSS |")
-    print("|---|---|---|---|---|---|---|---|")
+                         f"{rs[0]['accuracy']:.3f} | {_cell(xs, 2, spread)} | {_cell(xc, 2, spread)} | "
+                         f"{_cell(xm, 2, spread)} |")  # fmt: skip
+    print("\n| stage | run | pairs/s | pairs/CPU-s | peak RSS MB | held-out loss | held-out accuracy | x pairs/s | "
+          "x pairs/CPU-s | x RSS |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(table))
     print(f"Held-out: {JOB['held_out']} pairs (accuracy's 95% interval is about +-0.12 at this size).")
 

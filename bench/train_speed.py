@@ -1,4 +1,4 @@
-"""LoRA SFT speed on CPU: TRL SFTTrainer + PEFT (the reference) and tunelab, back to back.
+"""SFT speed on CPU: TRL SFTTrainer (+ PEFT, + bitsandbytes) (the reference) and tunelab, back to back.
 
 The job (issue 6): SmolLM2-135M-Instruct in fp32, the first 64 rows of the LLaMA-Factory alpaca
 demo set, max length 256, batch 4, packing, LoRA r=16 alpha=32 on all linear layers, 1 epoch,
@@ -25,6 +25,22 @@ runs as TRL does, on glibc's malloc; `--trl-allocator tbbmalloc` runs it preload
     .venv/bin/python bench/train_speed.py --task lima-512 --dropout 0.05   # issue 26's job, LoRA dropout both sides
     .venv/bin/python bench/train_speed.py --precision bf16   # both sides in bf16 autocast (a CPU with avx512_bf16)
 
+Methods (`--methods`, issue 26 item 5): every one is measured against TRL's SFTTrainer on the same job, the
+reference configured the way its own libraries do that method, with the same hyperparameters as tunelab:
+  lora    PEFT LoraConfig (r, alpha, dropout, all linear layers)
+  full    no PEFT: every weight trains, lr 2e-5 on both sides
+  qlora   transformers' BitsAndBytesConfig (NF4, double quantisation, fp32 compute; lm_head and embeddings
+          kept) + the LoRA above; tunelab `method: qlora` with the same settings
+  prompt  PEFT PromptTuningConfig, 20 virtual tokens initialised from random vocabulary embeddings, lr 1e-2
+  prefix  PEFT PrefixTuningConfig, 20 virtual tokens through the 512-wide reparameterisation MLP, lr 1e-3
+Prompt and prefix tuning run without packing on both sides (the virtual tokens would sit before a packed row's
+first example only; PEFT drops the position ids packing relies on): every batch is padded to its longest row.
+Both sides use AdamW (betas 0.9/0.999, eps 1e-8, no weight decay), gradient clipping at 1.0, a linear
+schedule without warm-up, batch 4; TRL keeps its own default of gradient checkpointing on (but for prefix
+tuning, which fails under it on transformers 5.25: the causal mask is built without the prefix positions).
+The held-out loss of a prompt- or prefix-tuned TRL model is measured after saving its adapter and loading it
+with tunelab's loader for that method (the same PEFT files; the loader drops the virtual positions' logits).
+
 `--task lima-512` (issue 26): the first 32 rows of LIMA at max length 512 (held out: rows 32..63), the rest
 as above. `--dropout P` sets LoRA dropout on both sides (TRL's LoraConfig and tunelab's method.dropout).
 
@@ -37,6 +53,7 @@ bf16 setting. The table says which precision each side used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import resource
@@ -45,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +71,9 @@ LIMA = ROOT.parent / "shared/data/lima/lima.json"  # instruction / input / outpu
 TRL_CHECKPOINTING = True
 JOB = {"rows": 64, "held_out": 64, "max_length": 256, "batch_size": 4, "r": 16, "alpha": 32, "lr": 2e-4, "seed": 0,
        "dropout": 0.0, "data": str(DATA), "precision": "fp32"}  # fmt: skip
+METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "prompt": 1e-2, "prefix": 1e-3}
+VIRTUAL_TOKENS, PREFIX_HIDDEN = 20, 512
+NO_PACKING = ("prompt", "prefix")  # the virtual tokens go before a row: one example a row on both sides
 TASKS = {
     "alpaca-256": {"data": str(DATA), "rows": 64, "held_out": 64, "max_length": 256},
     "lima-512": {"data": str(LIMA), "rows": 32, "held_out": 32, "max_length": 512},
@@ -72,6 +93,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process so far, every thread, user + system: on a shared machine the work a job
+    did, where its wall time also counts the other jobs it waited behind."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def held_out_loss(model, tokenizer) -> float:
     """Mean CE over response tokens of the held-out rows; one function for both trained models."""
     import torch
@@ -82,7 +110,7 @@ def held_out_loss(model, tokenizer) -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for row in rows(JOB["rows"], JOB["held_out"]):
+        for row in rows(JOB["rows"], 8 if JOB.get("max_steps") else JOB["held_out"]):  # a smoke run scores 8
             enc = encode_messages(messages(row), tokenizer)
             ids, labels = enc["input_ids"][: JOB["max_length"]], enc["labels"][: JOB["max_length"]]
             batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
@@ -93,62 +121,100 @@ def held_out_loss(model, tokenizer) -> float:
 
 
 # ------------------------------------------------------------------------------------------ jobs
-def job_trl(method: str) -> dict:
+def trl_model_and_peft(method: str, src: str, bf16: bool):
+    """The reference's model and PEFT config for `method`, each set up the way its library does it."""
     import torch
+    from peft import LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    lora = LoraConfig(r=JOB["r"], lora_alpha=JOB["alpha"], lora_dropout=JOB["dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
+    if method == "qlora":
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=dtype)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, quantization_config=quant, device_map="cpu")
+        return model, lora
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    peft = {
+        "lora": lora,
+        "full": None,
+        "prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS,
+                                     prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB),
+        "prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS,
+                                     prefix_projection=True, encoder_hidden_size=PREFIX_HIDDEN),
+    }[method]  # fmt: skip
+    return model, peft
+
+
+def trl_scored_model(trainer, method: str, src: str, tmp: str):
+    """The TRL-trained model to score: as trained, but prompt / prefix tuning saved and reloaded through
+    tunelab's loader for the method (the same PEFT files), whose causal-LM logits skip the virtual positions."""
+    if method not in NO_PACKING:
+        return trainer.model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.methods.registry import get
+
+    trainer.model.save_pretrained(f"{tmp}/adapter", safe_serialization=True)
+    return get(method).load(AutoModelForCausalLM.from_pretrained(src), f"{tmp}/adapter")
+
+
+def job_trl(method: str) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from tunelab.models.sources import resolve
 
-    assert method == "lora", "the TRL reference is the LoRA job"
     src = resolve("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(src)
     bf16 = JOB["precision"] == "bf16"
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model, peft = trl_model_and_peft(method, src, bf16)
     data = [{"prompt": m[:1], "completion": m[1:]} for m in map(messages, rows(0, JOB["rows"]))]
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(
             output_dir=tmp,
             per_device_train_batch_size=JOB["batch_size"],
             num_train_epochs=1,
-            learning_rate=JOB["lr"],
+            learning_rate=METHOD_LR[method],
             lr_scheduler_type="linear",
             warmup_steps=0,
+            weight_decay=0.0,
+            adam_beta1=0.9,
+            adam_beta2=0.999,
+            adam_epsilon=1e-8,
+            max_grad_norm=1.0,
             max_length=JOB["max_length"],
-            packing=True,
+            packing=method not in NO_PACKING,
             logging_steps=1,
             save_strategy="no",
             report_to=[],
             use_cpu=True,
             bf16=bf16,  # TRL's own bf16 setting (autocast) where the job is bf16; fp32 where bf16 is not native
-            gradient_checkpointing=TRL_CHECKPOINTING,  # TRL's default: on
+            # TRL's default: on; but PEFT prefix tuning under it fails on transformers 5.25 (the causal mask is made
+            # without the prefix: "size of tensor a (256) must match ... b (276)"), so the prefix reference runs without
+            gradient_checkpointing=TRL_CHECKPOINTING and method != "prefix",
             seed=JOB["seed"],
             include_num_input_tokens_seen="non_padding",
             disable_tqdm=True,
             max_steps=JOB.get("max_steps") or -1,
         )
-        lora = LoraConfig(
-            r=JOB["r"],
-            lora_alpha=JOB["alpha"],
-            lora_dropout=JOB["dropout"],
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=Dataset.from_list(data), peft_config=lora, processing_class=tokenizer
+            model=model, args=args, train_dataset=Dataset.from_list(data), peft_config=peft, processing_class=tokenizer
         )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         out = trainer.train()
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         peak = peak_rss_mb()  # loading + training; the held-out scoring below is not counted
+        loss_after = held_out_loss(trl_scored_model(trainer, method, src, tmp), tokenizer)
     tokens = int(trainer.state.num_input_tokens_seen)
     return {
         "tokens": tokens,
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "train_loss": out.training_loss,
-        "loss_after": held_out_loss(trainer.model, tokenizer),
+        "loss_after": loss_after,
         "peak_rss_mb": peak,
         "precision": "bf16 autocast" if bf16 else "fp32",
     }
@@ -160,6 +226,12 @@ def tunelab_config(method: str, overrides: list[str], tmp: str):
     method_cfg = {"name": method}
     if method in ("lora", "qlora"):
         method_cfg.update(r=JOB["r"], alpha=JOB["alpha"], dropout=JOB["dropout"], target_modules="all-linear")
+    if method == "qlora":
+        method_cfg.update(quant_type="nf4", double_quant=True)
+    if method in NO_PACKING:
+        method_cfg.update(num_virtual_tokens=VIRTUAL_TOKENS)
+    if method == "prefix":
+        method_cfg.update(projection=True, projection_hidden=PREFIX_HIDDEN)
     return load_config(
         {
             "output_dir": f"{tmp}/run",
@@ -168,13 +240,16 @@ def tunelab_config(method: str, overrides: list[str], tmp: str):
                 "train": f"{tmp}/train.json",
                 "val_fraction": 0.0,
                 "max_length": JOB["max_length"],
-                "packing": True,
+                "packing": method not in NO_PACKING,
             },
             "method": method_cfg,
             "training": {
                 "epochs": 1,
                 "batch_size": JOB["batch_size"],
-                "lr": JOB["lr"] if method != "full" else 2e-5,
+                "lr": METHOD_LR[method],
+                "weight_decay": 0.0,
+                "betas": [0.9, 0.999],
+                "max_grad_norm": 1.0,
                 "scheduler": "linear",
                 "warmup_ratio": 0.0,
                 "seed": JOB["seed"],
@@ -188,6 +263,27 @@ def tunelab_config(method: str, overrides: list[str], tmp: str):
     )
 
 
+@contextlib.contextmanager
+def cpu_from_first_step():
+    """{"seconds": CPU time from the training loop's start to the end of tunelab.train} (final save included;
+    loading and data preparation not): the loop starts its clock right after making its progress bar, so
+    the bench marks the CPU time there (a bench-only wrap; tunelab has no hook for it)."""
+    import tunelab.training.loop as loop
+
+    out, original = {}, loop.progress_bar
+
+    def marked(*args, **kwargs):
+        out["start"] = cpu_seconds()
+        return original(*args, **kwargs)
+
+    loop.progress_bar = marked
+    try:
+        yield out
+    finally:
+        loop.progress_bar = original
+    out["seconds"] = cpu_seconds() - out.pop("start")
+
+
 def job_tunelab(method: str, overrides: list[str]) -> dict:
     import tunelab
     from tunelab.accel.memory import skip_unused_imports
@@ -197,14 +293,17 @@ def job_tunelab(method: str, overrides: list[str]) -> dict:
         (Path(tmp) / "train.json").write_text(json.dumps(rows(0, JOB["rows"])))
         cfg = tunelab_config(method, overrides, tmp)
         skip_unused_imports(cfg)  # as `tunelab train` does: this process runs this one training
-        result = tunelab.train(cfg)
+        with cpu_from_first_step() as cpu:
+            result = tunelab.train(cfg)
         peak = peak_rss_mb()  # loading + training; reloading the result for scoring is not counted
         model, tokenizer = load_run(result.final_dir)
         loss_after = held_out_loss(model, tokenizer)
     m = result.metrics
+    seconds = m["tokens"] / m["tokens_per_s"]
     return {
         "tokens": m["tokens"],
-        "seconds": m["tokens"] / m["tokens_per_s"],
+        "seconds": seconds,
+        "cpu_seconds": cpu["seconds"],
         "train_loss": m["train_loss"],
         "loss_after": loss_after,
         "peak_rss_mb": peak,
@@ -248,6 +347,7 @@ def run_job(side: str, method: str, overrides: list[str], trl_allocator: str = "
     result = run_child(cmd, env, f"{side} {method}")
     result["allocator"] = (env or {}).get("TUNELAB_ALLOCATOR", "system")
     result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    result["tokens_per_cpu_s"] = result["tokens"] / result["cpu_seconds"]
     return result
 
 
@@ -270,6 +370,12 @@ def main() -> None:
         "the same as --variant training.accelerate=off",
     )
     parser.add_argument("--max-steps", type=int, help="stop both runs early (a smoke test, not the benchmark)")
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run each method's reference and tunelab jobs at the same time (a shared, loaded machine: both meet "
+        "the same load; compare tokens per CPU-second too)",
+    )
     parser.add_argument("--task", choices=sorted(TASKS), default="alpaca-256", help="the data, rows and max length")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (default 0)")
     parser.add_argument(
@@ -310,41 +416,65 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; job: {JOB}; rounds: {args.repeat}")
     print(f"precision: {JOB['precision']} (--precision {args.precision}; this host: {choose_precision('auto', 'cpu').reason})")
-    jobs = [] if args.skip_trl else [("TRL SFTTrainer + PEFT", "trl", "lora", [])]
-    jobs += [("tunelab", "tunelab", method, args.tunelab_set) for method in args.methods.split(",")]
+    methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHOD_LR))
+    if unknown:
+        raise SystemExit(f"--methods: no bench job for {unknown}; choose among {sorted(METHOD_LR)}")
+    # per method the reference then tunelab, so that each ratio is against a run minutes away
+    jobs = []
+    if args.variant and "lora" not in methods and not args.skip_trl:  # the variants are LoRA runs
+        jobs.append((TRL_NAMES["lora"], "trl", "lora", []))
+    for method in methods:
+        jobs += [] if args.skip_trl else [(TRL_NAMES[method], "trl", method, [])]
+        jobs += [("tunelab", "tunelab", method, args.tunelab_set)]
     # KEY=VALUE pairs split at a comma followed by the next KEY=, so a value may be a list: k=[a,b]
     jobs += [(f"tunelab {v}", "tunelab", "lora", args.tunelab_set + re.split(r",(?=[\w.]+=)", v)) for v in args.variant]
     # rounds: every job once per round, in order, so that each round's ratios are against a reference run
     # minutes away (the machine drifts by more than the differences measured)
     results: list[list[dict]] = [[] for _ in jobs]
+    # --concurrent: the jobs of one method (the reference and tunelab) run at the same time, so that on a
+    # shared machine both meet the same load; else one after the other
+    order = list(dict.fromkeys(method for _, _, method, _ in jobs))
+    groups = [[i for i, j in enumerate(jobs) if j[2] == m] for m in order] if args.concurrent else [[i] for i in range(len(jobs))]  # fmt: skip
     for k in range(args.repeat):
-        for (name, side, method, overrides), out in zip(jobs, results):
-            out.append(run_job(side, method, overrides, args.trl_allocator))
-            print(f"round {k + 1}: {name} {method} done: {out[-1]}", flush=True)
+        for group in groups:
+            with ThreadPoolExecutor(len(group)) as pool:  # each job is a child process: threads only wait
+                outs = list(pool.map(lambda i: run_job(*jobs[i][1:], args.trl_allocator), group))
+            for i, out in zip(group, outs):
+                results[i].append(out)
+                print(f"round {k + 1}: {jobs[i][0]} {jobs[i][2]} done: {out}", flush=True)
 
-    ref = results[0] if not args.skip_trl else None
+    refs = {method: rs for (_, side, method, _), rs in zip(jobs, results) if side == "trl"}
     spread = args.repeat > 1
-    header = "| run | method | precision | allocator | tokens | tokens/s | peak RSS MB | train loss* | held-out loss after |"
-    print("\n" + header + ("  x tok/s | x RSS | loss diff |" if ref else ""))
-    print("|" + "---|" * (header.count("|") - 1 + (3 if ref else 0)))
+    header = "| run | method | precision | allocator | tokens | tokens/s | tokens/CPU-s | peak RSS MB | train loss* | held-out loss after |"
+    print("\n" + header + ("  x tok/s | x tok/CPU-s | x RSS | loss diff |" if refs else ""))
+    print("|" + "---|" * (header.count("|") - 1 + (4 if refs else 0)))
     for (name, _, method, _), rs in zip(jobs, results):
         r = rs[0]
         speed, rss = [x["tokens_per_s"] for x in rs], [x["peak_rss_mb"] for x in rs]
+        per_cpu = [x["tokens_per_cpu_s"] for x in rs]
         line = (
-            f"| {name} | {method} | {r['precision']} | {r['allocator']} | {r['tokens']} | {_cell(speed, 1, spread)} | {_cell(rss, 0, spread)} | "
+            f"| {name} | {method} | {r['precision']} | {r['allocator']} | {r['tokens']} | {_cell(speed, 1, spread)} | "
+            f"{_cell(per_cpu, 1, spread)} | {_cell(rss, 0, spread)} | "
             f"{r['train_loss']:.4f} | {r['loss_after']:.4f} |"
         )
+        ref = refs.get(method)  # the reference run of the same method
         if ref:  # each round's ratio against that round's reference, then their median
             x_speed = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(rs, ref)]
+            x_cpu = [x["tokens_per_cpu_s"] / y["tokens_per_cpu_s"] for x, y in zip(rs, ref)]
             x_rss = [x["peak_rss_mb"] / y["peak_rss_mb"] for x, y in zip(rs, ref)]
             line += (
-                f" {_cell(x_speed, 2, spread)} | {_cell(x_rss, 2, spread)} |"
+                f" {_cell(x_speed, 2, spread)} | {_cell(x_cpu, 2, spread)} | {_cell(x_rss, 2, spread)} |"
                 f" {100 * (r['loss_after'] - ref[0]['loss_after']) / ref[0]['loss_after']:+.2f}% |"
             )
         print(line)
     print("* TRL reports the epoch's mean training loss, tunelab its last step's; compare the held-out column.")
     if spread:
         print(f"Each cell: the median of {args.repeat} rounds (lowest-highest); ratios are per round, then the median.")
+
+
+TRL_NAMES = {"lora": "TRL SFTTrainer + PEFT", "full": "TRL SFTTrainer (no PEFT)", "qlora": "TRL + PEFT + bnb NF4",
+             "prompt": "TRL + PEFT prompt tuning", "prefix": "TRL + PEFT prefix tuning"}  # fmt: skip
 
 
 def _auto_precision() -> str:

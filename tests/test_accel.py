@@ -142,12 +142,13 @@ def test_an_off_run_calls_no_speed_code(tiny_dir, data_file, tmp_path, monkeypat
     assert not memory.wants_tbbmalloc(cfg.training) and not memory.skip_unused_imports(cfg)
 
 
-@pytest.mark.parametrize("method", ["lora", "lora-dropout", "full"])
+@pytest.mark.parametrize("method", ["lora", "lora-dropout", "full", "prompt", "prefix"])
 def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_path, monkeypatch):
     """LoRA: fast LoRA and SwiGLU, fused norm, packed attention, fused head, compact weights and two thread
     shares against plain PyTorch + PEFT; lora-dropout: the same with LoRA dropout 0.1 in one share (the fast
     path draws PEFT's masks from torch's generator); full: fused norm and head with the head's (tied) weight
-    gradient."""
+    gradient; prompt / prefix (unpacked): the fused head at the label positions of PEFT's forward against
+    the full logits."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two shares on any machine (auto)
     calls = []
     monkeypatch.setattr(accel, "sharded_step", lambda *a, _f=accel.sharded_step: calls.append(1) or _f(*a))
@@ -160,15 +161,26 @@ def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_p
             cfg.method.dropout = 0.0
         elif method == "lora-dropout":
             cfg.method.dropout, cfg.training.pass_threads = 0.1, 1
+        elif method in ("prompt", "prefix"):
+            cfg = load_config({**cfg.model_dump(), "method": {"name": method, "num_virtual_tokens": 4},
+                               "data": {**cfg.data.model_dump(), "packing": False},
+                               "training": {**cfg.training.model_dump(), "lr": 1e-2}})  # fmt: skip
         else:
             cfg = load_config({**cfg.model_dump(), "method": {"name": "full"}, "training": {
                 **cfg.training.model_dump(), "lr": 1e-3}})
         result = tunelab.train(cfg)
         return losses(tmp_path / accelerate), result.metrics
 
+    fused = []
+    monkeypatch.setattr(head._HeadCrossEntropy, "apply",
+                        lambda *a, _f=head._HeadCrossEntropy.apply: fused.append(1) or _f(*a))  # fmt: skip
     auto, auto_m = run("auto")
-    assert bool(calls) == (method == "lora")  # full: most parameters train, no shares
+    assert fused  # every method here takes the fused head under auto
+    if method in ("lora", "lora-dropout", "full"):
+        assert bool(calls) == (method == "lora")  # full: most parameters train, no shares
+    fused.clear()
     off, off_m = run("off")
+    assert not fused
     assert auto.keys() == off.keys() and len(off) == 4
     for step in off:
         assert auto[step] == pytest.approx(off[step], rel=1e-5, abs=1e-6), step

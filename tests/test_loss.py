@@ -78,3 +78,62 @@ def test_per_example_loss_sums_to_token_loss():
     b = batch()
     total, _ = L.token_loss_sum(model, b)
     assert abs(L.per_example_loss(model, b).sum().item() - total.item()) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix"])
+def test_prompt_learning_takes_the_label_only_head_with_the_same_loss_and_grads(monkeypatch, name):
+    """Prompt / prefix tuning: PEFT's forward with the head on one position, the backbone's output hooked,
+    the head (fused) at label positions: the full-logits loss and gradients, and the reference policy's
+    (adapter disabled) row sums too."""
+    model = get(name).apply(tiny_llama(), get(name).Config(num_virtual_tokens=5))
+    model.train()
+    assert L.backbone_and_head(model) is None and L.virtual_token_split(model) is not None
+    head.install(model)
+    fused, full_logits = [], []
+    monkeypatch.setattr(head._HeadCrossEntropy, "apply",
+                        lambda *a, _f=head._HeadCrossEntropy.apply: fused.append(1) or _f(*a))  # fmt: skip
+    b = batch()
+    hook = model.get_base_model().lm_head.register_forward_hook(lambda m, a, out: full_logits.append(out.shape[1]))
+    fast, n = L.token_loss_sum(model, b)
+    hook.remove()
+    assert fused and full_logits == [1]  # the head ran on one position in the forward, then fused at the labels
+    assert n == int((L.shift_labels(b["labels"]) != -100).sum())
+    ref = reference(model, b)
+    assert abs(fast.item() - ref.item()) < 1e-5 * ref.item()
+    fast.backward()
+    g_fast = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    assert g_fast and all(g.abs().sum() > 0 for g in g_fast.values())
+    model.zero_grad()
+    reference(model, b).backward()
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(g_fast[k], p.grad, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(L.row_loss_sums(model, b), L.per_example_loss(model, b), rtol=1e-5, atol=1e-5)
+        with model.disable_adapter():  # dpo's reference pass: no virtual positions in the output
+            torch.testing.assert_close(L.row_loss_sums(model, b), L.per_example_loss(model, b), rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_learning_label_head_reads_its_own_threads_forward_only():
+    """Thread shares run one model in several threads at once: a backbone forward of another thread while a
+    pass is under way must not be taken for the pass's own (its graph would be backpropagated twice)."""
+    import threading
+
+    model = get("prompt").apply(tiny_llama(), get("prompt").Config(num_virtual_tokens=5))
+    b = batch()
+    expected = L.token_loss_sum(model, b)[0].item()
+    backbone, _ = L.virtual_token_split(model)
+    other = {"input_ids": b["input_ids"][:1, :7]}
+
+    def foreign_forward(module, args, out):  # on the head: after the pass's backbone output was caught
+        if threading.current_thread() is threading.main_thread():
+            t = threading.Thread(target=lambda: model(**other, use_cache=False))
+            t.start()
+            t.join()
+
+    hook = model.get_base_model().lm_head.register_forward_hook(foreign_forward)
+    try:
+        got = L.token_loss_sum(model, b)[0].item()
+    finally:
+        hook.remove()
+    assert abs(got - expected) < 1e-5 * expected

@@ -39,7 +39,7 @@ import torch
 from tunelab.accel import attention, compact, fast_lora, head, memory, norm, threads
 from tunelab.accel.threads import sharded_step
 from tunelab.models.loading import compute_dtype, unwrap
-from tunelab.models.loss import backbone_and_head
+from tunelab.models.loss import backbone_and_head, virtual_token_split
 
 __all__ = ["Speed", "check", "sharded_step", "start"]
 
@@ -105,7 +105,7 @@ class Speed:
             else:
                 skip("packed attention: the model's attention is not SDPA; its masked call runs (no setting: "
                      "a model transformers runs with SDPA takes it)")
-        if (pair := backbone_and_head(model)) is not None:
+        if (pair := backbone_and_head(model) or virtual_token_split(model)) is not None:
             head.install(model)
             if getattr(pair[1], "bias", None) is not None:
                 skip("fused LM head + cross-entropy: the head has a bias; the plain chunked loss runs (no setting)")

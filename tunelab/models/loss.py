@@ -9,12 +9,18 @@ forward FLOPs) and its logits dominate activation memory. With prompt masking mo
 no label, so we run the backbone, keep only the hidden states at label positions, and apply the
 head there, in chunks, so the full [batch, seq, vocab] logits are never built.
 
+Prompt and prefix tuning (PEFT prompt-learning models) change the inputs inside PEFT's own forward, so the
+backbone cannot be called directly: their forward runs as PEFT writes it, with `logits_to_keep=1` (the head on
+one position), and the backbone's output is taken from a forward hook (`virtual_token_split`); the head is then
+applied at the label positions as for any other model. Their logits were the full [batch, seq, vocab] before.
+
 This is the plain path. The speed path (tunelab/accel, `training.accelerate: auto`) plugs in at two
 points, through attributes it sets on the model (PACKED_INPUTS, FUSED_HEAD below).
 """
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING
 
 from tunelab.models.loading import unwrap
@@ -49,12 +55,38 @@ def backbone_and_head(model):
 
     None sends the caller to the plain full-logits path: models that scale or soft-cap their logits,
     and prompt-learning PEFT models (prompt / prefix tuning), which change the inputs in their own
-    forward.
+    forward (`virtual_token_split` covers those).
     """
+    if _prompt_learning(model):
+        return None
+    return _causal_split(unwrap(model))
+
+
+def virtual_token_split(model):
+    """(backbone, head) of a prompt- or prefix-tuned PEFT causal LM whose logits are head(backbone output), the
+    virtual positions (prompt tuning prepends them to the inputs) first; else None.
+
+    Its forward must run as PEFT writes it (the soft prompt or the key/value prefix goes in there), so the
+    caller runs it with `logits_to_keep=1` and reads the backbone's output from a hook (`at_labels`)."""
+    import inspect
+
     peft_cfg = getattr(model, "active_peft_config", None)
-    if peft_cfg is not None and getattr(peft_cfg, "is_prompt_learning", False):
+    # PEFT's PeftType is a str enum: other prompt-learning types (p-tuning, ...) keep the full logits
+    if not _prompt_learning(model) or peft_cfg.peft_type not in ("PROMPT_TUNING", "PREFIX_TUNING"):
         return None
     inner = unwrap(model)
+    split = _causal_split(inner)
+    if split is None or "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        return None
+    return split
+
+
+def _prompt_learning(model) -> bool:
+    peft_cfg = getattr(model, "active_peft_config", None)
+    return peft_cfg is not None and getattr(peft_cfg, "is_prompt_learning", False)
+
+
+def _causal_split(inner):
     cfg = getattr(inner, "config", None)
     if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
         return None
@@ -72,7 +104,7 @@ def at_labels(model, batch: dict):
     model that does not split into backbone and head (then callers take the full-logits path)."""
     split = backbone_and_head(model)
     if split is None:
-        return None
+        return _virtual_at_labels(model, batch)
     backbone, head = split
     target = shift_labels(batch["labels"])
     inputs = model_inputs(batch)
@@ -80,6 +112,32 @@ def at_labels(model, batch: dict):
     if "position_ids" in inputs and packed_inputs is not None:  # accel: one attention call per packed example
         inputs.update(packed_inputs(inputs["position_ids"]))
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    keep = target != -100
+    return head, hidden[keep], target[keep], keep.nonzero()[:, 0]
+
+
+def _virtual_at_labels(model, batch: dict):
+    """at_labels of a prompt- / prefix-tuned model: PEFT's forward with the head on one position, the
+    backbone's output caught by a hook, the virtual positions (however many the output has beyond the
+    inputs: none for prefix tuning or with the adapter disabled) dropped."""
+    split = virtual_token_split(model)
+    if split is None:
+        return None
+    backbone, head = split
+    seen, me = [], threading.get_ident()
+
+    def catch(module, args, out):
+        if threading.get_ident() == me:  # thread shares (accel/threads.py) run the same backbone in other threads
+            seen.append(out.last_hidden_state)
+
+    hook = backbone.register_forward_hook(catch)
+    try:
+        model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden = seen[-1]
+    hidden = hidden[:, hidden.shape[1] - batch["labels"].shape[1] :]
+    target = shift_labels(batch["labels"])
     keep = target != -100
     return head, hidden[keep], target[keep], keep.nonzero()[:, 0]
 
