@@ -10,6 +10,7 @@ import torch
 torch.set_num_threads(int(os.environ.get("TUNELAB_TEST_THREADS", "1")))
 sys.path.insert(0, str(Path(__file__).parent))  # tests import method_harness
 
+from ui_browser import browser_page, chromium_browser  # noqa: E402, F401  (the web UI's browser tests: tests/ui_browser.py)
 
 # `device: auto` means CPU in the suite, also on a GPU machine (subprocesses inherit it), so results and
 # tolerances are the CPU's everywhere; tests/test_cuda.py (marker `cuda`) covers the CUDA paths. Set at
