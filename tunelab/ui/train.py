@@ -120,6 +120,9 @@ def shown(field: FormField) -> Any:
     return text.removesuffix("...").strip()
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse(field: FormField, raw: Any) -> tuple[bool, Any]:
     """(set, value) of what the form holds: unset when it is empty or the default, so the YAML keeps only
     what was chosen. Text is read as YAML (as in a config file); what does not parse stays a string, which
@@ -136,6 +139,8 @@ def parse(field: FormField, raw: Any) -> tuple[bool, Any]:
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
+        if isinstance(value, str) and not isinstance(field.default, str) and _FLOAT.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string; a number box means the number
     default = list(field.default) if isinstance(field.default, tuple) else field.default
     return value != default, value
 
