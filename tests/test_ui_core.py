@@ -78,7 +78,7 @@ def test_bad_value_gives_the_cli_error_text(tmp_path, tiny_dir, data_file, capsy
 
 
 def test_estimate_counts_as_tunelab_methods(tmp_path, tiny_dir, data_file):
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from tunelab.methods.summary import method_row
 
@@ -88,7 +88,8 @@ def test_estimate_counts_as_tunelab_methods(tmp_path, tiny_dir, data_file):
     text = T.estimate(cfg)
     model = AutoConfig.from_pretrained(tiny_dir)
     row = method_row("lora", model, settings=cfg.method)
-    assert f"{row['trainable']:,} of {row['total']:,}" in text
+    base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
+    assert f"{row['trainable']:,} ({row['percent']:.3g}% of the model's {base:,}; {base + row['trainable']:,} in all)" in text
     # rank 4 trains a quarter of rank 16's LoRA parameters, counted the same way
     assert 4 * row["trainable"] == method_row("lora", model)["trainable"]
 

@@ -243,8 +243,8 @@ def estimate(cfg) -> str:
     the meta device, no weights) and the memory weights, gradients, AdamW moments and activations take."""
     from transformers import AutoConfig
 
-    from tunelab.methods.summary import method_row
-    from tunelab.models import resolve
+    from tunelab.methods.summary import meta_model, method_row
+    from tunelab.models import count_parameters, resolve
     from tunelab.training.harness import activation_bytes, available_memory
 
     if cfg.model.architecture:
@@ -255,6 +255,7 @@ def estimate(cfg) -> str:
     if row["trainable"] is None:
         return f"trainable parameters: {row['note']}"
     total, trainable = row["total"], row["trainable"]
+    base = count_parameters(meta_model(config))[1]  # the model before the method (what the % is of)
     quantized = registry.get(cfg.method.name).CAPABILITIES.quantized_base
     frozen_bytes = (total - trainable) * (0.55 if quantized else 4)  # NF4: 4 bits + block scales
     state = trainable * 16  # fp32 weight, gradient and AdamW's two moments
@@ -263,7 +264,7 @@ def estimate(cfg) -> str:
     need = frozen_bytes + state + acts
     free = available_memory()
     lines = [
-        f"**trainable parameters**: {trainable:,} of {total:,} ({100 * trainable / total:.3g}%)"
+        f"**trainable parameters**: {trainable:,} ({row['percent']:.3g}% of the model's {base:,}; {total:,} in all)"
         + (f" — {row['note']}" if row["note"] else ""),
         f"**memory** ≈ {size(need)}: frozen weights {size(frozen_bytes)}, trained weights with their gradients "
         f"and AdamW moments {size(state)}, activations ~{size(acts)} a pass ({rows} rows × {cfg.data.max_length} "
@@ -340,7 +341,11 @@ def default_run_name() -> str:
 def _help(text: str) -> str:
     """A field's description as its help line: the first sentence of a long one (the YAML reference,
     docs/configuration.md, has the rest)."""
-    return text if len(text) < 200 else text.split(". ", 1)[0] + ". (docs/configuration.md says more)"
+    if len(text) < 200:
+        return text
+    first = text.split(". ", 1)[0]
+    short = first if len(first) < 200 else text[:160].rsplit(" ", 1)[0] + " …"
+    return short.rstrip(".") + ". (docs/configuration.md says more)"
 
 
 def _component(gr, field: FormField, **kw):

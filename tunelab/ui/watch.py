@@ -100,7 +100,11 @@ def build_tab(ctx: UIContext) -> None:
         now = choices()
         dd = gr.update()
         if [c[1] for c in now] != known or not job_id:
-            job_id = job_id if any(c[1] == job_id for c in now) else (now[0][1] if now else None)
+            started = [c[1] for c in now if c[1] not in known]
+            if known and started:  # a job started since: follow it
+                job_id = started[0]
+            elif not any(c[1] == job_id for c in now):
+                job_id = now[0][1] if now else None
             dd = gr.update(choices=now, value=job_id)
         job = find(job_id)
         if job is None:
