@@ -89,7 +89,10 @@ def test_estimate_counts_as_tunelab_methods(tmp_path, tiny_dir, data_file):
     model = AutoConfig.from_pretrained(tiny_dir)
     row = method_row("lora", model, settings=cfg.method)
     base = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
-    assert f"{row['trainable']:,} ({row['percent']:.3g}% of the model's {base:,}; {base + row['trainable']:,} in all)" in text
+    assert (
+        f"{row['trainable']:,} ({row['percent']:.3g}% of the model's {base:,}; {base + row['trainable']:,} in all)"
+        in text
+    )
     # rank 4 trains a quarter of rank 16's LoRA parameters, counted the same way
     assert 4 * row["trainable"] == method_row("lora", model)["trainable"]
 
@@ -157,3 +160,15 @@ def test_stop_checkpoints_and_resume_finishes(tmp_path, tiny_dir, data_file):
     assert json.loads((run_dir / "results.json").read_text())["steps"] == 40
     losses = [m["loss"] for m in read_metrics(run_dir) if "loss" in m]
     assert progress(resumed)["results"]["train_loss"] == losses[-1]  # what the Watch tab shows
+
+
+def test_upload_is_kept_under_the_runs_folder_and_not_listed_as_a_run(tmp_path, data_file):
+    ctx = UIContext(tmp_path / "runs")
+    kept = T.data_path(ctx, "upload", None, data_file, None)
+    assert Path(kept).parent == ctx.runs / ".ui-uploads" and Path(kept).read_bytes() == Path(data_file).read_bytes()
+    assert T.data_path(ctx, "upload", None, data_file, None) == kept  # the same content: the same copy
+    (ctx.runs / "cli-run").mkdir()
+    (ctx.runs / "cli-run" / "config.yaml").write_text("stage: sft\n")
+    assert [r["run"] for r in list_runs(ctx)] == ["cli-run"]  # .ui-uploads, .ui-jobs ... are not runs
+    with pytest.raises(T.ConfigError, match="run name"):
+        T.run_dir_of(ctx, "../elsewhere")

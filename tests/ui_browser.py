@@ -50,7 +50,7 @@ def ui_server(ctx, tabs: list[str] | None = None):
     ctx.runs.mkdir(parents=True, exist_ok=True)
     app = build_app(ctx, tabs=tabs)
     port = free_port()
-    app.launch(**serve_options("127.0.0.1", port), prevent_thread_lock=True, allowed_paths=[str(ctx.runs)])
+    app.launch(**serve_options("127.0.0.1", port), prevent_thread_lock=True)
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

@@ -50,4 +50,4 @@ def launch(runs: str | Path = "runs", host: str = "127.0.0.1", port: int = 7860,
     ctx.runs.mkdir(parents=True, exist_ok=True)
     app = build_app(ctx)
     print(f"tunelab ui: http://{host}:{port}  (runs under {ctx.runs}; Ctrl-C stops the UI, not the runs it started)")
-    return app.launch(**{**serve_options(host, port, share), "allowed_paths": [str(ctx.runs)], **kwargs})
+    return app.launch(**{**serve_options(host, port, share), **kwargs})

@@ -158,12 +158,27 @@ def available_presets() -> list[str]:
     return [label for label, rel in DATA_PRESETS.items() if (root / rel).is_file()]
 
 
-def data_path(source: str, preset: str | None, upload: str | None, path: str | None) -> str | None:
-    """The data.train of the form: a preset's file, the uploaded file, or the path typed."""
+def kept_upload(ctx: UIContext, upload: str) -> str:
+    """A copy of an uploaded file under the runs folder, named by its content: Gradio's upload cache is
+    temporary, and a run (and its --resume, later) must find its data where its config says."""
+    import hashlib
+    import shutil
+
+    src = Path(upload)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    dest = ctx.runs / ".ui-uploads" / f"{digest}-{src.name}"
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    return str(dest)
+
+
+def data_path(ctx: UIContext, source: str, preset: str | None, upload: str | None, path: str | None) -> str | None:
+    """The data.train of the form: a preset's file, the uploaded file (kept), or the path typed."""
     if source == "preset":
         return preset_path(preset) if preset in DATA_PRESETS else None
     if source == "upload":
-        return upload or None
+        return kept_upload(ctx, upload) if upload and Path(upload).is_file() else None
     text = (path or "").strip()
     return str(Path(text).expanduser().resolve()) if text and Path(text).expanduser().exists() else (text or None)
 
@@ -312,14 +327,16 @@ def start_run(ctx: UIContext, run_dir: Path, yaml_text: str, resume: bool = Fals
     """Write the YAML into the run folder and start `tunelab train` on it as a background job."""
     if not resume and ((run_dir / "results.json").exists() or (run_dir / "checkpoints").is_dir()):
         raise ConfigError(f"{run_dir} already holds a run: choose another run name, or Resume it")
-    if resume and not (run_dir / UI_YAML).is_file():
-        raise ConfigError(f"{run_dir}: no {UI_YAML} to resume from (started outside the UI? resume it with the CLI)")
+    # a run the CLI started has no ui.yaml: its config.yaml (the full config, written at its start) resumes it
+    path = next((run_dir / n for n in (UI_YAML, "config.yaml") if (run_dir / n).is_file()), None)
+    if resume and path is None:
+        raise ConfigError(f"{run_dir}: no {UI_YAML} or config.yaml: nothing to resume there (was it started?)")
     running = [j for j in jobs.list_jobs(ctx.jobs) if j.run_dir == str(run_dir) and j.running()]
     if running:
         raise ConfigError(f"{run_dir}: job {running[0].id} is still training it; stop it first")
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / UI_YAML
     if not resume:
+        path = run_dir / UI_YAML
         path.write_text(yaml_text)
     argv = ["train", str(path), "--output-dir", str(run_dir)] + (["--resume"] if resume else [])
     return jobs.start(ctx.jobs, argv, run_dir=str(run_dir))
@@ -439,7 +456,7 @@ def build_tab(ctx: UIContext) -> None:
         run_dir = run_dir_of(ctx, run)
         pairs = [(f, v) for f, v in zip(fields, values) if ":" not in f.key or f.key.startswith(f"{method_}:")]
         chosen = [FormField(f.key.split(":", 1)[-1], f.kind, f.default, f.choices, f.help) for f, _ in pairs]
-        cfg = form_config(run_dir, model_, stage_, method_, data_path(source_, preset_, upload_, path_),
+        cfg = form_config(run_dir, model_, stage_, method_, data_path(ctx, source_, preset_, upload_, path_),
                           chosen, [v for _, v in pairs])  # fmt: skip
         return run_dir, to_yaml(cfg), [f.key for f in chosen]
 
