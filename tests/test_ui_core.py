@@ -172,3 +172,12 @@ def test_upload_is_kept_under_the_runs_folder_and_not_listed_as_a_run(tmp_path, 
     assert [r["run"] for r in list_runs(ctx)] == ["cli-run"]  # .ui-uploads, .ui-jobs ... are not runs
     with pytest.raises(T.ConfigError, match="run name"):
         T.run_dir_of(ctx, "../elsewhere")
+
+
+def test_task_fields_for_a_classification_preset(tmp_path):
+    fields = T.task_fields()
+    values = [{"task.name": "sst2", "task.train_limit": "64"}.get(f.key, T.shown(f)) for f in fields]
+    cfg = T.form_config(tmp_path / "r", "m", "classification", "lora", None, fields, values)
+    assert cfg["task"] == {"name": "sst2", "train_limit": 64} and "data" not in cfg
+    c = load_config(cfg)
+    assert (c.stage, c.task.name, c.task.train_limit, c.task.labels) == ("classification", "sst2", 64, [])

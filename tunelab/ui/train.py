@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from tunelab.config import ConfigError, DataConfig, TrainingConfig
+from tunelab.config import ConfigError, DataConfig, TaskConfig, TrainingConfig
 from tunelab.errors import user_errors
 from tunelab.interop.convert import load_any
 from tunelab.methods import registry
@@ -47,6 +47,9 @@ DATA_PRESETS = {
     "tinyshakespeare (text)": "tinyshakespeare/input.txt",
 }
 DATA_SOURCES = ("preset", "upload", "path")
+# the stages that read a `task:` (a preset or your own files) rather than `data:`
+TASK_STAGES = ("classification", "extractive_qa", "seq2seq")
+TASK_FIELDS = ("name", "type", "labels", "train_file", "dev_file", "train_limit", "dev_limit", "max_length")
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,9 @@ def schema_fields(cls, section: str, names: tuple[str, ...] | None = None) -> li
     """Form fields for a pydantic config class: a checkbox for a bool, a choice for a Literal, else text."""
     out = []
     for name, f in cls.model_fields.items():
-        if name == "name" or (names is not None and name not in names):
+        if (section == "method" and name == "name") or (
+            names is not None and name not in names
+        ):  # name: the union's tag
             continue
         default = f.get_default(call_default_factory=True)
         lit = _literal_values(f.annotation)
@@ -100,6 +105,10 @@ def method_fields(name: str) -> list[FormField]:
 
 def data_fields() -> list[FormField]:
     return schema_fields(DataConfig, "data", DATA_FIELDS)
+
+
+def task_fields() -> list[FormField]:
+    return schema_fields(TaskConfig, "task", TASK_FIELDS)
 
 
 def training_fields() -> list[FormField]:
@@ -430,6 +439,13 @@ def build_tab(ctx: UIContext) -> None:
                                           color_map={"loss": "green"}, show_legend=True, elem_id="train-preview-rows")  # fmt: skip
     errors_data = gr.Markdown(elem_id="train-error-data")
 
+    with gr.Accordion("task (stages classification, extractive_qa, seq2seq)", open=True, visible=False) as task_box:
+        with gr.Row():
+            for f in task_fields():
+                comps[f.key] = _component(gr, f, elem_id=f"train-task-{f.label}")
+                fields.append(f)
+    errors_task = gr.Markdown(elem_id="train-error-task")
+
     with gr.Accordion("training", open=True):
         with gr.Row():
             for f in training_fields():
@@ -448,8 +464,8 @@ def build_tab(ctx: UIContext) -> None:
 
     field_comps = [comps[f.key] for f in fields]
     inputs = [run_name, model, stage, method, source, preset, upload, path, *field_comps]
-    error_boxes = [errors_top, errors_method, errors_data, errors_training]
-    section_of = {"model": 0, "stage": 0, "output_dir": 0, "method": 1, "data": 2, "training": 3}
+    error_boxes = [errors_top, errors_method, errors_data, errors_training, errors_task]
+    section_of = {"model": 0, "stage": 0, "output_dir": 0, "method": 1, "data": 2, "training": 3, "task": 4}
 
     def current(run, model_, stage_, method_, source_, preset_, upload_, path_, *values):
         """(run folder, YAML text, the form's keys) from the form's values."""
@@ -464,9 +480,9 @@ def build_tab(ctx: UIContext) -> None:
         return ctx.runs / ".ui-drafts" / run_dir.name / UI_YAML
 
     def shown_errors(message: str | None, keys: list[str], method_: str) -> list:
-        """The four section boxes, then each field's help: a problem is shown in the box below its section and
+        """The sections' error boxes, then each field's help: a problem is shown in the box below its section and
         in place of the help of the field it names (the error text is the CLI's, unchanged)."""
-        boxes = ["", "", "", ""]
+        boxes = ["", "", "", "", ""]
         by_key = errors_by_key(message, keys + ["model.name", "data.train", "stage"]) if message else {}
         for key, text in by_key.items():
             i = section_of.get(key.split(".")[0], 0)
@@ -552,6 +568,7 @@ def build_tab(ctx: UIContext) -> None:
     resume_btn.click(lambda *a: do_start(*a, resume=True), inputs, outputs)
     stop_btn.click(do_stop, [run_name], [status])
     method.change(lambda m: [gr.update(visible=n == m) for n in methods], [method], list(method_groups.values()))
+    stage.change(lambda s: gr.update(visible=s in TASK_STAGES), [stage], [task_box])
     # the page opens showing the default config's YAML (the tab is built inside the app's gr.Blocks)
     # a fresh run name for each page opened (a callable default would be read after the load event's inputs)
     gr.context.Context.root_block.load(default_run_name, None, run_name, show_progress="hidden").then(
