@@ -3,6 +3,8 @@ as `tunelab config` prints them, the estimate as `tunelab methods` counts, the d
 training builds it, progress read from a log, and a job stopped (exit 130, a checkpoint) then resumed."""
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -130,7 +132,7 @@ def wait(predicate, timeout=240.0):
 
 
 def test_stop_checkpoints_and_resume_finishes(tmp_path, tiny_dir, data_file):
-    """A job started as the Train tab starts one: Stop is Ctrl-C (exit 130, a checkpoint), Resume continues
+    """A job started as the Train tab starts one, from a UI process that then exits: Stop is Ctrl-C (exit 130, a checkpoint), Resume continues
     from that checkpoint to the end, in the same run folder, listed by the Runs tab at each state."""
     ctx = UIContext(tmp_path / "runs")
     run_dir = ctx.runs / "r"
@@ -138,8 +140,13 @@ def test_stop_checkpoints_and_resume_finishes(tmp_path, tiny_dir, data_file):
                "training.batch_size": "2", "training.eval_every": "1000"})  # fmt: skip
     cfg["output_dir"] = str(run_dir)
     cfg["training"]["allocator"] = "system"  # one process start less (no restart onto tbbmalloc): seconds of CI
-    job = T.start_run(ctx, run_dir, T.to_yaml(cfg))
-    assert jobs.list_jobs(ctx.jobs)[0].id == job.id and job.argv[-2:] == ["--output-dir", str(run_dir)]
+    # started by a UI process that is gone at once: the job is its own, and the records find it
+    (tmp_path / "form.yaml").write_text(T.to_yaml(cfg))
+    ui = ("import sys; from pathlib import Path; from tunelab.ui import train as T; from tunelab.ui.context import "
+          "UIContext; T.start_run(UIContext(Path(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]).read_text())")  # fmt: skip
+    subprocess.run([sys.executable, "-c", ui, str(ctx.runs), str(run_dir), str(tmp_path / "form.yaml")], check=True)
+    [job] = jobs.list_jobs(ctx.jobs)
+    assert job.argv == ["train", str(run_dir / "ui.yaml"), "--output-dir", str(run_dir)]
     assert wait(lambda: len([m for m in read_metrics(run_dir) if "loss" in m]) >= 3), job.tail()
     assert list_runs(ctx)[0]["state"] == "running"
     assert T.stop_run(ctx, run_dir) is not None

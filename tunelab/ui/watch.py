@@ -92,26 +92,31 @@ def build_tab(ctx: UIContext) -> None:
     log = gr.Textbox(label="log (the end)", lines=12, max_lines=12, interactive=False, elem_id="watch-log")
     timer = gr.Timer(TICK_S)
     seen = gr.State([])  # the job list last sent: the dropdown is only updated when it changes
+    drawn = gr.State(None)  # [job, metrics rows, state] the plots show
 
     def find(job_id):
         return next((j for j in jobs.list_jobs(ctx.jobs) if j.id == job_id), None)
 
-    def update(job_id, known):
+    def update(job_id, known, drawn):
         now = choices()
+        ids = [c[1] for c in now]
         dd = gr.update()
-        if [c[1] for c in now] != known or not job_id:
-            started = [c[1] for c in now if c[1] not in known]
+        if ids != known or not job_id:
+            started = [i for i in ids if i not in known]
             if known and started:  # a job started since: follow it
                 job_id = started[0]
-            elif not any(c[1] == job_id for c in now):
-                job_id = now[0][1] if now else None
+            elif job_id not in ids:
+                job_id = ids[0] if ids else None
             dd = gr.update(choices=now, value=job_id)
         job = find(job_id)
         if job is None:
-            return dd, [c[1] for c in now], "no jobs yet: start one in the Train tab", frame([]), frame([]), [], ""
+            return dd, ids, None, "no jobs yet: start one in the Train tab", frame([]), frame([]), [], ""
         p = progress(job)
         metrics = read_metrics(Path(job.run_dir)) if job.run_dir else []
-        return (dd, [c[1] for c in now], progress_markdown(p), frame(curve_rows(metrics, ("loss", "eval_loss"))),
+        mark = [job.id, len(metrics), p["state"]]
+        if mark == drawn:  # nothing new since the last tick: leave the plots as they are (no redraw in the page)
+            return dd, ids, mark, progress_markdown(p), gr.update(), gr.update(), gr.update(), job.tail(40)
+        return (dd, ids, mark, progress_markdown(p), frame(curve_rows(metrics, ("loss", "eval_loss"))),
                 frame(curve_rows(metrics, ("lr",))), scores_table(p.get("results") or {}), job.tail(40))  # fmt: skip
 
     def do_stop(job_id):
@@ -121,9 +126,9 @@ def build_tab(ctx: UIContext) -> None:
         job.stop()
         return f"stopping {job.id}: it writes a checkpoint and exits (Resume in the Train tab continues it)"
 
-    outputs = [job_dd, seen, status, loss_plot, lr_plot, scores, log]
-    timer.tick(update, [job_dd, seen], outputs, show_progress="hidden")
-    refresh.click(update, [job_dd, seen], outputs)
-    job_dd.input(update, [job_dd, seen], outputs)
+    outputs = [job_dd, seen, drawn, status, loss_plot, lr_plot, scores, log]
+    timer.tick(update, [job_dd, seen, drawn], outputs, show_progress="hidden")
+    refresh.click(update, [job_dd, seen, drawn], outputs)
+    job_dd.input(update, [job_dd, seen, drawn], outputs)
     stop.click(do_stop, [job_dd], [status])
-    gr.context.Context.root_block.load(update, [job_dd, seen], outputs, show_progress="hidden")
+    gr.context.Context.root_block.load(update, [job_dd, seen, drawn], outputs, show_progress="hidden")
