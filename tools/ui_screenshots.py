@@ -9,6 +9,7 @@ headless Chromium; the PNGs are downscaled and reduced to 256 colours to stay sm
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -40,7 +41,7 @@ def fill(page, elem_id: str, text: str) -> None:
     box.blur()
 
 
-def start_run(page, name: str, model: str, steps: int, lr: str, shots: Path | None) -> None:
+def start_run(page, name: str, model: str, steps: int, lr: str, shots: Path | None, start: bool = True) -> None:
     page.get_by_role("tab", name="Train").click()
     fill(page, "train-run-name", name)
     if model != "smollm2-135m-instruct":
@@ -58,6 +59,8 @@ def start_run(page, name: str, model: str, steps: int, lr: str, shots: Path | No
         page.locator("#train-check").click()
         page.locator("#train-estimate").get_by_text("trainable parameters").wait_for(timeout=300_000)
         small_png(page, shots / "train.png")
+    if not start:
+        return
     page.locator("#train-start").click()
     page.locator("#train-status").get_by_text("started").wait_for()
 
@@ -65,14 +68,19 @@ def start_run(page, name: str, model: str, steps: int, lr: str, shots: Path | No
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=12, help="steps of the first run")
+    p.add_argument("--second-steps", type=int, default=6, help="steps of the second run (overlaid in Runs)")
+    p.add_argument("--runs", help="a runs folder whose first run (smollm2-lora-alpaca) is already trained: "
+                   "the Train page is shot without starting it again")
     p.add_argument("--out", default=str(REPO / "docs" / "img" / "ui"))
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from playwright.sync_api import sync_playwright
 
-    ctx = UIContext(Path(tempfile.mkdtemp(prefix="tunelab-ui-shots-")) / "runs")
+    runs = Path(args.runs) if args.runs else Path(tempfile.mkdtemp(prefix="tunelab-ui-shots-")) / "runs"
+    ctx = UIContext(runs)
+    first = "smollm2-lora-alpaca"
     with ui_server(ctx) as url, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium_path(), headless=True, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -80,13 +88,19 @@ def main() -> None:
         page.set_default_timeout(120_000)
         page.goto(url)
         page.locator("#train-yaml").get_by_text("output_dir").wait_for()
-        start_run(page, "smollm2-lora-alpaca", args.model, args.steps, "0.0005", out)
-        page.get_by_role("tab", name="Watch").click()
-        page.locator("#watch-progress").get_by_text("ETA").wait_for(timeout=900_000)
-        page.wait_for_timeout(8000)
+        if not (runs / first / "results.json").is_file():
+            start_run(page, first, args.model, args.steps, "0.0005", out)
+            page.get_by_role("tab", name="Watch").click()
+            page.locator("#watch-progress").get_by_text("final train loss").wait_for(timeout=1_800_000)
+        else:  # the Train page as it was filled for the first run
+            start_run(page, first + "-again", args.model, args.steps, "0.0005", out, start=False)
+            page.get_by_role("tab", name="Watch").click()
+            page.locator("#watch-job input").click()
+            page.get_by_role("option", name=re.compile(f"^{first} ")).click()
+            page.locator("#watch-progress").get_by_text("final train loss").wait_for()
+        page.wait_for_timeout(3000)  # the plots' last redraw
         small_png(page, out / "watch.png")
-        page.locator("#watch-progress").get_by_text("final train loss").wait_for(timeout=1_800_000)
-        start_run(page, "smollm2-lora-alpaca-lr1e-4", args.model, args.steps, "0.0001", None)
+        start_run(page, "smollm2-lora-alpaca-lr1e-4", args.model, args.second_steps, "0.0001", None)
         page.get_by_role("tab", name="Watch").click()
         page.locator("#watch-progress").get_by_text("running").wait_for()  # it follows the job just started
         page.locator("#watch-progress").get_by_text("final train loss").wait_for(timeout=1_800_000)
