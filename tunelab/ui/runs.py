@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from tunelab.ui import jobs
-from tunelab.ui.context import UIContext
+from tunelab.ui.context import UIContext, on_page_load
 
 CURVES = ("loss", "eval_loss", "lr")
 
@@ -162,4 +162,4 @@ def build_tab(ctx: UIContext) -> None:
 
     refresh.click(refresh_list, [picked], [runs_table, picked])
     picked.change(show, [picked], [loss_plot, eval_plot, lr_plot, scores, config])
-    gr.context.Context.root_block.load(refresh_list, [picked], [runs_table, picked], show_progress="hidden")
+    on_page_load(refresh_list, [picked], [runs_table, picked])

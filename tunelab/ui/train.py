@@ -29,7 +29,7 @@ from tunelab.methods import registry
 from tunelab.models import NAMED
 from tunelab.plugins import STAGES
 from tunelab.ui import jobs
-from tunelab.ui.context import UIContext
+from tunelab.ui.context import UIContext, on_page_load
 
 UI_YAML = "ui.yaml"  # the config a UI run was started with, in its run folder (config.yaml is the full dump)
 
@@ -571,6 +571,4 @@ def build_tab(ctx: UIContext) -> None:
     stage.change(lambda s: gr.update(visible=s in TASK_STAGES), [stage], [task_box])
     # the page opens showing the default config's YAML (the tab is built inside the app's gr.Blocks)
     # a fresh run name for each page opened (a callable default would be read after the load event's inputs)
-    gr.context.Context.root_block.load(default_run_name, None, run_name, show_progress="hidden").then(
-        validate, inputs, outputs, show_progress="hidden"
-    )
+    on_page_load(default_run_name, None, run_name).then(validate, inputs, outputs, show_progress="hidden")

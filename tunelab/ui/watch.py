@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from tunelab.ui import jobs
-from tunelab.ui.context import UIContext
+from tunelab.ui.context import UIContext, on_page_load
 from tunelab.ui.runs import curve_rows, frame, last, read_json, read_metrics, scores_table
 
 TICK_S = 2.0
@@ -131,4 +131,4 @@ def build_tab(ctx: UIContext) -> None:
     refresh.click(update, [job_dd, seen, drawn], outputs)
     job_dd.input(update, [job_dd, seen, drawn], outputs)
     stop.click(do_stop, [job_dd], [status])
-    gr.context.Context.root_block.load(update, [job_dd, seen, drawn], outputs, show_progress="hidden")
+    on_page_load(update, [job_dd, seen, drawn], outputs)
