@@ -188,3 +188,10 @@ def test_task_fields_for_a_classification_preset(tmp_path):
     assert cfg["task"] == {"name": "sst2", "train_limit": 64} and "data" not in cfg
     c = load_config(cfg)
     assert (c.stage, c.task.name, c.task.train_limit, c.task.labels) == ("classification", "sst2", 64, [])
+
+
+def test_job_tail_shows_the_last_state_of_a_progress_bar(tmp_path):
+    job = jobs.Job(tmp_path, ["train"], None, 0.0, 0)
+    job.log.write_bytes(b"[tunelab] start\ntrain:  0%| 0/6\rtrain: 50%| 3/6\rtrain: 100%| 6/6\n[tunelab] done\n")
+    assert job.tail() == "[tunelab] start\ntrain: 100%| 6/6\n[tunelab] done"
+    assert job.tail(2) == "train: 100%| 6/6\n[tunelab] done"
