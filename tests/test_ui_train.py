@@ -62,12 +62,14 @@ def served(tmp_path_factory, tiny_dir, chromium_browser):
         page.locator("#watch-progress").get_by_text("final train loss").wait_for(timeout=180_000)
         screenshot(page, root / "watch.png")
         progress = page.locator("#watch-progress").inner_text()
+        page.wait_for_timeout(2500)  # the plots' redraw after the last metrics line
+        legend = set(page.locator("#watch-loss svg text").all_text_contents())
         context.close()
-        yield url, ctx, ctx.runs / RUN, root, progress
+        yield url, ctx, ctx.runs / RUN, root, progress, legend
 
 
 def test_train_form_runs_to_the_end_and_watch_shows_its_final_loss(served):
-    url, ctx, run_dir, shots, progress = served
+    url, ctx, run_dir, shots, progress, legend = served
     config = (run_dir / "ui.yaml").read_text()
     assert "r: 4" in config and "max_steps: 6" in config  # the form's values, in the YAML the job ran
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -76,12 +78,13 @@ def test_train_form_runs_to_the_end_and_watch_shows_its_final_loss(served):
     shown = float(re.search(r"final train loss: ([-+.\deE]+)", progress).group(1))
     assert shown == losses[-1]
     assert re.search(r"step 6 / 6", progress), progress
+    assert {"loss", "eval_loss"} <= legend, legend  # both curves drawn, though eval_loss came first
     for name in ("train.png", "watch.png"):
         assert (shots / name).stat().st_size > 5000
 
 
 def test_runs_lists_the_run_with_its_scores(served, browser_page):
-    url, ctx, run_dir, shots, _ = served
+    url, ctx, run_dir, shots, *_ = served
     results = json.loads((run_dir / "results.json").read_text())
     page = browser_page
     page.goto(url)
@@ -93,6 +96,7 @@ def test_runs_lists_the_run_with_its_scores(served, browser_page):
     page.get_by_role("option", name=RUN).click()
     scores = page.locator("#runs-scores")
     expect(scores).to_contain_text(repr(results["train_loss"]))  # the exact number results.json holds
+    expect(page.locator("#runs-loss")).to_contain_text(RUN)  # its curve, in the plot's legend
     expect(page.locator("#runs-config")).to_contain_text(f"output_dir: {run_dir}")  # the top of its config.yaml
     screenshot(page, shots / "runs.png")
 
@@ -100,7 +104,7 @@ def test_runs_lists_the_run_with_its_scores(served, browser_page):
 def test_a_bad_field_shows_the_cli_error_beside_it(served, browser_page, capsys):
     from tunelab.cli import main
 
-    url, ctx, run_dir, shots, _ = served
+    url, ctx, run_dir, shots, *_ = served
     page = browser_page
     page.goto(url)
     page.locator("#train-yaml").get_by_text("output_dir").wait_for()

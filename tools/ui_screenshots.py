@@ -3,7 +3,7 @@
     python tools/ui_screenshots.py [--model smollm2-135m-instruct] [--steps 12] [--out docs/img/ui]
 
 Drives the UI as docs/ui.md walks through it: LoRA on the alpaca demo set (two runs, to overlay in Runs), in
-headless Chromium; the PNGs are downscaled and reduced to 256 colours to stay small in the repository.
+headless Chromium; the PNGs are downscaled and reduced to 64 colours to stay small in the repository.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ui_browser import chromium_path, ui_server  # noqa: E402
 from tunelab.ui.context import UIContext  # noqa: E402
 
 
-def small_png(page, path: Path, width: int = 1100, full_page: bool = True, clip=None) -> None:
+def small_png(page, path: Path, width: int = 1000, colors: int = 64, full_page: bool = True, clip=None) -> None:
     from PIL import Image
 
     raw = path.with_suffix(".raw.png")
@@ -30,7 +30,7 @@ def small_png(page, path: Path, width: int = 1100, full_page: bool = True, clip=
     img = Image.open(raw).convert("RGB")
     if img.width > width:
         img = img.resize((width, round(img.height * width / img.width)), Image.LANCZOS)
-    img.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    img.quantize(colors=colors, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     raw.unlink()
     print(f"{path}: {path.stat().st_size // 1024} KiB", flush=True)
 
@@ -100,17 +100,21 @@ def main() -> None:
             page.locator("#watch-progress").get_by_text("final train loss").wait_for()
         page.wait_for_timeout(3000)  # the plots' last redraw
         small_png(page, out / "watch.png")
-        start_run(page, "smollm2-lora-alpaca-lr1e-4", args.model, args.second_steps, "0.0001", None)
-        page.get_by_role("tab", name="Watch").click()
-        page.locator("#watch-progress").get_by_text("running").wait_for()  # it follows the job just started
-        page.locator("#watch-progress").get_by_text("final train loss").wait_for(timeout=1_800_000)
+        second = "smollm2-lora-alpaca-lr1e-4"
+        if not (runs / second / "results.json").is_file():
+            start_run(page, second, args.model, args.second_steps, "0.0001", None)
+            page.get_by_role("tab", name="Watch").click()
+            page.locator("#watch-progress").get_by_text("running").wait_for()  # it follows the job just started
+            page.locator("#watch-progress").get_by_text("final train loss").wait_for(timeout=1_800_000)
         page.get_by_role("tab", name="Runs").click()
         page.locator("#runs-refresh").click()
-        for name in ("smollm2-lora-alpaca", "smollm2-lora-alpaca-lr1e-4"):
+        for name in (first, second):
             page.locator("#runs-picked input").click()
             page.get_by_role("option", name=name, exact=True).click()
+        page.keyboard.press("Escape")
         page.locator("#runs-scores").get_by_text("train_loss").wait_for()
-        page.wait_for_timeout(3000)
+        page.locator("#runs-loss").get_by_text(second).wait_for()  # both curves drawn
+        page.wait_for_timeout(2000)
         small_png(page, out / "runs.png")
         browser.close()
 

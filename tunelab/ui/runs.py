@@ -17,6 +17,7 @@ from tunelab.ui import jobs
 from tunelab.ui.context import UIContext, on_page_load
 
 CURVES = ("loss", "eval_loss", "lr")
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -145,7 +146,7 @@ def build_tab(ctx: UIContext) -> None:
     with gr.Row():
         scores = gr.Dataframe(headers=["metric", "value"], interactive=False, label="final scores (results.json)",
                               elem_id="runs-scores")  # fmt: skip
-        config = gr.Code(language="yaml", label="config.yaml", interactive=False, elem_id="runs-config")
+        config = gr.Code(language="yaml", label="config.yaml", interactive=False, max_lines=24, elem_id="runs-config")
 
     def refresh_list(current):
         names = [r["run"] for r in list_runs(ctx)]
@@ -160,6 +161,14 @@ def build_tab(ctx: UIContext) -> None:
         plots = [frame(overlay(ctx, names, k)) for k in CURVES]
         return [*plots, scores_table(results), text]
 
+    def colors(names):
+        # sent after the data: a new colour map redraws the plot from the data it has now, with every run in
+        # its legend (the page's plot otherwise keeps the series of its first drawing)
+        palette = {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(names or [])}
+        return [gr.update(color_map=palette) for _ in CURVES]
+
     refresh.click(refresh_list, [picked], [runs_table, picked])
-    picked.change(show, [picked], [loss_plot, eval_plot, lr_plot, scores, config])
+    picked.change(show, [picked], [loss_plot, eval_plot, lr_plot, scores, config]).then(
+        colors, [picked], [loss_plot, eval_plot, lr_plot], show_progress="hidden"
+    )
     on_page_load(refresh_list, [picked], [runs_table, picked])

@@ -453,7 +453,8 @@ def build_tab(ctx: UIContext) -> None:
                 fields.append(f)
     errors_training = gr.Markdown(elem_id="train-error-training")
 
-    yaml_box = gr.Code(label="the YAML it will run", language="yaml", interactive=False, elem_id="train-yaml")
+    yaml_box = gr.Code(label="the YAML it will run", language="yaml", interactive=False, max_lines=30,
+                       elem_id="train-yaml")  # fmt: skip
     status = gr.Markdown(elem_id="train-status")
     estimate_box = gr.Markdown(elem_id="train-estimate")
     with gr.Row():

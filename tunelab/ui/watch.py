@@ -16,6 +16,8 @@ from tunelab.ui.context import UIContext, on_page_load
 from tunelab.ui.runs import curve_rows, frame, last, read_json, read_metrics, scores_table
 
 TICK_S = 2.0
+LOSSES = ("loss", "eval_loss")
+COLORS = {"loss": "#1f77b4", "eval_loss": "#ff7f0e", "lr": "#2ca02c"}
 # tqdm's bar as training/harness.py's progress_bar draws it: "train:  50%|█████     | 3/6 [00:01<00:01, ..."
 _BAR = re.compile(r"train:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
 
@@ -116,8 +118,10 @@ def build_tab(ctx: UIContext) -> None:
         mark = [job.id, len(metrics), p["state"]]
         if mark == drawn:  # nothing new since the last tick: leave the plots as they are (no redraw in the page)
             return dd, ids, mark, progress_markdown(p), gr.update(), gr.update(), gr.update(), job.tail(40)
-        return (dd, ids, mark, progress_markdown(p), frame(curve_rows(metrics, ("loss", "eval_loss"))),
-                frame(curve_rows(metrics, ("lr",))), scores_table(p.get("results") or {}), job.tail(40))  # fmt: skip
+        # the colours sent with the data: a plot in the page otherwise keeps the series of its first drawing
+        # (eval_loss alone, at step 0) and never shows the loss that comes after
+        curves = [gr.update(value=frame(curve_rows(metrics, keys)), color_map=COLORS) for keys in (LOSSES, ("lr",))]
+        return (dd, ids, mark, progress_markdown(p), *curves, scores_table(p.get("results") or {}), job.tail(40))
 
     def do_stop(job_id):
         job = find(job_id)
