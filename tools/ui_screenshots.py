@@ -70,8 +70,11 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--steps", type=int, default=12, help="steps of the first run")
     p.add_argument("--second-steps", type=int, default=6, help="steps of the second run (overlaid in Runs)")
-    p.add_argument("--runs", help="a runs folder whose first run (smollm2-lora-alpaca) is already trained: "
-                   "the Train page is shot without starting it again")
+    p.add_argument(
+        "--runs",
+        help="a runs folder whose first run (smollm2-lora-alpaca) is already trained: "
+        "the Train page is shot without starting it again",
+    )
     p.add_argument("--out", default=str(REPO / "docs" / "img" / "ui"))
     args = p.parse_args()
     out = Path(args.out)
