@@ -10,6 +10,7 @@ import torch
 torch.set_num_threads(int(os.environ.get("TUNELAB_TEST_THREADS", "1")))
 sys.path.insert(0, str(Path(__file__).parent))  # tests import method_harness
 
+from ui_browser import browser_page, chromium_browser  # noqa: E402, F401  (the web UI's browser tests: tests/ui_browser.py)
 
 # `device: auto` means CPU in the suite, also on a GPU machine (subprocesses inherit it), so results and
 # tolerances are the CPU's everywhere; tests/test_cuda.py (marker `cuda`) covers the CUDA paths. Set at
@@ -46,8 +47,21 @@ def data_file(tmp_path):
     return str(path)
 
 
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # the web UI's tests in a real browser (tests/ui_browser.py), counted in the summary
+        if "chromium_browser" in getattr(item, "fixturenames", ()):
+            item.add_marker("browser")
+
+
 def pytest_terminal_summary(terminalreporter):
-    """One line saying how the llama.cpp runtime tests went (CI must show them run, not skipped)."""
+    """One line saying how the llama.cpp runtime tests went, one for the browser tests of the web UI (CI must
+    show both run, not skipped)."""
+    browser = {k: sum("browser" in r.keywords for r in terminalreporter.stats.get(k, []))
+               for k in ("passed", "failed", "skipped", "error")}  # fmt: skip
+    if any(browser.values()) or os.environ.get("TUNELAB_REQUIRE_BROWSER"):
+        terminalreporter.write_line(
+            "web UI browser tests (tests/ui_browser.py, Chromium): " + ", ".join(f"{n} {k}" for k, n in browser.items())
+        )
     counts = {}
     for outcome in ("passed", "failed", "skipped", "error"):
         counts[outcome] = sum("test_llama_cpp.py" in r.nodeid for r in terminalreporter.stats.get(outcome, []))

@@ -23,7 +23,7 @@ LAYERS = [
     ("tunelab.stages",),  # what is trained on what rows with which loss
     ("tunelab.training",),  # the loops and their harness
     ("tunelab.evaluation", "tunelab.inference", "tunelab.export", "tunelab.serve"),  # users of trained runs
-    ("tunelab.compare", "tunelab.cli", "tunelab.errors", "tunelab.testing", "tunelab.__main__", "tunelab"),
+    ("tunelab.compare", "tunelab.cli", "tunelab.ui", "tunelab.errors", "tunelab.testing", "tunelab.__main__", "tunelab"),
 ]
 # The one import that points the other way: config validates the `method:` section with each method's
 # own Config class and its declared capabilities (ppo refuses virtual-token methods), found through the

@@ -443,6 +443,23 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    import importlib.util
+
+    from tunelab.config import ConfigError, check_output_path
+
+    if importlib.util.find_spec("gradio") is None:
+        raise ConfigError("tunelab ui needs Gradio: pip install 'tunelab[ui]' (or pip install 'gradio>=6,<7')")
+    check_output_path(args.runs, "--runs")
+    if args.share:
+        print("tunelab ui: --share makes this UI reachable from the internet through Gradio's relay, and nothing "
+              "here asks who is calling: anyone with the link can train and read your runs", file=sys.stderr)  # fmt: skip
+    from tunelab.ui.app import launch
+
+    launch(args.runs, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def _trust_flag(parser) -> None:
     parser.add_argument(
         "--trust-remote-code", action="store_true",
@@ -664,6 +681,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-docs", action="store_true", help="publish /openapi.json, /docs and /redoc (off by default)")
     _trust_flag(sv)
     sv.set_defaults(fn=cmd_serve)
+
+    ui = sub.add_parser("ui", help="the web UI (Gradio): configure, start, watch and compare runs in the browser")
+    ui.add_argument("--runs", default="runs", help="folder the UI's runs are written to and listed from")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=int, default=7860, help="TCP port")
+    ui.add_argument("--share", action="store_true",
+                    help="also publish a public gradio.live link (off by default; the UI has no login)")  # fmt: skip
+    ui.set_defaults(fn=cmd_ui)
 
     from tunelab.compare.cli import add_compare_parser  # argparse only; the work is imported when it runs
 

@@ -38,7 +38,7 @@ def meta_model(config):
         return _auto_class(config).from_config(config)
 
 
-def _fallback(mod):
+def _fallback(mod, settings=None):
     """A method with a quantized base (qlora) quantizes real weights, which meta tensors do not have: count
     the registered method its Config extends (qlora's: lora) with the same settings instead."""
     if not mod.CAPABILITIES.quantized_base:
@@ -47,13 +47,15 @@ def _fallback(mod):
         parent = registry.get(parent_name)
         if parent is not mod and issubclass(mod.Config, parent.Config):
             fields = parent.Config.model_fields
-            shared = {k: v for k, v in mod.Config().model_dump().items() if k in fields and k != "name"}
+            own = (settings or mod.Config()).model_dump()
+            shared = {k: v for k, v in own.items() if k in fields and k != "name"}
             note = f"counted as {parent_name} with the same settings (quantization needs real weights)"
             return parent, parent.Config(**shared), note
     return None
 
 
-def method_row(name: str, config) -> dict:
+def method_row(name: str, config, settings=None) -> dict:
+    """The row of method `name` on the model of `config`; `settings`: the method's Config (default: its defaults)."""
     import torch
 
     row = {"method": name, "trains": "?", "trainable": None, "total": None, "percent": None,
@@ -63,8 +65,8 @@ def method_row(name: str, config) -> dict:
         row.update(trains=mod.DESCRIPTION, mergeable=mod.CAPABILITIES.mergeable, inference_cost=mod.INFERENCE_COST)
         base = meta_model(config)
         _, base_total = count_parameters(base)
-        attempts = [(mod, mod.Config(), "")]
-        fb = _fallback(mod)
+        attempts = [(mod, settings if settings is not None else mod.Config(), "")]
+        fb = _fallback(mod, settings)
         if fb:
             attempts.append(fb)
         last_error = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from pathlib import Path
 
 from tunelab.ui.context import UIContext
@@ -18,24 +19,35 @@ TABS = [
     ("Evaluate & export", "tunelab.ui.evaluate"),
 ]
 
+# Gradio phones home (analytics, its version check) unless told not to; the UI must work offline and leak nothing.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
 
 def build_app(ctx: UIContext, tabs: list[str] | None = None):
     """The gr.Blocks app; `tabs` (titles) picks a subset, e.g. in tests of one tab."""
     import gradio as gr
 
-    with gr.Blocks(title="tunelab") as app:
+    with gr.Blocks(title="tunelab", analytics_enabled=False) as app:
         gr.Markdown(f"# tunelab\nRuns under `{ctx.runs}`")
         for title, module in TABS:
             if tabs is not None and title not in tabs:
                 continue
             if importlib.util.find_spec(module) is None:  # TODO(ui): every tab exists once the UI branches merge
                 continue
-            with gr.Tab(title):
+            with gr.Tab(title, id=title.lower().split()[0]):
                 importlib.import_module(module).build_tab(ctx)
     return app
+
+
+def serve_options(host: str = "127.0.0.1", port: int | None = 7860, share: bool = False) -> dict:
+    """The launch settings `tunelab ui` and the browser tests share: errors as a short message in the page,
+    never a traceback; no server-side rendering (it needs Node); quiet."""
+    return dict(server_name=host, server_port=port, share=share, show_error=False, ssr_mode=False, quiet=True)
 
 
 def launch(runs: str | Path = "runs", host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs):
     ctx = UIContext(Path(runs).resolve())
     ctx.runs.mkdir(parents=True, exist_ok=True)
-    return build_app(ctx).launch(server_name=host, server_port=port, share=share, **kwargs)
+    app = build_app(ctx)
+    print(f"tunelab ui: http://{host}:{port}  (runs under {ctx.runs}; Ctrl-C stops the UI, not the runs it started)")
+    return app.launch(**{**serve_options(host, port, share), **kwargs})

@@ -59,7 +59,9 @@ class Job:
             f.seek(max(0, f.tell() - 256 * lines))
             text = f.read().decode("utf-8", "replace")
         # progress bars redraw with \r: show the last state of each line
-        return "\n".join(line.rsplit("\r", 1)[-1] for line in text.splitlines()[-lines:])
+        # (split on \n only: splitlines() would also split at each \r and keep every redraw)
+        shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.rstrip("\n").split("\n")]
+        return "\n".join(shown[-lines:])
 
     def stop(self) -> None:
         """SIGINT to the job's session (Ctrl-C): training checkpoints and exits 130."""
