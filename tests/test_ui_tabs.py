@@ -6,8 +6,6 @@ the browser tests at the end drive the tabs in headless Chromium and read the re
 """
 
 import json
-import os
-import socket
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ui_browser import ui_server
 
 import tunelab
 from tunelab.cli import main
@@ -195,48 +194,15 @@ def test_compare_builds_a_grid_from_the_form(tiny_run):
 
 
 # --------------------------------------------------------------------------------------- browser
-# TODO(ui): at merge, these use the shared harness of tests/ui_browser.py (ui_server, browser_page); until
-# then the same approach, minimal: the app on a free local port, Debian's chromium through Playwright.
-CHROMIUM = "/usr/bin/chromium"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("TUNELAB_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"no {CHROMIUM}; TUNELAB_REQUIRE_BROWSER=1 needs it: apt-get install -y chromium")
-        pytest.skip(f"no {CHROMIUM}: apt-get install -y chromium (CI installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
+# the shared harness (tests/ui_browser.py): the app on a free local port, headless Chromium that may only reach it
 @contextmanager
-def ui_page(browser, runs, tab):
-    """A page of the app with one tab, on a free local port; the app closes after."""
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no calls home (the machine may have no network)
-    from tunelab.ui.app import build_app
+def ui_page(page, runs, tab):
+    """`page` (the browser_page fixture) opened on an app with one tab; the app closes after."""
     from tunelab.ui.context import UIContext
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = build_app(UIContext(Path(runs)), tabs=[tab])
-    app.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    context = browser.new_context(viewport={"width": 1200, "height": 900})
-    # only the app itself: a request elsewhere (web fonts) fails at once instead of waiting on an offline machine
-    context.route("**/*", lambda r: r.continue_() if r.request.url.startswith(("http://127.0.0.1", "data:", "blob:"))
-                  else r.abort())  # fmt: skip
-    page = context.new_page()
-    try:
-        page.goto(f"http://127.0.0.1:{port}")
+    with ui_server(UIContext(Path(runs)), tabs=[tab]) as url:
+        page.goto(url)
         yield page
-    finally:
-        context.close()
-        app.close()
 
 
 def words(text: str) -> str:
@@ -252,13 +218,13 @@ def table_rows(page, elem_id: str) -> list[list[str]]:
     )
 
 
-def test_browser_chat_shows_the_reply(browser, tiny_run, tmp_path):
+def test_browser_chat_shows_the_reply(browser_page, tiny_run, tmp_path):
     from tunelab.inference import generate
     from tunelab.stages.runs import load_run
 
     model, tok = load_run(tiny_run["run"], device="cpu")
     want = generate(model, tok, "Say the number 3.", max_new_tokens=10)
-    with ui_page(browser, tiny_run["runs"], "Chat") as page:
+    with ui_page(browser_page, tiny_run["runs"], "Chat") as page:
         page.get_by_text("Generation settings").click()
         page.get_by_label("--max-new-tokens").fill("10")
         page.locator("#chat-message textarea").fill("Say the number 3.")
@@ -282,13 +248,13 @@ def test_browser_chat_shows_the_reply(browser, tiny_run, tmp_path):
         assert page.locator('#chat-run [data-testid="bot"]').count() == 1
 
 
-def test_browser_evaluate_and_export(browser, tiny_run, tmp_path):
+def test_browser_evaluate_and_export(browser_page, tiny_run, tmp_path):
     from playwright.sync_api import expect
 
     from tunelab.ui import evaluate
 
     want = evaluate.score(tiny_run["run"], "sst2", limit=16, device="cpu")
-    with ui_page(browser, tiny_run["runs"], "Evaluate & export") as page:
+    with ui_page(browser_page, tiny_run["runs"], "Evaluate & export") as page:
         page.get_by_label("--limit (dev rows; empty = all)").fill("16")
         page.locator("#eval-button").click()
         page.locator("#eval-scores").get_by_text("accuracy", exact=True).wait_for(timeout=90_000)
@@ -309,7 +275,7 @@ def test_browser_evaluate_and_export(browser, tiny_run, tmp_path):
         assert body == gguf.read_bytes()  # the download is the file export wrote
 
 
-def test_browser_compare_runs_a_tiny_grid(browser, tiny_run, tmp_path):
+def test_browser_compare_runs_a_tiny_grid(browser_page, tiny_run, tmp_path):
     from tunelab.compare.record import table_cells
     from tunelab.ui import compare
 
@@ -324,7 +290,7 @@ def test_browser_compare_runs_a_tiny_grid(browser, tiny_run, tmp_path):
             "tasks": [{"name": "reviews", "labels": ["negative", "positive"], "train_file": str(tmp_path / "train.jsonl"),
                        "dev_file": str(tmp_path / "dev.jsonl"), "max_length": 32}]}  # fmt: skip
     (tmp_path / "tiny-grid.yaml").write_text(yaml.safe_dump(grid))
-    with ui_page(browser, tiny_run["runs"], "Compare") as page:
+    with ui_page(browser_page, tiny_run["runs"], "Compare") as page:
         page.locator('input[type="file"]').first.set_input_files(str(tmp_path / "tiny-grid.yaml"))
         page.locator("#compare-grid").get_by_text("reviews").first.wait_for(timeout=30_000)
         page.locator("#compare-run").click()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from pathlib import Path
 
@@ -27,12 +26,14 @@ def build_app(ctx: UIContext, tabs: list[str] | None = None):
     """The gr.Blocks app; `tabs` (titles) picks a subset, e.g. in tests of one tab."""
     import gradio as gr
 
+    unknown = sorted(set(tabs or ()) - {title for title, _ in TABS})
+    if unknown:
+        raise ValueError(f"no tab {unknown}; the tabs: {[title for title, _ in TABS]}")
+
     with gr.Blocks(title="tunelab", analytics_enabled=False) as app:
         gr.Markdown(f"# tunelab\nRuns under `{ctx.runs}`")
         for title, module in TABS:
             if tabs is not None and title not in tabs:
-                continue
-            if importlib.util.find_spec(module) is None:  # TODO(ui): every tab exists once the UI branches merge
                 continue
             with gr.Tab(title, id=title.lower().split()[0]):
                 importlib.import_module(module).build_tab(ctx)
