@@ -27,14 +27,16 @@ NATIVE = 256
 
 
 def corpus(tmp: Path, seed: int = 0) -> tuple[str, list[str]]:
-    """(train .jsonl, held-out texts): stdlib .py files, split by file."""
+    """(train .txt, held-out texts): stdlib .py files, split by file. The training files go into one plain-text
+    corpus, which stage pretrain cuts into blocks of the run's length over all of it (rows of a .jsonl would
+    each be truncated to one block: the first 256 tokens of every file, learnt by heart in a few passes)."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     random.Random(seed).shuffle(files)
     texts = [f.read_text(errors="ignore") for f in files]
     texts = [t for t in texts if len(t) > 4000]
     held, train = texts[:12], texts[12:]
-    path = tmp / "train.jsonl"
-    path.write_text("".join(json.dumps({"text": t[:20000]}) + "\n" for t in train))
+    path = tmp / "train.txt"
+    path.write_text("\n\n".join(t[:20000] for t in train))
     return str(path), held
 
 
@@ -45,7 +47,7 @@ def train(base: str, data: str, out: Path, length: int, steps: int, lr: float, r
     model = {"name": base, **({"rope_scaling": rope} if rope else {})}
     cfg = load_config({
         "output_dir": str(out), "stage": "pretrain", "model": model,
-        "data": {"train": data, "format": "text", "val_fraction": 0.02, "max_length": length, "packing": True},
+        "data": {"train": data, "val_fraction": 0.02, "max_length": length, "packing": True},
         "method": {"name": "full"},
         "training": {"max_steps": steps, "batch_size": max(1, 2048 // length), "lr": lr, "warmup_ratio": 0.05,
                      "progress": False, "tensorboard": False},
