@@ -15,13 +15,14 @@ Both report, on the same held-out rows: `eval_kl` (nats per label token, the top
 docs/distillation.md) and `eval_ce` (cross-entropy on the data at tau 1). Everything goes through
 `tunelab.train`.
 
-    python bench/distill_student.py [--layers 8] [--rows 400] [--steps 40] [--out distill.json]
+    python bench/distill_student.py [--layers 8] [--rows 240] [--steps 24] [--out distill.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -91,8 +92,8 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=8, help="student depth (the teacher has 30)")
-    ap.add_argument("--rows", type=int, default=400, help="alpaca demo rows (20%% held out)")
-    ap.add_argument("--steps", type=int, default=40, help="training steps of each run (8 rows a step)")
+    ap.add_argument("--rows", type=int, default=240, help="alpaca demo rows (20%% held out)")
+    ap.add_argument("--steps", type=int, default=24, help="training steps of each run (8 rows a step)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--only", choices=["distill", "sft"], help="run one side (to run both sides in parallel)")
     ap.add_argument("--out", help="write the figures as JSON here")
@@ -103,6 +104,8 @@ def main() -> int:
     print(json.dumps(result["student"]), file=sys.stderr)
     for side, alpha in (("distill", 0.5), ("sft", 0.0)):
         if args.only in (None, side):
+            if side == "sft" and (tmp / "distill" / "distill").is_dir():  # the same teacher cache: run it once
+                shutil.copytree(tmp / "distill" / "distill", tmp / side / "distill")
             result[side] = run(str(tmp / "student"), teacher, tmp / side, alpha, args)
             print(json.dumps({side: result[side]}), file=sys.stderr)
     print(json.dumps(result, indent=2))
