@@ -84,7 +84,7 @@ def run(student: str, teacher: str, out: Path, alpha: float, args) -> dict:
     return {"alpha": alpha, "steps": result.metrics.get("steps"), "seconds": round(time.time() - t0),
             "eval_kl_before": first.get("eval_kl"), "eval_ce_before": first.get("eval_ce"),
             "eval_kl": last.get("eval_kl"), "eval_ce": last.get("eval_ce"),
-            "heldout_label_tokens": result.metrics.get("eval_tokens")}  # fmt: skip
+            "heldout_rows": result.metrics.get("data_val_rows")}  # fmt: skip
 
 
 def main() -> int:
