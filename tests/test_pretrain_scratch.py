@@ -148,6 +148,34 @@ def test_masked_lm_from_scratch_beats_the_most_frequent_token(tmp_path):
     assert type(model).__name__ == "BertForMaskedLM"
 
 
+@pytest.mark.parametrize("architecture", ["bert", "modernbert"])
+def test_masked_lm_head_is_tied_and_the_evaluation_hides_the_targets(tmp_path, architecture):
+    """No label leak: a "model" that copies its input token scores 0 at the masked positions (they read
+    [MASK]), and the head starts as the tied token embedding (an untied random head learns the unigram first)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForMaskedLM
+
+    from tunelab.stages.pretraining import build_masked, load_scratch, masked_metrics
+
+    path = tmp_path / "longer.txt"
+    path.write_text("\n".join(LINES * 40) + "\n")
+    cfg = scratch_cfg(str(path), tmp_path / "mlm", stage="mlm", val_fraction=0.3)
+    cfg.model.architecture = architecture
+    cfg.model.config = {k: v for k, v in TINY_BERT.items() if k != "initializer_range"}
+    model, tok = load_scratch(cfg, "cpu", AutoModelForMaskedLM)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    data = build_masked(cfg, tok)
+
+    class Copy(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return SimpleNamespace(logits=torch.nn.functional.one_hot(input_ids, len(tok)).float())
+
+    m = masked_metrics(Copy(), tok, cfg, data, "cpu")
+    assert m["masked_tokens"] > 50 and m["masked_accuracy"] == 0.0
+    assert m["baseline_majority_token_accuracy"] > 0.0
+
+
 def test_the_result_continues_into_sft(corpus, tmp_path):
     tunelab.train(scratch_cfg(corpus, tmp_path / "pre", max_steps=2, eval_every=None))
     rows = tmp_path / "sft.jsonl"

@@ -45,7 +45,8 @@ def windows(tokenizer, texts: list[str], context: int, limit: int | None = None)
 
 def context_perplexity(model, tokenizer, texts: list[str], context: int, device, limit: int | None = None,
                        source: str = "--data") -> dict:  # fmt: skip
-    """Perplexity over every window's tokens after its first; the window count, tokens and context with it."""
+    """Perplexity over every window's tokens after its first; the window count, tokens and context with it, and
+    each window's summed NLL (`window_nll`)."""
     import torch
 
     chunks = windows(tokenizer, texts, context, limit)
@@ -53,12 +54,13 @@ def context_perplexity(model, tokenizer, texts: list[str], context: int, device,
         n = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
         raise DataError(f"{source}: holds {n:,} tokens, fewer than one window of --context {context}; "
                         "give more text or a shorter --context")  # fmt: skip
-    nll, count = 0.0, 0
+    per_window = []
     with torch.no_grad():
         for chunk in chunks:
             ids = torch.tensor([chunk], device=device)
             logits = model(input_ids=ids).logits[0, :-1].float()
-            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-            count += len(chunk) - 1
+            per_window.append(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")))
+    nll, count = sum(per_window), len(chunks) * (context - 1)
+    # window_nll: each window's summed NLL (equal token counts), for intervals over windows (bench/rope_context.py)
     return {"perplexity": math.exp(nll / count), "loss": nll / count, "windows": len(chunks), "tokens": count,
-            "context": context}  # fmt: skip
+            "context": context, "window_nll": per_window}  # fmt: skip

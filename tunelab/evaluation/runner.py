@@ -150,6 +150,7 @@ def _context_perplexity(model_or_run, data, context, limit, device, trust_remote
     model.eval()
     t0 = time.time()
     scores = context_perplexity(model, tokenizer, texts, context, resolve_device(device), limit, source=data)
+    scores.pop("window_nll")  # the report keeps the totals
     rope = dict(getattr(unwrap(model).config, "rope_parameters", None) or {})
     return {"model": str(model_or_run), "task": "perplexity", "data": str(data),
             "method": f"perplexity at context {context} (rope {rope.get('rope_type', 'none')})",
