@@ -23,66 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from train_speed import run_child  # bench/ is the script's folder: on sys.path
+from scale_curves import available_gb, build_model, model_dir  # bench/ is the script's folder: on sys.path
+from train_speed import run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/llamafactory-demo/alpaca_en_demo.json"
-# HuggingFaceTB/SmolLM2-1.7B's config.json, the fields that shape the model
-SMOLLM2_1_7B = {
-    "hidden_size": 2048,
-    "intermediate_size": 8192,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "vocab_size": 49152,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 130000,
-    "tie_word_embeddings": True,
-    "hidden_act": "silu",
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
-
-
-def model_dir() -> Path:
-    from tunelab.models.sources import tunelab_home
-
-    return tunelab_home() / "bench" / "smollm2-1.7b-random"
-
-
-def build_model(folder: Path) -> Path:
-    """The random 1.7B model in bf16 safetensors (once), with the default model's tokenizer."""
-    if (folder / "config.json").is_file():
-        return folder
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from tunelab.models.sources import resolve
-
-    small = resolve("smollm2-135m-instruct")
-    tok = AutoTokenizer.from_pretrained(small)
-    config = LlamaConfig(**SMOLLM2_1_7B, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # built in bf16: 3.4 GB, never fp32
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size="20GB")
-    tok.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
-
-
-def available_gb() -> float:
-    from tunelab.training.harness import available_memory
-
-    return (available_memory() or 0) / 2**30
 
 
 def job(method: str, args) -> dict:
@@ -97,7 +47,7 @@ def job(method: str, args) -> dict:
         cfg = load_config(
             {
                 "output_dir": f"{tmp}/run",
-                "model": {"name": str(model_dir())},
+                "model": {"name": str(model_dir("1.7b"))},
                 "data": {"train": f"{tmp}/train.json", "val_fraction": 0.0, "max_length": args.length,
                          "packing": True, "limit": args.batch * args.steps * 4},
                 "method": method_cfg,
@@ -123,7 +73,6 @@ def job_load(size: str, straight: bool) -> dict:
     `speed.prepare` (frozen weights compact): `straight` reads the frozen linears straight into their compact
     form (speed.load_plan), else the whole fp32 model is loaded and compacted afterwards (the former path)."""
     import torch
-    from scale_curves import build_model as build_sized
 
     from tunelab import accel
     from tunelab.config import load_config
@@ -131,7 +80,7 @@ def job_load(size: str, straight: bool) -> dict:
     from tunelab.models import count_parameters, load_model
     from tunelab.models.loading import loading_into
 
-    folder = build_model(model_dir()) if size == "1.7b" else build_sized(size)
+    folder = build_model(size)
     cfg = load_config({"output_dir": "/unused", "model": {"name": str(folder)}, "data": {"train": str(DATA)},
                        "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0}})  # fmt: skip
     t0 = time.perf_counter()
@@ -189,7 +138,7 @@ def main() -> None:
             print(json.dumps({**out, "available_gb_before": round(free, 1)}), flush=True)
         return
     t0 = time.perf_counter()
-    folder = build_model(model_dir())
+    folder = build_model("1.7b")
     print(f"model: {folder} (random weights, SmolLM2-1.7B config; built in {time.perf_counter() - t0:.0f} s or cached)")
     results = []
     for method in args.methods.split(","):

@@ -123,3 +123,12 @@ def test_malformed_train_calls_are_one_named_line(argv, message, tmp_path, capsy
     err = capsys.readouterr().err
     assert "Traceback" not in err and "internal error" not in err
     assert message.lower() in err.lower(), err
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_virtual_token_methods_refuse_packing(method):
+    # PEFT ignores position_ids for these models: packed examples would attend to each other
+    with pytest.raises(ConfigError, match=f"method {method} cannot pack.*data.packing: false"):
+        load_config({"method": {"name": method}, "data": {"packing": True}})
+    assert load_config({"method": {"name": method}, "data": {"packing": False}}).method.name == method
+    assert load_config({"method": {"name": "lora"}, "data": {"packing": True}}).data.packing

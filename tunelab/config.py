@@ -797,6 +797,13 @@ def _build_config_class():
                     "past_key_values, which transformers' sequence-classification models do not take); use "
                     f"{_adapter_methods(lambda c: c.virtual_tokens != 'past_key_values')} or a weight-training method"
                 )
+            if self.data.packing and _capabilities(self.method.name).virtual_tokens:
+                # PEFT drops position_ids for prompt-learning models, and packed rows are kept apart by them
+                raise ValueError(
+                    f"method {self.method.name} cannot pack: PEFT ignores the position ids that keep packed "
+                    "examples apart (they would attend to each other, and the virtual tokens would precede only "
+                    "the first); set data.packing: false"
+                )
             if self.stage == "distill":
                 _check_distill(self)
             if self.model.architecture:

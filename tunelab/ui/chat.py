@@ -23,7 +23,7 @@ from tunelab.inference import (
 )
 from tunelab.stages.runs import load_run, run_manifest
 from tunelab.ui.context import UIContext
-from tunelab.ui.shared import error_markdown, model_choices
+from tunelab.ui.shared import error_markdown, model_picker
 
 # A run and its base side by side are two; a third lets a user switch back to the previous run without a
 # reload. More would hold a model's memory per entry (~0.5 GB for the default model in float32).
@@ -123,11 +123,7 @@ def respond(spec, beside, message, history, base_history, temperature, top_p, ma
 def build_tab(ctx: UIContext) -> None:
     import gradio as gr
 
-    with gr.Row():
-        spec = gr.Dropdown(model_choices(ctx.runs), label="Run or model", allow_custom_value=True, scale=4,
-                           info="a run under the runs folder, a named model, or type a folder, a .gguf or a hub id")  # fmt: skip
-        refresh = gr.Button("Refresh list", scale=0)
-        beside = gr.Checkbox(False, label="base model beside it", scale=1)
+    spec, beside = model_picker(ctx.runs, "base model beside it")
     with gr.Accordion("Generation settings (the defaults of tunelab chat)", open=False):
         with gr.Row():
             temperature = gr.Number(DEFAULT_TEMPERATURE, label="--temperature (0 = greedy)", minimum=0)
@@ -157,4 +153,3 @@ def build_tab(ctx: UIContext) -> None:
     message.submit(run, inputs, outputs)
     clear.click(lambda: ([], [], [], [], ""), None, [history, base_history, chat, base_chat, error])
     beside.change(lambda b: gr.update(visible=b), beside, base_chat)
-    refresh.click(lambda: gr.update(choices=model_choices(ctx.runs)), None, spec)

@@ -22,7 +22,7 @@ from tunelab.export.hf import FORMATS, HF_QUANTS, export
 from tunelab.metrics import stats
 from tunelab.stages.runs import run_manifest
 from tunelab.ui.context import UIContext
-from tunelab.ui.shared import error_markdown, model_choices, offer, zip_folder
+from tunelab.ui.shared import error_markdown, model_picker, offer, zip_folder
 
 PERPLEXITY = "perplexity"  # `tunelab eval --task perplexity --data FILE --context N`: an uploaded text file
 QUANTS = {"hf": HF_QUANTS, "gguf": QUANT_TYPES, "gguf-lora": ("f32", "f16")}
@@ -84,12 +84,7 @@ def export_run(run: str, fmt: str, quant: str | None, out: str | None, runs: Pat
 def build_tab(ctx: UIContext) -> None:
     import gradio as gr
 
-    with gr.Row():
-        run = gr.Dropdown(model_choices(ctx.runs), label="Run or model", allow_custom_value=True, scale=4,
-                          info="a run under the runs folder, a named model, or type a folder, a .gguf or a hub id")  # fmt: skip
-        refresh = gr.Button("Refresh list", scale=0)
-        trust = gr.Checkbox(False, label="--trust-remote-code", scale=1)
-    refresh.click(lambda: gr.update(choices=model_choices(ctx.runs)), None, run)
+    run, trust = model_picker(ctx.runs, "--trust-remote-code")
 
     gr.Markdown("### Evaluate (`tunelab eval`)")
     with gr.Row():

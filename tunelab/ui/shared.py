@@ -34,6 +34,20 @@ def model_choices(runs: Path) -> list[tuple[str, str]]:
     return shown + [(f"{name} (named model)", name) for name in NAMED]
 
 
+def model_picker(runs: Path, checkbox: str):
+    """The row that picks a run or model (Chat, Evaluate & export): the dropdown, a button that re-reads the runs
+    folder, and one checkbox of the tab's; returns (dropdown, checkbox). Call inside the tab's layout."""
+    import gradio as gr
+
+    with gr.Row():
+        spec = gr.Dropdown(model_choices(runs), label="Run or model", allow_custom_value=True, scale=4,
+                           info="a run under the runs folder, a named model, or type a folder, a .gguf or a hub id")  # fmt: skip
+        refresh = gr.Button("Refresh list", scale=0)
+        box = gr.Checkbox(False, label=checkbox, scale=1)
+    refresh.click(lambda: gr.update(choices=model_choices(runs)), None, spec)
+    return spec, box
+
+
 def error_markdown(e: BaseException) -> str:
     """The message `tunelab` prints for this error (after "tunelab: error: "), for a gr.Markdown beside the
     form. An error that is not the user's is named as the CLI names it, never shown as a traceback."""
