@@ -195,3 +195,25 @@ def test_job_tail_shows_the_last_state_of_a_progress_bar(tmp_path):
     job.log.write_bytes(b"[tunelab] start\ntrain:  0%| 0/6\rtrain: 50%| 3/6\rtrain: 100%| 6/6\n[tunelab] done\n")
     assert job.tail() == "[tunelab] start\ntrain: 100%| 6/6\n[tunelab] done"
     assert job.tail(2) == "train: 100%| 6/6\n[tunelab] done"
+
+
+def test_stage_settings_reach_the_config_nested(tmp_path):
+    """The stage sections (dpo, distill, ppo with its nested reward) are fields of their own: untouched they
+    add nothing; set, they land under their section (ppo.reward.* nested), and the config validates."""
+
+    def stage_form(stage, **changes):
+        fields = T.stage_fields(stage)
+        values = [changes.get(f.key, T.shown(f)) for f in fields]
+        return T.form_config(tmp_path / "r", "m", stage, "lora", "d.jsonl", fields, values)
+
+    assert stage_form("dpo").keys() == {"output_dir", "stage", "model", "method", "data"}
+    cfg = stage_form("dpo", **{"dpo.beta": "0.3", "dpo.loss_type": "ipo"})
+    assert cfg["dpo"] == {"beta": 0.3, "loss_type": "ipo"}
+    assert load_config(cfg).dpo.beta == 0.3
+    cfg = stage_form("ppo", **{"ppo.reward.kind": "length", "ppo.reward.target_length": "40", "ppo.ppo_epochs": "3",
+                               "ppo.prompts": "p.jsonl"})  # fmt: skip
+    assert cfg["ppo"] == {"prompts": "p.jsonl", "ppo_epochs": 3, "reward": {"kind": "length", "target_length": 40}}
+    c = load_config(cfg)
+    assert (c.ppo.ppo_epochs, c.ppo.reward.kind, c.ppo.reward.target_length) == (3, "length", 40)
+    assert T.active("ppo:ppo.gamma", "lora", "ppo") and not T.active("ppo:ppo.gamma", "lora", "dpo")
+    assert T.active("lora:method.r", "lora", "ppo") and T.active("training.lr", "full", "sft")

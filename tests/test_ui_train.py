@@ -30,6 +30,14 @@ def fill(page, elem_id: str, text: str) -> None:
     box.blur()
 
 
+def choose(page, elem_id: str, value: str) -> None:
+    """Pick a dropdown's choice as a person does: type it, Enter."""
+    box = page.locator(f"#{elem_id} input").first
+    box.fill(value)
+    box.press("Enter")
+    box.blur()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_dir, chromium_browser):
     """The app on a free port and one run trained from its Train form: (url, ctx, run_dir, folder of the PNGs)."""
@@ -120,3 +128,22 @@ def test_a_bad_field_shows_the_cli_error_beside_it(served, browser_page, capsys)
     box = " ".join(page.locator("#train-error-method").inner_text().split())
     assert box == "error " + " ".join(" ".join(cli).split())  # the whole message, below the method's section
     screenshot(page, shots / "train-error.png")
+
+
+def test_a_stage_shows_its_own_settings(tmp_path, browser_page):
+    """Choosing stage dpo shows the dpo section (its fields from DPOConfig) and what is typed there reaches the
+    YAML; back on sft the section hides and the YAML drops it."""
+    page = browser_page
+    with ui_server(UIContext(tmp_path / "runs"), tabs=["Train"]) as url:
+        page.goto(url)
+        page.locator("#train-yaml").get_by_text("output_dir").wait_for()
+        beta = page.locator("#train-dpo-beta")
+        expect(beta).to_be_hidden()
+        choose(page, "train-stage", "dpo")
+        expect(beta).to_be_visible()
+        fill(page, "train-dpo-beta", "0.25")
+        expect(page.locator("#train-yaml")).to_contain_text("beta: 0.25")
+        screenshot(page, tmp_path / "train-dpo.png")
+        choose(page, "train-stage", "sft")
+        expect(beta).to_be_hidden()
+        expect(page.locator("#train-yaml")).not_to_contain_text("beta")

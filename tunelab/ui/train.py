@@ -21,8 +21,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel
 
-from tunelab.config import ConfigError, DataConfig, TaskConfig, TrainingConfig
+from tunelab.config import (
+    ConfigError,
+    DataConfig,
+    DistillConfig,
+    DPOConfig,
+    PPOConfig,
+    RewardConfig,
+    TaskConfig,
+    TrainingConfig,
+)
 from tunelab.errors import user_errors
 from tunelab.interop.convert import load_any
 from tunelab.methods import registry
@@ -49,6 +59,9 @@ DATA_PRESETS = {
 DATA_SOURCES = ("preset", "upload", "path")
 # the stages that read a `task:` (a preset or your own files) rather than `data:`
 TASK_STAGES = ("classification", "extractive_qa", "seq2seq")
+# the stages with a settings section of their own (config keys dpo.*, distill.*, ppo.*, ppo.reward.*)
+STAGE_SECTIONS = {"dpo": [(DPOConfig, "dpo")], "distill": [(DistillConfig, "distill")],
+                  "ppo": [(PPOConfig, "ppo"), (RewardConfig, "ppo.reward")]}  # fmt: skip
 TASK_FIELDS = ("name", "type", "labels", "train_file", "dev_file", "train_limit", "dev_limit", "max_length")
 
 
@@ -86,6 +99,8 @@ def schema_fields(cls, section: str, names: tuple[str, ...] | None = None) -> li
         ):  # name: the union's tag
             continue
         default = f.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):  # a nested section (ppo.reward) gets fields of its own
+            continue
         lit = _literal_values(f.annotation)
         if f.annotation is bool:
             kind, choices = "bool", ()
@@ -105,6 +120,16 @@ def method_fields(name: str) -> list[FormField]:
 
 def data_fields() -> list[FormField]:
     return schema_fields(DataConfig, "data", DATA_FIELDS)
+
+
+def stage_fields(stage: str) -> list[FormField]:
+    return [f for cls, section in STAGE_SECTIONS.get(stage, []) for f in schema_fields(cls, section)]
+
+
+def active(key: str, method: str, stage: str) -> bool:
+    """Whether a form field counts: the shared ones, and those of the chosen method (`lora:method.r`) or
+    stage (`dpo:dpo.beta`)."""
+    return ":" not in key or key.split(":", 1)[0] in (method, stage)
 
 
 def task_fields() -> list[FormField]:
@@ -204,8 +229,11 @@ def form_config(run_dir: Path, model: str, stage: str, method: str, train: str |
     for field, raw in zip(fields, values):
         set_, value = parse(field, raw)
         if set_:
-            section, key = field.key.split(".", 1)
-            cfg.setdefault(section, {})[key] = value
+            *sections, key = field.key.split(".")
+            node = cfg
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[key] = value
     return {k: v for k, v in cfg.items() if v != {}}
 
 
@@ -446,6 +474,17 @@ def build_tab(ctx: UIContext) -> None:
                 fields.append(f)
     errors_task = gr.Markdown(elem_id="train-error-task")
 
+    stage_groups = {}
+    with gr.Accordion("stage settings (stages dpo, distill, ppo)", open=True, visible=False) as stage_box:
+        for name in STAGE_SECTIONS:
+            with gr.Group(visible=False) as group:
+                with gr.Row():
+                    for f in stage_fields(name):
+                        comps[f"{name}:{f.key}"] = _component(gr, f, elem_id=f"train-{f.key.replace('.', '-')}")
+                        fields.append(FormField(f"{name}:{f.key}", f.kind, f.default, f.choices, f.help))
+            stage_groups[name] = group
+    errors_stage = gr.Markdown(elem_id="train-error-stage")
+
     with gr.Accordion("training", open=True):
         with gr.Row():
             for f in training_fields():
@@ -465,13 +504,14 @@ def build_tab(ctx: UIContext) -> None:
 
     field_comps = [comps[f.key] for f in fields]
     inputs = [run_name, model, stage, method, source, preset, upload, path, *field_comps]
-    error_boxes = [errors_top, errors_method, errors_data, errors_training, errors_task]
-    section_of = {"model": 0, "stage": 0, "output_dir": 0, "method": 1, "data": 2, "training": 3, "task": 4}
+    error_boxes = [errors_top, errors_method, errors_data, errors_training, errors_task, errors_stage]
+    section_of = {"model": 0, "stage": 0, "output_dir": 0, "method": 1, "data": 2, "training": 3, "task": 4,
+                  **{section.split(".")[0]: 5 for name in STAGE_SECTIONS for _, section in STAGE_SECTIONS[name]}}  # fmt: skip
 
     def current(run, model_, stage_, method_, source_, preset_, upload_, path_, *values):
         """(run folder, YAML text, the form's keys) from the form's values."""
         run_dir = run_dir_of(ctx, run)
-        pairs = [(f, v) for f, v in zip(fields, values) if ":" not in f.key or f.key.startswith(f"{method_}:")]
+        pairs = [(f, v) for f, v in zip(fields, values) if active(f.key, method_, stage_)]
         chosen = [FormField(f.key.split(":", 1)[-1], f.kind, f.default, f.choices, f.help) for f, _ in pairs]
         cfg = form_config(run_dir, model_, stage_, method_, data_path(ctx, source_, preset_, upload_, path_),
                           chosen, [v for _, v in pairs])  # fmt: skip
@@ -480,10 +520,10 @@ def build_tab(ctx: UIContext) -> None:
     def draft(run_dir: Path) -> Path:
         return ctx.runs / ".ui-drafts" / run_dir.name / UI_YAML
 
-    def shown_errors(message: str | None, keys: list[str], method_: str) -> list:
+    def shown_errors(message: str | None, keys: list[str], method_: str, stage_: str) -> list:
         """The sections' error boxes, then each field's help: a problem is shown in the box below its section and
         in place of the help of the field it names (the error text is the CLI's, unchanged)."""
-        boxes = ["", "", "", "", ""]
+        boxes = [""] * len(error_boxes)
         by_key = errors_by_key(message, keys + ["model.name", "data.train", "stage"]) if message else {}
         for key, text in by_key.items():
             i = section_of.get(key.split(".")[0], 0)
@@ -491,7 +531,7 @@ def build_tab(ctx: UIContext) -> None:
         infos = []
         for f in fields:
             key = f.key.split(":", 1)[-1]
-            bad = key in by_key and (":" not in f.key or f.key.startswith(f"{method_}:"))
+            bad = key in by_key and active(f.key, method_, stage_)
             infos.append(gr.update(info="⚠ " + by_key[key].splitlines()[-1] if bad else _help(f.help)))
         return boxes + infos
 
@@ -499,14 +539,14 @@ def build_tab(ctx: UIContext) -> None:
         try:
             run_dir, text, keys = current(*args)
         except ConfigError as e:
-            return ["", f"**error**: {e}", "", *shown_errors(None, [], args[3])]
+            return ["", f"**error**: {e}", "", *shown_errors(None, [], args[3], args[2])]
         cfg, error = check_text(text, draft(run_dir))
         ok = (
             "config OK: `tunelab config` accepts it"
             if cfg is not None
             else "**the config has errors** (shown by their fields)"
         )
-        return [text, ok, "", *shown_errors(error, keys, args[3])]
+        return [text, ok, "", *shown_errors(error, keys, args[3], args[2])]
 
     def check_and_estimate(*args):
         out = validate(*args)
@@ -570,6 +610,8 @@ def build_tab(ctx: UIContext) -> None:
     stop_btn.click(do_stop, [run_name], [status])
     method.change(lambda m: [gr.update(visible=n == m) for n in methods], [method], list(method_groups.values()))
     stage.change(lambda s: gr.update(visible=s in TASK_STAGES), [stage], [task_box])
+    stage.change(lambda s: [gr.update(visible=s in STAGE_SECTIONS)] + [gr.update(visible=n == s) for n in stage_groups],
+                 [stage], [stage_box, *stage_groups.values()])  # fmt: skip
     # the page opens showing the default config's YAML (the tab is built inside the app's gr.Blocks)
     # a fresh run name for each page opened (a callable default would be read after the load event's inputs)
     on_page_load(default_run_name, None, run_name).then(validate, inputs, outputs, show_progress="hidden")
