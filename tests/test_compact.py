@@ -26,12 +26,16 @@ def gguf_like(shape, kind: str = "q4_1", stride: int = 1, seed: int = 0) -> torc
     if kind == "q8_0":
         codes = torch.randint(-128, 128, (blocks, BLOCK), generator=g).float()
         return (codes * step).view(shape)
+    if kind == "q8_0_ggml":  # ggml's own quantizer: d = max |x| / 127 in fp16, codes round(x / d)
+        x = torch.randn(blocks, BLOCK, generator=g) * 0.05
+        d = (x.abs().amax(1, keepdim=True) / 127).half().float()
+        return (torch.round(x / d).clamp(-127, 127) * d).view(shape)
     offset = (-torch.rand(blocks, 1, generator=g) * 0.2).half().float()
     codes = (torch.randint(0, 16 // stride, (blocks, BLOCK), generator=g) * stride).float()
     return (codes * step + offset).view(shape)
 
 
-@pytest.mark.parametrize("kind,stride", [("q4_1", 1), ("q4_1", 2), ("q8_0", 1)])
+@pytest.mark.parametrize("kind,stride", [("q4_1", 1), ("q4_1", 2), ("q8_0", 1), ("q8_0_ggml", 1)])
 def test_gguf_blocks_round_trip_bit_for_bit(kind, stride):
     w = gguf_like((48, 96), kind, stride)
     c = encode(w)
