@@ -4,6 +4,7 @@ import contextlib
 
 import pytest
 import torch
+from test_fast_lora import dropout_drawing_fast_masks
 from test_training import losses, make_cfg  # tests/ is on sys.path (conftest.py)
 
 import tunelab
@@ -145,8 +146,8 @@ def test_an_off_run_calls_no_speed_code(tiny_dir, data_file, tmp_path, monkeypat
 @pytest.mark.parametrize("method", ["lora", "lora-dropout", "full", "prompt", "prefix"])
 def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_path, monkeypatch):
     """LoRA: fast LoRA and SwiGLU, fused norm, packed attention, fused head, compact weights and two thread
-    shares against plain PyTorch + PEFT; lora-dropout: the same with LoRA dropout 0.1 in one share (the fast
-    path draws PEFT's masks from torch's generator); full: fused norm and head with the head's (tied) weight
+    shares against plain PyTorch + PEFT; lora-dropout: the same with LoRA dropout 0.1 in one share (PEFT's
+    dropout drawing the fast path's masks from torch's generator); full: fused norm and head with the head's (tied) weight
     gradient; prompt / prefix (unpacked): the fused head at the label positions of PEFT's forward against
     the full logits."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two shares on any machine (auto)
@@ -179,6 +180,8 @@ def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_p
     if method in ("lora", "lora-dropout", "full"):
         assert bool(calls) == (method == "lora")  # full: most parameters train, no shares
     fused.clear()
+    if method == "lora-dropout":  # PEFT's nn.Dropout drawing the fast path's masks (not torch's bernoulli_)
+        dropout_drawing_fast_masks(monkeypatch)
     off, off_m = run("off")
     assert not fused
     assert auto.keys() == off.keys() and len(off) == 4

@@ -96,11 +96,23 @@ def _counting(monkeypatch) -> list:
     return calls
 
 
+def dropout_drawing_fast_masks(monkeypatch) -> None:
+    """nn.Dropout (PEFT's LoRA dropout) drawing its masks as the fast path does (`keep_mask`): a reference
+    that differs from the fast path in nothing but where the arithmetic happens."""
+
+    def forward(self, x):
+        if not self.training or not self.p:
+            return x
+        return x * fast_lora.keep_mask(x, self.p)[0] / (1 - self.p)
+
+    monkeypatch.setattr(torch.nn.Dropout, "forward", forward)
+
+
 # dropout 0.3 on few rows (low-rank term added) and on many (where dropout 0 would fold)
 @pytest.mark.parametrize("shape", [(1, 12), (4, 40)])
-def test_dropout_on_the_fast_path_is_peft_dropout_with_the_same_seed(monkeypatch, shape):
-    """The same seed draws the same masks as PEFT's nn.Dropout: the same loss and gradients; another seed
-    other masks, and so other gradients."""
+def test_dropout_on_the_fast_path_is_peft_dropout_with_the_same_masks(monkeypatch, shape):
+    """With the same seed and PEFT's nn.Dropout drawing the fast path's masks, the same loss and gradients;
+    another seed other masks, and so other gradients."""
     model = _lora_model(dropout=0.3).train()
     peft = _peft_only(model).train()
     calls = _counting(monkeypatch)
@@ -109,6 +121,7 @@ def test_dropout_on_the_fast_path_is_peft_dropout_with_the_same_seed(monkeypatch
     loss_fast, g_fast = _grads(model, batch)
     after_fast = torch.get_rng_state()
     assert len(calls) == 2 * 5 and all(c == [0.3] * len(c) and c for c in calls)  # 4 attention + 1 MLP per layer
+    dropout_drawing_fast_masks(monkeypatch)
     torch.manual_seed(7)
     loss_peft, g_peft = _grads(peft, batch)
     assert len(calls) == 10  # PEFT's own forward: no fast call
@@ -146,14 +159,27 @@ def test_the_mask_is_drawn_again_not_kept(monkeypatch):
     assert with_dropout < saved_bytes(_peft_only(_lora_model(dropout=0.3)).train())
 
 
-def test_keep_mask_is_dropouts_and_drawn_again_from_its_state():
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_keep_mask_keeps_with_probability_1_minus_p_everywhere(p):
+    """Each element kept with probability 1 - p, in every row, column and 16-bit lane of the random words
+    (a lane whose sign bit never varied would keep 1 - 2p or all)."""
+    torch.manual_seed(1)
+    keep, _ = fast_lora.keep_mask(torch.empty(400, 500), p)
+    assert keep.dtype == torch.bool and keep.shape == (400, 500)
+    sd = (p * (1 - p) / keep.numel()) ** 0.5
+    assert keep.float().mean().item() == pytest.approx(1 - p, abs=6 * sd)
+    for lane in keep.view(-1, 4).float().mean(0):  # 50,000 draws a lane
+        assert lane.item() == pytest.approx(1 - p, abs=6 * 2 * sd)
+    for means in (keep.float().mean(0), keep.float().mean(1)):  # no row or column far off
+        assert (means - (1 - p)).abs().max().item() < 8 * (p * (1 - p) / 400) ** 0.5
+    pairs = keep[:, :-1].float() * keep[:, 1:].float()  # neighbours independent: P(both) = (1 - p)^2
+    assert pairs.mean().item() == pytest.approx((1 - p) ** 2, abs=6 * sd)
+
+
+def test_keep_mask_is_drawn_again_from_its_state():
     x = torch.randn(400, 500)
     torch.manual_seed(1)
     keep, state = fast_lora.keep_mask(x, 0.05)
-    assert keep.unique().tolist() == pytest.approx([0.0, 1 / 0.95])
-    assert (keep > 0).float().mean().item() == pytest.approx(0.95, abs=0.003)  # 200,000 draws: sd 0.0005
-    torch.manual_seed(1)
-    torch.testing.assert_close(x * keep, torch.nn.functional.dropout(x, 0.05), rtol=0, atol=0)
     again, _ = fast_lora.keep_mask(x, 0.05, state)  # the backward pass's draw, from the saved state
     assert torch.equal(again, keep)
     torch.manual_seed(1)
@@ -164,13 +190,15 @@ def test_keep_mask_is_dropouts_and_drawn_again_from_its_state():
     assert torch.equal(fast_lora.keep_mask(x, 0.05, own_state)[0], own)
 
 
-def test_dropout_under_gradient_checkpointing_is_peft_dropout():
+def test_dropout_under_gradient_checkpointing_is_peft_dropout(monkeypatch):
     """The recomputed forward (torch's generator restored) and the backward's draw give the masks of the
-    first forward: the same gradients as PEFT's layers under checkpointing."""
+    first forward: the same gradients as PEFT's layers (drawing the same masks) under checkpointing."""
     model = _lora_model(dropout=0.3).train()
     peft = _peft_only(model).train()
     grads = []
     for m in (model, peft):
+        if m is peft:
+            dropout_drawing_fast_masks(monkeypatch)
         m.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(7)
         grads.append(_grads(m, _batch(2, 40))[1])
