@@ -342,3 +342,47 @@ def test_rope_scaled_model_runs_in_llama_cpp_as_in_tunelab(tmp_path, kind):
     prompt = build_prompt_ids([{"role": "user", "content": PROMPTS[1]}], tok)
     scaled_logits, plain_logits = (_tunelab_greedy(m, tok, prompt, 1)[1] for m in (model, plain))
     assert float(np.abs(scaled_logits - plain_logits).max()) > 100 * MAX_LOGIT_DIFF["f32"]
+
+
+@pytest.mark.slow
+def test_default_model_run_with_yarn_keeps_it_in_hf_and_gguf_and_answers_in_llama_cpp(tmp_path):
+    """Issue 27 on the default model (8,192 native): a LoRA run with rope_scaling yarn x4 keeps the scaling in its
+    merged export's config (read by plain transformers), its GGUF carries it (gguf's own reader: type, factor,
+    the 8,192 original length, 32,768 context), and that file answers in llama.cpp as the run does in tunelab."""
+    import gguf
+    from transformers import AutoConfig
+
+    import tunelab
+
+    rows = [{"instruction": f"Say the number {i}.", "output": f"The number is {i}."} for i in range(8)]
+    data = tmp_path / "numbers.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config({
+        "output_dir": str(tmp_path / "run"),
+        "model": {"name": load_config({}).model.name, "rope_scaling": {"type": "yarn", "factor": 4.0}},
+        "data": {"train": str(data), "val_fraction": 0.25, "max_length": 64}, "method": {"name": "lora", "r": 4},
+        "training": {"max_steps": 2, "batch_size": 2, "lr": 1e-4, "progress": False, "tensorboard": False},
+    })  # fmt: skip
+    run = str(tunelab.train(cfg).run_dir)
+    export(run, "hf", None, str(tmp_path / "merged"))
+    rope = AutoConfig.from_pretrained(tmp_path / "merged").rope_parameters
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"]) == ("yarn", 4.0, 8192)
+    path = tmp_path / "yarn.gguf"
+    export(run, "gguf", "f16", str(path))
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if ".rope." in k or "context" in k}
+    assert fields["llama.rope.scaling.type"] == "yarn" and fields["llama.rope.scaling.factor"] == pytest.approx(4.0)
+    assert fields["llama.rope.scaling.original_context_length"] == 8192 and fields["llama.context_length"] == 32768
+    model, tok = load_run(run, device="cpu", merge=True)
+    llm = _llama(path, n_ctx=512)
+    try:
+        prompt = build_prompt_ids([{"role": "user", "content": DEFAULT_PROMPTS[0]}], tok)
+        ours, our_logits, gaps = _tunelab_greedy(model, tok, prompt, 12)
+        theirs, their_logits = _llama_greedy(llm, prompt, 12, tok.eos_token_id)
+    finally:
+        llm.close()
+    # the tokens up to the first near-tie (f16 rounding may decide one), at least the first three
+    n, gap = next((i for i, g in enumerate(gaps) if g <= DEFAULT_SAME["f16"][1]), len(gaps)), DEFAULT_SAME["f16"][1]
+    print(f"yarn x4: {tok.decode(ours)!r} / llama.cpp {tok.decode(theirs)!r}; min gap {min(gaps):.3f}")
+    assert n >= 3, f"near-tie in the first tokens: {np.round(gaps, 3)} (> {gap} wanted)"
+    assert theirs[:n] == ours[:n] and tok.decode(ours[:n]).strip()
+    assert np.corrcoef(our_logits, their_logits)[0, 1] > 0.999
