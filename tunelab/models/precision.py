@@ -24,7 +24,7 @@ a host measures it (docs/performance.md, "bf16 on a CPU"); until it does, `CPU_B
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,11 +41,20 @@ class Precision:
     dtype: torch.dtype  # what the model's weights are loaded in
     autocast: bool  # matmuls under torch.autocast(device, dtype); the trainable weights kept in fp32
     reason: str  # for the run log
+    # the trainable weights in fp32 beside frozen ones in `dtype`, the passes in `dtype` without autocast: every
+    # layer that trains runs in bf16 by itself (tunelab/accel's bf16 passes)
+    master: bool = False
 
     @property
     def name(self) -> str:
         kind = str(self.dtype).removeprefix("torch.")
-        return f"{kind} autocast, fp32 master weights" if self.autocast else kind
+        if self.autocast:
+            return f"{kind} autocast, fp32 master weights"
+        return f"{kind}, fp32 master weights" if self.master else kind
+
+    def without_autocast(self) -> Precision:
+        """The same weights, the passes in bf16 without autocast (accel's bf16 passes: `master`)."""
+        return replace(self, autocast=False, master=True)
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:

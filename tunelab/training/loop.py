@@ -147,6 +147,8 @@ def train(
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
     speed.prepare(model, cfg, total, dist.multi, autocast=autocast is not no_autocast)
+    if autocast is not no_autocast and not speed.autocast:  # accel: bf16 passes that run in bf16 by themselves
+        autocast, precision = no_autocast, precision.without_autocast()
     for line in speed.describe().splitlines():  # the pieces on, then one line per piece not on: why, what turns it on
         log(line)
     if getattr(model.config, "use_cache", None) is not None:
