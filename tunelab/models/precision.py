@@ -92,8 +92,10 @@ def native_bf16(device, flags: set[str] | None = None) -> tuple[bool, str]:
     return False, f"the CPU has no native bf16 ({widest}, no avx512_bf16 / amx_bf16): bf16 would be emulated"
 
 
-def choose_precision(setting: str, device, flags: set[str] | None = None) -> Precision:
-    """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why."""
+def choose_precision(setting: str, device, flags: set[str] | None = None, lora: bool = False) -> Precision:
+    """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why. `lora`:
+    for a LoRA training run with `training.accelerate: auto` (tunelab/accel's bf16 passes), the one kind of run
+    whose bf16 is measured faster on a CPU; every other load resolves `auto` to fp32 on a CPU (module doc)."""
     import torch
 
     device = torch.device(device)
@@ -102,8 +104,15 @@ def choose_precision(setting: str, device, flags: set[str] | None = None) -> Pre
     if setting == "auto":
         if device.type == "cuda" and native:
             return Precision(torch.bfloat16, True, f"model.dtype auto: {why}")
+        if device.type == "cpu" and native and CPU_BF16_AUTO and lora:
+            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}; LoRA trains in bf16 passes")
         if device.type == "cpu" and native and CPU_BF16_AUTO:
-            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}")
+            return Precision(
+                torch.float32,
+                False,
+                f"model.dtype auto: fp32; {why}, but bf16 is measured faster for LoRA training (training.accelerate: "
+                "auto) only: model.dtype: bfloat16 asks for it",
+            )
         if device.type == "cpu" and native:
             return Precision(
                 torch.float32,
