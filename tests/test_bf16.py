@@ -227,3 +227,18 @@ def test_without_autocast_names_the_precision():
     assert p.name == "bfloat16 autocast, fp32 master weights"
     assert p.without_autocast().name == "bfloat16, fp32 master weights" and not p.without_autocast().autocast
     assert json.dumps(p.without_autocast().name)  # the metrics' field
+
+
+@pytest.mark.parametrize("flags, chosen", [({"avx2", "avx512f", "amx_bf16"}, "bfloat16, fp32 master weights"),
+                                           ({"avx2", "avx512f"}, "float32")])  # fmt: skip
+def test_auto_trains_lora_in_bf16_only_where_the_cpu_has_it(tiny_dir, data_file, tmp_path, monkeypatch, flags, chosen):
+    from tunelab.models import precision
+
+    monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)
+    monkeypatch.setattr(precision, "cpu_flags", lambda *a: flags)
+    result, _ = _train(_cfg(tiny_dir, data_file, tmp_path / "run", "auto", max_steps=2))
+    assert result.metrics["precision"] == chosen
+    manifest = json.loads((result.final_dir / "tunelab.json").read_text())
+    assert manifest["base_model"]["dtype"] == "auto"  # the result loads as its next host resolves it
+    off, _ = _train(_cfg(tiny_dir, data_file, tmp_path / "off", "auto", max_steps=2, accelerate="off"))
+    assert off.metrics["precision"] == "float32"  # no bf16 passes without tunelab/accel: fp32, as measured

@@ -153,6 +153,7 @@ def train(
     speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast)
     if autocast is not no_autocast and not speed.autocast:  # accel: bf16 passes that run in bf16 by themselves
         autocast, precision = no_autocast, precision.without_autocast()
+        log(f"precision: {precision.name}: the passes run in bf16 without autocast (tunelab/accel)")
     for line in speed.describe().splitlines():  # the pieces on, then one line per piece not on: why, what turns it on
         log(line)
     if getattr(model.config, "use_cache", None) is not None:
