@@ -401,8 +401,8 @@ def main() -> None:
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="auto: what model.dtype auto picks on this host (fp32 on CPUs for now); bf16: bf16 autocast on both "
-        "sides (tunelab model.dtype bfloat16, TRL bf16=True)",
+        help="auto: what model.dtype auto picks for LoRA on this host (bf16 where the CPU has native bf16); bf16: "
+        "on both sides (tunelab model.dtype bfloat16, TRL bf16=True)",
     )
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -425,7 +425,7 @@ def main() -> None:
     from tunelab.models.precision import choose_precision
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; job: {JOB}; rounds: {args.repeat}")
-    print(f"precision: {JOB['precision']} (--precision {args.precision}; this host: {choose_precision('auto', 'cpu').reason})")
+    print(f"precision: {JOB['precision']} (--precision {args.precision}; this host: {choose_precision('auto', 'cpu', lora=True).reason})")
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHOD_LR))
     if unknown:
@@ -491,10 +491,13 @@ TRL_NAMES = {"lora": "TRL SFTTrainer + PEFT", "full": "TRL SFTTrainer (no PEFT)"
 
 
 def _auto_precision() -> str:
-    """What `model.dtype: auto` picks on this host's CPU: the job's precision under --precision auto."""
+    """What `model.dtype: auto` picks for LoRA training on this host's CPU: the job's precision under --precision
+    auto."""
+    import torch
+
     from tunelab.models.precision import choose_precision
 
-    return "bf16" if choose_precision("auto", "cpu").autocast else "fp32"
+    return "bf16" if choose_precision("auto", "cpu", lora=True).dtype != torch.float32 else "fp32"
 
 
 def _cell(values: list[float], digits: int, spread: bool) -> str:

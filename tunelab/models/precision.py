@@ -18,8 +18,8 @@ Zen 4, Cooper Lake, Sapphire Rapids) or AMX (`amx_bf16`), Arm's BF16 extension (
 /proc/cpuinfo: torch's `get_cpu_capability()` reports the vector width (AVX512) and not these extensions.
 
 Why `auto` takes bf16 on such a CPU for LoRA training, and only there: measured on a Sapphire-Rapids-class
-Xeon (`amx_bf16`, 2 threads), the bench's LoRA SFT job ran at ~1.9x fp32's tokens/s in bf16 passes, to the
-same held-out loss within 0.4% (docs/performance.md, "bf16 on a CPU"). Nothing else is measured: full
+Xeon (`amx_bf16`, 2 threads, a busy machine), the bench's LoRA SFT job ran at 1.35-1.94x fp32's tokens/s in
+bf16 passes (three rounds), to the same held-out loss within 0.4% (docs/performance.md, "bf16 on a CPU"). Nothing else is measured: full
 fine-tuning and the other methods run under autocast with the speed pieces aside, an fp32 checkpoint would
 lose bits loading into bf16, and a result loaded to chat or export keeps fp32. The training loop says which
 kind of run it is (`choose_precision(..., lora=True)`); the loader alone resolves `auto` to fp32 on a CPU.
