@@ -23,7 +23,8 @@ runs as TRL does, on glibc's malloc; `--trl-allocator tbbmalloc` runs it preload
     .venv/bin/python bench/train_speed.py --variant training.allocator=system # tunelab on glibc's malloc
     .venv/bin/python bench/train_speed.py --off        # and the job with training.accelerate: off (plain PyTorch)
     .venv/bin/python bench/train_speed.py --task lima-512 --dropout 0.05   # issue 26's job, LoRA dropout both sides
-    .venv/bin/python bench/train_speed.py --precision bf16   # both sides in bf16 autocast (a CPU with avx512_bf16)
+    .venv/bin/python bench/train_speed.py --precision bf16   # both sides in bf16 (a CPU with avx512_bf16)
+    .venv/bin/python bench/train_speed.py --precision bf16 --variant model.dtype=float32   # and tunelab in fp32
 
 Methods (`--methods`, issue 26 item 5): every one is measured against TRL's SFTTrainer on the same job, the
 reference configured the way its own libraries do that method, with the same hyperparameters as tunelab:
@@ -45,9 +46,11 @@ with tunelab's loader for that method (the same PEFT files; the loader drops the
 as above. `--dropout P` sets LoRA dropout on both sides (TRL's LoraConfig and tunelab's method.dropout).
 
 Precision (`--precision`, default auto): auto is what `model.dtype: auto` picks on this host
-(tunelab/models/precision.py: fp32 on CPUs for now); bf16 runs tunelab with `model.dtype: bfloat16` (bf16
-weights and autocast, fp32 LoRA weights) and TRL with `bf16=True` on a bf16-loaded model, each side's own
-bf16 setting. The table says which precision each side used.
+(tunelab/models/precision.py); bf16 runs tunelab with `model.dtype: bfloat16` (bf16 frozen weights, fp32 LoRA
+weights; its passes in bf16 without autocast where tunelab/accel covers them) and TRL with `bf16=True` on a
+bf16-loaded model, each side's own bf16 setting; `--variant model.dtype=float32` adds tunelab in fp32 to the same
+invocation. The table says which precision each run used, and scores each trained model twice: as it loads
+(a bf16 run in bf16) and cast to fp32.
 """
 
 from __future__ import annotations
@@ -207,7 +210,9 @@ def job_trl(method: str) -> dict:
         out = trainer.train()
         seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         peak = peak_rss_mb()  # loading + training; the held-out scoring below is not counted
-        loss_after = held_out_loss(trl_scored_model(trainer, method, src, tmp), tokenizer)
+        scored = trl_scored_model(trainer, method, src, tmp)
+        loss_after = held_out_loss(scored, tokenizer)
+        loss_fp32 = held_out_loss(scored.float(), tokenizer) if bf16 else loss_after
     tokens = int(trainer.state.num_input_tokens_seen)
     return {
         "tokens": tokens,
@@ -215,6 +220,7 @@ def job_trl(method: str) -> dict:
         "cpu_seconds": cpu,
         "train_loss": out.training_loss,
         "loss_after": loss_after,
+        "loss_after_fp32": loss_fp32,
         "peak_rss_mb": peak,
         "precision": "bf16 autocast" if bf16 else "fp32",
     }
@@ -298,6 +304,9 @@ def job_tunelab(method: str, overrides: list[str]) -> dict:
         peak = peak_rss_mb()  # loading + training; reloading the result for scoring is not counted
         model, tokenizer = load_run(result.final_dir)
         loss_after = held_out_loss(model, tokenizer)
+        # a bf16 run is scored as it loads (in bf16) and again in fp32: training's precision apart from scoring's
+        bf16 = result.metrics["precision"] != "float32"
+        loss_fp32 = held_out_loss(model.float(), tokenizer) if bf16 else loss_after
     m = result.metrics
     seconds = m["tokens"] / m["tokens_per_s"]
     return {
@@ -306,6 +315,7 @@ def job_tunelab(method: str, overrides: list[str]) -> dict:
         "cpu_seconds": cpu["seconds"],
         "train_loss": m["train_loss"],
         "loss_after": loss_after,
+        "loss_after_fp32": loss_fp32,
         "peak_rss_mb": peak,
         "precision": m["precision"],
     }
@@ -391,8 +401,8 @@ def main() -> None:
         "--precision",
         choices=["auto", "fp32", "bf16"],
         default="auto",
-        help="auto: what model.dtype auto picks on this host (fp32 on CPUs for now); bf16: bf16 autocast on both "
-        "sides (tunelab model.dtype bfloat16, TRL bf16=True)",
+        help="auto: what model.dtype auto picks for LoRA on this host (bf16 where the CPU has native bf16); bf16: "
+        "on both sides (tunelab model.dtype bfloat16, TRL bf16=True)",
     )
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -415,7 +425,7 @@ def main() -> None:
     from tunelab.models.precision import choose_precision
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; job: {JOB}; rounds: {args.repeat}")
-    print(f"precision: {JOB['precision']} (--precision {args.precision}; this host: {choose_precision('auto', 'cpu').reason})")
+    print(f"precision: {JOB['precision']} (--precision {args.precision}; this host: {choose_precision('auto', 'cpu', lora=True).reason})")
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHOD_LR))
     if unknown:
@@ -446,7 +456,8 @@ def main() -> None:
 
     refs = {method: rs for (_, side, method, _), rs in zip(jobs, results) if side == "trl"}
     spread = args.repeat > 1
-    header = "| run | method | precision | allocator | tokens | tokens/s | tokens/CPU-s | peak RSS MB | train loss* | held-out loss after |"
+    header = ("| run | method | precision | allocator | tokens | tokens/s | tokens/CPU-s | peak RSS MB | train loss* | "
+              "held-out loss after | scored in fp32** |")
     print("\n" + header + ("  x tok/s | x tok/CPU-s | x RSS | loss diff |" if refs else ""))
     print("|" + "---|" * (header.count("|") - 1 + (4 if refs else 0)))
     for (name, _, method, _), rs in zip(jobs, results):
@@ -456,7 +467,7 @@ def main() -> None:
         line = (
             f"| {name} | {method} | {r['precision']} | {r['allocator']} | {r['tokens']} | {_cell(speed, 1, spread)} | "
             f"{_cell(per_cpu, 1, spread)} | {_cell(rss, 0, spread)} | "
-            f"{r['train_loss']:.4f} | {r['loss_after']:.4f} |"
+            f"{r['train_loss']:.4f} | {r['loss_after']:.4f} | {r['loss_after_fp32']:.4f} |"
         )
         ref = refs.get(method)  # the reference run of the same method
         if ref:  # each round's ratio against that round's reference, then their median
@@ -469,6 +480,8 @@ def main() -> None:
             )
         print(line)
     print("* TRL reports the epoch's mean training loss, tunelab its last step's; compare the held-out column.")
+    print("** the held-out loss of the trained model cast to fp32 (a bf16 run's base is the bf16 checkpoint's exact "
+          "values): the training's precision without the scoring's")
     if spread:
         print(f"Each cell: the median of {args.repeat} rounds (lowest-highest); ratios are per round, then the median.")
 
@@ -478,10 +491,13 @@ TRL_NAMES = {"lora": "TRL SFTTrainer + PEFT", "full": "TRL SFTTrainer (no PEFT)"
 
 
 def _auto_precision() -> str:
-    """What `model.dtype: auto` picks on this host's CPU: the job's precision under --precision auto."""
+    """What `model.dtype: auto` picks for LoRA training on this host's CPU: the job's precision under --precision
+    auto."""
+    import torch
+
     from tunelab.models.precision import choose_precision
 
-    return "bf16" if choose_precision("auto", "cpu").autocast else "fp32"
+    return "bf16" if choose_precision("auto", "cpu", lora=True).dtype != torch.float32 else "fp32"
 
 
 def _cell(values: list[float], digits: int, spread: bool) -> str:

@@ -9,6 +9,10 @@ import torch
 # (or a busy CI box) slow down badly when each spins two OpenMP threads.
 torch.set_num_threads(int(os.environ.get("TUNELAB_TEST_THREADS", "1")))
 sys.path.insert(0, str(Path(__file__).parent))  # tests import method_harness
+# `model.dtype: auto` trains LoRA in bf16 on a CPU with native bf16 (tunelab/models/precision.py). The suite's
+# expectations are fp32's, as on the CI hosts without it, on every host and in subprocesses alike; the tests of
+# bf16 ask for it (tests/test_bf16.py, tests/test_precision.py). Set before anything imports tunelab.
+os.environ["TUNELAB_CPU_BF16_AUTO"] = "0"
 
 from ui_browser import browser_page, chromium_browser  # noqa: E402, F401  (the web UI's browser tests: tests/ui_browser.py)
 

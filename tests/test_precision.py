@@ -49,10 +49,12 @@ def test_auto_keeps_fp32_on_cpus_until_bf16_is_measured_faster(monkeypatch):
         assert (p.dtype, p.autocast) == (torch.float32, False)
     assert "model.dtype: bfloat16 tries it" in choose_precision("auto", "cpu", cpu_flags(ZEN4)).reason
     monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)  # what a measurement on a native host would switch on
-    p = choose_precision("auto", "cpu", cpu_flags(ZEN4))
+    p = choose_precision("auto", "cpu", cpu_flags(ZEN4), lora=True)
     assert (p.dtype, p.autocast, p.name) == (torch.bfloat16, True, "bfloat16 autocast, fp32 master weights")
     assert "avx512_bf16" in p.reason
-    assert not choose_precision("auto", "cpu", cpu_flags(ZEN3)).autocast  # emulated stays fp32 whatever the switch
+    assert not choose_precision("auto", "cpu", cpu_flags(ZEN3), lora=True).autocast  # emulated stays fp32
+    p = choose_precision("auto", "cpu", cpu_flags(ZEN4))  # not a LoRA training run (a load to chat, full ...)
+    assert p.dtype == torch.float32 and "measured faster for LoRA training" in p.reason
 
 
 def test_explicit_settings_and_cuda(monkeypatch):
@@ -69,7 +71,7 @@ def test_explicit_settings_and_cuda(monkeypatch):
     assert choose_precision("auto", "cuda").dtype == torch.float32
 
 
-def _train(tiny_dir, data_file, out, dtype):
+def _train(tiny_dir, data_file, out, dtype, accelerate="auto"):
     cfg = load_config(
         {
             "output_dir": str(out),
@@ -77,7 +79,7 @@ def _train(tiny_dir, data_file, out, dtype):
             "data": {"train": data_file, "val_fraction": 0.25, "max_length": 64},
             "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
             "training": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "warmup_steps": 1, "progress": False,
-                         "tensorboard": False, "seed": 3, "device": "cpu"},
+                         "tensorboard": False, "seed": 3, "device": "cpu", "accelerate": accelerate},
         }
     )  # fmt: skip
     result = tunelab.train(cfg)
@@ -86,14 +88,17 @@ def _train(tiny_dir, data_file, out, dtype):
 
 
 def test_bf16_autocast_on_a_cpu_trains_to_the_fp32_loss(tiny_dir, data_file, tmp_path, capsys):
-    """Forced on this CPU (emulated here, so only a tiny model): bf16 matmuls, fp32 LoRA weights; the losses
-    follow fp32's within bf16's rounding (8 bits of mantissa: ~0.4% per product, averaged over the terms)."""
+    """Forced on this CPU (emulated on most, so only a tiny model): bf16 matmuls under autocast (`accelerate: off`:
+    PEFT's forward; with `auto` the passes run in bf16 without autocast, tests/test_bf16.py), fp32 LoRA weights;
+    the losses follow fp32's within bf16's rounding (8 bits of mantissa: ~0.4% per product, averaged over the
+    terms)."""
     fp32, fp32_losses = _train(tiny_dir, data_file, tmp_path / "fp32", "float32")
-    bf16, bf16_losses = _train(tiny_dir, data_file, tmp_path / "bf16", "bfloat16")
+    bf16, bf16_losses = _train(tiny_dir, data_file, tmp_path / "bf16", "bfloat16", accelerate="off")
     log = capsys.readouterr().err
     assert fp32["precision"] == "float32" and bf16["precision"] == "bfloat16 autocast, fp32 master weights"
-    assert "precision: bfloat16 autocast, fp32 master weights (model.dtype bfloat16; slow" in log
-    assert "fast LoRA: bf16 autocast" in log
+    said = "" if native_bf16("cpu")[0] else "; slow"  # the log says so where bf16 is emulated
+    assert f"precision: bfloat16 autocast, fp32 master weights (model.dtype bfloat16{said}" in log
+    assert "accelerate: off: plain PyTorch + PEFT" in log
     assert bf16_losses[-1] < bf16_losses[0] and bf16["eval_loss"] < bf16["eval_loss_before"]
     for a, b in zip(fp32_losses, bf16_losses):
         assert abs(a - b) / a < 0.02, (fp32_losses, bf16_losses)

@@ -135,10 +135,11 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for hub ids.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="Precision. auto = bf16 autocast with fp32 master weights on CUDA with bf16, float32 on a "
-        "CPU (also one with native bf16, until measured faster: docs/performance.md); bfloat16 = that mixed "
-        "precision on a CPU too (emulated, ~250x slower, without avx512_bf16 / amx_bf16). The run log says "
-        "which and why.",
+        description="Precision. auto = bf16 autocast with fp32 master weights on CUDA with bf16; on a CPU with "
+        "native bf16 (avx512_bf16 / amx_bf16), bf16 with fp32 master weights for LoRA training (training.accelerate: "
+        "auto; measured faster at the same loss: docs/performance.md), float32 for everything else; float32 on other "
+        "CPUs. bfloat16 = bf16 with fp32 master weights on a CPU too (emulated, ~250x slower, without avx512_bf16 / "
+        "amx_bf16). The run log says which and why.",
     )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with a hub repo. Off unless you trust the repo."

@@ -6,6 +6,7 @@ each at one visible line:
     speed = accel.start(tcfg, device)                 # allocator settings (memory.py)
     loading_into(... or speed.load_plan(cfg, multi))  # lora: frozen linears read straight into compact form
     speed.prepare(model, cfg, total, dist.multi, autocast)  # after the method: the pieces that change the model
+    if precision.autocast and not speed.autocast: ...  # bf16 passes that need no autocast (below)
     with autocast(), speed.forward(): ...             # norm outputs rebuilt in the backward pass (norm.py)
     if speed.shares > 1: accel.sharded_step(...)      # a micro-batch as shares in threads (threads.py)
     speed.release(model, expand=...)                  # threads and buffers freed, compact weights made dense
@@ -14,13 +15,22 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 
 | piece | module | what it does | it stays off when |
 |---|---|---|---|
-| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one | a variant (DoRA), several active adapters, a non-Linear base, a 4-bit base (qlora), bf16 autocast |
+| bf16 passes | (the pieces above) | under bf16 mixed precision on a CPU, the passes run without autocast: fast LoRA, the norm and the fused head in bf16 by themselves, fp32 master weights | not a CPU, a weight trains outside fast LoRA (full, prompt, a trained head, DoRA), a frozen weight not in bf16, accelerate: off |
+| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one; in bf16 passes too | a variant (DoRA), several active adapters, a non-Linear base, a 4-bit base (qlora), bf16 autocast |
 | fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward | the norm is another formula |
 | packed attention | attention.py | one causal attention call per packed example | data.packing off, attention not SDPA |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept | a head with a bias, autocast |
-| compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from, LoRA's linears so from the load on (`load_plan`) | compact_frozen: false, several processes, no exact form |
+| compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from, LoRA's linears so from the load on (`load_plan`) | compact_frozen: false, several processes, no exact form, bf16 weights |
 | thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout outside fast LoRA, LoRA dropout with gradient checkpointing, most parameters train, dpo + PEFT, bf16 autocast, pass_threads: 1 |
 | allocator | memory.py | tbbmalloc preloaded (`tunelab train`), glibc's heap thresholds | allocator: system, release_memory |
+
+bf16 passes: under `model.dtype: bfloat16` (or `auto` on a CPU with native bf16) the model loads in bf16 and the
+loop would run its passes under `torch.autocast`, where fast LoRA and the fused head step aside and thread shares
+cannot run (autocast's state is per thread). When every weight that trains is a fast LoRA layer's A or B (fp32
+master weights) and every frozen weight is bf16, nothing in a pass needs autocast: fast LoRA computes in bf16
+with A and B cast for its products and dA, dB returned in fp32, the norm and the head's log-sum-exp compute in
+fp32 inside, and every other layer is a bf16 module on a bf16 input. `prepare` then sets `autocast` False and
+the loop drops it (`Speed.autocast`).
 
 `tunelab train` logs one line per piece that is not on: why, and the setting that would turn it on
 (`Speed.describe`). Every piece gives the same training as the plain path to rounding (most bit for bit; tests/test_accel.py
@@ -59,6 +69,7 @@ class Speed:
         self.loaded_compact: list[int] = []  # element counts of the weights made compact while loading
         self.pieces: list[str] = []  # on, for the log line
         self.skipped: list[str] = []  # not on, and why
+        self.autocast = False  # whether the passes need bf16 autocast (set by `prepare`)
 
     def load_plan(self, cfg, multi: bool):
         """The plan the base model loads with (models/streaming.py) when LoRA's frozen linears will be kept
@@ -79,16 +90,24 @@ class Speed:
     def prepare(self, model, cfg, total: int, multi: bool, autocast: bool = False) -> None:
         """Once the method is applied and the parameters counted (compacted weights are no longer parameters;
         `total` is the count before): install every piece the config and the model allow. `autocast`: the
-        loop runs its passes under bf16 autocast (CUDA, or model.dtype: bfloat16), where fast LoRA and the fused head step aside."""
+        loop would run its passes under bf16 autocast (CUDA, or model.dtype: bfloat16), where fast LoRA and the
+        fused head step aside; `self.autocast` says whether they still need it (bf16 passes: module doc)."""
+        self.autocast = autocast
         if not self.on:
             return
         tcfg = self.tcfg
         skip = self.skipped.append
-        if fast_lora.routes(model):  # LoRA Linear layers over a dense base
-            n = fast_lora.enable(model)
+        routed = fast_lora.routes(model)  # LoRA Linear layers over a dense base
+        n = fast_lora.enable(model) if routed else 0
+        if autocast and not (why := _needs_autocast(model, self.device)):
+            self.autocast = False
+            self.pieces.append("bf16 passes without autocast (fp32 master weights)")
+        elif autocast:
+            skip(f"bf16 passes without autocast: {why}; the passes run under bf16 autocast")
+        if routed:
             if why := fast_lora.why_not(model):
                 skip(f"fast LoRA: {why}; PEFT's own forward runs (a plain LoRA adapter on Linear layers takes it)")
-            elif autocast:
+            elif self.autocast:
                 skip("fast LoRA: bf16 autocast; PEFT's own forward runs (model.dtype: float32 takes it)")
             else:
                 self.pieces.append(f"fast LoRA ({n} layers)")
@@ -109,7 +128,7 @@ class Speed:
             head.install(model)
             if getattr(pair[1], "bias", None) is not None:
                 skip("fused LM head + cross-entropy: the head has a bias; the plain chunked loss runs (no setting)")
-            elif autocast:
+            elif self.autocast:
                 skip("fused LM head + cross-entropy: bf16 autocast; the plain chunked loss runs "
                      "(model.dtype: float32 takes it)")
             else:
@@ -125,8 +144,12 @@ class Speed:
                 )
         elif tcfg.compact_frozen:
             skip("compact frozen weights: several processes (one process takes it)")
+        frozen_half = compute_dtype(cfg.model.dtype, self.device) != torch.float32
+        if tcfg.compact_frozen and not (multi or self.compacted) and frozen_half:
+            skip("compact frozen weights: the frozen weights are bf16 already, and compact forms are fp32's "
+                 "(model.dtype: float32 takes it)")
         self.shares, why_not = threads.parts_for(tcfg, self.device, multi, model, total)
-        if self.shares > 1 and autocast:
+        if self.shares > 1 and self.autocast:
             # autocast's state is per thread: a share running in a worker thread would compute in fp32
             self.shares, why_not = 1, "bf16 autocast is set per thread"
         if self.shares > 1 and cfg.stage == "dpo" and hasattr(model, "disable_adapter"):
@@ -167,6 +190,20 @@ class Speed:
         compact.free_scratch()
         if self.compacted and expand:
             compact.expand_compact(model)
+
+
+def _needs_autocast(model, device) -> str | None:
+    """Why the passes of `model` need bf16 autocast still, or None when every layer in them runs in bf16 by
+    itself (module doc: bf16 passes). Call it after `fast_lora.enable`."""
+    if device.type != "cpu":
+        return f"{device.type} keeps autocast (bf16 passes are built and measured on CPUs)"
+    covered = {id(t) for t in fast_lora.bf16_adapters(model)}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in covered:
+            return f"{name} trains outside the fast LoRA layers (method.name: lora with a plain adapter takes it)"
+        if not p.requires_grad and p.is_floating_point() and p.dtype != torch.bfloat16:
+            return f"the frozen {name} is {str(p.dtype).removeprefix('torch.')}, not bf16 (no setting)"
+    return None if covered else "no LoRA layer takes fast LoRA in bf16"
 
 
 def check(tcfg, device, multi: bool) -> None:

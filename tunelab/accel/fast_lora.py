@@ -38,6 +38,12 @@ without). So the masks are a Bernoulli(1 - p') draw with p' = p to 1/65536, from
 `(x * m) A^T` is kept from the forward pass (r numbers a row). Thread shares (threads.py) draw from a
 generator of their own each (`drawing_from`), so that several shares draw in a fixed order.
 
+bf16 passes (`model.dtype: bfloat16`, or `auto` on a CPU with native bf16): x and the frozen W in bf16, the
+adapter's A and B its fp32 master weights. Each call casts A and B to bf16 for its products (r x (in + out)
+numbers) and returns dA and dB in fp32, which is how autocast treats PEFT's forward too; the adapter is never
+folded, since W + s B A rounded to bf16 (8 bits of mantissa) would drop every element of s B A under half a
+unit of W's last place, early in training all of them.
+
 Anything this path does not cover (DoRA and other variants, several active adapters,
 quantised or non-Linear bases, autocast, a trainable base weight, merged or disabled adapters) goes
 through PEFT's own forward unchanged, so saved adapters, `disable_adapter()` and merging behave
@@ -119,6 +125,22 @@ def _rows(t: torch.Tensor) -> int:
     return t.numel() // t.shape[-1]
 
 
+def _folds(x: torch.Tensor) -> bool:
+    """Whether W + s B A may be formed for a pass of x: only in fp32 (bf16 would round s B A away: module doc)."""
+    return x.dtype == torch.float32
+
+
+def adapter_fits(adapter: torch.dtype, x: torch.dtype) -> bool:
+    """Whether an adapter in `adapter` dtype takes this path for an input in `x` dtype: the same dtype, or fp32
+    master weights in a bf16 pass."""
+    return adapter == x or (adapter == torch.float32 and x == torch.bfloat16)
+
+
+def _low_rank(p: _Parts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B in the pass's dtype (the same tensors when they are in it already)."""
+    return p.lora_a.to(dtype), p.lora_b.to(dtype)
+
+
 def _dense(p: _Parts) -> torch.Tensor:
     """W, for one matmul now (a compact W is decoded into a shared buffer)."""
     return p.weight.dense(scratch=True) if isinstance(p.weight, CompactWeight) else p.weight
@@ -136,18 +158,19 @@ def _linear(x: torch.Tensor, p: _Parts) -> tuple[torch.Tensor, torch.Tensor | No
     the generator state of the dropout mask when there is dropout, else None."""
     if p.lora_a is None:
         return F.linear(x, _dense(p), p.bias), None, None
-    if not p.dropout and _rows(x) > p.weight.shape[1]:  # fold: a weight-sized write is cheaper than a pass
+    if not p.dropout and _folds(x) and _rows(x) > p.weight.shape[1]:  # a weight-sized write is cheaper than a pass
         return F.linear(x, _folded(p), p.bias), None, None
     x2 = x.reshape(-1, x.shape[-1])
     out = F.linear(x2, _dense(p), p.bias)
+    lora_a, lora_b = _low_rank(p, x.dtype)
     state = None
     if p.dropout:
         keep, state = keep_mask(x2, p.dropout)
-        xa = (x2 * keep) @ p.lora_a.t()  # (x * m) A^T; 1 / (1 - p) goes in the scale
+        xa = (x2 * keep) @ lora_a.t()  # (x * m) A^T; 1 / (1 - p) goes in the scale
         del keep
     else:
-        xa = x2 @ p.lora_a.t()
-    out.addmm_(xa, p.lora_b.t(), alpha=_scale(p))
+        xa = x2 @ lora_a.t()
+    out.addmm_(xa, lora_b.t(), alpha=_scale(p))
     return out.view(*x.shape[:-1], -1), xa, state
 
 
@@ -157,26 +180,27 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: boo
     g = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
     grad_x = grad_a = grad_b = None
-    g_b = None if p.lora_a is None else g @ p.lora_b  # [rows, r]: for dA, and for dx when not folded
+    if p.lora_a is None:
+        return (g @ _dense(p)).view(x.shape) if need_x else None, None, None
+    master = p.lora_a.dtype  # dA and dB are returned in it (fp32 master weights of a bf16 pass)
+    lora_a, lora_b = _low_rank(p, x.dtype)
+    g_b = g @ lora_b  # [rows, r]: for dA, and for dx when not folded
     keep = None if state is None else keep_mask(x2, p.dropout, state)[0]
     scale = _scale(p)
     if need_x:
-        if p.lora_a is None:
-            grad_x = g @ _dense(p)
-        elif keep is not None:
-            grad_x = (g @ _dense(p)).add_((g_b @ p.lora_a).mul_(keep), alpha=scale)
-        elif _rows(g) > p.weight.shape[0]:
+        if keep is not None:
+            grad_x = (g @ _dense(p)).add_((g_b @ lora_a).mul_(keep), alpha=scale)
+        elif _folds(x) and _rows(g) > p.weight.shape[0]:
             grad_x = g @ _folded(p)
         else:
-            grad_x = (g @ _dense(p)).addmm_(g_b, p.lora_a, alpha=p.scale)
+            grad_x = (g @ _dense(p)).addmm_(g_b, lora_a, alpha=p.scale)
         grad_x = grad_x.view(x.shape)
-    if p.lora_a is not None:
-        dropped = x2 if keep is None else x2 * keep
-        del keep
-        grad_a = g_b.t().mm(dropped).mul_(scale)
-        # dB^T = (x A^T)^T g, transposed: MKL reads g row by row this way, ~1.6x faster on a CPU core than
-        # g^T (x A^T) for SmolLM2's [256, 1,536] g
-        grad_b = (dropped @ p.lora_a.t() if xa is None else xa).t().mm(g).mul_(scale).t().contiguous()
+    dropped = x2 if keep is None else x2 * keep
+    del keep
+    grad_a = g_b.t().mm(dropped).to(master).mul_(scale)
+    # dB^T = (x A^T)^T g, transposed: MKL reads g row by row this way, ~1.6x faster on a CPU core than
+    # g^T (x A^T) for SmolLM2's [256, 1,536] g
+    grad_b = (dropped @ lora_a.t() if xa is None else xa).t().mm(g).to(master).mul_(scale).t().contiguous()
     return grad_x, grad_a, grad_b
 
 
@@ -250,7 +274,8 @@ def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
     if type(layer) in (nn.Linear, CompactLinear):
         base, a, b, s, p = layer, None, None, 1.0, 0.0
     elif isinstance(layer, LoraLinear):
-        if _layer_reason(layer) is not None or layer.lora_A[layer.active_adapters[0]].weight.dtype != x.dtype:
+        if _layer_reason(layer) is not None or not adapter_fits(layer.lora_A[layer.active_adapters[0]].weight.dtype,
+                                                                 x.dtype):
             return None
         name = layer.active_adapters[0]
         base = layer.base_layer
@@ -335,7 +360,7 @@ def why_not(model) -> str | None:
 def covered_dropouts(model) -> list[nn.Module]:
     """The LoRA dropout modules of `model` whose masks this path draws (from `drawing_from`'s generator):
     those of PEFT LoRA Linear layers routed here (`enable`) that take it whatever their input, given an input
-    in their adapter's dtype (the base weight's)."""
+    in the base weight's dtype that their adapter fits (`adapter_fits`)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     found = []
@@ -344,8 +369,25 @@ def covered_dropouts(model) -> list[nn.Module]:
             name = m.active_adapters[0]
             base = m.base_layer
             dtype = torch.float32 if type(base) is CompactLinear else base.weight.dtype
-            if m.lora_A[name].weight.dtype == dtype and not (type(base) is nn.Linear and base.weight.requires_grad):
+            if adapter_fits(m.lora_A[name].weight.dtype, dtype) and not (
+                type(base) is nn.Linear and base.weight.requires_grad
+            ):
                 found.append(m.lora_dropout[name])
+    return found
+
+
+def bf16_adapters(model) -> list[torch.Tensor]:
+    """The A and B weights of the PEFT LoRA Linear layers routed here (`enable`) that take this path in a bf16 pass
+    whatever their input: a frozen bf16 nn.Linear base, an fp32 or bf16 adapter."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    found = []
+    for m in model.modules():
+        if isinstance(m, LoraLinear) and hasattr(m, "_peft_forward") and _layer_reason(m) is None:
+            name, base = m.active_adapters[0], m.base_layer
+            a, b = m.lora_A[name].weight, m.lora_B[name].weight
+            if type(base) is nn.Linear and base.weight.dtype == torch.bfloat16 and not base.weight.requires_grad:
+                found += [a, b] if adapter_fits(a.dtype, torch.bfloat16) and a.dtype == b.dtype else []
     return found
 
 

@@ -5,6 +5,11 @@ then keeps every chunk's [chunk, vocab] logits (or their log-softmax) until the 
 for one SmolLM2 batch of 4 x 256, the largest single activation. `install(model)` plugs
 `fused_loss` into that loss (models/loss.py: FUSED_HEAD) for a model trained with `training.accelerate:
 auto`; the loss calls it while gradients are on.
+
+In a bf16 pass (bf16 head and hidden states, no autocast) the two products run in bf16 and everything
+between them in fp32: each chunk's bf16 logits are widened into an fp32 buffer for the log-sum-exp and the
+softmax, as transformers upcasts logits before its cross-entropy, and the gradient is narrowed back into the
+bf16 buffer for its product. A softmax in bf16 would round each of the loss's terms to 8 bits.
 """
 
 from __future__ import annotations
@@ -50,15 +55,23 @@ def fused_loss(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return _HeadCrossEntropy.apply(hidden, weight, target)
 
 
-def _logits_buffer(vocab: int, rows: int, like: torch.Tensor) -> torch.Tensor:
-    """A [vocab, rows] buffer: the logits transposed (see _HeadCrossEntropy)."""
+def _logits_buffer(vocab: int, rows: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A [vocab, rows] buffer in `dtype` (default: like's): the logits transposed (see _HeadCrossEntropy)."""
+    dtype = dtype or like.dtype
     if like.device.type != "cpu":
-        return like.new_empty(vocab, rows)
-    key = (like.dtype, threading.get_ident())
+        return like.new_empty(vocab, rows, dtype=dtype)
+    key = (dtype, threading.get_ident())
     buf = _LOGITS.get(key)
     if buf is None or buf.numel() < rows * vocab:
-        _LOGITS[key] = buf = like.new_empty(max(rows, FUSED_CHUNK) * vocab)
+        _LOGITS[key] = buf = like.new_empty(max(rows, FUSED_CHUNK) * vocab, dtype=dtype)
     return buf[: rows * vocab].view(vocab, rows)
+
+
+def _widened(logits: torch.Tensor) -> torch.Tensor:
+    """The logits in fp32: themselves, or copied into this thread's fp32 buffer (a bf16 pass)."""
+    if logits.dtype == torch.float32:
+        return logits
+    return _logits_buffer(logits.shape[0], logits.shape[1], logits, torch.float32).copy_(logits)
 
 
 def _head_logits(weight, h: torch.Tensor) -> torch.Tensor:
@@ -98,15 +111,18 @@ class _HeadCrossEntropy(torch.autograd.Function):
             # logits transposed, [vocab, chunk] = W h^T: with the vocabulary as the long dimension of the
             # left operand the matmul runs ~1.4x faster on a CPU than h W^T (MKL, 2 cores, SmolLM2's head)
             logits = _head_logits(weight, h)
-            picked = logits.gather(0, t[None, :])
+            wide = _widened(logits)
+            picked = wide.gather(0, t[None, :])
             # softmax in place over the one [vocab, chunk] buffer (2.5x faster on a CPU than logsumexp
             # and a second exp), its log-normaliser lse = max + log(sum) kept for the loss
-            top = logits.amax(dim=0, keepdim=True)
-            probs = logits.sub_(top).exp_()
+            top = wide.amax(dim=0, keepdim=True)
+            probs = wide.sub_(top).exp_()
             total = probs.sum(dim=0, keepdim=True)
             loss += (top + total.log() - picked).sum()
             probs.div_(total)
             probs[t, torch.arange(len(t), device=t.device)] -= 1.0
+            if probs is not logits:  # a bf16 pass: the gradient narrowed for its bf16 products
+                probs = logits.copy_(probs)
             times_weight(probs.t(), weight, out=grad_hidden[i : i + FUSED_CHUNK])
             if grad_weight is not None:
                 grad_weight.addmm_(probs, h)

@@ -13,7 +13,9 @@ keeps only `x` and `1/rms` (a `[tokens, 1]` vector), and the backward is the clo
 
 `install(model)` swaps the forward of every RMSNorm module whose own output it reproduces bit for bit
 on a probe input (so variants such as Gemma's `(1 + w)` keep theirs); it is used while gradients
-are on, in float32; otherwise the module's own forward runs.
+are on, in float32, or in bf16 without autocast (a bf16 pass: accel/__init__.py); otherwise the module's own
+forward runs. In bf16 it computes as transformers does, in fp32 between a widened input and an output
+narrowed before the weight's product; its backward runs in fp32 too and narrows dx once at the end.
 
 `recomputed_outputs()` (the training loop's forward passes run in it): the layers after a norm save its
 output for their backward pass (LoRA's dA needs its input), yet the norm keeps `x` and `1/rms`
@@ -34,9 +36,19 @@ from torch import nn
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output, 1/rms): transformers' LlamaRMSNorm operation for operation, so bit-identical."""
-    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (x * rstd), rstd
+    """(output, 1/rms in fp32): transformers' LlamaRMSNorm operation for operation, so bit-identical."""
+    rstd = torch.rsqrt(_wide(x).pow(2).mean(-1, keepdim=True) + eps)
+    return _output(x, weight, rstd), rstd
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32 if it is a half type (bf16, fp16), else t itself (fp32, and fp64 in the gradient checks)."""
+    return t.float() if t.element_size() < 4 else t
+
+
+def _output(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """w (x r), x r computed in fp32 and narrowed to x's dtype before the product, as transformers does."""
+    return weight * (_wide(x) * rstd).to(x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -52,14 +64,15 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
+        wide = _wide(x)  # a bf16 pass computes its gradient in fp32 (module doc)
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (grad * x * rstd).reshape(-1, x.shape[-1]).sum(0)
+            grad_w = (grad * x * rstd).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         if not ctx.needs_input_grad[0]:
             return None, grad_w, None
-        gw = grad * weight
-        coef = torch.linalg.vecdot(gw, x).unsqueeze(-1).mul_(rstd.pow(3)).div_(-x.shape[-1])
-        return torch.addcmul(gw.mul_(rstd), x, coef), grad_w, None
+        gw = _wide(grad) * weight
+        coef = torch.linalg.vecdot(gw, wide).unsqueeze(-1).mul_(rstd.pow(3)).div_(-x.shape[-1])
+        return torch.addcmul(gw.mul_(rstd), wide, coef).to(x.dtype), grad_w, None
 
 
 # per thread, while recomputed_outputs() is active: data_ptr of a norm output -> (weak ref to it, recipe)
@@ -76,7 +89,7 @@ class _Recipe:
 
     def value(self) -> torch.Tensor:
         if self.y is None:
-            self.y = self.weight * (self.x * self.rstd)  # _rms_norm's operations: the same bits
+            self.y = _output(self.x, self.weight, self.rstd)  # _rms_norm's operations: the same bits
         return self.y
 
 
@@ -106,9 +119,16 @@ def recomputed_outputs():
 
 
 def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-    if not torch.is_grad_enabled() or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+    if not torch.is_grad_enabled() or not _covered(x, self.weight):
         return self._plain_forward(x)
     return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+
+
+def _covered(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32, or a bf16 pass (bf16 x and weight, no autocast: under autocast the module's own forward runs)."""
+    if x.dtype == weight.dtype == torch.bfloat16:
+        return not torch.is_autocast_enabled(x.device.type)
+    return x.dtype == weight.dtype == torch.float32
 
 
 def _reproduces(module: nn.Module) -> bool:

@@ -91,7 +91,8 @@ def _usable(spec: str):
 
 def compute_dtype(cfg_dtype: str, device) -> torch.dtype:
     """The dtype the weights load in: `model.dtype` resolved on the device (models/precision.py).
-    `auto`: bfloat16 on CUDA with bf16, float32 elsewhere (on CPUs too, until bf16 is measured faster)."""
+    `auto`: bfloat16 on CUDA with bf16, float32 elsewhere: on a CPU, only the training loop takes bf16 under auto
+    (LoRA on a CPU with native bf16), and it passes the dtype it resolved (training/harness.py `resolved_dtype`)."""
     import torch
 
     kind = resolve_device(device).type if str(device) == "auto" else torch.device(device).type

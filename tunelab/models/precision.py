@@ -1,10 +1,14 @@
 """Which precision a run computes in: `model.dtype` resolved against the device, with the reason.
 
     auto      CUDA with bf16: bf16 weights, bf16 autocast, trainable weights kept in fp32 (master weights).
-              A CPU: fp32, also where bf16 is native (see below). Elsewhere (MPS, old GPUs): fp32.
-    bfloat16  the same mixed precision as auto on CUDA, on a CPU too: frozen weights stored in bf16,
-              matmuls in bf16 under `torch.autocast("cpu")`, the weights that train in fp32. On a CPU
-              without native bf16 every bf16 matmul is emulated (~250x slower); the log says so.
+              A CPU with native bf16 (see below), for LoRA training with `training.accelerate: auto`: bf16
+              frozen weights, fp32 master weights, the passes in bf16 (tunelab/accel's bf16 passes, no
+              autocast). Any other CPU load (other methods, chat, export, a CPU without native bf16): fp32.
+              Elsewhere (MPS, old GPUs): fp32.
+    bfloat16  the same mixed precision on any device: frozen weights stored in bf16, the weights that train
+              in fp32; the passes under `torch.autocast`, or on a CPU in bf16 by themselves where
+              tunelab/accel covers every layer that trains (plain LoRA). On a CPU without native bf16 every
+              bf16 matmul is emulated (~250x slower); the log says so.
     float32   fp32 throughout.
     float16   fp16 weights (autocast in fp16 on CUDA only).
 
@@ -13,26 +17,30 @@ Zen 4, Cooper Lake, Sapphire Rapids) or AMX (`amx_bf16`), Arm's BF16 extension (
 (this repository's CI hosts) or AVX2 (Zen 3) convert to fp32 per element instead. Read from
 /proc/cpuinfo: torch's `get_cpu_capability()` reports the vector width (AVX512) and not these extensions.
 
-Why `auto` stays fp32 on a CPU with native bf16: on a Zen 4 host a 2048² bf16 matmul runs at ~3x the
-fp32 rate on 2 threads, yet two of tunelab's CPU speed pieces run in fp32 only (fast LoRA and the fused
-LM head, tunelab/accel) and are off under autocast, and nothing has measured whether bf16 with them off
-beats fp32 with them on for a whole step at equal loss. `bench/train_speed.py --precision bf16` on such
-a host measures it (docs/performance.md, "bf16 on a CPU"); until it does, `CPU_BF16_AUTO` stays False and
-`model.dtype: bfloat16` is the way to ask for it.
+Why `auto` takes bf16 on such a CPU for LoRA training, and only there: measured on a Sapphire-Rapids-class
+Xeon (`amx_bf16`, 2 threads, a busy machine), the bench's LoRA SFT job ran at 1.35-1.94x fp32's tokens/s in
+bf16 passes (three rounds), to the same held-out loss within 0.4% (docs/performance.md, "bf16 on a CPU"). Nothing else is measured: full
+fine-tuning and the other methods run under autocast with the speed pieces aside, an fp32 checkpoint would
+lose bits loading into bf16, and a result loaded to chat or export keeps fp32. The training loop says which
+kind of run it is (`choose_precision(..., lora=True)`); the loader alone resolves `auto` to fp32 on a CPU.
+`CPU_BF16_AUTO = False` (or TUNELAB_CPU_BF16_AUTO=0 in the environment) turns the choice off.
 """
 
 from __future__ import annotations
 
+import os
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where used: `tunelab --help` stays fast
     import torch
 
-# whether `model.dtype: auto` uses bf16 on a CPU with native bf16; False until measured (module doc)
-CPU_BF16_AUTO = False
+# whether `model.dtype: auto` trains LoRA in bf16 on a CPU with native bf16: measured faster at the same loss.
+# TUNELAB_CPU_BF16_AUTO=0 turns it off for a process and its children: the test suite, whose expectations are
+# fp32's (losses to 1e-5, compact fp32 weights) as on its CI hosts, which have no native bf16
+CPU_BF16_AUTO = os.environ.get("TUNELAB_CPU_BF16_AUTO", "1") != "0"
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, x86 AMX, Arm BF16 (aarch64 Features)
 
 
@@ -41,11 +49,20 @@ class Precision:
     dtype: torch.dtype  # what the model's weights are loaded in
     autocast: bool  # matmuls under torch.autocast(device, dtype); the trainable weights kept in fp32
     reason: str  # for the run log
+    # the trainable weights in fp32 beside frozen ones in `dtype`, the passes in `dtype` without autocast: every
+    # layer that trains runs in bf16 by itself (tunelab/accel's bf16 passes)
+    master: bool = False
 
     @property
     def name(self) -> str:
         kind = str(self.dtype).removeprefix("torch.")
-        return f"{kind} autocast, fp32 master weights" if self.autocast else kind
+        if self.autocast:
+            return f"{kind} autocast, fp32 master weights"
+        return f"{kind}, fp32 master weights" if self.master else kind
+
+    def without_autocast(self) -> Precision:
+        """The same weights, the passes in bf16 without autocast (accel's bf16 passes: `master`)."""
+        return replace(self, autocast=False, master=True)
 
 
 def cpu_flags(cpuinfo: str | None = None) -> set[str]:
@@ -83,8 +100,10 @@ def native_bf16(device, flags: set[str] | None = None) -> tuple[bool, str]:
     return False, f"the CPU has no native bf16 ({widest}, no avx512_bf16 / amx_bf16): bf16 would be emulated"
 
 
-def choose_precision(setting: str, device, flags: set[str] | None = None) -> Precision:
-    """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why."""
+def choose_precision(setting: str, device, flags: set[str] | None = None, lora: bool = False) -> Precision:
+    """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why. `lora`:
+    for a LoRA training run with `training.accelerate: auto` (tunelab/accel's bf16 passes), the one kind of run
+    whose bf16 is measured faster on a CPU; every other load resolves `auto` to fp32 on a CPU (module doc)."""
     import torch
 
     device = torch.device(device)
@@ -93,8 +112,15 @@ def choose_precision(setting: str, device, flags: set[str] | None = None) -> Pre
     if setting == "auto":
         if device.type == "cuda" and native:
             return Precision(torch.bfloat16, True, f"model.dtype auto: {why}")
+        if device.type == "cpu" and native and CPU_BF16_AUTO and lora:
+            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}; LoRA trains in bf16 passes")
         if device.type == "cpu" and native and CPU_BF16_AUTO:
-            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}")
+            return Precision(
+                torch.float32,
+                False,
+                f"model.dtype auto: fp32; {why}, but bf16 is measured faster for LoRA training (training.accelerate: "
+                "auto) only: model.dtype: bfloat16 asks for it",
+            )
         if device.type == "cpu" and native:
             return Precision(
                 torch.float32,

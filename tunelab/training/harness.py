@@ -308,6 +308,15 @@ def autocast_for(device: torch.device, dtype: str):
     return no_autocast
 
 
+def resolved_dtype(cfg, precision):
+    """`cfg` with `model.dtype: auto` replaced by the dtype `precision` resolved it to (models/precision.py: the
+    training loop resolves `auto` for LoRA runs, which the loader alone would not), else `cfg` itself."""
+    if cfg.model.dtype != "auto":
+        return cfg
+    name = str(precision.dtype).removeprefix("torch.")
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": name})})
+
+
 def fp32_master_weights_(model) -> int:
     """Mixed precision: trainable bf16/fp16 parameters become fp32, frozen ones stay in half precision.
 

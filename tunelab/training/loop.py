@@ -44,6 +44,7 @@ from tunelab.training.harness import (
     optimizer_for,
     progress_bar,
     raise_keyboard_interrupt,
+    resolved_dtype,
     save_result,
     scheduler_for,
     start_run,
@@ -119,12 +120,15 @@ def train(
     device = dist.device
     speed = accel.start(tcfg, device)  # accel: the allocator's settings, before the model loads
     method = get_method(cfg.method.name)
+    precision = choose_precision(cfg.model.dtype, device, lora=cfg.method.name == "lora" and speed.on)
+    # this run's loads and passes take `auto` as resolved for it (LoRA may train in bf16 on a CPU with native
+    # bf16); the result keeps `auto`, for whatever host loads it next
+    loaded = resolved_dtype(cfg, precision)
     # qlora: the base read straight into 4-bit; lora (accel): its frozen linears straight into their compact form
-    with loading_into(method.load_plan(cfg.method, device) or speed.load_plan(cfg, dist.multi)):
-        model, tokenizer = stage.load_model(cfg, device)
+    with loading_into(method.load_plan(cfg.method, device) or speed.load_plan(loaded, dist.multi)):
+        model, tokenizer = stage.load_model(loaded, device)
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
-    precision = choose_precision(cfg.model.dtype, device)
     # the rows one forward pass holds (thread shares split them, not add to them), at the data's length
     rows = min(tcfg.rows_per_pass or tcfg.batch_size, tcfg.batch_size)
     width = torch.finfo(precision.dtype).bits // 8
@@ -139,14 +143,17 @@ def train(
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
         stage.prepare(model, cfg)
     log(f"precision: {precision.name} ({precision.reason})")
-    autocast = autocast_for(device, cfg.model.dtype)
+    autocast = autocast_for(device, loaded.model.dtype)
     if autocast is not no_autocast and (upcast := fp32_master_weights_(model)):
         log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32")
     trainable, total = count_parameters(model)
     total += speed.compact_parameters  # weights held compact since loading are no parameters
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
-    speed.prepare(model, cfg, total, dist.multi, autocast=autocast is not no_autocast)
+    speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast)
+    if autocast is not no_autocast and not speed.autocast:  # accel: bf16 passes that run in bf16 by themselves
+        autocast, precision = no_autocast, precision.without_autocast()
+        log(f"precision: {precision.name}: the passes run in bf16 without autocast (tunelab/accel)")
     for line in speed.describe().splitlines():  # the pieces on, then one line per piece not on: why, what turns it on
         log(line)
     if getattr(model.config, "use_cache", None) is not None:

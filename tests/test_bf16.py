@@ -1,0 +1,244 @@
+"""bf16 passes without autocast (tunelab/accel/__init__.py): fast LoRA, the fused head and the fused norm in bf16
+with fp32 master weights give PEFT's bf16 loss and gradients to bf16's rounding, train to the fp32 losses, save fp32
+adapters, run as thread shares, and step aside (autocast kept, the log saying why) where a pass is not all bf16.
+
+bf16 is emulated on CPUs without avx512_bf16 / amx_bf16: everything here runs on a tiny model, fast anywhere."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_training import losses
+
+import tunelab
+from tunelab import accel
+from tunelab.accel import fast_lora, head, norm, threads
+from tunelab.config import load_config
+from tunelab.methods import get
+from tunelab.models.loss import token_loss_sum
+from tunelab.testing import tiny_llama
+
+# bf16 keeps 8 bits of mantissa: one rounding is up to 0.4%; a gradient sums thousands of rounded products, so the
+# errors of bf16 against fp32 are ~1-3% (measured: ~1.5% for PEFT's own bf16 forward on this model)
+GRAD_TOL = 0.05
+
+
+def _lora(dtype, dropout=0.0, fast=True):
+    torch.manual_seed(0)
+    method = get("lora")
+    model = method.apply(tiny_llama().to(dtype), method.Config(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
+    for name, p in model.named_parameters():  # B starts at zero: give it values so every gradient is non-trivial
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    if fast:  # as accel's prepare does
+        fast_lora.enable(model)
+        head.install(model)
+        norm.install(model)
+    return model
+
+
+def _batch(rows: int, width: int) -> dict:
+    g = torch.Generator().manual_seed(rows)
+    ids = torch.randint(3, 320, (rows, width), generator=g)
+    labels = ids.clone()
+    labels[:, : width // 3] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def _grads(model, batch, seed=0):
+    torch.manual_seed(seed)  # the same dropout masks in every model
+    model.zero_grad()
+    loss, n = token_loss_sum(model, batch)
+    (loss / n).backward()
+    return float(loss), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _counting(monkeypatch, function) -> list:
+    calls, real = [], function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+# 1 x 12 tokens: fewer rows than any layer's width; 4 x 40: more rows than any (where fp32 would fold)
+@pytest.mark.parametrize("shape", [(1, 12), (4, 40)])
+def test_bf16_fast_path_gives_pefts_bf16_loss_and_gradients(monkeypatch, shape):
+    fast = _lora(torch.bfloat16)
+    peft = _lora(torch.bfloat16, fast=False)
+    lora, mlp = _counting(monkeypatch, fast_lora._LoRALinear), _counting(monkeypatch, fast_lora._SwiGLU)
+    fused, normed = _counting(monkeypatch, head._HeadCrossEntropy), _counting(monkeypatch, norm._RMSNorm)
+    batch = _batch(*shape)
+    loss_fast, g_fast = _grads(fast, batch)
+    assert len(lora) == 8 and len(mlp) == 2 and len(fused) == 1 and len(normed) == 5  # all in bf16, no autocast
+    loss_peft, g_peft = _grads(peft, batch)
+    assert len(lora) == 8 and len(fused) == 1  # PEFT's own forward and the plain loss for the reference
+    loss_fp32, g_fp32 = _grads(_lora(torch.float32, fast=False), batch)
+    assert loss_fast == pytest.approx(loss_peft, rel=5e-3) and loss_fast == pytest.approx(loss_fp32, rel=1e-2)
+    assert g_fast.keys() == g_peft.keys() and len(g_fast) == 28
+    for k in g_fast:
+        assert g_fast[k].dtype == torch.float32, k  # master weights: fp32 gradients
+        assert _relative(g_fast[k], g_peft[k]) < GRAD_TOL, k
+        # no farther from fp32 than PEFT's bf16 is (with room for the roundings' luck)
+        assert _relative(g_fast[k], g_fp32[k]) < 2 * _relative(g_peft[k], g_fp32[k]) + 0.01, k
+
+
+def test_bf16_fast_path_with_lora_dropout_draws_the_fp32_paths_masks():
+    """The masks depend on the generator and the input's shape only: bf16 and fp32 passes from one seed drop the
+    same elements, so their gradients agree to bf16's rounding (and not at all with other masks)."""
+    batch = _batch(4, 40)
+    bf16 = _lora(torch.bfloat16, dropout=0.3)
+    fp32 = _lora(torch.float32, dropout=0.3)
+    _, g_bf16 = _grads(bf16, batch, seed=5)
+    _, g_fp32 = _grads(fp32, batch, seed=5)
+    _, g_other = _grads(fp32, batch, seed=6)
+    for k in g_bf16:
+        assert _relative(g_bf16[k], g_fp32[k]) < GRAD_TOL, k
+    assert max(_relative(g_other[k], g_fp32[k]) for k in g_fp32) > 5 * GRAD_TOL
+
+
+def test_bf16_norm_is_transformers_own_and_its_gradient_fp32s():
+    torch.manual_seed(0)
+    module = tiny_llama().to(torch.bfloat16).model.norm
+    reference = copy.deepcopy(module)
+    assert norm.install(module) == 1
+    x = (torch.randn(3, 7, module.weight.shape[0]) * 3).bfloat16().requires_grad_()
+    y = module(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, reference(x))  # the same operations: the same bits
+    g = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, g)
+    wide = x.detach().float().requires_grad_()
+    (dx32,) = torch.autograd.grad(reference.float()(wide), wide, g.float())
+    assert dx.dtype == torch.bfloat16 and _relative(dx.float(), dx32) < 1e-2
+
+
+def test_bf16_fused_head_takes_its_log_sum_exp_in_fp32():
+    """The loss of bf16 logits widened to fp32, as transformers' loss takes it: a softmax in bf16 would be ~1e-3
+    off; the gradient rounded to bf16 once."""
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 64).bfloat16().requires_grad_()  # 300: two chunks, the second padded on a CPU
+    weight = (torch.randn(5000, 64) * 0.3).bfloat16()
+    target = torch.randint(0, 5000, (300,))
+    layer = torch.nn.Linear(64, 5000, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    layer.weight.copy_(weight)
+    loss = head.fused_loss(layer, hidden, target)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    reference = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), target, reduction="sum")
+    (grad_ref,) = torch.autograd.grad(reference, hidden)
+    assert loss.dtype == torch.float32 and float(loss) == pytest.approx(float(reference), rel=2e-5)
+    assert grad.dtype == torch.bfloat16 and _relative(grad.float(), grad_ref.float()) < 1e-2
+    head.free_buffers()
+
+
+def _cfg(tiny_dir, data_file, out, dtype, **training):
+    return load_config({
+        "output_dir": str(out),
+        "model": {"name": tiny_dir, "dtype": dtype},
+        "data": {"train": data_file, "val_fraction": 0.25, "max_length": 64},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "warmup_steps": 1, "progress": False,
+                     "tensorboard": False, "seed": 3, "device": "cpu", **training},
+    })  # fmt: skip
+
+
+def _train(cfg):
+    result = tunelab.train(cfg)
+    return result, losses(Path(cfg.output_dir))
+
+
+def test_bf16_passes_train_to_the_fp32_losses_and_save_fp32_adapters(tiny_dir, data_file, tmp_path, capsys):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    fp32, fp32_losses = _train(_cfg(tiny_dir, data_file, tmp_path / "fp32", "float32", pass_threads=1))
+    bf16, bf16_losses = _train(_cfg(tiny_dir, data_file, tmp_path / "bf16", "bfloat16", pass_threads=1))
+    log = capsys.readouterr().err
+    assert bf16.metrics["precision"] == "bfloat16, fp32 master weights"
+    assert "bf16 passes without autocast (fp32 master weights)" in log and "fast LoRA (14 layers)" in log
+    assert "fused LM head + cross-entropy" in log and "not on: fast LoRA" not in log
+    assert "not on: compact frozen weights: the frozen weights are bf16 already" in log
+    assert bf16_losses[6] < bf16_losses[1] and bf16.metrics["eval_loss"] < bf16.metrics["eval_loss_before"]
+    for step in fp32_losses:
+        assert abs(fp32_losses[step] - bf16_losses[step]) / fp32_losses[step] < 0.02, (fp32_losses, bf16_losses)
+    assert bf16_losses != fp32_losses  # the passes really ran in bf16
+    assert abs(bf16.metrics["eval_loss"] - fp32.metrics["eval_loss"]) / fp32.metrics["eval_loss"] < 0.02
+    adapter = load_file(str(bf16.final_dir / "adapter_model.safetensors"))
+    assert {t.dtype for t in adapter.values()} == {torch.float32}  # master weights stay fp32
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(bf16.final_dir))
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(adapter) and all(v.dtype == torch.float32 for v in loaded.values())
+    saved = next(k for k in adapter if "lora_B" in k)
+    assert torch.equal(loaded[saved.replace(".weight", ".default.weight")], adapter[saved])
+
+
+def test_bf16_thread_shares_give_the_losses_of_one_pass(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
+    calls = []
+    real_run = threads.run
+    monkeypatch.setattr(threads, "run", lambda fns: calls.append(len(fns)) or real_run(fns))
+
+    def run(name, parts):
+        cfg = _cfg(tiny_dir, data_file, tmp_path / name, "bfloat16", max_steps=4, pass_threads=parts)
+        cfg.data.packing, cfg.data.max_length = True, 160
+        return _train(cfg)[1]
+
+    whole = run("whole", 1)
+    assert calls == []
+    two = run("two", 2)
+    assert set(calls) == {2}  # autocast is per thread: without it the shares run, each thread in bf16
+    assert "bf16 passes without autocast" in capsys.readouterr().err
+    assert whole.keys() == two.keys() and len(whole) == 4
+    for step in whole:  # the shares' products have other shapes than the whole pass's: bf16's rounding differs
+        assert whole[step] == pytest.approx(two[step], rel=5e-3), (whole, two)
+
+
+def test_passes_keep_autocast_where_something_is_not_bf16_by_itself(monkeypatch):
+    """The reasons the log gives; each keeps the loop's autocast (and fast LoRA and the fused head aside)."""
+
+    def prepared(model, method="lora", device="cpu", **training):
+        cfg = load_config({"method": {"name": method}, "training": {"device": "cpu", **training}})
+        speed = accel.Speed(cfg.training, torch.device(device))
+        speed.prepare(get(method).apply(model, cfg.method), cfg, 10**6, multi=False, autocast=True)
+        return speed
+
+    speed = prepared(tiny_llama().to(torch.bfloat16))
+    assert not speed.autocast and "bf16 passes without autocast (fp32 master weights)" in speed.pieces
+    speed = prepared(tiny_llama().to(torch.bfloat16), method="full")
+    assert speed.autocast and any("model.embed_tokens.weight trains outside the fast LoRA" in s for s in speed.skipped)
+    assert any(s.startswith("fused LM head + cross-entropy: bf16 autocast") for s in speed.skipped)
+    speed = prepared(tiny_llama())  # an fp32 base under autocast (say, weights kept in fp32 by the model's class)
+    assert speed.autocast and any("is float32, not bf16" in s for s in speed.skipped)
+    assert "fast LoRA: bf16 autocast; PEFT's own forward runs (model.dtype: float32 takes it)" in speed.skipped
+    monkeypatch.setattr(threads, "check_pass_threads", lambda *a: None)
+    speed = prepared(tiny_llama().to(torch.bfloat16), device="cuda")  # built and measured on CPUs only
+    assert speed.autocast and any("cuda keeps autocast" in s for s in speed.skipped)
+    speed = prepared(tiny_llama().to(torch.bfloat16), accelerate="off")
+    assert speed.autocast  # nothing installed: PEFT's forward under autocast
+
+
+def test_without_autocast_names_the_precision():
+    from tunelab.models.precision import choose_precision
+
+    p = choose_precision("bfloat16", "cpu", {"avx512_bf16"})
+    assert p.name == "bfloat16 autocast, fp32 master weights"
+    assert p.without_autocast().name == "bfloat16, fp32 master weights" and not p.without_autocast().autocast
+    assert json.dumps(p.without_autocast().name)  # the metrics' field
+
+
+@pytest.mark.parametrize("flags, chosen", [({"avx2", "avx512f", "amx_bf16"}, "bfloat16, fp32 master weights"),
+                                           ({"avx2", "avx512f"}, "float32")])  # fmt: skip
+def test_auto_trains_lora_in_bf16_only_where_the_cpu_has_it(tiny_dir, data_file, tmp_path, monkeypatch, flags, chosen):
+    from tunelab.models import precision
+
+    monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)
+    monkeypatch.setattr(precision, "cpu_flags", lambda *a: flags)
+    result, _ = _train(_cfg(tiny_dir, data_file, tmp_path / "run", "auto", max_steps=2))
+    assert result.metrics["precision"] == chosen
+    manifest = json.loads((result.final_dir / "tunelab.json").read_text())
+    assert manifest["base_model"]["dtype"] == "auto"  # the result loads as its next host resolves it
+    off, _ = _train(_cfg(tiny_dir, data_file, tmp_path / "off", "auto", max_steps=2, accelerate="off"))
+    assert off.metrics["precision"] == "float32"  # no bf16 passes without tunelab/accel: fp32, as measured
