@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fast_lora import lm_batch  # tests/ is on sys.path (conftest.py)
 from test_training import losses
 
 import tunelab
@@ -39,14 +40,6 @@ def _lora(dtype, dropout=0.0, fast=True):
     return model
 
 
-def _batch(rows: int, width: int) -> dict:
-    g = torch.Generator().manual_seed(rows)
-    ids = torch.randint(3, 320, (rows, width), generator=g)
-    labels = ids.clone()
-    labels[:, : width // 3] = -100
-    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
-
-
 def _grads(model, batch, seed=0):
     torch.manual_seed(seed)  # the same dropout masks in every model
     model.zero_grad()
@@ -72,7 +65,7 @@ def test_bf16_fast_path_gives_pefts_bf16_loss_and_gradients(monkeypatch, shape):
     peft = _lora(torch.bfloat16, fast=False)
     lora, mlp = _counting(monkeypatch, fast_lora._LoRALinear), _counting(monkeypatch, fast_lora._SwiGLU)
     fused, normed = _counting(monkeypatch, head._HeadCrossEntropy), _counting(monkeypatch, norm._RMSNorm)
-    batch = _batch(*shape)
+    batch = lm_batch(*shape)
     loss_fast, g_fast = _grads(fast, batch)
     assert len(lora) == 8 and len(mlp) == 2 and len(fused) == 1 and len(normed) == 5  # all in bf16, no autocast
     loss_peft, g_peft = _grads(peft, batch)
@@ -90,7 +83,7 @@ def test_bf16_fast_path_gives_pefts_bf16_loss_and_gradients(monkeypatch, shape):
 def test_bf16_fast_path_with_lora_dropout_draws_the_fp32_paths_masks():
     """The masks depend on the generator and the input's shape only: bf16 and fp32 passes from one seed drop the
     same elements, so their gradients agree to bf16's rounding (and not at all with other masks)."""
-    batch = _batch(4, 40)
+    batch = lm_batch(4, 40)
     bf16 = _lora(torch.bfloat16, dropout=0.3)
     fp32 = _lora(torch.float32, dropout=0.3)
     _, g_bf16 = _grads(bf16, batch, seed=5)

@@ -42,7 +42,8 @@ def _peft_only(model):
     return slow
 
 
-def _batch(rows: int, width: int) -> dict:
+def lm_batch(rows: int, width: int) -> dict:
+    """`rows` x `width` random token ids, the first third of each row's labels masked (a prompt)."""
     g = torch.Generator().manual_seed(rows)
     ids = torch.randint(3, 320, (rows, width), generator=g)
     labels = ids.clone()
@@ -61,7 +62,7 @@ def test_fast_lora_matches_peft_loss_and_gradients(monkeypatch, shape, targets):
     model.get_base_model().model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: fast_calls.append(1))
     swiglu = fast_lora._SwiGLU.apply
     monkeypatch.setattr(fast_lora._SwiGLU, "apply", lambda *a: mlp_calls.append(1) or swiglu(*a))
-    batch = _batch(*shape)
+    batch = lm_batch(*shape)
     loss_fast, g_fast = _grads(model, batch)
     loss_peft, g_peft = _grads(_peft_only(model), batch)
     assert fast_calls and model.get_base_model().model.layers[0].self_attn.q_proj.forward.__func__ is _fast_forward
@@ -116,7 +117,7 @@ def test_dropout_on_the_fast_path_is_peft_dropout_with_the_same_masks(monkeypatc
     model = _lora_model(dropout=0.3).train()
     peft = _peft_only(model).train()
     calls = _counting(monkeypatch)
-    batch = _batch(*shape)
+    batch = lm_batch(*shape)
     torch.manual_seed(7)
     loss_fast, g_fast = _grads(model, batch)
     after_fast = torch.get_rng_state()
@@ -145,7 +146,7 @@ def test_dropout_on_the_fast_path_is_peft_dropout_with_the_same_masks(monkeypatc
 
 def test_the_mask_is_drawn_again_not_kept(monkeypatch):
     """With dropout the backward pass keeps what it keeps without (x, and d(x) A^T): no mask, no d(x)."""
-    batch = _batch(1, 12)  # few rows: both keep d(x) A^T
+    batch = lm_batch(1, 12)  # few rows: both keep d(x) A^T
 
     def saved_bytes(model):
         sizes = []
@@ -201,6 +202,6 @@ def test_dropout_under_gradient_checkpointing_is_peft_dropout(monkeypatch):
             dropout_drawing_fast_masks(monkeypatch)
         m.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(7)
-        grads.append(_grads(m, _batch(2, 40))[1])
+        grads.append(_grads(m, lm_batch(2, 40))[1])
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
