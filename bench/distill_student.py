@@ -79,6 +79,8 @@ def run(student: str, teacher: str, out: Path, alpha: float, args) -> dict:
     })  # fmt: skip
     t0 = time.time()
     result = tunelab.train(cfg)
+    if result.metrics.get("interrupted"):  # Ctrl-C / SIGTERM stop a run cleanly: the bench must not go on
+        raise SystemExit(f"{out}: interrupted at step {result.metrics.get('steps')}; no figures from a partial run")
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in x]
     first, last = evals[0], evals[-1]
     return {"alpha": alpha, "steps": result.metrics.get("steps"), "seconds": round(time.time() - t0),

@@ -52,7 +52,10 @@ def train(base: str, data: str, out: Path, length: int, steps: int, lr: float, r
         "training": {"max_steps": steps, "batch_size": max(1, 2048 // length), "lr": lr, "warmup_ratio": 0.05,
                      "progress": False, "tensorboard": False},
     })  # fmt: skip
-    return str(tunelab.train(cfg).run_dir / "final")
+    result = tunelab.train(cfg)
+    if result.metrics.get("interrupted"):  # Ctrl-C / SIGTERM stop a run cleanly: the bench must not go on
+        raise SystemExit(f"{out}: interrupted at step {result.metrics.get('steps')}; no figures from a partial run")
+    return str(result.run_dir / "final")
 
 
 def ppl(model_dir: str, held: list[str], context: int, rope: dict | None = None, windows: int = 24) -> dict:
