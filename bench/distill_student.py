@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rope_context import train_whole  # bench/ is the script's folder: on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = str(ROOT.parent / "shared" / "data" / "llamafactory-demo" / "alpaca_en_demo.json")
 
@@ -66,7 +68,6 @@ def make_student(teacher: str, layers: int, out: Path) -> dict:
 
 
 def run(student: str, teacher: str, out: Path, alpha: float, args) -> dict:
-    import tunelab
     from tunelab.config import load_config
 
     cfg = load_config({
@@ -78,9 +79,7 @@ def run(student: str, teacher: str, out: Path, alpha: float, args) -> dict:
                      "scheduler": "cosine", "progress": False, "tensorboard": False, "seed": 0},
     })  # fmt: skip
     t0 = time.time()
-    result = tunelab.train(cfg)
-    if result.metrics.get("interrupted"):  # Ctrl-C / SIGTERM stop a run cleanly: the bench must not go on
-        raise SystemExit(f"{out}: interrupted at step {result.metrics.get('steps')}; no figures from a partial run")
+    result = train_whole(cfg)
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in x]
     first, last = evals[0], evals[-1]
     return {"alpha": alpha, "steps": result.metrics.get("steps"), "seconds": round(time.time() - t0),

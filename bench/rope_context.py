@@ -41,7 +41,6 @@ def corpus(tmp: Path, seed: int = 0) -> tuple[str, list[str]]:
 
 
 def train(base: str, data: str, out: Path, length: int, steps: int, lr: float, rope: dict | None = None) -> str:
-    import tunelab
     from tunelab.config import load_config
 
     model = {"name": base, **({"rope_scaling": rope} if rope else {})}
@@ -52,10 +51,18 @@ def train(base: str, data: str, out: Path, length: int, steps: int, lr: float, r
         "training": {"max_steps": steps, "batch_size": max(1, 2048 // length), "lr": lr, "warmup_ratio": 0.05,
                      "progress": False, "tensorboard": False},
     })  # fmt: skip
+    return str(train_whole(cfg).run_dir / "final")
+
+
+def train_whole(cfg):
+    """`tunelab.train(cfg)`, or the bench stops: Ctrl-C / SIGTERM end a run cleanly, and a bench that went on
+    would score a partial run (also bench/distill_student.py's runs)."""
+    import tunelab
+
     result = tunelab.train(cfg)
-    if result.metrics.get("interrupted"):  # Ctrl-C / SIGTERM stop a run cleanly: the bench must not go on
-        raise SystemExit(f"{out}: interrupted at step {result.metrics.get('steps')}; no figures from a partial run")
-    return str(result.run_dir / "final")
+    if result.metrics.get("interrupted"):
+        raise SystemExit(f"{cfg.output_dir}: interrupted at step {result.metrics.get('steps')}; no figures from a partial run")
+    return result
 
 
 def ppl(model_dir: str, held: list[str], context: int, rope: dict | None = None, windows: int = 24) -> dict:
