@@ -31,11 +31,12 @@ def fill(page, elem_id: str, text: str) -> None:
 
 
 def choose(page, elem_id: str, value: str) -> None:
-    """Pick a dropdown's choice as a person does: type it, Enter."""
+    """Pick a dropdown's choice as a person does: open it, click the choice. (Typing and Enter picks the list's
+    active item, which may still be the old choice if Enter comes before the list has filtered.)"""
     box = page.locator(f"#{elem_id} input").first
-    box.fill(value)
-    box.press("Enter")
-    box.blur()
+    box.click()
+    page.locator(f"#{elem_id} [role=option][aria-label='{value}']").click()
+    expect(box).to_have_value(value)
 
 
 @pytest.fixture(scope="module")

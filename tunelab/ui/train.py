@@ -546,7 +546,9 @@ def build_tab(ctx: UIContext) -> None:
             if cfg is not None
             else "**the config has errors** (shown by their fields)"
         )
-        return [text, ok, "", *shown_errors(error, keys, args[3], args[2])]
+        # the estimate box is left as it is: a validation fired by a field's blur as Check is clicked may
+        # finish after Check's estimate and must not wipe it
+        return [text, ok, gr.skip() if cfg is not None else "", *shown_errors(error, keys, args[3], args[2])]
 
     def check_and_estimate(*args):
         out = validate(*args)
