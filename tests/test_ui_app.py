@@ -1,5 +1,7 @@
 """The web UI's shell: the app is served on localhost, shows its runs folder, and renders in a real browser."""
 
+from pathlib import Path
+
 from ui_browser import screenshot, ui_server
 
 from tunelab.ui.context import UIContext
@@ -42,3 +44,26 @@ def test_an_internal_error_shows_no_traceback(tmp_path, browser_page, monkeypatc
         browser_page.wait_for_timeout(3000)  # a toast's text would come after that (show_error=True: the message)
         html = browser_page.content()
     assert "internal-detail-xyz" not in html and "Traceback" not in html
+
+
+def test_downloads_share_one_temp_folder_removed_at_exit(tmp_path):
+    """Files handed to the browser (a download, a zipped folder) sit in this process's one temp folder, with
+    their content, and the folder is gone once the process exits."""
+    import subprocess
+    import sys
+    import zipfile
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "a.txt").write_text("hello")
+    code = (
+        "import sys; from pathlib import Path; from tunelab.ui.shared import offer, zip_folder, scratch_root\n"
+        f"f, z = Path(offer({str(tmp_path / 'run' / 'a.txt')!r})), Path(zip_folder({str(tmp_path / 'run')!r}))\n"
+        "assert f.read_text() == 'hello' and scratch_root() in f.parents and scratch_root() in z.parents\n"
+        "print(scratch_root()); print(z)\n"
+        "import shutil; shutil.copy(z, sys.argv[1])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "copy.zip")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    root = Path(out.stdout.splitlines()[0])
+    assert root.name.startswith("tunelab-ui-") and not root.exists()
+    assert zipfile.ZipFile(tmp_path / "copy.zip").read("run/a.txt") == b"hello"

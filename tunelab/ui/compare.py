@@ -14,7 +14,6 @@ import base64
 import hashlib
 import re
 import sqlite3
-import tempfile
 from pathlib import Path
 
 import yaml
@@ -30,7 +29,7 @@ from tunelab.methods import names as method_names
 from tunelab.models import NAMED
 from tunelab.ui import jobs
 from tunelab.ui.context import UIContext
-from tunelab.ui.shared import error_markdown, offer
+from tunelab.ui.shared import error_markdown, offer, scratch
 
 CELL_HEADER = ["Model", "Method", "Task", "Seed", "Status", "Metric", "Value", "n", "Time (s)", "Error"]
 GRID_TASK_TYPES = ("classification", "regression", "instruction")  # what `tunelab compare` runs
@@ -140,7 +139,7 @@ def plots(report: Path) -> list[tuple[str, str]]:
     if not report.is_file():
         return []
     html = report.read_text(encoding="utf-8")
-    folder = Path(tempfile.mkdtemp(prefix="tunelab-ui-plots-"))
+    folder = scratch("plots-")
     shown = []
     task = ""
     for m in re.finditer(r"<h2>(.*?)</h2>|<img alt=\"plot\" src=\"data:image/png;base64,([A-Za-z0-9+/=]+)\">", html):

@@ -3,6 +3,8 @@ shown beside a form as the CLI words them, and files handed to the browser for d
 
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
 import os
 import shutil
@@ -58,12 +60,26 @@ def error_markdown(e: BaseException) -> str:
             "cause; the traceback is in the log of the `tunelab ui` process.")  # fmt: skip
 
 
+@functools.cache
+def scratch_root() -> Path:
+    """This process's one temp folder for files handed to the browser (downloads, plots), removed when the
+    process exits, so a long-running UI does not leave a folder in /tmp per click behind it."""
+    root = Path(tempfile.mkdtemp(prefix="tunelab-ui-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+def scratch(prefix: str = "") -> Path:
+    """A fresh folder under scratch_root()."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_root()))
+
+
 def offer(path: str | Path) -> str:
     """A path the browser may download: Gradio serves only files under the working folder, the temp folder
     or launch()'s allowed_paths, and a run folder may be anywhere, so the file is hard-linked (copied
     across file systems) into a fresh temp folder under its own name."""
     src = Path(path)
-    dst = Path(tempfile.mkdtemp(prefix="tunelab-ui-")) / src.name
+    dst = scratch() / src.name
     try:
         os.link(src, dst)
     except OSError:
@@ -74,5 +90,5 @@ def offer(path: str | Path) -> str:
 def zip_folder(folder: str | Path) -> str:
     """The folder as FOLDER.zip (its name as the top folder inside), in a fresh temp folder, for download."""
     folder = Path(folder)
-    target = Path(tempfile.mkdtemp(prefix="tunelab-ui-")) / folder.name
+    target = scratch() / folder.name
     return shutil.make_archive(str(target), "zip", root_dir=folder.parent, base_dir=folder.name)
