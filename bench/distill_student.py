@@ -13,7 +13,10 @@ Two runs from that same student, the same rows, steps, learning rate and seed, f
 
 Both report, on the same held-out rows: `eval_kl` (nats per label token, the top-k KL at tau of
 docs/distillation.md) and `eval_ce` (cross-entropy on the data at tau 1). Everything goes through
-`tunelab.train`.
+`tunelab.train`. Then the bench scores both final students (and the untrained one) row by row on those rows
+with the stage's own loss terms and cached teacher rows (its token-weighted means must equal the loop's
+eval_kl / eval_ce), and gives each difference distill - SFT with a paired bootstrap interval over the rows
+and its p-value (tunelab.metrics.stats).
 
     python bench/distill_student.py [--layers 8] [--rows 240] [--steps 24] [--out distill.json]
 """
@@ -68,16 +71,7 @@ def make_student(teacher: str, layers: int, out: Path) -> dict:
 
 
 def run(student: str, teacher: str, out: Path, alpha: float, args) -> dict:
-    from tunelab.config import load_config
-
-    cfg = load_config({
-        "stage": "distill", "output_dir": str(out), "model": {"name": student},
-        "data": {"train": DATA, "format": "instruction", "limit": args.rows, "val_fraction": 0.2, "max_length": 256},
-        "distill": {"teacher": teacher, "temperature": 2.0, "alpha": alpha, "top_k": 64},
-        "method": {"name": "full"},
-        "training": {"max_steps": args.steps, "batch_size": 8, "lr": args.lr, "warmup_ratio": 0.1,
-                     "scheduler": "cosine", "progress": False, "tensorboard": False, "seed": 0},
-    })  # fmt: skip
+    cfg = run_config(student, teacher, out, alpha, args)
     t0 = time.time()
     result = train_whole(cfg)
     evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval_loss"' in x]
@@ -86,6 +80,71 @@ def run(student: str, teacher: str, out: Path, alpha: float, args) -> dict:
             "eval_kl_before": first.get("eval_kl"), "eval_ce_before": first.get("eval_ce"),
             "eval_kl": last.get("eval_kl"), "eval_ce": last.get("eval_ce"),
             "heldout_rows": result.metrics.get("data_val_rows")}  # fmt: skip
+
+
+def run_config(student: str, teacher: str, out: Path, alpha: float, args):
+    from tunelab.config import load_config
+
+    return load_config({
+        "stage": "distill", "output_dir": str(out), "model": {"name": student},
+        "data": {"train": DATA, "format": "instruction", "limit": args.rows, "val_fraction": 0.2, "max_length": 256},
+        "distill": {"teacher": teacher, "temperature": 2.0, "alpha": alpha, "top_k": 64},
+        "method": {"name": "full"},
+        "training": {"max_steps": args.steps, "batch_size": 8, "lr": args.lr, "warmup_ratio": 0.1,
+                     "scheduler": "cosine", "progress": False, "tensorboard": False, "seed": 0},
+    })  # fmt: skip
+
+
+def per_row(cfg, models: dict) -> dict:
+    """{name: {"kl": [...], "ce": [...], "n": [...]}}: each held-out row's summed KL and CE (nats) and its
+    label tokens, for each model (a path: a run folder or a model folder), on the held-out rows of `cfg`'s
+    run with their cached teacher rows (the stage's own build reads the cache the run wrote)."""
+    import torch
+
+    from tunelab.models.loss import shift_labels
+    from tunelab.stages import distill
+    from tunelab.stages.runs import load_run
+
+    out, data = {}, None
+    for name, path in models.items():
+        model, tok = load_run(str(path), device="cpu")
+        model.eval()
+        data = data or distill.stage(cfg).build_data(cfg, tok)  # the same rows for every model
+        vocab, tau = len(tok), cfg.distill.temperature
+        rows = {"kl": [], "ce": [], "n": []}
+        with torch.no_grad():
+            for e in data.val:
+                ids = torch.tensor([e["input_ids"]])
+                target = shift_labels(torch.tensor([e["labels"]]))[0]
+                keep = target != -100
+                logits = model(input_ids=ids, use_cache=False).logits[0][keep][:, :vocab]
+                if int(keep.sum()) != e["teacher_ids"].shape[0]:
+                    raise RuntimeError("per_row: label positions and cached teacher rows differ")
+                kl, ce = distill.distill_terms(logits, target[keep], e["teacher_ids"].long(), e["teacher_logps"], tau)
+                rows["kl"].append(float(kl.sum()))
+                rows["ce"].append(float(ce.sum()))
+                rows["n"].append(int(keep.sum()))
+        out[name] = rows
+        del model
+    return out
+
+
+def paired(rows: dict, a: str, b: str, key: str) -> dict:
+    """Token-weighted means of a and b, a - b with its 95% paired bootstrap interval (rows resampled) and p."""
+    import numpy as np
+
+    from tunelab.metrics.stats import bootstrap_interval, paired_bootstrap_pvalue
+
+    n = np.asarray(rows[a]["n"], dtype=float)
+    va, vb = np.asarray(rows[a][key]), np.asarray(rows[b][key])
+
+    def mean(v):
+        return lambda idx: v[idx].sum() / n[idx].sum()
+
+    lo, hi = bootstrap_interval(lambda idx: mean(va)(idx) - mean(vb)(idx), len(n), n_boot=10_000)
+    return {a: mean(va)(slice(None)), b: mean(vb)(slice(None)), "difference": mean(va)(slice(None)) - mean(vb)(slice(None)),
+            "interval_95": [lo, hi], "p": paired_bootstrap_pvalue(mean(va), mean(vb), len(n), n_boot=10_000),
+            "rows": len(n), "tokens": int(n.sum())}  # fmt: skip
 
 
 def main() -> int:
@@ -109,6 +168,15 @@ def main() -> int:
                 shutil.copytree(tmp / "distill" / "distill", tmp / side / "distill")
             result[side] = run(str(tmp / "student"), teacher, tmp / side, alpha, args)
             print(json.dumps({side: result[side]}), file=sys.stderr)
+    if args.only is None:  # per-row scores of both students on the held-out rows, paired
+        cfg = run_config(str(tmp / "student"), teacher, tmp / "distill", 0.5, args)
+        rows = per_row(cfg, {"before": tmp / "student", "distill": tmp / "distill", "sft": tmp / "sft"})
+        result["paired"] = {key: paired(rows, "distill", "sft", key) for key in ("kl", "ce")}
+        for key, side in ((k, s) for k in ("kl", "ce") for s in ("distill", "sft")):  # the loop's own figures
+            if abs(result["paired"][key][side] - result[side][f"eval_{key}"]) > 1e-3:
+                raise RuntimeError(f"per-row {key} of {side} does not reproduce the loop's eval_{key}")
+        result["per_row"] = rows
+        print(json.dumps(result["paired"]), file=sys.stderr)
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

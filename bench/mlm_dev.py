@@ -39,8 +39,13 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dev", type=int, default=150, help="training blocks held out as the dev slice")
     ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--max-length", type=int, help="data.max_length (default: the example's)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = load_config(args.example)
+    cfg.data.max_length = args.max_length or cfg.data.max_length
     cfg.model.architecture = args.arch or cfg.model.architecture
     cfg.model.config = {**cfg.model.config, **json.loads(args.config)}
     model, tok = mlm.load(cfg, "cpu")
