@@ -13,6 +13,7 @@ def test_app_serves_in_a_browser(tmp_path, browser_page):
         assert url.startswith("http://127.0.0.1:")
         browser_page.goto(url)
         browser_page.get_by_text(str(ctx.runs)).wait_for()
+        assert browser_page.get_by_text("Use via API").count() == 0
         screenshot(browser_page, tmp_path / "shell.png")
     assert (tmp_path / "shell.png").stat().st_size > 1000
 

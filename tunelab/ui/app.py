@@ -42,8 +42,10 @@ def build_app(ctx: UIContext, tabs: list[str] | None = None):
 
 def serve_options(host: str = "127.0.0.1", port: int | None = 7860, share: bool = False) -> dict:
     """The launch settings `tunelab ui` and the browser tests share: errors as a short message in the page,
-    never a traceback; no server-side rendering (it needs Node); quiet."""
-    return dict(server_name=host, server_port=port, share=share, show_error=False, ssr_mode=False, quiet=True)
+    never a traceback; no server-side rendering (it needs Node); quiet; a footer without Gradio's "Use via
+    API" page (the CLI and Python API are tunelab's; the UI's handlers are not a stable interface)."""
+    return dict(server_name=host, server_port=port, share=share, show_error=False, ssr_mode=False, quiet=True,
+                footer_links=["settings"])  # fmt: skip
 
 
 def launch(runs: str | Path = "runs", host: str = "127.0.0.1", port: int = 7860, share: bool = False, **kwargs):
