@@ -131,6 +131,9 @@ def build_tab(ctx: UIContext) -> None:
         try:
             if not (run or "").strip():
                 raise ConfigError("pick a run or a model to export")
+            if quant and quant not in QUANTS[fmt]:  # the format changed and its quant list had not arrived yet
+                raise ConfigError(f"--quant {quant} is not one of --format {fmt}'s: {', '.join(QUANTS[fmt])}; "
+                                  "pick one and export again")  # fmt: skip
             report, path = export_run(run, fmt, quant, (out or "").strip() or None, ctx.runs, trust)
             return "", report, path
         except Exception as e:  # noqa: BLE001 - shown beside the form, as the CLI words it
