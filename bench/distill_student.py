@@ -91,7 +91,7 @@ def run_config(student: str, teacher: str, out: Path, alpha: float, args):
         "distill": {"teacher": teacher, "temperature": 2.0, "alpha": alpha, "top_k": 64},
         "method": {"name": "full"},
         "training": {"max_steps": args.steps, "batch_size": 8, "lr": args.lr, "warmup_ratio": 0.1,
-                     "scheduler": "cosine", "progress": False, "tensorboard": False, "seed": 0},
+                     "scheduler": "cosine", "progress": False, "tensorboard": False, "seed": 0, "threads": args.threads},
     })  # fmt: skip
 
 
@@ -157,6 +157,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--only", choices=["distill", "sft"], help="run one side (to run both sides in parallel)")
     ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--threads", type=int, help="training.threads (default: the machine's cores)")
     args = ap.parse_args()
     teacher = resolve("smollm2-135m-instruct")
     tmp = Path(tempfile.mkdtemp(prefix="distill-bench-"))
