@@ -35,6 +35,15 @@ SFT_ROWS = [
 ] + [{"instruction": "Greet me.", "input": "in French", "output": "Bonjour!"} for _ in range(8)]
 
 
+@pytest.fixture()
+def empty_home(tmp_path, monkeypatch):
+    """An empty TUNELAB_HOME for the test (the tokenizer and data caches), never the user's. A module whose
+    every test needs it says `pytestmark = pytest.mark.usefixtures("empty_home")`."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("TUNELAB_HOME", str(home))
+    return home
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from tunelab.testing import save_tiny_model_dir

@@ -28,9 +28,7 @@ def tok():
     return tiny_tokenizer()
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("empty_home")  # the tokenizer and data caches
 
 
 def write_jsonl(path: Path, rows) -> str:

@@ -14,10 +14,7 @@ from tunelab.cli import main
 from tunelab.inference import generate, plain_prompt_reason
 from tunelab.stages.runs import load_run
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))  # the tokenizer cache
+pytestmark = pytest.mark.usefixtures("empty_home")  # the tokenizer and data caches
 
 
 @pytest.fixture()

@@ -10,10 +10,7 @@ from test_datapipe import alpaca, assert_same, both, chats, write_jsonl
 from tunelab.config import DataConfig
 from tunelab.data import split_rows
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("empty_home")  # the tokenizer and data caches
 
 
 @pytest.fixture(scope="module")
