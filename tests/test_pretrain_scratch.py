@@ -26,9 +26,7 @@ TINY_BERT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "max_position_embeddings": 64, "initializer_range": 0.1}  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("TUNELAB_HOME", str(tmp_path / "home"))  # the tokenizer cache
+pytestmark = pytest.mark.usefixtures("empty_home")  # the tokenizer and data caches
 
 
 @pytest.fixture()
@@ -226,3 +224,22 @@ def test_sizes_counts_the_parameters_of_the_built_model(corpus, tmp_path, capsys
     counts = json.loads(capsys.readouterr().out)
     assert counts["total"] == sum(p.numel() for p in model.parameters())  # tied head counted once
     assert counts["embedding"] == len(tok) * 32 and counts["head"] == 0
+
+
+def test_a_modernbert_counts_and_builds_with_the_tokenizers_special_ids(corpus, tmp_path, capsys):
+    """ModernBERT's config carries its own vocabulary's ids (pad 50283, cls, sep): counting with a small
+    vocabulary must not trip over them, and the built model takes the trained tokenizer's."""
+    from transformers import AutoModelForMaskedLM
+
+    from tunelab.stages.pretraining import load_scratch
+
+    cfg = scratch_cfg(corpus, tmp_path / "r", stage="mlm")
+    cfg.model.architecture = "modernbert"
+    cfg.model.config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    path = tmp_path / "c.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    model, tok = load_scratch(cfg, "cpu", AutoModelForMaskedLM)
+    assert main(["models", "--sizes", str(path), "--json", "--set", f"model.tokenizer={tok.name_or_path}"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"] == sum(p.numel() for p in model.parameters())
+    ids = {k: getattr(model.config, f"{k}_token_id") for k in ("pad", "cls", "sep")}
+    assert ids == {k: getattr(tok, f"{k}_token_id") for k in ids} and max(ids.values()) < len(tok)

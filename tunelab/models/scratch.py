@@ -60,6 +60,10 @@ def scratch_tokenizer(model_cfg: ModelConfig, texts: list[str] | None = None, lo
     return load_tokenizer(ModelConfig(name=str(folder)))
 
 
+SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id", "mask_token_id",
+               "decoder_start_token_id")  # fmt: skip
+
+
 def model_config(model_cfg: ModelConfig, tokenizer=None, vocab_size: int | None = None):
     """The transformers config: `model.config` over the architecture's defaults, vocabulary and special
     token ids from the tokenizer (or just `vocab_size`, for counting)."""
@@ -72,8 +76,16 @@ def model_config(model_cfg: ModelConfig, tokenizer=None, vocab_size: int | None 
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         config.pad_token_id, config.bos_token_id, config.eos_token_id = pad, bos, eos
+        for key in ("cls_token_id", "sep_token_id", "mask_token_id"):  # ModernBERT's config has these
+            if hasattr(config, key):
+                setattr(config, key, getattr(tokenizer, key, None))
         if getattr(config, "is_encoder_decoder", False):
             config.decoder_start_token_id = pad if pad is not None else bos
+    else:  # counting: the architecture's default ids may lie past a small vocabulary (an embedding refuses that)
+        for key in SPECIAL_IDS:
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value >= config.vocab_size:
+                setattr(config, key, 0)
     return config
 
 
