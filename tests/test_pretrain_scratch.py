@@ -172,6 +172,13 @@ def test_masked_lm_head_is_tied_and_the_evaluation_hides_the_targets(tmp_path, a
     m = masked_metrics(Copy(), tok, cfg, data, "cpu")
     assert m["masked_tokens"] > 50 and m["masked_accuracy"] == 0.0
     assert m["baseline_majority_token_accuracy"] > 0.0
+    # intervals and the paired test: the copier is never right, so every position the most frequent token
+    # gets right is discordant: McNemar's exact p is 2 * 0.5^k
+    k = round(m["baseline_majority_token_accuracy"] * m["masked_tokens"])
+    assert m["masked_accuracy_ci_low"] == 0.0 < m["masked_accuracy_ci_high"]
+    assert m["baseline_majority_token_accuracy_ci_low"] < m["baseline_majority_token_accuracy"] < m[
+        "baseline_majority_token_accuracy_ci_high"]  # fmt: skip
+    assert m["mcnemar_p_vs_majority"] == pytest.approx(min(1.0, 2 * 0.5**k))
 
 
 def test_the_result_continues_into_sft(corpus, tmp_path):

@@ -209,19 +209,23 @@ def held_out_masks(examples: list[dict], seed: int, probability: float = MASK_PR
 def masked_metrics(model, tokenizer, cfg, data, device, batch_size: int = 16) -> dict:
     """Masked-token accuracy on the held-out blocks: each chosen token replaced by the mask token, the
     model's top prediction against it; beside always predicting the training text's most frequent
-    (maskable) token at the same positions."""
+    (maskable) token at the same positions. Each with its Wilson 95% interval over the masked tokens, and
+    the exact McNemar p-value of the two on the same positions."""
     if not data.val:
         return {}
     from collections import Counter
 
+    import numpy as np
+
     from tunelab.data import pad
+    from tunelab.metrics.stats import mcnemar_exact, wilson_interval
 
     freq = Counter(t for e in data.train for t, m in zip(e["input_ids"], e["maskable"]) if m)
     majority = freq.most_common(1)[0][0]
     positions = held_out_masks(data.val, cfg.training.seed)
     was_training = model.training
     model.eval()
-    right = majority_right = n = 0
+    right, majority_right = [], []
     for i in range(0, len(data.val), batch_size):
         chunk, where = data.val[i : i + batch_size], positions[i : i + batch_size]
         ids, mask = pad([e["input_ids"] for e in chunk], tokenizer.pad_token_id)
@@ -231,9 +235,13 @@ def masked_metrics(model, tokenizer, cfg, data, device, batch_size: int = 16) ->
         logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits
         for row, cols in enumerate(where):
             truth = ids[row, cols]
-            right += int((logits[row, cols].argmax(-1).cpu() == truth).sum())
-            majority_right += int((truth == majority).sum())
-            n += len(cols)
+            right += (logits[row, cols].argmax(-1).cpu() == truth).tolist()
+            majority_right += (truth == majority).tolist()
     model.train(was_training)
-    return {"masked_accuracy": right / n, "baseline_majority_token_accuracy": majority_right / n,
+    n, k, k_major = len(right), sum(right), sum(majority_right)
+    (lo, hi), (b_lo, b_hi) = wilson_interval(k, n), wilson_interval(k_major, n)
+    return {"masked_accuracy": k / n, "masked_accuracy_ci_low": lo, "masked_accuracy_ci_high": hi,
+            "baseline_majority_token_accuracy": k_major / n, "baseline_majority_token_accuracy_ci_low": b_lo,
+            "baseline_majority_token_accuracy_ci_high": b_hi,
+            "mcnemar_p_vs_majority": mcnemar_exact(np.array(right), np.array(majority_right))["p"],
             "masked_tokens": n, "majority_token_id": majority}  # fmt: skip
