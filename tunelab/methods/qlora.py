@@ -7,9 +7,11 @@ quantization (the per-block absmax constants are themselves 8-bit quantized). Th
 fields as `method: lora`) goes on top through PEFT, which wraps `Linear4bit` layers with its 4-bit
 LoRA layer. Only A, B (and a new task head) train; the 4-bit codes never change.
 
-Compute dtype: float32 on CPU, bfloat16 on CUDA (`compute_dtype: auto`); the weights are dequantized
-block by block to that dtype inside each matmul, so a 4-bit layer is *slower* per step than a plain
-one on CPU: QLoRA buys memory, not speed.
+Compute dtype (`compute_dtype: auto`): bfloat16 on CUDA; on a CPU the model's dtype, which the training loop
+makes bf16 (bf16 passes, fp32 master weights) where the CPU has native bf16 and fp32 elsewhere; the weights
+are dequantized block by block to that dtype inside each matmul. On the 1.7B config with AMX, bf16 ran
+3.1x fp32's tokens/s at 0.79x its peak memory (docs/performance.md). Without native bf16 a 4-bit layer is
+*slower* per step than a plain one on CPU: QLoRA buys memory, not speed.
 
 Shapes: bitsandbytes (>= 0.50) quantizes the flattened weight in blocks of 64 values and pads the
 last block, so any layer shape works, on CPU (forward and backward) and on CUDA.
@@ -73,7 +75,9 @@ class Config(lora.Config):
         True, description="Double quantization: store the per-block absmax constants in 8 bit (~0.37 bit/param saved)."
     )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Dtype of the dequantized matmuls. auto = float32 on CPU, bfloat16 on CUDA."
+        "auto",
+        description="Dtype of the dequantized matmuls. auto = bfloat16 on CUDA; on a CPU the model's dtype (bfloat16 "
+        "where the CPU has native bf16 and model.dtype is auto or bfloat16, else float32).",
     )
     skip_modules: list[str] = Field(
         default_factory=list,
@@ -91,12 +95,19 @@ def _bnb():
     return bnb
 
 
-def _resolve_compute_dtype(setting: str, device: torch.device) -> torch.dtype:
+def _resolve_compute_dtype(setting: str, device: torch.device, model_dtype=None) -> torch.dtype:
+    """auto: bf16 on CUDA; elsewhere the model's own dtype when it is bf16 (a run the loop trains in bf16 passes,
+    `model.dtype` bfloat16 or auto on a CPU with native bf16), else fp32. bf16 weights dequantized into an fp32
+    matmul would cast every activation up and back."""
     import torch
 
     if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or model_dtype == torch.bfloat16 else torch.float32
     return getattr(torch, setting)
+
+
+def _float_dtype(model):
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def _head_names(model) -> set[str]:
@@ -176,9 +187,9 @@ def load_plan(cfg: Config, device):
     import torch
 
     bnb = _bnb()
-    dtype = _resolve_compute_dtype(cfg.compute_dtype, torch.device(device))
 
-    def plan(model) -> dict:
+    def plan(model) -> dict:  # the model on the meta device, in the dtype it loads in
+        dtype = _resolve_compute_dtype(cfg.compute_dtype, torch.device(device), _float_dtype(model))
         chosen, _ = linears_to_quantize(model, cfg.skip_modules)
         convert = lambda linear: _to_linear4bit(bnb, linear, cfg.quant_type, cfg.double_quant, dtype)  # noqa: E731
         return dict.fromkeys(chosen, convert)
@@ -267,9 +278,9 @@ def _prepare(model, cfg: Config, device: torch.device) -> dict:
     mark the model as 4-bit so PEFT wraps Linear4bit with its 4-bit LoRA layer. No fp32 up-cast of
     the remaining weights (already fp32 on CPU; on CUDA the loop's bf16 autocast handles norms), and
     no gradient checkpointing (the loop does not use it)."""
-    info = quantize_linear_layers_(
-        model, cfg.quant_type, cfg.double_quant, _resolve_compute_dtype(cfg.compute_dtype, device), cfg.skip_modules
-    )
+    dtype = _resolve_compute_dtype(cfg.compute_dtype, device, _float_dtype(model))
+    info = quantize_linear_layers_(model, cfg.quant_type, cfg.double_quant, dtype, cfg.skip_modules)
+    info["compute_dtype"] = dtype
     if not info["quantized"]:
         raise MethodError("qlora: no linear layer was quantized (all skipped)")
     freeze_all(model)
@@ -277,7 +288,7 @@ def _prepare(model, cfg: Config, device: torch.device) -> dict:
     return info
 
 
-def _meta(cfg: Config, info: dict, device: torch.device) -> dict:
+def _meta(cfg: Config, info: dict) -> dict:
     return {
         "method_config": cfg.model_dump(mode="json"),
         "quantization": {
@@ -285,7 +296,7 @@ def _meta(cfg: Config, info: dict, device: torch.device) -> dict:
             "quant_type": cfg.quant_type,
             "double_quant": cfg.double_quant,
             "blocksize": BLOCKSIZE,
-            "compute_dtype": str(_resolve_compute_dtype(cfg.compute_dtype, device)).removeprefix("torch."),
+            "compute_dtype": str(info["compute_dtype"]).removeprefix("torch."),
         },
         "quantized_modules": info["quantized"],
         "full_precision_modules": info["skipped"],
@@ -296,7 +307,7 @@ def apply(model, cfg: Config):
     device = next(model.parameters()).device
     info = _prepare(model, cfg, device)
     peft_model = wrap_peft(model, lora.peft_config(cfg, model))
-    peft_model.get_base_model()._tunelab_qlora = _meta(cfg, info, device)
+    peft_model.get_base_model()._tunelab_qlora = _meta(cfg, info)
     return peft_model
 
 
@@ -316,7 +327,7 @@ def load(base_model, out_dir):
     if info["quantized"] != meta["quantized_modules"]:
         raise MethodError(f"{out_dir}: the base model quantizes differently from the one trained (other architecture?)")
     model = PeftModel.from_pretrained(base_model, out_dir)
-    model.get_base_model()._tunelab_qlora = _meta(cfg, info, device)
+    model.get_base_model()._tunelab_qlora = _meta(cfg, info)
     return model
 
 

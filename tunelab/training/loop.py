@@ -120,9 +120,10 @@ def train(
     device = dist.device
     speed = accel.start(tcfg, device)  # accel: the allocator's settings, before the model loads
     method = get_method(cfg.method.name)
-    precision = choose_precision(cfg.model.dtype, device, lora=cfg.method.name == "lora" and speed.on)
-    # this run's loads and passes take `auto` as resolved for it (LoRA may train in bf16 on a CPU with native
-    # bf16); the result keeps `auto`, for whatever host loads it next
+    adapters_on_frozen = (cfg.method.name == "lora" and speed.on) or cfg.method.name == "qlora"
+    precision = choose_precision(cfg.model.dtype, device, lora=adapters_on_frozen)
+    # this run's loads and passes take `auto` as resolved for it (LoRA and QLoRA may train in bf16 on a CPU with
+    # native bf16); the result keeps `auto`, for whatever host loads it next
     loaded = resolved_dtype(cfg, precision)
     # qlora: the base read straight into 4-bit; lora (accel): its frozen linears straight into their compact form
     with loading_into(method.load_plan(cfg.method, device) or speed.load_plan(loaded, dist.multi)):
