@@ -129,7 +129,7 @@ def job_trl(stage: str) -> dict:
     common = dict(
         per_device_train_batch_size=JOB["batch_size"], num_train_epochs=1, learning_rate=JOB["lr"][stage],
         lr_scheduler_type="linear", warmup_steps=0, max_length=JOB["max_length"], logging_steps=1,
-        save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=JOB["seed"], disable_tqdm=True,
+        save_strategy="no", report_to=[], use_cpu=True, bf16=bool(JOB.get("bf16")), seed=JOB["seed"], disable_tqdm=True,
         max_steps=JOB.get("max_steps") or -1, gradient_checkpointing=TRL_CHECKPOINTING,  # TRL's default: on
     )  # fmt: skip
     task = "CAUSAL_LM" if stage == "dpo" else "SEQ_CLS"
@@ -157,7 +157,8 @@ def job_trl(stage: str) -> dict:
     else:
         quality = reward_quality(scorer(trained, tokenizer), held_out)
     return {"pairs": len(train), "steps": trainer.state.global_step, "seconds": seconds, "cpu_seconds": cpu,
-            "train_loss": out.training_loss, "peak_rss_mb": peak, **quality}  # fmt: skip
+            "train_loss": out.training_loss, "peak_rss_mb": peak, "precision": "bf16=True" if JOB.get("bf16") else "fp32",
+            **quality}  # fmt: skip
 
 
 def job_tunelab(stage: str) -> dict:
@@ -174,7 +175,7 @@ def job_tunelab(stage: str) -> dict:
         path.write_text("".join(json.dumps(p) + "\n" for p in train))
         cfg = load_config({
             "output_dir": f"{tmp}/run", "stage": stage,
-            "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
+            "model": {"name": "smollm2-135m-instruct", "dtype": "auto" if JOB.get("bf16") else "float32"},
             "data": {"train": str(path), "format": "preference", "val_fraction": 0.0, "max_length": JOB["max_length"]},
             "method": {"name": "lora", "r": JOB["r"], "alpha": JOB["alpha"], "dropout": 0.0, "target_modules": "all-linear"},
             **({"dpo": {"beta": JOB["beta"]}} if stage == "dpo" else {}),
@@ -199,7 +200,7 @@ def job_tunelab(stage: str) -> dict:
         else:
             quality = reward_quality(scorer(model, tokenizer), held_out)
     return {"pairs": len(train), "steps": m["steps"], "seconds": m["tokens"] / m["tokens_per_s"], "wall": wall,
-            "cpu_seconds": cpu["seconds"],
+            "cpu_seconds": cpu["seconds"], "precision": m.get("precision"),
             "train_loss": m["train_loss"], "peak_rss_mb": peak, **quality}  # fmt: skip
 
 
@@ -210,6 +211,8 @@ def run_job(side: str, stage: str) -> dict:
     cmd = [sys.executable, __file__, "--job", side, "--stages", stage]
     if JOB.get("max_steps"):
         cmd += ["--max-steps", str(JOB["max_steps"])]
+    if JOB.get("bf16"):
+        cmd += ["--bf16"]
     env = allocator_environment() if side == "tunelab" else None  # as `tunelab train` restarts itself
     out = run_child(cmd, env, f"{side} {stage}")
     trained = min(out["pairs"], out["steps"] * JOB["batch_size"])  # max_steps: fewer
@@ -224,9 +227,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, metavar="N", help="run every job N times; report medians")
     parser.add_argument("--concurrent", action="store_true",
                         help="run TRL and tunelab at the same time (a shared, loaded machine: both meet the same load)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="each side's bf16: TRL bf16=True (autocast), tunelab model.dtype auto (bf16 passes on a CPU "
+                        "with native bf16, else fp32); both print the precision they used")
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    JOB["max_steps"] = args.max_steps
+    JOB["max_steps"], JOB["bf16"] = args.max_steps, args.bf16
     if args.job:
         import torch
 
