@@ -227,6 +227,8 @@ def test_browser_chat_shows_the_reply(browser_page, tiny_run, tmp_path):
     with ui_page(browser_page, tiny_run["runs"], "Chat") as page:
         page.get_by_text("Generation settings").click()
         page.get_by_label("--max-new-tokens").fill("10")
+        page.get_by_label("--max-new-tokens").press("Tab")  # a Number keeps its text on blur
+        page.wait_for_timeout(300)  # and hands it to the page state a moment later (CI once sent the default)
         page.locator("#chat-message textarea").fill("Say the number 3.")
         page.locator("#chat-message textarea").press("Enter")
         reply = page.locator('#chat-run [data-testid="bot"]').last
@@ -240,6 +242,7 @@ def test_browser_chat_shows_the_reply(browser_page, tiny_run, tmp_path):
 
         # a bad setting: the CLI's message beside the form, nothing asked of the model, no traceback page
         page.get_by_label("--top-p (1 = no nucleus cut)").fill("1.5")
+        page.get_by_label("--top-p (1 = no nucleus cut)").press("Tab")  # blur: kept before the send
         page.locator("#chat-message textarea").fill("hi")
         page.locator("#chat-send").click()
         error = page.locator("#chat-error")
@@ -256,6 +259,7 @@ def test_browser_evaluate_and_export(browser_page, tiny_run, tmp_path):
     want = evaluate.score(tiny_run["run"], "sst2", limit=16, device="cpu")
     with ui_page(browser_page, tiny_run["runs"], "Evaluate & export") as page:
         page.get_by_label("--limit (dev rows; empty = all)").fill("16")
+        page.get_by_label("--limit (dev rows; empty = all)").press("Tab")  # blur: kept before the send
         page.locator("#eval-button").click()
         page.locator("#eval-scores").get_by_text("accuracy", exact=True).wait_for(timeout=90_000)
         lo, hi = want["intervals"]["accuracy"]
