@@ -138,12 +138,12 @@ def paired(rows: dict, a: str, b: str, key: str) -> dict:
     n = np.asarray(rows[a]["n"], dtype=float)
     va, vb = np.asarray(rows[a][key]), np.asarray(rows[b][key])
 
-    def mean(v):
-        return lambda idx: v[idx].sum() / n[idx].sum()
-
-    lo, hi = bootstrap_interval(lambda idx: mean(va)(idx) - mean(vb)(idx), len(n), n_boot=10_000)
-    return {a: mean(va)(slice(None)), b: mean(vb)(slice(None)), "difference": mean(va)(slice(None)) - mean(vb)(slice(None)),
-            "interval_95": [lo, hi], "p": paired_bootstrap_pvalue(mean(va), mean(vb), len(n), n_boot=10_000),
+    mean_a = lambda idx: va[idx].sum() / n[idx].sum()  # noqa: E731
+    mean_b = lambda idx: vb[idx].sum() / n[idx].sum()  # noqa: E731
+    every = slice(None)
+    lo, hi = bootstrap_interval(lambda idx: mean_a(idx) - mean_b(idx), len(n), n_boot=10_000)
+    return {a: mean_a(every), b: mean_b(every), "difference": mean_a(every) - mean_b(every), "interval_95": [lo, hi],
+            "p": paired_bootstrap_pvalue(mean_a, mean_b, len(n), n_boot=10_000),
             "rows": len(n), "tokens": int(n.sum())}  # fmt: skip
 
 
