@@ -107,3 +107,23 @@ def test_without_boundaries_it_is_transformers_sdpa():
                                    plain(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
         out = packed.generate(ids[:1], max_new_tokens=4, do_sample=False)  # with a KV cache
         assert torch.equal(out, plain.generate(ids[:1], max_new_tokens=4, do_sample=False))
+
+
+def test_packed_attention_under_bf16_autocast_with_fp32_master_weights():
+    """Full fine-tuning in bf16 autocast keeps fp32 weights, so the hidden states (and the rotary q, k) are fp32
+    while v comes from a bf16 matmul: the packed call casts them as autocast casts SDPA's inputs (it failed with
+    "expected scalar type Float but found BFloat16"), and gives the masked SDPA path's loss and gradients."""
+    torch.manual_seed(0)
+    plain = tiny_llama().train()
+    packed = copy.deepcopy(plain)
+    assert attention.install(packed)
+    b = packed_batch()
+    out = []
+    for model in (packed, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, n = L.token_loss_sum(model, b)
+        (total / n).backward()
+        out.append((float(total / n), model.model.layers[0].self_attn.q_proj.weight.grad))
+    (loss_packed, grad_packed), (loss_plain, grad_plain) = out
+    assert loss_packed == pytest.approx(loss_plain, rel=1e-2)
+    assert float((grad_packed - grad_plain).norm() / grad_plain.norm()) < 0.05  # bf16's rounding, another order

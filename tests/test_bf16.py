@@ -169,13 +169,15 @@ def test_bf16_passes_train_to_the_fp32_losses_and_save_fp32_adapters(tiny_dir, d
     assert torch.equal(loaded[saved.replace(".weight", ".default.weight")], adapter[saved])
 
 
-def test_bf16_thread_shares_give_the_losses_of_one_pass(tiny_dir, data_file, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_bf16_thread_shares_give_the_losses_of_one_pass(tiny_dir, data_file, tmp_path, monkeypatch, capsys, method):
     calls = []
     real_run = threads.run
     monkeypatch.setattr(threads, "run", lambda fns: calls.append(len(fns)) or real_run(fns))
 
     def run(name, parts):
-        cfg = _cfg(tiny_dir, data_file, tmp_path / name, "bfloat16", max_steps=4, pass_threads=parts)
+        raw = _cfg(tiny_dir, data_file, tmp_path / name, "bfloat16", max_steps=4, pass_threads=parts).model_dump()
+        cfg = load_config({**raw, "method": {"name": method, "r": 4, "alpha": 8, "dropout": 0.0}})
         cfg.data.packing, cfg.data.max_length = True, 160
         return _train(cfg)[1]
 
@@ -237,11 +239,11 @@ def test_auto_trains_lora_in_bf16_only_where_the_cpu_has_it(tiny_dir, data_file,
     assert off.metrics["precision"] == "float32"  # no bf16 passes without tunelab/accel: fp32, as measured
 
 
-@pytest.mark.parametrize("flags, chosen, matmul", [({"avx2", "avx512f", "amx_bf16"}, "bfloat16 autocast, fp32 master weights", "bfloat16"),
+@pytest.mark.parametrize("flags, chosen, matmul", [({"avx2", "avx512f", "amx_bf16"}, "bfloat16, fp32 master weights", "bfloat16"),
                                                    ({"avx2", "avx512f"}, "float32", "float32")])  # fmt: skip
 def test_auto_trains_qlora_in_bf16_where_the_cpu_has_it(tiny_dir, data_file, tmp_path, monkeypatch, flags, chosen,
                                                        matmul):  # fmt: skip
-    """QLoRA under `model.dtype: auto`: bf16 autocast and bitsandbytes' 4-bit matmuls in bf16 on a CPU with native
+    """QLoRA under `model.dtype: auto`: bf16 passes and bitsandbytes' 4-bit matmuls in bf16 on a CPU with native
     bf16 (measured 3.1x fp32's tokens/s on the 1.7B config), fp32 elsewhere; the matmul dtype is recorded."""
     from tunelab.models import precision
 
@@ -252,3 +254,23 @@ def test_auto_trains_qlora_in_bf16_where_the_cpu_has_it(tiny_dir, data_file, tmp
     assert result.metrics["precision"] == chosen and len(steps) == 2 and all(v == v for v in steps.values())
     meta = json.loads(next(result.final_dir.rglob("tunelab_qlora.json")).read_text())
     assert meta["quantization"]["compute_dtype"] == matmul
+
+
+def test_qlora_bf16_passes_run_without_autocast_to_the_autocast_losses(tiny_dir, data_file, tmp_path, capsys):
+    """QLoRA in bf16: PEFT's 4-bit LoRA layers cast around their fp32 adapters by themselves, so the passes drop
+    autocast and take the fused head and norm; the losses are autocast's (PEFT's plain forward) to bf16's rounding."""
+    raw = _cfg(tiny_dir, data_file, tmp_path / "fast", "bfloat16", pass_threads=1).model_dump(mode="json")
+    qlora = {"name": "qlora", "r": 4, "alpha": 8, "dropout": 0.0}
+    fast, fast_losses = _train(load_config({**raw, "method": qlora}))
+    log = capsys.readouterr().err
+    assert fast.metrics["precision"] == "bfloat16, fp32 master weights"
+    assert "bf16 passes without autocast (fp32 master weights)" in log and "fused LM head + cross-entropy" in log
+    plain = load_config({**raw, "output_dir": str(tmp_path / "plain"), "method": qlora,
+                         "training": {**raw["training"], "accelerate": "off"}})  # fmt: skip
+    slow, slow_losses = _train(plain)
+    assert slow.metrics["precision"] == "bfloat16 autocast, fp32 master weights"
+    assert fast_losses.keys() == slow_losses.keys() and len(fast_losses) == 6
+    for step in fast_losses:
+        assert abs(fast_losses[step] - slow_losses[step]) / slow_losses[step] < 0.02, (fast_losses, slow_losses)
+    assert fast_losses[6] < fast_losses[1] and fast.metrics["eval_loss"] < fast.metrics["eval_loss_before"]
+    assert abs(fast.metrics["eval_loss"] - slow.metrics["eval_loss"]) / slow.metrics["eval_loss"] < 0.02

@@ -60,6 +60,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     pieces = [(start // length, start % length, end - start) for start, end in zip(bounds[:-1], bounds[1:])]
     drop = dropout if module.training else 0.0
     if query.device.type == "cpu" and drop == 0.0:
+        if torch.is_autocast_enabled("cpu"):  # as autocast casts SDPA's inputs (rotary leaves q, k in fp32 there)
+            query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = _PackedCausal.apply(query, key, value, pieces, scale)
     else:
