@@ -4,7 +4,8 @@ Training points: model size (SmolLM2's published 135M, 360M and 1.7B configs, ra
 safetensors as the published checkpoints are, under `$TUNELAB_HOME/bench/`) x sequence length (256, 1024, 4096)
 x method (LoRA; QLoRA, NF4 double-quantised) x side: tunelab against the reference, TRL `SFTTrainer` + PEFT
 (bitsandbytes 4-bit through transformers' `BitsAndBytesConfig` for QLoRA), each with its own defaults (TRL:
-gradient checkpointing on; tunelab: `auto`). The job: r 16, alpha 32, no dropout, all linear layers, packed
+gradient checkpointing on; tunelab: `auto`), both at `--precision` (auto: bf16 where the CPU has native bf16, each
+side's own bf16 setting, as bench/train_speed.py; the table and JSON say which each side ran). The job: r 16, alpha 32, no dropout, all linear layers, packed
 alpaca demo rows, max(length, `--tokens-per-step`) tokens a step (1,024: four rows of 256, one of 1,024, one of
 4,096), one warm-up step and `--steps` timed ones; tokens/s counts the timed steps only. Peak RSS is the child's
 (ru_maxrss: loading included).
@@ -159,7 +160,7 @@ def job_rows(length: int, tokens_per_step: int, steps: int) -> list[dict]:
     return json.loads(DATA.read_text())[:need]
 
 
-def job_tunelab(size: str, length: int, method: str, steps: int, tokens_per_step: int) -> dict:
+def job_tunelab(size: str, length: int, method: str, steps: int, tokens_per_step: int, precision: str) -> dict:
     import tunelab
     from tunelab.accel.memory import skip_unused_imports
     from tunelab.config import load_config
@@ -169,7 +170,7 @@ def job_tunelab(size: str, length: int, method: str, steps: int, tokens_per_step
         (Path(tmp) / "train.json").write_text(json.dumps(job_rows(length, tokens_per_step, steps + 1)))
         cfg = load_config({
             "output_dir": f"{tmp}/run",
-            "model": {"name": str(model_dir(size))},
+            "model": {"name": str(model_dir(size)), "dtype": {"bf16": "bfloat16"}.get(precision, "float32")},
             "data": {"train": f"{tmp}/train.json", "val_fraction": 0.0, "max_length": length, "packing": True},
             "method": {"name": method, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
             "training": {"max_steps": steps + 1, "batch_size": rows_per_step(length, tokens_per_step), "lr": 2e-4,
@@ -187,7 +188,7 @@ def job_tunelab(size: str, length: int, method: str, steps: int, tokens_per_step
             "train_loss": m["train_loss"]}  # fmt: skip
 
 
-def job_reference(size: str, length: int, method: str, steps: int, tokens_per_step: int) -> dict:
+def job_reference(size: str, length: int, method: str, steps: int, tokens_per_step: int, precision: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -196,13 +197,14 @@ def job_reference(size: str, length: int, method: str, steps: int, tokens_per_st
 
     folder = model_dir(size)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    kw = {"dtype": torch.float32}
+    bf16 = precision == "bf16"  # TRL's own bf16 setting (bf16=True on a bf16-loaded model), as bench/train_speed.py
+    kw = {"dtype": torch.bfloat16 if bf16 else torch.float32}
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                        bnb_4bit_use_double_quant=True,
-                                                       bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+                                                       bnb_4bit_compute_dtype=kw["dtype"])  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(folder, **kw)
 
     def as_messages(r):
@@ -219,7 +221,7 @@ def job_reference(size: str, length: int, method: str, steps: int, tokens_per_st
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(output_dir=tmp, per_device_train_batch_size=rows_per_step(length, tokens_per_step),
                          max_steps=steps + 1, learning_rate=2e-4, warmup_steps=0, max_length=length, packing=True,
-                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, bf16=bf16,
                          include_num_input_tokens_seen="non_padding", disable_tqdm=True)  # fmt: skip
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, peft_config=lora, processing_class=tokenizer,
@@ -228,7 +230,7 @@ def job_reference(size: str, length: int, method: str, steps: int, tokens_per_st
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timed = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
     return {"tokens_per_s": timed, "tokens": marks[-1][1], "peak_rss_mb": peak,
-            "precision": "fp32" + (" (4-bit NF4 body)" if method == "qlora" else ""),
+            "precision": ("bf16 autocast" if bf16 else "fp32") + (" (4-bit NF4 body)" if method == "qlora" else ""),
             "train_loss": out.training_loss}  # fmt: skip
 
 
@@ -271,6 +273,7 @@ def run_train_point(name: str, args) -> dict:
     _, size, length, method, side = name.split(":")
     length = int(length)
     row = {"point": name, "kind": "train", "size": size, "length": length, "method": method, "side": side,
+           "job_precision": args.precision,
            "rows_per_step": rows_per_step(length, args.tokens_per_step), "load_before": load_average()}  # fmt: skip
     row["estimated_peak_gb"] = round(estimate_peak_gb(size, length, method, side, args.tokens_per_step), 1)
     free = wait_for_memory(row["estimated_peak_gb"] + args.margin_gb, args.wait_s)
@@ -283,7 +286,7 @@ def run_train_point(name: str, args) -> dict:
         return row
     build_model(size)
     cmd = [sys.executable, __file__, "--job", name, "--steps", str(args.steps), "--tokens-per-step",
-           str(args.tokens_per_step)]  # fmt: skip
+           str(args.tokens_per_step), "--precision", args.precision]  # fmt: skip
     env = allocator_environment() if side == "tunelab" else None  # what `tunelab train` restarts itself with
     t0 = time.perf_counter()
     out, why = run_guarded(cmd, env, free - args.margin_gb)
@@ -329,7 +332,7 @@ def markdown(results: list[dict]) -> str:
     """The training table (one line per size x length x method, both sides and the ratios) and the data table."""
     by = {r["point"]: r for r in results}
     lines = ["| size | length | method | rows x tokens | tunelab tokens/s | ref tokens/s | x tok/s | tunelab peak MB | "
-             "ref peak MB | x peak | load |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "ref peak MB | x peak | load | precision (tunelab; ref) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     seen = []
     for r in results:
         if r["kind"] == "train" and (key := (r["size"], r["length"], r["method"])) not in seen:
@@ -352,7 +355,8 @@ def markdown(results: list[dict]) -> str:
             f"{cell(f, 'tokens_per_s', 1)} | — |"
         )  # fmt: skip
         lines[-1] += (f" {cell(t, 'peak_rss_mb', 0)} | {cell(f, 'peak_rss_mb', 0)} | "
-                      + (f"{t['peak_rss_mb'] / f['peak_rss_mb']:.2f}" if both else "—") + f" | {load} |")  # fmt: skip
+                      + (f"{t['peak_rss_mb'] / f['peak_rss_mb']:.2f}" if both else "—") + f" | {load} | "
+                      + "; ".join(r.get("precision", "?") if ok(r) else "—" for r in (t, f)) + " |")  # fmt: skip
     data = [r for r in results if r["kind"] == "data"]
     if data:
         lines += ["", "| rows | side | seconds | rows/s | CPU ms / row | peak PSS MB (tree) | load |", "|---|---|---|---|---|---|---|"]
@@ -423,12 +427,23 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/scale", help="folder for scale.json, scale.md, scale.png")
     parser.add_argument("--work", default=tempfile.gettempdir() + "/tunelab-bench-data", help="data points' files")
     parser.add_argument("--plot", metavar="JSON", help="only redraw the table and plot from this JSON")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="both sides' precision: bf16 = tunelab model.dtype bfloat16 and TRL bf16=True on a bf16-loaded model; "
+        "auto = bf16 where the CPU has native bf16 (what model.dtype auto picks for LoRA), else fp32",
+    )
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.precision == "auto":
+        from train_speed import auto_precision  # bench/ is the script's folder: on sys.path
+
+        args.precision = auto_precision()
     if args.job:  # child: one training point, its figures as the last line
         _, size, length, method, side = args.job.split(":")
         job = job_tunelab if side == "tunelab" else job_reference
-        print(json.dumps(job(size, int(length), method, args.steps, args.tokens_per_step)))
+        print(json.dumps(job(size, int(length), method, args.steps, args.tokens_per_step, args.precision)))
         return
     names = list(dict.fromkeys(p for pat in args.points for p in all_points() if fnmatch.fnmatch(p, pat)))  # in order
     if args.list:

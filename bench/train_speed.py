@@ -408,7 +408,7 @@ def main() -> None:
     args = parser.parse_args()
     JOB["max_steps"] = args.max_steps
     JOB.update(TASKS[args.task], task=args.task, dropout=args.dropout)
-    JOB["precision"] = args.precision if args.precision != "auto" else _auto_precision()
+    JOB["precision"] = args.precision if args.precision != "auto" else auto_precision()
     if args.off:
         args.variant.append("training.accelerate=off")
 
@@ -490,7 +490,7 @@ TRL_NAMES = {"lora": "TRL SFTTrainer + PEFT", "full": "TRL SFTTrainer (no PEFT)"
              "prompt": "TRL + PEFT prompt tuning", "prefix": "TRL + PEFT prefix tuning"}  # fmt: skip
 
 
-def _auto_precision() -> str:
+def auto_precision() -> str:
     """What `model.dtype: auto` picks for LoRA training on this host's CPU: the job's precision under --precision
     auto."""
     import torch

@@ -256,16 +256,21 @@ def test_auto_trains_qlora_in_bf16_where_the_cpu_has_it(tiny_dir, data_file, tmp
     assert meta["quantization"]["compute_dtype"] == matmul
 
 
-def test_qlora_bf16_passes_run_without_autocast_to_the_autocast_losses(tiny_dir, data_file, tmp_path, capsys):
-    """QLoRA in bf16: PEFT's 4-bit LoRA layers cast around their fp32 adapters by themselves, so the passes drop
-    autocast and take the fused head and norm; the losses are autocast's (PEFT's plain forward) to bf16's rounding."""
+@pytest.mark.parametrize("method", [{"name": "qlora", "r": 4, "alpha": 8, "dropout": 0.0},
+                                    {"name": "prompt", "num_virtual_tokens": 4},
+                                    {"name": "prefix", "num_virtual_tokens": 4}], ids=lambda m: m["name"])  # fmt: skip
+def test_peft_layers_that_cast_by_themselves_run_bf16_passes_to_the_autocast_losses(tiny_dir, data_file, tmp_path,
+                                                                                  capsys, method):  # fmt: skip
+    """PEFT's 4-bit LoRA layers cast around their fp32 adapters by themselves (qlora), and PEFT casts a soft prompt
+    or a key/value prefix to the model's bf16 as it enters: the passes drop autocast and take the fused head and
+    norm; the losses are autocast's (PEFT's plain forward) to bf16's rounding."""
     raw = _cfg(tiny_dir, data_file, tmp_path / "fast", "bfloat16", pass_threads=1).model_dump(mode="json")
-    qlora = {"name": "qlora", "r": 4, "alpha": 8, "dropout": 0.0}
-    fast, fast_losses = _train(load_config({**raw, "method": qlora}))
+    raw["training"]["lr"] = 1e-2 if method["name"] != "qlora" else raw["training"]["lr"]
+    fast, fast_losses = _train(load_config({**raw, "method": method}))
     log = capsys.readouterr().err
     assert fast.metrics["precision"] == "bfloat16, fp32 master weights"
     assert "bf16 passes without autocast (fp32 master weights)" in log and "fused LM head + cross-entropy" in log
-    plain = load_config({**raw, "output_dir": str(tmp_path / "plain"), "method": qlora,
+    plain = load_config({**raw, "output_dir": str(tmp_path / "plain"), "method": method,
                          "training": {**raw["training"], "accelerate": "off"}})  # fmt: skip
     slow, slow_losses = _train(plain)
     assert slow.metrics["precision"] == "bfloat16 autocast, fp32 master weights"

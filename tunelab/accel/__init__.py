@@ -15,7 +15,7 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 
 | piece | module | what it does | it stays off when |
 |---|---|---|---|
-| bf16 passes | (the pieces above) | under bf16 mixed precision on a CPU, the passes run without autocast: fast LoRA (or PEFT's LoRA over a 4-bit base, qlora), the norm and the fused head in bf16 by themselves, fp32 master weights | not a CPU, a weight trains outside the LoRA layers (full, prompt, a trained head, DoRA), a frozen weight not in bf16, accelerate: off |
+| bf16 passes | (the pieces above) | under bf16 mixed precision on a CPU, the passes run without autocast: fast LoRA (or PEFT's LoRA over a 4-bit base, qlora; or PEFT's soft prompt / prefix, cast to bf16 as they enter), the norm and the fused head in bf16 by themselves, fp32 master weights | not a CPU, a weight trains elsewhere (full, a trained head, DoRA), a frozen weight not in bf16, accelerate: off |
 | fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one; in bf16 passes too | a variant (DoRA), several active adapters, a non-Linear base, a 4-bit base (qlora), bf16 autocast |
 | fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward | the norm is another formula |
 | packed attention | attention.py | one causal attention call per packed example | data.packing off, attention not SDPA |
@@ -29,7 +29,8 @@ loop would run its passes under `torch.autocast`, where fast LoRA and the fused 
 cannot run (autocast's state is per thread). When every weight that trains is a fast LoRA layer's A or B (fp32
 master weights) and every frozen weight is bf16, nothing in a pass needs autocast: fast LoRA computes in bf16
 with A and B cast for its products and dA, dB returned in fp32 (QLoRA: PEFT's 4-bit LoRA layer, its 4-bit matmul
-in bf16 and its A, B products in fp32 on the input cast up, the output cast down), the norm and the head's log-sum-exp compute in
+in bf16 and its A, B products in fp32 on the input cast up, the output cast down; prompt and prefix tuning: PEFT
+casts the virtual tokens' embeddings or keys and values to bf16 as they enter), the norm and the head's log-sum-exp compute in
 fp32 inside, and every other layer is a bf16 module on a bf16 input. `prepare` then sets `autocast` False and
 the loop drops it (`Speed.autocast`).
 
@@ -198,7 +199,7 @@ def _needs_autocast(model, device) -> str | None:
     itself (module doc: bf16 passes). Call it after `fast_lora.enable`."""
     if device.type != "cpu":
         return f"{device.type} keeps autocast (bf16 passes are built and measured on CPUs)"
-    covered = {id(t) for t in [*fast_lora.bf16_adapters(model), *_bf16_4bit_adapters(model)]}
+    covered = {id(t) for t in [*fast_lora.bf16_adapters(model), *_bf16_4bit_adapters(model), *_virtual_tokens(model)]}
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in covered:
             return f"{name} trains outside the fast LoRA layers (method.name: lora with a plain adapter takes it)"
@@ -223,6 +224,18 @@ def _bf16_4bit_adapters(model) -> list[torch.Tensor]:
         if name in m.lora_A and name not in getattr(m, "lora_variant", {}) and m.base_layer.compute_dtype == torch.bfloat16:
             found += [m.lora_A[name].weight, m.lora_B[name].weight]
     return found
+
+
+def _virtual_tokens(model) -> list[torch.Tensor]:
+    """The trained weights of PEFT prompt or prefix tuning: PEFT casts the soft prompt to the input embeddings' dtype
+    (prompt) and the key/value prefix to the base model's (prefix) before they enter the model, so a bf16 model's
+    pass stays bf16 after them and the fp32 weights get fp32 gradients through the cast."""
+    peft_cfg = getattr(model, "active_peft_config", None)
+    if getattr(peft_cfg, "peft_type", None) not in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        return []
+    if peft_cfg.peft_type == "PREFIX_TUNING" and getattr(model, "base_model_torch_dtype", None) != torch.bfloat16:
+        return []
+    return [p for p in model.prompt_encoder.parameters() if p.requires_grad]
 
 
 def check(tcfg, device, multi: bool) -> None:
