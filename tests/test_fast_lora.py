@@ -205,3 +205,34 @@ def test_dropout_under_gradient_checkpointing_is_peft_dropout(monkeypatch):
         grads.append(_grads(m, lm_batch(2, 40))[1])
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_over_a_4bit_base_adds_the_adapter_in_place_with_pefts_loss_and_gradients(monkeypatch, dtype):
+    """qlora: the base's own 4-bit matmul, the adapter's products added in place (`_AddLowRank`) against PEFT's
+    4-bit LoRA layer: fp32 to float rounding; bf16 (fp32 master weights, PEFT then computing the adapter in fp32 on
+    x cast up) to bf16's rounding of the adapter's products."""
+    torch.manual_seed(0)
+    method = get("qlora")
+    model = method.apply(tiny_llama().to(dtype), method.Config(r=4, alpha=8, dropout=0.0, compute_dtype="auto"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    slow = copy.deepcopy(model)
+    assert fast_lora.enable_4bit(model) == 14 and fast_lora.enable_4bit(model) == 0  # 2 layers x 7, once
+    calls = []
+    real = fast_lora._AddLowRank.apply
+    monkeypatch.setattr(fast_lora._AddLowRank, "apply", lambda *a: calls.append(1) or real(*a))
+    batch = lm_batch(4, 40)
+    loss_fast, g_fast = _grads(model, batch)
+    loss_peft, g_peft = _grads(slow, batch)
+    assert len(calls) == 14 and g_fast.keys() == g_peft.keys() and len(g_fast) == 28
+    assert all(g.dtype == torch.float32 for g in g_fast.values())  # fp32 master weights either way
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert loss_fast == pytest.approx(loss_peft, rel=tol)
+    for k in g_fast:
+        assert float((g_fast[k] - g_peft[k]).norm() / g_peft[k].norm()) < (1e-4 if dtype == torch.float32 else 5e-2), k
+    model.eval()  # evaluation and generation take it too, without autograd
+    with torch.no_grad():
+        fast, plain = model(**batch).logits.float(), slow.eval()(**batch).logits.float()
+    assert float((fast - plain).norm() / plain.norm()) < tol

@@ -113,8 +113,9 @@ class Speed:
                 skip("fast LoRA: bf16 autocast; PEFT's own forward runs (model.dtype: float32 takes it)")
             else:
                 self.pieces.append(f"fast LoRA ({n} layers)")
-        elif getattr(unwrap(model), "is_loaded_in_4bit", False):
-            skip("fast LoRA: a 4-bit base (qlora); PEFT's own 4-bit LoRA layers run (method.name: lora takes it)")
+        elif getattr(unwrap(model), "is_loaded_in_4bit", False) and (n4 := fast_lora.enable_4bit(model)):
+            self.pieces.append(f"LoRA over 4-bit bases: the adapter added in place ({n4} layers; PEFT's forward with "
+                               "LoRA dropout)")
         if n := norm.install(model):
             self.pieces.append(f"fused RMSNorm ({n})")
         elif norms := sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Norm")}):

@@ -328,6 +328,80 @@ def _fast_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(x, *(t for p in parts for t in p))
 
 
+class _AddLowRank(torch.autograd.Function):
+    """out += s (x A^T) B^T in place, for a LoRA layer whose base output `out` was made by its own (4-bit) layer:
+    A and B cast to x's dtype for the products (fp32 master weights of a bf16 pass), x and x A^T kept, dA and dB
+    returned in the adapter's dtype. PEFT's 4-bit LoRA layer instead clones the output, and outside autocast
+    casts x to fp32 for the adapter (a second, fp32 copy of every adapted layer's input kept for the backward:
+    +0.24 GB on the 1.7B config) and the product back."""
+
+    @staticmethod
+    def forward(ctx, out, x, lora_a, lora_b, scale):
+        x2 = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        xa = x2 @ a.t()
+        out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scale)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, lora_a, lora_b, xa)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, lora_a, lora_b, xa = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        g_b = g @ b  # [rows, r]
+        grad_x = (g_b @ a).mul_(ctx.scale).view(x.shape) if ctx.needs_input_grad[1] else None
+        grad_a = g_b.t().mm(x.reshape(-1, x.shape[-1])).to(lora_a.dtype).mul_(ctx.scale)
+        grad_b = xa.t().mm(g).to(lora_b.dtype).mul_(ctx.scale).t().contiguous()
+        return grad, grad_x, grad_a, grad_b, None
+
+
+def _fast_4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """PEFT's LoRA over a bitsandbytes 4-bit base (qlora): the base's own 4-bit matmul, then the adapter added in
+    place by `_AddLowRank`; anything else (dropout in training, variants, several adapters, autocast, an input not
+    in the base's compute dtype) runs PEFT's forward."""
+    if args or kwargs or _4bit_reason(self) is not None or torch.is_autocast_enabled(x.device.type):
+        return self._peft_forward(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    drop = self.lora_dropout[name]
+    if (drop.training and getattr(drop, "p", 0.0)) or x.dtype != self.base_layer.compute_dtype:
+        return self._peft_forward(x)
+    if not adapter_fits(a.dtype, x.dtype) or a.dtype != b.dtype:
+        return self._peft_forward(x)
+    return _AddLowRank.apply(self.base_layer(x), x, a, b, self.scaling[name])
+
+
+def _4bit_reason(layer) -> str | None:
+    """Why a PEFT 4-bit LoRA layer takes PEFT's own forward whatever its input, or None."""
+    active = layer.active_adapters
+    if layer.disable_adapters or layer.merged:
+        return "adapters disabled or merged"
+    if len(active) != 1 or active[0] not in layer.lora_A:
+        return "several active adapters"
+    if active[0] in getattr(layer, "lora_variant", {}):
+        return "a LoRA variant"
+    return None
+
+
+def enable_4bit(model) -> int:
+    """Route every PEFT LoRA layer over a bitsandbytes 4-bit base (qlora) through `_fast_4bit_forward`; returns
+    how many."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as Lora4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layer either
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Lora4bit) and not hasattr(module, "_peft_forward"):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_fast_4bit_forward, module)
+            n += 1
+    return n
+
+
 def _is_swiglu(module: nn.Module) -> bool:
     from transformers.activations import SiLUActivation
 
