@@ -328,3 +328,21 @@ def test_dpo_widens_the_margin_against_an_unchanged_reference(tiny_dir, files, t
     for v in matching:
         assert torch.allclose(v, expected, atol=1e-4)
     assert (trained - expected).abs().max() > 0.5
+
+
+def test_reward_in_bf16_runs_bf16_passes_to_the_autocast_runs_losses(tiny_dir, files, tmp_path, capsys):
+    """The score head trains whole in fp32 (master weights) on a bf16 backbone: its input is cast up, so the passes
+    drop autocast (fast LoRA, the fused norm, thread shares), follow the autocast run's first steps to bf16's
+    rounding (at lr 1e-2 the two then drift apart as fp32 and autocast do), and learn the preference."""
+    losses = {}
+    for name, accelerate in (("fast", "auto"), ("plain", "off")):  # the same schedule: 30 steps each
+        cfg = make_cfg("reward", tiny_dir, files, tmp_path / name, accelerate=accelerate)
+        cfg.model.dtype = "bfloat16"
+        m = tunelab.train(cfg).metrics
+        losses[name] = [r["loss"] for r in metrics_lines(tmp_path / name) if "loss" in r]
+        if name == "fast":
+            assert m["precision"] == "bfloat16, fp32 master weights" and "fast LoRA" in capsys.readouterr().err
+            assert m["pairwise_accuracy"] > 0.9 and m["eval_loss"] < 0.5 * m["eval_loss_before"], m
+        else:
+            assert m["precision"] == "bfloat16 autocast, fp32 master weights"
+    assert losses["fast"][:3] == pytest.approx(losses["plain"][:3], rel=0.01), losses

@@ -50,7 +50,7 @@ import torch
 
 from tunelab.accel import attention, compact, fast_lora, head, memory, norm, threads
 from tunelab.accel.threads import sharded_step
-from tunelab.models.loading import compute_dtype, unwrap
+from tunelab.models.loading import TASK_HEADS, compute_dtype, unwrap
 from tunelab.models.loss import backbone_and_head, virtual_token_split
 
 __all__ = ["Speed", "check", "sharded_step", "start"]
@@ -103,6 +103,8 @@ class Speed:
         n = fast_lora.enable(model) if routed else 0
         if autocast and not (why := _needs_autocast(model, self.device)):
             self.autocast = False
+            for trained in _trained_heads(model):  # fp32 master weights on the bf16 backbone's output
+                trained.register_forward_pre_hook(_input_in_weight_dtype)
             self.pieces.append("bf16 passes without autocast (fp32 master weights)")
         elif autocast:
             skip(f"bf16 passes without autocast: {why}; the passes run under bf16 autocast")
@@ -200,13 +202,14 @@ def _needs_autocast(model, device) -> str | None:
     itself (module doc: bf16 passes). Call it after `fast_lora.enable`."""
     if device.type != "cpu":
         return f"{device.type} keeps autocast (bf16 passes are built and measured on CPUs)"
-    covered = {id(t) for t in [*fast_lora.bf16_adapters(model), *_bf16_4bit_adapters(model), *_virtual_tokens(model)]}
+    adapters = [*fast_lora.bf16_adapters(model), *_bf16_4bit_adapters(model), *_virtual_tokens(model)]
+    covered = {id(t) for t in [*adapters, *(p for h in _trained_heads(model) for p in h.parameters())]}
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in covered:
             return f"{name} trains outside the fast LoRA layers (method.name: lora with a plain adapter takes it)"
         if not p.requires_grad and p.is_floating_point() and p.dtype != torch.bfloat16:
             return f"the frozen {name} is {str(p.dtype).removeprefix('torch.')}, not bf16 (no setting)"
-    return None if covered else "no LoRA layer takes fast LoRA in bf16"
+    return None if adapters else "no LoRA layer takes fast LoRA in bf16"
 
 
 def _bf16_4bit_adapters(model) -> list[torch.Tensor]:
@@ -237,6 +240,17 @@ def _virtual_tokens(model) -> list[torch.Tensor]:
     if peft_cfg.peft_type == "PREFIX_TUNING" and getattr(model, "base_model_torch_dtype", None) != torch.bfloat16:
         return []
     return [p for p in model.prompt_encoder.parameters() if p.requires_grad]
+
+
+def _trained_heads(model) -> list[torch.nn.Linear]:
+    """The task heads that train whole (reward's `score`, a classifier: PEFT's modules_to_save copy) in fp32: in a
+    bf16 pass their input is cast up to their weight's dtype (`_input_in_weight_dtype`), a [tokens, hidden] cast."""
+    return [m for name, m in model.named_modules() if type(m) is torch.nn.Linear and m.weight.requires_grad
+            and m.weight.dtype == torch.float32 and set(name.split(".")) & set(TASK_HEADS)]  # fmt: skip
+
+
+def _input_in_weight_dtype(module, args):
+    return (args[0].to(module.weight.dtype), *args[1:])
 
 
 def check(tcfg, device, multi: bool) -> None:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from tunelab.methods.base import Capabilities, MethodConfig, MethodError, freeze_all
+from tunelab.models.loading import TASK_HEADS
 
 if TYPE_CHECKING:  # torch is imported where a model is changed: the config reads `Config` without it
     from torch import nn
@@ -87,7 +88,6 @@ SITES: dict[str, dict[str, list[str]]] = {
 
 # heads that a *For{SequenceClassification,...} model adds fresh (random) on top of the encoder
 _HEAD_SUFFIXES = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
-_HEAD_NAMES = ("classifier", "score", "qa_outputs")
 
 
 class Config(MethodConfig):
@@ -211,7 +211,7 @@ def _head_params(model, train_head: bool | None) -> list[str]:
         return []
     names = []
     if type(model).__name__.endswith(_HEAD_SUFFIXES):
-        for attr in _HEAD_NAMES:
+        for attr in TASK_HEADS:
             head = getattr(model, attr, None)
             if isinstance(head, nn.Module):
                 names += [f"{attr}.{n}" for n, _ in head.named_parameters()]

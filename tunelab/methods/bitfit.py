@@ -40,6 +40,7 @@ from typing import Literal
 from pydantic import Field
 
 from tunelab.methods.base import Capabilities, MethodConfig, MethodError, freeze_all
+from tunelab.models.loading import TASK_HEADS
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ INFERENCE_COST = "none (the biases are part of the linear layers)"
 
 WEIGHTS_FILE = "bitfit.safetensors"
 META_FILE = "bitfit.json"
-TASK_HEADS = ("classifier", "score", "qa_outputs")
 # config flags that switch on biases in architectures that have them optional (Llama, Mistral, Qwen2 ...)
 _BIAS_FLAGS = ("attention_bias", "mlp_bias")
 

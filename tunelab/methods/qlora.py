@@ -10,7 +10,8 @@ LoRA layer. Only A, B (and a new task head) train; the 4-bit codes never change.
 Compute dtype (`compute_dtype: auto`): bfloat16 on CUDA; on a CPU the model's dtype, which the training loop
 makes bf16 (bf16 passes, fp32 master weights) where the CPU has native bf16 and fp32 elsewhere; the weights
 are dequantized block by block to that dtype inside each matmul. On the 1.7B config with AMX, bf16 ran
-3.1x fp32's tokens/s at 0.79x its peak memory (docs/performance.md). Without native bf16 a 4-bit layer is
+3.1x fp32's tokens/s at 0.79x its peak memory; with tunelab/accel's bf16 passes (no autocast: the adapter added
+in place in bf16, the fused head) 0.57x LoRA's peak (docs/performance.md). Without native bf16 a 4-bit layer is
 *slower* per step than a plain one on CPU: QLoRA buys memory, not speed.
 
 Shapes: bitsandbytes (>= 0.50) quantizes the flattened weight in blocks of 64 values and pads the
@@ -47,7 +48,7 @@ from pydantic import Field
 
 from tunelab.methods import lora
 from tunelab.methods.base import Capabilities, MethodError, freeze_all, wrap_peft
-from tunelab.models.loading import unwrap
+from tunelab.models.loading import TASK_HEADS, unwrap
 
 if TYPE_CHECKING:  # torch is imported where a model is changed: the config reads `Config` without it
     import torch
@@ -63,7 +64,6 @@ INFERENCE_COST = (
 
 META_FILE = "tunelab_qlora.json"
 BLOCKSIZE = 64  # bitsandbytes' default NF4 block size (QLoRA paper: 64 weights per absmax constant)
-TASK_HEADS = ("classifier", "score", "qa_outputs")  # freshly added task heads: never quantized
 
 
 class Config(lora.Config):

@@ -31,6 +31,11 @@ CHATML_TEMPLATE = (
 )
 
 
+# the attribute names of the task heads transformers' *ForSequenceClassification / *ForTokenClassification /
+# *ForQuestionAnswering classes add fresh (random) on a backbone: trained whole, never quantised or compacted
+TASK_HEADS = ("classifier", "score", "qa_outputs")
+
+
 def unwrap(model):
     """The transformers model inside a PEFT wrapper, or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model

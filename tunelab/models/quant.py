@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-TASK_HEADS = ("classifier", "score", "qa_outputs")  # freshly added task heads: kept in full precision
+from tunelab.models.loading import TASK_HEADS
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
