@@ -111,8 +111,10 @@ def rows_per_step(length: int, tokens_per_step: int) -> int:
     return max(1, tokens_per_step // length)
 
 
-def estimate_peak_gb(size: str, length: int, method: str, side: str, tokens_per_step: int) -> float:
-    """A rough upper estimate of a training point's peak RSS, for the guard: it has to tell 5 GB from 25."""
+def estimate_peak_gb(size: str, length: int, method: str, side: str, tokens_per_step: int, precision: str = "fp32") -> float:
+    """A rough upper estimate of a training point's peak RSS, for the guard: it has to tell 5 GB from 25. In bf16
+    the frozen weights and what a pass keeps take 2 bytes a value."""
+    width = 2 if precision == "bf16" else 4
     c = SIZES[size]
     total, table = parameters(size)
     body = total - table
@@ -120,9 +122,9 @@ def estimate_peak_gb(size: str, length: int, method: str, side: str, tokens_per_
     tokens = rows_per_step(length, tokens_per_step) * length
     if method == "qlora":  # 4-bit body (+ constants), fp32 token table; the reference loads through bf16
         weights = body * 0.55 + table * 4 + (body * 2 if side == "ref" else 0)
-    else:  # fp32 while loading on both sides (tunelab compacts to bf16 afterwards)
-        weights = total * 4
-    per_token_layer = (6 * h + 4 * i) * 4  # what a pass keeps per token and layer without checkpointing
+    else:  # fp32 while loading on both sides (tunelab compacts to bf16 afterwards), or bf16
+        weights = total * width
+    per_token_layer = (6 * h + 4 * i) * width  # what a pass keeps per token and layer without checkpointing
     acts = tokens * layers * per_token_layer
     if side == "ref":  # TRL checkpoints by default: one hidden state a layer + one layer's share
         acts = tokens * (layers * h * 4 + per_token_layer)
@@ -275,7 +277,7 @@ def run_train_point(name: str, args) -> dict:
     row = {"point": name, "kind": "train", "size": size, "length": length, "method": method, "side": side,
            "job_precision": args.precision,
            "rows_per_step": rows_per_step(length, args.tokens_per_step), "load_before": load_average()}  # fmt: skip
-    row["estimated_peak_gb"] = round(estimate_peak_gb(size, length, method, side, args.tokens_per_step), 1)
+    row["estimated_peak_gb"] = round(estimate_peak_gb(size, length, method, side, args.tokens_per_step, args.precision), 1)
     free = wait_for_memory(row["estimated_peak_gb"] + args.margin_gb, args.wait_s)
     row["available_gb"] = round(free, 1)
     if size == "1.7b" and free < args.min_free_gb_big:

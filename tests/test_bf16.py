@@ -239,6 +239,21 @@ def test_auto_trains_lora_in_bf16_only_where_the_cpu_has_it(tiny_dir, data_file,
     assert off.metrics["precision"] == "float32"  # no bf16 passes without tunelab/accel: fp32, as measured
 
 
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_auto_trains_prompt_and_prefix_in_bf16_passes_where_the_cpu_has_it(tiny_dir, data_file, tmp_path, monkeypatch,
+                                                                          method):  # fmt: skip
+    from tunelab.models import precision
+
+    monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)
+    monkeypatch.setattr(precision, "cpu_flags", lambda *a: {"avx2", "avx512f", "amx_bf16"})
+    raw = _cfg(tiny_dir, data_file, tmp_path / "run", "auto", max_steps=2).model_dump(mode="json")
+    result, _ = _train(load_config({**raw, "method": {"name": method, "num_virtual_tokens": 4}}))
+    assert result.metrics["precision"] == "bfloat16, fp32 master weights"
+    raw["training"]["accelerate"] = "off"  # no bf16 passes without tunelab/accel: fp32, as measured
+    off, _ = _train(load_config({**raw, "output_dir": str(tmp_path / "off"), "method": {"name": method}}))
+    assert off.metrics["precision"] == "float32"
+
+
 @pytest.mark.parametrize("flags, chosen, matmul", [({"avx2", "avx512f", "amx_bf16"}, "bfloat16, fp32 master weights", "bfloat16"),
                                                    ({"avx2", "avx512f"}, "float32", "float32")])  # fmt: skip
 def test_auto_trains_qlora_in_bf16_where_the_cpu_has_it(tiny_dir, data_file, tmp_path, monkeypatch, flags, chosen,

@@ -54,7 +54,7 @@ def test_auto_keeps_fp32_on_cpus_until_bf16_is_measured_faster(monkeypatch):
     assert "avx512_bf16" in p.reason
     assert not choose_precision("auto", "cpu", cpu_flags(ZEN3), lora=True).autocast  # emulated stays fp32
     p = choose_precision("auto", "cpu", cpu_flags(ZEN4))  # not a LoRA training run (a load to chat, full ...)
-    assert p.dtype == torch.float32 and "measured faster for LoRA (training.accelerate: auto) and QLoRA" in p.reason
+    assert p.dtype == torch.float32 and "measured faster for LoRA, prompt and prefix tuning" in p.reason
 
 
 def test_explicit_settings_and_cuda(monkeypatch):

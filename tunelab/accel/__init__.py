@@ -15,8 +15,8 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 
 | piece | module | what it does | it stays off when |
 |---|---|---|---|
-| bf16 passes | (the pieces above) | under bf16 mixed precision on a CPU, the passes run without autocast: fast LoRA (or PEFT's LoRA over a 4-bit base, qlora; or PEFT's soft prompt / prefix, cast to bf16 as they enter), the norm and the fused head in bf16 by themselves, fp32 master weights | not a CPU, a weight trains elsewhere (full, a trained head, DoRA), a frozen weight not in bf16, accelerate: off |
-| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one; in bf16 passes too | a variant (DoRA), several active adapters, a non-Linear base, a 4-bit base (qlora), bf16 autocast |
+| bf16 passes | (the pieces above) | under bf16 mixed precision on a CPU, the passes run without autocast: fast LoRA (or PEFT's LoRA over a 4-bit base, qlora; or PEFT's soft prompt / prefix, cast to bf16 as they enter), the norm and the fused head in bf16 by themselves, fp32 master weights | not a CPU, a weight trains elsewhere (full, DoRA), a frozen weight not in bf16, accelerate: off |
+| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one; in bf16 passes too; over a 4-bit base (qlora) the adapter added in place | a variant (DoRA), several active adapters, a non-Linear base, bf16 autocast; qlora: no fold or fused MLP, and PEFT's forward with LoRA dropout |
 | fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward | the norm is another formula |
 | packed attention | attention.py | one causal attention call per packed example | data.packing off, attention not SDPA |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept | a head with a bias, autocast |
@@ -28,9 +28,10 @@ bf16 passes: under `model.dtype: bfloat16` (or `auto` on a CPU with native bf16)
 loop would run its passes under `torch.autocast`, where fast LoRA and the fused head step aside and thread shares
 cannot run (autocast's state is per thread). When every weight that trains is a fast LoRA layer's A or B (fp32
 master weights) and every frozen weight is bf16, nothing in a pass needs autocast: fast LoRA computes in bf16
-with A and B cast for its products and dA, dB returned in fp32 (QLoRA: PEFT's 4-bit LoRA layer, its 4-bit matmul
-in bf16 and its A, B products in fp32 on the input cast up, the output cast down; prompt and prefix tuning: PEFT
-casts the virtual tokens' embeddings or keys and values to bf16 as they enter), the norm and the head's log-sum-exp compute in
+with A and B cast for its products and dA, dB returned in fp32 (QLoRA: the 4-bit layer's own matmul in bf16, the
+adapter added into its output in place, A and B cast likewise; prompt and prefix tuning: PEFT casts the virtual
+tokens' embeddings or keys and values to bf16 as they enter; a task head that trains whole: its input cast up to
+its fp32 weight), the norm and the head's log-sum-exp compute in
 fp32 inside, and every other layer is a bf16 module on a bf16 input. `prepare` then sets `autocast` False and
 the loop drops it (`Speed.autocast`).
 
@@ -214,8 +215,9 @@ def _needs_autocast(model, device) -> str | None:
 
 def _bf16_4bit_adapters(model) -> list[torch.Tensor]:
     """The A and B weights of PEFT's LoRA layers over a bitsandbytes 4-bit base (qlora) whose matmuls run in bf16:
-    without autocast PEFT casts the layer's input to the adapter's dtype for A and B and the branch's output back
-    to the base's (its `requires_conversion`), so a bf16 pass stays bf16 around them and A, B get fp32 gradients."""
+    fast_lora adds the adapter in place in bf16 (`enable_4bit`), and where it steps aside (LoRA dropout) PEFT casts
+    the layer's input to the adapter's dtype and the branch's output back (its `requires_conversion`), so a bf16
+    pass stays bf16 around them either way and A, B get fp32 gradients."""
     try:
         from peft.tuners.lora.bnb import Linear4bit as Lora4bit
     except ImportError:  # no bitsandbytes: no 4-bit layer either

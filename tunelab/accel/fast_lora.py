@@ -44,8 +44,13 @@ numbers) and returns dA and dB in fp32, which is how autocast treats PEFT's forw
 folded, since W + s B A rounded to bf16 (8 bits of mantissa) would drop every element of s B A under half a
 unit of W's last place, early in training all of them.
 
+A 4-bit base (qlora, bitsandbytes) is not folded or fused: its layer's own 4-bit matmul runs, and the adapter's
+two products are added into that output in place (`_AddLowRank`, A and B cast to the input's dtype as above),
+where PEFT's 4-bit layer clones the output and, outside autocast, computes the adapter in fp32 on the input cast up
+(an fp32 copy of every adapted input kept for the backward pass). LoRA dropout there takes PEFT's forward.
+
 Anything this path does not cover (DoRA and other variants, several active adapters,
-quantised or non-Linear bases, autocast, a trainable base weight, merged or disabled adapters) goes
+non-Linear bases, autocast, a trainable base weight, merged or disabled adapters) goes
 through PEFT's own forward unchanged, so saved adapters, `disable_adapter()` and merging behave
 exactly as in PEFT. Why not a library: no maintained CPU kernel for this exists (Unsloth's fused
 LoRA and SwiGLU kernels are Triton / CUDA only).
@@ -393,13 +398,16 @@ def enable_4bit(model) -> int:
         from peft.tuners.lora.bnb import Linear4bit as Lora4bit
     except ImportError:  # no bitsandbytes: no 4-bit layer either
         return 0
-    n = 0
-    for module in model.modules():
-        if isinstance(module, Lora4bit) and not hasattr(module, "_peft_forward"):
-            module._peft_forward = module.forward
-            module.forward = types.MethodType(_fast_4bit_forward, module)
-            n += 1
-    return n
+    return sum(_route(m, "_peft_forward", _fast_4bit_forward) for m in model.modules() if isinstance(m, Lora4bit))
+
+
+def _route(module: nn.Module, saved: str, forward) -> bool:
+    """Give `module` `forward` as its forward, its own kept as `saved` (once: False when it was routed before)."""
+    if hasattr(module, saved):
+        return False
+    setattr(module, saved, module.forward)
+    module.forward = types.MethodType(forward, module)
+    return True
 
 
 def _is_swiglu(module: nn.Module) -> bool:
@@ -472,11 +480,8 @@ def enable(model) -> int:
 
     n = 0
     for module in model.modules():
-        if isinstance(module, LoraLinear) and not hasattr(module, "_peft_forward"):
-            module._peft_forward = module.forward
-            module.forward = types.MethodType(_fast_forward, module)
-            n += 1
-        elif _is_swiglu(module) and not hasattr(module, "_plain_forward"):
-            module._plain_forward = module.forward
-            module.forward = types.MethodType(_fast_mlp_forward, module)
+        if isinstance(module, LoraLinear):
+            n += _route(module, "_peft_forward", _fast_forward)
+        elif _is_swiglu(module):
+            _route(module, "_plain_forward", _fast_mlp_forward)
     return n

@@ -1,14 +1,14 @@
 """Which precision a run computes in: `model.dtype` resolved against the device, with the reason.
 
     auto      CUDA with bf16: bf16 weights, bf16 autocast, trainable weights kept in fp32 (master weights).
-              A CPU with native bf16 (see below), for LoRA training with `training.accelerate: auto`: bf16
-              frozen weights, fp32 master weights, the passes in bf16 (tunelab/accel's bf16 passes, no
-              autocast); for QLoRA training: bf16 autocast and 4-bit matmuls in bf16. Any other CPU load
-              (other methods, chat, export, a CPU without native bf16): fp32.
+              A CPU with native bf16 (see below), for LoRA, prompt or prefix training with
+              `training.accelerate: auto`, and QLoRA training: bf16 frozen weights (4-bit matmuls in bf16),
+              fp32 master weights, the passes in bf16 (tunelab/accel's bf16 passes, no autocast). Any other
+              CPU load (full fine-tuning and the other methods, chat, export, a CPU without native bf16): fp32.
               Elsewhere (MPS, old GPUs): fp32.
     bfloat16  the same mixed precision on any device: frozen weights stored in bf16, the weights that train
               in fp32; the passes under `torch.autocast`, or on a CPU in bf16 by themselves where
-              tunelab/accel covers every layer that trains (plain LoRA). On a CPU without native bf16 every
+              tunelab/accel covers every layer that trains (LoRA, QLoRA, prompt, prefix, a task head). On a CPU without native bf16 every
               bf16 matmul is emulated (~250x slower); the log says so.
     float32   fp32 throughout.
     float16   fp16 weights (autocast in fp16 on CUDA only).
@@ -22,9 +22,10 @@ Why `auto` takes bf16 on such a CPU for LoRA training, and only there: measured 
 Xeon (`amx_bf16`, 2 threads, a busy machine), the bench's LoRA SFT job ran at 1.35-1.94x fp32's tokens/s in
 bf16 passes (three rounds), to the same held-out loss within 0.4% (docs/performance.md, "bf16 on a CPU"); QLoRA
 on the 1.7B config ran at 3.1x fp32's tokens/s at 0.79x its peak memory, and on the default model (40 steps
-of alpaca rows) at 2.0x to a held-out loss 0.26% above fp32's. Nothing else is measured: full
-fine-tuning and the other methods run under autocast with the speed pieces aside, an fp32 checkpoint would
-lose bits loading into bf16, and a result loaded to chat or export keeps fp32. The training loop says which
+of alpaca rows) at 2.0x to a held-out loss 0.26% above fp32's; prompt tuning on the bench job at 1.73x fp32's
+tokens/s to the same held-out loss (prefix: docs/performance.md). Full fine-tuning is not taken: it runs under
+autocast with the speed pieces aside (measured 1.77x TRL's bf16 but not against tunelab's fp32), an fp32
+checkpoint would lose bits loading into bf16, and a result loaded to chat or export keeps fp32. The training loop says which
 kind of run it is (`choose_precision(..., lora=True)`); the loader alone resolves `auto` to fp32 on a CPU.
 `CPU_BF16_AUTO = False` (or TUNELAB_CPU_BF16_AUTO=0 in the environment) turns the choice off.
 """
@@ -117,13 +118,14 @@ def choose_precision(setting: str, device, flags: set[str] | None = None, lora: 
         if device.type == "cuda" and native:
             return Precision(torch.bfloat16, True, f"model.dtype auto: {why}")
         if device.type == "cpu" and native and CPU_BF16_AUTO and lora:
-            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}; LoRA / QLoRA train in bf16 passes")
+            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}; LoRA / QLoRA / prompt / prefix train in "
+                             "bf16 passes")
         if device.type == "cpu" and native and CPU_BF16_AUTO:
             return Precision(
                 torch.float32,
                 False,
-                f"model.dtype auto: fp32; {why}, but bf16 is measured faster for LoRA (training.accelerate: auto) "
-                "and QLoRA training only: model.dtype: bfloat16 asks for it",
+                f"model.dtype auto: fp32; {why}, but bf16 is measured faster for LoRA, prompt and prefix tuning "
+                "(training.accelerate: auto) and QLoRA training only: model.dtype: bfloat16 asks for it",
             )
         if device.type == "cpu" and native:
             return Precision(

@@ -120,10 +120,12 @@ def train(
     device = dist.device
     speed = accel.start(tcfg, device)  # accel: the allocator's settings, before the model loads
     method = get_method(cfg.method.name)
-    adapters_on_frozen = (cfg.method.name == "lora" and speed.on) or cfg.method.name == "qlora"
+    # the runs whose bf16 passes are measured faster on a CPU (docs/performance.md): LoRA, prompt and prefix tuning
+    # on tunelab/accel's passes, QLoRA (bitsandbytes' 4-bit matmuls in bf16)
+    adapters_on_frozen = (cfg.method.name in ("lora", "prompt", "prefix") and speed.on) or cfg.method.name == "qlora"
     precision = choose_precision(cfg.model.dtype, device, lora=adapters_on_frozen)
-    # this run's loads and passes take `auto` as resolved for it (LoRA and QLoRA may train in bf16 on a CPU with
-    # native bf16); the result keeps `auto`, for whatever host loads it next
+    # this run's loads and passes take `auto` as resolved for it (LoRA, QLoRA, prompt and prefix tuning may train in
+    # bf16 on a CPU with native bf16); the result keeps `auto`, for whatever host loads it next
     loaded = resolved_dtype(cfg, precision)
     # qlora: the base read straight into 4-bit; lora (accel): its frozen linears straight into their compact form
     with loading_into(method.load_plan(cfg.method, device) or speed.load_plan(loaded, dist.multi)):
