@@ -94,3 +94,15 @@ print(json.dumps([qlora, lora, is_bnb_available(), blocked, skip_unused_imports(
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     # qlora: left alone; lora: done, so peft finds no bitsandbytes; once peft is in, nothing more is done
     assert json.loads(out.strip().splitlines()[-1]) == [False, True, False, True, False]
+
+
+@needs_tbb
+def test_the_cache_cleaner_runs_on_tbbmalloc_only():
+    """After each step the loop hands tbbmalloc's cached blocks back; on glibc there is nothing to call."""
+    assert memory.active_allocator() == "system" and memory.cache_cleaner() is None
+    code = ("import torch; from tunelab.accel import memory; clean = memory.cache_cleaner(); "
+            "x = torch.ones(2**25); del x; print(memory.active_allocator(), clean())")  # fmt: skip
+    env = memory.allocator_environment()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["tbbmalloc", "0"]  # TBBMALLOC_OK

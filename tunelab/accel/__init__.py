@@ -9,6 +9,7 @@ each at one visible line:
     if precision.autocast and not speed.autocast: ...  # bf16 passes that need no autocast (below)
     with autocast(), speed.forward(): ...             # norm outputs rebuilt in the backward pass (norm.py)
     if speed.shares > 1: accel.sharded_step(...)      # a micro-batch as shares in threads (threads.py)
+    speed.step_done()                                 # after each optimizer step: tbbmalloc's caches handed back
     speed.release(model, expand=...)                  # threads and buffers freed, compact weights made dense
 
 and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, from cli.py).
@@ -22,7 +23,7 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept | a head with a bias, autocast |
 | compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from, LoRA's linears so from the load on (`load_plan`) | compact_frozen: false, several processes, no exact form, bf16 weights |
 | thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout outside fast LoRA, LoRA dropout with gradient checkpointing, most parameters train, dpo + PEFT, bf16 autocast, pass_threads: 1 |
-| allocator | memory.py | tbbmalloc preloaded (`tunelab train`), glibc's heap thresholds | allocator: system, release_memory |
+| allocator | memory.py | tbbmalloc preloaded (`tunelab train`), its cached blocks handed back after each step; glibc's heap thresholds | allocator: system, release_memory |
 
 bf16 passes: under `model.dtype: bfloat16` (or `auto` on a CPU with native bf16) the model loads in bf16 and the
 loop would run its passes under `torch.autocast`, where fast LoRA and the fused head step aside and thread shares
@@ -73,6 +74,7 @@ class Speed:
         self.pieces: list[str] = []  # on, for the log line
         self.skipped: list[str] = []  # not on, and why
         self.autocast = False  # whether the passes need bf16 autocast (set by `prepare`)
+        self.clean_cache = None  # tbbmalloc's cached blocks handed back after each step (memory.py; `start`)
 
     def load_plan(self, cfg, multi: bool):
         """The plan the base model loads with (models/streaming.py) when LoRA's frozen linears will be kept
@@ -185,6 +187,11 @@ class Speed:
         that rebuilds it (norm.py)."""
         return norm.recomputed_outputs() if self.on else contextlib.nullcontext()
 
+    def step_done(self) -> None:
+        """After each optimizer step: the allocator's cached free blocks handed back (tbbmalloc, memory.py)."""
+        if self.clean_cache is not None:
+            self.clean_cache()
+
     def release(self, model, expand: bool) -> None:
         """When training ends: stop the share threads, drop the reused buffers and, with `expand` (task metrics
         that may generate), give compact weights their dense form back: generation would decode each weight
@@ -269,6 +276,7 @@ def start(tcfg, device) -> Speed:
         memory.release_freed_memory(memory.releases_memory(tcfg))
         if note := memory.allocator_note(tcfg, on_cpu=device.type == "cpu"):
             speed.pieces.append(note)
+        speed.clean_cache = memory.cache_cleaner() if device.type == "cpu" else None
         if memory.releases_memory(tcfg) and memory.active_allocator() == "system":
             speed.pieces.append("freed memory returned to the OS at once (training.release_memory)")
     return speed

@@ -287,6 +287,7 @@ def train(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            speed.step_done()  # accel: the allocator's cached blocks handed back (accel/memory.py)
             state["step"] = step = step + 1
             last_loss = loss_total / max(n_label, 1)
             elapsed = time.perf_counter() - t_start
