@@ -43,6 +43,8 @@ import threading
 import time
 from pathlib import Path
 
+from train_speed import add_precision_option, auto_precision  # bench/ is the script's folder: on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/llamafactory-demo/alpaca_en_demo.json"
 # the fields of HuggingFaceTB/SmolLM2-{135M,360M,1.7B}'s config.json that shape the model
@@ -429,18 +431,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/scale", help="folder for scale.json, scale.md, scale.png")
     parser.add_argument("--work", default=tempfile.gettempdir() + "/tunelab-bench-data", help="data points' files")
     parser.add_argument("--plot", metavar="JSON", help="only redraw the table and plot from this JSON")
-    parser.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="both sides' precision: bf16 = tunelab model.dtype bfloat16 and TRL bf16=True on a bf16-loaded model; "
-        "auto = bf16 where the CPU has native bf16 (what model.dtype auto picks for LoRA), else fp32",
-    )
+    add_precision_option(parser)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.precision == "auto":
-        from train_speed import auto_precision  # bench/ is the script's folder: on sys.path
-
         args.precision = auto_precision()
     if args.job:  # child: one training point, its figures as the last line
         _, size, length, method, side = args.job.split(":")

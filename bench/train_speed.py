@@ -397,13 +397,7 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, metavar="N", help="run every job N times, in rounds; report the medians"
     )
-    parser.add_argument(
-        "--precision",
-        choices=["auto", "fp32", "bf16"],
-        default="auto",
-        help="auto: what model.dtype auto picks for LoRA on this host (bf16 where the CPU has native bf16); bf16: "
-        "on both sides (tunelab model.dtype bfloat16, TRL bf16=True)",
-    )
+    add_precision_option(parser)
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     JOB["max_steps"] = args.max_steps
@@ -488,6 +482,17 @@ def main() -> None:
 
 TRL_NAMES = {"lora": "TRL SFTTrainer + PEFT", "full": "TRL SFTTrainer (no PEFT)", "qlora": "TRL + PEFT + bnb NF4",
              "prompt": "TRL + PEFT prompt tuning", "prefix": "TRL + PEFT prefix tuning"}  # fmt: skip
+
+
+def add_precision_option(parser) -> None:
+    """--precision, as every bench that runs tunelab against TRL takes it."""
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="both sides' precision: bf16 = tunelab model.dtype bfloat16 and TRL bf16=True on a bf16-loaded model; "
+        "auto = bf16 where the CPU has native bf16 (what model.dtype auto picks for LoRA), else fp32",
+    )
 
 
 def auto_precision() -> str:
