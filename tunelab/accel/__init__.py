@@ -210,7 +210,7 @@ def _needs_autocast(model, device) -> str | None:
     itself (module doc: bf16 passes). Call it after `fast_lora.enable`."""
     if device.type != "cpu":
         return f"{device.type} keeps autocast (bf16 passes are built and measured on CPUs)"
-    adapters = [*fast_lora.bf16_adapters(model), *_bf16_4bit_adapters(model), *_virtual_tokens(model)]
+    adapters = [*fast_lora.bf16_adapters(model), *fast_lora.bf16_4bit_adapters(model), *_virtual_tokens(model)]
     covered = {id(t) for t in [*adapters, *(p for h in _trained_heads(model) for p in h.parameters())]}
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in covered:
@@ -218,25 +218,6 @@ def _needs_autocast(model, device) -> str | None:
         if not p.requires_grad and p.is_floating_point() and p.dtype != torch.bfloat16:
             return f"the frozen {name} is {str(p.dtype).removeprefix('torch.')}, not bf16 (no setting)"
     return None if adapters else "no LoRA layer takes fast LoRA in bf16"
-
-
-def _bf16_4bit_adapters(model) -> list[torch.Tensor]:
-    """The A and B weights of PEFT's LoRA layers over a bitsandbytes 4-bit base (qlora) whose matmuls run in bf16:
-    fast_lora adds the adapter in place in bf16 (`enable_4bit`), and where it steps aside (LoRA dropout) PEFT casts
-    the layer's input to the adapter's dtype and the branch's output back (its `requires_conversion`), so a bf16
-    pass stays bf16 around them either way and A, B get fp32 gradients."""
-    try:
-        from peft.tuners.lora.bnb import Linear4bit as Lora4bit
-    except ImportError:  # no bitsandbytes: no 4-bit layer either
-        return []
-    found = []
-    for m in model.modules():
-        if not isinstance(m, Lora4bit) or m.disable_adapters or m.merged or len(m.active_adapters) != 1:
-            continue
-        name = m.active_adapters[0]
-        if name in m.lora_A and name not in getattr(m, "lora_variant", {}) and m.base_layer.compute_dtype == torch.bfloat16:
-            found += [m.lora_A[name].weight, m.lora_B[name].weight]
-    return found
 
 
 def _virtual_tokens(model) -> list[torch.Tensor]:

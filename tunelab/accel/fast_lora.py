@@ -372,9 +372,8 @@ def _fast_4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = self.active_adapters[0]
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
     drop = self.lora_dropout[name]
-    if (drop.training and getattr(drop, "p", 0.0)) or x.dtype != self.base_layer.compute_dtype:
-        return self._peft_forward(x)
-    if not adapter_fits(a.dtype, x.dtype) or a.dtype != b.dtype:
+    dropping = drop.training and getattr(drop, "p", 0.0)
+    if dropping or x.dtype != self.base_layer.compute_dtype or not adapter_fits(a.dtype, x.dtype) or a.dtype != b.dtype:
         return self._peft_forward(x)
     return _AddLowRank.apply(self.base_layer(x), x, a, b, self.scaling[name])
 
@@ -391,14 +390,32 @@ def _4bit_reason(layer) -> str | None:
     return None
 
 
-def enable_4bit(model) -> int:
-    """Route every PEFT LoRA layer over a bitsandbytes 4-bit base (qlora) through `_fast_4bit_forward`; returns
-    how many."""
+def _lora_4bit_layers(model) -> list[nn.Module]:
+    """PEFT's LoRA layers over a bitsandbytes 4-bit base (qlora) in `model`."""
     try:
         from peft.tuners.lora.bnb import Linear4bit as Lora4bit
     except ImportError:  # no bitsandbytes: no 4-bit layer either
-        return 0
-    return sum(_route(m, "_peft_forward", _fast_4bit_forward) for m in model.modules() if isinstance(m, Lora4bit))
+        return []
+    return [m for m in model.modules() if isinstance(m, Lora4bit)]
+
+
+def enable_4bit(model) -> int:
+    """Route every PEFT LoRA layer over a bitsandbytes 4-bit base (qlora) through `_fast_4bit_forward`; returns
+    how many."""
+    return sum(_route(m, "_peft_forward", _fast_4bit_forward) for m in _lora_4bit_layers(model))
+
+
+def bf16_4bit_adapters(model) -> list[torch.Tensor]:
+    """The A and B weights of PEFT's LoRA layers over a 4-bit base whose matmuls run in bf16: `_fast_4bit_forward`
+    adds the adapter in place in bf16, and where it steps aside (LoRA dropout) PEFT casts the layer's input to the
+    adapter's dtype and the branch's output back (its `requires_conversion`), so a bf16 pass stays bf16 around them
+    either way and A and B get fp32 gradients."""
+    found = []
+    for m in _lora_4bit_layers(model):
+        if _4bit_reason(m) is None and m.base_layer.compute_dtype == torch.bfloat16:
+            name = m.active_adapters[0]
+            found += [m.lora_A[name].weight, m.lora_B[name].weight]
+    return found
 
 
 def _route(module: nn.Module, saved: str, forward) -> bool:

@@ -8,8 +8,8 @@
               Elsewhere (MPS, old GPUs): fp32.
     bfloat16  the same mixed precision on any device: frozen weights stored in bf16, the weights that train
               in fp32; the passes under `torch.autocast`, or on a CPU in bf16 by themselves where
-              tunelab/accel covers every layer that trains (LoRA, QLoRA, prompt, prefix, a task head). On a CPU without native bf16 every
-              bf16 matmul is emulated (~250x slower); the log says so.
+              tunelab/accel covers every layer that trains (LoRA, QLoRA, prompt, prefix, a task head). On a
+              CPU without native bf16 every bf16 matmul is emulated (~250x slower); the log says so.
     float32   fp32 throughout.
     float16   fp16 weights (autocast in fp16 on CUDA only).
 
@@ -106,9 +106,9 @@ def native_bf16(device, flags: set[str] | None = None) -> tuple[bool, str]:
 
 def choose_precision(setting: str, device, flags: set[str] | None = None, lora: bool = False) -> Precision:
     """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why. `lora`:
-    for a LoRA training run with `training.accelerate: auto` (tunelab/accel's bf16 passes) or a QLoRA one
-    (bitsandbytes' 4-bit matmuls in bf16), the kinds of run whose bf16 is measured faster on a CPU; every other
-    load resolves `auto` to fp32 on a CPU (module doc)."""
+    for a LoRA, prompt or prefix training run with `training.accelerate: auto` (tunelab/accel's bf16 passes) or a
+    QLoRA one (bitsandbytes' 4-bit matmuls in bf16), the kinds of run whose bf16 is measured faster on a CPU; every
+    other load resolves `auto` to fp32 on a CPU (module doc)."""
     import torch
 
     device = torch.device(device)
