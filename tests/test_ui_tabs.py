@@ -89,6 +89,20 @@ def test_chat_refuses_bad_settings_as_the_cli_does(tiny_run, capsys):
     assert "--temperature, --max-new-tokens: give a number" in error  # cleared fields
 
 
+def test_chat_shows_the_cli_command_of_its_settings():
+    import shlex
+
+    from tunelab.cli import build_parser
+    from tunelab.ui import chat
+
+    shown = chat.chat_command("runs/my run", 0.7, 0.9, 10.0, "Be brief, 'please'.", True)
+    args = build_parser().parse_args(shlex.split(shown.split("`")[1])[1:])
+    assert (args.run, args.temperature, args.top_p, args.max_new_tokens) == ("runs/my run", 0.7, 0.9, 10)
+    assert args.system == "Be brief, 'please'." and args.trust_remote_code
+    bare = build_parser().parse_args(shlex.split(chat.chat_command("", 0, 1, 256, "  ").split("`")[1])[1:])
+    assert (bare.run, bare.temperature, bare.system, bare.trust_remote_code) == ("RUN", 0.0, None, False)
+
+
 # -------------------------------------------------------------------------------------- evaluate
 def test_eval_scores_equal_tunelab_eval(tiny_run, capsys):
     from tunelab.ui import evaluate
@@ -228,7 +242,9 @@ def test_browser_chat_shows_the_reply(browser_page, tiny_run, tmp_path):
         page.get_by_text("Generation settings").click()
         page.get_by_label("--max-new-tokens").fill("10")
         page.get_by_label("--max-new-tokens").press("Tab")  # a Number keeps its text on blur
-        page.wait_for_timeout(300)  # and hands it to the page state a moment later (CI once sent the default)
+        # the server's echo of the settings: once it shows 10 the page state holds it (CI twice sent the default
+        # when the test only waited a moment)
+        page.locator("#chat-command").get_by_text("--max-new-tokens 10").wait_for(timeout=30_000)
         page.locator("#chat-message textarea").fill("Say the number 3.")
         page.locator("#chat-message textarea").press("Enter")
         reply = page.locator('#chat-run [data-testid="bot"]').last

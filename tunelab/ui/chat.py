@@ -8,6 +8,7 @@ device, trust_remote_code) and stay in this process for the next message, a few 
 
 from __future__ import annotations
 
+import shlex
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -90,6 +91,20 @@ def conversation(history: list[dict], system: str | None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system and system.strip() else []) + history
 
 
+def chat_command(spec, temperature, top_p, max_new_tokens, system, trust_remote_code=False) -> str:
+    """The `tunelab chat` command line that holds the same conversation settings, shown under the form (and
+    updated by the server on each change, so what the page shows is what the next message sends)."""
+    words = ["tunelab", "chat", (spec or "").strip() or "RUN"]
+    for flag, value in (("--temperature", temperature), ("--top-p", top_p), ("--max-new-tokens", max_new_tokens)):
+        if value is not None:
+            words += [flag, str(int(value)) if flag == "--max-new-tokens" else format(value, "g")]
+    if system and system.strip():
+        words += ["--system", system]
+    if trust_remote_code:
+        words.append("--trust-remote-code")
+    return "The same settings in a terminal: `" + shlex.join(words) + "`"
+
+
 def respond(spec, beside, message, history, base_history, temperature, top_p, max_new_tokens, system,
             trust_remote_code=False, device="auto"):  # fmt: skip
     """Gradio's handler: yields (history, base history, error text, message box) as the replies stream."""
@@ -131,6 +146,8 @@ def build_tab(ctx: UIContext) -> None:
             max_new = gr.Number(DEFAULT_MAX_NEW_TOKENS, label="--max-new-tokens", precision=0)
         system = gr.Textbox(label="--system (optional system message)", lines=1)
         trust = gr.Checkbox(False, label="--trust-remote-code (runs the model's own Python code)")
+    command = gr.Markdown(chat_command(None, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_MAX_NEW_TOKENS, None),
+                          elem_id="chat-command")  # fmt: skip
     error = gr.Markdown(elem_id="chat-error")
     with gr.Row():
         chat = gr.Chatbot(label="Run", elem_id="chat-run", height=360)
@@ -153,3 +170,6 @@ def build_tab(ctx: UIContext) -> None:
     message.submit(run, inputs, outputs)
     clear.click(lambda: ([], [], [], [], ""), None, [history, base_history, chat, base_chat, error])
     beside.change(lambda b: gr.update(visible=b), beside, base_chat)
+    settings = [spec, temperature, top_p, max_new, system, trust]
+    for field in settings:
+        field.change(chat_command, settings, command, show_progress="hidden")
