@@ -191,3 +191,29 @@ def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_p
         assert auto[step] == pytest.approx(off[step], rel=1e-5, abs=1e-6), step
     assert auto_m["eval_loss"] == pytest.approx(off_m["eval_loss"], rel=1e-5)
     assert auto_m["tokens"] == off_m["tokens"]
+
+
+def test_bf16_on_a_cpu_collates_widths_rounded_up_to_the_shape_bucket():
+    """oneDNN keeps a kernel per shape in bf16 (memory.shape_bucket): batches are padded to a multiple of
+    SHAPE_BUCKET there, with padding like any other (labels ignored, mask 0, packed positions their own example);
+    fp32 and `accelerate: off` keep the longest row's width."""
+    from tunelab.data.collate import collate
+    from tunelab.data.preference import collate_pairs
+
+    rows = [{"input_ids": [5] * 7, "labels": [-100] * 3 + [5] * 4}, {"input_ids": [6] * 40, "labels": [6] * 40}]
+    packed = [{**rows[0], "position_ids": list(range(3)) + list(range(4))}]
+    cpu = torch.device("cpu")
+    for setting, dtype, width in (("auto", torch.bfloat16, 64), ("auto", torch.float32, 40), ("off", torch.bfloat16, 40)):
+        speed = accel.Speed(load_config({"training": {"accelerate": setting}}).training, cpu)
+        with speed.collating(dtype):
+            batch = collate(rows, pad_id=0)
+            one = collate(packed, pad_id=0, width=12)
+        assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, width)
+        assert int(batch["attention_mask"].sum()) == 47 and int((batch["labels"] != -100).sum()) == 44
+        assert one["position_ids"].shape[1] == (32 if width == 64 else 12)
+        assert one["position_ids"][0, 7:10].tolist() == [0, 1, 2]  # the padding: an example of its own
+    with accel.Speed(load_config({}).training, cpu).collating(torch.bfloat16):
+        pairs = collate_pairs([{"chosen_input_ids": [1] * 9, "rejected_input_ids": [2] * 33,
+                                "chosen_response_mask": [1] * 9, "rejected_response_mask": [1] * 33}], pad_id=0)  # fmt: skip
+    assert {t.shape[1] for t in pairs.values() if t.ndim == 2} == {64}
+    assert collate(rows, pad_id=0)["input_ids"].shape == (2, 40)  # outside the context: as before

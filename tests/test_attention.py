@@ -127,3 +127,36 @@ def test_packed_attention_under_bf16_autocast_with_fp32_master_weights():
     (loss_packed, grad_packed), (loss_plain, grad_plain) = out
     assert loss_packed == pytest.approx(loss_plain, rel=1e-2)
     assert float((grad_packed - grad_plain).norm() / grad_plain.norm()) < 0.05  # bf16's rounding, another order
+
+
+def test_bf16_examples_are_attended_at_bucketed_lengths_with_the_same_result():
+    """In bf16 each example is attended at its length rounded up to memory.SHAPE_BUCKET (oneDNN keeps a kernel
+    per length): the rows after it (the next example's, or zeros past the row's end) change neither its output
+    nor any gradient, against one SDPA call per example at its own length."""
+    from tunelab.accel.memory import SHAPE_BUCKET
+
+    g = torch.Generator().manual_seed(0)
+    rows, heads, kv_heads, length, dim = 2, 6, 2, 80, 16
+    pieces = [(0, 0, 5), (0, 5, 40), (0, 45, 35), (1, 0, 33), (1, 33, 47)]  # ends at the row's end: zero-padded
+    q, k, v = (torch.randn(rows, length, h, dim, generator=g).transpose(1, 2).bfloat16()
+               for h in (heads, kv_heads, kv_heads))  # fmt: skip
+    grad = torch.randn(rows * length, heads, dim, generator=g).bfloat16()
+    calls = []
+    real = attention._causal
+    attention._causal = lambda q_, *a: calls.append(q_.shape[2]) or real(q_, *a)
+    try:
+        results = []
+        for attend in (lambda *t: attention._PackedCausal.apply(*t, pieces, dim**-0.5),
+                       lambda *t: attention._per_example_sdpa(*t, pieces, 0.0, None)):  # fmt: skip
+            inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = attend(*inputs)
+            out.backward(grad)
+            results.append((out.detach(), [t.grad for t in inputs]))
+    finally:
+        attention._causal = real
+    assert calls == [SHAPE_BUCKET, 64, 64, 64, 64]
+    (out, grads), (out_ref, grads_ref) = results
+    # within bf16's rounding (one or two units in the last place: the kernel blocks the longer length otherwise)
+    torch.testing.assert_close(out, out_ref, rtol=0.02, atol=0.02)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)

@@ -109,21 +109,27 @@ def test_bf16_norm_is_transformers_own_and_its_gradient_fp32s():
     assert dx.dtype == torch.bfloat16 and _relative(dx.float(), dx32) < 1e-2
 
 
-def test_bf16_fused_head_takes_its_log_sum_exp_in_fp32():
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_bf16_fused_head_takes_its_log_sum_exp_in_fp32(head_trains):
     """The loss of bf16 logits widened to fp32, as transformers' loss takes it: a softmax in bf16 would be ~1e-3
-    off; the gradient rounded to bf16 once."""
+    off; the gradient rounded to bf16 once. 300 labels: two chunks, the second rounded up to 128 columns
+    (memory.shape_bucket) whose padding adds nothing to the loss or to either gradient."""
     torch.manual_seed(0)
-    hidden = torch.randn(300, 64).bfloat16().requires_grad_()  # 300: two chunks, the second padded on a CPU
+    hidden = torch.randn(300, 64).bfloat16().requires_grad_()
     weight = (torch.randn(5000, 64) * 0.3).bfloat16()
     target = torch.randint(0, 5000, (300,))
-    layer = torch.nn.Linear(64, 5000, bias=False, dtype=torch.bfloat16).requires_grad_(False)
-    layer.weight.copy_(weight)
+    layer = torch.nn.Linear(64, 5000, bias=False, dtype=torch.bfloat16).requires_grad_(head_trains)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
     loss = head.fused_loss(layer, hidden, target)
-    (grad,) = torch.autograd.grad(loss, hidden)
-    reference = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), target, reduction="sum")
-    (grad_ref,) = torch.autograd.grad(reference, hidden)
+    grads = torch.autograd.grad(loss, [hidden, layer.weight] if head_trains else [hidden])
+    w = weight.clone().requires_grad_(head_trains)
+    reference = torch.nn.functional.cross_entropy((hidden @ w.t()).float(), target, reduction="sum")
+    grads_ref = torch.autograd.grad(reference, [hidden, w] if head_trains else [hidden])
     assert loss.dtype == torch.float32 and float(loss) == pytest.approx(float(reference), rel=2e-5)
-    assert grad.dtype == torch.bfloat16 and _relative(grad.float(), grad_ref.float()) < 1e-2
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        assert grad.dtype == torch.bfloat16 and grad.shape == grad_ref.shape
+        assert _relative(grad.float(), grad_ref.float()) < 1e-2
     head.free_buffers()
 
 

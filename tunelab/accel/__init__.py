@@ -7,6 +7,7 @@ each at one visible line:
     loading_into(... or speed.load_plan(cfg, multi))  # lora: frozen linears read straight into compact form
     speed.prepare(model, cfg, total, dist.multi, autocast)  # after the method: the pieces that change the model
     if precision.autocast and not speed.autocast: ...  # bf16 passes that need no autocast (below)
+    with speed.collating(dtype): stage.collate(...)   # bf16 on a CPU: widths rounded up (memory.py)
     with autocast(), speed.forward(): ...             # norm outputs rebuilt in the backward pass (norm.py)
     if speed.shares > 1: accel.sharded_step(...)      # a micro-batch as shares in threads (threads.py)
     speed.step_done()                                 # after each optimizer step: tbbmalloc's caches handed back
@@ -23,6 +24,7 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept | a head with a bias, autocast |
 | compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from, LoRA's linears so from the load on (`load_plan`) | compact_frozen: false, several processes, no exact form, bf16 weights |
 | thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout outside fast LoRA, LoRA dropout with gradient checkpointing, most parameters train, dpo + PEFT, bf16 autocast, pass_threads: 1 |
+| shape buckets | memory.py (`shape_bucket`) | in bf16 on a CPU, batch widths, packed examples' attention and the head's label count rounded up to a multiple of 32: oneDNN keeps a kernel per shape | fp32 (MKL keeps none), not a CPU |
 | allocator | memory.py | tbbmalloc preloaded (`tunelab train`), its cached blocks handed back after each step; glibc's heap thresholds | allocator: system, release_memory |
 
 bf16 passes: under `model.dtype: bfloat16` (or `auto` on a CPU with native bf16) the model loads in bf16 and the
@@ -52,6 +54,7 @@ import torch
 
 from tunelab.accel import attention, compact, fast_lora, head, memory, norm, threads
 from tunelab.accel.threads import sharded_step
+from tunelab.data.collate import widths_rounded_to
 from tunelab.models.loading import TASK_HEADS, compute_dtype, unwrap
 from tunelab.models.loss import backbone_and_head, virtual_token_split
 
@@ -186,6 +189,14 @@ class Speed:
         """The context of a training forward pass: a norm output the backward pass needs is kept as the recipe
         that rebuilds it (norm.py)."""
         return norm.recomputed_outputs() if self.on else contextlib.nullcontext()
+
+    def collating(self, dtype: torch.dtype):
+        """The context the loop collates its batches in: with passes in bf16 (or fp16: `dtype`, the precision's) on
+        a CPU every batch's width rounded up to memory.SHAPE_BUCKET: oneDNN keeps a kernel per shape it meets
+        (memory.shape_bucket)."""
+        if self.on and self.device.type == "cpu" and dtype != torch.float32:
+            return widths_rounded_to(memory.SHAPE_BUCKET)
+        return contextlib.nullcontext()
 
     def step_done(self) -> None:
         """After each optimizer step: the allocator's cached free blocks handed back (tbbmalloc, memory.py)."""

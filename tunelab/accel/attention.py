@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunelab.accel.memory import shape_bucket
 from tunelab.models import loss
 from tunelab.models.loading import unwrap
 
@@ -99,7 +100,12 @@ class _PackedCausal(torch.autograd.Function):
 
     Why not one SDPA call per example and a cat: autograd then keeps each example's output for SDPA's
     backward pass and the concatenated copy for the projection's, the same numbers twice (SmolLM2: 34 MB per
-    512 tokens). Here the one tensor serves both; the gradients are the kernel's own (same bits)."""
+    512 tokens). Here the one tensor serves both; the gradients are the kernel's own (same bits).
+
+    In bf16 each example is attended at its length rounded up (`memory.shape_bucket`: a kernel per length
+    otherwise stays in memory): the positions after it are the next example's, or zeros past the row's end.
+    Causal attention keeps an example's queries off those keys; their own outputs are dropped, and in the
+    backward pass their output gradient is zero, so they add nothing to any gradient that is kept."""
 
     @staticmethod
     def forward(ctx, query, key, value, pieces, scale):
@@ -107,8 +113,9 @@ class _PackedCausal(torch.autograd.Function):
         out = query.new_empty(rows * length, heads, dim)
         lse = []
         for r, p, n in pieces:
-            o, m = _causal(*(t[r : r + 1, :, p : p + n] for t in (query, key, value)), scale)
-            out[r * length + p : r * length + p + n] = o[0].transpose(0, 1)
+            width = shape_bucket(n, query)
+            o, m = _causal(*(_span(t, r, p, width) for t in (query, key, value)), scale)
+            out[r * length + p : r * length + p + n] = o[0, :, :n].transpose(0, 1)
             lse.append(m)
         ctx.save_for_backward(query, key, value, out, *lse)
         ctx.pieces, ctx.scale = pieces, scale
@@ -120,15 +127,24 @@ class _PackedCausal(torch.autograd.Function):
         length = query.shape[2]
         grads = [torch.empty_like(t) if ctx.needs_input_grad[i] else None for i, t in enumerate((query, key, value))]
         for (r, p, n), m in zip(ctx.pieces, lse):
+            width = m.shape[-1]
             at = slice(r * length + p, r * length + p + n)
-            inputs = [t[r : r + 1, :, p : p + n] for t in (query, key, value)]
+            inputs = [_span(t, r, p, width) for t in (query, key, value)]
+            given = [F.pad(t[at].transpose(0, 1)[None], (0, 0, 0, width - n)) for t in (grad, out)]
             parts = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad[at].transpose(0, 1)[None], *inputs, out[at].transpose(0, 1)[None], m, 0.0, True, scale=ctx.scale
+                given[0], *inputs, given[1], m, 0.0, True, scale=ctx.scale
             )
             for g, part in zip(grads, parts):
                 if g is not None:
-                    g[r : r + 1, :, p : p + n] = part
+                    g[r : r + 1, :, p : p + n] = part[:, :, :n]
         return *grads, None, None
+
+
+def _span(t: torch.Tensor, row: int, start: int, width: int) -> torch.Tensor:
+    """Positions start .. start + width of one row, [1, heads, width, dim]; zeros where they pass its end."""
+    piece = t[row : row + 1, :, start : start + width]
+    short = width - piece.shape[2]
+    return F.pad(piece, (0, 0, 0, short)) if short else piece
 
 
 def active(model) -> bool:

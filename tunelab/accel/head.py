@@ -17,8 +17,10 @@ from __future__ import annotations
 import threading
 
 import torch
+import torch.nn.functional as F
 
 from tunelab.accel.compact import CompactLinear, times_weight, weight_times
+from tunelab.accel.memory import shape_bucket
 from tunelab.models import loss
 from tunelab.models.loading import unwrap
 
@@ -104,10 +106,16 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, target):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        labels = target.numel()
+        # in bf16 the label count is rounded up (memory.shape_bucket) with zero rows: they add nothing to dW, their
+        # loss is left out and their dh dropped
+        if (bucket := shape_bucket(labels, hidden)) != labels:
+            hidden, target = F.pad(hidden, (0, 0, 0, bucket - labels)), F.pad(target, (0, bucket - labels))
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         for i in range(0, target.numel(), FUSED_CHUNK):
             h, t = hidden[i : i + FUSED_CHUNK], target[i : i + FUSED_CHUNK]
+            real = min(len(t), labels - i)  # the chunk's columns before the bucket's padding
             # logits transposed, [vocab, chunk] = W h^T: with the vocabulary as the long dimension of the
             # left operand the matmul runs ~1.4x faster on a CPU than h W^T (MKL, 2 cores, SmolLM2's head)
             logits = _head_logits(weight, h)
@@ -118,7 +126,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             top = wide.amax(dim=0, keepdim=True)
             probs = wide.sub_(top).exp_()
             total = probs.sum(dim=0, keepdim=True)
-            loss += (top + total.log() - picked).sum()
+            loss += (top + total.log() - picked)[:, :real].sum()
             probs.div_(total)
             probs[t, torch.arange(len(t), device=t.device)] -= 1.0
             if probs is not logits:  # a bf16 pass: the gradient narrowed for its bf16 products
@@ -126,7 +134,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             times_weight(probs.t(), weight, out=grad_hidden[i : i + FUSED_CHUNK])
             if grad_weight is not None:
                 grad_weight.addmm_(probs, h)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden[:labels], grad_weight)
         return loss
 
     @staticmethod

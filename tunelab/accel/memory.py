@@ -156,3 +156,21 @@ def keep_out_bitsandbytes() -> bool:
         return False
     sys.modules["bitsandbytes"] = None  # importlib's "known to be missing": find_spec gives None
     return True
+
+
+# Lengths a reduced-precision CPU kernel sees are rounded up to a multiple of this (`shape_bucket`).
+SHAPE_BUCKET = 32
+
+
+def shape_bucket(n: int, t) -> int:
+    """`n` rounded up to a multiple of SHAPE_BUCKET where `t` (a tensor) is bf16 / fp16 on a CPU, else `n`.
+
+    Why: on a CPU, torch runs bf16 matmuls through oneDNN and bf16 flash attention through oneDNN's brgemm
+    kernels, which compile and keep a kernel, with buffers, for every new shape and never free them (oneDNN's
+    primitive cache holds up to 1,024; fp32 goes to MKL, which keeps nothing). A packed row's examples, a pass's
+    label count and an unpacked batch's width are new lengths nearly every step: 400 attention calls of random
+    lengths up to 256 grew a process by 1.35 GB, matmuls of random row counts by 540 MB; at lengths rounded up
+    to 32 by ~30 MB (docs/performance.md). The few padded positions cost less than the kernels they spare."""
+    if t.device.type != "cpu" or t.element_size() != 2 or not t.is_floating_point():
+        return n
+    return -(-n // SHAPE_BUCKET) * SHAPE_BUCKET

@@ -15,7 +15,25 @@ examples would attend to each other (tests/test_data.py checks both).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from tunelab.data.templating import IGNORE
+
+# the multiple every padded width is rounded up to, within `widths_rounded_to` (1: the longest sequence's width)
+_MULTIPLE = contextvars.ContextVar("tunelab_pad_multiple", default=1)
+
+
+@contextlib.contextmanager
+def widths_rounded_to(multiple: int):
+    """Within it, every batch `pad` builds is as wide as its longest sequence (or the width asked for) rounded up
+    to a multiple of `multiple`: the extra columns are padding like any other. For kernels that keep something
+    per shape (tunelab/accel/memory.py, `shape_bucket`); the training loop sets it, nothing else needs to."""
+    token = _MULTIPLE.set(max(1, int(multiple)))
+    try:
+        yield
+    finally:
+        _MULTIPLE.reset(token)
 
 
 def pad(seqs, value: int, side: str = "right", width: int | None = None, dtype=None):
@@ -24,7 +42,8 @@ def pad(seqs, value: int, side: str = "right", width: int | None = None, dtype=N
     `seqs` are lists (or 1-D tensors) of numbers; `value` fills the padding (a pad token id, -100 for
     labels, 0 for a mask); `side` "right" puts each sequence at the start of its row, "left" at the end
     (what a decoder-only model's generate wants). `width` defaults to the longest sequence; a fixed
-    `width` shorter than a sequence is an error. `dtype` defaults to torch.long. The mask is long, 1 on
+    `width` shorter than a sequence is an error; inside `widths_rounded_to(m)` either is rounded up to a
+    multiple of m. `dtype` defaults to torch.long. The mask is long, 1 on
     each sequence's own positions and 0 on the padding. Every batch tunelab builds is padded here."""
     import torch
 
@@ -35,6 +54,7 @@ def pad(seqs, value: int, side: str = "right", width: int | None = None, dtype=N
         width = longest
     elif width < longest:
         raise ValueError(f"pad: a sequence of {longest} does not fit in width {width}")
+    width = -(-width // _MULTIPLE.get()) * _MULTIPLE.get()
     dtype = torch.long if dtype is None else dtype
     out = torch.full((len(seqs), width), value, dtype=dtype)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)

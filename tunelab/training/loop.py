@@ -172,8 +172,9 @@ def train(
         pad_id = tokenizer.pad_token_id
         # only the batches evaluated are collated: a large set's examples are read from disk (the data store)
         n_val = len(data.val) if tcfg.eval_batches is None else min(len(data.val), tcfg.eval_batches * tcfg.batch_size)
-        val_batches = [stage.collate(data.val[j : j + tcfg.batch_size], pad_id)
-                       for j in range(0, n_val, tcfg.batch_size)]  # fmt: skip
+        with speed.collating(precision.dtype):  # accel: bf16 on a CPU rounds the widths up (accel/memory.py)
+            val_batches = [stage.collate(data.val[j : j + tcfg.batch_size], pad_id)
+                           for j in range(0, n_val, tcfg.batch_size)]  # fmt: skip
     t_load = time.perf_counter()
 
     # N processes x batch b see the batches of one process with batch N*b, each process a slice of each
@@ -255,15 +256,17 @@ def train(
                 rows, weight = dist.shard(order[index])
                 micro.append(([data.train[i] for i in rows], weight))
             if speed.shares > 1:  # accel: each micro-batch's rows as shares at once, a thread each (accel/threads.py)
-                n_label, done = accel.sharded_step(micro, speed.shares, tcfg.rows_per_pass, stage, pad_id,
-                                                   dist.loss_sum, model)
+                with speed.collating(precision.dtype):
+                    n_label, done = accel.sharded_step(micro, speed.shares, tcfg.rows_per_pass, stage, pad_id,
+                                                       dist.loss_sum, model)
             else:
                 # forward passes of `rows_per_pass` rows (null: the whole micro-batch): (batch, weight, tokens)
                 passes = []
                 for examples, weight in micro:
                     size = tcfg.rows_per_pass or len(examples)
                     for j in range(0, len(examples), size):
-                        batch = stage.collate(examples[j : j + size], pad_id)
+                        with speed.collating(precision.dtype):
+                            batch = stage.collate(examples[j : j + size], pad_id)
                         passes.append((batch, weight, real_tokens(examples[j : j + size], batch)))
                 # the label terms of the whole step, summed over processes: one normaliser for the global batch
                 n_label = int(dist.sum(sum(w * stage.count(b) for b, w, _ in passes))[0])
