@@ -18,6 +18,11 @@ excluded on both). Quality is measured the same way for both trained models, by 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python bench/align_speed.py                    # dpo and reward, TRL then tunelab
     .venv/bin/python bench/align_speed.py --stages dpo --max-steps 2   # a smoke run
+    .venv/bin/python bench/align_speed.py --stages reward --bf16 --packing   # tunelab's reward job packed
+
+`--packing` sets tunelab's `data.packing: true` for the reward job: each batch's 16 sequences packed into rows of
+up to 256 tokens, each attended on its own and scored at its last token (TRL's RewardTrainer has no packing, so
+its side pads every batch to its longest sequence as before).
 """
 
 from __future__ import annotations
@@ -176,7 +181,8 @@ def job_tunelab(stage: str) -> dict:
         cfg = load_config({
             "output_dir": f"{tmp}/run", "stage": stage,
             "model": {"name": "smollm2-135m-instruct", "dtype": "auto" if JOB.get("bf16") else "float32"},
-            "data": {"train": str(path), "format": "preference", "val_fraction": 0.0, "max_length": JOB["max_length"]},
+            "data": {"train": str(path), "format": "preference", "val_fraction": 0.0, "max_length": JOB["max_length"],
+                     "packing": bool(JOB.get("packing")) and stage == "reward"},
             "method": {"name": "lora", "r": JOB["r"], "alpha": JOB["alpha"], "dropout": 0.0, "target_modules": "all-linear"},
             **({"dpo": {"beta": JOB["beta"]}} if stage == "dpo" else {}),
             "training": {"epochs": 1, "batch_size": JOB["batch_size"], "lr": JOB["lr"][stage], "scheduler": "linear",
@@ -213,6 +219,8 @@ def run_job(side: str, stage: str) -> dict:
         cmd += ["--max-steps", str(JOB["max_steps"])]
     if JOB.get("bf16"):
         cmd += ["--bf16"]
+    if JOB.get("packing"):
+        cmd += ["--packing"]
     env = allocator_environment() if side == "tunelab" else None  # as `tunelab train` restarts itself
     out = run_child(cmd, env, f"{side} {stage}")
     trained = min(out["pairs"], out["steps"] * JOB["batch_size"])  # max_steps: fewer
@@ -230,9 +238,11 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="each side's bf16: TRL bf16=True (autocast), tunelab model.dtype auto (bf16 passes on a CPU "
                         "with native bf16, else fp32); both print the precision they used")
+    parser.add_argument("--packing", action="store_true",
+                        help="tunelab's reward job with data.packing: true (TRL's RewardTrainer has none)")
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    JOB["max_steps"], JOB["bf16"] = args.max_steps, args.bf16
+    JOB["max_steps"], JOB["bf16"], JOB["packing"] = args.max_steps, args.bf16, args.packing
     if args.job:
         import torch
 

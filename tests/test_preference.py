@@ -346,3 +346,44 @@ def test_reward_in_bf16_runs_bf16_passes_to_the_autocast_runs_losses(tiny_dir, f
         else:
             assert m["precision"] == "bfloat16 autocast, fp32 master weights"
     assert losses["fast"][:3] == pytest.approx(losses["plain"][:3], rel=0.01), losses
+
+
+def test_packed_pairs_score_as_padded_ones_and_train_to_the_same_losses(tiny_dir, files, tmp_path):
+    """data.packing for stage reward: the pairs' sequences packed into rows (collate_packed_pairs) give each
+    sequence the score the padded batch gives it, and a run follows the padded run's losses, with the plain
+    block-diagonal mask (accelerate: off) and with one attention call per sequence (auto)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tunelab.data.preference import collate_packed_pairs, collate_pairs
+    from tunelab.models import load_tokenizer
+    from tunelab.stages.preference import pairs_data
+    from tunelab.stages.reward import reward_logits
+
+    cfg = make_cfg("reward", tiny_dir, files, tmp_path / "x")
+    cfg.data.max_length = 128  # the synthetic sequences are 30-60 tokens: two or more a row
+    tok = load_tokenizer(cfg.model)
+    examples = pairs_data(cfg, tok).train[:8]
+    packed = collate_packed_pairs(examples, tok.pad_token_id, width=cfg.data.max_length)
+    lengths = [len(e[f"{s}_input_ids"]) for s in ("chosen", "rejected") for e in examples]
+    rows, width = packed["input_ids"].shape
+    assert rows < 16 and max(lengths) <= width <= cfg.data.max_length and rows * width < 16 * max(lengths)
+    flat = packed["input_ids"].flatten()
+    assert [int(flat[i]) for i in packed["last"]] == [e[f"{s}_input_ids"][-1] for s in ("chosen", "rejected")
+                                                      for e in examples]  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_dir, num_labels=1).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(reward_logits(model, packed),
+                                   reward_logits(model, collate_pairs(examples, tok.pad_token_id)),
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
+
+    losses = {}
+    for name, packing, accelerate in (("padded", False, "auto"), ("plain", True, "off"), ("fast", True, "auto")):
+        cfg = make_cfg("reward", tiny_dir, files, tmp_path / name, max_steps=4, accelerate=accelerate)
+        cfg.data.packing, cfg.data.max_length = packing, 128
+        tunelab.train(cfg)
+        losses[name] = [r["loss"] for r in metrics_lines(tmp_path / name) if "loss" in r]
+    assert len(losses["padded"]) == 4
+    assert losses["plain"] == pytest.approx(losses["padded"], rel=1e-4), losses
+    assert losses["fast"] == pytest.approx(losses["padded"], rel=1e-4), losses

@@ -43,16 +43,40 @@ def active_allocator() -> str:
         return "system"
 
 
-def cache_cleaner():
-    """A call that hands tbbmalloc's cached free blocks back (`scalable_allocation_command(TBBMALLOC_CLEAN_ALL_BUFFERS)`),
-    or None where this process's malloc is not tbbmalloc. Called after each optimizer step: in a bf16 LoRA run
-    its caches otherwise grew the peak by ~200 MB over a few dozen steps (1,838 against 1,626 MB after 48 steps,
-    at the same tokens/s; an fp32 run's peak moves by ~10 MB: docs/performance.md)."""
+# how far the resident set may grow past where the last hand-back left it before the next one (cache_cleaner)
+CACHE_SLACK = 64 * 2**20
+
+
+def cache_cleaner(slack: int = CACHE_SLACK):
+    """A call that hands tbbmalloc's cached free blocks back (`scalable_allocation_command(TBBMALLOC_CLEAN_ALL_BUFFERS)`)
+    once the resident set has grown `slack` bytes past where the last hand-back left it; None where this process's
+    malloc is not tbbmalloc. Called after each optimizer step: in a bf16 LoRA run its caches otherwise grew the peak
+    by ~200 MB (1,577 against 1,386 MB over the bench's epoch). Each hand-back costs the next step the page faults
+    of taking the blocks again (a step ~5% slower when done every step), hence the slack: the first call and
+    those past the slack clean (returning the command's status), the others return None."""
     if active_allocator() != "tbbmalloc":
         return None
     command = ctypes.CDLL(TBB_LIBS[0], mode=os.RTLD_NOLOAD).scalable_allocation_command
     command.argtypes, command.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_int
-    return lambda: command(0, None)  # 0: TBBMALLOC_CLEAN_ALL_BUFFERS
+    floor = [-1]  # the resident bytes after the last hand-back (-1: none yet)
+
+    def clean():
+        if floor[0] >= 0 and resident_bytes() <= floor[0] + slack:
+            return None
+        status = command(0, None)  # 0: TBBMALLOC_CLEAN_ALL_BUFFERS
+        floor[0] = resident_bytes()
+        return status
+
+    return clean
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (Linux: /proc/self/statm), 0 where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def releases_memory(tcfg) -> bool:

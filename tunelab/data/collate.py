@@ -90,6 +90,8 @@ def real_tokens(examples: list[dict], batch: dict) -> int:
     """Tokens of a batch, padding excluded (packed rows carry no attention_mask to count them by)."""
     if all("input_ids" in e for e in examples):
         return sum(len(e["input_ids"]) for e in examples)
+    if all("chosen_input_ids" in e for e in examples):  # preference pairs, padded or packed
+        return sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in examples)
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return batch["input_ids"].numel()

@@ -255,3 +255,38 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
     ids, attn = pad(rows, pad_id)
     resp, _ = pad(masks, 0)
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}
+
+
+def collate_packed_pairs(examples: list[dict], pad_id: int, width: int | None = None) -> dict:
+    """B encoded pairs -> the 2B sequences (chosen ones first, as in `collate_pairs`) packed into rows of up to
+    `width` tokens (default, and at least: the longest sequence; the stage passes data.max_length), first fit by
+    decreasing length, then padded to the fullest row: positions restart at 0 for each sequence (and for a row's
+    padding, a sequence of its own no real token sees: data/collate.py), no attention mask for the model.
+    Keys: input_ids, position_ids and `last` ([2B]: the flattened position of each sequence's last token, where a
+    reward model scores it)."""
+    import torch
+
+    from tunelab.data.collate import pad
+
+    seqs = [list(e[f"{side}_input_ids"]) for side in ("chosen", "rejected") for e in examples]
+    width = max([len(s) for s in seqs] + [width or 0])
+    rows: list[list[int]] = []  # sequence indices per row
+    room: list[int] = []
+    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
+        row = next((r for r, free in enumerate(room) if free >= len(seqs[i])), None)
+        if row is None:
+            rows.append([])
+            room.append(width)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= len(seqs[i])
+    ids, mask = pad([[t for i in row for t in seqs[i]] for row in rows], pad_id)
+    positions, _ = pad([[p for i in row for p in range(len(seqs[i]))] for row in rows], 0)
+    fill = (1 - mask).cumsum(1) - 1
+    last = [0] * len(seqs)
+    for r, row in enumerate(rows):
+        end = r * ids.shape[1]
+        for i in row:
+            end += len(seqs[i])
+            last[i] = end - 1
+    return {"input_ids": ids, "position_ids": torch.where(mask.bool(), positions, fill), "last": torch.tensor(last)}

@@ -86,7 +86,7 @@ def pairs_data(cfg, tokenizer) -> DataBundle:
 
 
 def pair_count(batch) -> int:
-    return batch["input_ids"].shape[0] // 2
+    return len(batch["last"]) // 2 if "last" in batch else batch["input_ids"].shape[0] // 2
 
 
 @torch.no_grad()

@@ -12,14 +12,18 @@ with the chat template exactly as in training (tunelab/data/preference.py).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
 from tunelab.config import ConfigError
 from tunelab.data import pad
-from tunelab.data.preference import collate_pairs, encode_response, truncate_left
+from tunelab.data.preference import collate_packed_pairs, collate_pairs, encode_response, truncate_left
 from tunelab.models import load_model
+from tunelab.models.loading import unwrap
+from tunelab.models.loss import PACKED_INPUTS
 from tunelab.stages.base import Stage
 from tunelab.stages.preference import check_pairs, eval_pairs, pair_count, pairs_data
 from tunelab.stages.runs import load_run, run_manifest
@@ -27,8 +31,12 @@ from tunelab.stages.runs import load_run, run_manifest
 
 def load(cfg, device):
     # a fresh scalar head on the LM's last hidden state; the checkpoint's LM head is dropped
-    return load_model(cfg.model, device=device, auto_class=AutoModelForSequenceClassification, num_labels=1,
-                      ignore_mismatched_sizes=True)  # fmt: skip
+    model, tokenizer = load_model(cfg.model, device=device, auto_class=AutoModelForSequenceClassification,
+                                  num_labels=1, ignore_mismatched_sizes=True)  # fmt: skip
+    if cfg.data.packing and _backbone_and_score(model) is None:
+        raise ConfigError(f"data.packing: {type(unwrap(model)).__name__} is not a decoder with a `score` head over "
+                          "its backbone's last hidden state, which packed pairs need; set data.packing: false")
+    return model, tokenizer
 
 
 def _rewards(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,11 +74,33 @@ def load_reward_model(run_dir, device="auto", trust_remote_code: bool = False):
 
 
 def reward_logits(model, batch: dict) -> torch.Tensor:
-    """One score per row of a padded batch (input_ids, attention_mask): the head at the last non-pad token.
+    """One score per row of a padded batch (input_ids, attention_mask): the head at the last non-pad token; or,
+    for packed sequences (collate_packed_pairs: input_ids, position_ids, last), one per sequence, at `last`.
 
     transformers' *ForSequenceClassification picks the rightmost token that is not the pad id, so the
-    batch must be right-padded with model.config.pad_token_id (collate_pairs and score do that)."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+    batch must be right-padded with model.config.pad_token_id (collate_pairs and score do that). Packed rows
+    hold several sequences: the backbone runs on them (causal attention within each sequence, as for packed
+    SFT rows: the positions restart) and the head is applied at each sequence's last token."""
+    if "last" not in batch:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
+    backbone, head = _backbone_and_score(model)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    packed_inputs = getattr(unwrap(model), PACKED_INPUTS, None)
+    if packed_inputs is not None:  # accel: one attention call per packed sequence
+        inputs.update(packed_inputs(inputs["position_ids"]))
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    return head(hidden.reshape(-1, hidden.shape[-1])[batch["last"]])[:, 0].float()
+
+
+def _backbone_and_score(model):
+    """(backbone, score head) of a decoder *ForSequenceClassification whose scores are score(backbone(x)), else None."""
+    inner = unwrap(model)
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
+    head = getattr(inner, "score", None)
+    # transformers names a decoder's scalar head `score` (Llama, Mistral, Qwen, GPT-2 ...), an encoder's `classifier`
+    if not type(inner).__name__.endswith("ForSequenceClassification") or backbone is None or head is None:
+        return None
+    return backbone, head
 
 
 @torch.no_grad()
@@ -94,7 +124,9 @@ def score(model, tokenizer, prompts_messages, responses, max_length: int = 1024,
 
 def stage(cfg=None) -> Stage:
     return Stage(
-        "reward", load, pairs_data, collate_pairs, loss_sum, pair_count, final_metrics,
+        "reward", load, pairs_data,
+        partial(collate_packed_pairs, width=cfg.data.max_length) if cfg is not None and cfg.data.packing else collate_pairs,
+        loss_sum, pair_count, final_metrics,
         lambda cfg: {"reward": {"num_labels": 1, "max_length": cfg.data.max_length}},
         reload=lambda manifest: {
             "auto_class": AutoModelForSequenceClassification, "num_labels": 1, "ignore_mismatched_sizes": True,
