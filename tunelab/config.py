@@ -350,7 +350,8 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1, description="Use at most this many training rows (before the val split).")
     max_length: int = Field(512, ge=8, description="Tokens per example; longer examples are truncated and counted.")
     train_on_prompt: bool = Field(False, description="Also put loss on prompt tokens (default: response tokens only).")
-    packing: bool = Field(False, description="Pack several examples into one row of max_length tokens.")
+    packing: bool = Field(False, description="Pack several examples into one row of max_length tokens (stage "
+                          "reward: each batch's chosen and rejected sequences; dpo does not pack).")
     system_prompt: str | None = Field(None, description="A system message added to every example.")
     roles: dict[str, MessageRole] = Field(
         default_factory=dict,
