@@ -103,8 +103,8 @@ def test_the_cache_cleaner_runs_on_tbbmalloc_only():
     assert memory.active_allocator() == "system" and memory.cache_cleaner() is None
     code = ("import torch; from tunelab.accel import memory; clean = memory.cache_cleaner(); "
             "wide = memory.cache_cleaner(slack=2**40); tight = memory.cache_cleaner(slack=0); "
-            "x = torch.ones(2**25); del x; print(memory.active_allocator(), clean(), wide(), wide(), tight(), "
-            "[torch.ones(2**24) for _ in range(4)] and tight())")  # fmt: skip
+            "x = torch.ones(2**25); del x; out = [memory.active_allocator(), clean(), wide(), wide(), tight()]; "
+            "kept = [torch.ones(2**24) for _ in range(4)]; out.append(tight()); print(*out)")  # fmt: skip
     env = memory.allocator_environment()
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

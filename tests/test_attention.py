@@ -160,3 +160,36 @@ def test_bf16_examples_are_attended_at_bucketed_lengths_with_the_same_result():
     torch.testing.assert_close(out, out_ref, rtol=0.02, atol=0.02)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
+
+
+def test_prompt_tuning_rows_take_one_causal_call_each_with_the_masked_calls_loss_and_grads():
+    """Prompt tuning's batches are right-padded rows with the virtual tokens in front: with packed attention
+    installed, each row's tokens (virtual ones first) get one causal call and its padding another, for the
+    masked call's loss and gradients; prefix tuning (its keys are not in the rows) keeps the masked call."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 320, (3, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = mask[2, 17:] = 0
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, :6] = -100
+    b = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    for name, want in (("prompt", [24, 16, 8, 21, 3]), ("prefix", [])):
+        plain = get(name).apply(tiny_llama(), get(name).Config(num_virtual_tokens=4)).train()
+        fast = copy.deepcopy(plain)
+        assert attention.install(fast)
+        calls = []
+        real = attention._causal
+        attention._causal = lambda q, *a, _calls=calls, _real=real: _calls.append(q.shape[2]) or _real(q, *a)
+        try:
+            loss_fast, n = L.token_loss_sum(fast, b)
+            loss_fast.backward()
+        finally:
+            attention._causal = real
+        assert calls == want * 2  # two layers
+        loss_plain, n_plain = L.token_loss_sum(plain, b)
+        loss_plain.backward()
+        assert n == n_plain and abs(loss_fast.item() - loss_plain.item()) < 1e-5 * loss_plain.item()
+        grads = {k: p.grad for k, p in plain.named_parameters() if p.requires_grad}
+        for k, p in fast.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6)

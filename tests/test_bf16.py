@@ -133,6 +133,26 @@ def test_bf16_fused_head_takes_its_log_sum_exp_in_fp32(head_trains):
     head.free_buffers()
 
 
+def test_fused_head_under_cpu_autocast_gives_the_plain_autocast_loss_and_fp32_gradients():
+    """Full fine-tuning in bf16 keeps autocast (fp32 master weights): the fused head casts the hidden states and
+    its weight to bf16 for the products as autocast does, and returns fp32 gradients for both."""
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 64).requires_grad_()
+    layer = torch.nn.Linear(64, 5000, bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(3)
+    target = torch.randint(0, 5000, (300,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head.fused_loss(layer, hidden, target)
+        reference = torch.nn.functional.cross_entropy(layer(hidden).float(), target, reduction="sum")
+    grads = torch.autograd.grad(loss, [hidden, layer.weight])
+    grads_ref = torch.autograd.grad(reference, [hidden, layer.weight])
+    assert float(loss) == pytest.approx(float(reference), rel=2e-5)
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        assert grad.dtype == torch.float32 and _relative(grad, grad_ref) < 1e-2
+    head.free_buffers()
+
+
 def _cfg(tiny_dir, data_file, out, dtype, **training):
     return load_config({
         "output_dir": str(out),
@@ -198,7 +218,7 @@ def test_bf16_thread_shares_give_the_losses_of_one_pass(tiny_dir, data_file, tmp
 
 
 def test_passes_keep_autocast_where_something_is_not_bf16_by_itself(monkeypatch):
-    """The reasons the log gives; each keeps the loop's autocast (and fast LoRA and the fused head aside)."""
+    """The reasons the log gives; each keeps the loop's autocast (and fast LoRA aside; the fused head too off a CPU)."""
 
     def prepared(model, method="lora", device="cpu", **training):
         cfg = load_config({"method": {"name": method}, "training": {"device": "cpu", **training}})
@@ -210,13 +230,14 @@ def test_passes_keep_autocast_where_something_is_not_bf16_by_itself(monkeypatch)
     assert not speed.autocast and "bf16 passes without autocast (fp32 master weights)" in speed.pieces
     speed = prepared(tiny_llama().to(torch.bfloat16), method="full")
     assert speed.autocast and any("model.embed_tokens.weight trains outside the fast LoRA" in s for s in speed.skipped)
-    assert any(s.startswith("fused LM head + cross-entropy: bf16 autocast") for s in speed.skipped)
+    assert "fused LM head + cross-entropy (its products in bf16 under autocast)" in speed.pieces  # a CPU's autocast
     speed = prepared(tiny_llama())  # an fp32 base under autocast (say, weights kept in fp32 by the model's class)
     assert speed.autocast and any("is float32, not bf16" in s for s in speed.skipped)
     assert "fast LoRA: bf16 autocast; PEFT's own forward runs (model.dtype: float32 takes it)" in speed.skipped
     monkeypatch.setattr(threads, "check_pass_threads", lambda *a: None)
     speed = prepared(tiny_llama().to(torch.bfloat16), device="cuda")  # built and measured on CPUs only
     assert speed.autocast and any("cuda keeps autocast" in s for s in speed.skipped)
+    assert any(s.startswith("fused LM head + cross-entropy: cuda autocast") for s in speed.skipped)
     speed = prepared(tiny_llama().to(torch.bfloat16), accelerate="off")
     assert speed.autocast  # nothing installed: PEFT's forward under autocast
 

@@ -10,6 +10,10 @@ In a bf16 pass (bf16 head and hidden states, no autocast) the two products run i
 between them in fp32: each chunk's bf16 logits are widened into an fp32 buffer for the log-sum-exp and the
 softmax, as transformers upcasts logits before its cross-entropy, and the gradient is narrowed back into the
 bf16 buffer for its product. A softmax in bf16 would round each of the loss's terms to 8 bits.
+
+Under a CPU's bf16 autocast (full fine-tuning in bf16 keeps fp32 master weights, so its passes keep autocast) the
+hidden states and the head's weight are cast to bf16 for the same bf16 products, as autocast casts them for the
+plain loss, and dW is summed in fp32, chunk by chunk, as autograd sums it into the master weight's gradient.
 """
 
 from __future__ import annotations
@@ -45,13 +49,17 @@ def install(model) -> None:
 
 def fused_loss(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
     """sum CE(head(hidden), target), its gradient computed in the forward pass; None where the head is not a
-    bias-free linear map in the hidden states' dtype, or under autocast (then the plain chunks run)."""
-    if not (
-        type(head) in (torch.nn.Linear, CompactLinear)
-        and head.bias is None
-        and hidden.dtype == (torch.float32 if type(head) is CompactLinear else head.weight.dtype)
-        and not torch.is_autocast_enabled(hidden.device.type)
-    ):
+    bias-free linear map in the hidden states' dtype (then the plain chunks run). Under a CPU's bf16 autocast
+    (full fine-tuning in bf16: fp32 master weights) the products run in bf16 as autocast would run them."""
+    device = hidden.device.type
+    if type(head) not in (torch.nn.Linear, CompactLinear) or head.bias is not None:
+        return None
+    if torch.is_autocast_enabled(device):
+        compute = torch.get_autocast_dtype(device)
+        if device != "cpu" or type(head) is CompactLinear or compute != torch.bfloat16:
+            return None
+        return _HeadCrossEntropy.apply(hidden, head.weight, target, compute)
+    if hidden.dtype != (torch.float32 if type(head) is CompactLinear else head.weight.dtype):
         return None
     weight = head.compact if type(head) is CompactLinear else head.weight
     return _HeadCrossEntropy.apply(hidden, weight, target)
@@ -104,40 +112,58 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, target):
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        labels = target.numel()
-        # in bf16 the label count is rounded up (memory.shape_bucket) with zero rows: they add nothing to dW, their
-        # loss is left out and their dh dropped
-        if (bucket := shape_bucket(labels, hidden)) != labels:
-            hidden, target = F.pad(hidden, (0, 0, 0, bucket - labels)), F.pad(target, (0, bucket - labels))
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for i in range(0, target.numel(), FUSED_CHUNK):
-            h, t = hidden[i : i + FUSED_CHUNK], target[i : i + FUSED_CHUNK]
-            real = min(len(t), labels - i)  # the chunk's columns before the bucket's padding
-            # logits transposed, [vocab, chunk] = W h^T: with the vocabulary as the long dimension of the
-            # left operand the matmul runs ~1.4x faster on a CPU than h W^T (MKL, 2 cores, SmolLM2's head)
-            logits = _head_logits(weight, h)
-            wide = _widened(logits)
-            picked = wide.gather(0, t[None, :])
-            # softmax in place over the one [vocab, chunk] buffer (2.5x faster on a CPU than logsumexp
-            # and a second exp), its log-normaliser lse = max + log(sum) kept for the loss
-            top = wide.amax(dim=0, keepdim=True)
-            probs = wide.sub_(top).exp_()
-            total = probs.sum(dim=0, keepdim=True)
-            loss += (top + total.log() - picked)[:, :real].sum()
-            probs.div_(total)
-            probs[t, torch.arange(len(t), device=t.device)] -= 1.0
-            if probs is not logits:  # a bf16 pass: the gradient narrowed for its bf16 products
-                probs = logits.copy_(probs)
-            times_weight(probs.t(), weight, out=grad_hidden[i : i + FUSED_CHUNK])
-            if grad_weight is not None:
-                grad_weight.addmm_(probs, h)
-        ctx.save_for_backward(grad_hidden[:labels], grad_weight)
+    def forward(ctx, hidden, weight, target, compute=None):
+        if compute is None:
+            loss, grad_hidden, grad_weight = _loss_and_grads(hidden, weight, target, ctx.needs_input_grad[1])
+        else:  # under autocast: the products in `compute` (bf16), dW accumulated in the master weight's dtype
+            with torch.autocast(hidden.device.type, enabled=False):
+                loss, grad_hidden, grad_weight = _loss_and_grads(
+                    hidden.to(compute), weight.to(compute), target, ctx.needs_input_grad[1], weight.dtype
+                )
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, None if grad_weight is None else grad_weight * grad_loss, None
+        return grad_hidden * grad_loss, None if grad_weight is None else grad_weight * grad_loss, None, None
+
+
+def _loss_and_grads(hidden, weight, target, want_weight_grad: bool, weight_grad_dtype=None):
+    """(summed CE, dCE/dhidden, dCE/dW or None) chunk by chunk (_HeadCrossEntropy). `weight_grad_dtype`: dW summed
+    in it (fp32 master weights under autocast: each chunk's bf16 product added in fp32, as autograd would)."""
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    labels = target.numel()
+    # in bf16 the label count is rounded up (memory.shape_bucket) with zero rows: they add nothing to dW, their
+    # loss is left out and their dh dropped
+    if (bucket := shape_bucket(labels, hidden)) != labels:
+        hidden, target = F.pad(hidden, (0, 0, 0, bucket - labels)), F.pad(target, (0, bucket - labels))
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros_like(weight, dtype=weight_grad_dtype) if want_weight_grad else None
+    for i in range(0, target.numel(), FUSED_CHUNK):
+        h, t = hidden[i : i + FUSED_CHUNK], target[i : i + FUSED_CHUNK]
+        real = min(len(t), labels - i)  # the chunk's columns before the bucket's padding
+        # logits transposed, [vocab, chunk] = W h^T: with the vocabulary as the long dimension of the
+        # left operand the matmul runs ~1.4x faster on a CPU than h W^T (MKL, 2 cores, SmolLM2's head)
+        logits = _head_logits(weight, h)
+        wide = _widened(logits)
+        picked = wide.gather(0, t[None, :])
+        # softmax in place over the one [vocab, chunk] buffer (2.5x faster on a CPU than logsumexp
+        # and a second exp), its log-normaliser lse = max + log(sum) kept for the loss
+        top = wide.amax(dim=0, keepdim=True)
+        probs = wide.sub_(top).exp_()
+        total = probs.sum(dim=0, keepdim=True)
+        loss += (top + total.log() - picked)[:, :real].sum()
+        probs.div_(total)
+        probs[t, torch.arange(len(t), device=t.device)] -= 1.0
+        if probs is not logits:  # a bf16 pass: the gradient narrowed for its bf16 products
+            probs = logits.copy_(probs)
+        times_weight(probs.t(), weight, out=grad_hidden[i : i + FUSED_CHUNK])
+        if grad_weight is None:
+            continue
+        if grad_weight.dtype == probs.dtype:
+            grad_weight.addmm_(probs, h)
+        else:
+            grad_weight += probs @ h
+    return loss, grad_hidden[:labels], grad_weight

@@ -130,9 +130,13 @@ def _virtual_at_labels(model, batch: dict):
         if threading.get_ident() == me:  # thread shares (accel/threads.py) run the same backbone in other threads
             seen.append(out.last_hidden_state)
 
+    inputs = model_inputs(batch)
+    packed_inputs = getattr(unwrap(model), PACKED_INPUTS, None)
+    if packed_inputs is not None and (at := _prompt_rows(model, inputs)) is not None:
+        inputs.update(packed_inputs(at))  # accel: one causal attention call per row, not the masked call
     hook = backbone.register_forward_hook(catch)
     try:
-        model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
+        model(**inputs, use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
     hidden = seen[-1]
@@ -140,6 +144,26 @@ def _virtual_at_labels(model, batch: dict):
     target = shift_labels(batch["labels"])
     keep = target != -100
     return head, hidden[keep], target[keep], keep.nonzero()[:, 0]
+
+
+def _prompt_rows(model, inputs: dict):
+    """For prompt tuning on right-padded rows: position ids that restart where each row's padding starts, over the
+    rows as the model sees them (the virtual tokens first), so that PACKED_INPUTS gives each row's tokens one causal
+    attention call and its padding another; None for anything else (prefix tuning's keys are not in the rows)."""
+    import torch
+
+    mask = inputs.get("attention_mask")
+    peft_cfg = getattr(model, "active_peft_config", None)
+    if mask is None or "position_ids" in inputs or getattr(peft_cfg, "peft_type", None) != "PROMPT_TUNING":
+        return None
+    lengths = mask.sum(1)
+    width = mask.shape[1]
+    if not torch.equal(mask, (torch.arange(width, device=mask.device) < lengths[:, None]).to(mask.dtype)):
+        return None  # not right-padded
+    virtual = peft_cfg.num_virtual_tokens
+    at = torch.arange(virtual + width, device=mask.device).expand(len(mask), -1)
+    real = virtual + lengths[:, None]
+    return torch.where(at < real, at, at - real)
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
