@@ -162,10 +162,11 @@ def test_bf16_examples_are_attended_at_bucketed_lengths_with_the_same_result():
         torch.testing.assert_close(a, b, rtol=0.02, atol=0.02)
 
 
-def test_prompt_tuning_rows_take_one_causal_call_each_with_the_masked_calls_loss_and_grads():
+def test_prompt_tuning_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_grads():
     """Prompt tuning's batches are right-padded rows with the virtual tokens in front: with packed attention
-    installed, each row's tokens (virtual ones first) get one causal call and its padding another, for the
-    masked call's loss and gradients; prefix tuning (its keys are not in the rows) keeps the masked call."""
+    installed the loss lays each row, after its own soft prompt, end to end in one row without the padding, one
+    causal call each, for the masked call's loss and gradients; prefix tuning (its keys are not in the rows) keeps
+    the masked call."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 320, (3, 20), generator=g)
     mask = torch.ones_like(ids)
@@ -173,7 +174,7 @@ def test_prompt_tuning_rows_take_one_causal_call_each_with_the_masked_calls_loss
     labels = torch.where(mask.bool(), ids, -100)
     labels[:, :6] = -100
     b = {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    for name, want in (("prompt", [24, 16, 8, 21, 3]), ("prefix", [])):
+    for name, want in (("prompt", [24, 16, 21]), ("prefix", [])):
         plain = get(name).apply(tiny_llama(), get(name).Config(num_virtual_tokens=4)).train()
         fast = copy.deepcopy(plain)
         assert attention.install(fast)
@@ -193,3 +194,38 @@ def test_prompt_tuning_rows_take_one_causal_call_each_with_the_masked_calls_loss
         for k, p in fast.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6)
+
+
+def test_right_padded_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_grads():
+    """`data.packing: false` (and dpo's pairs): with packed attention installed the loss lays the rows end to end
+    without their padding, one causal call each, for the masked call's loss, per-row sums and gradients."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 320, (3, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = mask[2, 14:] = 0
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, :5] = -100
+    b = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    plain = lora_model()
+    fast = copy.deepcopy(plain)
+    assert attention.install(fast)
+    calls = []
+    real = attention._causal
+    attention._causal = lambda q, *a: calls.append(q.shape[2]) or real(q, *a)
+    try:
+        loss_fast, n = L.token_loss_sum(fast, b)
+        loss_fast.backward()
+        with torch.no_grad():
+            rows_fast = L.row_loss_sums(fast, b)
+    finally:
+        attention._causal = real
+    assert calls == [9, 20, 14] * 2 * 2  # two layers, two forwards
+    loss_plain, n_plain = L.token_loss_sum(plain, b)
+    loss_plain.backward()
+    assert n == n_plain and abs(loss_fast.item() - loss_plain.item()) < 1e-5 * loss_plain.item()
+    with torch.no_grad():
+        torch.testing.assert_close(rows_fast, L.row_loss_sums(plain, b), rtol=1e-5, atol=1e-5)
+    grads = {k: p.grad for k, p in plain.named_parameters() if p.requires_grad}
+    for k, p in fast.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-5)

@@ -20,7 +20,7 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 | bf16 passes | (the pieces above) | under bf16 mixed precision on a CPU, the passes run without autocast: fast LoRA (or PEFT's LoRA over a 4-bit base, qlora; or PEFT's soft prompt / prefix, cast to bf16 as they enter), the norm and the fused head in bf16 by themselves, fp32 master weights | not a CPU, a weight trains elsewhere (full, DoRA), a frozen weight not in bf16, accelerate: off |
 | fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one; in bf16 passes too; over a 4-bit base (qlora) the adapter added in place | a variant (DoRA), several active adapters, a non-Linear base, bf16 autocast; qlora: no fold or fused MLP, and PEFT's forward with LoRA dropout |
 | fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward | the norm is another formula |
-| packed attention | attention.py | one causal attention call per packed example (prompt tuning: per right-padded row) | data.packing off (but for prompt tuning), attention not SDPA |
+| packed attention | attention.py | one causal attention call per packed example; unpacked right-padded rows (prompt tuning's after their soft prompt) laid end to end by the loss, no compute on padding | attention not SDPA, prefix tuning |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept (under a CPU's bf16 autocast too) | a head with a bias, autocast off a CPU |
 | compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from, LoRA's linears so from the load on (`load_plan`) | compact_frozen: false, several processes, no exact form, bf16 weights |
 | thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout outside fast LoRA, LoRA dropout with gradient checkpointing, most parameters train, dpo + PEFT, bf16 autocast, pass_threads: 1 |
@@ -129,14 +129,12 @@ class Speed:
         elif norms := sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Norm")}):
             skip(f"fused RMSNorm: the model's norms ({', '.join(norms)}) are not Llama-style RMSNorm; their own "
                  "forward runs (no setting: a property of the model)")
-        prompt_rows = getattr(getattr(model, "active_peft_config", None), "peft_type", None) == "PROMPT_TUNING"
-        if cfg.data.packing or prompt_rows:
-            if attention.install(model):
-                self.pieces.append("per-example attention over packed rows" if cfg.data.packing else
-                                   "one causal attention call per row (prompt tuning's right-padded rows)")
-            else:
-                skip("packed attention: the model's attention is not SDPA; its masked call runs (no setting: "
-                     "a model transformers runs with SDPA takes it)")
+        if attention.install(model):
+            self.pieces.append("per-example attention over packed rows" if cfg.data.packing else
+                               "right-padded rows laid end to end, one attention call each (no compute on padding)")
+        else:
+            skip("packed attention: the model's attention is not SDPA; its masked call runs (no setting: "
+                 "a model transformers runs with SDPA takes it)")
         if (pair := backbone_and_head(model) or virtual_token_split(model)) is not None:
             head.install(model)
             if getattr(pair[1], "bias", None) is not None:

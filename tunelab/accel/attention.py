@@ -165,4 +165,5 @@ def install(model) -> bool:
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     config._attn_implementation = NAME
     setattr(inner, loss.PACKED_INPUTS, varlen_kwargs)  # the loss hands the examples' bounds to the forward
+    setattr(inner, loss.PACKED_WIDTH, shape_bucket)  # and pads rows it lays end to end to this width
     return True

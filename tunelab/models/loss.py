@@ -36,6 +36,7 @@ CHUNK = 256  # label positions per chunk of logits: SmolLM2's 49k-word vocabular
 # prepare) the loss is plain PyTorch.
 PACKED_INPUTS = "tunelab_packed_inputs"  # position_ids -> forward kwargs: packed examples' bounds (accel/attention.py)
 FUSED_HEAD = "tunelab_fused_head"  # (head, hidden, target) -> summed CE, gradient made in the forward (accel/head.py)
+PACKED_WIDTH = "tunelab_packed_width"  # (tokens, a weight) -> the width an unpadded row is padded to (accel/memory.py)
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -102,68 +103,95 @@ def _causal_split(inner):
 def at_labels(model, batch: dict):
     """(head, hidden states at the label positions, their targets, their row numbers), or None for a
     model that does not split into backbone and head (then callers take the full-logits path)."""
+    import torch.nn.functional as F
+
     split = backbone_and_head(model)
     if split is None:
         return _virtual_at_labels(model, batch)
     backbone, head = split
     target = shift_labels(batch["labels"])
+    keep = target != -100
+    if (plan := _unpadded(model, batch)) is not None:  # accel: the rows end to end, one attention call each
+        positions, kwargs, at = plan
+        ids = batch["input_ids"][batch["attention_mask"].bool()]
+        ids = F.pad(ids, (0, positions.shape[1] - len(ids)))[None]
+        hidden = backbone(input_ids=ids, position_ids=positions, **kwargs, use_cache=False).last_hidden_state[0]
+        return head, hidden[at[keep]], target[keep], keep.nonzero()[:, 0]
     inputs = model_inputs(batch)
     packed_inputs = getattr(unwrap(model), PACKED_INPUTS, None)
     if "position_ids" in inputs and packed_inputs is not None:  # accel: one attention call per packed example
         inputs.update(packed_inputs(inputs["position_ids"]))
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
-    keep = target != -100
     return head, hidden[keep], target[keep], keep.nonzero()[:, 0]
+
+
+def _unpadded(model, batch: dict, virtual: int = 0):
+    """Right-padded rows laid end to end in one row, each after `virtual` positions of its own (prompt tuning's soft
+    prompt), for a model whose attention takes packed examples (accel: PACKED_INPUTS): no compute on padding.
+    (position ids [1, width], the forward's packed-attention kwargs, [rows, columns] -> the flattened position of
+    each row's token), or None: no packed attention, no attention mask, packed rows, or a row not right-padded.
+    The positions restart at each row (and for the padding after the last one), as in packed SFT rows."""
+    import torch
+
+    inner = unwrap(model)
+    packed_inputs = getattr(inner, PACKED_INPUTS, None)
+    mask = batch.get("attention_mask")
+    if packed_inputs is None or mask is None or "position_ids" in batch:
+        return None
+    rows, columns = mask.shape
+    lengths = mask.sum(1)
+    if not torch.equal(mask, (torch.arange(columns, device=mask.device) < lengths[:, None]).to(mask.dtype)):
+        return None
+    spans = (lengths + virtual).tolist()
+    total = sum(spans)
+    weight = inner.get_input_embeddings().weight
+    width = getattr(inner, PACKED_WIDTH, lambda n, _: n)(total, weight)
+    positions = torch.cat([torch.arange(n) for n in spans] + [torch.arange(width - total)]).to(mask.device)[None]
+    starts = torch.cumsum(torch.tensor([0] + spans[:-1], device=mask.device), 0)
+    at = starts[:, None] + virtual + torch.arange(columns, device=mask.device)
+    return positions, packed_inputs(positions), at
 
 
 def _virtual_at_labels(model, batch: dict):
     """at_labels of a prompt- / prefix-tuned model: PEFT's forward with the head on one position, the
     backbone's output caught by a hook, the virtual positions (however many the output has beyond the
     inputs: none for prefix tuning or with the adapter disabled) dropped."""
+    import torch
+
     split = virtual_token_split(model)
     if split is None:
         return None
     backbone, head = split
+    target = shift_labels(batch["labels"])
+    keep = target != -100
+    peft_cfg = model.active_peft_config
+    enabled = getattr(model.forward, "__self__", None) is model  # PEFT's disable_adapter swaps the forward
+    if enabled and peft_cfg.peft_type == "PROMPT_TUNING":
+        plan = _unpadded(model, batch, peft_cfg.num_virtual_tokens)
+        if plan is not None:  # accel: each row after its soft prompt, end to end, as PEFT's forward lays out one row
+            positions, kwargs, at = plan
+            embeds = model.word_embeddings(batch["input_ids"])
+            prompts = model.get_prompt(batch_size=len(embeds)).to(embeds.dtype)
+            real = batch["attention_mask"].bool()
+            parts = [t for r in range(len(embeds)) for t in (prompts[r], embeds[r][real[r]])]
+            flat = torch.cat(parts)
+            flat = torch.cat([flat, flat.new_zeros(positions.shape[1] - len(flat), flat.shape[1])])[None]
+            hidden = backbone(inputs_embeds=flat, position_ids=positions, **kwargs, use_cache=False).last_hidden_state
+            return head, hidden[0][at[keep]], target[keep], keep.nonzero()[:, 0]
     seen, me = [], threading.get_ident()
 
     def catch(module, args, out):
         if threading.get_ident() == me:  # thread shares (accel/threads.py) run the same backbone in other threads
             seen.append(out.last_hidden_state)
 
-    inputs = model_inputs(batch)
-    packed_inputs = getattr(unwrap(model), PACKED_INPUTS, None)
-    if packed_inputs is not None and (at := _prompt_rows(model, inputs)) is not None:
-        inputs.update(packed_inputs(at))  # accel: one causal attention call per row, not the masked call
     hook = backbone.register_forward_hook(catch)
     try:
-        model(**inputs, use_cache=False, logits_to_keep=1)
+        model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
     hidden = seen[-1]
     hidden = hidden[:, hidden.shape[1] - batch["labels"].shape[1] :]
-    target = shift_labels(batch["labels"])
-    keep = target != -100
     return head, hidden[keep], target[keep], keep.nonzero()[:, 0]
-
-
-def _prompt_rows(model, inputs: dict):
-    """For prompt tuning on right-padded rows: position ids that restart where each row's padding starts, over the
-    rows as the model sees them (the virtual tokens first), so that PACKED_INPUTS gives each row's tokens one causal
-    attention call and its padding another; None for anything else (prefix tuning's keys are not in the rows)."""
-    import torch
-
-    mask = inputs.get("attention_mask")
-    peft_cfg = getattr(model, "active_peft_config", None)
-    if mask is None or "position_ids" in inputs or getattr(peft_cfg, "peft_type", None) != "PROMPT_TUNING":
-        return None
-    lengths = mask.sum(1)
-    width = mask.shape[1]
-    if not torch.equal(mask, (torch.arange(width, device=mask.device) < lengths[:, None]).to(mask.dtype)):
-        return None  # not right-padded
-    virtual = peft_cfg.num_virtual_tokens
-    at = torch.arange(virtual + width, device=mask.device).expand(len(mask), -1)
-    real = virtual + lengths[:, None]
-    return torch.where(at < real, at, at - real)
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
