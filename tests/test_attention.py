@@ -1,5 +1,6 @@
 """Per-example attention over packed rows equals transformers' masked SDPA over the whole row."""
 
+import contextlib
 import copy
 
 import pytest
@@ -32,6 +33,28 @@ def lora_model():
     return model.train()
 
 
+@contextlib.contextmanager
+def causal_calls():
+    """The query lengths of the packed path's causal kernel calls, in order."""
+    calls, real = [], attention._causal
+    attention._causal = lambda q, *a: calls.append(q.shape[2]) or real(q, *a)
+    try:
+        yield calls
+    finally:
+        attention._causal = real
+
+
+def padded_batch(seed: int, ends: dict[int, int], prompt: int) -> dict:
+    """Three right-padded rows of 20 (row r's tokens end at ends[r]), the first `prompt` tokens of each unlabelled."""
+    ids = torch.randint(3, 320, (3, 20), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for row, end in ends.items():
+        mask[row, end:] = 0
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[:, :prompt] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
 def test_varlen_boundaries_cover_flattened_rows():
     kw = attention.varlen_kwargs(packed_batch()["position_ids"])
     assert kw["cu_seq_lens_q"].tolist() == [0, 10, 19, 24, 48, 55, 66, 72]
@@ -45,15 +68,10 @@ def test_packed_attention_loss_and_grads_equal_masked_sdpa(checkpointing):
         enable_gradient_checkpointing(plain)
     packed = copy.deepcopy(plain)
     assert attention.install(packed) and attention.active(packed) and not attention.active(plain)
-    calls = []
-    real = attention._causal
-    attention._causal = lambda q, *a: calls.append(q.shape[2]) or real(q, *a)
-    try:
-        b = packed_batch()
+    b = packed_batch()
+    with causal_calls() as calls:
         loss_packed, n = L.token_loss_sum(packed, b)
         loss_packed.backward()
-    finally:
-        attention._causal = real
     # two layers, seven examples each, one causal call each (once more per layer when recomputed)
     assert calls == [10, 9, 5, 24, 7, 11, 6] * 2 * (2 if checkpointing else 1)
     loss_plain, n_plain = L.token_loss_sum(plain, b)
@@ -141,19 +159,14 @@ def test_bf16_examples_are_attended_at_bucketed_lengths_with_the_same_result():
     q, k, v = (torch.randn(rows, length, h, dim, generator=g).transpose(1, 2).bfloat16()
                for h in (heads, kv_heads, kv_heads))  # fmt: skip
     grad = torch.randn(rows * length, heads, dim, generator=g).bfloat16()
-    calls = []
-    real = attention._causal
-    attention._causal = lambda q_, *a: calls.append(q_.shape[2]) or real(q_, *a)
-    try:
-        results = []
+    results = []
+    with causal_calls() as calls:
         for attend in (lambda *t: attention._PackedCausal.apply(*t, pieces, dim**-0.5),
                        lambda *t: attention._per_example_sdpa(*t, pieces, 0.0, None)):  # fmt: skip
             inputs = [t.detach().requires_grad_() for t in (q, k, v)]
             out = attend(*inputs)
             out.backward(grad)
             results.append((out.detach(), [t.grad for t in inputs]))
-    finally:
-        attention._causal = real
     assert calls == [SHAPE_BUCKET, 64, 64, 64, 64]
     (out, grads), (out_ref, grads_ref) = results
     # within bf16's rounding (one or two units in the last place: the kernel blocks the longer length otherwise)
@@ -167,25 +180,14 @@ def test_prompt_tuning_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_g
     installed the loss lays each row, after its own soft prompt, end to end in one row without the padding, one
     causal call each, for the masked call's loss and gradients; prefix tuning (its keys are not in the rows) keeps
     the masked call."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 320, (3, 20), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, 12:] = mask[2, 17:] = 0
-    labels = torch.where(mask.bool(), ids, -100)
-    labels[:, :6] = -100
-    b = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    b = padded_batch(0, {1: 12, 2: 17}, prompt=6)
     for name, want in (("prompt", [24, 16, 21]), ("prefix", [])):
         plain = get(name).apply(tiny_llama(), get(name).Config(num_virtual_tokens=4)).train()
         fast = copy.deepcopy(plain)
         assert attention.install(fast)
-        calls = []
-        real = attention._causal
-        attention._causal = lambda q, *a, _calls=calls, _real=real: _calls.append(q.shape[2]) or _real(q, *a)
-        try:
+        with causal_calls() as calls:
             loss_fast, n = L.token_loss_sum(fast, b)
             loss_fast.backward()
-        finally:
-            attention._causal = real
         assert calls == want * 2  # two layers
         loss_plain, n_plain = L.token_loss_sum(plain, b)
         loss_plain.backward()
@@ -199,26 +201,15 @@ def test_prompt_tuning_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_g
 def test_right_padded_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_grads():
     """`data.packing: false` (and dpo's pairs): with packed attention installed the loss lays the rows end to end
     without their padding, one causal call each, for the masked call's loss, per-row sums and gradients."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, 320, (3, 20), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, 9:] = mask[2, 14:] = 0
-    labels = torch.where(mask.bool(), ids, -100)
-    labels[:, :5] = -100
-    b = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    b = padded_batch(1, {0: 9, 2: 14}, prompt=5)
     plain = lora_model()
     fast = copy.deepcopy(plain)
     assert attention.install(fast)
-    calls = []
-    real = attention._causal
-    attention._causal = lambda q, *a: calls.append(q.shape[2]) or real(q, *a)
-    try:
+    with causal_calls() as calls:
         loss_fast, n = L.token_loss_sum(fast, b)
         loss_fast.backward()
         with torch.no_grad():
             rows_fast = L.row_loss_sums(fast, b)
-    finally:
-        attention._causal = real
     assert calls == [9, 20, 14] * 2 * 2  # two layers, two forwards
     loss_plain, n_plain = L.token_loss_sum(plain, b)
     loss_plain.backward()
