@@ -85,9 +85,10 @@ def runs(tmp_path_factory):
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return {
         # LoRA dropout's masks are drawn by the fast path (accel/fast_lora.py); alpha and dropout chosen with them
-        # so that no greedy path has a near-tie: the smallest top-2 gap over both prompts is 0.40 merged, 0.14
-        # with test_gguf_lora_folds_per_layer_scales's tripled scale
-        "lora": train_run(tmp, base, str(data), {"name": "lora", "r": 4, "alpha": 28, "dropout": 0.06}, "lora", STEPS),
+        # so that no greedy path has a near-tie: the smallest top-2 gap over both prompts is 0.28 merged, 0.13
+        # with test_gguf_lora_folds_per_layer_scales's tripled scale (chosen again when unpadded rows came in:
+        # alpha 28 / dropout 0.06 then had a 0.006 gap)
+        "lora": train_run(tmp, base, str(data), {"name": "lora", "r": 4, "alpha": 20, "dropout": 0.08}, "lora", STEPS),
         "full": train_run(tmp, base, str(data), {"name": "full"}, "full", STEPS),
         "qat": train_run(tmp, base, str(data), {"name": "qat", "symmetric": True}, "qat", STEPS),
         # merged QLoRA: the NF4 base dequantised, the LoRA folded in, then written at each GGUF type
@@ -276,7 +277,7 @@ def test_gguf_lora_adapter_over_the_base_answers_as_the_run(runs, tmp_path):
     """`--format gguf-lora` over the base model's f32 GGUF: llama.cpp adds the adapter at load and answers
     as tunelab's unmerged LoRA model does (the same greedy tokens, logits within f32 rounding)."""
     report = export(runs["lora"], "gguf-lora", out=str(tmp_path / "adapter.gguf"))
-    assert report["layers"] > 0 and report["alpha"] == 28.0 and report["rank"] == [4]
+    assert report["layers"] > 0 and report["alpha"] == 20.0 and report["rank"] == [4]
     base = export(report["base_model"], "gguf", "f32", str(tmp_path / "base.gguf"))["path"]
     model, tok = load_run(runs["lora"], device="cpu")
     assert hasattr(model, "peft_config")  # the adapter, not merged
