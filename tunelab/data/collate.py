@@ -69,7 +69,6 @@ def pad(seqs, value: int, side: str = "right", width: int | None = None, dtype=N
 def collate(examples: list[dict], pad_id: int, width: int | None = None) -> dict:
     """Right-pad to the longest example; a packed batch to `width` columns if that is wider (unpacked
     ones, e.g. validation rows, are not widened: that would only add padding to compute)."""
-    import torch
 
     packed = any("position_ids" in e for e in examples)
     width = max([len(e["input_ids"]) for e in examples] + [(width or 0) if packed else 0])
@@ -77,13 +76,20 @@ def collate(examples: list[dict], pad_id: int, width: int | None = None) -> dict
     labels, _ = pad([e["labels"] for e in examples], IGNORE, width=width)
     batch = {"input_ids": ids, "labels": labels}
     if packed:
-        # right padding gets positions 0, 1, ...: a sequence of its own that no real token sees
-        positions, _ = pad([list(e.get("position_ids", range(len(e["input_ids"])))) for e in examples], 0, width=width)
-        fill = (1 - mask).cumsum(1) - 1
-        batch["position_ids"] = torch.where(mask.bool(), positions, fill)
+        batch["position_ids"] = packed_positions([e.get("position_ids", range(len(e["input_ids"]))) for e in examples],
+                                                 mask)  # fmt: skip
     else:
         batch["attention_mask"] = mask
     return batch
+
+
+def packed_positions(positions, mask):
+    """Position ids of packed rows (each example's restarting at 0), padded as `mask` (pad's) says: the right
+    padding gets positions 0, 1, ...: a sequence of its own that no real token sees."""
+    import torch
+
+    padded, _ = pad([list(p) for p in positions], 0, width=mask.shape[1])
+    return torch.where(mask.bool(), padded, (1 - mask).cumsum(1) - 1)
 
 
 def real_tokens(examples: list[dict], batch: dict) -> int:

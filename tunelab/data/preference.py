@@ -266,7 +266,7 @@ def collate_packed_pairs(examples: list[dict], pad_id: int, width: int | None = 
     reward model scores it)."""
     import torch
 
-    from tunelab.data.collate import pad
+    from tunelab.data.collate import packed_positions, pad
 
     seqs = [list(e[f"{side}_input_ids"]) for side in ("chosen", "rejected") for e in examples]
     width = max([len(s) for s in seqs] + [width or 0])
@@ -281,12 +281,11 @@ def collate_packed_pairs(examples: list[dict], pad_id: int, width: int | None = 
         rows[row].append(i)
         room[row] -= len(seqs[i])
     ids, mask = pad([[t for i in row for t in seqs[i]] for row in rows], pad_id)
-    positions, _ = pad([[p for i in row for p in range(len(seqs[i]))] for row in rows], 0)
-    fill = (1 - mask).cumsum(1) - 1
+    positions = packed_positions([[p for i in row for p in range(len(seqs[i]))] for row in rows], mask)
     last = [0] * len(seqs)
     for r, row in enumerate(rows):
         end = r * ids.shape[1]
         for i in row:
             end += len(seqs[i])
             last[i] = end - 1
-    return {"input_ids": ids, "position_ids": torch.where(mask.bool(), positions, fill), "last": torch.tensor(last)}
+    return {"input_ids": ids, "position_ids": positions, "last": torch.tensor(last)}

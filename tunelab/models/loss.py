@@ -118,11 +118,17 @@ def at_labels(model, batch: dict):
         hidden = backbone(input_ids=ids, position_ids=positions, **kwargs, use_cache=False).last_hidden_state[0]
         return head, hidden[at[keep]], target[keep], keep.nonzero()[:, 0]
     inputs = model_inputs(batch)
-    packed_inputs = getattr(unwrap(model), PACKED_INPUTS, None)
-    if "position_ids" in inputs and packed_inputs is not None:  # accel: one attention call per packed example
-        inputs.update(packed_inputs(inputs["position_ids"]))
+    if "position_ids" in inputs:  # accel: one attention call per packed example
+        inputs.update(packed_kwargs(model, inputs["position_ids"]))
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
     return head, hidden[keep], target[keep], keep.nonzero()[:, 0]
+
+
+def packed_kwargs(model, position_ids) -> dict:
+    """The forward's keyword arguments that give packed rows (positions restarting at each example) one attention
+    call per example where accel installed it (PACKED_INPUTS); {} otherwise (the block-diagonal mask then)."""
+    packed_inputs = getattr(unwrap(model), PACKED_INPUTS, None)
+    return {} if packed_inputs is None else packed_inputs(position_ids)
 
 
 def _unpadded(model, batch: dict, virtual: int = 0):

@@ -23,7 +23,7 @@ from tunelab.data import pad
 from tunelab.data.preference import collate_packed_pairs, collate_pairs, encode_response, truncate_left
 from tunelab.models import load_model
 from tunelab.models.loading import unwrap
-from tunelab.models.loss import PACKED_INPUTS
+from tunelab.models.loss import packed_kwargs
 from tunelab.stages.base import Stage
 from tunelab.stages.preference import check_pairs, eval_pairs, pair_count, pairs_data
 from tunelab.stages.runs import load_run, run_manifest
@@ -84,11 +84,9 @@ def reward_logits(model, batch: dict) -> torch.Tensor:
     if "last" not in batch:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
     backbone, head = _backbone_and_score(model)
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-    packed_inputs = getattr(unwrap(model), PACKED_INPUTS, None)
-    if packed_inputs is not None:  # accel: one attention call per packed sequence
-        inputs.update(packed_inputs(inputs["position_ids"]))
-    hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    positions = batch["position_ids"]  # accel: one attention call per packed sequence
+    hidden = backbone(input_ids=batch["input_ids"], position_ids=positions, **packed_kwargs(model, positions),
+                      use_cache=False).last_hidden_state  # fmt: skip
     return head(hidden.reshape(-1, hidden.shape[-1])[batch["last"]])[:, 0].float()
 
 

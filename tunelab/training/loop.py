@@ -262,12 +262,12 @@ def train(
             else:
                 # forward passes of `rows_per_pass` rows (null: the whole micro-batch): (batch, weight, tokens)
                 passes = []
-                for examples, weight in micro:
-                    size = tcfg.rows_per_pass or len(examples)
-                    for j in range(0, len(examples), size):
-                        with speed.collating(precision.dtype):
+                with speed.collating(precision.dtype):
+                    for examples, weight in micro:
+                        size = tcfg.rows_per_pass or len(examples)
+                        for j in range(0, len(examples), size):
                             batch = stage.collate(examples[j : j + size], pad_id)
-                        passes.append((batch, weight, real_tokens(examples[j : j + size], batch)))
+                            passes.append((batch, weight, real_tokens(examples[j : j + size], batch)))
                 # the label terms of the whole step, summed over processes: one normaliser for the global batch
                 n_label = int(dist.sum(sum(w * stage.count(b) for b, w, _ in passes))[0])
                 done = []  # (summed loss, extra metrics, weight, tokens) per pass
