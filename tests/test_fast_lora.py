@@ -207,26 +207,32 @@ def test_dropout_under_gradient_checkpointing_is_peft_dropout(monkeypatch):
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_over_a_4bit_base_adds_the_adapter_in_place_with_pefts_loss_and_gradients(monkeypatch, dtype):
-    """qlora: the base's own 4-bit matmul, the adapter's products added in place (`_AddLowRank`) against PEFT's
-    4-bit LoRA layer: fp32 to float rounding; bf16 (fp32 master weights, PEFT then computing the adapter in fp32 on
-    x cast up) to bf16's rounding of the adapter's products."""
+@pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.bfloat16, 0.3)])
+def test_lora_over_a_4bit_base_takes_the_fast_path_with_pefts_loss_and_gradients(monkeypatch, dtype, dropout):
+    """qlora: each LoRA layer and SwiGLU MLP over 4-bit bases as one function, the weights dequantized where used,
+    against PEFT's 4-bit LoRA layers (drawing the same dropout masks): fp32 to float rounding; bf16 (fp32 master
+    weights, PEFT then computing the adapter in fp32 on x cast up) to bf16's rounding of the adapter's products."""
     torch.manual_seed(0)
     method = get("qlora")
-    model = method.apply(tiny_llama().to(dtype), method.Config(r=4, alpha=8, dropout=0.0, compute_dtype="auto"))
+    cfg = method.Config(r=4, alpha=8, dropout=dropout, compute_dtype="auto")
+    model = method.apply(tiny_llama().to(dtype), cfg).train()
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
     slow = copy.deepcopy(model)
-    assert fast_lora.enable_4bit(model) == 14 and fast_lora.enable_4bit(model) == 0  # 2 layers x 7, once
-    calls = []
-    real = fast_lora._AddLowRank.apply
-    monkeypatch.setattr(fast_lora._AddLowRank, "apply", lambda *a: calls.append(1) or real(*a))
+    assert fast_lora.routes(model) and fast_lora.enable(model) == 14 and fast_lora.enable(model) == 0  # 2 x 7, once
+    assert len(fast_lora.bf16_adapters(model)) == (28 if dtype == torch.bfloat16 else 0)
+    assert len(fast_lora.covered_dropouts(model)) == 14
+    linear, mlp = [], []
+    for fn, calls in ((fast_lora._LoRALinear, linear), (fast_lora._SwiGLU, mlp)):
+        monkeypatch.setattr(fn, "apply", lambda *a, real=fn.apply, calls=calls: calls.append(1) or real(*a))
     batch = lm_batch(4, 40)
+    torch.manual_seed(7)
     loss_fast, g_fast = _grads(model, batch)
+    dropout_drawing_fast_masks(monkeypatch)
+    torch.manual_seed(7)
     loss_peft, g_peft = _grads(slow, batch)
-    assert len(calls) == 14 and g_fast.keys() == g_peft.keys() and len(g_fast) == 28
+    assert (len(linear), len(mlp)) == (8, 2) and g_fast.keys() == g_peft.keys() and len(g_fast) == 28
     assert all(g.dtype == torch.float32 for g in g_fast.values())  # fp32 master weights either way
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert loss_fast == pytest.approx(loss_peft, rel=tol)

@@ -17,8 +17,8 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 
 | piece | module | what it does | it stays off when |
 |---|---|---|---|
-| bf16 passes | (the pieces above) | under bf16 mixed precision on a CPU, the passes run without autocast: fast LoRA (or PEFT's LoRA over a 4-bit base, qlora; or PEFT's soft prompt / prefix, cast to bf16 as they enter), the norm and the fused head in bf16 by themselves, fp32 master weights | not a CPU, a weight trains elsewhere (full, DoRA), a frozen weight not in bf16, accelerate: off |
-| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one; in bf16 passes too; over a 4-bit base (qlora) the adapter added in place | a variant (DoRA), several active adapters, a non-Linear base, bf16 autocast; qlora: no fold or fused MLP, and PEFT's forward with LoRA dropout |
+| bf16 passes | (the pieces above) | under bf16 mixed precision on a CPU, the passes run without autocast: fast LoRA (over 4-bit bases too, qlora; or PEFT's soft prompt / prefix, cast to bf16 as they enter), the norm and the fused head in bf16 by themselves, fp32 master weights | not a CPU, a weight trains elsewhere (full, DoRA), a frozen weight not in bf16, accelerate: off |
+| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul in fp32; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one; in bf16 passes too; over a 4-bit base (qlora) the same, its weight dequantized where used | a variant (DoRA), several active adapters, a base neither Linear nor 4-bit, bf16 autocast |
 | fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward | the norm is another formula |
 | packed attention | attention.py | one causal attention call per packed example; unpacked right-padded rows (prompt tuning's after their soft prompt) laid end to end by the loss, no compute on padding | attention not SDPA, prefix tuning |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept (under a CPU's bf16 autocast too) | a head with a bias, autocast off a CPU |
@@ -31,8 +31,8 @@ bf16 passes: under `model.dtype: bfloat16` (or `auto` on a CPU with native bf16)
 loop would run its passes under `torch.autocast`, where fast LoRA and the fused head step aside and thread shares
 cannot run (autocast's state is per thread). When every weight that trains is a fast LoRA layer's A or B (fp32
 master weights) and every frozen weight is bf16, nothing in a pass needs autocast: fast LoRA computes in bf16
-with A and B cast for its products and dA, dB returned in fp32 (QLoRA: the 4-bit layer's own matmul in bf16, the
-adapter added into its output in place, A and B cast likewise; prompt and prefix tuning: PEFT casts the virtual
+with A and B cast for its products and dA, dB returned in fp32 (QLoRA: over its 4-bit weights dequantized to bf16 where
+used; prompt and prefix tuning: PEFT casts the virtual
 tokens' embeddings or keys and values to bf16 as they enter; a task head that trains whole: its input cast up to
 its fp32 weight), the norm and the head's log-sum-exp compute in
 fp32 inside, and every other layer is a bf16 module on a bf16 input. `prepare` then sets `autocast` False and
@@ -105,7 +105,7 @@ class Speed:
             return
         tcfg = self.tcfg
         skip = self.skipped.append
-        routed = fast_lora.routes(model)  # LoRA Linear layers over a dense base
+        routed = fast_lora.routes(model)  # PEFT LoRA layers over dense or 4-bit (qlora) bases
         n = fast_lora.enable(model) if routed else 0
         if autocast and not (why := _needs_autocast(model, self.device)):
             self.autocast = False
@@ -120,10 +120,8 @@ class Speed:
             elif self.autocast:
                 skip("fast LoRA: bf16 autocast; PEFT's own forward runs (model.dtype: float32 takes it)")
             else:
-                self.pieces.append(f"fast LoRA ({n} layers)")
-        elif getattr(unwrap(model), "is_loaded_in_4bit", False) and (n4 := fast_lora.enable_4bit(model)):
-            self.pieces.append(f"LoRA over 4-bit bases: the adapter added in place ({n4} layers; PEFT's forward with "
-                               "LoRA dropout)")
+                over = " over 4-bit bases" if getattr(unwrap(model), "is_loaded_in_4bit", False) else ""
+                self.pieces.append(f"fast LoRA ({n} layers{over})")
         if n := norm.install(model):
             self.pieces.append(f"fused RMSNorm ({n})")
         elif norms := sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Norm")}):
@@ -222,7 +220,7 @@ def _needs_autocast(model, device) -> str | None:
     itself (module doc: bf16 passes). Call it after `fast_lora.enable`."""
     if device.type != "cpu":
         return f"{device.type} keeps autocast (bf16 passes are built and measured on CPUs)"
-    adapters = [*fast_lora.bf16_adapters(model), *fast_lora.bf16_4bit_adapters(model), *_virtual_tokens(model)]
+    adapters = [*fast_lora.bf16_adapters(model), *_virtual_tokens(model)]
     covered = {id(t) for t in [*adapters, *(p for h in _trained_heads(model) for p in h.parameters())]}
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in covered:

@@ -44,10 +44,12 @@ numbers) and returns dA and dB in fp32, which is how autocast treats PEFT's forw
 folded, since W + s B A rounded to bf16 (8 bits of mantissa) would drop every element of s B A under half a
 unit of W's last place, early in training all of them.
 
-A 4-bit base (qlora, bitsandbytes) is not folded or fused: its layer's own 4-bit matmul runs, and the adapter's
-two products are added into that output in place (`_AddLowRank`, A and B cast to the input's dtype as above),
-where PEFT's 4-bit layer clones the output and, outside autocast, computes the adapter in fp32 on the input cast up
-(an fp32 copy of every adapted input kept for the backward pass). LoRA dropout there takes PEFT's forward.
+A 4-bit base (qlora, bitsandbytes NF4 / FP4) takes the same path, its weight dequantized by bitsandbytes' kernel
+where a matmul needs it (`FourBitWeight`), in the forward pass and again in the backward pass, as bitsandbytes'
+own 4-bit matmul does: its LoRA layers and SwiGLU MLPs run as above (dropout included, no fold in bf16). PEFT's
+4-bit LoRA layer instead clones the base's output, and outside autocast computes the adapter in fp32 on the
+input cast up (an fp32 copy of every adapted input kept for the backward pass: +0.24 GB on the 1.7B config); the
+MLP then keeps all four [tokens, intermediate] tensors.
 
 Anything this path does not cover (DoRA and other variants, several active adapters,
 non-Linear bases, autocast, a trainable base weight, merged or disabled adapters) goes
@@ -70,11 +72,28 @@ from torch import nn
 from tunelab.accel.compact import CompactLinear, CompactWeight, scratch
 
 
+class FourBitWeight:
+    """A bitsandbytes 4-bit weight (qlora's frozen base) as [out, in], dequantized where a matmul needs it: what
+    bitsandbytes' own 4-bit matmul does in both passes on a CPU, here in the calls of this path."""
+
+    def __init__(self, data: torch.Tensor, state):
+        self.data, self.state = data, state  # the packed codes and their bitsandbytes QuantState
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.state.shape
+
+    def dense(self, scratch: bool = False) -> torch.Tensor:  # `scratch`: CompactWeight's signature
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(self.data, self.state)
+
+
 class _Parts(NamedTuple):
     """A linear map y = x (W + s B A)^T + bias; A and B are None for a frozen plain Linear. W is a
-    tensor, or a CompactWeight decoded where it is used (accel/compact.py)."""
+    tensor, or a weight decoded where it is used: a CompactWeight (accel/compact.py) or a FourBitWeight."""
 
-    weight: torch.Tensor | CompactWeight
+    weight: torch.Tensor | CompactWeight | FourBitWeight
     bias: torch.Tensor | None
     lora_a: torch.Tensor | None
     lora_b: torch.Tensor | None
@@ -148,12 +167,12 @@ def _low_rank(p: _Parts, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor
 
 def _dense(p: _Parts) -> torch.Tensor:
     """W, for one matmul now (a compact W is decoded into a shared buffer)."""
-    return p.weight.dense(scratch=True) if isinstance(p.weight, CompactWeight) else p.weight
+    return p.weight if isinstance(p.weight, torch.Tensor) else p.weight.dense(scratch=True)
 
 
 def _folded(p: _Parts) -> torch.Tensor:
     """W + s B A, for one matmul now, in a buffer shared by the weights of this shape."""
-    if isinstance(p.weight, CompactWeight):
+    if not isinstance(p.weight, torch.Tensor):
         return p.weight.dense(scratch=True).addmm_(p.lora_b, p.lora_a, alpha=p.scale)
     return torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale, out=scratch(p.weight.shape, p.weight.device))
 
@@ -210,8 +229,13 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: boo
 
 
 def _saveable(weight) -> torch.Tensor | None:
-    """What save_for_backward keeps of a weight: the tensor, or None for a CompactWeight (kept on ctx)."""
-    return None if isinstance(weight, CompactWeight) else weight
+    """What save_for_backward keeps of a weight: the tensor, or None for a decoded one (kept on ctx: `_decoded`)."""
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def _decoded(weight):
+    """A weight decoded where it is used (CompactWeight, FourBitWeight), kept on ctx; None for a tensor."""
+    return None if isinstance(weight, torch.Tensor) else weight
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -220,7 +244,7 @@ class _LoRALinear(torch.autograd.Function):
         p = _Parts(weight, bias, lora_a, lora_b, scale, dropout)
         out, xa, state = _linear(x, p)
         ctx.save_for_backward(x, _saveable(weight), lora_a, lora_b, xa)
-        ctx.compact = weight if isinstance(weight, CompactWeight) else None
+        ctx.compact = _decoded(weight)
         ctx.scale, ctx.dropout, ctx.state = scale, dropout, state
         ctx.has_bias = bias is not None and bias.requires_grad
         return out
@@ -245,7 +269,7 @@ class _SwiGLU(torch.autograd.Function):
         ctx.save_for_backward(
             x, g, u, xa_g, xa_u, xa_d, *(t for p in (gate, up, down) for t in (_saveable(p.weight), p.lora_a, p.lora_b))
         )
-        ctx.compact = [p.weight if isinstance(p.weight, CompactWeight) else None for p in (gate, up, down)]
+        ctx.compact = [_decoded(p.weight) for p in (gate, up, down)]
         ctx.scales = gate.scale, up.scale, down.scale
         ctx.dropouts, ctx.states = (gate.dropout, up.dropout, down.dropout), (s_g, s_u, s_d)
         return out
@@ -272,34 +296,62 @@ class _SwiGLU(torch.autograd.Function):
                 None, None, grad_da, grad_db, None, None)
 
 
-def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
-    """The pieces of a frozen dense Linear, or of a PEFT LoRA Linear this path covers; else None."""
+def _lora_classes() -> tuple[type, ...]:
+    """PEFT's LoRA layer classes this path covers: over an nn.Linear (or CompactLinear), and over a bitsandbytes
+    4-bit base (qlora), where bitsandbytes is installed."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(layer) in (nn.Linear, CompactLinear):
-        base, a, b, s, p = layer, None, None, 1.0, 0.0
-    elif isinstance(layer, LoraLinear):
-        if _layer_reason(layer) is not None or not adapter_fits(layer.lora_A[layer.active_adapters[0]].weight.dtype,
-                                                                 x.dtype):
-            return None
-        name = layer.active_adapters[0]
-        base = layer.base_layer
-        a, b, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
-        drop = layer.lora_dropout[name]
-        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    else:
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as Lora4bit
+    except ImportError:  # no bitsandbytes: no 4-bit layer either
+        return (LoraLinear,)
+    return (LoraLinear, Lora4bit)
+
+
+def _is_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear layer in its standard layout (qlora's frozen base), told without importing
+    bitsandbytes."""
+    cls = type(module)
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return (cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes") and state is not None
+            and not getattr(state, "packing_format_for_cpu", False))  # fmt: skip
+
+
+def _frozen(base: nn.Module, x: torch.Tensor) -> _Parts | None:
+    """A frozen base layer's weight and bias for an input `x`, or None when this path cannot run it on `x`."""
+    if torch.is_autocast_enabled(x.device.type):
         return None
     if type(base) is CompactLinear:
-        if x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type):
+        return _Parts(base.compact, base.bias, None, None, 1.0) if x.dtype == torch.float32 else None
+    if _is_4bit(base):  # dequantized to the dtype it was quantized from; bitsandbytes would cast x to compute_dtype
+        state = base.weight.quant_state
+        if x.dtype != state.dtype or x.dtype != base.compute_dtype or (base.bias is not None and base.bias.dtype != x.dtype):
             return None
-        return _Parts(base.compact, base.bias, a, b, s, p)
-    if base.weight.requires_grad or x.dtype != base.weight.dtype or torch.is_autocast_enabled(x.device.type):
+        return _Parts(FourBitWeight(base.weight.data, state), base.bias, None, None, 1.0)
+    if type(base) is not nn.Linear or base.weight.requires_grad or x.dtype != base.weight.dtype:
         return None
-    return _Parts(base.weight, base.bias, a, b, s, p)
+    return _Parts(base.weight, base.bias, None, None, 1.0)
+
+
+def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
+    """The pieces of a frozen dense or 4-bit Linear, or of a PEFT LoRA layer over one that this path covers; else
+    None."""
+    if not isinstance(layer, _lora_classes()):
+        return _frozen(layer, x)
+    if _layer_reason(layer) is not None:
+        return None
+    name = layer.active_adapters[0]
+    a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    if not adapter_fits(a.dtype, x.dtype) or a.dtype != b.dtype:
+        return None
+    base = _frozen(layer.base_layer, x)
+    drop = layer.lora_dropout[name]
+    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    return None if base is None else base._replace(lora_a=a, lora_b=b, scale=layer.scaling[name], dropout=p)
 
 
 def _layer_reason(layer) -> str | None:
-    """Why a PEFT LoRA Linear takes PEFT's own forward whatever its input, or None when it can take this path."""
+    """Why a PEFT LoRA layer takes PEFT's own forward whatever its input, or None when it can take this path."""
     active = layer.active_adapters
     if layer.disable_adapters:
         return "adapters disabled"
@@ -312,7 +364,7 @@ def _layer_reason(layer) -> str | None:
         return f"a LoRA variant ({type(layer.lora_variant[name]).__name__})"
     if type(layer.lora_dropout[name]) not in (nn.Identity, nn.Dropout):
         return f"a {type(layer.lora_dropout[name]).__name__} on the LoRA input"
-    if type(layer.base_layer) not in (nn.Linear, CompactLinear):
+    if type(layer.base_layer) not in (nn.Linear, CompactLinear) and not _is_4bit(layer.base_layer):
         return f"a {type(layer.base_layer).__name__} base layer"
     if getattr(layer, "fan_in_fan_out", False):
         return "a fan_in_fan_out (Conv1D-style) weight"
@@ -333,91 +385,6 @@ def _fast_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(x, *(t for p in parts for t in p))
 
 
-class _AddLowRank(torch.autograd.Function):
-    """out += s (x A^T) B^T in place, for a LoRA layer whose base output `out` was made by its own (4-bit) layer:
-    A and B cast to x's dtype for the products (fp32 master weights of a bf16 pass), x and x A^T kept, dA and dB
-    returned in the adapter's dtype. PEFT's 4-bit LoRA layer instead clones the output, and outside autocast
-    casts x to fp32 for the adapter (a second, fp32 copy of every adapted layer's input kept for the backward:
-    +0.24 GB on the 1.7B config) and the product back."""
-
-    @staticmethod
-    def forward(ctx, out, x, lora_a, lora_b, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        xa = x2 @ a.t()
-        out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scale)
-        ctx.mark_dirty(out)
-        ctx.save_for_backward(x, lora_a, lora_b, xa)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, lora_a, lora_b, xa = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        g_b = g @ b  # [rows, r]
-        grad_x = (g_b @ a).mul_(ctx.scale).view(x.shape) if ctx.needs_input_grad[1] else None
-        grad_a = g_b.t().mm(x.reshape(-1, x.shape[-1])).to(lora_a.dtype).mul_(ctx.scale)
-        grad_b = xa.t().mm(g).to(lora_b.dtype).mul_(ctx.scale).t().contiguous()
-        return grad, grad_x, grad_a, grad_b, None
-
-
-def _fast_4bit_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """PEFT's LoRA over a bitsandbytes 4-bit base (qlora): the base's own 4-bit matmul, then the adapter added in
-    place by `_AddLowRank`; anything else (dropout in training, variants, several adapters, autocast, an input not
-    in the base's compute dtype) runs PEFT's forward."""
-    if args or kwargs or _4bit_reason(self) is not None or torch.is_autocast_enabled(x.device.type):
-        return self._peft_forward(x, *args, **kwargs)
-    name = self.active_adapters[0]
-    a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    drop = self.lora_dropout[name]
-    dropping = drop.training and getattr(drop, "p", 0.0)
-    if dropping or x.dtype != self.base_layer.compute_dtype or not adapter_fits(a.dtype, x.dtype) or a.dtype != b.dtype:
-        return self._peft_forward(x)
-    return _AddLowRank.apply(self.base_layer(x), x, a, b, self.scaling[name])
-
-
-def _4bit_reason(layer) -> str | None:
-    """Why a PEFT 4-bit LoRA layer takes PEFT's own forward whatever its input, or None."""
-    active = layer.active_adapters
-    if layer.disable_adapters or layer.merged:
-        return "adapters disabled or merged"
-    if len(active) != 1 or active[0] not in layer.lora_A:
-        return "several active adapters"
-    if active[0] in getattr(layer, "lora_variant", {}):
-        return "a LoRA variant"
-    return None
-
-
-def _lora_4bit_layers(model) -> list[nn.Module]:
-    """PEFT's LoRA layers over a bitsandbytes 4-bit base (qlora) in `model`."""
-    try:
-        from peft.tuners.lora.bnb import Linear4bit as Lora4bit
-    except ImportError:  # no bitsandbytes: no 4-bit layer either
-        return []
-    return [m for m in model.modules() if isinstance(m, Lora4bit)]
-
-
-def enable_4bit(model) -> int:
-    """Route every PEFT LoRA layer over a bitsandbytes 4-bit base (qlora) through `_fast_4bit_forward`; returns
-    how many."""
-    return sum(_route(m, "_peft_forward", _fast_4bit_forward) for m in _lora_4bit_layers(model))
-
-
-def bf16_4bit_adapters(model) -> list[torch.Tensor]:
-    """The A and B weights of PEFT's LoRA layers over a 4-bit base whose matmuls run in bf16: `_fast_4bit_forward`
-    adds the adapter in place in bf16, and where it steps aside (LoRA dropout) PEFT casts the layer's input to the
-    adapter's dtype and the branch's output back (its `requires_conversion`), so a bf16 pass stays bf16 around them
-    either way and A and B get fp32 gradients."""
-    found = []
-    for m in _lora_4bit_layers(model):
-        if _4bit_reason(m) is None and m.base_layer.compute_dtype == torch.bfloat16:
-            name = m.active_adapters[0]
-            found += [m.lora_A[name].weight, m.lora_B[name].weight]
-    return found
-
-
 def _route(module: nn.Module, saved: str, forward) -> bool:
     """Give `module` `forward` as its forward, its own kept as `saved` (once: False when it was routed before)."""
     if hasattr(module, saved):
@@ -435,69 +402,63 @@ def _is_swiglu(module: nn.Module) -> bool:
     )
 
 
+def _lora_layers(model) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _lora_classes())]
+
+
 def routes(model) -> bool:
-    """Whether `enable` belongs on `model`: it has PEFT LoRA Linear layers and its base is not quantised to 4
-    bits (qlora: PEFT's own 4-bit LoRA layers, which this path does not cover)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    from tunelab.models.loading import unwrap
-
-    if getattr(unwrap(model), "is_loaded_in_4bit", False):
-        return False
-    return any(isinstance(m, LoraLinear) for m in model.modules())
+    """Whether `enable` belongs on `model`: it has PEFT LoRA layers over Linear or 4-bit (qlora) bases."""
+    return bool(_lora_layers(model))
 
 
 def why_not(model) -> str | None:
-    """Why every PEFT LoRA Linear layer of `model` will run PEFT's own forward all the same (the first
-    reason found), or None when some take the fast path."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    reasons = [_layer_reason(m) for m in model.modules() if isinstance(m, LoraLinear)]
+    """Why every PEFT LoRA layer of `model` will run PEFT's own forward all the same (the first reason found), or
+    None when some take the fast path."""
+    reasons = [_layer_reason(m) for m in _lora_layers(model)]
     return None if not reasons or None in reasons else reasons[0]
+
+
+def _routed(model) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.dtype]]:
+    """(layer, A, B, the dtype of the inputs it takes this path on) for each PEFT LoRA layer routed here
+    (`enable`) that takes it whatever its input, given an input in that dtype."""
+    found = []
+    for m in _lora_layers(model):
+        if not hasattr(m, "_peft_forward") or _layer_reason(m) is not None:
+            continue
+        base = m.base_layer
+        if type(base) is CompactLinear:
+            dtype = torch.float32
+        elif _is_4bit(base):
+            dtype = base.weight.quant_state.dtype if base.compute_dtype == base.weight.quant_state.dtype else None
+        else:
+            dtype = None if base.weight.requires_grad else base.weight.dtype
+        name = m.active_adapters[0]
+        a, b = m.lora_A[name].weight, m.lora_B[name].weight
+        if dtype is not None and adapter_fits(a.dtype, dtype) and a.dtype == b.dtype:
+            found.append((m, a, b, dtype))
+    return found
 
 
 def covered_dropouts(model) -> list[nn.Module]:
     """The LoRA dropout modules of `model` whose masks this path draws (from `drawing_from`'s generator):
-    those of PEFT LoRA Linear layers routed here (`enable`) that take it whatever their input, given an input
-    in the base weight's dtype that their adapter fits (`adapter_fits`)."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    found = []
-    for m in model.modules():
-        if isinstance(m, LoraLinear) and hasattr(m, "_peft_forward") and _layer_reason(m) is None:
-            name = m.active_adapters[0]
-            base = m.base_layer
-            dtype = torch.float32 if type(base) is CompactLinear else base.weight.dtype
-            if adapter_fits(m.lora_A[name].weight.dtype, dtype) and not (
-                type(base) is nn.Linear and base.weight.requires_grad
-            ):
-                found.append(m.lora_dropout[name])
-    return found
+    those of PEFT LoRA layers routed here (`enable`) that take it whatever their input, given an input
+    in their base's dtype that their adapter fits (`adapter_fits`)."""
+    return [m.lora_dropout[m.active_adapters[0]] for m, *_ in _routed(model)]
 
 
 def bf16_adapters(model) -> list[torch.Tensor]:
-    """The A and B weights of the PEFT LoRA Linear layers routed here (`enable`) that take this path in a bf16 pass
-    whatever their input: a frozen bf16 nn.Linear base, an fp32 or bf16 adapter."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    found = []
-    for m in model.modules():
-        if isinstance(m, LoraLinear) and hasattr(m, "_peft_forward") and _layer_reason(m) is None:
-            name, base = m.active_adapters[0], m.base_layer
-            a, b = m.lora_A[name].weight, m.lora_B[name].weight
-            if type(base) is nn.Linear and base.weight.dtype == torch.bfloat16 and not base.weight.requires_grad:
-                found += [a, b] if adapter_fits(a.dtype, torch.bfloat16) and a.dtype == b.dtype else []
-    return found
+    """The A and B weights of the PEFT LoRA layers routed here (`enable`) that take this path in a bf16 pass
+    whatever their input: a frozen bf16 nn.Linear or 4-bit base (dequantized to bf16), an fp32 or bf16 adapter."""
+    return [t for _, a, b, dtype in _routed(model) if dtype == torch.bfloat16 for t in (a, b)]
 
 
 def enable(model) -> int:
-    """Route every PEFT LoRA Linear of `model`, and every SwiGLU MLP around them, through the fast
-    path; returns how many LoRA layers."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
+    """Route every PEFT LoRA layer of `model` (over Linear or 4-bit bases), and every SwiGLU MLP around them,
+    through the fast path; returns how many LoRA layers."""
+    lora = _lora_classes()
     n = 0
     for module in model.modules():
-        if isinstance(module, LoraLinear):
+        if isinstance(module, lora):
             n += _route(module, "_peft_forward", _fast_forward)
         elif _is_swiglu(module):
             _route(module, "_plain_forward", _fast_mlp_forward)
