@@ -61,6 +61,7 @@ LoRA and SwiGLU kernels are Triton / CUDA only).
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import types
 from typing import NamedTuple
@@ -296,9 +297,10 @@ class _SwiGLU(torch.autograd.Function):
                 None, None, grad_da, grad_db, None, None)
 
 
-def _lora_classes() -> tuple[type, ...]:
+@functools.cache  # asked at every layer call; an import that fails (bitsandbytes skipped: memory.skip_unused_imports)
+def _lora_classes() -> tuple[type, ...]:  # costs ~20% of a LoRA run's speed when tried each time
     """PEFT's LoRA layer classes this path covers: over an nn.Linear (or CompactLinear), and over a bitsandbytes
-    4-bit base (qlora), where bitsandbytes is installed."""
+    4-bit base (qlora), where bitsandbytes is installed (and imported by this process)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     try:
