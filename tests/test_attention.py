@@ -178,10 +178,10 @@ def test_bf16_examples_are_attended_at_bucketed_lengths_with_the_same_result():
 def test_prompt_tuning_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_grads():
     """Prompt tuning's batches are right-padded rows with the virtual tokens in front: with packed attention
     installed the loss lays each row, after its own soft prompt, end to end in one row without the padding, one
-    causal call each, for the masked call's loss and gradients; prefix tuning (its keys are not in the rows) keeps
-    the masked call."""
+    causal call each, for the masked call's loss and gradients; prefix tuning likewise, each row after the one
+    prefix of keys (positions starting after it, as PEFT's padded call numbers them)."""
     b = padded_batch(0, {1: 12, 2: 17}, prompt=6)
-    for name, want in (("prompt", [24, 16, 21]), ("prefix", [])):
+    for name, want in (("prompt", [24, 16, 21]), ("prefix", [20, 12, 17])):
         plain = get(name).apply(tiny_llama(), get(name).Config(num_virtual_tokens=4)).train()
         fast = copy.deepcopy(plain)
         assert attention.install(fast)
@@ -196,6 +196,44 @@ def test_prompt_tuning_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_g
         for k, p in fast.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_prefix_of_keys_is_seen_by_every_example_as_by_one_masked_call_each(dtype):
+    """Prefix tuning's keys: the first `prefix` keys seen by every query, each example's own causally. The
+    autograd function (two kernel calls per example merged by their log-sum-exps, each part's backward given the
+    merged output) and the SDPA path (the prefix concatenated, a causal mask aligned to the last key) against one
+    masked SDPA call per example, outputs and gradients (the prefix's summed over the examples)."""
+    g = torch.Generator().manual_seed(3)
+    rows, heads, kv_heads, length, dim, prefix = 2, 6, 2, 40, 8, 5
+    pieces = [(0, 0, 7), (0, 7, 33), (1, 0, 25), (1, 25, 15)]
+    q = torch.randn(rows, length, heads, dim, generator=g).transpose(1, 2).to(dtype)
+    k, v = (torch.randn(rows, prefix + length, kv_heads, dim, generator=g).transpose(1, 2).to(dtype) for _ in "kv")
+    grad = torch.randn(rows * length, heads, dim, generator=g).to(dtype)
+
+    def reference(q, k, v):
+        outs = []
+        for r, p, n in pieces:
+            keys = [torch.cat([t[r : r + 1, :, :prefix], t[r : r + 1, :, prefix + p : prefix + p + n]], 2) for t in (k, v)]
+            mask = torch.ones(n, prefix + n, dtype=torch.bool).tril(prefix)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q[r : r + 1, :, p : p + n], *keys, attn_mask=mask, scale=dim**-0.5, enable_gqa=True
+            )
+            outs.append(out[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    results = []
+    for attend in (lambda *t: attention._PackedCausal.apply(*t, pieces, dim**-0.5),
+                   lambda *t: attention._per_example_sdpa(*t, pieces, 0.0, None), reference):  # fmt: skip
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attend(*inputs)
+        out.backward(grad)
+        results.append((out.detach().float(), [t.grad.float() for t in inputs]))
+    tol = 1e-5 if dtype == torch.float32 else 0.03
+    for out, grads in results[:2]:
+        torch.testing.assert_close(out, results[2][0], rtol=tol, atol=tol)
+        for a, b in zip(grads, results[2][1]):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_right_padded_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_grads():

@@ -146,6 +146,12 @@ def test_the_loop_turns_checkpointing_on_when_memory_is_short(monkeypatch, tmp_p
     seen.clear()
     tunelab.train(load_config(cfg))
     assert seen == {} and "gradient checkpointing: training.gradient_checkpointing: false" in capsys.readouterr().err
+    # prefix tuning: transformers' checkpointed layers would drop the KV cache its prefix comes in, so auto stays off
+    cfg["output_dir"], cfg["training"]["gradient_checkpointing"] = str(tmp_path / "run3"), "auto"
+    cfg["method"] = {"name": "prefix", "num_virtual_tokens": 2}
+    cfg["data"].update(format="text", packing=False)
+    tunelab.train(load_config(cfg))
+    assert seen == {} and "drop method prefix's KV cache: off" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- lora: straight into compact weights

@@ -132,3 +132,12 @@ def test_virtual_token_methods_refuse_packing(method):
         load_config({"method": {"name": method}, "data": {"packing": True}})
     assert load_config({"method": {"name": method}, "data": {"packing": False}}).method.name == method
     assert load_config({"method": {"name": "lora"}, "data": {"packing": True}}).data.packing
+
+
+def test_prefix_tuning_refuses_gradient_checkpointing():
+    # transformers' checkpointed layers set the KV cache that carries the prefix to None
+    with pytest.raises(ConfigError, match="method prefix cannot train with gradient checkpointing"):
+        load_config({"method": {"name": "prefix"}, "training": {"gradient_checkpointing": True}})
+    for setting in ("auto", False):
+        assert load_config({"method": {"name": "prefix"}, "training": {"gradient_checkpointing": setting}})
+    assert load_config({"method": {"name": "prompt"}, "training": {"gradient_checkpointing": True}})

@@ -799,6 +799,14 @@ def _build_config_class():
                     "past_key_values, which transformers' sequence-classification models do not take); use "
                     f"{_adapter_methods(lambda c: c.virtual_tokens != 'past_key_values')} or a weight-training method"
                 )
+            if self.training.gradient_checkpointing is True and _capabilities(self.method.name).virtual_tokens == (
+                "past_key_values"
+            ):
+                raise ValueError(
+                    f"method {self.method.name} cannot train with gradient checkpointing: transformers' checkpointed "
+                    "layers drop the key/value cache its prefix is handed over in; set "
+                    "training.gradient_checkpointing: false (or auto, which leaves it off for this method)"
+                )
             if self.data.packing and _capabilities(self.method.name).virtual_tokens:
                 # PEFT drops position_ids for prompt-learning models, and packed rows are kept apart by them
                 raise ValueError(

@@ -14,6 +14,13 @@ attention forward + backward over 4 packed rows of 256 takes ~25-32 ms instead o
 Without it (`training.accelerate: off`) packed rows are still attended per example: transformers builds
 the block-diagonal causal mask from the position ids (data/collate.py), the plain path.
 
+Prefix tuning's keys and values start with the prefix every query sees (PEFT hands it in as a KV cache of
+`num_virtual_tokens` positions). Given the examples' boundaries and keys longer than the queries by such a
+prefix, each example attends to the prefix (not causally) and to itself (causally): two kernel calls, their
+outputs merged by their log-sum-exps (`_merged`), as flash attention merges its blocks. The backward pass
+calls each part's kernel backward with the merged output and log-sum-exp: each then gives exactly its keys'
+share of the whole softmax's gradient, and the queries' gradients add up (tests/test_attention.py).
+
 Anything else (no boundaries, a KV cache, sliding windows, soft-capping, sinks, non-causal modules)
 goes to transformers' own SDPA function unchanged, so generation and evaluation behave as before.
 """
@@ -48,7 +55,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     rows, heads, length, dim = query.shape
     if (
         cu is None
-        or key.shape[2] != length
+        or key.shape[2] < length  # longer: a prefix every query sees (prefix tuning), before the rows' own keys
         or cu.numel() < 2
         or int(cu[-1]) != rows * length
         or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias"))
@@ -71,17 +78,26 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 
 def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling) -> torch.Tensor:
-    """One SDPA call per example and a cat, `[rows * length, heads, dim]`: for GPUs and dropout."""
-    rows, heads = query.shape[:2]
+    """One SDPA call per example and a cat, `[rows * length, heads, dim]`: for GPUs and dropout. A prefix of keys
+    (prefix tuning) goes before each example's own, under a causal mask aligned to the last key."""
+    rows, heads, length = query.shape[:3]
     gqa = key.shape[1] != heads
+    prefix = key.shape[2] - length
     outs = []
     # unbind and split, not slicing: their backward is one stack / cat, where each slice's backward
     # would write its gradient into a zero-filled tensor the size of the whole batch
     for r, q, k, v in zip(range(rows), query.unbind(0), key.unbind(0), value.unbind(0)):
         n = [size for row, _, size in pieces if row == r]
+        kp, k = k.split([prefix, length], dim=1)
+        vp, v = v.split([prefix, length], dim=1)
         for qs, ks, vs in zip(q.split(n, dim=1), k.split(n, dim=1), v.split(n, dim=1)):
+            mask = None
+            if prefix:
+                ks, vs = torch.cat([kp, ks], dim=1), torch.cat([vp, vs], dim=1)
+                mask = torch.ones(qs.shape[1], ks.shape[1], dtype=torch.bool, device=qs.device).tril(prefix)
             out = F.scaled_dot_product_attention(
-                qs[None], ks[None], vs[None], dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa
+                qs[None], ks[None], vs[None], attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling,
+                enable_gqa=gqa,
             )
             outs.append(out[0].transpose(0, 1))  # [piece, heads, dim]
     # the examples tile the flattened [rows * length] positions in order
@@ -91,6 +107,18 @@ def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling) -> tor
 def _causal(query, key, value, scale):
     """(output, log-sum-exp) of causal attention over one example, [1, heads, length, dim]."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True, scale=scale)
+
+
+def _merged(query, key, value, prefix_key, prefix_value, scale):
+    """(output, log-sum-exp) of one example's queries over a prefix of keys they all see and their own keys
+    (causally): each part by the kernel, merged by the log-sum-exps in fp32 (the output in the query's dtype)."""
+    own, own_lse = _causal(query, key, value, scale)
+    pre, pre_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, prefix_key, prefix_value, 0.0, False, scale=scale
+    )
+    lse = torch.logaddexp(own_lse, pre_lse)
+    out = own.float().mul_((own_lse - lse).exp_()[..., None]).add_(pre.float().mul_((pre_lse - lse).exp_()[..., None]))
+    return out.to(query.dtype), lse
 
 
 class _PackedCausal(torch.autograd.Function):
@@ -105,16 +133,23 @@ class _PackedCausal(torch.autograd.Function):
     In bf16 each example is attended at its length rounded up (`memory.shape_bucket`: a kernel per length
     otherwise stays in memory): the positions after it are the next example's, or zeros past the row's end.
     Causal attention keeps an example's queries off those keys; their own outputs are dropped, and in the
-    backward pass their output gradient is zero, so they add nothing to any gradient that is kept."""
+    backward pass their output gradient is zero, so they add nothing to any gradient that is kept.
+
+    Keys longer than the queries start with a prefix every example sees (prefix tuning; module doc: `_merged`)."""
 
     @staticmethod
     def forward(ctx, query, key, value, pieces, scale):
         rows, heads, length, dim = query.shape
+        prefix = key.shape[2] - length  # prefix tuning's keys before the rows' own (module doc)
         out = query.new_empty(rows * length, heads, dim)
         lse = []
         for r, p, n in pieces:
             width = shape_bucket(n, query)
-            o, m = _causal(*(_span(t, r, p, width) for t in (query, key, value)), scale)
+            q, k, v = _span(query, r, p, width), _span(key, r, prefix + p, width), _span(value, r, prefix + p, width)
+            if prefix:
+                o, m = _merged(q, k, v, key[r : r + 1, :, :prefix], value[r : r + 1, :, :prefix], scale)
+            else:
+                o, m = _causal(q, k, v, scale)
             out[r * length + p : r * length + p + n] = o[0, :, :n].transpose(0, 1)
             lse.append(m)
         ctx.save_for_backward(query, key, value, out, *lse)
@@ -125,18 +160,28 @@ class _PackedCausal(torch.autograd.Function):
     def backward(ctx, grad):
         query, key, value, out, *lse = ctx.saved_tensors
         length = query.shape[2]
+        prefix = key.shape[2] - length
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         grads = [torch.empty_like(t) if ctx.needs_input_grad[i] else None for i, t in enumerate((query, key, value))]
+        for g in grads[1:]:
+            if g is not None and prefix:
+                g[:, :, :prefix] = 0  # the prefix's gradient is summed over the examples
         for (r, p, n), m in zip(ctx.pieces, lse):
             width = m.shape[-1]
             at = slice(r * length + p, r * length + p + n)
-            inputs = [_span(t, r, p, width) for t in (query, key, value)]
+            q, k, v = _span(query, r, p, width), _span(key, r, prefix + p, width), _span(value, r, prefix + p, width)
             given = [F.pad(t[at].transpose(0, 1)[None], (0, 0, 0, width - n)) for t in (grad, out)]
-            parts = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                given[0], *inputs, given[1], m, 0.0, True, scale=ctx.scale
-            )
-            for g, part in zip(grads, parts):
+            parts = backward(given[0], q, k, v, given[1], m, 0.0, True, scale=ctx.scale)
+            if prefix:  # with the merged output and log-sum-exp, each part's backward is its share (module doc)
+                pre = backward(given[0], q, key[r : r + 1, :, :prefix], value[r : r + 1, :, :prefix], given[1], m,
+                               0.0, False, scale=ctx.scale)  # fmt: skip
+                parts = (parts[0] + pre[0], *parts[1:])
+                for g, part in zip(grads[1:], pre[1:]):
+                    if g is not None:
+                        g[r : r + 1, :, :prefix] += part
+            for g, part, at_key in zip(grads, parts, (0, prefix, prefix)):
                 if g is not None:
-                    g[r : r + 1, :, p : p + n] = part[:, :, :n]
+                    g[r : r + 1, :, at_key + p : at_key + p + n] = part[:, :, :n]
         return *grads, None, None
 
 

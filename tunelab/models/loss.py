@@ -20,6 +20,7 @@ points, through attributes it sets on the model (PACKED_INPUTS, FUSED_HEAD below
 
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import TYPE_CHECKING
 
@@ -103,7 +104,6 @@ def _causal_split(inner):
 def at_labels(model, batch: dict):
     """(head, hidden states at the label positions, their targets, their row numbers), or None for a
     model that does not split into backbone and head (then callers take the full-logits path)."""
-    import torch.nn.functional as F
 
     split = backbone_and_head(model)
     if split is None:
@@ -113,8 +113,7 @@ def at_labels(model, batch: dict):
     keep = target != -100
     if (plan := _unpadded(model, batch)) is not None:  # accel: the rows end to end, one attention call each
         positions, kwargs, at = plan
-        ids = batch["input_ids"][batch["attention_mask"].bool()]
-        ids = F.pad(ids, (0, positions.shape[1] - len(ids)))[None]
+        ids = _end_to_end(batch, positions.shape[1])
         hidden = backbone(input_ids=ids, position_ids=positions, **kwargs, use_cache=False).last_hidden_state[0]
         return head, hidden[at[keep]], target[keep], keep.nonzero()[:, 0]
     inputs = model_inputs(batch)
@@ -131,12 +130,13 @@ def packed_kwargs(model, position_ids) -> dict:
     return {} if packed_inputs is None else packed_inputs(position_ids)
 
 
-def _unpadded(model, batch: dict, virtual: int = 0):
+def _unpadded(model, batch: dict, virtual: int = 0, first: int = 0):
     """Right-padded rows laid end to end in one row, each after `virtual` positions of its own (prompt tuning's soft
     prompt), for a model whose attention takes packed examples (accel: PACKED_INPUTS): no compute on padding.
     (position ids [1, width], the forward's packed-attention kwargs, [rows, columns] -> the flattened position of
     each row's token), or None: no packed attention, no attention mask, packed rows, or a row not right-padded.
-    The positions restart at each row (and for the padding after the last one), as in packed SFT rows."""
+    The positions restart at each row (and for the padding after the last one), as in packed SFT rows, at `first`
+    (prefix tuning's rows start after the prefix's positions)."""
     import torch
 
     inner = unwrap(model)
@@ -155,7 +155,23 @@ def _unpadded(model, batch: dict, virtual: int = 0):
     positions = torch.cat([torch.arange(n) for n in spans] + [torch.arange(width - total)]).to(mask.device)[None]
     starts = torch.cumsum(torch.tensor([0] + spans[:-1], device=mask.device), 0)
     at = starts[:, None] + virtual + torch.arange(columns, device=mask.device)
-    return positions, packed_inputs(positions), at
+    return positions + first, packed_inputs(positions), at
+
+
+def _full_attention(model) -> bool:
+    """Whether every layer of `model` attends to every earlier position (no sliding window)."""
+    inner = unwrap(model)
+    config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
+    kinds = getattr(config, "layer_types", None)
+    return all(k == "full_attention" for k in kinds) if kinds else not getattr(config, "sliding_window", None)
+
+
+def _end_to_end(batch: dict, width: int):
+    """The right-padded rows' tokens end to end in one row [1, width], zeros after them (`_unpadded`'s layout)."""
+    import torch.nn.functional as F
+
+    ids = batch["input_ids"][batch["attention_mask"].bool()]
+    return F.pad(ids, (0, width - len(ids)))[None]
 
 
 def _virtual_at_labels(model, batch: dict):
@@ -184,6 +200,16 @@ def _virtual_at_labels(model, batch: dict):
             flat = torch.cat([flat, flat.new_zeros(positions.shape[1] - len(flat), flat.shape[1])])[None]
             hidden = backbone(inputs_embeds=flat, position_ids=positions, **kwargs, use_cache=False).last_hidden_state
             return head, hidden[0][at[keep]], target[keep], keep.nonzero()[:, 0]
+    # (transformers' checkpointed layers drop the cache the prefix comes in: the config refuses that pairing)
+    if enabled and peft_cfg.peft_type == "PREFIX_TUNING" and _full_attention(model) and not backbone.gradient_checkpointing:
+        plan = _unpadded(model, batch, first=peft_cfg.num_virtual_tokens)
+        cache = None if plan is None else model.get_prompt(batch_size=1)
+        if type(cache).__name__ == "DynamicCache":  # accel: the rows end to end, each after the one prefix
+            positions, kwargs, at = plan  # (accel/attention.py: its keys before every example's own)
+            ids = _end_to_end(batch, positions.shape[1])
+            named = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+            out = backbone(input_ids=ids, position_ids=positions, **{named: cache}, **kwargs, use_cache=False)
+            return head, out.last_hidden_state[0][at[keep]], target[keep], keep.nonzero()[:, 0]
     seen, me = [], threading.get_ident()
 
     def catch(module, args, out):

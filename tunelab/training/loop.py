@@ -140,6 +140,8 @@ def train(
     auto = tcfg.gradient_checkpointing == "auto"
     if checkpointing and auto and not getattr(unwrap(model), "supports_gradient_checkpointing", False):
         checkpointing, why = False, f"{why}, but {type(unwrap(model)).__name__} does not support it: off"
+    if checkpointing and auto and method.CAPABILITIES.virtual_tokens == "past_key_values":
+        checkpointing, why = False, f"{why}, but transformers' checkpointed layers drop method {cfg.method.name}'s KV cache: off"
     if checkpointing:
         enable_gradient_checkpointing(model)
     log(f"gradient checkpointing: {why}")
