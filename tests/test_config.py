@@ -134,6 +134,12 @@ def test_virtual_token_methods_refuse_packing(method):
     assert load_config({"method": {"name": "lora"}, "data": {"packing": True}}).data.packing
 
 
+def test_dpo_refuses_packing():
+    with pytest.raises(ConfigError, match="stage: dpo does not pack.*data.packing: false"):
+        load_config({"stage": "dpo", "data": {"packing": True}})
+    assert not load_config({"stage": "dpo"}).data.packing
+
+
 def test_prefix_tuning_refuses_gradient_checkpointing():
     # transformers' checkpointed layers set the KV cache that carries the prefix to None
     with pytest.raises(ConfigError, match="method prefix cannot train with gradient checkpointing"):

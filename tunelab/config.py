@@ -814,6 +814,12 @@ def _build_config_class():
                     "examples apart (they would attend to each other, and the virtual tokens would precede only "
                     "the first); set data.packing: false"
                 )
+            if self.stage == "dpo" and self.data.packing:
+                raise ValueError(
+                    "stage: dpo does not pack: each pair's chosen and rejected sequences are scored as rows of their "
+                    "own (laid end to end without their padding where tunelab/accel's packed attention runs); set "
+                    "data.packing: false"
+                )
             if self.stage == "distill":
                 _check_distill(self)
             if self.model.architecture:
