@@ -10,9 +10,10 @@ LoRA layer. Only A, B (and a new task head) train; the 4-bit codes never change.
 Compute dtype (`compute_dtype: auto`): bfloat16 on CUDA; on a CPU the model's dtype, which the training loop
 makes bf16 (bf16 passes, fp32 master weights) where the CPU has native bf16 and fp32 elsewhere; the weights
 are dequantized block by block to that dtype inside each matmul. On the 1.7B config with AMX, bf16 ran
-3.1x fp32's tokens/s at 0.79x its peak memory; with tunelab/accel's bf16 passes (no autocast: the adapter added
-in place in bf16, the fused head) 0.57x LoRA's peak (docs/performance.md). Without native bf16 a 4-bit layer is
-*slower* per step than a plain one on CPU: QLoRA buys memory, not speed.
+3.1x fp32's tokens/s at 0.79x its peak memory; with tunelab/accel's bf16 passes (no autocast: fast LoRA over the
+weights dequantized where used, its fused SwiGLU MLP, the fused head) 0.6x LoRA's peak at 0.84x its tokens/s
+(docs/performance.md, scale curves). Without native bf16 a 4-bit layer is *slower* per step than a plain one on
+CPU: QLoRA buys memory, not speed.
 
 Shapes: bitsandbytes (>= 0.50) quantizes the flattened weight in blocks of 64 values and pads the
 last block, so any layer shape works, on CPU (forward and backward) and on CUDA.
