@@ -203,3 +203,19 @@ def test_ia3_vectors_sit_on_keys_values_and_ffn_input():
     bert = mod.apply(tiny_bert(), mod.Config())
     names = [n for n, p in bert.named_parameters() if p.requires_grad and "ia3_l" in n]
     assert not any("attention.output" in n for n in names) and any(".output.dense" in n for n in names)
+
+
+def test_bitsandbytes_hub_kernel_notice_is_dropped_and_its_other_logs_pass():
+    """bitsandbytes' notice that asks for trust_remote_code (its Hub kernel refused) is dropped in any process that
+    imported tunelab; its other log records reach the handlers."""
+    import logging
+
+    import tunelab
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def record(msg):
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, (), None)
+
+    assert not logger.filter(record(tunelab._BNB_HUB_KERNEL_NOTICE + ": Kernel repository ... trust_remote_code=True"))
+    assert logger.filter(record("Some other bitsandbytes warning"))

@@ -11,6 +11,25 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+_BNB_HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+def _drop_bnb_hub_kernel_notice() -> None:
+    """bitsandbytes (0.50) on a CPU with avx512_bf16 tries, whenever it is imported (peft imports it), to fetch a
+    4-bit matmul kernel from the Hugging Face Hub (kernels-community), and where that code is refused as untrusted
+    it logs a warning in every process that suggests `trust_remote_code=True`. tunelab keeps remote code off and
+    needs no such kernel (its 4-bit layers dequantise with bitsandbytes' own kernel: accel/fast_lora.py), so that
+    one notice is dropped; everything else bitsandbytes logs passes. Installed at import: compare's cell
+    processes import tunelab before peft."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not str(record.msg).startswith(_BNB_HUB_KERNEL_NOTICE)
+    )
+
+
+_drop_bnb_hub_kernel_notice()
+
 
 def load_config(source=None, overrides=None):
     from tunelab.config import load_config as _load
