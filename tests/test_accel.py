@@ -91,6 +91,23 @@ def test_off_installs_no_speed_piece_and_auto_installs_them(monkeypatch):
     assert not any(isinstance(m, compact.CompactLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_an_encoder_classifier_gets_no_packed_attention_line(attn):
+    """Packed attention and unpadded rows are for causal LMs' rows (and packed ones): an encoder classifier's log
+    says nothing about them, SDPA or not; a causal LM with eager attention says why it stays off."""
+    from tunelab.testing import tiny_bert
+
+    cfg = load_config({"method": {"name": "lora", "r": 4, "dropout": 0.0}, "training": {"device": "cpu"}})
+    model = get("lora").apply(tiny_bert(attn_implementation=attn), cfg.method)
+    speed = accel.start(cfg.training, torch.device("cpu"))
+    speed.prepare(model, cfg, count_parameters(model)[1], multi=False)
+    assert "attention" not in speed.describe()
+    model = get("lora").apply(tiny_llama(attn_implementation="eager"), cfg.method)
+    speed = accel.start(cfg.training, torch.device("cpu"))
+    speed.prepare(model, cfg, count_parameters(model)[1], multi=False)
+    assert "packed attention: the model's attention is not SDPA" in speed.describe()
+
+
 def _prepared_lora(dropout: float, autocast: bool = False, **training):
     cfg = load_config({"method": {"name": "lora", "r": 4, "dropout": dropout},
                        "training": {"device": "cpu", **training}})  # fmt: skip

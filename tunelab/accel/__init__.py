@@ -127,13 +127,15 @@ class Speed:
         elif norms := sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Norm")}):
             skip(f"fused RMSNorm: the model's norms ({', '.join(norms)}) are not Llama-style RMSNorm; their own "
                  "forward runs (no setting: a property of the model)")
-        if attention.install(model):
+        pair = backbone_and_head(model) or virtual_token_split(model)
+        said = cfg.data.packing or pair is not None  # packed rows, or an LM's rows laid end to end (not an encoder's)
+        if attention.install(model) and said:
             self.pieces.append("per-example attention over packed rows" if cfg.data.packing else
                                "right-padded rows laid end to end, one attention call each (no compute on padding)")
-        else:
+        elif said and not attention.active(model):
             skip("packed attention: the model's attention is not SDPA; its masked call runs (no setting: "
                  "a model transformers runs with SDPA takes it)")
-        if (pair := backbone_and_head(model) or virtual_token_split(model)) is not None:
+        if pair is not None:
             head.install(model)
             if getattr(pair[1], "bias", None) is not None:
                 skip("fused LM head + cross-entropy: the head has a bias; the plain chunked loss runs (no setting)")
