@@ -203,7 +203,7 @@ def test_a_prefix_of_keys_is_seen_by_every_example_as_by_one_masked_call_each(dt
     """Prefix tuning's keys: the first `prefix` keys seen by every query, each example's own causally. The
     autograd function (two kernel calls per example merged by their log-sum-exps, each part's backward given the
     merged output) and the SDPA path (the prefix concatenated, a causal mask aligned to the last key) against one
-    masked SDPA call per example, outputs and gradients (the prefix's summed over the examples)."""
+    masked SDPA call per example in fp32, outputs and gradients (the prefix's summed over the examples, in fp32)."""
     g = torch.Generator().manual_seed(3)
     rows, heads, kv_heads, length, dim, prefix = 2, 6, 2, 40, 8, 5
     pieces = [(0, 0, 7), (0, 7, 33), (1, 0, 25), (1, 25, 15)]
@@ -225,9 +225,10 @@ def test_a_prefix_of_keys_is_seen_by_every_example_as_by_one_masked_call_each(dt
     results = []
     for attend in (lambda *t: attention._PackedCausal.apply(*t, pieces, dim**-0.5),
                    lambda *t: attention._per_example_sdpa(*t, pieces, 0.0, None), reference):  # fmt: skip
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        wide = attend is reference  # the reference in fp32 on the same values
+        inputs = [(t.float() if wide else t).detach().requires_grad_() for t in (q, k, v)]
         out = attend(*inputs)
-        out.backward(grad)
+        out.backward(grad.float() if wide else grad)
         results.append((out.detach().float(), [t.grad.float() for t in inputs]))
     tol = 1e-5 if dtype == torch.float32 else 0.03
     for out, grads in results[:2]:

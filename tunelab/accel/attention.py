@@ -163,9 +163,9 @@ class _PackedCausal(torch.autograd.Function):
         prefix = key.shape[2] - length
         backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         grads = [torch.empty_like(t) if ctx.needs_input_grad[i] else None for i, t in enumerate((query, key, value))]
-        for g in grads[1:]:
-            if g is not None and prefix:
-                g[:, :, :prefix] = 0  # the prefix's gradient is summed over the examples
+        # the prefix's gradient is summed over the examples, in fp32 (bf16 would round at every example)
+        summed = [None if g is None or not prefix else g.new_zeros(g[:, :, :prefix].shape, dtype=torch.float32)
+                  for g in grads[1:]]  # fmt: skip
         for (r, p, n), m in zip(ctx.pieces, lse):
             width = m.shape[-1]
             at = slice(r * length + p, r * length + p + n)
@@ -176,12 +176,15 @@ class _PackedCausal(torch.autograd.Function):
                 pre = backward(given[0], q, key[r : r + 1, :, :prefix], value[r : r + 1, :, :prefix], given[1], m,
                                0.0, False, scale=ctx.scale)  # fmt: skip
                 parts = (parts[0] + pre[0], *parts[1:])
-                for g, part in zip(grads[1:], pre[1:]):
-                    if g is not None:
-                        g[r : r + 1, :, :prefix] += part
+                for total, part in zip(summed, pre[1:]):
+                    if total is not None:
+                        total[r : r + 1] += part
             for g, part, at_key in zip(grads, parts, (0, prefix, prefix)):
                 if g is not None:
                     g[r : r + 1, :, at_key + p : at_key + p + n] = part[:, :, :n]
+        for g, total in zip(grads[1:], summed):
+            if total is not None:
+                g[:, :, :prefix] = total
         return *grads, None, None
 
 
