@@ -31,6 +31,7 @@ from tunelab.config import ConfigError
 
 # Imported once by the forkserver (every cell needs them): each saves seconds per cell.
 PRELOAD = [
+    "tunelab",  # first: its import drops a bitsandbytes notice that peft's import would print (tunelab/__init__.py)
     "torch",
     "transformers",
     "peft",
