@@ -69,7 +69,6 @@ def pad(seqs, value: int, side: str = "right", width: int | None = None, dtype=N
 def collate(examples: list[dict], pad_id: int, width: int | None = None) -> dict:
     """Right-pad to the longest example; a packed batch to `width` columns if that is wider (unpacked
     ones, e.g. validation rows, are not widened: that would only add padding to compute)."""
-
     packed = any("position_ids" in e for e in examples)
     width = max([len(e["input_ids"]) for e in examples] + [(width or 0) if packed else 0])
     ids, mask = pad([e["input_ids"] for e in examples], pad_id, width=width)

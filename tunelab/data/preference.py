@@ -259,27 +259,18 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
 
 def collate_packed_pairs(examples: list[dict], pad_id: int, width: int | None = None) -> dict:
     """B encoded pairs -> the 2B sequences (chosen ones first, as in `collate_pairs`) packed into rows of up to
-    `width` tokens (default, and at least: the longest sequence; the stage passes data.max_length), first fit by
-    decreasing length, then padded to the fullest row: positions restart at 0 for each sequence (and for a row's
-    padding, a sequence of its own no real token sees: data/collate.py), no attention mask for the model.
-    Keys: input_ids, position_ids and `last` ([2B]: the flattened position of each sequence's last token, where a
-    reward model scores it)."""
+    `width` tokens (default, and at least: the longest sequence; the stage passes data.max_length) as SFT examples
+    are (`data.packing.pack_plan`, best fit by decreasing length), then padded to the fullest row: positions restart
+    at 0 for each sequence (and for a row's padding, a sequence of its own no real token sees: data/collate.py), no
+    attention mask for the model. Keys: input_ids, position_ids and `last` ([2B]: the flattened position of each
+    sequence's last token, where a reward model scores it)."""
     import torch
 
     from tunelab.data.collate import packed_positions, pad
+    from tunelab.data.packing import pack_plan
 
     seqs = [list(e[f"{side}_input_ids"]) for side in ("chosen", "rejected") for e in examples]
-    width = max([len(s) for s in seqs] + [width or 0])
-    rows: list[list[int]] = []  # sequence indices per row
-    room: list[int] = []
-    for i in sorted(range(len(seqs)), key=lambda i: -len(seqs[i])):
-        row = next((r for r, free in enumerate(room) if free >= len(seqs[i])), None)
-        if row is None:
-            rows.append([])
-            room.append(width)
-            row = len(rows) - 1
-        rows[row].append(i)
-        room[row] -= len(seqs[i])
+    rows = pack_plan([len(s) for s in seqs], max([len(s) for s in seqs] + [width or 0]))
     ids, mask = pad([[t for i in row for t in seqs[i]] for row in rows], pad_id)
     positions = packed_positions([[p for i in row for p in range(len(seqs[i]))] for row in rows], mask)
     last = [0] * len(seqs)

@@ -104,7 +104,6 @@ def _causal_split(inner):
 def at_labels(model, batch: dict):
     """(head, hidden states at the label positions, their targets, their row numbers), or None for a
     model that does not split into backbone and head (then callers take the full-logits path)."""
-
     split = backbone_and_head(model)
     if split is None:
         return _virtual_at_labels(model, batch)
@@ -115,12 +114,18 @@ def at_labels(model, batch: dict):
         positions, kwargs, at = plan
         ids = _end_to_end(batch, positions.shape[1])
         hidden = backbone(input_ids=ids, position_ids=positions, **kwargs, use_cache=False).last_hidden_state[0]
-        return head, hidden[at[keep]], target[keep], keep.nonzero()[:, 0]
+        return _labelled(head, hidden, target, keep, at)
     inputs = model_inputs(batch)
     if "position_ids" in inputs:  # accel: one attention call per packed example
         inputs.update(packed_kwargs(model, inputs["position_ids"]))
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
-    return head, hidden[keep], target[keep], keep.nonzero()[:, 0]
+    return _labelled(head, hidden, target, keep)
+
+
+def _labelled(head, hidden, target, keep, at=None):
+    """at_labels' answer: the hidden states [rows, columns, hidden] at the label positions `keep`, or of rows laid end
+    to end ([width, hidden]; `at`: [rows, columns] -> their flattened positions, `_unpadded`)."""
+    return head, hidden[keep] if at is None else hidden[at[keep]], target[keep], keep.nonzero()[:, 0]
 
 
 def packed_kwargs(model, position_ids) -> dict:
@@ -199,7 +204,7 @@ def _virtual_at_labels(model, batch: dict):
             flat = torch.cat(parts)
             flat = torch.cat([flat, flat.new_zeros(positions.shape[1] - len(flat), flat.shape[1])])[None]
             hidden = backbone(inputs_embeds=flat, position_ids=positions, **kwargs, use_cache=False).last_hidden_state
-            return head, hidden[0][at[keep]], target[keep], keep.nonzero()[:, 0]
+            return _labelled(head, hidden[0], target, keep, at)
     # (transformers' checkpointed layers drop the cache the prefix comes in: the config refuses that pairing)
     if enabled and peft_cfg.peft_type == "PREFIX_TUNING" and _full_attention(model) and not backbone.gradient_checkpointing:
         plan = _unpadded(model, batch, first=peft_cfg.num_virtual_tokens)
@@ -209,7 +214,7 @@ def _virtual_at_labels(model, batch: dict):
             ids = _end_to_end(batch, positions.shape[1])
             named = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
             out = backbone(input_ids=ids, position_ids=positions, **{named: cache}, **kwargs, use_cache=False)
-            return head, out.last_hidden_state[0][at[keep]], target[keep], keep.nonzero()[:, 0]
+            return _labelled(head, out.last_hidden_state[0], target, keep, at)
     seen, me = [], threading.get_ident()
 
     def catch(module, args, out):
@@ -222,8 +227,7 @@ def _virtual_at_labels(model, batch: dict):
     finally:
         hook.remove()
     hidden = seen[-1]
-    hidden = hidden[:, hidden.shape[1] - batch["labels"].shape[1] :]
-    return head, hidden[keep], target[keep], keep.nonzero()[:, 0]
+    return _labelled(head, hidden[:, hidden.shape[1] - batch["labels"].shape[1] :], target, keep)
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
