@@ -112,8 +112,9 @@ def test_bf16_norm_is_transformers_own_and_its_gradient_fp32s():
 @pytest.mark.parametrize("head_trains", [False, True])
 def test_bf16_fused_head_takes_its_log_sum_exp_in_fp32(head_trains):
     """The loss of bf16 logits widened to fp32, as transformers' loss takes it: a softmax in bf16 would be ~1e-3
-    off; the gradient rounded to bf16 once. 300 labels: two chunks (widened WIDE_CHUNK columns at a time), the second rounded up to 128 columns
-    (memory.shape_bucket) whose padding adds nothing to the loss or to either gradient."""
+    off; the gradient rounded to bf16 once. 300 labels rounded up to 384 (memory.shape_bucket), whose padding adds
+    nothing to the loss or to either gradient: two chunks of 192 where the head trains, six of 64 (the last all
+    padding) where it does not, each widened WIDE_CHUNK columns at a time."""
     torch.manual_seed(0)
     hidden = torch.randn(300, 64).bfloat16().requires_grad_()
     weight = (torch.randn(5000, 64) * 0.3).bfloat16()
@@ -132,7 +133,8 @@ def test_bf16_fused_head_takes_its_log_sum_exp_in_fp32(head_trains):
         assert _relative(grad.float(), grad_ref.float()) < 1e-2
     # the fp32 copy holds WIDE_CHUNK columns at a time, the bf16 logits a chunk
     sizes = {dtype: buf.numel() for (dtype, _), buf in head._LOGITS.items()}
-    assert sizes == {torch.float32: head.WIDE_CHUNK * 5000, torch.bfloat16: head.FUSED_CHUNK * 5000}
+    chunk = head.FUSED_CHUNK if head_trains else head.BF16_CHUNK
+    assert sizes == {torch.float32: head.WIDE_CHUNK * 5000, torch.bfloat16: chunk * 5000}
     head.free_buffers()
 
 

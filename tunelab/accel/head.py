@@ -37,8 +37,14 @@ FUSED_CHUNK = 192
 # keeps is 6 MB for SmolLM2's vocabulary instead of a whole chunk's 38 MB (two threads: 63 MB of the QLoRA bench's
 # peak), and the head is no slower (103-106 ms against 104-115 for 384 labels on a core; 16 columns: 186 ms)
 WIDE_CHUNK = 32
+# label positions per chunk where the logits are bf16 from a plain weight on a CPU and the weight takes no
+# gradient (LoRA, QLoRA, prompt and prefix tuning in bf16): no block is decoded per chunk, and each thread's bf16
+# buffer is 6 MB instead of 18 (the QLoRA bench's peak 1,231 -> 1,199 MB). Each chunk streams the head's weight
+# twice, so the head alone is slower (160 against 122 ms for 384 labels on a core), ~2% of a step; where dW is
+# summed (full fine-tuning), a chunk's [vocab, hidden] product costs more and FUSED_CHUNK stays
+BF16_CHUNK = 64
 
-# One [FUSED_CHUNK, vocab] logits buffer per CPU dtype and thread (the shares of a pass may run in
+# One [chunk, vocab] logits buffer per CPU dtype and thread (the shares of a pass may run in
 # threads: accel/threads.py), reused by every training pass. A fresh block of tens of MB can be above
 # glibc's mmap threshold, so each pass would map it anew and take a page fault per 4 KiB while writing
 # it: the head's matmul ran at half speed (61 GFLOP/s against 115, SmolLM2 LoRA SFT).
@@ -69,16 +75,15 @@ def fused_loss(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return _HeadCrossEntropy.apply(hidden, weight, target)
 
 
-def _logits_buffer(vocab: int, rows: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def _logits_buffer(vocab: int, rows: int, like: torch.Tensor, dtype: torch.dtype | None = None, least: int = 0):
     """A [vocab, rows] buffer in `dtype` (default: like's): the logits transposed (see _HeadCrossEntropy), made for
-    FUSED_CHUNK columns (fp32 beside bf16 logits: WIDE_CHUNK)."""
+    `least` columns (a chunk's) or more."""
     dtype = dtype or like.dtype
     if like.device.type != "cpu":
         return like.new_empty(vocab, rows, dtype=dtype)
     key = (dtype, threading.get_ident())
     buf = _LOGITS.get(key)
     if buf is None or buf.numel() < rows * vocab:
-        least = WIDE_CHUNK if dtype != like.dtype else FUSED_CHUNK
         _LOGITS[key] = buf = like.new_empty(max(rows, least) * vocab, dtype=dtype)
     return buf[: rows * vocab].view(vocab, rows)
 
@@ -87,10 +92,10 @@ def _widened(logits: torch.Tensor) -> torch.Tensor:
     """The logits in fp32: themselves, or copied into this thread's fp32 buffer (a bf16 pass)."""
     if logits.dtype == torch.float32:
         return logits
-    return _logits_buffer(logits.shape[0], logits.shape[1], logits, torch.float32).copy_(logits)
+    return _logits_buffer(logits.shape[0], logits.shape[1], logits, torch.float32, WIDE_CHUNK).copy_(logits)
 
 
-def _head_logits(weight, h: torch.Tensor) -> torch.Tensor:
+def _head_logits(weight, h: torch.Tensor, chunk: int) -> torch.Tensor:
     """W h^T, [vocab, len(h)], in the reused buffer; W a tensor or a CompactWeight (decoded block by block).
     On a CPU the columns are computed padded to a multiple of 8 (zero rows of h) and the view returned
     leaves the padding out: MKL runs this product at ~40 GFLOP/s a core for an odd count such as 215
@@ -99,8 +104,8 @@ def _head_logits(weight, h: torch.Tensor) -> torch.Tensor:
     if h.device.type == "cpu" and n % 8:
         padded = h.new_zeros(-(-n // 8) * 8, h.shape[1])
         padded[:n] = h
-        return _head_logits(weight, padded)[:, :n]
-    return weight_times(weight, h.t(), _logits_buffer(weight.shape[0], n, h))
+        return _head_logits(weight, padded, chunk)[:, :n]
+    return weight_times(weight, h.t(), _logits_buffer(weight.shape[0], n, h, least=chunk))
 
 
 def free_buffers() -> None:
@@ -161,12 +166,14 @@ def _loss_and_grads(hidden, weight, target, want_weight_grad: bool, weight_grad_
         hidden, target = F.pad(hidden, (0, 0, 0, bucket - labels)), F.pad(target, (0, bucket - labels))
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.zeros_like(weight, dtype=weight_grad_dtype) if want_weight_grad else None
-    for i in range(0, target.numel(), FUSED_CHUNK):
-        h, t = hidden[i : i + FUSED_CHUNK], target[i : i + FUSED_CHUNK]
+    plain_bf16 = isinstance(weight, torch.Tensor) and weight.dtype != torch.float32 and hidden.device.type == "cpu"
+    chunk = BF16_CHUNK if plain_bf16 and not want_weight_grad else FUSED_CHUNK
+    for i in range(0, target.numel(), chunk):
+        h, t = hidden[i : i + chunk], target[i : i + chunk]
         real = min(len(t), labels - i)  # the chunk's columns before the bucket's padding
         # logits transposed, [vocab, chunk] = W h^T: with the vocabulary as the long dimension of the
         # left operand the matmul runs ~1.4x faster on a CPU than h W^T (MKL, 2 cores, SmolLM2's head)
-        probs = _head_logits(weight, h)
+        probs = _head_logits(weight, h, chunk)
         if probs.dtype == torch.float32:
             loss += _softmax_minus_onehot_(probs, t, real)
         else:  # a bf16 pass: widened to fp32 a few columns at a time, the gradient narrowed back in place
@@ -175,7 +182,7 @@ def _loss_and_grads(hidden, weight, target, want_weight_grad: bool, weight_grad_
                 wide = _widened(cols)
                 loss += _softmax_minus_onehot_(wide, t[j : j + WIDE_CHUNK], real - j)
                 cols.copy_(wide)
-        times_weight(probs.t(), weight, out=grad_hidden[i : i + FUSED_CHUNK])
+        times_weight(probs.t(), weight, out=grad_hidden[i : i + chunk])
         if grad_weight is None:
             continue
         if grad_weight.dtype == probs.dtype:
