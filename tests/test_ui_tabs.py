@@ -6,6 +6,7 @@ the browser tests at the end drive the tabs in headless Chromium and read the re
 """
 
 import json
+import re
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -296,6 +297,8 @@ def test_browser_evaluate_and_export(browser_page, tiny_run, tmp_path):
 
 
 def test_browser_compare_runs_a_tiny_grid(browser_page, tiny_run, tmp_path):
+    from playwright.sync_api import expect
+
     from tunelab.compare.record import table_cells
     from tunelab.ui import compare
 
@@ -310,6 +313,12 @@ def test_browser_compare_runs_a_tiny_grid(browser_page, tiny_run, tmp_path):
             "tasks": [{"name": "reviews", "labels": ["negative", "positive"], "train_file": str(tmp_path / "train.jsonl"),
                        "dev_file": str(tmp_path / "dev.jsonl"), "max_length": 32}]}  # fmt: skip
     (tmp_path / "tiny-grid.yaml").write_text(yaml.safe_dump(grid))
+    # an earlier grid run of this UI, which failed: listed below the new one, and shown when picked
+    older = Path(tiny_run["runs"]) / ".ui-jobs" / "20000101-000000-0ld0ld"
+    older.mkdir(parents=True)
+    (older / "job.json").write_text(json.dumps({"argv": ["compare", str(tmp_path / "old-grid.yaml")],
+                                                "run_dir": str(tmp_path / "old-out"), "started": 0, "pid": 2**22 + 7}))  # fmt: skip
+    (older / "rc.json").write_text(json.dumps({"returncode": 1}))
     with ui_page(browser_page, tiny_run["runs"], "Compare") as page:
         page.locator('input[type="file"]').first.set_input_files(str(tmp_path / "tiny-grid.yaml"))
         page.locator("#compare-grid").get_by_text("reviews").first.wait_for(timeout=30_000)
@@ -324,4 +333,14 @@ def test_browser_compare_runs_a_tiny_grid(browser_page, tiny_run, tmp_path):
         assert lora[header.index("Status")] == "done" and lora[header.index("95% CI")].startswith("[")
         assert "done" in page.locator("#compare-cells").inner_text()
         assert page.locator("#compare-status").inner_text().startswith("finished")
+        run_picker = page.locator("#compare-job input")
+        expect(run_picker).to_have_value(re.compile(r"^grid-out · compare · finished · "))
+        run_picker.click()
+        page.get_by_role("option", name=re.compile("old-out")).click()
+        expect(page.locator("#compare-status")).to_contain_text("failed (exit 1)")
+        expect(page.locator("#compare-status")).to_contain_text("old-out")
+        run_picker.click()
+        page.get_by_role("option", name=re.compile("grid-out")).click()
+        expect(page.locator("#compare-status")).to_contain_text("finished")
+        assert table_rows(page, "compare-results") == body
     assert [r[4] for r in compare.cell_rows(out, compare.grid_keys(compare.load_grid(str(tmp_path / "tiny-grid.yaml"))))] == ["done", "done"]

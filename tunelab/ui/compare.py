@@ -5,7 +5,8 @@ finish, and read the results table (with 95% intervals), the recommendation and 
 The grid always runs from a file: the one loaded when its text is unchanged, else the editor's text saved
 under the runs folder (.ui-grids/), so the job is an ordinary `tunelab compare FILE` that the CLI can
 resume. Progress is read from what the command writes: results.db while it runs (read-only), then
-results.json, results.md and report.html in the grid's output_dir.
+results.json, results.md and report.html in the grid's output_dir. Every grid run started from the UI stays
+listed (newest first): picking an earlier one shows its state and what its output_dir holds.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tunelab.models import NAMED
 from tunelab.ui import jobs
 from tunelab.ui.context import UIContext
 from tunelab.ui.shared import error_markdown, offer, scratch
+from tunelab.ui.watch import job_label
 
 CELL_HEADER = ["Model", "Method", "Task", "Seed", "Status", "Metric", "Value", "n", "Time (s)", "Error"]
 GRID_TASK_TYPES = ("classification", "regression", "instruction")  # what `tunelab compare` runs
@@ -156,6 +158,11 @@ def compare_jobs(jobs_dir: Path) -> list[jobs.Job]:
     return [j for j in jobs.list_jobs(jobs_dir) if j.argv[:1] == ["compare"]]
 
 
+def job_choices(jobs_dir: Path) -> list[list[str]]:
+    """[label, job id] of each grid run (`tunelab compare` job), newest first; the label says its state."""
+    return [[job_label(j), j.id] for j in compare_jobs(jobs_dir)]
+
+
 def build_tab(ctx: UIContext) -> None:
     import gradio as gr
 
@@ -188,6 +195,8 @@ def build_tab(ctx: UIContext) -> None:
     error = gr.Markdown(elem_id="compare-error")
     plan = gr.Code(label="Cells", language=None, interactive=False, lines=4)
     job_id = gr.State(None)
+    picked = gr.Dropdown(choices=[], label="grid run", info="every grid run started from this UI (newest first); "
+                         "an earlier one shows what its output_dir holds now", elem_id="compare-job")  # fmt: skip
     status = gr.Markdown(elem_id="compare-status")
     cells = gr.Dataframe(headers=CELL_HEADER, label="Cells (results.db, live)", interactive=False,
                          elem_id="compare-cells")  # fmt: skip
@@ -245,15 +254,19 @@ def build_tab(ctx: UIContext) -> None:
 
     keys: dict[str, list[str]] = {}  # job id -> its grid's row keys (planning the cells reads model configs)
 
-    def watch(current, seen):
-        """The job's state, its cells, and once it ended the results; the newest compare job if none is picked
-        (a reopened UI finds the grid it left running). Parts that did not change since `seen` are left as
-        they are on the page."""
+    def watch(current, seen, listed):
+        """`shown`'s outputs, and the list of grid runs when it changed since `listed` (the one picked, or the
+        newest if none is: a reopened UI finds the grid it left running)."""
+        now = job_choices(ctx.jobs)
+        current = current or (now[0][1] if now else None)
+        runs = gr.update() if now == listed else gr.update(choices=[tuple(c) for c in now], value=current)
+        return (*shown(current, seen), runs, now)
+
+    def shown(current, seen):
+        """The job's state, its cells, and once it ended the results. Parts that did not change since `seen`
+        are left as they are on the page."""
         if not current:
-            found = compare_jobs(ctx.jobs)
-            if not found:
-                return (None, "No grid run yet.") + (gr.update(),) * 7
-            current = found[0].id
+            return (None, "No grid run yet.") + (gr.update(),) * 7
         job = jobs.load(ctx.jobs / current)
         if job is None:
             return (current, "Starting ...") + (gr.update(),) * 7
@@ -276,4 +289,7 @@ def build_tab(ctx: UIContext) -> None:
         return current, head, live, text, table_value, shown, html, job.tail(60), now
 
     seen = gr.State(None)
-    timer.tick(watch, [job_id, seen], [job_id, status, cells, summary, table, gallery, report, log, seen])
+    listed = gr.State([])  # the grid runs last sent: the dropdown is only updated when they change
+    outputs = [job_id, status, cells, summary, table, gallery, report, log, seen, picked, listed]
+    timer.tick(watch, [job_id, seen, listed], outputs, show_progress="hidden")
+    picked.input(watch, [picked, seen, listed], outputs)
