@@ -335,3 +335,28 @@ def test_prompt_tuning_with_the_adapter_disabled_is_the_base_model():
         tuned = model(input_ids=IDS).logits
     assert got.shape == want.shape == tuned.shape
     assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(tuned, want, atol=1e-3)
+
+
+def test_prompt_tuning_on_gpt2_is_a_causal_lm_and_its_loss_is_peft_own():
+    """GPT2LMHeadModel's name does not end in ForCausalLM: PEFT must still wrap it as a causal LM (it was wrapped as
+    a feature extractor, whose logits kept the virtual positions, and the loss failed on the shapes). The loss
+    over the label tokens is PEFT's own (which pads the labels with -100 for the virtual tokens)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tunelab.methods.base import peft_task_type
+    from tunelab.models.loss import token_loss_sum
+    from tunelab.training.card import model_kind
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    assert peft_task_type(base).value == "CAUSAL_LM"
+    assert model_kind(base) == ("AutoModelForCausalLM", "text-generation")  # the model card's loading line
+    model = get("prompt").apply(base, get("prompt").Config(name="prompt", num_virtual_tokens=5))
+    ids = torch.randint(0, 64, (2, 12))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    loss_sum, n = token_loss_sum(model, batch)
+    reference = model(**batch).loss
+    assert n == 2 * 8 and float(loss_sum) / n == pytest.approx(float(reference), rel=1e-5)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from tunelab.models.heads import causal_lm_classes
 from tunelab.models.sources import NO_HUB_KERNELS, ModelError
 
 if TYPE_CHECKING:  # torch is imported where a model is changed: the config reads `Config` without it
@@ -172,6 +173,9 @@ def peft_task_type(model: torch.nn.Module):
     from peft import TaskType
 
     cls = type(model).__name__
+    # GPT2LMHeadModel was wrapped as a feature extractor: its prompt tuning kept the virtual positions' logits
+    if cls in causal_lm_classes():
+        return TaskType.CAUSAL_LM
     for suffix, task in (
         ("ForCausalLM", TaskType.CAUSAL_LM),
         ("ForConditionalGeneration", TaskType.SEQ_2_SEQ_LM),

@@ -14,9 +14,20 @@ method (train the head, optionally extra blocks) or any other method.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Literal
 
 import torch
+
+
+@functools.cache
+def causal_lm_classes() -> frozenset[str]:
+    """The class names AutoModelForCausalLM builds, whatever their suffix: GPT2LMHeadModel, the multimodal
+    Gemma3ForConditionalGeneration ... (a suffix such as ForCausalLM misses them)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return frozenset(c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ([v] if isinstance(v, str) else v))
+
 
 Kind = Literal["classification", "regression", "span_qa"]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from tunelab.methods import get as get_method
+from tunelab.models.heads import causal_lm_classes
 from tunelab.models.sources import NAMED, hub_model_id
 
 CARD_FILE = "README.md"
@@ -36,6 +37,8 @@ def model_kind(model) -> tuple[str, str | None]:
     """(Auto class, pipeline tag) for a transformers model, a PEFT-wrapped one included."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = type(inner).__name__
+    if name in causal_lm_classes():  # GPT2LMHeadModel, Gemma3ForConditionalGeneration ...
+        return _KINDS["ForCausalLM"]
     for suffix, kind in _KINDS.items():
         if name.endswith(suffix):
             return kind
