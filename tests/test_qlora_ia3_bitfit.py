@@ -219,3 +219,15 @@ def test_bitsandbytes_hub_kernel_notice_is_dropped_and_its_other_logs_pass():
 
     assert not logger.filter(record(tunelab._BNB_HUB_KERNEL_NOTICE + ": Kernel repository ... trust_remote_code=True"))
     assert logger.filter(record("Some other bitsandbytes warning"))
+
+
+def test_qlora_refuses_gpt2_conv1d_layers_naming_them_and_the_fix():
+    """GPT-2 keeps its projections as transformers' Conv1D, which bitsandbytes cannot quantize: the error names
+    such a layer and points to LoRA (the generic "all skipped" said neither)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tunelab.methods.base import MethodError
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    with pytest.raises(MethodError, match=r"Conv1D layers \(transformer\.h\.0\.attn\.c_attn, \.\.\. 8 in all.*method: lora"):
+        get("qlora").apply(model, get("qlora").Config())

@@ -283,6 +283,12 @@ def _prepare(model, cfg: Config, device: torch.device) -> dict:
     info = quantize_linear_layers_(model, cfg.quant_type, cfg.double_quant, dtype, cfg.skip_modules)
     info["compute_dtype"] = dtype
     if not info["quantized"]:
+        conv = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+        if conv:  # GPT-2's family keeps its projections as transformers' Conv1D, which bitsandbytes cannot take
+            raise MethodError(
+                f"qlora: this model's projections are Conv1D layers ({conv[0]}, ... {len(conv)} in all: GPT-2 style), "
+                "and bitsandbytes quantizes nn.Linear layers only; use method: lora (it adapts Conv1D layers)"
+            )
         raise MethodError("qlora: no linear layer was quantized (all skipped)")
     freeze_all(model)
     model.is_loaded_in_4bit = True  # what PEFT's dispatch checks to use its bnb 4-bit LoRA layer
