@@ -231,3 +231,58 @@ def test_qlora_refuses_gpt2_conv1d_layers_naming_them_and_the_fix():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
     with pytest.raises(MethodError, match=r"Conv1D layers \(transformer\.h\.0\.attn\.c_attn, \.\.\. 8 in all.*method: lora"):
         get("qlora").apply(model, get("qlora").Config())
+
+
+def _tiny_causal(model_type: str, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def test_ia3_without_pefts_defaults_takes_llamas_names_or_says_what_to_set():
+    """PEFT has no IA3 defaults for OLMo-2 or Phi-3 (its error: "Please specify `target_modules`"). OLMo-2 names its
+    layers like Llama: keys, values and the FFN down projection (its input scaled) get the vectors, the base model
+    at step 0. Phi-3's keys and values sit in one fused qkv_proj: the error lists its linear layers."""
+    from tunelab.methods.base import MethodError
+
+    base = _tiny_causal("olmo2")
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+    model = get("ia3").apply(base, get("ia3").Config())
+    cfg = model.peft_config["default"]
+    assert set(cfg.target_modules) == {"k_proj", "v_proj", "down_proj"} and set(cfg.feedforward_modules) == {"down_proj"}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (16 + 16 + 64)  # l_k, l_v, l_ff a layer
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+    with pytest.raises(MethodError, match=r"model type 'phi3'.*method\.target_modules.*qkv_proj"):
+        get("ia3").apply(_tiny_causal("phi3", pad_token_id=0), get("ia3").Config())
+
+
+def test_bitfit_on_gpt2_in_bf16_trains_its_layernorm_biases(tmp_path):
+    """BitFit trains GPT-2's LayerNorm biases in fp32 (master weights) beside their frozen bf16 weights:
+    F.layer_norm refused the pair ("expected scalar type BFloat16 but found Float"); the norm's weight is now
+    fp32 too. Through tunelab.train, as a user runs it; the loss goes down."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import tunelab
+    from tunelab.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                               embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(tmp_path / "gpt2")  # fmt: skip
+    tok.save_pretrained(tmp_path / "gpt2")
+    rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w} {w}"}]}
+            for w in ["red", "blue", "green", "pink"] * 2]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = tunelab.train({"output_dir": str(tmp_path / "run"), "model": {"name": str(tmp_path / "gpt2"), "dtype": "bfloat16"},
+                            "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 32, "val_fraction": 0},
+                            "method": {"name": "bitfit"},
+                            "training": {"max_steps": 6, "batch_size": 8, "lr": 5e-2, "progress": False, "tensorboard": False}})  # fmt: skip
+    losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line and '"step"' in line]  # fmt: skip
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.05

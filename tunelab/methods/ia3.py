@@ -12,7 +12,8 @@ on the key / value projections and l_ff as a per-input-feature scale on the FFN'
 
 Default modules (`target_modules: null`): PEFT's per-architecture defaults, which match the paper for
 Llama (k_proj, v_proj, down_proj as feed-forward) and T5 (k, v, wo as feed-forward; also in the
-decoder's cross-attention). For BERT/RoBERTa PEFT's default `output.dense` also matches the
+decoder's cross-attention); for a model type PEFT has none for, Llama's names where the model has them, else
+an error listing its linear layers (Phi-3's fused qkv_proj: the keys and values need a choice). For BERT/RoBERTa PEFT's default `output.dense` also matches the
 attention output projection, so tunelab narrows it to the FFN's output dense layer, as in the paper.
 """
 
@@ -25,6 +26,7 @@ from pydantic import Field, model_validator
 from tunelab.methods.base import (
     Capabilities,
     MethodConfig,
+    MethodError,
     load_peft,
     merge_peft,
     peft_task_type,
@@ -64,14 +66,21 @@ class Config(MethodConfig):
         return self
 
 
+# where PEFT has no defaults for the model type (phi3, olmo2, granite ...): Llama's names when the model has them
+_LLAMA_STYLE = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
+
+
 def peft_config(cfg: Config, model):
     from peft import IA3Config
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as peft_defaults
 
     target, ff = cfg.target_modules, cfg.feedforward_modules
     if target is None:
         model_type = getattr(model.config, "model_type", None)
         if model_type in _PAPER_MODULES:
             target, ff = _PAPER_MODULES[model_type]
+        elif model_type not in peft_defaults:
+            target, ff = _default_modules(model, model_type)
         # else: None lets PEFT pick its per-architecture defaults for both
     elif ff is None:
         ff = []
@@ -80,6 +89,21 @@ def peft_config(cfg: Config, model):
         feedforward_modules=ff,
         task_type=peft_task_type(model),
         init_ia3_weights=True,
+    )
+
+
+def _default_modules(model, model_type) -> tuple[list[str], list[str]]:
+    """Llama's key, value and FFN down projections where the model has layers of those names; else an error
+    that lists the model's linear layers (PEFT's own would only say "Please specify `target_modules`")."""
+    import torch
+
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    if set(_LLAMA_STYLE[0]) <= set(leaves):
+        return _LLAMA_STYLE
+    raise MethodError(
+        f"ia3: PEFT has no default modules for model type {model_type!r} and its layers are not named like "
+        f"Llama's (k_proj, v_proj, down_proj); set method.target_modules to its key, value and FFN down projections "
+        f"and method.feedforward_modules to the FFN one (its linear layers: {', '.join(leaves)})"
     )
 
 

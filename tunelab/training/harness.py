@@ -334,6 +334,12 @@ def fp32_master_weights_(model) -> int:
         if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
             n += p.numel()
+    # a LayerNorm whose bias trains and weight does not (bitfit on GPT-2): F.layer_norm takes a bf16 input with
+    # fp32 weight and bias, but not the two in different dtypes ("expected scalar type BFloat16 but found Float")
+    for m in model.modules():
+        if isinstance(m, torch.nn.LayerNorm | torch.nn.GroupNorm) and m.weight is not None and m.bias is not None:
+            if m.weight.dtype != m.bias.dtype:
+                m.weight.data, m.bias.data = m.weight.data.float(), m.bias.data.float()
     return n
 
 
