@@ -93,6 +93,40 @@ def test_gradual_on_every_architecture(arch, tmp_path):
     check_method("gradual", arch, tmp_path, every_steps=5)
 
 
+def test_gradual_in_bf16_keeps_every_block_that_thaws_in_fp32(tmp_path, monkeypatch):
+    """bf16 weights with autocast: the master weights are every parameter that trains at some point of the run
+    (optimizer_parameters), not only those trainable at step 0. Blocks that thawed later trained in bf16, where
+    AdamW's updates round away, and GPT-NeoX's thawed LayerNorms (fp32 weight, bf16 bias) failed in F.layer_norm."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    import tunelab.training.loop as loop
+    from tunelab.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
+    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
+    tok.save_pretrained(tmp_path / "neox")
+    rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w} {w}"}]}
+            for w in ["red", "blue", "green", "pink"] * 2]  # fmt: skip
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    optimizers = []
+    monkeypatch.setattr(loop, "optimizer_for", lambda params, tcfg, real=loop.optimizer_for: optimizers.append(
+        real(params, tcfg)) or optimizers[-1])  # fmt: skip
+    dtypes = []
+    result = tunelab.train({"output_dir": str(tmp_path / "run"), "model": {"name": str(tmp_path / "neox"), "dtype": "bfloat16"},
+                            "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 32, "val_fraction": 0},
+                            "method": {"name": "gradual", "every_steps": 1},
+                            "training": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "progress": False, "tensorboard": False}},
+                           callbacks=[lambda step, record: dtypes.append({p.dtype for g in optimizers[0].param_groups
+                                                                          for p in g["params"]})])  # fmt: skip
+    assert len(dtypes) == 4 and all(d == {torch.float32} for d in dtypes)  # all of them, before they thaw too
+    losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line and '"step"' in line]  # fmt: skip
+    assert len(losses) == 4 and all(loss == loss for loss in losses)
+
+
 def test_gradual_schedule_is_exact():
     mod = get("gradual")
     cfg = mod.Config(every_steps=5, unfreeze_embeddings=True)

@@ -320,18 +320,20 @@ def resolved_dtype(cfg, precision):
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": name})})
 
 
-def fp32_master_weights_(model) -> int:
+def fp32_master_weights_(model, params=None) -> int:
     """Mixed precision: trainable bf16/fp16 parameters become fp32, frozen ones stay in half precision.
 
     On CUDA `model.dtype: auto` loads bf16 weights and autocast runs the matmuls in bf16. bf16 keeps 8
     bits of mantissa: a weight of 0.02 moves in steps of ~1e-4, so AdamW's updates (about lr, e.g. 2e-5)
     would round away. The weights that train therefore keep fp32, as in every mixed-precision recipe
     (PEFT does the same for adapters). Full fine-tuning thus trains and saves fp32 weights; LoRA
-    keeps its bf16 base. Returns the number of parameters upcast.
+    keeps its bf16 base. `params`: every parameter that trains at some point of the run (a method's
+    optimizer_parameters: gradual unfreezing thaws blocks later), default those that train now. Returns the
+    number of parameters upcast.
     """
     n = 0
-    for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+    for p in model.parameters() if params is None else params:
+        if (params is not None or p.requires_grad) and p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
             n += p.numel()
     # a LayerNorm whose bias trains and weight does not (bitfit on GPT-2): F.layer_norm takes a bf16 input with

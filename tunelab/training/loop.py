@@ -149,7 +149,8 @@ def train(
         stage.prepare(model, cfg)
     log(f"precision: {precision.name} ({precision.reason})")
     autocast = autocast_for(device, loaded.model.dtype)
-    if autocast is not no_autocast and (upcast := fp32_master_weights_(model)):
+    learning = method.optimizer_parameters(model, cfg.method)  # gradual unfreezing: those that thaw later too
+    if autocast is not no_autocast and (upcast := fp32_master_weights_(model, learning)):
         log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32")
     trainable, total = count_parameters(model)
     total += speed.compact_parameters  # weights held compact since loading are no parameters
