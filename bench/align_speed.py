@@ -138,7 +138,9 @@ def job_trl(stage: str) -> dict:
         max_steps=JOB.get("max_steps") or -1, gradient_checkpointing=TRL_CHECKPOINTING,  # TRL's default: on
     )  # fmt: skip
     task = "CAUSAL_LM" if stage == "dpo" else "SEQ_CLS"
-    lora = LoraConfig(r=JOB["r"], lora_alpha=JOB["alpha"], lora_dropout=0.0, target_modules="all-linear", task_type=task)
+    lora = LoraConfig(
+        r=JOB["r"], lora_alpha=JOB["alpha"], lora_dropout=0.0, target_modules="all-linear", task_type=task
+    )
     with tempfile.TemporaryDirectory() as tmp:
         if stage == "dpo":
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -233,13 +235,22 @@ def main() -> None:
     parser.add_argument("--stages", default="dpo,reward", help="stages to time (comma separated: dpo, reward)")
     parser.add_argument("--max-steps", type=int, help="stop every run early (a smoke test, not the benchmark)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N", help="run every job N times; report medians")
-    parser.add_argument("--concurrent", action="store_true",
-                        help="run TRL and tunelab at the same time (a shared, loaded machine: both meet the same load)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="each side's bf16: TRL bf16=True (autocast), tunelab model.dtype auto (bf16 passes on a CPU "
-                        "with native bf16, else fp32); both print the precision they used")
-    parser.add_argument("--packing", action="store_true",
-                        help="tunelab's reward job with data.packing: true (TRL's RewardTrainer has none)")
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="run TRL and tunelab at the same time (a shared, loaded machine: both meet the same load)",
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="each side's bf16: TRL bf16=True (autocast), tunelab model.dtype auto (bf16 passes on a CPU "
+        "with native bf16, else fp32); both print the precision they used",
+    )
+    parser.add_argument(
+        "--packing",
+        action="store_true",
+        help="tunelab's reward job with data.packing: true (TRL's RewardTrainer has none)",
+    )
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     JOB["max_steps"], JOB["bf16"], JOB["packing"] = args.max_steps, args.bf16, args.packing

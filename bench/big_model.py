@@ -120,8 +120,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--min-free-gb", type=float, default=14.0)
-    parser.add_argument("--load-only", metavar="SIZE", help="only the peak of loading a SmolLM2-SIZE model for LoRA "
-                        "(135m, 360m, 1.7b), straight into compact weights and the whole-fp32 way, a child each")
+    parser.add_argument(
+        "--load-only",
+        metavar="SIZE",
+        help="only the peak of loading a SmolLM2-SIZE model for LoRA "
+        "(135m, 360m, 1.7b), straight into compact weights and the whole-fp32 way, a child each",
+    )
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
@@ -134,7 +138,9 @@ def main() -> None:
 
         for kind in ("whole", "straight"):
             free = available_gb()
-            out = run_child([sys.executable, __file__, "--job", f"{kind}:{args.load_only}"], allocator_environment(), kind)
+            out = run_child(
+                [sys.executable, __file__, "--job", f"{kind}:{args.load_only}"], allocator_environment(), kind
+            )
             print(json.dumps({**out, "available_gb_before": round(free, 1)}), flush=True)
         return
     t0 = time.perf_counter()

@@ -64,8 +64,12 @@ def main() -> None:
         report["seconds"] = time.time() - t
         reports.append(report)
         print(check.summary_line(report), flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    (out / "results.json").write_text(json.dumps({"run": run, "commit": commit, "texts_from": source, "reports": reports}, indent=2))
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    (out / "results.json").write_text(
+        json.dumps({"run": run, "commit": commit, "texts_from": source, "reports": reports}, indent=2)
+    )
 
     def ci(d, fmt):
         return f"{fmt.format(d['value'])} [{fmt.format(d['ci95'][0])}, {fmt.format(d['ci95'][1])}]"

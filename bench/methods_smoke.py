@@ -29,8 +29,14 @@ def run(method: str, steps: int, out: Path) -> dict:
             "max_length": 192,
         },
         "method": {"name": method},
-        "training": {"max_steps": steps, "batch_size": 4, "lr": 3e-4 if method not in ("full", "freeze", "gradual", "head") else 3e-5,
-                     "progress": False, "tensorboard": False, "warmup_steps": 1},
+        "training": {
+            "max_steps": steps,
+            "batch_size": 4,
+            "lr": 3e-4 if method not in ("full", "freeze", "gradual", "head") else 3e-5,
+            "progress": False,
+            "tensorboard": False,
+            "warmup_steps": 1,
+        },
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = out.with_suffix(".yaml")
@@ -75,8 +81,10 @@ def main() -> None:
         if "error" in r:
             print(f"| {r['method']} | error: {r['error']} | | | | {r['seconds']:.0f} |")
         else:
-            print(f"| {r['method']} | {r['trainable_%']:.3f} | {r['eval_before']:.4f} → {r['eval_after']:.4f} | "
-                  f"{r['tokens_per_s']:.0f} | {r['result_MB']:.1f} | {r['seconds']:.0f} |")
+            print(
+                f"| {r['method']} | {r['trainable_%']:.3f} | {r['eval_before']:.4f} → {r['eval_after']:.4f} | "
+                f"{r['tokens_per_s']:.0f} | {r['result_MB']:.1f} | {r['seconds']:.0f} |"
+            )
     failed = [r["method"] for r in rows if "error" in r]
     sys.exit(1 if failed else 0)
 

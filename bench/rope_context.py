@@ -61,7 +61,9 @@ def train_whole(cfg):
 
     result = tunelab.train(cfg)
     if result.metrics.get("interrupted"):
-        raise SystemExit(f"{cfg.output_dir}: interrupted at step {result.metrics.get('steps')}; no figures from a partial run")
+        raise SystemExit(
+            f"{cfg.output_dir}: interrupted at step {result.metrics.get('steps')}; no figures from a partial run"
+        )
     return result
 
 

@@ -65,7 +65,9 @@ GB = 2**30
 
 
 def all_points() -> list[str]:
-    train = [f"train:{s}:{n}:{m}:{side}" for s in SIZES for n in LENGTHS for m in METHODS for side in ("tunelab", "ref")]
+    train = [
+        f"train:{s}:{n}:{m}:{side}" for s in SIZES for n in LENGTHS for m in METHODS for side in ("tunelab", "ref")
+    ]
     return train + [f"data:{r}:{side}" for r in ROWS for side in ("tunelab", "trl")]
 
 
@@ -113,7 +115,9 @@ def rows_per_step(length: int, tokens_per_step: int) -> int:
     return max(1, tokens_per_step // length)
 
 
-def estimate_peak_gb(size: str, length: int, method: str, side: str, tokens_per_step: int, precision: str = "fp32") -> float:
+def estimate_peak_gb(
+    size: str, length: int, method: str, side: str, tokens_per_step: int, precision: str = "fp32"
+) -> float:
     """A rough upper estimate of a training point's peak RSS, for the guard: it has to tell 5 GB from 25. In bf16
     the frozen weights and what a pass keeps take 2 bytes a value."""
     width = 2 if precision == "bf16" else 4
@@ -181,7 +185,9 @@ def job_tunelab(size: str, length: int, method: str, steps: int, tokens_per_step
                          "warmup_steps": 0, "progress": False, "tensorboard": False, "device": "cpu", "seed": 0},
         })  # fmt: skip
         skip_unused_imports(cfg)
-        result = tunelab.train(cfg, callbacks=[lambda step, rec: times.append((time.perf_counter(), rec["tokens_per_s"]))])
+        result = tunelab.train(
+            cfg, callbacks=[lambda step, rec: times.append((time.perf_counter(), rec["tokens_per_s"]))]
+        )
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     m = result.metrics
     # tokens after the warm-up step: the loop reports cumulative tokens/s since its first step, and the total
@@ -213,7 +219,10 @@ def job_reference(size: str, length: int, method: str, steps: int, tokens_per_st
 
     def as_messages(r):
         user = r["instruction"] + (("\n\n" + r["input"]) if r.get("input") else "")
-        return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": r["output"]}]}
+        return {
+            "prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": r["output"]}],
+        }
 
     data = Dataset.from_list([as_messages(r) for r in job_rows(length, tokens_per_step, steps + 1)])
     marks: list[tuple[float, int]] = []
@@ -279,7 +288,9 @@ def run_train_point(name: str, args) -> dict:
     row = {"point": name, "kind": "train", "size": size, "length": length, "method": method, "side": side,
            "job_precision": args.precision,
            "rows_per_step": rows_per_step(length, args.tokens_per_step), "load_before": load_average()}  # fmt: skip
-    row["estimated_peak_gb"] = round(estimate_peak_gb(size, length, method, side, args.tokens_per_step, args.precision), 1)
+    row["estimated_peak_gb"] = round(
+        estimate_peak_gb(size, length, method, side, args.tokens_per_step, args.precision), 1
+    )
     free = wait_for_memory(row["estimated_peak_gb"] + args.margin_gb, args.wait_s)
     row["available_gb"] = round(free, 1)
     if size == "1.7b" and free < args.min_free_gb_big:
@@ -341,6 +352,7 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         if r["kind"] == "train" and (key := (r["size"], r["length"], r["method"])) not in seen:
             seen.append(key)
+
     def ok(r) -> bool:
         return r is not None and r["result"] == "ok"
 
@@ -363,7 +375,11 @@ def markdown(results: list[dict]) -> str:
                       + "; ".join(r.get("precision", "?") if ok(r) else "—" for r in (t, f)) + " |")  # fmt: skip
     data = [r for r in results if r["kind"] == "data"]
     if data:
-        lines += ["", "| rows | side | seconds | rows/s | CPU ms / row | peak PSS MB (tree) | load |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| rows | side | seconds | rows/s | CPU ms / row | peak PSS MB (tree) | load |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in data:
             lines.append(f"| {r['rows']:,} | {r['side']} | {r['seconds']} | {r['rows_per_s']:,} | {r['cpu_ms_per_row']} | "
                          f"{r['peak_pss_mb']:,} | {r['load_before'].split()[0]} |")  # fmt: skip
@@ -387,7 +403,9 @@ def plot(results: list[dict], path: Path) -> None:
                 continue
             colour = next(colours)  # one per size x method; the line style tells the sides apart
             for side, style in (("tunelab", "-o"), ("ref", "--x")):
-                pts = sorted((r["length"], r) for r in train if (r["size"], r["method"], r["side"]) == (size, method, side))
+                pts = sorted(
+                    (r["length"], r) for r in train if (r["size"], r["method"], r["side"]) == (size, method, side)
+                )
                 if not pts:
                     continue
                 label = f"{size} {method} {'tunelab' if side == 'tunelab' else 'TRL+PEFT'}"

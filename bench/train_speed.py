@@ -346,8 +346,18 @@ def run_child(cmd: list[str], env: dict | None, label: str, stderr: list | None 
 
 
 def run_job(side: str, method: str, overrides: list[str], trl_allocator: str = "system") -> dict:
-    cmd = [sys.executable, __file__, "--job", side, "--methods", method, "--task", JOB["task"],
-           "--precision", JOB["precision"]]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--job",
+        side,
+        "--methods",
+        method,
+        "--task",
+        JOB["task"],
+        "--precision",
+        JOB["precision"],
+    ]
     cmd += ["--dropout", str(JOB["dropout"])]
     if JOB.get("max_steps"):
         cmd += ["--max-steps", str(JOB["max_steps"])]
@@ -419,7 +429,9 @@ def main() -> None:
     from tunelab.models.precision import choose_precision
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; job: {JOB}; rounds: {args.repeat}")
-    print(f"precision: {JOB['precision']} (--precision {args.precision}; this host: {choose_precision('auto', 'cpu', lora=True).reason})")
+    print(
+        f"precision: {JOB['precision']} (--precision {args.precision}; this host: {choose_precision('auto', 'cpu', lora=True).reason})"
+    )
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHOD_LR))
     if unknown:
@@ -450,8 +462,10 @@ def main() -> None:
 
     refs = {method: rs for (_, side, method, _), rs in zip(jobs, results) if side == "trl"}
     spread = args.repeat > 1
-    header = ("| run | method | precision | allocator | tokens | tokens/s | tokens/CPU-s | peak RSS MB | train loss* | "
-              "held-out loss after | scored in fp32** |")
+    header = (
+        "| run | method | precision | allocator | tokens | tokens/s | tokens/CPU-s | peak RSS MB | train loss* | "
+        "held-out loss after | scored in fp32** |"
+    )
     print("\n" + header + ("  x tok/s | x tok/CPU-s | x RSS | loss diff |" if refs else ""))
     print("|" + "---|" * (header.count("|") - 1 + (4 if refs else 0)))
     for (name, _, method, _), rs in zip(jobs, results):
@@ -474,8 +488,10 @@ def main() -> None:
             )
         print(line)
     print("* TRL reports the epoch's mean training loss, tunelab its last step's; compare the held-out column.")
-    print("** the held-out loss of the trained model cast to fp32 (a bf16 run's base is the bf16 checkpoint's exact "
-          "values): the training's precision without the scoring's")
+    print(
+        "** the held-out loss of the trained model cast to fp32 (a bf16 run's base is the bf16 checkpoint's exact "
+        "values): the training's precision without the scoring's"
+    )
     if spread:
         print(f"Each cell: the median of {args.repeat} rounds (lowest-highest); ratios are per round, then the median.")
 

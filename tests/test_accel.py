@@ -60,10 +60,17 @@ def _prepared(accelerate: str, packing: bool = True):
 def _speed_pieces(model) -> list[str]:
     """Every trace a speed piece leaves on a model."""
     inner = model.get_base_model()
-    found = [f"{name}: {k}" for name, m in model.named_modules() for k in ("_peft_forward", "_plain_forward")
-             if k in m.__dict__]
-    found += [f"{name}: {type(m).__name__}" for name, m in model.named_modules()
-              if isinstance(m, (compact.CompactLinear, compact.CompactEmbedding))]
+    found = [
+        f"{name}: {k}"
+        for name, m in model.named_modules()
+        for k in ("_peft_forward", "_plain_forward")
+        if k in m.__dict__
+    ]
+    found += [
+        f"{name}: {type(m).__name__}"
+        for name, m in model.named_modules()
+        if isinstance(m, (compact.CompactLinear, compact.CompactEmbedding))
+    ]
     found += [k for k in (L.PACKED_INPUTS, L.FUSED_HEAD) if hasattr(inner, k)]
     if inner.config._attn_implementation == attention.NAME:
         found.append("packed attention")
@@ -186,8 +193,9 @@ def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_p
                                "data": {**cfg.data.model_dump(), "packing": False},
                                "training": {**cfg.training.model_dump(), "lr": 1e-2}})  # fmt: skip
         else:
-            cfg = load_config({**cfg.model_dump(), "method": {"name": "full"}, "training": {
-                **cfg.training.model_dump(), "lr": 1e-3}})
+            cfg = load_config(
+                {**cfg.model_dump(), "method": {"name": "full"}, "training": {**cfg.training.model_dump(), "lr": 1e-3}}
+            )
         result = tunelab.train(cfg)
         return losses(tmp_path / accelerate), result.metrics
 
@@ -220,7 +228,11 @@ def test_bf16_on_a_cpu_collates_widths_rounded_up_to_the_shape_bucket():
     rows = [{"input_ids": [5] * 7, "labels": [-100] * 3 + [5] * 4}, {"input_ids": [6] * 40, "labels": [6] * 40}]
     packed = [{**rows[0], "position_ids": list(range(3)) + list(range(4))}]
     cpu = torch.device("cpu")
-    for setting, dtype, width in (("auto", torch.bfloat16, 64), ("auto", torch.float32, 40), ("off", torch.bfloat16, 40)):
+    for setting, dtype, width in (
+        ("auto", torch.bfloat16, 64),
+        ("auto", torch.float32, 40),
+        ("off", torch.bfloat16, 40),
+    ):
         speed = accel.Speed(load_config({"training": {"accelerate": setting}}).training, cpu)
         with speed.collating(dtype):
             batch = collate(rows, pad_id=0)

@@ -40,8 +40,13 @@ def test_houlsby_with_norms(tmp_path):
     from method_harness import check_method
 
     check_method(
-        "adapter", "llama", tmp_path, expect_trainable=lambda n: ".adapter." in n or "norm" in n,
-        identity_at_init=True, preset="houlsby", train_norms=True,
+        "adapter",
+        "llama",
+        tmp_path,
+        expect_trainable=lambda n: ".adapter." in n or "norm" in n,
+        identity_at_init=True,
+        preset="houlsby",
+        train_norms=True,
     )
 
 
@@ -66,7 +71,13 @@ def test_config_placement_and_preset():
     assert mod.Config(preset="houlsby").sublayers() == ["attention", "ffn"]
     assert mod.Config(preset="houlsby", placement=["attention"]).sublayers() == ["attention"]
     assert mod.Config(preset=None, placement=["ffn", "attention"]).sublayers() == ["ffn", "attention"]
-    for bad in ({"preset": None}, {"placement": []}, {"placement": ["ffn", "ffn"]}, {"placement": ["mlp"]}, {"bottleneck": 0}):
+    for bad in (
+        {"preset": None},
+        {"placement": []},
+        {"placement": ["ffn", "ffn"]},
+        {"placement": ["mlp"]},
+        {"bottleneck": 0},
+    ):
         with pytest.raises(ValueError):
             mod.Config(**bad)
     with pytest.raises(ConfigError, match="unknown key 'method.r'"):
@@ -219,7 +230,9 @@ def test_results_saved_under_the_old_names_still_load(tmp_path):
 def test_unsupported_model_type_names_the_supported_ones():
     model = tiny_llama()
     model.config.model_type = "mystery"
-    with pytest.raises(ValueError, match=r"'mystery' is not supported; supported model types: \[.*'bert'.*'llama'.*'t5'"):
+    with pytest.raises(
+        ValueError, match=r"'mystery' is not supported; supported model types: \[.*'bert'.*'llama'.*'t5'"
+    ):
         mod.apply(model, mod.Config())
 
 
@@ -255,8 +268,15 @@ def test_training_loop_end_to_end(tmp_path, monkeypatch):
             "model": {"name": save_tiny_model_dir(tmp_path / "model")},
             "data": {"train": str(data), "val_fraction": 0.25, "max_length": 64},
             "method": {"name": "adapter"},
-            "training": {"max_steps": 6, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "seed": 3,
-                         "progress": False, "tensorboard": False},
+            "training": {
+                "max_steps": 6,
+                "batch_size": 4,
+                "lr": 1e-2,
+                "warmup_steps": 1,
+                "seed": 3,
+                "progress": False,
+                "tensorboard": False,
+            },
         }
     )
     trained = {}

@@ -121,8 +121,12 @@ def test_without_boundaries_it_is_transformers_sdpa():
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
     with torch.no_grad():
-        torch.testing.assert_close(packed(input_ids=ids, attention_mask=mask).logits,
-                                   plain(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            packed(input_ids=ids, attention_mask=mask).logits,
+            plain(input_ids=ids, attention_mask=mask).logits,
+            rtol=0,
+            atol=0,
+        )
         out = packed.generate(ids[:1], max_new_tokens=4, do_sample=False)  # with a KV cache
         assert torch.equal(out, plain.generate(ids[:1], max_new_tokens=4, do_sample=False))
 
@@ -214,7 +218,9 @@ def test_a_prefix_of_keys_is_seen_by_every_example_as_by_one_masked_call_each(dt
     def reference(q, k, v):
         outs = []
         for r, p, n in pieces:
-            keys = [torch.cat([t[r : r + 1, :, :prefix], t[r : r + 1, :, prefix + p : prefix + p + n]], 2) for t in (k, v)]
+            keys = [
+                torch.cat([t[r : r + 1, :, :prefix], t[r : r + 1, :, prefix + p : prefix + p + n]], 2) for t in (k, v)
+            ]
             mask = torch.ones(n, prefix + n, dtype=torch.bool).tril(prefix)
             out = torch.nn.functional.scaled_dot_product_attention(
                 q[r : r + 1, :, p : p + n], *keys, attn_mask=mask, scale=dim**-0.5, enable_gqa=True

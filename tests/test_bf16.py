@@ -29,7 +29,9 @@ GRAD_TOL = 0.05
 def _lora(dtype, dropout=0.0, fast=True):
     torch.manual_seed(0)
     method = get("lora")
-    model = method.apply(tiny_llama().to(dtype), method.Config(r=4, alpha=8, dropout=dropout, target_modules="all-linear"))
+    model = method.apply(
+        tiny_llama().to(dtype), method.Config(r=4, alpha=8, dropout=dropout, target_modules="all-linear")
+    )
     for name, p in model.named_parameters():  # B starts at zero: give it values so every gradient is non-trivial
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)

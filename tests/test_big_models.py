@@ -54,7 +54,9 @@ def test_straight_into_4bit_equals_load_then_quantise(model_dir, settings, capsy
     straight = qlora.apply(streamed, cfg)
     assert straight.get_base_model()._tunelab_qlora == then.get_base_model()._tunelab_qlora  # same layers, settings
     a, b = _state(then), _state(straight)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), [
+        k for k in a if not torch.equal(a[k], b[k])
+    ]
     with torch.no_grad():
         assert torch.equal(then(input_ids=IDS).logits, straight(input_ids=IDS).logits)
     assert not straight.get_base_model().training
@@ -232,7 +234,9 @@ def test_lora_straight_into_compact_equals_load_then_compact(tmp_path, shards, c
     # every body linear arrived compact (the 8-bit-block one too), the head stayed the tied nn.Linear
     body = [n for n, kind in loaded.items() if n.endswith("_proj")]
     assert len(body) == 14 and all(loaded[n] == "CompactLinear" for n in body) and loaded["lm_head"] == "Linear"
-    assert sum(counted) == sum(then.get_submodule(f"base_model.model.{n}").base_layer.compact.shape.numel() for n in body)
+    assert sum(counted) == sum(
+        then.get_submodule(f"base_model.model.{n}").base_layer.compact.shape.numel() for n in body
+    )
     assert straight.get_submodule("base_model.model.model.layers.1.mlp.down_proj").base_layer.compact.step is not None
     a, b = _compact_state(then), _compact_state(straight)
     assert sum(v == "CompactLinear" for v in a.values()) == 15  # 14 bases + the tied head (with the table)
@@ -241,7 +245,9 @@ def test_lora_straight_into_compact_equals_load_then_compact(tmp_path, shards, c
         assert torch.equal(then(input_ids=IDS).logits, straight(input_ids=IDS).logits)
     (loss_a, grads_a), (loss_b, grads_b) = _first_step(then), _first_step(straight)
     assert torch.equal(loss_a, loss_b) and _same(grads_a, grads_b) and len(grads_a) == 28  # A and B of 14 layers
-    assert isinstance(straight.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").base_layer, CompactLinear)
+    assert isinstance(
+        straight.get_submodule("base_model.model.model.layers.0.self_attn.q_proj").base_layer, CompactLinear
+    )
 
 
 def test_compact_layers_lora_leaves_get_their_dense_weight_back(tmp_path):

@@ -39,16 +39,28 @@ def cfg_for(model_dir, files, out, method):
             "stage": "classification",
             "output_dir": str(out),
             "model": {"name": model_dir},
-            "task": {"labels": ["negative", "positive"], "train_file": str(files / "train.jsonl"),
-                     "dev_file": str(files / "dev.jsonl"), "max_length": 32},
+            "task": {
+                "labels": ["negative", "positive"],
+                "train_file": str(files / "train.jsonl"),
+                "dev_file": str(files / "dev.jsonl"),
+                "max_length": 32,
+            },
             "method": method,
-            "training": {"epochs": 10, "batch_size": 16, "lr": 2e-3, "progress": False, "tensorboard": False,
-                         "warmup_steps": 2},
+            "training": {
+                "epochs": 10,
+                "batch_size": 16,
+                "lr": 2e-3,
+                "progress": False,
+                "tensorboard": False,
+                "warmup_steps": 2,
+            },
         }
     )
 
 
-@pytest.mark.parametrize("arch, method", [("bert", {"name": "full"}), ("llama", {"name": "lora", "r": 8, "dropout": 0.0})])
+@pytest.mark.parametrize(
+    "arch, method", [("bert", {"name": "full"}), ("llama", {"name": "lora", "r": 8, "dropout": 0.0})]
+)
 def test_classifier_learns_and_reloads(arch, method, files, tmp_path):
     model_dir = save_tiny_model_dir(tmp_path / "m", arch=arch)
     result = tunelab.train(cfg_for(model_dir, files, tmp_path / "run", method))

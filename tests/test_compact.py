@@ -260,5 +260,7 @@ def test_a_name_no_module_has_is_refused_with_the_names_there_are():
 def test_compact_frozen_takes_a_list_of_module_names():
     cfg = load_config({"model": {"name": "x"}, "data": {"train": "t.json"}, "training": {"compact_frozen": ["mlp"]}})
     assert cfg.training.compact_frozen == ["mlp"]
-    cfg = load_config({"model": {"name": "x"}, "data": {"train": "t.json"}}, ["training.compact_frozen=[embed_tokens,down_proj]"])
+    cfg = load_config(
+        {"model": {"name": "x"}, "data": {"train": "t.json"}}, ["training.compact_frozen=[embed_tokens,down_proj]"]
+    )
     assert cfg.training.compact_frozen == ["embed_tokens", "down_proj"]

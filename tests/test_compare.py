@@ -396,7 +396,9 @@ def test_the_cells_shortcuts_leave_every_score_as_it_was(assets, tmp_path):
     def lines(row, name):
         out = []
         for path in sorted(Path(row["cell_dir"]).glob(f"**/{name}")):
-            out += [{k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in path.read_text().splitlines()]
+            out += [
+                {k: v for k, v in json.loads(x).items() if k != "tokens_per_s"} for x in path.read_text().splitlines()
+            ]
         return out
 
     assert lines(plain, "predictions.jsonl") == lines(fast, "predictions.jsonl") != []

@@ -15,7 +15,10 @@ def test_defaults_are_complete_and_lora_is_the_default_method():
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config({"method": {"name": "lora"}}, ["training.lr=1e-4", "method.target_modules=[q_proj, v_proj]", "data.packing=true"])
+    cfg = load_config(
+        {"method": {"name": "lora"}},
+        ["training.lr=1e-4", "method.target_modules=[q_proj, v_proj]", "data.packing=true"],
+    )
     assert cfg.training.lr == 1e-4
     assert cfg.method.target_modules == ["q_proj", "v_proj"]
     assert cfg.data.packing is True
@@ -49,7 +52,10 @@ def test_bad_configs_are_named(raw, expected):
 def test_yaml_errors_point_at_the_line(tmp_path):
     p = tmp_path / "c.yaml"
     p.write_text("model:\n  name: x\nmethod:\n  name: lora\n  lora_alpha: 8\n")
-    with pytest.raises(ConfigError, match=r"c.yaml: invalid config\n  - unknown key 'method.lora_alpha' \(line 5\). Did you mean 'alpha'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"c.yaml: invalid config\n  - unknown key 'method.lora_alpha' \(line 5\). Did you mean 'alpha'",
+    ):
         load_config(p)
     p.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="line 2"):
@@ -93,7 +99,10 @@ def test_nproc_below_one_is_a_named_error(capsys):
     "argv, message",
     [
         (["--set", "training.lr=[1,"], "the value is not valid YAML"),
-        (["--set", "training.device=bogus"], "training.device (--set training.device=bogus): String should match pattern"),
+        (
+            ["--set", "training.device=bogus"],
+            "training.device (--set training.device=bogus): String should match pattern",
+        ),
         (["--set", "training.device=cuda:0"], "device 'cuda:0': this machine has no cuda device"),
         (["--set", "output_dir={tmp}/afile/run"], "cannot write the run folder (Not a directory)"),
         (["--set", "method.name=lora", "--set", "method.target_modules=[nothere]"], "its linear layers are named"),

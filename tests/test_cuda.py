@@ -210,9 +210,12 @@ def test_compare_cells_on_cuda_record_the_gpu_peak(tmp_path):
     save_tiny_model_dir(tmp_path / "llama", arch="llama")
     for split, n, seed in (("train", 24, 0), ("dev", 12, 1)):
         (tmp_path / f"reviews-{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_rows(n, seed)))
-    grid = grid_for(tmp_path, tmp_path / "out", models=[{"name": str(tmp_path / "llama"), "label": "llama",
-                                                        "data": {"max_length": 256}}],  # fmt: skip
-                    methods=[{"name": "lora", "r": 4, "dropout": 0.0}, {"name": "qlora", "r": 4, "dropout": 0.0}])
+    grid = grid_for(
+        tmp_path,
+        tmp_path / "out",
+        models=[{"name": str(tmp_path / "llama"), "label": "llama", "data": {"max_length": 256}}],  # fmt: skip
+        methods=[{"name": "lora", "r": 4, "dropout": 0.0}, {"name": "qlora", "r": 4, "dropout": 0.0}],
+    )
     grid["tasks"] = grid["tasks"][:1]
     rows = [r for r in run_grid(grid, **QUIET).rows if r["kind"] != "baseline"]
     assert [r["method"] for r in rows] == ["zero-shot", "lora", "qlora"]  # the untrained model is a reference row

@@ -68,31 +68,39 @@ def test_instruction_mask_is_exactly_the_response(tok):
 
 
 def test_instruction_history_and_system_prompt(tok):
-    row = {"instruction": "And of Germany?", "input": "", "output": "Berlin.",
-           "history": [["What is the capital of France?", "Paris."]]}
+    row = {
+        "instruction": "And of Germany?",
+        "input": "",
+        "output": "Berlin.",
+        "history": [["What is the capital of France?", "Paris."]],
+    }
     ex = render_example(row, DataConfig(system_prompt="Be brief."), tok)
     assert replies(ex, tok) == ["Paris." + END, "Berlin." + END]
     assert tok.decode(ex["input_ids"]).startswith("<|im_start|>system\nBe brief." + END)
 
 
 def test_chat_openai_multiturn_every_reply_gets_loss(tok):
-    row = {"messages": [
-        {"role": "system", "content": "You answer."},
-        {"role": "user", "content": "capital of France?"},
-        {"role": "assistant", "content": "Paris."},
-        {"role": "user", "content": "and Germany?"},
-        {"role": "assistant", "content": "Berlin."},
-    ]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "You answer."},
+            {"role": "user", "content": "capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "and Germany?"},
+            {"role": "assistant", "content": "Berlin."},
+        ]
+    }
     ex = render_example(row, DataConfig(format="chat"), tok)
     assert replies(ex, tok) == ["Paris." + END, "Berlin." + END]
 
 
 def test_chat_sharegpt_is_detected(tok):
-    row = {"conversations": [
-        {"from": "system", "value": "sys"},
-        {"from": "human", "value": "hi"},
-        {"from": "gpt", "value": "hello"},
-    ]}
+    row = {
+        "conversations": [
+            {"from": "system", "value": "sys"},
+            {"from": "human", "value": "hi"},
+            {"from": "gpt", "value": "hello"},
+        ]
+    }
     ex = render_example(row, DataConfig(format="chat"), tok)
     assert replies(ex, tok) == ["hello" + END]
     assert tok.decode(ex["input_ids"]).startswith("<|im_start|>system\nsys" + END + "<|im_start|>user\nhi")
@@ -125,15 +133,23 @@ def test_template_breaking_prefix_property_is_an_error():
         "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if loop.last %}{{ ' END' }}{% endif %}"
         "{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
     )
-    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    msgs = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
     with pytest.raises(DataError, match="renders earlier turns differently"):
         encode_messages(msgs, tok)
 
 
 def test_offsets_and_pieces_paths_agree(tok):
-    msgs = [{"role": "user", "content": "Give three tips."}, {"role": "assistant", "content": "Eat, sleep, move."},
-            {"role": "user", "content": "More?"}, {"role": "assistant", "content": "Drink water."}]
+    msgs = [
+        {"role": "user", "content": "Give three tips."},
+        {"role": "assistant", "content": "Eat, sleep, move."},
+        {"role": "user", "content": "More?"},
+        {"role": "assistant", "content": "Drink water."},
+    ]
     assert encode_messages(msgs, tok, use_offsets=True) == encode_messages(msgs, tok, use_offsets=False)
 
 
@@ -238,8 +254,10 @@ def test_val_split_is_deterministic(tmp_path, tok):
 
 
 def test_validation_file(tmp_path, tok):
-    cfg = DataConfig(train=write_json(tmp_path / "t.json", alpaca_rows(5)),
-                     validation=write_json(tmp_path / "v.json", alpaca_rows(3)))
+    cfg = DataConfig(
+        train=write_json(tmp_path / "t.json", alpaca_rows(5)),
+        validation=write_json(tmp_path / "v.json", alpaca_rows(3)),
+    )
     bundle = build_datasets(cfg, tok, seed=0)
     assert (len(bundle.train), len(bundle.val), bundle.stats["rows_read"]) == (5, 3, 8)
 
@@ -375,8 +393,13 @@ def test_packed_losses_equal_separate_losses(tmp_path, tok):
 
     # Controls: with a cache (use_cache defaults to True) or a 2D mask, examples see each other.
     with_cache = _example_losses(model, batch, position_ids=batch["position_ids"])
-    with_mask = _example_losses(model, batch, position_ids=batch["position_ids"],
-                                attention_mask=torch.ones_like(batch["input_ids"]), use_cache=False)
+    with_mask = _example_losses(
+        model,
+        batch,
+        position_ids=batch["position_ids"],
+        attention_mask=torch.ones_like(batch["input_ids"]),
+        use_cache=False,
+    )
     assert sorted(with_cache) != pytest.approx(separate, abs=1e-5)
     assert sorted(with_mask) != pytest.approx(separate, abs=1e-5)
 

@@ -319,8 +319,9 @@ def test_file_digest_is_recorded_by_stat_and_racy_records_are_not_trusted(tmp_pa
 
 def test_a_row_the_template_refuses_names_its_line(tmp_path):
     tok = tiny_tokenizer()  # a template that refuses one content: an error found only when tokenising
-    tok.chat_template = "{% for m in messages %}{% if m.content == 'BOOM' %}{{ raise_exception('no BOOM') }}{% endif %}" + (
-        TRIM_TEMPLATE.split("{% for m in messages %}", 1)[1]
+    tok.chat_template = (
+        "{% for m in messages %}{% if m.content == 'BOOM' %}{{ raise_exception('no BOOM') }}{% endif %}"
+        + (TRIM_TEMPLATE.split("{% for m in messages %}", 1)[1])
     )
     rows = chats(40)
     rows[35]["messages"][1]["content"] = "BOOM"

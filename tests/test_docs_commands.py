@@ -74,7 +74,9 @@ def test_documented_command_parses(where, argv, env, capsys, monkeypatch):
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
-        pytest.fail(f"{where}: `tunelab {' '.join(argv)}` no longer parses: {capsys.readouterr().err.strip()} (exit {e.code})")
+        pytest.fail(
+            f"{where}: `tunelab {' '.join(argv)}` no longer parses: {capsys.readouterr().err.strip()} (exit {e.code})"
+        )
     config = getattr(args, "config", None)
     if config and config.startswith("examples/"):
         path = ROOT / config

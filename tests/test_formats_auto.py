@@ -21,11 +21,16 @@ ROWS = {
     "chat": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
     "sharegpt": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]},
     "prompt_completion": {"prompt": "The sky is", "completion": " blue."},
-    "prompt_completion_conv": {"prompt": [{"role": "user", "content": "Hi"}],
-                               "completion": [{"role": "assistant", "content": "Hello!"}]},  # fmt: skip
+    "prompt_completion_conv": {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "completion": [{"role": "assistant", "content": "Hello!"}],
+    },  # fmt: skip
     "preference": {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."},
-    "sharegpt_preference": {"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "gpt", "value": "Hello!"},
-                            "rejected": {"from": "gpt", "value": "No."}},  # fmt: skip
+    "sharegpt_preference": {
+        "conversations": [{"from": "human", "value": "Hi"}],
+        "chosen": {"from": "gpt", "value": "Hello!"},
+        "rejected": {"from": "gpt", "value": "No."},
+    },  # fmt: skip
 }
 DETECTED = {"instruction": "instruction", "chat": "chat", "sharegpt": "chat", "prompt_completion": "prompt_completion",
             "prompt_completion_conv": "prompt_completion", "preference": "preference",
@@ -71,14 +76,18 @@ def test_text_for_pretrain_and_refused_for_sft(tmp_path):
 
 def test_unknown_columns_are_named(tmp_path):
     path = _write(tmp_path, "odd", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match=r"odd\.jsonl line 1: cannot tell the format from the columns \['answer', 'question'\]"):
+    with pytest.raises(
+        DataError, match=r"odd\.jsonl line 1: cannot tell the format from the columns \['answer', 'question'\]"
+    ):
         check_rows(DataConfig(train=path), 0)
 
 
 def test_explicit_formats_and_aliases_still_work(tmp_path):
     path = _write(tmp_path, "a", [ROWS["instruction"]])
     assert DataConfig(format="alpaca").format == "instruction"
-    assert DataConfig(format="sharegpt").format == "chat" and DataConfig(format="completion").format == "prompt_completion"
+    assert (
+        DataConfig(format="sharegpt").format == "chat" and DataConfig(format="completion").format == "prompt_completion"
+    )
     check_rows(DataConfig(train=path, format="instruction"), 0)
     with pytest.raises(DataError, match="field 'messages' is missing"):
         check_rows(DataConfig(train=path, format="chat"), 0)
@@ -174,14 +183,20 @@ def test_axolotl_roles_properties_and_split(tmp_path):
     from tunelab.config import load_config
     from tunelab.interop.axolotl import translate
 
-    rows = [{"chat": [{"speaker": "human", "text": f"Say {i}."}, {"speaker": "bot", "text": str(i)}]} for i in range(10)]
+    rows = [
+        {"chat": [{"speaker": "human", "text": f"Say {i}."}, {"speaker": "bot", "text": str(i)}]} for i in range(10)
+    ]
     path = _write(tmp_path, "ax", rows)
     raw = {"base_model": "x", "micro_batch_size": 1, "datasets": [{
         "path": path, "type": "chat_template", "field_messages": "chat", "split": "train[:30%]+train[-1:]",
         "message_property_mappings": {"role": "speaker", "content": "text"},
         "roles": {"user": ["human"], "assistant": ["bot", "gpt"]}}]}  # fmt: skip
     src = load_config(translate(raw).config).data.train[0]
-    assert src.split == "train[:30%]+train[-1:]" and src.roles == {"human": "user", "bot": "assistant", "gpt": "assistant"}
+    assert src.split == "train[:30%]+train[-1:]" and src.roles == {
+        "human": "user",
+        "bot": "assistant",
+        "gpt": "assistant",
+    }
     cfg = DataConfig(train=[src])
     got, configs = read_sources(cfg, 0)
     assert [n for _, n, _ in got] == [1, 2, 3, 10]  # the slice, as datasets reads it
@@ -202,7 +217,11 @@ def test_custom_roles_in_preference_rows(tmp_path):
     row = {"conversations": [{"speaker": "USER", "text": "Hi"}], "chosen": {"speaker": "BOT", "text": "Hello!"},
            "rejected": {"speaker": "BOT", "text": "No."}}  # fmt: skip
     path = _write(tmp_path, "pref", [row] * 2)
-    source = {"path": path, "columns": {"role": "speaker", "content": "text"}, "roles": {"USER": "user", "BOT": "assistant"}}
+    source = {
+        "path": path,
+        "columns": {"role": "speaker", "content": "text"},
+        "roles": {"USER": "user", "BOT": "assistant"},
+    }
     cfg = load_config({"stage": "dpo", "data": {"train": [source], "val_fraction": 0.0}})
     tok = tiny_tokenizer()
     bundle = pairs_data(cfg, tok)

@@ -122,7 +122,9 @@ def test_no_prompts(tok, llama):
 def test_rows_joining_and_leaving_a_decode_batch_get_their_greedy_tokens_alone(tok, llama):
     """DecodeBatch (the server's continuous batching): rows join at different steps, leave when done."""
     ps, wanted = prompts(tok), [12, 5, 9, 7]
-    alone = [generate(llama, tok, [p], max_new_tokens=n, eos_token_id=[]).tokens[0].tolist() for p, n in zip(ps, wanted)]
+    alone = [
+        generate(llama, tok, [p], max_new_tokens=n, eos_token_id=[]).tokens[0].tolist() for p, n in zip(ps, wanted)
+    ]
     batch, rows, got = DecodeBatch(llama), [], {}
     for step in range(40):
         if step % 2 == 0 and len(got) < len(ps):  # a newcomer every other step

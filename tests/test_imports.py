@@ -15,7 +15,13 @@ import tunelab
 
 # Layers, lowest first: a module may import its own layer and the layers below it, never above.
 LAYERS = [
-    ("tunelab.plugins", "tunelab.peer_keys", "tunelab.config", "tunelab.metrics", "tunelab.interop"),  # plug-in and key tables, configs, pure metrics, other toolkits' configs
+    (
+        "tunelab.plugins",
+        "tunelab.peer_keys",
+        "tunelab.config",
+        "tunelab.metrics",
+        "tunelab.interop",
+    ),  # plug-in and key tables, configs, pure metrics, other toolkits' configs
     ("tunelab.data",),  # reading, templating, tokenising, task presets
     ("tunelab.models",),  # loading, losses over model outputs, generation, numeric formats
     ("tunelab.methods",),  # what trains: LoRA, adapters, full ...
@@ -23,7 +29,15 @@ LAYERS = [
     ("tunelab.stages",),  # what is trained on what rows with which loss
     ("tunelab.training",),  # the loops and their harness
     ("tunelab.evaluation", "tunelab.inference", "tunelab.export", "tunelab.serve"),  # users of trained runs
-    ("tunelab.compare", "tunelab.cli", "tunelab.ui", "tunelab.errors", "tunelab.testing", "tunelab.__main__", "tunelab"),
+    (
+        "tunelab.compare",
+        "tunelab.cli",
+        "tunelab.ui",
+        "tunelab.errors",
+        "tunelab.testing",
+        "tunelab.__main__",
+        "tunelab",
+    ),
 ]
 # The one import that points the other way: config validates the `method:` section with each method's
 # own Config class and its declared capabilities (ppo refuses virtual-token methods), found through the

@@ -125,8 +125,16 @@ def _local(name: str, tmp: Path, tiny: str) -> dict:
                                                                     {"from": "gpt", "value": r["output"]}]}
                                                  for r in rows]))  # fmt: skip
     if "model_name_or_path" in raw:
-        raw.update(model_name_or_path=tiny, dataset_dir=str(data), max_samples=8, max_steps=2, cutoff_len=128,
-                   gradient_accumulation_steps=1, output_dir=str(tmp / "run"), trust_remote_code=False)
+        raw.update(
+            model_name_or_path=tiny,
+            dataset_dir=str(data),
+            max_samples=8,
+            max_steps=2,
+            cutoff_len=128,
+            gradient_accumulation_steps=1,
+            output_dir=str(tmp / "run"),
+            trust_remote_code=False,
+        )
     else:
         for d in raw.get("datasets") or raw.get("pretraining_dataset"):
             kind = str(d.get("type"))
@@ -139,8 +147,15 @@ def _local(name: str, tmp: Path, tiny: str) -> dict:
             else:
                 d["path"] = str(data / "alpaca_en_demo.json")
             # a slice (train[:95%]) applies to the local file as datasets would slice the hub split
-        raw.update(base_model=tiny, max_steps=2, sequence_len=128, micro_batch_size=1, gradient_accumulation_steps=1,
-                   output_dir=str(tmp / "run"), val_set_size=0.1)
+        raw.update(
+            base_model=tiny,
+            max_steps=2,
+            sequence_len=128,
+            micro_batch_size=1,
+            gradient_accumulation_steps=1,
+            output_dir=str(tmp / "run"),
+            val_set_size=0.1,
+        )
     return raw
 
 
@@ -215,10 +230,16 @@ def test_trackers_are_translated():
     ax = {"base_model": "m", "datasets": [{"path": "a", "type": "alpaca"}]}
     t = translate({**ax, "wandb_project": "p", "wandb_name": "r", "wandb_entity": "team", "use_tensorboard": True,
                    "mlflow_experiment_name": "q", "mlflow_tracking_uri": "http://h:5000", "mlflow_run_name": "z"})  # fmt: skip
-    assert t.config["training"] == {"report_to": ["tensorboard", "wandb", "mlflow"], "tracker_project": "p", "run_name": "r"}
+    assert t.config["training"] == {
+        "report_to": ["tensorboard", "wandb", "mlflow"],
+        "tracker_project": "p",
+        "run_name": "r",
+    }
     ignored = dict(t.ignored)
     assert "WANDB_ENTITY" in ignored["wandb_entity"] and "already 'r'" in ignored["mlflow_run_name"]
     assert any("export MLFLOW_TRACKING_URI=http://h:5000" in to for k, _, to in t.mapped if k == "mlflow_tracking_uri")
     assert translate({**ax, "use_tensorboard": False}).config["training"]["report_to"] == []
     t = translate({**ax, "wandb_project": None, "use_trackio": True, "trackio_project_name": "tp"})
-    assert t.config["training"] == {"report_to": ["trackio"], "tracker_project": "tp"} and "wandb_project" in dict(t.ignored)
+    assert t.config["training"] == {"report_to": ["trackio"], "tracker_project": "tp"} and "wandb_project" in dict(
+        t.ignored
+    )

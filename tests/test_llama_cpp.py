@@ -92,7 +92,9 @@ def runs(tmp_path_factory):
         "full": train_run(tmp, base, str(data), {"name": "full"}, "full", STEPS),
         "qat": train_run(tmp, base, str(data), {"name": "qat", "symmetric": True}, "qat", STEPS),
         # merged QLoRA: the NF4 base dequantised, the LoRA folded in, then written at each GGUF type
-        "qlora": train_run(tmp, base, str(data), {"name": "qlora", "r": 4, "alpha": 16, "compute_dtype": "float32"}, "qlora", STEPS),
+        "qlora": train_run(
+            tmp, base, str(data), {"name": "qlora", "r": 4, "alpha": 16, "compute_dtype": "float32"}, "qlora", STEPS
+        ),
     }
 
 
@@ -210,7 +212,11 @@ def default_model():
 
 
 # prompts whose greedy answers from the default model have no near-ties (top-2 gaps >= 0.11 over 24 tokens)
-DEFAULT_PROMPTS = ["What is the capital of Germany?", "List the numbers from 1 to 5.", "Give three tips for staying healthy."]
+DEFAULT_PROMPTS = [
+    "What is the capital of Germany?",
+    "List the numbers from 1 to 5.",
+    "Give three tips for staying healthy.",
+]
 DEFAULT_SAME = {"f16": (24, 0.08), "q8_0": (4, 0.1)}
 
 
@@ -262,14 +268,21 @@ def test_export_check_measures_the_file_in_llama_cpp(runs, tmp_path):
                      check_task="sst2", check_task_rows=12)["check"]  # fmt: skip
         reports[quant] = out
         assert out["texts"] == 4 and out["tokens"] > 40 and "held out" in out["texts_from"]
-        assert out["task"]["rows"] == 12 and out["task"]["verdict"] in ("tied within noise", "file worse", "file better")
+        assert out["task"]["rows"] == 12 and out["task"]["verdict"] in (
+            "tied within noise",
+            "file worse",
+            "file better",
+        )
     f32, q8, q4 = (reports[q] for q in ("f32", "q8_0", "q4_0"))
     assert f32["kl_mean"]["value"] < 1e-6 and f32["top1_agreement"]["value"] == 1.0
     assert f32["perplexity_file"]["value"] == pytest.approx(f32["perplexity_model"]["value"], rel=1e-4)
     assert f32["task"]["same_prediction"] == 12 and f32["task"]["mcnemar_p"] == 1.0
     assert f32["kl_mean"]["value"] < q8["kl_mean"]["value"] < q4["kl_mean"]["value"]
     # the model's side is the same PyTorch computation in every report
-    assert f32["perplexity_model"] == q4["perplexity_model"] and f32["task"]["accuracy_model"] == q4["task"]["accuracy_model"]
+    assert (
+        f32["perplexity_model"] == q4["perplexity_model"]
+        and f32["task"]["accuracy_model"] == q4["task"]["accuracy_model"]
+    )
 
 
 # ----------------------------------------------------------------------- LoRA adapters applied by llama.cpp

@@ -47,8 +47,9 @@ def test_label_only_loss_and_grads_match_full_logits(monkeypatch, case):
     head.install(model)  # as the loop's accel.prepare does (training.accelerate: auto)
     monkeypatch.setattr(head, "FUSED_CHUNK", 7)  # several chunks, one partial
     fused = []
-    monkeypatch.setattr(head._HeadCrossEntropy, "apply",
-                        lambda *a, _f=head._HeadCrossEntropy.apply: fused.append(1) or _f(*a))
+    monkeypatch.setattr(
+        head._HeadCrossEntropy, "apply", lambda *a, _f=head._HeadCrossEntropy.apply: fused.append(1) or _f(*a)
+    )
     b = batch()
     fast, n = L.token_loss_sum(model, b)
     ref = reference(model, b)

@@ -94,7 +94,9 @@ config("data-format", "data:\n  format: alpacca\n", "data.format (line 2)", "'in
 config("task-type", "task:\n  type: ranking\n", "task.type (line 2)", "'classification'")
 config("device", "training:\n  device: gpu\n", "training.device (line 2)", "'gpu'")
 # combinations the stages refuse
-config("pretrain-needs-text", "stage: pretrain\ndata:\n  format: instruction\n", "stage: pretrain needs data.format: text")
+config(
+    "pretrain-needs-text", "stage: pretrain\ndata:\n  format: instruction\n", "stage: pretrain needs data.format: text"
+)
 config("dpo-needs-preference", "stage: dpo\ndata:\n  format: instruction\n", "stage: dpo needs data.format: preference")
 config("classification-needs-task", "stage: classification\n", "needs task.name (a preset) or task.train_file")
 config("ppo-needs-prompts", "stage: ppo\n", "stage: ppo needs ppo.prompts")
@@ -481,7 +483,18 @@ def test_the_table_is_large_and_varied():
     assert len(CASES) >= 110
     assert len({c.id for c in CASES}) == len(CASES)
     commands = {c.argv[0] for c in CASES}
-    assert {"train", "config", "generate", "chat", "eval", "export", "serve", "compare", "baseline", "methods"} <= commands
+    assert {
+        "train",
+        "config",
+        "generate",
+        "chat",
+        "eval",
+        "export",
+        "serve",
+        "compare",
+        "baseline",
+        "methods",
+    } <= commands
 
 
 @pytest.mark.parametrize(

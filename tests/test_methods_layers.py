@@ -193,7 +193,9 @@ def _gradual_cfg(model_dir, data, out):
             "model": {"name": model_dir},
             "data": {"train": data, "val_fraction": 0.25, "max_length": 64},
             "method": {"name": "gradual", "every_steps": 2, "unfreeze_embeddings": True},
-            "training": dict(max_steps=8, batch_size=4, lr=5e-3, warmup_steps=1, progress=False, tensorboard=False, seed=3),
+            "training": dict(
+                max_steps=8, batch_size=4, lr=5e-3, warmup_steps=1, progress=False, tensorboard=False, seed=3
+            ),
         }
     )
 
@@ -254,8 +256,13 @@ def test_head_on_every_architecture(arch, kw, identity, min_drop, tmp_path):
 
     n_base = 2
     new_block = lambda n: any(f"{s}.{i}." in n for s in ("layers", "layer", "block") for i in range(n_base, 4))  # noqa: E731
-    pred = lambda n: new_block(n) or "norm" in n and not any(f".{i}." in n for i in range(n_base)) or any(  # noqa: E731
-        h in n for h in ("lm_head", "classifier", "pooler")
+    pred = lambda n: (
+        new_block(n)
+        or "norm" in n
+        and not any(f".{i}." in n for i in range(n_base))
+        or any(  # noqa: E731
+            h in n for h in ("lm_head", "classifier", "pooler")
+        )
     )
     check_method("head", arch, tmp_path, expect_trainable=pred, identity_at_init=identity, min_drop=min_drop, **kw)
 

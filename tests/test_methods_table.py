@@ -84,7 +84,9 @@ def test_readme_trainable_counts_are_the_computed_ones():
         digits, unit = figure.groups()
         value = float(digits) * scale[unit]
         half_step = 0.5 * 10 ** -len(digits.partition(".")[2]) * scale[unit]
-        assert abs(value - computed[name]) <= half_step, f"README says {cells[3]!r} for {name}; computed {computed[name]:,}"
+        assert abs(value - computed[name]) <= half_step, (
+            f"README says {cells[3]!r} for {name}; computed {computed[name]:,}"
+        )
         checked += 1
     assert checked == len(computed), (checked, sorted(computed))
 

@@ -98,7 +98,9 @@ def test_pairs_with_the_same_reply_twice_are_dropped_and_counted(tmp_path):
     rows = [same, {"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}, same]
     pairs, stats = read_preference_pairs(write_jsonl(tmp_path / "p.jsonl", rows))
     assert stats == {"rows_read": 3, "skipped": 0, "identical": 2} and [p["rejected"] for p in pairs] == ["Go away"]
-    with pytest.raises(DataError, match=r"2 rows dropped: chosen and rejected are the same reply, first .*p2.jsonl line 1"):
+    with pytest.raises(
+        DataError, match=r"2 rows dropped: chosen and rejected are the same reply, first .*p2.jsonl line 1"
+    ):
         read_preference_pairs(write_jsonl(tmp_path / "p2.jsonl", [same, same]))
 
 

@@ -57,9 +57,7 @@ def test_method_on_every_architecture(name, arch, tmp_path):
 def test_bert_classifier_head_trains():
     model = get("prefix").apply(tiny_bert(), get("prefix").Config())
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any("classifier" in n for n in names) and any(
-        n.startswith("prompt_encoder.") for n in names
-    )
+    assert any("classifier" in n for n in names) and any(n.startswith("prompt_encoder.") for n in names)
 
 
 def _train(model, batch, steps=10, lr=1e-2):
@@ -85,9 +83,7 @@ def test_prefix_reparameterisation_is_folded_on_save(tmp_path):
 
     mod = get("prefix")
     base = tiny_llama()
-    model = mod.apply(
-        copy.deepcopy(base), mod.Config(num_virtual_tokens=6, projection_hidden=24)
-    )
+    model = mod.apply(copy.deepcopy(base), mod.Config(num_virtual_tokens=6, projection_hidden=24))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(".transform." in n for n in trainable), "the MLP must train"
     model = _train(model, {"input_ids": IDS, "labels": IDS})
@@ -95,28 +91,17 @@ def test_prefix_reparameterisation_is_folded_on_save(tmp_path):
 
     saved = load_file(tmp_path / "adapter_model.safetensors")
     # 2 layers x (K, V) x 2 KV heads x head_dim 8: the prefix has the KV-head count (GQA), no MLP
-    assert {k: tuple(v.shape) for k, v in saved.items()} == {
-        "prompt_embeddings": (6, 2 * 2 * 2 * 8)
-    }
-    torch.testing.assert_close(
-        saved["prompt_embeddings"], mod.fold(model), rtol=0, atol=0
-    )
-    assert (
-        json.loads((tmp_path / "adapter_config.json").read_text())["prefix_projection"]
-        is False
-    )
+    assert {k: tuple(v.shape) for k, v in saved.items()} == {"prompt_embeddings": (6, 2 * 2 * 2 * 8)}
+    torch.testing.assert_close(saved["prompt_embeddings"], mod.fold(model), rtol=0, atol=0)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["prefix_projection"] is False
 
-    plain = PeftModel.from_pretrained(
-        copy.deepcopy(base), tmp_path
-    )  # plain PEFT, no tunelab code
+    plain = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)  # plain PEFT, no tunelab code
     assert (_logits(plain) - _logits(model)).abs().max() < 1e-5
 
 
 def _greedy_causal(model, ids, n):
     for _ in range(n):
-        ids = torch.cat(
-            [ids, _logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1
-        )
+        ids = torch.cat([ids, _logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
     return ids
 
 
@@ -140,9 +125,7 @@ def test_generation_uses_the_prefix_or_prompt_llama(name, tmp_path):
         )
     assert out.tolist() == _greedy_causal(reloaded, ids, 8).tolist()
     with torch.no_grad():
-        base_out = tiny_llama().generate(
-            input_ids=ids, max_new_tokens=8, do_sample=False
-        )
+        base_out = tiny_llama().generate(input_ids=ids, max_new_tokens=8, do_sample=False)
     assert out.tolist() != base_out.tolist()
 
 
@@ -165,9 +148,7 @@ def test_prefix_generation_t5():
         )
         dec = torch.zeros(1, 1, dtype=torch.long)
         for _ in range(out.shape[1] - 1):
-            step = model(
-                input_ids=x, attention_mask=torch.ones_like(x), decoder_input_ids=dec
-            ).logits
+            step = model(input_ids=x, attention_mask=torch.ones_like(x), decoder_input_ids=dec).logits
             dec = torch.cat([dec, step[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert out.tolist() == dec.tolist()
 
@@ -184,9 +165,7 @@ def test_prompt_init_text(tmp_path):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     ids = (ids * 8)[:8]
     expected = base.get_input_embeddings().weight[ids]
-    torch.testing.assert_close(
-        model.prompt_encoder["default"].embedding.weight, expected, rtol=0, atol=0
-    )
+    torch.testing.assert_close(model.prompt_encoder["default"].embedding.weight, expected, rtol=0, atol=0)
     with pytest.raises(ValueError, match="init_text needs the model's tokenizer"):
         mod.apply(tiny_llama(), mod.Config(init_text=text))
 
@@ -215,15 +194,11 @@ def test_verbalizer_scores_are_log_sum_exp_of_first_tokens():
     logits = torch.randn(3, len(tok))
     logp = logits.log_softmax(-1)
     for c, words in enumerate(LABEL_WORDS.values()):
-        ids = sorted(
-            {tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in words}
-        )
+        ids = sorted({tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in words})
         torch.testing.assert_close(v.scores(logits)[:, c], logp[:, ids].logsumexp(-1))
     assert v.predict(logits).shape == (3,)
     y = torch.tensor([0, 1, 0])
-    torch.testing.assert_close(
-        v.loss(logits, y), torch.nn.functional.cross_entropy(v.scores(logits), y)
-    )
+    torch.testing.assert_close(v.loss(logits, y), torch.nn.functional.cross_entropy(v.scores(logits), y))
     with pytest.raises(ValueError, match="same token"):
         Verbalizer({"a": ["good"], "b": ["bad"]}, tok)
 
@@ -251,17 +226,13 @@ def test_prompt_tuning_with_verbalizer_fits_a_toy_classification_set():
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     for _ in range(100):
-        loss = v.loss(
-            next_token_logits(model, enc["input_ids"], enc["attention_mask"]), y
-        )
+        loss = v.loss(next_token_logits(model, enc["input_ids"], enc["attention_mask"]), y)
         loss.backward()
         opt.step()
         opt.zero_grad()
     model.eval()
     with torch.no_grad():
-        pred = v.predict(
-            next_token_logits(model, enc["input_ids"], enc["attention_mask"])
-        )
+        pred = v.predict(next_token_logits(model, enc["input_ids"], enc["attention_mask"]))
     assert pred.tolist() == y.tolist()
 
 
@@ -317,9 +288,7 @@ def test_training_loop_and_generation(method, lr, tiny_dir, tmp_path):
     for f in ("adapter_config.json", "adapter_model.safetensors", "tunelab.json"):
         assert (result.final_dir / f).exists(), f
     model, tokenizer = load_run(str(tmp_path / "run"), device="cpu")
-    assert isinstance(
-        generate(model, tokenizer, "Say the number 3.", max_new_tokens=6), str
-    )
+    assert isinstance(generate(model, tokenizer, "Say the number 3.", max_new_tokens=6), str)
 
 
 def test_prompt_tuning_with_the_adapter_disabled_is_the_base_model():
@@ -348,8 +317,18 @@ def test_prompt_tuning_on_gpt2_is_a_causal_lm_and_its_loss_is_peft_own():
     from tunelab.training.card import model_kind
 
     torch.manual_seed(0)
-    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    base = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    )
     assert peft_task_type(base).value == "CAUSAL_LM"
     assert model_kind(base) == ("AutoModelForCausalLM", "text-generation")  # the model card's loading line
     model = get("prompt").apply(base, get("prompt").Config(name="prompt", num_virtual_tokens=5))

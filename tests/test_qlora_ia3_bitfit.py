@@ -229,7 +229,9 @@ def test_qlora_refuses_gpt2_conv1d_layers_naming_them_and_the_fix():
     from tunelab.methods.base import MethodError
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
-    with pytest.raises(MethodError, match=r"Conv1D layers \(transformer\.h\.0\.attn\.c_attn, \.\.\. 8 in all.*method: lora"):
+    with pytest.raises(
+        MethodError, match=r"Conv1D layers \(transformer\.h\.0\.attn\.c_attn, \.\.\. 8 in all.*method: lora"
+    ):
         get("qlora").apply(model, get("qlora").Config())
 
 
@@ -254,7 +256,9 @@ def test_ia3_without_pefts_defaults_takes_llamas_names_or_says_what_to_set():
         before = base(input_ids=ids).logits
     model = get("ia3").apply(base, get("ia3").Config())
     cfg = model.peft_config["default"]
-    assert set(cfg.target_modules) == {"k_proj", "v_proj", "down_proj"} and set(cfg.feedforward_modules) == {"down_proj"}
+    assert set(cfg.target_modules) == {"k_proj", "v_proj", "down_proj"} and set(cfg.feedforward_modules) == {
+        "down_proj"
+    }
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * (16 + 16 + 64)  # l_k, l_v, l_ff a layer
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before)

@@ -12,7 +12,7 @@ import pytest
 from tunelab.cli import main
 from tunelab.config import ModelConfig
 
-EVIL = '''
+EVIL = """
 import pathlib
 pathlib.Path(__file__).with_name("EXECUTED").write_text("the model folder's code ran")
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -24,7 +24,7 @@ class EvilConfig(LlamaConfig):
 
 class EvilModel(LlamaForCausalLM):
     config_class = EvilConfig
-'''
+"""
 
 
 @pytest.fixture

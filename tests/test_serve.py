@@ -339,8 +339,15 @@ def test_concurrent_requests_are_batched_with_the_outputs_of_each_alone(server):
         ("/v1/completions", {"model": "a", "prompt": "Once upon a time there was", "max_tokens": 20}),
         ("/v1/completions", {"model": "a", "prompt": "abc", "max_tokens": 5}),
         ("/v1/chat/completions", {"model": "a", "messages": MESSAGES, "max_tokens": 16}),
-        ("/v1/chat/completions", {"model": "a", "messages": [{"role": "user", "content": "Give three tips " * 4}],
-                                  "max_tokens": 9, "stop": "ab"}),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {
+                "model": "a",
+                "messages": [{"role": "user", "content": "Give three tips " * 4}],
+                "max_tokens": 9,
+                "stop": "ab",
+            },
+        ),  # fmt: skip
         ("/v1/chat/completions", {"model": "b", "messages": MESSAGES, "max_tokens": 7}),
         ("/v1/completions", {"model": "tiny", "prompt": "Translate to German: good morning", "max_tokens": 10}),
         ("/v1/completions", {"model": "a", "prompt": "system user assistant", "max_tokens": 15}),

@@ -68,7 +68,9 @@ def test_tagger_learns_and_reloads_with_identical_logits(method, tmp_path):
 
 def test_bad_rows_name_the_row_and_the_fix(tmp_path):
     train = tmp_path / "ner.jsonl"
-    train.write_text(json.dumps({"tokens": ["anna"], "tags": ["O"]}) + "\n" + json.dumps({"tokens": ["x"], "tags": ["ORG"]}) + "\n")
+    train.write_text(
+        json.dumps({"tokens": ["anna"], "tags": ["O"]}) + "\n" + json.dumps({"tokens": ["x"], "tags": ["ORG"]}) + "\n"
+    )
     model_dir = save_tiny_model_dir(tmp_path / "bert", arch="bert")
     with pytest.raises(DataError, match=r"ner.jsonl line 2: tag 'ORG' is not in task.labels"):
         tunelab.train(cfg_for(model_dir, train, tmp_path / "run", {"name": "full"}))

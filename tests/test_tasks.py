@@ -149,12 +149,16 @@ def test_user_file_through_the_task_fields(tmp_path):
 def test_malformed_user_files_give_clear_errors(tmp_path):
     no_label = tmp_path / "no_label.tsv"
     no_label.write_text("text\tscore\nfine\t1\n", encoding="utf-8")
-    with pytest.raises(DataError, match=r"no_label.tsv line 2: missing or empty field 'label'.*Fields present: 'text', 'score'"):
+    with pytest.raises(
+        DataError, match=r"no_label.tsv line 2: missing or empty field 'label'.*Fields present: 'text', 'score'"
+    ):
         load_task_file("sst2", no_label)
 
     bad_label = tmp_path / "bad_label.jsonl"
     bad_label.write_text('{"text": "ok", "label": 1}\n{"text": "meh", "label": "neutral"}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad_label.jsonl line 2: field 'label' is 'neutral'.*0 \(negative\), 1 \(positive\)"):
+    with pytest.raises(
+        DataError, match=r"bad_label.jsonl line 2: field 'label' is 'neutral'.*0 \(negative\), 1 \(positive\)"
+    ):
         load_task_file(get_task("sst2"), bad_label)
 
     no_pair = tmp_path / "no_pair.json"

@@ -39,7 +39,9 @@ def test_each_type_trains_loads_with_autotokenizer_and_round_trips(kind, tmp_pat
 
 
 def test_chat_template_and_special_tokens(tmp_path):
-    spec = TokenizerSpec(type="bpe", vocab_size=300, min_frequency=1, special_tokens=("<|sep|>",), chat_template="chatml")
+    spec = TokenizerSpec(
+        type="bpe", vocab_size=300, min_frequency=1, special_tokens=("<|sep|>",), chat_template="chatml"
+    )
     train_tokenizer([CORPUS], spec, tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     for special in ("<|im_start|>", "<|im_end|>", "<|sep|>"):

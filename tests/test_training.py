@@ -212,7 +212,16 @@ def test_cli_train_with_overrides_then_generate(tiny_dir, data_file, tmp_path, c
     cfg_path.write_text(yaml.safe_dump({"model": {"name": tiny_dir}, "data": {"train": data_file}}))
     out = tmp_path / "cli-run"
     code = cli_main(
-        ["train", str(cfg_path), "--output-dir", str(out), "--set", "training.max_steps=2", "--set", "training.progress=false"]
+        [
+            "train",
+            str(cfg_path),
+            "--output-dir",
+            str(out),
+            "--set",
+            "training.max_steps=2",
+            "--set",
+            "training.progress=false",
+        ]
     )
     assert code == 0
     assert json.loads((out / "results.json").read_text())["steps"] == 2

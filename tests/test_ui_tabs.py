@@ -125,7 +125,9 @@ def test_eval_perplexity_of_an_uploaded_file(tiny_run, capsys):
     text = tiny_run["root"] / "held-out.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
     result = evaluate.score(tiny_run["run"], "perplexity", data=str(text), context=32, device="cpu")
-    assert main(["eval", tiny_run["run"], "--task", "perplexity", "--data", str(text), "--context", "32", "--json"]) == 0
+    assert (
+        main(["eval", tiny_run["run"], "--task", "perplexity", "--data", str(text), "--context", "32", "--json"]) == 0
+    )
     assert result["metrics"] == json.loads(capsys.readouterr().out)["metrics"]
     with pytest.raises(ConfigError, match="--limit 0: must be 1 or more"):
         evaluate.score(tiny_run["run"], "sst2", limit=0)
@@ -302,7 +304,10 @@ def test_browser_compare_runs_a_tiny_grid(browser_page, tiny_run, tmp_path):
     from tunelab.compare.record import table_cells
     from tunelab.ui import compare
 
-    rows = [{"text": f"{w} {w} the film", "label": int(w in ("good", "great"))} for w in ["good", "bad", "great", "awful"] * 4]
+    rows = [
+        {"text": f"{w} {w} the film", "label": int(w in ("good", "great"))}
+        for w in ["good", "bad", "great", "awful"] * 4
+    ]
     for split in ("train", "dev"):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "grid-out"
@@ -343,4 +348,6 @@ def test_browser_compare_runs_a_tiny_grid(browser_page, tiny_run, tmp_path):
         page.get_by_role("option", name=re.compile("grid-out")).click()
         expect(page.locator("#compare-status")).to_contain_text("finished")
         assert table_rows(page, "compare-results") == body
-    assert [r[4] for r in compare.cell_rows(out, compare.grid_keys(compare.load_grid(str(tmp_path / "tiny-grid.yaml"))))] == ["done", "done"]
+    assert [
+        r[4] for r in compare.cell_rows(out, compare.grid_keys(compare.load_grid(str(tmp_path / "tiny-grid.yaml"))))
+    ] == ["done", "done"]

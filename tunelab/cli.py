@@ -60,7 +60,11 @@ def _launch_train(args) -> int:
         raise ConfigError("--nproc: this command already runs under torchrun / accelerate launch; drop --nproc")
     argv = ["train", *([args.config] if args.config else [])]
     argv += [x for kv in args.set or [] for x in ("--set", kv)]
-    argv += (["--resume"] if args.resume else []) + (["--force"] if args.force else []) + (["--output-dir", args.output_dir] if args.output_dir else [])
+    argv += (
+        (["--resume"] if args.resume else [])
+        + (["--force"] if args.force else [])
+        + (["--output-dir", args.output_dir] if args.output_dir else [])
+    )
     return launch(args.nproc, argv)
 
 
@@ -232,7 +236,9 @@ def cmd_tokenizer_train(args) -> int:
         rows = [[name, f"{c['vocab_size']:,}", f"{c['tokens']:,}", f"{c['chars_per_token']:.3f}"]
                 for name, c in report["compression"].items()]  # fmt: skip
         print(_table(["tokenizer", "vocabulary", "tokens", "characters / token"], rows))
-        print(f"\nheld-out text decodes back exactly: {'yes' if report['round_trip'] else 'no (the tokenizer normalises)'}")
+        print(
+            f"\nheld-out text decodes back exactly: {'yes' if report['round_trip'] else 'no (the tokenizer normalises)'}"
+        )
     return 0
 
 
@@ -536,34 +542,68 @@ def build_parser() -> argparse.ArgumentParser:
         _trust_flag(g)
         g.set_defaults(fn=fn)
 
-    m = sub.add_parser("models", help="list the named models, whether cached, size and licence; --sizes CONFIG: "
-                       "the parameters of a model a config builds from model.architecture")
+    m = sub.add_parser(
+        "models",
+        help="list the named models, whether cached, size and licence; --sizes CONFIG: "
+        "the parameters of a model a config builds from model.architecture",
+    )
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    m.add_argument("--sizes", metavar="CONFIG", help="count the parameters of CONFIG's model.architecture model "
-                   "(no weights built, no tokenizer trained)")
-    m.add_argument("--set", action="append", metavar="KEY=VALUE", help="with --sizes: override a config field, "
-                   "e.g. model.config.num_hidden_layers=6")
+    m.add_argument(
+        "--sizes",
+        metavar="CONFIG",
+        help="count the parameters of CONFIG's model.architecture model (no weights built, no tokenizer trained)",
+    )
+    m.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="with --sizes: override a config field, e.g. model.config.num_hidden_layers=6",
+    )
     m.set_defaults(fn=cmd_models)
 
     tk = sub.add_parser("tokenizer", help="train a tokenizer for a corpus (tunelab tokenizer train --help)")
     tks = tk.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
-    tt = tks.add_parser("train", help="train a BPE / WordPiece / unigram tokenizer on text files; report its "
-                        "compression on their held-out tail beside another model's tokenizer")
+    tt = tks.add_parser(
+        "train",
+        help="train a BPE / WordPiece / unigram tokenizer on text files; report its "
+        "compression on their held-out tail beside another model's tokenizer",
+    )
     tt.add_argument("corpus", nargs="+", help="text files (.txt, read whole) or data files with a text column")
-    tt.add_argument("--type", choices=["bpe", "wordpiece", "unigram"], default="bpe",
-                    help="bpe: byte-level BPE (causal models); wordpiece: BERT's (masked LM); unigram: SentencePiece's")
+    tt.add_argument(
+        "--type",
+        choices=["bpe", "wordpiece", "unigram"],
+        default="bpe",
+        help="bpe: byte-level BPE (causal models); wordpiece: BERT's (masked LM); unigram: SentencePiece's",
+    )
     tt.add_argument("--vocab-size", type=int, default=4096, help="tokens in the vocabulary, special tokens included")
     tt.add_argument("--out", required=True, help="folder to write (AutoTokenizer.from_pretrained loads it)")
-    tt.add_argument("--min-frequency", type=int, default=2, help="bpe / wordpiece: pairs seen fewer times are not merged")
-    tt.add_argument("--special-token", action="append", metavar="TOKEN",
-                    help="another special token, never split (repeatable); each type has its own already")
-    tt.add_argument("--chat-template", choices=["none", "chatml"], default="none",
-                    help="chatml: add <|im_start|> / <|im_end|> and the ChatML template (for stage sft later)")
+    tt.add_argument(
+        "--min-frequency", type=int, default=2, help="bpe / wordpiece: pairs seen fewer times are not merged"
+    )
+    tt.add_argument(
+        "--special-token",
+        action="append",
+        metavar="TOKEN",
+        help="another special token, never split (repeatable); each type has its own already",
+    )
+    tt.add_argument(
+        "--chat-template",
+        choices=["none", "chatml"],
+        default="none",
+        help="chatml: add <|im_start|> / <|im_end|> and the ChatML template (for stage sft later)",
+    )
     tt.add_argument("--lowercase", action="store_true", help="lower-case the text first")
-    tt.add_argument("--heldout-fraction", type=float, default=0.1,
-                    help="the last part of each file left out of training and used to measure compression")
-    tt.add_argument("--compare", default="smollm2-135m-instruct",
-                    help="model specs (comma-separated) whose tokenizers are measured on the same held-out text; none = skip")
+    tt.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=0.1,
+        help="the last part of each file left out of training and used to measure compression",
+    )
+    tt.add_argument(
+        "--compare",
+        default="smollm2-135m-instruct",
+        help="model specs (comma-separated) whose tokenizers are measured on the same held-out text; none = skip",
+    )
     tt.add_argument("--text-column", default="text", help="data files: the column holding the text")
     tt.add_argument("--json", action="store_true", help="print the report as JSON")
     tt.set_defaults(fn=cmd_tokenizer_train)
@@ -573,24 +613,36 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--json", action="store_true", help="print JSON instead of a table")
     me.set_defaults(fn=cmd_methods)
 
-    c = sub.add_parser("config", help="print a config with every default filled in (validates it and reads and "
-                       "checks its data files, as train would before loading a model); a compare grid: validate it "
-                       "and list its cells")
+    c = sub.add_parser(
+        "config",
+        help="print a config with every default filled in (validates it and reads and "
+        "checks its data files, as train would before loading a model); a compare grid: validate it "
+        "and list its cells",
+    )
     c.add_argument("config", nargs="?", help="YAML config or compare grid; omitted = all defaults")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. training.lr=1e-4")
     c.set_defaults(fn=cmd_config)
 
-    da = sub.add_parser("data", help="prepare a config's training data without training: read, check, tokenise, "
-                        "pack and cache it, and print its statistics")
+    da = sub.add_parser(
+        "data",
+        help="prepare a config's training data without training: read, check, tokenise, "
+        "pack and cache it, and print its statistics",
+    )
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    dp = dsub.add_parser("prepare", help="read and check every row, tokenise (into the on-disk cache for large data) "
-                         "and print rows, tokens, truncated and dropped rows, a length histogram and the cache")
+    dp = dsub.add_parser(
+        "prepare",
+        help="read and check every row, tokenise (into the on-disk cache for large data) "
+        "and print rows, tokens, truncated and dropped rows, a length histogram and the cache",
+    )
     dp.add_argument("config", nargs="?", help="YAML config (stage sft or pretrain); omitted = all defaults")
     dp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. data.num_proc=2")
     dp.set_defaults(fn=cmd_data)
 
-    cv = sub.add_parser("convert", help="translate a LLaMA-Factory or Axolotl YAML into a tunelab config (printed "
-                        "as YAML; mapped and ignored keys on stderr)")
+    cv = sub.add_parser(
+        "convert",
+        help="translate a LLaMA-Factory or Axolotl YAML into a tunelab config (printed "
+        "as YAML; mapped and ignored keys on stderr)",
+    )
     cv.add_argument("config", help="their YAML file (see docs/interop.md)")
     cv.set_defaults(fn=cmd_convert)
 
@@ -608,7 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seq2seq tasks: sentence embedder for the cosine metric ('none' = BLEU only)")  # fmt: skip
     e.add_argument("--max-new-tokens", type=int, help="seq2seq tasks: generation length (default: the run's, or 128)")
     e.add_argument("--num-beams", type=int, help="seq2seq tasks: beam width (default: the run's, or 1 = greedy)")
-    e.add_argument("--data", help="--task perplexity: held-out text (.txt, or .jsonl/.json/.csv rows with a text column)")
+    e.add_argument(
+        "--data", help="--task perplexity: held-out text (.txt, or .jsonl/.json/.csv rows with a text column)"
+    )
     e.add_argument("--context", type=int, help="--task perplexity: window length in tokens (docs/long-context.md)")
     e.add_argument("--rope-scaling", help="--task perplexity: RoPE scaling to load the model with, as YAML, "
                    "e.g. '{type: yarn, factor: 4}' (default: the run's own; docs/long-context.md)")  # fmt: skip
@@ -628,37 +682,69 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="merge a run and write a Hugging Face folder or a GGUF file (llama.cpp)")
     x.add_argument("run", help="run folder, its final/ folder, or a model spec")
-    x.add_argument("--format", choices=["hf", "gguf", "gguf-lora"], default="hf",
-                   help="hf: merged Hugging Face folder; gguf: merged model for llama.cpp; gguf-lora: a LoRA run's "
-                   "adapter alone, applied by llama.cpp over the base model's GGUF (--lora)")
-    x.add_argument("--quant", help="hf: f32 | f16 | bf16; gguf: f16 | f32 | q8_0 | q4_0 | q4_1 | q4_k; "
-                   "gguf-lora: f32 | f16 (first: default)")
+    x.add_argument(
+        "--format",
+        choices=["hf", "gguf", "gguf-lora"],
+        default="hf",
+        help="hf: merged Hugging Face folder; gguf: merged model for llama.cpp; gguf-lora: a LoRA run's "
+        "adapter alone, applied by llama.cpp over the base model's GGUF (--lora)",
+    )
+    x.add_argument(
+        "--quant",
+        help="hf: f32 | f16 | bf16; gguf: f16 | f32 | q8_0 | q4_0 | q4_1 | q4_k; gguf-lora: f32 | f16 (first: default)",
+    )
     x.add_argument("--out", help="output folder (hf) or .gguf file (default: beside the run)")
     x.add_argument("--device", default="cpu", help="where to merge (cpu is enough)")
-    x.add_argument("--pre-tokenizer", help="gguf: llama.cpp's name for the tokenizer's split (tokenizer.ggml.pre), "
-                   "when tunelab cannot tell it (default: from the GGUF source model or the tokenizer)")
-    x.add_argument("--modelfile", action="store_true", help="gguf: also write an Ollama Modelfile beside the file "
-                   "(ChatML chat templates: template, default system message, stop tokens)")
-    x.add_argument("--check", action="store_true", help="gguf: run the file in llama.cpp against the model it "
-                   "came from: perplexity, KL divergence and top-1 agreement on held-out texts (needs llama-cpp-python)")
-    x.add_argument("--check-data", metavar="FILE", help="--check: held-out rows to score (default: the run's validation rows)")
+    x.add_argument(
+        "--pre-tokenizer",
+        help="gguf: llama.cpp's name for the tokenizer's split (tokenizer.ggml.pre), "
+        "when tunelab cannot tell it (default: from the GGUF source model or the tokenizer)",
+    )
+    x.add_argument(
+        "--modelfile",
+        action="store_true",
+        help="gguf: also write an Ollama Modelfile beside the file "
+        "(ChatML chat templates: template, default system message, stop tokens)",
+    )
+    x.add_argument(
+        "--check",
+        action="store_true",
+        help="gguf: run the file in llama.cpp against the model it "
+        "came from: perplexity, KL divergence and top-1 agreement on held-out texts (needs llama-cpp-python)",
+    )
+    x.add_argument(
+        "--check-data", metavar="FILE", help="--check: held-out rows to score (default: the run's validation rows)"
+    )
     x.add_argument("--check-texts", type=int, metavar="N", help="--check: held-out texts scored (default 64)")
-    x.add_argument("--check-task", metavar="TASK", help="--check: also score a classification preset (e.g. sst2) "
-                   "in both, accuracy with intervals and a paired test")
+    x.add_argument(
+        "--check-task",
+        metavar="TASK",
+        help="--check: also score a classification preset (e.g. sst2) "
+        "in both, accuracy with intervals and a paired test",
+    )
     x.add_argument("--check-task-rows", type=int, metavar="N", help="--check-task: dev rows (default 200)")
     _trust_flag(x)
     x.set_defaults(fn=cmd_export)
 
-    pu = sub.add_parser("push", help="upload a finished run's result (final/, with its model card) to a Hugging "
-                        "Face Hub model repo")
+    pu = sub.add_parser(
+        "push", help="upload a finished run's result (final/, with its model card) to a Hugging Face Hub model repo"
+    )
     pu.add_argument("run", help="run folder (or its final/)")
     pu.add_argument("repo_id", help="the Hub repo, e.g. your-name/smollm2-sft-lora (created if missing)")
-    pu.add_argument("--what", choices=["final", "adapter", "merged"], default="final",
-                    help="final: final/ as it is; adapter: the same, refused unless it is a PEFT adapter; merged: the "
-                    "method merged into the base weights (as `export --format hf`), a plain transformers model")
-    pu.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its setting)")
+    pu.add_argument(
+        "--what",
+        choices=["final", "adapter", "merged"],
+        default="final",
+        help="final: final/ as it is; adapter: the same, refused unless it is a PEFT adapter; merged: the "
+        "method merged into the base weights (as `export --format hf`), a plain transformers model",
+    )
+    pu.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its setting)"
+    )
     pu.add_argument("--revision", help="the branch to upload to (created from main if missing; default: main)")
-    pu.add_argument("--token", help="a Hub token with write access (default: HF_TOKEN, or the one `hf auth login` stored)")
+    pu.add_argument(
+        "--token", help="a Hub token with write access (default: HF_TOKEN, or the one `hf auth login` stored)"
+    )
     pu.add_argument("--device", default="cpu", help="--what merged: where to merge (cpu is enough)")
     pu.add_argument("--timeout", type=float, metavar="SECONDS",
                     help="stop with an error when the Hub stays silent this long on one connect, read or write "

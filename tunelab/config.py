@@ -50,7 +50,8 @@ class TokenizerTrainConfig(Section):
     """`model.tokenizer.train`: a tokenizer trained for the run (tunelab/models/tokenizer_train.py)."""
 
     type: Literal["bpe", "wordpiece", "unigram"] = Field(
-        "bpe", description="bpe: byte-level BPE (causal models); wordpiece: BERT's (masked LM); unigram: SentencePiece's."
+        "bpe",
+        description="bpe: byte-level BPE (causal models); wordpiece: BERT's (masked LM); unigram: SentencePiece's.",
     )
     vocab_size: int = Field(4096, ge=64, description="Tokens in the vocabulary, special tokens included.")
     corpus: list[str] | None = Field(
@@ -181,7 +182,9 @@ class ModelConfig(Section):
         if self.architecture is None:
             if self.config or self.tokenizer is not None:
                 key = "model.config" if self.config else "model.tokenizer"
-                raise ValueError(f"{key} goes with model.architecture (a model built from scratch); set it or drop {key}")
+                raise ValueError(
+                    f"{key} goes with model.architecture (a model built from scratch); set it or drop {key}"
+                )
             return self
         if self.tokenizer is None:
             raise ValueError(
@@ -350,8 +353,11 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1, description="Use at most this many training rows (before the val split).")
     max_length: int = Field(512, ge=8, description="Tokens per example; longer examples are truncated and counted.")
     train_on_prompt: bool = Field(False, description="Also put loss on prompt tokens (default: response tokens only).")
-    packing: bool = Field(False, description="Pack several examples into one row of max_length tokens (stage "
-                          "reward: each batch's chosen and rejected sequences; dpo does not pack).")
+    packing: bool = Field(
+        False,
+        description="Pack several examples into one row of max_length tokens (stage "
+        "reward: each batch's chosen and rejected sequences; dpo does not pack).",
+    )
     system_prompt: str | None = Field(None, description="A system message added to every example.")
     roles: dict[str, MessageRole] = Field(
         default_factory=dict,
@@ -656,8 +662,10 @@ class DistillConfig(Section):
         0.5, ge=0, le=1, description="Weight of the KL term; 1 - alpha weighs the hard-label cross-entropy."
     )
     top_k: int = Field(
-        64, ge=1, description="Teacher tokens kept per position (the rest of each distribution as one 'other' bucket); "
-        ">= the vocabulary = the exact KL."
+        64,
+        ge=1,
+        description="Teacher tokens kept per position (the rest of each distribution as one 'other' bucket); "
+        ">= the vocabulary = the exact KL.",
     )
     cache: bool = Field(
         True,
@@ -788,9 +796,7 @@ def _build_config_class():
             if self.stage == "mlm" and self.data.format not in ("text", "auto"):
                 raise ValueError("stage: mlm needs data.format: text (or auto)")
             if self.stage in ("reward", "dpo") and self.data.format not in ("preference", "auto"):
-                raise ValueError(
-                    f"stage: {self.stage} needs data.format: preference or auto (chosen / rejected pairs)"
-                )
+                raise ValueError(f"stage: {self.stage} needs data.format: preference or auto (chosen / rejected pairs)")
             if self.data.format == "preference" and self.stage in ("sft", "pretrain", "mlm"):
                 raise ValueError("data.format: preference is for stage: reward or stage: dpo; set the stage")
             if self.stage == "reward" and _capabilities(self.method.name).virtual_tokens == "past_key_values":
@@ -899,9 +905,11 @@ def _check_pass_threads(cfg) -> None:
         )
     # LoRA dropout on the fast path (a dense base, not a quantized one) draws a mask per share, which the
     # recomputed forward of gradient checkpointing would not replay
-    if t.gradient_checkpointing is True and getattr(cfg.method, "dropout", 0) > 0 and not _capabilities(
-        cfg.method.name
-    ).quantized_base:
+    if (
+        t.gradient_checkpointing is True
+        and getattr(cfg.method, "dropout", 0) > 0
+        and not _capabilities(cfg.method.name).quantized_base
+    ):
         raise ValueError(
             f"training.pass_threads: {t.pass_threads} with LoRA dropout (method.dropout {cfg.method.dropout:g}) and "
             "training.gradient_checkpointing: true: the recomputed forward would not replay a share's dropout masks; "

@@ -103,8 +103,14 @@ def own_chat_template(folder: Path) -> bool:
         return False
 
 
-def chat(model, tokenizer, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, temperature: float = DEFAULT_TEMPERATURE,
-         system: str | None = None, top_p: float = DEFAULT_TOP_P) -> None:
+def chat(
+    model,
+    tokenizer,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = DEFAULT_TEMPERATURE,
+    system: str | None = None,
+    top_p: float = DEFAULT_TOP_P,
+) -> None:
     """An interactive, streaming chat in the terminal; the conversation is kept as context."""
     from transformers import TextStreamer
 

@@ -53,10 +53,14 @@ LLAMAFACTORY_MAPPED = {
     "run_name": "training.run_name",
 }
 
-_DTYPE = ("tunelab picks the dtype itself (model.dtype: auto = bfloat16 on CUDA; on a CPU with native bf16, bf16 passes for "
-          "LoRA, QLoRA, prompt and prefix training; float32 otherwise)")
-_WORKERS = ("tunelab tokenises into its own on-disk cache, keyed by the files' content, the tokenizer and the data settings "
-            "(data.cache, data.num_proc; `tunelab data prepare CONFIG` runs it alone)")
+_DTYPE = (
+    "tunelab picks the dtype itself (model.dtype: auto = bfloat16 on CUDA; on a CPU with native bf16, bf16 passes for "
+    "LoRA, QLoRA, prompt and prefix training; float32 otherwise)"
+)
+_WORKERS = (
+    "tunelab tokenises into its own on-disk cache, keyed by the files' content, the tokenizer and the data settings "
+    "(data.cache, data.num_proc; `tunelab data prepare CONFIG` runs it alone)"
+)
 _HUB = "tunelab does not push while it trains: push a finished run with `tunelab push RUN REPO_ID`"
 _ONE_PROCESS = "tunelab trains in one process; several: `tunelab train --nproc N` (docs/scale.md)"
 _TEMPLATE = ("tunelab renders every conversation with the tokenizer's own chat template (the model's), "

@@ -125,26 +125,37 @@ class Speed:
         if n := norm.install(model):
             self.pieces.append(f"fused RMSNorm ({n})")
         elif norms := sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Norm")}):
-            skip(f"fused RMSNorm: the model's norms ({', '.join(norms)}) are not Llama-style RMSNorm; their own "
-                 "forward runs (no setting: a property of the model)")
+            skip(
+                f"fused RMSNorm: the model's norms ({', '.join(norms)}) are not Llama-style RMSNorm; their own "
+                "forward runs (no setting: a property of the model)"
+            )
         pair = backbone_and_head(model) or virtual_token_split(model)
         said = cfg.data.packing or pair is not None  # packed rows, or an LM's rows laid end to end (not an encoder's)
         if attention.install(model) and said:
-            self.pieces.append("per-example attention over packed rows" if cfg.data.packing else
-                               "right-padded rows laid end to end, one attention call each (no compute on padding)")
+            self.pieces.append(
+                "per-example attention over packed rows"
+                if cfg.data.packing
+                else "right-padded rows laid end to end, one attention call each (no compute on padding)"
+            )
         elif said and not attention.active(model):
-            skip("packed attention: the model's attention is not SDPA; its masked call runs (no setting: "
-                 "a model transformers runs with SDPA takes it)")
+            skip(
+                "packed attention: the model's attention is not SDPA; its masked call runs (no setting: "
+                "a model transformers runs with SDPA takes it)"
+            )
         if pair is not None:
             head.install(model)
             if getattr(pair[1], "bias", None) is not None:
                 skip("fused LM head + cross-entropy: the head has a bias; the plain chunked loss runs (no setting)")
             elif self.autocast and self.device.type != "cpu":
-                skip(f"fused LM head + cross-entropy: {self.device.type} autocast; the plain chunked loss runs "
-                     "(model.dtype: float32 takes it)")
+                skip(
+                    f"fused LM head + cross-entropy: {self.device.type} autocast; the plain chunked loss runs "
+                    "(model.dtype: float32 takes it)"
+                )
             else:
-                self.pieces.append("fused LM head + cross-entropy" + (" (its products in bf16 under autocast)"
-                                                                      if self.autocast else ""))
+                self.pieces.append(
+                    "fused LM head + cross-entropy"
+                    + (" (its products in bf16 under autocast)" if self.autocast else "")
+                )
         if tcfg.compact_frozen and not multi:
             only = None if tcfg.compact_frozen is True else tcfg.compact_frozen
             layers, self.compacted = compact.compact_frozen_linears(model, only)
@@ -158,8 +169,10 @@ class Speed:
             skip("compact frozen weights: several processes (one process takes it)")
         frozen_half = compute_dtype(cfg.model.dtype, self.device) != torch.float32
         if tcfg.compact_frozen and not (multi or self.compacted) and frozen_half:
-            skip("compact frozen weights: the frozen weights are bf16 already, and compact forms are fp32's "
-                 "(model.dtype: float32 takes it)")
+            skip(
+                "compact frozen weights: the frozen weights are bf16 already, and compact forms are fp32's "
+                "(model.dtype: float32 takes it)"
+            )
         self.shares, why_not = threads.parts_for(tcfg, self.device, multi, model, total)
         if self.shares > 1 and self.autocast:
             # autocast's state is per thread: a share running in a worker thread would compute in fp32

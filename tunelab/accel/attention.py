@@ -96,7 +96,13 @@ def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling) -> tor
                 ks, vs = torch.cat([kp, ks], dim=1), torch.cat([vp, vs], dim=1)
                 mask = torch.ones(qs.shape[1], ks.shape[1], dtype=torch.bool, device=qs.device).tril(prefix)
             out = F.scaled_dot_product_attention(
-                qs[None], ks[None], vs[None], attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scaling,
+                qs[None],
+                ks[None],
+                vs[None],
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=mask is None,
+                scale=scaling,
                 enable_gqa=gqa,
             )
             outs.append(out[0].transpose(0, 1))  # [piece, heads, dim]

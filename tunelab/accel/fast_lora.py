@@ -293,8 +293,27 @@ class _SwiGLU(torch.autograd.Function):
         grad_x_up, grad_ua, grad_ub = _linear_backward(grad_u, x, up, ctx.needs_input_grad[0], xa_u, s_u)
         if grad_x is not None:
             grad_x += grad_x_up
-        return (grad_x, None, None, grad_ga, grad_gb, None, None, None, None, grad_ua, grad_ub, None, None,
-                None, None, grad_da, grad_db, None, None)
+        return (
+            grad_x,
+            None,
+            None,
+            grad_ga,
+            grad_gb,
+            None,
+            None,
+            None,
+            None,
+            grad_ua,
+            grad_ub,
+            None,
+            None,
+            None,
+            None,
+            grad_da,
+            grad_db,
+            None,
+            None,
+        )
 
 
 @functools.cache  # asked at every layer call; an import that fails (bitsandbytes skipped: memory.skip_unused_imports)
@@ -327,7 +346,11 @@ def _frozen(base: nn.Module, x: torch.Tensor) -> _Parts | None:
         return _Parts(base.compact, base.bias, None, None, 1.0) if x.dtype == torch.float32 else None
     if _is_4bit(base):  # dequantized to the dtype it was quantized from; bitsandbytes would cast x to compute_dtype
         state = base.weight.quant_state
-        if x.dtype != state.dtype or x.dtype != base.compute_dtype or (base.bias is not None and base.bias.dtype != x.dtype):
+        if (
+            x.dtype != state.dtype
+            or x.dtype != base.compute_dtype
+            or (base.bias is not None and base.bias.dtype != x.dtype)
+        ):
             return None
         return _Parts(FourBitWeight(base.weight.data, state), base.bias, None, None, 1.0)
     if type(base) is not nn.Linear or base.weight.requires_grad or x.dtype != base.weight.dtype:

@@ -206,8 +206,15 @@ def _with_threads(n: int, call: Callable[[], T]) -> T:
     return call()
 
 
-def sharded_step(micro: list[tuple[list[dict], float]], parts: int, rows_per_pass: int | None, stage, pad_id: int,
-                 loss_sum: Callable, model: nn.Module) -> tuple[int, list[tuple[float, dict, float, int]]]:
+def sharded_step(
+    micro: list[tuple[list[dict], float]],
+    parts: int,
+    rows_per_pass: int | None,
+    stage,
+    pad_id: int,
+    loss_sum: Callable,
+    model: nn.Module,
+) -> tuple[int, list[tuple[float, dict, float, int]]]:
     """The forward and backward passes of one optimizer step on a CPU in one process, each micro-batch's rows
     as up to `parts` shares that run at once, a thread each: (label terms of the step, and per pass its
     summed loss, extra metrics, weight and real tokens), as the loop's plain step gives them.
@@ -235,8 +242,15 @@ def sharded_step(micro: list[tuple[list[dict], float]], parts: int, rows_per_pas
         # mt19937 takes a 32-bit seed: one from torch's generator (this thread, so the run's seed fixes it) + k
         seed = int(torch.randint(0, 2**32 - len(shares), (1,))) if draws else None
         calls = [
-            partial(_share_gradients, share, n_label, learning, k == 0, loss_sum,
-                    None if seed is None else torch.Generator().manual_seed(seed + k))
+            partial(
+                _share_gradients,
+                share,
+                n_label,
+                learning,
+                k == 0,
+                loss_sum,
+                None if seed is None else torch.Generator().manual_seed(seed + k),
+            )
             for k, share in enumerate(shares)
         ]
         ran = run(calls) if len(calls) > 1 else [calls[0]()]

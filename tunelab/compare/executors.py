@@ -85,7 +85,6 @@ def add_exit_time(result: dict, ended_at: float, launched_at: float) -> dict:
             "wall_s_total": round((result.get("wall_s_total") or 0.0) + exit_s, 2)}  # fmt: skip
 
 
-
 def _write_result(spec: dict, result: dict) -> None:
     path = Path(spec["cell_dir"]) / "result.json"
     tmp = path.with_name("result.json.tmp")

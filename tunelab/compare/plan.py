@@ -90,7 +90,9 @@ class Cell:
     def folder(self) -> str:
         """A readable folder name: model-method-task-seedN-<short key>."""
         seed = "" if self.seed is None else f"-seed{self.seed}"
-        return f"{safe_name(self.model, 30)}-{safe_name(self.method, 24)}-{safe_name(self.task, 24)}{seed}-{self.key[:8]}"
+        return (
+            f"{safe_name(self.model, 30)}-{safe_name(self.method, 24)}-{safe_name(self.task, 24)}{seed}-{self.key[:8]}"
+        )
 
     def spec(self, cell_dir: Path, hooks: dict | None = None) -> dict:
         """What `python -m tunelab.compare.cell CELL.json` runs."""
@@ -171,7 +173,9 @@ def task_from_eval(ev: dict):
     """The Task a cell is scored on, from its eval spec (a preset, or your own classes)."""
     if ev.get("preset"):
         return get_task(ev["preset"])
-    return Task(name=ev["fingerprint"]["name"], type=ev["type"], labels=tuple(ev["labels"]), main_metric=ev["main_metric"])
+    return Task(
+        name=ev["fingerprint"]["name"], type=ev["type"], labels=tuple(ev["labels"]), main_metric=ev["main_metric"]
+    )
 
 
 def _split_rows(t: TaskEntry, split: str) -> list[dict]:
@@ -194,7 +198,6 @@ def task_splits(t: TaskEntry, seed: int) -> dict[str, list[dict]]:
     The dev sample is seeded too and is only ever scored.
     """
     import random
-
 
     full = _split_rows(t, "train")
     order = list(range(len(full)))

@@ -72,7 +72,9 @@ def check_rows(cfg: DataConfig, seed: int, stage: str = "sft") -> None:
     _CHECKED[reading_key(cfg, seed, stage)] = split
 
 
-def build_datasets(cfg: DataConfig, tokenizer, seed: int, stage: str = "sft", fingerprint: str | None = None) -> DataBundle:
+def build_datasets(
+    cfg: DataConfig, tokenizer, seed: int, stage: str = "sft", fingerprint: str | None = None
+) -> DataBundle:
     """The examples of `cfg`. `tokenizer`: the tokenizer, or a function of no arguments that loads it, called
     only when rows are to be tokenised (so a hit of the store's cache loads none when `fingerprint`, what
     decides the token ids, e.g. models.tokenizer_digest(cfg.model), is given)."""
@@ -122,8 +124,6 @@ def _encode_all(rows: list[Row], configs: dict, cfg: DataConfig, tokenizer, coun
     return out
 
 
-
-
 def describe(bundle: DataBundle, cfg: DataConfig) -> str:
     """What `tunelab data prepare` prints: the counts, why rows were cut or dropped, the cache, and a
     histogram of the training rows' lengths."""
@@ -132,7 +132,8 @@ def describe(bundle: DataBundle, cfg: DataConfig) -> str:
     s = bundle.stats
     lines = [
         f"rows read       {s['rows_read']}",
-        f"train rows      {s['train_rows']}" + (f" (packed into {s['packed_rows']} rows)" if "packed_rows" in s else ""),
+        f"train rows      {s['train_rows']}"
+        + (f" (packed into {s['packed_rows']} rows)" if "packed_rows" in s else ""),
         f"val rows        {s['val_rows']}",
         f"tokens          {s['tokens']} in train rows, {s['label_tokens']} of them with loss",
         f"truncated       {s['truncated']} (longer than data.max_length={cfg.max_length}: cut to it)",
@@ -143,7 +144,11 @@ def describe(bundle: DataBundle, cfg: DataConfig) -> str:
         lines.append(f"cache           {state} in {bundle.cache['seconds']} s: " + ", ".join(bundle.cache["folders"]))
     else:
         lines.append("cache           none: read and tokenised in memory (data.cache: off, or auto under 16 MB)")
-    lengths = bundle.train.lengths() if hasattr(bundle.train, "lengths") else np.array([len(e["input_ids"]) for e in bundle.train])
+    lengths = (
+        bundle.train.lengths()
+        if hasattr(bundle.train, "lengths")
+        else np.array([len(e["input_ids"]) for e in bundle.train])
+    )
     edges = np.unique(np.linspace(0, cfg.max_length, 9).round().astype(int))
     counts, _ = np.histogram(lengths, bins=edges)
     top = max(int(counts.max()), 1)

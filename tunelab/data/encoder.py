@@ -66,7 +66,9 @@ def encoder_for(tokenizer) -> Encoder | None:
     return enc
 
 
-def render(enc: Encoder, messages: list[dict], generation: bool, tools: list | None = None, where: str = "example") -> str:
+def render(
+    enc: Encoder, messages: list[dict], generation: bool, tools: list | None = None, where: str = "example"
+) -> str:
     """tokenizer.apply_chat_template(messages, tokenize=False, ...) as templating.render_text calls it."""
     from transformers.utils.chat_template_utils import render_jinja_template  # jinja only, not torch
 

@@ -180,7 +180,9 @@ def _prompt_completion(row: dict, cfg: DataConfig, where: str) -> list[dict]:
         elif isinstance(value, list) and value:
             out += [message_dict(m, col, j, where, _keys(cfg), cfg.roles) for j, m in enumerate(value, 1)]
         else:
-            raise DataError(f"{where}: field '{col}' should be text or a non-empty list of messages, got {value!r:.60}.")
+            raise DataError(
+                f"{where}: field '{col}' should be text or a non-empty list of messages, got {value!r:.60}."
+            )
     return out
 
 

@@ -159,7 +159,9 @@ def _response(value, col: str, where: str, cols: dict) -> tuple[list[dict], str]
     if isinstance(value, str):
         return [], value
     if not isinstance(value, (list, dict)):
-        raise DataError(f"{where}: field '{col}' should be text, a message or a list of messages, got {type(value).__name__}.")
+        raise DataError(
+            f"{where}: field '{col}' should be text, a message or a list of messages, got {type(value).__name__}."
+        )
     msgs = _messages(value, col, where, cols)
     if not msgs or msgs[-1]["role"] != "assistant":
         got = msgs[-1]["role"] if msgs else "nothing"

@@ -91,7 +91,7 @@ _JSON = json.JSONDecoder(object_pairs_hook=_object)  # one decoder: json.loads(h
 def _not_utf8(source: str, path: Path, e: UnicodeDecodeError) -> DataError:
     """The file line of the first byte that is not UTF-8 (the decoder's offset counts from its buffer)."""
     gz = path.name.lower().endswith(".gz")
-    with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+    with gzip.open(path, "rb") if gz else open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
                 raw.decode("utf-8")

@@ -236,7 +236,7 @@ def reading_key(cfg: DataConfig, seed: int, stage: str) -> tuple:
     reading kept under this key for a later step of the same run is reused only while nothing changed."""
     files = []
     for entries in (cfg.train, cfg.validation):
-        for e in (entries if isinstance(entries, list) else [entries] if entries else []):
+        for e in entries if isinstance(entries, list) else [entries] if entries else []:
             registry = _registry_path(cfg, e.path if isinstance(e, DataSource) else e)
             files += [str(registry)] if registry is not None else []
         files += [src.path for src in resolve(cfg, stage, entries, quiet=True)] if entries else []

@@ -183,10 +183,16 @@ def _scan(src: Source, stage: str, hub_split: str, hub_config: str | None) -> Sc
                 texts.append(text)
                 n += 1
                 if len(lines) == _WRITE_ROWS:
-                    writer.write_batch(pa.record_batch([pa.array(lines, pa.int64()), pa.array(texts, pa.large_string())], schema=schema))
+                    writer.write_batch(
+                        pa.record_batch(
+                            [pa.array(lines, pa.int64()), pa.array(texts, pa.large_string())], schema=schema
+                        )
+                    )
                     lines, texts = [], []
             if lines:
-                writer.write_batch(pa.record_batch([pa.array(lines, pa.int64()), pa.array(texts, pa.large_string())], schema=schema))
+                writer.write_batch(
+                    pa.record_batch([pa.array(lines, pa.int64()), pa.array(texts, pa.large_string())], schema=schema)
+                )
         if key is None:
             key = _hash(about, content.hexdigest())
         meta = {"label": label, "cfg": eff.model_dump(mode="json"), "n": n, "source": src.path}
@@ -239,8 +245,6 @@ def select(cfg: DataConfig, seed: int, train: list[Scanned], val: list[Scanned],
     train_pos, _ = split_rows(mixed, 0.0, seed)
     val_pos = cap_validation(val_pos, cfg.val_max_rows, seed)
     return train_pos, val_pos, len(mixed) + len(val_pos)
-
-
 
 
 # -------------------------------------------------------------------------------------- tokens

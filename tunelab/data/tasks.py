@@ -71,30 +71,108 @@ _PAIR = ("sentence1", "sentence2")
 _TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("sst2", "classification", ("negative", "positive"), ("sentence",), "accuracy",
-             "GLUE SST-2: movie-review sentence sentiment", ("accuracy",)),
-        Task("cola", "classification", ("unacceptable", "acceptable"), ("sentence",), "mcc",
-             "GLUE CoLA: grammatical acceptability (in-domain train/dev)", ("mcc", "accuracy")),
-        Task("mrpc", "classification", ("not_equivalent", "equivalent"), _PAIR, "f1",
-             "GLUE MRPC: is sentence2 a paraphrase of sentence1", ("f1", "accuracy")),
-        Task("stsb", "regression", (), _PAIR, "pearson",
-             "STS Benchmark (GLUE STS-B): sentence similarity 0-5", ("pearson", "spearman")),
-        Task("rte", "classification", ("entailment", "not_entailment"), _PAIR, "accuracy",
-             "GLUE RTE: does sentence1 entail sentence2", ("accuracy",)),
-        Task("wnli", "classification", ("not_entailment", "entailment"), _PAIR, "accuracy",
-             "GLUE WNLI: Winograd pronoun resolution as entailment", ("accuracy",)),
-        Task("qnli", "classification", ("entailment", "not_entailment"), ("question", "sentence"), "accuracy",
-             "GLUE QNLI: does the sentence answer the question (dev only offline)", ("accuracy",)),
-        Task("squad", "extractive_qa", (), ("question", "context"), "f1",
-             "SQuAD 2.0 dev, first 5 articles: extractive QA with unanswerable questions", ("f1", "exact")),
-        Task("wmt14-en-de", "seq2seq", (), ("source",), "bleu",
-             "WMT newstest2014 English-German translation", ("bleu",)),
-        Task("lima", "instruction", (), ("instruction", "input"), "perplexity",
-             "LIMA: 1,029 curated instruction-response pairs", ("perplexity",)),
-        Task("alpaca", "instruction", (), ("instruction", "input"), "perplexity",
-             "Stanford Alpaca, first 100 records", ("perplexity",)),
-        Task("hh-rlhf", "preference", (), ("chosen", "rejected"), "preference_accuracy",
-             "Anthropic HH-RLHF harmless-base test: chosen vs rejected dialogues", ("preference_accuracy",)),
+        Task(
+            "sst2",
+            "classification",
+            ("negative", "positive"),
+            ("sentence",),
+            "accuracy",
+            "GLUE SST-2: movie-review sentence sentiment",
+            ("accuracy",),
+        ),
+        Task(
+            "cola",
+            "classification",
+            ("unacceptable", "acceptable"),
+            ("sentence",),
+            "mcc",
+            "GLUE CoLA: grammatical acceptability (in-domain train/dev)",
+            ("mcc", "accuracy"),
+        ),
+        Task(
+            "mrpc",
+            "classification",
+            ("not_equivalent", "equivalent"),
+            _PAIR,
+            "f1",
+            "GLUE MRPC: is sentence2 a paraphrase of sentence1",
+            ("f1", "accuracy"),
+        ),
+        Task(
+            "stsb",
+            "regression",
+            (),
+            _PAIR,
+            "pearson",
+            "STS Benchmark (GLUE STS-B): sentence similarity 0-5",
+            ("pearson", "spearman"),
+        ),
+        Task(
+            "rte",
+            "classification",
+            ("entailment", "not_entailment"),
+            _PAIR,
+            "accuracy",
+            "GLUE RTE: does sentence1 entail sentence2",
+            ("accuracy",),
+        ),
+        Task(
+            "wnli",
+            "classification",
+            ("not_entailment", "entailment"),
+            _PAIR,
+            "accuracy",
+            "GLUE WNLI: Winograd pronoun resolution as entailment",
+            ("accuracy",),
+        ),
+        Task(
+            "qnli",
+            "classification",
+            ("entailment", "not_entailment"),
+            ("question", "sentence"),
+            "accuracy",
+            "GLUE QNLI: does the sentence answer the question (dev only offline)",
+            ("accuracy",),
+        ),
+        Task(
+            "squad",
+            "extractive_qa",
+            (),
+            ("question", "context"),
+            "f1",
+            "SQuAD 2.0 dev, first 5 articles: extractive QA with unanswerable questions",
+            ("f1", "exact"),
+        ),
+        Task(
+            "wmt14-en-de", "seq2seq", (), ("source",), "bleu", "WMT newstest2014 English-German translation", ("bleu",)
+        ),
+        Task(
+            "lima",
+            "instruction",
+            (),
+            ("instruction", "input"),
+            "perplexity",
+            "LIMA: 1,029 curated instruction-response pairs",
+            ("perplexity",),
+        ),
+        Task(
+            "alpaca",
+            "instruction",
+            (),
+            ("instruction", "input"),
+            "perplexity",
+            "Stanford Alpaca, first 100 records",
+            ("perplexity",),
+        ),
+        Task(
+            "hh-rlhf",
+            "preference",
+            (),
+            ("chosen", "rejected"),
+            "preference_accuracy",
+            "Anthropic HH-RLHF harmless-base test: chosen vs rejected dialogues",
+            ("preference_accuracy",),
+        ),
     )
 }
 
@@ -253,13 +331,15 @@ def _squad_rows(article: dict) -> list[dict]:
     for paragraph in article["paragraphs"]:
         for qa in paragraph["qas"]:
             answers = [] if qa.get("is_impossible") else qa.get("answers", [])
-            rows.append({
-                "id": qa["id"],
-                "question": qa["question"],
-                "context": paragraph["context"],
-                "answers": [a["text"] for a in answers],
-                "answer_starts": [int(a["answer_start"]) for a in answers],
-            })
+            rows.append(
+                {
+                    "id": qa["id"],
+                    "question": qa["question"],
+                    "context": paragraph["context"],
+                    "answers": [a["text"] for a in answers],
+                    "answer_starts": [int(a["answer_start"]) for a in answers],
+                }
+            )
     return rows
 
 
@@ -292,11 +372,28 @@ def _hh(split: str) -> list[dict]:
 
 _LOADERS: dict[str, Callable[[str], list[dict]]] = {
     "sst2": _glue("sst2", {"train": "glue/SST-2/train.tsv", "dev": "glue/SST-2/dev.tsv"}, True, 0, None, 1, 2),
-    "cola": _glue("cola", {"train": "glue/CoLA/cola_public/raw/in_domain_train.tsv",
-                           "dev": "glue/CoLA/cola_public/raw/in_domain_dev.tsv"}, False, 3, None, 1, 4),
+    "cola": _glue(
+        "cola",
+        {
+            "train": "glue/CoLA/cola_public/raw/in_domain_train.tsv",
+            "dev": "glue/CoLA/cola_public/raw/in_domain_dev.tsv",
+        },
+        False,
+        3,
+        None,
+        1,
+        4,
+    ),
     "mrpc": _glue("mrpc", {"train": "glue/MRPC/train.tsv", "dev": "glue/MRPC/dev.tsv"}, True, 3, 4, 0, 5),
-    "stsb": _glue("stsb", {"train": "glue/STS-B/stsbenchmark/sts-train.csv",
-                           "dev": "glue/STS-B/stsbenchmark/sts-dev.csv"}, False, 5, 6, 4, 7),
+    "stsb": _glue(
+        "stsb",
+        {"train": "glue/STS-B/stsbenchmark/sts-train.csv", "dev": "glue/STS-B/stsbenchmark/sts-dev.csv"},
+        False,
+        5,
+        6,
+        4,
+        7,
+    ),
     "rte": _glue("rte", {"train": "glue/RTE/train.tsv", "dev": "glue/RTE/dev.tsv"}, True, 1, 2, 3, 4),
     "wnli": _glue("wnli", {"train": "glue/WNLI/train.tsv", "dev": "glue/WNLI/dev.tsv"}, True, 1, 2, 3, 4),
     "qnli": _glue("qnli", {"dev": "glue/QNLI/dev.hf-format.tsv"}, True, 0, 1, 2, 3),
@@ -394,8 +491,12 @@ def _user_row(task: Task, file: str, n: int, row: dict) -> dict:
         answers = row.get("answers") or []
         answers = [answers] if isinstance(answers, str) else list(answers)
         starts = row.get("answer_starts")
-        out = {"id": str(row.get("id", n)), "question": str(get("question")), "context": str(get("context")),
-               "answers": [str(a) for a in answers]}
+        out = {
+            "id": str(row.get("id", n)),
+            "question": str(get("question")),
+            "context": str(get("context")),
+            "answers": [str(a) for a in answers],
+        }
         if starts is None:
             found = [out["context"].find(a) for a in out["answers"]]
             if -1 in found:

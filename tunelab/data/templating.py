@@ -83,8 +83,15 @@ def spans_by_renders(messages: list[dict], render, where: str = "example") -> tu
     return full, spans
 
 
-def encode_messages(messages: list[dict], tokenizer, *, train_on_prompt: bool = False, where: str = "example",
-                    use_offsets: bool | None = None, tools: list | None = None) -> dict:
+def encode_messages(
+    messages: list[dict],
+    tokenizer,
+    *,
+    train_on_prompt: bool = False,
+    where: str = "example",
+    use_offsets: bool | None = None,
+    tools: list | None = None,
+) -> dict:
     """Messages -> {"input_ids", "labels"}: loss on every assistant reply (and its end of turn) only;
     `tools` (tool definitions) are rendered by the chat template when it supports them."""
     full, spans = response_spans(messages, tokenizer, where, tools)
@@ -103,7 +110,7 @@ def with_labels(ids: list[int], turn: list[int], full: str, spans, tokenizer, tr
     last_reply = [t for t, k in zip(ids, turn) if k == len(spans) - 1]
     # The model must learn to stop: when the conversation ends with a reply whose end of turn
     # holds no eos (the template's end-of-turn token is not the tokenizer's eos), append one, with loss.
-    if eos is not None and eos not in last_reply and not full[spans[-1][1]:].strip():
+    if eos is not None and eos not in last_reply and not full[spans[-1][1] :].strip():
         ids, labels = ids + [eos], labels + [eos]
     if train_on_prompt:
         labels = list(ids)

@@ -67,8 +67,7 @@ def evaluate(
     task = tasks.get_task(task_name)
     if task.type not in SCORED:  # no model could score it: say so before one loads
         raise DataError(
-            f"tunelab eval does not score {task.type} tasks such as {task.name!r}; it scores "
-            f"{', '.join(SCORED)} tasks"
+            f"tunelab eval does not score {task.type} tasks such as {task.name!r}; it scores {', '.join(SCORED)} tasks"
         )
     rows = tasks.load_split(task, "dev", limit=limit, seed=seed)
     dev = resolve_device(device)

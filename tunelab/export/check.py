@@ -45,14 +45,21 @@ N_CTX = 512  # longest text scored, in tokens (longer ones are cut)
 def heldout_texts(run: str, tokenizer, data: str | None = None, limit: int = TEXTS) -> tuple[list[list[int]], str]:
     """Token ids of up to `limit` held-out texts and where they came from."""
     final = result_dir(run)
-    cfg = load_config(final.parent / "config.yaml") if final is not None and (final.parent / "config.yaml").exists() else None
+    cfg = (
+        load_config(final.parent / "config.yaml")
+        if final is not None and (final.parent / "config.yaml").exists()
+        else None
+    )
     data_cfg = cfg.data if cfg is not None else DataConfig()
     configs: dict = {}  # the run's own data: each file's format and columns, as training read them
     if data:
         rows, source = read_source(data), data
     elif cfg is not None and (cfg.data.validation or cfg.data.val_fraction > 0):
         _, rows, _, configs = read_split(cfg.data, cfg.training.seed)
-        source = cfg.data.validation or f"{cfg.data.train} (the rows the run held out: val_fraction {cfg.data.val_fraction:g})"
+        source = (
+            cfg.data.validation
+            or f"{cfg.data.train} (the rows the run held out: val_fraction {cfg.data.val_fraction:g})"
+        )
     else:
         rows = []
     if not rows:
@@ -137,7 +144,9 @@ def task_predictions(task, rows, tokenizer, logits_of) -> list[dict]:
     out = []
     for k, ids in enumerate(prompts):
         scores = verbalizer.scores(torch.tensor(logits_of(ids)[-1:], dtype=torch.float32))[0]
-        out.append({"index": k, "label": int(rows[k]["label"]), "prediction": int(scores.argmax()), "scores": scores.tolist()})
+        out.append(
+            {"index": k, "label": int(rows[k]["label"]), "prediction": int(scores.argmax()), "scores": scores.tolist()}
+        )
     return out
 
 
@@ -163,7 +172,9 @@ class Reference:
         self.model, self.tokenizer, self.texts = model, tokenizer, texts
         self.logits = [torch_logits(model, ids) for ids in texts]
         self.task, self.task_rows = task, task_rows
-        self.task_preds = task_predictions(task, task_rows, tokenizer, lambda ids: torch_logits(model, ids)) if task else None
+        self.task_preds = (
+            task_predictions(task, task_rows, tokenizer, lambda ids: torch_logits(model, ids)) if task else None
+        )
 
 
 def check_file(path: str | Path, ref: Reference) -> dict:

@@ -271,8 +271,9 @@ def _rope_theta(config) -> float:
     return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
-def write_gguf(model, tokenizer, path, quant: str = "f16", name: str | None = None,
-               pre_tokenizer: str | None = None) -> dict:
+def write_gguf(
+    model, tokenizer, path, quant: str = "f16", name: str | None = None, pre_tokenizer: str | None = None
+) -> dict:
     """Write `model` (a plain transformers Llama-architecture model) and its tokenizer to `path`.
 
     `pre_tokenizer`: llama.cpp's name for the tokenizer's split (`tokenizer.ggml.pre`), when known from

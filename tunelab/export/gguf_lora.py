@@ -36,7 +36,9 @@ def lora_layers(model) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
                                   "export the merged model with --format gguf instead")  # fmt: skip
             continue
         if getattr(module, "use_dora", {}).get("default"):
-            raise ExportError(f"{name}: DoRA adapters have no llama.cpp form; export the merged model with --format gguf")
+            raise ExportError(
+                f"{name}: DoRA adapters have no llama.cpp form; export the merged model with --format gguf"
+            )
         a = module.lora_A["default"].weight.detach().float().cpu().numpy()
         b = module.lora_B["default"].weight.detach().float().cpu().numpy()
         hf = name.removeprefix("base_model.model.") + ".weight"
@@ -69,11 +71,15 @@ def write_gguf_lora(model, path, quant: str = "f32", name: str | None = None) ->
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", alpha)
     writer.add_name(name or path.stem)
-    dtype, gtype = (np.float32, gguf.GGMLQuantizationType.F32) if quant == "f32" else (np.float16, gguf.GGMLQuantizationType.F16)
+    dtype, gtype = (
+        (np.float32, gguf.GGMLQuantizationType.F32) if quant == "f32" else (np.float16, gguf.GGMLQuantizationType.F16)
+    )
     for hf, a, b, scale in layers:
         gg = names.get_name(hf, try_suffixes=(".weight",))
         if gg is None:
-            raise ExportError(f"{hf}: no llama.cpp tensor for this LoRA layer; export the merged model with --format gguf")
+            raise ExportError(
+                f"{hf}: no llama.cpp tensor for this LoRA layer; export the merged model with --format gguf"
+            )
         if alpha == 0.0:
             b = b * scale
         if hf.endswith("q_proj.weight"):

@@ -100,10 +100,21 @@ def base_model_spec(run: str, manifest: dict | None) -> str:
     return run
 
 
-def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None = None, device: str = "cpu",
-           trust_remote_code: bool = False, pre_tokenizer: str | None = None, modelfile: bool = False,
-           check: bool = False, check_data: str | None = None, check_texts: int = check_mod.TEXTS,
-           check_task: str | None = None, check_task_rows: int = 200) -> dict:
+def export(
+    run: str,
+    fmt: str = "hf",
+    quant: str | None = None,
+    out: str | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    pre_tokenizer: str | None = None,
+    modelfile: bool = False,
+    check: bool = False,
+    check_data: str | None = None,
+    check_texts: int = check_mod.TEXTS,
+    check_task: str | None = None,
+    check_task_rows: int = 200,
+) -> dict:
     """Export a run (or a model spec) and return a report {format, path, bytes, quant, ...}.
 
     GGUF: `pre_tokenizer` overrides llama.cpp's pre-tokenizer name; by default it is carried over from
@@ -118,7 +129,9 @@ def export(run: str, fmt: str = "hf", quant: str | None = None, out: str | None 
         check_output_path(out, "--out")
     if fmt == "gguf-lora":
         if modelfile or check:
-            raise ExportError("--modelfile and --check go with --format gguf (a whole model); gguf-lora writes the adapter only")
+            raise ExportError(
+                "--modelfile and --check go with --format gguf (a whole model); gguf-lora writes the adapter only"
+            )
         return export_gguf_lora(run, quant or "f32", out, device, trust_remote_code)
     if modelfile and fmt != "gguf":
         raise ExportError("--modelfile goes with --format gguf (Ollama runs GGUF files)")
@@ -181,6 +194,8 @@ def export_gguf_lora(run: str, quant: str, out: str | None, device: str, trust_r
         raise OutputWriteError(f"cannot write {path}: {e.strerror or e}; free space or choose another --out") from None
     spec = base_model_spec(run, manifest)
     report["base_model"] = spec
-    report["usage"] = (f"llama-cli -m BASE.gguf --lora {path}   (BASE.gguf: tunelab export {spec} --format gguf; "
-                       "a LoRA applies at full strength over an f16/f32 base, approximately over a quantised one)")
+    report["usage"] = (
+        f"llama-cli -m BASE.gguf --lora {path}   (BASE.gguf: tunelab export {spec} --format gguf; "
+        "a LoRA applies at full strength over an f16/f32 base, approximately over a quantised one)"
+    )
     return {"format": "gguf-lora", **report}

@@ -162,7 +162,9 @@ def _source(d: dict, t: Translation, stage: str, i: int) -> dict:
             cols["text"] = d["field"]
     elif kind == "alpaca":
         out["format"] = "instruction"
-    elif kind.startswith("chat_template") or kind == "sharegpt" or kind.startswith("chatml") or kind.startswith("llama3"):
+    elif (
+        kind.startswith("chat_template") or kind == "sharegpt" or kind.startswith("chatml") or kind.startswith("llama3")
+    ):
         if stage == "dpo":
             out["format"] = "preference"
             for f, col in (("field_messages", "messages"), ("field_chosen", "chosen"), ("field_rejected", "rejected"),

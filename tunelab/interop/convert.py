@@ -1,6 +1,6 @@
 """Detect another toolkit's config by its keys, translate it, and load it as a tunelab Config.
 
-    cfg, translation = load_any("qwen3_lora_sft.yaml")   # translation is None for a tunelab config
+cfg, translation = load_any("qwen3_lora_sft.yaml")   # translation is None for a tunelab config
 """
 
 from __future__ import annotations

@@ -34,7 +34,11 @@ def translate(raw: dict, source: str = "config") -> Translation:
                  "merge and export a tunelab run with `tunelab export RUN --format hf --out DIR`")  # fmt: skip
     stage = raw.get("stage", "sft")
     if stage not in STAGES:
-        hint = " (tunelab's ppo stage takes a reward run in ppo.reward.path: write that config by hand)" if stage == "ppo" else ""
+        hint = (
+            " (tunelab's ppo stage takes a reward run in ppo.reward.path: write that config by hand)"
+            if stage == "ppo"
+            else ""
+        )
         t.refuse("stage", stage, f"stage {stage!r} is not supported by tunelab{hint}; supported: {', '.join(STAGES)}")
     t.map("stage", stage, "stage", STAGES[stage])
     _method(raw, t)
@@ -124,8 +128,13 @@ def _data(raw: dict, t: Translation, stage: str) -> None:
     limit = raw.get("max_samples")
     sources = [{"path": n, **({"limit": limit} if limit else {})} for n in names]
     if names:
-        t.map("dataset", raw["dataset"], "data.train", sources,
-              note="names resolved through dataset_info.json" + (", max_samples per data set" if limit else ""))
+        t.map(
+            "dataset",
+            raw["dataset"],
+            "data.train",
+            sources,
+            note="names resolved through dataset_info.json" + (", max_samples per data set" if limit else ""),
+        )
     if limit is not None:
         t.mapped.append(("max_samples", limit, "data.train[].limit (first rows of each data set)"))
     if raw.get("eval_dataset"):

@@ -42,7 +42,9 @@ class Translation:
                 if value is None:
                     self.ignore(key, "null: tunelab's default")
                 else:
-                    self.map(key, value, mapped[key], float(value) if key in floats else None, (notes or {}).get(key, ""))
+                    self.map(
+                        key, value, mapped[key], float(value) if key in floats else None, (notes or {}).get(key, "")
+                    )
             elif key in ignored:
                 self.ignore(key, ignored[key])
             else:

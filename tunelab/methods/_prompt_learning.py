@@ -113,14 +113,8 @@ def patch(model):
     cfg = model.active_peft_config
     base = model.get_base_model()
     prepare = getattr(base, "prepare_inputs_for_generation", None)
-    if (
-        prepare is not None
-        and accepts(prepare, "cache")
-        and hasattr(model, "base_model_prepare_inputs_for_generation")
-    ):
-        model.prepare_inputs_for_generation = types.MethodType(
-            _prepare_inputs_for_generation, model
-        )
+    if prepare is not None and accepts(prepare, "cache") and hasattr(model, "base_model_prepare_inputs_for_generation"):
+        model.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_for_generation, model)
     if (
         cfg.peft_type == PeftType.PREFIX_TUNING
         and hasattr(model, "_prefix_tuning_forward")
@@ -128,9 +122,7 @@ def patch(model):
         and not accepts(base.forward, "cache")
     ):
         model._prefix_tuning_forward = types.MethodType(_prefix_tuning_forward, model)
-    causal_prompt = (
-        cfg.peft_type == PeftType.PROMPT_TUNING and cfg.task_type == TaskType.CAUSAL_LM
-    )
+    causal_prompt = cfg.peft_type == PeftType.PROMPT_TUNING and cfg.task_type == TaskType.CAUSAL_LM
     if causal_prompt and not getattr(model, "_tunelab_drops_virtual_logits", False):
         model.register_forward_hook(_drop_virtual_logits, with_kwargs=True)
         model._tunelab_drops_virtual_logits = True

@@ -259,7 +259,13 @@ def _build(model, cfg: Config, sites: list[str], extra: list[str]):
     m = bottleneck_size(cfg, hidden)
     _insert(model, sites, hidden, m, cfg.activation, cfg.scale)
     _set_trainable(model, sites, extra)
-    model._tunelab_adapter = {"config": cfg, "hidden_size": hidden, "bottleneck": m, "sites": sites, "extra_params": extra}
+    model._tunelab_adapter = {
+        "config": cfg,
+        "hidden_size": hidden,
+        "bottleneck": m,
+        "sites": sites,
+        "extra_params": extra,
+    }
     return model
 
 
@@ -320,14 +326,20 @@ def load(base_model, out_dir):
     config_file, weights_file = files
     meta = json.loads(config_file.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{config_file}: format_version {meta.get('format_version')} unsupported (want {FORMAT_VERSION})")
+        raise ValueError(
+            f"{config_file}: format_version {meta.get('format_version')} unsupported (want {FORMAT_VERSION})"
+        )
     cfg = Config(**meta["config"])
     if hidden_size(base_model) != meta["hidden_size"]:
-        raise MethodError(f"adapter: saved for hidden size {meta['hidden_size']}, base model has {hidden_size(base_model)}")
+        raise MethodError(
+            f"adapter: saved for hidden size {meta['hidden_size']}, base model has {hidden_size(base_model)}"
+        )
     names = {n for n, _ in base_model.named_modules()}
     missing_sites = [s for s in meta["sites"] if s not in names]
     if missing_sites:
-        raise MethodError(f"adapter: the base model lacks the saved sites {missing_sites[:3]} (a different base model?)")
+        raise MethodError(
+            f"adapter: the base model lacks the saved sites {missing_sites[:3]} (a different base model?)"
+        )
     model = _build(base_model, cfg, list(meta["sites"]), list(meta["extra_params"]))
     if model._tunelab_adapter["bottleneck"] != meta["bottleneck"]:
         raise ValueError(f"adapter: bottleneck {model._tunelab_adapter['bottleneck']} != saved {meta['bottleneck']}")
@@ -336,7 +348,9 @@ def load(base_model, out_dir):
     expected = set(adapter_names(meta["sites"])) | set(meta["extra_params"])
     if set(weights) != expected:
         extra, lacking = sorted(set(weights) - expected), sorted(expected - set(weights))
-        raise ValueError(f"{weights_file}: keys differ from {config_file.name}: unexpected {extra[:3]}, missing {lacking[:3]}")
+        raise ValueError(
+            f"{weights_file}: keys differ from {config_file.name}: unexpected {extra[:3]}, missing {lacking[:3]}"
+        )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for k, v in weights.items():

@@ -132,7 +132,10 @@ def load_peft(base_model, out_dir):
 
     from peft import PeftModel
 
-    if not (Path(out_dir) / "adapter_config.json").is_file() and (Path(out_dir) / "tunelab_adapter_config.json").is_file():
+    if (
+        not (Path(out_dir) / "adapter_config.json").is_file()
+        and (Path(out_dir) / "tunelab_adapter_config.json").is_file()
+    ):
         raise MethodError(
             f"{out_dir}: a tunelab bottleneck adapter (method: adapter), not a PEFT adapter: PEFT has no bottleneck "
             "adapters. Load it with tunelab (tunelab.stages.runs.load_run, or method adapter); see docs/methods.md"

@@ -92,7 +92,9 @@ def add_zero_biases_(model, names: list[str] | None = None) -> list[str]:
             m.bias = torch.nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device))
             added.append(name)
     if names is not None and sorted(added) != sorted(names):
-        raise MethodError(f"bitfit: could not add biases to {sorted(set(names) - set(added))[:3]} (other architecture?)")
+        raise MethodError(
+            f"bitfit: could not add biases to {sorted(set(names) - set(added))[:3]} (other architecture?)"
+        )
     return added
 
 
@@ -116,7 +118,9 @@ def apply(model, cfg: Config):
     train_head = _train_head(model, cfg)
     _set_trainable(model, train_head)
     if not any(p.requires_grad for p in model.parameters()):
-        raise MethodError(f"bitfit: {type(model).__name__} has no bias terms to train; set method.add_missing_biases: true")
+        raise MethodError(
+            f"bitfit: {type(model).__name__} has no bias terms to train; set method.add_missing_biases: true"
+        )
     if added:
         logger.info("bitfit: added zero biases to %d linear layers", len(added))
     model._tunelab_bitfit = {"added_biases": added, "train_head": train_head}

@@ -57,7 +57,6 @@ class Config(MethodConfig):
         "interval later. Off: embeddings never train.",
     )
 
-
     @model_validator(mode="after")
     def _one_interval(self):
         if self.every_epochs is not None:
@@ -125,7 +124,9 @@ def _note(k: int, n: int) -> str:
 def apply(model, cfg: Config):
     k = _set(model, cfg, 0, 1)
     if k == 0 and not any(p.requires_grad for p in model.parameters()):
-        raise MethodError("gradual: start_blocks 0 and the model has no head outside the blocks: nothing trains at step 0")
+        raise MethodError(
+            "gradual: start_blocks 0 and the model has no head outside the blocks: nothing trains at step 0"
+        )
     return model
 
 

@@ -38,17 +38,13 @@ INFERENCE_COST = "prefix_length extra key/value positions in every attention lay
 
 class Config(MethodConfig):
     name: Literal["prefix"] = "prefix"
-    num_virtual_tokens: int = Field(
-        20, ge=1, description="Prefix length: extra key/value positions per layer."
-    )
+    num_virtual_tokens: int = Field(20, ge=1, description="Prefix length: extra key/value positions per layer.")
     projection: bool = Field(
         True,
         description="Train through the reparameterisation MLP (folded into plain prefixes on save); "
         "false trains the prefixes directly.",
     )
-    projection_hidden: int = Field(
-        512, ge=1, description="Hidden width of the reparameterisation MLP."
-    )
+    projection_hidden: int = Field(512, ge=1, description="Hidden width of the reparameterisation MLP.")
 
 
 def peft_config(cfg: Config, model):
@@ -69,9 +65,7 @@ def apply(model, cfg: Config):
 
 
 def save(model, out_dir) -> None:
-    model.save_pretrained(
-        out_dir, safe_serialization=True
-    )  # writes P_θ = MLP(P'_θ), not the MLP
+    model.save_pretrained(out_dir, safe_serialization=True)  # writes P_θ = MLP(P'_θ), not the MLP
     path = Path(out_dir) / "adapter_config.json"
     config = json.loads(path.read_text())
     if config.get("prefix_projection"):

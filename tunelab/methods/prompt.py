@@ -33,9 +33,7 @@ INFERENCE_COST = "num_virtual_tokens extra input positions"
 
 class Config(MethodConfig):
     name: Literal["prompt"] = "prompt"
-    num_virtual_tokens: int = Field(
-        20, ge=1, description="Number m of soft-prompt vectors."
-    )
+    num_virtual_tokens: int = Field(20, ge=1, description="Number m of soft-prompt vectors.")
     init_text: str | None = Field(
         None,
         description="Initialise the soft prompt from this text's token embeddings (repeated or cut to "
@@ -50,9 +48,7 @@ def peft_config(cfg: Config, model):
         task_type=peft_task_type(model),
         num_virtual_tokens=cfg.num_virtual_tokens,
         # TEXT init is done by init_from_text below; RANDOM only avoids sampling first
-        prompt_tuning_init=PromptTuningInit.RANDOM
-        if cfg.init_text
-        else PromptTuningInit.SAMPLE_VOCAB,
+        prompt_tuning_init=PromptTuningInit.RANDOM if cfg.init_text else PromptTuningInit.SAMPLE_VOCAB,
     )
 
 

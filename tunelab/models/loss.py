@@ -206,7 +206,12 @@ def _virtual_at_labels(model, batch: dict):
             hidden = backbone(inputs_embeds=flat, position_ids=positions, **kwargs, use_cache=False).last_hidden_state
             return _labelled(head, hidden[0], target, keep, at)
     # (transformers' checkpointed layers drop the cache the prefix comes in: the config refuses that pairing)
-    if enabled and peft_cfg.peft_type == "PREFIX_TUNING" and _full_attention(model) and not backbone.gradient_checkpointing:
+    if (
+        enabled
+        and peft_cfg.peft_type == "PREFIX_TUNING"
+        and _full_attention(model)
+        and not backbone.gradient_checkpointing
+    ):
         plan = _unpadded(model, batch, first=peft_cfg.num_virtual_tokens)
         cache = None if plan is None else model.get_prompt(batch_size=1)
         if type(cache).__name__ == "DynamicCache":  # accel: the rows end to end, each after the one prefix

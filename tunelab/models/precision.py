@@ -118,8 +118,9 @@ def choose_precision(setting: str, device, flags: set[str] | None = None, lora: 
         if device.type == "cuda" and native:
             return Precision(torch.bfloat16, True, f"model.dtype auto: {why}")
         if device.type == "cpu" and native and CPU_BF16_AUTO and lora:
-            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}; LoRA / QLoRA / prompt / prefix train in "
-                             "bf16 passes")
+            return Precision(
+                torch.bfloat16, True, f"model.dtype auto: {why}; LoRA / QLoRA / prompt / prefix train in bf16 passes"
+            )
         if device.type == "cpu" and native and CPU_BF16_AUTO:
             return Precision(
                 torch.float32,

@@ -151,7 +151,13 @@ def parameter_counts(model_cfg: ModelConfig, vocab_size: int, auto_class=None) -
     out = {"architecture": model_cfg.architecture, "class": type(model).__name__, "vocab_size": vocab_size,
            "total": total, "embedding": embedding, "head": head.weight.numel() if untied_head else 0}  # fmt: skip
     out["body"] = total - embedding - out["head"]
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+    ):
         value = getattr(config, key, None)
         if value is not None:
             out[key] = value

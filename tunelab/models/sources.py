@@ -257,7 +257,10 @@ def _read_gguf_keys(gguf_path: Path) -> dict:
     from gguf import GGUFReader
 
     reader = GGUFReader(gguf_path)
-    return {"gguf": Path(gguf_path).name, **{k: reader.fields[k].contents() for k in _CARRIED_KEYS if k in reader.fields}}
+    return {
+        "gguf": Path(gguf_path).name,
+        **{k: reader.fields[k].contents() for k in _CARRIED_KEYS if k in reader.fields},
+    }
 
 
 def gguf_source_metadata(spec: str) -> dict | None:

@@ -82,7 +82,9 @@ def load_streamed(folder: str, auto_class, dtype, device, plan: Plan, trust_remo
                 waiting[owner].discard(key.rpartition(".")[2])
                 if not waiting[owner]:
                     parent, _, child = owner.rpartition(".")
-                    setattr(model.get_submodule(parent) if parent else model, child, todo[owner](model.get_submodule(owner)))
+                    setattr(
+                        model.get_submodule(parent) if parent else model, child, todo[owner](model.get_submodule(owner))
+                    )
                     del waiting[owner]
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left or waiting:

@@ -148,7 +148,9 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec, out_dir: str | Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
-    (out / TRAINED_RECORD).write_text(json.dumps(asdict(spec) | {"special_tokens": list(spec.special_tokens)}, indent=2) + "\n")
+    (out / TRAINED_RECORD).write_text(
+        json.dumps(asdict(spec) | {"special_tokens": list(spec.special_tokens)}, indent=2) + "\n"
+    )
     return fast
 
 
@@ -160,7 +162,9 @@ def cache_key(texts: Sequence[str], spec: TokenizerSpec) -> str:
     import tokenizers
 
     h = hashlib.sha256()
-    h.update(json.dumps([asdict(spec) | {"special_tokens": list(spec.special_tokens)}, tokenizers.__version__]).encode())
+    h.update(
+        json.dumps([asdict(spec) | {"special_tokens": list(spec.special_tokens)}, tokenizers.__version__]).encode()
+    )
     for t in texts:
         h.update(hashlib.sha256(t.encode("utf-8")).digest())
     return h.hexdigest()[:16]
@@ -206,8 +210,14 @@ def round_trips(tokenizer, text: str) -> bool:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False) == text
 
 
-def train_from_files(files: Sequence[str], spec: TokenizerSpec, out_dir: str | Path, heldout_fraction: float = 0.1,
-                     compare: Sequence[str] = (), text_column: str = "text") -> dict:
+def train_from_files(
+    files: Sequence[str],
+    spec: TokenizerSpec,
+    out_dir: str | Path,
+    heldout_fraction: float = 0.1,
+    compare: Sequence[str] = (),
+    text_column: str = "text",
+) -> dict:
     """`tunelab tokenizer train`: train on `files` less the held-out tail of each document (`heldout_fraction`),
     save to `out_dir`, and report the compression on the held-out text beside each tokenizer in `compare`
     (model specs; their tokenizer is loaded, not the model). Returns the report."""

@@ -20,7 +20,9 @@ def adapter_methods() -> list[str]:
     from tunelab.methods.registry import capabilities, names
 
     caps = {n: capabilities(n) for n in names()}
-    return [n for n, c in caps.items() if c.reference == "adapter_off" and not c.virtual_tokens and not c.quantized_base]
+    return [
+        n for n, c in caps.items() if c.reference == "adapter_off" and not c.virtual_tokens and not c.quantized_base
+    ]
 
 
 class Served:
@@ -70,8 +72,13 @@ def _default_name(spec: str) -> str:
     return p.name if p.exists() else spec
 
 
-def load_served(spec: str, adapters: list[tuple[str, str]] = (), device: str = "auto", name: str | None = None,
-                trust_remote_code: bool = False):
+def load_served(
+    spec: str,
+    adapters: list[tuple[str, str]] = (),
+    device: str = "auto",
+    name: str | None = None,
+    trust_remote_code: bool = False,
+):
     """Load `spec` (run folder or model spec) merged, and each (name, run) LoRA adapter on top."""
     from tunelab.models import resolve
     from tunelab.stages.runs import load_run, result_dir, run_manifest

@@ -94,7 +94,9 @@ def build_causal(cfg, tokenizer) -> CorpusBundle:
 
 
 @no_grad
-def heldout_nll(model, examples: list[dict], collate, loss_sum, pad_id: int, device, batch_size: int = 8) -> tuple[float, int]:
+def heldout_nll(
+    model, examples: list[dict], collate, loss_sum, pad_id: int, device, batch_size: int = 8
+) -> tuple[float, int]:
     """(summed NLL in nats, target tokens) of a causal LM over every held-out block."""
     import torch
 
@@ -102,7 +104,10 @@ def heldout_nll(model, examples: list[dict], collate, loss_sum, pad_id: int, dev
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(examples[i : i + batch_size], pad_id).items()}
+        batch = {
+            k: v.to(device) if torch.is_tensor(v) else v
+            for k, v in collate(examples[i : i + batch_size], pad_id).items()
+        }
         loss, n = loss_sum(model, batch)[:2]
         total, count = total + float(loss), count + n
     model.train(was_training)

@@ -34,8 +34,10 @@ def load(cfg, device):
     model, tokenizer = load_model(cfg.model, device=device, auto_class=AutoModelForSequenceClassification,
                                   num_labels=1, ignore_mismatched_sizes=True)  # fmt: skip
     if cfg.data.packing and _backbone_and_score(model) is None:
-        raise ConfigError(f"data.packing: {type(unwrap(model)).__name__} is not a decoder with a `score` head over "
-                          "its backbone's last hidden state, which packed pairs need; set data.packing: false")
+        raise ConfigError(
+            f"data.packing: {type(unwrap(model)).__name__} is not a decoder with a `score` head over "
+            "its backbone's last hidden state, which packed pairs need; set data.packing: false"
+        )
     return model, tokenizer
 
 

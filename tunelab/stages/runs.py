@@ -55,7 +55,9 @@ def load_run(run: str, device: str = "auto", merge: bool = False, trust_remote_c
     stage = get_stage(manifest.get("stage", "sft"))
     extra = stage.reload(manifest) if stage.reload is not None else {}  # e.g. the head class and its size
     if manifest.get("base_run"):  # trained on top of another run (ppo from an SFT run): that run, merged
-        base, base_tokenizer = load_run(manifest["base_run"], device=device, merge=True, trust_remote_code=trust_remote_code)
+        base, base_tokenizer = load_run(
+            manifest["base_run"], device=device, merge=True, trust_remote_code=trust_remote_code
+        )
     elif base_cfg.architecture:  # built from scratch (method full): the result is a whole model, its own base
         base, base_tokenizer = load_model(ModelConfig(name=str(final)), device=dev, **extra)
     else:

@@ -100,7 +100,10 @@ def final_metrics(model, tokenizer, cfg, data, device) -> dict:
     model.eval()
     right = total = 0
     for i in range(0, len(data.val), cfg.training.batch_size):
-        batch = {k: v.to(device) for k, v in collate(data.val[i : i + cfg.training.batch_size], tokenizer.pad_token_id).items()}
+        batch = {
+            k: v.to(device)
+            for k, v in collate(data.val[i : i + cfg.training.batch_size], tokenizer.pad_token_id).items()
+        }
         pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
         scored = batch["labels"] != -100
         right += int((pred[scored] == batch["labels"][scored]).sum())

@@ -75,8 +75,8 @@ def set_peft_base_name(folder: Path, base_spec: str) -> None:
 
 
 def _is_hub_dataset(spec) -> bool:
-    return isinstance(spec, str) and not Path(spec).expanduser().exists() and bool(
-        re.fullmatch(r"[\w.-]+/[\w.-]+", spec)
+    return (
+        isinstance(spec, str) and not Path(spec).expanduser().exists() and bool(re.fullmatch(r"[\w.-]+/[\w.-]+", spec))
     )
 
 

@@ -139,9 +139,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     params = dict(model.named_parameters())
     missing = [k for k in weights if k not in params]
     if missing:
-        raise ConfigError(
-            f"{path}: checkpoint has weights the model lacks ({missing[:3]}...); was the method changed?"
-        )
+        raise ConfigError(f"{path}: checkpoint has weights the model lacks ({missing[:3]}...); was the method changed?")
     with torch.no_grad():
         for k, v in weights.items():
             params[k].copy_(v.to(params[k].device, params[k].dtype))

@@ -141,7 +141,10 @@ def train(
     if checkpointing and auto and not getattr(unwrap(model), "supports_gradient_checkpointing", False):
         checkpointing, why = False, f"{why}, but {type(unwrap(model)).__name__} does not support it: off"
     if checkpointing and auto and method.CAPABILITIES.virtual_tokens == "past_key_values":
-        checkpointing, why = False, f"{why}, but transformers' checkpointed layers drop method {cfg.method.name}'s KV cache: off"
+        checkpointing, why = (
+            False,
+            f"{why}, but transformers' checkpointed layers drop method {cfg.method.name}'s KV cache: off",
+        )
     if checkpointing:
         enable_gradient_checkpointing(model)
     log(f"gradient checkpointing: {why}")
@@ -260,8 +263,9 @@ def train(
                 micro.append(([data.train[i] for i in rows], weight))
             if speed.shares > 1:  # accel: each micro-batch's rows as shares at once, a thread each (accel/threads.py)
                 with speed.collating(precision.dtype):
-                    n_label, done = accel.sharded_step(micro, speed.shares, tcfg.rows_per_pass, stage, pad_id,
-                                                       dist.loss_sum, model)
+                    n_label, done = accel.sharded_step(
+                        micro, speed.shares, tcfg.rows_per_pass, stage, pad_id, dist.loss_sum, model
+                    )
             else:
                 # forward passes of `rows_per_pass` rows (null: the whole micro-batch): (batch, weight, tokens)
                 passes = []
@@ -318,7 +322,10 @@ def train(
                         f"early stopping at step {step}: no eval-loss improvement in {tcfg.early_stopping_patience} evals"
                     )
             if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
-                with timed(phases, "save"), checkpoint_write(run_dir):  # a Ctrl-C meanwhile waits for the checkpoint, then stops the run
+                with (
+                    timed(phases, "save"),
+                    checkpoint_write(run_dir),
+                ):  # a Ctrl-C meanwhile waits for the checkpoint, then stops the run
                     dist.save_checkpoint(run_dir, model, optimizer, scheduler, state, keep=tcfg.keep_checkpoints)
             for cb in callbacks or []:
                 cb(step, record)
@@ -401,4 +408,3 @@ def enable_gradient_checkpointing(model) -> None:
             f"training.gradient_checkpointing: {type(inner).__name__} does not support it; set it to false"
         )
     inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-

@@ -226,7 +226,9 @@ def evaluate_prompts(policy, prompts: list[dict], tokenizer, reward_fn, pcfg, se
 
 
 # --------------------------------------------------------------------------------------- the run
-def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | None = None, force: bool = False) -> RunResult:
+def train_ppo(
+    cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | None = None, force: bool = False
+) -> RunResult:
     """Run stage ppo from a validated Config (see docs/alignment.md). `reward_fn` overrides ppo.reward."""
     tcfg, pcfg = cfg.training, cfg.ppo
     run_dir, resume_from = start_run(cfg, resume, force)
@@ -369,8 +371,9 @@ def train_ppo(cfg, resume: bool = False, callbacks=None, reward_fn: RewardFn | N
     return RunResult(run_dir, final_dir, metrics)
 
 
-def _save_final(run_dir: Path, policy: PolicyWithValue, tokenizer, method, cfg, manifest_extra: dict,
-                metrics: dict | None = None) -> Path:
+def _save_final(
+    run_dir: Path, policy: PolicyWithValue, tokenizer, method, cfg, manifest_extra: dict, metrics: dict | None = None
+) -> Path:
     """The policy as every run saves its result (final/ + tunelab.json, loadable by `load_run`), with the
     value head beside it (value_head.safetensors) for whoever continues the PPO run; all written atomically."""
     from safetensors.torch import save_file

@@ -100,7 +100,8 @@ def cell_rows(output_dir: Path, keys: list[str]) -> list[list]:
         marks = ",".join("?" * len(keys))
         found = con.execute(
             "SELECT key, model, method, task, seed, status, main_metric, main_value, n, wall_s, error FROM cells "
-            f"WHERE key IN ({marks})", keys  # fmt: skip
+            f"WHERE key IN ({marks})",
+            keys,  # fmt: skip
         ).fetchall()
     except sqlite3.OperationalError:  # the table is being created
         return []
