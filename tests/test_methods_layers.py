@@ -393,3 +393,23 @@ def test_gradual_every_epochs_uses_the_loops_steps_per_epoch():
     assert [s for s, _ in mod.schedule(model, mod.Config(every_epochs=0.5), 10, steps_per_epoch=4)] == [0, 2]
     with pytest.raises(ValueError, match="steps per epoch"):
         mod.on_step(model, cfg, 1)
+
+
+def test_gpt2s_layernorms_named_ln_are_norms():
+    """GPT-2 (and GPT-J, BLOOM, Falcon) name their norms ln_1, ln_2, ln_f: `head` trains the final one (it found
+    "no final norm" and refused), `freeze` with modules [norms] the top block's ones and the final one."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+
+    model = get("head").apply(gpt2(), get("head").Config())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+    }
+    model = get("freeze").apply(gpt2(), get("freeze").Config(last_k=1, modules=["norms"]))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"transformer.{ln}.{w}" for ln in ("h.1.ln_1", "h.1.ln_2", "ln_f") for w in ("weight", "bias")
+    }

@@ -51,7 +51,7 @@ BLOCK_PARTS = ("attention", "ffn", "norms")
 _PART_PATTERNS: list[tuple[str, re.Pattern]] = [
     ("head", re.compile(r"(^|\.)(lm_head|classifier|score|qa_outputs|pooler|cls)\.")),
     ("embeddings", re.compile(r"(^|\.)(embed_tokens|embeddings|shared|wte|wpe|embed_positions)\.")),
-    ("norms", re.compile(r"norm")),
+    ("norms", re.compile(r"norm|\.ln_\w*\.")),  # GPT-2, GPT-J, BLOOM, Falcon name theirs ln_1, ln_2, ln_f
     ("attention", re.compile(r"\.(self_attn|attention|selfattention|encdecattention|crossattention|attn)\.")),
     ("ffn", re.compile(r"\.(mlp|intermediate|densereludense|feed_forward|ffn)\.|\.output\.dense\.")),
 ]
