@@ -494,3 +494,27 @@ def test_every_mergeable_methods_result_loads_with_plain_peft_or_transformers(ru
     merged, _ = load_run(run, device="cpu", merge=True)
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert (_logits(back, ids) - _logits(merged, ids)).abs().max() < 1e-5
+
+
+def test_export_refuses_a_merged_model_with_weights_its_config_cannot_describe(runs, tmp_path):
+    """bitfit adds zero biases to every bias-free linear layer; Qwen2's config has no flag for biases on its MLP or
+    o_proj, so `from_pretrained` of an exported folder loaded the model without them (no error, other logits).
+    Export refuses and names them; a model whose config describes every weight (Llama's bias flags) exports."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tunelab.export.hf import beyond_config
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "qwen2")  # fmt: skip
+    tok.save_pretrained(tmp_path / "qwen2")
+    run = train_run(tmp_path, str(tmp_path / "qwen2"), str(runs["tmp"] / "train.jsonl"), {"name": "bitfit"}, "bitfit")
+    with pytest.raises(
+        ExportError, match=r"8 weights its config \(Qwen2Config\) cannot describe \(model\.layers\.0\.mlp"
+    ):
+        load_merged(run)
+    assert cli_main(["export", run, "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+    assert not (tmp_path / "hf").exists()
+    merged, _ = load_run(runs["lora"], device="cpu", merge=True)
+    assert beyond_config(merged) == []

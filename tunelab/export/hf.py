@@ -38,7 +38,23 @@ def load_merged(run: str, device: str = "cpu", trust_remote_code: bool = False):
     model, tokenizer = load_run(run, device=device, merge=True, trust_remote_code=trust_remote_code)
     if hasattr(model, "merge_and_unload") or hasattr(model, "peft_config"):
         raise ExportError(f"{run}: the merged model still carries PEFT modules; it cannot be exported")
+    if extra := beyond_config(model):  # e.g. bitfit's added biases on Qwen2, which has no flag for them
+        raise ExportError(
+            f"{run}: the merged model has {len(extra)} weights its config ({type(model.config).__name__}) cannot "
+            f"describe ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}): a model loaded from the exported "
+            "files would silently lack them. Use the run itself (tunelab generate / serve / evaluate load it)."
+        )
     return model.eval(), tokenizer, manifest
+
+
+def beyond_config(model) -> list[str]:
+    """The parameters of `model` that a model built from its config would not have: `from_pretrained` of a
+    folder written from it would drop them (no error, other logits)."""
+    import torch
+
+    with torch.device("meta"):
+        reference = type(model)(model.config)
+    return sorted({n for n, _ in model.named_parameters()} - {n for n, _ in reference.named_parameters()})
 
 
 def write_hf(model, tokenizer, out_dir, dtype: str = "f32", card: str | None = None) -> Path:

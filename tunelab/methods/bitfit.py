@@ -24,7 +24,8 @@ Merging: the biases already live inside the linear layers, so there is no extra 
 `mlp_bias` flags describe exactly the added biases, `merge` switches those flags on, so the merged
 model also round-trips through `save_pretrained` / `from_pretrained`. For architectures that cannot
 express the added biases in their config (T5 has no such flag), the merged model is correct in
-memory but `save_pretrained` -> `from_pretrained` would drop the added biases: `merge` warns; keep
+memory but `save_pretrained` -> `from_pretrained` would drop the added biases: `merge` warns (and
+`tunelab export` refuses, export/hf.py `beyond_config`); keep
 the bitfit folder (loaded with tunelab) as the artifact there. Models that already have biases
 (BERT) need nothing: the merged model is simply the trained model.
 """
