@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tunelab.models.heads import causal_lm_classes
 from tunelab.models.sources import NO_HUB_KERNELS, ModelError
 
 if TYPE_CHECKING:  # torch is imported where a model is changed: the config reads `Config` without it
@@ -174,6 +173,8 @@ def peft_task_type(model: torch.nn.Module):
     """PEFT's task type for a transformers model class, so PEFT methods work on decoders, encoders and
     encoder-decoders alike (it decides how PEFT wraps forward and which heads it keeps trainable)."""
     from peft import TaskType
+
+    from tunelab.models.heads import causal_lm_classes  # here: config loading imports this module, without torch
 
     cls = type(model).__name__
     # GPT2LMHeadModel was wrapped as a feature extractor: its prompt tuning kept the virtual positions' logits
