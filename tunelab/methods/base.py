@@ -113,7 +113,30 @@ def save_full_model(model: torch.nn.Module, out_dir) -> None:
 
 
 def load_full_model(base_model: torch.nn.Module, out_dir):
-    return type(base_model).from_pretrained(out_dir, dtype=base_model.dtype, **NO_HUB_KERNELS)
+    """The saved whole model, in the base's dtype, or in fp32 where the folder holds fp32 weights and the base is
+    half precision: a bf16 run trains fp32 master weights and saves them (the trainable ones; all of them for full
+    fine-tuning), and rounding them back to bf16 lost updates smaller than bf16's step (~4e-3 of a weight), so
+    evaluate / export / serve did not run the model that was trained."""
+    import torch
+
+    dtype = base_model.dtype
+    if dtype in (torch.bfloat16, torch.float16) and "F32" in _saved_dtypes(out_dir):
+        dtype = torch.float32
+    return type(base_model).from_pretrained(out_dir, dtype=dtype, **NO_HUB_KERNELS)
+
+
+def _saved_dtypes(folder) -> set[str]:
+    """The dtypes of the weights in a folder's safetensors files ("F32", "BF16" ...), read from their headers."""
+    import json
+    import struct
+    from pathlib import Path
+
+    found = set()
+    for path in Path(folder).glob("*.safetensors"):
+        with open(path, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return found
 
 
 def unchanged(model):
