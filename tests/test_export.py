@@ -518,3 +518,29 @@ def test_export_refuses_a_merged_model_with_weights_its_config_cannot_describe(r
     assert not (tmp_path / "hf").exists()
     merged, _ = load_run(runs["lora"], device="cpu", merge=True)
     assert beyond_config(merged) == []
+
+
+def test_a_bf16_runs_adapter_is_merged_in_fp32_for_f32_files(runs, tmp_path):
+    """A bf16 LoRA run exported to f32: its update s B A is added in fp32 to the base as training saw it (the
+    bf16 weights, exactly representable in fp32), as PEFT merges on an fp32 copy. Merged in bf16, as before, each
+    weight was rounded to bf16 with the update, an error of the order of a fine-tune's update itself."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    base = str(runs["tmp"] / "model")
+    cfg = load_config({
+        "output_dir": str(tmp_path / "bf16-lora"), "model": {"name": base, "dtype": "bfloat16"},
+        "data": {"train": str(runs["tmp"] / "train.jsonl"), "val_fraction": 0, "max_length": 48},
+        "method": {"name": "lora", "r": 4, "alpha": 16, "dropout": 0.0},
+        "training": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "progress": False, "tensorboard": False},
+    })  # fmt: skip
+    run = str(tunelab.train(cfg).run_dir)
+    assert cli_main(["export", run, "--format", "hf", "--quant", "f32", "--out", str(tmp_path / "hf")]) == 0
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    bf16_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    expected = PeftModel.from_pretrained(bf16_base.float(), tmp_path / "bf16-lora" / "final").merge_and_unload()
+    in_bf16 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16),
+                                        tmp_path / "bf16-lora" / "final").merge_and_unload()  # fmt: skip
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert exported[q].dtype == torch.float32 and torch.equal(exported[q], expected.state_dict()[q])
+    assert not torch.equal(exported[q], in_bf16.state_dict()[q].float())  # what merging in bf16 gave

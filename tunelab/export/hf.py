@@ -22,12 +22,13 @@ HF_QUANTS = ("f32", "f16", "bf16")
 FORMATS = ("hf", "gguf", "gguf-lora")
 
 
-def load_merged(run: str, device: str = "cpu", trust_remote_code: bool = False):
+def load_merged(run: str, device: str = "cpu", trust_remote_code: bool = False, upcast: bool = False):
     """(plain transformers model, tokenizer, manifest or None) for a run folder or model spec.
 
     The method's weights are folded into the base model (LoRA's B A added to W, QAT's fake
-    quantisation written into the weights, ...). Methods that cannot be merged (prefix, prompt,
-    bottleneck adapters) keep extra modules a plain model does not have, so they cannot be exported.
+    quantisation written into the weights, ...); with `upcast` in fp32 (load_run). Methods that cannot be merged
+    (prefix, prompt, bottleneck adapters) keep extra modules a plain model does not have, so they cannot be
+    exported.
     """
     manifest = run_manifest(run)
     if manifest is not None and not get_method(manifest["method"]).CAPABILITIES.mergeable:
@@ -35,7 +36,7 @@ def load_merged(run: str, device: str = "cpu", trust_remote_code: bool = False):
             f"{run}: method {manifest['method']!r} cannot be merged into plain weights, so it cannot be exported "
             "as a standalone model; serve it with `tunelab serve` or load it with `tunelab.stages.runs.load_run`."
         )
-    model, tokenizer = load_run(run, device=device, merge=True, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_run(run, device=device, merge=True, trust_remote_code=trust_remote_code, upcast=upcast)
     if hasattr(model, "merge_and_unload") or hasattr(model, "peft_config"):
         raise ExportError(f"{run}: the merged model still carries PEFT modules; it cannot be exported")
     if extra := beyond_config(model):  # e.g. bitfit's added biases on Qwen2, which has no flag for them
@@ -160,7 +161,10 @@ def export(
     allowed = HF_QUANTS if fmt == "hf" else QUANT_TYPES
     if quant not in allowed:
         raise ExportError(f"--format {fmt} takes --quant {' | '.join(allowed)}, not {quant!r}")
-    model, tokenizer, manifest = load_merged(run, device=device, trust_remote_code=trust_remote_code)
+    # f32 and f16 files hold more than bf16's 8 bits of mantissa: a bf16 run's update is merged in fp32 for them
+    # (merged in bf16, each weight was rounded with it: an error of the order of a fine-tune's update itself)
+    upcast = quant in ("f32", "f16")
+    model, tokenizer, manifest = load_merged(run, device=device, trust_remote_code=trust_remote_code, upcast=upcast)
     note = _qat_advice(manifest, run, quant) if fmt == "gguf" else None
     if note:
         print(f"tunelab: {note}", file=sys.stderr)

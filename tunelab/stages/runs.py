@@ -29,8 +29,12 @@ def run_manifest(run: str | Path) -> dict | None:
 
 
 def load_run(run: str, device: str = "auto", merge: bool = False, trust_remote_code: bool = False,
-             rope_scaling: dict | None = None):  # fmt: skip
+             rope_scaling: dict | None = None, upcast: bool = False):  # fmt: skip
     """(model, tokenizer) for a run folder, or for a plain model spec (then the base model itself).
+
+    `upcast` (with `merge`): the weights in fp32 before the method's are merged in, so that a bf16 run's update
+    (LoRA's s B A, ...) is added in fp32 to the base as training saw it, not rounded to bf16 with it (an export
+    to f32 / f16 files). Not for a quantized base (qlora: its merge dequantizes).
 
     Whether a model's own Python code may run (`trust_remote_code`) is the caller's decision, never the
     run folder's: a manifest asking for it is refused unless the caller allows it (a shared run folder
@@ -65,6 +69,8 @@ def load_run(run: str, device: str = "auto", merge: bool = False, trust_remote_c
     method = get_method(manifest["method"])
     model = method.load(base, final)
     if merge and method.CAPABILITIES.mergeable:
+        if upcast and not method.CAPABILITIES.quantized_base:
+            model = model.float()  # exact: bf16 and fp16 values are fp32 values
         model = method.merge(model)
     # the run's own tokenizer (it may carry a chat template set for training)
     has_tokenizer = (final / "tokenizer_config.json").exists()
