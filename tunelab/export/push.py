@@ -105,7 +105,9 @@ def final_card(final: Path, repo_id: str) -> str | None:
 
 def merged_folder(run: str, final: Path, repo_id: str, tmp: Path, device: str, trust_remote_code: bool):
     """(folder, card) of the merged model: `tunelab export --format hf` into `tmp`, and a card for it."""
-    model, tokenizer, manifest = load_merged(str(final.parent), device=device, trust_remote_code=trust_remote_code)
+    model, tokenizer, manifest = load_merged(
+        str(final.parent), device=device, trust_remote_code=trust_remote_code, upcast=True
+    )  # as `tunelab export --format hf`: f32 files, the update merged in fp32
     folder = write_hf(model, tokenizer, tmp / "merged")
     config = final.parent / "config.yaml"
     if not config.is_file():
