@@ -1,4 +1,4 @@
-"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style) as a GGUF file for llama.cpp.
+"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style) or a Qwen2 one as a GGUF file for llama.cpp.
 
 Built on the `gguf` package (llama.cpp's own gguf-py): GGUFWriter for the file, its tensor-name map
 for llama.cpp's names (`blk.N.attn_q.weight` ...), its quantisers for Q8_0 / Q4_0 / Q4_1 / Q5_0,
@@ -33,7 +33,11 @@ from tunelab.export.pretokenizers import FINGERPRINTS, LLAMA_CPP_PRE_TOKENIZERS,
 QUANT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k")
 _FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
               "q4_1": "MOSTLY_Q4_1", "q4_k": "MOSTLY_Q4_K_S"}  # fmt: skip
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# transformers' class -> llama.cpp's architecture. Qwen2 is Llama with biases on q, k and v; llama.cpp runs its
+# rotary embedding in Hugging Face's (NeoX) layout, so its q / k rows keep their order (convert_hf_to_gguf.py's
+# Qwen2Model permutes nothing)
+GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
 
 class ExportError(ValueError):
@@ -101,21 +105,36 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(str(list(ids)).encode()).hexdigest()
 
 
+# Qwen2's split (its tokenizer.json, and transformers' Qwen2Tokenizer): llama.cpp's `qwen2` pre-tokenizer
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 def _layout_pre_tokenizer(tokenizer) -> str | None:
     """llama.cpp's name when the tokenizer.json splits text exactly as one of llama.cpp's regex sets.
 
-    Only two layouts, checked strictly (no normalizer, ByteLevel with GPT-2's regex and no prefix space):
-    ByteLevel alone is GPT-2's split (`gpt-2`); single digits first, then GPT-2's split, is SmolLM's
-    (`smollm`). Anything else is left to the fingerprint table, so an unknown tokenizer is refused rather
-    than guessed."""
+    Three layouts, checked strictly: with no normalizer and ByteLevel with GPT-2's regex and no prefix space,
+    ByteLevel alone is GPT-2's split (`gpt-2`) and single digits first, then GPT-2's split, SmolLM's (`smollm`);
+    Qwen2's regex as an isolating Split before a regex-free ByteLevel (NFC-normalised, as Qwen2's own
+    tokenizer.json, which convert_hf_to_gguf.py also writes as `qwen2`) is `qwen2`. Anything else is left to the
+    fingerprint table, so an unknown tokenizer is refused rather than guessed."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if spec.get("normalizer"):
-        return None
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     if not steps or steps[-1].get("type") != "ByteLevel":
         return None
     byte_level = steps[-1]
+    if (
+        len(steps) == 2
+        and spec.get("normalizer") in (None, {"type": "NFC"})
+        and steps[0] == {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False}
+        and byte_level.get("use_regex") is False
+        and not byte_level.get("add_prefix_space")
+    ):
+        return "qwen2"
+    if spec.get("normalizer"):
+        return None
     if not byte_level.get("use_regex", True) or byte_level.get("add_prefix_space"):
         return None
     head = steps[:-1]
@@ -212,13 +231,20 @@ def _add_tokenizer(writer, tokenizer, n_vocab: int, pre: str) -> None:
 
 
 # -------------------------------------------------------------------------------------- writer
+def gguf_architecture(model) -> str:
+    """llama.cpp's architecture name for `model` (GGUF_ARCHITECTURES); ExportError for one this exporter does not
+    write."""
+    for name in (type(model).__name__, *(getattr(model.config, "architectures", None) or [])):
+        if name in GGUF_ARCHITECTURES:
+            return GGUF_ARCHITECTURES[name]
+    raise ExportError(
+        f"GGUF export writes the llama and qwen2 architectures ({', '.join(SUPPORTED_ARCHITECTURES)}); this model is "
+        f"{type(model).__name__}. Export with --format hf, then use llama.cpp's convert_hf_to_gguf.py."
+    )
+
+
 def check_model(model) -> None:
-    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
-    if type(model).__name__ not in SUPPORTED_ARCHITECTURES and arch not in SUPPORTED_ARCHITECTURES:
-        raise ExportError(
-            f"GGUF export writes the llama architecture ({', '.join(SUPPORTED_ARCHITECTURES)}); this model is "
-            f"{type(model).__name__}. Export with --format hf, then use llama.cpp's convert_hf_to_gguf.py."
-        )
+    gguf_architecture(model)
     rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
     kind = rope.get("rope_type", "default")
     if kind not in (None, *GGUF_ROPE_TYPES):
@@ -287,6 +313,7 @@ def write_gguf(
     if quant not in QUANT_TYPES:
         raise ExportError(f"unknown GGUF quant type {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
     check_model(model)
+    arch = gguf_architecture(model)
     cfg = model.config
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
@@ -299,7 +326,7 @@ def write_gguf(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, arch="llama")
+    writer = gguf.GGUFWriter(tmp, arch=arch)
     writer.add_type("model")
     writer.add_name(name or path.stem)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -320,7 +347,7 @@ def write_gguf(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_tokenizer(writer, tokenizer, n_vocab, pre)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
     fallbacks, used = {}, {}
     if rope_freqs is not None:
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
@@ -332,11 +359,11 @@ def write_gguf(
             continue
         gg_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gg_name is None:
-            raise ExportError(f"no llama.cpp tensor name for {hf_name!r}; this model is not a plain Llama")
+            raise ExportError(f"no llama.cpp tensor name for {hf_name!r}; this model is not a plain {arch} model")
         arr = w.numpy()
-        if hf_name.endswith("q_proj.weight"):
+        if arch == "llama" and hf_name.endswith("q_proj.weight"):
             arr = permute_qk(arr, n_head)
-        elif hf_name.endswith("k_proj.weight"):
+        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
             arr = permute_qk(arr, n_kv)
         want = quant
         if gg_name.startswith(("token_embd", "output.")) and quant.startswith("q4"):

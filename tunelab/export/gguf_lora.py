@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunelab.export.gguf import ExportError, check_model, permute_qk
+from tunelab.export.gguf import ExportError, check_model, gguf_architecture, permute_qk
 
 LORA_TYPES = ("f32", "f16")  # llama.cpp also reads q8_0 pairs, but B's rows (length r) rarely fill a block
 
@@ -49,24 +49,25 @@ def lora_layers(model) -> list[tuple[str, np.ndarray, np.ndarray, float]]:
 
 
 def write_gguf_lora(model, path, quant: str = "f32", name: str | None = None) -> dict:
-    """Write the LoRA layers of `model` (a PEFT LoRA model over a Llama-architecture base) to `path`."""
+    """Write the LoRA layers of `model` (a PEFT LoRA model over a Llama-architecture or Qwen2 base) to `path`."""
     import gguf
 
     if quant not in LORA_TYPES:
         raise ExportError(f"--format gguf-lora takes --quant {' | '.join(LORA_TYPES)}, not {quant!r}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     check_model(base)
+    arch = gguf_architecture(base)
     cfg = base.config
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     layers = lora_layers(model)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
     alphas = {scale * a.shape[0] for _, a, _, scale in layers}
     alpha = alphas.pop() if len(alphas) == 1 else 0.0  # one alpha for the file, else each scale folded into B
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, arch="llama")
+    writer = gguf.GGUFWriter(tmp, arch=arch)
     writer.add_type("adapter")
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", alpha)
@@ -82,9 +83,9 @@ def write_gguf_lora(model, path, quant: str = "f32", name: str | None = None) ->
             )
         if alpha == 0.0:
             b = b * scale
-        if hf.endswith("q_proj.weight"):
+        if arch == "llama" and hf.endswith("q_proj.weight"):  # the base's rows were permuted (gguf.py)
             b = permute_qk(b, n_head)
-        elif hf.endswith("k_proj.weight"):
+        elif arch == "llama" and hf.endswith("k_proj.weight"):
             b = permute_qk(b, n_kv)
         writer.add_tensor(f"{gg}.lora_a", np.ascontiguousarray(a, dtype=dtype), raw_dtype=gtype)
         writer.add_tensor(f"{gg}.lora_b", np.ascontiguousarray(b, dtype=dtype), raw_dtype=gtype)
