@@ -175,7 +175,23 @@ def _tiny_qwen2(vocab_size: int, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-untied", "mistral", "qwen2"])
+def _tiny_qwen3(vocab_size: int, seed: int = 0):
+    """Qwen3: per-head RMSNorms on q and k (given weights here, not transformers' ones), no biases."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, initializer_range=0.1)  # fmt: skip
+    model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
 def test_each_exportable_architecture_runs_in_llama_cpp(tmp_path, arch, quant):
     tok = tiny_tokenizer()
@@ -185,6 +201,7 @@ def test_each_exportable_architecture_runs_in_llama_cpp(tmp_path, arch, quant):
         "llama-untied": lambda: _decisive_head(tiny_llama(len(tok), seed=11, tie_word_embeddings=False), 11),
         "mistral": lambda: _tiny_mistral(len(tok), seed=25),
         "qwen2": lambda: _tiny_qwen2(len(tok), seed=3),
+        "qwen3": lambda: _tiny_qwen3(len(tok), seed=21),
     }[arch]()
     write_gguf(model, tok, tmp_path / "m.gguf", quant)
     _compare(model, tok, tmp_path / "m.gguf", quant)
@@ -423,21 +440,26 @@ def test_default_model_run_with_yarn_keeps_it_in_hf_and_gguf_and_answers_in_llam
     assert np.corrcoef(our_logits, their_logits)[0, 1] > 0.999
 
 
-def test_a_qwen2_lora_run_runs_in_llama_cpp_merged_and_as_an_adapter(tmp_path):
-    """Qwen2 (llama.cpp's qwen2 architecture): a LoRA run exported merged and as a GGUF adapter over the base's
-    GGUF answers in llama.cpp as in tunelab (no q / k permutation for it, for the base or the adapter)."""
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_a_qwen_lora_run_runs_in_llama_cpp_merged_and_as_an_adapter(tmp_path, arch):
+    """Qwen2 and Qwen3 (llama.cpp's qwen2 / qwen3 architectures): a LoRA run exported merged and as a GGUF adapter
+    over the base's GGUF answers in llama.cpp as in tunelab (no q / k permutation for them, base or adapter)."""
     tok = tiny_tokenizer()
-    _tiny_qwen2(len(tok), seed=3).save_pretrained(tmp_path / "qwen2")
-    tok.save_pretrained(tmp_path / "qwen2")
+    seed = {"qwen2": 3, "qwen3": 7}[arch]  # no near-ties on the trained run's greedy paths (SAME_TOKENS)
+    {"qwen2": _tiny_qwen2, "qwen3": _tiny_qwen3}[arch](len(tok), seed=seed).save_pretrained(tmp_path / arch)
+    tok.save_pretrained(tmp_path / arch)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    run = train_run(tmp_path, str(tmp_path / "qwen2"), str(tmp_path / "train.jsonl"),
-                    {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, "qwen2-lora", 8)  # fmt: skip
+    run = train_run(tmp_path, str(tmp_path / arch), str(tmp_path / "train.jsonl"),
+                    {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, f"{arch}-lora", 8)  # fmt: skip
     merged = export(run, "gguf", "f32", str(tmp_path / "merged.gguf"))
     model, tok = load_run(run, device="cpu", merge=True)
-    assert type(tok).__name__ == "Qwen2Tokenizer" and merged["pre_tokenizer"] == "qwen2"  # transformers' Qwen2 split
+    # transformers 5 loads the tiny tokenizer of a qwen2 model as its Qwen2Tokenizer (Qwen2's split), of a qwen3 one
+    # as it was saved (GPT-2's split)
+    want = {"qwen2": ("Qwen2Tokenizer", "qwen2"), "qwen3": ("TokenizersBackend", "gpt-2")}[arch]
+    assert (type(tok).__name__, merged["pre_tokenizer"]) == want
     llm = _llama(merged["path"])
     try:
-        for text in TEXTS:  # llama.cpp's qwen2 pre-tokenizer splits as transformers' Qwen2Tokenizer does
+        for text in TEXTS:  # llama.cpp's pre-tokenizer splits as the tokenizer does
             assert (
                 llm.tokenize(text.encode(), add_bos=False, special=True)
                 == tok(text, add_special_tokens=False)["input_ids"]
@@ -446,6 +468,6 @@ def test_a_qwen2_lora_run_runs_in_llama_cpp_merged_and_as_an_adapter(tmp_path):
         llm.close()
     _compare(model, tok, merged["path"], "f32")
     adapter = export(run, "gguf-lora", out=str(tmp_path / "adapter.gguf"))
-    base = export(str(tmp_path / "qwen2"), "gguf", "f32", str(tmp_path / "base.gguf"))["path"]
+    base = export(str(tmp_path / arch), "gguf", "f32", str(tmp_path / "base.gguf"))["path"]
     unmerged, _ = load_run(run, device="cpu")
     _compare(unmerged, tok, base, "f32", lora=adapter["path"])

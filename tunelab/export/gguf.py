@@ -1,4 +1,4 @@
-"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style) or a Qwen2 one as a GGUF file for llama.cpp.
+"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style), a Qwen2 or a Qwen3 one as a GGUF file for llama.cpp.
 
 Built on the `gguf` package (llama.cpp's own gguf-py): GGUFWriter for the file, its tensor-name map
 for llama.cpp's names (`blk.N.attn_q.weight` ...), its quantisers for Q8_0 / Q4_0 / Q4_1 / Q5_0,
@@ -36,7 +36,12 @@ _FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_
 # transformers' class -> llama.cpp's architecture. Qwen2 is Llama with biases on q, k and v; llama.cpp runs its
 # rotary embedding in Hugging Face's (NeoX) layout, so its q / k rows keep their order (convert_hf_to_gguf.py's
 # Qwen2Model permutes nothing)
-GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+GGUF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",  # Qwen2's layout with per-head RMSNorms on q and k, and no biases
+}
 SUPPORTED_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
 
@@ -238,8 +243,8 @@ def gguf_architecture(model) -> str:
         if name in GGUF_ARCHITECTURES:
             return GGUF_ARCHITECTURES[name]
     raise ExportError(
-        f"GGUF export writes the llama and qwen2 architectures ({', '.join(SUPPORTED_ARCHITECTURES)}); this model is "
-        f"{type(model).__name__}. Export with --format hf, then use llama.cpp's convert_hf_to_gguf.py."
+        f"GGUF export writes the llama, qwen2 and qwen3 architectures ({', '.join(SUPPORTED_ARCHITECTURES)}); this "
+        f"model is {type(model).__name__}. Export with --format hf, then use llama.cpp's convert_hf_to_gguf.py."
     )
 
 
