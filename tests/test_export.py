@@ -290,7 +290,7 @@ def test_export_refuses_what_it_cannot_write(runs, tmp_path):
     (fake / "tunelab.json").write_text(json.dumps({"method": "prefix", "base_model": {"name": "x"}, "stage": "sft"}))
     with pytest.raises(ExportError, match="cannot be merged"):
         export(str(tmp_path / "prefix-run"), "gguf")
-    with pytest.raises(ExportError, match="llama, qwen2 and qwen3 architectures"):
+    with pytest.raises(ExportError, match="llama, qwen2, qwen3 and smollm3 architectures"):
         write_gguf(tiny_bert(), tiny_tokenizer(), tmp_path / "b.gguf")
     with pytest.raises(ExportError, match="--format hf takes"):
         export(runs["lora"], "hf", "q4_0")
@@ -544,3 +544,16 @@ def test_a_bf16_runs_adapter_is_merged_in_fp32_for_f32_files(runs, tmp_path):
     q = "model.layers.0.self_attn.q_proj.weight"
     assert exported[q].dtype == torch.float32 and torch.equal(exported[q], expected.state_dict()[q])
     assert not torch.equal(exported[q], in_bf16.state_dict()[q].float())  # what merging in bf16 gave
+
+
+def test_smollm3_gguf_export_refuses_a_no_rope_pattern_llama_cpp_does_not_run(tmp_path):
+    """llama.cpp's smollm3 leaves RoPE out of every 4th layer, whatever the file says: a SmolLM3 with another
+    pattern would run other attention there, so it is refused (the usual pattern is written: test_llama_cpp.py)."""
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = SmolLM3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, no_rope_layers=[1, 1, 1, 1])  # fmt: skip
+    with pytest.raises(ExportError, match=r"every 4th layer; this model's no_rope_layers are \[1, 1, 1, 1\]"):
+        write_gguf(SmolLM3ForCausalLM(cfg), tok, tmp_path / "s.gguf", "f32")
+    assert not (tmp_path / "s.gguf").exists()

@@ -191,7 +191,19 @@ def _tiny_qwen3(vocab_size: int, seed: int = 0):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama-untied", "mistral", "qwen2", "qwen3"])
+def _tiny_smollm3(vocab_size: int, seed: int = 0):
+    """SmolLM3: Llama's layers, the 4th without RoPE (NoPE), which llama.cpp's smollm3 assumes."""
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = SmolLM3Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                        initializer_range=0.1)  # fmt: skip
+    return SmolLM3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-untied", "mistral", "qwen2", "qwen3", "smollm3"])
 @pytest.mark.parametrize("quant", ["f32", "f16", "q8_0"])
 def test_each_exportable_architecture_runs_in_llama_cpp(tmp_path, arch, quant):
     tok = tiny_tokenizer()
@@ -202,6 +214,7 @@ def test_each_exportable_architecture_runs_in_llama_cpp(tmp_path, arch, quant):
         "mistral": lambda: _tiny_mistral(len(tok), seed=25),
         "qwen2": lambda: _tiny_qwen2(len(tok), seed=3),
         "qwen3": lambda: _tiny_qwen3(len(tok), seed=21),
+        "smollm3": lambda: _tiny_smollm3(len(tok), seed=13),
     }[arch]()
     write_gguf(model, tok, tmp_path / "m.gguf", quant)
     _compare(model, tok, tmp_path / "m.gguf", quant)
@@ -440,22 +453,24 @@ def test_default_model_run_with_yarn_keeps_it_in_hf_and_gguf_and_answers_in_llam
     assert np.corrcoef(our_logits, their_logits)[0, 1] > 0.999
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_a_qwen_lora_run_runs_in_llama_cpp_merged_and_as_an_adapter(tmp_path, arch):
-    """Qwen2 and Qwen3 (llama.cpp's qwen2 / qwen3 architectures): a LoRA run exported merged and as a GGUF adapter
-    over the base's GGUF answers in llama.cpp as in tunelab (no q / k permutation for them, base or adapter)."""
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "smollm3"])
+def test_a_qwen_or_smollm3_lora_run_runs_in_llama_cpp_merged_and_as_an_adapter(tmp_path, arch):
+    """Qwen2, Qwen3 and SmolLM3 (llama.cpp's qwen2 / qwen3 / smollm3): a LoRA run exported merged and as a GGUF
+    adapter over the base's GGUF answers in llama.cpp as in tunelab (q / k rows permuted for SmolLM3 as for
+    Llama, in the base and in the adapter's B; not for Qwen)."""
     tok = tiny_tokenizer()
-    seed = {"qwen2": 3, "qwen3": 7}[arch]  # no near-ties on the trained run's greedy paths (SAME_TOKENS)
-    {"qwen2": _tiny_qwen2, "qwen3": _tiny_qwen3}[arch](len(tok), seed=seed).save_pretrained(tmp_path / arch)
+    seed = {"qwen2": 3, "qwen3": 7, "smollm3": 3}[arch]  # no near-ties on the trained run's greedy paths (SAME_TOKENS)
+    tiny = {"qwen2": _tiny_qwen2, "qwen3": _tiny_qwen3, "smollm3": _tiny_smollm3}[arch]
+    tiny(len(tok), seed=seed).save_pretrained(tmp_path / arch)
     tok.save_pretrained(tmp_path / arch)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     run = train_run(tmp_path, str(tmp_path / arch), str(tmp_path / "train.jsonl"),
                     {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, f"{arch}-lora", 8)  # fmt: skip
     merged = export(run, "gguf", "f32", str(tmp_path / "merged.gguf"))
     model, tok = load_run(run, device="cpu", merge=True)
-    # transformers 5 loads the tiny tokenizer of a qwen2 model as its Qwen2Tokenizer (Qwen2's split), of a qwen3 one
+    # transformers 5 loads the tiny tokenizer of a qwen2 model as its Qwen2Tokenizer (Qwen2's split), of the others
     # as it was saved (GPT-2's split)
-    want = {"qwen2": ("Qwen2Tokenizer", "qwen2"), "qwen3": ("TokenizersBackend", "gpt-2")}[arch]
+    want = {"qwen2": ("Qwen2Tokenizer", "qwen2")}.get(arch, ("TokenizersBackend", "gpt-2"))
     assert (type(tok).__name__, merged["pre_tokenizer"]) == want
     llm = _llama(merged["path"])
     try:

@@ -1,4 +1,5 @@
-"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style), a Qwen2 or a Qwen3 one as a GGUF file for llama.cpp.
+"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style), a SmolLM3, Qwen2 or Qwen3 one as a GGUF file
+for llama.cpp.
 
 Built on the `gguf` package (llama.cpp's own gguf-py): GGUFWriter for the file, its tensor-name map
 for llama.cpp's names (`blk.N.attn_q.weight` ...), its quantisers for Q8_0 / Q4_0 / Q4_1 / Q5_0,
@@ -41,7 +42,10 @@ GGUF_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",  # Qwen2's layout with per-head RMSNorms on q and k, and no biases
+    # Llama's tensors (permuted as Llama's); every 4th layer without RoPE, which llama.cpp's smollm3 assumes
+    "SmolLM3ForCausalLM": "smollm3",
 }
+PERMUTED_QK = ("llama", "smollm3")  # llama.cpp runs these with interleaved rotary pairs (convert_hf_to_gguf.py)
 SUPPORTED_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
 
@@ -243,13 +247,20 @@ def gguf_architecture(model) -> str:
         if name in GGUF_ARCHITECTURES:
             return GGUF_ARCHITECTURES[name]
     raise ExportError(
-        f"GGUF export writes the llama, qwen2 and qwen3 architectures ({', '.join(SUPPORTED_ARCHITECTURES)}); this "
+        f"GGUF export writes the llama, qwen2, qwen3 and smollm3 architectures ({', '.join(SUPPORTED_ARCHITECTURES)}); this "
         f"model is {type(model).__name__}. Export with --format hf, then use llama.cpp's convert_hf_to_gguf.py."
     )
 
 
 def check_model(model) -> None:
-    gguf_architecture(model)
+    if gguf_architecture(model) == "smollm3":
+        cfg = model.config
+        step4 = [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]
+        if list(getattr(cfg, "no_rope_layers", step4)) != step4:
+            raise ExportError(
+                f"llama.cpp's smollm3 leaves RoPE out of every 4th layer; this model's no_rope_layers are "
+                f"{cfg.no_rope_layers}: export with --format hf"
+            )
     rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
     kind = rope.get("rope_type", "default")
     if kind not in (None, *GGUF_ROPE_TYPES):
@@ -366,9 +377,9 @@ def write_gguf(
         if gg_name is None:
             raise ExportError(f"no llama.cpp tensor name for {hf_name!r}; this model is not a plain {arch} model")
         arr = w.numpy()
-        if arch == "llama" and hf_name.endswith("q_proj.weight"):
+        if arch in PERMUTED_QK and hf_name.endswith("q_proj.weight"):
             arr = permute_qk(arr, n_head)
-        elif arch == "llama" and hf_name.endswith("k_proj.weight"):
+        elif arch in PERMUTED_QK and hf_name.endswith("k_proj.weight"):
             arr = permute_qk(arr, n_kv)
         want = quant
         if gg_name.startswith(("token_embd", "output.")) and quant.startswith("q4"):

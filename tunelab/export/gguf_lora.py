@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunelab.export.gguf import ExportError, check_model, gguf_architecture, permute_qk
+from tunelab.export.gguf import PERMUTED_QK, ExportError, check_model, gguf_architecture, permute_qk
 
 LORA_TYPES = ("f32", "f16")  # llama.cpp also reads q8_0 pairs, but B's rows (length r) rarely fill a block
 
@@ -83,9 +83,9 @@ def write_gguf_lora(model, path, quant: str = "f32", name: str | None = None) ->
             )
         if alpha == 0.0:
             b = b * scale
-        if arch == "llama" and hf.endswith("q_proj.weight"):  # the base's rows were permuted (gguf.py)
+        if arch in PERMUTED_QK and hf.endswith("q_proj.weight"):  # the base's rows were permuted (gguf.py)
             b = permute_qk(b, n_head)
-        elif arch == "llama" and hf.endswith("k_proj.weight"):
+        elif arch in PERMUTED_QK and hf.endswith("k_proj.weight"):
             b = permute_qk(b, n_kv)
         writer.add_tensor(f"{gg}.lora_a", np.ascontiguousarray(a, dtype=dtype), raw_dtype=gtype)
         writer.add_tensor(f"{gg}.lora_b", np.ascontiguousarray(b, dtype=dtype), raw_dtype=gtype)
