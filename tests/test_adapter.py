@@ -307,3 +307,64 @@ def test_training_loop_end_to_end(tmp_path, monkeypatch):
         want = model(ids).logits
         assert (ours(ids).logits - want).abs().max() < 1e-5
         assert (base(ids).logits - want).abs().max() > 1e-4  # the adapters did change the model
+
+
+def _tiny(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    dims = {
+        "bart": dict(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=2,
+                     encoder_attention_heads=4, decoder_attention_heads=4, max_position_embeddings=64, dropout=0.0,
+                     attention_dropout=0.0, activation_dropout=0.0),
+        "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         hidden_dropout=0.0, attention_dropout=0.0),
+    }.get(model_type, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2))  # fmt: skip
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, pad_token_id=0, initializer_range=0.1, **dims)
+    auto = AutoModelForSeq2SeqLM if model_type == "bart" else AutoModelForCausalLM
+    return auto.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "model_type, sites",
+    [
+        ("olmo2", ["model.layers.{i}.self_attn", "model.layers.{i}.mlp"]),
+        ("smollm3", ["model.layers.{i}.self_attn", "model.layers.{i}.mlp"]),
+        ("granite", ["model.layers.{i}.self_attn", "model.layers.{i}.mlp"]),
+        ("starcoder2", ["model.layers.{i}.self_attn", "model.layers.{i}.mlp"]),
+        ("gpt_neox", ["gpt_neox.layers.{i}.attention", "gpt_neox.layers.{i}.mlp"]),
+        (
+            "bart",
+            [
+                "model.encoder.layers.{i}.self_attn",
+                "model.encoder.layers.{i}.fc2",
+                "model.decoder.layers.{i}.self_attn",
+                "model.decoder.layers.{i}.encoder_attn",
+                "model.decoder.layers.{i}.fc2",
+            ],
+        ),  # fmt: skip
+    ],
+)
+def test_more_model_types_get_adapters_at_their_sublayers(model_type, sites):
+    """OLMo-2, SmolLM3, Granite and StarCoder2 name their sublayers as Llama does; GPT-NeoX's attention is
+    `attention`; BART's FFN is no module, so its adapter follows `fc2`. Houlsby places one after each sublayer:
+    the base model's logits at step 0, and the adapters alone fit a batch."""
+    from method_harness import fit_steps
+
+    model = _tiny(model_type)
+    ids = torch.randint(3, 64, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        before = model(**batch).logits
+    model = mod.apply(model, mod.Config(preset="houlsby"))
+    found = sorted(
+        n.removesuffix(".adapter.down.weight")
+        for n, _ in model.named_parameters()
+        if n.endswith(".adapter.down.weight")
+    )
+    assert found == sorted(s.format(i=i) for s in sites for i in range(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**batch).logits, before)
+    losses = fit_steps(model, batch, steps=10, lr=1e-2)
+    assert losses[-1] < losses[0] - 0.1, losses

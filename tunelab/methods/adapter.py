@@ -80,10 +80,31 @@ _T5 = {
 # model_type -> placement -> regexes (re.search on "." + module path) of the sublayers whose output
 # the adapter follows. Each sublayer's output is a tensor or a tuple whose first item is the hidden states.
 SITES: dict[str, dict[str, list[str]]] = {
-    **{t: _DECODER for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")},
+    **{
+        t: _DECODER
+        for t in (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "phi3",
+            "olmo2",
+            "smollm3",
+            "granite",
+            "starcoder2",
+        )  # fmt: skip
+    },
     **{t: _BERT for t in ("bert", "roberta", "xlm-roberta", "electra")},
     **{t: _T5 for t in ("t5", "mt5")},
     "gpt2": {"attention": [r"\.h\.\d+\.attn$", r"\.h\.\d+\.crossattention$"], "ffn": [r"\.h\.\d+\.mlp$"]},
+    "gpt_neox": {"attention": [r"\.layers\.\d+\.attention$"], "ffn": [r"\.layers\.\d+\.mlp$"]},
+    # BART's FFN is no module of its own: the adapter follows its second linear layer, before the residual
+    **{
+        t: {"attention": [r"\.layers\.\d+\.(?:self_attn|encoder_attn)$"], "ffn": [r"\.layers\.\d+\.fc2$"]}
+        for t in ("bart", "mbart")
+    },
 }
 
 # heads that a *For{SequenceClassification,...} model adds fresh (random) on top of the encoder
