@@ -247,8 +247,9 @@ def gguf_architecture(model) -> str:
         if name in GGUF_ARCHITECTURES:
             return GGUF_ARCHITECTURES[name]
     raise ExportError(
-        f"GGUF export writes the llama, qwen2, qwen3 and smollm3 architectures ({', '.join(SUPPORTED_ARCHITECTURES)}); this "
-        f"model is {type(model).__name__}. Export with --format hf, then use llama.cpp's convert_hf_to_gguf.py."
+        "GGUF export writes the llama, qwen2, qwen3 and smollm3 architectures "
+        f"({', '.join(SUPPORTED_ARCHITECTURES)}); this model is {type(model).__name__}. Export with --format hf, "
+        "then use llama.cpp's convert_hf_to_gguf.py."
     )
 
 
