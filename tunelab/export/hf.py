@@ -51,11 +51,9 @@ def load_merged(run: str, device: str = "cpu", trust_remote_code: bool = False, 
 def beyond_config(model) -> list[str]:
     """The parameters of `model` that a model built from its config would not have: `from_pretrained` of a
     folder written from it would drop them (no error, other logits)."""
-    import torch
+    from tunelab.models.heads import config_parameter_names
 
-    with torch.device("meta"):
-        reference = type(model)(model.config)
-    return sorted({n for n, _ in model.named_parameters()} - {n for n, _ in reference.named_parameters()})
+    return sorted({n for n, _ in model.named_parameters()} - config_parameter_names(model))
 
 
 def write_hf(model, tokenizer, out_dir, dtype: str = "f32", card: str | None = None) -> Path:

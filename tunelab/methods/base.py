@@ -127,15 +127,14 @@ def load_full_model(base_model: torch.nn.Module, out_dir):
 
 def _saved_dtypes(folder) -> set[str]:
     """The dtypes of the weights in a folder's safetensors files ("F32", "BF16" ...), read from their headers."""
-    import json
-    import struct
     from pathlib import Path
+
+    from safetensors import safe_open
 
     found = set()
     for path in Path(folder).glob("*.safetensors"):
-        with open(path, "rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        found |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+        with safe_open(str(path), framework="pt") as f:
+            found |= {f.get_slice(k).get_dtype() for k in f.keys()}
     return found
 
 

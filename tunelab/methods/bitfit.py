@@ -25,7 +25,7 @@ Merging: the biases already live inside the linear layers, so there is no extra 
 model also round-trips through `save_pretrained` / `from_pretrained`. For architectures that cannot
 express the added biases in their config (T5 has no such flag), the merged model is correct in
 memory but `save_pretrained` -> `from_pretrained` would drop the added biases: `merge` warns (and
-`tunelab export` refuses, export/hf.py `beyond_config`); keep
+`tunelab export` refuses: export/hf.py `beyond_config`); keep
 the bitfit folder (loaded with tunelab) as the artifact there. Models that already have biases
 (BERT) need nothing: the merged model is simply the trained model.
 """
@@ -163,16 +163,14 @@ def load(base_model, out_dir):
 
 def _representable(model, added: list[str]) -> bool:
     """Whether switching on the config's bias flags yields exactly the model's bias parameters."""
-    import torch
+    from tunelab.models.heads import config_parameter_names
 
     cfg = model.config
     flags = [f for f in _BIAS_FLAGS if hasattr(cfg, f)]
     if not flags:
         return False
     new_cfg = cfg.__class__.from_dict({**cfg.to_dict(), **{f: True for f in flags}})
-    with torch.device("meta"):
-        ref = type(model)(new_cfg)
-    return {n for n, _ in ref.named_parameters()} == {n for n, _ in model.named_parameters()}
+    return config_parameter_names(model, new_cfg) == {n for n, _ in model.named_parameters()}
 
 
 def merge(model):

@@ -29,6 +29,14 @@ def causal_lm_classes() -> frozenset[str]:
     return frozenset(c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ([v] if isinstance(v, str) else v))
 
 
+def config_parameter_names(model: torch.nn.Module, config=None) -> set[str]:
+    """The parameter names a model of `model`'s class built from `config` (default: its own) has: what
+    `from_pretrained` of a folder written from `model` would load (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        reference = type(model)(config if config is not None else model.config)
+    return {n for n, _ in reference.named_parameters()}
+
+
 Kind = Literal["classification", "regression", "span_qa"]
 
 

@@ -332,8 +332,8 @@ def fp32_master_weights_(model, params=None) -> int:
     number of parameters upcast.
     """
     n = 0
-    for p in model.parameters() if params is None else params:
-        if (params is not None or p.requires_grad) and p.dtype in (torch.bfloat16, torch.float16):
+    for p in [p for p in model.parameters() if p.requires_grad] if params is None else params:
+        if p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
             n += p.numel()
     # a LayerNorm whose bias trains and weight does not (bitfit on GPT-2): F.layer_norm takes a bf16 input with
