@@ -310,20 +310,18 @@ def test_training_loop_end_to_end(tmp_path, monkeypatch):
 
 
 def _tiny(model_type: str):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    dims = {
-        "bart": dict(d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=2,
-                     encoder_attention_heads=4, decoder_attention_heads=4, max_position_embeddings=64, dropout=0.0,
-                     attention_dropout=0.0, activation_dropout=0.0),
-        "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         hidden_dropout=0.0, attention_dropout=0.0),
-    }.get(model_type, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2))  # fmt: skip
+    from tunelab.testing import tiny_causal
+
+    if model_type != "bart":
+        return tiny_causal(model_type, 64, pad_token_id=0).eval()
+    cfg = AutoConfig.for_model("bart", vocab_size=64, pad_token_id=0, initializer_range=0.1, d_model=32,
+                               encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=2,
+                               encoder_attention_heads=4, decoder_attention_heads=4, max_position_embeddings=64,
+                               dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)  # fmt: skip
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model(model_type, vocab_size=64, pad_token_id=0, initializer_range=0.1, **dims)
-    auto = AutoModelForSeq2SeqLM if model_type == "bart" else AutoModelForCausalLM
-    return auto.from_config(cfg).eval()
+    return AutoModelForSeq2SeqLM.from_config(cfg).eval()
 
 
 @pytest.mark.parametrize(

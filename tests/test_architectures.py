@@ -13,30 +13,9 @@ import pytest
 import torch
 
 import tunelab
-from tunelab.testing import tiny_tokenizer
+from tunelab.testing import tiny_causal, tiny_tokenizer
 
-FAMILIES = {
-    "qwen2": dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    ),
-    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
-    "phi3": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    ),  # fmt: skip
-    "gpt_neox": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    ),  # fmt: skip
-}
+FAMILIES = {"qwen2": {}, "gpt2": {}, "phi3": {"pad_token_id": 0}, "gpt_neox": {}}  # tiny_causal's overrides
 METHODS = {
     "lora": {"r": 4, "dropout": 0.05},
     "prompt": {},
@@ -52,15 +31,10 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("families")
     tok = tiny_tokenizer()
-    for name, dims in FAMILIES.items():
-        cfg = AutoConfig.for_model(name, vocab_size=len(tok), max_position_embeddings=64, bos_token_id=1,
-                                   eos_token_id=2, initializer_range=0.1, **dims)  # fmt: skip
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(cfg).save_pretrained(root / name)
+    for name, overrides in FAMILIES.items():
+        tiny_causal(name, len(tok), bos_token_id=1, eos_token_id=2, **overrides).save_pretrained(root / name)
         tok.save_pretrained(root / name)
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     return root

@@ -500,14 +500,11 @@ def test_export_refuses_a_merged_model_with_weights_its_config_cannot_describe(r
     """bitfit adds zero biases to every bias-free linear layer; Qwen2's config has no flag for biases on its MLP or
     o_proj, so `from_pretrained` of an exported folder loaded the model without them (no error, other logits).
     Export refuses and names them; a model whose config describes every weight (Llama's bias flags) exports."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from tunelab.export.hf import beyond_config
+    from tunelab.testing import tiny_causal
 
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "qwen2")  # fmt: skip
+    tiny_causal("qwen2", len(tok)).save_pretrained(tmp_path / "qwen2")
     tok.save_pretrained(tmp_path / "qwen2")
     run = train_run(tmp_path, str(tmp_path / "qwen2"), str(runs["tmp"] / "train.jsonl"), {"name": "bitfit"}, "bitfit")
     with pytest.raises(

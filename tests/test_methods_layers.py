@@ -97,16 +97,11 @@ def test_gradual_in_bf16_keeps_every_block_that_thaws_in_fp32(tmp_path, monkeypa
     """bf16 weights with autocast: the master weights are every parameter that trains at some point of the run
     (optimizer_parameters), not only those trainable at step 0. Blocks that thawed later trained in bf16, where
     AdamW's updates round away, and GPT-NeoX's thawed LayerNorms (fp32 weight, bf16 bias) failed in F.layer_norm."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     import tunelab.training.loop as loop
-    from tunelab.testing import tiny_tokenizer
+    from tunelab.testing import tiny_causal, tiny_tokenizer
 
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                        max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
-    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "neox")
+    tiny_causal("gpt_neox", len(tok), num_hidden_layers=3).save_pretrained(tmp_path / "neox")
     tok.save_pretrained(tmp_path / "neox")
     rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w} {w}"}]}
             for w in ["red", "blue", "green", "pink"] * 2]  # fmt: skip
@@ -398,11 +393,10 @@ def test_gradual_every_epochs_uses_the_loops_steps_per_epoch():
 def test_gpt2s_layernorms_named_ln_are_norms():
     """GPT-2 (and GPT-J, BLOOM, Falcon) name their norms ln_1, ln_2, ln_f: `head` trains the final one (it found
     "no final norm" and refused), `freeze` with modules [norms] the top block's ones and the final one."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from tunelab.testing import tiny_causal
 
     def gpt2():
-        torch.manual_seed(0)
-        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+        return tiny_causal("gpt2", 64)
 
     model = get("head").apply(gpt2(), get("head").Config())
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {

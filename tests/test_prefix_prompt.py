@@ -310,25 +310,12 @@ def test_prompt_tuning_on_gpt2_is_a_causal_lm_and_its_loss_is_peft_own():
     """GPT2LMHeadModel's name does not end in ForCausalLM: PEFT must still wrap it as a causal LM (it was wrapped as
     a feature extractor, whose logits kept the virtual positions, and the loss failed on the shapes). The loss
     over the label tokens is PEFT's own (which pads the labels with -100 for the virtual tokens)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from tunelab.methods.base import peft_task_type
     from tunelab.models.loss import token_loss_sum
+    from tunelab.testing import tiny_causal
     from tunelab.training.card import model_kind
 
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=64,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=64,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    )
+    base = tiny_causal("gpt2", 64)
     assert peft_task_type(base).value == "CAUSAL_LM"
     assert model_kind(base) == ("AutoModelForCausalLM", "text-generation")  # the model card's loading line
     model = get("prompt").apply(base, get("prompt").Config(name="prompt", num_virtual_tokens=5))

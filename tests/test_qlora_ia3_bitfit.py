@@ -10,7 +10,7 @@ from method_harness import fit_steps
 
 from tunelab.methods import get
 from tunelab.models import count_parameters
-from tunelab.testing import tiny_batch, tiny_llama
+from tunelab.testing import tiny_batch, tiny_causal, tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -224,24 +224,13 @@ def test_bitsandbytes_hub_kernel_notice_is_dropped_and_its_other_logs_pass():
 def test_qlora_refuses_gpt2_conv1d_layers_naming_them_and_the_fix():
     """GPT-2 keeps its projections as transformers' Conv1D, which bitsandbytes cannot quantize: the error names
     such a layer and points to LoRA (the generic "all skipped" said neither)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from tunelab.methods.base import MethodError
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    model = tiny_causal("gpt2", 64)
     with pytest.raises(
         MethodError, match=r"Conv1D layers \(transformer\.h\.0\.attn\.c_attn, \.\.\. 8 in all.*method: lora"
     ):
         get("qlora").apply(model, get("qlora").Config())
-
-
-def _tiny_causal(model_type: str, **extra):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)  # fmt: skip
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg)
 
 
 def test_ia3_without_pefts_defaults_takes_llamas_names_or_says_what_to_set():
@@ -250,7 +239,7 @@ def test_ia3_without_pefts_defaults_takes_llamas_names_or_says_what_to_set():
     at step 0. Phi-3's keys and values sit in one fused qkv_proj: the error lists its linear layers."""
     from tunelab.methods.base import MethodError
 
-    base = _tiny_causal("olmo2")
+    base = tiny_causal("olmo2", 64)
     ids = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
         before = base(input_ids=ids).logits
@@ -263,22 +252,18 @@ def test_ia3_without_pefts_defaults_takes_llamas_names_or_says_what_to_set():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before)
     with pytest.raises(MethodError, match=r"model type 'phi3'.*method\.target_modules.*qkv_proj"):
-        get("ia3").apply(_tiny_causal("phi3", pad_token_id=0), get("ia3").Config())
+        get("ia3").apply(tiny_causal("phi3", 64, pad_token_id=0), get("ia3").Config())
 
 
 def test_bitfit_on_gpt2_in_bf16_trains_its_layernorm_biases(tmp_path):
     """BitFit trains GPT-2's LayerNorm biases in fp32 (master weights) beside their frozen bf16 weights:
     F.layer_norm refused the pair ("expected scalar type BFloat16 but found Float"); the norm's weight is now
     fp32 too. Through tunelab.train, as a user runs it; the loss goes down."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     import tunelab
     from tunelab.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                               embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(tmp_path / "gpt2")  # fmt: skip
+    tiny_causal("gpt2", len(tok)).save_pretrained(tmp_path / "gpt2")
     tok.save_pretrained(tmp_path / "gpt2")
     rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w} {w}"}]}
             for w in ["red", "blue", "green", "pink"] * 2]  # fmt: skip

@@ -129,6 +129,34 @@ def tiny_t5(vocab_size: int = 320, seed: int = 0, **overrides):
     return T5ForConditionalGeneration(T5Config(**cfg)).eval()
 
 
+# other families' tiny dimensions, where their config names them otherwise than Llama's (tiny_causal)
+_TINY_DIMS = {
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt_neox": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    ),  # fmt: skip
+}
+
+
+def tiny_causal(model_type: str, vocab_size: int = 320, seed: int = 0, **overrides):
+    """A 2-layer causal LM of another family (qwen2, phi3, olmo2, gpt2, gpt_neox ...: any transformers model_type),
+    hidden size 32, random weights, in train mode as built (its dropout is 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dims = _TINY_DIMS.get(model_type) or dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=64)  # fmt: skip
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, initializer_range=0.1, **{**dims, **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
 def tiny_batch(arch: str, seed: int = 0) -> dict:
     """A fixed batch for `arch` in ("llama", "bert", "t5") whose loss the model's forward returns."""
     g = torch.Generator().manual_seed(seed)
