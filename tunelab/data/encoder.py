@@ -2,7 +2,8 @@
 in plain data that a tokenising process started fresh (`spawn`) can use with only `tokenizers` and jinja loaded.
 
     enc = encoder_for(tokenizer)                          # None: a slow tokenizer (use render_examples)
-    examples = encode_rows(rows, enc, Tokenizer.from_str(enc.backend))   # [(ids, labels)] as int32 arrays
+    backend = Tokenizer.from_str(enc.backend)
+    examples = encode_rows(rows, enc, backend, WordMemo.of(backend))   # [(ids, labels)] as int32 arrays
 
 Why one render is enough. templating.py finds reply i's span by rendering the conversation up to it with the
 generation prompt (where the reply starts) and up to and including it (where its end of turn ends). For a
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tunelab.data.bytebpe import WordMemo, encode_texts
 from tunelab.data.errors import DataError
 from tunelab.data.formats import resolved, row_to_messages, row_to_text, row_tools
 from tunelab.data.templating import IGNORE, spans_by_renders, supports_tools
@@ -135,9 +137,11 @@ def template_shape(enc: Encoder) -> tuple[str, str] | None:
     return shape
 
 
-def encode_rows(rows: list[tuple[dict, object, str]], enc: Encoder, backend) -> list[tuple[np.ndarray, np.ndarray]]:
+def encode_rows(
+    rows: list[tuple[dict, object, str]], enc: Encoder, backend, memo: WordMemo | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """render_examples(rows, tokenizer) as (input_ids, labels) int32 arrays; `backend`: the tokenizers.Tokenizer
-    made from enc.backend. Raises ShapeMismatch when the batch's first one-render row disagrees with the
+    made from enc.backend, `memo`: WordMemo.of(backend), kept by the caller across batches. Raises ShapeMismatch when the batch's first one-render row disagrees with the
     renderings (see the module docstring)."""
     out: list = [None] * len(rows)
     chats, texts, checked = [], [], False
@@ -163,10 +167,7 @@ def encode_rows(rows: list[tuple[dict, object, str]], enc: Encoder, backend) -> 
         if not spans:
             raise DataError(f"{where}: the conversation has no assistant message, so there is nothing to learn.")
         chats.append((j, full, spans, cfg.train_on_prompt))
-    encodings = backend.encode_batch([c[1] for c in chats], add_special_tokens=False) if chats else []
-    for (j, full, spans, on_prompt), e in zip(chats, encodings):
-        ids = np.array(e.ids, dtype=np.int32)
-        starts = np.fromiter((a for a, _ in e.offsets), dtype=np.int64, count=len(ids))
+    for (j, full, spans, on_prompt), (ids, starts) in zip(chats, encode_texts([c[1] for c in chats], backend, memo)):
         first, last = np.asarray(spans, dtype=np.int64).T
         k = np.searchsorted(first, starts, side="right") - 1  # the reply a token starts in (templating.turns_of)
         inside = (k >= 0) & (starts < last[np.maximum(k, 0)])

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.config import DataConfig
+from tunelab.data.bytebpe import WordMemo
 from tunelab.data.encoder import Encoder, ShapeMismatch, encode_rows, encoder_for
 from tunelab.data.errors import DataError, check_kept, source_names, where
 from tunelab.data.formats import detect_format, row_to_messages, row_to_text
@@ -317,13 +318,14 @@ def encode_share(enc: Encoder | None, tokenizer, rows_file: str, start: int, sto
         from tokenizers import Tokenizer
 
         backend = tokenizer.backend_tokenizer if tokenizer is not None else Tokenizer.from_str(enc.backend)
+        memo = WordMemo.of(backend)
     cfg = DataConfig(**cfg)
     with pa.OSFile(out, "wb") as sink, pa.ipc.new_stream(sink, _schema()) as writer:
         for part in _row_batches(rows_file, start, stop):
             rows = [(json.loads(r), cfg, where(label, n))
                     for r, n in zip(part.column("row").to_pylist(), part.column("line").to_pylist())]  # fmt: skip
             if enc is not None:
-                examples = encode_rows(rows, enc, backend)
+                examples = encode_rows(rows, enc, backend, memo)
             else:
                 examples = [(np.array(e["input_ids"], np.int32), np.array(e["labels"], np.int32))
                             for e in render_examples(rows, tokenizer)]  # fmt: skip
