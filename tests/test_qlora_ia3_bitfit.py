@@ -275,3 +275,30 @@ def test_bitfit_on_gpt2_in_bf16_trains_its_layernorm_biases(tmp_path):
     losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line and '"step"' in line]  # fmt: skip
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.05
+
+
+@pytest.mark.parametrize("method, arch, message", [("qlora", "gpt2", r"Conv1D layers \(h\.0\.attn\.c_attn"),
+                                                   ("ia3", "phi3", r"model type 'phi3'.*qkv_proj")])  # fmt: skip
+def test_a_model_the_method_cannot_take_is_refused_before_it_loads(method, arch, message, tmp_path):
+    """qlora on GPT-2, ia3 on Phi-3: refused from the model's config (its layers built on the meta device) after
+    the data is checked and before any weight is read, so a user of a 7B model does not wait for its load."""
+    import tunelab
+    from tunelab.methods.base import MethodError
+    from tunelab.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tiny_causal(arch, len(tok), pad_token_id=0).save_pretrained(tmp_path / arch)
+    tok.save_pretrained(tmp_path / arch)
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 4
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"name": str(tmp_path / arch)},
+           "data": {"train": str(tmp_path / "train.jsonl"), "val_fraction": 0}, "method": {"name": method},
+           "training": {"max_steps": 1, "progress": False, "tensorboard": False}}  # fmt: skip
+    (tmp_path / arch / "model.safetensors").unlink()  # a load would fail on the missing weights instead
+    with pytest.raises(MethodError, match=message):
+        tunelab.train(cfg)
+    assert not (tmp_path / "run").exists()
+    # a model whose layers cannot be built here (no config) is left to the load, which reports it
+    assert (
+        get(method).check_model(get(method).Config(), tunelab.config.ModelConfig(name=str(tmp_path / "none"))) is None
+    )

@@ -83,8 +83,14 @@ def load_plan(cfg, device):
     return None
 
 
+def check_model(cfg, model_cfg) -> None:
+    """Before the model loads: raise a MethodError for a model whose architecture the method cannot take
+    (models.loading.skeleton(model_cfg) has its layers, without weights); by default nothing to check."""
+    return None
+
+
 DEFAULT_HOOKS = {"optimizer_parameters": optimizer_parameters, "optimizer": optimizer, "on_step": on_step,
-                 "load_plan": load_plan}  # fmt: skip
+                 "load_plan": load_plan, "check_model": check_model}  # fmt: skip
 
 
 def freeze_all(model: torch.nn.Module) -> None:

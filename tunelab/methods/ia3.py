@@ -107,6 +107,18 @@ def _default_modules(model, model_type) -> tuple[list[str], list[str]]:
     )
 
 
+def check_model(cfg: Config, model_cfg) -> None:
+    """Before the model loads: a model type without default modules and without Llama's names is refused now."""
+    from peft.utils import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as peft_defaults
+
+    from tunelab.models.loading import skeleton
+
+    if cfg.target_modules is None and (model := skeleton(model_cfg)) is not None:
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in _PAPER_MODULES and model_type not in peft_defaults:
+            _default_modules(model, model_type)
+
+
 def apply(model, cfg: Config):
     return wrap_peft(model, peft_config(cfg, model))
 

@@ -274,6 +274,27 @@ def quantized_memory_report(model) -> dict:
 
 
 # --------------------------------------------------------------------------------- method contract
+def _refuse_nothing_to_quantize(model) -> None:
+    conv = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    if conv:  # GPT-2's family keeps its projections as transformers' Conv1D, which bitsandbytes cannot take
+        raise MethodError(
+            f"qlora: this model's projections are Conv1D layers ({conv[0]}, ... {len(conv)} in all: GPT-2 style), "
+            "and bitsandbytes quantizes nn.Linear layers only; use method: lora (it adapts Conv1D layers)"
+        )
+    raise MethodError("qlora: no linear layer was quantized (all skipped)")
+
+
+def check_model(cfg: Config, model_cfg) -> None:
+    """Before the model loads: a model whose body has no nn.Linear at all (GPT-2's Conv1D) is refused now."""
+    import torch
+
+    from tunelab.models.loading import skeleton
+
+    model = skeleton(model_cfg)  # the bare transformer: its names lack the task model's prefix, so skip_modules
+    if model is not None and not any(type(m) is torch.nn.Linear for m in model.modules()):  # are read at apply
+        _refuse_nothing_to_quantize(model)
+
+
 def _prepare(model, cfg: Config, device: torch.device) -> dict:
     """The CPU-sensible part of `peft.prepare_model_for_kbit_training`: quantize, freeze the base,
     mark the model as 4-bit so PEFT wraps Linear4bit with its 4-bit LoRA layer. No fp32 up-cast of
@@ -283,13 +304,7 @@ def _prepare(model, cfg: Config, device: torch.device) -> dict:
     info = quantize_linear_layers_(model, cfg.quant_type, cfg.double_quant, dtype, cfg.skip_modules)
     info["compute_dtype"] = dtype
     if not info["quantized"]:
-        conv = [name for name, m in model.named_modules() if type(m).__name__ == "Conv1D"]
-        if conv:  # GPT-2's family keeps its projections as transformers' Conv1D, which bitsandbytes cannot take
-            raise MethodError(
-                f"qlora: this model's projections are Conv1D layers ({conv[0]}, ... {len(conv)} in all: GPT-2 style), "
-                "and bitsandbytes quantizes nn.Linear layers only; use method: lora (it adapts Conv1D layers)"
-            )
-        raise MethodError("qlora: no linear layer was quantized (all skipped)")
+        _refuse_nothing_to_quantize(model)
     freeze_all(model)
     model.is_loaded_in_4bit = True  # what PEFT's dispatch checks to use its bnb 4-bit LoRA layer
     return info

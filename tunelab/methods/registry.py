@@ -21,6 +21,9 @@ Optional hooks (`get` fills in base.py's defaults for those a module does not de
                                     on CUDA); None (the default): the loop's AdamW
   load_plan(cfg, device) -> plan | None  layers to convert while the base is read tensor by tensor
                                     (models/streaming.py; qlora: straight into 4-bit); None: the ordinary load
+  check_model(cfg, model_cfg) -> None  before the model loads: refuse an architecture the method cannot take
+                                    (ia3 without default modules, qlora on Conv1D layers), from
+                                    models.loading.skeleton(model_cfg), the layers without weights
 
 Adding a method: write its module, add one line to METHODS in tunelab/plugins.py, add its test and
 docs section.

@@ -180,6 +180,23 @@ def load_config(cfg: ModelConfig):
     return _from_pretrained(AutoConfig.from_pretrained, resolve(cfg.name), cfg)
 
 
+def skeleton(cfg: ModelConfig):
+    """`cfg.name`'s bare transformer built from its config on the meta device (no weights, no memory), for the
+    checks a method makes before the model loads (its layers' names and types); None where it cannot be built
+    here (a folder or hub id the full load reads its own way, a model without a config): the load reports."""
+    if cfg.architecture is not None:
+        return None
+    try:
+        import torch
+        from transformers import AutoModel
+
+        config = load_config(cfg)
+        with torch.device("meta"):
+            return AutoModel.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except Exception:
+        return None
+
+
 _PLAN: contextvars.ContextVar = contextvars.ContextVar("tunelab_load_plan", default=None)
 
 
