@@ -250,3 +250,22 @@ def test_a_modernbert_counts_and_builds_with_the_tokenizers_special_ids(corpus, 
     assert json.loads(capsys.readouterr().out)["total"] == sum(p.numel() for p in model.parameters())
     ids = {k: getattr(model.config, f"{k}_token_id") for k in ("pad", "cls", "sep")}
     assert ids == {k: getattr(tok, f"{k}_token_id") for k in ids} and max(ids.values()) < len(tok)
+
+
+def test_an_architecture_whose_tokenizer_would_not_reload_as_trained_is_refused_before_training():
+    """transformers 5 loads the tokenizer beside a qwen2 config as Qwen2Tokenizer, which rebuilds the pre-tokenizer
+    its own way: a tokenizer trained here would split `12345` into five tokens after a reload (one in training).
+    Refused when the model is built; llama's (and qwen3's) folders load the tokenizer as saved."""
+    from tunelab.config import ModelConfig
+    from tunelab.models.scratch import build_model
+    from tunelab.models.sources import ModelError
+    from tunelab.testing import tiny_tokenizer
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 2}  # fmt: skip
+    tok = tiny_tokenizer()
+    with pytest.raises(ModelError, match=r"'qwen2'.*Qwen2Tokenizer.*llama, mistral, qwen3"):
+        build_model(ModelConfig(name="scratch", architecture="qwen2", config=small, tokenizer="tok"), tok)
+    for architecture in ("llama", "qwen3"):
+        cfg = ModelConfig(name="scratch", architecture=architecture, config=small, tokenizer="tok")
+        assert build_model(cfg, tok) is not None

@@ -99,6 +99,34 @@ def _from_config(auto_class, config, architecture: str):
         ) from None
 
 
+_PROBE = "Hello   world 12345 it's\n\n  x ÄÖ 😀 <b>done</b>"
+
+
+def check_tokenizer_reloads(config, tokenizer, architecture: str) -> None:
+    """Refuse, before training, a tokenizer that AutoTokenizer would not give back from the run's folder.
+    transformers 5 loads the tokenizer beside a config of some model types (qwen2, qwen3_5 ...) as that type's own
+    class, which rebuilds the pre-tokenizer its way: a tokenizer trained here then splits text differently after a
+    reload (`12345` one token before, five after), so evaluation, serving and export would feed the model ids it
+    never trained on."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        back = AutoTokenizer.from_pretrained(folder)
+    want, got = tokenizer(_PROBE)["input_ids"], back(_PROBE)["input_ids"]
+    if got != want:
+        raise ModelError(
+            f"model.architecture {architecture!r}: transformers loads the tokenizer saved beside this architecture's "
+            f"config as {type(back).__name__}, which splits text its own way, not as this tokenizer does "
+            f"({_PROBE!r}: {len(want)} tokens here, {len(got)} after a reload), so the trained model could not be "
+            "reloaded with the tokens it learnt. Choose an architecture with the same layers whose tokenizer loads "
+            "as saved (llama, mistral, qwen3 ...), or give model.tokenizer a tokenizer of this architecture's own kind."
+        )
+
+
 def build_model(model_cfg: ModelConfig, tokenizer, auto_class=None, seed: int | None = None, device="cpu",
                 max_length: int | None = None):  # fmt: skip
     """A randomly initialised `auto_class` model of `model_cfg.architecture`, in float32 on `device`, in eval
@@ -117,6 +145,7 @@ def build_model(model_cfg: ModelConfig, tokenizer, auto_class=None, seed: int | 
             f"data.max_length {max_length} is longer than the model's positions ({limit}): raise "
             "model.config.max_position_embeddings (n_positions for gpt2) or lower data.max_length"
         )
+    check_tokenizer_reloads(config, tokenizer, model_cfg.architecture)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
