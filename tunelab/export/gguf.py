@@ -13,7 +13,9 @@ llama.cpp's convert_hf_to_gguf.py for the llama architecture:
   - a tensor whose row length is not a multiple of the type's block size falls back to a type
     that fits (q4_k -> q5_0 as llama-quantize does, else f16);
   - the vocabulary: byte-level BPE tokens in id order, token types (normal / control for special
-    added tokens / user-defined / unused padding), and the pre-tokenizer name llama.cpp expects.
+    added tokens / user-defined / unused padding), and the pre-tokenizer name llama.cpp expects; or, for a
+    SentencePiece-style tokenizer (Llama 2, TinyLlama), llama.cpp's `llama` tokenizer: pieces, scores made from
+    the merges' order (`spm_scores`) and byte / unknown types.
 
 Q4_K: gguf-py can only *de*quantise it, so `_quantize_q4_k` packs the 144-byte super-blocks itself
 (min/max per 32-value sub-block, 6-bit sub-scales); llama.cpp's own Q4_K search (make_qkx2_quants)
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -188,17 +191,32 @@ def pre_tokenizer_name(tokenizer, given: str | None = None) -> tuple[str, str]:
     )
 
 
-def _vocab(tokenizer, n_vocab: int):
+def tokenizer_kind(tokenizer) -> str:
+    """`bpe`: byte-level BPE (GPT-2 / SmolLM2 / Llama 3 / Qwen style), llama.cpp's `gpt2` tokenizer model; `spm`:
+    SentencePiece-style BPE with byte fallback (Llama 2 / Mistral 7B / TinyLlama), its `llama` one; ExportError
+    for another."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, decoder = spec.get("model", {}), spec.get("decoder") or {}
+    steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    if model.get("type") == "BPE" and not model.get("byte_fallback") and decoder.get("type") == "ByteLevel":
+        return "bpe"
+    if (
+        model.get("type") == "BPE"
+        and model.get("byte_fallback")
+        and any(d.get("type") == "ByteFallback" for d in steps)
+    ):
+        return "spm"
+    raise ExportError(
+        "GGUF export supports byte-level BPE tokenizers (GPT-2 / SmolLM2 / Llama 3 / Qwen style) and SentencePiece-"
+        f"style BPE with byte fallback (Llama 2 / Mistral 7B / TinyLlama); this one is {model.get('type')} with "
+        f"decoder {decoder.get('type')}. Export with --format hf instead."
+    )
+
+
+def token_types(tokenizer, n_vocab: int, kind: str):
     """Tokens in id order (padded with [PADi] up to the embedding size) and their llama.cpp types."""
     import gguf
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model, decoder = spec.get("model", {}), spec.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise ExportError(
-            "GGUF export supports byte-level BPE tokenizers (GPT-2 / SmolLM2 / Llama-3 style); this one is "
-            f"{model.get('type')} with decoder {decoder.get('type')}. Export with --format hf instead."
-        )
     reverse = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder
     if max(reverse) >= n_vocab:
@@ -208,27 +226,105 @@ def _vocab(tokenizer, n_vocab: int):
         if i not in reverse:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(reverse[i])
+        if kind == "spm" and i == tokenizer.unk_token_id:
+            types.append(gguf.TokenType.UNKNOWN)
         elif i in added:
-            tokens.append(reverse[i])
             types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        elif kind == "spm" and re.fullmatch(r"<0x[0-9A-F]{2}>", reverse[i]):
+            types.append(gguf.TokenType.BYTE)
         else:
-            tokens.append(reverse[i])
             types.append(gguf.TokenType.NORMAL)
     return tokens, types
 
 
-def _add_tokenizer(writer, tokenizer, n_vocab: int, pre: str) -> None:
+def spm_scores(tokenizer) -> tuple[dict[str, float], bool, str | None]:
+    """({piece: score}, add_space_prefix, a note) for llama.cpp's SentencePiece tokenizer, which merges the adjacent
+    pair whose concatenation is the best-scored piece, where transformers' BPE merges the pair earliest in `merges`.
+    The two agree when every split of a piece into two pieces is a merge and each piece's merges sit together
+    in the list (as transformers' converter of a SentencePiece model writes them: it lists every split, ordered
+    by the piece's score); the score is then minus the piece's place. A tokenizer that breaks either is refused.
+    Spaces: llama.cpp puts a ▁ before the text and after each special token (add_space_prefix), as Llama 2's
+    normalizer and a Metaspace pre-tokenizer with prepend_scheme `always` do; `first` (transformers 5's
+    LlamaTokenizer with legacy: false) puts none after a special token, which the note says."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    space, note = _spm_spaces(spec)
+    model = spec["model"]
+    vocab = {t: i for t, i in model["vocab"].items() if i not in tokenizer.added_tokens_decoder}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
+    scores: dict[str, float] = {}
+    last = None
+    for a, b in merges:
+        if a + b in scores and a + b != last:
+            raise ExportError(f"the merges of {a + b!r} are not together in the tokenizer's list: {_SPM_FIX}")
+        last = a + b
+        scores.setdefault(last, -float(len(scores)))
+    known = set(merges)
+    for piece in vocab:
+        for k in range(1, len(piece)):
+            if piece[:k] in vocab and piece[k:] in vocab and (piece[:k], piece[k:]) not in known:
+                raise ExportError(f"{piece!r} = {piece[:k]!r} + {piece[k:]!r} is no merge of the tokenizer: {_SPM_FIX}")
+    return scores, space, note
+
+
+def _spm_spaces(spec: dict) -> tuple[bool, str | None]:
+    """(add_space_prefix, note) of a SentencePiece-style tokenizer's space handling; ExportError for another."""
+    norm, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer") or {}
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm] if norm else []
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    if not pre and steps in ([{"type": "Prepend", "prepend": "▁"}, replace], [replace]):  # Llama 2's tokenizer.json
+        return len(steps) == 2, None
+    inner = any("▁" in piece[1:] for piece in spec["model"]["vocab"])
+    if (
+        not steps
+        and pre.get("type") == "Metaspace"
+        and pre.get("replacement") == "▁"
+        and not (pre.get("split") and inner)
+    ):
+        scheme = pre.get("prepend_scheme", "always")
+        note = {
+            "always": "llama.cpp puts one ▁ more where a text, or the text after a special token, begins with a space: "
+            "this tokenizer (Metaspace, prepend_scheme always) adds its ▁ only to text that does not start with one",
+            "first": "llama.cpp puts a ▁ before text that follows a special token, where this tokenizer (Metaspace, "
+            "prepend_scheme first: transformers' LlamaTokenizer with legacy: false) puts none (`</s>a`: `▁a` there), "
+            "and one ▁ more where a text begins with a space",
+        }.get(scheme)
+        if note:
+            note += "; llama.cpp's own convert_hf_to_gguf.py writes the same file (tokenizer.ggml.add_space_prefix)"
+        return scheme != "never", note
+    raise ExportError(
+        "GGUF export of a SentencePiece-style tokenizer needs its spaces as ▁ (Llama 2's normalizer, or a Metaspace "
+        f"pre-tokenizer); this one has normalizer {norm.get('type')} and pre-tokenizer {pre.get('type')}, which "
+        "llama.cpp would split differently. Export with --format hf."
+    )
+
+
+_SPM_FIX = ("llama.cpp would merge pieces in another order than transformers here; export with --format hf and convert "
+            "with llama.cpp's convert_hf_to_gguf.py from the model's tokenizer.model")  # fmt: skip
+
+
+def _add_tokenizer(writer, tokenizer, n_vocab: int, pre: str | None) -> None:
     import gguf
 
-    tokens, types = _vocab(tokenizer, n_vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
+    kind = tokenizer_kind(tokenizer)
+    tokens, types = token_types(tokenizer, n_vocab, kind)
+    if kind == "spm":  # llama.cpp's SentencePiece tokenizer: scores instead of merges, no pre-tokenizer
+        scores, space, _ = spm_scores(tokenizer)
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores([scores.get(t, 0.0) for t in tokens])
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(space)
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre)
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as tmp:  # SpecialVocab reads the files save_pretrained writes
         tokenizer.save_pretrained(tmp)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=n_vocab)
-    if not special.merges:
+        special = gguf.SpecialVocab(tmp, load_merges=kind == "bpe", n_vocab=n_vocab)
+    if kind == "bpe" and not special.merges:
         raise ExportError("the tokenizer has no BPE merges; GGUF byte-level BPE needs them")
     if special.chat_template is None and tokenizer.chat_template:
         special.chat_template = tokenizer.chat_template
@@ -337,8 +433,14 @@ def write_gguf(
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n_vocab = state["model.embed_tokens.weight"].shape[0]
-    _vocab(tokenizer, n_vocab)  # a tokenizer GGUF cannot hold is refused before its pre-tokenizer
-    pre, pre_from = pre_tokenizer_name(tokenizer, pre_tokenizer)
+    # a tokenizer GGUF cannot hold is refused before anything is written
+    note = None
+    if tokenizer_kind(tokenizer) == "spm":
+        note = spm_scores(tokenizer)[2]
+        pre, pre_from = None, "SentencePiece (no pre-tokenizer)"
+    else:
+        token_types(tokenizer, n_vocab, "bpe")
+        pre, pre_from = pre_tokenizer_name(tokenizer, pre_tokenizer)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -396,4 +498,5 @@ def write_gguf(
     writer.close()
     tmp.replace(path)
     return {"path": str(path), "bytes": path.stat().st_size, "quant": quant, "tensor_types": used,
-            "fallbacks": fallbacks, "pre_tokenizer": pre, "pre_tokenizer_from": pre_from}  # fmt: skip
+            "fallbacks": fallbacks, "pre_tokenizer": pre, "pre_tokenizer_from": pre_from,
+            **({"tokenizer_note": note} if note else {})}  # fmt: skip
