@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -527,3 +528,34 @@ def test_a_sentencepiece_style_tokenizer_tokenizes_and_answers_in_llama_cpp(tmp_
     assert any(3 <= t < 259 for t in tok(TEXTS[-1])["input_ids"])  # bytes for what the pieces lack
     llm.close()
     _compare(model, tok, tmp_path / "spm.gguf", "f32")
+
+
+LLAMA2_VOCAB = Path(llama_cpp.__file__).parent / "lib" / "ggml-vocab-llama-spm.gguf"
+
+
+@pytest.mark.skipif(
+    not LLAMA2_VOCAB.exists(), reason="run make llama-cpp again: it copies llama.cpp's Llama 2 vocabulary"
+)
+def test_llama_2s_own_tokenizer_exports_to_llama_cpps_own_vocabulary_and_ids(tmp_path):
+    """llama.cpp's Llama 2 vocabulary (32,000 SentencePiece pieces, the runs of ▁ tied at the lowest score), read by
+    transformers as its tokenizer (merges made from the scores), exported: the same pieces and types as llama.cpp's
+    file, and llama.cpp's own test texts tokenize to llama.cpp's reference ids (all 47). transformers' ids differ
+    exactly where the note says: text that starts with a space (its Metaspace adds no second ▁)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(LLAMA2_VOCAB.parent, gguf_file=LLAMA2_VOCAB.name)
+    report = write_gguf(tiny_llama(len(tok)), tok, tmp_path / "llama2.gguf", "f32")
+    assert "one ▁ more where a text begins with a space" in report["tokenizer_note"]
+    theirs, ours = gguf.GGUFReader(LLAMA2_VOCAB), gguf.GGUFReader(tmp_path / "llama2.gguf")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
+        assert ours.fields[key].contents() == theirs.fields[key].contents(), key
+    texts = LLAMA2_VOCAB.with_name(LLAMA2_VOCAB.name + ".inp").read_text().split("\n__ggml_vocab_test__\n")
+    ids = [
+        [int(i) for i in line.split()]
+        for line in LLAMA2_VOCAB.with_name(LLAMA2_VOCAB.name + ".out").read_text().split("\n")
+    ]
+    llm = _llama(tmp_path / "llama2.gguf", n_ctx=64)
+    assert len(texts) == 47 and [llm.tokenize(t.encode(), add_bos=False) for t in texts] == ids[: len(texts)]
+    differ = [t for t, want in zip(texts, ids) if tok(t, add_special_tokens=False)["input_ids"] != want]
+    assert differ and all(t.startswith(" ") for t in differ)
+    llm.close()

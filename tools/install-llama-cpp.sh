@@ -65,4 +65,7 @@ CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$PY" -m pip install --quiet --
 lib=$("$PY" -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llama_cpp').origin).parent / 'lib')")
 mkdir -p "$lib"
 find "$work/build" -name 'lib*.so*' \( -name 'libllama*' -o -name 'libggml*' \) -exec cp -P {} "$lib"/ \;
+# llama.cpp's own Llama 2 (SentencePiece) vocabulary and its tokenizer test texts and ids, beside the library:
+# tests/test_llama_cpp.py exports a tokenizer made from it and checks llama.cpp's ids for those texts
+cp "$src"/vendor/llama.cpp/models/ggml-vocab-llama-spm.gguf* "$lib"/
 "$PY" -c "import llama_cpp; llama_cpp.llama_backend_init(); print('llama-cpp-python', llama_cpp.__version__, 'loads', '$lib')"

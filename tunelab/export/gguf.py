@@ -244,7 +244,8 @@ def spm_scores(tokenizer) -> tuple[dict[str, float], bool, str | None]:
     pair whose concatenation is the best-scored piece, where transformers' BPE merges the pair earliest in `merges`.
     The two agree when every split of a piece into two pieces is a merge and each piece's merges sit together
     in the list (as transformers' converter of a SentencePiece model writes them: it lists every split, ordered
-    by the piece's score); the score is then minus the piece's place. A tokenizer that breaks either is refused.
+    by the piece's score); the score is then minus the piece's place. Pieces of equal score have their merges
+    interleaved instead: accepted where llama.cpp's ties give the same ids (_check_tied_runs). Else refused.
     Spaces: llama.cpp puts a ▁ before the text and after each special token (add_space_prefix), as Llama 2's
     normalizer and a Metaspace pre-tokenizer with prepend_scheme `always` do; `first` (transformers 5's
     LlamaTokenizer with legacy: false) puts none after a special token, which the note says."""
@@ -253,19 +254,45 @@ def spm_scores(tokenizer) -> tuple[dict[str, float], bool, str | None]:
     model = spec["model"]
     vocab = {t: i for t, i in model["vocab"].items() if i not in tokenizer.added_tokens_decoder}
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
-    scores: dict[str, float] = {}
-    last = None
-    for a, b in merges:
-        if a + b in scores and a + b != last:
-            raise ExportError(f"the merges of {a + b!r} are not together in the tokenizer's list: {_SPM_FIX}")
-        last = a + b
-        scores.setdefault(last, -float(len(scores)))
     known = set(merges)
     for piece in vocab:
         for k in range(1, len(piece)):
             if piece[:k] in vocab and piece[k:] in vocab and (piece[:k], piece[k:]) not in known:
                 raise ExportError(f"{piece!r} = {piece[:k]!r} + {piece[k:]!r} is no merge of the tokenizer: {_SPM_FIX}")
-    return scores, space, note
+    # the pieces whose merges sit apart in the list: transformers' converter orders pieces of equal score (Llama
+    # 2's runs of ▁, all at -1e9) by the lengths of their parts, so their merges interleave at the list's end
+    first, last = {}, {}
+    for rank, (a, b) in enumerate(merges):
+        first.setdefault(a + b, rank)
+        last[a + b] = rank
+    apart = [first[t] for t in first if any("".join(merges[r]) != t for r in range(first[t], last[t]))]
+    tied = {a + b for a, b in merges[min(apart) :]} if apart else set()  # from the first of them to the end
+    if tied:
+        _check_tied_runs(tokenizer, merges, tied, vocab)
+    floor = -float(len(merges))
+    return {t: floor if t in tied else -float(r) for t, r in first.items()}, space, note
+
+
+def _check_tied_runs(tokenizer, merges: list, tied: set, vocab: dict) -> None:
+    """Pieces whose merges interleave are given one score, the lowest, and llama.cpp breaks their ties leftmost.
+    That gives transformers' ids when they are runs of one character (Llama 2's ▁▁ ... ▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁), merged
+    after every other piece, never part of another piece, and every run up to twice the longest splits the same
+    way both ways (simulated here, llama.cpp's bigram queue against transformers' own model)."""
+    chars = {c for t in tied for c in t}
+    if len(chars) != 1:
+        raise ExportError(f"the merges of {sorted(tied)[:3]} ... are not together in the tokenizer's list: {_SPM_FIX}")
+    if any((a in tied or b in tied) and a + b not in tied for a, b in merges):
+        raise ExportError(f"a piece is made from a run of {chars.pop()!r}, which merges last: {_SPM_FIX}")
+    (c,) = chars
+    for n in range(2, 2 * max(map(len, tied)) + 1):
+        pieces = [c] * n
+        while True:  # llama.cpp: the best-scored pair (all tied here), leftmost first
+            at = next((i for i in range(len(pieces) - 1) if pieces[i] + pieces[i + 1] in tied), None)
+            if at is None:
+                break
+            pieces[at : at + 2] = [pieces[at] + pieces[at + 1]]
+        if [vocab[p] for p in pieces] != [t.id for t in tokenizer.backend_tokenizer.model.tokenize(c * n)]:
+            raise ExportError(f"a run of {n} {c!r} splits differently in llama.cpp: {_SPM_FIX}")
 
 
 def _spm_spaces(spec: dict) -> tuple[bool, str | None]:
