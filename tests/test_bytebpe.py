@@ -142,3 +142,17 @@ def test_a_full_memo_forgets_its_words_and_encodes_the_same(monkeypatch):
     got = [memo.encode(t) for t in batch]
     assert [(a.tolist(), b.tolist()) for a, b in got] == reference(tok, batch)
     assert len(memo.ids) < 20 + 60 + len(memo.added) and memo.ids["<think>"] == (tok.token_to_id("<think>"),)
+
+
+def test_a_word_with_a_byte_the_vocabulary_lacks_goes_to_encode_batch():
+    """A BPE trained without the 256-byte alphabet drops what it never saw (its model has no unk): the tokens no
+    longer spell the word, so only encode_batch's alignment knows where the next ones start. Such rows go there."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(CORPUS[:1] * 8, trainer=trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    memo = WordMemo.of(tok)
+    batch = ["the quick fox", "the quick Zebra fox", "quick Zebra", "the fox"]
+    got = [memo.encode(t) for t in batch]
+    assert got[0] is not None and got[1] is None and got[2] is None and got[3] is not None
+    assert [(a.tolist(), b.tolist()) for a, b in encode_texts(batch, tok, memo)] == reference(tok, batch)
+    assert len(reference(tok, ["Zebra"])[0][0]) < len("Zebra")  # the batch call dropped the unseen bytes

@@ -87,6 +87,7 @@ class WordMemo:
         self.ids = {a: (i,) for a, i in self.added.items()}
         self.starts = {a: (0,) for a in self.added}
         self.lead1 = set()
+        self.hard: set[str] = set()  # words whose tokens do not spell them (a byte missing from the vocabulary)
 
     def check(self, chars: set[str]) -> bool:
         """Check each character not checked yet (see the module's docstring); False if one of `chars` failed."""
@@ -104,8 +105,12 @@ class WordMemo:
             ascii_ = word.isascii()  # one character a byte: offsets in bytes are offsets in characters
             mapped = word.translate(self.ascii_bytes) if ascii_ else self.bytes_of.pre_tokenize_str(word)[0][0]
             char_of = None if ascii_ else [i for i, c in enumerate(word) for _ in c.encode()]
+            tokens = self.model.tokenize(mapped)
+            if "".join(t.value for t in tokens) != mapped:  # a byte the vocabulary lacks (dropped, or <unk>)
+                self.hard.add(word)  # its offsets are the batch call's to align: rows holding it go there
+                continue
             ids, starts, at = [], [], 0
-            for i, t in enumerate(self.model.tokenize(mapped)):
+            for i, t in enumerate(tokens):
                 n = len(t.value)  # bytes, one character each in `mapped`
                 start, end = (at, at + n) if ascii_ else (char_of[at], char_of[at + n - 1] + 1)
                 if self.trim:  # ByteLevel's post-processor: leading spaces out of the offsets
@@ -141,7 +146,9 @@ class WordMemo:
         if None in got:
             if len(self.ids) > MAX_WORDS:  # bounded memory whatever the data's size: the frequent words come back
                 self.forget()
-            self.learn({w for w in words if w not in self.ids})
+            self.learn({w for w in words if w not in self.ids and w not in self.hard})
+            if self.hard and not self.hard.isdisjoint(words):
+                return None
             got = list(map(self.ids.get, words))
         ids = np.fromiter(chain.from_iterable(got), dtype=np.int32)
         starts = np.fromiter(chain.from_iterable(map(self.starts.__getitem__, words)), dtype=np.int64, count=len(ids))
