@@ -269,3 +269,23 @@ def test_an_architecture_whose_tokenizer_would_not_reload_as_trained_is_refused_
     for architecture in ("llama", "qwen3"):
         cfg = ModelConfig(name="scratch", architecture=architecture, config=small, tokenizer="tok")
         assert build_model(cfg, tok) is not None
+
+
+def test_causal_blocks_are_the_same_through_the_word_memo(corpus, tmp_path, monkeypatch):
+    """build_causal tokenises each document through the store's word memo (tunelab/data/bytebpe.py) where it
+    takes the tokenizer: the blocks are those of the tokenizer's own call."""
+    import tunelab.data.bytebpe as bytebpe
+    from tunelab.stages.pretraining import build_causal
+    from tunelab.testing import tiny_tokenizer
+
+    cfg = load_config({"output_dir": str(tmp_path / "r"), "stage": "pretrain", "model": {"name": "x"},
+                       "method": {"name": "full"}, "data": {"train": corpus, "format": "text", "max_length": 32}})  # fmt: skip
+    tok = tiny_tokenizer()
+    calls = []
+    real = bytebpe.WordMemo.encode
+    monkeypatch.setattr(bytebpe.WordMemo, "encode", lambda self, t: calls.append(1) or real(self, t))
+    memo = build_causal(cfg, tok)
+    assert calls
+    monkeypatch.setattr(bytebpe.WordMemo, "of", classmethod(lambda cls, backend: None))
+    plain = build_causal(cfg, tok)
+    assert memo.train == plain.train and memo.val == plain.val and memo.stats == plain.stats

@@ -201,3 +201,19 @@ def encode_texts(texts: list[str], backend, memo: WordMemo | None) -> list[tuple
     for i, e in zip(rest, backend.encode_batch([texts[i] for i in rest], add_special_tokens=False) if rest else []):
         out[i] = (np.array(e.ids, np.int32), np.fromiter((a for a, _ in e.offsets), np.int64, count=len(e.ids)))
     return out
+
+
+def ids_encoder(tokenizer):
+    """A function text -> ids as `tokenizer(text, add_special_tokens=False)["input_ids"]` gives them, through the
+    memo where it takes the tokenizer and the text (a pre-training corpus: one call per document)."""
+    fast = getattr(tokenizer, "is_fast", False) and hasattr(tokenizer, "backend_tokenizer")
+    memo = WordMemo.of(tokenizer.backend_tokenizer) if fast else None
+
+    def encode(text: str) -> list[int]:
+        got = memo.encode(text) if memo is not None else None
+        if got is not None:
+            return got[0].tolist()
+        # verbose=False: a whole book may be one input here, cut into blocks afterwards; no length warning
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    return encode

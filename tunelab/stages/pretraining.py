@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from tunelab.config import ConfigError
 from tunelab.data import DataBundle
+from tunelab.data.bytebpe import ids_encoder
 from tunelab.data.corpus import all_text_files, causal_blocks, corpus_split, mlm_blocks, pack_tails
 from tunelab.metrics.char_ngram import char_ngram_baselines
 from tunelab.models import resolve_device
@@ -79,9 +80,10 @@ def build_causal(cfg, tokenizer) -> CorpusBundle:
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     length = cfg.data.max_length
     train, val, counts = [], [], {"train": 0, "heldout": 0}
+    encode = ids_encoder(tokenizer)
     for docs, out, key in ((train_docs, train, "train"), (heldout_docs, val, "heldout")):
         for _, text in docs:
-            ids = _ids(tokenizer, text)
+            ids = encode(text)
             counts[key] += len(ids)
             out += causal_blocks(ids, length, start)
     if cfg.data.packing:
