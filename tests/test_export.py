@@ -290,7 +290,7 @@ def test_export_refuses_what_it_cannot_write(runs, tmp_path):
     (fake / "tunelab.json").write_text(json.dumps({"method": "prefix", "base_model": {"name": "x"}, "stage": "sft"}))
     with pytest.raises(ExportError, match="cannot be merged"):
         export(str(tmp_path / "prefix-run"), "gguf")
-    with pytest.raises(ExportError, match="llama, qwen2, qwen3 and smollm3 architectures"):
+    with pytest.raises(ExportError, match="llama, qwen2, qwen3, smollm3, gemma and gemma3 architectures"):
         write_gguf(tiny_bert(), tiny_tokenizer(), tmp_path / "b.gguf")
     with pytest.raises(ExportError, match="--format hf takes"):
         export(runs["lora"], "hf", "q4_0")
@@ -586,3 +586,24 @@ def test_a_sentencepiece_tokenizer_llama_cpp_would_split_otherwise_is_refused(tm
     with pytest.raises(ExportError, match=message):
         write_gguf(tiny_llama(len(tok)), tok, tmp_path / "x.gguf", "f32")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_gemma3_llama_cpp_would_compute_otherwise_is_refused(tmp_path):
+    """llama.cpp's gemma3 derives the attention scale (1/sqrt(head size)) rather than reading it: a model whose
+    query_pre_attn_scalar says otherwise is refused before writing, as is a sliding layer's scaled RoPE."""
+    from tunelab.testing import tiny_causal, tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer(gemma=True)
+    base = dict(num_hidden_layers=6, head_dim=8, sliding_window=8, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    with pytest.raises(ExportError, match=r"1/sqrt\(8\).*query_pre_attn_scalar is 16"):
+        write_gguf(tiny_causal("gemma3_text", len(tok), query_pre_attn_scalar=16, **base), tok, tmp_path / "a.gguf")
+    scaled = {"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+              "full_attention": {"rope_type": "default", "rope_theta": 1e6}}  # fmt: skip
+    with pytest.raises(ExportError, match="sliding layers' RoPE unscaled"):
+        write_gguf(tiny_causal("gemma3_text", len(tok), query_pre_attn_scalar=8, rope_parameters=scaled, **base),
+                   tok, tmp_path / "b.gguf")  # fmt: skip
+    assert not list(tmp_path.glob("*.gguf"))
+    report = write_gguf(tiny_causal("gemma3_text", len(tok), query_pre_attn_scalar=8, **base), tok, tmp_path / "c.gguf")
+    reader = gguf.GGUFReader(report["path"])
+    assert list(reader.fields["gemma3.attention.sliding_window_pattern"].contents()) == [True] * 5 + [False]
+    assert reader.fields["gemma3.rope.freq_base_swa"].contents() == 10000.0

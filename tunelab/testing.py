@@ -58,11 +58,12 @@ LLAMA2_TEMPLATE = (
 )
 
 
-def tiny_spm_tokenizer(vocab_size: int = 400):
+def tiny_spm_tokenizer(vocab_size: int = 400, gemma: bool = False):
     """A SentencePiece-style BPE tokenizer laid out as Llama 2's, Mistral 7B's and TinyLlama's tokenizer.json: <unk>
     <s> </s>, then the 256 byte tokens <0x00> ... <0xFF> (byte fallback), then pieces with ▁ for a space (one
     prepended to the text), and merges for every split of a piece into two pieces, ordered by the piece (as
-    transformers' SentencePiece converter writes them); adds <s>."""
+    transformers' SentencePiece converter writes them); adds <s>. `gemma`: laid out as transformers' Gemma
+    tokenizer instead (no ▁ prepended; a split at spaces, which finds none once they are ▁)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,6 +78,9 @@ def tiny_spm_tokenizer(vocab_size: int = 400):
     merges = [m for m in merges if not m[0].startswith("<0x")]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    if gemma:
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])  # fmt: skip
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",

@@ -1,5 +1,5 @@
-"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style), a SmolLM3, Qwen2 or Qwen3 one as a GGUF file
-for llama.cpp.
+"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style), a SmolLM3, Qwen2, Qwen3, Gemma or Gemma 3 one
+as a GGUF file for llama.cpp.
 
 Built on the `gguf` package (llama.cpp's own gguf-py): GGUFWriter for the file, its tensor-name map
 for llama.cpp's names (`blk.N.attn_q.weight` ...), its quantisers for Q8_0 / Q4_0 / Q4_1 / Q5_0,
@@ -47,7 +47,12 @@ GGUF_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",  # Qwen2's layout with per-head RMSNorms on q and k, and no biases
     # Llama's tensors (permuted as Llama's); every 4th layer without RoPE, which llama.cpp's smollm3 assumes
     "SmolLM3ForCausalLM": "smollm3",
+    # Gemma: RMSNorms that scale by 1 + w, the embedding times sqrt(hidden size) (llama.cpp does it), GeGLU, a head
+    # size of its own; Gemma 3 adds q / k norms, norms after attention and after the FFN, and sliding-window layers
+    "GemmaForCausalLM": "gemma",
+    "Gemma3ForCausalLM": "gemma3",
 }
+NORM_PLUS_ONE = ("gemma", "gemma3")  # transformers' norm scales by (1 + w), llama.cpp's by w: w + 1 is written
 PERMUTED_QK = ("llama", "smollm3")  # llama.cpp runs these with interleaved rotary pairs (convert_hf_to_gguf.py)
 SUPPORTED_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
@@ -302,6 +307,10 @@ def _spm_spaces(spec: dict) -> tuple[bool, str | None]:
     replace = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
     if not pre and steps in ([{"type": "Prepend", "prepend": "▁"}, replace], [replace]):  # Llama 2's tokenizer.json
         return len(steps) == 2, None
+    # Gemma's: no ▁ before the text; its split at spaces finds none left once they are ▁ (a no-op)
+    gemma_split = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}
+    if pre == gemma_split and steps == [replace]:
+        return False, None
     inner = any("▁" in piece[1:] for piece in spec["model"]["vocab"])
     if (
         not steps
@@ -370,7 +379,7 @@ def gguf_architecture(model) -> str:
         if name in GGUF_ARCHITECTURES:
             return GGUF_ARCHITECTURES[name]
     raise ExportError(
-        "GGUF export writes the llama, qwen2, qwen3 and smollm3 architectures "
+        "GGUF export writes the llama, qwen2, qwen3, smollm3, gemma and gemma3 architectures "
         f"({', '.join(SUPPORTED_ARCHITECTURES)}); this model is {type(model).__name__}. Export with --format hf, "
         "then use llama.cpp's convert_hf_to_gguf.py."
     )
@@ -385,7 +394,7 @@ def check_model(model) -> None:
                 f"llama.cpp's smollm3 leaves RoPE out of every 4th layer; this model's no_rope_layers are "
                 f"{cfg.no_rope_layers}: export with --format hf"
             )
-    rope = getattr(model.config, "rope_parameters", None) or getattr(model.config, "rope_scaling", None) or {}
+    rope = _rope_params(model.config) or getattr(model.config, "rope_scaling", None) or {}
     kind = rope.get("rope_type", "default")
     if kind not in (None, *GGUF_ROPE_TYPES):
         why = {"dynamic": "llama.cpp has no dynamic NTK scaling, so the file would run unscaled; "
@@ -396,11 +405,35 @@ def check_model(model) -> None:
     if kind == "yarn" and rope.get("attention_factor") is not None:
         raise ExportError("yarn with an explicit attention_factor cannot be written as GGUF: llama.cpp derives the "
                           "attention temperature from the factor itself (0.1 ln F + 1); drop attention_factor")  # fmt: skip
-    if getattr(model.config, "sliding_window", None):
+    if gguf_architecture(model) == "gemma3":
+        _check_gemma3(model.config)
+    elif getattr(model.config, "sliding_window", None):
         raise ExportError("sliding-window attention is not supported by this exporter")
 
 
+def _check_gemma3(cfg) -> None:
+    """What llama.cpp's gemma3 derives rather than reads: the attention scale 1/sqrt(head size) (27B: the
+    hidden size per head), no attention soft-capping; the sliding layers' RoPE unscaled."""
+    expected = cfg.hidden_size / cfg.num_attention_heads if cfg.num_hidden_layers == 62 else cfg.head_dim
+    if cfg.query_pre_attn_scalar != expected:
+        raise ExportError(
+            f"llama.cpp's gemma3 scales attention by 1/sqrt({expected:g}); this model's query_pre_attn_scalar is "
+            f"{cfg.query_pre_attn_scalar}: export with --format hf"
+        )
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise ExportError("llama.cpp's gemma3 has no attention logit soft-capping: export with --format hf")
+    local = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention") or {}
+    if local.get("rope_type", "default") != "default":
+        raise ExportError("llama.cpp's gemma3 runs its sliding layers' RoPE unscaled: export with --format hf")
+
+
 GGUF_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+def _rope_params(config) -> dict:
+    """The RoPE parameters of the model's (global) attention layers: Gemma 3 keeps one set per layer type."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return rope.get("full_attention", rope)
 
 
 def _add_rope_scaling(writer, config) -> np.ndarray | None:
@@ -408,7 +441,7 @@ def _add_rope_scaling(writer, config) -> np.ndarray | None:
     llama.cpp expresses as per-pair frequency divisors, the `rope_freqs` tensor to add instead."""
     import gguf
 
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = _rope_params(config)
     kind = rope.get("rope_type", "default")
     if kind in ("linear", "yarn"):
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
@@ -433,8 +466,18 @@ def _add_rope_scaling(writer, config) -> np.ndarray | None:
 
 
 def _rope_theta(config) -> float:
-    rope = getattr(config, "rope_parameters", None) or {}
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    return float(_rope_params(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _add_sliding_window(writer, config) -> None:
+    """Gemma 3's sliding-window layers: the window, which layers have it (llama.cpp takes the list) and their RoPE
+    base (10,000 where the global layers' is 1,000,000)."""
+    types = list(getattr(config, "layer_types", None) or [])
+    if "sliding_attention" not in types:
+        return
+    writer.add_sliding_window(int(config.sliding_window))
+    writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+    writer.add_rope_freq_base_swa(float(config.rope_parameters["sliding_attention"]["rope_theta"]))
 
 
 def write_gguf(
@@ -485,6 +528,10 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
     rope_freqs = _add_rope_scaling(writer, cfg)
+    if arch == "gemma3":
+        _add_sliding_window(writer, cfg)
+        if getattr(cfg, "final_logit_softcapping", None):
+            writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
     if head_dim != cfg.hidden_size // n_head:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -507,6 +554,8 @@ def write_gguf(
         if gg_name is None:
             raise ExportError(f"no llama.cpp tensor name for {hf_name!r}; this model is not a plain {arch} model")
         arr = w.numpy()
+        if arch in NORM_PLUS_ONE and hf_name.endswith("norm.weight"):
+            arr = arr + 1
         if arch in PERMUTED_QK and hf_name.endswith("q_proj.weight"):
             arr = permute_qk(arr, n_head)
         elif arch in PERMUTED_QK and hf_name.endswith("k_proj.weight"):
