@@ -607,3 +607,18 @@ def test_a_gemma3_llama_cpp_would_compute_otherwise_is_refused(tmp_path):
     reader = gguf.GGUFReader(report["path"])
     assert list(reader.fields["gemma3.attention.sliding_window_pattern"].contents()) == [True] * 5 + [False]
     assert reader.fields["gemma3.rope.freq_base_swa"].contents() == 10000.0
+
+
+def test_mistral_s_sliding_window_is_written_as_llama_with_a_note(tmp_path):
+    """Mistral 7B v0.1 attends to the last 4,096 of 32,768 positions; llama.cpp's llama architecture has no window
+    (its own converter writes the model as Llama): written, with a note saying where the answers differ. A window
+    as long as the context changes nothing: no note."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    report = write_gguf(MistralForCausalLM(MistralConfig(sliding_window=64, **cfg)), tok, tmp_path / "a.gguf", "f32")
+    assert len(report["notes"]) == 1 and "the last 64" in report["notes"][0]
+    report = write_gguf(MistralForCausalLM(MistralConfig(sliding_window=256, **cfg)), tok, tmp_path / "b.gguf", "f32")
+    assert report["notes"] == []

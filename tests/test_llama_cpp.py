@@ -511,7 +511,7 @@ def test_a_sentencepiece_style_tokenizer_tokenizes_and_answers_in_llama_cpp(tmp_
         tok._tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=spaces, split=False)
     model = tiny_llama(len(tok), seed=11)
     report = write_gguf(model, tok, tmp_path / "spm.gguf", "f32")
-    assert report["pre_tokenizer"] is None and ("tokenizer_note" in report) == (spaces in ("always", "first"))
+    assert report["pre_tokenizer"] is None and bool(report["notes"]) == (spaces in ("always", "first"))
     llm = _llama(tmp_path / "spm.gguf")
     assert llm.metadata["tokenizer.ggml.model"] == "llama"
     for text in SPM_TEXTS:
@@ -546,7 +546,7 @@ def test_llama_2s_own_tokenizer_exports_to_llama_cpps_own_vocabulary_and_ids(tmp
 
     tok = AutoTokenizer.from_pretrained(LLAMA2_VOCAB.parent, gguf_file=LLAMA2_VOCAB.name)
     report = write_gguf(tiny_llama(len(tok)), tok, tmp_path / "llama2.gguf", "f32")
-    assert "one ▁ more where a text begins with a space" in report["tokenizer_note"]
+    assert "one ▁ more where a text begins with a space" in report["notes"][0]
     theirs, ours = gguf.GGUFReader(LLAMA2_VOCAB), gguf.GGUFReader(tmp_path / "llama2.gguf")
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
         assert ours.fields[key].contents() == theirs.fields[key].contents(), key

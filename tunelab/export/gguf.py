@@ -385,7 +385,8 @@ def gguf_architecture(model) -> str:
     )
 
 
-def check_model(model) -> None:
+def check_model(model) -> str | None:
+    """ExportError for a model llama.cpp would run otherwise; a note for a difference it accepts (Mistral's window)."""
     if gguf_architecture(model) == "smollm3":
         cfg = model.config
         step4 = [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]
@@ -405,10 +406,16 @@ def check_model(model) -> None:
     if kind == "yarn" and rope.get("attention_factor") is not None:
         raise ExportError("yarn with an explicit attention_factor cannot be written as GGUF: llama.cpp derives the "
                           "attention temperature from the factor itself (0.1 ln F + 1); drop attention_factor")  # fmt: skip
+    window = getattr(model.config, "sliding_window", None)
     if gguf_architecture(model) == "gemma3":
         _check_gemma3(model.config)
-    elif getattr(model.config, "sliding_window", None):
-        raise ExportError("sliding-window attention is not supported by this exporter")
+    elif window and gguf_architecture(model) == "llama" and window < model.config.max_position_embeddings:
+        # Mistral 7B v0.1: llama.cpp's llama has no window, and its convert_hf_to_gguf.py writes the model as Llama
+        return (f"llama.cpp attends to every earlier token, where this model attends to the last {window}: its "
+                f"answers differ from transformers' beyond {window} tokens (llama.cpp's own conversion does the same)")  # fmt: skip
+    elif window and window < model.config.max_position_embeddings:
+        raise ExportError("sliding-window attention is not supported by this exporter for this architecture")
+    return None
 
 
 def _check_gemma3(cfg) -> None:
@@ -495,7 +502,7 @@ def write_gguf(
 
     if quant not in QUANT_TYPES:
         raise ExportError(f"unknown GGUF quant type {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
-    check_model(model)
+    notes = [n for n in [check_model(model)] if n]
     arch = gguf_architecture(model)
     cfg = model.config
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
@@ -504,9 +511,8 @@ def write_gguf(
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n_vocab = state["model.embed_tokens.weight"].shape[0]
     # a tokenizer GGUF cannot hold is refused before anything is written
-    note = None
     if tokenizer_kind(tokenizer) == "spm":
-        note = spm_scores(tokenizer)[2]
+        notes += [n for n in [spm_scores(tokenizer)[2]] if n]
         pre, pre_from = None, "SentencePiece (no pre-tokenizer)"
     else:
         token_types(tokenizer, n_vocab, "bpe")
@@ -575,4 +581,4 @@ def write_gguf(
     tmp.replace(path)
     return {"path": str(path), "bytes": path.stat().st_size, "quant": quant, "tensor_types": used,
             "fallbacks": fallbacks, "pre_tokenizer": pre, "pre_tokenizer_from": pre_from,
-            **({"tokenizer_note": note} if note else {})}  # fmt: skip
+            "notes": notes}  # fmt: skip

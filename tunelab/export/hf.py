@@ -184,8 +184,8 @@ def export(
     ollama = modelfile_text(tokenizer, path.name) if modelfile else None  # refused before any file is written
     try:
         report = write_gguf(model, tokenizer, path, quant, name=base.name, pre_tokenizer=pre_tokenizer)
-        if report.get("tokenizer_note"):
-            print(f"tunelab: note: {report['tokenizer_note']}", file=sys.stderr)
+        for line in report["notes"]:  # what llama.cpp will do otherwise than transformers, and where
+            print(f"tunelab: note: {line}", file=sys.stderr)
         if ollama is not None:
             report["modelfile"] = str(path.with_suffix(".Modelfile"))
             Path(report["modelfile"]).write_text(ollama)
