@@ -1,4 +1,4 @@
-"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style), a SmolLM3, Qwen2, Qwen3, Gemma or Gemma 3 one
+"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style), a SmolLM3, Qwen2, Qwen3, Gemma, Gemma 2 or Gemma 3 one
 as a GGUF file for llama.cpp.
 
 Built on the `gguf` package (llama.cpp's own gguf-py): GGUFWriter for the file, its tensor-name map
@@ -50,9 +50,14 @@ GGUF_ARCHITECTURES = {
     # Gemma: RMSNorms that scale by 1 + w, the embedding times sqrt(hidden size) (llama.cpp does it), GeGLU, a head
     # size of its own; Gemma 3 adds q / k norms, norms after attention and after the FFN, and sliding-window layers
     "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",  # Gemma 3 without q / k norms, with soft-capped attention and logits
     "Gemma3ForCausalLM": "gemma3",
 }
-NORM_PLUS_ONE = ("gemma", "gemma3")  # transformers' norm scales by (1 + w), llama.cpp's by w: w + 1 is written
+NORM_PLUS_ONE = (
+    "gemma",
+    "gemma2",
+    "gemma3",
+)  # transformers' norm scales by (1 + w), llama.cpp's by w: w + 1 is written
 PERMUTED_QK = ("llama", "smollm3")  # llama.cpp runs these with interleaved rotary pairs (convert_hf_to_gguf.py)
 SUPPORTED_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
@@ -379,7 +384,7 @@ def gguf_architecture(model) -> str:
         if name in GGUF_ARCHITECTURES:
             return GGUF_ARCHITECTURES[name]
     raise ExportError(
-        "GGUF export writes the llama, qwen2, qwen3, smollm3, gemma and gemma3 architectures "
+        "GGUF export writes the llama, qwen2, qwen3, smollm3, gemma, gemma2 and gemma3 architectures "
         f"({', '.join(SUPPORTED_ARCHITECTURES)}); this model is {type(model).__name__}. Export with --format hf, "
         "then use llama.cpp's convert_hf_to_gguf.py."
     )
@@ -407,8 +412,8 @@ def check_model(model) -> str | None:
         raise ExportError("yarn with an explicit attention_factor cannot be written as GGUF: llama.cpp derives the "
                           "attention temperature from the factor itself (0.1 ln F + 1); drop attention_factor")  # fmt: skip
     window = getattr(model.config, "sliding_window", None)
-    if gguf_architecture(model) == "gemma3":
-        _check_gemma3(model.config)
+    if gguf_architecture(model) in ("gemma2", "gemma3"):
+        _check_gemma(model.config, gguf_architecture(model))
     elif window and gguf_architecture(model) == "llama" and window < model.config.max_position_embeddings:
         # Mistral 7B v0.1: llama.cpp's llama has no window, and its convert_hf_to_gguf.py writes the model as Llama
         return (f"llama.cpp attends to every earlier token, where this model attends to the last {window}: its "
@@ -418,16 +423,17 @@ def check_model(model) -> str | None:
     return None
 
 
-def _check_gemma3(cfg) -> None:
-    """What llama.cpp's gemma3 derives rather than reads: the attention scale 1/sqrt(head size) (27B: the
-    hidden size per head), no attention soft-capping; the sliding layers' RoPE unscaled."""
-    expected = cfg.hidden_size / cfg.num_attention_heads if cfg.num_hidden_layers == 62 else cfg.head_dim
+def _check_gemma(cfg, arch: str) -> None:
+    """What llama.cpp's gemma2 / gemma3 derive rather than read: the attention scale 1/sqrt(head size) (their 27B,
+    46 / 62 layers: the hidden size per head); gemma3: no attention soft-capping, the sliding layers' RoPE unscaled."""
+    big = cfg.num_hidden_layers == {"gemma2": 46, "gemma3": 62}[arch]
+    expected = cfg.hidden_size / cfg.num_attention_heads if big else cfg.head_dim
     if cfg.query_pre_attn_scalar != expected:
         raise ExportError(
-            f"llama.cpp's gemma3 scales attention by 1/sqrt({expected:g}); this model's query_pre_attn_scalar is "
+            f"llama.cpp's {arch} scales attention by 1/sqrt({expected:g}); this model's query_pre_attn_scalar is "
             f"{cfg.query_pre_attn_scalar}: export with --format hf"
         )
-    if getattr(cfg, "attn_logit_softcapping", None):
+    if arch == "gemma3" and getattr(cfg, "attn_logit_softcapping", None):
         raise ExportError("llama.cpp's gemma3 has no attention logit soft-capping: export with --format hf")
     local = (getattr(cfg, "rope_parameters", None) or {}).get("sliding_attention") or {}
     if local.get("rope_type", "default") != "default":
@@ -477,14 +483,15 @@ def _rope_theta(config) -> float:
 
 
 def _add_sliding_window(writer, config) -> None:
-    """Gemma 3's sliding-window layers: the window, which layers have it (llama.cpp takes the list) and their RoPE
-    base (10,000 where the global layers' is 1,000,000)."""
+    """Gemma 2 / 3's sliding-window layers: the window, which layers have it (llama.cpp takes the list) and their
+    RoPE base (Gemma 3: 10,000 where the global layers' is 1,000,000; Gemma 2: one base)."""
     types = list(getattr(config, "layer_types", None) or [])
     if "sliding_attention" not in types:
         return
     writer.add_sliding_window(int(config.sliding_window))
     writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
-    writer.add_rope_freq_base_swa(float(config.rope_parameters["sliding_attention"]["rope_theta"]))
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base_swa(float(rope.get("sliding_attention", _rope_params(config)).get("rope_theta", 10000.0)))
 
 
 def write_gguf(
@@ -534,8 +541,10 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
     rope_freqs = _add_rope_scaling(writer, cfg)
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
         _add_sliding_window(writer, cfg)
+        if getattr(cfg, "attn_logit_softcapping", None):
+            writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
         if getattr(cfg, "final_logit_softcapping", None):
             writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
     if head_dim != cfg.hidden_size // n_head:
