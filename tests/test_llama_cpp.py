@@ -633,3 +633,30 @@ def test_a_gemma3_lora_run_runs_in_llama_cpp_merged_and_as_an_adapter(tmp_path):
 
 GEMMA3_RUN_SEED = 7
 GEMMA2_SEED = 18  # smallest top-2 gap on its greedy paths 0.40 (seeds 0-39 searched under pytest)
+
+
+@pytest.mark.parametrize("rotary", [1.0, 0.5])
+def test_a_phi3_model_runs_in_llama_cpp(tmp_path, rotary):
+    """Phi-3 mini (q, k, v in one matrix, gate and up in another, a SentencePiece tokenizer of Llama 2's kind) and
+    Phi-4 mini's partial rotary embedding (half of each head rotated): llama.cpp's ids and answers are tunelab's.
+    Phi-3's sliding window (2,047 of 4,096) llama.cpp switches off: the export says so."""
+    from tunelab.testing import tiny_causal, tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer()
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": rotary}
+    model = _decisive_head(tiny_causal("phi3", len(tok), seed=PHI3_SEED[rotary], pad_token_id=0, bos_token_id=1,
+                                       eos_token_id=2, max_position_embeddings=256, tie_word_embeddings=False,
+                                       rope_parameters=rope).eval(), PHI3_SEED[rotary])  # fmt: skip
+    report = write_gguf(model, tok, tmp_path / "p.gguf", "f32")
+    assert report["notes"] == []
+    llm = _llama(tmp_path / "p.gguf")
+    assert llm.metadata["general.architecture"] == "phi3"
+    for text in SPM_TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"], text
+    llm.close()
+    _compare(model, tok, tmp_path / "p.gguf", "f32")
+    model.config.sliding_window = 128
+    assert "the last 128" in write_gguf(model, tok, tmp_path / "w.gguf", "f32")["notes"][0]
+
+
+PHI3_SEED = {1.0: 0, 0.5: 0}

@@ -1,4 +1,4 @@
-"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style), a SmolLM3, Qwen2, Qwen3, Gemma, Gemma 2 or Gemma 3 one
+"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style), a SmolLM3, Qwen2, Qwen3, Gemma 1 / 2 / 3 or Phi-3 one
 as a GGUF file for llama.cpp.
 
 Built on the `gguf` package (llama.cpp's own gguf-py): GGUFWriter for the file, its tensor-name map
@@ -52,6 +52,8 @@ GGUF_ARCHITECTURES = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",  # Gemma 3 without q / k norms, with soft-capped attention and logits
     "Gemma3ForCausalLM": "gemma3",
+    # Phi-3 / Phi-3.5 mini: Llama's layers with q, k, v in one matrix and gate, up in another, as llama.cpp keeps them
+    "Phi3ForCausalLM": "phi3",
 }
 NORM_PLUS_ONE = (
     "gemma",
@@ -384,7 +386,7 @@ def gguf_architecture(model) -> str:
         if name in GGUF_ARCHITECTURES:
             return GGUF_ARCHITECTURES[name]
     raise ExportError(
-        "GGUF export writes the llama, qwen2, qwen3, smollm3, gemma, gemma2 and gemma3 architectures "
+        "GGUF export writes the llama, qwen2, qwen3, smollm3, gemma, gemma2, gemma3 and phi3 architectures "
         f"({', '.join(SUPPORTED_ARCHITECTURES)}); this model is {type(model).__name__}. Export with --format hf, "
         "then use llama.cpp's convert_hf_to_gguf.py."
     )
@@ -414,8 +416,9 @@ def check_model(model) -> str | None:
     window = getattr(model.config, "sliding_window", None)
     if gguf_architecture(model) in ("gemma2", "gemma3"):
         _check_gemma(model.config, gguf_architecture(model))
-    elif window and gguf_architecture(model) == "llama" and window < model.config.max_position_embeddings:
-        # Mistral 7B v0.1: llama.cpp's llama has no window, and its convert_hf_to_gguf.py writes the model as Llama
+    elif window and gguf_architecture(model) in ("llama", "phi3") and window < model.config.max_position_embeddings:
+        # Mistral 7B v0.1: llama.cpp's llama has no window, and its convert_hf_to_gguf.py writes the model as Llama;
+        # Phi-3 mini's window (2,047) llama.cpp reads and switches off
         return (f"llama.cpp attends to every earlier token, where this model attends to the last {window}: its "
                 f"answers differ from transformers' beyond {window} tokens (llama.cpp's own conversion does the same)")  # fmt: skip
     elif window and window < model.config.max_position_embeddings:
@@ -539,7 +542,12 @@ def write_gguf(
     writer.add_head_count_kv(n_kv)
     writer.add_rope_freq_base(_rope_theta(cfg))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_rope_dimension_count(head_dim)
+    # Phi-4 mini rotates part of each head (partial_rotary_factor)
+    writer.add_rope_dimension_count(int(head_dim * _rope_params(cfg).get("partial_rotary_factor", 1.0)))
+    if arch == "phi3":
+        native = getattr(cfg, "original_max_position_embeddings", None) or cfg.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(int(native))
+        writer.add_sliding_window(int(getattr(cfg, "sliding_window", None) or 0))
     rope_freqs = _add_rope_scaling(writer, cfg)
     if arch in ("gemma2", "gemma3"):
         _add_sliding_window(writer, cfg)
