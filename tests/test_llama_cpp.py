@@ -609,29 +609,41 @@ def test_a_gemma_model_with_its_tokenizer_runs_in_llama_cpp(tmp_path, arch):
     _compare(model, tok, tmp_path / "g.gguf", "f32", max_diff=5e-3, gap=0.05)
 
 
-def test_a_gemma3_lora_run_runs_in_llama_cpp_merged_and_as_an_adapter(tmp_path):
-    """A LoRA run on a tiny Gemma 3 with a tokenizer of Gemma's layout, exported merged and as a GGUF adapter over
-    the base's GGUF: both answer in llama.cpp as the run does in tunelab."""
-    from tunelab.testing import tiny_spm_tokenizer
+@pytest.mark.parametrize("arch", ["gemma3", "phi3"])
+def test_a_gemma3_or_phi3_lora_run_runs_in_llama_cpp_merged_and_as_an_adapter(tmp_path, arch):
+    """A LoRA run on a tiny Gemma 3 (a tokenizer of Gemma's layout) or Phi-3 (LoRA on its fused qkv and gate-up
+    matrices; Llama 2's layout), exported merged and as a GGUF adapter over the base's GGUF: both answer in
+    llama.cpp as the run does in tunelab."""
+    from tunelab.testing import tiny_causal, tiny_spm_tokenizer
 
-    tok = tiny_spm_tokenizer(gemma=True)
-    _tiny_gemma3(len(tok), GEMMA3_RUN_SEED, final_norm=2.0).save_pretrained(tmp_path / "gemma3")
-    tok.save_pretrained(tmp_path / "gemma3")
+    tok = tiny_spm_tokenizer(gemma=arch == "gemma3")
+    if arch == "gemma3":
+        model = _tiny_gemma3(len(tok), GEMMA3_RUN_SEED, final_norm=2.0)
+    else:
+        model = _decisive_head(tiny_causal("phi3", len(tok), seed=PHI3_RUN_SEED, pad_token_id=0, bos_token_id=1,
+                                           eos_token_id=2, max_position_embeddings=256, tie_word_embeddings=False),
+                               PHI3_RUN_SEED)  # fmt: skip
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    run = train_run(tmp_path, str(tmp_path / "gemma3"), str(tmp_path / "train.jsonl"),
-                    {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, "gemma3-lora", 8)  # fmt: skip
+    run = train_run(tmp_path, str(tmp_path / "base"), str(tmp_path / "train.jsonl"),
+                    {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, "run", 8)  # fmt: skip
+    # (folders not named "phi3": llama.cpp sets Phi-3's special-token attributes for any file whose general.name,
+    # the folder's name, holds "phi3", and then needs Phi-3's <|endoftext|>, which this tiny tokenizer lacks)
     merged = export(run, "gguf", "f32", str(tmp_path / "merged.gguf"))
     model, tok = load_run(run, device="cpu", merge=True)
-    # GELU: see the test above (logits 3x larger here: their error too); the smallest top-2 gap on the trained
-    # run's greedy paths is 0.08 with this seed (seeds 0-29 searched under pytest)
-    _compare(model, tok, merged["path"], "f32", max_diff=1e-2, gap=0.05)
+    # Gemma's GELU: see the test above (logits 3x larger here: their error too); the smallest top-2 gap on the
+    # trained run's greedy paths is 0.08 with this seed (seeds 0-29 searched under pytest)
+    loose = {"max_diff": 1e-2, "gap": 0.05} if arch == "gemma3" else {}
+    _compare(model, tok, merged["path"], "f32", **loose)
     adapter = export(run, "gguf-lora", out=str(tmp_path / "adapter.gguf"))
-    base = export(str(tmp_path / "gemma3"), "gguf", "f32", str(tmp_path / "base.gguf"))["path"]
+    base = export(str(tmp_path / "base"), "gguf", "f32", str(tmp_path / "base.gguf"))["path"]
     unmerged, _ = load_run(run, device="cpu")
-    _compare(unmerged, tok, base, "f32", lora=adapter["path"], max_diff=1e-2, gap=0.05)
+    _compare(unmerged, tok, base, "f32", lora=adapter["path"], **loose)
 
 
 GEMMA3_RUN_SEED = 7
+PHI3_RUN_SEED = 2  # smallest top-2 gap on the trained run's greedy paths 0.60 (seeds 0-24 searched under pytest)
 GEMMA2_SEED = 18  # smallest top-2 gap on its greedy paths 0.40 (seeds 0-39 searched under pytest)
 
 
@@ -660,3 +672,42 @@ def test_a_phi3_model_runs_in_llama_cpp(tmp_path, rotary):
 
 
 PHI3_SEED = {1.0: 0, 0.5: 0}
+
+
+def test_special_tokens_strip_the_spaces_after_them_in_llama_cpp_as_in_transformers(tmp_path):
+    """Phi-3's chat tokens and </s> strip the spaces after them (rstrip), and llama.cpp does so only for a file
+    whose general.name holds "phi3": a run named otherwise gets it added, and its prompts split as in
+    transformers. A model whose tokens strip nothing never carries it (a run folder called phi3-... of a Llama)."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from tunelab.testing import tiny_causal, tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer()
+    chat = [
+        AddedToken(t, rstrip=True, special=True, normalized=False) for t in ("<|user|>", "<|end|>", "<|assistant|>")
+    ]
+    tok.add_special_tokens({"additional_special_tokens": [*chat, AddedToken("<|endoftext|>", special=True)]})
+    tok.save_pretrained(tmp_path / "tok")
+    spec = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())  # </s> strips too, as Phi-3's
+    next(a for a in spec["added_tokens"] if a["content"] == "</s>")["rstrip"] = True
+    (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(spec))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert tok.added_tokens_decoder[2].rstrip
+    model = tiny_causal("phi3", len(tok), pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
+    text = "<|user|>\n  Hi there<|end|>\n<|assistant|>\nok</s> y<|endoftext|> x"
+    report = write_gguf(model, tok, tmp_path / "p.gguf", "f32", name="my-run")
+    llm = _llama(tmp_path / "p.gguf")
+    assert llm.metadata["general.name"] == "my-run (phi3)" and report["notes"] == []
+    assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"]
+    llm.close()
+    plain = tiny_tokenizer()
+    write_gguf(tiny_llama(len(plain)), plain, tmp_path / "l.gguf", "f32", name="phi3-test")
+    llm = _llama(tmp_path / "l.gguf")  # with "phi3" in its name llama.cpp would look for <|endoftext|>'s attributes
+    assert llm.metadata["general.name"] == "phi_3-test"
+    for text in TEXTS:
+        assert (
+            llm.tokenize(text.encode(), add_bos=False, special=True)
+            == plain(text, add_special_tokens=False)["input_ids"]
+        )
+    llm.close()

@@ -426,6 +426,25 @@ def check_model(model) -> str | None:
     return None
 
 
+def _file_name(name: str, tokenizer) -> tuple[str, str | None]:
+    """(general.name, a note). llama.cpp gives the special tokens of any file whose name holds "phi3" or "phi-3"
+    Phi-3's whitespace stripping (every added token strips the spaces after it, but <unk>, <s> and <|endoftext|>;
+    </s> too), and no other file any: the name decides how text after a special token is split. So the name
+    holds "phi3" exactly when the tokenizer strips as Phi-3's does (Phi-3's own does), and never when it strips
+    nothing (a run folder called phi3-... of another model: llama.cpp would also look for Phi-3's <|endoftext|>)."""
+    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
+    strips = {c for c, t in added.items() if t.rstrip}
+    phi3 = (set(added) | ({"</s>"} & set(tokenizer.get_vocab()))) - {"<unk>", "<s>", "<|endoftext|>"}
+    named = any(k in name.lower() for k in ("phi3", "phi-3"))
+    if strips and strips == phi3 and "<|endoftext|>" in added:
+        return (name if named else f"{name} (phi3)"), None
+    cleaned = re.sub(r"(?i)phi-?3", "phi_3", name)
+    if strips:
+        return cleaned, (f"this tokenizer strips the spaces after {', '.join(sorted(strips))}; llama.cpp keeps them, "
+                         "so text right after those tokens splits differently there")  # fmt: skip
+    return cleaned, None
+
+
 def _check_gemma(cfg, arch: str) -> None:
     """What llama.cpp's gemma2 / gemma3 derive rather than read: the attention scale 1/sqrt(head size) (their 27B,
     46 / 62 layers: the hidden size per head); gemma3: no attention soft-capping, the sliding layers' RoPE unscaled."""
@@ -533,7 +552,9 @@ def write_gguf(
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, arch=arch)
     writer.add_type("model")
-    writer.add_name(name or path.stem)
+    file_name, name_note = _file_name(name or path.stem, tokenizer)
+    notes += [name_note] if name_note else []
+    writer.add_name(file_name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
