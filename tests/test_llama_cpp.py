@@ -711,3 +711,34 @@ def test_special_tokens_strip_the_spaces_after_them_in_llama_cpp_as_in_transform
             == plain(text, add_special_tokens=False)["input_ids"]
         )
     llm.close()
+
+
+def test_pieces_of_equal_score_runs_of_two_characters_tokenize_as_in_transformers(tmp_path):
+    """Runs of ▁ and of = at one score (as Llama 2's and Gemma's whitespace runs are), their merges ordered by
+    transformers' converter (generate_merges: by score, then the parts' lengths, so the two kinds interleave at
+    the list's end): written with one score, llama.cpp's ties give transformers' ids for every run length."""
+    from tokenizers import Tokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    from tunelab.export.gguf import spm_scores
+    from tunelab.testing import tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer()
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    scores = {t: -float(i) for t, i in vocab.items()}  # a piece's score: minus its id, as SentencePiece's
+    for piece in ["=", *("▁" * n for n in (2, 3, 4, 6, 8)), *("=" * n for n in (2, 3, 5))]:
+        vocab[piece] = len(vocab)
+        scores[piece] = -1e9 if len(piece) > 1 else -float(vocab[piece])  # the runs tied, at the lowest score
+    skip = [t for t in vocab if t.startswith("<")]
+    spec["model"]["merges"] = [list(m) for m in generate_merges(vocab, scores, skip_tokens=skip)]
+    tok._tokenizer = Tokenizer.from_str(json.dumps(spec))
+    tied = [m for m in spec["model"]["merges"] if set("".join(m)) <= {"▁", "="}]
+    assert {"".join(m)[0] for m in tied[:6]} == {"▁", "="}  # interleaved
+    assert spm_scores(tok)[0]["▁▁"] == spm_scores(tok)[0]["=="]
+    write_gguf(tiny_llama(len(tok)), tok, tmp_path / "t.gguf", "f32")
+    llm = _llama(tmp_path / "t.gguf")
+    for n in range(1, 20):
+        for text in (f"a{' ' * n}b", f"x{'=' * n}y {'=' * n}", f"{' ' * n}={' ' * (n % 3)}=="):
+            assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"], repr(text)
+    llm.close()

@@ -287,24 +287,25 @@ def spm_scores(tokenizer) -> tuple[dict[str, float], bool, str | None]:
 
 def _check_tied_runs(tokenizer, merges: list, tied: set, vocab: dict) -> None:
     """Pieces whose merges interleave are given one score, the lowest, and llama.cpp breaks their ties leftmost.
-    That gives transformers' ids when they are runs of one character (Llama 2's ▁▁ ... ▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁), merged
-    after every other piece, never part of another piece, and every run up to twice the longest splits the same
-    way both ways (simulated here, llama.cpp's bigram queue against transformers' own model)."""
-    chars = {c for t in tied for c in t}
-    if len(chars) != 1:
+    That gives transformers' ids when each is a run of one character (Llama 2's ▁▁ ... ▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁▁; runs of
+    line ends or tabs alike), merged after every other piece, never part of another piece, and every run up to
+    twice the longest splits the same way both ways (simulated here, llama.cpp's bigram queue against
+    transformers' own model; runs of different characters never merge with each other)."""
+    if any(len(set(t)) != 1 for t in tied):
         raise ExportError(f"the merges of {sorted(tied)[:3]} ... are not together in the tokenizer's list: {_SPM_FIX}")
     if any((a in tied or b in tied) and a + b not in tied for a, b in merges):
-        raise ExportError(f"a piece is made from a run of {chars.pop()!r}, which merges last: {_SPM_FIX}")
-    (c,) = chars
-    for n in range(2, 2 * max(map(len, tied)) + 1):
-        pieces = [c] * n
-        while True:  # llama.cpp: the best-scored pair (all tied here), leftmost first
-            at = next((i for i in range(len(pieces) - 1) if pieces[i] + pieces[i + 1] in tied), None)
-            if at is None:
-                break
-            pieces[at : at + 2] = [pieces[at] + pieces[at + 1]]
-        if [vocab[p] for p in pieces] != [t.id for t in tokenizer.backend_tokenizer.model.tokenize(c * n)]:
-            raise ExportError(f"a run of {n} {c!r} splits differently in llama.cpp: {_SPM_FIX}")
+        raise ExportError(f"a piece is made from a run of one character, which merges last: {_SPM_FIX}")
+    for c in sorted({t[0] for t in tied}):
+        longest = max(len(t) for t in tied if t[0] == c)
+        for n in range(2, 2 * longest + 1):
+            pieces = [c] * n
+            while True:  # llama.cpp: the best-scored pair (all tied here), leftmost first
+                at = next((i for i in range(len(pieces) - 1) if pieces[i] + pieces[i + 1] in tied), None)
+                if at is None:
+                    break
+                pieces[at : at + 2] = [pieces[at] + pieces[at + 1]]
+            if [vocab[p] for p in pieces] != [t.id for t in tokenizer.backend_tokenizer.model.tokenize(c * n)]:
+                raise ExportError(f"a run of {n} {c!r} splits differently in llama.cpp: {_SPM_FIX}")
 
 
 def _spm_spaces(spec: dict) -> tuple[bool, str | None]:
