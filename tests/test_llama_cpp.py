@@ -105,9 +105,10 @@ SAME_TOKENS = {"f32": (N_NEW, 0.01), "f16": (N_NEW, 0.05), "q8_0": (4, 0.1)}
 MAX_LOGIT_DIFF = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.15}
 
 
-def _compare(model, tok, path, quant: str, lora=None, max_diff: float | None = None, gap: float | None = None) -> None:
+def _compare(model, tok, path, quant: str, lora=None, max_diff: float | None = None, gap: float | None = None,
+             n_ctx: int = 256) -> None:  # fmt: skip
     path = Path(path)
-    llm = _llama(path, lora=lora)
+    llm = _llama(path, n_ctx=n_ctx, lora=lora)
     try:
         for text in PROMPTS:
             prompt = build_prompt_ids([{"role": "user", "content": text}], tok)
@@ -672,6 +673,31 @@ def test_a_phi3_model_runs_in_llama_cpp(tmp_path, rotary):
 
 
 PHI3_SEED = {1.0: 0, 0.5: 0}
+
+
+def test_a_phi3_longrope_model_runs_in_llama_cpp_within_its_original_context(tmp_path):
+    """Phi-3.5 / Phi-4 mini's LongRoPE (per-frequency long and short factors, an attention factor from the context's
+    growth): written as llama.cpp's rope_factors_long / _short tensors and attention factor. Within the original
+    context (llama.cpp's n_ctx at most that, as the export's note says) both use the short factors: the same
+    answers; the long factors are in the file as given."""
+    from tunelab.testing import tiny_causal, tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer()
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0, 2.0, 4.0, 8.0],
+            "short_factor": [1.0, 1.3, 1.9, 3.1], "original_max_position_embeddings": 256}  # fmt: skip
+    model = _decisive_head(tiny_causal("phi3", len(tok), seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                       max_position_embeddings=1024, original_max_position_embeddings=256,
+                                       tie_word_embeddings=False, rope_parameters=rope).eval(), 0)  # fmt: skip
+    report = write_gguf(model, tok, tmp_path / "p.gguf", "f32")
+    assert any("n_ctx <= 256" in n for n in report["notes"])
+    reader = gguf.GGUFReader(tmp_path / "p.gguf")
+    assert (
+        list(reader.get_tensor(0).data) == [1.0, 2.0, 4.0, 8.0] and reader.tensors[0].name == "rope_factors_long.weight"
+    )
+    assert abs(reader.fields["phi3.rope.scaling.attn_factor"].contents() - (1 + np.log(4) / np.log(256)) ** 0.5) < 1e-6
+    # (llama.cpp rounds its context up to a multiple of 256: an original context of 256, not less, shows the short
+    # factors at work)
+    _compare(model, tok, tmp_path / "p.gguf", "f32", n_ctx=256)
 
 
 def test_special_tokens_strip_the_spaces_after_them_in_llama_cpp_as_in_transformers(tmp_path):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -393,8 +394,9 @@ def gguf_architecture(model) -> str:
     )
 
 
-def check_model(model) -> str | None:
-    """ExportError for a model llama.cpp would run otherwise; a note for a difference it accepts (Mistral's window)."""
+def check_model(model) -> list[str]:
+    """ExportError for a model llama.cpp would run otherwise; notes for the differences it accepts (Mistral's
+    window, LongRoPE's choice of factors)."""
     if gguf_architecture(model) == "smollm3":
         cfg = model.config
         step4 = [int((i + 1) % 4 != 0) for i in range(cfg.num_hidden_layers)]
@@ -405,7 +407,8 @@ def check_model(model) -> str | None:
             )
     rope = _rope_params(model.config) or getattr(model.config, "rope_scaling", None) or {}
     kind = rope.get("rope_type", "default")
-    if kind not in (None, *GGUF_ROPE_TYPES):
+    longrope = kind == "longrope" and gguf_architecture(model) == "phi3"  # Phi-3 128k, Phi-3.5, Phi-4 mini
+    if kind not in (None, *GGUF_ROPE_TYPES) and not longrope:
         why = {"dynamic": "llama.cpp has no dynamic NTK scaling, so the file would run unscaled; "
                           "use linear or yarn (docs/long-context.md)"}.get(kind, "")  # fmt: skip
         raise ExportError(
@@ -414,17 +417,25 @@ def check_model(model) -> str | None:
     if kind == "yarn" and rope.get("attention_factor") is not None:
         raise ExportError("yarn with an explicit attention_factor cannot be written as GGUF: llama.cpp derives the "
                           "attention temperature from the factor itself (0.1 ln F + 1); drop attention_factor")  # fmt: skip
+    notes = []
+    if longrope:
+        native = (
+            getattr(model.config, "original_max_position_embeddings", None) or rope["original_max_position_embeddings"]
+        )
+        notes.append(f"LongRoPE: llama.cpp rotates with the long factors at every position once its context (n_ctx) is "
+                f"longer than {native} tokens, transformers only for sequences longer than that: run llama.cpp with "
+                f"n_ctx <= {native} for transformers' answers to shorter texts")  # fmt: skip
     window = getattr(model.config, "sliding_window", None)
     if gguf_architecture(model) in ("gemma2", "gemma3"):
         _check_gemma(model.config, gguf_architecture(model))
     elif window and gguf_architecture(model) in ("llama", "phi3") and window < model.config.max_position_embeddings:
         # Mistral 7B v0.1: llama.cpp's llama has no window, and its convert_hf_to_gguf.py writes the model as Llama;
         # Phi-3 mini's window (2,047) llama.cpp reads and switches off
-        return (f"llama.cpp attends to every earlier token, where this model attends to the last {window}: its "
+        notes.append(f"llama.cpp attends to every earlier token, where this model attends to the last {window}: its "
                 f"answers differ from transformers' beyond {window} tokens (llama.cpp's own conversion does the same)")  # fmt: skip
     elif window and window < model.config.max_position_embeddings:
         raise ExportError("sliding-window attention is not supported by this exporter for this architecture")
-    return None
+    return notes
 
 
 def _file_name(name: str, tokenizer) -> tuple[str, str | None]:
@@ -505,6 +516,25 @@ def _rope_theta(config) -> float:
     return float(_rope_params(config).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
+def _longrope(writer, config, native: int) -> dict[str, np.ndarray]:
+    """Phi-3's LongRoPE as llama.cpp reads it: the attention factor (transformers': the config's, else
+    sqrt(1 + ln F / ln native), F the context's growth) and the long and short frequency factors as tensors."""
+    import gguf
+
+    rope = _rope_params(config)
+    if rope.get("rope_type") != "longrope":
+        return {}
+    factor = rope.get("factor") or config.max_position_embeddings / native
+    attention = rope.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(factor) / math.log(native)) if factor > 1 else 1.0
+    writer.add_rope_scaling_attn_factors(float(attention))
+    name = {kind: gguf.TENSOR_NAMES[kind] + ".weight" for kind in (gguf.MODEL_TENSOR.ROPE_FACTORS_LONG,
+                                                                 gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)}  # fmt: skip
+    return {name[gguf.MODEL_TENSOR.ROPE_FACTORS_LONG]: np.asarray(rope["long_factor"], np.float32),
+            name[gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT]: np.asarray(rope["short_factor"], np.float32)}  # fmt: skip
+
+
 def _add_sliding_window(writer, config) -> None:
     """Gemma 2 / 3's sliding-window layers: the window, which layers have it (llama.cpp takes the list) and their
     RoPE base (Gemma 3: 10,000 where the global layers' is 1,000,000; Gemma 2: one base)."""
@@ -532,7 +562,7 @@ def write_gguf(
 
     if quant not in QUANT_TYPES:
         raise ExportError(f"unknown GGUF quant type {quant!r}; choose one of {', '.join(QUANT_TYPES)}")
-    notes = [n for n in [check_model(model)] if n]
+    notes = check_model(model)
     arch = gguf_architecture(model)
     cfg = model.config
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
@@ -564,12 +594,14 @@ def write_gguf(
     writer.add_head_count_kv(n_kv)
     writer.add_rope_freq_base(_rope_theta(cfg))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    extra = {}  # tensors beside the model's own (Phi-3's LongRoPE factors, llama3's rope_freqs)
     # Phi-4 mini rotates part of each head (partial_rotary_factor)
     writer.add_rope_dimension_count(int(head_dim * _rope_params(cfg).get("partial_rotary_factor", 1.0)))
     if arch == "phi3":
         native = getattr(cfg, "original_max_position_embeddings", None) or cfg.max_position_embeddings
         writer.add_rope_scaling_orig_ctx_len(int(native))
         writer.add_sliding_window(int(getattr(cfg, "sliding_window", None) or 0))
+        extra.update(_longrope(writer, cfg, native))
     rope_freqs = _add_rope_scaling(writer, cfg)
     if arch in ("gemma2", "gemma3"):
         _add_sliding_window(writer, cfg)
@@ -588,8 +620,10 @@ def write_gguf(
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
     fallbacks, used = {}, {}
     if rope_freqs is not None:
-        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs)
-        used["f32"] = 1
+        extra[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = rope_freqs
+    for tensor_name, values in extra.items():
+        writer.add_tensor(tensor_name, values)
+        used["f32"] = used.get("f32", 0) + 1
     for hf_name, w in state.items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp uses token_embd for the output when there is no output.weight
