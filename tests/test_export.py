@@ -207,7 +207,7 @@ def test_pre_tokenizer_name_follows_the_split_rules():
     fingerprint table lists, so its layout decides; anything unrecognised is refused, not guessed."""
     from tokenizers import normalizers, pre_tokenizers
 
-    from tunelab.export.gguf import pre_tokenizer_name, tokenizer_fingerprint
+    from tunelab.export.gguf_vocab import pre_tokenizer_name, tokenizer_fingerprint
     from tunelab.export.pretokenizers import FINGERPRINTS, LLAMA_CPP_PRE_TOKENIZERS
 
     assert {name for name, _ in FINGERPRINTS.values()} - LLAMA_CPP_PRE_TOKENIZERS <= {
@@ -313,7 +313,8 @@ def test_default_model_export_is_byte_identical_to_llama_cpps_own_file(tmp_path)
 
     from safetensors import safe_open
 
-    from tunelab.export.gguf import encode_tensor, permute_qk, token_types
+    from tunelab.export.gguf import encode_tensor, permute_qk
+    from tunelab.export.gguf_vocab import token_types
     from tunelab.models import load_tokenizer, resolve
     from tunelab.models.sources import NAMED, _fetch_wheel
 
@@ -346,7 +347,7 @@ def test_default_model_export_is_byte_identical_to_llama_cpps_own_file(tmp_path)
     assert tokens == reader.fields["tokenizer.ggml.tokens"].contents()
     assert [int(t) for t in types] == reader.fields["tokenizer.ggml.token_type"].contents()
     # llama.cpp's converter recognises the cached tokenizer by its fingerprint as the GGUF's own `smollm`
-    from tunelab.export.gguf import pre_tokenizer_name
+    from tunelab.export.gguf_vocab import pre_tokenizer_name
     from tunelab.models.sources import gguf_source_metadata
 
     assert reader.fields["tokenizer.ggml.pre"].contents() == "smollm"
@@ -566,7 +567,7 @@ def test_a_sentencepiece_tokenizer_llama_cpp_would_split_otherwise_is_refused(tm
     writing; the tokenizer as laid out by transformers' converter is written (tests/test_llama_cpp.py runs it)."""
     from tokenizers import Tokenizer, pre_tokenizers
 
-    from tunelab.export.gguf import spm_scores
+    from tunelab.export.gguf_vocab import spm_scores
     from tunelab.testing import tiny_llama, tiny_spm_tokenizer
 
     tok = tiny_spm_tokenizer()

@@ -746,7 +746,7 @@ def test_pieces_of_equal_score_runs_of_two_characters_tokenize_as_in_transformer
     from tokenizers import Tokenizer
     from transformers.tokenization_utils_base import generate_merges
 
-    from tunelab.export.gguf import spm_scores
+    from tunelab.export.gguf_vocab import spm_scores
     from tunelab.testing import tiny_spm_tokenizer
 
     tok = tiny_spm_tokenizer()

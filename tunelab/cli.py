@@ -407,7 +407,7 @@ def _rope_flag(text: str) -> dict:
 
 
 def cmd_export(args) -> int:
-    from tunelab.export.gguf import ExportError
+    from tunelab.export import ExportError
     from tunelab.export.hf import export
 
     given = {"--check-data": args.check_data, "--check-texts": args.check_texts, "--check-task": args.check_task,

@@ -8,7 +8,7 @@ import sys
 # have raised them), so that reporting a config error does not import torch.
 _LOADED_ONLY = (
     ("tunelab.methods.base", "MethodError"),
-    ("tunelab.export.gguf", "ExportError"),
+    ("tunelab.export", "ExportError"),
     ("tunelab.export.push", "PushError"),
     ("tunelab.serve.served", "ServeError"),
 )

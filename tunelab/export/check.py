@@ -33,7 +33,7 @@ from tunelab.data.errors import where
 from tunelab.data.tasks import read_source
 from tunelab.data.templating import render_example
 from tunelab.evaluation.predictions import common_prefix_length, verbalizer_prompts
-from tunelab.export.gguf import ExportError
+from tunelab.export import ExportError
 from tunelab.metrics.stats import bootstrap_interval, mcnemar_exact, wilson_interval
 from tunelab.stages.runs import result_dir
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tunelab.export.gguf import PERMUTED_QK, ExportError, check_model, gguf_architecture, permute_qk
+from tunelab.export import ExportError
+from tunelab.export.gguf import PERMUTED_QK, check_model, gguf_architecture, permute_qk
 
 LORA_TYPES = ("f32", "f16")  # llama.cpp also reads q8_0 pairs, but B's rows (length r) rarely fill a block
 

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 from tunelab.config import OutputWriteError, check_output_path
+from tunelab.export import ExportError
 from tunelab.export import check as check_mod
-from tunelab.export.gguf import QUANT_TYPES, ExportError, write_gguf
+from tunelab.export.gguf import QUANT_TYPES, write_gguf
 from tunelab.export.gguf_lora import write_gguf_lora
 from tunelab.export.ollama import modelfile_text
 from tunelab.methods import get as get_method

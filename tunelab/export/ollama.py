@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tunelab.export.gguf import ExportError
+from tunelab.export import ExportError
 
 START, END = "<|im_start|>", "<|im_end|>"
 CHATML_GO_TEMPLATE = (
