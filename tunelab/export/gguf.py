@@ -12,10 +12,8 @@ llama.cpp's convert_hf_to_gguf.py for the llama architecture:
     output head) is stored in Q8_0, since it is used by every token and costs little;
   - a tensor whose row length is not a multiple of the type's block size falls back to a type
     that fits (q4_k -> q5_0 as llama-quantize does, else f16);
-  - the vocabulary: byte-level BPE tokens in id order, token types (normal / control for special
-    added tokens / user-defined / unused padding), and the pre-tokenizer name llama.cpp expects; or, for a
-    SentencePiece-style tokenizer (Llama 2, TinyLlama), llama.cpp's `llama` tokenizer: pieces, scores made from
-    the merges' order (`spm_scores`) and byte / unknown types.
+  - the vocabulary: export/gguf_vocab.py (byte-level BPE with llama.cpp's pre-tokenizer name, or SentencePiece
+    pieces with scores).
 
 Q4_K: gguf-py can only *de*quantise it, so `_quantize_q4_k` packs the 144-byte super-blocks itself
 (min/max per 32-value sub-block, 6-bit sub-scales); llama.cpp's own Q4_K search (make_qkx2_quants)
