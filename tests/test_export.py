@@ -14,6 +14,7 @@ from tunelab.cli import main as cli_main
 from tunelab.config import load_config
 from tunelab.export.gguf import ExportError, _quantize_q4_k, write_gguf
 from tunelab.export.hf import export, load_merged
+from tunelab.export.ollama import modelfile_text
 from tunelab.models.quant import quantize_model_
 from tunelab.stages.runs import load_run, run_manifest
 from tunelab.testing import save_tiny_model_dir, tiny_bert, tiny_tokenizer
@@ -390,10 +391,98 @@ def test_ollama_modelfile_from_the_chat_template(runs, tmp_path, capsys):
     assert modelfile_text(tok, "s.gguf").endswith('PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n')
 
     tok.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
-    with pytest.raises(ExportError, match="only for ChatML chat templates"):
+    with pytest.raises(ExportError, match="only for the ChatML, Phi-3, Zephyr, Gemma chat templates"):
         modelfile_text(tok, "x.gguf")
     with pytest.raises(ExportError, match="--modelfile goes with --format gguf"):
         export(runs["lora"], "hf", modelfile=True)
+
+
+PHI3_TEMPLATE = (  # Phi-3 mini's
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == "
+    "'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+ZEPHYR_TEMPLATE = (  # TinyLlama chat's (its line breaks kept as transformers renders them)
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n{% elif message['role'] "
+    "== 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n{% if loop.last and "
+    "add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+GEMMA_TEMPLATE = (  # Gemma 3's, text only
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}"
+    "{% endif %}{% for message in loop_messages %}{% if message['role'] == 'assistant' %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if "
+    "loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+GO_RENDER = """package main
+
+import ("encoding/json"; "os"; "strings"; "text/template")
+
+func main() {
+\ttext, err := os.ReadFile(os.Args[1])
+\tif err != nil { panic(err) }
+\tvar data []map[string]interface{}
+\tif err := json.NewDecoder(os.Stdin).Decode(&data); err != nil { panic(err) }
+\tt := template.Must(template.New("modelfile").Parse(string(text)))
+\tout := []string{}
+\tfor _, d := range data {
+\t\tvar b strings.Builder
+\t\tif err := t.Execute(&b, d); err != nil { panic(err) }
+\t\tout = append(out, b.String())
+\t}
+\tjson.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+def go_render(template: str, conversations: list[list[dict]], tmp_path) -> list[str]:
+    """Each conversation rendered by Go's text/template (the engine of Ollama's templates), as Ollama passes it:
+    {.Messages: [{.Role, .Content}]}."""
+    import shutil
+    import subprocess
+
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip(
+            "Go is not installed (apt-get install golang-go): the Modelfile templates run in Go's text/template"
+        )
+    (tmp_path / "render.go").write_text(GO_RENDER)
+    (tmp_path / "modelfile.tmpl").write_text(template)
+    data = [{"Messages": [{"Role": m["role"], "Content": m["content"]} for m in c]} for c in conversations]
+    done = subprocess.run([go, "run", str(tmp_path / "render.go"), str(tmp_path / "modelfile.tmpl")], check=True,
+                          input=json.dumps(data), capture_output=True, text=True, timeout=300)  # fmt: skip
+    return json.loads(done.stdout)
+
+
+@pytest.mark.parametrize("template, fmt", [(SMOLLM2_TEMPLATE, "ChatML"), (PHI3_TEMPLATE, "Phi-3"),
+                                           (ZEPHYR_TEMPLATE, "Zephyr"), (GEMMA_TEMPLATE, "Gemma")])  # fmt: skip
+def test_the_modelfile_template_renders_in_go_as_the_chat_template_in_transformers(tmp_path, template, fmt):
+    """Each recognised chat template's Modelfile TEMPLATE, run by Go's text/template on the conversations Ollama
+    would pass (its SYSTEM message first where the request has none), gives the text transformers renders (less
+    the leading bos, which llama.cpp adds)."""
+    from tunelab.export.ollama import recognise
+    from tunelab.testing import tiny_spm_tokenizer
+
+    tok = tiny_spm_tokenizer()
+    tok.chat_template = template
+    found, default_system = recognise(tok)
+    assert found.name == fmt and (default_system is not None) == (template == SMOLLM2_TEMPLATE)
+    system = [{"role": "system", "content": "Answer in one word."}]
+    turns = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "Four."},
+             {"role": "user", "content": "And 3 + 3?\nThink first."}]  # fmt: skip
+    conversations = [turns[:1], turns, system + turns[:1], system + turns]
+    want = []
+    for c in conversations:
+        text = tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+        want.append(text.removeprefix(tok.bos_token) if fmt == "Gemma" else text)
+    ollama = [c if c[0]["role"] == "system" or default_system is None else
+              [{"role": "system", "content": default_system}, *c] for c in conversations]  # fmt: skip
+    assert go_render(found.go_template, ollama, tmp_path) == want
+    text = modelfile_text(tok, "m.gguf")
+    assert f'PARAMETER stop "{found.end_of_turn}"' in text and found.go_template in text
 
 
 # ------------------------------------------------------------------ export --check: its arithmetic

@@ -2,24 +2,72 @@
 
 Ollama does not read the GGUF's Jinja chat template; it needs its own Go template, stop tokens and
 default system message. Translating Jinja in general is out of reach, so the tokenizer's template is
-*recognised*: rendered on probe conversations and compared with ChatML (`<|im_start|>role\\ncontent
-<|im_end|>\\n` ..., SmolLM2's and tunelab's default). A ChatML template, with or without a default
-system message inserted when the conversation has none, becomes Ollama's ChatML template, `SYSTEM` and
-the stop tokens (`<|im_end|>`, and the eos token when it differs); any other template is refused with
-what to do.
+*recognised*: rendered on probe conversations and compared with the formats below, each a Python renderer
+beside the Go template that renders the same text (tests/test_export.py runs both through Go's text/template,
+the engine Ollama's templates run in):
+
+  - ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`; SmolLM2's, Qwen's and tunelab's default),
+  - Phi-3's (`<|role|>\\ncontent<|end|>\\n`) and Zephyr's (`<|role|>\\ncontent</s>\\n`: TinyLlama chat),
+  - Gemma's (`<start_of_turn>user\\n ... <end_of_turn>\\n`, the assistant called `model`, a system message put
+    before the first user message; the leading <bos> is llama.cpp's to add).
+
+A template that also inserts a default system message when the conversation has none gives the Modelfile's
+`SYSTEM`; the stop tokens are the end of turn, and the eos token when it differs. Any other template is
+refused with what to do.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.export import ExportError
 
-START, END = "<|im_start|>", "<|im_end|>"
+
+@dataclass(frozen=True)
+class ChatFormat:
+    name: str
+    render: Callable[[list[dict]], str]  # a conversation, then the assistant's turn opened
+    go_template: str
+    end_of_turn: str
+    system_turn: Callable[[str], str] | None  # a system message's own turn (None: it has none)
+
+
+def _tagged(start: Callable[[str], str], end: str) -> Callable[[list[dict]], str]:
+    return lambda messages: "".join(f"{start(m['role'])}{m['content']}{end}" for m in messages) + start("assistant")
+
+
+def _gemma(messages: list[dict]) -> str:
+    system = messages[0]["content"] + "\n\n" if messages and messages[0]["role"] == "system" else ""
+    turns = messages[1:] if system else messages
+    out = ""
+    for i, m in enumerate(turns):
+        role = "model" if m["role"] == "assistant" else m["role"]
+        out += f"<start_of_turn>{role}\n{system if i == 0 else ''}{m['content']}<end_of_turn>\n"
+    return out + "<start_of_turn>model\n"
+
+
 CHATML_GO_TEMPLATE = (
-    "{{- range .Messages }}" + START + "{{ .Role }}\n{{ .Content }}" + END + "\n{{ end }}" + START + "assistant\n"
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 )
+FORMATS = [
+    ChatFormat("ChatML", _tagged(lambda r: f"<|im_start|>{r}\n", "<|im_end|>\n"), CHATML_GO_TEMPLATE, "<|im_end|>",
+               lambda s: f"<|im_start|>system\n{s}<|im_end|>\n"),
+    ChatFormat("Phi-3", _tagged(lambda r: f"<|{r}|>\n", "<|end|>\n"),
+               "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n", "<|end|>",
+               lambda s: f"<|system|>\n{s}<|end|>\n"),
+    ChatFormat("Zephyr", _tagged(lambda r: f"<|{r}|>\n", "</s>\n"),
+               "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}</s>\n{{ end }}<|assistant|>\n", "</s>",
+               lambda s: f"<|system|>\n{s}</s>\n"),
+    ChatFormat("Gemma", _gemma,
+               '{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}'
+               "{{ end }}{{- $first := true }}{{- range .Messages }}{{- if eq .Role \"user\" }}<start_of_turn>user\n"
+               '{{ if and $first $system }}{{ $system }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n{{ $first = false }}'
+               '{{- else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
+               "{{ $first = false }}{{- end }}{{- end }}<start_of_turn>model\n", "<end_of_turn>", None),
+]  # fmt: skip
 _PROBE = [
     {"role": "system", "content": "SYSTEM-1"},
     {"role": "user", "content": "USER-1"},
@@ -28,38 +76,52 @@ _PROBE = [
 ]
 
 
-def _chatml(messages: list[dict]) -> str:
-    return "".join(f"{START}{m['role']}\n{m['content']}{END}\n" for m in messages) + f"{START}assistant\n"
-
-
 def _render(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def modelfile_text(tokenizer, gguf_name: str) -> str:
-    """The Modelfile for `gguf_name` (a file in the same folder) with `tokenizer`'s chat template."""
+def _without_bos(text: str, bos: str | None) -> str:
+    return text[len(bos) :] if bos and text.startswith(bos) else text  # llama.cpp adds the bos itself
+
+
+def recognise(tokenizer) -> tuple[ChatFormat, str | None]:
+    """(the format the tokenizer's chat template renders, its default system message or None); ExportError if
+    it is none of FORMATS."""
     if not tokenizer.chat_template:
         raise ExportError("the tokenizer has no chat template, so there is nothing to give Ollama")
     why = (
-        "an Ollama Modelfile is written only for ChatML chat templates (<|im_start|>role ... <|im_end|>); "
-        "this tokenizer's template renders conversations differently. Write the Modelfile's TEMPLATE by hand "
+        f"an Ollama Modelfile is written only for the {', '.join(f.name for f in FORMATS)} chat templates; this "
+        "tokenizer's template renders conversations differently. Write the Modelfile's TEMPLATE by hand "
         "(https://github.com/ollama/ollama/blob/main/docs/template.md) or export without --modelfile."
     )
     try:
-        with_system, without = _render(tokenizer, _PROBE), _render(tokenizer, _PROBE[1:])
-    except Exception as e:  # a template that refuses the probe (e.g. no system role) is not ChatML
+        rendered = _render(tokenizer, _PROBE), _render(tokenizer, _PROBE[1:])
+    except Exception as e:  # a template that refuses the probe (e.g. no system role) is none of them
         raise ExportError(f"{why} (rendering a probe conversation failed: {e})") from e
-    if with_system != _chatml(_PROBE):
-        raise ExportError(why)
-    default_system = None
-    if without != _chatml(_PROBE[1:]):
-        head = without[: len(without) - len(_chatml(_PROBE[1:]))]
-        match = re.fullmatch(re.escape(f"{START}system\n") + r"(.*)" + re.escape(f"{END}\n"), head, re.S)
-        if not without.endswith(_chatml(_PROBE[1:])) or match is None:
-            raise ExportError(why)
-        default_system = match.group(1)
-    stops = [END] + ([tokenizer.eos_token] if tokenizer.eos_token and tokenizer.eos_token != END else [])
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{CHATML_GO_TEMPLATE}"""']
+    # as rendered, or less a bos token the template writes first (Gemma's; ChatML's tiny test tokenizer has
+    # <|im_start|> for its bos, which ChatML text starts with and keeps)
+    variants = [rendered, tuple(_without_bos(t, tokenizer.bos_token) for t in rendered)]
+    for fmt in FORMATS:
+        with_system, without = next((v for v in variants if v[0] == fmt.render(_PROBE)), (None, None))
+        if with_system is None:
+            continue
+        if without == fmt.render(_PROBE[1:]):
+            return fmt, None
+        head = without[: len(without) - len(fmt.render(_PROBE[1:]))]
+        if fmt.system_turn is not None and without.endswith(fmt.render(_PROBE[1:])):
+            before, _, after = fmt.system_turn("\x00").partition("\x00")
+            match = re.fullmatch(re.escape(before) + r"(.*)" + re.escape(after), head, re.S)
+            if match is not None:
+                return fmt, match.group(1)
+    raise ExportError(why)
+
+
+def modelfile_text(tokenizer, gguf_name: str) -> str:
+    """The Modelfile for `gguf_name` (a file in the same folder) with `tokenizer`'s chat template."""
+    fmt, default_system = recognise(tokenizer)
+    eos = tokenizer.eos_token
+    stops = [fmt.end_of_turn] + ([eos] if eos and eos != fmt.end_of_turn else [])
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{fmt.go_template}"""']
     if default_system is not None:
         if '"""' in default_system:
             raise ExportError('the default system message contains """, which a Modelfile cannot quote')
