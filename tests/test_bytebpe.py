@@ -156,3 +156,24 @@ def test_a_word_with_a_byte_the_vocabulary_lacks_goes_to_encode_batch():
     assert got[0] is not None and got[1] is None and got[2] is None and got[3] is not None
     assert [(a.tolist(), b.tolist()) for a, b in encode_texts(batch, tok, memo)] == reference(tok, batch)
     assert len(reference(tok, ["Zebra"])[0][0]) < len("Zebra")  # the batch call dropped the unseen bytes
+
+
+def test_text_whose_words_rarely_repeat_goes_back_to_encode_batch(monkeypatch):
+    """Chinese-like rows (a phrase between punctuation is one word, rarely seen twice) cost the memo more than it
+    saves: once more than half of a window's words were new, the rest of the rows go to the batch call. English-like
+    rows, whose words repeat, stay with the memo."""
+    import tunelab.data.bytebpe as bytebpe
+
+    monkeypatch.setattr(bytebpe, "WINDOW", 200)
+    tok = tokenizer()
+    rng = random.Random(0)
+    han = [chr(c) for c in range(0x4E00, 0x4E00 + 2000)]
+    rows = ["".join(rng.choice(han) if rng.random() > 0.15 else "，" for _ in range(120)) for _ in range(60)]
+    memo = WordMemo.of(tok)
+    got = [memo.encode(t) for t in rows]
+    assert memo.off and got[0] is not None and got[-1] is None
+    assert [(a.tolist(), b.tolist()) for a, b in encode_texts(rows, tok, memo)] == reference(tok, rows)
+    english = WordMemo.of(tok)
+    for _ in range(40):
+        assert all(english.encode(t) is not None for t in CORPUS)
+    assert not english.off
