@@ -386,3 +386,22 @@ def test_a_full_queue_gets_503(plain):
         running.close(), waiting.close()
         _wait_idle(app)
         assert _http(f"{url}/v1/completions", json.dumps({"model": "tiny", "prompt": "hi"}).encode())[0] == 200
+
+
+def test_dtype_serves_the_weights_in_the_type_asked(server):
+    """A bf16 full fine-tuning run loads as its fp32 master weights: --dtype bfloat16 serves it at half the memory
+    (and answers). A type it does not know is refused before the model loads."""
+    import torch
+
+    from tunelab.serve import ServeError
+
+    half = load_served(server["base"], device="cpu", name="tiny", dtype="bfloat16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in load_served(server["base"], device="cpu").model.parameters()} == {torch.float32}
+    with _serving(half) as (url, _):
+        status, reply = _http(
+            f"{url}/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 3}).encode()
+        )
+    assert status == 200 and reply["choices"][0]["text"] is not None
+    with pytest.raises(ServeError, match="--dtype 'int8'"):
+        load_served(server["base"], device="cpu", dtype="int8")

@@ -445,7 +445,7 @@ def cmd_serve(args) -> int:
     _without_bitsandbytes(args, args.run, *(run for _, run in adapters))
     serve(args.run, adapters, host=args.host, port=args.port, name=args.name, device=args.device,
           trust_remote_code=args.trust_remote_code, max_body_bytes=args.max_body_bytes,
-          max_queue=args.max_queue, max_batch=args.max_batch, api_docs=args.api_docs)  # fmt: skip
+          max_queue=args.max_queue, max_batch=args.max_batch, api_docs=args.api_docs, dtype=args.dtype)  # fmt: skip
     return 0
 
 
@@ -760,6 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port")
     sv.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
+    sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the weights' type while serving; auto: as loaded (a bf16 full fine-tuning run loads its fp32 "
+                         "master weights: bfloat16 halves the memory)")  # fmt: skip
     sv.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                     help="larger request bodies get 413 before they are read (default %(default)s = 4 MiB)")  # fmt: skip
     sv.add_argument("--max-queue", type=int, default=256, help="requests waiting to start; more get 503")

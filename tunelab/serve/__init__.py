@@ -45,11 +45,11 @@ __all__ = [
 def serve(spec: str, adapters: list[tuple[str, str]] = (), host: str = "127.0.0.1", port: int = 8000,
           name: str | None = None, device: str = "auto", trust_remote_code: bool = False,
           max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_queue: int = DEFAULT_MAX_QUEUE,
-          max_batch: int = DEFAULT_MAX_BATCH, api_docs: bool = False) -> None:  # fmt: skip
+          max_batch: int = DEFAULT_MAX_BATCH, api_docs: bool = False, dtype: str = "auto") -> None:  # fmt: skip
     import uvicorn
 
     check_limits(port=port, max_body_bytes=max_body_bytes, max_queue=max_queue, max_batch=max_batch)
-    served = load_served(spec, adapters, device=device, name=name, trust_remote_code=trust_remote_code)
+    served = load_served(spec, adapters, device=device, name=name, trust_remote_code=trust_remote_code, dtype=dtype)
     app = create_app(served, max_body_bytes=max_body_bytes, max_queue=max_queue, max_batch=max_batch,
                      api_docs=api_docs)  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")

@@ -72,14 +72,20 @@ def _default_name(spec: str) -> str:
     return p.name if p.exists() else spec
 
 
+SERVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def load_served(
     spec: str,
     adapters: list[tuple[str, str]] = (),
     device: str = "auto",
     name: str | None = None,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
 ):
-    """Load `spec` (run folder or model spec) merged, and each (name, run) LoRA adapter on top."""
+    """Load `spec` (run folder or model spec) merged, and each (name, run) LoRA adapter on top. `dtype`: the
+    weights' type while serving; auto: as loaded (a bf16 run's whole-model result loads as its fp32 master
+    weights, twice bf16's memory: bfloat16 serves it at half)."""
     from tunelab.models import resolve
     from tunelab.stages.runs import load_run, result_dir, run_manifest
 
@@ -87,7 +93,13 @@ def load_served(
     names = [a for a, _ in adapters]
     if len(set(names)) != len(names) or name in names:  # before the model loads: the names alone decide
         raise ServeError(f"adapter names must be unique and differ from the served model's name {name!r}: {names}")
+    if dtype not in SERVE_DTYPES:
+        raise ServeError(f"--dtype {dtype!r}: choose one of {', '.join(SERVE_DTYPES)}")
     model, tokenizer = load_run(spec, device=device, merge=True, trust_remote_code=trust_remote_code)
+    if dtype != "auto":
+        import torch
+
+        model = model.to(getattr(torch, dtype))
     main = run_manifest(spec)
     if adapters and hasattr(model, "peft_config"):
         raise ServeError(f"{spec}: its method keeps PEFT modules unmerged; serve adapters over a plain base model")
