@@ -768,3 +768,33 @@ def test_pieces_of_equal_score_runs_of_two_characters_tokenize_as_in_transformer
         for text in (f"a{' ' * n}b", f"x{'=' * n}y {'=' * n}", f"{' ' * n}={' ' * (n % 3)}=="):
             assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"], repr(text)
     llm.close()
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "olmo2-tied", "granite"])
+def test_olmo2_and_granite_run_in_llama_cpp(tmp_path, arch):
+    """OLMo 2 (norms after attention and after the FFN, none before; q / k norms over the whole projection;
+    llama.cpp reads `output` even for a tied head) and Granite (Llama's layers with embedding, attention, residual
+    and logit multipliers, set away from 1 so that each shows): llama.cpp's answers are tunelab's. Norms not at one,
+    so that a norm written under another's name shows."""
+    from tunelab.testing import tiny_causal
+
+    tok = tiny_tokenizer()
+    ids = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, max_position_embeddings=256)
+    seed = OTHER_SEEDS[arch]
+    if arch.startswith("olmo2"):
+        model = tiny_causal("olmo2", len(tok), seed=seed, tie_word_embeddings=arch == "olmo2-tied", **ids).eval()
+    else:
+        model = tiny_causal("granite", len(tok), seed=seed, tie_word_embeddings=False, embedding_multiplier=3.0,
+                            attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=0.5, **ids).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+    if not model.config.tie_word_embeddings:
+        model = _decisive_head(model, seed)
+    write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    _compare(model, tok, tmp_path / "m.gguf", "f32")
+
+
+OTHER_SEEDS = {"olmo2": 8, "olmo2-tied": 0, "granite": 0}  # no near-ties on their greedy paths (top-2 gaps > 0.01)

@@ -1,4 +1,4 @@
-"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style), a SmolLM3, Qwen2, Qwen3, Gemma 1 / 2 / 3 or Phi-3 one
+"""Write a Llama-architecture model (SmolLM2, Llama, Mistral-style), a SmolLM3, Qwen2, Qwen3, Gemma 1 / 2 / 3, Phi-3, OLMo 2 or Granite one
 as a GGUF file for llama.cpp.
 
 Built on the `gguf` package (llama.cpp's own gguf-py): GGUFWriter for the file, its tensor-name map
@@ -57,13 +57,22 @@ GGUF_ARCHITECTURES = {
     "Gemma3ForCausalLM": "gemma3",
     # Phi-3 / Phi-3.5 mini: Llama's layers with q, k, v in one matrix and gate, up in another, as llama.cpp keeps them
     "Phi3ForCausalLM": "phi3",
+    # OLMo 2: norms after attention and the FFN (none before), q / k norms over the whole projection
+    "Olmo2ForCausalLM": "olmo2",
+    # Granite 3: Llama's layers (and permutation) with four multipliers: embedding, attention, residual, logits
+    "GraniteForCausalLM": "granite",
 }
+OUTPUT_REQUIRED = ("olmo2",)  # llama.cpp's olmo2 reads `output` even where the head is tied to the embedding
 NORM_PLUS_ONE = (
     "gemma",
     "gemma2",
     "gemma3",
 )  # transformers' norm scales by (1 + w), llama.cpp's by w: w + 1 is written
-PERMUTED_QK = ("llama", "smollm3")  # llama.cpp runs these with interleaved rotary pairs (convert_hf_to_gguf.py)
+PERMUTED_QK = (
+    "llama",
+    "smollm3",
+    "granite",
+)  # llama.cpp runs these with interleaved rotary pairs (convert_hf_to_gguf.py)
 SUPPORTED_ARCHITECTURES = tuple(GGUF_ARCHITECTURES)
 
 
@@ -128,7 +137,7 @@ def gguf_architecture(model) -> str:
         if name in GGUF_ARCHITECTURES:
             return GGUF_ARCHITECTURES[name]
     raise ExportError(
-        "GGUF export writes the llama, qwen2, qwen3, smollm3, gemma, gemma2, gemma3 and phi3 architectures "
+        "GGUF export writes the llama, qwen2, qwen3, smollm3, gemma, gemma2, gemma3, phi3, olmo2 and granite architectures "
         f"({', '.join(SUPPORTED_ARCHITECTURES)}); this model is {type(model).__name__}. Export with --format hf, "
         "then use llama.cpp's convert_hf_to_gguf.py."
     )
@@ -324,6 +333,11 @@ def write_gguf(
         writer.add_sliding_window(int(getattr(cfg, "sliding_window", None) or 0))
         extra.update(_longrope(writer, cfg, native))
     rope_freqs = _add_rope_scaling(writer, cfg)
+    if arch == "granite":  # transformers' multipliers, under llama.cpp's names for them
+        writer.add_embedding_scale(float(cfg.embedding_multiplier))
+        writer.add_attention_scale(float(cfg.attention_multiplier))
+        writer.add_residual_scale(float(cfg.residual_multiplier))
+        writer.add_logit_scale(float(cfg.logits_scaling))
     if arch in ("gemma2", "gemma3"):
         _add_sliding_window(writer, cfg)
         if getattr(cfg, "attn_logit_softcapping", None):
@@ -346,7 +360,7 @@ def write_gguf(
         writer.add_tensor(tensor_name, values)
         used["f32"] = used.get("f32", 0) + 1
     for hf_name, w in state.items():
-        if tied and hf_name == "lm_head.weight":
+        if tied and hf_name == "lm_head.weight" and arch not in OUTPUT_REQUIRED:
             continue  # llama.cpp uses token_embd for the output when there is no output.weight
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
