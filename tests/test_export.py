@@ -391,7 +391,7 @@ def test_ollama_modelfile_from_the_chat_template(runs, tmp_path, capsys):
     assert modelfile_text(tok, "s.gguf").endswith('PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n')
 
     tok.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
-    with pytest.raises(ExportError, match="only for the ChatML, Phi-3, Zephyr, Gemma chat templates"):
+    with pytest.raises(ExportError, match="only for the ChatML, Phi-3, Zephyr, Gemma, Mistral chat templates"):
         modelfile_text(tok, "x.gguf")
     with pytest.raises(ExportError, match="--modelfile goes with --format gguf"):
         export(runs["lora"], "hf", modelfile=True)
@@ -416,6 +416,13 @@ GEMMA_TEMPLATE = (  # Gemma 3's, text only
     "{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if "
     "loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (  # Mistral 7B Instruct v0.1 / v0.2's: no system role
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == "
+    "'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are "
+    "supported!') }}{% endif %}{% endfor %}"
 )
 GO_RENDER = """package main
 
@@ -458,7 +465,8 @@ def go_render(template: str, conversations: list[list[dict]], tmp_path) -> list[
 
 
 @pytest.mark.parametrize("template, fmt", [(SMOLLM2_TEMPLATE, "ChatML"), (PHI3_TEMPLATE, "Phi-3"),
-                                           (ZEPHYR_TEMPLATE, "Zephyr"), (GEMMA_TEMPLATE, "Gemma")])  # fmt: skip
+                                           (ZEPHYR_TEMPLATE, "Zephyr"), (GEMMA_TEMPLATE, "Gemma"),
+                                           (MISTRAL_TEMPLATE, "Mistral")])  # fmt: skip
 def test_the_modelfile_template_renders_in_go_as_the_chat_template_in_transformers(tmp_path, template, fmt):
     """Each recognised chat template's Modelfile TEMPLATE, run by Go's text/template on the conversations Ollama
     would pass (its SYSTEM message first where the request has none), gives the text transformers renders (less
@@ -473,11 +481,11 @@ def test_the_modelfile_template_renders_in_go_as_the_chat_template_in_transforme
     system = [{"role": "system", "content": "Answer in one word."}]
     turns = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "Four."},
              {"role": "user", "content": "And 3 + 3?\nThink first."}]  # fmt: skip
-    conversations = [turns[:1], turns, system + turns[:1], system + turns]
+    conversations = [turns[:1], turns] + ([system + turns[:1], system + turns] if fmt != "Mistral" else [])
     want = []
     for c in conversations:
         text = tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-        want.append(text.removeprefix(tok.bos_token) if fmt == "Gemma" else text)
+        want.append(text.removeprefix(tok.bos_token) if fmt in ("Gemma", "Mistral") else text)
     ollama = [c if c[0]["role"] == "system" or default_system is None else
               [{"role": "system", "content": default_system}, *c] for c in conversations]  # fmt: skip
     assert go_render(found.go_template, ollama, tmp_path) == want

@@ -9,7 +9,9 @@ the engine Ollama's templates run in):
   - ChatML (`<|im_start|>role\\ncontent<|im_end|>\\n`; SmolLM2's, Qwen's and tunelab's default),
   - Phi-3's (`<|role|>\\ncontent<|end|>\\n`) and Zephyr's (`<|role|>\\ncontent</s>\\n`: TinyLlama chat),
   - Gemma's (`<start_of_turn>user\\n ... <end_of_turn>\\n`, the assistant called `model`, a system message put
-    before the first user message; the leading <bos> is llama.cpp's to add).
+    before the first user message; the leading <bos> is llama.cpp's to add),
+  - Mistral Instruct's (`[INST] ... [/INST]reply</s>`, v0.1 / v0.2: no system role, which it refuses; the
+    Modelfile's template leaves system messages out).
 
 A template that also inserts a default system message when the conversation has none gives the Modelfile's
 `SYSTEM`; the stop tokens are the end of turn, and the eos token when it differs. Any other template is
@@ -33,6 +35,7 @@ class ChatFormat:
     go_template: str
     end_of_turn: str
     system_turn: Callable[[str], str] | None  # a system message's own turn (None: it has none)
+    takes_system: bool = True  # False: the chat template refuses a system message
 
 
 def _tagged(start: Callable[[str], str], end: str) -> Callable[[list[dict]], str]:
@@ -67,6 +70,10 @@ FORMATS = [
                '{{ if and $first $system }}{{ $system }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n{{ $first = false }}'
                '{{- else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
                "{{ $first = false }}{{- end }}{{- end }}<start_of_turn>model\n", "<end_of_turn>", None),
+    ChatFormat("Mistral", lambda ms: "".join(f"[INST] {m['content']} [/INST]" if m["role"] == "user" else
+                                             f"{m['content']}</s>" for m in ms if m["role"] != "system"),
+               '{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
+               '{{- else if eq .Role "assistant" }}{{ .Content }}</s>{{- end }}{{- end }}', "</s>", None, False),
 ]  # fmt: skip
 _PROBE = [
     {"role": "system", "content": "SYSTEM-1"},
@@ -95,13 +102,21 @@ def recognise(tokenizer) -> tuple[ChatFormat, str | None]:
         "(https://github.com/ollama/ollama/blob/main/docs/template.md) or export without --modelfile."
     )
     try:
-        rendered = _render(tokenizer, _PROBE), _render(tokenizer, _PROBE[1:])
-    except Exception as e:  # a template that refuses the probe (e.g. no system role) is none of them
+        without_system = _render(tokenizer, _PROBE[1:])
+    except Exception as e:  # a template that refuses the probe is none of them
         raise ExportError(f"{why} (rendering a probe conversation failed: {e})") from e
+    try:
+        rendered = _render(tokenizer, _PROBE), without_system
+    except Exception:  # a template without a system role (Mistral Instruct's raises)
+        rendered = None, without_system
     # as rendered, or less a bos token the template writes first (Gemma's; ChatML's tiny test tokenizer has
     # <|im_start|> for its bos, which ChatML text starts with and keeps)
-    variants = [rendered, tuple(_without_bos(t, tokenizer.bos_token) for t in rendered)]
+    variants = [rendered, tuple(t and _without_bos(t, tokenizer.bos_token) for t in rendered)]
     for fmt in FORMATS:
+        if not fmt.takes_system:  # recognised without a system message, and only where the template refuses one
+            if rendered[0] is None and any(v[1] == fmt.render(_PROBE[1:]) for v in variants):
+                return fmt, None
+            continue
         with_system, without = next((v for v in variants if v[0] == fmt.render(_PROBE)), (None, None))
         if with_system is None:
             continue
