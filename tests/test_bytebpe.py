@@ -177,3 +177,15 @@ def test_text_whose_words_rarely_repeat_goes_back_to_encode_batch(monkeypatch):
     for _ in range(40):
         assert all(english.encode(t) is not None for t in CORPUS)
     assert not english.off
+
+
+def test_texts_with_the_special_tokens_the_post_processor_adds():
+    """Text rows (continued pre-training) are encoded with the post-processor's special tokens (a bos in front):
+    the memo's ids with them around equal encode_batch(add_special_tokens=True)'s."""
+    tok = tokenizer("llama3", False, "template")
+    memo = WordMemo.of(tok)
+    assert memo.specials() == ([tok.token_to_id("<|im_start|>")], [])
+    batch = texts(seed=5, n=100)
+    want = [e.ids for e in tok.encode_batch(batch, add_special_tokens=True)]
+    assert [a.tolist() for a, _ in encode_texts(batch, tok, memo, special=True)] == want
+    assert [a.tolist() for a, _ in encode_texts(batch, tok, None, special=True)] == want

@@ -60,6 +60,7 @@ class WordMemo:
         self.check(set(map(chr, range(128))))
         self.seen = self.new = 0  # words in the current window, and how many of them were learnt
         self.off = False
+        self._specials: tuple[list[int], list[int]] | None | bool = False  # not looked for yet
 
     @classmethod
     def of(cls, backend) -> WordMemo | None:
@@ -93,6 +94,16 @@ class WordMemo:
         self.starts = {a: (0,) for a in self.added}
         self.lead1 = set()
         self.hard: set[str] = set()  # words whose tokens do not spell them (a byte missing from the vocabulary)
+
+    def specials(self) -> tuple[list[int], list[int]] | None:
+        """The ids the post-processor puts before and after every text (TemplateProcessing's bos / eos), found by
+        encoding one text both ways; None where the text's own ids are not found inside (then not reproduced)."""
+        if self._specials is False:
+            bare = self.backend.encode("a", add_special_tokens=False).ids
+            full = self.backend.encode("a", add_special_tokens=True).ids
+            at = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None)
+            self._specials = None if at is None else (full[:at], full[at + len(bare) :])
+        return self._specials
 
     def check(self, chars: set[str]) -> bool:
         """Check each character not checked yet (see the module's docstring); False if one of `chars` failed."""
@@ -206,12 +217,25 @@ def _trimming(post: dict | None) -> tuple[bool | None, bool]:
     return None, False
 
 
-def encode_texts(texts: list[str], backend, memo: WordMemo | None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """[(ids int32, each token's start in characters)] of `texts` without special tokens added: the memo's
-    encoding where it takes the text, `backend.encode_batch`'s (one call for the rest) otherwise."""
+def encode_texts(
+    texts: list[str], backend, memo: WordMemo | None, special: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(ids int32, each token's start in characters)] of `texts`: the memo's encoding where it takes the text,
+    `backend.encode_batch`'s (one call for the rest) otherwise. `special`: with the special tokens the
+    post-processor adds (a text row's bos), as encode_batch(add_special_tokens=True) gives them."""
     out = [memo.encode(t) for t in texts] if memo is not None else [None] * len(texts)
+    around = memo.specials() if memo is not None and special else ([], [])
+    if around is None:  # a post-processor the memo cannot reproduce: the batch call for every text
+        out = [None] * len(texts)
+    elif special and (around[0] or around[1]):  # the specials start where the text does, and where it ends
+        head, tail = np.asarray(around[0], np.int32), np.asarray(around[1], np.int32)
+        for i, (text, o) in enumerate(zip(texts, out)):
+            if o is not None:
+                starts = [np.zeros(len(head), np.int64), o[1], np.full(len(tail), len(text), np.int64)]
+                out[i] = (np.concatenate([head, o[0], tail]), np.concatenate(starts))
     rest = [i for i, o in enumerate(out) if o is None]
-    for i, e in zip(rest, backend.encode_batch([texts[i] for i in rest], add_special_tokens=False) if rest else []):
+    encoded = backend.encode_batch([texts[i] for i in rest], add_special_tokens=special) if rest else []
+    for i, e in zip(rest, encoded):
         out[i] = (np.array(e.ids, np.int32), np.fromiter((a for a, _ in e.offsets), np.int64, count=len(e.ids)))
     return out
 

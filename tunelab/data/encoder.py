@@ -178,10 +178,8 @@ def encode_rows(
                 ids, labels = np.append(ids, np.int32(enc.eos)), np.append(labels, np.int32(enc.eos))
         out[j] = (ids, ids.copy() if on_prompt else labels)
     if texts:  # continued pre-training: templating.encode_text, special tokens on
-        for (j, _), e in zip(texts, backend.encode_batch([t for _, t in texts], add_special_tokens=True)):
-            ids = list(e.ids)
-            if enc.eos is not None and (not ids or ids[-1] != enc.eos):
-                ids.append(enc.eos)
-            arr = np.array(ids, dtype=np.int32)
-            out[j] = (arr, arr.copy())
+        for (j, _), (ids, _) in zip(texts, encode_texts([t for _, t in texts], backend, memo, special=True)):
+            if enc.eos is not None and (not len(ids) or ids[-1] != enc.eos):
+                ids = np.append(ids, np.int32(enc.eos))
+            out[j] = (ids, ids.copy())
     return out
