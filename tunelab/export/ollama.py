@@ -11,7 +11,9 @@ the engine Ollama's templates run in):
   - Gemma's (`<start_of_turn>user\\n ... <end_of_turn>\\n`, the assistant called `model`, a system message put
     before the first user message; the leading <bos> is llama.cpp's to add),
   - Mistral Instruct's (`[INST] ... [/INST]reply</s>`, v0.1 / v0.2: no system role, which it refuses; the
-    Modelfile's template leaves system messages out).
+    Modelfile's template leaves system messages out),
+  - Llama 3 Instruct's (`<|start_header_id|>role<|end_header_id|>\\n\\n ... <|eot_id|>`; 3.1 and later add a dated
+    system turn to every prompt, which is not recognised).
 
 A template that also inserts a default system message when the conversation has none gives the Modelfile's
 `SYSTEM`; the stop tokens are the end of turn, and the eos token when it differs. Any other template is
@@ -70,6 +72,10 @@ FORMATS = [
                '{{ if and $first $system }}{{ $system }}\n\n{{ end }}{{ .Content }}<end_of_turn>\n{{ $first = false }}'
                '{{- else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
                "{{ $first = false }}{{- end }}{{- end }}<start_of_turn>model\n", "<end_of_turn>", None),
+    ChatFormat("Llama 3", _tagged(lambda r: f"<|start_header_id|>{r}<|end_header_id|>\n\n", "<|eot_id|>"),
+               "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
+               "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>",
+               lambda s: f"<|start_header_id|>system<|end_header_id|>\n\n{s}<|eot_id|>"),
     ChatFormat("Mistral", lambda ms: "".join(f"[INST] {m['content']} [/INST]" if m["role"] == "user" else
                                              f"{m['content']}</s>" for m in ms if m["role"] != "system"),
                '{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
