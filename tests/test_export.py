@@ -391,7 +391,7 @@ def test_ollama_modelfile_from_the_chat_template(runs, tmp_path, capsys):
     assert modelfile_text(tok, "s.gguf").endswith('PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n')
 
     tok.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
-    with pytest.raises(ExportError, match="only for the ChatML, Phi-3, Zephyr, Gemma, Llama 3, Mistral chat templates"):
+    with pytest.raises(ExportError, match="only for the ChatML, Phi-3, Zephyr, Gemma, Llama 3, Llama 2, Mistral chat"):
         modelfile_text(tok, "x.gguf")
     with pytest.raises(ExportError, match="--modelfile goes with --format gguf"):
         export(runs["lora"], "hf", modelfile=True)
@@ -422,6 +422,16 @@ LLAMA3_TEMPLATE = (  # Llama 3 Instruct's (3.0)
     "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+LLAMA2_CHAT_TEMPLATE = (  # Llama 2 Chat's
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+    "{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\n' + system_message + "
+    "'\n<</SYS>>\n\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif "
+    "message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
 MISTRAL_TEMPLATE = (  # Mistral 7B Instruct v0.1 / v0.2's: no system role
     "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
@@ -472,7 +482,8 @@ def go_render(template: str, conversations: list[list[dict]], tmp_path) -> list[
 
 @pytest.mark.parametrize("template, fmt", [(SMOLLM2_TEMPLATE, "ChatML"), (PHI3_TEMPLATE, "Phi-3"),
                                            (ZEPHYR_TEMPLATE, "Zephyr"), (GEMMA_TEMPLATE, "Gemma"),
-                                           (MISTRAL_TEMPLATE, "Mistral"), (LLAMA3_TEMPLATE, "Llama 3")])  # fmt: skip
+                                           (MISTRAL_TEMPLATE, "Mistral"), (LLAMA3_TEMPLATE, "Llama 3"),
+                                           (LLAMA2_CHAT_TEMPLATE, "Llama 2")])  # fmt: skip
 def test_the_modelfile_template_renders_in_go_as_the_chat_template_in_transformers(tmp_path, template, fmt):
     """Each recognised chat template's Modelfile TEMPLATE, run by Go's text/template on the conversations Ollama
     would pass (its SYSTEM message first where the request has none), gives the text transformers renders (less
@@ -491,7 +502,7 @@ def test_the_modelfile_template_renders_in_go_as_the_chat_template_in_transforme
     want = []
     for c in conversations:
         text = tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-        want.append(text.removeprefix(tok.bos_token) if fmt in ("Gemma", "Mistral", "Llama 3") else text)
+        want.append(text.removeprefix(tok.bos_token) if fmt in ("Gemma", "Mistral", "Llama 3", "Llama 2") else text)
     ollama = [c if c[0]["role"] == "system" or default_system is None else
               [{"role": "system", "content": default_system}, *c] for c in conversations]  # fmt: skip
     assert go_render(found.go_template, ollama, tmp_path) == want

@@ -13,7 +13,8 @@ the engine Ollama's templates run in):
   - Mistral Instruct's (`[INST] ... [/INST]reply</s>`, v0.1 / v0.2: no system role, which it refuses; the
     Modelfile's template leaves system messages out),
   - Llama 3 Instruct's (`<|start_header_id|>role<|end_header_id|>\\n\\n ... <|eot_id|>`; 3.1 and later add a dated
-    system turn to every prompt, which is not recognised).
+    system turn to every prompt, which is not recognised),
+  - Llama 2 Chat's (`<s>[INST] <<SYS>> ... <</SYS>> ... [/INST] reply </s>`, a <s> before each later user turn).
 
 A template that also inserts a default system message when the conversation has none gives the Modelfile's
 `SYSTEM`; the stop tokens are the end of turn, and the eos token when it differs. Any other template is
@@ -42,6 +43,18 @@ class ChatFormat:
 
 def _tagged(start: Callable[[str], str], end: str) -> Callable[[list[dict]], str]:
     return lambda messages: "".join(f"{start(m['role'])}{m['content']}{end}" for m in messages) + start("assistant")
+
+
+def _llama2(messages: list[dict]) -> str:
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    out = ""
+    for i, m in enumerate(messages[1:] if system is not None else messages):
+        content = f"<<SYS>>\n{system}\n<</SYS>>\n\n{m['content']}" if i == 0 and system is not None else m["content"]
+        if m["role"] == "user":
+            out += f"{'<s>' if i else ''}[INST] {content} [/INST]"
+        else:
+            out += f" {content} </s>"
+    return out
 
 
 def _gemma(messages: list[dict]) -> str:
@@ -76,6 +89,12 @@ FORMATS = [
                "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
                "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>",
                lambda s: f"<|start_header_id|>system<|end_header_id|>\n\n{s}<|eot_id|>"),
+    ChatFormat("Llama 2", _llama2,
+               '{{- $system := "" }}{{- range .Messages }}{{ if eq .Role "system" }}{{ $system = .Content }}{{ end }}'
+               '{{ end }}{{- $first := true }}{{- range .Messages }}{{- if eq .Role "user" }}{{ if not $first }}<s>'
+               "{{ end }}[INST] {{ if and $first $system }}<<SYS>>\n{{ $system }}\n<</SYS>>\n\n{{ end }}{{ .Content }}"
+               ' [/INST]{{ $first = false }}{{- else if eq .Role "assistant" }} {{ .Content }} </s>{{ $first = false }}'
+               "{{- end }}{{- end }}", "</s>", None),
     ChatFormat("Mistral", lambda ms: "".join(f"[INST] {m['content']} [/INST]" if m["role"] == "user" else
                                              f"{m['content']}</s>" for m in ms if m["role"] != "system"),
                '{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
