@@ -28,14 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tunelab.export import ExportError
-from tunelab.export.gguf_vocab import (
-    add_tokenizer,
-    file_name,
-    pre_tokenizer_name,
-    spm_scores,
-    token_types,
-    tokenizer_kind,
-)
+from tunelab.export.gguf_vocab import add_tokenizer, file_name, vocabulary
 
 QUANT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q4_k")
 _FILE_TYPE = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
@@ -300,13 +293,8 @@ def write_gguf(
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     n_vocab = state["model.embed_tokens.weight"].shape[0]
-    # a tokenizer GGUF cannot hold is refused before anything is written
-    if tokenizer_kind(tokenizer) == "spm":
-        notes += [n for n in [spm_scores(tokenizer)[2]] if n]
-        pre, pre_from = None, "SentencePiece (no pre-tokenizer)"
-    else:
-        token_types(tokenizer, n_vocab, "bpe")
-        pre, pre_from = pre_tokenizer_name(tokenizer, pre_tokenizer)
+    vocab = vocabulary(tokenizer, n_vocab, pre_tokenizer)  # a tokenizer GGUF cannot hold is refused here
+    notes += vocab.notes
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -350,7 +338,7 @@ def write_gguf(
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPE[quant]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_tokenizer(writer, tokenizer, n_vocab, pre)
+    add_tokenizer(writer, tokenizer, vocab)
 
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.num_hidden_layers)
     fallbacks, used = {}, {}
@@ -388,5 +376,5 @@ def write_gguf(
     writer.close()
     tmp.replace(path)
     return {"path": str(path), "bytes": path.stat().st_size, "quant": quant, "tensor_types": used,
-            "fallbacks": fallbacks, "pre_tokenizer": pre, "pre_tokenizer_from": pre_from,
+            "fallbacks": fallbacks, "pre_tokenizer": vocab.pre, "pre_tokenizer_from": vocab.pre_from,
             "notes": notes}  # fmt: skip

@@ -14,6 +14,7 @@ import hashlib
 import json
 import re
 import tempfile
+from dataclasses import dataclass, field
 
 from tunelab.export import ExportError
 from tunelab.export.pretokenizers import FINGERPRINTS, LLAMA_CPP_PRE_TOKENIZERS, PROBE_TEXT
@@ -245,26 +246,49 @@ _SPM_FIX = ("llama.cpp would merge pieces in another order than transformers her
             "with llama.cpp's convert_hf_to_gguf.py from the model's tokenizer.model")  # fmt: skip
 
 
-def add_tokenizer(writer, tokenizer, n_vocab: int, pre: str | None) -> None:
-    import gguf
+@dataclass
+class Vocabulary:
+    """What the GGUF file's tokenizer holds, worked out (and checked) once, before anything is written."""
 
+    kind: str  # bpe | spm (tokenizer_kind)
+    tokens: list[str]
+    types: list
+    pre: str | None  # bpe: tokenizer.ggml.pre
+    pre_from: str
+    scores: list[float] | None = None  # spm
+    space_prefix: bool = False  # spm: add_space_prefix
+    notes: list[str] = field(default_factory=list)  # what llama.cpp will split otherwise than transformers
+
+
+def vocabulary(tokenizer, n_vocab: int, pre_tokenizer: str | None = None) -> Vocabulary:
+    """The Vocabulary of `tokenizer` for a model embedding `n_vocab` tokens; ExportError for one GGUF cannot hold."""
     kind = tokenizer_kind(tokenizer)
     tokens, types = token_types(tokenizer, n_vocab, kind)
+    if kind == "bpe":
+        return Vocabulary(kind, tokens, types, *pre_tokenizer_name(tokenizer, pre_tokenizer))
+    scores, space, note = spm_scores(tokenizer)
+    return Vocabulary(kind, tokens, types, None, "SentencePiece (no pre-tokenizer)",
+                      [scores.get(t, 0.0) for t in tokens], space, [note] if note else [])  # fmt: skip
+
+
+def add_tokenizer(writer, tokenizer, vocab: Vocabulary) -> None:
+    import gguf
+
+    kind = vocab.kind
     if kind == "spm":  # llama.cpp's SentencePiece tokenizer: scores instead of merges, no pre-tokenizer
-        scores, space, _ = spm_scores(tokenizer)
         writer.add_tokenizer_model("llama")
-        writer.add_token_list(tokens)
-        writer.add_token_scores([scores.get(t, 0.0) for t in tokens])
-        writer.add_token_types(types)
-        writer.add_add_space_prefix(space)
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_scores(vocab.scores)
+        writer.add_token_types(vocab.types)
+        writer.add_add_space_prefix(vocab.space_prefix)
     else:
         writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(pre)
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
+        writer.add_tokenizer_pre(vocab.pre)
+        writer.add_token_list(vocab.tokens)
+        writer.add_token_types(vocab.types)
     with tempfile.TemporaryDirectory() as tmp:  # SpecialVocab reads the files save_pretrained writes
         tokenizer.save_pretrained(tmp)
-        special = gguf.SpecialVocab(tmp, load_merges=kind == "bpe", n_vocab=n_vocab)
+        special = gguf.SpecialVocab(tmp, load_merges=kind == "bpe", n_vocab=len(vocab.tokens))
     if kind == "bpe" and not special.merges:
         raise ExportError("the tokenizer has no BPE merges; GGUF byte-level BPE needs them")
     if special.chat_template is None and tokenizer.chat_template:
