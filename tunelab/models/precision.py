@@ -56,13 +56,19 @@ class Precision:
     # the trainable weights in fp32 beside frozen ones in `dtype`, the passes in `dtype` without autocast: every
     # layer that trains runs in bf16 by itself (tunelab/accel's bf16 passes)
     master: bool = False
+    # the weights that train kept in bf16 too, AdamW rounding stochastically (training.master_weights: bf16)
+    bf16_weights: bool = False
 
     @property
     def name(self) -> str:
         kind = str(self.dtype).removeprefix("torch.")
+        weights = "bf16 weights (stochastic rounding)" if self.bf16_weights else "fp32 master weights"
         if self.autocast:
-            return f"{kind} autocast, fp32 master weights"
-        return f"{kind}, fp32 master weights" if self.master else kind
+            return f"{kind} autocast, {weights}"
+        return f"{kind}, {weights}" if self.master or self.bf16_weights else kind
+
+    def with_bf16_weights(self) -> Precision:
+        return replace(self, bf16_weights=True)
 
     def without_autocast(self) -> Precision:
         """The same weights, the passes in bf16 without autocast (accel's bf16 passes: `master`)."""

@@ -68,7 +68,8 @@ def batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[lis
 def optimizer_for(params, tcfg) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard.
 
-    A parameter that is frozen for now (gradual unfreezing) has no gradient, and AdamW skips it.
+    A parameter that is frozen for now (gradual unfreezing) has no gradient, and AdamW skips it. bf16 weights that
+    train (`training.master_weights`: bf16, see master_weights_choice) take AdamW with stochastic rounding.
     """
     decay, no_decay = [], []
     for p in params:
@@ -80,6 +81,10 @@ def optimizer_for(params, tcfg) -> torch.optim.Optimizer:
     # the fused kernel on CPU too (TRL's default, adamw_torch_fused): one pass over each tensor where the for-loop
     # form walks it several times; 97 against 436 ms a step for SmolLM2-135M's 134.5M weights on 2 cores, the same
     # update to rounding (docs/performance.md). Not for a device torch has no fused kernel for.
+    if any(p.dtype == torch.bfloat16 for p in params):
+        from tunelab.training.bf16_adamw import BF16AdamW
+
+        return BF16AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), seed=tcfg.seed)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), fused=fused or None)
 
@@ -318,6 +323,32 @@ def resolved_dtype(cfg, precision):
         return cfg
     name = str(precision.dtype).removeprefix("torch.")
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": name})})
+
+
+# bytes a trainable weight adds once training starts, over the weight as loaded: in bf16 with fp32 master weights an
+# fp32 copy (+2), its fp32 gradient (4) and AdamW's two fp32 moments (8); kept in bf16, a bf16 gradient (2) and
+# moments (4); in an fp32 run, the gradient (4) and moments (8)
+FP32_MASTER_BYTES, BF16_WEIGHT_BYTES, FP32_STATE_BYTES = 14, 6, 12
+
+
+def master_weights_choice(setting: str, device, trainable: int, total: int, available: int | None,
+                          own_weights: bool = True) -> tuple[bool, str]:  # fmt: skip
+    """(keep the trainable weights in bf16, why) for `training.master_weights` in a bf16 run: explicit fp32 / bf16
+    wins; auto takes bf16 when the fp32 copies would not fit in 80% of the memory `available`, or on a CPU when
+    the method trains the model's `own_weights` (not a PEFT adapter beside them) and they are most of its `total`
+    (full fine-tuning: there the fp32 copies double the run's memory and, measured on the bench job, buy no lower
+    held-out loss; docs/performance.md)."""
+    if setting != "auto":
+        return setting == "bf16", f"training.master_weights: {setting}"
+    need = trainable * FP32_MASTER_BYTES
+    if available is not None and need > 0.8 * available:
+        return True, (
+            f"auto: fp32 copies of the {trainable:,} trainable weights would take {need / 2**30:.1f} GiB of the "
+            f"{available / 2**30:.1f} GiB available"
+        )
+    if torch.device(device).type == "cpu" and own_weights and trainable > total / 2:
+        return True, f"auto: {trainable / total:.0%} of the weights train, on a CPU"
+    return False, "auto: fp32 master weights"
 
 
 def fp32_master_weights_(model, params=None) -> int:

@@ -29,6 +29,9 @@ from tunelab.stages import get as get_stage
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
 from tunelab.training.harness import (
+    BF16_WEIGHT_BYTES,
+    FP32_MASTER_BYTES,
+    FP32_STATE_BYTES,
     MetricsLog,
     RunResult,
     autocast_for,
@@ -39,6 +42,7 @@ from tunelab.training.harness import (
     early_stop,
     fp32_master_weights_,
     log,
+    master_weights_choice,
     no_autocast,
     on_main_thread,
     optimizer_for,
@@ -133,11 +137,24 @@ def train(
         model, tokenizer = stage.load_model(loaded, device)
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
+    learning = method.optimizer_parameters(model, cfg.method)  # gradual unfreezing: those that thaw later too
+    # bf16 runs: the weights that train in fp32 (mixed precision) or in bf16 with stochastic rounding
+    autocast = autocast_for(device, loaded.model.dtype)
+    n_learning, available = sum(p.numel() for p in learning), available_memory()
+    bf16_weights, why_weights = False, ""
+    if autocast is not no_autocast and precision.dtype == torch.bfloat16:
+        own = method.CAPABILITIES.reference == "frozen_copy"  # the model's own weights train, not an adapter
+        bf16_weights, why_weights = master_weights_choice(tcfg.master_weights, device, n_learning,
+                                                          count_parameters(model)[1], available, own)  # fmt: skip
+    if available is not None:  # less what the gradients and AdamW's moments (and fp32 copies) will take
+        mixed = autocast is not no_autocast
+        per_weight = BF16_WEIGHT_BYTES if bf16_weights else FP32_MASTER_BYTES if mixed else FP32_STATE_BYTES
+        available = max(available - n_learning * per_weight, 0)
     # the rows one forward pass holds (thread shares split them, not add to them), at the data's length
     rows = min(tcfg.rows_per_pass or tcfg.batch_size, tcfg.batch_size)
     width = torch.finfo(precision.dtype).bits // 8
     checkpointing, why = checkpointing_choice(tcfg.gradient_checkpointing, rows, cfg.data.max_length,
-                                              unwrap(model).config, width, available_memory())  # fmt: skip
+                                              unwrap(model).config, width, available)  # fmt: skip
     auto = tcfg.gradient_checkpointing == "auto"
     if checkpointing and auto and not getattr(unwrap(model), "supports_gradient_checkpointing", False):
         checkpointing, why = False, f"{why}, but {type(unwrap(model)).__name__} does not support it: off"
@@ -151,11 +168,14 @@ def train(
     log(f"gradient checkpointing: {why}")
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
         stage.prepare(model, cfg)
+    if bf16_weights:
+        precision = precision.with_bf16_weights()
     log(f"precision: {precision.name} ({precision.reason})")
-    autocast = autocast_for(device, loaded.model.dtype)
-    learning = method.optimizer_parameters(model, cfg.method)  # gradual unfreezing: those that thaw later too
-    if autocast is not no_autocast and (upcast := fp32_master_weights_(model, learning)):
-        log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32")
+    if bf16_weights:
+        log(f"bf16 weights: {n_learning:,} trainable parameters, their gradients and AdamW moments stay bf16, every "
+            f"update rounded stochastically ({why_weights}; training.master_weights: fp32 keeps fp32 copies)")  # fmt: skip
+    elif autocast is not no_autocast and (upcast := fp32_master_weights_(model, learning)):
+        log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32 ({why_weights})")
     trainable, total = count_parameters(model)
     total += speed.compact_parameters  # weights held compact since loading are no parameters
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")

@@ -1,0 +1,177 @@
+"""AdamW over bf16 weights with stochastic rounding (training/bf16_adamw.py, `training.master_weights`): each update
+lands between the two bf16 neighbours of AdamW's fp32 result, in expectation on it; the run keeps and saves bf16
+weights, trains, and resumes to the same weights."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tunelab
+from tunelab.config import load_config
+from tunelab.training import bf16_adamw
+from tunelab.training.bf16_adamw import BF16AdamW
+from tunelab.training.harness import master_weights_choice
+
+
+def bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values at or below and at or above each fp32 value (by magnitude, as truncation rounds)."""
+    low = (x.view(torch.int32) & -65536).view(torch.float32)
+    high = ((x.view(torch.int32) & -65536) + 65536).view(torch.float32)
+    exact = low == x
+    return low, torch.where(exact, low, high)
+
+
+def fp32_adamw(p, grads, **kw):
+    ref = torch.nn.Parameter(p.detach().float().clone())
+    opt = torch.optim.AdamW([ref], **kw)
+    for g in grads:
+        ref.grad = g.float()
+        opt.step()
+    return ref.detach()
+
+
+@pytest.mark.parametrize("n", [1000, 3 * bf16_adamw.CHUNK + 77])  # one short chunk; full chunks and a tail
+def test_one_step_lands_on_a_bf16_neighbour_of_adamws_fp32_result(n):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter((torch.randn(n) * 0.05).bfloat16())
+    g = torch.randn(n).bfloat16()
+    expected = fp32_adamw(p, [g], lr=1e-3, weight_decay=0.1)
+    opt = BF16AdamW([p], lr=1e-3, weight_decay=0.1)
+    p.grad = g
+    opt.step()
+    low, high = bf16_neighbours(expected)
+    got = p.detach().float()
+    assert bool(((got == low) | (got == high)).all())
+    assert float((got != expected).float().mean()) > 0.5  # rounded: most fp32 results are not bf16 values
+    state = opt.state[p]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_small_updates_land_in_expectation_where_rounding_to_nearest_loses_them():
+    """AdamW's step is ~lr; at lr 1e-4 a weight of 1.0 (bf16 spacing 2^-7) never moves when rounded to nearest
+    (what torch's AdamW does to bf16 weights), and moves by the fp32 amount on average when rounded stochastically."""
+    n, steps, lr = 20_000, 60, 1e-4
+    start = torch.ones(n).bfloat16()
+    grads = [torch.full((n,), 0.01).bfloat16() for _ in range(steps)]
+    expected = fp32_adamw(start, grads, lr=lr, weight_decay=0.0)
+    nearest = torch.nn.Parameter(start.clone())
+    torch_opt = torch.optim.AdamW([nearest], lr=lr, weight_decay=0.0)
+    ours = torch.nn.Parameter(start.clone())
+    opt = BF16AdamW([ours], lr=lr, weight_decay=0.0, seed=1)
+    for g in grads:
+        nearest.grad, ours.grad = g.clone(), g.clone()
+        torch_opt.step()
+        opt.step()
+    moved = 1.0 - float(expected.mean())
+    assert moved == pytest.approx(steps * lr, rel=0.01)
+    assert float(nearest.detach().float().mean()) == 1.0  # every update rounded away
+    assert 1.0 - float(ours.detach().float().mean()) == pytest.approx(moved, rel=0.03)
+
+
+def test_the_same_seed_rounds_alike_and_a_reloaded_state_continues_the_same_run():
+    torch.manual_seed(0)
+    start = (torch.randn(50_000) * 0.05).bfloat16()
+    grads = [torch.randn(50_000).bfloat16() for _ in range(6)]
+
+    def run(grads, p=None, state=None):
+        p = torch.nn.Parameter(start.clone()) if p is None else p
+        opt = BF16AdamW([p], lr=1e-3, seed=7)
+        if state is not None:
+            opt.load_state_dict(state)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        return p, opt
+
+    whole, _ = run(grads)
+    again, _ = run(grads)
+    assert torch.equal(whole, again)
+    half, opt = run(grads[:3])
+    state = copy.deepcopy(opt.state_dict())
+    resumed, _ = run(grads[3:], p=torch.nn.Parameter(half.detach().clone()), state=state)
+    assert torch.equal(whole, resumed)
+    other = torch.nn.Parameter(start.clone())
+    opt = BF16AdamW([other], lr=1e-3, seed=8)
+    for g in grads:
+        other.grad = g.clone()
+        opt.step()
+    assert not torch.equal(whole, other)  # the seed is the noise
+
+
+def test_fp32_parameters_take_torchs_fused_step_exactly():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3000))
+    grads = [torch.randn(3000) for _ in range(3)]
+    expected = fp32_adamw(p, grads, lr=1e-2, weight_decay=0.01, fused=True)
+    opt = BF16AdamW([p], lr=1e-2, weight_decay=0.01)
+    for g in grads:
+        p.grad = g
+        opt.step()
+    assert torch.equal(p.detach(), expected)
+
+
+@pytest.mark.parametrize(
+    "setting, device, trainable, own, available, bf16, said",
+    [
+        ("fp32", "cpu", 100, True, None, False, "master_weights: fp32"),
+        ("bf16", "cuda", 1, False, None, True, "master_weights: bf16"),
+        ("auto", "cpu", 100, True, 10**9, True, "of the weights train, on a CPU"),
+        ("auto", "cpu", 10, True, 10**9, False, "fp32 master weights"),  # a few of the weights train
+        ("auto", "cpu", 100, False, 10**9, False, "fp32 master weights"),  # a PEFT adapter (prefix's encoder)
+        ("auto", "cuda", 100, True, 10**9, False, "fp32 master weights"),
+        ("auto", "cuda", 100, True, 1000, True, "would take"),  # 1,400 bytes of fp32 copies, 1,000 available
+    ],
+)
+def test_master_weights_choice(setting, device, trainable, own, available, bf16, said):
+    chosen, why = master_weights_choice(setting, device, trainable, 120, available, own_weights=own)
+    assert chosen is bf16 and said in why
+
+
+def make_cfg(tiny_dir, data_file, out, **training):
+    return load_config({
+        "output_dir": str(out), "model": {"name": tiny_dir, "dtype": "bfloat16"},
+        "data": {"train": data_file, "val_fraction": 0.2, "max_length": 64}, "method": {"name": "full"},
+        "training": {"max_steps": 6, "batch_size": 4, "lr": 2e-3, "progress": False, "tensorboard": False,
+                     "seed": 3, "device": "cpu", "scheduler": "constant", "warmup_steps": 0, **training},
+    })  # fmt: skip
+
+
+def step_losses(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def test_full_fine_tuning_in_bf16_keeps_bf16_weights_trains_and_resumes(tiny_dir, data_file, tmp_path, capsys):
+    result = tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "a"))
+    log = capsys.readouterr().err
+    assert result.metrics["precision"] == "bfloat16 autocast, bf16 weights (stochastic rounding)"
+    assert "bf16 weights: " in log and "of the weights train, on a CPU" in log
+    losses = step_losses(tmp_path / "a")
+    assert losses[6] < losses[1] and result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+    saved = load_file(str(result.final_dir / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    start = load_file(str(Path(tiny_dir) / "model.safetensors"))
+    moved = [(saved[k].float() - start[k].float()).abs().max() for k in saved if k in start and saved[k].ndim == 2]
+    assert moved and all(float(m) > 0 for m in moved)  # every matrix moved
+
+    def stop_after_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "b")
+    tunelab.train(cfg, callbacks=[stop_after_3])  # Ctrl-C: a checkpoint at step 3
+    tunelab.train(copy.deepcopy(cfg), resume=True)
+    resumed = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert step_losses(tmp_path / "b") == losses
+    assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+
+
+def test_master_weights_fp32_keeps_fp32_copies(tiny_dir, data_file, tmp_path):
+    result = tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "a", master_weights="fp32", max_steps=2))
+    assert result.metrics["precision"] == "bfloat16 autocast, fp32 master weights"
+    saved = load_file(str(result.final_dir / "model.safetensors"))
+    assert torch.float32 in {t.dtype for t in saved.values()}
