@@ -1,4 +1,4 @@
-"""Big models on a small box: LoRA and QLoRA of a ~1.7B Llama on a CPU, peak memory and speed.
+"""Big models on a small box: LoRA, QLoRA and full fine-tuning of a ~1.7B Llama on a CPU, peak memory and speed.
 
 The model: SmolLM2-1.7B's published config (hidden 2048, intermediate 8192, 24 layers, 32 heads, 32 kv
 heads, vocabulary 49,152, tied embeddings) with random weights, saved once in bf16 safetensors as the
@@ -12,6 +12,7 @@ QLoRA's peak over LoRA's (the issue's target: <= 0.6).
 
     .venv/bin/python bench/big_model.py                     # lora and qlora, 3 steps of 2 x 128 tokens
     .venv/bin/python bench/big_model.py --methods qlora --steps 2
+    .venv/bin/python bench/big_model.py --methods full --set model.dtype=bfloat16   # bf16 weights, 8 bytes each
     .venv/bin/python bench/big_model.py --load-only 360m    # LoRA's load peak: whole fp32 then compact, or straight
 
 Memory: the LoRA run holds the 1.7B model in fp32 (6.8 GB) at some point; the bench refuses to start a
@@ -41,7 +42,9 @@ def job(method: str, args) -> dict:
     from tunelab.accel.memory import skip_unused_imports
     from tunelab.config import load_config
 
-    method_cfg = {"name": method, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
+    method_cfg = {"name": method}
+    if method in ("lora", "qlora"):
+        method_cfg.update(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "train.json").write_text(DATA.read_text())
         cfg = load_config(
@@ -107,7 +110,7 @@ def run(method: str, args) -> dict:
     out = run_child(cmd, env, method, stderr)
     out["allocator"] = (env or {}).get("TUNELAB_ALLOCATOR", "system")
     out["log"] = [ln for ln in stderr if ln.startswith("[tunelab]") and any(
-        w in ln for w in ("gradient checkpointing", "precision", "loaded whole", "compact", "method "))]  # fmt: skip
+        w in ln for w in ("gradient checkpointing", "precision", "loaded whole", "compact", "method ", "bf16 weights"))]  # fmt: skip
     out["available_gb_before"] = round(free, 1)
     return out
 

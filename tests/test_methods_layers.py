@@ -113,7 +113,8 @@ def test_gradual_in_bf16_keeps_every_block_that_thaws_in_fp32(tmp_path, monkeypa
     result = tunelab.train({"output_dir": str(tmp_path / "run"), "model": {"name": str(tmp_path / "neox"), "dtype": "bfloat16"},
                             "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 32, "val_fraction": 0},
                             "method": {"name": "gradual", "every_steps": 1},
-                            "training": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "progress": False, "tensorboard": False}},
+                            "training": {"max_steps": 4, "batch_size": 8, "lr": 1e-2, "progress": False, "tensorboard": False,
+                                         "master_weights": "fp32"}},
                            callbacks=[lambda step, record: dtypes.append({p.dtype for g in optimizers[0].param_groups
                                                                           for p in g["params"]})])  # fmt: skip
     assert len(dtypes) == 4 and all(d == {torch.float32} for d in dtypes)  # all of them, before they thaw too
