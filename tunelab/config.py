@@ -139,8 +139,9 @@ class ModelConfig(Section):
         description="Precision. auto = bf16 autocast with fp32 master weights on CUDA with bf16; on a CPU with "
         "native bf16 (avx512_bf16 / amx_bf16), bf16 with fp32 master weights for LoRA training (training.accelerate: "
         "auto; measured faster at the same loss: docs/performance.md), float32 for everything else; float32 on other "
-        "CPUs. bfloat16 = bf16 with fp32 master weights on a CPU too (emulated, ~250x slower, without avx512_bf16 / "
-        "amx_bf16). The run log says which and why.",
+        "CPUs. bfloat16 = bf16 on a CPU too (emulated, ~250x slower, without avx512_bf16 / amx_bf16), the weights that "
+        "train kept as training.master_weights says (fp32 copies; bf16 with stochastic rounding for full "
+        "fine-tuning on a CPU). The run log says which and why.",
     )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with a hub repo. Off unless you trust the repo."
