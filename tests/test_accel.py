@@ -9,7 +9,7 @@ from test_training import losses, make_cfg  # tests/ is on sys.path (conftest.py
 
 import tunelab
 from tunelab import accel
-from tunelab.accel import attention, compact, fast_lora, head, memory, norm, threads
+from tunelab.accel import attention, compact, fast_lora, head, memory, norm, swiglu, threads
 from tunelab.config import ConfigError, load_config
 from tunelab.methods import get
 from tunelab.models import count_parameters
@@ -173,8 +173,8 @@ def test_an_off_run_calls_no_speed_code(tiny_dir, data_file, tmp_path, monkeypat
 def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_path, monkeypatch):
     """LoRA: fast LoRA and SwiGLU, fused norm, packed attention, fused head, compact weights and two thread
     shares against plain PyTorch + PEFT; lora-dropout: the same with LoRA dropout 0.1 in one share (PEFT's
-    dropout drawing the fast path's masks from torch's generator); full: fused norm and head with the head's (tied) weight
-    gradient; prompt / prefix (unpacked): the fused head at the label positions of PEFT's forward against
+    dropout drawing the fast path's masks from torch's generator); full: fused norm, SwiGLU MLPs as one function
+    (accel/swiglu.py) and the fused head with the head's (tied) weight gradient; prompt / prefix (unpacked): the fused head at the label positions of PEFT's forward against
     the full logits."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two shares on any machine (auto)
     calls = []
@@ -202,8 +202,11 @@ def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_p
     fused = []
     monkeypatch.setattr(head._HeadCrossEntropy, "apply",
                         lambda *a, _f=head._HeadCrossEntropy.apply: fused.append(1) or _f(*a))  # fmt: skip
+    mlps = []
+    monkeypatch.setattr(swiglu._SwiGLU, "apply", lambda *a, _f=swiglu._SwiGLU.apply: mlps.append(1) or _f(*a))
     auto, auto_m = run("auto")
     assert fused  # every method here takes the fused head under auto
+    assert bool(mlps) == (method in ("full", "prompt", "prefix"))  # LoRA's MLPs are fast LoRA's own
     if method in ("lora", "lora-dropout", "full"):
         assert bool(calls) == (method == "lora")  # full: most parameters train, no shares
     fused.clear()

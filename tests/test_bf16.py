@@ -96,14 +96,17 @@ def test_bf16_fast_path_with_lora_dropout_draws_the_fp32_paths_masks():
     assert max(_relative(g_other[k], g_fp32[k]) for k in g_fp32) > 5 * GRAD_TOL
 
 
-def test_bf16_norm_is_transformers_own_and_its_gradient_fp32s():
+@pytest.mark.parametrize("autocast", [False, True])  # a bf16 pass; bf16 weights that train under autocast
+def test_bf16_norm_is_transformers_own_and_its_gradient_fp32s(autocast):
     torch.manual_seed(0)
     module = tiny_llama().to(torch.bfloat16).model.norm
     reference = copy.deepcopy(module)
     assert norm.install(module) == 1
     x = (torch.randn(3, 7, module.weight.shape[0]) * 3).bfloat16().requires_grad_()
-    y = module(x)
-    assert y.dtype == torch.bfloat16 and torch.equal(y, reference(x))  # the same operations: the same bits
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y, expected = module(x), reference(x)
+    assert y.grad_fn is not None and "RMSNorm" in type(y.grad_fn).__name__  # the fused path ran
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)  # the same operations: the same bits
     g = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, x, g)
     wide = x.detach().float().requires_grad_()

@@ -13,8 +13,8 @@ keeps only `x` and `1/rms` (a `[tokens, 1]` vector), and the backward is the clo
 
 `install(model)` swaps the forward of every RMSNorm module whose own output it reproduces bit for bit
 on a probe input (so variants such as Gemma's `(1 + w)` keep theirs); it is used while gradients
-are on, in float32, or in bf16 without autocast (a bf16 pass: accel/__init__.py); otherwise the module's own
-forward runs. In bf16 it computes as transformers does, in fp32 between a widened input and an output
+are on, in float32, or in bf16 with a bf16 weight (a bf16 pass, accel/__init__.py, or bf16 weights that train
+under autocast); otherwise the module's own forward runs. In bf16 it computes as transformers does, in fp32 between a widened input and an output
 narrowed before the weight's product; its backward runs in fp32 too and narrows dx once at the end.
 
 `recomputed_outputs()` (the training loop's forward passes run in it): the layers after a norm save its
@@ -125,10 +125,10 @@ def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _covered(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """fp32, or a bf16 pass (bf16 x and weight, no autocast: under autocast the module's own forward runs)."""
-    if x.dtype == weight.dtype == torch.bfloat16:
-        return not torch.is_autocast_enabled(x.device.type)
-    return x.dtype == weight.dtype == torch.float32
+    """fp32, or bf16 x and weight: a bf16 pass, or bf16 weights that train under autocast (full fine-tuning with
+    `training.master_weights: bf16`), where autocast changes none of the norm's operations, so the output is the
+    module's own bit for bit (tested). An fp32 master weight beside a bf16 x takes the module's own forward."""
+    return x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
 
 
 def _reproduces(module: nn.Module) -> bool:

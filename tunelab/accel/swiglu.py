@@ -1,0 +1,93 @@
+"""A SwiGLU MLP over plain Linear layers as one autograd function: the same forward, half the activations kept.
+
+`down(silu(gate(x)) * up(x))` (Llama, Qwen, Mistral, SmolLM) run module by module keeps four `[tokens,
+intermediate]` tensors for the backward pass: gate(x) for silu, silu(gate(x)) and up(x) for the product, and
+the product for down's weight gradient. Here the forward runs the same operations (the same bits) and keeps
+x, g = gate(x) and u = up(x); the backward makes h = silu(g) u again (two elementwise passes) and applies
+
+    dW_down = dyᵀ h     dh = dy W_down     du = dh silu(g)     dg = silu'(g) dh u
+    dW_gate = dgᵀ x     dW_up = duᵀ x      dx = dg W_gate + du W_up
+
+For SmolLM2-135M at 1,024 tokens that is 180 MB less in a bf16 pass (360 MB in fp32) for full fine-tuning, the
+largest share of its activations (docs/performance.md, "bf16 weights"). This is for MLPs whose weights train or
+stay plain Linear weights (full, freeze, gradual); an MLP around PEFT LoRA layers takes fast_lora's function,
+which keeps the same three tensors. Why by hand: PyTorch has no fused SwiGLU for a CPU, and Liger's and
+Unsloth's kernels are Triton (GPU only).
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, w_down):
+        g, u = F.linear(x, w_gate), F.linear(x, w_up)
+        out = F.linear(F.silu(g) * u, w_down)
+        ctx.save_for_backward(x, g, u, w_gate, w_up, w_down)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, g, u, w_gate, w_up, w_down = ctx.saved_tensors
+        need_x, need_gate, need_up, need_down = ctx.needs_input_grad
+        dy = grad.reshape(-1, grad.shape[-1])
+        silu = F.silu(g).reshape(-1, g.shape[-1])
+        u2 = u.reshape(-1, u.shape[-1])
+        grad_down = dy.t().mm(silu * u2) if need_down else None
+        dh = dy.mm(w_down)
+        du = dh * silu
+        del silu
+        # silu'(g) applied by ATen's own kernel, in place: what autograd's SiLU backward runs
+        dg = torch.ops.aten.silu_backward.grad_input(dh.mul_(u2), g.reshape(dh.shape), grad_input=dh)
+        x2 = x.reshape(-1, x.shape[-1])
+        grad_gate = dg.t().mm(x2) if need_gate else None
+        grad_up = du.t().mm(x2) if need_up else None
+        grad_x = dg.mm(w_gate).addmm_(du, w_up).view(x.shape) if need_x else None
+        return grad_x, grad_gate, grad_up, grad_down
+
+
+def _plain(layer) -> bool:
+    return type(layer) is nn.Linear and layer.bias is None
+
+
+def _covered(self, x: torch.Tensor) -> bool:
+    """Gradients on, and x and the three weights in one dtype (fp32, or bf16 weights that train: under autocast
+    the linear layers then compute in that dtype too; an fp32 master weight beside a bf16 x does not)."""
+    if not torch.is_grad_enabled():
+        return False
+    layers = (self.gate_proj, self.up_proj, self.down_proj)
+    if any(m._forward_hooks or m._forward_pre_hooks for m in layers):  # a hook on a layer would be skipped
+        return False
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.get_autocast_dtype(x.device.type):
+        return False  # fp32 under autocast: the linear layers would compute in bf16, the backward pass not
+    return all(m.weight.dtype == x.dtype and m.weight.device == x.device for m in layers)
+
+
+def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    if not _covered(self, x):
+        return self._plain_forward(x)
+    return _SwiGLU.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+def install(model) -> int:
+    """Route every SwiGLU MLP of `model` whose three layers are bias-free nn.Linear (and not routed already, e.g.
+    by fast LoRA) through `_SwiGLU`; returns how many."""
+    from transformers.activations import SiLUActivation
+
+    n = 0
+    for m in model.modules():
+        layers = [getattr(m, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
+        if hasattr(m, "_plain_forward") or not all(_plain(layer) for layer in layers):
+            continue
+        if not isinstance(getattr(m, "act_fn", None), (nn.SiLU, SiLUActivation)):
+            continue
+        m._plain_forward = m.forward
+        m.forward = types.MethodType(_forward, m)
+        n += 1
+    return n
