@@ -110,3 +110,46 @@ def test_the_cache_cleaner_runs_on_tbbmalloc_only():
     assert proc.returncode == 0, proc.stderr[-2000:]
     # TBBMALLOC_OK (0) when it cleans: always the first time, then only past the slack (256 MB were taken)
     assert proc.stdout.split() == ["tbbmalloc", "0", "0", "None", "0", "0"]
+
+
+def test_hand_backs_in_the_backward_pass_fire_at_evenly_spaced_layers_and_leave_the_gradients():
+    """Where most weights train the loop hands tbbmalloc's cache back three times a backward pass, as it reaches
+    layers 1/4, 2/4 and 3/4 of the way down (hooks on their inputs): never in a pass without gradients, and the
+    gradients are those without the hooks."""
+    import copy
+
+    import torch
+
+    from tunelab.testing import tiny_causal
+
+    torch.manual_seed(0)
+    model = tiny_causal("llama", 64, num_hidden_layers=8)
+    plain = copy.deepcopy(model)
+    calls = []
+    assert memory.hand_back_in_backward(model, lambda: calls.append(1)) == 3
+    assert memory.hand_back_in_backward(tiny_causal("llama", 64, num_hidden_layers=2), calls.append) == 0
+    x = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        model(input_ids=x)
+    assert calls == []
+    model(input_ids=x, labels=x).loss.backward()
+    assert len(calls) == 3
+    plain(input_ids=x, labels=x).loss.backward()
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+@needs_tbb
+def test_a_full_fine_tuning_run_on_tbbmalloc_hands_back_in_its_backward_passes(data_file, tmp_path):
+    from tunelab.testing import save_tiny_model_dir
+
+    tiny_dir = save_tiny_model_dir(tmp_path / "model", num_hidden_layers=8)
+    code = ("import sys, tunelab; r = tunelab.train({'output_dir': sys.argv[1], 'model': {'name': sys.argv[2]}, "
+            "'data': {'train': sys.argv[3], 'val_fraction': 0, 'max_length': 48}, 'method': {'name': 'full'}, "
+            "'training': {'max_steps': 2, 'batch_size': 4, 'progress': False, 'tensorboard': False}}); "
+            "print(r.metrics['steps'])")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(tiny_dir), data_file],
+                          capture_output=True, text=True, env=memory.allocator_environment(), timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "2"
+    assert "cached blocks handed back 3 times in each backward pass" in proc.stderr

@@ -26,7 +26,7 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 | compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from, LoRA's linears so from the load on (`load_plan`) | compact_frozen: false, several processes, no exact form, bf16 weights |
 | thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout outside fast LoRA, LoRA dropout with gradient checkpointing, most parameters train, dpo + PEFT, bf16 autocast, pass_threads: 1 |
 | shape buckets | memory.py (`shape_bucket`) | in bf16 on a CPU, batch widths, packed examples' attention and the head's label count rounded up to a multiple of 32: oneDNN keeps a kernel per shape | fp32 (MKL keeps none), not a CPU |
-| allocator | memory.py | tbbmalloc preloaded (`tunelab train`), its cached blocks handed back after each step; glibc's heap thresholds | allocator: system, release_memory |
+| allocator | memory.py | tbbmalloc preloaded (`tunelab train`), its cached blocks handed back after each step (and three times in each backward pass where most weights train); glibc's heap thresholds | allocator: system, release_memory |
 
 bf16 passes: under `model.dtype: bfloat16` (or `auto` on a CPU with native bf16) the model loads in bf16 and the
 loop would run its passes under `torch.autocast`, where fast LoRA and the fused head step aside and thread shares
@@ -176,6 +176,13 @@ class Speed:
                 "compact frozen weights: the frozen weights are bf16 already, and compact forms are fp32's "
                 "(model.dtype: float32 takes it)"
             )
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if trained > total / 2 and (hand_back := memory.tbbmalloc_hand_back()) is not None:
+            if n := memory.hand_back_in_backward(model, hand_back):
+                self.pieces.append(
+                    f"tbbmalloc's cached blocks handed back {n} times in each backward pass (most weights train: "
+                    "their gradients take the freed activations' pages)"
+                )
         self.shares, why_not = threads.parts_for(tcfg, self.device, multi, model, total)
         if self.shares > 1 and self.autocast:
             # autocast's state is per thread: a share running in a worker thread would compute in fp32

@@ -54,20 +54,66 @@ def cache_cleaner(slack: int = CACHE_SLACK):
     by ~200 MB (1,577 against 1,386 MB over the bench's epoch). Each hand-back costs the next step the page faults
     of taking the blocks again (a step ~5% slower when done every step), hence the slack: the first call and
     those past the slack clean (returning the command's status), the others return None."""
-    if active_allocator() != "tbbmalloc":
+    command = tbbmalloc_hand_back()
+    if command is None:
         return None
-    command = ctypes.CDLL(TBB_LIBS[0], mode=os.RTLD_NOLOAD).scalable_allocation_command
-    command.argtypes, command.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_int
     floor = [-1]  # the resident bytes after the last hand-back (-1: none yet)
 
     def clean():
         if floor[0] >= 0 and resident_bytes() <= floor[0] + slack:
             return None
-        status = command(0, None)  # 0: TBBMALLOC_CLEAN_ALL_BUFFERS
+        status = command()
         floor[0] = resident_bytes()
         return status
 
     return clean
+
+
+def tbbmalloc_hand_back():
+    """A call that hands all of tbbmalloc's cached free blocks back to the OS now (returning its status), or None
+    where this process's malloc is not tbbmalloc."""
+    if active_allocator() != "tbbmalloc":
+        return None
+    command = ctypes.CDLL(TBB_LIBS[0], mode=os.RTLD_NOLOAD).scalable_allocation_command
+    command.argtypes, command.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_int
+    return lambda: command(0, None)  # 0: TBBMALLOC_CLEAN_ALL_BUFFERS
+
+
+def hand_back_in_backward(model, clean, points: int = 4) -> int:
+    """Hand tbbmalloc's cached blocks back (`clean`: cache_cleaner's `clean` with no slack, or any call) `points` - 1
+    times in each backward pass, as it reaches evenly spaced decoder layers; returns how many layers call it.
+
+    Where most weights train, the backward pass allocates their gradients (270 MB in bf16 for SmolLM2-135M) while
+    it frees the activations (~410 MB a pass); tbbmalloc keeps the freed blocks for sizes the gradients do not
+    have, so the two were resident together at the pass's end: the run's peak. Handed back on the way, the
+    gradients take the activations' pages: the bench's full fine-tuning peak 2,044 -> 1,835 MB
+    (docs/performance.md, "bf16 weights"). Hooks on a layer's input fire when its gradient is made."""
+    import torch  # here: `tunelab train` imports this module to restart itself before torch loads
+
+    layers = _decoder_layers(model)
+    if len(layers) < points:
+        return 0
+    chosen = [layers[round(k * len(layers) / points)] for k in range(1, points)]
+
+    def on_gradient(grad):
+        clean()
+
+    def on_forward(module, args, output):
+        x = args[0] if args else None
+        if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+            x.register_hook(on_gradient)
+
+    for layer in chosen:
+        layer.register_forward_hook(on_forward)
+    return len(chosen)
+
+
+def _decoder_layers(model) -> list:
+    """The model's longest ModuleList whose modules are all of one type (a decoder's or encoder's layers)."""
+    from torch import nn
+
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len({type(x) for x in m}) == 1]
+    return list(max(lists, key=len)) if lists else []
 
 
 def resident_bytes() -> int:
