@@ -430,7 +430,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; job: {JOB}; rounds: {args.repeat}")
     print(
-        f"precision: {JOB['precision']} (--precision {args.precision}; this host: {choose_precision('auto', 'cpu', lora=True).reason})"
+        f"precision: {JOB['precision']} (--precision {args.precision}; this host: {choose_precision('auto', 'cpu', measured=True).reason})"
     )
     methods = args.methods.split(",")
     unknown = sorted(set(methods) - set(METHOD_LR))
@@ -518,7 +518,7 @@ def auto_precision() -> str:
 
     from tunelab.models.precision import choose_precision
 
-    return "bf16" if choose_precision("auto", "cpu", lora=True).dtype != torch.float32 else "fp32"
+    return "bf16" if choose_precision("auto", "cpu", measured=True).dtype != torch.float32 else "fp32"
 
 
 def _cell(values: list[float], digits: int, spread: bool) -> str:

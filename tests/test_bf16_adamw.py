@@ -175,3 +175,19 @@ def test_master_weights_fp32_keeps_fp32_copies(tiny_dir, data_file, tmp_path):
     assert result.metrics["precision"] == "bfloat16 autocast, fp32 master weights"
     saved = load_file(str(result.final_dir / "model.safetensors"))
     assert torch.float32 in {t.dtype for t in saved.values()}
+
+
+@pytest.mark.parametrize("flags, master, chosen", [
+    ({"avx2", "avx512f", "amx_bf16"}, "auto", "bfloat16 autocast, bf16 weights (stochastic rounding)"),
+    ({"avx2", "avx512f", "amx_bf16"}, "fp32", "float32"),  # fp32 copies in bf16 were measured to take more memory
+    ({"avx2", "avx512f"}, "auto", "float32"),  # emulated bf16
+])  # fmt: skip
+def test_auto_trains_full_fine_tuning_in_bf16_weights_where_the_cpu_has_it(tiny_dir, data_file, tmp_path, monkeypatch,
+                                                                           flags, master, chosen):  # fmt: skip
+    from tunelab.models import precision
+
+    monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)
+    monkeypatch.setattr(precision, "cpu_flags", lambda *a: flags)
+    raw = make_cfg(tiny_dir, data_file, tmp_path / "run", max_steps=2, master_weights=master).model_dump(mode="json")
+    result = tunelab.train(load_config({**raw, "model": {**raw["model"], "dtype": "auto"}}))
+    assert result.metrics["precision"] == chosen

@@ -49,11 +49,11 @@ def test_auto_keeps_fp32_on_cpus_until_bf16_is_measured_faster(monkeypatch):
         assert (p.dtype, p.autocast) == (torch.float32, False)
     assert "model.dtype: bfloat16 tries it" in choose_precision("auto", "cpu", cpu_flags(ZEN4)).reason
     monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)  # what a measurement on a native host would switch on
-    p = choose_precision("auto", "cpu", cpu_flags(ZEN4), lora=True)
+    p = choose_precision("auto", "cpu", cpu_flags(ZEN4), measured=True)
     assert (p.dtype, p.autocast, p.name) == (torch.bfloat16, True, "bfloat16 autocast, fp32 master weights")
     assert "avx512_bf16" in p.reason
-    assert not choose_precision("auto", "cpu", cpu_flags(ZEN3), lora=True).autocast  # emulated stays fp32
-    p = choose_precision("auto", "cpu", cpu_flags(ZEN4))  # not a LoRA training run (a load to chat, full ...)
+    assert not choose_precision("auto", "cpu", cpu_flags(ZEN3), measured=True).autocast  # emulated stays fp32
+    p = choose_precision("auto", "cpu", cpu_flags(ZEN4))  # not a measured training run (a load to chat, freeze ...)
     assert p.dtype == torch.float32 and "measured faster for LoRA, prompt and prefix tuning" in p.reason
 
 

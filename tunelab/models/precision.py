@@ -3,8 +3,10 @@
     auto      CUDA with bf16: bf16 weights, bf16 autocast, trainable weights kept in fp32 (master weights).
               A CPU with native bf16 (see below), for LoRA, prompt or prefix training with
               `training.accelerate: auto`, and QLoRA training: bf16 frozen weights (4-bit matmuls in bf16),
-              fp32 master weights, the passes in bf16 (tunelab/accel's bf16 passes, no autocast). Any other
-              CPU load (full fine-tuning and the other methods, chat, export, a CPU without native bf16): fp32.
+              fp32 master weights, the passes in bf16 (tunelab/accel's bf16 passes, no autocast); for full
+              fine-tuning (accelerate: auto, training.master_weights not fp32): bf16 autocast over bf16 weights
+              with stochastic rounding. Any other CPU load (the other methods, chat, export, a CPU without
+              native bf16): fp32.
               Elsewhere (MPS, old GPUs): fp32.
     bfloat16  the same mixed precision on any device: frozen weights stored in bf16, the weights that train
               in fp32; the passes under `torch.autocast`, or on a CPU in bf16 by themselves where
@@ -23,10 +25,11 @@ Xeon (`amx_bf16`, 2 threads, a busy machine), the bench's LoRA SFT job ran at 1.
 bf16 passes (three rounds), to the same held-out loss within 0.4% (docs/performance.md, "bf16 on a CPU"); QLoRA
 on the 1.7B config ran at 3.1x fp32's tokens/s at 0.79x its peak memory, and on the default model (40 steps
 of alpaca rows) at 2.0x to a held-out loss 0.26% above fp32's; prompt tuning on the bench job at 1.73x fp32's
-tokens/s to the same held-out loss (prefix: docs/performance.md). Full fine-tuning is not taken: it runs under
-autocast with the speed pieces aside (measured 1.77x TRL's bf16 but not against tunelab's fp32), an fp32
-checkpoint would lose bits loading into bf16, and a result loaded to chat or export keeps fp32. The training loop says which
-kind of run it is (`choose_precision(..., lora=True)`); the loader alone resolves `auto` to fp32 on a CPU.
+tokens/s to the same held-out loss (prefix: docs/performance.md); full fine-tuning with bf16 weights on the bench
+job at 1.74x fp32's tokens/s and 0.60x its peak memory, held-out loss 1.6799 against 1.6798 (docs/performance.md,
+"bf16 weights"; with fp32 master weights it took more memory than fp32, so that setting keeps fp32 under `auto`).
+The other whole-model methods (freeze, gradual, head, bitfit) are not measured and stay fp32. The training loop says which
+kind of run it is (`choose_precision(..., measured=True)`); the loader alone resolves `auto` to fp32 on a CPU.
 `CPU_BF16_AUTO = False` (or TUNELAB_CPU_BF16_AUTO=0 in the environment) turns the choice off.
 """
 
@@ -110,11 +113,12 @@ def native_bf16(device, flags: set[str] | None = None) -> tuple[bool, str]:
     return False, f"the CPU has no native bf16 ({widest}, no avx512_bf16 / amx_bf16): bf16 would be emulated"
 
 
-def choose_precision(setting: str, device, flags: set[str] | None = None, lora: bool = False) -> Precision:
-    """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why. `lora`:
-    for a LoRA, prompt or prefix training run with `training.accelerate: auto` (tunelab/accel's bf16 passes) or a
-    QLoRA one (bitsandbytes' 4-bit matmuls in bf16), the kinds of run whose bf16 is measured faster on a CPU; every
-    other load resolves `auto` to fp32 on a CPU (module doc)."""
+def choose_precision(setting: str, device, flags: set[str] | None = None, measured: bool = False) -> Precision:
+    """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why. `measured`:
+    the kinds of training run whose bf16 is measured faster on a CPU at the same loss: LoRA, prompt or prefix
+    tuning with `training.accelerate: auto` (tunelab/accel's bf16 passes), QLoRA (bitsandbytes' 4-bit matmuls in
+    bf16), full fine-tuning with bf16 weights (training.master_weights, accel on); every other load resolves
+    `auto` to fp32 on a CPU (module doc)."""
     import torch
 
     device = torch.device(device)
@@ -123,16 +127,20 @@ def choose_precision(setting: str, device, flags: set[str] | None = None, lora: 
     if setting == "auto":
         if device.type == "cuda" and native:
             return Precision(torch.bfloat16, True, f"model.dtype auto: {why}")
-        if device.type == "cpu" and native and CPU_BF16_AUTO and lora:
+        if device.type == "cpu" and native and CPU_BF16_AUTO and measured:
             return Precision(
-                torch.bfloat16, True, f"model.dtype auto: {why}; LoRA / QLoRA / prompt / prefix train in bf16 passes"
+                torch.bfloat16,
+                True,
+                f"model.dtype auto: {why}; LoRA / QLoRA / prompt / prefix train in bf16 passes, full fine-tuning "
+                "with bf16 weights",
             )
         if device.type == "cpu" and native and CPU_BF16_AUTO:
             return Precision(
                 torch.float32,
                 False,
                 f"model.dtype auto: fp32; {why}, but bf16 is measured faster for LoRA, prompt and prefix tuning "
-                "(training.accelerate: auto) and QLoRA training only: model.dtype: bfloat16 asks for it",
+                "(training.accelerate: auto), QLoRA and full fine-tuning (bf16 weights) only: model.dtype: "
+                "bfloat16 asks for it",
             )
         if device.type == "cpu" and native:
             return Precision(
