@@ -351,6 +351,22 @@ def master_weights_choice(setting: str, device, trainable: int, total: int, avai
     return False, "auto: fp32 master weights"
 
 
+def master_weights_plan(setting: str, device, model, learning: list, mixed: bool, own_weights: bool):
+    """(keep the trainable weights in bf16, why, the bytes of memory left once the gradients and AdamW's moments
+    exist, or None if unknown) for a run whose `learning` parameters train; `mixed`: the passes run under bf16 or
+    fp16 autocast (bf16 weights are a choice only in bf16: master_weights_choice)."""
+    n = sum(p.numel() for p in learning)
+    available = available_memory()
+    bf16, why = False, ""
+    if mixed and any(p.dtype == torch.bfloat16 for p in learning):
+        total = sum(p.numel() for p in model.parameters())
+        bf16, why = master_weights_choice(setting, device, n, total, available, own_weights)
+    if available is not None:
+        per_weight = BF16_WEIGHT_BYTES if bf16 else FP32_MASTER_BYTES if mixed else FP32_STATE_BYTES
+        available = max(available - n * per_weight, 0)
+    return bf16, why, available
+
+
 def fp32_master_weights_(model, params=None) -> int:
     """Mixed precision: trainable bf16/fp16 parameters become fp32, frozen ones stay in half precision.
 

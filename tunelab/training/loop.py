@@ -29,20 +29,16 @@ from tunelab.stages import get as get_stage
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed
 from tunelab.training.harness import (
-    BF16_WEIGHT_BYTES,
-    FP32_MASTER_BYTES,
-    FP32_STATE_BYTES,
     MetricsLog,
     RunResult,
     autocast_for,
-    available_memory,
     batch_order,
     checkpoint_write,
     checkpointing_choice,
     early_stop,
     fp32_master_weights_,
     log,
-    master_weights_choice,
+    master_weights_plan,
     no_autocast,
     on_main_thread,
     optimizer_for,
@@ -140,18 +136,12 @@ def train(
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
     learning = method.optimizer_parameters(model, cfg.method)  # gradual unfreezing: those that thaw later too
-    # bf16 runs: the weights that train in fp32 (mixed precision) or in bf16 with stochastic rounding
     autocast = autocast_for(device, loaded.model.dtype)
-    n_learning, available = sum(p.numel() for p in learning), available_memory()
-    bf16_weights, why_weights = False, ""
-    if autocast is not no_autocast and precision.dtype == torch.bfloat16:
-        own = method.CAPABILITIES.reference == "frozen_copy"  # the model's own weights train, not an adapter
-        bf16_weights, why_weights = master_weights_choice(tcfg.master_weights, device, n_learning,
-                                                          count_parameters(model)[1], available, own)  # fmt: skip
-    if available is not None:  # less what the gradients and AdamW's moments (and fp32 copies) will take
-        mixed = autocast is not no_autocast
-        per_weight = BF16_WEIGHT_BYTES if bf16_weights else FP32_MASTER_BYTES if mixed else FP32_STATE_BYTES
-        available = max(available - n_learning * per_weight, 0)
+    # bf16 runs: the weights that train kept in fp32 (mixed precision) or in bf16 with stochastic rounding; the
+    # memory left once their gradients and AdamW's moments exist
+    own = method.CAPABILITIES.reference == "frozen_copy"  # the model's own weights train, not an adapter beside them
+    bf16_weights, why_weights, available = master_weights_plan(tcfg.master_weights, device, model, learning,
+                                                               autocast is not no_autocast, own)  # fmt: skip
     # the rows one forward pass holds (thread shares split them, not add to them), at the data's length
     rows = min(tcfg.rows_per_pass or tcfg.batch_size, tcfg.batch_size)
     width = torch.finfo(precision.dtype).bits // 8
@@ -174,10 +164,13 @@ def train(
         precision = precision.with_bf16_weights()
     log(f"precision: {precision.name} ({precision.reason})")
     if bf16_weights:
-        log(f"bf16 weights: {n_learning:,} trainable parameters, their gradients and AdamW moments stay bf16, every "
+        log(f"bf16 weights: {sum(p.numel() for p in learning):,} trainable parameters, their gradients and AdamW moments stay bf16, every "
             f"update rounded stochastically ({why_weights}; training.master_weights: fp32 keeps fp32 copies)")  # fmt: skip
     elif autocast is not no_autocast and (upcast := fp32_master_weights_(model, learning)):
-        log(f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32 ({why_weights})")
+        log(
+            f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32"
+            + (f" ({why_weights})" if why_weights else "")
+        )
     trainable, total = count_parameters(model)
     total += speed.compact_parameters  # weights held compact since loading are no parameters
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
