@@ -131,12 +131,13 @@ def test_checkpointing_is_chosen_when_memory_requires_it_and_an_explicit_setting
 def test_the_loop_turns_checkpointing_on_when_memory_is_short(monkeypatch, tmp_path, capsys):
     import tunelab
     from tunelab.config import load_config
-    from tunelab.training import loop
+    from tunelab.training import harness, loop
 
     model_dir = save_tiny_model_dir(tmp_path / "m")
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 8}) + "\n" for i in range(8)))
     seen = {}
-    monkeypatch.setattr(loop, "available_memory", lambda: 2**20)  # 1 MiB left: the tiny model's 1.3 MiB is too much
+    # 1 MiB left (harness.master_weights_plan reads it for the loop): the tiny model's 1.3 MiB is too much
+    monkeypatch.setattr(harness, "available_memory", lambda: 2**20)
     monkeypatch.setattr(loop, "enable_gradient_checkpointing", lambda model: seen.setdefault("on", True))
     cfg = {"output_dir": str(tmp_path / "run"), "model": {"name": model_dir},
            "data": {"train": str(tmp_path / "d.jsonl"), "format": "text", "val_fraction": 0.0, "max_length": 64},
