@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.accel.compact import CompactLinear, CompactWeight, scratch
+from tunelab.accel.swiglu import is_swiglu
 
 
 class FourBitWeight:
@@ -419,14 +420,6 @@ def _route(module: nn.Module, saved: str, forward) -> bool:
     return True
 
 
-def _is_swiglu(module: nn.Module) -> bool:
-    from transformers.activations import SiLUActivation
-
-    return all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")) and isinstance(
-        getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation)
-    )
-
-
 def _lora_layers(model) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _lora_classes())]
 
@@ -485,6 +478,6 @@ def enable(model) -> int:
     for module in model.modules():
         if isinstance(module, lora):
             n += _route(module, "_peft_forward", _fast_forward)
-        elif _is_swiglu(module):
+        elif is_swiglu(module):
             _route(module, "_plain_forward", _fast_mlp_forward)
     return n

@@ -80,8 +80,8 @@ def tbbmalloc_hand_back():
 
 
 def hand_back_in_backward(model, clean, points: int = 4) -> int:
-    """Hand tbbmalloc's cached blocks back (`clean`: cache_cleaner's `clean` with no slack, or any call) `points` - 1
-    times in each backward pass, as it reaches evenly spaced decoder layers; returns how many layers call it.
+    """Call `clean` (tbbmalloc_hand_back's call) `points` - 1 times in each backward pass, as it reaches evenly spaced
+    transformer blocks (of the model's longest block list); returns how many blocks call it.
 
     Where most weights train, the backward pass allocates their gradients (270 MB in bf16 for SmolLM2-135M) while
     it frees the activations (~410 MB a pass); tbbmalloc keeps the freed blocks for sizes the gradients do not
@@ -90,7 +90,10 @@ def hand_back_in_backward(model, clean, points: int = 4) -> int:
     (docs/performance.md, "bf16 weights"). Hooks on a layer's input fire when its gradient is made."""
     import torch  # here: `tunelab train` imports this module to restart itself before torch loads
 
-    layers = _decoder_layers(model)
+    from tunelab.models.blocks import block_lists
+
+    stacks = [blocks for _, blocks in block_lists(model)]
+    layers = list(max(stacks, key=len)) if stacks else []
     if len(layers) < points:
         return 0
     chosen = [layers[round(k * len(layers) / points)] for k in range(1, points)]
@@ -106,14 +109,6 @@ def hand_back_in_backward(model, clean, points: int = 4) -> int:
     for layer in chosen:
         layer.register_forward_hook(on_forward)
     return len(chosen)
-
-
-def _decoder_layers(model) -> list:
-    """The model's longest ModuleList whose modules are all of one type (a decoder's or encoder's layers)."""
-    from torch import nn
-
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len({type(x) for x in m}) == 1]
-    return list(max(lists, key=len)) if lists else []
 
 
 def resident_bytes() -> int:

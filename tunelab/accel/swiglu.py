@@ -75,17 +75,23 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
+def is_swiglu(module: nn.Module) -> bool:
+    """Whether `module` is a SwiGLU MLP: gate_proj, up_proj and down_proj layers around a SiLU."""
+    from transformers.activations import SiLUActivation
+
+    return all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")) and isinstance(
+        getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation)
+    )
+
+
 def install(model) -> int:
     """Route every SwiGLU MLP of `model` whose three layers are bias-free nn.Linear (and not routed already, e.g.
     by fast LoRA) through `_SwiGLU`; returns how many."""
-    from transformers.activations import SiLUActivation
-
     n = 0
     for m in model.modules():
-        layers = [getattr(m, k, None) for k in ("gate_proj", "up_proj", "down_proj")]
-        if hasattr(m, "_plain_forward") or not all(_plain(layer) for layer in layers):
+        if hasattr(m, "_plain_forward") or not is_swiglu(m):
             continue
-        if not isinstance(getattr(m, "act_fn", None), (nn.SiLU, SiLUActivation)):
+        if not all(_plain(getattr(m, k)) for k in ("gate_proj", "up_proj", "down_proj")):
             continue
         m._plain_forward = m.forward
         m.forward = types.MethodType(_forward, m)

@@ -10,12 +10,12 @@ below, so callers always call them.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from tunelab.models.blocks import block_index
 from tunelab.models.sources import NO_HUB_KERNELS, ModelError
 
 if TYPE_CHECKING:  # torch is imported where a model is changed: the config reads `Config` without it
@@ -96,12 +96,6 @@ DEFAULT_HOOKS = {"optimizer_parameters": optimizer_parameters, "optimizer": opti
 def freeze_all(model: torch.nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
-
-
-def block_index(name: str) -> int | None:
-    """The transformer-block index in a parameter name (`...layers.12.mlp...` -> 12)."""
-    m = re.search(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.", "." + name + ".")
-    return int(m.group(1)) if m else None
 
 
 def num_blocks(model: torch.nn.Module) -> int:

@@ -27,13 +27,13 @@ from tunelab.methods.base import (
     Capabilities,
     MethodConfig,
     MethodError,
-    block_index,
     freeze_all,
     load_full_model,
     num_blocks,
     save_full_model,
     unchanged,
 )
+from tunelab.models.blocks import block_index
 
 DESCRIPTION = "the last k blocks (or their attention / ffn / norms only) and/or regex-matched parameters"
 CAPABILITIES = Capabilities(mergeable=True)

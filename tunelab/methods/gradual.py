@@ -28,7 +28,6 @@ from tunelab.methods.base import (
     Capabilities,
     MethodConfig,
     MethodError,
-    block_index,
     freeze_all,
     load_full_model,
     num_blocks,
@@ -36,6 +35,7 @@ from tunelab.methods.base import (
     unchanged,
 )
 from tunelab.methods.freeze import part_of
+from tunelab.models.blocks import block_index
 
 DESCRIPTION = "head + top block first, then one more block from the top every K steps or epochs"
 CAPABILITIES = Capabilities(changes_trainables=True, mergeable=True)

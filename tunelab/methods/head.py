@@ -29,13 +29,14 @@ from tunelab.methods.base import (
     Capabilities,
     MethodConfig,
     MethodError,
-    block_index,
     freeze_all,
     load_full_model,
     save_full_model,
     unchanged,
 )
 from tunelab.methods.freeze import part_of
+from tunelab.models.blocks import block_index
+from tunelab.models.blocks import block_lists as models_block_lists
 
 if TYPE_CHECKING:  # torch is imported where a model is changed: the config reads `Config` without it
     import torch
@@ -45,7 +46,6 @@ CAPABILITIES = Capabilities(mergeable=True)  # the result is a plain model (with
 INFERENCE_COST = "the extra blocks' compute (none with extra_blocks 0)"
 
 _POST_NORM = {"bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "mpnet"}
-_BLOCK_LISTS = ("layers", "layer", "h", "blocks", "block")
 _RESIDUAL_OUT = {"o_proj", "down_proj", "o", "wo", "out_proj", "c_proj", "fc2", "dense_4h_to_h"}
 
 
@@ -67,17 +67,7 @@ class Config(MethodConfig):
 
 def block_lists(model) -> list[tuple[str, torch.nn.ModuleList]]:
     """The ModuleLists holding the transformer blocks (one; two for encoder-decoders)."""
-    import torch
-
-    found = []
-    for name, module in model.named_modules():
-        if (
-            isinstance(module, torch.nn.ModuleList)
-            and name.rsplit(".", 1)[-1] in _BLOCK_LISTS
-            and block_index(name + ".x") is None  # not a list inside a block (T5's block.N.layer)
-            and len(module) > 0
-        ):
-            found.append((name, module))
+    found = models_block_lists(model)
     if not found:
         raise MethodError(f"{type(model).__name__}: could not find the transformer blocks to extend")
     return found
