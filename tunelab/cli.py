@@ -761,8 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000, help="TCP port")
     sv.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1 ...")
     sv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                    help="the weights' type while serving; auto: as loaded (a bf16 full fine-tuning run loads its fp32 "
-                         "master weights: bfloat16 halves the memory)")  # fmt: skip
+                    help="the weights' type while serving; auto: as loaded (a bf16 run with fp32 master weights loads "
+                         "them in fp32: bfloat16 halves the memory)")  # fmt: skip
     sv.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                     help="larger request bodies get 413 before they are read (default %(default)s = 4 MiB)")  # fmt: skip
     sv.add_argument("--max-queue", type=int, default=256, help="requests waiting to start; more get 503")

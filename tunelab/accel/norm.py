@@ -14,8 +14,9 @@ keeps only `x` and `1/rms` (a `[tokens, 1]` vector), and the backward is the clo
 `install(model)` swaps the forward of every RMSNorm module whose own output it reproduces bit for bit
 on a probe input (so variants such as Gemma's `(1 + w)` keep theirs); it is used while gradients
 are on, in float32, or in bf16 with a bf16 weight (a bf16 pass, accel/__init__.py, or bf16 weights that train
-under autocast); otherwise the module's own forward runs. In bf16 it computes as transformers does, in fp32 between a widened input and an output
-narrowed before the weight's product; its backward runs in fp32 too and narrows dx once at the end.
+under autocast); otherwise the module's own forward runs. In bf16 it computes as transformers does, in fp32
+between a widened input and an output narrowed before the weight's product; its backward runs in fp32 too and
+narrows dx once at the end.
 
 `recomputed_outputs()` (the training loop's forward passes run in it): the layers after a norm save its
 output for their backward pass (LoRA's dA needs its input), yet the norm keeps `x` and `1/rms`

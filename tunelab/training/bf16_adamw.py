@@ -73,10 +73,12 @@ class BF16AdamW(torch.optim.Optimizer):
                 if p.dtype != torch.bfloat16:  # fp32 (a norm kept in fp32): the fused step, nothing to round
                     torch._fused_adamw_([p], [p.grad], [m], [v], [], [state["step"].to(p.device)], **kw)
                     continue
-                self._step_bf16(p, m, v, state["step"], kw, key=(int(state["step"]), gi, pi))
+                self._step_bf16(p, m, v, state["step"], kw, where=(gi, pi))
         return loss
 
-    def _step_bf16(self, p, m, v, step, kw, key) -> None:
+    def _step_bf16(self, p, m, v, step, kw, where) -> None:
+        """One step of bf16 `p` (group and index `where`) and its moments `m`, `v`, a chunk at a time."""
+        key = (int(step), *where)
         noise, buf = self._scratch_on(p.device, key[0])
         step = step.to(p.device)
         g = p.grad.to(p.dtype)

@@ -78,13 +78,13 @@ def optimizer_for(params, tcfg) -> torch.optim.Optimizer:
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise ConfigError("the method left no trainable parameters")
-    # the fused kernel on CPU too (TRL's default, adamw_torch_fused): one pass over each tensor where the for-loop
-    # form walks it several times; 97 against 436 ms a step for SmolLM2-135M's 134.5M weights on 2 cores, the same
-    # update to rounding (docs/performance.md). Not for a device torch has no fused kernel for.
     if any(p.dtype == torch.bfloat16 for p in params):
         from tunelab.training.bf16_adamw import BF16AdamW
 
         return BF16AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), seed=tcfg.seed)
+    # the fused kernel on CPU too (TRL's default, adamw_torch_fused): one pass over each tensor where the for-loop
+    # form walks it several times; 97 against 436 ms a step for SmolLM2-135M's 134.5M weights on 2 cores, the same
+    # update to rounding (docs/performance.md). Not for a device torch has no fused kernel for.
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), fused=fused or None)
 
