@@ -169,6 +169,11 @@ class _PackedCausal(torch.autograd.Function):
         prefix = key.shape[2] - length
         backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         grads = [torch.empty_like(t) if ctx.needs_input_grad[i] else None for i, t in enumerate((query, key, value))]
+        if query.dtype in (torch.bfloat16, torch.float16):
+            # the CPU kernel's backward runs 2.4-6x slower in bf16 than in fp32 on an example's length (64: 1.0
+            # against 0.23 ms; 160: 2.8 against 1.2; torch 2.13, docs/performance.md): its inputs widened here
+            # (exact), its gradients rounded once as they are written into the bf16 ones
+            query, key, value, out, grad = (t.float() for t in (query, key, value, out, grad))
         # the prefix's gradient is summed over the examples, in fp32 (bf16 would round at every example)
         summed = [None if g is None or not prefix else g.new_zeros(g[:, :, :prefix].shape, dtype=torch.float32)
                   for g in grads[1:]]  # fmt: skip
