@@ -138,7 +138,9 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, None if grad_weight is None else grad_weight * grad_loss, None, None
+        # in place: a new tensor the size of the head (28M weights for SmolLM2) would be a fresh allocation's page
+        # faults each step; a second backward through the graph meets autograd's error for a changed saved tensor
+        return grad_hidden.mul_(grad_loss), None if grad_weight is None else grad_weight.mul_(grad_loss), None, None
 
 
 def _softmax_minus_onehot_(logits: torch.Tensor, t: torch.Tensor, real: int) -> torch.Tensor:
