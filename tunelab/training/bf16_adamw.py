@@ -15,7 +15,9 @@ the fp32 bits below bf16's and those bits cleared. The weights and both moments 
 nearest would freeze the second moment (beta2 0.999 moves it by 0.1% a step, under half of bf16's step). Written
 here because no maintained library does it fast on a CPU: torchao's `_AdamW(bf16_stochastic_round=True)`
 compiles its step with torch.compile (a C++ compiler at run time, seconds per shape) and then ran 9x slower than
-the fused kernel here; this form runs ~3x its time (docs/performance.md, "bf16 weights").
+the fused kernel here; this form runs ~3x its time (docs/performance.md, "bf16 weights"). With `compiled` (what
+`training.accelerate: auto` sets) a CPU's bf16 tensors take the same update as one compiled loop instead
+(tunelab/accel/sr_adamw.py), 3.2x faster; where it cannot be built these PyTorch ops run.
 """
 
 from __future__ import annotations
@@ -29,11 +31,27 @@ NOISE = 4096  # the noise table's slack: each chunk reads it from its own offset
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay) whose bf16 parameters, first and second moments are stored in bf16 and
     updated with stochastic rounding; fp32 parameters take the plain fused step. `seed` fixes the rounding noise,
-    so a resumed run rounds as the uninterrupted one would."""
+    so a resumed run rounds as the uninterrupted one would. `compiled`: a CPU's bf16 tensors take the compiled step
+    (accel/sr_adamw.py) where it builds; `how` says which step runs."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed: int = 0):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, seed: int = 0,
+                 compiled: bool = False):  # fmt: skip
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
         self.seed = seed
+        self.stepper = None
+        self.grad_scale = 1.0  # the next step's gradient factor (clip_grad_norm_), applied inside the compiled step
+        self.how = "PyTorch ops, a chunk at a time (training.accelerate: off)"
+        if compiled:
+            from tunelab.accel import sr_adamw
+
+            devices = {p.device.type for group in self.param_groups for p in group["params"]}
+            self.stepper = sr_adamw.stepper(torch.device("cpu")) if devices == {"cpu"} else None
+            self.how = (
+                f"one compiled loop, {self.stepper.threads} thread(s) (tunelab/accel/sr_adamw.py)"
+                if self.stepper is not None
+                else "PyTorch ops, a chunk at a time, ~3x slower: "
+                + (sr_adamw.why_not() if devices == {"cpu"} else "the compiled step is for the CPU")
+            )
         self._buffers: dict = {}  # device -> fp32 chunk buffer
         self._noise: dict = {}  # device -> (step, rounding noise)
 
@@ -49,6 +67,19 @@ class BF16AdamW(torch.optim.Optimizer):
             noise = torch.randint(0, 1 << 16, (3 * CHUNK + NOISE,), dtype=torch.int32, generator=g)
             self._noise[device] = (step, noise.to(device))
         return self._noise[device][1], self._buffers[device]
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over this optimizer's gradients (the same norm and factor); with the
+        compiled step the factor is applied inside the next step, not as a pass of its own over every gradient
+        (~40 ms a step for SmolLM2-135M)."""
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.stepper is None:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        else:  # torch's factor
+            self.grad_scale = float(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -71,9 +102,22 @@ class BF16AdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 if p.dtype != torch.bfloat16:  # fp32 (a norm kept in fp32): the fused step, nothing to round
+                    if self.grad_scale != 1.0:
+                        p.grad.mul_(self.grad_scale)
                     torch._fused_adamw_([p], [p.grad], [m], [v], [], [state["step"].to(p.device)], **kw)
                     continue
-                self._step_bf16(p, m, v, state["step"], kw, where=(gi, pi))
+                if self.stepper is not None:
+                    g = p.grad.to(p.dtype).contiguous()
+                    if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+                        raise ValueError("BF16AdamW needs contiguous parameters")
+                    step = int(state["step"])
+                    self.stepper.submit(p, g, m, v, lr=kw["lr"], b1=b1, b2=b2, eps=kw["eps"], wd=kw["weight_decay"],
+                                        step=step, key=hash((self.seed, step, gi, pi)), scale=self.grad_scale)  # fmt: skip
+                else:
+                    self._step_bf16(p, m, v, state["step"], kw, where=(gi, pi))
+        if self.stepper is not None:
+            self.stepper.wait()
+        self.grad_scale = 1.0
         return loss
 
     def _step_bf16(self, p, m, v, step, kw, where) -> None:

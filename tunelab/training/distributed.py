@@ -209,7 +209,9 @@ class Dist:
             loss = loss * self.tcfg.grad_accum
         self.acc.backward(loss)
 
-    def clip_grad_norm_(self, params, max_norm: float) -> float | None:
+    def clip_grad_norm_(self, params, max_norm: float, optimizer=None) -> float | None:
+        if not self.multi and hasattr(optimizer, "clip_grad_norm_"):  # bf16 weights: the factor applied in its step
+            return float(optimizer.clip_grad_norm_(max_norm))
         if not self.multi:
             return float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], max_norm))
         if self.sharded:  # FSDP clips its shards with one all-reduce of the norm; DeepSpeed clips itself

@@ -81,7 +81,9 @@ def optimizer_for(params, tcfg) -> torch.optim.Optimizer:
     if any(p.dtype == torch.bfloat16 for p in params):
         from tunelab.training.bf16_adamw import BF16AdamW
 
-        return BF16AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), seed=tcfg.seed)
+        # accelerate: auto: the step as one compiled loop on a CPU (tunelab/accel/sr_adamw.py)
+        compiled = tcfg.accelerate == "auto"
+        return BF16AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), seed=tcfg.seed, compiled=compiled)
     # the fused kernel on CPU too (TRL's default, adamw_torch_fused): one pass over each tensor where the for-loop
     # form walks it several times; 97 against 436 ms a step for SmolLM2-135M's 134.5M weights on 2 cores, the same
     # update to rounding (docs/performance.md). Not for a device torch has no fused kernel for.

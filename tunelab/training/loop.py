@@ -210,6 +210,8 @@ def train(
     if optimizer is None:  # the method's own optimizer (qlora: paged 8-bit AdamW on CUDA), else AdamW
         optimizer = optimizer_for(params, tcfg)
     scheduler = scheduler_for(optimizer, tcfg, total_steps)
+    if hasattr(optimizer, "how"):  # bf16 weights: which form of the stochastic-rounding step runs
+        log(f"bf16 AdamW step: {optimizer.how}")
     log(
         f"effective batch {global_batch * tcfg.grad_accum} = {tcfg.batch_size} per micro-batch x "
         f"{tcfg.grad_accum} accumulated x {dist.world_size} process(es)"
@@ -309,7 +311,7 @@ def train(
             loss_total, step_tokens, *extras = dist.sum(loss_total, step_tokens, *extra_sums.values())
             extra_sums = dict(zip(extra_sums, extras))
             state["tokens"] += int(step_tokens)
-            grad_norm = dist.clip_grad_norm_(params, tcfg.max_grad_norm) if tcfg.max_grad_norm else None
+            grad_norm = dist.clip_grad_norm_(params, tcfg.max_grad_norm, optimizer) if tcfg.max_grad_norm else None
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
