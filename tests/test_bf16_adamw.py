@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import tunelab
-from tunelab.config import load_config
 from tunelab.accel import sr_adamw
+from tunelab.config import load_config
 from tunelab.training import bf16_adamw
 from tunelab.training.bf16_adamw import BF16AdamW
 from tunelab.training.harness import master_weights_choice
