@@ -121,6 +121,26 @@ def test_the_same_seed_rounds_alike_and_a_reloaded_state_continues_the_same_run(
     assert not torch.equal(whole, other)  # the seed is the noise
 
 
+@pytest.mark.parametrize("compiled", STEPS)
+def test_clipping_gives_torchs_norm_and_the_moments_see_the_clipped_gradient(compiled):
+    """With the compiled step the clipping factor is applied inside the step: the first moment (0.1 g after
+    one step) shows the gradient it saw (within two bf16 steps: PyTorch's clipping rounds the gradient first)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter((torch.randn(5000) * 0.05).bfloat16())
+    norm_weight = torch.nn.Parameter(torch.ones(64))  # fp32, as a norm kept in fp32
+    g, g_norm = (torch.randn(5000) * 3).bfloat16(), torch.randn(64) * 3
+    expected = torch.nn.utils.get_total_norm([g, g_norm])
+    opt = BF16AdamW([p, norm_weight], lr=1e-3, compiled=compiled)
+    p.grad, norm_weight.grad = g.clone(), g_norm.clone()
+    assert float(opt.clip_grad_norm_(1.0)) == pytest.approx(float(expected), rel=1e-3)
+    opt.step()
+    factor = 1.0 / (float(expected) + 1e-6)
+    m = opt.state[p]["exp_avg"].float()
+    assert bool(((m - 0.1 * g.float() * factor).abs() <= bf16_spacing(0.1 * g.float() * factor) * 2.001).all())
+    assert torch.allclose(opt.state[norm_weight]["exp_avg"], 0.1 * g_norm * factor, rtol=1e-2, atol=1e-7)
+    assert opt.grad_scale == 1.0  # for one step only
+
+
 @pytest.mark.skipif(sr_adamw.load() is None, reason=sr_adamw.why_not())
 def test_the_compiled_step_is_the_same_however_many_threads_split_a_tensor():
     torch.manual_seed(0)
