@@ -3,6 +3,7 @@ lands between the two bf16 neighbours of AdamW's fp32 result, in expectation on 
 weights, trains, and resumes to the same weights."""
 
 import copy
+import ctypes
 import json
 from pathlib import Path
 
@@ -170,6 +171,25 @@ def test_without_a_compiler_the_pytorch_step_runs_and_says_why(monkeypatch, tmp_
     p.grad = torch.ones(10).bfloat16()
     opt.step()
     assert float(p.detach().float().max()) < 1.0
+
+
+@pytest.mark.skipif(sr_adamw.load() is None, reason=sr_adamw.why_not())
+def test_a_compiler_that_refuses_march_native_builds_without_it(monkeypatch, tmp_path):
+    import shutil
+
+    cc = tmp_path / "picky-cc"
+    cc.write_text(f'#!/bin/sh\ncase "$*" in *-march=native*) echo "unknown: -march=native" >&2; exit 1;; esac\n'
+                  f'exec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')  # fmt: skip
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    lib = sr_adamw.build(tmp_path / "kernels")
+    assert lib.exists() and hasattr(ctypes.CDLL(str(lib)), "sr_adamw_bf16")
+    failing = tmp_path / "failing-cc"
+    failing.write_text('#!/bin/sh\necho "no such header" >&2\nexit 1\n')
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
+    with pytest.raises(RuntimeError, match="failing-cc failed: no such header"):
+        sr_adamw.build(tmp_path / "other")
 
 
 def test_fp32_parameters_take_torchs_fused_step_exactly():

@@ -85,7 +85,8 @@ def _cpu_flags() -> str:
 
 def build(cache: Path | None = None) -> Path:
     """The compiled library's path, compiled now unless a build for this source, compiler and CPU is cached.
-    Raises RuntimeError (why) when there is no compiler or the build fails."""
+    Without -march=native where the compiler refuses it (e.g. an older clang); RuntimeError (why) when there is
+    no compiler or no build succeeds."""
     cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
     if not cc[0]:
         raise RuntimeError("no C compiler (cc or gcc on PATH, or $CC)")
@@ -98,14 +99,16 @@ def build(cache: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src, out = Path(tmp) / "sr_adamw.c", Path(tmp) / "sr_adamw.so"
         src.write_text(SOURCE)
-        try:
-            done = subprocess.run([*cc, *FLAGS, "-o", str(out), str(src)], capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            raise RuntimeError(f"{cc[0]} did not run: {e}") from None
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc[0]} failed: {done.stderr.strip()[-300:]}")
-        os.replace(out, lib)  # atomic: another process building the same key meanwhile finds a whole file
-    return lib
+        for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
+            try:
+                done = subprocess.run([*cc, *flags, "-o", str(out), str(src)], capture_output=True, text=True,
+                                      timeout=120)  # fmt: skip
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise RuntimeError(f"{cc[0]} did not run: {e}") from None
+            if done.returncode == 0:
+                os.replace(out, lib)  # atomic: another process building the same key meanwhile finds a whole file
+                return lib
+        raise RuntimeError(f"{cc[0]} failed: {done.stderr.strip()[-300:]}")
 
 
 def load():
