@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import tunelab
-from tunelab.accel import sr_adamw
+from tunelab.accel import compiled, sr_adamw
 from tunelab.config import load_config
 from tunelab.training import bf16_adamw
 from tunelab.training.bf16_adamw import BF16AdamW
@@ -145,7 +145,7 @@ def test_clipping_gives_torchs_norm_and_the_moments_see_the_clipped_gradient(com
 @pytest.mark.skipif(sr_adamw.load() is None, reason=sr_adamw.why_not())
 def test_the_compiled_step_is_the_same_however_many_threads_split_a_tensor():
     torch.manual_seed(0)
-    n = 3 * sr_adamw.SPLIT + 5
+    n = 3 * compiled.SPLIT + 5
     start, g = (torch.randn(n) * 0.05).bfloat16(), torch.randn(n).bfloat16()
     results = []
     for threads in (1, 2, 3):
@@ -162,7 +162,7 @@ def test_the_compiled_step_is_the_same_however_many_threads_split_a_tensor():
 def test_without_a_compiler_the_pytorch_step_runs_and_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(RuntimeError, match="no-such-cc did not run"):
-        sr_adamw.build(tmp_path / "kernels")
+        compiled.build("sr_adamw", sr_adamw.SOURCE, tmp_path / "kernels")
     monkeypatch.setattr(sr_adamw, "load", lambda: None)
     monkeypatch.setattr(sr_adamw, "why_not", lambda: "no C compiler (cc or gcc on PATH, or $CC)")
     p = torch.nn.Parameter(torch.ones(10).bfloat16())
@@ -182,14 +182,14 @@ def test_a_compiler_that_refuses_march_native_builds_without_it(monkeypatch, tmp
                   f'exec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')  # fmt: skip
     cc.chmod(0o755)
     monkeypatch.setenv("CC", str(cc))
-    lib = sr_adamw.build(tmp_path / "kernels")
+    lib = compiled.build("sr_adamw", sr_adamw.SOURCE, tmp_path / "kernels")
     assert lib.exists() and hasattr(ctypes.CDLL(str(lib)), "sr_adamw_bf16")
     failing = tmp_path / "failing-cc"
     failing.write_text('#!/bin/sh\necho "no such header" >&2\nexit 1\n')
     failing.chmod(0o755)
     monkeypatch.setenv("CC", str(failing))
     with pytest.raises(RuntimeError, match="failing-cc failed: no such header"):
-        sr_adamw.build(tmp_path / "other")
+        compiled.build("sr_adamw", sr_adamw.SOURCE, tmp_path / "other")
 
 
 def test_fp32_parameters_take_torchs_fused_step_exactly():

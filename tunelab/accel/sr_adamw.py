@@ -7,32 +7,23 @@ hashed from its index where it is used: 114 ms, about what memory allows (docs/p
 No maintained library has it for a CPU: torchao's stochastic-rounding AdamW needs torch.compile, whose inductor code
 for this step measured no faster than the PyTorch ops (its random numbers are Philox, per element).
 
-The C below is compiled at first use with the system's C compiler (`$CC`, else `cc`) for this CPU
-(-march=native) into `$TUNELAB_HOME/kernels/`, keyed by the source, flags, compiler and the CPU's feature flags,
-and called through ctypes (which lets go of the GIL, so each tensor's halves run in two threads at once). No
-compiler, or a failed build: `load()` says why and the PyTorch-ops step runs, the same update.
+The C below is compiled at first use (accel/compiled.py: the system's C compiler, cached per CPU); each tensor's
+halves run in two threads. No compiler, or a failed build: `stepper` returns None, `why_not()` says why and the
+PyTorch-ops step runs, the same update.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
-from tunelab.models.sources import tunelab_home
+from tunelab.accel import compiled
 
 # The update is torch._fused_adamw_'s (decoupled weight decay, bias corrections as step_size and sqrt(bc2)), in
-# fp32 (the gradient times `scale`: gradient clipping's factor, BF16AdamW.clip_grad_norm_), its coefficients (1 - beta, 1 - lr * wd, ...) worked out in double as torch's are: 1 - 0.999f is 1.3e-5 off; then each of p, m, v rounded to bf16 stochastically: 16 random bits added below bf16's mantissa and those
-# bits dropped. The noise of element i is a hash of (key, i) (murmur3's finaliser): the same for any split of the
+# fp32 (the gradient times `scale`: gradient clipping's factor, BF16AdamW.clip_grad_norm_), its coefficients
+# (1 - beta, 1 - lr * wd, ...) worked out in double as torch's are (1 - 0.999f is 1.3e-5 off); then each of p, m,
+# v rounded to bf16 stochastically: 16 random bits added below bf16's mantissa and those bits dropped. The noise of element i is a hash of (key, i) (murmur3's finaliser): the same for any split of the
 # tensor among threads, and a resumed run draws what the uninterrupted one would.
 SOURCE = r"""
 #include <math.h>
@@ -49,7 +40,7 @@ static inline uint16_t rounded(float f, uint32_t noise) {
     return (uint16_t)((u + (noise & 0xffffu)) >> 16);
 }
 
-void sr_adamw_bf16(uint16_t *p, const uint16_t *g, uint16_t *m, uint16_t *v, int64_t start, int64_t stop,
+void sr_adamw_bf16(int64_t start, int64_t stop, uint16_t *p, const uint16_t *g, uint16_t *m, uint16_t *v,
                    float b1, float c1, float b2, float c2, float decay, float step_size, float bc2_sqrt, float eps,
                    float scale, uint32_t key) {
     const uint32_t k1 = mix32(key), k2 = mix32(key ^ 0x68e31da4u);
@@ -67,66 +58,17 @@ void sr_adamw_bf16(uint16_t *p, const uint16_t *g, uint16_t *m, uint16_t *v, int
     }
 }
 """
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
-SPLIT = 1 << 16  # a tensor this long or longer is split among the threads
-
-_loaded: dict = {}  # "fn" -> the ctypes function, or "why" -> why there is none
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def build(cache: Path | None = None) -> Path:
-    """The compiled library's path, compiled now unless a build for this source, compiler and CPU is cached.
-    Without -march=native where the compiler refuses it (e.g. an older clang); RuntimeError (why) when there is
-    no compiler or no build succeeds."""
-    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
-    if not cc[0]:
-        raise RuntimeError("no C compiler (cc or gcc on PATH, or $CC)")
-    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, *cc, platform.machine(), _cpu_flags()]).encode()).hexdigest()
-    cache = cache or tunelab_home() / "kernels"
-    lib = cache / f"sr_adamw-{key[:16]}.so"
-    if lib.exists():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        src, out = Path(tmp) / "sr_adamw.c", Path(tmp) / "sr_adamw.so"
-        src.write_text(SOURCE)
-        for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
-            try:
-                done = subprocess.run([*cc, *flags, "-o", str(out), str(src)], capture_output=True, text=True,
-                                      timeout=120)  # fmt: skip
-            except (OSError, subprocess.TimeoutExpired) as e:
-                raise RuntimeError(f"{cc[0]} did not run: {e}") from None
-            if done.returncode == 0:
-                os.replace(out, lib)  # atomic: another process building the same key meanwhile finds a whole file
-                return lib
-        raise RuntimeError(f"{cc[0]} failed: {done.stderr.strip()[-300:]}")
+SIGNATURE = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_float] * 9 + [ctypes.c_uint32]
 
 
 def load():
-    """The compiled step (a ctypes function), or None; `why_not()` then says why. Built once per process."""
-    if "fn" not in _loaded and "why" not in _loaded:
-        try:
-            fn = ctypes.CDLL(str(build())).sr_adamw_bf16
-        except (RuntimeError, OSError, AttributeError) as e:
-            _loaded["why"] = str(e)
-        else:
-            fn.restype = None
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_float] * 9 + [ctypes.c_uint32]
-            _loaded["fn"] = fn
-    return _loaded.get("fn")
+    """The compiled step (a ctypes function), or None; `why_not()` then says why."""
+    lib = compiled.load("sr_adamw", SOURCE, {"sr_adamw_bf16": SIGNATURE})
+    return None if lib is None else lib.sr_adamw_bf16
 
 
 def why_not() -> str:
-    return _loaded.get("why", "")
+    return compiled.why_not("sr_adamw")
 
 
 class Stepper:
@@ -134,7 +76,6 @@ class Stepper:
 
     def __init__(self, fn, threads: int):
         self.fn, self.threads = fn, max(1, threads)
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="tunelab-adamw") if self.threads > 1 else None
         self.pending: list = []
 
     def submit(self, p, g, m, v, *, lr, b1, b2, eps, wd, step: int, key: int, scale: float = 1.0) -> None:
@@ -143,13 +84,8 @@ class Stepper:
         bias = (lr / (1 - b1**step), (1 - b2**step) ** 0.5)
         args = (b1, 1 - b1, b2, 1 - b2, 1 - lr * wd, *bias, eps, scale, key & 0xFFFFFFFF)
         ptrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
-        n = p.numel()
-        if self.pool is None or n < SPLIT:
-            self.fn(*ptrs, 0, n, *args)
-            return
-        per = -(-n // self.threads)
-        for start in range(0, n, per):
-            self.pending.append((self.pool.submit(self.fn, *ptrs, start, min(n, start + per), *args), g))
+        futures = compiled.split(self.fn, p.numel(), *ptrs, *args, threads=self.threads, wait=False)
+        self.pending += [(f, g) for f in futures]
 
     def wait(self) -> None:
         for future, _ in self.pending:  # the gradient kept alive (it may be a temporary bf16 copy) until done

@@ -1,0 +1,120 @@
+"""C loops compiled at first use: where one pass in C replaces several PyTorch ops on a CPU.
+
+A few steps are memory-bound chains of elementwise ops that PyTorch runs as separate passes, each with a dispatch
+and, in bf16, a widening and a rounding (AdamW with stochastic rounding: sr_adamw.py; SwiGLU's backward:
+swiglu.py). torch.compile would fuse them but needs a C++ compiler too, compiles for seconds per shape, and its
+code for the rounding step measured no faster. So each such step is a short C function here: compiled by the
+system's C compiler (`$CC`, else `cc` or `gcc`) with `-O3 -march=native` (0.1 s) into `$TUNELAB_HOME/kernels/`,
+under a key of the source, flags, compiler and the CPU's feature flags (a home shared by different machines gets
+a build for each), written atomically; called through ctypes, which lets go of the GIL, so `split` runs a long
+tensor's halves in two threads at once. No compiler or a failed build: `load` returns None, `why_not` says why,
+and the caller runs its PyTorch ops (the run log says so).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+from tunelab.models.sources import tunelab_home
+
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
+SPLIT = 1 << 16  # elements: a tensor this long or longer is split among the threads
+
+_loaded: dict = {}  # name -> SimpleNamespace of ctypes functions, or the str why there is none
+_pools: dict = {}  # threads -> ThreadPoolExecutor
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(name: str, source: str, cache: Path | None = None) -> Path:
+    """The compiled library of `source`, compiled now unless a build for it, this compiler and this CPU is
+    cached. Without -march=native where the compiler refuses it (e.g. an older clang); RuntimeError (why) when
+    there is no compiler or no build succeeds."""
+    cc = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or shutil.which("gcc") or ""]
+    if not cc[0]:
+        raise RuntimeError("no C compiler (cc or gcc on PATH, or $CC)")
+    key = hashlib.sha256("\0".join([source, *FLAGS, *cc, platform.machine(), _cpu_flags()]).encode()).hexdigest()
+    cache = cache or tunelab_home() / "kernels"
+    lib = cache / f"{name}-{key[:16]}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+        src.write_text(source)
+        for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
+            try:
+                done = subprocess.run([*cc, *flags, "-o", str(out), str(src)], capture_output=True, text=True,
+                                      timeout=120)  # fmt: skip
+            except (OSError, subprocess.TimeoutExpired) as e:
+                raise RuntimeError(f"{cc[0]} did not run: {e}") from None
+            if done.returncode == 0:
+                os.replace(out, lib)  # atomic: another process building the same key meanwhile finds a whole file
+                return lib
+        raise RuntimeError(f"{cc[0]} failed: {done.stderr.strip()[-300:]}")
+
+
+def load(name: str, source: str, signatures: dict[str, list]) -> SimpleNamespace | None:
+    """The functions of `source` (name -> ctypes argument types; they return nothing), or None: `why_not(name)`
+    then says why. Built once per process."""
+    if name not in _loaded:
+        try:
+            lib = ctypes.CDLL(str(build(name, source)))
+            fns = {}
+            for fn_name, argtypes in signatures.items():
+                fn = getattr(lib, fn_name)
+                fn.restype, fn.argtypes = None, argtypes
+                fns[fn_name] = fn
+            _loaded[name] = SimpleNamespace(**fns)
+        except (RuntimeError, OSError, AttributeError) as e:
+            _loaded[name] = str(e)
+    found = _loaded[name]
+    return None if isinstance(found, str) else found
+
+
+def why_not(name: str) -> str:
+    found = _loaded.get(name, "")
+    return found if isinstance(found, str) else ""
+
+
+def pool(threads: int) -> ThreadPoolExecutor | None:
+    """A thread pool of `threads` (shared by every caller), or None for one thread."""
+    if threads <= 1:
+        return None
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="tunelab-c")
+    return _pools[threads]
+
+
+def split(fn, n: int, *args, threads: int, wait: bool = True) -> list:
+    """`fn(start, stop, *args)` over [0, n): one call for a short range, else `threads` calls at once. With
+    `wait` False the futures are returned (an empty list when it ran here)."""
+    workers = pool(threads)
+    if workers is None or n < SPLIT:
+        fn(0, n, *args)
+        return []
+    per = -(-n // threads)
+    futures = [workers.submit(fn, start, min(n, start + per), *args) for start in range(0, n, per)]
+    if wait:
+        for f in futures:
+            f.result()
+        return []
+    return futures
