@@ -15,6 +15,7 @@ import tunelab
 from tunelab.accel import compiled, sr_adamw
 from tunelab.config import load_config
 from tunelab.training import bf16_adamw
+from tunelab.training import checkpoint as ckpt
 from tunelab.training.bf16_adamw import BF16AdamW
 from tunelab.training.harness import master_weights_choice
 
@@ -260,6 +261,25 @@ def test_full_fine_tuning_in_bf16_keeps_bf16_weights_trains_and_resumes(tiny_dir
     resumed = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
     assert step_losses(tmp_path / "b") == losses
     assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+
+
+def test_a_resumed_auto_run_keeps_the_master_weights_it_started_with(tiny_dir, data_file, tmp_path, capsys):
+    """A run that started with fp32 copies (an earlier version's auto, or another host's) resumes with them under
+    `auto`, which here would take bf16 weights: the checkpoint's saved weights say which."""
+
+    def stop_after_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "run", master_weights="fp32")
+    tunelab.train(cfg, callbacks=[stop_after_3])
+    step = tmp_path / "run" / "checkpoints" / "step-00000003"
+    assert ckpt.saved_master_weights(step) == "fp32"
+    capsys.readouterr()
+    result = tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "run", master_weights="auto"), resume=True)
+    assert result.metrics["precision"] == "bfloat16 autocast, fp32 master weights"
+    assert "as the run started: step-00000003's weights are fp32" in capsys.readouterr().err
+    assert torch.float32 in {t.dtype for t in load_file(str(result.final_dir / "model.safetensors")).values()}
 
 
 def test_master_weights_fp32_keeps_fp32_copies(tiny_dir, data_file, tmp_path):

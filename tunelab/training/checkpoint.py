@@ -131,6 +131,21 @@ def write_error(what: str, e: OSError, run_dir: Path) -> OutputWriteError:
     return OutputWriteError(f"{what}: {reason}{where}; free space or make the folder writable; {left}")
 
 
+def saved_master_weights(path: Path) -> str | None:
+    """ "bf16" or "fp32": what a checkpoint's trainable floating-point weights were kept in (a bf16 run's
+    `training.master_weights` choice, tunelab/training/bf16_adamw.py), read off the safetensors header; None when
+    it cannot tell. A resumed `auto` run keeps its start's choice, whatever the host or version."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(path) / "trainable.safetensors"), framework="pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    except OSError:
+        return None
+    # fp32 master weights make every trainable weight fp32; bf16 weights leave a norm kept in fp32 beside them
+    return "bf16" if "BF16" in dtypes else "fp32" if dtypes == {"F32"} else None
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore weights, optimizer, scheduler and RNG; return the loop state (tunelab_state.json, or
     trainer_state.json in a checkpoint written before the rename)."""

@@ -140,8 +140,13 @@ def train(
     # bf16 runs: the weights that train kept in fp32 (mixed precision) or in bf16 with stochastic rounding; the
     # memory left once their gradients and AdamW's moments exist
     own = method.CAPABILITIES.reference == "frozen_copy"  # the model's own weights train, not an adapter beside them
-    bf16_weights, why_weights, available = master_weights_plan(tcfg.master_weights, device, model, learning,
+    setting = tcfg.master_weights
+    if resume_from is not None and setting == "auto":  # as the run started, whatever this host's or version's auto
+        setting = ckpt.saved_master_weights(resume_from) or setting
+    bf16_weights, why_weights, available = master_weights_plan(setting, device, model, learning,
                                                                autocast is not no_autocast, own)  # fmt: skip
+    if setting != tcfg.master_weights and why_weights:
+        why_weights = f"auto, as the run started: {resume_from.name}'s weights are {setting}"
     # the rows one forward pass holds (thread shares split them, not add to them), at the data's length
     rows = min(tcfg.rows_per_pass or tcfg.batch_size, tcfg.batch_size)
     width = torch.finfo(precision.dtype).bits // 8
