@@ -153,3 +153,29 @@ def test_a_full_fine_tuning_run_on_tbbmalloc_hands_back_in_its_backward_passes(d
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-1] == "2"
     assert "cached blocks handed back 3 times in each backward pass" in proc.stderr
+
+
+@pytest.mark.parametrize("training, restarts", [({}, True), ({"allocator": "system"}, False)])
+def test_the_compare_command_restarts_on_tbbmalloc_as_train_does(tmp_path, monkeypatch, training, restarts):
+    """`tunelab compare` restarts itself on tbbmalloc when the grid's base training settings want it, so the
+    cells' processes (forked from its forkserver) run on it; not from Python, and not for --only-report."""
+    import argparse
+
+    from tunelab.compare import cli
+
+    grid = {"models": [{"name": "m"}], "methods": [{"name": "lora"}], "tasks": [{"name": "sst2"}],
+            "base": {"training": training}}  # fmt: skip
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    calls = []
+    monkeypatch.setattr(memory, "restart_with_tbbmalloc", calls.append)
+
+    def args(**kw):
+        base = {"grid": str(tmp_path / "grid.yaml"), "only_report": False, "executor": "local",
+                "program_argv": ["compare", "grid.yaml"]}  # fmt: skip
+        return argparse.Namespace(**{**base, **kw})
+
+    cli._restart_on_tbbmalloc(args())
+    assert calls == ([["compare", "grid.yaml"]] if restarts else [])
+    for other in (args(program_argv=None), args(only_report=True), args(executor="ray")):
+        cli._restart_on_tbbmalloc(other)
+    assert len(calls) == int(restarts)

@@ -40,8 +40,26 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     return c
 
 
+def _restart_on_tbbmalloc(args) -> None:
+    """The command itself (not main([...]) from Python) restarts on tbbmalloc as `tunelab train` does, when the
+    grid's base training settings want it (`training.allocator`): the cells' processes (forked from this one's
+    forkserver) inherit it, and with it the caches handed back after each step and, in full fine-tuning, in the
+    backward pass (accel/memory.py). Returns only when it cannot or need not restart."""
+    if getattr(args, "program_argv", None) is None or args.only_report or args.executor != "local":
+        return
+    from tunelab.accel.memory import restart_with_tbbmalloc, wants_tbbmalloc
+    from tunelab.compare.grid import load_grid
+    from tunelab.config import TrainingConfig
+
+    training = load_grid(args.grid).base.get("training") or {}
+    if wants_tbbmalloc(TrainingConfig.model_validate(training)):
+        restart_with_tbbmalloc(args.program_argv)
+
+
 def cmd_compare(args) -> int:
     from tunelab.compare.run import run_grid
+
+    _restart_on_tbbmalloc(args)
 
     result = run_grid(
         args.grid,
