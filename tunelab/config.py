@@ -465,7 +465,8 @@ class TrainingConfig(Section):
         "auto",
         description="The CPU speed code (tunelab/accel): fast LoRA layers, fused RMSNorm, per-example attention "
         "over packed rows, the fused head + cross-entropy, compact frozen weights (compact_frozen), thread shares "
-        "(pass_threads) and the allocator (allocator, release_memory). auto = each where it applies, the same "
+        "(pass_threads), the allocator (allocator, release_memory) and bf16 weights' AdamW step compiled at first "
+        "use (a C compiler, cc). auto = each where it applies, the same "
         "training to rounding; off = none of them, whatever their own settings: plain PyTorch + PEFT (packed "
         "rows still attend per example, through transformers' mask). The run log says which pieces are on and "
         "why any is not. See docs/performance.md.",
@@ -516,7 +517,8 @@ class TrainingConfig(Section):
         "stochastically (tunelab/training/bf16_adamw.py), 8 bytes a weight: full fine-tuning of a 135M model in "
         "1 GB less memory at the same held-out loss, of a 1.7B model on a 24 GB box at all. auto = bf16 on a CPU "
         "when most of the model trains (full fine-tuning), or on any device when the fp32 copies would not fit "
-        "in the memory available; fp32 otherwise. Ignored in fp32 runs. See docs/performance.md, 'bf16 weights'.",
+        "in the memory available; fp32 otherwise; a resumed run keeps what it started with. Ignored in fp32 runs. "
+        "See docs/performance.md, 'bf16 weights'.",
     )
     release_memory: bool | None = Field(
         None,
