@@ -193,6 +193,23 @@ def test_a_compiler_that_refuses_march_native_builds_without_it(monkeypatch, tmp
         compiled.build("sr_adamw", sr_adamw.SOURCE, tmp_path / "other")
 
 
+@pytest.mark.skipif(sr_adamw.load() is None, reason=sr_adamw.why_not())
+def test_fp32_moments_beside_a_bf16_weight_take_the_pytorch_step():
+    """The compiled loop reads bf16 moments; fp32 ones (set by hand here) go the PyTorch-ops way, the same step."""
+    torch.manual_seed(0)
+    start, g = (torch.randn(3000) * 0.05).bfloat16(), torch.randn(3000).bfloat16()
+    m, v = torch.randn(3000) * 0.01, torch.rand(3000) * 1e-4
+    results = []
+    for compiled_step in (False, True):
+        p = torch.nn.Parameter(start.clone())
+        opt = BF16AdamW([p], lr=1e-3, seed=1, compiled=compiled_step)
+        opt.state[p].update(step=torch.tensor(1.0), exp_avg=m.clone(), exp_avg_sq=v.clone())
+        p.grad = g.clone()
+        opt.step()
+        results.append(p.detach().clone())
+    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], start)
+
+
 def test_fp32_parameters_take_torchs_fused_step_exactly():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(3000))

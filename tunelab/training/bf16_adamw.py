@@ -106,7 +106,7 @@ class BF16AdamW(torch.optim.Optimizer):
                         p.grad.mul_(self.grad_scale)
                     torch._fused_adamw_([p], [p.grad], [m], [v], [], [state["step"].to(p.device)], **kw)
                     continue
-                if self.stepper is not None:
+                if self.stepper is not None and m.dtype == v.dtype == torch.bfloat16:  # the C loop reads bf16 moments
                     g = p.grad.to(p.dtype).contiguous()
                     if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
                         raise ValueError("BF16AdamW needs contiguous parameters")
