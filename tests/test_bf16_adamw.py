@@ -320,3 +320,23 @@ def test_auto_trains_full_fine_tuning_in_bf16_weights_where_the_cpu_has_it(tiny_
     raw = make_cfg(tiny_dir, data_file, tmp_path / "run", max_steps=2, master_weights=master).model_dump(mode="json")
     result = tunelab.train(load_config({**raw, "model": {**raw["model"], "dtype": "auto"}}))
     assert result.metrics["precision"] == chosen
+
+
+@pytest.mark.parametrize("method, chosen", [
+    ({"name": "freeze", "last_k": 1}, "bfloat16 autocast, fp32 master weights"),  # under half the weights train
+    ({"name": "freeze"}, "bfloat16 autocast, bf16 weights (stochastic rounding)"),  # last_k 2: most of them
+    ({"name": "adapter"}, "bfloat16 autocast, fp32 master weights"),
+    ({"name": "gradual"}, "bfloat16 autocast, bf16 weights (stochastic rounding)"),  # every block thaws in the end
+])  # fmt: skip
+def test_auto_trains_the_other_methods_sft_in_bf16_where_the_cpu_has_it(tiny_dir, data_file, tmp_path, monkeypatch,
+                                                                        method, chosen):  # fmt: skip
+    from tunelab.models import precision
+
+    monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)
+    monkeypatch.setattr(precision, "cpu_flags", lambda *a: {"avx2", "avx512f", "amx_bf16"})
+    raw = make_cfg(tiny_dir, data_file, tmp_path / "run", max_steps=2).model_dump(mode="json")
+    raw = {**raw, "model": {**raw["model"], "dtype": "auto"}, "method": method}
+    result = tunelab.train(load_config(raw))
+    assert result.metrics["precision"] == chosen
+    monkeypatch.setattr(precision, "cpu_flags", lambda *a: {"avx2", "avx512f"})  # emulated bf16: fp32
+    assert tunelab.train(load_config({**raw, "output_dir": str(tmp_path / "b")})).metrics["precision"] == "float32"

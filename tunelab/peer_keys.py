@@ -55,7 +55,8 @@ LLAMAFACTORY_MAPPED = {
 
 _DTYPE = (
     "tunelab picks the dtype itself (model.dtype: auto = bfloat16 on CUDA; on a CPU with native bf16, bf16 passes for "
-    "LoRA, QLoRA, prompt and prefix training; float32 otherwise)"
+    "LoRA, QLoRA, prompt and prefix training, bf16 weights for full fine-tuning, bf16 autocast for the other methods' "
+    "SFT; float32 otherwise)"
 )
 _WORKERS = (
     "tunelab tokenises into its own on-disk cache, keyed by the files' content, the tokenizer and the data settings "

@@ -28,8 +28,9 @@ of alpaca rows) at 2.0x to a held-out loss 0.26% above fp32's; prompt tuning on 
 tokens/s to the same held-out loss (prefix: docs/performance.md); full fine-tuning with bf16 weights on the bench
 job at 1.74x fp32's tokens/s and 0.60x its peak memory, held-out loss 1.6799 against 1.6798 (docs/performance.md,
 "bf16 weights"; with fp32 master weights it took more memory than fp32, so that setting keeps fp32 under `auto`).
-The other whole-model methods (freeze, gradual, head, bitfit) are not measured and stay fp32. The training loop says which
-kind of run it is (`choose_precision(..., measured=True)`); the loader alone resolves `auto` to fp32 on a CPU.
+Freeze, gradual unfreezing, head, BitFit, bottleneck adapters and IA3 on the bench's SFT job (thirteenth session): 1.6-2.2x
+fp32's tokens/s at 0.6-1.0x its peak, the held-out losses tied (docs/performance.md); their SFT and pretraining
+runs take bf16 too, other stages (classification, QA ...) fp32. The training loop says which kind of run it is (`choose_precision(..., measured=True)`); the loader alone resolves `auto` to fp32 on a CPU.
 `CPU_BF16_AUTO = False` (or TUNELAB_CPU_BF16_AUTO=0 in the environment) turns the choice off.
 """
 
@@ -117,8 +118,8 @@ def choose_precision(setting: str, device, flags: set[str] | None = None, measur
     """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why. `measured`:
     the kinds of training run whose bf16 is measured faster on a CPU at the same loss: LoRA, prompt or prefix
     tuning with `training.accelerate: auto` (tunelab/accel's bf16 passes), QLoRA (bitsandbytes' 4-bit matmuls in
-    bf16), full fine-tuning with bf16 weights (training.master_weights, accel on); every other load resolves
-    `auto` to fp32 on a CPU (module doc)."""
+    bf16), full fine-tuning with bf16 weights (training.master_weights, accel on), freeze / gradual / head / bitfit /
+    adapter / ia3 on SFT or pretraining (accel on); every other load resolves `auto` to fp32 on a CPU (module doc)."""
     import torch
 
     device = torch.device(device)
@@ -132,15 +133,15 @@ def choose_precision(setting: str, device, flags: set[str] | None = None, measur
                 torch.bfloat16,
                 True,
                 f"model.dtype auto: {why}; LoRA / QLoRA / prompt / prefix train in bf16 passes, full fine-tuning "
-                "with bf16 weights",
+                "with bf16 weights, freeze / gradual / head / bitfit / adapter / ia3 (SFT) under bf16 autocast",
             )
         if device.type == "cpu" and native and CPU_BF16_AUTO:
             return Precision(
                 torch.float32,
                 False,
                 f"model.dtype auto: fp32; {why}, but bf16 is measured faster for LoRA, prompt and prefix tuning "
-                "(training.accelerate: auto), QLoRA and full fine-tuning (bf16 weights) only: model.dtype: "
-                "bfloat16 asks for it",
+                "(training.accelerate: auto), QLoRA, full fine-tuning (bf16 weights) and the other methods' SFT "
+                "only: model.dtype: bfloat16 asks for it",
             )
         if device.type == "cpu" and native:
             return Precision(

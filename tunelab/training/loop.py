@@ -126,6 +126,10 @@ def train(
     # weights (1.74x fp32's tokens/s at 0.60x its peak, "bf16 weights")
     measured = (cfg.method.name in ("lora", "prompt", "prefix") and speed.on) or cfg.method.name == "qlora"
     measured |= cfg.method.name == "full" and speed.on and tcfg.master_weights != "fp32"
+    # the other methods that train the model's own weights or small modules in it, on SFT / pretraining (thirteenth
+    # session, the bench job: 1.6-2.2x fp32's tokens/s at 0.6-1.0x its peak, the held-out loss tied; "bf16 weights")
+    small = ("freeze", "gradual", "head", "bitfit", "adapter", "ia3")
+    measured |= cfg.method.name in small and speed.on and cfg.stage in ("sft", "pretrain")
     precision = choose_precision(cfg.model.dtype, device, measured=measured)
     # this run's loads and passes take `auto` as resolved for it (LoRA, QLoRA, prompt and prefix tuning may train in
     # bf16 on a CPU with native bf16); the result keeps `auto`, for whatever host loads it next
