@@ -195,7 +195,8 @@ def test_a_compiler_that_refuses_march_native_builds_without_it(monkeypatch, tmp
 
 @pytest.mark.skipif(sr_adamw.load() is None, reason=sr_adamw.why_not())
 def test_fp32_moments_beside_a_bf16_weight_take_the_pytorch_step():
-    """The compiled loop reads bf16 moments; fp32 ones (set by hand here) go the PyTorch-ops way, the same step."""
+    """The compiled loop reads bf16 moments; fp32 ones (set by hand here) go the PyTorch-ops way, the same step,
+    clipped alike."""
     torch.manual_seed(0)
     start, g = (torch.randn(3000) * 0.05).bfloat16(), torch.randn(3000).bfloat16()
     m, v = torch.randn(3000) * 0.01, torch.rand(3000) * 1e-4
@@ -205,9 +206,11 @@ def test_fp32_moments_beside_a_bf16_weight_take_the_pytorch_step():
         opt = BF16AdamW([p], lr=1e-3, seed=1, compiled=compiled_step)
         opt.state[p].update(step=torch.tensor(1.0), exp_avg=m.clone(), exp_avg_sq=v.clone())
         p.grad = g.clone()
+        opt.clip_grad_norm_(0.5)  # clipped either way: by the gradient or by the factor the step applies
         opt.step()
-        results.append(p.detach().clone())
-    assert torch.equal(results[0], results[1]) and not torch.equal(results[0], start)
+        results.append((p.detach().clone(), opt.state[p]["exp_avg"].clone()))
+    assert torch.equal(results[0][0], results[1][0]) and not torch.equal(results[0][0], start)
+    assert torch.equal(results[0][1], results[1][1])
 
 
 def test_fp32_parameters_take_torchs_fused_step_exactly():

@@ -102,7 +102,7 @@ class BF16AdamW(torch.optim.Optimizer):
                 state["step"] += 1
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 if p.dtype != torch.bfloat16:  # fp32 (a norm kept in fp32): the fused step, nothing to round
-                    if self.grad_scale != 1.0:
+                    if self.grad_scale != 1.0:  # clipped for the compiled step (clip_grad_norm_)
                         p.grad.mul_(self.grad_scale)
                     torch._fused_adamw_([p], [p.grad], [m], [v], [], [state["step"].to(p.device)], **kw)
                     continue
@@ -114,6 +114,8 @@ class BF16AdamW(torch.optim.Optimizer):
                     self.stepper.submit(p, g, m, v, lr=kw["lr"], b1=b1, b2=b2, eps=kw["eps"], wd=kw["weight_decay"],
                                         step=step, key=hash((self.seed, step, gi, pi)), scale=self.grad_scale)  # fmt: skip
                 else:
+                    if self.grad_scale != 1.0:  # clipped for the compiled step, which this tensor does not take
+                        p.grad.mul_(self.grad_scale)
                     self._step_bf16(p, m, v, state["step"], kw, where=(gi, pi))
         if self.stepper is not None:
             self.stepper.wait()
