@@ -343,3 +343,19 @@ def test_auto_trains_the_other_methods_sft_in_bf16_where_the_cpu_has_it(tiny_dir
     assert result.metrics["precision"] == chosen
     monkeypatch.setattr(precision, "cpu_flags", lambda *a: {"avx2", "avx512f"})  # emulated bf16: fp32
     assert tunelab.train(load_config({**raw, "output_dir": str(tmp_path / "b")})).metrics["precision"] == "float32"
+
+
+def test_the_memory_left_counts_an_fp32_copy_only_for_a_half_precision_weight(monkeypatch):
+    """Under bf16 autocast with fp32 master weights a bf16 weight that trains gains an fp32 copy, its gradient and
+    moments (14 bytes over the bf16 weight); an adapter already in fp32 its gradient and moments only (12)."""
+    from tunelab.training import harness
+
+    monkeypatch.setattr(harness, "available_memory", lambda: 10**9)
+    half, full = torch.nn.Parameter(torch.zeros(1000).bfloat16()), torch.nn.Parameter(torch.zeros(500))
+    model = torch.nn.ParameterList([half, full])
+    bf16, _, left = harness.master_weights_plan("fp32", "cpu", model, [half, full], mixed=True, own_weights=False)
+    assert not bf16 and left == 10**9 - 1000 * 14 - 500 * 12
+    bf16, _, left = harness.master_weights_plan("bf16", "cpu", model, [half, full], mixed=True, own_weights=False)
+    assert bf16 and left == 10**9 - 1500 * 6
+    _, _, left = harness.master_weights_plan("auto", "cpu", model, [full], mixed=False, own_weights=False)
+    assert left == 10**9 - 500 * 12

@@ -364,8 +364,11 @@ def master_weights_plan(setting: str, device, model, learning: list, mixed: bool
         total = sum(p.numel() for p in model.parameters())
         bf16, why = master_weights_choice(setting, device, n, total, available, own_weights)
     if available is not None:
-        per_weight = BF16_WEIGHT_BYTES if bf16 else FP32_MASTER_BYTES if mixed else FP32_STATE_BYTES
-        available = max(available - n * per_weight, 0)
+        # a weight already in fp32 (a PEFT adapter's, an fp32 run's) gets no fp32 copy: its gradient and moments only
+        half = (torch.bfloat16, torch.float16)
+        copies = sum(p.numel() for p in learning if mixed and not bf16 and p.dtype in half)
+        per_weight = BF16_WEIGHT_BYTES if bf16 else FP32_STATE_BYTES
+        available = max(available - n * per_weight - copies * (FP32_MASTER_BYTES - FP32_STATE_BYTES), 0)
     return bf16, why, available
 
 
