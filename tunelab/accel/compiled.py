@@ -1,8 +1,9 @@
 """C loops compiled at first use: where one pass in C replaces several PyTorch ops on a CPU.
 
 A few steps are memory-bound chains of elementwise ops that PyTorch runs as separate passes, each with a dispatch
-and, in bf16, a widening and a rounding (AdamW with stochastic rounding: sr_adamw.py; SwiGLU's backward:
-swiglu.py). torch.compile would fuse them but needs a C++ compiler too, compiles for seconds per shape, and its
+and, in bf16, a widening and a rounding (AdamW with stochastic rounding: sr_adamw.py, the one user so far; a
+SwiGLU backward so written ran slower than ATen's vectorised ops and was not kept, docs/performance.md).
+torch.compile would fuse them but needs a C++ compiler too, compiles for seconds per shape, and its
 code for the rounding step measured no faster. So each such step is a short C function here: compiled by the
 system's C compiler (`$CC`, else `cc` or `gcc`) with `-O3 -march=native` (0.1 s) into `$TUNELAB_HOME/kernels/`,
 under a key of the source, flags, compiler and the CPU's feature flags (a home shared by different machines gets
@@ -95,26 +96,13 @@ def why_not(name: str) -> str:
     return found if isinstance(found, str) else ""
 
 
-def pool(threads: int) -> ThreadPoolExecutor | None:
-    """A thread pool of `threads` (shared by every caller), or None for one thread."""
-    if threads <= 1:
-        return None
-    if threads not in _pools:
-        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="tunelab-c")
-    return _pools[threads]
-
-
-def split(fn, n: int, *args, threads: int, wait: bool = True) -> list:
-    """`fn(start, stop, *args)` over [0, n): one call for a short range, else `threads` calls at once. With
-    `wait` False the futures are returned (an empty list when it ran here)."""
-    workers = pool(threads)
-    if workers is None or n < SPLIT:
+def split(fn, n: int, *args, threads: int) -> list:
+    """`fn(start, stop, *args)` over [0, n): one call here for a short range or one thread (returns []), else
+    `threads` calls at once in a pool shared by every caller (returns their futures)."""
+    if threads <= 1 or n < SPLIT:
         fn(0, n, *args)
         return []
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="tunelab-c")
     per = -(-n // threads)
-    futures = [workers.submit(fn, start, min(n, start + per), *args) for start in range(0, n, per)]
-    if wait:
-        for f in futures:
-            f.result()
-        return []
-    return futures
+    return [_pools[threads].submit(fn, start, min(n, start + per), *args) for start in range(0, n, per)]

@@ -84,7 +84,7 @@ class Stepper:
         bias = (lr / (1 - b1**step), (1 - b2**step) ** 0.5)
         args = (b1, 1 - b1, b2, 1 - b2, 1 - lr * wd, *bias, eps, scale, key & 0xFFFFFFFF)
         ptrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
-        futures = compiled.split(self.fn, p.numel(), *ptrs, *args, threads=self.threads, wait=False)
+        futures = compiled.split(self.fn, p.numel(), *ptrs, *args, threads=self.threads)
         self.pending += [(f, g) for f in futures]
 
     def wait(self) -> None:
@@ -93,9 +93,7 @@ class Stepper:
         self.pending.clear()
 
 
-def stepper(device: torch.device):
-    """A Stepper for tensors on `device`, or None (not a CPU, or no compiled step: `why_not()`)."""
-    if device.type != "cpu":
-        return None
+def stepper():
+    """A Stepper for CPU tensors, or None (no compiled step: `why_not()`)."""
     fn = load()
     return Stepper(fn, torch.get_num_threads()) if fn is not None else None

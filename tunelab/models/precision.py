@@ -5,8 +5,8 @@
               `training.accelerate: auto`, and QLoRA training: bf16 frozen weights (4-bit matmuls in bf16),
               fp32 master weights, the passes in bf16 (tunelab/accel's bf16 passes, no autocast); for full
               fine-tuning (accelerate: auto, training.master_weights not fp32): bf16 autocast over bf16 weights
-              with stochastic rounding. Any other CPU load (the other methods, chat, export, a CPU without
-              native bf16): fp32.
+              with stochastic rounding; freeze / gradual / head / bitfit / adapter / ia3 SFT or pretraining:
+              bf16 autocast. Any other CPU load (other stages, chat, export, a CPU without native bf16): fp32.
               Elsewhere (MPS, old GPUs): fp32.
     bfloat16  the same mixed precision on any device: frozen weights stored in bf16, the weights that train
               in fp32; the passes under `torch.autocast`, or on a CPU in bf16 by themselves where
@@ -28,9 +28,10 @@ of alpaca rows) at 2.0x to a held-out loss 0.26% above fp32's; prompt tuning on 
 tokens/s to the same held-out loss (prefix: docs/performance.md); full fine-tuning with bf16 weights on the bench
 job at 1.74x fp32's tokens/s and 0.60x its peak memory, held-out loss 1.6799 against 1.6798 (docs/performance.md,
 "bf16 weights"; with fp32 master weights it took more memory than fp32, so that setting keeps fp32 under `auto`).
-Freeze, gradual unfreezing, head, BitFit, bottleneck adapters and IA3 on the bench's SFT job (thirteenth session): 1.6-2.2x
-fp32's tokens/s at 0.6-1.0x its peak, the held-out losses tied (docs/performance.md); their SFT and pretraining
-runs take bf16 too, other stages (classification, QA ...) fp32. The training loop says which kind of run it is (`choose_precision(..., measured=True)`); the loader alone resolves `auto` to fp32 on a CPU.
+Freeze, gradual unfreezing, head, BitFit, bottleneck adapters and IA3 on the bench's SFT job: 1.6-2.2x fp32's
+tokens/s at 0.6-1.0x its peak, the held-out losses tied (docs/performance.md); their SFT and pretraining runs take
+bf16 too, other stages (classification, QA ...) fp32. The training loop says which kind of run it is
+(`choose_precision(..., measured=True)`); the loader alone resolves `auto` to fp32 on a CPU.
 `CPU_BF16_AUTO = False` (or TUNELAB_CPU_BF16_AUTO=0 in the environment) turns the choice off.
 """
 

@@ -45,7 +45,7 @@ class BF16AdamW(torch.optim.Optimizer):
             from tunelab.accel import sr_adamw
 
             devices = {p.device.type for group in self.param_groups for p in group["params"]}
-            self.stepper = sr_adamw.stepper(torch.device("cpu")) if devices == {"cpu"} else None
+            self.stepper = sr_adamw.stepper() if devices == {"cpu"} else None
             self.how = (
                 f"one compiled loop, {self.stepper.threads} thread(s) (tunelab/accel/sr_adamw.py)"
                 if self.stepper is not None
