@@ -202,12 +202,20 @@ def test_prompt_tuning_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_g
                 torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_prefix_of_keys_is_seen_by_every_example_as_by_one_masked_call_each(dtype):
+@pytest.mark.parametrize("dtype,widen_below", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 48)])
+def test_a_prefix_of_keys_is_seen_by_every_example_as_by_one_masked_call_each(dtype, widen_below, monkeypatch):
     """Prefix tuning's keys: the first `prefix` keys seen by every query, each example's own causally. The
     autograd function (two kernel calls per example merged by their log-sum-exps, each part's backward given the
     merged output) and the SDPA path (the prefix concatenated, a causal mask aligned to the last key) against one
-    masked SDPA call per example in fp32, outputs and gradients (the prefix's summed over the examples, in fp32)."""
+    masked SDPA call per example in fp32, outputs and gradients (the prefix's summed over the examples, in fp32).
+    In bf16 the backward widens short examples to fp32 and runs long ones in bf16 (`WIDEN_BELOW`): with 48, the
+    examples narrower than that (widths rounded up to 32 in bf16) take the first path, the 33-token one the second."""
+    if widen_below is not None:
+        monkeypatch.setattr(attention, "WIDEN_BELOW", widen_below)
+        widened = []
+        backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward",
+                            lambda *a, **k: widened.append(a[1].dtype == torch.float32) or backward(*a, **k))  # fmt: skip
     g = torch.Generator().manual_seed(3)
     rows, heads, kv_heads, length, dim, prefix = 2, 6, 2, 40, 8, 5
     pieces = [(0, 0, 7), (0, 7, 33), (1, 0, 25), (1, 25, 15)]
@@ -237,6 +245,8 @@ def test_a_prefix_of_keys_is_seen_by_every_example_as_by_one_masked_call_each(dt
         out.backward(grad.float() if wide else grad)
         results.append((out.detach().float(), [t.grad.float() for t in inputs]))
     tol = 1e-5 if dtype == torch.float32 else 0.03
+    if widen_below is not None:  # two calls an example (own keys, prefix); only the 33-token one at 64 is not widened
+        assert widened == [True, True, False, False, True, True, True, True]
     for out, grads in results[:2]:
         torch.testing.assert_close(out, results[2][0], rtol=tol, atol=tol)
         for a, b in zip(grads, results[2][1]):

@@ -35,6 +35,10 @@ from tunelab.models import loss
 from tunelab.models.loading import unwrap
 
 NAME = "tunelab_packed"
+# Below this length an example's backward runs on its bf16 / fp16 inputs widened to fp32: the CPU kernel's backward
+# is 1.3-2.9x slower on bf16 than on fp32 inputs up to ~300 tokens, and 1.2-1.4x faster from ~384 on (torch 2.13,
+# 9 and 32 heads of 64; docs/performance.md, "bf16 weights").
+WIDEN_BELOW = 384
 
 
 def varlen_kwargs(position_ids: torch.Tensor) -> dict:
@@ -169,11 +173,7 @@ class _PackedCausal(torch.autograd.Function):
         prefix = key.shape[2] - length
         backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         grads = [torch.empty_like(t) if ctx.needs_input_grad[i] else None for i, t in enumerate((query, key, value))]
-        if query.dtype in (torch.bfloat16, torch.float16):
-            # the CPU kernel's backward runs 2.4-6x slower in bf16 than in fp32 on an example's length (64: 1.0
-            # against 0.23 ms; 160: 2.8 against 1.2; torch 2.13, docs/performance.md): its inputs widened here
-            # (exact), its gradients rounded once as they are written into the bf16 ones
-            query, key, value, out, grad = (t.float() for t in (query, key, value, out, grad))
+        half = query.dtype in (torch.bfloat16, torch.float16)
         # the prefix's gradient is summed over the examples, in fp32 (bf16 would round at every example)
         summed = [None if g is None or not prefix else g.new_zeros(g[:, :, :prefix].shape, dtype=torch.float32)
                   for g in grads[1:]]  # fmt: skip
@@ -182,10 +182,12 @@ class _PackedCausal(torch.autograd.Function):
             at = slice(r * length + p, r * length + p + n)
             q, k, v = _span(query, r, p, width), _span(key, r, prefix + p, width), _span(value, r, prefix + p, width)
             given = [F.pad(t[at].transpose(0, 1)[None], (0, 0, 0, width - n)) for t in (grad, out)]
+            pk, pv = (key[r : r + 1, :, :prefix], value[r : r + 1, :, :prefix]) if prefix else (None, None)
+            if half and width < WIDEN_BELOW:  # widened exactly; the gradients rounded once as they are written
+                q, k, v, pk, pv, *given = (None if t is None else t.float() for t in (q, k, v, pk, pv, *given))
             parts = backward(given[0], q, k, v, given[1], m, 0.0, True, scale=ctx.scale)
             if prefix:  # with the merged output and log-sum-exp, each part's backward is its share (module doc)
-                pre = backward(given[0], q, key[r : r + 1, :, :prefix], value[r : r + 1, :, :prefix], given[1], m,
-                               0.0, False, scale=ctx.scale)  # fmt: skip
+                pre = backward(given[0], q, pk, pv, given[1], m, 0.0, False, scale=ctx.scale)
                 parts = (parts[0] + pre[0], *parts[1:])
                 for total, part in zip(summed, pre[1:]):
                     if total is not None:
