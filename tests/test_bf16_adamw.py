@@ -5,6 +5,7 @@ weights, trains, and resumes to the same weights."""
 import copy
 import ctypes
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,32 @@ def test_a_compiler_that_refuses_march_native_builds_without_it(monkeypatch, tmp
     monkeypatch.setenv("CC", str(failing))
     with pytest.raises(RuntimeError, match="failing-cc failed: no such header"):
         compiled.build("sr_adamw", sr_adamw.SOURCE, tmp_path / "other")
+
+
+@pytest.mark.skipif(sr_adamw.load() is None or os.name != "posix", reason=sr_adamw.why_not() or "POSIX modes")
+def test_a_cached_library_others_could_have_written_is_not_loaded(tmp_path):
+    """A cached build is code: loaded only when this user (or root) owns it and nobody else can write it or its
+    folder. A folder made under umask 002 is tightened; a planted or loosened file is refused with the fix."""
+    cache = tmp_path / "kernels"
+    old = os.umask(0o002)
+    try:
+        lib = compiled.build("sr_adamw", sr_adamw.SOURCE, cache)
+    finally:
+        os.umask(old)
+    assert cache.stat().st_mode & 0o777 == 0o755 and lib.stat().st_mode & 0o777 == 0o755
+    cache.chmod(0o775)  # loosened later: tightened again, the same file loads
+    assert compiled.build("sr_adamw", sr_adamw.SOURCE, cache) == lib and cache.stat().st_mode & 0o022 == 0
+    lib.chmod(0o775)
+    with pytest.raises(RuntimeError, match=r"not loaded: writable by others \(mode 775\); delete it"):
+        compiled.build("sr_adamw", sr_adamw.SOURCE, cache)
+    lib.chmod(0o755)
+    if os.getuid() == 0:  # as root (CI): a file another user owns
+        os.chown(lib, 12345, 12345)
+        with pytest.raises(RuntimeError, match=r"owned by another user \(uid 12345\)"):
+            compiled.build("sr_adamw", sr_adamw.SOURCE, cache)
+        os.chown(cache, 12345, 12345)
+        with pytest.raises(RuntimeError, match="owned by another user.*set \\$TUNELAB_HOME"):
+            compiled.build("sr_adamw", sr_adamw.SOURCE, cache)
 
 
 @pytest.mark.skipif(sr_adamw.load() is None, reason=sr_adamw.why_not())

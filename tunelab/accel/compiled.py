@@ -10,6 +10,10 @@ under a key of the source, flags, compiler and the CPU's feature flags (a home s
 a build for each), written atomically; called through ctypes, which lets go of the GIL, so `split` runs a long
 tensor's halves in two threads at once. No compiler or a failed build: `load` returns None, `why_not` says why,
 and the caller runs its PyTorch ops (the run log says so).
+
+A cached library is code this process runs: it is loaded only from a folder and file that this user (or root) owns
+and nobody else can write to (as ssh treats its keys); the folder is made so, and a file that is not is refused
+with the fix in `why_not` (the PyTorch step runs meanwhile).
 """
 
 from __future__ import annotations
@@ -55,9 +59,12 @@ def build(name: str, source: str, cache: Path | None = None) -> Path:
     key = hashlib.sha256("\0".join([source, *FLAGS, *cc, platform.machine(), _cpu_flags()]).encode()).hexdigest()
     cache = cache or tunelab_home() / "kernels"
     lib = cache / f"{name}-{key[:16]}.so"
+    _private(cache)
     if lib.exists():
+        if why := _untrusted(lib):
+            raise RuntimeError(f"{lib} not loaded: {why}; delete it (a new one is compiled) or make it yours alone "
+                               f"(chown $USER, chmod go-w)")  # fmt: skip
         return lib
-    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
         src.write_text(source)
@@ -68,9 +75,36 @@ def build(name: str, source: str, cache: Path | None = None) -> Path:
             except (OSError, subprocess.TimeoutExpired) as e:
                 raise RuntimeError(f"{cc[0]} did not run: {e}") from None
             if done.returncode == 0:
+                out.chmod(0o755)  # whatever the umask: nobody else may write it (module doc)
                 os.replace(out, lib)  # atomic: another process building the same key meanwhile finds a whole file
                 return lib
         raise RuntimeError(f"{cc[0]} failed: {done.stderr.strip()[-300:]}")
+
+
+def _private(folder: Path) -> None:
+    """`folder` made (or, when this user owns it, kept) writable by its owner alone; refused when another user
+    owns it or it stays writable by others."""
+    folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if os.name != "posix":
+        return
+    st = folder.stat()
+    if st.st_uid == os.getuid() and st.st_mode & 0o022:
+        folder.chmod(st.st_mode & ~0o022 & 0o7777)  # e.g. made under umask 002
+    if why := _untrusted(folder):
+        raise RuntimeError(f"{folder}: {why}; compiled code is not loaded from there (set $TUNELAB_HOME to a folder "
+                           f"of your own)")  # fmt: skip
+
+
+def _untrusted(path: Path) -> str:
+    """Why another user could have written `path` ('' when only this user or root could), on POSIX."""
+    if os.name != "posix":
+        return ""
+    st = path.stat()
+    if st.st_uid not in (os.getuid(), 0):
+        return f"owned by another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        return f"writable by others (mode {st.st_mode & 0o777:o})"
+    return ""
 
 
 def load(name: str, source: str, signatures: dict[str, list]) -> SimpleNamespace | None:
