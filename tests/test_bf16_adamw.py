@@ -161,6 +161,35 @@ def test_the_compiled_step_is_the_same_however_many_threads_split_a_tensor():
     assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
 
 
+@pytest.mark.skipif(sr_adamw.load() is None, reason=sr_adamw.why_not())
+def test_the_compiled_step_is_the_same_bits_whatever_the_compiler_and_its_optimisation(monkeypatch, tmp_path):
+    """No fused multiply-adds or fast-math (FLAGS): -O0 scalar code, -O3 vector code and another compiler (clang,
+    where it is installed: the macOS default) give the same weights and moments, so a run resumes the same when
+    its home's build changes."""
+    import shutil
+
+    torch.manual_seed(0)
+    n = (1 << 20) + 3  # enough values for a contracted a * b + c to round differently somewhere (6 in a million)
+    start, g = (torch.randn(n) * 0.05).bfloat16(), torch.randn(n).bfloat16()
+    builds = [("default", None, compiled.FLAGS), ("-O0", None, ["-O0", *compiled.FLAGS[1:]])]
+    builds += [("clang", "clang", compiled.FLAGS)] if shutil.which("clang") else []
+    results = []
+    for name, cc, flags in builds:
+        if cc:
+            monkeypatch.setenv("CC", cc)
+        monkeypatch.setattr(compiled, "FLAGS", flags)
+        fn = ctypes.CDLL(str(compiled.build("sr_adamw", sr_adamw.SOURCE, tmp_path / name))).sr_adamw_bf16
+        fn.restype, fn.argtypes = None, sr_adamw.SIGNATURE
+        p, m, v = start.clone(), torch.zeros(n).bfloat16(), torch.zeros(n).bfloat16()
+        stepper = sr_adamw.Stepper(fn, 1)
+        for step in (1, 2, 3):
+            stepper.submit(p, g, m, v, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.1, step=step, key=step)
+            stepper.wait()
+        results.append((p, m, v))
+    assert not torch.equal(results[0][0], start)
+    assert all(torch.equal(a, b) for other in results[1:] for a, b in zip(results[0], other))
+
+
 def test_without_a_compiler_the_pytorch_step_runs_and_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     with pytest.raises(RuntimeError, match="no-such-cc did not run"):

@@ -32,7 +32,9 @@ from types import SimpleNamespace
 
 from tunelab.models.sources import tunelab_home
 
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-shared", "-fPIC"]
+# no fused multiply-adds (gcc contracts a * b + c by default, clang 14 does not): the same bits from any compiler,
+# optimisation level or vector width, so a run resumes the same after its home's build changes (tested)
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
 SPLIT = 1 << 16  # elements: a tensor this long or longer is split among the threads
 
 _loaded: dict = {}  # name -> SimpleNamespace of ctypes functions, or the str why there is none
