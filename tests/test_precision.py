@@ -9,7 +9,7 @@ import torch
 import tunelab
 from tunelab.config import load_config
 from tunelab.models import compute_dtype, precision
-from tunelab.models.precision import choose_precision, cpu_flags, native_bf16
+from tunelab.models.precision import choose_precision, cpu_flags, measured_bf16, native_bf16
 
 # /proc/cpuinfo excerpts of the hosts the issue names, cut to the lines that matter
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n"
@@ -54,7 +54,23 @@ def test_auto_keeps_fp32_on_cpus_until_bf16_is_measured_faster(monkeypatch):
     assert "avx512_bf16" in p.reason
     assert not choose_precision("auto", "cpu", cpu_flags(ZEN3), measured=True).autocast  # emulated stays fp32
     p = choose_precision("auto", "cpu", cpu_flags(ZEN4))  # not a measured training run (a load to chat, freeze ...)
-    assert p.dtype == torch.float32 and "measured faster for LoRA, prompt and prefix tuning" in p.reason
+    assert (
+        p.dtype == torch.float32
+        and "(training.accelerate: auto, but for qlora): lora / prompt / prefix / qlora: bf16 passes;" in p.reason
+    )
+
+
+def test_which_runs_take_bf16_under_auto_and_the_log_says_the_same(monkeypatch):
+    """One table (MEASURED_BF16) decides which training runs are measured faster in bf16 and writes the log's list."""
+    monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)
+    assert measured_bf16("lora", "dpo", True) and not measured_bf16("lora", "sft", False)
+    assert measured_bf16("qlora", "sft", False)  # bitsandbytes' bf16 matmuls need no accel
+    assert measured_bf16("full", "sft", True) and not measured_bf16("full", "sft", True, master_weights="fp32")
+    assert measured_bf16("ia3", "pretrain", True) and not measured_bf16("ia3", "reward", True)
+    assert not measured_bf16("bitfit", "sft", False) and not measured_bf16("unknown", "sft", True)
+    reason = choose_precision("auto", "cpu", cpu_flags(ZEN4), measured=True).reason
+    assert reason.endswith("full: bf16 weights; freeze / gradual / head / bitfit / adapter / ia3 (sft / pretrain): "
+                           "bf16 autocast")  # fmt: skip
 
 
 def test_explicit_settings_and_cuda(monkeypatch):

@@ -52,6 +52,32 @@ if TYPE_CHECKING:  # torch is imported where used: `tunelab --help` stays fast
 CPU_BF16_AUTO = os.environ.get("TUNELAB_CPU_BF16_AUTO", "1") != "0"
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, x86 AMX, Arm BF16 (aarch64 Features)
 
+# The training runs whose bf16 is measured faster on a CPU at the same loss (module doc, docs/performance.md): the
+# one place that says so, read by `measured_bf16` (the loop's question) and by the log lines below.
+#   (methods, stages (None: any), needs training.accelerate: auto, how they train in bf16)
+MEASURED_BF16 = (
+    (("lora", "prompt", "prefix"), None, True, "bf16 passes"),
+    (("qlora",), None, False, "bf16 passes"),  # bitsandbytes' 4-bit matmuls in bf16, with or without accel
+    (("full",), None, True, "bf16 weights"),  # unless training.master_weights: fp32 (more memory than fp32)
+    (("freeze", "gradual", "head", "bitfit", "adapter", "ia3"), ("sft", "pretrain"), True, "bf16 autocast"),
+)
+
+
+def measured_bf16(method: str, stage: str, accelerate: bool, master_weights: str = "auto") -> bool:
+    """Whether this kind of training run is one of MEASURED_BF16's (`choose_precision(..., measured=...)`)."""
+    if method == "full" and master_weights == "fp32":
+        return False
+    return any(method in methods and (stages is None or stage in stages) and (accelerate or not needs)
+               for methods, stages, needs, _ in MEASURED_BF16)  # fmt: skip
+
+
+def _measured_text() -> str:
+    """MEASURED_BF16 for a log line: "lora / prompt / prefix / qlora: bf16 passes; full: bf16 weights; ..."."""
+    by_how: dict[str, list[str]] = {}
+    for methods, stages, _, how in MEASURED_BF16:
+        by_how.setdefault(how, []).append(" / ".join(methods) + (f" ({' / '.join(stages)})" if stages else ""))
+    return "; ".join(f"{' / '.join(kinds)}: {how}" for how, kinds in by_how.items())
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -117,10 +143,8 @@ def native_bf16(device, flags: set[str] | None = None) -> tuple[bool, str]:
 
 def choose_precision(setting: str, device, flags: set[str] | None = None, measured: bool = False) -> Precision:
     """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why. `measured`:
-    the kinds of training run whose bf16 is measured faster on a CPU at the same loss: LoRA, prompt or prefix
-    tuning with `training.accelerate: auto` (tunelab/accel's bf16 passes), QLoRA (bitsandbytes' 4-bit matmuls in
-    bf16), full fine-tuning with bf16 weights (training.master_weights, accel on), freeze / gradual / head / bitfit /
-    adapter / ia3 on SFT or pretraining (accel on); every other load resolves `auto` to fp32 on a CPU (module doc)."""
+    a kind of training run whose bf16 is measured faster on a CPU at the same loss (`measured_bf16`); every other
+    load resolves `auto` to fp32 on a CPU (module doc)."""
     import torch
 
     device = torch.device(device)
@@ -130,26 +154,20 @@ def choose_precision(setting: str, device, flags: set[str] | None = None, measur
         if device.type == "cuda" and native:
             return Precision(torch.bfloat16, True, f"model.dtype auto: {why}")
         if device.type == "cpu" and native and CPU_BF16_AUTO and measured:
-            return Precision(
-                torch.bfloat16,
-                True,
-                f"model.dtype auto: {why}; LoRA / QLoRA / prompt / prefix train in bf16 passes, full fine-tuning "
-                "with bf16 weights, freeze / gradual / head / bitfit / adapter / ia3 (SFT) under bf16 autocast",
-            )
+            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}; measured faster: {_measured_text()}")
         if device.type == "cpu" and native and CPU_BF16_AUTO:
             return Precision(
                 torch.float32,
                 False,
-                f"model.dtype auto: fp32; {why}, but bf16 is measured faster for LoRA, prompt and prefix tuning "
-                "(training.accelerate: auto), QLoRA, full fine-tuning (bf16 weights) and the other methods' SFT "
-                "only: model.dtype: bfloat16 asks for it",
+                f"model.dtype auto: fp32; {why}, but bf16 is measured faster only for these training runs "
+                f"(training.accelerate: auto, but for qlora): {_measured_text()}. model.dtype: bfloat16 asks for it",
             )
         if device.type == "cpu" and native:
             return Precision(
                 torch.float32,
                 False,
-                f"model.dtype auto: fp32; {why}, but bf16 is not yet measured faster for a whole training step "
-                "here (fast LoRA and the fused head run in fp32 only): model.dtype: bfloat16 tries it",
+                f"model.dtype auto: fp32; {why}, but bf16 under auto is switched off here (TUNELAB_CPU_BF16_AUTO=0): "
+                "model.dtype: bfloat16 tries it",
             )
         return Precision(torch.float32, False, f"model.dtype auto: fp32 ({why or device.type})")
     if setting == "bfloat16":

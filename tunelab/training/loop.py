@@ -23,7 +23,7 @@ from tunelab.data.collate import real_tokens
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
 from tunelab.models.loading import loading_into, unwrap
-from tunelab.models.precision import choose_precision
+from tunelab.models.precision import choose_precision, measured_bf16
 from tunelab.stages import Stage
 from tunelab.stages import get as get_stage
 from tunelab.training import checkpoint as ckpt
@@ -121,15 +121,8 @@ def train(
     device = dist.device
     speed = accel.start(tcfg, device)  # accel: the allocator's settings, before the model loads
     method = get_method(cfg.method.name)
-    # the runs whose bf16 is measured faster on a CPU at the same loss (docs/performance.md): LoRA, prompt and prefix
-    # tuning on tunelab/accel's passes, QLoRA (bitsandbytes' 4-bit matmuls in bf16), full fine-tuning with bf16
-    # weights (1.74x fp32's tokens/s at 0.60x its peak, "bf16 weights")
-    measured = (cfg.method.name in ("lora", "prompt", "prefix") and speed.on) or cfg.method.name == "qlora"
-    measured |= cfg.method.name == "full" and speed.on and tcfg.master_weights != "fp32"
-    # the other methods that train the model's own weights or small modules in it, on SFT / pretraining (thirteenth
-    # session, the bench job: 1.6-2.2x fp32's tokens/s at 0.6-1.0x its peak, the held-out loss tied; "bf16 weights")
-    small = ("freeze", "gradual", "head", "bitfit", "adapter", "ia3")
-    measured |= cfg.method.name in small and speed.on and cfg.stage in ("sft", "pretrain")
+    # whether this run's bf16 is measured faster on a CPU at the same loss (precision.MEASURED_BF16)
+    measured = measured_bf16(cfg.method.name, cfg.stage, speed.on, tcfg.master_weights)
     precision = choose_precision(cfg.model.dtype, device, measured=measured)
     # this run's loads and passes take `auto` as resolved for it (LoRA, QLoRA, prompt and prefix tuning may train in
     # bf16 on a CPU with native bf16); the result keeps `auto`, for whatever host loads it next
