@@ -391,7 +391,9 @@ def test_ollama_modelfile_from_the_chat_template(runs, tmp_path, capsys):
     assert modelfile_text(tok, "s.gguf").endswith('PARAMETER stop "<|im_end|>"\nPARAMETER stop "<|endoftext|>"\n')
 
     tok.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
-    with pytest.raises(ExportError, match="only for the ChatML, Phi-3, Zephyr, Gemma, Llama 3, Llama 2, Mistral chat"):
+    with pytest.raises(
+        ExportError, match="only for the ChatML, Phi-3, Zephyr, Gemma, Llama 3, Llama 3.1\+, Llama 2, Mistral chat"
+    ):
         modelfile_text(tok, "x.gguf")
     with pytest.raises(ExportError, match="--modelfile goes with --format gguf"):
         export(runs["lora"], "hf", modelfile=True)
@@ -422,6 +424,16 @@ LLAMA3_TEMPLATE = (  # Llama 3 Instruct's (3.0)
     "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
     "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+LLAMA31_TEMPLATE = (  # Llama 3.1 / 3.2 Instruct's, its tool-calling parts left out: a date, fixed or today's
+    "{{ bos_token }}{% if date_string is not defined %}{% if strftime_now is defined %}{% set date_string = "
+    "strftime_now('%d %b %Y') %}{% else %}{% set date_string = '26 Jul 2024' %}{% endif %}{% endif %}"
+    "{% if messages[0]['role'] == 'system' %}{% set system_message = messages[0]['content'] | trim %}"
+    "{% set messages = messages[1:] %}{% else %}{% set system_message = '' %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\n' }}{{ 'Cutting Knowledge Date: December 2023\n' }}"
+    "{{ 'Today Date: ' + date_string + '\n\n' }}{{ system_message }}{{ '<|eot_id|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 LLAMA2_CHAT_TEMPLATE = (  # Llama 2 Chat's
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
@@ -483,6 +495,7 @@ def go_render(template: str, conversations: list[list[dict]], tmp_path) -> list[
 @pytest.mark.parametrize("template, fmt", [(SMOLLM2_TEMPLATE, "ChatML"), (PHI3_TEMPLATE, "Phi-3"),
                                            (ZEPHYR_TEMPLATE, "Zephyr"), (GEMMA_TEMPLATE, "Gemma"),
                                            (MISTRAL_TEMPLATE, "Mistral"), (LLAMA3_TEMPLATE, "Llama 3"),
+                                           (LLAMA31_TEMPLATE, "Llama 3.1+"),
                                            (LLAMA2_CHAT_TEMPLATE, "Llama 2")])  # fmt: skip
 def test_the_modelfile_template_renders_in_go_as_the_chat_template_in_transformers(tmp_path, template, fmt):
     """Each recognised chat template's Modelfile TEMPLATE, run by Go's text/template on the conversations Ollama
@@ -502,7 +515,8 @@ def test_the_modelfile_template_renders_in_go_as_the_chat_template_in_transforme
     want = []
     for c in conversations:
         text = tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-        want.append(text.removeprefix(tok.bos_token) if fmt in ("Gemma", "Mistral", "Llama 3", "Llama 2") else text)
+        bos = fmt in ("Gemma", "Mistral", "Llama 3", "Llama 3.1+", "Llama 2")
+        want.append(text.removeprefix(tok.bos_token) if bos else text)
     ollama = [c if c[0]["role"] == "system" or default_system is None else
               [{"role": "system", "content": default_system}, *c] for c in conversations]  # fmt: skip
     assert go_render(found.go_template, ollama, tmp_path) == want

@@ -12,8 +12,12 @@ the engine Ollama's templates run in):
     before the first user message; the leading <bos> is llama.cpp's to add),
   - Mistral Instruct's (`[INST] ... [/INST]reply</s>`, v0.1 / v0.2: no system role, which it refuses; the
     Modelfile's template leaves system messages out),
-  - Llama 3 Instruct's (`<|start_header_id|>role<|end_header_id|>\\n\\n ... <|eot_id|>`; 3.1 and later add a dated
-    system turn to every prompt, which is not recognised),
+  - Llama 3 Instruct's (`<|start_header_id|>role<|end_header_id|>\\n\\n ... <|eot_id|>`),
+  - Llama 3.1 / 3.2 / 3.3 Instruct's: Llama 3's turns after a system turn every prompt opens with, the model's
+    knowledge cutoff and a date before the system message, if any (`Cutting Knowledge Date: December 2023\\nToday
+    Date: 26 Jul 2024\\n\\n`). The date is read off the probe's rendering and written into the Go template as it
+    is: 3.1's is fixed, 3.2's the day the template is rendered (here the export's day, as training rendered its
+    own day). Tool definitions and calls are not carried over (the probe has none),
   - Llama 2 Chat's (`<s>[INST] <<SYS>> ... <</SYS>> ... [/INST] reply </s>`, a <s> before each later user turn).
 
 A template that also inserts a default system message when the conversation has none gives the Modelfile's
@@ -100,6 +104,30 @@ FORMATS = [
                '{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ .Content }} [/INST]'
                '{{- else if eq .Role "assistant" }}{{ .Content }}</s>{{- end }}{{- end }}', "</s>", None, False),
 ]  # fmt: skip
+_LLAMA3_TURN = "<|start_header_id|>{}<|end_header_id|>\n\n"
+_DATED = re.compile(
+    re.escape(_LLAMA3_TURN.format("system")) + r"(Cutting Knowledge Date: [^\n{}]*\nToday Date: [^\n{}]*\n\n)"
+)
+
+
+def _llama31(dated: str) -> ChatFormat:
+    """Llama 3.1+ Instruct's format with the system turn's `dated` opening (module doc)."""
+
+    def render(messages: list[dict]) -> str:
+        system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+        rest = messages[1:] if system is not None else messages
+        head = _LLAMA3_TURN.format("system") + dated + (system or "") + "<|eot_id|>"
+        return head + "".join(f"{_LLAMA3_TURN.format(m['role'])}{m['content']}<|eot_id|>" for m in rest) + (
+            _LLAMA3_TURN.format("assistant"))  # fmt: skip
+
+    go = (_LLAMA3_TURN.format("system") + dated  # no `{{-` after it: that would trim the date's two line breaks
+          + '{{ range .Messages }}{{ if eq .Role "system" }}{{ .Content }}{{ end }}{{ end }}<|eot_id|>'
+          '{{ range .Messages }}{{ if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+          "{{ .Content }}<|eot_id|>{{ end }}{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n")  # fmt: skip
+    turn = _LLAMA3_TURN.format("system") + dated
+    return ChatFormat("Llama 3.1+", render, go, "<|eot_id|>", lambda s: f"{turn}{s}<|eot_id|>")
+
+
 _PROBE = [
     {"role": "system", "content": "SYSTEM-1"},
     {"role": "user", "content": "USER-1"},
@@ -121,8 +149,10 @@ def recognise(tokenizer) -> tuple[ChatFormat, str | None]:
     it is none of FORMATS."""
     if not tokenizer.chat_template:
         raise ExportError("the tokenizer has no chat template, so there is nothing to give Ollama")
+    names = [f.name for f in FORMATS]
+    names.insert(names.index("Llama 3") + 1, "Llama 3.1+")
     why = (
-        f"an Ollama Modelfile is written only for the {', '.join(f.name for f in FORMATS)} chat templates; this "
+        f"an Ollama Modelfile is written only for the {', '.join(names)} chat templates; this "
         "tokenizer's template renders conversations differently. Write the Modelfile's TEMPLATE by hand "
         "(https://github.com/ollama/ollama/blob/main/docs/template.md) or export without --modelfile."
     )
@@ -137,7 +167,8 @@ def recognise(tokenizer) -> tuple[ChatFormat, str | None]:
     # as rendered, or less a bos token the template writes first (Gemma's; ChatML's tiny test tokenizer has
     # <|im_start|> for its bos, which ChatML text starts with and keeps)
     variants = [rendered, tuple(t and _without_bos(t, tokenizer.bos_token) for t in rendered)]
-    for fmt in FORMATS:
+    dated = _DATED.match(variants[1][1])  # Llama 3.1+: its date as the template writes it
+    for fmt in FORMATS + ([_llama31(dated.group(1))] if dated else []):
         if not fmt.takes_system:  # recognised without a system message, and only where the template refuses one
             if rendered[0] is None and any(v[1] == fmt.render(_PROBE[1:]) for v in variants):
                 return fmt, None
