@@ -183,7 +183,8 @@ class _PackedCausal(torch.autograd.Function):
             q, k, v = _span(query, r, p, width), _span(key, r, prefix + p, width), _span(value, r, prefix + p, width)
             given = [F.pad(t[at].transpose(0, 1)[None], (0, 0, 0, width - n)) for t in (grad, out)]
             pk, pv = (key[r : r + 1, :, :prefix], value[r : r + 1, :, :prefix]) if prefix else (None, None)
-            if half and width < WIDEN_BELOW:  # widened exactly; the gradients rounded once as they are written
+            # widened exactly (fp16 always: its long-example kernel is not measured), the gradients rounded once
+            if half and (width < WIDEN_BELOW or query.dtype == torch.float16):
                 q, k, v, pk, pv, *given = (None if t is None else t.float() for t in (q, k, v, pk, pv, *given))
             parts = backward(given[0], q, k, v, given[1], m, 0.0, True, scale=ctx.scale)
             if prefix:  # with the merged output and log-sum-exp, each part's backward is its share (module doc)
