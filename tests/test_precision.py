@@ -56,7 +56,8 @@ def test_auto_keeps_fp32_on_cpus_until_bf16_is_measured_faster(monkeypatch):
     p = choose_precision("auto", "cpu", cpu_flags(ZEN4))  # not a measured training run (a load to chat, freeze ...)
     assert (
         p.dtype == torch.float32
-        and "(training.accelerate: auto, but for qlora): lora / prompt / prefix / qlora: bf16 passes;" in p.reason
+        and "(training.accelerate: auto, but for qlora): lora / prompt / prefix (causal-LM stages) / qlora (causal-LM stages): bf16 passes;"
+        in p.reason
     )
 
 
@@ -64,13 +65,15 @@ def test_which_runs_take_bf16_under_auto_and_the_log_says_the_same(monkeypatch):
     """One table (MEASURED_BF16) decides which training runs are measured faster in bf16 and writes the log's list."""
     monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)
     assert measured_bf16("lora", "dpo", True) and not measured_bf16("lora", "sft", False)
+    assert not measured_bf16("lora", "classification", True) and measured_bf16("full", "classification", True)
+    assert not measured_bf16("full", "extractive_qa", True) and not measured_bf16("qlora", "seq2seq", False)
     assert measured_bf16("qlora", "sft", False)  # bitsandbytes' bf16 matmuls need no accel
     assert measured_bf16("full", "sft", True) and not measured_bf16("full", "sft", True, master_weights="fp32")
     assert measured_bf16("ia3", "pretrain", True) and not measured_bf16("ia3", "reward", True)
     assert not measured_bf16("bitfit", "sft", False) and not measured_bf16("unknown", "sft", True)
     reason = choose_precision("auto", "cpu", cpu_flags(ZEN4), measured=True).reason
-    assert reason.endswith("full: bf16 weights; freeze / gradual / head / bitfit / adapter / ia3 (sft / pretrain): "
-                           "bf16 autocast")  # fmt: skip
+    assert reason.endswith("full (causal-LM stages, classification): bf16 weights; freeze / gradual / head / bitfit / "
+                           "adapter / ia3 (sft / pretrain): bf16 autocast")  # fmt: skip
 
 
 def test_explicit_settings_and_cuda(monkeypatch):

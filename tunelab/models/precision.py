@@ -2,11 +2,12 @@
 
     auto      CUDA with bf16: bf16 weights, bf16 autocast, trainable weights kept in fp32 (master weights).
               A CPU with native bf16 (see below), for LoRA, prompt or prefix training with
-              `training.accelerate: auto`, and QLoRA training: bf16 frozen weights (4-bit matmuls in bf16),
-              fp32 master weights, the passes in bf16 (tunelab/accel's bf16 passes, no autocast); for full
-              fine-tuning (accelerate: auto, training.master_weights not fp32): bf16 autocast over bf16 weights
-              with stochastic rounding; freeze / gradual / head / bitfit / adapter / ia3 SFT or pretraining:
-              bf16 autocast. Any other CPU load (other stages, chat, export, a CPU without native bf16): fp32.
+              `training.accelerate: auto`, and QLoRA training, on a causal-LM stage: bf16 frozen weights (4-bit
+              matmuls in bf16), fp32 master weights, the passes in bf16 (tunelab/accel's bf16 passes, no
+              autocast); for full fine-tuning (accelerate: auto, training.master_weights not fp32) on those and
+              classification: bf16 autocast over bf16 weights with stochastic rounding; freeze / gradual / head /
+              bitfit / adapter / ia3 SFT or pretraining: bf16 autocast (the table: MEASURED_BF16). Any other CPU
+              load (other stages, chat, export, a CPU without native bf16): fp32.
               Elsewhere (MPS, old GPUs): fp32.
     bfloat16  the same mixed precision on any device: frozen weights stored in bf16, the weights that train
               in fp32; the passes under `torch.autocast`, or on a CPU in bf16 by themselves where
@@ -30,7 +31,10 @@ job at 1.74x fp32's tokens/s and 0.60x its peak memory, held-out loss 1.6799 aga
 "bf16 weights"; with fp32 master weights it took more memory than fp32, so that setting keeps fp32 under `auto`).
 Freeze, gradual unfreezing, head, BitFit, bottleneck adapters and IA3 on the bench's SFT job: 1.6-2.2x fp32's
 tokens/s at 0.6-1.0x its peak, the held-out losses tied (docs/performance.md); their SFT and pretraining runs take
-bf16 too, other stages (classification, QA ...) fp32. The training loop says which kind of run it is
+bf16 too, other stages (classification, QA ...) fp32. LoRA, QLoRA, prompt, prefix and full fine-tuning take bf16 on
+the causal-LM stages (SFT, pretraining, DPO, reward, PPO, distillation) and full fine-tuning on classification too
+(MiniLM on SST-2: 1.25x, accuracy tied); encoder stages otherwise stay fp32 (MEASURED_BF16's comment).
+The training loop says which kind of run it is
 (`choose_precision(..., measured=True)`); the loader alone resolves `auto` to fp32 on a CPU.
 `CPU_BF16_AUTO = False` (or TUNELAB_CPU_BF16_AUTO=0 in the environment) turns the choice off.
 """
@@ -55,10 +59,15 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, x86 
 # The training runs whose bf16 is measured faster on a CPU at the same loss (module doc, docs/performance.md): the
 # one place that says so, read by `measured_bf16` (the loop's question) and by the log lines below.
 #   (methods, stages (None: any), needs training.accelerate: auto, how they train in bf16)
+# Causal-LM stages: a decoder's big matmuls, where bf16 pays. Encoder stages (classification, tagging, QA, MLM,
+# seq2seq) stay fp32 unless measured: LoRA on MiniLM's SST-2 classification ran no faster in bf16 (640 against
+# 647 tokens/s) and scored 0.821 against 0.842 (872 rows); full fine-tuning of it ran 1.25x faster, tied (0.835
+# against 0.836).
+CAUSAL = ("sft", "pretrain", "dpo", "reward", "ppo", "distill")
 MEASURED_BF16 = (
-    (("lora", "prompt", "prefix"), None, True, "bf16 passes"),
-    (("qlora",), None, False, "bf16 passes"),  # bitsandbytes' 4-bit matmuls in bf16, with or without accel
-    (("full",), None, True, "bf16 weights"),  # unless training.master_weights: fp32 (more memory than fp32)
+    (("lora", "prompt", "prefix"), CAUSAL, True, "bf16 passes"),
+    (("qlora",), CAUSAL, False, "bf16 passes"),  # bitsandbytes' 4-bit matmuls in bf16, with or without accel
+    (("full",), (*CAUSAL, "classification"), True, "bf16 weights"),  # unless training.master_weights: fp32
     (("freeze", "gradual", "head", "bitfit", "adapter", "ia3"), ("sft", "pretrain"), True, "bf16 autocast"),
 )
 
@@ -75,7 +84,9 @@ def _measured_text() -> str:
     """MEASURED_BF16 for a log line: "lora / prompt / prefix / qlora: bf16 passes; full: bf16 weights; ..."."""
     by_how: dict[str, list[str]] = {}
     for methods, stages, _, how in MEASURED_BF16:
-        by_how.setdefault(how, []).append(" / ".join(methods) + (f" ({' / '.join(stages)})" if stages else ""))
+        rest = stages[len(CAUSAL) :] if stages[: len(CAUSAL)] == CAUSAL else stages
+        named = ", ".join((["causal-LM stages"] if rest is not stages else []) + [" / ".join(rest)] * bool(rest))
+        by_how.setdefault(how, []).append(f"{' / '.join(methods)} ({named})")
     return "; ".join(f"{' / '.join(kinds)}: {how}" for how, kinds in by_how.items())
 
 
