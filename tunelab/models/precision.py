@@ -58,7 +58,7 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, x86 
 
 # The training runs whose bf16 is measured faster on a CPU at the same loss (module doc, docs/performance.md): the
 # one place that says so, read by `measured_bf16` (the loop's question) and by the log lines below.
-#   (methods, stages (None: any), needs training.accelerate: auto, how they train in bf16)
+#   (methods, stages, needs training.accelerate: auto, how they train in bf16)
 # Causal-LM stages: a decoder's big matmuls, where bf16 pays. Encoder stages (classification, tagging, QA, MLM,
 # seq2seq) stay fp32 unless measured: LoRA on MiniLM's SST-2 classification ran no faster in bf16 (640 against
 # 647 tokens/s) and scored 0.821 against 0.842 (872 rows); full fine-tuning of it ran 1.25x faster, tied (0.835
@@ -76,16 +76,17 @@ def measured_bf16(method: str, stage: str, accelerate: bool, master_weights: str
     """Whether this kind of training run is one of MEASURED_BF16's (`choose_precision(..., measured=...)`)."""
     if method == "full" and master_weights == "fp32":
         return False
-    return any(method in methods and (stages is None or stage in stages) and (accelerate or not needs)
+    return any(method in methods and stage in stages and (accelerate or not needs)
                for methods, stages, needs, _ in MEASURED_BF16)  # fmt: skip
 
 
 def _measured_text() -> str:
-    """MEASURED_BF16 for a log line: "lora / prompt / prefix / qlora: bf16 passes; full: bf16 weights; ..."."""
+    """MEASURED_BF16 for a log line: "lora / prompt / prefix (causal-LM stages) / ...: bf16 passes; ..."."""
     by_how: dict[str, list[str]] = {}
     for methods, stages, _, how in MEASURED_BF16:
-        rest = stages[len(CAUSAL) :] if stages[: len(CAUSAL)] == CAUSAL else stages
-        named = ", ".join((["causal-LM stages"] if rest is not stages else []) + [" / ".join(rest)] * bool(rest))
+        causal = stages[: len(CAUSAL)] == CAUSAL
+        rest = stages[len(CAUSAL) :] if causal else stages
+        named = ", ".join(["causal-LM stages"] * causal + [" / ".join(rest)] * bool(rest))
         by_how.setdefault(how, []).append(f"{' / '.join(methods)} ({named})")
     return "; ".join(f"{' / '.join(kinds)}: {how}" for how, kinds in by_how.items())
 
