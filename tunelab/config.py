@@ -138,7 +138,7 @@ class ModelConfig(Section):
         "auto",
         description="Precision. auto = bf16 autocast with fp32 master weights on CUDA with bf16; on a CPU with "
         "native bf16 (avx512_bf16 / amx_bf16), bf16 with fp32 master weights for LoRA, QLoRA, prompt and prefix "
-        "training on the causal-LM stages (sft, pretrain, dpo, reward, ppo, distill; training.accelerate: auto), "
+        "training on the causal-LM stages (sft, pretrain, dpo, reward, distill; training.accelerate: auto), "
         "with bf16 weights for full fine-tuning on those and classification, and for freeze, gradual, head, "
         "bitfit, adapter and ia3 on SFT / pretraining (measured faster at the same loss: docs/performance.md), "
         "float32 for everything else; float32 on other CPUs. bfloat16 = bf16 on a CPU too (emulated, ~250x slower, "

@@ -32,7 +32,7 @@ job at 1.74x fp32's tokens/s and 0.60x its peak memory, held-out loss 1.6799 aga
 Freeze, gradual unfreezing, head, BitFit, bottleneck adapters and IA3 on the bench's SFT job: 1.6-2.2x fp32's
 tokens/s at 0.6-1.0x its peak, the held-out losses tied (docs/performance.md); their SFT and pretraining runs take
 bf16 too, other stages (classification, QA ...) fp32. LoRA, QLoRA, prompt, prefix and full fine-tuning take bf16 on
-the causal-LM stages (SFT, pretraining, DPO, reward, PPO, distillation) and full fine-tuning on classification too
+the causal-LM stages (SFT, pretraining, DPO, reward, distillation; PPO's own loop stays fp32) and full fine-tuning on classification too
 (MiniLM on SST-2: 1.25x, accuracy tied); encoder stages otherwise stay fp32 (MEASURED_BF16's comment).
 The training loop says which kind of run it is
 (`choose_precision(..., measured=True)`); the loader alone resolves `auto` to fp32 on a CPU.
@@ -63,7 +63,8 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, x86 
 # seq2seq) stay fp32 unless measured: LoRA on MiniLM's SST-2 classification ran no faster in bf16 (640 against
 # 647 tokens/s) and scored 0.821 against 0.842 (872 rows); full fine-tuning of it ran 1.25x faster, tied (0.835
 # against 0.836).
-CAUSAL = ("sft", "pretrain", "dpo", "reward", "ppo", "distill")
+# (PPO runs its own loop, fp32 under auto on a CPU: training/ppo.py)
+CAUSAL = ("sft", "pretrain", "dpo", "reward", "distill")
 MEASURED_BF16 = (
     (("lora", "prompt", "prefix"), CAUSAL, True, "bf16 passes"),
     (("qlora",), CAUSAL, False, "bf16 passes"),  # bitsandbytes' 4-bit matmuls in bf16, with or without accel
