@@ -6,6 +6,8 @@ and docs/interop.md's mapping table is generated from these tables (tests/test_i
 
 from __future__ import annotations
 
+from tunelab.models.precision import measured_text
+
 # key -> the tunelab key it becomes (a value translated on the way is noted in the translators)
 LLAMAFACTORY_MAPPED = {
     "model_name_or_path": "model.name",
@@ -54,9 +56,8 @@ LLAMAFACTORY_MAPPED = {
 }
 
 _DTYPE = (
-    "tunelab picks the dtype itself (model.dtype: auto = bfloat16 on CUDA; on a CPU with native bf16, bf16 passes for "
-    "LoRA, QLoRA, prompt and prefix training, bf16 weights for full fine-tuning, bf16 autocast for the other methods' "
-    "SFT; float32 otherwise)"
+    "tunelab picks the dtype itself (model.dtype: auto = bfloat16 on CUDA; on a CPU with native bf16, where measured "
+    f"faster: {measured_text()}; float32 otherwise)"
 )
 _WORKERS = (
     "tunelab tokenises into its own on-disk cache, keyed by the files' content, the tokenizer and the data settings "

@@ -81,7 +81,7 @@ def measured_bf16(method: str, stage: str, accelerate: bool, master_weights: str
                for methods, stages, needs, _ in MEASURED_BF16)  # fmt: skip
 
 
-def _measured_text() -> str:
+def measured_text() -> str:
     """MEASURED_BF16 for a log line: "lora / prompt / prefix (causal-LM stages) / ...: bf16 passes; ..."."""
     by_how: dict[str, list[str]] = {}
     for methods, stages, _, how in MEASURED_BF16:
@@ -167,13 +167,13 @@ def choose_precision(setting: str, device, flags: set[str] | None = None, measur
         if device.type == "cuda" and native:
             return Precision(torch.bfloat16, True, f"model.dtype auto: {why}")
         if device.type == "cpu" and native and CPU_BF16_AUTO and measured:
-            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}; measured faster: {_measured_text()}")
+            return Precision(torch.bfloat16, True, f"model.dtype auto: {why}; measured faster: {measured_text()}")
         if device.type == "cpu" and native and CPU_BF16_AUTO:
             return Precision(
                 torch.float32,
                 False,
                 f"model.dtype auto: fp32; {why}, but bf16 is measured faster only for these training runs "
-                f"(training.accelerate: auto, but for qlora): {_measured_text()}. model.dtype: bfloat16 asks for it",
+                f"(training.accelerate: auto, but for qlora): {measured_text()}. model.dtype: bfloat16 asks for it",
             )
         if device.type == "cpu" and native:
             return Precision(

@@ -124,8 +124,8 @@ def train(
     # whether this run's bf16 is measured faster on a CPU at the same loss (precision.MEASURED_BF16)
     measured = measured_bf16(cfg.method.name, cfg.stage, speed.on, tcfg.master_weights)
     precision = choose_precision(cfg.model.dtype, device, measured=measured)
-    # this run's loads and passes take `auto` as resolved for it (LoRA, QLoRA, prompt and prefix tuning may train in
-    # bf16 on a CPU with native bf16); the result keeps `auto`, for whatever host loads it next
+    # this run's loads and passes take `auto` as resolved for it (bf16 on a CPU with native bf16 where MEASURED_BF16
+    # says so); the result keeps `auto`, for whatever host loads it next
     loaded = resolved_dtype(cfg, precision)
     # qlora: the base read straight into 4-bit; lora (accel): its frozen linears straight into their compact form
     with loading_into(method.load_plan(cfg.method, device) or speed.load_plan(loaded, dist.multi)):
