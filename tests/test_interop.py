@@ -214,6 +214,14 @@ def test_cli_convert_prints_yaml_and_report(capsys):
     assert main(["convert", str(_path("train_lora__qwen3_lora_kto.yaml"))]) == 2
 
 
+def test_the_dtype_note_says_what_auto_takes():
+    """peer_keys sits below models, so the note on LLaMA-Factory's / Axolotl's dtype keys writes out the table
+    `model.dtype: auto` reads (models/precision.py): the two must not drift apart."""
+    from tunelab.models.precision import measured_text
+
+    assert f"where measured faster: {measured_text()}; float32 otherwise" in keys.LLAMAFACTORY_IGNORED["bf16"]
+
+
 def test_docs_mapping_table_matches_the_code():
     doc = (Path(__file__).parents[1] / "docs" / "interop.md").read_text(encoding="utf-8")
     assert keys.mapping_markdown() in doc

@@ -6,8 +6,6 @@ and docs/interop.md's mapping table is generated from these tables (tests/test_i
 
 from __future__ import annotations
 
-from tunelab.models.precision import measured_text
-
 # key -> the tunelab key it becomes (a value translated on the way is noted in the translators)
 LLAMAFACTORY_MAPPED = {
     "model_name_or_path": "model.name",
@@ -55,9 +53,14 @@ LLAMAFACTORY_MAPPED = {
     "run_name": "training.run_name",
 }
 
+# models.precision.measured_text(), written out: peer_keys sits below models (tests/test_interop.py checks they agree)
 _DTYPE = (
     "tunelab picks the dtype itself (model.dtype: auto = bfloat16 on CUDA; on a CPU with native bf16, where measured "
-    f"faster: {measured_text()}; float32 otherwise)"
+    "faster: "
+    "lora / prompt / prefix (causal-LM stages) / qlora (causal-LM stages): bf16 passes; full (causal-LM "
+    "stages, classification): bf16 weights; freeze / gradual / head / bitfit / adapter / ia3 (sft / "
+    "pretrain): bf16 autocast"
+    "; float32 otherwise)"
 )
 _WORKERS = (
     "tunelab tokenises into its own on-disk cache, keyed by the files' content, the tokenizer and the data settings "
