@@ -202,6 +202,27 @@ def test_prompt_tuning_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_g
                 torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-6)
 
 
+def test_with_the_prompt_switched_off_rows_are_laid_end_to_end_as_the_base_models():
+    """dpo's reference pass switches a prompt- or prefix-tuned model's adapter off (PEFT's disable_adapter): the
+    base model then runs on the rows end to end too (it ran PEFT's padded forward), for the base model's per-row
+    loss sums."""
+    b = padded_batch(0, {1: 12, 2: 17}, prompt=6)
+    for name in ("prompt", "prefix"):
+        plain = get(name).apply(tiny_llama(), get(name).Config(num_virtual_tokens=4)).eval()
+        fast = copy.deepcopy(plain)
+        assert attention.install(fast)
+        with torch.no_grad(), fast.disable_adapter(), causal_calls() as calls:
+            rows_fast = L.row_loss_sums(fast, b)
+        assert calls == [20, 12, 17] * 2  # each row at its own length, two layers: no virtual positions
+        with torch.no_grad(), plain.disable_adapter():
+            rows_plain = L.row_loss_sums(plain, b)
+            rows_base = L.row_loss_sums(plain.get_base_model(), b)
+        torch.testing.assert_close(rows_fast, rows_plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(rows_fast, rows_base, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            assert not torch.allclose(L.row_loss_sums(fast, b), rows_fast)  # switched on again: the prompt counts
+
+
 @pytest.mark.parametrize("dtype,widen_below", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 48)])
 def test_a_prefix_of_keys_is_seen_by_every_example_as_by_one_masked_call_each(dtype, widen_below, monkeypatch):
     """Prefix tuning's keys: the first `prefix` keys seen by every query, each example's own causally. The

@@ -152,3 +152,12 @@ def test_a_bf16_runs_trained_weights_load_back_exactly(tiny_dir, data_file, tmp_
     weights = model.state_dict()
     for name, t in saved.items():
         assert torch.equal(weights[name].float(), t.float()), name
+
+
+def test_the_dtype_description_says_what_auto_takes():
+    """config sits below models, so model.dtype's description writes out the table `auto` reads (MEASURED_BF16):
+    the two must not drift apart."""
+    from tunelab.config import ModelConfig
+
+    described = " ".join(ModelConfig.model_fields["dtype"].description.split())
+    assert f"): {precision.measured_text()}; float32 for everything else" in described

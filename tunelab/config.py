@@ -137,14 +137,15 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Precision. auto = bf16 autocast with fp32 master weights on CUDA with bf16; on a CPU with "
-        "native bf16 (avx512_bf16 / amx_bf16), bf16 with fp32 master weights for LoRA, QLoRA, prompt and prefix "
-        "training on the causal-LM stages (sft, pretrain, dpo, reward, distill; training.accelerate: auto), "
-        "with bf16 weights for full fine-tuning on those and classification, and for freeze, gradual, head, "
-        "bitfit, adapter and ia3 on SFT / pretraining (measured faster at the same loss: docs/performance.md), "
+        "native bf16 (avx512_bf16 / amx_bf16), bf16 where measured faster at the same loss (docs/performance.md; "
+        "causal-LM stages: sft, pretrain, dpo, reward, distill; all but qlora with training.accelerate: auto; "
+        "full unless training.master_weights: fp32): "
+        "lora / prompt / prefix (causal-LM stages) / qlora (causal-LM stages): bf16 passes; full (causal-LM "
+        "stages, classification): bf16 weights; freeze / gradual / head / bitfit / adapter / ia3 (sft / "
+        "pretrain): bf16 autocast; "
         "float32 for everything else; float32 on other CPUs. bfloat16 = bf16 on a CPU too (emulated, ~250x slower, "
-        "without avx512_bf16 / amx_bf16), the weights that "
-        "train kept as training.master_weights says (fp32 copies; bf16 with stochastic rounding for full "
-        "fine-tuning on a CPU). The run log says which and why.",
+        "without avx512_bf16 / amx_bf16), the weights that train kept as training.master_weights says (fp32 "
+        "copies; bf16 with stochastic rounding for full fine-tuning on a CPU). The run log says which and why.",
     )
     trust_remote_code: bool = Field(
         False, description="Run model code shipped with a hub repo. Off unless you trust the repo."

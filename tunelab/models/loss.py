@@ -111,15 +111,21 @@ def at_labels(model, batch: dict):
     target = shift_labels(batch["labels"])
     keep = target != -100
     if (plan := _unpadded(model, batch)) is not None:  # accel: the rows end to end, one attention call each
-        positions, kwargs, at = plan
-        ids = _end_to_end(batch, positions.shape[1])
-        hidden = backbone(input_ids=ids, position_ids=positions, **kwargs, use_cache=False).last_hidden_state[0]
-        return _labelled(head, hidden, target, keep, at)
+        return _end_to_end_labelled(backbone, head, batch, plan)
     inputs = model_inputs(batch)
     if "position_ids" in inputs:  # accel: one attention call per packed example
         inputs.update(packed_kwargs(model, inputs["position_ids"]))
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
     return _labelled(head, hidden, target, keep)
+
+
+def _end_to_end_labelled(backbone, head, batch: dict, plan):
+    """at_labels' answer from one backbone call on the rows laid end to end (`_unpadded`'s `plan`)."""
+    positions, kwargs, at = plan
+    ids = _end_to_end(batch, positions.shape[1])
+    hidden = backbone(input_ids=ids, position_ids=positions, **kwargs, use_cache=False).last_hidden_state[0]
+    target = shift_labels(batch["labels"])
+    return _labelled(head, hidden, target, target != -100, at)
 
 
 def _labelled(head, hidden, target, keep, at=None):
@@ -193,6 +199,9 @@ def _virtual_at_labels(model, batch: dict):
     keep = target != -100
     peft_cfg = model.active_peft_config
     enabled = getattr(model.forward, "__self__", None) is model  # PEFT's disable_adapter swaps the forward
+    if not enabled and (plan := _unpadded(model, batch)) is not None:
+        # accel: the adapter off (dpo's reference pass) runs the base model as it is: its rows end to end too
+        return _end_to_end_labelled(backbone, head, batch, plan)
     if enabled and peft_cfg.peft_type == "PROMPT_TUNING":
         plan = _unpadded(model, batch, peft_cfg.num_virtual_tokens)
         if plan is not None:  # accel: each row after its soft prompt, end to end, as PEFT's forward lays out one row
