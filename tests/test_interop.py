@@ -89,7 +89,7 @@ def test_translation(name):
             assert cfg.method.r == raw["lora_rank"] and cfg.method.alpha == 2 * raw["lora_rank"]
             assert cfg.method.target_modules == "all-linear"
         if name.startswith("extras__loraplus"):
-            assert "LoRA+" in ignored["loraplus_lr_ratio"]
+            assert cfg.method.loraplus_lr_ratio == raw["loraplus_lr_ratio"] == 16.0
         if name.startswith("extras__pissa"):
             assert "PiSSA" in ignored["pissa_init"]
         if cfg.method.name == "freeze":
@@ -212,6 +212,30 @@ def test_cli_convert_prints_yaml_and_report(capsys):
                                              "target_modules": "all-linear"}  # fmt: skip
     assert "mapped:" in err and "ignored:" in err and "bf16" in err
     assert main(["convert", str(_path("train_lora__qwen3_lora_kto.yaml"))]) == 2
+
+
+@pytest.mark.parametrize("tool", ["llamafactory", "axolotl"])
+def test_lora_variants_map_for_lora_and_are_ignored_with_the_reason_otherwise(tool):
+    """DoRA, rsLoRA and LoRA+ keys become the lora method's fields; a config training no LoRA keeps them out of the
+    method (where they would fail validation) and says why."""
+    if tool == "llamafactory":
+        base = {"model_name_or_path": "m", "stage": "sft", "dataset": "a"}
+        keys = {"use_dora": True, "use_rslora": True, "loraplus_lr_ratio": 8.0}
+        lora, other = {**base, "finetuning_type": "lora"}, {**base, "finetuning_type": "full"}
+    else:
+        base = {"base_model": "m", "datasets": [{"path": "a.jsonl", "type": "alpaca"}]}
+        keys = {"peft_use_dora": True, "peft_use_rslora": True, "loraplus_lr_ratio": 8.0}
+        lora, other = {**base, "adapter": "lora"}, base
+    cfg = load_config(translate({**lora, **keys}).config)
+    assert (cfg.method.name, cfg.method.use_dora, cfg.method.use_rslora, cfg.method.loraplus_lr_ratio) == (
+        "lora",
+        True,
+        True,
+        8.0,
+    )
+    t = translate({**other, **keys})
+    assert load_config(t.config).method.name == "full"
+    assert {k: "trains no LoRA" in why for k, why in t.ignored if k in keys} == dict.fromkeys(keys, True)
 
 
 def test_the_dtype_note_says_what_auto_takes():

@@ -123,3 +123,120 @@ def test_method_on_every_architecture(name, kwargs, predicate, identity, arch, t
     if name == "freeze" and arch == "bert":
         kw["patterns"] = ["classifier"]  # a new head must train for classification
     check_method(name, arch, tmp_path, expect_trainable=predicate, identity_at_init=identity, **kw)
+
+
+def test_rslora_scales_the_update_by_alpha_over_sqrt_r_and_roundtrips(tmp_path):
+    from peft import PeftModel
+
+    mod, base, model = applied("lora", r=4, alpha=8, dropout=0.0, use_rslora=True)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == 8 / 4**0.5  # plain LoRA: 8 / 4
+    train_steps(model, steps=5)
+    mod.save(model, tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)  # plain PEFT reads use_rslora back
+    assert (logits(reloaded) - logits(model)).abs().max() < 1e-5
+
+
+def test_dora_trains_magnitudes_and_adapters_and_roundtrips_through_plain_peft(tmp_path):
+    from peft import PeftModel
+
+    mod, base, model = applied("lora", r=4, alpha=8, dropout=0.0, use_dora=True)
+    torch.testing.assert_close(logits(model), logits(base), rtol=1e-5, atol=1e-5)  # step 0: the base model
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_magnitude_vector" in n for n in names)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    losses = train_steps(model)
+    assert losses[-1] < 0.7 * losses[0]
+    for n, p in model.named_parameters():
+        assert (not torch.equal(before[n], p)) == ("lora_" in n), n
+    mod.save(model, tmp_path)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert (logits(reloaded) - logits(model)).abs().max() < 1e-5
+    merged = mod.merge(mod.load(copy.deepcopy(base), tmp_path))
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert (logits(merged) - logits(model)).abs().max() < 1e-4
+
+
+def test_loraplus_gives_b_its_own_learning_rate_in_the_loops_optimizer():
+    from tunelab.config import TrainingConfig
+    from tunelab.training.harness import optimizer_for, scheduler_for
+
+    mod, _, model = applied("lora", r=4, alpha=8, dropout=0.0, loraplus_lr_ratio=16)
+    scales = mod.lr_scales(model, mod.Config(loraplus_lr_ratio=16))
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert scales and all(".lora_B." in named[id(p)] and s == 16 for p, s in scales.items())
+    assert len(scales) == sum(".lora_B." in n for n, p in model.named_parameters() if p.requires_grad)
+    tcfg = TrainingConfig(lr=1e-3, weight_decay=0.01, warmup_steps=0, scheduler="linear")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer_for(params, tcfg, scales)
+    rates = {named[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert {r for n, r in rates.items() if ".lora_B." in n} == {1.6e-2}
+    assert {r for n, r in rates.items() if ".lora_A." in n} == {1e-3}
+    scheduler = scheduler_for(opt, tcfg, total_steps=10)
+    for _ in range(5):
+        opt.step()
+        scheduler.step()
+    lr_a, lr_b = sorted({g["lr"] for g in opt.param_groups})
+    assert lr_b == pytest.approx(16 * lr_a) and lr_a == pytest.approx(5e-4)  # the schedule keeps the ratio
+    # without the ratio: the two groups as before (decay, no decay), one rate
+    plain = optimizer_for(params, tcfg, mod.lr_scales(model, mod.Config()))
+    assert [g["lr"] for g in plain.param_groups] == [1e-3] * len(plain.param_groups)
+
+
+def _variant_cfg(tiny_dir, data_file, out, **method):
+    from tunelab.config import load_config
+
+    return load_config(
+        {
+            "output_dir": str(out),
+            "model": {"name": tiny_dir},
+            "data": {"train": data_file, "val_fraction": 0.25, "max_length": 64},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0, **method},
+            "training": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "warmup_steps": 1, "progress": False,
+                         "tensorboard": False, "seed": 3, "device": "cpu"},
+        }
+    )  # fmt: skip
+
+
+def test_dora_through_the_loop_leaves_the_fast_path_and_says_so(tiny_dir, data_file, tmp_path, capsys):
+    import tunelab
+
+    result = tunelab.train(_variant_cfg(tiny_dir, data_file, tmp_path / "dora", use_dora=True))
+    log = capsys.readouterr().err
+    assert "accelerate: not on: fast LoRA: a LoRA variant (DoraLinearVariant)" in log
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(result.final_dir / "adapter_model.safetensors"))
+    assert any("lora_magnitude_vector" in k for k in saved)
+
+
+def test_loraplus_through_the_loop_trains_b_faster_and_resumes_exactly(tiny_dir, data_file, tmp_path, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    import tunelab
+
+    def b_norm(result):
+        saved = load_file(str(result.final_dir / "adapter_model.safetensors"))
+        return sum(float(t.norm()) for k, t in saved.items() if "lora_B" in k)
+
+    plain = tunelab.train(_variant_cfg(tiny_dir, data_file, tmp_path / "plain"))
+    plus = tunelab.train(_variant_cfg(tiny_dir, data_file, tmp_path / "plus", loraplus_lr_ratio=8))
+    log = capsys.readouterr().err
+    assert "learning rates: 14 tensors at [8.0] x training.lr" in log
+    assert b_norm(plus) > 2 * b_norm(plain)  # B starts at zero and moves at 8x the rate
+
+    def stop_after_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg = _variant_cfg(tiny_dir, data_file, tmp_path / "again", loraplus_lr_ratio=8)
+    tunelab.train(cfg, callbacks=[stop_after_3])
+    tunelab.train(cfg.model_copy(deep=True), resume=True)  # the optimizer's groups and rates come back
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert losses(tmp_path / "again") == losses(tmp_path / "plus")

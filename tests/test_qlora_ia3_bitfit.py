@@ -83,13 +83,15 @@ def test_qlora_linear_layers_are_nf4_double_quantized_and_use_3x_less_memory():
     assert report["linear_bytes_before"] >= 3 * report["linear_bytes_after"], report
 
 
-def test_qlora_merge_uses_the_dequantized_weights_not_the_original_ones(tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_qlora_merge_uses_the_dequantized_weights_not_the_original_ones(tmp_path, dora):
+    """With DoRA too: its magnitudes rescale each merged row (PEFT's get_delta_weight leaves them out)."""
     from peft import PeftModel
 
     mod = get("qlora")
     base = tiny_llama(hidden_size=64, intermediate_size=128)
     batch = tiny_batch("llama")
-    model = mod.apply(copy.deepcopy(base), mod.Config(r=4, alpha=8, dropout=0.0))
+    model = mod.apply(copy.deepcopy(base), mod.Config(r=4, alpha=8, dropout=0.0, use_dora=dora))
     fit_steps(model, batch, steps=5)
     trained = _logits(model, batch)
     mod.save(model, tmp_path)

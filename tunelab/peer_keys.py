@@ -18,6 +18,9 @@ LLAMAFACTORY_MAPPED = {
     "lora_alpha": "method.alpha",
     "lora_dropout": "method.dropout",
     "lora_target": "method.target_modules",
+    "use_dora": "method.use_dora",
+    "use_rslora": "method.use_rslora",
+    "loraplus_lr_ratio": "method.loraplus_lr_ratio",
     "freeze_trainable_layers": "method.last_k",
     "freeze_trainable_modules": "method.modules",
     "freeze_extra_modules": "method.patterns",
@@ -66,6 +69,7 @@ _WORKERS = (
     "tunelab tokenises into its own on-disk cache, keyed by the files' content, the tokenizer and the data settings "
     "(data.cache, data.num_proc; `tunelab data prepare CONFIG` runs it alone)"
 )
+_NO_EMBEDDING_LORA = "tunelab's LoRA adapts linear layers, not embeddings: no embedding learning rate to set"
 _HUB = "tunelab does not push while it trains: push a finished run with `tunelab push RUN REPO_ID`"
 _ONE_PROCESS = "tunelab trains in one process; several: `tunelab train --nproc N` (docs/scale.md)"
 _TEMPLATE = ("tunelab renders every conversation with the tokenizer's own chat template (the model's), "
@@ -93,7 +97,7 @@ LLAMAFACTORY_IGNORED = {
     "eval_strategy": "tunelab evaluates every training.eval_every steps (eval_steps) and at the end",
     "flash_attn": "tunelab picks the attention implementation itself",
     "use_llama_pro": "LLaMA Pro's added blocks are not supported: freeze trains the top existing blocks instead",
-    "loraplus_lr_ratio": "LoRA+ (a larger learning rate for B) is not supported: plain LoRA trains",
+    "loraplus_lr_embedding": _NO_EMBEDDING_LORA,
     "pissa_init": "PiSSA initialisation is not supported: LoRA starts from B = 0",
     "pissa_iter": "PiSSA initialisation is not supported",
     "pissa_convert": "PiSSA initialisation is not supported",
@@ -114,6 +118,9 @@ AXOLOTL_MAPPED = {
     "lora_dropout": "method.dropout",
     "lora_target_linear": "method.target_modules (all-linear)",
     "lora_target_modules": "method.target_modules",
+    "peft_use_dora": "method.use_dora",
+    "peft_use_rslora": "method.use_rslora",
+    "loraplus_lr_ratio": "method.loraplus_lr_ratio",
     "unfrozen_parameters": "method.patterns (freeze)",
     "qat": "method.name (qat), method.group_size",
     "rl": "stage",
@@ -153,6 +160,10 @@ AXOLOTL_MAPPED = {
     "trackio_run_name": "training.run_name",
 }
 
+# LoRA's variants (DoRA, rsLoRA, LoRA+): mapped when the config trains LoRA, ignored (with the reason) otherwise
+LLAMAFACTORY_LORA_VARIANTS = {k: LLAMAFACTORY_MAPPED[k] for k in ("use_dora", "use_rslora", "loraplus_lr_ratio")}
+AXOLOTL_LORA_VARIANTS = {k: AXOLOTL_MAPPED[k] for k in ("peft_use_dora", "peft_use_rslora", "loraplus_lr_ratio")}
+
 AXOLOTL_IGNORED = {
     "base_model_config": "tunelab reads the model's own config",
     "model_type": "tunelab loads the model with the Auto classes",
@@ -167,6 +178,7 @@ AXOLOTL_IGNORED = {
     "pad_to_sequence_len": "tunelab pads each batch to its longest row",
     "remove_unused_columns": "tunelab reads only the columns a format needs",
     "lora_model_dir": "empty here; starting from an existing adapter is not supported",
+    "loraplus_lr_embedding": _NO_EMBEDDING_LORA,
     "optimizer": "tunelab trains with torch's AdamW (no 8-bit / paged / fused variants)",
     "cosine_constant_lr_ratio": "tunelab's cosine schedule decays to 0",
     "cosine_min_lr_ratio": "tunelab's cosine schedule decays to 0",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tunelab.interop.llamafactory import template_note
 from tunelab.interop.translation import Translation
-from tunelab.peer_keys import AXOLOTL_IGNORED, AXOLOTL_MAPPED
+from tunelab.peer_keys import AXOLOTL_IGNORED, AXOLOTL_LORA_VARIANTS, AXOLOTL_MAPPED
 
 TOOL = "Axolotl"
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
@@ -24,7 +24,7 @@ _TRACKER_KEYS = {"use_tensorboard": "tensorboard", "wandb_project": "wandb", "ml
 _SPECIAL = {"adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_linear",
             "lora_target_modules", "unfrozen_parameters", "qat", "rl", "rl_beta", "datasets", "pretraining_dataset",
             "test_datasets", "val_set_size", "lr_scheduler", "trust_remote_code", "chat_template",
-            *_TRACKER_KEYS}  # fmt: skip
+            *_TRACKER_KEYS, *AXOLOTL_LORA_VARIANTS}  # fmt: skip
 
 
 def detect(raw: dict) -> bool:
@@ -115,6 +115,7 @@ def _method(raw: dict, t: Translation) -> None:
         if q.get("activation_dtype"):
             t.ignore("qat.activation_dtype", "tunelab's qat fake-quantises the weights only")
         return
+    t.map_lora_variants(raw, AXOLOTL_LORA_VARIANTS, lora=adapter in ("lora", "qlora"))
     if adapter in ("lora", "qlora"):
         name = "qlora" if adapter == "qlora" or four_bit else "lora"
         t.map("adapter", adapter, "method.name", name, note="load_in_4bit" if four_bit and adapter == "lora" else "")

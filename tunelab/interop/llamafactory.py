@@ -8,7 +8,7 @@ they differ from tunelab's: lora_alpha = 2 x lora_rank, lora_dropout 0, no valid
 from __future__ import annotations
 
 from tunelab.interop.translation import Translation
-from tunelab.peer_keys import LLAMAFACTORY_IGNORED, LLAMAFACTORY_MAPPED
+from tunelab.peer_keys import LLAMAFACTORY_IGNORED, LLAMAFACTORY_LORA_VARIANTS, LLAMAFACTORY_MAPPED
 
 TOOL = "LLaMA-Factory"
 STAGES = {"sft": "sft", "pt": "pretrain", "rm": "reward", "dpo": "dpo"}
@@ -18,7 +18,8 @@ FREEZE_MODULES = {"mlp": "ffn", "self_attn": "attention", "attn": "attention", "
 _SPECIAL = {"stage", "finetuning_type", "quantization_bit", "quantization_method", "lora_rank", "lora_alpha",
             "lora_dropout", "lora_target", "freeze_trainable_layers", "freeze_trainable_modules",
             "freeze_extra_modules", "dataset", "eval_dataset", "dataset_dir", "max_samples", "val_size",
-            "lr_scheduler_type", "pref_loss", "trust_remote_code", "template", "report_to"}  # fmt: skip
+            "lr_scheduler_type", "pref_loss", "trust_remote_code", "template", "report_to",
+            *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
 
 
 def detect(raw: dict) -> bool:
@@ -87,6 +88,7 @@ def _method(raw: dict, t: Translation) -> None:
             t.refuse("quantization_method", qmethod, "tunelab's qlora quantises with bitsandbytes (bnb) only")
         if "quantization_method" in raw:
             t.map("quantization_method", qmethod, "method.name", "qlora")
+    t.map_lora_variants(raw, LLAMAFACTORY_LORA_VARIANTS, lora=kind == "lora")
     if kind == "lora":
         name = "qlora" if bits == 4 else "lora"
         t.map("finetuning_type", kind, "method.name", name, note="quantization_bit 4" if bits else "")

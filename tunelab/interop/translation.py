@@ -62,6 +62,17 @@ class Translation:
         note = f"{', '.join(map(str, dropped))}: not a tracker tunelab has, dropped" if dropped else ""
         self.map(key, value, "training.report_to", [n for n in names if n in TRACKERS], note)
 
+    def map_lora_variants(self, raw: dict, keys: dict[str, str], lora: bool) -> None:
+        """LoRA's variant keys (DoRA, rsLoRA, LoRA+; `keys`: theirs -> tunelab's), mapped where set; ignored, with
+        the reason, where the config trains no LoRA."""
+        for key, dotted in keys.items():
+            if raw.get(key) is None:
+                continue
+            if lora:
+                self.map(key, raw[key], dotted)
+            else:
+                self.ignore(key, "a LoRA setting, and this config trains no LoRA")
+
     def ignore(self, key: str, why: str) -> None:
         self.ignored.append((key, why))
 

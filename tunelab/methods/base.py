@@ -31,6 +31,11 @@ class MethodConfig(BaseModel):
     # as config.Section: YAML's .inf / .nan are no setting (they pass `gt=0` checks)
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True, allow_inf_nan=False)
 
+    def measured_as(self) -> str:
+        """The name this run goes by in models/precision.py's MEASURED_BF16 (whether `model.dtype: auto` takes bf16
+        on a CPU): the method's, or a variant's where a setting makes it another computation (lora's DoRA)."""
+        return self.name
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -67,9 +72,28 @@ def optimizer_parameters(model, cfg) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def optimizer(params, tcfg):
-    """The method's own optimizer for `params`; None: the loop's AdamW."""
+def optimizer(params, tcfg, lr_scales: dict | None = None):
+    """The method's own optimizer for `params` (`lr_scales`: the `lr_scales` hook's answer); None: the loop's AdamW."""
     return None
+
+
+def lr_scales(model, cfg) -> dict:
+    """{parameter: factor on training.lr} for parameters that learn at a rate of their own (LoRA+'s B); default none."""
+    return {}
+
+
+def adamw_groups(params, weight_decay: float, lr: float, scales: dict | None = None) -> list[dict]:
+    """AdamW's parameter groups: no weight decay on 1-D tensors (biases, norm weights), as is standard, and a group
+    of its own per learning-rate factor in `scales` (the scheduler then scales each group's rate alike)."""
+    scales = scales or {}
+    groups: dict[tuple, dict] = {}
+    for p in params:
+        decay, scale = p.ndim >= 2, scales.get(p, 1.0)
+        group = groups.setdefault((decay, scale), {"params": [], "weight_decay": weight_decay if decay else 0.0})
+        if scale != 1.0:
+            group["lr"] = lr * scale
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: (not k[0], k[1]))]
 
 
 def on_step(model, cfg, step: int, steps_per_epoch: int | None = None) -> str | None:
@@ -89,8 +113,8 @@ def check_model(cfg, model_cfg) -> None:
     return None
 
 
-DEFAULT_HOOKS = {"optimizer_parameters": optimizer_parameters, "optimizer": optimizer, "on_step": on_step,
-                 "load_plan": load_plan, "check_model": check_model}  # fmt: skip
+DEFAULT_HOOKS = {"optimizer_parameters": optimizer_parameters, "optimizer": optimizer, "lr_scales": lr_scales,
+                 "on_step": on_step, "load_plan": load_plan, "check_model": check_model}  # fmt: skip
 
 
 def freeze_all(model: torch.nn.Module) -> None:

@@ -2,6 +2,11 @@
 
 Built on PEFT so the saved adapter is the ecosystem's format (`adapter_config.json` +
 `adapter_model.safetensors`) and loads with plain `PeftModel.from_pretrained`.
+
+Variants, each a field (the maths: docs/methods.md), all PEFT's own but LoRA+, which is only a learning rate:
+  use_rslora        rank-stabilised LoRA (Kalajdzievski 2023): the update scaled by alpha / sqrt(r)
+  use_dora          DoRA (Liu et al. 2024): W' = m * (W + s B A) / ||W + s B A|| per output row, m trained
+  loraplus_lr_ratio LoRA+ (Hayou et al. 2024): B's learning rate is that many times A's (`lr_scales`)
 """
 
 from __future__ import annotations
@@ -26,6 +31,24 @@ class Config(MethodConfig):
         "all-linear",
         description="'all-linear' (every linear layer but the output head) or module names like [q_proj, v_proj].",
     )
+    use_rslora: bool = Field(
+        False, description="Rank-stabilised LoRA: scale the update by alpha / sqrt(r) instead of alpha / r."
+    )
+    use_dora: bool = Field(
+        False,
+        description="DoRA: a trained magnitude per output row times the direction W + BA. Slower: it leaves "
+        "tunelab/accel's fast LoRA path, and under model.dtype: auto it trains in float32 on a CPU (not measured in "
+        "bf16); a GGUF LoRA export refuses it (export the merged model).",
+    )
+    loraplus_lr_ratio: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA+: B's learning rate is this many times training.lr (A's); the paper suggests 16. "
+        "null: one learning rate.",
+    )
+
+    def measured_as(self) -> str:  # DoRA leaves the fast LoRA path: its bf16 is not measured (MEASURED_BF16)
+        return f"{self.name}-dora" if self.use_dora else self.name
 
 
 def peft_config(cfg: Config, model):
@@ -44,7 +67,18 @@ def peft_config(cfg: Config, model):
         exclude_modules=exclude,
         task_type=task,
         bias="none",
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
     )
+
+
+def lr_scales(model, cfg: Config) -> dict:
+    """LoRA+: {B matrix: loraplus_lr_ratio}; the rest at training.lr. A learning rate per parameter group is all
+    LoRA+ is, so the loop's own optimizer takes it (PEFT's `create_loraplus_optimizer` builds an optimizer of its
+    own, which would bypass the bf16 and fused AdamW the loop picks)."""
+    if cfg.loraplus_lr_ratio is None:
+        return {}
+    return {p: cfg.loraplus_lr_ratio for n, p in model.named_parameters() if p.requires_grad and ".lora_B." in n}
 
 
 def apply(model, cfg: Config):

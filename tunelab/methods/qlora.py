@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from tunelab.methods import lora
-from tunelab.methods.base import Capabilities, MethodError, freeze_all, wrap_peft
+from tunelab.methods.base import Capabilities, MethodError, adamw_groups, freeze_all, wrap_peft
 from tunelab.models.loading import TASK_HEADS, unwrap
 
 if TYPE_CHECKING:  # torch is imported where a model is changed: the config reads `Config` without it
@@ -372,7 +372,8 @@ def merge(model):
     """Dequantize every Linear4bit and fold LoRA into it: a plain transformers model (see module doc).
 
     Takes the PEFT-wrapped QLoRA model (`apply` / `load`) and returns the base model class with
-    plain `nn.Linear` layers W_deq + (alpha / r) B A, whose logits match the QLoRA model's.
+    plain `nn.Linear` layers W_deq + (alpha / r) B A (with DoRA, that rescaled by m / its row norms), whose logits
+    match the QLoRA model's.
     """
     import torch
     from peft.tuners.lora import LoraLayer
@@ -392,8 +393,15 @@ def merge(model):
                 else:
                     lin = base
                 for adapter in module.active_adapters:
-                    if adapter in module.lora_A:
-                        lin.weight += module.get_delta_weight(adapter).to(lin.weight.dtype)
+                    if adapter not in module.lora_A:
+                        continue
+                    delta = module.get_delta_weight(adapter).to(lin.weight.dtype)
+                    if module.use_dora.get(adapter):  # DoRA: m * (W + dW) / ||W + dW||, as PEFT's merge
+                        magnitude = module.lora_magnitude_vector[adapter]
+                        norm = magnitude.get_weight_norm(lin.weight, delta, scaling=1)
+                        lin.weight.copy_((magnitude.weight / norm).view(-1, 1) * (lin.weight + delta))
+                    else:
+                        lin.weight += delta
                 _set_module(inner, name, lin)
             elif isinstance(module, bnb.nn.Linear4bit) and not any(name.startswith(n + ".") for n in lora_names):
                 _set_module(inner, name, dequantize_linear4bit(module))
@@ -415,17 +423,13 @@ def _set_module(root, name: str, new) -> None:
     setattr(parent, child, new)
 
 
-def optimizer(params, tcfg):
+def optimizer(params, tcfg, lr_scales: dict | None = None):
     """Optional method hook: bitsandbytes' PagedAdamW8bit on CUDA (the paper's paged optimizer: 8-bit
     states, paged to CPU RAM under memory pressure); None on CPU, where the loop's AdamW is used.
-    Same parameter groups as the loop's AdamW (no weight decay on 1-D tensors)."""
+    Same parameter groups as the loop's AdamW (no weight decay on 1-D tensors; LoRA+'s B at its own rate)."""
     params = list(params)
     if not params or params[0].device.type != "cuda":
         return None
     bnb = _bnb()
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": tcfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    groups = adamw_groups(params, tcfg.weight_decay, tcfg.lr, lr_scales)
     return bnb.optim.PagedAdamW8bit(groups, lr=tcfg.lr, betas=tuple(tcfg.betas))

@@ -17,8 +17,11 @@ Optional hooks (`get` fills in base.py's defaults for those a module does not de
                                     is logged. Default: nothing.
   optimizer_parameters(model, cfg) -> list  every parameter that may train during the run (default:
                                     those with requires_grad after apply)
-  optimizer(params, tcfg) -> Optimizer | None  the optimizer for `params` (e.g. qlora's paged 8-bit AdamW
-                                    on CUDA); None (the default): the loop's AdamW
+  optimizer(params, tcfg, lr_scales=None) -> Optimizer | None  the optimizer for `params` (e.g. qlora's paged
+                                    8-bit AdamW on CUDA; base.adamw_groups builds the loop's groups); None (the
+                                    default): the loop's AdamW
+  lr_scales(model, cfg) -> {param: factor}  parameters whose learning rate is a factor times training.lr
+                                    (LoRA+'s B); default: none
   load_plan(cfg, device) -> plan | None  layers to convert while the base is read tensor by tensor
                                     (models/streaming.py; qlora: straight into 4-bit); None: the ordinary load
   check_model(cfg, model_cfg) -> None  before the model loads: refuse an architecture the method cannot take

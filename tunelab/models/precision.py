@@ -154,10 +154,13 @@ def native_bf16(device, flags: set[str] | None = None) -> tuple[bool, str]:
     return False, f"the CPU has no native bf16 ({widest}, no avx512_bf16 / amx_bf16): bf16 would be emulated"
 
 
-def choose_precision(setting: str, device, flags: set[str] | None = None, measured: bool = False) -> Precision:
+def choose_precision(
+    setting: str, device, flags: set[str] | None = None, measured: bool = False, run: str = ""
+) -> Precision:
     """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why. `measured`:
     a kind of training run whose bf16 is measured faster on a CPU at the same loss (`measured_bf16`); every other
-    load resolves `auto` to fp32 on a CPU (module doc)."""
+    load resolves `auto` to fp32 on a CPU (module doc). `run` names the training run in the reason ("lora-dora on
+    sft")."""
     import torch
 
     device = torch.device(device)
@@ -173,7 +176,9 @@ def choose_precision(setting: str, device, flags: set[str] | None = None, measur
                 torch.float32,
                 False,
                 f"model.dtype auto: fp32; {why}, but bf16 is measured faster only for these training runs "
-                f"(training.accelerate: auto, but for qlora): {measured_text()}. model.dtype: bfloat16 asks for it",
+                f"(training.accelerate: auto, but for qlora): {measured_text()}"
+                + (f"; not this one ({run})" if run else "")
+                + ". model.dtype: bfloat16 asks for it",
             )
         if device.type == "cpu" and native:
             return Precision(

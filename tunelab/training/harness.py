@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from tunelab.config import ConfigError, dump_config
+from tunelab.methods.base import adamw_groups
 from tunelab.models.precision import choose_precision
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed, trackers
@@ -65,17 +66,15 @@ def batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[lis
     return [perm[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-def optimizer_for(params, tcfg) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard.
+def optimizer_for(params, tcfg, lr_scales: dict | None = None) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard; `lr_scales` (the method's
+    hook: LoRA+) gives some parameters a learning rate of their own.
 
     A parameter that is frozen for now (gradual unfreezing) has no gradient, and AdamW skips it. bf16 weights that
     train (`training.master_weights`: bf16, see master_weights_choice) take AdamW with stochastic rounding.
     """
-    decay, no_decay = [], []
-    for p in params:
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
+    params = list(params)
+    groups = adamw_groups(params, tcfg.weight_decay, tcfg.lr, lr_scales)
     if not groups:
         raise ConfigError("the method left no trainable parameters")
     if any(p.dtype == torch.bfloat16 for p in params):

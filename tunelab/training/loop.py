@@ -122,8 +122,9 @@ def train(
     speed = accel.start(tcfg, device)  # accel: the allocator's settings, before the model loads
     method = get_method(cfg.method.name)
     # whether this run's bf16 is measured faster on a CPU at the same loss (precision.MEASURED_BF16)
-    measured = measured_bf16(cfg.method.name, cfg.stage, speed.on, tcfg.master_weights)
-    precision = choose_precision(cfg.model.dtype, device, measured=measured)
+    kind = cfg.method.measured_as()  # lora's DoRA goes by a name of its own
+    measured = measured_bf16(kind, cfg.stage, speed.on, tcfg.master_weights)
+    precision = choose_precision(cfg.model.dtype, device, measured=measured, run=f"{kind} on {cfg.stage}")
     # this run's loads and passes take `auto` as resolved for it (bf16 on a CPU with native bf16 where MEASURED_BF16
     # says so); the result keeps `auto`, for whatever host loads it next
     loaded = resolved_dtype(cfg, precision)
@@ -208,9 +209,12 @@ def train(
 
     # ---- optimisation
     params = method.optimizer_parameters(model, cfg.method)  # default: those with requires_grad now
-    optimizer = method.optimizer(params, tcfg)
+    scales = method.lr_scales(model, cfg.method)  # parameters at a learning rate of their own (LoRA+'s B)
+    optimizer = method.optimizer(params, tcfg, lr_scales=scales)
     if optimizer is None:  # the method's own optimizer (qlora: paged 8-bit AdamW on CUDA), else AdamW
-        optimizer = optimizer_for(params, tcfg)
+        optimizer = optimizer_for(params, tcfg, scales)
+    if scales:
+        log(f"learning rates: {len(scales):,} tensors at {sorted(set(scales.values()))} x training.lr")
     scheduler = scheduler_for(optimizer, tcfg, total_steps)
     if hasattr(optimizer, "how"):  # bf16 weights: which form of the stochastic-rounding step runs
         log(f"bf16 AdamW step: {optimizer.how}")

@@ -260,7 +260,7 @@ def train_ppo(
     updates_per_iter = pcfg.ppo_epochs * math.ceil(pcfg.rollout_batch_size / pcfg.mini_batch_size)
 
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = optimizer_for(params, tcfg)
+    optimizer = optimizer_for(params, tcfg, method.lr_scales(lm, cfg.method))  # LoRA+: B at its own rate
     scheduler = scheduler_for(optimizer, tcfg, total_iters * updates_per_iter)
 
     state = {"step": 0, "kl_coef": pcfg.init_kl_coef, "eval_score_before": None, "eval_kl_before": None}
