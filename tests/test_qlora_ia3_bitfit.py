@@ -304,3 +304,12 @@ def test_a_model_the_method_cannot_take_is_refused_before_it_loads(method, arch,
     assert (
         get(method).check_model(get(method).Config(), tunelab.config.ModelConfig(name=str(tmp_path / "none"))) is None
     )
+
+
+def test_qlora_takes_loraplus_as_lora_does():
+    mod = get("qlora")
+    cfg = mod.Config(r=4, alpha=8, dropout=0.0, loraplus_lr_ratio=16)
+    model = mod.apply(tiny_llama(hidden_size=64, intermediate_size=128), cfg)
+    scales = mod.lr_scales(model, cfg)
+    named = {id(p): n for n, p in model.named_parameters()}
+    assert len(scales) == 14 and all(".lora_B." in named[id(p)] and s == 16 for p, s in scales.items())

@@ -423,6 +423,9 @@ def _set_module(root, name: str, new) -> None:
     setattr(parent, child, new)
 
 
+lr_scales = lora.lr_scales  # LoRA+: the same fields as lora's
+
+
 def optimizer(params, tcfg, lr_scales: dict | None = None):
     """Optional method hook: bitsandbytes' PagedAdamW8bit on CUDA (the paper's paged optimizer: 8-bit
     states, paged to CPU RAM under memory pressure); None on CPU, where the loop's AdamW is used.
