@@ -247,6 +247,23 @@ def test_grid_errors_name_the_key(assets, tmp_path):
         load_grid(path)
 
 
+def test_fields_added_later_keep_a_grids_cells_at_their_default(assets, tmp_path):
+    """A cell's key hashes its whole resolved config, so a field a later version adds (LoRA's use_dora ...) would give
+    every LoRA cell of an earlier grid folder a new key and a re-run: at its default it is left out of the hash."""
+    from tunelab.compare.plan import HASHED_WHEN_SET, resolve_cells
+    from tunelab.methods import lora
+
+    def lora_key(**extra):
+        grid = load_grid(grid_for(assets, tmp_path / "o", methods=[{"name": "lora", "r": 4, **extra}]))
+        return [c.key for c in resolve_cells(grid, tmp_path / "o", materialise=False) if c.role == "method"]
+
+    assert lora_key() == lora_key(use_dora=False, use_rslora=False, loraplus_lr_ratio=None)
+    keys = [lora_key(), lora_key(use_dora=True), lora_key(use_rslora=True), lora_key(loraplus_lr_ratio=16)]
+    assert all(len(k) == 4 for k in keys) and len({k for ks in keys for k in ks}) == 16  # 2 models x 2 tasks each
+    for (section, name), default in HASHED_WHEN_SET:  # only ever a method field's real default
+        assert section == "method" and lora.Config.model_fields[name].default == default
+
+
 def test_cli_prints_the_table_and_report(grid_run, tmp_path, capsys):
     from tunelab.cli import main
 

@@ -141,8 +141,8 @@ class ModelConfig(Section):
         "causal-LM stages: sft, pretrain, dpo, reward, distill; all but qlora with training.accelerate: auto; "
         "full unless training.master_weights: fp32): "
         "lora / prompt / prefix (causal-LM stages) / qlora (causal-LM stages): bf16 passes; full (causal-LM "
-        "stages, classification): bf16 weights; freeze / gradual / head / bitfit / adapter / ia3 (sft / "
-        "pretrain): bf16 autocast; "
+        "stages, classification): bf16 weights; freeze / gradual / head / bitfit / adapter / ia3 / lora-dora / "
+        "qlora-dora (sft / pretrain): bf16 autocast; "
         "float32 for everything else; float32 on other CPUs. bfloat16 = bf16 on a CPU too (emulated, ~250x slower, "
         "without avx512_bf16 / amx_bf16), the weights that train kept as training.master_weights says (fp32 "
         "copies; bf16 with stochastic rounding for full fine-tuning on a CPU). The run log says which and why.",

@@ -61,8 +61,8 @@ _DTYPE = (
     "tunelab picks the dtype itself (model.dtype: auto = bfloat16 on CUDA; on a CPU with native bf16, where measured "
     "faster: "
     "lora / prompt / prefix (causal-LM stages) / qlora (causal-LM stages): bf16 passes; full (causal-LM "
-    "stages, classification): bf16 weights; freeze / gradual / head / bitfit / adapter / ia3 (sft / "
-    "pretrain): bf16 autocast"
+    "stages, classification): bf16 weights; freeze / gradual / head / bitfit / adapter / ia3 / lora-dora / "
+    "qlora-dora (sft / pretrain): bf16 autocast"
     "; float32 otherwise)"
 )
 _WORKERS = (

@@ -59,6 +59,14 @@ _NOT_HASHED = (
     ("task", "dev_file"),
 )
 
+# Fields added after grids were run, left out of the hash while at their default (the behaviour from before they
+# existed), so a grid folder of that time keeps its cells: (path, default).
+HASHED_WHEN_SET = (
+    (("method", "use_rslora"), False),
+    (("method", "use_dora"), False),
+    (("method", "loraplus_lr_ratio"), None),
+)
+
 
 ZERO_SHOT = "zero-shot"
 
@@ -136,6 +144,14 @@ def _drop(d: dict, path: tuple) -> None:
         d = d.get(k) or {}
     if isinstance(d, dict):
         d.pop(path[-1], None)
+
+
+def _get(d: dict, path: tuple, missing=None):
+    for k in path:
+        if not isinstance(d, dict) or k not in d:
+            return missing
+        d = d[k]
+    return d
 
 
 def _causal_architecture(arches: list[str], model_type: str | None) -> bool:
@@ -339,6 +355,9 @@ def _finish(cell: Cell, out: Path, errors: list[str]) -> None:
     hashed = copy.deepcopy(cell.config)
     for path in _NOT_HASHED:
         _drop(hashed, path)
+    for path, default in HASHED_WHEN_SET:
+        if _get(hashed, path, default) == default:
+            _drop(hashed, path)
     if cell.role == "reference":  # nothing trains: only the model and how it is scored matter
         hashed = {"model": hashed["model"], "data": hashed.get("data"), "task": hashed.get("task")}
     ev = {k: v for k, v in cell.eval.items() if k not in PATH_KEYS}

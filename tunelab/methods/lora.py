@@ -37,8 +37,8 @@ class Config(MethodConfig):
     use_dora: bool = Field(
         False,
         description="DoRA: a trained magnitude per output row times the direction W + BA. Slower: it leaves "
-        "tunelab/accel's fast LoRA path, and under model.dtype: auto it trains in float32 on a CPU (not measured in "
-        "bf16); a GGUF LoRA export refuses it (export the merged model).",
+        "tunelab/accel's fast LoRA path (PEFT's forward; under model.dtype: auto bf16 autocast on SFT / pretraining "
+        "where the CPU has native bf16, fp32 otherwise); a GGUF LoRA export refuses it (export the merged model).",
     )
     loraplus_lr_ratio: float | None = Field(
         None,
@@ -47,7 +47,7 @@ class Config(MethodConfig):
         "null: one learning rate.",
     )
 
-    def measured_as(self) -> str:  # DoRA leaves the fast LoRA path: its bf16 is not measured (MEASURED_BF16)
+    def measured_as(self) -> str:  # DoRA leaves the fast LoRA path: its bf16 is measured apart (MEASURED_BF16)
         return f"{self.name}-dora" if self.use_dora else self.name
 
 
