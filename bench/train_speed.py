@@ -23,6 +23,7 @@ runs as TRL does, on glibc's malloc; `--trl-allocator tbbmalloc` runs it preload
     .venv/bin/python bench/train_speed.py --variant training.allocator=system # tunelab on glibc's malloc
     .venv/bin/python bench/train_speed.py --off        # and the job with training.accelerate: off (plain PyTorch)
     .venv/bin/python bench/train_speed.py --task lima-512 --dropout 0.05   # issue 26's job, LoRA dropout both sides
+    .venv/bin/python bench/train_speed.py --lora-variant dora    # DoRA on both sides (also rslora, loraplus)
     .venv/bin/python bench/train_speed.py --precision bf16   # both sides in bf16 (a CPU with avx512_bf16)
     .venv/bin/python bench/train_speed.py --precision bf16 --variant model.dtype=float32   # and tunelab in fp32
 
@@ -73,9 +74,12 @@ DATA = ROOT.parent / "shared/data/llamafactory-demo/alpaca_en_demo.json"
 LIMA = ROOT.parent / "shared/data/lima/lima.json"  # instruction / input / output rows, as alpaca's
 TRL_CHECKPOINTING = True
 JOB = {"rows": 64, "held_out": 64, "max_length": 256, "batch_size": 4, "r": 16, "alpha": 32, "lr": 2e-4, "seed": 0,
-       "dropout": 0.0, "data": str(DATA), "precision": "fp32"}  # fmt: skip
+       "dropout": 0.0, "data": str(DATA), "precision": "fp32", "lora_variant": "none"}  # fmt: skip
 METHOD_LR = {"lora": 2e-4, "qlora": 2e-4, "full": 2e-5, "prompt": 1e-2, "prefix": 1e-3}
 VIRTUAL_TOKENS, PREFIX_HIDDEN = 20, 512
+# LoRA's variants (`--lora-variant`): each side's own switch for them, the same setting (docs/methods.md)
+LORA_VARIANTS = {"none": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": True},
+                 "loraplus": {"loraplus_lr_ratio": 16.0}}  # fmt: skip
 NO_PACKING = ("prompt", "prefix")  # the virtual tokens go before a row: one example a row on both sides
 TASKS = {
     "alpaca-256": {"data": str(DATA), "rows": 64, "held_out": 64, "max_length": 256},
@@ -131,8 +135,10 @@ def trl_model_and_peft(method: str, src: str, bf16: bool):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch.bfloat16 if bf16 else torch.float32
-    lora = LoraConfig(r=JOB["r"], lora_alpha=JOB["alpha"], lora_dropout=JOB["dropout"],
-                      target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
+    variant = LORA_VARIANTS[JOB["lora_variant"]]
+    lora = LoraConfig(r=JOB["r"], lora_alpha=JOB["alpha"], lora_dropout=JOB["dropout"], target_modules="all-linear",
+                      task_type="CAUSAL_LM", use_rslora=variant.get("use_rslora", False),
+                      use_dora=variant.get("use_dora", False))  # fmt: skip
     if method == "qlora":
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=dtype)  # fmt: skip
@@ -203,8 +209,24 @@ def job_trl(method: str) -> dict:
             disable_tqdm=True,
             max_steps=JOB.get("max_steps") or -1,
         )
+        optimizers = (None, None)
+        if "loraplus_lr_ratio" in LORA_VARIANTS[JOB["lora_variant"]]:  # PEFT's LoRA+ optimizer over the PEFT model
+            import torch
+            from peft import get_peft_model
+            from peft.optimizers import create_loraplus_optimizer
+
+            model, peft = get_peft_model(model, peft), None
+            optimizers = (create_loraplus_optimizer(model, torch.optim.AdamW, lr=METHOD_LR[method], betas=(0.9, 0.999),
+                                                    eps=1e-8, weight_decay=0.0,
+                                                    loraplus_lr_ratio=LORA_VARIANTS["loraplus"]["loraplus_lr_ratio"]),
+                          None)  # fmt: skip
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=Dataset.from_list(data), peft_config=peft, processing_class=tokenizer
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(data),
+            peft_config=peft,
+            processing_class=tokenizer,
+            optimizers=optimizers,
         )
         t0, c0 = time.perf_counter(), cpu_seconds()
         out = trainer.train()
@@ -232,6 +254,7 @@ def tunelab_config(method: str, overrides: list[str], tmp: str):
     method_cfg = {"name": method}
     if method in ("lora", "qlora"):
         method_cfg.update(r=JOB["r"], alpha=JOB["alpha"], dropout=JOB["dropout"], target_modules="all-linear")
+        method_cfg.update(LORA_VARIANTS[JOB["lora_variant"]])
     if method == "qlora":
         method_cfg.update(quant_type="nf4", double_quant=True)
     if method in NO_PACKING:
@@ -358,7 +381,7 @@ def run_job(side: str, method: str, overrides: list[str], trl_allocator: str = "
         "--precision",
         JOB["precision"],
     ]
-    cmd += ["--dropout", str(JOB["dropout"])]
+    cmd += ["--dropout", str(JOB["dropout"]), "--lora-variant", JOB["lora_variant"]]
     if JOB.get("max_steps"):
         cmd += ["--max-steps", str(JOB["max_steps"])]
     for o in overrides:
@@ -399,6 +422,13 @@ def main() -> None:
     parser.add_argument("--task", choices=sorted(TASKS), default="alpaca-256", help="the data, rows and max length")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on both sides (default 0)")
     parser.add_argument(
+        "--lora-variant",
+        choices=sorted(LORA_VARIANTS),
+        default="none",
+        help="a LoRA variant on both sides (lora / qlora): rsLoRA, DoRA (PEFT's use_dora on both), LoRA+ (ratio 16; "
+        "the reference through PEFT's create_loraplus_optimizer)",
+    )
+    parser.add_argument(
         "--trl-allocator",
         choices=["system", "tbbmalloc"],
         default="system",
@@ -411,7 +441,7 @@ def main() -> None:
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     JOB["max_steps"] = args.max_steps
-    JOB.update(TASKS[args.task], task=args.task, dropout=args.dropout)
+    JOB.update(TASKS[args.task], task=args.task, dropout=args.dropout, lora_variant=args.lora_variant)
     JOB["precision"] = args.precision if args.precision != "auto" else auto_precision()
     if args.off:
         args.variant.append("training.accelerate=off")
