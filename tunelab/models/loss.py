@@ -108,15 +108,13 @@ def at_labels(model, batch: dict):
     if split is None:
         return _virtual_at_labels(model, batch)
     backbone, head = split
-    target = shift_labels(batch["labels"])
-    keep = target != -100
     if (plan := _unpadded(model, batch)) is not None:  # accel: the rows end to end, one attention call each
         return _end_to_end_labelled(backbone, head, batch, plan)
     inputs = model_inputs(batch)
     if "position_ids" in inputs:  # accel: one attention call per packed example
         inputs.update(packed_kwargs(model, inputs["position_ids"]))
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
-    return _labelled(head, hidden, target, keep)
+    return _labelled(head, hidden, batch)
 
 
 def _end_to_end_labelled(backbone, head, batch: dict, plan):
@@ -124,13 +122,14 @@ def _end_to_end_labelled(backbone, head, batch: dict, plan):
     positions, kwargs, at = plan
     ids = _end_to_end(batch, positions.shape[1])
     hidden = backbone(input_ids=ids, position_ids=positions, **kwargs, use_cache=False).last_hidden_state[0]
-    target = shift_labels(batch["labels"])
-    return _labelled(head, hidden, target, target != -100, at)
+    return _labelled(head, hidden, batch, at)
 
 
-def _labelled(head, hidden, target, keep, at=None):
-    """at_labels' answer: the hidden states [rows, columns, hidden] at the label positions `keep`, or of rows laid end
+def _labelled(head, hidden, batch: dict, at=None):
+    """at_labels' answer: the hidden states [rows, columns, hidden] at `batch`'s label positions, or of rows laid end
     to end ([width, hidden]; `at`: [rows, columns] -> their flattened positions, `_unpadded`)."""
+    target = shift_labels(batch["labels"])
+    keep = target != -100
     return head, hidden[keep] if at is None else hidden[at[keep]], target[keep], keep.nonzero()[:, 0]
 
 
@@ -195,8 +194,6 @@ def _virtual_at_labels(model, batch: dict):
     if split is None:
         return None
     backbone, head = split
-    target = shift_labels(batch["labels"])
-    keep = target != -100
     peft_cfg = model.active_peft_config
     enabled = getattr(model.forward, "__self__", None) is model  # PEFT's disable_adapter swaps the forward
     if not enabled and (plan := _unpadded(model, batch)) is not None:
@@ -213,7 +210,7 @@ def _virtual_at_labels(model, batch: dict):
             flat = torch.cat(parts)
             flat = torch.cat([flat, flat.new_zeros(positions.shape[1] - len(flat), flat.shape[1])])[None]
             hidden = backbone(inputs_embeds=flat, position_ids=positions, **kwargs, use_cache=False).last_hidden_state
-            return _labelled(head, hidden[0], target, keep, at)
+            return _labelled(head, hidden[0], batch, at)
     # (transformers' checkpointed layers drop the cache the prefix comes in: the config refuses that pairing)
     if (
         enabled
@@ -228,7 +225,7 @@ def _virtual_at_labels(model, batch: dict):
             ids = _end_to_end(batch, positions.shape[1])
             named = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
             out = backbone(input_ids=ids, position_ids=positions, **{named: cache}, **kwargs, use_cache=False)
-            return _labelled(head, out.last_hidden_state[0], target, keep, at)
+            return _labelled(head, out.last_hidden_state[0], batch, at)
     seen, me = [], threading.get_ident()
 
     def catch(module, args, out):
@@ -241,7 +238,7 @@ def _virtual_at_labels(model, batch: dict):
     finally:
         hook.remove()
     hidden = seen[-1]
-    return _labelled(head, hidden[:, hidden.shape[1] - batch["labels"].shape[1] :], target, keep)
+    return _labelled(head, hidden[:, hidden.shape[1] - batch["labels"].shape[1] :], batch)
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
