@@ -239,9 +239,8 @@ def test_lora_variants_map_for_lora_and_are_ignored_with_the_reason_otherwise(to
 
 
 def test_the_dtype_note_says_what_auto_takes():
-    """peer_keys sits below models, so the note on LLaMA-Factory's / Axolotl's dtype keys writes out the table
-    `model.dtype: auto` reads (models/precision.py): the two must not drift apart."""
-    from tunelab.models.precision import measured_text
+    """The note on LLaMA-Factory's / Axolotl's dtype keys lists the table `model.dtype: auto` reads (bf16_table)."""
+    from tunelab.bf16_table import measured_text
 
     assert f"where measured faster: {measured_text()}; float32 otherwise" in keys.LLAMAFACTORY_IGNORED["bf16"]
 

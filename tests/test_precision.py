@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import tunelab
+from tunelab.bf16_table import measured_bf16, measured_text
 from tunelab.config import load_config
 from tunelab.models import compute_dtype, precision
-from tunelab.models.precision import choose_precision, cpu_flags, measured_bf16, native_bf16
+from tunelab.models.precision import choose_precision, cpu_flags, native_bf16
 
 # /proc/cpuinfo excerpts of the hosts the issue names, cut to the lines that matter
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni\n"
@@ -163,9 +164,8 @@ def test_a_bf16_runs_trained_weights_load_back_exactly(tiny_dir, data_file, tmp_
 
 
 def test_the_dtype_description_says_what_auto_takes():
-    """config sits below models, so model.dtype's description writes out the table `auto` reads (MEASURED_BF16):
-    the two must not drift apart."""
+    """model.dtype's description lists the table `auto` reads (bf16_table.MEASURED_BF16)."""
     from tunelab.config import ModelConfig
 
     described = " ".join(ModelConfig.model_fields["dtype"].description.split())
-    assert f"): {precision.measured_text()}; float32 for everything else" in described
+    assert f"): {measured_text()}; float32 for everything else" in described

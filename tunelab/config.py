@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunelab.bf16_table import measured_text
 from tunelab.peer_keys import TOP_LEVEL_HINTS
 from tunelab.plugins import STAGES
 
@@ -139,10 +140,7 @@ class ModelConfig(Section):
         description="Precision. auto = bf16 autocast with fp32 master weights on CUDA with bf16; on a CPU with "
         "native bf16 (avx512_bf16 / amx_bf16), bf16 where measured faster at the same loss (docs/performance.md; "
         "causal-LM stages: sft, pretrain, dpo, reward, distill; all but qlora with training.accelerate: auto; "
-        "full unless training.master_weights: fp32): "
-        "lora / prompt / prefix (causal-LM stages) / qlora (causal-LM stages): bf16 passes; full (causal-LM "
-        "stages, classification): bf16 weights; freeze / gradual / head / bitfit / adapter / ia3 / lora-dora / "
-        "qlora-dora (sft / pretrain): bf16 autocast; "
+        f"full unless training.master_weights: fp32): {measured_text()}; "
         "float32 for everything else; float32 on other CPUs. bfloat16 = bf16 on a CPU too (emulated, ~250x slower, "
         "without avx512_bf16 / amx_bf16), the weights that train kept as training.master_weights says (fp32 "
         "copies; bf16 with stochastic rounding for full fine-tuning on a CPU). The run log says which and why.",

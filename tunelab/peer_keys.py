@@ -1,10 +1,12 @@
 """The key tables of other toolkits' configs: where each key goes in a tunelab config, or why it is ignored.
 
-Imports nothing: `tunelab.config` uses TOP_LEVEL_HINTS for its "did you mean" hints on flat top-level keys,
+Imports only the bf16 table (its dtype note says what `model.dtype: auto` takes): `tunelab.config` uses TOP_LEVEL_HINTS for its "did you mean" hints on flat top-level keys,
 and docs/interop.md's mapping table is generated from these tables (tests/test_interop.py checks it).
 """
 
 from __future__ import annotations
+
+from tunelab.bf16_table import measured_text
 
 # key -> the tunelab key it becomes (a value translated on the way is noted in the translators)
 LLAMAFACTORY_MAPPED = {
@@ -56,14 +58,9 @@ LLAMAFACTORY_MAPPED = {
     "run_name": "training.run_name",
 }
 
-# models.precision.measured_text(), written out: peer_keys sits below models (tests/test_interop.py checks they agree)
 _DTYPE = (
     "tunelab picks the dtype itself (model.dtype: auto = bfloat16 on CUDA; on a CPU with native bf16, where measured "
-    "faster: "
-    "lora / prompt / prefix (causal-LM stages) / qlora (causal-LM stages): bf16 passes; full (causal-LM "
-    "stages, classification): bf16 weights; freeze / gradual / head / bitfit / adapter / ia3 / lora-dora / "
-    "qlora-dora (sft / pretrain): bf16 autocast"
-    "; float32 otherwise)"
+    f"faster: {measured_text()}; float32 otherwise)"
 )
 _WORKERS = (
     "tunelab tokenises into its own on-disk cache, keyed by the files' content, the tokenizer and the data settings "

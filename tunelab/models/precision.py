@@ -6,8 +6,8 @@
               matmuls in bf16), fp32 master weights, the passes in bf16 (tunelab/accel's bf16 passes, no
               autocast); for full fine-tuning (accelerate: auto, training.master_weights not fp32) on those and
               classification: bf16 autocast over bf16 weights with stochastic rounding; freeze / gradual / head /
-              bitfit / adapter / ia3 SFT or pretraining: bf16 autocast (the table: MEASURED_BF16). Any other CPU
-              load (other stages, chat, export, a CPU without native bf16): fp32.
+              bitfit / adapter / ia3 SFT or pretraining: bf16 autocast (the table: tunelab/bf16_table.py). Any
+              other CPU load (other stages, chat, export, a CPU without native bf16): fp32.
               Elsewhere (MPS, old GPUs): fp32.
     bfloat16  the same mixed precision on any device: frozen weights stored in bf16, the weights that train
               in fp32; the passes under `torch.autocast`, or on a CPU in bf16 by themselves where
@@ -33,7 +33,7 @@ Freeze, gradual unfreezing, head, BitFit, bottleneck adapters and IA3 on the ben
 tokens/s at 0.6-1.0x its peak, the held-out losses tied (docs/performance.md); their SFT and pretraining runs take
 bf16 too, other stages (classification, QA ...) fp32. LoRA, QLoRA, prompt, prefix and full fine-tuning take bf16 on
 the causal-LM stages (SFT, pretraining, DPO, reward, distillation; PPO's own loop stays fp32) and full fine-tuning on classification too
-(MiniLM on SST-2: 1.25x, accuracy tied); encoder stages otherwise stay fp32 (MEASURED_BF16's comment).
+(MiniLM on SST-2: 1.25x, accuracy tied); encoder stages otherwise stay fp32 (bf16_table.py's comment).
 The training loop says which kind of run it is
 (`choose_precision(..., measured=True)`); the loader alone resolves `auto` to fp32 on a CPU.
 `CPU_BF16_AUTO = False` (or TUNELAB_CPU_BF16_AUTO=0 in the environment) turns the choice off.
@@ -47,6 +47,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunelab.bf16_table import measured_text
+
 if TYPE_CHECKING:  # torch is imported where used: `tunelab --help` stays fast
     import torch
 
@@ -55,49 +57,6 @@ if TYPE_CHECKING:  # torch is imported where used: `tunelab --help` stays fast
 # fp32's (losses to 1e-5, compact fp32 weights) as on its CI hosts, which have no native bf16
 CPU_BF16_AUTO = os.environ.get("TUNELAB_CPU_BF16_AUTO", "1") != "0"
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, x86 AMX, Arm BF16 (aarch64 Features)
-
-# The training runs whose bf16 is measured faster on a CPU at the same loss (module doc, docs/performance.md): the
-# one place that says so, read by `measured_bf16` (the loop's question) and by the log lines below.
-#   (methods, stages, needs training.accelerate: auto, how they train in bf16)
-# Causal-LM stages: a decoder's big matmuls, where bf16 pays. Encoder stages (classification, tagging, QA, MLM,
-# seq2seq) stay fp32 unless measured: LoRA on MiniLM's SST-2 classification ran no faster in bf16 (640 against
-# 647 tokens/s) and scored 0.821 against 0.842 (872 rows); full fine-tuning of it ran 1.25x faster, tied (0.835
-# against 0.836).
-# (PPO runs its own loop, fp32 under auto on a CPU: training/ppo.py)
-CAUSAL = ("sft", "pretrain", "dpo", "reward", "distill")
-MEASURED_BF16 = (
-    (("lora", "prompt", "prefix"), CAUSAL, True, "bf16 passes"),
-    (("qlora",), CAUSAL, False, "bf16 passes"),  # bitsandbytes' 4-bit matmuls in bf16, with or without accel
-    (("full",), (*CAUSAL, "classification"), True, "bf16 weights"),  # unless training.master_weights: fp32
-    # DoRA (lora's use_dora: `MethodConfig.measured_as`) runs PEFT's forward, outside the fast path: on the bench's
-    # SFT job bf16 autocast ran 1.51x fp32's tokens/s at 0.69x its peak, held-out loss +0.02%; over a 4-bit base
-    # 1.15x at 0.64x, +0.2% (docs/performance.md, "Fifteenth session")
-    (
-        ("freeze", "gradual", "head", "bitfit", "adapter", "ia3", "lora-dora", "qlora-dora"),
-        ("sft", "pretrain"),
-        True,
-        "bf16 autocast",
-    ),  # fmt: skip
-)
-
-
-def measured_bf16(method: str, stage: str, accelerate: bool, master_weights: str = "auto") -> bool:
-    """Whether this kind of training run is one of MEASURED_BF16's (`choose_precision(..., measured=...)`)."""
-    if method == "full" and master_weights == "fp32":
-        return False
-    return any(method in methods and stage in stages and (accelerate or not needs)
-               for methods, stages, needs, _ in MEASURED_BF16)  # fmt: skip
-
-
-def measured_text() -> str:
-    """MEASURED_BF16 for a log line: "lora / prompt / prefix (causal-LM stages) / ...: bf16 passes; ..."."""
-    by_how: dict[str, list[str]] = {}
-    for methods, stages, _, how in MEASURED_BF16:
-        causal = stages[: len(CAUSAL)] == CAUSAL
-        rest = stages[len(CAUSAL) :] if causal else stages
-        named = ", ".join(["causal-LM stages"] * causal + [" / ".join(rest)] * bool(rest))
-        by_how.setdefault(how, []).append(f"{' / '.join(methods)} ({named})")
-    return "; ".join(f"{' / '.join(kinds)}: {how}" for how, kinds in by_how.items())
 
 
 @dataclass(frozen=True)
@@ -166,7 +125,7 @@ def choose_precision(
     setting: str, device, flags: set[str] | None = None, measured: bool = False, run: str = ""
 ) -> Precision:
     """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why. `measured`:
-    a kind of training run whose bf16 is measured faster on a CPU at the same loss (`measured_bf16`); every other
+    a kind of training run whose bf16 is measured faster on a CPU at the same loss (`bf16_table.measured_bf16`); every other
     load resolves `auto` to fp32 on a CPU (module doc). `run` names the training run in the reason ("lora-dora on
     sft")."""
     import torch

@@ -17,13 +17,14 @@ from collections.abc import Callable
 import torch
 
 from tunelab import accel
+from tunelab.bf16_table import measured_bf16
 from tunelab.config import ConfigError
 from tunelab.data import DataError
 from tunelab.data.collate import real_tokens
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
 from tunelab.models.loading import loading_into, unwrap
-from tunelab.models.precision import choose_precision, measured_bf16
+from tunelab.models.precision import choose_precision
 from tunelab.stages import Stage
 from tunelab.stages import get as get_stage
 from tunelab.training import checkpoint as ckpt
@@ -121,7 +122,7 @@ def train(
     device = dist.device
     speed = accel.start(tcfg, device)  # accel: the allocator's settings, before the model loads
     method = get_method(cfg.method.name)
-    # whether this run's bf16 is measured faster on a CPU at the same loss (precision.MEASURED_BF16)
+    # whether this run's bf16 is measured faster on a CPU at the same loss (bf16_table.MEASURED_BF16)
     kind = cfg.method.measured_as()  # lora's DoRA goes by a name of its own
     measured = measured_bf16(kind, cfg.stage, speed.on, tcfg.master_weights)
     precision = choose_precision(cfg.model.dtype, device, measured=measured, run=f"{kind} on {cfg.stage}")
