@@ -210,7 +210,8 @@ def job_trl(method: str) -> dict:
             max_steps=JOB.get("max_steps") or -1,
         )
         optimizers = (None, None)
-        if "loraplus_lr_ratio" in LORA_VARIANTS[JOB["lora_variant"]]:  # PEFT's LoRA+ optimizer over the PEFT model
+        ratio = LORA_VARIANTS[JOB["lora_variant"]].get("loraplus_lr_ratio")
+        if ratio is not None:  # PEFT's LoRA+ optimizer over the PEFT model
             import torch
             from peft import get_peft_model
             from peft.optimizers import create_loraplus_optimizer
@@ -218,7 +219,7 @@ def job_trl(method: str) -> dict:
             model, peft = get_peft_model(model, peft), None
             optimizers = (create_loraplus_optimizer(model, torch.optim.AdamW, lr=METHOD_LR[method], betas=(0.9, 0.999),
                                                     eps=1e-8, weight_decay=0.0,
-                                                    loraplus_lr_ratio=LORA_VARIANTS["loraplus"]["loraplus_lr_ratio"]),
+                                                    loraplus_lr_ratio=ratio),
                           None)  # fmt: skip
         trainer = SFTTrainer(
             model=model,
