@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fast_lora import lm_batch  # tests/ is on sys.path (conftest.py)
+from test_fast_lora import dropout_drawing_fast_masks, lm_batch  # tests/ is on sys.path (conftest.py)
 from test_training import losses
 
 import tunelab
@@ -26,15 +26,18 @@ from tunelab.testing import tiny_llama
 GRAD_TOL = 0.05
 
 
-def _lora(dtype, dropout=0.0, fast=True):
+def _lora(dtype, dropout=0.0, fast=True, dora=False):
     torch.manual_seed(0)
     method = get("lora")
     model = method.apply(
-        tiny_llama().to(dtype), method.Config(r=4, alpha=8, dropout=dropout, target_modules="all-linear")
+        tiny_llama().to(dtype),
+        method.Config(r=4, alpha=8, dropout=dropout, target_modules="all-linear", use_dora=dora),
     )
     for name, p in model.named_parameters():  # B starts at zero: give it values so every gradient is non-trivial
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
+        if "lora_magnitude_vector" in name:  # DoRA's m starts at the rows' norms; fp32 master weights, as the loop's
+            p.data = (p.data.float() * (1 + 0.1 * torch.randn(p.shape))).to(torch.float32 if fast else p.dtype)
     if fast:  # as accel's prepare does
         fast_lora.enable(model)
         head.install(model)
@@ -80,6 +83,23 @@ def test_bf16_fast_path_gives_pefts_bf16_loss_and_gradients(monkeypatch, shape):
         assert _relative(g_fast[k], g_peft[k]) < GRAD_TOL, k
         # no farther from fp32 than PEFT's bf16 is (with room for the roundings' luck)
         assert _relative(g_fast[k], g_fp32[k]) < 2 * _relative(g_peft[k], g_fp32[k]) + 0.01, k
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_bf16_dora_on_the_fast_path_is_no_farther_from_fp32_than_pefts_autocast(monkeypatch, dropout):
+    fast = _lora(torch.bfloat16, dropout, dora=True)
+    lora, mlp = _counting(monkeypatch, fast_lora._LoRALinear), _counting(monkeypatch, fast_lora._SwiGLU)
+    batch = lm_batch(4, 40)
+    loss_fast, g_fast = _grads(fast, batch)
+    assert len(lora) == 8 and len(mlp) == 2 and len(g_fast) == 42  # A, B and m of 14 layers, in bf16 passes
+    dropout_drawing_fast_masks(monkeypatch)  # PEFT's nn.Dropout drawing the fast path's masks
+    with torch.autocast("cpu", torch.bfloat16):
+        loss_peft, g_peft = _grads(_lora(torch.bfloat16, dropout, fast=False, dora=True), batch)
+    loss_fp32, g_fp32 = _grads(_lora(torch.float32, dropout, fast=False, dora=True), batch)
+    assert loss_fast == pytest.approx(loss_fp32, rel=1e-2) and loss_peft == pytest.approx(loss_fp32, rel=1e-2)
+    for k in g_fast:
+        assert g_fast[k].dtype == torch.float32, k
+        assert _relative(g_fast[k], g_fp32[k]) < 2 * _relative(g_peft[k].float(), g_fp32[k]) + 0.01, k
 
 
 def test_bf16_fast_path_with_lora_dropout_draws_the_fp32_paths_masks():

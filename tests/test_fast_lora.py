@@ -211,21 +211,60 @@ def test_dropout_under_gradient_checkpointing_is_peft_dropout(monkeypatch):
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.bfloat16, 0.3)])
-def test_lora_over_a_4bit_base_takes_the_fast_path_with_pefts_loss_and_gradients(monkeypatch, dtype, dropout):
+def _dora(model):
+    """A DoRA model with every trained weight away from its start (B at zero, m at the rows' norms: c = 1)."""
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+        if "lora_magnitude_vector" in name:
+            p.data.mul_(1 + 0.1 * torch.randn_like(p))
+    return model
+
+
+# few rows (the low-rank term added, then the rows scaled by c), many (the scaled fold); with dropout PEFT's DoRA
+# multiplies W by the dropped input too (a second product): the fast path does the same
+@pytest.mark.parametrize("shape,dropout", [((1, 12), 0.0), ((4, 40), 0.0), ((1, 12), 0.3), ((4, 40), 0.3)])
+def test_dora_on_the_fast_path_gives_pefts_loss_and_gradients(monkeypatch, shape, dropout):
+    torch.manual_seed(0)
+    method = get("lora")
+    model = _dora(method.apply(tiny_llama(), method.Config(r=4, alpha=8, dropout=dropout, use_dora=True)))
+    slow = copy.deepcopy(model)
+    assert fast_lora.enable(model) == 14 and fast_lora.why_not(model) is None
+    assert len(fast_lora.covered_dropouts(model)) == 14
+    calls = _counting(monkeypatch)
+    batch = lm_batch(*shape)
+    torch.manual_seed(7)
+    loss_fast, g_fast = _grads(model, batch)
+    assert len(calls) == 10  # 4 attention layers and 1 fused MLP a block: none left to PEFT
+    dropout_drawing_fast_masks(monkeypatch)
+    torch.manual_seed(7)
+    loss_peft, g_peft = _grads(slow, batch)
+    assert loss_fast == pytest.approx(loss_peft, rel=1e-5)
+    assert g_fast.keys() == g_peft.keys() and sum("lora_magnitude_vector" in k for k in g_fast) == 14
+    for k in g_fast:
+        torch.testing.assert_close(g_fast[k], g_peft[k], rtol=1e-4, atol=1e-6, msg=k)
+    model.eval()  # evaluation takes it too (no dropout, no autograd)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, slow.eval()(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype,dropout,dora",
+    [(torch.float32, 0.0, False), (torch.bfloat16, 0.0, False), (torch.bfloat16, 0.3, False),
+     (torch.float32, 0.3, True), (torch.bfloat16, 0.0, True)],
+)  # fmt: skip
+def test_lora_over_a_4bit_base_takes_the_fast_path_with_pefts_loss_and_gradients(monkeypatch, dtype, dropout, dora):
     """qlora: each LoRA layer and SwiGLU MLP over 4-bit bases as one function, the weights dequantized where used,
     against PEFT's 4-bit LoRA layers (drawing the same dropout masks): fp32 to float rounding; bf16 (fp32 master
     weights, PEFT then computing the adapter in fp32 on x cast up) to bf16's rounding of the adapter's products."""
     torch.manual_seed(0)
     method = get("qlora")
-    cfg = method.Config(r=4, alpha=8, dropout=dropout, compute_dtype="auto")
-    model = method.apply(tiny_llama().to(dtype), cfg).train()
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)
+    cfg = method.Config(r=4, alpha=8, dropout=dropout, compute_dtype="auto", use_dora=dora)
+    model = _dora(method.apply(tiny_llama().to(dtype), cfg).train())
+    trained = 42 if dora else 28  # A and B (and DoRA's m) of 2 x 7 layers
     slow = copy.deepcopy(model)
     assert fast_lora.routes(model) and fast_lora.enable(model) == 14 and fast_lora.enable(model) == 0  # 2 x 7, once
-    assert len(fast_lora.bf16_adapters(model)) == (28 if dtype == torch.bfloat16 else 0)
+    assert len(fast_lora.bf16_adapters(model)) == (trained if dtype == torch.bfloat16 else 0)
     assert len(fast_lora.covered_dropouts(model)) == 14
     linear, mlp = [], []
     for fn, calls in ((fast_lora._LoRALinear, linear), (fast_lora._SwiGLU, mlp)):
@@ -236,7 +275,7 @@ def test_lora_over_a_4bit_base_takes_the_fast_path_with_pefts_loss_and_gradients
     dropout_drawing_fast_masks(monkeypatch)
     torch.manual_seed(7)
     loss_peft, g_peft = _grads(slow, batch)
-    assert (len(linear), len(mlp)) == (8, 2) and g_fast.keys() == g_peft.keys() and len(g_fast) == 28
+    assert (len(linear), len(mlp)) == (8, 2) and g_fast.keys() == g_peft.keys() and len(g_fast) == trained
     assert all(g.dtype == torch.float32 for g in g_fast.values())  # fp32 master weights either way
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert loss_fast == pytest.approx(loss_peft, rel=tol)

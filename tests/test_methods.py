@@ -198,17 +198,35 @@ def _variant_cfg(tiny_dir, data_file, out, **method):
     )  # fmt: skip
 
 
-def test_dora_through_the_loop_leaves_the_fast_path_and_says_so(tiny_dir, data_file, tmp_path, capsys):
-    import tunelab
+def test_dora_through_the_loop_takes_the_fast_path_to_pefts_losses(tiny_dir, data_file, tmp_path, capsys):
+    import json
 
-    result = tunelab.train(_variant_cfg(tiny_dir, data_file, tmp_path / "dora", use_dora=True))
-    log = capsys.readouterr().err
-    assert "accelerate: not on: fast LoRA: a LoRA variant (DoraLinearVariant)" in log
-    assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
     from safetensors.torch import load_file
 
-    saved = load_file(str(result.final_dir / "adapter_model.safetensors"))
+    import tunelab
+
+    fast = tunelab.train(_variant_cfg(tiny_dir, data_file, tmp_path / "dora", use_dora=True))
+    log = capsys.readouterr().err
+    assert "fast LoRA (14 layers)" in log and "fast LoRA:" not in log
+    assert fast.metrics["eval_loss"] < fast.metrics["eval_loss_before"]
+    saved = load_file(str(fast.final_dir / "adapter_model.safetensors"))
     assert any("lora_magnitude_vector" in k for k in saved)
+    # the same run on PEFT's own forward (accelerate off): the same losses, step by step
+    cfg = _variant_cfg(tiny_dir, data_file, tmp_path / "peft", use_dora=True)
+    cfg.training.accelerate = "off"
+    plain = tunelab.train(cfg)
+    capsys.readouterr()
+
+    def losses(result):
+        return [json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in x]  # fmt: skip
+
+    assert len(losses(fast)) == 6 and losses(fast) == pytest.approx(losses(plain), rel=1e-4)
+    assert fast.metrics["eval_loss"] == pytest.approx(plain.metrics["eval_loss"], rel=1e-4)
+    # with LoRA dropout too (its masks are the fast path's own draws: tests/test_fast_lora.py compares them)
+    dropped = tunelab.train(_variant_cfg(tiny_dir, data_file, tmp_path / "dropout", use_dora=True, dropout=0.1))
+    assert "fast LoRA (14 layers)" in capsys.readouterr().err
+    assert dropped.metrics["eval_loss"] < dropped.metrics["eval_loss_before"]
 
 
 def test_loraplus_through_the_loop_trains_b_faster_and_resumes_exactly(tiny_dir, data_file, tmp_path, capsys):

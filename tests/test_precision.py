@@ -72,17 +72,11 @@ def test_which_runs_take_bf16_under_auto_and_the_log_says_the_same(monkeypatch):
     assert measured_bf16("full", "sft", True) and not measured_bf16("full", "sft", True, master_weights="fp32")
     assert measured_bf16("ia3", "pretrain", True) and not measured_bf16("ia3", "reward", True)
     assert not measured_bf16("bitfit", "sft", False) and not measured_bf16("unknown", "sft", True)
-    from tunelab.methods import lora, qlora
-
-    # DoRA leaves the fast path, its bf16 measured apart: lora and qlora with it go by names of their own
-    for dora in (lora.Config(use_dora=True), qlora.Config(use_dora=True)):
-        assert measured_bf16(dora.measured_as(), "sft", True) and not measured_bf16(dora.measured_as(), "dpo", True)
-    assert measured_bf16(lora.Config().measured_as(), "dpo", True)
-    refused = choose_precision("auto", "cpu", cpu_flags(ZEN4), run="lora-dora on dpo").reason
-    assert "; not this one (lora-dora on dpo). model.dtype: bfloat16 asks for it" in refused
+    refused = choose_precision("auto", "cpu", cpu_flags(ZEN4), run="ia3 on dpo").reason
+    assert "; not this one (ia3 on dpo). model.dtype: bfloat16 asks for it" in refused
     reason = choose_precision("auto", "cpu", cpu_flags(ZEN4), measured=True).reason
     assert reason.endswith("full (causal-LM stages, classification): bf16 weights; freeze / gradual / head / bitfit / "
-                           "adapter / ia3 / lora-dora / qlora-dora (sft / pretrain): bf16 autocast")  # fmt: skip
+                           "adapter / ia3 (sft / pretrain): bf16 autocast")  # fmt: skip
 
 
 def test_explicit_settings_and_cuda(monkeypatch):

@@ -19,15 +19,7 @@ MEASURED_BF16 = (
     (("lora", "prompt", "prefix"), CAUSAL, True, "bf16 passes"),
     (("qlora",), CAUSAL, False, "bf16 passes"),  # bitsandbytes' 4-bit matmuls in bf16, with or without accel
     (("full",), (*CAUSAL, "classification"), True, "bf16 weights"),  # unless training.master_weights: fp32
-    # DoRA (lora's use_dora: `MethodConfig.measured_as`) runs PEFT's forward, outside the fast path: on the bench's
-    # SFT job bf16 autocast ran 1.51x fp32's tokens/s at 0.69x its peak, held-out loss +0.02%; over a 4-bit base
-    # 1.15x at 0.64x, +0.2% (docs/performance.md, "Fifteenth session")
-    (
-        ("freeze", "gradual", "head", "bitfit", "adapter", "ia3", "lora-dora", "qlora-dora"),
-        ("sft", "pretrain"),
-        True,
-        "bf16 autocast",
-    ),  # fmt: skip
+    (("freeze", "gradual", "head", "bitfit", "adapter", "ia3"), ("sft", "pretrain"), True, "bf16 autocast"),
 )
 
 

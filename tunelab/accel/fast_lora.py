@@ -51,7 +51,18 @@ own 4-bit matmul does: its LoRA layers and SwiGLU MLPs run as above (dropout inc
 input cast up (an fp32 copy of every adapted input kept for the backward pass: +0.24 GB on the 1.7B config); the
 MLP then keeps all four [tokens, intermediate] tensors.
 
-Anything this path does not cover (DoRA and other variants, several active adapters,
+DoRA (PEFT's `use_dora`): y = c (W + s B A) x + bias with c = m / ||W + s B A|| per output row, m trained and the
+norm a constant to autograd (PEFT's choice, after the paper's section 4.3). Each call takes c from the decoded W
+without forming W + s B A: row by row ||W + s B A||^2 = ||W||^2 + 2 s (W A^T) . B + s^2 (B A A^T) . B, products of
+r columns, in fp32 whatever W's dtype. Where the adapter folds, the folded rows are scaled by c; elsewhere the
+output is (an fp32 c, so a bf16 output is rounded once). The backward pass is LoRA's for the gradient scaled by c,
+plus dm = sum over rows of g y / m, read off the saved output (which the next op mostly keeps anyway). With LoRA
+dropout PEFT's DoRA computes y = W x + (c - 1) W d(x) + c s B A d(x): W meets the input and the dropped input, two
+big matmuls a pass here as there, and c (W + s B A) d(x) is kept for dm. PEFT's own forward instead forms W + s B A
+and its norm at every call (weight-sized work: the identity matrix through both LoRA matrices, the sum, the norm),
+and under autocast casts W to bf16 each time.
+
+Anything this path does not cover (other LoRA variants, several active adapters,
 non-Linear bases, autocast, a trainable base weight, merged or disabled adapters) goes
 through PEFT's own forward unchanged, so saved adapters, `disable_adapter()` and merging behave
 exactly as in PEFT. Why not a library: no maintained CPU kernel for this exists (Unsloth's fused
@@ -101,6 +112,7 @@ class _Parts(NamedTuple):
     lora_b: torch.Tensor | None
     scale: float
     dropout: float = 0.0  # the LoRA input's dropout probability (training mode only; 0 in eval)
+    magnitude: torch.Tensor | None = None  # DoRA's m, one per output row; None for plain LoRA
 
 
 _LOCAL = threading.local()  # .generator: the generator a thread share draws dropout masks from
@@ -179,55 +191,103 @@ def _folded(p: _Parts) -> torch.Tensor:
     return torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale, out=scratch(p.weight.shape, p.weight.device))
 
 
-def _linear(x: torch.Tensor, p: _Parts) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(y, x A^T, dropout state): d(x) A^T ([rows, r], kept for dB) when the adapter was not folded, else None;
-    the generator state of the dropout mask when there is dropout, else None."""
+def _dora_scale(p: _Parts, weight: torch.Tensor) -> torch.Tensor:
+    """DoRA's c = m / ||W + s B A|| per output row in fp32, from the dense W, without forming W + s B A (or an fp32
+    copy of a bf16 W): row by row ||W + s B A||^2 = ||W||^2 + 2 s (W A^T) . B + s^2 (B A A^T) . B, products of r
+    columns. The norm is a constant to autograd, as in PEFT and the paper (its section 4.3)."""
+    a, b = p.lora_a.float(), p.lora_b.float()
+    squared = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square_()
+    squared.add_((weight @ p.lora_a.to(weight.dtype).t()).float().mul_(b).sum(1), alpha=2 * p.scale)
+    squared.add_((b @ (a @ a.t())).mul_(b).sum(1), alpha=p.scale**2)
+    return p.magnitude / squared.sqrt_()
+
+
+def _linear(x: torch.Tensor, p: _Parts):
+    """(y, x A^T, dropout state, c, what DoRA's dm reads): d(x) A^T ([rows, r], kept for dB) when the adapter was
+    not folded, else None; the generator state of the dropout mask when there is dropout, else None; DoRA's scale
+    per output row (`_dora_scale`), else None; with DoRA and dropout, c (W + s B A) d(x) (else None: y less the bias
+    is what dm reads)."""
     if p.lora_a is None:
-        return F.linear(x, _dense(p), p.bias), None, None
+        return F.linear(x, _dense(p), p.bias), None, None, None, None
     if not p.dropout and _folds(x) and _rows(x) > p.weight.shape[1]:  # a weight-sized write is cheaper than a pass
-        return F.linear(x, _folded(p), p.bias), None, None
+        folded, c = _folded(p), None
+        if p.magnitude is not None:  # DoRA: the folded rows scaled (the fold is fp32, so its norm is taken directly)
+            c = p.magnitude / torch.linalg.vector_norm(folded, dim=1)
+            folded.mul_(c[:, None])
+        return F.linear(x, folded, p.bias), None, None, c, None
     x2 = x.reshape(-1, x.shape[-1])
-    out = F.linear(x2, _dense(p), p.bias)
+    weight = _dense(p)
+    c = None if p.magnitude is None else _dora_scale(p, weight)
+    out = F.linear(x2, weight, p.bias if c is None else None)
     lora_a, lora_b = _low_rank(p, x.dtype)
-    state = None
+    state = scaled = None
     if p.dropout:
         keep, state = keep_mask(x2, p.dropout)
-        xa = (x2 * keep) @ lora_a.t()  # (x * m) A^T; 1 / (1 - p) goes in the scale
+        dropped = x2 * keep  # x * m; 1 / (1 - p) goes in the scale
         del keep
+        xa = dropped @ lora_a.t()
+        if c is not None:  # DoRA with dropout, as PEFT: W x + (c - 1) W d(x) + c s B A d(x) = W (x - d(x)) + c W' d(x)
+            scaled = F.linear(dropped, weight).mul_(1 / (1 - p.dropout))  # W d(x): a second big matmul, as PEFT's
+            out.sub_(scaled)
+            scaled.addmm_(xa, lora_b.t(), alpha=_scale(p)).mul_(c)  # c (W + s B A) d(x)
+            out.add_(scaled)
+        del dropped
     else:
         xa = x2 @ lora_a.t()
-    out.addmm_(xa, lora_b.t(), alpha=_scale(p))
-    return out.view(*x.shape[:-1], -1), xa, state
+    if c is None or not p.dropout:
+        out.addmm_(xa, lora_b.t(), alpha=_scale(p))
+    if c is not None:
+        if not p.dropout:  # an fp32 c: a bf16 output rounded once after the product, not c rounded to bf16 first
+            out.mul_(c)
+        if p.bias is not None:
+            out.add_(p.bias)
+    return out.view(*x.shape[:-1], -1), xa, state, c, scaled
 
 
-def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: bool = True, xa=None, state=None):
-    """(dx, dA, dB) of `_linear` (dx None when not needed; dA, dB None for a plain Linear); `xa` is the
-    forward's d(x) A^T when it kept one (else it is computed again), `state` its dropout mask's generator state."""
+def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: bool = True, xa=None, state=None,
+                     c=None, read=None):  # fmt: skip
+    """(dx, dA, dB, dm) of `_linear` (dx None when not needed; dA, dB None for a plain Linear, dm without DoRA);
+    `xa` is the forward's d(x) A^T when it kept one (else it is computed again), `state` its dropout mask's
+    generator state. DoRA: `c` its scale and `read` c z, with z what c scales (y less the bias without dropout:
+    z = (W + s B A) x; with dropout, the `scaled` of `_linear`), so dm = sum over rows of g z / ||W + s B A|| =
+    sum g (c z) / m, and the rest is LoRA's backward of g c (plus, with dropout, W's second product)."""
     g = grad.reshape(-1, grad.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    grad_x = grad_a = grad_b = None
+    grad_x = grad_a = grad_b = grad_m = None
     if p.lora_a is None:
-        return (g @ _dense(p)).view(x.shape) if need_x else None, None, None
+        return (g @ _dense(p)).view(x.shape) if need_x else None, None, None, None
+    gc = g  # the gradient at the adapter's output (scaled by c with DoRA)
+    if c is not None:
+        # a magnitude of exactly 0 would divide 0 by 0 here; PEFT's own forward gives NaN where a row's norm is 0
+        grad_m = (g * read.reshape(g.shape)).sum(0, dtype=torch.float32).div_(p.magnitude).to(p.magnitude.dtype)
+        gc = torch.mul(g, c, out=torch.empty_like(g))  # in fp32, rounded once to a bf16 g
     master = p.lora_a.dtype  # dA and dB are returned in it (fp32 master weights of a bf16 pass)
     lora_a, lora_b = _low_rank(p, x.dtype)
-    g_b = g @ lora_b  # [rows, r]: for dA, and for dx when not folded
+    g_b = gc @ lora_b  # [rows, r]: for dA, and for dx when not folded
     keep = None if state is None else keep_mask(x2, p.dropout, state)[0]
     scale = _scale(p)
     if need_x:
         if keep is not None:
-            grad_x = (g @ _dense(p)).add_((g_b @ lora_a).mul_(keep), alpha=scale)
+            weight = _dense(p)
+            if c is None:
+                at_dropped = (g_b @ lora_a).mul_(scale)
+            else:  # DoRA: d(x) met W too, scaled by c - 1
+                at_dropped = torch.mul(g, c - 1, out=torch.empty_like(g)) @ weight
+                at_dropped.mul_(1 / (1 - p.dropout)).addmm_(g_b, lora_a, alpha=scale)
+            grad_x = (g @ weight).add_(at_dropped.mul_(keep))
+            del at_dropped
         elif _folds(x) and _rows(g) > p.weight.shape[0]:
-            grad_x = g @ _folded(p)
+            grad_x = gc @ _folded(p)
         else:
-            grad_x = (g @ _dense(p)).addmm_(g_b, lora_a, alpha=p.scale)
+            grad_x = (gc @ _dense(p)).addmm_(g_b, lora_a, alpha=p.scale)
         grad_x = grad_x.view(x.shape)
     dropped = x2 if keep is None else x2 * keep
     del keep
     grad_a = g_b.t().mm(dropped).to(master).mul_(scale)
     # dB^T = (x A^T)^T g, transposed: MKL reads g row by row this way, ~1.6x faster on a CPU core than
     # g^T (x A^T) for SmolLM2's [256, 1,536] g
-    grad_b = (dropped @ lora_a.t() if xa is None else xa).t().mm(g).to(master).mul_(scale).t().contiguous()
-    return grad_x, grad_a, grad_b
+    grad_b = (dropped @ lora_a.t() if xa is None else xa).t().mm(gc).to(master).mul_(scale).t().contiguous()
+    return grad_x, grad_a, grad_b, grad_m
 
 
 def _saveable(weight) -> torch.Tensor | None:
@@ -242,10 +302,12 @@ def _decoded(weight):
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout):
-        p = _Parts(weight, bias, lora_a, lora_b, scale, dropout)
-        out, xa, state = _linear(x, p)
-        ctx.save_for_backward(x, _saveable(weight), lora_a, lora_b, xa)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale, dropout, magnitude):
+        p = _Parts(weight, bias, lora_a, lora_b, scale, dropout, magnitude)
+        out, xa, state, c, scaled = _linear(x, p)
+        # DoRA's dm reads the output (or, with dropout, the part c scales)
+        dora = (c, magnitude, out if scaled is None else scaled, bias if scaled is None else None)
+        ctx.save_for_backward(x, _saveable(weight), lora_a, lora_b, xa, *(dora if c is not None else (None,) * 4))
         ctx.compact = _decoded(weight)
         ctx.scale, ctx.dropout, ctx.state = scale, dropout, state
         ctx.has_bias = bias is not None and bias.requires_grad
@@ -253,24 +315,30 @@ class _LoRALinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
-        p = _Parts(ctx.compact or weight, None, lora_a, lora_b, ctx.scale, ctx.dropout)
-        grad_x, grad_a, grad_b = _linear_backward(grad, x, p, ctx.needs_input_grad[0], xa, ctx.state)
+        x, weight, lora_a, lora_b, xa, c, magnitude, read, bias = ctx.saved_tensors
+        p = _Parts(ctx.compact or weight, None, lora_a, lora_b, ctx.scale, ctx.dropout, magnitude)
+        read = read if bias is None else read - bias
+        grad_x, grad_a, grad_b, grad_m = _linear_backward(grad, x, p, ctx.needs_input_grad[0], xa, ctx.state, c, read)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, grad_m
+
+
+FIELDS = len(_Parts._fields)  # a layer's arguments in _SwiGLU's flat list
 
 
 class _SwiGLU(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)) for bias-free layers; keeps x, gate(x), up(x)."""
+    """down(silu(gate(x)) * up(x)) for bias-free layers; keeps x, gate(x), up(x) (and down's output with DoRA)."""
 
     @staticmethod
     def forward(ctx, x, *flat):
-        gate, up, down = (_Parts(*flat[i : i + 6]) for i in (0, 6, 12))
-        (g, xa_g, s_g), (u, xa_u, s_u) = _linear(x, gate), _linear(x, up)  # PEFT's order of draws: gate, up, down
-        out, xa_d, s_d = _linear(F.silu(g).mul_(u), down)
-        ctx.save_for_backward(
-            x, g, u, xa_g, xa_u, xa_d, *(t for p in (gate, up, down) for t in (_saveable(p.weight), p.lora_a, p.lora_b))
-        )
+        gate, up, down = (_Parts(*flat[i : i + FIELDS]) for i in range(0, 3 * FIELDS, FIELDS))
+        # PEFT's order of draws: gate, up, down
+        (g, xa_g, s_g, c_g, z_g), (u, xa_u, s_u, c_u, z_u) = _linear(x, gate), _linear(x, up)
+        out, xa_d, s_d, c_d, z_d = _linear(F.silu(g).mul_(u), down)
+        # what DoRA's dm reads: a layer's output, or with dropout the part c scales (`_linear`)
+        reads = [y if z is None and c is not None else z for y, z, c in ((g, z_g, c_g), (u, z_u, c_u), (out, z_d, c_d))]
+        weights = (t for p in (gate, up, down) for t in (_saveable(p.weight), p.lora_a, p.lora_b, p.magnitude))
+        ctx.save_for_backward(x, g, u, xa_g, xa_u, xa_d, c_g, c_u, c_d, *reads, *weights)
         ctx.compact = [_decoded(p.weight) for p in (gate, up, down)]
         ctx.scales = gate.scale, up.scale, down.scale
         ctx.dropouts, ctx.states = (gate.dropout, up.dropout, down.dropout), (s_g, s_u, s_d)
@@ -278,43 +346,26 @@ class _SwiGLU(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, g, u, xa_g, xa_u, xa_d, *w = ctx.saved_tensors
-        gate, up, down = (
-            _Parts(ctx.compact[k] or w[3 * k], None, w[3 * k + 1], w[3 * k + 2], ctx.scales[k], ctx.dropouts[k])
-            for k in range(3)
-        )
+        x, g, u, xa_g, xa_u, xa_d, c_g, c_u, c_d, read_g, read_u, read_d, *w = ctx.saved_tensors
+        layers = []
+        for k in range(3):  # each layer's (weight, A, B, m)
+            weight, a, b, magnitude = w[4 * k : 4 * k + 4]
+            layers.append(_Parts(ctx.compact[k] or weight, None, a, b, ctx.scales[k], ctx.dropouts[k], magnitude))
+        gate, up, down = layers
         s_g, s_u, s_d = ctx.states
         silu = F.silu(g)
-        grad_h, grad_da, grad_db = _linear_backward(grad, silu * u, down, xa=xa_d, state=s_d)
+        grad_h, *grads_d = _linear_backward(grad, silu * u, down, xa=xa_d, state=s_d, c=c_d, read=read_d)
         grad_u = grad_h * silu
         del silu
         # silu'(g) applied by ATen's own kernel, in place: one pass instead of six
         grad_g = torch.ops.aten.silu_backward.grad_input(grad_h.mul_(u), g, grad_input=grad_h)
-        grad_x, grad_ga, grad_gb = _linear_backward(grad_g, x, gate, ctx.needs_input_grad[0], xa_g, s_g)
-        grad_x_up, grad_ua, grad_ub = _linear_backward(grad_u, x, up, ctx.needs_input_grad[0], xa_u, s_u)
+        grad_x, *grads_g = _linear_backward(grad_g, x, gate, ctx.needs_input_grad[0], xa_g, s_g, c_g, read_g)
+        grad_x_up, *grads_u = _linear_backward(grad_u, x, up, ctx.needs_input_grad[0], xa_u, s_u, c_u, read_u)
         if grad_x is not None:
             grad_x += grad_x_up
-        return (
-            grad_x,
-            None,
-            None,
-            grad_ga,
-            grad_gb,
-            None,
-            None,
-            None,
-            None,
-            grad_ua,
-            grad_ub,
-            None,
-            None,
-            None,
-            None,
-            grad_da,
-            grad_db,
-            None,
-            None,
-        )
+        # per layer: weight, bias, A, B, scale, dropout, magnitude
+        per_layer = [(None, None, ga, gb, None, None, gm) for ga, gb, gm in (grads_g, grads_u, grads_d)]
+        return (grad_x, *(t for layer in per_layer for t in layer))
 
 
 @functools.cache  # asked at every layer call; an import that fails (bitsandbytes skipped: memory.skip_unused_imports)
@@ -370,10 +421,25 @@ def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
     a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
     if not adapter_fits(a.dtype, x.dtype) or a.dtype != b.dtype:
         return None
+    magnitude = _magnitude(layer, name)
+    if magnitude is not None and not adapter_fits(magnitude.dtype, x.dtype):
+        return None
     base = _frozen(layer.base_layer, x)
     drop = layer.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    return None if base is None else base._replace(lora_a=a, lora_b=b, scale=layer.scaling[name], dropout=p)
+    return None if base is None else base._replace(lora_a=a, lora_b=b, scale=layer.scaling[name], dropout=p,
+                                                   magnitude=magnitude)  # fmt: skip
+
+
+def _magnitude(layer, name: str) -> torch.Tensor | None:
+    """DoRA's trained magnitude vector m of a layer's adapter `name`, or None for plain LoRA."""
+    return layer.lora_magnitude_vector[name].weight if name in getattr(layer, "lora_variant", {}) else None
+
+
+def _is_dora(variant) -> bool:
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return type(variant) is DoraLinearVariant
 
 
 def _layer_reason(layer) -> str | None:
@@ -386,10 +452,11 @@ def _layer_reason(layer) -> str | None:
     if len(active) != 1 or active[0] not in layer.lora_A:
         return "several active adapters"
     name = active[0]
-    if name in getattr(layer, "lora_variant", {}):
+    drop = layer.lora_dropout[name]
+    if name in getattr(layer, "lora_variant", {}) and not _is_dora(layer.lora_variant[name]):
         return f"a LoRA variant ({type(layer.lora_variant[name]).__name__})"
-    if type(layer.lora_dropout[name]) not in (nn.Identity, nn.Dropout):
-        return f"a {type(layer.lora_dropout[name]).__name__} on the LoRA input"
+    if type(drop) not in (nn.Identity, nn.Dropout):
+        return f"a {type(drop).__name__} on the LoRA input"
     if type(layer.base_layer) not in (nn.Linear, CompactLinear) and not _is_4bit(layer.base_layer):
         return f"a {type(layer.base_layer).__name__} base layer"
     if getattr(layer, "fan_in_fan_out", False):
@@ -436,9 +503,9 @@ def why_not(model) -> str | None:
     return None if not reasons or None in reasons else reasons[0]
 
 
-def _routed(model) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.dtype]]:
-    """(layer, A, B, the dtype of the inputs it takes this path on) for each PEFT LoRA layer routed here
-    (`enable`) that takes it whatever its input, given an input in that dtype."""
+def _routed(model) -> list[tuple[nn.Module, tuple[torch.Tensor, ...], torch.dtype]]:
+    """(layer, its trained weights: A, B and DoRA's m, the dtype of the inputs it takes this path on) for each PEFT
+    LoRA layer routed here (`enable`) that takes it whatever its input, given an input in that dtype."""
     found = []
     for m in _lora_layers(model):
         if not hasattr(m, "_peft_forward") or _layer_reason(m) is not None:
@@ -451,9 +518,10 @@ def _routed(model) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.dt
         else:
             dtype = None if base.weight.requires_grad else base.weight.dtype
         name = m.active_adapters[0]
-        a, b = m.lora_A[name].weight, m.lora_B[name].weight
-        if dtype is not None and adapter_fits(a.dtype, dtype) and a.dtype == b.dtype:
-            found.append((m, a, b, dtype))
+        a, b, magnitude = m.lora_A[name].weight, m.lora_B[name].weight, _magnitude(m, name)
+        trained = (a, b) if magnitude is None else (a, b, magnitude)
+        if dtype is not None and all(adapter_fits(t.dtype, dtype) for t in trained) and a.dtype == b.dtype:
+            found.append((m, trained, dtype))
     return found
 
 
@@ -465,9 +533,10 @@ def covered_dropouts(model) -> list[nn.Module]:
 
 
 def bf16_adapters(model) -> list[torch.Tensor]:
-    """The A and B weights of the PEFT LoRA layers routed here (`enable`) that take this path in a bf16 pass
-    whatever their input: a frozen bf16 nn.Linear or 4-bit base (dequantized to bf16), an fp32 or bf16 adapter."""
-    return [t for _, a, b, dtype in _routed(model) if dtype == torch.bfloat16 for t in (a, b)]
+    """The A and B weights (and DoRA's m) of the PEFT LoRA layers routed here (`enable`) that take this path in a
+    bf16 pass whatever their input: a frozen bf16 nn.Linear or 4-bit base (dequantized to bf16), an fp32 or bf16
+    adapter."""
+    return [t for _, trained, dtype in _routed(model) if dtype == torch.bfloat16 for t in trained]
 
 
 def enable(model) -> int:

@@ -31,11 +31,6 @@ class MethodConfig(BaseModel):
     # as config.Section: YAML's .inf / .nan are no setting (they pass `gt=0` checks)
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True, allow_inf_nan=False)
 
-    def measured_as(self) -> str:
-        """The name this run goes by in tunelab/bf16_table.py's MEASURED_BF16 (whether `model.dtype: auto` takes bf16
-        on a CPU): the method's, or a variant's where a setting makes it another computation (lora's DoRA)."""
-        return self.name
-
 
 @dataclass(frozen=True)
 class Capabilities:

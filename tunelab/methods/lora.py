@@ -36,9 +36,9 @@ class Config(MethodConfig):
     )
     use_dora: bool = Field(
         False,
-        description="DoRA: a trained magnitude per output row times the direction W + BA. Slower: it leaves "
-        "tunelab/accel's fast LoRA path (PEFT's forward; under model.dtype: auto bf16 autocast on SFT / pretraining "
-        "where the CPU has native bf16, fp32 otherwise); a GGUF LoRA export refuses it (export the merged model).",
+        description="DoRA: a trained magnitude per output row times the direction W + BA. With LoRA dropout each "
+        "adapted layer multiplies W by the dropped input too (PEFT's DoRA), two big matmuls instead of one: "
+        "dropout: 0 is faster. A GGUF LoRA export refuses it (export the merged model).",
     )
     loraplus_lr_ratio: float | None = Field(
         None,
@@ -46,9 +46,6 @@ class Config(MethodConfig):
         description="LoRA+: B's learning rate is this many times training.lr (A's); the paper suggests 16. "
         "null: one learning rate.",
     )
-
-    def measured_as(self) -> str:  # DoRA leaves the fast LoRA path: its bf16 is measured apart (MEASURED_BF16)
-        return f"{self.name}-dora" if self.use_dora else self.name
 
 
 def peft_config(cfg: Config, model):

@@ -123,9 +123,8 @@ def train(
     speed = accel.start(tcfg, device)  # accel: the allocator's settings, before the model loads
     method = get_method(cfg.method.name)
     # whether this run's bf16 is measured faster on a CPU at the same loss (bf16_table.MEASURED_BF16)
-    kind = cfg.method.measured_as()  # lora's DoRA goes by a name of its own
-    measured = measured_bf16(kind, cfg.stage, speed.on, tcfg.master_weights)
-    precision = choose_precision(cfg.model.dtype, device, measured=measured, run=f"{kind} on {cfg.stage}")
+    measured = measured_bf16(cfg.method.name, cfg.stage, speed.on, tcfg.master_weights)
+    precision = choose_precision(cfg.model.dtype, device, measured=measured, run=f"{cfg.method.name} on {cfg.stage}")
     # this run's loads and passes take `auto` as resolved for it (bf16 on a CPU with native bf16 where MEASURED_BF16
     # says so); the result keeps `auto`, for whatever host loads it next
     loaded = resolved_dtype(cfg, precision)
