@@ -285,3 +285,26 @@ def test_lora_over_a_4bit_base_takes_the_fast_path_with_pefts_loss_and_gradients
     with torch.no_grad():
         fast, plain = model(**batch).logits.float(), slow.eval()(**batch).logits.float()
     assert float((fast - plain).norm() / plain.norm()) < tol
+
+
+def test_doras_weight_norms_are_kept_until_the_frozen_weight_changes():
+    torch.manual_seed(0)
+    method = get("lora")
+    model = _dora(method.apply(tiny_llama(), method.Config(r=4, alpha=8, dropout=0.0, use_dora=True)))
+    fast_lora.enable(model)
+    ids = lm_batch(1, 12)["input_ids"]
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        model(input_ids=ids)
+        kept = layer.base_layer.weight._tunelab_squared_norms[1]
+        torch.testing.assert_close(kept, layer.base_layer.weight.pow(2).sum(1))
+        model(input_ids=ids)
+        assert layer.base_layer.weight._tunelab_squared_norms[1] is kept  # once per weight, not per call
+        layer.base_layer.weight.mul_(2)  # in place: a new version
+        fast = model(input_ids=ids).logits
+        torch.testing.assert_close(layer.base_layer.weight._tunelab_squared_norms[1], 4 * kept)
+        layer.base_layer.weight.data = layer.base_layer.weight.data / 2  # new data, as PEFT's unmerge sets it
+        model(input_ids=ids)
+        torch.testing.assert_close(layer.base_layer.weight._tunelab_squared_norms[1], kept)
+        layer.base_layer.weight.mul_(2)
+        torch.testing.assert_close(fast, _peft_only(model)(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -54,8 +54,8 @@ MLP then keeps all four [tokens, intermediate] tensors.
 DoRA (PEFT's `use_dora`): y = c (W + s B A) x + bias with c = m / ||W + s B A|| per output row, m trained and the
 norm a constant to autograd (PEFT's choice, after the paper's section 4.3). Each call takes c from the decoded W
 without forming W + s B A: row by row ||W + s B A||^2 = ||W||^2 + 2 s (W A^T) . B + s^2 (B A A^T) . B, products of
-r columns, in fp32 whatever W's dtype. Where the adapter folds, the folded rows are scaled by c; elsewhere the
-output is (an fp32 c, so a bf16 output is rounded once). The backward pass is LoRA's for the gradient scaled by c,
+r columns, in fp32 whatever W's dtype (||W||^2 once per weight: it is frozen). Where the adapter folds, the folded
+rows are scaled by c; elsewhere the output is (as y + y (c - 1) in bf16 passes: `_times`). The backward pass is LoRA's for the gradient scaled by c,
 plus dm = sum over rows of g y / m, read off the saved output (which the next op mostly keeps anyway). With LoRA
 dropout PEFT's DoRA computes y = W x + (c - 1) W d(x) + c s B A d(x): W meets the input and the dropped input, two
 big matmuls a pass here as there, and c (W + s B A) d(x) is kept for dm. PEFT's own forward instead forms W + s B A
@@ -191,12 +191,37 @@ def _folded(p: _Parts) -> torch.Tensor:
     return torch.addmm(p.weight, p.lora_b, p.lora_a, alpha=p.scale, out=scratch(p.weight.shape, p.weight.device))
 
 
+def _squared_norms(p: _Parts, dense: torch.Tensor) -> torch.Tensor:
+    """||W||^2 per output row of the frozen W in fp32, computed once per weight (`dense`: W decoded now) and kept on
+    it. A dense weight changed in place (a load) is seen by its version counter, one given new data (PEFT's merge
+    and unmerge set `.data`) by its data pointer; a compact or 4-bit one is immutable. Two thread shares may compute
+    it at once: either's result is the same."""
+    weight = p.weight
+    holder = weight.state if isinstance(weight, FourBitWeight) else weight  # a FourBitWeight is made at each call
+    version = (weight._version, weight.data_ptr()) if isinstance(weight, torch.Tensor) else 0
+    found = getattr(holder, "_tunelab_squared_norms", None)
+    if found is None or found[0] != version:
+        found = (version, torch.linalg.vector_norm(dense, dim=1, dtype=torch.float32).square_())
+        holder._tunelab_squared_norms = found
+    return found[1]
+
+
+def _times(t: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """t c per column (into `out`, which may be t), c in fp32: for a bf16 t as t + t (c - 1), with c - 1 (small)
+    in bf16, which holds it to 2^-9 of itself, so the product is rounded once as t c in fp32 would be (measured:
+    the same largest error, no bias), and runs ~2.3x faster than a bf16 t times an fp32 c."""
+    if t.dtype == c.dtype:
+        return torch.mul(t, c, out=out)
+    return torch.addcmul(t, t, (c - 1).to(t.dtype), out=out)
+
+
 def _dora_scale(p: _Parts, weight: torch.Tensor) -> torch.Tensor:
     """DoRA's c = m / ||W + s B A|| per output row in fp32, from the dense W, without forming W + s B A (or an fp32
     copy of a bf16 W): row by row ||W + s B A||^2 = ||W||^2 + 2 s (W A^T) . B + s^2 (B A A^T) . B, products of r
-    columns. The norm is a constant to autograd, as in PEFT and the paper (its section 4.3)."""
+    columns (||W||^2 once per weight). The norm is a constant to autograd, as in PEFT and the paper (its section
+    4.3)."""
     a, b = p.lora_a.float(), p.lora_b.float()
-    squared = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square_()
+    squared = _squared_norms(p, weight).clone()
     squared.add_((weight @ p.lora_a.to(weight.dtype).t()).float().mul_(b).sum(1), alpha=2 * p.scale)
     squared.add_((b @ (a @ a.t())).mul_(b).sum(1), alpha=p.scale**2)
     return p.magnitude / squared.sqrt_()
@@ -229,7 +254,8 @@ def _linear(x: torch.Tensor, p: _Parts):
         if c is not None:  # DoRA with dropout, as PEFT: W x + (c - 1) W d(x) + c s B A d(x) = W (x - d(x)) + c W' d(x)
             scaled = F.linear(dropped, weight).mul_(1 / (1 - p.dropout))  # W d(x): a second big matmul, as PEFT's
             out.sub_(scaled)
-            scaled.addmm_(xa, lora_b.t(), alpha=_scale(p)).mul_(c)  # c (W + s B A) d(x)
+            scaled.addmm_(xa, lora_b.t(), alpha=_scale(p))
+            _times(scaled, c, out=scaled)  # c (W + s B A) d(x)
             out.add_(scaled)
         del dropped
     else:
@@ -238,7 +264,7 @@ def _linear(x: torch.Tensor, p: _Parts):
         out.addmm_(xa, lora_b.t(), alpha=_scale(p))
     if c is not None:
         if not p.dropout:  # an fp32 c: a bf16 output rounded once after the product, not c rounded to bf16 first
-            out.mul_(c)
+            _times(out, c, out=out)
         if p.bias is not None:
             out.add_(p.bias)
     return out.view(*x.shape[:-1], -1), xa, state, c, scaled
@@ -259,8 +285,9 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: boo
     gc = g  # the gradient at the adapter's output (scaled by c with DoRA)
     if c is not None:
         # a magnitude of exactly 0 would divide 0 by 0 here; PEFT's own forward gives NaN where a row's norm is 0
-        grad_m = (g * read.reshape(g.shape)).sum(0, dtype=torch.float32).div_(p.magnitude).to(p.magnitude.dtype)
-        gc = torch.mul(g, c, out=torch.empty_like(g))  # in fp32, rounded once to a bf16 g
+        # a bf16 sum accumulates in fp32 and rounds once (summing with dtype=fp32 copies the product first)
+        grad_m = (g * read.reshape(g.shape)).sum(0).to(p.magnitude.dtype).div_(p.magnitude)
+        gc = _times(g, c)
     master = p.lora_a.dtype  # dA and dB are returned in it (fp32 master weights of a bf16 pass)
     lora_a, lora_b = _low_rank(p, x.dtype)
     g_b = gc @ lora_b  # [rows, r]: for dA, and for dx when not folded
@@ -272,7 +299,7 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: boo
             if c is None:
                 at_dropped = (g_b @ lora_a).mul_(scale)
             else:  # DoRA: d(x) met W too, scaled by c - 1
-                at_dropped = torch.mul(g, c - 1, out=torch.empty_like(g)) @ weight
+                at_dropped = torch.mul(g, (c - 1).to(g.dtype)) @ weight  # c - 1 held by bf16 to 2^-9 of itself
                 at_dropped.mul_(1 / (1 - p.dropout)).addmm_(g_b, lora_a, alpha=scale)
             grad_x = (g @ weight).add_(at_dropped.mul_(keep))
             del at_dropped

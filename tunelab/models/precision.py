@@ -126,8 +126,8 @@ def choose_precision(
 ) -> Precision:
     """`model.dtype` (`setting`) resolved on `device`: the weights' dtype, whether to autocast, and why. `measured`:
     a kind of training run whose bf16 is measured faster on a CPU at the same loss (`bf16_table.measured_bf16`); every other
-    load resolves `auto` to fp32 on a CPU (module doc). `run` names the training run in the reason ("lora-dora on
-    sft")."""
+    load resolves `auto` to fp32 on a CPU (module doc). `run` names the training run in the reason ("ia3 on
+    dpo")."""
     import torch
 
     device = torch.device(device)
