@@ -102,6 +102,24 @@ def test_bf16_dora_on_the_fast_path_is_no_farther_from_fp32_than_pefts_autocast(
         assert _relative(g_fast[k], g_fp32[k]) < 2 * _relative(g_peft[k].float(), g_fp32[k]) + 0.01, k
 
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_a_new_dora_adapter_over_a_bf16_base_is_the_base_model_in_bf16_passes(method):
+    """m taken in fp32 (PEFT takes it in bf16 over a bf16 base: every row of step 0 scaled by up to 2^-9)."""
+    torch.manual_seed(0)
+    mod = get(method)
+    extra = {"compute_dtype": "auto"} if method == "qlora" else {}
+    model = mod.apply(tiny_llama().to(torch.bfloat16), mod.Config(r=4, alpha=8, dropout=0.0, use_dora=True, **extra))
+    magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert len(magnitudes) == 14 and all(m.dtype == torch.float32 for m in magnitudes)
+    fast_lora.enable(model)
+    ids = lm_batch(2, 20)["input_ids"]
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert torch.equal(adapted, base)
+
+
 def test_bf16_fast_path_with_lora_dropout_draws_the_fp32_paths_masks():
     """The masks depend on the generator and the input's shape only: bf16 and fp32 passes from one seed drop the
     same elements, so their gradients agree to bf16's rounding (and not at all with other masks)."""

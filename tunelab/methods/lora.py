@@ -80,7 +80,30 @@ def lr_scales(model, cfg: Config) -> dict:
 
 def apply(model, cfg: Config):
     # plain PEFT; the training loop's accel.prepare routes the layers through tunelab/accel/fast_lora.py
-    return wrap_peft(model, peft_config(cfg, model))
+    model = wrap_peft(model, peft_config(cfg, model))
+    if cfg.use_dora:
+        dora_magnitudes_in_fp32(model)
+    return model
+
+
+def dora_magnitudes_in_fp32(model) -> None:
+    """Each new DoRA magnitude m = ||W + s B A|| per row (W as the layer computes with it: dequantized over a 4-bit
+    base) taken in fp32 and kept in fp32. PEFT takes it in the weight's dtype: over a bf16 base m would be rounded
+    to bf16 (2^-9), so step 0 would scale every adapted row by up to that much instead of being the base model
+    (fast_lora computes the norm in fp32), and an adapter trained over bf16 would carry the rounding to a user's fp32
+    base."""
+    import torch
+    from peft.utils.integrations import dequantize_module_weight
+
+    for module in model.modules():
+        magnitudes = getattr(module, "lora_magnitude_vector", None)
+        if not magnitudes:
+            continue
+        weight = dequantize_module_weight(module.get_base_layer()).float()
+        for name, magnitude in magnitudes.items():
+            delta = module.lora_B[name].weight.float() @ module.lora_A[name].weight.float()
+            norm = torch.linalg.vector_norm(weight + module.scaling[name] * delta, dim=1)
+            magnitude.weight.data = norm.to(magnitude.weight.device)
 
 
 save, load, merge = save_peft, load_peft, merge_peft

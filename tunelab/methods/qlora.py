@@ -329,6 +329,8 @@ def apply(model, cfg: Config):
     device = next(model.parameters()).device
     info = _prepare(model, cfg, device)
     peft_model = wrap_peft(model, lora.peft_config(cfg, model))
+    if cfg.use_dora:
+        lora.dora_magnitudes_in_fp32(peft_model)
     peft_model.get_base_model()._tunelab_qlora = _meta(cfg, info)
     return peft_model
 
