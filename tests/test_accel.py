@@ -202,11 +202,14 @@ def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_p
     fused = []
     monkeypatch.setattr(head._HeadCrossEntropy, "apply",
                         lambda *a, _f=head._HeadCrossEntropy.apply: fused.append(1) or _f(*a))  # fmt: skip
-    mlps = []
+    mlps, fast_mlps = [], []
     monkeypatch.setattr(swiglu._SwiGLU, "apply", lambda *a, _f=swiglu._SwiGLU.apply: mlps.append(1) or _f(*a))
+    monkeypatch.setattr(fast_lora._SwiGLU, "apply",
+                        lambda *a, _f=fast_lora._SwiGLU.apply: fast_mlps.append(1) or _f(*a))  # fmt: skip
     auto, auto_m = run("auto")
     assert fused  # every method here takes the fused head under auto
-    assert bool(mlps) == (method in ("full", "prompt", "prefix"))  # LoRA's MLPs are fast LoRA's own
+    # LoRA's MLPs are fast LoRA's own, and so are a soft prompt's over its compact frozen body
+    assert bool(mlps) == (method == "full") and bool(fast_mlps) == (method != "full")
     if method in ("lora", "lora-dropout", "full"):
         assert bool(calls) == (method == "lora")  # full: most parameters train, no shares
     fused.clear()

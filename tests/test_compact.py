@@ -264,3 +264,36 @@ def test_compact_frozen_takes_a_list_of_module_names():
         {"model": {"name": "x"}, "data": {"train": "t.json"}}, ["training.compact_frozen=[embed_tokens,down_proj]"]
     )
     assert cfg.training.compact_frozen == ["embed_tokens", "down_proj"]
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_a_soft_prompts_frozen_body_is_kept_compact_and_trains_as_dense(method):
+    """Prompt and prefix tuning: every frozen linear of the body compact (not the head, not the token table,
+    which PEFT reads through a reference of its own), the MLPs on fast LoRA's function (it decodes where used);
+    the same loss and virtual-token gradients as the dense model, and `expand_compact` gives the body back."""
+    from tunelab.accel import fast_lora
+    from tunelab.accel.compact import expand_compact, prompt_learning
+    from tunelab.methods import get
+
+    torch.manual_seed(0)
+    mod = get(method)
+    dense = mod.apply(_gguf_llama(), mod.Config(num_virtual_tokens=4))
+    model = copy.deepcopy(dense)
+    assert prompt_learning(model) and not prompt_learning(tiny_llama())
+    fast_lora.enable(model)  # as accel's prepare does for a soft prompt whose body it compacts
+    n, saved = compact_frozen_linears(model)
+    assert n == 14 and saved > 0  # 2 blocks x (q, k, v, o, gate, up, down)
+    body = model.get_base_model()
+    assert type(body.lm_head) is torch.nn.Linear and type(body.model.embed_tokens) is torch.nn.Embedding
+    mlps = [layer.mlp for layer in body.model.layers]
+    assert all(type(getattr(m, k)) is CompactLinear for m in mlps for k in ("gate_proj", "up_proj", "down_proj"))
+    ids = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+    loss, grads = _loss_and_grads(model, batch)
+    loss_dense, grads_dense = _loss_and_grads(dense, batch)
+    torch.testing.assert_close(loss, loss_dense, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == grads_dense.keys() and len(grads) > 0
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads_dense[k], rtol=1e-4, atol=1e-6)
+    assert expand_compact(model) == 14
+    assert not any(type(m) is CompactLinear for m in model.modules())

@@ -539,10 +539,10 @@ class TrainingConfig(Section):
     )
     compact_frozen: bool | list[str] = Field(
         True,
-        description="LoRA: keep each frozen fp32 base weight in the compact form its values came from (the "
-        "8-bit blocks of a GGUF model, or bf16) when it decodes back bit for bit, and decode it where a matmul "
-        "needs it: the same training to the bit, ~300 MB less for the default model, one elementwise pass per "
-        "weight use. A list compacts only the modules with those names in their path (e.g. [embed_tokens] "
+        description="LoRA (and prompt / prefix tuning: every frozen linear layer of the body): keep each frozen "
+        "fp32 base weight in the compact form its values came from (the 8-bit blocks of a GGUF model, or bf16) when "
+        "it decodes back bit for bit, and decode it where a matmul needs it: the same training to the bit, ~300 MB "
+        "less for the default model, one elementwise pass per weight use. A list compacts only the modules with those names in their path (e.g. [embed_tokens] "
         "for the token table and the head tied to it, [mlp], [down_proj]): a middle way between memory and "
         "speed. One process only. See docs/performance.md.",
     )

@@ -23,7 +23,7 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 | fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward (under autocast too when the weight is bf16) | the norm is another formula, an fp32 weight beside a bf16 input |
 | packed attention | attention.py | one causal attention call per packed example (its backward in fp32 on bf16 inputs for examples under 384 tokens: faster there on a CPU); unpacked right-padded rows (prompt tuning's after their soft prompt; prefix tuning's each after the one prefix of keys) laid end to end by the loss, no compute on padding | attention not SDPA; prefix tuning: a sliding window, a prefix not in a DynamicCache |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept (under a CPU's bf16 autocast too) | a head with a bias, autocast off a CPU |
-| compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from, LoRA's linears so from the load on (`load_plan`) | compact_frozen: false, several processes, no exact form, bf16 weights |
+| compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from, LoRA's linears so from the load on (`load_plan`); a soft prompt's (prompt / prefix tuning) frozen body too, its MLPs then on fast LoRA's SwiGLU function | compact_frozen: false, several processes, no exact form, bf16 weights |
 | thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout outside fast LoRA, LoRA dropout with gradient checkpointing, most parameters train, dpo + PEFT, bf16 autocast, pass_threads: 1 |
 | shape buckets | memory.py (`shape_bucket`) | in bf16 on a CPU, batch widths, packed examples' attention and the head's label count rounded up to a multiple of 32: oneDNN keeps a kernel per shape | fp32 (MKL keeps none), not a CPU |
 | bf16 AdamW step | sr_adamw.py | bf16 weights (`training.master_weights`): AdamW with stochastic rounding as one C loop, compiled at first use (`cc`), gradient clipping's factor inside it | no C compiler or a failed build (the log's `bf16 AdamW step:` line says), not a CPU |
@@ -81,6 +81,11 @@ class Speed:
         self.autocast = False  # whether the passes need bf16 autocast (set by `prepare`)
         self.clean_cache = None  # tbbmalloc's cached blocks handed back after each step (memory.py; `start`)
 
+    def _compacts(self, cfg, multi: bool) -> bool:
+        """Whether `prepare` makes frozen weights compact: fp32 ones, in one process, unless compact_frozen: false."""
+        fp32 = compute_dtype(cfg.model.dtype, self.device) == torch.float32
+        return bool(self.on and self.tcfg.compact_frozen and not multi and fp32)
+
     def load_plan(self, cfg, multi: bool):
         """The plan the base model loads with (models/streaming.py) when LoRA's frozen linears will be kept
         compact anyway: each made compact as it is read, so the whole model never exists in fp32 (compact.py,
@@ -124,6 +129,9 @@ class Speed:
             else:
                 over = " over 4-bit bases" if getattr(unwrap(model), "is_loaded_in_4bit", False) else ""
                 self.pieces.append(f"fast LoRA ({n} layers{over})")
+        if not routed and self._compacts(cfg, multi) and compact.prompt_learning(model):
+            fast_lora.enable(model)  # its SwiGLU function decodes the compact weights (soft_prompt_body) where used
+            self.pieces.append("SwiGLU MLPs as one function over the compact frozen weights (fast LoRA's)")
         if n := swiglu.install(model):  # the MLPs fast LoRA did not take: plain Linear layers (full, freeze ...)
             self.pieces.append(f"SwiGLU MLPs as one function ({n}): gate(x) and up(x) kept, their product made again")
         if n := norm.install(model):

@@ -292,7 +292,8 @@ class CompactEmbedding(_Compact):
 
 def compact_frozen_linears(model, only: list[str] | None = None) -> tuple[int, int]:
     """Replace every frozen fp32 nn.Linear under a PEFT LoRA layer (its base layer) whose weight has an
-    exact compact form by a CompactLinear, and then the frozen token table (with a head tied to it).
+    exact compact form by a CompactLinear, and then the frozen token table (with a head tied to it); in a
+    prompt- or prefix-tuned model, every frozen linear layer of the body (`soft_prompt_body`).
     `only`: compact just the modules with one of these names in their dotted path (`down_proj`, `mlp`,
     `embed_tokens`; `lm_head` names a tied table too): less memory saved, fewer decodes per step.
     A base made compact while the model loaded (`load_plan`) counts as compacted here; one that no LoRA layer
@@ -325,8 +326,43 @@ def compact_frozen_linears(model, only: list[str] | None = None) -> tuple[int, i
     _expand_unwrapped(model, wrapped)
     table = _compact_embeddings(model, only) if lora else 0
     n, saved = n + (table > 0), saved + table
+    body = soft_prompt_body(model, only) if not lora else (0, 0)
+    n, saved = n + body[0], saved + body[1]
     if saved:
         _own_storage(model)
+    return n, saved
+
+
+def prompt_learning(model) -> bool:
+    """Whether `model` is a PEFT prompt- or prefix-tuned model: only its virtual tokens train."""
+    peft_cfg = getattr(model, "active_peft_config", None)
+    return getattr(peft_cfg, "peft_type", None) in ("PROMPT_TUNING", "PREFIX_TUNING")
+
+
+def soft_prompt_body(model, only: list[str] | None = None) -> tuple[int, int]:
+    """In a prompt- or prefix-tuned model, every frozen fp32 nn.Linear of the body but the output head made a
+    CompactLinear (their weights are read by their own forward only; the MLPs around them must run fast_lora's
+    SwiGLU function, which decodes a compact weight where used, not swiglu.py's, which would keep each decoded
+    weight for the backward pass). The token table stays: PEFT keeps a reference of its own to it for the virtual
+    tokens. Returns (weights compacted, bytes saved)."""
+    from tunelab.models.loading import unwrap
+
+    if not prompt_learning(model):
+        return 0, 0
+    inner = unwrap(model)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    n = saved = 0
+    for name, module in list(inner.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not nn.Linear or child is head or child.weight.requires_grad:
+                continue
+            if child.weight.dtype != torch.float32 or not _named(f"{name}.{child_name}", only):
+                continue
+            compact = encode(child.weight)
+            if compact is None:
+                continue
+            setattr(module, child_name, _with_hooks(CompactLinear(child, compact), child))
+            n, saved = n + 1, saved + child.weight.numel() * 4 - compact.nbytes
     return n, saved
 
 
@@ -450,11 +486,11 @@ def expand_compact(model) -> int:
             linear.weight = table.weight
             inner.set_output_embeddings(linear)
         n += 1
-    for module in model.modules():
-        base = getattr(module, "base_layer", None)
-        if type(base) is CompactLinear:
-            module.base_layer = _dense_linear(base)
-            n += 1
+    for module in list(model.modules()):  # LoRA's base layers, a soft-prompt model's body
+        for name, child in list(module.named_children()):
+            if type(child) is CompactLinear:
+                setattr(module, name, _with_hooks(_dense_linear(child), child))
+                n += 1
     return n
 
 
