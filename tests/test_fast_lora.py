@@ -195,11 +195,20 @@ def test_keep_mask_is_drawn_again_from_its_state():
     assert torch.equal(fast_lora.keep_mask(x, 0.05, own_state)[0], own)
 
 
-def test_dropout_under_gradient_checkpointing_is_peft_dropout(monkeypatch):
+@pytest.mark.parametrize("dora", [False, True])
+def test_dropout_under_gradient_checkpointing_is_peft_dropout(monkeypatch, dora):
     """The recomputed forward (torch's generator restored) and the backward's draw give the masks of the
-    first forward: the same gradients as PEFT's layers (drawing the same masks) under checkpointing."""
-    model = _lora_model(dropout=0.3).train()
-    peft = _peft_only(model).train()
+    first forward: the same gradients as PEFT's layers (drawing the same masks) under checkpointing; with DoRA too
+    (whose backward reads a saved output of the recomputed forward)."""
+    if dora:
+        torch.manual_seed(0)
+        method = get("lora")
+        model = _dora(method.apply(tiny_llama(), method.Config(r=4, alpha=8, dropout=0.3, use_dora=True))).train()
+        peft = copy.deepcopy(model)
+        fast_lora.enable(model)
+    else:
+        model = _lora_model(dropout=0.3).train()
+        peft = _peft_only(model).train()
     grads = []
     for m in (model, peft):
         if m is peft:
