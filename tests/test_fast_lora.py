@@ -317,3 +317,35 @@ def test_doras_weight_norms_are_kept_until_the_frozen_weight_changes():
         torch.testing.assert_close(layer.base_layer.weight._tunelab_squared_norms[1], kept)
         layer.base_layer.weight.mul_(2)
         torch.testing.assert_close(fast, _peft_only(model)(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "qwen2"])  # every base with a bias; Qwen2's q, k and v
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_over_biased_bases_gives_pefts_outputs_and_gradients(monkeypatch, arch, dropout):
+    from tunelab.testing import tiny_bert, tiny_causal
+
+    torch.manual_seed(0)
+    method = get("lora")
+    base = tiny_bert() if arch == "bert" else tiny_causal("qwen2")
+    model = _dora(method.apply(base, method.Config(r=4, alpha=8, dropout=dropout, use_dora=True)))
+    slow = copy.deepcopy(model)
+    fast_lora.enable(model)
+    assert any(getattr(m.base_layer, "bias", None) is not None for m in model.modules() if hasattr(m, "base_layer"))
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+
+    def run(m):
+        m.zero_grad()
+        torch.manual_seed(3)
+        logits = m(input_ids=ids).logits
+        logits.pow(2).mean().backward()
+        return logits.detach(), {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+
+    calls = _counting(monkeypatch)
+    fast, g_fast = run(model)
+    assert calls  # the biased layers took the fast path
+    dropout_drawing_fast_masks(monkeypatch)
+    plain, g_plain = run(slow)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert g_fast.keys() == g_plain.keys() and any("lora_magnitude_vector" in k for k in g_fast)
+    for k in g_fast:
+        torch.testing.assert_close(g_fast[k], g_plain[k], rtol=1e-4, atol=1e-6, msg=k)
