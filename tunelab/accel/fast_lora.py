@@ -552,6 +552,16 @@ def _routed(model) -> list[tuple[nn.Module, tuple[torch.Tensor, ...], torch.dtyp
     return found
 
 
+def dora_with_dropout(model) -> int:
+    """How many DoRA layers routed here have LoRA dropout: each multiplies its frozen W by the input and by the
+    dropped input (PEFT's DoRA), twice the big products of the same layer without dropout."""
+    n = 0
+    for m, trained, _ in _routed(model):
+        drop = m.lora_dropout[m.active_adapters[0]]
+        n += len(trained) == 3 and type(drop) is nn.Dropout and drop.p > 0  # (A, B, m): DoRA
+    return n
+
+
 def covered_dropouts(model) -> list[nn.Module]:
     """The LoRA dropout modules of `model` whose masks this path draws (from `drawing_from`'s generator):
     those of PEFT LoRA layers routed here (`enable`) that take it whatever their input, given an input
