@@ -272,14 +272,15 @@ def test_a_soft_prompts_frozen_body_is_kept_compact_and_trains_as_dense(method):
     which PEFT reads through a reference of its own), the MLPs on fast LoRA's function (it decodes where used);
     the same loss and virtual-token gradients as the dense model, and `expand_compact` gives the body back."""
     from tunelab.accel import fast_lora
-    from tunelab.accel.compact import expand_compact, prompt_learning
+    from tunelab.accel.compact import expand_compact
     from tunelab.methods import get
+    from tunelab.models.loading import soft_prompt
 
     torch.manual_seed(0)
     mod = get(method)
     dense = mod.apply(_gguf_llama(), mod.Config(num_virtual_tokens=4))
     model = copy.deepcopy(dense)
-    assert prompt_learning(model) and not prompt_learning(tiny_llama())
+    assert soft_prompt(model) == method.upper() + "_TUNING" and soft_prompt(tiny_llama()) is None
     fast_lora.enable(model)  # as accel's prepare does for a soft prompt whose body it compacts
     n, saved = compact_frozen_linears(model)
     assert n == 14 and saved > 0  # 2 blocks x (q, k, v, o, gate, up, down)

@@ -57,7 +57,7 @@ import torch
 from tunelab.accel import attention, compact, fast_lora, head, memory, norm, swiglu, threads
 from tunelab.accel.threads import sharded_step
 from tunelab.data.collate import widths_rounded_to
-from tunelab.models.loading import TASK_HEADS, compute_dtype, unwrap
+from tunelab.models.loading import TASK_HEADS, compute_dtype, soft_prompt, unwrap
 from tunelab.models.loss import backbone_and_head, virtual_token_split
 
 __all__ = ["Speed", "check", "sharded_step", "start"]
@@ -82,7 +82,8 @@ class Speed:
         self.clean_cache = None  # tbbmalloc's cached blocks handed back after each step (memory.py; `start`)
 
     def _compacts(self, cfg, multi: bool) -> bool:
-        """Whether `prepare` makes frozen weights compact: fp32 ones, in one process, unless compact_frozen: false."""
+        """Whether frozen weights are made compact: fp32 ones (compact forms are fp32's), in one process, unless
+        compact_frozen: false."""
         fp32 = compute_dtype(cfg.model.dtype, self.device) == torch.float32
         return bool(self.on and self.tcfg.compact_frozen and not multi and fp32)
 
@@ -90,11 +91,9 @@ class Speed:
         """The plan the base model loads with (models/streaming.py) when LoRA's frozen linears will be kept
         compact anyway: each made compact as it is read, so the whole model never exists in fp32 (compact.py,
         `load_plan`); None: the ordinary load, compacted after `prepare`."""
+        if cfg.method.name != "lora" or not self._compacts(cfg, multi):
+            return None
         tcfg = self.tcfg
-        if not self.on or not tcfg.compact_frozen or multi or cfg.method.name != "lora":
-            return None
-        if compute_dtype(cfg.model.dtype, self.device) != torch.float32:  # compact weights are fp32's
-            return None
         return compact.load_plan(None if tcfg.compact_frozen is True else tcfg.compact_frozen, self.loaded_compact)
 
     @property
@@ -133,7 +132,7 @@ class Speed:
                     f"; DoRA with LoRA dropout on {dora} of them: W multiplies the input and the dropped input (PEFT's "
                     "DoRA), two big products a layer where dropout 0 has one (method.dropout: 0 is ~1.6x faster)"
                     if dora else ""))  # fmt: skip
-        if not routed and self._compacts(cfg, multi) and compact.prompt_learning(model):
+        if not routed and self._compacts(cfg, multi) and soft_prompt(model):
             fast_lora.enable(model)  # its SwiGLU function decodes the compact weights (soft_prompt_body) where used
             self.pieces.append("SwiGLU MLPs as one function over the compact frozen weights (fast LoRA's)")
         if n := swiglu.install(model):  # the MLPs fast LoRA did not take: plain Linear layers (full, freeze ...)
@@ -272,10 +271,8 @@ def _virtual_tokens(model) -> list[torch.Tensor]:
     """The trained weights of PEFT prompt or prefix tuning: PEFT casts the soft prompt to the input embeddings' dtype
     (prompt) and the key/value prefix to the base model's (prefix) before they enter the model, so a bf16 model's
     pass stays bf16 after them and the fp32 weights get fp32 gradients through the cast."""
-    peft_cfg = getattr(model, "active_peft_config", None)
-    if getattr(peft_cfg, "peft_type", None) not in ("PROMPT_TUNING", "PREFIX_TUNING"):
-        return []
-    if peft_cfg.peft_type == "PREFIX_TUNING" and getattr(model, "base_model_torch_dtype", None) != torch.bfloat16:
+    kind = soft_prompt(model)
+    if kind is None or (kind == "PREFIX_TUNING" and getattr(model, "base_model_torch_dtype", None) != torch.bfloat16):
         return []
     return [p for p in model.prompt_encoder.parameters() if p.requires_grad]
 

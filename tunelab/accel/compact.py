@@ -333,21 +333,15 @@ def compact_frozen_linears(model, only: list[str] | None = None) -> tuple[int, i
     return n, saved
 
 
-def prompt_learning(model) -> bool:
-    """Whether `model` is a PEFT prompt- or prefix-tuned model: only its virtual tokens train."""
-    peft_cfg = getattr(model, "active_peft_config", None)
-    return getattr(peft_cfg, "peft_type", None) in ("PROMPT_TUNING", "PREFIX_TUNING")
-
-
 def soft_prompt_body(model, only: list[str] | None = None) -> tuple[int, int]:
     """In a prompt- or prefix-tuned model, every frozen fp32 nn.Linear of the body but the output head made a
     CompactLinear (their weights are read by their own forward only; the MLPs around them must run fast_lora's
     SwiGLU function, which decodes a compact weight where used, not swiglu.py's, which would keep each decoded
     weight for the backward pass). The token table stays: PEFT keeps a reference of its own to it for the virtual
     tokens. Returns (weights compacted, bytes saved)."""
-    from tunelab.models.loading import unwrap
+    from tunelab.models.loading import soft_prompt, unwrap
 
-    if not prompt_learning(model):
+    if soft_prompt(model) is None:
         return 0, 0
     inner = unwrap(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None

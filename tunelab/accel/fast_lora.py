@@ -556,9 +556,10 @@ def dora_with_dropout(model) -> int:
     """How many DoRA layers routed here have LoRA dropout: each multiplies its frozen W by the input and by the
     dropped input (PEFT's DoRA), twice the big products of the same layer without dropout."""
     n = 0
-    for m, trained, _ in _routed(model):
-        drop = m.lora_dropout[m.active_adapters[0]]
-        n += len(trained) == 3 and type(drop) is nn.Dropout and drop.p > 0  # (A, B, m): DoRA
+    for m, _, _ in _routed(model):
+        name = m.active_adapters[0]
+        drop = m.lora_dropout[name]
+        n += _magnitude(m, name) is not None and type(drop) is nn.Dropout and drop.p > 0
     return n
 
 

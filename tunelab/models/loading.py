@@ -41,6 +41,13 @@ def unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def soft_prompt(model) -> str | None:
+    """ "PROMPT_TUNING" or "PREFIX_TUNING" for a PEFT prompt- or prefix-tuned model (only its virtual tokens train),
+    else None (other prompt-learning types too: p-tuning ... keep PEFT's own paths)."""
+    kind = getattr(getattr(model, "active_peft_config", None), "peft_type", None)
+    return kind if kind in ("PROMPT_TUNING", "PREFIX_TUNING") else None  # PEFT's PeftType is a str enum
+
+
 def no_grad(fn):
     """`torch.no_grad()` as a decorator that imports torch when `fn` first runs, not when its module is
     imported: the modules the config check reads (stages, generation, losses) then load without torch."""

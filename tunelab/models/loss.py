@@ -24,7 +24,7 @@ import inspect
 import threading
 from typing import TYPE_CHECKING
 
-from tunelab.models.loading import unwrap
+from tunelab.models.loading import soft_prompt, unwrap
 
 if TYPE_CHECKING:  # torch is imported where a model runs: the config check reads this module without it
     import torch
@@ -72,9 +72,7 @@ def virtual_token_split(model):
     caller runs it with `logits_to_keep=1` and reads the backbone's output from a hook (`at_labels`)."""
     import inspect
 
-    peft_cfg = getattr(model, "active_peft_config", None)
-    # PEFT's PeftType is a str enum: other prompt-learning types (p-tuning, ...) keep the full logits
-    if not _prompt_learning(model) or peft_cfg.peft_type not in ("PROMPT_TUNING", "PREFIX_TUNING"):
+    if soft_prompt(model) is None:  # other prompt-learning types (p-tuning, ...) keep the full logits
         return None
     inner = unwrap(model)
     split = _causal_split(inner)
