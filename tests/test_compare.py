@@ -257,9 +257,11 @@ def test_fields_added_later_keep_a_grids_cells_at_their_default(assets, tmp_path
         grid = load_grid(grid_for(assets, tmp_path / "o", methods=[{"name": "lora", "r": 4, **extra}]))
         return [c.key for c in resolve_cells(grid, tmp_path / "o", materialise=False) if c.role == "method"]
 
-    assert lora_key() == lora_key(use_dora=False, use_rslora=False, loraplus_lr_ratio=None)
-    keys = [lora_key(), lora_key(use_dora=True), lora_key(use_rslora=True), lora_key(loraplus_lr_ratio=16)]
-    assert all(len(k) == 4 for k in keys) and len({k for ks in keys for k in ks}) == 16  # 2 models x 2 tasks each
+    assert lora_key() == lora_key(use_dora=False, use_rslora=False, loraplus_lr_ratio=None, init="default",
+                                  pissa_niter=16)  # fmt: skip
+    keys = [lora_key(), lora_key(use_dora=True), lora_key(use_rslora=True), lora_key(loraplus_lr_ratio=16),
+            lora_key(init="pissa")]  # fmt: skip
+    assert all(len(k) == 4 for k in keys) and len({k for ks in keys for k in ks}) == 20  # 2 models x 2 tasks each
     for (section, name), default in HASHED_WHEN_SET:  # only ever a method field's real default
         assert section == "method" and lora.Config.model_fields[name].default == default
 

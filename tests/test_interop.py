@@ -91,7 +91,8 @@ def test_translation(name):
         if name.startswith("extras__loraplus"):
             assert cfg.method.loraplus_lr_ratio == raw["loraplus_lr_ratio"] == 16.0
         if name.startswith("extras__pissa"):
-            assert "PiSSA" in ignored["pissa_init"]
+            assert (cfg.method.init, cfg.method.pissa_niter) == ("pissa", raw["pissa_iter"])
+            assert "converted to a plain LoRA" in ignored["pissa_convert"]
         if cfg.method.name == "freeze":
             assert cfg.method.last_k == raw["freeze_trainable_layers"] and cfg.method.modules == []
     else:
@@ -274,3 +275,18 @@ def test_trackers_are_translated():
     assert t.config["training"] == {"report_to": ["trackio"], "tracker_project": "tp"} and "wandb_project" in dict(
         t.ignored
     )
+
+
+def test_pissa_keys_map_for_lora_and_say_why_otherwise():
+    base = {"model_name_or_path": "m", "stage": "sft", "dataset": "a", "finetuning_type": "lora"}
+    exact = load_config(translate({**base, "pissa_init": True, "pissa_iter": -1}).config).method
+    assert (exact.init, exact.pissa_niter) == ("pissa", None)  # -1: the exact SVD
+    default = translate({**base, "pissa_init": True})
+    assert load_config(default.config).method.pissa_niter == 16
+    assert ("pissa_iter", 16, "method.pissa_niter (LLaMA-Factory's default)") in default.mapped
+    off = translate({**base, "pissa_init": False, "pissa_iter": 4})
+    assert load_config(off.config).method.init == "default" and "PiSSA is off" in dict(off.ignored)["pissa_iter"]
+    full = translate({**base, "finetuning_type": "full", "pissa_init": True})
+    assert load_config(full.config).method.name == "full" and "trains no LoRA" in dict(full.ignored)["pissa_init"]
+    with pytest.raises(ConfigError, match="quantization_bit: 4 keeps in 4 bit"):
+        translate({**base, "pissa_init": True, "quantization_bit": 4})

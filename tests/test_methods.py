@@ -258,3 +258,104 @@ def test_loraplus_through_the_loop_trains_b_faster_and_resumes_exactly(tiny_dir,
         return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
 
     assert losses(tmp_path / "again") == losses(tmp_path / "plus")
+
+
+def test_pissa_starts_from_the_top_singular_part_and_saves_a_plain_lora_of_the_original_base(tmp_path):
+    import json
+
+    from peft import PeftModel
+
+    mod, base, model = applied("lora", r=4, alpha=8, dropout=0.0, init="pissa", pissa_niter=None)
+    torch.testing.assert_close(logits(model), logits(base), rtol=1e-4, atol=1e-4)  # step 0: the base up to rounding
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    w = base.model.layers[0].self_attn.q_proj.weight
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)  # B A = W's top-4 singular part (scaled by alpha / r)
+    top = (u[:, :4] * s[:4]) @ vh[:4]
+    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(delta, top, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.base_layer.weight, w - top, rtol=1e-4, atol=1e-5)  # the residual stays frozen
+    # seeded: the randomized SVD's default (16 iterations) gives the same start every time (a resume rebuilds it)
+    again = [mod.apply(copy.deepcopy(base), mod.Config(r=4, init="pissa")) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*(m.state_dict().values() for m in again), strict=True))
+
+    losses = train_steps(model, steps=10)
+    assert losses[-1] < 0.7 * losses[0]
+    mod.save(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)  # rank 2r, alpha 2x
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)  # plain PEFT over the *original* base
+    assert (logits(reloaded) - logits(model)).abs().max() < 1e-4
+    merged = mod.merge(mod.load(copy.deepcopy(base), tmp_path))
+    assert (logits(merged) - logits(model)).abs().max() < 1e-4
+    # the live model is as it was (PEFT loads the starting adapter beside it to convert, then drops it)
+    assert list(layer.lora_A) == ["default"] and model.active_adapter == "default"
+
+
+def test_pissa_refuses_what_it_cannot_do():
+    from pydantic import ValidationError
+
+    from tunelab.config import ConfigError, load_config
+
+    with pytest.raises(ValidationError, match="DoRA magnitude has no such conversion"):
+        get("lora").Config(init="pissa", use_dora=True)
+    with pytest.raises(ValidationError, match="which are 4-bit here"):
+        get("qlora").Config(init="pissa")
+    for stage in ("dpo", "ppo"):
+        extra = (
+            {"ppo": {"prompts": "p.jsonl", "reward": {"kind": "keyword", "keyword": "yes"}}} if stage == "ppo" else {}
+        )
+        with pytest.raises(ConfigError, match="PiSSA's base is the residual"):
+            load_config({"stage": stage, "model": {"name": "m"}, "data": {"train": "d.jsonl"},
+                         "method": {"name": "lora", "init": "pissa"}, **extra})  # fmt: skip
+
+
+def test_pissa_through_the_loop_starts_at_the_base_model_and_resumes_exactly(tmp_path, data_file, capsys):
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import tunelab
+    from tunelab.testing import save_tiny_model_dir
+
+    folder = save_tiny_model_dir(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    for p in model.parameters():  # a bf16 checkpoint read as fp32: LoRA's frozen linears load compact
+        p.data = p.data.bfloat16().float()
+    model.save_pretrained(folder)
+
+    def cfg(name, **method):
+        c = _variant_cfg(folder, data_file, tmp_path / name, **method)
+        c.model.dtype = "float32"
+        return c
+
+    plain = tunelab.train(cfg("plain"))
+    assert "14 since loading" in capsys.readouterr().err
+    result = tunelab.train(cfg("pissa", init="pissa"))
+    log = capsys.readouterr().err
+    # the linears PiSSA rewrites stay dense (a compact base would drop W - s B A); the token table still compacts
+    assert "fast LoRA (14 layers)" in log and "1 frozen weights kept compact" in log and "since loading" not in log
+    assert result.metrics["eval_loss_before"] == pytest.approx(plain.metrics["eval_loss_before"], rel=1e-5)
+    assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+
+    def stop_after_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    again = cfg("again", init="pissa")
+    tunelab.train(again, callbacks=[stop_after_3])
+    resumed = tunelab.train(again.model_copy(deep=True), resume=True)  # the same residual base, rebuilt
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert losses(tmp_path / "again") == losses(tmp_path / "pissa")
+    assert resumed.metrics["eval_loss"] == result.metrics["eval_loss"]
+    # saved converted (rank 2r): plain PEFT loads it over the original base, and it is not the base
+    assert json.loads((result.final_dir / "adapter_config.json").read_text())["r"] == 8
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        after = PeftModel.from_pretrained(base, result.final_dir)(input_ids=ids).logits
+    assert (after - before).abs().max() > 1e-3

@@ -835,6 +835,12 @@ def _build_config_class():
                     "examples apart (they would attend to each other, and the virtual tokens would precede only "
                     "the first); set data.packing: false"
                 )
+            if self.stage in ("dpo", "ppo") and getattr(self.method, "init", "default") == "pissa":
+                raise ValueError(
+                    f"stage: {self.stage} with method.init: pissa: the reference policy is the model with its adapter "
+                    "switched off, and PiSSA's base is the residual W - s B A, not the model you start from; use "
+                    "method.init: default"
+                )
             if self.stage == "dpo" and self.data.packing:
                 raise ValueError(
                     "stage: dpo does not pack: each pair's chosen and rejected sequences are scored as rows of their "

@@ -65,6 +65,8 @@ HASHED_WHEN_SET = (
     (("method", "use_rslora"), False),
     (("method", "use_dora"), False),
     (("method", "loraplus_lr_ratio"), None),
+    (("method", "init"), "default"),
+    (("method", "pissa_niter"), 16),
 )
 
 

@@ -18,8 +18,8 @@ FREEZE_MODULES = {"mlp": "ffn", "self_attn": "attention", "attn": "attention", "
 _SPECIAL = {"stage", "finetuning_type", "quantization_bit", "quantization_method", "lora_rank", "lora_alpha",
             "lora_dropout", "lora_target", "freeze_trainable_layers", "freeze_trainable_modules",
             "freeze_extra_modules", "dataset", "eval_dataset", "dataset_dir", "max_samples", "val_size",
-            "lr_scheduler_type", "pref_loss", "trust_remote_code", "template", "report_to",
-            *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
+            "lr_scheduler_type", "pref_loss", "trust_remote_code", "template", "report_to", "pissa_init",
+            "pissa_iter", *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
 
 
 def detect(raw: dict) -> bool:
@@ -104,6 +104,7 @@ def _method(raw: dict, t: Translation) -> None:
         target = raw.get("lora_target", "all")
         modules = "all-linear" if target == "all" else [m.strip() for m in str(target).split(",") if m.strip()]
         t.map("lora_target", target, "method.target_modules", modules)
+        _pissa(raw, t, bits)
     elif kind == "freeze":
         t.map("finetuning_type", kind, "method.name", "freeze")
         layers = raw.get("freeze_trainable_layers", 2)
@@ -123,6 +124,29 @@ def _method(raw: dict, t: Translation) -> None:
         t.map("finetuning_type", kind, "method.name", "full")
     else:
         t.refuse("finetuning_type", kind, "tunelab maps lora, freeze and full (and qlora via quantization_bit: 4)")
+    if kind != "lora":
+        for key in ("pissa_init", "pissa_iter"):
+            if key in raw:
+                t.ignore(key, "a LoRA setting, and this config trains no LoRA")
+
+
+def _pissa(raw: dict, t: Translation, bits) -> None:
+    """pissa_init / pissa_iter -> method.init: pissa, method.pissa_niter (LLaMA-Factory's -1: the exact SVD)."""
+    if not raw.get("pissa_init"):
+        for key in ("pissa_init", "pissa_iter"):
+            if key in raw:
+                t.ignore(key, "PiSSA is off here (pissa_init is not true): LoRA starts from B = 0")
+        return
+    if bits is not None:
+        t.refuse("pissa_init", True, "PiSSA rewrites the base weights, which quantization_bit: 4 keeps in 4 bit; "
+                 "drop one of them (tunelab's PiSSA trains over a bf16 or fp32 base)")  # fmt: skip
+    t.map("pissa_init", True, "method.init", "pissa")
+    niter = raw.get("pissa_iter", 16)
+    if niter == -1:
+        t.map("pissa_iter", niter, "method.pissa_niter", note="null: the exact SVD")
+        t.set("method.pissa_niter", None)  # map's `converted` None means "the value itself"
+    else:
+        t.map("pissa_iter", niter, "method.pissa_niter", note="" if "pissa_iter" in raw else f"{TOOL}'s default")
 
 
 def _data(raw: dict, t: Translation, stage: str) -> None:

@@ -7,13 +7,17 @@ Variants, each a field (the maths: docs/methods.md), all PEFT's own but LoRA+, w
   use_rslora        rank-stabilised LoRA (Kalajdzievski 2023): the update scaled by alpha / sqrt(r)
   use_dora          DoRA (Liu et al. 2024): W' = m * (W + s B A) / ||W + s B A|| per output row, m trained
   loraplus_lr_ratio LoRA+ (Hayou et al. 2024): B's learning rate is that many times A's (`lr_scales`)
+  init: pissa       PiSSA (Meng et al. 2024): B A starts as W's top-r singular part, the frozen base keeps the rest;
+                    saved converted to a plain rank-2r LoRA of the original base (`save`), as PEFT converts it
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tunelab.methods.base import Capabilities, MethodConfig, load_peft, merge_peft, peft_task_type, save_peft, wrap_peft
 
@@ -46,6 +50,29 @@ class Config(MethodConfig):
         description="LoRA+: B's learning rate is this many times training.lr (A's); the paper suggests 16. "
         "null: one learning rate.",
     )
+    init: Literal["default", "pissa"] = Field(
+        "default",
+        description="How A and B start. default: A random, B = 0 (step 0 is the base model). pissa (PiSSA): B A "
+        "starts as the top-r singular part of each adapted weight W and the frozen base keeps the rest, W - s B A, "
+        "so the adapter trains W's principal directions (step 0 is the base model up to rounding). The result is "
+        "saved as a plain LoRA of the original base, rank 2r (PEFT's conversion). Not with use_dora, qlora, dpo "
+        "or ppo. See docs/methods.md.",
+    )
+    pissa_niter: int | None = Field(
+        16,
+        ge=0,
+        description="init: pissa: subspace iterations of the fast randomized SVD (PEFT's pissa_niter_K; "
+        "LLaMA-Factory's pissa_iter); null = the exact SVD (minutes for a 1B model's layers).",
+    )
+
+    @model_validator(mode="after")
+    def _pissa(self):
+        if self.init == "pissa" and self.use_dora:
+            raise ValueError(
+                "method.init: pissa with use_dora: PEFT converts a PiSSA adapter to a plain LoRA on saving, and a "
+                "DoRA magnitude has no such conversion; set one of them"
+            )
+        return self
 
 
 def peft_config(cfg: Config, model):
@@ -66,7 +93,14 @@ def peft_config(cfg: Config, model):
         bias="none",
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
+        init_lora_weights=_init(cfg),
     )
+
+
+def _init(cfg: Config) -> bool | str:
+    if cfg.init == "default":
+        return True
+    return "pissa" if cfg.pissa_niter is None else f"pissa_niter_{cfg.pissa_niter}"
 
 
 def lr_scales(model, cfg: Config) -> dict:
@@ -80,10 +114,49 @@ def lr_scales(model, cfg: Config) -> dict:
 
 def apply(model, cfg: Config):
     # plain PEFT; the training loop's accel.prepare routes the layers through tunelab/accel/fast_lora.py
+    if cfg.init == "pissa":
+        return pissa(model, cfg)
     model = wrap_peft(model, peft_config(cfg, model))
     if cfg.use_dora:
         dora_magnitudes_in_fp32(model)
     return model
+
+
+def pissa(model, cfg: Config):
+    """PEFT's PiSSA initialisation, seeded: the randomized SVD draws its test matrix from torch's generator, and a
+    resumed run must rebuild the very same residual base (a checkpoint holds A and B only, not W - s B0 A0). The
+    run's own random stream is left as it was. A0, B0 are kept on the model for `save`'s conversion."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = wrap_peft(model, peft_config(cfg, model))
+    model.tunelab_pissa_initial = {
+        name: p.detach().clone() for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name
+    }
+    return model
+
+
+def save(model, out_dir) -> None:
+    """The adapter in PEFT's format. A PiSSA adapter trained over the residual base W - s B0 A0; saved as the plain
+    LoRA [B, -B0] [A; A0] (rank 2r, alpha doubled, PEFT's own conversion), it loads with `PeftModel.from_pretrained`
+    over the original base and gives the trained model: W + s (B A - B0 A0) = (W - s B0 A0) + s B A."""
+    initial = getattr(model, "tunelab_pissa_initial", None)
+    if initial is None:
+        return save_peft(model, out_dir)
+    import warnings
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # PEFT warns that PiSSA changes the base when the conversion loads the starting adapter beside the trained one
+        warnings.filterwarnings("ignore", message="PiSSA changes the base weights")
+        start = Path(tmp) / "pissa_init"  # PEFT writes its adapter_config (init_lora_weights: true) beside these
+        start.mkdir()
+        state = get_peft_model_state_dict(model, state_dict=initial)
+        save_file({k: v.contiguous().cpu() for k, v in state.items()}, start / "adapter_model.safetensors")
+        model.save_pretrained(out_dir, safe_serialization=True, path_initial_model_for_weight_conversion=str(start))
 
 
 def dora_magnitudes_in_fp32(model) -> None:
@@ -106,4 +179,4 @@ def dora_magnitudes_in_fp32(model) -> None:
             magnitude.weight.data = norm.to(magnitude.weight.device)
 
 
-save, load, merge = save_peft, load_peft, merge_peft
+load, merge = load_peft, merge_peft

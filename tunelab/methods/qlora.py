@@ -45,7 +45,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tunelab.methods import lora
 from tunelab.methods.base import Capabilities, MethodError, adamw_groups, freeze_all, wrap_peft
@@ -85,6 +85,15 @@ class Config(lora.Config):
         description="Regexes (re.search) on module names of linear layers to keep in full precision "
         "(the output head, task heads and the model's _keep_in_fp32_modules are always kept).",
     )
+
+    @model_validator(mode="after")
+    def _no_pissa(self):
+        if self.init == "pissa":
+            raise ValueError(
+                "method qlora: init: pissa rewrites the base weights (W - s B A), which are 4-bit here; PiSSA "
+                "trains with method: lora (a bf16 or fp32 base)"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------ quantization
