@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from train_speed import add_precision_option, auto_precision  # bench/ is the script's folder: on sys.path
@@ -168,7 +169,8 @@ def job_rows(length: int, tokens_per_step: int, steps: int) -> list[dict]:
     return json.loads(DATA.read_text())[:need]
 
 
-def job_tunelab(size: str, length: int, method: str, steps: int, tokens_per_step: int, precision: str) -> dict:
+def job_tunelab(size: str, length: int, method: str, steps: int, tokens_per_step: int, precision: str,
+                settings: list[str] = ()) -> dict:  # fmt: skip
     import tunelab
     from tunelab.accel.memory import skip_unused_imports
     from tunelab.config import load_config
@@ -183,7 +185,7 @@ def job_tunelab(size: str, length: int, method: str, steps: int, tokens_per_step
             "method": {"name": method, "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
             "training": {"max_steps": steps + 1, "batch_size": rows_per_step(length, tokens_per_step), "lr": 2e-4,
                          "warmup_steps": 0, "progress": False, "tensorboard": False, "device": "cpu", "seed": 0},
-        })  # fmt: skip
+        }, overrides=list(settings))  # fmt: skip
         skip_unused_imports(cfg)
         result = tunelab.train(
             cfg, callbacks=[lambda step, rec: times.append((time.perf_counter(), rec["tokens_per_s"]))]
@@ -306,6 +308,9 @@ def run_train_point(name: str, args) -> dict:
     os.sync()
     cmd = [sys.executable, __file__, "--job", name, "--steps", str(args.steps), "--tokens-per-step",
            str(args.tokens_per_step), "--precision", args.precision]  # fmt: skip
+    if side == "tunelab" and args.tunelab_set:
+        row["tunelab_set"] = args.tunelab_set
+        cmd += [f"--tunelab-set={o}" for o in args.tunelab_set]
     env = allocator_environment() if side == "tunelab" else None  # what `tunelab train` restarts itself with
     t0 = time.perf_counter()
     out, why = run_guarded(cmd, env, free - args.margin_gb)
@@ -376,7 +381,8 @@ def markdown(results: list[dict]) -> str:
         )  # fmt: skip
         lines[-1] += (f" {cell(t, 'peak_rss_mb', 0)} | {cell(f, 'peak_rss_mb', 0)} | "
                       + (f"{t['peak_rss_mb'] / f['peak_rss_mb']:.2f}" if both else "—") + f" | {load} | "
-                      + "; ".join(r.get("precision", "?") if ok(r) else "—" for r in (t, f)) + " |")  # fmt: skip
+                      + "; ".join(r.get("precision", "?") if ok(r) else "—" for r in (t, f))
+                      + (f" (tunelab: {', '.join(t['tunelab_set'])})" if t and t.get("tunelab_set") else "") + " |")  # fmt: skip
     data = [r for r in results if r["kind"] == "data"]
     if data:
         lines += [
@@ -459,6 +465,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/scale", help="folder for scale.json, scale.md, scale.png")
     parser.add_argument("--work", default=tempfile.gettempdir() + "/tunelab-bench-data", help="data points' files")
     parser.add_argument("--plot", metavar="JSON", help="only redraw the table and plot from this JSON")
+    parser.add_argument("--tunelab-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the tunelab points, e.g. training.gradient_checkpointing=true "
+                        "(recorded in their rows; use another --out for a variant)")  # fmt: skip
     add_precision_option(parser)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -466,7 +475,7 @@ def main() -> None:
         args.precision = auto_precision()
     if args.job:  # child: one training point, its figures as the last line
         _, size, length, method, side = args.job.split(":")
-        job = job_tunelab if side == "tunelab" else job_reference
+        job = partial(job_tunelab, settings=args.tunelab_set) if side == "tunelab" else job_reference
         print(json.dumps(job(size, int(length), method, args.steps, args.tokens_per_step, args.precision)))
         return
     names = list(dict.fromkeys(p for pat in args.points for p in all_points() if fnmatch.fnmatch(p, pat)))  # in order

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelab.config import ModelConfig
+from tunelab.config import ConfigError, ModelConfig
 from tunelab.methods import get
 from tunelab.models import load_model
 from tunelab.models.loading import loading_into
@@ -110,15 +110,26 @@ def test_activation_estimate_scales_with_rows_length_width_and_layers():
     assert activation_bytes(4, 256, SMOLLM2_1_7B, bytes_per_value=2) == 2 * one
     kept = activation_bytes(4, 256, SMOLLM2_1_7B, checkpointed=True)
     assert kept == 4 * 256 * 2048 * 24 * 4 + 4 * one // 24 and kept < 4 * one / 8
+    assert activation_bytes(4, 256, SMOLLM2_1_7B, checkpointed=24) == kept  # every layer, by number
+    some = activation_bytes(4, 256, SMOLLM2_1_7B, checkpointed=8)  # 16 layers keep theirs, 8 their input, 1 recomputed
+    assert some == 17 * (4 * one // 24) + 8 * 4 * 256 * 2048 * 4 and kept < some < 4 * one
 
 
 def test_checkpointing_is_chosen_when_memory_requires_it_and_an_explicit_setting_wins():
-    from tunelab.training.harness import checkpointing_choice
+    from tunelab.training.harness import activation_bytes, checkpointing_choice
 
     gib = 2**30
-    on, why = checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, available=6 * gib)  # 4.4 GiB > 3
-    assert on and "auto: on, activations ~4.1 GiB a pass (4 rows x 256 tokens) > 50% of the 6.0 GiB" in why
-    assert "~0.4 GiB checkpointed" in why
+    # 4.1 GiB > 3: the fewest layers whose checkpointing brings the estimate under 3 GiB (8 of 24), not all 24
+    n, why = checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, available=6 * gib)
+    assert n == 8 and "auto: on for 8 of 24 layers, activations ~4.1 GiB a pass (4 rows x 256 tokens) > 50% of the " \
+        "6.0 GiB" in why and "~3.0 GiB checkpointed" in why  # fmt: skip
+    assert activation_bytes(4, 256, SMOLLM2_1_7B, 4, checkpointed=7) > 3 * gib >= activation_bytes(
+        4, 256, SMOLLM2_1_7B, 4, checkpointed=8)  # fmt: skip
+    n, why = checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, available=gib)  # even all 24 leave 0.5 GiB: all
+    assert n == 24 and "auto: on, activations" in why and "~0.4 GiB checkpointed" in why
+    assert checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, available=6 * gib, layers=20)[0] == 20  # as set
+    assert checkpointing_choice(True, 1, 8, SMOLLM2_1_7B, 4, available=gib, layers=6) == (
+        6, "training.gradient_checkpointing: true, 6 of 24 layers (training.checkpoint_layers)")  # fmt: skip
     on, why = checkpointing_choice("auto", 1, 256, SMOLLM2_1_7B, 4, available=6 * gib)  # 1.0 GiB < 3
     assert not on and "<= 50%" in why
     assert checkpointing_choice(False, 4, 256, SMOLLM2_1_7B, 4, available=gib) == (
@@ -126,6 +137,26 @@ def test_checkpointing_is_chosen_when_memory_requires_it_and_an_explicit_setting
     assert checkpointing_choice(True, 1, 8, SMOLLM2_1_7B, 4, available=100 * gib)[0]
     on, why = checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, available=None)
     assert not on and "unknown" in why
+
+
+def test_selective_checkpointing_recomputes_the_first_layers_only_and_gives_the_same_gradients():
+    from tunelab.testing import tiny_llama
+    from tunelab.training.loop import enable_gradient_checkpointing
+
+    ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64, 5, 9]])
+
+    def grads(share):
+        model = tiny_llama(num_hidden_layers=4).train()
+        if share is not None:
+            assert enable_gradient_checkpointing(model, share) == (round(4 * share), 4)
+            assert [b.gradient_checkpointing for b in model.model.layers] == [i < 4 * share for i in range(4)]
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain = grads(None)
+    for share in (0.5, 1.0):
+        for name, g in grads(share).items():
+            torch.testing.assert_close(g, plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_the_loop_turns_checkpointing_on_when_memory_is_short(monkeypatch, tmp_path, capsys):
@@ -138,17 +169,27 @@ def test_the_loop_turns_checkpointing_on_when_memory_is_short(monkeypatch, tmp_p
     seen = {}
     # 1 MiB left (harness.master_weights_plan reads it for the loop): the tiny model's 1.3 MiB is too much
     monkeypatch.setattr(harness, "available_memory", lambda: 2**20)
-    monkeypatch.setattr(loop, "enable_gradient_checkpointing", lambda model: seen.setdefault("on", True))
+    monkeypatch.setattr(
+        loop, "enable_gradient_checkpointing", lambda model, share: seen.setdefault("on", share) and None
+    )
     cfg = {"output_dir": str(tmp_path / "run"), "model": {"name": model_dir},
            "data": {"train": str(tmp_path / "d.jsonl"), "format": "text", "val_fraction": 0.0, "max_length": 64},
            "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
            "training": {"max_steps": 1, "batch_size": 4, "progress": False, "tensorboard": False}}  # fmt: skip
     tunelab.train(load_config(cfg))
-    assert seen == {"on": True} and "gradient checkpointing: auto: on" in capsys.readouterr().err
+    assert seen == {"on": 1.0} and "gradient checkpointing: auto: on" in capsys.readouterr().err
     cfg["output_dir"], cfg["training"]["gradient_checkpointing"] = str(tmp_path / "run2"), False
     seen.clear()
     tunelab.train(load_config(cfg))
     assert seen == {} and "gradient checkpointing: training.gradient_checkpointing: false" in capsys.readouterr().err
+    cfg["training"].update(gradient_checkpointing=True, checkpoint_layers=1)
+    cfg["output_dir"] = str(tmp_path / "run-half")
+    tunelab.train(load_config(cfg))
+    assert seen == {"on": 0.5} and "true, 1 of 2 layers (training.checkpoint_layers)" in capsys.readouterr().err
+    seen.clear()
+    with pytest.raises(ConfigError, match="training.checkpoint_layers: 1 says how many layers"):
+        load_config({**cfg, "training": {**cfg["training"], "gradient_checkpointing": False}})
+    del cfg["training"]["checkpoint_layers"]
     # prefix tuning: transformers' checkpointed layers would drop the KV cache its prefix comes in, so auto stays off
     cfg["output_dir"], cfg["training"]["gradient_checkpointing"] = str(tmp_path / "run3"), "auto"
     cfg["method"] = {"name": "prefix", "num_virtual_tokens": 2}

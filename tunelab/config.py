@@ -511,6 +511,15 @@ class TrainingConfig(Section):
         "the activations a pass keeps (estimated from rows per pass, max_length and the model's size) would "
         "take over half the memory available once the model has loaded; the run log says which and why.",
     )
+    checkpoint_layers: int | None = Field(
+        None,
+        ge=1,
+        description="With gradient checkpointing on: how many of the model's layers (the first ones) keep only "
+        "their input and recompute the rest in the backward pass; the others keep their activations. Fewer = "
+        "faster and more memory (each layer recomputed costs about a third of its compute again). null = every "
+        "layer with gradient_checkpointing: true; with auto, the fewest that bring the estimated activations under "
+        "half the memory available (the run log says how many).",
+    )
     master_weights: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Under bf16 (model.dtype: bfloat16, or auto where it resolves to bf16), how the weights that "
@@ -588,6 +597,16 @@ class TrainingConfig(Section):
     @classmethod
     def _none(cls, v):
         return _tracker_list(v)
+
+    @model_validator(mode="after")
+    def _checkpoint_layers(self):
+        if self.checkpoint_layers is not None and self.gradient_checkpointing is False:
+            raise ValueError(
+                f"training.checkpoint_layers: {self.checkpoint_layers} says how many layers gradient checkpointing "
+                "recomputes, and training.gradient_checkpointing is false; set it to true (or auto), or drop "
+                "checkpoint_layers"
+            )
+        return self
 
     @field_validator("report_to")
     @classmethod

@@ -401,18 +401,23 @@ def fp32_master_weights_(model, params=None) -> int:
 HIDDEN_FLOATS, INTERMEDIATE_FLOATS = 6, 4
 
 
-def activation_bytes(rows: int, length: int, config, bytes_per_value: int = 4, checkpointed: bool = False) -> int:
+def activation_bytes(rows: int, length: int, config, bytes_per_value: int = 4, checkpointed: bool | int = False) -> int:
     """Estimated bytes of the activations one forward pass keeps for its backward: rows x length tokens x
-    layers x (HIDDEN_FLOATS x hidden + INTERMEDIATE_FLOATS x intermediate) values. Checkpointed: each layer's
-    input only, plus one layer's activations while it is recomputed. An estimate (within ~2x for decoder
-    LMs: attention kernels and the loss add their own), enough to tell 1 GB from 20."""
+    layers x (HIDDEN_FLOATS x hidden + INTERMEDIATE_FLOATS x intermediate) values. Checkpointed (True: every
+    layer; a number: that many layers): those layers keep their input only, plus one layer's activations while
+    it is recomputed. An estimate (within ~2x for decoder LMs: attention kernels and the loss add their own),
+    enough to tell 1 GB from 20."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0) or 0
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0) or 0
+    layers = num_layers(config)
     inter = getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None) or 4 * hidden
     per_layer = rows * length * (HIDDEN_FLOATS * hidden + INTERMEDIATE_FLOATS * inter) * bytes_per_value
-    if checkpointed:
-        return rows * length * hidden * layers * bytes_per_value + per_layer
-    return per_layer * layers
+    n = layers if checkpointed is True else min(int(checkpointed), layers)
+    kept = rows * length * hidden * bytes_per_value  # a checkpointed layer's input
+    return (layers - n) * per_layer + n * kept + (per_layer if n else 0)
+
+
+def num_layers(config) -> int:
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 0) or 0
 
 
 def available_memory() -> int | None:
@@ -430,20 +435,33 @@ def available_memory() -> int | None:
 
 
 def checkpointing_choice(setting, rows: int, length: int, config, bytes_per_value: int, available: int | None,
-                         share: float = 0.5) -> tuple[bool, str]:  # fmt: skip
-    """(on, why) for `training.gradient_checkpointing`: an explicit true / false wins; `auto` turns it on when
-    a pass's estimated activations (activation_bytes) exceed `share` of the memory available once the model
-    has loaded (and then only if checkpointing makes them smaller)."""
+                         share: float = 0.5, layers: int | None = None) -> tuple[int, str]:  # fmt: skip
+    """(how many layers to checkpoint, why) for `training.gradient_checkpointing` and `checkpoint_layers`
+    (`layers`): 0 = off. An explicit true / false wins (true: `layers`, or every layer); `auto` turns it on
+    when a pass's estimated activations (activation_bytes) exceed `share` of the memory available once the model
+    has loaded, for `layers` layers or else the fewest whose checkpointing brings the estimate under that share
+    (every layer if none does), and only if checkpointing makes the activations smaller."""
+    total = num_layers(config)
+    of = f"{min(layers, total)} of {total} layers (training.checkpoint_layers)" if layers and layers < total else ""
     if setting is not None and setting != "auto":
-        return bool(setting), f"training.gradient_checkpointing: {str(bool(setting)).lower()}"
+        if not setting:
+            return 0, "training.gradient_checkpointing: false"
+        return (min(layers, total) if layers else total), "training.gradient_checkpointing: true" + (
+            f", {of}" if of else ""
+        )
     need = activation_bytes(rows, length, config, bytes_per_value)
     if available is None:
-        return False, f"auto: off (available memory unknown; activations ~{need / 2**30:.1f} GiB a pass)"
-    saved = activation_bytes(rows, length, config, bytes_per_value, checkpointed=True)
-    on = need > share * available and saved < need
-    return on, (
-        f"auto: {'on' if on else 'off'}, activations ~{need / 2**30:.1f} GiB a pass ({rows} rows x {length} tokens) "
-        f"{'>' if need > share * available else '<='} {share:.0%} of the {available / 2**30:.1f} GiB available"
+        return 0, f"auto: off (available memory unknown; activations ~{need / 2**30:.1f} GiB a pass)"
+    budget = share * available
+    n = min(layers, total) if layers else next(
+        (k for k in range(1, total + 1)
+         if activation_bytes(rows, length, config, bytes_per_value, checkpointed=k) <= budget), total)  # fmt: skip
+    saved = activation_bytes(rows, length, config, bytes_per_value, checkpointed=n)
+    on = need > budget and saved < need
+    part = f" for {n} of {total} layers" if on and n < total else ""
+    return (n if on else 0), (
+        f"auto: {'on' if on else 'off'}{part}, activations ~{need / 2**30:.1f} GiB a pass ({rows} rows x {length} "
+        f"tokens) {'>' if need > budget else '<='} {share:.0%} of the {available / 2**30:.1f} GiB available"
         + (f"; ~{saved / 2**30:.1f} GiB checkpointed" if on else "")
     )
 

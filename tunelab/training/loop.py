@@ -41,6 +41,7 @@ from tunelab.training.harness import (
     log,
     master_weights_plan,
     no_autocast,
+    num_layers,
     on_main_thread,
     optimizer_for,
     progress_bar,
@@ -149,7 +150,8 @@ def train(
     rows = min(tcfg.rows_per_pass or tcfg.batch_size, tcfg.batch_size)
     width = torch.finfo(precision.dtype).bits // 8
     checkpointing, why = checkpointing_choice(tcfg.gradient_checkpointing, rows, cfg.data.max_length,
-                                              unwrap(model).config, width, available)  # fmt: skip
+                                              unwrap(model).config, width, available,
+                                              layers=tcfg.checkpoint_layers)  # fmt: skip
     auto = tcfg.gradient_checkpointing == "auto"
     if checkpointing and auto and not getattr(unwrap(model), "supports_gradient_checkpointing", False):
         checkpointing, why = False, f"{why}, but {type(unwrap(model)).__name__} does not support it: off"
@@ -159,7 +161,10 @@ def train(
             f"{why}, but transformers' checkpointed layers drop method {cfg.method.name}'s KV cache: off",
         )
     if checkpointing:
-        enable_gradient_checkpointing(model)
+        layers = num_layers(unwrap(model).config)
+        done = enable_gradient_checkpointing(model, checkpointing / max(1, layers))
+        if checkpointing < layers and (done is None or done[1] != layers):  # say what ran where it differs
+            why += f"; recomputed: {f'{done[0]} of {done[1]} blocks' if done else 'every block (none is per layer)'}"
     log(f"gradient checkpointing: {why}")
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
         stage.prepare(model, cfg)
@@ -423,12 +428,24 @@ def train(
     return RunResult(run_dir, final_dir, metrics, phases)
 
 
-def enable_gradient_checkpointing(model) -> None:
+def enable_gradient_checkpointing(model, share: float = 1.0) -> tuple[int, int] | None:
     """Transformers' per-layer checkpointing, non-reentrant: it needs no input that requires grad, so
-    frozen embeddings (LoRA, prompt methods) need no `enable_input_require_grads` workaround."""
+    frozen embeddings (LoRA, prompt methods) need no `enable_input_require_grads` workaround. `share` < 1: only the
+    first that share of the model's blocks recompute (selective checkpointing, as torchtune's and Megatron's); the
+    first, since the backward pass reaches them last, when the later blocks' activations are freed. Returns
+    (blocks checkpointed, blocks), or None for a model whose blocks are not transformers' checkpointable layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     inner = unwrap(model)
     if not getattr(inner, "supports_gradient_checkpointing", False):
         raise ConfigError(
             f"training.gradient_checkpointing: {type(inner).__name__} does not support it; set it to false"
         )
     inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    blocks = [m for m in inner.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        return None
+    n = max(1, min(len(blocks), round(share * len(blocks))))
+    for block in blocks[n:]:
+        block.gradient_checkpointing = False
+    return n, len(blocks)
