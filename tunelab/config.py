@@ -534,16 +534,18 @@ class TrainingConfig(Section):
     release_memory: bool | None = Field(
         None,
         description="Return freed activation memory to the OS at once (Linux/glibc: malloc's mmap threshold pinned "
-        "at 128 KiB): peak RSS ~30% lower, steps ~1.6x slower on CPU (page faults). null = on with "
-        "gradient_checkpointing (the low-memory setting), off otherwise. See docs/performance.md.",
+        "at 128 KiB): on glibc's heap peak RSS ~30% lower, steps ~1.6x slower on CPU (page faults). null = on with "
+        "gradient_checkpointing: true (the low-memory setting) when the process runs on glibc's malloc, off "
+        "otherwise (tbbmalloc keeps the peak near what a step holds by itself). true also keeps `tunelab train` off "
+        "tbbmalloc (allocator: auto). See docs/performance.md.",
     )
     allocator: Literal["auto", "tbbmalloc", "system"] = Field(
         "auto",
         description="Linux: `tunelab train` restarts itself once with Intel's TBB allocator preloaded (the tbb "
         "wheel, a dependency): it keeps tensor sizes apart where glibc's heap lets small allocations split "
         "the holes large ones leave, so peak RSS stays near what a step holds, and steps are as fast or "
-        "faster. auto = tbbmalloc unless freed memory is returned at once (release_memory, on with "
-        "gradient_checkpointing); system = never. The Python API cannot swap its own process's malloc: "
+        "faster. auto = tbbmalloc unless release_memory: true (freed memory returned at once by glibc); "
+        "system = never. The Python API cannot swap its own process's malloc: "
         "run python under LD_PRELOAD for the same (docs/performance.md).",
     )
     compact_frozen: bool | list[str] = Field(

@@ -121,16 +121,20 @@ def resident_bytes() -> int:
 
 
 def releases_memory(tcfg) -> bool:
-    """`training.release_memory`, whose default follows gradient checkpointing (the low-memory setting)."""
+    """`training.release_memory`; by default on with `gradient_checkpointing: true` (the low-memory setting) where
+    the process runs on glibc's malloc. On tbbmalloc there is no threshold to pin: it keeps peak RSS near what a
+    step holds by itself, and glibc's pinned mode was ~5-8% lower still but ~30% slower (docs/performance.md)."""
+    if tcfg.release_memory is not None:
+        return tcfg.release_memory
     # known before the model loads: an explicit `gradient_checkpointing: true`, not the choice `auto` makes later
-    return tcfg.release_memory if tcfg.release_memory is not None else tcfg.gradient_checkpointing is True
+    return tcfg.gradient_checkpointing is True and active_allocator() == "system"
 
 
 def wants_tbbmalloc(tcfg) -> bool:
     """Whether a run with these training settings should run on tbbmalloc (`training.allocator`)."""
     if tcfg.accelerate == "off" or tcfg.allocator == "system":  # off: the process's own malloc, as plain PyTorch
         return False
-    if tcfg.allocator == "auto" and releases_memory(tcfg):
+    if tcfg.allocator == "auto" and tcfg.release_memory is True:
         return False  # returning memory at once is glibc's pinned-threshold mode (release_freed_memory)
     return True
 
