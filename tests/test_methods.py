@@ -337,6 +337,12 @@ def test_pissa_through_the_loop_starts_at_the_base_model_and_resumes_exactly(tmp
     assert "fast LoRA (14 layers)" in log and "1 frozen weights kept compact" in log and "since loading" not in log
     assert result.metrics["eval_loss_before"] == pytest.approx(plain.metrics["eval_loss_before"], rel=1e-5)
     assert result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+    # over a bf16 base W - s B A is rounded to bf16 (PEFT's way): step 0 is the base model up to that rounding
+    half = cfg("half", init="pissa")
+    half.model.dtype, half.training.max_steps = "bfloat16", 1
+    start = tunelab.train(half).metrics["eval_loss_before"]
+    capsys.readouterr()
+    assert start == pytest.approx(plain.metrics["eval_loss_before"], rel=2e-3)  # measured 2e-4
 
     def stop_after_3(step, record):
         if step == 3:
