@@ -128,6 +128,8 @@ def test_checkpointing_is_chosen_when_memory_requires_it_and_an_explicit_setting
     n, why = checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, available=gib)  # even all 24 leave 0.5 GiB: all
     assert n == 24 and "auto: on, activations" in why and "~0.4 GiB checkpointed" in why
     assert checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, available=6 * gib, layers=20)[0] == 20  # as set
+    unnamed = type("Config", (), {"hidden_size": 64})()  # no layer count: true still turns it on (every layer)
+    assert checkpointing_choice(True, 1, 8, unnamed, 4, available=gib)[0] == 1
     assert checkpointing_choice(True, 1, 8, SMOLLM2_1_7B, 4, available=gib, layers=6) == (
         6, "training.gradient_checkpointing: true, 6 of 24 layers (training.checkpoint_layers)")  # fmt: skip
     on, why = checkpointing_choice("auto", 1, 256, SMOLLM2_1_7B, 4, available=6 * gib)  # 1.0 GiB < 3

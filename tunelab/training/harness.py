@@ -441,7 +441,7 @@ def checkpointing_choice(setting, rows: int, length: int, config, bytes_per_valu
     when a pass's estimated activations (activation_bytes) exceed `share` of the memory available once the model
     has loaded, for `layers` layers or else the fewest whose checkpointing brings the estimate under that share
     (every layer if none does), and only if checkpointing makes the activations smaller."""
-    total = num_layers(config)
+    total = num_layers(config) or 1  # a config that names no layer count: "every layer" is all that can be said
     of = f"{min(layers, total)} of {total} layers (training.checkpoint_layers)" if layers and layers < total else ""
     if setting is not None and setting != "auto":
         if not setting:
