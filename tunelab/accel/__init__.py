@@ -91,9 +91,8 @@ class Speed:
         """The plan the base model loads with (models/streaming.py) when LoRA's frozen linears will be kept
         compact anyway: each made compact as it is read, so the whole model never exists in fp32 (compact.py,
         `load_plan`); None: the ordinary load, compacted after `prepare`."""
-        # PiSSA rewrites the base weights it adapts (W - s B A): they stay dense; `prepare` compacts what still decodes
-        pissa = getattr(cfg.method, "init", "default") == "pissa"
-        if cfg.method.name != "lora" or pissa or not self._compacts(cfg, multi):
+        # a base the method rewrites (PiSSA) stays dense; `prepare` compacts what still decodes
+        if cfg.method.name != "lora" or cfg.method.rewrites_base or not self._compacts(cfg, multi):
             return None
         tcfg = self.tcfg
         return compact.load_plan(None if tcfg.compact_frozen is True else tcfg.compact_frozen, self.loaded_compact)

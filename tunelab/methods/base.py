@@ -31,6 +31,12 @@ class MethodConfig(BaseModel):
     # as config.Section: YAML's .inf / .nan are no setting (they pass `gt=0` checks)
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_assignment=True, allow_inf_nan=False)
 
+    @property
+    def rewrites_base(self) -> bool:
+        """The method changes the frozen base weights it adapts (lora's PiSSA: W - s B A), so they are not the
+        checkpoint's (no compact form) and the model with its adapter off is not the starting model."""
+        return False
+
 
 @dataclass(frozen=True)
 class Capabilities:

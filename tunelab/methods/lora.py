@@ -65,6 +65,10 @@ class Config(MethodConfig):
         "LLaMA-Factory's pissa_iter); null = the exact SVD (minutes for a 1B model's layers).",
     )
 
+    @property
+    def rewrites_base(self) -> bool:
+        return self.init == "pissa"
+
     @model_validator(mode="after")
     def _pissa(self):
         if self.init == "pissa" and self.use_dora:

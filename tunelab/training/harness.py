@@ -442,13 +442,11 @@ def checkpointing_choice(setting, rows: int, length: int, config, bytes_per_valu
     has loaded, for `layers` layers or else the fewest whose checkpointing brings the estimate under that share
     (every layer if none does), and only if checkpointing makes the activations smaller."""
     total = num_layers(config) or 1  # a config that names no layer count: "every layer" is all that can be said
-    of = f"{min(layers, total)} of {total} layers (training.checkpoint_layers)" if layers and layers < total else ""
     if setting is not None and setting != "auto":
         if not setting:
             return 0, "training.gradient_checkpointing: false"
-        return (min(layers, total) if layers else total), "training.gradient_checkpointing: true" + (
-            f", {of}" if of else ""
-        )
+        of = f", {layers} of {total} layers (training.checkpoint_layers)" if layers and layers < total else ""
+        return (min(layers, total) if layers else total), f"training.gradient_checkpointing: true{of}"
     need = activation_bytes(rows, length, config, bytes_per_value)
     if available is None:
         return 0, f"auto: off (available memory unknown; activations ~{need / 2**30:.1f} GiB a pass)"
