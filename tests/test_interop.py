@@ -290,3 +290,34 @@ def test_pissa_keys_map_for_lora_and_say_why_otherwise():
     assert load_config(full.config).method.name == "full" and "trains no LoRA" in dict(full.ignored)["pissa_init"]
     with pytest.raises(ConfigError, match="quantization_bit: 4 keeps in 4 bit"):
         translate({**base, "pissa_init": True, "quantization_bit": 4})
+
+
+def test_peers_adapter_to_train_on_maps_to_start_from_with_the_adapters_own_shape():
+    lf = {"model_name_or_path": "m", "stage": "sft", "dataset": "a", "finetuning_type": "lora", "lora_rank": 32,
+          "lora_target": "q_proj,v_proj", "lora_dropout": 0.1}  # fmt: skip
+    t = translate({**lf, "adapter_name_or_path": "saves/sft", "create_new_adapter": False})
+    method = load_config(t.config).method
+    assert (method.name, method.start_from, method.dropout) == ("lora", "saves/sft", 0.1)
+    assert {"r", "alpha", "target_modules"}.isdisjoint(method.model_fields_set)  # the adapter's, at check_model
+    assert "keeps its own" in dict(t.ignored)["lora_rank"] and "trains on" in dict(t.ignored)["create_new_adapter"]
+    assert (
+        load_config(translate({**lf, "quantization_bit": 4, "adapter_name_or_path": "s"}).config).method.name == "qlora"
+    )
+    with pytest.raises(ConfigError, match="several adapters"):
+        translate({**lf, "adapter_name_or_path": "a,b"})
+    with pytest.raises(ConfigError, match="create_new_adapter: True: a new adapter over the given one"):
+        translate({**lf, "adapter_name_or_path": "a", "create_new_adapter": True})
+    with pytest.raises(ConfigError, match="finetuning_type full over an adapter"):
+        translate({**lf, "finetuning_type": "full", "adapter_name_or_path": "a"})
+    with pytest.raises(ConfigError, match="merge / export config"):  # no stage: LLaMA-Factory's merge config
+        translate({"model_name_or_path": "m", "adapter_name_or_path": "a", "template": "llama3"})
+
+    ax = {"base_model": "m", "adapter": "lora", "datasets": [{"path": "a.jsonl", "type": "alpaca"}], "lora_r": 32,
+          "lora_alpha": 16, "lora_dropout": 0.05, "lora_target_linear": True}  # fmt: skip
+    t = translate({**ax, "lora_model_dir": "out/lora"})
+    method = load_config(t.config).method
+    assert (method.start_from, method.dropout) == ("out/lora", 0.05) and "r" not in method.model_fields_set
+    assert all("keeps its own" in dict(t.ignored)[k] for k in ("lora_r", "lora_alpha", "lora_target_linear"))
+    empty = translate({**ax, "lora_model_dir": None})  # the peers' examples leave it empty
+    assert load_config(empty.config).method.start_from is None and load_config(empty.config).method.r == 32
+    assert "a new adapter" in dict(empty.ignored)["lora_model_dir"]

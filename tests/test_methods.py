@@ -365,3 +365,116 @@ def test_pissa_through_the_loop_starts_at_the_base_model_and_resumes_exactly(tmp
         before = base(input_ids=ids).logits
         after = PeftModel.from_pretrained(base, result.final_dir)(input_ids=ids).logits
     assert (after - before).abs().max() > 1e-3
+
+
+def _start_cfg(folder, data_file, out, **method):
+    from tunelab.config import load_config
+
+    return load_config(
+        {
+            "output_dir": str(out),
+            "model": {"name": str(folder), "dtype": "float32"},
+            "data": {"train": data_file, "val_fraction": 0.25, "max_length": 64},
+            "method": {"name": "lora", "dropout": 0.0, **method},
+            "training": {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "warmup_steps": 1, "progress": False,
+                         "tensorboard": False, "seed": 3, "device": "cpu"},
+        }
+    )  # fmt: skip
+
+
+def test_start_from_trains_an_adapter_on_from_where_it_ended_and_resumes_exactly(tmp_path, data_file, capsys):
+    import json
+
+    import yaml
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import tunelab
+    from tunelab.testing import save_tiny_model_dir
+
+    folder = save_tiny_model_dir(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    for p in model.parameters():  # a bf16 checkpoint read as fp32: LoRA's frozen linears load compact
+        p.data = p.data.bfloat16().float()
+    model.save_pretrained(folder)
+
+    first = tunelab.train(_start_cfg(folder, data_file, tmp_path / "first", r=4, alpha=8, target_modules=["q_proj"]))
+    capsys.readouterr()
+    cfg = _start_cfg(folder, data_file, tmp_path / "second", start_from=str(tmp_path / "first"))  # the run folder
+    second = tunelab.train(cfg)
+    log = capsys.readouterr().err
+    assert "fast LoRA (2 layers)" in log and "since loading" in log  # the fast path and the compact base, as before
+    # the adapter's shape, written into the run's config (its r 4, alpha 8, q_proj only: not this config's defaults)
+    assert (cfg.method.r, cfg.method.alpha, cfg.method.target_modules) == (4, 8.0, ["q_proj"])
+    saved = yaml.safe_load((tmp_path / "second" / "config.yaml").read_text())["method"]
+    assert (saved["r"], saved["target_modules"], saved["start_from"]) == (4, ["q_proj"], str(tmp_path / "first"))
+    # it starts where the first run ended (the same validation rows: the same seed), and trains on
+    assert second.metrics["eval_loss_before"] == pytest.approx(first.metrics["eval_loss"], rel=1e-6)
+    assert second.metrics["eval_loss"] < second.metrics["eval_loss_before"]
+    # the result is a plain PEFT adapter of the original base
+    base = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64]])
+    with torch.no_grad():
+        outs = [
+            PeftModel.from_pretrained(copy.deepcopy(base), r.final_dir)(input_ids=ids).logits for r in (first, second)
+        ]
+    assert json.loads((second.final_dir / "adapter_config.json").read_text())["r"] == 4
+    assert (outs[0] - outs[1]).abs().max() > 1e-4
+
+    def stop_after_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    again = _start_cfg(folder, data_file, tmp_path / "again", start_from=str(first.final_dir))  # final/ itself
+    tunelab.train(again, callbacks=[stop_after_3])
+    resumed = tunelab.train(again.model_copy(deep=True), resume=True)
+
+    def losses(run):
+        return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+    assert losses(tmp_path / "again") == losses(tmp_path / "second")
+    assert resumed.metrics["eval_loss"] == second.metrics["eval_loss"]
+
+
+def test_start_from_is_checked_before_the_model_loads(tmp_path, tiny_dir):
+    from pydantic import ValidationError
+
+    from tunelab.config import ConfigError, ModelConfig, load_config
+    from tunelab.methods.base import MethodError
+    from tunelab.models.sources import ModelError, resolve
+    from tunelab.testing import tiny_llama
+
+    mod = get("lora")
+    adapter = tmp_path / "adapter"
+    mod.save(mod.apply(tiny_llama(), mod.Config(r=4, alpha=8, target_modules=["q_proj", "v_proj"])), adapter)
+    model = ModelConfig(name=tiny_dir)
+
+    cfg = mod.Config(start_from=str(adapter), r=4, target_modules=["v_proj", "q_proj"])  # agreeing values pass
+    mod.check_model(cfg, model)
+    assert (cfg.r, cfg.alpha, sorted(cfg.target_modules)) == (4, 8.0, ["q_proj", "v_proj"])
+    with pytest.raises(MethodError, match="method.r: 8, but the adapter .* has r 4: an adapter keeps its shape"):
+        mod.check_model(mod.Config(start_from=str(adapter), r=8), model)
+    with pytest.raises(MethodError, match="no such file or folder"):
+        mod.check_model(mod.Config(start_from=str(tmp_path / "nowhere")), model)
+    with pytest.raises(MethodError, match="a whole model"):
+        mod.check_model(mod.Config(start_from=tiny_dir), model)
+    ia3 = get("ia3")
+    ia3.save(ia3.apply(tiny_llama(), ia3.Config()), tmp_path / "ia3")
+    with pytest.raises(MethodError, match="a IA3 adapter, not a LoRA"):
+        mod.check_model(mod.Config(start_from=str(tmp_path / "ia3")), model)
+    # an adapter of another model size is named before any weight is read
+    wide = tmp_path / "wide"
+    mod.save(mod.apply(tiny_llama(hidden_size=48), mod.Config(r=4, target_modules=["q_proj"])), wide)
+    with pytest.raises(MethodError, match="q_proj has 48 inputs, .* has 32: an adapter trained over another model"):
+        mod.check_model(mod.Config(start_from=str(wide)), model)
+    (adapter / "adapter_model.safetensors").rename(adapter / "adapter_model.bin")
+    with pytest.raises(MethodError, match="a pickle"):
+        mod.check_model(mod.Config(start_from=str(adapter)), model)
+    # an adapter given as the model says what to do instead
+    with pytest.raises(ModelError, match="a PEFT adapter .* method.start_from"):
+        resolve(str(wide))
+    with pytest.raises(ValidationError, match="PiSSA initialises a new adapter"):
+        mod.Config(start_from=str(wide), init="pissa")
+    with pytest.raises(ConfigError, match="switch off the adapter you start from"):
+        load_config({"stage": "dpo", "model": {"name": "m"}, "data": {"train": "d.jsonl"},
+                     "method": {"name": "lora", "start_from": str(wide)}})  # fmt: skip

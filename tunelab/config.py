@@ -856,11 +856,10 @@ def _build_config_class():
                     "examples apart (they would attend to each other, and the virtual tokens would precede only "
                     "the first); set data.packing: false"
                 )
-            if self.stage in ("dpo", "ppo") and self.method.rewrites_base:
+            if self.stage in ("dpo", "ppo") and self.method.adapter_off_differs:
                 raise ValueError(
-                    f"stage: {self.stage} with method.init: pissa: the reference policy is the model with its adapter "
-                    "switched off, and PiSSA's base is the residual W - s B A, not the model you start from; use "
-                    "method.init: default"
+                    f"stage: {self.stage}: the reference policy is the model with its adapter switched off, and "
+                    f"{self.method.adapter_off_differs}"
                 )
             if self.stage == "dpo" and self.data.packing:
                 raise ValueError(

@@ -18,6 +18,8 @@ LLAMAFACTORY_MAPPED = {
     "quantization_method": "method.name (bnb = qlora)",
     "lora_rank": "method.r",
     "lora_alpha": "method.alpha",
+    "adapter_name_or_path": "method.start_from (with a stage: the adapter trains on, with its own rank, alpha and "
+    "targets; one adapter, create_new_adapter false)",
     "lora_dropout": "method.dropout",
     "lora_target": "method.target_modules",
     "use_dora": "method.use_dora",
@@ -78,6 +80,8 @@ _TRACKER_EXTRAS = "tunelab logs metrics and the config to trackers, not gradient
 
 LLAMAFACTORY_IGNORED = {
     "do_train": "`tunelab train` always trains",
+    "create_new_adapter": "false: adapter_name_or_path's adapter trains on; true is refused (merge it, then train a "
+    "new one over the merged model)",
     "template": _TEMPLATE,
     "overwrite_cache": _WORKERS,
     "preprocessing_num_workers": _WORKERS,
@@ -116,6 +120,7 @@ AXOLOTL_MAPPED = {
     "lora_dropout": "method.dropout",
     "lora_target_linear": "method.target_modules (all-linear)",
     "lora_target_modules": "method.target_modules",
+    "lora_model_dir": "method.start_from (the adapter trains on, with its own r, alpha and targets)",
     "peft_use_dora": "method.use_dora",
     "peft_use_rslora": "method.use_rslora",
     "loraplus_lr_ratio": "method.loraplus_lr_ratio",
@@ -175,7 +180,6 @@ AXOLOTL_IGNORED = {
     "eval_sample_packing": "tunelab never packs validation rows",
     "pad_to_sequence_len": "tunelab pads each batch to its longest row",
     "remove_unused_columns": "tunelab reads only the columns a format needs",
-    "lora_model_dir": "empty here; starting from an existing adapter is not supported",
     "loraplus_lr_embedding": _NO_EMBEDDING_LORA,
     "optimizer": "tunelab trains with torch's AdamW (no 8-bit / paged / fused variants)",
     "cosine_constant_lr_ratio": "tunelab's cosine schedule decays to 0",

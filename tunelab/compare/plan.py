@@ -67,6 +67,7 @@ HASHED_WHEN_SET = (
     (("method", "loraplus_lr_ratio"), None),
     (("method", "init"), "default"),
     (("method", "pissa_niter"), 16),
+    (("method", "start_from"), None),
     (("training", "checkpoint_layers"), None),
 )
 

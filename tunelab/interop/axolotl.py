@@ -22,7 +22,7 @@ _TRACKER_KEYS = {"use_tensorboard": "tensorboard", "wandb_project": "wandb", "ml
                  "mlflow_experiment_name": "mlflow", "use_trackio": "trackio", "trackio_project_name": "trackio",
                  "wandb_name": None, "mlflow_run_name": None, "trackio_run_name": None}  # fmt: skip
 _SPECIAL = {"adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_linear",
-            "lora_target_modules", "unfrozen_parameters", "qat", "rl", "rl_beta", "datasets", "pretraining_dataset",
+            "lora_target_modules", "lora_model_dir", "unfrozen_parameters", "qat", "rl", "rl_beta", "datasets", "pretraining_dataset",
             "test_datasets", "val_set_size", "lr_scheduler", "trust_remote_code", "chat_template",
             *_TRACKER_KEYS, *AXOLOTL_LORA_VARIANTS}  # fmt: skip
 
@@ -121,24 +121,29 @@ def _method(raw: dict, t: Translation) -> None:
         t.map("adapter", adapter, "method.name", name, note="load_in_4bit" if four_bit and adapter == "lora" else "")
         if four_bit:
             t.mapped.append(("load_in_4bit", raw["load_in_4bit"], f"method.name ({name})"))
+        start = raw.get("lora_model_dir")
+        if start:  # the adapter trains on with its own shape, as PEFT loads it for Axolotl
+            t.map("lora_model_dir", start, "method.start_from", note="trained on, with its own r, alpha and targets")
+            for key in ("lora_r", "lora_alpha", "lora_target_linear", "lora_target_modules"):
+                if raw.get(key) is not None:
+                    t.ignore(key, "lora_model_dir's adapter keeps its own (method.start_from)")
+        elif "lora_model_dir" in raw:
+            t.ignore("lora_model_dir", "empty: a new adapter")
         for key, dotted, default in (("lora_r", "method.r", 8), ("lora_alpha", "method.alpha", 16),
                                      ("lora_dropout", "method.dropout", 0.0)):  # fmt: skip
             value = raw.get(key)
+            if start and key != "lora_dropout":
+                continue
             t.map(key, value, dotted, default if value is None else value,
                   note=f"{TOOL}'s default" if value is None else "")  # fmt: skip
-        if raw.get("lora_target_linear"):
-            t.map("lora_target_linear", True, "method.target_modules", "all-linear")
-            if raw.get("lora_target_modules"):
-                t.ignore("lora_target_modules", "lora_target_linear: true already targets every linear layer")
-        elif raw.get("lora_target_modules"):
-            t.map("lora_target_modules", raw["lora_target_modules"], "method.target_modules",
-                  list(raw["lora_target_modules"]))  # fmt: skip
-        else:
-            t.set("method.target_modules", "all-linear")
+        if not start:
+            _targets(raw, t)
         if raw.get("unfrozen_parameters"):
             t.ignore("unfrozen_parameters", "with an adapter only the adapter trains")
     elif adapter:
         t.refuse("adapter", adapter, "tunelab maps lora and qlora (and full fine-tuning when adapter is unset)")
+    elif "lora_model_dir" in raw:
+        t.ignore("lora_model_dir", "no adapter trains here (adapter is unset)")
     elif raw.get("unfrozen_parameters"):
         pats = list(raw["unfrozen_parameters"])
         t.map("unfrozen_parameters", pats, "method.patterns", pats, note="method freeze with last_k 0")
@@ -149,6 +154,18 @@ def _method(raw: dict, t: Translation) -> None:
         t.notes.append("no adapter: full fine-tuning (method full)")
     if four_bit and not adapter:
         t.refuse("load_in_4bit", True, "a 4-bit base trains an adapter only: set adapter: qlora")
+
+
+def _targets(raw: dict, t: Translation) -> None:
+    if raw.get("lora_target_linear"):
+        t.map("lora_target_linear", True, "method.target_modules", "all-linear")
+        if raw.get("lora_target_modules"):
+            t.ignore("lora_target_modules", "lora_target_linear: true already targets every linear layer")
+    elif raw.get("lora_target_modules"):
+        t.map("lora_target_modules", raw["lora_target_modules"], "method.target_modules",
+              list(raw["lora_target_modules"]))  # fmt: skip
+    else:
+        t.set("method.target_modules", "all-linear")
 
 
 def _source(d: dict, t: Translation, stage: str, i: int) -> dict:

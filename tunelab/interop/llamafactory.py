@@ -19,7 +19,7 @@ _SPECIAL = {"stage", "finetuning_type", "quantization_bit", "quantization_method
             "lora_dropout", "lora_target", "freeze_trainable_layers", "freeze_trainable_modules",
             "freeze_extra_modules", "dataset", "eval_dataset", "dataset_dir", "max_samples", "val_size",
             "lr_scheduler_type", "pref_loss", "trust_remote_code", "template", "report_to", "pissa_init",
-            "pissa_iter", *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
+            "pissa_iter", "adapter_name_or_path", "create_new_adapter", *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
 
 
 def detect(raw: dict) -> bool:
@@ -89,21 +89,23 @@ def _method(raw: dict, t: Translation) -> None:
         if "quantization_method" in raw:
             t.map("quantization_method", qmethod, "method.name", "qlora")
     t.map_lora_variants(raw, LLAMAFACTORY_LORA_VARIANTS, lora=kind == "lora")
+    continued = _start_adapter(raw, t, kind)
     if kind == "lora":
         name = "qlora" if bits == 4 else "lora"
         t.map("finetuning_type", kind, "method.name", name, note="quantization_bit 4" if bits else "")
         if bits is not None:
             t.mapped.append(("quantization_bit", bits, "method.name (qlora: 4-bit NF4 base)"))
-        rank = raw.get("lora_rank", 8)
-        t.map("lora_rank", rank, "method.r", note="" if "lora_rank" in raw else f"{TOOL}'s default")
-        alpha = raw.get("lora_alpha") or 2 * rank
-        t.map("lora_alpha", raw.get("lora_alpha"), "method.alpha", alpha,
-              note="" if raw.get("lora_alpha") else f"{TOOL}'s default: 2 x lora_rank")  # fmt: skip
+        if not continued:  # a continued adapter keeps its own shape
+            rank = raw.get("lora_rank", 8)
+            t.map("lora_rank", rank, "method.r", note="" if "lora_rank" in raw else f"{TOOL}'s default")
+            alpha = raw.get("lora_alpha") or 2 * rank
+            t.map("lora_alpha", raw.get("lora_alpha"), "method.alpha", alpha,
+                  note="" if raw.get("lora_alpha") else f"{TOOL}'s default: 2 x lora_rank")  # fmt: skip
+            target = raw.get("lora_target", "all")
+            modules = "all-linear" if target == "all" else [m.strip() for m in str(target).split(",") if m.strip()]
+            t.map("lora_target", target, "method.target_modules", modules)
         t.map("lora_dropout", raw.get("lora_dropout", 0.0), "method.dropout",
               note="" if "lora_dropout" in raw else f"{TOOL}'s default")  # fmt: skip
-        target = raw.get("lora_target", "all")
-        modules = "all-linear" if target == "all" else [m.strip() for m in str(target).split(",") if m.strip()]
-        t.map("lora_target", target, "method.target_modules", modules)
         _pissa(raw, t, bits)
     elif kind == "freeze":
         t.map("finetuning_type", kind, "method.name", "freeze")
@@ -128,6 +130,36 @@ def _method(raw: dict, t: Translation) -> None:
         for key in ("pissa_init", "pissa_iter"):
             if key in raw:
                 t.ignore(key, "a LoRA setting, and this config trains no LoRA")
+
+
+def _start_adapter(raw: dict, t: Translation, kind: str) -> bool:
+    """adapter_name_or_path in a training config (LLaMA-Factory then trains that adapter on, unless
+    create_new_adapter) -> method.start_from; True when mapped. Its rank, alpha and targets are the adapter's, as in
+    LLaMA-Factory, so lora_rank / lora_alpha / lora_target are ignored."""
+    path, new = raw.get("adapter_name_or_path"), raw.get("create_new_adapter")
+    if not path:
+        if new is not None:
+            t.ignore("create_new_adapter", "no adapter_name_or_path: the adapter is a new one anyway")
+        return False
+    merge = "merge it into its base (`tunelab export RUN --format hf --out DIR` for a tunelab run) and set "
+    if kind != "lora":
+        t.refuse(
+            "adapter_name_or_path", path, f"finetuning_type {kind} over an adapter: {merge}model_name_or_path: DIR"
+        )
+    paths = [p.strip() for p in str(path).split(",") if p.strip()]
+    if len(paths) > 1:
+        t.refuse("adapter_name_or_path", path, "several adapters (LLaMA-Factory merges all but the last): tunelab "
+                 f"continues one; {merge.replace('it', 'the others', 1)}model_name_or_path: DIR")  # fmt: skip
+    if new:
+        t.refuse("create_new_adapter", new, f"a new adapter over the given one: {merge}model_name_or_path: DIR, "
+                 "without adapter_name_or_path")  # fmt: skip
+    t.map("adapter_name_or_path", path, "method.start_from", paths[0], note="trained on, with its own rank and targets")
+    if new is not None:
+        t.ignore("create_new_adapter", "false: the adapter itself trains on")
+    for key in ("lora_rank", "lora_alpha", "lora_target"):
+        if key in raw:
+            t.ignore(key, "adapter_name_or_path's adapter keeps its own (method.start_from)")
+    return True
 
 
 def _pissa(raw: dict, t: Translation, bits) -> None:

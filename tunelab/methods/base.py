@@ -37,6 +37,12 @@ class MethodConfig(BaseModel):
         checkpoint's (no compact form) and the model with its adapter off is not the starting model."""
         return False
 
+    @property
+    def adapter_off_differs(self) -> str | None:
+        """Why the model with its adapter switched off is not the model training starts from, with the fix (dpo and
+        ppo take that model as their reference policy); None when it is."""
+        return None
+
 
 @dataclass(frozen=True)
 class Capabilities:

@@ -9,17 +9,31 @@ Variants, each a field (the maths: docs/methods.md), all PEFT's own but LoRA+, w
   loraplus_lr_ratio LoRA+ (Hayou et al. 2024): B's learning rate is that many times A's (`lr_scales`)
   init: pissa       PiSSA (Meng et al. 2024): B A starts as W's top-r singular part, the frozen base keeps the rest;
                     saved converted to a plain rank-2r LoRA of the original base (`save`), as PEFT converts it
+
+`start_from` continues training an existing PEFT LoRA adapter (a folder, a tunelab run, a hub id) instead of a new
+one: what Axolotl's `lora_model_dir` and LLaMA-Factory's `adapter_name_or_path` do. Its shape (r, alpha, targets,
+rsLoRA, DoRA) is the adapter's: `check_model` reads it before the model loads and writes it into this config.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tunelab.methods.base import Capabilities, MethodConfig, load_peft, merge_peft, peft_task_type, save_peft, wrap_peft
+from tunelab.methods.base import (
+    Capabilities,
+    MethodConfig,
+    MethodError,
+    load_peft,
+    merge_peft,
+    peft_task_type,
+    save_peft,
+    wrap_peft,
+)
 
 DESCRIPTION = "low-rank matrices A, B beside the chosen linear layers"
 CAPABILITIES = Capabilities(reference="adapter_off", mergeable=True)
@@ -65,9 +79,29 @@ class Config(MethodConfig):
         "LLaMA-Factory's pissa_iter); null = the exact SVD (minutes for a 1B model's layers).",
     )
 
+    start_from: str | None = Field(
+        None,
+        description="An existing LoRA adapter to continue training instead of a new one: a PEFT adapter folder, a "
+        "tunelab run (its final/ adapter) or a hub id, trained over this model.name. Its r, alpha, target_modules, "
+        "use_rslora and use_dora are the adapter's (a different value set here is refused); dropout and the "
+        "training settings are this config's. Not with init: pissa, dpo or ppo. See docs/methods.md.",
+    )
+
     @property
     def rewrites_base(self) -> bool:
         return self.init == "pissa"
+
+    @property
+    def adapter_off_differs(self) -> str | None:
+        if self.init == "pissa":
+            return "PiSSA's base is the residual W - s B A, not the model you start from; use method.init: default"
+        if self.start_from is not None:
+            return (
+                "that would switch off the adapter you start from (method.start_from) too. Merge it into its base "
+                "(`tunelab export RUN --format hf --out DIR` for a tunelab run) and set model.name: DIR, without "
+                "method.start_from"
+            )
+        return None
 
     @model_validator(mode="after")
     def _pissa(self):
@@ -75,6 +109,11 @@ class Config(MethodConfig):
             raise ValueError(
                 "method.init: pissa with use_dora: PEFT converts a PiSSA adapter to a plain LoRA on saving, and a "
                 "DoRA magnitude has no such conversion; set one of them"
+            )
+        if self.init == "pissa" and self.start_from is not None:
+            raise ValueError(
+                "method.init: pissa with start_from: PiSSA initialises a new adapter from the base's singular "
+                "vectors, and start_from continues an existing one; set one of them"
             )
         return self
 
@@ -120,6 +159,8 @@ def apply(model, cfg: Config):
     # plain PEFT; the training loop's accel.prepare routes the layers through tunelab/accel/fast_lora.py
     if cfg.init == "pissa":
         return pissa(model, cfg)
+    if cfg.start_from is not None:
+        return continued(model, cfg)
     model = wrap_peft(model, peft_config(cfg, model))
     if cfg.use_dora:
         dora_magnitudes_in_fp32(model)
@@ -139,6 +180,141 @@ def pissa(model, cfg: Config):
         name: p.detach().clone() for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name
     }
     return model
+
+
+# ---- start_from: an existing adapter, trained further
+# adapter_config.json's name: (this Config's, PEFT's default where the file leaves it out)
+SHAPE_FIELDS = {"r": ("r", 8), "lora_alpha": ("alpha", 8), "target_modules": ("target_modules", None),
+                "use_rslora": ("use_rslora", False), "use_dora": ("use_dora", False)}  # fmt: skip
+
+
+def adapter_location(where: str) -> str:
+    """The folder of the LoRA adapter `start_from` names (a tunelab run: its final/), or a hub id as it is."""
+    from tunelab.models.sources import looks_like_path
+
+    path = Path(where).expanduser()
+    if not path.exists():
+        if looks_like_path(where):
+            raise MethodError(f"method.start_from {where!r}: no such file or folder")
+        return where
+    for folder in (path, path / "final"):
+        if (folder / "adapter_config.json").is_file():
+            return str(folder)
+    what = (
+        "a tunelab bottleneck adapter (method: adapter), which has no PEFT LoRA to continue"
+        if any((f / "tunelab_adapter_config.json").is_file() for f in (path, path / "final"))
+        else "a whole model (set it as model.name to train from it)"
+        if any((f / "config.json").is_file() for f in (path, path / "final"))
+        else "not a PEFT adapter"
+    )
+    raise MethodError(f"method.start_from {where}: no adapter_config.json in it or in its final/: {what}")
+
+
+def adapter_settings(where: str) -> dict:
+    """The adapter's adapter_config.json (fetched from the hub for a hub id), checked to be a LoRA's."""
+    location = adapter_location(where)
+    try:
+        if Path(location).is_dir():
+            settings = json.loads((Path(location) / "adapter_config.json").read_text())
+        else:
+            from peft import PeftConfig
+
+            settings = PeftConfig.from_pretrained(location).to_dict()
+    except (OSError, ValueError) as e:
+        raise MethodError(f"method.start_from {where}: cannot read its adapter_config.json ({e})") from None
+    kind = str(settings.get("peft_type", "")).upper().removeprefix("PEFTTYPE.")
+    if kind != "LORA":
+        raise MethodError(f"method.start_from {where}: a {kind or 'non-PEFT'} adapter, not a LoRA; "
+                          "method lora / qlora continue LoRA adapters only")  # fmt: skip
+    return settings
+
+
+def check_model(cfg: Config, model_cfg) -> None:
+    """Before the model loads: `start_from`'s adapter found and read, its shape fields written into `cfg` (so the run's
+    config.yaml, model card and compare report say what trains), a value the user set otherwise refused, and its
+    matrices checked against the model's linear layers where the model's skeleton can be built."""
+    if cfg.start_from is None:
+        return
+    settings = adapter_settings(cfg.start_from)
+    for theirs, (ours, default) in SHAPE_FIELDS.items():
+        value = settings.get(theirs, default)
+        if theirs == "target_modules" and not isinstance(value, str):
+            value = sorted(value or [])
+        if ours in cfg.model_fields_set and _differs(getattr(cfg, ours), value):
+            raise MethodError(
+                f"method.{ours}: {getattr(cfg, ours)!r}, but the adapter method.start_from continues ({cfg.start_from}) "
+                f"has {theirs} {value!r}: an adapter keeps its shape; drop method.{ours} (or set it to {value!r})"
+            )
+        setattr(cfg, ours, value)
+    _check_shapes(cfg.start_from, model_cfg)
+
+
+def _differs(ours, theirs) -> bool:
+    if ours == "all-linear":  # PEFT saves it expanded, as layer names: not comparable without the model
+        return False
+    if isinstance(ours, list) and isinstance(theirs, list):  # [q_proj] and [model.layers.0.self_attn.q_proj] agree
+        return {n.rsplit(".", 1)[-1] for n in ours} != {n.rsplit(".", 1)[-1] for n in theirs}
+    return ours != theirs
+
+
+def _check_shapes(where: str, model_cfg) -> None:
+    """Each adapted layer of the adapter (its safetensors header: no tensor read) against the model's linear layer of
+    that name: a missing layer or other sizes (an adapter for another model) refused by name."""
+    from safetensors import safe_open
+
+    from tunelab.models.loading import skeleton
+
+    location = Path(adapter_location(where))
+    weights = location / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (location / "adapter_model.bin").is_file():
+            raise MethodError(f"method.start_from {where}: its weights are a pickle (adapter_model.bin), which tunelab "
+                              "does not load (unpickling runs code); save the adapter as safetensors")  # fmt: skip
+        if location.is_dir():
+            raise MethodError(f"method.start_from {where}: no adapter_model.safetensors beside its adapter_config.json")
+        return  # a hub id: PEFT fetches and checks it at load
+    model = skeleton(model_cfg)
+    if model is None:
+        return
+    linear = {n: m for n, m in model.named_modules() if hasattr(m, "in_features") and hasattr(m, "out_features")}
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    for key, shape in sorted(shapes.items()):
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        path = key.split(".lora_A.")[0] if ".lora_A." in key else key.split(".lora_B.")[0]
+        path = path.removeprefix("base_model.model.")
+        # the skeleton is the bare transformer: its names lack the task model's prefix (model., transformer. ...)
+        layer = linear.get(path) or linear.get(path.split(".", 1)[-1])
+        if layer is None:
+            raise MethodError(f"method.start_from {where}: it adapts {path}, which {model_cfg.name} has no linear "
+                              "layer named: an adapter for another model architecture?")  # fmt: skip
+        size, want = (shape[1], layer.in_features) if ".lora_A." in key else (shape[0], layer.out_features)
+        if len(shape) == 2 and size != want:
+            side = "inputs" if ".lora_A." in key else "outputs"
+            raise MethodError(f"method.start_from {where}: its {path} has {size} {side}, {model_cfg.name}'s has {want}: "
+                              "an adapter trained over another model (a different size?)")  # fmt: skip
+
+
+def continued(model, cfg: Config):
+    """`cfg.start_from`'s adapter loaded over `model` with its weights trainable (PEFT's own loading, so every
+    setting of its adapter_config.json holds), dropout this config's."""
+    from peft import LoraConfig, PeftModel
+
+    location = adapter_location(cfg.start_from)
+    peft_cfg = LoraConfig.from_pretrained(location)
+    peft_cfg.lora_dropout, peft_cfg.inference_mode = cfg.dropout, False
+    # the base as this run loaded it, as get_peft_model records it (the saved card names the hub id afterwards): the
+    # adapter's own entry may be a hub id, which PEFT's save would look up online
+    peft_cfg.base_model_name_or_path = getattr(model, "name_or_path", None) or peft_cfg.base_model_name_or_path
+    try:
+        peft_model = PeftModel.from_pretrained(model, location, config=peft_cfg, is_trainable=True)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise MethodError(
+            f"method.start_from {cfg.start_from}: PEFT could not load it over {type(model).__name__} "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+        ) from None
+    return peft_model
 
 
 def save(model, out_dir) -> None:

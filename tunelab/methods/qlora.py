@@ -302,6 +302,7 @@ def check_model(cfg: Config, model_cfg) -> None:
     model = skeleton(model_cfg)  # the bare transformer: its names lack the task model's prefix, so skip_modules
     if model is not None and not any(type(m) is torch.nn.Linear for m in model.modules()):  # are read at apply
         _refuse_nothing_to_quantize(model)
+    lora.check_model(cfg, model_cfg)  # start_from's adapter
 
 
 def _prepare(model, cfg: Config, device: torch.device) -> dict:
@@ -337,9 +338,12 @@ def _meta(cfg: Config, info: dict) -> dict:
 def apply(model, cfg: Config):
     device = next(model.parameters()).device
     info = _prepare(model, cfg, device)
-    peft_model = wrap_peft(model, lora.peft_config(cfg, model))
-    if cfg.use_dora:
-        lora.dora_magnitudes_in_fp32(peft_model)
+    if cfg.start_from is not None:
+        peft_model = lora.continued(model, cfg)
+    else:
+        peft_model = wrap_peft(model, lora.peft_config(cfg, model))
+        if cfg.use_dora:
+            lora.dora_magnitudes_in_fp32(peft_model)
     peft_model.get_base_model()._tunelab_qlora = _meta(cfg, info)
     return peft_model
 

@@ -97,15 +97,33 @@ def resolve(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
+            adapter = next((f for f in (path, path / "final") if (f / "adapter_config.json").is_file()), None)
+            if adapter is not None:  # a tunelab LoRA run or a PEFT adapter: its base is model.name, it is the start
+                raise ModelError(
+                    f"{path}: a PEFT adapter ({adapter / 'adapter_config.json'}), not a whole model. To train it "
+                    f"further set model.name to its base ({adapter_base(adapter) or 'the model it was trained over'}) "
+                    f"and method.start_from: {path} (method lora or qlora); or merge it into a whole model "
+                    "(`tunelab export RUN --format hf --out DIR`) and set model.name: DIR"
+                )
             raise ModelError(f"{path}: folder has no config.json, so it is not a Hugging Face model folder")
         return str(path)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ModelError(f"{path}: not a model; pass a Hugging Face folder (with config.json) or a .gguf file")
         return str(_ensure_gguf(path))
-    if _looks_like_path(name):
+    if looks_like_path(name):
         raise ModelError(f"model path {name!r} not found")
     return name
+
+
+def adapter_base(folder: Path) -> str | None:
+    """The base model a PEFT adapter folder names (its adapter_config.json's base_model_name_or_path), if any."""
+    import json
+
+    try:
+        return json.loads((Path(folder) / "adapter_config.json").read_text()).get("base_model_name_or_path") or None
+    except (OSError, ValueError):
+        return None
 
 
 def hub_model_id(name: str) -> str | None:
@@ -114,12 +132,13 @@ def hub_model_id(name: str) -> str | None:
     a local folder or .gguf file -> None (no id; callers keep the path)."""
     if name in NAMED:
         return NAMED[name].hub_id or None
-    if Path(name).expanduser().exists() or _looks_like_path(name):
+    if Path(name).expanduser().exists() or looks_like_path(name):
         return None
     return name
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a local path (not an owner/name hub id), whether or not it exists."""
     if name.startswith((".", "/", "~", "\\")) or name.lower().endswith(".gguf") or "\\" in name:
         return True
     parts = Path(name).parts

@@ -181,7 +181,9 @@ def train(
         )
     trainable, total = count_parameters(model)
     total += speed.compact_parameters  # weights held compact since loading are no parameters
-    log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+    start = getattr(cfg.method, "start_from", None)  # lora's: an existing adapter trained on, its shape read from it
+    log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+        + (f", the adapter {start} trained on (r {cfg.method.r}, alpha {cfg.method.alpha:g})" if start else ""))  # fmt: skip
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
     speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast)
     if autocast is not no_autocast and not speed.autocast:  # accel: bf16 passes that run in bf16 by themselves
