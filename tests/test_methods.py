@@ -475,6 +475,7 @@ def test_start_from_is_checked_before_the_model_loads(tmp_path, tiny_dir):
         resolve(str(wide))
     with pytest.raises(ValidationError, match="PiSSA initialises a new adapter"):
         mod.Config(start_from=str(wide), init="pissa")
-    with pytest.raises(ConfigError, match="switch off the adapter you start from"):
-        load_config({"stage": "dpo", "model": {"name": "m"}, "data": {"train": "d.jsonl"},
+    ppo = {"prompts": "p.jsonl", "reward": {"kind": "keyword", "keyword": "yes"}}
+    with pytest.raises(ConfigError, match="stage: ppo with method.start_from: ppo's policy is its model.name"):
+        load_config({"stage": "ppo", "model": {"name": "m"}, "data": {"train": "d.jsonl"}, "ppo": ppo,
                      "method": {"name": "lora", "start_from": str(wide)}})  # fmt: skip

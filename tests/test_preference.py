@@ -332,6 +332,37 @@ def test_dpo_widens_the_margin_against_an_unchanged_reference(tiny_dir, files, t
     assert (trained - expected).abs().max() > 0.5
 
 
+def test_dpo_over_an_adapter_it_starts_from_takes_that_adapter_as_its_reference(tiny_dir, files, tmp_path, monkeypatch):
+    """method.start_from with stage dpo (an adapter trained before, then DPO on it): pi_ref is the adapter as it
+    starts, not the base: step 0's loss is log 2, and every reference pass, in training (dropout on, the policy's
+    graph pending) as in evaluation, gives the starting adapter's log-probs."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    before = tunelab.train(make_cfg("dpo", tiny_dir, files, tmp_path / "first", max_steps=10))  # a trained adapter
+    calls, original = [], P.reference_logps
+
+    def recording(model, batch):
+        out = original(model, batch)
+        calls.append(({k: v.clone() for k, v in batch.items()}, out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(P, "reference_logps", recording)
+    method = {"name": "lora", "dropout": 0.3, "start_from": str(tmp_path / "first")}
+    result = tunelab.train(make_cfg("dpo", tiny_dir, files, tmp_path / "dpo", method=method, max_steps=6))
+    m = result.metrics
+    assert m["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m["eval_loss"] < m["eval_loss_before"]
+    start = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), before.final_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    assert len(calls) > 6  # the six training steps' and the evaluations'
+    with torch.no_grad():
+        for batch, got in calls:
+            expected = P.sequence_logps(start, batch)
+            assert torch.allclose(got, expected, atol=1e-4)
+            assert (P.sequence_logps(base, batch) - expected).abs().max() > 0.05  # the start is not the base
+
+
 def test_reward_in_bf16_runs_bf16_passes_to_the_autocast_runs_losses(tiny_dir, files, tmp_path, capsys):
     """The score head trains whole in fp32 (master weights) on a bf16 backbone: its input is cast up, so the passes
     drop autocast (fast LoRA, the fused norm, thread shares), follow the autocast run's first steps to bf16's

@@ -856,11 +856,8 @@ def _build_config_class():
                     "examples apart (they would attend to each other, and the virtual tokens would precede only "
                     "the first); set data.packing: false"
                 )
-            if self.stage in ("dpo", "ppo") and self.method.adapter_off_differs:
-                raise ValueError(
-                    f"stage: {self.stage}: the reference policy is the model with its adapter switched off, and "
-                    f"{self.method.adapter_off_differs}"
-                )
+            if self.stage in ("dpo", "ppo") and self.method.reference_refused(self.stage):
+                raise ValueError(f"stage: {self.stage} with {self.method.reference_refused(self.stage)}")
             if self.stage == "dpo" and self.data.packing:
                 raise ValueError(
                     "stage: dpo does not pack: each pair's chosen and rejected sequences are scored as rows of their "

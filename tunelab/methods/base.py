@@ -37,10 +37,9 @@ class MethodConfig(BaseModel):
         checkpoint's (no compact form) and the model with its adapter off is not the starting model."""
         return False
 
-    @property
-    def adapter_off_differs(self) -> str | None:
-        """Why the model with its adapter switched off is not the model training starts from, with the fix (dpo and
-        ppo take that model as their reference policy); None when it is."""
+    def reference_refused(self, stage: str) -> str | None:
+        """Why `stage` (dpo or ppo: they need the starting policy as their reference, methods/reference.py) cannot
+        have it with this setting, with the fix; None when it can."""
         return None
 
 
@@ -71,6 +70,12 @@ class Capabilities:
     quantized_base: bool = False
     """The frozen base weights are quantized in place (qlora, 4-bit bitsandbytes): sharded training
     cannot hold them, and the process needs bitsandbytes."""
+
+
+# The attribute a method sets on the model it returns when the adapter it trains starts from trained values (lora's
+# start_from), not from a no-op: the reference policy is then the model with the adapter at those values
+# (methods/reference.py), not with it switched off.
+STARTED_ADAPTER = "tunelab_started_adapter"
 
 
 # ---- the optional hooks' defaults (registry.get fills them into a module that does not define them)

@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tunelab.methods.base import (
+    STARTED_ADAPTER,
     Capabilities,
     MethodConfig,
     MethodError,
@@ -84,22 +85,24 @@ class Config(MethodConfig):
         description="An existing LoRA adapter to continue training instead of a new one: a PEFT adapter folder, a "
         "tunelab run (its final/ adapter) or a hub id, trained over this model.name. Its r, alpha, target_modules, "
         "use_rslora and use_dora are the adapter's (a different value set here is refused); dropout and the "
-        "training settings are this config's. Not with init: pissa, dpo or ppo. See docs/methods.md.",
+        "training settings are this config's. With stage dpo the reference policy is the adapter as it starts. Not "
+        "with init: pissa or stage ppo. See docs/methods.md.",
     )
 
     @property
     def rewrites_base(self) -> bool:
         return self.init == "pissa"
 
-    @property
-    def adapter_off_differs(self) -> str | None:
+    def reference_refused(self, stage: str) -> str | None:
         if self.init == "pissa":
-            return "PiSSA's base is the residual W - s B A, not the model you start from; use method.init: default"
-        if self.start_from is not None:
             return (
-                "that would switch off the adapter you start from (method.start_from) too. Merge it into its base "
-                "(`tunelab export RUN --format hf --out DIR` for a tunelab run) and set model.name: DIR, without "
-                "method.start_from"
+                "method.init: pissa: the reference policy is the model with its adapter switched off, and PiSSA's "
+                "base is the residual W - s B A, not the model you start from; use method.init: default"
+            )
+        if self.start_from is not None and stage == "ppo":
+            return (
+                "method.start_from: ppo's policy is its model.name (an SFT run is merged as it loads); set model.name "
+                "to the run whose adapter you would start from, without method.start_from"
             )
         return None
 
@@ -314,6 +317,7 @@ def continued(model, cfg: Config):
             f"method.start_from {cfg.start_from}: PEFT could not load it over {type(model).__name__} "
             f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
         ) from None
+    setattr(peft_model, STARTED_ADAPTER, location)  # dpo's reference: this adapter as it starts (methods/reference.py)
     return peft_model
 
 

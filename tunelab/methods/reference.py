@@ -11,6 +11,11 @@ How it is obtained is the method's declaration (`CAPABILITIES.reference`, see ba
   frozen_copy   the method trains the model's own weights or modules of its own (full, freeze, bitfit,
                 adapter ...): pi_ref is a frozen deep copy taken once, before training
 
+An adapter that starts from trained values (lora's `start_from`: the model carries base.STARTED_ADAPTER) is no
+no-op to switch off: pi_ref is the model with the adapter at its starting values, a copy of its trainable
+parameters taken at `prepare` (the adapter's size, not the model's) and put in their place, in eval mode, for the
+reference pass.
+
     reference.prepare(model, method)      # once the method is applied, before a resume restores weights
     with reference.policy(model) as ref:  # every time pi_ref is needed
         ref(**batch)
@@ -27,6 +32,8 @@ import contextlib
 import copy
 import weakref
 
+from tunelab.methods.base import STARTED_ADAPTER
+
 # trained model -> its frozen starting copy, or None where the reference is the model with its adapter off
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -41,7 +48,8 @@ def prepare(model, method) -> None:
                 f"method {method.__name__.rsplit('.', 1)[-1]} declares reference 'adapter_off', but its model "
                 f"({type(model).__name__}) has no disable_adapter"
             )
-        _PREPARED[model] = None
+        started = getattr(model, STARTED_ADAPTER, None) is not None
+        _PREPARED[model] = {p: p.detach().clone() for p in model.parameters() if p.requires_grad} if started else None
     else:
         _PREPARED[model] = frozen_copy(model)
 
@@ -64,8 +72,30 @@ def policy(model):
             "method is applied, before training"
         )
     ref = _PREPARED[model]
+    if isinstance(ref, dict):
+        with starting_values(model, ref):
+            yield model
+        return
     if ref is not None:
         yield ref
         return
     with model.disable_adapter():
         yield model.get_base_model()
+
+
+@contextlib.contextmanager
+def starting_values(model, start: dict):
+    """Within: `model` in eval mode (no dropout on the adapter) with each parameter of `start` holding its starting
+    value; after: the very tensors and modes it had (a policy pass's autograd graph sees its own values again)."""
+    now = {p: p.data for p in start}
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        for p, value in start.items():
+            p.data = value
+        yield
+    finally:
+        for p, value in now.items():
+            p.data = value
+        for m, training in modes:
+            m.training = training
