@@ -479,3 +479,16 @@ def test_start_from_is_checked_before_the_model_loads(tmp_path, tiny_dir):
     with pytest.raises(ConfigError, match="stage: ppo with method.start_from: ppo's policy is its model.name"):
         load_config({"stage": "ppo", "model": {"name": "m"}, "data": {"train": "d.jsonl"}, "ppo": ppo,
                      "method": {"name": "lora", "start_from": str(wide)}})  # fmt: skip
+
+
+def test_qlora_trains_a_lora_adapter_on_over_the_4bit_base(tmp_path, tiny_dir, data_file):
+    import tunelab
+
+    lora_run = tunelab.train(_start_cfg(tiny_dir, data_file, tmp_path / "lora", r=4, alpha=8))
+    cfg = _start_cfg(tiny_dir, data_file, tmp_path / "q", name="qlora", start_from=str(tmp_path / "lora"))
+    result = tunelab.train(cfg)
+    assert (cfg.method.r, cfg.method.alpha) == (4, 8.0)
+    # the same adapter over the NF4-rounded base: near where the LoRA run ended, not back at the untrained model
+    start, ended = result.metrics["eval_loss_before"], lora_run.metrics["eval_loss"]
+    assert abs(start - ended) < 0.25 * abs(lora_run.metrics["eval_loss_before"] - ended)
+    assert result.metrics["eval_loss"] < start
