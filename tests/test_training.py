@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny model: learning, exact resume, accumulation, outputs, CLI."""
 
 import json
+import math
 import sys
 
 import pytest
@@ -9,7 +10,7 @@ import yaml
 
 import tunelab
 from tunelab.cli import main as cli_main
-from tunelab.config import load_config
+from tunelab.config import ConfigError, load_config
 
 
 def make_cfg(tiny_dir, data_file, out, **training):
@@ -487,3 +488,52 @@ def test_a_read_only_checkpoint_folder_is_a_named_error(tiny_dir, data_file, tmp
         assert _complete(root / "step-00000002")
     finally:
         root.chmod(0o755)
+
+
+def test_neftune_noises_training_passes_only_within_its_bound_and_resumes_exactly(tiny_dir, data_file, tmp_path,
+                                                                                 monkeypatch, capsys):  # fmt: skip
+    """training.neftune_alpha: transformers' NEFTune hook on the input embeddings during training passes (uniform
+    noise within alpha / sqrt(width x hidden)), none in evaluation; a resumed run draws the same noise."""
+    import transformers.integrations.neftune as nef
+
+    seen = []  # (training?, largest |noise|, its bound)
+    real = nef.neftune_post_forward_hook
+
+    def recording(module, inputs, output):
+        noisy = real(module, inputs, output)
+        bound = module.neftune_noise_alpha / math.sqrt(output.shape[1] * output.shape[2])
+        seen.append((module.training, float((noisy - output).abs().max()), bound))
+        return noisy
+
+    monkeypatch.setattr(nef, "neftune_post_forward_hook", recording)
+
+    def cfg(name, alpha, **training):
+        c = make_cfg(tiny_dir, data_file, tmp_path / name, max_steps=4, neftune_alpha=alpha, **training)
+        c.method.dropout = 0.0
+        return c
+
+    plain = tunelab.train(cfg("plain", None))
+    assert seen == []
+    capsys.readouterr()
+    noisy = tunelab.train(cfg("noisy", 15.0))
+    log = capsys.readouterr().err
+    assert "NEFTune: uniform noise" in log and "thread shares: NEFTune's noise" in log
+    trained = [(m, b) for t, m, b in seen if t]
+    assert len(trained) >= 4 and all(0.5 * b < m <= b * (1 + 1e-3) for m, b in trained)  # uniform, within the bound
+    assert all(m == 0 for t, m, _ in seen if not t)  # evaluation passes: no noise
+    assert noisy.metrics["eval_loss_before"] == plain.metrics["eval_loss_before"]
+    assert losses(tmp_path / "noisy")[1] != losses(tmp_path / "plain")[1]
+
+    # torch's generator is in the checkpoint: an interrupted run resumed draws the very same noise
+    def stop_after_2(step, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    again = cfg("again", 15.0, save_every=1)
+    tunelab.train(again, callbacks=[stop_after_2])
+    resumed = tunelab.train(again.model_copy(deep=True), resume=True)
+    assert losses(tmp_path / "again") == losses(tmp_path / "noisy")
+    assert resumed.metrics["eval_loss"] == noisy.metrics["eval_loss"]
+    with pytest.raises(ConfigError, match="training.neftune_alpha with stage: dpo"):
+        load_config({"stage": "dpo", "model": {"name": "m"}, "data": {"train": "d.jsonl"},
+                     "training": {"neftune_alpha": 5}})  # fmt: skip

@@ -491,6 +491,13 @@ class TrainingConfig(Section):
     warmup_steps: int | None = Field(None, ge=0, description="Warmup steps (overrides warmup_ratio).")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Warmup as a fraction of total steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null = no clipping.")
+    neftune_alpha: float | None = Field(
+        None,
+        gt=0,
+        description="NEFTune (Jain et al. 2023): uniform noise of scale alpha / sqrt(width x hidden) added to the "
+        "input embeddings in training passes (transformers' own hook; the paper tries 5, 10, 15). Stages sft and "
+        "pretrain. Each pass then runs on all threads (its noise draws from torch's one generator). null: off.",
+    )
     seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
     eval_batches: int | None = Field(None, ge=1, description="Evaluate on at most this many batches.")
@@ -855,6 +862,12 @@ def _build_config_class():
                     f"method {self.method.name} cannot pack: PEFT ignores the position ids that keep packed "
                     "examples apart (they would attend to each other, and the virtual tokens would precede only "
                     "the first); set data.packing: false"
+                )
+            if self.training.neftune_alpha is not None and self.stage not in ("sft", "pretrain"):
+                raise ValueError(
+                    f"training.neftune_alpha with stage: {self.stage}: NEFTune is for supervised fine-tuning and "
+                    "pre-training of a causal LM (sft, pretrain); a noisy pass here would also be scored (reference, "
+                    "reward, rollouts); drop it"
                 )
             if self.stage in ("dpo", "ppo") and self.method.reference_refused(self.stage):
                 raise ValueError(f"stage: {self.stage} with {self.method.reference_refused(self.stage)}")

@@ -18,6 +18,7 @@ LLAMAFACTORY_MAPPED = {
     "quantization_method": "method.name (bnb = qlora)",
     "lora_rank": "method.r",
     "lora_alpha": "method.alpha",
+    "neftune_noise_alpha": "training.neftune_alpha",
     "adapter_name_or_path": "method.start_from (with a stage: the adapter trains on, with its own rank, alpha and "
     "targets; one adapter, create_new_adapter false)",
     "lora_dropout": "method.dropout",
@@ -121,6 +122,7 @@ AXOLOTL_MAPPED = {
     "lora_target_linear": "method.target_modules (all-linear)",
     "lora_target_modules": "method.target_modules",
     "lora_model_dir": "method.start_from (the adapter trains on, with its own r, alpha and targets)",
+    "neftune_noise_alpha": "training.neftune_alpha",
     "peft_use_dora": "method.use_dora",
     "peft_use_rslora": "method.use_rslora",
     "loraplus_lr_ratio": "method.loraplus_lr_ratio",

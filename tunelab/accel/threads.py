@@ -86,6 +86,11 @@ def parts_for(
         return tcfg.pass_threads, None
     if device.type != "cpu" or multi:
         return 1, None
+    if any(getattr(m, "neftune_noise_alpha", None) for m in model.modules()):  # transformers' NEFTune hook
+        return (
+            1,
+            "NEFTune's noise (training.neftune_alpha) draws from torch's one generator: threads would draw in a different order each run",
+        )
     if draws_random_numbers(model):
         return 1, (
             "dropout outside the fast LoRA layers is active: threads would draw its random numbers in a "

@@ -69,6 +69,7 @@ HASHED_WHEN_SET = (
     (("method", "pissa_niter"), 16),
     (("method", "start_from"), None),
     (("training", "checkpoint_layers"), None),
+    (("training", "neftune_alpha"), None),
 )
 
 

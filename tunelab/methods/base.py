@@ -37,6 +37,11 @@ class MethodConfig(BaseModel):
         checkpoint's (no compact form) and the model with its adapter off is not the starting model."""
         return False
 
+    @property
+    def starts_from(self) -> str | None:
+        """What the trained part starts from where it is not a new one, for the run's log (lora's start_from)."""
+        return None
+
     def reference_refused(self, stage: str) -> str | None:
         """Why `stage` (dpo or ppo: they need the starting policy as their reference, methods/reference.py) cannot
         have it with this setting, with the fix; None when it can."""

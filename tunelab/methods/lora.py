@@ -93,6 +93,12 @@ class Config(MethodConfig):
     def rewrites_base(self) -> bool:
         return self.init == "pissa"
 
+    @property
+    def starts_from(self) -> str | None:
+        if self.start_from is None:
+            return None
+        return f"the adapter {self.start_from} (r {self.r}, alpha {self.alpha:g})"
+
     def reference_refused(self, stage: str) -> str | None:
         if self.init == "pissa":
             return (
@@ -224,7 +230,8 @@ def adapter_settings(where: str) -> dict:
 
             settings = PeftConfig.from_pretrained(location).to_dict()
     except (OSError, ValueError) as e:
-        raise MethodError(f"method.start_from {where}: cannot read its adapter_config.json ({e})") from None
+        hub = "" if Path(location).is_dir() else " (no such folder here, so it was taken for a hub id)"
+        raise MethodError(f"method.start_from {where}: cannot read its adapter_config.json{hub}: {e}") from None
     kind = str(settings.get("peft_type", "")).upper().removeprefix("PEFTTYPE.")
     if kind != "LORA":
         raise MethodError(f"method.start_from {where}: a {kind or 'non-PEFT'} adapter, not a LoRA; "

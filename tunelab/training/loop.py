@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from transformers.integrations.neftune import activate_neftune, deactivate_neftune
 
 from tunelab import accel
 from tunelab.bf16_table import measured_bf16
@@ -181,9 +182,17 @@ def train(
         )
     trainable, total = count_parameters(model)
     total += speed.compact_parameters  # weights held compact since loading are no parameters
-    start = getattr(cfg.method, "start_from", None)  # lora's: an existing adapter trained on, its shape read from it
+    start = cfg.method.starts_from  # lora's start_from: an existing adapter trained on
     log(f"method {cfg.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
-        + (f", the adapter {start} trained on (r {cfg.method.r}, alpha {cfg.method.alpha:g})" if start else ""))  # fmt: skip
+        + (f", starting from {start}" if start else ""))  # fmt: skip
+    neftune = None
+    if (
+        tcfg.neftune_alpha is not None
+    ):  # noisy embeddings in training passes: transformers' own hook, removed at the end
+        neftune = activate_neftune(model, tcfg.neftune_alpha)
+        log(
+            f"NEFTune: uniform noise alpha / sqrt(width x hidden) on the input embeddings, alpha {tcfg.neftune_alpha:g}"
+        )
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
     speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast)
     if autocast is not no_autocast and not speed.autocast:  # accel: bf16 passes that run in bf16 by themselves
@@ -377,6 +386,8 @@ def train(
         progress.close()
         # accel: threads and buffers freed; task metrics may generate: compact weights decoded once, not per token
         speed.release(model, expand=stage.final_metrics is not None)
+        if neftune is not None:  # the model leaves the loop as it came in: no hook on what is saved or scored next
+            deactivate_neftune(model, neftune)
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
         aside = phases.get("eval", 0.0) + phases.get("save", 0.0) - aside
