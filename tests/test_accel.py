@@ -14,7 +14,7 @@ from tunelab.config import ConfigError, load_config
 from tunelab.methods import get
 from tunelab.models import count_parameters
 from tunelab.models import loss as L
-from tunelab.testing import save_tiny_model_dir, tiny_llama
+from tunelab.testing import save_bf16_valued_tiny_model_dir, tiny_llama
 
 
 def test_the_setting_validates():
@@ -25,18 +25,6 @@ def test_the_setting_validates():
     with pytest.raises(ConfigError, match="accelerate"):
         load_config({"training": {"accelerate": "fast"}})
     assert "plain PyTorch" in type(load_config({}).training).model_fields["accelerate"].description
-
-
-def _bf16_valued_model_dir(path):
-    """The tiny Llama saved with bf16-representable fp32 weights: frozen weights that compact exactly."""
-    from transformers import AutoModelForCausalLM
-
-    folder = save_tiny_model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    for p in model.parameters():
-        p.data = p.data.bfloat16().float()
-    model.save_pretrained(folder)
-    return folder
 
 
 def _prepared(accelerate: str, packing: bool = True):
@@ -179,7 +167,7 @@ def test_off_and_auto_give_the_same_losses_step_by_step(method, data_file, tmp_p
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # two shares on any machine (auto)
     calls = []
     monkeypatch.setattr(accel, "sharded_step", lambda *a, _f=accel.sharded_step: calls.append(1) or _f(*a))
-    folder = _bf16_valued_model_dir(tmp_path / "model")
+    folder = save_bf16_valued_tiny_model_dir(tmp_path / "model")
 
     def run(accelerate):
         cfg = make_cfg(folder, data_file, tmp_path / accelerate, max_steps=4, accelerate=accelerate)

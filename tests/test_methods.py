@@ -7,7 +7,7 @@ import torch
 
 from tunelab.methods import get
 from tunelab.models import count_parameters
-from tunelab.testing import tiny_llama
+from tunelab.testing import save_bf16_valued_tiny_model_dir, tiny_llama
 
 IDS = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64], [1, 5, 6, 7, 8, 9, 10, 11]])
 
@@ -183,21 +183,6 @@ def test_loraplus_gives_b_its_own_learning_rate_in_the_loops_optimizer():
     assert [g["lr"] for g in plain.param_groups] == [1e-3] * len(plain.param_groups)
 
 
-def _bf16_valued_tiny_model(folder):
-    """A tiny model folder whose fp32 weights hold bf16 values, as a bf16 checkpoint read in fp32 does: LoRA's
-    frozen linears then load compact (accel/compact.py)."""
-    from transformers import AutoModelForCausalLM
-
-    from tunelab.testing import save_tiny_model_dir
-
-    folder = save_tiny_model_dir(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    for p in model.parameters():
-        p.data = p.data.bfloat16().float()
-    model.save_pretrained(folder)
-    return folder
-
-
 def _variant_cfg(tiny_dir, data_file, out, **method):
     from tunelab.config import load_config
 
@@ -332,7 +317,7 @@ def test_pissa_through_the_loop_starts_at_the_base_model_and_resumes_exactly(tmp
 
     import tunelab
 
-    folder = _bf16_valued_tiny_model(tmp_path / "model")
+    folder = save_bf16_valued_tiny_model_dir(tmp_path / "model")
 
     def cfg(name, **method):
         c = _variant_cfg(folder, data_file, tmp_path / name, **method)
@@ -401,7 +386,7 @@ def test_start_from_trains_an_adapter_on_from_where_it_ended_and_resumes_exactly
 
     import tunelab
 
-    folder = _bf16_valued_tiny_model(tmp_path / "model")
+    folder = save_bf16_valued_tiny_model_dir(tmp_path / "model")
 
     first = tunelab.train(_start_cfg(folder, data_file, tmp_path / "first", r=4, alpha=8, target_modules=["q_proj"]))
     capsys.readouterr()

@@ -127,6 +127,21 @@ def save_tiny_model_dir(path, vocab_size: int = 320, seed: int = 0, arch: str = 
     return str(path)
 
 
+def save_bf16_valued_tiny_model_dir(path) -> str:
+    """The tiny Llama saved with fp32 weights that hold bf16 values, as a bf16 checkpoint read in fp32 does: LoRA's
+    frozen linears then load compact, exactly (tunelab/accel/compact.py)."""
+    import torch
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def tiny_bert(vocab_size: int = 320, seed: int = 0, num_labels: int = 2, **overrides):
     """A 2-layer BERT encoder with a sequence-classification head (MiniLM's architecture, tiny)."""
     from transformers import BertConfig, BertForSequenceClassification
