@@ -465,8 +465,8 @@ def test_start_from_is_checked_before_the_model_loads(tmp_path, tiny_dir):
         resolve(str(wide))
     with pytest.raises(ValidationError, match="PiSSA initialises a new adapter"):
         mod.Config(start_from=str(wide), init="pissa")
-    ppo = {"prompts": "p.jsonl", "reward": {"kind": "keyword", "keyword": "yes"}}
-    with pytest.raises(ConfigError, match="stage: ppo with method.start_from: ppo's policy is its model.name"):
+    ppo = {"prompts": "p.jsonl", "reward": {"kind": "keyword", "keyword": "yes"}, "policy": "runs/sft"}
+    with pytest.raises(ConfigError, match="ppo.policy merges an SFT run .* use one of them"):
         load_config({"stage": "ppo", "model": {"name": "m"}, "data": {"train": "d.jsonl"}, "ppo": ppo,
                      "method": {"name": "lora", "start_from": str(wide)}})  # fmt: skip
 

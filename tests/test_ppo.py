@@ -285,6 +285,35 @@ def test_ppo_from_an_sft_run_loads_on_top_of_it(tiny_dir, prompt_file, tmp_path)
         assert (ppo_model(input_ids=ids).logits - sft_logits).abs().max() > 0
 
 
+def test_ppo_trains_an_sft_runs_adapter_on_against_that_adapter(tiny_dir, prompt_file, tmp_path):
+    """method.start_from: PPO over the adapter a LoRA SFT run trained, pi_ref that adapter as it starts (not the base
+    with it off): the first iteration's KL is zero, and the result is one adapter over the base."""
+    sft_rows = tmp_path / "sft.jsonl"
+    sft_rows.write_text(
+        "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}."}) + "\n" for i in range(8))
+    )
+    sft = tunelab.train(
+        load_config({"output_dir": str(tmp_path / "sft"), "model": {"name": tiny_dir},
+                     "data": {"train": str(sft_rows), "val_fraction": 0.0},
+                     "method": {"name": "lora", "r": 4, "alpha": 8},
+                     "training": {"max_steps": 4, "lr": 3e-2, "progress": False, "tensorboard": False}})
+    )  # fmt: skip
+    cfg = make_cfg(tiny_dir, prompt_file, tmp_path / "ppo", max_steps=2,
+                   ppo={"rollout_batch_size": 16, "mini_batch_size": 8, "eval_prompts": 0})  # fmt: skip
+    cfg.method = get_method("lora").Config(dropout=0.0, start_from=str(sft.run_dir))
+    result = tunelab.train(cfg)
+    iters = [r for r in records(tmp_path / "ppo") if "score" in r]
+    assert iters[0]["kl"] == pytest.approx(0.0, abs=1e-5) and iters[1]["kl"] != 0.0
+    assert (cfg.method.r, cfg.method.alpha) == (4, 8.0)  # the adapter's shape
+    sft_model, tok = load_run(str(sft.run_dir))
+    ppo_model, _ = load_run(str(result.run_dir))
+    ids = torch.tensor([build_prompt_ids([{"role": "user", "content": "Say 3."}], tok)])
+    with torch.no_grad():
+        with ppo_model.disable_adapter(), sft_model.disable_adapter():  # one adapter over the bare base
+            torch.testing.assert_close(ppo_model(input_ids=ids).logits, sft_model(input_ids=ids).logits)
+        assert (ppo_model(input_ids=ids).logits - sft_model(input_ids=ids).logits).abs().max() > 0
+
+
 def test_ppo_against_a_reward_model_run_on_preference_prompts(tiny_dir, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"prompt": f"Question {i}: say something.", "chosen": "Paris is nice.", "rejected": "No."}

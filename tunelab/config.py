@@ -869,6 +869,11 @@ def _build_config_class():
                     "pre-training of a causal LM (sft, pretrain); a noisy pass here would also be scored (reference, "
                     "reward, rollouts); drop it"
                 )
+            if self.stage == "ppo" and self.ppo.policy and self.method.starts_from:
+                raise ValueError(
+                    f"stage: ppo with ppo.policy and {self.method.starts_from} to start from: ppo.policy merges an SFT "
+                    "run into the policy, method.start_from trains an adapter on over model.name; use one of them"
+                )
             if self.stage in ("dpo", "ppo") and self.method.reference_refused(self.stage):
                 raise ValueError(f"stage: {self.stage} with {self.method.reference_refused(self.stage)}")
             if self.stage == "dpo" and self.data.packing:

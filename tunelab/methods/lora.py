@@ -85,8 +85,8 @@ class Config(MethodConfig):
         description="An existing LoRA adapter to continue training instead of a new one: a PEFT adapter folder, a "
         "tunelab run (its final/ adapter) or a hub id, trained over this model.name. Its r, alpha, target_modules, "
         "use_rslora and use_dora are the adapter's (a different value set here is refused); dropout and the "
-        "training settings are this config's. With stage dpo the reference policy is the adapter as it starts. Not "
-        "with init: pissa or stage ppo. See docs/methods.md.",
+        "training settings are this config's. With stage dpo or ppo the reference policy is the adapter as it "
+        "starts. Not with init: pissa. See docs/methods.md.",
     )
 
     @property
@@ -104,11 +104,6 @@ class Config(MethodConfig):
             return (
                 "method.init: pissa: the reference policy is the model with its adapter switched off, and PiSSA's "
                 "base is the residual W - s B A, not the model you start from; use method.init: default"
-            )
-        if self.start_from is not None and stage == "ppo":
-            return (
-                "method.start_from: ppo's policy is its model.name (an SFT run is merged as it loads); set model.name "
-                "to the run whose adapter you would start from, without method.start_from"
             )
         return None
 
