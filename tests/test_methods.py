@@ -439,11 +439,15 @@ def test_start_from_is_checked_before_the_model_loads(tmp_path, tiny_dir):
     mod.save(mod.apply(tiny_llama(), mod.Config(r=4, alpha=8, target_modules=["q_proj", "v_proj"])), adapter)
     model = ModelConfig(name=tiny_dir)
 
-    cfg = mod.Config(start_from=str(adapter), r=4, target_modules=["v_proj", "q_proj"])  # agreeing values pass
-    mod.check_model(cfg, model)
+    cfg = mod.Config(start_from=str(adapter), r=4, target_modules=["v_proj", "q_proj"])  # agreeing values: no note
+    assert mod.check_model(cfg, model) is None
     assert (cfg.r, cfg.alpha, sorted(cfg.target_modules)) == (4, 8.0, ["q_proj", "v_proj"])
-    with pytest.raises(MethodError, match="method.r: 8, but the adapter .* has r 4: an adapter keeps its shape"):
-        mod.check_model(mod.Config(start_from=str(adapter), r=8), model)
+    # values the config set otherwise give way to the adapter's own (as in PEFT and the peers), named in the log
+    cfg = mod.Config(start_from=str(adapter), r=8, alpha=16, target_modules=".*q_proj")
+    note = mod.check_model(cfg, model)
+    assert note == ("method.start_from: the adapter keeps its own r 4 (the config's 8), alpha 8 (the config's 16), "
+                    "target_modules q_proj, v_proj (the config's '.*q_proj')")  # fmt: skip
+    assert (cfg.r, cfg.alpha, sorted(cfg.target_modules)) == (4, 8.0, ["q_proj", "v_proj"])
     with pytest.raises(MethodError, match="no such file or folder"):
         mod.check_model(mod.Config(start_from=str(tmp_path / "nowhere")), model)
     with pytest.raises(MethodError, match="a whole model"):

@@ -124,9 +124,10 @@ def load_plan(cfg, device):
     return None
 
 
-def check_model(cfg, model_cfg) -> None:
+def check_model(cfg, model_cfg) -> str | None:
     """Before the model loads: raise a MethodError for a model whose architecture the method cannot take
-    (models.loading.skeleton(model_cfg) has its layers, without weights); by default nothing to check."""
+    (models.loading.skeleton(model_cfg) has its layers, without weights); a returned string is logged (lora: the
+    shape start_from's adapter keeps). By default nothing to check."""
     return None
 
 

@@ -84,7 +84,7 @@ class Config(MethodConfig):
         None,
         description="An existing LoRA adapter to continue training instead of a new one: a PEFT adapter folder, a "
         "tunelab run (its final/ adapter) or a hub id, trained over this model.name. Its r, alpha, target_modules, "
-        "use_rslora and use_dora are the adapter's (a different value set here is refused); dropout and the "
+        "use_rslora and use_dora are the adapter's (a different value set here gives way, and the log says so); dropout and the "
         "training settings are this config's. With stage dpo or ppo the reference policy is the adapter as it "
         "starts. Not with init: pissa. See docs/methods.md.",
     )
@@ -234,24 +234,32 @@ def adapter_settings(where: str) -> dict:
     return settings
 
 
-def check_model(cfg: Config, model_cfg) -> None:
+def check_model(cfg: Config, model_cfg) -> str | None:
     """Before the model loads: `start_from`'s adapter found and read, its shape fields written into `cfg` (so the run's
-    config.yaml, model card and compare report say what trains), a value the user set otherwise refused, and its
-    matrices checked against the model's linear layers where the model's skeleton can be built."""
+    config.yaml, model card and compare report say what trains) and its matrices checked against the model's linear
+    layers where the model's skeleton can be built. A shape value the config set otherwise gives way, as in PEFT,
+    Axolotl and LLaMA-Factory (an adapter keeps its shape): the note returned, for the run's log, names each."""
     if cfg.start_from is None:
-        return
+        return None
     settings = adapter_settings(cfg.start_from)
+    replaced = []
     for theirs, (ours, default) in SHAPE_FIELDS.items():
         value = settings.get(theirs, default)
         if theirs == "target_modules" and not isinstance(value, str):
             value = sorted(value or [])
         if ours in cfg.model_fields_set and _differs(getattr(cfg, ours), value):
-            raise MethodError(
-                f"method.{ours}: {getattr(cfg, ours)!r}, but the adapter method.start_from continues ({cfg.start_from}) "
-                f"has {theirs} {value!r}: an adapter keeps its shape; drop method.{ours} (or set it to {value!r})"
-            )
+            replaced.append(f"{ours} {_shown(value)} (the config's {_shown(getattr(cfg, ours))})")
         setattr(cfg, ours, value)
     _check_shapes(cfg.start_from, model_cfg)
+    if replaced:
+        return f"method.start_from: the adapter keeps its own {', '.join(replaced)}"
+    return None
+
+
+def _shown(value) -> str:
+    if isinstance(value, list):  # module names as PEFT saves them: their last parts, once each
+        return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in value}))
+    return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
 def _differs(ours, theirs) -> bool:

@@ -293,7 +293,7 @@ def _refuse_nothing_to_quantize(model) -> None:
     raise MethodError("qlora: no linear layer was quantized (all skipped)")
 
 
-def check_model(cfg: Config, model_cfg) -> None:
+def check_model(cfg: Config, model_cfg) -> str | None:
     """Before the model loads: a model whose body has no nn.Linear at all (GPT-2's Conv1D) is refused now."""
     import torch
 
@@ -302,7 +302,7 @@ def check_model(cfg: Config, model_cfg) -> None:
     model = skeleton(model_cfg)  # the bare transformer: its names lack the task model's prefix, so skip_modules
     if model is not None and not any(type(m) is torch.nn.Linear for m in model.modules()):  # are read at apply
         _refuse_nothing_to_quantize(model)
-    lora.check_model(cfg, model_cfg)  # start_from's adapter
+    return lora.check_model(cfg, model_cfg)  # start_from's adapter
 
 
 def _prepare(model, cfg: Config, device: torch.device) -> dict:

@@ -24,7 +24,7 @@ Optional hooks (`get` fills in base.py's defaults for those a module does not de
                                     (LoRA+'s B); default: none
   load_plan(cfg, device) -> plan | None  layers to convert while the base is read tensor by tensor
                                     (models/streaming.py; qlora: straight into 4-bit); None: the ordinary load
-  check_model(cfg, model_cfg) -> None  before the model loads: refuse an architecture the method cannot take
+  check_model(cfg, model_cfg) -> note  before the model loads: refuse an architecture the method cannot take
                                     (ia3 without default modules, qlora on Conv1D layers), from
                                     models.loading.skeleton(model_cfg), the layers without weights
 

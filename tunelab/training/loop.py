@@ -114,7 +114,9 @@ def train(
     tcfg = cfg.training
     if stage.check_data is not None:  # a bad data file is reported now, not after the model has loaded
         stage.check_data(cfg)
-    get_method(cfg.method.name).check_model(cfg.method, cfg.model)  # likewise a model the method cannot take
+    note = get_method(cfg.method.name).check_model(cfg.method, cfg.model)  # likewise a model the method cannot take
+    if note:
+        log(note)
     accel.check(tcfg, resolve_device(tcfg.device), distributed.world_size() > 1)  # settings the device refuses
     run_dir, resume_from = start_run(cfg, resume, force)
 

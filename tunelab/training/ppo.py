@@ -231,7 +231,9 @@ def train_ppo(
 ) -> RunResult:
     """Run stage ppo from a validated Config (see docs/alignment.md). `reward_fn` overrides ppo.reward."""
     tcfg, pcfg = cfg.training, cfg.ppo
-    get_method(cfg.method.name).check_model(cfg.method, cfg.model)  # before the model loads, as the loop asks
+    note = get_method(cfg.method.name).check_model(cfg.method, cfg.model)  # before the model loads, as the loop asks
+    if note:
+        log(note)
     run_dir, resume_from = start_run(cfg, resume, force)
 
     # ---- policy, reference, value head
