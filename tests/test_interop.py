@@ -20,8 +20,6 @@ DEMO = shared_data_dir() / "llamafactory-demo"
 needs_peers = pytest.mark.skipif(not (PEERS.is_dir() and DEMO.is_dir()), reason="shared/peer-configs absent")
 CONFIGS = sorted(p.name for p in PEERS.glob("*/*.y*ml")) if PEERS.is_dir() else []
 REFUSED = {  # file -> the words of its named error
-    "train_lora__qwen3_lora_kto.yaml": "stage 'kto' is not supported",
-    "llama-3__qlora-1b-kto.yaml": "stage 'kto' is not supported",
     "merge_lora__qwen3_lora_sft.yaml": "merge / export config",
 }
 EXPECTED = {  # file -> (stage, method)
@@ -30,6 +28,7 @@ EXPECTED = {  # file -> (stage, method)
     "extras__pissa__llama3_lora_sft.yaml": ("sft", "lora"),
     "train_full__qwen3_full_sft.yaml": ("sft", "full"),
     "train_lora__qwen3_lora_dpo.yaml": ("dpo", "lora"),
+    "train_lora__qwen3_lora_kto.yaml": ("kto", "lora"),
     "train_lora__qwen3_lora_pretrain.yaml": ("pretrain", "lora"),
     "train_lora__qwen3_lora_reward.yaml": ("reward", "lora"),
     "train_lora__qwen3_lora_sft.yaml": ("sft", "lora"),
@@ -42,6 +41,7 @@ EXPECTED = {  # file -> (stage, method)
     "llama-3__instruct-dpo-lora-8b.yml": ("dpo", "lora"),
     "llama-3__lora-1b.yml": ("sft", "lora"),
     "llama-3__qlora-1b.yml": ("sft", "qlora"),
+    "llama-3__qlora-1b-kto.yaml": ("kto", "qlora"),
 }
 
 
@@ -122,6 +122,11 @@ def _local(name: str, tmp: Path, tiny: str) -> dict:
     shutil.copy(DEMO / "alpaca_en_demo.json", data / "identity.json")  # not local: alpaca_en_demo stands in
     rows = json.loads((DEMO / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:16]
     (data / "c4_demo.jsonl").write_text("".join(json.dumps({"text": r["output"]}) + "\n" for r in rows))
+    pairs = json.loads((DEMO / "dpo_en_demo.json").read_text(encoding="utf-8"))[:8]  # kto_en_demo's shape, from them
+    (data / "kto_en_demo.json").write_text(json.dumps([
+        {"messages": [{"role": "user", "content": p["conversations"][0]["value"]},
+                      {"role": "assistant", "content": p[side]["value"]}], "label": side == "chosen"}
+        for p in pairs for side in ("chosen", "rejected")]))  # fmt: skip
     (data / "chat.json").write_text(json.dumps([{"conversations": [{"from": "human", "value": r["instruction"]},
                                                                     {"from": "gpt", "value": r["output"]}]}
                                                  for r in rows]))  # fmt: skip
@@ -212,7 +217,7 @@ def test_cli_convert_prints_yaml_and_report(capsys):
     assert yaml.safe_load(out)["method"] == {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
                                              "target_modules": "all-linear"}  # fmt: skip
     assert "mapped:" in err and "ignored:" in err and "bf16" in err
-    assert main(["convert", str(_path("train_lora__qwen3_lora_kto.yaml"))]) == 2
+    assert main(["convert", str(_path("merge_lora__qwen3_lora_sft.yaml"))]) == 2
 
 
 @pytest.mark.parametrize("tool", ["llamafactory", "axolotl"])

@@ -257,6 +257,11 @@ class ColumnsConfig(Section):
     completion: str = Field(
         "completion", description="prompt_completion format (TRL): the reply (text or messages) after `prompt`."
     )
+    label: str = Field(
+        "label",
+        description="stage kto: whether the row's reply is desirable (true / false; TRL's unpaired `label`; "
+        "LLaMA-Factory's kto_tag is read too).",
+    )
     tools: str = Field(
         "tools",
         description="chat format: the tool definitions (a JSON list, or its text) of a tool-calling row, "
@@ -689,6 +694,21 @@ class DPOConfig(Section):
     )
 
 
+class KTOConfig(Section):
+    """stage kto: Kahneman-Tversky Optimization (Ethayarajh et al. 2024) on replies labelled desirable or not."""
+
+    beta: float = Field(
+        0.1, gt=0, description="Implicit reward = beta * log(policy / reference), as DPO's; larger stays closer."
+    )
+    desirable_weight: float = Field(
+        1.0,
+        gt=0,
+        description="lambda_D: weight of a desirable reply's loss (the paper keeps lambda_D n_D / "
+        "(lambda_U n_U) in [1, 4/3] when the kinds are unbalanced).",
+    )
+    undesirable_weight: float = Field(1.0, gt=0, description="lambda_U: weight of an undesirable reply's loss.")
+
+
 # --------------------------------------------------------------------------------------- distill
 class DistillConfig(Section):
     """stage distill: the model learns a teacher's next-token distribution (docs/distillation.md)."""
@@ -816,6 +836,7 @@ class _Root(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
+    kto: KTOConfig = Field(default_factory=KTOConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
@@ -838,8 +859,11 @@ def _build_config_class():
                 raise ValueError("stage: pretrain needs data.format: text (or auto)")
             if self.stage == "mlm" and self.data.format not in ("text", "auto"):
                 raise ValueError("stage: mlm needs data.format: text (or auto)")
-            if self.stage in ("reward", "dpo") and self.data.format not in ("preference", "auto"):
-                raise ValueError(f"stage: {self.stage} needs data.format: preference or auto (chosen / rejected pairs)")
+            if self.stage in ("reward", "dpo", "kto") and self.data.format not in ("preference", "auto"):
+                raise ValueError(
+                    f"stage: {self.stage} needs data.format: preference or auto (chosen / rejected pairs"
+                    + (", or replies labelled desirable or not)" if self.stage == "kto" else ")")
+                )
             if self.data.format == "preference" and self.stage in ("sft", "pretrain", "mlm"):
                 raise ValueError("data.format: preference is for stage: reward or stage: dpo; set the stage")
             if self.stage == "reward" and _capabilities(self.method.name).virtual_tokens == "past_key_values":
@@ -874,13 +898,12 @@ def _build_config_class():
                     f"stage: ppo with ppo.policy and {self.method.starts_from} to start from: ppo.policy merges an SFT "
                     "run into the policy, method.start_from trains an adapter on over model.name; use one of them"
                 )
-            if self.stage in ("dpo", "ppo") and self.method.reference_refused(self.stage):
+            if self.stage in ("dpo", "kto", "ppo") and self.method.reference_refused(self.stage):
                 raise ValueError(f"stage: {self.stage} with {self.method.reference_refused(self.stage)}")
-            if self.stage == "dpo" and self.data.packing:
+            if self.stage in ("dpo", "kto") and self.data.packing:
                 raise ValueError(
-                    "stage: dpo does not pack: each pair's chosen and rejected sequences are scored as rows of their "
-                    "own (laid end to end without their padding where tunelab/accel's packed attention runs); set "
-                    "data.packing: false"
+                    f"stage: {self.stage} does not pack: each sequence it scores is a row of its own (laid end to end "
+                    "without their padding where tunelab/accel's packed attention runs); set data.packing: false"
                 )
             if self.stage == "distill":
                 _check_distill(self)
@@ -1283,6 +1306,7 @@ def reference_markdown() -> str:
         ("task", TaskConfig),
         ("training", TrainingConfig),
         ("dpo", DPOConfig),
+        ("kto", KTOConfig),
         ("distill", DistillConfig),
         ("ppo", PPOConfig),
         ("ppo.reward", RewardConfig),

@@ -31,6 +31,7 @@ STAGES: dict[str, str] = {
     "ppo": "tunelab.stages.ppo",
     "reward": "tunelab.stages.reward",
     "dpo": "tunelab.stages.dpo",
+    "kto": "tunelab.stages.kto",
     "tagging": "tunelab.stages.tagging",
     "distill": "tunelab.stages.distill",
 }

@@ -200,10 +200,10 @@ class Speed:
         if self.shares > 1 and self.autocast:
             # autocast's state is per thread: a share running in a worker thread would compute in fp32
             self.shares, why_not = 1, "bf16 autocast is set per thread"
-        if self.shares > 1 and cfg.stage == "dpo" and hasattr(model, "disable_adapter"):
+        if self.shares > 1 and cfg.stage in ("dpo", "kto") and hasattr(model, "disable_adapter"):
             # dpo's reference pass switches the PEFT adapter off (and its requires_grad) on the one shared model:
             # a share running beside it in another thread would see the adapter off
-            self.shares, why_not = 1, "dpo's reference pass switches the adapter off on the shared model"
+            self.shares, why_not = 1, f"{cfg.stage}'s reference pass switches the adapter off on the shared model"
         if self.shares > 1:
             self.pieces.append(
                 f"each micro-batch runs as up to {self.shares} shares of its rows at once, a thread each "

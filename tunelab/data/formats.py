@@ -47,7 +47,7 @@ def detect_format(row: dict, cfg: DataConfig, stage: str = "sft", where: str = "
         return "text"
     if c.chosen in row and c.rejected in row:
         return "preference"
-    if stage in ("reward", "dpo"):
+    if stage in ("reward", "dpo", "kto"):
         return "preference"  # the preference reader names what is missing
     if c.messages in row or SHAREGPT_COLUMN in row:
         return "chat"

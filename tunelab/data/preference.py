@@ -34,7 +34,8 @@ from tunelab.data.templating import ids_by_offsets, ids_by_pieces, response_span
 log = logging.getLogger("tunelab.data")
 
 DEFAULT_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "messages": "messages",
-                   "system": "system", "role": "role", "content": "content"}  # fmt: skip
+                   "system": "system", "role": "role", "content": "content", "completion": "completion",
+                   "label": "label"}  # fmt: skip
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 _EXPECTED = (
     "expected {prompt, chosen, rejected}, hh-rlhf {chosen, rejected} transcripts ('\\n\\nHuman: ... "
@@ -188,6 +189,130 @@ def _hh_messages(text: str, col: str, where: str) -> list[dict]:
         else:
             msgs.append({"role": role, "content": content})
     return msgs
+
+
+# ---------------------------------------------------------------------------- unpaired (stage kto)
+_LABELS = {True: True, False: False, "true": True, "false": False}  # 1 / 0 hash as True / False
+
+
+def read_unpaired(path: str, columns=None, limit: int | None = None, roles: dict | None = None,
+                  rows=None) -> tuple[list[dict], dict]:  # fmt: skip
+    """(examples, stats) for stage kto: {"prompt": messages, "completion": str, "label": bool, "group": int} each,
+    from rows that are unpaired (TRL's {prompt, completion, label}; a conversation ending with the reply plus a
+    label, LLaMA-Factory's kto_tag) or preference pairs (each pair two examples: chosen desirable, rejected not, as
+    TRL's `unpair_preference_dataset` does). `group`: the row an example came from (a pair's two share it), so that
+    a split keeps a prompt on one side and a KL row never pairs a prompt with its own other reply."""
+    cols = {**_columns(columns), "roles": roles or {}}
+    rows = (read_rows(path) if rows is None else rows)[:limit]
+    examples, pairs = [], 0
+    for group, (file, number, row) in enumerate(rows):
+        at = where(file, number)
+        if row.get(cols["chosen"]) is not None or row.get(cols["rejected"]) is not None:
+            try:
+                pair = row_to_pair(row, cols, at)
+            except _Skip:
+                continue
+            examples += [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True, "group": group},
+                         {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False,
+                          "group": group}]  # fmt: skip
+            pairs += 1
+        else:
+            examples.append({**row_to_unpaired(row, cols, at), "group": group})
+    if not examples:
+        raise DataError(f"{path}: no examples to use.")
+    labels = [e["label"] for e in examples]
+    if all(labels) or not any(labels):
+        kind = "desirable" if labels[0] else "undesirable"
+        raise DataError(f"{path}: every example is {kind}: KTO needs both kinds of reply (label true and false)")
+    return examples, {"rows_read": len(rows), "pairs_unpaired": pairs, "desirable": sum(labels),
+                      "undesirable": len(labels) - sum(labels)}  # fmt: skip
+
+
+def row_to_unpaired(row: dict, cols: dict, where: str = "row") -> dict:
+    """One unpaired row -> {"prompt": messages, "completion": str, "label": bool} (raises DataError)."""
+    label = row.get(cols["label"], row.get("kto_tag"))
+    key = label.strip().lower() if isinstance(label, str) else label
+    if isinstance(key, float) and key in (0.0, 1.0):
+        key = int(key)
+    if key not in _LABELS:
+        got = "missing" if label is None else repr(label)
+        raise DataError(
+            f"{where}: field '{cols['label']}' is {got}: stage kto needs each reply labelled true (desirable) or "
+            f"false (undesirable) — map yours with data.columns.label (LLaMA-Factory's kto_tag is read as it is)"
+        )
+    conv_col = next((c for c in (cols["messages"], SHAREGPT_COLUMN) if row.get(c) is not None), None)
+    if row.get(cols["completion"]) is not None:
+        prompt = (
+            _prompt(row[cols["prompt"]], cols["prompt"], where, cols) if row.get(cols["prompt"]) is not None else []
+        )
+        head, text = _response(row[cols["completion"]], cols["completion"], where, cols)
+        prompt = prompt + (head[len(prompt) :] if prompt and head[: len(prompt)] == prompt else head)
+    elif conv_col is not None:
+        prompt, text = _response(row[conv_col], conv_col, where, cols)
+    else:
+        raise DataError(
+            f"{where}: no reply: stage kto reads {{{cols['prompt']}, {cols['completion']}, {cols['label']}}} (TRL), "
+            f"a conversation in '{cols['messages']}' ending with the reply plus a label, or preference pairs"
+        )
+    if not prompt:
+        raise DataError(f"{where}: no prompt before the reply (field '{cols['prompt']}', or the conversation's turns)")
+    system = row.get(cols["system"])
+    if isinstance(system, str) and system and prompt[0]["role"] != "system":
+        prompt = [{"role": "system", "content": system}] + prompt
+    return {"prompt": prompt, "completion": text, "label": _LABELS[key]}
+
+
+def encode_unpaired(example: dict, tokenizer, max_length: int, where: str = "example") -> dict:
+    """An unpaired example -> {"input_ids", "response_mask", "label", "truncated"}, truncated as a preference
+    sequence is (the prompt loses its start)."""
+    enc = encode_response(example["prompt"], example["completion"], tokenizer, where=where)
+    truncated = len(enc["input_ids"]) > max_length
+    enc = truncate_left(enc, max_length)
+    return {**enc, "label": int(example["label"]), "group": example.get("group"), "truncated": truncated}
+
+
+def mismatched(examples: list[dict], max_length: int, seed: int = 0) -> list[dict]:
+    """Each encoded example with its KL row: its prompt followed by another row's reply, the mismatched completions
+    KTO estimates KL(policy || reference) on (Ethayarajh et al. 2024; TRL and LLaMA-Factory pair them alike). The
+    rows (`group`: a pair's two replies share one) in a seeded shuffle, their examples laid out in it, and each
+    example given the reply as many places on as the largest row has examples: a rotation, so every reply serves
+    one KL row, and never one of its own row (a pair's other reply is no mismatch). Keys kl_input_ids /
+    kl_response_mask added."""
+    import random
+
+    rows: dict = {}
+    for i, e in enumerate(examples):
+        rows.setdefault(("example", i) if e.get("group") is None else e["group"], []).append(i)
+    keys = list(rows)
+    random.Random(seed).shuffle(keys)
+    order = [i for k in keys for i in rows[k]]
+    shift = max(len(v) for v in rows.values())
+    shift = shift if shift < len(order) else 1
+    partner = {i: order[(k + shift) % len(order)] for k, i in enumerate(order)}
+    out = []
+    for i, e in enumerate(examples):
+        other = examples[partner[i]]
+        start, other_start = e["response_mask"].index(1), other["response_mask"].index(1)
+        kl = {"input_ids": e["input_ids"][:start] + other["input_ids"][other_start:],
+              "response_mask": [0] * start + other["response_mask"][other_start:]}  # fmt: skip
+        kl = truncate_left(kl, max_length)
+        out.append({**e, "kl_input_ids": kl["input_ids"], "kl_response_mask": kl["response_mask"]})
+    return out
+
+
+def collate_unpaired(examples: list[dict], pad_id: int) -> dict:
+    """B encoded examples -> one right-padded batch of 2B rows: the B examples, then their B KL rows; `label`
+    [B] (1 desirable). Keys: input_ids, attention_mask, response_mask, label."""
+    import torch
+
+    from tunelab.data.collate import pad
+
+    rows = [e["input_ids"] for e in examples] + [e["kl_input_ids"] for e in examples]
+    masks = [e["response_mask"] for e in examples] + [e["kl_response_mask"] for e in examples]
+    ids, attn = pad(rows, pad_id)
+    resp, _ = pad(masks, 0)
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp,
+            "label": torch.tensor([e["label"] for e in examples])}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ encoding

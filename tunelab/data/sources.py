@@ -86,18 +86,20 @@ def _from_registry(name: str, path: Path, cfg: DataConfig, stage: str, quiet: bo
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise DataError(f"{at}: formatting {formatting!r} is not read; alpaca, sharegpt or openai")
     ranking = bool(entry.get("ranking"))
-    fmt = "text" if stage in ("pretrain", "mlm") else "preference" if ranking else (
+    fmt = "text" if stage in ("pretrain", "mlm") else "preference" if ranking or stage == "kto" else (
         "instruction" if formatting == "alpaca" else "chat")  # fmt: skip
     columns = dict(cfg.columns.model_dump())
     for theirs, col in (entry.get("columns") or {}).items():
         if theirs in _LF_UNSUPPORTED:
             raise DataError(f"{at}: column {theirs!r}: multimodal data sets are not supported")
-        if theirs == "kto_tag":
+        if theirs == "kto_tag" and stage != "kto":
             raise DataError(f"{at}: column 'kto_tag': KTO data (one reply per row, labelled good or bad) trains "
-                            "LLaMA-Factory's kto stage, which tunelab does not have; pairs of replies (ranking: "
-                            "true, chosen / rejected) train with stage dpo or reward")  # fmt: skip
-        if theirs == "prompt":
-            ours = "text" if fmt == "text" else "prompt" if ranking else "instruction"
+                            "stage kto; pairs of replies (ranking: true, chosen / rejected) train with stage dpo "
+                            "or reward")  # fmt: skip
+        if theirs == "kto_tag":
+            ours = "label"
+        elif theirs == "prompt":
+            ours = "text" if fmt == "text" else "prompt" if ranking or stage == "kto" else "instruction"
         else:
             ours = _LF_COLUMNS.get(theirs)
         if ours:

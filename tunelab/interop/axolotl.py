@@ -15,14 +15,15 @@ from tunelab.peer_keys import AXOLOTL_IGNORED, AXOLOTL_LORA_VARIANTS, AXOLOTL_MA
 
 TOOL = "Axolotl"
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
-RL = {"dpo": "sigmoid", "ipo": "ipo"}
+RL = {"dpo": "sigmoid", "ipo": "ipo", "kto": None}  # rl -> dpo.loss_type (kto: stage kto)
+KTO_WEIGHTS = {"kto_desirable_weight": "kto.desirable_weight", "kto_undesirable_weight": "kto.undesirable_weight"}
 # the keys that turn a tracker on (-> training.report_to); those naming the project / experiment also set
 # training.tracker_project, the *_name ones training.run_name
 _TRACKER_KEYS = {"use_tensorboard": "tensorboard", "wandb_project": "wandb", "mlflow_tracking_uri": "mlflow",
                  "mlflow_experiment_name": "mlflow", "use_trackio": "trackio", "trackio_project_name": "trackio",
                  "wandb_name": None, "mlflow_run_name": None, "trackio_run_name": None}  # fmt: skip
 _SPECIAL = {"adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_linear",
-            "lora_target_modules", "lora_model_dir", "unfrozen_parameters", "qat", "rl", "rl_beta", "datasets", "pretraining_dataset",
+            "lora_target_modules", "lora_model_dir", "unfrozen_parameters", "qat", "rl", "rl_beta", *KTO_WEIGHTS, "datasets", "pretraining_dataset",
             "test_datasets", "val_set_size", "lr_scheduler", "trust_remote_code", "chat_template",
             *_TRACKER_KEYS, *AXOLOTL_LORA_VARIANTS}  # fmt: skip
 
@@ -37,15 +38,22 @@ def translate(raw: dict, source: str = "config") -> Translation:
     t = Translation(TOOL, source)
     rl = raw.get("rl")
     if rl and rl not in RL:
-        t.refuse("rl", rl, f"stage {rl!r} is not supported by tunelab; supported: sft (no rl), dpo, ipo")
-    stage = "dpo" if rl else "pretrain" if raw.get("pretraining_dataset") else "sft"
+        t.refuse("rl", rl, f"stage {rl!r} is not supported by tunelab; supported: sft (no rl), dpo, ipo, kto")
+    stage = ("kto" if rl == "kto" else "dpo") if rl else "pretrain" if raw.get("pretraining_dataset") else "sft"
     if rl:
-        t.map("rl", rl, "stage", "dpo")
-        t.set("dpo.loss_type", RL[rl])
+        t.map("rl", rl, "stage", stage)
+        if RL[rl]:
+            t.set("dpo.loss_type", RL[rl])
     else:
         t.set("stage", stage)
     if raw.get("rl_beta") is not None:
-        t.map("rl_beta", raw["rl_beta"], "dpo.beta")
+        t.map("rl_beta", raw["rl_beta"], f"{'kto' if stage == 'kto' else 'dpo'}.beta")
+    for key, dotted in KTO_WEIGHTS.items():
+        if raw.get(key) is not None:
+            if stage == "kto":
+                t.map(key, raw[key], dotted)
+            else:
+                t.ignore(key, "a stage kto setting (rl: kto), and this config's stage is not kto")
     _method(raw, t)
     _data(raw, t, stage)
     if "trust_remote_code" in raw:
@@ -183,7 +191,7 @@ def _source(d: dict, t: Translation, stage: str, i: int) -> dict:
     elif (
         kind.startswith("chat_template") or kind == "sharegpt" or kind.startswith("chatml") or kind.startswith("llama3")
     ):
-        if stage == "dpo":
+        if stage in ("dpo", "kto"):
             out["format"] = "preference"
             for f, col in (("field_messages", "messages"), ("field_chosen", "chosen"), ("field_rejected", "rejected"),
                            ("field_prompt", "prompt")):  # fmt: skip

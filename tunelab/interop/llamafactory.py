@@ -11,7 +11,9 @@ from tunelab.interop.translation import Translation
 from tunelab.peer_keys import LLAMAFACTORY_IGNORED, LLAMAFACTORY_LORA_VARIANTS, LLAMAFACTORY_MAPPED
 
 TOOL = "LLaMA-Factory"
-STAGES = {"sft": "sft", "pt": "pretrain", "rm": "reward", "dpo": "dpo"}
+STAGES = {"sft": "sft", "pt": "pretrain", "rm": "reward", "dpo": "dpo", "kto": "kto"}
+# stage kto's weights of a desirable / undesirable reply's loss
+KTO_WEIGHTS = {"kto_chosen_weight": "kto.desirable_weight", "kto_rejected_weight": "kto.undesirable_weight"}
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
 FREEZE_MODULES = {"mlp": "ffn", "self_attn": "attention", "attn": "attention", "attention": "attention"}
 # keys translated by code below; the rest of LLAMAFACTORY_MAPPED map one to one
@@ -19,7 +21,8 @@ _SPECIAL = {"stage", "finetuning_type", "quantization_bit", "quantization_method
             "lora_dropout", "lora_target", "freeze_trainable_layers", "freeze_trainable_modules",
             "freeze_extra_modules", "dataset", "eval_dataset", "dataset_dir", "max_samples", "val_size",
             "lr_scheduler_type", "pref_loss", "trust_remote_code", "template", "report_to", "pissa_init",
-            "pissa_iter", "adapter_name_or_path", "create_new_adapter", *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
+            "pissa_iter", "adapter_name_or_path", "create_new_adapter", "pref_beta", *KTO_WEIGHTS,
+            *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
 
 
 def detect(raw: dict) -> bool:
@@ -55,6 +58,14 @@ def translate(raw: dict, source: str = "config") -> Translation:
             t.map("lr_scheduler_type", v, "training.scheduler", SCHEDULERS[v])
         else:
             t.ignore("lr_scheduler_type", f"{v!r} is not one of tunelab's schedules (constant, linear, cosine): cosine")
+    if raw.get("pref_beta") is not None:  # the beta of whichever preference stage this is
+        t.map("pref_beta", raw["pref_beta"], "kto.beta" if stage == "kto" else "dpo.beta")
+    for key, dotted in KTO_WEIGHTS.items():
+        if raw.get(key) is not None:
+            if stage == "kto":
+                t.map(key, raw[key], dotted)
+            else:
+                t.ignore(key, "a stage kto setting, and this config's stage is not kto")
     if "pref_loss" in raw:
         v = raw["pref_loss"]
         if v not in ("sigmoid", "ipo"):

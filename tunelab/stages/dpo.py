@@ -32,7 +32,7 @@ def sequence_logps(model, batch: dict) -> torch.Tensor:
     return -row_loss_sums(model, {**batch, "labels": labels})
 
 
-def _dpo_prepare(model, cfg) -> None:
+def prepare_reference(model, cfg) -> None:
     """Called by the loop once the method is applied and before a resume restores trained weights, so the
     reference is always the starting model (methods/reference.py)."""
     reference.prepare(model, get_method(cfg.method.name))
@@ -100,7 +100,7 @@ def _dpo_final(model, tokenizer, cfg, data, device) -> dict:
     }
 
 
-def _load(cfg, device):
+def load_policy(cfg, device):
     model, tokenizer = load_model(cfg.model, device=device)
     require_causal(model, cfg)
     return model, tokenizer
@@ -109,7 +109,7 @@ def _load(cfg, device):
 def stage(cfg) -> Stage:
     """The DPO stage for a config (its loss reads the `dpo` section)."""
     return Stage(
-        "dpo", _load, pairs_data, collate_pairs,
-        _dpo_loss_fn(cfg), pair_count, _dpo_final, lambda c: {"dpo": c.dpo.model_dump()}, _dpo_prepare,
+        "dpo", load_policy, pairs_data, collate_pairs,
+        _dpo_loss_fn(cfg), pair_count, _dpo_final, lambda c: {"dpo": c.dpo.model_dump()}, prepare_reference,
         check_data=check_pairs,
     )  # fmt: skip

@@ -28,6 +28,7 @@ from tunelab.config import (
     DataConfig,
     DistillConfig,
     DPOConfig,
+    KTOConfig,
     PPOConfig,
     RewardConfig,
     TaskConfig,
@@ -59,8 +60,8 @@ DATA_PRESETS = {
 DATA_SOURCES = ("preset", "upload", "path")
 # the stages that read a `task:` (a preset or your own files) rather than `data:`
 TASK_STAGES = ("classification", "extractive_qa", "seq2seq")
-# the stages with a settings section of their own (config keys dpo.*, distill.*, ppo.*, ppo.reward.*)
-STAGE_SECTIONS = {"dpo": [(DPOConfig, "dpo")], "distill": [(DistillConfig, "distill")],
+# the stages with a settings section of their own (config keys dpo.*, kto.*, distill.*, ppo.*, ppo.reward.*)
+STAGE_SECTIONS = {"dpo": [(DPOConfig, "dpo")], "kto": [(KTOConfig, "kto")], "distill": [(DistillConfig, "distill")],
                   "ppo": [(PPOConfig, "ppo"), (RewardConfig, "ppo.reward")]}  # fmt: skip
 TASK_FIELDS = ("name", "type", "labels", "train_file", "dev_file", "train_limit", "dev_limit", "max_length")
 

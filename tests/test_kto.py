@@ -1,0 +1,148 @@
+"""Stage kto (Kahneman-Tversky Optimization): its data, its loss against the paper's formula, and training on a
+tiny model."""
+
+import json
+import math
+
+import pytest
+import torch
+from test_preference import synthetic_pairs, write_jsonl
+
+import tunelab
+from tunelab.config import ConfigError, load_config
+from tunelab.data import DataError
+from tunelab.data.preference import collate_unpaired, encode_unpaired, mismatched, read_unpaired
+from tunelab.stages import dpo as P
+from tunelab.stages import kto as K
+from tunelab.testing import save_tiny_model_dir, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def unpaired(n: int, seed: int) -> list[dict]:
+    """TRL's unpaired rows: a reply with 'Paris' is desirable, one without is not (the pairs of test_preference,
+    split, the two kinds interleaved)."""
+    rows = []
+    for p in synthetic_pairs(n, seed):
+        rows += [{"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+                 {"prompt": p["prompt"], "completion": p["rejected"], "label": False}]  # fmt: skip
+    return rows
+
+
+def make_cfg(tiny_dir, train, val, out, **training):
+    t = dict(max_steps=30, batch_size=8, lr=1e-2, warmup_steps=0, progress=False, tensorboard=False, seed=3)
+    t.update(training)
+    return load_config({"stage": "kto", "output_dir": str(out), "model": {"name": tiny_dir},
+                        "data": {"train": train, "validation": val, "max_length": 64},
+                        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0}, "kto": {"beta": 0.5},
+                        "training": t})  # fmt: skip
+
+
+def test_kto_loss_is_the_papers():
+    """Ethayarajh et al. 2024, eq. 8 (TRL's KTOTrainer alike): v = lambda_D sigmoid(beta (r - z)) for a desirable
+    reply, lambda_U sigmoid(beta (z - r)) for an undesirable one, loss lambda_y - v."""
+    g = torch.Generator().manual_seed(0)
+    r, z = torch.randn(64, generator=g) * 3, torch.tensor(0.7)
+    good = torch.rand(64, generator=g) > 0.4
+    for beta, wd, wu in ((0.1, 1.0, 1.0), (0.5, 1.33, 1.0), (2.0, 1.0, 0.5)):
+        expected = []
+        for ri, gi in zip(r.tolist(), good.tolist()):
+            lam, value = (
+                (wd, wd / (1 + math.exp(-beta * (ri - 0.7)))) if gi else (wu, wu / (1 + math.exp(-beta * (0.7 - ri))))
+            )
+            expected.append(lam - value)
+        torch.testing.assert_close(K.kto_loss(r, z, good, beta, wd, wu), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    # where the policy is the reference (r = z = 0) every reply's loss is half its weight
+    assert K.kto_loss(torch.zeros(2), torch.tensor(0.0), torch.tensor([True, False]), 0.1, 2.0, 1.0).tolist() == [
+        1.0,
+        0.5,
+    ]
+
+
+def test_unpaired_rows_in_every_shape_and_their_errors(tmp_path):
+    trl = write_jsonl(tmp_path / "trl.jsonl", [{"prompt": "Hi", "completion": "Hello!", "label": True},
+                                               {"prompt": "Hi", "completion": "Go away.", "label": "false"}])  # fmt: skip
+    ex, stats = read_unpaired(trl)
+    assert [e["label"] for e in ex] == [True, False] and ex[0]["prompt"] == [{"role": "user", "content": "Hi"}]
+    assert (stats["desirable"], stats["undesirable"]) == (1, 1)
+    # LLaMA-Factory's kto_en_demo: a conversation ending with the reply, labelled by kto_tag (here 'label')
+    lf = write_jsonl(tmp_path / "lf.jsonl", [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], "kto_tag": True},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No."}], "kto_tag": False}])  # fmt: skip
+    ex, _ = read_unpaired(lf)
+    assert [(e["completion"], e["label"]) for e in ex] == [("Hello!", True), ("No.", False)]
+    # preference pairs: each pair two examples (TRL's unpair_preference_dataset)
+    ex, stats = read_unpaired(write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(3, 0)))
+    assert [e["label"] for e in ex] == [True, False] * 3 and stats["pairs_unpaired"] == 3
+    with pytest.raises(
+        DataError, match=r"bad.jsonl line 2: field 'label' is missing: stage kto needs each reply labelled"
+    ):
+        read_unpaired(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b", "label": True},
+                                                           {"prompt": "a", "completion": "b"}]))  # fmt: skip
+    with pytest.raises(DataError, match="every example is desirable: KTO needs both kinds"):
+        read_unpaired(write_jsonl(tmp_path / "good.jsonl", [{"prompt": "a", "completion": "b", "label": True}]))
+
+
+def test_kl_rows_pair_each_prompt_with_another_rows_reply_and_collate_after_the_examples():
+    tok = tiny_tokenizer()
+    ex = [{"prompt": [{"role": "user", "content": f"question {i // 2}"}], "completion": f"answer {i} " * (i + 1),
+           "label": i % 2 == 0, "group": i // 2} for i in range(6)]  # three pairs, unpaired  # fmt: skip
+    for seed in range(5):
+        enc = mismatched([encode_unpaired(e, tok, 64) for e in ex], 64, seed)
+        replies = {i: e["input_ids"][e["response_mask"].index(1) :] for i, e in enumerate(enc)}
+        used = []
+        for e in enc:
+            start = e["response_mask"].index(1)
+            assert e["kl_input_ids"][:start] == e["input_ids"][:start]  # its own prompt
+            other = [j for j, r in replies.items() if e["kl_input_ids"][start:] == r]
+            assert len(other) == 1 and enc[other[0]]["group"] != e["group"]  # another row's reply, not its pair's
+            used.append(other[0])
+        assert sorted(used) == list(range(6))  # each reply serves one KL row
+    batch = collate_unpaired(enc, tok.pad_token_id)
+    assert batch["input_ids"].shape[0] == 12 and batch["label"].tolist() == [1, 0, 1, 0, 1, 0]
+    assert batch["input_ids"][6, : len(enc[0]["kl_input_ids"])].tolist() == enc[0]["kl_input_ids"]
+    short = mismatched([encode_unpaired(e, tok, 12) for e in ex], 12)  # long KL rows lose their prompt's start
+    assert all(len(e["kl_input_ids"]) <= 12 and 1 in e["kl_response_mask"] for e in short)
+
+
+def test_kto_learns_the_labels_against_an_unchanged_reference(tiny_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    calls, original = [], P.reference_logps
+
+    def recording(model, batch):
+        out = original(model, batch)
+        calls.append(({k: v.clone() for k, v in batch.items()}, out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(K, "reference_logps", recording)
+    train = write_jsonl(tmp_path / "train.jsonl", unpaired(120, 0))
+    val = write_jsonl(tmp_path / "dev.jsonl", unpaired(20, 1))
+    result = tunelab.train(make_cfg(tiny_dir, train, val, tmp_path / "kto", max_steps=60))
+    m = result.metrics
+    assert m["eval_loss_before"] == pytest.approx(0.5, abs=1e-6)  # r = z = 0: each reply's loss is half its weight
+    assert m["eval_loss"] < 0.2 and m["reward_accuracy"] > 0.9
+    assert m["desirable_logratio"] > 0.5 > -0.5 > m["undesirable_logratio"]
+    lines = [json.loads(x) for x in (tmp_path / "kto" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl" in r and r["kl"] >= 0 for r in lines if "loss" in r)
+    # the reference never moved: every reference pass gave the untrained model's log-probs
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    with torch.no_grad():
+        for batch, got in calls[:: max(1, len(calls) // 8)]:
+            torch.testing.assert_close(got, P.sequence_logps(base, batch), atol=1e-4, rtol=1e-4)
+
+
+def test_kto_weights_and_what_it_refuses(tiny_dir, tmp_path):
+    rows = unpaired(40, 0)[:60]  # 30 of each kind
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    cfg = make_cfg(tiny_dir, train, train, tmp_path / "w", max_steps=1)
+    cfg.kto.desirable_weight, cfg.kto.undesirable_weight = 1.5, 0.5
+    # step 0: (1.5 x 30 + 0.5 x 30) / 2 / 60 = 0.5 per reply on average, weighted
+    assert tunelab.train(cfg).metrics["eval_loss_before"] == pytest.approx((1.5 * 30 + 0.5 * 30) / 2 / 60, abs=1e-6)
+    with pytest.raises(ConfigError, match="stage: kto does not pack"):
+        load_config({"stage": "kto", "model": {"name": "m"}, "data": {"train": "d.jsonl", "packing": True}})
+    with pytest.raises(ConfigError, match="or replies labelled desirable or not"):
+        load_config({"stage": "kto", "model": {"name": "m"}, "data": {"train": "d.jsonl", "format": "instruction"}})

@@ -1,0 +1,162 @@
+"""kto: the causal LM itself, trained on single replies labelled desirable or undesirable (Kahneman-Tversky
+Optimization, Ethayarajh et al. 2024); docs/alignment.md has the maths.
+
+With r = log pi(y|x) - log ref(y|x) (the implicit reward over beta, as DPO's) and z a batch's estimate of
+KL(pi || ref), taken on mismatched prompt / reply rows (each prompt with the next example's reply) and not
+differentiated:
+
+    desirable y:    lambda_D (1 - sigmoid(beta (r - z)))
+    undesirable y:  lambda_U (1 - sigmoid(beta (z - r)))         z = max(0, mean over the KL rows of r)
+
+summed over the batch's examples (the loop divides by their number). The reference is the starting model, as the
+method declares it (tunelab/methods/reference.py, shared with DPO and PPO). A batch of B examples is one forward
+pass of 2B rows: the examples, then their KL rows (data/preference.py `collate_unpaired`).
+
+Why here rather than TRL's KTOTrainer: as with DPO (stages/dpo.py), the loss is a few lines, and as a stage it gets
+this project's loop, checkpoints, exact resume, metrics, every method and the same result folder.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data import DataBundle, cap_validation, split_rows
+from tunelab.data.errors import DataError
+from tunelab.data.preference import collate_unpaired, encode_unpaired, mismatched, read_unpaired
+from tunelab.data.sources import reading_key, resolve, source_rows
+from tunelab.stages.base import Stage
+
+# DPO's causal LM, its reference policy (the starting model) and its per-sequence log-probabilities
+from tunelab.stages.dpo import load_policy, prepare_reference, reference_logps, sequence_logps
+
+_CHECKED: dict = {}  # check_examples' reading, kept for kto_data (one entry: the run being started)
+
+
+def kto_loss(r, z, desirable, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """Per-example KTO loss: r = log pi/ref of each example's reply, z the KL estimate (a detached scalar),
+    desirable a bool tensor."""
+    return torch.where(
+        desirable,
+        desirable_weight * (1 - F.sigmoid(beta * (r - z))),
+        undesirable_weight * (1 - F.sigmoid(beta * (z - r))),
+    )
+
+
+def _kto_parts(model, batch):
+    """(log-ratios of the examples' replies, log-ratios of their KL rows)."""
+    ratios = sequence_logps(model, batch) - reference_logps(model, batch)
+    b = ratios.shape[0] // 2
+    return ratios[:b], ratios[b:]
+
+
+def _kto_loss_fn(cfg):
+    def loss_sum(model, batch):
+        k = cfg.kto
+        r, kl_rows = _kto_parts(model, batch)
+        z = kl_rows.detach().mean().clamp(min=0)
+        desirable = batch["label"].to(r.device).bool()
+        loss = kto_loss(r, z, desirable, k.beta, k.desirable_weight, k.undesirable_weight)
+        signed = torch.where(desirable, r, -r).detach()
+        extras = {"reward_accuracy": (signed > 0).sum(), "signed_logratio": signed.sum(), "kl": z * len(r)}
+        return loss.sum(), loss.numel(), extras
+
+    return loss_sum
+
+
+def count(batch) -> int:
+    return len(batch["label"])
+
+
+def _read(d, seed: int) -> tuple[list[dict], dict, list[dict] | None]:
+    """(train examples, stats, validation examples or None) of a data section."""
+    if not d.train:
+        raise DataError("data.train is not set: give a file of replies labelled desirable or not ({prompt, "
+                        "completion, label}) or of preference pairs")  # fmt: skip
+    out = []
+    for entries in (d.train, d.validation):
+        if not entries:
+            out.append(None)
+            continue
+        examples, stats = [], {}
+        for src in resolve(d, "kto", entries if isinstance(entries, list) else [entries]):
+            rows = source_rows(src, d.hub_split, d.hub_config)
+            limit = src.limit or (d.limit if not isinstance(entries, list) and entries is d.train else None)
+            part, s = read_unpaired(src.path, src.cfg.columns, limit, roles=src.cfg.roles, rows=rows)
+            part = [{**e, "group": (src.path, e["group"])} for e in part]  # a row's examples, across sources
+            n = src.samples if src.samples else round(len(part) * src.weight) if src.weight else None
+            if n is not None:
+                whole, rest = divmod(n, len(part))
+                part = part * whole + random.Random(f"{seed}:{src.path}").sample(part, rest)
+            examples += part
+            stats = {key: stats.get(key, 0) + v for key, v in s.items()}
+        out.append((examples, stats))
+    (train, stats), val = out[0], out[1]
+    return train, stats, None if val is None else val[0]
+
+
+def check_examples(cfg) -> None:
+    """Stage.check_data: the examples read and checked before the model loads; kto_data then takes them."""
+    _CHECKED.clear()
+    _CHECKED[reading_key(cfg.data, cfg.training.seed, "kto")] = _read(cfg.data, cfg.training.seed)
+
+
+def kto_data(cfg, tokenizer) -> DataBundle:
+    d = cfg.data
+    kept = _CHECKED.pop(reading_key(d, cfg.training.seed, "kto"), None)
+    examples, stats, val = kept or _read(d, cfg.training.seed)
+    if val is not None:
+        train, val = examples, cap_validation(val, d.val_max_rows, cfg.training.seed)
+    else:  # split by row: a pair's two replies (one prompt) stay on one side
+        groups = list(dict.fromkeys(e["group"] for e in examples))
+        kept, held = split_rows(groups, d.val_fraction, cfg.training.seed, d.val_max_rows)
+        held = set(held)
+        train, val = [e for e in examples if e["group"] not in held], [e for e in examples if e["group"] in held]
+
+    def encode(part, name):
+        out = []
+        for i, e in enumerate(part, 1):
+            if d.system_prompt and e["prompt"][0]["role"] != "system":
+                e = {**e, "prompt": [{"role": "system", "content": d.system_prompt}] + e["prompt"]}
+            out.append(encode_unpaired(e, tokenizer, d.max_length, where=f"{name} example {i}"))
+        return mismatched(out, d.max_length, cfg.training.seed) if out else out
+
+    train, val = encode(train, "train"), encode(val, "validation")
+    stats.update(train_examples=len(train), val_examples=len(val),
+                 truncated=sum(e["truncated"] for e in train + val),
+                 tokens=sum(len(e["input_ids"]) + len(e["kl_input_ids"]) for e in train))  # fmt: skip
+    return DataBundle(train=train, val=val, stats=stats)
+
+
+@torch.no_grad()
+def _kto_final(model, tokenizer, cfg, data, device) -> dict:
+    """Held-out: how often the implicit reward has the label's sign, the mean log-ratio of each kind of reply, and
+    the KL estimate."""
+    if not data.val:
+        return {}
+    was_training = model.training
+    model.eval()
+    r, kl, labels = [], [], []
+    size = cfg.training.batch_size
+    for i in range(0, len(data.val), size):
+        batch = {k: v.to(device) for k, v in collate_unpaired(data.val[i : i + size], tokenizer.pad_token_id).items()}
+        a, b = _kto_parts(model, batch)
+        r.append(a.float().cpu()), kl.append(b.float().cpu()), labels.append(batch["label"].cpu().bool())
+    model.train(was_training)
+    r, kl, good = torch.cat(r), torch.cat(kl), torch.cat(labels)
+    return {
+        "reward_accuracy": float((torch.where(good, r, -r) > 0).float().mean()),
+        "desirable_logratio": float(r[good].mean()) if good.any() else float("nan"),
+        "undesirable_logratio": float(r[~good].mean()) if (~good).any() else float("nan"),
+        "kl": float(kl.mean().clamp(min=0)),
+    }
+
+
+def stage(cfg) -> Stage:
+    """The KTO stage for a config (its loss reads the `kto` section)."""
+    return Stage(
+        "kto", load_policy, kto_data, collate_unpaired, _kto_loss_fn(cfg), count, _kto_final,
+        lambda c: {"kto": c.kto.model_dump()}, prepare_reference, check_data=check_examples,
+    )  # fmt: skip
