@@ -120,11 +120,12 @@ def test_kto_learns_the_labels_against_an_unchanged_reference(tiny_dir, tmp_path
 
     monkeypatch.setattr(K, "reference_logps", recording)
     train = write_jsonl(tmp_path / "train.jsonl", unpaired(120, 0))
-    val = write_jsonl(tmp_path / "dev.jsonl", unpaired(20, 1))
+    val = write_jsonl(tmp_path / "dev.jsonl", synthetic_pairs(20, 1))  # pairs: stage kto splits them
     result = tunelab.train(make_cfg(tiny_dir, train, val, tmp_path / "kto", max_steps=60))
     m = result.metrics
     assert m["eval_loss_before"] == pytest.approx(0.5, abs=1e-6)  # r = z = 0: each reply's loss is half its weight
     assert m["eval_loss"] < 0.2 and m["reward_accuracy"] > 0.9
+    assert m["pairwise_accuracy"] > 0.9 and m["pairs"] == 20  # the dev rows are pairs, unpaired
     assert m["desirable_logratio"] > 0.5 > -0.5 > m["undesirable_logratio"]
     lines = [json.loads(x) for x in (tmp_path / "kto" / "metrics.jsonl").read_text().splitlines()]
     assert all("kl" in r and r["kl"] >= 0 for r in lines if "loss" in r)
