@@ -180,6 +180,20 @@ def test_reference_is_the_starting_policy(method):
 
 
 # ------------------------------------------------------------------------------------ end to end
+def _sft_run(tiny_dir, tmp_path, steps: int, lr: float):
+    """A LoRA SFT run on eight tiny instruction rows: the policy PPO starts from."""
+    sft_rows = tmp_path / "sft.jsonl"
+    sft_rows.write_text(
+        "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}."}) + "\n" for i in range(8))
+    )
+    return tunelab.train(
+        load_config({"output_dir": str(tmp_path / "sft"), "model": {"name": tiny_dir},
+                     "data": {"train": str(sft_rows), "val_fraction": 0.0},
+                     "method": {"name": "lora", "r": 4, "alpha": 8},
+                     "training": {"max_steps": steps, "lr": lr, "progress": False, "tensorboard": False}})
+    )  # fmt: skip
+
+
 def test_ppo_raises_the_reward_with_bounded_kl(tiny_dir, prompt_file, tmp_path):
     result = tunelab.train(make_cfg(tiny_dir, prompt_file, tmp_path / "run"))
     m = result.metrics
@@ -260,16 +274,7 @@ def test_a_second_signal_during_the_ppo_interrupt_checkpoint_waits_for_it(
 
 
 def test_ppo_from_an_sft_run_loads_on_top_of_it(tiny_dir, prompt_file, tmp_path):
-    sft_rows = tmp_path / "sft.jsonl"
-    sft_rows.write_text(
-        "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}."}) + "\n" for i in range(8))
-    )
-    sft = tunelab.train(
-        load_config({"output_dir": str(tmp_path / "sft"), "model": {"name": tiny_dir},
-                     "data": {"train": str(sft_rows), "val_fraction": 0.0},
-                     "method": {"name": "lora", "r": 4, "alpha": 8},
-                     "training": {"max_steps": 2, "lr": 1e-2, "progress": False, "tensorboard": False}})
-    )  # fmt: skip
+    sft = _sft_run(tiny_dir, tmp_path, steps=2, lr=1e-2)
     cfg = make_cfg(tiny_dir, prompt_file, tmp_path / "ppo", max_steps=1,
                    ppo={"policy": str(sft.run_dir), "rollout_batch_size": 8, "mini_batch_size": 8,
                         "eval_prompts": 0})  # fmt: skip
@@ -288,16 +293,7 @@ def test_ppo_from_an_sft_run_loads_on_top_of_it(tiny_dir, prompt_file, tmp_path)
 def test_ppo_trains_an_sft_runs_adapter_on_against_that_adapter(tiny_dir, prompt_file, tmp_path):
     """method.start_from: PPO over the adapter a LoRA SFT run trained, pi_ref that adapter as it starts (not the base
     with it off): the first iteration's KL is zero, and the result is one adapter over the base."""
-    sft_rows = tmp_path / "sft.jsonl"
-    sft_rows.write_text(
-        "".join(json.dumps({"instruction": f"Say {i}.", "input": "", "output": f"{i}."}) + "\n" for i in range(8))
-    )
-    sft = tunelab.train(
-        load_config({"output_dir": str(tmp_path / "sft"), "model": {"name": tiny_dir},
-                     "data": {"train": str(sft_rows), "val_fraction": 0.0},
-                     "method": {"name": "lora", "r": 4, "alpha": 8},
-                     "training": {"max_steps": 4, "lr": 3e-2, "progress": False, "tensorboard": False}})
-    )  # fmt: skip
+    sft = _sft_run(tiny_dir, tmp_path, steps=4, lr=3e-2)
     cfg = make_cfg(tiny_dir, prompt_file, tmp_path / "ppo", max_steps=2,
                    ppo={"rollout_batch_size": 16, "mini_batch_size": 8, "eval_prompts": 0})  # fmt: skip
     cfg.method = get_method("lora").Config(dropout=0.0, start_from=str(sft.run_dir))

@@ -48,12 +48,7 @@ def translate(raw: dict, source: str = "config") -> Translation:
         t.set("stage", stage)
     if raw.get("rl_beta") is not None:
         t.map("rl_beta", raw["rl_beta"], f"{'kto' if stage == 'kto' else 'dpo'}.beta")
-    for key, dotted in KTO_WEIGHTS.items():
-        if raw.get(key) is not None:
-            if stage == "kto":
-                t.map(key, raw[key], dotted)
-            else:
-                t.ignore(key, "a stage kto setting (rl: kto), and this config's stage is not kto")
+    t.map_where(raw, KTO_WEIGHTS, stage == "kto", "a stage kto setting (rl: kto), and this config's stage is not kto")
     _method(raw, t)
     _data(raw, t, stage)
     if "trust_remote_code" in raw:

@@ -60,12 +60,7 @@ def translate(raw: dict, source: str = "config") -> Translation:
             t.ignore("lr_scheduler_type", f"{v!r} is not one of tunelab's schedules (constant, linear, cosine): cosine")
     if raw.get("pref_beta") is not None:  # the beta of whichever preference stage this is
         t.map("pref_beta", raw["pref_beta"], "kto.beta" if stage == "kto" else "dpo.beta")
-    for key, dotted in KTO_WEIGHTS.items():
-        if raw.get(key) is not None:
-            if stage == "kto":
-                t.map(key, raw[key], dotted)
-            else:
-                t.ignore(key, "a stage kto setting, and this config's stage is not kto")
+    t.map_where(raw, KTO_WEIGHTS, stage == "kto", "a stage kto setting, and this config's stage is not kto")
     if "pref_loss" in raw:
         v = raw["pref_loss"]
         if v not in ("sigmoid", "ipo"):

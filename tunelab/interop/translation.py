@@ -65,13 +65,18 @@ class Translation:
     def map_lora_variants(self, raw: dict, keys: dict[str, str], lora: bool) -> None:
         """LoRA's variant keys (DoRA, rsLoRA, LoRA+; `keys`: theirs -> tunelab's), mapped where set; ignored, with
         the reason, where the config trains no LoRA."""
+        self.map_where(raw, keys, lora, "a LoRA setting, and this config trains no LoRA")
+
+    def map_where(self, raw: dict, keys: dict[str, str], applies: bool, why_not: str) -> None:
+        """The keys of `keys` (theirs -> tunelab's) that `raw` sets: mapped where they apply to this config (a LoRA
+        variant where it trains LoRA, a KTO weight where its stage is kto), else ignored, `why_not`."""
         for key, dotted in keys.items():
             if raw.get(key) is None:
                 continue
-            if lora:
+            if applies:
                 self.map(key, raw[key], dotted)
             else:
-                self.ignore(key, "a LoRA setting, and this config trains no LoRA")
+                self.ignore(key, why_not)
 
     def ignore(self, key: str, why: str) -> None:
         self.ignored.append((key, why))

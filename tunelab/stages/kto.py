@@ -18,21 +18,17 @@ this project's loop, checkpoints, exact resume, metrics, every method and the sa
 
 from __future__ import annotations
 
-import random
-
 import torch
 import torch.nn.functional as F
 
 from tunelab.data import DataBundle, cap_validation, split_rows
 from tunelab.data.errors import DataError
 from tunelab.data.preference import collate_unpaired, encode_unpaired, mismatched, read_unpaired
-from tunelab.data.sources import reading_key, resolve, source_rows
 from tunelab.stages.base import Stage
 
 # DPO's causal LM, its reference policy (the starting model) and its per-sequence log-probabilities
 from tunelab.stages.dpo import load_policy, prepare_reference, reference_logps, sequence_logps
-
-_CHECKED: dict = {}  # check_examples' reading, kept for kto_data (one entry: the run being started)
+from tunelab.stages.preference import check_reading, checked_reading, read_sources, with_system
 
 
 def kto_loss(r, z, desirable, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
@@ -75,52 +71,38 @@ def _read(d, seed: int) -> tuple[list[dict], dict, list[dict] | None]:
     if not d.train:
         raise DataError("data.train is not set: give a file of replies labelled desirable or not ({prompt, "
                         "completion, label}) or of preference pairs")  # fmt: skip
-    out = []
-    for entries in (d.train, d.validation):
-        if not entries:
-            out.append(None)
-            continue
-        examples, stats = [], {}
-        for src in resolve(d, "kto", entries if isinstance(entries, list) else [entries]):
-            rows = source_rows(src, d.hub_split, d.hub_config)
-            limit = src.limit or (d.limit if not isinstance(entries, list) and entries is d.train else None)
-            part, s = read_unpaired(src.path, src.cfg.columns, limit, roles=src.cfg.roles, rows=rows)
-            part = [{**e, "group": (src.path, e["group"])} for e in part]  # a row's examples, across sources
-            n = src.samples if src.samples else round(len(part) * src.weight) if src.weight else None
-            if n is not None:
-                whole, rest = divmod(n, len(part))
-                part = part * whole + random.Random(f"{seed}:{src.path}").sample(part, rest)
-            examples += part
-            stats = {key: stats.get(key, 0) + v for key, v in s.items()}
-        out.append((examples, stats))
-    (train, stats), val = out[0], out[1]
-    return train, stats, None if val is None else val[0]
+
+    def read(src, limit, rows):
+        part, stats = read_unpaired(src.path, src.cfg.columns, limit, roles=src.cfg.roles, rows=rows)
+        return [{**e, "group": (src.path, e["group"])} for e in part], stats  # rows told apart across sources
+
+    train, stats = read_sources(d, d.train, seed, "kto", read)
+    if not d.validation:
+        return train, stats, None
+    val, vstats = read_sources(d, [d.validation], seed, "kto", read)
+    return train, {k: stats.get(k, 0) + vstats.get(k, 0) for k in {*stats, *vstats}}, val
 
 
 def check_examples(cfg) -> None:
     """Stage.check_data: the examples read and checked before the model loads; kto_data then takes them."""
-    _CHECKED.clear()
-    _CHECKED[reading_key(cfg.data, cfg.training.seed, "kto")] = _read(cfg.data, cfg.training.seed)
+    check_reading(cfg, "kto", _read)
 
 
 def kto_data(cfg, tokenizer) -> DataBundle:
     d = cfg.data
-    kept = _CHECKED.pop(reading_key(d, cfg.training.seed, "kto"), None)
-    examples, stats, val = kept or _read(d, cfg.training.seed)
+    examples, stats, val = checked_reading(cfg, "kto", _read)
     if val is not None:
         train, val = examples, cap_validation(val, d.val_max_rows, cfg.training.seed)
     else:  # split by row: a pair's two replies (one prompt) stay on one side
         groups = list(dict.fromkeys(e["group"] for e in examples))
-        kept, held = split_rows(groups, d.val_fraction, cfg.training.seed, d.val_max_rows)
+        _, held = split_rows(groups, d.val_fraction, cfg.training.seed, d.val_max_rows)
         held = set(held)
         train, val = [e for e in examples if e["group"] not in held], [e for e in examples if e["group"] in held]
 
     def encode(part, name):
         out = []
         for i, e in enumerate(part, 1):
-            if d.system_prompt and e["prompt"][0]["role"] != "system":
-                e = {**e, "prompt": [{"role": "system", "content": d.system_prompt}] + e["prompt"]}
-            out.append(encode_unpaired(e, tokenizer, d.max_length, where=f"{name} example {i}"))
+            out.append(encode_unpaired(with_system(e, d.system_prompt), tokenizer, d.max_length, f"{name} example {i}"))
         return mismatched(out, d.max_length, cfg.training.seed) if out else out
 
     train, val = encode(train, "train"), encode(val, "validation")

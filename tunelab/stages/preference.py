@@ -26,42 +26,68 @@ def _read_pairs(d, seed: int = 0) -> tuple[list[dict], dict, list[dict] | None]:
     if not d.train:
         raise DataError("data.train is not set: give a preference file ({prompt, chosen, rejected}, hh-rlhf or "
                         "ShareGPT with chosen / rejected).")  # fmt: skip
-    hub = {"hub_split": d.hub_split, "hub_config": d.hub_config}
-    pairs, stats = _read_sources(d, d.train, hub, seed)
+    pairs, stats = _read_sources(d, d.train, seed)
     pairs = pairs[: d.limit]
     if not d.validation:
         return pairs, stats, None
-    val_pairs, vstats = _read_sources(d, [d.validation], hub, seed)
+    val_pairs, vstats = _read_sources(d, [d.validation], seed)
     return pairs, {k: stats[k] + vstats[k] for k in stats}, val_pairs
 
 
-def _read_sources(d, entries, hub, seed) -> tuple[list[dict], dict]:
-    """The pairs of every source of `entries` (a file, a registry name, or a list), each with its columns;
-    limit / samples / weight applied per source (seeded)."""
-    pairs, stats = [], {"rows_read": 0, "skipped": 0, "identical": 0}
-    for src in resolve(d, "dpo", entries):
+def _read_sources(d, entries, seed) -> tuple[list[dict], dict]:
+    """The pairs of every source of `entries` (a file, a registry name, or a list), each with its columns."""
+
+    def read(src, limit, rows):
+        return read_preference_pairs(src.path, src.cfg.columns, limit, roles=src.cfg.roles, rows=rows)
+
+    return read_sources(d, entries, seed, "dpo", read)
+
+
+def read_sources(d, entries, seed: int, stage: str, read) -> tuple[list, dict]:
+    """What `read(source, limit, rows) -> (items, stats)` gives for every source of `entries` (a file, a registry
+    name, or a list), each with its columns; limit / samples / weight applied per source (seeded), stats summed."""
+    items, stats = [], {}
+    for src in resolve(d, stage, entries):
         limit = src.limit or (d.limit if not isinstance(entries, list) else None)
-        rows = source_rows(src, hub["hub_split"], hub["hub_config"])
-        part, s = read_preference_pairs(src.path, src.cfg.columns, limit, roles=src.cfg.roles, rows=rows)
+        part, s = read(src, limit, source_rows(src, d.hub_split, d.hub_config))
         n = src.samples if src.samples else round(len(part) * src.weight) if src.weight else None
         if n is not None:
             whole, rest = divmod(n, len(part))
             part = part * whole + random.Random(f"{seed}:{src.path}").sample(part, rest)
-        pairs += part
-        stats = {k: stats[k] + s[k] for k in stats}
-    return pairs, stats
+        items += part
+        stats = {k: stats.get(k, 0) + v for k, v in s.items()}
+    return items, stats
+
+
+def check_reading(cfg, stage: str, read) -> None:
+    """A Stage.check_data: `read(data section, seed)` now, before the model loads, kept for `checked_reading`."""
+    _CHECKED.clear()
+    _CHECKED[reading_key(cfg.data, cfg.training.seed, stage)] = read(cfg.data, cfg.training.seed)
+
+
+def checked_reading(cfg, stage: str, read):
+    """What `check_reading` read for this run's data section, or `read(data section, seed)` again (a changed file
+    or setting misses: reading_key)."""
+    kept = _CHECKED.pop(reading_key(cfg.data, cfg.training.seed, stage), None)
+    return kept or read(cfg.data, cfg.training.seed)
+
+
+def with_system(item: dict, system: str | None) -> dict:
+    """`item` (a pair or an example: its "prompt" a message list) with data.system_prompt first, where set and
+    the prompt has no system message of its own."""
+    if not system or item["prompt"][0]["role"] == "system":
+        return item
+    return {**item, "prompt": [{"role": "system", "content": system}] + item["prompt"]}
 
 
 def check_pairs(cfg) -> None:
     """Stage.check_data: the pairs read and checked before the model loads; pairs_data then takes them."""
-    _CHECKED.clear()
-    _CHECKED[reading_key(cfg.data, cfg.training.seed, "dpo")] = _read_pairs(cfg.data, cfg.training.seed)
+    check_reading(cfg, "dpo", _read_pairs)
 
 
 def pairs_data(cfg, tokenizer) -> DataBundle:
     d = cfg.data
-    kept = _CHECKED.pop(reading_key(d, cfg.training.seed, "dpo"), None)
-    pairs, stats, val_pairs = kept or _read_pairs(d, cfg.training.seed)
+    pairs, stats, val_pairs = checked_reading(cfg, "dpo", _read_pairs)
     if val_pairs is not None:
         train_pairs, val_pairs = pairs, cap_validation(val_pairs, d.val_max_rows, cfg.training.seed)
     else:
@@ -70,9 +96,7 @@ def pairs_data(cfg, tokenizer) -> DataBundle:
     def encode(ps, part):
         out = []
         for i, p in enumerate(ps, 1):
-            if d.system_prompt and p["prompt"][0]["role"] != "system":
-                p = {**p, "prompt": [{"role": "system", "content": d.system_prompt}] + p["prompt"]}
-            out.append(encode_preference(p, tokenizer, d.max_length, where=f"{part} pair {i}"))
+            out.append(encode_preference(with_system(p, d.system_prompt), tokenizer, d.max_length, f"{part} pair {i}"))
         return out
 
     train, val = encode(train_pairs, "train"), encode(val_pairs, "validation")
