@@ -200,11 +200,27 @@ def test_a_tunelab_config_is_not_translated():
 def test_unsupported_values_are_named():
     base = {"model_name_or_path": "m", "stage": "sft", "dataset": "a"}
     for extra, words in (({"finetuning_type": "oft"}, "finetuning_type"), ({"quantization_bit": 8}, "4 bit"),
-                         ({"stage": "ppo"}, "ppo"), ({"pref_loss": "orpo"}, "sigmoid")):  # fmt: skip
+                         ({"stage": "ppo"}, "ppo"), ({"pref_loss": "hinge"}, "sigmoid")):  # fmt: skip
         with pytest.raises(ConfigError, match=words):
             translate({**base, **extra})
-    with pytest.raises(ConfigError, match="rl: 'orpo'"):
-        translate({"base_model": "m", "datasets": [{"path": "a", "type": "alpaca"}], "rl": "orpo"})
+    with pytest.raises(ConfigError, match="rl: 'grpo'"):
+        translate({"base_model": "m", "datasets": [{"path": "a", "type": "alpaca"}], "rl": "grpo"})
+
+
+def test_simpo_and_orpo_translate_to_dpos_reference_free_losses():
+    lf = {"model_name_or_path": "m", "stage": "dpo", "dataset": "a", "pref_beta": 2.0}
+    d = load_config(translate({**lf, "pref_loss": "simpo", "simpo_gamma": 1.2}).config).dpo
+    assert (d.loss_type, d.beta, d.simpo_gamma) == ("simpo", 2.0, 1.2)
+    t = translate({**lf, "pref_loss": "orpo", "simpo_gamma": 1.2})
+    assert load_config(t.config).dpo.loss_type == "orpo" and "pref_loss is not simpo" in dict(t.ignored)["simpo_gamma"]
+    ax = {"base_model": "m", "adapter": "lora", "datasets": [{"path": "a.json", "type": "chat_template.default"}]}
+    t = translate({**ax, "rl": "orpo", "orpo_alpha": 0.2, "rl_beta": 0.5})
+    cfg = load_config(t.config)
+    assert (cfg.stage, cfg.dpo.loss_type, cfg.dpo.beta) == ("dpo", "orpo", 0.2) and "orpo_alpha" in dict(t.ignored)[
+        "rl_beta"
+    ]
+    cfg = load_config(translate({**ax, "rl": "simpo", "rl_beta": 2.5, "simpo_gamma": 1.0}).config)
+    assert (cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.simpo_gamma) == ("simpo", 2.5, 1.0)
 
 
 def test_cli_convert_prints_yaml_and_report(capsys):

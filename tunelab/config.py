@@ -689,8 +689,15 @@ class DPOConfig(Section):
     label_smoothing: float = Field(
         0.0, ge=0, lt=0.5, description="sigmoid loss: assumed probability that a pair's label is flipped (cDPO)."
     )
-    loss_type: Literal["sigmoid", "ipo"] = Field(
-        "sigmoid", description="sigmoid (the DPO loss) or ipo ((h - 1/(2 beta))^2, Azar et al. 2023)."
+    loss_type: Literal["sigmoid", "ipo", "simpo", "orpo"] = Field(
+        "sigmoid",
+        description="sigmoid (the DPO loss), ipo ((h - 1/(2 beta))^2, Azar et al. 2023), or without a reference "
+        "model: simpo (Meng et al. 2024: -log sigmoid(beta (mean log pi(y_w) - mean log pi(y_l)) - simpo_gamma); "
+        "the paper's beta is 2 to 2.5) or orpo (Hong et al. 2024: the chosen reply's SFT loss + beta x the "
+        "odds-ratio loss; the paper's beta (lambda) is 0.1 to 0.25).",
+    )
+    simpo_gamma: float = Field(
+        0.5, ge=0, description="loss_type simpo: the target reward margin gamma (the paper's gamma / beta is ~0.5)."
     )
 
 

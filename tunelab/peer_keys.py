@@ -60,7 +60,8 @@ LLAMAFACTORY_MAPPED = {
     "pref_beta": "dpo.beta (kto.beta with stage kto)",
     "kto_chosen_weight": "kto.desirable_weight",
     "kto_rejected_weight": "kto.undesirable_weight",
-    "pref_loss": "dpo.loss_type",
+    "pref_loss": "dpo.loss_type (sigmoid, ipo, simpo, orpo)",
+    "simpo_gamma": "dpo.simpo_gamma",
     "report_to": "training.report_to",
     "run_name": "training.run_name",
 }
@@ -132,6 +133,8 @@ AXOLOTL_MAPPED = {
     "qat": "method.name (qat), method.group_size",
     "rl": "stage",
     "rl_beta": "dpo.beta (kto.beta with rl: kto)",
+    "orpo_alpha": "dpo.beta (rl: orpo's lambda)",
+    "simpo_gamma": "dpo.simpo_gamma",
     "kto_desirable_weight": "kto.desirable_weight",
     "kto_undesirable_weight": "kto.undesirable_weight",
     "datasets": "data.train",

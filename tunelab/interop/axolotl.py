@@ -15,7 +15,13 @@ from tunelab.peer_keys import AXOLOTL_IGNORED, AXOLOTL_LORA_VARIANTS, AXOLOTL_MA
 
 TOOL = "Axolotl"
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
-RL = {"dpo": "sigmoid", "ipo": "ipo", "kto": None}  # rl -> dpo.loss_type (kto: stage kto)
+RL = {
+    "dpo": "sigmoid",
+    "ipo": "ipo",
+    "simpo": "simpo",
+    "orpo": "orpo",
+    "kto": None,
+}  # rl -> dpo.loss_type (kto: stage kto)
 KTO_WEIGHTS = {"kto_desirable_weight": "kto.desirable_weight", "kto_undesirable_weight": "kto.undesirable_weight"}
 # the keys that turn a tracker on (-> training.report_to); those naming the project / experiment also set
 # training.tracker_project, the *_name ones training.run_name
@@ -23,7 +29,7 @@ _TRACKER_KEYS = {"use_tensorboard": "tensorboard", "wandb_project": "wandb", "ml
                  "mlflow_experiment_name": "mlflow", "use_trackio": "trackio", "trackio_project_name": "trackio",
                  "wandb_name": None, "mlflow_run_name": None, "trackio_run_name": None}  # fmt: skip
 _SPECIAL = {"adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_linear",
-            "lora_target_modules", "lora_model_dir", "unfrozen_parameters", "qat", "rl", "rl_beta", *KTO_WEIGHTS, "datasets", "pretraining_dataset",
+            "lora_target_modules", "lora_model_dir", "unfrozen_parameters", "qat", "rl", "rl_beta", "orpo_alpha", "simpo_gamma", *KTO_WEIGHTS, "datasets", "pretraining_dataset",
             "test_datasets", "val_set_size", "lr_scheduler", "trust_remote_code", "chat_template",
             *_TRACKER_KEYS, *AXOLOTL_LORA_VARIANTS}  # fmt: skip
 
@@ -38,7 +44,9 @@ def translate(raw: dict, source: str = "config") -> Translation:
     t = Translation(TOOL, source)
     rl = raw.get("rl")
     if rl and rl not in RL:
-        t.refuse("rl", rl, f"stage {rl!r} is not supported by tunelab; supported: sft (no rl), dpo, ipo, kto")
+        t.refuse(
+            "rl", rl, f"stage {rl!r} is not supported by tunelab; supported: sft (no rl), dpo, ipo, simpo, orpo, kto"
+        )
     stage = ("kto" if rl == "kto" else "dpo") if rl else "pretrain" if raw.get("pretraining_dataset") else "sft"
     if rl:
         t.map("rl", rl, "stage", stage)
@@ -46,8 +54,14 @@ def translate(raw: dict, source: str = "config") -> Translation:
             t.set("dpo.loss_type", RL[rl])
     else:
         t.set("stage", stage)
-    if raw.get("rl_beta") is not None:
+    if raw.get("rl_beta") is not None and rl != "orpo":
         t.map("rl_beta", raw["rl_beta"], f"{'kto' if stage == 'kto' else 'dpo'}.beta")
+    elif raw.get("rl_beta") is not None:
+        t.ignore("rl_beta", "rl: orpo weighs its odds-ratio term by orpo_alpha (-> dpo.beta)")
+    t.map_where(raw, {"orpo_alpha": "dpo.beta"}, rl == "orpo", "an ORPO setting (rl: orpo), and rl is not orpo")
+    t.map_where(
+        raw, {"simpo_gamma": "dpo.simpo_gamma"}, rl == "simpo", "a SimPO setting (rl: simpo), and rl is not simpo"
+    )
     t.map_where(raw, KTO_WEIGHTS, stage == "kto", "a stage kto setting (rl: kto), and this config's stage is not kto")
     _method(raw, t)
     _data(raw, t, stage)

@@ -21,7 +21,7 @@ _SPECIAL = {"stage", "finetuning_type", "quantization_bit", "quantization_method
             "lora_dropout", "lora_target", "freeze_trainable_layers", "freeze_trainable_modules",
             "freeze_extra_modules", "dataset", "eval_dataset", "dataset_dir", "max_samples", "val_size",
             "lr_scheduler_type", "pref_loss", "trust_remote_code", "template", "report_to", "pissa_init",
-            "pissa_iter", "adapter_name_or_path", "create_new_adapter", "pref_beta", *KTO_WEIGHTS,
+            "pissa_iter", "adapter_name_or_path", "create_new_adapter", "pref_beta", "simpo_gamma", *KTO_WEIGHTS,
             *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
 
 
@@ -63,9 +63,12 @@ def translate(raw: dict, source: str = "config") -> Translation:
     t.map_where(raw, KTO_WEIGHTS, stage == "kto", "a stage kto setting, and this config's stage is not kto")
     if "pref_loss" in raw:
         v = raw["pref_loss"]
-        if v not in ("sigmoid", "ipo"):
-            t.refuse("pref_loss", v, "tunelab's dpo has the sigmoid (DPO) and ipo losses only")
+        if v not in ("sigmoid", "ipo", "simpo", "orpo"):
+            t.refuse("pref_loss", v, "tunelab's dpo has the sigmoid (DPO), ipo, simpo and orpo losses")
         t.map("pref_loss", v, "dpo.loss_type")
+    if raw.get("simpo_gamma") is not None:
+        t.map_where({"simpo_gamma": raw["simpo_gamma"]}, {"simpo_gamma": "dpo.simpo_gamma"},
+                    raw.get("pref_loss") == "simpo", "a SimPO setting, and pref_loss is not simpo")  # fmt: skip
     if raw.get("report_to") is not None:
         t.report_to("report_to", raw["report_to"])
     elif "report_to" in raw:

@@ -34,8 +34,14 @@ def sequence_logps(model, batch: dict) -> torch.Tensor:
 
 def prepare_reference(model, cfg) -> None:
     """Called by the loop once the method is applied and before a resume restores trained weights, so the
-    reference is always the starting model (methods/reference.py)."""
-    reference.prepare(model, get_method(cfg.method.name))
+    reference is always the starting model (methods/reference.py). SimPO and ORPO have none: no frozen copy."""
+    if not reference_free(cfg):
+        reference.prepare(model, get_method(cfg.method.name))
+
+
+def reference_free(cfg) -> bool:
+    """dpo.loss_type simpo or orpo: losses of the policy's own (length-normalised) log-probabilities, no reference."""
+    return getattr(getattr(cfg, "dpo", None), "loss_type", None) in ("simpo", "orpo")
 
 
 def reference_logps(model, batch: dict) -> torch.Tensor:
@@ -56,6 +62,29 @@ def dpo_loss(logratio_chosen, logratio_rejected, beta: float, label_smoothing: f
     return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
 
 
+def simpo_loss(mean_chosen, mean_rejected, beta: float, gamma: float, label_smoothing: float = 0.0):
+    """SimPO (Meng et al. 2024): -log sigmoid(beta (mean log pi(y_w) - mean log pi(y_l)) - gamma), the mean over each
+    reply's tokens; no reference. `label_smoothing` as in cDPO."""
+    h = beta * (mean_chosen - mean_rejected) - gamma
+    return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+
+
+def orpo_loss(mean_chosen, mean_rejected, lam: float):
+    """ORPO (Hong et al. 2024): the chosen reply's SFT loss (mean token NLL) + lam * -log sigmoid(log odds ratio),
+    odds(y) = P / (1 - P) with P = exp(mean log pi(y)); no reference."""
+
+    def log_odds(mean):
+        return mean - torch.log1p(-torch.exp(mean.clamp(max=-1e-6)))
+
+    return -mean_chosen - lam * F.logsigmoid(log_odds(mean_chosen) - log_odds(mean_rejected))
+
+
+def mean_logps(model, batch: dict) -> torch.Tensor:
+    """Each row's response log-probability divided by its number of response tokens (those a loss term predicts)."""
+    n = batch["response_mask"][:, 1:].sum(1).clamp(min=1)
+    return sequence_logps(model, batch) / n.to(torch.float32)
+
+
 def _dpo_parts(model, batch):
     """(policy logps, reference logps) of the chosen rows and of the rejected rows."""
     pol, ref = sequence_logps(model, batch), reference_logps(model, batch)
@@ -63,13 +92,25 @@ def _dpo_parts(model, batch):
     return pol[:b], pol[b:], ref[:b], ref[b:]
 
 
+def _free_parts(model, batch):
+    """(mean log-probs of the chosen rows, of the rejected rows): SimPO's and ORPO's, without a reference."""
+    m = mean_logps(model, batch)
+    b = m.shape[0] // 2
+    return m[:b], m[b:]
+
+
 def _dpo_loss_fn(cfg):
     def loss_sum(model, batch):
         beta, eps, kind = cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.loss_type
-        pc, pr, rc, rr = _dpo_parts(model, batch)
-        loss = dpo_loss(pc - rc, pr - rr, beta, eps, kind)
-        # implicit rewards beta * log(pi / ref) (Rafailov et al. 2023, section 5)
-        chosen, rejected = beta * (pc - rc).detach(), beta * (pr - rr).detach()
+        if kind in ("simpo", "orpo"):
+            mc, mr = _free_parts(model, batch)
+            loss = simpo_loss(mc, mr, beta, cfg.dpo.simpo_gamma, eps) if kind == "simpo" else orpo_loss(mc, mr, beta)
+            chosen, rejected = beta * mc.detach(), beta * mr.detach()  # their rewards: beta x mean log-prob
+        else:
+            pc, pr, rc, rr = _dpo_parts(model, batch)
+            loss = dpo_loss(pc - rc, pr - rr, beta, eps, kind)
+            # implicit rewards beta * log(pi / ref) (Rafailov et al. 2023, section 5)
+            chosen, rejected = beta * (pc - rc).detach(), beta * (pr - rr).detach()
         extras = {
             "reward_accuracy": (chosen > rejected).sum(),
             "reward_margin": (chosen - rejected).sum(),
@@ -86,9 +127,18 @@ def _dpo_final(model, tokenizer, cfg, data, device) -> dict:
     reference = the starting policy) gives the chosen reply a higher log-probability than the rejected."""
     if not data.val:
         return {}
+    beta = cfg.dpo.beta
+    if reference_free(cfg):  # no reference: the rewards are beta x mean log-prob
+        mc, mr = eval_pairs(_free_parts, model, data, tokenizer.pad_token_id, device, cfg.training.batch_size * 2)
+        margin = beta * (mc - mr)
+        return {
+            "pairwise_accuracy": int((margin > 0).sum()) / len(margin),
+            "reward_margin": float(margin.mean()),
+            "chosen_mean_logp": float(mc.mean()),
+            "rejected_mean_logp": float(mr.mean()),
+        }
     pc, pr, rc, rr = eval_pairs(_dpo_parts, model, data, tokenizer.pad_token_id, device,
                                  cfg.training.batch_size * 2)  # fmt: skip
-    beta = cfg.dpo.beta
     margin = beta * ((pc - rc) - (pr - rr))
     return {
         "pairwise_accuracy": int((margin > 0).sum()) / len(margin),
