@@ -41,7 +41,7 @@ def prepare_reference(model, cfg) -> None:
 
 def reference_free(cfg) -> bool:
     """dpo.loss_type simpo or orpo: losses of the policy's own (length-normalised) log-probabilities, no reference."""
-    return getattr(getattr(cfg, "dpo", None), "loss_type", None) in ("simpo", "orpo")
+    return cfg.stage == "dpo" and cfg.dpo.loss_type in ("simpo", "orpo")
 
 
 def reference_logps(model, batch: dict) -> torch.Tensor:
