@@ -70,6 +70,9 @@ HASHED_WHEN_SET = (
     (("method", "start_from"), None),
     (("training", "checkpoint_layers"), None),
     (("training", "neftune_alpha"), None),
+    (("data", "columns", "label"), "label"),
+    (("dpo", "simpo_gamma"), 0.5),
+    (("kto",), {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}),
 )
 
 
