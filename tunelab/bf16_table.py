@@ -18,6 +18,9 @@ CAUSAL = ("sft", "pretrain", "dpo", "reward", "distill")
 MEASURED_BF16 = (
     (("lora", "prompt", "prefix"), CAUSAL, True, "bf16 passes"),
     (("qlora",), CAUSAL, False, "bf16 passes"),  # bitsandbytes' 4-bit matmuls in bf16, with or without accel
+    # examples/kto-hh.yaml: 423 against 188 tokens/s, eval loss 0.4946 against 0.4932, held-out pairwise accuracy
+    # 102 against 99 of 160 (docs/alignment.md, KTO)
+    (("lora",), ("kto",), True, "bf16 passes"),
     (("full",), (*CAUSAL, "classification"), True, "bf16 weights"),  # unless training.master_weights: fp32
     (("freeze", "gradual", "head", "bitfit", "adapter", "ia3"), ("sft", "pretrain"), True, "bf16 autocast"),
 )
