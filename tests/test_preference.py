@@ -265,7 +265,7 @@ def test_simpo_and_orpo_losses_are_the_papers():
 
 @pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
 def test_reference_free_losses_learn_the_preference_without_a_reference(tiny_dir, files, tmp_path, monkeypatch,
-                                                                        loss_type):  # fmt: skip
+                                                                        loss_type, capsys):  # fmt: skip
     from tunelab.methods import reference
 
     def no_reference(*args, **kwargs):
@@ -273,13 +273,19 @@ def test_reference_free_losses_learn_the_preference_without_a_reference(tiny_dir
 
     monkeypatch.setattr(P, "reference_logps", no_reference)
     monkeypatch.setattr(reference, "prepare", no_reference)  # nor prepared (full fine-tuning: no frozen copy)
-    cfg = make_cfg("dpo", tiny_dir, files, tmp_path / loss_type, max_steps=30, lr=1e-2)
+    cfg = make_cfg("dpo", tiny_dir, files, tmp_path / loss_type, max_steps=30, lr=1e-2, pass_threads=2)
     cfg.dpo.loss_type, cfg.dpo.beta = loss_type, 2.0 if loss_type == "simpo" else 1.0
     m = tunelab.train(cfg).metrics
+    assert "runs as up to 2 shares of its rows at once" in capsys.readouterr().err  # no reference pass to wait for
     assert m["eval_loss"] < m["eval_loss_before"]
     # 40 held-out pairs, chance 0.5 (measured: SimPO 1.0, ORPO 0.925, its SFT term dominating early)
     assert m["pairwise_accuracy"] > 0.8 and m["chosen_mean_logp"] > m["rejected_mean_logp"]
     assert "reference_accuracy" not in m
+
+
+def test_a_reference_pass_on_the_trained_model_keeps_thread_shares_off(tiny_dir, files, tmp_path, capsys):
+    tunelab.train(make_cfg("dpo", tiny_dir, files, tmp_path / "dpo", max_steps=1, pass_threads=2))
+    assert "thread shares: dpo's reference pass switches the adapter off on the shared model" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- reward

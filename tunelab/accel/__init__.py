@@ -57,6 +57,7 @@ import torch
 from tunelab.accel import attention, compact, fast_lora, head, memory, norm, swiglu, threads
 from tunelab.accel.threads import sharded_step
 from tunelab.data.collate import widths_rounded_to
+from tunelab.methods import reference
 from tunelab.models.loading import TASK_HEADS, compute_dtype, soft_prompt, unwrap
 from tunelab.models.loss import backbone_and_head, virtual_token_split
 
@@ -200,9 +201,9 @@ class Speed:
         if self.shares > 1 and self.autocast:
             # autocast's state is per thread: a share running in a worker thread would compute in fp32
             self.shares, why_not = 1, "bf16 autocast is set per thread"
-        if self.shares > 1 and cfg.stage in ("dpo", "kto") and hasattr(model, "disable_adapter"):
-            # dpo's reference pass switches the PEFT adapter off (and its requires_grad) on the one shared model:
-            # a share running beside it in another thread would see the adapter off
+        if self.shares > 1 and reference.on_the_model(model):
+            # dpo's / kto's reference pass switches the PEFT adapter off (or to its starting values) on the one
+            # shared model: a share running beside it in another thread would see that
             self.shares, why_not = 1, f"{cfg.stage}'s reference pass switches the adapter off on the shared model"
         if self.shares > 1:
             self.pieces.append(

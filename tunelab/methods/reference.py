@@ -54,6 +54,13 @@ def prepare(model, method) -> None:
         _PREPARED[model] = frozen_copy(model)
 
 
+def on_the_model(model) -> bool:
+    """Whether pi_ref's passes run on `model` itself (its adapter switched off, or at its starting values), so that a
+    thread running a pass beside one would see that state (accel's thread shares stay off). False for a frozen copy,
+    and where no reference was prepared (dpo's reference-free losses)."""
+    return model in _PREPARED and (_PREPARED[model] is None or isinstance(_PREPARED[model], dict))
+
+
 def frozen_copy(model):
     """A deep copy in eval mode whose parameters take no gradient."""
     ref = copy.deepcopy(model).eval()
