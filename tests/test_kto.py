@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_preference import synthetic_pairs, write_jsonl
+from test_preference import record_reference_calls, synthetic_pairs, write_jsonl
 
 import tunelab
 from tunelab.config import ConfigError, load_config
@@ -111,14 +111,7 @@ def test_kl_rows_pair_each_prompt_with_another_rows_reply_and_collate_after_the_
 def test_kto_learns_the_labels_against_an_unchanged_reference(tiny_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    calls, original = [], P.reference_logps
-
-    def recording(model, batch):
-        out = original(model, batch)
-        calls.append(({k: v.clone() for k, v in batch.items()}, out.detach().clone()))
-        return out
-
-    monkeypatch.setattr(K, "reference_logps", recording)
+    calls = record_reference_calls(monkeypatch, K)
     train = write_jsonl(tmp_path / "train.jsonl", unpaired(120, 0))
     val = write_jsonl(tmp_path / "dev.jsonl", synthetic_pairs(20, 1))  # pairs: stage kto splits them
     result = tunelab.train(make_cfg(tiny_dir, train, val, tmp_path / "kto", max_steps=60))

@@ -332,16 +332,16 @@ def test_reward_run_resumes_exactly(tiny_dir, files, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- DPO
-def _record_reference_calls(monkeypatch):
-    calls = []
-    original = P.reference_logps
+def record_reference_calls(monkeypatch, stage=P):
+    """Every reference pass `stage`'s loss makes from now on: [(its batch, the log-probs it gave)] (copies)."""
+    calls, original = [], P.reference_logps
 
     def recording(model, batch):
         out = original(model, batch)
-        calls.append((batch["input_ids"].cpu().clone(), out.detach().cpu().clone()))
+        calls.append(({k: v.cpu().clone() for k, v in batch.items()}, out.detach().cpu().clone()))
         return out
 
-    monkeypatch.setattr(P, "reference_logps", recording)
+    monkeypatch.setattr(stage, "reference_logps", recording)
     return calls
 
 
@@ -351,7 +351,7 @@ def test_dpo_widens_the_margin_against_an_unchanged_reference(tiny_dir, files, t
 
     from tunelab.stages.runs import load_run
 
-    calls = _record_reference_calls(monkeypatch)
+    calls = record_reference_calls(monkeypatch)
     spec = None if method == "lora" else {"name": "full"}
     steps, lr = (30, 1e-2) if method == "lora" else (12, 2e-3)
     result = tunelab.train(make_cfg("dpo", tiny_dir, files, tmp_path / "dpo", method=spec, max_steps=steps, lr=lr))
@@ -370,7 +370,7 @@ def test_dpo_widens_the_margin_against_an_unchanged_reference(tiny_dir, files, t
     first = collate_pairs(
         [encode_preference(p, tok, 64) for p in load_preference_pairs(files[1])[:8]], tok.pad_token_id
     )
-    matching = [v for ids, v in calls if torch.equal(ids, first["input_ids"])]
+    matching = [v for batch, v in calls if torch.equal(batch["input_ids"], first["input_ids"])]
     assert len(matching) >= 2  # the eval before training and the one after
     with torch.no_grad():
         expected, trained = P.sequence_logps(base, first), P.sequence_logps(policy, first)
@@ -387,14 +387,7 @@ def test_dpo_over_an_adapter_it_starts_from_takes_that_adapter_as_its_reference(
     from transformers import AutoModelForCausalLM
 
     before = tunelab.train(make_cfg("dpo", tiny_dir, files, tmp_path / "first", max_steps=10))  # a trained adapter
-    calls, original = [], P.reference_logps
-
-    def recording(model, batch):
-        out = original(model, batch)
-        calls.append(({k: v.clone() for k, v in batch.items()}, out.detach().clone()))
-        return out
-
-    monkeypatch.setattr(P, "reference_logps", recording)
+    calls = record_reference_calls(monkeypatch)
     method = {"name": "lora", "dropout": 0.3, "start_from": str(tmp_path / "first")}
     result = tunelab.train(make_cfg("dpo", tiny_dir, files, tmp_path / "dpo", method=method, max_steps=6))
     m = result.metrics

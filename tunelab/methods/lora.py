@@ -194,16 +194,16 @@ SHAPE_FIELDS = {"r": ("r", 8), "lora_alpha": ("alpha", 8), "target_modules": ("t
 
 def adapter_location(where: str) -> str:
     """The folder of the LoRA adapter `start_from` names (a tunelab run: its final/), or a hub id as it is."""
-    from tunelab.models.sources import looks_like_path
+    from tunelab.models.sources import adapter_folder, looks_like_path
 
     path = Path(where).expanduser()
     if not path.exists():
         if looks_like_path(where):
             raise MethodError(f"method.start_from {where!r}: no such file or folder")
         return where
-    for folder in (path, path / "final"):
-        if (folder / "adapter_config.json").is_file():
-            return str(folder)
+    folder = adapter_folder(path)
+    if folder is not None:
+        return str(folder)
     what = (
         "a tunelab bottleneck adapter (method: adapter), which has no PEFT LoRA to continue"
         if any((f / "tunelab_adapter_config.json").is_file() for f in (path, path / "final"))
@@ -256,17 +256,22 @@ def check_model(cfg: Config, model_cfg) -> str | None:
     return None
 
 
+def _kinds(names: list[str]) -> set[str]:
+    """Module names by their last part: [q_proj] and [model.layers.0.self_attn.q_proj] (as PEFT saves them) agree."""
+    return {n.rsplit(".", 1)[-1] for n in names}
+
+
 def _shown(value) -> str:
-    if isinstance(value, list):  # module names as PEFT saves them: their last parts, once each
-        return ", ".join(sorted({n.rsplit(".", 1)[-1] for n in value}))
+    if isinstance(value, list):
+        return ", ".join(sorted(_kinds(value)))
     return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
 def _differs(ours, theirs) -> bool:
     if ours == "all-linear":  # PEFT saves it expanded, as layer names: not comparable without the model
         return False
-    if isinstance(ours, list) and isinstance(theirs, list):  # [q_proj] and [model.layers.0.self_attn.q_proj] agree
-        return {n.rsplit(".", 1)[-1] for n in ours} != {n.rsplit(".", 1)[-1] for n in theirs}
+    if isinstance(ours, list) and isinstance(theirs, list):
+        return _kinds(ours) != _kinds(theirs)
     return ours != theirs
 
 

@@ -97,7 +97,7 @@ def resolve(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            adapter = next((f for f in (path, path / "final") if (f / "adapter_config.json").is_file()), None)
+            adapter = adapter_folder(path)
             if adapter is not None:  # a tunelab LoRA run or a PEFT adapter: its base is model.name, it is the start
                 raise ModelError(
                     f"{path}: a PEFT adapter ({adapter / 'adapter_config.json'}), not a whole model. To train it "
@@ -114,6 +114,11 @@ def resolve(name: str) -> str:
     if looks_like_path(name):
         raise ModelError(f"model path {name!r} not found")
     return name
+
+
+def adapter_folder(path: Path) -> Path | None:
+    """The PEFT adapter folder `path` is, or holds as final/ (a tunelab run), by its adapter_config.json; else None."""
+    return next((f for f in (path, path / "final") if (f / "adapter_config.json").is_file()), None)
 
 
 def adapter_base(folder: Path) -> str | None:

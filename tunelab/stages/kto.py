@@ -28,7 +28,7 @@ from tunelab.stages.base import Stage
 
 # DPO's causal LM, its reference policy (the starting model) and its per-sequence log-probabilities
 from tunelab.stages.dpo import load_policy, prepare_reference, reference_logps, sequence_logps
-from tunelab.stages.preference import check_reading, checked_reading, read_sources, with_system
+from tunelab.stages.preference import check_reading, checked_reading, eval_pairs, read_sources, with_system
 
 
 def kto_loss(r, z, desirable, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
@@ -119,16 +119,9 @@ def _kto_final(model, tokenizer, cfg, data, device) -> dict:
     the higher log-ratio: DPO's implicit-reward accuracy, comparable with it."""
     if not data.val:
         return {}
-    was_training = model.training
-    model.eval()
-    r, kl, labels = [], [], []
-    size = cfg.training.batch_size
-    for i in range(0, len(data.val), size):
-        batch = {k: v.to(device) for k, v in collate_unpaired(data.val[i : i + size], tokenizer.pad_token_id).items()}
-        a, b = _kto_parts(model, batch)
-        r.append(a.float().cpu()), kl.append(b.float().cpu()), labels.append(batch["label"].cpu().bool())
-    model.train(was_training)
-    r, kl, good = torch.cat(r), torch.cat(kl), torch.cat(labels)
+    r, kl, good = eval_pairs(lambda m, b: (*_kto_parts(m, b), b["label"]), model, data, tokenizer.pad_token_id,
+                             device, cfg.training.batch_size, collate=collate_unpaired)  # fmt: skip
+    good = good.bool()
     out = {
         "reward_accuracy": float((torch.where(good, r, -r) > 0).float().mean()),
         "desirable_logratio": float(r[good].mean()) if good.any() else float("nan"),

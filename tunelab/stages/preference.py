@@ -114,13 +114,14 @@ def pair_count(batch) -> int:
 
 
 @torch.no_grad()
-def eval_pairs(fn, model, data, pad_id, device, batch_size) -> list[torch.Tensor]:
-    """fn(model, batch) -> tensors per pair, over all validation pairs, concatenated (model in eval mode)."""
+def eval_pairs(fn, model, data, pad_id, device, batch_size, collate=collate_pairs) -> list[torch.Tensor]:
+    """fn(model, batch) -> tensors per pair (per example: kto's `collate`), over all validation rows, concatenated
+    (model in eval mode)."""
     was_training = model.training
     model.eval()
     parts = []
     for i in range(0, len(data.val), batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(data.val[i : i + batch_size], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(data.val[i : i + batch_size], pad_id).items()}
         parts.append([t.float().cpu() for t in fn(model, batch)])
     model.train(was_training)
     return [torch.cat(p) for p in zip(*parts)]
