@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from tunelab.compare import load_grid, run_grid
+from tunelab.compare.plan import resolve_cells
 from tunelab.config import ConfigError
 from tunelab.testing import save_tiny_model_dir
 
@@ -272,6 +273,41 @@ def test_fields_added_later_keep_a_grids_cells_at_their_default(assets, tmp_path
     demo = load_grid(Path(__file__).parents[1] / "examples" / "compare-sst2.yaml")
     keys = {c.method: c.key for c in resolve_cells(demo, tmp_path / "demo", materialise=False) if c.role == "method"}
     assert keys["lora"].startswith("b2921025")  # the key of every demo run since the sixteenth session
+
+
+def test_a_local_model_or_adapter_changed_in_place_runs_its_cells_again(assets, tmp_path):
+    """A cell's key holds the content of local weights, not only their path: a model (or a starting adapter)
+    retrained in place must not let a grid folder reuse cells scored with the old weights."""
+    import os
+    import shutil
+
+    model, adapter = tmp_path / "llama", tmp_path / "sft-run" / "final"
+    shutil.copytree(assets / "llama", model)
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"first adapter")
+    out = tmp_path / "o"
+    out.mkdir()
+    grid = load_grid(grid_for(assets, out, models=[{"name": str(model), "label": "llama",
+                                                    "data": {"max_length": 256}}],
+                              methods=[{"name": "lora", "r": 4, "start_from": str(adapter.parent)}, "bitfit"]))  # fmt: skip
+
+    def keys():
+        return {(c.method, c.task, c.role): c.key for c in resolve_cells(grid, out, materialise=False)}
+
+    first = keys()
+    assert len(first) == 6 and (out / "fingerprints.json").is_file()  # a zero-shot, lora and bitfit cell a task
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(1, 1))  # touched, same bytes: the same cells
+    assert keys() == first
+    (adapter / "adapter_model.safetensors").write_bytes(b"other adapter")  # retrained in place: lora's cells only
+    changed = {k for k, v in keys().items() if first[k] != v}
+    assert {m for m, _, _ in changed} == {"lora"} and len(changed) == 2
+    before = keys()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert all(before[k] != v for k, v in keys().items())  # the model's content is in every cell's key
 
 
 def test_cli_prints_the_table_and_report(grid_run, tmp_path, capsys):

@@ -23,8 +23,8 @@ each cell's config; the head, the verbalizer, the references and the TF-IDF base
 drawn with the task's own seed), so the cells of a task stay paired across seeds.
 
 A cell's key is a hash of its resolved config (minus output_dir and progress) and its eval spec, plus
-the content hash of any of your own data files: change anything that changes the result and the cell
-runs again; rerun the same grid and finished cells are reused.
+the content hash of any of your own data files and of a local model or starting adapter: change anything
+that changes the result and the cell runs again; rerun the same grid and finished cells are reused.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from tunelab.data.errors import DataError
 from tunelab.data.prompts import instruction_rows
 from tunelab.data.tasks import Task, get_task, load_split, load_task_file
 from tunelab.models import NAMED, resolve
+from tunelab.models.sources import adapter_folder
 
 # Keys that do not change a cell's result (left out of its hash).
 # Data paths are covered by the eval spec's fingerprint (the task, its limits, seed and file contents), so
@@ -72,6 +73,7 @@ HASHED_WHEN_SET = (
     (("training", "neftune_alpha"), None),
     (("data", "columns", "label"), "label"),
     (("dpo", "simpo_gamma"), 0.5),
+    (("dpo", "sft_weight"), 0.0),
     (("kto",), {"beta": 0.1, "desirable_weight": 1.0, "undesirable_weight": 1.0}),
 )
 
@@ -145,6 +147,39 @@ def file_sha(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
+
+
+def weights_sha(where: str | None, out: Path, adapter: bool = False) -> str | None:
+    """The content hash of the local model (model.name) or LoRA adapter (method.start_from, `adapter`) that
+    `where` names: its folder's files (a tunelab run's final/ for an adapter), or the .gguf file itself. None for a
+    named default or a hub id, whose content a name pins. A model retrained in place at the same path then runs its
+    cells again instead of reusing results from the old weights. Each file's hash is kept in OUTPUT_DIR's
+    fingerprints.json under its size and mtime, so a big model is read once, not at every `tunelab compare`."""
+    if not where or where in NAMED:
+        return None
+    path = Path(where).expanduser()
+    if not path.exists():
+        return None
+    if adapter:
+        path = adapter_folder(path) or path
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file() and f.name[0] != ".")
+    cache_file = out / "fingerprints.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    parts, changed = [], False
+    for f in files:
+        st, name = f.stat(), str(f.resolve())
+        stamp = [st.st_size, st.st_mtime_ns]
+        if (cache.get(name) or {}).get("stat") != stamp:
+            cache[name], changed = {"stat": stamp, "sha": file_sha(f)}, True
+        parts.append([f.name, cache[name]["sha"]])
+    if changed and out.is_dir():
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(cache_file)
+    return digest(parts)
 
 
 def _drop(d: dict, path: tuple) -> None:
@@ -370,7 +405,13 @@ def _finish(cell: Cell, out: Path, errors: list[str]) -> None:
         hashed = {"model": hashed["model"], "data": hashed.get("data"), "task": hashed.get("task")}
     ev = {k: v for k, v in cell.eval.items() if k not in PATH_KEYS}
     sweep = {"lr": cell.sweep, "select": SELECTION} if cell.sweep else None
-    cell.key = digest({"config": hashed, "eval": ev, "sweep": sweep, "role": cell.role})
+    keyed = {"config": hashed, "eval": ev, "sweep": sweep, "role": cell.role}
+    weights = {"model": weights_sha(cfg.model.name, out)}
+    if cell.role != "reference":
+        weights["start_from"] = weights_sha(getattr(cfg.method, "start_from", None), out, adapter=True)
+    if any(weights.values()):  # local weights: their content, not only their path (named models keep their keys)
+        keyed["weights"] = {k: v for k, v in weights.items() if v}
+    cell.key = digest(keyed)
     cell.config["output_dir"] = str(out / "cells" / cell.folder / "run")
     cell.config["training"]["progress"] = False
 
