@@ -223,6 +223,20 @@ def test_simpo_and_orpo_translate_to_dpos_reference_free_losses():
     assert (cfg.dpo.loss_type, cfg.dpo.beta, cfg.dpo.simpo_gamma) == ("simpo", 2.5, 1.0)
 
 
+def test_the_sft_term_of_preference_losses_translates():
+    """LLaMA-Factory's pref_ftx, Axolotl's rpo_alpha (rl: dpo) and cpo_alpha (rl: simpo, whose unset value is TRL's
+    CPOConfig default 1) -> dpo.sft_weight; where the stage has no such term they are ignored, with the reason."""
+    lf = {"model_name_or_path": "m", "stage": "dpo", "dataset": "a"}
+    assert load_config(translate({**lf, "pref_ftx": 0.5}).config).dpo.sft_weight == 0.5
+    t = translate({**lf, "stage": "kto", "pref_ftx": 0.5})
+    assert "kto" not in t.config.get("dpo", {}) and "no SFT term" in dict(t.ignored)["pref_ftx"]
+    ax = {"base_model": "m", "adapter": "lora", "datasets": [{"path": "a.json", "type": "chat_template.default"}]}
+    weight = lambda **k: load_config(translate({**ax, **k}).config).dpo.sft_weight  # noqa: E731
+    assert (weight(rl="dpo", rpo_alpha=0.3), weight(rl="simpo", cpo_alpha=0.2), weight(rl="simpo")) == (0.3, 0.2, 1.0)
+    assert (weight(rl="dpo"), weight(rl="orpo")) == (0.0, 0.0)
+    assert "rl is not simpo" in dict(translate({**ax, "rl": "dpo", "cpo_alpha": 1.0}).ignored)["cpo_alpha"]
+
+
 def test_cli_convert_prints_yaml_and_report(capsys):
     if not PEERS.is_dir():
         pytest.skip("shared/peer-configs absent")

@@ -699,6 +699,13 @@ class DPOConfig(Section):
     simpo_gamma: float = Field(
         0.5, ge=0, description="loss_type simpo: the target reward margin gamma (the paper's gamma / beta is ~0.5)."
     )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="alpha: adds alpha x the chosen reply's SFT loss (its mean token NLL) to each pair's loss, with "
+        "any loss_type: RPO (Pang et al. 2024) with sigmoid, CPO-SimPO with simpo (LLaMA-Factory pref_ftx, TRL "
+        "rpo_alpha / cpo_alpha); keeps the chosen replies' likelihood from falling. orpo has weight 1 built in.",
+    )
 
 
 class KTOConfig(Section):

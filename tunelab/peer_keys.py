@@ -62,6 +62,7 @@ LLAMAFACTORY_MAPPED = {
     "kto_rejected_weight": "kto.undesirable_weight",
     "pref_loss": "dpo.loss_type (sigmoid, ipo, simpo, orpo)",
     "simpo_gamma": "dpo.simpo_gamma",
+    "pref_ftx": "dpo.sft_weight (stage dpo)",
     "report_to": "training.report_to",
     "run_name": "training.run_name",
 }
@@ -135,6 +136,8 @@ AXOLOTL_MAPPED = {
     "rl_beta": "dpo.beta (kto.beta with rl: kto)",
     "orpo_alpha": "dpo.beta (rl: orpo's lambda)",
     "simpo_gamma": "dpo.simpo_gamma",
+    "rpo_alpha": "dpo.sft_weight (rl: dpo, ipo)",
+    "cpo_alpha": "dpo.sft_weight (rl: simpo; unset, 1 as TRL's default)",
     "kto_desirable_weight": "kto.desirable_weight",
     "kto_undesirable_weight": "kto.undesirable_weight",
     "datasets": "data.train",

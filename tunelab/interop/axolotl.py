@@ -29,7 +29,8 @@ _TRACKER_KEYS = {"use_tensorboard": "tensorboard", "wandb_project": "wandb", "ml
                  "mlflow_experiment_name": "mlflow", "use_trackio": "trackio", "trackio_project_name": "trackio",
                  "wandb_name": None, "mlflow_run_name": None, "trackio_run_name": None}  # fmt: skip
 _SPECIAL = {"adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout", "lora_target_linear",
-            "lora_target_modules", "lora_model_dir", "unfrozen_parameters", "qat", "rl", "rl_beta", "orpo_alpha", "simpo_gamma", *KTO_WEIGHTS, "datasets", "pretraining_dataset",
+            "lora_target_modules", "lora_model_dir", "unfrozen_parameters", "qat", "rl", "rl_beta", "orpo_alpha",
+            "simpo_gamma", "rpo_alpha", "cpo_alpha", *KTO_WEIGHTS, "datasets", "pretraining_dataset",
             "test_datasets", "val_set_size", "lr_scheduler", "trust_remote_code", "chat_template",
             *_TRACKER_KEYS, *AXOLOTL_LORA_VARIANTS}  # fmt: skip
 
@@ -63,6 +64,11 @@ def translate(raw: dict, source: str = "config") -> Translation:
         raw, {"simpo_gamma": "dpo.simpo_gamma"}, rl == "simpo", "a SimPO setting (rl: simpo), and rl is not simpo"
     )
     t.map_where(raw, KTO_WEIGHTS, stage == "kto", "a stage kto setting (rl: kto), and this config's stage is not kto")
+    t.map_where(raw, {"rpo_alpha": "dpo.sft_weight"}, rl in ("dpo", "ipo"), "RPO's SFT term, and rl is not dpo or ipo")
+    if rl == "simpo" and raw.get("cpo_alpha") is None:  # Axolotl leaves it to TRL's CPOConfig, whose default is 1
+        t.map("cpo_alpha", "unset", "dpo.sft_weight", converted=1.0, note="TRL's CPOConfig default 1: CPO-SimPO")
+    else:
+        t.map_where(raw, {"cpo_alpha": "dpo.sft_weight"}, rl == "simpo", "CPO's SFT term (rl: simpo), and rl is not simpo")
     _method(raw, t)
     _data(raw, t, stage)
     if "trust_remote_code" in raw:

@@ -22,7 +22,7 @@ _SPECIAL = {"stage", "finetuning_type", "quantization_bit", "quantization_method
             "freeze_extra_modules", "dataset", "eval_dataset", "dataset_dir", "max_samples", "val_size",
             "lr_scheduler_type", "pref_loss", "trust_remote_code", "template", "report_to", "pissa_init",
             "pissa_iter", "adapter_name_or_path", "create_new_adapter", "pref_beta", "simpo_gamma", *KTO_WEIGHTS,
-            *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
+            "pref_ftx", *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
 
 
 def detect(raw: dict) -> bool:
@@ -69,6 +69,8 @@ def translate(raw: dict, source: str = "config") -> Translation:
     if raw.get("simpo_gamma") is not None:
         t.map_where({"simpo_gamma": raw["simpo_gamma"]}, {"simpo_gamma": "dpo.simpo_gamma"},
                     raw.get("pref_loss") == "simpo", "a SimPO setting, and pref_loss is not simpo")  # fmt: skip
+    t.map_where(raw, {"pref_ftx": "dpo.sft_weight"}, stage == "dpo",
+                "dpo's SFT term (pref_ftx): tunelab's kto has no SFT term, and this config's stage is not dpo")  # fmt: skip
     if raw.get("report_to") is not None:
         t.report_to("report_to", raw["report_to"])
     elif "report_to" in raw:

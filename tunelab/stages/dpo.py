@@ -79,10 +79,14 @@ def orpo_loss(mean_chosen, mean_rejected, lam: float):
     return -mean_chosen - lam * F.logsigmoid(log_odds(mean_chosen) - log_odds(mean_rejected))
 
 
+def response_lengths(batch: dict) -> torch.Tensor:
+    """Each row's number of response tokens that a loss term predicts (the first position predicts nothing)."""
+    return batch["response_mask"][:, 1:].sum(1).clamp(min=1).to(torch.float32)
+
+
 def mean_logps(model, batch: dict) -> torch.Tensor:
-    """Each row's response log-probability divided by its number of response tokens (those a loss term predicts)."""
-    n = batch["response_mask"][:, 1:].sum(1).clamp(min=1)
-    return sequence_logps(model, batch) / n.to(torch.float32)
+    """Each row's response log-probability divided by its number of response tokens."""
+    return sequence_logps(model, batch) / response_lengths(batch)
 
 
 def _dpo_parts(model, batch):
@@ -101,7 +105,7 @@ def _free_parts(model, batch):
 
 def _dpo_loss_fn(cfg):
     def loss_sum(model, batch):
-        beta, eps, kind = cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.loss_type
+        beta, eps, kind, alpha = cfg.dpo.beta, cfg.dpo.label_smoothing, cfg.dpo.loss_type, cfg.dpo.sft_weight
         if kind in ("simpo", "orpo"):
             mc, mr = _free_parts(model, batch)
             loss = simpo_loss(mc, mr, beta, cfg.dpo.simpo_gamma, eps) if kind == "simpo" else orpo_loss(mc, mr, beta)
@@ -111,12 +115,16 @@ def _dpo_loss_fn(cfg):
             loss = dpo_loss(pc - rc, pr - rr, beta, eps, kind)
             # implicit rewards beta * log(pi / ref) (Rafailov et al. 2023, section 5)
             chosen, rejected = beta * (pc - rc).detach(), beta * (pr - rr).detach()
+            mc = pc / response_lengths(batch)[: len(pc)]
         extras = {
             "reward_accuracy": (chosen > rejected).sum(),
             "reward_margin": (chosen - rejected).sum(),
             "chosen_reward": chosen.sum(),
             "rejected_reward": rejected.sum(),
         }
+        if alpha:  # RPO / CPO: the chosen reply's own SFT loss keeps its likelihood up
+            loss = loss - alpha * mc
+            extras["chosen_nll"] = -mc.detach().sum()
         return loss.sum(), loss.numel(), extras
 
     return loss_sum
