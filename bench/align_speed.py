@@ -1,22 +1,26 @@
-"""DPO and reward modelling on CPU: TRL's DPOTrainer / RewardTrainer + PEFT (the references) and tunelab's
-`stage: dpo` / `stage: reward`, back to back on the same job (issue 26, item 5).
+"""DPO, KTO and reward modelling on CPU: TRL's DPOTrainer / KTOTrainer / RewardTrainer + PEFT (the references) and
+tunelab's `stage: dpo` / `stage: kto` / `stage: reward`, back to back on the same job (issue 26, item 5).
 
 The job: SmolLM2-135M-Instruct in fp32, the first Anthropic hh-rlhf harmless-base test pairs whose prompt and
 both replies fit in 256 tokens of the model's chat template (so neither side truncates anything and both
 see the same tokens), 64 pairs to train on and the next 64 held out; LoRA r=16 alpha=32 dropout 0 on all
 linear layers, batch 8, 1 epoch, linear schedule, no warm-up; DPO beta 0.1 with the adapter switched off as
-the reference on both sides (TRL's default with a PEFT model and no ref_model). Each run is a fresh
+the reference on both sides (TRL's default with a PEFT model and no ref_model). KTO trains on the same pairs split
+into 128 labelled replies (chosen desirable, rejected not: TRL's unpaired format; tunelab's kto splits the pair
+file itself), weights 1, z_ref from mismatched replies on both sides. Each run is a fresh
 subprocess, so its peak RSS is its own (loading + training; the held-out scoring is not counted).
 
-Speed is pairs per second of training (the same 64 pairs on both sides; loading and data preparation are
-excluded on both). Quality is measured the same way for both trained models, by one function each:
+Speed is pairs per second of training (the same 64 pairs on both sides; for kto the 128 replies, its rows, a
+second; loading and data preparation are excluded on both). Quality is measured the same way for both trained
+models, by one function each:
   dpo     held-out DPO loss and implicit-reward accuracy: log-ratios of the trained model against the base
           model on the response tokens (one `logps` function, the chat template rendered once for both);
+  kto     the same measure on the same held-out pairs (KTO's implicit reward is DPO's: beta log pi / pi_ref);
   reward  held-out Bradley-Terry loss and pairwise accuracy of each side's scores (each scored with its own
           model class on the same rendered text: prompt + reply through the chat template).
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python bench/align_speed.py                    # dpo and reward, TRL then tunelab
+    .venv/bin/python bench/align_speed.py                    # dpo, kto and reward, TRL then tunelab
     .venv/bin/python bench/align_speed.py --stages dpo --max-steps 2   # a smoke run
     .venv/bin/python bench/align_speed.py --stages reward --bf16 --packing   # tunelab's reward job packed
 
@@ -40,7 +44,7 @@ from train_speed import TRL_CHECKPOINTING, _cell, cpu_from_first_step, cpu_secon
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/hh-rlhf/harmless-base/test.jsonl.gz"
 JOB = {"pairs": 64, "held_out": 64, "max_length": 256, "batch_size": 8, "r": 16, "alpha": 32, "beta": 0.1,
-       "seed": 0, "lr": {"dpo": 5e-4, "reward": 1e-3}}  # fmt: skip
+       "seed": 0, "lr": {"dpo": 5e-4, "kto": 5e-4, "reward": 1e-3}}  # fmt: skip
 
 
 def tokenizer_and_path():
@@ -74,6 +78,20 @@ def pairs(tokenizer) -> tuple[list[dict], list[dict]]:
     assert len(keep) == JOB["pairs"] + JOB["held_out"], f"only {len(keep)} pairs fit {JOB['max_length']} tokens"
     held_out = keep[JOB["pairs"] :]
     return keep[: JOB["pairs"]], held_out[:8] if JOB.get("max_steps") else held_out  # a smoke run scores 8
+
+
+def unpaired(train: list[dict]) -> list[dict]:
+    """KTO's rows from pairs: each pair's chosen reply desirable, its rejected reply not (TRL's unpaired format)."""
+    return [
+        {"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+        for p in train
+        for k in ("chosen", "rejected")
+    ]
+
+
+def rows(train: list[dict], stage: str) -> int:
+    """What a stage trains on: pairs, or for kto the replies."""
+    return 2 * len(train) if stage == "kto" else len(train)
 
 
 # ------------------------------------------------------------------------------------------ quality
@@ -127,7 +145,7 @@ def job_trl(stage: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer
 
     tokenizer, src = tokenizer_and_path()
     train, held_out = pairs(tokenizer)
@@ -137,7 +155,7 @@ def job_trl(stage: str) -> dict:
         save_strategy="no", report_to=[], use_cpu=True, bf16=bool(JOB.get("bf16")), seed=JOB["seed"], disable_tqdm=True,
         max_steps=JOB.get("max_steps") or -1, gradient_checkpointing=TRL_CHECKPOINTING,  # TRL's default: on
     )  # fmt: skip
-    task = "CAUSAL_LM" if stage == "dpo" else "SEQ_CLS"
+    task = "SEQ_CLS" if stage == "reward" else "CAUSAL_LM"
     lora = LoraConfig(
         r=JOB["r"], lora_alpha=JOB["alpha"], lora_dropout=0.0, target_modules="all-linear", task_type=task
     )
@@ -146,6 +164,11 @@ def job_trl(stage: str) -> dict:
             model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
             args = DPOConfig(output_dir=tmp, beta=JOB["beta"], **common)
             trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+                                 processing_class=tokenizer, peft_config=lora)  # fmt: skip
+        elif stage == "kto":
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+            args = KTOConfig(output_dir=tmp, beta=JOB["beta"], **common)
+            trainer = KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(unpaired(train)),
                                  processing_class=tokenizer, peft_config=lora)  # fmt: skip
         else:
             model = AutoModelForSequenceClassification.from_pretrained(src, num_labels=1, dtype=torch.float32)
@@ -158,12 +181,12 @@ def job_trl(stage: str) -> dict:
         seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         peak = peak_rss_mb()
     trained = trainer.model.eval()
-    if stage == "dpo":
+    if stage in ("dpo", "kto"):
         base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         quality = dpo_quality(trained, tokenizer, base, held_out)
     else:
         quality = reward_quality(scorer(trained, tokenizer), held_out)
-    return {"pairs": len(train), "steps": trainer.state.global_step, "seconds": seconds, "cpu_seconds": cpu,
+    return {"pairs": rows(train, stage), "steps": trainer.state.global_step, "seconds": seconds, "cpu_seconds": cpu,
             "train_loss": out.training_loss, "peak_rss_mb": peak, "precision": "bf16=True" if JOB.get("bf16") else "fp32",
             **quality}  # fmt: skip
 
@@ -186,7 +209,7 @@ def job_tunelab(stage: str) -> dict:
             "data": {"train": str(path), "format": "preference", "val_fraction": 0.0, "max_length": JOB["max_length"],
                      "packing": bool(JOB.get("packing")) and stage == "reward"},
             "method": {"name": "lora", "r": JOB["r"], "alpha": JOB["alpha"], "dropout": 0.0, "target_modules": "all-linear"},
-            **({"dpo": {"beta": JOB["beta"]}} if stage == "dpo" else {}),
+            **({stage: {"beta": JOB["beta"]}} if stage in ("dpo", "kto") else {}),
             "training": {"epochs": 1, "batch_size": JOB["batch_size"], "lr": JOB["lr"][stage], "scheduler": "linear",
                          "warmup_ratio": 0.0, "seed": JOB["seed"], "progress": False, "tensorboard": False,
                          "device": "cpu", "max_steps": JOB.get("max_steps")},
@@ -200,14 +223,14 @@ def job_tunelab(stage: str) -> dict:
         m = result.metrics
         model, _ = load_run(str(result.final_dir), device="cpu", merge=True)
         model.eval()
-        if stage == "dpo":
+        if stage in ("dpo", "kto"):
             from transformers import AutoModelForCausalLM
 
             base = AutoModelForCausalLM.from_pretrained(resolve("smollm2-135m-instruct")).eval()
             quality = dpo_quality(model, tokenizer, base, held_out)
         else:
             quality = reward_quality(scorer(model, tokenizer), held_out)
-    return {"pairs": len(train), "steps": m["steps"], "seconds": m["tokens"] / m["tokens_per_s"], "wall": wall,
+    return {"pairs": rows(train, stage), "steps": m["steps"], "seconds": m["tokens"] / m["tokens_per_s"], "wall": wall,
             "cpu_seconds": cpu["seconds"], "precision": m.get("precision"),
             "train_loss": m["train_loss"], "peak_rss_mb": peak, **quality}  # fmt: skip
 
@@ -223,6 +246,7 @@ def run_job(side: str, stage: str) -> dict:
         cmd += ["--bf16"]
     if JOB.get("packing"):
         cmd += ["--packing"]
+    cmd += ["--seed", str(JOB["seed"])]
     env = allocator_environment() if side == "tunelab" else None  # as `tunelab train` restarts itself
     out = run_child(cmd, env, f"{side} {stage}")
     trained = min(out["pairs"], out["steps"] * JOB["batch_size"])  # max_steps: fewer
@@ -232,7 +256,7 @@ def run_job(side: str, stage: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", default="dpo,reward", help="stages to time (comma separated: dpo, reward)")
+    parser.add_argument("--stages", default="dpo,kto,reward", help="stages to time (comma separated: dpo, kto, reward)")
     parser.add_argument("--max-steps", type=int, help="stop every run early (a smoke test, not the benchmark)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N", help="run every job N times; report medians")
     parser.add_argument(
@@ -251,9 +275,16 @@ def main() -> None:
         action="store_true",
         help="tunelab's reward job with data.packing: true (TRL's RewardTrainer has none)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed of both sides (the rows stay the same): the spread of "
+        "the held-out figures across seeds is the noise a difference has to beat",
+    )
     parser.add_argument("--job", choices=["trl", "tunelab"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    JOB["max_steps"], JOB["bf16"], JOB["packing"] = args.max_steps, args.bf16, args.packing
+    JOB["max_steps"], JOB["bf16"], JOB["packing"], JOB["seed"] = args.max_steps, args.bf16, args.packing, args.seed
     if args.job:
         import torch
 
