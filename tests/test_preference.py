@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -329,6 +330,35 @@ def test_reward_run_resumes_exactly(tiny_dir, files, tmp_path):
     assert sorted(b) == list(range(1, 7))
     assert all(abs(a[s] - b[s]) < 1e-6 for s in a), (a, b)
     assert resumed.metrics["pairwise_accuracy"] == full.metrics["pairwise_accuracy"]
+
+
+@pytest.mark.parametrize("stage", ["dpo", "kto"])
+def test_data_prepare_counts_a_preference_stages_rows_as_training_reads_them(stage, tiny_dir, files, tmp_path,
+                                                                             capsys):  # fmt: skip
+    import yaml
+
+    from tunelab.cli import main
+    from tunelab.models import load_tokenizer
+    from tunelab.stages import get as get_stage
+
+    cfg = make_cfg(stage, tiny_dir, files, tmp_path / "run").model_dump(mode="json")
+    cfg["data"]["max_length"] = 24  # some rows longer: truncated
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["data", "prepare", str(path)]) == 0
+    out = capsys.readouterr().out
+    fields = dict(re.findall(r"^(\S.*?)  +(\d+)", out, re.M))
+    run = load_config(str(path))
+    bundle = get_stage(stage, run).build_data(run, load_tokenizer(run.model))  # what `tunelab train` tokenises
+    train, val = ("train pairs", "val pairs") if stage == "dpo" else ("train replies", "val replies")
+    assert (int(fields[train]), int(fields[val])) == (len(bundle.train), len(bundle.val))
+    assert len(bundle.train) == (120 if stage == "dpo" else 240)
+    assert int(fields["truncated"]) == bundle.stats["truncated"] > 0
+    bars = [int(ln.split()[-1]) for ln in out.splitlines() if ln.startswith("  ") and "-" in ln]
+    assert len(bars) == 8 and sum(bars) == 240  # every reply of the train rows, each its own row
+    ppo = ["--set", "stage=ppo", "--set", f"ppo.prompts={files[0]}", "--set", f"ppo.reward.path={tiny_dir}"]
+    assert main(["data", "prepare", str(path), *ppo]) == 2
+    assert "sft, pretrain, dpo, reward and kto, not ppo" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------- DPO

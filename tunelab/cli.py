@@ -301,8 +301,15 @@ def cmd_data(args) -> int:
     from tunelab.models.fingerprint import tokenizer_digest
 
     cfg = load_any(args.config, args.set)[0]
+    if cfg.stage in ("dpo", "reward", "kto"):
+        from tunelab.stages.preference import describe_preference
+
+        print(describe_preference(cfg, load_tokenizer(cfg.model), args.config or "the default config"))
+        return 0
     if cfg.stage not in ("sft", "pretrain"):
-        raise ConfigError(f"tunelab data prepare: reads the data of stage sft or pretrain, not {cfg.stage}")
+        raise ConfigError(
+            f"tunelab data prepare: reads the data of stages sft, pretrain, dpo, reward and kto, not {cfg.stage}"
+        )
     check_rows(cfg.data, cfg.training.seed, cfg.stage)  # every row, before the tokenizer loads
     # the tokenizer is loaded only if something is to be tokenised: a cache hit is known from its files' digest
     bundle = build_datasets(cfg.data, lambda: load_tokenizer(cfg.model), seed=cfg.training.seed, stage=cfg.stage,
@@ -634,7 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="read and check every row, tokenise (into the on-disk cache for large data) "
         "and print rows, tokens, truncated and dropped rows, a length histogram and the cache",
     )
-    dp.add_argument("config", nargs="?", help="YAML config (stage sft or pretrain); omitted = all defaults")
+    dp.add_argument(
+        "config", nargs="?", help="YAML config (stage sft, pretrain, dpo, reward or kto); omitted = all defaults"
+    )
     dp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. data.num_proc=2")
     dp.set_defaults(fn=cmd_data)
 

@@ -149,10 +149,17 @@ def describe(bundle: DataBundle, cfg: DataConfig) -> str:
         if hasattr(bundle.train, "lengths")
         else np.array([len(e["input_ids"]) for e in bundle.train])
     )
-    edges = np.unique(np.linspace(0, cfg.max_length, 9).round().astype(int))
-    counts, _ = np.histogram(lengths, bins=edges)
+    return "\n".join(lines + length_histogram(lengths, cfg.max_length, "train rows"))
+
+
+def length_histogram(lengths, max_length: int, what: str) -> list[str]:
+    """Eight bars of `lengths` (tokens) from 1 to max_length, as `tunelab data prepare` prints them."""
+    import numpy as np
+
+    edges = np.unique(np.linspace(0, max_length, 9).round().astype(int))
+    counts, _ = np.histogram(np.asarray(lengths), bins=edges)
     top = max(int(counts.max()), 1)
-    lines.append("length of the train rows (tokens):")
+    lines = [f"length of the {what} (tokens):"]
     for lo, hi, n in zip(edges, edges[1:], counts):
         lines.append(f"  {lo + 1:>6}-{hi:<6} {'#' * round(40 * n / top):<40} {n}")
-    return "\n".join(lines)
+    return lines
