@@ -68,7 +68,9 @@ def translate(raw: dict, source: str = "config") -> Translation:
     if rl == "simpo" and raw.get("cpo_alpha") is None:  # Axolotl leaves it to TRL's CPOConfig, whose default is 1
         t.map("cpo_alpha", "unset", "dpo.sft_weight", converted=1.0, note="TRL's CPOConfig default 1: CPO-SimPO")
     else:
-        t.map_where(raw, {"cpo_alpha": "dpo.sft_weight"}, rl == "simpo", "CPO's SFT term (rl: simpo), and rl is not simpo")
+        t.map_where(
+            raw, {"cpo_alpha": "dpo.sft_weight"}, rl == "simpo", "CPO's SFT term (rl: simpo), and rl is not simpo"
+        )
     _method(raw, t)
     _data(raw, t, stage)
     if "trust_remote_code" in raw:

@@ -1,5 +1,5 @@
 """Tuning methods, one module each; see registry.py for the contract."""
 
-from tunelab.methods.registry import get, names
+from tunelab.methods.registry import check_model, get, names
 
-__all__ = ["get", "names"]
+__all__ = ["check_model", "get", "names"]

@@ -59,6 +59,14 @@ def get(name: str) -> ModuleType:
     return module
 
 
+def check_model(cfg, log) -> None:
+    """Before the model loads (the supervised loop and PPO): the method's `check_model` refuses a model it cannot
+    take, and its note (what a setting was changed to, e.g. start_from's adapter settings) goes to `log`."""
+    note = get(cfg.method.name).check_model(cfg.method, cfg.model)
+    if note:
+        log(note)
+
+
 def capabilities(name: str) -> Capabilities:
     return get(name).CAPABILITIES
 

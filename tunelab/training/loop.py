@@ -22,6 +22,7 @@ from tunelab.bf16_table import measured_bf16
 from tunelab.config import ConfigError
 from tunelab.data import DataError
 from tunelab.data.collate import real_tokens
+from tunelab.methods import check_model
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
 from tunelab.models.loading import loading_into, unwrap
@@ -114,9 +115,7 @@ def train(
     tcfg = cfg.training
     if stage.check_data is not None:  # a bad data file is reported now, not after the model has loaded
         stage.check_data(cfg)
-    note = get_method(cfg.method.name).check_model(cfg.method, cfg.model)  # likewise a model the method cannot take
-    if note:
-        log(note)
+    check_model(cfg, log)  # likewise a model the method cannot take
     accel.check(tcfg, resolve_device(tcfg.device), distributed.world_size() > 1)  # settings the device refuses
     run_dir, resume_from = start_run(cfg, resume, force)
 

@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from tunelab.accel import fast_lora
+from tunelab.methods import check_model, reference
 from tunelab.methods import get as get_method
-from tunelab.methods import reference
 from tunelab.models import count_parameters, resolve_device
 from tunelab.models.generation import generate
 from tunelab.stages.ppo import PolicyWithValue, RewardFn, load_policy, load_prompts, reward_function
@@ -231,9 +231,7 @@ def train_ppo(
 ) -> RunResult:
     """Run stage ppo from a validated Config (see docs/alignment.md). `reward_fn` overrides ppo.reward."""
     tcfg, pcfg = cfg.training, cfg.ppo
-    note = get_method(cfg.method.name).check_model(cfg.method, cfg.model)  # before the model loads, as the loop asks
-    if note:
-        log(note)
+    check_model(cfg, log)  # before the model loads, as the loop does
     run_dir, resume_from = start_run(cfg, resume, force)
 
     # ---- policy, reference, value head
