@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_preference import synthetic_pairs
 
 import tunelab
 from tunelab.config import load_config
@@ -25,6 +26,15 @@ from tunelab.training import distributed
 # runs a weight-0 stand-in there (a synchronised step: grad_accum 2, micro-batch 3 is a step's last)
 ROWS = [{"instruction": f"Say the number {i}.", "input": "", "output": f"The number is {i}."} for i in range(25)]
 VAL = [{"instruction": f"Repeat {i} twice.", "input": "", "output": f"{i} {i}"} for i in range(6)]
+
+# stage kto on test_preference's pairs split into replies (those with "Paris" desirable); z_ref (a mean over each
+# micro-batch's mismatched rows) must be taken over both processes' shards for two processes to train as one
+# (stages/kto.py kl_estimate)
+KTO_ROWS = [
+    {"prompt": p["prompt"], "completion": p[k], "label": k == "chosen"}
+    for p in synthetic_pairs(16, 0)
+    for k in ("chosen", "rejected")
+]
 
 WORKER = """
 import json, sys
@@ -59,11 +69,24 @@ def run_cfg(model_dir, data_dir, out, batch_size, **training):
     }
 
 
+def kto_cfg(model_dir, data_dir, out, batch_size):
+    return {
+        "stage": "kto",
+        "output_dir": str(out),
+        "model": {"name": str(model_dir)},
+        "data": {"train": str(data_dir / "kto.jsonl"), "val_fraction": 0.0, "max_length": 32},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "training": {"max_steps": 4, "batch_size": batch_size, "lr": 2e-2, "warmup_steps": 0, "seed": 3,
+                     "progress": False, "tensorboard": False},
+    }  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     (root / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in VAL))
+    (root / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in KTO_ROWS))
     plain = save_tiny_model_dir(root / "plain")
     # attention dropout: each process draws its own masks, so a resume must restore every process's RNG
     dropout = save_tiny_model_dir(root / "dropout", attention_dropout=0.2)
@@ -71,6 +94,7 @@ def runs(tmp_path_factory):
         {"cfg": run_cfg(plain, root, root / "two", 4, save_every=3)},
         {"cfg": run_cfg(dropout, root, root / "full", 4, save_every=3)},
         {"cfg": run_cfg(dropout, root, root / "resumed", 4, save_every=3), "stop_after": 3},
+        {"cfg": kto_cfg(plain, root, root / "kto", 4)},
     ]
     (root / "spec.json").write_text(json.dumps(spec))
     (root / "worker.py").write_text(WORKER)
@@ -116,6 +140,15 @@ def test_two_processes_train_like_one_process_with_the_double_batch(runs, tmp_pa
     w1, w2 = weights(tmp_path / "one"), weights(root / "two")
     assert max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
     assert "2 processes, DDP over gloo" in log and "unfroze block 0" in log
+
+
+def test_kto_on_two_processes_takes_z_ref_over_both_shards(runs, tmp_path):
+    root, plain, _ = runs
+    tunelab.train(load_config(kto_cfg(plain, root, tmp_path / "kto", 8)))
+    one, two = ([(r["loss"], r["kl"]) for r in records(d) if "loss" in r] for d in (tmp_path / "kto", root / "kto"))
+    assert len(one) == len(two) == 4 and max(kl for _, kl in one) > 0.1  # z_ref not clamped to 0 throughout
+    for (loss_a, kl_a), (loss_b, kl_b) in zip(one, two):
+        assert abs(loss_a - loss_b) <= 1e-4 * loss_a and abs(kl_a - kl_b) <= 1e-4 * max(kl_a, 1e-3), (one, two)
 
 
 def test_resume_across_two_processes_is_exact(runs):

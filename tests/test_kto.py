@@ -140,3 +140,23 @@ def test_kto_weights_and_what_it_refuses(tiny_dir, tmp_path):
         load_config({"stage": "kto", "model": {"name": "m"}, "data": {"train": "d.jsonl", "packing": True}})
     with pytest.raises(ConfigError, match="or replies labelled desirable or not"):
         load_config({"stage": "kto", "model": {"name": "m"}, "data": {"train": "d.jsonl", "format": "instruction"}})
+    with pytest.raises(ConfigError, match="lower training.batch_size and raise training.grad_accum"):
+        load_config({"stage": "kto", "model": {"name": "m"}, "data": {"train": "d.jsonl"},
+                     "training": {"rows_per_pass": 2}})  # fmt: skip
+
+
+def test_z_ref_is_one_mean_over_each_micro_batch_whatever_the_threads(tiny_dir, tmp_path, capsys):
+    """z_ref couples a micro-batch's rows, so kto keeps thread shares off (bitfit would have them: few parameters
+    train and its reference is a frozen copy) and trains the same with pass_threads 2 as with 1."""
+    train = write_jsonl(tmp_path / "t.jsonl", unpaired(40, 0))
+    runs = {}
+    for threads in (2, 1):
+        cfg = make_cfg(tiny_dir, train, train, tmp_path / f"p{threads}", max_steps=6, pass_threads=threads)
+        raw = cfg.model_dump(mode="json")
+        raw["method"] = {"name": "bitfit"}
+        tunelab.train(load_config(raw))
+        runs[threads] = [json.loads(x) for x in (tmp_path / f"p{threads}" / "metrics.jsonl").read_text().splitlines()]
+    losses = [[(r["loss"], r["kl"]) for r in runs[t] if "loss" in r] for t in (2, 1)]
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+    assert max(kl for _, kl in losses[0]) > 0.1  # z_ref not clamped to 0 throughout: the test can tell
+    assert "thread shares: kto's z_ref is the mean over each micro-batch's mismatched rows" in capsys.readouterr().err

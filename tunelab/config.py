@@ -914,6 +914,12 @@ def _build_config_class():
                 )
             if self.stage in ("dpo", "kto", "ppo") and self.method.reference_refused(self.stage):
                 raise ValueError(f"stage: {self.stage} with {self.method.reference_refused(self.stage)}")
+            if self.stage == "kto" and self.training.rows_per_pass is not None:
+                raise ValueError(
+                    "stage: kto with training.rows_per_pass: z_ref is the mean over each micro-batch's mismatched "
+                    "rows, and a pass of fewer rows would take it over those alone (not the same update); to hold "
+                    "fewer rows at once lower training.batch_size and raise training.grad_accum instead"
+                )
             if self.stage in ("dpo", "kto") and self.data.packing:
                 raise ValueError(
                     f"stage: {self.stage} does not pack: each sequence it scores is a row of its own (laid end to end "

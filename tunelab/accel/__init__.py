@@ -103,11 +103,14 @@ class Speed:
         """Frozen weights made compact while loading: no parameters any more, still the model's."""
         return sum(self.loaded_compact)
 
-    def prepare(self, model, cfg, total: int, multi: bool, autocast: bool = False) -> None:
+    def prepare(
+        self, model, cfg, total: int, multi: bool, autocast: bool = False, whole_batch: str | None = None
+    ) -> None:
         """Once the method is applied and the parameters counted (compacted weights are no longer parameters;
         `total` is the count before): install every piece the config and the model allow. `autocast`: the
         loop would run its passes under bf16 autocast (CUDA, or model.dtype: bfloat16), where fast LoRA and the
-        fused head step aside; `self.autocast` says whether they still need it (bf16 passes: module doc)."""
+        fused head step aside; `self.autocast` says whether they still need it (bf16 passes: module doc).
+        `whole_batch`: why the stage's loss needs each micro-batch's rows in one pass (no thread shares)."""
         self.autocast = autocast
         if not self.on:
             return
@@ -201,6 +204,8 @@ class Speed:
         if self.shares > 1 and self.autocast:
             # autocast's state is per thread: a share running in a worker thread would compute in fp32
             self.shares, why_not = 1, "bf16 autocast is set per thread"
+        if self.shares > 1 and whole_batch:  # the stage's loss couples a micro-batch's rows (Stage.whole_batch)
+            self.shares, why_not = 1, whole_batch
         if self.shares > 1 and reference.on_the_model(model):
             # dpo's / kto's reference pass switches the PEFT adapter off (or to its starting values) on the one
             # shared model: a share running beside it in another thread would see that

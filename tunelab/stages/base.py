@@ -46,6 +46,7 @@ class Stage:
     loop: str = "steps"  # "steps": the supervised loop (training/loop.py); "ppo": rollouts (training/ppo.py)
     check_data: Callable | None = None  # cfg -> None: the rows read and checked before the model loads
     samples: Callable | None = None  # (model, tokenizer, cfg, data, step) -> [{prompt, text, ...}] at each evaluation
+    whole_batch: str | None = None  # why the loss needs a micro-batch's rows in one pass (kto's z_ref): no shares
 
 
 @dataclass

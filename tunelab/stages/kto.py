@@ -8,6 +8,8 @@ differentiated:
     desirable y:    lambda_D (1 - sigmoid(beta (r - z)))
     undesirable y:  lambda_U (1 - sigmoid(beta (z - r)))         z = max(0, mean over the KL rows of r)
 
+z is one estimate per micro-batch (`kl_estimate`: over every process's shard of it; no thread shares).
+
 summed over the batch's examples (the loop divides by their number). The reference is the starting model, as the
 method declares it (tunelab/methods/reference.py, shared with DPO and PPO). A batch of B examples is one forward
 pass of 2B rows: the examples, then their KL rows (data/preference.py `collate_unpaired`).
@@ -41,6 +43,19 @@ def kto_loss(r, z, desirable, beta: float, desirable_weight: float = 1.0, undesi
     )
 
 
+def kl_estimate(kl_rows: torch.Tensor, training: bool) -> torch.Tensor:
+    """z_ref: the mean log-ratio of a micro-batch's mismatched rows, clamped at 0 and not differentiated. In a
+    multi-process run a training micro-batch is sharded over the processes: the mean is taken over every process's
+    rows (as TRL gathers it), so two processes train as one process with their rows would. Evaluation batches are
+    whole on each process (and their number may differ): their own rows."""
+    import torch.distributed as dist
+
+    total = torch.stack([kl_rows.detach().sum(), kl_rows.new_tensor(float(len(kl_rows)))])
+    if training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).clamp(min=0)
+
+
 def _kto_parts(model, batch):
     """(log-ratios of the examples' replies, log-ratios of their KL rows)."""
     ratios = sequence_logps(model, batch) - reference_logps(model, batch)
@@ -52,7 +67,7 @@ def _kto_loss_fn(cfg):
     def loss_sum(model, batch):
         k = cfg.kto
         r, kl_rows = _kto_parts(model, batch)
-        z = kl_rows.detach().mean().clamp(min=0)
+        z = kl_estimate(kl_rows, model.training)
         desirable = batch["label"].to(r.device).bool()
         loss = kto_loss(r, z, desirable, k.beta, k.desirable_weight, k.undesirable_weight)
         signed = torch.where(desirable, r, -r).detach()
@@ -144,4 +159,5 @@ def stage(cfg) -> Stage:
     return Stage(
         "kto", load_policy, kto_data, collate_unpaired, _kto_loss_fn(cfg), count, _kto_final,
         lambda c: {"kto": c.kto.model_dump()}, prepare_reference, check_data=check_examples,
+        whole_batch="kto's z_ref is the mean over each micro-batch's mismatched rows, not over a share's",
     )  # fmt: skip

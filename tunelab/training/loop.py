@@ -195,7 +195,7 @@ def train(
             f"NEFTune: uniform noise alpha / sqrt(width x hidden) on the input embeddings, alpha {tcfg.neftune_alpha:g}"
         )
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
-    speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast)
+    speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast, whole_batch=stage.whole_batch)
     if autocast is not no_autocast and not speed.autocast:  # accel: bf16 passes that run in bf16 by themselves
         autocast, precision = no_autocast, precision.without_autocast()
         log(f"precision: {precision.name}: the passes run in bf16 without autocast (tunelab/accel)")
