@@ -102,11 +102,14 @@ try:
     blocked = False
 except ImportError:
     blocked = True
-print(json.dumps([qlora, lora, is_bnb_available(), blocked, skip_unused_imports(load_config({}))]))
+no_scipy = "scipy" not in sys.modules  # transformers' model code came in without scipy.optimize
+import sklearn.metrics  # noqa: F401  # scipy itself still imports
+print(json.dumps([qlora, lora, is_bnb_available(), blocked, skip_unused_imports(load_config({})), no_scipy,
+                  "scipy" in sys.modules]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     # qlora: left alone; lora: done, so peft finds no bitsandbytes; once peft is in, nothing more is done
-    assert json.loads(out.strip().splitlines()[-1]) == [False, True, False, True, False]
+    assert json.loads(out.strip().splitlines()[-1]) == [False, True, False, True, False, True, True]
 
 
 @needs_tbb

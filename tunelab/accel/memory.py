@@ -209,12 +209,35 @@ def skip_unused_imports(cfg) -> bool:
     layers: ~50 MB resident (its CPU kernels and the libraries they load) in a run that never quantises.
     Only a method with a quantized base (qlora) uses it. Afterwards `import bitsandbytes` raises ImportError
     in this process, so this is for a process of its own, before anything imports peft. True when it was done
-    (never with `training.accelerate: off`: a plain process)."""
+    (never with `training.accelerate: off`: a plain process). Also imports transformers' model code without
+    scipy.optimize (`transformers_without_scipy`)."""
     from tunelab.methods.registry import capabilities
 
-    if cfg.training.accelerate == "off" or capabilities(cfg.method.name).quantized_base:
+    if cfg.training.accelerate == "off":
         return False
-    return keep_out_bitsandbytes()
+    done = not capabilities(cfg.method.name).quantized_base and keep_out_bitsandbytes()
+    transformers_without_scipy()
+    return done
+
+
+def transformers_without_scipy() -> bool:
+    """Import transformers' model code (`transformers.modeling_utils`) with scipy reported missing. Its
+    object-detection losses (DETR's Hungarian matching) import scipy.optimize at import time wherever scipy is
+    installed (scikit-learn, which tunelab's metrics use, installs it): measured 35 MB resident (430 against 395 MB
+    after `import transformers.modeling_utils, peft`) in every process that trains a language model, which never
+    uses them. scipy itself stays importable (scikit-learn imports it as usual later); only those losses go
+    without it. For a process of its own, before transformers' model code is imported; True when done."""
+    if "transformers.modeling_utils" in sys.modules:
+        return False
+    import transformers.utils as utils
+
+    real = utils.is_scipy_available
+    utils.is_scipy_available = lambda: False
+    try:
+        import transformers.modeling_utils  # noqa: F401
+    finally:
+        utils.is_scipy_available = real
+    return True
 
 
 def keep_out_bitsandbytes() -> bool:
