@@ -486,3 +486,55 @@ def test_qlora_trains_a_lora_adapter_on_over_the_4bit_base(tmp_path, tiny_dir, d
     start, ended = result.metrics["eval_loss_before"], lora_run.metrics["eval_loss"]
     assert abs(start - ended) < 0.25 * abs(lora_run.metrics["eval_loss_before"] - ended)
     assert result.metrics["eval_loss"] < start
+
+
+def test_start_from_a_hub_id_is_fetched_and_checked_like_a_folder_and_a_pickle_only_repo_is_refused(
+    tmp_path, tiny_dir, data_file, monkeypatch
+):
+    """A hub id: its config and safetensors weights are fetched into the hub cache (huggingface_hub's own download,
+    stood in for here by a local "hub") and checked and loaded from there like a folder; a repo with only a pickled
+    adapter_model.bin is refused before PEFT could unpickle it."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from tunelab.config import ModelConfig
+    from tunelab.methods.base import MethodError
+    from tunelab.testing import tiny_llama
+
+    mod = get("lora")
+    hub = tmp_path / "hub"
+    mod.save(mod.apply(tiny_llama(), mod.Config(r=4, alpha=8, target_modules=["q_proj"])), hub / "me" / "sft")
+    mod.save(mod.apply(tiny_llama(hidden_size=48), mod.Config(r=4, target_modules=["q_proj"])), hub / "me" / "wide")
+    mod.save(mod.apply(tiny_llama(), mod.Config(r=4, target_modules=["q_proj"])), hub / "me" / "pickled")
+    (hub / "me" / "pickled" / "adapter_model.safetensors").rename(hub / "me" / "pickled" / "adapter_model.bin")
+    fetched = []
+
+    def download(repo, filename, **kwargs):
+        if repo == "me/offline":
+            raise LocalEntryNotFoundError("no connection")
+        path = hub / repo / filename
+        if not path.is_file():
+            raise EntryNotFoundError(f"{filename} not in {repo}")  # the hub raises its subclass RemoteEntry...
+        fetched.append((repo, filename))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    mod.hub_adapter.cache_clear()
+    model = ModelConfig(name=tiny_dir)
+    cfg = mod.Config(start_from="me/sft", r=16)
+    assert "r 4 (the config's 16)" in mod.check_model(cfg, model)
+    assert (cfg.r, cfg.alpha) == (4, 8.0) and fetched == [("me/sft", "adapter_config.json"),
+                                                          ("me/sft", "adapter_model.safetensors")]  # once  # fmt: skip
+    import tunelab
+
+    trained = tunelab.train(_start_cfg(tiny_dir, data_file, tmp_path / "run", start_from="me/sft", r=16)).metrics
+    assert trained["eval_loss"] < trained["eval_loss_before"] and len(fetched) == 2  # PEFT loaded the fetched folder
+    with pytest.raises(MethodError, match="me/wide: its .*q_proj has 48 inputs"):  # shapes read before the load
+        mod.check_model(mod.Config(start_from="me/wide"), model)
+    with pytest.raises(MethodError, match="no adapter_model.safetensors .* unpickling runs code"):
+        mod.check_model(mod.Config(start_from="me/pickled"), model)
+    with pytest.raises(MethodError, match="could not be reached"):
+        mod.check_model(mod.Config(start_from="me/offline"), model)
+    with pytest.raises(MethodError, match="no adapter_config.json: not a PEFT adapter"):
+        mod.check_model(mod.Config(start_from="me/nothing"), model)
+    mod.hub_adapter.cache_clear()

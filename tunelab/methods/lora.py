@@ -17,6 +17,7 @@ rsLoRA, DoRA) is the adapter's: `check_model` reads it before the model loads an
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -193,14 +194,15 @@ SHAPE_FIELDS = {"r": ("r", 8), "lora_alpha": ("alpha", 8), "target_modules": ("t
 
 
 def adapter_location(where: str) -> str:
-    """The folder of the LoRA adapter `start_from` names (a tunelab run: its final/), or a hub id as it is."""
+    """The folder of the LoRA adapter `start_from` names: a tunelab run's final/, a PEFT adapter folder, or for a hub
+    id the folder in the local hub cache it is fetched into (`hub_adapter`)."""
     from tunelab.models.sources import adapter_folder, looks_like_path
 
     path = Path(where).expanduser()
     if not path.exists():
         if looks_like_path(where):
             raise MethodError(f"method.start_from {where!r}: no such file or folder")
-        return where
+        return hub_adapter(where)
     folder = adapter_folder(path)
     if folder is not None:
         return str(folder)
@@ -214,19 +216,44 @@ def adapter_location(where: str) -> str:
     raise MethodError(f"method.start_from {where}: no adapter_config.json in it or in its final/: {what}")
 
 
+@functools.cache  # asked by the check, the shapes and the load: one fetch (and one hub round trip) a process
+def hub_adapter(repo: str) -> str:
+    """A hub adapter's adapter_config.json and adapter_model.safetensors fetched into the local hub cache (once; the
+    hub's own caching), and the folder they lie in: its shapes are then checked before the model loads and PEFT
+    loads it from there, as a local adapter. A repo whose weights are a pickle only (adapter_model.bin) is refused
+    before anything is downloaded from it but its config: PEFT would unpickle it."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    def fetch(name: str) -> Path:
+        try:
+            return Path(hf_hub_download(repo, name))
+        except LocalEntryNotFoundError as e:  # offline, or no network, and not in the cache
+            raise MethodError(f"method.start_from {repo}: no such folder here, and the Hugging Face Hub could not "
+                              f"be reached for it (nor is it in the hub cache): {e}") from None  # fmt: skip
+        except EntryNotFoundError:
+            if name == "adapter_config.json":
+                raise MethodError(f"method.start_from {repo}: the hub repo has no adapter_config.json: not a PEFT "
+                                  "adapter") from None  # fmt: skip
+            raise MethodError(f"method.start_from {repo}: the hub repo has no adapter_model.safetensors (a pickle, "
+                              "adapter_model.bin, is not loaded: unpickling runs code); use an adapter saved as "
+                              "safetensors") from None  # fmt: skip
+        except (OSError, ValueError) as e:  # no such repo, no access, a bad id
+            raise MethodError(f"method.start_from {repo}: no such folder here, and fetching it from the Hugging "
+                              f"Face Hub failed: {e}") from None  # fmt: skip
+
+    folder = fetch("adapter_config.json").parent
+    fetch("adapter_model.safetensors")
+    return str(folder)
+
+
 def adapter_settings(where: str) -> dict:
     """The adapter's adapter_config.json (fetched from the hub for a hub id), checked to be a LoRA's."""
     location = adapter_location(where)
     try:
-        if Path(location).is_dir():
-            settings = json.loads((Path(location) / "adapter_config.json").read_text())
-        else:
-            from peft import PeftConfig
-
-            settings = PeftConfig.from_pretrained(location).to_dict()
+        settings = json.loads((Path(location) / "adapter_config.json").read_text())
     except (OSError, ValueError) as e:
-        hub = "" if Path(location).is_dir() else " (no such folder here, so it was taken for a hub id)"
-        raise MethodError(f"method.start_from {where}: cannot read its adapter_config.json{hub}: {e}") from None
+        raise MethodError(f"method.start_from {where}: cannot read its adapter_config.json: {e}") from None
     kind = str(settings.get("peft_type", "")).upper().removeprefix("PEFTTYPE.")
     if kind != "LORA":
         raise MethodError(f"method.start_from {where}: a {kind or 'non-PEFT'} adapter, not a LoRA; "
@@ -288,9 +315,7 @@ def _check_shapes(where: str, model_cfg) -> None:
         if (location / "adapter_model.bin").is_file():
             raise MethodError(f"method.start_from {where}: its weights are a pickle (adapter_model.bin), which tunelab "
                               "does not load (unpickling runs code); save the adapter as safetensors")  # fmt: skip
-        if location.is_dir():
-            raise MethodError(f"method.start_from {where}: no adapter_model.safetensors beside its adapter_config.json")
-        return  # a hub id: PEFT fetches and checks it at load
+        raise MethodError(f"method.start_from {where}: no adapter_model.safetensors beside its adapter_config.json")
     model = skeleton(model_cfg)
     if model is None:
         return
