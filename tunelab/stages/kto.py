@@ -8,9 +8,8 @@ differentiated:
     desirable y:    lambda_D (1 - sigmoid(beta (r - z)))
     undesirable y:  lambda_U (1 - sigmoid(beta (z - r)))         z = max(0, mean over the KL rows of r)
 
-z is one estimate per micro-batch (`kl_estimate`: over every process's shard of it; no thread shares).
-
-summed over the batch's examples (the loop divides by their number). The reference is the starting model, as the
+summed over the batch's examples (the loop divides by their number). z is one estimate per micro-batch
+(`kl_estimate`: over every process's shard of it; no thread shares). The reference is the starting model, as the
 method declares it (tunelab/methods/reference.py, shared with DPO and PPO). A batch of B examples is one forward
 pass of 2B rows: the examples, then their KL rows (data/preference.py `collate_unpaired`).
 
