@@ -80,6 +80,54 @@ def test_folder_without_config_is_refused(tmp_path):
         resolve(str(tmp_path / "empty"))
 
 
+def test_a_model_whose_weights_are_a_pickle_only_is_refused_before_anything_is_unpickled(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    folder = Path(save_tiny_model_dir(tmp_path / "m"))
+    weights = load_file(str(folder / "model.safetensors"))
+    torch.save(weights, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    for call in (lambda: resolve(str(folder)), lambda: load_model(ModelConfig(name=str(folder)))):
+        with pytest.raises(ModelError, match=r"pickle only \(pytorch_model.bin\).*save_pretrained"):
+            call()
+    monkeypatch.undo()
+    (folder / "model.safetensors").write_bytes(b"")  # safetensors beside a pickle: the safetensors are what loads
+    assert resolve(str(folder)) == str(folder)
+
+
+def test_a_hub_repo_without_safetensors_is_named_as_such(monkeypatch, tmp_path):
+    """The model is loaded with use_safetensors=True (transformers then never falls back to a repo's pickle); the
+    error transformers raises for a repo without safetensors becomes one that says so and what to do."""
+    from tunelab.models import loading
+
+    calls = []
+
+    def pickle_only_repo(name, **kwargs):
+        calls.append(kwargs)
+        raise OSError(f"{name} does not appear to have a file named model.safetensors or model.safetensors.index.json "
+                      "and thus cannot be loaded with `safetensors`. Please do not set `use_safetensors=True`.")  # fmt: skip
+
+    monkeypatch.setattr(loading, "hub_unreachable", lambda: None)
+    with pytest.raises(ModelError, match="no safetensors weights, only a pickle .*model.revision"):
+        loading._from_pretrained(pickle_only_repo, "someone/old-model", ModelConfig(name="someone/old-model"),
+                                 use_safetensors=True)  # fmt: skip
+    assert calls[0]["use_safetensors"] is True and calls[0]["local_files_only"] is False
+    real, kinds = loading._from_pretrained, []
+
+    def recording(loader, path, cfg, **kw):
+        kinds.append((getattr(loader, "__self__", None), kw.get("use_safetensors")))
+        return real(loader, path, cfg, **kw)
+
+    monkeypatch.setattr(loading, "_from_pretrained", recording)
+    load_model(ModelConfig(name=save_tiny_model_dir(tmp_path / "m")))
+    assert [safe for cls, safe in kinds if cls is not None and "ForCausalLM" in cls.__name__] == [True]
+
+
 # ---------------------------------------------------------------------------------------- hub
 def test_hub_id_passes_through_resolve():
     assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"

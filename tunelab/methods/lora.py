@@ -222,15 +222,19 @@ def hub_adapter(repo: str) -> str:
     hub's own caching), and the folder they lie in: its shapes are then checked before the model loads and PEFT
     loads it from there, as a local adapter. A repo whose weights are a pickle only (adapter_model.bin) is refused
     before anything is downloaded from it but its config: PEFT would unpickle it."""
-    from huggingface_hub import hf_hub_download
+    import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    from tunelab.models.loading import hub_unreachable
+
+    offline = hub_unreachable()  # then only the hub cache, at once, instead of a minute of retries
 
     def fetch(name: str) -> Path:
         try:
-            return Path(hf_hub_download(repo, name))
+            return Path(huggingface_hub.hf_hub_download(repo, name, local_files_only=offline is not None))
         except LocalEntryNotFoundError as e:  # offline, or no network, and not in the cache
             raise MethodError(f"method.start_from {repo}: no such folder here, and the Hugging Face Hub could not "
-                              f"be reached for it (nor is it in the hub cache): {e}") from None  # fmt: skip
+                              f"be reached for it (nor is it in the hub cache): {offline or e}") from None  # fmt: skip
         except EntryNotFoundError:
             if name == "adapter_config.json":
                 raise MethodError(f"method.start_from {repo}: the hub repo has no adapter_config.json: not a PEFT "

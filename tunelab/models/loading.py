@@ -111,7 +111,7 @@ def compute_dtype(cfg_dtype: str, device) -> torch.dtype:
     return choose_precision(cfg_dtype, kind).dtype
 
 
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the hub surely cannot be reached, found in a moment; None when it might be.
 
     Without this an offline machine sits through a minute of retries before failing.
@@ -142,12 +142,19 @@ def _from_pretrained(loader, path: str, cfg: ModelConfig, **kw):
             return loader(path, trust_remote_code=cfg.trust_remote_code, **kw)
         except OSError as e:
             raise ModelError(f"{path}: cannot load model files: {e}") from e
-    why = _hub_unreachable()
+    why = hub_unreachable()
     try:
         # unreachable hub: a model already in the HF cache still loads
         return loader(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                       local_files_only=why is not None, **kw)  # fmt: skip
     except OSError as e:
+        if why is None and "cannot be loaded with `safetensors`" in str(e):  # the repo holds a pickle only
+            raise ModelError(
+                f"model {cfg.name!r}: the hub repo has no safetensors weights, only a pickle (pytorch_model.bin), which "
+                "tunelab does not load (unpickling runs code). Use a revision that has them (model.revision: the hub's "
+                "safetensors conversion bot opens such pull requests, refs/pr/N), or convert the model yourself where "
+                "you trust it (save_pretrained writes safetensors) and pass that folder."
+            ) from None
         reason = why or (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelError(
             f"model {cfg.name!r} was not found locally, and the Hugging Face hub could not provide it "
@@ -249,7 +256,8 @@ def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
         if model is None:
             _log(f"{cfg.name}: loaded whole, then converted ({why})")
     if model is None:
-        model = _from_pretrained(auto_class.from_pretrained, path, cfg, dtype=dtype,
+        # safetensors only: a pickle (pytorch_model.bin) runs code when loaded (sources.resolve refuses a local one)
+        model = _from_pretrained(auto_class.from_pretrained, path, cfg, dtype=dtype, use_safetensors=True,
                                  **{**NO_HUB_KERNELS, **model_kwargs})  # fmt: skip
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id

@@ -106,6 +106,14 @@ def resolve(name: str) -> str:
                     "(`tunelab export RUN --format hf --out DIR`) and set model.name: DIR"
                 )
             raise ModelError(f"{path}: folder has no config.json, so it is not a Hugging Face model folder")
+        pickles = sorted(p.name for pat in PICKLED_WEIGHTS for p in path.glob(pat))
+        if pickles and not any(path.glob("*.safetensors")):
+            raise ModelError(
+                f"{path}: its weights are a pickle only ({', '.join(pickles)}), which tunelab does not load "
+                "(unpickling runs code). Convert them once where you trust them (transformers' from_pretrained on "
+                "this folder, then save_pretrained(NEW_FOLDER), which writes model.safetensors; copy the tokenizer "
+                "files too) and pass NEW_FOLDER."
+            )
         return str(path)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
@@ -114,6 +122,10 @@ def resolve(name: str) -> str:
     if looks_like_path(name):
         raise ModelError(f"model path {name!r} not found")
     return name
+
+
+# weight files that are pickles (torch.save): a folder with only these is refused (resolve)
+PICKLED_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
 
 
 def adapter_folder(path: Path) -> Path | None:
