@@ -66,7 +66,8 @@ def test_which_runs_take_bf16_under_auto_and_the_log_says_the_same(monkeypatch):
     """One table (MEASURED_BF16) decides which training runs are measured faster in bf16 and writes the log's list."""
     monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)
     assert measured_bf16("lora", "dpo", True) and not measured_bf16("lora", "sft", False)
-    assert measured_bf16("lora", "kto", True) and not measured_bf16("full", "kto", True)  # measured: LoRA only
+    assert measured_bf16("lora", "kto", True) and measured_bf16("full", "kto", True)  # measured: LoRA and full
+    assert not measured_bf16("bitfit", "kto", True)  # not measured
     assert not measured_bf16("lora", "classification", True) and measured_bf16("full", "classification", True)
     assert not measured_bf16("full", "extractive_qa", True) and not measured_bf16("qlora", "seq2seq", False)
     assert measured_bf16("qlora", "sft", False)  # bitsandbytes' bf16 matmuls need no accel
@@ -76,7 +77,7 @@ def test_which_runs_take_bf16_under_auto_and_the_log_says_the_same(monkeypatch):
     refused = choose_precision("auto", "cpu", cpu_flags(ZEN4), run="ia3 on dpo").reason
     assert "; not this one (ia3 on dpo). model.dtype: bfloat16 asks for it" in refused
     reason = choose_precision("auto", "cpu", cpu_flags(ZEN4), measured=True).reason
-    assert reason.endswith("full (causal-LM stages, classification): bf16 weights; freeze / gradual / head / bitfit / "
+    assert reason.endswith("full (causal-LM stages, classification) / full (kto): bf16 weights; freeze / gradual / head / bitfit / "
                            "adapter / ia3 (sft / pretrain): bf16 autocast")  # fmt: skip
 
 
