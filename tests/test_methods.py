@@ -514,7 +514,7 @@ def test_start_from_a_hub_id_is_fetched_and_checked_like_a_folder_and_a_pickle_o
             raise LocalEntryNotFoundError("no connection")
         path = hub / repo / filename
         if not path.is_file():
-            raise EntryNotFoundError(f"{filename} not in {repo}")  # the hub raises its subclass RemoteEntry...
+            raise EntryNotFoundError(f"{filename} not in {repo}")  # the hub: its subclass RemoteEntryNotFoundError
         fetched.append((repo, filename))
         return str(path)
 

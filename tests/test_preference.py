@@ -334,7 +334,7 @@ def test_reward_run_resumes_exactly(tiny_dir, files, tmp_path):
 
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
 def test_data_prepare_counts_a_preference_stages_rows_as_training_reads_them(stage, tiny_dir, files, tmp_path,
-                                                                             capsys):  # fmt: skip
+                                                                             capsys, monkeypatch):  # fmt: skip
     import yaml
 
     from tunelab.cli import main
@@ -356,6 +356,12 @@ def test_data_prepare_counts_a_preference_stages_rows_as_training_reads_them(sta
     assert int(fields["truncated"]) == bundle.stats["truncated"] > 0
     bars = [int(ln.split()[-1]) for ln in out.splitlines() if ln.startswith("  ") and "-" in ln]
     assert len(bars) == 8 and sum(bars) == 240  # every reply of the train rows, each its own row
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "chosen": "a"\n')
+    monkeypatch.setattr(tunelab.models, "load_tokenizer", lambda *a: pytest.fail("the tokenizer loaded first"))
+    assert main(["data", "prepare", str(path), "--set", f"data.train={bad}"]) == 2  # the data error comes first
+    assert "bad.jsonl line 1" in capsys.readouterr().err
+    monkeypatch.undo()
     ppo = ["--set", "stage=ppo", "--set", f"ppo.prompts={files[0]}", "--set", f"ppo.reward.path={tiny_dir}"]
     assert main(["data", "prepare", str(path), *ppo]) == 2
     assert "sft, pretrain, dpo, reward and kto, not ppo" in capsys.readouterr().err

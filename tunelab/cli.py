@@ -304,7 +304,7 @@ def cmd_data(args) -> int:
     if cfg.stage in ("dpo", "reward", "kto"):
         from tunelab.stages.preference import describe_preference
 
-        print(describe_preference(cfg, load_tokenizer(cfg.model), args.config or "the default config"))
+        print(describe_preference(cfg, lambda: load_tokenizer(cfg.model), args.config or "the default config"))
         return 0
     if cfg.stage not in ("sft", "pretrain"):
         raise ConfigError(

@@ -118,16 +118,16 @@ _STATS = {
 }  # fmt: skip
 
 
-def describe_preference(cfg, tokenizer, source: str) -> str:
-    """What `tunelab data prepare` prints for stage dpo, reward or kto: the rows read, checked and tokenised as
-    `tunelab train` would (these stages keep no on-disk cache: they read their files each run), the counts and a
-    histogram of the train rows' lengths."""
+def describe_preference(cfg, tokenizer_of, source: str) -> str:
+    """What `tunelab data prepare` prints for stage dpo, reward or kto: the rows read and checked (before
+    `tokenizer_of()` loads the tokenizer), then tokenised as `tunelab train` would (these stages keep no on-disk
+    cache: they read their files each run), the counts and a histogram of the train rows' lengths."""
     from tunelab.data.build import length_histogram
     from tunelab.stages import get as get_stage
 
     stage = get_stage(cfg.stage, cfg)
     stage.check_data(cfg)
-    bundle = stage.build_data(cfg, tokenizer)
+    bundle = stage.build_data(cfg, tokenizer_of())
     s, kto = bundle.stats, cfg.stage == "kto"
     rows = [(_STATS.get(k, k.replace("_", " ")), v) for k, v in s.items() if k not in ("tokens", "truncated")]
     rows += [
