@@ -266,6 +266,31 @@ def test_padded_continuations_of_a_shared_prefix_equal_each_row_alone(wrap):
 
 
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "whole-prompts"])
+def test_a_bf16_model_scores_with_fp32_logits_so_class_words_do_not_tie(monkeypatch, share_prefix):
+    """bf16 logits have 8 significant bits: two class words' logits near 16 round to the same value, and the row's
+    prediction is then decided by class order. The verbalizer's head runs in fp32 on a 16-bit model (in chunks of
+    the vocabulary): the logits are the fp32 product of the same bf16 weights and hidden states."""
+    from tunelab.methods import verbalizer as V
+
+    monkeypatch.setattr(V, "HEAD_CHUNK", 7)  # several chunks, the last one short (vocabulary 320)
+    torch.manual_seed(0)
+    model = tiny_llama().to(torch.bfloat16).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # logits of tens, where bf16's steps are 0.125 and wider
+        ids = torch.randint(3, 300, (4, 9))
+        prefix = V.SharedPrefix.of(model, torch.randint(3, 300, (12,))) if share_prefix else None
+        got = V.next_token_logits(model, ids, prefix=prefix)
+        backbone, head = V.backbone_and_head(model)
+        inputs = prefix.inputs(torch.ones_like(ids)) if prefix else {"attention_mask": torch.ones_like(ids)}
+        hidden = backbone(input_ids=ids, **inputs).last_hidden_state[:, -1]
+        rounded = head(hidden)  # what a plain bf16 head gives
+    assert got.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    torch.testing.assert_close(got, hidden.float() @ head.weight.float().T, rtol=1e-6, atol=1e-4)
+    # bf16's rounding leaves fewer distinct values than the fp32 logits have (the ties this avoids)
+    assert all(len(set(r.tolist())) < len(set(g.tolist())) for r, g in zip(rounded, got))
+
+
+@pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "whole-prompts"])
 def test_threaded_batches_score_bit_for_bit_as_one_at_a_time(tok, monkeypatch, share_prefix):
     """The verbalizer's batches run a thread each on a CPU (THREAD_BATCHES): the same batches as one at a
     time, so the very same floats; and torch's thread count is what it was."""
