@@ -518,3 +518,65 @@ def test_tunelab_config_validates_a_grid_file(assets, tmp_path, capsys):
     path.write_text(yaml.safe_dump(grid_for(assets, tmp_path / "never", methods=[{"name": "lora", "rank": 8}])))
     assert main(["config", str(path)]) == 2
     assert "unknown key 'rank' for method 'lora'" in capsys.readouterr().err
+
+
+def test_score_dtype_bfloat16_is_keyed_recorded_and_scores_as_fp32_within_bf16s_rounding(assets, tmp_path, monkeypatch):
+    """`score_dtype: bfloat16` (the scoring passes in bf16 where the device has it natively): the cells get keys of
+    their own, every row records the precision it was scored in, and the scores stay within bf16's rounding."""
+    import torch
+
+    from tunelab.compare import cell
+    from tunelab.data.tasks import Task
+    from tunelab.evaluation.predictions import verbalizer_predictions
+    from tunelab.models.precision import native_bf16
+    from tunelab.testing import tiny_llama, tiny_tokenizer
+
+    def keys(**extra):
+        grid = load_grid(grid_for(assets, tmp_path / "o", methods=["bitfit"], **extra))
+        return {c.key for c in resolve_cells(grid, tmp_path / "o", materialise=False)}
+
+    assert keys() == keys(score_dtype="as_loaded") and not keys() & keys(score_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="score_dtype"):
+        load_grid(grid_for(assets, tmp_path / "o", score_dtype="float16"))
+
+    # the cast, with and without native bf16, and over a 4-bit base
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok)).eval()
+    task = Task(name="reviews", type="classification", labels=("negative", "positive"))
+    rows = toy_rows(40, 3)
+    fp32 = verbalizer_predictions(model, tok, task, rows, "cpu", progress=False)
+    result = {}
+    monkeypatch.setattr(cell, "native_bf16", lambda device: (False, "no native bf16 here"))
+    assert cell.scoring_precision(model, "bfloat16", "cpu", result) is model and model.dtype == torch.float32
+    assert result == {
+        "score_dtype": "float32",
+        "score_dtype_note": "bfloat16 asked, scored as loaded: no native bf16 here",
+    }
+    monkeypatch.setattr(cell, "native_bf16", lambda device: (True, "native"))
+    result = {}
+    cell.scoring_precision(model, "bfloat16", "cpu", result, quantized=True)
+    assert (
+        model.dtype == torch.float32
+        and result["score_dtype"] == "float32"
+        and "quantized" in result["score_dtype_note"]
+    )
+    result = {}
+    bf16 = verbalizer_predictions(cell.scoring_precision(model, "bfloat16", "cpu", result), tok, task, rows, "cpu",
+                                  progress=False)  # fmt: skip
+    assert result == {"score_dtype": "bfloat16"} and model.dtype == torch.bfloat16
+    gaps = [abs(a - b) for p, q in zip(fp32, bf16) for a, b in zip(p["scores"], q["scores"])]
+    assert 0 < max(gaps) < 0.1, max(gaps)  # bf16 changed the scores, by its rounding only
+
+    # a grid records it per row: bfloat16 where this host has it natively, else as loaded
+    out = tmp_path / "run"
+    g = grid_for(assets, out, methods=["bitfit"], baselines=[], score_dtype="bfloat16",
+                 models=[{"name": str(assets / "llama"), "label": "llama", "data": {"max_length": 256}}])  # fmt: skip
+    g["tasks"] = g["tasks"][:1]
+    rows = run_grid(g, **QUIET).rows
+    scored = [r for r in rows if r["kind"] == "causal"]
+    assert len(scored) == 2 and all(r["status"] == "done" for r in scored), [r["error"] for r in scored]
+    expected = "bfloat16" if native_bf16("cpu")[0] else "float32"
+    assert {r["score_dtype"] for r in scored} == {expected}
+    assert all(
+        r["score_dtype"] == expected for r in json.loads((out / "results.json").read_text()) if r["kind"] == "causal"
+    )

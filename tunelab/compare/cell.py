@@ -20,6 +20,7 @@ result on the task, measures it, and writes CELL_DIR/result.json:
   n               dev rows scored; CELL_DIR/predictions.jsonl holds one line per row (docs/compare.md)
   sweep, chosen   with `training: {lr: [...]}`: each learning rate's validation metrics, the one kept
   run_dir         the run that was scored (the chosen one of a sweep)
+  score_dtype     the precision the scoring passes ran in (the grid's `score_dtype`, where the device has it)
 
 A sweep trains one run per learning rate (run-lrX/), scores each on the validation rows (carved from the
 train split; run-lrX/val_predictions.jsonl) and keeps the best (`_choose`); only that run is scored on
@@ -45,7 +46,10 @@ from tunelab.compare.plan import read_jsonl, task_from_eval
 from tunelab.config import load_config
 from tunelab.evaluation import predictions as P
 from tunelab.evaluation.predictions import class_log_loss, prediction_metrics, write_predictions
+from tunelab.methods import get as get_method
 from tunelab.models import load_model, resolve_device
+from tunelab.models.loading import unwrap
+from tunelab.models.precision import native_bf16
 from tunelab.stages.runs import load_run
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import train
@@ -109,12 +113,32 @@ def predict_rows(model, tokenizer, task, mode: str, rows: list[dict], device, ma
     return P.perplexity_predictions(model, tokenizer, rows, device, progress=False)
 
 
-def _score(model_and_tokenizer, cfg, ev: dict, split: str) -> list[dict]:
+def _score(model_and_tokenizer, cfg, ev: dict, split: str, result: dict) -> list[dict]:
     model, tokenizer = model_and_tokenizer
     rows = read_jsonl(ev["rows"][split])
     max_length = cfg.task.max_length if cfg.task else 256
-    return predict_rows(model, tokenizer, task_from_eval(ev), ev["mode"], rows, resolve_device(cfg.training.device),
-                        max_length)  # fmt: skip
+    device = resolve_device(cfg.training.device)
+    quantized = get_method(cfg.method.name).CAPABILITIES.quantized_base
+    model = scoring_precision(model, ev.get("score_dtype", "as_loaded"), device, result, quantized)
+    return predict_rows(model, tokenizer, task_from_eval(ev), ev["mode"], rows, device, max_length)
+
+
+def scoring_precision(model, wanted: str, device, result: dict, quantized: bool = False):
+    """The model in the grid's `score_dtype` where the device runs it natively (a 4-bit base stays as loaded);
+    the precision that scored goes into the result (`score_dtype`, with `score_dtype_note` where it is not the
+    one asked for)."""
+    import torch
+
+    if wanted == "bfloat16":
+        ok, why = native_bf16(device)
+        if quantized:
+            ok, why = False, "a quantized base is scored as loaded"
+        if ok:
+            model = model.to(torch.bfloat16)  # in place: a model loaded for scoring is not trained afterwards
+        else:
+            result["score_dtype_note"] = f"bfloat16 asked, scored as loaded: {why}"
+    result["score_dtype"] = str(unwrap(model).dtype).removeprefix("torch.")
+    return model
 
 
 def _load_run(run_dir: Path, cfg):
@@ -208,7 +232,7 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
                 with timed(result["phases"], "loading"):
                     loaded = _load_run(Path(c.output_dir), c)
                 with timed(result["phases"], "scoring"):
-                    val_predictions = _score(loaded, c, ev, "val")
+                    val_predictions = _score(loaded, c, ev, "val", result)
                     write_predictions(Path(c.output_dir) / "val_predictions.jsonl", val_predictions)
                 entry["val_metrics"] = prediction_metrics(task, val_predictions)
                 log_loss = class_log_loss(val_predictions)
@@ -231,7 +255,7 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
                 loaded = _load_run(run_dir, cfg)
     t = time.perf_counter()
     with timed(result["phases"], "scoring"):
-        predictions = _score(loaded, cfg, ev, "dev")
+        predictions = _score(loaded, cfg, ev, "dev", result)
         write_predictions(cell_dir / "predictions.jsonl", predictions)
     result["metrics"] = prediction_metrics(task, predictions)
     result["n"] = len(predictions)

@@ -471,6 +471,8 @@ def _resolve_one(grid, out, m: ModelEntry, kind, meth: MethodEntry | None, t: Ta
         # where the rows lie (not hashed: the fingerprint decides them)
         "rows": {"train": paths["train"], "val": paths["val"], "dev": paths["dev"]},
     }
+    if grid.score_dtype != "as_loaded":  # keyed only when set: the cells of grids from before it keep their keys
+        ev["score_dtype"] = grid.score_dtype
     cfg: dict = deep_merge({}, grid.base)
     if kind == "encoder":
         if task.type == "instruction":

@@ -218,6 +218,8 @@ def _progress_line(n: int, total: int, cell: Cell, res: dict) -> str:
         parts.append(f"peak {res['peak_rss_mb']:.0f} MB")
     if res.get("resumed_from_step"):
         parts.append(f"resumed from step {res['resumed_from_step']}")
+    if res.get("score_dtype_note"):  # score_dtype: bfloat16 where the device has no native bf16
+        parts.append(res["score_dtype_note"])
     if status != "done" and res.get("error"):
         parts.append(str(res["error"]).splitlines()[0][:200])
     return "  ".join(parts)
