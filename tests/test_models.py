@@ -93,7 +93,7 @@ def test_a_model_whose_weights_are_a_pickle_only_is_refused_before_anything_is_u
 
     monkeypatch.setattr(torch, "load", no_unpickling)
     for call in (lambda: resolve(str(folder)), lambda: load_model(ModelConfig(name=str(folder)))):
-        with pytest.raises(ModelError, match=r"pickle only \(pytorch_model.bin\).*save_pretrained"):
+        with pytest.raises(ModelError, match=r"a pickle \(only pytorch_model.bin\).*save_pretrained"):
             call()
     monkeypatch.undo()
     (folder / "model.safetensors").write_bytes(b"")  # safetensors beside a pickle: the safetensors are what loads

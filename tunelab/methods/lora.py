@@ -226,6 +226,7 @@ def hub_adapter(repo: str) -> str:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     from tunelab.models.loading import hub_unreachable
+    from tunelab.models.sources import pickle_refused
 
     offline = hub_unreachable()  # then only the hub cache, at once, instead of a minute of retries
 
@@ -239,9 +240,9 @@ def hub_adapter(repo: str) -> str:
             if name == "adapter_config.json":
                 raise MethodError(f"method.start_from {repo}: the hub repo has no adapter_config.json: not a PEFT "
                                   "adapter") from None  # fmt: skip
-            raise MethodError(f"method.start_from {repo}: the hub repo has no adapter_model.safetensors (a pickle, "
-                              "adapter_model.bin, is not loaded: unpickling runs code); use an adapter saved as "
-                              "safetensors") from None  # fmt: skip
+            raise MethodError(pickle_refused(f"method.start_from {repo}", "no adapter_model.safetensors "
+                                             "in the hub repo", "use an adapter saved as safetensors")
+                              ) from None  # fmt: skip
         except (OSError, ValueError) as e:  # no such repo, no access, a bad id
             raise MethodError(f"method.start_from {repo}: no such folder here, and fetching it from the Hugging "
                               f"Face Hub failed: {e}") from None  # fmt: skip
@@ -312,13 +313,14 @@ def _check_shapes(where: str, model_cfg) -> None:
     from safetensors import safe_open
 
     from tunelab.models.loading import skeleton
+    from tunelab.models.sources import pickle_refused
 
     location = Path(adapter_location(where))
     weights = location / "adapter_model.safetensors"
     if not weights.is_file():
         if (location / "adapter_model.bin").is_file():
-            raise MethodError(f"method.start_from {where}: its weights are a pickle (adapter_model.bin), which tunelab "
-                              "does not load (unpickling runs code); save the adapter as safetensors")  # fmt: skip
+            raise MethodError(pickle_refused(f"method.start_from {where}", "adapter_model.bin",
+                                             "save the adapter as safetensors"))  # fmt: skip
         raise MethodError(f"method.start_from {where}: no adapter_model.safetensors beside its adapter_config.json")
     model = skeleton(model_cfg)
     if model is None:

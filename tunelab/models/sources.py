@@ -109,10 +109,13 @@ def resolve(name: str) -> str:
         pickles = sorted(p.name for pat in PICKLED_WEIGHTS for p in path.glob(pat))
         if pickles and not any(path.glob("*.safetensors")):
             raise ModelError(
-                f"{path}: its weights are a pickle only ({', '.join(pickles)}), which tunelab does not load "
-                "(unpickling runs code). Convert them once where you trust them (transformers' from_pretrained on "
-                "this folder, then save_pretrained(NEW_FOLDER), which writes model.safetensors; copy the tokenizer "
-                "files too) and pass NEW_FOLDER."
+                pickle_refused(
+                    path,
+                    f"only {', '.join(pickles)}",
+                    "convert them once where you trust them (transformers' "
+                    "from_pretrained on this folder, then save_pretrained(NEW_FOLDER), which writes model.safetensors; "
+                    "copy the tokenizer files too) and pass NEW_FOLDER",
+                )
             )
         return str(path)
     if path.is_file():
@@ -126,6 +129,11 @@ def resolve(name: str) -> str:
 
 # weight files that are pickles (torch.save): a folder with only these is refused (resolve)
 PICKLED_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def pickle_refused(where, files: str, fix: str) -> str:
+    """The one wording of a refusal to load pickled weights (a model folder, a local or hub adapter)."""
+    return f"{where}: its weights are a pickle ({files}), which tunelab does not load (unpickling runs code); {fix}"
 
 
 def adapter_folder(path: Path) -> Path | None:
