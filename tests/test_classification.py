@@ -100,3 +100,38 @@ def test_classification_needs_a_task():
 
     with pytest.raises(ConfigError, match="task.name"):
         load_config({"stage": "classification"})
+
+
+def test_data_prepare_reports_a_classification_tasks_rows_as_training_builds_them(files, tmp_path, capsys, monkeypatch):
+    """`tunelab data prepare` on stage classification (stages/describe.py): the counts, classes, truncated rows and
+    length histogram of what `tunelab train` tokenises; a bad row is named before the tokenizer loads."""
+    import re
+
+    import yaml
+
+    import tunelab.models
+    from tunelab.cli import main
+    from tunelab.models import load_tokenizer
+    from tunelab.stages import get as get_stage
+
+    cfg = cfg_for(save_tiny_model_dir(tmp_path / "m", arch="bert"), files, tmp_path / "run", {"name": "full"})
+    raw = cfg.model_dump(mode="json")
+    raw["task"]["max_length"] = 8  # the toy rows are 7 words + [CLS] [SEP]: every one is cut
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["data", "prepare", str(path)]) == 0
+    out = capsys.readouterr().out
+    fields = dict(re.findall(r"^(\S.*?)  +(\d+)", out, re.M))
+    run = load_config(str(path))
+    bundle = get_stage("classification", run).build_data(run, load_tokenizer(run.model))
+    assert (int(fields["train rows"]), int(fields["val rows"])) == (len(bundle.train), len(bundle.val)) == (64, 32)
+    assert int(fields["truncated"]) == bundle.stats["truncated"] == 96
+    counts = [sum(e["label"] == c for e in bundle.train) for c in (0, 1)]
+    assert f"negative: {counts[0]}, positive: {counts[1]}" in out and min(counts) > 0
+    bars = [int(ln.split()[-1]) for ln in out.splitlines() if ln.startswith("  ") and "-" in ln]
+    assert sum(bars) == 64 and int(re.search(r"tokens +(\d+)", out)[1]) == 64 * 8
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": 0}\n{"text": "good"}\n')
+    monkeypatch.setattr(tunelab.models, "load_tokenizer", lambda *a: pytest.fail("the tokenizer loaded first"))
+    assert main(["data", "prepare", str(path), "--set", f"task.train_file={bad}"]) == 2
+    assert "bad.jsonl" in capsys.readouterr().err

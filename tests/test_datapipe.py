@@ -328,3 +328,11 @@ def test_a_row_the_template_refuses_names_its_line(tmp_path):
     cfg = DataConfig(train=write_jsonl(tmp_path / "c.jsonl", rows), cache="on", num_proc=1)
     with pytest.raises(DataError, match=r"c.jsonl line 36: the tokenizer's chat template failed .*no BOOM"):
         build_datasets(cfg, tok, seed=0)
+
+
+def test_length_histogram_counts_each_length_in_the_bar_its_label_names():
+    from tunelab.data.build import length_histogram
+
+    lines = length_histogram([1, 4, 5, 8, 8, 16], 16, "rows")
+    bars = {ln.split()[0]: int(ln.split()[-1]) for ln in lines[1:]}
+    assert bars == {"1-2": 1, "3-4": 1, "5-6": 1, "7-8": 2, "9-10": 0, "11-12": 0, "13-14": 0, "15-16": 1}

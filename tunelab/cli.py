@@ -294,28 +294,30 @@ def cmd_config(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from tunelab.config import ConfigError
     from tunelab.data.build import build_datasets, check_rows, describe
     from tunelab.interop.convert import load_any
     from tunelab.models import load_tokenizer
     from tunelab.models.fingerprint import tokenizer_digest
+    from tunelab.stages import distill
 
     cfg = load_any(args.config, args.set)[0]
-    if cfg.stage in ("dpo", "reward", "kto"):
-        from tunelab.stages.preference import describe_preference
+    source = args.config or "the default config"
+    # sft and pretrain rows (distill's too: the rows of one of those) go through data/build.py's cached pipeline;
+    # every other stage reads and tokenises its own (stages/describe.py)
+    data_stage = cfg.stage if cfg.stage != "distill" else distill.data_stage(cfg)
+    if data_stage not in ("sft", "pretrain"):
+        from tunelab.stages.describe import describe_data
 
-        print(describe_preference(cfg, lambda: load_tokenizer(cfg.model), args.config or "the default config"))
+        print(describe_data(cfg, lambda: load_tokenizer(cfg.model), source))
         return 0
-    if cfg.stage not in ("sft", "pretrain"):
-        raise ConfigError(
-            f"tunelab data prepare: reads the data of stages sft, pretrain, dpo, reward and kto, not {cfg.stage}"
-        )
-    check_rows(cfg.data, cfg.training.seed, cfg.stage)  # every row, before the tokenizer loads
+    check_rows(cfg.data, cfg.training.seed, data_stage)  # every row, before the tokenizer loads
     # the tokenizer is loaded only if something is to be tokenised: a cache hit is known from its files' digest
-    bundle = build_datasets(cfg.data, lambda: load_tokenizer(cfg.model), seed=cfg.training.seed, stage=cfg.stage,
+    bundle = build_datasets(cfg.data, lambda: load_tokenizer(cfg.model), seed=cfg.training.seed, stage=data_stage,
                             fingerprint=tokenizer_digest(cfg.model))  # fmt: skip
-    print(f"data of {args.config or 'the default config'} (stage {cfg.stage}, seed {cfg.training.seed})")
+    print(f"data of {source} (stage {cfg.stage}, seed {cfg.training.seed})")
     print(describe(bundle, cfg.data))
+    if cfg.stage == "distill":
+        print("the teacher's outputs on these rows are computed (and cached) by `tunelab train`")
     return 0
 
 

@@ -157,7 +157,8 @@ def length_histogram(lengths, max_length: int, what: str) -> list[str]:
     import numpy as np
 
     edges = np.unique(np.linspace(0, max_length, 9).round().astype(int))
-    counts, _ = np.histogram(np.asarray(lengths), bins=edges)
+    # bins (lo, hi] as labelled: length lo + 1 to hi
+    counts, _ = np.histogram(np.asarray(lengths), bins=edges + 0.5)
     top = max(int(counts.max()), 1)
     lines = [f"length of the {what} (tokens):"]
     for lo, hi, n in zip(edges, edges[1:], counts):

@@ -237,13 +237,13 @@ def attach(examples: list[dict], part: dict) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- the stage
-def _data_stage(cfg) -> str:
+def data_stage(cfg) -> str:
     return "pretrain" if cfg.data.format == "text" else "sft"
 
 
 def check(cfg) -> None:
     """Before the model loads: the rows, and the teacher's tokenizer against the student's."""
-    check_rows(cfg.data, cfg.training.seed, _data_stage(cfg))
+    check_rows(cfg.data, cfg.training.seed, data_stage(cfg))
     check_same_tokenizer(cfg)
 
 
@@ -258,7 +258,7 @@ def stage(cfg=None) -> Stage:
 
     def build(cfg, tokenizer):
         state["vocab"] = len(tokenizer)
-        data = build_datasets(cfg.data, tokenizer, seed=cfg.training.seed, stage=_data_stage(cfg))
+        data = build_datasets(cfg.data, tokenizer, seed=cfg.training.seed, stage=data_stage(cfg))
         cache = teacher_cache(cfg, data.train, data.val, tokenizer.pad_token_id, state["vocab"])
         data.train, data.val = attach(data.train, cache["train"]), attach(data.val, cache["val"])
         data.stats["teacher_rows"] = int(cache["train"]["ids"].shape[0])

@@ -109,40 +109,6 @@ def pairs_data(cfg, tokenizer) -> DataBundle:
     return DataBundle(train=train, val=val, stats=stats)
 
 
-# what `tunelab data prepare` calls each count of a preference stage's data (its DataBundle.stats)
-_STATS = {
-    "rows_read": "rows read", "skipped": "rows skipped (no usable pair)",
-    "identical": "rows skipped (chosen = rejected)", "train_pairs": "train pairs", "val_pairs": "val pairs",
-    "pairs_unpaired": "pairs split in two replies", "desirable": "desirable replies",
-    "undesirable": "undesirable replies", "train_examples": "train replies", "val_examples": "val replies",
-}  # fmt: skip
-
-
-def describe_preference(cfg, tokenizer_of, source: str) -> str:
-    """What `tunelab data prepare` prints for stage dpo, reward or kto: the rows read and checked (before
-    `tokenizer_of()` loads the tokenizer), then tokenised as `tunelab train` would (these stages keep no on-disk
-    cache: they read their files each run), the counts and a histogram of the train rows' lengths."""
-    from tunelab.data.build import length_histogram
-    from tunelab.stages import get as get_stage
-
-    stage = get_stage(cfg.stage, cfg)
-    stage.check_data(cfg)
-    bundle = stage.build_data(cfg, tokenizer_of())
-    s, kto = bundle.stats, cfg.stage == "kto"
-    rows = [(_STATS.get(k, k.replace("_", " ")), v) for k, v in s.items() if k not in ("tokens", "truncated")]
-    rows += [
-        ("tokens", f"{s['tokens']} in the train rows" + (" and their mismatched KL rows" if kto else "")),
-        ("truncated", f"{s['truncated']} {'replies' if kto else 'pairs'} (train and val) longer than "
-                      f"data.max_length={cfg.data.max_length}: cut to it, the prompt's start first"),
-    ]  # fmt: skip
-    width = max(len(k) for k, _ in rows) + 2
-    lines = [f"data of {source} (stage {cfg.stage}, seed {cfg.training.seed})"]
-    lines += [f"{k:<{width}}{v}" for k, v in rows]
-    keys = ("input_ids",) if kto else ("chosen_input_ids", "rejected_input_ids")
-    lengths = [len(e[k]) for e in bundle.train for k in keys]
-    return "\n".join(lines + length_histogram(lengths, cfg.data.max_length, "train rows, each reply its own"))
-
-
 def pair_count(batch) -> int:
     return len(batch["last"]) // 2 if "last" in batch else batch["input_ids"].shape[0] // 2
 
