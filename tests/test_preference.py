@@ -284,6 +284,18 @@ def test_reference_free_losses_learn_the_preference_without_a_reference(tiny_dir
     assert "reference_accuracy" not in m
 
 
+def test_simpo_left_at_dpos_beta_is_noted_in_the_run_log(tiny_dir, files, tmp_path, capsys):
+    cfg = make_cfg("dpo", tiny_dir, files, tmp_path / "simpo", max_steps=1)
+    assert P.dpo_notes(cfg) == []  # sigmoid: DPO's own default
+    cfg = load_config({**cfg.model_dump(mode="json", exclude={"dpo"}), "dpo": {"loss_type": "simpo"}})
+    (note,) = P.dpo_notes(cfg)
+    assert "beta 2 to 2.5" in note
+    tunelab.train(cfg)
+    assert f"note: {note}" in capsys.readouterr().err
+    cfg.dpo.beta = 2.0  # set by the user, even to a value: no note
+    assert P.dpo_notes(cfg) == []
+
+
 def test_a_reference_pass_on_the_trained_model_keeps_thread_shares_off(tiny_dir, files, tmp_path, capsys):
     tunelab.train(make_cfg("dpo", tiny_dir, files, tmp_path / "dpo", max_steps=1, pass_threads=2))
     assert "thread shares: dpo's reference pass switches the adapter off on the shared model" in capsys.readouterr().err

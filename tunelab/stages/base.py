@@ -47,6 +47,7 @@ class Stage:
     check_data: Callable | None = None  # cfg -> None: the rows read and checked before the model loads
     samples: Callable | None = None  # (model, tokenizer, cfg, data, step) -> [{prompt, text, ...}] at each evaluation
     whole_batch: str | None = None  # why the loss needs a micro-batch's rows in one pass (kto's z_ref): no shares
+    notes: Callable | None = None  # cfg -> [str]: hints the run log shows before training (a default that may not fit)
 
 
 @dataclass

@@ -44,6 +44,16 @@ def reference_free(cfg) -> bool:
     return cfg.stage == "dpo" and cfg.dpo.loss_type in ("simpo", "orpo")
 
 
+def dpo_notes(cfg) -> list[str]:
+    """SimPO left at DPO's beta: the default fits DPO's summed log-ratios, not SimPO's per-token means."""
+    d = cfg.dpo
+    if d.loss_type == "simpo" and "beta" not in d.model_fields_set:
+        return [f"dpo.loss_type simpo with dpo.beta {d.beta:g} (DPO's default, as TRL's CPOTrainer has it): SimPO's "
+                "rewards are per-token means, and its paper trains with beta 2 to 2.5 and simpo_gamma about half of "
+                "beta; set dpo.beta (and dpo.simpo_gamma) to follow it"]  # fmt: skip
+    return []
+
+
 def reference_logps(model, batch: dict) -> torch.Tensor:
     with torch.no_grad(), reference.policy(model) as ref:
         return sequence_logps(ref, batch)
@@ -169,5 +179,5 @@ def stage(cfg) -> Stage:
     return Stage(
         "dpo", load_policy, pairs_data, collate_pairs,
         _dpo_loss_fn(cfg), pair_count, _dpo_final, lambda c: {"dpo": c.dpo.model_dump()}, prepare_reference,
-        check_data=check_pairs,
+        check_data=check_pairs, notes=dpo_notes,
     )  # fmt: skip

@@ -168,6 +168,8 @@ def train(
         if checkpointing < layers and (done is None or done[1] != layers):  # say what ran where it differs
             why += f"; recomputed: {f'{done[0]} of {done[1]} blocks' if done else 'every block (none is per layer)'}"
     log(f"gradient checkpointing: {why}")
+    for note in stage.notes(cfg) if stage.notes is not None else []:  # e.g. dpo: SimPO at DPO's beta
+        log(f"note: {note}")
     if stage.prepare is not None:  # e.g. dpo: a frozen reference copy of the starting model
         stage.prepare(model, cfg)
     if bf16_weights:
