@@ -127,6 +127,10 @@ def statements(a: dict) -> list[str]:
         else:
             shown = "; ".join(f"seed {s}: {' > '.join(v)}" for s, v in orders.items())
             out.append(f"The ranking changes between seeds ({shown}): read differences within the sd as noise.")
+    dtypes = sorted({r["score_dtype"] for g in a.get("groups") or [] for r in g.rows if r.get("score_dtype")})
+    if dtypes and dtypes != ["float32"]:  # the grid's score_dtype (or a model loaded in 16 bits): say so
+        out.append(f"The model rows were scored in {' and '.join(dtypes)} (score_dtype); fp32 scoring can move a "
+                   "few rows of each across a class boundary.")  # fmt: skip
     folders = [r.get("cell_dir") for r in pick.rows if r.get("cell_dir")]
     if folders:
         out.append(
