@@ -130,3 +130,18 @@ def test_rows_without_predictions_still_rank_but_claim_nothing(tmp_path):
     assert a["best"].method == "a" and a["winner"] is None  # no paired test without predictions: no winner
     assert "[no interval]" in " ".join(statements(a))
     json.dumps([g.name for g in a["groups"]])
+
+
+def test_a_model_whose_rows_ran_on_two_commits_or_in_bf16_is_said(tmp_path):
+    """A hub id's branch that moved between cells (each row records the commit it loaded: `model_commit`), and rows
+    scored in 16 bits (`score_dtype`), are stated under the task; rows of one commit in fp32 say nothing."""
+    gold = labels()
+    rows = [row(tmp_path, "lora", hits(300, 7), gold), row(tmp_path, "full", hits(310, 8), gold)]
+    for r, commit in zip(rows, ("a" * 40, "a" * 40)):
+        r.update(model_commit=commit, score_dtype="float32")
+    text = " ".join(statements(A.analyse(rows, TASK)))
+    assert "commits of its hub repo" not in text and "scored in" not in text
+    rows[1].update(model_commit="b" * 40, score_dtype="bfloat16")
+    text = " ".join(statements(A.analyse(rows, TASK)))
+    assert f"The rows of m ran on 2 commits of its hub repo ({'a' * 10}, {'b' * 10})" in text
+    assert "scored in bfloat16 and float32 (score_dtype)" in text

@@ -402,3 +402,63 @@ def test_real_minilm(real_home):
     with torch.no_grad():
         hidden = model(**tok(["a sentence to embed"], return_tensors="pt")).last_hidden_state
     assert hidden.shape[-1] == 384
+
+
+HUB_PIN_WORKER = r"""
+import json, os, shutil, sys
+from pathlib import Path
+import torch
+import tunelab
+from tunelab.config import load_config
+from tunelab.stages.runs import load_run
+from tunelab.testing import save_tiny_model_dir
+
+root = Path(sys.argv[1])
+repo = root / "hub" / "models--me--tiny"
+
+def publish(commit, seed):  # the hub cache's layout: snapshots/<commit>/, refs/main naming the branch's commit
+    save_tiny_model_dir(repo / "snapshots" / commit, seed=seed)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+first, second = "a" * 40, "b" * 40
+publish(first, 0)
+rows = [{"instruction": f"Say {i}.", "input": "", "output": f"{i} it is."} for i in range(16)]
+(root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+cfg = load_config({"output_dir": str(root / "run"), "model": {"name": "me/tiny"},
+                   "data": {"train": str(root / "train.jsonl"), "val_fraction": 0.0},
+                   "method": {"name": "lora", "r": 4, "dropout": 0.0},
+                   "training": {"max_steps": 2, "lr": 1e-2, "progress": False, "tensorboard": False}})
+tunelab.train(cfg)
+ids = torch.tensor([[5, 17, 33, 80, 120]])
+trained, _ = load_run(str(root / "run"))
+before = trained(input_ids=ids).logits
+publish(second, 1)  # main moves on to other weights
+after, _ = load_run(str(root / "run"))
+moved, _ = load_run("me/tiny")  # the branch itself now
+print(json.dumps({
+    "manifest": json.loads((root / "run" / "final" / "tunelab.json").read_text()).get("base_commit"),
+    "results": json.loads((root / "run" / "results.json").read_text()).get("base_commit"),
+    "same": torch.equal(before, after(input_ids=ids).logits),
+    "moved_differs": not torch.equal(moved(input_ids=ids).logits[..., :8], before[..., :8]),
+}))
+"""
+
+
+def test_a_run_on_a_hub_id_pins_the_commit_it_trained_on(tmp_path):
+    """A hub id's branch (model.revision, default main) can move after training: the run records the commit its
+    base was loaded at (final/tunelab.json and results.json `base_commit`), and load_run reloads that commit, so
+    the adapter lands on the weights it was trained on. A stand-in hub: the hub cache's own layout, offline."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "worker.py").write_text(HUB_PIN_WORKER)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "TUNELAB_CPU_BF16_AUTO": "0"}
+    proc = subprocess.run([sys.executable, str(tmp_path / "worker.py"), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got == {"manifest": "a" * 40, "results": "a" * 40, "same": True, "moved_differs": True}, got
+    assert "model me/tiny at commit " + "a" * 40 in proc.stderr

@@ -48,7 +48,7 @@ from tunelab.evaluation import predictions as P
 from tunelab.evaluation.predictions import class_log_loss, prediction_metrics, write_predictions
 from tunelab.methods import get as get_method
 from tunelab.models import load_model, resolve_device
-from tunelab.models.loading import unwrap
+from tunelab.models.loading import hub_commit, unwrap
 from tunelab.models.precision import native_bf16
 from tunelab.stages.runs import load_run
 from tunelab.training import checkpoint as ckpt
@@ -211,6 +211,8 @@ def _run(spec: dict, result: dict, cell_dir: Path) -> Path:
         with timed(result["phases"], "loading"):
             loaded = load_model(cfg.model, device=resolve_device(cfg.training.device))
         result["train"] = {"trainable_params": 0, "total_params": sum(p.numel() for p in loaded[0].parameters())}
+        if commit := hub_commit(cfg.model):  # as a trained cell records its base's
+            result["train"]["base_commit"] = commit
     else:
         sweep = spec.get("sweep") or []
         tried = []
@@ -330,7 +332,8 @@ def _train_metrics(m: dict) -> dict:
         "tokens",
         "tokens_per_s",
     )
-    return {k: m.get(k) for k in keys}
+    # a hub id's commit (training/loop.py), only where there is one: a local model's rows stay as they were
+    return {k: m.get(k) for k in keys} | ({"base_commit": m["base_commit"]} if m.get("base_commit") else {})
 
 
 def _read(path: Path) -> dict:

@@ -131,6 +131,16 @@ def statements(a: dict) -> list[str]:
     if dtypes and dtypes != ["float32"]:  # the grid's score_dtype (or a model loaded in 16 bits): say so
         out.append(f"The model rows were scored in {' and '.join(dtypes)} (score_dtype); fp32 scoring can move a "
                    "few rows of each across a class boundary.")  # fmt: skip
+    commits: dict[str, set] = {}
+    for g in a.get("groups") or []:
+        for r in g.rows:
+            if r.get("model_commit"):
+                commits.setdefault(r.get("model"), set()).add(r["model_commit"])
+    for model, seen in commits.items():
+        if len(seen) > 1:  # a branch that moved between cells: the rows are not of one base model
+            out.append(f"The rows of {model} ran on {len(seen)} commits of its hub repo ("
+                       + ", ".join(c[:10] for c in sorted(seen)) + "): its branch moved between cells. Pin "
+                       "model.revision to one commit and run the grid in a fresh output_dir.")  # fmt: skip
     folders = [r.get("cell_dir") for r in pick.rows if r.get("cell_dir")]
     if folders:
         out.append(

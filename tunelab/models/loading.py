@@ -266,6 +266,27 @@ def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
     return model.to(dev), tok
 
 
+def hub_commit(cfg: ModelConfig) -> str | None:
+    """The commit a model given as a hub id was loaded at, else None: what a run records (final/tunelab.json
+    `base_commit`), so that reloading it takes the very base it trained on after the branch (`model.revision`,
+    default main) has moved on. Read from the hub cache the load has just used: the snapshot folder its config.json
+    lies in is named by the commit (transformers 5 no longer keeps it on the config)."""
+    import re
+
+    from huggingface_hub import try_to_load_from_cache
+
+    from tunelab.models.sources import hub_model_id
+
+    if cfg.architecture or hub_model_id(cfg.name) != cfg.name:  # a local folder, a .gguf, a named default
+        return None
+    try:
+        path = try_to_load_from_cache(cfg.name, "config.json", revision=cfg.revision)
+    except ValueError:  # not a valid repo id after all
+        return None
+    found = re.search(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]", path) if isinstance(path, str) else None
+    return found[1] if found else None
+
+
 def _scaled_config(path: str, cfg: ModelConfig, **config_kwargs):
     """The model's transformers config with `cfg.rope_scaling` written in (models/rope.py); `config_kwargs`
     (a head's num_labels ...) are applied too, since from_pretrained ignores them beside a config."""

@@ -49,7 +49,9 @@ def load_run(run: str, device: str = "auto", merge: bool = False, trust_remote_c
     manifest = json.loads((final / "tunelab.json").read_text())
     # `rope_scaling`: the caller's, else the run's own (kept in its manifest's base_model)
     rope = {"rope_scaling": rope_scaling} if rope_scaling else {}
-    base_cfg = ModelConfig(**{**manifest["base_model"], "trust_remote_code": trust_remote_code, **rope})
+    # a hub base at the commit it trained on (its branch may have moved on since), where the run recorded one
+    pin = {"revision": manifest["base_commit"]} if manifest.get("base_commit") else {}
+    base_cfg = ModelConfig(**{**manifest["base_model"], "trust_remote_code": trust_remote_code, **rope, **pin})
     if manifest["base_model"].get("trust_remote_code") and not trust_remote_code:
         raise ModelError(
             f"{final / 'tunelab.json'} asks to run the Python code shipped with {base_cfg.name!r} "

@@ -25,7 +25,7 @@ from tunelab.data.collate import real_tokens
 from tunelab.methods import check_model
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
-from tunelab.models.loading import loading_into, unwrap
+from tunelab.models.loading import hub_commit, loading_into, unwrap
 from tunelab.models.precision import choose_precision
 from tunelab.stages import Stage
 from tunelab.stages import get as get_stage
@@ -134,6 +134,10 @@ def train(
     # qlora: the base read straight into 4-bit; lora (accel): its frozen linears straight into their compact form
     with loading_into(method.load_plan(cfg.method, device) or speed.load_plan(loaded, dist.multi)):
         model, tokenizer = stage.load_model(loaded, device)
+    base_commit = hub_commit(cfg.model)  # a hub id: the commit its revision resolved to, pinned in the result
+    if base_commit:
+        log(f"model {cfg.model.name} at commit {base_commit} (revision {cfg.model.revision or 'main'}): the result "
+            "pins it")  # fmt: skip
     dist.check(cfg, method, resume)
     model = method.apply(model, cfg.method)
     learning = method.optimizer_parameters(model, cfg.method)  # gradual unfreezing: those that thaw later too
@@ -409,6 +413,8 @@ def train(
         "effective_batch_size": global_batch * tcfg.grad_accum,
         **{f"data_{k}": v for k, v in data.stats.items()},
     }
+    if base_commit:
+        metrics["base_commit"] = base_commit
     if interrupted:
         metrics_log.close()
         dist.close()
@@ -437,6 +443,8 @@ def train(
     metrics_log.close()
     with timed(phases, "save"):
         manifest = stage.manifest(cfg) if stage.manifest else {}
+        if base_commit:  # stages/runs.load_run reloads the base at this commit
+            manifest["base_commit"] = base_commit
         final_dir = save_result(run_dir, model, tokenizer, method.save, cfg, manifest, metrics)
         write_results_json(run_dir, metrics)
     log(f"result written to {final_dir}")
