@@ -436,7 +436,10 @@ before = trained(input_ids=ids).logits
 publish(second, 1)  # main moves on to other weights
 after, _ = load_run(str(root / "run"))
 moved, _ = load_run("me/tiny")  # the branch itself now
+from peft import AutoPeftModelForCausalLM
+peft_side = AutoPeftModelForCausalLM.from_pretrained(str(root / "run" / "final")).eval()  # PEFT alone, as users load it
 print(json.dumps({
+    "peft_same": torch.allclose(peft_side(input_ids=ids).logits, before, atol=1e-5),
     "manifest": json.loads((root / "run" / "final" / "tunelab.json").read_text()).get("base_commit"),
     "results": json.loads((root / "run" / "results.json").read_text()).get("base_commit"),
     "same": torch.equal(before, after(input_ids=ids).logits),
@@ -447,8 +450,8 @@ print(json.dumps({
 
 def test_a_run_on_a_hub_id_pins_the_commit_it_trained_on(tmp_path):
     """A hub id's branch (model.revision, default main) can move after training: the run records the commit its
-    base was loaded at (final/tunelab.json and results.json `base_commit`), and load_run reloads that commit, so
-    the adapter lands on the weights it was trained on. A stand-in hub: the hub cache's own layout, offline."""
+    base was loaded at (final/tunelab.json and results.json `base_commit`, the adapter's `revision` for PEFT), and
+    load_run and PEFT's AutoPeftModel reload that commit, so the adapter lands on the weights it was trained on. A stand-in hub: the hub cache's own layout, offline."""
     import json
     import os
     import subprocess
@@ -460,5 +463,5 @@ def test_a_run_on_a_hub_id_pins_the_commit_it_trained_on(tmp_path):
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got == {"manifest": "a" * 40, "results": "a" * 40, "same": True, "moved_differs": True}, got
+    assert got == {"manifest": "a" * 40, "results": "a" * 40, "same": True, "moved_differs": True, "peft_same": True}, got
     assert "model me/tiny at commit " + "a" * 40 in proc.stderr

@@ -272,6 +272,9 @@ def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict
     with checkpoint_write(run_dir, interrupting=True, what="the result"):  # the run ends right after anyway
         try:
             shutil.rmtree(tmp, ignore_errors=True)
+            if manifest_extra.get("base_commit"):  # PEFT's AutoPeftModel loads the base at its config's revision
+                for peft_cfg in (getattr(model, "peft_config", None) or {}).values():
+                    peft_cfg.revision = peft_cfg.revision or manifest_extra["base_commit"]
             save(model, tmp)
             tokenizer.save_pretrained(tmp)
             manifest = {"method": cfg.method.name, "base_model": cfg.model.model_dump(), "stage": cfg.stage}
