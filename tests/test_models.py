@@ -463,5 +463,7 @@ def test_a_run_on_a_hub_id_pins_the_commit_it_trained_on(tmp_path):
                           text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got == {"manifest": "a" * 40, "results": "a" * 40, "same": True, "moved_differs": True, "peft_same": True}, got
+    assert got == {"manifest": "a" * 40, "results": "a" * 40, "same": True, "moved_differs": True, "peft_same": True}, (
+        got
+    )
     assert "model me/tiny at commit " + "a" * 40 in proc.stderr
