@@ -18,6 +18,7 @@ from tunelab.data.errors import DataError, where
 from tunelab.data.preference import load_preference_pairs
 from tunelab.methods import get as get_method
 from tunelab.models import load_model
+from tunelab.models.loading import hub_commit
 from tunelab.stages.base import Stage, require_causal
 from tunelab.stages.reward import load_reward_model, score
 from tunelab.stages.runs import load_run, run_manifest
@@ -48,7 +49,8 @@ def load_policy(cfg, device):
         model_cfg = cfg.model if not src else cfg.model.model_copy(update={"name": src})
         lm, tokenizer = load_model(model_cfg, device=device)
         require_causal(lm, cfg)
-        return lm, tokenizer, model_cfg, {}
+        commit = hub_commit(model_cfg)  # a hub id: the result pins the commit (stages/runs.load_run)
+        return lm, tokenizer, model_cfg, {"base_commit": commit} if commit else {}
     if not get_method(manifest["method"]).CAPABILITIES.mergeable:
         raise ConfigError(
             f"ppo.policy: the run {src} used method {manifest['method']}, which cannot be merged into plain "
