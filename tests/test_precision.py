@@ -57,7 +57,7 @@ def test_auto_keeps_fp32_on_cpus_until_bf16_is_measured_faster(monkeypatch):
     p = choose_precision("auto", "cpu", cpu_flags(ZEN4))  # not a measured training run (a load to chat, freeze ...)
     assert (
         p.dtype == torch.float32
-        and "(training.accelerate: auto, but for qlora): lora / prompt / prefix (causal-LM stages) / qlora (causal-LM stages) / lora (kto): bf16 passes;"
+        and "(training.accelerate: auto, but for qlora): lora / prompt / prefix (causal-LM stages) / qlora (causal-LM stages) / lora (kto) / qlora (kto): bf16 passes;"
         in p.reason
     )
 
@@ -66,7 +66,8 @@ def test_which_runs_take_bf16_under_auto_and_the_log_says_the_same(monkeypatch):
     """One table (MEASURED_BF16) decides which training runs are measured faster in bf16 and writes the log's list."""
     monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)
     assert measured_bf16("lora", "dpo", True) and not measured_bf16("lora", "sft", False)
-    assert measured_bf16("lora", "kto", True) and measured_bf16("full", "kto", True)  # measured: LoRA and full
+    assert measured_bf16("lora", "kto", True) and measured_bf16("full", "kto", True)  # measured: LoRA, QLoRA, full
+    assert measured_bf16("qlora", "kto", False)
     assert not measured_bf16("bitfit", "kto", True)  # not measured
     assert not measured_bf16("lora", "classification", True) and measured_bf16("full", "classification", True)
     assert not measured_bf16("full", "extractive_qa", True) and not measured_bf16("qlora", "seq2seq", False)
