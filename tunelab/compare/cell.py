@@ -119,7 +119,11 @@ def _score(model_and_tokenizer, cfg, ev: dict, split: str, result: dict) -> list
     max_length = cfg.task.max_length if cfg.task else 256
     device = resolve_device(cfg.training.device)
     quantized = get_method(cfg.method.name).CAPABILITIES.quantized_base
-    model = scoring_precision(model, ev.get("score_dtype", "as_loaded"), device, result, quantized)
+    wanted = ev.get("score_dtype", "as_loaded")
+    if wanted != "as_loaded" and ev["mode"] == "head":  # a small encoder whose two or so logits would round to ties
+        result["score_dtype_note"] = f"{wanted} asked, scored as loaded: an encoder's classification head"
+        wanted = "as_loaded"
+    model = scoring_precision(model, wanted, device, result, quantized)
     return predict_rows(model, tokenizer, task_from_eval(ev), ev["mode"], rows, device, max_length)
 
 
