@@ -526,6 +526,7 @@ def test_score_dtype_bfloat16_is_keyed_recorded_and_scores_as_fp32_within_bf16s_
     import torch
 
     from tunelab.compare import cell
+    from tunelab.compare.run import describe_grid
     from tunelab.data.tasks import Task
     from tunelab.evaluation.predictions import verbalizer_predictions
     from tunelab.models.precision import native_bf16
@@ -536,6 +537,8 @@ def test_score_dtype_bfloat16_is_keyed_recorded_and_scores_as_fp32_within_bf16s_
         return {c.key for c in resolve_cells(grid, tmp_path / "o", materialise=False)}
 
     assert keys() == keys(score_dtype="as_loaded") and not keys() & keys(score_dtype="bfloat16")
+    assert "scoring passes in bfloat16" in describe_grid(grid_for(assets, tmp_path / "o", score_dtype="bfloat16"))
+    assert "scoring passes" not in describe_grid(grid_for(assets, tmp_path / "o"))
     with pytest.raises(ConfigError, match="score_dtype"):
         load_grid(grid_for(assets, tmp_path / "o", score_dtype="float16"))
 

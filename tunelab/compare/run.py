@@ -136,6 +136,8 @@ def describe_grid(grid: str | Path | dict | Grid) -> str:
 
     refs = references_for(g)
     lines.append(f"  references per classification / regression task: {', '.join(refs)}")
+    if g.score_dtype != "as_loaded":
+        lines.append(f"  scoring passes in {g.score_dtype} where the device has it natively (score_dtype)")
     return "\n".join(lines)
 
 
