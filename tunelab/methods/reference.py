@@ -54,6 +54,12 @@ def prepare(model, method) -> None:
         _PREPARED[model] = frozen_copy(model)
 
 
+def frozen(model):
+    """The frozen copy that is `model`'s pi_ref, or None (the adapter switched off, no reference prepared)."""
+    ref = _PREPARED.get(model)
+    return None if ref is None or isinstance(ref, dict) else ref
+
+
 def on_the_model(model) -> bool:
     """Whether pi_ref's passes run on `model` itself (its adapter switched off, or at its starting values), so that a
     thread running a pass beside one would see that state (accel's thread shares stay off). False for a frozen copy,

@@ -22,7 +22,7 @@ from tunelab.bf16_table import measured_bf16
 from tunelab.config import ConfigError
 from tunelab.data import DataError
 from tunelab.data.collate import real_tokens
-from tunelab.methods import check_model
+from tunelab.methods import check_model, reference
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
 from tunelab.models.loading import hub_commit, loading_into, unwrap
@@ -202,6 +202,7 @@ def train(
         )
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
     speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast, whole_batch=stage.whole_batch)
+    speed.match(reference.frozen(model))  # accel: a frozen reference copy (dpo, kto) computes as the policy does
     if autocast is not no_autocast and not speed.autocast:  # accel: bf16 passes that run in bf16 by themselves
         autocast, precision = no_autocast, precision.without_autocast()
         log(f"precision: {precision.name}: the passes run in bf16 without autocast (tunelab/accel)")
