@@ -107,7 +107,7 @@ def test_data_prepare_reports_a_classification_tasks_rows_as_training_builds_the
     length histogram of what `tunelab train` tokenises; a bad row is named before the tokenizer loads."""
     import re
 
-    import yaml
+    from test_preference import data_prepare_report
 
     import tunelab.models
     from tunelab.cli import main
@@ -117,11 +117,7 @@ def test_data_prepare_reports_a_classification_tasks_rows_as_training_builds_the
     cfg = cfg_for(save_tiny_model_dir(tmp_path / "m", arch="bert"), files, tmp_path / "run", {"name": "full"})
     raw = cfg.model_dump(mode="json")
     raw["task"]["max_length"] = 8  # the toy rows are 7 words + [CLS] [SEP]: every one is cut
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    assert main(["data", "prepare", str(path)]) == 0
-    out = capsys.readouterr().out
-    fields = dict(re.findall(r"^(\S.*?)  +(\d+)", out, re.M))
+    path, out, fields = data_prepare_report(raw, tmp_path, capsys)
     run = load_config(str(path))
     bundle = get_stage("classification", run).build_data(run, load_tokenizer(run.model))
     assert (int(fields["train rows"]), int(fields["val rows"])) == (len(bundle.train), len(bundle.val)) == (64, 32)

@@ -557,7 +557,7 @@ def test_score_dtype_bfloat16_is_keyed_recorded_and_scores_as_fp32_within_bf16s_
     }
     monkeypatch.setattr(cell, "native_bf16", lambda device: (True, "native"))
     result = {}
-    cell.scoring_precision(model, "bfloat16", "cpu", result, quantized=True)
+    cell.scoring_precision(model, "bfloat16", "cpu", result, keep="a quantized base")
     assert (
         model.dtype == torch.float32
         and result["score_dtype"] == "float32"

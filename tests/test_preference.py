@@ -66,6 +66,20 @@ def metrics_lines(run_dir):
     return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def data_prepare_report(raw: dict, folder, capsys):
+    """`tunelab data prepare` on the config `raw` (written to folder/c.yaml): (its path, what it printed, the
+    printed `name   number` fields)."""
+    import yaml
+
+    from tunelab.cli import main
+
+    path = folder / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["data", "prepare", str(path)]) == 0
+    out = capsys.readouterr().out
+    return path, out, dict(re.findall(r"^(\S.*?)  +(\d+)", out, re.M))
+
+
 # ----------------------------------------------------------------------------------------------- data
 def test_explicit_format_with_text_messages_and_implicit_prompt(tmp_path):
     conv = [
@@ -370,19 +384,13 @@ def test_reward_run_resumes_exactly(tiny_dir, files, tmp_path):
 @pytest.mark.parametrize("stage", ["dpo", "kto"])
 def test_data_prepare_counts_a_preference_stages_rows_as_training_reads_them(stage, tiny_dir, files, tmp_path,
                                                                              capsys, monkeypatch):  # fmt: skip
-    import yaml
-
     from tunelab.cli import main
     from tunelab.models import load_tokenizer
     from tunelab.stages import get as get_stage
 
     cfg = make_cfg(stage, tiny_dir, files, tmp_path / "run").model_dump(mode="json")
     cfg["data"]["max_length"] = 24  # some rows longer: truncated
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main(["data", "prepare", str(path)]) == 0
-    out = capsys.readouterr().out
-    fields = dict(re.findall(r"^(\S.*?)  +(\d+)", out, re.M))
+    path, out, fields = data_prepare_report(cfg, tmp_path, capsys)
     run = load_config(str(path))
     bundle = get_stage(stage, run).build_data(run, load_tokenizer(run.model))  # what `tunelab train` tokenises
     train, val = ("train pairs", "val pairs") if stage == "dpo" else ("train replies", "val replies")

@@ -643,9 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read and check every row, tokenise (into the on-disk cache for large data) "
         "and print rows, tokens, truncated and dropped rows, a length histogram and the cache",
     )
-    dp.add_argument(
-        "config", nargs="?", help="YAML config (stage sft, pretrain, dpo, reward or kto); omitted = all defaults"
-    )
+    dp.add_argument("config", nargs="?", help="YAML config (any stage); omitted = all defaults")
     dp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a field, e.g. data.num_proc=2")
     dp.set_defaults(fn=cmd_data)
 

@@ -118,25 +118,25 @@ def _score(model_and_tokenizer, cfg, ev: dict, split: str, result: dict) -> list
     rows = read_jsonl(ev["rows"][split])
     max_length = cfg.task.max_length if cfg.task else 256
     device = resolve_device(cfg.training.device)
-    quantized = get_method(cfg.method.name).CAPABILITIES.quantized_base
-    wanted = ev.get("score_dtype", "as_loaded")
-    if wanted != "as_loaded" and ev["mode"] == "head":  # a small encoder whose two or so logits would round to ties
-        result["score_dtype_note"] = f"{wanted} asked, scored as loaded: an encoder's classification head"
-        wanted = "as_loaded"
-    model = scoring_precision(model, wanted, device, result, quantized)
+    keep = None  # why this model is scored as loaded whatever the grid asks
+    if get_method(cfg.method.name).CAPABILITIES.quantized_base:
+        keep = "a quantized base"
+    elif ev["mode"] == "head":  # a small encoder whose two or so logits would round to ties
+        keep = "an encoder's classification head"
+    model = scoring_precision(model, ev.get("score_dtype", "as_loaded"), device, result, keep)
     return predict_rows(model, tokenizer, task_from_eval(ev), ev["mode"], rows, device, max_length)
 
 
-def scoring_precision(model, wanted: str, device, result: dict, quantized: bool = False):
-    """The model in the grid's `score_dtype` where the device runs it natively (a 4-bit base stays as loaded);
+def scoring_precision(model, wanted: str, device, result: dict, keep: str | None = None):
+    """The model in the grid's `score_dtype` where the device runs it natively and nothing `keep`s it as loaded;
     the precision that scored goes into the result (`score_dtype`, with `score_dtype_note` where it is not the
     one asked for)."""
     import torch
 
     if wanted == "bfloat16":
         ok, why = native_bf16(device)
-        if quantized:
-            ok, why = False, "a quantized base is scored as loaded"
+        if keep:
+            ok, why = False, keep
         if ok:
             model = model.to(torch.bfloat16)  # in place: a model loaded for scoring is not trained afterwards
         else:

@@ -181,8 +181,8 @@ class Grid(BaseModel):
         "as_loaded",
         description="Precision of the scoring passes (dev and validation predictions): as_loaded = the model's "
         "own (fp32 on a CPU under model.dtype auto); bfloat16 = cast to bf16 where the device multiplies bf16 "
-        "natively (~3x faster on such a CPU; 2 to 26 rows of 400 changed class in the demo's runs), else as loaded; causal LMs only (an encoder's "
-        "head and a 4-bit base score as loaded). Part of each cell's key.",
+        "natively (~3x faster on such a CPU; 2 to 26 rows of 400 changed class in the demo's runs), else as "
+        "loaded; causal LMs only (an encoder's head and a 4-bit base score as loaded). Part of each cell's key.",
     )
 
     @field_validator("seeds")

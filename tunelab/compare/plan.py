@@ -152,8 +152,8 @@ def file_sha(path: str | Path) -> str:
 def weights_sha(where: str | None, out: Path, adapter: bool = False) -> str | None:
     """The content hash of the local model (model.name) or LoRA adapter (method.start_from, `adapter`) that
     `where` names: its folder's files (a tunelab run's final/ for an adapter), or the .gguf file itself. None for a
-    named default (fixed content) or a hub id (keyed by its name and model.revision). A model retrained in place at the same path then runs its
-    cells again instead of reusing results from the old weights. Each file's hash is kept in OUTPUT_DIR's
+    named default (fixed content) or a hub id (keyed by its name and model.revision). A model retrained in place at
+    the same path then runs its cells again instead of reusing results from the old weights. Each file's hash is kept in OUTPUT_DIR's
     fingerprints.json under its size and mtime, so a big model is read once, not at every `tunelab compare`."""
     if not where or where in NAMED:
         return None

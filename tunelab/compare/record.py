@@ -164,10 +164,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("mode", "TEXT", plan=attrgetter("mode")),  # head | verbalizer | perplexity | majority | tfidf ... | n/a
     Column("cell_dir", "TEXT", "Folder", _folder),  # predictions.jsonl, result.json, log.txt; set by run.py
     Column("run_dir", "TEXT", result=_at("run_dir")),  # the run that was scored
-    Column("score_dtype", "TEXT", result=_at("score_dtype")),
-    Column(
-        "model_commit", "TEXT", result=_at("train.base_commit")
-    ),  # a hub id's commit the cell loaded  # the precision of the scoring passes (cell.py)
+    Column("score_dtype", "TEXT", result=_at("score_dtype")),  # the precision of the scoring passes (cell.py)
+    Column("model_commit", "TEXT", result=_at("train.base_commit")),  # a hub id's commit the cell loaded
     Column("key", "TEXT PRIMARY KEY"),
     # in results.db only; *_json columns hold JSON text
     Column("model_name", "TEXT", export=False, plan=attrgetter("model_name")),

@@ -129,7 +129,7 @@ def statements(a: dict) -> list[str]:
             out.append(f"The ranking changes between seeds ({shown}): read differences within the sd as noise.")
     dtypes = sorted({r["score_dtype"] for g in a.get("groups") or [] for r in g.rows if r.get("score_dtype")})
     if dtypes and dtypes != ["float32"]:  # the grid's score_dtype (or a model loaded in 16 bits): say so
-        out.append(f"The model rows were scored in {' and '.join(dtypes)} (score_dtype); fp32 scoring can move a "
+        out.append(f"The model rows were scored in {' and '.join(dtypes)} (score_dtype); fp32 scoring can move "
                    "rows across a class boundary (2 to 26 of 400 measured on the demo's runs).")  # fmt: skip
     commits: dict[str, set] = {}
     for g in a.get("groups") or []:
