@@ -310,6 +310,42 @@ def test_a_local_model_or_adapter_changed_in_place_runs_its_cells_again(assets, 
     assert all(before[k] != v for k, v in keys().items())  # the model's content is in every cell's key
 
 
+def test_a_hub_branch_that_moved_runs_its_cells_again_at_the_new_commit(assets, tmp_path, monkeypatch):
+    """A hub id is keyed by the commit its branch names when the grid is planned, and its cells run at that
+    commit: after `main` moves, the cells run again (on the new weights) instead of reusing scores of the old
+    ones; a pinned commit keeps its keys. A stand-in hub: the hub cache's own layout, offline."""
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = hub / "models--me--tiny"
+
+    def publish(commit):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    def cells(revision=None):
+        model = {"name": "me/tiny", "label": "tiny", "kind": "causal", "model": {"revision": revision}}
+        grid = load_grid(grid_for(assets, tmp_path / "o", models=[model], methods=["bitfit"]))
+        return {(c.role, c.task): c for c in resolve_cells(grid, tmp_path / "o", materialise=False)}
+
+    first, second = "a" * 40, "b" * 40
+    publish(first)
+    before = cells()
+    assert len(before) == 4 and {c.config["model"]["revision"] for c in before.values()} == {first}
+    assert {k: c.key for k, c in cells().items()} == {k: c.key for k, c in before.items()}  # planned again: reused
+    publish(second)  # main moves on
+    after = cells()
+    assert all(after[k].key != c.key for k, c in before.items())
+    assert {c.config["model"]["revision"] for c in after.values()} == {second}
+    pinned = {k: c.key for k, c in cells(first).items()}
+    publish("c" * 40)
+    assert {k: c.key for k, c in cells(first).items()} == pinned  # a commit names itself: no lookup
+
+
 def test_cli_prints_the_table_and_report(grid_run, tmp_path, capsys):
     from tunelab.cli import main
 

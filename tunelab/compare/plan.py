@@ -23,8 +23,9 @@ each cell's config; the head, the verbalizer, the references and the TF-IDF base
 drawn with the task's own seed), so the cells of a task stay paired across seeds.
 
 A cell's key is a hash of its resolved config (minus output_dir and progress) and its eval spec, plus
-the content hash of any of your own data files and of a local model or starting adapter: change anything
-that changes the result and the cell runs again; rerun the same grid and finished cells are reused.
+the content hash of any of your own data files and of a local model or starting adapter, and for a hub id the
+commit its branch names when the grid is planned (the cell then loads that commit): change anything that changes
+the result and the cell runs again; rerun the same grid and finished cells are reused.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from tunelab.data.errors import DataError
 from tunelab.data.prompts import instruction_rows
 from tunelab.data.tasks import Task, get_task, load_split, load_task_file
 from tunelab.models import NAMED, resolve
+from tunelab.models.loading import hub_revision_commit
 from tunelab.models.sources import adapter_folder
 
 # Keys that do not change a cell's result (left out of its hash).
@@ -152,7 +154,7 @@ def file_sha(path: str | Path) -> str:
 def weights_sha(where: str | None, out: Path, adapter: bool = False) -> str | None:
     """The content hash of the local model (model.name) or LoRA adapter (method.start_from, `adapter`) that
     `where` names: its folder's files (a tunelab run's final/ for an adapter), or the .gguf file itself. None for a
-    named default (fixed content) or a hub id (keyed by its name and model.revision). A model retrained in place at
+    named default (fixed content) or a hub id (keyed by the commit its revision names: `_finish`). A model retrained in place at
     the same path then runs its cells again instead of reusing results from the old weights. Each file's hash is kept in OUTPUT_DIR's
     fingerprints.json under its size and mtime, so a big model is read once, not at every `tunelab compare`."""
     if not where or where in NAMED:
@@ -215,7 +217,8 @@ def model_kind(entry: ModelEntry) -> str:
         return "causal" if _causal_architecture(raw.get("architectures") or [], raw.get("model_type")) else "encoder"
     from transformers import AutoConfig  # a hub id: its config only (cached, or one small download)
 
-    hub = AutoConfig.from_pretrained(where, trust_remote_code=bool(entry.model.get("trust_remote_code", False)))
+    hub = AutoConfig.from_pretrained(where, revision=entry.model.get("revision"),
+                                     trust_remote_code=bool(entry.model.get("trust_remote_code", False)))  # fmt: skip
     return "causal" if _causal_architecture(getattr(hub, "architectures", None) or [], hub.model_type) else "encoder"
 
 
@@ -354,16 +357,17 @@ def resolve_cells(grid: Grid, out: Path, materialise: bool = True) -> list[Cell]
             kinds[i] = e
     cells: list[Cell] = []
     errors: list[str] = []
+    commits: dict = {}  # (hub id, revision) -> the commit it names now, asked once per grid
     for t in grid.tasks:
         for i, m in enumerate(grid.models):
             if grid.zero_shot and kinds[i] == "causal" and task_object(t).type != "regression":
                 cell = _resolve_one(grid, out, m, kinds[i], None, t, None, materialise)
-                _finish(cell, out, errors)
+                _finish(cell, out, errors, commits)
                 cells.append(cell)
             for meth in grid.methods:
                 for seed in grid.seeds or [None]:
                     cell = _resolve_one(grid, out, m, kinds[i], meth, t, seed, materialise)
-                    _finish(cell, out, errors)
+                    _finish(cell, out, errors, commits)
                     cells.append(cell)
     if errors:
         raise ConfigError("grid: invalid cell config\n" + "\n".join(dict.fromkeys(errors)))
@@ -379,8 +383,9 @@ def resolve_cells(grid: Grid, out: Path, materialise: bool = True) -> list[Cell]
     return cells
 
 
-def _finish(cell: Cell, out: Path, errors: list[str]) -> None:
-    """Validate a cell's config (each learning rate of a sweep), then give it its key and run folder."""
+def _finish(cell: Cell, out: Path, errors: list[str], commits: dict) -> None:
+    """Validate a cell's config (each learning rate of a sweep), then give it its key and run folder. A hub id's
+    branch is keyed by the commit it names now, and the cell runs at that commit (model.revision pinned)."""
     if cell.config is None:
         cell.key = digest({"model": cell.model_name, "method": cell.method, "task": cell.eval or cell.task,
                            "seed": cell.seed, "note": cell.note})  # fmt: skip
@@ -409,9 +414,15 @@ def _finish(cell: Cell, out: Path, errors: list[str]) -> None:
     weights = {"model": weights_sha(cfg.model.name, out)}
     if cell.role != "reference":
         weights["start_from"] = weights_sha(getattr(cfg.method, "start_from", None), out, adapter=True)
+    where = (cfg.model.name, cfg.model.revision)
+    if where not in commits:
+        commits[where] = hub_revision_commit(*where)
+    weights["commit"] = commits[where]
     if any(weights.values()):  # local weights: their content, not only their path (named models keep their keys)
         keyed["weights"] = {k: v for k, v in weights.items() if v}
     cell.key = digest(keyed)
+    if commits[where]:  # what the key says: a branch that moves between here and the load does not change it
+        cell.config["model"]["revision"] = commits[where]
     cell.config["output_dir"] = str(out / "cells" / cell.folder / "run")
     cell.config["training"]["progress"] = False
 

@@ -271,18 +271,49 @@ def hub_commit(cfg: ModelConfig) -> str | None:
     `base_commit`), so that reloading it takes the very base it trained on after the branch (`model.revision`,
     default main) has moved on. Read from the hub cache the load has just used: the snapshot folder its config.json
     lies in is named by the commit (transformers 5 no longer keeps it on the config)."""
+    return None if cfg.architecture or not _hub_id(cfg.name) else _cached_commit(cfg.name, cfg.revision)
+
+
+def hub_revision_commit(name: str, revision: str | None) -> str | None:
+    """The commit a hub id's revision (a branch or tag; default main) names now, asked before anything loads:
+    compare keys a cell by it, so a cell whose branch has moved on runs again instead of being reused. The hub
+    is asked (config.json's download, which refreshes the cache's ref as any load does); offline, or where the
+    hub does not answer, the cache's ref. None for a local folder, a named default, or a repo neither knows."""
     import re
 
-    from huggingface_hub import try_to_load_from_cache
+    if not _hub_id(name):
+        return None
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    if hub_unreachable() is None:
+        from huggingface_hub import hf_hub_download
 
+        try:
+            return _commit_in(hf_hub_download(name, "config.json", revision=revision))
+        except Exception:  # noqa: BLE001 - no answer, no such repo or file, no access: what the cache says
+            pass
+    return _cached_commit(name, revision)
+
+
+def _hub_id(name: str) -> bool:
     from tunelab.models.sources import hub_model_id
 
-    if cfg.architecture or hub_model_id(cfg.name) != cfg.name:  # a local folder, a .gguf, a named default
-        return None
+    return hub_model_id(name) == name
+
+
+def _cached_commit(name: str, revision: str | None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
     try:
-        path = try_to_load_from_cache(cfg.name, "config.json", revision=cfg.revision)
+        return _commit_in(try_to_load_from_cache(name, "config.json", revision=revision))
     except ValueError:  # not a valid repo id after all
         return None
+
+
+def _commit_in(path) -> str | None:
+    """The commit in a hub cache path (…/snapshots/<commit>/config.json)."""
+    import re
+
     found = re.search(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]", path) if isinstance(path, str) else None
     return found[1] if found else None
 
