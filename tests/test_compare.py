@@ -566,7 +566,7 @@ def test_score_dtype_bfloat16_is_keyed_recorded_and_scores_as_fp32_within_bf16s_
     from tunelab.data.tasks import Task
     from tunelab.evaluation.predictions import verbalizer_predictions
     from tunelab.models.precision import native_bf16
-    from tunelab.testing import tiny_llama, tiny_tokenizer
+    from tunelab.testing import tiny_bert, tiny_llama, tiny_tokenizer
 
     def keys(**extra):
         grid = load_grid(grid_for(assets, tmp_path / "o", methods=["bitfit"], **extra))
@@ -606,17 +606,29 @@ def test_score_dtype_bfloat16_is_keyed_recorded_and_scores_as_fp32_within_bf16s_
     gaps = [abs(a - b) for p, q in zip(fp32, bf16) for a, b in zip(p["scores"], q["scores"])]
     assert 0 < max(gaps) < 0.1, max(gaps)  # bf16 changed the scores, by its rounding only
 
-    # a grid records it per row: bfloat16 where this host has it natively, else as loaded; an encoder's head as loaded
+    # an encoder's classification head: the body in bf16, the head in fp32 on its bf16 input (its two logits in
+    # bf16 would tie or swap)
+    encoder = tiny_bert(len(tok)).eval()
+    result = {}
+    cell.scoring_precision(encoder, "bfloat16", "cpu", result)
+    assert result == {"score_dtype": "bfloat16"} and encoder.bert.pooler.dense.weight.dtype == torch.bfloat16
+    pooled = {}
+    encoder.bert.pooler.register_forward_hook(lambda m, i, o: pooled.setdefault("out", o))
+    with torch.no_grad():
+        logits = encoder(input_ids=torch.randint(3, 300, (6, 9))).logits
+    head = encoder.classifier
+    assert logits.dtype == torch.float32 and pooled["out"].dtype == torch.bfloat16
+    torch.testing.assert_close(logits, pooled["out"].float() @ head.weight.T + head.bias, rtol=1e-6, atol=1e-6)
+
+    # a grid records it per row: bfloat16 where this host has it natively, else as loaded
     out = tmp_path / "run"
     g = grid_for(assets, out, methods=["bitfit"], baselines=[], score_dtype="bfloat16")
     g["tasks"] = g["tasks"][:1]
     rows = run_grid(g, **QUIET).rows
     assert all(r["status"] == "done" for r in rows), [r["error"] for r in rows]
-    assert [r["score_dtype"] for r in rows if r["kind"] == "encoder"] == ["float32"]
-    scored = [r for r in rows if r["kind"] == "causal"]
-    assert len(scored) == 2
+    models = [r for r in rows if r["kind"] != "baseline"]
+    assert sorted(r["kind"] for r in models) == ["causal", "causal", "encoder"]
     expected = "bfloat16" if native_bf16("cpu")[0] else "float32"
-    assert {r["score_dtype"] for r in scored} == {expected}
-    assert all(
-        r["score_dtype"] == expected for r in json.loads((out / "results.json").read_text()) if r["kind"] == "causal"
-    )
+    assert {r["score_dtype"] for r in models} == {expected}
+    written = json.loads((out / "results.json").read_text())
+    assert {r["score_dtype"] for r in written if r["kind"] != "baseline"} == {expected}

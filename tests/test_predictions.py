@@ -271,8 +271,9 @@ def test_a_bf16_model_scores_with_fp32_logits_so_class_words_do_not_tie(monkeypa
     prediction is then decided by class order. The verbalizer's head runs in fp32 on a 16-bit model (in chunks of
     the vocabulary): the logits are the fp32 product of the same bf16 weights and hidden states."""
     from tunelab.methods import verbalizer as V
+    from tunelab.models import precision
 
-    monkeypatch.setattr(V, "HEAD_CHUNK", 7)  # several chunks, the last one short (vocabulary 320)
+    monkeypatch.setattr(precision, "HEAD_CHUNK", 7)  # several chunks, the last one short (vocabulary 320)
     torch.manual_seed(0)
     model = tiny_llama().to(torch.bfloat16).eval()
     with torch.no_grad():
@@ -288,6 +289,28 @@ def test_a_bf16_model_scores_with_fp32_logits_so_class_words_do_not_tie(monkeypa
     torch.testing.assert_close(got, hidden.float() @ head.weight.float().T, rtol=1e-6, atol=1e-4)
     # bf16's rounding leaves fewer distinct values than the fp32 logits have (the ties this avoids)
     assert all(len(set(r.tolist())) < len(set(g.tolist())) for r, g in zip(rounded, got))
+
+
+def test_a_bf16_models_perplexity_reads_each_tokens_cross_entropy_off_fp32_logits(tok):
+    """Perplexity scoring of a 16-bit model: each token's cross-entropy from the fp32 product of the bf16 hidden
+    states and head (not from logits rounded to bf16 first, off by up to bf16's step at each token)."""
+    from tunelab.config import DataConfig
+    from tunelab.data import collate, render_example
+    from tunelab.models.loss import at_labels
+
+    torch.manual_seed(0)
+    model = tiny_llama(len(tok)).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # logits of tens, where bf16's steps are 0.125 and wider
+    preds = P.perplexity_predictions(model, tok, INSTRUCTIONS, CPU, batch_size=1, progress=False)
+    for p, row in zip(preds, INSTRUCTIONS):
+        batch = collate([render_example(row, DataConfig(max_length=1024), tok)], tok.pad_token_id)
+        with torch.no_grad():
+            head, hidden, target, _ = at_labels(model, batch)
+            exact = torch.nn.functional.cross_entropy(hidden.float() @ head.weight.float().T, target, reduction="sum")
+            rounded = torch.nn.functional.cross_entropy(head(hidden).float(), target, reduction="sum")
+        assert p["loss_sum"] == pytest.approx(float(exact), rel=1e-5)
+        assert abs(p["loss_sum"] - float(rounded)) > 1e-3  # what the bf16 logits would have read
 
 
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "whole-prompts"])

@@ -48,8 +48,8 @@ from tunelab.evaluation import predictions as P
 from tunelab.evaluation.predictions import class_log_loss, prediction_metrics, write_predictions
 from tunelab.methods import get as get_method
 from tunelab.models import load_model, resolve_device
-from tunelab.models.loading import hub_commit, unwrap
-from tunelab.models.precision import native_bf16
+from tunelab.models.loading import TASK_HEADS, hub_commit, unwrap
+from tunelab.models.precision import native_bf16, task_heads_in_fp32
 from tunelab.stages.runs import load_run
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import train
@@ -121,8 +121,6 @@ def _score(model_and_tokenizer, cfg, ev: dict, split: str, result: dict) -> list
     keep = None  # why this model is scored as loaded whatever the grid asks
     if get_method(cfg.method.name).CAPABILITIES.quantized_base:
         keep = "a quantized base"
-    elif ev["mode"] == "head":  # a small encoder whose two or so logits would round to ties
-        keep = "an encoder's classification head"
     model = scoring_precision(model, ev.get("score_dtype", "as_loaded"), device, result, keep)
     return predict_rows(model, tokenizer, task_from_eval(ev), ev["mode"], rows, device, max_length)
 
@@ -139,6 +137,7 @@ def scoring_precision(model, wanted: str, device, result: dict, keep: str | None
             ok, why = False, keep
         if ok:
             model = model.to(torch.bfloat16)  # in place: a model loaded for scoring is not trained afterwards
+            task_heads_in_fp32(unwrap(model), TASK_HEADS)  # a classifier's few logits would tie in bf16
         else:
             result["score_dtype_note"] = f"bfloat16 asked, scored as loaded: {why}"
     result["score_dtype"] = str(unwrap(model).dtype).removeprefix("torch.")

@@ -149,7 +149,7 @@ def perplexity_predictions(model, tokenizer, rows, device, batch_size=8, progres
             batch = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], tokenizer.pad_token_id).items()}
             # right padding carries label -100 and a causal model's real positions never attend to it, so
             # a row's sum is the one it has alone (the same label-only head as token_loss_sum, per row)
-            sums = row_loss_sums(model, batch).tolist()
+            sums = row_loss_sums(model, batch, fp32_logits=True).tolist()  # a 16-bit head: its CE off fp32 logits
             tokens = (shift_labels(batch["labels"]) != -100).sum(dim=1).tolist()
             out += [{"index": i + j, "loss_sum": s, "tokens": n} for j, (s, n) in enumerate(zip(sums, tokens))]
     return out

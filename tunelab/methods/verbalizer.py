@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from tunelab.methods._prompt_learning import accepts
 from tunelab.models.loss import backbone_and_head
+from tunelab.models.precision import fp32_head
 
 
 class Verbalizer:
@@ -93,22 +94,6 @@ def next_token_logits(
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     logits = logits[:, -input_ids.shape[1] :]  # a prompt-learning model may add virtual positions
     return logits[rows, last]
-
-
-HEAD_CHUNK = 8192  # vocabulary rows of a 16-bit head upcast at a time: a bounded temporary at any vocabulary size
-
-
-def fp32_head(head, hidden: torch.Tensor) -> torch.Tensor:
-    """`head(hidden)` with fp32 logits where the head is a plain linear layer in bf16 / fp16: its logits rounded to
-    16 bits (8 significant bits in bf16: logits near 16 are 0.06 apart at best) would tie the class words' scores
-    of many rows (a bf16-scored grid cell of the demo had 71 of 400 dev rows at an exact tie, then decided by class
-    order). The head runs on the scored positions only, so its fp32 product costs little beside the backbone."""
-    weight = getattr(head, "weight", None)
-    if type(head) is not torch.nn.Linear or weight.dtype not in (torch.bfloat16, torch.float16):
-        return head(hidden)
-    h = hidden.float()
-    logits = torch.cat([F.linear(h, weight[i : i + HEAD_CHUNK].float()) for i in range(0, len(weight), HEAD_CHUNK)], 1)
-    return logits if head.bias is None else logits + head.bias.float()
 
 
 class SharedPrefix:

@@ -262,19 +262,23 @@ def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, int(target.numel())
 
 
-def row_loss_sums(model, batch: dict) -> torch.Tensor:
+def row_loss_sums(model, batch: dict, fp32_logits: bool = False) -> torch.Tensor:
     """Summed cross-entropy over each row's label tokens: [rows]. The same label-only head in chunks as
-    `token_loss_sum`, summed per row (DPO's sequence log-probs are its negation)."""
+    `token_loss_sum`, summed per row (DPO's sequence log-probs are its negation). `fp32_logits` (scoring): a
+    16-bit head's logits computed in fp32 (models/precision.py `fp32_head`), not rounded to 16 bits first."""
     import torch
     import torch.nn.functional as F
+
+    from tunelab.models.precision import fp32_head
 
     at = at_labels(model, batch)
     if at is None:
         return per_example_loss(model, batch)
     head, hidden, target, row_of = at
+    logits = (lambda h: fp32_head(head, h)) if fp32_logits else head
     out = hidden.new_zeros(batch["labels"].shape[0], dtype=torch.float32)
     for i in range(0, target.numel(), CHUNK):
-        ce = F.cross_entropy(head(hidden[i : i + CHUNK]).float(), target[i : i + CHUNK], reduction="none")
+        ce = F.cross_entropy(logits(hidden[i : i + CHUNK]).float(), target[i : i + CHUNK], reduction="none")
         out = out.index_add(0, row_of[i : i + CHUNK], ce)
     return out
 

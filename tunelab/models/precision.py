@@ -161,3 +161,43 @@ def choose_precision(
     if setting == "float16":
         return Precision(torch.float16, device.type == "cuda", "model.dtype float16")
     return Precision(torch.float32, False, "model.dtype float32")
+
+
+HEAD_CHUNK = 8192  # vocabulary rows of a 16-bit head upcast at a time: a bounded temporary at any vocabulary size
+
+
+def fp32_head(head, hidden: torch.Tensor) -> torch.Tensor:
+    """`head(hidden)` with fp32 logits where the head is a plain linear layer in bf16 / fp16, for scoring: its
+    logits rounded to 16 bits (8 significant bits in bf16: logits near 16 are 0.06 apart at best) would tie the
+    class words' scores of many rows (a bf16-scored grid cell of the demo had 71 of 400 dev rows at an exact tie,
+    then decided by class order), and put an error of that size into each token's cross-entropy. The head runs on
+    the scored positions only, so its fp32 product costs little beside the backbone."""
+    import torch
+    import torch.nn.functional as F
+
+    weight = getattr(head, "weight", None)
+    if type(head) is not torch.nn.Linear or weight.dtype not in (torch.bfloat16, torch.float16):
+        return head(hidden)
+    h = hidden.float()
+    logits = torch.cat([F.linear(h, weight[i : i + HEAD_CHUNK].float()) for i in range(0, len(weight), HEAD_CHUNK)], 1)
+    return logits if head.bias is None else logits + head.bias.float()
+
+
+def task_heads_in_fp32(model, names: tuple[str, ...]) -> int:
+    """A 16-bit model's task heads (`names`: a classifier, a score head) in fp32 on their 16-bit inputs, for
+    scoring: the same reason as `fp32_head` (an encoder's two class logits in bf16 tie exactly, or swap order).
+    Returns how many heads were cast."""
+    import torch
+
+    def upcast(module, args):
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    n = 0
+    for name in names:
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module) and any(
+            p.dtype in (torch.bfloat16, torch.float16) for p in head.parameters()
+        ):
+            head.float().register_forward_pre_hook(upcast)
+            n += 1
+    return n
