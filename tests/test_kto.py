@@ -160,3 +160,45 @@ def test_z_ref_is_one_mean_over_each_micro_batch_whatever_the_threads(tiny_dir, 
     assert len(losses[0]) == 6 and losses[0] == losses[1]
     assert max(kl for _, kl in losses[0]) > 0.1  # z_ref not clamped to 0 throughout: the test can tell
     assert "thread shares: kto's z_ref is the mean over each micro-batch's mismatched rows" in capsys.readouterr().err
+
+
+Z_REF_WORKER = r"""
+import json, torch, torch.distributed as dist
+from tunelab.stages.kto import kl_estimate
+from tunelab.training.distributed import shard
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+values = torch.tensor([0.9, 0.1, 2.3, 0.4, 1.7])
+got = {}
+for n in range(1, len(values) + 1):  # micro-batches of 1 ... 5 rows over the processes: some shards empty
+    rows, weight = shard(list(range(n)), rank, world)
+    got[n] = float(kl_estimate(values[rows], training=True, stand_in=weight == 0))
+if rank == 0:
+    print(json.dumps(got))
+dist.destroy_process_group()
+"""
+
+
+def test_z_ref_over_three_processes_leaves_out_a_stand_in_row(tmp_path):
+    """With more processes than a micro-batch has rows, a process whose shard is empty runs the micro-batch's first row
+    as a stand-in (weight 0): z_ref, one mean over every process's mismatched rows, must not count that row twice
+    (with two processes a doubled single row changed no mean; with three, 2 rows over 3 processes did)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "worker.py").write_text(Z_REF_WORKER)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=3",
+        str(tmp_path / "worker.py"),
+    ]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    values = [0.9, 0.1, 2.3, 0.4, 1.7]
+    assert got == {str(n): pytest.approx(sum(values[:n]) / n, rel=1e-6) for n in range(1, 6)}

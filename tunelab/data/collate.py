@@ -20,6 +20,11 @@ import contextvars
 
 from tunelab.data.templating import IGNORE
 
+# a batch key the training loop sets on a multi-process run's stand-in batch (an empty shard of a micro-batch runs its
+# first row with weight 0, training/distributed.py `shard`): a loss with a statistic over every process's rows
+# (kto's z_ref) leaves such a batch's rows out of it
+STAND_IN = "tunelab_stand_in"
+
 # the multiple every padded width is rounded up to, within `widths_rounded_to` (1: the longest sequence's width)
 _MULTIPLE = contextvars.ContextVar("tunelab_pad_multiple", default=1)
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data import DataBundle, cap_validation, split_rows
+from tunelab.data.collate import STAND_IN
 from tunelab.data.errors import DataError
 from tunelab.data.preference import collate_unpaired, encode_unpaired, mismatched, read_unpaired
 from tunelab.stages.base import Stage
@@ -42,14 +43,17 @@ def kto_loss(r, z, desirable, beta: float, desirable_weight: float = 1.0, undesi
     )
 
 
-def kl_estimate(kl_rows: torch.Tensor, training: bool) -> torch.Tensor:
+def kl_estimate(kl_rows: torch.Tensor, training: bool, stand_in: bool = False) -> torch.Tensor:
     """z_ref: the mean log-ratio of a micro-batch's mismatched rows, clamped at 0 and not differentiated. In a
     multi-process run a training micro-batch is sharded over the processes: the mean is taken over every process's
-    rows (as TRL gathers it), so two processes train as one process with their rows would. Evaluation batches are
-    whole on each process (and their number may differ): their own rows."""
+    rows (as TRL gathers it), so two processes train as one process with their rows would; a process whose shard
+    is empty runs a `stand_in` row (weight 0), which counts for nothing here. Evaluation batches are whole on each
+    process (and their number may differ): their own rows."""
     import torch.distributed as dist
 
     total = torch.stack([kl_rows.detach().sum(), kl_rows.new_tensor(float(len(kl_rows)))])
+    if stand_in:
+        total = total * 0
     if training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total)
     return (total[0] / total[1]).clamp(min=0)
@@ -66,7 +70,7 @@ def _kto_loss_fn(cfg):
     def loss_sum(model, batch):
         k = cfg.kto
         r, kl_rows = _kto_parts(model, batch)
-        z = kl_estimate(kl_rows, model.training)
+        z = kl_estimate(kl_rows, model.training, stand_in=bool(batch.get(STAND_IN)))
         desirable = batch["label"].to(r.device).bool()
         loss = kto_loss(r, z, desirable, k.beta, k.desirable_weight, k.undesirable_weight)
         signed = torch.where(desirable, r, -r).detach()

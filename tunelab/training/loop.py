@@ -21,7 +21,7 @@ from tunelab import accel
 from tunelab.bf16_table import measured_bf16
 from tunelab.config import ConfigError
 from tunelab.data import DataError
-from tunelab.data.collate import real_tokens
+from tunelab.data.collate import STAND_IN, real_tokens
 from tunelab.methods import check_model, reference
 from tunelab.methods import get as get_method
 from tunelab.models import count_parameters, resolve_device
@@ -322,6 +322,8 @@ def train(
                         size = tcfg.rows_per_pass or len(examples)
                         for j in range(0, len(examples), size):
                             batch = stage.collate(examples[j : j + size], pad_id)
+                            if weight == 0:  # a stand-in: its rows count in no statistic across processes
+                                batch[STAND_IN] = True
                             passes.append((batch, weight, real_tokens(examples[j : j + size], batch)))
                 # the label terms of the whole step, summed over processes: one normaliser for the global batch
                 n_label = int(dist.sum(sum(w * stage.count(b) for b, w, _ in passes))[0])
