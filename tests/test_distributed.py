@@ -81,6 +81,13 @@ def kto_cfg(model_dir, data_dir, out, batch_size):
     }  # fmt: skip
 
 
+def pissa_cfg(model_dir, data_dir, out, batch_size):
+    """LoRA started at PiSSA (method.init pissa): each process rewrites the frozen weights by its own randomized SVD."""
+    cfg = run_cfg(model_dir, data_dir, out, batch_size, max_steps=4)
+    cfg["method"] = {"name": "lora", "r": 4, "dropout": 0.0, "init": "pissa"}
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
@@ -95,6 +102,7 @@ def runs(tmp_path_factory):
         {"cfg": run_cfg(dropout, root, root / "full", 4, save_every=3)},
         {"cfg": run_cfg(dropout, root, root / "resumed", 4, save_every=3), "stop_after": 3},
         {"cfg": kto_cfg(plain, root, root / "kto", 4)},
+        {"cfg": pissa_cfg(plain, root, root / "pissa", 4)},
     ]
     (root / "spec.json").write_text(json.dumps(spec))
     (root / "worker.py").write_text(WORKER)
@@ -149,6 +157,19 @@ def test_kto_on_two_processes_takes_z_ref_over_both_shards(runs, tmp_path):
     assert len(one) == len(two) == 4 and max(kl for _, kl in one) > 0.1  # z_ref not clamped to 0 throughout
     for (loss_a, kl_a), (loss_b, kl_b) in zip(one, two):
         assert abs(loss_a - loss_b) <= 1e-4 * loss_a and abs(kl_a - kl_b) <= 1e-4 * max(kl_a, 1e-3), (one, two)
+
+
+def test_pissa_on_two_processes_trains_like_one_process(runs, tmp_path):
+    """PiSSA rewrites each frozen weight as its residual after a randomized SVD, in every process: the processes'
+    bases and adapters must agree (or DDP would average gradients of different models), so two processes train as
+    one does with the double batch."""
+    root, plain, _ = runs
+    tunelab.train(load_config(pissa_cfg(plain, root, tmp_path / "pissa", 8)))
+    a, b = losses(tmp_path / "pissa"), losses(root / "pissa")
+    assert sorted(b) == [1, 2, 3, 4] and b[4] < b[1]
+    assert all(abs(a[s] - b[s]) <= 1e-4 * a[s] for s in a), (a, b)
+    w1, w2 = weights(tmp_path / "pissa"), weights(root / "pissa")
+    assert w1.keys() == w2.keys() and max(float((w1[k] - w2[k]).abs().max()) for k in w1) < 1e-4
 
 
 def test_resume_across_two_processes_is_exact(runs):
