@@ -101,8 +101,9 @@ def test_a_model_whose_weights_are_a_pickle_only_is_refused_before_anything_is_u
 
 
 def test_a_hub_repo_without_safetensors_is_named_as_such(monkeypatch, tmp_path):
-    """The model is loaded with use_safetensors=True (transformers then never falls back to a repo's pickle); the
-    error transformers raises for a repo without safetensors becomes one that says so and what to do."""
+    """The model is loaded with use_safetensors=True (transformers then never falls back to a repo's pickle); a
+    failed load of a repo without safetensors (its file list asked of the hub; where the hub does not list them,
+    transformers' error text) becomes an error that says so and what to do."""
     from tunelab.models import loading
 
     calls = []
@@ -112,11 +113,29 @@ def test_a_hub_repo_without_safetensors_is_named_as_such(monkeypatch, tmp_path):
         raise OSError(f"{name} does not appear to have a file named model.safetensors or model.safetensors.index.json "
                       "and thus cannot be loaded with `safetensors`. Please do not set `use_safetensors=True`.")  # fmt: skip
 
+    import huggingface_hub
+
+    def no_answer(self, repo, revision=None):
+        raise OSError("the hub did not answer")
+
     monkeypatch.setattr(loading, "hub_unreachable", lambda: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", no_answer)  # transformers' words decide
     with pytest.raises(ModelError, match="no safetensors weights, only a pickle .*model.revision"):
         loading._from_pretrained(pickle_only_repo, "someone/old-model", ModelConfig(name="someone/old-model"),
                                  use_safetensors=True)  # fmt: skip
     assert calls[0]["use_safetensors"] is True and calls[0]["local_files_only"] is False
+
+    # where the hub lists the repo's files, they decide, whatever transformers' error says
+    def reworded(name, **kwargs):
+        raise OSError(f"{name}: no weights in a format that was asked for")
+
+    listed = {"someone/old-model": ["config.json", "pytorch_model.bin"], "someone/gone": ["config.json"],
+              "someone/sharded": ["model-00001-of-00002.safetensors", "pytorch_model.bin"]}  # fmt: skip
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, revision=None: listed[repo])
+    for repo, pickle_only in (("someone/old-model", True), ("someone/gone", False), ("someone/sharded", False)):
+        with pytest.raises(ModelError) as err:
+            loading._from_pretrained(reworded, repo, ModelConfig(name=repo), use_safetensors=True)
+        assert ("only a pickle" in str(err.value)) is pickle_only, (repo, str(err.value))
     real, kinds = loading._from_pretrained, []
 
     def recording(loader, path, cfg, **kw):

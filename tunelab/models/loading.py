@@ -148,7 +148,7 @@ def _from_pretrained(loader, path: str, cfg: ModelConfig, **kw):
         return loader(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
                       local_files_only=why is not None, **kw)  # fmt: skip
     except OSError as e:
-        if why is None and "cannot be loaded with `safetensors`" in str(e):  # the repo holds a pickle only
+        if why is None and kw.get("use_safetensors") and _pickle_only(path, cfg.revision, str(e)):
             raise ModelError(
                 f"model {cfg.name!r}: the hub repo has no safetensors weights, only a pickle (pytorch_model.bin), which "
                 "tunelab does not load (unpickling runs code). Use a revision that has them (model.revision: the hub's "
@@ -162,6 +162,19 @@ def _from_pretrained(loader, path: str, cfg: ModelConfig, **kw):
             "Pass a local Hugging Face folder, a .gguf file, or a named default: "
             f"{', '.join(NAMED)} (see `tunelab models`)."
         ) from e
+
+
+def _pickle_only(repo: str, revision: str | None, error: str) -> bool:
+    """Whether a hub repo holds pickled weights and no safetensors: its file list, asked of the hub (the error's
+    wording, transformers', only where the hub does not list the files)."""
+    try:
+        from huggingface_hub import HfApi
+
+        files = HfApi().list_repo_files(repo, revision=revision)
+    except Exception:  # noqa: BLE001 - no answer, no access: what transformers said
+        return "cannot be loaded with `safetensors`" in error
+    weights = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".safetensors"))]
+    return bool(weights) and not any(f.endswith(".safetensors") for f in weights)
 
 
 def _load_tokenizer(path: str, cfg: ModelConfig):
