@@ -116,8 +116,18 @@ def test_lora_dropout_takes_the_fast_path_and_the_log_says_why_a_piece_stays_off
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     model, speed = _prepared_lora(0.1)
     line = speed.describe()
-    assert "fast LoRA (14 layers)" in line and "2 shares" in line and "not on" not in line
-    assert speed.skipped == []
+    assert "fast LoRA (14 layers, its dropout masks drawn by a compiled loop)" in line and "2 shares" in line
+    assert speed.skipped == [] and "not on" not in line
+    assert "fast LoRA (14 layers)" in _prepared_lora(0.0)[1].describe()  # no dropout: no masks to draw
+    from tunelab.accel import compiled, masks
+
+    monkeypatch.setattr(compiled, "_loaded", {"lora_masks": "no C compiler (cc or gcc on PATH, or $CC)"})
+    _, speed = _prepared_lora(0.1)  # the masks from torch's generator, and the log says why
+    assert "fast LoRA (14 layers)" in speed.describe() and masks.load() is None
+    assert speed.skipped == ["compiled LoRA dropout masks: no C compiler (cc or gcc on PATH, or $CC); torch's "
+                             "generator draws them (~10x slower a mask; a C compiler, cc or gcc, turns it on)"]  # fmt: skip
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     # one log line per piece not on: what stays off, why, and the setting that turns it on
     _, speed = _prepared_lora(0.1, autocast=True, gradient_checkpointing=True)
     lines = speed.describe().splitlines()

@@ -164,8 +164,20 @@ def test_the_mask_is_drawn_again_not_kept(monkeypatch):
     assert with_dropout < saved_bytes(_peft_only(_lora_model(dropout=0.3)).train())
 
 
+@pytest.fixture(params=["compiled", "torch"])
+def mask_path(request, monkeypatch):
+    """keep_mask by the compiled loop (accel/masks.py) or, as without a C compiler, by torch's generator."""
+    from tunelab.accel import masks
+
+    if request.param == "compiled":
+        assert masks.load() is not None, masks.why_not()
+    else:
+        monkeypatch.setattr(masks, "load", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("p", [0.05, 0.5])
-def test_keep_mask_keeps_with_probability_1_minus_p_everywhere(p):
+def test_keep_mask_keeps_with_probability_1_minus_p_everywhere(p, mask_path):
     """Each element kept with probability 1 - p, in every row, column and 16-bit lane of the random words
     (a lane whose sign bit never varied would keep 1 - 2p or all)."""
     torch.manual_seed(1)
@@ -181,7 +193,7 @@ def test_keep_mask_keeps_with_probability_1_minus_p_everywhere(p):
     assert pairs.mean().item() == pytest.approx((1 - p) ** 2, abs=6 * sd)
 
 
-def test_keep_mask_is_drawn_again_from_its_state():
+def test_keep_mask_is_drawn_again_from_its_state(mask_path):
     x = torch.randn(400, 500)
     torch.manual_seed(1)
     keep, state = fast_lora.keep_mask(x, 0.05)
@@ -193,6 +205,36 @@ def test_keep_mask_is_drawn_again_from_its_state():
         own, own_state = fast_lora.keep_mask(x, 0.05)
     assert not torch.equal(own, keep) and torch.equal(fast_lora.keep_mask(x, 0.05)[0], keep)
     assert torch.equal(fast_lora.keep_mask(x, 0.05, own_state)[0], own)
+
+
+def test_compiled_masks_are_the_hash_for_any_split_among_threads(monkeypatch):
+    """The compiled draw is element i kept where its 16 bits of murmur3's finaliser over (key, i / 4) reach p 65536
+    (checked against the formula in Python), the same bits whatever the threads and with a partial last word."""
+    from tunelab.accel import compiled, masks
+
+    def mix32(h):
+        for shift, mul in ((16, 0x85EBCA6B), (13, 0xC2B2AE35), (16, None)):
+            h ^= h >> shift
+            h = h * mul & 0xFFFFFFFF if mul else h
+        return h
+
+    key, p = 0x0123456789ABCDEF, 0.3
+    k1, k2 = mix32(key & 0xFFFFFFFF), mix32((key >> 32) ^ 0x68E31DA4)
+    lanes = []
+    for w in range(6):
+        at = w * 0x9E3779B1 & 0xFFFFFFFF
+        a, b = mix32(at ^ k1), mix32(at ^ k2)
+        lanes += [a & 0xFFFF, a >> 16, b & 0xFFFF, b >> 16]
+    fn = masks.load()
+    small = masks.draw(fn, (23,), p, key)  # five whole words and three elements of a sixth
+    assert small.tolist() == [v >= round(p * 65536) for v in lanes[:23]]
+    shape = (3 * compiled.SPLIT + 5, 3)  # long enough to be split; not a multiple of 4 elements nor of the threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    one = masks.draw(fn, shape, p, key)
+    for threads in (2, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
+        assert torch.equal(masks.draw(fn, shape, p, key), one), threads
+    assert torch.equal(one.flatten()[:23], small)
 
 
 @pytest.mark.parametrize("dora", [False, True])

@@ -18,7 +18,7 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 | piece | module | what it does | it stays off when |
 |---|---|---|---|
 | bf16 passes | (the pieces above) | under bf16 mixed precision on a CPU, the passes run without autocast: fast LoRA (over 4-bit bases too, qlora; or PEFT's soft prompt / prefix, cast to bf16 as they enter), the norm and the fused head in bf16 by themselves, fp32 master weights | not a CPU, a weight trains elsewhere (full), a frozen weight not in bf16, accelerate: off |
-| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul in fp32; LoRA dropout with its mask drawn again in the backward), a SwiGLU MLP as one; in bf16 passes too; over a 4-bit base (qlora) the same, its weight dequantized where used | a LoRA variant other than rsLoRA and DoRA, several active adapters, a base neither Linear nor 4-bit, bf16 autocast |
+| fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul in fp32; LoRA dropout with its mask drawn again in the backward, on a CPU by a compiled loop: masks.py), a SwiGLU MLP as one; in bf16 passes too; over a 4-bit base (qlora) the same, its weight dequantized where used | a LoRA variant other than rsLoRA and DoRA, several active adapters, a base neither Linear nor 4-bit, bf16 autocast |
 | SwiGLU MLP | swiglu.py | an MLP of bias-free Linear layers (weights that train or frozen, outside fast LoRA) as one autograd function keeping x, gate(x), up(x): half its activations | a bias, another activation, an fp32 master weight beside a bf16 input, a hook on one of its layers |
 | fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward (under autocast too when the weight is bf16) | the norm is another formula, an fp32 weight beside a bf16 input |
 | packed attention | attention.py | one causal attention call per packed example (its backward in fp32 on bf16 inputs for examples under 384 tokens: faster there on a CPU); unpacked right-padded rows (prompt tuning's after their soft prompt; prefix tuning's each after the one prefix of keys) laid end to end by the loss, no compute on padding | attention not SDPA; prefix tuning: a sliding window, a prefix not in a DynamicCache |
@@ -54,7 +54,7 @@ import contextlib
 
 import torch
 
-from tunelab.accel import attention, compact, fast_lora, head, memory, norm, swiglu, threads
+from tunelab.accel import attention, compact, fast_lora, head, masks, memory, norm, swiglu, threads
 from tunelab.accel.threads import sharded_step
 from tunelab.data.collate import widths_rounded_to
 from tunelab.methods import reference
@@ -144,10 +144,18 @@ class Speed:
             else:
                 over = " over 4-bit bases" if getattr(unwrap(model), "is_loaded_in_4bit", False) else ""
                 dora = fast_lora.dora_with_dropout(model)
-                self.pieces.append(f"fast LoRA ({n} layers{over})" + (
+                dropped = self.device.type == "cpu" and any(
+                    getattr(d, "p", 0) > 0 for d in fast_lora.covered_dropouts(model)
+                )
+                compiled_masks = dropped and masks.load() is not None
+                self.pieces.append(f"fast LoRA ({n} layers{over}" + (
+                    ", its dropout masks drawn by a compiled loop" if compiled_masks else "") + ")" + (
                     f"; DoRA with LoRA dropout on {dora} of them: W multiplies the input and the dropped input (PEFT's "
                     "DoRA), two big products a layer where dropout 0 has one (method.dropout: 0 is ~1.6x faster)"
                     if dora else ""))  # fmt: skip
+                if dropped and not compiled_masks:
+                    skip(f"compiled LoRA dropout masks: {masks.why_not()}; torch's generator draws them (~10x "
+                         "slower a mask; a C compiler, cc or gcc, turns it on)")  # fmt: skip
         if not routed and self._compacts(cfg, multi) and soft_prompt(model):
             fast_lora.enable(model)  # its SwiGLU function decodes the compact weights (soft_prompt_body) where used
             self.pieces.append("SwiGLU MLPs as one function over the compact frozen weights (fast LoRA's)")

@@ -24,14 +24,14 @@ autograd would keep (a quarter of SmolLM2's activation memory) for two elementwi
 LoRA dropout (PEFT's semantics: `y = W x + s B A d(x)`, `d(x) = x * m / (1 - p)` with a Bernoulli(1 - p)
 keep mask `m` drawn per layer and call, on the adapter's input only) rules out the fold, since the base
 and the adapter see different inputs: the low-rank term is added to `W x` by `addmm_`, with `1 / (1 - p)`
-folded into its scale. The mask is not kept: the forward pass saves the generator's state before drawing
-it (5 kB, not `[rows, in]` bytes) and the backward pass draws it again from that state, the way PyTorch's
-own checkpointing replays random ops. The draw is 16 random bits an element, four to each 64-bit word of
-`random_` (keep where the bits, read as a number in [0, 65536), are at least `p` 65536 rounded): 1.2 ms
-for a [2048, 576] mask against 5.3 ms for `bernoulli_`, which PEFT's `nn.Dropout` calls, and which drawn twice
-a layer cost more than a third of a step (issue 26: 2.18x TRL's tokens/s with dropout 0.05, 2.96x
-without). So the masks are a Bernoulli(1 - p') draw with p' = p to 1/65536, from torch's generator
-(seeded by the run's seed), not PEFT's very bits:
+folded into its scale. The mask is not kept: the forward pass keeps what draws it (a 64-bit key, not `[rows, in]` bytes) and the
+backward pass draws it again, the way PyTorch's own checkpointing replays random ops. The draw is 16 random
+bits an element (keep where the bits, read as a number in [0, 65536), are at least `p` 65536 rounded), on a CPU
+by one compiled loop over a hash of (key, element) with the key drawn from torch's generator (masks.py: 0.21 ms
+for a [1,024, 1,536] mask, where torch's generator took 2.4 ms and `bernoulli_`, which PEFT's `nn.Dropout`
+calls, more than twice that); without a C compiler, or off a CPU, from torch's generator itself, four elements
+to each 64-bit word of `random_`, the generator's state kept for the backward pass. So the masks are a
+Bernoulli(1 - p') draw with p' = p to 1/65536, seeded by the run's seed, not PEFT's very bits:
 
     dx = g W + s' ((g B) A) * m    dB = s' g^T ((x * m) A^T)    dA = s' (g B)^T (x * m)    s' = s / (1 - p)
 
@@ -81,6 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.accel import masks
 from tunelab.accel.compact import CompactLinear, CompactWeight, scratch
 from tunelab.accel.swiglu import is_swiglu
 
@@ -139,10 +140,15 @@ def _generator(device: torch.device) -> torch.Generator:
     return torch.get_device_module(device.type).default_generators[device.index or 0]
 
 
-def keep_mask(x: torch.Tensor, p: float, state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m, the generator state it was drawn from): a bool keep mask the shape of `x`, each element kept with
-    probability 1 - p (p to 1/65536), drawn from this thread's generator, or again from a saved `state`
-    (the backward pass)."""
+def keep_mask(x: torch.Tensor, p: float, state=None) -> tuple[torch.Tensor, object]:
+    """(m, what draws it again): a bool keep mask the shape of `x`, each element kept with probability 1 - p (p to
+    1/65536), drawn anew from this thread's generator, or again from a saved `state` (the backward pass). On a
+    CPU by the compiled loop (masks.py: the state is its key, one draw of the generator), else (no C compiler,
+    another device) from the generator itself (the state is the generator's)."""
+    draw = masks.load() if x.device.type == "cpu" else None
+    if draw is not None:
+        key = masks.new_key(_generator(x.device)) if state is None else state
+        return masks.draw(draw, x.shape, p, key), key
     if state is None:
         gen = _generator(x.device)
         state = gen.get_state()
