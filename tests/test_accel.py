@@ -250,3 +250,30 @@ def test_bf16_on_a_cpu_collates_widths_rounded_up_to_the_shape_bucket():
                                 "chosen_response_mask": [1] * 9, "rejected_response_mask": [1] * 33}], pad_id=0)  # fmt: skip
     assert {t.shape[1] for t in pairs.values() if t.ndim == 2} == {64}
     assert collate(rows, pad_id=0)["input_ids"].shape == (2, 40)  # outside the context: as before
+
+
+def test_a_gemma_takes_the_fused_norm_and_mlp_and_another_activation_is_said():
+    """Gemma 3's RMSNorm ((1 + w), in fp32) and GeGLU MLP are on the fast path; a gated MLP of another activation
+    runs its own forward, and the log says so."""
+    from transformers.activations import ACT2FN
+
+    from tunelab.testing import tiny_causal
+
+    def prepared(base):
+        cfg = load_config({"method": {"name": "lora", "r": 4, "dropout": 0.0}, "training": {"device": "cpu"}})
+        speed = accel.start(cfg.training, torch.device("cpu"))
+        speed.prepare(get("lora").apply(base, cfg.method), cfg, 10**6, multi=False)
+        return speed
+
+    def gemma():
+        return tiny_causal("gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+
+    speed = prepared(gemma())
+    assert "fused RMSNorm (13)" in speed.describe() and not any("RMSNorm" in s or "MLP" in s for s in speed.skipped)
+    base = gemma()
+    for layer in base.model.layers:
+        layer.mlp.act_fn = ACT2FN["relu"]
+    assert "gated MLPs as one function: the MLPs' activation (ReLU) is neither SiLU nor GELU's tanh form" in (
+        prepared(base).describe()
+    )

@@ -391,3 +391,28 @@ def test_dora_over_biased_bases_gives_pefts_outputs_and_gradients(monkeypatch, a
     assert g_fast.keys() == g_plain.keys() and any("lora_magnitude_vector" in k for k in g_fast)
     for k in g_fast:
         torch.testing.assert_close(g_fast[k], g_plain[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_gemma_geglu_mlp_takes_the_fast_path_with_pefts_loss_and_gradients(monkeypatch, dropout):
+    """Gemma's MLP (GELU's tanh form where Llama has SiLU) as fast LoRA's one function: PEFT's loss and gradients,
+    one fused call per layer."""
+    from tunelab.testing import tiny_causal
+
+    base = tiny_causal("gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8)  # fmt: skip
+    model = _lora_model(dropout=dropout, base=base)
+    mlp_calls = []
+    fused = fast_lora._SwiGLU.apply
+    monkeypatch.setattr(fast_lora._SwiGLU, "apply", lambda *a: mlp_calls.append(a[1]) or fused(*a))
+    batch = lm_batch(2, 12)
+    torch.manual_seed(3)
+    loss_fast, g_fast = _grads(model, batch)
+    assert mlp_calls == ["gelu_tanh", "gelu_tanh"]
+    dropout_drawing_fast_masks(monkeypatch)
+    torch.manual_seed(3)
+    loss_peft, g_peft = _grads(_peft_only(model), batch)
+    assert loss_fast == pytest.approx(loss_peft, rel=1e-5)
+    assert g_fast.keys() == g_peft.keys() and len(g_fast) > 0
+    for k in g_fast:
+        torch.testing.assert_close(g_fast[k], g_peft[k], rtol=1e-4, atol=1e-6, msg=k)

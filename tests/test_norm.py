@@ -1,11 +1,14 @@
 """The RMSNorm training function (tunelab/accel/norm.py): same forward bit for bit, exact gradients."""
 
+import copy
+
+import pytest
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from tunelab.accel import norm
-from tunelab.testing import tiny_llama
+from tunelab.testing import tiny_causal, tiny_llama
 
 
 def test_forward_is_bit_identical_and_gradients_match_autograd():
@@ -14,7 +17,7 @@ def test_forward_is_bit_identical_and_gradients_match_autograd():
     module.weight.data.uniform_(0.5, 1.5)
     x = (torch.randn(3, 7, 48) * 4).requires_grad_()
     ref = module(x)
-    out = norm._RMSNorm.apply(x, module.weight, module.variance_epsilon)
+    out = norm._RMSNorm.apply(x, module.weight, module.variance_epsilon, False)
     assert torch.equal(out, ref)
     g = torch.randn_like(ref)
     ref_x, ref_w = torch.autograd.grad(ref, (x, module.weight), g)
@@ -27,9 +30,10 @@ def test_backward_passes_gradcheck_in_float64():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, w: norm._RMSNorm.apply(x, w, 1e-6), (x, w))
-    frozen = w.detach()  # the usual case: a frozen norm weight, no dw computed
-    assert torch.autograd.gradcheck(lambda x: norm._RMSNorm.apply(x, frozen, 1e-6), (x,))
+    for offset in (False, True):  # Llama's w, Gemma's 1 + w
+        assert torch.autograd.gradcheck(lambda x, w, o=offset: norm._RMSNorm.apply(x, w, 1e-6, o), (x, w))
+        frozen = w.detach()  # the usual case: a frozen norm weight, no dw computed
+        assert torch.autograd.gradcheck(lambda x, o=offset: norm._RMSNorm.apply(x, frozen, 1e-6, o), (x,))
 
 
 def test_installed_on_a_llama_gives_the_same_loss_and_gradients():
@@ -49,22 +53,51 @@ def test_installed_on_a_llama_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-class _OnePlusWeightRMSNorm(nn.Module):
-    """Gemma's variant, (1 + w) * x / rms: another formula, which install must leave alone."""
+class _EpsOutsideRMSNorm(nn.Module):
+    """w * x / (rms + eps): another formula, which install must leave alone."""
 
     def __init__(self, dim):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
+        self.weight = nn.Parameter(torch.ones(dim))
         self.variance_epsilon = 1e-6
 
     def forward(self, x):
-        return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+        return self.weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + self.variance_epsilon)
 
 
 def test_install_leaves_other_formulas_alone():
-    model = nn.Sequential(_OnePlusWeightRMSNorm(16), LlamaRMSNorm(16))
-    assert norm.install(model) == 1
-    assert not hasattr(model[0], "_plain_forward") and hasattr(model[1], "_plain_forward")
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    model = nn.Sequential(_EpsOutsideRMSNorm(16), LlamaRMSNorm(16), Gemma3RMSNorm(16))
+    assert norm.install(model) == 2
+    assert not hasattr(model[0], "_plain_forward") and model[1].tunelab_norm == (1e-6, False)
+    assert model[2].tunelab_norm == (1e-6, True)  # Gemma's (1 + w), in fp32: its own formula
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_installed_on_a_gemma3_gives_its_outputs_and_gradients(dtype):
+    """Gemma's RMSNorm, (1 + w) x / rms in fp32 narrowed after the product (and its q / k norms): the module's output
+    bit for bit, in fp32 and in a bf16 pass, and autograd's gradients (w trained, and x's)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    torch.manual_seed(0)
+    module = Gemma3RMSNorm(48, eps=1e-6).to(dtype)
+    module.weight.data.uniform_(-0.5, 0.5)
+    reference = copy.deepcopy(module)
+    assert norm.install(module) == 1
+    x = (torch.randn(3, 7, 48) * 4).to(dtype).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    out, ref = module(x), reference(x_ref)
+    assert type(out.grad_fn).__name__ == "_RMSNormBackward" and torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    torch.testing.assert_close(module.weight.grad, reference.weight.grad, **tol)
+    model = tiny_causal("gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8).to(dtype)  # fmt: skip
+    assert norm.install(model) == 2 * (4 + 2) + 1  # 4 around each layer's blocks, q and k norms, the final one
 
 
 def test_recomputed_outputs_keep_no_norm_output_and_give_the_same_gradients():
@@ -87,8 +120,8 @@ def test_recomputed_outputs_keep_no_norm_output_and_give_the_same_gradients():
     outputs = []
     real = norm._RMSNorm.forward
 
-    def spy(ctx, x, weight, eps):
-        y = real(ctx, x, weight, eps)
+    def spy(ctx, x, weight, eps, offset):
+        y = real(ctx, x, weight, eps, offset)
         outputs.append(weakref.ref(y))
         return y
 

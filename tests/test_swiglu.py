@@ -10,10 +10,11 @@ from tunelab.accel import swiglu
 from tunelab.testing import tiny_causal
 
 
-def mlp(dtype):
+def mlp(dtype, arch="llama"):
     torch.manual_seed(0)
+    dims = {"gemma3_text": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8)}.get(arch, {})
     return (
-        tiny_causal("llama", 64, hidden_size=32, intermediate_size=96, num_hidden_layers=1)
+        tiny_causal(arch, 64, hidden_size=32, intermediate_size=96, num_hidden_layers=1, **dims)
         .model.layers[0]
         .mlp.to(dtype)
     )
@@ -36,9 +37,10 @@ def saved_bytes(fn, module):
     return out, total
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])  # SiLU; Gemma's GELU in tanh form (GeGLU)
 @pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)])
-def test_swiglu_is_the_modules_forward_and_autograds_gradients_keeping_half(dtype, autocast):
-    module, reference = mlp(dtype), None
+def test_swiglu_is_the_modules_forward_and_autograds_gradients_keeping_half(dtype, autocast, arch):
+    module, reference = mlp(dtype, arch), None
     reference = copy.deepcopy(module)
     assert swiglu.install(module) == 1 and swiglu.install(module) == 0  # once
     x = (torch.randn(2, 7, 32) * 2).to(dtype).requires_grad_()
@@ -59,6 +61,18 @@ def test_swiglu_is_the_modules_forward_and_autograds_gradients_keeping_half(dtyp
     for name in ("gate_proj", "up_proj", "down_proj"):
         ours, theirs = getattr(module, name).weight.grad, getattr(reference, name).weight.grad
         assert ours.dtype == dtype and torch.allclose(ours, theirs, rtol=tol, atol=1e-6 if tol == 0 else 1e-2), name
+
+
+def test_only_the_activations_it_computes_are_taken():
+    from transformers.activations import ACT2FN
+
+    module = mlp(torch.float32)
+    assert swiglu.gated_activation(module) == "silu"
+    for name, kind in (("gelu_pytorch_tanh", "gelu_tanh"), ("gelu", None), ("relu", None)):
+        module = mlp(torch.float32)
+        module.act_fn = ACT2FN[name]
+        assert swiglu.gated_activation(module) == kind, name
+        assert swiglu.install(module) == (kind is not None), name
 
 
 def test_frozen_weights_get_no_gradient_and_an_fp32_master_weight_takes_the_modules_forward():

@@ -19,8 +19,8 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 |---|---|---|---|
 | bf16 passes | (the pieces above) | under bf16 mixed precision on a CPU, the passes run without autocast: fast LoRA (over 4-bit bases too, qlora; or PEFT's soft prompt / prefix, cast to bf16 as they enter), the norm and the fused head in bf16 by themselves, fp32 master weights | not a CPU, a weight trains elsewhere (full), a frozen weight not in bf16, accelerate: off |
 | fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul in fp32; LoRA dropout with its mask drawn again in the backward, on a CPU by a compiled loop: masks.py), a SwiGLU MLP as one; in bf16 passes too; over a 4-bit base (qlora) the same, its weight dequantized where used | a LoRA variant other than rsLoRA and DoRA, several active adapters, a base neither Linear nor 4-bit, bf16 autocast |
-| SwiGLU MLP | swiglu.py | an MLP of bias-free Linear layers (weights that train or frozen, outside fast LoRA) as one autograd function keeping x, gate(x), up(x): half its activations | a bias, another activation, an fp32 master weight beside a bf16 input, a hook on one of its layers |
-| fused RMSNorm | norm.py | Llama-style RMSNorm as one autograd function; its outputs rebuilt in the backward (under autocast too when the weight is bf16) | the norm is another formula, an fp32 weight beside a bf16 input |
+| SwiGLU MLP | swiglu.py | a gated MLP (SiLU, or Gemma's tanh GELU) of bias-free Linear layers (weights that train or frozen, outside fast LoRA) as one autograd function keeping x, gate(x), up(x): half its activations | a bias, another activation, an fp32 master weight beside a bf16 input, a hook on one of its layers |
+| fused RMSNorm | norm.py | Llama-style RMSNorm (and Gemma's `1 + w`) as one autograd function; its outputs rebuilt in the backward (under autocast too when the weight is bf16) | the norm is another formula, an fp32 weight beside a bf16 input |
 | packed attention | attention.py | one causal attention call per packed example (its backward in fp32 on bf16 inputs for examples under 384 tokens: faster there on a CPU); unpacked right-padded rows (prompt tuning's after their soft prompt; prefix tuning's each after the one prefix of keys) laid end to end by the loss, no compute on padding | attention not SDPA; prefix tuning: a sliding window, a prefix not in a DynamicCache |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept (under a CPU's bf16 autocast too) | a head with a bias, autocast off a CPU |
 | compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from, LoRA's linears so from the load on (`load_plan`); a soft prompt's (prompt / prefix tuning) frozen body too, its MLPs then on fast LoRA's SwiGLU function | compact_frozen: false, several processes, no exact form, bf16 weights |
@@ -161,11 +161,14 @@ class Speed:
             self.pieces.append("SwiGLU MLPs as one function over the compact frozen weights (fast LoRA's)")
         if n := swiglu.install(model):  # the MLPs fast LoRA did not take: plain Linear layers (full, freeze ...)
             self.pieces.append(f"SwiGLU MLPs as one function ({n}): gate(x) and up(x) kept, their product made again")
+        if acts := swiglu.other_activations(model):
+            skip(f"gated MLPs as one function: the MLPs' activation ({', '.join(acts)}) is neither SiLU nor GELU's "
+                 "tanh form; their own forward runs (no setting: a property of the model)")  # fmt: skip
         if n := norm.install(model):
             self.pieces.append(f"fused RMSNorm ({n})")
         elif norms := sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Norm")}):
             skip(
-                f"fused RMSNorm: the model's norms ({', '.join(norms)}) are not Llama-style RMSNorm; their own "
+                f"fused RMSNorm: the model's norms ({', '.join(norms)}) are not Llama- or Gemma-style RMSNorm; their own "
                 "forward runs (no setting: a property of the model)"
             )
         pair = backbone_and_head(model) or virtual_token_split(model)

@@ -83,7 +83,7 @@ from torch import nn
 
 from tunelab.accel import masks
 from tunelab.accel.compact import CompactLinear, CompactWeight, scratch
-from tunelab.accel.swiglu import is_swiglu
+from tunelab.accel.swiglu import act, act_backward_, is_swiglu
 
 
 class FourBitWeight:
@@ -360,14 +360,15 @@ FIELDS = len(_Parts._fields)  # a layer's arguments in _SwiGLU's flat list
 
 
 class _SwiGLU(torch.autograd.Function):
-    """down(silu(gate(x)) * up(x)) for bias-free layers; keeps x, gate(x), up(x) (and down's output with DoRA)."""
+    """down(act(gate(x)) * up(x)) for bias-free layers (act: silu, or GELU's tanh form; swiglu.py); keeps x, gate(x),
+    up(x) (and down's output with DoRA)."""
 
     @staticmethod
-    def forward(ctx, x, *flat):
+    def forward(ctx, x, kind, *flat):
         gate, up, down = (_Parts(*flat[i : i + FIELDS]) for i in range(0, 3 * FIELDS, FIELDS))
         # PEFT's order of draws: gate, up, down
         (g, xa_g, s_g, c_g, z_g), (u, xa_u, s_u, c_u, z_u) = _linear(x, gate), _linear(x, up)
-        out, xa_d, s_d, c_d, z_d = _linear(F.silu(g).mul_(u), down)
+        out, xa_d, s_d, c_d, z_d = _linear(act(kind, g).mul_(u), down)
         # what DoRA's dm reads: a layer's output, or with dropout the part c scales (`_linear`)
         reads = [y if z is None and c is not None else z for y, z, c in ((g, z_g, c_g), (u, z_u, c_u), (out, z_d, c_d))]
         weights = (t for p in (gate, up, down) for t in (_saveable(p.weight), p.lora_a, p.lora_b, p.magnitude))
@@ -375,6 +376,7 @@ class _SwiGLU(torch.autograd.Function):
         ctx.compact = [_decoded(p.weight) for p in (gate, up, down)]
         ctx.scales = gate.scale, up.scale, down.scale
         ctx.dropouts, ctx.states = (gate.dropout, up.dropout, down.dropout), (s_g, s_u, s_d)
+        ctx.kind = kind
         return out
 
     @staticmethod
@@ -386,19 +388,18 @@ class _SwiGLU(torch.autograd.Function):
             layers.append(_Parts(ctx.compact[k] or weight, None, a, b, ctx.scales[k], ctx.dropouts[k], magnitude))
         gate, up, down = layers
         s_g, s_u, s_d = ctx.states
-        silu = F.silu(g)
-        grad_h, *grads_d = _linear_backward(grad, silu * u, down, xa=xa_d, state=s_d, c=c_d, read=read_d)
-        grad_u = grad_h * silu
-        del silu
-        # silu'(g) applied by ATen's own kernel, in place: one pass instead of six
-        grad_g = torch.ops.aten.silu_backward.grad_input(grad_h.mul_(u), g, grad_input=grad_h)
+        a = act(ctx.kind, g)
+        grad_h, *grads_d = _linear_backward(grad, a * u, down, xa=xa_d, state=s_d, c=c_d, read=read_d)
+        grad_u = grad_h * a
+        del a
+        grad_g = act_backward_(ctx.kind, grad_h.mul_(u), g)  # act'(g) by ATen's own kernel, in place
         grad_x, *grads_g = _linear_backward(grad_g, x, gate, ctx.needs_input_grad[0], xa_g, s_g, c_g, read_g)
         grad_x_up, *grads_u = _linear_backward(grad_u, x, up, ctx.needs_input_grad[0], xa_u, s_u, c_u, read_u)
         if grad_x is not None:
             grad_x += grad_x_up
         # per layer: weight, bias, A, B, scale, dropout, magnitude
         per_layer = [(None, None, ga, gb, None, None, gm) for ga, gb, gm in (grads_g, grads_u, grads_d)]
-        return (grad_x, *(t for layer in per_layer for t in layer))
+        return (grad_x, None, *(t for layer in per_layer for t in layer))
 
 
 @functools.cache  # asked at every layer call; an import that fails (bitsandbytes skipped: memory.skip_unused_imports)
@@ -508,7 +509,7 @@ def _fast_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     parts = [_parts(layer, x) for layer in (self.gate_proj, self.up_proj, self.down_proj)]
     if not torch.is_grad_enabled() or any(p is None or p.bias is not None for p in parts):
         return self._plain_forward(x)
-    return _SwiGLU.apply(x, *(t for p in parts for t in p))
+    return _SwiGLU.apply(x, self.tunelab_act, *(t for p in parts for t in p))
 
 
 def _route(module: nn.Module, saved: str, forward) -> bool:

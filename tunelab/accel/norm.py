@@ -1,6 +1,7 @@
 """RMSNorm for training as one autograd function: the same forward, a shorter backward, less kept.
 
-Llama-style RMSNorm (`w * x / sqrt(mean(x^2) + eps)`: Llama, Qwen, Mistral, SmolLM) is written in
+Llama-style RMSNorm (`w * x / sqrt(mean(x^2) + eps)`: Llama, Qwen, Mistral, SmolLM; Gemma's `(1 + w)` form, its
+product in fp32 before the narrowing, too: `offset`) is written in
 transformers as five tensor operations, and autograd differentiates each: the backward pass is ten
 elementwise passes over `[tokens, hidden]` and its temporaries, ~3 ms of a 0.2 ms forward for SmolLM2 at 512
 tokens, 61 norms per forward. Here the forward runs the very same operations (bit-identical output),
@@ -36,10 +37,11 @@ import torch
 from torch import nn
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output, 1/rms in fp32): transformers' LlamaRMSNorm operation for operation, so bit-identical."""
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: bool = False):
+    """(output, 1/rms in fp32): transformers' LlamaRMSNorm (or with `offset` Gemma's) operation for operation, so
+    bit-identical."""
     rstd = torch.rsqrt(_wide(x).pow(2).mean(-1, keepdim=True) + eps)
-    return _output(x, weight, rstd), rstd
+    return _output(x, weight, rstd, offset), rstd
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -47,19 +49,23 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.element_size() < 4 else t
 
 
-def _output(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """w (x r), x r computed in fp32 and narrowed to x's dtype before the product, as transformers does."""
+def _output(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: bool = False) -> torch.Tensor:
+    """w (x r), x r computed in fp32 and narrowed to x's dtype before the product, as transformers' Llama does; with
+    `offset` (Gemma) (1 + w) (x r) all in fp32, narrowed after the product."""
+    if offset:
+        return ((_wide(x) * rstd) * (1.0 + _wide(weight))).to(x.dtype)
     return weight * (_wide(x) * rstd).to(x.dtype)
 
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
-        y, rstd = _rms_norm(x, weight, eps)
+    def forward(ctx, x, weight, eps, offset):
+        y, rstd = _rms_norm(x, weight, eps, offset)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.offset = offset
         outputs = getattr(_RECOMPUTABLE, "outputs", None)
         if outputs is not None:
-            outputs[y.data_ptr()] = (weakref.ref(y), _Recipe(x, weight, rstd))
+            outputs[y.data_ptr()] = (weakref.ref(y), _Recipe(x, weight, rstd, offset))
         return y
 
     @staticmethod
@@ -67,13 +73,13 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         wide = _wide(x)  # a bf16 pass computes its gradient in fp32 (module doc)
         grad_w = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:  # d(1 + w) = dw: the same sum with an offset
             grad_w = (grad * x * rstd).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         if not ctx.needs_input_grad[0]:
-            return None, grad_w, None
-        gw = _wide(grad) * weight
+            return None, grad_w, None, None
+        gw = _wide(grad) * (1.0 + _wide(weight) if ctx.offset else weight)
         coef = torch.linalg.vecdot(gw, wide).unsqueeze(-1).mul_(rstd.pow(3)).div_(-x.shape[-1])
-        return torch.addcmul(gw.mul_(rstd), wide, coef).to(x.dtype), grad_w, None
+        return torch.addcmul(gw.mul_(rstd), wide, coef).to(x.dtype), grad_w, None, None
 
 
 # per thread, while recomputed_outputs() is active: data_ptr of a norm output -> (weak ref to it, recipe)
@@ -83,14 +89,14 @@ _RECOMPUTABLE = threading.local()
 class _Recipe:
     """A norm output as w (x r) from tensors the norm keeps anyway; rebuilt once, shared by its users."""
 
-    __slots__ = ("x", "weight", "rstd", "y")
+    __slots__ = ("x", "weight", "rstd", "offset", "y")
 
-    def __init__(self, x, weight, rstd):
-        self.x, self.weight, self.rstd, self.y = x, weight, rstd, None
+    def __init__(self, x, weight, rstd, offset):
+        self.x, self.weight, self.rstd, self.offset, self.y = x, weight, rstd, offset, None
 
     def value(self) -> torch.Tensor:
         if self.y is None:
-            self.y = _output(self.x, self.weight, self.rstd)  # _rms_norm's operations: the same bits
+            self.y = _output(self.x, self.weight, self.rstd, self.offset)  # _rms_norm's operations: the same bits
         return self.y
 
 
@@ -122,7 +128,7 @@ def recomputed_outputs():
 def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled() or not _covered(x, self.weight):
         return self._plain_forward(x)
-    return _RMSNorm.apply(x, self.weight, self.variance_epsilon)
+    return _RMSNorm.apply(x, self.weight, *self.tunelab_norm)
 
 
 def _covered(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -132,26 +138,31 @@ def _covered(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
 
 
-def _reproduces(module: nn.Module) -> bool:
-    """Whether `_RMSNorm` gives this module's own output bit for bit on a probe input."""
+def _reproduces(module: nn.Module) -> tuple[float, bool] | None:
+    """(eps, offset) with which `_RMSNorm` gives this module's own output bit for bit on a probe input: Llama's
+    formula (offset False) or Gemma's `(1 + w)` in fp32 (True); None for neither."""
     weight = getattr(module, "weight", None)
-    eps = getattr(module, "variance_epsilon", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     if not isinstance(weight, torch.Tensor) or weight.ndim != 1 or not isinstance(eps, float) or weight.is_meta:
-        return False
+        return None
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(3, 5, weight.shape[0], generator=g) * 3).to(weight.device, weight.dtype)
     try:
         with torch.no_grad():
-            return torch.equal(module(x), _rms_norm(x, weight, eps)[0])
+            own = module(x)
+            return next(((eps, o) for o in (False, True) if torch.equal(own, _rms_norm(x, weight, eps, o)[0])), None)
     except Exception:  # a different signature or formula: not this path
-        return False
+        return None
 
 
 def install(model) -> int:
-    """Route the model's Llama-style RMSNorm modules through `_RMSNorm`; returns how many."""
+    """Route the model's Llama-style (and Gemma-style) RMSNorm modules through `_RMSNorm`; returns how many."""
     n = 0
     for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm") and not hasattr(module, "_plain_forward") and _reproduces(module):
+        if not type(module).__name__.endswith("RMSNorm") or hasattr(module, "_plain_forward"):
+            continue
+        if found := _reproduces(module):
+            module.tunelab_norm = found
             module._plain_forward = module.forward
             module.forward = types.MethodType(_fast_forward, module)
             n += 1

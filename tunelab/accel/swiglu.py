@@ -1,6 +1,7 @@
 """A SwiGLU MLP over plain Linear layers as one autograd function: the same forward, half the activations kept.
 
-`down(silu(gate(x)) * up(x))` (Llama, Qwen, Mistral, SmolLM) run module by module keeps four `[tokens,
+`down(silu(gate(x)) * up(x))` (Llama, Qwen, Mistral, SmolLM; GeGLU, Gemma's, with GELU's tanh form in silu's
+place: `ACTIVATIONS`) run module by module keeps four `[tokens,
 intermediate]` tensors for the backward pass: gate(x) for silu, silu(gate(x)) and up(x) for the product, and
 the product for down's weight gradient. Here the forward runs the same operations (the same bits) and keeps
 x, g = gate(x) and u = up(x); the backward makes h = silu(g) u again (two elementwise passes) and applies
@@ -24,32 +25,45 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def act(kind: str, g: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation of `kind` ("silu" or "gelu_tanh") on g: what the model's act_fn computes."""
+    return F.silu(g) if kind == "silu" else F.gelu(g, approximate="tanh")
+
+
+def act_backward_(kind: str, grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """grad * act'(g), written into grad: ATen's own backward kernel of the activation (what autograd runs), one
+    pass instead of the several of its formula."""
+    if kind == "silu":
+        return torch.ops.aten.silu_backward.grad_input(grad, g, grad_input=grad)
+    return torch.ops.aten.gelu_backward.grad_input(grad, g, approximate="tanh", grad_input=grad)
+
+
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down):
+    def forward(ctx, x, w_gate, w_up, w_down, kind):
         g, u = F.linear(x, w_gate), F.linear(x, w_up)
-        out = F.linear(F.silu(g) * u, w_down)
+        out = F.linear(act(kind, g) * u, w_down)
         ctx.save_for_backward(x, g, u, w_gate, w_up, w_down)
+        ctx.kind = kind
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, g, u, w_gate, w_up, w_down = ctx.saved_tensors
-        need_x, need_gate, need_up, need_down = ctx.needs_input_grad
+        need_x, need_gate, need_up, need_down, _ = ctx.needs_input_grad
         dy = grad.reshape(-1, grad.shape[-1])
-        silu = F.silu(g).reshape(-1, g.shape[-1])
+        a = act(ctx.kind, g).reshape(-1, g.shape[-1])
         u2 = u.reshape(-1, u.shape[-1])
-        grad_down = dy.t().mm(silu * u2) if need_down else None
+        grad_down = dy.t().mm(a * u2) if need_down else None
         dh = dy.mm(w_down)
-        du = dh * silu
-        del silu
-        # silu'(g) applied by ATen's own kernel, in place: what autograd's SiLU backward runs
-        dg = torch.ops.aten.silu_backward.grad_input(dh.mul_(u2), g.reshape(dh.shape), grad_input=dh)
+        du = dh * a
+        del a
+        dg = act_backward_(ctx.kind, dh.mul_(u2), g.reshape(dh.shape))
         x2 = x.reshape(-1, x.shape[-1])
         grad_gate = dg.t().mm(x2) if need_gate else None
         grad_up = du.t().mm(x2) if need_up else None
         grad_x = dg.mm(w_gate).addmm_(du, w_up).view(x.shape) if need_x else None
-        return grad_x, grad_gate, grad_up, grad_down
+        return grad_x, grad_gate, grad_up, grad_down, None
 
 
 def _plain(layer) -> bool:
@@ -72,16 +86,42 @@ def _covered(self, x: torch.Tensor) -> bool:
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     if not _covered(self, x):
         return self._plain_forward(x)
-    return _SwiGLU.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+    return _SwiGLU.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.tunelab_act)
+
+
+# the gated MLPs' activations these functions compute: name -> the function an act_fn must match bit for bit
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
+
+def gated_activation(module: nn.Module) -> str | None:
+    """The activation (an `ACTIVATIONS` name) of a gated MLP, gate_proj, up_proj and down_proj layers around an
+    act_fn that gives one of them bit for bit on a probe (SiLU: Llama, Qwen, Mistral; GELU's tanh form: Gemma),
+    else None. Kept on the module once asked."""
+    if not all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")):
+        return None
+    if "tunelab_act" in vars(module):
+        return module.tunelab_act
+    fn, kind = getattr(module, "act_fn", None), None
+    if isinstance(fn, nn.Module) and not any(True for _ in fn.parameters()):
+        probe = torch.linspace(-8, 8, 97)
+        with torch.no_grad():
+            try:
+                kind = next((k for k, f in ACTIVATIONS.items() if torch.equal(fn(probe), f(probe))), None)
+            except Exception:  # noqa: BLE001 - an activation of another signature: not this path
+                kind = None
+    module.tunelab_act = kind
+    return kind
+
+
+def other_activations(model) -> list[str]:
+    """The act_fn classes of the model's gated MLPs that these functions do not compute (their own forward runs)."""
+    mlps = [m for m in model.modules() if all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj"))]
+    return sorted({type(getattr(m, "act_fn", None)).__name__ for m in mlps if gated_activation(m) is None})
 
 
 def is_swiglu(module: nn.Module) -> bool:
-    """Whether `module` is a SwiGLU MLP: gate_proj, up_proj and down_proj layers around a SiLU."""
-    from transformers.activations import SiLUActivation
-
-    return all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")) and isinstance(
-        getattr(module, "act_fn", None), (nn.SiLU, SiLUActivation)
-    )
+    """Whether `module` is a gated MLP this path computes (`gated_activation`): SwiGLU, or GeGLU in tanh form."""
+    return gated_activation(module) is not None
 
 
 def install(model) -> int:
