@@ -1,6 +1,6 @@
 """Scale curves (issue 26, item 6): tokens/s and peak memory as the model, the sequence and the data grow.
 
-Training points: model size (SmolLM2's published 135M, 360M and 1.7B configs, random weights saved once in bf16
+Training points: model size (SmolLM2's published 135M, 360M and 1.7B configs, and Gemma 3's 270M, random weights saved once in bf16
 safetensors as the published checkpoints are, under `$TUNELAB_HOME/bench/`) x sequence length (256, 1024, 4096)
 x method (LoRA; QLoRA, NF4 double-quantised) x side: tunelab against the reference, TRL `SFTTrainer` + PEFT
 (bitsandbytes 4-bit through transformers' `BitsAndBytesConfig` for QLoRA), each with its own defaults (TRL:
@@ -58,6 +58,13 @@ SIZES = {
              "num_attention_heads": 15, "num_key_value_heads": 5, "rope_theta": 100000},
     "1.7b": {**_COMMON, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
              "num_attention_heads": 32, "num_key_value_heads": 32, "rope_theta": 130000},
+    # google/gemma-3-270m's config.json (another family: (1 + w) norms, GeGLU MLPs, a 262k-word head, sliding-window
+    # layers); its tokens come from SmolLM2's tokenizer, whose ids all lie inside its vocabulary
+    "gemma3-270m": {"model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048,
+                    "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+                    "sliding_window": 512, "rope_theta": 1000000, "query_pre_attn_scalar": 256,
+                    "hidden_activation": "gelu_pytorch_tanh", "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+                    "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2},
 }  # fmt: skip
 LENGTHS = (256, 1024, 4096)
 METHODS = ("lora", "qlora")
@@ -75,7 +82,8 @@ def all_points() -> list[str]:
 def model_dir(size: str) -> Path:
     from tunelab.models.sources import tunelab_home
 
-    return tunelab_home() / "bench" / f"smollm2-{size}-random"
+    family = "smollm2-" if SIZES[size].get("model_type", "llama") == "llama" else ""
+    return tunelab_home() / "bench" / f"{family}{size}-random"
 
 
 def build_model(size: str) -> Path:
@@ -87,14 +95,15 @@ def build_model(size: str) -> Path:
     import shutil
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.models.sources import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct"))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**SIZES[size], pad_token_id=tok.pad_token_id),
-                                             dtype=torch.bfloat16)  # fmt: skip
+    shape = dict(SIZES[size])
+    config = AutoConfig.for_model(shape.pop("model_type", "llama"), **shape, pad_token_id=tok.pad_token_id)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size="20GB")
@@ -107,8 +116,11 @@ def parameters(size: str) -> tuple[int, int]:
     """(all parameters, the token table's) of a SIZES config, counted from its shapes."""
     c = SIZES[size]
     h, i, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
-    body = layers * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h)
+    head_dim = c.get("head_dim", h // c["num_attention_heads"])
+    q, kv = head_dim * c["num_attention_heads"], head_dim * c["num_key_value_heads"]
+    # the norms: two a layer (Llama), or four and the q / k norms (Gemma 3)
+    norms = 2 * h if c.get("model_type", "llama") == "llama" else 4 * h + 2 * head_dim
+    body = layers * (2 * h * q + 2 * h * kv + 3 * h * i + norms)
     return body + c["vocab_size"] * h + h, c["vocab_size"] * h
 
 

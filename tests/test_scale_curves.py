@@ -20,13 +20,14 @@ def scale():
     sys.path.remove(str(BENCH))
 
 
-@pytest.mark.parametrize("size", ["135m", "360m", "1.7b"])
+@pytest.mark.parametrize("size", ["135m", "360m", "1.7b", "gemma3-270m"])
 def test_parameter_counts_match_the_model_transformers_builds(scale, size):
     from accelerate import init_empty_weights
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    shape = dict(scale.SIZES[size])
     with init_empty_weights():
-        model = LlamaForCausalLM(LlamaConfig(**scale.SIZES[size]))
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(shape.pop("model_type", "llama"), **shape))
     model.tie_weights()  # as from_pretrained does: the head is the token table
     total, table = scale.parameters(size)
     assert total == sum(p.numel() for p in model.parameters())  # tied head counted once
@@ -43,7 +44,7 @@ def test_the_estimate_grows_with_size_and_length_and_qlora_is_smaller(scale):
 
 def test_points_and_the_table(scale):
     points = scale.all_points()
-    assert len(points) == 3 * 3 * 2 * 2 + 3 * 2 and "train:1.7b:4096:qlora:ref" in points and "data:1m:trl" in points
+    assert len(points) == 4 * 3 * 2 * 2 + 3 * 2 and "train:1.7b:4096:qlora:ref" in points and "data:1m:trl" in points
     row = lambda side, tps, mb: {"point": f"train:135m:256:lora:{side}", "kind": "train", "size": "135m",  # noqa: E731
                                  "length": 256, "method": "lora", "side": side, "rows_per_step": 4, "result": "ok",
                                  "tokens_per_s": tps, "peak_rss_mb": mb, "load_before": "3.0 2.0 1.0"}  # fmt: skip
