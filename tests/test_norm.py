@@ -30,9 +30,9 @@ def test_backward_passes_gradcheck_in_float64():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    frozen = w.detach()  # the usual case: a frozen norm weight, no dw computed
     for offset in (False, True):  # Llama's w, Gemma's 1 + w
         assert torch.autograd.gradcheck(lambda x, w, o=offset: norm._RMSNorm.apply(x, w, 1e-6, o), (x, w))
-        frozen = w.detach()  # the usual case: a frozen norm weight, no dw computed
         assert torch.autograd.gradcheck(lambda x, o=offset: norm._RMSNorm.apply(x, frozen, 1e-6, o), (x,))
 
 
