@@ -78,6 +78,7 @@ def _tunelab_greedy(model, tok, prompt: list[int], n: int) -> tuple[list[int], n
     return out, logits[0], list(top2[:, 1] - top2[:, 0])[: len(out)]
 
 
+LORA = {"name": "lora", "r": 4, "alpha": 16, "dropout": 0.12}
 QLORA = {"name": "qlora", "r": 4, "alpha": 16, "dropout": 0.12, "compute_dtype": "float32"}
 
 
@@ -93,7 +94,7 @@ def runs(tmp_path_factory):
         # over both prompts is 0.35 merged, 0.10 with test_gguf_lora_folds_per_layer_scales's tripled scale (chosen
         # again when the compiled masks came in: alpha 20 / dropout 0.08 then had a 0.01 gap; before, when unpadded
         # rows came in: alpha 28 / dropout 0.06 had a 0.006 gap)
-        "lora": train_run(tmp, base, str(data), {"name": "lora", "r": 4, "alpha": 16, "dropout": 0.12}, "lora", STEPS),
+        "lora": train_run(tmp, base, str(data), LORA, "lora", STEPS),
         "full": train_run(tmp, base, str(data), {"name": "full"}, "full", STEPS),
         "qat": train_run(tmp, base, str(data), {"name": "qat", "symmetric": True}, "qat", STEPS),
         # merged QLoRA: the NF4 base dequantised, the LoRA folded in, then written at each GGUF type (dropout chosen
@@ -344,7 +345,7 @@ def test_gguf_lora_adapter_over_the_base_answers_as_the_run(runs, tmp_path):
     """`--format gguf-lora` over the base model's f32 GGUF: llama.cpp adds the adapter at load and answers
     as tunelab's unmerged LoRA model does (the same greedy tokens, logits within f32 rounding)."""
     report = export(runs["lora"], "gguf-lora", out=str(tmp_path / "adapter.gguf"))
-    assert report["layers"] > 0 and report["alpha"] == 20.0 and report["rank"] == [4]
+    assert report["layers"] > 0 and report["alpha"] == LORA["alpha"] and report["rank"] == [LORA["r"]]
     base = export(report["base_model"], "gguf", "f32", str(tmp_path / "base.gguf"))["path"]
     model, tok = load_run(runs["lora"], device="cpu")
     assert hasattr(model, "peft_config")  # the adapter, not merged
