@@ -83,6 +83,37 @@ def test_packed_attention_loss_and_grads_equal_masked_sdpa(checkpointing):
             torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [24, 8])
+def test_a_sliding_window_no_example_reaches_takes_the_packed_path(window):
+    """Gemma 3's local layers pass a sliding window: where every packed example fits in it, the window changes
+    nothing and the layer attends per example; where one is longer, transformers' masked call runs. The loss and
+    gradients are the masked call's either way."""
+    from tunelab.testing import tiny_causal
+
+    base = tiny_causal("gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, sliding_window=window,
+                       layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    plain = get("lora").apply(base, get("lora").Config(r=4, dropout=0.0)).train()
+    for name, p in plain.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    packed = copy.deepcopy(plain)
+    assert attention.install(packed)
+    b = packed_batch()  # examples of up to 24 tokens
+    with causal_calls() as calls:
+        loss_packed, n = L.token_loss_sum(packed, b)
+        loss_packed.backward()
+    per_layer = [10, 9, 5, 24, 7, 11, 6]
+    assert calls == (per_layer * 2 if window >= 24 else per_layer)  # the local layer too, or the global one only
+    loss_plain, n_plain = L.token_loss_sum(plain, b)
+    assert n == n_plain and abs(loss_packed.item() - loss_plain.item()) < 1e-5 * loss_plain.item()
+    loss_plain.backward()
+    grads = {k: p.grad for k, p in plain.named_parameters() if p.requires_grad}
+    for k, p in packed.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kv_heads", [2, 6])
 def test_the_packed_function_gives_sdpas_bits_and_keeps_the_output_once(kv_heads):
     """The autograd function around the CPU flash kernel against one SDPA call per example and a cat (the

@@ -21,8 +21,9 @@ outputs merged by their log-sum-exps (`_merged`), as flash attention merges its 
 calls each part's kernel backward with the merged output and log-sum-exp: each then gives exactly its keys'
 share of the whole softmax's gradient, and the queries' gradients add up (tests/test_attention.py).
 
-Anything else (no boundaries, a KV cache, sliding windows, soft-capping, sinks, non-causal modules)
-goes to transformers' own SDPA function unchanged, so generation and evaluation behave as before.
+Anything else (no boundaries, a KV cache, a sliding window some example is longer than, soft-capping, sinks,
+non-causal modules) goes to transformers' own SDPA function unchanged, so generation and evaluation behave as
+before.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         or key.shape[2] < length  # longer: a prefix every query sees (prefix tuning), before the rows' own keys
         or cu.numel() < 2
         or int(cu[-1]) != rows * length
-        or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "s_aux", "position_bias"))
+        or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias"))
         or (is_causal if is_causal is not None else getattr(module, "is_causal", True)) is False
+        or not _within_window(cu, kwargs.get("sliding_window"))
     ):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
@@ -79,6 +81,13 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     else:
         out = _per_example_sdpa(query, key, value, pieces, drop, scaling)
     return out.view(rows, length, heads, dim), None  # transformers' attention functions: [rows, length, ...]
+
+
+def _within_window(cu: torch.Tensor, window) -> bool:
+    """Whether a sliding window (Gemma 3's local layers, Mistral, Qwen2 with use_sliding_window) changes nothing:
+    transformers lets a query see the keys less than `window` positions back, so an example of at most `window`
+    tokens sees all of its own, as plain causal attention does."""
+    return window is None or int((cu[1:] - cu[:-1]).max()) <= int(window)
 
 
 def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling) -> torch.Tensor:
