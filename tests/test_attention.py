@@ -55,6 +55,23 @@ def padded_batch(seed: int, ends: dict[int, int], prompt: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def same_as_masked(packed, plain) -> list[int]:
+    """The packed model's loss and gradients on packed_batch against the masked call's (plain); returns the packed
+    path's causal kernel calls."""
+    b = packed_batch()
+    with causal_calls() as calls:
+        loss_packed, n = L.token_loss_sum(packed, b)
+        loss_packed.backward()
+    loss_plain, n_plain = L.token_loss_sum(plain, b)
+    assert n == n_plain and abs(loss_packed.item() - loss_plain.item()) < 1e-5 * loss_plain.item()
+    loss_plain.backward()
+    grads = {k: p.grad for k, p in plain.named_parameters() if p.requires_grad}
+    for k, p in packed.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-5)
+    return calls
+
+
 def test_varlen_boundaries_cover_flattened_rows():
     kw = attention.varlen_kwargs(packed_batch()["position_ids"])
     assert kw["cu_seq_lens_q"].tolist() == [0, 10, 19, 24, 48, 55, 66, 72]
@@ -68,19 +85,8 @@ def test_packed_attention_loss_and_grads_equal_masked_sdpa(checkpointing):
         enable_gradient_checkpointing(plain)
     packed = copy.deepcopy(plain)
     assert attention.install(packed) and attention.active(packed) and not attention.active(plain)
-    b = packed_batch()
-    with causal_calls() as calls:
-        loss_packed, n = L.token_loss_sum(packed, b)
-        loss_packed.backward()
     # two layers, seven examples each, one causal call each (once more per layer when recomputed)
-    assert calls == [10, 9, 5, 24, 7, 11, 6] * 2 * (2 if checkpointing else 1)
-    loss_plain, n_plain = L.token_loss_sum(plain, b)
-    assert n == n_plain and abs(loss_packed.item() - loss_plain.item()) < 1e-5 * loss_plain.item()
-    loss_plain.backward()
-    grads = {k: p.grad for k, p in plain.named_parameters() if p.requires_grad}
-    for k, p in packed.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-5)
+    assert same_as_masked(packed, plain) == [10, 9, 5, 24, 7, 11, 6] * 2 * (2 if checkpointing else 1)
 
 
 @pytest.mark.parametrize("window", [24, 8])
@@ -99,19 +105,9 @@ def test_a_sliding_window_no_example_reaches_takes_the_packed_path(window):
             torch.nn.init.normal_(p, std=0.05)
     packed = copy.deepcopy(plain)
     assert attention.install(packed)
-    b = packed_batch()  # examples of up to 24 tokens
-    with causal_calls() as calls:
-        loss_packed, n = L.token_loss_sum(packed, b)
-        loss_packed.backward()
-    per_layer = [10, 9, 5, 24, 7, 11, 6]
-    assert calls == (per_layer * 2 if window >= 24 else per_layer)  # the local layer too, or the global one only
-    loss_plain, n_plain = L.token_loss_sum(plain, b)
-    assert n == n_plain and abs(loss_packed.item() - loss_plain.item()) < 1e-5 * loss_plain.item()
-    loss_plain.backward()
-    grads = {k: p.grad for k, p in plain.named_parameters() if p.requires_grad}
-    for k, p in packed.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-5)
+    per_layer = [10, 9, 5, 24, 7, 11, 6]  # packed_batch's examples: up to 24 tokens
+    # the local layer too, or the global one only
+    assert same_as_masked(packed, plain) == (per_layer * 2 if window >= 24 else per_layer)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 6])
