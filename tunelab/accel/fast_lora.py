@@ -145,10 +145,10 @@ def keep_mask(x: torch.Tensor, p: float, state=None) -> tuple[torch.Tensor, obje
     1/65536), drawn anew from this thread's generator, or again from a saved `state` (the backward pass). On a
     CPU by the compiled loop (masks.py: the state is its key, one draw of the generator), else (no C compiler,
     another device) from the generator itself (the state is the generator's)."""
-    draw = masks.load() if x.device.type == "cpu" else None
-    if draw is not None:
+    compiled = masks.load() if x.device.type == "cpu" else None
+    if compiled is not None:
         key = masks.new_key(_generator(x.device)) if state is None else state
-        return masks.draw(draw, x.shape, p, key), key
+        return masks.draw(compiled, x.shape, p, key), key
     if state is None:
         gen = _generator(x.device)
         state = gen.get_state()

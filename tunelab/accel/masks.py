@@ -28,25 +28,18 @@ static inline uint32_t mix32(uint32_t h) {
     return h;
 }
 
-/* words [start, stop) of a mask of n bytes: word w holds elements 4w ... 4w + 3, each 1 where its 16 bits of two
-   hashes of (key, w) are at least the threshold; the last word may be partial */
-void keep_mask(int64_t start, int64_t stop, uint8_t *out, int64_t n, uint64_t key, uint32_t t) {
+/* words [start, stop) of a mask: word w holds elements 4w ... 4w + 3, each 1 where its 16 bits of two hashes of
+   (key, w) are at least the threshold (the buffer is whole words: `draw` rounds it up) */
+void keep_mask(int64_t start, int64_t stop, uint32_t *out, uint64_t key, uint32_t t) {
     const uint32_t k1 = mix32((uint32_t)key), k2 = mix32((uint32_t)(key >> 32) ^ 0x68e31da4u);
-    int64_t full = stop * 4 <= n ? stop : n / 4;
-    uint32_t *out4 = (uint32_t *)out;
-    for (int64_t w = start; w < full; w++) {
+    for (int64_t w = start; w < stop; w++) {
         uint32_t at = (uint32_t)w * 0x9e3779b1u, a = mix32(at ^ k1), b = mix32(at ^ k2);
-        out4[w] = (uint32_t)((a & 0xffffu) >= t) | (uint32_t)((a >> 16) >= t) << 8
-                | (uint32_t)((b & 0xffffu) >= t) << 16 | (uint32_t)((b >> 16) >= t) << 24;
-    }
-    for (int64_t w = full > start ? full : start; w < stop; w++) {
-        uint32_t at = (uint32_t)w * 0x9e3779b1u, a = mix32(at ^ k1), b = mix32(at ^ k2);
-        uint32_t lanes[4] = {a & 0xffffu, a >> 16, b & 0xffffu, b >> 16};
-        for (int64_t j = 0; j < 4 && 4 * w + j < n; j++) out[4 * w + j] = lanes[j] >= t;
+        out[w] = (uint32_t)((a & 0xffffu) >= t) | (uint32_t)((a >> 16) >= t) << 8
+               | (uint32_t)((b & 0xffffu) >= t) << 16 | (uint32_t)((b >> 16) >= t) << 24;
     }
 }
 """
-SIGNATURE = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_uint32]
+SIGNATURE = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32]
 
 
 def load():
@@ -66,10 +59,9 @@ def new_key(generator: torch.Generator) -> int:
 
 def draw(fn, shape, p: float, key: int) -> torch.Tensor:
     """The bool keep mask of `shape` for `key`: each element kept with probability 1 - p (p to 1/65536)."""
-    out = torch.empty(shape, dtype=torch.bool)
-    n = out.numel()
-    futures = compiled.split(fn, (n + 3) // 4, out.data_ptr(), n, key, round(p * 65536),
-                             threads=torch.get_num_threads())  # fmt: skip
-    for f in futures:
+    n = torch.Size(shape).numel()
+    words = (n + 3) // 4
+    out = torch.empty(4 * words, dtype=torch.bool)  # whole words: the last one's spare bytes are dropped below
+    for f in compiled.split(fn, words, out.data_ptr(), key, round(p * 65536), threads=torch.get_num_threads()):
         f.result()
-    return out
+    return out[:n].view(shape)

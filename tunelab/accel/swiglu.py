@@ -89,6 +89,13 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.tunelab_act)
 
 
+LAYERS = ("gate_proj", "up_proj", "down_proj")  # a gated MLP's linear layers, as transformers names them
+
+
+def _gated(module: nn.Module) -> bool:
+    return all(hasattr(module, k) for k in LAYERS)
+
+
 # the gated MLPs' activations these functions compute: name -> the function an act_fn must match bit for bit
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
@@ -97,7 +104,7 @@ def gated_activation(module: nn.Module) -> str | None:
     """The activation (an `ACTIVATIONS` name) of a gated MLP, gate_proj, up_proj and down_proj layers around an
     act_fn that gives one of them bit for bit on a probe (SiLU: Llama, Qwen, Mistral; GELU's tanh form: Gemma),
     else None. Kept on the module once asked."""
-    if not all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")):
+    if not _gated(module):
         return None
     if "tunelab_act" in vars(module):
         return module.tunelab_act
@@ -115,7 +122,7 @@ def gated_activation(module: nn.Module) -> str | None:
 
 def other_activations(model) -> list[str]:
     """The act_fn classes of the model's gated MLPs that these functions do not compute (their own forward runs)."""
-    mlps = [m for m in model.modules() if all(hasattr(m, k) for k in ("gate_proj", "up_proj", "down_proj"))]
+    mlps = [m for m in model.modules() if _gated(m)]
     return sorted({type(getattr(m, "act_fn", None)).__name__ for m in mlps if gated_activation(m) is None})
 
 
@@ -131,7 +138,7 @@ def install(model) -> int:
     for m in model.modules():
         if hasattr(m, "_plain_forward") or not is_swiglu(m):
             continue
-        if not all(_plain(getattr(m, k)) for k in ("gate_proj", "up_proj", "down_proj")):
+        if not all(_plain(getattr(m, k)) for k in LAYERS):
             continue
         m._plain_forward = m.forward
         m.forward = types.MethodType(_forward, m)
