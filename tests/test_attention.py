@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tunelab.accel import attention
 from tunelab.methods import get
@@ -90,10 +91,10 @@ def test_packed_attention_loss_and_grads_equal_masked_sdpa(checkpointing):
 
 
 @pytest.mark.parametrize("window", [24, 8])
-def test_a_sliding_window_no_example_reaches_takes_the_packed_path(window):
+def test_a_sliding_window_takes_the_packed_path(window):
     """Gemma 3's local layers pass a sliding window: where every packed example fits in it, the window changes
-    nothing and the layer attends per example; where one is longer, transformers' masked call runs. The loss and
-    gradients are the masked call's either way."""
+    nothing; where one is longer, that example is attended with the window's band as the kernel's mask. Either way
+    every layer attends per example, with the masked call's loss and gradients."""
     from tunelab.testing import tiny_causal
 
     base = tiny_causal("gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -105,9 +106,51 @@ def test_a_sliding_window_no_example_reaches_takes_the_packed_path(window):
             torch.nn.init.normal_(p, std=0.05)
     packed = copy.deepcopy(plain)
     assert attention.install(packed)
-    per_layer = [10, 9, 5, 24, 7, 11, 6]  # packed_batch's examples: up to 24 tokens
-    # the local layer too, or the global one only
-    assert same_as_masked(packed, plain) == (per_layer * 2 if window >= 24 else per_layer)
+    with band_masks() as bands:
+        assert same_as_masked(packed, plain) == [10, 9, 5, 24, 7, 11, 6] * 2  # packed_batch's examples, two layers
+    # the local layer's examples longer than the window take a band, forward and backward; none with window 24
+    assert bands == ([] if window >= 24 else [10, 9, 24, 11] * 2)
+
+
+@contextlib.contextmanager
+def band_masks():
+    """The example lengths `_band` gave a mask for, in order."""
+    made, real = [], attention._band
+    attention._band = lambda window, n, *a: (made.append(n) if window is not None and n > window else None) or real(
+        window, n, *a
+    )
+    try:
+        yield made
+    finally:
+        attention._band = real
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sliding_window_longer_examples_match_sdpa_with_the_band(dtype):
+    """The packed function with a window some examples exceed, against one SDPA call per example under the
+    window's boolean mask (fp32): output and gradients; in bf16 the examples are attended at bucketed lengths."""
+    g = torch.Generator().manual_seed(1)
+    rows, heads, kv_heads, length, dim, window = 2, 4, 2, 80, 16, 12
+    pieces = [(0, 0, 5), (0, 5, 40), (0, 45, 35), (1, 0, 80)]
+    q, k, v = (torch.randn(rows, length, h, dim, generator=g).transpose(1, 2) for h in (heads, kv_heads, kv_heads))
+    grad = torch.randn(rows * length, heads, dim, generator=g)
+    inputs = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    out = attention._PackedCausal.apply(*inputs, pieces, dim**-0.5, window)
+    out.backward(grad.to(dtype))
+    ref_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    outs = []
+    for r, p, n in pieces:
+        i = torch.arange(n)
+        seen = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+        q_, k_, v_ = (t[r : r + 1, :, p : p + n] for t in ref_in)
+        o = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=seen, scale=dim**-0.5, enable_gqa=True)
+        outs.append(o[0].transpose(0, 1))
+    ref = torch.cat(outs)
+    ref.backward(grad)
+    tol = {} if dtype == torch.float32 else {"rtol": 0.03, "atol": 0.03}
+    torch.testing.assert_close(out.float(), ref.detach(), **tol)
+    for a, b in zip(inputs, ref_in):
+        torch.testing.assert_close(a.grad.float(), b.grad, **tol)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 6])
@@ -133,7 +176,7 @@ def test_the_packed_function_gives_sdpas_bits_and_keeps_the_output_once(kv_heads
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}
         return out.detach(), [t.grad for t in inputs], sum(storages.values())
 
-    out, grads, kept = run(lambda *t: attention._PackedCausal.apply(*t, pieces, dim**-0.5))
+    out, grads, kept = run(lambda *t: attention._PackedCausal.apply(*t, pieces, dim**-0.5, None))
     out_ref, grads_ref, kept_ref = run(lambda *t: attention._per_example_sdpa(*t, pieces, 0.0, None))
     assert torch.equal(out, out_ref)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
@@ -192,7 +235,7 @@ def test_bf16_examples_are_attended_at_bucketed_lengths_with_the_same_result():
     grad = torch.randn(rows * length, heads, dim, generator=g).bfloat16()
     results = []
     with causal_calls() as calls:
-        for attend in (lambda *t: attention._PackedCausal.apply(*t, pieces, dim**-0.5),
+        for attend in (lambda *t: attention._PackedCausal.apply(*t, pieces, dim**-0.5, None),
                        lambda *t: attention._per_example_sdpa(*t, pieces, 0.0, None)):  # fmt: skip
             inputs = [t.detach().requires_grad_() for t in (q, k, v)]
             out = attend(*inputs)
@@ -285,7 +328,7 @@ def test_a_prefix_of_keys_is_seen_by_every_example_as_by_one_masked_call_each(dt
         return torch.cat(outs)
 
     results = []
-    for attend in (lambda *t: attention._PackedCausal.apply(*t, pieces, dim**-0.5),
+    for attend in (lambda *t: attention._PackedCausal.apply(*t, pieces, dim**-0.5, None),
                    lambda *t: attention._per_example_sdpa(*t, pieces, 0.0, None), reference):  # fmt: skip
         wide = attend is reference  # the reference in fp32 on the same values
         inputs = [(t.float() if wide else t).detach().requires_grad_() for t in (q, k, v)]

@@ -21,9 +21,12 @@ outputs merged by their log-sum-exps (`_merged`), as flash attention merges its 
 calls each part's kernel backward with the merged output and log-sum-exp: each then gives exactly its keys'
 share of the whole softmax's gradient, and the queries' gradients add up (tests/test_attention.py).
 
-Anything else (no boundaries, a KV cache, a sliding window some example is longer than, soft-capping, sinks,
-non-causal modules) goes to transformers' own SDPA function unchanged, so generation and evaluation behave as
-before.
+A sliding window (Gemma 3's local layers, Mistral) changes nothing for an example no longer than it; a longer
+example is attended with the window's band as the kernel's mask (`_band`), on the CPU kernel's path.
+
+Anything else (no boundaries, a KV cache, a sliding window some example is longer than on a GPU or with attention
+dropout, soft-capping, sinks, non-causal modules) goes to transformers' own SDPA function unchanged, so generation
+and evaluation behave as before.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
     cu = kwargs.get("cu_seq_lens_q")
     rows, heads, length, dim = query.shape
+    drop = dropout if module.training else 0.0
+    window = kwargs.get("sliding_window")
     if (
         cu is None
         or key.shape[2] < length  # longer: a prefix every query sees (prefix tuning), before the rows' own keys
@@ -65,19 +70,19 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         or int(cu[-1]) != rows * length
         or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias"))
         or (is_causal if is_causal is not None else getattr(module, "is_causal", True)) is False
-        or not _within_window(cu, kwargs.get("sliding_window"))
+        # a sliding window some example is longer than: the CPU kernel's path takes it (`_band`), no other
+        or not (_within_window(cu, window) or query.device.type == "cpu" and drop == 0.0 and key.shape[2] == length)
     ):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     bounds = cu.tolist()
     pieces = [(start // length, start % length, end - start) for start, end in zip(bounds[:-1], bounds[1:])]
-    drop = dropout if module.training else 0.0
     if query.device.type == "cpu" and drop == 0.0:
         if torch.is_autocast_enabled("cpu"):  # as autocast casts SDPA's inputs (rotary leaves q, k in fp32 there)
             query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = _PackedCausal.apply(query, key, value, pieces, scale)
+        out = _PackedCausal.apply(query, key, value, pieces, scale, None if _within_window(cu, window) else int(window))
     else:
         out = _per_example_sdpa(query, key, value, pieces, drop, scaling)
     return out.view(rows, length, heads, dim), None  # transformers' attention functions: [rows, length, ...]
@@ -123,9 +128,21 @@ def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling) -> tor
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def _causal(query, key, value, scale):
-    """(output, log-sum-exp) of causal attention over one example, [1, heads, length, dim]."""
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True, scale=scale)
+def _causal(query, key, value, scale, band=None):
+    """(output, log-sum-exp) of causal attention over one example, [1, heads, length, dim]; `band` (`_band`) keeps
+    each query off the keys a sliding window leaves out."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, True, attn_mask=band, scale=scale
+    )
+
+
+def _band(window: int | None, n: int, width: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The additive mask of a sliding window over an example of `n` tokens attended at `width` (None where the
+    window takes nothing away): -inf where the key is `window` or more positions before the query. The kernel's
+    causal flag keeps the keys after the query off (and skips their blocks); it wants the mask in the query's dtype."""
+    if window is None or n <= window:
+        return None
+    return torch.full((width, width), float("-inf"), dtype=like.dtype, device=like.device).tril_(-window)[None, None]
 
 
 def _merged(query, key, value, prefix_key, prefix_value, scale):
@@ -154,10 +171,11 @@ class _PackedCausal(torch.autograd.Function):
     Causal attention keeps an example's queries off those keys; their own outputs are dropped, and in the
     backward pass their output gradient is zero, so they add nothing to any gradient that is kept.
 
-    Keys longer than the queries start with a prefix every example sees (prefix tuning; module doc: `_merged`)."""
+    Keys longer than the queries start with a prefix every example sees (prefix tuning; module doc: `_merged`).
+    `window`: a sliding window some example is longer than (not with a prefix); those examples take `_band`."""
 
     @staticmethod
-    def forward(ctx, query, key, value, pieces, scale):
+    def forward(ctx, query, key, value, pieces, scale, window):
         rows, heads, length, dim = query.shape
         prefix = key.shape[2] - length  # prefix tuning's keys before the rows' own (module doc)
         out = query.new_empty(rows * length, heads, dim)
@@ -168,11 +186,11 @@ class _PackedCausal(torch.autograd.Function):
             if prefix:
                 o, m = _merged(q, k, v, key[r : r + 1, :, :prefix], value[r : r + 1, :, :prefix], scale)
             else:
-                o, m = _causal(q, k, v, scale)
+                o, m = _causal(q, k, v, scale, _band(window, n, width, q))
             out[r * length + p : r * length + p + n] = o[0, :, :n].transpose(0, 1)
             lse.append(m)
         ctx.save_for_backward(query, key, value, out, *lse)
-        ctx.pieces, ctx.scale = pieces, scale
+        ctx.pieces, ctx.scale, ctx.window = pieces, scale, window
         return out
 
     @staticmethod
@@ -195,7 +213,8 @@ class _PackedCausal(torch.autograd.Function):
             # widened exactly (fp16 always: its long-example kernel is not measured), the gradients rounded once
             if half and (width < WIDEN_BELOW or query.dtype == torch.float16):
                 q, k, v, pk, pv, *given = (None if t is None else t.float() for t in (q, k, v, pk, pv, *given))
-            parts = backward(given[0], q, k, v, given[1], m, 0.0, True, scale=ctx.scale)
+            band = _band(ctx.window, n, width, q)  # made again: a [width, width] mask kept would outweigh the example
+            parts = backward(given[0], q, k, v, given[1], m, 0.0, True, attn_mask=band, scale=ctx.scale)
             if prefix:  # with the merged output and log-sum-exp, each part's backward is its share (module doc)
                 pre = backward(given[0], q, pk, pv, given[1], m, 0.0, False, scale=ctx.scale)
                 parts = (parts[0] + pre[0], *parts[1:])
@@ -208,7 +227,7 @@ class _PackedCausal(torch.autograd.Function):
         for g, total in zip(grads[1:], summed):
             if total is not None:
                 g[:, :, :prefix] = total
-        return *grads, None, None
+        return *grads, None, None, None
 
 
 def _span(t: torch.Tensor, row: int, start: int, width: int) -> torch.Tensor:
