@@ -116,9 +116,13 @@ def test_a_sliding_window_takes_the_packed_path(window):
 def band_masks():
     """The example lengths `_band` gave a mask for, in order."""
     made, real = [], attention._band
-    attention._band = lambda window, n, *a: (made.append(n) if window is not None and n > window else None) or real(
-        window, n, *a
-    )
+
+    def band(window, n, *args):
+        if window is not None and n > window:
+            made.append(n)
+        return real(window, n, *args)
+
+    attention._band = band
     try:
         yield made
     finally:
