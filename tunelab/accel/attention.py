@@ -62,7 +62,11 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     cu = kwargs.get("cu_seq_lens_q")
     rows, heads, length, dim = query.shape
     drop = dropout if module.training else 0.0
+    kernel = query.device.type == "cpu" and drop == 0.0  # the CPU flash kernel's path (`_PackedCausal`)
     window = kwargs.get("sliding_window")
+    # a sliding window some example (after a prefix of keys) is longer than: the kernel's path takes it without a
+    # prefix (`_band`), no other path does
+    banded = cu is not None and not _within_window(cu, window, key.shape[2] - length)
     if (
         cu is None
         or key.shape[2] < length  # longer: a prefix every query sees (prefix tuning), before the rows' own keys
@@ -70,29 +74,28 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         or int(cu[-1]) != rows * length
         or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias"))
         or (is_causal if is_causal is not None else getattr(module, "is_causal", True)) is False
-        # a sliding window some example is longer than: the CPU kernel's path takes it (`_band`), no other
-        or not (_within_window(cu, window) or query.device.type == "cpu" and drop == 0.0 and key.shape[2] == length)
+        or (banded and not (kernel and key.shape[2] == length))
     ):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     bounds = cu.tolist()
     pieces = [(start // length, start % length, end - start) for start, end in zip(bounds[:-1], bounds[1:])]
-    if query.device.type == "cpu" and drop == 0.0:
+    if kernel:
         if torch.is_autocast_enabled("cpu"):  # as autocast casts SDPA's inputs (rotary leaves q, k in fp32 there)
             query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = _PackedCausal.apply(query, key, value, pieces, scale, None if _within_window(cu, window) else int(window))
+        out = _PackedCausal.apply(query, key, value, pieces, scale, int(window) if banded else None)
     else:
         out = _per_example_sdpa(query, key, value, pieces, drop, scaling)
     return out.view(rows, length, heads, dim), None  # transformers' attention functions: [rows, length, ...]
 
 
-def _within_window(cu: torch.Tensor, window) -> bool:
+def _within_window(cu: torch.Tensor, window, prefix: int = 0) -> bool:
     """Whether a sliding window (Gemma 3's local layers, Mistral, Qwen2 with use_sliding_window) changes nothing:
     transformers lets a query see the keys less than `window` positions back, so an example of at most `window`
-    tokens sees all of its own, as plain causal attention does."""
-    return window is None or int((cu[1:] - cu[:-1]).max()) <= int(window)
+    tokens, after a `prefix` of keys (prefix tuning), sees all of them, as plain causal attention does."""
+    return window is None or int((cu[1:] - cu[:-1]).max()) + prefix <= int(window)
 
 
 def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling) -> torch.Tensor:
