@@ -19,6 +19,7 @@ import yaml
 
 from tunelab.compare import load_grid, run_grid
 from tunelab.compare.plan import resolve_cells
+from tunelab.compare.run import planned_keys
 from tunelab.config import ConfigError
 from tunelab.testing import save_tiny_model_dir
 
@@ -112,6 +113,17 @@ def test_interrupted_grid_runs_only_the_missing_cells(grid_run):
     assert second.trained_now == 9 and second.skipped == 5
     third = run_grid(grid_run[3], **QUIET)  # nothing left to do
     assert third.trained_now == 0 and third.skipped == 14
+
+
+def test_a_run_writes_the_keys_it_planned_for_a_watcher(grid_run):
+    """plan.json: every row of the run (its references, then its cells in grid order) as results.db keys them,
+    which the web UI reads instead of planning the grid again."""
+    _, second, out, grid = grid_run
+    keys = planned_keys(out)
+    assert sorted(keys) == sorted(r["key"] for r in second.rows)  # the rows of results.json
+    cells = [c.key for c in resolve_cells(load_grid(grid), out, materialise=False)]
+    assert len(keys) == 6 + 14 and keys[6:] == cells  # majority, TF-IDF (sample, full) on two tasks, then cells
+    assert planned_keys(out / "elsewhere") is None
 
 
 def test_every_cell_has_metrics_and_costs(grid_run):

@@ -18,6 +18,8 @@ from ui_browser import ui_server
 
 import tunelab
 from tunelab.cli import main
+from tunelab.compare.plan import resolve_cells
+from tunelab.compare.run import planned_keys
 from tunelab.config import ConfigError
 from tunelab.testing import save_tiny_model_dir
 
@@ -348,6 +350,8 @@ def test_browser_compare_runs_a_tiny_grid(browser_page, tiny_run, tmp_path):
         page.get_by_role("option", name=re.compile("grid-out")).click()
         expect(page.locator("#compare-status")).to_contain_text("finished")
         assert table_rows(page, "compare-results") == body
-    assert [
-        r[4] for r in compare.cell_rows(out, compare.grid_keys(compare.load_grid(str(tmp_path / "tiny-grid.yaml"))))
-    ] == ["done", "done"]
+    # the rows the run planned (plan.json) are the grid's as `tunelab compare` plans them, references first
+    grid = compare.load_grid(str(tmp_path / "tiny-grid.yaml"))
+    cells = [c.key for c in resolve_cells(grid, out, materialise=False)]
+    assert planned_keys(out)[-len(cells) :] == cells and len(planned_keys(out)) == 2
+    assert [r[4] for r in compare.cell_rows(out, planned_keys(out))] == ["done", "done"]

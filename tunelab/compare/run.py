@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from tunelab.compare.record import fmt, fmt_time, plan_values, result_values
 from tunelab.compare.references import reference_cell, reference_dir, references_for, run_reference
 from tunelab.compare.report import analyse_grid, markdown_summary, with_intervals, write_report
 from tunelab.compare.store import Store, markdown_table, write_exports
+from tunelab.training.checkpoint import write_json_atomic
 
 FINISHED = ("done", "n/a")
 
@@ -69,6 +71,7 @@ def run_grid(
     out = Path(g.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     cells = resolve_cells(g, out, materialise=not only_report)
+    write_plan(out, g, cells)
     store = Store(out / "results.db")
     result = GridResult(output_dir=out, rows=[])
     try:
@@ -139,6 +142,25 @@ def describe_grid(grid: str | Path | dict | Grid) -> str:
     if g.score_dtype != "as_loaded":
         lines.append(f"  scoring passes in {g.score_dtype} where the device has it natively (score_dtype)")
     return "\n".join(lines)
+
+
+PLAN_FILE = "plan.json"
+
+
+def write_plan(out: Path, g: Grid, cells: list[Cell]) -> None:
+    """The keys of this run's rows in results.db, in grid order (references, then cells), for a reader watching the
+    run (the web UI): planning again there would read every model's config and ask the hub for a hub id's commit."""
+    refs = [reference_cell(kind, g, t).key for t in g.tasks if t.task_type in ("classification", "regression")
+            for kind in references_for(g)]  # fmt: skip
+    write_json_atomic(out / PLAN_FILE, {"keys": refs + [c.key for c in cells]})
+
+
+def planned_keys(out: Path) -> list[str] | None:
+    """The keys `write_plan` wrote in `out`, or None before the run planned its grid (or from a run before it)."""
+    try:
+        return list(json.loads((Path(out) / PLAN_FILE).read_text())["keys"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _register(store: Store, cells: list[Cell], retry_failed: bool, result: GridResult, out: Path) -> list[Cell]:

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from tunelab.compare.grid import Grid, load_grid
-from tunelab.compare.plan import resolve_cells
+from tunelab.compare.grid import load_grid
 from tunelab.compare.record import fmt, table_cells
-from tunelab.compare.references import reference_cell, references_for
-from tunelab.compare.run import describe_grid
+from tunelab.compare.run import describe_grid, planned_keys
 from tunelab.config import ConfigError
 from tunelab.data import tasks
 from tunelab.methods import names as method_names
@@ -77,17 +75,6 @@ def build_grid(models: list[str], extra_models: str, methods: list[str], task_na
         "tasks": [{"name": t, **limits} for t in task_names or []],
     }
     return yaml.safe_dump(grid, sort_keys=False)
-
-
-def grid_keys(grid: Grid) -> list[str]:
-    """The keys of the grid's rows in results.db: its references and its cells (as `tunelab compare` plans them)."""
-    refs = [
-        reference_cell(kind, grid, t).key
-        for t in grid.tasks
-        if t.task_type in ("classification", "regression")
-        for kind in references_for(grid)
-    ]
-    return refs + [c.key for c in resolve_cells(grid, Path(grid.output_dir), materialise=False)]
 
 
 def cell_rows(output_dir: Path, keys: list[str]) -> list[list]:
@@ -253,7 +240,6 @@ def build_tab(ctx: UIContext) -> None:
 
     stop.click(on_stop, job_id, None)
 
-    keys: dict[str, list[str]] = {}  # job id -> its grid's row keys (planning the cells reads model configs)
 
     def watch(current, seen, listed):
         """`shown`'s outputs, and the list of grid runs when it changed since `listed` (the one picked, or the
@@ -274,12 +260,7 @@ def build_tab(ctx: UIContext) -> None:
         state = job.state()
         out = Path(job.run_dir or ".")
         head = f"**{state}** · `tunelab {' '.join(job.argv)}` · output `{out}`"
-        if current not in keys:
-            try:
-                keys[current] = grid_keys(load_grid(job.argv[1]))
-            except Exception:  # noqa: BLE001 - the grid file changed or went: the results still show
-                keys[current] = []
-        live = cell_rows(out, keys[current])
+        live = cell_rows(out, planned_keys(out) or [])  # the rows the run planned (none yet while it plans)
         if state == "running":
             return current, head, live, "", gr.update(), gr.update(), gr.update(), job.tail(60), None
         header, body, text, shown, html = results(out)
