@@ -240,7 +240,6 @@ def build_tab(ctx: UIContext) -> None:
 
     stop.click(on_stop, job_id, None)
 
-
     def watch(current, seen, listed):
         """`shown`'s outputs, and the list of grid runs when it changed since `listed` (the one picked, or the
         newest if none is: a reopened UI finds the grid it left running)."""
