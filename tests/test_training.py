@@ -134,6 +134,32 @@ def test_resume_reads_a_checkpoint_of_the_old_layout(tiny_dir, data_file, tmp_pa
     assert abs(full.metrics["eval_loss"] - resumed.metrics["eval_loss"]) < 1e-6
 
 
+def test_a_resume_says_when_its_dropout_masks_are_drawn_another_way(tiny_dir, data_file, tmp_path, capsys):
+    """A checkpoint's loop state says what drew the run's LoRA dropout masks; resumed where they are drawn the other
+    way (the C compiler gone, or come), the log says the steps from there draw other masks. Drawn the same way:
+    nothing said."""
+    from tunelab.accel import MASKS, masks
+
+    def stop_after_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    here = MASKS[masks.load() is not None]  # a C compiler here: the compiled loop; none: torch's generator
+    other = MASKS[here == MASKS[False]]
+    for run, saved in (("same", here), ("other", other)):
+        cfg = make_cfg(tiny_dir, data_file, tmp_path / run)
+        tunelab.train(cfg, callbacks=[stop_after_3])
+        state_file = tmp_path / run / "checkpoints" / "step-00000003" / "tunelab_state.json"
+        state = json.loads(state_file.read_text())
+        assert state["dropout_masks"] == here
+        state_file.write_text(json.dumps({**state, "dropout_masks": saved}))  # as a run elsewhere would have it
+        capsys.readouterr()
+        assert tunelab.train(cfg, resume=True).metrics["steps"] == 8
+        said = [line for line in capsys.readouterr().err.splitlines() if "LoRA dropout masks:" in line]
+        want = f"the run so far drew them by {other}, this process draws them by {here}: the steps from here"
+        assert said == [] if saved == here else len(said) == 1 and want in said[0]
+
+
 @pytest.mark.parametrize("damage", ["torn last line", "missing"])
 def test_resume_survives_a_damaged_metrics_log(tiny_dir, data_file, tmp_path, damage):
     def stop_after_3(step, record):

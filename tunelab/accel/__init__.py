@@ -67,6 +67,11 @@ __all__ = ["Speed", "check", "sharded_step", "start"]
 _PIECE_SETTINGS = ("pass_threads", "compact_frozen", "allocator", "release_memory")
 
 
+# what draws fast LoRA's dropout masks on a CPU (fast_lora.keep_mask): other bits for the same seed, so a resumed run
+# says when its checkpoint's run drew them the other way (training/loop.py)
+MASKS = {True: "a compiled loop (accel/masks.py)", False: "torch's generator"}
+
+
 class Speed:
     """The speed pieces of one training run: what `start` and `prepare` turned on, and what the loop asks of
     them (`forward`, `shares`, `release`). With `training.accelerate: off` every call is a no-op."""
@@ -81,6 +86,7 @@ class Speed:
         self.skipped: list[str] = []  # not on, and why
         self.autocast = False  # whether the passes need bf16 autocast (set by `prepare`)
         self.clean_cache = None  # tbbmalloc's cached blocks handed back after each step (memory.py; `start`)
+        self.masks: str | None = None  # what draws fast LoRA's dropout masks (`MASKS`; None: no dropout drawn there)
 
     def _compacts(self, cfg, multi: bool) -> bool:
         """Whether frozen weights are made compact: fp32 ones (compact forms are fp32's), in one process, unless
@@ -148,6 +154,7 @@ class Speed:
                     getattr(d, "p", 0) > 0 for d in fast_lora.covered_dropouts(model)
                 )
                 compiled_masks = dropped and masks.load() is not None
+                self.masks = MASKS[compiled_masks] if dropped else None
                 self.pieces.append(f"fast LoRA ({n} layers{over}" + (
                     ", its dropout masks drawn by a compiled loop" if compiled_masks else "") + ")" + (
                     f"; DoRA with LoRA dropout on {dora} of them: W multiplies the input and the dropped input (PEFT's "

@@ -252,8 +252,14 @@ def train(
     state = {"step": 0, "best_eval": None, "evals_without_improvement": 0, "tokens": 0, "eval_loss_before": None}
     state["global_batch"] = global_batch  # a resume must see the same data order
     if resume_from is not None:
-        state.update(dist.load_checkpoint(resume_from, model, optimizer, scheduler, global_batch))
+        saved = dist.load_checkpoint(resume_from, model, optimizer, scheduler, global_batch)
+        state.update(saved)
         log(f"resumed from {resume_from} at step {state['step']}/{total_steps}")
+        if speed.masks and saved.get("dropout_masks", speed.masks) != speed.masks:  # a C compiler gone or come
+            log(f"LoRA dropout masks: the run so far drew them by {saved['dropout_masks']}, this process draws them by "
+                f"{speed.masks}: the steps from here draw other masks than an uninterrupted run would (the same "
+                "distribution)")  # fmt: skip
+    state["dropout_masks"] = speed.masks  # kept in each checkpoint's loop state
     optimizer = dist.prepare(model, stage, optimizer)  # wraps the model in DDP when there are several processes
     metrics_log = MetricsLog(run_dir, cfg, state["step"]) if dist.is_main else distributed.NullLog()
     samples_log = MetricsLog(run_dir, None, state["step"], "samples.jsonl") if stage.samples and dist.is_main else None
