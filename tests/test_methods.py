@@ -157,6 +157,25 @@ def test_dora_trains_magnitudes_and_adapters_and_roundtrips_through_plain_peft(t
     assert (logits(merged) - logits(model)).abs().max() < 1e-4
 
 
+def test_dora_refuses_a_layer_with_a_row_of_zeros_naming_it():
+    """DoRA's direction is 0 / 0 on a base row of zeros (PEFT's forward gives NaN logits there): tunelab says which
+    layer, and how to leave it out, before any step; plain LoRA takes the same model."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.methods.base import MethodError
+
+    base = tiny_llama()
+    with torch.no_grad():
+        base.model.layers[1].mlp.down_proj.weight[5].zero_()
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=["down_proj"], use_dora=True))
+    assert torch.isnan(logits(peft)).all()  # what the refusal saves the user from
+    with pytest.raises(MethodError, match=r"use_dora: model\.layers\.1\.mlp\.down_proj \(1 rows\) have output "
+                                          r"rows of zeros .*\(use_dora: false\)"):  # fmt: skip
+        get("lora").apply(copy.deepcopy(base), get("lora").Config(r=4, use_dora=True))
+    lora = get("lora").apply(copy.deepcopy(base), get("lora").Config(r=4))
+    torch.testing.assert_close(logits(lora), logits(base), rtol=0, atol=0)
+
+
 def test_loraplus_gives_b_its_own_learning_rate_in_the_loops_optimizer():
     from tunelab.config import TrainingConfig
     from tunelab.training.harness import optimizer_for, scheduler_for

@@ -290,7 +290,8 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: boo
         return (g @ _dense(p)).view(x.shape) if need_x else None, None, None, None
     gc = g  # the gradient at the adapter's output (scaled by c with DoRA)
     if c is not None:
-        # a magnitude of exactly 0 would divide 0 by 0 here; PEFT's own forward gives NaN where a row's norm is 0
+        # m = 0 would divide 0 by 0 here: a zero row at the start is refused (methods/lora.py), a trained m exactly 0
+        # is left to chance
         # a bf16 sum accumulates in fp32 and rounds once (summing with dtype=fp32 copies the product first)
         grad_m = (g * read.reshape(g.shape)).sum(0).to(p.magnitude.dtype).div_(p.magnitude)
         gc = _times(g, c)

@@ -398,7 +398,8 @@ def dora_magnitudes_in_fp32(model) -> None:
     import torch
     from peft.utils.integrations import dequantize_module_weight
 
-    for module in model.modules():
+    zero_rows = {}  # layer -> its rows whose norm is 0
+    for where, module in model.named_modules():
         magnitudes = getattr(module, "lora_magnitude_vector", None)
         if not magnitudes:
             continue
@@ -407,6 +408,17 @@ def dora_magnitudes_in_fp32(model) -> None:
             delta = module.lora_B[name].weight.float() @ module.lora_A[name].weight.float()
             norm = torch.linalg.vector_norm(weight + module.scaling[name] * delta, dim=1)
             magnitude.weight.data = norm.to(magnitude.weight.device)
+            if n := int((norm == 0).sum()):
+                zero_rows[where.removeprefix("base_model.model.")] = n
+    if zero_rows:
+        # DoRA scales each row by m / ||W + s B A||, which is 0 / 0 on a row of zeros (PEFT's forward gives NaN there)
+        layers = ", ".join(f"{k} ({n} rows)" for k, n in list(zero_rows.items())[:3])
+        more = f" and {len(zero_rows) - 3} more layers" if len(zero_rows) > 3 else ""
+        raise MethodError(
+            f"use_dora: {layers}{more} have output rows of zeros in the base weight, where DoRA's direction "
+            "(W + s B A) / ||W + s B A|| is 0 / 0 (PEFT's forward gives NaN): leave those layers out of "
+            "method.target_modules, or train them with plain LoRA (use_dora: false)"
+        )
 
 
 load, merge = load_peft, merge_peft
