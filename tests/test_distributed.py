@@ -222,13 +222,19 @@ def test_nproc_spawns_torchrun_with_the_same_command(tmp_path, monkeypatch):
     assert "OMP_NUM_THREADS" in seen["env"]
 
 
-def test_a_sharded_run_saves_a_model_rebuilt_from_the_gathered_state(tmp_path):
+@pytest.mark.parametrize("init", ["default", "pissa"])
+def test_a_sharded_run_saves_a_model_rebuilt_from_the_gathered_state(tmp_path, init):
     """FSDP / DeepSpeed runs gather a full state dict and rebuild the model on rank 0 (not run here:
-    no GPU); the rebuild is checked on its own: it gives the trained model's logits."""
+    no GPU); the rebuild is checked on its own: it gives the trained model's logits. PiSSA's rebuilt model saves
+    the adapter plain PEFT loads onto the untouched base (its conversion needs the run's own A0, B0)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
     from tunelab.methods import get as get_method
     from tunelab.stages import get as stage_for
 
-    cfg = load_config({"model": {"name": save_tiny_model_dir(tmp_path / "m")}, "method": {"name": "lora", "r": 4}})
+    base_dir = save_tiny_model_dir(tmp_path / "m")
+    cfg = load_config({"model": {"name": base_dir}, "method": {"name": "lora", "r": 4, "init": init}})
     stage, method = stage_for(cfg.stage, cfg), get_method("lora")
     model, _ = stage.load_model(cfg, torch.device("cpu"))
     model = method.apply(model, cfg.method)
@@ -241,3 +247,7 @@ def test_a_sharded_run_saves_a_model_rebuilt_from_the_gathered_state(tmp_path):
     ids = torch.tensor([[1, 5, 9, 14, 30]])
     model.eval(), rebuilt.eval()
     assert torch.allclose(model(input_ids=ids).logits, rebuilt(input_ids=ids).logits, atol=1e-6)
+    if init == "pissa":
+        method.save(rebuilt, tmp_path / "adapter")
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter").eval()
+        assert torch.allclose(model(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-5)
