@@ -240,6 +240,26 @@ def _span(t: torch.Tensor, row: int, start: int, width: int) -> torch.Tensor:
     return F.pad(piece, (0, 0, 0, short)) if short else piece
 
 
+def masked_windows(model, device: torch.device) -> str | None:
+    """Why the model's sliding-window layers take transformers' masked call for a packed example longer than their
+    window, known from its config before any step (on a GPU, or with attention dropout: the band is the CPU
+    kernel's, `_band`), or None."""
+    config = getattr(unwrap(model), "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None) or ["sliding_attention"]  # Mistral names none: every layer slides
+    if not window or getattr(config, "use_sliding_window", True) is False or "sliding_attention" not in kinds:
+        return None
+    dropout = getattr(config, "attention_dropout", 0.0) or 0.0
+    if device.type == "cpu" and not dropout:
+        return None
+    why = f"on {device.type}" if device.type != "cpu" else f"with the model's attention dropout ({dropout:g})"
+    return (
+        f"packed attention on the sliding-window layers: a packed example longer than the {window}-token window takes "
+        f"transformers' masked call over its whole row {why} (on a CPU without attention dropout the kernel takes it)"
+    )
+
+
 def active(model) -> bool:
     inner = unwrap(model)
     return getattr(getattr(inner, "config", None), "_attn_implementation", None) == NAME
