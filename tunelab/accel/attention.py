@@ -66,7 +66,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     window = kwargs.get("sliding_window")
     # a sliding window some example (after a prefix of keys) is longer than: the kernel's path takes it without a
     # prefix (`_band`), no other path does
-    banded = cu is not None and not _within_window(cu, window, key.shape[2] - length)
+    banded = cu is not None and cu.numel() >= 2 and not _within_window(cu, window, key.shape[2] - length)
     if (
         cu is None
         or key.shape[2] < length  # longer: a prefix every query sees (prefix tuning), before the rows' own keys
