@@ -276,6 +276,41 @@ def test_bf16_on_a_cpu_collates_widths_rounded_up_to_the_shape_bucket():
     assert collate(rows, pad_id=0)["input_ids"].shape == (2, 40)  # outside the context: as before
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_gemma_with_examples_longer_than_its_window_trains_as_accelerate_off(tmp_path, data_file, dtype,
+                                                                                monkeypatch):  # fmt: skip
+    """Gemma 3 with a 16-token sliding window over packed rows of longer examples: under `auto` (two thread shares,
+    fused norm and GeGLU MLP, packed attention with the window's band, fused head; bf16 passes in bf16) the losses of
+    plain PyTorch + PEFT, where transformers' masked call runs every layer."""
+    from tunelab.testing import tiny_causal, tiny_tokenizer
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    tok = tiny_tokenizer()
+    model = tiny_causal("gemma3_text", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)  # fmt: skip
+    model.save_pretrained(tmp_path / "gemma")
+    tok.save_pretrained(tmp_path / "gemma")
+    bands = []
+    monkeypatch.setattr(attention, "_band", lambda w, n, *a, _f=attention._band: bands.append(n) or _f(w, n, *a))
+
+    def run(accelerate):
+        cfg = make_cfg(str(tmp_path / "gemma"), data_file, tmp_path / accelerate, max_steps=3, accelerate=accelerate)
+        cfg.data.packing, cfg.data.max_length, cfg.method.dropout, cfg.model.dtype = True, 160, 0.0, dtype
+        tunelab.train(cfg)
+        return losses(tmp_path / accelerate)
+
+    auto = run("auto")
+    assert any(n > 16 for n in bands)  # the local layer took the band for the longer examples
+    bands.clear()
+    off = run("off")
+    assert not bands and auto.keys() == off.keys() and len(off) == 3
+    # bf16: within 1e-4 of the plain run's autocast losses; the window left out moves them by 1.4e-3 to 8e-3
+    tol = {"rel": 1e-5, "abs": 1e-6} if dtype == "float32" else {"rel": 5e-4}
+    for step in off:
+        assert auto[step] == pytest.approx(off[step], **tol), step
+
+
 def test_a_gemma_takes_the_fused_norm_and_mlp_and_another_activation_is_said():
     """Gemma 3's RMSNorm ((1 + w), in fp32) and GeGLU MLP are on the fast path; a gated MLP of another activation
     runs its own forward, and the log says so."""
