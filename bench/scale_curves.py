@@ -8,7 +8,9 @@ gradient checkpointing on; tunelab: `auto`), both at `--precision` (auto: bf16 w
 side's own bf16 setting, as bench/train_speed.py; the table and JSON say which each side ran). The job: r 16, alpha 32, no dropout, all linear layers, packed
 alpaca demo rows, max(length, `--tokens-per-step`) tokens a step (1,024: four rows of 256, one of 1,024, one of
 4,096), one warm-up step and `--steps` timed ones; tokens/s counts the timed steps only. Peak RSS is the child's
-(ru_maxrss: loading included).
+(ru_maxrss: loading included). Each side runs on its own default malloc (tunelab on tbbmalloc, as `tunelab train`
+restarts itself; TRL on glibc's), or the reference on tbbmalloc too with `--ref-allocator tbbmalloc`: the
+reference's peak depends on it (~17% lower at 135M); the table says which each side ran on.
 
 Preparation points: data rows (1k, 100k, 1M) x side, bench/data_prepare.py's measurement (a fresh process each,
 its peak PSS over its process tree, rows/s from its start to the data being ready for step 1).
@@ -184,7 +186,7 @@ def job_rows(length: int, tokens_per_step: int, steps: int) -> list[dict]:
 def job_tunelab(size: str, length: int, method: str, steps: int, tokens_per_step: int, precision: str,
                 settings: list[str] = ()) -> dict:  # fmt: skip
     import tunelab
-    from tunelab.accel.memory import skip_unused_imports
+    from tunelab.accel.memory import active_allocator, skip_unused_imports
     from tunelab.config import load_config
 
     times: list[tuple[float, float]] = []  # (time, cumulative tokens/s) at the end of every step
@@ -209,7 +211,7 @@ def job_tunelab(size: str, length: int, method: str, steps: int, tokens_per_step
     first = times[0][1] * (elapsed - (times[-1][0] - times[0][0]))
     timed = (m["tokens"] - first) / (times[-1][0] - times[0][0])
     return {"tokens_per_s": timed, "tokens": m["tokens"], "peak_rss_mb": peak, "precision": m["precision"],
-            "train_loss": m["train_loss"]}  # fmt: skip
+            "allocator": active_allocator(), "train_loss": m["train_loss"]}  # fmt: skip
 
 
 def job_reference(size: str, length: int, method: str, steps: int, tokens_per_step: int, precision: str) -> dict:
@@ -218,6 +220,8 @@ def job_reference(size: str, length: int, method: str, steps: int, tokens_per_st
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from tunelab.accel.memory import active_allocator  # reads this process's malloc only: nothing of tunelab's runs
 
     folder = model_dir(size)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -258,7 +262,7 @@ def job_reference(size: str, length: int, method: str, steps: int, tokens_per_st
     timed = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
     return {"tokens_per_s": timed, "tokens": marks[-1][1], "peak_rss_mb": peak,
             "precision": ("bf16 autocast" if bf16 else "fp32") + (" (4-bit NF4 body)" if method == "qlora" else ""),
-            "train_loss": out.training_loss}  # fmt: skip
+            "allocator": active_allocator(), "train_loss": out.training_loss}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ the guard
@@ -323,7 +327,8 @@ def run_train_point(name: str, args) -> dict:
     if side == "tunelab" and args.tunelab_set:
         row["tunelab_set"] = args.tunelab_set
         cmd += [f"--tunelab-set={o}" for o in args.tunelab_set]
-    env = allocator_environment() if side == "tunelab" else None  # what `tunelab train` restarts itself with
+    # tunelab: what `tunelab train` restarts itself with; the reference: --ref-allocator
+    env = allocator_environment() if side == "tunelab" else reference_environment(args.ref_allocator)
     t0 = time.perf_counter()
     out, why = run_guarded(cmd, env, free - args.margin_gb)
     row["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -333,6 +338,20 @@ def run_train_point(name: str, args) -> dict:
         return row
     row.update(out, result="ok")
     return row
+
+
+def reference_environment(allocator: str) -> dict | None:
+    """The reference child's environment: glibc's malloc, as TRL runs (a tbbmalloc this bench was started under is
+    taken out), or tunelab's tbbmalloc preloaded (`--ref-allocator tbbmalloc`). The reference's peak depends on it:
+    TRL's 135M x 256 LoRA point peaked at 2,817 MB on glibc and 2,353 on tbbmalloc (docs/performance.md)."""
+    from tunelab.accel.memory import allocator_environment
+
+    if allocator == "tbbmalloc":
+        return allocator_environment()  # None where this process has it preloaded already: the child inherits it
+    env = dict(os.environ)
+    if "tbbmalloc" in env.get("LD_PRELOAD", ""):
+        del env["LD_PRELOAD"]
+    return env
 
 
 def run_data_point(name: str, args) -> dict:
@@ -368,7 +387,7 @@ def markdown(results: list[dict]) -> str:
     """The training table (one line per size x length x method, both sides and the ratios) and the data table."""
     by = {r["point"]: r for r in results}
     lines = ["| size | length | method | rows x tokens | tunelab tokens/s | ref tokens/s | x tok/s | tunelab peak MB | "
-             "ref peak MB | x peak | load | precision (tunelab; ref) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "ref peak MB | x peak | load | precision, allocator (tunelab; ref) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     seen = []
     for r in results:
         if r["kind"] == "train" and (key := (r["size"], r["length"], r["method"])) not in seen:
@@ -393,7 +412,8 @@ def markdown(results: list[dict]) -> str:
         )  # fmt: skip
         lines[-1] += (f" {cell(t, 'peak_rss_mb', 0)} | {cell(f, 'peak_rss_mb', 0)} | "
                       + (f"{t['peak_rss_mb'] / f['peak_rss_mb']:.2f}" if both else "—") + f" | {load} | "
-                      + "; ".join(r.get("precision", "?") if ok(r) else "—" for r in (t, f))
+                      + "; ".join(r.get("precision", "?") + (f", {r['allocator']}" if r.get("allocator") else "")
+                                  if ok(r) else "—" for r in (t, f))
                       + (f" (tunelab: {', '.join(t['tunelab_set'])})" if t and t.get("tunelab_set") else "") + " |")  # fmt: skip
     data = [r for r in results if r["kind"] == "data"]
     if data:
@@ -480,6 +500,9 @@ def main() -> None:
     parser.add_argument("--tunelab-set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for the tunelab points, e.g. training.gradient_checkpointing=true "
                         "(recorded in their rows; use another --out for a variant)")  # fmt: skip
+    parser.add_argument("--ref-allocator", choices=["system", "tbbmalloc"], default="system",
+                        help="the reference's malloc: glibc's, as TRL runs (the default), or tbbmalloc preloaded, "
+                        "tunelab's own (the allocator's difference in peak memory taken out)")  # fmt: skip
     add_precision_option(parser)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()

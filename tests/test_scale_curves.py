@@ -54,3 +54,20 @@ def test_points_and_the_table(scale):
     table = scale.markdown([row("tunelab", 250.0, 1000.0), row("ref", 100.0, 2000.0), big])
     assert "| 135m | 256 | lora | 4 x 256 | 250.0 | 100.0 | 2.50 | 1,000 | 2,000 | 0.50 | 3.0, 3.0 |" in table
     assert "| 1.7b | 4096 | lora | 1 x 4096 | not run | does not fit: estimated 30 GB > 20 GB available | — |" in table
+
+
+def test_each_side_runs_on_the_malloc_it_is_given_and_the_table_says_which(scale, monkeypatch):
+    """The reference runs on glibc's malloc by default, even under a bench started with tbbmalloc preloaded, and on
+    tbbmalloc with --ref-allocator tbbmalloc; each row's allocator is shown beside its precision."""
+    preloaded = "/x/libtbbmalloc.so.2 /x/libtbbmalloc_proxy.so.2"
+    monkeypatch.setenv("LD_PRELOAD", preloaded)
+    assert "LD_PRELOAD" not in scale.reference_environment("system")
+    assert scale.reference_environment("tbbmalloc") is None  # preloaded here already: the child inherits it
+    monkeypatch.delenv("LD_PRELOAD")
+    assert "LD_PRELOAD" not in scale.reference_environment("system")
+    row = lambda side, alloc: {"point": f"train:135m:256:lora:{side}", "kind": "train", "size": "135m",  # noqa: E731
+                               "length": 256, "method": "lora", "side": side, "rows_per_step": 4, "result": "ok",
+                               "tokens_per_s": 100.0, "peak_rss_mb": 1000.0, "load_before": "1.0 1.0 1.0",
+                               "precision": "bf16", "allocator": alloc}  # fmt: skip
+    table = scale.markdown([row("tunelab", "tbbmalloc"), row("ref", "system")])
+    assert "| precision, allocator (tunelab; ref) |" in table and "| bf16, tbbmalloc; bf16, system |" in table
