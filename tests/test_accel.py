@@ -104,30 +104,6 @@ def test_an_encoder_classifier_gets_no_packed_attention_line(attn):
     assert "packed attention: the model's attention is not SDPA" in speed.describe()
 
 
-def test_the_log_says_when_sliding_window_layers_take_the_masked_call():
-    """A sliding window some example is longer than takes the CPU kernel with a band; with attention dropout (or on a
-    GPU) such a layer takes transformers' masked call, and the run log says so before any step."""
-    from tunelab.testing import tiny_causal
-
-    cfg = load_config({"method": {"name": "lora", "r": 4, "dropout": 0.0}, "data": {"packing": True},
-                       "training": {"device": "cpu"}})  # fmt: skip
-    said = {}
-    for name, kw in (("gemma3", {}), ("gemma3 dropout", {"attention_dropout": 0.1}),
-                     ("qwen2 dropout", {"attention_dropout": 0.1})):  # fmt: skip
-        kind = name.split()[0].replace("gemma3", "gemma3_text")
-        model = get("lora").apply(tiny_causal(kind, sliding_window=16, **kw), cfg.method)
-        speed = accel.start(cfg.training, torch.device("cpu"))
-        speed.prepare(model, cfg, count_parameters(model)[1], multi=False)
-        assert "per-example attention over packed rows" in speed.describe()
-        said[name] = [line for line in speed.skipped if "sliding-window" in line]
-    assert said["gemma3"] == [] and said["qwen2 dropout"] == []  # Qwen2's window is off unless use_sliding_window
-    assert said["gemma3 dropout"] == [
-        "packed attention on the sliding-window layers: a packed example longer than the 16-token window takes "
-        "transformers' masked call over its whole row with the model's attention dropout (0.1) (on a CPU without "
-        "attention dropout the kernel takes it)"
-    ]
-
-
 def _prepared_lora(dropout: float, autocast: bool = False, **training):
     cfg = load_config({"method": {"name": "lora", "r": 4, "dropout": dropout},
                        "training": {"device": "cpu", **training}})  # fmt: skip

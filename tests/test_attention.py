@@ -112,6 +112,32 @@ def test_a_sliding_window_takes_the_packed_path(window):
     assert bands == ([] if window >= 24 else [10, 9, 24, 11] * 2)
 
 
+def test_a_sliding_window_with_attention_dropout_is_attended_per_example_under_its_band(monkeypatch):
+    """With attention dropout (as on a GPU) the examples go to one SDPA call each: an example longer than the
+    window under the window's boolean band, not the masked call over the whole row."""
+    from transformers.integrations import sdpa_attention
+
+    from tunelab.testing import tiny_causal
+
+    base = tiny_causal("gemma3_text", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, sliding_window=8, attention_dropout=0.1,
+                       layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    model = get("lora").apply(base, get("lora").Config(r=4, dropout=0.0)).train()
+    assert attention.install(model)
+    masked, banded = [], []
+    real_sdpa, real_mask = sdpa_attention.sdpa_attention_forward, attention._window_mask
+    monkeypatch.setattr(
+        sdpa_attention, "sdpa_attention_forward", lambda *a, **k: masked.append(1) or real_sdpa(*a, **k)
+    )
+    monkeypatch.setattr(
+        attention, "_window_mask", lambda w, n, d: (banded.append(n) if w else None) or real_mask(w, n, d)
+    )
+    loss, n = L.token_loss_sum(model, packed_batch())
+    loss.backward()
+    assert torch.isfinite(loss) and not masked
+    assert [m for m in banded if m > 8] == [10, 9, 24, 11]  # the local layer's examples longer than its window
+
+
 @contextlib.contextmanager
 def band_masks():
     """The example lengths `_band` gave a mask for, in order."""
@@ -129,17 +155,23 @@ def band_masks():
         attention._band = real
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_sliding_window_longer_examples_match_sdpa_with_the_band(dtype):
-    """The packed function with a window some examples exceed, against one SDPA call per example under the
-    window's boolean mask (fp32): output and gradients; in bf16 the examples are attended at bucketed lengths."""
+@pytest.mark.parametrize(
+    "path, dtype", [("kernel", torch.float32), ("kernel", torch.bfloat16), ("sdpa", torch.float32)]
+)
+def test_a_sliding_window_longer_examples_match_sdpa_with_the_band(path, dtype):
+    """The packed function (the CPU kernel's path) and the per-example SDPA calls (the path of GPUs and attention
+    dropout) with a window some examples exceed, against one SDPA call per example under the window's boolean mask
+    (fp32): output and gradients; in bf16 the examples are attended at bucketed lengths."""
     g = torch.Generator().manual_seed(1)
     rows, heads, kv_heads, length, dim, window = 2, 4, 2, 80, 16, 12
     pieces = [(0, 0, 5), (0, 5, 40), (0, 45, 35), (1, 0, 80)]
     q, k, v = (torch.randn(rows, length, h, dim, generator=g).transpose(1, 2) for h in (heads, kv_heads, kv_heads))
     grad = torch.randn(rows * length, heads, dim, generator=g)
     inputs = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
-    out = attention._PackedCausal.apply(*inputs, pieces, dim**-0.5, window)
+    if path == "kernel":
+        out = attention._PackedCausal.apply(*inputs, pieces, dim**-0.5, window)
+    else:
+        out = attention._per_example_sdpa(*inputs, pieces, 0.0, dim**-0.5, window)
     out.backward(grad.to(dtype))
     ref_in = [t.detach().requires_grad_() for t in (q, k, v)]
     outs = []

@@ -186,8 +186,6 @@ class Speed:
                 if cfg.data.packing
                 else "right-padded rows laid end to end, one attention call each (no compute on padding)"
             )
-            if why := attention.masked_windows(model, self.device):
-                skip(why)
         elif said and not attention.active(model):
             skip(
                 "packed attention: the model's attention is not SDPA; its masked call runs (no setting: "

@@ -22,11 +22,12 @@ calls each part's kernel backward with the merged output and log-sum-exp: each t
 share of the whole softmax's gradient, and the queries' gradients add up (tests/test_attention.py).
 
 A sliding window (Gemma 3's local layers, Mistral) changes nothing for an example no longer than it; a longer
-example is attended with the window's band as the kernel's mask (`_band`), on the CPU kernel's path.
+example is attended under the window's band as a mask (the CPU kernel's additive one, `_band`; SDPA's boolean one,
+`_window_mask`, on a GPU or with attention dropout).
 
-Anything else (no boundaries, a KV cache, a sliding window some example is longer than on a GPU or with attention
-dropout, soft-capping, sinks, non-causal modules) goes to transformers' own SDPA function unchanged, so generation
-and evaluation behave as before.
+Anything else (no boundaries, a KV cache, a sliding window some example after a prefix of keys is longer than,
+soft-capping, sinks, non-causal modules) goes to transformers' own SDPA function unchanged, so generation and
+evaluation behave as before.
 """
 
 from __future__ import annotations
@@ -62,10 +63,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     cu = kwargs.get("cu_seq_lens_q")
     rows, heads, length, dim = query.shape
     drop = dropout if module.training else 0.0
-    kernel = query.device.type == "cpu" and drop == 0.0  # the CPU flash kernel's path (`_PackedCausal`)
     window = kwargs.get("sliding_window")
-    # a sliding window some example (after a prefix of keys) is longer than: the kernel's path takes it without a
-    # prefix (`_band`), no other path does
+    # a sliding window some example (after a prefix of keys) is longer than: taken under a band mask, without a prefix
     banded = cu is not None and cu.numel() >= 2 and not _within_window(cu, window, key.shape[2] - length)
     if (
         cu is None
@@ -74,20 +73,20 @@ def packed_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         or int(cu[-1]) != rows * length
         or any(kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias"))
         or (is_causal if is_causal is not None else getattr(module, "is_causal", True)) is False
-        or (banded and not (kernel and key.shape[2] == length))
+        or (banded and key.shape[2] != length)
     ):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
     bounds = cu.tolist()
     pieces = [(start // length, start % length, end - start) for start, end in zip(bounds[:-1], bounds[1:])]
-    if kernel:
+    if query.device.type == "cpu" and drop == 0.0:  # the CPU flash kernel
         if torch.is_autocast_enabled("cpu"):  # as autocast casts SDPA's inputs (rotary leaves q, k in fp32 there)
             query, key, value = (t.to(torch.get_autocast_dtype("cpu")) for t in (query, key, value))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = _PackedCausal.apply(query, key, value, pieces, scale, int(window) if banded else None)
     else:
-        out = _per_example_sdpa(query, key, value, pieces, drop, scaling)
+        out = _per_example_sdpa(query, key, value, pieces, drop, scaling, int(window) if banded else None)
     return out.view(rows, length, heads, dim), None  # transformers' attention functions: [rows, length, ...]
 
 
@@ -98,9 +97,10 @@ def _within_window(cu: torch.Tensor, window, prefix: int = 0) -> bool:
     return window is None or int((cu[1:] - cu[:-1]).max()) + prefix <= int(window)
 
 
-def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling) -> torch.Tensor:
+def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling, window: int | None = None) -> torch.Tensor:
     """One SDPA call per example and a cat, `[rows * length, heads, dim]`: for GPUs and dropout. A prefix of keys
-    (prefix tuning) goes before each example's own, under a causal mask aligned to the last key."""
+    (prefix tuning) goes before each example's own, under a causal mask aligned to the last key; an example longer
+    than a sliding `window` (never with a prefix) under the window's band (`_window_mask`)."""
     rows, heads, length = query.shape[:3]
     gqa = key.shape[1] != heads
     prefix = key.shape[2] - length
@@ -112,7 +112,7 @@ def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling) -> tor
         kp, k = k.split([prefix, length], dim=1)
         vp, v = v.split([prefix, length], dim=1)
         for qs, ks, vs in zip(q.split(n, dim=1), k.split(n, dim=1), v.split(n, dim=1)):
-            mask = None
+            mask = _window_mask(window, qs.shape[1], qs.device)
             if prefix:
                 ks, vs = torch.cat([kp, ks], dim=1), torch.cat([vp, vs], dim=1)
                 mask = torch.ones(qs.shape[1], ks.shape[1], dtype=torch.bool, device=qs.device).tril(prefix)
@@ -129,6 +129,16 @@ def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling) -> tor
             outs.append(out[0].transpose(0, 1))  # [piece, heads, dim]
     # the examples tile the flattened [rows * length] positions in order
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _window_mask(window: int | None, n: int, device) -> torch.Tensor | None:
+    """SDPA's boolean mask of a sliding window over an example of `n` tokens (None where it takes nothing away): a
+    query sees itself and the keys less than `window` positions before it."""
+    if window is None or n <= window:
+        return None
+    back = torch.arange(n, device=device)
+    back = back[:, None] - back[None, :]
+    return (back >= 0) & (back < window)
 
 
 def _causal(query, key, value, scale, band=None):
@@ -238,26 +248,6 @@ def _span(t: torch.Tensor, row: int, start: int, width: int) -> torch.Tensor:
     piece = t[row : row + 1, :, start : start + width]
     short = width - piece.shape[2]
     return F.pad(piece, (0, 0, 0, short)) if short else piece
-
-
-def masked_windows(model, device: torch.device) -> str | None:
-    """Why the model's sliding-window layers take transformers' masked call for a packed example longer than their
-    window, known from its config before any step (on a GPU, or with attention dropout: the band is the CPU
-    kernel's, `_band`), or None."""
-    config = getattr(unwrap(model), "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(config, "sliding_window", None)
-    kinds = getattr(config, "layer_types", None) or ["sliding_attention"]  # Mistral names none: every layer slides
-    if not window or getattr(config, "use_sliding_window", True) is False or "sliding_attention" not in kinds:
-        return None
-    dropout = getattr(config, "attention_dropout", 0.0) or 0.0
-    if device.type == "cpu" and not dropout:
-        return None
-    why = f"on {device.type}" if device.type != "cpu" else f"with the model's attention dropout ({dropout:g})"
-    return (
-        f"packed attention on the sliding-window layers: a packed example longer than the {window}-token window takes "
-        f"transformers' masked call over its whole row {why} (on a CPU without attention dropout the kernel takes it)"
-    )
 
 
 def active(model) -> bool:
