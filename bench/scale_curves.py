@@ -46,7 +46,11 @@ import time
 from functools import partial
 from pathlib import Path
 
-from train_speed import add_precision_option, auto_precision  # bench/ is the script's folder: on sys.path
+from train_speed import (  # bench/ is the script's folder: on sys.path
+    add_precision_option,
+    auto_precision,
+    reference_environment,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared/data/llamafactory-demo/alpaca_en_demo.json"
@@ -338,20 +342,6 @@ def run_train_point(name: str, args) -> dict:
         return row
     row.update(out, result="ok")
     return row
-
-
-def reference_environment(allocator: str) -> dict | None:
-    """The reference child's environment: glibc's malloc, as TRL runs (a tbbmalloc this bench was started under is
-    taken out), or tunelab's tbbmalloc preloaded (`--ref-allocator tbbmalloc`). The reference's peak depends on it:
-    TRL's 135M x 256 LoRA point peaked at 2,817 MB on glibc and 2,353 on tbbmalloc (docs/performance.md)."""
-    from tunelab.accel.memory import allocator_environment
-
-    if allocator == "tbbmalloc":
-        return allocator_environment()  # None where this process has it preloaded already: the child inherits it
-    env = dict(os.environ)
-    if "tbbmalloc" in env.get("LD_PRELOAD", ""):
-        del env["LD_PRELOAD"]
-    return env
 
 
 def run_data_point(name: str, args) -> dict:

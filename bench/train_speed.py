@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import resource
 import statistics
@@ -346,13 +347,27 @@ def job_tunelab(method: str, overrides: list[str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ driver
+def reference_environment(allocator: str) -> dict | None:
+    """The reference child's environment: glibc's malloc, as TRL runs (a tbbmalloc this bench was started under is
+    taken out), or tunelab's tbbmalloc preloaded ("tbbmalloc"). The reference's peak depends on it: TRL's 135M x 256
+    LoRA point peaked at 2,817 MB on glibc and 2,353 on tbbmalloc (docs/performance.md)."""
+    from tunelab.accel.memory import allocator_environment
+
+    if allocator == "tbbmalloc":
+        return allocator_environment()  # None where this process has it preloaded already: the child inherits it
+    env = dict(os.environ)
+    if "tbbmalloc" in env.get("LD_PRELOAD", ""):
+        del env["LD_PRELOAD"]
+    return env
+
+
 def job_environment(side: str, method: str, overrides: list[str], trl_allocator: str) -> dict | None:
     """The process environment of a job: tunelab's runs get the allocator `tunelab train` would restart
     itself with (training.allocator, tunelab/accel/memory.py); TRL's runs as plain Python, unless asked."""
     from tunelab.accel.memory import allocator_environment, wants_tbbmalloc
 
     if side == "trl":
-        return allocator_environment() if trl_allocator == "tbbmalloc" else None
+        return reference_environment(trl_allocator)
     return allocator_environment() if wants_tbbmalloc(tunelab_config(method, overrides, "/unused").training) else None
 
 

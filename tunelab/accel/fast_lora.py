@@ -235,7 +235,7 @@ def _dora_scale(p: _Parts, weight: torch.Tensor) -> torch.Tensor:
 
 def _linear(x: torch.Tensor, p: _Parts):
     """(y, x A^T, dropout state, c, what DoRA's dm reads): d(x) A^T ([rows, r], kept for dB) when the adapter was
-    not folded, else None; the generator state of the dropout mask when there is dropout, else None; DoRA's scale
+    not folded, else None; what draws the dropout mask again (`keep_mask`'s state) when there is dropout, else None; DoRA's scale
     per output row (`_dora_scale`), else None; with DoRA and dropout, c (W + s B A) d(x) (else None: y less the bias
     is what dm reads)."""
     if p.lora_a is None:
@@ -279,8 +279,8 @@ def _linear(x: torch.Tensor, p: _Parts):
 def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: bool = True, xa=None, state=None,
                      c=None, read=None):  # fmt: skip
     """(dx, dA, dB, dm) of `_linear` (dx None when not needed; dA, dB None for a plain Linear, dm without DoRA);
-    `xa` is the forward's d(x) A^T when it kept one (else it is computed again), `state` its dropout mask's
-    generator state. DoRA: `c` its scale and `read` c z, with z what c scales (y less the bias without dropout:
+    `xa` is the forward's d(x) A^T when it kept one (else it is computed again), `state` what draws its dropout
+    mask again (`keep_mask`). DoRA: `c` its scale and `read` c z, with z what c scales (y less the bias without dropout:
     z = (W + s B A) x; with dropout, the `scaled` of `_linear`), so dm = sum over rows of g z / ||W + s B A|| =
     sum g (c z) / m, and the rest is LoRA's backward of g c (plus, with dropout, W's second product)."""
     g = grad.reshape(-1, grad.shape[-1])

@@ -24,10 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# the gated MLPs' activations these functions compute: name -> the function an act_fn must match bit for bit
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+
 
 def act(kind: str, g: torch.Tensor) -> torch.Tensor:
-    """The gated MLP's activation of `kind` ("silu" or "gelu_tanh") on g: what the model's act_fn computes."""
-    return F.silu(g) if kind == "silu" else F.gelu(g, approximate="tanh")
+    """The gated MLP's activation of `kind` (an `ACTIVATIONS` name) on g: what the model's act_fn computes."""
+    return ACTIVATIONS[kind](g)
 
 
 def act_backward_(kind: str, grad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -94,10 +97,6 @@ LAYERS = ("gate_proj", "up_proj", "down_proj")  # a gated MLP's linear layers, a
 
 def _gated(module: nn.Module) -> bool:
     return all(hasattr(module, k) for k in LAYERS)
-
-
-# the gated MLPs' activations these functions compute: name -> the function an act_fn must match bit for bit
-ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 
 
 def gated_activation(module: nn.Module) -> str | None:
