@@ -356,3 +356,18 @@ def test_peers_adapter_to_train_on_maps_to_start_from_with_the_adapters_own_shap
     empty = translate({**ax, "lora_model_dir": None})  # the peers' examples leave it empty
     assert load_config(empty.config).method.start_from is None and load_config(empty.config).method.r == 32
     assert "a new adapter" in dict(empty.ignored)["lora_model_dir"]
+
+
+def test_peers_new_tokens_map_to_new_special_tokens():
+    """LLaMA-Factory's new_special_tokens (comma-separated, or a list) and Axolotl's tokens become
+    model.new_special_tokens; LLaMA-Factory's resize_vocab is what tunelab does by itself."""
+    lf = {"model_name_or_path": "m", "stage": "sft", "dataset": "a", "finetuning_type": "lora"}
+    t = translate({**lf, "new_special_tokens": "<tool>, </tool>", "resize_vocab": True})
+    assert load_config(t.config).model.new_special_tokens == ["<tool>", "</tool>"]
+    assert "resize_vocab" in dict(t.ignored)
+    assert translate({**lf, "new_special_tokens": ["<a>"]}).config["model"]["new_special_tokens"] == ["<a>"]
+    ax = {"base_model": "m", "datasets": [{"path": "a", "type": "alpaca"}], "adapter": "lora"}
+    t = translate({**ax, "tokens": ["<|tool|>", "<think>"]})
+    assert load_config(t.config).model.new_special_tokens == ["<|tool|>", "<think>"]
+    with pytest.raises(ConfigError, match="new_special_tokens with method adapter"):  # the config's own check
+        load_config({**translate({**ax, "tokens": ["<x>"]}).config, "method": {"name": "adapter"}})

@@ -803,3 +803,38 @@ def test_olmo2_and_granite_run_in_llama_cpp(tmp_path, arch):
 
 
 OTHER_SEEDS = {"olmo2": 8, "olmo2-tied": 0, "granite": 0}  # no near-ties on their greedy paths (top-2 gaps > 0.01)
+
+
+def test_a_run_that_added_tokens_tokenizes_and_answers_in_llama_cpp(tmp_path):
+    """model.new_special_tokens: llama.cpp loads the merged GGUF with the grown vocabulary, splits text holding the
+    new tokens into transformers' ids (each new token one id), and gives the run's logits where they are read."""
+    import tunelab
+
+    base = save_tiny_model_dir(tmp_path / "model", seed=11)
+    rows = [{"instruction": f"Call tool {i}.", "input": "", "output": f"<tool> run {i} </tool>"} for i in range(24)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config({
+        "output_dir": str(tmp_path / "run"), "model": {"name": base, "new_special_tokens": ["<tool>", "</tool>"]},
+        "data": {"train": str(data), "val_fraction": 0.0, "max_length": 48}, "method": LORA,
+        "training": {"max_steps": 8, "batch_size": 4, "lr": 1e-2, "progress": False, "tensorboard": False},
+    })  # fmt: skip
+    run = str(tunelab.train(cfg).run_dir)
+    path = export(run, "gguf", "f32", str(tmp_path / "m.gguf"))["path"]
+    model, tok = load_run(run, device="cpu", merge=True)
+    new = tok.convert_tokens_to_ids(["<tool>", "</tool>"])
+    llm = _llama(path)
+    try:
+        assert llm.n_vocab() == len(tok)
+        text = "Call tool 7. <tool> run 7 </tool>"
+        ours = tok(text, add_special_tokens=False)["input_ids"]
+        assert set(new) <= set(ours) and llm.tokenize(text.encode(), add_bos=False, special=True) == ours
+        assert llm.detokenize(ours, special=True).decode() == tok.decode(ours)
+        llm.reset()
+        llm.eval(ours)
+        theirs = np.array(llm.scores[: len(ours)], dtype=np.float32)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ours])).logits[0].float().numpy()
+        assert float(np.abs(theirs - logits).max()) < 1e-4
+    finally:
+        llm.close()

@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -183,6 +184,13 @@ def test_adapter_argument_and_loading_errors(server, tmp_path):
     other = save_tiny_model_dir(tmp_path / "other", seed=5)
     with pytest.raises(ValueError, match="trained on"):
         load_served(other, [("a", server["runs"]["a"])], device="cpu")
+    # a run that added tokens (model.new_special_tokens) needs its own grown token table, not the shared base's
+    grown = _lora_run(tmp_path / "grown", server["base"], 3)
+    manifest = Path(grown) / "final" / "tunelab.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()),
+                                    "base_model": {"name": server["base"], "new_special_tokens": ["<tool>"]}}))  # fmt: skip
+    with pytest.raises(ValueError, match=r"added tokens to the vocabulary \(<tool>\).*serve that run itself"):
+        load_served(server["base"], [("g", grown)], device="cpu")
 
 
 # -------------------------------------------------------------------- limits, cancellation, batching

@@ -171,6 +171,26 @@ class ModelConfig(Section):
         description="With `architecture`: a tokenizer folder (e.g. from `tunelab tokenizer train`), or "
         "{train: {...}} to train one before the model is built (cached by text and settings).",
     )
+    new_special_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens to add to the tokenizer as special tokens (never split, e.g. ChatML's <|im_start|> for a "
+        "base model without them). The model's token table (and head) grow to take them, their rows starting at "
+        "the mean of the others', and they train: every weight does with method full, and with lora / qlora "
+        "their rows train beside the adapter (PEFT's trainable_token_indices). Tokens the tokenizer already has "
+        'are left as they are (docs/methods.md, "New tokens").',
+    )
+
+    @field_validator("new_special_tokens")
+    @classmethod
+    def _tokens(cls, tokens):
+        for i, t in enumerate(tokens):
+            if not t or t != t.strip():
+                raise ValueError(
+                    f"model.new_special_tokens[{i}] {t!r}: a token is non-empty, without spaces at its ends"
+                )
+            if t in tokens[:i]:
+                raise ValueError(f"model.new_special_tokens[{i}] {t!r}: listed twice; list each token once")
+        return tokens
 
     @model_validator(mode="before")
     @classmethod
@@ -189,6 +209,11 @@ class ModelConfig(Section):
                     f"{key} goes with model.architecture (a model built from scratch); set it or drop {key}"
                 )
             return self
+        if self.new_special_tokens:
+            raise ValueError(
+                "model.new_special_tokens with model.architecture: a model built from scratch takes its vocabulary "
+                "from its tokenizer; list the tokens there (model.tokenizer.train.special_tokens) and drop them here"
+            )
         if self.tokenizer is None:
             raise ValueError(
                 "model.architecture needs model.tokenizer: a tokenizer folder, or {train: {type: bpe, vocab_size: "
@@ -924,6 +949,15 @@ def _build_config_class():
                 raise ValueError(
                     f"stage: {self.stage} does not pack: each sequence it scores is a row of its own (laid end to end "
                     "without their padding where tunelab/accel's packed attention runs); set data.packing: false"
+                )
+            if self.model.new_special_tokens and not _capabilities(self.method.name).new_tokens:
+                from tunelab.methods.registry import names
+
+                able = ", ".join(n for n in names() if _capabilities(n).new_tokens)
+                raise ValueError(
+                    f"model.new_special_tokens with method {self.method.name}: the new tokens' rows of the token table "
+                    f"start untrained, and {self.method.name} leaves the table frozen; use a method that trains them "
+                    f"({able}), or drop model.new_special_tokens"
                 )
             if self.stage == "distill":
                 _check_distill(self)

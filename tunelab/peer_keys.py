@@ -12,6 +12,7 @@ from tunelab.bf16_table import measured_text
 LLAMAFACTORY_MAPPED = {
     "model_name_or_path": "model.name",
     "trust_remote_code": "model.trust_remote_code",
+    "new_special_tokens": "model.new_special_tokens (comma-separated -> a list)",
     "stage": "stage",
     "finetuning_type": "method.name",
     "quantization_bit": "method.name (4 = qlora)",
@@ -104,6 +105,7 @@ LLAMAFACTORY_IGNORED = {
     "per_device_eval_batch_size": "tunelab evaluates with training.batch_size",
     "eval_strategy": "tunelab evaluates every training.eval_every steps (eval_steps) and at the end",
     "flash_attn": "tunelab picks the attention implementation itself",
+    "resize_vocab": "tunelab grows the token table (and an untied head) whenever model.new_special_tokens needs it",
     "use_llama_pro": "LLaMA Pro's added blocks are not supported: freeze trains the top existing blocks instead",
     "loraplus_lr_embedding": _NO_EMBEDDING_LORA,
     "pissa_convert": "tunelab always saves a PiSSA adapter converted to a plain LoRA (rank 2r) of the original base, "
@@ -118,6 +120,7 @@ LLAMAFACTORY_IGNORED = {
 AXOLOTL_MAPPED = {
     "base_model": "model.name",
     "trust_remote_code": "model.trust_remote_code",
+    "tokens": "model.new_special_tokens",
     "adapter": "method.name",
     "load_in_4bit": "method.name (qlora)",
     "lora_r": "method.r",

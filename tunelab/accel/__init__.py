@@ -54,7 +54,7 @@ import contextlib
 
 import torch
 
-from tunelab.accel import attention, compact, fast_lora, head, masks, memory, norm, swiglu, threads
+from tunelab.accel import attention, compact, fast_lora, head, masks, memory, norm, swiglu, threads, token_rows
 from tunelab.accel.threads import sharded_step
 from tunelab.data.collate import widths_rounded_to
 from tunelab.methods import reference
@@ -135,6 +135,10 @@ class Speed:
         skip = self.skipped.append
         routed = fast_lora.routes(model)  # PEFT LoRA layers over dense or 4-bit (qlora) bases
         n = fast_lora.enable(model) if routed else 0
+        if token_rows.install(model):
+            self.pieces.append(
+                "new tokens' rows put in beside the frozen token table (no copy of it, no gradient of it)"
+            )
         if autocast and not (why := _needs_autocast(model, self.device)):
             self.autocast = False
             for trained in _trained_heads(model):  # fp32 master weights on the bf16 backbone's output
@@ -195,6 +199,12 @@ class Speed:
             head.install(model)
             if getattr(pair[1], "bias", None) is not None:
                 skip("fused LM head + cross-entropy: the head has a bias; the plain chunked loss runs (no setting)")
+            elif token_rows.trains_rows(pair[1]) and token_rows.head_rows(pair[1]) is None:
+                skip(
+                    "fused LM head + cross-entropy: the new tokens' rows (model.new_special_tokens) train in a head "
+                    "it cannot take (not a bias-free linear map, or several adapters); PEFT's layer and the plain "
+                    "chunked loss run (no setting)"
+                )
             elif self.autocast and self.device.type != "cpu":
                 skip(
                     f"fused LM head + cross-entropy: {self.device.type} autocast; the plain chunked loss runs "
@@ -294,6 +304,7 @@ def _needs_autocast(model, device) -> str | None:
     if device.type != "cpu":
         return f"{device.type} keeps autocast (bf16 passes are built and measured on CPUs)"
     adapters = [*fast_lora.bf16_adapters(model), *_virtual_tokens(model)]
+    adapters += token_rows.trained(model)
     covered = {id(t) for t in [*adapters, *(p for h in _trained_heads(model) for p in h.parameters())]}
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in covered:

@@ -513,7 +513,7 @@ def _fast_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(x, self.tunelab_act, *(t for p in parts for t in p))
 
 
-def _route(module: nn.Module, saved: str, forward) -> bool:
+def route(module: nn.Module, saved: str, forward) -> bool:
     """Give `module` `forward` as its forward, its own kept as `saved` (once: False when it was routed before)."""
     if hasattr(module, saved):
         return False
@@ -592,7 +592,7 @@ def enable(model) -> int:
     n = 0
     for module in model.modules():
         if isinstance(module, lora):
-            n += _route(module, "_peft_forward", _fast_forward)
+            n += route(module, "_peft_forward", _fast_forward)
         elif is_swiglu(module):
-            _route(module, "_plain_forward", _fast_mlp_forward)
+            route(module, "_plain_forward", _fast_mlp_forward)
     return n

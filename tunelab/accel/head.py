@@ -23,6 +23,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from tunelab.accel import token_rows
 from tunelab.accel.compact import CompactLinear, times_weight, weight_times
 from tunelab.accel.memory import shape_bucket
 from tunelab.models import loss
@@ -59,20 +60,24 @@ def install(model) -> None:
 
 def fused_loss(head, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
     """sum CE(head(hidden), target), its gradient computed in the forward pass; None where the head is not a
-    bias-free linear map in the hidden states' dtype (then the plain chunks run). Under a CPU's bf16 autocast
+    bias-free linear map in the hidden states' dtype (then the plain chunks run). A head PEFT trains new tokens' rows
+    of (accel/token_rows.py) is taken as its frozen map and those rows. Under a CPU's bf16 autocast
     (full fine-tuning in bf16: fp32 master weights) the products run in bf16 as autocast would run them."""
     device = hidden.device.type
+    rows = ()
+    if (found := token_rows.head_rows(head)) is not None:  # new tokens' rows trained beside a frozen head
+        head, rows = found
     if type(head) not in (torch.nn.Linear, CompactLinear) or head.bias is not None:
         return None
     if torch.is_autocast_enabled(device):
         compute = torch.get_autocast_dtype(device)
-        if device != "cpu" or type(head) is CompactLinear or compute != torch.bfloat16:
+        if device != "cpu" or type(head) is CompactLinear or compute != torch.bfloat16 or rows:
             return None
         return _HeadCrossEntropy.apply(hidden, head.weight, target, compute)
     if hidden.dtype != (torch.float32 if type(head) is CompactLinear else head.weight.dtype):
         return None
     weight = head.compact if type(head) is CompactLinear else head.weight
-    return _HeadCrossEntropy.apply(hidden, weight, target)
+    return _HeadCrossEntropy.apply(hidden, weight, target, None, *rows)
 
 
 def _logits_buffer(vocab: int, rows: int, like: torch.Tensor, dtype: torch.dtype | None = None, least: int = 0):
@@ -123,8 +128,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, compute=None):
-        if compute is None:
+    def forward(ctx, hidden, weight, target, compute=None, index=None, rows=None):
+        ctx.grad_rows = None
+        if rows is not None:  # new tokens' rows (accel/token_rows.py): their logits theirs, their gradient apart
+            loss, grad_hidden, grad_weight, ctx.grad_rows = _loss_and_grads(
+                hidden, weight, target, ctx.needs_input_grad[1], rows=(index, rows)
+            )
+        elif compute is None:
             loss, grad_hidden, grad_weight = _loss_and_grads(hidden, weight, target, ctx.needs_input_grad[1])
         else:  # under autocast: the products in `compute` (bf16), dW accumulated in the master weight's dtype
             with torch.autocast(hidden.device.type, enabled=False):
@@ -138,9 +148,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
+        grad_rows = None if ctx.grad_rows is None else ctx.grad_rows * grad_loss
         # in place: a new tensor the size of the head (28M weights for SmolLM2) would be a fresh allocation's page
         # faults each step; a second backward through the graph meets autograd's error for a changed saved tensor
-        return grad_hidden.mul_(grad_loss), None if grad_weight is None else grad_weight.mul_(grad_loss), None, None
+        return (grad_hidden.mul_(grad_loss), None if grad_weight is None else grad_weight.mul_(grad_loss), None, None,
+                None, grad_rows)  # fmt: skip
 
 
 def _softmax_minus_onehot_(logits: torch.Tensor, t: torch.Tensor, real: int) -> torch.Tensor:
@@ -157,9 +169,11 @@ def _softmax_minus_onehot_(logits: torch.Tensor, t: torch.Tensor, real: int) -> 
     return loss
 
 
-def _loss_and_grads(hidden, weight, target, want_weight_grad: bool, weight_grad_dtype=None):
+def _loss_and_grads(hidden, weight, target, want_weight_grad: bool, weight_grad_dtype=None, rows=None):
     """(summed CE, dCE/dhidden, dCE/dW or None) chunk by chunk (_HeadCrossEntropy). `weight_grad_dtype`: dW summed
-    in it (fp32 master weights under autocast: each chunk's bf16 product added in fp32, as autograd would)."""
+    in it (fp32 master weights under autocast: each chunk's bf16 product added in fp32, as autograd would).
+    `rows`: (ids, trained rows) that stand in for those rows of `weight` (new tokens, accel/token_rows.py); their
+    gradient, summed in their dtype, is returned fourth."""
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     labels = target.numel()
     # in bf16 the label count is rounded up (memory.shape_bucket) with zero rows: they add nothing to dW, their
@@ -170,12 +184,20 @@ def _loss_and_grads(hidden, weight, target, want_weight_grad: bool, weight_grad_
     grad_weight = torch.zeros_like(weight, dtype=weight_grad_dtype) if want_weight_grad else None
     plain_bf16 = isinstance(weight, torch.Tensor) and weight.dtype != torch.float32 and hidden.device.type == "cpu"
     chunk = BF16_CHUNK if plain_bf16 and not want_weight_grad else FUSED_CHUNK
+    if rows is not None:
+        index, trained = rows
+        own = trained.to(hidden.dtype)  # as PEFT's layer casts them into the table it multiplies by
+        frozen = weight.rows(index) if not isinstance(weight, torch.Tensor) else weight[index]
+        change = own - frozen.to(hidden.dtype)  # what the new rows add to dh over the frozen table's product
+        grad_rows = torch.zeros_like(trained)
     for i in range(0, target.numel(), chunk):
         h, t = hidden[i : i + chunk], target[i : i + chunk]
         real = min(len(t), labels - i)  # the chunk's columns before the bucket's padding
         # logits transposed, [vocab, chunk] = W h^T: with the vocabulary as the long dimension of the
         # left operand the matmul runs ~1.4x faster on a CPU than h W^T (MKL, 2 cores, SmolLM2's head)
         probs = _head_logits(weight, h, chunk)
+        if rows is not None:
+            probs[index] = (own @ h.t()).to(probs.dtype)
         if probs.dtype == torch.float32:
             loss += _softmax_minus_onehot_(probs, t, real)
         else:  # a bf16 pass: widened to fp32 a few columns at a time, the gradient narrowed back in place
@@ -185,10 +207,16 @@ def _loss_and_grads(hidden, weight, target, want_weight_grad: bool, weight_grad_
                 loss += _softmax_minus_onehot_(wide, t[j : j + WIDE_CHUNK], real - j)
                 cols.copy_(wide)
         times_weight(probs.t(), weight, out=grad_hidden[i : i + chunk])
+        if rows is not None:
+            picked = probs[index]
+            grad_hidden[i : i + chunk].addmm_(picked.t(), change)
+            grad_rows += (picked.float() @ h.float()).to(grad_rows.dtype)
         if grad_weight is None:
             continue
         if grad_weight.dtype == probs.dtype:
             grad_weight.addmm_(probs, h)
         else:
             grad_weight += probs @ h
+    if rows is not None:
+        return loss, grad_hidden[:labels], grad_weight, grad_rows
     return loss, grad_hidden[:labels], grad_weight

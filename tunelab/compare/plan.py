@@ -65,6 +65,7 @@ _NOT_HASHED = (
 # Fields added after grids were run, left out of the hash while at their default (the behaviour from before they
 # existed), so a grid folder of that time keeps its cells: (path, default).
 HASHED_WHEN_SET = (
+    (("model", "new_special_tokens"), []),
     (("method", "use_rslora"), False),
     (("method", "use_dora"), False),
     (("method", "loraplus_lr_ratio"), None),

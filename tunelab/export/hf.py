@@ -205,6 +205,11 @@ def export_gguf_lora(run: str, quant: str, out: str | None, device: str, trust_r
     manifest = run_manifest(run)
     if manifest is None:
         raise ExportError(f"{run}: --format gguf-lora writes the adapter of a LoRA run; this is no run folder")
+    if tokens := manifest["base_model"].get("new_special_tokens"):
+        raise ExportError(
+            f"{run}: the run added tokens to the vocabulary ({', '.join(tokens)}), and a llama.cpp LoRA adapter "
+            "cannot add rows to its base's token table; export the merged model instead (--format gguf)"
+        )
     model, _ = load_run(run, device=device, merge=False, trust_remote_code=trust_remote_code)
     base = Path(run.rstrip("/"))
     base = base.parent if base.name == "final" else base

@@ -86,6 +86,8 @@ def translate(raw: dict, source: str = "config") -> Translation:
             t.ignore("lr_scheduler", f"{v!r} is not one of tunelab's schedules (constant, linear, cosine): cosine")
     _trackers(raw, t)
     t.map_rest(raw, AXOLOTL_MAPPED, AXOLOTL_IGNORED, _SPECIAL, floats=("num_epochs",),
+               notes={"tokens": "added as special tokens: never split, as Axolotl's are, and also left out when "
+                                "decoding with skip_special_tokens"},
                unknown=f"not an {TOOL} key tunelab knows")  # fmt: skip
     return t
 

@@ -22,7 +22,7 @@ _SPECIAL = {"stage", "finetuning_type", "quantization_bit", "quantization_method
             "freeze_extra_modules", "dataset", "eval_dataset", "dataset_dir", "max_samples", "val_size",
             "lr_scheduler_type", "pref_loss", "trust_remote_code", "template", "report_to", "pissa_init",
             "pissa_iter", "adapter_name_or_path", "create_new_adapter", "pref_beta", "simpo_gamma", *KTO_WEIGHTS,
-            "pref_ftx", *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
+            "pref_ftx", "new_special_tokens", *LLAMAFACTORY_LORA_VARIANTS}  # fmt: skip
 
 
 def detect(raw: dict) -> bool:
@@ -50,6 +50,10 @@ def translate(raw: dict, source: str = "config") -> Translation:
     if "trust_remote_code" in raw:
         t.map("trust_remote_code", raw["trust_remote_code"], "model.trust_remote_code",
               note="your explicit setting, carried over: it runs the model repo's own code")  # fmt: skip
+    if raw.get("new_special_tokens"):  # "<a>,<b>" (its command line's form) or a YAML list
+        v = raw["new_special_tokens"]
+        tokens = [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else [str(s) for s in v]
+        t.map("new_special_tokens", v, "model.new_special_tokens", converted=tokens)
     if "template" in raw:
         t.ignore("template", template_note(raw["template"], TOOL))
     if "lr_scheduler_type" in raw:

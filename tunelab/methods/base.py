@@ -51,7 +51,7 @@ class MethodConfig(BaseModel):
 @dataclass(frozen=True)
 class Capabilities:
     """What a method declares about itself (its module's `CAPABILITIES`). Every field has the default a
-    plain weight-training method (`full`) would declare, except `mergeable`, which is False unless said."""
+    plain weight-training method (`full`) would declare, except `mergeable` and `new_tokens`, False unless said."""
 
     reference: Literal["adapter_off", "frozen_copy"] = "frozen_copy"
     """How DPO / PPO get the starting policy pi_ref (`tunelab/methods/reference.py`): "adapter_off" = the
@@ -71,6 +71,10 @@ class Capabilities:
     mergeable: bool = False
     """`merge(model)` gives a plain transformers model with the same logits (no extra inference cost),
     so the result exports, and a run can be the starting policy of PPO."""
+
+    new_tokens: bool = False
+    """The rows of tokens `model.new_special_tokens` adds train (full, qat: every weight does; lora, qlora: PEFT's
+    trainable_token_indices beside the adapter). Not said: the config refuses the setting for this method."""
 
     quantized_base: bool = False
     """The frozen base weights are quantized in place (qlora, 4-bit bitsandbytes): sharded training
@@ -187,7 +191,12 @@ def unchanged(model):
 
 # ---- results in PEFT's format (lora, ia3, ...): adapter_config.json + adapter_model.safetensors
 def save_peft(model, out_dir) -> None:
-    model.save_pretrained(out_dir, safe_serialization=True)
+    # a token table grown for model.new_special_tokens: PEFT would save it whole beside the adapter (it sees a
+    # resized embedding); the adapter's trainable tokens already hold the new rows, and the rest is the base's
+    from tunelab.models import new_tokens
+
+    grown = new_tokens.ids(model.get_base_model() if hasattr(model, "get_base_model") else model) is not None
+    model.save_pretrained(out_dir, safe_serialization=True, **({"save_embedding_layers": False} if grown else {}))
 
 
 def load_peft(base_model, out_dir):

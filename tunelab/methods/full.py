@@ -7,7 +7,7 @@ from typing import Literal
 from tunelab.methods.base import Capabilities, MethodConfig, load_full_model, save_full_model, unchanged
 
 DESCRIPTION = "every weight"
-CAPABILITIES = Capabilities(mergeable=True)  # nothing to merge: the result already is a plain model
+CAPABILITIES = Capabilities(mergeable=True, new_tokens=True)  # nothing to merge: the result already is a plain model
 INFERENCE_COST = "none"
 
 

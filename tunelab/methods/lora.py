@@ -38,7 +38,7 @@ from tunelab.methods.base import (
 )
 
 DESCRIPTION = "low-rank matrices A, B beside the chosen linear layers"
-CAPABILITIES = Capabilities(reference="adapter_off", mergeable=True)
+CAPABILITIES = Capabilities(reference="adapter_off", mergeable=True, new_tokens=True)
 INFERENCE_COST = "two small matmuls per adapted layer; none once merged"
 
 
@@ -126,6 +126,9 @@ class Config(MethodConfig):
 def peft_config(cfg: Config, model):
     from peft import LoraConfig, TaskType
 
+    from tunelab.models import new_tokens
+    from tunelab.models.loading import unwrap
+
     task = peft_task_type(model)
     # A fresh head trains whole (PEFT's modules_to_save); 'all-linear' would also wrap it in LoRA, which
     # PEFT refuses for token-classification heads ("modules_to_save cannot be applied to ... lora Linear")
@@ -142,6 +145,8 @@ def peft_config(cfg: Config, model):
         use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora,
         init_lora_weights=_init(cfg),
+        # model.new_special_tokens: their rows of the token table (and a tied head) train beside the adapter
+        trainable_token_indices=new_tokens.peft_indices(unwrap(model)),
     )
 
 

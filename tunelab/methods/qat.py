@@ -31,7 +31,7 @@ from pydantic import Field
 from tunelab.methods.base import Capabilities, MethodConfig, MethodError, load_full_model, save_full_model
 
 DESCRIPTION = "every weight; the body's linear weights are fake-quantised to 4 bit in the forward pass (STE)"
-CAPABILITIES = Capabilities(mergeable=True)
+CAPABILITIES = Capabilities(mergeable=True, new_tokens=True)
 INFERENCE_COST = "fake quantisation of every linear weight per forward; none once merged (the 4-bit weights)"
 
 META_FILE = "tunelab_qat.json"

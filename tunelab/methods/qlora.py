@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # torch is imported where a model is changed: the config read
 logger = logging.getLogger(__name__)
 
 DESCRIPTION = "LoRA matrices on a base whose linear weights are frozen in 4-bit NF4 (bitsandbytes)"
-CAPABILITIES = Capabilities(reference="adapter_off", mergeable=True, quantized_base=True)
+CAPABILITIES = Capabilities(reference="adapter_off", mergeable=True, quantized_base=True, new_tokens=True)
 INFERENCE_COST = (
     "4-bit weights are dequantized inside every matmul (slower than fp on CPU) plus LoRA's two small matmuls; "
     "none once merged into the dequantized weights"

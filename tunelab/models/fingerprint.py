@@ -43,4 +43,6 @@ def tokenizer_digest(cfg) -> str | None:
         except PackageNotFoundError:
             pass
     h.update(CHATML_TEMPLATE.encode())
+    if cfg.new_special_tokens:  # tokens added on loading (models/new_tokens.py) split the text differently
+        h.update(b"\0new_special_tokens\0" + "\0".join(cfg.new_special_tokens).encode())
     return h.hexdigest()

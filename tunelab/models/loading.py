@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tunelab.models import new_tokens
 from tunelab.models.precision import choose_precision
 from tunelab.models.rope import apply_rope_scaling
 from tunelab.models.sources import NAMED, NO_HUB_KERNELS, ModelError, pick_pad_token, resolve
@@ -186,6 +187,7 @@ def _load_tokenizer(path: str, cfg: ModelConfig):
     if not tok.chat_template:
         tok.chat_template = CHATML_TEMPLATE
     tok.padding_side = "right"
+    new_tokens.add_to_tokenizer(tok, cfg.new_special_tokens)
     return tok
 
 
@@ -272,6 +274,9 @@ def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
         # safetensors only: a pickle (pytorch_model.bin) runs code when loaded (sources.resolve refuses a local one)
         model = _from_pretrained(auto_class.from_pretrained, path, cfg, dtype=dtype, use_safetensors=True,
                                  **{**NO_HUB_KERNELS, **model_kwargs})  # fmt: skip
+    if added := new_tokens.grow(model, tok):
+        _log(f"{cfg.name}: {len(added)} new tokens (model.new_special_tokens), ids {added[0]}-{added[-1]}: the token "
+             f"table has {model.get_input_embeddings().weight.shape[0]:,} rows, the new ones at the others' mean")  # fmt: skip
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
         if getattr(model, "generation_config", None) is not None:

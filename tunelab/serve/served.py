@@ -114,6 +114,12 @@ def load_served(
                     f"--adapter {aname}={arun}: not a finished {' / '.join(adapter_methods())} run "
                     f"(found method {manifest and manifest.get('method')!r}); other methods: serve the run itself"
                 )
+            if manifest["base_model"].get("new_special_tokens"):
+                raise ServeError(
+                    f"--adapter {aname}={arun}: the run added tokens to the vocabulary "
+                    f"({', '.join(manifest['base_model']['new_special_tokens'])}), which the shared base lacks; "
+                    "serve that run itself"
+                )
             if resolve(manifest["base_model"]["name"]) != base:
                 raise ServeError(
                     f"--adapter {aname}={arun}: trained on {manifest['base_model']['name']!r}, but the served base "
