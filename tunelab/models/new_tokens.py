@@ -16,7 +16,8 @@ adapter and saves them with it.
 
 from __future__ import annotations
 
-# the attribute load_model sets on a model whose vocabulary grew: the ids of the added tokens, in the order listed
+# the attribute load_model sets on a model whose vocabulary grew (and the tokenizer on its tokenizer): the added
+# tokens' ids, in id order
 ATTR = "tunelab_new_token_ids"
 
 
@@ -45,7 +46,8 @@ def grow(model, tokenizer) -> list[int]:
     first = min(new)
     with torch.no_grad():
         for table in _tables(model):
-            table.weight[new] = table.weight[:first].float().mean(0).to(table.weight.dtype)
+            # summed in fp32 without an fp32 copy of the table (1.7B's: 0.4 GB)
+            table.weight[new] = (table.weight[:first].sum(0, dtype=torch.float32) / first).to(table.weight.dtype)
     setattr(model, ATTR, new)
     return new
 
