@@ -237,3 +237,29 @@ def test_the_lookup_and_the_fused_head_give_peft_layers_values_and_gradients(dty
     assert torch.allclose(fast[0], plain[0], rtol=tol)
     for a, b in zip(fast[1], plain[1]):
         assert (a - b).abs().max() <= tol * b.abs().max() + 1e-7
+
+
+def test_an_adapter_with_new_rows_goes_on_only_over_a_base_grown_the_same_way(tiny_dir, tmp_path):
+    """method.start_from on a run that added tokens: with the same model.new_special_tokens it goes on where the run
+    ended (its first eval loss is the run's last); without them, with others, or with tokens over an adapter that
+    holds no token rows, a named error before the model loads (not an index error from inside PEFT)."""
+    from tunelab.methods.base import MethodError
+
+    def run(name: str, tokens: list[str], start: str | None = None, val: float = 0.25):
+        cfg = _config(tmp_path / name, tiny_dir, {"name": "lora", "r": 4, "dropout": 0.0, "start_from": start},
+                      tokens=tokens, steps=4)  # fmt: skip
+        cfg.data.val_fraction = val
+        return tunelab.train(cfg)
+
+    for name in ("first", "again", "plain", "none", "other"):
+        (tmp_path / name).mkdir()
+    first = run("first", NEW)
+    again = run("again", NEW, str(tmp_path / "first" / "run"))
+    assert again.metrics["eval_loss_before"] == pytest.approx(first.metrics["eval_loss"], rel=1e-6)
+    with pytest.raises(MethodError, match=r"trained the rows of 2 tokens.*\['<tool>', '</tool>'\]"):
+        run("none", [], str(tmp_path / "first" / "run"))
+    with pytest.raises(MethodError, match=r"its run added the tokens \['<tool>', '</tool>'\], this config \['<x>'\]"):
+        run("other", ["<x>"], str(tmp_path / "first" / "run"))
+    run("plain", [])
+    with pytest.raises(MethodError, match="the adapter trains no token rows"):
+        run("other", NEW, str(tmp_path / "plain" / "run"))

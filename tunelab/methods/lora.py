@@ -287,10 +287,36 @@ def check_model(cfg: Config, model_cfg) -> str | None:
         if ours in cfg.model_fields_set and _differs(getattr(cfg, ours), value):
             replaced.append(f"{ours} {_shown(value)} (the config's {_shown(getattr(cfg, ours))})")
         setattr(cfg, ours, value)
+    _check_new_tokens(cfg.start_from, settings, model_cfg)
     _check_shapes(cfg.start_from, model_cfg)
     if replaced:
         return f"method.start_from: the adapter keeps its own {', '.join(replaced)}"
     return None
+
+
+def _check_new_tokens(where: str, settings: dict, model_cfg) -> None:
+    """An adapter that trained new tokens' rows (model.new_special_tokens) goes on over a base grown the same way, and
+    new tokens train only in an adapter that holds their rows: said before the model loads."""
+    theirs = settings.get("trainable_token_indices") or []
+    ids = sorted({i for v in (theirs.values() if isinstance(theirs, dict) else [theirs]) for i in v})
+    ours = list(model_cfg.new_special_tokens)
+    manifest = Path(adapter_location(where)) / "tunelab.json"  # a tunelab run's: the tokens it added, by name
+    try:
+        listed = json.loads(manifest.read_text())["base_model"].get("new_special_tokens") if manifest.is_file() else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        listed = None
+    if ids and not ours:
+        said = f": {listed}" if listed else " (the tokens its tokenizer added)"
+        raise MethodError(f"method.start_from {where}: it trained the rows of {len(ids)} tokens added to the vocabulary "
+                          f"(ids {ids[0]}-{ids[-1]}); the base grows for them as its run's did: set "
+                          f"model.new_special_tokens as that run did{said}")  # fmt: skip
+    if ours and not ids:
+        raise MethodError(f"method.start_from {where}: the adapter trains no token rows, so the tokens "
+                          f"model.new_special_tokens adds ({', '.join(ours)}) would stay at their starting values; "
+                          "drop model.new_special_tokens, or train a new adapter with them")  # fmt: skip
+    if listed is not None and ids and listed != ours:
+        raise MethodError(f"method.start_from {where}: its run added the tokens {listed}, this config {ours}: the ids "
+                          "would differ; set model.new_special_tokens to its list")  # fmt: skip
 
 
 def _kinds(names: list[str]) -> set[str]:
