@@ -302,7 +302,9 @@ def _check_new_tokens(where: str, settings: dict, model_cfg) -> None:
     ours = list(model_cfg.new_special_tokens)
     manifest = Path(adapter_location(where)) / "tunelab.json"  # a tunelab run's: the tokens it added, by name
     try:
-        listed = json.loads(manifest.read_text())["base_model"].get("new_special_tokens") if manifest.is_file() else None
+        listed = (
+            json.loads(manifest.read_text())["base_model"].get("new_special_tokens") if manifest.is_file() else None
+        )
     except (OSError, ValueError, KeyError, AttributeError):
         listed = None
     if ids and not ours:
