@@ -371,3 +371,12 @@ def test_peers_new_tokens_map_to_new_special_tokens():
     assert load_config(t.config).model.new_special_tokens == ["<|tool|>", "<think>"]
     with pytest.raises(ConfigError, match="new_special_tokens with method adapter"):  # the config's own check
         load_config({**translate({**ax, "tokens": ["<x>"]}).config, "method": {"name": "adapter"}})
+
+
+def test_axolotls_evaluations_and_saves_per_epoch_map_to_the_same_settings():
+    ax = {"base_model": "m", "datasets": [{"path": "a", "type": "alpaca"}], "adapter": "lora"}
+    cfg = load_config(translate({**ax, "evals_per_epoch": 4, "saves_per_epoch": 1}).config)
+    assert (cfg.training.evals_per_epoch, cfg.training.saves_per_epoch) == (4, 1)
+    with pytest.raises(ConfigError, match="evals_per_epoch with stage ppo: PPO counts iterations"):
+        load_config({"stage": "ppo", "ppo": {"prompts": "p.jsonl", "reward": {"kind": "length"}},
+                     "training": {"evals_per_epoch": 2}})  # fmt: skip

@@ -188,6 +188,19 @@ def test_periodic_checkpoints_are_complete_and_pruned(tiny_dir, data_file, tmp_p
         assert files == {"trainable.safetensors", "optimizer.pt", "tunelab_state.json"}
 
 
+def test_evaluations_and_checkpoints_per_epoch_are_spread_over_its_steps(tiny_dir, data_file, tmp_path):
+    """training.evals_per_epoch / saves_per_epoch (Axolotl's): 24 train rows in batches of 4 are 6 steps an epoch, so 3
+    evaluations an epoch come every 2 steps and 2 checkpoints every 3, through both epochs; each excludes its
+    every-N-steps twin."""
+    cfg = make_cfg(tiny_dir, data_file, tmp_path / "r", max_steps=None, epochs=2, evals_per_epoch=3, saves_per_epoch=2)
+    tunelab.train(cfg)
+    lines = [json.loads(ln) for ln in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "eval_loss" in r] == [0, 2, 4, 6, 8, 10, 12]
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == ["step-00000006", "step-00000009"]
+    with pytest.raises(ConfigError, match="training.eval_every and training.evals_per_epoch both say when"):
+        make_cfg(tiny_dir, data_file, tmp_path / "x", eval_every=2, evals_per_epoch=3)
+
+
 def test_gradient_accumulation_equals_the_big_batch(tiny_dir, data_file, tmp_path):
     def run(name, **kw):
         cfg = make_cfg(tiny_dir, data_file, tmp_path / name, max_steps=4, **kw)

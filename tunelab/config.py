@@ -530,11 +530,23 @@ class TrainingConfig(Section):
     )
     seed: int = Field(42, description="Seed for data order, dropout and initialisation.")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and always at the end).")
+    evals_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate this many times an epoch, evenly spaced in steps (Axolotl's evals_per_epoch); "
+        "instead of eval_every.",
+    )
     eval_batches: int | None = Field(None, ge=1, description="Evaluate on at most this many batches.")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without a lower eval loss."
     )
     save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
+    saves_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="Write a resumable checkpoint this many times an epoch, evenly spaced in steps "
+        "(Axolotl's saves_per_epoch); instead of save_every.",
+    )
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     log_every: int = Field(1, ge=1, description="Write a metrics line every N steps.")
     device: str = Field(
@@ -636,6 +648,13 @@ class TrainingConfig(Section):
     @classmethod
     def _none(cls, v):
         return _tracker_list(v)
+
+    @model_validator(mode="after")
+    def _per_epoch(self):
+        for every, per in (("eval_every", "evals_per_epoch"), ("save_every", "saves_per_epoch")):
+            if getattr(self, every) is not None and getattr(self, per) is not None:
+                raise ValueError(f"training.{every} and training.{per} both say when: set one of them")
+        return self
 
     @model_validator(mode="after")
     def _checkpoint_layers(self):
@@ -965,6 +984,11 @@ def _build_config_class():
                 _check_scratch(self)
             if self.stage == "ppo":
                 _check_ppo(self)
+                for per in ("evals_per_epoch", "saves_per_epoch"):
+                    if getattr(self.training, per) is not None:
+                        every = per.replace("s_per_epoch", "_every")
+                        raise ValueError(f"training.{per} with stage ppo: PPO counts iterations, not epochs of a data "
+                                         f"set; set training.{every} (in iterations)")  # fmt: skip
             if self.training.pass_threads is not None and self.training.pass_threads > 1:
                 _check_pass_threads(self)
             if self.stage in ("classification", "extractive_qa", "seq2seq") and not (

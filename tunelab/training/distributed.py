@@ -135,10 +135,11 @@ class Dist:
                 "training.rows_per_pass: DeepSpeed counts every backward pass as a micro-batch of its own; "
                 "set training.rows_per_pass: null and lower training.batch_size (raising grad_accum) instead"
             )
-        if cfg.training.save_every or resume:
+        if cfg.training.save_every or cfg.training.saves_per_epoch or resume:
             raise ConfigError(
-                "training.save_every / --resume: resumable checkpoints are written for single-process and DDP runs; "
-                "under FSDP / DeepSpeed the weights and optimizer state are sharded. Set training.save_every: null, "
+                "training.save_every / saves_per_epoch / --resume: resumable checkpoints are written for single-process "
+                "and DDP runs; under FSDP / DeepSpeed the weights and optimizer state are sharded. Set "
+                "training.save_every and saves_per_epoch: null, "
                 "or use DDP (tunelab train --nproc N)"
             )
         caps = method.CAPABILITIES

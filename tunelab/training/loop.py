@@ -230,6 +230,10 @@ def train(
     global_batch = tcfg.batch_size * dist.world_size
     batches_per_epoch = math.ceil(len(data.train) / global_batch)
     total_steps = tcfg.max_steps or max(1, math.ceil(tcfg.epochs * batches_per_epoch / tcfg.grad_accum))
+    steps_per_epoch = math.ceil(batches_per_epoch / tcfg.grad_accum)
+    # evaluations and checkpoints every N steps, or N times an epoch (evals_per_epoch, saves_per_epoch: Axolotl's)
+    eval_every = tcfg.eval_every or (max(1, steps_per_epoch // tcfg.evals_per_epoch) if tcfg.evals_per_epoch else None)
+    save_every = tcfg.save_every or (max(1, steps_per_epoch // tcfg.saves_per_epoch) if tcfg.saves_per_epoch else None)
 
     # ---- optimisation
     params = method.optimizer_parameters(model, cfg.method)  # default: those with requires_grad now
@@ -301,7 +305,6 @@ def train(
             # snapshot so that an interrupt mid-step checkpoints the state *before* this step
             step_start = (dict(state), ckpt.rng_state())
             if method.CAPABILITIES.changes_trainables:
-                steps_per_epoch = math.ceil(batches_per_epoch / tcfg.grad_accum)
                 note = method.on_step(model, cfg.method, step, steps_per_epoch=steps_per_epoch)
                 if note:
                     log(f"step {step}: {note}")
@@ -367,7 +370,7 @@ def train(
             progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
             progress.update(1)
 
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < total_steps:
+            if eval_every and step % eval_every == 0 and step < total_steps:
                 with timed(phases, "eval"):
                     eval_loss = evaluate(step, model, val_batches, stage, dist, device, autocast, metrics_log)
                     record["eval_loss"] = eval_loss
@@ -377,7 +380,7 @@ def train(
                     log(
                         f"early stopping at step {step}: no eval-loss improvement in {tcfg.early_stopping_patience} evals"
                     )
-            if tcfg.save_every and step % tcfg.save_every == 0 and step < total_steps:
+            if save_every and step % save_every == 0 and step < total_steps:
                 with (
                     timed(phases, "save"),
                     checkpoint_write(run_dir),
