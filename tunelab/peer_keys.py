@@ -78,6 +78,12 @@ _WORKERS = (
 )
 _NO_EMBEDDING_LORA = "tunelab's LoRA adapts linear layers, not embeddings: no embedding learning rate to set"
 _HUB = "tunelab does not push while it trains: push a finished run with `tunelab push RUN REPO_ID`"
+# modules trained whole beside LoRA: what configs use them for (tokens added to the vocabulary) tunelab does by rows
+_WHOLE_MODULES = (
+    "tunelab's LoRA trains no module of the model whole (a fresh task head aside); the rows of tokens added "
+    "to the vocabulary (model.new_special_tokens) train beside the adapter, the rest of the token table "
+    "and head stay frozen"
+)
 _ONE_PROCESS = "tunelab trains in one process; several: `tunelab train --nproc N` (docs/scale.md)"
 _TEMPLATE = ("tunelab renders every conversation with the tokenizer's own chat template (the model's), "
              "not a template named in the config")  # fmt: skip
@@ -106,6 +112,7 @@ LLAMAFACTORY_IGNORED = {
     "eval_strategy": "tunelab evaluates every training.eval_every steps (eval_steps) and at the end",
     "flash_attn": "tunelab picks the attention implementation itself",
     "resize_vocab": "tunelab grows the token table (and an untied head) whenever model.new_special_tokens needs it",
+    "additional_target": _WHOLE_MODULES,
     "use_llama_pro": "LLaMA Pro's added blocks are not supported: freeze trains the top existing blocks instead",
     "loraplus_lr_embedding": _NO_EMBEDDING_LORA,
     "pissa_convert": "tunelab always saves a PiSSA adapter converted to a plain LoRA (rank 2r) of the original base, "
@@ -193,6 +200,7 @@ AXOLOTL_IGNORED = {
     "chat_template": _TEMPLATE,
     "eot_tokens": _TEMPLATE,
     "special_tokens": "tunelab uses the tokenizer's own special tokens",
+    "lora_modules_to_save": _WHOLE_MODULES,
     "dataset_prepared_path": _WORKERS,
     "eval_sample_packing": "tunelab never packs validation rows",
     "pad_to_sequence_len": "tunelab pads each batch to its longest row",
