@@ -194,17 +194,20 @@ def test_the_fast_path_trains_the_new_rows_as_peft_does(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tied", [True, False])
-def test_the_lookup_and_the_fused_head_give_peft_layers_values_and_gradients(dtype, tied):
+@pytest.mark.parametrize("family", ["llama", "llama-untied", "gemma3_text"])
+def test_the_lookup_and_the_fused_head_give_peft_layers_values_and_gradients(dtype, family):
     """One pass of a PEFT model with trainable token rows: the token_rows lookup and the fused head's rows against
     PEFT's own layers (the table copied with the rows in) and the plain cross-entropy: loss, the rows' gradients and
-    an adapter's gradient, fp32 and bf16 (the rows fp32, as master weights)."""
+    an adapter's gradient, fp32 and bf16 (the rows fp32, as master weights); tied and untied heads, and Gemma 3's
+    scaled token table (its rows times sqrt(hidden), the new ones too)."""
     from peft import LoraConfig, get_peft_model
 
     from tunelab.accel import head, token_rows
-    from tunelab.testing import tiny_llama
+    from tunelab.testing import tiny_causal, tiny_llama
 
-    model = tiny_llama(103, tie_word_embeddings=tied).to(dtype)
+    tied = family != "llama-untied"
+    model = tiny_causal(family, 103) if family == "gemma3_text" else tiny_llama(103, tie_word_embeddings=tied)
+    model = model.to(dtype)
     new = [100, 101, 102]
     where = new if tied else {"embed_tokens": new, "lm_head": new}
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=where))

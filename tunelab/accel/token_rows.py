@@ -13,7 +13,7 @@ Here the table is read as it is, and only the new rows' part is added:
 - the head (`head_rows`, taken by the fused head, head.py): the frozen table's logits, the new rows' replaced by
   theirs, and their gradient [new, hidden] summed beside dh.
 The same values as PEFT's layer (tests/test_new_tokens.py). A layer in another state (adapters off or merged,
-several adapters, a scaled or norm-clipped embedding, a head with a bias) runs PEFT's own forward.
+several adapters, a norm-clipped embedding, a head with a bias) runs PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -33,14 +33,26 @@ def _layer(module):
     return layer if isinstance(layer, TrainableTokensLayer) else None
 
 
-def _rows(layer, kinds) -> tuple[torch.Tensor, nn.Parameter] | None:
-    """(the new tokens' ids, their trained rows) of a trainable-token layer over a base of one of `kinds`, where its
-    one adapter runs unmerged; None otherwise."""
+def _a_table(base) -> bool:
+    """A token table the lookup takes: an nn.Embedding (Gemma's scaled one too: a one-number `embed_scale`, which
+    its forward multiplies every row by), without a max_norm (that renormalises the rows it reads)."""
+    scale = getattr(base, "embed_scale", None)
+    one = scale is None or isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
+    return isinstance(base, nn.Embedding) and base.max_norm is None and one
+
+
+def _a_head(base) -> bool:
+    """A head the fused head takes: a bias-free linear map, dense or compact."""
+    return type(base) in (nn.Linear, CompactLinear) and base.bias is None
+
+
+def _rows(layer, takes) -> tuple[torch.Tensor, nn.Parameter] | None:
+    """(the new tokens' ids, their trained rows) of a trainable-token layer whose base `takes` accepts, where its one
+    adapter runs unmerged; None otherwise."""
     if layer is None or layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
     name = layer.active_adapters[0]
-    base = layer.base_layer
-    if type(base) not in kinds or getattr(base, "bias", None) is not None or getattr(base, "max_norm", None):
+    if not takes(layer.base_layer):
         return None
     if name not in layer.trainable_tokens_delta:
         return None
@@ -56,7 +68,7 @@ def head_rows(head):
     """(the head's frozen linear map, (ids, trained rows)) where `head` is PEFT's trainable-token layer (or its
     wrapper) over a bias-free linear head that the fused head can take; None otherwise."""
     layer = _layer(head)
-    rows = _rows(layer, (nn.Linear, CompactLinear))
+    rows = _rows(layer, _a_head)
     return None if rows is None else (layer.base_layer, rows)
 
 
@@ -79,21 +91,24 @@ def install(model) -> int:
     n = 0
     for module in model.modules():
         layer = _layer(module)
-        if layer is module and type(layer.base_layer) is nn.Embedding:  # the layer itself, not PEFT's wrapper
+        if layer is module and _a_table(layer.base_layer):  # the layer itself, not PEFT's wrapper
             n += route(layer, "_peft_token_forward", _lookup)
     return n
 
 
 def _lookup(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    rows = None if args or kwargs else _rows(self, (nn.Embedding,))
+    rows = None if args or kwargs else _rows(self, _a_table)
     if rows is None:
         return self._peft_token_forward(x, *args, **kwargs)
     index, delta = rows
-    out = self.base_layer(x)
+    out = self.base_layer(x)  # a scaled table (Gemma's) scales its rows: the new ones are scaled the same way below
+    new = delta.to(out.dtype)
+    if (scale := getattr(self.base_layer, "embed_scale", None)) is not None:
+        new = new * torch.as_tensor(scale).to(out.dtype)
     slots = getattr(self, "_tunelab_slots", None)
     if slots is None or slots.device != x.device:
         slots = torch.full((self.base_layer.num_embeddings,), -1, dtype=torch.long, device=x.device)
         slots[index.to(x.device)] = torch.arange(len(index), device=x.device)
         self._tunelab_slots = slots
     slot = slots[x]
-    return torch.where((slot >= 0)[..., None], delta.to(out.dtype)[slot.clamp(min=0)], out)
+    return torch.where((slot >= 0)[..., None], new[slot.clamp(min=0)], out)
