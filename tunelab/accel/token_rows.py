@@ -4,8 +4,9 @@ PEFT trains them in a trainable-token layer beside the token table (and the head
 trained rows into a copy of the whole table (`index_copy`) and looks the tokens up in that copy, or multiplies the
 hidden states by it for the head. So every pass copies the table, and the backward pass makes a table-sized
 gradient (the lookup's dense one, the head's whole dW) to keep only the new rows of it. On SmolLM2-135M's shape
-(LoRA, bf16 passes, 4 rows of 256) that made a step 30% slower and its peak 45% higher (1,253 -> 1,811 MB;
-docs/performance.md, "New tokens").
+(LoRA, bf16 passes, 4 rows of 256) that made a step 24-30% slower and its peak 45% higher than here (1,312 ->
+1,813 MB), on Gemma 3 270M's (a 262k-row table) twice as slow at 2.5x the peak (docs/performance.md, "Twenty-third
+session").
 
 Here the table is read as it is, and only the new rows' part is added:
 - the lookup (`install`): every id looked up in the frozen table, then the trained row put in where the id is a new
