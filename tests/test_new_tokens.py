@@ -38,10 +38,13 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-def test_the_tokens_join_the_tokenizer_and_the_table_grows_at_the_mean(tiny_dir):
+def test_the_tokens_join_the_tokenizer_and_the_table_grows_at_the_mean(tiny_dir, capfd):
     plain, tok0 = load_model(ModelConfig(name=tiny_dir))
-    eos = tok0.eos_token  # a token the tokenizer has: left as it is
+    eos = tok0.eos_token  # a token the tokenizer has: left as it is, and the log says so
+    capfd.readouterr()
     model, tok = load_model(ModelConfig(name=tiny_dir, new_special_tokens=[*NEW, eos]))
+    err = capfd.readouterr().err
+    assert "2 new tokens (model.new_special_tokens), ids 320-321" in err and f"has {eos} already" in err
     assert len(tok) == len(tok0) + 2
     ids = tok.convert_tokens_to_ids(NEW)
     assert ids == [len(tok0), len(tok0) + 1] and tok.convert_tokens_to_ids(eos) == tok0.eos_token_id

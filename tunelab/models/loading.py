@@ -274,9 +274,13 @@ def load_model(cfg: ModelConfig, device="cpu", auto_class=None, **model_kwargs):
         # safetensors only: a pickle (pytorch_model.bin) runs code when loaded (sources.resolve refuses a local one)
         model = _from_pretrained(auto_class.from_pretrained, path, cfg, dtype=dtype, use_safetensors=True,
                                  **{**NO_HUB_KERNELS, **model_kwargs})  # fmt: skip
-    if added := new_tokens.grow(model, tok):
+    added = new_tokens.grow(model, tok)
+    had = [t for t in cfg.new_special_tokens if tok.convert_tokens_to_ids(t) not in added]
+    if added:
         _log(f"{cfg.name}: {len(added)} new tokens (model.new_special_tokens), ids {added[0]}-{added[-1]}: the token "
              f"table has {model.get_input_embeddings().weight.shape[0]:,} rows, the new ones at the others' mean")  # fmt: skip
+    if had:
+        _log(f"{cfg.name}: model.new_special_tokens: the tokenizer has {', '.join(had)} already; left as they are")
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
         if getattr(model, "generation_config", None) is not None:
