@@ -43,7 +43,8 @@ def documented_commands() -> list[tuple[str, list[str], dict[str, str]]]:
     out = []
     for doc in DOCS:
         for n, line in shell_lines(doc.read_text()):
-            line = re.sub(r"\[[^\]]*\]", "", line)  # optional groups of a synopsis
+            # optional groups of a synopsis, outside single quotes (a quoted --set value may be a YAML list)
+            line = "'".join(p if i % 2 else re.sub(r"\[[^\]]*\]", "", p) for i, p in enumerate(line.split("'")))
             for part in line.split("&&"):
                 try:
                     words = shlex.split(part, comments=True)
