@@ -156,12 +156,21 @@ def band_masks():
 
 
 @pytest.mark.parametrize(
-    "path, dtype", [("kernel", torch.float32), ("kernel", torch.bfloat16), ("sdpa", torch.float32)]
-)
-def test_a_sliding_window_longer_examples_match_sdpa_with_the_band(path, dtype):
+    "path, dtype, block",
+    [("kernel", torch.float32, None), ("kernel", torch.bfloat16, None), ("sdpa", torch.float32, None),
+     ("kernel", torch.float32, 8), ("kernel", torch.float32, 7), ("kernel", torch.bfloat16, 8)],
+)  # fmt: skip
+def test_a_sliding_window_longer_examples_match_sdpa_with_the_band(path, dtype, block, monkeypatch):
     """The packed function (the CPU kernel's path) and the per-example SDPA calls (the path of GPUs and attention
     dropout) with a window some examples exceed, against one SDPA call per example under the window's boolean mask
-    (fp32): output and gradients; in bf16 the examples are attended at bucketed lengths."""
+    (fp32): output and gradients; in bf16 the examples are attended at bucketed lengths. `block`: examples longer
+    than two windows attended that many queries at a time (`_band_blocks`; 256 by default, so here small blocks, 7
+    leaving a short last one), each block against the keys its windows reach."""
+    if block is not None:
+        monkeypatch.setattr(attention, "BAND_BLOCK", block)
+        blocked = []
+        real = attention._band_blocks
+        monkeypatch.setattr(attention, "_band_blocks", lambda q, *a: blocked.append(q.shape[2]) or real(q, *a))
     g = torch.Generator().manual_seed(1)
     rows, heads, kv_heads, length, dim, window = 2, 4, 2, 80, 16, 12
     pieces = [(0, 0, 5), (0, 5, 40), (0, 45, 35), (1, 0, 80)]
@@ -187,6 +196,8 @@ def test_a_sliding_window_longer_examples_match_sdpa_with_the_band(path, dtype):
     torch.testing.assert_close(out.float(), ref.detach(), **tol)
     for a, b in zip(inputs, ref_in):
         torch.testing.assert_close(a.grad.float(), b.grad, **tol)
+    if block is not None:  # the three examples longer than two windows (at their bucketed widths in bf16)
+        assert len(blocked) == 3 and blocked[0] >= 40
 
 
 @pytest.mark.parametrize("kv_heads", [2, 6])
