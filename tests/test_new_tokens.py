@@ -269,3 +269,20 @@ def test_an_adapter_with_new_rows_goes_on_only_over_a_base_grown_the_same_way(ti
     run("plain", [])
     with pytest.raises(MethodError, match="the adapter trains no token rows"):
         run("other", NEW, str(tmp_path / "plain" / "run"))
+
+
+def test_the_data_pipeline_gives_each_new_token_one_id(tiny_dir, tmp_path):
+    """The cached data pipeline (data/store.py's encoder and word memo) tokenises text holding the new tokens as the
+    tokenizer does: each one id, never split."""
+    from tunelab.data.build import build_datasets
+    from tunelab.models import load_tokenizer
+
+    cfg = _config(tmp_path, tiny_dir, {"name": "lora"})
+    bundle = build_datasets(cfg.data, lambda: load_tokenizer(cfg.model), seed=0, stage="sft",
+                            fingerprint=tokenizer_digest(cfg.model))  # fmt: skip
+    tok = load_tokenizer(cfg.model)
+    new = tok.convert_tokens_to_ids(NEW)
+    ids = [list(e["input_ids"]) for e in bundle.train]
+    assert all(i.count(new[0]) == 1 and i.count(new[1]) == 1 for i in ids)
+    text = tok.decode(ids[0])
+    assert tok(text, add_special_tokens=False)["input_ids"] == ids[0]
