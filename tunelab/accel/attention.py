@@ -23,7 +23,7 @@ share of the whole softmax's gradient, and the queries' gradients add up (tests/
 
 A sliding window (Gemma 3's local layers, Mistral) changes nothing for an example no longer than it; a longer
 example is attended under the window's band as a mask (the CPU kernel's additive one, `_band`; SDPA's boolean one,
-`_window_mask`, on a GPU or with attention dropout), and one longer than two windows on the CPU kernel block by block,
+`_window_mask`, on a GPU or with attention dropout), and one longer than two windows block by block on either path,
 each block of queries against the keys its windows reach (`_band_blocks`: work and masks linear in its length).
 
 Anything else (no boundaries, a KV cache, a sliding window some example after a prefix of keys is longer than,
@@ -108,7 +108,9 @@ def _within_window(cu: torch.Tensor, window, prefix: int = 0) -> bool:
 def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling, window: int | None = None) -> torch.Tensor:
     """One SDPA call per example and a cat, `[rows * length, heads, dim]`: for GPUs and dropout. A prefix of keys
     (prefix tuning) goes before each example's own, under a causal mask aligned to the last key; an example longer
-    than a sliding `window` (never with a prefix) under the window's band (`_window_mask`)."""
+    than a sliding `window` (never with a prefix) under the window's band (`_window_mask`), one longer than two
+    windows block by block (one call a block, as `_band_blocks`: each block's softmax is its queries' whole one, so
+    attention dropout draws as over the whole example)."""
     rows, heads, length = query.shape[:3]
     gqa = key.shape[1] != heads
     prefix = key.shape[2] - length
@@ -120,6 +122,16 @@ def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling, window
         kp, k = k.split([prefix, length], dim=1)
         vp, v = v.split([prefix, length], dim=1)
         for qs, ks, vs in zip(q.split(n, dim=1), k.split(n, dim=1), v.split(n, dim=1)):
+            if _blocked(window, qs.shape[1]):  # block by block, as the CPU kernel's path (`_band_blocks`)
+                blocks = [
+                    F.scaled_dot_product_attention(
+                        qs[None, :, s:e], ks[None, :, k0:e], vs[None, :, k0:e], dropout_p=dropout, scale=scaling,
+                        attn_mask=_block_seen(s, e, k0, window, qs.device), enable_gqa=gqa,
+                    )  # fmt: skip
+                    for s, e, k0 in _blocks(qs.shape[1], window)
+                ]
+                outs.append(torch.cat(blocks, 2)[0].transpose(0, 1))
+                continue
             mask = _window_mask(window, qs.shape[1], qs.device)
             if prefix:
                 ks, vs = torch.cat([kp, ks], dim=1), torch.cat([vp, vs], dim=1)
@@ -177,11 +189,18 @@ def _blocks(length: int, window: int) -> list[tuple[int, int, int]]:
     return [(s, min(length, s + BAND_BLOCK), max(0, s - window + 1)) for s in range(0, length, BAND_BLOCK)]
 
 
+def _block_seen(start: int, end: int, first_key: int, window: int, device) -> torch.Tensor:
+    """Which keys of a block (from `first_key` to `end`) each of its queries (`start` to `end`) sees: itself and the
+    keys less than `window` positions before it."""
+    back = torch.arange(start, end, device=device)[:, None] - torch.arange(first_key, end, device=device)
+    return (back >= 0) & (back < window)
+
+
 def _block_mask(start: int, end: int, first_key: int, window: int, like: torch.Tensor) -> torch.Tensor:
-    """The additive mask of a block: -inf where the key is after the query or `window` or more positions before it."""
-    back = torch.arange(start, end, device=like.device)[:, None] - torch.arange(first_key, end, device=like.device)
-    mask = torch.zeros(back.shape, dtype=like.dtype, device=like.device)
-    return mask.masked_fill_((back < 0) | (back >= window), float("-inf"))[None, None]
+    """`_block_seen` as the CPU kernel's additive mask, in the query's dtype: -inf where a key is not seen."""
+    seen = _block_seen(start, end, first_key, window, like.device)
+    mask = torch.zeros(seen.shape, dtype=like.dtype, device=like.device)
+    return mask.masked_fill_(~seen, float("-inf"))[None, None]
 
 
 def _band_blocks(query, key, value, scale, window: int):
