@@ -125,8 +125,13 @@ def _per_example_sdpa(query, key, value, pieces, dropout: float, scaling, window
             if _blocked(window, qs.shape[1]):  # block by block, as the CPU kernel's path (`_band_blocks`)
                 blocks = [
                     F.scaled_dot_product_attention(
-                        qs[None, :, s:e], ks[None, :, k0:e], vs[None, :, k0:e], dropout_p=dropout, scale=scaling,
-                        attn_mask=_block_seen(s, e, k0, window, qs.device), enable_gqa=gqa,
+                        qs[None, :, s:e],
+                        ks[None, :, k0:e],
+                        vs[None, :, k0:e],
+                        dropout_p=dropout,
+                        scale=scaling,
+                        attn_mask=_block_seen(s, e, k0, window, qs.device),
+                        enable_gqa=gqa,
                     )  # fmt: skip
                     for s, e, k0 in _blocks(qs.shape[1], window)
                 ]
