@@ -171,6 +171,12 @@ def test_the_merged_gguf_carries_the_new_tokens_and_the_adapter_alone_is_refused
     assert (_logits(back.eval(), ids) - _logits(merged, ids)).abs().max() < 1e-4
     with pytest.raises(ExportError, match=r"added tokens.*\(<tool>, </tool>\).*--format gguf\)"):
         export(run, "gguf-lora", out=str(tmp_path / "adapter.gguf"))
+    # --format hf: a plain transformers folder with the grown vocabulary and the tokenizer that has the tokens
+    folder = export(run, "hf", out=str(tmp_path / "hf"))["path"]
+    plain, their_tok = AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    assert len(their_tok) == len(tok) == plain.get_input_embeddings().weight.shape[0]
+    assert their_tok("Call tool 3. <tool> run 3 </tool>")["input_ids"] == ids[0].tolist()
+    assert (_logits(plain, ids) - _logits(merged, ids)).abs().max() < 1e-5
 
 
 def test_the_fast_path_trains_the_new_rows_as_peft_does(tiny_dir, tmp_path):
