@@ -179,14 +179,21 @@ def test_the_merged_gguf_carries_the_new_tokens_and_the_adapter_alone_is_refused
     assert (_logits(plain, ids) - _logits(merged, ids)).abs().max() < 1e-5
 
 
-def test_the_fast_path_trains_the_new_rows_as_peft_does(tiny_dir, tmp_path):
-    """accelerate auto (the lookup beside the frozen table, the fused head with the new rows apart, thread shares)
+def test_the_fast_path_trains_the_new_rows_as_peft_does(tmp_path, capfd):
+    """accelerate auto (the lookup beside the frozen table, the fused head with the new rows apart, the table kept
+    compact inside PEFT's layers: a bf16 checkpoint read in fp32, whose new rows start at the mean rounded to bf16)
     against off (PEFT's trainable-token layer: the rows written into a copy of the table): the same losses step by
     step and the same trained rows."""
+    import re
+
     from safetensors.torch import load_file
 
+    from tunelab.testing import save_bf16_valued_tiny_model_dir
+
+    model_dir = save_bf16_valued_tiny_model_dir(tmp_path / "model")
+
     def run(accelerate: str) -> tuple[list[float], dict]:
-        cfg = _config(tmp_path / accelerate, tiny_dir, {"name": "lora", "r": 4, "dropout": 0.0}, steps=8)
+        cfg = _config(tmp_path / accelerate, model_dir, {"name": "lora", "r": 4, "dropout": 0.0}, steps=8)
         cfg.training.accelerate = accelerate
         losses = []
         tunelab.train(cfg, callbacks=[lambda step, rec: losses.append(rec["loss"])])
@@ -195,6 +202,8 @@ def test_the_fast_path_trains_the_new_rows_as_peft_does(tiny_dir, tmp_path):
 
     (tmp_path / "auto").mkdir(), (tmp_path / "off").mkdir()
     fast, fast_rows = run("auto")
+    kept = re.search(r"(\d+) frozen weights kept compact \((\d+) since loading\)", capfd.readouterr().err)
+    assert kept and int(kept[1]) == int(kept[2]) + 1  # the linear layers since loading, and the token table
     plain, plain_rows = run("off")
     assert fast == pytest.approx(plain, rel=1e-5)
     assert fast_rows.keys() == plain_rows.keys() and len(fast_rows) == 1

@@ -440,7 +440,7 @@ def _compact_embeddings(model, only: list[str] | None = None) -> int:
 
     inner = unwrap(model)
     try:
-        emb, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+        (emb, set_emb), (head, set_head) = _tables(inner)
     except (AttributeError, NotImplementedError):
         return 0
     if type(emb) is not nn.Embedding or emb.weight.requires_grad or emb.max_norm is not None:
@@ -455,10 +455,26 @@ def _compact_embeddings(model, only: list[str] | None = None) -> int:
     compact = encode(emb.weight)
     if compact is None:
         return 0
-    inner.set_input_embeddings(_with_hooks(CompactEmbedding(emb, compact), emb))
+    set_emb(_with_hooks(CompactEmbedding(emb, compact), emb))
     if tied:
-        inner.set_output_embeddings(_with_hooks(CompactLinear(head, compact), head))
+        set_head(_with_hooks(CompactLinear(head, compact), head))
     return emb.weight.numel() * 4 - compact.nbytes
+
+
+def _tables(inner):
+    """((the token table, what puts another in its place), (the output head or None, likewise)): the model's own, or,
+    where PEFT trains new tokens' rows beside them (model.new_special_tokens: its trainable-token layers), the frozen
+    table and head inside those layers (accel/token_rows.py reads them there)."""
+
+    def inside(module, put):
+        layer = getattr(module, "token_adapter", None)
+        if layer is not None and hasattr(layer, "base_layer"):
+            return layer.base_layer, lambda new: setattr(layer, "base_layer", new)
+        return module, put
+
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return (inside(inner.get_input_embeddings(), inner.set_input_embeddings),
+            inside(head, inner.set_output_embeddings) if head is not None else (None, None))  # fmt: skip
 
 
 def expand_compact(model) -> int:
@@ -469,16 +485,15 @@ def expand_compact(model) -> int:
 
     n = 0
     inner = unwrap(model)
-    emb = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    (emb, set_emb), (head, set_head) = _tables(inner) if hasattr(inner, "get_input_embeddings") else ((None,) * 2,) * 2
     if type(emb) is CompactEmbedding:
         table = nn.Embedding(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device="meta")
         table.weight = nn.Parameter(emb.compact.dense(), requires_grad=False)
-        inner.set_input_embeddings(table)
-        head = inner.get_output_embeddings()
+        set_emb(table)
         if type(head) is CompactLinear and head.compact is emb.compact:  # tied again: one tensor
             linear = nn.Linear(head.in_features, head.out_features, bias=False, device="meta")
             linear.weight = table.weight
-            inner.set_output_embeddings(linear)
+            set_head(linear)
         n += 1
     for module in list(model.modules()):  # LoRA's base layers, a soft-prompt model's body
         for name, child in list(module.named_children()):

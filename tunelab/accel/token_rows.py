@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tunelab.accel.compact import CompactLinear
+from tunelab.accel.compact import CompactEmbedding, CompactLinear
 from tunelab.accel.fast_lora import route
 
 
@@ -39,6 +39,8 @@ def _a_table(base) -> bool:
     its forward multiplies every row by), without a max_norm (that renormalises the rows it reads)."""
     scale = getattr(base, "embed_scale", None)
     one = scale is None or isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
+    if type(base) is CompactEmbedding:  # the frozen table kept compact (fp32 runs: accel/compact.py)
+        return True
     return isinstance(base, nn.Embedding) and base.max_norm is None and one
 
 

@@ -7,7 +7,8 @@ random can give the new token a logit far above the others' at every position, s
 its first losses) are wrecked; at the mean of the old rows its logit is the mean logit, and its probability stays
 near what the old tokens give it. transformers' `mean_resizing` draws from a normal around that mean (a random
 draw, so a run would rebuild another base on load); the mean itself is what a resumed run and `load_run` rebuild
-bit for bit.
+bit for bit. (Rounded to bf16 where the table is a bf16 checkpoint's read in fp32: it then keeps an exact compact
+form, accel/compact.py.)
 
 The rows then train: with full fine-tuning as every weight does; with lora / qlora through PEFT's
 `trainable_token_indices` (methods/lora.py), which keeps the added rows as a small tensor of their own beside the
@@ -47,9 +48,21 @@ def grow(model, tokenizer) -> list[int]:
     with torch.no_grad():
         for table in _tables(model):
             # summed in fp32 without an fp32 copy of the table (1.7B's: 0.4 GB)
-            table.weight[new] = (table.weight[:first].sum(0, dtype=torch.float32) / first).to(table.weight.dtype)
+            mean = table.weight[:first].sum(0, dtype=torch.float32) / first
+            if table.weight.dtype == torch.float32 and _bf16_valued(table.weight[:first]):
+                # a bf16 checkpoint read in fp32: its table keeps bf16 values, and so an exact compact form
+                # (accel/compact.py: half the bytes while it trains)
+                mean = mean.bfloat16().float()
+            table.weight[new] = mean.to(table.weight.dtype)
     setattr(model, ATTR, new)
     return new
+
+
+def _bf16_valued(weight) -> bool:
+    """Whether every value of an fp32 `weight` is a bf16 value (checked 4,096 rows at a time)."""
+    import torch
+
+    return all(torch.equal(w, w.bfloat16().float()) for w in weight.split(4096))
 
 
 def _tables(model) -> list:
