@@ -301,3 +301,31 @@ def test_the_data_pipeline_gives_each_new_token_one_id(tiny_dir, tmp_path):
     assert all(i.count(new[0]) == 1 and i.count(new[1]) == 1 for i in ids)
     text = tok.decode(ids[0])
     assert tok(text, add_special_tokens=False)["input_ids"] == ids[0]
+
+
+def test_the_table_is_kept_compact_inside_pefts_layers_and_given_back_dense():
+    """A frozen bf16-valued fp32 table (and its tied head) inside PEFT's trainable-token layers: compacted where they
+    are (accel/compact.py), the logits unchanged, and given back dense and tied again (expand_compact, before
+    generation), the logits still unchanged."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.accel import compact, token_rows
+    from tunelab.accel.compact import CompactEmbedding, CompactLinear
+    from tunelab.testing import tiny_llama
+
+    model = tiny_llama(103)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[100, 101, 102]))
+    inner = model.base_model.model
+    ids = torch.tensor([[1, 100, 5, 101]])
+    before = _logits(model, ids)
+    token_rows.install(model)
+    layers, saved = compact.compact_frozen_linears(model)
+    table, head = inner.model.embed_tokens.token_adapter, inner.lm_head.token_adapter
+    assert type(table.base_layer) is CompactEmbedding and type(head.base_layer) is CompactLinear and saved > 0
+    assert torch.equal(_logits(model, ids), before)
+    assert compact.expand_compact(model) == layers
+    assert type(table.base_layer) is torch.nn.Embedding and head.base_layer.weight is table.base_layer.weight
+    assert torch.equal(_logits(model, ids), before)
