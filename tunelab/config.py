@@ -173,11 +173,11 @@ class ModelConfig(Section):
     )
     new_special_tokens: list[str] = Field(
         default_factory=list,
-        description="Tokens to add to the tokenizer as special tokens (never split, e.g. ChatML's <|im_start|> for a "
-        "base model without them). The model's token table (and head) grow to take them, their rows starting at "
-        "the mean of the others', and they train: every weight does with method full, and with lora / qlora "
-        "their rows train beside the adapter (PEFT's trainable_token_indices). Tokens the tokenizer already has "
-        'are left as they are (docs/methods.md, "New tokens").',
+        description="Tokens to add to the tokenizer as special tokens (never split: ChatML's markers for a base model "
+        "without them, a tool-call tag). The model's token table (and an untied head) grow to take them, their rows "
+        "starting at the mean of the others', and they train: every weight does with method full or qat, and with "
+        "lora / qlora their rows train beside the adapter (PEFT's trainable_token_indices). Tokens the tokenizer "
+        'already has are left as they are (docs/methods.md, "New tokens").',
     )
 
     @field_validator("new_special_tokens")
