@@ -37,10 +37,10 @@ def _layer(module):
 def _a_table(base) -> bool:
     """A token table the lookup takes: an nn.Embedding (Gemma's scaled one too: a one-number `embed_scale`, which
     its forward multiplies every row by), without a max_norm (that renormalises the rows it reads)."""
-    scale = getattr(base, "embed_scale", None)
-    one = scale is None or isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
     if type(base) is CompactEmbedding:  # the frozen table kept compact (fp32 runs: accel/compact.py)
         return True
+    scale = getattr(base, "embed_scale", None)
+    one = scale is None or isinstance(scale, (int, float)) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
     return isinstance(base, nn.Embedding) and base.max_norm is None and one
 
 

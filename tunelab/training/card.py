@@ -200,18 +200,16 @@ def model_card(cfg, folder: Path, model, metrics: dict, manifest: dict, where: s
 
     lines += ["## How to load", ""]
     base_ref = hub_id or base
-    if fmt == "peft" and cfg.model.new_special_tokens:  # the base's token table grows to the run's tokenizer first
-        lines += [f"With PEFT (the adapter over its base model, whose token table grows first to take the tokens "
-                  f"this run added: {', '.join(f'`{t}`' for t in cfg.model.new_special_tokens)}):", "", "```python",
-                  f"from transformers import {auto_class}, AutoTokenizer", "from peft import PeftModel", "",
-                  f'tokenizer = AutoTokenizer.from_pretrained("{where}")',
+    if fmt == "peft":
+        grown = cfg.model.new_special_tokens  # the base's token table grows to the run's tokenizer first
+        said = (f", whose token table grows first to take the tokens this run added: "
+                f"{', '.join(f'`{t}`' for t in grown)}" if grown else "")  # fmt: skip
+        lines += [f"With PEFT (the adapter over its base model{said}):", "", "```python",
+                  f"from transformers import {auto_class}" + (", AutoTokenizer" if grown else ""),
+                  "from peft import PeftModel", "",
+                  *([f'tokenizer = AutoTokenizer.from_pretrained("{where}")'] if grown else []),
                   f'base = {auto_class}.from_pretrained("{base_ref}")',
-                  "base.resize_token_embeddings(len(tokenizer))",
-                  f'model = PeftModel.from_pretrained(base, "{where}")', "```", ""]  # fmt: skip
-    elif fmt == "peft":
-        lines += ["With PEFT (the adapter over its base model):", "", "```python",
-                  f"from transformers import {auto_class}", "from peft import PeftModel", "",
-                  f'base = {auto_class}.from_pretrained("{base_ref}")',
+                  *(["base.resize_token_embeddings(len(tokenizer))"] if grown else []),
                   f'model = PeftModel.from_pretrained(base, "{where}")', "```", ""]  # fmt: skip
         if named is not None and named.from_gguf:
             lines += [f"`{base_ref}` there is the original model; the adapter was trained on the dequantised Q4_1 "
