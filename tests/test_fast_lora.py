@@ -272,6 +272,29 @@ def _dora(model):
     return model
 
 
+def test_a_dora_magnitude_trained_to_exactly_zero_takes_pefts_forward(monkeypatch):
+    """dm on the fast path is sum g (c z) / m, 0 / 0 where m is 0: a layer with such an element goes to PEFT's
+    forward (autograd there gives dm = sum g z / ||W + s B A||), so the gradients stay PEFT's, finite, for every
+    layer; the others stay on the fast path."""
+    torch.manual_seed(0)
+    method = get("lora")
+    model = _dora(method.apply(tiny_llama(), method.Config(r=4, alpha=8, dropout=0.0, use_dora=True)))
+    zeroed = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        zeroed.lora_magnitude_vector["default"].weight[3] = 0.0
+    slow = copy.deepcopy(model)
+    fast_lora.enable(model)
+    calls = _counting(monkeypatch)
+    loss_fast, g_fast = _grads(model, lm_batch(2, 12))
+    loss_peft, g_peft = _grads(slow, lm_batch(2, 12))
+    assert len(calls) == 9  # of 10: the zeroed q_proj left to PEFT
+    assert loss_fast == pytest.approx(loss_peft, rel=1e-5)
+    for k in g_fast:
+        assert torch.isfinite(g_fast[k]).all(), k
+        torch.testing.assert_close(g_fast[k], g_peft[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert g_fast[next(k for k in g_fast if "layers.0.self_attn.q_proj.lora_magnitude" in k)][3] != 0
+
+
 # few rows (the low-rank term added, then the rows scaled by c), many (the scaled fold); with dropout PEFT's DoRA
 # multiplies W by the dropped input too (a second product): the fast path does the same
 @pytest.mark.parametrize("shape,dropout", [((1, 12), 0.0), ((4, 40), 0.0), ((1, 12), 0.3), ((4, 40), 0.3)])

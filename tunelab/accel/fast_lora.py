@@ -290,8 +290,8 @@ def _linear_backward(grad: torch.Tensor, x: torch.Tensor, p: _Parts, need_x: boo
         return (g @ _dense(p)).view(x.shape) if need_x else None, None, None, None
     gc = g  # the gradient at the adapter's output (scaled by c with DoRA)
     if c is not None:
-        # m = 0 would divide 0 by 0 here: a zero row at the start is refused (methods/lora.py), a trained m exactly 0
-        # is left to chance
+        # m = 0 would divide 0 by 0 here: a zero row at the start is refused (methods/lora.py), and a layer whose m
+        # has an element trained to exactly 0 takes PEFT's forward (`_parts`)
         # a bf16 sum accumulates in fp32 and rounds once (summing with dtype=fp32 copies the product first)
         grad_m = (g * read.reshape(g.shape)).sum(0).to(p.magnitude.dtype).div_(p.magnitude)
         gc = _times(g, c)
@@ -457,7 +457,8 @@ def _parts(layer: nn.Module, x: torch.Tensor) -> _Parts | None:
     if not adapter_fits(a.dtype, x.dtype) or a.dtype != b.dtype:
         return None
     magnitude = _magnitude(layer, name)
-    if magnitude is not None and not adapter_fits(magnitude.dtype, x.dtype):
+    # a magnitude trained to exactly 0 takes PEFT's forward: dm here divides by m (`_linear_backward`)
+    if magnitude is not None and (not adapter_fits(magnitude.dtype, x.dtype) or not magnitude.detach().all()):
         return None
     base = _frozen(layer.base_layer, x)
     drop = layer.lora_dropout[name]
