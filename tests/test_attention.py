@@ -414,3 +414,85 @@ def test_right_padded_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_gr
     for k, p in fast.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-5)
+
+
+def test_the_compiled_pass_gives_each_kept_probability_rounded_once_and_zeros_after_the_query():
+    """attention_backward's C pass over a block of rows in place: e^(scale s) to within a bf16 rounding of torch's
+    exp for keys at or before each row's query (first + row % block), exactly 0 after; a NaN stays a NaN."""
+    from tunelab.accel import attention_backward as ab
+
+    fn = ab.load()
+    if fn is None:
+        pytest.skip(f"no compiled pass: {ab.why_not()}")
+    g = torch.Generator().manual_seed(0)
+    block, first, keys, scale = 5, 3, 9, 0.125  # two groups of 5 queries (positions 3..7) over 9 keys
+    s = (torch.randn(2 * block, keys, generator=g) * 40 - 20).bfloat16()
+    s[0, 0] = -2000.0  # under e^-87
+    s[1, 1] = float("nan")
+    got = s.clone()
+    fn(0, got.shape[0], got.data_ptr(), keys, block, first, scale)
+    seen = torch.arange(keys)[None] <= first + torch.arange(2 * block)[:, None] % block
+    want = torch.exp(s.float() * scale).masked_fill(~seen, 0)
+    assert torch.equal(got[~seen], torch.zeros_like(got[~seen]))
+    assert got[1, 1].isnan() and float(got[0, 0]) < 1e-37
+    ok = seen.clone()
+    ok[0, 0] = ok[1, 1] = False
+    torch.testing.assert_close(got[ok].float(), want[ok], rtol=2**-8, atol=0)
+
+
+@pytest.mark.parametrize("heads, kv_heads, length, blocks", [(6, 2, 40, False), (4, 4, 37, False), (6, 3, 45, True)])
+def test_the_bf16_backward_by_products_matches_the_fp32_kernel(heads, kv_heads, length, blocks, monkeypatch):
+    """attention_backward.causal on bf16 inputs against the CPU kernel's backward on the same values in fp32:
+    within bf16's rounding (relative error <= 5e-3 here, the kernel's own bf16 backward 2-6e-3); grouped-query
+    and plain heads, and an example taken 16 queries at a time (the last block short). Seeing one key past the
+    diagonal, or lse rounded to bf16 alone, fails it."""
+    from tunelab.accel import attention_backward as ab
+
+    if ab.load() is None:
+        pytest.skip(f"no compiled pass: {ab.why_not()}")
+    if blocks:
+        monkeypatch.setattr(ab, "WHOLE_UP_TO", 16)
+        monkeypatch.setattr(ab, "BLOCK", 16)
+    g = torch.Generator().manual_seed(0)
+    dim, scale = 16, 16**-0.5
+    q, k, v = (torch.randn(1, h, length, dim, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads))
+    q = q * 3  # peaked softmaxes: large scores are where a rounded one would show
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
+    grad = torch.randn(out.shape, generator=g).bfloat16()
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    ref = backward(*(t.float() for t in (grad, q, k, v, out)), lse, 0.0, True, scale=scale)
+    got = ab.causal(grad, q, k, v, out, lse, scale)
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape
+        assert float((a.float() - b).norm() / b.norm()) < 0.008  # measured <= 0.005; lse in bf16 alone 0.010-0.012
+
+
+@pytest.mark.parametrize("products", [True, False])
+def test_bf16_packed_examples_take_the_products_backward_with_sdpas_gradients(products, monkeypatch):
+    """The packed function in bf16 hands each example at least attention_backward.FROM long (here 48) to the
+    products' backward, and its gradients stay SDPA's per example (fp32, within bf16's rounding); without the
+    compiled pass (products False: as without a C compiler) the kernel's backward runs instead, to the same."""
+    from tunelab.accel import attention_backward as ab
+
+    if products and ab.load() is None:
+        pytest.skip(f"no compiled pass: {ab.why_not()}")
+    monkeypatch.setattr(ab, "FROM", 48)
+    if not products:
+        monkeypatch.setattr(ab, "load", lambda: None)
+    taken, real = [], ab.causal
+    monkeypatch.setattr(ab, "causal", lambda *a: taken.append(a[1].shape[2]) or real(*a))
+    g = torch.Generator().manual_seed(2)
+    rows, heads, kv_heads, length, dim = 2, 6, 2, 80, 16
+    pieces = [(0, 0, 9), (0, 9, 40), (0, 49, 31), (1, 0, 80)]
+    q, k, v = (torch.randn(rows, length, h, dim, generator=g).transpose(1, 2) for h in (heads, kv_heads, kv_heads))
+    grad = torch.randn(rows * length, heads, dim, generator=g)
+    inputs = [t.bfloat16().detach().requires_grad_() for t in (q, k, v)]
+    attention._PackedCausal.apply(*inputs, pieces, dim**-0.5, None).backward(grad.bfloat16())
+    ref_in = [t.detach().requires_grad_() for t in (q, k, v)]
+    outs = [F.scaled_dot_product_attention(*(t[r : r + 1, :, p : p + n] for t in ref_in), is_causal=True,
+                                           scale=dim**-0.5, enable_gqa=True)[0].transpose(0, 1)
+            for r, p, n in pieces]  # fmt: skip
+    torch.cat(outs).backward(grad)
+    for a, b in zip(inputs, ref_in):
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=0.03, atol=0.03)
+    assert taken == ([64, 96] if products else [])  # 40 and 80 at their bucketed widths (9 and 31 at 32: below 48)

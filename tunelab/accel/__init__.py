@@ -21,7 +21,7 @@ and `tunelab train` restarts itself on tbbmalloc before any of it (memory.py, fr
 | fast LoRA | fast_lora.py | a LoRA Linear as one autograd function (folded matmul in fp32; LoRA dropout with its mask drawn again in the backward, on a CPU by a compiled loop: masks.py), a SwiGLU MLP as one; in bf16 passes too; over a 4-bit base (qlora) the same, its weight dequantized where used | a LoRA variant other than rsLoRA and DoRA, several active adapters, a base neither Linear nor 4-bit, bf16 autocast |
 | SwiGLU MLP | swiglu.py | a gated MLP (SiLU, or Gemma's tanh GELU) of bias-free Linear layers (weights that train or frozen, outside fast LoRA) as one autograd function keeping x, gate(x), up(x): half its activations | a bias, another activation, an fp32 master weight beside a bf16 input, a hook on one of its layers |
 | fused RMSNorm | norm.py | Llama-style RMSNorm (and Gemma's `1 + w`) as one autograd function; its outputs rebuilt in the backward (under autocast too when the weight is bf16) | the norm is another formula, an fp32 weight beside a bf16 input |
-| packed attention | attention.py | one causal attention call per packed example (its backward in fp32 on bf16 inputs for examples under 384 tokens: faster there on a CPU); unpacked right-padded rows (prompt tuning's after their soft prompt; prefix tuning's each after the one prefix of keys) laid end to end by the loss, no compute on padding | attention not SDPA; prefix tuning: a sliding window, a prefix not in a DynamicCache |
+| packed attention | attention.py | one causal attention call per packed example (on bf16 inputs its backward as bf16 products and a compiled pass from 128 tokens on, attention_backward.py; widened to fp32 below: faster there on a CPU); unpacked right-padded rows (prompt tuning's after their soft prompt; prefix tuning's each after the one prefix of keys) laid end to end by the loss, no compute on padding | attention not SDPA; prefix tuning: a sliding window, a prefix not in a DynamicCache |
 | fused head loss | head.py | LM head + cross-entropy with the gradient made in the forward, no logits kept (under a CPU's bf16 autocast too) | a head with a bias, autocast off a CPU |
 | compact weights | compact.py | frozen fp32 weights kept in the exact 8-bit blocks (or bf16) they came from, LoRA's linears so from the load on (`load_plan`); a soft prompt's (prompt / prefix tuning) frozen body too, its MLPs then on fast LoRA's SwiGLU function | compact_frozen: false, several processes, no exact form, bf16 weights |
 | thread shares | threads.py | a micro-batch's rows as shares at once, a thread each | not a CPU, several processes, dropout outside fast LoRA, LoRA dropout with gradient checkpointing, most parameters train, dpo + PEFT, bf16 autocast, pass_threads: 1 |
@@ -54,7 +54,19 @@ import contextlib
 
 import torch
 
-from tunelab.accel import attention, compact, fast_lora, head, masks, memory, norm, swiglu, threads, token_rows
+from tunelab.accel import (
+    attention,
+    attention_backward,
+    compact,
+    fast_lora,
+    head,
+    masks,
+    memory,
+    norm,
+    swiglu,
+    threads,
+    token_rows,
+)
 from tunelab.accel.threads import sharded_step
 from tunelab.data.collate import widths_rounded_to
 from tunelab.methods import reference
@@ -190,6 +202,13 @@ class Speed:
                 if cfg.data.packing
                 else "right-padded rows laid end to end, one attention call each (no compute on padding)"
             )
+            if self.device.type == "cpu" and (autocast or compute_dtype(cfg.model.dtype, self.device) != torch.float32):
+                if attention_backward.load() is not None:
+                    self.pieces[-1] += (f"; bf16 examples of {attention_backward.FROM}+ tokens: the backward as bf16 "
+                                        "products and a compiled pass")  # fmt: skip
+                else:
+                    skip(f"attention backward as bf16 products: {attention_backward.why_not()}; the flash kernel's "
+                         "backward runs (~1.5x slower; a C compiler, cc or gcc, turns it on)")  # fmt: skip
         elif said and not attention.active(model):
             skip(
                 "packed attention: the model's attention is not SDPA; its masked call runs (no setting: "

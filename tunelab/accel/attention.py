@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tunelab.accel import attention_backward
 from tunelab.accel.memory import shape_bucket
 from tunelab.models import loss
 from tunelab.models.loading import unwrap
@@ -43,7 +44,8 @@ from tunelab.models.loading import unwrap
 NAME = "tunelab_packed"
 # Below this length an example's backward runs on its bf16 / fp16 inputs widened to fp32: the CPU kernel's backward
 # is 1.3-2.9x slower on bf16 than on fp32 inputs up to ~300 tokens, and 1.2-1.4x faster from ~384 on (torch 2.13,
-# 9 and 32 heads of 64; docs/performance.md, "bf16 weights").
+# 9 and 32 heads of 64; docs/performance.md, "bf16 weights"). A bf16 example of attention_backward.FROM tokens or
+# more takes bf16 products instead (faster than either; attention_backward.py), where its pass is built.
 WIDEN_BELOW = 384
 # An example longer than BLOCKED_BEYOND sliding windows (and than a block) is attended BAND_BLOCK queries at a time
 # against the keys their windows reach (`_band_blocks`): work linear in its length, where the band mask over the whole
@@ -307,10 +309,14 @@ class _PackedCausal(torch.autograd.Function):
             q, k, v = _span(query, r, p, width), _span(key, r, prefix + p, width), _span(value, r, prefix + p, width)
             given = [F.pad(t[at].transpose(0, 1)[None], (0, 0, 0, width - n)) for t in (grad, out)]
             pk, pv = (key[r : r + 1, :, :prefix], value[r : r + 1, :, :prefix]) if prefix else (None, None)
+            # bf16 from attention_backward.FROM tokens on: bf16 products (no sliding window cut, no prefix)
+            products = not prefix and (ctx.window is None or n <= ctx.window) and attention_backward.takes(q, width)
             # widened exactly (fp16 always: its long-example kernel is not measured), the gradients rounded once
-            if half and (width < WIDEN_BELOW or query.dtype == torch.float16):
+            if half and not products and (width < WIDEN_BELOW or query.dtype == torch.float16):
                 q, k, v, pk, pv, *given = (None if t is None else t.float() for t in (q, k, v, pk, pv, *given))
-            if _blocked(ctx.window, n):
+            if products:
+                parts = attention_backward.causal(given[0], q, k, v, given[1], m, ctx.scale)
+            elif _blocked(ctx.window, n):
                 parts = _band_blocks_backward(given[0], q, k, v, given[1], m, ctx.scale, ctx.window)
             else:  # the band made again: a [width, width] mask kept would outweigh the example
                 band = _band(ctx.window, n, width, q)
