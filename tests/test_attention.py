@@ -159,14 +159,24 @@ def band_masks():
     "path, dtype, block",
     [("kernel", torch.float32, None), ("kernel", torch.bfloat16, None), ("sdpa", torch.float32, None),
      ("kernel", torch.float32, 8), ("kernel", torch.float32, 7), ("kernel", torch.bfloat16, 8),
-     ("sdpa", torch.float32, 7)],
+     ("sdpa", torch.float32, 7), ("products", torch.bfloat16, None), ("products", torch.bfloat16, 8)],
 )  # fmt: skip
 def test_a_sliding_window_longer_examples_match_sdpa_with_the_band(path, dtype, block, monkeypatch):
     """The packed function (the CPU kernel's path) and the per-example SDPA calls (the path of GPUs and attention
     dropout) with a window some examples exceed, against one SDPA call per example under the window's boolean mask
     (fp32): output and gradients; in bf16 the examples are attended at bucketed lengths. `block`: examples longer
     than two windows attended that many queries at a time (`_band_blocks`; 256 by default, so here small blocks, 7
-    leaving a short last one), each block against the keys its windows reach."""
+    leaving a short last one), each block against the keys its windows reach. `products`: the kernel's path with the
+    backward as bf16 products (attention_backward, from 16 tokens here) under the window."""
+    taken = []
+    if path == "products":
+        from tunelab.accel import attention_backward as ab
+
+        if ab.load() is None:
+            pytest.skip(f"no compiled pass: {ab.why_not()}")
+        monkeypatch.setattr(ab, "FROM", 16)
+        real_causal = ab.causal
+        monkeypatch.setattr(ab, "causal", lambda *a: taken.append(a[-1]) or real_causal(*a))
     if block is not None:
         monkeypatch.setattr(attention, "BAND_BLOCK", block)
         blocked = []
@@ -178,7 +188,7 @@ def test_a_sliding_window_longer_examples_match_sdpa_with_the_band(path, dtype, 
     q, k, v = (torch.randn(rows, length, h, dim, generator=g).transpose(1, 2) for h in (heads, kv_heads, kv_heads))
     grad = torch.randn(rows * length, heads, dim, generator=g)
     inputs = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
-    if path == "kernel":
+    if path in ("kernel", "products"):
         out = attention._PackedCausal.apply(*inputs, pieces, dim**-0.5, window)
     else:
         out = attention._per_example_sdpa(*inputs, pieces, 0.0, dim**-0.5, window)
@@ -198,7 +208,10 @@ def test_a_sliding_window_longer_examples_match_sdpa_with_the_band(path, dtype, 
     for a, b in zip(inputs, ref_in):
         torch.testing.assert_close(a.grad.float(), b.grad, **tol)
     if block is not None:  # the three examples longer than two windows (at their bucketed widths in bf16)
-        assert len(blocked) == (3 if path == "sdpa" else 6) and min(blocked) >= 35  # the kernel's: forward, backward
+        # the kernel's: forward and backward; the products' backward takes its own blocks
+        assert len(blocked) == (6 if path == "kernel" else 3) and min(blocked) >= 35
+    if path == "products":  # every example (the 5-token one at its bucket of 32), under the window where longer
+        assert taken == [None, 12, 12, 12]
 
 
 @pytest.mark.parametrize("kv_heads", [2, 6])
@@ -416,36 +429,46 @@ def test_right_padded_rows_are_laid_end_to_end_with_the_masked_calls_loss_and_gr
             torch.testing.assert_close(p.grad, grads[k], rtol=1e-4, atol=1e-5)
 
 
-def test_the_compiled_pass_gives_each_kept_probability_rounded_once_and_zeros_after_the_query():
+@pytest.mark.parametrize("key0, window", [(0, 0), (2, 4)])
+def test_the_compiled_pass_gives_each_kept_probability_rounded_once_and_zeros_elsewhere(key0, window):
     """attention_backward's C pass over a block of rows in place: e^(scale s) to within a bf16 rounding of torch's
-    exp for keys at or before each row's query (first + row % block), exactly 0 after; a NaN stays a NaN."""
+    exp for the keys each row's query (at first + row % block) sees, exactly 0 for the others: those after it, and
+    with a window those `window` or more positions before it (key j at position key0 + j); a NaN stays a NaN."""
     from tunelab.accel import attention_backward as ab
 
     fn = ab.load()
     if fn is None:
         pytest.skip(f"no compiled pass: {ab.why_not()}")
     g = torch.Generator().manual_seed(0)
-    block, first, keys, scale = 5, 3, 9, 0.125  # two groups of 5 queries (positions 3..7) over 9 keys
+    block, first, keys, scale = 5, 3 + key0, 9, 0.125  # two groups of 5 queries over 9 keys
     s = (torch.randn(2 * block, keys, generator=g) * 40 - 20).bfloat16()
-    s[0, 0] = -2000.0  # under e^-87
-    s[1, 1] = float("nan")
+    s[4, 5] = -2000.0  # under e^-87
+    s[9, 6] = float("nan")
     got = s.clone()
-    fn(0, got.shape[0], got.data_ptr(), keys, block, first, scale)
-    seen = torch.arange(keys)[None] <= first + torch.arange(2 * block)[:, None] % block
+    fn(0, got.shape[0], got.data_ptr(), keys, block, first, key0, window, scale)
+    query = first + torch.arange(2 * block)[:, None] % block
+    position = key0 + torch.arange(keys)[None]
+    seen = (position <= query) & ((position > query - window) if window else True)
     want = torch.exp(s.float() * scale).masked_fill(~seen, 0)
+    assert seen[4, 5] and seen[9, 6] and not seen.all()
     assert torch.equal(got[~seen], torch.zeros_like(got[~seen]))
-    assert got[1, 1].isnan() and float(got[0, 0]) < 1e-37
+    assert got[9, 6].isnan() and float(got[4, 5]) < 1e-37
     ok = seen.clone()
-    ok[0, 0] = ok[1, 1] = False
+    ok[4, 5] = ok[9, 6] = False
     torch.testing.assert_close(got[ok].float(), want[ok], rtol=2**-8, atol=0)
 
 
-@pytest.mark.parametrize("heads, kv_heads, length, blocks", [(6, 2, 40, False), (4, 4, 37, False), (6, 3, 45, True)])
-def test_the_bf16_backward_by_products_matches_the_fp32_kernel(heads, kv_heads, length, blocks, monkeypatch):
+@pytest.mark.parametrize(
+    "heads, kv_heads, length, blocks, window",
+    [(6, 2, 40, False, None), (4, 4, 37, False, None), (6, 3, 45, True, None), (6, 2, 40, False, 12),
+     (6, 3, 45, True, 10)],
+)  # fmt: skip
+def test_the_bf16_backward_by_products_matches_the_fp32_kernel(heads, kv_heads, length, blocks, window, monkeypatch):
     """attention_backward.causal on bf16 inputs against the CPU kernel's backward on the same values in fp32:
     within bf16's rounding (relative error <= 5e-3 here, the kernel's own bf16 backward 2-6e-3); grouped-query
-    and plain heads, and an example taken 16 queries at a time (the last block short). Seeing one key past the
-    diagonal, or lse rounded to bf16 alone, fails it."""
+    and plain heads, an example taken 16 queries at a time (the last block short), and under a sliding window (as
+    the kernel's band mask; with blocks each against the keys its windows reach). Seeing one key past the diagonal,
+    or lse rounded to bf16 alone, fails it."""
     from tunelab.accel import attention_backward as ab
 
     if ab.load() is None:
@@ -457,11 +480,15 @@ def test_the_bf16_backward_by_products_matches_the_fp32_kernel(heads, kv_heads, 
     dim, scale = 16, 16**-0.5
     q, k, v = (torch.randn(1, h, length, dim, generator=g).bfloat16() for h in (heads, kv_heads, kv_heads))
     q = q * 3  # peaked softmaxes: large scores are where a rounded one would show
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)[:2]
+    band = attention._band(window, length, length, q)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, True, attn_mask=band, scale=scale
+    )[:2]
     grad = torch.randn(out.shape, generator=g).bfloat16()
     backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    ref = backward(*(t.float() for t in (grad, q, k, v, out)), lse, 0.0, True, scale=scale)
-    got = ab.causal(grad, q, k, v, out, lse, scale)
+    band = None if band is None else band.float()
+    ref = backward(*(t.float() for t in (grad, q, k, v, out)), lse, 0.0, True, attn_mask=band, scale=scale)
+    got = ab.causal(grad, q, k, v, out, lse, scale, window)
     for a, b in zip(got, ref):
         assert a.dtype == torch.bfloat16 and a.shape == b.shape
         assert float((a.float() - b).norm() / b.norm()) < 0.008  # measured <= 0.005; lse in bf16 alone 0.010-0.012

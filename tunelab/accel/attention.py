@@ -309,13 +309,14 @@ class _PackedCausal(torch.autograd.Function):
             q, k, v = _span(query, r, p, width), _span(key, r, prefix + p, width), _span(value, r, prefix + p, width)
             given = [F.pad(t[at].transpose(0, 1)[None], (0, 0, 0, width - n)) for t in (grad, out)]
             pk, pv = (key[r : r + 1, :, :prefix], value[r : r + 1, :, :prefix]) if prefix else (None, None)
-            # bf16 from attention_backward.FROM tokens on: bf16 products (no sliding window cut, no prefix)
-            products = not prefix and (ctx.window is None or n <= ctx.window) and attention_backward.takes(q, width)
+            # bf16 from attention_backward.FROM tokens on: bf16 products (not after a prefix of keys)
+            products = not prefix and attention_backward.takes(q, width)
             # widened exactly (fp16 always: its long-example kernel is not measured), the gradients rounded once
             if half and not products and (width < WIDEN_BELOW or query.dtype == torch.float16):
                 q, k, v, pk, pv, *given = (None if t is None else t.float() for t in (q, k, v, pk, pv, *given))
             if products:
-                parts = attention_backward.causal(given[0], q, k, v, given[1], m, ctx.scale)
+                window = ctx.window if ctx.window is not None and n > ctx.window else None
+                parts = attention_backward.causal(given[0], q, k, v, given[1], m, ctx.scale, window)
             elif _blocked(ctx.window, n):
                 parts = _band_blocks_backward(given[0], q, k, v, given[1], m, ctx.scale, ctx.window)
             else:  # the band made again: a [width, width] mask kept would outweigh the example
