@@ -77,7 +77,9 @@ def test_install_leaves_other_formulas_alone():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_installed_on_a_gemma3_gives_its_outputs_and_gradients(dtype):
     """Gemma's RMSNorm, (1 + w) x / rms in fp32 narrowed after the product (and its q / k norms): the module's output
-    bit for bit, in fp32 and in a bf16 pass, and autograd's gradients (w trained, and x's)."""
+    bit for bit, in fp32 and in a bf16 pass (the compiled rows there: equal on these rows, a rare element one unit
+    apart in general, test_compiled_rows_in_bf16_give_torchs_output_and_gradient), and autograd's gradients (w
+    trained, and x's)."""
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
 
     torch.manual_seed(0)
@@ -146,3 +148,31 @@ def test_recomputed_outputs_keep_no_norm_output_and_give_the_same_gradients():
     assert torch.equal(loss, ref_loss) and ref_grads.keys() == grads.keys() and len(grads) == 14 * layers
     for name in ref_grads:
         assert torch.equal(grads[name], ref_grads[name]), name  # rebuilt with the same operations: the same bits
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_compiled_rows_in_bf16_give_torchs_output_and_gradient(offset, monkeypatch):
+    """bf16 on a CPU runs the compiled rows (one pass a row for the output, one for dx) where torch runs its
+    operations: against those (`_rms_norm` and the closed-form backward), the output equal but for the rare element
+    one bf16 unit apart (1/rms summed in another order), dx to 1e-4 of its norm, Llama's w and Gemma's 1 + w (an
+    odd width: the sums' tail); a recomputed output (`recomputed_outputs`) is the forward's own, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 33, 200, generator=g) * 3).bfloat16().requires_grad_()
+    w = (torch.randn(200, generator=g) * 0.3 + (0 if offset else 1)).bfloat16()
+    if norm._rows(x, w) is None:
+        pytest.skip(f"no compiled rows: {norm.compiled.why_not('rms_norm')}")
+    grad = torch.randn(x.shape, generator=g).bfloat16()
+    y, rstd, rows = norm._forward(x.detach(), w, 1e-5, offset)
+    assert rows and torch.equal(norm._Recipe(x.detach(), w, rstd, offset, True).value(), y)
+    results = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(norm, "_rows", lambda x, w: None)
+        out = norm._RMSNorm.apply(x, w, 1e-5, offset)
+        results.append((out, *torch.autograd.grad(out, x, grad)))
+    (y_c, dx_c), (y_t, dx_t) = results
+    assert torch.equal(y_c, y) and type(y_c.grad_fn) is type(y_t.grad_fn)
+    apart = y_c != y_t
+    assert apart.float().mean() <= 1e-3  # measured 2-26 in a million
+    torch.testing.assert_close(y_c[apart].float(), y_t[apart].float(), rtol=2**-7, atol=0)
+    assert float((dx_c.float() - dx_t.float()).norm() / dx_t.float().norm()) < 1e-4

@@ -132,10 +132,11 @@ def why_not(name: str) -> str:
     return found if isinstance(found, str) else ""
 
 
-def split(fn, n: int, *args, threads: int) -> list:
-    """`fn(start, stop, *args)` over [0, n): one call here for a short range or one thread (returns []), else
-    `threads` calls at once in a pool shared by every caller (returns their futures)."""
-    if threads <= 1 or n < SPLIT:
+def split(fn, n: int, *args, threads: int, per: int = 1) -> list:
+    """`fn(start, stop, *args)` over [0, n): one call here for a short range (under SPLIT elements, an index covering
+    `per` of them) or one thread (returns []), else `threads` calls at once in a pool shared by every caller (returns
+    their futures)."""
+    if threads <= 1 or n * per < SPLIT:
         fn(0, n, *args)
         return []
     if threads not in _pools:
