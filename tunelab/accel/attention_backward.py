@@ -43,14 +43,7 @@ FROM = 128  # shorter examples take the kernel widened to fp32 (faster there: 0.
 WHOLE_UP_TO = 512  # longer examples are taken BLOCK queries at a time
 BLOCK = 256
 
-SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-
-static inline uint16_t to_bf16(float f) {  /* round to nearest even (a NaN stays one: its payload is high) */
-    uint32_t u; memcpy(&u, &f, 4); u += 0x7fffu + ((u >> 16) & 1u); return (uint16_t)(u >> 16);
-}
-static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+SOURCE = r"""  /* after compiled.BF16 */
 
 /* e^x to ~2e-7 of itself for x <= 88 (2^f by its Taylor series to f^6, |f| <= 1/2, times 2^n), without branches so
    that the loop vectorises; e^x below e^-87 is taken as e^-87 (~1.6e-38); a NaN stays a NaN */
@@ -92,7 +85,7 @@ SIGNATURE = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, *[ctypes.c_int64] 
 
 def load():
     """The compiled pass (a ctypes function), or None: `why_not()` then says why."""
-    lib = compiled.load("attention_backward", SOURCE, {"probs": SIGNATURE})
+    lib = compiled.load("attention_backward", compiled.BF16 + SOURCE, {"probs": SIGNATURE})
     return None if lib is None else lib.probs
 
 

@@ -37,6 +37,18 @@ from tunelab.models.sources import tunelab_home
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC"]
 SPLIT = 1 << 16  # elements: a tensor this long or longer is split among the threads
 
+# bf16 <-> fp32 for the sources that take bf16 tensors: narrowing rounds to nearest even, as torch does (an arithmetic
+# NaN stays one: its payload bits are high)
+BF16 = r"""
+#include <stdint.h>
+#include <string.h>
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4); u += 0x7fffu + ((u >> 16) & 1u); return (uint16_t)(u >> 16);
+}
+static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+"""
+
 _loaded: dict = {}  # name -> SimpleNamespace of ctypes functions, or the str why there is none
 _pools: dict = {}  # threads -> ThreadPoolExecutor
 

@@ -47,15 +47,8 @@ from torch import nn
 
 from tunelab.accel import compiled
 
-SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
+SOURCE = r"""  /* after compiled.BF16 */
 #include <math.h>
-
-static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch narrows */
-    uint32_t u; memcpy(&u, &f, 4); u += 0x7fffu + ((u >> 16) & 1u); return (uint16_t)(u >> 16);
-}
-static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 #define LANES 16  /* sums in 16 lanes added in a fixed order: the same bits for any vector width */
 
@@ -151,7 +144,7 @@ def _rows(x: torch.Tensor, weight: torch.Tensor):
     """The compiled rows (SOURCE) where x and the weight are bf16 on a CPU and they are built, else None."""
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
         return None
-    return compiled.load("rms_norm", SOURCE, SIGNATURES)
+    return compiled.load("rms_norm", compiled.BF16 + SOURCE, SIGNATURES)
 
 
 def _run(fn, x: torch.Tensor, *pointers_and_args) -> None:
