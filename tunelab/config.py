@@ -497,8 +497,9 @@ class TrainingConfig(Section):
         "auto",
         description="The CPU speed code (tunelab/accel): fast LoRA layers, fused RMSNorm, per-example attention "
         "over packed rows, the fused head + cross-entropy, compact frozen weights (compact_frozen), thread shares "
-        "(pass_threads), the allocator (allocator, release_memory) and bf16 weights' AdamW step compiled at first "
-        "use (a C compiler, cc). auto = each where it applies, the same "
+        "(pass_threads), the allocator (allocator, release_memory); some as C loops compiled at first use where a "
+        "C compiler (cc) is found: bf16 weights' AdamW step, LoRA dropout masks and, in bf16, RMSNorm's rows and "
+        "the attention backward. auto = each where it applies, the same "
         "training to rounding; off = none of them, whatever their own settings: plain PyTorch + PEFT (packed "
         "rows still attend per example, through transformers' mask). The run log says which pieces are on and "
         "why any is not. See docs/performance.md.",
