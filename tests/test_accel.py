@@ -113,6 +113,39 @@ def _prepared_lora(dropout: float, autocast: bool = False, **training):
     return model, speed
 
 
+def test_bf16_passes_log_the_compiled_norm_rows_and_attention_backward_or_why_not(monkeypatch):
+    """In bf16 on a CPU the log line names RMSNorm's compiled rows and the attention backward's products; where
+    neither builds (no C compiler) one "not on" line each says so and what turns it on."""
+    from tunelab.accel import compiled
+
+    def prepared():
+        cfg = load_config({"model": {"dtype": "bfloat16"}, "data": {"packing": True},
+                           "method": {"name": "lora", "r": 4, "dropout": 0.0}, "training": {"device": "cpu"}})  # fmt: skip
+        model = get("lora").apply(tiny_llama().to(torch.bfloat16), cfg.method)
+        speed = accel.start(cfg.training, torch.device("cpu"))
+        speed.prepare(model, cfg, count_parameters(model)[1], multi=False, autocast=True)
+        return speed
+
+    if compiled.load("probe", "void f(void) {}", {"f": []}) is None:
+        pytest.skip(f"no C compiler: {compiled.why_not('probe')}")
+    speed = prepared()
+    line = speed.describe().splitlines()[0]
+    assert "fused RMSNorm (5), its bf16 rows compiled" in line
+    assert "bf16 examples of 128+ tokens: the backward as bf16 products and a compiled pass" in line
+    assert not any("compiled" in s for s in speed.skipped)
+    nothing = "no C compiler (cc or gcc on PATH, or $CC)"
+    monkeypatch.setattr(compiled, "_loaded", {"rms_norm": nothing, "attention_backward": nothing})
+    speed = prepared()
+    first = speed.describe().splitlines()[0]
+    assert "its bf16 rows compiled" not in first and "as bf16 products" not in first
+    assert [s for s in speed.skipped if "compiled rows" in s or "bf16 products" in s] == [
+        f"RMSNorm's compiled rows: {nothing}; torch's operations run (~3x slower a norm; a C compiler, cc or gcc, "
+        "turns it on)",
+        f"attention backward as bf16 products: {nothing}; the flash kernel's backward runs (~1.5x slower; a C "
+        "compiler, cc or gcc, turns it on)",
+    ]
+
+
 def test_lora_dropout_takes_the_fast_path_and_the_log_says_why_a_piece_stays_off(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     model, speed = _prepared_lora(0.1)

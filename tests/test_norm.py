@@ -160,7 +160,7 @@ def test_compiled_rows_in_bf16_give_torchs_output_and_gradient(offset, monkeypat
     x = (torch.randn(4, 33, 200, generator=g) * 3).bfloat16().requires_grad_()
     w = (torch.randn(200, generator=g) * 0.3 + (0 if offset else 1)).bfloat16()
     if norm._rows(x, w) is None:
-        pytest.skip(f"no compiled rows: {norm.compiled.why_not('rms_norm')}")
+        pytest.skip(f"no compiled rows: {norm.compiled.why_not('rms_norm')}")  # no C compiler
     grad = torch.randn(x.shape, generator=g).bfloat16()
     y, rstd, rows = norm._forward(x.detach(), w, 1e-5, offset)
     assert rows and torch.equal(norm._Recipe(x.detach(), w, rstd, offset, True).value(), y)

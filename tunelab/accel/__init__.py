@@ -189,6 +189,12 @@ class Speed:
                  "tanh form; their own forward runs (no setting: a property of the model)")  # fmt: skip
         if n := norm.install(model):
             self.pieces.append(f"fused RMSNorm ({n})")
+            if self.device.type == "cpu" and (autocast or compute_dtype(cfg.model.dtype, self.device) != torch.float32):
+                if norm.compiled_rows() is not None:
+                    self.pieces[-1] += ", its bf16 rows compiled"
+                else:
+                    skip(f"RMSNorm's compiled rows: {norm.compiled.why_not('rms_norm')}; torch's operations run (~3x "
+                         "slower a norm; a C compiler, cc or gcc, turns it on)")  # fmt: skip
         elif norms := sorted({type(m).__name__ for m in model.modules() if type(m).__name__.endswith("Norm")}):
             skip(
                 f"fused RMSNorm: the model's norms ({', '.join(norms)}) are not Llama- or Gemma-style RMSNorm; their own "

@@ -140,11 +140,16 @@ def _output(x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: b
     return weight * (_wide(x) * rstd).to(x.dtype)
 
 
+def compiled_rows():
+    """The compiled rows (SOURCE), built at first use; None where they cannot be (`compiled.why_not('rms_norm')`)."""
+    return compiled.load("rms_norm", compiled.BF16 + SOURCE, SIGNATURES)
+
+
 def _rows(x: torch.Tensor, weight: torch.Tensor):
-    """The compiled rows (SOURCE) where x and the weight are bf16 on a CPU and they are built, else None."""
+    """The compiled rows where x and the weight are bf16 on a CPU and they are built, else None."""
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
         return None
-    return compiled.load("rms_norm", compiled.BF16 + SOURCE, SIGNATURES)
+    return compiled_rows()
 
 
 def _run(fn, x: torch.Tensor, *pointers_and_args) -> None:
