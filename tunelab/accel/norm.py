@@ -149,7 +149,7 @@ def _rows(x: torch.Tensor, weight: torch.Tensor):
     """The compiled rows where x and the weight are bf16 on a CPU and they are built, else None."""
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu":
         return None
-    return compiled_rows()
+    return compiled_rows() if weight.is_contiguous() else None
 
 
 def _run(fn, x: torch.Tensor, *pointers_and_args) -> None:
