@@ -187,9 +187,13 @@ class Speed:
         if acts := swiglu.other_activations(model):
             skip(f"gated MLPs as one function: the MLPs' activation ({', '.join(acts)}) is neither SiLU nor GELU's "
                  "tanh form; their own forward runs (no setting: a property of the model)")  # fmt: skip
+        # passes in bf16 on a CPU, where RMSNorm's rows and the attention backward run as compiled loops
+        bf16_cpu = self.device.type == "cpu" and (
+            autocast or compute_dtype(cfg.model.dtype, self.device) != torch.float32
+        )
         if n := norm.install(model):
             self.pieces.append(f"fused RMSNorm ({n})")
-            if self.device.type == "cpu" and (autocast or compute_dtype(cfg.model.dtype, self.device) != torch.float32):
+            if bf16_cpu:
                 if norm.compiled_rows() is not None:
                     self.pieces[-1] += ", its bf16 rows compiled"
                 else:
@@ -208,7 +212,7 @@ class Speed:
                 if cfg.data.packing
                 else "right-padded rows laid end to end, one attention call each (no compute on padding)"
             )
-            if self.device.type == "cpu" and (autocast or compute_dtype(cfg.model.dtype, self.device) != torch.float32):
+            if bf16_cpu:
                 if attention_backward.load() is not None:
                     self.pieces[-1] += (f"; bf16 examples of {attention_backward.FROM}+ tokens: the backward as bf16 "
                                         "products and a compiled pass")  # fmt: skip

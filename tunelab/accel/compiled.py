@@ -144,6 +144,12 @@ def why_not(name: str) -> str:
     return found if isinstance(found, str) else ""
 
 
+def run(fn, n: int, *args, threads: int, per: int = 1) -> None:
+    """`split`, waiting for every call."""
+    for future in split(fn, n, *args, threads=threads, per=per):
+        future.result()
+
+
 def split(fn, n: int, *args, threads: int, per: int = 1) -> list:
     """`fn(start, stop, *args)` over [0, n): one call here for a short range (under SPLIT elements, an index covering
     `per` of them) or one thread (returns []), else `threads` calls at once in a pool shared by every caller (returns

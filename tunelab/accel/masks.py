@@ -62,6 +62,5 @@ def draw(fn, shape, p: float, key: int) -> torch.Tensor:
     n = torch.Size(shape).numel()
     words = (n + 3) // 4
     out = torch.empty(4 * words, dtype=torch.bool)  # whole words: the last one's spare bytes are dropped below
-    for f in compiled.split(fn, words, out.data_ptr(), key, round(p * 65536), threads=torch.get_num_threads()):
-        f.result()
+    compiled.run(fn, words, out.data_ptr(), key, round(p * 65536), threads=torch.get_num_threads())
     return out[:n].view(shape)

@@ -155,8 +155,7 @@ def _rows(x: torch.Tensor, weight: torch.Tensor):
 def _run(fn, x: torch.Tensor, *pointers_and_args) -> None:
     """fn over x's rows, split among the threads."""
     n = x.shape[-1]
-    for f in compiled.split(fn, x.numel() // n, *pointers_and_args, threads=torch.get_num_threads(), per=n):
-        f.result()
+    compiled.run(fn, x.numel() // n, *pointers_and_args, threads=torch.get_num_threads(), per=n)
 
 
 def _forward(x, weight, eps, offset):
