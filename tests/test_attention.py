@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import threading
 
 import pytest
 import torch
@@ -523,3 +524,8 @@ def test_bf16_packed_examples_take_the_products_backward_with_sdpas_gradients(pr
     for a, b in zip(inputs, ref_in):
         torch.testing.assert_close(a.grad.float(), b.grad, rtol=0.03, atol=0.03)
     assert taken == ([64, 96] if products else [])  # 40 and 80 at their bucketed widths (9 and 31 at 32: below 48)
+    # the probabilities' scratch buffer stays with this thread, sized to the widest example, until it is freed
+    held = ab._SCRATCH.get((torch.device("cpu"), threading.get_ident()))
+    assert (held is not None and held.numel() == 2 * kv_heads * (heads // kv_heads) * 96 * 96) == products
+    ab.free_scratch()
+    assert not ab._SCRATCH

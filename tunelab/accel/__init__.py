@@ -323,6 +323,7 @@ class Speed:
         threads.shutdown()
         head.free_buffers()
         compact.free_scratch()
+        attention_backward.free_scratch()
         if self.compacted and expand:
             compact.expand_compact(model)
 
