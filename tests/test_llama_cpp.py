@@ -106,6 +106,7 @@ def runs(tmp_path_factory):
 # tokens compared, and the smallest top-2 logit gap those steps must have in tunelab's own generation
 # (well above the format's rounding: the fixtures below are seeded so that their greedy paths have none)
 SAME_TOKENS = {"f32": (N_NEW, 0.01), "f16": (N_NEW, 0.05), "q8_0": (4, 0.1)}
+MIN_SAME = 4  # tokens that must agree before a near-tie
 MAX_LOGIT_DIFF = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.15}
 
 
@@ -123,7 +124,11 @@ def _compare(model, tok, path, quant: str, lora=None, max_diff: float | None = N
             if quant in SAME_TOKENS:
                 n, least = SAME_TOKENS[quant]
                 least = gap or least
-                assert min(gaps[:n]) > least, f"fixture has a near-tie: {text!r} gaps {np.round(gaps[:n], 4)}"
+                # a near-tie makes the tokens from it on a test of rounding, not of the file: compare those before it.
+                # The fixtures are seeded to have none, but the trained weights differ with the host's kernels (an
+                # AVX2 host's qlora run had a 0.005 gap at the tenth token)
+                n = next((i for i, g in enumerate(gaps[:n]) if g <= least), n)
+                assert n >= MIN_SAME, f"fixture has a near-tie: {text!r} gaps {np.round(gaps, 4)}"
                 assert theirs[:n] == ours[:n] and diff < (max_diff or MAX_LOGIT_DIFF[quant]), (text, theirs, ours, diff)
             else:  # 4-bit: loads and answers with real tokens; the logits are still those of the same model
                 stopped = len(theirs) == N_NEW or theirs[-1] == tok.eos_token_id  # it may end its answer early
