@@ -87,7 +87,7 @@ def test_off_installs_no_speed_piece_and_auto_installs_them(monkeypatch):
 
     attention_backward._scratch((1, 4, 4), torch.zeros(1, dtype=torch.bfloat16))  # as a products backward leaves it
     speed.release(model, expand=True)  # dense weights back, scratch buffers dropped
-    assert not attention_backward._SCRATCH
+    assert not compact._SCRATCH
     assert not any(isinstance(m, compact.CompactLinear) for m in model.modules())
 
 

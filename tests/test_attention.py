@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunelab.accel import attention
+from tunelab.accel import attention, compact
 from tunelab.methods import get
 from tunelab.models import loss as L
 from tunelab.testing import tiny_llama
@@ -525,7 +525,7 @@ def test_bf16_packed_examples_take_the_products_backward_with_sdpas_gradients(pr
         torch.testing.assert_close(a.grad.float(), b.grad, rtol=0.03, atol=0.03)
     assert taken == ([64, 96] if products else [])  # 40 and 80 at their bucketed widths (9 and 31 at 32: below 48)
     # the probabilities' scratch buffer stays with this thread, sized to the widest example, until it is freed
-    held = ab._SCRATCH.get((torch.device("cpu"), threading.get_ident()))
+    held = compact._SCRATCH.get((torch.device("cpu"), torch.bfloat16, threading.get_ident()))
     assert (held is not None and held.numel() == 2 * kv_heads * (heads // kv_heads) * 96 * 96) == products
-    ab.free_scratch()
-    assert not ab._SCRATCH
+    compact.free_scratch()
+    assert not compact._SCRATCH

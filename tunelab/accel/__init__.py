@@ -322,8 +322,7 @@ class Speed:
             return
         threads.shutdown()
         head.free_buffers()
-        compact.free_scratch()
-        attention_backward.free_scratch()
+        compact.free_scratch()  # the decoded weights' and the attention products' buffers
         if self.compacted and expand:
             compact.expand_compact(model)
 

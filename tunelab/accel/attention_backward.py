@@ -34,11 +34,11 @@ each example in flight, where the kernel works in tiles).
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 
 from tunelab.accel import compiled
+from tunelab.accel.compact import scratch
 
 FROM = 128  # shorter examples take the kernel widened to fp32 (faster there: 0.32 against 0.36 ms at 96 tokens)
 WHOLE_UP_TO = 512  # longer examples are taken BLOCK queries at a time
@@ -120,26 +120,12 @@ def _rows(t: torch.Tensor, first: int, end: int) -> torch.Tensor:
     return t[:, :, first:end].reshape(t.shape[0], -1, t.shape[-1])
 
 
-# per (device, thread): one buffer for the probabilities and their gradient, the largest so far
-_SCRATCH: dict[tuple, torch.Tensor] = {}
-
-
 def _scratch(shape, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two [shape] bf16 tensors in this thread's scratch buffer: one allocation for every example and block, where a
-    new pair each left a cached block per example width in the allocator until the step's end (peak 2,052-2,055
-    against 2,060-2,063 MB at 360M x 1,024). Held until `free_scratch` (Speed.release, when training ends)."""
-    size = shape[0] * shape[1] * shape[2]
-    key = (like.device, threading.get_ident())
-    buffer = _SCRATCH.get(key)
-    if buffer is None or buffer.numel() < 2 * size:
-        _SCRATCH.pop(key, None)  # the smaller one goes before the larger is made
-        buffer = _SCRATCH[key] = torch.empty(2 * size, dtype=torch.bfloat16, device=like.device)
-    return buffer[:size].view(shape), buffer[size : 2 * size].view(shape)
-
-
-def free_scratch() -> None:
-    """Drop every thread's scratch buffer (up to ~33 MB each for a 4,096-token Gemma 3 layer)."""
-    _SCRATCH.clear()
+    """Two [shape] bf16 tensors in this thread's scratch buffer (compact.scratch): one allocation for every example
+    and block, where a new pair each left a cached block per example width in the allocator until the step's end
+    (peak 2,052-2,055 against 2,060-2,063 MB at 360M x 1,024)."""
+    pair = scratch((2, *shape), like.device, torch.bfloat16)
+    return pair[0], pair[1]
 
 
 def causal(grad, query, key, value, out, lse, scale: float, window: int | None = None):

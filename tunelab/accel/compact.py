@@ -19,6 +19,7 @@ weight for an fp32 matmul.
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -87,18 +88,19 @@ def _decode(codes: torch.Tensor, step: torch.Tensor, offset: torch.Tensor, out: 
 _SCRATCH: dict[tuple, torch.Tensor] = {}
 
 
-def scratch(shape: torch.Size, device: torch.device) -> torch.Tensor:
-    """A view of `shape` into the one reused buffer of this (device, thread), as large as the largest shape
+def scratch(shape, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A view of `shape` into the one reused buffer of this (device, dtype, thread), as large as the largest shape
     asked for: valid until the next scratch request in this thread (every caller uses it for one matmul
     at once). Why: a decoded weight lives for one matmul; a fresh multi-MB tensor per use is mapped and
     faulted in anew, or leaves holes in malloc's heap between the activations a pass keeps. One buffer
-    rather than one per shape: SmolLM2's five shapes held 18 MB a thread, the largest alone 9 MB."""
-    key = (device, threading.get_ident())
+    rather than one per shape: SmolLM2's five shapes held 18 MB a thread, the largest alone 9 MB. Also the
+    attention products' probabilities (attention_backward.py, bf16). All are dropped by free_scratch (Speed.release)."""
+    key = (device, dtype, threading.get_ident())
     buf = _SCRATCH.get(key)
-    n = shape.numel()
+    n = math.prod(shape)
     if buf is None or buf.numel() < n:
         _SCRATCH.pop(key, None)  # the smaller one goes before the larger is made
-        buf = _SCRATCH[key] = torch.empty(n, dtype=torch.float32, device=device)
+        buf = _SCRATCH[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 
