@@ -95,6 +95,41 @@ def test_metric_names():
     assert metric_name("pairwise_accuracy", "dev") == "dev/pairwise_accuracy"
 
 
+def test_a_ctrl_c_during_a_trackers_call_is_delivered_after_it(tmp_path):
+    """Ctrl-C while a tracker logs: the call runs to its end (a KeyboardInterrupt inside TensorBoard's queue hand-off
+    made its writer miss the close and `tunelab train` hang 120 s after a Stop), then the interrupt is raised."""
+    import signal
+    import threading
+
+    from tunelab.training.harness import MetricsLog
+    from tunelab.training.trackers import Tracker
+
+    calls = []
+
+    def log(values, step):
+        if not calls:  # as a Ctrl-C arriving in the middle of the library's code, once
+            signal.raise_signal(signal.SIGINT)
+        for _ in range(1000):  # bytecode boundaries at which Python would raise it
+            pass
+        calls.append((dict(values), step))
+
+    metrics = MetricsLog(tmp_path, None, 0)
+    metrics.trackers = [Tracker("fake", log, lambda: None)]
+    with pytest.raises(KeyboardInterrupt):
+        metrics.write({"step": 1, "loss": 2.5})
+    assert calls == [({"train/loss": 2.5}, 1)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler in place again
+    metrics.write({"step": 2, "loss": 2.0})  # nothing held back from the first
+    assert calls[-1] == ({"train/loss": 2.0}, 2) and len(calls) == 2
+    outside = []  # off the main thread, where Python cannot set a handler, the call runs unchanged
+    thread = threading.Thread(target=lambda: outside.append(metrics.write({"step": 3, "lr": 1e-4}) is None))
+    metrics.trackers = [Tracker("fake", lambda v, s: calls.append((dict(v), s)), lambda: None)]
+    thread.start()
+    thread.join()
+    assert outside == [True] and calls[-1] == ({"train/learning_rate": 1e-4}, 3)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def test_the_run_trained_through_the_interrupt(tracked):
     assert json.loads(tracked["stdout"])["steps"] == 8  # stdout holds the result alone
     assert sorted(jsonl_values(tracked["run"], "loss")) == list(range(1, 9))

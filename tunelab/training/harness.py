@@ -139,9 +139,10 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         values = {trackers.metric_name(k, section): v for k, v in record.items()
                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
-        if values:
-            for t in self.trackers:
-                t.log(values, record["step"])
+        if values and self.trackers:
+            with signals_deferred():  # a Ctrl-C inside a tracker's thread hand-off can stall its close (below)
+                for t in self.trackers:
+                    t.log(values, record["step"])
 
     def close(self) -> None:
         for t in self.trackers:
@@ -487,9 +488,6 @@ def checkpoint_write(run_dir: Path, interrupting: bool = False, what: str = "the
     which checkpoint is the last complete one; the half-written folder is removed at the next start.
     Off the main thread signals cannot be handled here: the write runs as it is.
     """
-    if not on_main_thread():
-        yield
-        return
     held: list[int] = []
 
     def hold(signum, frame):
@@ -502,14 +500,39 @@ def checkpoint_write(run_dir: Path, interrupting: bool = False, what: str = "the
         log(f"{signal.Signals(signum).name}: waiting for {what} being written to complete "
             "(once more to stop at once, leaving it incomplete)")  # fmt: skip
 
-    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    with _signals_to(hold):
+        yield
+    if held and not interrupting:
+        signal.raise_signal(held[0])  # the handler in place now answers it, as if it came just now
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C (SIGINT) and SIGTERM that arrive in the block are delivered when it ends, to the handler in place.
+
+    Around the trackers' calls: a KeyboardInterrupt raised in threading.Condition.notify between a waiter's release and
+    its removal (CPython's own code, gh-92530 covers half of it) makes the next notify wake nobody; TensorBoard's writer
+    thread then missed the close's stop signal and `tunelab train` hung for the writer's 120 s flush interval after a
+    Ctrl-C (seen as a 2-minute stop in tests/test_ui_core.py)."""
+    held: list[int] = []
+    with _signals_to(lambda signum, frame: held.append(signum)):
+        yield
+    if held:
+        signal.raise_signal(held[0])
+
+
+@contextlib.contextmanager
+def _signals_to(handler):
+    """SIGINT and SIGTERM go to `handler` in the block; off the main thread (where Python cannot set one) unchanged."""
+    if not on_main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if held and not interrupting:
-        signal.raise_signal(held[0])  # the handler in place now answers it, as if it came just now
 
 
 def on_main_thread() -> bool:
