@@ -443,7 +443,7 @@ def test_report_screenshot_is_not_blank(grid_run, tmp_path):
 def test_predictions_recompute_every_metric_of_the_table(grid_run):
     """Each cell's and reference's predictions.jsonl gives back its table metrics exactly, on the dev rows."""
     from tunelab.compare.plan import read_jsonl, task_object
-    from tunelab.evaluation.predictions import prediction_metrics, read_predictions
+    from tunelab.evaluation.prediction_rows import prediction_metrics, read_predictions
 
     _, second, _, grid = grid_run
     g = load_grid(grid)

@@ -9,7 +9,7 @@ import pytest
 from tunelab.compare import analysis as A
 from tunelab.compare.report import statements
 from tunelab.data.tasks import Task
-from tunelab.evaluation.predictions import write_predictions
+from tunelab.evaluation.prediction_rows import write_predictions
 from tunelab.metrics.stats import mcnemar_exact
 
 TASK = Task("toy", "classification", ("neg", "pos"), main_metric="accuracy")

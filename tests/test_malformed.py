@@ -400,6 +400,7 @@ def env(tmp_path_factory):
 def _inject(fault: str, run_dir: Path, monkeypatch):
     """Make the write that `fault` names fail as a full disk / read-only file system does; returns what
     undoes it beyond monkeypatch, if anything."""
+    from tunelab import files
     from tunelab.training import checkpoint
 
     def fail(code, path):
@@ -418,14 +419,14 @@ def _inject(fault: str, run_dir: Path, monkeypatch):
     elif fault == "erofs-result":
         monkeypatch.setattr(checkpoint, "replace_dir", lambda tmp, final: fail(errno.EROFS, final))
     elif fault == "enospc-results":
-        real_json = checkpoint.write_json_atomic
+        real_json = files.write_json_atomic
 
         def write_json_atomic(path, obj):
             if Path(path).name == "results.json":
                 fail(errno.ENOSPC, path)
             return real_json(path, obj)
 
-        monkeypatch.setattr(checkpoint, "write_json_atomic", write_json_atomic)
+        monkeypatch.setattr(files, "write_json_atomic", write_json_atomic)
     elif fault == "read-only-dir":
         if os.geteuid() != 0:  # a real read-only folder (root writes into one anyway)
             run_dir.parent.chmod(0o500)

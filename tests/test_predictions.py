@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tunelab.data.tasks import Task
+from tunelab.evaluation import prediction_rows as R
 from tunelab.evaluation import predictions as P
 from tunelab.evaluation import runner
 from tunelab.testing import tiny_bert, tiny_llama, tiny_tokenizer
@@ -45,14 +46,14 @@ def test_verbalizer_predictions_give_the_old_metrics_and_survive_jsonl(tok, tmp_
             ids = torch.tensor([build_prompt_ids([{"role": "user", "content": instruction(TASK, r)}], tok)])
             old.append(int(v.scores(model(input_ids=ids).logits[:, -1]).argmax(-1)))
     assert [p["prediction"] for p in preds] == old
-    metrics = P.prediction_metrics(TASK, preds)
+    metrics = R.prediction_metrics(TASK, preds)
     assert metrics == M.classification_metrics(old, [r["label"] for r in ROWS], num_labels=2)
     assert runner.verbalizer_scores(model, tok, TASK, ROWS, CPU, batch_size=3, progress=False) == metrics
 
     path = tmp_path / "run" / "predictions.jsonl"
-    P.write_predictions(path, preds)
-    back = P.read_predictions(path)
-    assert back == preds and P.prediction_metrics(TASK, back) == metrics
+    R.write_predictions(path, preds)
+    back = R.read_predictions(path)
+    assert back == preds and R.prediction_metrics(TASK, back) == metrics
     assert [f.name for f in path.parent.iterdir()] == ["predictions.jsonl"]  # no temporary file left
 
 
@@ -80,8 +81,8 @@ def test_perplexity_rows_sum_to_the_batch_loss_and_ignore_padding(tok):
     single = P.perplexity_predictions(model, tok, [INSTRUCTIONS[short]], CPU, 1, False)
     assert pair[0]["loss_sum"] == pytest.approx(single[0]["loss_sum"], rel=1e-5)
 
-    metrics = P.prediction_metrics(INSTRUCTION, preds)
-    assert metrics == P.perplexity_metrics(preds)
+    metrics = R.prediction_metrics(INSTRUCTION, preds)
+    assert metrics == R.perplexity_metrics(preds)
     assert metrics["tokens"] == count and metrics["loss"] == pytest.approx(float(total) / count, rel=1e-5)
     assert runner.response_perplexity(model, tok, INSTRUCTIONS, CPU, 3, False) == metrics
 
@@ -98,7 +99,7 @@ def test_classifier_predictions_equal_predict(tok, task):
     want = predict(model, examples, tok.pad_token_id, CPU, batch_size=3)
     assert [p["prediction"] for p in preds] == want
     assert [p["label"] for p in preds] == [e["label"] for e in examples]
-    assert P.prediction_metrics(task, preds) == task_metrics(task, want, [e["label"] for e in examples])
+    assert R.prediction_metrics(task, preds) == task_metrics(task, want, [e["label"] for e in examples])
     if not regression:  # scores are log-probabilities whose argmax is the prediction
         for p in preds:
             assert sum(torch.tensor(p["scores"]).exp()) == pytest.approx(1.0)
@@ -121,7 +122,7 @@ def test_evaluate_returns_predictions_whose_metrics_are_the_result(tok, tmp_path
     result = runner.evaluate(model, "custom", device="cpu", batch_size=2, progress=False, return_predictions=True)
     assert result["method"] == path
     assert len(result["predictions"]) == len(rows)
-    assert P.prediction_metrics(task, result["predictions"]) == result["metrics"]
+    assert R.prediction_metrics(task, result["predictions"]) == result["metrics"]
     plain = runner.evaluate(model, "custom", device="cpu", batch_size=2, progress=False)
     assert "predictions" not in plain and plain["metrics"] == result["metrics"]
 

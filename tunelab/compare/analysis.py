@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunelab.evaluation.predictions import prediction_metrics, read_predictions
+from tunelab.evaluation.prediction_rows import prediction_metrics, read_predictions
 from tunelab.metrics import stats
 
 ALPHA = 0.05

@@ -45,7 +45,7 @@ from tunelab.compare.analysis import lower_is_better
 from tunelab.compare.plan import read_jsonl, task_from_eval
 from tunelab.config import load_config
 from tunelab.evaluation import predictions as P
-from tunelab.evaluation.predictions import class_log_loss, prediction_metrics, write_predictions
+from tunelab.evaluation.prediction_rows import class_log_loss, prediction_metrics, write_predictions
 from tunelab.methods import get as get_method
 from tunelab.models import load_model, resolve_device
 from tunelab.models.loading import TASK_HEADS, hub_commit, unwrap

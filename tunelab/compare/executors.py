@@ -109,6 +109,12 @@ def _child(spec_path: str, log_path: str) -> None:  # forkserver target
 
 
 def _cuda_visible() -> bool:
+    # without a GPU's device node (NVIDIA, AMD's ROCm, WSL's) torch sees none: then no torch import here (~2 s,
+    # and a core taken from the forkserver's own imports)
+    if sys.platform.startswith("linux") and not any(
+        os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+    ):
+        return False
     import torch
 
     return torch.cuda.is_available()

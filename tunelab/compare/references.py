@@ -19,7 +19,7 @@ from pathlib import Path
 from tunelab.compare.grid import Grid, TaskEntry
 from tunelab.compare.plan import Cell, digest, safe_name, seed_for, task_fingerprint, task_object, task_splits
 from tunelab.evaluation.baseline import fit_and_predict, majority_predictions
-from tunelab.evaluation.predictions import prediction_metrics, write_predictions
+from tunelab.evaluation.prediction_rows import prediction_metrics, write_predictions
 
 # reference name -> (model column shown, which train rows)
 REFERENCES = {

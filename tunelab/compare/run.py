@@ -16,7 +16,7 @@ from tunelab.compare.record import fmt, fmt_time, plan_values, result_values
 from tunelab.compare.references import reference_cell, reference_dir, references_for, run_reference
 from tunelab.compare.report import analyse_grid, markdown_summary, with_intervals, write_report
 from tunelab.compare.store import Store, markdown_table, write_exports
-from tunelab.training.checkpoint import write_json_atomic
+from tunelab.files import write_json_atomic
 
 FINISHED = ("done", "n/a")
 

@@ -17,7 +17,7 @@ import time
 
 from tunelab.data import tasks
 from tunelab.data.errors import DataError
-from tunelab.evaluation.predictions import prediction_metrics
+from tunelab.evaluation.prediction_rows import prediction_metrics
 
 
 def tfidf_baseline(task: str, train_limit: int | None = None, seed: int = 0, C: float = 1.0) -> dict:

@@ -23,13 +23,8 @@ from pathlib import Path
 from tunelab.config import ModelConfig, OutputWriteError
 from tunelab.data import DataError, tasks
 from tunelab.evaluation.context import context_perplexity, read_texts
-from tunelab.evaluation.predictions import (
-    classifier_predictions,
-    perplexity_metrics,
-    perplexity_predictions,
-    prediction_metrics,
-    verbalizer_predictions,
-)
+from tunelab.evaluation.prediction_rows import perplexity_metrics, prediction_metrics
+from tunelab.evaluation.predictions import classifier_predictions, perplexity_predictions, verbalizer_predictions
 from tunelab.models import generation, load_config, load_model, resolve_device
 from tunelab.models.loading import unwrap
 from tunelab.models.rope import native_context

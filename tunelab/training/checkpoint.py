@@ -67,13 +67,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
-    tmp = Path(path).with_name(f".tmp-{Path(path).name}-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     run_dir: Path, model, optimizer, scheduler, loop_state: dict, keep: int = 2, rng: dict | None = None
 ) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tunelab import files
 from tunelab.config import ConfigError, dump_config
 from tunelab.methods.base import adamw_groups
 from tunelab.models.precision import choose_precision
@@ -181,7 +182,7 @@ def start_run(cfg, resume: bool, force: bool = False) -> tuple[Path, Path | None
         if distributed.rank() == 0:
             (run_dir / "config.yaml").write_text(dump_config(cfg))
             if resume_from is None or force:  # what this run's checkpoints were (or from now on are) made with
-                ckpt.write_json_atomic(run_dir / "run.json", settings)
+                files.write_json_atomic(run_dir / "run.json", settings)
     except OSError as e:  # under a file, read-only, disk full: before any model loads
         raise ConfigError(
             f"output_dir {run_dir}: cannot write the run folder ({e.strerror or e}); choose a folder you can write to"
@@ -292,7 +293,7 @@ def save_result(run_dir: Path, model, tokenizer, save, cfg, manifest_extra: dict
 def write_results_json(run_dir: Path, metrics: dict) -> None:
     path = run_dir / "results.json"
     try:
-        ckpt.write_json_atomic(path, metrics)
+        files.write_json_atomic(path, metrics)
     except OSError as e:
         raise ckpt.write_error(f"cannot write {path} (the result in final/ is complete)", e, run_dir) from None
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.config import ConfigError, dump_config
-from tunelab.training.checkpoint import write_json_atomic
+from tunelab.files import write_json_atomic
 
 IDS_FILE = "trackers.json"
 # metrics.jsonl keys whose tracker name is not section/key

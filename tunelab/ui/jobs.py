@@ -20,6 +20,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab.files import write_json_atomic
+
 
 @dataclass
 class Job:
@@ -96,7 +98,7 @@ def start(jobs_dir: Path, argv: list[str], run_dir: str | None = None, env: dict
             start_new_session=True, env={**os.environ, **(env or {})},
         )  # fmt: skip
     record["pid"] = proc.pid
-    _write_atomic(job_dir / "job.json", record)
+    write_json_atomic(job_dir / "job.json", record)
     return Job(job_dir, list(argv), run_dir, record["started"], proc.pid)
 
 
@@ -117,12 +119,6 @@ def list_jobs(jobs_dir: Path) -> list[Job]:
     return [j for j in found if j is not None]
 
 
-def _write_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 def _run(job_dir: Path) -> int:
     """The runner: the command as a child (its output goes to our stdout, the log), then rc.json."""
     record = json.loads((job_dir / "job.json").read_text())
@@ -130,7 +126,7 @@ def _run(job_dir: Path) -> int:
     child = subprocess.Popen([sys.executable, "-m", "tunelab", *record["argv"]], stdin=subprocess.DEVNULL,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     rc = child.wait()
-    _write_atomic(job_dir / "rc.json", {"returncode": rc, "ended": time.time()})
+    write_json_atomic(job_dir / "rc.json", {"returncode": rc, "ended": time.time()})
     return rc
 
 
