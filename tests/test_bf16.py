@@ -1,4 +1,4 @@
-"""bf16 passes without autocast (tunelab/accel/__init__.py): fast LoRA, the fused head and the fused norm in bf16
+"""bf16 passes without autocast (tunelab/accel/switch.py): fast LoRA, the fused head and the fused norm in bf16
 with fp32 master weights give PEFT's bf16 loss and gradients to bf16's rounding, train to the fp32 losses, save fp32
 adapters, run as thread shares, and step aside (autocast kept, the log saying why) where a pass is not all bf16.
 

@@ -22,7 +22,7 @@ its norm. Where nothing compiles, the torch operations run.
 
 `install(model)` swaps the forward of every RMSNorm module whose own output it reproduces bit for bit
 on a probe input (so variants such as Gemma's `(1 + w)` keep theirs); it is used while gradients
-are on, in float32, or in bf16 with a bf16 weight (a bf16 pass, accel/__init__.py, or bf16 weights that train
+are on, in float32, or in bf16 with a bf16 weight (a bf16 pass, accel/switch.py, or bf16 weights that train
 under autocast); otherwise the module's own forward runs. In bf16 it computes as transformers does, in fp32
 between a widened input and an output narrowed before the weight's product (the compiled rows too, but for the
 order of one sum); its backward runs in fp32 too and narrows dx once at the end.
