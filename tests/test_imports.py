@@ -17,12 +17,13 @@ import tunelab
 LAYERS = [
     (
         "tunelab.plugins",
+        "tunelab.files",
         "tunelab.bf16_table",
         "tunelab.peer_keys",
         "tunelab.config",
         "tunelab.metrics",
         "tunelab.interop",
-    ),  # plug-in, key and bf16 tables, configs, pure metrics, other toolkits' configs
+    ),  # plug-in, key and bf16 tables, whole-file writes, configs, pure metrics, other toolkits' configs
     ("tunelab.data",),  # reading, templating, tokenising, task presets
     ("tunelab.models",),  # loading, losses over model outputs, generation, numeric formats
     ("tunelab.methods",),  # what trains: LoRA, adapters, full ...
