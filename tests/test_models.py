@@ -390,6 +390,36 @@ def test_gguf_file_loads_converts_and_caches(tmp_path, _home):
     assert Path(resolve(str(path))) != cached
 
 
+def test_fast_gguf_reads_give_the_same_fields_and_tensors_and_undo_themselves(tmp_path):
+    """models/sources.gguf_reads_fast (the conversion's reads: plain arrays over the mmap, the name table cached) parses
+    a GGUF file to the same fields and tensors as gguf's own reader, and leaves gguf as it was."""
+    import gguf
+    import gguf.gguf_reader as reader
+
+    from tunelab.models.sources import gguf_reads_fast
+
+    tok = tiny_tokenizer()
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tiny_llama(len(tok), seed=3), tok)
+    name_map = gguf.get_tensor_name_map
+    plain = gguf.GGUFReader(path)
+    with gguf_reads_fast():
+        fast = gguf.GGUFReader(path)
+        arch = gguf.MODEL_ARCH.LLAMA
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)  # built once
+        with gguf_reads_fast():  # nested (tunelab's own keys read inside transformers' load): still the fast reads
+            assert not isinstance(gguf.GGUFReader(path).data, np.memmap)
+        assert not isinstance(gguf.GGUFReader(path).data, np.memmap)
+    assert isinstance(plain.data, np.memmap) and not isinstance(fast.data, np.memmap)
+    assert reader.np is np and gguf.get_tensor_name_map is name_map  # undone
+    assert list(plain.fields) == list(fast.fields) and len(plain.fields) > 20
+    for key, field in plain.fields.items():
+        assert fast.fields[key].contents() == field.contents(), key
+    assert [t.name for t in fast.tensors] == [t.name for t in plain.tensors]
+    for a, b in zip(plain.tensors, fast.tensors):
+        assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
+
+
 # ----------------------------------------------------------------------------- the real defaults
 @pytest.fixture
 def real_home(monkeypatch):
