@@ -51,12 +51,13 @@ that the loss reads, so the dependency points one way.
 # The package itself imports nothing: `tunelab train` and `tunelab compare` read the allocator settings
 # (memory.py) in a process that restarts on tbbmalloc before it imports torch; the switch (switch.py)
 # and every piece load when first used.
-__all__ = ["MASKS", "Speed", "check", "sharded_step", "start"]
+_WHERE = {"MASKS": "switch", "Speed": "switch", "check": "switch", "start": "switch", "sharded_step": "threads"}
+__all__ = sorted(_WHERE)
 
 
 def __getattr__(name: str):
-    if name in __all__:
-        from tunelab.accel import switch
+    if name in _WHERE:
+        import importlib
 
-        return getattr(switch, name)
+        return getattr(importlib.import_module(f"tunelab.accel.{_WHERE[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,13 +20,10 @@ from tunelab.accel import (
     threads,
     token_rows,
 )
-from tunelab.accel.threads import sharded_step
 from tunelab.data.collate import widths_rounded_to
 from tunelab.methods import reference
 from tunelab.models.loading import TASK_HEADS, compute_dtype, soft_prompt, unwrap
 from tunelab.models.loss import backbone_and_head, virtual_token_split
-
-__all__ = ["Speed", "check", "sharded_step", "start"]
 
 # knobs of single pieces that `accelerate: off` overrides: named in the log line when a config sets them
 _PIECE_SETTINGS = ("pass_threads", "compact_frozen", "allocator", "release_memory")
