@@ -51,6 +51,7 @@ from tunelab.data.readers import iter_rows
 from tunelab.data.sources import Source, cap_validation, mix_indices, resolve, split_rows
 from tunelab.data.tasks import read_source
 from tunelab.data.templating import IGNORE, render_examples
+from tunelab.files import write_json_atomic
 
 log = logging.getLogger("tunelab.data")
 
@@ -100,9 +101,7 @@ def file_digest(path: Path) -> str:
             h.update(chunk)
     _DIGESTS[memo] = h.hexdigest()
     record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({**seen, "hashed_at_ns": hashed_at, "digest": _DIGESTS[memo], "path": memo[0]}))
-    os.replace(tmp, record)
+    write_json_atomic(record, {**seen, "hashed_at_ns": hashed_at, "digest": _DIGESTS[memo], "path": memo[0]})
     return _DIGESTS[memo]
 
 
