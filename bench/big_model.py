@@ -110,7 +110,7 @@ def run(method: str, args) -> dict:
     out = run_child(cmd, env, method, stderr)
     out["allocator"] = (env or {}).get("TUNELAB_ALLOCATOR", "system")
     out["log"] = [ln for ln in stderr if ln.startswith("[tunelab]") and any(
-        w in ln for w in ("gradient checkpointing", "precision", "loaded whole", "compact", "method ", "bf16 weights"))]  # fmt: skip
+        w in ln for w in ("gradient checkpointing", "precision", "loaded whole", "compact", "method ", "bf16 weights", "optimizer state"))]  # fmt: skip
     out["available_gb_before"] = round(free, 1)
     return out
 

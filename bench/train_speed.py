@@ -342,7 +342,8 @@ def job_tunelab(method: str, overrides: list[str]) -> dict:
         "loss_after": loss_after,
         "loss_after_fp32": loss_fp32,
         "peak_rss_mb": peak,
-        "precision": m["precision"],
+        # fp32 weights whose gradients and AdamW moments are bf16 (training.optimizer_state) say so
+        "precision": m["precision"] + (", bf16 state" if m.get("optimizer_state") == "bf16" and not bf16 else ""),
     }
 
 

@@ -1,12 +1,14 @@
 """AdamW over bf16 weights with stochastic rounding (training/bf16_adamw.py, `training.master_weights`): each update
 lands between the two bf16 neighbours of AdamW's fp32 result, in expectation on it; the run keeps and saves bf16
-weights, trains, and resumes to the same weights."""
+weights, trains, and resumes to the same weights. Then the same optimizer over fp32 weights with bf16 gradients and
+moments (`training.optimizer_state`)."""
 
 import copy
 import ctypes
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from tunelab.config import load_config
 from tunelab.training import bf16_adamw
 from tunelab.training import checkpoint as ckpt
 from tunelab.training.bf16_adamw import BF16AdamW
-from tunelab.training.harness import master_weights_choice
+from tunelab.training.harness import master_weights_choice, optimizer_state_choice
 
 
 def bf16_neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -181,7 +183,7 @@ def test_the_compiled_step_is_the_same_bits_whatever_the_compiler_and_its_optimi
         fn = ctypes.CDLL(str(compiled.build("sr_adamw", sr_adamw.SOURCE, tmp_path / name))).sr_adamw_bf16
         fn.restype, fn.argtypes = None, sr_adamw.SIGNATURE
         p, m, v = start.clone(), torch.zeros(n).bfloat16(), torch.zeros(n).bfloat16()
-        stepper = sr_adamw.Stepper(fn, 1)
+        stepper = sr_adamw.Stepper(SimpleNamespace(sr_adamw_bf16=fn), 1)
         for step in (1, 2, 3):
             stepper.submit(p, g, m, v, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, wd=0.1, step=step, key=step)
             stepper.wait()
@@ -298,9 +300,9 @@ def test_master_weights_choice(setting, device, trainable, own, available, bf16,
     assert chosen is bf16 and said in why
 
 
-def make_cfg(tiny_dir, data_file, out, **training):
+def make_cfg(tiny_dir, data_file, out, dtype="bfloat16", **training):
     return load_config({
-        "output_dir": str(out), "model": {"name": tiny_dir, "dtype": "bfloat16"},
+        "output_dir": str(out), "model": {"name": tiny_dir, "dtype": dtype},
         "data": {"train": data_file, "val_fraction": 0.2, "max_length": 64}, "method": {"name": "full"},
         "training": {"max_steps": 6, "batch_size": 4, "lr": 2e-3, "progress": False, "tensorboard": False,
                      "seed": 3, "device": "cpu", "scheduler": "constant", "warmup_steps": 0, **training},
@@ -415,3 +417,169 @@ def test_the_memory_left_counts_an_fp32_copy_only_for_a_half_precision_weight(mo
     assert bf16 and left == 10**9 - 1500 * 6
     _, _, left = harness.master_weights_plan("auto", "cpu", model, [full], mixed=False, own_weights=False)
     assert left == 10**9 - 500 * 12
+
+
+# ---- fp32 weights with bf16 gradients and AdamW moments (`training.optimizer_state: bf16`, `bf16_state`): the
+# weight takes AdamW's fp32 update of the bf16 gradient, the moments land on a bf16 neighbour, autograd's fp32
+# gradients are folded in as they are made, and a run trains, keeps fp32 weights and resumes to the same weights.
+
+
+def backward(p: torch.nn.Parameter, c: torch.Tensor) -> None:
+    """A pass whose gradient of p is c, through autograd (so the gradient hooks run)."""
+    (p * c).sum().backward()
+
+
+def on_a_bf16_neighbour(got: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Within one bf16 step of `expected`, give or take fp32 rounding at the tensor's scale: where 0.9 m + 0.1 g
+    cancels to near zero the compiled loop's order of operations (not torch's lerp) lands a few 1e-9 away."""
+    return (got.float() - expected).abs() <= bf16_spacing(expected) * 1.001 + 1e-6 * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("compiled", STEPS)
+@pytest.mark.parametrize("n", [1000, 2 * bf16_adamw.CHUNK + 77])  # one short chunk; full chunks and a tail
+def test_the_fp32_weight_takes_adamws_update_of_the_bf16_gradient(n, compiled):
+    torch.manual_seed(0)
+    start = torch.randn(n) * 0.05
+    grads = [torch.randn(n) for _ in range(3)]
+    ref = torch.nn.Parameter(start.clone())
+    ref_opt = torch.optim.AdamW([ref], lr=1e-3, weight_decay=0.1)
+    p = torch.nn.Parameter(start.clone())
+    opt = BF16AdamW([p], lr=1e-3, weight_decay=0.1, compiled=compiled, bf16_state=True)
+    for i, c in enumerate(grads):
+        backward(p, c)
+        assert p.grad is None  # folded into the bf16 gradient as autograd made it
+        ref.grad = c.bfloat16().float()
+        if i:  # from the second step the moments differ by their rounding: compare one step from the same moments
+            ref_opt.state[ref]["exp_avg"] = opt.state[p]["exp_avg"].float()
+            ref_opt.state[ref]["exp_avg_sq"] = opt.state[p]["exp_avg_sq"].float()
+            ref.data.copy_(p.detach())
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        assert p.dtype == torch.float32
+        assert torch.allclose(p.detach(), ref.detach(), rtol=1e-6, atol=1e-9)
+        state = opt.state[p]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+        assert bool(on_a_bf16_neighbour(state["exp_avg"], ref_opt.state[ref]["exp_avg"]).all())
+        assert bool(on_a_bf16_neighbour(state["exp_avg_sq"], ref_opt.state[ref]["exp_avg_sq"]).all())
+    assert not torch.equal(p.detach(), start)
+
+
+def test_passes_add_into_one_bf16_gradient_and_a_grad_set_by_hand_is_folded_in():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(500))
+    opt = BF16AdamW([p], lr=1e-3, bf16_state=True)
+    a, b, c = torch.randn(500), torch.randn(500), torch.randn(500)
+    backward(p, a)
+    backward(p, b)
+    p.grad = c.clone()  # as thread shares add theirs, outside autograd's accumulation
+    got = opt._gradient(p)
+    assert got.dtype == torch.bfloat16 and p.grad is None
+    assert torch.allclose(got.float(), a + b + c, rtol=2e-2, atol=2e-2)
+    opt.zero_grad()
+    assert opt._gradient(p) is None
+    opt.remove_hooks()
+    backward(p, a)  # no longer collected: the gradient stays where autograd put it
+    assert torch.equal(p.grad, a)
+
+
+@pytest.mark.parametrize("compiled", STEPS)
+def test_with_bf16_state_clipping_uses_the_bf16_gradients_norm_and_scales_inside_the_step(compiled):
+    torch.manual_seed(0)
+    p, q = torch.nn.Parameter(torch.randn(3000) * 0.05), torch.nn.Parameter(torch.randn(64))
+    opt = BF16AdamW([p, q], lr=1e-3, compiled=compiled, bf16_state=True)
+    gp, gq = torch.randn(3000) * 3, torch.randn(64) * 3
+    backward(p, gp)
+    backward(q, gq)
+    norm = opt.clip_grad_norm_(1.0)
+    expected = torch.cat([gp.bfloat16().float(), gq.bfloat16().float()]).norm()
+    assert float(norm) == pytest.approx(float(expected), rel=1e-6)
+    factor = 1.0 / (float(expected) + 1e-6)
+    opt.step()
+    m = opt.state[p]["exp_avg"].float()  # 0.1 g after one step: g the clipped gradient
+    assert bool(on_a_bf16_neighbour(m, 0.1 * gp.bfloat16().float() * factor).all())
+    assert opt.grad_scale == 1.0
+
+
+@pytest.mark.parametrize("compiled", STEPS)
+def test_with_bf16_state_a_reloaded_state_continues_the_same_run_bit_for_bit(compiled):
+    """torch's load_state_dict casts the moments to the weight's dtype (fp32); the step takes them back to bf16,
+    exactly, and rounds as the uninterrupted run does."""
+    torch.manual_seed(0)
+    start = torch.randn(40_000) * 0.05
+    grads = [torch.randn(40_000) for _ in range(6)]
+
+    def run(grads, p=None, state=None):
+        p = torch.nn.Parameter(start.clone()) if p is None else p
+        opt = BF16AdamW([p], lr=1e-3, seed=7, compiled=compiled, bf16_state=True)
+        if state is not None:
+            opt.load_state_dict(state)
+        for c in grads:
+            backward(p, c)
+            opt.step()
+            opt.zero_grad()
+        return p, opt
+
+    whole, _ = run(grads)
+    half, opt = run(grads[:3])
+    state = copy.deepcopy(opt.state_dict())
+    resumed, _ = run(grads[3:], p=torch.nn.Parameter(half.detach().clone()), state=state)
+    assert torch.equal(whole, resumed)
+
+
+@pytest.mark.parametrize(
+    "setting, device, own, trainable, multi, available, chosen, said",
+    [
+        ("auto", "cpu", True, 100, False, 10**9, True, "of the weights train, on a CPU"),
+        ("auto", "cpu", False, 100, False, 10**9, False, ""),  # a PEFT adapter beside frozen weights
+        ("auto", "cpu", True, 10, False, 10**9, False, ""),  # a few of the weights train
+        ("auto", "cuda", True, 100, False, 10**9, False, ""),
+        ("auto", "cuda", True, 100, False, 1000, True, "would take"),  # 1,200 bytes of fp32 state, 1,000 available
+        ("auto", "cpu", True, 100, True, 10**9, False, ""),  # several processes
+        ("bf16", "cpu", True, 100, True, 10**9, False, "is for one process"),
+        ("bf16", "cpu", False, 10, False, 10**9, True, "optimizer_state: bf16"),
+        ("fp32", "cpu", True, 100, False, 10**9, False, "optimizer_state: fp32"),
+    ],
+)
+def test_optimizer_state_choice(monkeypatch, setting, device, own, trainable, multi, available, chosen, said):
+    from tunelab.models import precision
+
+    monkeypatch.setattr(precision, "CPU_BF16_AUTO", True)
+    learning = [torch.nn.Parameter(torch.zeros(trainable))]
+    got, why = optimizer_state_choice(setting, device, learning, 120, own, multi, available)
+    assert got is chosen and said in why
+    half = [torch.nn.Parameter(torch.zeros(trainable).bfloat16())]  # bf16 weights: master_weights decides
+    assert optimizer_state_choice(setting, device, half, 120, own, multi, available) == (False, "")
+    monkeypatch.setattr(precision, "CPU_BF16_AUTO", False)  # the test suite's setting: auto stays fp32
+    assert optimizer_state_choice("auto", device, learning, 120, own, multi, 1000)[0] is False
+
+
+def bf16_state_cfg(tiny_dir, data_file, out, **training):
+    return make_cfg(tiny_dir, data_file, out, dtype="float32", **{"optimizer_state": "bf16", **training})
+
+
+def test_full_fine_tuning_with_bf16_state_trains_keeps_fp32_weights_and_resumes(tiny_dir, data_file, tmp_path, capsys):
+    result = tunelab.train(bf16_state_cfg(tiny_dir, data_file, tmp_path / "a"))
+    log = capsys.readouterr().err
+    assert result.metrics["precision"] == "float32"
+    assert "optimizer state: the gradients and AdamW moments of" in log and "optimizer_state: bf16" in log
+    losses = step_losses(tmp_path / "a")
+    assert losses[6] < losses[1] and result.metrics["eval_loss"] < result.metrics["eval_loss_before"]
+    saved = load_file(str(result.final_dir / "model.safetensors"))
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+    fp32 = tunelab.train(bf16_state_cfg(tiny_dir, data_file, tmp_path / "c", optimizer_state="fp32"))
+    assert abs(fp32.metrics["eval_loss"] - result.metrics["eval_loss"]) < 0.05 * fp32.metrics["eval_loss"]
+
+    def stop_after_3(step, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    cfg = bf16_state_cfg(tiny_dir, data_file, tmp_path / "b")
+    tunelab.train(cfg, callbacks=[stop_after_3])  # Ctrl-C: a checkpoint at step 3
+    state = torch.load(tmp_path / "b" / "checkpoints" / "step-00000003" / "optimizer.pt", weights_only=True)
+    moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+    assert moments and {m.dtype for m in moments} == {torch.bfloat16}
+    tunelab.train(copy.deepcopy(cfg), resume=True)
+    resumed = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert step_losses(tmp_path / "b") == losses
+    assert all(torch.equal(saved[k], resumed[k]) for k in saved)

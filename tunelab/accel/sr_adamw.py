@@ -57,14 +57,31 @@ void sr_adamw_bf16(int64_t start, int64_t stop, uint16_t *p, const uint16_t *g, 
         v[i] = rounded(vf, h2);
     }
 }
+
+/* The same update of an fp32 weight (kept exactly in fp32) from a bf16 gradient and bf16 moments, the moments
+   rounded stochastically: training.optimizer_state bf16 (training/bf16_adamw.py). */
+void sr_adamw_fp32w(int64_t start, int64_t stop, float *p, const uint16_t *g, uint16_t *m, uint16_t *v,
+                    float b1, float c1, float b2, float c2, float decay, float step_size, float bc2_sqrt, float eps,
+                    float scale, uint32_t key) {
+    const uint32_t k1 = mix32(key), k2 = mix32(key ^ 0x68e31da4u);
+    for (int64_t i = start; i < stop; i++) {
+        float gf = widen(g[i]) * scale;
+        float mf = b1 * widen(m[i]) + c1 * gf;
+        float vf = b2 * widen(v[i]) + c2 * gf * gf;
+        p[i] = p[i] * decay - step_size * (mf / (sqrtf(vf) / bc2_sqrt + eps));
+        uint32_t at = (uint32_t)i * 0x9e3779b1u;
+        m[i] = rounded(mf, mix32(at ^ k1));
+        v[i] = rounded(vf, mix32(at ^ k2));
+    }
+}
 """
 SIGNATURE = [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 4 + [ctypes.c_float] * 9 + [ctypes.c_uint32]
+FUNCTIONS = {"sr_adamw_bf16": SIGNATURE, "sr_adamw_fp32w": SIGNATURE}
 
 
 def load():
-    """The compiled step (a ctypes function), or None; `why_not()` then says why."""
-    lib = compiled.load("sr_adamw", SOURCE, {"sr_adamw_bf16": SIGNATURE})
-    return None if lib is None else lib.sr_adamw_bf16
+    """The compiled steps (ctypes functions by name: `FUNCTIONS`), or None; `why_not()` then says why."""
+    return compiled.load("sr_adamw", SOURCE, FUNCTIONS)
 
 
 def why_not() -> str:
@@ -72,19 +89,20 @@ def why_not() -> str:
 
 
 class Stepper:
-    """Runs the compiled step over bf16 CPU tensors, each long one split among `threads` threads."""
+    """Runs the compiled step over CPU tensors, each long one split among `threads` threads."""
 
-    def __init__(self, fn, threads: int):
-        self.fn, self.threads = fn, max(1, threads)
+    def __init__(self, lib, threads: int):
+        self.lib, self.threads = lib, max(1, threads)
         self.pending: list = []
 
     def submit(self, p, g, m, v, *, lr, b1, b2, eps, wd, step: int, key: int, scale: float = 1.0) -> None:
-        """Queue the step of bf16 `p` (gradient `g` times `scale`, moments `m`, `v`: contiguous, on the CPU);
-        `wait` ends it."""
+        """Queue the step of `p` (bf16, or fp32 updated exactly) from bf16 gradient `g` times `scale` and bf16
+        moments `m`, `v` (contiguous, on the CPU); `wait` ends it."""
+        fn = self.lib.sr_adamw_bf16 if p.dtype == torch.bfloat16 else self.lib.sr_adamw_fp32w
         bias = (lr / (1 - b1**step), (1 - b2**step) ** 0.5)
         args = (b1, 1 - b1, b2, 1 - b2, 1 - lr * wd, *bias, eps, scale, key & 0xFFFFFFFF)
         ptrs = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr())
-        futures = compiled.split(self.fn, p.numel(), *ptrs, *args, threads=self.threads)
+        futures = compiled.split(fn, p.numel(), *ptrs, *args, threads=self.threads)
         self.pending += [(f, g) for f in futures]
 
     def wait(self) -> None:
@@ -95,5 +113,5 @@ class Stepper:
 
 def stepper():
     """A Stepper for CPU tensors, or None (no compiled step: `why_not()`)."""
-    fn = load()
-    return Stepper(fn, torch.get_num_threads()) if fn is not None else None
+    lib = load()
+    return Stepper(lib, torch.get_num_threads()) if lib is not None else None

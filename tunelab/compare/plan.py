@@ -73,6 +73,7 @@ HASHED_WHEN_SET = (
     (("method", "pissa_niter"), 16),
     (("method", "start_from"), None),
     (("training", "checkpoint_layers"), None),
+    (("training", "optimizer_state"), "auto"),
     (("training", "evals_per_epoch"), None),
     (("training", "saves_per_epoch"), None),
     (("training", "neftune_alpha"), None),

@@ -24,6 +24,7 @@ import torch
 from tunelab import files
 from tunelab.config import ConfigError, dump_config
 from tunelab.methods.base import adamw_groups
+from tunelab.models import precision as precisions
 from tunelab.models.precision import choose_precision
 from tunelab.training import checkpoint as ckpt
 from tunelab.training import distributed, trackers
@@ -67,23 +68,25 @@ def batch_order(n_rows: int, batch_size: int, seed: int, epoch: int) -> list[lis
     return [perm[i : i + batch_size] for i in range(0, n_rows, batch_size)]
 
 
-def optimizer_for(params, tcfg, lr_scales: dict | None = None) -> torch.optim.Optimizer:
+def optimizer_for(params, tcfg, lr_scales: dict | None = None, bf16_state: bool = False) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (1-D tensors), as is standard; `lr_scales` (the method's
     hook: LoRA+) gives some parameters a learning rate of their own.
 
     A parameter that is frozen for now (gradual unfreezing) has no gradient, and AdamW skips it. bf16 weights that
-    train (`training.master_weights`: bf16, see master_weights_choice) take AdamW with stochastic rounding.
+    train (`training.master_weights`: bf16, see master_weights_choice) take AdamW with stochastic rounding; so do
+    fp32 weights whose gradients and moments are kept in bf16 (`bf16_state`: optimizer_state_choice).
     """
     params = list(params)
     groups = adamw_groups(params, tcfg.weight_decay, tcfg.lr, lr_scales)
     if not groups:
         raise ConfigError("the method left no trainable parameters")
-    if any(p.dtype == torch.bfloat16 for p in params):
+    if bf16_state or any(p.dtype == torch.bfloat16 for p in params):
         from tunelab.training.bf16_adamw import BF16AdamW
 
         # accelerate: auto: the step as one compiled loop on a CPU (tunelab/accel/sr_adamw.py)
         compiled = tcfg.accelerate == "auto"
-        return BF16AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), seed=tcfg.seed, compiled=compiled)
+        return BF16AdamW(groups, lr=tcfg.lr, betas=tuple(tcfg.betas), seed=tcfg.seed, compiled=compiled,
+                         bf16_state=bf16_state)  # fmt: skip
     # the fused kernel on CPU too (TRL's default, adamw_torch_fused): one pass over each tensor where the for-loop
     # form walks it several times; 97 against 436 ms a step for SmolLM2-135M's 134.5M weights on 2 cores, the same
     # update to rounding (docs/performance.md). Not for a device torch has no fused kernel for.
@@ -344,23 +347,56 @@ def master_weights_choice(setting: str, device, trainable: int, total: int, avai
     the method trains the model's `own_weights` (not a PEFT adapter beside them) and they are most of its `total`
     (full fine-tuning: there the fp32 copies double the run's memory and, measured on the bench job, buy no lower
     held-out loss; docs/performance.md)."""
+    chosen, why = auto_bf16("master_weights", setting, device, trainable, total, available, own_weights,
+                            FP32_MASTER_BYTES, "fp32 copies")  # fmt: skip
+    return chosen, why or "auto: fp32 master weights"
+
+
+def auto_bf16(key: str, setting: str, device, n: int, total: int, available: int | None, own_weights: bool,
+              fp32_bytes: int, what: str) -> tuple[bool, str]:  # fmt: skip
+    """(bf16, why; "" for auto's fp32) for `training.<key>` (master_weights, optimizer_state) over `n` trainable
+    weights of `total`: explicit fp32 / bf16 wins; auto takes bf16 where `what` (`fp32_bytes` a weight) would not
+    fit in 80% of the memory `available`, or on a CPU when the method trains the model's `own_weights` and they are
+    most of it."""
     if setting != "auto":
-        return setting == "bf16", f"training.master_weights: {setting}"
-    need = trainable * FP32_MASTER_BYTES
+        return setting == "bf16", f"training.{key}: {setting}"
+    need = n * fp32_bytes
     if available is not None and need > 0.8 * available:
         return True, (
-            f"auto: fp32 copies of the {trainable:,} trainable weights would take {need / 2**30:.1f} GiB of the "
+            f"auto: {what} of the {n:,} trainable weights would take {need / 2**30:.1f} GiB of the "
             f"{available / 2**30:.1f} GiB available"
         )
-    if torch.device(device).type == "cpu" and own_weights and trainable > total / 2:
-        return True, f"auto: {trainable / total:.0%} of the weights train, on a CPU"
-    return False, "auto: fp32 master weights"
+    if torch.device(device).type == "cpu" and own_weights and n > total / 2:
+        return True, f"auto: {n / total:.0%} of the weights train, on a CPU"
+    return False, ""
 
 
-def master_weights_plan(setting: str, device, model, learning: list, mixed: bool, own_weights: bool):
+def optimizer_state_choice(setting: str, device, learning: list, total: int, own_weights: bool, multi: bool,
+                           available: int | None) -> tuple[bool, str]:  # fmt: skip
+    """(keep the gradients and AdamW moments of the fp32 weights that train in bf16, why) for
+    `training.optimizer_state`: only where every weight in `learning` is fp32 (an fp32 run; a bf16 run's weights are
+    kept as master_weights_choice says) and in one process (DDP all-reduces fp32 gradients). auto takes bf16 where the
+    fp32 gradients and moments would not fit in 80% of the memory `available`, or on a CPU when the method trains
+    the model's `own_weights` and they are most of its `total` (full fine-tuning: measured at the same held-out loss,
+    docs/performance.md); not where TUNELAB_CPU_BF16_AUTO=0 switches auto's bf16 choices off (the test suite)."""
+    if not learning or any(p.dtype != torch.float32 for p in learning):
+        return False, ""
+    if multi:
+        why = "" if setting != "bf16" else "training.optimizer_state: bf16 is for one process: fp32 here"
+        return False, why
+    if setting == "auto" and not precisions.CPU_BF16_AUTO:
+        return False, ""
+    n = sum(p.numel() for p in learning)
+    return auto_bf16("optimizer_state", setting, device, n, total, available, own_weights, FP32_STATE_BYTES,
+                     "fp32 gradients and moments")  # fmt: skip
+
+
+def master_weights_plan(setting: str, device, model, learning: list, mixed: bool, own_weights: bool,
+                        bf16_state: bool = False):  # fmt: skip
     """(keep the trainable weights in bf16, why, the bytes of memory left once the gradients and AdamW's moments
     exist, or None if unknown) for a run whose `learning` parameters train; `mixed`: the passes run under bf16 or
-    fp16 autocast (bf16 weights are a choice only in bf16: master_weights_choice)."""
+    fp16 autocast (bf16 weights are a choice only in bf16: master_weights_choice); `bf16_state`: fp32 weights'
+    gradients and moments kept in bf16 (optimizer_state_choice)."""
     n = sum(p.numel() for p in learning)
     available = available_memory()
     bf16, why = False, ""
@@ -371,7 +407,7 @@ def master_weights_plan(setting: str, device, model, learning: list, mixed: bool
         # a weight already in fp32 (a PEFT adapter's, an fp32 run's) gets no fp32 copy: its gradient and moments only
         half = (torch.bfloat16, torch.float16)
         copies = sum(p.numel() for p in learning if mixed and not bf16 and p.dtype in half)
-        per_weight = BF16_WEIGHT_BYTES if bf16 else FP32_STATE_BYTES
+        per_weight = BF16_WEIGHT_BYTES if bf16 or bf16_state else FP32_STATE_BYTES
         available = max(available - n * per_weight - copies * (FP32_MASTER_BYTES - FP32_STATE_BYTES), 0)
     return bf16, why, available
 

@@ -35,6 +35,7 @@ from tunelab.training.harness import (
     MetricsLog,
     RunResult,
     autocast_for,
+    available_memory,
     batch_order,
     checkpoint_write,
     checkpointing_choice,
@@ -46,6 +47,7 @@ from tunelab.training.harness import (
     num_layers,
     on_main_thread,
     optimizer_for,
+    optimizer_state_choice,
     progress_bar,
     raise_keyboard_interrupt,
     resolved_dtype,
@@ -148,8 +150,11 @@ def train(
     setting = tcfg.master_weights
     if resume_from is not None and setting == "auto":  # as the run started, whatever this host's or version's auto
         setting = ckpt.saved_master_weights(resume_from) or setting
+    # fp32 weights that train: their gradients and AdamW's moments in bf16 (training.optimizer_state)
+    bf16_state, why_state = optimizer_state_choice(tcfg.optimizer_state, device, learning, count_parameters(model)[1],
+                                                   own, dist.multi, available_memory())  # fmt: skip
     bf16_weights, why_weights, available = master_weights_plan(setting, device, model, learning,
-                                                               autocast is not no_autocast, own)  # fmt: skip
+                                                               autocast is not no_autocast, own, bf16_state)  # fmt: skip
     if setting != tcfg.master_weights and why_weights:
         why_weights = f"auto, as the run started: {resume_from.name}'s weights are {setting}"
     # the rows one forward pass holds (thread shares split them, not add to them), at the data's length
@@ -187,6 +192,12 @@ def train(
             f"mixed precision: bf16 autocast, {upcast:,} trainable parameters kept in fp32"
             + (f" ({why_weights})" if why_weights else "")
         )
+    if bf16_state:
+        log(f"optimizer state: the gradients and AdamW moments of {sum(p.numel() for p in learning):,} fp32 weights kept "
+            f"in bf16, the moments rounded stochastically ({why_state}; training.optimizer_state: fp32 keeps them in "
+            "fp32)")  # fmt: skip
+    elif why_state:
+        log(f"optimizer state: fp32 ({why_state})")
     trainable, total = count_parameters(model)
     total += speed.compact_parameters  # weights held compact since loading are no parameters
     start = cfg.method.starts_from  # lora's start_from: an existing adapter trained on
@@ -240,7 +251,7 @@ def train(
     scales = method.lr_scales(model, cfg.method)  # parameters at a learning rate of their own (LoRA+'s B)
     optimizer = method.optimizer(params, tcfg, lr_scales=scales)
     if optimizer is None:  # the method's own optimizer (qlora: paged 8-bit AdamW on CUDA), else AdamW
-        optimizer = optimizer_for(params, tcfg, scales)
+        optimizer = optimizer_for(params, tcfg, scales, bf16_state)
     if scales:
         log(f"learning rates: {len(scales):,} tensors at {sorted(set(scales.values()))} x training.lr")
     scheduler = scheduler_for(optimizer, tcfg, total_steps)
@@ -405,6 +416,8 @@ def train(
         progress.close()
         # accel: threads and buffers freed; task metrics may generate: compact weights decoded once, not per token
         speed.release(model, expand=stage.final_metrics is not None)
+        if hasattr(optimizer, "remove_hooks"):  # bf16 optimizer state: no gradient collected after the run
+            optimizer.remove_hooks()
         if neftune is not None:  # the model leaves the loop as it came in: no hook on what is saved or scored next
             deactivate_neftune(model, neftune)
         if previous_sigterm is not None:
@@ -422,6 +435,7 @@ def train(
         "eval_loss_before": state["eval_loss_before"],
         "processes": dist.world_size,
         "precision": precision.name,
+        "optimizer_state": "bf16" if bf16_state or bf16_weights else "fp32",  # gradients and AdamW moments
         "effective_batch_size": global_batch * tcfg.grad_accum,
         **{f"data_{k}": v for k, v in data.stats.items()},
     }
