@@ -108,6 +108,23 @@ def test_kl_rows_pair_each_prompt_with_another_rows_reply_and_collate_after_the_
     assert all(len(e["kl_input_ids"]) <= 12 and 1 in e["kl_response_mask"] for e in short)
 
 
+def test_the_kl_rows_run_without_gradients_and_give_the_whole_batchs_log_ratios(tiny_dir, monkeypatch):
+    """z is not differentiated: the policy runs the KL rows under no_grad (TRL's KTOTrainer too), so no backward
+    work or activations are spent on half the rows; each half's log-probs are the whole batch's."""
+    from transformers import AutoModelForCausalLM
+
+    tok = tiny_tokenizer()
+    ex = [{"prompt": [{"role": "user", "content": f"question {i}"}], "completion": f"answer {i} " * (i % 3 + 1),
+           "label": i % 2 == 0, "group": i} for i in range(4)]  # fmt: skip
+    batch = collate_unpaired(mismatched([encode_unpaired(e, tok, 64) for e in ex], 64, 0), tok.pad_token_id)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).train()
+    monkeypatch.setattr(K, "reference_logps", lambda m, b: torch.zeros(len(b["input_ids"])))
+    r, kl = K._kto_parts(model, batch)
+    assert r.requires_grad and not kl.requires_grad
+    whole = P.sequence_logps(model, batch)
+    torch.testing.assert_close(torch.cat([r, kl]).detach(), whole.detach(), atol=1e-5, rtol=1e-5)
+
+
 def test_kto_learns_the_labels_against_an_unchanged_reference(tiny_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

@@ -107,8 +107,8 @@ def test_gradual_in_bf16_keeps_every_block_that_thaws_in_fp32(tmp_path, monkeypa
             for w in ["red", "blue", "green", "pink"] * 2]  # fmt: skip
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     optimizers = []
-    monkeypatch.setattr(loop, "optimizer_for", lambda params, tcfg, scales, real=loop.optimizer_for: optimizers.append(
-        real(params, tcfg, scales)) or optimizers[-1])  # fmt: skip
+    monkeypatch.setattr(loop, "optimizer_for", lambda params, tcfg, scales, *rest, real=loop.optimizer_for: optimizers.append(
+        real(params, tcfg, scales, *rest)) or optimizers[-1])  # fmt: skip
     dtypes = []
     result = tunelab.train({"output_dir": str(tmp_path / "run"), "model": {"name": str(tmp_path / "neox"), "dtype": "bfloat16"},
                             "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 32, "val_fraction": 0},
