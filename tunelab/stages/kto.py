@@ -10,8 +10,9 @@ differentiated:
 
 summed over the batch's examples (the loop divides by their number). z is one estimate per micro-batch
 (`kl_estimate`: over every process's shard of it; no thread shares). The reference is the starting model, as the
-method declares it (tunelab/methods/reference.py, shared with DPO and PPO). A batch of B examples is one forward
-pass of 2B rows: the examples, then their KL rows (data/preference.py `collate_unpaired`).
+method declares it (tunelab/methods/reference.py, shared with DPO and PPO). A batch of B examples is collated as 2B
+rows, the examples then their KL rows (data/preference.py `collate_unpaired`); the policy runs the KL rows without
+gradients (`_kto_parts`).
 
 Why here rather than TRL's KTOTrainer: as with DPO (stages/dpo.py), the loss is a few lines, and as a stage it gets
 this project's loop, checkpoints, exact resume, metrics, every method and the same result folder.
