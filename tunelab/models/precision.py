@@ -52,8 +52,9 @@ from tunelab.bf16_table import measured_text
 if TYPE_CHECKING:  # torch is imported where used: `tunelab --help` stays fast
     import torch
 
-# whether `model.dtype: auto` trains LoRA in bf16 on a CPU with native bf16: measured faster at the same loss.
-# TUNELAB_CPU_BF16_AUTO=0 turns it off for a process and its children: the test suite, whose expectations are
+# whether `model.dtype: auto` trains LoRA in bf16 on a CPU with native bf16: measured faster at the same loss; and
+# whether `training.optimizer_state: auto` keeps an fp32 run's gradients and moments in bf16 (training/harness.py).
+# TUNELAB_CPU_BF16_AUTO=0 turns both off for a process and its children: the test suite, whose expectations are
 # fp32's (losses to 1e-5, compact fp32 weights) as on its CI hosts, which have no native bf16
 CPU_BF16_AUTO = os.environ.get("TUNELAB_CPU_BF16_AUTO", "1") != "0"
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16, x86 AMX, Arm BF16 (aarch64 Features)
