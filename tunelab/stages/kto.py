@@ -61,12 +61,15 @@ def kl_estimate(kl_rows: torch.Tensor, training: bool, stand_in: bool = False) -
 
 
 def _kto_parts(model, batch):
-    """(log-ratios of the examples' replies, log-ratios of their KL rows). The policy runs the KL rows without
-    gradients, as TRL's KTOTrainer does: z is not differentiated, so with them in the examples' pass the backward
-    pass would carry zeros through every layer for half the rows and keep their activations (measured: 1.74x TRL's
-    replies/s before, docs/performance.md)."""
+    """(log-ratios of the examples' replies, log-ratios of their KL rows). In training the policy runs the KL rows
+    without gradients, as TRL's KTOTrainer does: z is not differentiated, so in the examples' pass they kept their
+    activations and took a backward pass of zeros (the bench job's peak 3,070 -> 1,870 MB, docs/performance.md).
+    Without gradients (evaluation) both halves run in one pass."""
     b = len(batch["label"])
     ref = reference_logps(model, batch)  # both halves in one pass: no gradients either way
+    if not torch.is_grad_enabled():
+        ratios = sequence_logps(model, batch) - ref
+        return ratios[:b], ratios[b:]
     r = sequence_logps(model, _rows(batch, slice(0, b))) - ref[:b]
     with torch.no_grad():
         kl = sequence_logps(model, _rows(batch, slice(b, None))) - ref[b:]

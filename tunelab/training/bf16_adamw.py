@@ -59,7 +59,6 @@ class BF16AdamW(torch.optim.Optimizer):
         self._grads16: dict = {}  # an fp32 parameter (bf16_state) -> its gradient so far, in bf16
         self._hooks: dict = {}  # parameter -> its gradient hook (bf16_state)
         self._collecting = bf16_state  # until remove_hooks
-
         if compiled:
             from tunelab.accel import sr_adamw
 
