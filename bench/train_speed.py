@@ -421,12 +421,12 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE[,KEY=VALUE]",
-        help="one more tunelab LoRA run with these overrides, against the same reference (repeatable)",
+        help="one more tunelab run of each method with these overrides, against the same reference (repeatable)",
     )
     parser.add_argument(
         "--off",
         action="store_true",
-        help="one more tunelab LoRA run with training.accelerate: off (plain PyTorch + PEFT, no tunelab/accel); "
+        help="one more tunelab run of each method with training.accelerate: off (plain PyTorch + PEFT, no tunelab/accel); "
         "the same as --variant training.accelerate=off",
     )
     parser.add_argument("--max-steps", type=int, help="stop both runs early (a smoke test, not the benchmark)")
@@ -485,13 +485,11 @@ def main() -> None:
         raise SystemExit(f"--methods: no bench job for {unknown}; choose among {sorted(METHOD_LR)}")
     # per method the reference then tunelab, so that each ratio is against a run minutes away
     jobs = []
-    if args.variant and "lora" not in methods and not args.skip_trl:  # the variants are LoRA runs
-        jobs.append((TRL_NAMES["lora"], "trl", "lora", []))
-    for method in methods:
+    for method in methods:  # each method's variants beside its default run, against the same reference
         jobs += [] if args.skip_trl else [(TRL_NAMES[method], "trl", method, [])]
         jobs += [("tunelab", "tunelab", method, args.tunelab_set)]
-    # KEY=VALUE pairs split at a comma followed by the next KEY=, so a value may be a list: k=[a,b]
-    jobs += [(f"tunelab {v}", "tunelab", "lora", args.tunelab_set + re.split(r",(?=[\w.]+=)", v)) for v in args.variant]
+        # KEY=VALUE pairs split at a comma followed by the next KEY=, so a value may be a list: k=[a,b]
+        jobs += [(f"tunelab {v}", "tunelab", method, args.tunelab_set + re.split(r",(?=[\w.]+=)", v)) for v in args.variant]  # fmt: skip
     # rounds: every job once per round, in order, so that each round's ratios are against a reference run
     # minutes away (the machine drifts by more than the differences measured)
     results: list[list[dict]] = [[] for _ in jobs]
