@@ -462,6 +462,48 @@ def test_dpo_widens_the_margin_against_an_unchanged_reference(tiny_dir, files, t
     assert (trained - expected).abs().max() > 0.5
 
 
+@pytest.mark.parametrize("stage,method", [("dpo", "lora"), ("dpo", "full"), ("kto", "lora")])
+def test_reference_log_probs_are_computed_once_per_row_and_train_as_recomputed(stage, method, tiny_dir, files,
+                                                                               tmp_path, monkeypatch):  # fmt: skip
+    """pi_ref does not train, so each row's reference log-prob is kept: the second epoch and every evaluation after the
+    first run no reference pass, and the run trains to the same losses as one that recomputes every time."""
+    from tunelab.methods import reference
+
+    passes, original = [], reference.policy
+
+    def counting(model):
+        passes.append(1)
+        return original(model)
+
+    monkeypatch.setattr(reference, "policy", counting)
+    spec = None if method == "lora" else {"name": "full"}
+    # 120 pairs (kto: 240 replies, 30 micro-batches of 8 + their KL rows), two epochs, an evaluation every 10 steps
+    per_epoch = 15 if stage == "dpo" else 30
+    cfg = make_cfg(stage, tiny_dir, files, tmp_path / "kept", method=spec, max_steps=None, epochs=2, lr=2e-3,
+                   eval_every=10, eval_batches=2)  # fmt: skip
+    kept = tunelab.train(cfg).metrics
+    n_kept, passes[:] = len(passes), []
+    monkeypatch.setattr(reference, "memo", lambda model: None)  # every pass recomputed, as before the cache
+    cfg = make_cfg(stage, tiny_dir, files, tmp_path / "again", method=spec, max_steps=None, epochs=2, lr=2e-3,
+                   eval_every=10, eval_batches=2)  # fmt: skip
+    again = tunelab.train(cfg).metrics
+    evals = 1 + 2 * per_epoch // 10 + (2 * per_epoch % 10 > 0)  # step 0, every 10 steps, the end
+    # the held-out metrics' batches (dpo: 40 pairs, 16 a batch; kto: 80 replies, 8 a batch), the first 16 rows
+    # of which the evaluations saw (two batches of 8)
+    val, size = (40, 16) if stage == "dpo" else (80, 8)
+    assert len(passes) == 2 * per_epoch + 2 * evals + math.ceil(val / size)
+    # the first epoch's micro-batches, the first evaluation's two batches, the held-out rows no evaluation saw:
+    # nothing else runs pi_ref
+    assert n_kept == per_epoch + 2 + math.ceil((val - 16) / size), (n_kept, len(passes))
+    for k in ("loss", "eval_loss"):
+        a, b = ({r["step"]: r[k] for r in metrics_lines(tmp_path / run) if k in r} for run in ("kept", "again"))
+        assert sorted(a) == sorted(b) and len(a) == (2 * per_epoch if k == "loss" else evals), (k, a, b)
+        assert all(a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-6) for s in a), (k, a, b)
+    assert kept["eval_loss"] < kept["eval_loss_before"]
+    for k in ("eval_loss", "reward_accuracy" if stage == "kto" else "pairwise_accuracy"):
+        assert kept[k] == pytest.approx(again[k], rel=1e-5, abs=1e-6)
+
+
 def test_dpo_sft_weight_adds_the_chosen_replys_nll_and_keeps_its_likelihood_up(tiny_dir, files, tmp_path):
     """dpo.sft_weight alpha (RPO, Pang et al. 2024; LLaMA-Factory's pref_ftx): each pair's loss gains alpha x the
     chosen reply's mean token NLL. Before training the policy is the reference: every pair's loss is

@@ -36,6 +36,8 @@ from tunelab.methods.base import STARTED_ADAPTER
 
 # trained model -> its frozen starting copy, or None where the reference is the model with its adapter off
 _PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# trained model -> values computed from its pi_ref alone (memo), emptied whenever prepare sets pi_ref anew
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def prepare(model, method) -> None:
@@ -52,6 +54,14 @@ def prepare(model, method) -> None:
         _PREPARED[model] = {p: p.detach().clone() for p in model.parameters() if p.requires_grad} if started else None
     else:
         _PREPARED[model] = frozen_copy(model)
+    _MEMO[model] = {}
+
+
+def memo(model) -> dict | None:
+    """A dict for what a pass of `model`'s pi_ref gives and nothing else changes (dpo's log-probs of a row), kept as
+    long as pi_ref is: pi_ref never trains, so a value computed once holds for the whole run. None where no reference
+    was prepared."""
+    return _MEMO.get(model)
 
 
 def frozen(model):

@@ -13,6 +13,8 @@ folder as every other stage.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 
@@ -55,8 +57,33 @@ def dpo_notes(cfg) -> list[str]:
 
 
 def reference_logps(model, batch: dict) -> torch.Tensor:
+    """pi_ref's sequence_logps of the batch's rows. pi_ref does not train, so each row's value is kept (by the row's
+    tokens and response mask) and a batch whose rows all were seen before (every epoch after the first, every
+    evaluation after the first) skips the pass: TRL's precompute_ref_log_probs without a pass before training."""
+    table = reference.memo(model)
+    keys = row_keys(batch) if table is not None and ROW_FIELDS <= batch.keys() else None
+    if keys is not None and all(k in table for k in keys):
+        return torch.tensor([table[k] for k in keys], dtype=torch.float32, device=batch["input_ids"].device)
     with torch.no_grad(), reference.policy(model) as ref:
-        return sequence_logps(ref, batch)
+        out = sequence_logps(ref, batch)
+    if keys is not None:
+        table.update(zip(keys, out.float().tolist()))
+    return out
+
+
+ROW_FIELDS = {"input_ids", "attention_mask", "response_mask"}  # a padded batch's: what sequence_logps reads of it
+
+
+def row_keys(batch: dict) -> list[bytes]:
+    """A digest per row of its tokens and response mask (padding left out): what pi_ref's log-probs of it depend on."""
+    ids, attn, resp = (batch[k].cpu() for k in ("input_ids", "attention_mask", "response_mask"))
+    keys = []
+    for i in range(len(ids)):
+        real = attn[i].bool()
+        digest = hashlib.blake2b(ids[i][real].numpy().tobytes(), digest_size=16)
+        digest.update(resp[i][real].to(torch.uint8).numpy().tobytes())
+        keys.append(digest.digest())
+    return keys
 
 
 def dpo_loss(logratio_chosen, logratio_rejected, beta: float, label_smoothing: float = 0.0, loss_type="sigmoid"):
