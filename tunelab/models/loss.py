@@ -106,26 +106,60 @@ def at_labels(model, batch: dict):
     if split is None:
         return _virtual_at_labels(model, batch)
     backbone, head = split
-    if (plan := _unpadded(model, batch)) is not None:  # accel: the rows end to end, one attention call each
-        return _end_to_end_labelled(backbone, head, batch, plan)
+    # accel: the rows end to end, one attention call each
+    if (ran := end_to_end_hidden(model, backbone, batch)) is not None:
+        return _labelled(head, *ran, batch)
     inputs = model_inputs(batch)
     if "position_ids" in inputs:  # accel: one attention call per packed example
         inputs.update(packed_kwargs(model, inputs["position_ids"]))
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
-    return _labelled(head, hidden, batch)
+    return _labelled(head, hidden, None, batch)
 
 
-def _end_to_end_labelled(backbone, head, batch: dict, plan):
-    """at_labels' answer from one backbone call on the rows laid end to end (`_unpadded`'s `plan`)."""
+def end_to_end_hidden(model, backbone, batch: dict):
+    """`backbone`'s last hidden states of a right-padded batch's rows laid end to end, one attention call each, no
+    compute on padding ([width, hidden]), and [rows, columns] -> each row token's position among them; or None where
+    accel's packed attention is not installed, or the rows are packed or not right-padded (`_unpadded`)."""
+    plan = _unpadded(model, batch)
+    if plan is None:
+        return None
     positions, kwargs, at = plan
     ids = _end_to_end(batch, positions.shape[1])
-    hidden = backbone(input_ids=ids, position_ids=positions, **kwargs, use_cache=False).last_hidden_state[0]
-    return _labelled(head, hidden, batch, at)
+    return backbone(input_ids=ids, position_ids=positions, **kwargs, use_cache=False).last_hidden_state[0], at
 
 
-def _labelled(head, hidden, batch: dict, at=None):
-    """at_labels' answer: the hidden states [rows, columns, hidden] at `batch`'s label positions, or of rows laid end
-    to end ([width, hidden]; `at`: [rows, columns] -> their flattened positions, `_unpadded`)."""
+def last_token_scores(model, batch: dict):
+    """A *ForSequenceClassification decoder's logits of a right-padded batch: its `score` head at each row's last
+    token, as transformers takes it (the rightmost that is not the pad id). Where accel's packed attention runs, the
+    rows are laid end to end (`end_to_end_hidden`: no compute on padding); else, and for any other model (an
+    encoder's pooled head), the model's own forward over the padded batch."""
+    import torch
+
+    split = score_head_split(model)
+    pad_id = unwrap(model).config.pad_token_id
+    ran = end_to_end_hidden(model, split[0], batch) if split is not None and pad_id is not None else None
+    if ran is None:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    hidden, at = ran
+    ids = batch["input_ids"]
+    last = (torch.arange(ids.shape[1], device=ids.device) * (ids != pad_id)).argmax(-1)
+    return split[1](hidden[at[torch.arange(len(ids), device=ids.device), last]])
+
+
+def score_head_split(model):
+    """(backbone, score head) of a decoder *ForSequenceClassification whose scores are score(backbone(x)), else None."""
+    inner = unwrap(model)
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
+    head = getattr(inner, "score", None)
+    # transformers names a decoder's scalar head `score` (Llama, Mistral, Qwen, GPT-2 ...), an encoder's `classifier`
+    if not type(inner).__name__.endswith("ForSequenceClassification") or backbone is None or head is None:
+        return None
+    return backbone, head
+
+
+def _labelled(head, hidden, at, batch: dict):
+    """at_labels' answer: the hidden states [rows, columns, hidden] (at None) at `batch`'s label positions, or of rows
+    laid end to end ([width, hidden]; `at`: [rows, columns] -> their flattened positions, `_unpadded`)."""
     target = shift_labels(batch["labels"])
     keep = target != -100
     return head, hidden[keep] if at is None else hidden[at[keep]], target[keep], keep.nonzero()[:, 0]
@@ -194,9 +228,9 @@ def _virtual_at_labels(model, batch: dict):
     backbone, head = split
     peft_cfg = model.active_peft_config
     enabled = getattr(model.forward, "__self__", None) is model  # PEFT's disable_adapter swaps the forward
-    if not enabled and (plan := _unpadded(model, batch)) is not None:
+    if not enabled and (ran := end_to_end_hidden(model, backbone, batch)) is not None:
         # accel: the adapter off (dpo's reference pass) runs the base model as it is: its rows end to end too
-        return _end_to_end_labelled(backbone, head, batch, plan)
+        return _labelled(head, *ran, batch)
     if enabled and peft_cfg.peft_type == "PROMPT_TUNING":
         plan = _unpadded(model, batch, peft_cfg.num_virtual_tokens)
         if plan is not None:  # accel: each row after its soft prompt, end to end, as PEFT's forward lays out one row
@@ -208,7 +242,7 @@ def _virtual_at_labels(model, batch: dict):
             flat = torch.cat(parts)
             flat = torch.cat([flat, flat.new_zeros(positions.shape[1] - len(flat), flat.shape[1])])[None]
             hidden = backbone(inputs_embeds=flat, position_ids=positions, **kwargs, use_cache=False).last_hidden_state
-            return _labelled(head, hidden[0], batch, at)
+            return _labelled(head, hidden[0], at, batch)
     # (transformers' checkpointed layers drop the cache the prefix comes in: the config refuses that pairing)
     if (
         enabled
@@ -223,7 +257,7 @@ def _virtual_at_labels(model, batch: dict):
             ids = _end_to_end(batch, positions.shape[1])
             named = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
             out = backbone(input_ids=ids, position_ids=positions, **{named: cache}, **kwargs, use_cache=False)
-            return _labelled(head, out.last_hidden_state[0], batch, at)
+            return _labelled(head, out.last_hidden_state[0], at, batch)
     seen, me = [], threading.get_ident()
 
     def catch(module, args, out):
@@ -236,7 +270,7 @@ def _virtual_at_labels(model, batch: dict):
     finally:
         hook.remove()
     hidden = seen[-1]
-    return _labelled(head, hidden[:, hidden.shape[1] - batch["labels"].shape[1] :], batch)
+    return _labelled(head, hidden[:, hidden.shape[1] - batch["labels"].shape[1] :], None, batch)
 
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:

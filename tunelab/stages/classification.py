@@ -10,6 +10,7 @@ from transformers import AutoModelForSequenceClassification
 from tunelab import metrics as M
 from tunelab.data import DataBundle, pad
 from tunelab.models import load_model
+from tunelab.models.loss import last_token_scores
 from tunelab.stages.base import Stage, check_task_files, num_labels, task_of, task_rows
 
 
@@ -61,7 +62,9 @@ def classification_collate(examples, pad_id):
 
 
 def classification_logits(model, batch):
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    """A decoder's head at each row's last token, its rows laid end to end where accel's packed attention runs (no
+    compute on padding); an encoder's, or with accelerate off, the model's own forward (models/loss.py)."""
+    return last_token_scores(model, batch).float()
 
 
 def loss_sum(model, batch):

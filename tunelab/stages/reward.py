@@ -23,7 +23,7 @@ from tunelab.data import pad
 from tunelab.data.preference import collate_packed_pairs, collate_pairs, encode_response, truncate_left
 from tunelab.models import load_model
 from tunelab.models.loading import unwrap
-from tunelab.models.loss import packed_kwargs
+from tunelab.models.loss import last_token_scores, packed_kwargs, score_head_split
 from tunelab.stages.base import Stage
 from tunelab.stages.preference import check_pairs, eval_pairs, pair_count, pairs_data
 from tunelab.stages.runs import load_run, run_manifest
@@ -33,7 +33,7 @@ def load(cfg, device):
     # a fresh scalar head on the LM's last hidden state; the checkpoint's LM head is dropped
     model, tokenizer = load_model(cfg.model, device=device, auto_class=AutoModelForSequenceClassification,
                                   num_labels=1, ignore_mismatched_sizes=True)  # fmt: skip
-    if cfg.data.packing and _backbone_and_score(model) is None:
+    if cfg.data.packing and score_head_split(model) is None:
         raise ConfigError(
             f"data.packing: {type(unwrap(model)).__name__} is not a decoder with a `score` head over "
             "its backbone's last hidden state, which packed pairs need; set data.packing: false"
@@ -84,23 +84,12 @@ def reward_logits(model, batch: dict) -> torch.Tensor:
     hold several sequences: the backbone runs on them (causal attention within each sequence, as for packed
     SFT rows: the positions restart) and the head is applied at each sequence's last token."""
     if "last" not in batch:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float()
-    backbone, head = _backbone_and_score(model)
+        return last_token_scores(model, batch)[:, 0].float()
+    backbone, head = score_head_split(model)
     positions = batch["position_ids"]  # accel: one attention call per packed sequence
     hidden = backbone(input_ids=batch["input_ids"], position_ids=positions, **packed_kwargs(model, positions),
                       use_cache=False).last_hidden_state  # fmt: skip
     return head(hidden.reshape(-1, hidden.shape[-1])[batch["last"]])[:, 0].float()
-
-
-def _backbone_and_score(model):
-    """(backbone, score head) of a decoder *ForSequenceClassification whose scores are score(backbone(x)), else None."""
-    inner = unwrap(model)
-    backbone = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
-    head = getattr(inner, "score", None)
-    # transformers names a decoder's scalar head `score` (Llama, Mistral, Qwen, GPT-2 ...), an encoder's `classifier`
-    if not type(inner).__name__.endswith("ForSequenceClassification") or backbone is None or head is None:
-        return None
-    return backbone, head
 
 
 @torch.no_grad()
