@@ -321,6 +321,39 @@ def test_a_frozen_reference_copy_runs_the_policys_fused_modules(tiny_dir, files,
     assert any(not torch.equal(p, q) for p, q in zip(policy.parameters(), ref.parameters()))
 
 
+def test_a_frozen_reference_copy_keeps_its_weights_compact_and_scores_as_the_dense_one(files, tmp_path, monkeypatch,
+                                                                                       capsys):  # fmt: skip
+    """dpo with full fine-tuning over a model whose fp32 weights hold bf16 values (a bf16 checkpoint read in fp32): the
+    frozen reference copy keeps every linear weight and the tied token table compact (2 bytes a weight, not 4), and
+    its log-probs are bit for bit those of the same copy with its dense weights back."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from tunelab.accel import compact
+    from tunelab.methods import reference
+    from tunelab.testing import save_bf16_valued_tiny_model_dir
+
+    model_dir = save_bf16_valued_tiny_model_dir(tmp_path / "bf16-valued")
+    prepared = []
+    real = reference.prepare
+    monkeypatch.setattr(reference, "prepare", lambda model, method: (prepared.append(model), real(model, method)))
+    m = tunelab.train(make_cfg("dpo", model_dir, files, tmp_path / "full", {"name": "full"}, max_steps=2)).metrics
+    assert m["eval_loss_before"] == pytest.approx(math.log(2), abs=1e-6)  # the compact copy scores as the policy
+    assert "the frozen reference copy's 15 weights kept compact" in capsys.readouterr().err  # 2 x 7 linears, the table
+    ref = reference.frozen(prepared[0])
+    kinds = {type(mod).__name__ for mod in ref.modules()}
+    assert {"CompactLinear", "CompactEmbedding"} <= kinds and "Linear" not in kinds
+    dense = copy.deepcopy(ref)
+    assert compact.expand_compact(dense) == 15 and "CompactLinear" not in {type(x).__name__ for x in dense.modules()}
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batch = collate_pairs(
+        [encode_preference(p, tok, 64) for p in load_preference_pairs(files[1])[:8]], tok.pad_token_id
+    )
+    with torch.no_grad():
+        assert torch.equal(P.sequence_logps(ref, batch), P.sequence_logps(dense, batch))
+
+
 def test_simpo_left_at_dpos_beta_is_noted_in_the_run_log(tiny_dir, files, tmp_path, capsys):
     cfg = make_cfg("dpo", tiny_dir, files, tmp_path / "simpo", max_steps=1)
     assert P.dpo_notes(cfg) == []  # sigmoid: DPO's own default

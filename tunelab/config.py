@@ -616,7 +616,8 @@ class TrainingConfig(Section):
         "it decodes back bit for bit, and decode it where a matmul needs it: the same training to the bit, ~300 MB "
         "less for the default model, one elementwise pass per weight use. A list compacts only the modules with those names in their path (e.g. [embed_tokens] "
         "for the token table and the head tied to it, [mlp], [down_proj]): a middle way between memory and "
-        "speed. One process only. See docs/performance.md.",
+        "speed. Also dpo / kto's frozen reference copy (full fine-tuning and other methods that train the model's "
+        "own weights): its linear weights and token table. One process only. See docs/performance.md.",
     )
     report_to: list[Tracker] = Field(
         ["tensorboard"],

@@ -347,6 +347,24 @@ def soft_prompt_body(model, only: list[str] | None = None) -> tuple[int, int]:
         return 0, 0
     inner = unwrap(model)
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    return _compact_linears(inner, head, only)
+
+
+def frozen_model(model, only: list[str] | None = None) -> tuple[int, int]:
+    """A model that only ever runs without gradients (dpo / kto's frozen reference copy, methods/reference.py): its
+    token table (with a head tied to it) and every frozen fp32 nn.Linear, an untied head too, made compact. Its
+    passes decode each weight where used and keep nothing for a backward pass, so it holds ~1 byte a weight (GGUF
+    8-bit blocks) or 2 (bf16 values) instead of 4. Returns (weights compacted, bytes saved)."""
+    from tunelab.models.loading import unwrap
+
+    inner = unwrap(model)
+    table = _compact_embeddings(inner, only)
+    n, saved = _compact_linears(inner, None, only)
+    return n + (table > 0), saved + table
+
+
+def _compact_linears(inner, head, only: list[str] | None) -> tuple[int, int]:
+    """Every frozen fp32 nn.Linear of `inner` but `head` made a CompactLinear where it has an exact compact form."""
     n = saved = 0
     for name, module in list(inner.named_modules()):
         for child_name, child in list(module.named_children()):

@@ -66,16 +66,25 @@ class Speed:
         tcfg = self.tcfg
         return compact.load_plan(None if tcfg.compact_frozen is True else tcfg.compact_frozen, self.loaded_compact)
 
-    def match(self, ref) -> None:
+    def match(self, ref, cfg, multi: bool) -> None:
         """`ref`, a frozen copy of the model taken before `prepare` (dpo / kto's reference: methods/reference.py),
         computes as the model does: the same fused RMSNorm, SwiGLU function and attention over rows laid end to end.
         The two paths agree to rounding in fp32, not in bf16: a full fine-tuning KTO run in bf16 weights read a loss
-        of 0.5007 before training where policy = reference gives exactly 0.5 (0.5000 with this)."""
+        of 0.5007 before training where policy = reference gives exactly 0.5 (0.5000 with this). Its weights are
+        kept compact where compact frozen weights are on (compact.py `frozen_model`: the same values, decoded)."""
         if not self.on or ref is None:
             return
         swiglu.install(ref)
         norm.install(ref)
         attention.install(ref)
+        if self._compacts(cfg, multi):
+            layers, saved = compact.frozen_model(
+                ref, None if self.tcfg.compact_frozen is True else self.tcfg.compact_frozen
+            )
+            if saved:
+                self.pieces.append(
+                    f"the frozen reference copy's {layers} weights kept compact: {saved / 2**20:,.0f} MB less"
+                )
 
     @property
     def compact_parameters(self) -> int:

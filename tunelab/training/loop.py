@@ -213,7 +213,8 @@ def train(
         )
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
     speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast, whole_batch=stage.whole_batch)
-    speed.match(reference.frozen(model))  # accel: a frozen reference copy (dpo, kto) computes as the policy does
+    # accel: a frozen reference copy (dpo, kto) computes as the policy does, its weights compact
+    speed.match(reference.frozen(model), loaded, dist.multi)
     if autocast is not no_autocast and not speed.autocast:  # accel: bf16 passes that run in bf16 by themselves
         autocast, precision = no_autocast, precision.without_autocast()
         log(f"precision: {precision.name}: the passes run in bf16 without autocast (tunelab/accel)")
