@@ -30,7 +30,7 @@ from tunelab.data.preference import collate_unpaired, encode_unpaired, mismatche
 from tunelab.stages.base import Stage
 
 # DPO's causal LM, its reference policy (the starting model) and its per-sequence log-probabilities
-from tunelab.stages.dpo import load_policy, prepare_reference, reference_logps, sequence_logps
+from tunelab.stages.dpo import ROW_FIELDS, load_policy, prepare_reference, reference_logps, sequence_logps
 from tunelab.stages.preference import check_reading, checked_reading, eval_pairs, read_sources, with_system
 
 
@@ -78,7 +78,7 @@ def _kto_parts(model, batch):
 
 def _rows(batch: dict, rows: slice) -> dict:
     """The batch's rows `rows` (collate_unpaired: the examples, then their KL rows), trimmed to their own width."""
-    part = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "response_mask")}
+    part = {k: batch[k][rows] for k in ROW_FIELDS}
     width = int(part["attention_mask"].sum(1).max()) if len(part["attention_mask"]) else 0
     return {k: v[:, :width] for k, v in part.items()}
 
