@@ -45,6 +45,25 @@ def test_gguf_blocks_round_trip_bit_for_bit(kind, stride):
     assert c.nbytes < w.numel() * 4 / 3  # 1 byte per weight + 8 per block, against 4
 
 
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_the_compiled_decode_gives_the_torch_passes_bits(kind, monkeypatch):
+    """One compiled pass (compact.DECODE) decodes the 8-bit blocks to the bits of the three PyTorch passes, whole,
+    by row blocks, and split among threads (a weight past compiled.SPLIT elements)."""
+    if C._decoder() is None:
+        pytest.skip(f"no compiled decode: {C.compiled.why_not('compact_decode')}")  # no C compiler
+    w = gguf_like((640, 256), kind)  # 163,840 weights: split between two threads
+    c = encode(w)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        compiled = c.dense(), c.block(100, 300).clone(), c.rows(torch.tensor([[3, 639], [0, 7]]))
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(C, "_decoder", lambda: None)
+    plain = c.dense(), c.block(100, 300).clone(), c.rows(torch.tensor([[3, 639], [0, 7]]))
+    assert all(torch.equal(a, b) for a, b in zip(compiled, plain)) and torch.equal(compiled[0], w)
+
+
 def test_bf16_values_are_kept_as_bf16_and_other_weights_are_left_alone():
     w = torch.randn(8, 64).bfloat16().float()
     c = encode(w)
