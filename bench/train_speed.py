@@ -343,7 +343,9 @@ def job_tunelab(method: str, overrides: list[str]) -> dict:
         "loss_after_fp32": loss_fp32,
         "peak_rss_mb": peak,
         # fp32 weights whose gradients and AdamW moments are bf16 (training.optimizer_state) say so
-        "precision": m["precision"] + (", bf16 state" if m.get("optimizer_state") == "bf16" and not bf16 else ""),
+        "precision": m["precision"]
+        + (", bf16 state" if m.get("optimizer_state") == "bf16" and not bf16 else "")
+        + (f", {m['saved_activations']} saved activations" if m.get("saved_activations") else ""),
     }
 
 

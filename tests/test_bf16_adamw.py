@@ -569,6 +569,12 @@ def test_full_fine_tuning_with_bf16_state_trains_keeps_fp32_weights_and_resumes(
     assert {t.dtype for t in saved.values()} == {torch.float32}
     fp32 = tunelab.train(bf16_state_cfg(tiny_dir, data_file, tmp_path / "c", optimizer_state="fp32"))
     assert abs(fp32.metrics["eval_loss"] - result.metrics["eval_loss"]) < 0.05 * fp32.metrics["eval_loss"]
+    # auto keeps the MLPs' gate and up outputs and the norms' inputs in bf16 beside bf16 state, not beside fp32 state
+    assert result.metrics["saved_activations"] == "bfloat16" and fp32.metrics["saved_activations"] is None
+    assert "saved activations in bfloat16: 2 MLPs' gate and up outputs and 5 norms' inputs" in log
+    exact = tunelab.train(bf16_state_cfg(tiny_dir, data_file, tmp_path / "d", saved_activations="fp32"))
+    assert exact.metrics["saved_activations"] is None
+    assert abs(exact.metrics["eval_loss"] - result.metrics["eval_loss"]) < 0.01 * exact.metrics["eval_loss"]
 
     def stop_after_3(step, record):
         if step == 3:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from tunelab.accel import norm
+from tunelab.accel import norm, swiglu
 from tunelab.testing import tiny_causal, tiny_llama
 
 
@@ -122,8 +122,8 @@ def test_recomputed_outputs_keep_no_norm_output_and_give_the_same_gradients():
     outputs = []
     real = norm._RMSNorm.forward
 
-    def spy(ctx, x, weight, eps, offset):
-        y = real(ctx, x, weight, eps, offset)
+    def spy(ctx, x, weight, eps, offset, keep=None):
+        y = real(ctx, x, weight, eps, offset, keep)
         outputs.append(weakref.ref(y))
         return y
 
@@ -176,3 +176,74 @@ def test_compiled_rows_in_bf16_give_torchs_output_and_gradient(offset, monkeypat
     assert apart.float().mean() <= 1e-3  # measured 2-26 in a million
     torch.testing.assert_close(y_c[apart].float(), y_t[apart].float(), rtol=2**-7, atol=0)
     assert float((dx_c.float() - dx_t.float()).norm() / dx_t.float().norm()) < 1e-4
+
+
+def test_a_norm_keeping_its_input_in_bf16_gives_the_same_output_and_nearly_the_gradients():
+    """training.saved_activations: bf16 in an fp32 pass: x kept in bf16 (half its bytes), the output the same bits,
+    dx, dw and the rebuilt output (what the next layer's weight gradient reads) from x rounded to 8 bits."""
+    torch.manual_seed(0)
+    ref = LlamaRMSNorm(64, eps=1e-6)
+    torch.nn.init.normal_(ref.weight, 1.0, 0.2)
+    module = copy.deepcopy(ref)
+    assert norm.install(module) == 1
+    setattr(module, swiglu.KEEP, torch.bfloat16)
+    x = (torch.randn(3, 11, 64) * 4).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    kept = []
+
+    def pack(t):
+        kept.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    assert (torch.bfloat16, (3, 11, 64)) in kept and (torch.float32, (3, 11, 64)) not in kept
+    y_ref = ref(x_ref)
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    for ours, theirs in ((x.grad, x_ref.grad), (module.weight.grad, ref.weight.grad)):
+        assert not torch.equal(ours, theirs)  # read from the rounded x
+        assert (ours - theirs).norm() < 1e-2 * theirs.norm()
+    # a layer after the norm saves its output: within recomputed_outputs it is rebuilt from the kept x (rounded), with
+    # the forward's 1/rms, and the layer's weight gradient reads that
+    linear = torch.nn.Linear(64, 8, bias=False)
+    with norm.recomputed_outputs():
+        out = linear(module(x.detach()))
+    out.backward(torch.ones_like(out))
+    rstd = torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + 1e-6)
+    rebuilt = module.weight.detach() * (x.detach().bfloat16().float() * rstd)
+    expected = torch.ones(33, 8).t() @ rebuilt.reshape(-1, 64)
+    assert torch.allclose(linear.weight.grad, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(linear.weight.grad, torch.ones(33, 8).t() @ y_ref.detach().reshape(-1, 64), rtol=1e-5,
+                              atol=1e-5)  # fmt: skip
+
+
+def test_a_linears_flattened_view_of_a_norm_output_is_rebuilt_too():
+    """An nn.Linear over a 3-D input saves it as the 2-D view its product takes (full fine-tuning's q, k, v
+    projections): within recomputed_outputs that view is rebuilt as well, so no norm output outlives the forward, and
+    the weight gradient is the same bits."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    module = LlamaRMSNorm(64, eps=1e-6)
+    torch.nn.init.normal_(module.weight, 1.0, 0.2)
+    norm.install(module)
+    linear = torch.nn.Linear(64, 8, bias=False)
+    x = torch.randn(3, 11, 64) * 4
+    grads, alive = [], []
+    for recompute in (False, True):
+        linear.weight.grad = None
+        with norm.recomputed_outputs() if recompute else torch.enable_grad():
+            y = module(x)
+            out = linear(y)
+        ref = weakref.ref(y)
+        del y
+        gc.collect()
+        alive.append(ref() is not None)
+        out.backward(torch.ones_like(out))
+        grads.append(linear.weight.grad.clone())
+    assert alive == [True, False]
+    assert torch.equal(grads[0], grads[1])

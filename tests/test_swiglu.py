@@ -63,6 +63,30 @@ def test_swiglu_is_the_modules_forward_and_autograds_gradients_keeping_half(dtyp
         assert ours.dtype == dtype and torch.allclose(ours, theirs, rtol=tol, atol=1e-6 if tol == 0 else 1e-2), name
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_an_fp32_mlp_keeping_gate_and_up_in_bf16_gives_the_same_output_and_nearly_the_gradients(arch):
+    """training.saved_activations: bf16 (swiglu.KEEP): g and u kept in bf16, a quarter of the fp32 pass's bytes
+    fewer than `_SwiGLU` keeps in fp32; the forward the same bits, the gradients from g and u rounded to 8 bits."""
+    module = mlp(torch.float32, arch)
+    reference = copy.deepcopy(module)
+    swiglu.install(module)
+    assert swiglu.keep_saved(module, torch.bfloat16) == (1, 0)
+    x = (torch.randn(2, 7, 32) * 2).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    y, kept = saved_bytes(lambda: module(x), module)
+    y_ref = reference(x_ref)
+    assert torch.equal(y, y_ref)
+    assert kept == (32 * 4 + 2 * 96 * 2) * 14  # x in fp32, gate(x) and up(x) in bf16
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    pairs = [(x.grad, x_ref.grad)] + [(getattr(module, n).weight.grad, getattr(reference, n).weight.grad)
+                                      for n in ("gate_proj", "up_proj", "down_proj")]  # fmt: skip
+    for ours, theirs in pairs:
+        assert ours.dtype == torch.float32 and not torch.equal(ours, theirs)  # read from the rounded g and u
+        assert (ours - theirs).norm() < 1e-2 * theirs.norm()
+
+
 def test_only_the_activations_it_computes_are_taken():
     from transformers.activations import ACT2FN
 

@@ -31,7 +31,12 @@ order of one sum); its backward runs in fp32 too and narrows dx once at the end.
 their backward pass (LoRA's dA needs its input), yet the norm keeps `x` and `1/rms` anyway, from which the output is
 one elementwise pass, `w (x r)`, the same operations and so the same bits (the compiled rows rebuild it with their
 own output function). Within the context a saved norm output is kept as that recipe and rebuilt when the backward
-pass needs it: two `[tokens, hidden]` tensors per decoder layer less (SmolLM2: 67 MB per 512 tokens).
+pass needs it: two `[tokens, hidden]` tensors per decoder layer less (SmolLM2: 67 MB per 512 tokens). An nn.Linear
+saves its 3-D input as the flattened 2-D view its product takes; such a whole view is rebuilt too (`_Viewed`), so the
+plain Linear layers of full fine-tuning (q, k, v after the first norm) keep no norm output either.
+
+With `training.saved_activations: bf16` (swiglu.KEEP set on the module) an fp32 pass keeps `x` in bf16: the output
+is computed from the fp32 x as before; the backward pass and the rebuilt output read x rounded to 8 bits.
 """
 
 from __future__ import annotations
@@ -41,11 +46,13 @@ import ctypes
 import threading
 import types
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from tunelab.accel import compiled
+from tunelab.accel.swiglu import KEEP
 
 SOURCE = r"""  /* after compiled.BF16 */
 #include <math.h>
@@ -173,33 +180,35 @@ def _forward(x, weight, eps, offset):
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps, offset):
+    def forward(ctx, x, weight, eps, offset, keep=None):
         y, rstd, rows = _forward(x, weight, eps, offset)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.offset, ctx.rows = offset, rows
+        kept = x if keep is None or keep == x.dtype else x.to(keep)  # training.saved_activations (module doc)
+        ctx.save_for_backward(kept, weight, rstd)
+        ctx.offset, ctx.rows, ctx.dtype = offset, rows, x.dtype
         outputs = getattr(_RECOMPUTABLE, "outputs", None)
         if outputs is not None:
-            outputs[y.data_ptr()] = (weakref.ref(y), _Recipe(x, weight, rstd, offset, rows))
+            outputs[y.data_ptr()] = (weakref.ref(y), _Recipe(kept, weight, rstd, offset, rows, x.dtype))
         return y
 
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
+        x = x.to(ctx.dtype)
         grad_w = None
         if ctx.needs_input_grad[1]:  # d(1 + w) = dw: the same sum with an offset
             grad_w = (grad * x * rstd).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
         if not ctx.needs_input_grad[0]:
-            return None, grad_w, None, None
+            return None, grad_w, None, None, None
         if ctx.rows:
             x, grad = x.contiguous(), grad.contiguous()
             dx = torch.empty_like(x)
             _run(_rows(x, weight).rms_dx, x, x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(),
                  dx.data_ptr(), x.shape[-1], int(ctx.offset))  # fmt: skip
-            return dx, grad_w, None, None
+            return dx, grad_w, None, None, None
         wide = _wide(x)  # a bf16 pass computes its gradient in fp32 (module doc)
         gw = _wide(grad) * (1.0 + _wide(weight) if ctx.offset else weight)
         coef = torch.linalg.vecdot(gw, wide).unsqueeze(-1).mul_(rstd.pow(3)).div_(-x.shape[-1])
-        return torch.addcmul(gw.mul_(rstd), wide, coef).to(x.dtype), grad_w, None, None
+        return torch.addcmul(gw.mul_(rstd), wide, coef).to(x.dtype), grad_w, None, None, None
 
 
 # per thread, while recomputed_outputs() is active: data_ptr of a norm output -> (weak ref to it, recipe)
@@ -209,10 +218,12 @@ _RECOMPUTABLE = threading.local()
 class _Recipe:
     """A norm output as w (x r) from tensors the norm keeps anyway; rebuilt once, shared by its users."""
 
-    __slots__ = ("x", "weight", "rstd", "offset", "rows", "y")
+    __slots__ = ("x", "weight", "rstd", "offset", "rows", "dtype", "y")
 
-    def __init__(self, x, weight, rstd, offset, rows):
-        self.x, self.weight, self.rstd, self.offset, self.rows, self.y = x, weight, rstd, offset, rows, None
+    def __init__(self, x, weight, rstd, offset, rows, dtype=None):  # dtype: the pass's, where x is kept narrower
+        self.x, self.weight, self.rstd, self.offset, self.rows = x, weight, rstd, offset, rows
+        self.dtype = dtype or x.dtype
+        self.y = None
 
     def value(self) -> torch.Tensor:
         if self.y is None and self.rows:  # the forward's own output function: the same bits
@@ -220,20 +231,34 @@ class _Recipe:
             self.y = torch.empty_like(x)
             _run(_rows(x, self.weight).rms_output, x, x.data_ptr(), self.weight.data_ptr(), self.rstd.data_ptr(),
                  self.y.data_ptr(), x.shape[-1], int(self.offset))  # fmt: skip
-        elif self.y is None:
-            self.y = _output(self.x, self.weight, self.rstd, self.offset)  # _rms_norm's operations: the same bits
+        elif self.y is None:  # _rms_norm's operations: the same bits (from a narrower kept x: x as kept)
+            self.y = _output(self.x.to(self.dtype), self.weight, self.rstd, self.offset)
         return self.y
 
 
 def _pack(t: torch.Tensor):
     outputs = _RECOMPUTABLE.outputs
     entry = outputs.get(t.data_ptr()) if outputs else None
-    # the very tensor the norm returned (a later tensor at a reused address is another object)
-    return entry[1] if entry is not None and entry[0]() is t else t
+    if entry is None:
+        return t
+    y, recipe = entry[0](), entry[1]
+    if y is t:  # the very tensor the norm returned (a later tensor at a reused address is another object)
+        return recipe
+    # a whole view of it: an nn.Linear's product saves its 3-D input flattened to the 2-D matrix it multiplies
+    if y is not None and t._base is y and t.numel() == y.numel() and t.is_contiguous() and y.is_contiguous():
+        return _Viewed(recipe, t.shape)
+    return t
+
+
+class _Viewed(NamedTuple):
+    recipe: _Recipe
+    shape: torch.Size
 
 
 def _unpack(saved):
-    return saved.value() if isinstance(saved, _Recipe) else saved
+    if isinstance(saved, _Recipe):
+        return saved.value()
+    return saved.recipe.value().view(saved.shape) if isinstance(saved, _Viewed) else saved
 
 
 @contextlib.contextmanager
@@ -253,7 +278,7 @@ def recomputed_outputs():
 def _fast_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled() or not _covered(x, self.weight):
         return self._plain_forward(x)
-    return _RMSNorm.apply(x, self.weight, *self.tunelab_norm)
+    return _RMSNorm.apply(x, self.weight, *self.tunelab_norm, getattr(self, KEEP, None))
 
 
 def _covered(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -10,7 +10,9 @@ x, g = gate(x) and u = up(x); the backward makes h = silu(g) u again (two elemen
     dW_gate = dgᵀ x     dW_up = duᵀ x      dx = dg W_gate + du W_up
 
 For SmolLM2-135M at 1,024 tokens that is 180 MB less in a bf16 pass (360 MB in fp32) for full fine-tuning, the
-largest share of its activations (docs/performance.md, "bf16 weights"). This is for MLPs whose weights train or
+largest share of its activations (docs/performance.md, "bf16 weights"). With `training.saved_activations: bf16` (auto where
+the optimizer state is bf16) an fp32 pass keeps g and u in bf16 (another 180 MB less): the forward is the same, the
+backward reads g and u rounded to 8 bits. This is for MLPs whose weights train or
 stay plain Linear weights (full, freeze, gradual); an MLP around PEFT LoRA layers takes fast_lora's function,
 which keeps the same three tensors. Why by hand: PyTorch has no fused SwiGLU for a CPU, and Liger's and
 Unsloth's kernels are Triton (GPU only).
@@ -26,6 +28,9 @@ from torch import nn
 
 # the gated MLPs' activations these functions compute: name -> the function an act_fn must match bit for bit
 ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+# a module attribute: the dtype it keeps its saved activations in where narrower than the pass's
+# (training.saved_activations; norm.py reads it too)
+KEEP = "tunelab_keep"
 
 
 def act(kind: str, g: torch.Tensor) -> torch.Tensor:
@@ -43,9 +48,11 @@ def act_backward_(kind: str, grad: torch.Tensor, g: torch.Tensor) -> torch.Tenso
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_gate, w_up, w_down, kind):
+    def forward(ctx, x, w_gate, w_up, w_down, kind, keep=None):
         g, u = F.linear(x, w_gate), F.linear(x, w_up)
         out = F.linear(act(kind, g) * u, w_down)
+        if keep is not None and keep != g.dtype:  # training.saved_activations: g and u kept narrower (module doc)
+            g, u = g.to(keep), u.to(keep)
         ctx.save_for_backward(x, g, u, w_gate, w_up, w_down)
         ctx.kind = kind
         return out
@@ -53,7 +60,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, g, u, w_gate, w_up, w_down = ctx.saved_tensors
-        need_x, need_gate, need_up, need_down, _ = ctx.needs_input_grad
+        g, u = g.to(x.dtype), u.to(x.dtype)
+        need_x, need_gate, need_up, need_down, *_ = ctx.needs_input_grad
         dy = grad.reshape(-1, grad.shape[-1])
         a = act(ctx.kind, g).reshape(-1, g.shape[-1])
         u2 = u.reshape(-1, u.shape[-1])
@@ -66,7 +74,7 @@ class _SwiGLU(torch.autograd.Function):
         grad_gate = dg.t().mm(x2) if need_gate else None
         grad_up = du.t().mm(x2) if need_up else None
         grad_x = dg.mm(w_gate).addmm_(du, w_up).view(x.shape) if need_x else None
-        return grad_x, grad_gate, grad_up, grad_down, None
+        return grad_x, grad_gate, grad_up, grad_down, None, None
 
 
 def _plain(layer) -> bool:
@@ -89,7 +97,8 @@ def _covered(self, x: torch.Tensor) -> bool:
 def _forward(self, x: torch.Tensor) -> torch.Tensor:
     if not _covered(self, x):
         return self._plain_forward(x)
-    return _SwiGLU.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.tunelab_act)
+    return _SwiGLU.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.tunelab_act,
+                         getattr(self, KEEP, None))  # fmt: skip
 
 
 LAYERS = ("gate_proj", "up_proj", "down_proj")  # a gated MLP's linear layers, as transformers names them
@@ -143,3 +152,18 @@ def install(model) -> int:
         m.forward = types.MethodType(_forward, m)
         n += 1
     return n
+
+
+def keep_saved(model, dtype: torch.dtype) -> tuple[int, int]:
+    """Mark the MLPs `install` routed here and the norms accel's norm.py routed (their `tunelab_norm`) to keep their
+    saved activations in `dtype` where a pass's are wider (KEEP; training.saved_activations): (MLPs, norms)."""
+    mlps = norms = 0
+    for m in model.modules():
+        if getattr(getattr(m, "forward", None), "__func__", None) is _forward:
+            mlps += 1
+        elif hasattr(m, "tunelab_norm"):
+            norms += 1
+        else:
+            continue
+        setattr(m, KEEP, dtype)
+    return mlps, norms

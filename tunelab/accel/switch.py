@@ -47,6 +47,7 @@ class Speed:
         self.pieces: list[str] = []  # on, for the log line
         self.skipped: list[str] = []  # not on, and why
         self.autocast = False  # whether the passes need bf16 autocast (set by `prepare`)
+        self.kept = None  # the dtype narrower saved activations are kept in (training.saved_activations), if any
         self.clean_cache = None  # tbbmalloc's cached blocks handed back after each step (memory.py; `start`)
         self.masks: str | None = None  # what draws fast LoRA's dropout masks (`MASKS`; None: no dropout drawn there)
 
@@ -92,13 +93,16 @@ class Speed:
         return sum(self.loaded_compact)
 
     def prepare(
-        self, model, cfg, total: int, multi: bool, autocast: bool = False, whole_batch: str | None = None
-    ) -> None:
+        self, model, cfg, total: int, multi: bool, autocast: bool = False, whole_batch: str | None = None,
+        keep: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
         """Once the method is applied and the parameters counted (compacted weights are no longer parameters;
         `total` is the count before): install every piece the config and the model allow. `autocast`: the
         loop would run its passes under bf16 autocast (CUDA, or model.dtype: bfloat16), where fast LoRA and the
         fused head step aside; `self.autocast` says whether they still need it (bf16 passes: module doc).
-        `whole_batch`: why the stage's loss needs each micro-batch's rows in one pass (no thread shares)."""
+        `whole_batch`: why the stage's loss needs each micro-batch's rows in one pass (no thread shares). `keep`: the
+        dtype the SwiGLU MLPs and norms keep their saved activations in, where narrower than a pass's
+        (training.saved_activations)."""
         self.autocast = autocast
         if not self.on:
             return
@@ -163,6 +167,15 @@ class Speed:
                 f"fused RMSNorm: the model's norms ({', '.join(norms)}) are not Llama- or Gemma-style RMSNorm; their own "
                 "forward runs (no setting: a property of the model)"
             )
+        if keep is not None:
+            mlps, norms = swiglu.keep_saved(model, keep)
+            what = [f"{mlps} MLPs' gate and up outputs" if mlps else "", f"{norms} norms' inputs" if norms else ""]
+            if mlps or norms:
+                self.kept = str(keep).removeprefix("torch.")
+                self.pieces.append(f"saved activations in {self.kept}: "
+                                   f"{' and '.join(w for w in what if w)} (training.saved_activations)")  # fmt: skip
+            else:
+                skip("narrower saved activations: no MLP or norm on accel's functions keeps them here")
         pair = backbone_and_head(model) or virtual_token_split(model)
         said = cfg.data.packing or pair is not None  # packed rows, or an LM's rows laid end to end (not an encoder's)
         if attention.install(model) and said:

@@ -74,6 +74,7 @@ HASHED_WHEN_SET = (
     (("method", "start_from"), None),
     (("training", "checkpoint_layers"), None),
     (("training", "optimizer_state"), "auto"),
+    (("training", "saved_activations"), "auto"),
     (("training", "evals_per_epoch"), None),
     (("training", "saves_per_epoch"), None),
     (("training", "neftune_alpha"), None),

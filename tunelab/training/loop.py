@@ -212,7 +212,10 @@ def train(
             f"NEFTune: uniform noise alpha / sqrt(width x hidden) on the input embeddings, alpha {tcfg.neftune_alpha:g}"
         )
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
-    speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast, whole_batch=stage.whole_batch)
+    # activations the backward pass reads kept in bf16 where the run keeps its gradients so already (auto)
+    keep = tcfg.saved_activations == "bf16" or (tcfg.saved_activations == "auto" and bf16_state)
+    speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast, whole_batch=stage.whole_batch,
+                  keep=torch.bfloat16 if keep else None)  # fmt: skip
     # accel: a frozen reference copy (dpo, kto) computes as the policy does, its weights compact
     speed.match(reference.frozen(model), loaded, dist.multi)
     if autocast is not no_autocast and not speed.autocast:  # accel: bf16 passes that run in bf16 by themselves
@@ -437,6 +440,7 @@ def train(
         "processes": dist.world_size,
         "precision": precision.name,
         "optimizer_state": "bf16" if bf16_state or bf16_weights else "fp32",  # gradients and AdamW moments
+        "saved_activations": speed.kept,  # narrower than the passes (training.saved_activations), or None
         "effective_batch_size": global_batch * tcfg.grad_accum,
         **{f"data_{k}": v for k, v in data.stats.items()},
     }
