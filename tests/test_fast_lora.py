@@ -439,3 +439,23 @@ def test_a_gemma_geglu_mlp_takes_the_fast_path_with_pefts_loss_and_gradients(mon
     assert g_fast.keys() == g_peft.keys() and len(g_fast) > 0
     for k in g_fast:
         torch.testing.assert_close(g_fast[k], g_peft[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_fast_lora_mlps_keeping_gate_and_up_in_bf16_give_the_same_loss_and_nearly_the_gradients():
+    """training.saved_activations: bf16 (swiglu.keep_saved) on fast LoRA's MLP function: gate(x) and up(x) kept in
+    bf16, the loss the same bits (the forward is unchanged), the LoRA gradients from the rounded values (within 1%)."""
+    from tunelab.accel import swiglu
+
+    model = _lora_model()
+    batch = lm_batch(2, 12)
+    loss, grads = _grads(model, batch)
+    assert swiglu.keep_saved(model, torch.bfloat16) == (2, 0)  # one MLP per layer; no norm routed here
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.dtype) or t, lambda t: t):
+        loss_kept, grads_kept = _grads(model, batch)
+    assert kept.count(torch.bfloat16) == 4  # g and u of each of the two MLPs
+    assert loss_kept == loss and grads_kept.keys() == grads.keys()
+    mlp = [k for k in grads if "mlp" in k]
+    assert mlp and any(not torch.equal(grads_kept[k], grads[k]) for k in mlp)
+    for k in grads:
+        assert (grads_kept[k] - grads[k]).norm() <= 1e-2 * grads[k].norm(), k

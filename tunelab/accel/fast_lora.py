@@ -83,7 +83,7 @@ from torch import nn
 
 from tunelab.accel import masks
 from tunelab.accel.compact import CompactLinear, CompactWeight, scratch
-from tunelab.accel.swiglu import act, act_backward_, is_swiglu
+from tunelab.accel.swiglu import KEEP, act, act_backward_, is_swiglu
 
 
 class FourBitWeight:
@@ -365,7 +365,7 @@ class _SwiGLU(torch.autograd.Function):
     up(x) (and down's output with DoRA)."""
 
     @staticmethod
-    def forward(ctx, x, kind, *flat):
+    def forward(ctx, x, kind, keep, *flat):
         gate, up, down = (_Parts(*flat[i : i + FIELDS]) for i in range(0, 3 * FIELDS, FIELDS))
         # PEFT's order of draws: gate, up, down
         (g, xa_g, s_g, c_g, z_g), (u, xa_u, s_u, c_u, z_u) = _linear(x, gate), _linear(x, up)
@@ -373,6 +373,8 @@ class _SwiGLU(torch.autograd.Function):
         # what DoRA's dm reads: a layer's output, or with dropout the part c scales (`_linear`)
         reads = [y if z is None and c is not None else z for y, z, c in ((g, z_g, c_g), (u, z_u, c_u), (out, z_d, c_d))]
         weights = (t for p in (gate, up, down) for t in (_saveable(p.weight), p.lora_a, p.lora_b, p.magnitude))
+        if keep is not None and keep != g.dtype:  # training.saved_activations (swiglu.py's module doc)
+            g, u = g.to(keep), u.to(keep)
         ctx.save_for_backward(x, g, u, xa_g, xa_u, xa_d, c_g, c_u, c_d, *reads, *weights)
         ctx.compact = [_decoded(p.weight) for p in (gate, up, down)]
         ctx.scales = gate.scale, up.scale, down.scale
@@ -383,6 +385,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, g, u, xa_g, xa_u, xa_d, c_g, c_u, c_d, read_g, read_u, read_d, *w = ctx.saved_tensors
+        g, u = g.to(x.dtype), u.to(x.dtype)
         layers = []
         for k in range(3):  # each layer's (weight, A, B, m)
             weight, a, b, magnitude = w[4 * k : 4 * k + 4]
@@ -400,7 +403,7 @@ class _SwiGLU(torch.autograd.Function):
             grad_x += grad_x_up
         # per layer: weight, bias, A, B, scale, dropout, magnitude
         per_layer = [(None, None, ga, gb, None, None, gm) for ga, gb, gm in (grads_g, grads_u, grads_d)]
-        return (grad_x, None, *(t for layer in per_layer for t in layer))
+        return (grad_x, None, None, *(t for layer in per_layer for t in layer))
 
 
 @functools.cache  # asked at every layer call; an import that fails (bitsandbytes skipped: memory.skip_unused_imports)
@@ -511,7 +514,7 @@ def _fast_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     parts = [_parts(layer, x) for layer in (self.gate_proj, self.up_proj, self.down_proj)]
     if not torch.is_grad_enabled() or any(p is None or p.bias is not None for p in parts):
         return self._plain_forward(x)
-    return _SwiGLU.apply(x, self.tunelab_act, *(t for p in parts for t in p))
+    return _SwiGLU.apply(x, self.tunelab_act, getattr(self, KEEP, None), *(t for p in parts for t in p))
 
 
 def route(module: nn.Module, saved: str, forward) -> bool:

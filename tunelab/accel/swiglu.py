@@ -11,8 +11,8 @@ x, g = gate(x) and u = up(x); the backward makes h = silu(g) u again (two elemen
 
 For SmolLM2-135M at 1,024 tokens that is 180 MB less in a bf16 pass (360 MB in fp32) for full fine-tuning, the
 largest share of its activations (docs/performance.md, "bf16 weights"). With `training.saved_activations: bf16` (auto where
-the optimizer state is bf16) an fp32 pass keeps g and u in bf16 (another 180 MB less): the forward is the same, the
-backward reads g and u rounded to 8 bits. This is for MLPs whose weights train or
+the optimizer state is bf16) an fp32 pass keeps g and u in bf16 (another 180 MB less), here and in fast LoRA's
+function: the forward is the same, the backward reads g and u rounded to 8 bits. This is for MLPs whose weights train or
 stay plain Linear weights (full, freeze, gradual); an MLP around PEFT LoRA layers takes fast_lora's function,
 which keeps the same three tensors. Why by hand: PyTorch has no fused SwiGLU for a CPU, and Liger's and
 Unsloth's kernels are Triton (GPU only).
@@ -155,11 +155,12 @@ def install(model) -> int:
 
 
 def keep_saved(model, dtype: torch.dtype) -> tuple[int, int]:
-    """Mark the MLPs `install` routed here and the norms accel's norm.py routed (their `tunelab_norm`) to keep their
-    saved activations in `dtype` where a pass's are wider (KEEP; training.saved_activations): (MLPs, norms)."""
+    """Mark the MLPs routed through one function (`install` here, or fast LoRA's) and the norms accel's norm.py
+    routed (their `tunelab_norm`) to keep their saved activations in `dtype` where a pass's are wider (KEEP;
+    training.saved_activations): (MLPs, norms)."""
     mlps = norms = 0
     for m in model.modules():
-        if getattr(getattr(m, "forward", None), "__func__", None) is _forward:
+        if hasattr(m, "_plain_forward") and getattr(m, "tunelab_act", None) is not None:
             mlps += 1
         elif hasattr(m, "tunelab_norm"):
             norms += 1
