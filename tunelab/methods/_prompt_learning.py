@@ -16,6 +16,10 @@ What PEFT 0.21 gets wrong with transformers 5.24 (found by the tests in tests/te
    PEFT looks for a `past_key_values` parameter on the backbone's forward, finds only `cache`, and
    raises "Model does not support past key values". Fix: call the task model itself with
    `cache=<prefix>`; its `**kwargs` pass it to the backbone, and the head and loss stay transformers'.
+   PEFT 0.22 names the argument as the installed transformers does (`peft.import_utils.
+   get_transformers_cache_name`) and reads `cache` itself; there this fix stands aside (`_peft_names_cache`):
+   renamed back to `past_key_values`, PEFT 0.22 would not find generate's cache and would insert the prefix again
+   at every decoding step.
 3. Prompt tuning on a causal LM returns logits for the virtual tokens too
    ([batch, num_virtual_tokens + seq, vocab]), so they no longer line up with the labels in
    tunelab's loss (`models/loss.py`, which computes the loss from `.logits`). Fix: a forward hook
@@ -99,6 +103,15 @@ def _drop_virtual_logits(module, args, kwargs, output):
     return output
 
 
+def _peft_names_cache() -> bool:
+    """Whether PEFT itself hands transformers-5's cache argument by its new name (PEFT 0.22 on, fix 1 above)."""
+    try:
+        from peft.import_utils import get_transformers_cache_name
+    except ImportError:  # PEFT 0.21: `past_key_values` throughout
+        return False
+    return get_transformers_cache_name() == "cache"
+
+
 def accepts(fn, name: str) -> bool:
     try:
         return name in inspect.signature(fn).parameters
@@ -113,7 +126,12 @@ def patch(model):
     cfg = model.active_peft_config
     base = model.get_base_model()
     prepare = getattr(base, "prepare_inputs_for_generation", None)
-    if prepare is not None and accepts(prepare, "cache") and hasattr(model, "base_model_prepare_inputs_for_generation"):
+    if (
+        prepare is not None
+        and accepts(prepare, "cache")
+        and not _peft_names_cache()
+        and hasattr(model, "base_model_prepare_inputs_for_generation")
+    ):
         model.prepare_inputs_for_generation = types.MethodType(_prepare_inputs_for_generation, model)
     if (
         cfg.peft_type == PeftType.PREFIX_TUNING
