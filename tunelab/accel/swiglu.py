@@ -10,11 +10,11 @@ x, g = gate(x) and u = up(x); the backward makes h = silu(g) u again (two elemen
     dW_gate = dgᵀ x     dW_up = duᵀ x      dx = dg W_gate + du W_up
 
 For SmolLM2-135M at 1,024 tokens that is 180 MB less in a bf16 pass (360 MB in fp32) for full fine-tuning, the
-largest share of its activations (docs/performance.md, "bf16 weights"). With `training.saved_activations: bf16` (auto where
-the optimizer state is bf16) an fp32 pass keeps g and u in bf16 (another 180 MB less), here and in fast LoRA's
-function: the forward is the same, the backward reads g and u rounded to 8 bits. This is for MLPs whose weights train or
+largest share of its activations (docs/performance.md, "bf16 weights"). This is for MLPs whose weights train or
 stay plain Linear weights (full, freeze, gradual); an MLP around PEFT LoRA layers takes fast_lora's function,
-which keeps the same three tensors. Why by hand: PyTorch has no fused SwiGLU for a CPU, and Liger's and
+which keeps the same three tensors. With `training.saved_activations: bf16` (auto where the optimizer state is
+bf16) an fp32 pass keeps g and u in bf16 (another 180 MB less), here and in fast LoRA's function (`KEEP`): the
+forward is the same, the backward reads g and u rounded to 8 bits. Why by hand: PyTorch has no fused SwiGLU for a CPU, and Liger's and
 Unsloth's kernels are Triton (GPU only).
 """
 
