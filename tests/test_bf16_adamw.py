@@ -589,3 +589,13 @@ def test_full_fine_tuning_with_bf16_state_trains_keeps_fp32_weights_and_resumes(
     resumed = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
     assert step_losses(tmp_path / "b") == losses
     assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+
+
+def test_bf16_saved_activations_stand_aside_where_the_passes_are_bf16(tiny_dir, data_file, tmp_path, capsys):
+    """training.saved_activations: bf16 in a bf16 run changes nothing and says so (its activations are bf16 already)."""
+    result = tunelab.train(make_cfg(tiny_dir, data_file, tmp_path / "a", saved_activations="bf16"))
+    assert result.metrics["saved_activations"] is None
+    assert (
+        "narrower saved activations (training.saved_activations): the passes are bf16 already"
+        in capsys.readouterr().err
+    )

@@ -167,7 +167,9 @@ class Speed:
                 f"fused RMSNorm: the model's norms ({', '.join(norms)}) are not Llama- or Gemma-style RMSNorm; their own "
                 "forward runs (no setting: a property of the model)"
             )
-        if keep is not None:
+        if keep is not None and (autocast or compute_dtype(cfg.model.dtype, self.device) != torch.float32):
+            skip("narrower saved activations (training.saved_activations): the passes are bf16 already")
+        elif keep is not None:
             mlps, norms = swiglu.keep_saved(model, keep)
             what = [f"{mlps} MLPs' gate and up outputs" if mlps else "", f"{norms} norms' inputs" if norms else ""]
             if mlps or norms:
