@@ -596,10 +596,10 @@ class TrainingConfig(Section):
         "auto",
         description="In fp32 passes, the dtype two kinds of activations the backward pass reads are kept in (with "
         "training.accelerate: auto): a SwiGLU MLP's gate and up outputs (on accel's functions: full fine-tuning's, "
-        "fast LoRA's) and each RMSNorm's input. bf16 halves them (SmolLM2-135M full fine-tuning at 1,024 tokens: ~170 MB less peak) and rounds what "
-        "the backward pass reads to bf16's 8 bits; the forward pass and the loss stay fp32. auto = bf16 where the "
-        "optimizer state is bf16 (training.optimizer_state: the run keeps its gradients in bf16 already), else fp32. "
-        "See docs/performance.md, 'bf16 saved activations'.",
+        "fast LoRA's) and each RMSNorm's input. bf16 halves them (SmolLM2-135M full fine-tuning at 1,024 tokens: "
+        "~230 MB less peak) and rounds what the backward pass reads to bf16's 8 bits; the forward pass and the loss "
+        "stay fp32. auto = bf16 where the optimizer state is bf16 (training.optimizer_state: the run keeps its "
+        "gradients in bf16 already), else fp32. See docs/performance.md, 'Twenty-ninth session'.",
     )
     release_memory: bool | None = Field(
         None,
