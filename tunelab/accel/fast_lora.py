@@ -83,7 +83,7 @@ from torch import nn
 
 from tunelab.accel import masks
 from tunelab.accel.compact import CompactLinear, CompactWeight, scratch
-from tunelab.accel.swiglu import KEEP, act, act_backward_, is_swiglu
+from tunelab.accel.swiglu import KEEP, act, act_backward_, is_swiglu, narrowed
 
 
 class FourBitWeight:
@@ -373,8 +373,7 @@ class _SwiGLU(torch.autograd.Function):
         # what DoRA's dm reads: a layer's output, or with dropout the part c scales (`_linear`)
         reads = [y if z is None and c is not None else z for y, z, c in ((g, z_g, c_g), (u, z_u, c_u), (out, z_d, c_d))]
         weights = (t for p in (gate, up, down) for t in (_saveable(p.weight), p.lora_a, p.lora_b, p.magnitude))
-        if keep is not None and keep != g.dtype:  # training.saved_activations (swiglu.py's module doc)
-            g, u = g.to(keep), u.to(keep)
+        g, u = narrowed(g, keep), narrowed(u, keep)  # training.saved_activations (swiglu.py's module doc)
         ctx.save_for_backward(x, g, u, xa_g, xa_u, xa_d, c_g, c_u, c_d, *reads, *weights)
         ctx.compact = [_decoded(p.weight) for p in (gate, up, down)]
         ctx.scales = gate.scale, up.scale, down.scale

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from tunelab.accel import compiled
-from tunelab.accel.swiglu import KEEP
+from tunelab.accel.swiglu import KEEP, narrowed
 
 SOURCE = r"""  /* after compiled.BF16 */
 #include <math.h>
@@ -182,7 +182,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset, keep=None):
         y, rstd, rows = _forward(x, weight, eps, offset)
-        kept = x if keep is None or keep == x.dtype else x.to(keep)  # training.saved_activations (module doc)
+        kept = narrowed(x, keep)  # training.saved_activations (module doc)
         ctx.save_for_backward(kept, weight, rstd)
         ctx.offset, ctx.rows, ctx.dtype = offset, rows, x.dtype
         outputs = getattr(_RECOMPUTABLE, "outputs", None)

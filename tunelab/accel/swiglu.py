@@ -33,6 +33,11 @@ ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tan
 KEEP = "tunelab_keep"
 
 
+def narrowed(t: torch.Tensor, keep: torch.dtype | None) -> torch.Tensor:
+    """`t` as a function saves it for its backward pass: in `keep` where one is set and differs (KEEP), else itself."""
+    return t if keep is None or keep == t.dtype else t.to(keep)
+
+
 def act(kind: str, g: torch.Tensor) -> torch.Tensor:
     """The gated MLP's activation of `kind` (an `ACTIVATIONS` name) on g: what the model's act_fn computes."""
     return ACTIVATIONS[kind](g)
@@ -51,9 +56,8 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, x, w_gate, w_up, w_down, kind, keep=None):
         g, u = F.linear(x, w_gate), F.linear(x, w_up)
         out = F.linear(act(kind, g) * u, w_down)
-        if keep is not None and keep != g.dtype:  # training.saved_activations: g and u kept narrower (module doc)
-            g, u = g.to(keep), u.to(keep)
-        ctx.save_for_backward(x, g, u, w_gate, w_up, w_down)
+        # training.saved_activations: g and u kept narrower (module doc)
+        ctx.save_for_backward(x, narrowed(g, keep), narrowed(u, keep), w_gate, w_up, w_down)
         ctx.kind = kind
         return out
 

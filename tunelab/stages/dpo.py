@@ -61,7 +61,7 @@ def reference_logps(model, batch: dict) -> torch.Tensor:
     tokens and response mask) and a batch whose rows all were seen before (every epoch after the first, every
     evaluation after the first) skips the pass: TRL's precompute_ref_log_probs without a pass before training."""
     table = reference.memo(model)
-    keys = row_keys(batch) if table is not None and ROW_FIELDS <= batch.keys() else None
+    keys = row_keys(batch) if table is not None and batch.keys() >= set(ROW_FIELDS) else None
     if keys is not None and all(k in table for k in keys):
         return torch.tensor([table[k] for k in keys], dtype=torch.float32, device=batch["input_ids"].device)
     with torch.no_grad(), reference.policy(model) as ref:
@@ -71,12 +71,12 @@ def reference_logps(model, batch: dict) -> torch.Tensor:
     return out
 
 
-ROW_FIELDS = {"input_ids", "attention_mask", "response_mask"}  # a padded batch's: what sequence_logps reads of it
+ROW_FIELDS = ("input_ids", "attention_mask", "response_mask")  # a padded batch's: what sequence_logps reads of it
 
 
 def row_keys(batch: dict) -> list[bytes]:
     """A digest per row of its tokens and response mask (padding left out): what pi_ref's log-probs of it depend on."""
-    ids, attn, resp = (batch[k].cpu() for k in ("input_ids", "attention_mask", "response_mask"))
+    ids, attn, resp = (batch[k].cpu() for k in ROW_FIELDS)
     keys = []
     for i in range(len(ids)):
         real = attn[i].bool()
