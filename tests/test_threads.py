@@ -63,6 +63,49 @@ def test_run_keeps_order_restores_threads_and_waits_for_every_part_when_one_fail
     threads.shutdown()
 
 
+def test_a_share_that_finishes_first_gives_its_threads_to_the_rest_between_blocks():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    model = tiny_llama()
+    assert threads.watch(model) == 2  # its two decoder blocks
+    seen = {}
+
+    def record(module, args, out):  # inside the first block: its forward, then (a hook) its backward
+        seen.setdefault("forward", torch.get_num_threads())
+        out.register_hook(lambda g: seen.setdefault("backward", torch.get_num_threads()) and None)
+
+    model.model.layers[0].mlp.register_forward_hook(record)
+    forward_done = threading.Event()
+
+    def quick():
+        forward_done.wait(30)
+        return torch.get_num_threads()
+
+    def slow():
+        loss = model(torch.arange(8)[None]).logits.float().pow(2).mean()
+        forward_done.set()  # `quick` returns now: its thread is free
+        for _ in range(300):
+            if threads._TEAM["running"] == 1:
+                break
+            time.sleep(0.01)
+        loss.backward()  # the last block's output gradient: widen before its backward pass
+        return torch.get_num_threads()
+
+    try:
+        assert threads.run([quick, slow]) == [1, 2]
+        assert seen == {"forward": 1, "backward": 2}  # one thread each while both ran, both once `quick` ended
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        loss = model(torch.arange(8)[None]).logits.float().pow(2).mean()
+        loss.backward()
+        assert seen == {"forward": 2, "backward": 2}  # outside a share the hooks leave the threads alone
+        threads.shutdown()  # removes the hooks
+        assert all(not block._forward_pre_hooks for block in model.model.layers)
+    finally:
+        threads.shutdown()
+        torch.set_num_threads(before)
+
+
 def test_parts_in_threads_train_like_the_whole_pass(tiny_dir, data_file, tmp_path, monkeypatch):
     calls = []
     real_run = threads.run

@@ -253,9 +253,11 @@ class Speed:
             # shared model: a share running beside it in another thread would see that
             self.shares, why_not = 1, f"{cfg.stage}'s reference pass switches the adapter off on the shared model"
         if self.shares > 1:
+            watched = threads.watch(model)
             self.pieces.append(
                 f"each micro-batch runs as up to {self.shares} shares of its rows at once, a thread each "
                 "(training.pass_threads)"
+                + (f"; a share that finishes first gives its threads to the rest ({watched} blocks)" if watched else "")
             )
         elif why_not:
             skip(f"thread shares: {why_not}; each pass runs on all threads")

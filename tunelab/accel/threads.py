@@ -22,6 +22,15 @@ dropout (the model's own, attention dropout, a LoRA layer on PEFT's forward) dra
 generator in whatever order the threads reach it, and keeps the shares off; so does gradient
 checkpointing with LoRA dropout, whose recomputed forward restores torch's generator, not a share's.
 
+A share that finishes first gives its cores to those still running: the shares of a micro-batch rarely cost the
+same (rows are whole: three 256-token rows and a 66-token one split 512 against 322 tokens at best), and the
+cheaper share's core would wait for the rest of the step. Each running share looks between transformer blocks,
+forward and backward (`watch`: a hook before each block and one on the gradient of its output), and takes
+`threads // shares still running`. Prefix tuning on the bench job: the cores were ~9% idle this way
+(docs/performance.md, thirtieth session). A widened share's ops split over more threads; on the hosts measured
+that gave the same bits (MKL's products and torch's kernels here do not split a sum by the thread count), so a
+run still repeats; where a library's kernel did, the last bits of a run would depend on which share finished first.
+
 The training loop calls `sharded_step` for a step's micro-batches when `shares_for` gave more than one
 share (`training.pass_threads`; never with `training.accelerate: off`); its own plain step otherwise.
 
@@ -32,6 +41,7 @@ core would hold a copy of the model and libraries per core; threads share both.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections.abc import Callable
 from functools import partial
 from typing import TypeVar
@@ -42,11 +52,16 @@ from torch import nn
 from tunelab.accel import fast_lora, norm
 from tunelab.config import ConfigError
 from tunelab.data.collate import real_tokens
+from tunelab.models.blocks import block_lists
 
 T = TypeVar("T")
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _WORKERS = 0  # the pool's size
+_LOCAL = threading.local()  # in a share's thread while it runs: `threads`, the torch threads it has now
+_TEAM = {"running": 0, "total": 1}  # shares of the current `run` still running, and the threads they divide
+_LOCK = threading.Lock()
+_HOOKS: list = []  # `watch`'s hook handles
 
 
 def check_pass_threads(tcfg, device: torch.device, multi: bool) -> None:
@@ -175,11 +190,12 @@ def run(calls: list[Callable[[], T]]) -> list[T]:
         return [calls[0]()]
     global _POOL, _WORKERS
     if _POOL is None or _WORKERS < len(calls):
-        shutdown()
+        _stop_pool()
         _POOL = concurrent.futures.ThreadPoolExecutor(len(calls), thread_name_prefix="tunelab-part")
         _WORKERS = len(calls)
     total = torch.get_num_threads()
     share = max(1, total // len(calls))
+    _TEAM.update(running=len(calls), total=total)
     futures = [_POOL.submit(_with_threads, share, call) for call in calls]
     try:
         concurrent.futures.wait(futures)
@@ -208,7 +224,46 @@ def accumulate(params: list, shares: list[list]) -> None:
 
 def _with_threads(n: int, call: Callable[[], T]) -> T:
     torch.set_num_threads(n)
-    return call()
+    _LOCAL.threads = n
+    try:
+        return call()
+    finally:
+        _LOCAL.threads = None
+        with _LOCK:
+            _TEAM["running"] -= 1
+
+
+def widen(*_) -> None:
+    """In a share's thread: take the threads of the shares that have finished (torch's thread count is per
+    thread). Elsewhere, or with nothing to take, nothing."""
+    n = getattr(_LOCAL, "threads", None)
+    if n is not None and (want := _TEAM["total"] // max(1, _TEAM["running"])) > n:
+        _LOCAL.threads = want
+        torch.set_num_threads(want)
+
+
+def _widen_in_backward(module, args, output) -> None:
+    """After a block's forward pass: `widen` again when its backward pass starts (the gradient of its output)."""
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    if getattr(_LOCAL, "threads", None) is not None and isinstance(out, torch.Tensor) and out.requires_grad:
+        out.register_hook(widen)
+
+
+def watch(model: nn.Module) -> int:
+    """Hooks on each transformer block that let a running share `widen` between blocks: before the block's forward
+    and before its backward. The number of blocks watched (none where the model's blocks are not found: a share
+    then keeps its threads)."""
+    unwatch()
+    for _, blocks in block_lists(model):
+        for block in blocks:
+            _HOOKS.append(block.register_forward_pre_hook(widen))
+            _HOOKS.append(block.register_forward_hook(_widen_in_backward))
+    return len(_HOOKS) // 2
+
+
+def unwatch() -> None:
+    while _HOOKS:
+        _HOOKS.pop().remove()
 
 
 def sharded_step(
@@ -285,7 +340,12 @@ def _share_gradients(share: list, n_label: int, trainable: list, first: bool, lo
 
 
 def shutdown() -> None:
-    """Stop the worker threads (the training loop calls this when it ends)."""
+    """Stop the worker threads and remove `watch`'s hooks (the training loop calls this when it ends)."""
+    unwatch()
+    _stop_pool()
+
+
+def _stop_pool() -> None:
     global _POOL
     if _POOL is not None:
         _POOL.shutdown(wait=True)
