@@ -141,6 +141,86 @@ def test_checkpointing_is_chosen_when_memory_requires_it_and_an_explicit_setting
     assert not on and "unknown" in why
 
 
+LLAMA_1_7B = type("Config", (), {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                                 "hidden_act": "silu", "rms_norm_eps": 1e-5})()  # fmt: skip
+
+
+def test_narrower_saved_activations_come_before_checkpointing_when_memory_is_short():
+    from tunelab.training.harness import (
+        activation_bytes,
+        checkpointing_choice,
+        narrowable,
+        saved_activations_choice,
+    )
+
+    gib = 2**30
+    full, narrow = activation_bytes(4, 256, LLAMA_1_7B), activation_bytes(4, 256, LLAMA_1_7B, narrowed=True)
+    # the two norms' inputs and gate / up lose 2 of their 4 bytes: 40,960 of 180,224 bytes a token and layer
+    assert full - narrow == 4 * 256 * 24 * (2 * 2048 + 2 * 8192) * 2 and round(narrow / gib, 2) == 3.19
+    assert activation_bytes(4, 256, LLAMA_1_7B, 2, narrowed=True) == activation_bytes(4, 256, LLAMA_1_7B, 2)
+    # 7 GiB: fp32's 4.1 GiB would checkpoint layers; in bf16 3.2 GiB fit under 3.5: no recomputation at all
+    keep, why = saved_activations_choice("auto", False, 4, 256, LLAMA_1_7B, 7 * gib, narrows=True)
+    assert keep and "auto: bf16, activations ~4.1 GiB a pass in fp32 (4 rows x 256 tokens) > 50% of the 7.0" in why
+    assert "~3.2 GiB with the MLPs' gate and up outputs and the norms' inputs in bf16" in why
+    assert checkpointing_choice("auto", 4, 256, LLAMA_1_7B, 4, 7 * gib)[0] == 5  # what fp32 alone would recompute
+    n, why = checkpointing_choice("auto", 4, 256, LLAMA_1_7B, 4, 7 * gib, narrowed=True)
+    assert n == 0 and "auto: off, activations ~3.2 GiB a pass (4 rows x 256 tokens, some in bf16) <= 50%" in why
+    # 6 GiB: bf16 is not enough alone; checkpointing then covers fewer layers than fp32 needed (8)
+    assert saved_activations_choice("auto", False, 4, 256, LLAMA_1_7B, 6 * gib, narrows=True)[0]
+    n_narrow = checkpointing_choice("auto", 4, 256, LLAMA_1_7B, 4, 6 * gib, narrowed=True)[0]
+    assert 0 < n_narrow < checkpointing_choice("auto", 4, 256, LLAMA_1_7B, 4, 6 * gib)[0] == 8
+    # room to spare, blocks accel does not narrow, or unknown memory: fp32 (nothing to say)
+    assert saved_activations_choice("auto", False, 1, 256, LLAMA_1_7B, 7 * gib, narrows=True) == (False, "")
+    assert saved_activations_choice("auto", False, 4, 256, LLAMA_1_7B, 7 * gib, narrows=False) == (False, "")
+    assert saved_activations_choice("auto", False, 4, 256, LLAMA_1_7B, None, narrows=True) == (False, "")
+    # a setting wins; bf16 optimizer state takes bf16 whatever the memory
+    assert saved_activations_choice("fp32", True, 4, 256, LLAMA_1_7B, gib, narrows=True) == (False, "")
+    assert saved_activations_choice("bf16", False, 1, 8, LLAMA_1_7B, 100 * gib, narrows=False) == (True, "")
+    assert saved_activations_choice("auto", True, 1, 8, LLAMA_1_7B, 100 * gib, narrows=False) == (True, "")
+    on = type("T", (), {"accelerate": "auto"})()
+    assert narrowable(on, LLAMA_1_7B, 4) and not narrowable(on, LLAMA_1_7B, 2)  # bf16 passes: nothing to narrow
+    assert not narrowable(on, SMOLLM2_1_7B, 4)  # no SiLU gate or RMSNorm named: not accel's blocks
+    assert not narrowable(type("T", (), {"accelerate": "off"})(), LLAMA_1_7B, 4)
+
+
+def test_the_loop_keeps_saved_activations_in_bf16_instead_of_recomputing_where_that_fits(monkeypatch, tmp_path, capsys):
+    import tunelab
+    from tunelab.config import load_config
+    from tunelab.training import loop
+
+    model_dir = save_tiny_model_dir(tmp_path / "m")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 30}) + "\n" for i in range(8)))
+    left = {}  # the memory left once the model and optimizer are in, as the loop's plan would say
+    real_plan = loop.master_weights_plan
+    monkeypatch.setattr(loop, "master_weights_plan", lambda *a, **k: (*real_plan(*a, **k)[:2], left["bytes"]))
+    seen = {}
+    monkeypatch.setattr(
+        loop, "enable_gradient_checkpointing", lambda model, share: seen.setdefault("on", share) and None
+    )
+    cfg = {"output_dir": str(tmp_path / "run"), "model": {"name": model_dir},
+           "data": {"train": str(tmp_path / "d.jsonl"), "format": "text", "val_fraction": 0.0, "max_length": 64},
+           "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
+           "training": {"max_steps": 1, "batch_size": 4, "progress": False, "tensorboard": False}}  # fmt: skip
+    from tunelab.training.harness import activation_bytes
+
+    config = __import__("transformers").AutoConfig.from_pretrained(model_dir)
+    fp32, bf16 = activation_bytes(4, 64, config), activation_bytes(4, 64, config, narrowed=True)
+    left["bytes"] = fp32 + bf16  # half of it lies between the two estimates
+    tunelab.train(load_config(cfg))
+    err = capsys.readouterr().err
+    assert seen == {} and "saved activations: auto: bf16" in err and "gradient checkpointing: auto: off" in err
+    assert "saved activations in bfloat16: 2 MLPs' gate and up outputs and 5 norms' inputs" in err
+    left["bytes"], cfg["output_dir"] = bf16, str(tmp_path / "run2")  # not even bf16 fits in half: both
+    tunelab.train(load_config(cfg))
+    err = capsys.readouterr().err
+    assert seen == {"on": 1.0} and "saved activations: auto: bf16" in err and "some in bf16) > 50%" in err
+    seen.clear()
+    left["bytes"], cfg["output_dir"] = 4 * fp32, str(tmp_path / "run3")  # room: fp32, as before
+    tunelab.train(load_config(cfg))
+    err = capsys.readouterr().err
+    assert seen == {} and "saved activations" not in err
+
+
 def test_selective_checkpointing_recomputes_the_first_layers_only_and_gives_the_same_gradients():
     from tunelab.testing import tiny_llama
     from tunelab.training.loop import enable_gradient_checkpointing

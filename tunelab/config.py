@@ -599,7 +599,10 @@ class TrainingConfig(Section):
         "fast LoRA's) and each RMSNorm's input. bf16 halves them (SmolLM2-135M full fine-tuning at 1,024 tokens: "
         "~230 MB less peak) and rounds what the backward pass reads to bf16's 8 bits; the forward pass and the loss "
         "stay fp32. auto = bf16 where the optimizer state is bf16 (training.optimizer_state: the run keeps its "
-        "gradients in bf16 already), else fp32. See docs/performance.md, 'Twenty-ninth session'.",
+        "gradients in bf16 already) or where a pass's fp32 activations would exceed half the memory available "
+        "(where gradient_checkpointing: auto recomputes layers: narrower activations cost no recomputation, so "
+        "they come first and checkpointing covers only what they leave), else fp32. See docs/performance.md, "
+        "'Twenty-ninth session' and 'Thirtieth session'.",
     )
     release_memory: bool | None = Field(
         None,

@@ -440,18 +440,23 @@ def fp32_master_weights_(model, params=None) -> int:
 # floats a Llama-style block keeps per token for its backward pass: the two norms' and attention's inputs and
 # outputs (q, k, v, attention output: ~6 x hidden) and the MLP's gate, up, activation and product (4 x intermediate)
 HIDDEN_FLOATS, INTERMEDIATE_FLOATS = 6, 4
+# of those, kept in bf16 with training.saved_activations: bf16 in an fp32 pass: the two norms' inputs, gate and up
+NARROWED_HIDDEN, NARROWED_INTERMEDIATE = 2, 2
 
 
-def activation_bytes(rows: int, length: int, config, bytes_per_value: int = 4, checkpointed: bool | int = False) -> int:
+def activation_bytes(rows: int, length: int, config, bytes_per_value: int = 4, checkpointed: bool | int = False,
+                     narrowed: bool = False) -> int:  # fmt: skip
     """Estimated bytes of the activations one forward pass keeps for its backward: rows x length tokens x
     layers x (HIDDEN_FLOATS x hidden + INTERMEDIATE_FLOATS x intermediate) values. Checkpointed (True: every
     layer; a number: that many layers): those layers keep their input only, plus one layer's activations while
-    it is recomputed. An estimate (within ~2x for decoder LMs: attention kernels and the loss add their own),
-    enough to tell 1 GB from 20."""
+    it is recomputed. `narrowed`: the NARROWED_* values kept in bf16 (training.saved_activations). An estimate
+    (within ~2x for decoder LMs: attention kernels and the loss add their own), enough to tell 1 GB from 20."""
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", 0) or 0
     layers = num_layers(config)
     inter = getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None) or 4 * hidden
     per_layer = rows * length * (HIDDEN_FLOATS * hidden + INTERMEDIATE_FLOATS * inter) * bytes_per_value
+    if narrowed and bytes_per_value > 2:
+        per_layer -= rows * length * (NARROWED_HIDDEN * hidden + NARROWED_INTERMEDIATE * inter) * (bytes_per_value - 2)
     n = layers if checkpointed is True else min(int(checkpointed), layers)
     kept = rows * length * hidden * bytes_per_value  # a checkpointed layer's input
     return (layers - n) * per_layer + n * kept + (per_layer if n else 0)
@@ -475,33 +480,70 @@ def available_memory() -> int | None:
         return None
 
 
+def narrowable(tcfg, config, bytes_per_value: int) -> bool:
+    """Whether training.saved_activations: bf16 would narrow this run's saved activations: fp32 passes with
+    accel on, over Llama-style blocks (a SiLU-gated MLP and RMSNorm: what accel's SwiGLU and norm functions run)."""
+    return (
+        tcfg.accelerate == "auto"
+        and bytes_per_value == 4
+        and getattr(config, "hidden_act", None) in ("silu", "swish")
+        and getattr(config, "rms_norm_eps", None) is not None
+        and getattr(config, "intermediate_size", None) is not None
+    )
+
+
+def saved_activations_choice(setting: str, bf16_state: bool, rows: int, length: int, config, available: int | None,
+                             narrows: bool, share: float = 0.5) -> tuple[bool, str]:  # fmt: skip
+    """(keep the saved activations narrowed to bf16, why) for `training.saved_activations`: bf16 / fp32 as set;
+    auto = bf16 beside bf16 optimizer state (the run keeps its gradients in bf16 already), and, where the blocks
+    `narrows` (narrowable), where a pass's fp32 activations would exceed `share` of the memory `available`: where
+    checkpointing's auto would recompute layers (checkpointing_choice). Narrower activations cost no recomputation
+    (they round what the backward pass reads to bf16), so they come first; checkpointing then recomputes only
+    the layers they leave over the share. `why` is empty where nothing was decided by memory."""
+    if setting != "auto":
+        return setting == "bf16", ""
+    if bf16_state:
+        return True, ""
+    need = activation_bytes(rows, length, config, 4)
+    if not narrows or available is None or need <= share * available:
+        return False, ""
+    less = activation_bytes(rows, length, config, 4, narrowed=True)
+    return True, (
+        f"auto: bf16, activations ~{need / 2**30:.1f} GiB a pass in fp32 ({rows} rows x {length} tokens) > "
+        f"{share:.0%} of the {available / 2**30:.1f} GiB available; ~{less / 2**30:.1f} GiB with the MLPs' gate and "
+        "up outputs and the norms' inputs in bf16 (training.saved_activations: fp32 keeps them fp32)"
+    )
+
+
 def checkpointing_choice(setting, rows: int, length: int, config, bytes_per_value: int, available: int | None,
-                         share: float = 0.5, layers: int | None = None) -> tuple[int, str]:  # fmt: skip
+                         share: float = 0.5, layers: int | None = None, narrowed: bool = False) -> tuple[int, str]:  # fmt: skip
     """(how many layers to checkpoint, why) for `training.gradient_checkpointing` and `checkpoint_layers`
     (`layers`): 0 = off. An explicit true / false wins (true: `layers`, or every layer); `auto` turns it on
-    when a pass's estimated activations (activation_bytes) exceed `share` of the memory available once the model
-    has loaded, for `layers` layers or else the fewest whose checkpointing brings the estimate under that share
-    (every layer if none does), and only if checkpointing makes the activations smaller."""
+    when a pass's estimated activations (activation_bytes; `narrowed`: some kept in bf16) exceed `share` of the
+    memory available once the model has loaded, for `layers` layers or else the fewest whose checkpointing brings
+    the estimate under that share (every layer if none does), and only if checkpointing makes the activations
+    smaller."""
     total = num_layers(config) or 1  # a config that names no layer count: "every layer" is all that can be said
     if setting is not None and setting != "auto":
         if not setting:
             return 0, "training.gradient_checkpointing: false"
         of = f", {layers} of {total} layers (training.checkpoint_layers)" if layers and layers < total else ""
         return (min(layers, total) if layers else total), f"training.gradient_checkpointing: true{of}"
-    need = activation_bytes(rows, length, config, bytes_per_value)
+    need = activation_bytes(rows, length, config, bytes_per_value, narrowed=narrowed)
     if available is None:
         return 0, f"auto: off (available memory unknown; activations ~{need / 2**30:.1f} GiB a pass)"
     budget = share * available
     n = min(layers, total) if layers else next(
         (k for k in range(1, total + 1)
-         if activation_bytes(rows, length, config, bytes_per_value, checkpointed=k) <= budget), total)  # fmt: skip
-    saved = activation_bytes(rows, length, config, bytes_per_value, checkpointed=n)
+         if activation_bytes(rows, length, config, bytes_per_value, checkpointed=k, narrowed=narrowed) <= budget),
+        total)  # fmt: skip
+    saved = activation_bytes(rows, length, config, bytes_per_value, checkpointed=n, narrowed=narrowed)
     on = need > budget and saved < need
     part = f" for {n} of {total} layers" if on and n < total else ""
     return (n if on else 0), (
         f"auto: {'on' if on else 'off'}{part}, activations ~{need / 2**30:.1f} GiB a pass ({rows} rows x {length} "
-        f"tokens) {'>' if need > budget else '<='} {share:.0%} of the {available / 2**30:.1f} GiB available"
-        + (f"; ~{saved / 2**30:.1f} GiB checkpointed" if on else "")
+        f"tokens{', some in bf16' if narrowed else ''}) {'>' if need > budget else '<='} {share:.0%} of the "
+        f"{available / 2**30:.1f} GiB available" + (f"; ~{saved / 2**30:.1f} GiB checkpointed" if on else "")
     )
 
 

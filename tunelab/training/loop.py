@@ -43,6 +43,7 @@ from tunelab.training.harness import (
     fp32_master_weights_,
     log,
     master_weights_plan,
+    narrowable,
     no_autocast,
     num_layers,
     on_main_thread,
@@ -52,6 +53,7 @@ from tunelab.training.harness import (
     raise_keyboard_interrupt,
     resolved_dtype,
     save_result,
+    saved_activations_choice,
     scheduler_for,
     start_run,
     timed,
@@ -160,9 +162,16 @@ def train(
     # the rows one forward pass holds (thread shares split them, not add to them), at the data's length
     rows = min(tcfg.rows_per_pass or tcfg.batch_size, tcfg.batch_size)
     width = torch.finfo(precision.dtype).bits // 8
+    # activations the backward pass reads kept in bf16 (training.saved_activations): auto, where the run keeps its
+    # gradients so already, or where memory would otherwise need recomputation (they cost none: tried first)
+    narrows = narrowable(tcfg, unwrap(model).config, width)
+    keep, why_keep = saved_activations_choice(tcfg.saved_activations, bf16_state, rows, cfg.data.max_length,
+                                              unwrap(model).config, available, narrows)  # fmt: skip
+    if why_keep:
+        log(f"saved activations: {why_keep}")
     checkpointing, why = checkpointing_choice(tcfg.gradient_checkpointing, rows, cfg.data.max_length,
                                               unwrap(model).config, width, available,
-                                              layers=tcfg.checkpoint_layers)  # fmt: skip
+                                              layers=tcfg.checkpoint_layers, narrowed=keep and narrows)  # fmt: skip
     auto = tcfg.gradient_checkpointing == "auto"
     if checkpointing and auto and not getattr(unwrap(model), "supports_gradient_checkpointing", False):
         checkpointing, why = False, f"{why}, but {type(unwrap(model)).__name__} does not support it: off"
@@ -212,8 +221,6 @@ def train(
             f"NEFTune: uniform noise alpha / sqrt(width x hidden) on the input embeddings, alpha {tcfg.neftune_alpha:g}"
         )
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
-    # activations the backward pass reads kept in bf16 where the run keeps its gradients so already (auto)
-    keep = tcfg.saved_activations == "bf16" or (tcfg.saved_activations == "auto" and bf16_state)
     speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast, whole_batch=stage.whole_batch,
                   keep=torch.bfloat16 if keep else None)  # fmt: skip
     # accel: a frozen reference copy (dpo, kto) computes as the policy does, its weights compact
