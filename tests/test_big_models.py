@@ -188,19 +188,10 @@ def test_the_loop_keeps_saved_activations_in_bf16_instead_of_recomputing_where_t
     from tunelab.config import load_config
     from tunelab.training import loop
 
-    model_dir = save_tiny_model_dir(tmp_path / "m")
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 30}) + "\n" for i in range(8)))
     left = {}  # the memory left once the model and optimizer are in, as the loop's plan would say
     real_plan = loop.master_weights_plan
     monkeypatch.setattr(loop, "master_weights_plan", lambda *a, **k: (*real_plan(*a, **k)[:2], left["bytes"]))
-    seen = {}
-    monkeypatch.setattr(
-        loop, "enable_gradient_checkpointing", lambda model, share: seen.setdefault("on", share) and None
-    )
-    cfg = {"output_dir": str(tmp_path / "run"), "model": {"name": model_dir},
-           "data": {"train": str(tmp_path / "d.jsonl"), "format": "text", "val_fraction": 0.0, "max_length": 64},
-           "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
-           "training": {"max_steps": 1, "batch_size": 4, "progress": False, "tensorboard": False}}  # fmt: skip
+    model_dir, cfg, seen = _tiny_lora_run(tmp_path, monkeypatch, repeat=30)
     from tunelab.training.harness import activation_bytes
 
     config = __import__("transformers").AutoConfig.from_pretrained(model_dir)
@@ -241,16 +232,15 @@ def test_selective_checkpointing_recomputes_the_first_layers_only_and_gives_the_
             torch.testing.assert_close(g, plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_the_loop_turns_checkpointing_on_when_memory_is_short(monkeypatch, tmp_path, capsys):
-    import tunelab
-    from tunelab.config import load_config
-    from tunelab.training import harness, loop
+def _tiny_lora_run(tmp_path, monkeypatch, repeat: int) -> tuple[str, dict, dict]:
+    """(the tiny model's folder, a one-step LoRA config over rows of `repeat` words, the checkpointing the loop turned
+    on: {"on": share} once it does; the checkpointing itself is not run)."""
+    from tunelab.training import loop
 
     model_dir = save_tiny_model_dir(tmp_path / "m")
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * 8}) + "\n" for i in range(8)))
+    rows = "".join(json.dumps({"text": f"row {i} " * repeat}) + "\n" for i in range(8))
+    (tmp_path / "d.jsonl").write_text(rows)
     seen = {}
-    # 1 MiB left (harness.master_weights_plan reads it for the loop): the tiny model's 1.3 MiB is too much
-    monkeypatch.setattr(harness, "available_memory", lambda: 2**20)
     monkeypatch.setattr(
         loop, "enable_gradient_checkpointing", lambda model, share: seen.setdefault("on", share) and None
     )
@@ -258,6 +248,17 @@ def test_the_loop_turns_checkpointing_on_when_memory_is_short(monkeypatch, tmp_p
            "data": {"train": str(tmp_path / "d.jsonl"), "format": "text", "val_fraction": 0.0, "max_length": 64},
            "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
            "training": {"max_steps": 1, "batch_size": 4, "progress": False, "tensorboard": False}}  # fmt: skip
+    return model_dir, cfg, seen
+
+
+def test_the_loop_turns_checkpointing_on_when_memory_is_short(monkeypatch, tmp_path, capsys):
+    import tunelab
+    from tunelab.config import load_config
+    from tunelab.training import harness
+
+    # 1 MiB left (harness.master_weights_plan reads it for the loop): the tiny model's 1.3 MiB is too much
+    monkeypatch.setattr(harness, "available_memory", lambda: 2**20)
+    _, cfg, seen = _tiny_lora_run(tmp_path, monkeypatch, repeat=8)
     tunelab.train(load_config(cfg))
     assert seen == {"on": 1.0} and "gradient checkpointing: auto: on" in capsys.readouterr().err
     cfg["output_dir"], cfg["training"]["gradient_checkpointing"] = str(tmp_path / "run2"), False
