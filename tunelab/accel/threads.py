@@ -27,9 +27,10 @@ same (rows are whole: three 256-token rows and a 66-token one split 512 against 
 cheaper share's core would wait for the rest of the step. Each running share looks between transformer blocks,
 forward and backward (`watch`: a hook before each block and one on the gradient of its output), and takes
 `threads // shares still running`. Prefix tuning on the bench job: the cores were ~9% idle this way
-(docs/performance.md, thirtieth session). A widened share's ops split over more threads; on the hosts measured
-that gave the same bits (MKL's products and torch's kernels here do not split a sum by the thread count), so a
-run still repeats; where a library's kernel did, the last bits of a run would depend on which share finished first.
+(docs/performance.md, thirtieth session). A widened share's ops split over more threads; on the host measured (an
+AVX2 EPYC: there MKL's products and torch's kernels gave the same bits on one thread and on two) a run still
+repeats bit for bit; where a library's kernel splits a sum by the thread count, the last bits of a run would depend
+on which share finished first.
 
 The training loop calls `sharded_step` for a step's micro-batches when `shares_for` gave more than one
 share (`training.pass_threads`; never with `training.accelerate: off`); its own plain step otherwise.
