@@ -141,10 +141,6 @@ def test_checkpointing_is_chosen_when_memory_requires_it_and_an_explicit_setting
     assert not on and "unknown" in why
 
 
-LLAMA_1_7B = type("Config", (), {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
-                                 "hidden_act": "silu", "rms_norm_eps": 1e-5})()  # fmt: skip
-
-
 def test_narrower_saved_activations_come_before_checkpointing_when_memory_is_short():
     from tunelab.training.harness import (
         activation_bytes,
@@ -154,33 +150,36 @@ def test_narrower_saved_activations_come_before_checkpointing_when_memory_is_sho
     )
 
     gib = 2**30
-    full, narrow = activation_bytes(4, 256, LLAMA_1_7B), activation_bytes(4, 256, LLAMA_1_7B, narrowed=True)
+    full, narrow = activation_bytes(4, 256, SMOLLM2_1_7B), activation_bytes(4, 256, SMOLLM2_1_7B, narrowed=True)
     # the two norms' inputs and gate / up lose 2 of their 4 bytes: 40,960 of 180,224 bytes a token and layer
     assert full - narrow == 4 * 256 * 24 * (2 * 2048 + 2 * 8192) * 2 and round(narrow / gib, 2) == 3.19
-    assert activation_bytes(4, 256, LLAMA_1_7B, 2, narrowed=True) == activation_bytes(4, 256, LLAMA_1_7B, 2)
+    assert activation_bytes(4, 256, SMOLLM2_1_7B, 2, narrowed=True) == activation_bytes(4, 256, SMOLLM2_1_7B, 2)
     # 7 GiB: fp32's 4.1 GiB would checkpoint layers; in bf16 3.2 GiB fit under 3.5: no recomputation at all
-    keep, why = saved_activations_choice("auto", False, 4, 256, LLAMA_1_7B, 7 * gib, narrows=True)
+    keep, why = saved_activations_choice("auto", False, 4, 256, SMOLLM2_1_7B, 7 * gib, narrows=True)
     assert keep and "auto: bf16, activations ~4.1 GiB a pass in fp32 (4 rows x 256 tokens) > 50% of the 7.0" in why
     assert "~3.2 GiB with the MLPs' gate and up outputs and the norms' inputs in bf16" in why
-    assert checkpointing_choice("auto", 4, 256, LLAMA_1_7B, 4, 7 * gib)[0] == 5  # what fp32 alone would recompute
-    n, why = checkpointing_choice("auto", 4, 256, LLAMA_1_7B, 4, 7 * gib, narrowed=True)
+    assert checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, 7 * gib)[0] == 5  # what fp32 alone would recompute
+    n, why = checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, 7 * gib, narrowed=True)
     assert n == 0 and "auto: off, activations ~3.2 GiB a pass (4 rows x 256 tokens, some in bf16) <= 50%" in why
     # 6 GiB: bf16 is not enough alone; checkpointing then covers fewer layers than fp32 needed (8)
-    assert saved_activations_choice("auto", False, 4, 256, LLAMA_1_7B, 6 * gib, narrows=True)[0]
-    n_narrow = checkpointing_choice("auto", 4, 256, LLAMA_1_7B, 4, 6 * gib, narrowed=True)[0]
-    assert 0 < n_narrow < checkpointing_choice("auto", 4, 256, LLAMA_1_7B, 4, 6 * gib)[0] == 8
+    assert saved_activations_choice("auto", False, 4, 256, SMOLLM2_1_7B, 6 * gib, narrows=True)[0]
+    n_narrow = checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, 6 * gib, narrowed=True)[0]
+    assert 0 < n_narrow < checkpointing_choice("auto", 4, 256, SMOLLM2_1_7B, 4, 6 * gib)[0] == 8
     # room to spare, blocks accel does not narrow, or unknown memory: fp32 (nothing to say)
-    assert saved_activations_choice("auto", False, 1, 256, LLAMA_1_7B, 7 * gib, narrows=True) == (False, "")
-    assert saved_activations_choice("auto", False, 4, 256, LLAMA_1_7B, 7 * gib, narrows=False) == (False, "")
-    assert saved_activations_choice("auto", False, 4, 256, LLAMA_1_7B, None, narrows=True) == (False, "")
+    assert saved_activations_choice("auto", False, 1, 256, SMOLLM2_1_7B, 7 * gib, narrows=True) == (False, "")
+    assert saved_activations_choice("auto", False, 4, 256, SMOLLM2_1_7B, 7 * gib, narrows=False) == (False, "")
+    assert saved_activations_choice("auto", False, 4, 256, SMOLLM2_1_7B, None, narrows=True) == (False, "")
     # a setting wins; bf16 optimizer state takes bf16 whatever the memory
-    assert saved_activations_choice("fp32", True, 4, 256, LLAMA_1_7B, gib, narrows=True) == (False, "")
-    assert saved_activations_choice("bf16", False, 1, 8, LLAMA_1_7B, 100 * gib, narrows=False) == (True, "")
-    assert saved_activations_choice("auto", True, 1, 8, LLAMA_1_7B, 100 * gib, narrows=False) == (True, "")
+    assert saved_activations_choice("fp32", True, 4, 256, SMOLLM2_1_7B, gib, narrows=True) == (False, "")
+    assert saved_activations_choice("bf16", False, 1, 8, SMOLLM2_1_7B, 100 * gib, narrows=False) == (True, "")
+    assert saved_activations_choice("auto", True, 1, 8, SMOLLM2_1_7B, 100 * gib, narrows=False) == (True, "")
+    from tunelab.testing import tiny_causal, tiny_llama
+
     on = type("T", (), {"accelerate": "auto"})()
-    assert narrowable(on, LLAMA_1_7B, 4) and not narrowable(on, LLAMA_1_7B, 2)  # bf16 passes: nothing to narrow
-    assert not narrowable(on, SMOLLM2_1_7B, 4)  # no SiLU gate or RMSNorm named: not accel's blocks
-    assert not narrowable(type("T", (), {"accelerate": "off"})(), LLAMA_1_7B, 4)
+    llama = tiny_llama()
+    assert narrowable(on, llama, 4) and not narrowable(on, llama, 2)  # bf16 passes: nothing to narrow
+    assert not narrowable(on, tiny_causal("gpt2"), 4)  # GPT-2's MLP is not gated: not accel's SwiGLU function
+    assert not narrowable(type("T", (), {"accelerate": "off"})(), llama, 4)
 
 
 def test_the_loop_keeps_saved_activations_in_bf16_instead_of_recomputing_where_that_fits(monkeypatch, tmp_path, capsys):

@@ -480,16 +480,12 @@ def available_memory() -> int | None:
         return None
 
 
-def narrowable(tcfg, config, bytes_per_value: int) -> bool:
+def narrowable(tcfg, model, bytes_per_value: int) -> bool:
     """Whether training.saved_activations: bf16 would narrow this run's saved activations: fp32 passes with
-    accel on, over Llama-style blocks (a SiLU-gated MLP and RMSNorm: what accel's SwiGLU and norm functions run)."""
-    return (
-        tcfg.accelerate == "auto"
-        and bytes_per_value == 4
-        and getattr(config, "hidden_act", None) in ("silu", "swish")
-        and getattr(config, "rms_norm_eps", None) is not None
-        and getattr(config, "intermediate_size", None) is not None
-    )
+    accel on, over gated MLPs accel's SwiGLU function computes (`swiglu.is_swiglu`: Llama's, Gemma's)."""
+    from tunelab.accel.swiglu import is_swiglu
+
+    return tcfg.accelerate == "auto" and bytes_per_value == 4 and any(is_swiglu(m) for m in model.modules())
 
 
 def saved_activations_choice(setting: str, bf16_state: bool, rows: int, length: int, config, available: int | None,

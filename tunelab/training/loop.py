@@ -164,7 +164,7 @@ def train(
     width = torch.finfo(precision.dtype).bits // 8
     # activations the backward pass reads kept in bf16 (training.saved_activations): auto, where the run keeps its
     # gradients so already, or where memory would otherwise need recomputation (they cost none: tried first)
-    narrows = narrowable(tcfg, unwrap(model).config, width)
+    narrows = narrowable(tcfg, model, width)
     keep, why_keep = saved_activations_choice(tcfg.saved_activations, bf16_state, rows, cfg.data.max_length,
                                               unwrap(model).config, available, narrows)  # fmt: skip
     if why_keep:
