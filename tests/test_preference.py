@@ -4,6 +4,7 @@ import json
 import math
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -366,9 +367,41 @@ def test_simpo_left_at_dpos_beta_is_noted_in_the_run_log(tiny_dir, files, tmp_pa
     assert P.dpo_notes(cfg) == []
 
 
-def test_a_reference_pass_on_the_trained_model_keeps_thread_shares_off(tiny_dir, files, tmp_path, capsys):
-    tunelab.train(make_cfg("dpo", tiny_dir, files, tmp_path / "dpo", max_steps=1, pass_threads=2))
-    assert "thread shares: dpo's reference pass switches the adapter off on the shared model" in capsys.readouterr().err
+def train_losses(cfg, capsys) -> tuple[list[dict], str]:
+    """(the metrics lines with a training loss, the run log) of tunelab.train(cfg)."""
+    tunelab.train(cfg)
+    return [r for r in metrics_lines(Path(cfg.output_dir)) if "loss" in r], capsys.readouterr().err
+
+
+def test_dpo_with_an_adapter_runs_thread_shares_its_reference_computed_first(tiny_dir, files, tmp_path, capsys):
+    """pi_ref is the trained model with its LoRA adapter off: the loop's thread computes it for each micro-batch
+    before its shares run (Stage.ahead), and the training is one pass's to rounding. From step 2 on, a reference
+    taken with the adapter on would give other losses (at step 1 the adapter is still a no-op)."""
+    one, _ = train_losses(make_cfg("dpo", tiny_dir, files, tmp_path / "one", max_steps=4, pass_threads=1), capsys)
+    two, log = train_losses(make_cfg("dpo", tiny_dir, files, tmp_path / "two", max_steps=4, pass_threads=2), capsys)
+    assert "up to 2 shares of its rows at once" in log and "reference pass switches" not in log
+    assert len(two) == 4 and one[-1]["loss"] < one[0]["loss"]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["reward_margin"] == pytest.approx(
+            a["reward_margin"], rel=1e-3, abs=1e-6
+        )
+
+
+def test_a_reference_pass_that_switches_the_adapter_is_refused_beside_other_passes(tiny_dir):
+    """A thread share's pass must not switch the adapter of the model other shares run on."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.methods import get as get_method
+    from tunelab.methods import reference
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, target_modules="all-linear"))
+    reference.prepare(model, get_method("lora"))
+    with reference.policy(model):  # the loop's own thread: allowed
+        pass
+    with reference.beside_other_passes(), pytest.raises(RuntimeError, match="Stage.ahead"):
+        with reference.policy(model):
+            pass
 
 
 # ---------------------------------------------------------------------------------------------- reward

@@ -53,6 +53,7 @@ from torch import nn
 from tunelab.accel import fast_lora, norm
 from tunelab.config import ConfigError
 from tunelab.data.collate import real_tokens
+from tunelab.methods import reference
 from tunelab.models.blocks import block_lists
 
 T = TypeVar("T")
@@ -227,7 +228,8 @@ def _with_threads(n: int, call: Callable[[], T]) -> T:
     torch.set_num_threads(n)
     _LOCAL.threads = n
     try:
-        return call()
+        with reference.beside_other_passes():  # pi_ref with the adapter off would show in the other threads' passes
+            return call()
     finally:
         _LOCAL.threads = None
         with _LOCK:
@@ -299,6 +301,9 @@ def sharded_step(
     draws = shares_draw(model)
     done = []
     for shares in shares_of:
+        if stage.ahead is not None:  # e.g. dpo's pi_ref with the adapter off: in this thread, before the shares
+            with torch.no_grad():
+                stage.ahead(model, [batch for share in shares for batch, _, _ in share])
         learning = [p for p in model.parameters() if p.requires_grad]  # a method's on_step may change it
         # mt19937 takes a 32-bit seed: one from torch's generator (this thread, so the run's seed fixes it) + k
         seed = int(torch.randint(0, 2**32 - len(shares), (1,))) if draws else None

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import weakref
 
 from tunelab.methods.base import STARTED_ADAPTER
@@ -77,6 +78,20 @@ def on_the_model(model) -> bool:
     return model in _PREPARED and (_PREPARED[model] is None or isinstance(_PREPARED[model], dict))
 
 
+_BESIDE = threading.local()  # `on` in a thread whose passes run beside other threads' on the same model
+
+
+@contextlib.contextmanager
+def beside_other_passes():
+    """Within, in this thread: `policy` refuses to switch the trained model's adapter (accel's thread shares run
+    their passes so: another thread's pass would see the switch)."""
+    _BESIDE.on = True
+    try:
+        yield
+    finally:
+        _BESIDE.on = False
+
+
 def frozen_copy(model):
     """A deep copy in eval mode whose parameters take no gradient."""
     ref = copy.deepcopy(model).eval()
@@ -95,6 +110,11 @@ def policy(model):
             "method is applied, before training"
         )
     ref = _PREPARED[model]
+    if (ref is None or isinstance(ref, dict)) and getattr(_BESIDE, "on", False):
+        raise RuntimeError(
+            "pi_ref's pass would switch the adapter of the model that other thread shares are running passes on: "
+            "compute it before the shares, in the loop's thread (Stage.ahead)"
+        )
     if isinstance(ref, dict):
         with starting_values(model, ref):
             yield model

@@ -46,7 +46,11 @@ class Stage:
     loop: str = "steps"  # "steps": the supervised loop (training/loop.py); "ppo": rollouts (training/ppo.py)
     check_data: Callable | None = None  # cfg -> None: the rows read and checked before the model loads
     samples: Callable | None = None  # (model, tokenizer, cfg, data, step) -> [{prompt, text, ...}] at each evaluation
-    whole_batch: str | None = None  # why the loss needs a micro-batch's rows in one pass (kto's z_ref): no shares
+    whole_batch: str | None = None  # why the loss needs a micro-batch's rows in one pass: no thread shares
+    # (model, batches) -> None: before a micro-batch's passes run as thread shares, in the loop's thread, what they
+    # need from the model in another state or from the whole micro-batch (dpo's / kto's pi_ref with the adapter off,
+    # kto's z_ref), kept in each pass's batch; with it, the shares run where they otherwise could not
+    ahead: Callable | None = None
     notes: Callable | None = None  # cfg -> [str]: hints the run log shows before training (a default that may not fit)
 
 

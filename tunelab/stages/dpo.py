@@ -56,10 +56,15 @@ def dpo_notes(cfg) -> list[str]:
     return []
 
 
+REFERENCE = "reference_logps"  # a batch's pi_ref log-probs, where `ahead` computed them before the thread shares
+
+
 def reference_logps(model, batch: dict) -> torch.Tensor:
     """pi_ref's sequence_logps of the batch's rows. pi_ref does not train, so each row's value is kept (by the row's
     tokens and response mask) and a batch whose rows all were seen before (every epoch after the first, every
     evaluation after the first) skips the pass: TRL's precompute_ref_log_probs without a pass before training."""
+    if REFERENCE in batch:
+        return batch[REFERENCE]
     table = reference.memo(model)
     keys = row_keys(batch) if table is not None and batch.keys() >= set(ROW_FIELDS) else None
     if keys is not None and all(k in table for k in keys):
@@ -69,6 +74,16 @@ def reference_logps(model, batch: dict) -> torch.Tensor:
     if keys is not None:
         table.update(zip(keys, out.float().tolist()))
     return out
+
+
+def references_ahead(model, batches: list[dict]) -> None:
+    """Stage.ahead: each pass's pi_ref log-probs, in the loop's thread before the passes run as thread shares. pi_ref
+    is often the trained model with its adapter switched off, which a share's pass beside it would see; a frozen copy
+    is not, and each share runs its own pass of it (SimPO and ORPO have no reference at all)."""
+    if not reference.on_the_model(model):
+        return
+    for batch in batches:
+        batch[REFERENCE] = reference_logps(model, batch)
 
 
 ROW_FIELDS = ("input_ids", "attention_mask", "response_mask")  # a padded batch's: what sequence_logps reads of it
@@ -206,5 +221,5 @@ def stage(cfg) -> Stage:
     return Stage(
         "dpo", load_policy, pairs_data, collate_pairs,
         _dpo_loss_fn(cfg), pair_count, _dpo_final, lambda c: {"dpo": c.dpo.model_dump()}, prepare_reference,
-        check_data=check_pairs, notes=dpo_notes,
+        check_data=check_pairs, notes=dpo_notes, ahead=references_ahead,
     )  # fmt: skip

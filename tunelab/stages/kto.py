@@ -9,7 +9,8 @@ differentiated:
     undesirable y:  lambda_U (1 - sigmoid(beta (z - r)))         z = max(0, mean over the KL rows of r)
 
 summed over the batch's examples (the loop divides by their number). z is one estimate per micro-batch
-(`kl_estimate`: over every process's shard of it; no thread shares). The reference is the starting model, as the
+(`kl_estimate`: over every process's shard of it; where the micro-batch runs as thread shares, computed over all of
+its rows before them: `kl_ahead`). The reference is the starting model, as the
 method declares it (tunelab/methods/reference.py, shared with DPO and PPO). A batch of B examples is collated as 2B
 rows, the examples then their KL rows (data/preference.py `collate_unpaired`); the policy runs the KL rows without
 gradients (`_kto_parts`).
@@ -30,7 +31,7 @@ from tunelab.data.preference import collate_unpaired, encode_unpaired, mismatche
 from tunelab.stages.base import Stage
 
 # DPO's causal LM, its reference policy (the starting model) and its per-sequence log-probabilities
-from tunelab.stages.dpo import ROW_FIELDS, load_policy, prepare_reference, reference_logps, sequence_logps
+from tunelab.stages.dpo import REFERENCE, ROW_FIELDS, load_policy, prepare_reference, reference_logps, sequence_logps
 from tunelab.stages.preference import check_reading, checked_reading, eval_pairs, read_sources, with_system
 
 
@@ -76,6 +77,24 @@ def _kto_parts(model, batch):
     return r, kl
 
 
+Z = "kl_estimate"  # a training batch's z, where `kl_ahead` computed it over the whole micro-batch
+
+
+def kl_ahead(model, batches: list[dict]) -> None:
+    """Stage.ahead: before a micro-batch's passes run as thread shares, in the loop's thread, each pass's pi_ref
+    log-probs (the reference may be the trained model with its adapter off) and z over every KL row of the
+    micro-batch (the policy's log-ratios of those rows take no gradient), kept in each batch for its share."""
+    kl = []
+    for batch in batches:
+        b = len(batch["label"])
+        batch[REFERENCE] = ref = reference_logps(model, batch)
+        with torch.no_grad():
+            kl.append(sequence_logps(model, _rows(batch, slice(b, None))) - ref[b:])
+    z = kl_estimate(torch.cat(kl), training=False)  # thread shares: one process
+    for batch in batches:
+        batch[Z] = z
+
+
 def _rows(batch: dict, rows: slice) -> dict:
     """The batch's rows `rows` (collate_unpaired: the examples, then their KL rows), trimmed to their own width."""
     part = {k: batch[k][rows] for k in ROW_FIELDS}
@@ -86,8 +105,12 @@ def _rows(batch: dict, rows: slice) -> dict:
 def _kto_loss_fn(cfg):
     def loss_sum(model, batch):
         k = cfg.kto
-        r, kl_rows = _kto_parts(model, batch)
-        z = kl_estimate(kl_rows, model.training, stand_in=bool(batch.get(STAND_IN)))
+        if Z in batch:  # z and pi_ref computed before the thread shares (kl_ahead)
+            b = len(batch["label"])
+            r, z = sequence_logps(model, _rows(batch, slice(0, b))) - batch[REFERENCE][:b], batch[Z]
+        else:
+            r, kl_rows = _kto_parts(model, batch)
+            z = kl_estimate(kl_rows, model.training, stand_in=bool(batch.get(STAND_IN)))
         desirable = batch["label"].to(r.device).bool()
         loss = kto_loss(r, z, desirable, k.beta, k.desirable_weight, k.undesirable_weight)
         signed = torch.where(desirable, r, -r).detach()
@@ -178,6 +201,5 @@ def stage(cfg) -> Stage:
     """The KTO stage for a config (its loss reads the `kto` section)."""
     return Stage(
         "kto", load_policy, kto_data, collate_unpaired, _kto_loss_fn(cfg), count, _kto_final,
-        lambda c: {"kto": c.kto.model_dump()}, prepare_reference, check_data=check_examples,
-        whole_batch="kto's z_ref is the mean over each micro-batch's mismatched rows, not over a share's",
+        lambda c: {"kto": c.kto.model_dump()}, prepare_reference, check_data=check_examples, ahead=kl_ahead,
     )  # fmt: skip

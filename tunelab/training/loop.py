@@ -222,7 +222,7 @@ def train(
         )
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
     speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast, whole_batch=stage.whole_batch,
-                  keep=torch.bfloat16 if keep else None)  # fmt: skip
+                  keep=torch.bfloat16 if keep else None, ahead=stage.ahead is not None)  # fmt: skip
     # accel: a frozen reference copy (dpo, kto) computes as the policy does, its weights compact
     speed.match(reference.frozen(model), loaded, dist.multi)
     if autocast is not no_autocast and not speed.autocast:  # accel: bf16 passes that run in bf16 by themselves
