@@ -485,8 +485,8 @@ def record_reference_calls(monkeypatch, stage=P):
     """Every reference pass `stage`'s loss makes from now on: [(its batch, the log-probs it gave)] (copies)."""
     calls, original = [], P.reference_logps
 
-    def recording(model, batch):
-        out = original(model, batch)
+    def recording(model, batch, *ref):
+        out = original(model, batch, *ref)
         calls.append(({k: v.cpu().clone() for k, v in batch.items()}, out.detach().cpu().clone()))
         return out
 

@@ -301,9 +301,8 @@ def sharded_step(
     draws = shares_draw(model)
     done = []
     for shares in shares_of:
-        if stage.ahead is not None:  # e.g. dpo's pi_ref with the adapter off: in this thread, before the shares
-            with torch.no_grad():
-                stage.ahead(model, [batch for share in shares for batch, _, _ in share])
+        if stage.ahead is not None:  # e.g. dpo's pi_ref with the adapter off, switched here for passes at once
+            stage.ahead(model, [batch for share in shares for batch, _, _ in share], run)
         learning = [p for p in model.parameters() if p.requires_grad]  # a method's on_step may change it
         # mt19937 takes a 32-bit seed: one from torch's generator (this thread, so the run's seed fixes it) + k
         seed = int(torch.randint(0, 2**32 - len(shares), (1,))) if draws else None

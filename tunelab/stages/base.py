@@ -47,9 +47,10 @@ class Stage:
     check_data: Callable | None = None  # cfg -> None: the rows read and checked before the model loads
     samples: Callable | None = None  # (model, tokenizer, cfg, data, step) -> [{prompt, text, ...}] at each evaluation
     whole_batch: str | None = None  # why the loss needs a micro-batch's rows in one pass: no thread shares
-    # (model, batches) -> None: before a micro-batch's passes run as thread shares, in the loop's thread, what they
-    # need from the model in another state or from the whole micro-batch (dpo's / kto's pi_ref with the adapter off,
-    # kto's z_ref), kept in each pass's batch; with it, the shares run where they otherwise could not
+    # (model, batches, run) -> None: before a micro-batch's passes run as thread shares, in the loop's thread, what
+    # they need from the model in another state or from the whole micro-batch (dpo's / kto's pi_ref with the adapter
+    # off, kto's z_ref), kept in each pass's batch; `run(calls)` runs calls at once, a thread each. With it, the
+    # shares run where they otherwise could not
     ahead: Callable | None = None
     notes: Callable | None = None  # cfg -> [str]: hints the run log shows before training (a default that may not fit)
 

@@ -13,6 +13,8 @@ folder as every other stage.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 
 import torch
@@ -59,31 +61,40 @@ def dpo_notes(cfg) -> list[str]:
 REFERENCE = "reference_logps"  # a batch's pi_ref log-probs, where `ahead` computed them before the thread shares
 
 
-def reference_logps(model, batch: dict) -> torch.Tensor:
+def reference_logps(model, batch: dict, ref=None) -> torch.Tensor:
     """pi_ref's sequence_logps of the batch's rows. pi_ref does not train, so each row's value is kept (by the row's
     tokens and response mask) and a batch whose rows all were seen before (every epoch after the first, every
-    evaluation after the first) skips the pass: TRL's precompute_ref_log_probs without a pass before training."""
+    evaluation after the first) skips the pass: TRL's precompute_ref_log_probs without a pass before training.
+    `ref`: pi_ref where the caller holds `reference.policy(model)` already (`references_ahead`)."""
     if REFERENCE in batch:
         return batch[REFERENCE]
     table = reference.memo(model)
     keys = row_keys(batch) if table is not None and batch.keys() >= set(ROW_FIELDS) else None
     if keys is not None and all(k in table for k in keys):
         return torch.tensor([table[k] for k in keys], dtype=torch.float32, device=batch["input_ids"].device)
-    with torch.no_grad(), reference.policy(model) as ref:
-        out = sequence_logps(ref, batch)
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        out = sequence_logps(ref if ref is not None else stack.enter_context(reference.policy(model)), batch)
     if keys is not None:
         table.update(zip(keys, out.float().tolist()))
     return out
 
 
-def references_ahead(model, batches: list[dict]) -> None:
-    """Stage.ahead: each pass's pi_ref log-probs, in the loop's thread before the passes run as thread shares. pi_ref
-    is often the trained model with its adapter switched off, which a share's pass beside it would see; a frozen copy
-    is not, and each share runs its own pass of it (SimPO and ORPO have no reference at all)."""
+def references_ahead(model, batches: list[dict], run=None) -> None:
+    """Stage.ahead: each pass's pi_ref log-probs, before the passes run as thread shares. pi_ref is often the trained
+    model with its adapter switched off, which a share's pass beside it would see: the loop's thread switches it once
+    for all of them, and `run` (accel's: a thread each) runs the passes at once. A frozen copy is not on the model,
+    and each share runs its own pass of it (SimPO and ORPO have no reference at all)."""
     if not reference.on_the_model(model):
         return
-    for batch in batches:
-        batch[REFERENCE] = reference_logps(model, batch)
+    with reference.policy(model) as ref:
+        outs = (run or in_turn)([functools.partial(reference_logps, model, batch, ref) for batch in batches])
+    for batch, out in zip(batches, outs):
+        batch[REFERENCE] = out
+
+
+def in_turn(calls: list) -> list:
+    """Each call's result, in order, one after the other (Stage.ahead's `run` where no threads are given)."""
+    return [call() for call in calls]
 
 
 ROW_FIELDS = ("input_ids", "attention_mask", "response_mask")  # a padded batch's: what sequence_logps reads of it

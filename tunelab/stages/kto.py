@@ -21,6 +21,8 @@ this project's loop, checkpoints, exact resume, metrics, every method and the sa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -28,10 +30,19 @@ from tunelab.data import DataBundle, cap_validation, split_rows
 from tunelab.data.collate import STAND_IN
 from tunelab.data.errors import DataError
 from tunelab.data.preference import collate_unpaired, encode_unpaired, mismatched, read_unpaired
+from tunelab.methods import reference
 from tunelab.stages.base import Stage
 
 # DPO's causal LM, its reference policy (the starting model) and its per-sequence log-probabilities
-from tunelab.stages.dpo import REFERENCE, ROW_FIELDS, load_policy, prepare_reference, reference_logps, sequence_logps
+from tunelab.stages.dpo import (
+    REFERENCE,
+    ROW_FIELDS,
+    in_turn,
+    load_policy,
+    prepare_reference,
+    reference_logps,
+    sequence_logps,
+)
 from tunelab.stages.preference import check_reading, checked_reading, eval_pairs, read_sources, with_system
 
 
@@ -80,19 +91,24 @@ def _kto_parts(model, batch):
 Z = "kl_estimate"  # a training batch's z, where `kl_ahead` computed it over the whole micro-batch
 
 
-def kl_ahead(model, batches: list[dict]) -> None:
-    """Stage.ahead: before a micro-batch's passes run as thread shares, in the loop's thread, each pass's pi_ref
-    log-probs (the reference may be the trained model with its adapter off) and z over every KL row of the
-    micro-batch (the policy's log-ratios of those rows take no gradient), kept in each batch for its share."""
-    kl = []
-    for batch in batches:
-        b = len(batch["label"])
-        batch[REFERENCE] = ref = reference_logps(model, batch)
-        with torch.no_grad():
-            kl.append(sequence_logps(model, _rows(batch, slice(b, None))) - ref[b:])
+def kl_ahead(model, batches: list[dict], run=in_turn) -> None:
+    """Stage.ahead: before a micro-batch's passes run as thread shares, each pass's pi_ref log-probs (the reference may
+    be the trained model with its adapter off: dpo's `references_ahead`) and z over every KL row of the micro-batch
+    (the policy's log-ratios of those rows take no gradient), kept in each batch for its share; `run` runs a pass of
+    each batch at once (accel's threads)."""
+    with reference.policy(model) as ref:
+        refs = run([functools.partial(reference_logps, model, batch, ref) for batch in batches])
+    kl = run([functools.partial(_kl_ratios, model, batch, out) for batch, out in zip(batches, refs)])
     z = kl_estimate(torch.cat(kl), training=False)  # thread shares: one process
-    for batch in batches:
-        batch[Z] = z
+    for batch, out in zip(batches, refs):
+        batch[REFERENCE], batch[Z] = out, z
+
+
+def _kl_ratios(model, batch: dict, ref: torch.Tensor) -> torch.Tensor:
+    """The policy's log-ratios of the batch's KL rows, without gradients."""
+    b = len(batch["label"])
+    with torch.no_grad():
+        return sequence_logps(model, _rows(batch, slice(b, None))) - ref[b:]
 
 
 def _rows(batch: dict, rows: slice) -> dict:
