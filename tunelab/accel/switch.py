@@ -93,15 +93,14 @@ class Speed:
         return sum(self.loaded_compact)
 
     def prepare(
-        self, model, cfg, total: int, multi: bool, autocast: bool = False, whole_batch: str | None = None,
-        keep: torch.dtype | None = None, ahead: bool = False,
+        self, model, cfg, total: int, multi: bool, autocast: bool = False, keep: torch.dtype | None = None,
+        ahead: bool = False,
     ) -> None:  # fmt: skip
         """Once the method is applied and the parameters counted (compacted weights are no longer parameters;
         `total` is the count before): install every piece the config and the model allow. `autocast`: the
         loop would run its passes under bf16 autocast (CUDA, or model.dtype: bfloat16), where fast LoRA and the
-        fused head step aside; `self.autocast` says whether they still need it (bf16 passes: module doc).
-        `whole_batch`: why the stage's loss needs each micro-batch's rows in one pass (no thread shares). `keep`: the
-        dtype the SwiGLU MLPs and norms keep their saved activations in, where narrower than a pass's
+        fused head step aside; `self.autocast` says whether they still need it (bf16 passes: module doc). `keep`:
+        the dtype the SwiGLU MLPs and norms keep their saved activations in, where narrower than a pass's
         (training.saved_activations). `ahead`: the stage computes what its shares need from pi_ref before they run
         (Stage.ahead), so a reference on the trained model itself keeps them on."""
         self.autocast = autocast
@@ -247,8 +246,6 @@ class Speed:
         if self.shares > 1 and self.autocast:
             # autocast's state is per thread: a share running in a worker thread would compute in fp32
             self.shares, why_not = 1, "bf16 autocast is set per thread"
-        if self.shares > 1 and whole_batch:  # the stage's loss couples a micro-batch's rows (Stage.whole_batch)
-            self.shares, why_not = 1, whole_batch
         if self.shares > 1 and reference.on_the_model(model) and not ahead:
             # a reference pass switches the PEFT adapter off (or to its starting values) on the one shared model: a
             # share running beside it in another thread would see that (dpo and kto run theirs first: Stage.ahead)

@@ -7,6 +7,7 @@ A stage module builds one `Stage` (or a function of the config that builds it) a
     stage.prepare(model, cfg)                                  # optional: e.g. dpo's frozen reference copy
     data = stage.build_data(cfg, tokenizer)                    # DataBundle(train, val, stats)
     batch = stage.collate(examples, pad_id)
+    stage.ahead(model, batches, run)                           # optional: before a micro-batch's thread shares
     loss, n_terms[, extras] = stage.loss_sum(model, batch)     # summed, so a step normalises exactly
     n_terms = stage.count(batch)                               # terms in a batch before the forward pass
     scores = stage.final_metrics(model, tokenizer, cfg, data, device)   # optional: dev metrics
@@ -46,7 +47,6 @@ class Stage:
     loop: str = "steps"  # "steps": the supervised loop (training/loop.py); "ppo": rollouts (training/ppo.py)
     check_data: Callable | None = None  # cfg -> None: the rows read and checked before the model loads
     samples: Callable | None = None  # (model, tokenizer, cfg, data, step) -> [{prompt, text, ...}] at each evaluation
-    whole_batch: str | None = None  # why the loss needs a micro-batch's rows in one pass: no thread shares
     # (model, batches, run) -> None: before a micro-batch's passes run as thread shares, in the loop's thread, what
     # they need from the model in another state or from the whole micro-batch (dpo's / kto's pi_ref with the adapter
     # off, kto's z_ref), kept in each pass's batch; `run(calls)` runs calls at once, a thread each. With it, the

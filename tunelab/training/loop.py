@@ -221,7 +221,7 @@ def train(
             f"NEFTune: uniform noise alpha / sqrt(width x hidden) on the input embeddings, alpha {tcfg.neftune_alpha:g}"
         )
     # accel: fast LoRA, fused RMSNorm, packed attention, fused head loss, compact frozen weights, thread shares
-    speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast, whole_batch=stage.whole_batch,
+    speed.prepare(model, loaded, total, dist.multi, autocast=autocast is not no_autocast,
                   keep=torch.bfloat16 if keep else None, ahead=stage.ahead is not None)  # fmt: skip
     # accel: a frozen reference copy (dpo, kto) computes as the policy does, its weights compact
     speed.match(reference.frozen(model), loaded, dist.multi)
