@@ -380,11 +380,14 @@ def test_dpo_with_an_adapter_runs_thread_shares_its_reference_computed_first(tin
     one, _ = train_losses(make_cfg("dpo", tiny_dir, files, tmp_path / "one", max_steps=4, pass_threads=1), capsys)
     two, log = train_losses(make_cfg("dpo", tiny_dir, files, tmp_path / "two", max_steps=4, pass_threads=2), capsys)
     assert "up to 2 shares of its rows at once" in log and "reference pass switches" not in log
-    assert len(two) == 4 and one[-1]["loss"] < one[0]["loss"]
-    for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["reward_margin"] == pytest.approx(
-            a["reward_margin"], rel=1e-3, abs=1e-6
-        )
+    # two passes a share: their reference passes in turn on the share's thread
+    cfg = make_cfg("dpo", tiny_dir, files, tmp_path / "four", max_steps=4, pass_threads=2, rows_per_pass=4)
+    four, _ = train_losses(cfg, capsys)
+    assert len(two) == len(four) == 4 and one[-1]["loss"] < one[0]["loss"]
+    for a, b, c in zip(one, two, four):
+        for run in (b, c):
+            assert run["loss"] == pytest.approx(a["loss"], rel=1e-4)
+            assert run["reward_margin"] == pytest.approx(a["reward_margin"], rel=1e-3, abs=1e-6)
 
 
 def test_a_reference_pass_that_switches_the_adapter_is_refused_beside_other_passes(tiny_dir):

@@ -63,6 +63,24 @@ def test_run_keeps_order_restores_threads_and_waits_for_every_part_when_one_fail
     threads.shutdown()
 
 
+def test_a_stages_ahead_passes_run_a_thread_per_share_each_shares_in_turn():
+    """Stage.ahead gets a call per pass in share order: each share's calls run in turn on one thread, the shares at
+    once (no more threads than shares); the results come back in the calls' order."""
+    seen = []
+
+    def call(k):
+        seen.append((k, threading.current_thread().name))
+        time.sleep(0.05)  # both shares running at once
+        return k
+
+    assert threads.by_share([2, 1])([lambda k=k: call(k) for k in range(3)]) == [0, 1, 2]
+    where = dict(seen)
+    assert where[0] == where[1] != where[2] and all(name.startswith("tunelab-part") for name in where.values())
+    assert [k for k, _ in seen if k < 2] == [0, 1]  # the first share's passes in order
+    assert threads.by_share([2, 1])([lambda: 7, lambda: 8]) == [7, 8]  # calls not one per pass: a thread each
+    threads.shutdown()
+
+
 def test_a_share_that_finishes_first_gives_its_threads_to_the_rest_between_blocks():
     before = torch.get_num_threads()
     torch.set_num_threads(2)

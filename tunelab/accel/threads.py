@@ -302,7 +302,7 @@ def sharded_step(
     done = []
     for shares in shares_of:
         if stage.ahead is not None:  # e.g. dpo's pi_ref with the adapter off, switched here for passes at once
-            stage.ahead(model, [batch for share in shares for batch, _, _ in share], run)
+            stage.ahead(model, [batch for share in shares for batch, _, _ in share], by_share([len(s) for s in shares]))
         learning = [p for p in model.parameters() if p.requires_grad]  # a method's on_step may change it
         # mt19937 takes a 32-bit seed: one from torch's generator (this thread, so the run's seed fixes it) + k
         seed = int(torch.randint(0, 2**32 - len(shares), (1,))) if draws else None
@@ -323,6 +323,25 @@ def sharded_step(
         for (results, _), share in zip(ran, shares):
             done += [(loss, more, w, tokens) for (loss, more), (_, w, tokens) in zip(results, share)]
     return n_label, done
+
+
+def by_share(sizes: list[int]) -> Callable[[list], list]:
+    """Stage.ahead's `run`: given a call per pass, in share order (`sizes`: each share's passes), each share's calls
+    in turn in a thread of its own, the shares at once (a thread per call would put more threads than cores to work
+    where a share has several passes); any other number of calls, a thread each."""
+
+    def run_calls(calls: list) -> list:
+        if len(calls) != sum(sizes):
+            return run(calls)
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        groups = [partial(_in_turn, calls[a : a + n]) for a, n in zip(starts, sizes)]
+        return [out for outs in run(groups) for out in outs]
+
+    return run_calls
+
+
+def _in_turn(calls: list) -> list:
+    return [call() for call in calls]
 
 
 def _share_gradients(share: list, n_label: int, trainable: list, first: bool, loss_sum: Callable, generator=None):

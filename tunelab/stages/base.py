@@ -49,8 +49,8 @@ class Stage:
     samples: Callable | None = None  # (model, tokenizer, cfg, data, step) -> [{prompt, text, ...}] at each evaluation
     # (model, batches, run) -> None: before a micro-batch's passes run as thread shares, in the loop's thread, what
     # they need from the model in another state or from the whole micro-batch (dpo's / kto's pi_ref with the adapter
-    # off, kto's z_ref), kept in each pass's batch; `run(calls)` runs calls at once, a thread each. With it, the
-    # shares run where they otherwise could not
+    # off, kto's z_ref), kept in each pass's batch; `run(calls)` takes a call per pass, in order, and runs them a
+    # thread per share. With it, the shares run where they otherwise could not
     ahead: Callable | None = None
     notes: Callable | None = None  # cfg -> [str]: hints the run log shows before training (a default that may not fit)
 

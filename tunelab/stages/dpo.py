@@ -79,22 +79,22 @@ def reference_logps(model, batch: dict, ref=None) -> torch.Tensor:
     return out
 
 
-def references_ahead(model, batches: list[dict], run=None) -> None:
+def in_turn(calls: list) -> list:
+    """Each call's result, in order, one after the other (Stage.ahead's `run` where no threads are given)."""
+    return [call() for call in calls]
+
+
+def references_ahead(model, batches: list[dict], run=in_turn) -> None:
     """Stage.ahead: each pass's pi_ref log-probs, before the passes run as thread shares. pi_ref is often the trained
     model with its adapter switched off, which a share's pass beside it would see: the loop's thread switches it once
-    for all of them, and `run` (accel's: a thread each) runs the passes at once. A frozen copy is not on the model,
+    for all of them, and `run` (accel's: a thread per share) runs the passes at once. A frozen copy is not on the model,
     and each share runs its own pass of it (SimPO and ORPO have no reference at all)."""
     if not reference.on_the_model(model):
         return
     with reference.policy(model) as ref:
-        outs = (run or in_turn)([functools.partial(reference_logps, model, batch, ref) for batch in batches])
+        outs = run([functools.partial(reference_logps, model, batch, ref) for batch in batches])
     for batch, out in zip(batches, outs):
         batch[REFERENCE] = out
-
-
-def in_turn(calls: list) -> list:
-    """Each call's result, in order, one after the other (Stage.ahead's `run` where no threads are given)."""
-    return [call() for call in calls]
 
 
 ROW_FIELDS = ("input_ids", "attention_mask", "response_mask")  # a padded batch's: what sequence_logps reads of it

@@ -94,8 +94,8 @@ Z = "kl_estimate"  # a training batch's z, where `kl_ahead` computed it over the
 def kl_ahead(model, batches: list[dict], run=in_turn) -> None:
     """Stage.ahead: before a micro-batch's passes run as thread shares, each pass's pi_ref log-probs (the reference may
     be the trained model with its adapter off: dpo's `references_ahead`) and z over every KL row of the micro-batch
-    (the policy's log-ratios of those rows take no gradient), kept in each batch for its share; `run` runs a pass of
-    each batch at once (accel's threads)."""
+    (the policy's log-ratios of those rows take no gradient), kept in each batch for its share; `run` runs the passes
+    at once (accel's: a thread per share)."""
     with reference.policy(model) as ref:
         refs = run([functools.partial(reference_logps, model, batch, ref) for batch in batches])
     kl = run([functools.partial(_kl_ratios, model, batch, out) for batch, out in zip(batches, refs)])
