@@ -185,6 +185,21 @@ def test_z_ref_is_one_mean_over_each_micro_batch_whatever_the_threads(method, ti
     assert max(kl for _, kl in losses[0]) > 0.1  # z_ref not clamped to 0 throughout: the test can tell
 
 
+def test_kto_with_lora_dropout_under_thread_shares_repeats_run_to_run(tiny_dir, tmp_path, capsys):
+    """kto's KL rows pass the policy in training mode, so LoRA dropout draws there too: before the shares, each
+    share's KL passes draw from a generator of its own (as the shares' passes do), whichever thread runs first."""
+    train = write_jsonl(tmp_path / "t.jsonl", unpaired(24, 0))
+    runs = []
+    for k in range(2):
+        raw = make_cfg(tiny_dir, train, train, tmp_path / f"r{k}", max_steps=3, pass_threads=2).model_dump(mode="json")
+        raw["method"]["dropout"] = 0.2
+        tunelab.train(load_config(raw))
+        lines = (tmp_path / f"r{k}" / "metrics.jsonl").read_text().splitlines()
+        runs.append([(r["loss"], r["kl"]) for r in map(json.loads, lines) if "loss" in r])
+    assert "up to 2 shares of its rows at once" in capsys.readouterr().err
+    assert len(runs[0]) == 3 and runs[0] == runs[1]
+
+
 Z_REF_WORKER = r"""
 import json, torch, torch.distributed as dist
 from tunelab.stages.kto import kl_estimate

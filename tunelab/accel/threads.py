@@ -302,7 +302,8 @@ def sharded_step(
     done = []
     for shares in shares_of:
         if stage.ahead is not None:  # e.g. dpo's pi_ref with the adapter off, switched here for passes at once
-            stage.ahead(model, [batch for share in shares for batch, _, _ in share], by_share([len(s) for s in shares]))
+            batches = [batch for share in shares for batch, _, _ in share]
+            stage.ahead(model, batches, by_share([len(share) for share in shares], draws))
         learning = [p for p in model.parameters() if p.requires_grad]  # a method's on_step may change it
         # mt19937 takes a 32-bit seed: one from torch's generator (this thread, so the run's seed fixes it) + k
         seed = int(torch.randint(0, 2**32 - len(shares), (1,))) if draws else None
@@ -325,23 +326,28 @@ def sharded_step(
     return n_label, done
 
 
-def by_share(sizes: list[int]) -> Callable[[list], list]:
+def by_share(sizes: list[int], draws: bool = False) -> Callable[[list], list]:
     """Stage.ahead's `run`: given a call per pass, in share order (`sizes`: each share's passes), each share's calls
     in turn in a thread of its own, the shares at once (a thread per call would put more threads than cores to work
-    where a share has several passes); any other number of calls, a thread each."""
+    where a share has several passes); any other number of calls, a thread each. `draws`: LoRA dropout masks come from
+    a generator per share seeded from torch's (as the shares' own passes draw), so a run repeats whichever thread
+    runs first (kto's KL rows pass the policy in training mode)."""
 
     def run_calls(calls: list) -> list:
-        if len(calls) != sum(sizes):
-            return run(calls)
-        starts = [sum(sizes[:k]) for k in range(len(sizes))]
-        groups = [partial(_in_turn, calls[a : a + n]) for a, n in zip(starts, sizes)]
-        return [out for outs in run(groups) for out in outs]
+        groups = [[c] for c in calls]
+        if len(calls) == sum(sizes):
+            starts = [sum(sizes[:k]) for k in range(len(sizes))]
+            groups = [calls[a : a + n] for a, n in zip(starts, sizes)]
+        seed = int(torch.randint(0, 2**32 - len(groups), (1,))) if draws else None
+        gens = [None if seed is None else torch.Generator().manual_seed(seed + k) for k in range(len(groups))]
+        return [out for outs in run([partial(_in_turn, g, gen) for g, gen in zip(groups, gens)]) for out in outs]
 
     return run_calls
 
 
-def _in_turn(calls: list) -> list:
-    return [call() for call in calls]
+def _in_turn(calls: list, generator: torch.Generator | None) -> list:
+    with fast_lora.drawing_from(generator):
+        return [call() for call in calls]
 
 
 def _share_gradients(share: list, n_label: int, trainable: list, first: bool, loss_sum: Callable, generator=None):
