@@ -72,8 +72,8 @@ def reference_logps(model, batch: dict, ref=None) -> torch.Tensor:
     keys = row_keys(batch) if table is not None and batch.keys() >= set(ROW_FIELDS) else None
     if keys is not None and all(k in table for k in keys):
         return torch.tensor([table[k] for k in keys], dtype=torch.float32, device=batch["input_ids"].device)
-    with torch.no_grad(), contextlib.ExitStack() as stack:
-        out = sequence_logps(ref if ref is not None else stack.enter_context(reference.policy(model)), batch)
+    with torch.no_grad(), contextlib.nullcontext(ref) if ref is not None else reference.policy(model) as pi_ref:
+        out = sequence_logps(pi_ref, batch)
     if keys is not None:
         table.update(zip(keys, out.float().tolist()))
     return out

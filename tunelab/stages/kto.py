@@ -82,7 +82,7 @@ def _kto_parts(model, batch):
     if not torch.is_grad_enabled():
         ratios = sequence_logps(model, batch) - ref
         return ratios[:b], ratios[b:]
-    r = sequence_logps(model, _rows(batch, slice(0, b))) - ref[:b]
+    r = _reply_ratios(model, batch, ref)
     with torch.no_grad():
         kl = sequence_logps(model, _rows(batch, slice(b, None))) - ref[b:]
     return r, kl
@@ -104,6 +104,11 @@ def kl_ahead(model, batches: list[dict], run=in_turn) -> None:
         batch[REFERENCE], batch[Z] = out, z
 
 
+def _reply_ratios(model, batch: dict, ref: torch.Tensor) -> torch.Tensor:
+    """The policy's log-ratios of the batch's examples (its first half of rows), with gradients."""
+    return sequence_logps(model, _rows(batch, slice(0, len(batch["label"])))) - ref[: len(batch["label"])]
+
+
 def _kl_ratios(model, batch: dict, ref: torch.Tensor) -> torch.Tensor:
     """The policy's log-ratios of the batch's KL rows, without gradients."""
     b = len(batch["label"])
@@ -122,8 +127,7 @@ def _kto_loss_fn(cfg):
     def loss_sum(model, batch):
         k = cfg.kto
         if Z in batch:  # z and pi_ref computed before the thread shares (kl_ahead)
-            b = len(batch["label"])
-            r, z = sequence_logps(model, _rows(batch, slice(0, b))) - batch[REFERENCE][:b], batch[Z]
+            r, z = _reply_ratios(model, batch, batch[REFERENCE]), batch[Z]
         else:
             r, kl_rows = _kto_parts(model, batch)
             z = kl_estimate(kl_rows, model.training, stand_in=bool(batch.get(STAND_IN)))
